@@ -1,0 +1,271 @@
+//! The `Backend` trait: every operation a transformer needs, forward beside backward.
+//!
+//! A backend owns memory (`Buf` for f32 values, `Ids` for token ids and targets) and hands out
+//! views of sub-ranges, so that one flat parameter buffer and one flat gradient buffer can hold
+//! every tensor of a model (llm.c style). Models are written once against this trait; the CPU
+//! backend is the readable reference and the CUDA backend must match it within tolerance.
+//!
+//! Conventions shared by every op:
+//! - shapes are row-major and named in the doc comments, `N` = rows (batch * time);
+//! - every backward op *accumulates* (`+=`) into its gradient outputs, so the caller zeroes
+//!   gradient buffers when a new accumulation starts; parameter gradients therefore sum over
+//!   micro-batches for free;
+//! - what a backward pass needs from its forward pass ("saved state") is an explicit argument:
+//!   LayerNorm's mean and reciprocal standard deviation, attention's saved buffer (its size is
+//!   the backend's choice: probabilities on CPU, a log-sum-exp per row for a flash kernel),
+//!   cross-entropy's log-sum-exp per row.
+
+use std::ops::Range;
+
+/// Target id that contributes neither loss nor gradient (padding, unmasked MLM positions).
+pub const IGNORE_INDEX: u32 = u32::MAX;
+
+/// Layout of a matmul weight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WeightLayout {
+    /// `(in, out)`: `y = x @ W`. Hugging Face GPT-2's `Conv1D` layout.
+    InOut,
+    /// `(out, in)`: `y = x @ W^T`. PyTorch `Linear`, and a tied LM head over `wte (V, C)`.
+    OutIn,
+}
+
+/// Shape of one matmul `out (N, OC) = inp (N, IC) @ W (+ bias)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MatmulShape {
+    pub rows: usize,
+    pub in_features: usize,
+    pub out_features: usize,
+    pub layout: WeightLayout,
+}
+
+/// Shape of one multi-head attention call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    /// Number of query positions (Tq).
+    pub q_len: usize,
+    /// Number of key/value positions (Tk); equals `q_len` for self-attention.
+    pub kv_len: usize,
+    /// Model width C = heads * head_dim.
+    pub channels: usize,
+    pub heads: usize,
+    /// Query i sees keys j <= i only (decoder self-attention).
+    pub causal: bool,
+}
+
+impl AttnShape {
+    pub fn head_dim(&self) -> usize {
+        self.channels / self.heads
+    }
+}
+
+/// Where queries, keys and values come from.
+pub enum QkvSource<V> {
+    /// Self-attention: one `(B, T, 3C)` buffer, per row `[q | k | v]`.
+    Packed(V),
+    /// Cross-attention: queries `(B, Tq, C)` from one source, keys and values `(B, Tk, 2C)`
+    /// (per row `[k | v]`) from another (an encoder's output).
+    Split { q: V, kv: V },
+}
+
+/// One AdamW update's hyper-parameters (PyTorch semantics, decoupled weight decay).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub t: u64,
+    /// Multiplies every gradient first (global-norm clipping, loss scaling).
+    pub grad_scale: f32,
+}
+
+pub trait Backend: Send + Sync + 'static {
+    /// Owned f32 memory on the device.
+    type Buf: Send;
+    /// Owned u32 memory on the device (token ids, targets, positions).
+    type Ids: Send;
+    /// A read-only sub-range of a `Buf`.
+    type View<'a>: Copy
+    where
+        Self: 'a;
+    /// A writable sub-range of a `Buf`.
+    type ViewMut<'a>
+    where
+        Self: 'a;
+
+    fn name(&self) -> &'static str;
+
+    // ---- memory -------------------------------------------------------------------------
+
+    fn zeros(&self, len: usize) -> Self::Buf;
+    fn upload(&self, host: &[f32]) -> Self::Buf;
+    fn upload_ids(&self, host: &[u32]) -> Self::Ids;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn view<'a>(&self, buf: &'a Self::Buf, range: Range<usize>) -> Self::View<'a>;
+    fn view_mut<'a>(&self, buf: &'a mut Self::Buf, range: Range<usize>) -> Self::ViewMut<'a>;
+    /// Several disjoint writable ranges of one buffer at once (a weight's and a bias's gradient).
+    /// Panics if two ranges overlap.
+    fn split_mut<'a, const K: usize>(
+        &self,
+        buf: &'a mut Self::Buf,
+        ranges: [Range<usize>; K],
+    ) -> [Self::ViewMut<'a>; K];
+    fn download(&self, view: Self::View<'_>) -> Vec<f32>;
+    fn write(&self, dst: Self::ViewMut<'_>, host: &[f32]);
+    fn fill(&self, dst: Self::ViewMut<'_>, value: f32);
+    fn copy(&self, dst: Self::ViewMut<'_>, src: Self::View<'_>);
+    /// `dst *= s`
+    fn scale(&self, dst: Self::ViewMut<'_>, s: f32);
+    /// Sum of squares in f64, in an order that does not depend on the thread count.
+    fn sum_squares(&self, src: Self::View<'_>) -> f64;
+
+    // ---- embedding lookup: token, position and segment embeddings --------------------------
+
+    /// `out[n] (+)= table[ids[n]]`; out `(N, C)`, table `(R, C)`, ids `(N)`.
+    fn embedding_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        ids: &Self::Ids,
+        table: Self::View<'_>,
+        channels: usize,
+        accumulate: bool,
+    );
+    /// `dtable[ids[n]] += dout[n]`.
+    fn embedding_backward(
+        &self,
+        dtable: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        ids: &Self::Ids,
+        channels: usize,
+    );
+
+    // ---- matmul with optional bias --------------------------------------------------------
+
+    /// `out (N, OC) = inp (N, IC) @ W + bias (OC)`.
+    fn matmul_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        bias: Option<Self::View<'_>>,
+        shape: MatmulShape,
+    );
+    /// `dinp += dout @ W^T`, `dW += inp^T @ dout` (in W's layout), `dbias += sum_n dout`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward(
+        &self,
+        dinp: Option<Self::ViewMut<'_>>,
+        dweight: Self::ViewMut<'_>,
+        dbias: Option<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        shape: MatmulShape,
+    );
+
+    // ---- LayerNorm (eps 1e-5) ---------------------------------------------------------------
+
+    /// out `(N, C)` = (inp - mean) * rstd * w + b; saves mean `(N)` and rstd `(N)`.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        mean: Self::ViewMut<'_>,
+        rstd: Self::ViewMut<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        bias: Self::View<'_>,
+        channels: usize,
+    );
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward(
+        &self,
+        dinp: Self::ViewMut<'_>,
+        dweight: Self::ViewMut<'_>,
+        dbias: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        mean: Self::View<'_>,
+        rstd: Self::View<'_>,
+        channels: usize,
+    );
+
+    // ---- multi-head scaled dot-product attention ------------------------------------------
+
+    /// Length of the state `attention_forward` saves for its backward pass.
+    fn attention_saved_len(&self, shape: AttnShape) -> usize;
+    /// out `(B, Tq, C)`: per head, softmax(q k^T / sqrt(hd)) v, heads concatenated.
+    fn attention_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        saved: Self::ViewMut<'_>,
+        src: QkvSource<Self::View<'_>>,
+        shape: AttnShape,
+    );
+    /// Accumulates into the gradient of the source(s), laid out like `src`.
+    fn attention_backward(
+        &self,
+        dsrc: QkvSource<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        src: QkvSource<Self::View<'_>>,
+        out: Self::View<'_>,
+        saved: Self::View<'_>,
+        shape: AttnShape,
+    );
+
+    // ---- GELU (tanh approximation, as GPT-2) ----------------------------------------------
+
+    fn gelu_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>);
+    fn gelu_backward(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>);
+
+    // ---- residual add ---------------------------------------------------------------------
+
+    /// `out = a + b`
+    fn residual_forward(&self, out: Self::ViewMut<'_>, a: Self::View<'_>, b: Self::View<'_>);
+    /// `da += dout; db += dout`
+    fn residual_backward(
+        &self,
+        da: Self::ViewMut<'_>,
+        db: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+    );
+
+    // ---- softmax cross-entropy --------------------------------------------------------------
+
+    /// Per row: `losses[n] = logsumexp(logits[n]) - logits[n, target[n]]`, 0 where the target
+    /// is `IGNORE_INDEX`; saves `lse (N)`. logits `(N, V)`.
+    fn cross_entropy_forward(
+        &self,
+        losses: Self::ViewMut<'_>,
+        lse: Self::ViewMut<'_>,
+        logits: Self::View<'_>,
+        targets: &Self::Ids,
+        vocab: usize,
+    );
+    /// `dlogits[n] += dloss * (softmax(logits[n]) - onehot(target[n]))`, nothing for ignored rows.
+    fn cross_entropy_backward(
+        &self,
+        dlogits: Self::ViewMut<'_>,
+        logits: Self::View<'_>,
+        lse: Self::View<'_>,
+        targets: &Self::Ids,
+        dloss: f32,
+        vocab: usize,
+    );
+
+    // ---- optimizer ------------------------------------------------------------------------
+
+    /// One AdamW step over a range of the flat buffers (params, grads, first and second moments).
+    fn adamw_update(
+        &self,
+        params: Self::ViewMut<'_>,
+        grads: Self::View<'_>,
+        m: Self::ViewMut<'_>,
+        v: Self::ViewMut<'_>,
+        hp: AdamWStep,
+    );
+}

@@ -1,0 +1,251 @@
+//! `CpuBackend`: the readable f32 reference. Matmuls go through the `gemm` crate; every other op
+//! is a plain loop over rows, parallel with rayon. Every reduction runs in an order fixed by the
+//! data's shape, never by the thread count, so results are bitwise identical whatever the pool.
+
+mod adamw;
+mod attention;
+mod cross_entropy;
+mod elementwise;
+mod embedding;
+mod layernorm;
+mod matmul;
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use crate::backend::{AdamWStep, AttnShape, Backend, MatmulShape, QkvSource};
+
+/// Rows handled by one task in chunked reductions; a constant so that partial sums (and thus
+/// rounding) never depend on how many threads run them.
+pub(crate) const ROWS_PER_TASK: usize = 64;
+/// Elements per partial sum in `sum_squares`.
+const SUM_CHUNK: usize = 4096;
+
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Ids = Vec<u32>;
+    type View<'a> = &'a [f32];
+    type ViewMut<'a> = &'a mut [f32];
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn zeros(&self, len: usize) -> Vec<f32> {
+        vec![0.0; len]
+    }
+    fn upload(&self, host: &[f32]) -> Vec<f32> {
+        host.to_vec()
+    }
+    fn upload_ids(&self, host: &[u32]) -> Vec<u32> {
+        host.to_vec()
+    }
+    fn len(&self, buf: &Vec<f32>) -> usize {
+        buf.len()
+    }
+    fn view<'a>(&self, buf: &'a Vec<f32>, range: Range<usize>) -> &'a [f32] {
+        &buf[range]
+    }
+    fn view_mut<'a>(&self, buf: &'a mut Vec<f32>, range: Range<usize>) -> &'a mut [f32] {
+        &mut buf[range]
+    }
+    fn split_mut<'a, const K: usize>(
+        &self,
+        buf: &'a mut Vec<f32>,
+        ranges: [Range<usize>; K],
+    ) -> [&'a mut [f32]; K] {
+        split_disjoint(buf, ranges)
+    }
+    fn download(&self, view: &[f32]) -> Vec<f32> {
+        view.to_vec()
+    }
+    fn write(&self, dst: &mut [f32], host: &[f32]) {
+        dst.copy_from_slice(host);
+    }
+    fn fill(&self, dst: &mut [f32], value: f32) {
+        dst.par_chunks_mut(1 << 16).for_each(|c| c.fill(value));
+    }
+    fn copy(&self, dst: &mut [f32], src: &[f32]) {
+        dst.par_chunks_mut(1 << 16)
+            .zip(src.par_chunks(1 << 16))
+            .for_each(|(d, s)| d.copy_from_slice(s));
+    }
+    fn scale(&self, dst: &mut [f32], s: f32) {
+        dst.par_chunks_mut(1 << 16).for_each(|c| c.iter_mut().for_each(|x| *x *= s));
+    }
+    fn sum_squares(&self, src: &[f32]) -> f64 {
+        let partials: Vec<f64> = src
+            .par_chunks(SUM_CHUNK)
+            .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+            .collect();
+        partials.iter().sum()
+    }
+
+    fn embedding_forward(
+        &self,
+        out: &mut [f32],
+        ids: &Vec<u32>,
+        table: &[f32],
+        channels: usize,
+        accumulate: bool,
+    ) {
+        embedding::forward(out, ids, table, channels, accumulate)
+    }
+    fn embedding_backward(&self, dtable: &mut [f32], dout: &[f32], ids: &Vec<u32>, channels: usize) {
+        embedding::backward(dtable, dout, ids, channels)
+    }
+
+    fn matmul_forward(
+        &self,
+        out: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        shape: MatmulShape,
+    ) {
+        matmul::forward(out, inp, weight, bias, shape)
+    }
+    fn matmul_backward(
+        &self,
+        dinp: Option<&mut [f32]>,
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        shape: MatmulShape,
+    ) {
+        matmul::backward(dinp, dweight, dbias, dout, inp, weight, shape)
+    }
+
+    fn layernorm_forward(
+        &self,
+        out: &mut [f32],
+        mean: &mut [f32],
+        rstd: &mut [f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: &[f32],
+        channels: usize,
+    ) {
+        layernorm::forward(out, mean, rstd, inp, weight, bias, channels)
+    }
+    fn layernorm_backward(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        channels: usize,
+    ) {
+        layernorm::backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+    }
+
+    fn attention_saved_len(&self, shape: AttnShape) -> usize {
+        attention::saved_len(shape)
+    }
+    fn attention_forward(
+        &self,
+        out: &mut [f32],
+        saved: &mut [f32],
+        src: QkvSource<&[f32]>,
+        shape: AttnShape,
+    ) {
+        attention::forward(out, saved, src, shape)
+    }
+    fn attention_backward(
+        &self,
+        dsrc: QkvSource<&mut [f32]>,
+        dout: &[f32],
+        src: QkvSource<&[f32]>,
+        _out: &[f32],
+        saved: &[f32],
+        shape: AttnShape,
+    ) {
+        attention::backward(dsrc, dout, src, saved, shape)
+    }
+
+    fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
+        elementwise::gelu_forward(out, inp)
+    }
+    fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        elementwise::gelu_backward(dinp, inp, dout)
+    }
+    fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
+        elementwise::residual_forward(out, a, b)
+    }
+    fn residual_backward(&self, da: &mut [f32], db: &mut [f32], dout: &[f32]) {
+        elementwise::residual_backward(da, db, dout)
+    }
+
+    fn cross_entropy_forward(
+        &self,
+        losses: &mut [f32],
+        lse: &mut [f32],
+        logits: &[f32],
+        targets: &Vec<u32>,
+        vocab: usize,
+    ) {
+        cross_entropy::forward(losses, lse, logits, targets, vocab)
+    }
+    fn cross_entropy_backward(
+        &self,
+        dlogits: &mut [f32],
+        logits: &[f32],
+        lse: &[f32],
+        targets: &Vec<u32>,
+        dloss: f32,
+        vocab: usize,
+    ) {
+        cross_entropy::backward(dlogits, logits, lse, targets, dloss, vocab)
+    }
+
+    fn adamw_update(
+        &self,
+        params: &mut [f32],
+        grads: &[f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        hp: AdamWStep,
+    ) {
+        adamw::update(params, grads, m, v, hp)
+    }
+}
+
+/// Splits `buf` into `K` disjoint mutable ranges (in any order). Panics on overlap.
+fn split_disjoint<const K: usize>(buf: &mut [f32], ranges: [Range<usize>; K]) -> [&mut [f32]; K] {
+    let mut order: Vec<usize> = (0..K).collect();
+    order.sort_by_key(|&i| ranges[i].start);
+    let mut slots: Vec<Option<&mut [f32]>> = (0..K).map(|_| None).collect();
+    let mut rest: &mut [f32] = buf;
+    let mut consumed = 0;
+    for &i in &order {
+        let r = &ranges[i];
+        assert!(r.start >= consumed, "split_mut: ranges overlap ({:?})", ranges);
+        let tail = std::mem::take(&mut rest);
+        let (_, tail) = tail.split_at_mut(r.start - consumed);
+        let (piece, tail) = tail.split_at_mut(r.end - r.start);
+        slots[i] = Some(piece);
+        rest = tail;
+        consumed = r.end;
+    }
+    let v: Vec<&mut [f32]> = slots.into_iter().map(|s| s.unwrap()).collect();
+    match v.try_into() {
+        Ok(a) => a,
+        Err(_) => unreachable!("exactly K slots were filled"),
+    }
+}

@@ -1,0 +1,33 @@
+//! Errors of the engine crate.
+
+use thiserror::Error;
+
+/// A configuration value that cannot work, naming the field and what is allowed.
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("invalid `{field}`: {message}")]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(field: &str, message: impl Into<String>) -> Self {
+        ConfigError { field: field.to_string(), message: message.into() }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("bad batch: {0}")]
+    Batch(String),
+    #[error("loss is not finite ({loss}) at step {step}; the update was not applied")]
+    NonFiniteLoss { step: u64, loss: f32 },
+    #[error("gradient norm is not finite ({norm}) at step {step}; the update was not applied")]
+    NonFiniteGrad { step: u64, norm: f32 },
+    #[error("weights file {path}: {message}")]
+    Weights { path: String, message: String },
+    #[error("i/o on {path}: {source}")]
+    Io { path: String, source: std::io::Error },
+}

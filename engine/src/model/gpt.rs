@@ -1,0 +1,593 @@
+//! GPT (decoder-only), written once against `Backend`: token + learned position embeddings,
+//! blocks of causal multi-head self-attention and a GELU MLP with LayerNorm before (pre-LN) or
+//! after (post-LN) each residual add, a final LayerNorm and an LM head tied to the token table.
+//! Tensor names and shapes are Hugging Face GPT-2's (linear weights in `Conv1D` layout (in, out)),
+//! so an export is a copy.
+
+use crate::backend::{AttnShape, Backend, MatmulShape, QkvSource, WeightLayout, IGNORE_INDEX};
+use crate::error::EngineError;
+use crate::model::gpt_config::{GptConfig, LayerNormPlacement};
+use crate::params::{Init, ParamId, ParamKind, ParamTable};
+
+/// Parameter ids of one block.
+#[derive(Clone, Copy, Debug)]
+struct BlockParams {
+    ln1_w: ParamId,
+    ln1_b: ParamId,
+    qkv_w: ParamId,
+    qkv_b: ParamId,
+    proj_w: ParamId,
+    proj_b: ParamId,
+    ln2_w: ParamId,
+    ln2_b: ParamId,
+    fc_w: ParamId,
+    fc_b: ParamId,
+    fcproj_w: ParamId,
+    fcproj_b: ParamId,
+}
+
+/// Activations of one block, saved for the backward pass. Rows = B*T.
+/// pre-LN:  ln1 = LN1(x); resid1 = x + proj(attn(ln1)); ln2 = LN2(resid1); resid2 = resid1 + mlp(ln2)
+/// post-LN: resid1 = x + proj(attn(x)); ln1 = LN1(resid1); resid2 = ln1 + mlp(ln1); ln2 = LN2(resid2)
+struct BlockActs<B: Backend> {
+    ln1: B::Buf,      // (BT, C)
+    ln1_mean: B::Buf, // (BT)
+    ln1_rstd: B::Buf, // (BT)
+    qkv: B::Buf,      // (BT, 3C)
+    atty: B::Buf,     // (BT, C)
+    att_saved: B::Buf,
+    attproj: B::Buf,  // (BT, C)
+    resid1: B::Buf,   // (BT, C)
+    ln2: B::Buf,      // (BT, C)
+    ln2_mean: B::Buf, // (BT)
+    ln2_rstd: B::Buf, // (BT)
+    fch: B::Buf,      // (BT, 4C)
+    fch_gelu: B::Buf, // (BT, 4C)
+    fcproj: B::Buf,   // (BT, C)
+    resid2: B::Buf,   // (BT, C)
+}
+
+/// Gradient scratch, reused by every block (only one block is in flight in the backward pass).
+struct Scratch<B: Backend> {
+    dres: B::Buf,      // (BT, C) gradient of the current block's output
+    dx: B::Buf,        // (BT, C) gradient of the current block's input
+    dmid: B::Buf,      // (BT, C)
+    dproj: B::Buf,     // (BT, C)
+    dln: B::Buf,       // (BT, C)
+    datty: B::Buf,     // (BT, C)
+    dqkv: B::Buf,      // (BT, 3C)
+    dfch: B::Buf,      // (BT, 4C)
+    dfch_gelu: B::Buf, // (BT, 4C)
+    dlogits: B::Buf,   // (BT, V)
+}
+
+/// Everything sized by the batch: allocated for a capacity of rows, used for the current B*T.
+struct Acts<B: Backend> {
+    rows_cap: usize,
+    encoded: B::Buf, // (BT, C)
+    blocks: Vec<BlockActs<B>>,
+    lnf: B::Buf,      // (BT, C)
+    lnf_mean: B::Buf, // (BT)
+    lnf_rstd: B::Buf, // (BT)
+    logits: B::Buf,   // (BT, V)
+    lse: B::Buf,      // (BT)
+    losses: B::Buf,   // (BT)
+    scratch: Scratch<B>,
+}
+
+/// The batch currently loaded: its shape, ids on the device and how many targets count.
+struct Batch<B: Backend> {
+    b: usize,
+    t: usize,
+    tokens: B::Ids,
+    positions: B::Ids,
+    targets: Option<B::Ids>,
+    n_targets: usize,
+}
+
+pub struct Gpt<B: Backend> {
+    be: B,
+    cfg: GptConfig,
+    table: ParamTable,
+    wte: ParamId,
+    wpe: ParamId,
+    lnf_w: ParamId,
+    lnf_b: ParamId,
+    blocks: Vec<BlockParams>,
+    params: B::Buf,
+    grads: B::Buf,
+    acts: Option<Acts<B>>,
+    batch: Option<Batch<B>>,
+}
+
+/// The name table of a GPT config, in Hugging Face GPT-2 order.
+fn build_table(cfg: &GptConfig) -> (ParamTable, [ParamId; 4], Vec<BlockParams>) {
+    let (c, v, l) = (cfg.n_embd, cfg.vocab_size, cfg.n_layer);
+    let std = 0.02f32;
+    // GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L).
+    let resid_std = std / ((2 * l) as f32).sqrt();
+    let mut t = ParamTable::new();
+    let wte = t.push("transformer.wte.weight", &[v, c], ParamKind::Embedding, Init::Normal { std });
+    let wpe = t.push("transformer.wpe.weight", &[cfg.block_size, c], ParamKind::Embedding, Init::Normal { std });
+    let mut blocks = Vec::with_capacity(l);
+    for i in 0..l {
+        let p = |s: &str| format!("transformer.h.{i}.{s}");
+        let w = |std| Init::Normal { std };
+        blocks.push(BlockParams {
+            ln1_w: t.push(&p("ln_1.weight"), &[c], ParamKind::Norm, Init::Ones),
+            ln1_b: t.push(&p("ln_1.bias"), &[c], ParamKind::Norm, Init::Zeros),
+            qkv_w: t.push(&p("attn.c_attn.weight"), &[c, 3 * c], ParamKind::Weight, w(std)),
+            qkv_b: t.push(&p("attn.c_attn.bias"), &[3 * c], ParamKind::Bias, Init::Zeros),
+            proj_w: t.push(&p("attn.c_proj.weight"), &[c, c], ParamKind::Weight, w(resid_std)),
+            proj_b: t.push(&p("attn.c_proj.bias"), &[c], ParamKind::Bias, Init::Zeros),
+            ln2_w: t.push(&p("ln_2.weight"), &[c], ParamKind::Norm, Init::Ones),
+            ln2_b: t.push(&p("ln_2.bias"), &[c], ParamKind::Norm, Init::Zeros),
+            fc_w: t.push(&p("mlp.c_fc.weight"), &[c, 4 * c], ParamKind::Weight, w(std)),
+            fc_b: t.push(&p("mlp.c_fc.bias"), &[4 * c], ParamKind::Bias, Init::Zeros),
+            fcproj_w: t.push(&p("mlp.c_proj.weight"), &[4 * c, c], ParamKind::Weight, w(resid_std)),
+            fcproj_b: t.push(&p("mlp.c_proj.bias"), &[c], ParamKind::Bias, Init::Zeros),
+        });
+    }
+    let lnf_w = t.push("transformer.ln_f.weight", &[c], ParamKind::Norm, Init::Ones);
+    let lnf_b = t.push("transformer.ln_f.bias", &[c], ParamKind::Norm, Init::Zeros);
+    (t, [wte, wpe, lnf_w, lnf_b], blocks)
+}
+
+fn mm(rows: usize, in_features: usize, out_features: usize) -> MatmulShape {
+    MatmulShape { rows, in_features, out_features, layout: WeightLayout::InOut }
+}
+
+impl<B: Backend> Gpt<B> {
+    /// A model with seeded GPT-2 initialisation.
+    pub fn new(be: B, cfg: GptConfig, seed: u64) -> Result<Self, EngineError> {
+        cfg.validate()?;
+        let (table, _, _) = build_table(&cfg);
+        let host = table.init(seed);
+        Self::from_params(be, cfg, &host)
+    }
+
+    /// A model holding the given flat parameters (in this config's table order).
+    pub fn from_params(be: B, cfg: GptConfig, host: &[f32]) -> Result<Self, EngineError> {
+        cfg.validate()?;
+        let (table, [wte, wpe, lnf_w, lnf_b], blocks) = build_table(&cfg);
+        if host.len() != table.total() {
+            return Err(EngineError::Batch(format!(
+                "parameter buffer holds {} values, the config needs {}",
+                host.len(),
+                table.total()
+            )));
+        }
+        let params = be.upload(host);
+        let grads = be.zeros(table.total());
+        Ok(Gpt { be, cfg, table, wte, wpe, lnf_w, lnf_b, blocks, params, grads, acts: None, batch: None })
+    }
+
+    /// The parameter table this config produces, without building a model.
+    pub fn param_table(cfg: &GptConfig) -> ParamTable {
+        build_table(cfg).0
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.cfg
+    }
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+    pub fn params(&self) -> &B::Buf {
+        &self.params
+    }
+    pub fn grads(&self) -> &B::Buf {
+        &self.grads
+    }
+    /// Parameters (mutable, for the optimizer) and gradients together.
+    pub fn params_and_grads(&mut self) -> (&B, &ParamTable, &mut B::Buf, &B::Buf) {
+        (&self.be, &self.table, &mut self.params, &self.grads)
+    }
+    pub fn params_host(&self) -> Vec<f32> {
+        self.be.download(self.be.view(&self.params, 0..self.table.total()))
+    }
+    pub fn grads_host(&self) -> Vec<f32> {
+        self.be.download(self.be.view(&self.grads, 0..self.table.total()))
+    }
+    pub fn set_params_host(&mut self, host: &[f32]) {
+        assert_eq!(host.len(), self.table.total(), "parameter count");
+        self.be.write(self.be.view_mut(&mut self.params, 0..host.len()), host);
+    }
+    pub fn zero_grad(&mut self) {
+        let n = self.table.total();
+        self.be.fill(self.be.view_mut(&mut self.grads, 0..n), 0.0);
+    }
+
+    /// Loads a batch: tokens (B, T) and optional targets (B, T) (`IGNORE_INDEX` skips one).
+    fn load_batch(&mut self, tokens: &[u32], targets: Option<&[u32]>, b: usize, t: usize) -> Result<(), EngineError> {
+        let v = self.cfg.vocab_size;
+        if b == 0 || t == 0 {
+            return Err(EngineError::Batch(format!("empty batch ({b} x {t})")));
+        }
+        if t > self.cfg.block_size {
+            return Err(EngineError::Batch(format!(
+                "sequence length {t} exceeds the model's block_size {}",
+                self.cfg.block_size
+            )));
+        }
+        if tokens.len() != b * t {
+            return Err(EngineError::Batch(format!("{} tokens for a {b} x {t} batch", tokens.len())));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&x| x as usize >= v) {
+            return Err(EngineError::Batch(format!("token id {bad} outside the vocabulary of {v}")));
+        }
+        let mut n_targets = 0;
+        if let Some(tg) = targets {
+            if tg.len() != b * t {
+                return Err(EngineError::Batch(format!("{} targets for a {b} x {t} batch", tg.len())));
+            }
+            for &x in tg {
+                if x != IGNORE_INDEX {
+                    if x as usize >= v {
+                        return Err(EngineError::Batch(format!("target id {x} outside the vocabulary of {v}")));
+                    }
+                    n_targets += 1;
+                }
+            }
+        }
+        let positions: Vec<u32> = (0..b).flat_map(|_| 0..t as u32).collect();
+        self.batch = Some(Batch {
+            b,
+            t,
+            tokens: self.be.upload_ids(tokens),
+            positions: self.be.upload_ids(&positions),
+            targets: targets.map(|tg| self.be.upload_ids(tg)),
+            n_targets,
+        });
+        if self.acts.as_ref().is_none_or(|a| a.rows_cap < b * t) {
+            self.acts = Some(self.alloc_acts(b, t));
+        }
+        Ok(())
+    }
+
+    fn alloc_acts(&self, b: usize, t: usize) -> Acts<B> {
+        let be = &self.be;
+        let (c, v, h) = (self.cfg.n_embd, self.cfg.vocab_size, self.cfg.n_head);
+        let rows = b * t;
+        let saved = be.attention_saved_len(AttnShape {
+            batch: b,
+            q_len: t,
+            kv_len: t,
+            channels: c,
+            heads: h,
+            causal: true,
+        });
+        let z = |n: usize| be.zeros(n);
+        Acts {
+            rows_cap: rows,
+            encoded: z(rows * c),
+            blocks: (0..self.cfg.n_layer)
+                .map(|_| BlockActs {
+                    ln1: z(rows * c),
+                    ln1_mean: z(rows),
+                    ln1_rstd: z(rows),
+                    qkv: z(rows * 3 * c),
+                    atty: z(rows * c),
+                    att_saved: z(saved),
+                    attproj: z(rows * c),
+                    resid1: z(rows * c),
+                    ln2: z(rows * c),
+                    ln2_mean: z(rows),
+                    ln2_rstd: z(rows),
+                    fch: z(rows * 4 * c),
+                    fch_gelu: z(rows * 4 * c),
+                    fcproj: z(rows * c),
+                    resid2: z(rows * c),
+                })
+                .collect(),
+            lnf: z(rows * c),
+            lnf_mean: z(rows),
+            lnf_rstd: z(rows),
+            logits: z(rows * v),
+            lse: z(rows),
+            losses: z(rows),
+            scratch: Scratch {
+                dres: z(rows * c),
+                dx: z(rows * c),
+                dmid: z(rows * c),
+                dproj: z(rows * c),
+                dln: z(rows * c),
+                datty: z(rows * c),
+                dqkv: z(rows * 3 * c),
+                dfch: z(rows * 4 * c),
+                dfch_gelu: z(rows * 4 * c),
+                dlogits: z(rows * v),
+            },
+        }
+    }
+
+    /// Forward pass over tokens (B, T). With targets, returns the mean cross-entropy over the
+    /// targets that count; the logits of the batch stay available through `logits`.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+    ) -> Result<Option<f32>, EngineError> {
+        self.load_batch(tokens, targets, b, t)?;
+        let Gpt { be, cfg, table, params, acts, batch, blocks, .. } = self;
+        let (acts, batch) = (acts.as_mut().unwrap(), batch.as_ref().unwrap());
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        let rows = b * t;
+        let (rc, rc3, rc4) = (0..rows * c, 0..rows * 3 * c, 0..rows * 4 * c);
+        let p = |id: ParamId| be.view(params, table.range(id));
+        let attn = AttnShape { batch: b, q_len: t, kv_len: t, channels: c, heads: cfg.n_head, causal: true };
+        let saved_len = be.attention_saved_len(attn);
+
+        // encoded = wte[tokens] + wpe[positions]            // (BT, C)
+        be.embedding_forward(be.view_mut(&mut acts.encoded, rc.clone()), &batch.tokens, p(self.wte), c, false);
+        be.embedding_forward(be.view_mut(&mut acts.encoded, rc.clone()), &batch.positions, p(self.wpe), c, true);
+
+        for (l, bp) in blocks.iter().enumerate() {
+            let (done, rest) = acts.blocks.split_at_mut(l);
+            let a = &mut rest[0];
+            let x = if l == 0 { &acts.encoded } else { block_output(&done[l - 1], cfg.ln_placement) };
+            let x = be.view(x, rc.clone());
+            let ln = |be: &B, out: &mut B::Buf, mean: &mut B::Buf, rstd: &mut B::Buf, inp: B::View<'_>, w, bb| {
+                be.layernorm_forward(
+                    be.view_mut(out, rc.clone()),
+                    be.view_mut(mean, 0..rows),
+                    be.view_mut(rstd, 0..rows),
+                    inp,
+                    p(w),
+                    p(bb),
+                    c,
+                )
+            };
+            // attention input: LN1(x) before the residual (pre-LN), x itself (post-LN)
+            let att_in = match cfg.ln_placement {
+                LayerNormPlacement::Pre => {
+                    ln(be, &mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, x, bp.ln1_w, bp.ln1_b);
+                    be.view(&a.ln1, rc.clone())
+                }
+                LayerNormPlacement::Post => x,
+            };
+            // qkv = att_in @ c_attn + b                     // (BT, 3C)
+            be.matmul_forward(be.view_mut(&mut a.qkv, rc3.clone()), att_in, p(bp.qkv_w), Some(p(bp.qkv_b)), mm(rows, c, 3 * c));
+            // atty = attention(q, k, v)                      // (BT, C)
+            be.attention_forward(
+                be.view_mut(&mut a.atty, rc.clone()),
+                be.view_mut(&mut a.att_saved, 0..saved_len),
+                QkvSource::Packed(be.view(&a.qkv, rc3.clone())),
+                attn,
+            );
+            // attproj = atty @ c_proj + b; resid1 = x + attproj
+            be.matmul_forward(be.view_mut(&mut a.attproj, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), Some(p(bp.proj_b)), mm(rows, c, c));
+            be.residual_forward(be.view_mut(&mut a.resid1, rc.clone()), x, be.view(&a.attproj, rc.clone()));
+            // mlp input: LN2(resid1) (pre-LN) or LN1(resid1) (post-LN)
+            let mlp_in = match cfg.ln_placement {
+                LayerNormPlacement::Pre => {
+                    ln(be, &mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, be.view(&a.resid1, rc.clone()), bp.ln2_w, bp.ln2_b);
+                    &a.ln2
+                }
+                LayerNormPlacement::Post => {
+                    ln(be, &mut a.ln1, &mut a.ln1_mean, &mut a.ln1_rstd, be.view(&a.resid1, rc.clone()), bp.ln1_w, bp.ln1_b);
+                    &a.ln1
+                }
+            };
+            // fch = mlp_in @ c_fc + b (BT, 4C); fch_gelu = gelu(fch); fcproj = fch_gelu @ c_proj + b
+            be.matmul_forward(be.view_mut(&mut a.fch, rc4.clone()), be.view(mlp_in, rc.clone()), p(bp.fc_w), Some(p(bp.fc_b)), mm(rows, c, 4 * c));
+            be.gelu_forward(be.view_mut(&mut a.fch_gelu, rc4.clone()), be.view(&a.fch, rc4.clone()));
+            be.matmul_forward(be.view_mut(&mut a.fcproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), Some(p(bp.fcproj_b)), mm(rows, 4 * c, c));
+            // resid2 = mlp_in's residual + fcproj; post-LN then normalises it
+            match cfg.ln_placement {
+                LayerNormPlacement::Pre => {
+                    be.residual_forward(be.view_mut(&mut a.resid2, rc.clone()), be.view(&a.resid1, rc.clone()), be.view(&a.fcproj, rc.clone()));
+                }
+                LayerNormPlacement::Post => {
+                    be.residual_forward(be.view_mut(&mut a.resid2, rc.clone()), be.view(&a.ln1, rc.clone()), be.view(&a.fcproj, rc.clone()));
+                    ln(be, &mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, be.view(&a.resid2, rc.clone()), bp.ln2_w, bp.ln2_b);
+                }
+            }
+        }
+
+        // lnf = LN_f(last block output); logits = lnf @ wte^T   // (BT, V)
+        let last = match acts.blocks.last() {
+            Some(a) => block_output(a, cfg.ln_placement),
+            None => &acts.encoded,
+        };
+        be.layernorm_forward(
+            be.view_mut(&mut acts.lnf, rc.clone()),
+            be.view_mut(&mut acts.lnf_mean, 0..rows),
+            be.view_mut(&mut acts.lnf_rstd, 0..rows),
+            be.view(last, rc.clone()),
+            p(self.lnf_w),
+            p(self.lnf_b),
+            c,
+        );
+        let head = MatmulShape { rows, in_features: c, out_features: v, layout: WeightLayout::OutIn };
+        be.matmul_forward(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lnf, rc.clone()), p(self.wte), None, head);
+
+        let Some(targets) = &batch.targets else { return Ok(None) };
+        be.cross_entropy_forward(
+            be.view_mut(&mut acts.losses, 0..rows),
+            be.view_mut(&mut acts.lse, 0..rows),
+            be.view(&acts.logits, 0..rows * v),
+            targets,
+            v,
+        );
+        let losses = be.download(be.view(&acts.losses, 0..rows));
+        let sum: f64 = losses.iter().map(|&x| x as f64).sum();
+        Ok(Some((sum / batch.n_targets.max(1) as f64) as f32))
+    }
+
+    /// Logits of the last forward pass, (B, T, V) on the host.
+    pub fn logits(&self) -> Vec<f32> {
+        let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
+        let n = batch.b * batch.t * self.cfg.vocab_size;
+        self.be.download(self.be.view(&acts.logits, 0..n))
+    }
+
+    /// Logits at one position of the last forward pass.
+    pub fn logits_at(&self, b: usize, t: usize) -> Vec<f32> {
+        let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
+        let v = self.cfg.vocab_size;
+        let row = b * batch.t + t;
+        self.be.download(self.be.view(&acts.logits, row * v..(row + 1) * v))
+    }
+
+    /// Backward pass of the last forward (which must have had targets): accumulates into the
+    /// gradient buffer the gradient of `loss_scale * mean loss`. Use `loss_scale = 1/k` to average
+    /// k accumulated micro-batches.
+    pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
+        let Gpt { be, cfg, table, params, grads, acts, batch, blocks, .. } = self;
+        let batch = batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
+        let targets = batch.targets.as_ref().ok_or_else(|| EngineError::Batch("backward needs targets".into()))?;
+        let acts = acts.as_mut().unwrap();
+        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, cfg.vocab_size);
+        let rows = b * t;
+        let (rc, rc3, rc4) = (0..rows * c, 0..rows * 3 * c, 0..rows * 4 * c);
+        let p = |id: ParamId| be.view(params, table.range(id));
+        let attn = AttnShape { batch: b, q_len: t, kv_len: t, channels: c, heads: cfg.n_head, causal: true };
+        let saved_len = be.attention_saved_len(attn);
+        let Acts { encoded, blocks: block_acts, lnf, lnf_mean, lnf_rstd, logits, lse, scratch: s, .. } = acts;
+        let zero = |be: &B, buf: &mut B::Buf, n: usize| be.fill(be.view_mut(buf, 0..n), 0.0);
+        // dW and db of one matmul, from the flat gradient buffer
+        let ln_back = |grads: &mut B::Buf, dinp: &mut B::Buf, dout: &B::Buf, inp: &B::Buf, mean: &B::Buf, rstd: &B::Buf, w: ParamId, bias: ParamId| {
+            let (dw, db) = weight_and_bias_grads(be, table, grads, w, bias);
+            be.layernorm_backward(
+                be.view_mut(dinp, rc.clone()),
+                dw,
+                db,
+                be.view(dout, rc.clone()),
+                be.view(inp, rc.clone()),
+                p(w),
+                be.view(mean, 0..rows),
+                be.view(rstd, 0..rows),
+                c,
+            );
+        };
+
+        // dlogits = dloss * (softmax - onehot)                 // (BT, V)
+        let dloss = loss_scale / batch.n_targets.max(1) as f32;
+        zero(be, &mut s.dlogits, rows * v);
+        be.cross_entropy_backward(be.view_mut(&mut s.dlogits, 0..rows * v), be.view(logits, 0..rows * v), be.view(lse, 0..rows), targets, dloss, v);
+        // through the tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
+        zero(be, &mut s.dln, rows * c);
+        let head = MatmulShape { rows, in_features: c, out_features: v, layout: WeightLayout::OutIn };
+        be.matmul_backward(
+            Some(be.view_mut(&mut s.dln, rc.clone())),
+            be.view_mut(grads, table.range(self.wte)),
+            None,
+            be.view(&s.dlogits, 0..rows * v),
+            be.view(lnf, rc.clone()),
+            p(self.wte),
+            head,
+        );
+        let last = match block_acts.last() {
+            Some(a) => block_output(a, cfg.ln_placement),
+            None => &*encoded,
+        };
+        zero(be, &mut s.dres, rows * c);
+        ln_back(grads, &mut s.dres, &s.dln, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
+
+        for (l, bp) in blocks.iter().enumerate().rev() {
+            let a = &block_acts[l];
+            let x = if l == 0 { &*encoded } else { block_output(&block_acts[l - 1], cfg.ln_placement) };
+            // mlp_in: the MLP's input; dmlp_in ends up holding its full gradient
+            let (mlp_in, dres_mlp) = match cfg.ln_placement {
+                LayerNormPlacement::Pre => {
+                    // resid2 = resid1 + fcproj
+                    zero(be, &mut s.dmid, rows * c);
+                    zero(be, &mut s.dproj, rows * c);
+                    be.residual_backward(be.view_mut(&mut s.dmid, rc.clone()), be.view_mut(&mut s.dproj, rc.clone()), be.view(&s.dres, rc.clone()));
+                    (&a.ln2, false)
+                }
+                LayerNormPlacement::Post => {
+                    // out = LN2(resid2); resid2 = ln1 + fcproj
+                    zero(be, &mut s.dmid, rows * c);
+                    ln_back(grads, &mut s.dmid, &s.dres, &a.resid2, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
+                    zero(be, &mut s.dln, rows * c);
+                    zero(be, &mut s.dproj, rows * c);
+                    be.residual_backward(be.view_mut(&mut s.dln, rc.clone()), be.view_mut(&mut s.dproj, rc.clone()), be.view(&s.dmid, rc.clone()));
+                    (&a.ln1, true)
+                }
+            };
+            // fcproj = fch_gelu @ W + b
+            zero(be, &mut s.dfch_gelu, rows * 4 * c);
+            let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fcproj_w, bp.fcproj_b);
+            be.matmul_backward(Some(be.view_mut(&mut s.dfch_gelu, rc4.clone())), dw, Some(db), be.view(&s.dproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), mm(rows, 4 * c, c));
+            zero(be, &mut s.dfch, rows * 4 * c);
+            be.gelu_backward(be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
+            // fch = mlp_in @ W + b; post-LN accumulates onto the residual gradient already in dln
+            if !dres_mlp {
+                zero(be, &mut s.dln, rows * c);
+            }
+            let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fc_w, bp.fc_b);
+            be.matmul_backward(Some(be.view_mut(&mut s.dln, rc.clone())), dw, Some(db), be.view(&s.dfch, rc4.clone()), be.view(mlp_in, rc.clone()), p(bp.fc_w), mm(rows, c, 4 * c));
+            // dmid := gradient of resid1
+            match cfg.ln_placement {
+                LayerNormPlacement::Pre => ln_back(grads, &mut s.dmid, &s.dln, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b),
+                LayerNormPlacement::Post => {
+                    zero(be, &mut s.dmid, rows * c);
+                    ln_back(grads, &mut s.dmid, &s.dln, &a.resid1, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                }
+            }
+            // resid1 = x + attproj
+            zero(be, &mut s.dx, rows * c);
+            zero(be, &mut s.dproj, rows * c);
+            be.residual_backward(be.view_mut(&mut s.dx, rc.clone()), be.view_mut(&mut s.dproj, rc.clone()), be.view(&s.dmid, rc.clone()));
+            // attproj = atty @ W + b
+            zero(be, &mut s.datty, rows * c);
+            let (dw, db) = weight_and_bias_grads(be, table, grads, bp.proj_w, bp.proj_b);
+            be.matmul_backward(Some(be.view_mut(&mut s.datty, rc.clone())), dw, Some(db), be.view(&s.dproj, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), mm(rows, c, c));
+            // atty = attention(qkv)
+            zero(be, &mut s.dqkv, rows * 3 * c);
+            be.attention_backward(
+                QkvSource::Packed(be.view_mut(&mut s.dqkv, rc3.clone())),
+                be.view(&s.datty, rc.clone()),
+                QkvSource::Packed(be.view(&a.qkv, rc3.clone())),
+                be.view(&a.atty, rc.clone()),
+                be.view(&a.att_saved, 0..saved_len),
+                attn,
+            );
+            // qkv = att_in @ W + b; att_in = LN1(x) (pre-LN) or x (post-LN)
+            let (dw, db) = weight_and_bias_grads(be, table, grads, bp.qkv_w, bp.qkv_b);
+            match cfg.ln_placement {
+                LayerNormPlacement::Pre => {
+                    zero(be, &mut s.dln, rows * c);
+                    be.matmul_backward(Some(be.view_mut(&mut s.dln, rc.clone())), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
+                    ln_back(grads, &mut s.dx, &s.dln, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                }
+                LayerNormPlacement::Post => {
+                    be.matmul_backward(Some(be.view_mut(&mut s.dx, rc.clone())), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(x, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
+                }
+            }
+            std::mem::swap(&mut s.dres, &mut s.dx);
+        }
+
+        // encoded = wte[tokens] + wpe[positions]
+        be.embedding_backward(be.view_mut(grads, table.range(self.wte)), be.view(&s.dres, rc.clone()), &batch.tokens, c);
+        be.embedding_backward(be.view_mut(grads, table.range(self.wpe)), be.view(&s.dres, rc.clone()), &batch.positions, c);
+        Ok(())
+    }
+}
+
+/// The gradients of a weight and its bias, two disjoint ranges of the flat gradient buffer.
+fn weight_and_bias_grads<'g, B: Backend>(
+    be: &B,
+    table: &ParamTable,
+    grads: &'g mut B::Buf,
+    w: ParamId,
+    bias: ParamId,
+) -> (B::ViewMut<'g>, B::ViewMut<'g>) {
+    let [dw, db] = be.split_mut(grads, [table.range(w), table.range(bias)]);
+    (dw, db)
+}
+
+/// The buffer holding a block's output: resid2 (pre-LN) or LN2(resid2) (post-LN).
+fn block_output<B: Backend>(a: &BlockActs<B>, placement: LayerNormPlacement) -> &B::Buf {
+    match placement {
+        LayerNormPlacement::Pre => &a.resid2,
+        LayerNormPlacement::Post => &a.ln2,
+    }
+}

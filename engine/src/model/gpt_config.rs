@@ -1,0 +1,119 @@
+//! GPT configuration: named presets, explicit sizes, validation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// Where LayerNorm sits relative to the residual add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LayerNormPlacement {
+    /// `x + f(LN(x))`, GPT-2 and later: stable without warm-up tricks.
+    #[default]
+    Pre,
+    /// `LN(x + f(x))`, the original Transformer.
+    Post,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GptConfig {
+    pub vocab_size: usize,
+    /// Longest sequence; rows of the learned position table.
+    pub block_size: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    #[serde(default)]
+    pub ln_placement: LayerNormPlacement,
+}
+
+/// Preset names and what they are, for help texts and errors.
+pub const PRESETS: &[(&str, &str)] = &[
+    ("gpt2-124m", "GPT-2 small: 12 layers, 12 heads, 768 wide, 1024 positions, 50257 tokens"),
+    ("gpt2-350m", "GPT-2 medium: 24 layers, 16 heads, 1024 wide"),
+    ("gpt2-774m", "GPT-2 large: 36 layers, 20 heads, 1280 wide"),
+    ("gpt2-1558m", "GPT-2 XL: 48 layers, 25 heads, 1600 wide"),
+    ("char-small", "nanoGPT's Shakespeare-char model: 6 layers, 6 heads, 384 wide, 256 positions"),
+    ("tiny", "4 layers, 4 heads, 128 wide, 128 positions: quick CPU runs"),
+    ("test", "2 layers, 2 heads, 32 wide, 32 positions: unit tests"),
+];
+
+impl GptConfig {
+    pub fn preset(name: &str) -> Result<Self, ConfigError> {
+        let gpt2 = |n_layer, n_head, n_embd| GptConfig {
+            vocab_size: 50257,
+            block_size: 1024,
+            n_layer,
+            n_head,
+            n_embd,
+            ln_placement: LayerNormPlacement::Pre,
+        };
+        let small = |n_layer, n_head, n_embd, block_size| GptConfig {
+            vocab_size: 256,
+            block_size,
+            n_layer,
+            n_head,
+            n_embd,
+            ln_placement: LayerNormPlacement::Pre,
+        };
+        Ok(match name {
+            "gpt2-124m" => gpt2(12, 12, 768),
+            "gpt2-350m" => gpt2(24, 16, 1024),
+            "gpt2-774m" => gpt2(36, 20, 1280),
+            "gpt2-1558m" => gpt2(48, 25, 1600),
+            "char-small" => small(6, 6, 384, 256),
+            "tiny" => small(4, 4, 128, 128),
+            "test" => small(2, 2, 32, 32),
+            _ => {
+                return Err(ConfigError::new(
+                    "preset",
+                    format!(
+                        "unknown preset {name:?}; known presets: {}",
+                        PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")
+                    ),
+                ))
+            }
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("vocab_size", self.vocab_size),
+            ("block_size", self.block_size),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_embd", self.n_embd),
+        ];
+        for (field, v) in positive {
+            if v == 0 {
+                return Err(ConfigError::new(field, "must be at least 1"));
+            }
+        }
+        if self.n_embd % self.n_head != 0 {
+            return Err(ConfigError::new(
+                "n_embd",
+                format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head),
+            ));
+        }
+        if self.vocab_size > u32::MAX as usize - 1 {
+            return Err(ConfigError::new("vocab_size", "must fit in u32 token ids"));
+        }
+        Ok(())
+    }
+
+    /// Parameter count (the LM head is tied to `wte` and not counted twice).
+    pub fn num_params(&self) -> usize {
+        let (c, l) = (self.n_embd, self.n_layer);
+        let per_layer = 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + 2 * c + (c * 4 * c + 4 * c) + (4 * c * c + c);
+        self.vocab_size * c + self.block_size * c + l * per_layer + 2 * c
+    }
+
+    /// Training FLOPs per token: 6 per parameter that touches every token (all but the position
+    /// table) plus attention's scores and weighted sum, 6 * 2 * L * C * T forward and backward
+    /// for a full T x T map (PaLM appendix B; the causal half is not subtracted, as is customary).
+    pub fn flops_per_token(&self, seq_len: usize) -> f64 {
+        let n = (self.num_params() - self.block_size * self.n_embd) as f64;
+        6.0 * n + 12.0 * (self.n_layer * self.n_embd * seq_len) as f64
+    }
+}

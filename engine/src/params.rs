@@ -1,0 +1,108 @@
+//! One flat parameter buffer, one flat gradient buffer, and the name table that maps Hugging Face
+//! tensor names to ranges of both.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use crate::rng::Rng;
+
+/// What a tensor is, which decides its weight decay and its initialisation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ParamKind {
+    /// A matmul weight: decayed.
+    Weight,
+    /// An embedding table: decayed only if the optimizer is configured to.
+    Embedding,
+    /// A bias: never decayed.
+    Bias,
+    /// A LayerNorm gain or shift: never decayed.
+    Norm,
+}
+
+/// How a tensor starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    Normal { std: f32 },
+    Zeros,
+    Ones,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub kind: ParamKind,
+    pub init: Init,
+}
+
+impl ParamSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+    pub fn range(&self) -> Range<usize> {
+        self.offset..self.offset + self.numel()
+    }
+}
+
+/// Tensors in order, packed back to back.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ParamTable {
+    specs: Vec<ParamSpec>,
+    by_name: HashMap<String, usize>,
+    total: usize,
+}
+
+/// Index of a tensor in its table.
+pub type ParamId = usize;
+
+impl ParamTable {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn push(&mut self, name: &str, shape: &[usize], kind: ParamKind, init: Init) -> ParamId {
+        assert!(!self.by_name.contains_key(name), "duplicate parameter {name}");
+        let spec = ParamSpec { name: name.to_string(), shape: shape.to_vec(), offset: self.total, kind, init };
+        self.total += spec.numel();
+        self.by_name.insert(name.to_string(), self.specs.len());
+        self.specs.push(spec);
+        self.specs.len() - 1
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+    pub fn spec(&self, id: ParamId) -> &ParamSpec {
+        &self.specs[id]
+    }
+    pub fn range(&self, id: ParamId) -> Range<usize> {
+        self.specs[id].range()
+    }
+    pub fn id(&self, name: &str) -> Option<ParamId> {
+        self.by_name.get(name).copied()
+    }
+
+    /// Host values of every tensor, each drawn from its own stream derived from (seed, name), so
+    /// a tensor's start does not depend on which tensors come before it.
+    pub fn init(&self, seed: u64) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.total];
+        for s in &self.specs {
+            let dst = &mut out[s.range()];
+            match s.init {
+                Init::Zeros => dst.fill(0.0),
+                Init::Ones => dst.fill(1.0),
+                Init::Normal { std } => {
+                    let mut rng = Rng::derive(seed, &s.name);
+                    dst.iter_mut().for_each(|x| *x = (rng.normal() * std as f64) as f32);
+                }
+            }
+        }
+        out
+    }
+}

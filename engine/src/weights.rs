@@ -1,0 +1,79 @@
+//! Weights in safetensors: tensors under their Hugging Face names, f32, with string metadata
+//! (smelt stores the model config and tokenizer there).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+
+use crate::error::EngineError;
+use crate::params::ParamTable;
+
+fn err(path: &str, message: impl Into<String>) -> EngineError {
+    EngineError::Weights { path: path.to_string(), message: message.into() }
+}
+
+fn f32_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// Serializes every tensor of `table` from the flat host buffer `params`.
+pub fn to_bytes(table: &ParamTable, params: &[f32], metadata: HashMap<String, String>) -> Result<Vec<u8>, EngineError> {
+    assert_eq!(params.len(), table.total(), "parameter buffer size");
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = table
+        .specs()
+        .iter()
+        .map(|s| (s.name.clone(), s.shape.clone(), f32_bytes(&params[s.range()])))
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, shape, data)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), data)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(|e| err("<memory>", e.to_string()))?;
+    safetensors::serialize(views, Some(metadata)).map_err(|e| err("<memory>", e.to_string()))
+}
+
+/// Writes a file atomically: a temporary sibling, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
+    use std::io::Write;
+    let io = |e| EngineError::Io { path: path.display().to_string(), source: e };
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Reads the flat parameter buffer of `table` from safetensors bytes, checking that every
+/// tensor is present with the right shape and dtype. Returns the parameters and the metadata.
+pub fn from_bytes(table: &ParamTable, bytes: &[u8], path: &str) -> Result<(Vec<f32>, HashMap<String, String>), EngineError> {
+    let st = SafeTensors::deserialize(bytes).map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
+    let mut out = vec![0.0f32; table.total()];
+    for s in table.specs() {
+        let t = st.tensor(&s.name).map_err(|_| err(path, format!("missing tensor {}", s.name)))?;
+        if t.dtype() != Dtype::F32 {
+            return Err(err(path, format!("tensor {} is {:?}, expected F32", s.name, t.dtype())));
+        }
+        if t.shape() != s.shape.as_slice() {
+            return Err(err(path, format!("tensor {} has shape {:?}, expected {:?}", s.name, t.shape(), s.shape)));
+        }
+        for (dst, chunk) in out[s.range()].iter_mut().zip(t.data().chunks_exact(4)) {
+            *dst = f32::from_le_bytes(chunk.try_into().unwrap());
+        }
+    }
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| err(path, e.to_string()))?;
+    Ok((out, meta.metadata().clone().unwrap_or_default()))
+}
+
+/// Only the metadata of a safetensors file.
+pub fn metadata(bytes: &[u8], path: &str) -> Result<HashMap<String, String>, EngineError> {
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| err(path, format!("not a safetensors file: {e}")))?;
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+pub fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
+    std::fs::read(path).map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })
+}
