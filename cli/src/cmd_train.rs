@@ -1,0 +1,207 @@
+//! `smelt train`: a single-process trainer over one text file.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use smelt_corpus::Tokenizer;
+use smelt_engine::data::TokenWindows;
+use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
+use smelt_engine::optim::{AdamWConfig, LrSchedule};
+use smelt_engine::train::{TrainConfig, Trainer};
+use smelt_engine::CpuBackend;
+use tracing::info;
+
+use crate::model_file;
+
+#[derive(Args, Debug)]
+pub struct TrainArgs {
+    /// UTF-8 text to train on.
+    #[arg(long)]
+    pub text: PathBuf,
+    /// Tokenizer: char (the text's own characters) or byte.
+    #[arg(long, default_value = "char")]
+    pub tokenizer: String,
+    /// Model preset (gpt2-124m, gpt2-350m, char-small, tiny, test ...); the sizes below override it.
+    #[arg(long, default_value = "tiny")]
+    pub preset: String,
+    #[arg(long)]
+    pub n_layer: Option<usize>,
+    #[arg(long)]
+    pub n_head: Option<usize>,
+    #[arg(long)]
+    pub n_embd: Option<usize>,
+    #[arg(long)]
+    pub block_size: Option<usize>,
+    /// LayerNorm after each residual add (the original Transformer) instead of before.
+    #[arg(long)]
+    pub post_ln: bool,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 500)]
+    pub steps: u64,
+    /// Sequences per micro-batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// Sequence length (default: the model's block size).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Micro-batches accumulated per step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Final learning rate of the cosine decay (default: lr / 10).
+    #[arg(long)]
+    pub min_lr: Option<f32>,
+    #[arg(long, default_value_t = 50)]
+    pub warmup: u64,
+    #[arg(long, default_value_t = 0.1)]
+    pub weight_decay: f32,
+    /// Also decay the embeddings (nanoGPT decays every 2-D tensor).
+    #[arg(long)]
+    pub decay_embeddings: bool,
+    #[arg(long, default_value_t = 0.9)]
+    pub beta1: f32,
+    #[arg(long, default_value_t = 0.95)]
+    pub beta2: f32,
+    /// Global gradient-norm clip (0 disables).
+    #[arg(long, default_value_t = 1.0)]
+    pub grad_clip: f32,
+    /// Share of the text held out for validation (its end).
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    #[arg(long, default_value_t = 100)]
+    pub eval_interval: u64,
+    #[arg(long, default_value_t = 20)]
+    pub eval_batches: usize,
+    #[arg(long, default_value_t = 1337)]
+    pub seed: u64,
+    /// Directory for model.safetensors and metrics.jsonl.
+    #[arg(long, default_value = "runs/train")]
+    pub out: PathBuf,
+}
+
+fn model_config(a: &TrainArgs, vocab_size: usize) -> Result<GptConfig> {
+    let mut cfg = GptConfig::preset(&a.preset)?;
+    cfg.vocab_size = vocab_size;
+    if let Some(v) = a.n_layer {
+        cfg.n_layer = v;
+    }
+    if let Some(v) = a.n_head {
+        cfg.n_head = v;
+    }
+    if let Some(v) = a.n_embd {
+        cfg.n_embd = v;
+    }
+    if let Some(v) = a.block_size {
+        cfg.block_size = v;
+    }
+    if a.post_ln {
+        cfg.ln_placement = LayerNormPlacement::Post;
+    }
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    if !(0.0..1.0).contains(&a.val_fraction) {
+        bail!("--val-fraction must be in [0, 1), got {}", a.val_fraction);
+    }
+    let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading --text {}", a.text.display()))?;
+    let tokenizer = Tokenizer::fit(&a.tokenizer, &text)?;
+    let tokens = tokenizer.encode(&text)?;
+    let cfg = model_config(&a, tokenizer.vocab_size())?;
+    let seq = a.seq.unwrap_or(cfg.block_size);
+    let split = ((tokens.len() as f64) * (1.0 - a.val_fraction)) as usize;
+    let (train_ids, val_ids) = tokens.split_at(split);
+    if train_ids.len() <= seq {
+        bail!("{}: {} training tokens cannot fill one sequence of {seq}", a.text.display(), train_ids.len());
+    }
+    if a.val_fraction > 0.0 && val_ids.len() <= seq {
+        bail!("{}: {} validation tokens cannot fill one sequence of {seq}; lower --seq or raise --val-fraction", a.text.display(), val_ids.len());
+    }
+    let tc = TrainConfig {
+        batch_size: a.batch,
+        seq_len: seq,
+        grad_accum: a.grad_accum,
+        steps: a.steps,
+        schedule: LrSchedule {
+            max_lr: a.lr,
+            min_lr: a.min_lr.unwrap_or(a.lr / 10.0),
+            warmup_steps: a.warmup,
+            decay_steps: a.steps,
+        },
+        optim: AdamWConfig {
+            beta1: a.beta1,
+            beta2: a.beta2,
+            eps: 1e-8,
+            weight_decay: a.weight_decay,
+            decay_embeddings: a.decay_embeddings,
+            grad_clip: (a.grad_clip > 0.0).then_some(a.grad_clip),
+        },
+        eval_interval: a.eval_interval,
+        eval_batches: a.eval_batches,
+        seed: a.seed,
+    };
+    let model = Gpt::new(CpuBackend::new(), cfg.clone(), a.seed)?;
+    info!(
+        params = cfg.num_params(),
+        vocab = cfg.vocab_size,
+        layers = cfg.n_layer,
+        width = cfg.n_embd,
+        train_tokens = train_ids.len(),
+        val_tokens = val_ids.len(),
+        threads = rayon::current_num_threads(),
+        "training gpt on cpu"
+    );
+    let mut trainer = Trainer::new(model, tc)?;
+    let (train, val) = (TokenWindows::new(train_ids), TokenWindows::new(val_ids));
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let model_path = a.out.join("model.safetensors");
+    let mut metrics = std::fs::File::create(a.out.join("metrics.jsonl"))?;
+
+    let bar = ProgressBar::new(a.steps);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")?);
+    let started = Instant::now();
+    let mut tokens_seen = 0usize;
+    let mut last_val: Option<f32> = None;
+    let save = |trainer: &Trainer<CpuBackend>, val: Option<f32>| -> Result<()> {
+        let mut extra = vec![("step", trainer.step().to_string())];
+        if let Some(v) = val {
+            extra.push(("val_loss", v.to_string()));
+        }
+        model_file::save(&model_path, &cfg, &tokenizer, &trainer.model.params_host(), &extra)
+    };
+    for step in 0..a.steps {
+        let s = trainer.train_step(&train)?;
+        tokens_seen += s.tokens;
+        let tok_s = tokens_seen as f64 / started.elapsed().as_secs_f64();
+        let is_last = step + 1 == a.steps;
+        let mut record = serde_json::json!({
+            "step": step + 1, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": tok_s,
+        });
+        if a.val_fraction > 0.0 && (is_last || (a.eval_interval > 0 && (step + 1) % a.eval_interval == 0)) {
+            let v = trainer.evaluate(&val)?;
+            last_val = Some(v);
+            record["val_loss"] = v.into();
+            bar.suspend(|| info!(step = step + 1, train_loss = s.loss, val_loss = v, tokens_per_s = tok_s as u64, "eval"));
+            save(&trainer, last_val)?;
+        }
+        writeln!(metrics, "{record}")?;
+        bar.set_message(format!(
+            "loss {:.4}{} | {:.0} tok/s",
+            s.loss,
+            last_val.map(|v| format!(" | val {v:.4}")).unwrap_or_default(),
+            tok_s
+        ));
+        bar.inc(1);
+    }
+    bar.finish();
+    save(&trainer, last_val)?;
+    info!(path = %model_path.display(), val_loss = last_val, seconds = started.elapsed().as_secs_f64(), "saved model");
+    Ok(())
+}
