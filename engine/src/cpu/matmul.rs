@@ -97,7 +97,7 @@ pub fn backward(
     if let Some(dinp) = dinp {
         assert_eq!(dinp.len(), n * ic, "matmul dinp");
         // W^T as an (OC, IC) matrix: swap W's strides.
-        gemm_strided(dinp, false, (n, ic, oc), dout, (oc, 1), weight, (w_cs, w_rs));
+        gemm_strided(dinp, true, (n, ic, oc), dout, (oc, 1), weight, (w_cs, w_rs));
     }
     match s.layout {
         // dW (IC, OC) += inp^T (IC, N) @ dout (N, OC)
