@@ -1,0 +1,101 @@
+//! The `smelt` binary end to end: train on a small text, sample, and clear errors on bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn smelt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_smelt")).args(args).env("RUST_LOG", "warn").output().expect("run smelt")
+}
+
+fn text_of(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn write_text(dir: &Path) -> std::path::PathBuf {
+    let line = "the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!\n";
+    let path = dir.join("corpus.txt");
+    std::fs::write(&path, line.repeat(60)).unwrap();
+    path
+}
+
+#[test]
+fn train_then_sample() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let out = dir.path().join("run");
+    let o = smelt(&[
+        "--threads", "2", "train", "--text", text.to_str().unwrap(), "--preset", "test", "--steps", "40",
+        "--batch", "8", "--seq", "24", "--lr", "3e-3", "--warmup", "5", "--eval-interval", "20",
+        "--eval-batches", "4", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "train failed: {}", text_of(&o));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 40);
+    let vals: Vec<f64> = rows.iter().filter_map(|r| r["val_loss"].as_f64()).collect();
+    assert_eq!(vals.len(), 2, "evaluations at steps 20 and 40");
+    let first = rows[0]["loss"].as_f64().unwrap();
+    assert!(vals[1] < first * 0.8, "validation loss {} did not fall from the first training loss {first}", vals[1]);
+
+    let model = out.join("model.safetensors");
+    let o = smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", "the ", "--tokens", "50", "--seed", "3"]);
+    assert!(o.status.success(), "sample failed: {}", text_of(&o));
+    let s = String::from_utf8(o.stdout).unwrap();
+    assert!(s.starts_with("the "));
+    assert_eq!(s.trim_end_matches('\n').chars().count(), 4 + 50);
+    // Same seed, same text.
+    let again = smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", "the ", "--tokens", "50", "--seed", "3"]);
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), s);
+}
+
+#[test]
+fn missing_text_names_the_file() {
+    let o = smelt(&["train", "--text", "/nonexistent/shakespeare.txt", "--steps", "1"]);
+    assert!(!o.status.success());
+    assert!(text_of(&o).contains("/nonexistent/shakespeare.txt"), "{}", text_of(&o));
+}
+
+#[test]
+fn unknown_preset_lists_the_known_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let o = smelt(&["train", "--text", text.to_str().unwrap(), "--preset", "gpt5", "--steps", "1"]);
+    assert!(!o.status.success());
+    let msg = text_of(&o);
+    assert!(msg.contains("gpt5") && msg.contains("gpt2-124m"), "{msg}");
+}
+
+#[test]
+fn seq_longer_than_block_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let o = smelt(&["train", "--text", text.to_str().unwrap(), "--preset", "test", "--seq", "64", "--steps", "1"]);
+    assert!(!o.status.success());
+    assert!(text_of(&o).contains("seq_len"), "{}", text_of(&o));
+}
+
+#[test]
+fn corrupt_model_file_is_refused_with_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("model.safetensors");
+    std::fs::write(&bad, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json").unwrap();
+    let o = smelt(&["sample", "--model", bad.to_str().unwrap()]);
+    assert!(!o.status.success());
+    let msg = text_of(&o);
+    assert!(msg.contains("model.safetensors"), "{msg}");
+}
+
+#[test]
+fn prompt_with_unseen_character_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let out = dir.path().join("run");
+    let o = smelt(&[
+        "train", "--text", text.to_str().unwrap(), "--preset", "test", "--steps", "2", "--batch", "2",
+        "--seq", "16", "--eval-interval", "0", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    let o = smelt(&["sample", "--model", out.join("model.safetensors").to_str().unwrap(), "--prompt", "ZEBRA"]);
+    assert!(!o.status.success());
+    assert!(text_of(&o).contains("'Z'"), "{}", text_of(&o));
+}
