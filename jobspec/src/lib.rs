@@ -1,0 +1,402 @@
+//! A job spec in TOML: what to train, on what, with how many workers. Parsing refuses unknown
+//! fields; validation names the field at fault and what is allowed. Coordinator (on submit) and
+//! worker (on assignment) parse the same text with the same code.
+//!
+//! ```toml
+//! name = "shakespeare"
+//! priority = 0
+//! max_restarts = 1
+//! seed = 1337
+//!
+//! [model]
+//! preset = "tiny"             # or explicit sizes below
+//!
+//! [data]
+//! text = "data/tinyshakespeare.txt"
+//! tokenizer = "char"
+//!
+//! [train]
+//! steps = 200
+//! global_batch = 16           # sequences per step = world_size * micro_batch * accumulation
+//! micro_batch = 8
+//! seq_len = 128
+//! lr = 1e-3
+//!
+//! [cluster]
+//! world_size = 2
+//! device = "cpu"
+//! ```
+
+use serde::{Deserialize, Serialize};
+use smelt_engine::model::{GptConfig, LayerNormPlacement};
+use smelt_engine::optim::{AdamWConfig, LrSchedule};
+use smelt_engine::train::TrainConfig;
+use thiserror::Error;
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+#[error("job spec: `{field}`: {message}")]
+pub struct SpecError {
+    /// Dotted path of the field at fault (`train.micro_batch`), or `toml` for syntax errors.
+    pub field: String,
+    pub message: String,
+}
+
+fn err(field: &str, message: impl Into<String>) -> SpecError {
+    SpecError { field: field.to_string(), message: message.into() }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    #[default]
+    Pretrain,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    pub name: String,
+    #[serde(default)]
+    pub kind: JobKind,
+    /// Higher runs first; ties go to the older job.
+    #[serde(default)]
+    pub priority: i32,
+    /// Restarts allowed after a worker is lost or fails.
+    #[serde(default)]
+    pub max_restarts: u32,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+    pub model: ModelSpec,
+    pub data: DataSpec,
+    pub train: TrainSpec,
+    #[serde(default)]
+    pub cluster: ClusterSpec,
+}
+
+fn default_seed() -> u64 {
+    1337
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub preset: Option<String>,
+    pub n_layer: Option<usize>,
+    pub n_head: Option<usize>,
+    pub n_embd: Option<usize>,
+    pub block_size: Option<usize>,
+    /// For presets without a tokenizer of their own; a char tokenizer sets it from the text.
+    pub vocab_size: Option<usize>,
+    #[serde(default)]
+    pub ln_placement: LayerNormPlacement,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSpec {
+    /// A UTF-8 text file every worker can read.
+    pub text: String,
+    #[serde(default = "default_tokenizer")]
+    pub tokenizer: String,
+    /// Share of the text (its end) held out for validation.
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+}
+
+fn default_tokenizer() -> String {
+    "char".into()
+}
+fn default_val_fraction() -> f64 {
+    0.1
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSpec {
+    pub steps: u64,
+    /// Sequences per optimizer step, over all workers.
+    pub global_batch: usize,
+    /// Sequences per forward/backward on one worker.
+    pub micro_batch: usize,
+    pub seq_len: usize,
+    pub lr: f32,
+    pub min_lr: Option<f32>,
+    #[serde(default)]
+    pub warmup_steps: u64,
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f32,
+    #[serde(default)]
+    pub decay_embeddings: bool,
+    #[serde(default = "default_beta1")]
+    pub beta1: f32,
+    #[serde(default = "default_beta2")]
+    pub beta2: f32,
+    /// Global gradient-norm clip; 0 disables.
+    #[serde(default = "default_grad_clip")]
+    pub grad_clip: f32,
+    /// Evaluate every this many steps; 0 never (except at the end).
+    #[serde(default)]
+    pub eval_interval: u64,
+    #[serde(default = "default_eval_batches")]
+    pub eval_batches: usize,
+    /// Checkpoint every this many steps; 0 never.
+    #[serde(default)]
+    pub checkpoint_interval: u64,
+}
+
+fn default_weight_decay() -> f32 {
+    0.1
+}
+fn default_beta1() -> f32 {
+    0.9
+}
+fn default_beta2() -> f32 {
+    0.95
+}
+fn default_grad_clip() -> f32 {
+    1.0
+}
+fn default_eval_batches() -> usize {
+    10
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    #[serde(default = "default_world_size")]
+    pub world_size: u32,
+    #[serde(default)]
+    pub device: Device,
+}
+
+fn default_world_size() -> u32 {
+    1
+}
+
+impl Default for ClusterSpec {
+    fn default() -> Self {
+        ClusterSpec { world_size: 1, device: Device::Cpu }
+    }
+}
+
+impl JobSpec {
+    /// Parses and validates a spec.
+    pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
+        let spec: JobSpec = toml::from_str(text).map_err(|e| {
+            let msg = e.message().to_string();
+            // toml reports the offending key's span; name the field when we can.
+            let field = e
+                .span()
+                .and_then(|s| text.get(s))
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty() && s.len() < 64 && !s.contains('\n'))
+                .unwrap_or_else(|| "toml".to_string());
+            err(&field, msg)
+        })?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a JobSpec always serializes")
+    }
+
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.name.trim().is_empty() {
+            return Err(err("name", "must not be empty"));
+        }
+        if self.cluster.world_size == 0 {
+            return Err(err("cluster.world_size", "must be at least 1"));
+        }
+        let t = &self.train;
+        if t.steps == 0 {
+            return Err(err("train.steps", "must be at least 1"));
+        }
+        if t.micro_batch == 0 {
+            return Err(err("train.micro_batch", "must be at least 1"));
+        }
+        let per_pass = self.cluster.world_size as usize * t.micro_batch;
+        if t.global_batch == 0 || t.global_batch % per_pass != 0 {
+            return Err(err(
+                "train.global_batch",
+                format!(
+                    "{} is not a positive multiple of cluster.world_size x train.micro_batch = {} x {} = {per_pass}",
+                    t.global_batch, self.cluster.world_size, t.micro_batch
+                ),
+            ));
+        }
+        if t.eval_batches == 0 {
+            return Err(err("train.eval_batches", "must be at least 1"));
+        }
+        if !(0.0..1.0).contains(&self.data.val_fraction) {
+            return Err(err("data.val_fraction", format!("{} is outside [0, 1)", self.data.val_fraction)));
+        }
+        if !["char", "byte"].contains(&self.data.tokenizer.as_str()) {
+            return Err(err("data.tokenizer", format!("{:?} is not one of: char, byte", self.data.tokenizer)));
+        }
+        if self.data.text.trim().is_empty() {
+            return Err(err("data.text", "must name a text file"));
+        }
+        // The model and optimizer configs validate their own fields; prefix them with their table.
+        let model = self.model_config(self.model.vocab_size.unwrap_or(256))?;
+        self.train_config().validate(model.block_size).map_err(|e| {
+            let field = match e.field.as_str() {
+                "batch_size" => "train.micro_batch".to_string(),
+                "max_lr" => "train.lr".to_string(),
+                f => format!("train.{f}"),
+            };
+            err(&field, e.message)
+        })?;
+        Ok(())
+    }
+
+    /// Sequences each worker processes per micro-batch pass times passes per step.
+    pub fn grad_accum(&self) -> usize {
+        self.train.global_batch / (self.cluster.world_size as usize * self.train.micro_batch)
+    }
+
+    /// The model config, with the vocabulary size the tokenizer decided.
+    pub fn model_config(&self, vocab_size: usize) -> Result<GptConfig, SpecError> {
+        let m = &self.model;
+        let mut cfg = match &m.preset {
+            Some(p) => GptConfig::preset(p).map_err(|e| err("model.preset", e.message))?,
+            None => {
+                let need = |v: Option<usize>, f: &str| v.ok_or_else(|| err(&format!("model.{f}"), "required when model.preset is not given"));
+                GptConfig {
+                    vocab_size,
+                    block_size: need(m.block_size, "block_size")?,
+                    n_layer: need(m.n_layer, "n_layer")?,
+                    n_head: need(m.n_head, "n_head")?,
+                    n_embd: need(m.n_embd, "n_embd")?,
+                    ln_placement: m.ln_placement,
+                }
+            }
+        };
+        cfg.vocab_size = vocab_size;
+        if let Some(v) = m.n_layer {
+            cfg.n_layer = v;
+        }
+        if let Some(v) = m.n_head {
+            cfg.n_head = v;
+        }
+        if let Some(v) = m.n_embd {
+            cfg.n_embd = v;
+        }
+        if let Some(v) = m.block_size {
+            cfg.block_size = v;
+        }
+        cfg.ln_placement = m.ln_placement;
+        cfg.validate().map_err(|e| err(&format!("model.{}", e.field), e.message))?;
+        Ok(cfg)
+    }
+
+    /// The engine's training config for one worker.
+    pub fn train_config(&self) -> TrainConfig {
+        let t = &self.train;
+        TrainConfig {
+            batch_size: t.micro_batch,
+            seq_len: t.seq_len,
+            grad_accum: self.grad_accum().max(1),
+            steps: t.steps,
+            schedule: LrSchedule {
+                max_lr: t.lr,
+                min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
+                warmup_steps: t.warmup_steps,
+                decay_steps: t.steps,
+            },
+            optim: AdamWConfig {
+                beta1: t.beta1,
+                beta2: t.beta2,
+                eps: 1e-8,
+                weight_decay: t.weight_decay,
+                decay_embeddings: t.decay_embeddings,
+                grad_clip: (t.grad_clip > 0.0).then_some(t.grad_clip),
+            },
+            eval_interval: t.eval_interval,
+            eval_batches: t.eval_batches,
+            seed: self.seed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+name = "shakespeare"
+priority = 3
+max_restarts = 2
+
+[model]
+preset = "tiny"
+
+[data]
+text = "data/tinyshakespeare.txt"
+
+[train]
+steps = 100
+global_batch = 16
+micro_batch = 4
+seq_len = 64
+lr = 1e-3
+
+[cluster]
+world_size = 2
+"#;
+
+    #[test]
+    fn parses_a_good_spec_with_defaults() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!(s.priority, 3);
+        assert_eq!(s.grad_accum(), 2);
+        assert_eq!(s.data.tokenizer, "char");
+        assert_eq!(s.seed, 1337);
+        assert_eq!(s.train_config().schedule.min_lr, 1e-3 / 10.0);
+        assert_eq!(s.model_config(65).unwrap().vocab_size, 65);
+        // Round trip through TOML.
+        assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = JobSpec::parse(&GOOD.replace("lr = 1e-3", "lr = 1e-3\nlearning_rate = 2")).unwrap_err();
+        assert_eq!(e.field, "learning_rate", "{e}");
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn indivisible_global_batch_is_explained() {
+        let e = JobSpec::parse(&GOOD.replace("global_batch = 16", "global_batch = 12")).unwrap_err();
+        assert_eq!(e.field, "train.global_batch");
+        assert!(e.message.contains("2 x 4 = 8"), "{e}");
+    }
+
+    #[test]
+    fn model_and_train_errors_carry_their_table() {
+        let e = JobSpec::parse(&GOOD.replace("preset = \"tiny\"", "preset = \"huge\"")).unwrap_err();
+        assert_eq!(e.field, "model.preset");
+        let e = JobSpec::parse(&GOOD.replace("seq_len = 64", "seq_len = 4096")).unwrap_err();
+        assert_eq!(e.field, "train.seq_len", "{e}");
+        let e = JobSpec::parse(&GOOD.replace("lr = 1e-3", "lr = -1.0")).unwrap_err();
+        assert_eq!(e.field, "train.lr", "{e}");
+        let e = JobSpec::parse(&GOOD.replace("[cluster]\nworld_size = 2", "[cluster]\nworld_size = 2\ndevice = \"tpu\"")).unwrap_err();
+        assert!(e.message.contains("tpu") || e.field.contains("tpu"), "{e}");
+    }
+
+    #[test]
+    fn missing_section_and_bad_syntax_are_reported() {
+        let e = JobSpec::parse("name = \"x\"\n").unwrap_err();
+        assert!(e.message.contains("missing field"), "{e}");
+        let e = JobSpec::parse("name = \n").unwrap_err();
+        assert!(!e.message.is_empty());
+    }
+}
