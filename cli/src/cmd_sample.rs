@@ -9,7 +9,7 @@ use smelt_engine::model::Gpt;
 use smelt_engine::rng::Rng;
 use smelt_engine::CpuBackend;
 
-use crate::model_file;
+use smelt_worker::model_file;
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {

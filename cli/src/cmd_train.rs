@@ -15,7 +15,7 @@ use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::CpuBackend;
 use tracing::info;
 
-use crate::model_file;
+use smelt_worker::model_file;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {

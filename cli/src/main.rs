@@ -3,7 +3,10 @@
 mod cmd_bench;
 mod cmd_sample;
 mod cmd_train;
-mod model_file;
+mod cmd_up;
+mod cmd_worker;
+mod signals;
+
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -24,6 +27,10 @@ enum Command {
     Train(cmd_train::TrainArgs),
     /// Generate text from a trained model.
     Sample(cmd_sample::SampleArgs),
+    /// Run a worker: registers with the coordinator and trains what it is assigned.
+    Worker(cmd_worker::WorkerArgs),
+    /// A whole local cluster: a coordinator and N workers as child processes.
+    Up(cmd_up::UpArgs),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(cmd_bench::BenchCommand),
@@ -47,5 +54,7 @@ fn main() -> Result<()> {
         Command::Train(a) => cmd_train::run(a),
         Command::Sample(a) => cmd_sample::run(a),
         Command::Bench(b) => cmd_bench::run(b),
+        Command::Worker(a) => cmd_worker::run(a),
+        Command::Up(a) => cmd_up::run(a),
     }
 }

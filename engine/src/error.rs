@@ -2,6 +2,8 @@
 
 use thiserror::Error;
 
+use crate::collective::CollectiveError;
+
 /// A configuration value that cannot work, naming the field and what is allowed.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 #[error("invalid `{field}`: {message}")]
@@ -30,4 +32,6 @@ pub enum EngineError {
     Weights { path: String, message: String },
     #[error("i/o on {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error("collective: {0}")]
+    Collective(#[from] CollectiveError),
 }

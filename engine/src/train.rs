@@ -1,10 +1,14 @@
-//! The single-process training loop: micro-batches with gradient accumulation, clipping, AdamW,
-//! scheduled learning rate, periodic evaluation. No I/O here: callers report progress.
+//! The training loop: micro-batches with gradient accumulation, clipping, AdamW, scheduled
+//! learning rate, periodic evaluation. `train_step` draws its own random windows (single
+//! process); `train_step_batches` takes the micro-batches a data plan assigned to this rank and
+//! averages gradients across ranks through a [`Collective`]. No I/O here: callers report
+//! progress.
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
-use crate::data::TokenWindows;
+use crate::collective::Collective;
+use crate::data::{Batch, TokenWindows};
 use crate::error::{ConfigError, EngineError};
 use crate::model::Gpt;
 use crate::optim::{AdamW, AdamWConfig, LrSchedule};
@@ -111,7 +115,66 @@ impl<B: Backend> Trainer<B> {
         Ok(stats)
     }
 
-    fn data_rng_batch(&mut self, train: &TokenWindows, b: usize, t: usize) -> crate::data::Batch {
+    /// One data-parallel optimizer step over the given micro-batches (this rank's share of the
+    /// global batch): zero the gradients, forward + backward each micro-batch with loss scale
+    /// `1 / micro_batches.len()`, average the gradients over all ranks with `collective`, then
+    /// one AdamW step, identical on every rank since the averaged gradients are bitwise equal.
+    ///
+    /// Every rank must call this with the same number of micro-batches of the same shape (so
+    /// that the mean of rank means is the global mean). The reported loss is the mean over this
+    /// rank's micro-batches averaged over the ranks (a 1-value all-reduce done first), so every
+    /// rank reports the global mean loss, and a non-finite loss on any rank makes every rank
+    /// return `NonFiniteLoss` before the gradient exchange; `tokens` counts the whole global
+    /// batch (this rank's tokens times the world size). `TrainConfig::batch_size` and
+    /// `grad_accum` are not used here: the batches define the step. On an error from the model
+    /// (a malformed batch) the peers are left waiting in the collective until the caller
+    /// aborts or drops it.
+    pub fn train_step_batches(&mut self, micro_batches: &[Batch], collective: &mut dyn Collective<B>) -> Result<StepStats, EngineError> {
+        let k = micro_batches.len();
+        if k == 0 {
+            return Err(EngineError::Batch("a step needs at least one micro-batch".into()));
+        }
+        self.model.zero_grad();
+        let mut loss_sum = 0.0f64;
+        let mut tokens = 0;
+        for batch in micro_batches {
+            let loss = self
+                .model
+                .forward(&batch.inputs, Some(&batch.targets), batch.batch, batch.seq_len)?
+                .expect("targets given");
+            tokens += batch.batch * batch.seq_len;
+            if !loss.is_finite() {
+                // Let the other ranks learn about it through the loss all-reduce below.
+                loss_sum = loss as f64;
+                break;
+            }
+            loss_sum += loss as f64;
+            self.model.backward(1.0 / k as f32)?;
+        }
+        let local_loss = (loss_sum / k as f64) as f32;
+        let loss = {
+            let be = self.model.backend();
+            let mut buf = be.upload(&[local_loss]);
+            collective.all_reduce_mean(be, be.view_mut(&mut buf, 0..1))?;
+            be.download(be.view(&buf, 0..1))[0]
+        };
+        if !loss.is_finite() {
+            return Err(EngineError::NonFiniteLoss { step: self.step, loss });
+        }
+        {
+            let n = self.model.table().total();
+            let (be, grads) = self.model.backend_and_grads_mut();
+            collective.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
+        }
+        let lr = self.cfg.schedule.lr_at(self.step);
+        let (be, _, params, grads) = self.model.params_and_grads();
+        let report = self.opt.step(be, params, grads, lr, self.step)?;
+        let stats = StepStats { step: self.step, loss, grad_norm: report.grad_norm, lr, tokens: tokens * collective.world_size() };
+        self.step += 1;
+        Ok(stats)
+    }
+
+    fn data_rng_batch(&mut self, train: &TokenWindows, b: usize, t: usize) -> Batch {
         train.random_batch(&mut self.data_rng, b, t)
     }
 

@@ -61,9 +61,13 @@ struct Scratch<B: Backend> {
     dlogits: B::Buf,   // (BT, V)
 }
 
-/// Everything sized by the batch: allocated for a capacity of rows, used for the current B*T.
+/// Everything sized by the batch: allocated for a capacity of rows and of attention state, used
+/// for the current B*T.
 struct Acts<B: Backend> {
     rows_cap: usize,
+    /// Length of each block's `att_saved`. Attention's saved state is not bounded by the rows
+    /// (on CPU it is B*T*H*T), so a batch with fewer rows but longer sequences can need more.
+    saved_cap: usize,
     encoded: B::Buf, // (BT, C)
     blocks: Vec<BlockActs<B>>,
     lnf: B::Buf,      // (BT, C)
@@ -186,6 +190,10 @@ impl<B: Backend> Gpt<B> {
     pub fn params_and_grads(&mut self) -> (&B, &ParamTable, &mut B::Buf, &B::Buf) {
         (&self.be, &self.table, &mut self.params, &self.grads)
     }
+    /// The backend and the gradient buffer, writable (averaging gradients across ranks).
+    pub fn backend_and_grads_mut(&mut self) -> (&B, &mut B::Buf) {
+        (&self.be, &mut self.grads)
+    }
     pub fn params_host(&self) -> Vec<f32> {
         self.be.download(self.be.view(&self.params, 0..self.table.total()))
     }
@@ -242,27 +250,37 @@ impl<B: Backend> Gpt<B> {
             targets: targets.map(|tg| self.be.upload_ids(tg)),
             n_targets,
         });
-        if self.acts.as_ref().is_none_or(|a| a.rows_cap < b * t) {
-            self.acts = Some(self.alloc_acts(b, t));
+        let (rows, saved) = (b * t, self.attention_saved_len(b, t));
+        if self.acts.as_ref().is_none_or(|a| a.rows_cap < rows || a.saved_cap < saved) {
+            // Grow to cover both the old and the new batch, so alternating shapes settle.
+            let (rows, saved) = match &self.acts {
+                Some(a) => (rows.max(a.rows_cap), saved.max(a.saved_cap)),
+                None => (rows, saved),
+            };
+            self.acts = Some(self.alloc_acts(rows, saved));
         }
         Ok(())
     }
 
-    fn alloc_acts(&self, b: usize, t: usize) -> Acts<B> {
-        let be = &self.be;
-        let (c, v, h) = (self.cfg.n_embd, self.cfg.vocab_size, self.cfg.n_head);
-        let rows = b * t;
-        let saved = be.attention_saved_len(AttnShape {
+    fn attention_saved_len(&self, b: usize, t: usize) -> usize {
+        self.be.attention_saved_len(AttnShape {
             batch: b,
             q_len: t,
             kv_len: t,
-            channels: c,
-            heads: h,
+            channels: self.cfg.n_embd,
+            heads: self.cfg.n_head,
             causal: true,
-        });
+        })
+    }
+
+    /// Activations for up to `rows` rows and `saved` values of attention state per block.
+    fn alloc_acts(&self, rows: usize, saved: usize) -> Acts<B> {
+        let be = &self.be;
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
         let z = |n: usize| be.zeros(n);
         Acts {
             rows_cap: rows,
+            saved_cap: saved,
             encoded: z(rows * c),
             blocks: (0..self.cfg.n_layer)
                 .map(|_| BlockActs {

@@ -1,0 +1,243 @@
+//! The worker's control loop on the async runtime: register, heartbeat, take assignments, report.
+//! Reconnects with backoff while the coordinator is away, keeps training meanwhile, and re-attaches
+//! its running assignment when it gets back.
+
+use std::future::Future;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use smelt_proto::v1::coordinator_message::Body as Down;
+use smelt_proto::v1::worker_message::Body as Up;
+use smelt_proto::v1::worker_service_client::WorkerServiceClient;
+use smelt_proto::v1::{
+    Assignment, AssignmentDone, CoordinatorMessage, DeviceClass, RegisterRequest, RendezvousRequest, WorkerMessage,
+    WorkerState, WorkerStatus,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::runner::{run_assignment, RunControl, RunEvent, RunRequest};
+
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Coordinator URL, e.g. http://127.0.0.1:7070.
+    pub coordinator: String,
+    /// Address to bind the ring listener on (port 0: any free port).
+    pub data_bind: String,
+    /// Directory for this worker's outputs (final weights of jobs where it is rank 0).
+    pub out_dir: PathBuf,
+    pub hostname: String,
+}
+
+/// The assignment in progress and how to stop it.
+struct Running {
+    assignment: Assignment,
+    control: RunControl,
+}
+
+/// Runs the worker until `shutdown` resolves (SIGTERM): then it drains — stops taking work, stops
+/// a running assignment at its next step boundary, reports it, and returns.
+pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    let listener = TcpListener::bind(&cfg.data_bind).with_context(|| format!("binding the ring listener on {}", cfg.data_bind))?;
+    let data_addr = listener.local_addr()?.to_string();
+    let (event_tx, mut event_rx) = mpsc::unbounded_channel::<RunEvent>();
+    let mut worker_id = String::new();
+    let mut running: Option<Running> = None;
+    // A Done that could not be delivered yet (coordinator away): resent after re-registering.
+    let mut undelivered: Option<AssignmentDone> = None;
+    let mut draining = false;
+    let mut backoff = Duration::from_millis(100);
+    tokio::pin!(shutdown);
+
+    loop {
+        if draining && running.is_none() && undelivered.is_none() {
+            info!(worker_id = %worker_id, "drained; exiting");
+            return Ok(());
+        }
+        // ---- connect and register -----------------------------------------------------------
+        let mut client = match connect(&cfg.coordinator).await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(coordinator = %cfg.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut shutdown, if !draining => { draining = true; if let Some(r) = &running { r.control.stop("worker received SIGTERM"); } }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        let reg = client
+            .register(RegisterRequest {
+                worker_id: worker_id.clone(),
+                hostname: cfg.hostname.clone(),
+                device_class: DeviceClass::Cpu as i32,
+                device_index: 0,
+                data_addr: data_addr.clone(),
+                running: running.as_ref().map(|r| r.assignment.clone()),
+            })
+            .await;
+        let reg = match reg {
+            Ok(r) => r.into_inner(),
+            Err(e) => {
+                warn!(error = %e.message(), "register refused; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        if worker_id != reg.worker_id {
+            info!(worker_id = %reg.worker_id, data_addr = %data_addr, "registered");
+        } else {
+            info!(worker_id = %reg.worker_id, "re-registered");
+        }
+        worker_id = reg.worker_id.clone();
+        let interval = Duration::from_millis(reg.heartbeat_interval_ms.max(10) as u64);
+
+        // ---- heartbeat stream -------------------------------------------------------------------
+        let (up_tx, up_rx) = mpsc::channel::<WorkerMessage>(256);
+        let msg = |body: Up| WorkerMessage { worker_id: worker_id.clone(), body: Some(body) };
+        let status = |running: &Option<Running>, draining: bool| {
+            let (state, job_id, attempt) = match running {
+                Some(r) => (WorkerState::Busy, r.assignment.job_id.clone(), r.assignment.attempt),
+                None if draining => (WorkerState::Draining, String::new(), 0),
+                None => (WorkerState::Idle, String::new(), 0),
+            };
+            Up::Status(WorkerStatus { state: state as i32, job_id, attempt })
+        };
+        let _ = up_tx.send(msg(status(&running, draining))).await;
+        if let Some(done) = undelivered.take() {
+            let _ = up_tx.send(msg(Up::Done(done))).await;
+        }
+        let mut down = match client.heartbeat(ReceiverStream::new(up_rx)).await {
+            Ok(s) => s.into_inner(),
+            Err(e) => {
+                warn!(error = %e.message(), "heartbeat stream refused; reconnecting");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        let mut ticker = tokio::time::interval(interval);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    if up_tx.send(msg(status(&running, draining))).await.is_err() { break; }
+                }
+                m = down.next() => match m {
+                    Some(Ok(CoordinatorMessage { body: Some(Down::Assign(a)) })) => {
+                        if running.is_some() || draining {
+                            warn!(job_id = %a.job_id, "assignment while busy or draining; ignored");
+                            continue;
+                        }
+                        info!(job_id = %a.job_id, attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment received");
+                        let control = RunControl::default();
+                        running = Some(Running { assignment: a.clone(), control: control.clone() });
+                        start(client.clone(), a, worker_id.clone(), &listener, cfg.out_dir.clone(), control, event_tx.clone());
+                    }
+                    Some(Ok(CoordinatorMessage { body: Some(Down::Abort(ab)) })) => {
+                        if let Some(r) = &running {
+                            if r.assignment.job_id == ab.job_id && r.assignment.attempt == ab.attempt {
+                                info!(job_id = %ab.job_id, attempt = ab.attempt, reason = %ab.reason, "abort received");
+                                r.control.stop(&format!("aborted by the coordinator: {}", ab.reason));
+                            }
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => { warn!(error = %e.message(), "heartbeat stream broke; reconnecting"); break; }
+                    None => { warn!("coordinator closed the heartbeat stream; reconnecting"); break; }
+                },
+                ev = event_rx.recv() => match ev {
+                    Some(RunEvent::Metrics(m)) => { let _ = up_tx.try_send(msg(Up::Metrics(m))); }
+                    Some(RunEvent::Done(d)) => {
+                        if d.ok {
+                            info!(job_id = %d.job_id, attempt = d.attempt, "assignment finished");
+                        } else {
+                            warn!(job_id = %d.job_id, attempt = d.attempt, error = %d.error, "assignment failed");
+                        }
+                        running = None;
+                        if up_tx.send(msg(Up::Done(d.clone()))).await.is_err() { undelivered = Some(d); break; }
+                        let _ = up_tx.send(msg(status(&running, draining))).await;
+                        if draining { break; }
+                    }
+                    None => unreachable!("the agent holds a sender"),
+                },
+                _ = &mut shutdown, if !draining => {
+                    info!(busy = running.is_some(), "sigterm: draining");
+                    draining = true;
+                    if let Some(r) = &running { r.control.stop("worker received SIGTERM (draining)"); }
+                    let _ = up_tx.send(msg(status(&running, draining))).await;
+                    if running.is_none() { break; }
+                }
+            }
+        }
+        // Give the last messages a moment to flush before the stream is dropped.
+        drop(up_tx);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        if !(draining && running.is_none() && undelivered.is_none()) {
+            tokio::time::sleep(backoff).await;
+        }
+    }
+}
+
+async fn connect(url: &str) -> Result<WorkerServiceClient<Channel>> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("coordinator URL {url:?}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    Ok(WorkerServiceClient::new(channel))
+}
+
+/// Rendezvous on the runtime, then the training thread.
+fn start(
+    mut client: WorkerServiceClient<Channel>,
+    a: Assignment,
+    worker_id: String,
+    listener: &TcpListener,
+    out_dir: PathBuf,
+    control: RunControl,
+    events: mpsc::UnboundedSender<RunEvent>,
+) {
+    let listener = listener.try_clone().expect("clone the ring listener");
+    tokio::spawn(async move {
+        let rdv = client
+            .rendezvous(RendezvousRequest {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                rank: a.rank,
+                worker_id,
+                nccl_unique_id: Vec::new(),
+            })
+            .await;
+        let peer_addrs = match rdv {
+            Ok(r) => r.into_inner().peer_addrs,
+            Err(e) => {
+                let _ = events.send(RunEvent::Done(AssignmentDone {
+                    job_id: a.job_id.clone(),
+                    attempt: a.attempt,
+                    ok: false,
+                    error: format!("rendezvous failed: {}", e.message()),
+                    final_step: 0,
+                }));
+                return;
+            }
+        };
+        let thread_name = format!("train-{}-{}", a.job_id, a.rank);
+        std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || {
+                let req = RunRequest { assignment: a, peer_addrs, listener, out_dir };
+                run_assignment(req, control, &|ev| {
+                    let _ = events.send(ev);
+                });
+            })
+            .expect("spawn the training thread");
+    });
+}

@@ -1,0 +1,171 @@
+//! The training thread of one assignment: data plan, ring, model, steps, metrics, final weights.
+//!
+//! Every rank derives the same sample order from (corpus, seed) and takes its slice of each
+//! step's global batch, so ranks never exchange data; only gradients cross the ring.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use smelt_corpus::sample_order::{rank_slice, SampleOrder, Sequences};
+use smelt_corpus::Tokenizer;
+use smelt_engine::collective::{Collective, TcpRing};
+use smelt_engine::data::{Batch, TokenWindows};
+use smelt_engine::model::Gpt;
+use smelt_engine::train::Trainer;
+use smelt_engine::CpuBackend;
+use smelt_jobspec::JobSpec;
+use smelt_proto::v1::{Assignment, AssignmentDone, StepMetrics};
+use tracing::info;
+
+use crate::model_file;
+
+/// How long ranks wait for each other to connect the ring.
+const RING_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the training thread tells the agent.
+#[derive(Debug)]
+pub enum RunEvent {
+    Metrics(StepMetrics),
+    Done(AssignmentDone),
+}
+
+/// Ways to stop a run from outside the training thread.
+#[derive(Clone, Default)]
+pub struct RunControl {
+    stop: Arc<AtomicBool>,
+    reason: Arc<Mutex<String>>,
+    ring_abort: Arc<Mutex<Option<smelt_engine::collective::AbortHandle>>>,
+}
+
+impl RunControl {
+    /// Stops the run at the next step boundary, and unblocks a pending all-reduce.
+    pub fn stop(&self, reason: &str) {
+        *self.reason.lock().unwrap() = reason.to_string();
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(a) = self.ring_abort.lock().unwrap().as_ref() {
+            a.abort();
+        }
+    }
+    fn stopped(&self) -> Option<String> {
+        self.stop.load(Ordering::SeqCst).then(|| self.reason.lock().unwrap().clone())
+    }
+}
+
+pub struct RunRequest {
+    pub assignment: Assignment,
+    /// data_addr of every rank, in rank order (from the rendezvous).
+    pub peer_addrs: Vec<String>,
+    /// This worker's ring listener.
+    pub listener: TcpListener,
+    /// Where rank 0 writes `jobs/<job>/model.safetensors`.
+    pub out_dir: PathBuf,
+}
+
+/// Runs one assignment to the end; always produces exactly one `Done`.
+pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunEvent)) {
+    let a = req.assignment.clone();
+    let result = train(req, &control, events);
+    let (ok, error, final_step) = match result {
+        Ok(step) => (true, String::new(), step),
+        Err(e) => {
+            let why = match control.stopped() {
+                Some(reason) => format!("stopped: {reason}"),
+                None => format!("{e:#}"),
+            };
+            (false, why, 0)
+        }
+    };
+    events(RunEvent::Done(AssignmentDone { job_id: a.job_id, attempt: a.attempt, ok, error, final_step }));
+}
+
+/// Loads the job's text and splits it as the spec says: (tokenizer, train ids, val ids).
+fn load_data(spec: &JobSpec) -> Result<(Tokenizer, Vec<u32>, Vec<u32>)> {
+    let text = std::fs::read_to_string(&spec.data.text).with_context(|| format!("reading data.text {}", spec.data.text))?;
+    let tokenizer = Tokenizer::fit(&spec.data.tokenizer, &text)?;
+    let mut ids = tokenizer.encode(&text)?;
+    let split = ((ids.len() as f64) * (1.0 - spec.data.val_fraction)) as usize;
+    let val = ids.split_off(split);
+    Ok((tokenizer, ids, val))
+}
+
+fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
+    let a = &req.assignment;
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let spec = JobSpec::parse(&a.spec_toml)?;
+    let (tokenizer, train_ids, val_ids) = load_data(&spec)?;
+    let cfg = spec.model_config(tokenizer.vocab_size())?;
+    let tc = spec.train_config();
+    let seq = tc.seq_len;
+    let sequences = Sequences::new(&train_ids, seq);
+    if sequences.count() == 0 {
+        return Err(anyhow!("data.text {}: {} training tokens hold no sequence of {}", spec.data.text, train_ids.len(), seq + 1));
+    }
+    let order = SampleOrder::new(sequences.count(), spec.seed);
+    let global = spec.train.global_batch as u64;
+
+    let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener, RING_CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
+    *control.ring_abort.lock().unwrap() = Some(ring.abort_handle());
+    if let Some(reason) = control.stopped() {
+        return Err(anyhow!("stopped before training: {reason}"));
+    }
+
+    let model = Gpt::new(CpuBackend::new(), cfg.clone(), spec.seed)?;
+    let mut trainer = Trainer::new(model, tc.clone())?;
+    info!(job_id = %a.job_id, attempt = a.attempt, rank, world, params = cfg.num_params(), start_step = a.start_step, "training started");
+
+    let started = Instant::now();
+    let mut tokens = 0usize;
+    let mut last_val = None;
+    for step in a.start_step..tc.steps {
+        if let Some(reason) = control.stopped() {
+            return Err(anyhow!("stopped at step {step}: {reason}"));
+        }
+        let slice = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?;
+        let indices: Vec<u64> = slice.map(|k| order.sequence_at(k)).collect();
+        let micro: Vec<Batch> = indices
+            .chunks(tc.batch_size)
+            .map(|chunk| {
+                let (inputs, targets) = sequences.batch(chunk.iter().copied());
+                Batch { inputs, targets, batch: chunk.len(), seq_len: seq }
+            })
+            .collect();
+        let stats = trainer.train_step_batches(&micro, &mut ring as &mut dyn Collective<CpuBackend>)?;
+        tokens += stats.tokens * world;
+        let done = step + 1;
+        let is_last = done == tc.steps;
+        let mut val_loss = None;
+        if rank == 0 && !val_ids.is_empty() && (is_last || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
+            let v = trainer.evaluate(&TokenWindows::new(&val_ids))?;
+            val_loss = Some(v);
+            last_val = Some(v);
+        }
+        if rank == 0 {
+            events(RunEvent::Metrics(StepMetrics {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                rank: a.rank,
+                step: done,
+                loss: stats.loss,
+                grad_norm: stats.grad_norm,
+                lr: stats.lr,
+                tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
+                val_loss,
+            }));
+        }
+    }
+    if rank == 0 {
+        let path = req.out_dir.join("jobs").join(&a.job_id).join("model.safetensors");
+        let mut extra = vec![("step", tc.steps.to_string()), ("job", a.job_id.clone())];
+        if let Some(v) = last_val {
+            extra.push(("val_loss", v.to_string()));
+        }
+        model_file::save(&path, &cfg, &tokenizer, &trainer.model.params_host(), &extra)?;
+        info!(job_id = %a.job_id, path = %path.display(), "final weights saved");
+    }
+    Ok(tc.steps)
+}
