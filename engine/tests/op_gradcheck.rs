@@ -133,7 +133,7 @@ pub fn check_embedding<B: Backend>(be: &B) {
             be.embedding_forward(all_mut(be, &mut out), &ids, all(be, &table), c, accumulate);
             host(be, &out)
         };
-        let out = fwd(&[table.clone()]);
+        let out = fwd(std::slice::from_ref(&table));
         for (k, &id) in ids_host.iter().enumerate() {
             for j in 0..c {
                 let t = table[id as usize * c + j];
@@ -148,7 +148,7 @@ pub fn check_embedding<B: Backend>(be: &B) {
         let dhost = host(be, &dtable);
         assert!(dhost[2 * c..3 * c].iter().all(|&x| x == ACC), "embedding backward touched an unused row");
         let analytic = accumulated(be, &dtable);
-        let numeric = numeric_grad(&mut |x| dot64(&fwd(x), &r), &[table.clone()], 0, STEP);
+        let numeric = numeric_grad(&mut |x| dot64(&fwd(x), &r), std::slice::from_ref(&table), 0, STEP);
         assert_grad(&format!("embedding dtable (accumulate {accumulate})"), &analytic, &numeric, TOL);
     }
 }
@@ -464,7 +464,7 @@ pub fn check_attention_causal_mask<B: Backend>(be: &B) {
     let (c, t) = (s.channels, s.q_len);
     let mut rng = Rng::new(19);
     let qkv = randn(&mut rng, s.batch * t * 3 * c, 1.0);
-    let base = host(be, &attention_forward_host(be, &[qkv.clone()], s).1);
+    let base = host(be, &attention_forward_host(be, std::slice::from_ref(&qkv), s).1);
     for j in 1..t {
         let mut changed = qkv.clone();
         for b in 0..s.batch {
@@ -544,7 +544,7 @@ pub fn check_cross_entropy<B: Backend>(be: &B) {
     let targets = [2u32, IGNORE_INDEX, 0, 6, IGNORE_INDEX, 3];
     let mut rng = Rng::new(22);
     let mut logits = randn(&mut rng, n * v, 2.0);
-    // a row of large logits: exp() overflows in f32 unless the maximum is subtracted first
+    // a row of large logits
     logits[3 * v..4 * v].iter_mut().for_each(|x| *x += 100.0);
     let dloss = 0.7f32;
     let ids = be.upload_ids(&targets);
@@ -578,7 +578,23 @@ pub fn check_cross_entropy<B: Backend>(be: &B) {
         assert!(dhost[k * v..(k + 1) * v].iter().all(|&x| x == ACC), "ignored row {k} got a gradient");
     }
     let numeric = numeric_grad(&mut |x| dloss as f64 * run(x).0.iter().map(|&l| l as f64).sum::<f64>(), &[logits.clone()], 0, STEP);
-    assert_grad("cross-entropy dlogits", &accumulated(be, &dlogits), &numeric, TOL);
+    let analytic = accumulated(be, &dlogits);
+    assert_grad("cross-entropy dlogits", &analytic, &numeric, TOL);
+
+    // Softmax is shift-invariant: logits + 1000 (exp overflows even in f64 unless the maximum is
+    // subtracted first) give the same losses and gradients, up to the rounding of the shift.
+    let shifted: Vec<f32> = logits.iter().map(|&x| x + 1000.0).collect();
+    let (losses2, lse2) = run(std::slice::from_ref(&shifted));
+    for k in 0..n {
+        assert!((losses2[k] - losses[k]).abs() < 1e-3, "loss[{k}] with logits + 1000: {} vs {}", losses2[k], losses[k]);
+    }
+    let shifted_d = be.upload(&shifted);
+    let mut dlogits2 = prefilled(be, n * v);
+    be.cross_entropy_backward(all_mut(be, &mut dlogits2), all(be, &shifted_d), all(be, &lse2), &ids, dloss, v);
+    let analytic2 = accumulated(be, &dlogits2);
+    for i in 0..n * v {
+        assert!((analytic2[i] - analytic[i]).abs() < 1e-3, "dlogits[{i}] with logits + 1000: {} vs {}", analytic2[i], analytic[i]);
+    }
 }
 
 // ---- AdamW ------------------------------------------------------------------------------------
