@@ -17,6 +17,10 @@ use smelt_engine::CpuBackend;
 pub enum BenchCommand {
     /// Time full training steps (forward, backward, AdamW) of a GPT.
     Step(StepArgs),
+    /// GPT-2 BPE speed on a text file, beside Python tiktoken on the same file.
+    Tokenize(crate::bench_corpus::TokenizeArgs),
+    /// Tokens/s reading a prepared corpus in sample order (and from memory:// as a bound).
+    Loader(crate::bench_corpus::LoaderArgs),
 }
 
 #[derive(Args, Debug)]
@@ -44,6 +48,8 @@ pub struct StepArgs {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Step(a) => step(a),
+        BenchCommand::Tokenize(a) => crate::bench_corpus::tokenize(a),
+        BenchCommand::Loader(a) => crate::bench_corpus::loader(a),
     }
 }
 

@@ -75,10 +75,13 @@ pub fn run(a: UpArgs) -> Result<()> {
     let coord = spawn("coordinator", &["coordinator".into(), "--listen".into(), a.listen.clone(), "--db".into(), db.display().to_string()])?;
     cluster.children.push(("coordinator".into(), coord));
     wait_for_port(&a.listen, Duration::from_secs(30))?;
+    // Share the cores: each worker's CPU backend gets cores / workers threads.
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let threads = (cores / a.workers).max(1).to_string();
     for i in 0..a.workers {
         let name = format!("worker-{i}");
         let out = a.data_dir.join("workers").join(&name);
-        let w = spawn(&name, &["worker".into(), "--coordinator".into(), url.clone(), "--out-dir".into(), out.display().to_string()])?;
+        let w = spawn(&name, &["--threads".into(), threads.clone(), "worker".into(), "--coordinator".into(), url.clone(), "--out-dir".into(), out.display().to_string()])?;
         cluster.children.push((name, w));
     }
     info!(coordinator = %url, workers = a.workers, data_dir = %a.data_dir.display(), "local cluster up; logs in {}", logs.display());

@@ -1,10 +1,17 @@
 //! `smelt`: one binary for every part of smelt.
 
+mod bench_corpus;
+mod client;
 mod cmd_bench;
+mod cmd_corpus;
+mod cmd_coordinator;
+mod cmd_jobs;
 mod cmd_sample;
+mod cmd_submit;
 mod cmd_train;
 mod cmd_up;
 mod cmd_worker;
+mod cmd_workers;
 mod signals;
 
 
@@ -27,10 +34,22 @@ enum Command {
     Train(cmd_train::TrainArgs),
     /// Generate text from a trained model.
     Sample(cmd_sample::SampleArgs),
+    /// Run the coordinator (control plane): jobs, workers, scheduling, over a SQLite file.
+    Coordinator(cmd_coordinator::CoordinatorArgs),
+    /// Submit a job spec (TOML) to the coordinator; prints the job id.
+    Submit(cmd_submit::SubmitArgs),
+    /// List, inspect or cancel jobs.
+    #[command(subcommand)]
+    Jobs(cmd_jobs::JobsCommand),
+    /// List the workers the coordinator knows.
+    Workers(cmd_workers::WorkersArgs),
     /// Run a worker: registers with the coordinator and trains what it is assigned.
     Worker(cmd_worker::WorkerArgs),
     /// A whole local cluster: a coordinator and N workers as child processes.
     Up(cmd_up::UpArgs),
+    /// Prepare and check tokenized corpora in object storage.
+    #[command(subcommand)]
+    Corpus(cmd_corpus::CorpusCommand),
     /// Benchmarks.
     #[command(subcommand)]
     Bench(cmd_bench::BenchCommand),
@@ -54,6 +73,11 @@ fn main() -> Result<()> {
         Command::Train(a) => cmd_train::run(a),
         Command::Sample(a) => cmd_sample::run(a),
         Command::Bench(b) => cmd_bench::run(b),
+        Command::Corpus(c) => cmd_corpus::run(c),
+        Command::Coordinator(a) => cmd_coordinator::run(a),
+        Command::Submit(a) => cmd_submit::run(a),
+        Command::Jobs(c) => cmd_jobs::run(c),
+        Command::Workers(a) => cmd_workers::run(a),
         Command::Worker(a) => cmd_worker::run(a),
         Command::Up(a) => cmd_up::run(a),
     }

@@ -1,9 +1,27 @@
-//! Tokenizers and corpora. Byte and character tokenizers now; GPT-2 BPE and sharded corpora in
-//! object storage arrive with the corpus work. [`sample_order`] is the data plan shared by the
-//! coordinator and the workers.
+//! Tokenizers and corpora.
+//!
+//! - [`tokenizer`]: byte, char and GPT-2 BPE ([`gpt2`]) tokenizers.
+//! - [`prepare`]: `smelt corpus prepare` — text and JSONL files (gzip too) to token shards and a
+//!   manifest in object storage ([`format`] describes the layout), resumable.
+//! - [`reader`]: the streaming loader the workers train from: ranged GETs, prefetching, checks.
+//! - [`sample_order`]: the data plan shared by the coordinator and the workers.
+//! - [`store`]: object-store URIs (`file://`, paths, `memory://`, `s3://`, `gs://`, `az://`) with
+//!   blocking helpers, reusable by anything that keeps files in object storage.
 
+pub mod error;
+pub mod format;
+pub mod gpt2;
+pub mod input;
+pub mod prepare;
+pub mod reader;
 pub mod sample_order;
+pub mod store;
 pub mod tokenizer;
 
+pub use error::CorpusError;
+pub use format::{Dtype, Manifest, ShardHeader, ShardInfo, SplitInfo, TxtDocs, ValSplit};
+pub use prepare::{prepare, NoProgress, PrepareOptions, PrepareReport, Progress};
+pub use reader::{CorpusReader, ReaderOptions, ReaderStats, Split, VerifyReport};
 pub use sample_order::{rank_slice, SampleOrder, SampleOrderError, Sequences};
+pub use store::{StoreDir, StoreError};
 pub use tokenizer::{Tokenizer, TokenizerError};

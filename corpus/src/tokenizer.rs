@@ -1,4 +1,9 @@
-//! Byte and character tokenizers, serializable so a saved model can decode its own ids.
+//! Byte, character and GPT-2 BPE tokenizers, serializable so a saved model can decode its own ids.
+//!
+//! GPT-2 is OpenAI's GPT-2 encoding (`r50k_base` in tiktoken: 50,257 ids, `<|endoftext|>` =
+//! 50256), with the ranks the `tiktoken-rs` crate ships, so it works offline; see [`crate::gpt2`].
+//! Text is encoded as ordinary text: a literal `<|endoftext|>` in a document is not the
+//! end-of-text token.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -9,7 +14,7 @@ pub enum TokenizerError {
     UnknownChar { ch: char, code: u32, offset: usize, vocab: usize },
     #[error("token id {id} is outside the vocabulary of {vocab}")]
     UnknownId { id: u32, vocab: usize },
-    #[error("unknown tokenizer {0:?}; expected one of: char, byte")]
+    #[error("unknown tokenizer {0:?}; expected one of: gpt2, char, byte")]
     UnknownKind(String),
     #[error("cannot build a character vocabulary from an empty text")]
     EmptyText,
@@ -22,6 +27,8 @@ pub enum Tokenizer {
     Byte,
     /// One token per distinct character of the training text, in sorted order.
     Char { chars: Vec<char> },
+    /// OpenAI's GPT-2 byte-level BPE: vocabulary 50,257 including `<|endoftext|>` (50256).
+    Gpt2,
 }
 
 impl Tokenizer {
@@ -29,6 +36,7 @@ impl Tokenizer {
     pub fn fit(kind: &str, text: &str) -> Result<Self, TokenizerError> {
         match kind {
             "byte" => Ok(Tokenizer::Byte),
+            "gpt2" => Ok(Tokenizer::Gpt2),
             "char" => {
                 let mut chars: Vec<char> = text.chars().collect();
                 chars.sort_unstable();
@@ -46,13 +54,35 @@ impl Tokenizer {
         match self {
             Tokenizer::Byte => "byte",
             Tokenizer::Char { .. } => "char",
+            Tokenizer::Gpt2 => "gpt2",
         }
     }
 
+    /// The ids [`Tokenizer::encode`] can produce and [`Tokenizer::decode`] accepts (for GPT-2
+    /// this includes `<|endoftext|>`; byte and char have no end-of-text id of their own).
     pub fn vocab_size(&self) -> usize {
         match self {
             Tokenizer::Byte => 256,
             Tokenizer::Char { chars } => chars.len(),
+            Tokenizer::Gpt2 => crate::gpt2::VOCAB_SIZE as usize,
+        }
+    }
+
+    /// The id that separates documents in a corpus: GPT-2's `<|endoftext|>` (50256); for byte
+    /// and char, one past their own ids (256, or the number of characters), so a corpus made
+    /// with them has a vocabulary one larger than the tokenizer's.
+    pub fn eot_token(&self) -> u32 {
+        match self {
+            Tokenizer::Gpt2 => crate::gpt2::EOT,
+            other => other.vocab_size() as u32,
+        }
+    }
+
+    /// The vocabulary of a corpus made with this tokenizer: every id plus the end-of-text id.
+    pub fn corpus_vocab_size(&self) -> usize {
+        match self {
+            Tokenizer::Gpt2 => self.vocab_size(),
+            other => other.vocab_size() + 1,
         }
     }
 
@@ -70,6 +100,7 @@ impl Tokenizer {
                     })
                 })
                 .collect(),
+            Tokenizer::Gpt2 => Ok(crate::gpt2::encode(text)),
         }
     }
 
@@ -81,6 +112,7 @@ impl Tokenizer {
         Ok(match self {
             Tokenizer::Byte => String::from_utf8_lossy(&ids.iter().map(|&i| i as u8).collect::<Vec<_>>()).into_owned(),
             Tokenizer::Char { chars } => ids.iter().map(|&i| chars[i as usize]).collect(),
+            Tokenizer::Gpt2 => crate::gpt2::decode(ids),
         })
     }
 }
@@ -122,5 +154,20 @@ mod tests {
         assert_eq!(s, r#"{"kind":"char","chars":["a","b"]}"#);
         assert_eq!(serde_json::from_str::<Tokenizer>(&s).unwrap(), t);
         assert!(Tokenizer::fit("bpe", "x").is_err());
+        let g = Tokenizer::fit("gpt2", "").unwrap();
+        assert_eq!(serde_json::to_string(&g).unwrap(), r#"{"kind":"gpt2"}"#);
+    }
+
+    #[test]
+    fn gpt2_round_trip_and_separators() {
+        let g = Tokenizer::Gpt2;
+        let ids = g.encode("Hello, world!").unwrap();
+        assert_eq!(ids, [15496, 11, 995, 0]);
+        assert_eq!(g.decode(&ids).unwrap(), "Hello, world!");
+        assert_eq!((g.eot_token(), g.vocab_size(), g.corpus_vocab_size()), (50256, 50257, 50257));
+        assert!(g.decode(&[50257]).is_err());
+        let c = Tokenizer::fit("char", "ab").unwrap();
+        assert_eq!((c.eot_token(), c.corpus_vocab_size()), (2, 3));
+        assert_eq!((Tokenizer::Byte.eot_token(), Tokenizer::Byte.corpus_vocab_size()), (256, 257));
     }
 }

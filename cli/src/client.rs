@@ -1,0 +1,151 @@
+//! What the control-plane client commands share: the coordinator URL, connecting, errors printed
+//! as `error: <message>`, and how jobs and workers read as text and JSON.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use smelt_proto::v1::job_service_client::JobServiceClient;
+use smelt_proto::v1::{DeviceClass, Job, JobState, WorkerInfo, WorkerState};
+use tonic::transport::{Channel, Endpoint};
+
+#[derive(Args, Debug, Clone)]
+pub struct CoordinatorUrl {
+    /// Coordinator URL (or env SMELT_COORDINATOR).
+    #[arg(long = "coordinator", env = "SMELT_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    pub url: String,
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>> {
+    let channel = Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("coordinator URL {url:?} is not a valid URL"))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| {
+            // The innermost cause says what happened ("Connection refused").
+            let mut cause: &dyn std::error::Error = &e;
+            while let Some(next) = cause.source() {
+                cause = next;
+            }
+            anyhow::anyhow!("cannot reach the coordinator at {url}: {cause}")
+        })?;
+    Ok(JobServiceClient::new(channel))
+}
+
+/// A gRPC error as the user should read it: the status message says what to fix.
+pub fn status(e: tonic::Status) -> anyhow::Error {
+    if e.message().is_empty() {
+        anyhow::anyhow!("{:?}", e.code())
+    } else {
+        anyhow::anyhow!("{}", e.message())
+    }
+}
+
+/// Runs a client command: on error prints `error: <message>` and exits non-zero.
+pub fn exit_on_error(r: Result<()>) -> Result<()> {
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+pub fn job_state(j: &Job) -> JobState {
+    JobState::try_from(j.state).unwrap_or_default()
+}
+
+pub fn state_name(s: JobState) -> &'static str {
+    smelt_coordinator::state::job_state_name(s)
+}
+
+pub fn worker_state_name(s: i32) -> &'static str {
+    smelt_coordinator::state::worker_state_name(WorkerState::try_from(s).unwrap_or_default())
+}
+
+pub fn device_name(d: i32) -> &'static str {
+    smelt_coordinator::state::device_class_name(DeviceClass::try_from(d).unwrap_or_default())
+}
+
+pub fn now_ms() -> i64 {
+    smelt_coordinator::state::now_ms()
+}
+
+/// "3s", "4m", "2h", "5d" ago.
+pub fn age(at_ms: i64) -> String {
+    let s = ((now_ms() - at_ms).max(0) / 1000) as u64;
+    match s {
+        0..=59 => format!("{s}s"),
+        60..=3599 => format!("{}m", s / 60),
+        3600..=86399 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+pub fn job_json(j: &Job) -> Value {
+    json!({
+        "id": j.id,
+        "name": j.name,
+        "state": state_name(job_state(j)),
+        "priority": j.priority,
+        "world_size": j.world_size,
+        "device": device_name(j.device_class),
+        "attempt": j.attempt,
+        "restarts": j.restarts,
+        "max_restarts": j.max_restarts,
+        "total_steps": j.total_steps,
+        "last_step": j.last_step,
+        "last_loss": j.last_loss,
+        "last_val_loss": j.last_val_loss,
+        "error": j.error,
+        "worker_ids": j.worker_ids,
+        "created_at_ms": j.created_at_ms,
+        "updated_at_ms": j.updated_at_ms,
+        "spec_toml": j.spec_toml,
+    })
+}
+
+pub fn worker_json(w: &WorkerInfo) -> Value {
+    json!({
+        "id": w.id,
+        "hostname": w.hostname,
+        "device": device_name(w.device_class),
+        "device_index": w.device_index,
+        "state": worker_state_name(w.state),
+        "job_id": w.job_id,
+        "data_addr": w.data_addr,
+        "last_seen_ms": w.last_seen_ms,
+    })
+}
+
+/// Left-aligned columns, two spaces apart.
+pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            width[i] = width[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = width[i]));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(header.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        out.push('\n');
+        out.push_str(&line(r.clone()));
+    }
+    out
+}

@@ -1,0 +1,37 @@
+//! `smelt coordinator`: the control plane (gRPC jobs and worker services over a SQLite file).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::Args;
+use smelt_coordinator::CoordinatorConfig;
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    /// Address for the gRPC services.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    /// The SQLite file holding jobs, workers, events, metrics and checkpoints (created if
+    /// missing; a restarted coordinator takes over what it holds).
+    #[arg(long, default_value = ".smelt/coordinator.db")]
+    pub db: PathBuf,
+    /// How often workers heartbeat.
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// A worker silent for longer is lost (and its job restarts or fails).
+    #[arg(long, default_value_t = 10_000)]
+    pub lease_timeout_ms: u64,
+}
+
+pub fn run(a: CoordinatorArgs) -> Result<()> {
+    let cfg = CoordinatorConfig {
+        listen: a.listen,
+        db_path: a.db,
+        heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
+        lease_timeout: Duration::from_millis(a.lease_timeout_ms),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    rt.block_on(smelt_coordinator::serve(cfg, crate::signals::terminated()))
+}

@@ -1,0 +1,189 @@
+//! `smelt corpus`: prepare token shards in object storage, and check them.
+
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use smelt_corpus::{prepare, CorpusReader, PrepareOptions, Progress, ReaderOptions, TxtDocs, ValSplit};
+
+#[derive(Subcommand, Debug)]
+pub enum CorpusCommand {
+    /// Tokenize .txt / .jsonl files (gzip too) into shards + manifest.json at an object-store
+    /// URI. Rerunning with the same arguments resumes an interrupted run.
+    Prepare(PrepareArgs),
+    /// Read every shard of a prepared corpus whole: sizes, headers, sha256, token ids.
+    Verify(VerifyArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum TxtDocsArg {
+    /// The whole file is one document.
+    File,
+    /// Paragraphs (separated by blank lines) are documents.
+    Paragraph,
+    /// Every non-empty line is a document.
+    Line,
+}
+
+#[derive(Args, Debug)]
+pub struct PrepareArgs {
+    /// Input files, directories (searched recursively) or glob patterns; repeatable.
+    #[arg(long, required = true, num_args = 1..)]
+    pub input: Vec<String>,
+    /// gpt2 (OpenAI's GPT-2 BPE), char (the inputs' characters) or byte.
+    #[arg(long, default_value = "gpt2")]
+    pub tokenizer: String,
+    /// Output: a local path, file://, memory://, s3://, gs:// or az:// URI.
+    #[arg(long)]
+    pub out: String,
+    /// The JSONL field that holds the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// How .txt files are cut into documents.
+    #[arg(long, value_enum, default_value = "file")]
+    pub txt_docs: TxtDocsArg,
+    /// Tokens per shard.
+    #[arg(long, default_value_t = 100_000_000)]
+    pub shard_tokens: u64,
+    /// Fraction of the documents that go to the validation split.
+    #[arg(long, conflicts_with = "val_docs")]
+    pub val_fraction: Option<f64>,
+    /// Number of documents that go to the validation split.
+    #[arg(long)]
+    pub val_docs: Option<u64>,
+    /// Stop after writing this many shards, without a manifest (a rerun continues).
+    #[arg(long, hide = true)]
+    pub stop_after_shards: Option<u64>,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The corpus URI.
+    pub corpus: String,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: CorpusCommand) -> Result<()> {
+    match cmd {
+        CorpusCommand::Prepare(a) => run_prepare(a),
+        CorpusCommand::Verify(a) => run_verify(a),
+    }
+}
+
+struct Bar {
+    bar: ProgressBar,
+}
+
+impl Progress for Bar {
+    fn phase(&self, name: &str, total_bytes: u64) {
+        self.bar.set_length(total_bytes);
+        self.bar.set_position(0);
+        self.bar.reset_eta();
+        self.bar.set_prefix(name.to_string());
+    }
+    fn advance(&self, bytes: u64) {
+        self.bar.inc(bytes);
+    }
+    fn shard(&self, name: &str, kept: bool) {
+        self.bar.set_message(format!("{name}{}", if kept { " (kept)" } else { "" }));
+    }
+}
+
+fn run_prepare(a: PrepareArgs) -> Result<()> {
+    let val = match (a.val_fraction, a.val_docs) {
+        (Some(f), _) => ValSplit::Fraction(f),
+        (None, Some(n)) => ValSplit::Docs(n),
+        (None, None) => ValSplit::None,
+    };
+    let opts = PrepareOptions {
+        inputs: a.input,
+        tokenizer: a.tokenizer,
+        out: a.out,
+        text_field: a.text_field,
+        txt_docs: match a.txt_docs {
+            TxtDocsArg::File => TxtDocs::File,
+            TxtDocsArg::Paragraph => TxtDocs::Paragraph,
+            TxtDocsArg::Line => TxtDocs::Line,
+        },
+        shard_tokens: a.shard_tokens,
+        val,
+        stop_after_shards: a.stop_after_shards,
+        ..PrepareOptions::default()
+    };
+    let bar = ProgressBar::new(0);
+    bar.set_style(ProgressStyle::with_template(
+        "{prefix:>8} {bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg} [{elapsed_precise} < {eta_precise}]",
+    )?);
+    let progress = Bar { bar };
+    let report = prepare(&opts, &progress);
+    progress.bar.finish_and_clear();
+    let report = report?;
+    let m = report.manifest.as_ref();
+    if a.json {
+        println!(
+            "{}",
+            json!({
+                "uri": report.uri,
+                "complete": report.complete,
+                "shards_written": report.shards_written,
+                "shards_kept": report.shards_kept,
+                "input_files": report.input_files,
+                "input_bytes": report.input_bytes,
+                "tokenized_bytes": report.tokenized_bytes,
+                "tokens_written": report.tokens_written,
+                "seconds": report.seconds,
+                "tokenizer": m.map(|m| m.tokenizer.kind()),
+                "vocab_size": m.map(|m| m.vocab_size),
+                "train_tokens": m.map(|m| m.train.tokens),
+                "train_documents": m.map(|m| m.train.documents),
+                "val_tokens": m.map(|m| m.val.tokens),
+                "val_documents": m.map(|m| m.val.documents),
+            })
+        );
+    } else if let Some(m) = m {
+        println!(
+            "{}: {} train tokens in {} shards ({} documents), {} validation tokens in {} shards ({} documents); \
+             tokenizer {} (vocabulary {}, end-of-text {}), {}; {} shards written, {} kept; {:.1} MB of text in {:.1} s",
+            report.uri,
+            m.train.tokens,
+            m.train.shards.len(),
+            m.train.documents,
+            m.val.tokens,
+            m.val.shards.len(),
+            m.val.documents,
+            m.tokenizer.kind(),
+            m.vocab_size,
+            m.eot_token,
+            m.dtype.name(),
+            report.shards_written,
+            report.shards_kept,
+            report.tokenized_bytes as f64 / 1e6,
+            report.seconds
+        );
+    } else {
+        println!(
+            "{}: stopped after {} new shards ({} kept); rerun the same command to continue",
+            report.uri, report.shards_written, report.shards_kept
+        );
+    }
+    Ok(())
+}
+
+fn run_verify(a: VerifyArgs) -> Result<()> {
+    let r = CorpusReader::open_with(&a.corpus, ReaderOptions::default())?;
+    let v = r.verify()?;
+    let m = r.manifest();
+    if v.tokens != m.train.tokens + m.val.tokens {
+        bail!("{}: read {} tokens, the manifest lists {}", a.corpus, v.tokens, m.train.tokens + m.val.tokens);
+    }
+    if a.json {
+        println!("{}", json!({"uri": a.corpus, "ok": true, "shards": v.shards, "bytes": v.bytes, "tokens": v.tokens}));
+    } else {
+        println!("{}: ok — {} shards, {} tokens, {} bytes; every sha256 matches", a.corpus, v.shards, v.tokens, v.bytes);
+    }
+    Ok(())
+}

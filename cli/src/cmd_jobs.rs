@@ -1,0 +1,128 @@
+//! `smelt jobs list | get <id> | cancel <id>`.
+
+use anyhow::Result;
+use clap::{Args, Subcommand};
+use smelt_proto::v1::{CancelJobRequest, GetJobRequest, Job, ListJobsRequest};
+
+use crate::client::{
+    age, connect, exit_on_error, job_json, job_state, runtime, state_name, status, table, CoordinatorUrl,
+};
+
+#[derive(Subcommand, Debug)]
+pub enum JobsCommand {
+    /// Every job, oldest first.
+    List(JobsArgs),
+    /// One job in detail.
+    Get(JobIdArgs),
+    /// Cancel a job (its workers are aborted).
+    Cancel(JobIdArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct JobsArgs {
+    #[command(flatten)]
+    pub coordinator: CoordinatorUrl,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct JobIdArgs {
+    pub id: String,
+    #[command(flatten)]
+    pub coordinator: CoordinatorUrl,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(c: JobsCommand) -> Result<()> {
+    exit_on_error(runtime().and_then(|rt| rt.block_on(run_async(c))))
+}
+
+async fn run_async(c: JobsCommand) -> Result<()> {
+    match c {
+        JobsCommand::List(a) => {
+            let mut client = connect(&a.coordinator.url).await?;
+            let jobs = client.list_jobs(ListJobsRequest {}).await.map_err(status)?.into_inner().jobs;
+            if a.json {
+                let v: Vec<_> = jobs.iter().map(job_json).collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else if jobs.is_empty() {
+                println!("no jobs");
+            } else {
+                println!("{}", jobs_table(&jobs));
+            }
+        }
+        JobsCommand::Get(a) => {
+            let mut client = connect(&a.coordinator.url).await?;
+            let job = client.get_job(GetJobRequest { job_id: a.id }).await.map_err(status)?.into_inner();
+            print_job(&job, a.json)?;
+        }
+        JobsCommand::Cancel(a) => {
+            let mut client = connect(&a.coordinator.url).await?;
+            let job = client.cancel_job(CancelJobRequest { job_id: a.id }).await.map_err(status)?.into_inner();
+            if a.json {
+                print_job(&job, true)?;
+            } else {
+                println!("{} {}", job.id, state_name(job_state(&job)));
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn jobs_table(jobs: &[Job]) -> String {
+    let rows: Vec<Vec<String>> = jobs
+        .iter()
+        .map(|j| {
+            vec![
+                j.id.clone(),
+                j.name.clone(),
+                state_name(job_state(j)).to_string(),
+                j.priority.to_string(),
+                format!("{} x {}", j.world_size, crate::client::device_name(j.device_class)),
+                j.attempt.to_string(),
+                format!("{}/{}", j.last_step, j.total_steps),
+                if j.last_step > 0 { format!("{:.4}", j.last_loss) } else { "-".into() },
+                age(j.created_at_ms),
+            ]
+        })
+        .collect();
+    table(&["ID", "NAME", "STATE", "PRIO", "WORKERS", "ATTEMPT", "STEP", "LOSS", "AGE"], &rows)
+}
+
+fn print_job(j: &Job, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(&job_json(j))?);
+        return Ok(());
+    }
+    let mut lines = vec![
+        ("id", j.id.clone()),
+        ("name", j.name.clone()),
+        ("state", state_name(job_state(j)).to_string()),
+        ("priority", j.priority.to_string()),
+        ("workers", format!("{} x {}", j.world_size, crate::client::device_name(j.device_class))),
+        ("attempt", format!("{} (restarts {}/{})", j.attempt, j.restarts, j.max_restarts)),
+        ("step", format!("{}/{}", j.last_step, j.total_steps)),
+    ];
+    if j.last_step > 0 {
+        lines.push(("loss", format!("{:.4}", j.last_loss)));
+    }
+    if let Some(v) = j.last_val_loss {
+        lines.push(("val loss", format!("{v:.4}")));
+    }
+    if !j.worker_ids.is_empty() {
+        lines.push(("ranks", j.worker_ids.join(", ")));
+    }
+    if !j.error.is_empty() {
+        lines.push(("error", j.error.clone()));
+    }
+    lines.push(("created", format!("{} ago", age(j.created_at_ms))));
+    lines.push(("updated", format!("{} ago", age(j.updated_at_ms))));
+    for (k, v) in lines {
+        println!("{k:<9} {v}");
+    }
+    Ok(())
+}

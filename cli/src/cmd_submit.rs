@@ -1,0 +1,155 @@
+//! `smelt submit job.toml [--follow]`: submit a job; print its id; optionally follow it to the end.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use smelt_proto::v1::job_service_client::JobServiceClient;
+use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, SubmitRequest, WatchJobRequest};
+use tonic::transport::Channel;
+use tonic::Code;
+
+use crate::client::{connect, exit_on_error, job_state, runtime, state_name, status, CoordinatorUrl};
+
+/// How long --follow keeps trying to reach a coordinator that went away (a restart).
+const RECONNECT_FOR: Duration = Duration::from_secs(120);
+
+#[derive(Args, Debug)]
+pub struct SubmitArgs {
+    /// The job spec (TOML).
+    pub spec: PathBuf,
+    #[command(flatten)]
+    pub coordinator: CoordinatorUrl,
+    /// Start from a checkpoint URI, or from the latest checkpoint of a job id.
+    #[arg(long)]
+    pub resume_from: Option<String>,
+    /// Stream the job's progress until it ends; exit non-zero unless it succeeds.
+    #[arg(long)]
+    pub follow: bool,
+}
+
+pub fn run(a: SubmitArgs) -> Result<()> {
+    exit_on_error(runtime().and_then(|rt| rt.block_on(run_async(a))))
+}
+
+async fn run_async(a: SubmitArgs) -> Result<()> {
+    let spec_toml =
+        std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read job spec {}", a.spec.display()))?;
+    let mut client = connect(&a.coordinator.url).await?;
+    let job = client
+        .submit(SubmitRequest { spec_toml, resume_from: a.resume_from.unwrap_or_default() })
+        .await
+        .map_err(status)?
+        .into_inner()
+        .job
+        .context("the coordinator answered without the job")?;
+    println!("{}", job.id);
+    if a.follow {
+        follow(&mut client, &job).await?;
+    }
+    Ok(())
+}
+
+fn is_terminal(s: JobState) -> bool {
+    matches!(s, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
+}
+
+fn gone(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal)
+}
+
+/// Streams the job's events with a progress bar; Ok once it succeeded, Err with the reason
+/// when it failed or was cancelled. Survives a coordinator restart (reconnects, skips replayed
+/// events).
+async fn follow(client: &mut JobServiceClient<Channel>, job: &Job) -> Result<()> {
+    let bar = ProgressBar::new(job.total_steps);
+    bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")?);
+    bar.set_position(job.last_step);
+    let say = |line: String| {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    };
+    let every = (job.total_steps / 10).max(1);
+    let mut seen = 0usize; // stored events already shown (a re-watch replays them)
+    let mut last_val: Option<f32> = None;
+    let mut reached = Instant::now();
+    let end = 'watch: loop {
+        let mut stream = match client.watch_job(WatchJobRequest { job_id: job.id.clone() }).await {
+            Ok(s) => s.into_inner(),
+            Err(e) if gone(e.code()) && reached.elapsed() < RECONNECT_FOR => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                continue;
+            }
+            Err(e) => return Err(status(e)),
+        };
+        reached = Instant::now();
+        let mut index = 0usize;
+        loop {
+            let ev = match stream.message().await {
+                Ok(Some(ev)) => ev,
+                Ok(None) => break, // ended without a final state: the coordinator went away
+                Err(e) if gone(e.code()) => break,
+                Err(e) => return Err(status(e)),
+            };
+            match ev.body {
+                Some(job_event::Body::State(s)) => {
+                    index += 1;
+                    if index <= seen {
+                        continue;
+                    }
+                    seen = index;
+                    let to = JobState::try_from(s.to).unwrap_or_default();
+                    say(format!("{}: {}", state_name(to), s.reason));
+                    if is_terminal(to) {
+                        break 'watch to;
+                    }
+                }
+                Some(job_event::Body::Message(m)) => {
+                    index += 1;
+                    if index <= seen {
+                        continue;
+                    }
+                    seen = index;
+                    say(m);
+                }
+                Some(job_event::Body::Metrics(m)) => {
+                    if m.val_loss.is_some() {
+                        last_val = m.val_loss;
+                    }
+                    bar.set_position(m.step);
+                    let val = last_val.map(|v| format!(" | val {v:.4}")).unwrap_or_default();
+                    bar.set_message(format!("loss {:.4}{val} | {:.0} tok/s", m.loss, m.tokens_per_s));
+                    if bar.is_hidden() && (m.step % every == 0 || m.val_loss.is_some()) {
+                        eprintln!(
+                            "step {}/{}: loss {:.4}{val} | {:.0} tok/s",
+                            m.step, job.total_steps, m.loss, m.tokens_per_s
+                        );
+                    }
+                }
+                None => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    bar.finish_and_clear();
+    let j = client.get_job(GetJobRequest { job_id: job.id.clone() }).await.map_err(status)?.into_inner();
+    match end {
+        JobState::Succeeded => {
+            eprintln!("job {} succeeded at step {} (loss {:.4})", j.id, j.last_step, j.last_loss);
+            Ok(())
+        }
+        s => {
+            let why = if j.error.is_empty() { "no reason recorded".to_string() } else { j.error.clone() };
+            anyhow::bail!(
+                "job {} {}: {why}",
+                j.id,
+                state_name(if is_terminal(job_state(&j)) { job_state(&j) } else { s })
+            )
+        }
+    }
+}

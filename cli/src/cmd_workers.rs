@@ -1,0 +1,52 @@
+//! `smelt workers`: the workers the coordinator knows.
+
+use anyhow::Result;
+use clap::Args;
+use smelt_proto::v1::ListWorkersRequest;
+
+use crate::client::{
+    age, connect, device_name, exit_on_error, runtime, status, table, worker_json, worker_state_name, CoordinatorUrl,
+};
+
+#[derive(Args, Debug)]
+pub struct WorkersArgs {
+    #[command(flatten)]
+    pub coordinator: CoordinatorUrl,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: WorkersArgs) -> Result<()> {
+    exit_on_error(runtime().and_then(|rt| rt.block_on(run_async(a))))
+}
+
+async fn run_async(a: WorkersArgs) -> Result<()> {
+    let mut client = connect(&a.coordinator.url).await?;
+    let workers = client.list_workers(ListWorkersRequest {}).await.map_err(status)?.into_inner().workers;
+    if a.json {
+        let v: Vec<_> = workers.iter().map(worker_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if workers.is_empty() {
+        println!("no workers");
+        return Ok(());
+    }
+    let rows: Vec<Vec<String>> = workers
+        .iter()
+        .map(|w| {
+            vec![
+                w.id.clone(),
+                w.hostname.clone(),
+                format!("{}:{}", device_name(w.device_class), w.device_index),
+                worker_state_name(w.state).to_string(),
+                if w.job_id.is_empty() { "-".into() } else { w.job_id.clone() },
+                if w.data_addr.is_empty() { "-".into() } else { w.data_addr.clone() },
+                if w.last_seen_ms > 0 { format!("{} ago", age(w.last_seen_ms)) } else { "-".into() },
+            ]
+        })
+        .collect();
+    println!("{}", table(&["ID", "HOST", "DEVICE", "STATE", "JOB", "DATA ADDR", "LAST SEEN"], &rows));
+    Ok(())
+}

@@ -1,0 +1,123 @@
+//! The control-plane client commands against a real `smelt coordinator` process: what a person
+//! types and reads (no workers needed).
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+struct Coordinator(Child);
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn smelt(args: &[&str], url: &str) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(args)
+        .env("SMELT_COORDINATOR", url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn start(dir: &std::path::Path) -> (Coordinator, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["coordinator", "--listen", &addr, "--db", dir.join("c.db").to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(&addr).is_err() {
+        assert!(Instant::now() < deadline, "coordinator did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (Coordinator(child), format!("http://{addr}"))
+}
+
+const SPEC: &str = r#"
+name = "cli"
+priority = 2
+
+[model]
+preset = "tiny"
+
+[data]
+text = "data/tinyshakespeare.txt"
+
+[train]
+steps = 50
+global_batch = 8
+micro_batch = 4
+seq_len = 32
+lr = 1e-3
+
+[cluster]
+world_size = 2
+"#;
+
+#[test]
+fn submit_list_get_cancel_and_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = start(dir.path());
+    let spec = dir.path().join("job.toml");
+    std::fs::write(&spec, SPEC).unwrap();
+
+    let out = smelt(&["submit", spec.to_str().unwrap()], &url);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout).trim(), "job-000001");
+
+    let out = smelt(&["jobs", "list"], &url);
+    let list = text(&out.stdout);
+    assert!(list.starts_with("ID"), "{list}");
+    assert!(list.contains("job-000001") && list.contains("queued") && list.contains("0/50"), "{list}");
+
+    let out = smelt(&["jobs", "get", "job-000001", "--json"], &url);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["state"].as_str(), v["priority"].as_i64(), v["world_size"].as_u64()),
+        (Some("queued"), Some(2), Some(2))
+    );
+
+    let out = smelt(&["workers", "--json"], &url);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
+
+    let out = smelt(&["jobs", "cancel", "job-000001"], &url);
+    assert!(out.status.success());
+    assert_eq!(text(&out.stdout).trim(), "job-000001 cancelled");
+
+    // gRPC errors: `error: <message>`, non-zero exit.
+    let out = smelt(&["jobs", "cancel", "job-000001"], &url);
+    assert!(!out.status.success());
+    assert_eq!(
+        text(&out.stderr).trim(),
+        "error: job job-000001 is already cancelled; only queued, scheduled, running or restarting jobs can be cancelled"
+    );
+    let out = smelt(&["jobs", "get", "job-000099"], &url);
+    assert!(!out.status.success());
+    assert_eq!(text(&out.stderr).trim(), "error: job job-000099 not found");
+    std::fs::write(&spec, SPEC.replace("micro_batch = 4", "micro_batch = 3")).unwrap();
+    let out = smelt(&["submit", spec.to_str().unwrap(), "--follow"], &url);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.starts_with("error: job spec: `train.global_batch`"), "{err}");
+
+    // No coordinator there.
+    let out = smelt(&["jobs", "list", "--coordinator", "http://127.0.0.1:1"], &url);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).starts_with("error: cannot reach the coordinator at http://127.0.0.1:1"),
+        "{}",
+        text(&out.stderr)
+    );
+}

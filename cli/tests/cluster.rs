@@ -1,0 +1,360 @@
+//! The cluster for real: a coordinator process, worker processes, loopback sockets, a SQLite file,
+//! SIGKILL. Queries go through the gRPC jobs service, as any client's would.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use smelt_proto::v1::job_service_client::JobServiceClient;
+use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, ListWorkersRequest, SubmitRequest, WatchJobRequest, WorkerState};
+use tonic::transport::Channel;
+
+/// A child process killed (SIGKILL) when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Proc {
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+    fn sigterm(&mut self) {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+    }
+    fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    addr: String,
+    coordinator: Option<Proc>,
+    workers: Vec<Proc>,
+    rt: tokio::runtime::Runtime,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap()
+}
+
+impl Cluster {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let mut c = Cluster { dir, addr, coordinator: None, workers: Vec::new(), rt };
+        c.start_coordinator();
+        c
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn start_coordinator(&mut self) {
+        let db = self.dir.path().join("coordinator.db");
+        let log = log_file(self.dir.path(), "coordinator");
+        let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+            .args(["coordinator", "--listen", &self.addr, "--db", db.to_str().unwrap(), "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.coordinator = Some(Proc { child });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(Instant::now() < deadline, "coordinator did not come up; log:\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn start_worker(&mut self) -> usize {
+        let i = self.workers.len();
+        let out = self.dir.path().join(format!("worker-{i}"));
+        let log = log_file(self.dir.path(), &format!("worker-{i}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+            .args(["--threads", "1", "worker", "--coordinator", &self.url(), "--out-dir", out.to_str().unwrap()])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.workers.push(Proc { child });
+        i
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path()) {
+            let mut paths: Vec<PathBuf> = rd.filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect();
+            paths.sort();
+            for p in paths {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                s += &format!("--- {} (last lines)\n{}\n", p.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+            }
+        }
+        s
+    }
+
+    fn client(&self) -> JobServiceClient<Channel> {
+        let url = self.url();
+        self.rt.block_on(async {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                match JobServiceClient::connect(url.clone()).await {
+                    Ok(c) => return c,
+                    Err(e) if Instant::now() > deadline => panic!("cannot reach the coordinator: {e}"),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        })
+    }
+
+    fn submit(&self, spec: &str) -> Result<Job, tonic::Status> {
+        let mut c = self.client();
+        self.rt
+            .block_on(c.submit(SubmitRequest { spec_toml: spec.to_string(), resume_from: String::new() }))
+            .map(|r| r.into_inner().job.expect("submit returns the job"))
+    }
+
+    fn job(&self, id: &str) -> Job {
+        let mut c = self.client();
+        self.rt.block_on(c.get_job(GetJobRequest { job_id: id.to_string() })).unwrap().into_inner()
+    }
+
+    fn wait_job(&self, id: &str, what: &str, timeout: Duration, pred: impl Fn(&Job) -> bool) -> Job {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let j = self.job(id);
+            if pred(&j) {
+                return j;
+            }
+            if Instant::now() > deadline {
+                panic!("job {id}: waited {timeout:?} for {what}; job is {j:?}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn wait_state(&self, id: &str, state: JobState, timeout: Duration) -> Job {
+        self.wait_job(id, &format!("{state:?}"), timeout, |j| j.state == state as i32)
+    }
+
+    /// Every message event of a finished job.
+    fn event_messages(&self, id: &str) -> Vec<String> {
+        let mut c = self.client();
+        self.rt.block_on(async {
+            let mut stream = c.watch_job(WatchJobRequest { job_id: id.to_string() }).await.unwrap().into_inner();
+            let mut out = Vec::new();
+            while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(5), stream.message()).await.unwrap_or(Ok(None)) {
+                match ev.body {
+                    Some(job_event::Body::Message(m)) => out.push(m),
+                    Some(job_event::Body::State(s)) => out.push(format!("state {:?} -> {:?}: {}", s.from, s.to, s.reason)),
+                    _ => {}
+                }
+            }
+            out
+        })
+    }
+
+    fn worker_states(&self) -> Vec<i32> {
+        let mut c = self.client();
+        self.rt.block_on(c.list_workers(ListWorkersRequest {})).unwrap().into_inner().workers.iter().map(|w| w.state).collect()
+    }
+
+    fn text_path(&self) -> PathBuf {
+        let path = self.dir.path().join("corpus.txt");
+        if !path.exists() {
+            let line = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n";
+            std::fs::write(&path, line.repeat(40)).unwrap();
+        }
+        path
+    }
+
+    fn spec(&self, name: &str, world: u32, micro: usize, steps: u64, max_restarts: u32) -> String {
+        format!(
+            r#"
+name = "{name}"
+max_restarts = {max_restarts}
+seed = 7
+
+[model]
+preset = "test"
+
+[data]
+text = "{text}"
+tokenizer = "char"
+
+[train]
+steps = {steps}
+global_batch = 8
+micro_batch = {micro}
+seq_len = 16
+lr = 3e-3
+warmup_steps = 2
+eval_interval = 0
+eval_batches = 2
+
+[cluster]
+world_size = {world}
+"#,
+            text = self.text_path().display()
+        )
+    }
+
+    fn model_of(&self, job: &str) -> Vec<f32> {
+        for i in 0..self.workers.len() {
+            let p = self.dir.path().join(format!("worker-{i}")).join("jobs").join(job).join("model.safetensors");
+            if p.exists() {
+                return smelt_worker::model_file::load(&p).unwrap().params;
+            }
+        }
+        panic!("no worker wrote final weights for {job}\n{}", self.logs())
+    }
+}
+
+const LONG: Duration = Duration::from_secs(120);
+
+#[test]
+fn two_workers_match_one_worker_with_twice_the_micro_batch() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    c.start_worker();
+    let two = c.submit(&c.spec("two-ranks", 2, 4, 12, 0)).unwrap();
+    c.wait_state(&two.id, JobState::Succeeded, LONG);
+    let one = c.submit(&c.spec("one-rank", 1, 8, 12, 0)).unwrap();
+    c.wait_state(&one.id, JobState::Succeeded, LONG);
+    let (a, b) = (c.model_of(&two.id), c.model_of(&one.id));
+    let max_diff = a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs()));
+    println!("max |w(2 workers) - w(1 worker)| after 12 steps: {max_diff:e}");
+    assert!(max_diff < 1e-4, "2 workers vs 1 worker differ by {max_diff}");
+    assert!(!a.is_empty() && a.len() == b.len() && a.iter().all(|x| x.is_finite()));
+}
+
+#[test]
+fn job_waits_queued_until_enough_workers_exist() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    let job = c.submit(&c.spec("needs-two", 2, 4, 5, 0)).unwrap();
+    // One worker registers and heartbeats; the job must stay queued.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(c.job(&job.id).state, JobState::Queued as i32, "{}", c.logs());
+    c.start_worker();
+    c.wait_state(&job.id, JobState::Succeeded, LONG);
+}
+
+#[test]
+fn cancel_stops_the_workers() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    c.start_worker();
+    let job = c.submit(&c.spec("endless", 2, 4, 1_000_000, 0)).unwrap();
+    c.wait_job(&job.id, "a few steps", LONG, |j| j.last_step >= 3);
+    let mut client = c.client();
+    let cancelled = c.rt.block_on(client.cancel_job(smelt_proto::v1::CancelJobRequest { job_id: job.id.clone() })).unwrap().into_inner();
+    assert_eq!(cancelled.state, JobState::Cancelled as i32);
+    let deadline = Instant::now() + LONG;
+    while !c.worker_states().iter().all(|&s| s == WorkerState::Idle as i32) {
+        assert!(Instant::now() < deadline, "workers still busy after cancel: {:?}\n{}", c.worker_states(), c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let step = c.job(&job.id).last_step;
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(c.job(&job.id).last_step, step, "a cancelled job made progress");
+}
+
+#[test]
+fn killed_worker_restarts_the_job_when_restarts_remain() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    c.start_worker();
+    let job = c.submit(&c.spec("survivor", 2, 4, 400, 1)).unwrap();
+    c.wait_job(&job.id, "a few steps", LONG, |j| j.last_step >= 3);
+    c.workers[1].kill9();
+    c.start_worker();
+    let done = c.wait_state(&job.id, JobState::Succeeded, Duration::from_secs(240));
+    assert_eq!(done.restarts, 1, "{done:?}");
+    assert!(done.attempt >= 2, "{done:?}");
+    let events = c.event_messages(&job.id).join("\n");
+    assert!(events.contains("lost"), "no event says a worker was lost:\n{events}");
+}
+
+#[test]
+fn killed_worker_fails_the_job_without_restarts() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    c.start_worker();
+    let job = c.submit(&c.spec("fragile", 2, 4, 1_000_000, 0)).unwrap();
+    c.wait_job(&job.id, "a few steps", LONG, |j| j.last_step >= 3);
+    c.workers[0].kill9();
+    let failed = c.wait_state(&job.id, JobState::Failed, LONG);
+    assert!(failed.error.contains("lost") || failed.error.contains("worker"), "failure reason does not name the lost worker: {:?}", failed.error);
+}
+
+#[test]
+fn coordinator_restart_keeps_jobs_and_workers_reattach() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    c.start_worker();
+    let job = c.submit(&c.spec("resilient", 2, 4, 300, 0)).unwrap();
+    c.wait_job(&job.id, "a few steps", LONG, |j| j.last_step >= 3);
+    c.coordinator.as_mut().unwrap().kill9();
+    std::thread::sleep(Duration::from_millis(300));
+    c.start_coordinator();
+    let j = c.job(&job.id);
+    assert_eq!(j.name, "resilient");
+    assert!(j.state == JobState::Running as i32 || j.state == JobState::Succeeded as i32, "after restart: {j:?}");
+    let done = c.wait_state(&job.id, JobState::Succeeded, Duration::from_secs(240));
+    assert_eq!(done.restarts, 0, "re-attached workers must not restart the job: {done:?}");
+}
+
+#[test]
+fn bad_specs_and_unknown_jobs_get_clear_grpc_errors() {
+    let c = Cluster::new();
+    let bad = c.spec("bad", 2, 4, 10, 0).replace("global_batch = 8", "global_batch = 6");
+    let e = c.submit(&bad).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("train.global_batch"), "{}", e.message());
+    let e = c.submit(&c.spec("typo", 1, 8, 10, 0).replace("lr = 3e-3", "lr = 3e-3\nlearnin_rate = 1")).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("learnin_rate"), "{}", e.message());
+    let mut client = c.client();
+    let e = c.rt.block_on(client.get_job(GetJobRequest { job_id: "job-does-not-exist".into() })).unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("job-does-not-exist"), "{}", e.message());
+}
+
+#[test]
+fn sigterm_drains_an_idle_worker() {
+    let mut c = Cluster::new();
+    let i = c.start_worker();
+    let deadline = Instant::now() + LONG;
+    while c.worker_states().is_empty() {
+        assert!(Instant::now() < deadline, "worker never registered\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.workers[i].sigterm();
+    let status = c.workers[i].wait_exit(Duration::from_secs(30)).expect("worker exits after SIGTERM");
+    assert!(status.success(), "drained worker exit status {status:?}\n{}", c.logs());
+}

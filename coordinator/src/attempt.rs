@@ -1,0 +1,125 @@
+//! The end of an attempt: success, failure (restart or fail), cancellation. Each one releases the
+//! gang, closes the attempt's rendezvous and records why.
+
+use smelt_proto::v1::{coordinator_message, Abort, JobState, WorkerState};
+use tracing::warn;
+
+use crate::state::{is_placed, State};
+
+/// Why an attempt is ending, for the worker at fault.
+pub enum Fault<'a> {
+    /// The worker's lease ended (it has already been marked lost).
+    Lost { worker: &'a str, why: &'a str },
+    /// A rank reported failure, or the worker came back without its assignment.
+    Failed { worker: &'a str, error: String },
+}
+
+impl State {
+    /// Sends Abort to every rank of the job's current attempt except `skip`, frees all of its
+    /// workers (a lost one stays lost) and aborts its rendezvous.
+    fn release_gang(&mut self, job_id: &str, reason: &str, skip: Option<&str>, assignment_state: &str) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        let attempt = job.row.attempt;
+        let ranks = job.ranks.clone();
+        let done = std::mem::take(&mut job.done);
+        job.started.clear();
+        for (rank, wid) in ranks.iter().enumerate() {
+            let still_ours = self.workers.get(wid).is_some_and(|w| w.row.job_id == job_id && w.row.attempt == attempt);
+            if Some(wid.as_str()) != skip {
+                self.send_to_worker(
+                    wid,
+                    coordinator_message::Body::Abort(Abort {
+                        job_id: job_id.to_string(),
+                        attempt,
+                        reason: reason.to_string(),
+                    }),
+                );
+                let state = if done.get(rank).copied().unwrap_or(false) { "done" } else { assignment_state };
+                self.persist_assignment(job_id, attempt, rank as u32, wid, state);
+            }
+            if still_ours && self.workers.get(wid).is_some_and(|w| w.row.state == WorkerState::Busy) {
+                self.release_worker(wid, WorkerState::Idle);
+            }
+        }
+        self.abort_rendezvous(job_id, attempt, reason);
+    }
+
+    /// All ranks finished: the job succeeded.
+    pub fn succeed(&mut self, job_id: &str) {
+        let Some(job) = self.jobs.get(job_id) else { return };
+        let (attempt, step, n) = (job.row.attempt, job.row.last_step, job.ranks.len());
+        let ranks = job.ranks.clone();
+        for (rank, wid) in ranks.iter().enumerate() {
+            self.persist_assignment(job_id, attempt, rank as u32, wid, "done");
+            if self.workers.get(wid).is_some_and(|w| w.row.job_id == job_id && w.row.attempt == attempt) {
+                self.release_worker(wid, WorkerState::Idle);
+            }
+        }
+        self.abort_rendezvous(job_id, attempt, "the attempt finished");
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            job.row.error.clear();
+        }
+        self.transition_or_log(job_id, JobState::Succeeded, format!("all {n} ranks finished at step {step}"));
+    }
+
+    /// The current attempt failed: abort the other ranks, then restart from the latest
+    /// checkpoint while restarts remain, or fail the job.
+    pub fn fail_attempt(&mut self, job_id: &str, fault: Fault<'_>) {
+        let Some(job) = self.jobs.get(job_id) else { return };
+        if !is_placed(job.row.state) {
+            return;
+        }
+        let attempt = job.row.attempt;
+        let (culprit, cause, culprit_state) = match &fault {
+            Fault::Lost { worker, why } => (*worker, format!("worker {worker} lost ({why})"), "lost"),
+            Fault::Failed { worker, error } => {
+                let rank = job.ranks.iter().position(|w| w == worker).unwrap_or(0);
+                (*worker, format!("rank {rank} on worker {worker} failed: {error}"), "failed")
+            }
+        };
+        if let Some(rank) = job.ranks.iter().position(|w| w == culprit) {
+            self.persist_assignment(job_id, attempt, rank as u32, culprit, culprit_state);
+        }
+        warn!(job_id = %job_id, attempt, worker_id = %culprit, cause = %cause, "attempt failed");
+        self.release_gang(job_id, &format!("attempt {attempt} aborted: {cause}"), Some(culprit), "aborted");
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        if job.row.restarts < job.row.max_restarts {
+            job.row.restarts += 1;
+            job.row.attempt += 1;
+            if let Some((step, uri)) = &job.latest_checkpoint {
+                job.row.start_step = *step;
+                job.row.resume_from = uri.clone();
+            }
+            // Progress rolls back to where the next attempt starts.
+            job.row.last_step = job.row.start_step;
+            job.ranks.clear();
+            let (next, from) = (job.row.attempt, job.row.start_step);
+            let reason = format!("{cause}; restarting attempt {next} from step {from}");
+            self.transition_or_log(job_id, JobState::Restarting, reason);
+            self.schedule();
+        } else {
+            let used = job.row.restarts;
+            job.row.error = if job.row.max_restarts == 0 {
+                format!("{cause}; the job allows no restarts")
+            } else {
+                format!("{cause}; all {used} restarts used")
+            };
+            let reason = job.row.error.clone();
+            self.transition_or_log(job_id, JobState::Failed, reason);
+            self.schedule();
+        }
+    }
+
+    /// Cancels a job that has not finished: aborts its workers if placed.
+    pub fn cancel_job(&mut self, job_id: &str, reason: &str) {
+        let Some(job) = self.jobs.get(job_id) else { return };
+        if is_placed(job.row.state) {
+            self.release_gang(job_id, reason, None, "aborted");
+        }
+        if let Some(job) = self.jobs.get_mut(job_id) {
+            job.row.error = reason.to_string();
+        }
+        self.transition_or_log(job_id, JobState::Cancelled, reason.to_string());
+        self.schedule();
+    }
+}

@@ -1,0 +1,107 @@
+//! The tonic JobService: submit, get, list, cancel, watch, list workers.
+
+use std::pin::Pin;
+
+use smelt_proto::v1::job_service_server::JobService;
+use smelt_proto::v1::{
+    job_event, CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, ListJobsResponse,
+    ListWorkersRequest, ListWorkersResponse, SubmitRequest, SubmitResponse, WatchJobRequest,
+};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::coordinator::Coordinator;
+use crate::state::is_terminal;
+
+pub struct JobSvc {
+    pub coord: Coordinator,
+}
+
+type Events = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send + 'static>>;
+
+/// True for the state change that ends a job: the watch stream ends after it.
+fn ends_job(ev: &JobEvent) -> bool {
+    matches!(&ev.body, Some(job_event::Body::State(s)) if is_terminal(JobState::try_from(s.to).unwrap_or_default()))
+}
+
+#[tonic::async_trait]
+impl JobService for JobSvc {
+    async fn submit(&self, req: Request<SubmitRequest>) -> Result<Response<SubmitResponse>, Status> {
+        let r = req.into_inner();
+        let job = self.coord.with(|st| st.submit(r.spec_toml, r.resume_from))?;
+        self.coord.flush().await?;
+        Ok(Response::new(SubmitResponse { job: Some(job) }))
+    }
+
+    async fn get_job(&self, req: Request<GetJobRequest>) -> Result<Response<Job>, Status> {
+        Ok(Response::new(self.coord.with(|st| st.get_job(&req.get_ref().job_id))?))
+    }
+
+    async fn list_jobs(&self, _req: Request<ListJobsRequest>) -> Result<Response<ListJobsResponse>, Status> {
+        Ok(Response::new(ListJobsResponse { jobs: self.coord.with(|st| st.list_jobs()) }))
+    }
+
+    async fn cancel_job(&self, req: Request<CancelJobRequest>) -> Result<Response<Job>, Status> {
+        let job = self.coord.with(|st| st.cancel(&req.get_ref().job_id))?;
+        self.coord.flush().await?;
+        Ok(Response::new(job))
+    }
+
+    type WatchJobStream = Events;
+
+    async fn watch_job(&self, req: Request<WatchJobRequest>) -> Result<Response<Self::WatchJobStream>, Status> {
+        let job_id = req.into_inner().job_id;
+        let (replay, live) = self.coord.with(|st| st.watch(&job_id))?;
+        let (tx, rx) = mpsc::channel(256);
+        let coord = self.coord.clone();
+        tokio::spawn(async move {
+            for ev in replay {
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            let Some(mut live) = live else { return };
+            let mut stop = coord.shutdown_signal();
+            loop {
+                let ev = tokio::select! {
+                    ev = live.recv() => Some(ev),
+                    _ = stop.wait_for(|s| *s) => None,
+                };
+                let Some(ev) = ev else {
+                    let _ = tx.send(Err(Status::unavailable("coordinator shutting down"))).await;
+                    return;
+                };
+                match ev {
+                    Ok(ev) => {
+                        let last = ends_job(&ev);
+                        if tx.send(Ok(ev)).await.is_err() || last {
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        // A slow watcher skipped some events (metrics, mostly). If the job ended
+                        // meanwhile, send its last state change and stop.
+                        let last = coord.with(|st| {
+                            st.job(&job_id)
+                                .ok()
+                                .filter(|j| is_terminal(j.row.state))
+                                .and_then(|j| j.events.iter().rev().find(|e| ends_job(e)).cloned())
+                        });
+                        if let Some(ev) = last {
+                            let _ = tx.send(Ok(ev)).await;
+                            return;
+                        }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn list_workers(&self, _req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
+        Ok(Response::new(ListWorkersResponse { workers: self.coord.with(|st| st.list_workers()) }))
+    }
+}

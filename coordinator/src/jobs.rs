@@ -1,0 +1,172 @@
+//! Job operations behind the jobs service: submit, cancel, list, watch, checkpoints.
+
+use smelt_jobspec::{Device, JobKind, JobSpec};
+use smelt_proto::v1::{CheckpointReport, DeviceClass, Job, JobEvent, JobState, WorkerInfo};
+use tokio::sync::broadcast;
+use tracing::info;
+
+use crate::error::{CoordError, Result};
+use crate::state::{is_terminal, job_state_name, now_ms, JobRec, State};
+use crate::store::{CheckpointRow, JobRow, Op};
+
+/// The step a checkpoint URI names, by the layout `.../ckpt/<step>/`: its last numeric segment.
+pub fn step_of_uri(uri: &str) -> Option<u64> {
+    uri.trim_end_matches('/').rsplit('/').next()?.parse().ok()
+}
+
+fn looks_like_job_id(s: &str) -> bool {
+    s.strip_prefix("job-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+impl State {
+    pub fn submit(&mut self, spec_toml: String, resume_from: String) -> Result<Job> {
+        let spec = JobSpec::parse(&spec_toml)?;
+        match spec.kind {
+            JobKind::Pretrain => {}
+        }
+        let device_class = match spec.cluster.device {
+            Device::Cpu => DeviceClass::Cpu,
+            Device::Cuda => DeviceClass::Cuda,
+        };
+        // A job id resumes from that job's latest checkpoint; anything else is a checkpoint URI.
+        let resume_from = resume_from.trim().to_string();
+        let (start_step, resume_uri) = if resume_from.is_empty() {
+            (0, String::new())
+        } else if let Some(src) = self.jobs.get(&resume_from) {
+            match &src.latest_checkpoint {
+                Some((step, uri)) => (*step, uri.clone()),
+                None => {
+                    return Err(CoordError::FailedPrecondition(format!(
+                        "resume_from: job {resume_from} has no checkpoint to resume from"
+                    )))
+                }
+            }
+        } else if looks_like_job_id(&resume_from) {
+            return Err(CoordError::NotFound(format!("resume_from: job {resume_from} not found")));
+        } else {
+            let known = self
+                .jobs
+                .values()
+                .filter_map(|j| j.latest_checkpoint.as_ref())
+                .find(|(_, u)| *u == resume_from)
+                .map(|(s, _)| *s);
+            (known.or_else(|| step_of_uri(&resume_from)).unwrap_or(0), resume_from)
+        };
+        let seq = self.next_job;
+        self.next_job += 1;
+        let id = format!("job-{seq:06}");
+        let now = now_ms();
+        let row = JobRow {
+            id: id.clone(),
+            name: spec.name.clone(),
+            spec_toml,
+            state: JobState::Unspecified,
+            priority: spec.priority,
+            world_size: spec.cluster.world_size,
+            device_class,
+            attempt: 1,
+            restarts: 0,
+            max_restarts: spec.max_restarts,
+            total_steps: spec.train.steps,
+            last_step: start_step,
+            last_loss: 0.0,
+            last_val_loss: None,
+            error: String::new(),
+            created_at_ms: now,
+            updated_at_ms: now,
+            start_step,
+            resume_from: resume_uri.clone(),
+        };
+        self.jobs.insert(id.clone(), JobRec::new(row, seq));
+        info!(
+            job_id = %id,
+            name = %spec.name,
+            world_size = spec.cluster.world_size,
+            priority = spec.priority,
+            resume_from = %resume_uri,
+            "job submitted"
+        );
+        let reason = if resume_uri.is_empty() {
+            "submitted".to_string()
+        } else {
+            format!("submitted, resuming from {resume_uri} at step {start_step}")
+        };
+        self.transition(&id, JobState::Queued, reason)?;
+        self.schedule();
+        Ok(self.job(&id)?.to_proto())
+    }
+
+    pub fn get_job(&self, id: &str) -> Result<Job> {
+        Ok(self.job(id)?.to_proto())
+    }
+
+    /// Every job, oldest first.
+    pub fn list_jobs(&self) -> Vec<Job> {
+        let mut jobs: Vec<&JobRec> = self.jobs.values().collect();
+        jobs.sort_by_key(|j| (j.row.created_at_ms, j.seq));
+        jobs.into_iter().map(JobRec::to_proto).collect()
+    }
+
+    pub fn list_workers(&self) -> Vec<WorkerInfo> {
+        self.workers.values().map(|w| w.to_proto()).collect()
+    }
+
+    pub fn cancel(&mut self, id: &str) -> Result<Job> {
+        let state = self.job(id)?.row.state;
+        if is_terminal(state) {
+            return Err(CoordError::FailedPrecondition(format!(
+                "job {id} is already {}; only queued, scheduled, running or restarting jobs can be cancelled",
+                job_state_name(state)
+            )));
+        }
+        self.cancel_job(id, "cancelled by request");
+        self.get_job(id)
+    }
+
+    /// The job's stored events, and a receiver of what comes next (none once it has finished).
+    pub fn watch(&self, id: &str) -> Result<(Vec<JobEvent>, Option<broadcast::Receiver<JobEvent>>)> {
+        let job = self.job(id)?;
+        let live = (!is_terminal(job.row.state)).then(|| job.watch.subscribe());
+        Ok((job.events.clone(), live))
+    }
+
+    pub fn report_checkpoint(&mut self, r: CheckpointReport) -> Result<()> {
+        if r.uri.trim().is_empty() {
+            return Err(CoordError::InvalidArgument("uri: must name the checkpoint".into()));
+        }
+        let job = self.job_mut(&r.job_id)?;
+        if r.attempt != job.row.attempt {
+            return Err(CoordError::FailedPrecondition(format!(
+                "attempt {} of job {} is not current (current attempt is {})",
+                r.attempt, r.job_id, job.row.attempt
+            )));
+        }
+        if job.latest_checkpoint.as_ref().is_none_or(|(s, _)| r.step >= *s) {
+            job.latest_checkpoint = Some((r.step, r.uri.clone()));
+        }
+        self.store.write(Op::Checkpoint(CheckpointRow {
+            job_id: r.job_id.clone(),
+            step: r.step,
+            uri: r.uri.clone(),
+            manifest_sha256: r.manifest_sha256.clone(),
+            at_ms: now_ms(),
+        }));
+        self.message(&r.job_id, format!("checkpoint at step {}: {}", r.step, r.uri));
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uri_steps() {
+        assert_eq!(step_of_uri("file:///x/jobs/job-000001/ckpt/400/"), Some(400));
+        assert_eq!(step_of_uri("s3://b/jobs/j/ckpt/12"), Some(12));
+        assert_eq!(step_of_uri("memory://whatever"), None);
+        assert!(looks_like_job_id("job-000123"));
+        assert!(!looks_like_job_id("job-"));
+        assert!(!looks_like_job_id("file:///job-1"));
+    }
+}

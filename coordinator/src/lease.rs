@@ -1,0 +1,72 @@
+//! Leases: a worker holds one while its heartbeat stream is open and it sends something at least
+//! every `lease_timeout`. A worker whose stream breaks or goes silent is lost, and so is the
+//! attempt it was running (see `attempt.rs`). After a coordinator restart every known worker's
+//! lease starts afresh, so running jobs wait up to one lease for their workers to re-attach.
+
+use std::time::{Duration, Instant};
+
+use smelt_proto::v1::WorkerState;
+use tracing::warn;
+
+use crate::attempt::Fault;
+use crate::coordinator::Coordinator;
+use crate::state::State;
+
+impl State {
+    /// Marks a worker lost and fails the attempt it was running.
+    pub fn worker_lost(&mut self, worker_id: &str, why: &str) {
+        let Some(w) = self.workers.get(worker_id) else { return };
+        if w.row.state == WorkerState::Lost {
+            return;
+        }
+        let (job_id, attempt) = (w.row.job_id.clone(), w.row.attempt);
+        let held = (!job_id.is_empty()).then(|| self.holds_rank(&job_id, attempt, worker_id)).flatten().is_some();
+        warn!(worker_id = %worker_id, why = %why, job_id = %job_id, "worker lost");
+        self.release_worker(worker_id, WorkerState::Lost);
+        if held {
+            self.fail_attempt(&job_id, Fault::Lost { worker: worker_id, why });
+        }
+        self.schedule();
+    }
+
+    /// Workers silent for longer than the lease timeout.
+    pub fn expired(&self, now: Instant) -> Vec<(String, Duration)> {
+        self.workers
+            .values()
+            .filter(|w| w.row.state != WorkerState::Lost)
+            .filter_map(|w| {
+                let quiet = now.saturating_duration_since(w.last_seen);
+                (quiet > self.lease_timeout).then(|| (w.row.id.clone(), quiet))
+            })
+            .collect()
+    }
+
+    pub fn expire_leases(&mut self, now: Instant) {
+        if self.shutting_down {
+            return;
+        }
+        for (id, quiet) in self.expired(now) {
+            let why = format!(
+                "no heartbeat for {} ms, lease timeout {} ms",
+                quiet.as_millis(),
+                self.lease_timeout.as_millis()
+            );
+            self.worker_lost(&id, &why);
+        }
+    }
+}
+
+/// Checks leases until shutdown, a few times per lease timeout.
+pub async fn run_lease_checker(coord: Coordinator) {
+    let (hb, lease) = coord.with(|st| (st.heartbeat_interval, st.lease_timeout));
+    let period = (lease / 4).min(hb).max(Duration::from_millis(5));
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut stop = coord.shutdown_signal();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => coord.with(|st| st.expire_leases(Instant::now())),
+            _ = stop.wait_for(|s| *s) => break,
+        }
+    }
+}

@@ -1,0 +1,32 @@
+//! smelt's coordinator: the control plane of a cluster.
+//!
+//! - `store`: SQLite (WAL) on its own thread: jobs, workers, assignments, events, metrics,
+//!   checkpoints; schema versioned and migrated on open.
+//! - `state`: the in-memory mirror and the job state machine; `coordinator`: the shared handle
+//!   and restoring from the store.
+//! - `scheduler`: gang scheduling by priority then age, per device class.
+//! - `lease`: heartbeat leases; `attempt`: how an attempt ends (success, restart, failure,
+//!   cancellation); `rendezvous`: ring addresses and the NCCL id for each attempt.
+//! - `jobs`, `workers`: the operations; `job_service`, `worker_service`: the gRPC glue;
+//!   `error`: the one mapping to gRPC codes; `server`: config, bind, serve.
+//!
+//! Data plan: a worker needs nothing from its peers to know its data. Its assignment carries the
+//! job's spec (with the seed) and the step to start at; the sample order is a pure function of
+//! those, so the coordinator hands out nothing else.
+
+mod attempt;
+mod coordinator;
+pub mod error;
+mod job_service;
+mod jobs;
+mod lease;
+mod rendezvous;
+pub mod scheduler;
+mod server;
+pub mod state;
+pub mod store;
+mod worker_service;
+mod workers;
+
+pub use error::CoordError;
+pub use server::{bind, serve, Bound, CoordinatorConfig};

@@ -1,0 +1,197 @@
+//! Gang scheduling: a waiting (queued or restarting) job gets exactly `world_size` idle workers of
+//! its device class at once, or nothing.
+//!
+//! Order: priority (higher first), then age (older first), then submission order. The order is
+//! strict within a device class: when the job at the head of a class's queue does not fit, the
+//! jobs behind it wait too, even ones that would fit (no backfill). This leaves workers idle
+//! while a big job collects its gang, but a big job is never starved by a stream of small ones.
+//! Device classes are independent queues: a CUDA job waiting never holds up CPU jobs.
+//!
+//! Ranks follow (hostname, device_index, worker id), so ranks on one host are neighbours.
+
+use std::cmp::Reverse;
+
+use smelt_proto::v1::{coordinator_message, Assignment, DeviceClass, JobState, WorkerState};
+use tracing::info;
+
+use crate::state::{device_class_name, is_waiting, State};
+
+/// One gang to place: the job and its workers by rank.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub job_id: String,
+    pub workers: Vec<String>,
+}
+
+/// A job waiting for workers, as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct Waiting<'a> {
+    pub id: &'a str,
+    pub device_class: DeviceClass,
+    pub priority: i32,
+    pub created_at_ms: i64,
+    pub seq: u64,
+    pub world_size: u32,
+}
+
+/// An idle, connected worker.
+#[derive(Debug, Clone)]
+pub struct Idle<'a> {
+    pub id: &'a str,
+    pub device_class: DeviceClass,
+    pub hostname: &'a str,
+    pub device_index: u32,
+}
+
+/// Decides which waiting jobs start now. Pure: the same inputs give the same placements.
+pub fn plan(mut jobs: Vec<Waiting<'_>>, mut idle: Vec<Idle<'_>>) -> Vec<Placement> {
+    jobs.sort_by_key(|j| (Reverse(j.priority), j.created_at_ms, j.seq));
+    idle.sort_by(|a, b| (a.hostname, a.device_index, a.id).cmp(&(b.hostname, b.device_index, b.id)));
+    let mut out = Vec::new();
+    for class in [DeviceClass::Cpu, DeviceClass::Cuda] {
+        let mut free: Vec<&Idle> = idle.iter().filter(|w| w.device_class == class).collect();
+        for job in jobs.iter().filter(|j| j.device_class == class) {
+            let n = job.world_size as usize;
+            if n == 0 || n > free.len() {
+                break; // strict order: nothing behind the head of the queue jumps it
+            }
+            let gang: Vec<String> = free.drain(..n).map(|w| w.id.to_string()).collect();
+            out.push(Placement { job_id: job.id.to_string(), workers: gang });
+        }
+    }
+    out
+}
+
+impl State {
+    /// Places every gang that can start now and sends their assignments.
+    pub fn schedule(&mut self) {
+        if self.shutting_down {
+            return;
+        }
+        let jobs: Vec<Waiting> = self
+            .jobs
+            .values()
+            .filter(|j| is_waiting(j.row.state))
+            .map(|j| Waiting {
+                id: &j.row.id,
+                device_class: j.row.device_class,
+                priority: j.row.priority,
+                created_at_ms: j.row.created_at_ms,
+                seq: j.seq,
+                world_size: j.row.world_size,
+            })
+            .collect();
+        if jobs.is_empty() {
+            return;
+        }
+        let idle: Vec<Idle> = self
+            .workers
+            .values()
+            .filter(|w| w.schedulable())
+            .map(|w| Idle {
+                id: &w.row.id,
+                device_class: w.row.device_class,
+                hostname: &w.row.hostname,
+                device_index: w.row.device_index,
+            })
+            .collect();
+        let placements = plan(jobs, idle);
+        for p in placements {
+            self.place(p);
+        }
+    }
+
+    fn place(&mut self, p: Placement) {
+        let Some(job) = self.jobs.get_mut(&p.job_id) else { return };
+        let n = p.workers.len();
+        job.ranks = p.workers.clone();
+        job.started = vec![false; n];
+        job.done = vec![false; n];
+        let a = Assignment {
+            job_id: job.row.id.clone(),
+            attempt: job.row.attempt,
+            rank: 0,
+            world_size: job.row.world_size,
+            spec_toml: job.row.spec_toml.clone(),
+            start_step: job.row.start_step,
+            resume_from: job.row.resume_from.clone(),
+        };
+        let class = job.row.device_class;
+        for (rank, wid) in p.workers.iter().enumerate() {
+            if let Some(w) = self.workers.get_mut(wid) {
+                w.row.state = WorkerState::Busy;
+                w.row.job_id = a.job_id.clone();
+                w.row.attempt = a.attempt;
+                w.row.rank = rank as u32;
+            }
+            self.persist_worker(wid);
+            self.persist_assignment(&a.job_id, a.attempt, rank as u32, wid, "assigned");
+            self.send_to_worker(wid, coordinator_message::Body::Assign(Assignment { rank: rank as u32, ..a.clone() }));
+        }
+        info!(
+            job_id = %a.job_id,
+            attempt = a.attempt,
+            device_class = device_class_name(class),
+            workers = %p.workers.join(","),
+            start_step = a.start_step,
+            "job scheduled"
+        );
+        let reason = format!(
+            "attempt {} placed on {} (ranks 0..{}){}",
+            a.attempt,
+            p.workers.join(", "),
+            n,
+            if a.start_step > 0 { format!(", from step {}", a.start_step) } else { String::new() }
+        );
+        self.transition_or_log(&a.job_id, JobState::Scheduled, reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, priority: i32, created: i64, ws: u32) -> Waiting<'_> {
+        Waiting {
+            id,
+            device_class: DeviceClass::Cpu,
+            priority,
+            created_at_ms: created,
+            seq: created as u64,
+            world_size: ws,
+        }
+    }
+
+    fn idle(id: &str) -> Idle<'_> {
+        Idle { id, device_class: DeviceClass::Cpu, hostname: "h", device_index: 0 }
+    }
+
+    #[test]
+    fn priority_then_age() {
+        let jobs = vec![job("low-old", 0, 1, 1), job("high-new", 5, 3, 1), job("high-old", 5, 2, 1)];
+        let p = plan(jobs, vec![idle("w1"), idle("w2")]);
+        let ids: Vec<_> = p.iter().map(|p| p.job_id.as_str()).collect();
+        assert_eq!(ids, ["high-old", "high-new"]);
+    }
+
+    #[test]
+    fn gangs_are_all_or_nothing_and_strict() {
+        // The head needs 3, only 2 are idle: nothing starts, not even the small job behind it.
+        let jobs = vec![job("big", 5, 1, 3), job("small", 0, 2, 1)];
+        assert!(plan(jobs.clone(), vec![idle("w1"), idle("w2")]).is_empty());
+        let p = plan(jobs, vec![idle("w3"), idle("w1"), idle("w2"), idle("w4")]);
+        assert_eq!(p[0], Placement { job_id: "big".into(), workers: vec!["w1".into(), "w2".into(), "w3".into()] });
+        assert_eq!(p[1], Placement { job_id: "small".into(), workers: vec!["w4".into()] });
+    }
+
+    #[test]
+    fn device_classes_are_separate_queues() {
+        let mut gpu = job("gpu", 9, 1, 2);
+        gpu.device_class = DeviceClass::Cuda;
+        let cpu = job("cpu", 0, 2, 1);
+        let mut g0 = idle("g0");
+        g0.device_class = DeviceClass::Cuda;
+        let p = plan(vec![gpu, cpu], vec![g0, idle("c0")]);
+        assert_eq!(p, vec![Placement { job_id: "cpu".into(), workers: vec!["c0".into()] }]);
+    }
+}

@@ -1,0 +1,139 @@
+//! Configuration, binding and serving.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use smelt_proto::v1::job_service_server::JobServiceServer;
+use smelt_proto::v1::worker_service_server::WorkerServiceServer;
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::Server;
+use tracing::{info, warn};
+
+use crate::coordinator::Coordinator;
+use crate::job_service::JobSvc;
+use crate::lease::run_lease_checker;
+use crate::store::Store;
+use crate::worker_service::WorkerSvc;
+
+/// How long shutdown waits for open connections to close before dropping them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorConfig {
+    /// gRPC address; port 0 picks a free one (see `Bound::local_addr`).
+    pub listen: SocketAddr,
+    /// The SQLite file (created if missing).
+    pub db_path: PathBuf,
+    /// How often workers are told to heartbeat.
+    pub heartbeat_interval: Duration,
+    /// A worker silent for longer is lost.
+    pub lease_timeout: Duration,
+}
+
+impl CoordinatorConfig {
+    pub fn new(listen: SocketAddr, db_path: impl Into<PathBuf>) -> Self {
+        CoordinatorConfig {
+            listen,
+            db_path: db_path.into(),
+            heartbeat_interval: Duration::from_secs(1),
+            lease_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.heartbeat_interval.is_zero() {
+            anyhow::bail!("heartbeat interval must be positive");
+        }
+        if self.lease_timeout <= self.heartbeat_interval {
+            anyhow::bail!(
+                "lease timeout ({} ms) must be longer than the heartbeat interval ({} ms)",
+                self.lease_timeout.as_millis(),
+                self.heartbeat_interval.as_millis()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A coordinator with its database open and its port bound, not yet serving.
+pub struct Bound {
+    listener: TcpListener,
+    addr: SocketAddr,
+    coord: Coordinator,
+    store: Store,
+}
+
+/// Opens the database (restoring jobs and workers) and binds the listen address.
+pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
+    cfg.validate()?;
+    let path = cfg.db_path.clone();
+    let (store, loaded) =
+        tokio::task::spawn_blocking(move || Store::open(&path)).await.context("store thread panicked")??;
+    let coord = Coordinator::restore(loaded, store.handle(), cfg.heartbeat_interval, cfg.lease_timeout);
+    // Restoring may have changed rows (stale assignments); make that durable before serving.
+    coord.flush().await?;
+    let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    Ok(Bound { listener, addr, coord, store })
+}
+
+impl Bound {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Serves until `shutdown` resolves, then closes every stream, lets connections finish and
+    /// commits what is queued for the store. Jobs and workers are left as they are: the next
+    /// coordinator on the same file takes them over.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let Bound { listener, addr, coord, store } = self;
+        info!(addr = %addr, db = %store.path().display(), "coordinator listening");
+        let lease = tokio::spawn(run_lease_checker(coord.clone()));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        let router = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(WorkerServiceServer::new(WorkerSvc { coord: coord.clone() }))
+            .add_service(JobServiceServer::new(JobSvc { coord: coord.clone() }));
+        let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+            let _ = stop_rx.await;
+        }));
+        let mut result = tokio::select! {
+            _ = shutdown => None,
+            r = &mut server => Some(r),
+        };
+        info!("coordinator shutting down");
+        coord.begin_shutdown();
+        let _ = stop_tx.send(());
+        if result.is_none() {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(r) => result = Some(r),
+                Err(_) => {
+                    warn!(
+                        grace_ms = SHUTDOWN_GRACE.as_millis() as u64,
+                        "connections still open after the grace period; dropping them"
+                    );
+                    server.abort();
+                }
+            }
+        }
+        let _ = lease.await;
+        tokio::task::spawn_blocking(move || store.close()).await.context("store thread panicked")?;
+        info!("coordinator stopped");
+        match result {
+            Some(Ok(Ok(()))) | None => Ok(()),
+            Some(Ok(Err(e))) => Err(anyhow::anyhow!("grpc server: {e}")),
+            Some(Err(e)) => Err(anyhow::anyhow!("grpc server task: {e}")),
+        }
+    }
+}
+
+/// Binds and serves until `shutdown` resolves.
+pub async fn serve(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    bind(cfg).await?.serve(shutdown).await
+}

@@ -1,0 +1,702 @@
+//! All SQLite access. One connection, owned by a dedicated thread: the async side never blocks on
+//! SQLite. Writes are queued in order (`StoreHandle::write`, which never blocks) and the thread
+//! applies whatever has queued up in one transaction, so a burst of metrics costs one commit.
+//! `flush` waits until everything queued before it is committed (used before answering a client
+//! whose request must be durable: submit, cancel, register).
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use serde_json::{json, Value};
+use smelt_proto::v1::{job_event, DeviceClass, JobEvent, JobState, StateChange, WorkerState};
+use tokio::sync::oneshot;
+use tracing::{debug, error};
+
+use crate::error::{CoordError, Result};
+use crate::state::{
+    device_class_name, job_state_name, parse_device_class, parse_job_state, parse_worker_state, worker_state_name,
+};
+
+/// Bumped by every schema change; `migrate` brings older files forward.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// Largest number of queued writes applied in one transaction.
+const MAX_BATCH: usize = 4096;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobRow {
+    pub id: String,
+    pub name: String,
+    pub spec_toml: String,
+    pub state: JobState,
+    pub priority: i32,
+    pub world_size: u32,
+    pub device_class: DeviceClass,
+    pub attempt: u32,
+    pub restarts: u32,
+    pub max_restarts: u32,
+    pub total_steps: u64,
+    pub last_step: u64,
+    pub last_loss: f32,
+    pub last_val_loss: Option<f32>,
+    pub error: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// First step of the current attempt, and the checkpoint it resumes from ("" for none).
+    pub start_step: u64,
+    pub resume_from: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkerRow {
+    pub id: String,
+    pub hostname: String,
+    pub device_class: DeviceClass,
+    pub device_index: u32,
+    pub data_addr: String,
+    pub state: WorkerState,
+    /// Current assignment ("" when none).
+    pub job_id: String,
+    pub attempt: u32,
+    pub rank: u32,
+    pub last_seen_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AssignmentRow {
+    pub job_id: String,
+    pub attempt: u32,
+    pub rank: u32,
+    pub worker_id: String,
+    /// assigned, done, failed, lost, aborted
+    pub state: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct EventRow {
+    pub job_id: String,
+    pub at_ms: i64,
+    /// `state` or `message`
+    pub kind: String,
+    pub json: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct MetricRow {
+    pub job_id: String,
+    pub attempt: u32,
+    pub step: u64,
+    pub loss: f32,
+    pub val_loss: Option<f32>,
+    pub grad_norm: f32,
+    pub lr: f32,
+    pub tokens_per_s: f64,
+    pub at_ms: i64,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct CheckpointRow {
+    pub job_id: String,
+    pub step: u64,
+    pub uri: String,
+    pub manifest_sha256: String,
+    pub at_ms: i64,
+}
+
+impl EventRow {
+    pub fn from_event(ev: &JobEvent) -> Option<EventRow> {
+        let (kind, v) = match ev.body.as_ref()? {
+            job_event::Body::State(s) => (
+                "state",
+                json!({
+                    "from": job_state_name(JobState::try_from(s.from).unwrap_or_default()),
+                    "to": job_state_name(JobState::try_from(s.to).unwrap_or_default()),
+                    "reason": s.reason,
+                }),
+            ),
+            job_event::Body::Message(m) => ("message", json!({ "message": m })),
+            job_event::Body::Metrics(_) => return None,
+        };
+        Some(EventRow { job_id: ev.job_id.clone(), at_ms: ev.at_ms, kind: kind.into(), json: v.to_string() })
+    }
+
+    pub fn to_event(&self) -> Option<JobEvent> {
+        let v: Value = serde_json::from_str(&self.json).ok()?;
+        let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or_default().to_string();
+        let body = match self.kind.as_str() {
+            "state" => job_event::Body::State(StateChange {
+                from: parse_job_state(&s("from")).unwrap_or_default() as i32,
+                to: parse_job_state(&s("to")).unwrap_or_default() as i32,
+                reason: s("reason"),
+            }),
+            "message" => job_event::Body::Message(s("message")),
+            _ => return None,
+        };
+        Some(JobEvent { job_id: self.job_id.clone(), at_ms: self.at_ms, body: Some(body) })
+    }
+}
+
+pub enum Op {
+    Job(JobRow),
+    Worker(WorkerRow),
+    Assignment(AssignmentRow),
+    Event(EventRow),
+    Metric(MetricRow),
+    Checkpoint(CheckpointRow),
+}
+
+enum Cmd {
+    Op(Op),
+    Flush(oneshot::Sender<std::result::Result<(), String>>),
+    /// Apply what came before, then stop the thread.
+    Stop,
+}
+
+/// Everything the store holds, read once at open.
+#[derive(Default, Debug)]
+pub struct Loaded {
+    pub jobs: Vec<JobRow>,
+    pub workers: Vec<WorkerRow>,
+    pub assignments: Vec<AssignmentRow>,
+    pub events: Vec<EventRow>,
+    pub checkpoints: Vec<CheckpointRow>,
+}
+
+/// The write queue; cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct StoreHandle {
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl StoreHandle {
+    pub fn write(&self, op: Op) {
+        if self.tx.send(Cmd::Op(op)).is_err() {
+            error!("store is closed; a write was dropped");
+        }
+    }
+
+    /// Waits until every write queued before this call is committed.
+    pub async fn flush(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(Cmd::Flush(tx)).map_err(|_| CoordError::Unavailable("store is closed".into()))?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(CoordError::Internal(format!("store: {e}"))),
+            Err(_) => Err(CoordError::Unavailable("store is closed".into())),
+        }
+    }
+}
+
+/// The store's thread; `close` drains the queue and joins it.
+pub struct Store {
+    handle: StoreHandle,
+    thread: JoinHandle<()>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (creating or migrating) the database and reads it whole. Blocking: call it from
+    /// `spawn_blocking`.
+    pub fn open(path: &Path) -> anyhow::Result<(Store, Loaded)> {
+        let mut conn = open_connection(path)?;
+        migrate(&mut conn)?;
+        let loaded = load(&conn)?;
+        let (tx, rx) = mpsc::channel();
+        let thread = std::thread::Builder::new().name("smelt-store".into()).spawn(move || writer_loop(conn, rx))?;
+        Ok((Store { handle: StoreHandle { tx }, thread, path: path.to_path_buf() }, loaded))
+    }
+
+    pub fn handle(&self) -> StoreHandle {
+        self.handle.clone()
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Applies everything queued, then stops the thread. Blocking. Writes sent through other
+    /// handles after this are dropped (and logged).
+    pub fn close(self) {
+        let Store { handle, thread, .. } = self;
+        // Other handles may still be alive (state held by tasks that outlive the server): tell
+        // the thread to stop once the queue so far is applied.
+        let _ = handle.tx.send(Cmd::Stop);
+        let _ = thread.join();
+    }
+}
+
+fn open_connection(path: &Path) -> anyhow::Result<Connection> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create the database's folder {}: {e}", dir.display()))?;
+    }
+    let conn = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        anyhow::bail!("database {}: journal_mode is {mode}, WAL is required", path.display());
+    }
+    conn.execute_batch("PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;")?;
+    Ok(conn)
+}
+
+const SCHEMA_V1: &str = r#"
+CREATE TABLE jobs (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    spec_toml TEXT NOT NULL,
+    state TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    world_size INTEGER NOT NULL,
+    device_class TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    restarts INTEGER NOT NULL,
+    max_restarts INTEGER NOT NULL,
+    total_steps INTEGER NOT NULL,
+    last_step INTEGER NOT NULL,
+    last_loss REAL NOT NULL,
+    last_val_loss REAL,
+    error TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL,
+    start_step INTEGER NOT NULL,
+    resume_from TEXT NOT NULL
+);
+CREATE INDEX jobs_by_state ON jobs(state);
+CREATE TABLE workers (
+    id TEXT PRIMARY KEY,
+    hostname TEXT NOT NULL,
+    device_class TEXT NOT NULL,
+    device_index INTEGER NOT NULL,
+    data_addr TEXT NOT NULL,
+    state TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    last_seen_ms INTEGER NOT NULL
+);
+CREATE TABLE assignments (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    worker_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (job_id, attempt, rank)
+);
+CREATE TABLE events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    json TEXT NOT NULL
+);
+CREATE INDEX events_by_job ON events(job_id, id);
+CREATE TABLE metrics (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    loss REAL NOT NULL,
+    val_loss REAL,
+    grad_norm REAL NOT NULL,
+    lr REAL NOT NULL,
+    tokens_per_s REAL NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE INDEX metrics_by_job ON metrics(job_id, step);
+CREATE TABLE checkpoints (
+    job_id TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    uri TEXT NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, step)
+);
+"#;
+
+/// Creates the schema in a new file, or brings an older one to `SCHEMA_VERSION`.
+pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")?;
+    let found: Option<i64> =
+        tx.query_row("SELECT MAX(version) FROM schema_version", [], |r| r.get(0)).optional()?.flatten();
+    let mut version = found.unwrap_or(0);
+    if version > SCHEMA_VERSION {
+        anyhow::bail!(
+            "database schema version {version} is newer than this coordinator's ({SCHEMA_VERSION}); upgrade smelt"
+        );
+    }
+    if version < 1 {
+        tx.execute_batch(SCHEMA_V1)?;
+        version = 1;
+    }
+    // Later versions: `if version < 2 { ...; version = 2; }`
+    tx.execute("DELETE FROM schema_version", [])?;
+    tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
+    tx.commit()?;
+    Ok(())
+}
+
+fn bad(col: usize, what: &str, v: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(col, rusqlite::types::Type::Text, format!("unknown {what} {v:?}").into())
+}
+
+fn load(conn: &Connection) -> anyhow::Result<Loaded> {
+    let mut out = Loaded::default();
+    let mut st = conn.prepare(
+        "SELECT id, name, spec_toml, state, priority, world_size, device_class, attempt, restarts, max_restarts,
+                total_steps, last_step, last_loss, last_val_loss, error, created_at_ms, updated_at_ms, start_step, resume_from
+         FROM jobs ORDER BY created_at_ms, id",
+    )?;
+    let rows = st.query_map([], |r| {
+        let state: String = r.get(3)?;
+        let class: String = r.get(6)?;
+        Ok(JobRow {
+            id: r.get(0)?,
+            name: r.get(1)?,
+            spec_toml: r.get(2)?,
+            state: parse_job_state(&state).ok_or_else(|| bad(3, "job state", &state))?,
+            priority: r.get(4)?,
+            world_size: r.get(5)?,
+            device_class: parse_device_class(&class).ok_or_else(|| bad(6, "device class", &class))?,
+            attempt: r.get(7)?,
+            restarts: r.get(8)?,
+            max_restarts: r.get(9)?,
+            total_steps: r.get::<_, i64>(10)? as u64,
+            last_step: r.get::<_, i64>(11)? as u64,
+            last_loss: r.get::<_, f64>(12)? as f32,
+            last_val_loss: r.get::<_, Option<f64>>(13)?.map(|v| v as f32),
+            error: r.get(14)?,
+            created_at_ms: r.get(15)?,
+            updated_at_ms: r.get(16)?,
+            start_step: r.get::<_, i64>(17)? as u64,
+            resume_from: r.get(18)?,
+        })
+    })?;
+    for r in rows {
+        out.jobs.push(r?);
+    }
+    let mut st = conn.prepare(
+        "SELECT id, hostname, device_class, device_index, data_addr, state, job_id, attempt, rank, last_seen_ms
+         FROM workers ORDER BY id",
+    )?;
+    let rows = st.query_map([], |r| {
+        let class: String = r.get(2)?;
+        let state: String = r.get(5)?;
+        Ok(WorkerRow {
+            id: r.get(0)?,
+            hostname: r.get(1)?,
+            device_class: parse_device_class(&class).ok_or_else(|| bad(2, "device class", &class))?,
+            device_index: r.get(3)?,
+            data_addr: r.get(4)?,
+            state: parse_worker_state(&state).ok_or_else(|| bad(5, "worker state", &state))?,
+            job_id: r.get(6)?,
+            attempt: r.get(7)?,
+            rank: r.get(8)?,
+            last_seen_ms: r.get(9)?,
+        })
+    })?;
+    for r in rows {
+        out.workers.push(r?);
+    }
+    let mut st =
+        conn.prepare("SELECT job_id, attempt, rank, worker_id, state FROM assignments ORDER BY job_id, attempt, rank")?;
+    let rows = st.query_map([], |r| {
+        Ok(AssignmentRow {
+            job_id: r.get(0)?,
+            attempt: r.get(1)?,
+            rank: r.get(2)?,
+            worker_id: r.get(3)?,
+            state: r.get(4)?,
+        })
+    })?;
+    for r in rows {
+        out.assignments.push(r?);
+    }
+    let mut st = conn.prepare("SELECT job_id, at_ms, kind, json FROM events ORDER BY id")?;
+    let rows =
+        st.query_map([], |r| Ok(EventRow { job_id: r.get(0)?, at_ms: r.get(1)?, kind: r.get(2)?, json: r.get(3)? }))?;
+    for r in rows {
+        out.events.push(r?);
+    }
+    let mut st =
+        conn.prepare("SELECT job_id, step, uri, manifest_sha256, at_ms FROM checkpoints ORDER BY job_id, step")?;
+    let rows = st.query_map([], |r| {
+        Ok(CheckpointRow {
+            job_id: r.get(0)?,
+            step: r.get::<_, i64>(1)? as u64,
+            uri: r.get(2)?,
+            manifest_sha256: r.get(3)?,
+            at_ms: r.get(4)?,
+        })
+    })?;
+    for r in rows {
+        out.checkpoints.push(r?);
+    }
+    Ok(out)
+}
+
+fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
+    match op {
+        Op::Job(j) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO jobs (id, name, spec_toml, state, priority, world_size, device_class, attempt,
+                    restarts, max_restarts, total_steps, last_step, last_loss, last_val_loss, error, created_at_ms,
+                    updated_at_ms, start_step, resume_from)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+            )?
+            .execute(params![
+                j.id,
+                j.name,
+                j.spec_toml,
+                job_state_name(j.state),
+                j.priority,
+                j.world_size,
+                device_class_name(j.device_class),
+                j.attempt,
+                j.restarts,
+                j.max_restarts,
+                j.total_steps as i64,
+                j.last_step as i64,
+                j.last_loss as f64,
+                j.last_val_loss.map(|v| v as f64),
+                j.error,
+                j.created_at_ms,
+                j.updated_at_ms,
+                j.start_step as i64,
+                j.resume_from,
+            ])?;
+        }
+        Op::Worker(w) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO workers (id, hostname, device_class, device_index, data_addr, state, job_id,
+                    attempt, rank, last_seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )?
+            .execute(params![
+                w.id,
+                w.hostname,
+                device_class_name(w.device_class),
+                w.device_index,
+                w.data_addr,
+                worker_state_name(w.state),
+                w.job_id,
+                w.attempt,
+                w.rank,
+                w.last_seen_ms,
+            ])?;
+        }
+        Op::Assignment(a) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO assignments (job_id, attempt, rank, worker_id, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![a.job_id, a.attempt, a.rank, a.worker_id, a.state])?;
+        }
+        Op::Event(e) => {
+            tx.prepare_cached("INSERT INTO events (job_id, at_ms, kind, json) VALUES (?1, ?2, ?3, ?4)")?
+                .execute(params![e.job_id, e.at_ms, e.kind, e.json])?;
+        }
+        Op::Metric(m) => {
+            tx.prepare_cached(
+                "INSERT INTO metrics (job_id, attempt, step, loss, val_loss, grad_norm, lr, tokens_per_s, at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
+                m.job_id,
+                m.attempt,
+                m.step as i64,
+                m.loss as f64,
+                m.val_loss.map(|v| v as f64),
+                m.grad_norm as f64,
+                m.lr as f64,
+                m.tokens_per_s,
+                m.at_ms,
+            ])?;
+        }
+        Op::Checkpoint(c) => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO checkpoints (job_id, step, uri, manifest_sha256, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )?
+            .execute(params![c.job_id, c.step as i64, c.uri, c.manifest_sha256, c.at_ms])?;
+        }
+    }
+    Ok(())
+}
+
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
+    let mut stop = false;
+    while !stop {
+        let Ok(first) = rx.recv() else { break };
+        let mut batch = Vec::new();
+        let mut next = Some(first);
+        while let Some(c) = next.take() {
+            if matches!(c, Cmd::Stop) {
+                stop = true;
+                break;
+            }
+            batch.push(c);
+            if batch.len() < MAX_BATCH {
+                next = rx.try_recv().ok();
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut flushes = Vec::new();
+        let mut failure: Option<String> = None;
+        let n = batch.len();
+        match conn.transaction() {
+            Ok(tx) => {
+                for cmd in batch {
+                    match cmd {
+                        Cmd::Op(op) => {
+                            if let Err(e) = apply(&tx, &op) {
+                                error!(error = %e, "store write failed");
+                                failure = Some(e.to_string());
+                            }
+                        }
+                        Cmd::Flush(s) => flushes.push(s),
+                        Cmd::Stop => {}
+                    }
+                }
+                if let Err(e) = tx.commit() {
+                    error!(error = %e, "store commit failed");
+                    failure = Some(e.to_string());
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "store transaction failed to start");
+                failure = Some(e.to_string());
+                flushes.extend(batch.into_iter().filter_map(|c| match c {
+                    Cmd::Flush(s) => Some(s),
+                    Cmd::Op(_) | Cmd::Stop => None,
+                }));
+            }
+        }
+        debug!(ops = n, "store batch committed");
+        for f in flushes {
+            let _ = f.send(match &failure {
+                None => Ok(()),
+                Some(e) => Err(e.clone()),
+            });
+        }
+    }
+    debug!("store thread stopped");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(id: &str, state: JobState) -> JobRow {
+        JobRow {
+            id: id.into(),
+            name: "n".into(),
+            spec_toml: "name = \"n\"".into(),
+            state,
+            priority: -2,
+            world_size: 2,
+            device_class: DeviceClass::Cuda,
+            attempt: 3,
+            restarts: 2,
+            max_restarts: 4,
+            total_steps: u64::from(u32::MAX) + 7,
+            last_step: 12,
+            last_loss: 2.5,
+            last_val_loss: Some(2.75),
+            error: String::new(),
+            created_at_ms: 1,
+            updated_at_ms: 2,
+            start_step: 10,
+            resume_from: "memory://c/10".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn writes_survive_close_and_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/smelt.db");
+        let (store, loaded) = Store::open(&path).unwrap();
+        assert!(loaded.jobs.is_empty());
+        let h = store.handle();
+        h.write(Op::Job(job("job-000001", JobState::Queued)));
+        h.write(Op::Job(job("job-000001", JobState::Running))); // an update replaces the row
+        h.write(Op::Worker(WorkerRow {
+            id: "w-000001".into(),
+            hostname: "h".into(),
+            device_class: DeviceClass::Cpu,
+            device_index: 0,
+            data_addr: "127.0.0.1:1".into(),
+            state: WorkerState::Busy,
+            job_id: "job-000001".into(),
+            attempt: 3,
+            rank: 1,
+            last_seen_ms: 5,
+        }));
+        h.write(Op::Assignment(AssignmentRow {
+            job_id: "job-000001".into(),
+            attempt: 3,
+            rank: 1,
+            worker_id: "w-000001".into(),
+            state: "assigned".into(),
+        }));
+        let ev = JobEvent {
+            job_id: "job-000001".into(),
+            at_ms: 9,
+            body: Some(job_event::Body::State(StateChange {
+                from: JobState::Queued as i32,
+                to: JobState::Scheduled as i32,
+                reason: "why".into(),
+            })),
+        };
+        h.write(Op::Event(EventRow::from_event(&ev).unwrap()));
+        for step in 0..1000 {
+            h.write(Op::Metric(MetricRow {
+                job_id: "job-000001".into(),
+                attempt: 3,
+                step,
+                loss: 1.0,
+                val_loss: None,
+                grad_norm: 0.5,
+                lr: 1e-3,
+                tokens_per_s: 10.0,
+                at_ms: 3,
+            }));
+        }
+        h.write(Op::Checkpoint(CheckpointRow {
+            job_id: "job-000001".into(),
+            step: 10,
+            uri: "memory://c/10".into(),
+            manifest_sha256: "00".into(),
+            at_ms: 4,
+        }));
+        h.flush().await.unwrap();
+        store.close();
+        assert!(h.flush().await.is_err(), "a closed store refuses flushes");
+
+        let (store, loaded) = Store::open(&path).unwrap();
+        assert_eq!(loaded.jobs, vec![job("job-000001", JobState::Running)]);
+        assert_eq!(loaded.workers[0].state, WorkerState::Busy);
+        assert_eq!(loaded.assignments.len(), 1);
+        assert_eq!(loaded.events[0].to_event().unwrap(), ev);
+        assert_eq!(loaded.checkpoints[0].step, 10);
+        store.close();
+        let conn = Connection::open(&path).unwrap();
+        let n: i64 = conn.query_row("SELECT COUNT(*) FROM metrics", [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 1000);
+        let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smelt.db");
+        Store::open(&path).unwrap().0.close();
+        Connection::open(&path).unwrap().execute("UPDATE schema_version SET version = 99", []).unwrap();
+        let e = Store::open(&path).err().unwrap().to_string();
+        assert!(e.contains("schema version 99 is newer"), "{e}");
+    }
+}

@@ -1,0 +1,107 @@
+//! The tonic WorkerService: register, heartbeat stream, rendezvous, checkpoint reports.
+
+use std::pin::Pin;
+
+use smelt_proto::v1::worker_service_server::WorkerService;
+use smelt_proto::v1::{
+    CheckpointAck, CheckpointReport, CoordinatorMessage, RegisterRequest, RegisterResponse, RendezvousRequest,
+    RendezvousResponse, WorkerMessage,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::debug;
+
+use crate::coordinator::Coordinator;
+use crate::error::CoordError;
+
+pub struct WorkerSvc {
+    pub coord: Coordinator,
+}
+
+type Outbound = Pin<Box<dyn Stream<Item = Result<CoordinatorMessage, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl WorkerService for WorkerSvc {
+    async fn register(&self, req: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let resp = self.coord.with(|st| st.register(req.into_inner()))?;
+        self.coord.flush().await?;
+        Ok(Response::new(resp))
+    }
+
+    type HeartbeatStream = Outbound;
+
+    /// The first message names the worker (the id Register returned); from then on the stream is
+    /// its lease. Assignments and aborts go down the returned stream.
+    async fn heartbeat(
+        &self,
+        req: Request<Streaming<WorkerMessage>>,
+    ) -> Result<Response<Self::HeartbeatStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let coord = self.coord.clone();
+        tokio::spawn(async move {
+            let mut stop = coord.shutdown_signal();
+            let first = tokio::select! {
+                m = inbound.message() => m,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let first = match first {
+                Ok(Some(m)) => m,
+                Ok(None) | Err(_) => return,
+            };
+            let worker_id = first.worker_id.clone();
+            let gen = match coord.with(|st| st.attach_stream(&worker_id, tx.clone())) {
+                Ok(gen) => gen,
+                Err(e) => {
+                    let _ = tx.send(Err(e.into()));
+                    return;
+                }
+            };
+            // From here the state holds the only sender: dropping it there ends the stream.
+            drop(tx);
+            if !coord.with(|st| st.on_message(&worker_id, gen, first)) {
+                return;
+            }
+            loop {
+                let next = tokio::select! {
+                    m = inbound.message() => m,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                match next {
+                    Ok(Some(m)) => {
+                        if !coord.with(|st| st.on_message(&worker_id, gen, m)) {
+                            debug!(worker_id = %worker_id, gen, "heartbeat stream superseded; reader stops");
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        coord.with(|st| st.on_stream_end(&worker_id, gen, "heartbeat stream closed by the worker"));
+                        return;
+                    }
+                    Err(status) => {
+                        let why = format!("heartbeat stream broke: {}", status.message());
+                        coord.with(|st| st.on_stream_end(&worker_id, gen, &why));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(rx))))
+    }
+
+    async fn rendezvous(&self, req: Request<RendezvousRequest>) -> Result<Response<RendezvousResponse>, Status> {
+        let rx = self.coord.with(|st| st.rendezvous_join(req.into_inner()))?;
+        match rx.await {
+            Ok(r) => Ok(Response::new(r?)),
+            Err(_) => Err(CoordError::Unavailable("coordinator shutting down".into()).into()),
+        }
+    }
+
+    async fn report_checkpoint(&self, req: Request<CheckpointReport>) -> Result<Response<CheckpointAck>, Status> {
+        self.coord.with(|st| st.report_checkpoint(req.into_inner()))?;
+        self.coord.flush().await?;
+        Ok(Response::new(CheckpointAck {}))
+    }
+}

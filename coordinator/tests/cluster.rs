@@ -1,0 +1,488 @@
+//! A real coordinator (127.0.0.1:0, SQLite in a tempdir) driven by gRPC clients playing workers.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use smelt_proto::v1::*;
+use tonic::Code;
+
+fn tmp() -> (tempfile::TempDir, std::path::PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("smelt.db");
+    (d, p)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gang_waits_for_enough_workers_then_assigns_every_rank() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("pair", 2, 0, 0)).await;
+    assert_eq!(job.id, "job-000001");
+    assert_eq!(state(&job), JobState::Queued);
+
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9001").await;
+    // Several heartbeats later the lone worker still has nothing and the job still waits.
+    tokio::time::sleep(HEARTBEAT * 4).await;
+    assert_eq!(state(&get(&mut jobs, &job.id).await), JobState::Queued);
+    let ws = workers(&mut jobs).await;
+    assert_eq!(ws.len(), 1);
+    assert_eq!(ws[0].state, WorkerState::Idle as i32);
+
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9002").await;
+    let a1 = w1.assignment().await;
+    let a2 = w2.assignment().await;
+    assert_eq!(a1.job_id, job.id);
+    assert_eq!(a2.job_id, job.id);
+    assert_eq!((a1.attempt, a2.attempt), (1, 1));
+    assert_eq!((a1.world_size, a2.world_size), (2, 2));
+    let mut ranks = [a1.rank, a2.rank];
+    ranks.sort();
+    assert_eq!(ranks, [0, 1]);
+    // The data plan: the spec (its seed) and the step to start at are in the assignment.
+    assert!(a1.spec_toml.contains("seed = 7"));
+    assert_eq!((a1.start_step, a1.resume_from.as_str()), (0, ""));
+
+    let j = wait_state(&mut jobs, &job.id, JobState::Running).await; // both report busy
+    assert_eq!(j.worker_ids.len(), 2);
+    assert_eq!(j.worker_ids[a1.rank as usize], w1.id);
+    assert!(workers(&mut jobs).await.iter().all(|w| w.state == WorkerState::Busy as i32 && w.job_id == job.id));
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gangs_go_by_priority_then_age() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let low_old = submit(&mut jobs, &spec("low-old", 1, 0, 0)).await;
+    let high_old = submit(&mut jobs, &spec("high-old", 1, 5, 0)).await;
+    let high_new = submit(&mut jobs, &spec("high-new", 1, 5, 0)).await;
+    let low_new = submit(&mut jobs, &spec("low-new", 1, 0, 0)).await;
+
+    let mut order = Vec::new();
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut w = Worker::join(&coord.url, &format!("127.0.0.1:{}", 9100 + i)).await;
+        order.push(w.assignment().await.job_id);
+        held.push(w);
+    }
+    assert_eq!(order, [high_old.id, high_new.id, low_old.id, low_new.id]);
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn big_job_at_the_head_is_not_starved_by_small_ones() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let big = submit(&mut jobs, &spec("big", 2, 5, 0)).await;
+    let small = submit(&mut jobs, &spec("small", 1, 0, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9201").await;
+    tokio::time::sleep(HEARTBEAT * 4).await;
+    // One idle worker would fit the small job, but the big one is ahead of it.
+    assert_eq!(state(&get(&mut jobs, &small.id).await), JobState::Queued);
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9202").await;
+    assert_eq!(w1.assignment().await.job_id, big.id);
+    assert_eq!(w2.assignment().await.job_id, big.id);
+    let mut w3 = Worker::join(&coord.url, "127.0.0.1:9203").await;
+    assert_eq!(w3.assignment().await.job_id, small.id);
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rendezvous_metrics_watch_and_success() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("ok", 2, 0, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9301").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9302").await;
+    let a1 = w1.assignment().await;
+    let a2 = w2.assignment().await;
+    let mut watch = jobs.watch_job(WatchJobRequest { job_id: job.id.clone() }).await.unwrap().into_inner();
+
+    // Rendezvous: both ranks get the ring's addresses in rank order.
+    let (r1, r2) = tokio::join!(w1.rendezvous(&a1, &[]), w2.rendezvous(&a2, &[]));
+    let (r1, r2) = (r1.unwrap(), r2.unwrap());
+    let mut by_rank = vec![String::new(); 2];
+    by_rank[a1.rank as usize] = w1.data_addr.clone();
+    by_rank[a2.rank as usize] = w2.data_addr.clone();
+    assert_eq!(r1.peer_addrs, by_rank);
+    assert_eq!(r2.peer_addrs, by_rank);
+    assert_eq!(state(&get(&mut jobs, &job.id).await), JobState::Running);
+
+    let (r0w, r0a, r1w, r1a) = if a1.rank == 0 { (&w1, &a1, &w2, &a2) } else { (&w2, &a2, &w1, &a1) };
+    r1w.metrics(r1a, 1, 9.0).await; // rank 1 does not speak for the job
+    r0w.metrics(r0a, 1, 4.5).await;
+    r0w.metrics(r0a, 2, 4.0).await;
+    let j = wait_job(&mut jobs, &job.id, |j| j.last_step == 2).await;
+    assert_eq!(j.last_loss, 4.0);
+
+    // The watcher saw the replayed history, then the live metrics of rank 0 only.
+    let mut steps = Vec::new();
+    let mut states = Vec::new();
+    while steps.len() < 2 {
+        let ev = within("watch event", watch.message()).await.unwrap().expect("stream open");
+        match ev.body.unwrap() {
+            job_event::Body::Metrics(m) => {
+                assert_eq!(m.rank, 0);
+                steps.push((m.step, m.loss));
+            }
+            job_event::Body::State(s) => states.push(JobState::try_from(s.to).unwrap()),
+            job_event::Body::Message(_) => {}
+        }
+    }
+    assert_eq!(steps, [(1, 4.5), (2, 4.0)]);
+    assert_eq!(states, [JobState::Queued, JobState::Scheduled, JobState::Running]);
+
+    r1w.done(r1a, true, "", 100).await;
+    r0w.done(r0a, true, "", 100).await;
+    let j = wait_state(&mut jobs, &job.id, JobState::Succeeded).await;
+    assert_eq!(j.last_step, 100);
+    assert!(j.error.is_empty());
+    // The watch stream ends with the terminal state change.
+    let mut last = None;
+    while let Some(ev) = within("watch end", watch.message()).await.unwrap() {
+        last = Some(ev);
+    }
+    match last.and_then(|e| e.body) {
+        Some(job_event::Body::State(s)) => assert_eq!(s.to, JobState::Succeeded as i32),
+        other => panic!("last event {other:?}"),
+    }
+    let ws = workers(&mut jobs).await;
+    assert!(ws.iter().all(|w| w.state == WorkerState::Idle as i32 && w.job_id.is_empty()), "{ws:?}");
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_rendezvous_relays_rank0_nccl_id() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec_on("gpu", 2, 0, 0, "cuda")).await;
+    assert_eq!(job.device_class, DeviceClass::Cuda as i32);
+    // A CPU worker does not fit a CUDA job.
+    let _cpu = Worker::join(&coord.url, "127.0.0.1:9401").await;
+    let cuda = |i| WorkerOpts { device_class: DeviceClass::Cuda, device_index: i, ..Default::default() };
+    let mut g0 = Worker::join_with(&coord.url, "", cuda(0)).await;
+    let mut g1 = Worker::join_with(&coord.url, "", cuda(1)).await;
+    let a0 = g0.assignment().await;
+    let a1 = g1.assignment().await;
+    assert_eq!((a0.rank, a1.rank), (0, 1), "ranks follow device_index on one host");
+    let id = b"nccl-unique-id-128-bytes".to_vec();
+    // Rank 1 asks first and waits for rank 0's id.
+    let g1c = &g1;
+    let (r1, r0) = tokio::join!(g1c.rendezvous(&a1, &[]), async {
+        tokio::time::sleep(HEARTBEAT).await;
+        g0.rendezvous(&a0, &id).await
+    });
+    assert_eq!(r1.unwrap().nccl_unique_id, id);
+    assert_eq!(r0.unwrap().nccl_unique_id, id);
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_stream_restarts_from_the_latest_checkpoint() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("flaky", 2, 0, 1)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9501").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9502").await;
+    let a1 = w1.assignment().await;
+    let a2 = w2.assignment().await;
+    let (r1, r2) = tokio::join!(w1.rendezvous(&a1, &[]), w2.rendezvous(&a2, &[]));
+    r1.unwrap();
+    r2.unwrap();
+    let (rank0, a0) = if a1.rank == 0 { (&w1, &a1) } else { (&w2, &a2) };
+    let uri = format!("file:///tmp/ckpt/jobs/{}/ckpt/40/", job.id);
+    rank0
+        .client
+        .clone()
+        .report_checkpoint(CheckpointReport {
+            job_id: job.id.clone(),
+            attempt: a0.attempt,
+            step: 40,
+            uri: uri.clone(),
+            manifest_sha256: "ab".repeat(32),
+        })
+        .await
+        .unwrap();
+
+    let lost = w2.id.clone();
+    w2.drop_stream();
+    let abort = w1.abort().await;
+    assert_eq!((abort.job_id.as_str(), abort.attempt), (job.id.as_str(), 1));
+    assert!(abort.reason.contains(&lost), "{}", abort.reason);
+
+    let j = wait_state(&mut jobs, &job.id, JobState::Restarting).await;
+    assert_eq!((j.attempt, j.restarts), (2, 1));
+    let texts = event_texts(&mut jobs, &job.id).await;
+    let want = format!("worker {lost} lost (heartbeat stream");
+    let ev = texts.iter().find(|t| t.contains(&want)).unwrap_or_else(|| panic!("{want:?} not in {texts:#?}"));
+    assert!(ev.contains("restarting attempt 2 from step 40"), "{ev}");
+    let ws = workers(&mut jobs).await;
+    assert_eq!(ws.iter().find(|w| w.id == lost).unwrap().state, WorkerState::Lost as i32);
+
+    // A stale attempt's messages change nothing.
+    w1.metrics(&a1, 99, 1.0).await;
+    // A new worker completes the gang for attempt 2, which resumes from the checkpoint.
+    let mut w3 = Worker::join(&coord.url, "127.0.0.1:9503").await;
+    let b1 = w1.assignment().await;
+    let b3 = w3.assignment().await;
+    for b in [&b1, &b3] {
+        assert_eq!((b.attempt, b.start_step, b.resume_from.as_str()), (2, 40, uri.as_str()));
+    }
+    // The old attempt's rendezvous is refused.
+    let e = w1.rendezvous(&a1, &[]).await.unwrap_err();
+    assert_eq!(e.code(), Code::Aborted, "{e:?}");
+    let j = get(&mut jobs, &job.id).await;
+    assert_eq!(j.last_step, 40, "progress rolls back to the checkpoint, and the stale metrics changed nothing");
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_rendezvous_is_aborted_when_a_peer_is_lost() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("rv", 2, 0, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9601").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9602").await;
+    let a1 = w1.assignment().await;
+    let _ = w2.assignment().await;
+    let waiting = {
+        let c = w1.client.clone();
+        let req = RendezvousRequest {
+            job_id: a1.job_id.clone(),
+            attempt: a1.attempt,
+            rank: a1.rank,
+            worker_id: w1.id.clone(),
+            nccl_unique_id: vec![],
+        };
+        tokio::spawn(async move { c.clone().rendezvous(req).await })
+    };
+    tokio::time::sleep(HEARTBEAT).await;
+    w2.drop_stream();
+    let e = within("rendezvous answer", waiting).await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Code::Aborted);
+    assert!(e.message().contains("aborted"), "{}", e.message());
+    // No restarts allowed: the job failed, naming the lost worker.
+    let j = wait_state(&mut jobs, &job.id, JobState::Failed).await;
+    assert!(j.error.contains(&format!("worker {} lost", w2.id)), "{}", j.error);
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_worker_loses_its_lease_and_fails_the_job() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("quiet", 1, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9701").await;
+    let a = w.assignment().await;
+    w.metrics(&a, 3, 2.0).await;
+    wait_state(&mut jobs, &job.id, JobState::Running).await;
+    let mut watch = jobs.watch_job(WatchJobRequest { job_id: job.id.clone() }).await.unwrap().into_inner();
+    w.go_silent(); // the stream stays open, nothing is sent
+    let j = wait_state(&mut jobs, &job.id, JobState::Failed).await;
+    assert!(j.error.contains(&format!("worker {} lost (no heartbeat", w.id)), "{}", j.error);
+    assert!(j.error.contains("no restarts"), "{}", j.error);
+    // The watch stream ends with the failure.
+    let mut last = None;
+    while let Some(ev) = within("watch end", watch.message()).await.unwrap() {
+        last = Some(ev);
+    }
+    match last.and_then(|e| e.body) {
+        Some(job_event::Body::State(s)) => assert_eq!(s.to, JobState::Failed as i32),
+        other => panic!("last event {other:?}"),
+    }
+    // The coordinator closed the silent worker's stream.
+    let r = within("stream end", async {
+        loop {
+            match w.rx_message().await {
+                Ok(Some(_)) => continue,
+                other => return other,
+            }
+        }
+    })
+    .await;
+    assert!(r.is_err() || r.unwrap().is_none());
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_rank_restarts_with_its_error_then_fails() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("nan", 1, 0, 1)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9801").await;
+    let a = w.assignment().await;
+    w.done(&a, false, "non-finite loss at step 5", 5).await;
+    let b = w.assignment().await; // the same worker is idle again and takes attempt 2
+    assert_eq!(b.attempt, 2);
+    let texts = event_texts(&mut jobs, &job.id).await;
+    assert!(
+        texts.iter().any(|t| t.contains(&format!("rank 0 on worker {} failed: non-finite loss at step 5", w.id))
+            && t.contains("restarting attempt 2 from step 0")),
+        "{texts:#?}"
+    );
+    w.done(&b, false, "non-finite loss again", 5).await;
+    let j = wait_state(&mut jobs, &job.id, JobState::Failed).await;
+    assert!(j.error.contains("non-finite loss again"), "{}", j.error);
+    assert!(j.error.contains("all 1 restarts used"), "{}", j.error);
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_aborts_the_workers() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("doomed", 2, 0, 3)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9901").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9902").await;
+    w1.assignment().await;
+    w2.assignment().await;
+    let j = jobs.cancel_job(CancelJobRequest { job_id: job.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(state(&j), JobState::Cancelled);
+    for w in [&mut w1, &mut w2] {
+        let a = w.abort().await;
+        assert_eq!(a.job_id, job.id);
+        assert!(a.reason.contains("cancelled"), "{}", a.reason);
+    }
+    let ws = workers(&mut jobs).await;
+    assert!(ws.iter().all(|w| w.state == WorkerState::Idle as i32), "{ws:?}");
+    // Cancelling again names the state.
+    let e = jobs.cancel_job(CancelJobRequest { job_id: job.id.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().contains("already cancelled"), "{}", e.message());
+    // A queued job can be cancelled too, and the freed workers take the next job.
+    let queued = submit(&mut jobs, &spec("later", 3, 0, 0)).await;
+    let next = submit(&mut jobs, &spec("next", 1, -1, 0)).await;
+    jobs.cancel_job(CancelJobRequest { job_id: queued.id.clone() }).await.unwrap();
+    let a = w1.assignment().await;
+    assert_eq!(a.job_id, next.id);
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let bad = spec("bad", 2, 0, 0).replace("global_batch = 4", "global_batch = 3");
+    let e = jobs.submit(SubmitRequest { spec_toml: bad, resume_from: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("train.global_batch"), "{}", e.message());
+    let typo = spec("typo", 1, 0, 0).replace("lr = 1e-3", "lr = 1e-3\nlearnin_rate = 2");
+    let e = jobs.submit(SubmitRequest { spec_toml: typo, resume_from: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("learnin_rate"), "{}", e.message());
+    let e = jobs.submit(SubmitRequest { spec_toml: "name = ".into(), resume_from: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+
+    let e = jobs.get_job(GetJobRequest { job_id: "job-424242".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert_eq!(e.message(), "job job-424242 not found");
+    let e = jobs.cancel_job(CancelJobRequest { job_id: "nope".into() }).await.unwrap_err();
+    assert_eq!((e.code(), e.message()), (Code::NotFound, "job nope not found"));
+    let e = jobs.watch_job(WatchJobRequest { job_id: "nope".into() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let e = jobs
+        .submit(SubmitRequest { spec_toml: spec("r", 1, 0, 0), resume_from: "job-000077".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("job-000077"), "{}", e.message());
+    // Nothing was stored by the refused requests.
+    assert!(jobs.list_jobs(ListJobsRequest {}).await.unwrap().into_inner().jobs.is_empty());
+
+    // Workers: a heartbeat from an unknown id, a registration without a device class.
+    let mut wc = smelt_proto::v1::worker_service_client::WorkerServiceClient::connect(coord.url.clone()).await.unwrap();
+    let e = wc
+        .register(RegisterRequest { hostname: "h".into(), data_addr: "127.0.0.1:1".into(), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("device_class"), "{}", e.message());
+    let first = WorkerMessage { worker_id: "w-999999".into(), body: None };
+    let mut s = wc.heartbeat(tokio_stream::iter(vec![first])).await.unwrap().into_inner();
+    let e = within("heartbeat refusal", s.message()).await.unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    assert!(e.message().contains("w-999999"), "{}", e.message());
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_from_a_job_uses_its_latest_checkpoint() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let first = submit(&mut jobs, &spec("first", 1, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9951").await;
+    let a = w.assignment().await;
+    for step in [10, 20] {
+        w.client
+            .clone()
+            .report_checkpoint(CheckpointReport {
+                job_id: first.id.clone(),
+                attempt: a.attempt,
+                step,
+                uri: format!("memory://jobs/{}/ckpt/{step}/", first.id),
+                manifest_sha256: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    w.done(&a, true, "", 20).await;
+    wait_state(&mut jobs, &first.id, JobState::Succeeded).await;
+    let second = jobs
+        .submit(SubmitRequest { spec_toml: spec("second", 1, 0, 0), resume_from: first.id.clone() })
+        .await
+        .unwrap()
+        .into_inner()
+        .job
+        .unwrap();
+    let b = w.assignment().await;
+    assert_eq!(b.job_id, second.id);
+    assert_eq!((b.start_step, b.resume_from.clone()), (20, format!("memory://jobs/{}/ckpt/20/", first.id)));
+    // A stale checkpoint report is refused.
+    let e = w
+        .client
+        .clone()
+        .report_checkpoint(CheckpointReport {
+            job_id: second.id.clone(),
+            attempt: 7,
+            step: 1,
+            uri: "x".into(),
+            manifest_sha256: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let _ = Duration::ZERO;
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn draining_worker_takes_no_new_work() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let w1 = Worker::join(&coord.url, "127.0.0.1:9961").await;
+    w1.set_draining();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while workers(&mut jobs).await[0].state != WorkerState::Draining as i32 {
+        assert!(tokio::time::Instant::now() < deadline, "worker never shown draining");
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+    let job = submit(&mut jobs, &spec("after-drain", 1, 0, 0)).await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9962").await;
+    assert_eq!(w2.assignment().await.job_id, job.id);
+    coord.stop().await;
+}

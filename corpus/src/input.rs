@@ -1,0 +1,517 @@
+//! Input files of `corpus prepare`: which files ([`expand_inputs`]) and the documents in them
+//! ([`for_each_segment`]).
+//!
+//! - `.txt`: one document per file, per paragraph or per line ([`TxtDocs`]).
+//! - `.jsonl`: one JSON object per line; the document is the string in field `text_field`. Blank
+//!   lines are skipped; anything else that is not an object with that string field is an error
+//!   naming the file and line.
+//! - Either may be gzip-compressed (`.txt.gz`, `.jsonl.gz`; concatenated gzip members are read
+//!   as one stream).
+//!
+//! Documents with empty text are skipped (and counted). Every other document gets the next
+//! index, in input order. Long documents are handed out in segments of about `segment_bytes`,
+//! cut where [`crate::gpt2::safe_split`] allows, so one huge file is tokenized in parallel and never
+//! held whole in memory.
+
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+use flate2::read::MultiGzDecoder;
+use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+
+use crate::error::CorpusError;
+use crate::format::{SourceInfo, TxtDocs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Txt,
+    Jsonl,
+}
+
+/// One input file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Source {
+    pub path: PathBuf,
+    pub format: Format,
+    pub gz: bool,
+    /// Size on disk.
+    pub bytes: u64,
+}
+
+impl Source {
+    pub fn info(&self) -> SourceInfo {
+        SourceInfo { path: self.path.display().to_string(), bytes: self.bytes }
+    }
+    fn shown(&self) -> String {
+        self.path.display().to_string()
+    }
+}
+
+fn classify(path: &Path) -> Option<(Format, bool)> {
+    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    let (stem, gz) = match name.strip_suffix(".gz") {
+        Some(s) => (s.to_string(), true),
+        None => (name, false),
+    };
+    if stem.ends_with(".txt") {
+        Some((Format::Txt, gz))
+    } else if stem.ends_with(".jsonl") {
+        Some((Format::Jsonl, gz))
+    } else {
+        None
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), CorpusError> {
+    let shown = dir.display().to_string();
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| CorpusError::io(&shown, e))?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| CorpusError::io(&shown, e))?;
+    entries.sort();
+    for p in entries {
+        if p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with('.')) {
+            continue;
+        }
+        if p.is_dir() {
+            walk(&p, out)?;
+        } else if classify(&p).is_some() {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// The input files named by `inputs` — files, directories (searched recursively for `.txt`,
+/// `.jsonl` and their `.gz`; hidden entries skipped) and glob patterns — in the order given,
+/// each directory's and pattern's files sorted by path, duplicates dropped.
+pub fn expand_inputs(inputs: &[String]) -> Result<Vec<Source>, CorpusError> {
+    let mut paths = Vec::new();
+    for input in inputs {
+        let p = Path::new(input);
+        if p.exists() {
+            if p.is_dir() {
+                let before = paths.len();
+                walk(p, &mut paths)?;
+                if paths.len() == before {
+                    return Err(CorpusError::input(input, None, "directory holds no .txt, .jsonl, .txt.gz or .jsonl.gz files"));
+                }
+            } else {
+                paths.push(p.to_path_buf());
+            }
+        } else if input.contains(['*', '?', '[']) {
+            let pattern = glob::glob(input).map_err(|e| CorpusError::input(input, None, format!("bad glob pattern: {e}")))?;
+            let mut matched = Vec::new();
+            for m in pattern {
+                let m = m.map_err(|e| CorpusError::io(e.path().display().to_string(), e.into()))?;
+                if m.is_dir() {
+                    walk(&m, &mut matched)?;
+                } else {
+                    matched.push(m);
+                }
+            }
+            if matched.is_empty() {
+                return Err(CorpusError::input(input, None, "glob pattern matches no files"));
+            }
+            matched.sort();
+            paths.extend(matched);
+        } else {
+            return Err(CorpusError::input(input, None, "input not found"));
+        }
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut sources = Vec::new();
+    for path in paths {
+        let key = path.canonicalize().unwrap_or_else(|_| path.clone());
+        if !seen.insert(key) {
+            continue;
+        }
+        let shown = path.display().to_string();
+        let (format, gz) = classify(&path).ok_or_else(|| {
+            CorpusError::input(&shown, None, "unsupported input: expected a .txt or .jsonl file, optionally gzipped (.gz)")
+        })?;
+        let bytes = std::fs::metadata(&path).map_err(|e| CorpusError::io(&shown, e))?.len();
+        sources.push(Source { path, format, gz, bytes });
+    }
+    if sources.is_empty() {
+        return Err(CorpusError::Empty("no input files".into()));
+    }
+    Ok(sources)
+}
+
+/// Options that decide where documents begin and end.
+#[derive(Clone, Debug)]
+pub struct DocOptions {
+    pub text_field: String,
+    pub txt_docs: TxtDocs,
+    /// Long documents are handed out in pieces of about this many bytes.
+    pub segment_bytes: usize,
+}
+
+/// A piece of document `doc`'s text; `last` marks its final piece.
+#[derive(Clone, Debug)]
+pub struct Segment {
+    pub doc: u64,
+    pub source: usize,
+    pub text: String,
+    pub last: bool,
+}
+
+/// Document counts of one pass over the inputs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DocStats {
+    pub documents: u64,
+    pub skipped_empty: u64,
+}
+
+/// What the consumer of segments wants next.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    Stop,
+}
+
+struct Counting<'a, R> {
+    inner: R,
+    on_bytes: &'a (dyn Fn(u64) + Sync),
+}
+
+impl<R: Read> Read for Counting<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        (self.on_bytes)(n as u64);
+        Ok(n)
+    }
+}
+
+/// Byte form of [`crate::gpt2::safe_split`] (it only looks at ASCII bytes, so it never cuts a
+/// UTF-8 character).
+fn safe_split_bytes(b: &[u8], from: usize) -> Option<usize> {
+    let mut i = from.max(1);
+    while i + 1 < b.len() {
+        let (prev, cur, next) = (b[i - 1], b[i], b[i + 1]);
+        if next.is_ascii_alphabetic() {
+            if cur == b' ' && prev.is_ascii_alphabetic() {
+                return Some(i);
+            }
+            if cur == b'\n' && prev.is_ascii_graphic() {
+                return Some(i + 1);
+            }
+        }
+        i += 1;
+    }
+    None
+}
+
+struct Emitter<'a> {
+    next_doc: u64,
+    stats: DocStats,
+    segment_bytes: usize,
+    emit: &'a mut dyn FnMut(Segment) -> Result<Flow, CorpusError>,
+}
+
+impl Emitter<'_> {
+    /// Emits a whole in-memory document (cut into segments if long). `Stop` passes through.
+    fn document(&mut self, source: usize, text: String) -> Result<Flow, CorpusError> {
+        if text.is_empty() {
+            self.stats.skipped_empty += 1;
+            return Ok(Flow::Continue);
+        }
+        let doc = self.next_doc;
+        self.next_doc += 1;
+        self.stats.documents += 1;
+        if text.len() <= self.segment_bytes * 2 {
+            return (self.emit)(Segment { doc, source, text, last: true });
+        }
+        let mut rest = text.as_str();
+        while let Some(i) = crate::gpt2::safe_split(rest, self.segment_bytes).filter(|_| rest.len() > self.segment_bytes * 2) {
+            let (l, r) = rest.split_at(i);
+            if (self.emit)(Segment { doc, source, text: l.to_string(), last: false })? == Flow::Stop {
+                return Ok(Flow::Stop);
+            }
+            rest = r;
+        }
+        (self.emit)(Segment { doc, source, text: rest.to_string(), last: true })
+    }
+}
+
+fn utf8(bytes: Vec<u8>, shown: &str, line: Option<u64>, offset: u64) -> Result<String, CorpusError> {
+    String::from_utf8(bytes).map_err(|e| {
+        let at = offset + e.utf8_error().valid_up_to() as u64;
+        CorpusError::input(shown, line, format!("invalid UTF-8 at byte {at} (of the decompressed text)"))
+    })
+}
+
+/// Extracts one string field of a JSON object without building the rest.
+struct FieldSeed<'f>(&'f str);
+
+impl<'de> DeserializeSeed<'de> for FieldSeed<'_> {
+    type Value = Result<String, String>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for FieldSeed<'_> {
+    type Value = Result<String, String>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "a JSON object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut found = None;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == self.0 && found.is_none() {
+                let v: serde_json::Value = map.next_value()?;
+                found = Some(match v {
+                    serde_json::Value::String(s) => Ok(s),
+                    other => Err(format!("field {:?} is {}, not a string", self.0, kind_of(&other))),
+                });
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found.unwrap_or_else(|| Err(format!("no field {:?} (choose the field with --text-field)", self.0))))
+    }
+}
+
+fn kind_of(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+fn jsonl_text(line: &str, field: &str) -> Result<String, String> {
+    let mut de = serde_json::Deserializer::from_str(line);
+    let r = FieldSeed(field).deserialize(&mut de).map_err(|e| {
+        if e.is_data() {
+            "not a JSON object".to_string()
+        } else {
+            format!("not valid JSON: {e}")
+        }
+    })?;
+    de.end().map_err(|e| format!("not valid JSON: {e}"))?;
+    r
+}
+
+fn strip_eol(mut line: Vec<u8>) -> Vec<u8> {
+    if line.last() == Some(&b'\n') {
+        line.pop();
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+    }
+    line
+}
+
+/// Reads every document of `sources` in order and hands its text to `emit`, segment by segment.
+/// `on_bytes` is told how many bytes of the files (compressed, for `.gz`) were read. Stops early,
+/// without error, when `emit` returns [`Flow::Stop`].
+pub fn for_each_segment(
+    sources: &[Source],
+    opts: &DocOptions,
+    on_bytes: &(dyn Fn(u64) + Sync),
+    emit: &mut dyn FnMut(Segment) -> Result<Flow, CorpusError>,
+) -> Result<DocStats, CorpusError> {
+    let mut em = Emitter { next_doc: 0, stats: DocStats::default(), segment_bytes: opts.segment_bytes.max(1), emit };
+    for (si, src) in sources.iter().enumerate() {
+        let shown = src.shown();
+        let file = File::open(&src.path).map_err(|e| CorpusError::io(&shown, e))?;
+        let counted = Counting { inner: file, on_bytes };
+        let raw: Box<dyn Read> = if src.gz { Box::new(MultiGzDecoder::new(counted)) } else { Box::new(counted) };
+        let mut reader = BufReader::with_capacity(1 << 20, raw);
+        let io = |e: std::io::Error| {
+            if src.gz && matches!(e.kind(), std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof) {
+                CorpusError::input(&shown, None, format!("corrupt gzip data: {e}"))
+            } else {
+                CorpusError::io(&shown, e)
+            }
+        };
+        let flow = match (src.format, opts.txt_docs) {
+            (Format::Txt, TxtDocs::File) => {
+                // Stream the file: cut segments at safe points as bytes arrive.
+                let doc = em.next_doc;
+                let mut buf: Vec<u8> = Vec::new();
+                let mut consumed = 0u64; // bytes of the file already emitted
+                let mut emitted_any = false;
+                let mut flow = Flow::Continue;
+                let mut eof = false;
+                while !eof && flow == Flow::Continue {
+                    let want = em.segment_bytes * 2;
+                    let n = (&mut reader).take(want as u64).read_to_end(&mut buf).map_err(io)?;
+                    eof = n == 0;
+                    while buf.len() > em.segment_bytes * 2 {
+                        let Some(i) = safe_split_bytes(&buf, em.segment_bytes) else { break };
+                        let rest = buf.split_off(i);
+                        let piece = std::mem::replace(&mut buf, rest);
+                        let len = piece.len() as u64;
+                        let text = utf8(piece, &shown, None, consumed)?;
+                        consumed += len;
+                        if !emitted_any {
+                            em.next_doc += 1;
+                            em.stats.documents += 1;
+                            emitted_any = true;
+                        }
+                        flow = (em.emit)(Segment { doc, source: si, text, last: false })?;
+                        if flow == Flow::Stop {
+                            break;
+                        }
+                    }
+                }
+                if flow == Flow::Stop {
+                    Flow::Stop
+                } else if !emitted_any && buf.is_empty() {
+                    em.stats.skipped_empty += 1;
+                    Flow::Continue
+                } else {
+                    let text = utf8(buf, &shown, None, consumed)?;
+                    if !emitted_any {
+                        em.next_doc += 1;
+                        em.stats.documents += 1;
+                    }
+                    (em.emit)(Segment { doc, source: si, text, last: true })?
+                }
+            }
+            (Format::Txt, mode) => {
+                let mut para = String::new();
+                let mut line_no = 0u64;
+                let mut offset = 0u64;
+                let mut flow = Flow::Continue;
+                loop {
+                    let mut line = Vec::new();
+                    let n = reader.read_until(b'\n', &mut line).map_err(io)?;
+                    if n == 0 {
+                        break;
+                    }
+                    line_no += 1;
+                    let text = utf8(strip_eol(line), &shown, Some(line_no), offset)?;
+                    offset += n as u64;
+                    flow = match mode {
+                        TxtDocs::Line => {
+                            if text.trim().is_empty() {
+                                Flow::Continue
+                            } else {
+                                em.document(si, text)?
+                            }
+                        }
+                        _ => {
+                            if text.trim().is_empty() {
+                                if para.is_empty() {
+                                    Flow::Continue
+                                } else {
+                                    em.document(si, std::mem::take(&mut para))?
+                                }
+                            } else {
+                                if !para.is_empty() {
+                                    para.push('\n');
+                                }
+                                para.push_str(&text);
+                                Flow::Continue
+                            }
+                        }
+                    };
+                    if flow == Flow::Stop {
+                        break;
+                    }
+                }
+                if flow == Flow::Continue && !para.is_empty() {
+                    em.document(si, para)?
+                } else {
+                    flow
+                }
+            }
+            (Format::Jsonl, _) => {
+                let mut line_no = 0u64;
+                let mut offset = 0u64;
+                let mut flow = Flow::Continue;
+                loop {
+                    let mut line = Vec::new();
+                    let n = reader.read_until(b'\n', &mut line).map_err(io)?;
+                    if n == 0 {
+                        break;
+                    }
+                    line_no += 1;
+                    let raw = utf8(strip_eol(line), &shown, Some(line_no), offset)?;
+                    offset += n as u64;
+                    if raw.trim().is_empty() {
+                        continue;
+                    }
+                    let text = jsonl_text(&raw, &opts.text_field).map_err(|r| CorpusError::input(&shown, Some(line_no), r))?;
+                    flow = em.document(si, text)?;
+                    if flow == Flow::Stop {
+                        break;
+                    }
+                }
+                flow
+            }
+        };
+        if flow == Flow::Stop {
+            break;
+        }
+    }
+    Ok(em.stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn collect(sources: &[Source], opts: &DocOptions) -> Result<(Vec<(u64, String)>, DocStats), CorpusError> {
+        let mut docs: Vec<(u64, String)> = Vec::new();
+        let stats = for_each_segment(sources, opts, &|_| {}, &mut |s| {
+            match docs.last_mut() {
+                Some((d, t)) if *d == s.doc => t.push_str(&s.text),
+                _ => docs.push((s.doc, s.text)),
+            }
+            Ok(Flow::Continue)
+        })?;
+        Ok((docs, stats))
+    }
+
+    #[test]
+    fn json_field_extraction() {
+        assert_eq!(jsonl_text(r#"{"id":1,"text":"hi","x":{"text":2}}"#, "text"), Ok("hi".into()));
+        assert!(jsonl_text(r#"{"id":1}"#, "text").unwrap_err().contains("no field \"text\""));
+        assert!(jsonl_text(r#"{"text":3}"#, "text").unwrap_err().contains("a number"));
+        assert!(jsonl_text(r#"[1]"#, "text").unwrap_err().contains("not a JSON object"));
+        assert!(jsonl_text(r#"{"text":"a"} x"#, "text").unwrap_err().contains("not valid JSON"));
+        assert!(jsonl_text(r#"{"text":"a""#, "text").unwrap_err().contains("not valid JSON"));
+    }
+
+    #[test]
+    fn txt_modes_and_segments() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.txt");
+        std::fs::write(&p, "one line\r\ntwo lines here\n\n\nthird para\n").unwrap();
+        let src = expand_inputs(&[p.display().to_string()]).unwrap();
+        let mut o = DocOptions { text_field: "text".into(), txt_docs: TxtDocs::File, segment_bytes: 1 << 20 };
+        let (d, _) = collect(&src, &o).unwrap();
+        assert_eq!(d, [(0, "one line\r\ntwo lines here\n\n\nthird para\n".to_string())]);
+        o.txt_docs = TxtDocs::Paragraph;
+        assert_eq!(collect(&src, &o).unwrap().0, [(0, "one line\ntwo lines here".into()), (1, "third para".into())]);
+        o.txt_docs = TxtDocs::Line;
+        let (d, _) = collect(&src, &o).unwrap();
+        assert_eq!(d.len(), 3);
+        // a long file arrives in several segments and reassembles exactly
+        let long: String = (0..3000).map(|i| format!("word{i} and more\n")).collect();
+        std::fs::write(&p, &long).unwrap();
+        o.txt_docs = TxtDocs::File;
+        o.segment_bytes = 1000;
+        let mut n = 0;
+        let mut text = String::new();
+        for_each_segment(&src, &o, &|_| {}, &mut |s| {
+            n += 1;
+            text.push_str(&s.text);
+            Ok(Flow::Continue)
+        })
+        .unwrap();
+        assert!(n > 10, "{n}");
+        assert_eq!(text, long);
+    }
+}

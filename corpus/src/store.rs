@@ -1,0 +1,314 @@
+//! Object storage behind one URI: `file://`, a plain local path, `memory://`, `s3://`, `gs://`,
+//! `az://` (and the https URLs of those clouds that `object_store` recognises).
+//!
+//! [`StoreDir::open`] turns a URI into a store and a root path; the blocking helpers
+//! ([`StoreDir::get`], [`StoreDir::put`], ...) run on a small process-wide tokio runtime that this
+//! module owns ([`io_runtime`]), so callers never need to be inside a runtime (and may be: the
+//! helpers wait on a plain channel, not on `Runtime::block_on`). Every error names the object's
+//! URI.
+//!
+//! - A path without a scheme is a local path (relative paths are taken from the current
+//!   directory); `file:///abs/dir` is the same.
+//! - `memory://NAME/dir` is an in-memory store shared by every `StoreDir` of this process that
+//!   names the same `NAME` (tests, benchmarks); it is empty when the process starts.
+//! - `s3://bucket/dir`, `gs://bucket/dir`, `az://container/dir` build their client from the
+//!   environment (`AWS_*`, `GOOGLE_*`, `AZURE_*` variables, as the `object_store` builders'
+//!   `from_env` read them; `AWS_ENDPOINT` + `AWS_ALLOW_HTTP=true` reach an S3-protocol server on
+//!   loopback).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload};
+use thiserror::Error;
+use url::Url;
+
+#[derive(Debug, Error, Clone)]
+pub enum StoreError {
+    #[error("{uri}: not a usable storage location: {reason}")]
+    BadUri { uri: String, reason: String },
+    #[error("{uri}: not found")]
+    NotFound { uri: String },
+    #[error("{op} {uri}: {source}")]
+    Op {
+        op: &'static str,
+        uri: String,
+        #[source]
+        source: Arc<object_store::Error>,
+    },
+    #[error("{op} {uri}: the I/O runtime stopped before answering")]
+    RuntimeGone { op: &'static str, uri: String },
+}
+
+impl StoreError {
+    /// The URI of the object (or location) the error is about.
+    pub fn uri(&self) -> &str {
+        match self {
+            StoreError::BadUri { uri, .. }
+            | StoreError::NotFound { uri }
+            | StoreError::Op { uri, .. }
+            | StoreError::RuntimeGone { uri, .. } => uri,
+        }
+    }
+
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, StoreError::NotFound { .. })
+    }
+
+    /// Wraps an `object_store` error about `uri`, keeping "not found" distinct.
+    pub fn from_object_store(op: &'static str, uri: String, e: object_store::Error) -> Self {
+        match e {
+            object_store::Error::NotFound { .. } => StoreError::NotFound { uri },
+            e => StoreError::Op { op, uri, source: Arc::new(e) },
+        }
+    }
+}
+
+/// The process-wide runtime for object-store I/O: two worker threads named `smelt-io`, never
+/// shut down (so no drop can panic inside someone else's runtime).
+pub fn io_runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("smelt-io")
+            .enable_all()
+            .build()
+            .expect("cannot start the smelt-io tokio runtime")
+    })
+}
+
+/// Runs `fut` on [`io_runtime`] and blocks this thread until it finishes. Works from any thread,
+/// inside another runtime or not (it waits on a std channel). `None` if the task panicked.
+pub fn block_on_io<F>(fut: F) -> Option<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    io_runtime().spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().ok()
+}
+
+fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
+    static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
+    STORES.get_or_init(Default::default)
+}
+
+/// A "directory" in an object store: a store, a root path inside it, and the URI it was opened
+/// from (used in every error message).
+#[derive(Clone, Debug)]
+pub struct StoreDir {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    uri: String,
+}
+
+impl StoreDir {
+    /// Opens `uri` (see the module docs for the forms it takes). Nothing is read or written.
+    pub fn open(uri: &str) -> Result<StoreDir, StoreError> {
+        let bad = |reason: String| StoreError::BadUri { uri: uri.to_string(), reason };
+        let trimmed = uri.trim();
+        if trimmed.is_empty() {
+            return Err(bad("empty location".into()));
+        }
+        let shown = if trimmed.len() > 1 { trimmed.trim_end_matches('/') } else { trimmed }.to_string();
+
+        if let Some(rest) = trimmed.strip_prefix("memory://") {
+            let (name, dir) = rest.split_once('/').unwrap_or((rest, ""));
+            let store = memory_stores().lock().unwrap().entry(name.to_string()).or_default().clone();
+            let root = Path::parse(dir).map_err(|e| bad(e.to_string()))?;
+            return Ok(StoreDir { store, root, uri: shown });
+        }
+
+        let has_scheme = trimmed.find("://").is_some_and(|i| i > 1 && trimmed[..i].chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.'));
+        if !has_scheme {
+            let p = PathBuf::from(trimmed);
+            let abs = if p.is_absolute() {
+                p
+            } else {
+                std::env::current_dir().map_err(|e| bad(format!("cannot resolve a relative path: {e}")))?.join(p)
+            };
+            return Self::local(abs, shown);
+        }
+
+        let url = Url::parse(trimmed).map_err(|e| bad(e.to_string()))?;
+        let (scheme, root) = ObjectStoreScheme::parse(&url).map_err(|e| bad(e.to_string()))?;
+        let store: Arc<dyn ObjectStore> = match scheme {
+            ObjectStoreScheme::Local => {
+                let p = url.to_file_path().map_err(|_| bad("not an absolute local path".into()))?;
+                return Self::local(p, shown);
+            }
+            ObjectStoreScheme::Memory => unreachable!("memory:// handled above"),
+            ObjectStoreScheme::AmazonS3 => Arc::new(
+                AmazonS3Builder::from_env().with_url(trimmed).build().map_err(|e| bad(e.to_string()))?,
+            ),
+            ObjectStoreScheme::GoogleCloudStorage => Arc::new(
+                GoogleCloudStorageBuilder::from_env().with_url(trimmed).build().map_err(|e| bad(e.to_string()))?,
+            ),
+            ObjectStoreScheme::MicrosoftAzure => Arc::new(
+                MicrosoftAzureBuilder::from_env().with_url(trimmed).build().map_err(|e| bad(e.to_string()))?,
+            ),
+            ObjectStoreScheme::Http => {
+                return Err(bad("plain http(s) stores are not supported; use s3://, gs://, az://, file:// or a local path".into()))
+            }
+            other => return Err(bad(format!("unsupported store {other:?}"))),
+        };
+        Ok(StoreDir { store, root, uri: shown })
+    }
+
+    fn local(abs: PathBuf, shown: String) -> Result<StoreDir, StoreError> {
+        let root = Path::from_absolute_path(&abs)
+            .map_err(|e| StoreError::BadUri { uri: shown.clone(), reason: e.to_string() })?;
+        Ok(StoreDir { store: Arc::new(LocalFileSystem::new()), root, uri: shown })
+    }
+
+    /// A store and root given directly (e.g. a client built by hand); `uri` is how errors name it.
+    pub fn from_parts(store: Arc<dyn ObjectStore>, root: Path, uri: impl Into<String>) -> StoreDir {
+        StoreDir { store, root, uri: uri.into() }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// The location as given (without a trailing `/`).
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The store path of `name` under the root (`name` may contain `/`).
+    pub fn path(&self, name: &str) -> Path {
+        name.split('/').filter(|s| !s.is_empty()).fold(self.root.clone(), |p, part| p.join(part))
+    }
+
+    /// How errors name `name`: `<uri>/<name>`.
+    pub fn uri_of(&self, name: &str) -> String {
+        if self.uri.ends_with('/') {
+            format!("{}{name}", self.uri)
+        } else {
+            format!("{}/{name}", self.uri)
+        }
+    }
+
+    /// A sub-directory.
+    pub fn join(&self, name: &str) -> StoreDir {
+        StoreDir { store: self.store.clone(), root: self.path(name), uri: self.uri_of(name) }
+    }
+
+    fn run<T: Send + 'static>(
+        &self,
+        op: &'static str,
+        name: &str,
+        fut: impl Future<Output = Result<T, object_store::Error>> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let uri = self.uri_of(name);
+        match block_on_io(fut) {
+            Some(r) => r.map_err(|e| StoreError::from_object_store(op, uri, e)),
+            None => Err(StoreError::RuntimeGone { op, uri }),
+        }
+    }
+
+    /// The whole object `name`.
+    pub fn get(&self, name: &str) -> Result<Bytes, StoreError> {
+        let (store, path) = (self.store.clone(), self.path(name));
+        self.run("get", name, async move { store.get(&path).await?.bytes().await })
+    }
+
+    /// Bytes `range` of `name`.
+    pub fn get_range(&self, name: &str, range: Range<u64>) -> Result<Bytes, StoreError> {
+        let (store, path) = (self.store.clone(), self.path(name));
+        self.run("get_range", name, async move { store.get_range(&path, range).await })
+    }
+
+    /// The size of `name`, `None` if it does not exist.
+    pub fn size(&self, name: &str) -> Result<Option<u64>, StoreError> {
+        let (store, path) = (self.store.clone(), self.path(name));
+        match self.run("head", name, async move { store.head(&path).await }) {
+            Ok(meta) => Ok(Some(meta.size)),
+            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes `name` whole (atomically on every backend: a reader sees the old object or the new
+    /// one, never a part).
+    pub fn put(&self, name: &str, data: impl Into<Bytes>) -> Result<(), StoreError> {
+        let (store, path) = (self.store.clone(), self.path(name));
+        let payload = PutPayload::from_bytes(data.into());
+        self.run("put", name, async move { store.put(&path, payload).await.map(|_| ()) })
+    }
+
+    /// Deletes `name`; a missing object is not an error.
+    pub fn delete(&self, name: &str) -> Result<(), StoreError> {
+        let (store, path) = (self.store.clone(), self.path(name));
+        match self.run("delete", name, async move { store.delete(&path).await }) {
+            Err(StoreError::NotFound { .. }) => Ok(()),
+            r => r,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_and_memory_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        for uri in [
+            dir.path().join("a").to_str().unwrap().to_string(),
+            format!("file://{}/b/", dir.path().display()),
+            "memory://store-test/x/y".to_string(),
+        ] {
+            let s = StoreDir::open(&uri).unwrap();
+            assert_eq!(s.size("obj").unwrap(), None);
+            let e = s.get("obj").unwrap_err();
+            assert!(e.is_not_found(), "{e}");
+            assert_eq!(e.to_string(), format!("{}/obj: not found", uri.trim_end_matches('/')));
+            s.put("obj", b"hello".to_vec()).unwrap();
+            assert_eq!(s.size("obj").unwrap(), Some(5));
+            assert_eq!(&s.get("obj").unwrap()[..], b"hello");
+            assert_eq!(&s.get_range("obj", 1..3).unwrap()[..], b"el");
+            s.delete("obj").unwrap();
+            s.delete("obj").unwrap();
+            assert_eq!(s.size("obj").unwrap(), None);
+        }
+        // memory:// stores with the same name are shared
+        StoreDir::open("memory://store-test2/d").unwrap().put("o", b"1".to_vec()).unwrap();
+        assert_eq!(StoreDir::open("memory://store-test2/d/").unwrap().size("o").unwrap(), Some(1));
+        assert_eq!(StoreDir::open("memory://store-test3/d/").unwrap().size("o").unwrap(), None);
+    }
+
+    #[test]
+    fn bad_uris_are_named() {
+        let e = StoreDir::open("http://example.com/x").unwrap_err();
+        assert!(e.to_string().starts_with("http://example.com/x: not a usable storage location"), "{e}");
+        assert!(StoreDir::open("").is_err());
+        assert!(StoreDir::open("ftp://host/x").is_err());
+    }
+
+    #[test]
+    fn works_inside_another_runtime() {
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(async {
+            let s = StoreDir::open("memory://store-test-rt/d").unwrap();
+            s.put("o", b"abc".to_vec()).unwrap();
+            assert_eq!(&s.get("o").unwrap()[..], b"abc");
+        });
+    }
+}

@@ -1,0 +1,114 @@
+//! A rerun of `corpus prepare` keeps the shards an interrupted run finished.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use common::*;
+use smelt_corpus::{prepare, NoProgress, ValSplit};
+
+/// (inode, mtime ns) of every shard file: a rewrite (temp file + rename) changes the inode.
+fn identity(dir: &Path, name: &str) -> (u64, i64) {
+    let m = std::fs::metadata(dir.join(name)).unwrap();
+    (m.ino(), m.mtime_nsec() + m.mtime() * 1_000_000_000)
+}
+
+#[test]
+fn interrupted_run_resumes_and_matches_a_fresh_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents();
+    txt_dir(&dir.path().join("in"), &docs);
+    let input = vec![s(&dir.path().join("in"))];
+
+    // reference: one uninterrupted run
+    let fresh = dir.path().join("fresh");
+    let mut o = opts(input.clone(), "gpt2", &s(&fresh), 40);
+    o.val = ValSplit::Docs(2);
+    let want = run(&o).manifest.unwrap();
+    let n_shards = want.train.shards.len() + want.val.shards.len();
+    assert!(n_shards >= 6, "{n_shards}");
+
+    // interrupted after 3 shards
+    let out = dir.path().join("out");
+    o.out = s(&out);
+    o.stop_after_shards = Some(3);
+    let first = run(&o);
+    assert!(!first.complete && first.manifest.is_none());
+    assert_eq!(first.shards_written, 3);
+    assert!(out.join("progress.json").exists() && !out.join("manifest.json").exists());
+    let done: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.ends_with(".bin"))
+        .collect();
+    assert_eq!(done.len(), 3);
+    let before: Vec<(String, (u64, i64))> = done.iter().map(|n| (n.clone(), identity(&out, n))).collect();
+    // no reader accepts a corpus without a manifest
+    assert!(smelt_corpus::CorpusReader::open(&s(&out)).unwrap_err().to_string().contains("manifest.json not found"));
+
+    // the rerun keeps those 3 and writes the rest
+    o.stop_after_shards = None;
+    let second = run(&o);
+    assert!(second.complete);
+    assert_eq!(second.shards_kept, 3);
+    assert_eq!(second.shards_written as usize, n_shards - 3);
+    for (n, id) in &before {
+        assert_eq!(&identity(&out, n), id, "{n} was rewritten");
+    }
+    let got = second.manifest.unwrap();
+    assert_eq!(got.train, want.train);
+    assert_eq!(got.val, want.val);
+    assert!(!out.join("progress.json").exists());
+
+    // a rerun after success does nothing
+    let third = run(&o);
+    assert!(third.complete && third.shards_written == 0);
+    assert_eq!(third.shards_kept as usize, n_shards);
+
+    // another setting is refused, naming what differs
+    o.shard_tokens = 41;
+    let e = prepare(&o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("already holds a finished corpus") && e.contains("shard tokens 40 vs 41"), "{e}");
+}
+
+#[test]
+fn damaged_shards_of_an_interrupted_run_are_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let docs = documents();
+    txt_dir(&dir.path().join("in"), &docs);
+    let fresh = dir.path().join("fresh");
+    let mut o = opts(vec![s(&dir.path().join("in"))], "byte", &s(&fresh), 100);
+    let want = run(&o).manifest.unwrap();
+
+    let out = dir.path().join("out");
+    o.out = s(&out);
+    o.stop_after_shards = Some(4);
+    run(&o);
+    // shard 1 damaged, shard 3 deleted: 0 is kept; 1 and 3 rewritten; 2 recomputed, found
+    // identical to what is stored, and kept
+    let p1 = out.join("shard-00001.bin");
+    let mut b = std::fs::read(&p1).unwrap();
+    b[40] ^= 1;
+    std::fs::write(&p1, b).unwrap();
+    std::fs::remove_file(out.join("shard-00003.bin")).unwrap();
+    let id0 = identity(&out, "shard-00000.bin");
+    let id2 = identity(&out, "shard-00002.bin");
+    o.stop_after_shards = None;
+    let r = run(&o);
+    assert_eq!(r.shards_kept, 2);
+    assert_eq!(r.shards_written as usize, want.train.shards.len() - 2);
+    assert_eq!(identity(&out, "shard-00000.bin"), id0);
+    assert_eq!(identity(&out, "shard-00002.bin"), id2);
+    assert_eq!(r.manifest.unwrap().train, want.train);
+
+    // a partial corpus from other inputs is not mixed with this one
+    let out2 = dir.path().join("out2");
+    o.out = s(&out2);
+    o.stop_after_shards = Some(1);
+    run(&o);
+    write(&dir.path().join("in/doc99.txt"), "one more document");
+    o.stop_after_shards = None;
+    let e = prepare(&o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("partial corpus") && e.contains("input files"), "{e}");
+}
