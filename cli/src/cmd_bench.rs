@@ -21,6 +21,8 @@ pub enum BenchCommand {
     Tokenize(crate::bench_corpus::TokenizeArgs),
     /// Tokens/s reading a prepared corpus in sample order (and from memory:// as a bound).
     Loader(crate::bench_corpus::LoaderArgs),
+    /// Simulated workers heartbeating against a real coordinator: latency, CPU, gang assignment.
+    Coordinator(crate::bench_coordinator::CoordinatorBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +52,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Step(a) => step(a),
         BenchCommand::Tokenize(a) => crate::bench_corpus::tokenize(a),
         BenchCommand::Loader(a) => crate::bench_corpus::loader(a),
+        BenchCommand::Coordinator(a) => crate::bench_coordinator::run(a),
     }
 }
 

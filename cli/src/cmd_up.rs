@@ -80,7 +80,8 @@ pub fn run(a: UpArgs) -> Result<()> {
     let threads = (cores / a.workers).max(1).to_string();
     for i in 0..a.workers {
         let name = format!("worker-{i}");
-        let out = a.data_dir.join("workers").join(&name);
+        // One output directory for all: rank 0 of each job writes `jobs/<id>/model.safetensors`.
+        let out = a.data_dir.clone();
         let w = spawn(&name, &["--threads".into(), threads.clone(), "worker".into(), "--coordinator".into(), url.clone(), "--out-dir".into(), out.display().to_string()])?;
         cluster.children.push((name, w));
     }
@@ -96,7 +97,7 @@ pub fn run(a: UpArgs) -> Result<()> {
             if !status.success() {
                 bail!("the job did not succeed (see {} for worker logs)", logs.display());
             }
-            info!("job finished; final weights under {}/workers/worker-*/jobs/", a.data_dir.display());
+            info!("job finished; final weights under {}/jobs/<job id>/model.safetensors", a.data_dir.display());
             Ok(())
         }
         None => {

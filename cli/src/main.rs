@@ -1,5 +1,6 @@
 //! `smelt`: one binary for every part of smelt.
 
+mod bench_coordinator;
 mod bench_corpus;
 mod client;
 mod cmd_bench;

@@ -4,7 +4,8 @@
 use std::time::Instant;
 
 use smelt_proto::v1::{
-    coordinator_message, job_event, worker_message, Abort, AssignmentDone, DeviceClass, JobState, RegisterRequest,
+    coordinator_message, job_event, worker_message, Abort, AssignmentDone, CoordinatorMessage, DeviceClass, HeartbeatAck,
+    JobState, RegisterRequest,
     RegisterResponse, StepMetrics, WorkerMessage, WorkerState, WorkerStatus,
 };
 use tracing::{debug, info, warn};
@@ -188,6 +189,9 @@ impl State {
             w.last_seen = Instant::now();
             w.row.last_seen_ms = now_ms();
         }
+        if let Some(worker_message::Body::Status(s)) = &msg.body {
+            self.ack(worker_id, s.seq);
+        }
         match msg.body {
             Some(worker_message::Body::Status(s)) => self.on_status(worker_id, s),
             Some(worker_message::Body::Metrics(m)) => self.on_metrics(worker_id, m),
@@ -195,6 +199,14 @@ impl State {
             None => {}
         }
         true
+    }
+
+    /// Echoes a status's sequence number down the worker's stream.
+    fn ack(&self, worker_id: &str, seq: u64) {
+        if let Some(conn) = self.workers.get(worker_id).and_then(|w| w.conn.as_ref()) {
+            let ack = CoordinatorMessage { body: Some(coordinator_message::Body::Ack(HeartbeatAck { seq })) };
+            let _ = conn.tx.send(Ok(ack));
+        }
     }
 
     /// The stream `gen` ended (closed by the worker or broken).

@@ -309,7 +309,7 @@ impl Uploader<'_> {
 }
 
 fn char_vocabulary(sources: &[Source], opts: &DocOptions, progress: &dyn Progress) -> Result<(Vec<char>, DocStats), CorpusError> {
-    let mut seen = vec![0u64; (0x11_0000 + 63) / 64];
+    let mut seen = vec![0u64; 0x11_0000usize.div_ceil(64)];
     let stats = for_each_segment(sources, opts, &|n| progress.advance(n), &mut |s: Segment| {
         for c in s.text.chars() {
             let c = c as usize;

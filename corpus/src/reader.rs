@@ -13,8 +13,11 @@
 //! Checks: the manifest is checked for consistency when opened; a shard's size and header
 //! (magic, version, dtype, token count, vocabulary, end-of-text id) are checked against the
 //! manifest when the shard is first touched; every token read is checked against the vocabulary;
-//! a read that covers a whole shard checks its sha256, and [`CorpusReader::verify`] reads every
-//! shard to check all of it. Every error names the object.
+//! a shard's sha256 is checked when it has been read whole — by one read, or by reads that arrive
+//! front to back (a sequential pass such as an evaluation over the validation split) — and
+//! [`CorpusReader::verify`] reads every shard to check all of it. Reads in a shuffled order do
+//! not add up to a hash: `verify` (or `smelt corpus verify`) is the check for those. Every error
+//! names the object.
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
@@ -152,6 +155,46 @@ struct Shard {
     path: object_store::path::Path,
     start: u64,
     header_ok: OnceCell<()>,
+    /// sha256 of the shard's bytes `[0, pos)` while it is being read front to back.
+    stream_hash: Mutex<StreamHash>,
+}
+
+enum StreamHash {
+    /// Bytes `[0, pos)` hashed so far.
+    Running(u64, sha2::Sha256),
+    /// Checked (or abandoned: a whole-shard read checked it instead).
+    Done,
+}
+
+impl Shard {
+    fn new(dir: &StoreDir, info: &ShardInfo, start: u64) -> Shard {
+        Shard {
+            info: info.clone(),
+            uri: dir.uri_of(&info.name),
+            path: dir.path(&info.name),
+            start,
+            header_ok: OnceCell::new(),
+            stream_hash: Mutex::new(StreamHash::Running(0, sha2::Sha256::new())),
+        }
+    }
+
+    /// Feeds bytes `[at, at + data.len())` of the object to the running hash if they continue
+    /// it; `Some(sha)` when that completes the object.
+    fn feed(&self, at: u64, data: &[u8]) -> Option<String> {
+        let mut h = self.stream_hash.lock().unwrap();
+        let StreamHash::Running(pos, hasher) = &mut *h else { return None };
+        let end = at + data.len() as u64;
+        if at > *pos || end <= *pos {
+            return None;
+        }
+        hasher.update(&data[(*pos - at) as usize..]);
+        *pos = end;
+        if end < self.info.bytes {
+            return None;
+        }
+        let StreamHash::Running(_, hasher) = std::mem::replace(&mut *h, StreamHash::Done) else { unreachable!() };
+        Some(hex(&hasher.finalize()))
+    }
 }
 
 struct Inner {
@@ -262,7 +305,7 @@ impl CorpusReader {
             .shards
             .iter()
             .map(|info| {
-                let s = Shard { info: info.clone(), uri: dir.uri_of(&info.name), path: dir.path(&info.name), start, header_ok: OnceCell::new() };
+                let s = Shard::new(&dir, info, start);
                 start += info.tokens;
                 s
             })
@@ -472,7 +515,9 @@ impl Inner {
                 let head = store.get_range(&shard.path, 0..n).await.map_err(|e| self.store_err("get_range", shard, e))?;
                 self.requests.fetch_add(2, Ordering::Relaxed);
                 self.bytes_fetched.fetch_add(head.len() as u64, Ordering::Relaxed);
-                self.check_header_bytes(shard, &head, meta.size)
+                self.check_header_bytes(shard, &head, meta.size)?;
+                shard.feed(0, &head);
+                Ok::<(), CorpusError>(())
             })
             .await
             .map(|_| ())
@@ -505,6 +550,14 @@ impl Inner {
         if size > want {
             return Err(bad(format!("{size} bytes, expected {want}: {} bytes of trailing data", size - want)));
         }
+        Ok(())
+    }
+
+    fn check_sha(&self, shard: &Shard, sha: &str) -> Result<(), CorpusError> {
+        if sha != shard.info.sha256 {
+            return Err(CorpusError::bad_shard(&shard.uri, format!("sha256 {sha} does not match the manifest's {}", shard.info.sha256)));
+        }
+        self.shards_verified.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -550,10 +603,8 @@ impl Inner {
             self.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             self.check_header_bytes(shard, &data, data.len() as u64)?;
             let sha = hex(&sha2::Sha256::digest(&data));
-            if sha != shard.info.sha256 {
-                return Err(CorpusError::bad_shard(&shard.uri, format!("sha256 {sha} does not match the manifest's {}", shard.info.sha256)));
-            }
-            self.shards_verified.fetch_add(1, Ordering::Relaxed);
+            self.check_sha(shard, &sha)?;
+            *shard.stream_hash.lock().unwrap() = StreamHash::Done;
             self.dtype.decode_into(&data[HEADER_BYTES as usize..], out);
         } else {
             let range = HEADER_BYTES + lo * w..HEADER_BYTES + hi * w;
@@ -562,6 +613,9 @@ impl Inner {
             self.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
             if data.len() as u64 != range.end - range.start {
                 return Err(CorpusError::bad_shard(&shard.uri, format!("asked for bytes {range:?}, got {}", data.len())));
+            }
+            if let Some(sha) = shard.feed(range.start, &data) {
+                self.check_sha(shard, &sha)?; // the shard has now been read front to back
             }
             self.dtype.decode_into(&data, out);
         }
@@ -609,11 +663,7 @@ impl Inner {
         if seen != size {
             return Err(CorpusError::bad_shard(&shard.uri, format!("read {seen} bytes of an object of {size}")));
         }
-        let sha = hex(&hasher.finalize());
-        if sha != shard.info.sha256 {
-            return Err(CorpusError::bad_shard(&shard.uri, format!("sha256 {sha} does not match the manifest's {}", shard.info.sha256)));
-        }
-        self.shards_verified.fetch_add(1, Ordering::Relaxed);
+        self.check_sha(shard, &hex(&hasher.finalize()))?;
         Ok((seen, tokens))
     }
 
@@ -621,7 +671,7 @@ impl Inner {
         // Both splits, whichever this reader serves.
         let mut all: Vec<Shard> = Vec::new();
         for info in self.manifest.train.shards.iter().chain(&self.manifest.val.shards) {
-            all.push(Shard { info: info.clone(), uri: self.dir.uri_of(&info.name), path: self.dir.path(&info.name), start: 0, header_ok: OnceCell::new() });
+            all.push(Shard::new(&self.dir, info, 0));
         }
         let mut report = VerifyReport::default();
         for s in &all {

@@ -29,7 +29,7 @@ use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::local::LocalFileSystem;
 use object_store::memory::InMemory;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutPayload};
+use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutPayload};
 use thiserror::Error;
 use url::Url;
 
@@ -253,6 +253,41 @@ impl StoreDir {
         self.run("put", name, async move { store.put(&path, payload).await.map(|_| ()) })
     }
 
+    /// Writes `name` only if it does not exist yet (S3 conditional put, an exclusive create on
+    /// local disk): `Ok(false)` when it already exists, and then nothing was written. For
+    /// "written last, exactly once" objects such as a checkpoint's manifest.
+    pub fn put_create(&self, name: &str, data: impl Into<Bytes>) -> Result<bool, StoreError> {
+        let (store, path) = (self.store.clone(), self.path(name));
+        let payload = PutPayload::from_bytes(data.into());
+        self.run("put (create)", name, async move {
+            match store.put_opts(&path, payload, PutMode::Create.into()).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::AlreadyExists { .. }) => Ok(false),
+                Err(e) => Err(e),
+            }
+        })
+    }
+
+    /// Objects under `prefix` (a name or a sub-directory, `""` for everything), recursively:
+    /// names relative to this directory, and sizes, sorted by name.
+    pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        let (store, root) = (self.store.clone(), self.root.clone());
+        let at = if prefix.is_empty() { root.clone() } else { self.path(prefix) };
+        let mut found = self.run("list", prefix, async move {
+            use futures::TryStreamExt;
+            let metas: Vec<object_store::ObjectMeta> = store.list(Some(&at)).try_collect().await?;
+            Ok(metas)
+        })?
+        .into_iter()
+        .filter_map(|m| {
+            let rel: Vec<String> = m.location.prefix_match(&root)?.map(|p| p.as_ref().to_string()).collect();
+            Some((rel.join("/"), m.size))
+        })
+        .collect::<Vec<_>>();
+        found.sort();
+        Ok(found)
+    }
+
     /// Deletes `name`; a missing object is not an error.
     pub fn delete(&self, name: &str) -> Result<(), StoreError> {
         let (store, path) = (self.store.clone(), self.path(name));
@@ -287,6 +322,19 @@ mod tests {
             s.delete("obj").unwrap();
             s.delete("obj").unwrap();
             assert_eq!(s.size("obj").unwrap(), None);
+            // create-only puts, listing
+            assert!(s.put_create("sub/m.json", b"first".to_vec()).unwrap());
+            assert!(!s.put_create("sub/m.json", b"second".to_vec()).unwrap());
+            assert_eq!(&s.get("sub/m.json").unwrap()[..], b"first");
+            s.put("sub/deeper/x", b"12".to_vec()).unwrap();
+            s.put("top", b"1".to_vec()).unwrap();
+            assert_eq!(
+                s.list("").unwrap(),
+                [("sub/deeper/x".to_string(), 2), ("sub/m.json".to_string(), 5), ("top".to_string(), 1)]
+            );
+            assert_eq!(s.list("sub").unwrap().len(), 2);
+            assert_eq!(s.join("sub").list("").unwrap()[1], ("m.json".to_string(), 5));
+            assert!(s.list("nothing").unwrap().is_empty());
         }
         // memory:// stores with the same name are shared
         StoreDir::open("memory://store-test2/d").unwrap().put("o", b"1".to_vec()).unwrap();

@@ -83,10 +83,17 @@ fn hash_mismatch() {
     let mut b = std::fs::read(&p).unwrap();
     b[32] ^= 1; // a token id changes, still inside the vocabulary
     std::fs::write(&p, &b).unwrap();
-    // ranged reads of parts cannot see it; a whole-shard read and verify() do
+    // a whole-shard read, a front-to-back pass of ranged reads, and verify() all see it
     let r = CorpusReader::open(&s(&out)).unwrap();
     expect_err(r.tokens(60..90), &["shard-00002.bin", "sha256", "does not match the manifest"]);
+    expect_err(read_all(&out), &["shard-00002.bin", "sha256", "does not match the manifest"]);
     expect_err(r.verify(), &["shard-00002.bin", "sha256"]);
+    // reads in shuffled order cannot add up to a hash: they see nothing wrong
+    let r = CorpusReader::open(&s(&out)).unwrap();
+    let order = r.sample_order(8, 5).unwrap();
+    for k in 0..order.n_sequences() {
+        r.sequence(8, order.sequence_at(k)).unwrap();
+    }
 }
 
 #[test]

@@ -109,7 +109,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 None if draining => (WorkerState::Draining, String::new(), 0),
                 None => (WorkerState::Idle, String::new(), 0),
             };
-            Up::Status(WorkerStatus { state: state as i32, job_id, attempt })
+            Up::Status(WorkerStatus { state: state as i32, job_id, attempt, seq: 0 })
         };
         let _ = up_tx.send(msg(status(&running, draining))).await;
         if let Some(done) = undelivered.take() {

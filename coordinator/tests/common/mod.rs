@@ -198,8 +198,8 @@ impl Worker {
             .into_inner();
         assert_eq!(resp.heartbeat_interval_ms, HEARTBEAT.as_millis() as u32);
         let status = match &o.running {
-            Some(a) => WorkerStatus { state: WorkerState::Busy as i32, job_id: a.job_id.clone(), attempt: a.attempt },
-            None => WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0 },
+            Some(a) => WorkerStatus { state: WorkerState::Busy as i32, job_id: a.job_id.clone(), attempt: a.attempt, seq: 0 },
+            None => WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0, seq: 0 },
         };
         let mut w = Worker {
             id: resp.worker_id,
@@ -246,23 +246,29 @@ impl Worker {
 
     pub fn set_busy(&self, a: &Assignment) {
         *self.status.lock().unwrap() =
-            WorkerStatus { state: WorkerState::Busy as i32, job_id: a.job_id.clone(), attempt: a.attempt };
+            WorkerStatus { state: WorkerState::Busy as i32, job_id: a.job_id.clone(), attempt: a.attempt, seq: 0 };
     }
 
     pub fn set_draining(&self) {
         *self.status.lock().unwrap() =
-            WorkerStatus { state: WorkerState::Draining as i32, job_id: String::new(), attempt: 0 };
+            WorkerStatus { state: WorkerState::Draining as i32, job_id: String::new(), attempt: 0, seq: 0 };
     }
 
     pub fn set_idle(&self) {
         *self.status.lock().unwrap() =
-            WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0 };
+            WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0, seq: 0 };
     }
 
     pub async fn next(&mut self) -> coordinator_message::Body {
         let rx = self.rx.as_mut().expect("stream open");
-        let m = within("a coordinator message", rx.message()).await.expect("stream ok").expect("stream not ended");
-        m.body.expect("message has a body")
+        loop {
+            let m = within("a coordinator message", rx.message()).await.expect("stream ok").expect("stream not ended");
+            match m.body.expect("message has a body") {
+                // Heartbeat acks come with every status; the tests look at what else arrives.
+                coordinator_message::Body::Ack(_) => continue,
+                other => return other,
+            }
+        }
     }
 
     /// The next message, which must be an assignment; the worker reports itself busy with it.
