@@ -77,7 +77,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
         model.forward(ctx, None, 1, ctx.len())?;
         let next = pick(&model.logits_at(0, ctx.len() - 1), a.temperature, a.top_k, &mut rng);
         ids.push(next);
-        write!(out, "{}", saved.tokenizer.decode(&[next])?)?;
+        // A model trained on a prepared corpus also knows the end-of-text id: a document break.
+        if next == saved.tokenizer.eot_token() && next as usize >= saved.tokenizer.vocab_size() {
+            write!(out, "\n\n")?;
+        } else {
+            write!(out, "{}", saved.tokenizer.decode(&[next])?)?;
+        }
         out.flush()?;
     }
     writeln!(out)?;

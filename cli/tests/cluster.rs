@@ -345,6 +345,45 @@ fn bad_specs_and_unknown_jobs_get_clear_grpc_errors() {
     assert!(e.message().contains("job-does-not-exist"), "{}", e.message());
 }
 
+impl Cluster {
+    /// A char-level corpus prepared by `smelt corpus prepare`, in small shards.
+    fn prepared_corpus(&self) -> PathBuf {
+        let out = self.dir.path().join("corpus");
+        let o = Command::new(env!("CARGO_BIN_EXE_smelt"))
+            .args(["corpus", "prepare", "--input", self.text_path().to_str().unwrap(), "--tokenizer", "char"])
+            .args(["--txt-docs", "line", "--shard-tokens", "1000", "--val-docs", "4", "--out", out.to_str().unwrap()])
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "corpus prepare failed: {}", String::from_utf8_lossy(&o.stderr));
+        out
+    }
+}
+
+#[test]
+fn job_trains_on_a_prepared_corpus_and_fails_clearly_on_a_corrupt_shard() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    c.start_worker();
+    let corpus = c.prepared_corpus();
+    let spec = |name: &str| {
+        c.spec(name, 2, 4, 6, 0).replace(&format!("text = \"{}\"\ntokenizer = \"char\"", c.text_path().display()), &format!("corpus = \"{}\"", corpus.display()))
+    };
+    let good = c.submit(&spec("from-corpus")).unwrap();
+    c.wait_state(&good.id, JobState::Succeeded, LONG);
+    let model = c.model_of(&good.id);
+    assert!(model.iter().all(|x| x.is_finite()));
+
+    // Flip the first shard's magic: the job must fail and say which object is bad.
+    let shard = corpus.join("shard-00000.bin");
+    let mut bytes = std::fs::read(&shard).unwrap();
+    bytes[0] ^= 0xff;
+    std::fs::write(&shard, bytes).unwrap();
+    let bad = c.submit(&spec("corrupt-corpus")).unwrap();
+    let failed = c.wait_state(&bad.id, JobState::Failed, LONG);
+    assert!(failed.error.contains("shard-00000.bin"), "the failure does not name the bad shard: {:?}", failed.error);
+}
+
 #[test]
 fn sigterm_drains_an_idle_worker() {
     let mut c = Cluster::new();

@@ -12,7 +12,7 @@
 //! preset = "tiny"             # or explicit sizes below
 //!
 //! [data]
-//! text = "data/tinyshakespeare.txt"
+//! text = "data/tinyshakespeare.txt"    # or: corpus = "s3://bucket/corpora/web" (prepared)
 //! tokenizer = "char"
 //!
 //! [train]
@@ -102,8 +102,11 @@ pub struct ModelSpec {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSpec {
-    /// A UTF-8 text file every worker can read.
-    pub text: String,
+    /// A UTF-8 text file every worker can read (tokenized by each worker with `tokenizer`).
+    pub text: Option<String>,
+    /// Or: a corpus prepared by `smelt corpus prepare` (a path or an object-store URI); its
+    /// manifest names the tokenizer, and its validation split is used for evaluation.
+    pub corpus: Option<String>,
     #[serde(default = "default_tokenizer")]
     pub tokenizer: String,
     /// Share of the text (its end) held out for validation.
@@ -242,8 +245,12 @@ impl JobSpec {
         if !["char", "byte"].contains(&self.data.tokenizer.as_str()) {
             return Err(err("data.tokenizer", format!("{:?} is not one of: char, byte", self.data.tokenizer)));
         }
-        if self.data.text.trim().is_empty() {
-            return Err(err("data.text", "must name a text file"));
+        match (&self.data.text, &self.data.corpus) {
+            (Some(_), Some(_)) => return Err(err("data.corpus", "give either data.text or data.corpus, not both")),
+            (None, None) => return Err(err("data.text", "required (a text file), unless data.corpus names a prepared corpus")),
+            (Some(t), None) if t.trim().is_empty() => return Err(err("data.text", "must name a text file")),
+            (None, Some(c)) if c.trim().is_empty() => return Err(err("data.corpus", "must name a corpus URI")),
+            _ => {}
         }
         // The model and optimizer configs validate their own fields; prefix them with their table.
         let model = self.model_config(self.model.vocab_size.unwrap_or(256))?;
@@ -390,6 +397,16 @@ world_size = 2
         assert_eq!(e.field, "train.lr", "{e}");
         let e = JobSpec::parse(&GOOD.replace("[cluster]\nworld_size = 2", "[cluster]\nworld_size = 2\ndevice = \"tpu\"")).unwrap_err();
         assert!(e.message.contains("tpu") || e.field.contains("tpu"), "{e}");
+    }
+
+    #[test]
+    fn data_needs_exactly_one_source() {
+        let both = GOOD.replace("text = \"data/tinyshakespeare.txt\"", "text = \"a.txt\"\ncorpus = \"s3://b/c\"");
+        assert_eq!(JobSpec::parse(&both).unwrap_err().field, "data.corpus");
+        let none = GOOD.replace("text = \"data/tinyshakespeare.txt\"", "");
+        assert_eq!(JobSpec::parse(&none).unwrap_err().field, "data.text");
+        let corpus = GOOD.replace("text = \"data/tinyshakespeare.txt\"", "corpus = \"file:///data/c\"");
+        assert_eq!(JobSpec::parse(&corpus).unwrap().data.corpus.as_deref(), Some("file:///data/c"));
     }
 
     #[test]

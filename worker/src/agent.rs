@@ -51,6 +51,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     // A Done that could not be delivered yet (coordinator away): resent after re-registering.
     let mut undelivered: Option<AssignmentDone> = None;
     let mut draining = false;
+    // An assignment that arrived while an earlier run was still stopping; started when it ends.
+    let mut queued: Option<Assignment> = None;
     let mut backoff = Duration::from_millis(100);
     tokio::pin!(shutdown);
 
@@ -131,8 +133,16 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
                 m = down.next() => match m {
                     Some(Ok(CoordinatorMessage { body: Some(Down::Assign(a)) })) => {
-                        if running.is_some() || draining {
-                            warn!(job_id = %a.job_id, "assignment while busy or draining; ignored");
+                        if draining {
+                            warn!(job_id = %a.job_id, "assignment while draining; ignored");
+                            continue;
+                        }
+                        if let Some(r) = &running {
+                            // The coordinator has moved on (the old attempt was aborted while its
+                            // thread was still winding down): stop it and start this one after.
+                            info!(job_id = %a.job_id, attempt = a.attempt, "assignment while finishing an earlier one; queued");
+                            r.control.stop("superseded by a new assignment");
+                            queued = Some(a);
                             continue;
                         }
                         info!(job_id = %a.job_id, attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment received");
@@ -162,6 +172,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         }
                         running = None;
                         if up_tx.send(msg(Up::Done(d.clone()))).await.is_err() { undelivered = Some(d); break; }
+                        if let Some(a) = queued.take() {
+                            let control = RunControl::default();
+                            running = Some(Running { assignment: a.clone(), control: control.clone() });
+                            start(client.clone(), a, worker_id.clone(), &listener, cfg.out_dir.clone(), control, event_tx.clone());
+                        }
                         let _ = up_tx.send(msg(status(&running, draining))).await;
                         if draining { break; }
                     }

@@ -48,7 +48,8 @@ pub fn load(path: &Path) -> Result<SavedModel> {
     let config: GptConfig = serde_json::from_str(field(KEY_CONFIG)?).with_context(|| format!("{shown}: bad {KEY_CONFIG}"))?;
     config.validate().with_context(|| format!("{shown}: bad model config"))?;
     let tokenizer: Tokenizer = serde_json::from_str(field(KEY_TOKENIZER)?).with_context(|| format!("{shown}: bad {KEY_TOKENIZER}"))?;
-    if tokenizer.vocab_size() != config.vocab_size {
+    // A model trained on a prepared corpus has one more id than its tokenizer: end-of-text.
+    if tokenizer.vocab_size() != config.vocab_size && tokenizer.corpus_vocab_size() != config.vocab_size {
         return Err(anyhow!(
             "{shown}: tokenizer has {} tokens but the model's vocab_size is {}",
             tokenizer.vocab_size(),

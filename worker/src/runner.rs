@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder, Sequences};
-use smelt_corpus::Tokenizer;
+use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
 use smelt_engine::collective::{Collective, TcpRing};
 use smelt_engine::data::{Batch, TokenWindows};
 use smelt_engine::model::Gpt;
@@ -25,6 +25,17 @@ use crate::model_file;
 
 /// How long ranks wait for each other to connect the ring.
 const RING_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long a rank whose ring broke waits before reporting, so the peer that broke it is heard
+/// first.
+const PEER_FAILURE_GRACE: Duration = Duration::from_millis(1500);
+
+fn is_collective_failure(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<smelt_engine::CollectiveError>().is_some()
+            || matches!(c.downcast_ref::<smelt_engine::EngineError>(), Some(smelt_engine::EngineError::Collective(_)))
+    })
+}
 
 /// What the training thread tells the agent.
 #[derive(Debug)]
@@ -76,35 +87,88 @@ pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunE
                 Some(reason) => format!("stopped: {reason}"),
                 None => format!("{e:#}"),
             };
+            // A broken ring is usually the echo of a peer's own failure (a bad shard, a NaN):
+            // let the peer's report reach the coordinator first, so the job's error names the
+            // cause rather than the echo.
+            if is_collective_failure(&e) {
+                std::thread::sleep(PEER_FAILURE_GRACE);
+            }
             (false, why, 0)
         }
     };
     events(RunEvent::Done(AssignmentDone { job_id: a.job_id, attempt: a.attempt, ok, error, final_step }));
 }
 
-/// Loads the job's text and splits it as the spec says: (tokenizer, train ids, val ids).
-fn load_data(spec: &JobSpec) -> Result<(Tokenizer, Vec<u32>, Vec<u32>)> {
-    let text = std::fs::read_to_string(&spec.data.text).with_context(|| format!("reading data.text {}", spec.data.text))?;
+/// The training data of a job: a text file every worker tokenizes the same way, or a prepared
+/// corpus read by ranged GETs. Either way, sequence i is tokens [i*T, i*T + T + 1).
+enum TrainData {
+    Text { tokens: Vec<u32> },
+    Corpus { reader: CorpusReader },
+}
+
+impl TrainData {
+    fn n_sequences(&self, seq: usize) -> u64 {
+        match self {
+            TrainData::Text { tokens } => Sequences::new(tokens, seq).count(),
+            TrainData::Corpus { reader } => reader.n_sequences(seq),
+        }
+    }
+
+    /// (inputs, targets) of the given sequences, back to back.
+    fn batch(&self, seq: usize, indices: &[u64]) -> Result<(Vec<u32>, Vec<u32>)> {
+        match self {
+            TrainData::Text { tokens } => Ok(Sequences::new(tokens, seq).batch(indices.iter().copied())),
+            TrainData::Corpus { reader } => Ok(reader.batch(seq, indices)?),
+        }
+    }
+
+    /// Starts fetching the sequences of a coming step (a no-op for in-memory text).
+    fn prefetch(&self, seq: usize, indices: &[u64]) {
+        if let TrainData::Corpus { reader } = self {
+            reader.prefetch(seq, indices.iter().copied());
+        }
+    }
+}
+
+/// Validation tokens kept in memory, at most this many from a corpus's validation split.
+const MAX_VAL_TOKENS: u64 = 1 << 20;
+
+/// Opens the job's data: (tokenizer, model vocabulary, training data, validation tokens).
+fn load_data(spec: &JobSpec) -> Result<(Tokenizer, usize, TrainData, Vec<u32>)> {
+    if let Some(uri) = &spec.data.corpus {
+        let reader = CorpusReader::open(uri).with_context(|| format!("opening data.corpus {uri}"))?;
+        let m = reader.manifest().clone();
+        let val = if m.val.tokens > 0 {
+            let v = CorpusReader::open_with(uri, ReaderOptions { split: Split::Val, ..Default::default() })?;
+            v.tokens(0..v.n_tokens().min(MAX_VAL_TOKENS))?
+        } else {
+            Vec::new()
+        };
+        return Ok((m.tokenizer.clone(), m.vocab_size as usize, TrainData::Corpus { reader }, val));
+    }
+    let path = spec.data.text.as_deref().unwrap_or_default();
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading data.text {path}"))?;
     let tokenizer = Tokenizer::fit(&spec.data.tokenizer, &text)?;
     let mut ids = tokenizer.encode(&text)?;
     let split = ((ids.len() as f64) * (1.0 - spec.data.val_fraction)) as usize;
     let val = ids.split_off(split);
-    Ok((tokenizer, ids, val))
+    let vocab = tokenizer.vocab_size();
+    Ok((tokenizer, vocab, TrainData::Text { tokens: ids }, val))
 }
 
 fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
     let spec = JobSpec::parse(&a.spec_toml)?;
-    let (tokenizer, train_ids, val_ids) = load_data(&spec)?;
-    let cfg = spec.model_config(tokenizer.vocab_size())?;
+    let (tokenizer, vocab, data, val_ids) = load_data(&spec)?;
+    let cfg = spec.model_config(vocab)?;
     let tc = spec.train_config();
     let seq = tc.seq_len;
-    let sequences = Sequences::new(&train_ids, seq);
-    if sequences.count() == 0 {
-        return Err(anyhow!("data.text {}: {} training tokens hold no sequence of {}", spec.data.text, train_ids.len(), seq + 1));
+    let n_sequences = data.n_sequences(seq);
+    if n_sequences == 0 {
+        return Err(anyhow!("the job's training data holds no sequence of {} tokens", seq + 1));
     }
-    let order = SampleOrder::new(sequences.count(), spec.seed);
+    let order = SampleOrder::new(n_sequences, spec.seed);
     let global = spec.train.global_batch as u64;
 
     let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener, RING_CONNECT_TIMEOUT)
@@ -125,21 +189,27 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
         if let Some(reason) = control.stopped() {
             return Err(anyhow!("stopped at step {step}: {reason}"));
         }
-        let slice = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?;
-        let indices: Vec<u64> = slice.map(|k| order.sequence_at(k)).collect();
-        let micro: Vec<Batch> = indices
+        let indices_of = |step: u64| -> Result<Vec<u64>> {
+            let slice = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?;
+            Ok(slice.map(|k| order.sequence_at(k)).collect())
+        };
+        let indices = indices_of(step)?;
+        if step + 1 < tc.steps {
+            data.prefetch(seq, &indices_of(step + 1)?);
+        }
+        let micro = indices
             .chunks(tc.batch_size)
             .map(|chunk| {
-                let (inputs, targets) = sequences.batch(chunk.iter().copied());
-                Batch { inputs, targets, batch: chunk.len(), seq_len: seq }
+                let (inputs, targets) = data.batch(seq, chunk)?;
+                Ok(Batch { inputs, targets, batch: chunk.len(), seq_len: seq })
             })
-            .collect();
+            .collect::<Result<Vec<Batch>>>()?;
         let stats = trainer.train_step_batches(&micro, &mut ring as &mut dyn Collective<CpuBackend>)?;
         tokens += stats.tokens * world;
         let done = step + 1;
         let is_last = done == tc.steps;
         let mut val_loss = None;
-        if rank == 0 && !val_ids.is_empty() && (is_last || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
+        if rank == 0 && val_ids.len() > seq && (is_last || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
             let v = trainer.evaluate(&TokenWindows::new(&val_ids))?;
             val_loss = Some(v);
             last_val = Some(v);
