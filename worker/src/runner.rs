@@ -228,6 +228,19 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
             }));
         }
     }
+    if let TrainData::Corpus { reader } = &data {
+        let st = reader.stats();
+        let total = started.elapsed().as_secs_f64();
+        info!(
+            job_id = %a.job_id,
+            rank,
+            data_wait_share = st.wait_seconds / total.max(1e-9),
+            sequences = st.sequences,
+            ready_when_asked = st.ready,
+            bytes_fetched = st.bytes_fetched,
+            "data loading: share of training time spent waiting on data"
+        );
+    }
     if rank == 0 {
         let path = req.out_dir.join("jobs").join(&a.job_id).join("model.safetensors");
         let mut extra = vec![("step", tc.steps.to_string()), ("job", a.job_id.clone())];
