@@ -213,7 +213,12 @@ pub fn decode(ids: &[u32]) -> String {
 /// ASCII letter: the lone newline is a piece either way, since `\s+$` and `\s` both match exactly
 /// it). The same cuts are harmless for the byte and char tokenizers, which have no context.
 pub fn safe_split(text: &str, from: usize) -> Option<usize> {
-    let b = text.as_bytes();
+    safe_split_bytes(text.as_bytes(), from)
+}
+
+/// [`safe_split`] over raw bytes: it only looks at ASCII bytes, so it never cuts a UTF-8
+/// character, and input readers can use it before decoding.
+pub fn safe_split_bytes(b: &[u8], from: usize) -> Option<usize> {
     let mut i = from.max(1);
     while i + 1 < b.len() {
         let (prev, cur, next) = (b[i - 1], b[i], b[i + 1]);

@@ -186,24 +186,6 @@ impl<R: Read> Read for Counting<'_, R> {
     }
 }
 
-/// Byte form of [`crate::gpt2::safe_split`] (it only looks at ASCII bytes, so it never cuts a
-/// UTF-8 character).
-fn safe_split_bytes(b: &[u8], from: usize) -> Option<usize> {
-    let mut i = from.max(1);
-    while i + 1 < b.len() {
-        let (prev, cur, next) = (b[i - 1], b[i], b[i + 1]);
-        if next.is_ascii_alphabetic() {
-            if cur == b' ' && prev.is_ascii_alphabetic() {
-                return Some(i);
-            }
-            if cur == b'\n' && prev.is_ascii_graphic() {
-                return Some(i + 1);
-            }
-        }
-        i += 1;
-    }
-    None
-}
 
 struct Emitter<'a> {
     next_doc: u64,
@@ -347,7 +329,7 @@ pub fn for_each_segment(
                     let n = (&mut reader).take(want as u64).read_to_end(&mut buf).map_err(io)?;
                     eof = n == 0;
                     while buf.len() > em.segment_bytes * 2 {
-                        let Some(i) = safe_split_bytes(&buf, em.segment_bytes) else { break };
+                        let Some(i) = crate::gpt2::safe_split_bytes(&buf, em.segment_bytes) else { break };
                         let rest = buf.split_off(i);
                         let piece = std::mem::replace(&mut buf, rest);
                         let len = piece.len() as u64;

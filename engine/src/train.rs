@@ -99,7 +99,7 @@ impl<B: Backend> Trainer<B> {
         self.model.zero_grad();
         let mut loss_sum = 0.0f64;
         for _ in 0..k {
-            let batch = self.data_rng_batch(train, b, t);
+            let batch = train.random_batch(&mut self.data_rng, b, t);
             let loss = self.model.forward(&batch.inputs, Some(&batch.targets), b, t)?.expect("targets given");
             if !loss.is_finite() {
                 return Err(EngineError::NonFiniteLoss { step: self.step, loss });
@@ -172,10 +172,6 @@ impl<B: Backend> Trainer<B> {
         let stats = StepStats { step: self.step, loss, grad_norm: report.grad_norm, lr, tokens: tokens * collective.world_size() };
         self.step += 1;
         Ok(stats)
-    }
-
-    fn data_rng_batch(&mut self, train: &TokenWindows, b: usize, t: usize) -> Batch {
-        train.random_batch(&mut self.data_rng, b, t)
     }
 
     /// Mean loss over the fixed evaluation windows of `val`.
