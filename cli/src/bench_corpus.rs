@@ -1,4 +1,5 @@
-//! `smelt bench tokenize` and `smelt bench loader`: corpus-side speed, peers side by side.
+//! `smelt bench tokenize` and `smelt bench loader`: corpus-side speed, peers side by side; the
+//! loader from the given store, an S3-protocol server on loopback and memory://, in one command.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -9,6 +10,8 @@ use clap::Args;
 use rayon::prelude::*;
 use serde_json::{json, Value};
 use smelt_corpus::format::{sha256_hex, MANIFEST};
+use smelt_corpus::loopback::S3Loopback;
+use smelt_corpus::ranges::Coalesce;
 use smelt_corpus::{gpt2, rank_slice, CorpusReader, ReaderOptions, StoreDir};
 
 #[derive(Args, Debug)]
@@ -26,7 +29,7 @@ pub struct TokenizeArgs {
     pub json: bool,
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Clone)]
 pub struct LoaderArgs {
     /// A prepared corpus (local path, file://, memory://, s3://, ...).
     #[arg(long)]
@@ -44,12 +47,58 @@ pub struct LoaderArgs {
     pub prefetch: u64,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Also copy the corpus into memory:// and time that (an upper bound), when it is at most
-    /// this many MiB (0: never).
+    /// Ways of reading to time, each on every store: `whole` (whole shards held in memory, the
+    /// default for a split within --whole-max-mib), `coalesced` (ranged GETs, a step's ranges
+    /// merged), `single` (one ranged GET per sequence: the reader before coalescing).
+    #[arg(long, value_delimiter = ',', default_value = "whole,coalesced,single")]
+    pub modes: Vec<LoaderMode>,
+    /// The reader's whole-shard limit for the `whole` mode, MiB.
+    #[arg(long, default_value_t = 256)]
+    pub whole_max_mib: u64,
+    /// GETs in flight at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// `coalesced` mode: ranges of a shard at most this many KiB apart are read in one GET.
+    #[arg(long, default_value_t = 64)]
+    pub max_gap_kib: u64,
+    /// `coalesced` mode: the longest merged GET, MiB.
+    #[arg(long, default_value_t = 16)]
+    pub max_get_mib: u64,
+    /// Also copy the corpus into an S3-protocol server started in this process on 127.0.0.1
+    /// (s3s + s3s-fs, uploaded through the S3 API) and into memory:// (an upper bound: no I/O),
+    /// and time those too, when it is at most this many MiB (0: never).
     #[arg(long, default_value_t = 2048)]
     pub memory_max_mib: u64,
+    /// Skip the S3 loopback server.
+    #[arg(long)]
+    pub no_s3_loopback: bool,
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LoaderMode {
+    Whole,
+    Coalesced,
+    Single,
+}
+
+impl LoaderMode {
+    fn name(self) -> &'static str {
+        match self {
+            LoaderMode::Whole => "whole",
+            LoaderMode::Coalesced => "coalesced",
+            LoaderMode::Single => "single",
+        }
+    }
+    fn options(self, a: &LoaderArgs) -> ReaderOptions {
+        let base = ReaderOptions { concurrency: a.concurrency, whole_split_max_bytes: 0, ..ReaderOptions::default() };
+        match self {
+            LoaderMode::Whole => ReaderOptions { whole_split_max_bytes: a.whole_max_mib << 20, ..base },
+            LoaderMode::Coalesced => ReaderOptions { coalesce: Some(Coalesce { max_gap: a.max_gap_kib << 10, max_len: (a.max_get_mib << 20).max(1) }), ..base },
+            LoaderMode::Single => ReaderOptions { coalesce: None, ..base },
+        }
+    }
 }
 
 fn base64(data: &[u8]) -> String {
@@ -269,9 +318,10 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Reads `steps` steps of `batch` sequences in sample order, prefetching `prefetch` steps ahead.
-fn time_loader(uri: &str, a: &LoaderArgs) -> Result<Value> {
-    let r = CorpusReader::open_with(uri, ReaderOptions::default())?;
+/// Reads `steps` steps of `batch` sequences in sample order, prefetching `prefetch` steps ahead,
+/// as a worker does.
+fn time_loader(dir: &StoreDir, mode: LoaderMode, a: &LoaderArgs) -> Result<Value> {
+    let r = CorpusReader::open_dir(dir.clone(), mode.options(a))?;
     let order = r.sample_order(a.seq_len, a.seed)?;
     let steps = a.steps.min(order.n_sequences() / a.batch).max(1);
     let step_indices = |s: u64| -> Result<Vec<u64>> { Ok(rank_slice(s, a.batch, 0, 1)?.map(|k| order.sequence_at(k)).collect()) };
@@ -285,13 +335,16 @@ fn time_loader(uri: &str, a: &LoaderArgs) -> Result<Value> {
             r.prefetch(a.seq_len, step_indices(s + a.prefetch)?);
         }
         let (x, _) = r.batch(a.seq_len, &step_indices(s)?)?;
-        checksum = checksum.wrapping_add(x[0] as u64);
+        // every token, in order: equal sums say equal batches across stores and modes
+        checksum = x.iter().fold(checksum, |c, &v| c.wrapping_mul(31).wrapping_add(v as u64));
     }
     let secs = t.elapsed().as_secs_f64();
     let st = r.stats();
     let tokens = steps * a.batch * a.seq_len as u64;
     Ok(json!({
-        "uri": uri,
+        "uri": dir.uri(),
+        "mode": mode.name(),
+        "whole_shards": r.whole_shards(),
         "steps": steps,
         "tokens": tokens,
         "seconds": secs,
@@ -304,58 +357,124 @@ fn time_loader(uri: &str, a: &LoaderArgs) -> Result<Value> {
     }))
 }
 
+/// Copies the corpus (manifest and train shards) from `from` to `to`.
+fn copy_corpus(from: &StoreDir, to: &StoreDir, m: &smelt_corpus::Manifest) -> Result<()> {
+    for s in &m.train.shards {
+        to.put(&s.name, from.get(&s.name)?)?;
+    }
+    to.put(MANIFEST, from.get(MANIFEST)?)?;
+    Ok(())
+}
+
 pub fn loader(a: LoaderArgs) -> Result<()> {
     if a.batch == 0 || a.seq_len == 0 {
         bail!("--batch and --seq-len must be at least 1");
     }
-    let main = time_loader(&a.corpus, &a)?;
-    // memory:// upper bound: the same objects, copied into this process's memory
+    if a.modes.is_empty() {
+        bail!("--modes names no way of reading");
+    }
     let dir = StoreDir::open(&a.corpus)?;
     let m = smelt_corpus::reader::read_manifest(&dir)?;
     let total: u64 = m.train.shards.iter().map(|s| s.bytes).sum();
-    let memory = if a.memory_max_mib > 0 && total <= a.memory_max_mib << 20 {
-        let mem = StoreDir::open(&format!("memory://bench-loader-{}/corpus", std::process::id()))?;
-        for s in &m.train.shards {
-            mem.put(&s.name, dir.get(&s.name)?)?;
-        }
-        mem.put(MANIFEST, dir.get(MANIFEST)?)?;
-        Some(time_loader(mem.uri(), &a)?)
+    let copies = a.memory_max_mib > 0 && total <= a.memory_max_mib << 20;
+
+    // the stores: as given; an S3-protocol server on loopback; memory:// (the bound)
+    let mut stores: Vec<(&str, StoreDir)> = vec![("store", dir.clone())];
+    let s3_root = std::env::temp_dir().join(format!("smelt-bench-loader-{}", std::process::id()));
+    let server = if copies && !a.no_s3_loopback {
+        let server = S3Loopback::start(&s3_root)?;
+        server.create_bucket("bench")?;
+        let s3 = server.dir("bench", "corpus")?;
+        copy_corpus(&dir, &s3, &m).context("uploading the corpus to the S3 loopback server")?;
+        stores.push(("s3-loopback", s3));
+        Some(server)
     } else {
         None
     };
+    if copies {
+        let mem = StoreDir::open(&format!("memory://bench-loader-{}/corpus", std::process::id()))?;
+        copy_corpus(&dir, &mem, &m)?;
+        stores.push(("memory", mem));
+    }
+    let mut runs = Vec::new();
+    let mut failed = None;
+    'all: for (name, store) in &stores {
+        // untimed: open the store's connections (and warm its caches) before the timed runs
+        let warm = LoaderArgs { steps: a.steps.min(4), seed: a.seed.wrapping_add(1), modes: vec![LoaderMode::Single], ..a.clone() };
+        if let Err(e) = time_loader(store, LoaderMode::Single, &warm) {
+            failed = Some(e.context(format!("{name} ({}), warming up", store.uri())));
+            break 'all;
+        }
+        for &mode in &a.modes {
+            match time_loader(store, mode, &a) {
+                Ok(mut v) => {
+                    v["store"] = json!(name);
+                    runs.push(v);
+                }
+                Err(e) => {
+                    failed = Some(e.context(format!("{name} ({}), {} mode", store.uri(), mode.name())));
+                    break 'all;
+                }
+            }
+        }
+    }
+    drop(server);
+    let _ = std::fs::remove_dir_all(&s3_root);
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    let same = runs.windows(2).all(|w| w[0]["checksum"] == w[1]["checksum"]);
+    if !same {
+        bail!("the stores and modes handed out different batches: {}", serde_json::to_string(&runs)?);
+    }
     let report = json!({
         "bench": "loader",
+        "corpus": a.corpus,
         "seq_len": a.seq_len,
         "batch": a.batch,
         "prefetch_steps": a.prefetch,
+        "concurrency": a.concurrency,
+        "max_gap_kib": a.max_gap_kib,
+        "max_get_mib": a.max_get_mib,
         "corpus_train_tokens": m.train.tokens,
-        "store": main,
-        "memory": memory,
+        "corpus_train_shards": m.train.shards.len(),
+        "runs": runs,
+        "copies": if copies { "made" } else { "corpus over --memory-max-mib: s3-loopback and memory not run" },
     });
     if a.json {
         println!("{report}");
         return Ok(());
     }
-    let line = |name: &str, v: &Value| {
+    println!(
+        "loader, {} ({} train tokens in {} shards), sample order, {} x {} tokens per step, prefetch {} steps, {} GETs in flight, coalescing gaps <= {} KiB into GETs <= {} MiB:",
+        a.corpus,
+        m.train.tokens,
+        m.train.shards.len(),
+        a.batch,
+        a.seq_len,
+        a.prefetch,
+        a.concurrency,
+        a.max_gap_kib,
+        a.max_get_mib
+    );
+    for v in &runs {
         println!(
-            "  {name:<8} {:>12.0} tokens/s  ({} steps x {} x {} tokens in {:.3} s; waited {:.3} s; {:.0}% ready when asked; {} requests, {:.1} MiB)",
+            "  {:<12} {:<10} {:>12.0} tokens/s  ({} steps in {:.3} s; waited {:.3} s; {:.0}% ready when asked; {} requests, {:.1} MiB)",
+            v["store"].as_str().unwrap_or("?"),
+            v["mode"].as_str().unwrap_or("?"),
             v["tokens_per_s"].as_f64().unwrap(),
             v["steps"],
-            a.batch,
-            a.seq_len,
             v["seconds"].as_f64().unwrap(),
             v["wait_seconds"].as_f64().unwrap(),
             100.0 * v["ready_fraction"].as_f64().unwrap(),
             v["requests"],
             v["mib_fetched"].as_f64().unwrap()
-        )
-    };
-    println!("loader, {} ({} train tokens), sample order, prefetch {} steps:", a.corpus, m.train.tokens, a.prefetch);
-    line("store", &main);
-    match &memory {
-        Some(v) => line("memory://", v),
-        None => println!("  memory:// not run (corpus over --memory-max-mib)"),
+        );
     }
+    if !copies {
+        println!("  s3-loopback and memory:// not run (corpus over --memory-max-mib)");
+    }
+    println!("  every store and mode handed out the same batches (checksum {})", runs[0]["checksum"]);
     Ok(())
 }
 

@@ -23,11 +23,13 @@ pub enum BenchCommand {
     Loader(crate::bench_corpus::LoaderArgs),
     /// Simulated workers heartbeating against a real coordinator: latency, CPU, gang assignment.
     Coordinator(crate::bench_coordinator::CoordinatorBenchArgs),
+    /// Checkpoint write/read GB/s (file:// and S3 on loopback) and the training stall per checkpoint.
+    Checkpoint(crate::bench_checkpoint::CheckpointArgs),
 }
 
 #[derive(Args, Debug)]
 pub struct StepArgs {
-    /// cpu (cuda needs a binary built with --features cuda).
+    /// cpu, or cuda (GPU 0; needs a binary built with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
     #[arg(long, default_value = "gpt2-124m")]
@@ -45,6 +47,9 @@ pub struct StepArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Dense bf16 peak of the GPU in TFLOP/s, for MFU (H100/H200 SXM: 989).
+    #[arg(long, default_value_t = 989.0)]
+    pub peak_tflops: f64,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -53,6 +58,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
         BenchCommand::Tokenize(a) => crate::bench_corpus::tokenize(a),
         BenchCommand::Loader(a) => crate::bench_corpus::loader(a),
         BenchCommand::Coordinator(a) => crate::bench_coordinator::run(a),
+        BenchCommand::Checkpoint(a) => crate::bench_checkpoint::run(a),
     }
 }
 
@@ -74,19 +80,80 @@ fn sgemm_gflops(be: &CpuBackend) -> f64 {
 }
 
 fn step(a: StepArgs) -> Result<()> {
-    match a.backend.as_str() {
-        "cpu" => {}
-        "cuda" => bail!("--backend cuda: this smelt binary was built without the `cuda` feature (cargo build --release --features cuda)"),
-        other => bail!("--backend {other:?}: expected cpu or cuda"),
-    }
     if a.steps == 0 {
         bail!("--steps must be at least 1");
     }
+    match a.backend.as_str() {
+        "cpu" => {
+            let be = CpuBackend::new();
+            let timed = time_steps(be, &a)?;
+            let peak = sgemm_gflops(&be);
+            report(&a, &timed, json!({
+                "backend": "cpu",
+                "threads": rayon::current_num_threads(),
+                "sgemm_gflops_per_s": peak,
+                "fraction_of_sgemm": timed.gflops() / peak,
+            }), format!(
+                "{:.0}% of this machine's SGEMM ({peak:.1} GFLOP/s) on {} threads",
+                100.0 * timed.gflops() / peak,
+                rayon::current_num_threads()
+            ));
+            Ok(())
+        }
+        "cuda" => step_cuda(&a),
+        other => bail!("--backend {other:?}: expected cpu or cuda"),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn step_cuda(_: &StepArgs) -> Result<()> {
+    bail!("--backend cuda: this smelt binary was built without the `cuda` feature (cargo build --release --features cuda)")
+}
+
+#[cfg(feature = "cuda")]
+fn step_cuda(a: &StepArgs) -> Result<()> {
+    let be = smelt_engine::cuda::CudaBackend::new(0)?;
+    let device = be.device_name().to_string();
+    let timed = time_steps(be, a)?;
+    // MFU against the dense bf16 peak of the card (H100/H200 SXM: 989 TFLOP/s), the same
+    // yardstick as ../shared/anchors/torch_gpt2.py's --peak default, so the two are comparable.
+    let peak_tflops = a.peak_tflops;
+    let mfu = timed.gflops() / 1e3 / peak_tflops;
+    report(a, &timed, json!({
+        "backend": "cuda",
+        "device": device,
+        "peak_tflops": peak_tflops,
+        "mfu": mfu,
+    }), format!("MFU {:.1}% of {peak_tflops} TFLOP/s on {device}", 100.0 * mfu));
+    Ok(())
+}
+
+/// Median and mean step time of a GPT trained on random tokens.
+struct Timed {
+    params: usize,
+    flops_per_token: f64,
+    tokens_per_step: f64,
+    /// Seconds per step, sorted.
+    secs: Vec<f64>,
+}
+
+impl Timed {
+    fn median(&self) -> f64 {
+        self.secs[self.secs.len() / 2]
+    }
+    fn tokens_per_s(&self) -> f64 {
+        self.tokens_per_step / self.median()
+    }
+    fn gflops(&self) -> f64 {
+        self.flops_per_token * self.tokens_per_s() / 1e9
+    }
+}
+
+fn time_steps<B: Backend>(be: B, a: &StepArgs) -> Result<Timed> {
     let cfg = GptConfig::preset(&a.preset)?;
     if a.seq > cfg.block_size {
         bail!("--seq {} exceeds the preset's block size {}", a.seq, cfg.block_size);
     }
-    let be = CpuBackend::new();
     let mut rng = Rng::new(0);
     let stream: Vec<u32> = (0..a.batch * (a.seq + 1) * 8).map(|_| rng.below(cfg.vocab_size as u64) as u32).collect();
     let windows = TokenWindows::new(&stream);
@@ -106,45 +173,52 @@ fn step(a: StepArgs) -> Result<()> {
     for _ in 0..a.warmup {
         trainer.train_step(&windows)?;
     }
-    let t = Instant::now();
+    // Each step ends by reading its loss back, which waits for the device: host clocks time
+    // whole steps correctly on every backend.
+    let mut secs = Vec::with_capacity(a.steps as usize);
     for _ in 0..a.steps {
+        let t = Instant::now();
         trainer.train_step(&windows)?;
+        secs.push(t.elapsed().as_secs_f64());
     }
-    let secs = t.elapsed().as_secs_f64() / a.steps as f64;
-    let tokens = (a.batch * a.seq) as f64;
-    let flops_per_token = cfg.flops_per_token(a.seq);
-    let gflops = flops_per_token * tokens / secs / 1e9;
-    let peak = sgemm_gflops(&be);
-    let report = json!({
+    secs.sort_by(f64::total_cmp);
+    Ok(Timed {
+        params: cfg.num_params(),
+        flops_per_token: cfg.flops_per_token(a.seq),
+        tokens_per_step: (a.batch * a.seq) as f64,
+        secs,
+    })
+}
+
+fn report(a: &StepArgs, t: &Timed, extra: serde_json::Value, extra_text: String) {
+    let mut report = json!({
         "bench": "step",
-        "backend": "cpu",
         "preset": a.preset,
-        "params": cfg.num_params(),
+        "params": t.params,
         "batch": a.batch,
         "seq": a.seq,
-        "threads": rayon::current_num_threads(),
         "warmup_steps": a.warmup,
         "steps": a.steps,
-        "ms_per_step": secs * 1e3,
-        "tokens_per_s": tokens / secs,
-        "flops_per_token": flops_per_token,
-        "gflops_per_s": gflops,
-        "sgemm_gflops_per_s": peak,
-        "fraction_of_sgemm": gflops / peak,
+        "ms_per_step": t.median() * 1e3,
+        "ms_per_step_min": t.secs[0] * 1e3,
+        "ms_per_step_max": t.secs[t.secs.len() - 1] * 1e3,
+        "tokens_per_s": t.tokens_per_s(),
+        "flops_per_token": t.flops_per_token,
+        "gflops_per_s": t.gflops(),
     });
+    if let (Some(obj), serde_json::Value::Object(more)) = (report.as_object_mut(), extra) {
+        obj.extend(more);
+    }
     if a.json {
         println!("{report}");
     } else {
         println!(
-            "{}: {:.0} ms/step, {:.0} tokens/s, {:.1} GFLOP/s = {:.0}% of this machine's SGEMM ({:.1} GFLOP/s) on {} threads",
+            "{}: {:.1} ms/step (median of {}), {:.0} tokens/s, {:.1} GFLOP/s, {extra_text}",
             a.preset,
-            secs * 1e3,
-            tokens / secs,
-            gflops,
-            100.0 * gflops / peak,
-            peak,
-            rayon::current_num_threads()
+            t.median() * 1e3,
+            a.steps,
+            t.tokens_per_s(),
+            t.gflops(),
         );
     }
-    Ok(())
 }

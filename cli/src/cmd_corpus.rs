@@ -27,7 +27,9 @@ pub enum TxtDocsArg {
 
 #[derive(Args, Debug)]
 pub struct PrepareArgs {
-    /// Input files, directories (searched recursively) or glob patterns; repeatable.
+    /// Input files, directories (searched recursively) or glob patterns; or object-store URIs:
+    /// an object, a prefix (every .txt/.jsonl object under it) or a glob over keys, e.g.
+    /// `s3://bucket/raw/*.jsonl.gz`; repeatable.
     #[arg(long, required = true, num_args = 1..)]
     pub input: Vec<String>,
     /// gpt2 (OpenAI's GPT-2 BPE), char (the inputs' characters) or byte.
@@ -51,6 +53,10 @@ pub struct PrepareArgs {
     /// Number of documents that go to the validation split.
     #[arg(long)]
     pub val_docs: Option<u64>,
+    /// When resuming, re-read every shard an earlier run finished and check its sha256 (by
+    /// default they are kept on their size and ETag, or header, without being read).
+    #[arg(long)]
+    pub verify: bool,
     /// Stop after writing this many shards, without a manifest (a rerun continues).
     #[arg(long, hide = true)]
     pub stop_after_shards: Option<u64>,
@@ -112,6 +118,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
         shard_tokens: a.shard_tokens,
         val,
         stop_after_shards: a.stop_after_shards,
+        verify_resumed: a.verify,
         ..PrepareOptions::default()
     };
     let bar = ProgressBar::new(0);
@@ -131,6 +138,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
                 "complete": report.complete,
                 "shards_written": report.shards_written,
                 "shards_kept": report.shards_kept,
+                "resume_bytes_read": report.resume_bytes_read,
                 "input_files": report.input_files,
                 "input_bytes": report.input_bytes,
                 "tokenized_bytes": report.tokenized_bytes,

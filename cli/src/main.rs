@@ -1,10 +1,13 @@
 //! `smelt`: one binary for every part of smelt.
 
+mod bench_checkpoint;
 mod bench_coordinator;
 mod bench_corpus;
 mod client;
+mod cmd_attention;
 mod cmd_bench;
 mod cmd_corpus;
+mod cmd_export;
 mod cmd_coordinator;
 mod cmd_jobs;
 mod cmd_sample;
@@ -35,6 +38,8 @@ enum Command {
     Train(cmd_train::TrainArgs),
     /// Generate text from a trained model.
     Sample(cmd_sample::SampleArgs),
+    /// Draw a model's attention weights for a text: PNG heat maps per layer and head, plus JSON.
+    Attention(cmd_attention::AttentionArgs),
     /// Run the coordinator (control plane): jobs, workers, scheduling, over a SQLite file.
     Coordinator(cmd_coordinator::CoordinatorArgs),
     /// Submit a job spec (TOML) to the coordinator; prints the job id.
@@ -54,6 +59,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(cmd_bench::BenchCommand),
+    /// Export a model: `hf` (Hugging Face transformers GPT2LMHeadModel), `logits` (.npy).
+    #[command(subcommand)]
+    Export(cmd_export::ExportCommand),
 }
 
 fn main() -> Result<()> {
@@ -73,7 +81,9 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Train(a) => cmd_train::run(a),
         Command::Sample(a) => cmd_sample::run(a),
+        Command::Attention(a) => cmd_attention::run(a),
         Command::Bench(b) => cmd_bench::run(b),
+        Command::Export(c) => cmd_export::run(c),
         Command::Corpus(c) => cmd_corpus::run(c),
         Command::Coordinator(a) => cmd_coordinator::run(a),
         Command::Submit(a) => cmd_submit::run(a),

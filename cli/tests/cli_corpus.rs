@@ -3,7 +3,16 @@
 use std::process::{Command, Output};
 
 fn smelt(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_smelt")).args(args).env("RUST_LOG", "warn").output().expect("run smelt")
+    smelt_env(args, &[])
+}
+
+fn smelt_env(args: &[&str], env: &[(&str, String)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_smelt"));
+    c.args(args).env("RUST_LOG", "warn");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().expect("run smelt")
 }
 
 fn text_of(o: &Output) -> String {
@@ -38,6 +47,7 @@ fn prepare_resume_verify_and_bench() {
     let second = json_of(&prep(&[]));
     assert_eq!(second["complete"], true);
     assert_eq!(second["shards_kept"], 2);
+    assert_eq!(second["resume_bytes_read"], 0, "kept on size and ETag, unread");
     assert_eq!(second["train_documents"], 10);
     assert_eq!(second["val_documents"], 2);
     assert!(out.join("val-00000.bin").exists() && out.join("manifest.json").exists());
@@ -46,9 +56,25 @@ fn prepare_resume_verify_and_bench() {
     assert_eq!(v["ok"], true);
     assert_eq!(v["tokens"], second["train_tokens"].as_u64().unwrap() + second["val_tokens"].as_u64().unwrap());
 
+    // the loader from the local store, an S3 server on loopback and memory://, every mode
     let l = json_of(&smelt(&["bench", "loader", "--corpus", outp, "--seq-len", "64", "--batch", "4", "--steps", "5", "--json"]));
-    assert_eq!(l["store"]["steps"], 5);
-    assert_eq!(l["store"]["checksum"], l["memory"]["checksum"]);
+    let runs = l["runs"].as_array().unwrap();
+    let got: Vec<String> = runs.iter().map(|r| format!("{} {}", r["store"].as_str().unwrap(), r["mode"].as_str().unwrap())).collect();
+    let mut want = Vec::new();
+    for st in ["store", "s3-loopback", "memory"] {
+        for m in ["whole", "coalesced", "single"] {
+            want.push(format!("{st} {m}"));
+        }
+    }
+    assert_eq!(got, want);
+    for r in runs {
+        assert_eq!(r["steps"], 5);
+        assert_eq!(r["checksum"], runs[0]["checksum"]);
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0);
+        assert_eq!(r["whole_shards"], r["mode"] == "whole");
+    }
+    assert!(runs[1]["requests"].as_u64() < runs[2]["requests"].as_u64(), "coalesced sends fewer GETs than single");
+    assert!(runs[3]["uri"].as_str().unwrap().starts_with("s3://bench/"));
 
     let t = json_of(&smelt(&["bench", "tokenize", "--input", input.join("d00.txt").to_str().unwrap(), "--repeat", "1", "--no-peer", "--json"]));
     assert!(t["smelt"]["tokens"].as_u64().unwrap() > 100);
@@ -67,4 +93,41 @@ fn prepare_resume_verify_and_bench() {
     let o = smelt(&["corpus", "verify", outp]);
     assert!(!o.status.success());
     assert!(text_of(&o).contains("shard-00001.bin"), "{}", text_of(&o));
+}
+
+#[test]
+fn prepare_from_s3_inputs_and_verify_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = smelt_corpus::loopback::S3Loopback::start(&dir.path().join("s3")).unwrap();
+    server.create_bucket("raw").unwrap();
+    let up = server.dir("raw", "web").unwrap();
+    for i in 0..6 {
+        let doc: String = (0..30).map(|j| format!("{{\"text\": \"Page {i} line {j}: it's here.\"}}\n")).collect();
+        up.put(&format!("crawl-{i}.jsonl"), doc.into_bytes()).unwrap();
+    }
+    up.put("README.txt", b"not matched by the glob".to_vec()).unwrap();
+    let env = server.env();
+    let out = dir.path().join("corpus");
+    let outp = out.to_str().unwrap();
+    let prep = |extra: &[&str]| {
+        let mut args = vec!["corpus", "prepare", "--input", "s3://raw/web/crawl-*.jsonl", "--out", outp, "--shard-tokens", "500", "--json"];
+        args.extend_from_slice(extra);
+        smelt_env(&args, &env)
+    };
+    let first = json_of(&prep(&["--stop-after-shards", "3"]));
+    assert_eq!((first["input_files"].as_u64(), first["shards_written"].as_u64()), (Some(6), Some(3)));
+    let shard_bytes: u64 = (0..3).map(|i| std::fs::metadata(out.join(format!("shard-{i:05}.bin"))).unwrap().len()).sum();
+    // --verify re-reads the 3 kept shards whole
+    let second = json_of(&prep(&["--verify"]));
+    assert_eq!(second["complete"], true);
+    assert_eq!(second["shards_kept"], 3);
+    assert_eq!(second["resume_bytes_read"].as_u64(), Some(shard_bytes));
+    assert_eq!(second["train_documents"], 6 * 30);
+    let v = json_of(&smelt(&["corpus", "verify", outp, "--json"]));
+    assert_eq!(v["tokens"], second["train_tokens"]);
+    // without the server's address, the s3:// input cannot be reached: the error names it
+    let o = smelt(&["corpus", "prepare", "--input", "s3://raw/web/nothing-*.jsonl", "--out", dir.path().join("o2").to_str().unwrap()]);
+    assert!(!o.status.success());
+    let o = smelt_env(&["corpus", "prepare", "--input", "s3://raw/web/nothing-*.jsonl", "--out", dir.path().join("o2").to_str().unwrap()], &env);
+    assert!(text_of(&o).contains("s3://raw/web/nothing-*.jsonl: glob pattern matches no objects"), "{}", text_of(&o));
 }

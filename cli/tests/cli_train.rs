@@ -46,6 +46,30 @@ fn train_then_sample() {
     // Same seed, same text.
     let again = smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", "the ", "--tokens", "50", "--seed", "3"]);
     assert_eq!(String::from_utf8(again.stdout).unwrap(), s);
+
+    // Attention maps of the trained model: one PNG per layer and head, weights in JSON.
+    let att = dir.path().join("att");
+    let o = smelt(&["attention", model.to_str().unwrap(), "--text", "the quick fox", "--out", att.to_str().unwrap(), "--cell", "3"]);
+    assert!(o.status.success(), "attention failed: {}", text_of(&o));
+    let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(att.join("attention.json")).unwrap()).unwrap();
+    let (layers, heads) = (doc["layers"].as_u64().unwrap() as usize, doc["heads"].as_u64().unwrap() as usize);
+    assert!(layers >= 1 && heads >= 1);
+    let t = "the quick fox".chars().count();
+    assert_eq!(doc["tokens"].as_array().unwrap().len(), t);
+    for l in 0..layers {
+        for h in 0..heads {
+            let rows = doc["weights"][l][h].as_array().unwrap();
+            assert_eq!(rows.len(), t);
+            for (i, row) in rows.iter().enumerate() {
+                let w: Vec<f64> = row.as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect();
+                assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-4, "layer {l} head {h} row {i} is not a distribution");
+                assert!(w[i + 1..].iter().all(|&x| x == 0.0), "layer {l} head {h}: query {i} attends to the future");
+            }
+            let png = std::fs::File::open(att.join(format!("layer{l}_head{h}.png"))).unwrap();
+            let info = png::Decoder::new(std::io::BufReader::new(png)).read_info().unwrap().info().clone();
+            assert_eq!((info.width, info.height), (3 * t as u32, 3 * t as u32));
+        }
+    }
 }
 
 #[test]

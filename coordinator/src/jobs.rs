@@ -22,7 +22,8 @@ impl State {
     pub fn submit(&mut self, spec_toml: String, resume_from: String) -> Result<Job> {
         let spec = JobSpec::parse(&spec_toml)?;
         match spec.kind {
-            JobKind::Pretrain => {}
+            // A fine-tuning job's init_from is resolved and read by its workers.
+            JobKind::Pretrain | JobKind::Finetune => {}
         }
         let device_class = match spec.cluster.device {
             Device::Cpu => DeviceClass::Cpu,

@@ -169,6 +169,9 @@ impl JobRec {
             worker_ids: self.ranks.clone(),
             created_at_ms: r.created_at_ms,
             updated_at_ms: r.updated_at_ms,
+            last_checkpoint_step: self.latest_checkpoint.as_ref().map_or(0, |c| c.0),
+            last_checkpoint_uri: self.latest_checkpoint.as_ref().map(|c| c.1.clone()).unwrap_or_default(),
+            resume_from: r.resume_from.clone(),
         }
     }
 }

@@ -196,6 +196,11 @@ impl State {
             Some(worker_message::Body::Status(s)) => self.on_status(worker_id, s),
             Some(worker_message::Body::Metrics(m)) => self.on_metrics(worker_id, m),
             Some(worker_message::Body::Done(d)) => self.on_done(worker_id, d),
+            Some(worker_message::Body::Note(n)) => {
+                if self.holds_rank(&n.job_id, n.attempt, worker_id).is_some() {
+                    self.message(&n.job_id, n.text);
+                }
+            }
             None => {}
         }
         true

@@ -91,6 +91,15 @@ impl Dtype {
         }
     }
 
+    /// Decodes `bytes` into `out`, which holds exactly `bytes.len() / width` tokens.
+    pub fn decode_to(self, bytes: &[u8], out: &mut [u32]) {
+        debug_assert_eq!(bytes.len() as u64, out.len() as u64 * self.bytes());
+        match self {
+            Dtype::U16 => out.iter_mut().zip(bytes.chunks_exact(2)).for_each(|(o, c)| *o = u16::from_le_bytes([c[0], c[1]]) as u32),
+            Dtype::U32 => out.iter_mut().zip(bytes.chunks_exact(4)).for_each(|(o, c)| *o = u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        }
+    }
+
     /// Decodes whole tokens of `bytes` (its length must be a multiple of the width).
     pub fn decode_into(self, bytes: &[u8], out: &mut Vec<u32>) {
         match self {

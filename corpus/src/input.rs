@@ -22,6 +22,7 @@ use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 
 use crate::error::CorpusError;
 use crate::format::{SourceInfo, TxtDocs};
+use crate::store::StoreDir;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Format {
@@ -29,27 +30,50 @@ pub enum Format {
     Jsonl,
 }
 
+/// Where an input file is.
+#[derive(Clone, Debug)]
+pub enum Location {
+    Local(PathBuf),
+    /// Object `name` of an object-store directory.
+    Object { dir: StoreDir, name: String },
+}
+
 /// One input file.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct Source {
-    pub path: PathBuf,
+    pub location: Location,
     pub format: Format,
     pub gz: bool,
-    /// Size on disk.
+    /// Size on disk (or in the store).
     pub bytes: u64,
 }
 
 impl Source {
     pub fn info(&self) -> SourceInfo {
-        SourceInfo { path: self.path.display().to_string(), bytes: self.bytes }
+        SourceInfo { path: self.shown(), bytes: self.bytes }
     }
-    fn shown(&self) -> String {
-        self.path.display().to_string()
+    /// How errors name it: the path, or the object's URI.
+    pub fn shown(&self) -> String {
+        match &self.location {
+            Location::Local(p) => p.display().to_string(),
+            Location::Object { dir, name } => dir.uri_of(name),
+        }
+    }
+    /// The file's bytes, streamed.
+    fn open(&self) -> Result<Box<dyn Read>, CorpusError> {
+        match &self.location {
+            Location::Local(p) => Ok(Box::new(File::open(p).map_err(|e| CorpusError::io(self.shown(), e))?)),
+            Location::Object { dir, name } => Ok(Box::new(crate::object_read::ObjectReader::open(dir, name))),
+        }
     }
 }
 
 fn classify(path: &Path) -> Option<(Format, bool)> {
-    let name = path.file_name()?.to_str()?.to_ascii_lowercase();
+    classify_name(path.file_name()?.to_str()?)
+}
+
+fn classify_name(name: &str) -> Option<(Format, bool)> {
+    let name = name.rsplit('/').next()?.to_ascii_lowercase();
     let (stem, gz) = match name.strip_suffix(".gz") {
         Some(s) => (s.to_string(), true),
         None => (name, false),
@@ -87,19 +111,29 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), CorpusError> {
 /// The input files named by `inputs` — files, directories (searched recursively for `.txt`,
 /// `.jsonl` and their `.gz`; hidden entries skipped) and glob patterns — in the order given,
 /// each directory's and pattern's files sorted by path, duplicates dropped.
+///
+/// Object-store URIs (`s3://bucket/prefix/*.jsonl.gz`, `gs://`, `az://`, `file://`,
+/// `memory://`) are listed instead: a URI naming an object is that object; one naming a prefix
+/// is every `.txt`/`.jsonl` (gzipped or not) object under it; a glob in the key part is matched
+/// against the keys (`*` and `?` stay within one `/`-separated segment, `**` crosses them).
 pub fn expand_inputs(inputs: &[String]) -> Result<Vec<Source>, CorpusError> {
-    let mut paths = Vec::new();
+    let mut paths: Vec<(Location, Option<u64>)> = Vec::new();
     for input in inputs {
+        if crate::store::has_scheme(input) {
+            paths.extend(crate::object_read::expand_uri(input)?.into_iter().map(|(l, n)| (l, Some(n))));
+            continue;
+        }
         let p = Path::new(input);
         if p.exists() {
             if p.is_dir() {
-                let before = paths.len();
-                walk(p, &mut paths)?;
-                if paths.len() == before {
+                let mut found = Vec::new();
+                walk(p, &mut found)?;
+                if found.is_empty() {
                     return Err(CorpusError::input(input, None, "directory holds no .txt, .jsonl, .txt.gz or .jsonl.gz files"));
                 }
+                paths.extend(found.into_iter().map(|p| (Location::Local(p), None)));
             } else {
-                paths.push(p.to_path_buf());
+                paths.push((Location::Local(p.to_path_buf()), None));
             }
         } else if input.contains(['*', '?', '[']) {
             let pattern = glob::glob(input).map_err(|e| CorpusError::input(input, None, format!("bad glob pattern: {e}")))?;
@@ -116,24 +150,37 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<Source>, CorpusError> {
                 return Err(CorpusError::input(input, None, "glob pattern matches no files"));
             }
             matched.sort();
-            paths.extend(matched);
+            paths.extend(matched.into_iter().map(|p| (Location::Local(p), None)));
         } else {
             return Err(CorpusError::input(input, None, "input not found"));
         }
     }
     let mut seen = std::collections::HashSet::new();
     let mut sources = Vec::new();
-    for path in paths {
-        let key = path.canonicalize().unwrap_or_else(|_| path.clone());
+    for (location, listed) in paths {
+        let (key, name, bytes) = match &location {
+            Location::Local(path) => {
+                let key = path.canonicalize().unwrap_or_else(|_| path.clone()).display().to_string();
+                let shown = path.display().to_string();
+                let bytes = std::fs::metadata(path).map_err(|e| CorpusError::io(&shown, e))?.len();
+                (key, shown, bytes)
+            }
+            Location::Object { dir, name } => {
+                let uri = dir.uri_of(name);
+                let bytes = match listed {
+                    Some(n) => n,
+                    None => dir.size(name)?.ok_or_else(|| CorpusError::input(&uri, None, "input not found"))?,
+                };
+                (uri.clone(), uri, bytes)
+            }
+        };
         if !seen.insert(key) {
             continue;
         }
-        let shown = path.display().to_string();
-        let (format, gz) = classify(&path).ok_or_else(|| {
-            CorpusError::input(&shown, None, "unsupported input: expected a .txt or .jsonl file, optionally gzipped (.gz)")
+        let (format, gz) = classify_name(&name).ok_or_else(|| {
+            CorpusError::input(&name, None, "unsupported input: expected a .txt or .jsonl file, optionally gzipped (.gz)")
         })?;
-        let bytes = std::fs::metadata(&path).map_err(|e| CorpusError::io(&shown, e))?.len();
-        sources.push(Source { path, format, gz, bytes });
+        sources.push(Source { location, format, gz, bytes });
     }
     if sources.is_empty() {
         return Err(CorpusError::Empty("no input files".into()));
@@ -304,8 +351,7 @@ pub fn for_each_segment(
     let mut em = Emitter { next_doc: 0, stats: DocStats::default(), segment_bytes: opts.segment_bytes.max(1), emit };
     for (si, src) in sources.iter().enumerate() {
         let shown = src.shown();
-        let file = File::open(&src.path).map_err(|e| CorpusError::io(&shown, e))?;
-        let counted = Counting { inner: file, on_bytes };
+        let counted = Counting { inner: src.open()?, on_bytes };
         let raw: Box<dyn Read> = if src.gz { Box::new(MultiGzDecoder::new(counted)) } else { Box::new(counted) };
         let mut reader = BufReader::with_capacity(1 << 20, raw);
         let io = |e: std::io::Error| {

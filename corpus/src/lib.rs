@@ -3,7 +3,10 @@
 //! - [`tokenizer`]: byte, char and GPT-2 BPE ([`gpt2`]) tokenizers.
 //! - [`prepare`]: `smelt corpus prepare` — text and JSONL files (gzip too) to token shards and a
 //!   manifest in object storage ([`format`] describes the layout), resumable.
-//! - [`reader`]: the streaming loader the workers train from: ranged GETs, prefetching, checks.
+//! - [`reader`]: the streaming loader the workers train from: whole shards or coalesced ranged
+//!   GETs, prefetching, checks.
+//! - [`ranges`]: merging the byte ranges of many small reads into few large GETs.
+//! - [`loopback`]: an S3-protocol server on 127.0.0.1 in process, for benchmarks and tests.
 //! - [`sample_order`]: the data plan shared by the coordinator and the workers.
 //! - [`store`]: object-store URIs (`file://`, paths, `memory://`, `s3://`, `gs://`, `az://`) with
 //!   blocking helpers, reusable by anything that keeps files in object storage.
@@ -12,7 +15,10 @@ pub mod error;
 pub mod format;
 pub mod gpt2;
 pub mod input;
+pub mod loopback;
+mod object_read;
 pub mod prepare;
+pub mod ranges;
 pub mod reader;
 pub mod sample_order;
 pub mod store;

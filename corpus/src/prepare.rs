@@ -13,9 +13,13 @@
 //! 4. When both streams are written, `manifest.json` is put (last), and `progress.json` deleted.
 //!
 //! Everything is a pure function of the inputs and settings, so a rerun after an interruption
-//! resumes: the shards listed in `progress.json` that are present with the recorded size and
-//! sha256 are kept, and tokenizing restarts where the first missing one begins (documents before
-//! it are read but not tokenized). A rerun with other settings or other inputs is refused rather
+//! resumes: the shards listed in `progress.json` that are still there as written are kept, and
+//! tokenizing restarts where the first missing one begins (documents before it are read but not
+//! tokenized). "Still there as written" is checked cheaply, without reading the shards: one
+//! listing of the output gives every object's size and ETag, which must match the size and the
+//! ETag recorded when the shard was put (where the store gives no ETag, the 32-byte header is
+//! read and compared instead). [`PrepareOptions::verify_resumed`] re-reads every kept shard and
+//! checks its sha256 as well. A rerun with other settings or other inputs is refused rather
 //! than mixing two corpora; a rerun after success does nothing.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,10 +32,10 @@ use serde::{Deserialize, Serialize};
 use crate::error::CorpusError;
 use crate::format::{
     shard_name, Dtype, Manifest, PrepareSettings, ShardHeader, ShardInfo, SplitInfo, TxtDocs, ValSplit, FORMAT,
-    MANIFEST, MANIFEST_VERSION, PROGRESS,
+    HEADER_BYTES, MANIFEST, MANIFEST_VERSION, PROGRESS,
 };
 use crate::input::{expand_inputs, for_each_segment, DocOptions, DocStats, Flow, Segment, Source};
-use crate::store::StoreDir;
+use crate::store::{ObjectInfo, StoreDir};
 use crate::tokenizer::Tokenizer;
 
 /// What to prepare.
@@ -56,6 +60,9 @@ pub struct PrepareOptions {
     /// Stop (without a manifest) once this many shards have been finished in this run: a
     /// deliberate interruption, for tests and for preparing a corpus in bounded pieces.
     pub stop_after_shards: Option<u64>,
+    /// On resume, read every shard an earlier run finished and check its sha256 (otherwise size
+    /// and ETag, or header, are checked; see the module docs).
+    pub verify_resumed: bool,
 }
 
 impl Default for PrepareOptions {
@@ -71,6 +78,7 @@ impl Default for PrepareOptions {
             segment_bytes: 1 << 20,
             batch_bytes: 8 << 20,
             stop_after_shards: None,
+            verify_resumed: false,
         }
     }
 }
@@ -98,8 +106,11 @@ pub struct PrepareReport {
     pub manifest: Option<Manifest>,
     /// Shards written by this run.
     pub shards_written: u64,
-    /// Shards found finished and verified, not written again.
+    /// Shards found finished and checked, not written again.
     pub shards_kept: u64,
+    /// Bytes of an earlier run's shards read to check them on resume (0 when size and ETag
+    /// suffice; every kept byte with `verify_resumed`).
+    pub resume_bytes_read: u64,
     pub input_files: usize,
     pub input_bytes: u64,
     /// Text bytes tokenized by this run.
@@ -122,6 +133,16 @@ struct ShardRecord {
     #[serde(flatten)]
     info: ShardInfo,
     next: Cursor,
+    /// The store's ETag of the object as written, to tell on resume that it was not replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    e_tag: Option<String>,
+}
+
+impl ShardRecord {
+    /// The same shard content at the same place of the stream (the ETag aside).
+    fn same_shard(&self, other: &ShardRecord) -> bool {
+        self.info == other.info && self.next == other.next
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -286,15 +307,21 @@ impl Uploader<'_> {
         let name = shard_name(job.val, job.index);
         let sha256 = crate::format::sha256_hex(&job.data);
         let info = ShardInfo { name: name.clone(), tokens: job.tokens, bytes: job.data.len() as u64, sha256, documents: job.documents };
-        let record = ShardRecord { info, next: job.next };
-        let reuse = self.reusable.get(&(job.val, job.index)) == Some(&record);
-        if reuse {
-            self.kept += 1;
-        } else {
-            self.out.put(&name, job.data)?;
-            self.written += 1;
-            self.tokens_written += job.tokens;
-        }
+        let mut record = ShardRecord { info, next: job.next, e_tag: None };
+        // an earlier run's shard found intact and computed again identical: kept as it is
+        let reuse = match self.reusable.get(&(job.val, job.index)).filter(|old| old.same_shard(&record)) {
+            Some(old) => {
+                record.e_tag = old.e_tag.clone();
+                self.kept += 1;
+                true
+            }
+            None => {
+                record.e_tag = self.out.put_tagged(&name, job.data)?;
+                self.written += 1;
+                self.tokens_written += job.tokens;
+                false
+            }
+        };
         self.progress.shard(&name, reuse);
         let list = if job.val { &mut self.file.val } else { &mut self.file.train };
         debug_assert_eq!(list.len(), job.index);
@@ -338,18 +365,34 @@ fn load_json<T: serde::de::DeserializeOwned>(out: &StoreDir, name: &str) -> Resu
     }
 }
 
-/// Verifies an earlier run's shard: present, recorded size, recorded sha256.
-fn shard_intact(out: &StoreDir, info: &ShardInfo) -> Result<bool, CorpusError> {
-    match out.size(&info.name)? {
-        Some(n) if n == info.bytes => {}
-        _ => return Ok(false),
+/// Whether an earlier run's shard is still there as written: the size and ETag the listing
+/// gives match the record (where either ETag is missing, the header is read and compared); with
+/// `verify`, its sha256 too. Bytes read are added to `read`.
+fn shard_intact(
+    out: &StoreDir,
+    r: &ShardRecord,
+    listed: Option<&ObjectInfo>,
+    header: &ShardHeader,
+    verify: bool,
+    read: &mut u64,
+) -> Result<bool, CorpusError> {
+    let Some(obj) = listed else { return Ok(false) };
+    if obj.size != r.info.bytes {
+        return Ok(false);
     }
-    let data = match out.get(&info.name) {
-        Ok(d) => d,
-        Err(e) if e.is_not_found() => return Ok(false),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(crate::format::sha256_hex(&data) == info.sha256)
+    let fetched = |e: crate::store::StoreError| if e.is_not_found() { Ok(None) } else { Err(CorpusError::from(e)) };
+    if verify {
+        let Some(data) = out.get(&r.info.name).map(Some).or_else(fetched)? else { return Ok(false) };
+        *read += data.len() as u64;
+        return Ok(crate::format::sha256_hex(&data) == r.info.sha256);
+    }
+    if let (Some(a), Some(b)) = (&r.e_tag, &obj.e_tag) {
+        return Ok(a == b);
+    }
+    let Some(head) = out.get_range(&r.info.name, 0..HEADER_BYTES).map(Some).or_else(fetched)? else { return Ok(false) };
+    *read += head.len() as u64;
+    let want = ShardHeader { tokens: r.info.tokens, ..*header };
+    Ok(head[..] == want.to_bytes()[..])
 }
 
 /// Prepares a corpus (see the module docs).
@@ -426,6 +469,7 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Prepare
         manifest: None,
         shards_written: 0,
         shards_kept: 0,
+        resume_bytes_read: 0,
         input_files: sources.len(),
         input_bytes,
         tokenized_bytes: 0,
@@ -464,11 +508,14 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Prepare
             )));
         }
         skipped_empty_before = p.skipped_empty_documents;
-        progress.phase("verify", p.train.iter().chain(&p.val).map(|r| r.info.bytes).sum());
+        progress.phase(if opts.verify_resumed { "verify" } else { "check" }, p.train.iter().chain(&p.val).map(|r| r.info.bytes).sum());
+        // one listing for every shard's size and ETag
+        let listed: std::collections::HashMap<String, ObjectInfo> = out.list_info("")?.into_iter().collect();
         for (val, records, kept) in [(false, p.train, &mut kept_train), (true, p.val, &mut kept_val)] {
             let mut prefix = true;
             for (i, r) in records.into_iter().enumerate() {
-                let ok = r.info.name == shard_name(val, i) && shard_intact(&out, &r.info)?;
+                let ok = r.info.name == shard_name(val, i)
+                    && shard_intact(&out, &r, listed.get(&r.info.name), &header, opts.verify_resumed, &mut report.resume_bytes_read)?;
                 progress.advance(r.info.bytes);
                 if ok && prefix {
                     kept.push(r);
@@ -572,7 +619,7 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Prepare
                 .map(|s| {
                     tokenized.fetch_add(s.text.len() as u64, Ordering::Relaxed);
                     tokenizer.encode(&s.text).map_err(|e| CorpusError::Tokenize {
-                        path: sources[s.source].path.display().to_string(),
+                        path: sources[s.source].shown(),
                         source: std::sync::Arc::new(e),
                     })
                 })

@@ -1,37 +1,50 @@
-//! The streaming loader: training sequences of a prepared corpus, read with ranged GETs.
+//! The streaming loader: training sequences of a prepared corpus, read from object storage.
 //!
 //! [`CorpusReader`] is blocking on the outside (the training thread calls it; no runtime
 //! needed) and asynchronous inside: fetches run on [`crate::store::io_runtime`], at most
-//! `concurrency` at a time. [`CorpusReader::prefetch`] starts fetching sequences that will be
-//! needed soon; [`CorpusReader::sequence`] returns one, from the cache, from a fetch already on
-//! its way (waiting for it), or by fetching it now. The time spent waiting is counted in
-//! [`ReaderStats`], so a trainer can tell an input-bound step from a compute-bound one.
+//! `concurrency` GETs at a time. [`CorpusReader::prefetch`] starts fetching sequences that will
+//! be needed soon; [`CorpusReader::sequence`] and [`CorpusReader::batch`] return them, from
+//! memory, from a fetch already on its way (waiting for it), or by fetching them now. The time
+//! spent waiting is counted in [`ReaderStats`], so a trainer can tell an input-bound step from a
+//! compute-bound one.
 //!
 //! Sequence `i` of length `T` is tokens `[i*T, i*T + T + 1)` of the split's stream — the shards
 //! concatenated — so a sequence may span two (or more) shards.
 //!
+//! Two ways of reading, chosen when the reader is opened:
+//! - **whole shards**, when the split's shards add up to at most
+//!   [`ReaderOptions::whole_split_max_bytes`]: each shard is read with one GET the first time a
+//!   sequence needs it, checked whole (header, size, sha256, every token id) and kept in memory;
+//!   every sequence after that is a slice of it. Over a high-latency store the corpus then costs
+//!   one request per shard per run.
+//! - **ranged GETs** otherwise: the sequences asked for together (a step's batch, one prefetch
+//!   call) are mapped to byte ranges of their shards, and neighbouring ranges are merged into few
+//!   large GETs ([`crate::ranges::coalesce`]) fetched concurrently; decoded sequences are kept in
+//!   a bounded cache. With [`ReaderOptions::coalesce`] = `None` every sequence is its own GET.
+//!
 //! Checks: the manifest is checked for consistency when opened; a shard's size and header
 //! (magic, version, dtype, token count, vocabulary, end-of-text id) are checked against the
 //! manifest when the shard is first touched; every token read is checked against the vocabulary;
-//! a shard's sha256 is checked when it has been read whole — by one read, or by reads that arrive
-//! front to back (a sequential pass such as an evaluation over the validation split) — and
-//! [`CorpusReader::verify`] reads every shard to check all of it. Reads in a shuffled order do
-//! not add up to a hash: `verify` (or `smelt corpus verify`) is the check for those. Every error
-//! names the object.
+//! a shard's sha256 is checked when it has been read whole — by one read (always, in the
+//! whole-shard mode), or by ranged reads that arrive front to back — and
+//! [`CorpusReader::verify`] reads every shard to check all of it. Ranged reads in a shuffled
+//! order do not add up to a hash: `verify` (or `smelt corpus verify`) is the check for those.
+//! Every error names the object.
+
+mod fetch;
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
-use futures::StreamExt;
-use object_store::ObjectStoreExt;
-use sha2::Digest;
+use bytes::Bytes;
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::error::CorpusError;
-use crate::format::{hex, Dtype, Manifest, ShardHeader, ShardInfo, SplitInfo, FORMAT, HEADER_BYTES, MANIFEST, MANIFEST_VERSION};
+use crate::format::{Dtype, Manifest, ShardInfo, SplitInfo, FORMAT, MANIFEST, MANIFEST_VERSION};
+use crate::ranges::Coalesce;
 use crate::sample_order::SampleOrder;
 use crate::store::{block_on_io, io_runtime, StoreDir, StoreError};
 
@@ -55,16 +68,46 @@ impl Split {
 #[derive(Clone, Debug)]
 pub struct ReaderOptions {
     pub split: Split,
-    /// Decoded sequences kept in memory (least recently used dropped first), in bytes of u32
-    /// tokens. Prefetching further ahead than this holds is wasted.
+    /// Decoded sequences kept in memory by the ranged mode (least recently used dropped first),
+    /// in bytes of u32 tokens. Prefetching further ahead than this holds is wasted.
     pub cache_bytes: usize,
-    /// Fetches in flight at once.
+    /// GETs in flight at once.
     pub concurrency: usize,
+    /// How the ranged mode merges the byte ranges of sequences asked for together; `None`: one
+    /// GET per sequence (per shard it touches).
+    pub coalesce: Option<Coalesce>,
+    /// A split whose shards add up to at most this many bytes is read whole shard by shard and
+    /// held in memory (see the module docs); 0 always reads ranges.
+    pub whole_split_max_bytes: u64,
 }
 
 impl Default for ReaderOptions {
     fn default() -> Self {
-        ReaderOptions { split: Split::Train, cache_bytes: 256 << 20, concurrency: 16 }
+        ReaderOptions {
+            split: Split::Train,
+            cache_bytes: 256 << 20,
+            concurrency: 16,
+            // Merging pays when reading the hole costs less than another request. Sequences in
+            // sample order are sparse, so a wide gap reads mostly holes: with 1 MiB, an epoch of
+            // a 13 MB corpus fetched 1.36 GB and was slower over S3 on loopback than one GET per
+            // sequence (bench/NOTES.md). 64 KiB merges near neighbours only; raise it for stores
+            // with a long round trip. 16 MiB per GET keeps one response from holding up the
+            // sequences behind it.
+            coalesce: Some(Coalesce { max_gap: 64 << 10, max_len: 16 << 20 }),
+            whole_split_max_bytes: 256 << 20,
+        }
+    }
+}
+
+impl ReaderOptions {
+    fn validate(&self) -> Result<(), CorpusError> {
+        if self.concurrency == 0 {
+            return Err(CorpusError::Invalid("reader concurrency must be at least 1".into()));
+        }
+        if self.coalesce.is_some_and(|c| c.max_len == 0) {
+            return Err(CorpusError::Invalid("the longest coalesced GET (max_len) must be at least 1 byte".into()));
+        }
+        Ok(())
     }
 }
 
@@ -73,7 +116,7 @@ impl Default for ReaderOptions {
 pub struct ReaderStats {
     /// Sequences (or token ranges) handed out by [`CorpusReader::sequence`] and friends.
     pub sequences: u64,
-    /// ...of which were ready (cached or prefetched and arrived) when asked for.
+    /// ...of which were ready (in memory, or prefetched and arrived) when asked for.
     pub ready: u64,
     /// Seconds the caller spent blocked waiting for data.
     pub wait_seconds: f64,
@@ -104,6 +147,13 @@ enum Lookup {
 struct Slot {
     done: Mutex<Option<Result<Tokens, CorpusError>>>,
     cv: Condvar,
+}
+
+impl Slot {
+    fn finish(&self, r: Result<Tokens, CorpusError>) {
+        *self.done.lock().unwrap() = Some(r);
+        self.cv.notify_all();
+    }
 }
 
 #[derive(Default)]
@@ -153,17 +203,15 @@ struct Shard {
     info: ShardInfo,
     uri: String,
     path: object_store::path::Path,
+    /// Index of its first token in the split.
     start: u64,
     header_ok: OnceCell<()>,
+    /// The whole object, checked (whole-shard mode).
+    whole: OnceCell<Bytes>,
+    /// A background load of `whole` was started by a prefetch.
+    whole_requested: AtomicBool,
     /// sha256 of the shard's bytes `[0, pos)` while it is being read front to back.
-    stream_hash: Mutex<StreamHash>,
-}
-
-enum StreamHash {
-    /// Bytes `[0, pos)` hashed so far.
-    Running(u64, sha2::Sha256),
-    /// Checked (or abandoned: a whole-shard read checked it instead).
-    Done,
+    stream_hash: Mutex<fetch::StreamHash>,
 }
 
 impl Shard {
@@ -174,26 +222,10 @@ impl Shard {
             path: dir.path(&info.name),
             start,
             header_ok: OnceCell::new(),
-            stream_hash: Mutex::new(StreamHash::Running(0, sha2::Sha256::new())),
+            whole: OnceCell::new(),
+            whole_requested: AtomicBool::new(false),
+            stream_hash: Mutex::new(fetch::StreamHash::new()),
         }
-    }
-
-    /// Feeds bytes `[at, at + data.len())` of the object to the running hash if they continue
-    /// it; `Some(sha)` when that completes the object.
-    fn feed(&self, at: u64, data: &[u8]) -> Option<String> {
-        let mut h = self.stream_hash.lock().unwrap();
-        let StreamHash::Running(pos, hasher) = &mut *h else { return None };
-        let end = at + data.len() as u64;
-        if at > *pos || end <= *pos {
-            return None;
-        }
-        hasher.update(&data[(*pos - at) as usize..]);
-        *pos = end;
-        if end < self.info.bytes {
-            return None;
-        }
-        let StreamHash::Running(_, hasher) = std::mem::replace(&mut *h, StreamHash::Done) else { unreachable!() };
-        Some(hex(&hasher.finalize()))
     }
 }
 
@@ -205,6 +237,9 @@ struct Inner {
     total: u64,
     dtype: Dtype,
     cache_bytes: usize,
+    coalesce: Option<Coalesce>,
+    /// Whole-shard mode (see the module docs).
+    whole: bool,
     permits: Arc<Semaphore>,
     state: Mutex<CacheState>,
     sequences: AtomicU64,
@@ -213,6 +248,15 @@ struct Inner {
     requests: AtomicU64,
     bytes_fetched: AtomicU64,
     shards_verified: AtomicU64,
+}
+
+impl Inner {
+    /// The shards holding tokens `[start, start + len)`.
+    fn shards_of(&self, (start, len): Key) -> Range<usize> {
+        let first = self.shards.partition_point(|s| s.start <= start) - 1;
+        let last = self.shards.partition_point(|s| s.start < start + len);
+        first..last.max(first + 1)
+    }
 }
 
 /// A prepared corpus, opened for reading one split. Cheap to clone (shared state).
@@ -228,6 +272,7 @@ impl std::fmt::Debug for CorpusReader {
             .field("split", &self.inner.split)
             .field("tokens", &self.inner.total)
             .field("shards", &self.inner.shards.len())
+            .field("whole_shards", &self.inner.whole)
             .finish()
     }
 }
@@ -262,8 +307,9 @@ fn check_manifest(m: &Manifest) -> Result<(), String> {
             if s.name.is_empty() || s.name.contains(['/', '\\']) || s.name.starts_with('.') {
                 return Err(format!("{name}: bad shard name {:?}", s.name));
             }
-            if s.bytes != HEADER_BYTES + s.tokens * m.dtype.bytes() {
-                return Err(format!("{}: {} bytes listed, but {} {} tokens take {}", s.name, s.bytes, s.tokens, m.dtype.name(), HEADER_BYTES + s.tokens * m.dtype.bytes()));
+            let want = crate::format::HEADER_BYTES + s.tokens * m.dtype.bytes();
+            if s.bytes != want {
+                return Err(format!("{}: {} bytes listed, but {} {} tokens take {want}", s.name, s.bytes, s.tokens, m.dtype.name()));
             }
             if s.tokens == 0 {
                 return Err(format!("{}: an empty shard", s.name));
@@ -291,7 +337,12 @@ impl CorpusReader {
     }
 
     pub fn open_with(uri: &str, opts: ReaderOptions) -> Result<CorpusReader, CorpusError> {
-        let dir = StoreDir::open(uri)?;
+        Self::open_dir(StoreDir::open(uri)?, opts)
+    }
+
+    /// Opens the corpus in `dir` (e.g. a store client built by hand with [`StoreDir::from_parts`]).
+    pub fn open_dir(dir: StoreDir, opts: ReaderOptions) -> Result<CorpusReader, CorpusError> {
+        opts.validate()?;
         let manifest = read_manifest(&dir)?;
         let split_info: &SplitInfo = match opts.split {
             Split::Train => &manifest.train,
@@ -310,6 +361,7 @@ impl CorpusReader {
                 s
             })
             .collect();
+        let split_bytes: u64 = split_info.shards.iter().map(|s| s.bytes).sum();
         let inner = Inner {
             total: split_info.tokens,
             dtype: manifest.dtype,
@@ -317,7 +369,9 @@ impl CorpusReader {
             split: opts.split,
             shards,
             cache_bytes: opts.cache_bytes,
-            permits: Arc::new(Semaphore::new(opts.concurrency.max(1))),
+            coalesce: opts.coalesce,
+            whole: split_bytes <= opts.whole_split_max_bytes,
+            permits: Arc::new(Semaphore::new(opts.concurrency)),
             state: Mutex::new(CacheState::default()),
             sequences: AtomicU64::new(0),
             ready: AtomicU64::new(0),
@@ -345,6 +399,10 @@ impl CorpusReader {
     }
     pub fn vocab_size(&self) -> u32 {
         self.inner.manifest.vocab_size
+    }
+    /// Whether the split is read whole shard by shard (see the module docs).
+    pub fn whole_shards(&self) -> bool {
+        self.inner.whole
     }
 
     /// Whole sequences of `seq_len` inputs (plus the one target after them): `(n_tokens - 1) / seq_len`.
@@ -374,12 +432,14 @@ impl CorpusReader {
 
     /// Starts fetching sequences `indices` (of length `seq_len`) in the background; returns at
     /// once. Asking for them later with [`CorpusReader::sequence`] finds them ready or on their
-    /// way. Indices out of range are ignored here (and refused by `sequence`).
+    /// way. Indices out of range are ignored here (and refused by `sequence`). The sequences of
+    /// one call are fetched together (their ranges coalesced).
     pub fn prefetch(&self, seq_len: usize, indices: impl IntoIterator<Item = u64>) {
-        for i in indices {
-            if let Ok(key) = self.seq_key(seq_len, i) {
-                self.slot_for(key);
-            }
+        let keys: Vec<Key> = indices.into_iter().filter_map(|i| self.seq_key(seq_len, i).ok()).collect();
+        if self.inner.whole {
+            self.load_shards_in_background(&keys);
+        } else {
+            self.request(&keys);
         }
     }
 
@@ -391,11 +451,13 @@ impl CorpusReader {
     }
 
     /// Sequences `indices`, back to back: inputs `(B, T)` and targets `(B, T)`. All are
-    /// requested at once, so they are fetched concurrently.
+    /// requested at once, so they are fetched together.
     pub fn batch(&self, seq_len: usize, indices: &[u64]) -> Result<(Vec<u32>, Vec<u32>), CorpusError> {
         let keys = indices.iter().map(|&i| self.seq_key(seq_len, i)).collect::<Result<Vec<_>, _>>()?;
-        for &k in &keys {
-            self.slot_for(k);
+        if self.inner.whole {
+            self.load_shards_in_background(&keys);
+        } else {
+            self.request(&keys);
         }
         let (mut x, mut y) = (Vec::with_capacity(keys.len() * seq_len), Vec::with_capacity(keys.len() * seq_len));
         for k in keys {
@@ -416,10 +478,22 @@ impl CorpusReader {
                 self.inner.split.name()
             )));
         }
+        let key = (range.start, range.end - range.start);
         let inner = self.inner.clone();
         let t = Instant::now();
-        let r = block_on_io(async move { inner.fetch(range.start, range.end - range.start).await })
-            .unwrap_or_else(|| Err(CorpusError::Invalid("a fetch task panicked".into())));
+        let r = block_on_io(async move {
+            if key.1 == 0 {
+                return Ok(Vec::new());
+            }
+            if inner.whole {
+                inner.load_whole_range(key).await?;
+                return Ok(inner.slice_loaded(key).expect("its shards were just loaded"));
+            }
+            let mut out = None;
+            inner.fetch_keys(&[key], |_, r| out = Some(r)).await;
+            out.expect("fetch_keys answers every key")
+        })
+        .unwrap_or_else(|| Err(CorpusError::Invalid("a fetch task panicked".into())));
         self.inner.wait_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         self.inner.sequences.fetch_add(1, Ordering::Relaxed);
         r
@@ -443,41 +517,84 @@ impl CorpusReader {
         }
     }
 
-    /// The cached value of `key`, or the slot of its fetch (started here if none is running).
-    fn slot_for(&self, key: Key) -> Lookup {
-        let mut st = self.inner.state.lock().unwrap();
-        if let Some(v) = st.get(&key) {
-            return Lookup::Ready(v);
+    /// Whole-shard mode: starts loading the shards `keys` need that nobody has asked for yet.
+    fn load_shards_in_background(&self, keys: &[Key]) {
+        for &key in keys {
+            for k in self.inner.shards_of(key) {
+                let shard = &self.inner.shards[k];
+                if shard.whole.initialized() || shard.whole_requested.swap(true, Ordering::Relaxed) {
+                    continue;
+                }
+                let inner = self.inner.clone();
+                io_runtime().spawn(async move {
+                    // an error is reported to whoever asks for the sequence (which loads again)
+                    if inner.load_whole(k).await.is_err() {
+                        inner.shards[k].whole_requested.store(false, Ordering::Relaxed);
+                    }
+                });
+            }
         }
-        if let Some(slot) = st.inflight.get(&key) {
-            return Lookup::Pending(slot.clone());
-        }
-        let slot = Arc::new(Slot { done: Mutex::new(None), cv: Condvar::new() });
-        st.inflight.insert(key, slot.clone());
-        drop(st);
-        let inner = self.inner.clone();
-        let s = slot.clone();
-        io_runtime().spawn(async move {
-            let r = {
-                let _permit = inner.permits.clone().acquire_owned().await.expect("semaphore never closed");
-                inner.fetch(key.0, key.1).await.map(Arc::new)
-            };
-            {
-                let mut st = inner.state.lock().unwrap();
-                st.inflight.remove(&key);
-                if let Ok(v) = &r {
-                    st.insert(key, v.clone(), inner.cache_bytes);
+    }
+
+    /// Ranged mode: for each key, its cached value or the slot of its fetch. The keys neither
+    /// cached nor on their way are fetched by one new task, their ranges coalesced.
+    fn request(&self, keys: &[Key]) -> Vec<Lookup> {
+        let mut out = Vec::with_capacity(keys.len());
+        let mut new: Vec<(Key, Arc<Slot>)> = Vec::new();
+        {
+            let mut st = self.inner.state.lock().unwrap();
+            for &key in keys {
+                if let Some(v) = st.get(&key) {
+                    out.push(Lookup::Ready(v));
+                } else if let Some(slot) = st.inflight.get(&key) {
+                    out.push(Lookup::Pending(slot.clone()));
+                } else {
+                    let slot = Arc::new(Slot { done: Mutex::new(None), cv: Condvar::new() });
+                    st.inflight.insert(key, slot.clone());
+                    new.push((key, slot.clone()));
+                    out.push(Lookup::Pending(slot));
                 }
             }
-            *s.done.lock().unwrap() = Some(r);
-            s.cv.notify_all();
-        });
-        Lookup::Pending(slot)
+        }
+        if !new.is_empty() {
+            let inner = self.inner.clone();
+            io_runtime().spawn(async move {
+                let keys: Vec<Key> = new.iter().map(|(k, _)| *k).collect();
+                inner
+                    .fetch_keys(&keys, |i, r| {
+                        let (key, slot) = &new[i];
+                        let r = r.map(Arc::new);
+                        {
+                            let mut st = inner.state.lock().unwrap();
+                            st.inflight.remove(key);
+                            if let Ok(v) = &r {
+                                st.insert(*key, v.clone(), inner.cache_bytes);
+                            }
+                        }
+                        slot.finish(r);
+                    })
+                    .await;
+            });
+        }
+        out
     }
 
     fn fetch_cached(&self, key: Key) -> Result<Tokens, CorpusError> {
         self.inner.sequences.fetch_add(1, Ordering::Relaxed);
-        let slot = match self.slot_for(key) {
+        if self.inner.whole {
+            if let Some(v) = self.inner.slice_loaded(key) {
+                self.inner.ready.fetch_add(1, Ordering::Relaxed);
+                return Ok(Arc::new(v));
+            }
+            let inner = self.inner.clone();
+            let t = Instant::now();
+            let r = block_on_io(async move { inner.load_whole_range(key).await })
+                .unwrap_or_else(|| Err(CorpusError::Invalid("a fetch task panicked".into())));
+            self.inner.wait_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            r?;
+            return Ok(Arc::new(self.inner.slice_loaded(key).expect("its shards were just loaded")));
+        }
+        let slot = match self.request(&[key]).pop().expect("one key, one lookup") {
             Lookup::Ready(v) => {
                 self.inner.ready.fetch_add(1, Ordering::Relaxed);
                 return Ok(v);
@@ -495,191 +612,5 @@ impl CorpusReader {
             self.inner.wait_nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
         }
         done.as_ref().unwrap().clone()
-    }
-}
-
-impl Inner {
-    fn store_err(&self, op: &'static str, shard: &Shard, e: object_store::Error) -> CorpusError {
-        StoreError::from_object_store(op, shard.uri.clone(), e).into()
-    }
-
-    /// Checks shard `k`'s size and header against the manifest (once).
-    async fn check_header(&self, k: usize) -> Result<(), CorpusError> {
-        let shard = &self.shards[k];
-        shard
-            .header_ok
-            .get_or_try_init(|| async {
-                let store = self.dir.store();
-                let meta = store.head(&shard.path).await.map_err(|e| self.store_err("head", shard, e))?;
-                let n = HEADER_BYTES.min(meta.size);
-                let head = store.get_range(&shard.path, 0..n).await.map_err(|e| self.store_err("get_range", shard, e))?;
-                self.requests.fetch_add(2, Ordering::Relaxed);
-                self.bytes_fetched.fetch_add(head.len() as u64, Ordering::Relaxed);
-                self.check_header_bytes(shard, &head, meta.size)?;
-                shard.feed(0, &head);
-                Ok::<(), CorpusError>(())
-            })
-            .await
-            .map(|_| ())
-    }
-
-    fn check_header_bytes(&self, shard: &Shard, head: &[u8], size: u64) -> Result<(), CorpusError> {
-        let bad = |reason: String| CorpusError::bad_shard(&shard.uri, reason);
-        let h = ShardHeader::parse(head).map_err(bad)?;
-        let m = &self.manifest;
-        if h.dtype != m.dtype {
-            return Err(bad(format!("header says dtype {}, the manifest {}", h.dtype.name(), m.dtype.name())));
-        }
-        if h.tokens != shard.info.tokens {
-            return Err(bad(format!("header says {} tokens, the manifest {}", h.tokens, shard.info.tokens)));
-        }
-        if h.vocab_size != m.vocab_size || h.eot_token != m.eot_token {
-            return Err(bad(format!(
-                "header says vocabulary {} and end-of-text {}, the manifest {} and {}",
-                h.vocab_size, h.eot_token, m.vocab_size, m.eot_token
-            )));
-        }
-        let want = h.object_bytes();
-        if size < want {
-            return Err(bad(format!(
-                "truncated: {size} bytes, expected {want} ({HEADER_BYTES}-byte header + {} tokens x {} bytes)",
-                h.tokens,
-                h.dtype.bytes()
-            )));
-        }
-        if size > want {
-            return Err(bad(format!("{size} bytes, expected {want}: {} bytes of trailing data", size - want)));
-        }
-        Ok(())
-    }
-
-    fn check_sha(&self, shard: &Shard, sha: &str) -> Result<(), CorpusError> {
-        if sha != shard.info.sha256 {
-            return Err(CorpusError::bad_shard(&shard.uri, format!("sha256 {sha} does not match the manifest's {}", shard.info.sha256)));
-        }
-        self.shards_verified.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-
-    fn check_ids(&self, shard: &Shard, first: u64, ids: &[u32]) -> Result<(), CorpusError> {
-        let v = self.manifest.vocab_size;
-        if let Some(p) = ids.iter().position(|&t| t >= v) {
-            return Err(CorpusError::bad_shard(
-                &shard.uri,
-                format!("token {} (position {} of the shard) is outside the vocabulary of {v}", ids[p], first + p as u64),
-            ));
-        }
-        Ok(())
-    }
-
-    /// Tokens `[start, start + len)` of the split.
-    async fn fetch(&self, start: u64, len: u64) -> Result<Vec<u32>, CorpusError> {
-        let end = start + len;
-        let mut out = Vec::with_capacity(len as usize);
-        let mut pos = start;
-        while pos < end {
-            let k = self.shards.partition_point(|s| s.start <= pos) - 1;
-            let shard = &self.shards[k];
-            let lo = pos - shard.start;
-            let hi = (end - shard.start).min(shard.info.tokens);
-            self.read_shard(k, lo, hi, &mut out).await?;
-            pos = shard.start + hi;
-        }
-        Ok(out)
-    }
-
-    /// Appends tokens `[lo, hi)` of shard `k` to `out`.
-    async fn read_shard(&self, k: usize, lo: u64, hi: u64, out: &mut Vec<u32>) -> Result<(), CorpusError> {
-        self.check_header(k).await?;
-        let shard = &self.shards[k];
-        let w = self.dtype.bytes();
-        let store = self.dir.store();
-        let before = out.len();
-        if lo == 0 && hi == shard.info.tokens {
-            // A whole shard: check its hash too.
-            let data = store.get(&shard.path).await.map_err(|e| self.store_err("get", shard, e))?;
-            let data = data.bytes().await.map_err(|e| self.store_err("get", shard, e))?;
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            self.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
-            self.check_header_bytes(shard, &data, data.len() as u64)?;
-            let sha = hex(&sha2::Sha256::digest(&data));
-            self.check_sha(shard, &sha)?;
-            *shard.stream_hash.lock().unwrap() = StreamHash::Done;
-            self.dtype.decode_into(&data[HEADER_BYTES as usize..], out);
-        } else {
-            let range = HEADER_BYTES + lo * w..HEADER_BYTES + hi * w;
-            let data = store.get_range(&shard.path, range.clone()).await.map_err(|e| self.store_err("get_range", shard, e))?;
-            self.requests.fetch_add(1, Ordering::Relaxed);
-            self.bytes_fetched.fetch_add(data.len() as u64, Ordering::Relaxed);
-            if data.len() as u64 != range.end - range.start {
-                return Err(CorpusError::bad_shard(&shard.uri, format!("asked for bytes {range:?}, got {}", data.len())));
-            }
-            if let Some(sha) = shard.feed(range.start, &data) {
-                self.check_sha(shard, &sha)?; // the shard has now been read front to back
-            }
-            self.dtype.decode_into(&data, out);
-        }
-        self.check_ids(shard, lo, &out[before..])
-    }
-
-    async fn verify_shard(&self, shard: &Shard) -> Result<(u64, u64), CorpusError> {
-        let store = self.dir.store();
-        let got = store.get(&shard.path).await.map_err(|e| self.store_err("get", shard, e))?;
-        let size = got.meta.size;
-        self.requests.fetch_add(1, Ordering::Relaxed);
-        let mut stream = got.into_stream();
-        let mut hasher = sha2::Sha256::new();
-        let mut head = Vec::with_capacity(HEADER_BYTES as usize);
-        let mut carry: Vec<u8> = Vec::new();
-        let mut ids = Vec::new();
-        let mut seen = 0u64;
-        let mut tokens = 0u64;
-        let w = self.dtype.bytes() as usize;
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| self.store_err("get", shard, e))?;
-            hasher.update(&chunk);
-            seen += chunk.len() as u64;
-            let mut body: &[u8] = &chunk;
-            if head.len() < HEADER_BYTES as usize {
-                let take = (HEADER_BYTES as usize - head.len()).min(body.len());
-                head.extend_from_slice(&body[..take]);
-                body = &body[take..];
-                if head.len() == HEADER_BYTES as usize {
-                    self.check_header_bytes(shard, &head, size)?;
-                }
-            }
-            carry.extend_from_slice(body);
-            let whole = carry.len() / w * w;
-            ids.clear();
-            self.dtype.decode_into(&carry[..whole], &mut ids);
-            self.check_ids(shard, tokens, &ids)?;
-            tokens += ids.len() as u64;
-            carry.drain(..whole);
-        }
-        self.bytes_fetched.fetch_add(seen, Ordering::Relaxed);
-        if head.len() < HEADER_BYTES as usize {
-            self.check_header_bytes(shard, &head, seen)?;
-        }
-        if seen != size {
-            return Err(CorpusError::bad_shard(&shard.uri, format!("read {seen} bytes of an object of {size}")));
-        }
-        self.check_sha(shard, &hex(&hasher.finalize()))?;
-        Ok((seen, tokens))
-    }
-
-    async fn verify_all(&self) -> Result<VerifyReport, CorpusError> {
-        // Both splits, whichever this reader serves.
-        let mut all: Vec<Shard> = Vec::new();
-        for info in self.manifest.train.shards.iter().chain(&self.manifest.val.shards) {
-            all.push(Shard::new(&self.dir, info, 0));
-        }
-        let mut report = VerifyReport::default();
-        for s in &all {
-            let (bytes, tokens) = self.verify_shard(s).await?;
-            report.shards += 1;
-            report.bytes += bytes;
-            report.tokens += tokens;
-        }
-        Ok(report)
     }
 }

@@ -102,9 +102,24 @@ where
     rx.recv().ok()
 }
 
+/// Whether `s` starts with a URI scheme (`s3://`, `file://`, ...) rather than being a path.
+pub fn has_scheme(s: &str) -> bool {
+    let s = s.trim();
+    s.find("://").is_some_and(|i| i > 1 && s[..i].chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.'))
+}
+
 fn memory_stores() -> &'static Mutex<HashMap<String, Arc<InMemory>>> {
     static STORES: OnceLock<Mutex<HashMap<String, Arc<InMemory>>>> = OnceLock::new();
     STORES.get_or_init(Default::default)
+}
+
+/// What a listing says about an object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectInfo {
+    pub size: u64,
+    /// The store's version tag of the content (S3: the MD5 of a simple upload; local disk:
+    /// inode, size and modification time), if it gives one.
+    pub e_tag: Option<String>,
 }
 
 /// A "directory" in an object store: a store, a root path inside it, and the URI it was opened
@@ -133,8 +148,7 @@ impl StoreDir {
             return Ok(StoreDir { store, root, uri: shown });
         }
 
-        let has_scheme = trimmed.find("://").is_some_and(|i| i > 1 && trimmed[..i].chars().all(|c| c.is_ascii_alphanumeric() || c == '+' || c == '-' || c == '.'));
-        if !has_scheme {
+        if !has_scheme(trimmed) {
             let p = PathBuf::from(trimmed);
             let abs = if p.is_absolute() {
                 p
@@ -253,6 +267,13 @@ impl StoreDir {
         self.run("put", name, async move { store.put(&path, payload).await.map(|_| ()) })
     }
 
+    /// [`StoreDir::put`], returning the new object's ETag where the store gives one.
+    pub fn put_tagged(&self, name: &str, data: impl Into<Bytes>) -> Result<Option<String>, StoreError> {
+        let (store, path) = (self.store.clone(), self.path(name));
+        let payload = PutPayload::from_bytes(data.into());
+        self.run("put", name, async move { store.put(&path, payload).await.map(|r| r.e_tag) })
+    }
+
     /// Writes `name` only if it does not exist yet (S3 conditional put, an exclusive create on
     /// local disk): `Ok(false)` when it already exists, and then nothing was written. For
     /// "written last, exactly once" objects such as a checkpoint's manifest.
@@ -271,20 +292,26 @@ impl StoreDir {
     /// Objects under `prefix` (a name or a sub-directory, `""` for everything), recursively:
     /// names relative to this directory, and sizes, sorted by name.
     pub fn list(&self, prefix: &str) -> Result<Vec<(String, u64)>, StoreError> {
+        Ok(self.list_info(prefix)?.into_iter().map(|(name, o)| (name, o.size)).collect())
+    }
+
+    /// [`StoreDir::list`] with each object's ETag too (one listing; no object is read).
+    pub fn list_info(&self, prefix: &str) -> Result<Vec<(String, ObjectInfo)>, StoreError> {
         let (store, root) = (self.store.clone(), self.root.clone());
         let at = if prefix.is_empty() { root.clone() } else { self.path(prefix) };
-        let mut found = self.run("list", prefix, async move {
-            use futures::TryStreamExt;
-            let metas: Vec<object_store::ObjectMeta> = store.list(Some(&at)).try_collect().await?;
-            Ok(metas)
-        })?
-        .into_iter()
-        .filter_map(|m| {
-            let rel: Vec<String> = m.location.prefix_match(&root)?.map(|p| p.as_ref().to_string()).collect();
-            Some((rel.join("/"), m.size))
-        })
-        .collect::<Vec<_>>();
-        found.sort();
+        let mut found = self
+            .run("list", prefix, async move {
+                use futures::TryStreamExt;
+                let metas: Vec<object_store::ObjectMeta> = store.list(Some(&at)).try_collect().await?;
+                Ok(metas)
+            })?
+            .into_iter()
+            .filter_map(|m| {
+                let rel: Vec<String> = m.location.prefix_match(&root)?.map(|p| p.as_ref().to_string()).collect();
+                Some((rel.join("/"), ObjectInfo { size: m.size, e_tag: m.e_tag }))
+            })
+            .collect::<Vec<_>>();
+        found.sort_by(|a, b| a.0.cmp(&b.0));
         Ok(found)
     }
 

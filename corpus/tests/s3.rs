@@ -1,97 +1,104 @@
-//! The corpus pipeline against a real S3-protocol server on loopback (`s3s-fs`, in process):
-//! `s3://` URIs configured from the environment, as in production, ranged GETs, resume, and a
-//! missing object named by its `s3://` URI. Own test binary: it sets process-wide variables.
+//! The corpus pipeline against a real S3-protocol server on loopback (`smelt_corpus::loopback`:
+//! s3s + s3s-fs, in process): `s3://` URIs configured from the environment, as in production;
+//! inputs listed and globbed from a bucket; resume; every way of reading; a missing object named
+//! by its `s3://` URI. Own test binary: it sets process-wide variables.
 
 mod common;
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-
 use common::*;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto::Builder as ConnBuilder;
-use smelt_corpus::{CorpusReader, Tokenizer};
-
-const KEY: &str = "smelt-test-key";
-const SECRET: &str = "smelt-test-secret";
-
-/// Serves `root` (a directory per bucket) on 127.0.0.1 from a background runtime.
-fn start_server(root: &Path) -> SocketAddr {
-    let fs = s3s_fs::FileSystem::new(root).unwrap();
-    let mut b = s3s::service::S3ServiceBuilder::new(fs);
-    b.set_auth(s3s::auth::SimpleAuth::from_single(KEY, SECRET));
-    let service = b.build();
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let http = ConnBuilder::new(TokioExecutor::new());
-            loop {
-                let (socket, _) = listener.accept().await.unwrap();
-                let conn = http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-        });
-    });
-    addr
-}
+use smelt_corpus::loopback::S3Loopback;
+use smelt_corpus::{CorpusReader, ReaderOptions, StoreDir, Tokenizer};
 
 #[test]
-fn prepare_and_read_through_s3() {
+fn prepare_from_and_to_s3_and_read_every_way() {
     let dir = tempfile::tempdir().unwrap();
-    let root: PathBuf = dir.path().join("s3");
-    std::fs::create_dir_all(root.join("bucket")).unwrap();
-    let addr = start_server(&root);
+    let server = S3Loopback::start(&dir.path().join("s3")).unwrap();
+    server.create_bucket("bucket").unwrap();
+    server.create_bucket("inputs").unwrap();
     // SAFETY: set before any other thread of this test binary reads the environment.
-    for (k, v) in [
-        ("AWS_ACCESS_KEY_ID", KEY.to_string()),
-        ("AWS_SECRET_ACCESS_KEY", SECRET.to_string()),
-        ("AWS_ENDPOINT", format!("http://{addr}")),
-        ("AWS_ALLOW_HTTP", "true".to_string()),
-        ("AWS_REGION", "us-east-1".to_string()),
-    ] {
+    for (k, v) in server.env() {
         unsafe { std::env::set_var(k, v) };
     }
 
+    // inputs uploaded through the S3 API: .jsonl.gz and .txt under a prefix, plus objects a
+    // glob must not pick up (another extension, a deeper key, a hidden one)
     let docs = documents();
-    txt_dir(&dir.path().join("in"), &docs);
+    let up = StoreDir::open("s3://inputs/raw").unwrap();
+    let gz = |text: &str| {
+        use std::io::Write;
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(text.as_bytes()).unwrap();
+        e.finish().unwrap()
+    };
+    up.put("part-0.jsonl.gz", gz(&jsonl(&docs[..4], "text"))).unwrap();
+    up.put("part-1.jsonl.gz", gz(&jsonl(&docs[4..7], "text"))).unwrap();
+    up.put("part-2.jsonl", jsonl(&docs[7..], "text").into_bytes()).unwrap();
+    up.put("notes.md", b"not an input".to_vec()).unwrap();
+    up.put("deeper/part-9.jsonl.gz", gz(&jsonl(&docs[..1], "text"))).unwrap();
+    up.put(".hidden.jsonl", b"{\"text\": \"no\"}\n".to_vec()).unwrap();
+
     let uri = "s3://bucket/corpora/docs";
-    let mut o = opts(vec![s(&dir.path().join("in"))], "gpt2", uri, 40);
+    let mut o = opts(vec!["s3://inputs/raw/*.jsonl.gz".into(), "s3://inputs/raw/part-2.jsonl".into()], "gpt2", uri, 40);
     o.stop_after_shards = Some(2);
     let first = run(&o);
     assert!(!first.complete && first.shards_written == 2);
-    assert!(root.join("bucket/corpora/docs/progress.json").exists());
+    assert_eq!(first.input_files, 3);
+    assert!(dir.path().join("s3/bucket/corpora/docs/progress.json").exists());
     o.stop_after_shards = None;
     let rep = run(&o);
     assert!(rep.complete);
     assert_eq!(rep.shards_kept, 2);
+    // s3s-fs lists no ETags, so each kept shard's header (32 bytes) is read, not the shard
+    assert_eq!(rep.resume_bytes_read, 2 * 32);
     let m = rep.manifest.unwrap();
-    assert!(root.join("bucket/corpora/docs/manifest.json").exists());
+    assert_eq!(m.settings.sources[0].path, "s3://inputs/raw/part-0.jsonl.gz");
 
     let all: Vec<&String> = docs.iter().collect();
     let want = expected_stream(&Tokenizer::Gpt2, &all);
-    let r = CorpusReader::open(uri).unwrap();
-    assert_eq!(r.n_tokens(), want.len() as u64);
-    let t = 13;
-    let order = r.sample_order(t, 1).unwrap();
-    let idx: Vec<u64> = (0..r.n_sequences(t)).map(|k| order.sequence_at(k)).collect();
-    r.prefetch(t, idx.iter().copied());
-    for &i in &idx {
-        let a = i as usize * t;
-        assert_eq!(r.sequence(t, i).unwrap(), &want[a..a + t + 1]);
-    }
-    assert_eq!(r.verify().unwrap().shards, m.train.shards.len() as u64);
+    // a prefix input (every .txt/.jsonl object under it, recursively, hidden ones skipped)
+    // finds the same documents plus the deeper one
+    let p = opts(vec!["s3://inputs/raw/".into()], "gpt2", "memory://s3-test/prefix", 40);
+    assert_eq!(run(&p).input_files, 4);
 
-    // a missing object is named by its s3:// URI
-    std::fs::remove_file(root.join("bucket/corpora/docs/shard-00001.bin")).unwrap();
-    let r = CorpusReader::open(uri).unwrap();
-    let e = r.tokens(0..r.n_tokens()).unwrap_err().to_string();
-    assert!(e.contains("s3://bucket/corpora/docs/shard-00001.bin: not found"), "{e}");
+    // every way of reading gives the same sequences over S3
+    let ranged = ReaderOptions { whole_split_max_bytes: 0, ..Default::default() };
+    let t = 13;
+    for (name, ro) in [("whole", ReaderOptions::default()), ("coalesced", ranged.clone()), ("single", ReaderOptions { coalesce: None, ..ranged })] {
+        let r = CorpusReader::open_with(uri, ro).unwrap();
+        assert_eq!(r.n_tokens(), want.len() as u64);
+        let order = r.sample_order(t, 1).unwrap();
+        let idx: Vec<u64> = (0..r.n_sequences(t)).map(|k| order.sequence_at(k)).collect();
+        for (n, step) in idx.chunks(4).enumerate() {
+            if let Some(next) = idx.chunks(4).nth(n + 1) {
+                r.prefetch(t, next.iter().copied());
+            }
+            let (x, _) = r.batch(t, step).unwrap();
+            for (b, &i) in step.iter().enumerate() {
+                let a = i as usize * t;
+                assert_eq!(&x[b * t..b * t + t], &want[a..a + t], "{name}: sequence {i}");
+            }
+        }
+        assert_eq!(r.tokens(0..r.n_tokens()).unwrap(), want, "{name}");
+    }
+    assert_eq!(CorpusReader::open(uri).unwrap().verify().unwrap().shards, m.train.shards.len() as u64);
+
+    // a missing object is named by its s3:// URI, in every mode
+    std::fs::remove_file(dir.path().join("s3/bucket/corpora/docs/shard-00001.bin")).unwrap();
+    for ro in [ReaderOptions::default(), ReaderOptions { whole_split_max_bytes: 0, ..Default::default() }] {
+        let r = CorpusReader::open_with(uri, ro).unwrap();
+        let e = r.tokens(0..r.n_tokens()).unwrap_err().to_string();
+        assert!(e.contains("s3://bucket/corpora/docs/shard-00001.bin: not found"), "{e}");
+    }
     let e = CorpusReader::open("s3://bucket/nothing").unwrap_err().to_string();
     assert!(e.contains("s3://bucket/nothing: no corpus here"), "{e}");
+    // inputs that name nothing
+    for (input, msg) in [
+        ("s3://inputs/raw/*.txt", "s3://inputs/raw/*.txt: glob pattern matches no objects"),
+        ("s3://inputs/none/", "s3://inputs/none/: input not found"),
+        ("s3://inputs/raw/notes.md", "notes.md: unsupported input"),
+    ] {
+        let o = opts(vec![input.into()], "gpt2", "memory://s3-test/err", 40);
+        let e = smelt_corpus::prepare(&o, &smelt_corpus::NoProgress).unwrap_err().to_string();
+        assert!(e.contains(msg), "{input}: {e}");
+    }
 }

@@ -68,6 +68,62 @@ pub enum QkvSource<V> {
     Split { q: V, kv: V },
 }
 
+/// How an attention score between query `q` and key `k` (one head, width hd) is computed, with
+/// the parameters of the learned kinds (per head, stacked over heads).
+pub enum Scores<V> {
+    /// `q . k / sqrt(hd)`: the fast path every backend has.
+    Dot,
+    /// Luong's general score `q^T W_h k / sqrt(hd)`; `w` is `(H, hd, hd)`. With `W_h = I` it
+    /// equals `Dot`, which is how models initialise it.
+    General { w: V },
+    /// Bahdanau's additive score `v_h . tanh(q W_q,h + k W_k,h)` (no scaling); `wq` and `wk` are
+    /// `(H, hd, A)`, `v` is `(H, A)`, A = the additive width.
+    Additive { wq: V, wk: V, v: V, width: usize },
+}
+
+impl<V> Scores<V> {
+    pub fn kind(&self) -> ScoreKind {
+        match self {
+            Scores::Dot => ScoreKind::Dot,
+            Scores::General { .. } => ScoreKind::General,
+            Scores::Additive { .. } => ScoreKind::Additive,
+        }
+    }
+}
+
+/// The attention score kinds, without their parameters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScoreKind {
+    #[default]
+    Dot,
+    General,
+    Additive,
+}
+
+/// Ops a backend may lack (added after the first backends were written); models ask with
+/// `Backend::supports` at construction or before a batch and fail with an error naming the op
+/// rather than reach an `unimplemented!` default.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OptionalOp {
+    /// `attention_ex_*` with per-sequence key lengths (padding masks).
+    KeyPaddingMask,
+    /// `attention_ex_*` with `Scores::General`.
+    GeneralScores,
+    /// `attention_ex_*` with `Scores::Additive`.
+    AdditiveScores,
+}
+
+impl OptionalOp {
+    pub fn of_scores(kind: ScoreKind) -> Option<OptionalOp> {
+        match kind {
+            ScoreKind::Dot => None,
+            ScoreKind::General => Some(OptionalOp::GeneralScores),
+            ScoreKind::Additive => Some(OptionalOp::AdditiveScores),
+        }
+    }
+}
+
 /// One AdamW update's hyper-parameters (PyTorch semantics, decoupled weight decay).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
@@ -97,6 +153,13 @@ pub trait Backend: Send + Sync + 'static {
         Self: 'a;
 
     fn name(&self) -> &'static str;
+
+    /// Waits for all queued device work and returns the first device error recorded since the
+    /// last call (ops return `()`; an asynchronous backend records failures and reports them
+    /// here). The trainer calls it once per step before reading the loss.
+    fn synchronize(&self) -> Result<(), crate::EngineError> {
+        Ok(())
+    }
 
     // ---- memory -------------------------------------------------------------------------
 
@@ -268,4 +331,81 @@ pub trait Backend: Send + Sync + 'static {
         v: Self::ViewMut<'_>,
         hp: AdamWStep,
     );
+
+    // ---- later additions, each with a default body --------------------------------------------
+    // Backends written before these ops keep compiling; `supports` tells models which of the
+    // optional ones a backend really has.
+
+    /// Whether this backend implements an optional op (the defaults below only cover the cases
+    /// every backend has).
+    fn supports(&self, op: OptionalOp) -> bool {
+        let _ = op;
+        false
+    }
+
+    /// Attention with a selectable score and an optional key padding mask: for batch entry b,
+    /// keys j >= `key_lens[b]` are invisible (as are j > i when causal); `key_lens` is `(B)`,
+    /// each in 1..=Tk. The saved state has `attention_saved_len(shape)` values, as for
+    /// `attention_forward`. The default covers `Scores::Dot` without a mask only.
+    fn attention_ex_forward(
+        &self,
+        out: Self::ViewMut<'_>,
+        saved: Self::ViewMut<'_>,
+        src: QkvSource<Self::View<'_>>,
+        scores: Scores<Self::View<'_>>,
+        key_lens: Option<&Self::Ids>,
+        shape: AttnShape,
+    ) {
+        match (&scores, key_lens) {
+            (Scores::Dot, None) => self.attention_forward(out, saved, src, shape),
+            _ => unimplemented!(
+                "{}: {:?} attention scores with a key mask: {} are CPU-only until they have kernels for this backend",
+                self.name(),
+                scores.kind(),
+                if key_lens.is_some() { "key padding masks" } else { "general and additive scores" }
+            ),
+        }
+    }
+
+    /// Backward of `attention_ex_forward`: accumulates into the gradients of the source(s) and
+    /// of the score parameters (`dscores` of the same kind as `scores`).
+    #[allow(clippy::too_many_arguments)]
+    fn attention_ex_backward(
+        &self,
+        dsrc: QkvSource<Self::ViewMut<'_>>,
+        dscores: Scores<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        src: QkvSource<Self::View<'_>>,
+        scores: Scores<Self::View<'_>>,
+        key_lens: Option<&Self::Ids>,
+        out: Self::View<'_>,
+        saved: Self::View<'_>,
+        shape: AttnShape,
+    ) {
+        match (&scores, &dscores, key_lens) {
+            (Scores::Dot, Scores::Dot, None) => self.attention_backward(dsrc, dout, src, out, saved, shape),
+            _ => unimplemented!(
+                "{}: {:?} attention scores with a key mask: general and additive scores and key padding masks are CPU-only until they have kernels for this backend",
+                self.name(),
+                scores.kind()
+            ),
+        }
+    }
+
+    /// `out = tanh(inp)` (BERT's pooler). The default goes through the host: it runs on a
+    /// handful of rows per batch.
+    fn tanh_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>) {
+        let y: Vec<f32> = self.download(inp).iter().map(|x| x.tanh()).collect();
+        self.write(out, &y);
+    }
+    /// `dinp += dout * (1 - out^2)`, from the forward's output. The default computes the
+    /// product on the host and accumulates it through `residual_backward` (into a scratch twin).
+    fn tanh_backward(&self, dinp: Self::ViewMut<'_>, out: Self::View<'_>, dout: Self::View<'_>) {
+        let (y, dy) = (self.download(out), self.download(dout));
+        let g: Vec<f32> = y.iter().zip(&dy).map(|(&y, &g)| g * (1.0 - y * y)).collect();
+        let g = self.upload(&g);
+        let mut scratch = self.zeros(y.len());
+        let n = y.len();
+        self.residual_backward(dinp, self.view_mut(&mut scratch, 0..n), self.view(&g, 0..n));
+    }
 }

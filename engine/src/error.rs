@@ -32,6 +32,9 @@ pub enum EngineError {
     Weights { path: String, message: String },
     #[error("i/o on {path}: {source}")]
     Io { path: String, source: std::io::Error },
+    /// A GPU could not be used, or a device operation failed (names the device and the op).
+    #[error("device: {0}")]
+    Device(String),
     #[error("collective: {0}")]
     Collective(#[from] CollectiveError),
 }

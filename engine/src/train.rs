@@ -101,6 +101,8 @@ impl<B: Backend> Trainer<B> {
         for _ in 0..k {
             let batch = train.random_batch(&mut self.data_rng, b, t);
             let loss = self.model.forward(&batch.inputs, Some(&batch.targets), b, t)?.expect("targets given");
+            // A device error makes the loss meaningless: report it first (no-op on CPU).
+            self.model.backend().synchronize()?;
             if !loss.is_finite() {
                 return Err(EngineError::NonFiniteLoss { step: self.step, loss });
             }
@@ -142,6 +144,7 @@ impl<B: Backend> Trainer<B> {
                 .model
                 .forward(&batch.inputs, Some(&batch.targets), batch.batch, batch.seq_len)?
                 .expect("targets given");
+            self.model.backend().synchronize()?;
             tokens += batch.batch * batch.seq_len;
             if !loss.is_finite() {
                 // Let the other ranks learn about it through the loss all-reduce below.
@@ -186,5 +189,47 @@ impl<B: Backend> Trainer<B> {
             sum += self.model.forward(&batch.inputs, Some(&batch.targets), b, t)?.expect("targets given") as f64;
         }
         Ok((sum / n as f64) as f32)
+    }
+}
+
+/// Everything a resumed `Trainer` needs besides the weights and the AdamW moments: where the
+/// step counter, the optimizer's update count and the random data order stand.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Steps taken (the next step's 0-based index).
+    pub step: u64,
+    /// AdamW updates applied (its bias correction's `t`).
+    pub optimizer_steps: u64,
+    /// The generator `train_step` draws its random windows from.
+    pub data_rng: Rng,
+}
+
+impl<B: Backend> Trainer<B> {
+    /// The counters and generator a checkpoint records.
+    pub fn state(&self) -> TrainerState {
+        TrainerState { step: self.step, optimizer_steps: self.opt.steps_done(), data_rng: self.data_rng.clone() }
+    }
+
+    /// AdamW's first and second moments on the host (same layout as the parameters).
+    pub fn moments_host(&self) -> (Vec<f32>, Vec<f32>) {
+        self.opt.moments_host(self.model.backend())
+    }
+
+    /// Puts the trainer back exactly where a checkpoint left it: weights, moments, counters.
+    pub fn restore(&mut self, params: &[f32], m: &[f32], v: &[f32], state: &TrainerState) -> Result<(), EngineError> {
+        let n = self.model.table().total();
+        if params.len() != n || m.len() != n || v.len() != n {
+            return Err(EngineError::Batch(format!(
+                "checkpoint holds {} parameters and {}/{} moments, the model has {n}",
+                params.len(),
+                m.len(),
+                v.len()
+            )));
+        }
+        self.model.set_params_host(params);
+        self.opt.restore(self.model.backend(), m, v, state.optimizer_steps);
+        self.step = state.step;
+        self.data_rng = state.data_rng.clone();
+        Ok(())
     }
 }

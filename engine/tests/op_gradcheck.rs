@@ -9,7 +9,7 @@
 //!
 //! The bodies are generic over `B: Backend` and instantiated per backend by `backend_op_tests!`
 //! at the bottom of this file; another backend adds one line, e.g.
-//! `#[cfg(feature = "cuda")] backend_op_tests!(cuda, smelt_engine::cuda::CudaBackend::new().unwrap());`
+//! `backend_op_tests!(cuda, *cuda_f32().unwrap(), cuda_f32().is_some());` (skips without a GPU).
 
 use smelt_engine::backend::{
     AdamWStep, AttnShape, Backend, MatmulShape, QkvSource, WeightLayout, IGNORE_INDEX,
@@ -743,68 +743,117 @@ pub fn check_split_mut_overlap<B: Backend>(be: &B) {
 
 macro_rules! backend_op_tests {
     ($name:ident, $backend:expr) => {
+        backend_op_tests!($name, $backend, true);
+    };
+    // `$available` is checked first: a backend that may be absent (a GPU) skips its tests.
+    ($name:ident, $backend:expr, $available:expr) => {
         mod $name {
             use super::*;
 
             #[test]
             fn embedding() {
+                if !$available {
+                    return;
+                }
                 check_embedding(&$backend);
             }
             #[test]
             fn matmul() {
+                if !$available {
+                    return;
+                }
                 check_matmul(&$backend);
             }
             #[test]
             fn matmul_larger() {
+                if !$available {
+                    return;
+                }
                 check_matmul_larger(&$backend);
             }
             #[test]
             fn layernorm() {
+                if !$available {
+                    return;
+                }
                 check_layernorm(&$backend);
             }
             #[test]
             fn attention_causal() {
+                if !$available {
+                    return;
+                }
                 check_attention_causal(&$backend);
             }
             #[test]
             fn attention_bidirectional() {
+                if !$available {
+                    return;
+                }
                 check_attention_bidirectional(&$backend);
             }
             #[test]
             fn attention_cross() {
+                if !$available {
+                    return;
+                }
                 check_attention_cross(&$backend);
             }
             #[test]
             fn attention_causal_mask() {
+                if !$available {
+                    return;
+                }
                 check_attention_causal_mask(&$backend);
             }
             #[test]
             fn gelu() {
+                if !$available {
+                    return;
+                }
                 check_gelu(&$backend);
             }
             #[test]
             fn residual() {
+                if !$available {
+                    return;
+                }
                 check_residual(&$backend);
             }
             #[test]
             fn cross_entropy() {
+                if !$available {
+                    return;
+                }
                 check_cross_entropy(&$backend);
             }
             #[test]
             fn adamw() {
+                if !$available {
+                    return;
+                }
                 check_adamw(&$backend);
             }
             #[test]
             fn sum_squares_scale() {
+                if !$available {
+                    return;
+                }
                 check_sum_squares_scale(&$backend);
             }
             #[test]
             fn split_mut() {
+                if !$available {
+                    return;
+                }
                 check_split_mut(&$backend);
             }
             #[test]
             #[should_panic(expected = "overlap")]
             fn split_mut_overlap_panics() {
+                if !$available {
+                    panic!("overlap check skipped: backend not available");
+                }
                 check_split_mut_overlap(&$backend);
             }
         }
@@ -812,3 +861,24 @@ macro_rules! backend_op_tests {
 }
 
 backend_op_tests!(cpu, smelt_engine::CpuBackend::new());
+
+/// The CUDA backend with f32 matmuls (finite differences need f32), built once per test binary;
+/// `None` (and a printed reason) without a GPU.
+#[cfg(feature = "cuda")]
+fn cuda_f32() -> Option<&'static smelt_engine::cuda::CudaBackend> {
+    use smelt_engine::cuda::{CudaBackend, CudaOptions, MatmulPrecision};
+    static GPU: std::sync::OnceLock<Result<CudaBackend, String>> = std::sync::OnceLock::new();
+    let made = GPU.get_or_init(|| {
+        CudaBackend::new_with(0, CudaOptions { matmul: MatmulPrecision::F32 }).map_err(|e| e.to_string())
+    });
+    match made {
+        Ok(be) => Some(be),
+        Err(why) => {
+            println!("skipping: {why}");
+            None
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+backend_op_tests!(cuda, *cuda_f32().unwrap(), cuda_f32().is_some());

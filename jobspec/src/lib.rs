@@ -25,6 +25,30 @@
 //! [cluster]
 //! world_size = 2
 //! device = "cpu"
+//!
+//! [checkpoint]                # optional
+//! every = 100                 # steps (and the last step); 0: never
+//! keep_last = 3
+//! keep_every = 1000           # also keep steps that are multiples of this
+//! store = "s3://bucket/runs"  # default: rank 0's output directory
+//! ```
+//!
+//! A fine-tuning job starts from a trained model and takes its model config and tokenizer from
+//! it, so it has no `[model]` and no `[data]`:
+//!
+//! ```toml
+//! name = "sentiment"
+//! kind = "finetune"
+//!
+//! [finetune]
+//! init_from = "job-000003"    # or a model.safetensors path, or a checkpoint directory/URI
+//! head = "classification"     # {"text", "label"} JSONL; or "sft": {"prompt", "response"}
+//! num_labels = 2
+//! data = "data/reviews.jsonl"
+//! val_fraction = 0.1          # or: val_data = "data/reviews-val.jsonl"
+//!
+//! [train]
+//! ...
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -50,6 +74,17 @@ fn err(field: &str, message: impl Into<String>) -> SpecError {
 pub enum JobKind {
     #[default]
     Pretrain,
+    /// Starts from `finetune.init_from` and trains a task head on labeled examples.
+    Finetune,
+}
+
+/// What a fine-tuning job trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinetuneHead {
+    /// Linear classifier on the last real token's hidden state; JSONL `{"text", "label"}`.
+    Classification,
+    /// Causal LM loss on the response tokens only; JSONL `{"prompt", "response"}`.
+    Sft,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -74,11 +109,48 @@ pub struct JobSpec {
     pub max_restarts: u32,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// Required for pretraining; a fine-tuning job takes its model from `finetune.init_from`.
+    #[serde(default)]
     pub model: ModelSpec,
+    /// Required for pretraining; a fine-tuning job reads `finetune.data`.
+    #[serde(default)]
     pub data: DataSpec,
     pub train: TrainSpec,
     #[serde(default)]
     pub cluster: ClusterSpec,
+    #[serde(default)]
+    pub checkpoint: CheckpointSpec,
+    /// Only for `kind = "finetune"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finetune: Option<FinetuneSpec>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FinetuneSpec {
+    /// The starting weights: a `model.safetensors` path, a checkpoint directory or URI (its
+    /// `model.safetensors`), or the id of a finished job (`job-000003`).
+    pub init_from: String,
+    /// `classification` or `sft`.
+    pub head: String,
+    /// Classes of a classification head (labels are 0..num_labels).
+    pub num_labels: Option<usize>,
+    /// Labeled examples, JSONL, one object per line.
+    pub data: String,
+    /// Validation examples; without it, `val_fraction` of `data` (evenly spread) is held out.
+    pub val_data: Option<String>,
+    #[serde(default = "default_val_fraction")]
+    pub val_fraction: f64,
+}
+
+impl FinetuneSpec {
+    pub fn head_kind(&self) -> Result<FinetuneHead, SpecError> {
+        match self.head.as_str() {
+            "classification" => Ok(FinetuneHead::Classification),
+            "sft" => Ok(FinetuneHead::Sft),
+            other => Err(err("finetune.head", format!("{other:?} is not one of: classification, sft"))),
+        }
+    }
 }
 
 fn default_seed() -> u64 {
@@ -112,6 +184,12 @@ pub struct DataSpec {
     /// Share of the text (its end) held out for validation.
     #[serde(default = "default_val_fraction")]
     pub val_fraction: f64,
+}
+
+impl Default for DataSpec {
+    fn default() -> Self {
+        DataSpec { text: None, corpus: None, tokenizer: default_tokenizer(), val_fraction: default_val_fraction() }
+    }
 }
 
 fn default_tokenizer() -> String {
@@ -150,9 +228,6 @@ pub struct TrainSpec {
     pub eval_interval: u64,
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
-    /// Checkpoint every this many steps; 0 never.
-    #[serde(default)]
-    pub checkpoint_interval: u64,
 }
 
 fn default_weight_decay() -> f32 {
@@ -180,6 +255,52 @@ pub struct ClusterSpec {
     pub device: Device,
 }
 
+/// `[checkpoint]`: when rank 0 checkpoints, how many it keeps, and where.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointSpec {
+    /// Checkpoint every this many steps (and at the last step); 0 never.
+    #[serde(default)]
+    pub every: u64,
+    /// Newest checkpoints kept.
+    #[serde(default = "default_keep_last")]
+    pub keep_last: u32,
+    /// Also keep every checkpoint whose step is a multiple of this; 0 none.
+    #[serde(default)]
+    pub keep_every: u64,
+    /// Object-store URI under which `jobs/<job>/ckpt/<step>/` goes; default: rank 0's output
+    /// directory (the job's output store).
+    pub store: Option<String>,
+    /// How long the end of a run waits for its last checkpoint upload before giving up on it.
+    #[serde(default = "default_final_wait_s")]
+    pub final_wait_s: u64,
+}
+
+fn default_keep_last() -> u32 {
+    3
+}
+fn default_final_wait_s() -> u64 {
+    600
+}
+
+impl Default for CheckpointSpec {
+    fn default() -> Self {
+        CheckpointSpec { every: 0, keep_last: default_keep_last(), keep_every: 0, store: None, final_wait_s: default_final_wait_s() }
+    }
+}
+
+impl CheckpointSpec {
+    fn validate(&self) -> Result<(), SpecError> {
+        if self.keep_last == 0 {
+            return Err(err("checkpoint.keep_last", "must be at least 1 (the newest checkpoint is always kept)"));
+        }
+        if self.store.as_ref().is_some_and(|s| s.trim().is_empty()) {
+            return Err(err("checkpoint.store", "must name an object-store URI or a path (or leave it out)"));
+        }
+        Ok(())
+    }
+}
+
 fn default_world_size() -> u32 {
     1
 }
@@ -188,6 +309,16 @@ impl Default for ClusterSpec {
     fn default() -> Self {
         ClusterSpec { world_size: 1, device: Device::Cpu }
     }
+}
+
+/// An engine training-config error under the spec's name for the field.
+fn train_field_err(field: &str, message: String) -> SpecError {
+    let field = match field {
+        "batch_size" => "train.micro_batch".to_string(),
+        "max_lr" => "train.lr".to_string(),
+        f => format!("train.{f}"),
+    };
+    err(&field, message)
 }
 
 impl JobSpec {
@@ -216,6 +347,7 @@ impl JobSpec {
         if self.name.trim().is_empty() {
             return Err(err("name", "must not be empty"));
         }
+        self.checkpoint.validate()?;
         if self.cluster.world_size == 0 {
             return Err(err("cluster.world_size", "must be at least 1"));
         }
@@ -242,6 +374,12 @@ impl JobSpec {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             return Err(err("data.val_fraction", format!("{} is outside [0, 1)", self.data.val_fraction)));
         }
+        if self.kind == JobKind::Finetune {
+            return self.validate_finetune();
+        }
+        if self.finetune.is_some() {
+            return Err(err("finetune", "only for kind = \"finetune\""));
+        }
         if !["char", "byte"].contains(&self.data.tokenizer.as_str()) {
             return Err(err("data.tokenizer", format!("{:?} is not one of: char, byte", self.data.tokenizer)));
         }
@@ -254,15 +392,53 @@ impl JobSpec {
         }
         // The model and optimizer configs validate their own fields; prefix them with their table.
         let model = self.model_config(self.model.vocab_size.unwrap_or(256))?;
-        self.train_config().validate(model.block_size).map_err(|e| {
-            let field = match e.field.as_str() {
-                "batch_size" => "train.micro_batch".to_string(),
-                "max_lr" => "train.lr".to_string(),
-                f => format!("train.{f}"),
-            };
-            err(&field, e.message)
-        })?;
+        self.train_config().validate(model.block_size).map_err(|e| train_field_err(e.field.as_str(), e.message))?;
         Ok(())
+    }
+
+    /// The checks of a fine-tuning job: its `[finetune]` table, no `[model]` or `[data]` of its
+    /// own, and the training settings (the sequence length against the model's block size is
+    /// checked by the worker, which reads the model).
+    fn validate_finetune(&self) -> Result<(), SpecError> {
+        let f = self.finetune.as_ref().ok_or_else(|| err("finetune", "required for kind = \"finetune\" (init_from, head, data)"))?;
+        if f.init_from.trim().is_empty() {
+            return Err(err("finetune.init_from", "must name a model file, a checkpoint or a job id"));
+        }
+        if f.data.trim().is_empty() {
+            return Err(err("finetune.data", "must name a JSONL file of examples"));
+        }
+        if f.val_data.as_ref().is_some_and(|v| v.trim().is_empty()) {
+            return Err(err("finetune.val_data", "must name a JSONL file (or leave it out)"));
+        }
+        if !(0.0..1.0).contains(&f.val_fraction) {
+            return Err(err("finetune.val_fraction", format!("{} is outside [0, 1)", f.val_fraction)));
+        }
+        match (f.head_kind()?, f.num_labels) {
+            (FinetuneHead::Classification, None) => return Err(err("finetune.num_labels", "required for head = \"classification\"")),
+            (FinetuneHead::Classification, Some(n)) if n < 2 => {
+                return Err(err("finetune.num_labels", format!("{n}: a classifier needs at least 2 labels")))
+            }
+            (FinetuneHead::Sft, Some(_)) => return Err(err("finetune.num_labels", "only for head = \"classification\"")),
+            _ => {}
+        }
+        if self.data.text.is_some() || self.data.corpus.is_some() {
+            let field = if self.data.text.is_some() { "data.text" } else { "data.corpus" };
+            return Err(err(field, "a finetune job reads its examples from finetune.data"));
+        }
+        let m = &self.model;
+        for (field, set) in [
+            ("model.preset", m.preset.is_some()),
+            ("model.n_layer", m.n_layer.is_some()),
+            ("model.n_head", m.n_head.is_some()),
+            ("model.n_embd", m.n_embd.is_some()),
+            ("model.block_size", m.block_size.is_some()),
+            ("model.vocab_size", m.vocab_size.is_some()),
+        ] {
+            if set {
+                return Err(err(field, "a finetune job takes its model from finetune.init_from"));
+            }
+        }
+        self.train_config().validate(usize::MAX).map_err(|e| train_field_err(e.field.as_str(), e.message))
     }
 
     /// Sequences each worker processes per micro-batch pass times passes per step.
@@ -415,5 +591,74 @@ world_size = 2
         assert!(e.message.contains("missing field"), "{e}");
         let e = JobSpec::parse("name = \n").unwrap_err();
         assert!(!e.message.is_empty());
+    }
+
+    #[test]
+    fn checkpoint_section_has_defaults_and_checks() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!(s.checkpoint, CheckpointSpec::default());
+        assert_eq!((s.checkpoint.every, s.checkpoint.keep_last), (0, 3));
+        let with = format!("{GOOD}\n[checkpoint]\nevery = 50\nkeep_every = 1000\nstore = \"s3://b/runs\"\n");
+        let s = JobSpec::parse(&with).unwrap();
+        assert_eq!((s.checkpoint.every, s.checkpoint.keep_every), (50, 1000));
+        assert_eq!(s.checkpoint.store.as_deref(), Some("s3://b/runs"));
+        assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s);
+        let e = JobSpec::parse(&format!("{GOOD}\n[checkpoint]\nkeep_last = 0\n")).unwrap_err();
+        assert_eq!(e.field, "checkpoint.keep_last", "{e}");
+        let e = JobSpec::parse(&format!("{GOOD}\n[checkpoint]\nevry = 5\n")).unwrap_err();
+        assert!(e.message.contains("unknown field"), "{e}");
+    }
+
+    const FINETUNE: &str = r#"
+name = "sentiment"
+kind = "finetune"
+
+[finetune]
+init_from = "job-000003"
+head = "classification"
+num_labels = 2
+data = "data/reviews.jsonl"
+
+[train]
+steps = 50
+global_batch = 8
+micro_batch = 8
+seq_len = 64
+lr = 1e-4
+"#;
+
+    #[test]
+    fn finetune_spec_parses_without_model_or_data() {
+        let s = JobSpec::parse(FINETUNE).unwrap();
+        assert_eq!(s.kind, JobKind::Finetune);
+        let f = s.finetune.as_ref().unwrap();
+        assert_eq!(f.head_kind().unwrap(), FinetuneHead::Classification);
+        assert_eq!((f.num_labels, f.val_fraction, f.val_data.as_deref()), (Some(2), 0.1, None));
+        assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s);
+        // A pretraining spec still round-trips without a [finetune] table.
+        assert!(!JobSpec::parse(GOOD).unwrap().to_toml().contains("finetune"));
+        let sft = FINETUNE.replace("head = \"classification\"\nnum_labels = 2", "head = \"sft\"");
+        assert_eq!(JobSpec::parse(&sft).unwrap().finetune.unwrap().head_kind().unwrap(), FinetuneHead::Sft);
+    }
+
+    #[test]
+    fn finetune_errors_name_the_field() {
+        let field = |text: String| JobSpec::parse(&text).unwrap_err().field;
+        assert_eq!(field(FINETUNE.replace("init_from = \"job-000003\"", "init_from = \" \"")), "finetune.init_from");
+        assert_eq!(field(FINETUNE.replace("head = \"classification\"", "head = \"regression\"")), "finetune.head");
+        assert_eq!(field(FINETUNE.replace("num_labels = 2", "")), "finetune.num_labels");
+        assert_eq!(field(FINETUNE.replace("num_labels = 2", "num_labels = 1")), "finetune.num_labels");
+        assert_eq!(field(FINETUNE.replace("head = \"classification\"", "head = \"sft\"")), "finetune.num_labels");
+        assert_eq!(field(FINETUNE.replace("data = \"data/reviews.jsonl\"", "data = \"\"")), "finetune.data");
+        assert_eq!(field(FINETUNE.replace("num_labels = 2", "num_labels = 2\nval_fraction = 1.5")), "finetune.val_fraction");
+        assert_eq!(field(FINETUNE.replace("[train]", "[model]\npreset = \"tiny\"\n\n[train]")), "model.preset");
+        assert_eq!(field(FINETUNE.replace("[train]", "[data]\ntext = \"a.txt\"\n\n[train]")), "data.text");
+        assert_eq!(field(FINETUNE.replace("lr = 1e-4", "lr = 0.0")), "train.lr");
+        let start = FINETUNE.find("[finetune]").unwrap();
+        let end = FINETUNE.find("[train]").unwrap();
+        let no_table = format!("{}{}", &FINETUNE[..start], &FINETUNE[end..]);
+        assert_eq!(field(no_table), "finetune");
+        // A [finetune] table on a pretraining job is refused rather than ignored.
+        assert_eq!(field(format!("{GOOD}\n[finetune]\ninit_from = \"x\"\nhead = \"sft\"\ndata = \"d\"\n")), "finetune");
     }
 }

@@ -12,7 +12,7 @@ use smelt_proto::v1::coordinator_message::Body as Down;
 use smelt_proto::v1::worker_message::Body as Up;
 use smelt_proto::v1::worker_service_client::WorkerServiceClient;
 use smelt_proto::v1::{
-    Assignment, AssignmentDone, CoordinatorMessage, DeviceClass, RegisterRequest, RendezvousRequest, WorkerMessage,
+    Assignment, AssignmentDone, CheckpointReport, CoordinatorMessage, DeviceClass, RegisterRequest, RendezvousRequest, WorkerMessage,
     WorkerState, WorkerStatus,
 };
 use tokio::sync::mpsc;
@@ -164,6 +164,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 },
                 ev = event_rx.recv() => match ev {
                     Some(RunEvent::Metrics(m)) => { let _ = up_tx.try_send(msg(Up::Metrics(m))); }
+                    Some(RunEvent::Note(n)) => { let _ = up_tx.try_send(msg(Up::Note(n))); }
+                    Some(RunEvent::Checkpoint(r)) => { tokio::spawn(report_checkpoint(client.clone(), r)); }
                     Some(RunEvent::Done(d)) => {
                         if d.ok {
                             info!(job_id = %d.job_id, attempt = d.attempt, "assignment finished");
@@ -196,6 +198,30 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         tokio::time::sleep(Duration::from_millis(50)).await;
         if !(draining && running.is_none() && undelivered.is_none()) {
             tokio::time::sleep(backoff).await;
+        }
+    }
+}
+
+/// Tells the coordinator a checkpoint's manifest has landed; retried while it is unreachable
+/// (the checkpoint is safe in the store either way: a restart that misses it resumes from an
+/// earlier one).
+async fn report_checkpoint(mut client: WorkerServiceClient<Channel>, r: CheckpointReport) {
+    let mut backoff = Duration::from_millis(200);
+    for attempt in 1..=5 {
+        match client.report_checkpoint(r.clone()).await {
+            Ok(_) => {
+                info!(job_id = %r.job_id, step = r.step, uri = %r.uri, "checkpoint reported");
+                return;
+            }
+            Err(e) if matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal) && attempt < 5 => {
+                warn!(job_id = %r.job_id, step = r.step, error = %e.message(), retry_in_ms = backoff.as_millis() as u64, "checkpoint report failed; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff *= 2;
+            }
+            Err(e) => {
+                warn!(job_id = %r.job_id, step = r.step, uri = %r.uri, error = %e.message(), "checkpoint not recorded by the coordinator");
+                return;
+            }
         }
     }
 }

@@ -2,7 +2,11 @@
 //! assignment on a training thread of its own (never on the async runtime).
 
 pub mod agent;
+pub mod checkpointing;
+pub mod finetune;
+pub mod finetune_data;
 pub mod model_file;
 pub mod runner;
+pub mod sample_log;
 
 pub use agent::{run, WorkerConfig};

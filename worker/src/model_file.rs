@@ -23,6 +23,14 @@ pub struct SavedModel {
 }
 
 pub fn save(path: &Path, config: &GptConfig, tokenizer: &Tokenizer, params: &[f32], extra: &[(&str, String)]) -> Result<()> {
+    let table = Gpt::<CpuBackend>::param_table(config);
+    let bytes = weights::to_bytes(&table, params, metadata(config, tokenizer, extra)?)?;
+    weights::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+/// The metadata of a smelt model file: format, config, tokenizer, and `smelt.<key>` extras.
+pub fn metadata(config: &GptConfig, tokenizer: &Tokenizer, extra: &[(&str, String)]) -> Result<HashMap<String, String>> {
     let mut meta = HashMap::new();
     meta.insert(KEY_FORMAT.to_string(), FORMAT.to_string());
     meta.insert(KEY_CONFIG.to_string(), serde_json::to_string(config)?);
@@ -30,16 +38,18 @@ pub fn save(path: &Path, config: &GptConfig, tokenizer: &Tokenizer, params: &[f3
     for (k, v) in extra {
         meta.insert(format!("smelt.{k}"), v.clone());
     }
-    let table = Gpt::<CpuBackend>::param_table(config);
-    let bytes = weights::to_bytes(&table, params, meta)?;
-    weights::write_atomic(path, &bytes)?;
-    Ok(())
+    Ok(meta)
 }
 
 pub fn load(path: &Path) -> Result<SavedModel> {
-    let shown = path.display().to_string();
     let bytes = weights::read_file(path)?;
-    let meta = weights::metadata(&bytes, &shown)?;
+    from_bytes(&bytes, &path.display().to_string())
+}
+
+/// A model file's contents read from anywhere (`shown` names it in errors).
+pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<SavedModel> {
+    let shown = shown.to_string();
+    let meta = weights::metadata(bytes, &shown)?;
     let field = |k: &str| meta.get(k).ok_or_else(|| anyhow!("{shown}: not a smelt model (metadata lacks {k:?})"));
     let format = field(KEY_FORMAT)?;
     if format != FORMAT {
@@ -57,6 +67,6 @@ pub fn load(path: &Path) -> Result<SavedModel> {
         ));
     }
     let table = Gpt::<CpuBackend>::param_table(&config);
-    let (params, metadata) = weights::from_bytes(&table, &bytes, &shown)?;
+    let (params, metadata) = weights::from_bytes(&table, bytes, &shown)?;
     Ok(SavedModel { config, tokenizer, params, metadata })
 }

@@ -17,14 +17,16 @@ use smelt_engine::data::{Batch, TokenWindows};
 use smelt_engine::model::Gpt;
 use smelt_engine::train::Trainer;
 use smelt_engine::CpuBackend;
-use smelt_jobspec::JobSpec;
+use smelt_jobspec::{JobKind, JobSpec};
 use smelt_proto::v1::{Assignment, AssignmentDone, StepMetrics};
 use tracing::info;
 
+use crate::checkpointing::{self, Checkpointer};
 use crate::model_file;
+use crate::sample_log::SampleLog;
 
 /// How long ranks wait for each other to connect the ring.
-const RING_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const RING_CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a rank whose ring broke waits before reporting, so the peer that broke it is heard
 /// first.
@@ -42,6 +44,10 @@ fn is_collective_failure(e: &anyhow::Error) -> bool {
 pub enum RunEvent {
     Metrics(StepMetrics),
     Done(AssignmentDone),
+    /// A checkpoint whose manifest has landed (rank 0), for the coordinator to record.
+    Checkpoint(smelt_proto::v1::CheckpointReport),
+    /// Something to record as an event of the job.
+    Note(smelt_proto::v1::JobNote),
 }
 
 /// Ways to stop a run from outside the training thread.
@@ -49,7 +55,7 @@ pub enum RunEvent {
 pub struct RunControl {
     stop: Arc<AtomicBool>,
     reason: Arc<Mutex<String>>,
-    ring_abort: Arc<Mutex<Option<smelt_engine::collective::AbortHandle>>>,
+    pub(crate) ring_abort: Arc<Mutex<Option<smelt_engine::collective::AbortHandle>>>,
 }
 
 impl RunControl {
@@ -61,7 +67,7 @@ impl RunControl {
             a.abort();
         }
     }
-    fn stopped(&self) -> Option<String> {
+    pub(crate) fn stopped(&self) -> Option<String> {
         self.stop.load(Ordering::SeqCst).then(|| self.reason.lock().unwrap().clone())
     }
 }
@@ -160,6 +166,10 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
     let spec = JobSpec::parse(&a.spec_toml)?;
+    match spec.kind {
+        JobKind::Pretrain => {}
+        JobKind::Finetune => return crate::finetune::run(req, spec, control, events),
+    }
     let (tokenizer, vocab, data, val_ids) = load_data(&spec)?;
     let cfg = spec.model_config(vocab)?;
     let tc = spec.train_config();
@@ -180,12 +190,19 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
 
     let model = Gpt::new(CpuBackend::new(), cfg.clone(), spec.seed)?;
     let mut trainer = Trainer::new(model, tc.clone())?;
-    info!(job_id = %a.job_id, attempt = a.attempt, rank, world, params = cfg.num_params(), start_step = a.start_step, "training started");
+    let resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, &mut ring, events)?;
+    let start_step = resumed.start_step;
+    let mut checkpointer = match rank {
+        0 => Checkpointer::new(a, &spec, &cfg, &tokenizer, &req.out_dir, resumed.lineage)?,
+        _ => None,
+    };
+    let mut sample_log = SampleLog::from_env(&a.job_id, a.rank, a.attempt);
+    info!(job_id = %a.job_id, attempt = a.attempt, rank, world, params = cfg.num_params(), start_step, "training started");
 
     let started = Instant::now();
     let mut tokens = 0usize;
     let mut last_val = None;
-    for step in a.start_step..tc.steps {
+    for step in start_step..tc.steps {
         if let Some(reason) = control.stopped() {
             return Err(anyhow!("stopped at step {step}: {reason}"));
         }
@@ -194,6 +211,7 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
             Ok(slice.map(|k| order.sequence_at(k)).collect())
         };
         let indices = indices_of(step)?;
+        sample_log.record(step, &indices);
         if step + 1 < tc.steps {
             data.prefetch(seq, &indices_of(step + 1)?);
         }
@@ -225,8 +243,15 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
                 lr: stats.lr,
                 tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
                 val_loss,
+                val_accuracy: None,
             }));
         }
+        if let Some(c) = checkpointer.as_mut() {
+            c.after_step(done, tc.steps, &trainer, events);
+        }
+    }
+    if let Some(c) = checkpointer {
+        c.finish(events);
     }
     if let TrainData::Corpus { reader } = &data {
         let st = reader.stats();

@@ -312,6 +312,7 @@ impl Worker {
             lr: 1e-3,
             tokens_per_s: 1000.0,
             val_loss: None,
+            val_accuracy: None,
         }))
         .await;
     }

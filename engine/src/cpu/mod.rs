@@ -4,6 +4,7 @@
 
 mod adamw;
 mod attention;
+mod attention_ex;
 mod cross_entropy;
 mod elementwise;
 mod embedding;
@@ -14,7 +15,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::backend::{AdamWStep, AttnShape, Backend, MatmulShape, QkvSource};
+use crate::backend::{AdamWStep, AttnShape, Backend, MatmulShape, OptionalOp, QkvSource, Scores};
 
 /// Rows handled by one task in chunked reductions; a constant so that partial sums (and thus
 /// rounding) never depend on how many threads run them.
@@ -223,6 +224,37 @@ impl Backend for CpuBackend {
         hp: AdamWStep,
     ) {
         adamw::update(params, grads, m, v, hp)
+    }
+
+    fn supports(&self, op: OptionalOp) -> bool {
+        match op {
+            OptionalOp::KeyPaddingMask | OptionalOp::GeneralScores | OptionalOp::AdditiveScores => true,
+        }
+    }
+    fn attention_ex_forward(
+        &self,
+        out: &mut [f32],
+        saved: &mut [f32],
+        src: QkvSource<&[f32]>,
+        scores: Scores<&[f32]>,
+        key_lens: Option<&Vec<u32>>,
+        shape: AttnShape,
+    ) {
+        attention_ex::forward(out, saved, src, scores, key_lens.map(|l| &l[..]), shape)
+    }
+    fn attention_ex_backward(
+        &self,
+        dsrc: QkvSource<&mut [f32]>,
+        dscores: Scores<&mut [f32]>,
+        dout: &[f32],
+        src: QkvSource<&[f32]>,
+        scores: Scores<&[f32]>,
+        key_lens: Option<&Vec<u32>>,
+        _out: &[f32],
+        saved: &[f32],
+        shape: AttnShape,
+    ) {
+        attention_ex::backward(dsrc, dscores, dout, src, scores, key_lens.map(|l| &l[..]), saved, shape)
     }
 }
 

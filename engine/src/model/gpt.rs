@@ -322,6 +322,23 @@ impl<B: Backend> Gpt<B> {
         }
     }
 
+    /// Attention weights of sequence 0 of the last forward pass, per layer `(H, T, T)`,
+    /// recomputed on the host from each block's q and k (see `attention_maps`).
+    pub fn attention_maps(&self) -> Result<Vec<Vec<f32>>, EngineError> {
+        let (Some(acts), Some(batch)) = (self.acts.as_ref(), self.batch.as_ref()) else {
+            return Err(EngineError::Batch("attention maps need a forward pass first".into()));
+        };
+        let (t, c) = (batch.t, self.cfg.n_embd);
+        Ok(acts
+            .blocks
+            .iter()
+            .map(|blk| {
+                let qkv = self.be.download(self.be.view(&blk.qkv, 0..t * 3 * c));
+                super::attention_maps::self_attention_probs(&qkv, t, c, self.cfg.n_head, true)
+            })
+            .collect())
+    }
+
     /// Forward pass over tokens (B, T). With targets, returns the mean cross-entropy over the
     /// targets that count; the logits of the batch stay available through `logits`.
     pub fn forward(
@@ -332,9 +349,50 @@ impl<B: Backend> Gpt<B> {
         t: usize,
     ) -> Result<Option<f32>, EngineError> {
         self.load_batch(tokens, targets, b, t)?;
+        self.body_forward();
+        let Gpt { be, cfg, table, params, acts, batch, .. } = self;
+        let (acts, batch) = (acts.as_mut().unwrap(), batch.as_ref().unwrap());
+        let v = cfg.vocab_size;
+        let rows = b * t;
+        let p = |id: ParamId| be.view(params, table.range(id));
+
+        // logits = lnf @ wte^T                                // (BT, V)
+        let head = MatmulShape { rows, in_features: cfg.n_embd, out_features: v, layout: WeightLayout::OutIn };
+        be.matmul_forward(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lnf, 0..rows * cfg.n_embd), p(self.wte), None, head);
+
+        let Some(targets) = &batch.targets else { return Ok(None) };
+        be.cross_entropy_forward(
+            be.view_mut(&mut acts.losses, 0..rows),
+            be.view_mut(&mut acts.lse, 0..rows),
+            be.view(&acts.logits, 0..rows * v),
+            targets,
+            v,
+        );
+        let losses = be.download(be.view(&acts.losses, 0..rows));
+        let sum: f64 = losses.iter().map(|&x| x as f64).sum();
+        Ok(Some((sum / batch.n_targets.max(1) as f64) as f32))
+    }
+
+    /// Forward pass over tokens (B, T) up to the final LayerNorm, without the LM head: for task
+    /// heads (classification) that read the hidden states through `hidden` and hand their
+    /// gradient back to `backward_hidden`.
+    pub fn forward_hidden(&mut self, tokens: &[u32], b: usize, t: usize) -> Result<(), EngineError> {
+        self.load_batch(tokens, None, b, t)?;
+        self.body_forward();
+        Ok(())
+    }
+
+    /// Final hidden states of the last forward pass (after `ln_f`), (B*T, C) on the device.
+    pub fn hidden(&self) -> B::View<'_> {
+        let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
+        self.be.view(&acts.lnf, 0..batch.b * batch.t * self.cfg.n_embd)
+    }
+
+    /// Embeddings, blocks and `ln_f` of the loaded batch: fills `acts.lnf` (BT, C).
+    fn body_forward(&mut self) {
         let Gpt { be, cfg, table, params, acts, batch, blocks, .. } = self;
         let (acts, batch) = (acts.as_mut().unwrap(), batch.as_ref().unwrap());
-        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        let (b, t, c) = (batch.b, batch.t, cfg.n_embd);
         let rows = b * t;
         let (rc, rc3, rc4) = (0..rows * c, 0..rows * 3 * c, 0..rows * 4 * c);
         let p = |id: ParamId| be.view(params, table.range(id));
@@ -408,7 +466,7 @@ impl<B: Backend> Gpt<B> {
             }
         }
 
-        // lnf = LN_f(last block output); logits = lnf @ wte^T   // (BT, V)
+        // lnf = LN_f(last block output)                     // (BT, C)
         let last = match acts.blocks.last() {
             Some(a) => block_output(a, cfg.ln_placement),
             None => &acts.encoded,
@@ -422,20 +480,6 @@ impl<B: Backend> Gpt<B> {
             p(self.lnf_b),
             c,
         );
-        let head = MatmulShape { rows, in_features: c, out_features: v, layout: WeightLayout::OutIn };
-        be.matmul_forward(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lnf, rc.clone()), p(self.wte), None, head);
-
-        let Some(targets) = &batch.targets else { return Ok(None) };
-        be.cross_entropy_forward(
-            be.view_mut(&mut acts.losses, 0..rows),
-            be.view_mut(&mut acts.lse, 0..rows),
-            be.view(&acts.logits, 0..rows * v),
-            targets,
-            v,
-        );
-        let losses = be.download(be.view(&acts.losses, 0..rows));
-        let sum: f64 = losses.iter().map(|&x| x as f64).sum();
-        Ok(Some((sum / batch.n_targets.max(1) as f64) as f32))
     }
 
     /// Logits of the last forward pass, (B, T, V) on the host.
@@ -457,19 +501,68 @@ impl<B: Backend> Gpt<B> {
     /// gradient buffer the gradient of `loss_scale * mean loss`. Use `loss_scale = 1/k` to average
     /// k accumulated micro-batches.
     pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
+        {
+            let Gpt { be, cfg, table, params, grads, acts, batch, wte, .. } = &mut *self;
+            let batch = batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
+            let targets = batch.targets.as_ref().ok_or_else(|| EngineError::Batch("backward needs targets".into()))?;
+            let acts = acts.as_mut().unwrap();
+            let (c, v) = (cfg.n_embd, cfg.vocab_size);
+            let rows = batch.b * batch.t;
+            let s = &mut acts.scratch;
+            // dlogits = dloss * (softmax - onehot)                 // (BT, V)
+            let dloss = loss_scale / batch.n_targets.max(1) as f32;
+            be.fill(be.view_mut(&mut s.dlogits, 0..rows * v), 0.0);
+            be.cross_entropy_backward(
+                be.view_mut(&mut s.dlogits, 0..rows * v),
+                be.view(&acts.logits, 0..rows * v),
+                be.view(&acts.lse, 0..rows),
+                targets,
+                dloss,
+                v,
+            );
+            // through the tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
+            be.fill(be.view_mut(&mut s.dln, 0..rows * c), 0.0);
+            let head = MatmulShape { rows, in_features: c, out_features: v, layout: WeightLayout::OutIn };
+            be.matmul_backward(
+                Some(be.view_mut(&mut s.dln, 0..rows * c)),
+                be.view_mut(grads, table.range(*wte)),
+                None,
+                be.view(&s.dlogits, 0..rows * v),
+                be.view(&acts.lnf, 0..rows * c),
+                be.view(params, table.range(*wte)),
+                head,
+            );
+        }
+        self.body_backward();
+        Ok(())
+    }
+
+    /// Backward pass of the last forward from the gradient of its final hidden states
+    /// `dhidden` (B*T, C) (a task head's output): accumulates into the gradient buffer like
+    /// `backward`. Works after `forward_hidden` or `forward`.
+    pub fn backward_hidden(&mut self, dhidden: B::View<'_>) -> Result<(), EngineError> {
+        let batch = self.batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
+        let n = batch.b * batch.t * self.cfg.n_embd;
+        let acts = self.acts.as_mut().unwrap();
+        self.be.copy(self.be.view_mut(&mut acts.scratch.dln, 0..n), dhidden);
+        self.body_backward();
+        Ok(())
+    }
+
+    /// From `scratch.dln` = the gradient of `lnf` (BT, C) down through `ln_f`, the blocks and the
+    /// embeddings, into the gradient buffer.
+    fn body_backward(&mut self) {
         let Gpt { be, cfg, table, params, grads, acts, batch, blocks, .. } = self;
-        let batch = batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
-        let targets = batch.targets.as_ref().ok_or_else(|| EngineError::Batch("backward needs targets".into()))?;
+        let batch = batch.as_ref().expect("forward first");
         let acts = acts.as_mut().unwrap();
-        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, cfg.vocab_size);
+        let (b, t, c) = (batch.b, batch.t, cfg.n_embd);
         let rows = b * t;
         let (rc, rc3, rc4) = (0..rows * c, 0..rows * 3 * c, 0..rows * 4 * c);
         let p = |id: ParamId| be.view(params, table.range(id));
         let attn = AttnShape { batch: b, q_len: t, kv_len: t, channels: c, heads: cfg.n_head, causal: true };
         let saved_len = be.attention_saved_len(attn);
-        let Acts { encoded, blocks: block_acts, lnf, lnf_mean, lnf_rstd, logits, lse, scratch: s, .. } = acts;
+        let Acts { encoded, blocks: block_acts, lnf_mean, lnf_rstd, scratch: s, .. } = acts;
         let zero = |be: &B, buf: &mut B::Buf, n: usize| be.fill(be.view_mut(buf, 0..n), 0.0);
-        // dW and db of one matmul, from the flat gradient buffer
         let ln_back = |grads: &mut B::Buf, dinp: &mut B::Buf, dout: &B::Buf, inp: &B::Buf, mean: &B::Buf, rstd: &B::Buf, w: ParamId, bias: ParamId| {
             let (dw, db) = weight_and_bias_grads(be, table, grads, w, bias);
             be.layernorm_backward(
@@ -485,22 +578,6 @@ impl<B: Backend> Gpt<B> {
             );
         };
 
-        // dlogits = dloss * (softmax - onehot)                 // (BT, V)
-        let dloss = loss_scale / batch.n_targets.max(1) as f32;
-        zero(be, &mut s.dlogits, rows * v);
-        be.cross_entropy_backward(be.view_mut(&mut s.dlogits, 0..rows * v), be.view(logits, 0..rows * v), be.view(lse, 0..rows), targets, dloss, v);
-        // through the tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
-        zero(be, &mut s.dln, rows * c);
-        let head = MatmulShape { rows, in_features: c, out_features: v, layout: WeightLayout::OutIn };
-        be.matmul_backward(
-            Some(be.view_mut(&mut s.dln, rc.clone())),
-            be.view_mut(grads, table.range(self.wte)),
-            None,
-            be.view(&s.dlogits, 0..rows * v),
-            be.view(lnf, rc.clone()),
-            p(self.wte),
-            head,
-        );
         let last = match block_acts.last() {
             Some(a) => block_output(a, cfg.ln_placement),
             None => &*encoded,
@@ -586,7 +663,6 @@ impl<B: Backend> Gpt<B> {
         // encoded = wte[tokens] + wpe[positions]
         be.embedding_backward(be.view_mut(grads, table.range(self.wte)), be.view(&s.dres, rc.clone()), &batch.tokens, c);
         be.embedding_backward(be.view_mut(grads, table.range(self.wpe)), be.view(&s.dres, rc.clone()), &batch.positions, c);
-        Ok(())
     }
 }
 

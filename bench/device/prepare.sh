@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Builds here what a device call needs and stages it in ./device/ (ignored by git, named in the
+# device tool's `carry`): the smelt binary and the CUDA test binaries, stripped, plus the PyTorch
+# peer. The device machine has no Rust toolchain.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+rm -rf device && mkdir -p device/tests
+cargo build --release -p smelt --features cuda
+strip -o device/smelt target/release/smelt
+# Test binaries: cargo prints each one's path as JSON; keep the CUDA ones.
+cargo test --release -p smelt-engine --features cuda --no-run --message-format=json 2>/dev/null \
+  | python3 -c '
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
+        print(m["target"]["name"], m["executable"])' \
+  | while read -r name exe; do strip -o "device/tests/$name" "$exe"; done
+cp ../shared/anchors/torch_gpt2.py device/
+cp bench/device/cuda_check.sh device/
+ls -la device device/tests
+du -sh device

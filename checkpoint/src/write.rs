@@ -1,0 +1,94 @@
+//! A snapshot in host memory to a committed checkpoint: the data files first (any order, any
+//! number of retries), then MANIFEST.json with a create-only put. The manifest is the commit:
+//! until it lands the checkpoint does not exist, and once it has, nothing replaces it.
+
+use bytes::Bytes;
+use smelt_corpus::format::sha256_hex;
+use smelt_corpus::{StoreDir, Tokenizer};
+use smelt_engine::model::GptConfig;
+use tracing::info;
+
+use crate::error::{CheckpointError, Result};
+use crate::layout::{step_dir_name, MANIFEST, MODEL, OPTIMIZER, TRAINER};
+use crate::manifest::{now_ms, FileEntry, Manifest, TrainerJson, FORMAT};
+use crate::tensors;
+use crate::upload::{put_object, with_retry, UploadOptions};
+
+/// Everything a checkpoint holds, copied off the training state at a step boundary.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub params: Vec<f32>,
+    /// AdamW first and second moments, in the parameters' layout.
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub trainer: TrainerJson,
+}
+
+impl Snapshot {
+    pub fn step(&self) -> u64 {
+        self.trainer.step
+    }
+    pub fn model(&self) -> &GptConfig {
+        &self.trainer.model
+    }
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.trainer.tokenizer
+    }
+}
+
+/// A checkpoint whose manifest has landed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Committed {
+    pub step: u64,
+    /// The checkpoint's directory, `<root>/<step:08>`.
+    pub uri: String,
+    pub manifest_sha256: String,
+    /// Bytes written, manifest included.
+    pub bytes: u64,
+}
+
+/// The three data files of a snapshot, serialized (the CPU-heavy part of a commit).
+pub fn encode(s: &Snapshot) -> Result<Vec<(&'static str, Bytes)>> {
+    let model = tensors::model_bytes(s.model(), s.tokenizer(), &s.params, s.step())?;
+    let opt = tensors::optimizer_bytes(s.model(), &s.m, &s.v)?;
+    let trainer = serde_json::to_vec_pretty(&s.trainer).expect("trainer.json serializes");
+    Ok(vec![(MODEL, model.into()), (OPTIMIZER, opt.into()), (TRAINER, trainer.into())])
+}
+
+/// Writes `snapshot` as `<root>/<step:08>/` and commits it. Fails with `AlreadyCommitted` when
+/// that step has a manifest already (checked first, so a second writer does not even upload;
+/// and again by the create-only manifest put, which settles a race between two writers).
+pub fn commit(root: &StoreDir, snapshot: &Snapshot, opts: &UploadOptions) -> Result<Committed> {
+    let policy = &opts.retry;
+    let step = snapshot.step();
+    let dir = root.join(&step_dir_name(step));
+    let already = |dir: &StoreDir| CheckpointError::AlreadyCommitted { uri: dir.uri().to_string(), step };
+    if with_retry(policy, &dir.uri_of(MANIFEST), || dir.size(MANIFEST))?.is_some() {
+        return Err(already(&dir));
+    }
+    let files = encode(snapshot)?;
+    let mut entries = Vec::with_capacity(files.len());
+    let mut bytes = 0u64;
+    for (name, data) in files {
+        entries.push(FileEntry { name: name.to_string(), size: data.len() as u64, sha256: sha256_hex(&data) });
+        bytes += data.len() as u64;
+        put_object(&dir, name, data, opts)?;
+    }
+    let manifest = Manifest {
+        format: FORMAT.to_string(),
+        step,
+        job_id: snapshot.trainer.job_id.clone(),
+        created_at_ms: now_ms(),
+        files: entries,
+    };
+    let text = serde_json::to_vec_pretty(&manifest).expect("manifest serializes");
+    let manifest_sha256 = sha256_hex(&text);
+    bytes += text.len() as u64;
+    let created = with_retry(policy, &dir.uri_of(MANIFEST), || dir.put_create(MANIFEST, text.clone()))?;
+    // A retried put whose first try landed finds its own manifest: that is a success.
+    if !created && dir.get(MANIFEST).ok().as_deref() != Some(&text[..]) {
+        return Err(already(&dir));
+    }
+    info!(uri = %dir.uri(), step, bytes, "checkpoint committed");
+    Ok(Committed { step, uri: dir.uri().to_string(), manifest_sha256, bytes })
+}

@@ -1,0 +1,166 @@
+//! `smelt export`: a model in other tools' formats.
+//!
+//! - `hf <model> <dir>`: `config.json` + `model.safetensors` that Hugging Face transformers loads
+//!   as `GPT2LMHeadModel`. The engine already stores GPT-2's tensor names and layouts (`Conv1D`
+//!   weights (in, out)), so the tensors are copied; the LM head is tied to `wte` and, as
+//!   transformers' own `save_pretrained` does for tied weights, `lm_head.weight` is not stored
+//!   (`tie_word_embeddings` makes the loader tie it).
+//! - `logits <model> <out.npy> --ids ...`: the model's logits (T, V) for one sequence, as a
+//!   NumPy file, to compare against another implementation (`tools/hf/check_export.py`).
+//!
+//! `<model>` is a `model.safetensors` or a directory holding one (a checkpoint step directory
+//! `<store>/jobs/<job>/ckpt/<step>/`, or a run directory), as a local path or an object-store URI.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use smelt_engine::model::{Gpt, LayerNormPlacement};
+use smelt_engine::{weights, CpuBackend};
+use smelt_worker::finetune_data::read_location;
+use smelt_worker::model_file::{self, SavedModel};
+use tracing::info;
+
+#[derive(Subcommand, Debug)]
+pub enum ExportCommand {
+    /// Hugging Face transformers: config.json + model.safetensors (GPT2LMHeadModel).
+    Hf(HfArgs),
+    /// Logits of one token sequence as a .npy file (T, V), float32.
+    Logits(LogitsArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct HfArgs {
+    /// A model.safetensors, or a checkpoint directory holding one.
+    pub model: String,
+    /// Output directory (created; existing files of the same names are replaced).
+    pub out: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct LogitsArgs {
+    /// A model.safetensors, or a checkpoint directory holding one.
+    pub model: String,
+    /// Output .npy file.
+    pub out: PathBuf,
+    /// Token ids, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub ids: Vec<u32>,
+}
+
+pub fn run(c: ExportCommand) -> Result<()> {
+    match c {
+        ExportCommand::Hf(a) => export_hf(&a),
+        ExportCommand::Logits(a) => export_logits(&a),
+    }
+}
+
+/// Reads `<model>` (a file, or `<dir>/model.safetensors`).
+fn load(model: &str) -> Result<SavedModel> {
+    let p = Path::new(model);
+    let file = if !model.contains("://") && p.is_dir() {
+        p.join("model.safetensors").display().to_string()
+    } else if model.contains("://") && !model.ends_with(".safetensors") {
+        format!("{}/model.safetensors", model.trim_end_matches('/'))
+    } else {
+        model.to_string()
+    };
+    let bytes = read_location(&file).with_context(|| format!("reading the model {file}"))?;
+    model_file::from_bytes(&bytes, &file)
+}
+
+/// GPT2Config of a smelt GPT. Dropout is 0: smelt trains without it, so the export behaves as
+/// trained even in train mode.
+fn hf_config(saved: &SavedModel) -> serde_json::Value {
+    let c = &saved.config;
+    let mut cfg = serde_json::json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_positions": c.block_size,
+        "n_ctx": c.block_size,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": null,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "initializer_range": 0.02,
+        "scale_attn_weights": true,
+        "scale_attn_by_inverse_layer_idx": false,
+        "reorder_and_upcast_attn": false,
+        "tie_word_embeddings": true,
+        "use_cache": true,
+        "torch_dtype": "float32",
+        "smelt_tokenizer": saved.tokenizer.kind(),
+    });
+    // End-of-text doubles as GPT-2's bos/eos when the model has that id; otherwise say "none"
+    // explicitly, or GPT2Config would default them to 50256.
+    let eot = saved.tokenizer.eot_token();
+    let special = if (eot as usize) < c.vocab_size { serde_json::json!(eot) } else { serde_json::Value::Null };
+    cfg["bos_token_id"] = special.clone();
+    cfg["eos_token_id"] = special;
+    cfg
+}
+
+fn export_hf(a: &HfArgs) -> Result<()> {
+    let saved = load(&a.model)?;
+    if saved.config.ln_placement == LayerNormPlacement::Post {
+        bail!(
+            "{}: a post-LN model (ln_placement = post) has no Hugging Face GPT-2 equivalent: GPT-2 normalises before each \
+             residual branch (pre-LN); only pre-LN models can be exported",
+            a.model
+        );
+    }
+    let table = Gpt::<CpuBackend>::param_table(&saved.config);
+    // transformers refuses a safetensors file whose metadata does not name its framework.
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let bytes = weights::to_bytes(&table, &saved.params, meta)?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    weights::write_atomic(&a.out.join("model.safetensors"), &bytes)?;
+    let config = serde_json::to_vec_pretty(&hf_config(&saved))?;
+    weights::write_atomic(&a.out.join("config.json"), &config)?;
+    // The tokenizer as smelt knows it, so the export is self-describing (transformers does not
+    // read it; a GPT-2 BPE model uses transformers' own "gpt2" tokenizer).
+    weights::write_atomic(&a.out.join("smelt_tokenizer.json"), &serde_json::to_vec(&saved.tokenizer)?)?;
+    if saved.metadata.get("smelt.head").is_some_and(|h| h == "classification") {
+        info!(model = %a.model, "the classification head (score.weight) is not exported: GPT2LMHeadModel has the tied LM head only");
+    }
+    info!(model = %a.model, out = %a.out.display(), tensors = table.specs().len(), params = table.total(), "exported for hugging face transformers");
+    Ok(())
+}
+
+fn export_logits(a: &LogitsArgs) -> Result<()> {
+    let saved = load(&a.model)?;
+    let (t, v) = (a.ids.len(), saved.config.vocab_size);
+    let mut model = Gpt::from_params(CpuBackend::new(), saved.config, &saved.params)?;
+    model.forward(&a.ids, None, 1, t)?;
+    write_npy(&a.out, &[t, v], &model.logits())
+}
+
+/// A NumPy `.npy` (format 1.0) of little-endian float32 in C order.
+fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let shape_s = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': {shape_s}, }}");
+    // magic (6) + version (2) + header length (2) + header, padded with spaces and a newline to
+    // a multiple of 64 bytes.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + data.len() * 4);
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for x in data {
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(&out).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}

@@ -1,0 +1,470 @@
+//! Fused flash-style multi-head attention on CUDA (kernels in `kernels/attention.cu`).
+//!
+//! Same semantics as `cpu/attention.rs`, but no (T, T) matrix is ever stored: the forward pass
+//! streams 64-key tiles through shared memory with an online softmax and saves one log-sum-exp
+//! per (B, H, Tq) row; the backward pass recomputes the probabilities from q, k and that lse.
+//!
+//! Two kernel families, picked by the backend's [`MatmulPrecision`] (the math mode of every
+//! tensor-core op): `Bf16` runs bf16 operands on `mma.sync` tensor cores with f32 accumulation
+//! and f32 softmax (128 threads per block, each warp owning 16 rows of the 64-row tile);
+//! `Tf32` and `F32` run the f32 reference kernels (256 threads, 4x4 cells per thread), which
+//! match the CPU to ~1e-6. Both share the launch geometry, 64-row tiles and saved state:
+//! - forward: grid (ceil(Tq/64), H, B);
+//! - backward: `attention_backward_dot_f32` (D = rowsum(dout * out), one warp per row), then
+//!   `dkv` with grid (ceil(Tk/64), H, B) (dk, dv of one key tile over all query tiles), then
+//!   `dq` with grid (ceil(Tq/64), H, B) (dq of one query tile over all key tiles). Each gradient
+//!   element is owned by one thread, so accumulation is deterministic and needs no atomics.
+//!
+//! Kernels exist for head dims padded to 32, 64 and 128; larger head dims are rejected. An
+//! optional key padding mask (`key_lens`, for `attention_ex_*` with dot scores) skips the key
+//! tiles past each sequence's length.
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::backend::{AttnShape, QkvSource};
+use crate::cuda::view::{CudaView, CudaViewMut};
+use crate::cuda::{CudaBackend, MatmulPrecision};
+
+/// Rows of a tile (queries or keys), fixed in attention.cu.
+const TILE: usize = 64;
+/// Threads per block of the f32 kernels (and of the D kernel) and of the tensor-core kernels.
+const THREADS: u32 = 256;
+const MMA_THREADS: u32 = 128;
+/// Largest head dim with a kernel.
+pub(crate) const MAX_HEAD_DIM: usize = 128;
+
+/// Kernel parameters, `AttnParams` in attention.cu (same fields, same order, all 4 bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct Params {
+    batch: i32,
+    tq: i32,
+    tk: i32,
+    channels: i32,
+    heads: i32,
+    hd: i32,
+    q_ld: i32,
+    q_off: i32,
+    k_ld: i32,
+    k_off: i32,
+    v_ld: i32,
+    v_off: i32,
+    causal: i32,
+    scale: f32,
+    pad_: i32,
+    /// Device pointer to `key_lens (B)` (u32), or 0 for no padding mask.
+    key_lens: u64,
+}
+
+// SAFETY: plain-old-data with C layout, matching the kernels' by-value struct parameter.
+unsafe impl DeviceRepr for Params {}
+
+/// One log-sum-exp per (B, H, Tq) row.
+pub(crate) fn saved_len(shape: AttnShape) -> usize {
+    shape.batch * shape.heads * shape.q_len
+}
+
+/// Head-dim bucket of the kernels: `(suffix, W)` with W the padded head dim.
+fn bucket(hd: usize) -> (&'static str, usize) {
+    match hd {
+        0..=32 => ("d32", 32),
+        33..=64 => ("d64", 64),
+        _ => ("d128", 128),
+    }
+}
+
+/// Dynamic shared memory, in bytes, of each tiled kernel for padded head dim `w` (the layouts
+/// at the top of the `*_impl` functions in attention.cu).
+fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
+    match family {
+        Family::F32 => {
+            let tile = TILE * (w + 1); // a (64, W+1) f32 tile of q, k, v or dout
+            let scores = TILE * (TILE + 1); // a (64, 65) tile of P or dS
+            let floats = match kernel {
+                Kernel::Forward => 3 * tile + scores,
+                Kernel::Dkv => 4 * tile + 2 * scores + 2 * TILE,
+                Kernel::Dq => 4 * tile + scores + 2 * TILE,
+            };
+            4 * floats
+        }
+        Family::Bf16 => {
+            let rows = TILE * (w + 8); // a (64, W+8) bf16 tile
+            let cols = w * (TILE + 8); // a transposed (W, 64+8) bf16 tile
+            let (halves, floats) = match kernel {
+                Kernel::Forward => (2 * rows + cols, 0),
+                Kernel::Dkv => (4 * rows + 2 * cols, 2 * TILE),
+                Kernel::Dq => (4 * rows + cols, 2 * TILE),
+            };
+            2 * halves + 4 * floats
+        }
+    }
+}
+
+/// Whether `arch` ("sm_XY") has bf16 `mma.sync` (sm_80 and later).
+fn has_bf16_mma(arch: &str) -> bool {
+    arch.strip_prefix("sm_")
+        .and_then(|v| v.parse::<u32>().ok())
+        .is_some_and(|v| v >= 80)
+}
+
+/// Kernel family: f32 reference or bf16 tensor cores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Family {
+    F32,
+    Bf16,
+}
+
+impl Family {
+    fn of(be: &CudaBackend) -> Family {
+        match be.options().matmul {
+            MatmulPrecision::Bf16 if has_bf16_mma(be.arch()) => Family::Bf16,
+            _ => Family::F32,
+        }
+    }
+    fn tag(self) -> &'static str {
+        match self {
+            Family::F32 => "f32",
+            Family::Bf16 => "bf16",
+        }
+    }
+    fn threads(self) -> u32 {
+        match self {
+            Family::F32 => THREADS,
+            Family::Bf16 => MMA_THREADS,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kernel {
+    Forward,
+    Dkv,
+    Dq,
+}
+
+fn check_shape(s: &AttnShape) {
+    assert!(
+        s.heads > 0 && s.channels.is_multiple_of(s.heads),
+        "attention: channels must divide into heads"
+    );
+    assert!(
+        s.head_dim() <= MAX_HEAD_DIM,
+        "attention: head dim {} exceeds the CUDA kernels' maximum {MAX_HEAD_DIM}",
+        s.head_dim()
+    );
+    assert!(
+        !s.causal || s.q_len == s.kv_len,
+        "attention: causal attention needs Tq == Tk"
+    );
+    assert!(
+        s.heads <= 65535 && s.batch <= 65535,
+        "attention: heads and batch must fit a grid dim"
+    );
+    // Row strides, lengths and counts travel as i32 (element offsets are computed in 64 bits).
+    assert!(
+        3 * s.channels <= i32::MAX as usize && s.q_len.max(s.kv_len) <= i32::MAX as usize,
+        "attention: shape {s:?} too large for the kernels' 32-bit fields"
+    );
+}
+
+/// Kernel parameters and the (q, kv) pointers of a source, after checking its lengths.
+fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Params, u64, u64) {
+    let c = s.channels;
+    // Queries always start at column 0 of their rows.
+    let (q_ld, k_ld, k_off, v_ld, v_off, q, kv) = match src {
+        QkvSource::Packed(qkv) => {
+            assert_eq!(
+                s.q_len, s.kv_len,
+                "attention: self-attention needs Tq == Tk"
+            );
+            assert_eq!(qkv.len, s.batch * s.q_len * 3 * c, "attention qkv (B,T,3C)");
+            (3 * c, 3 * c, c, 3 * c, 2 * c, qkv.ptr, qkv.ptr)
+        }
+        QkvSource::Split { q, kv } => {
+            assert_eq!(q.len, s.batch * s.q_len * c, "attention q (B,Tq,C)");
+            assert_eq!(kv.len, s.batch * s.kv_len * 2 * c, "attention kv (B,Tk,2C)");
+            (c, 2 * c, 0, 2 * c, c, q.ptr, kv.ptr)
+        }
+    };
+    let hd = s.head_dim();
+    let p = Params {
+        batch: s.batch as i32,
+        tq: s.q_len as i32,
+        tk: s.kv_len as i32,
+        channels: c as i32,
+        heads: s.heads as i32,
+        hd: hd as i32,
+        q_ld: q_ld as i32,
+        q_off: 0,
+        k_ld: k_ld as i32,
+        k_off: k_off as i32,
+        v_ld: v_ld as i32,
+        v_off: v_off as i32,
+        causal: s.causal as i32,
+        scale: 1.0 / (hd as f32).sqrt(),
+        pad_: 0,
+        key_lens,
+    };
+    (p, q, kv)
+}
+
+/// Launches one tiled kernel over `rows` tile rows (queries or keys) with pointer args `ptrs`.
+fn launch_tiled(
+    be: &CudaBackend,
+    kernel: Kernel,
+    s: &AttnShape,
+    rows: usize,
+    ptrs: &[u64],
+    p: &Params,
+) {
+    let (suffix, w) = bucket(s.head_dim());
+    let family = Family::of(be);
+    let tag = family.tag();
+    let name = match kernel {
+        Kernel::Forward => format!("attention_forward_{tag}_{suffix}"),
+        Kernel::Dkv => format!("attention_backward_dkv_{tag}_{suffix}"),
+        Kernel::Dq => format!("attention_backward_dq_{tag}_{suffix}"),
+    };
+    let f = be.func(&name);
+    let smem = smem_bytes(family, kernel, w);
+    // Above 48 KiB a kernel must opt in to its dynamic shared memory (per function, cheap).
+    be.check(
+        f.set_attribute(
+            CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            smem as i32,
+        ),
+        &format!("{name}: raising dynamic shared memory to {smem} bytes"),
+    );
+    let cfg = LaunchConfig {
+        grid_dim: (rows.div_ceil(TILE) as u32, s.heads as u32, s.batch as u32),
+        block_dim: (family.threads(), 1, 1),
+        shared_mem_bytes: smem as u32,
+    };
+    let mut b = be.stream().launch_builder(&f);
+    for ptr in ptrs {
+        b.arg(ptr);
+    }
+    b.arg(p);
+    // SAFETY: the pointer arguments match the kernel's parameter list (checked by the callers'
+    // length asserts against the shape in `p`), and the kernels touch only rows < Tq / Tk and
+    // columns < hd of those buffers.
+    be.check(unsafe { b.launch(cfg) }.map(|_| ()), &name);
+}
+
+/// out (B,Tq,C) and saved lse (B,H,Tq).
+pub(crate) fn forward(
+    be: &CudaBackend,
+    out: CudaViewMut<'_>,
+    saved: CudaViewMut<'_>,
+    src: QkvSource<CudaView<'_>>,
+    shape: AttnShape,
+) {
+    forward_masked(be, out, saved, src, None, shape)
+}
+
+/// Device pointer of a key-length vector after checking its length, or 0 for none.
+fn key_lens_ptr(be: &CudaBackend, key_lens: Option<&CudaSlice<u32>>, s: &AttnShape) -> u64 {
+    match key_lens {
+        None => 0,
+        Some(lens) => {
+            assert_eq!(lens.len(), s.batch, "attention key_lens (B)");
+            be.ids_ptr(lens)
+        }
+    }
+}
+
+/// [`forward`] with an optional key padding mask: for batch entry b, keys j >= `key_lens[b]`
+/// are invisible (`key_lens` (B), each in 1..=Tk, as `Backend::attention_ex_forward` says).
+pub(crate) fn forward_masked(
+    be: &CudaBackend,
+    out: CudaViewMut<'_>,
+    saved: CudaViewMut<'_>,
+    src: QkvSource<CudaView<'_>>,
+    key_lens: Option<&CudaSlice<u32>>,
+    shape: AttnShape,
+) {
+    check_shape(&shape);
+    let (p, q, kv) = params(&shape, &src, key_lens_ptr(be, key_lens, &shape));
+    assert_eq!(
+        out.len,
+        shape.batch * shape.q_len * shape.channels,
+        "attention out (B,Tq,C)"
+    );
+    assert_eq!(saved.len, saved_len(shape), "attention saved lse (B,H,Tq)");
+    if shape.batch == 0 || shape.q_len == 0 {
+        return;
+    }
+    assert!(shape.kv_len > 0, "attention: no keys to attend to");
+    launch_tiled(
+        be,
+        Kernel::Forward,
+        &shape,
+        shape.q_len,
+        &[out.ptr, saved.ptr, q, kv],
+        &p,
+    );
+}
+
+/// Accumulates dq, dk, dv into `dsrc` (laid out like `src`).
+pub(crate) fn backward(
+    be: &CudaBackend,
+    dsrc: QkvSource<CudaViewMut<'_>>,
+    dout: CudaView<'_>,
+    src: QkvSource<CudaView<'_>>,
+    out: CudaView<'_>,
+    saved: CudaView<'_>,
+    shape: AttnShape,
+) {
+    backward_masked(be, dsrc, dout, src, out, saved, None, shape)
+}
+
+/// [`backward`] with the key padding mask the forward pass used (keys past `key_lens[b]` get
+/// no gradient).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_masked(
+    be: &CudaBackend,
+    dsrc: QkvSource<CudaViewMut<'_>>,
+    dout: CudaView<'_>,
+    src: QkvSource<CudaView<'_>>,
+    out: CudaView<'_>,
+    saved: CudaView<'_>,
+    key_lens: Option<&CudaSlice<u32>>,
+    shape: AttnShape,
+) {
+    check_shape(&shape);
+    let (p, q, kv) = params(&shape, &src, key_lens_ptr(be, key_lens, &shape));
+    let (dq, dkv) = match (&dsrc, &src) {
+        (QkvSource::Packed(d), QkvSource::Packed(_)) => {
+            assert_eq!(
+                d.len,
+                shape.batch * shape.q_len * 3 * shape.channels,
+                "attention dqkv (B,T,3C)"
+            );
+            (d.ptr, d.ptr)
+        }
+        (QkvSource::Split { q: dq, kv: dkv }, QkvSource::Split { .. }) => {
+            assert_eq!(
+                dq.len,
+                shape.batch * shape.q_len * shape.channels,
+                "attention dq (B,Tq,C)"
+            );
+            assert_eq!(
+                dkv.len,
+                shape.batch * shape.kv_len * 2 * shape.channels,
+                "attention dkv (B,Tk,2C)"
+            );
+            (dq.ptr, dkv.ptr)
+        }
+        _ => panic!("attention backward: dsrc and src must both be packed or both split"),
+    };
+    let n_out = shape.batch * shape.q_len * shape.channels;
+    assert_eq!(dout.len, n_out, "attention dout (B,Tq,C)");
+    assert_eq!(out.len, n_out, "attention out (B,Tq,C)");
+    assert_eq!(saved.len, saved_len(shape), "attention saved lse (B,H,Tq)");
+    if shape.batch == 0 || shape.q_len == 0 {
+        return;
+    }
+    assert!(shape.kv_len > 0, "attention: no keys to attend to");
+
+    // D (B,H,Tq): scratch for this call only; freed stream-ordered after the kernels that read it.
+    let rows = saved_len(shape);
+    // SAFETY: every element is written by attention_backward_dot_f32 before anything reads it.
+    let dsum = match unsafe { be.stream().alloc::<f32>(rows) } {
+        Ok(d) => d,
+        Err(e) => {
+            be.check(Err(e), "attention backward: allocating D (B,H,Tq)");
+            return;
+        }
+    };
+    let dsum_ptr = be.buf_ptr(&dsum);
+    {
+        let name = "attention_backward_dot_f32";
+        let f = be.func(name);
+        let warps_per_block = THREADS as usize / 32;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(warps_per_block) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = be.stream().launch_builder(&f);
+        b.arg(&dsum_ptr).arg(&dout.ptr).arg(&out.ptr).arg(&p);
+        // SAFETY: dsum holds B*H*Tq floats, dout and out B*Tq*C (asserted above).
+        be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
+    }
+    let lse = saved.ptr;
+    launch_tiled(
+        be,
+        Kernel::Dkv,
+        &shape,
+        shape.kv_len,
+        &[dkv, q, kv, dout.ptr, lse, dsum_ptr],
+        &p,
+    );
+    launch_tiled(
+        be,
+        Kernel::Dq,
+        &shape,
+        shape.q_len,
+        &[dq, q, kv, dout.ptr, lse, dsum_ptr],
+        &p,
+    );
+    drop(dsum);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_kernels_need_sm80() {
+        assert!(has_bf16_mma("sm_90") && has_bf16_mma("sm_80") && has_bf16_mma("sm_100"));
+        assert!(!has_bf16_mma("sm_75") && !has_bf16_mma("sm_70") && !has_bf16_mma("garbage"));
+    }
+
+    #[test]
+    fn buckets_cover_head_dims() {
+        assert_eq!(bucket(1), ("d32", 32));
+        assert_eq!(bucket(32), ("d32", 32));
+        assert_eq!(bucket(33), ("d64", 64));
+        assert_eq!(bucket(64), ("d64", 64));
+        assert_eq!(bucket(65), ("d128", 128));
+        assert_eq!(bucket(128), ("d128", 128));
+    }
+
+    #[test]
+    fn shared_memory_fits_an_h100_and_an_a100() {
+        // sm_80 allows 163 KiB of opt-in shared memory per block, sm_90 227 KiB.
+        for f in [Family::F32, Family::Bf16] {
+            for k in [Kernel::Forward, Kernel::Dkv, Kernel::Dq] {
+                let bytes = smem_bytes(f, k, 128);
+                assert!(bytes <= 166_912, "{f:?} {k:?}: {bytes}");
+            }
+        }
+        assert_eq!(
+            smem_bytes(Family::F32, Kernel::Forward, 64),
+            4 * (3 * 64 * 65 + 64 * 65)
+        );
+        assert_eq!(
+            smem_bytes(Family::Bf16, Kernel::Forward, 64),
+            2 * (2 * 64 * 72 + 64 * 72)
+        );
+    }
+
+    #[test]
+    fn kernel_names_exist_in_the_source() {
+        let names = crate::cuda::kernels::kernel_names(include_str!("kernels/attention.cu"));
+        for tag in ["f32", "bf16"] {
+            for suffix in ["d32", "d64", "d128"] {
+                for k in ["forward", "backward_dkv", "backward_dq"] {
+                    let name = format!("attention_{k}_{tag}_{suffix}");
+                    assert!(
+                        names.contains(&name),
+                        "{name} missing from attention.cu: {names:?}"
+                    );
+                }
+            }
+        }
+        assert!(names.contains(&"attention_backward_dot_f32".to_string()));
+    }
+}

@@ -1,0 +1,66 @@
+//! Deterministic column sums `dst (C) += sum_n src (N, C)`: per chunk of rows a partial from 0 in
+//! row order, then the partials added to `dst` in chunk order. The chunk is the CPU reference's
+//! `ROWS_PER_TASK`, so in f32 the result is bitwise the CPU's (bias and LayerNorm gradients).
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::CudaBackend;
+use crate::cpu::ROWS_PER_TASK;
+
+pub(crate) const THREADS: u32 = 128;
+
+/// Number of row chunks for `rows` rows.
+pub(crate) fn chunks(rows: usize) -> usize {
+    rows.div_ceil(ROWS_PER_TASK)
+}
+
+/// Launch shape of a per-(chunk, column) partial kernel: x = chunk, y = column block.
+pub(crate) fn partial_cfg(rows: usize, cols: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (chunks(rows).max(1) as u32, cols.div_ceil(THREADS as usize) as u32, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// Scratch for the partials of `rows x cols`, freed in stream order after the kernels using it.
+pub(crate) fn scratch(be: &CudaBackend, rows: usize, cols: usize) -> (CudaSlice<f32>, u64) {
+    let len = chunks(rows).max(1) * cols;
+    // SAFETY: the partial kernel writes every element before column_sum_finish reads it.
+    let buf = unsafe { be.stream().alloc::<f32>(len) }.unwrap_or_else(|e| {
+        panic!("cuda:{}: cannot allocate {len} floats of scratch: {e:?}", be.ordinal())
+    });
+    let ptr = be.buf_ptr(&buf);
+    (buf, ptr)
+}
+
+/// `dst[c] += partial[0, c] + partial[1, c] + ...` in chunk order.
+pub(crate) fn finish(be: &CudaBackend, dst: u64, partial: u64, rows: usize, cols: usize) {
+    let f = be.func("column_sum_finish");
+    let (k, c) = (chunks(rows) as u64, cols as u64);
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&dst).arg(&partial).arg(&k).arg(&c);
+    let cfg = LaunchConfig {
+        grid_dim: (cols.div_ceil(THREADS as usize) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    // SAFETY: column_sum_finish(float*, const float*, u64, u64) reads k*c partials, rewrites c.
+    be.check(unsafe { b.launch(cfg) }.map(|_| ()), "column_sum_finish");
+}
+
+/// `dst (cols) += sum over rows of src (rows, cols)`.
+pub(crate) fn add_column_sums(be: &CudaBackend, dst: u64, src: u64, rows: usize, cols: usize) {
+    if rows == 0 || cols == 0 {
+        return;
+    }
+    let (_scratch, partial) = scratch(be, rows, cols);
+    let f = be.func("column_sum_partial");
+    let (n, c, per) = (rows as u64, cols as u64, ROWS_PER_TASK as u64);
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&partial).arg(&src).arg(&n).arg(&c).arg(&per);
+    // SAFETY: column_sum_partial(float*, const float*, u64, u64, u64) reads rows*cols floats
+    // of src and writes chunks*cols partials.
+    be.check(unsafe { b.launch(partial_cfg(rows, cols)) }.map(|_| ()), "column_sum_partial");
+    finish(be, dst, partial, rows, cols);
+}

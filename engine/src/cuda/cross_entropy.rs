@@ -1,0 +1,62 @@
+//! Fused softmax cross-entropy, one block per row of logits.
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use super::view::{CudaView, CudaViewMut};
+use super::CudaBackend;
+
+/// Must match the shared arrays of cross_entropy_forward.
+const THREADS: u32 = 512;
+
+fn row_cfg(rows: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// losses[n] = lse(logits[n]) - logits[n, t] (0 when ignored); saves lse (N).
+pub(crate) fn forward(
+    be: &CudaBackend,
+    losses: CudaViewMut<'_>,
+    lse: CudaViewMut<'_>,
+    logits: CudaView<'_>,
+    targets: &CudaSlice<u32>,
+    v: usize,
+) {
+    let n = targets.len();
+    assert!(losses.len == n && lse.len == n, "cross entropy: losses {}, lse {}, rows {n}", losses.len, lse.len);
+    assert_eq!(logits.len, n * v, "cross entropy: logits {} floats, expected (N={n}, V={v})", logits.len);
+    if n == 0 {
+        return;
+    }
+    let f = be.func("cross_entropy_forward");
+    let (t, err, vv) = (be.ids_ptr(targets), be.err_ptr(), v as u64);
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&losses.ptr).arg(&lse.ptr).arg(&logits.ptr).arg(&t).arg(&vv).arg(&err);
+    // SAFETY: cross_entropy_forward(float*, float*, const float*, const unsigned*, u64,
+    // unsigned*) with one block per row reads row n of logits and writes losses[n], lse[n].
+    be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_forward");
+}
+
+/// dlogits[n] += dloss * (softmax(logits[n]) - onehot(t)), skipping ignored rows.
+pub(crate) fn backward(
+    be: &CudaBackend,
+    dlogits: CudaViewMut<'_>,
+    logits: CudaView<'_>,
+    lse: CudaView<'_>,
+    targets: &CudaSlice<u32>,
+    dloss: f32,
+    v: usize,
+) {
+    let n = targets.len();
+    assert!(dlogits.len == logits.len && logits.len == n * v, "cross entropy backward: shapes");
+    assert_eq!(lse.len, n, "cross entropy backward: lse");
+    if n == 0 {
+        return;
+    }
+    let f = be.func("cross_entropy_backward");
+    let (t, vv) = (be.ids_ptr(targets), v as u64);
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&dlogits.ptr).arg(&logits.ptr).arg(&lse.ptr).arg(&t).arg(&dloss).arg(&vv);
+    // SAFETY: cross_entropy_backward(float*, const float*, const float*, const unsigned*,
+    // float, u64), one block per row, touches row n of dlogits and logits.
+    be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_backward");
+}

@@ -1,0 +1,138 @@
+//! Kernel sources (one `.cu` file per op family, candle style) and their NVRTC compilation.
+//!
+//! Every module is compiled once per backend, at construction, for the device's own
+//! architecture (`sm_XY`); the CI compile test runs the same `compile_all` for `sm_90` with no
+//! GPU. Kernels use only NVRTC built-ins, so no CUDA headers are needed; `SMELT_CUDA_INCLUDE`
+//! (or `/usr/local/cuda/include` when it exists) is still passed as an include path so that a
+//! module may `#include <cuda_bf16.h>`.
+
+use cudarc::nvrtc::{CompileOptions, Ptx};
+use thiserror::Error;
+
+/// (module name, CUDA C++ source), one entry per `.cu` file.
+pub const MODULES: &[(&str, &str)] = &[
+    ("memory", include_str!("kernels/memory.cu")),
+    ("embedding", include_str!("kernels/embedding.cu")),
+    ("bias", include_str!("kernels/bias.cu")),
+    ("layernorm", include_str!("kernels/layernorm.cu")),
+    ("elementwise", include_str!("kernels/elementwise.cu")),
+    ("cross_entropy", include_str!("kernels/cross_entropy.cu")),
+    ("adamw", include_str!("kernels/adamw.cu")),
+    ("attention", include_str!("kernels/attention.cu")),
+];
+
+/// Env var naming a directory of CUDA headers to add to NVRTC's include path.
+pub const INCLUDE_ENV: &str = "SMELT_CUDA_INCLUDE";
+
+#[derive(Debug, Error)]
+pub enum KernelError {
+    #[error(
+        "libnvrtc could not be loaded (looked for libnvrtc.so and libnvrtc.so.13 on the dynamic \
+         loader's path; set LD_LIBRARY_PATH to the directory holding them, e.g. \
+         /usr/local/cuda/lib64 or the pip wheel's nvidia/cu13/lib)"
+    )]
+    NvrtcMissing,
+    #[error("nvrtc failed on module `{module}` for {arch}: {message}")]
+    Compile { module: String, arch: String, message: String },
+}
+
+/// One compiled module: its PTX and the names of its `extern "C" __global__` kernels.
+pub struct CompiledModule {
+    pub name: &'static str,
+    pub ptx: Ptx,
+    pub kernels: Vec<String>,
+}
+
+/// Whether libnvrtc can be loaded (cudarc panics on first use when it cannot).
+pub fn nvrtc_available() -> bool {
+    // SAFETY: only tries to dlopen candidate library names.
+    unsafe { cudarc::nvrtc::sys::is_culib_present() }
+}
+
+/// Compiles every module in [`MODULES`] for `arch` (e.g. "sm_90").
+pub fn compile_all(arch: &str) -> Result<Vec<CompiledModule>, KernelError> {
+    if !nvrtc_available() {
+        return Err(KernelError::NvrtcMissing);
+    }
+    MODULES.iter().map(|&(name, src)| compile_one(name, src, arch)).collect()
+}
+
+/// Compiles one source (used by [`compile_all`], and by tests for their own snippets).
+pub fn compile_source(name: &'static str, src: &str, arch: &str) -> Result<CompiledModule, KernelError> {
+    if !nvrtc_available() {
+        return Err(KernelError::NvrtcMissing);
+    }
+    compile_one(name, src, arch)
+}
+
+fn compile_one(name: &'static str, src: &str, arch: &str) -> Result<CompiledModule, KernelError> {
+    let mut include_paths = Vec::new();
+    if let Ok(dir) = std::env::var(INCLUDE_ENV) {
+        include_paths.push(dir);
+    } else if std::path::Path::new("/usr/local/cuda/include").is_dir() {
+        include_paths.push("/usr/local/cuda/include".to_string());
+    }
+    let opts = CompileOptions {
+        // IEEE division and sqrt: the CPU reference is IEEE f32, and the tests compare to it.
+        prec_div: Some(true),
+        prec_sqrt: Some(true),
+        ftz: Some(false),
+        include_paths,
+        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()],
+        name: Some(format!("{name}.cu")),
+        ..Default::default()
+    };
+    let ptx = cudarc::nvrtc::compile_ptx_with_opts(src, opts).map_err(|e| KernelError::Compile {
+        module: name.to_string(),
+        arch: arch.to_string(),
+        message: describe(&e),
+    })?;
+    Ok(CompiledModule { name, ptx, kernels: kernel_names(src) })
+}
+
+/// NVRTC's log, readable, instead of the Debug dump of a CString.
+fn describe(e: &cudarc::nvrtc::CompileError) -> String {
+    match e {
+        cudarc::nvrtc::CompileError::CompileError { nvrtc, log, .. } => {
+            format!("{nvrtc:?}: {}", log.to_string_lossy())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+/// Names of the kernels a source defines: the identifier before the parameter list of every
+/// `__global__` function (skipping a `__launch_bounds__(..)` qualifier).
+pub fn kernel_names(src: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = src;
+    while let Some(at) = rest.find("__global__") {
+        rest = &rest[at + "__global__".len()..];
+        loop {
+            let Some(paren) = rest.find('(') else { return names };
+            let ident = rest[..paren].split_whitespace().last().unwrap_or("");
+            let ident = ident.trim_start_matches('*');
+            rest = &rest[paren + 1..];
+            if ident == "__launch_bounds__" {
+                continue;
+            }
+            if !ident.is_empty() && ident.chars().all(|c| c.is_alphanumeric() || c == '_') {
+                names.push(ident.to_string());
+            }
+            break;
+        }
+    }
+    names
+}
+
+#[cfg(test)]
+mod tests {
+    use super::kernel_names;
+
+    #[test]
+    fn finds_kernel_names() {
+        let src = "extern \"C\" __global__ void a_b(float* x) {}\n\
+                   extern \"C\" __global__ void __launch_bounds__(256) c(int n) {}\n\
+                   __device__ float helper(float x) { return x; }";
+        assert_eq!(kernel_names(src), vec!["a_b".to_string(), "c".to_string()]);
+    }
+}

@@ -1,0 +1,941 @@
+// Flash-style multi-head attention (FlashAttention-2 structure, f32 math): no (T, T) matrix
+// ever reaches device memory. Semantics match engine/src/cpu/attention.rs exactly:
+//   per head h, out_h = softmax(q_h k_h^T * scale) v_h, scale = 1/sqrt(hd), causal: key j <= i.
+// Layouts (row-major, f32): queries come from `q` rows of stride q_ld at column q_off, keys and
+// values from `kv` rows of stride k_ld / v_ld at k_off / v_off; head h owns channels
+// h*hd .. (h+1)*hd of each. Packed self-attention: q = kv = qkv (B,T,3C), offsets 0, C, 2C,
+// strides 3C. Split cross-attention: q (B,Tq,C), kv (B,Tk,2C) with k at 0 and v at C.
+// Saved state: lse (B,H,Tq) = log-sum-exp of each row's scaled scores.
+//
+// Tiling, shared by the three tiled kernels: a block of 256 threads owns a 64-row tile; thread
+// (ty, tx) = (tid / 16, tid % 16) owns tile rows ty + 16a (a < 4) and, of a (64, 64) score tile,
+// columns tx + 16b (b < 4); of a (64, hd) accumulator, columns tx + 16c (c < NC). Strided
+// ownership makes the 16 threads of a half-warp read 16 different padded shared rows, so the
+// padding (+1 float per row) puts them in 16 different banks. Row reductions of a score tile run
+// over the 16 lanes of a half-warp (shuffle xor 8, 4, 2, 1 never crosses a half-warp).
+// Head dims are padded to W = 16 * NC (NC = 2, 4, 8 -> hd <= 32, 64, 128) with zeros in shared
+// memory, so dot products need no bounds checks; only global reads and writes check d < hd.
+//
+// Kernels (grid; f32 kernels 256 threads, bf16 tensor-core kernels 128):
+//   attention_forward_{f32,bf16}_d{32,64,128}       grid (ceil(Tq/64), H, B)
+//   attention_backward_dot_f32                      grid (ceil(B*Tq*H/8)), a warp per (b, i, h)
+//   attention_backward_dkv_{f32,bf16}_d{32,64,128}  grid (ceil(Tk/64), H, B)
+//   attention_backward_dq_{f32,bf16}_d{32,64,128}   grid (ceil(Tq/64), H, B)
+// An optional key padding mask (AttnParams.key_lens) hides keys j >= key_lens[b]; key tiles
+// entirely past it are skipped.
+// Backward accumulates (+=): every gradient element is owned by exactly one thread of one
+// kernel, so the read-modify-write needs no atomics and the result is deterministic.
+
+#define TILE 64
+#define THREADS 256
+#define SP (TILE + 1)  // padded row of a (64, 64) score tile in shared memory
+
+// Keep in sync with `Params` in engine/src/cuda/attention.rs (repr(C), same field order).
+struct AttnParams {
+    int batch;         // B
+    int tq, tk;        // query and key positions per batch element
+    int channels;      // C
+    int heads;         // H
+    int hd;            // head dim C / H
+    int q_ld, q_off;   // row stride and column offset of queries in `q` (and of dq in `dq`)
+    int k_ld, k_off;   // of keys in `kv` (and of dk)
+    int v_ld, v_off;   // of values in `kv` (and of dv)
+    int causal;        // 1: query i sees keys j <= i
+    float scale;       // 1 / sqrt(hd)
+    int pad_;          // keeps key_lens 8-byte aligned on both sides
+    const unsigned* key_lens;  // (B) keys j >= key_lens[b] are padding; null: all Tk are keys
+};
+
+// Keys of batch element b (its padding-mask length), each in 1..=Tk.
+__device__ __forceinline__ int key_count(const AttnParams& p, int b) {
+    return p.key_lens ? (int)p.key_lens[b] : p.tk;
+}
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// Sum or max over the 16 lanes of a half-warp; every lane gets the result.
+__device__ __forceinline__ float half_warp_max(float v) {
+    for (int o = 8; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+__device__ __forceinline__ float half_warp_sum(float v) {
+    for (int o = 8; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Copies rows row0 .. row0+64 of a strided (rows, hd) matrix into a (64, W+1) shared tile,
+// zero-filling rows >= nrows and columns >= hd. `g` points at column 0 of row 0.
+template <int W>
+__device__ __forceinline__ void load_tile(float* s, const float* g, int row0, int nrows,
+                                          int ld, int hd) {
+    for (int e = threadIdx.x; e < TILE * W; e += THREADS) {
+        int r = e / W, d = e % W;
+        int row = row0 + r;
+        float x = 0.0f;
+        if (row < nrows && d < hd) x = g[(size_t)row * ld + d];
+        s[r * (W + 1) + d] = x;
+    }
+}
+
+// Whether key j exists (j < nk = key_count) and query i may attend to it. Padding rows
+// i >= Tq pass too, so that their (discarded) forward statistics stay finite; key 0 is visible
+// to every row, so every row's running max is finite from the first key tile on.
+__device__ __forceinline__ bool key_visible(const AttnParams& p, int nk, int i, int j) {
+    return j < nk && (!p.causal || j <= i);
+}
+// Whether the pair (i, j) contributes to the gradients: both exist and j is visible from i.
+__device__ __forceinline__ bool visible(const AttnParams& p, int nk, int i, int j) {
+    return i < p.tq && key_visible(p, nk, i, j);
+}
+
+// acc (4,4) = A_tile B_tile^T for this thread's cells: acc[a][c] = sum_d A[ty+16a][d] B[tx+16c][d],
+// A and B (64, W+1) shared tiles.
+template <int W>
+__device__ __forceinline__ void tile_dot(float (&acc)[4][4], const float* A, const float* B) {
+    constexpr int WP = W + 1;
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int c = 0; c < 4; c++) acc[a][c] = 0.0f;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 8
+    for (int d = 0; d < W; d++) {
+        float x[4], y[4];
+#pragma unroll
+        for (int a = 0; a < 4; a++) x[a] = A[(ty + 16 * a) * WP + d];
+#pragma unroll
+        for (int c = 0; c < 4; c++) y[c] = B[(tx + 16 * c) * WP + d];
+#pragma unroll
+        for (int a = 0; a < 4; a++)
+#pragma unroll
+            for (int c = 0; c < 4; c++) acc[a][c] += x[a] * y[c];
+    }
+}
+
+// acc (4,NC) += S_tile M_tile for this thread's cells: acc[a][c] += sum_j S[ty+16a][j] M[j][tx+16c],
+// S a (64, 65) shared score tile, M a (64, W+1) shared tile.
+template <int NC>
+__device__ __forceinline__ void tile_accumulate(float (&acc)[4][NC], const float* S, const float* M) {
+    constexpr int WP = 16 * NC + 1;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+#pragma unroll 4
+    for (int j = 0; j < TILE; j++) {
+        float mc[NC];
+#pragma unroll
+        for (int c = 0; c < NC; c++) mc[c] = M[j * WP + tx + 16 * c];
+#pragma unroll
+        for (int a = 0; a < 4; a++) {
+            const float sa = S[(ty + 16 * a) * SP + j];
+#pragma unroll
+            for (int c = 0; c < NC; c++) acc[a][c] += sa * mc[c];
+        }
+    }
+}
+
+// ---- forward ------------------------------------------------------------------------------
+// One block per (64-query tile, head, batch). Online softmax over 64-key tiles: per row keep the
+// running max m and sum l of exp(s - m); when a tile raises m, rescale l and the output
+// accumulator by exp(m_old - m_new). Shared: Q, K, V tiles (64, W+1) and P (64, 65).
+template <int NC>
+__device__ void forward_impl(float* out, float* lse, const float* q, const float* kv,
+                             const AttnParams p) {
+    constexpr int W = 16 * NC, WP = W + 1;
+    extern __shared__ float smem[];
+    float* Qs = smem;             // (64, WP) queries of this tile
+    float* Ks = Qs + TILE * WP;   // (64, WP) keys of the current key tile
+    float* Vs = Ks + TILE * WP;   // (64, WP) values of the current key tile
+    float* Ps = Vs + TILE * WP;   // (64, SP) probabilities (unnormalised) of the current tile
+
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const float* qb = q + (size_t)b * p.tq * p.q_ld + p.q_off + h * p.hd;   // (Tq, hd) stride q_ld
+    const float* kb = kv + (size_t)b * p.tk * p.k_ld + p.k_off + h * p.hd;  // (Tk, hd) stride k_ld
+    const float* vb = kv + (size_t)b * p.tk * p.v_ld + p.v_off + h * p.hd;  // (Tk, hd) stride v_ld
+
+    load_tile<W>(Qs, qb, q0, p.tq, p.q_ld, p.hd);
+
+    float m[4], l[4], o[4][NC];
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        m[a] = neg_inf();
+        l[a] = 0.0f;
+#pragma unroll
+        for (int c = 0; c < NC; c++) o[a][c] = 0.0f;
+    }
+
+    // Causal: keys past the tile's last query are invisible to every row of the tile.
+    const int nk = key_count(p, b);  // key tiles past it are all padding: skipped
+    const int kend = p.causal ? min(nk, q0 + TILE) : nk;
+    for (int k0 = 0; k0 < kend; k0 += TILE) {
+        __syncthreads();  // every thread is done reading the previous K, V and P tiles
+        load_tile<W>(Ks, kb, k0, p.tk, p.k_ld, p.hd);
+        load_tile<W>(Vs, vb, k0, p.tk, p.v_ld, p.hd);
+        __syncthreads();  // Q (first pass), K and V are in shared memory
+
+        float s[4][4];
+        tile_dot<W>(s, Qs, Ks);  // q k^T, unscaled
+
+        // online softmax, row by row; the 16 lanes sharing ty share the rows
+#pragma unroll
+        for (int a = 0; a < 4; a++) {
+            const int i = q0 + ty + 16 * a;
+            float rmax = neg_inf();
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                s[a][c] = key_visible(p, nk, i, k0 + tx + 16 * c) ? s[a][c] * p.scale : neg_inf();
+                rmax = fmaxf(rmax, s[a][c]);
+            }
+            rmax = half_warp_max(rmax);
+            const float m_new = fmaxf(m[a], rmax);
+            // m_new is finite from the first tile on (key 0 is visible to every row); the guard
+            // keeps exp(-inf - -inf) = NaN out should that ever change.
+            const float base = m_new == neg_inf() ? 0.0f : m_new;
+            const float corr = expf(m[a] - base);
+            float rsum = 0.0f;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const float e = expf(s[a][c] - base);
+                rsum += e;
+                Ps[(ty + 16 * a) * SP + tx + 16 * c] = e;
+            }
+            rsum = half_warp_sum(rsum);
+            l[a] = l[a] * corr + rsum;
+            m[a] = m_new;
+#pragma unroll
+            for (int c = 0; c < NC; c++) o[a][c] *= corr;
+        }
+        __syncthreads();  // the whole P tile is written before any row of it is read
+
+        tile_accumulate<NC>(o, Ps, Vs);  // o += P v over the 64 keys of this tile
+    }
+
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        const int i = q0 + ty + 16 * a;
+        if (i >= p.tq) continue;
+        const float inv = 1.0f / l[a];
+        float* orow = out + ((size_t)b * p.tq + i) * p.channels + h * p.hd;  // (B,Tq,C)
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            const int d = tx + 16 * c;
+            if (d < p.hd) orow[d] = o[a][c] * inv;
+        }
+        if (tx == 0) lse[((size_t)b * p.heads + h) * p.tq + i] = m[a] + logf(l[a]);
+    }
+}
+
+// ---- backward ----------------------------------------------------------------------------
+// With P = exp(s - lse) recomputed from q, k and the saved lse, dP = dout v^T and
+// D_i = rowsum(dout_i * out_i) (= rowsum(P_i * dP_i)):
+//   dS = P * (dP - D);  dv = P^T dout;  dk = scale dS^T q;  dq = scale dS k.
+
+
+// D (B,H,Tq) from dout and out (B,Tq,C): one warp per (b, i, h) row, lanes stride over hd.
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_dot_f32(float* dsum, const float* dout, const float* out, const AttnParams p) {
+    const size_t row = (size_t)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;  // (b*Tq + i)*H + h
+    const int lane = threadIdx.x % 32;
+    if (row >= (size_t)p.batch * p.tq * p.heads) return;  // whole warp leaves together
+    const size_t bi = row / p.heads;  // b*Tq + i
+    const int h = (int)(row % p.heads);
+    const float* dy = dout + bi * p.channels + h * p.hd;
+    const float* y = out + bi * p.channels + h * p.hd;
+    float acc = 0.0f;
+    for (int d = lane; d < p.hd; d += 32) acc += dy[d] * y[d];
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    const size_t b = bi / p.tq, i = bi % p.tq;
+    if (lane == 0) dsum[(b * p.heads + h) * p.tq + i] = acc;
+}
+
+// Loads lse and D of queries q0 .. q0+64 (0 past Tq; those rows are masked anyway).
+__device__ __forceinline__ void load_row_stats(float* lse_s, float* d_s, const float* lse,
+                                               const float* dsum, const AttnParams& p, int b,
+                                               int h, int q0) {
+    if (threadIdx.x < TILE) {
+        const int i = q0 + threadIdx.x;
+        const size_t at = ((size_t)b * p.heads + h) * p.tq + i;  // (B,H,Tq)
+        lse_s[threadIdx.x] = i < p.tq ? lse[at] : 0.0f;
+        d_s[threadIdx.x] = i < p.tq ? dsum[at] : 0.0f;
+    }
+}
+
+// dk and dv: one block per (64-key tile, head, batch), looping over the query tiles that can
+// see it; this thread's (4, NC) slices of dk and dv stay in registers until the end. Shared:
+// K, V, Q, dout tiles (64, W+1), P^T and dS^T (64 keys, 65), lse and D of the query tile.
+template <int NC>
+__device__ void backward_dkv_impl(float* dkv, const float* q, const float* kv, const float* dout,
+                                  const float* lse, const float* dsum, const AttnParams p) {
+    constexpr int W = 16 * NC, WP = W + 1;
+    extern __shared__ float smem[];
+    float* Ks = smem;               // (64 keys, WP)
+    float* Vs = Ks + TILE * WP;     // (64 keys, WP)
+    float* Qs = Vs + TILE * WP;     // (64 queries, WP)
+    float* dOs = Qs + TILE * WP;    // (64 queries, WP)
+    float* Pt = dOs + TILE * WP;    // (64 keys, SP) P^T
+    float* dSt = Pt + TILE * SP;    // (64 keys, SP) dS^T
+    float* lse_s = dSt + TILE * SP; // (64)
+    float* d_s = lse_s + TILE;      // (64)
+
+    const int k0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int nk = key_count(p, b);
+    if (k0 >= nk) return;  // a tile of padding keys: no gradient (the whole block leaves)
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const float* qb = q + (size_t)b * p.tq * p.q_ld + p.q_off + h * p.hd;
+    const float* kb = kv + (size_t)b * p.tk * p.k_ld + p.k_off + h * p.hd;
+    const float* vb = kv + (size_t)b * p.tk * p.v_ld + p.v_off + h * p.hd;
+    const float* dob = dout + (size_t)b * p.tq * p.channels + h * p.hd;  // (Tq, hd) stride C
+
+    load_tile<W>(Ks, kb, k0, p.tk, p.k_ld, p.hd);
+    load_tile<W>(Vs, vb, k0, p.tk, p.v_ld, p.hd);
+
+    float dk[4][NC], dv[4][NC];
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int c = 0; c < NC; c++) dk[a][c] = dv[a][c] = 0.0f;
+
+    // Causal: queries before k0 see none of these keys; start at the tile holding query k0.
+    const int qstart = p.causal ? (k0 / TILE) * TILE : 0;
+    for (int q0 = qstart; q0 < p.tq; q0 += TILE) {
+        __syncthreads();  // every thread is done with the previous Q, dout, P^T and dS^T
+        load_tile<W>(Qs, qb, q0, p.tq, p.q_ld, p.hd);
+        load_tile<W>(dOs, dob, q0, p.tq, p.channels, p.hd);
+        load_row_stats(lse_s, d_s, lse, dsum, p, b, h, q0);
+        __syncthreads();  // K, V (first pass), Q, dout, lse and D are in shared memory
+
+        // rows: keys ty+16a; columns: queries tx+16c
+        float s[4][4], dp[4][4];
+        tile_dot<W>(s, Ks, Qs);   // (q k^T)^T
+        tile_dot<W>(dp, Vs, dOs); // (dout v^T)^T
+#pragma unroll
+        for (int a = 0; a < 4; a++) {
+            const int j = k0 + ty + 16 * a;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int qi = tx + 16 * c;
+                const float pr = visible(p, nk, q0 + qi, j) ? expf(s[a][c] * p.scale - lse_s[qi]) : 0.0f;
+                Pt[(ty + 16 * a) * SP + qi] = pr;
+                dSt[(ty + 16 * a) * SP + qi] = pr * (dp[a][c] - d_s[qi]);
+            }
+        }
+        __syncthreads();  // P^T and dS^T complete before rows of them are read
+
+        tile_accumulate<NC>(dv, Pt, dOs);  // dv += P^T dout
+        tile_accumulate<NC>(dk, dSt, Qs);  // dk += dS^T q (scale applied at the end)
+    }
+
+    // Accumulate into the gradient buffer laid out like kv (packed: the dqkv buffer).
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        const int j = k0 + ty + 16 * a;
+        if (j >= p.tk) continue;
+        float* dkrow = dkv + ((size_t)b * p.tk + j) * p.k_ld + p.k_off + h * p.hd;
+        float* dvrow = dkv + ((size_t)b * p.tk + j) * p.v_ld + p.v_off + h * p.hd;
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            const int d = tx + 16 * c;
+            if (d < p.hd) {
+                dkrow[d] += dk[a][c] * p.scale;
+                dvrow[d] += dv[a][c];
+            }
+        }
+    }
+}
+
+// dq: one block per (64-query tile, head, batch), looping over visible key tiles (a second
+// recomputation of P and dP, instead of atomics, keeps dq deterministic). Shared: Q, dout, K, V
+// tiles (64, W+1), dS (64, 65), lse and D of the query tile.
+template <int NC>
+__device__ void backward_dq_impl(float* dq, const float* q, const float* kv, const float* dout,
+                                 const float* lse, const float* dsum, const AttnParams p) {
+    constexpr int W = 16 * NC, WP = W + 1;
+    extern __shared__ float smem[];
+    float* Qs = smem;               // (64 queries, WP)
+    float* dOs = Qs + TILE * WP;    // (64 queries, WP)
+    float* Ks = dOs + TILE * WP;    // (64 keys, WP)
+    float* Vs = Ks + TILE * WP;     // (64 keys, WP)
+    float* dS = Vs + TILE * WP;     // (64 queries, SP)
+    float* lse_s = dS + TILE * SP;  // (64)
+    float* d_s = lse_s + TILE;      // (64)
+
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+    const float* qb = q + (size_t)b * p.tq * p.q_ld + p.q_off + h * p.hd;
+    const float* kb = kv + (size_t)b * p.tk * p.k_ld + p.k_off + h * p.hd;
+    const float* vb = kv + (size_t)b * p.tk * p.v_ld + p.v_off + h * p.hd;
+    const float* dob = dout + (size_t)b * p.tq * p.channels + h * p.hd;
+
+    load_tile<W>(Qs, qb, q0, p.tq, p.q_ld, p.hd);
+    load_tile<W>(dOs, dob, q0, p.tq, p.channels, p.hd);
+    load_row_stats(lse_s, d_s, lse, dsum, p, b, h, q0);
+
+    float acc[4][NC];
+#pragma unroll
+    for (int a = 0; a < 4; a++)
+#pragma unroll
+        for (int c = 0; c < NC; c++) acc[a][c] = 0.0f;
+
+    const int nk = key_count(p, b);  // key tiles past it are all padding: skipped
+    const int kend = p.causal ? min(nk, q0 + TILE) : nk;
+    for (int k0 = 0; k0 < kend; k0 += TILE) {
+        __syncthreads();  // every thread is done with the previous K, V and dS
+        load_tile<W>(Ks, kb, k0, p.tk, p.k_ld, p.hd);
+        load_tile<W>(Vs, vb, k0, p.tk, p.v_ld, p.hd);
+        __syncthreads();  // Q, dout, lse, D (first pass), K and V are in shared memory
+
+        // rows: queries ty+16a; columns: keys tx+16c
+        float s[4][4], dp[4][4];
+        tile_dot<W>(s, Qs, Ks);
+        tile_dot<W>(dp, dOs, Vs);
+#pragma unroll
+        for (int a = 0; a < 4; a++) {
+            const int qi = ty + 16 * a;
+#pragma unroll
+            for (int c = 0; c < 4; c++) {
+                const int j = k0 + tx + 16 * c;
+                const float pr = visible(p, nk, q0 + qi, j) ? expf(s[a][c] * p.scale - lse_s[qi]) : 0.0f;
+                dS[qi * SP + tx + 16 * c] = pr * (dp[a][c] - d_s[qi]);
+            }
+        }
+        __syncthreads();  // dS complete before rows of it are read
+
+        tile_accumulate<NC>(acc, dS, Ks);  // dq += dS k (scale applied at the end)
+    }
+
+#pragma unroll
+    for (int a = 0; a < 4; a++) {
+        const int i = q0 + ty + 16 * a;
+        if (i >= p.tq) continue;
+        float* dqrow = dq + ((size_t)b * p.tq + i) * p.q_ld + p.q_off + h * p.hd;
+#pragma unroll
+        for (int c = 0; c < NC; c++) {
+            const int d = tx + 16 * c;
+            if (d < p.hd) dqrow[d] += acc[a][c] * p.scale;
+        }
+    }
+}
+
+// ---- entry points, one per head-dim bucket (hd <= 32, 64, 128) -----------------------------
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_forward_f32_d32(float* out, float* lse, const float* q, const float* kv, const AttnParams p) {
+    forward_impl<2>(out, lse, q, kv, p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_dkv_f32_d32(float* dkv, const float* q, const float* kv, const float* dout,
+                                 const float* lse, const float* dsum, const AttnParams p) {
+    backward_dkv_impl<2>(dkv, q, kv, dout, lse, dsum, p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_dq_f32_d32(float* dq, const float* q, const float* kv, const float* dout,
+                                const float* lse, const float* dsum, const AttnParams p) {
+    backward_dq_impl<2>(dq, q, kv, dout, lse, dsum, p);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_forward_f32_d64(float* out, float* lse, const float* q, const float* kv, const AttnParams p) {
+    forward_impl<4>(out, lse, q, kv, p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_dkv_f32_d64(float* dkv, const float* q, const float* kv, const float* dout,
+                                 const float* lse, const float* dsum, const AttnParams p) {
+    backward_dkv_impl<4>(dkv, q, kv, dout, lse, dsum, p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_dq_f32_d64(float* dq, const float* q, const float* kv, const float* dout,
+                                const float* lse, const float* dsum, const AttnParams p) {
+    backward_dq_impl<4>(dq, q, kv, dout, lse, dsum, p);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_forward_f32_d128(float* out, float* lse, const float* q, const float* kv, const AttnParams p) {
+    forward_impl<8>(out, lse, q, kv, p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_dkv_f32_d128(float* dkv, const float* q, const float* kv, const float* dout,
+                                 const float* lse, const float* dsum, const AttnParams p) {
+    backward_dkv_impl<8>(dkv, q, kv, dout, lse, dsum, p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_dq_f32_d128(float* dq, const float* q, const float* kv, const float* dout,
+                                const float* lse, const float* dsum, const AttnParams p) {
+    backward_dq_impl<8>(dq, q, kv, dout, lse, dsum, p);
+}
+
+// =============================================================================================
+// Tensor-core version: the same three passes with bf16 operands on mma.sync.m16n8k16 (sm_80+)
+// and f32 accumulation, softmax and statistics. Global memory stays f32; tiles are rounded to
+// bf16 as they are staged into shared memory. A block is 4 warps (128 threads); each warp owns
+// 16 rows of the block's 64-row tile and loops over 64-column tiles of the other side.
+//
+// mma.m16n8k16 fragments (g = lane / 4, t = lane % 4; two bf16 per 32-bit register, the lower
+// column or row in the low half):
+//   A (16x16, row-major):  a0 (g, 2t..2t+1)  a1 (g+8, 2t..)  a2 (g, 2t+8..)  a3 (g+8, 2t+8..)
+//   B (16x8, "col"):       b0 (k 2t..2t+1, n g)  b1 (k 2t+8..2t+9, n g)
+//   C (16x8, f32):         c0, c1 (g, 2t / 2t+1)  c2, c3 (g+8, 2t / 2t+1)
+// So B is read from a tile stored [n][k] (k contiguous), and two C tiles side by side (16x16)
+// are exactly one A fragment after packing: probabilities never leave registers.
+// Shared tiles are padded by 8 bf16 per row (row stride = 4 mod 32 words for W = 64 / 128 and
+// 20 words for W = 32), so the 8 rows x 4 words a fragment load touches hit 32 distinct banks.
+
+typedef unsigned short bf16_t;
+typedef unsigned int u32;
+#define MMA_THREADS 128
+#define LT (TILE + 8)  // row stride (bf16) of a transposed (W, 64) tile
+
+// The two primitives below need sm_80. Before that the kernels still compile (so the module
+// loads on any GPU) but trap; the host picks the f32 kernels there. SMELT_HOST_EMULATION is
+// defined by a host-side emulator (C++ threads standing in for a block) that supplies its own.
+#ifndef SMELT_HOST_EMULATION
+// Two f32 rounded to nearest-even bf16 and packed: lo in bits 0..15, hi in 16..31.
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+    u32 r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+#else
+    __trap();
+    return 0;
+#endif
+}
+// d += a b for one 16x8x16 tile, f32 accumulation.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+        "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+#else
+    __trap();
+#endif
+}
+#endif
+
+__device__ __forceinline__ u32 lds32(const bf16_t* s) { return *(const u32*)s; }
+
+// A fragment of rows r0..r0+16, columns c0..c0+16 of a row-major tile with row stride ld.
+__device__ __forceinline__ void load_a(u32 (&a)[4], const bf16_t* s, int ld, int r0, int c0) {
+    const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    a[0] = lds32(s + (r0 + g) * ld + c0 + 2 * t);
+    a[1] = lds32(s + (r0 + g + 8) * ld + c0 + 2 * t);
+    a[2] = lds32(s + (r0 + g) * ld + c0 + 2 * t + 8);
+    a[3] = lds32(s + (r0 + g + 8) * ld + c0 + 2 * t + 8);
+}
+
+// B fragment (k 16 x n 8) of a tile stored [n][k] with row stride ld, at n0, k0.
+__device__ __forceinline__ void load_b(u32& b0, u32& b1, const bf16_t* s, int ld, int n0, int k0) {
+    const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    b0 = lds32(s + (n0 + g) * ld + k0 + 2 * t);
+    b1 = lds32(s + (n0 + g) * ld + k0 + 2 * t + 8);
+}
+
+// A fragments of a (16, 64) f32 C-layout tile c[8][4]: a[kk] covers columns 16kk .. 16kk+16.
+__device__ __forceinline__ void c_to_a(u32 (&a)[4][4], const float (&c)[8][4]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++) {
+        a[kk][0] = pack_bf16x2(c[2 * kk][0], c[2 * kk][1]);
+        a[kk][1] = pack_bf16x2(c[2 * kk][2], c[2 * kk][3]);
+        a[kk][2] = pack_bf16x2(c[2 * kk + 1][0], c[2 * kk + 1][1]);
+        a[kk][3] = pack_bf16x2(c[2 * kk + 1][2], c[2 * kk + 1][3]);
+    }
+}
+
+// Rows row0 .. row0+64 of a strided f32 (rows, hd) matrix into a (64, W+8) bf16 tile, zeros
+// past nrows and hd.
+template <int W>
+__device__ __forceinline__ void stage_rows(bf16_t* s, const float* g, int row0, int nrows, int ld,
+                                           int hd) {
+    for (int e = threadIdx.x; e < TILE * W / 2; e += MMA_THREADS) {
+        const int r = e / (W / 2), d = 2 * (e % (W / 2));
+        const int row = row0 + r;
+        const float* src = g + (size_t)row * ld;
+        const float x0 = row < nrows && d < hd ? src[d] : 0.0f;
+        const float x1 = row < nrows && d + 1 < hd ? src[d + 1] : 0.0f;
+        *(u32*)(s + r * (W + 8) + d) = pack_bf16x2(x0, x1);
+    }
+}
+
+// The same rows transposed into a (W, 64+8) bf16 tile: s[d][r].
+template <int W>
+__device__ __forceinline__ void stage_cols(bf16_t* s, const float* g, int row0, int nrows, int ld,
+                                           int hd) {
+    for (int e = threadIdx.x; e < TILE / 2 * W; e += MMA_THREADS) {
+        const int r = 2 * (e / W), d = e % W;  // consecutive threads: consecutive d (coalesced)
+        const int row = row0 + r;
+        const float x0 = row < nrows && d < hd ? g[(size_t)row * ld + d] : 0.0f;
+        const float x1 = row + 1 < nrows && d < hd ? g[(size_t)(row + 1) * ld + d] : 0.0f;
+        *(u32*)(s + d * LT + r) = pack_bf16x2(x0, x1);
+    }
+}
+
+template <int NC>
+__device__ void forward_bf16_impl(float* out, float* lse, const float* q, const float* kv,
+                                  const AttnParams p) {
+    constexpr int W = 16 * NC, LR = W + 8;
+    extern __shared__ float smem[];
+    bf16_t* Qs = (bf16_t*)smem;  // (64 queries, LR)
+    bf16_t* Ks = Qs + TILE * LR; // (64 keys, LR)
+    bf16_t* Vt = Ks + TILE * LR; // (W, LT) values transposed: the B operand of P v is [d][key]
+
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const float* qb = q + (size_t)b * p.tq * p.q_ld + p.q_off + h * p.hd;
+    const float* kb = kv + (size_t)b * p.tk * p.k_ld + p.k_off + h * p.hd;
+    const float* vb = kv + (size_t)b * p.tk * p.v_ld + p.v_off + h * p.hd;
+
+    stage_rows<W>(Qs, qb, q0, p.tq, p.q_ld, p.hd);
+    __syncthreads();  // Q staged before the warps read their fragments
+    u32 qa[NC][4];    // this warp's 16 query rows as A fragments, kept for every key tile
+#pragma unroll
+    for (int kk = 0; kk < NC; kk++) load_a(qa[kk], Qs, LR, warp * 16, kk * 16);
+
+    float o[W / 8][4];       // (16, W) output accumulator, C layout
+    float m[2], l[2];        // running max and sum of rows g and g+8
+#pragma unroll
+    for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[dn][e] = 0.0f;
+    m[0] = m[1] = neg_inf();
+    l[0] = l[1] = 0.0f;
+
+    const int nk = key_count(p, b);  // key tiles past it are all padding: skipped
+    const int kend = p.causal ? min(nk, q0 + TILE) : nk;
+    for (int k0 = 0; k0 < kend; k0 += TILE) {
+        __syncthreads();  // every warp is done with the previous K and V tiles
+        stage_rows<W>(Ks, kb, k0, p.tk, p.k_ld, p.hd);
+        stage_cols<W>(Vt, vb, k0, p.tk, p.v_ld, p.hd);
+        __syncthreads();  // K and V staged
+
+        float s[8][4];  // (16, 64) scores, C layout
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < NC; kk++) {
+                u32 b0, b1;
+                load_b(b0, b1, Ks, LR, nt * 8, kk * 16);
+                mma_bf16(s[nt], qa[kk], b0, b1);
+            }
+        }
+
+        // online softmax on rows g (half 0) and g+8 (half 1); a row lives on the 4 lanes of a
+        // quad, so its reductions are shuffles xor 1 and 2
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int i = q0 + warp * 16 + g + 8 * half;
+            float rmax = neg_inf();
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = k0 + nt * 8 + 2 * t + e;
+                    float& x = s[nt][2 * half + e];
+                    x = key_visible(p, nk, i, j) ? x * p.scale : neg_inf();
+                    rmax = fmaxf(rmax, x);
+                }
+            rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
+            rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
+            const float m_new = fmaxf(m[half], rmax);
+            const float base = m_new == neg_inf() ? 0.0f : m_new;  // see the f32 forward
+            const float corr = expf(m[half] - base);
+            float rsum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float& x = s[nt][2 * half + e];
+                    x = expf(x - base);
+                    rsum += x;
+                }
+            rsum += __shfl_xor_sync(0xffffffffu, rsum, 1);
+            rsum += __shfl_xor_sync(0xffffffffu, rsum, 2);
+            l[half] = l[half] * corr + rsum;
+            m[half] = m_new;
+#pragma unroll
+            for (int dn = 0; dn < W / 8; dn++) {
+                o[dn][2 * half] *= corr;
+                o[dn][2 * half + 1] *= corr;
+            }
+        }
+
+        u32 pa[4][4];
+        c_to_a(pa, s);  // P as A fragments, straight from registers
+#pragma unroll
+        for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                u32 b0, b1;
+                load_b(b0, b1, Vt, LT, dn * 8, kk * 16);
+                mma_bf16(o[dn], pa[kk], b0, b1);
+            }
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int i = q0 + warp * 16 + g + 8 * half;
+        if (i >= p.tq) continue;
+        const float inv = 1.0f / l[half];
+        float* orow = out + ((size_t)b * p.tq + i) * p.channels + h * p.hd;
+#pragma unroll
+        for (int dn = 0; dn < W / 8; dn++) {
+            const int d = dn * 8 + 2 * t;
+            if (d < p.hd) orow[d] = o[dn][2 * half] * inv;
+            if (d + 1 < p.hd) orow[d + 1] = o[dn][2 * half + 1] * inv;
+        }
+        if (t == 0) lse[((size_t)b * p.heads + h) * p.tq + i] = m[half] + logf(l[half]);
+    }
+}
+
+template <int NC>
+__device__ void backward_dkv_bf16_impl(float* dkv, const float* q, const float* kv,
+                                       const float* dout, const float* lse, const float* dsum,
+                                       const AttnParams p) {
+    constexpr int W = 16 * NC, LR = W + 8;
+    extern __shared__ float smem[];
+    bf16_t* Ks = (bf16_t*)smem;    // (64 keys, LR)
+    bf16_t* Vs = Ks + TILE * LR;   // (64 keys, LR)
+    bf16_t* Qs = Vs + TILE * LR;   // (64 queries, LR): B of S^T = k q^T
+    bf16_t* dOs = Qs + TILE * LR;  // (64 queries, LR): B of dP^T = v dout^T
+    bf16_t* Qt = dOs + TILE * LR;  // (W, LT): B of dk += dS^T q
+    bf16_t* dOt = Qt + W * LT;     // (W, LT): B of dv += P^T dout
+    float* lse_s = (float*)(dOt + W * LT);  // (64)
+    float* d_s = lse_s + TILE;              // (64)
+
+    const int k0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int nk = key_count(p, b);
+    if (k0 >= nk) return;  // a tile of padding keys: no gradient (the whole block leaves)
+    const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const float* qb = q + (size_t)b * p.tq * p.q_ld + p.q_off + h * p.hd;
+    const float* kb = kv + (size_t)b * p.tk * p.k_ld + p.k_off + h * p.hd;
+    const float* vb = kv + (size_t)b * p.tk * p.v_ld + p.v_off + h * p.hd;
+    const float* dob = dout + (size_t)b * p.tq * p.channels + h * p.hd;
+
+    stage_rows<W>(Ks, kb, k0, p.tk, p.k_ld, p.hd);
+    stage_rows<W>(Vs, vb, k0, p.tk, p.v_ld, p.hd);
+
+    float dk[W / 8][4], dv[W / 8][4];  // (16 keys, W) each, C layout
+#pragma unroll
+    for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[dn][e] = dv[dn][e] = 0.0f;
+
+    const int qstart = p.causal ? (k0 / TILE) * TILE : 0;
+    for (int q0 = qstart; q0 < p.tq; q0 += TILE) {
+        __syncthreads();  // every warp is done with the previous query-side tiles
+        stage_rows<W>(Qs, qb, q0, p.tq, p.q_ld, p.hd);
+        stage_rows<W>(dOs, dob, q0, p.tq, p.channels, p.hd);
+        stage_cols<W>(Qt, qb, q0, p.tq, p.q_ld, p.hd);
+        stage_cols<W>(dOt, dob, q0, p.tq, p.channels, p.hd);
+        load_row_stats(lse_s, d_s, lse, dsum, p, b, h, q0);
+        __syncthreads();  // K, V (first pass) and the query-side tiles are staged
+
+        // rows: this warp's 16 keys; columns: the 64 queries
+        float st[8][4], dpt[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < NC; kk++) {
+            u32 ka[4], va[4];
+            load_a(ka, Ks, LR, warp * 16, kk * 16);
+            load_a(va, Vs, LR, warp * 16, kk * 16);
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                u32 b0, b1;
+                load_b(b0, b1, Qs, LR, nt * 8, kk * 16);
+                mma_bf16(st[nt], ka, b0, b1);
+                load_b(b0, b1, dOs, LR, nt * 8, kk * 16);
+                mma_bf16(dpt[nt], va, b0, b1);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = k0 + warp * 16 + g + 8 * (e >> 1);
+                const int qi = nt * 8 + 2 * t + (e & 1);
+                const float pr =
+                    visible(p, nk, q0 + qi, j) ? expf(st[nt][e] * p.scale - lse_s[qi]) : 0.0f;
+                st[nt][e] = pr;                           // P^T
+                dpt[nt][e] = pr * (dpt[nt][e] - d_s[qi]); // dS^T
+            }
+        u32 pa[4][4], sa[4][4];
+        c_to_a(pa, st);
+        c_to_a(sa, dpt);
+#pragma unroll
+        for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                u32 b0, b1;
+                load_b(b0, b1, dOt, LT, dn * 8, kk * 16);
+                mma_bf16(dv[dn], pa[kk], b0, b1);  // dv += P^T dout
+                load_b(b0, b1, Qt, LT, dn * 8, kk * 16);
+                mma_bf16(dk[dn], sa[kk], b0, b1);  // dk += dS^T q
+            }
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int j = k0 + warp * 16 + g + 8 * half;
+        if (j >= p.tk) continue;
+        float* dkrow = dkv + ((size_t)b * p.tk + j) * p.k_ld + p.k_off + h * p.hd;
+        float* dvrow = dkv + ((size_t)b * p.tk + j) * p.v_ld + p.v_off + h * p.hd;
+#pragma unroll
+        for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int d = dn * 8 + 2 * t + e;
+                if (d < p.hd) {
+                    dkrow[d] += dk[dn][2 * half + e] * p.scale;
+                    dvrow[d] += dv[dn][2 * half + e];
+                }
+            }
+    }
+}
+
+template <int NC>
+__device__ void backward_dq_bf16_impl(float* dq, const float* q, const float* kv,
+                                      const float* dout, const float* lse, const float* dsum,
+                                      const AttnParams p) {
+    constexpr int W = 16 * NC, LR = W + 8;
+    extern __shared__ float smem[];
+    bf16_t* Qs = (bf16_t*)smem;    // (64 queries, LR)
+    bf16_t* dOs = Qs + TILE * LR;  // (64 queries, LR)
+    bf16_t* Ks = dOs + TILE * LR;  // (64 keys, LR): B of s = q k^T
+    bf16_t* Vs = Ks + TILE * LR;   // (64 keys, LR): B of dP = dout v^T
+    bf16_t* Kt = Vs + TILE * LR;   // (W, LT): B of dq += dS k
+    float* lse_s = (float*)(Kt + W * LT);  // (64)
+    float* d_s = lse_s + TILE;             // (64)
+
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const float* qb = q + (size_t)b * p.tq * p.q_ld + p.q_off + h * p.hd;
+    const float* kb = kv + (size_t)b * p.tk * p.k_ld + p.k_off + h * p.hd;
+    const float* vb = kv + (size_t)b * p.tk * p.v_ld + p.v_off + h * p.hd;
+    const float* dob = dout + (size_t)b * p.tq * p.channels + h * p.hd;
+
+    stage_rows<W>(Qs, qb, q0, p.tq, p.q_ld, p.hd);
+    stage_rows<W>(dOs, dob, q0, p.tq, p.channels, p.hd);
+    load_row_stats(lse_s, d_s, lse, dsum, p, b, h, q0);
+
+    float acc[W / 8][4];  // (16 queries, W) dq, C layout
+#pragma unroll
+    for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[dn][e] = 0.0f;
+
+    const int nk = key_count(p, b);  // key tiles past it are all padding: skipped
+    const int kend = p.causal ? min(nk, q0 + TILE) : nk;
+    for (int k0 = 0; k0 < kend; k0 += TILE) {
+        __syncthreads();  // every warp is done with the previous key-side tiles
+        stage_rows<W>(Ks, kb, k0, p.tk, p.k_ld, p.hd);
+        stage_rows<W>(Vs, vb, k0, p.tk, p.v_ld, p.hd);
+        stage_cols<W>(Kt, kb, k0, p.tk, p.k_ld, p.hd);
+        __syncthreads();  // Q, dout, lse, D (first pass) and the key-side tiles are staged
+
+        // rows: this warp's 16 queries; columns: the 64 keys
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < NC; kk++) {
+            u32 qa[4], da[4];
+            load_a(qa, Qs, LR, warp * 16, kk * 16);
+            load_a(da, dOs, LR, warp * 16, kk * 16);
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                u32 b0, b1;
+                load_b(b0, b1, Ks, LR, nt * 8, kk * 16);
+                mma_bf16(s[nt], qa, b0, b1);
+                load_b(b0, b1, Vs, LR, nt * 8, kk * 16);
+                mma_bf16(dp[nt], da, b0, b1);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int qi = warp * 16 + g + 8 * (e >> 1);
+                const int j = k0 + nt * 8 + 2 * t + (e & 1);
+                const float pr =
+                    visible(p, nk, q0 + qi, j) ? expf(s[nt][e] * p.scale - lse_s[qi]) : 0.0f;
+                dp[nt][e] = pr * (dp[nt][e] - d_s[qi]);  // dS
+            }
+        u32 sa[4][4];
+        c_to_a(sa, dp);
+#pragma unroll
+        for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                u32 b0, b1;
+                load_b(b0, b1, Kt, LT, dn * 8, kk * 16);
+                mma_bf16(acc[dn], sa[kk], b0, b1);  // dq += dS k
+            }
+    }
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int i = q0 + warp * 16 + g + 8 * half;
+        if (i >= p.tq) continue;
+        float* dqrow = dq + ((size_t)b * p.tq + i) * p.q_ld + p.q_off + h * p.hd;
+#pragma unroll
+        for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int d = dn * 8 + 2 * t + e;
+                if (d < p.hd) dqrow[d] += acc[dn][2 * half + e] * p.scale;
+            }
+    }
+}
+
+// ---- tensor-core entry points ----------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_forward_bf16_d32(float* out, float* lse, const float* q, const float* kv, const AttnParams p) {
+    forward_bf16_impl<2>(out, lse, q, kv, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dkv_bf16_d32(float* dkv, const float* q, const float* kv, const float* dout,
+                                  const float* lse, const float* dsum, const AttnParams p) {
+    backward_dkv_bf16_impl<2>(dkv, q, kv, dout, lse, dsum, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dq_bf16_d32(float* dq, const float* q, const float* kv, const float* dout,
+                                 const float* lse, const float* dsum, const AttnParams p) {
+    backward_dq_bf16_impl<2>(dq, q, kv, dout, lse, dsum, p);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_forward_bf16_d64(float* out, float* lse, const float* q, const float* kv, const AttnParams p) {
+    forward_bf16_impl<4>(out, lse, q, kv, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dkv_bf16_d64(float* dkv, const float* q, const float* kv, const float* dout,
+                                  const float* lse, const float* dsum, const AttnParams p) {
+    backward_dkv_bf16_impl<4>(dkv, q, kv, dout, lse, dsum, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dq_bf16_d64(float* dq, const float* q, const float* kv, const float* dout,
+                                 const float* lse, const float* dsum, const AttnParams p) {
+    backward_dq_bf16_impl<4>(dq, q, kv, dout, lse, dsum, p);
+}
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_forward_bf16_d128(float* out, float* lse, const float* q, const float* kv, const AttnParams p) {
+    forward_bf16_impl<8>(out, lse, q, kv, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dkv_bf16_d128(float* dkv, const float* q, const float* kv, const float* dout,
+                                  const float* lse, const float* dsum, const AttnParams p) {
+    backward_dkv_bf16_impl<8>(dkv, q, kv, dout, lse, dsum, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dq_bf16_d128(float* dq, const float* q, const float* kv, const float* dout,
+                                 const float* lse, const float* dsum, const AttnParams p) {
+    backward_dq_bf16_impl<8>(dq, q, kv, dout, lse, dsum, p);
+}

@@ -1,0 +1,80 @@
+// Fused softmax cross-entropy over the vocabulary, one block per row: the forward reads each
+// logit once (online max and sum of exponentials), the backward once more.
+
+typedef unsigned long long u64;
+
+#define IGNORE_INDEX 0xffffffffu
+// Bit set in the backend's error word when a target is outside the vocabulary.
+#define ERR_TARGET 2u
+// NVRTC has no <math.h>; the bit pattern of +inf.
+#define INFINITY __int_as_float(0x7f800000)
+
+// Merges two (max, sum of exp(x - max)) pairs.
+__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
+    if (m2 == -INFINITY) return;
+    if (m == -INFINITY) { m = m2; s = s2; return; }
+    float mm = fmaxf(m, m2);
+    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    m = mm;
+}
+
+// losses[n] = lse(logits[n]) - logits[n, t], 0 where t is IGNORE_INDEX; saves lse (N).
+// logits (N, V). Launch: one block per row, blockDim.x == 512.
+extern "C" __global__ void cross_entropy_forward(float* losses, float* lse, const float* logits,
+                                                 const unsigned* targets, u64 v, unsigned* err) {
+    __shared__ float sm[512], ss[512];
+    u64 row = blockIdx.x;
+    const float* x = logits + row * v;
+    float m = -INFINITY, s = 0.0f;
+    for (u64 i = threadIdx.x; i < v; i += blockDim.x) {
+        float xi = x[i];
+        if (xi > m) {
+            s = s * expf(m - xi) + 1.0f;
+            m = xi;
+        } else if (m != -INFINITY) {
+            s += expf(xi - m);
+        }
+    }
+    sm[threadIdx.x] = m;
+    ss[threadIdx.x] = s;
+    __syncthreads();
+    for (unsigned k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) {
+            float a = sm[threadIdx.x], b = ss[threadIdx.x];
+            lse_merge(a, b, sm[threadIdx.x + k], ss[threadIdx.x + k]);
+            sm[threadIdx.x] = a;
+            ss[threadIdx.x] = b;
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+        float l = sm[0] + logf(ss[0]);
+        lse[row] = l;
+        unsigned t = targets[row];
+        if (t == IGNORE_INDEX) {
+            losses[row] = 0.0f;
+        } else if (t >= v) {
+            atomicOr(err, ERR_TARGET);
+            losses[row] = 0.0f;
+        } else {
+            losses[row] = l - x[t];
+        }
+    }
+}
+
+// dlogits[n] += dloss * (softmax(logits[n]) - onehot(t)), nothing for ignored rows.
+// Launch: one block per row (any blockDim).
+extern "C" __global__ void cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
+                                                  const unsigned* targets, float dloss, u64 v) {
+    u64 row = blockIdx.x;
+    unsigned t = targets[row];
+    if (t == IGNORE_INDEX || t >= v) return;
+    const float* x = logits + row * v;
+    float* d = dlogits + row * v;
+    float l = lse[row];
+    for (u64 i = threadIdx.x; i < v; i += blockDim.x) {
+        float g = d[i] + dloss * expf(x[i] - l);
+        if (i == t) g -= dloss;
+        d[i] = g;
+    }
+}

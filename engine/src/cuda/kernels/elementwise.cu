@@ -1,0 +1,44 @@
+// Elementwise ops: GELU (tanh approximation, GPT-2) and the residual add.
+
+typedef unsigned long long u64;
+
+#define SQRT_2_OVER_PI 0.7978846f
+#define GELU_CUBIC 0.044715f
+
+#define GRID_STRIDE(i, n) \
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
+
+// out = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+extern "C" __global__ void gelu_forward(float* out, const float* inp, u64 n) {
+    GRID_STRIDE(i, n) {
+        float x = inp[i];
+        float u = SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
+        out[i] = 0.5f * x * (1.0f + tanhf(u));
+    }
+}
+
+// dinp += dout * gelu'(x)
+extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const float* dout, u64 n) {
+    GRID_STRIDE(i, n) {
+        float x = inp[i];
+        float u = SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
+        float t = tanhf(u);
+        float sech2 = 1.0f - t * t;
+        float du = SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_CUBIC * x * x);
+        dinp[i] += dout[i] * (0.5f * (1.0f + t) + 0.5f * x * sech2 * du);
+    }
+}
+
+// out = a + b
+extern "C" __global__ void residual_forward(float* out, const float* a, const float* b, u64 n) {
+    GRID_STRIDE(i, n) { out[i] = a[i] + b[i]; }
+}
+
+// da += dout; db += dout
+extern "C" __global__ void residual_backward(float* da, float* db, const float* dout, u64 n) {
+    GRID_STRIDE(i, n) {
+        float d = dout[i];
+        da[i] += d;
+        db[i] += d;
+    }
+}

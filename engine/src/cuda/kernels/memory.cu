@@ -1,0 +1,38 @@
+// Memory ops on flat f32 buffers: fill, scale, and the partial sums of sum_squares.
+// Sizes are 64-bit: a (B*T, V) logits buffer of GPT-2 at B=16, T=1024 has 8.2e8 elements.
+
+typedef unsigned long long u64;
+
+// dst[i] = v
+extern "C" __global__ void fill_f32(float* dst, float v, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        dst[i] = v;
+    }
+}
+
+// dst[i] *= s
+extern "C" __global__ void scale_f32(float* dst, float s, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        dst[i] *= s;
+    }
+}
+
+// partial[block] = sum of x^2 (in f64) over the elements this block visits. The grid size is
+// a constant chosen by the host (not the device's SM count) and the in-block tree reduction
+// has a fixed shape, so the result is the same on every run and every GPU.
+// Launch: blockDim.x == 256.
+extern "C" __global__ void sum_squares_partial(const float* src, u64 n, double* partial) {
+    __shared__ double shm[256];
+    double acc = 0.0;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        double x = (double)src[i];
+        acc += x * x;
+    }
+    shm[threadIdx.x] = acc;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) shm[threadIdx.x] += shm[threadIdx.x + s];
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) partial[blockIdx.x] = shm[0];
+}

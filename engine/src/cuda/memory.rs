@@ -1,0 +1,171 @@
+//! Memory ops: allocation, views, host transfers, fill/copy/scale and the sum of squares.
+
+use std::ops::Range;
+
+use cudarc::driver::{result, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+
+use super::view::{CudaView, CudaViewMut};
+use super::CudaBackend;
+
+/// Blocks of `sum_squares_partial`: a constant, so the partial sums (and their rounding) are
+/// the same on every GPU whatever its SM count.
+const SUM_BLOCKS: usize = 1024;
+
+pub(crate) fn zeros<T: DeviceRepr + ValidAsZeroBits>(be: &CudaBackend, len: usize) -> CudaSlice<T> {
+    be.stream().alloc_zeros::<T>(len).unwrap_or_else(|e| {
+        panic!(
+            "cuda:{}: cannot allocate {len} elements of {} bytes: {e:?}",
+            be.ordinal(),
+            std::mem::size_of::<T>()
+        )
+    })
+}
+
+pub(crate) fn upload<T: DeviceRepr>(be: &CudaBackend, host: &[T]) -> CudaSlice<T> {
+    be.stream().clone_htod(host).unwrap_or_else(|e| {
+        panic!("cuda:{}: cannot upload {} elements: {e:?}", be.ordinal(), host.len())
+    })
+}
+
+fn check_range(len: usize, range: &Range<usize>) {
+    assert!(
+        range.start <= range.end && range.end <= len,
+        "cuda view {range:?} outside a buffer of {len} elements"
+    );
+}
+
+pub(crate) fn view<'a>(be: &CudaBackend, buf: &'a CudaSlice<f32>, range: Range<usize>) -> CudaView<'a> {
+    check_range(buf.len(), &range);
+    let ptr = be.buf_ptr(buf) + 4 * range.start as u64;
+    // SAFETY: the range lies inside `buf`, which the view borrows for 'a.
+    unsafe { CudaView::from_raw(ptr, range.len()) }
+}
+
+pub(crate) fn view_mut<'a>(
+    be: &CudaBackend,
+    buf: &'a mut CudaSlice<f32>,
+    range: Range<usize>,
+) -> CudaViewMut<'a> {
+    check_range(buf.len(), &range);
+    let ptr = be.buf_ptr(buf) + 4 * range.start as u64;
+    // SAFETY: the range lies inside `buf`, which the view borrows mutably for 'a.
+    unsafe { CudaViewMut::from_raw(ptr, range.len()) }
+}
+
+/// Several disjoint writable ranges at once; panics if two overlap.
+pub(crate) fn split_mut<'a, const K: usize>(
+    be: &CudaBackend,
+    buf: &'a mut CudaSlice<f32>,
+    ranges: [Range<usize>; K],
+) -> [CudaViewMut<'a>; K] {
+    let mut order: Vec<usize> = (0..K).collect();
+    order.sort_by_key(|&i| ranges[i].start);
+    for w in order.windows(2) {
+        assert!(
+            ranges[w[0]].end <= ranges[w[1]].start,
+            "split_mut: ranges overlap ({:?})",
+            ranges
+        );
+    }
+    for r in &ranges {
+        check_range(buf.len(), r);
+    }
+    let base = be.buf_ptr(buf);
+    // SAFETY: every range lies inside `buf` (borrowed mutably for 'a) and no two overlap.
+    ranges.map(|r| unsafe { CudaViewMut::from_raw(base + 4 * r.start as u64, r.len()) })
+}
+
+pub(crate) fn download(be: &CudaBackend, view: CudaView<'_>) -> Vec<f32> {
+    let mut host = vec![0.0f32; view.len];
+    if view.len == 0 {
+        return host;
+    }
+    let stream = be.stream();
+    be.check(stream.context().bind_to_thread(), "bind context");
+    // SAFETY: `host` holds view.len floats and the view covers as many on the device; the
+    // stream is synchronised before `host` is read or dropped.
+    let r = unsafe { result::memcpy_dtoh_async(&mut host[..], view.ptr, stream.cu_stream()) };
+    be.check(r, "download");
+    be.check(stream.synchronize(), "download synchronize");
+    host
+}
+
+pub(crate) fn write(be: &CudaBackend, dst: CudaViewMut<'_>, host: &[f32]) {
+    assert_eq!(dst.len, host.len(), "cuda write: view of {} elements, host slice of {}", dst.len, host.len());
+    if host.is_empty() {
+        return;
+    }
+    let stream = be.stream();
+    be.check(stream.context().bind_to_thread(), "bind context");
+    // SAFETY: sizes match (asserted). From pageable memory the driver copies `host` into a
+    // staging buffer before returning, so `host` may be dropped right after.
+    let r = unsafe { result::memcpy_htod_async(dst.ptr, host, stream.cu_stream()) };
+    be.check(r, "write");
+}
+
+/// Grid-stride launch over `n` elements: 256 threads, at most 32 blocks per SM.
+pub(crate) fn elementwise_cfg(be: &CudaBackend, n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(256).clamp(1, 32 * be.sm_count() as usize);
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
+pub(crate) fn fill(be: &CudaBackend, dst: CudaViewMut<'_>, value: f32) {
+    if dst.len == 0 {
+        return;
+    }
+    let f = be.func("fill_f32");
+    let n = dst.len as u64;
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&dst.ptr).arg(&value).arg(&n);
+    // SAFETY: fill_f32(float*, float, u64) writes n floats at dst.
+    be.check(unsafe { b.launch(elementwise_cfg(be, dst.len)) }.map(|_| ()), "fill_f32");
+}
+
+pub(crate) fn copy(be: &CudaBackend, dst: CudaViewMut<'_>, src: CudaView<'_>) {
+    assert_eq!(dst.len, src.len, "cuda copy: dst has {} elements, src {}", dst.len, src.len);
+    if dst.len == 0 {
+        return;
+    }
+    let stream = be.stream();
+    be.check(stream.context().bind_to_thread(), "bind context");
+    // SAFETY: both ranges hold dst.len floats (asserted); a ViewMut never aliases a live View.
+    let r = unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, 4 * dst.len, stream.cu_stream()) };
+    be.check(r, "copy");
+}
+
+pub(crate) fn scale(be: &CudaBackend, dst: CudaViewMut<'_>, s: f32) {
+    if dst.len == 0 {
+        return;
+    }
+    let f = be.func("scale_f32");
+    let n = dst.len as u64;
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&dst.ptr).arg(&s).arg(&n);
+    // SAFETY: scale_f32(float*, float, u64) rewrites n floats at dst.
+    be.check(unsafe { b.launch(elementwise_cfg(be, dst.len)) }.map(|_| ()), "scale_f32");
+}
+
+/// Sum of squares in f64: fixed per-block partials on the device, summed in block order here.
+pub(crate) fn sum_squares(be: &CudaBackend, src: CudaView<'_>) -> f64 {
+    if src.len == 0 {
+        return 0.0;
+    }
+    let mut partial: CudaSlice<f64> = zeros(be, SUM_BLOCKS);
+    let partial_ptr = {
+        let (p, _s) = cudarc::driver::DevicePtrMut::device_ptr_mut(&mut partial, be.stream());
+        p
+    };
+    let f = be.func("sum_squares_partial");
+    let n = src.len as u64;
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&src.ptr).arg(&n).arg(&partial_ptr);
+    let cfg = LaunchConfig { grid_dim: (SUM_BLOCKS as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    // SAFETY: sum_squares_partial(const float*, u64, double*) reads n floats, writes SUM_BLOCKS doubles.
+    be.check(unsafe { b.launch(cfg) }.map(|_| ()), "sum_squares_partial");
+    let host = be.stream().clone_dtoh(&partial).unwrap_or_else(|e| {
+        be.fail("sum_squares download", format!("{e:?}"));
+        vec![f64::NAN; SUM_BLOCKS]
+    });
+    be.check(be.stream().synchronize(), "sum_squares synchronize");
+    host.iter().sum()
+}

@@ -1,0 +1,547 @@
+//! `CudaBackend`: the `Backend` trait on one NVIDIA GPU.
+//!
+//! CUDA is loaded at run time (cudarc `dynamic-loading`): the crate builds and runs without it,
+//! and [`CudaBackend::new`] returns a clear error when libcuda, libnvrtc or libcublas cannot be
+//! loaded or the device does not exist. Kernels live in `kernels/*.cu`, are compiled by NVRTC
+//! once per backend for the device's own architecture, and run on one stream; ops return `()`
+//! and record the first failure, which [`Backend::synchronize`] reports.
+//!
+//! Precision (this version): every buffer is f32 (parameters, gradients, optimizer state and
+//! activations). Matmuls run through cuBLAS with fp32 storage and a selectable math mode
+//! ([`MatmulPrecision`]); the default `Bf16` rounds the operands to bf16 on the tensor cores and
+//! accumulates in fp32 (`CUBLAS_COMPUTE_32F_FAST_16BF`). Storing activations in bf16 (half the
+//! memory traffic) is a later version.
+
+mod adamw;
+mod attention;
+mod colsum;
+mod cross_entropy;
+mod elementwise;
+mod embedding;
+pub mod kernels;
+mod layernorm;
+mod matmul;
+mod memory;
+pub mod nccl;
+pub mod view;
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError};
+
+use crate::backend::{AdamWStep, AttnShape, Backend, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::error::{ConfigError, EngineError};
+pub use view::{CudaView, CudaViewMut};
+
+/// Math mode of the cuBLAS matmuls (storage is f32 in every mode).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MatmulPrecision {
+    /// bf16 tensor-core products, fp32 accumulation: fastest, ~3 significant digits per operand.
+    #[default]
+    Bf16,
+    /// TF32 tensor-core products (10-bit mantissa), fp32 accumulation.
+    Tf32,
+    /// Plain fp32 (no tensor cores): the reference for tests.
+    F32,
+}
+
+impl FromStr for MatmulPrecision {
+    type Err = ConfigError;
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "bf16" => Ok(MatmulPrecision::Bf16),
+            "tf32" => Ok(MatmulPrecision::Tf32),
+            "f32" => Ok(MatmulPrecision::F32),
+            other => Err(ConfigError::new(
+                "matmul_precision",
+                format!("`{other}` is not one of bf16, tf32, f32"),
+            )),
+        }
+    }
+}
+
+/// Options of a [`CudaBackend`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CudaOptions {
+    pub matmul: MatmulPrecision,
+}
+
+/// The `Backend` on one GPU: a context, one stream, a cuBLAS handle and the compiled kernels.
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<String, CudaFunction>,
+    opts: CudaOptions,
+    /// First failure of an op since the last `synchronize` (sticky until reported).
+    error: Mutex<Option<String>>,
+    /// Device word kernels `atomicOr` error bits into (bad ids, bad targets); read by `synchronize`.
+    err_word: CudaSlice<u32>,
+    ordinal: usize,
+    device_name: String,
+    arch: String,
+    sm_count: u32,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend")
+            .field("ordinal", &self.ordinal)
+            .field("device", &self.device_name)
+            .field("arch", &self.arch)
+            .field("opts", &self.opts)
+            .finish()
+    }
+}
+
+/// Error bits of the device error word; must match the .cu files' `ERR_*` defines.
+const ERR_EMBEDDING_ID: u32 = 1;
+const ERR_TARGET: u32 = 2;
+
+fn device_err(what: impl std::fmt::Display) -> EngineError {
+    EngineError::Device(what.to_string())
+}
+
+/// Why CUDA cannot be used here, or `None` when the libraries load. cudarc panics on first use
+/// of a library it cannot find, so probe each one before touching it.
+pub fn missing_library() -> Option<String> {
+    let ld = std::env::var("LD_LIBRARY_PATH").unwrap_or_default();
+    type Probe = (&'static str, &'static str, unsafe fn() -> bool);
+    let probes: [Probe; 3] = [
+        ("libcuda (the NVIDIA driver)", "libcuda.so, libcuda.so.1", cudarc::driver::sys::is_culib_present),
+        ("libnvrtc", "libnvrtc.so, libnvrtc.so.13", cudarc::nvrtc::sys::is_culib_present),
+        ("libcublas", "libcublas.so, libcublas.so.13", cudarc::cublas::sys::is_culib_present),
+    ];
+    for (lib, names, present) in probes {
+        // SAFETY: each probe only tries to dlopen candidate library names.
+        if !unsafe { present() } {
+            return Some(format!(
+                "{lib} could not be loaded (tried {names}, ...; the system library path and \
+                 LD_LIBRARY_PATH=`{ld}`)"
+            ));
+        }
+    }
+    None
+}
+
+impl CudaBackend {
+    /// The backend on GPU `ordinal` with default options (bf16 matmuls).
+    pub fn new(ordinal: usize) -> Result<Self, EngineError> {
+        Self::new_with(ordinal, CudaOptions::default())
+    }
+
+    pub fn new_with(ordinal: usize, opts: CudaOptions) -> Result<Self, EngineError> {
+        if let Some(why) = missing_library() {
+            return Err(device_err(format!("cuda:{ordinal}: {why}")));
+        }
+        let count = CudaContext::device_count()
+            .map_err(|e| device_err(format!("cuda:{ordinal}: cannot count devices: {e:?}")))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(device_err(format!("cuda:{ordinal}: no such device ({count} present)")));
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| device_err(format!("cuda:{ordinal}: cannot create a context: {e:?}")))?;
+        // One stream does all the work, so cudarc's per-buffer event tracking (meant for several
+        // streams) would only add overhead. SAFETY: nothing is allocated yet, and this backend
+        // never uses a second stream on these buffers.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| device_err(format!("cuda:{ordinal}: cannot create a stream: {e:?}")))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| device_err(format!("cuda:{ordinal}: compute capability: {e:?}")))?;
+        let arch = format!("sm_{major}{minor}");
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown".to_string());
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(|e| device_err(format!("cuda:{ordinal}: multiprocessor count: {e:?}")))?
+            as u32;
+        let compiled = kernels::compile_all(&arch).map_err(|e| device_err(format!("cuda:{ordinal}: {e}")))?;
+        let mut funcs = HashMap::new();
+        for m in compiled {
+            let module = ctx.load_module(m.ptx).map_err(|e| {
+                device_err(format!("cuda:{ordinal}: loading module `{}`: {e:?}", m.name))
+            })?;
+            for k in m.kernels {
+                let f = module.load_function(&k).map_err(|e| {
+                    device_err(format!("cuda:{ordinal}: kernel `{k}` of module `{}`: {e:?}", m.name))
+                })?;
+                funcs.insert(k, f);
+            }
+        }
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| device_err(format!("cuda:{ordinal}: cublas handle: {e:?}")))?;
+        let err_word = stream
+            .alloc_zeros::<u32>(1)
+            .map_err(|e| device_err(format!("cuda:{ordinal}: allocating the error word: {e:?}")))?;
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            funcs,
+            opts,
+            error: Mutex::new(None),
+            err_word,
+            ordinal,
+            device_name,
+            arch,
+            sm_count,
+        })
+    }
+
+    pub fn options(&self) -> CudaOptions {
+        self.opts
+    }
+    pub fn device_name(&self) -> &str {
+        &self.device_name
+    }
+    /// "sm_XY", the architecture the kernels were compiled for.
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    pub(crate) fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+    pub(crate) fn blas(&self) -> &CudaBlas {
+        &self.blas
+    }
+
+    /// Kernel by its `extern "C"` name. Panics on an unknown name: that is a bug in this crate.
+    pub(crate) fn func(&self, name: &str) -> CudaFunction {
+        match self.funcs.get(name) {
+            Some(f) => f.clone(),
+            None => panic!("cuda: no kernel named `{name}` in any module"),
+        }
+    }
+
+    pub(crate) fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Records the first failure (sticky); `synchronize` reports it.
+    pub(crate) fn check(&self, r: Result<(), DriverError>, what: &str) {
+        if let Err(e) = r {
+            self.fail(what, format!("{e:?}"));
+        }
+    }
+
+    /// Records a failure described by text (cuBLAS errors, shape problems found late).
+    pub(crate) fn fail(&self, what: &str, message: String) {
+        let mut slot = self.error.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(format!("cuda:{} {what}: {message}", self.ordinal));
+        }
+    }
+
+    pub(crate) fn ids_ptr(&self, ids: &CudaSlice<u32>) -> u64 {
+        let (ptr, _sync) = ids.device_ptr(&self.stream);
+        ptr
+    }
+
+    /// Device address of the error word (`unsigned*` in kernels).
+    pub(crate) fn err_ptr(&self) -> u64 {
+        self.ids_ptr(&self.err_word)
+    }
+
+    /// Reads and clears the error word; describes the bits set.
+    fn take_kernel_errors(&self) -> Option<String> {
+        let mut word = [0u32];
+        self.check(self.ctx.bind_to_thread(), "bind context");
+        let ptr = self.err_ptr();
+        // SAFETY: the error word is one u32; the stream is synchronised before `word` is read.
+        let r = unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut word[..], ptr, self.stream.cu_stream()) };
+        self.check(r, "error word download");
+        self.check(self.stream.synchronize(), "error word synchronize");
+        if word[0] == 0 {
+            return None;
+        }
+        // SAFETY: one u32 at ptr; clears the word in stream order.
+        let r = unsafe { cudarc::driver::result::memset_d8_async(ptr, 0, 4, self.stream.cu_stream()) };
+        self.check(r, "error word reset");
+        let mut what = Vec::new();
+        if word[0] & ERR_EMBEDDING_ID != 0 {
+            what.push("an embedding id was outside its table");
+        }
+        if word[0] & ERR_TARGET != 0 {
+            what.push("a cross-entropy target was outside the vocabulary (and not IGNORE_INDEX)");
+        }
+        Some(format!("cuda:{}: {} (error word {:#x})", self.ordinal, what.join("; "), word[0]))
+    }
+
+    pub(crate) fn buf_ptr(&self, buf: &CudaSlice<f32>) -> u64 {
+        let (ptr, _sync) = buf.device_ptr(&self.stream);
+        ptr
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaSlice<f32>;
+    type Ids = CudaSlice<u32>;
+    type View<'a> = CudaView<'a>;
+    type ViewMut<'a> = CudaViewMut<'a>;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn synchronize(&self) -> Result<(), EngineError> {
+        self.check(self.stream.synchronize(), "stream synchronize");
+        self.check(self.ctx.check_err(), "deferred driver call");
+        let kernel = self.take_kernel_errors();
+        let first = self.error.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match first.or(kernel) {
+            Some(e) => Err(EngineError::Device(e)),
+            None => Ok(()),
+        }
+    }
+
+    // ---- memory -------------------------------------------------------------------------
+
+    fn zeros(&self, len: usize) -> CudaSlice<f32> {
+        memory::zeros(self, len)
+    }
+    fn upload(&self, host: &[f32]) -> CudaSlice<f32> {
+        memory::upload(self, host)
+    }
+    fn upload_ids(&self, host: &[u32]) -> CudaSlice<u32> {
+        memory::upload(self, host)
+    }
+    fn len(&self, buf: &CudaSlice<f32>) -> usize {
+        buf.len()
+    }
+    fn view<'a>(&self, buf: &'a CudaSlice<f32>, range: Range<usize>) -> CudaView<'a> {
+        memory::view(self, buf, range)
+    }
+    fn view_mut<'a>(&self, buf: &'a mut CudaSlice<f32>, range: Range<usize>) -> CudaViewMut<'a> {
+        memory::view_mut(self, buf, range)
+    }
+    fn split_mut<'a, const K: usize>(
+        &self,
+        buf: &'a mut CudaSlice<f32>,
+        ranges: [Range<usize>; K],
+    ) -> [CudaViewMut<'a>; K] {
+        memory::split_mut(self, buf, ranges)
+    }
+    fn download(&self, view: CudaView<'_>) -> Vec<f32> {
+        memory::download(self, view)
+    }
+    fn write(&self, dst: CudaViewMut<'_>, host: &[f32]) {
+        memory::write(self, dst, host)
+    }
+    fn fill(&self, dst: CudaViewMut<'_>, value: f32) {
+        memory::fill(self, dst, value)
+    }
+    fn copy(&self, dst: CudaViewMut<'_>, src: CudaView<'_>) {
+        memory::copy(self, dst, src)
+    }
+    fn scale(&self, dst: CudaViewMut<'_>, s: f32) {
+        memory::scale(self, dst, s)
+    }
+    fn sum_squares(&self, src: CudaView<'_>) -> f64 {
+        memory::sum_squares(self, src)
+    }
+
+    // ---- embedding ----------------------------------------------------------------------
+
+    fn embedding_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        ids: &CudaSlice<u32>,
+        table: CudaView<'_>,
+        channels: usize,
+        accumulate: bool,
+    ) {
+        embedding::forward(self, out, ids, table, channels, accumulate)
+    }
+    fn embedding_backward(
+        &self,
+        dtable: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        ids: &CudaSlice<u32>,
+        channels: usize,
+    ) {
+        embedding::backward(self, dtable, dout, ids, channels)
+    }
+
+    // ---- matmul -------------------------------------------------------------------------
+
+    fn matmul_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        bias: Option<CudaView<'_>>,
+        shape: MatmulShape,
+    ) {
+        matmul::forward(self, out, inp, weight, bias, shape)
+    }
+    fn matmul_backward(
+        &self,
+        dinp: Option<CudaViewMut<'_>>,
+        dweight: CudaViewMut<'_>,
+        dbias: Option<CudaViewMut<'_>>,
+        dout: CudaView<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        shape: MatmulShape,
+    ) {
+        matmul::backward(self, dinp, dweight, dbias, dout, inp, weight, shape)
+    }
+
+    // ---- layernorm ----------------------------------------------------------------------
+
+    fn layernorm_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        mean: CudaViewMut<'_>,
+        rstd: CudaViewMut<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        bias: CudaView<'_>,
+        channels: usize,
+    ) {
+        layernorm::forward(self, out, mean, rstd, inp, weight, bias, channels)
+    }
+    fn layernorm_backward(
+        &self,
+        dinp: CudaViewMut<'_>,
+        dweight: CudaViewMut<'_>,
+        dbias: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        mean: CudaView<'_>,
+        rstd: CudaView<'_>,
+        channels: usize,
+    ) {
+        layernorm::backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+    }
+
+    // ---- attention (attention.rs) -------------------------------------------------------
+
+    fn attention_saved_len(&self, shape: AttnShape) -> usize {
+        attention::saved_len(shape)
+    }
+    fn attention_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        saved: CudaViewMut<'_>,
+        src: QkvSource<CudaView<'_>>,
+        shape: AttnShape,
+    ) {
+        attention::forward(self, out, saved, src, shape)
+    }
+    fn attention_backward(
+        &self,
+        dsrc: QkvSource<CudaViewMut<'_>>,
+        dout: CudaView<'_>,
+        src: QkvSource<CudaView<'_>>,
+        out: CudaView<'_>,
+        saved: CudaView<'_>,
+        shape: AttnShape,
+    ) {
+        attention::backward(self, dsrc, dout, src, out, saved, shape)
+    }
+    fn supports(&self, op: OptionalOp) -> bool {
+        // Dot-score attention with key padding masks has kernels; learned scores do not.
+        op == OptionalOp::KeyPaddingMask
+    }
+    fn attention_ex_forward(
+        &self,
+        out: CudaViewMut<'_>,
+        saved: CudaViewMut<'_>,
+        src: QkvSource<CudaView<'_>>,
+        scores: Scores<CudaView<'_>>,
+        key_lens: Option<&CudaSlice<u32>>,
+        shape: AttnShape,
+    ) {
+        match scores {
+            Scores::Dot => attention::forward_masked(self, out, saved, src, key_lens, shape),
+            other => unimplemented!("cuda: {:?} attention scores are CPU-only", other.kind()),
+        }
+    }
+    fn attention_ex_backward(
+        &self,
+        dsrc: QkvSource<CudaViewMut<'_>>,
+        dscores: Scores<CudaViewMut<'_>>,
+        dout: CudaView<'_>,
+        src: QkvSource<CudaView<'_>>,
+        scores: Scores<CudaView<'_>>,
+        key_lens: Option<&CudaSlice<u32>>,
+        out: CudaView<'_>,
+        saved: CudaView<'_>,
+        shape: AttnShape,
+    ) {
+        match (scores, dscores) {
+            (Scores::Dot, Scores::Dot) => {
+                attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape)
+            }
+            (other, _) => unimplemented!("cuda: {:?} attention scores are CPU-only", other.kind()),
+        }
+    }
+
+    // ---- elementwise --------------------------------------------------------------------
+
+    fn gelu_forward(&self, out: CudaViewMut<'_>, inp: CudaView<'_>) {
+        elementwise::gelu_forward(self, out, inp)
+    }
+    fn gelu_backward(&self, dinp: CudaViewMut<'_>, inp: CudaView<'_>, dout: CudaView<'_>) {
+        elementwise::gelu_backward(self, dinp, inp, dout)
+    }
+    fn residual_forward(&self, out: CudaViewMut<'_>, a: CudaView<'_>, b: CudaView<'_>) {
+        elementwise::residual_forward(self, out, a, b)
+    }
+    fn residual_backward(&self, da: CudaViewMut<'_>, db: CudaViewMut<'_>, dout: CudaView<'_>) {
+        elementwise::residual_backward(self, da, db, dout)
+    }
+
+    // ---- cross-entropy ------------------------------------------------------------------
+
+    fn cross_entropy_forward(
+        &self,
+        losses: CudaViewMut<'_>,
+        lse: CudaViewMut<'_>,
+        logits: CudaView<'_>,
+        targets: &CudaSlice<u32>,
+        vocab: usize,
+    ) {
+        cross_entropy::forward(self, losses, lse, logits, targets, vocab)
+    }
+    fn cross_entropy_backward(
+        &self,
+        dlogits: CudaViewMut<'_>,
+        logits: CudaView<'_>,
+        lse: CudaView<'_>,
+        targets: &CudaSlice<u32>,
+        dloss: f32,
+        vocab: usize,
+    ) {
+        cross_entropy::backward(self, dlogits, logits, lse, targets, dloss, vocab)
+    }
+
+    // ---- optimizer ----------------------------------------------------------------------
+
+    fn adamw_update(
+        &self,
+        params: CudaViewMut<'_>,
+        grads: CudaView<'_>,
+        m: CudaViewMut<'_>,
+        v: CudaViewMut<'_>,
+        hp: AdamWStep,
+    ) {
+        adamw::update(self, params, grads, m, v, hp)
+    }
+}

@@ -1,0 +1,204 @@
+//! `NcclCollective`: gradient averaging across GPUs through NCCL (`ncclAvg` all-reduce on the
+//! backend's stream), abortable from another thread so that a dead peer never hangs a worker.
+//!
+//! The communicator is held raw (not cudarc's `Comm`, whose `Drop` aborts unconditionally and
+//! would abort twice after an `abort()`). Waiting for an all-reduce polls the stream and
+//! `ncclCommGetAsyncError` instead of blocking in `cuStreamSynchronize`, so a peer's failure
+//! or an `abort()` turns into an error.
+//!
+//! Not done yet: bucketing the flat gradient and overlapping the all-reduce with the backward
+//! pass (one all-reduce of the whole buffer after the backward, for now).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use cudarc::driver::sys as drv_sys;
+use cudarc::nccl::sys;
+
+use super::view::CudaViewMut;
+use super::CudaBackend;
+use crate::collective::{Collective, CollectiveError};
+
+/// Bytes of an NCCL unique id: rank 0 creates it, the coordinator relays it to the others.
+pub const UNIQUE_ID_BYTES: usize = 128;
+
+/// A new unique id for a communicator (call on rank 0 only).
+pub fn unique_id() -> Result<[u8; UNIQUE_ID_BYTES], CollectiveError> {
+    check_nccl_present()?;
+    let id = cudarc::nccl::result::get_uniqueid()
+        .map_err(|e| CollectiveError::Config(format!("ncclGetUniqueId: {e:?}")))?;
+    Ok(id.internal.map(|c| c as u8))
+}
+
+fn check_nccl_present() -> Result<(), CollectiveError> {
+    // SAFETY: only tries to dlopen candidate library names.
+    if unsafe { sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(CollectiveError::Config(
+            "libnccl could not be loaded (tried libnccl.so, libnccl.so.2; set LD_LIBRARY_PATH)".into(),
+        ))
+    }
+}
+
+/// The communicator, shared with abort handles.
+struct Shared {
+    comm: Mutex<sys::ncclComm_t>,
+    aborted: AtomicBool,
+}
+
+// SAFETY: an ncclComm_t may be used from any thread; every use goes through the mutex.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+impl Shared {
+    fn abort(&self) {
+        self.aborted.store(true, Ordering::SeqCst);
+        let mut comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
+        if !comm.is_null() {
+            // SAFETY: a live communicator, aborted once (set to null right after).
+            unsafe { sys::ncclCommAbort(*comm) };
+            *comm = std::ptr::null_mut();
+        }
+    }
+}
+
+/// Aborts the communicator from any thread; pending and later all-reduces fail with `Aborted`.
+#[derive(Clone)]
+pub struct NcclAbortHandle(Arc<Shared>);
+
+impl NcclAbortHandle {
+    pub fn abort(&self) {
+        self.0.abort()
+    }
+}
+
+pub struct NcclCollective {
+    shared: Arc<Shared>,
+    rank: usize,
+    world: usize,
+    /// How often a pending all-reduce checks for completion, peer errors and aborts.
+    poll: Duration,
+}
+
+impl NcclCollective {
+    /// Joins the communicator `id` as `rank` of `world` on `be`'s GPU; blocks until every rank
+    /// has joined.
+    pub fn new(be: &CudaBackend, id: &[u8; UNIQUE_ID_BYTES], rank: usize, world: usize) -> Result<Self, CollectiveError> {
+        if world == 0 || rank >= world {
+            return Err(CollectiveError::Config(format!("rank {rank} outside a world of {world}")));
+        }
+        check_nccl_present()?;
+        be.context()
+            .bind_to_thread()
+            .map_err(|e| CollectiveError::Config(format!("binding cuda:{}: {e:?}", be.ordinal())))?;
+        let uid = sys::ncclUniqueId { internal: id.map(|b| b as ::core::ffi::c_char) };
+        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+        // SAFETY: comm is written by NCCL on success; the device's context is current.
+        let r = unsafe { sys::ncclCommInitRank(&mut comm, world as i32, uid, rank as i32) };
+        if r != sys::ncclResult_t::ncclSuccess {
+            return Err(CollectiveError::Config(format!("ncclCommInitRank(rank {rank} of {world}): {r:?}")));
+        }
+        Ok(NcclCollective {
+            shared: Arc::new(Shared { comm: Mutex::new(comm), aborted: AtomicBool::new(false) }),
+            rank,
+            world,
+            poll: Duration::from_micros(50),
+        })
+    }
+
+    pub fn abort_handle(&self) -> NcclAbortHandle {
+        NcclAbortHandle(self.shared.clone())
+    }
+
+    pub fn abort(&self) {
+        self.shared.abort()
+    }
+
+    /// Waits for the stream, failing early on an abort or an asynchronous NCCL error.
+    fn wait(&self, be: &CudaBackend) -> Result<(), CollectiveError> {
+        let stream = be.stream().cu_stream();
+        loop {
+            // SAFETY: querying a live stream.
+            match unsafe { drv_sys::cuStreamQuery(stream) } {
+                drv_sys::CUresult::CUDA_SUCCESS => return Ok(()),
+                drv_sys::CUresult::CUDA_ERROR_NOT_READY => {}
+                other => return Err(CollectiveError::Broken(format!("cuda stream: {other:?}"))),
+            }
+            if self.shared.aborted.load(Ordering::SeqCst) {
+                return Err(CollectiveError::Aborted);
+            }
+            {
+                let comm = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
+                if comm.is_null() {
+                    return Err(CollectiveError::Aborted);
+                }
+                let mut state = sys::ncclResult_t::ncclSuccess;
+                // SAFETY: a live communicator (under the lock).
+                unsafe { sys::ncclCommGetAsyncError(*comm, &mut state) };
+                if state != sys::ncclResult_t::ncclSuccess && state != sys::ncclResult_t::ncclInProgress {
+                    drop(comm);
+                    self.shared.abort();
+                    return Err(CollectiveError::Broken(format!("nccl asynchronous error: {state:?}")));
+                }
+            }
+            std::thread::sleep(self.poll);
+        }
+    }
+}
+
+impl Drop for NcclCollective {
+    fn drop(&mut self) {
+        let mut comm = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
+        if !comm.is_null() && Arc::strong_count(&self.shared) == 1 {
+            // SAFETY: the last owner of a live communicator.
+            unsafe { sys::ncclCommDestroy(*comm) };
+            *comm = std::ptr::null_mut();
+        }
+    }
+}
+
+impl Collective<CudaBackend> for NcclCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    /// In-place `ncclAvg` over f32 on the backend's stream, then a polled wait.
+    fn all_reduce_mean(&mut self, be: &CudaBackend, buf: CudaViewMut<'_>) -> Result<(), CollectiveError> {
+        if self.shared.aborted.load(Ordering::SeqCst) {
+            return Err(CollectiveError::Aborted);
+        }
+        if buf.len == 0 {
+            return Ok(());
+        }
+        be.context().bind_to_thread().map_err(|e| CollectiveError::Broken(format!("{e:?}")))?;
+        {
+            let comm = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
+            if comm.is_null() {
+                return Err(CollectiveError::Aborted);
+            }
+            let ptr = buf.ptr as *mut ::core::ffi::c_void;
+            // SAFETY: buf holds buf.len floats on this communicator's device; in place is allowed.
+            let r = unsafe {
+                sys::ncclAllReduce(
+                    ptr,
+                    ptr,
+                    buf.len,
+                    sys::ncclDataType_t::ncclFloat32,
+                    sys::ncclRedOp_t::ncclAvg,
+                    *comm,
+                    be.stream().cu_stream() as sys::cudaStream_t,
+                )
+            };
+            if r != sys::ncclResult_t::ncclSuccess {
+                return Err(CollectiveError::Broken(format!("ncclAllReduce of {} floats: {r:?}", buf.len)));
+            }
+        }
+        self.wait(be)?;
+        Ok(())
+    }
+}

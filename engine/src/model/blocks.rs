@@ -1,0 +1,474 @@
+//! Building blocks shared by the encoder models (BERT, T5): PyTorch-layout linears, LayerNorm,
+//! and a residual *sublayer* (self-attention, cross-attention or GELU FFN) with LayerNorm before
+//! (pre-LN: `x + f(LN(x))`) or after (post-LN: `LN(x + f(x))`) the residual add. A `Stack` is a
+//! sequence of sublayers (an encoder layer is [self-attn, ffn], a decoder layer is
+//! [causal self-attn, cross-attn, ffn]). Each piece has its forward beside its backward, written
+//! against `Backend`; activations are sized exactly for the current batch.
+
+use std::ops::Range;
+
+use crate::backend::{AttnShape, Backend, MatmulShape, QkvSource, ScoreKind, Scores, WeightLayout};
+use crate::model::gpt_config::LayerNormPlacement;
+use crate::params::{Init, ParamKind, ParamTable};
+
+/// Read access to the parameters: backend and flat buffer.
+pub(crate) struct Ctx<'a, B: Backend> {
+    pub be: &'a B,
+    pub params: &'a B::Buf,
+}
+
+impl<'a, B: Backend> Ctx<'a, B> {
+    pub fn p(&self, r: &Range<usize>) -> B::View<'a> {
+        self.be.view(self.params, r.clone())
+    }
+}
+
+pub(crate) fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
+    be.view(buf, 0..be.len(buf))
+}
+pub(crate) fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
+    let n = be.len(buf);
+    be.view_mut(buf, 0..n)
+}
+pub(crate) fn zero<B: Backend>(be: &B, buf: &mut B::Buf) {
+    be.fill(all_mut(be, buf), 0.0)
+}
+
+/// `y (N, out) = x (N, in) @ W^T + b` with W `(out, in)` (PyTorch `Linear`). Several tensors
+/// pushed back to back (HF BERT's query, key and value) form one fused weight.
+#[derive(Clone, Debug)]
+pub(crate) struct Linear {
+    pub w: Range<usize>,
+    pub b: Range<usize>,
+    pub inp: usize,
+    pub out: usize,
+}
+
+impl Linear {
+    /// Pushes `{name}.weight (out, in)` and `{name}.bias (out)` for each name, weights first, so
+    /// the weights (and the biases) are contiguous and act as one `(n*out, in)` linear.
+    pub fn push(t: &mut ParamTable, names: &[&str], inp: usize, out: usize, std: f32) -> Linear {
+        let ws: Vec<_> = names.iter().map(|n| t.push(&format!("{n}.weight"), &[out, inp], ParamKind::Weight, Init::Normal { std })).collect();
+        let bs: Vec<_> = names.iter().map(|n| t.push(&format!("{n}.bias"), &[out], ParamKind::Bias, Init::Zeros)).collect();
+        let span = |ids: &[usize]| t.range(ids[0]).start..t.range(*ids.last().unwrap()).end;
+        Linear { w: span(&ws), b: span(&bs), inp, out: out * names.len() }
+    }
+
+    fn shape(&self, rows: usize) -> MatmulShape {
+        MatmulShape { rows, in_features: self.inp, out_features: self.out, layout: WeightLayout::OutIn }
+    }
+
+    pub fn forward<B: Backend>(&self, cx: &Ctx<B>, out: &mut B::Buf, x: &B::Buf, rows: usize) {
+        let be = cx.be;
+        be.matmul_forward(all_mut(be, out), all(be, x), cx.p(&self.w), Some(cx.p(&self.b)), self.shape(rows));
+    }
+
+    /// `dx += dy W` (when asked), `dW += dy^T x`, `db += sum dy`.
+    pub fn backward<B: Backend>(&self, cx: &Ctx<B>, grads: &mut B::Buf, dx: Option<&mut B::Buf>, dy: &B::Buf, x: &B::Buf, rows: usize) {
+        let be = cx.be;
+        let [dw, db] = be.split_mut(grads, [self.w.clone(), self.b.clone()]);
+        be.matmul_backward(dx.map(|d| all_mut(be, d)), dw, Some(db), all(be, dy), all(be, x), cx.p(&self.w), self.shape(rows));
+    }
+}
+
+/// LayerNorm parameters `{name}.weight`, `{name}.bias` (C).
+#[derive(Clone, Debug)]
+pub(crate) struct Norm {
+    pub w: Range<usize>,
+    pub b: Range<usize>,
+    pub c: usize,
+}
+
+/// LayerNorm output and its saved statistics.
+pub(crate) struct NormActs<B: Backend> {
+    pub out: B::Buf,  // (N, C)
+    pub mean: B::Buf, // (N)
+    pub rstd: B::Buf, // (N)
+}
+
+impl Norm {
+    pub fn push(t: &mut ParamTable, name: &str, c: usize) -> Norm {
+        let w = t.push(&format!("{name}.weight"), &[c], ParamKind::Norm, Init::Ones);
+        let b = t.push(&format!("{name}.bias"), &[c], ParamKind::Norm, Init::Zeros);
+        Norm { w: t.range(w), b: t.range(b), c }
+    }
+
+    pub fn alloc<B: Backend>(&self, be: &B, rows: usize) -> NormActs<B> {
+        NormActs { out: be.zeros(rows * self.c), mean: be.zeros(rows), rstd: be.zeros(rows) }
+    }
+
+    pub fn forward<B: Backend>(&self, cx: &Ctx<B>, a: &mut NormActs<B>, x: &B::Buf) {
+        let be = cx.be;
+        be.layernorm_forward(all_mut(be, &mut a.out), all_mut(be, &mut a.mean), all_mut(be, &mut a.rstd), all(be, x), cx.p(&self.w), cx.p(&self.b), self.c);
+    }
+
+    /// `dx += LN'(dy)`, and the parameter gradients.
+    pub fn backward<B: Backend>(&self, cx: &Ctx<B>, grads: &mut B::Buf, dx: &mut B::Buf, dy: &B::Buf, x: &B::Buf, a: &NormActs<B>) {
+        let be = cx.be;
+        let [dw, db] = be.split_mut(grads, [self.w.clone(), self.b.clone()]);
+        be.layernorm_backward(all_mut(be, dx), dw, db, all(be, dy), all(be, x), cx.p(&self.w), all(be, &a.mean), all(be, &a.rstd), self.c);
+    }
+}
+
+/// The learned parameters of an attention score.
+#[derive(Clone, Debug)]
+pub(crate) enum ScoreParams {
+    Dot,
+    /// `(H, hd, hd)`, initialised to the identity (so training starts from the dot score).
+    General { w: Range<usize> },
+    /// `(H, hd, A)`, `(H, hd, A)`, `(H, A)`.
+    Additive { wq: Range<usize>, wk: Range<usize>, v: Range<usize>, width: usize },
+}
+
+impl ScoreParams {
+    /// Pushes `{prefix}.score.*` for the kind. The general score's W is pushed as a `Norm`-kind
+    /// tensor (never decayed): decay would pull it from the identity towards zero.
+    pub fn push(t: &mut ParamTable, prefix: &str, kind: ScoreKind, heads: usize, hd: usize, width: usize) -> ScoreParams {
+        match kind {
+            ScoreKind::Dot => ScoreParams::Dot,
+            ScoreKind::General => {
+                let w = t.push(&format!("{prefix}.score.weight"), &[heads, hd, hd], ParamKind::Norm, Init::Zeros);
+                ScoreParams::General { w: t.range(w) }
+            }
+            ScoreKind::Additive => {
+                let std = 1.0 / (hd as f32).sqrt();
+                let wq = t.push(&format!("{prefix}.score.wq"), &[heads, hd, width], ParamKind::Weight, Init::Normal { std });
+                let wk = t.push(&format!("{prefix}.score.wk"), &[heads, hd, width], ParamKind::Weight, Init::Normal { std });
+                let v = t.push(&format!("{prefix}.score.v"), &[heads, width], ParamKind::Weight, Init::Normal { std: 1.0 / (width as f32).sqrt() });
+                ScoreParams::Additive { wq: t.range(wq), wk: t.range(wk), v: t.range(v), width }
+            }
+        }
+    }
+
+    /// Writes the identity into a general score's W (its table init is zeros).
+    pub fn init_host(&self, host: &mut [f32], heads: usize, hd: usize) {
+        if let ScoreParams::General { w } = self {
+            let w = &mut host[w.clone()];
+            w.fill(0.0);
+            for h in 0..heads {
+                for d in 0..hd {
+                    w[h * hd * hd + d * hd + d] = 1.0;
+                }
+            }
+        }
+    }
+
+    fn views<'a, B: Backend>(&self, cx: &Ctx<'a, B>) -> Scores<B::View<'a>> {
+        match self {
+            ScoreParams::Dot => Scores::Dot,
+            ScoreParams::General { w } => Scores::General { w: cx.p(w) },
+            ScoreParams::Additive { wq, wk, v, width } => Scores::Additive { wq: cx.p(wq), wk: cx.p(wk), v: cx.p(v), width: *width },
+        }
+    }
+
+    fn grads<'g, B: Backend>(&self, be: &B, grads: &'g mut B::Buf) -> Scores<B::ViewMut<'g>> {
+        match self {
+            ScoreParams::Dot => Scores::Dot,
+            ScoreParams::General { w } => Scores::General { w: be.view_mut(grads, w.clone()) },
+            ScoreParams::Additive { wq, wk, v, width } => {
+                let [wq, wk, v] = be.split_mut(grads, [wq.clone(), wk.clone(), v.clone()]);
+                Scores::Additive { wq, wk, v, width: *width }
+            }
+        }
+    }
+}
+
+/// What a sublayer computes from its (normalised or raw) input.
+#[derive(Clone, Debug)]
+pub(crate) enum Inner {
+    /// `proj(attention(qkv(x)))`; `causal` for decoders.
+    SelfAttn { qkv: Linear, proj: Linear, scores: ScoreParams, causal: bool },
+    /// `proj(attention(q(x), kv(memory)))`: queries from the stream, keys/values from the encoder.
+    CrossAttn { q: Linear, kv: Linear, proj: Linear, scores: ScoreParams },
+    /// `proj(gelu(fc(x)))`.
+    Ffn { fc: Linear, proj: Linear },
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Sublayer {
+    pub ln: Norm,
+    pub inner: Inner,
+}
+
+/// Batch geometry of a stack: its own rows (B*T), the memory's rows (B*Tm) for cross-attention.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dims {
+    pub b: usize,
+    pub t: usize,
+    /// Memory (encoder output) length; equals `t` when there is no memory.
+    pub tm: usize,
+    pub c: usize,
+    pub heads: usize,
+}
+
+impl Dims {
+    fn rows(&self) -> usize {
+        self.b * self.t
+    }
+    fn attn(&self, kv_len: usize, causal: bool) -> AttnShape {
+        AttnShape { batch: self.b, q_len: self.t, kv_len, channels: self.c, heads: self.heads, causal }
+    }
+}
+
+/// Activations of one sublayer. pre-LN: ln = LN(x), f = inner(ln), resid = x + f (output);
+/// post-LN: f = inner(x), resid = x + f, ln = LN(resid) (output).
+pub(crate) struct SubActs<B: Backend> {
+    ln: NormActs<B>,
+    /// attention: qkv (N, 3C) or q (N, C); ffn: fc output (N, F)
+    a: B::Buf,
+    /// cross-attention: kv (Nm, 2C); ffn: gelu output (N, F); self-attention: unused
+    b: B::Buf,
+    /// attention output before its projection (N, C)
+    att: B::Buf,
+    saved: B::Buf,
+    f: B::Buf,     // (N, C)
+    resid: B::Buf, // (N, C)
+}
+
+/// Where the attention probabilities of one sublayer are, for attention maps.
+pub(crate) fn saved_probs<B: Backend>(a: &SubActs<B>) -> &B::Buf {
+    &a.saved
+}
+
+/// Gradient scratch for one stack, exactly sized.
+pub(crate) struct Scratch<B: Backend> {
+    g: B::Buf,     // (N, C) gradient of the current sublayer's output, then of its input
+    gnext: B::Buf, // (N, C)
+    dres: B::Buf,  // (N, C)
+    df: B::Buf,    // (N, C)
+    dfin: B::Buf,  // (N, C)
+    datt: B::Buf,  // (N, C)
+    dqkv: B::Buf,  // (N, 3C)
+    dq: B::Buf,    // (N, C)
+    dkv: B::Buf,   // (Nm, 2C)
+    dh: B::Buf,    // (N, F)
+    dhg: B::Buf,   // (N, F)
+}
+
+pub(crate) struct StackActs<B: Backend> {
+    pub subs: Vec<SubActs<B>>,
+    scratch: Scratch<B>,
+}
+
+/// Key lengths of a stack's self-attention and of its cross-attention memory; `None` when every
+/// sequence is full (the plain attention path, which every backend has).
+#[derive(Clone, Copy)]
+pub(crate) struct Lens<'a, B: Backend> {
+    pub own: Option<&'a B::Ids>,
+    pub memory: Option<&'a B::Ids>,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Stack {
+    pub subs: Vec<Sublayer>,
+    pub placement: LayerNormPlacement,
+    /// FFN width.
+    pub ffn: usize,
+}
+
+impl Stack {
+    pub fn alloc<B: Backend>(&self, be: &B, d: Dims) -> StackActs<B> {
+        let (n, nm, c, f) = (d.rows(), d.b * d.tm, d.c, self.ffn);
+        let z = |k: usize| be.zeros(k);
+        let subs = self
+            .subs
+            .iter()
+            .map(|s| {
+                let (a, b, att, saved) = match &s.inner {
+                    Inner::SelfAttn { causal, .. } => (z(n * 3 * c), z(0), z(n * c), z(be.attention_saved_len(d.attn(d.t, *causal)))),
+                    Inner::CrossAttn { .. } => (z(n * c), z(nm * 2 * c), z(n * c), z(be.attention_saved_len(d.attn(d.tm, false)))),
+                    Inner::Ffn { .. } => (z(n * f), z(n * f), z(0), z(0)),
+                };
+                SubActs { ln: s.ln.alloc(be, n), a, b, att, saved, f: z(n * c), resid: z(n * c) }
+            })
+            .collect();
+        let scratch = Scratch {
+            g: z(n * c),
+            gnext: z(n * c),
+            dres: z(n * c),
+            df: z(n * c),
+            dfin: z(n * c),
+            datt: z(n * c),
+            dqkv: z(n * 3 * c),
+            dq: z(n * c),
+            dkv: z(nm * 2 * c),
+            dh: z(n * f),
+            dhg: z(n * f),
+        };
+        StackActs { subs, scratch }
+    }
+
+    /// The buffer holding a sublayer's output.
+    fn sub_out<'a, B: Backend>(&self, a: &'a SubActs<B>) -> &'a B::Buf {
+        match self.placement {
+            LayerNormPlacement::Pre => &a.resid,
+            LayerNormPlacement::Post => &a.ln.out,
+        }
+    }
+
+    /// The stack's output: the last sublayer's output (or `x` for an empty stack).
+    pub fn output<'a, B: Backend>(&self, acts: &'a StackActs<B>, x: &'a B::Buf) -> &'a B::Buf {
+        acts.subs.last().map_or(x, |a| self.sub_out(a))
+    }
+
+    pub fn forward<B: Backend>(&self, cx: &Ctx<B>, acts: &mut StackActs<B>, x: &B::Buf, memory: Option<&B::Buf>, lens: Lens<B>, d: Dims) {
+        let be = cx.be;
+        for (i, sub) in self.subs.iter().enumerate() {
+            let (done, rest) = acts.subs.split_at_mut(i);
+            let inp = if i == 0 { x } else { self.sub_out(&done[i - 1]) };
+            let a = &mut rest[0];
+            // f's input: LN(x) (pre-LN) or x (post-LN)
+            if self.placement == LayerNormPlacement::Pre {
+                sub.ln.forward(cx, &mut a.ln, inp);
+            }
+            let fin = if self.placement == LayerNormPlacement::Pre { &a.ln.out } else { inp };
+            match &sub.inner {
+                Inner::SelfAttn { qkv, proj, scores, causal } => {
+                    qkv.forward(cx, &mut a.a, fin, d.rows()); // (N, 3C)
+                    let key_lens = if *causal { None } else { lens.own };
+                    be.attention_ex_forward(all_mut(be, &mut a.att), all_mut(be, &mut a.saved), QkvSource::Packed(all(be, &a.a)), scores.views(cx), key_lens, d.attn(d.t, *causal));
+                    proj.forward(cx, &mut a.f, &a.att, d.rows());
+                }
+                Inner::CrossAttn { q, kv, proj, scores } => {
+                    let mem = memory.expect("cross-attention needs a memory");
+                    q.forward(cx, &mut a.a, fin, d.rows()); // (N, C)
+                    kv.forward(cx, &mut a.b, mem, d.b * d.tm); // (Nm, 2C)
+                    be.attention_ex_forward(
+                        all_mut(be, &mut a.att),
+                        all_mut(be, &mut a.saved),
+                        QkvSource::Split { q: all(be, &a.a), kv: all(be, &a.b) },
+                        scores.views(cx),
+                        lens.memory,
+                        d.attn(d.tm, false),
+                    );
+                    proj.forward(cx, &mut a.f, &a.att, d.rows());
+                }
+                Inner::Ffn { fc, proj } => {
+                    fc.forward(cx, &mut a.a, fin, d.rows()); // (N, F)
+                    be.gelu_forward(all_mut(be, &mut a.b), all(be, &a.a));
+                    proj.forward(cx, &mut a.f, &a.b, d.rows());
+                }
+            }
+            be.residual_forward(all_mut(be, &mut a.resid), all(be, inp), all(be, &a.f));
+            if self.placement == LayerNormPlacement::Post {
+                sub.ln.forward(cx, &mut a.ln, &a.resid);
+            }
+        }
+    }
+
+    /// On entry `dout` holds the gradient of the stack's output, on return the gradient of its
+    /// input `x`. Cross-attention adds the memory's gradient into `dmemory`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(
+        &self,
+        cx: &Ctx<B>,
+        grads: &mut B::Buf,
+        acts: &mut StackActs<B>,
+        x: &B::Buf,
+        memory: Option<&B::Buf>,
+        mut dmemory: Option<&mut B::Buf>,
+        lens: Lens<B>,
+        dout: &mut B::Buf,
+        d: Dims,
+    ) {
+        let be = cx.be;
+        let n = d.rows();
+        let StackActs { subs: sub_acts, scratch: s } = acts;
+        std::mem::swap(&mut s.g, dout);
+        for (i, sub) in self.subs.iter().enumerate().rev() {
+            let a = &sub_acts[i];
+            let inp = if i == 0 { x } else { self.sub_out(&sub_acts[i - 1]) };
+            // s.g: gradient of this sublayer's output; s.gnext collects the gradient of inp
+            zero(be, &mut s.gnext);
+            zero(be, &mut s.df);
+            match self.placement {
+                LayerNormPlacement::Pre => {
+                    // out = x + f: dx += dout, df = dout
+                    be.residual_backward(all_mut(be, &mut s.gnext), all_mut(be, &mut s.df), all(be, &s.g));
+                }
+                LayerNormPlacement::Post => {
+                    // out = LN(resid), resid = x + f
+                    zero(be, &mut s.dres);
+                    sub.ln.backward(cx, grads, &mut s.dres, &s.g, &a.resid, &a.ln);
+                    be.residual_backward(all_mut(be, &mut s.gnext), all_mut(be, &mut s.df), all(be, &s.dres));
+                }
+            }
+            let fin = if self.placement == LayerNormPlacement::Pre { &a.ln.out } else { inp };
+            // dfin: gradient of f's input (pre-LN: then through LN; post-LN: that is x itself)
+            zero(be, &mut s.dfin);
+            match &sub.inner {
+                Inner::SelfAttn { qkv, proj, scores, causal } => {
+                    zero(be, &mut s.datt);
+                    proj.backward(cx, grads, Some(&mut s.datt), &s.df, &a.att, n);
+                    zero(be, &mut s.dqkv);
+                    let key_lens = if *causal { None } else { lens.own };
+                    be.attention_ex_backward(
+                        QkvSource::Packed(all_mut(be, &mut s.dqkv)),
+                        scores.grads(be, grads),
+                        all(be, &s.datt),
+                        QkvSource::Packed(all(be, &a.a)),
+                        scores.views(cx),
+                        key_lens,
+                        all(be, &a.att),
+                        all(be, &a.saved),
+                        d.attn(d.t, *causal),
+                    );
+                    qkv.backward(cx, grads, Some(&mut s.dfin), &s.dqkv, fin, n);
+                }
+                Inner::CrossAttn { q, kv, proj, scores } => {
+                    let mem = memory.expect("cross-attention needs a memory");
+                    zero(be, &mut s.datt);
+                    proj.backward(cx, grads, Some(&mut s.datt), &s.df, &a.att, n);
+                    zero(be, &mut s.dq);
+                    zero(be, &mut s.dkv);
+                    be.attention_ex_backward(
+                        QkvSource::Split { q: all_mut(be, &mut s.dq), kv: all_mut(be, &mut s.dkv) },
+                        scores.grads(be, grads),
+                        all(be, &s.datt),
+                        QkvSource::Split { q: all(be, &a.a), kv: all(be, &a.b) },
+                        scores.views(cx),
+                        lens.memory,
+                        all(be, &a.att),
+                        all(be, &a.saved),
+                        d.attn(d.tm, false),
+                    );
+                    q.backward(cx, grads, Some(&mut s.dfin), &s.dq, fin, n);
+                    let dmem = dmemory.as_deref_mut().expect("cross-attention needs a memory gradient");
+                    kv.backward(cx, grads, Some(dmem), &s.dkv, mem, d.b * d.tm);
+                }
+                Inner::Ffn { fc, proj } => {
+                    zero(be, &mut s.dhg);
+                    proj.backward(cx, grads, Some(&mut s.dhg), &s.df, &a.b, n);
+                    zero(be, &mut s.dh);
+                    be.gelu_backward(all_mut(be, &mut s.dh), all(be, &a.a), all(be, &s.dhg));
+                    fc.backward(cx, grads, Some(&mut s.dfin), &s.dh, fin, n);
+                }
+            }
+            match self.placement {
+                LayerNormPlacement::Pre => sub.ln.backward(cx, grads, &mut s.gnext, &s.dfin, inp, &a.ln),
+                LayerNormPlacement::Post => {
+                    // f's input is x: its gradient joins the residual's
+                    be.residual_backward(all_mut(be, &mut s.gnext), all_mut(be, &mut s.dres), all(be, &s.dfin));
+                }
+            }
+            std::mem::swap(&mut s.g, &mut s.gnext);
+        }
+        std::mem::swap(&mut s.g, dout);
+    }
+}
+
+/// The sinusoidal position table (Vaswani et al.): row p, column 2i = sin(p / 10000^(2i/C)),
+/// column 2i+1 = cos of the same angle. (P, C) on the host.
+pub(crate) fn sinusoidal_table(positions: usize, c: usize) -> Vec<f32> {
+    let mut t = vec![0.0f32; positions * c];
+    for p in 0..positions {
+        for i in 0..c.div_ceil(2) {
+            let angle = p as f64 / 10000f64.powf(2.0 * i as f64 / c as f64);
+            t[p * c + 2 * i] = angle.sin() as f32;
+            if 2 * i + 1 < c {
+                t[p * c + 2 * i + 1] = angle.cos() as f32;
+            }
+        }
+    }
+    t
+}

@@ -1,0 +1,431 @@
+//! A T5-style encoder-decoder, written once against `Backend`: one token table shared by the
+//! encoder input, the decoder input and the (tied) LM head; positions sinusoidal (default) or
+//! learned per side; encoder layers of self-attention (padded keys masked) and a GELU FFN;
+//! decoder layers of causal self-attention, cross-attention over the encoder output (same key
+//! mask) and a GELU FFN; pre-LN (T5) or post-LN; a final LayerNorm on each side; attention
+//! scores dot, general or additive.
+//!
+//! "T5-style": tensor names follow Hugging Face T5's (`shared`, `encoder.block.{i}.layer.0
+//! .SelfAttention.q`, ...), but these layers have biases and LayerNorm (not RMSNorm), GELU (not
+//! ReLU), absolute positions (not relative bias) and no d_model^-0.5 logit scale, so Hugging
+//! Face T5 checkpoints do not load. The loss is the mean cross-entropy over counted targets.
+
+use std::ops::Range;
+
+use crate::backend::{Backend, MatmulShape, OptionalOp, WeightLayout, IGNORE_INDEX};
+use crate::error::EngineError;
+use crate::model::bert::check_scores_supported;
+use crate::model::bert_config::Positions;
+use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, zero, Ctx, Dims, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
+use crate::model::t5_config::T5Config;
+use crate::params::{Init, ParamKind, ParamTable};
+
+/// One batch: encoder inputs, decoder inputs and targets.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct T5Batch {
+    pub batch: usize,
+    pub enc_len: usize,
+    pub dec_len: usize,
+    /// (B, Te)
+    pub enc_tokens: Vec<u32>,
+    /// (B) real encoder lengths; encoder positions past them are padding. All Te when absent.
+    pub enc_lens: Option<Vec<u32>>,
+    /// (B, Td) decoder inputs: the targets shifted right behind a start token.
+    pub dec_tokens: Vec<u32>,
+    /// (B, Td), `IGNORE_INDEX` on padding.
+    pub targets: Option<Vec<u32>>,
+}
+
+impl T5Batch {
+    /// Pads (input, target) pairs into a batch: encoder inputs padded with `pad` (and masked by
+    /// their lengths), decoder inputs `[start, target[..n-1]]`, targets padded with
+    /// `IGNORE_INDEX`. T5 uses the pad id as the start token.
+    pub fn from_pairs(pairs: &[(Vec<u32>, Vec<u32>)], pad: u32, start: u32) -> T5Batch {
+        let b = pairs.len();
+        let te = pairs.iter().map(|p| p.0.len()).max().unwrap_or(0);
+        let td = pairs.iter().map(|p| p.1.len()).max().unwrap_or(0);
+        let mut x = T5Batch { batch: b, enc_len: te, dec_len: td, ..Default::default() };
+        let mut lens = Vec::with_capacity(b);
+        let mut targets = Vec::with_capacity(b * td);
+        for (inp, tgt) in pairs {
+            x.enc_tokens.extend(inp.iter().copied().chain(std::iter::repeat(pad)).take(te));
+            lens.push(inp.len() as u32);
+            x.dec_tokens.extend(std::iter::once(start).chain(tgt.iter().copied()).chain(std::iter::repeat(pad)).take(td));
+            targets.extend(tgt.iter().copied().chain(std::iter::repeat(IGNORE_INDEX)).take(td));
+        }
+        x.enc_lens = Some(lens);
+        x.targets = Some(targets);
+        x
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Layout {
+    shared: Range<usize>,
+    enc_pos: Option<Range<usize>>,
+    dec_pos: Option<Range<usize>>,
+    encoder: Stack,
+    enc_ln: Norm,
+    decoder: Stack,
+    dec_ln: Norm,
+    scores: Vec<ScoreParams>,
+}
+
+fn build(cfg: &T5Config) -> (ParamTable, Layout) {
+    let (v, c, f, h, hd) = (cfg.vocab_size, cfg.n_embd, cfg.n_inner, cfg.n_head, cfg.head_dim());
+    let std = 0.02;
+    let mut t = ParamTable::new();
+    let emb = |t: &mut ParamTable, name: &str, rows: usize| {
+        let id = t.push(name, &[rows, c], ParamKind::Embedding, Init::Normal { std });
+        t.range(id)
+    };
+    let shared = emb(&mut t, "shared.weight", v);
+    let learned = cfg.positions == Positions::Learned;
+    let enc_pos = learned.then(|| emb(&mut t, "encoder.embed_positions.weight", cfg.max_positions));
+    let dec_pos = learned.then(|| emb(&mut t, "decoder.embed_positions.weight", cfg.max_positions));
+    let mut scores = Vec::new();
+    let self_attn = |t: &mut ParamTable, p: &str, causal: bool, scores: &mut Vec<ScoreParams>| {
+        let qkv = Linear::push(t, &[&format!("{p}.q"), &format!("{p}.k"), &format!("{p}.v")], c, c, std);
+        let sc = ScoreParams::push(t, p, cfg.scores, h, hd, cfg.additive_width());
+        scores.push(sc.clone());
+        let proj = Linear::push(t, &[&format!("{p}.o")], c, c, std);
+        Inner::SelfAttn { qkv, proj, scores: sc, causal }
+    };
+    let ffn = |t: &mut ParamTable, p: &str| Inner::Ffn {
+        fc: Linear::push(t, &[&format!("{p}.wi")], c, f, std),
+        proj: Linear::push(t, &[&format!("{p}.wo")], f, c, std),
+    };
+    let mut enc = Vec::new();
+    for i in 0..cfg.n_layer {
+        let p = format!("encoder.block.{i}.layer");
+        let inner = self_attn(&mut t, &format!("{p}.0.SelfAttention"), false, &mut scores);
+        enc.push(Sublayer { ln: Norm::push(&mut t, &format!("{p}.0.layer_norm"), c), inner });
+        let inner = ffn(&mut t, &format!("{p}.1.DenseReluDense"));
+        enc.push(Sublayer { ln: Norm::push(&mut t, &format!("{p}.1.layer_norm"), c), inner });
+    }
+    let enc_ln = Norm::push(&mut t, "encoder.final_layer_norm", c);
+    let mut dec = Vec::new();
+    for i in 0..cfg.n_decoder_layer {
+        let p = format!("decoder.block.{i}.layer");
+        let inner = self_attn(&mut t, &format!("{p}.0.SelfAttention"), true, &mut scores);
+        dec.push(Sublayer { ln: Norm::push(&mut t, &format!("{p}.0.layer_norm"), c), inner });
+        let a = format!("{p}.1.EncDecAttention");
+        let q = Linear::push(&mut t, &[&format!("{a}.q")], c, c, std);
+        let kv = Linear::push(&mut t, &[&format!("{a}.k"), &format!("{a}.v")], c, c, std);
+        let sc = ScoreParams::push(&mut t, &a, cfg.scores, h, hd, cfg.additive_width());
+        scores.push(sc.clone());
+        let proj = Linear::push(&mut t, &[&format!("{a}.o")], c, c, std);
+        dec.push(Sublayer { ln: Norm::push(&mut t, &format!("{p}.1.layer_norm"), c), inner: Inner::CrossAttn { q, kv, proj, scores: sc } });
+        let inner = ffn(&mut t, &format!("{p}.2.DenseReluDense"));
+        dec.push(Sublayer { ln: Norm::push(&mut t, &format!("{p}.2.layer_norm"), c), inner });
+    }
+    let dec_ln = Norm::push(&mut t, "decoder.final_layer_norm", c);
+    let encoder = Stack { subs: enc, placement: cfg.ln_placement, ffn: f };
+    let decoder = Stack { subs: dec, placement: cfg.ln_placement, ffn: f };
+    (t, Layout { shared, enc_pos, dec_pos, encoder, enc_ln, decoder, dec_ln, scores })
+}
+
+struct Loaded<B: Backend> {
+    b: usize,
+    te: usize,
+    td: usize,
+    enc_tokens: B::Ids,
+    enc_positions: B::Ids,
+    enc_lens: Option<B::Ids>,
+    dec_tokens: B::Ids,
+    dec_positions: B::Ids,
+    targets: Option<(B::Ids, usize)>,
+}
+
+struct Acts<B: Backend> {
+    b: usize,
+    te: usize,
+    td: usize,
+    enc_x: B::Buf, // (B Te, C)
+    enc: StackActs<B>,
+    enc_out: NormActs<B>, // (B Te, C)
+    dec_x: B::Buf,        // (B Td, C)
+    dec: StackActs<B>,
+    dec_out: NormActs<B>, // (B Td, C)
+    logits: B::Buf,       // (B Td, V)
+    lse: B::Buf,
+    losses: B::Buf,
+    dlogits: B::Buf,
+    ddec: B::Buf, // (B Td, C)
+    denc: B::Buf, // (B Te, C)
+}
+
+pub struct T5<B: Backend> {
+    be: B,
+    cfg: T5Config,
+    table: ParamTable,
+    lay: Layout,
+    sinusoidal: Option<B::Buf>,
+    params: B::Buf,
+    grads: B::Buf,
+    batch: Option<Loaded<B>>,
+    acts: Option<Acts<B>>,
+}
+
+impl<B: Backend> T5<B> {
+    /// Seeded initialisation: N(0, 0.02) weights and embeddings, zero biases, general scores at
+    /// the identity.
+    pub fn new(be: B, cfg: T5Config, seed: u64) -> Result<Self, EngineError> {
+        cfg.validate()?;
+        let (table, lay) = build(&cfg);
+        let mut host = table.init(seed);
+        for s in &lay.scores {
+            s.init_host(&mut host, cfg.n_head, cfg.head_dim());
+        }
+        Self::from_params(be, cfg, &host)
+    }
+
+    pub fn from_params(be: B, cfg: T5Config, host: &[f32]) -> Result<Self, EngineError> {
+        cfg.validate()?;
+        check_scores_supported(&be, cfg.scores)?;
+        let (table, lay) = build(&cfg);
+        if host.len() != table.total() {
+            return Err(EngineError::Batch(format!("parameter buffer holds {} values, the config needs {}", host.len(), table.total())));
+        }
+        let sinusoidal = (cfg.positions == Positions::Sinusoidal).then(|| be.upload(&sinusoidal_table(cfg.max_positions, cfg.n_embd)));
+        let params = be.upload(host);
+        let grads = be.zeros(table.total());
+        Ok(T5 { be, cfg, table, lay, sinusoidal, params, grads, batch: None, acts: None })
+    }
+
+    pub fn param_table(cfg: &T5Config) -> ParamTable {
+        build(cfg).0
+    }
+    pub fn config(&self) -> &T5Config {
+        &self.cfg
+    }
+    pub fn table(&self) -> &ParamTable {
+        &self.table
+    }
+    pub fn backend(&self) -> &B {
+        &self.be
+    }
+    pub fn params(&self) -> &B::Buf {
+        &self.params
+    }
+    pub fn grads(&self) -> &B::Buf {
+        &self.grads
+    }
+    pub fn params_and_grads(&mut self) -> (&B, &ParamTable, &mut B::Buf, &B::Buf) {
+        (&self.be, &self.table, &mut self.params, &self.grads)
+    }
+    pub fn backend_and_grads_mut(&mut self) -> (&B, &mut B::Buf) {
+        (&self.be, &mut self.grads)
+    }
+    pub fn params_host(&self) -> Vec<f32> {
+        self.be.download(all(&self.be, &self.params))
+    }
+    pub fn grads_host(&self) -> Vec<f32> {
+        self.be.download(all(&self.be, &self.grads))
+    }
+    pub fn set_params_host(&mut self, host: &[f32]) {
+        assert_eq!(host.len(), self.table.total(), "parameter count");
+        self.be.write(all_mut(&self.be, &mut self.params), host);
+    }
+    pub fn zero_grad(&mut self) {
+        zero(&self.be, &mut self.grads);
+    }
+    /// Decoder logits of the last forward, (B, Td, V).
+    pub fn logits(&self) -> Vec<f32> {
+        self.be.download(all(&self.be, &self.acts.as_ref().expect("forward first").logits))
+    }
+    /// Encoder output (after its final LayerNorm), (B, Te, C).
+    pub fn encoder_output(&self) -> Vec<f32> {
+        self.be.download(all(&self.be, &self.acts.as_ref().expect("forward first").enc_out.out))
+    }
+    /// Attention probabilities of the last forward on backends that save them (the CPU):
+    /// encoder layer l's self-attention (B, Te, H, Te), or decoder layer l's self-attention
+    /// (B, Td, H, Td) and cross-attention (B, Td, H, Te).
+    pub fn attention_probs(&self, which: T5Attention, l: usize) -> Option<Vec<f32>> {
+        let a = self.acts.as_ref().expect("forward first");
+        let (buf, tq, tk) = match which {
+            T5Attention::Encoder => (saved_probs(&a.enc.subs[2 * l]), a.te, a.te),
+            T5Attention::DecoderSelf => (saved_probs(&a.dec.subs[3 * l]), a.td, a.td),
+            T5Attention::Cross => (saved_probs(&a.dec.subs[3 * l + 1]), a.td, a.te),
+        };
+        (self.be.len(buf) == a.b * tq * self.cfg.n_head * tk).then(|| self.be.download(all(&self.be, buf)))
+    }
+
+    fn load(&mut self, x: &T5Batch) -> Result<(), EngineError> {
+        let (b, te, td, cfg) = (x.batch, x.enc_len, x.dec_len, &self.cfg);
+        let bad = |m: String| Err(EngineError::Batch(m));
+        if b == 0 || te == 0 || td == 0 {
+            return bad(format!("empty batch ({b} x {te} -> {td})"));
+        }
+        for (what, len) in [("encoder", te), ("decoder", td)] {
+            if len > cfg.max_positions {
+                return bad(format!("{what} length {len} exceeds the model's max_positions {}", cfg.max_positions));
+            }
+        }
+        for (what, ids, len) in [("encoder tokens", &x.enc_tokens, b * te), ("decoder tokens", &x.dec_tokens, b * td)] {
+            if ids.len() != len {
+                return bad(format!("{} {what} for a batch of {b} x {}", ids.len(), len / b));
+            }
+            if let Some(&id) = ids.iter().find(|&&id| id as usize >= cfg.vocab_size) {
+                return bad(format!("{what}: id {id} outside the vocabulary of {}", cfg.vocab_size));
+            }
+        }
+        let lens = x.enc_lens.clone().unwrap_or_else(|| vec![te as u32; b]);
+        if lens.len() != b {
+            return bad(format!("{} encoder lengths for a batch of {b}", lens.len()));
+        }
+        if let Some(&l) = lens.iter().find(|&&l| l == 0 || l as usize > te) {
+            return bad(format!("encoder length {l} outside 1..={te}"));
+        }
+        let padded = lens.iter().any(|&l| l as usize != te);
+        if padded && !self.be.supports(OptionalOp::KeyPaddingMask) {
+            return bad(format!(
+                "the batch has padded encoder inputs, and key padding masks are CPU-only until they have kernels for the {} backend; send unpadded batches",
+                self.be.name()
+            ));
+        }
+        let targets = match &x.targets {
+            None => None,
+            Some(tg) => {
+                if tg.len() != b * td {
+                    return bad(format!("{} targets for a batch of {b} x {td}", tg.len()));
+                }
+                if let Some(&id) = tg.iter().find(|&&id| id != IGNORE_INDEX && id as usize >= cfg.vocab_size) {
+                    return bad(format!("target id {id} outside the vocabulary of {}", cfg.vocab_size));
+                }
+                Some((self.be.upload_ids(tg), tg.iter().filter(|&&id| id != IGNORE_INDEX).count()))
+            }
+        };
+        let positions = |t: usize| -> Vec<u32> { (0..b).flat_map(|_| 0..t as u32).collect() };
+        self.batch = Some(Loaded {
+            b,
+            te,
+            td,
+            enc_tokens: self.be.upload_ids(&x.enc_tokens),
+            enc_positions: self.be.upload_ids(&positions(te)),
+            enc_lens: padded.then(|| self.be.upload_ids(&lens)),
+            dec_tokens: self.be.upload_ids(&x.dec_tokens),
+            dec_positions: self.be.upload_ids(&positions(td)),
+            targets,
+        });
+        if self.acts.as_ref().is_none_or(|a| (a.b, a.te, a.td) != (b, te, td)) {
+            self.acts = Some(self.alloc(b, te, td));
+        }
+        Ok(())
+    }
+
+    fn dims(&self, b: usize, te: usize, td: usize) -> (Dims, Dims) {
+        let (c, heads) = (self.cfg.n_embd, self.cfg.n_head);
+        (Dims { b, t: te, tm: te, c, heads }, Dims { b, t: td, tm: te, c, heads })
+    }
+
+    fn alloc(&self, b: usize, te: usize, td: usize) -> Acts<B> {
+        let be = &self.be;
+        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        let (de, dd) = self.dims(b, te, td);
+        let (ne, nd) = (b * te, b * td);
+        Acts {
+            b,
+            te,
+            td,
+            enc_x: be.zeros(ne * c),
+            enc: self.lay.encoder.alloc(be, de),
+            enc_out: self.lay.enc_ln.alloc(be, ne),
+            dec_x: be.zeros(nd * c),
+            dec: self.lay.decoder.alloc(be, dd),
+            dec_out: self.lay.dec_ln.alloc(be, nd),
+            logits: be.zeros(nd * v),
+            lse: be.zeros(nd),
+            losses: be.zeros(nd),
+            dlogits: be.zeros(nd * v),
+            ddec: be.zeros(nd * c),
+            denc: be.zeros(ne * c),
+        }
+    }
+
+    /// Forward pass; with targets, returns the mean cross-entropy over the counted targets.
+    pub fn forward(&mut self, x: &T5Batch) -> Result<Option<f32>, EngineError> {
+        self.load(x)?;
+        let (de, dd) = self.dims(x.batch, x.enc_len, x.dec_len);
+        let T5 { be, cfg, lay, sinusoidal, params, batch, acts, .. } = self;
+        let (batch, a) = (batch.as_ref().unwrap(), acts.as_mut().unwrap());
+        let cx = Ctx { be, params };
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        let pos = |learned: &Option<Range<usize>>| match (learned, sinusoidal.as_ref()) {
+            (Some(r), _) => cx.p(r),
+            (None, Some(s)) => be.view(s, 0..cfg.max_positions * c),
+            (None, None) => unreachable!("positions are learned or sinusoidal"),
+        };
+
+        // encoder: x = shared[tokens] + pos; stack; final LN                 // (B Te, C)
+        be.embedding_forward(all_mut(be, &mut a.enc_x), &batch.enc_tokens, cx.p(&lay.shared), c, false);
+        be.embedding_forward(all_mut(be, &mut a.enc_x), &batch.enc_positions, pos(&lay.enc_pos), c, true);
+        let enc_lens = Lens::<B> { own: batch.enc_lens.as_ref(), memory: None };
+        lay.encoder.forward(&cx, &mut a.enc, &a.enc_x, None, enc_lens, de);
+        lay.enc_ln.forward(&cx, &mut a.enc_out, lay.encoder.output(&a.enc, &a.enc_x));
+
+        // decoder: causal self-attention, cross-attention over enc_out        // (B Td, C)
+        be.embedding_forward(all_mut(be, &mut a.dec_x), &batch.dec_tokens, cx.p(&lay.shared), c, false);
+        be.embedding_forward(all_mut(be, &mut a.dec_x), &batch.dec_positions, pos(&lay.dec_pos), c, true);
+        let dec_lens = Lens::<B> { own: None, memory: batch.enc_lens.as_ref() };
+        lay.decoder.forward(&cx, &mut a.dec, &a.dec_x, Some(&a.enc_out.out), dec_lens, dd);
+        lay.dec_ln.forward(&cx, &mut a.dec_out, lay.decoder.output(&a.dec, &a.dec_x));
+
+        // logits = dec_out shared^T                                           // (B Td, V)
+        let head = MatmulShape { rows: batch.b * batch.td, in_features: c, out_features: v, layout: WeightLayout::OutIn };
+        be.matmul_forward(all_mut(be, &mut a.logits), all(be, &a.dec_out.out), cx.p(&lay.shared), None, head);
+        let Some((targets, count)) = &batch.targets else { return Ok(None) };
+        be.cross_entropy_forward(all_mut(be, &mut a.losses), all_mut(be, &mut a.lse), all(be, &a.logits), targets, v);
+        let sum: f64 = be.download(all(be, &a.losses)).iter().map(|&x| x as f64).sum();
+        Ok(Some((sum / (*count).max(1) as f64) as f32))
+    }
+
+    /// Backward pass of the last forward (which had targets): accumulates the gradient of
+    /// `loss_scale * mean loss`.
+    pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
+        let batch = self.batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
+        let (de, dd) = self.dims(batch.b, batch.te, batch.td);
+        let T5 { be, cfg, lay, params, grads, batch, acts, .. } = self;
+        let batch = batch.as_ref().unwrap();
+        let (targets, count) = batch.targets.as_ref().ok_or_else(|| EngineError::Batch("backward needs targets".into()))?;
+        let a = acts.as_mut().unwrap();
+        let cx = Ctx { be, params };
+        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        let Acts { enc_x, enc, enc_out, dec_x, dec, dec_out, logits, lse, dlogits, ddec, denc, .. } = a;
+
+        zero(be, dlogits);
+        be.cross_entropy_backward(all_mut(be, dlogits), all(be, logits), all(be, lse), targets, loss_scale / (*count).max(1) as f32, v);
+        // tied head: ddec_out = dlogits shared; dshared += dlogits^T dec_out
+        let mut dfinal = be.zeros(batch.b * batch.td * c);
+        let head = MatmulShape { rows: batch.b * batch.td, in_features: c, out_features: v, layout: WeightLayout::OutIn };
+        be.matmul_backward(Some(all_mut(be, &mut dfinal)), be.view_mut(grads, lay.shared.clone()), None, all(be, dlogits), all(be, &dec_out.out), cx.p(&lay.shared), head);
+        zero(be, ddec);
+        lay.dec_ln.backward(&cx, grads, ddec, &dfinal, lay.decoder.output(dec, dec_x), dec_out);
+        // decoder stack; cross-attention adds into denc (the gradient of enc_out)
+        zero(be, denc);
+        let dec_lens = Lens::<B> { own: None, memory: batch.enc_lens.as_ref() };
+        lay.decoder.backward(&cx, grads, dec, dec_x, Some(&enc_out.out), Some(denc), dec_lens, ddec, dd);
+        be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, ddec), &batch.dec_tokens, c);
+        if let Some(r) = &lay.dec_pos {
+            be.embedding_backward(be.view_mut(grads, r.clone()), all(be, ddec), &batch.dec_positions, c);
+        }
+        // encoder: final LN, stack, embeddings
+        let mut dx = be.zeros(batch.b * batch.te * c);
+        lay.enc_ln.backward(&cx, grads, &mut dx, denc, lay.encoder.output(enc, enc_x), enc_out);
+        let enc_lens = Lens::<B> { own: batch.enc_lens.as_ref(), memory: None };
+        lay.encoder.backward(&cx, grads, enc, enc_x, None, None, enc_lens, &mut dx, de);
+        be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, &dx), &batch.enc_tokens, c);
+        if let Some(r) = &lay.enc_pos {
+            be.embedding_backward(be.view_mut(grads, r.clone()), all(be, &dx), &batch.enc_positions, c);
+        }
+        Ok(())
+    }
+}
+
+/// Which attention of a T5 layer `attention_probs` reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum T5Attention {
+    Encoder,
+    DecoderSelf,
+    Cross,
+}

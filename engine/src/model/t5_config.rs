@@ -1,0 +1,108 @@
+//! T5-style encoder-decoder configuration: sizes, family options, presets, validation.
+
+use serde::{Deserialize, Serialize};
+
+use crate::backend::ScoreKind;
+use crate::error::ConfigError;
+use crate::model::bert_config::Positions;
+use crate::model::gpt_config::LayerNormPlacement;
+
+fn sinusoidal() -> Positions {
+    Positions::Sinusoidal
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct T5Config {
+    pub vocab_size: usize,
+    /// Longest encoder or decoder sequence (rows of a learned position table; sinusoidal
+    /// positions are computed up to it).
+    pub max_positions: usize,
+    /// Encoder layers.
+    pub n_layer: usize,
+    pub n_decoder_layer: usize,
+    pub n_head: usize,
+    pub n_embd: usize,
+    /// FFN width.
+    pub n_inner: usize,
+    /// T5 is pre-LN.
+    #[serde(default)]
+    pub ln_placement: LayerNormPlacement,
+    #[serde(default = "sinusoidal")]
+    pub positions: Positions,
+    #[serde(default)]
+    pub scores: ScoreKind,
+    /// Width A of the additive score; 0 means the head width.
+    #[serde(default)]
+    pub additive_width: usize,
+}
+
+pub const PRESETS: &[(&str, &str)] = &[
+    ("t5-small", "T5 small: 6 + 6 layers, 8 heads, 512 wide, FFN 2048, 32128 tokens, 512 positions"),
+    ("t5-tiny", "2 + 2 layers, 2 heads, 128 wide, 128 positions, 256 tokens: quick CPU runs"),
+    ("t5-test", "2 + 2 layers, 2 heads, 32 wide, 32 positions, 64 tokens: unit tests"),
+];
+
+impl T5Config {
+    pub fn preset(name: &str) -> Result<Self, ConfigError> {
+        let cfg = |vocab_size, max_positions, n_layer, n_head, n_embd: usize, n_inner| T5Config {
+            vocab_size,
+            max_positions,
+            n_layer,
+            n_decoder_layer: n_layer,
+            n_head,
+            n_embd,
+            n_inner,
+            ln_placement: LayerNormPlacement::Pre,
+            positions: Positions::Sinusoidal,
+            scores: ScoreKind::Dot,
+            additive_width: 0,
+        };
+        Ok(match name {
+            "t5-small" => cfg(32128, 512, 6, 8, 512, 2048),
+            "t5-tiny" => cfg(256, 128, 2, 2, 128, 512),
+            "t5-test" => cfg(64, 32, 2, 2, 32, 128),
+            _ => {
+                return Err(ConfigError::new(
+                    "preset",
+                    format!("unknown T5 preset {name:?}; known: {}", PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")),
+                ))
+            }
+        })
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    pub fn additive_width(&self) -> usize {
+        if self.additive_width == 0 {
+            self.head_dim()
+        } else {
+            self.additive_width
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (field, v) in [
+            ("vocab_size", self.vocab_size),
+            ("max_positions", self.max_positions),
+            ("n_layer", self.n_layer),
+            ("n_decoder_layer", self.n_decoder_layer),
+            ("n_head", self.n_head),
+            ("n_embd", self.n_embd),
+            ("n_inner", self.n_inner),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::new(field, "must be at least 1"));
+            }
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(ConfigError::new("n_embd", format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head)));
+        }
+        if self.vocab_size > u32::MAX as usize - 1 {
+            return Err(ConfigError::new("vocab_size", "must fit in u32 token ids"));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,97 @@
+// Host emulation of the CUDA subset that engine/src/cuda/kernels/attention.cu uses, so that the
+// real kernel source can be run and checked on a machine with no GPU: blocks run one at a time,
+// each as one std::thread per CUDA thread; __syncthreads is a std::barrier, warp shuffles and
+// mma.sync go through shared exchange arrays between two barriers (every thread of a block calls
+// them together, as the kernels do). Shared memory is poisoned with NaN before each block so a
+// read of an unwritten cell shows in the results. It checks indexing, masking, tiling and the
+// mma fragment layouts (taken from the PTX ISA); it cannot check timing or real data races.
+#include <algorithm>
+#include <barrier>
+#include <cmath>
+#include <cstring>
+#include <cstddef>
+#include <thread>
+#include <vector>
+#include <functional>
+struct Dim3 { unsigned x = 0, y = 0, z = 0; };
+thread_local Dim3 threadIdx, blockIdx;
+Dim3 gridDim;
+std::barrier<>* g_bar;
+float g_xch[1024];
+float smem[1 << 17];
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__
+inline void __syncthreads() { g_bar->arrive_and_wait(); }
+inline float __shfl_xor_sync(unsigned, float v, int o) {
+    unsigned t = threadIdx.x;
+    g_xch[t] = v;
+    g_bar->arrive_and_wait();
+    float r = g_xch[t ^ o];
+    g_bar->arrive_and_wait();
+    return r;
+}
+inline float __int_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+using std::min;
+inline void launch(Dim3 grid, unsigned threads, std::function<void()> k) {
+    gridDim = grid;
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                std::barrier<> bar(threads);
+                g_bar = &bar;
+                // poison shared memory so reads of unwritten cells show up
+                std::fill(smem, smem + (1 << 17), std::nanf(""));
+                std::vector<std::thread> ts;
+                for (unsigned t = 0; t < threads; t++)
+                    ts.emplace_back([=, &bar] {
+                        threadIdx = {t, 0, 0};
+                        blockIdx = {x, y, z};
+                        k();
+                        bar.arrive_and_drop();
+                    });
+                for (auto& t : ts) t.join();
+            }
+}
+
+#define SMELT_HOST_EMULATION 1
+// bf16 helpers and a warp-collective mma.m16n8k16 built from the PTX fragment layouts: each lane
+// publishes its registers, then computes its own 4 outputs from the whole 16x16 and 16x8 tiles.
+inline unsigned short f2bf(float x) {
+    unsigned u; std::memcpy(&u, &x, 4);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}
+inline float bf2f(unsigned short h) { unsigned u = (unsigned)h << 16; float f; std::memcpy(&f, &u, 4); return f; }
+inline unsigned pack_bf16x2(float lo, float hi) { return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16); }
+unsigned g_a[1024][4], g_b[1024][2];
+inline void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    unsigned tid = threadIdx.x, w0 = tid & ~31u, lane = tid & 31u;
+    for (int i = 0; i < 4; i++) g_a[tid][i] = a[i];
+    g_b[tid][0] = b0; g_b[tid][1] = b1;
+    g_bar->arrive_and_wait();
+    float A[16][16], B[16][8];
+    for (unsigned l = 0; l < 32; l++) {
+        unsigned g = l / 4, t = l % 4;
+        auto lo = [](unsigned r) { return bf2f(r & 0xffff); };
+        auto hi = [](unsigned r) { return bf2f(r >> 16); };
+        const unsigned* ra = g_a[w0 + l];
+        A[g][2*t] = lo(ra[0]); A[g][2*t+1] = hi(ra[0]);
+        A[g+8][2*t] = lo(ra[1]); A[g+8][2*t+1] = hi(ra[1]);
+        A[g][2*t+8] = lo(ra[2]); A[g][2*t+9] = hi(ra[2]);
+        A[g+8][2*t+8] = lo(ra[3]); A[g+8][2*t+9] = hi(ra[3]);
+        const unsigned* rb = g_b[w0 + l];
+        B[2*t][g] = lo(rb[0]); B[2*t+1][g] = hi(rb[0]);
+        B[2*t+8][g] = lo(rb[1]); B[2*t+9][g] = hi(rb[1]);
+    }
+    unsigned g = lane / 4, t = lane % 4;
+    int rows[4] = {(int)g, (int)g, (int)g + 8, (int)g + 8}, cols[4] = {(int)(2*t), (int)(2*t+1), (int)(2*t), (int)(2*t+1)};
+    for (int e = 0; e < 4; e++) {
+        float acc = d[e];
+        for (int k = 0; k < 16; k++) acc += A[rows[e]][k] * B[k][cols[e]];
+        d[e] = acc;
+    }
+    g_bar->arrive_and_wait();
+}

@@ -1,0 +1,223 @@
+//! Checkpoints in a run: every rank's resume from the assignment's checkpoint, and rank 0's
+//! snapshots at checkpoint steps, uploaded by `smelt_checkpoint`'s background thread while
+//! training goes on. A commit is reported to the coordinator only once its manifest has landed.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, Context, Result};
+use smelt_checkpoint::manifest::{DataPosition, FORMAT};
+use smelt_checkpoint::{
+    checkpoints_root, load_or_fall_back, AsyncCheckpointer, Lineage, Outcome, Retention, Snapshot, Submitted,
+    TrainerJson, UploadOptions,
+};
+use smelt_corpus::{StoreDir, Tokenizer};
+use smelt_engine::collective::Collective;
+use smelt_engine::model::GptConfig;
+use smelt_engine::train::Trainer;
+use smelt_engine::{Backend, CpuBackend};
+use smelt_jobspec::JobSpec;
+use smelt_proto::v1::{Assignment, CheckpointReport, JobNote};
+use tracing::{info, warn};
+
+use crate::runner::RunEvent;
+
+/// Where a run starts.
+#[derive(Clone, Debug, Default)]
+pub struct Resumed {
+    pub start_step: u64,
+    pub lineage: Lineage,
+}
+
+fn note(a: &Assignment, text: String) -> RunEvent {
+    RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text })
+}
+
+/// Every rank: restores the trainer from the assignment's checkpoint (or the newest good one
+/// before it, when it does not verify) and returns the step to start at. With several ranks,
+/// they check that they all resumed at the same step before the first gradient is exchanged.
+pub fn resume(
+    a: &Assignment,
+    spec: &JobSpec,
+    cfg: &GptConfig,
+    trainer: &mut Trainer<CpuBackend>,
+    ring: &mut dyn Collective<CpuBackend>,
+    events: &dyn Fn(RunEvent),
+) -> Result<Resumed> {
+    let mut resumed = Resumed::default();
+    if !a.resume_from.is_empty() {
+        let r = load_or_fall_back(&a.resume_from).with_context(|| format!("resuming from {}", a.resume_from))?;
+        let ck = r.checkpoint;
+        if a.rank == 0 {
+            for s in &r.skipped {
+                events(note(a, format!("checkpoint {} skipped: {}; resuming from {} instead", s.uri, s.reason, ck.uri)));
+            }
+        }
+        if ck.trainer.model != *cfg {
+            return Err(anyhow!(
+                "checkpoint {} holds a model {:?}, the job's spec makes {:?}",
+                ck.uri,
+                ck.trainer.model,
+                cfg
+            ));
+        }
+        let (seed, global) = (spec.seed, spec.train.global_batch as u64);
+        if ck.trainer.data.seed != seed || ck.trainer.data.global_batch != global {
+            warn!(
+                uri = %ck.uri,
+                checkpoint_seed = ck.trainer.data.seed,
+                checkpoint_global_batch = ck.trainer.data.global_batch,
+                seed,
+                global_batch = global,
+                "resuming with another seed or global batch: the data order does not continue the checkpoint's"
+            );
+        }
+        trainer.restore(&ck.params, &ck.m, &ck.v, &ck.trainer.trainer).with_context(|| format!("restoring {}", ck.uri))?;
+        if ck.step() != a.start_step {
+            info!(uri = %ck.uri, step = ck.step(), assigned_step = a.start_step, "resuming at the checkpoint's step");
+        }
+        info!(job_id = %a.job_id, rank = a.rank, uri = %ck.uri, step = ck.step(), "resumed from checkpoint");
+        resumed = Resumed {
+            start_step: ck.step(),
+            lineage: Lineage { parent_checkpoint: Some(ck.uri.clone()), parent_job: Some(ck.trainer.job_id.clone()) },
+        };
+    }
+    if a.world_size > 1 {
+        // If any rank's start differs, the mean differs from it on at least one rank; that rank
+        // fails, and its ring breaking stops the others.
+        let be = trainer.model.backend();
+        let mine = resumed.start_step as f32;
+        let mut buf = be.upload(&[mine]);
+        ring.all_reduce_mean(be, be.view_mut(&mut buf, 0..1))?;
+        let mean = be.download(be.view(&buf, 0..1))[0];
+        if mean != mine {
+            return Err(anyhow!("ranks resumed at different steps (rank {} at {mine}, mean {mean})", a.rank));
+        }
+    }
+    Ok(resumed)
+}
+
+/// Where a job's checkpoints go: `checkpoint.store`, else rank 0's output directory.
+pub fn store_uri(spec: &JobSpec, out_dir: &Path) -> Result<String> {
+    match &spec.checkpoint.store {
+        Some(s) => Ok(s.clone()),
+        None => Ok(std::path::absolute(out_dir).with_context(|| format!("output directory {}", out_dir.display()))?.display().to_string()),
+    }
+}
+
+/// Rank 0's checkpointing during a run.
+pub struct Checkpointer {
+    uploader: AsyncCheckpointer,
+    every: u64,
+    final_wait: Duration,
+    template: TrainerJson,
+    /// Time the training loop spent taking snapshots (the only stall checkpoints cause).
+    pub stall: Duration,
+    pub snapshots: u64,
+}
+
+impl Checkpointer {
+    /// `None` when the job does not checkpoint.
+    pub fn new(a: &Assignment, spec: &JobSpec, cfg: &GptConfig, tokenizer: &Tokenizer, out_dir: &Path, lineage: Lineage) -> Result<Option<Self>> {
+        let c = &spec.checkpoint;
+        if c.every == 0 {
+            return Ok(None);
+        }
+        let store = StoreDir::open(&store_uri(spec, out_dir)?)?;
+        let root = checkpoints_root(&store, &a.job_id);
+        info!(job_id = %a.job_id, uri = %root.uri(), every = c.every, keep_last = c.keep_last, keep_every = c.keep_every, "checkpointing");
+        let retention = Retention { keep_last: c.keep_last, keep_every: c.keep_every };
+        let template = TrainerJson {
+            format: FORMAT.to_string(),
+            step: 0,
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            data: DataPosition { samples_consumed: 0, global_batch: spec.train.global_batch as u64, seed: spec.seed },
+            trainer: smelt_engine::train::TrainerState { step: 0, optimizer_steps: 0, data_rng: smelt_engine::rng::Rng::new(0) },
+            model: cfg.clone(),
+            tokenizer: tokenizer.clone(),
+            spec_toml: a.spec_toml.clone(),
+            lineage,
+            smelt_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        Ok(Some(Checkpointer {
+            uploader: AsyncCheckpointer::new(root, retention, UploadOptions::default()),
+            every: c.every,
+            final_wait: Duration::from_secs(c.final_wait_s),
+            template,
+            stall: Duration::ZERO,
+            snapshots: 0,
+        }))
+    }
+
+    fn report(&self, outcomes: Vec<Outcome>, events: &dyn Fn(RunEvent)) {
+        report(&self.template, outcomes, events)
+    }
+
+    /// Host copies of the weights, moments and counters: the part of a checkpoint the training
+    /// loop waits for.
+    fn snapshot(&mut self, trainer: &Trainer<CpuBackend>) -> Snapshot {
+        let t0 = Instant::now();
+        let state = trainer.state();
+        let (m, v) = trainer.moments_host();
+        let params = trainer.model.params_host();
+        let mut meta = self.template.clone();
+        meta.step = state.step;
+        meta.data.samples_consumed = state.step * meta.data.global_batch;
+        meta.trainer = state;
+        self.stall += t0.elapsed();
+        self.snapshots += 1;
+        Snapshot { params, m, v, trainer: meta }
+    }
+
+    /// After step `done` (steps completed) of `total`: reports uploads that ended, and hands a
+    /// snapshot to the uploader when a checkpoint is due. The last step always checkpoints,
+    /// waiting (at most `final_wait`) for an upload still in flight.
+    pub fn after_step(&mut self, done: u64, total: u64, trainer: &Trainer<CpuBackend>, events: &dyn Fn(RunEvent)) {
+        self.report(self.uploader.poll(), events);
+        let last = done == total;
+        if !(last || done % self.every == 0) {
+            return;
+        }
+        if last && self.uploader.busy() {
+            let (out, _) = self.uploader.wait(self.final_wait);
+            self.report(out, events);
+        }
+        if self.uploader.busy() {
+            warn!(step = done, "checkpoint skipped: the previous upload is still in flight (training never waits on storage)");
+            return;
+        }
+        let s = self.snapshot(trainer);
+        if let Submitted::Busy { in_flight } = self.uploader.submit(s) {
+            warn!(step = done, in_flight, "checkpoint skipped: the previous upload is still in flight");
+        }
+    }
+
+    /// End of the run: waits (at most `final_wait`) for the last upload and reports it.
+    pub fn finish(self, events: &dyn Fn(RunEvent)) {
+        let (stall, n) = (self.stall, self.snapshots);
+        let out = self.uploader.finish(self.final_wait);
+        report(&self.template, out, events);
+        info!(snapshots = n, stall_ms = stall.as_secs_f64() * 1e3, "checkpointing: time the training loop spent on snapshots");
+    }
+}
+
+/// Commits go to the coordinator; failures become events of the job.
+fn report(t: &TrainerJson, outcomes: Vec<Outcome>, events: &dyn Fn(RunEvent)) {
+    for o in outcomes {
+        match o {
+            Outcome::Committed(c) => events(RunEvent::Checkpoint(CheckpointReport {
+                job_id: t.job_id.clone(),
+                attempt: t.attempt,
+                step: c.step,
+                uri: c.uri,
+                manifest_sha256: c.manifest_sha256,
+            })),
+            Outcome::Failed { step, error } => events(RunEvent::Note(JobNote {
+                job_id: t.job_id.clone(),
+                attempt: t.attempt,
+                text: format!("checkpoint at step {step} not written: {error}"),
+            })),
+        }
+    }
+}

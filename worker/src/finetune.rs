@@ -1,0 +1,485 @@
+//! A fine-tuning job (`kind = "finetune"`): start from the weights `finetune.init_from` names,
+//! train a classification head or causal SFT on labeled JSONL, report validation loss (and
+//! accuracy for classification), save the result with its parent recorded.
+//!
+//! Data parallelism is pretraining's: every rank derives the same example order from the seed
+//! and takes its slice of each step's global batch; the GPT's and the head's gradients are
+//! averaged over the ring, clipped by their joint norm, and stepped by AdamW on every rank.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use smelt_corpus::sample_order::{rank_slice, SampleOrder};
+use smelt_corpus::Tokenizer;
+use smelt_engine::backend::{Backend, IGNORE_INDEX};
+use smelt_engine::collective::{Collective, TcpRing};
+use smelt_engine::model::heads::ClassificationHead;
+use smelt_engine::model::{Gpt, GptConfig};
+use smelt_engine::optim::{AdamW, AdamWConfig, LrSchedule};
+use smelt_engine::params::ParamTable;
+use smelt_engine::{weights, CpuBackend, EngineError};
+use smelt_jobspec::{FinetuneHead, FinetuneSpec, JobSpec};
+use smelt_proto::v1::StepMetrics;
+use tracing::{info, warn};
+
+use crate::finetune_data::{self, ClassExample, SftExample};
+use crate::model_file;
+use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
+
+/// The examples of a job, by head.
+enum Examples {
+    Classification { num_labels: usize, train: Vec<ClassExample>, val: Vec<ClassExample> },
+    Sft { train: Vec<SftExample>, val: Vec<SftExample> },
+}
+
+impl Examples {
+    fn n_train(&self) -> usize {
+        match self {
+            Examples::Classification { train, .. } => train.len(),
+            Examples::Sft { train, .. } => train.len(),
+        }
+    }
+    fn n_val(&self) -> usize {
+        match self {
+            Examples::Classification { val, .. } => val.len(),
+            Examples::Sft { val, .. } => val.len(),
+        }
+    }
+}
+
+/// A fine-tuning job with its parent model and examples loaded, ready to train.
+pub struct FinetuneJob {
+    spec: JobSpec,
+    config: GptConfig,
+    tokenizer: Tokenizer,
+    init_params: Vec<f32>,
+    /// `finetune.init_from` as given, and the file it resolved to.
+    parent: String,
+    parent_file: String,
+    parent_job: Option<String>,
+    examples: Examples,
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FinetuneOutcome {
+    pub steps: u64,
+    pub val_loss: Option<f32>,
+    /// Classification only.
+    pub val_accuracy: Option<f32>,
+    /// Where rank 0 saved the result.
+    pub model_path: Option<PathBuf>,
+}
+
+/// A job id as the coordinator makes them (`job-000003`).
+fn looks_like_job_id(s: &str) -> bool {
+    s.strip_prefix("job-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The bytes of the model `init_from` names, and the file they came from: an object-store URI
+/// of a `.safetensors` file or of a checkpoint directory (its `model.safetensors`), a local
+/// file or checkpoint directory, or the id of a job whose final weights are under `out_dir`.
+pub fn resolve_init_from(init_from: &str, out_dir: &Path) -> Result<(Vec<u8>, String)> {
+    let s = init_from.trim();
+    let at = |what: &str| format!("finetune.init_from {s:?}: {what}");
+    if s.contains("://") {
+        let file = if s.ends_with(".safetensors") { s.to_string() } else { format!("{}/model.safetensors", s.trim_end_matches('/')) };
+        let bytes = finetune_data::read_location(&file).with_context(|| at(&format!("reading {file}")))?;
+        return Ok((bytes, file));
+    }
+    let p = Path::new(s);
+    let file = if p.is_file() {
+        p.to_path_buf()
+    } else if p.is_dir() {
+        let f = p.join("model.safetensors");
+        if !f.is_file() {
+            bail!(at(&format!("the directory holds no model.safetensors ({} is missing)", f.display())));
+        }
+        f
+    } else if looks_like_job_id(s) {
+        let f = out_dir.join("jobs").join(s).join("model.safetensors");
+        if !f.is_file() {
+            bail!(at(&format!("no final weights of job {s} at {} (a job id names a finished job whose model this worker can read)", f.display())));
+        }
+        f
+    } else {
+        bail!(at("no such file or directory, and not a job id"));
+    };
+    let bytes = std::fs::read(&file).with_context(|| at(&format!("reading {}", file.display())))?;
+    Ok((bytes, file.display().to_string()))
+}
+
+impl FinetuneJob {
+    /// Resolves and reads the parent model, then loads and splits the examples with its
+    /// tokenizer. Every error names the spec field or the file and line at fault.
+    pub fn prepare(spec: &JobSpec, out_dir: &Path) -> Result<FinetuneJob> {
+        let f: &FinetuneSpec = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
+        let head = f.head_kind()?;
+        let (bytes, parent_file) = resolve_init_from(&f.init_from, out_dir)?;
+        let saved = model_file::from_bytes(&bytes, &parent_file).with_context(|| format!("finetune.init_from {:?}", f.init_from))?;
+        let cfg = saved.config;
+        let seq = spec.train.seq_len;
+        if seq > cfg.block_size {
+            bail!("job spec: `train.seq_len`: {seq} exceeds the block_size {} of the model in finetune.init_from", cfg.block_size);
+        }
+        let tok = saved.tokenizer;
+        let examples = match head {
+            FinetuneHead::Classification => {
+                let num_labels = f.num_labels.ok_or_else(|| anyhow!("job spec: `finetune.num_labels`: required for head = \"classification\""))?;
+                let (train, val) = load_split(f, |p| finetune_data::load_classification(p, &tok, num_labels, seq))?;
+                Examples::Classification { num_labels, train, val }
+            }
+            FinetuneHead::Sft => {
+                // The end-of-text id ends each response when the model knows it (trained on a corpus).
+                let eot = Some(tok.eot_token()).filter(|&e| (e as usize) < cfg.vocab_size);
+                let (train, val) = load_split(f, |p| finetune_data::load_sft(p, &tok, seq, eot))?;
+                Examples::Sft { train, val }
+            }
+        };
+        if examples.n_train() == 0 {
+            bail!("finetune.data {}: no training examples left after holding out the validation split", f.data);
+        }
+        Ok(FinetuneJob {
+            spec: spec.clone(),
+            config: cfg,
+            tokenizer: tok,
+            init_params: saved.params,
+            parent: f.init_from.clone(),
+            parent_file,
+            parent_job: saved.metadata.get("smelt.job").cloned(),
+            examples,
+        })
+    }
+
+    pub fn config(&self) -> &GptConfig {
+        &self.config
+    }
+
+    /// Trains as `rank` of the collective's world; rank 0 evaluates, reports metrics and saves
+    /// `<out_dir>/jobs/<job_id>/model.safetensors`. `stopped` is polled at every step.
+    pub fn train(
+        &self,
+        job_id: &str,
+        out_dir: &Path,
+        collective: &mut dyn Collective<CpuBackend>,
+        stopped: &dyn Fn() -> Option<String>,
+        metrics: &mut dyn FnMut(StepMetrics),
+    ) -> Result<FinetuneOutcome> {
+        let (rank, world) = (collective.rank(), collective.world_size());
+        let spec = &self.spec;
+        let tc = spec.train_config();
+        let mut st = State::new(self, &tc.optim, tc.schedule.clone())?;
+        let order = SampleOrder::new(self.examples.n_train() as u64, spec.seed);
+        let global = spec.train.global_batch as u64;
+        info!(
+            job_id,
+            rank,
+            world,
+            head = %spec.finetune.as_ref().map(|f| f.head.as_str()).unwrap_or_default(),
+            parent = %self.parent,
+            train_examples = self.examples.n_train(),
+            val_examples = self.examples.n_val(),
+            "fine-tuning started"
+        );
+        let started = Instant::now();
+        let (mut tokens, mut last_val) = (0usize, (None, None));
+        for step in 0..tc.steps {
+            if let Some(reason) = stopped() {
+                bail!("stopped at step {step}: {reason}");
+            }
+            let slice = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?;
+            let indices: Vec<usize> = slice.map(|k| order.sequence_at(k) as usize).collect();
+            let micro: Vec<&[usize]> = indices.chunks(tc.batch_size).collect();
+            let (loss, grad_norm, n_tokens) = st.step(self, &micro, collective, step)?;
+            tokens += n_tokens * world;
+            let done = step + 1;
+            let mut val = (None, None);
+            if rank == 0 && self.examples.n_val() > 0 && (done == tc.steps || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
+                val = st.evaluate(self, tc.batch_size)?;
+                last_val = val;
+                info!(job_id, step = done, val_loss = val.0, val_accuracy = val.1, "evaluated");
+            }
+            if rank == 0 {
+                metrics(StepMetrics {
+                    job_id: job_id.to_string(),
+                    attempt: 0,
+                    rank: 0,
+                    step: done,
+                    loss,
+                    grad_norm,
+                    lr: tc.schedule.lr_at(step),
+                    tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                    val_loss: val.0,
+                    val_accuracy: val.1,
+                });
+            }
+        }
+        let mut model_path = None;
+        if rank == 0 {
+            let path = out_dir.join("jobs").join(job_id).join("model.safetensors");
+            self.save(&st, &path, job_id, tc.steps, last_val)?;
+            info!(job_id, path = %path.display(), parent = %self.parent, val_loss = last_val.0, val_accuracy = last_val.1, "fine-tuned weights saved");
+            model_path = Some(path);
+        }
+        Ok(FinetuneOutcome { steps: tc.steps, val_loss: last_val.0, val_accuracy: last_val.1, model_path })
+    }
+
+    /// The GPT's tensors and the head's in one safetensors file, with the parent recorded.
+    fn save(&self, st: &State, path: &Path, job_id: &str, steps: u64, val: (Option<f32>, Option<f32>)) -> Result<()> {
+        let mut table = ParamTable::new();
+        for s in st.model.table().specs().iter().chain(st.head.iter().flat_map(|h| h.table().specs())) {
+            table.push(&s.name, &s.shape, s.kind, s.init);
+        }
+        let mut params = st.model.params_host();
+        if let Some(h) = &st.head {
+            params.extend(h.params_host(st.model.backend()));
+        }
+        let f = self.spec.finetune.as_ref().expect("prepared from a finetune spec");
+        let mut extra = vec![
+            ("kind", "finetune".to_string()),
+            ("head", f.head.clone()),
+            ("parent", self.parent.clone()),
+            ("parent_file", self.parent_file.clone()),
+            ("step", steps.to_string()),
+            ("job", job_id.to_string()),
+        ];
+        if let Some(j) = &self.parent_job {
+            extra.push(("parent_job", j.clone()));
+        }
+        if let Examples::Classification { num_labels, .. } = &self.examples {
+            extra.push(("num_labels", num_labels.to_string()));
+        }
+        if let Some(v) = val.0 {
+            extra.push(("val_loss", v.to_string()));
+        }
+        if let Some(a) = val.1 {
+            extra.push(("val_accuracy", a.to_string()));
+        }
+        let meta = model_file::metadata(&self.config, &self.tokenizer, &extra)?;
+        weights::write_atomic(path, &weights::to_bytes(&table, &params, meta)?)?;
+        Ok(())
+    }
+}
+
+/// Training and validation examples: `finetune.val_data` when given, else `val_fraction` of
+/// `finetune.data` held out.
+fn load_split<T>(f: &FinetuneSpec, load: impl Fn(&str) -> Result<Vec<T>>) -> Result<(Vec<T>, Vec<T>)> {
+    let all = load(&f.data).context("finetune.data")?;
+    Ok(match &f.val_data {
+        Some(v) => (all, load(v).context("finetune.val_data")?),
+        None => finetune_data::split(all, f.val_fraction),
+    })
+}
+
+/// Model, head and their optimizers.
+struct State {
+    model: Gpt<CpuBackend>,
+    head: Option<ClassificationHead<CpuBackend>>,
+    opt_model: AdamW<CpuBackend>,
+    opt_head: Option<AdamW<CpuBackend>>,
+    clip: Option<f32>,
+    schedule: LrSchedule,
+}
+
+impl State {
+    fn new(job: &FinetuneJob, optim: &AdamWConfig, schedule: LrSchedule) -> Result<State> {
+        let model = Gpt::from_params(CpuBackend::new(), job.config.clone(), &job.init_params)?;
+        // Clipping is by the joint norm of the GPT's and the head's gradients, done here; the
+        // optimizers themselves do not clip.
+        let unclipped = AdamWConfig { grad_clip: None, ..optim.clone() };
+        let opt_model = AdamW::new(model.backend(), model.table(), unclipped.clone())?;
+        let (head, opt_head) = match &job.examples {
+            Examples::Classification { num_labels, .. } => {
+                let h = ClassificationHead::new(model.backend(), *num_labels, job.config.n_embd, job.spec.seed)?;
+                let o = AdamW::new(model.backend(), h.table(), unclipped)?;
+                (Some(h), Some(o))
+            }
+            Examples::Sft { .. } => (None, None),
+        };
+        Ok(State { model, head, opt_model, opt_head, clip: optim.grad_clip, schedule })
+    }
+
+    /// Forward + backward of one micro-batch with loss scale `scale`: (mean loss, real tokens).
+    fn forward_backward(&mut self, job: &FinetuneJob, idx: &[usize], scale: f32) -> Result<(f32, usize)> {
+        match &job.examples {
+            Examples::Classification { train, .. } => {
+                let b = class_batch(idx.iter().map(|&i| &train[i]));
+                let head = self.head.as_mut().expect("classification has a head");
+                self.model.forward_hidden(&b.tokens, b.b, b.t)?;
+                let loss = head.forward(self.model.backend(), self.model.hidden(), &b.last, Some(&b.labels), b.b, b.t)?.expect("labels given");
+                if loss.is_finite() {
+                    let dh = head.backward(self.model.backend(), scale)?;
+                    self.model.backward_hidden(dh)?;
+                }
+                Ok((loss, b.real_tokens))
+            }
+            Examples::Sft { train, .. } => {
+                let b = sft_batch(idx.iter().map(|&i| &train[i]));
+                let loss = self.model.forward(&b.inputs, Some(&b.targets), b.b, b.t)?.expect("targets given");
+                if loss.is_finite() {
+                    self.model.backward(scale)?;
+                }
+                Ok((loss, b.real_tokens))
+            }
+        }
+    }
+
+    /// One optimizer step over this rank's micro-batches: (global mean loss, gradient norm,
+    /// this rank's real tokens).
+    fn step(&mut self, job: &FinetuneJob, micro: &[&[usize]], collective: &mut dyn Collective<CpuBackend>, step: u64) -> Result<(f32, f32, usize)> {
+        let k = micro.len();
+        if k == 0 {
+            bail!("step {step}: this rank has no examples (train.global_batch is smaller than the world size?)");
+        }
+        self.model.zero_grad();
+        if let Some(h) = &mut self.head {
+            h.zero_grad(self.model.backend());
+        }
+        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
+        for idx in micro {
+            let (loss, n) = self.forward_backward(job, idx, 1.0 / k as f32)?;
+            tokens += n;
+            if !loss.is_finite() {
+                // Every rank learns of it through the loss all-reduce.
+                loss_sum = loss as f64;
+                break;
+            }
+            loss_sum += loss as f64;
+        }
+        let be = CpuBackend::new();
+        let mut buf = be.upload(&[(loss_sum / k as f64) as f32]);
+        collective.all_reduce_mean(&be, be.view_mut(&mut buf, 0..1))?;
+        let loss = be.download(be.view(&buf, 0..1))[0];
+        if !loss.is_finite() {
+            return Err(EngineError::NonFiniteLoss { step, loss }.into());
+        }
+        // Average the gradients (the GPT's, then the head's, in that order on every rank).
+        let n = self.model.table().total();
+        let (be, grads) = self.model.backend_and_grads_mut();
+        collective.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
+        let mut sq = be.sum_squares(be.view(grads, 0..n));
+        if let Some(h) = &mut self.head {
+            let (table, _, hg) = h.params_and_grads();
+            let hn = table.total();
+            collective.all_reduce_mean(be, be.view_mut(hg, 0..hn))?;
+            sq += be.sum_squares(be.view(hg, 0..hn));
+        }
+        let norm = sq.sqrt() as f32;
+        if !norm.is_finite() {
+            return Err(EngineError::NonFiniteGrad { step, norm }.into());
+        }
+        if let Some(clip) = self.clip.filter(|&c| norm > c) {
+            let s = clip / (norm + 1e-6);
+            be.scale(be.view_mut(grads, 0..n), s);
+            if let Some(h) = &mut self.head {
+                let (table, _, hg) = h.params_and_grads();
+                let hn = table.total();
+                be.scale(be.view_mut(hg, 0..hn), s);
+            }
+        }
+        let lr = self.schedule.lr_at(step);
+        let (be, _, params, grads) = self.model.params_and_grads();
+        self.opt_model.step(be, params, grads, lr, step)?;
+        if let (Some(h), Some(o)) = (&mut self.head, &mut self.opt_head) {
+            let (_, p, g) = h.params_and_grads();
+            o.step(self.model.backend(), p, g, lr, step)?;
+        }
+        Ok((loss, norm, tokens))
+    }
+
+    /// Validation (loss, accuracy) over every validation example, in batches of `batch`.
+    fn evaluate(&mut self, job: &FinetuneJob, batch: usize) -> Result<(Option<f32>, Option<f32>)> {
+        match &job.examples {
+            Examples::Classification { val, .. } => {
+                let head = self.head.as_mut().expect("classification has a head");
+                let (mut loss_sum, mut correct) = (0.0f64, 0usize);
+                for chunk in val.chunks(batch.max(1)) {
+                    let b = class_batch(chunk.iter());
+                    self.model.forward_hidden(&b.tokens, b.b, b.t)?;
+                    let loss = head.forward(self.model.backend(), self.model.hidden(), &b.last, Some(&b.labels), b.b, b.t)?.expect("labels");
+                    loss_sum += loss as f64 * b.b as f64;
+                    correct += head.predictions(self.model.backend()).iter().zip(&b.labels).filter(|(p, l)| p == l).count();
+                }
+                Ok((Some((loss_sum / val.len() as f64) as f32), Some(correct as f32 / val.len() as f32)))
+            }
+            Examples::Sft { val, .. } => {
+                let (mut loss_sum, mut counted) = (0.0f64, 0usize);
+                for chunk in val.chunks(batch.max(1)) {
+                    let b = sft_batch(chunk.iter());
+                    let n = b.targets.iter().filter(|&&x| x != IGNORE_INDEX).count();
+                    let loss = self.model.forward(&b.inputs, Some(&b.targets), b.b, b.t)?.expect("targets");
+                    loss_sum += loss as f64 * n as f64;
+                    counted += n;
+                }
+                Ok((Some((loss_sum / counted.max(1) as f64) as f32), None))
+            }
+        }
+    }
+}
+
+/// A classification micro-batch, right-padded to its longest text (pad id 0: a causal model's
+/// last real token never sees the padding after it).
+struct ClassBatch {
+    tokens: Vec<u32>,
+    last: Vec<usize>,
+    labels: Vec<u32>,
+    b: usize,
+    t: usize,
+    real_tokens: usize,
+}
+
+fn class_batch<'a>(examples: impl Iterator<Item = &'a ClassExample> + Clone) -> ClassBatch {
+    let t = examples.clone().map(|e| e.ids.len()).max().unwrap_or(1);
+    let mut out = ClassBatch { tokens: Vec::new(), last: Vec::new(), labels: Vec::new(), b: 0, t, real_tokens: 0 };
+    for e in examples {
+        out.tokens.extend(&e.ids);
+        out.tokens.resize((out.b + 1) * t, 0);
+        out.last.push(e.ids.len() - 1);
+        out.labels.push(e.label);
+        out.real_tokens += e.ids.len();
+        out.b += 1;
+    }
+    out
+}
+
+/// An SFT micro-batch, right-padded to its longest window with pad inputs and ignored targets.
+struct SftBatch {
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    b: usize,
+    t: usize,
+    real_tokens: usize,
+}
+
+fn sft_batch<'a>(examples: impl Iterator<Item = &'a SftExample> + Clone) -> SftBatch {
+    let t = examples.clone().map(|e| e.inputs.len()).max().unwrap_or(1);
+    let mut out = SftBatch { inputs: Vec::new(), targets: Vec::new(), b: 0, t, real_tokens: 0 };
+    for e in examples {
+        out.inputs.extend(&e.inputs);
+        out.inputs.resize((out.b + 1) * t, 0);
+        out.targets.extend(&e.targets);
+        out.targets.resize((out.b + 1) * t, IGNORE_INDEX);
+        out.real_tokens += e.inputs.len();
+        out.b += 1;
+    }
+    out
+}
+
+/// The training thread of a fine-tuning assignment (the runner dispatches here on the job's
+/// kind): load, connect the ring, train, save. Returns the final step.
+pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
+    let a = &req.assignment;
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    if a.start_step > 0 {
+        warn!(job_id = %a.job_id, start_step = a.start_step, "fine-tuning jobs restart from step 0: resuming them from a checkpoint is not supported yet");
+    }
+    let job = FinetuneJob::prepare(&spec, &req.out_dir)?;
+    let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener, RING_CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
+    *control.ring_abort.lock().unwrap() = Some(ring.abort_handle());
+    let (job_id, attempt) = (a.job_id.clone(), a.attempt);
+    let mut metrics = |m: StepMetrics| events(RunEvent::Metrics(StepMetrics { job_id: job_id.clone(), attempt, rank: rank as u32, ..m }));
+    let out = job.train(&a.job_id, &req.out_dir, &mut ring, &|| control.stopped(), &mut metrics)?;
+    Ok(out.steps)
+}

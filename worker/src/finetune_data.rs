@@ -1,0 +1,200 @@
+//! Labeled examples for fine-tuning, JSONL with one object per line, tokenized with the
+//! parent model's tokenizer:
+//! - classification: `{"text": "...", "label": 1}` (labels 0..num_labels);
+//! - SFT: `{"prompt": "...", "response": "..."}`.
+//!
+//! Errors name the file, the line and the field. Blank lines are skipped; other fields are
+//! allowed (datasets carry ids and sources).
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use smelt_corpus::store::StoreDir;
+use smelt_corpus::Tokenizer;
+use smelt_engine::model::heads::sft_example;
+
+/// A text and its class.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClassExample {
+    /// Token ids, cut to the job's sequence length (the start is kept).
+    pub ids: Vec<u32>,
+    pub label: u32,
+}
+
+/// A prompt/response pair as one window: inputs and targets (`IGNORE_INDEX` except on the
+/// response), unpadded (padding happens per batch).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SftExample {
+    pub inputs: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+/// Reads a whole file: a local path, or an object-store URI (`file://`, `s3://`, ...).
+pub fn read_location(location: &str) -> Result<Vec<u8>> {
+    if location.contains("://") {
+        let (dir, name) = location.trim_end_matches('/').rsplit_once('/').ok_or_else(|| anyhow!("{location}: no object name"))?;
+        let store = StoreDir::open(dir)?;
+        return Ok(store.get(name)?.to_vec());
+    }
+    std::fs::read(location).with_context(|| format!("reading {location}"))
+}
+
+/// Non-blank lines of a JSONL file, parsed: (1-based line number, object).
+fn jsonl(location: &str) -> Result<Vec<(usize, serde_json::Map<String, Value>)>> {
+    let bytes = read_location(location)?;
+    let text = String::from_utf8(bytes).map_err(|e| anyhow!("{location}: not UTF-8 text ({e})"))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let n = i + 1;
+        match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(m)) => out.push((n, m)),
+            Ok(_) => bail!("{location} line {n}: expected a JSON object"),
+            Err(e) => bail!("{location} line {n}: not JSON: {e}"),
+        }
+    }
+    if out.is_empty() {
+        bail!("{location}: no examples");
+    }
+    Ok(out)
+}
+
+fn string_field<'a>(m: &'a serde_json::Map<String, Value>, field: &str, location: &str, n: usize) -> Result<&'a str> {
+    match m.get(field) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => bail!("{location} line {n}: field {field:?} must be a string, found {other}"),
+        None => bail!("{location} line {n}: missing field {field:?}"),
+    }
+}
+
+/// Classification examples; texts longer than `seq_len` tokens keep their first `seq_len`.
+pub fn load_classification(location: &str, tokenizer: &Tokenizer, num_labels: usize, seq_len: usize) -> Result<Vec<ClassExample>> {
+    jsonl(location)?
+        .into_iter()
+        .map(|(n, m)| {
+            let text = string_field(&m, "text", location, n)?;
+            let label = match m.get("label") {
+                Some(Value::Number(x)) => x.as_u64().filter(|&l| (l as usize) < num_labels),
+                Some(other) => bail!("{location} line {n}: field \"label\" must be an integer in 0..{num_labels}, found {other}"),
+                None => bail!("{location} line {n}: missing field \"label\""),
+            }
+            .ok_or_else(|| anyhow!("{location} line {n}: field \"label\" = {} is outside 0..{num_labels} (finetune.num_labels)", m["label"]))?;
+            let mut ids = tokenizer.encode(text).with_context(|| format!("{location} line {n}: field \"text\""))?;
+            if ids.is_empty() {
+                bail!("{location} line {n}: field \"text\" is empty");
+            }
+            ids.truncate(seq_len);
+            Ok(ClassExample { ids, label: label as u32 })
+        })
+        .collect()
+}
+
+/// SFT examples as windows of at most `seq_len` inputs. `eot`, when the model has such an id,
+/// ends every response, so the model learns where to stop.
+pub fn load_sft(location: &str, tokenizer: &Tokenizer, seq_len: usize, eot: Option<u32>) -> Result<Vec<SftExample>> {
+    jsonl(location)?
+        .into_iter()
+        .map(|(n, m)| {
+            let prompt = string_field(&m, "prompt", location, n)?;
+            let response = string_field(&m, "response", location, n)?;
+            let p = tokenizer.encode(prompt).with_context(|| format!("{location} line {n}: field \"prompt\""))?;
+            let mut r = tokenizer.encode(response).with_context(|| format!("{location} line {n}: field \"response\""))?;
+            if r.is_empty() {
+                bail!("{location} line {n}: field \"response\" is empty: nothing to learn");
+            }
+            r.extend(eot);
+            // Padding is added per batch; the pad value here is cut off again below.
+            let (mut inputs, mut targets) = sft_example(&p, &r, seq_len, 0).expect("response is not empty");
+            let real = (p.len() + r.len() - 1).min(seq_len);
+            inputs.truncate(real);
+            targets.truncate(real);
+            Ok(SftExample { inputs, targets })
+        })
+        .collect()
+}
+
+/// Example `i` of `n` is held out for validation iff floor((i+1)k/n) > floor(ik/n), with
+/// k = round(n * fraction): k examples evenly spread, the same rule as corpus validation splits.
+pub fn is_validation(i: usize, n: usize, fraction: f64) -> bool {
+    let k = ((n as f64) * fraction).round() as usize;
+    (i + 1) * k / n > i * k / n
+}
+
+/// Splits examples into (train, validation) by [`is_validation`].
+pub fn split<T>(examples: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
+    let n = examples.len();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for (i, e) in examples.into_iter().enumerate() {
+        if is_validation(i, n, fraction) {
+            val.push(e);
+        } else {
+            train.push(e);
+        }
+    }
+    (train, val)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smelt_engine::backend::IGNORE_INDEX;
+
+    fn write(text: &str) -> (tempfile::TempDir, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("d.jsonl");
+        std::fs::write(&p, text).unwrap();
+        let s = p.to_str().unwrap().to_string();
+        (dir, s)
+    }
+
+    #[test]
+    fn classification_lines_and_their_errors() {
+        let tok = Tokenizer::Byte;
+        let (_d, p) = write("{\"text\": \"abc\", \"label\": 1, \"id\": 7}\n\n{\"text\": \"abcdef\", \"label\": 0}\n");
+        let ex = load_classification(&p, &tok, 2, 4).unwrap();
+        assert_eq!(ex, vec![ClassExample { ids: vec![97, 98, 99], label: 1 }, ClassExample { ids: vec![97, 98, 99, 100], label: 0 }]);
+        let err = |text: &str| {
+            let (_d, p) = write(text);
+            format!("{:#}", load_classification(&p, &tok, 2, 8).unwrap_err())
+        };
+        let e = err("{\"text\": \"a\", \"label\": 0}\n{\"text\": \"b\"}\n");
+        assert!(e.contains("line 2") && e.contains("missing field \"label\""), "{e}");
+        let e = err("{\"label\": 0}\n");
+        assert!(e.contains("line 1") && e.contains("missing field \"text\""), "{e}");
+        let e = err("{\"text\": \"a\", \"label\": 2}\n");
+        assert!(e.contains("outside 0..2") && e.contains("num_labels"), "{e}");
+        let e = err("{\"text\": \"a\", \"label\": \"pos\"}\n");
+        assert!(e.contains("must be an integer"), "{e}");
+        let e = err("not json\n");
+        assert!(e.contains("line 1") && e.contains("not JSON"), "{e}");
+        let e = err("\n");
+        assert!(e.contains("no examples"), "{e}");
+        // A character the parent's tokenizer does not know names the field.
+        let chars = Tokenizer::fit("char", "ab").unwrap();
+        let (_d, p) = write("{\"text\": \"abz\", \"label\": 0}\n");
+        let e = format!("{:#}", load_classification(&p, &chars, 2, 8).unwrap_err());
+        assert!(e.contains("field \"text\"") && e.contains("'z'"), "{e}");
+    }
+
+    #[test]
+    fn sft_lines_become_masked_windows() {
+        let tok = Tokenizer::Byte;
+        let (_d, p) = write("{\"prompt\": \"ab\", \"response\": \"c\"}\n");
+        let ex = load_sft(&p, &tok, 8, Some(256)).unwrap();
+        // tokens a b c <eot>: inputs a b c, targets (ignored) c <eot>
+        assert_eq!(ex, vec![SftExample { inputs: vec![97, 98, 99], targets: vec![IGNORE_INDEX, 99, 256] }]);
+        let (_d, p) = write("{\"prompt\": \"ab\"}\n");
+        let e = format!("{:#}", load_sft(&p, &tok, 8, None).unwrap_err());
+        assert!(e.contains("missing field \"response\""), "{e}");
+    }
+
+    #[test]
+    fn validation_split_is_even_and_exact() {
+        let (train, val) = split((0..10).collect::<Vec<_>>(), 0.2);
+        assert_eq!(val, vec![4, 9]);
+        assert_eq!(train.len(), 8);
+        let (train, val) = split((0..5).collect::<Vec<_>>(), 0.0);
+        assert_eq!((train.len(), val.len()), (5, 0));
+    }
+}
