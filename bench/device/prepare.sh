@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 rm -rf device && mkdir -p device/tests
 cargo build --release -p smelt --features cuda
-strip -o device/smelt target/release/smelt
+strip -o device/smelt "${CARGO_TARGET_DIR:-target}/release/smelt"
 # Test binaries: cargo prints each one's path as JSON; keep the CUDA ones.
 cargo test --release -p smelt-engine --features cuda --no-run --message-format=json 2>/dev/null \
   | python3 -c '
@@ -17,6 +17,6 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' \
   | while read -r name exe; do strip -o "device/tests/$name" "$exe"; done
 cp ../shared/anchors/torch_gpt2.py device/
-cp bench/device/cuda_check.sh device/
+cp bench/device/cuda_check.sh bench/device/cuda_perf.sh device/
 ls -la device device/tests
 du -sh device

@@ -23,6 +23,9 @@ pub enum CheckpointError {
     /// A safetensors file that does not hold the tensors its model config needs.
     #[error("{uri}: {message}")]
     BadTensors { uri: String, message: String },
+    /// A model to start from that cannot be found where its name points.
+    #[error("{name}: {message}")]
+    NoModel { name: String, message: String },
     #[error("{root}: no good checkpoint{}", skipped_text(.skipped))]
     NoGoodCheckpoint { root: String, skipped: Vec<String> },
 }

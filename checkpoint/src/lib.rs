@@ -14,6 +14,7 @@
 //! - `upload`: one object up, multipart when large, transient errors retried with backoff.
 //! - `write`: a snapshot to a committed checkpoint; `read`: verified loads, listing, fallback.
 //! - `retention`: keep the last N and every M-th; `uploader`: the background thread.
+//! - `source`: a model to start from (a checkpoint, a model file, or a job id), verified.
 //!
 //! Every call blocks the calling thread (object-store I/O runs on `smelt_corpus::store`'s
 //! runtime), so this crate is usable from the training thread and from plain tests alike.
@@ -23,6 +24,7 @@ pub mod layout;
 pub mod manifest;
 pub mod read;
 pub mod retention;
+pub mod source;
 pub mod tensors;
 pub mod upload;
 pub mod uploader;
@@ -31,7 +33,12 @@ pub mod write;
 pub use error::CheckpointError;
 pub use layout::{checkpoints_root, step_dir_name, step_of_uri};
 pub use manifest::{FileEntry, Lineage, Manifest, TrainerJson};
-pub use read::{list_committed, load_latest_good, load_or_fall_back, load_verified, load_verified_dir, Checkpoint, Resumed, Skipped};
+pub use manifest::HeadConfig;
+pub use read::{
+    list_committed, load_latest_good, load_model_verified, load_or_fall_back, load_verified, load_verified_dir, verify, Checkpoint,
+    Resumed, Skipped, VerifiedModel,
+};
+pub use source::{looks_like_job_id, resolve_model, JobLocations, ModelSource};
 pub use retention::{plan_deletions, Retention};
 pub use upload::{RetryPolicy, UploadOptions};
 pub use uploader::{AsyncCheckpointer, Outcome, Submitted};

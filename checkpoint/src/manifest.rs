@@ -48,6 +48,15 @@ pub struct DataPosition {
     pub seed: u64,
 }
 
+/// A fine-tuning job's classification head: its tensors (`score.weight`) follow the GPT's in
+/// model.safetensors and optimizer.safetensors, and its parameters follow the GPT's in
+/// `Snapshot::params` (and the moments likewise).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeadConfig {
+    pub num_labels: usize,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrainerJson {
@@ -60,6 +69,9 @@ pub struct TrainerJson {
     /// Step counter, AdamW's update count, the data generator.
     pub trainer: TrainerState,
     pub model: GptConfig,
+    /// A classification head trained with the GPT (fine-tuning); absent for a plain GPT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<HeadConfig>,
     pub tokenizer: Tokenizer,
     /// The job spec (TOML) as submitted.
     pub spec_toml: String,

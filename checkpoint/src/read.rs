@@ -92,9 +92,46 @@ pub fn load_verified_dir(dir: &StoreDir) -> Result<Checkpoint> {
         return Err(bad(trainer_uri, format!("step {} but the manifest says {}", trainer.step, manifest.step)));
     }
     trainer.model.validate().map_err(|e| bad(trainer_uri, format!("bad model config: {e}")))?;
-    let params = tensors::read_model(&trainer.model, &read_checked(&dir, &manifest, MODEL)?, &dir.uri_of(MODEL))?;
-    let (m, v) = tensors::read_optimizer(&trainer.model, &read_checked(&dir, &manifest, OPTIMIZER)?, &dir.uri_of(OPTIMIZER))?;
+    let table = tensors::table_of(&trainer);
+    let params = tensors::read_model(&table, &read_checked(&dir, &manifest, MODEL)?, &dir.uri_of(MODEL))?;
+    let (m, v) = tensors::read_optimizer(&table, &read_checked(&dir, &manifest, OPTIMIZER)?, &dir.uri_of(OPTIMIZER))?;
     Ok(Checkpoint { uri: dir.uri().to_string(), manifest, trainer, params, m, v })
+}
+
+/// Checks every file of the checkpoint in `dir` against its manifest (sizes and sha256) without
+/// decoding anything; returns the manifest.
+pub fn verify(dir: &StoreDir) -> Result<Manifest> {
+    let manifest = read_manifest(dir)?;
+    for f in &manifest.files {
+        read_checked(dir, &manifest, &f.name)?;
+    }
+    Ok(manifest)
+}
+
+/// A checkpoint's weights alone, verified: what a fine-tuning job or an export starts from.
+#[derive(Clone, Debug)]
+pub struct VerifiedModel {
+    /// The checkpoint's directory.
+    pub uri: String,
+    pub manifest: Manifest,
+    pub trainer: TrainerJson,
+    /// model.safetensors, checked against the manifest (a smelt model file).
+    pub model: bytes::Bytes,
+}
+
+/// Reads the manifest, trainer.json and model.safetensors of the checkpoint in `dir`, checking
+/// both files' sizes and hashes (the optimizer's moments, not needed to start from the weights,
+/// are not read).
+pub fn load_model_verified(dir: &StoreDir) -> Result<VerifiedModel> {
+    let manifest = read_manifest(dir)?;
+    let trainer_uri = dir.uri_of(TRAINER);
+    let trainer: TrainerJson = serde_json::from_slice(&read_checked(dir, &manifest, TRAINER)?)
+        .map_err(|e| bad(trainer_uri.clone(), format!("not a valid trainer.json: {e}")))?;
+    if trainer.step != manifest.step {
+        return Err(bad(trainer_uri, format!("step {} but the manifest says {}", trainer.step, manifest.step)));
+    }
+    let model = read_checked(dir, &manifest, MODEL)?;
+    Ok(VerifiedModel { uri: dir.uri().to_string(), manifest, trainer, model })
 }
 
 /// What lies under a `ckpt/` root: for each step directory, whether it has a manifest.

@@ -1,22 +1,36 @@
 //! The two safetensors files of a checkpoint, to and from flat host buffers. The weights keep
 //! the engine's Hugging Face names (so `model.safetensors` is also a model file `smelt sample`
 //! reads); the AdamW moments use the same names behind `exp_avg.` / `exp_avg_sq.` (PyTorch's
-//! names for them), in one file, in table order.
+//! names for them), in one file, in table order. A fine-tuning job's classification head
+//! (`score.weight`, as in transformers' GPT2ForSequenceClassification) follows the GPT's tensors.
 
 use std::collections::HashMap;
 
 use smelt_corpus::Tokenizer;
+use smelt_engine::model::heads::ClassificationHead;
 use smelt_engine::model::{Gpt, GptConfig};
 use smelt_engine::params::ParamTable;
 use smelt_engine::{weights, CpuBackend};
 
 use crate::error::{CheckpointError, Result};
+use crate::manifest::TrainerJson;
 
 const M_PREFIX: &str = "exp_avg.";
 const V_PREFIX: &str = "exp_avg_sq.";
 
 pub fn param_table(cfg: &GptConfig) -> ParamTable {
     Gpt::<CpuBackend>::param_table(cfg)
+}
+
+/// Every tensor a checkpoint holds, in `Snapshot::params` order: the GPT's, then the head's.
+pub fn table_of(t: &TrainerJson) -> ParamTable {
+    let mut table = param_table(&t.model);
+    if let Some(h) = t.head {
+        for s in ClassificationHead::<CpuBackend>::param_table(h.num_labels, t.model.n_embd).specs() {
+            table.push(&s.name, &s.shape, s.kind, s.init);
+        }
+    }
+    table
 }
 
 /// The moments' table: every tensor twice, `exp_avg.<name>` then `exp_avg_sq.<name>`.
@@ -35,18 +49,18 @@ fn tensors_err(uri: &str, e: smelt_engine::EngineError) -> CheckpointError {
 }
 
 /// model.safetensors, with the metadata smelt's model files carry (config, tokenizer, step).
-pub fn model_bytes(cfg: &GptConfig, tokenizer: &Tokenizer, params: &[f32], step: u64) -> Result<Vec<u8>> {
+pub fn model_bytes(table: &ParamTable, cfg: &GptConfig, tokenizer: &Tokenizer, params: &[f32], step: u64) -> Result<Vec<u8>> {
     let mut meta = HashMap::new();
     meta.insert("smelt.format".to_string(), "gpt/1".to_string());
     meta.insert("smelt.config".to_string(), serde_json::to_string(cfg).expect("config serializes"));
     meta.insert("smelt.tokenizer".to_string(), serde_json::to_string(tokenizer).expect("tokenizer serializes"));
     meta.insert("smelt.step".to_string(), step.to_string());
-    weights::to_bytes(&param_table(cfg), params, meta).map_err(|e| tensors_err("model.safetensors", e))
+    weights::to_bytes(table, params, meta).map_err(|e| tensors_err("model.safetensors", e))
 }
 
 /// optimizer.safetensors from the two moment buffers.
-pub fn optimizer_bytes(cfg: &GptConfig, m: &[f32], v: &[f32]) -> Result<Vec<u8>> {
-    let table = moments_table(&param_table(cfg));
+pub fn optimizer_bytes(table: &ParamTable, m: &[f32], v: &[f32]) -> Result<Vec<u8>> {
+    let table = moments_table(table);
     let mut both = Vec::with_capacity(m.len() + v.len());
     both.extend_from_slice(m);
     both.extend_from_slice(v);
@@ -54,14 +68,13 @@ pub fn optimizer_bytes(cfg: &GptConfig, m: &[f32], v: &[f32]) -> Result<Vec<u8>>
     weights::to_bytes(&table, &both, meta).map_err(|e| tensors_err("optimizer.safetensors", e))
 }
 
-pub fn read_model(cfg: &GptConfig, bytes: &[u8], uri: &str) -> Result<Vec<f32>> {
-    Ok(weights::from_bytes(&param_table(cfg), bytes, uri).map_err(|e| tensors_err(uri, e))?.0)
+pub fn read_model(table: &ParamTable, bytes: &[u8], uri: &str) -> Result<Vec<f32>> {
+    Ok(weights::from_bytes(table, bytes, uri).map_err(|e| tensors_err(uri, e))?.0)
 }
 
 /// (m, v) from optimizer.safetensors.
-pub fn read_optimizer(cfg: &GptConfig, bytes: &[u8], uri: &str) -> Result<(Vec<f32>, Vec<f32>)> {
-    let table = param_table(cfg);
-    let (mut both, _) = weights::from_bytes(&moments_table(&table), bytes, uri).map_err(|e| tensors_err(uri, e))?;
+pub fn read_optimizer(table: &ParamTable, bytes: &[u8], uri: &str) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (mut both, _) = weights::from_bytes(&moments_table(table), bytes, uri).map_err(|e| tensors_err(uri, e))?;
     let v = both.split_off(table.total());
     Ok((both, v))
 }

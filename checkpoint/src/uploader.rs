@@ -88,6 +88,11 @@ impl AsyncCheckpointer {
         self.busy.load(Ordering::SeqCst)
     }
 
+    /// The step whose upload is in flight, if one is.
+    pub fn in_flight(&self) -> Option<u64> {
+        self.busy().then(|| self.in_flight.load(Ordering::SeqCst))
+    }
+
     /// Hands `snapshot` to the upload thread, unless an upload is in flight.
     pub fn submit(&self, snapshot: Snapshot) -> Submitted {
         if self.busy() {

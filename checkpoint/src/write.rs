@@ -49,8 +49,9 @@ pub struct Committed {
 
 /// The three data files of a snapshot, serialized (the CPU-heavy part of a commit).
 pub fn encode(s: &Snapshot) -> Result<Vec<(&'static str, Bytes)>> {
-    let model = tensors::model_bytes(s.model(), s.tokenizer(), &s.params, s.step())?;
-    let opt = tensors::optimizer_bytes(s.model(), &s.m, &s.v)?;
+    let table = tensors::table_of(&s.trainer);
+    let model = tensors::model_bytes(&table, s.model(), s.tokenizer(), &s.params, s.step())?;
+    let opt = tensors::optimizer_bytes(&table, &s.m, &s.v)?;
     let trainer = serde_json::to_vec_pretty(&s.trainer).expect("trainer.json serializes");
     Ok(vec![(MODEL, model.into()), (OPTIMIZER, opt.into()), (TRAINER, trainer.into())])
 }

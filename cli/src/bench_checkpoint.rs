@@ -57,6 +57,7 @@ fn snapshot_of(trainer: &Trainer<CpuBackend>, cfg: &GptConfig) -> Snapshot {
             data: DataPosition { samples_consumed: 0, global_batch: 1, seed: 0 },
             trainer: state,
             model: cfg.clone(),
+            head: None,
             tokenizer: Tokenizer::Gpt2,
             spec_toml: String::new(),
             lineage: Lineage::default(),

@@ -102,6 +102,7 @@ pub fn job_json(j: &Job) -> Value {
         "last_step": j.last_step,
         "last_loss": j.last_loss,
         "last_val_loss": j.last_val_loss,
+        "last_val_accuracy": j.last_val_accuracy,
         "error": j.error,
         "worker_ids": j.worker_ids,
         "created_at_ms": j.created_at_ms,

@@ -1,5 +1,11 @@
 //! `smelt attention`: a trained model's attention weights for one text, per layer and head, as
 //! PNG heat maps (row = query token, column = key token, brighter = more weight) and as JSON.
+//!
+//! GPT: causal self-attention, `layer<L>_head<H>.png`. BERT: bidirectional self-attention over
+//! `[CLS] text [SEP]`, same file names. T5: the encoder's self-attention over the text
+//! (`encoder_layer..`), and with the decoder fed `<pad> target` (`--target`, default the text
+//! itself) its causal self-attention (`decoder_layer..`) and its cross-attention over the
+//! encoder (`cross_layer..`, decoder rows by encoder columns).
 
 use std::fs;
 use std::io::BufWriter;
@@ -8,9 +14,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
-use smelt_engine::model::Gpt;
+use smelt_corpus::Tokenizer;
+use smelt_engine::model::{Bert, BertBatch, Gpt, T5Attention, T5Batch, T5};
 use smelt_engine::CpuBackend;
-use smelt_worker::model_file;
+use smelt_worker::model_file::{self, AnyModel, FamilyModel, SavedFamilyModel, SavedModel};
 
 #[derive(Args, Debug)]
 pub struct AttentionArgs {
@@ -25,11 +32,23 @@ pub struct AttentionArgs {
     /// Pixels per token in the heat maps (0: chosen so a map is about 512 pixels wide).
     #[arg(long, default_value_t = 0)]
     pub cell: usize,
+    /// T5 only: the decoder's text (after its start token); default: the --text itself.
+    #[arg(long)]
+    pub target: Option<String>,
 }
 
 pub fn run(a: AttentionArgs) -> Result<()> {
     let model_path = if a.model.is_dir() { a.model.join("model.safetensors") } else { a.model.clone() };
-    let saved = model_file::load(&model_path)?;
+    match model_file::load_any(&model_path)? {
+        AnyModel::Gpt(saved) => run_gpt(&a, &model_path, saved),
+        AnyModel::Family(saved) => run_family(&a, &model_path, saved),
+    }
+}
+
+fn run_gpt(a: &AttentionArgs, model_path: &Path, saved: SavedModel) -> Result<()> {
+    if a.target.is_some() {
+        bail!("--target is for T5 models (a decoder's input); this is a GPT");
+    }
     let ids = saved.tokenizer.encode(&a.text)?;
     if ids.is_empty() {
         bail!("--text must not be empty");
@@ -47,7 +66,7 @@ pub fn run(a: AttentionArgs) -> Result<()> {
     for (l, map) in maps.iter().enumerate() {
         for h in 0..heads {
             let path = a.out.join(format!("layer{l}_head{h}.png"));
-            write_heat_map(&path, &map[h * t * t..(h + 1) * t * t], t, cell)?;
+            write_heat_map(&path, &map[h * t * t..(h + 1) * t * t], t, t, cell)?;
         }
     }
     let tokens: Vec<String> = ids.iter().map(|&id| saved.tokenizer.decode(&[id]).unwrap_or_else(|_| format!("<{id}>"))).collect();
@@ -70,20 +89,167 @@ pub fn run(a: AttentionArgs) -> Result<()> {
     Ok(())
 }
 
-/// A `t x t` map of weights in [0, 1] as an RGB PNG, `cell` pixels per entry, each row scaled
-/// by the map's maximum so that weak heads stay readable.
-fn write_heat_map(path: &Path, weights: &[f32], t: usize, cell: usize) -> Result<()> {
+/// One attention of a model, per layer: (H, Tq, Tk) maps.
+struct Attention {
+    /// File name prefix (`layer`, `encoder_layer`, ...).
+    prefix: &'static str,
+    layers: Vec<Vec<f32>>,
+    tq: usize,
+    tk: usize,
+}
+
+impl Attention {
+    /// Regroups the engine's (1, Tq, H, Tk) probabilities per head: (H, Tq, Tk).
+    fn push_layer(&mut self, probs: Option<Vec<f32>>, heads: usize) -> Result<()> {
+        let p = probs.context("this backend saved no attention probabilities")?;
+        let (tq, tk) = (self.tq, self.tk);
+        let mut out = vec![0.0f32; heads * tq * tk];
+        for i in 0..tq {
+            for h in 0..heads {
+                out[(h * tq + i) * tk..(h * tq + i + 1) * tk].copy_from_slice(&p[(i * heads + h) * tk..(i * heads + h + 1) * tk]);
+            }
+        }
+        self.layers.push(out);
+        Ok(())
+    }
+
+    fn write_maps(&self, out: &Path, heads: usize, cell: usize) -> Result<()> {
+        let n = self.tq * self.tk;
+        for (l, map) in self.layers.iter().enumerate() {
+            for h in 0..heads {
+                write_heat_map(&out.join(format!("{}{l}_head{h}.png", self.prefix)), &map[h * n..(h + 1) * n], self.tq, self.tk, cell)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// weights[layer][head][query][key]
+    fn json(&self, heads: usize) -> serde_json::Value {
+        let n = self.tq * self.tk;
+        let w: Vec<Vec<Vec<&[f32]>>> = self.layers.iter().map(|m| (0..heads).map(|h| m[h * n..(h + 1) * n].chunks(self.tk).collect()).collect()).collect();
+        json!(w)
+    }
+}
+
+/// Token strings for the JSON: the tokenizer's text, or the name of a reserved id.
+fn token_names(ids: &[u32], tok: &Tokenizer, special: &dyn Fn(u32) -> Option<String>) -> Vec<String> {
+    ids.iter().map(|&id| special(id).unwrap_or_else(|| tok.decode(&[id]).unwrap_or_else(|_| format!("<{id}>")))).collect()
+}
+
+fn run_family(a: &AttentionArgs, model_path: &Path, saved: SavedFamilyModel) -> Result<()> {
+    let SavedFamilyModel { model, tokenizer, params, .. } = saved;
+    let text = tokenizer.encode(&a.text)?;
+    if text.is_empty() {
+        bail!("--text must not be empty");
+    }
+    fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let (doc, maps) = match model {
+        FamilyModel::Bert { config, specials: s } => {
+            if a.target.is_some() {
+                bail!("--target is for T5 models (a decoder's input); this is a BERT");
+            }
+            let ids: Vec<u32> = std::iter::once(s.cls).chain(text).chain(std::iter::once(s.sep)).collect();
+            let t = ids.len();
+            if t > config.max_positions {
+                bail!("--text is {} tokens with [CLS] and [SEP], more than the model's {} positions", t, config.max_positions);
+            }
+            let (layers, heads) = (config.n_layer, config.n_head);
+            let mut m = Bert::from_params(CpuBackend::new(), config, &params)?;
+            m.forward(&BertBatch::new(ids.clone(), 1, t))?;
+            let mut att = Attention { prefix: "layer", layers: Vec::new(), tq: t, tk: t };
+            for l in 0..layers {
+                att.push_layer(m.attention_probs(l), heads)?;
+            }
+            let names = |id: u32| [(s.pad, "[PAD]"), (s.cls, "[CLS]"), (s.sep, "[SEP]"), (s.mask, "[MASK]")].iter().find(|p| p.0 == id).map(|p| p.1.to_string());
+            let doc = json!({
+                "model": model_path.display().to_string(),
+                "arch": "bert",
+                "text": a.text,
+                "tokens": token_names(&ids, &tokenizer, &names),
+                "token_ids": ids,
+                "layers": layers,
+                "heads": heads,
+                "causal": false,
+                "layout": "weights[layer][head][query][key]",
+                "weights": att.json(heads),
+            });
+            (doc, vec![(att, heads)])
+        }
+        FamilyModel::T5 { config, specials: s } => {
+            let target = match &a.target {
+                Some(t) => tokenizer.encode(t)?,
+                None => text.clone(),
+            };
+            let dec: Vec<u32> = std::iter::once(s.pad).chain(target).collect();
+            let (te, td) = (text.len(), dec.len());
+            if te.max(td) > config.max_positions {
+                bail!("--text or --target is longer than the model's {} positions ({te} encoder, {td} decoder tokens)", config.max_positions);
+            }
+            let (enc_layers, dec_layers, heads) = (config.n_layer, config.n_decoder_layer, config.n_head);
+            let mut m = T5::from_params(CpuBackend::new(), config, &params)?;
+            let x = T5Batch { batch: 1, enc_len: te, dec_len: td, enc_tokens: text.clone(), enc_lens: None, dec_tokens: dec.clone(), targets: None };
+            m.forward(&x)?;
+            let mut enc = Attention { prefix: "encoder_layer", layers: Vec::new(), tq: te, tk: te };
+            let mut dself = Attention { prefix: "decoder_layer", layers: Vec::new(), tq: td, tk: td };
+            let mut cross = Attention { prefix: "cross_layer", layers: Vec::new(), tq: td, tk: te };
+            for l in 0..enc_layers {
+                enc.push_layer(m.attention_probs(T5Attention::Encoder, l), heads)?;
+            }
+            for l in 0..dec_layers {
+                dself.push_layer(m.attention_probs(T5Attention::DecoderSelf, l), heads)?;
+                cross.push_layer(m.attention_probs(T5Attention::Cross, l), heads)?;
+            }
+            let sentinel_base = s.pad + 1;
+            let names = |id: u32| {
+                if id == s.pad {
+                    Some("<pad>".to_string())
+                } else {
+                    (id >= sentinel_base).then(|| format!("<extra_id_{}>", s.pad + s.sentinels - id))
+                }
+            };
+            let doc = json!({
+                "model": model_path.display().to_string(),
+                "arch": "t5",
+                "text": a.text,
+                "encoder_tokens": token_names(&text, &tokenizer, &names),
+                "decoder_tokens": token_names(&dec, &tokenizer, &names),
+                "layers": enc_layers,
+                "decoder_layers": dec_layers,
+                "heads": heads,
+                "layout": "encoder|decoder_self|cross[layer][head][query][key]; the decoder's self-attention is causal",
+                "encoder": enc.json(heads),
+                "decoder_self": dself.json(heads),
+                "cross": cross.json(heads),
+            });
+            (doc, vec![(enc, heads), (dself, heads), (cross, heads)])
+        }
+    };
+    let cell = if a.cell > 0 { a.cell } else { (512 / maps.iter().map(|m| m.0.tq.max(m.0.tk)).max().unwrap_or(1)).clamp(1, 32) };
+    let mut count = 0;
+    for (att, heads) in &maps {
+        att.write_maps(&a.out, *heads, cell)?;
+        count += att.layers.len() * heads;
+    }
+    let json_path = a.out.join("attention.json");
+    fs::write(&json_path, serde_json::to_vec(&doc)?).with_context(|| format!("writing {}", json_path.display()))?;
+    println!("wrote {count} heat maps and {} to {}", json_path.display(), a.out.display());
+    Ok(())
+}
+
+/// A `rows x cols` map of weights in [0, 1] as an RGB PNG, `cell` pixels per entry, scaled by
+/// the map's maximum so that weak heads stay readable.
+fn write_heat_map(path: &Path, weights: &[f32], rows: usize, cols: usize, cell: usize) -> Result<()> {
     let max = weights.iter().cloned().fold(f32::MIN_POSITIVE, f32::max);
-    let side = t * cell;
-    let mut pixels = vec![0u8; side * side * 3];
-    for (y, row) in pixels.chunks_mut(side * 3).enumerate() {
-        for x in 0..side {
-            let w = weights[(y / cell) * t + x / cell] / max;
+    let (width, height) = (cols * cell, rows * cell);
+    let mut pixels = vec![0u8; width * height * 3];
+    for (y, row) in pixels.chunks_mut(width * 3).enumerate() {
+        for x in 0..width {
+            let w = weights[(y / cell) * cols + x / cell] / max;
             row[x * 3..x * 3 + 3].copy_from_slice(&viridis(w));
         }
     }
     let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), side as u32, side as u32);
+    let mut enc = png::Encoder::new(BufWriter::new(file), width as u32, height as u32);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let mut writer = enc.write_header().with_context(|| format!("writing {}", path.display()))?;

@@ -9,6 +9,7 @@ use smelt_engine::backend::{Backend, MatmulShape, WeightLayout};
 use smelt_engine::data::TokenWindows;
 use smelt_engine::model::{Gpt, GptConfig};
 use smelt_engine::optim::{AdamWConfig, LrSchedule};
+use smelt_engine::profile::Profiled;
 use smelt_engine::rng::Rng;
 use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::CpuBackend;
@@ -47,6 +48,13 @@ pub struct StepArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Time every backend op (each bracketed by a device sync) and print where a step's time
+    /// goes; the step time itself is then slower than a real one.
+    #[arg(long)]
+    pub profile: bool,
+    /// Matmul precision on CUDA: bf16 (tensor cores, fp32 accumulation), tf32 or f32.
+    #[arg(long, default_value = "bf16")]
+    pub matmul: String,
     /// Dense bf16 peak of the GPU in TFLOP/s, for MFU (H100/H200 SXM: 989).
     #[arg(long, default_value_t = 989.0)]
     pub peak_tflops: f64,
@@ -86,7 +94,7 @@ fn step(a: StepArgs) -> Result<()> {
     match a.backend.as_str() {
         "cpu" => {
             let be = CpuBackend::new();
-            let timed = time_steps(be, &a)?;
+            let timed = if a.profile { time_profiled(be, &a)? } else { time_steps(be, &a)? };
             let peak = sgemm_gflops(&be);
             report(&a, &timed, json!({
                 "backend": "cpu",
@@ -112,9 +120,11 @@ fn step_cuda(_: &StepArgs) -> Result<()> {
 
 #[cfg(feature = "cuda")]
 fn step_cuda(a: &StepArgs) -> Result<()> {
-    let be = smelt_engine::cuda::CudaBackend::new(0)?;
+    use smelt_engine::cuda::{CudaBackend, CudaOptions, MatmulPrecision};
+    let matmul: MatmulPrecision = a.matmul.parse().map_err(|e| anyhow::anyhow!("--matmul: {e}"))?;
+    let be = CudaBackend::new_with(0, CudaOptions { matmul, ..Default::default() })?;
     let device = be.device_name().to_string();
-    let timed = time_steps(be, a)?;
+    let timed = if a.profile { time_profiled(be, a)? } else { time_steps(be, a)? };
     // MFU against the dense bf16 peak of the card (H100/H200 SXM: 989 TFLOP/s), the same
     // yardstick as ../shared/anchors/torch_gpt2.py's --peak default, so the two are comparable.
     let peak_tflops = a.peak_tflops;
@@ -149,7 +159,24 @@ impl Timed {
     }
 }
 
+/// `time_steps` through `Profiled`, printing the per-op table of the timed steps.
+fn time_profiled<B: Backend>(be: B, a: &StepArgs) -> Result<Timed> {
+    let mut table = Vec::new();
+    let timed = run_steps(Profiled::new(be), a, |be| be.reset(), |be| table = be.report())?;
+    let total: f64 = table.iter().map(|(_, t)| t.secs).sum();
+    eprintln!("{:>9} {:>6} {:>7}  op (per timed step; each op synchronised)", "ms/step", "calls", "share");
+    for (op, t) in &table {
+        eprintln!("{:>9.3} {:>6} {:>6.1}%  {op}", t.secs * 1e3 / a.steps as f64, t.calls / a.steps, 100.0 * t.secs / total);
+    }
+    eprintln!("{:>9.3} {:>6} {:>6}  all ops", total * 1e3 / a.steps as f64, "", "");
+    Ok(timed)
+}
+
 fn time_steps<B: Backend>(be: B, a: &StepArgs) -> Result<Timed> {
+    run_steps(be, a, |_| {}, |_| {})
+}
+
+fn run_steps<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), after: impl FnOnce(&B)) -> Result<Timed> {
     let cfg = GptConfig::preset(&a.preset)?;
     if a.seq > cfg.block_size {
         bail!("--seq {} exceeds the preset's block size {}", a.seq, cfg.block_size);
@@ -173,6 +200,7 @@ fn time_steps<B: Backend>(be: B, a: &StepArgs) -> Result<Timed> {
     for _ in 0..a.warmup {
         trainer.train_step(&windows)?;
     }
+    after_warmup(trainer.model().backend());
     // Each step ends by reading its loss back, which waits for the device: host clocks time
     // whole steps correctly on every backend.
     let mut secs = Vec::with_capacity(a.steps as usize);
@@ -181,6 +209,7 @@ fn time_steps<B: Backend>(be: B, a: &StepArgs) -> Result<Timed> {
         trainer.train_step(&windows)?;
         secs.push(t.elapsed().as_secs_f64());
     }
+    after(trainer.model().backend());
     secs.sort_by(f64::total_cmp);
     Ok(Timed {
         params: cfg.num_params(),

@@ -8,8 +8,10 @@
 //! - `logits <model> <out.npy> --ids ...`: the model's logits (T, V) for one sequence, as a
 //!   NumPy file, to compare against another implementation (`tools/hf/check_export.py`).
 //!
-//! `<model>` is a `model.safetensors` or a directory holding one (a checkpoint step directory
-//! `<store>/jobs/<job>/ckpt/<step>/`, or a run directory), as a local path or an object-store URI.
+//! `<model>` is a checkpoint (`<store>/jobs/<job>/ckpt/<step>/`, verified against its manifest
+//! before anything is exported), a `model.safetensors` or a directory holding one, as a local
+//! path or an object-store URI; or a job id: that job's newest checkpoint that verifies under
+//! `--store`, else its final weights there (`smelt_checkpoint::resolve_model`).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -19,9 +21,9 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use smelt_engine::model::{Gpt, LayerNormPlacement};
 use smelt_engine::{weights, CpuBackend};
-use smelt_worker::finetune_data::read_location;
+use smelt_checkpoint::{resolve_model, JobLocations};
 use smelt_worker::model_file::{self, SavedModel};
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Subcommand, Debug)]
 pub enum ExportCommand {
@@ -33,21 +35,32 @@ pub enum ExportCommand {
 
 #[derive(Args, Debug)]
 pub struct HfArgs {
-    /// A model.safetensors, or a checkpoint directory holding one.
+    /// A checkpoint, a model.safetensors (or a directory holding one), or a job id.
     pub model: String,
     /// Output directory (created; existing files of the same names are replaced).
     pub out: PathBuf,
+    #[command(flatten)]
+    pub store: StoreArg,
+}
+
+#[derive(Args, Debug)]
+pub struct StoreArg {
+    /// Where a job id's checkpoints (`jobs/<job>/ckpt/`) and final weights (`jobs/<job>/`) are.
+    #[arg(long, env = "SMELT_STORE", default_value = ".smelt")]
+    pub store: String,
 }
 
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
-    /// A model.safetensors, or a checkpoint directory holding one.
+    /// A checkpoint, a model.safetensors (or a directory holding one), or a job id.
     pub model: String,
     /// Output .npy file.
     pub out: PathBuf,
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub ids: Vec<u32>,
+    #[command(flatten)]
+    pub store: StoreArg,
 }
 
 pub fn run(c: ExportCommand) -> Result<()> {
@@ -57,18 +70,15 @@ pub fn run(c: ExportCommand) -> Result<()> {
     }
 }
 
-/// Reads `<model>` (a file, or `<dir>/model.safetensors`).
-fn load(model: &str) -> Result<SavedModel> {
-    let p = Path::new(model);
-    let file = if !model.contains("://") && p.is_dir() {
-        p.join("model.safetensors").display().to_string()
-    } else if model.contains("://") && !model.ends_with(".safetensors") {
-        format!("{}/model.safetensors", model.trim_end_matches('/'))
-    } else {
-        model.to_string()
-    };
-    let bytes = read_location(&file).with_context(|| format!("reading the model {file}"))?;
-    model_file::from_bytes(&bytes, &file)
+/// Reads `<model>`, verified when it is a checkpoint (see the module docs).
+fn load(model: &str, store: &StoreArg) -> Result<SavedModel> {
+    let jobs = JobLocations { checkpoint_store: store.store.clone(), final_models: Some(store.store.clone()) };
+    let src = resolve_model(model, &jobs).with_context(|| format!("reading the model {model}"))?;
+    for s in &src.skipped {
+        warn!(uri = %s.uri, reason = %s.reason, "checkpoint skipped");
+    }
+    info!(model, file = %src.file, verified = src.checkpoint.is_some(), "model read");
+    model_file::from_bytes(&src.bytes, &src.file)
 }
 
 /// GPT2Config of a smelt GPT. Dropout is 0: smelt trains without it, so the export behaves as
@@ -109,7 +119,7 @@ fn hf_config(saved: &SavedModel) -> serde_json::Value {
 }
 
 fn export_hf(a: &HfArgs) -> Result<()> {
-    let saved = load(&a.model)?;
+    let saved = load(&a.model, &a.store)?;
     if saved.config.ln_placement == LayerNormPlacement::Post {
         bail!(
             "{}: a post-LN model (ln_placement = post) has no Hugging Face GPT-2 equivalent: GPT-2 normalises before each \
@@ -136,7 +146,7 @@ fn export_hf(a: &HfArgs) -> Result<()> {
 }
 
 fn export_logits(a: &LogitsArgs) -> Result<()> {
-    let saved = load(&a.model)?;
+    let saved = load(&a.model, &a.store)?;
     let (t, v) = (a.ids.len(), saved.config.vocab_size);
     let mut model = Gpt::from_params(CpuBackend::new(), saved.config, &saved.params)?;
     model.forward(&a.ids, None, 1, t)?;

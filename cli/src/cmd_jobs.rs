@@ -113,6 +113,9 @@ fn print_job(j: &Job, json: bool) -> Result<()> {
     if let Some(v) = j.last_val_loss {
         lines.push(("val loss", format!("{v:.4}")));
     }
+    if let Some(a) = j.last_val_accuracy {
+        lines.push(("val acc", format!("{a:.4}")));
+    }
     if !j.worker_ids.is_empty() {
         lines.push(("ranks", j.worker_ids.join(", ")));
     }

@@ -77,6 +77,7 @@ async fn follow(client: &mut JobServiceClient<Channel>, job: &Job) -> Result<()>
     let every = (job.total_steps / 10).max(1);
     let mut seen = 0usize; // stored events already shown (a re-watch replays them)
     let mut last_val: Option<f32> = None;
+    let mut last_acc: Option<f32> = None;
     let mut reached = Instant::now();
     let end = 'watch: loop {
         let mut stream = match client.watch_job(WatchJobRequest { job_id: job.id.clone() }).await {
@@ -121,8 +122,12 @@ async fn follow(client: &mut JobServiceClient<Channel>, job: &Job) -> Result<()>
                     if m.val_loss.is_some() {
                         last_val = m.val_loss;
                     }
+                    if m.val_accuracy.is_some() {
+                        last_acc = m.val_accuracy;
+                    }
                     bar.set_position(m.step);
-                    let val = last_val.map(|v| format!(" | val {v:.4}")).unwrap_or_default();
+                    let acc = last_acc.map(|a| format!(" acc {a:.4}")).unwrap_or_default();
+                    let val = last_val.map(|v| format!(" | val {v:.4}{acc}")).unwrap_or_default();
                     bar.set_message(format!("loss {:.4}{val} | {:.0} tok/s", m.loss, m.tokens_per_s));
                     if bar.is_hidden() && (m.step % every == 0 || m.val_loss.is_some()) {
                         eprintln!(
@@ -140,7 +145,8 @@ async fn follow(client: &mut JobServiceClient<Channel>, job: &Job) -> Result<()>
     let j = client.get_job(GetJobRequest { job_id: job.id.clone() }).await.map_err(status)?.into_inner();
     match end {
         JobState::Succeeded => {
-            eprintln!("job {} succeeded at step {} (loss {:.4})", j.id, j.last_step, j.last_loss);
+            let acc = j.last_val_accuracy.map(|a| format!(", val accuracy {a:.4}")).unwrap_or_default();
+            eprintln!("job {} succeeded at step {} (loss {:.4}{acc})", j.id, j.last_step, j.last_loss);
             Ok(())
         }
         s => {

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
-use smelt_worker::WorkerConfig;
+use smelt_worker::{device, DeviceRequest, WorkerConfig};
+use tracing::info;
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
@@ -17,19 +18,22 @@ pub struct WorkerArgs {
     /// Where this worker writes outputs (final weights of jobs where it is rank 0).
     #[arg(long, default_value = ".smelt/worker")]
     pub out_dir: PathBuf,
-    /// Device: cpu (cuda needs a binary built with --features cuda).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Device: auto (GPU 0 when usable, else the CPU), cpu, or cuda:N (GPU N; needs a binary
+    /// built with --features cuda, and fails at startup when GPU N is not usable).
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: DeviceRequest,
+}
+
+fn parse_device(s: &str) -> Result<DeviceRequest, String> {
+    s.parse().map_err(|e: device::DeviceError| e.to_string())
 }
 
 pub fn run(a: WorkerArgs) -> Result<()> {
-    match a.device.as_str() {
-        "cpu" | "auto" => {}
-        d if d.starts_with("cuda") => anyhow::bail!("--device {d}: this smelt binary was built without the `cuda` feature"),
-        d => anyhow::bail!("--device {d:?}: expected auto, cpu or cuda:N"),
-    }
+    // Before registering: a worker that cannot use the GPU it was given must not take jobs.
+    let device = device::resolve(a.device)?;
+    info!(device = %device, "worker device");
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into());
-    let cfg = WorkerConfig { coordinator: a.coordinator, data_bind: a.data_addr, out_dir: a.out_dir, hostname };
+    let cfg = WorkerConfig { coordinator: a.coordinator, data_bind: a.data_addr, out_dir: a.out_dir, hostname, device };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(smelt_worker::run(cfg, crate::signals::terminated()))
 }

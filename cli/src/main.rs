@@ -3,6 +3,7 @@
 mod bench_checkpoint;
 mod bench_coordinator;
 mod bench_corpus;
+mod cmd_checkpoints;
 mod client;
 mod cmd_attention;
 mod cmd_bench;
@@ -59,6 +60,9 @@ enum Command {
     /// Benchmarks.
     #[command(subcommand)]
     Bench(cmd_bench::BenchCommand),
+    /// Committed checkpoints of a job or a store, with their verified status.
+    #[command(subcommand)]
+    Checkpoints(cmd_checkpoints::CheckpointsCommand),
     /// Export a model: `hf` (Hugging Face transformers GPT2LMHeadModel), `logits` (.npy).
     #[command(subcommand)]
     Export(cmd_export::ExportCommand),
@@ -84,6 +88,7 @@ fn main() -> Result<()> {
         Command::Attention(a) => cmd_attention::run(a),
         Command::Bench(b) => cmd_bench::run(b),
         Command::Export(c) => cmd_export::run(c),
+        Command::Checkpoints(c) => cmd_checkpoints::run(c),
         Command::Corpus(c) => cmd_corpus::run(c),
         Command::Coordinator(a) => cmd_coordinator::run(a),
         Command::Submit(a) => cmd_submit::run(a),

@@ -58,7 +58,7 @@ impl Cluster {
         let out = self.dir.path().join(format!("worker-{i}"));
         let log = log_file(self.dir.path(), &format!("worker-{i}"));
         let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
-            .args(["--threads", "1", "worker", "--coordinator", &format!("http://{}", self.addr), "--out-dir", out.to_str().unwrap()])
+            .args(["--threads", "1", "worker", "--device", "cpu", "--coordinator", &format!("http://{}", self.addr), "--out-dir", out.to_str().unwrap()])
             .env("SMELT_SAMPLE_LOG", self.samples_dir())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())

@@ -53,7 +53,7 @@ impl Cluster {
         let url = format!("http://{addr}");
         for i in 0..workers {
             let out = dir.path().join(format!("worker-{i}"));
-            procs.push(spawn(dir.path(), &format!("worker-{i}"), &["--threads", "1", "worker", "--coordinator", &url, "--out-dir", out.to_str().unwrap()]));
+            procs.push(spawn(dir.path(), &format!("worker-{i}"), &["--threads", "1", "worker", "--device", "cpu", "--coordinator", &url, "--out-dir", out.to_str().unwrap()]));
         }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         Cluster { dir, addr, _procs: procs, rt }

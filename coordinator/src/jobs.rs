@@ -72,6 +72,7 @@ impl State {
             last_step: start_step,
             last_loss: 0.0,
             last_val_loss: None,
+            last_val_accuracy: None,
             error: String::new(),
             created_at_ms: now,
             updated_at_ms: now,

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use smelt_proto::v1::{DeviceClass, JobState, RendezvousRequest, RendezvousResponse};
+use smelt_proto::v1::{JobState, RendezvousRequest, RendezvousResponse};
 use tokio::sync::oneshot;
 use tracing::info;
 
@@ -26,8 +26,7 @@ impl State {
     /// Joins `req.rank` to its attempt's rendezvous; the receiver resolves when all ranks have.
     pub fn rendezvous_join(&mut self, req: RendezvousRequest) -> Result<oneshot::Receiver<Result<RendezvousResponse>>> {
         let job = self.job(&req.job_id)?;
-        let (state, attempt, world_size, class) =
-            (job.row.state, job.row.attempt, job.row.world_size, job.row.device_class);
+        let (state, attempt, world_size) = (job.row.state, job.row.attempt, job.row.world_size);
         if req.attempt != attempt || !matches!(state, JobState::Scheduled | JobState::Running) {
             return Err(CoordError::Aborted(format!(
                 "attempt {} of job {} is not current (the job is {} at attempt {attempt})",
@@ -47,12 +46,6 @@ impl State {
             return Err(CoordError::PermissionDenied(format!(
                 "rank {} of job {} attempt {attempt} is assigned to worker {holder}, not {:?}",
                 req.rank, req.job_id, req.worker_id
-            )));
-        }
-        if class == DeviceClass::Cuda && req.rank == 0 && req.nccl_unique_id.is_empty() {
-            return Err(CoordError::InvalidArgument(format!(
-                "rank 0 of CUDA job {} must send its nccl_unique_id",
-                req.job_id
             )));
         }
         let (tx, rx) = oneshot::channel();

@@ -165,6 +165,7 @@ impl JobRec {
             last_step: r.last_step,
             last_loss: r.last_loss,
             last_val_loss: r.last_val_loss,
+            last_val_accuracy: r.last_val_accuracy,
             error: r.error.clone(),
             worker_ids: self.ranks.clone(),
             created_at_ms: r.created_at_ms,

@@ -20,7 +20,7 @@ use crate::state::{
 };
 
 /// Bumped by every schema change; `migrate` brings older files forward.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Largest number of queued writes applied in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -41,6 +41,8 @@ pub struct JobRow {
     pub last_step: u64,
     pub last_loss: f32,
     pub last_val_loss: Option<f32>,
+    /// Classification fine-tuning: the last validation accuracy reported.
+    pub last_val_accuracy: Option<f32>,
     pub error: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
@@ -90,6 +92,7 @@ pub struct MetricRow {
     pub step: u64,
     pub loss: f32,
     pub val_loss: Option<f32>,
+    pub val_accuracy: Option<f32>,
     pub grad_norm: f32,
     pub lr: f32,
     pub tokens_per_s: f64,
@@ -314,6 +317,12 @@ CREATE TABLE checkpoints (
 );
 "#;
 
+/// Version 2: validation accuracy of classification fine-tuning jobs.
+const SCHEMA_V2: &str = r#"
+ALTER TABLE jobs ADD COLUMN last_val_accuracy REAL;
+ALTER TABLE metrics ADD COLUMN val_accuracy REAL;
+"#;
+
 /// Creates the schema in a new file, or brings an older one to `SCHEMA_VERSION`.
 pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
@@ -330,7 +339,11 @@ pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         tx.execute_batch(SCHEMA_V1)?;
         version = 1;
     }
-    // Later versions: `if version < 2 { ...; version = 2; }`
+    if version < 2 {
+        tx.execute_batch(SCHEMA_V2)?;
+        version = 2;
+    }
+    // Later versions: `if version < 3 { ...; version = 3; }`
     tx.execute("DELETE FROM schema_version", [])?;
     tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
     tx.commit()?;
@@ -345,7 +358,8 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
     let mut out = Loaded::default();
     let mut st = conn.prepare(
         "SELECT id, name, spec_toml, state, priority, world_size, device_class, attempt, restarts, max_restarts,
-                total_steps, last_step, last_loss, last_val_loss, error, created_at_ms, updated_at_ms, start_step, resume_from
+                total_steps, last_step, last_loss, last_val_loss, error, created_at_ms, updated_at_ms, start_step, resume_from,
+                last_val_accuracy
          FROM jobs ORDER BY created_at_ms, id",
     )?;
     let rows = st.query_map([], |r| {
@@ -371,6 +385,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
             updated_at_ms: r.get(16)?,
             start_step: r.get::<_, i64>(17)? as u64,
             resume_from: r.get(18)?,
+            last_val_accuracy: r.get::<_, Option<f64>>(19)?.map(|v| v as f32),
         })
     })?;
     for r in rows {
@@ -442,8 +457,8 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO jobs (id, name, spec_toml, state, priority, world_size, device_class, attempt,
                     restarts, max_restarts, total_steps, last_step, last_loss, last_val_loss, error, created_at_ms,
-                    updated_at_ms, start_step, resume_from)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
+                    updated_at_ms, start_step, resume_from, last_val_accuracy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
             )?
             .execute(params![
                 j.id,
@@ -465,6 +480,7 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
                 j.updated_at_ms,
                 j.start_step as i64,
                 j.resume_from,
+                j.last_val_accuracy.map(|v| v as f64),
             ])?;
         }
         Op::Worker(w) => {
@@ -498,8 +514,8 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Metric(m) => {
             tx.prepare_cached(
-                "INSERT INTO metrics (job_id, attempt, step, loss, val_loss, grad_norm, lr, tokens_per_s, at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO metrics (job_id, attempt, step, loss, val_loss, grad_norm, lr, tokens_per_s, at_ms, val_accuracy)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             )?
             .execute(params![
                 m.job_id,
@@ -511,6 +527,7 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
                 m.lr as f64,
                 m.tokens_per_s,
                 m.at_ms,
+                m.val_accuracy.map(|v| v as f64),
             ])?;
         }
         Op::Checkpoint(c) => {
@@ -604,6 +621,7 @@ mod tests {
             last_step: 12,
             last_loss: 2.5,
             last_val_loss: Some(2.75),
+            last_val_accuracy: Some(0.625),
             error: String::new(),
             created_at_ms: 1,
             updated_at_ms: 2,
@@ -657,6 +675,7 @@ mod tests {
                 step,
                 loss: 1.0,
                 val_loss: None,
+                val_accuracy: (step == 999).then_some(0.75),
                 grad_norm: 0.5,
                 lr: 1e-3,
                 tokens_per_s: 10.0,
@@ -684,10 +703,38 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         let n: i64 = conn.query_row("SELECT COUNT(*) FROM metrics", [], |r| r.get(0)).unwrap();
         assert_eq!(n, 1000);
+        let acc: f64 = conn.query_row("SELECT val_accuracy FROM metrics WHERE step = 999", [], |r| r.get(0)).unwrap();
+        assert_eq!(acc, 0.75);
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
         assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_version_1_file_is_migrated_keeping_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smelt.db");
+        {
+            // A file as the version-1 coordinator left it, with one job and one metric.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(SCHEMA_V1).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);
+                 INSERT INTO jobs VALUES ('job-000001', 'n', 's', 'running', 0, 1, 'cpu', 1, 0, 0, 10, 4, 2.5, 2.75, '', 1, 2, 0, '');
+                 INSERT INTO metrics VALUES ('job-000001', 1, 4, 2.5, NULL, 0.5, 0.001, 10.0, 3);",
+            )
+            .unwrap();
+        }
+        let (store, loaded) = Store::open(&path).unwrap();
+        assert_eq!(loaded.jobs.len(), 1);
+        assert_eq!((loaded.jobs[0].last_step, loaded.jobs[0].last_val_loss, loaded.jobs[0].last_val_accuracy), (4, Some(2.75), None));
+        store.close();
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let acc: Option<f64> = conn.query_row("SELECT val_accuracy FROM metrics", [], |r| r.get(0)).unwrap();
+        assert_eq!(acc, None);
     }
 
     #[test]

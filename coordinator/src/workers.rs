@@ -288,6 +288,9 @@ impl State {
         if m.val_loss.is_some() {
             job.row.last_val_loss = m.val_loss;
         }
+        if m.val_accuracy.is_some() {
+            job.row.last_val_accuracy = m.val_accuracy;
+        }
         let now = now_ms();
         job.row.updated_at_ms = now;
         let ev = smelt_proto::v1::JobEvent {
@@ -303,6 +306,7 @@ impl State {
             step: m.step,
             loss: m.loss,
             val_loss: m.val_loss,
+            val_accuracy: m.val_accuracy,
             grad_norm: m.grad_norm,
             lr: m.lr,
             tokens_per_s: m.tokens_per_s,

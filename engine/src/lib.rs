@@ -20,6 +20,7 @@ pub mod error;
 pub mod model;
 pub mod optim;
 pub mod params;
+pub mod profile;
 pub mod rng;
 pub mod train;
 pub mod weights;

@@ -85,6 +85,9 @@ impl<B: Backend> Trainer<B> {
     pub fn config(&self) -> &TrainConfig {
         &self.cfg
     }
+    pub fn model(&self) -> &Gpt<B> {
+        &self.model
+    }
     /// Steps taken so far.
     pub fn step(&self) -> u64 {
         self.step

@@ -51,6 +51,10 @@
 //! ...
 //! ```
 
+mod family;
+
+pub use family::{Arch, BertObjective, BertSpecials, FamilyConfig, T5Specials};
+
 use serde::{Deserialize, Serialize};
 use smelt_engine::model::{GptConfig, LayerNormPlacement};
 use smelt_engine::optim::{AdamWConfig, LrSchedule};
@@ -169,6 +173,40 @@ pub struct ModelSpec {
     pub vocab_size: Option<usize>,
     #[serde(default)]
     pub ln_placement: LayerNormPlacement,
+    /// `gpt` (default), `bert` (encoder-only) or `t5` (encoder-decoder). Presets are per
+    /// architecture (`bert-tiny`, `t5-tiny`, ...).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arch: Option<String>,
+    /// BERT/T5 attention score: `dot` (default), `general` or `additive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scores: Option<String>,
+    /// BERT/T5 positions: `learned` (BERT's default) or `sinusoidal` (T5's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub positions: Option<String>,
+    /// BERT/T5 feed-forward width (default 4 x n_embd, or the preset's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_inner: Option<usize>,
+    /// T5 decoder layers (default: n_layer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub n_decoder_layer: Option<usize>,
+    /// BERT: `mlm` (default), `mlm+nsp` or `contrastive`; T5: `span` (span corruption).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub objective: Option<String>,
+    /// BERT masking rate of `mlm`/`mlm+nsp` (and of the views of `contrastive`); default 0.15.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mask_prob: Option<f64>,
+    /// BERT contrastive: InfoNCE temperature (default 0.05).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    /// T5 span corruption: share of tokens cut out (default 0.15).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_density: Option<f64>,
+    /// T5 span corruption: mean span length (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mean_span: Option<f64>,
+    /// T5 span corruption: sentinel ids reserved at the top of the vocabulary (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinels: Option<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -391,8 +429,24 @@ impl JobSpec {
             _ => {}
         }
         // The model and optimizer configs validate their own fields; prefix them with their table.
-        let model = self.model_config(self.model.vocab_size.unwrap_or(256))?;
-        self.train_config().validate(model.block_size).map_err(|e| train_field_err(e.field.as_str(), e.message))?;
+        let block_size = match self.arch()? {
+            Arch::Gpt => {
+                self.check_family_fields_absent()?;
+                self.model_config(self.model.vocab_size.unwrap_or(256))?.block_size
+            }
+            Arch::Bert | Arch::T5 => {
+                if self.checkpoint.every > 0 {
+                    return Err(err("checkpoint.every", "checkpoints are only written for arch = \"gpt\" so far (leave it 0: the final model is saved)"));
+                }
+                self.family_config(self.model.vocab_size.unwrap_or(256))?.max_positions()
+            }
+        };
+        self.train_config().validate(block_size).map_err(|e| train_field_err(e.field.as_str(), e.message))?;
+        if let Ok(FamilyConfig::Bert { objective: BertObjective::Contrastive, .. }) = self.family_config(256) {
+            if self.train.micro_batch < 2 {
+                return Err(err("train.micro_batch", "the contrastive objective needs at least 2 pairs per micro-batch (in-batch negatives)"));
+            }
+        }
         Ok(())
     }
 
@@ -433,6 +487,7 @@ impl JobSpec {
             ("model.n_embd", m.n_embd.is_some()),
             ("model.block_size", m.block_size.is_some()),
             ("model.vocab_size", m.vocab_size.is_some()),
+            ("model.arch", m.arch.is_some()),
         ] {
             if set {
                 return Err(err(field, "a finetune job takes its model from finetune.init_from"));

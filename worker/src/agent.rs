@@ -12,8 +12,8 @@ use smelt_proto::v1::coordinator_message::Body as Down;
 use smelt_proto::v1::worker_message::Body as Up;
 use smelt_proto::v1::worker_service_client::WorkerServiceClient;
 use smelt_proto::v1::{
-    Assignment, AssignmentDone, CheckpointReport, CoordinatorMessage, DeviceClass, RegisterRequest, RendezvousRequest, WorkerMessage,
-    WorkerState, WorkerStatus,
+    Assignment, AssignmentDone, CheckpointReport, CoordinatorMessage, RegisterRequest, RendezvousRequest, RendezvousResponse,
+    WorkerMessage, WorkerState, WorkerStatus,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,7 +21,8 @@ use tokio_stream::StreamExt;
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use crate::runner::{run_assignment, RunControl, RunEvent, RunRequest};
+use crate::device::Device;
+use crate::runner::{creates_nccl_id, run_assignment, RunControl, RunEvent, RunRequest};
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
@@ -32,6 +33,9 @@ pub struct WorkerConfig {
     /// Directory for this worker's outputs (final weights of jobs where it is rank 0).
     pub out_dir: PathBuf,
     pub hostname: String,
+    /// Where this worker trains (decided at startup: `device::resolve`); registered as its
+    /// device class and index, which the coordinator schedules by.
+    pub device: Device,
 }
 
 /// The assignment in progress and how to stop it.
@@ -78,8 +82,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             .register(RegisterRequest {
                 worker_id: worker_id.clone(),
                 hostname: cfg.hostname.clone(),
-                device_class: DeviceClass::Cpu as i32,
-                device_index: 0,
+                device_class: cfg.device.class() as i32,
+                device_index: cfg.device.index(),
                 data_addr: data_addr.clone(),
                 running: running.as_ref().map(|r| r.assignment.clone()),
             })
@@ -95,7 +99,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         };
         backoff = Duration::from_millis(100);
         if worker_id != reg.worker_id {
-            info!(worker_id = %reg.worker_id, data_addr = %data_addr, "registered");
+            info!(worker_id = %reg.worker_id, data_addr = %data_addr, device = %cfg.device, "registered");
         } else {
             info!(worker_id = %reg.worker_id, "re-registered");
         }
@@ -148,7 +152,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         info!(job_id = %a.job_id, attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment received");
                         let control = RunControl::default();
                         running = Some(Running { assignment: a.clone(), control: control.clone() });
-                        start(client.clone(), a, worker_id.clone(), &listener, cfg.out_dir.clone(), control, event_tx.clone());
+                        start(client.clone(), a, worker_id.clone(), &listener, &cfg, control, event_tx.clone());
                     }
                     Some(Ok(CoordinatorMessage { body: Some(Down::Abort(ab)) })) => {
                         if let Some(r) = &running {
@@ -177,7 +181,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         if let Some(a) = queued.take() {
                             let control = RunControl::default();
                             running = Some(Running { assignment: a.clone(), control: control.clone() });
-                            start(client.clone(), a, worker_id.clone(), &listener, cfg.out_dir.clone(), control, event_tx.clone());
+                            start(client.clone(), a, worker_id.clone(), &listener, &cfg, control, event_tx.clone());
                         }
                         let _ = up_tx.send(msg(status(&running, draining))).await;
                         if draining { break; }
@@ -236,37 +240,58 @@ async fn connect(url: &str) -> Result<WorkerServiceClient<Channel>> {
     Ok(WorkerServiceClient::new(channel))
 }
 
-/// Rendezvous on the runtime, then the training thread.
+/// Joins the attempt's rendezvous: sends this rank's NCCL unique id (rank 0 of a multi-GPU job;
+/// empty otherwise) and gets every rank's ring address and rank 0's id, which the coordinator
+/// relays as opaque bytes.
+pub async fn rendezvous(
+    client: &mut WorkerServiceClient<Channel>,
+    a: &Assignment,
+    worker_id: &str,
+    nccl_unique_id: Vec<u8>,
+) -> Result<RendezvousResponse, tonic::Status> {
+    let req = RendezvousRequest {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: a.rank,
+        worker_id: worker_id.to_string(),
+        nccl_unique_id,
+    };
+    Ok(client.rendezvous(req).await?.into_inner())
+}
+
+/// Rendezvous on the runtime (rank 0 of a multi-GPU job first creates the NCCL id), then the
+/// training thread.
 fn start(
     mut client: WorkerServiceClient<Channel>,
     a: Assignment,
     worker_id: String,
     listener: &TcpListener,
-    out_dir: PathBuf,
+    cfg: &WorkerConfig,
     control: RunControl,
     events: mpsc::UnboundedSender<RunEvent>,
 ) {
     let listener = listener.try_clone().expect("clone the ring listener");
+    let (out_dir, device) = (cfg.out_dir.clone(), cfg.device);
     tokio::spawn(async move {
-        let rdv = client
-            .rendezvous(RendezvousRequest {
-                job_id: a.job_id.clone(),
-                attempt: a.attempt,
-                rank: a.rank,
-                worker_id,
-                nccl_unique_id: Vec::new(),
-            })
-            .await;
-        let peer_addrs = match rdv {
-            Ok(r) => r.into_inner().peer_addrs,
+        let failed = |error: String| {
+            RunEvent::Done(AssignmentDone { job_id: a.job_id.clone(), attempt: a.attempt, ok: false, error, final_step: 0 })
+        };
+        let mut my_id = Vec::new();
+        if creates_nccl_id(&a, device) {
+            // ncclGetUniqueId opens NCCL's bootstrap socket: off the async runtime.
+            let made = tokio::task::spawn_blocking(crate::device::nccl_unique_id).await.unwrap_or_else(|e| Err(e.to_string()));
+            match made {
+                Ok(id) => my_id = id,
+                Err(e) => {
+                    let _ = events.send(failed(format!("creating the nccl unique id on {device}: {e}")));
+                    return;
+                }
+            }
+        }
+        let (peer_addrs, nccl_unique_id) = match rendezvous(&mut client, &a, &worker_id, my_id).await {
+            Ok(r) => (r.peer_addrs, r.nccl_unique_id),
             Err(e) => {
-                let _ = events.send(RunEvent::Done(AssignmentDone {
-                    job_id: a.job_id.clone(),
-                    attempt: a.attempt,
-                    ok: false,
-                    error: format!("rendezvous failed: {}", e.message()),
-                    final_step: 0,
-                }));
+                let _ = events.send(failed(format!("rendezvous failed: {}", e.message())));
                 return;
             }
         };
@@ -274,7 +299,7 @@ fn start(
         std::thread::Builder::new()
             .name(thread_name)
             .spawn(move || {
-                let req = RunRequest { assignment: a, peer_addrs, listener, out_dir };
+                let req = RunRequest { assignment: a, peer_addrs, listener, out_dir, device, nccl_unique_id };
                 run_assignment(req, control, &|ev| {
                     let _ = events.send(ev);
                 });

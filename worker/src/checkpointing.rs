@@ -8,14 +8,14 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use smelt_checkpoint::manifest::{DataPosition, FORMAT};
 use smelt_checkpoint::{
-    checkpoints_root, load_or_fall_back, AsyncCheckpointer, Lineage, Outcome, Retention, Snapshot, Submitted,
-    TrainerJson, UploadOptions,
+    checkpoints_root, load_or_fall_back, AsyncCheckpointer, Checkpoint, HeadConfig, Lineage, Outcome, Retention, Snapshot,
+    Submitted, TrainerJson, UploadOptions,
 };
 use smelt_corpus::{StoreDir, Tokenizer};
 use smelt_engine::collective::Collective;
 use smelt_engine::model::GptConfig;
-use smelt_engine::train::Trainer;
-use smelt_engine::{Backend, CpuBackend};
+use smelt_engine::train::{Trainer, TrainerState};
+use smelt_engine::Backend;
 use smelt_jobspec::JobSpec;
 use smelt_proto::v1::{Assignment, CheckpointReport, JobNote};
 use tracing::{info, warn};
@@ -33,31 +33,66 @@ fn note(a: &Assignment, text: String) -> RunEvent {
     RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text })
 }
 
-/// Every rank: restores the trainer from the assignment's checkpoint (or the newest good one
-/// before it, when it does not verify) and returns the step to start at. With several ranks,
-/// they check that they all resumed at the same step before the first gradient is exchanged.
-pub fn resume(
+/// Every rank: the assignment's checkpoint (or the newest good one before it, when it does not
+/// verify; rank 0 records an event for each one skipped), or `None` when starting afresh.
+pub fn load_resume(a: &Assignment, events: &dyn Fn(RunEvent)) -> Result<Option<Checkpoint>> {
+    if a.resume_from.is_empty() {
+        return Ok(None);
+    }
+    let r = load_or_fall_back(&a.resume_from).with_context(|| format!("resuming from {}", a.resume_from))?;
+    let ck = r.checkpoint;
+    if a.rank == 0 {
+        for s in &r.skipped {
+            events(note(a, format!("checkpoint {} skipped: {}; resuming from {} instead", s.uri, s.reason, ck.uri)));
+        }
+    }
+    if ck.step() != a.start_step {
+        info!(uri = %ck.uri, step = ck.step(), assigned_step = a.start_step, "resuming at the checkpoint's step");
+    }
+    info!(job_id = %a.job_id, rank = a.rank, uri = %ck.uri, step = ck.step(), "resumed from checkpoint");
+    Ok(Some(ck))
+}
+
+/// With several ranks, checks that they all start at `start` before the first gradient is
+/// exchanged: if any rank's start differs, the mean differs from it on at least one rank; that
+/// rank fails, and its ring breaking stops the others.
+pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut dyn Collective<B>) -> Result<()> {
+    if a.world_size <= 1 {
+        return Ok(());
+    }
+    let mine = start as f32;
+    let mut buf = be.upload(&[mine]);
+    ring.all_reduce_mean(be, be.view_mut(&mut buf, 0..1))?;
+    let mean = be.download(be.view(&buf, 0..1))[0];
+    if mean != mine {
+        return Err(anyhow!("ranks resumed at different steps (rank {} at {mine}, mean {mean})", a.rank));
+    }
+    Ok(())
+}
+
+/// Lineage of a run's checkpoints when it resumed from `ck`.
+pub fn lineage_of(ck: &Checkpoint) -> Lineage {
+    Lineage { parent_checkpoint: Some(ck.uri.clone()), parent_job: Some(ck.trainer.job_id.clone()) }
+}
+
+/// Every rank: restores the trainer from the assignment's checkpoint (see [`load_resume`]) and
+/// returns the step to start at, agreed by all ranks.
+pub fn resume<B: Backend>(
     a: &Assignment,
     spec: &JobSpec,
     cfg: &GptConfig,
-    trainer: &mut Trainer<CpuBackend>,
-    ring: &mut dyn Collective<CpuBackend>,
+    trainer: &mut Trainer<B>,
+    ring: &mut dyn Collective<B>,
     events: &dyn Fn(RunEvent),
 ) -> Result<Resumed> {
     let mut resumed = Resumed::default();
-    if !a.resume_from.is_empty() {
-        let r = load_or_fall_back(&a.resume_from).with_context(|| format!("resuming from {}", a.resume_from))?;
-        let ck = r.checkpoint;
-        if a.rank == 0 {
-            for s in &r.skipped {
-                events(note(a, format!("checkpoint {} skipped: {}; resuming from {} instead", s.uri, s.reason, ck.uri)));
-            }
-        }
-        if ck.trainer.model != *cfg {
+    if let Some(ck) = load_resume(a, events)? {
+        if ck.trainer.model != *cfg || ck.trainer.head.is_some() {
             return Err(anyhow!(
-                "checkpoint {} holds a model {:?}, the job's spec makes {:?}",
+                "checkpoint {} holds a model {:?}{}, the job's spec makes {:?}",
                 ck.uri,
                 ck.trainer.model,
+                if ck.trainer.head.is_some() { " with a classification head" } else { "" },
                 cfg
             ));
         }
@@ -73,27 +108,9 @@ pub fn resume(
             );
         }
         trainer.restore(&ck.params, &ck.m, &ck.v, &ck.trainer.trainer).with_context(|| format!("restoring {}", ck.uri))?;
-        if ck.step() != a.start_step {
-            info!(uri = %ck.uri, step = ck.step(), assigned_step = a.start_step, "resuming at the checkpoint's step");
-        }
-        info!(job_id = %a.job_id, rank = a.rank, uri = %ck.uri, step = ck.step(), "resumed from checkpoint");
-        resumed = Resumed {
-            start_step: ck.step(),
-            lineage: Lineage { parent_checkpoint: Some(ck.uri.clone()), parent_job: Some(ck.trainer.job_id.clone()) },
-        };
+        resumed = Resumed { start_step: ck.step(), lineage: lineage_of(&ck) };
     }
-    if a.world_size > 1 {
-        // If any rank's start differs, the mean differs from it on at least one rank; that rank
-        // fails, and its ring breaking stops the others.
-        let be = trainer.model.backend();
-        let mine = resumed.start_step as f32;
-        let mut buf = be.upload(&[mine]);
-        ring.all_reduce_mean(be, be.view_mut(&mut buf, 0..1))?;
-        let mean = be.download(be.view(&buf, 0..1))[0];
-        if mean != mine {
-            return Err(anyhow!("ranks resumed at different steps (rank {} at {mine}, mean {mean})", a.rank));
-        }
-    }
+    agree_on_start(a, resumed.start_step, trainer.model.backend(), ring)?;
     Ok(resumed)
 }
 
@@ -103,6 +120,15 @@ pub fn store_uri(spec: &JobSpec, out_dir: &Path) -> Result<String> {
         Some(s) => Ok(s.clone()),
         None => Ok(std::path::absolute(out_dir).with_context(|| format!("output directory {}", out_dir.display()))?.display().to_string()),
     }
+}
+
+/// Host copies of what a checkpoint holds besides its metadata: weights and AdamW moments (a
+/// fine-tuning head's after the GPT's), and the trainer's counters.
+pub struct HostState {
+    pub params: Vec<f32>,
+    pub m: Vec<f32>,
+    pub v: Vec<f32>,
+    pub state: TrainerState,
 }
 
 /// Rank 0's checkpointing during a run.
@@ -135,6 +161,7 @@ impl Checkpointer {
             data: DataPosition { samples_consumed: 0, global_batch: spec.train.global_batch as u64, seed: spec.seed },
             trainer: smelt_engine::train::TrainerState { step: 0, optimizer_steps: 0, data_rng: smelt_engine::rng::Rng::new(0) },
             model: cfg.clone(),
+            head: None,
             tokenizer: tokenizer.clone(),
             spec_toml: a.spec_toml.clone(),
             lineage,
@@ -154,26 +181,27 @@ impl Checkpointer {
         report(&self.template, outcomes, events)
     }
 
-    /// Host copies of the weights, moments and counters: the part of a checkpoint the training
-    /// loop waits for.
-    fn snapshot(&mut self, trainer: &Trainer<CpuBackend>) -> Snapshot {
-        let t0 = Instant::now();
-        let state = trainer.state();
-        let (m, v) = trainer.moments_host();
-        let params = trainer.model.params_host();
-        let mut meta = self.template.clone();
-        meta.step = state.step;
-        meta.data.samples_consumed = state.step * meta.data.global_batch;
-        meta.trainer = state;
-        self.stall += t0.elapsed();
-        self.snapshots += 1;
-        Snapshot { params, m, v, trainer: meta }
+    /// A fine-tuning job's checkpoints also hold its classification head.
+    pub fn with_head(mut self, head: Option<HeadConfig>) -> Self {
+        self.template.head = head;
+        self
     }
 
-    /// After step `done` (steps completed) of `total`: reports uploads that ended, and hands a
-    /// snapshot to the uploader when a checkpoint is due. The last step always checkpoints,
-    /// waiting (at most `final_wait`) for an upload still in flight.
-    pub fn after_step(&mut self, done: u64, total: u64, trainer: &Trainer<CpuBackend>, events: &dyn Fn(RunEvent)) {
+    /// After step `done` (steps completed) of `total` of a pretraining run: see
+    /// [`Self::after_step_with`]. The host copies are, on a GPU, device-to-host downloads
+    /// through the backend.
+    pub fn after_step<B: Backend>(&mut self, done: u64, total: u64, trainer: &Trainer<B>, events: &dyn Fn(RunEvent)) {
+        self.after_step_with(done, total, events, &mut || {
+            let (m, v) = trainer.moments_host();
+            HostState { params: trainer.model.params_host(), m, v, state: trainer.state() }
+        })
+    }
+
+    /// After step `done` (steps completed) of `total`: reports uploads that ended, and when a
+    /// checkpoint is due, takes host copies with `take` (the only part of a checkpoint the
+    /// training loop waits for) and hands them to the uploader. The last step always
+    /// checkpoints, waiting (at most `final_wait`) for an upload still in flight.
+    pub fn after_step_with(&mut self, done: u64, total: u64, events: &dyn Fn(RunEvent), take: &mut dyn FnMut() -> HostState) {
         self.report(self.uploader.poll(), events);
         let last = done == total;
         if !(last || done % self.every == 0) {
@@ -187,16 +215,41 @@ impl Checkpointer {
             warn!(step = done, "checkpoint skipped: the previous upload is still in flight (training never waits on storage)");
             return;
         }
-        let s = self.snapshot(trainer);
+        let t0 = Instant::now();
+        let host = take();
+        let mut meta = self.template.clone();
+        meta.step = host.state.step;
+        meta.data.samples_consumed = host.state.step * meta.data.global_batch;
+        meta.trainer = host.state;
+        self.stall += t0.elapsed();
+        self.snapshots += 1;
+        let s = Snapshot { params: host.params, m: host.m, v: host.v, trainer: meta };
         if let Submitted::Busy { in_flight } = self.uploader.submit(s) {
             warn!(step = done, in_flight, "checkpoint skipped: the previous upload is still in flight");
         }
     }
 
-    /// End of the run: waits (at most `final_wait`) for the last upload and reports it.
+    /// End of the run: waits (at most `final_wait`) for the last upload and reports it; an
+    /// upload still running then (a store that is down or slow) is abandoned with an event
+    /// saying so, and the run ends without that checkpoint.
     pub fn finish(self, events: &dyn Fn(RunEvent)) {
         let (stall, n) = (self.stall, self.snapshots);
-        let out = self.uploader.finish(self.final_wait);
+        let (out, idle) = self.uploader.wait(self.final_wait);
+        self.report(out, events);
+        if !idle {
+            let step = self.uploader.in_flight().unwrap_or_default();
+            events(RunEvent::Note(JobNote {
+                job_id: self.template.job_id.clone(),
+                attempt: self.template.attempt,
+                text: format!(
+                    "checkpoint at step {step} not committed: its upload to {} was still running after checkpoint.final_wait_s = {} s \
+                     (is the store reachable?); the run ends without it",
+                    self.uploader.root().uri(),
+                    self.final_wait.as_secs()
+                ),
+            }));
+        }
+        let out = self.uploader.finish(Duration::ZERO);
         report(&self.template, out, events);
         info!(snapshots = n, stall_ms = stall.as_secs_f64() * 1e3, "checkpointing: time the training loop spent on snapshots");
     }

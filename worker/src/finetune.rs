@@ -5,11 +5,17 @@
 //! Data parallelism is pretraining's: every rank derives the same example order from the seed
 //! and takes its slice of each step's global batch; the GPT's and the head's gradients are
 //! averaged over the ring, clipped by their joint norm, and stepped by AdamW on every rank.
+//!
+//! `init_from` is read through `smelt_checkpoint::resolve_model`: a checkpoint is verified
+//! against its manifest before its weights are used. Rank 0 checkpoints the GPT, the head and
+//! both optimizers as pretraining does (`checkpointing`), so a restarted job resumes exactly
+//! where its last checkpoint left it.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use smelt_checkpoint::{resolve_model, Checkpoint, HeadConfig, JobLocations, Lineage, ModelSource, Skipped};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_corpus::Tokenizer;
 use smelt_engine::backend::{Backend, IGNORE_INDEX};
@@ -18,11 +24,13 @@ use smelt_engine::model::heads::ClassificationHead;
 use smelt_engine::model::{Gpt, GptConfig};
 use smelt_engine::optim::{AdamW, AdamWConfig, LrSchedule};
 use smelt_engine::params::ParamTable;
+use smelt_engine::train::TrainerState;
 use smelt_engine::{weights, CpuBackend, EngineError};
 use smelt_jobspec::{FinetuneHead, FinetuneSpec, JobSpec};
-use smelt_proto::v1::StepMetrics;
-use tracing::{info, warn};
+use smelt_proto::v1::{JobNote, StepMetrics};
+use tracing::info;
 
+use crate::checkpointing::{self, Checkpointer, HostState};
 use crate::finetune_data::{self, ClassExample, SftExample};
 use crate::model_file;
 use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
@@ -58,6 +66,8 @@ pub struct FinetuneJob {
     parent: String,
     parent_file: String,
     parent_job: Option<String>,
+    /// Checkpoints of the parent job passed over (they did not verify), and why.
+    pub skipped: Vec<Skipped>,
     examples: Examples,
 }
 
@@ -72,42 +82,14 @@ pub struct FinetuneOutcome {
     pub model_path: Option<PathBuf>,
 }
 
-/// A job id as the coordinator makes them (`job-000003`).
-fn looks_like_job_id(s: &str) -> bool {
-    s.strip_prefix("job-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
-}
-
-/// The bytes of the model `init_from` names, and the file they came from: an object-store URI
-/// of a `.safetensors` file or of a checkpoint directory (its `model.safetensors`), a local
-/// file or checkpoint directory, or the id of a job whose final weights are under `out_dir`.
-pub fn resolve_init_from(init_from: &str, out_dir: &Path) -> Result<(Vec<u8>, String)> {
-    let s = init_from.trim();
-    let at = |what: &str| format!("finetune.init_from {s:?}: {what}");
-    if s.contains("://") {
-        let file = if s.ends_with(".safetensors") { s.to_string() } else { format!("{}/model.safetensors", s.trim_end_matches('/')) };
-        let bytes = finetune_data::read_location(&file).with_context(|| at(&format!("reading {file}")))?;
-        return Ok((bytes, file));
-    }
-    let p = Path::new(s);
-    let file = if p.is_file() {
-        p.to_path_buf()
-    } else if p.is_dir() {
-        let f = p.join("model.safetensors");
-        if !f.is_file() {
-            bail!(at(&format!("the directory holds no model.safetensors ({} is missing)", f.display())));
-        }
-        f
-    } else if looks_like_job_id(s) {
-        let f = out_dir.join("jobs").join(s).join("model.safetensors");
-        if !f.is_file() {
-            bail!(at(&format!("no final weights of job {s} at {} (a job id names a finished job whose model this worker can read)", f.display())));
-        }
-        f
-    } else {
-        bail!(at("no such file or directory, and not a job id"));
-    };
-    let bytes = std::fs::read(&file).with_context(|| at(&format!("reading {}", file.display())))?;
-    Ok((bytes, file.display().to_string()))
+/// The model `init_from` names, read and verified by `smelt_checkpoint::resolve_model`: a
+/// checkpoint directory or URI (checked against its manifest), a `.safetensors` file, a
+/// directory holding one, or the id of a job, whose checkpoints are looked for in this job's
+/// checkpoint store and whose final weights under `out_dir`.
+pub fn resolve_init_from(spec: &JobSpec, init_from: &str, out_dir: &Path) -> Result<ModelSource> {
+    let out = std::path::absolute(out_dir).with_context(|| format!("output directory {}", out_dir.display()))?;
+    let jobs = JobLocations { checkpoint_store: checkpointing::store_uri(spec, out_dir)?, final_models: Some(out.display().to_string()) };
+    resolve_model(init_from, &jobs).with_context(|| format!("finetune.init_from {:?}", init_from.trim()))
 }
 
 impl FinetuneJob {
@@ -116,8 +98,9 @@ impl FinetuneJob {
     pub fn prepare(spec: &JobSpec, out_dir: &Path) -> Result<FinetuneJob> {
         let f: &FinetuneSpec = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
         let head = f.head_kind()?;
-        let (bytes, parent_file) = resolve_init_from(&f.init_from, out_dir)?;
-        let saved = model_file::from_bytes(&bytes, &parent_file).with_context(|| format!("finetune.init_from {:?}", f.init_from))?;
+        let src = resolve_init_from(spec, &f.init_from, out_dir)?;
+        let parent_file = src.file.clone();
+        let saved = model_file::from_bytes(&src.bytes, &parent_file).with_context(|| format!("finetune.init_from {:?}", f.init_from))?;
         let cfg = saved.config;
         let seq = spec.train.seq_len;
         if seq > cfg.block_size {
@@ -147,13 +130,27 @@ impl FinetuneJob {
             init_params: saved.params,
             parent: f.init_from.clone(),
             parent_file,
-            parent_job: saved.metadata.get("smelt.job").cloned(),
+            parent_job: saved.metadata.get("smelt.job").cloned().or(src.job),
+            skipped: src.skipped,
             examples,
         })
     }
 
     pub fn config(&self) -> &GptConfig {
         &self.config
+    }
+
+    /// The classification head checkpoints hold (none for SFT).
+    pub fn head_config(&self) -> Option<HeadConfig> {
+        match &self.examples {
+            Examples::Classification { num_labels, .. } => Some(HeadConfig { num_labels: *num_labels }),
+            Examples::Sft { .. } => None,
+        }
+    }
+
+    /// Where this job's weights came from, as its checkpoints record it.
+    pub fn lineage(&self) -> Lineage {
+        Lineage { parent_checkpoint: Some(self.parent_file.clone()), parent_job: self.parent_job.clone() }
     }
 
     /// Trains as `rank` of the collective's world; rank 0 evaluates, reports metrics and saves
@@ -166,10 +163,33 @@ impl FinetuneJob {
         stopped: &dyn Fn() -> Option<String>,
         metrics: &mut dyn FnMut(StepMetrics),
     ) -> Result<FinetuneOutcome> {
+        self.train_from(job_id, out_dir, collective, stopped, metrics, None, None)
+    }
+
+    /// [`Self::train`], starting from checkpoint `from` (every rank the same) when given, and
+    /// checkpointing through `checkpoints` (rank 0) when given.
+    #[allow(clippy::too_many_arguments)]
+    pub fn train_from(
+        &self,
+        job_id: &str,
+        out_dir: &Path,
+        collective: &mut dyn Collective<CpuBackend>,
+        stopped: &dyn Fn() -> Option<String>,
+        metrics: &mut dyn FnMut(StepMetrics),
+        from: Option<&Checkpoint>,
+        mut checkpoints: Option<(Checkpointer, &dyn Fn(RunEvent))>,
+    ) -> Result<FinetuneOutcome> {
         let (rank, world) = (collective.rank(), collective.world_size());
         let spec = &self.spec;
         let tc = spec.train_config();
         let mut st = State::new(self, &tc.optim, tc.schedule.clone())?;
+        let start = match from {
+            Some(ck) => {
+                st.restore(self, ck)?;
+                ck.step()
+            }
+            None => 0,
+        };
         let order = SampleOrder::new(self.examples.n_train() as u64, spec.seed);
         let global = spec.train.global_batch as u64;
         info!(
@@ -178,13 +198,14 @@ impl FinetuneJob {
             world,
             head = %spec.finetune.as_ref().map(|f| f.head.as_str()).unwrap_or_default(),
             parent = %self.parent,
+            start,
             train_examples = self.examples.n_train(),
             val_examples = self.examples.n_val(),
             "fine-tuning started"
         );
         let started = Instant::now();
         let (mut tokens, mut last_val) = (0usize, (None, None));
-        for step in 0..tc.steps {
+        for step in start..tc.steps {
             if let Some(reason) = stopped() {
                 bail!("stopped at step {step}: {reason}");
             }
@@ -214,6 +235,12 @@ impl FinetuneJob {
                     val_accuracy: val.1,
                 });
             }
+            if let Some((c, events)) = checkpoints.as_mut() {
+                c.after_step_with(done, tc.steps, *events, &mut || st.host_state(done));
+            }
+        }
+        if let Some((c, events)) = checkpoints {
+            c.finish(events);
         }
         let mut model_path = None;
         if rank == 0 {
@@ -298,6 +325,52 @@ impl State {
             Examples::Sft { .. } => (None, None),
         };
         Ok(State { model, head, opt_model, opt_head, clip: optim.grad_clip, schedule })
+    }
+
+    /// Puts the model, the head and both optimizers back where checkpoint `ck` left them.
+    fn restore(&mut self, job: &FinetuneJob, ck: &Checkpoint) -> Result<()> {
+        if ck.trainer.model != job.config || ck.trainer.head != job.head_config() {
+            bail!(
+                "checkpoint {} holds a model {:?} with head {:?}; this job makes {:?} with head {:?}",
+                ck.uri,
+                ck.trainer.model,
+                ck.trainer.head,
+                job.config,
+                job.head_config()
+            );
+        }
+        let n = self.model.table().total();
+        let hn = self.head.as_ref().map_or(0, |h| h.table().total());
+        if ck.params.len() != n + hn {
+            bail!("checkpoint {} holds {} parameters, the model and head have {}", ck.uri, ck.params.len(), n + hn);
+        }
+        let t = ck.trainer.trainer.optimizer_steps;
+        self.model.set_params_host(&ck.params[..n]);
+        let (be, _, _, _) = self.model.params_and_grads();
+        self.opt_model.restore(be, &ck.m[..n], &ck.v[..n], t);
+        if let (Some(h), Some(o)) = (&mut self.head, &mut self.opt_head) {
+            let be = self.model.backend();
+            h.set_params_host(be, &ck.params[n..]);
+            o.restore(be, &ck.m[n..], &ck.v[n..], t);
+        }
+        Ok(())
+    }
+
+    /// Host copies of everything a checkpoint after `step` steps holds: the GPT's values, then
+    /// the head's.
+    fn host_state(&self, step: u64) -> HostState {
+        let be = self.model.backend();
+        let mut params = self.model.params_host();
+        let (mut m, mut v) = self.opt_model.moments_host(be);
+        if let (Some(h), Some(o)) = (&self.head, &self.opt_head) {
+            params.extend(h.params_host(be));
+            let (hm, hv) = o.moments_host(be);
+            m.extend(hm);
+            v.extend(hv);
+        }
+        // The example order is a function of (seed, step): no generator state to carry.
+        let state = TrainerState { step, optimizer_steps: self.opt_model.steps_done(), data_rng: smelt_engine::rng::Rng::new(0) };
+        HostState { params, m, v, state }
     }
 
     /// Forward + backward of one micro-batch with loss scale `scale`: (mean loss, real tokens).
@@ -467,19 +540,41 @@ fn sft_batch<'a>(examples: impl Iterator<Item = &'a SftExample> + Clone) -> SftB
 }
 
 /// The training thread of a fine-tuning assignment (the runner dispatches here on the job's
-/// kind): load, connect the ring, train, save. Returns the final step.
+/// kind): load, connect the ring, resume from the assignment's checkpoint if it names one,
+/// train with checkpoints, save. Returns the final step.
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    if a.start_step > 0 {
-        warn!(job_id = %a.job_id, start_step = a.start_step, "fine-tuning jobs restart from step 0: resuming them from a checkpoint is not supported yet");
-    }
     let job = FinetuneJob::prepare(&spec, &req.out_dir)?;
+    if rank == 0 {
+        for s in &job.skipped {
+            let text = format!("finetune.init_from: checkpoint {} skipped: {}; starting from {} instead", s.uri, s.reason, job.parent_file);
+            events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
+        }
+    }
     let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener, RING_CONNECT_TIMEOUT)
         .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
     *control.ring_abort.lock().unwrap() = Some(ring.abort_handle());
+    let resumed = checkpointing::load_resume(a, events)?;
+    let start = resumed.as_ref().map_or(0, |c| c.step());
+    checkpointing::agree_on_start(a, start, &CpuBackend::new(), &mut ring)?;
+    let checkpointer = match rank {
+        0 => {
+            let lineage = resumed.as_ref().map_or_else(|| job.lineage(), checkpointing::lineage_of);
+            Checkpointer::new(a, &spec, &job.config, &job.tokenizer, &req.out_dir, lineage)?.map(|c| c.with_head(job.head_config()))
+        }
+        _ => None,
+    };
     let (job_id, attempt) = (a.job_id.clone(), a.attempt);
     let mut metrics = |m: StepMetrics| events(RunEvent::Metrics(StepMetrics { job_id: job_id.clone(), attempt, rank: rank as u32, ..m }));
-    let out = job.train(&a.job_id, &req.out_dir, &mut ring, &|| control.stopped(), &mut metrics)?;
+    let out = job.train_from(
+        &a.job_id,
+        &req.out_dir,
+        &mut ring,
+        &|| control.stopped(),
+        &mut metrics,
+        resumed.as_ref(),
+        checkpointer.map(|c| (c, events)),
+    )?;
     Ok(out.steps)
 }

@@ -1,12 +1,18 @@
 //! The smelt worker: registers with the coordinator, holds its lease by heartbeat, and runs each
 //! assignment on a training thread of its own (never on the async runtime).
 
+pub mod abortable;
 pub mod agent;
 pub mod checkpointing;
+pub mod device;
+pub mod family;
+pub mod family_data;
 pub mod finetune;
 pub mod finetune_data;
+pub mod gpu;
 pub mod model_file;
 pub mod runner;
 pub mod sample_log;
 
 pub use agent::{run, WorkerConfig};
+pub use device::{Device, DeviceRequest};

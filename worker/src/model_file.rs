@@ -1,19 +1,29 @@
 //! A trained model on disk: safetensors with Hugging Face tensor names, plus smelt's metadata
 //! (model config, tokenizer, training step) so `smelt sample` needs nothing else.
+//!
+//! Formats: `gpt/1` (a `GptConfig`), `bert/1` (a `BertConfig`) and `t5/1` (a `T5Config`). A
+//! BERT or T5 file also records its special tokens (`smelt.special_tokens`: the tokenizer's
+//! vocabulary size and the ids reserved above it), since its vocabulary is the tokenizer's plus
+//! those.
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use smelt_corpus::Tokenizer;
-use smelt_engine::model::{Gpt, GptConfig};
+use smelt_engine::model::{Bert, BertConfig, Gpt, GptConfig, T5Config, T5};
+use smelt_engine::params::ParamTable;
 use smelt_engine::weights;
 use smelt_engine::CpuBackend;
+use smelt_jobspec::{BertSpecials, T5Specials};
 
 const KEY_FORMAT: &str = "smelt.format";
 const KEY_CONFIG: &str = "smelt.config";
 const KEY_TOKENIZER: &str = "smelt.tokenizer";
+const KEY_SPECIALS: &str = "smelt.special_tokens";
 const FORMAT: &str = "gpt/1";
+pub const FORMAT_BERT: &str = "bert/1";
+pub const FORMAT_T5: &str = "t5/1";
 
 pub struct SavedModel {
     pub config: GptConfig,
@@ -52,8 +62,11 @@ pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<SavedModel> {
     let meta = weights::metadata(bytes, &shown)?;
     let field = |k: &str| meta.get(k).ok_or_else(|| anyhow!("{shown}: not a smelt model (metadata lacks {k:?})"));
     let format = field(KEY_FORMAT)?;
+    if format == FORMAT_BERT || format == FORMAT_T5 {
+        return Err(anyhow!("{shown}: a {format:?} model; this needs a GPT ({FORMAT:?})"));
+    }
     if format != FORMAT {
-        return Err(anyhow!("{shown}: model format {format:?}, this smelt reads {FORMAT:?}"));
+        return Err(anyhow!("{shown}: model format {format:?}, this smelt reads {FORMAT:?}, {FORMAT_BERT:?} and {FORMAT_T5:?}"));
     }
     let config: GptConfig = serde_json::from_str(field(KEY_CONFIG)?).with_context(|| format!("{shown}: bad {KEY_CONFIG}"))?;
     config.validate().with_context(|| format!("{shown}: bad model config"))?;
@@ -69,4 +82,150 @@ pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<SavedModel> {
     let table = Gpt::<CpuBackend>::param_table(&config);
     let (params, metadata) = weights::from_bytes(&table, bytes, &shown)?;
     Ok(SavedModel { config, tokenizer, params, metadata })
+}
+
+/// A BERT or T5 model's config with the special ids its vocabulary reserves.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FamilyModel {
+    Bert { config: BertConfig, specials: BertSpecials },
+    T5 { config: T5Config, specials: T5Specials },
+}
+
+impl FamilyModel {
+    fn format(&self) -> &'static str {
+        match self {
+            FamilyModel::Bert { .. } => FORMAT_BERT,
+            FamilyModel::T5 { .. } => FORMAT_T5,
+        }
+    }
+    fn table(&self) -> ParamTable {
+        match self {
+            FamilyModel::Bert { config, .. } => Bert::<CpuBackend>::param_table(config),
+            FamilyModel::T5 { config, .. } => T5::<CpuBackend>::param_table(config),
+        }
+    }
+    fn vocab_size(&self) -> usize {
+        match self {
+            FamilyModel::Bert { config, .. } => config.vocab_size,
+            FamilyModel::T5 { config, .. } => config.vocab_size,
+        }
+    }
+    /// The tokenizer's (or corpus's) vocabulary size: ids below it are text.
+    pub fn base_vocab(&self) -> u32 {
+        match self {
+            FamilyModel::Bert { specials, .. } => specials.base_vocab,
+            FamilyModel::T5 { specials, .. } => specials.base_vocab,
+        }
+    }
+    fn expected_vocab(&self) -> usize {
+        match self {
+            FamilyModel::Bert { specials, .. } => (specials.base_vocab + BertSpecials::COUNT) as usize,
+            FamilyModel::T5 { specials, .. } => specials.base_vocab as usize + 1 + specials.sentinels as usize,
+        }
+    }
+}
+
+/// A saved BERT or T5 model.
+pub struct SavedFamilyModel {
+    pub model: FamilyModel,
+    pub tokenizer: Tokenizer,
+    pub params: Vec<f32>,
+    pub metadata: HashMap<String, String>,
+}
+
+/// Any smelt model file.
+pub enum AnyModel {
+    Gpt(SavedModel),
+    Family(SavedFamilyModel),
+}
+
+/// Writes a BERT or T5 model: tensors under the engine's (Hugging Face) names, format, config,
+/// tokenizer, special tokens and `smelt.<key>` extras.
+pub fn save_family(path: &Path, model: &FamilyModel, tokenizer: &Tokenizer, params: &[f32], extra: &[(&str, String)]) -> Result<()> {
+    let mut meta = HashMap::new();
+    meta.insert(KEY_FORMAT.to_string(), model.format().to_string());
+    let (config, specials) = match model {
+        FamilyModel::Bert { config, specials } => (serde_json::to_string(config)?, serde_json::to_string(specials)?),
+        FamilyModel::T5 { config, specials } => (serde_json::to_string(config)?, serde_json::to_string(specials)?),
+    };
+    meta.insert(KEY_CONFIG.to_string(), config);
+    meta.insert(KEY_SPECIALS.to_string(), specials);
+    meta.insert(KEY_TOKENIZER.to_string(), serde_json::to_string(tokenizer)?);
+    for (k, v) in extra {
+        meta.insert(format!("smelt.{k}"), v.clone());
+    }
+    let bytes = weights::to_bytes(&model.table(), params, meta)?;
+    weights::write_atomic(path, &bytes)?;
+    Ok(())
+}
+
+/// Reads a model of any format.
+pub fn load_any(path: &Path) -> Result<AnyModel> {
+    let bytes = weights::read_file(path)?;
+    let shown = path.display().to_string();
+    let meta = weights::metadata(&bytes, &shown)?;
+    match meta.get(KEY_FORMAT).map(String::as_str) {
+        Some(FORMAT_BERT) | Some(FORMAT_T5) => Ok(AnyModel::Family(family_from_bytes(&bytes, &shown)?)),
+        _ => Ok(AnyModel::Gpt(from_bytes(&bytes, &shown)?)),
+    }
+}
+
+/// A BERT or T5 model file's contents (`shown` names it in errors).
+pub fn family_from_bytes(bytes: &[u8], shown: &str) -> Result<SavedFamilyModel> {
+    let meta = weights::metadata(bytes, shown)?;
+    let field = |k: &str| meta.get(k).ok_or_else(|| anyhow!("{shown}: not a smelt BERT/T5 model (metadata lacks {k:?})"));
+    let config = field(KEY_CONFIG)?;
+    let specials = field(KEY_SPECIALS)?;
+    let bad = |k: &str| format!("{shown}: bad {k}");
+    let model = match field(KEY_FORMAT)?.as_str() {
+        FORMAT_BERT => {
+            let config: BertConfig = serde_json::from_str(config).with_context(|| bad(KEY_CONFIG))?;
+            config.validate().with_context(|| format!("{shown}: bad model config"))?;
+            FamilyModel::Bert { config, specials: serde_json::from_str(specials).with_context(|| bad(KEY_SPECIALS))? }
+        }
+        FORMAT_T5 => {
+            let config: T5Config = serde_json::from_str(config).with_context(|| bad(KEY_CONFIG))?;
+            config.validate().with_context(|| format!("{shown}: bad model config"))?;
+            FamilyModel::T5 { config, specials: serde_json::from_str(specials).with_context(|| bad(KEY_SPECIALS))? }
+        }
+        other => return Err(anyhow!("{shown}: model format {other:?} is not {FORMAT_BERT:?} or {FORMAT_T5:?}")),
+    };
+    if model.vocab_size() != model.expected_vocab() {
+        return Err(anyhow!("{shown}: vocab_size {} does not match the special tokens ({} text ids plus the reserved ones make {})", model.vocab_size(), model.base_vocab(), model.expected_vocab()));
+    }
+    let tokenizer: Tokenizer = serde_json::from_str(field(KEY_TOKENIZER)?).with_context(|| bad(KEY_TOKENIZER))?;
+    let base = model.base_vocab() as usize;
+    if tokenizer.vocab_size() != base && tokenizer.corpus_vocab_size() != base {
+        return Err(anyhow!("{shown}: tokenizer has {} tokens but the model's text vocabulary is {base}", tokenizer.vocab_size()));
+    }
+    let (params, metadata) = weights::from_bytes(&model.table(), bytes, shown)?;
+    Ok(SavedFamilyModel { model, tokenizer, params, metadata })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn family_models_round_trip_and_are_told_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = Tokenizer::fit("char", "abcdef").unwrap();
+        let mut config = BertConfig::preset("bert-test").unwrap();
+        config.vocab_size = 6 + 4;
+        let model = FamilyModel::Bert { config: config.clone(), specials: BertSpecials::new(6) };
+        let params = Bert::new(CpuBackend::new(), config.clone(), 3).unwrap().params_host();
+        let path = dir.path().join("bert.safetensors");
+        save_family(&path, &model, &tok, &params, &[("objective", "mlm".into())]).unwrap();
+        let AnyModel::Family(back) = load_any(&path).unwrap() else { panic!("read as a GPT") };
+        assert_eq!((back.model, back.params == params), (model, true));
+        assert_eq!(back.metadata["smelt.objective"], "mlm");
+        // A GPT reader names what it found.
+        let e = load(&path).err().unwrap().to_string();
+        assert!(e.contains("bert/1") && e.contains("gpt/1"), "{e}");
+        // Special tokens that do not add up to the vocabulary are refused.
+        let wrong = FamilyModel::Bert { config, specials: BertSpecials::new(5) };
+        save_family(&path, &wrong, &tok, &params, &[]).unwrap();
+        let e = load_any(&path).err().unwrap().to_string();
+        assert!(e.contains("vocab_size 10"), "{e}");
+    }
 }

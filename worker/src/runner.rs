@@ -1,7 +1,10 @@
-//! The training thread of one assignment: data plan, ring, model, steps, metrics, final weights.
+//! The training thread of one assignment: data plan, collective, model, steps, metrics, final
+//! weights.
 //!
 //! Every rank derives the same sample order from (corpus, seed) and takes its slice of each
-//! step's global batch, so ranks never exchange data; only gradients cross the ring.
+//! step's global batch, so ranks never exchange data; only gradients cross the collective. The
+//! GPT loop is written once over `Backend`: the CPU backend with the TCP ring here, the CUDA
+//! backend with NCCL in `gpu.rs`.
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -15,13 +18,15 @@ use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
 use smelt_engine::collective::{Collective, TcpRing};
 use smelt_engine::data::{Batch, TokenWindows};
 use smelt_engine::model::Gpt;
-use smelt_engine::train::Trainer;
-use smelt_engine::CpuBackend;
+use smelt_engine::model::GptConfig;
+use smelt_engine::train::{TrainConfig, Trainer};
+use smelt_engine::{Backend, CpuBackend};
 use smelt_jobspec::{JobKind, JobSpec};
 use smelt_proto::v1::{Assignment, AssignmentDone, StepMetrics};
 use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer};
+use crate::device::Device;
 use crate::model_file;
 use crate::sample_log::SampleLog;
 
@@ -50,12 +55,16 @@ pub enum RunEvent {
     Note(smelt_proto::v1::JobNote),
 }
 
+/// How to unblock a run's collective from another thread (a TCP ring's or NCCL's abort).
+type AbortHook = Box<dyn Fn() + Send + Sync>;
+
 /// Ways to stop a run from outside the training thread.
 #[derive(Clone, Default)]
 pub struct RunControl {
     stop: Arc<AtomicBool>,
     reason: Arc<Mutex<String>>,
     pub(crate) ring_abort: Arc<Mutex<Option<smelt_engine::collective::AbortHandle>>>,
+    abort_hook: Arc<Mutex<Option<AbortHook>>>,
 }
 
 impl RunControl {
@@ -66,9 +75,24 @@ impl RunControl {
         if let Some(a) = self.ring_abort.lock().unwrap().as_ref() {
             a.abort();
         }
+        if let Some(abort) = self.abort_hook.lock().unwrap().as_ref() {
+            abort();
+        }
     }
     pub(crate) fn stopped(&self) -> Option<String> {
         self.stop.load(Ordering::SeqCst).then(|| self.reason.lock().unwrap().clone())
+    }
+
+    /// Registers how to abort this run's collective. A run stopped before this call has its
+    /// collective aborted at once (the hook is set before the flag is read, and `stop` sets the
+    /// flag before it reads the hook, so one of the two always calls it; aborts are idempotent).
+    pub(crate) fn on_stop(&self, abort: impl Fn() + Send + Sync + 'static) {
+        *self.abort_hook.lock().unwrap() = Some(Box::new(abort));
+        if self.stop.load(Ordering::SeqCst) {
+            if let Some(abort) = self.abort_hook.lock().unwrap().as_ref() {
+                abort();
+            }
+        }
     }
 }
 
@@ -80,6 +104,19 @@ pub struct RunRequest {
     pub listener: TcpListener,
     /// Where rank 0 writes `jobs/<job>/model.safetensors`.
     pub out_dir: PathBuf,
+    /// The worker's device (`--device`): the GPT loop's backend and collective.
+    pub device: Device,
+    /// Rank 0's NCCL unique id, relayed by the rendezvous (empty unless a multi-GPU job).
+    pub nccl_unique_id: Vec<u8>,
+}
+
+/// Whether this rank must create the NCCL unique id before its rendezvous: rank 0 of a GPT
+/// pretraining job on more than one GPU (fine-tuning and BERT/T5 run on the CPU backend and its
+/// TCP ring even on GPU workers, so they need none). Keep in step with `train`'s dispatch.
+pub fn creates_nccl_id(a: &Assignment, device: Device) -> bool {
+    let gpt_pretrain = JobSpec::parse(&a.spec_toml)
+        .is_ok_and(|s| s.kind == JobKind::Pretrain && s.arch().is_ok_and(|arch| arch == smelt_jobspec::Arch::Gpt));
+    matches!(device, Device::Cuda(_)) && a.rank == 0 && a.world_size > 1 && gpt_pretrain
 }
 
 /// Runs one assignment to the end; always produces exactly one `Done`.
@@ -162,42 +199,80 @@ fn load_data(spec: &JobSpec) -> Result<(Tokenizer, usize, TrainData, Vec<u32>)> 
     Ok((tokenizer, vocab, TrainData::Text { tokens: ids }, val))
 }
 
+/// A GPT pretraining job, its data opened, before a backend is chosen.
+pub(crate) struct Pretrain {
+    spec: JobSpec,
+    tokenizer: Tokenizer,
+    data: TrainData,
+    val_ids: Vec<u32>,
+    pub(crate) cfg: GptConfig,
+    tc: TrainConfig,
+    order: SampleOrder,
+}
+
+impl Pretrain {
+    fn open(spec: JobSpec) -> Result<Self> {
+        let (tokenizer, vocab, data, val_ids) = load_data(&spec)?;
+        let cfg = spec.model_config(vocab)?;
+        let tc = spec.train_config();
+        let n_sequences = data.n_sequences(tc.seq_len);
+        if n_sequences == 0 {
+            return Err(anyhow!("the job's training data holds no sequence of {} tokens", tc.seq_len + 1));
+        }
+        let order = SampleOrder::new(n_sequences, spec.seed);
+        Ok(Pretrain { spec, tokenizer, data, val_ids, cfg, tc, order })
+    }
+}
+
 fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
     let spec = JobSpec::parse(&a.spec_toml)?;
     match spec.kind {
+        JobKind::Pretrain if spec.arch()? != smelt_jobspec::Arch::Gpt => return crate::family::run(req, spec, control, events),
         JobKind::Pretrain => {}
         JobKind::Finetune => return crate::finetune::run(req, spec, control, events),
     }
-    let (tokenizer, vocab, data, val_ids) = load_data(&spec)?;
-    let cfg = spec.model_config(vocab)?;
-    let tc = spec.train_config();
+    let job = Pretrain::open(spec)?;
+    match req.device {
+        Device::Cpu => {
+            let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener.try_clone().context("cloning the ring listener")?, RING_CONNECT_TIMEOUT)
+                .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
+            let abort = ring.abort_handle();
+            control.on_stop(move || abort.abort());
+            if let Some(reason) = control.stopped() {
+                return Err(anyhow!("stopped before training: {reason}"));
+            }
+            train_gpt(CpuBackend::new(), &mut ring, job, &req, control, events)
+        }
+        Device::Cuda(ordinal) => crate::gpu::train_gpt(ordinal, job, &req, control, events),
+    }
+}
+
+/// The GPT pretraining loop on any backend, the collective already joined.
+pub(crate) fn train_gpt<B: Backend>(
+    be: B,
+    collective: &mut dyn Collective<B>,
+    job: Pretrain,
+    req: &RunRequest,
+    control: &RunControl,
+    events: &dyn Fn(RunEvent),
+) -> Result<u64> {
+    let a = &req.assignment;
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let Pretrain { spec, tokenizer, data, val_ids, cfg, tc, order } = job;
     let seq = tc.seq_len;
-    let n_sequences = data.n_sequences(seq);
-    if n_sequences == 0 {
-        return Err(anyhow!("the job's training data holds no sequence of {} tokens", seq + 1));
-    }
-    let order = SampleOrder::new(n_sequences, spec.seed);
     let global = spec.train.global_batch as u64;
-
-    let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener, RING_CONNECT_TIMEOUT)
-        .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
-    *control.ring_abort.lock().unwrap() = Some(ring.abort_handle());
-    if let Some(reason) = control.stopped() {
-        return Err(anyhow!("stopped before training: {reason}"));
-    }
-
-    let model = Gpt::new(CpuBackend::new(), cfg.clone(), spec.seed)?;
+    let model = Gpt::new(be, cfg.clone(), spec.seed)?;
     let mut trainer = Trainer::new(model, tc.clone())?;
-    let resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, &mut ring, events)?;
+    let resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, collective, events)?;
     let start_step = resumed.start_step;
     let mut checkpointer = match rank {
         0 => Checkpointer::new(a, &spec, &cfg, &tokenizer, &req.out_dir, resumed.lineage)?,
         _ => None,
     };
     let mut sample_log = SampleLog::from_env(&a.job_id, a.rank, a.attempt);
-    info!(job_id = %a.job_id, attempt = a.attempt, rank, world, params = cfg.num_params(), start_step, "training started");
+    info!(job_id = %a.job_id, attempt = a.attempt, rank, world, device = %req.device, params = cfg.num_params(), start_step, "training started");
 
     let started = Instant::now();
     let mut tokens = 0usize;
@@ -222,7 +297,7 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
                 Ok(Batch { inputs, targets, batch: chunk.len(), seq_len: seq })
             })
             .collect::<Result<Vec<Batch>>>()?;
-        let stats = trainer.train_step_batches(&micro, &mut ring as &mut dyn Collective<CpuBackend>)?;
+        let stats = trainer.train_step_batches(&micro, collective)?;
         tokens += stats.tokens * world;
         let done = step + 1;
         let is_last = done == tc.steps;
@@ -276,4 +351,50 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
         info!(job_id = %a.job_id, path = %path.display(), "final weights saved");
     }
     Ok(tc.steps)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn counting_hook(control: &RunControl) -> Arc<AtomicUsize> {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = calls.clone();
+        control.on_stop(move || {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+        calls
+    }
+
+    #[test]
+    fn a_stop_aborts_the_collective_whichever_comes_first() {
+        let control = RunControl::default();
+        let calls = counting_hook(&control);
+        assert_eq!(calls.load(Ordering::SeqCst), 0);
+        control.stop("aborted by the coordinator: peer lost");
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert_eq!(control.stopped().as_deref(), Some("aborted by the coordinator: peer lost"));
+
+        // Stopped while the collective was still being joined: aborted as soon as it exists.
+        let control = RunControl::default();
+        control.stop("superseded");
+        assert_eq!(counting_hook(&control).load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn only_rank0_of_multi_gpu_gpt_pretraining_creates_an_nccl_id() {
+        let asg = |spec: &str, rank, world_size| Assignment { spec_toml: spec.into(), rank, world_size, ..Default::default() };
+        let gpt = include_str!("../../examples/shakespeare-char.toml");
+        let finetune = include_str!("../../examples/finetune-classify.toml");
+        let bert = include_str!("../../examples/bert-mlm.toml");
+        assert!(creates_nccl_id(&asg(gpt, 0, 2), Device::Cuda(0)));
+        assert!(!creates_nccl_id(&asg(gpt, 1, 2), Device::Cuda(1)), "other ranks receive it");
+        assert!(!creates_nccl_id(&asg(gpt, 0, 1), Device::Cuda(0)), "one gpu needs no communicator");
+        assert!(!creates_nccl_id(&asg(gpt, 0, 2), Device::Cpu), "cpu ranks use the tcp ring");
+        assert!(!creates_nccl_id(&asg(finetune, 0, 2), Device::Cuda(0)), "fine-tuning averages over the tcp ring");
+        assert!(!creates_nccl_id(&asg(bert, 0, 2), Device::Cuda(0)), "bert/t5 run on the cpu backend");
+        assert!(!creates_nccl_id(&asg("not toml", 0, 2), Device::Cuda(0)));
+    }
 }

@@ -37,6 +37,7 @@ pub fn snapshot(cfg: &GptConfig, step: u64) -> Snapshot {
             data: DataPosition { samples_consumed: step * 8, global_batch: 8, seed: 7 },
             trainer: TrainerState { step, optimizer_steps: step, data_rng },
             model: cfg.clone(),
+            head: None,
             tokenizer: Tokenizer::Byte,
             spec_toml: "name = \"t\"\n".into(),
             lineage: Lineage { parent_checkpoint: None, parent_job: None },

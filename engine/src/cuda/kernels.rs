@@ -19,6 +19,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("cross_entropy", include_str!("kernels/cross_entropy.cu")),
     ("adamw", include_str!("kernels/adamw.cu")),
     ("attention", include_str!("kernels/attention.cu")),
+    ("convert", include_str!("kernels/convert.cu")),
 ];
 
 /// Env var naming a directory of CUDA headers to add to NVRTC's include path.

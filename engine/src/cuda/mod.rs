@@ -41,9 +41,11 @@ pub use view::{CudaView, CudaViewMut};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MatmulPrecision {
     /// bf16 tensor-core products, fp32 accumulation: fastest, ~3 significant digits per operand.
+    /// Matmul operands are converted to bf16 copies first (`kernels/convert.cu`); attention runs
+    /// its bf16 `mma.sync` kernels (sm_80 and newer).
     #[default]
     Bf16,
-    /// TF32 tensor-core products (10-bit mantissa), fp32 accumulation.
+    /// TF32 tensor-core products (10-bit mantissa), fp32 accumulation; f32 attention kernels.
     Tf32,
     /// Plain fp32 (no tensor cores): the reference for tests.
     F32,
@@ -81,6 +83,8 @@ pub struct CudaBackend {
     error: Mutex<Option<String>>,
     /// Device word kernels `atomicOr` error bits into (bad ids, bad targets); read by `synchronize`.
     err_word: CudaSlice<u32>,
+    /// bf16 copies of matmul operands (`MatmulPrecision::Bf16`), grown to the largest call.
+    bf16_scratch: Mutex<Option<CudaSlice<u16>>>,
     ordinal: usize,
     device_name: String,
     arch: String,
@@ -189,6 +193,7 @@ impl CudaBackend {
             opts,
             error: Mutex::new(None),
             err_word,
+            bf16_scratch: Mutex::new(None),
             ordinal,
             device_name,
             arch,
@@ -249,6 +254,26 @@ impl CudaBackend {
     pub(crate) fn ids_ptr(&self, ids: &CudaSlice<u32>) -> u64 {
         let (ptr, _sync) = ids.device_ptr(&self.stream);
         ptr
+    }
+
+    /// Device address of a bf16 scratch region of at least `len` elements, valid until the next
+    /// call (which may grow it: the old buffer is freed in stream order, after the work queued
+    /// on it). `None` after recording an allocation failure.
+    pub(crate) fn bf16_scratch(&self, len: usize) -> Option<u64> {
+        let mut slot = self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.as_ref().is_none_or(|s| s.len() < len) {
+            slot.take();
+            match self.stream.alloc_zeros::<u16>(len.max(1)) {
+                Ok(s) => *slot = Some(s),
+                Err(e) => {
+                    self.fail("bf16 scratch", format!("allocating {len} bf16 values: {e:?}"));
+                    return None;
+                }
+            }
+        }
+        let s = slot.as_ref().expect("allocated above");
+        let (ptr, _sync) = s.device_ptr(&self.stream);
+        Some(ptr)
     }
 
     /// Device address of the error word (`unsigned*` in kernels).

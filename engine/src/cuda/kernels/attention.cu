@@ -1,5 +1,6 @@
-// Flash-style multi-head attention (FlashAttention-2 structure, f32 math): no (T, T) matrix
-// ever reaches device memory. Semantics match engine/src/cpu/attention.rs exactly:
+// Flash-style multi-head attention (FlashAttention-2 structure; an f32 reference version and a
+// bf16 tensor-core version below it): no (T, T) matrix ever reaches device memory.
+// Semantics match engine/src/cpu/attention.rs exactly:
 //   per head h, out_h = softmax(q_h k_h^T * scale) v_h, scale = 1/sqrt(hd), causal: key j <= i.
 // Layouts (row-major, f32): queries come from `q` rows of stride q_ld at column q_off, keys and
 // values from `kv` rows of stride k_ld / v_ld at k_off / v_off; head h owns channels
@@ -7,7 +8,7 @@
 // strides 3C. Split cross-attention: q (B,Tq,C), kv (B,Tk,2C) with k at 0 and v at C.
 // Saved state: lse (B,H,Tq) = log-sum-exp of each row's scaled scores.
 //
-// Tiling, shared by the three tiled kernels: a block of 256 threads owns a 64-row tile; thread
+// Tiling of the f32 kernels (the tensor-core one is described with it): a block of 256 threads owns a 64-row tile; thread
 // (ty, tx) = (tid / 16, tid % 16) owns tile rows ty + 16a (a < 4) and, of a (64, 64) score tile,
 // columns tx + 16b (b < 4); of a (64, hd) accumulator, columns tx + 16c (c < NC). Strided
 // ownership makes the 16 threads of a half-warp read 16 different padded shared rows, so the

@@ -1,0 +1,169 @@
+//! `smelt checkpoints list <job id | store URI>`: the committed checkpoints (those with a
+//! MANIFEST.json) with step, size, age, and whether every file still matches its manifest's
+//! size and sha256.
+//!
+//! A job id is asked of the coordinator: its recorded checkpoints' directory, else
+//! `checkpoint.store` of its spec. A URI is a `…/jobs/<job>/ckpt` directory, or a store root
+//! whose `jobs/*/ckpt` directories are all listed.
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use serde_json::json;
+use smelt_checkpoint::layout::parent_uri;
+use smelt_checkpoint::read::{list_steps, read_manifest};
+use smelt_checkpoint::{checkpoints_root, list_committed, looks_like_job_id, step_dir_name, verify, Manifest};
+use smelt_corpus::StoreDir;
+use smelt_jobspec::JobSpec;
+use smelt_proto::v1::GetJobRequest;
+
+use crate::client::{age, connect, exit_on_error, runtime, status, table, CoordinatorUrl};
+
+#[derive(Subcommand, Debug)]
+pub enum CheckpointsCommand {
+    /// Committed checkpoints of a job (by id) or under a store URI, verified.
+    List(ListArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ListArgs {
+    /// A job id (asks the coordinator where its checkpoints are), a `…/jobs/<job>/ckpt` URI, or
+    /// a store root.
+    pub target: String,
+    #[command(flatten)]
+    pub coordinator: CoordinatorUrl,
+    /// Only read the manifests: do not hash every file.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(c: CheckpointsCommand) -> Result<()> {
+    match c {
+        CheckpointsCommand::List(a) => exit_on_error(list(&a)),
+    }
+}
+
+/// One committed checkpoint as listed.
+struct Row {
+    job: String,
+    step: u64,
+    uri: String,
+    manifest: Option<Manifest>,
+    /// "ok", "unchecked", or why it fails verification.
+    status: String,
+}
+
+fn list(a: &ListArgs) -> Result<()> {
+    let roots = roots_of(a)?;
+    let mut rows = Vec::new();
+    for (job, root) in &roots {
+        for (step, uri) in list_committed(root).with_context(|| format!("listing {}", root.uri()))? {
+            let dir = root.join(&step_dir_name(step));
+            let (manifest, status) = if a.no_verify {
+                match read_manifest(&dir) {
+                    Ok(m) => (Some(m), "unchecked".to_string()),
+                    Err(e) => (None, format!("bad: {e}")),
+                }
+            } else {
+                match verify(&dir) {
+                    Ok(m) => (Some(m), "ok".to_string()),
+                    Err(e) => (read_manifest(&dir).ok(), format!("corrupt: {e}")),
+                }
+            };
+            rows.push(Row { job: job.clone(), step, uri, manifest, status });
+        }
+    }
+    if a.json {
+        let v: Vec<_> = rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "job_id": r.job,
+                    "step": r.step,
+                    "uri": r.uri,
+                    "bytes": r.manifest.as_ref().map(size_of),
+                    "created_at_ms": r.manifest.as_ref().map(|m| m.created_at_ms),
+                    "verified": r.status == "ok",
+                    "status": r.status,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if rows.is_empty() {
+        let where_: Vec<&str> = roots.iter().map(|(_, r)| r.uri()).collect();
+        println!("no committed checkpoints under {}", where_.join(", "));
+    } else {
+        let cells: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.job.clone(),
+                    r.step.to_string(),
+                    r.manifest.as_ref().map_or("-".into(), |m| human_bytes(size_of(m))),
+                    r.manifest.as_ref().map_or("-".into(), |m| format!("{} ago", age(m.created_at_ms))),
+                    r.status.clone(),
+                    r.uri.clone(),
+                ]
+            })
+            .collect();
+        println!("{}", table(&["JOB", "STEP", "SIZE", "CREATED", "STATUS", "URI"], &cells));
+    }
+    Ok(())
+}
+
+fn size_of(m: &Manifest) -> u64 {
+    m.files.iter().map(|f| f.size).sum()
+}
+
+fn human_bytes(n: u64) -> String {
+    match n {
+        0..1_000_000 => format!("{:.1} kB", n as f64 / 1e3),
+        1_000_000..1_000_000_000 => format!("{:.1} MB", n as f64 / 1e6),
+        _ => format!("{:.2} GB", n as f64 / 1e9),
+    }
+}
+
+/// The `ckpt/` directories to list, with the job each belongs to.
+fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
+    let t = a.target.trim();
+    if looks_like_job_id(t) {
+        let job = runtime()?.block_on(async {
+            let mut client = connect(&a.coordinator.url).await?;
+            client.get_job(GetJobRequest { job_id: t.to_string() }).await.map_err(status).map(|r| r.into_inner())
+        })?;
+        if let Some(root) = parent_uri(&job.last_checkpoint_uri).filter(|_| !job.last_checkpoint_uri.is_empty()) {
+            return Ok(vec![(job.id, StoreDir::open(&root)?)]);
+        }
+        let spec = JobSpec::parse(&job.spec_toml).with_context(|| format!("job {t}: its spec"))?;
+        let Some(store) = spec.checkpoint.store else {
+            bail!(
+                "job {t} has no checkpoint recorded and its spec names no checkpoint.store (its checkpoints, if any, are in \
+                 the output directory of its rank 0 worker): pass that store's URI instead"
+            );
+        };
+        return Ok(vec![(job.id, checkpoints_root(&StoreDir::open(&store)?, t))]);
+    }
+    let dir = StoreDir::open(t)?;
+    let trimmed = t.trim_end_matches('/');
+    if trimmed.ends_with("/ckpt") || !list_steps(&dir)?.is_empty() {
+        let job = trimmed.trim_end_matches("/ckpt").rsplit('/').next().unwrap_or_default().to_string();
+        return Ok(vec![(job, dir)]);
+    }
+    // A store root: every jobs/<job>/ckpt under it.
+    let mut jobs: Vec<String> = dir
+        .list("jobs/")
+        .with_context(|| format!("listing {}", dir.uri_of("jobs/")))?
+        .into_iter()
+        .filter_map(|(name, _)| {
+            let mut parts = name.split('/');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("jobs"), Some(job), Some("ckpt")) => Some(job.to_string()),
+                _ => None,
+            }
+        })
+        .collect();
+    jobs.dedup();
+    Ok(jobs.into_iter().map(|j| (j.clone(), checkpoints_root(&dir, &j))).collect())
+}

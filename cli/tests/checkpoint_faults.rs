@@ -1,0 +1,132 @@
+//! Checkpoint faults in a real cluster (a coordinator and worker processes on loopback): a
+//! corrupt newest checkpoint when a SIGKILLed job restarts (skipped, with an event saying which
+//! and why); a checkpoint store that is down (training goes on to the end, with a warning, and
+//! no checkpoint is recorded); a fine-tuning job killed with SIGKILL resumes from its checkpoint
+//! and ends bitwise identical to an uninterrupted one, its validation accuracy recorded.
+
+mod checkpoint_harness;
+
+use std::path::Path;
+
+use checkpoint_harness::Cluster;
+
+fn pretrain_spec(c: &Cluster, name: &str, steps: u64, max_restarts: u32, checkpoint: &str) -> String {
+    let text = c.dir.path().join("corpus.txt");
+    if !text.exists() {
+        std::fs::write(&text, "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n".repeat(40)).unwrap();
+    }
+    format!(
+        "name = {name:?}\nmax_restarts = {max_restarts}\nseed = 7\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\n\
+         [train]\nsteps = {steps}\nglobal_batch = 8\nmicro_batch = 8\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\n[checkpoint]\n{checkpoint}\n",
+        text.to_str().unwrap()
+    )
+}
+
+fn flip_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_is_skipped_on_restart_with_an_event_saying_why() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    let job = c.submit(&pretrain_spec(&c, "corrupt", 300, 1, "every = 10\nkeep_last = 3"), "");
+    c.wait_job(&job.id, "a checkpoint at step 20", |j| j.last_checkpoint_step >= 20);
+    c.workers[0] = None; // SIGKILL
+    let at_kill = c.job(&job.id);
+    let bad = at_kill.last_checkpoint_uri.clone();
+    flip_byte(&Path::new(bad.trim_start_matches("file://")).join("model.safetensors"));
+
+    // The listing by job id already tells.
+    let (ok, listing) = c.smelt(&["checkpoints", "list", &job.id]);
+    assert!(ok, "{listing}");
+    let row = listing.lines().find(|l| l.contains(&bad)).unwrap_or_else(|| panic!("{bad} not listed:\n{listing}"));
+    assert!(row.contains("corrupt") && row.contains("sha256"), "{listing}");
+    assert!(listing.lines().filter(|l| l.contains(" ok ")).count() >= 1, "{listing}");
+
+    c.start_worker();
+    let done = c.wait_succeeded(&job.id);
+    assert_eq!(done.restarts, 1, "{done:?}");
+    assert_eq!(done.resume_from, bad, "the restart was assigned the newest recorded checkpoint");
+    let events = c.events(&job.id).join("\n");
+    let line = events.lines().find(|l| l.contains(&format!("checkpoint {bad} skipped"))).unwrap_or_else(|| panic!("no event names the skipped checkpoint:\n{events}"));
+    assert!(line.contains("model.safetensors") && line.contains("sha256"), "{line}");
+    let instead = line.rsplit("resuming from ").next().unwrap().trim_end_matches(" instead");
+    let (bad_step, used) = (smelt_checkpoint::step_of_uri(&bad).unwrap(), smelt_checkpoint::step_of_uri(instead).unwrap());
+    assert!(used < bad_step, "resumed from step {used}, the corrupt one was {bad_step}: {line}");
+}
+
+#[test]
+fn a_job_whose_checkpoint_store_is_down_trains_to_the_end_with_a_warning() {
+    let mut c = Cluster::new();
+    // An S3 endpoint nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    c.start_worker_with(&[
+        ("AWS_ACCESS_KEY_ID", "key".to_string()),
+        ("AWS_SECRET_ACCESS_KEY", "secret".to_string()),
+        ("AWS_ENDPOINT", format!("http://127.0.0.1:{port}")),
+        ("AWS_ALLOW_HTTP", "true".to_string()),
+        ("AWS_REGION", "us-east-1".to_string()),
+    ]);
+    let job = c.submit(&pretrain_spec(&c, "store-down", 30, 0, "every = 10\nstore = \"s3://bucket/down\"\nfinal_wait_s = 1"), "");
+    let done = c.wait_succeeded(&job.id);
+    assert_eq!(done.last_step, 30);
+    assert_eq!((done.last_checkpoint_step, done.last_checkpoint_uri.as_str()), (0, ""), "a checkpoint was recorded: {done:?}");
+    let events = c.events(&job.id).join("\n");
+    assert!(
+        events.lines().any(|l| l.contains("s3://bucket/down") && (l.contains("not committed") || l.contains("not written"))),
+        "no event warns of the checkpoint not written:\n{events}"
+    );
+    assert!(c.logs().contains("checkpoint"), "no warning in the worker's log");
+    assert!(!c.weights_of(&job.id).is_empty());
+}
+
+#[test]
+fn a_finetune_job_killed_with_sigkill_resumes_from_its_checkpoint_bitwise() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    let parent = c.submit(&pretrain_spec(&c, "parent", 10, 0, ""), "");
+    c.wait_succeeded(&parent.id);
+    let parent_file = c.dir.path().join(format!("worker-0/jobs/{}/model.safetensors", parent.id));
+    let line = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.";
+    let words: Vec<&str> = line.split(|ch: char| !ch.is_alphabetic()).filter(|w| !w.is_empty()).collect();
+    let data = c.dir.path().join("labels.jsonl");
+    let lines: String = (0..64)
+        .map(|i| serde_json::json!({"text": words[i % words.len()], "label": words[i % words.len()].contains('o') as u32}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let spec = |name: &str, max_restarts: u32| {
+        format!(
+            "name = {name:?}\nkind = \"finetune\"\nmax_restarts = {max_restarts}\nseed = 3\n[finetune]\ninit_from = {:?}\nhead = \"classification\"\n\
+             num_labels = 2\ndata = {:?}\nval_fraction = 0.25\n[train]\nsteps = 300\nglobal_batch = 8\nmicro_batch = 4\nseq_len = 16\n\
+             lr = 3e-3\neval_interval = 100\n[checkpoint]\nevery = 10\nkeep_last = 2\n",
+            parent_file.to_str().unwrap(),
+            data.to_str().unwrap()
+        )
+    };
+    let killed = c.submit(&spec("ft-killed", 1), "");
+    c.wait_job(&killed.id, "a checkpoint at step 20", |j| j.last_checkpoint_step >= 20);
+    c.workers[0] = None; // SIGKILL
+    let at_kill = c.job(&killed.id);
+    assert!(at_kill.last_step < 300, "the job finished before the kill: {at_kill:?}");
+    c.start_worker();
+    let done = c.wait_succeeded(&killed.id);
+    assert_eq!(done.restarts, 1, "{done:?}");
+    assert!(done.resume_from.contains(&format!("jobs/{}/ckpt/", killed.id)), "the restart did not resume from a checkpoint: {done:?}");
+    let from = smelt_checkpoint::step_of_uri(&done.resume_from).unwrap();
+    assert!((20..300).contains(&from), "resumed from step {from}");
+    let acc = done.last_val_accuracy.expect("the coordinator recorded the validation accuracy");
+    assert!((0.0..=1.0).contains(&acc));
+    let (ok, shown) = c.smelt(&["jobs", "get", &killed.id]);
+    assert!(ok && shown.contains(&format!("val acc   {acc:.4}")), "{shown}");
+
+    let whole = c.submit(&spec("ft-whole", 0), "");
+    c.wait_succeeded(&whole.id);
+    let (a, b) = (c.weights_of(&killed.id), c.weights_of(&whole.id));
+    assert_eq!(a.len(), b.len());
+    let differ = a.chunks_exact(4).zip(b.chunks_exact(4)).filter(|(x, y)| x != y).count();
+    assert_eq!(differ, 0, "{differ} weights differ after a kill at step ~{} and a resume from step {from}", at_kill.last_step);
+}

@@ -1,0 +1,181 @@
+//! A coordinator and worker processes on loopback for the checkpoint tests (SIGKILL is dropping
+//! a worker's `Proc`).
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use smelt_proto::v1::job_service_client::JobServiceClient;
+use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, ListWorkersRequest, SubmitRequest, WatchJobRequest, WorkerState};
+use tonic::transport::Channel;
+
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    _coordinator: Proc,
+    pub workers: Vec<Option<Proc>>,
+    pub rt: tokio::runtime::Runtime,
+}
+
+pub const LONG: Duration = Duration::from_secs(240);
+
+impl Cluster {
+    pub fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let addr = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
+        let db = dir.path().join("coordinator.db");
+        let log = log_file(dir.path(), "coordinator");
+        let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+            .args(["coordinator", "--listen", &addr, "--db", db.to_str().unwrap(), "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(Instant::now() < deadline, "coordinator did not come up");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        Cluster { dir, addr, _coordinator: Proc(child), workers: Vec::new(), rt }
+    }
+
+    pub fn start_worker(&mut self) -> usize {
+        self.start_worker_with(&[])
+    }
+
+    /// A worker whose process gets `env` on top of this one's (a store's AWS_* variables).
+    pub fn start_worker_with(&mut self, env: &[(&str, String)]) -> usize {
+        let i = self.workers.len();
+        let out = self.dir.path().join(format!("worker-{i}"));
+        let log = log_file(self.dir.path(), &format!("worker-{i}"));
+        let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+            .args(["--threads", "1", "worker", "--device", "cpu", "--coordinator", &format!("http://{}", self.addr), "--out-dir", out.to_str().unwrap()])
+            .env("SMELT_SAMPLE_LOG", self.samples_dir())
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.workers.push(Some(Proc(child)));
+        i
+    }
+
+    pub fn samples_dir(&self) -> PathBuf {
+        self.dir.path().join("samples")
+    }
+
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(self.dir.path()).unwrap().filter_map(|e| e.ok()).map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "log")).collect();
+        paths.sort();
+        for p in paths {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(30).collect();
+            s += &format!("--- {} (last lines)\n{}\n", p.display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+        }
+        s
+    }
+
+    pub fn client(&self) -> JobServiceClient<Channel> {
+        self.rt.block_on(JobServiceClient::connect(format!("http://{}", self.addr))).unwrap()
+    }
+
+    pub fn submit(&self, spec: &str, resume_from: &str) -> Job {
+        let mut c = self.client();
+        let r = self.rt.block_on(c.submit(SubmitRequest { spec_toml: spec.to_string(), resume_from: resume_from.to_string() }));
+        r.unwrap().into_inner().job.unwrap()
+    }
+
+    pub fn job(&self, id: &str) -> Job {
+        let mut c = self.client();
+        self.rt.block_on(c.get_job(GetJobRequest { job_id: id.to_string() })).unwrap().into_inner()
+    }
+
+    pub fn wait_job(&self, id: &str, what: &str, pred: impl Fn(&Job) -> bool) -> Job {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let j = self.job(id);
+            if pred(&j) {
+                return j;
+            }
+            assert!(Instant::now() < deadline, "job {id}: waited for {what}; job is {j:?}\n{}", self.logs());
+            assert!(j.state != JobState::Failed as i32, "job {id} failed while waiting for {what}: {}\n{}", j.error, self.logs());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn wait_succeeded(&self, id: &str) -> Job {
+        self.wait_job(id, "success", |j| j.state == JobState::Succeeded as i32)
+    }
+
+    pub fn events(&self, id: &str) -> Vec<String> {
+        let mut c = self.client();
+        self.rt.block_on(async {
+            let mut stream = c.watch_job(WatchJobRequest { job_id: id.to_string() }).await.unwrap().into_inner();
+            let mut out = Vec::new();
+            while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_secs(2), stream.message()).await.unwrap_or(Ok(None)) {
+                match ev.body {
+                    Some(job_event::Body::Message(m)) => out.push(m),
+                    Some(job_event::Body::State(s)) => out.push(format!("state -> {:?}: {}", s.to, s.reason)),
+                    _ => {}
+                }
+            }
+            out
+        })
+    }
+
+    pub fn workers_idle(&self) {
+        let deadline = Instant::now() + LONG;
+        loop {
+            let mut c = self.client();
+            let ws = self.rt.block_on(c.list_workers(ListWorkersRequest {})).unwrap().into_inner().workers;
+            if ws.iter().all(|w| w.state == WorkerState::Idle as i32) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "workers still busy\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The tensor data of `job`'s final weights (every tensor, head included, past the
+    /// safetensors header, whose metadata names the job), from whichever worker saved them.
+    pub fn weights_of(&self, job: &str) -> Vec<u8> {
+        for i in 0..self.workers.len() {
+            let p = self.dir.path().join(format!("worker-{i}/jobs/{job}/model.safetensors"));
+            if p.exists() {
+                let bytes = std::fs::read(&p).unwrap();
+                let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+                return bytes[8 + n..].to_vec();
+            }
+        }
+        panic!("no final weights for {job}\n{}", self.logs())
+    }
+
+    /// `smelt <args>` against this cluster's coordinator: (success, stdout + stderr).
+    pub fn smelt(&self, args: &[&str]) -> (bool, String) {
+        let o = Command::new(env!("CARGO_BIN_EXE_smelt"))
+            .args(args)
+            .env("SMELT_COORDINATOR", format!("http://{}", self.addr))
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    }
+}
+
+pub fn log_file(dir: &Path, name: &str) -> std::fs::File {
+    std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap()
+}

@@ -1,0 +1,43 @@
+// f32 -> bf16 operand conversion for the tensor-core matmuls.
+//
+// cuBLAS's CUBLAS_COMPUTE_32F_FAST_16BF on f32 operands measured ~60-190 TFLOP/s on an H100
+// (bench/NOTES.md): it converts inside the GEMM. Converting each operand once into a bf16
+// scratch buffer (one pass over memory) and running a bf16 x bf16 -> f32 GEMM is several times
+// faster for the same rounding (round to nearest even, as __float2bfloat16_rn).
+
+typedef unsigned long long u64;
+
+__device__ __forceinline__ unsigned short f32_to_bf16_rne(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u) {
+        return (unsigned short)((u >> 16) | 0x0040u);  // NaN stays a (quiet) NaN
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);                   // round to nearest, ties to even
+    return (unsigned short)(u >> 16);
+}
+
+// out[i] = bf16(in[i]); four elements per thread where both pointers allow 16/8-byte access.
+extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* in, u64 n) {
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    const u64 tid = blockIdx.x * (u64)blockDim.x + threadIdx.x;
+    const bool vec = ((((u64)in) & 15u) == 0) && ((((u64)out) & 7u) == 0);
+    if (vec) {
+        const u64 n4 = n / 4;
+        const float4* in4 = (const float4*)in;
+        uint2* out4 = (uint2*)out;
+        for (u64 i = tid; i < n4; i += stride) {
+            float4 v = in4[i];
+            uint2 r;
+            r.x = (unsigned int)f32_to_bf16_rne(v.x) | ((unsigned int)f32_to_bf16_rne(v.y) << 16);
+            r.y = (unsigned int)f32_to_bf16_rne(v.z) | ((unsigned int)f32_to_bf16_rne(v.w) << 16);
+            out4[i] = r;
+        }
+        for (u64 i = n4 * 4 + tid; i < n; i += stride) {
+            out[i] = f32_to_bf16_rne(in[i]);
+        }
+    } else {
+        for (u64 i = tid; i < n; i += stride) {
+            out[i] = f32_to_bf16_rne(in[i]);
+        }
+    }
+}

@@ -1,0 +1,290 @@
+//! `Profiled<B>`: any backend, with the wall time of every op recorded.
+//!
+//! Each op is bracketed by `synchronize`, so on an asynchronous device the time is the op's own
+//! (launch + run), not the launch alone. That serialises the device and removes any overlap, so
+//! a profiled step is slower than a real one: the table says where time goes, not how fast a
+//! step is. `smelt bench step --profile` prints it.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::backend::{AdamWStep, AttnShape, Backend, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::EngineError;
+
+/// Calls and total seconds of one op (keyed by op name and shape).
+#[derive(Clone, Debug, Default)]
+pub struct OpTime {
+    pub calls: u64,
+    pub secs: f64,
+}
+
+pub struct Profiled<B: Backend> {
+    inner: B,
+    times: Mutex<HashMap<String, OpTime>>,
+}
+
+impl<B: Backend> Profiled<B> {
+    pub fn new(inner: B) -> Self {
+        Profiled { inner, times: Mutex::new(HashMap::new()) }
+    }
+    pub fn inner(&self) -> &B {
+        &self.inner
+    }
+    /// Forgets what was recorded (after warm-up steps).
+    pub fn reset(&self) {
+        self.times.lock().unwrap().clear();
+    }
+    /// (op, calls, seconds), most expensive first.
+    pub fn report(&self) -> Vec<(String, OpTime)> {
+        let mut rows: Vec<_> = self.times.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        rows.sort_by(|a, b| b.1.secs.total_cmp(&a.1.secs));
+        rows
+    }
+
+    fn timed<R>(&self, key: impl FnOnce() -> String, f: impl FnOnce() -> R) -> R {
+        // A failed sync leaves its error recorded in the inner backend for the trainer's own
+        // `synchronize` to report; here only the time matters.
+        let _ = self.inner.synchronize();
+        let t = Instant::now();
+        let r = f();
+        let _ = self.inner.synchronize();
+        let secs = t.elapsed().as_secs_f64();
+        let mut times = self.times.lock().unwrap();
+        let e = times.entry(key()).or_default();
+        e.calls += 1;
+        e.secs += secs;
+        r
+    }
+}
+
+fn mm_key(op: &str, s: MatmulShape) -> String {
+    format!("{op} {}x{}->{} {:?}", s.rows, s.in_features, s.out_features, s.layout)
+}
+fn attn_key(op: &str, s: AttnShape) -> String {
+    format!("{op} B{} Tq{} Tk{} C{} H{}{}", s.batch, s.q_len, s.kv_len, s.channels, s.heads, if s.causal { " causal" } else { "" })
+}
+
+impl<B: Backend> Backend for Profiled<B> {
+    type Buf = B::Buf;
+    type Ids = B::Ids;
+    type View<'a> = B::View<'a>;
+    type ViewMut<'a> = B::ViewMut<'a>;
+
+    fn name(&self) -> &'static str {
+        self.inner.name()
+    }
+    fn synchronize(&self) -> Result<(), EngineError> {
+        self.inner.synchronize()
+    }
+    fn zeros(&self, len: usize) -> B::Buf {
+        self.timed(|| "zeros".into(), || self.inner.zeros(len))
+    }
+    fn upload(&self, host: &[f32]) -> B::Buf {
+        self.timed(|| "upload".into(), || self.inner.upload(host))
+    }
+    fn upload_ids(&self, host: &[u32]) -> B::Ids {
+        self.timed(|| "upload_ids".into(), || self.inner.upload_ids(host))
+    }
+    fn len(&self, buf: &B::Buf) -> usize {
+        self.inner.len(buf)
+    }
+    fn view<'a>(&self, buf: &'a B::Buf, range: Range<usize>) -> B::View<'a> {
+        self.inner.view(buf, range)
+    }
+    fn view_mut<'a>(&self, buf: &'a mut B::Buf, range: Range<usize>) -> B::ViewMut<'a> {
+        self.inner.view_mut(buf, range)
+    }
+    fn split_mut<'a, const K: usize>(&self, buf: &'a mut B::Buf, ranges: [Range<usize>; K]) -> [B::ViewMut<'a>; K] {
+        self.inner.split_mut(buf, ranges)
+    }
+    fn download(&self, view: B::View<'_>) -> Vec<f32> {
+        self.timed(|| "download".into(), || self.inner.download(view))
+    }
+    fn write(&self, dst: B::ViewMut<'_>, host: &[f32]) {
+        self.timed(|| "write".into(), || self.inner.write(dst, host))
+    }
+    fn fill(&self, dst: B::ViewMut<'_>, value: f32) {
+        self.timed(|| "fill".into(), || self.inner.fill(dst, value))
+    }
+    fn copy(&self, dst: B::ViewMut<'_>, src: B::View<'_>) {
+        self.timed(|| "copy".into(), || self.inner.copy(dst, src))
+    }
+    fn scale(&self, dst: B::ViewMut<'_>, s: f32) {
+        self.timed(|| "scale".into(), || self.inner.scale(dst, s))
+    }
+    fn sum_squares(&self, src: B::View<'_>) -> f64 {
+        self.timed(|| "sum_squares".into(), || self.inner.sum_squares(src))
+    }
+    fn embedding_forward(&self, out: B::ViewMut<'_>, ids: &B::Ids, table: B::View<'_>, channels: usize, accumulate: bool) {
+        self.timed(|| "embedding_forward".into(), || self.inner.embedding_forward(out, ids, table, channels, accumulate))
+    }
+    fn embedding_backward(&self, dtable: B::ViewMut<'_>, dout: B::View<'_>, ids: &B::Ids, channels: usize) {
+        self.timed(|| "embedding_backward".into(), || self.inner.embedding_backward(dtable, dout, ids, channels))
+    }
+    fn matmul_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>, weight: B::View<'_>, bias: Option<B::View<'_>>, shape: MatmulShape) {
+        self.timed(|| mm_key("matmul_forward", shape), || self.inner.matmul_forward(out, inp, weight, bias, shape))
+    }
+    fn matmul_backward(
+        &self,
+        dinp: Option<B::ViewMut<'_>>,
+        dweight: B::ViewMut<'_>,
+        dbias: Option<B::ViewMut<'_>>,
+        dout: B::View<'_>,
+        inp: B::View<'_>,
+        weight: B::View<'_>,
+        shape: MatmulShape,
+    ) {
+        self.timed(|| mm_key("matmul_backward", shape), || self.inner.matmul_backward(dinp, dweight, dbias, dout, inp, weight, shape))
+    }
+    fn layernorm_forward(
+        &self,
+        out: B::ViewMut<'_>,
+        mean: B::ViewMut<'_>,
+        rstd: B::ViewMut<'_>,
+        inp: B::View<'_>,
+        weight: B::View<'_>,
+        bias: B::View<'_>,
+        channels: usize,
+    ) {
+        self.timed(|| "layernorm_forward".into(), || self.inner.layernorm_forward(out, mean, rstd, inp, weight, bias, channels))
+    }
+    fn layernorm_backward(
+        &self,
+        dinp: B::ViewMut<'_>,
+        dweight: B::ViewMut<'_>,
+        dbias: B::ViewMut<'_>,
+        dout: B::View<'_>,
+        inp: B::View<'_>,
+        weight: B::View<'_>,
+        mean: B::View<'_>,
+        rstd: B::View<'_>,
+        channels: usize,
+    ) {
+        self.timed(
+            || "layernorm_backward".into(),
+            || self.inner.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels),
+        )
+    }
+    fn attention_saved_len(&self, shape: AttnShape) -> usize {
+        self.inner.attention_saved_len(shape)
+    }
+    fn attention_forward(&self, out: B::ViewMut<'_>, saved: B::ViewMut<'_>, src: QkvSource<B::View<'_>>, shape: AttnShape) {
+        self.timed(|| attn_key("attention_forward", shape), || self.inner.attention_forward(out, saved, src, shape))
+    }
+    fn attention_backward(
+        &self,
+        dsrc: QkvSource<B::ViewMut<'_>>,
+        dout: B::View<'_>,
+        src: QkvSource<B::View<'_>>,
+        out: B::View<'_>,
+        saved: B::View<'_>,
+        shape: AttnShape,
+    ) {
+        self.timed(|| attn_key("attention_backward", shape), || self.inner.attention_backward(dsrc, dout, src, out, saved, shape))
+    }
+    fn gelu_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>) {
+        self.timed(|| "gelu_forward".into(), || self.inner.gelu_forward(out, inp))
+    }
+    fn gelu_backward(&self, dinp: B::ViewMut<'_>, inp: B::View<'_>, dout: B::View<'_>) {
+        self.timed(|| "gelu_backward".into(), || self.inner.gelu_backward(dinp, inp, dout))
+    }
+    fn residual_forward(&self, out: B::ViewMut<'_>, a: B::View<'_>, b: B::View<'_>) {
+        self.timed(|| "residual_forward".into(), || self.inner.residual_forward(out, a, b))
+    }
+    fn residual_backward(&self, da: B::ViewMut<'_>, db: B::ViewMut<'_>, dout: B::View<'_>) {
+        self.timed(|| "residual_backward".into(), || self.inner.residual_backward(da, db, dout))
+    }
+    fn cross_entropy_forward(&self, losses: B::ViewMut<'_>, lse: B::ViewMut<'_>, logits: B::View<'_>, targets: &B::Ids, vocab: usize) {
+        self.timed(|| "cross_entropy_forward".into(), || self.inner.cross_entropy_forward(losses, lse, logits, targets, vocab))
+    }
+    fn cross_entropy_backward(
+        &self,
+        dlogits: B::ViewMut<'_>,
+        logits: B::View<'_>,
+        lse: B::View<'_>,
+        targets: &B::Ids,
+        dloss: f32,
+        vocab: usize,
+    ) {
+        self.timed(
+            || "cross_entropy_backward".into(),
+            || self.inner.cross_entropy_backward(dlogits, logits, lse, targets, dloss, vocab),
+        )
+    }
+    fn adamw_update(&self, params: B::ViewMut<'_>, grads: B::View<'_>, m: B::ViewMut<'_>, v: B::ViewMut<'_>, hp: AdamWStep) {
+        self.timed(|| "adamw_update".into(), || self.inner.adamw_update(params, grads, m, v, hp))
+    }
+    fn supports(&self, op: OptionalOp) -> bool {
+        self.inner.supports(op)
+    }
+    fn attention_ex_forward(
+        &self,
+        out: B::ViewMut<'_>,
+        saved: B::ViewMut<'_>,
+        src: QkvSource<B::View<'_>>,
+        scores: Scores<B::View<'_>>,
+        key_lens: Option<&B::Ids>,
+        shape: AttnShape,
+    ) {
+        self.timed(|| attn_key("attention_ex_forward", shape), || self.inner.attention_ex_forward(out, saved, src, scores, key_lens, shape))
+    }
+    fn attention_ex_backward(
+        &self,
+        dsrc: QkvSource<B::ViewMut<'_>>,
+        dscores: Scores<B::ViewMut<'_>>,
+        dout: B::View<'_>,
+        src: QkvSource<B::View<'_>>,
+        scores: Scores<B::View<'_>>,
+        key_lens: Option<&B::Ids>,
+        out: B::View<'_>,
+        saved: B::View<'_>,
+        shape: AttnShape,
+    ) {
+        self.timed(
+            || attn_key("attention_ex_backward", shape),
+            || self.inner.attention_ex_backward(dsrc, dscores, dout, src, scores, key_lens, out, saved, shape),
+        )
+    }
+    fn tanh_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>) {
+        self.timed(|| "tanh_forward".into(), || self.inner.tanh_forward(out, inp))
+    }
+    fn tanh_backward(&self, dinp: B::ViewMut<'_>, out: B::View<'_>, dout: B::View<'_>) {
+        self.timed(|| "tanh_backward".into(), || self.inner.tanh_backward(dinp, out, dout))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cpu::CpuBackend;
+
+    /// Profiling changes nothing about the results, and records every op called.
+    #[test]
+    fn profiled_results_equal_the_inner_backend_and_ops_are_counted() {
+        let (n, c) = (5, 4);
+        let x: Vec<f32> = (0..n * c).map(|i| i as f32 * 0.1 - 0.7).collect();
+        let run = |be: &dyn Fn(&[f32]) -> Vec<f32>| be(&x);
+        let cpu = CpuBackend::new();
+        let plain = run(&|x| {
+            let inp = cpu.upload(x);
+            let mut out = cpu.zeros(n * c);
+            cpu.gelu_forward(cpu.view_mut(&mut out, 0..n * c), cpu.view(&inp, 0..n * c));
+            out
+        });
+        let prof = Profiled::new(CpuBackend::new());
+        let profiled = run(&|x| {
+            let inp = prof.upload(x);
+            let mut out = prof.zeros(n * c);
+            prof.gelu_forward(prof.view_mut(&mut out, 0..n * c), prof.view(&inp, 0..n * c));
+            prof.gelu_forward(prof.view_mut(&mut out, 0..n * c), prof.view(&inp, 0..n * c));
+            out
+        });
+        assert_eq!(plain, profiled);
+        let report = prof.report();
+        let gelu = report.iter().find(|(k, _)| k == "gelu_forward").expect("gelu recorded");
+        assert_eq!(gelu.1.calls, 2);
+        assert!(report.iter().any(|(k, t)| k == "upload" && t.calls == 1));
+    }
+}

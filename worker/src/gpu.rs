@@ -1,0 +1,99 @@
+//! GPT pretraining on one GPU: the CUDA backend, NCCL between ranks (rank 0's unique id created
+//! before the rendezvous, relayed to the others by the coordinator), and the communicator
+//! aborted when the run is stopped (job aborted, a peer lost), so a dead peer never hangs a
+//! worker. One GPU alone needs no communicator (`Local`).
+
+#[cfg(feature = "cuda")]
+use std::time::Duration;
+
+use anyhow::{anyhow, Result};
+
+use crate::runner::{Pretrain, RunControl, RunEvent, RunRequest};
+
+/// Bytes of an NCCL unique id (`ncclUniqueId`, 128 in every NCCL release).
+pub const NCCL_ID_BYTES: usize = 128;
+
+#[cfg(feature = "cuda")]
+const _: () = assert!(NCCL_ID_BYTES == smelt_engine::cuda::nccl::UNIQUE_ID_BYTES);
+
+/// How often a rank waiting for the communicator checks whether its run was stopped.
+#[cfg(feature = "cuda")]
+const INIT_POLL: Duration = Duration::from_millis(20);
+
+/// The id the rendezvous relayed, checked: every rank of a multi-GPU job needs rank 0's.
+pub fn relayed_nccl_id(bytes: &[u8], rank: usize, world: usize) -> Result<[u8; NCCL_ID_BYTES]> {
+    bytes.try_into().map_err(|_| {
+        anyhow!(
+            "the rendezvous relayed an nccl unique id of {} bytes, expected {NCCL_ID_BYTES} (rank {rank} of {world}; \
+             rank 0 sends it only for gpt pretraining on more than one gpu)",
+            bytes.len()
+        )
+    })
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) fn train_gpt(
+    ordinal: usize,
+    job: Pretrain,
+    req: &RunRequest,
+    control: &RunControl,
+    events: &dyn Fn(RunEvent),
+) -> Result<u64> {
+    use anyhow::Context;
+    use smelt_engine::cuda::nccl::NcclCollective;
+    use smelt_engine::cuda::CudaBackend;
+    use smelt_engine::Local;
+    use tracing::info;
+
+    let a = &req.assignment;
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let be = CudaBackend::new(ordinal).with_context(|| format!("starting the cuda backend on cuda:{ordinal}"))?;
+    info!(job_id = %a.job_id, rank, device = %req.device, gpu = be.device_name(), arch = be.arch(), "cuda backend ready");
+    if world == 1 {
+        return crate::runner::train_gpt(be, &mut Local, job, req, control, events);
+    }
+    let id = relayed_nccl_id(&req.nccl_unique_id, rank, world)?;
+    // ncclCommInitRank blocks until every rank has joined: wait for it on a thread of its own,
+    // so that an abort (a peer that never comes) still ends this run.
+    let init = move || {
+        let comm = NcclCollective::new(&be, &id, rank, world);
+        (be, comm)
+    };
+    let stopped = || control.stopped();
+    let (be, comm) = crate::abortable::run_unless_stopped(&format!("nccl-init-{}", a.job_id), init, &stopped, INIT_POLL)
+        .map_err(|reason| anyhow!("stopped while joining the nccl communicator as rank {rank} of {world}: {reason}"))?;
+    let mut comm = comm.with_context(|| format!("joining the nccl communicator as rank {rank} of {world} on cuda:{ordinal}"))?;
+    let abort = comm.abort_handle();
+    control.on_stop(move || abort.abort());
+    if let Some(reason) = control.stopped() {
+        return Err(anyhow!("stopped before training: {reason}"));
+    }
+    info!(job_id = %a.job_id, rank, world, "nccl communicator joined");
+    crate::runner::train_gpt(be, &mut comm, job, req, control, events)
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn train_gpt(
+    ordinal: usize,
+    _job: Pretrain,
+    _req: &RunRequest,
+    _control: &RunControl,
+    _events: &dyn Fn(RunEvent),
+) -> Result<u64> {
+    Err(anyhow!("cuda:{ordinal}: {}", crate::device::BUILT_WITHOUT_CUDA))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_relayed_id_must_have_nccls_size() {
+        let id: Vec<u8> = (0..NCCL_ID_BYTES).map(|i| (i * 37 % 256) as u8).collect();
+        assert_eq!(relayed_nccl_id(&id, 1, 2).unwrap().to_vec(), id);
+        for n in [0, 127, 129] {
+            let e = relayed_nccl_id(&vec![0; n], 1, 2).unwrap_err().to_string();
+            assert!(e.contains(&format!("{n} bytes")) && e.contains("expected 128") && e.contains("rank 1 of 2"), "{e}");
+        }
+    }
+}
