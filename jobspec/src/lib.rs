@@ -10,6 +10,7 @@
 //!
 //! [model]
 //! preset = "tiny"             # or explicit sizes below
+//! # arch = "bert" | "t5" and their options: see family.rs
 //!
 //! [data]
 //! text = "data/tinyshakespeare.txt"    # or: corpus = "s3://bucket/corpora/web" (prepared)
@@ -438,15 +439,14 @@ impl JobSpec {
                 if self.checkpoint.every > 0 {
                     return Err(err("checkpoint.every", "checkpoints are only written for arch = \"gpt\" so far (leave it 0: the final model is saved)"));
                 }
-                self.family_config(self.model.vocab_size.unwrap_or(256))?.max_positions()
+                let fam = self.family_config(self.model.vocab_size.unwrap_or(256))?;
+                if matches!(fam, FamilyConfig::Bert { objective: BertObjective::Contrastive, .. }) && self.train.micro_batch < 2 {
+                    return Err(err("train.micro_batch", "the contrastive objective needs at least 2 pairs per micro-batch (in-batch negatives)"));
+                }
+                fam.max_positions()
             }
         };
         self.train_config().validate(block_size).map_err(|e| train_field_err(e.field.as_str(), e.message))?;
-        if let Ok(FamilyConfig::Bert { objective: BertObjective::Contrastive, .. }) = self.family_config(256) {
-            if self.train.micro_batch < 2 {
-                return Err(err("train.micro_batch", "the contrastive objective needs at least 2 pairs per micro-batch (in-batch negatives)"));
-            }
-        }
         Ok(())
     }
 

@@ -30,7 +30,8 @@ use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
 /// Marks the evaluation samples' generators apart from any training step's.
 const EVAL_STEP: u64 = u64::MAX;
 
-/// The model being trained.
+/// The model being trained (one per run, so the variants' size difference costs nothing).
+#[allow(clippy::large_enum_variant)]
 enum Model {
     Bert(Bert<CpuBackend>),
     T5(T5<CpuBackend>),
@@ -117,7 +118,8 @@ fn eval_batches(objective: &Objective, val: &Source, seed: u64, micro: usize, ma
     let n = val.n_windows(objective.window_len());
     let take = n.min((micro * max_batches) as u64);
     let idx: Vec<u64> = (0..take).collect();
-    idx.chunks(micro).map(|c| objective.read_batch(val, seed, EVAL_STEP, c, c, n)).collect()
+    // a contrastive batch needs two pairs (one pair has no negative)
+    idx.chunks(micro).filter(|c| c.len() >= objective.min_batch()).map(|c| objective.read_batch(val, seed, EVAL_STEP, c, c, n)).collect()
 }
 
 /// The training thread of a BERT or T5 assignment. Returns the final step.

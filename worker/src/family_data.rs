@@ -123,6 +123,14 @@ impl Objective {
         }
     }
 
+    /// The fewest windows a batch may hold: in-batch negatives need a second pair.
+    pub fn min_batch(&self) -> usize {
+        match self {
+            Objective::Bert { objective: BertObjective::Contrastive, .. } => 2,
+            _ => 1,
+        }
+    }
+
     /// Draws what a sample needs before reading (`n_windows`: the windows partners come from).
     pub fn plan(&self, mut rng: Rng, own: u64, n_windows: u64) -> Plan {
         let partner = match self {
@@ -252,7 +260,7 @@ mod tests {
             let orig: Vec<u32> = (0..11).map(|j| if mlm[i * 11 + j] == IGNORE_INDEX { row[j] } else { mlm[i * 11 + j] }).collect();
             let w = &src.windows(8, &[i as u64]).unwrap()[0];
             assert_eq!(&orig[1..5], &w[..4]);
-            assert_eq!(&orig[6..10] == &w[4..], nsp[i] == 0, "label {} for {orig:?} vs {w:?}", nsp[i]);
+            assert_eq!(orig[6..10] == w[4..], nsp[i] == 0, "label {} for {orig:?} vs {w:?}", nsp[i]);
         }
         // Same seed, step and indices: the same batch.
         let FamilyBatch::Bert(y) = o.read_batch(&src, 7, 3, &idx, &idx, n).unwrap() else { panic!() };

@@ -118,30 +118,54 @@ fn gemm(be: &CudaBackend, g: Gemm, what: &str) {
     }
 }
 
-/// The operands of one matmul call as GEMM inputs: with `MatmulPrecision::Bf16`, bf16 copies
-/// side by side in the scratch (each region 16-byte aligned); otherwise the f32 views
-/// themselves. `None` when the scratch could not be allocated (the failure is recorded).
-fn operands<const K: usize>(be: &CudaBackend, views: [CudaView<'_>; K]) -> Option<[Operand; K]> {
+/// Leading dimension a tensor-core GEMM wants: a multiple of 8 elements (16 bytes of bf16).
+fn padded_ld(cols: usize) -> usize {
+    cols.div_ceil(8) * 8
+}
+
+/// One matmul operand as the caller holds it: a dense row-major `(len / cols, cols)` f32 view.
+#[derive(Clone, Copy)]
+struct Dense<'a> {
+    view: CudaView<'a>,
+    cols: usize,
+}
+
+/// The operands of one matmul call as GEMM inputs. With `MatmulPrecision::Bf16`: bf16 copies
+/// side by side in the scratch, each with its row stride padded to `padded_ld` (regions 16-byte
+/// aligned); `ld` is that stride. Otherwise the f32 views themselves, `ld` = their columns.
+/// `None` when the scratch could not be allocated (the failure is recorded).
+fn operands<const K: usize>(be: &CudaBackend, dense: [Dense<'_>; K]) -> Option<[(Operand, usize); K]> {
     if be.options().matmul != MatmulPrecision::Bf16 {
-        return Some(views.map(|v| Operand::f32(v.ptr)));
+        return Some(dense.map(|d| (Operand::f32(d.view.ptr), d.cols)));
     }
-    let padded = |n: usize| n.div_ceil(8) * 8;
-    let total: usize = views.iter().map(|v| padded(v.len)).sum();
+    let size = |d: &Dense<'_>| if d.cols == 0 { 0 } else { d.view.len / d.cols * padded_ld(d.cols) };
+    let total: usize = dense.iter().map(size).sum();
     let base = be.bf16_scratch(total)?;
     let mut offset = 0usize;
-    Some(views.map(|v| {
+    Some(dense.map(|d| {
         let ptr = base + 2 * offset as u64;
-        offset += padded(v.len);
-        if v.len > 0 {
-            let f = be.func("f32_to_bf16");
-            let n = v.len as u64;
-            let mut b = be.stream().launch_builder(&f);
-            b.arg(&ptr).arg(&v.ptr).arg(&n);
-            // SAFETY: f32_to_bf16(u16*, const float*, u64) reads n floats of the view and writes
-            // n bf16 values inside the scratch region sized above.
-            be.check(unsafe { b.launch(elementwise_cfg(be, v.len.div_ceil(4))) }.map(|_| ()), "f32_to_bf16");
+        offset += size(&d);
+        let ld = padded_ld(d.cols);
+        if d.view.len > 0 {
+            let n = d.view.len as u64;
+            if ld == d.cols {
+                let f = be.func("f32_to_bf16");
+                let mut b = be.stream().launch_builder(&f);
+                b.arg(&ptr).arg(&d.view.ptr).arg(&n);
+                // SAFETY: f32_to_bf16(u16*, const float*, u64) reads the view's n floats and
+                // writes n bf16 values inside the scratch region sized above.
+                be.check(unsafe { b.launch(elementwise_cfg(be, d.view.len.div_ceil(4))) }.map(|_| ()), "f32_to_bf16");
+            } else {
+                let f = be.func("f32_to_bf16_rows");
+                let (rows, cols, ld64) = ((d.view.len / d.cols) as u64, d.cols as u64, ld as u64);
+                let mut b = be.stream().launch_builder(&f);
+                b.arg(&ptr).arg(&d.view.ptr).arg(&rows).arg(&cols).arg(&ld64);
+                // SAFETY: f32_to_bf16_rows(u16*, const float*, u64, u64, u64) reads rows*cols
+                // floats and writes rows rows of stride ld inside the region sized above.
+                be.check(unsafe { b.launch(elementwise_cfg(be, d.view.len)) }.map(|_| ()), "f32_to_bf16_rows");
+            }
         }
-        Operand { ptr, bf16: true }
+        (Operand { ptr, bf16: true }, ld)
     }))
 }
 
@@ -165,6 +189,34 @@ pub(crate) fn forward(
     let (n, ic, oc) = (s.rows, s.in_features, s.out_features);
     if let Some(bias) = bias {
         assert_eq!(bias.len, oc, "matmul bias: {} floats, expected OC={oc}", bias.len);
+    }
+    // W (IC, OC) row-major is column-major (OC, IC); W (OC, IC) is column-major (IC, OC),
+    // transposed for the GEMM.
+    let (ta, w_cols) = match s.layout {
+        WeightLayout::InOut => (N, oc),
+        WeightLayout::OutIn => (T, ic),
+    };
+    let Some([(w, lda), (x, ldb)]) = operands(be, [Dense { view: weight, cols: w_cols }, Dense { view: inp, cols: ic }]) else {
+        return;
+    };
+    // A bf16 GEMM whose output rows are not a multiple of 8 wide (the LM head over 50,257 ids)
+    // writes into a padded f32 scratch, then one pass moves it into `out` adding the bias.
+    let padded_out = be.options().matmul == MatmulPrecision::Bf16 && padded_ld(oc) != oc && n > 0;
+    if padded_out {
+        let ldc = padded_ld(oc);
+        let Some(c) = be.f32_scratch(n * ldc) else { return };
+        gemm(be, Gemm { ta, tb: N, m: oc, n, k: ic, a: w, lda, b: x, ldb, c, ldc, beta: 0.0 }, "matmul_forward");
+        let f = be.func("unpad_rows_add_bias");
+        let bias_ptr = bias.map_or(0u64, |b| b.ptr);
+        let (rows, cols, ld64) = (n as u64, oc as u64, ldc as u64);
+        let mut b = be.stream().launch_builder(&f);
+        b.arg(&out.ptr).arg(&c).arg(&bias_ptr).arg(&rows).arg(&cols).arg(&ld64);
+        // SAFETY: unpad_rows_add_bias(float*, const float*, const float* or null, u64, u64, u64)
+        // reads rows rows of stride ld from the scratch and writes N*OC floats of `out`.
+        be.check(unsafe { b.launch(elementwise_cfg(be, n * oc)) }.map(|_| ()), "unpad_rows_add_bias");
+        return;
+    }
+    if let Some(bias) = bias {
         if n * oc > 0 {
             let f = be.func("bias_broadcast");
             let (rows, cols) = (n as u64, oc as u64);
@@ -174,19 +226,8 @@ pub(crate) fn forward(
             be.check(unsafe { b.launch(elementwise_cfg(be, n * oc)) }.map(|_| ()), "bias_broadcast");
         }
     }
-    let (ta, lda) = match s.layout {
-        // W (IC, OC) row-major is column-major (OC, IC), ld OC.
-        WeightLayout::InOut => (N, oc),
-        // W (OC, IC) row-major is column-major (IC, OC); transpose it.
-        WeightLayout::OutIn => (T, ic),
-    };
     let beta = if bias.is_some() { 1.0 } else { 0.0 };
-    let Some([w, x]) = operands(be, [weight, inp]) else { return };
-    gemm(
-        be,
-        Gemm { ta, tb: N, m: oc, n, k: ic, a: w, lda, b: x, ldb: ic, c: out.ptr, ldc: oc, beta },
-        "matmul_forward",
-    );
+    gemm(be, Gemm { ta, tb: N, m: oc, n, k: ic, a: w, lda, b: x, ldb, c: out.ptr, ldc: oc, beta }, "matmul_forward");
 }
 
 /// dinp += dout @ W^T; dW += inp^T @ dout (in W's layout); dbias += column sums of dout.
@@ -204,37 +245,42 @@ pub(crate) fn backward(
     check_shapes(&s, inp.len, weight.len, dout.len);
     assert_eq!(dweight.len, weight.len, "matmul dweight: {} floats, weight {}", dweight.len, weight.len);
     let (n, ic, oc) = (s.rows, s.in_features, s.out_features);
+    let w_cols = match s.layout {
+        WeightLayout::InOut => oc,
+        WeightLayout::OutIn => ic,
+    };
+    let dy = Dense { view: dout, cols: oc };
+    let x = Dense { view: inp, cols: ic };
     // The weight is only read for dinp; skip converting it when there is none.
-    let (dy, x, w) = if dinp.is_some() {
-        let Some([dy, x, w]) = operands(be, [dout, inp, weight]) else { return };
+    let ((dy, lddy), (x, ldx), (w, ldw)) = if dinp.is_some() {
+        let Some([dy, x, w]) = operands(be, [dy, x, Dense { view: weight, cols: w_cols }]) else { return };
         (dy, x, w)
     } else {
-        let Some([dy, x]) = operands(be, [dout, inp]) else { return };
-        (dy, x, Operand::f32(weight.ptr))
+        let Some([dy, x]) = operands(be, [dy, x]) else { return };
+        (dy, x, (Operand::f32(weight.ptr), w_cols))
     };
     if let Some(dinp) = dinp {
         assert_eq!(dinp.len, n * ic, "matmul dinp: {} floats, expected (N={n}, IC={ic})", dinp.len);
-        // dinp^T (IC, N) += W'' (IC, OC) @ dout^T (OC, N)
-        let (ta, lda) = match s.layout {
-            // W (IC, OC) row-major is column-major (OC, IC): transpose to (IC, OC).
-            WeightLayout::InOut => (T, oc),
-            // W (OC, IC) row-major is column-major (IC, OC) already.
-            WeightLayout::OutIn => (N, ic),
+        // dinp^T (IC, N) += W'' (IC, OC) @ dout^T (OC, N); W (IC, OC) row-major is column-major
+        // (OC, IC): transpose it; W (OC, IC) row-major is column-major (IC, OC) already.
+        let ta = match s.layout {
+            WeightLayout::InOut => T,
+            WeightLayout::OutIn => N,
         };
         gemm(
             be,
-            Gemm { ta, tb: N, m: ic, n, k: oc, a: w, lda, b: dy, ldb: oc, c: dinp.ptr, ldc: ic, beta: 1.0 },
+            Gemm { ta, tb: N, m: ic, n, k: oc, a: w, lda: ldw, b: dy, ldb: lddy, c: dinp.ptr, ldc: ic, beta: 1.0 },
             "matmul_backward dinp",
         );
     }
     let g = match s.layout {
         // dW (IC, OC) row-major = column-major dW^T (OC, IC) += dout^T (OC, N) @ inp (N, IC)
         WeightLayout::InOut => Gemm {
-            ta: N, tb: T, m: oc, n: ic, k: n, a: dy, lda: oc, b: x, ldb: ic, c: dweight.ptr, ldc: oc, beta: 1.0,
+            ta: N, tb: T, m: oc, n: ic, k: n, a: dy, lda: lddy, b: x, ldb: ldx, c: dweight.ptr, ldc: oc, beta: 1.0,
         },
         // dW (OC, IC) row-major = column-major dW^T (IC, OC) += inp^T (IC, N) @ dout (N, OC)
         WeightLayout::OutIn => Gemm {
-            ta: N, tb: T, m: ic, n: oc, k: n, a: x, lda: ic, b: dy, ldb: oc, c: dweight.ptr, ldc: ic, beta: 1.0,
+            ta: N, tb: T, m: ic, n: oc, k: n, a: x, lda: ldx, b: dy, ldb: lddy, c: dweight.ptr, ldc: ic, beta: 1.0,
         },
     };
     gemm(be, g, "matmul_backward dweight");

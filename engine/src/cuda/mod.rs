@@ -85,6 +85,8 @@ pub struct CudaBackend {
     err_word: CudaSlice<u32>,
     /// bf16 copies of matmul operands (`MatmulPrecision::Bf16`), grown to the largest call.
     bf16_scratch: Mutex<Option<CudaSlice<u16>>>,
+    /// f32 GEMM outputs with a padded leading dimension (see matmul.rs), grown as needed.
+    f32_scratch: Mutex<Option<CudaSlice<f32>>>,
     ordinal: usize,
     device_name: String,
     arch: String,
@@ -194,6 +196,7 @@ impl CudaBackend {
             error: Mutex::new(None),
             err_word,
             bf16_scratch: Mutex::new(None),
+            f32_scratch: Mutex::new(None),
             ordinal,
             device_name,
             arch,
@@ -260,13 +263,27 @@ impl CudaBackend {
     /// call (which may grow it: the old buffer is freed in stream order, after the work queued
     /// on it). `None` after recording an allocation failure.
     pub(crate) fn bf16_scratch(&self, len: usize) -> Option<u64> {
-        let mut slot = self.bf16_scratch.lock().unwrap_or_else(|p| p.into_inner());
+        self.scratch(&self.bf16_scratch, len, "bf16")
+    }
+
+    /// Like `bf16_scratch`, for f32 values (a separate region: both can be in use at once).
+    pub(crate) fn f32_scratch(&self, len: usize) -> Option<u64> {
+        self.scratch(&self.f32_scratch, len, "f32")
+    }
+
+    fn scratch<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+        &self,
+        slot: &Mutex<Option<CudaSlice<T>>>,
+        len: usize,
+        what: &str,
+    ) -> Option<u64> {
+        let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
         if slot.as_ref().is_none_or(|s| s.len() < len) {
             slot.take();
-            match self.stream.alloc_zeros::<u16>(len.max(1)) {
+            match self.stream.alloc_zeros::<T>(len.max(1)) {
                 Ok(s) => *slot = Some(s),
                 Err(e) => {
-                    self.fail("bf16 scratch", format!("allocating {len} bf16 values: {e:?}"));
+                    self.fail("scratch", format!("allocating {len} {what} values: {e:?}"));
                     return None;
                 }
             }

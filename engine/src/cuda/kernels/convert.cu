@@ -41,3 +41,27 @@ extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* in, u64
         }
     }
 }
+
+// A row-major (rows, cols) f32 matrix into bf16 rows of stride ld_out >= cols. Tensor-core GEMMs
+// want every leading dimension a multiple of 8 elements: GPT-2's vocabulary (50,257) is not,
+// and cuBLAS then falls off its fast kernels (measured: 47 TFLOP/s for the LM head, bench/NOTES.md).
+// The padding columns are never read (they lie past the GEMM's extent).
+extern "C" __global__ void f32_to_bf16_rows(unsigned short* out, const float* in, u64 rows, u64 cols, u64 ld_out) {
+    const u64 total = rows * cols;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 r = i / cols, c = i - r * cols;
+        out[r * ld_out + c] = f32_to_bf16_rne(in[i]);
+    }
+}
+
+// out (rows, cols) = padded (rows, ld_in) [:, :cols] + bias (cols) (bias may be null): the result
+// of a GEMM written with a padded leading dimension, moved into the caller's dense buffer.
+extern "C" __global__ void unpad_rows_add_bias(float* out, const float* padded, const float* bias, u64 rows, u64 cols,
+                                               u64 ld_in) {
+    const u64 total = rows * cols;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 r = i / cols, c = i - r * cols;
+        float v = padded[r * ld_in + c];
+        out[i] = bias ? v + bias[c] : v;
+    }
+}
