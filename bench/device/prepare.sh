@@ -17,6 +17,6 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' \
   | while read -r name exe; do strip -o "device/tests/$name" "$exe"; done
 cp ../shared/anchors/torch_gpt2.py device/
-cp bench/device/cuda_check.sh bench/device/cuda_perf.sh bench/device/cuda_e2e.sh device/
+cp bench/device/cuda_check.sh bench/device/cuda_perf.sh bench/device/cuda_e2e.sh bench/device/cuda_vocab.sh device/
 ls -la device device/tests
 du -sh device

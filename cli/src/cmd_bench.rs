@@ -48,6 +48,10 @@ pub struct StepArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Override the preset's vocabulary size (e.g. 50304, GPT-2's 50257 padded to a multiple
+    /// of 64 as llm.c and the PyTorch peer do), to measure what an odd vocabulary costs.
+    #[arg(long)]
+    pub vocab: Option<usize>,
     /// Time every backend op (each bracketed by a device sync) and print where a step's time
     /// goes; the step time itself is then slower than a real one.
     #[arg(long)]
@@ -177,7 +181,11 @@ fn time_steps<B: Backend>(be: B, a: &StepArgs) -> Result<Timed> {
 }
 
 fn run_steps<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), after: impl FnOnce(&B)) -> Result<Timed> {
-    let cfg = GptConfig::preset(&a.preset)?;
+    let mut cfg = GptConfig::preset(&a.preset)?;
+    if let Some(v) = a.vocab {
+        cfg.vocab_size = v;
+        cfg.validate()?;
+    }
     if a.seq > cfg.block_size {
         bail!("--seq {} exceeds the preset's block size {}", a.seq, cfg.block_size);
     }
@@ -223,6 +231,7 @@ fn report(a: &StepArgs, t: &Timed, extra: serde_json::Value, extra_text: String)
     let mut report = json!({
         "bench": "step",
         "preset": a.preset,
+        "vocab": a.vocab,
         "params": t.params,
         "batch": a.batch,
         "seq": a.seq,

@@ -4,11 +4,11 @@
 //! no checkpoint is recorded); a fine-tuning job killed with SIGKILL resumes from its checkpoint
 //! and ends bitwise identical to an uninterrupted one, its validation accuracy recorded.
 
-mod checkpoint_harness;
+mod harness;
 
 use std::path::Path;
 
-use checkpoint_harness::Cluster;
+use harness::Cluster;
 
 fn pretrain_spec(c: &Cluster, name: &str, steps: u64, max_restarts: u32, checkpoint: &str) -> String {
     let text = c.dir.path().join("corpus.txt");

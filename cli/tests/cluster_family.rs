@@ -5,137 +5,13 @@
 //! causal decoder and cross-attention for T5). A BERT spec with an unknown objective is refused
 //! at submission, naming the field.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+mod harness;
 
-use smelt_proto::v1::job_service_client::JobServiceClient;
-use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, StepMetrics, SubmitRequest, WatchJobRequest};
+use std::path::Path;
+use std::process::Command;
 
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    addr: String,
-    _procs: Vec<Proc>,
-    rt: tokio::runtime::Runtime,
-}
-
-fn spawn(dir: &Path, name: &str, args: &[&str]) -> Proc {
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Proc(child)
-}
-
-impl Cluster {
-    fn new(workers: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
-        let db = dir.path().join("coordinator.db");
-        let mut procs = vec![spawn(
-            dir.path(),
-            "coordinator",
-            &["coordinator", "--listen", &addr, "--db", db.to_str().unwrap(), "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"],
-        )];
-        let url = format!("http://{addr}");
-        for i in 0..workers {
-            let out = dir.path().join(format!("worker-{i}"));
-            procs.push(spawn(dir.path(), &format!("worker-{i}"), &["--threads", "1", "worker", "--coordinator", &url, "--out-dir", out.to_str().unwrap()]));
-        }
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        Cluster { dir, addr, _procs: procs, rt }
-    }
-
-    fn logs(&self) -> String {
-        let mut s = String::new();
-        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                let text = std::fs::read_to_string(e.path()).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(20).collect();
-                s += &format!("--- {}\n{}\n", e.path().display(), tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-            }
-        }
-        s
-    }
-
-    fn client(&self) -> JobServiceClient<tonic::transport::Channel> {
-        let url = format!("http://{}", self.addr);
-        self.rt.block_on(async {
-            let deadline = Instant::now() + Duration::from_secs(20);
-            loop {
-                match JobServiceClient::connect(url.clone()).await {
-                    Ok(c) => return c,
-                    Err(e) if Instant::now() > deadline => panic!("cannot reach the coordinator: {e}"),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                }
-            }
-        })
-    }
-
-    fn try_submit(&self, spec: &str) -> Result<Job, tonic::Status> {
-        let mut c = self.client();
-        Ok(self.rt.block_on(c.submit(SubmitRequest { spec_toml: spec.to_string(), resume_from: String::new() }))?.into_inner().job.unwrap())
-    }
-
-    fn submit(&self, spec: &str) -> Job {
-        self.try_submit(spec).unwrap()
-    }
-
-    fn job(&self, id: &str) -> Job {
-        let mut c = self.client();
-        self.rt.block_on(c.get_job(GetJobRequest { job_id: id.to_string() })).unwrap().into_inner()
-    }
-
-    /// Follows a job's events until it ends: (final state, every metrics event seen).
-    fn follow(&self, id: &str) -> (JobState, Vec<StepMetrics>) {
-        let mut c = self.client();
-        let deadline = Instant::now() + Duration::from_secs(180);
-        self.rt.block_on(async {
-            let mut stream = c.watch_job(WatchJobRequest { job_id: id.to_string() }).await.unwrap().into_inner();
-            let mut metrics = Vec::new();
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let ev = match tokio::time::timeout(left, stream.message()).await {
-                    Ok(Ok(Some(ev))) => ev,
-                    _ => break,
-                };
-                match ev.body {
-                    Some(job_event::Body::Metrics(m)) => metrics.push(m),
-                    Some(job_event::Body::State(s)) => {
-                        let to = JobState::try_from(s.to).unwrap_or_default();
-                        if matches!(to, JobState::Succeeded | JobState::Failed | JobState::Cancelled) {
-                            return (to, metrics);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            (JobState::try_from(self.job(id).state).unwrap_or_default(), metrics)
-        })
-    }
-
-    fn model_of(&self, job: &str) -> PathBuf {
-        (0..2)
-            .map(|i| self.dir.path().join(format!("worker-{i}/jobs/{job}/model.safetensors")))
-            .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("no worker saved {job}\n{}", self.logs()))
-    }
-}
+use harness::Cluster;
+use smelt_proto::v1::{Job, JobState, StepMetrics};
 
 const LINE: &str = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n";
 
@@ -153,7 +29,7 @@ fn spec(name: &str, model: &str, text: &Path, steps: u64, lr: f32) -> String {
 /// Runs a job to success and checks its metrics: every step reported once, the training loss
 /// of the last five steps below `fall` times the first five's, validation at each evaluation.
 fn run_job(c: &Cluster, spec: &str, steps: u64, fall: f64) -> (Job, Vec<StepMetrics>) {
-    let job = c.submit(spec);
+    let job = c.submit(spec, "");
     let (state, metrics) = c.follow(&job.id);
     assert_eq!(state, JobState::Succeeded, "job failed: {}\n{}", c.job(&job.id).error, c.logs());
     assert_eq!(metrics.iter().map(|m| m.step).collect::<Vec<_>>(), (1..=steps).collect::<Vec<_>>(), "{metrics:?}");
@@ -214,14 +90,14 @@ const BERT_TEXT: &str = "abracadabra ";
 
 #[test]
 fn bert_mlm_nsp_job_runs_on_two_workers_and_its_attention_is_drawn() {
-    let c = Cluster::new(2);
+    let c = Cluster::with_workers(2);
     let text = c.dir.path().join("text.txt");
     std::fs::write(&text, BERT_TEXT.repeat(300)).unwrap();
     let (job, metrics) = run_job(&c, &spec("bert", "arch = \"bert\"\npreset = \"bert-test\"\nobjective = \"mlm+nsp\"\nln_placement = \"post\"", &text, BERT_STEPS, 1e-2), BERT_STEPS, 0.85);
     let last: f32 = metrics[BERT_STEPS as usize - 5..].iter().map(|m| m.loss).sum::<f32>() / 5.0;
     assert!(last < 2.1, "the loss {last} did not go below the unigram floor 2.27");
 
-    let model = c.model_of(&job.id);
+    let model = c.model_path(&job.id);
     let meta = smelt_engine::weights::metadata(&std::fs::read(&model).unwrap(), "bert").unwrap();
     assert_eq!((meta["smelt.format"].as_str(), meta["smelt.objective"].as_str()), ("bert/1", "mlm+nsp"));
     let chars = {
@@ -249,12 +125,12 @@ fn bert_mlm_nsp_job_runs_on_two_workers_and_its_attention_is_drawn() {
 
 #[test]
 fn t5_span_corruption_job_runs_on_two_workers_and_its_attention_is_drawn() {
-    let c = Cluster::new(2);
+    let c = Cluster::with_workers(2);
     let text = c.dir.path().join("text.txt");
     std::fs::write(&text, LINE.repeat(40)).unwrap();
     let (job, _) = run_job(&c, &spec("t5", "arch = \"t5\"\npreset = \"t5-test\"\nobjective = \"span\"\nsentinels = 8", &text, 40, 1e-2), 40, 0.8);
 
-    let model = c.model_of(&job.id);
+    let model = c.model_path(&job.id);
     let meta = smelt_engine::weights::metadata(&std::fs::read(&model).unwrap(), "t5").unwrap();
     assert_eq!(meta["smelt.format"], "t5/1");
     let specials: serde_json::Value = serde_json::from_str(&meta["smelt.special_tokens"]).unwrap();
@@ -277,10 +153,10 @@ fn t5_span_corruption_job_runs_on_two_workers_and_its_attention_is_drawn() {
 
 #[test]
 fn bert_spec_with_an_unknown_objective_is_refused_naming_the_field() {
-    let c = Cluster::new(0);
+    let c = Cluster::with_workers(0);
     let text = c.dir.path().join("text.txt");
     std::fs::write(&text, LINE).unwrap();
-    let e = c.try_submit(&spec("bad", "arch = \"bert\"\npreset = \"bert-test\"\nobjective = \"next-token\"", &text, 10, 1e-3)).unwrap_err();
+    let e = c.try_submit(&spec("bad", "arch = \"bert\"\npreset = \"bert-test\"\nobjective = \"next-token\"", &text, 10, 1e-3), "").unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
     assert!(e.message().contains("model.objective") && e.message().contains("next-token"), "{}", e.message());
 }

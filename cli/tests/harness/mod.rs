@@ -1,4 +1,4 @@
-//! A coordinator and worker processes on loopback for the checkpoint tests (SIGKILL is dropping
+//! A coordinator and worker processes on loopback for the cluster tests (SIGKILL is dropping
 //! a worker's `Proc`).
 #![allow(dead_code)]
 
@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use smelt_proto::v1::job_service_client::JobServiceClient;
-use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, ListWorkersRequest, SubmitRequest, WatchJobRequest, WorkerState};
+use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, ListWorkersRequest, StepMetrics, SubmitRequest, WatchJobRequest, WorkerState};
 use tonic::transport::Channel;
 
 pub struct Proc(pub Child);
@@ -49,6 +49,15 @@ impl Cluster {
         }
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         Cluster { dir, addr, _coordinator: Proc(child), workers: Vec::new(), rt }
+    }
+
+    /// A coordinator and `workers` workers.
+    pub fn with_workers(workers: usize) -> Self {
+        let mut c = Cluster::new();
+        for _ in 0..workers {
+            c.start_worker();
+        }
+        c
     }
 
     pub fn start_worker(&mut self) -> usize {
@@ -93,10 +102,14 @@ impl Cluster {
         self.rt.block_on(JobServiceClient::connect(format!("http://{}", self.addr))).unwrap()
     }
 
-    pub fn submit(&self, spec: &str, resume_from: &str) -> Job {
+    pub fn try_submit(&self, spec: &str, resume_from: &str) -> Result<Job, tonic::Status> {
         let mut c = self.client();
         let r = self.rt.block_on(c.submit(SubmitRequest { spec_toml: spec.to_string(), resume_from: resume_from.to_string() }));
-        r.unwrap().into_inner().job.unwrap()
+        Ok(r?.into_inner().job.unwrap())
+    }
+
+    pub fn submit(&self, spec: &str, resume_from: &str) -> Job {
+        self.try_submit(spec, resume_from).unwrap()
     }
 
     pub fn job(&self, id: &str) -> Job {
@@ -137,6 +150,34 @@ impl Cluster {
         })
     }
 
+    /// Follows a job's events until it ends: (final state, every metrics event seen).
+    pub fn follow(&self, id: &str) -> (JobState, Vec<StepMetrics>) {
+        let mut c = self.client();
+        let deadline = Instant::now() + Duration::from_secs(180);
+        self.rt.block_on(async {
+            let mut stream = c.watch_job(WatchJobRequest { job_id: id.to_string() }).await.unwrap().into_inner();
+            let mut metrics = Vec::new();
+            loop {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let ev = match tokio::time::timeout(left, stream.message()).await {
+                    Ok(Ok(Some(ev))) => ev,
+                    _ => break,
+                };
+                match ev.body {
+                    Some(job_event::Body::Metrics(m)) => metrics.push(m),
+                    Some(job_event::Body::State(s)) => {
+                        let to = JobState::try_from(s.to).unwrap_or_default();
+                        if matches!(to, JobState::Succeeded | JobState::Failed | JobState::Cancelled) {
+                            return (to, metrics);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            (JobState::try_from(self.job(id).state).unwrap_or_default(), metrics)
+        })
+    }
+
     pub fn workers_idle(&self) {
         let deadline = Instant::now() + LONG;
         loop {
@@ -150,18 +191,23 @@ impl Cluster {
         }
     }
 
+    /// `job`'s final model file, from whichever worker saved it.
+    pub fn model_file(&self, job: &str) -> Option<PathBuf> {
+        (0..self.workers.len()).map(|i| self.dir.path().join(format!("worker-{i}/jobs/{job}/model.safetensors"))).find(|p| p.exists())
+    }
+
+    /// `job`'s final model file; panics when no worker saved one.
+    pub fn model_path(&self, job: &str) -> PathBuf {
+        self.model_file(job).unwrap_or_else(|| panic!("no worker saved {job}\n{}", self.logs()))
+    }
+
     /// The tensor data of `job`'s final weights (every tensor, head included, past the
     /// safetensors header, whose metadata names the job), from whichever worker saved them.
     pub fn weights_of(&self, job: &str) -> Vec<u8> {
-        for i in 0..self.workers.len() {
-            let p = self.dir.path().join(format!("worker-{i}/jobs/{job}/model.safetensors"));
-            if p.exists() {
-                let bytes = std::fs::read(&p).unwrap();
-                let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-                return bytes[8 + n..].to_vec();
-            }
-        }
-        panic!("no final weights for {job}\n{}", self.logs())
+        let p = self.model_file(job).unwrap_or_else(|| panic!("no final weights for {job}\n{}", self.logs()));
+        let bytes = std::fs::read(&p).unwrap();
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        bytes[8 + n..].to_vec()
     }
 
     /// `smelt <args>` against this cluster's coordinator: (success, stdout + stderr).
