@@ -49,9 +49,17 @@ pub struct LoaderArgs {
     pub seed: u64,
     /// Ways of reading to time, each on every store: `whole` (whole shards held in memory, the
     /// default for a split within --whole-max-mib), `coalesced` (ranged GETs, a step's ranges
-    /// merged), `single` (one ranged GET per sequence: the reader before coalescing).
+    /// merged), `single` (one ranged GET per sequence: the reader before coalescing),
+    /// `cached` (coalesced ranged GETs through the local-disk shard cache, whole-shard limit 0,
+    /// starting cold: shards downloaded in the background while the steps read ranges),
+    /// `cached-warm` (the same with every shard in the cache first, untimed). The cache applies
+    /// to remote stores only (s3-loopback, memory); on a local store these read ranges.
     #[arg(long, value_delimiter = ',', default_value = "whole,coalesced,single")]
     pub modes: Vec<LoaderMode>,
+    /// The shard cache directory of the `cached` modes (emptied per store before they run);
+    /// default: a temporary directory, removed afterwards.
+    #[arg(long)]
+    pub disk_cache: Option<PathBuf>,
     /// The reader's whole-shard limit for the `whole` mode, MiB.
     #[arg(long, default_value_t = 256)]
     pub whole_max_mib: u64,
@@ -81,6 +89,8 @@ pub enum LoaderMode {
     Whole,
     Coalesced,
     Single,
+    Cached,
+    CachedWarm,
 }
 
 impl LoaderMode {
@@ -89,6 +99,8 @@ impl LoaderMode {
             LoaderMode::Whole => "whole",
             LoaderMode::Coalesced => "coalesced",
             LoaderMode::Single => "single",
+            LoaderMode::Cached => "cached",
+            LoaderMode::CachedWarm => "cached-warm",
         }
     }
     fn options(self, a: &LoaderArgs) -> ReaderOptions {
@@ -97,6 +109,11 @@ impl LoaderMode {
             LoaderMode::Whole => ReaderOptions { whole_split_max_bytes: a.whole_max_mib << 20, ..base },
             LoaderMode::Coalesced => ReaderOptions { coalesce: Some(Coalesce { max_gap: a.max_gap_kib << 10, max_len: (a.max_get_mib << 20).max(1) }), ..base },
             LoaderMode::Single => ReaderOptions { coalesce: None, ..base },
+            LoaderMode::Cached | LoaderMode::CachedWarm => ReaderOptions {
+                coalesce: Some(Coalesce { max_gap: a.max_gap_kib << 10, max_len: (a.max_get_mib << 20).max(1) }),
+                disk_cache: Some(a.disk_cache.clone().expect("set by loader()")),
+                ..base
+            },
         }
     }
 }
@@ -320,8 +337,19 @@ pub fn tokenize(a: TokenizeArgs) -> Result<()> {
 
 /// Reads `steps` steps of `batch` sequences in sample order, prefetching `prefetch` steps ahead,
 /// as a worker does.
-fn time_loader(dir: &StoreDir, mode: LoaderMode, a: &LoaderArgs) -> Result<Value> {
-    let r = CorpusReader::open_dir(dir.clone(), mode.options(a))?;
+fn time_loader(dir: &StoreDir, name: &str, mode: LoaderMode, a: &LoaderArgs) -> Result<Value> {
+    let mut opts = mode.options(a);
+    if let Some(c) = &mut opts.disk_cache {
+        // a cache per store (the same corpus on two stores would share one otherwise)
+        *c = c.join(name);
+        if mode == LoaderMode::Cached {
+            let _ = std::fs::remove_dir_all(&c);
+        }
+    }
+    let r = CorpusReader::open_dir(dir.clone(), opts)?;
+    if mode == LoaderMode::CachedWarm {
+        r.fill_disk_cache()?;
+    }
     let order = r.sample_order(a.seq_len, a.seed)?;
     let steps = a.steps.min(order.n_sequences() / a.batch).max(1);
     let step_indices = |s: u64| -> Result<Vec<u64>> { Ok(rank_slice(s, a.batch, 0, 1)?.map(|k| order.sequence_at(k)).collect()) };
@@ -345,6 +373,8 @@ fn time_loader(dir: &StoreDir, mode: LoaderMode, a: &LoaderArgs) -> Result<Value
         "uri": dir.uri(),
         "mode": mode.name(),
         "whole_shards": r.whole_shards(),
+        "disk_cache": r.disk_cache().map(|p| p.display().to_string()),
+        "cached_shards": r.cached_shards(),
         "steps": steps,
         "tokens": tokens,
         "seconds": secs,
@@ -396,17 +426,19 @@ pub fn loader(a: LoaderArgs) -> Result<()> {
         copy_corpus(&dir, &mem, &m)?;
         stores.push(("memory", mem));
     }
+    let temp_cache = a.disk_cache.is_none().then(|| std::env::temp_dir().join(format!("smelt-bench-loader-cache-{}", std::process::id())));
+    let a = LoaderArgs { disk_cache: a.disk_cache.clone().or(temp_cache.clone()), ..a };
     let mut runs = Vec::new();
     let mut failed = None;
     'all: for (name, store) in &stores {
         // untimed: open the store's connections (and warm its caches) before the timed runs
         let warm = LoaderArgs { steps: a.steps.min(4), seed: a.seed.wrapping_add(1), modes: vec![LoaderMode::Single], ..a.clone() };
-        if let Err(e) = time_loader(store, LoaderMode::Single, &warm) {
+        if let Err(e) = time_loader(store, name, LoaderMode::Single, &warm) {
             failed = Some(e.context(format!("{name} ({}), warming up", store.uri())));
             break 'all;
         }
         for &mode in &a.modes {
-            match time_loader(store, mode, &a) {
+            match time_loader(store, name, mode, &a) {
                 Ok(mut v) => {
                     v["store"] = json!(name);
                     runs.push(v);
@@ -420,6 +452,9 @@ pub fn loader(a: LoaderArgs) -> Result<()> {
     }
     drop(server);
     let _ = std::fs::remove_dir_all(&s3_root);
+    if let Some(t) = &temp_cache {
+        let _ = std::fs::remove_dir_all(t);
+    }
     if let Some(e) = failed {
         return Err(e);
     }

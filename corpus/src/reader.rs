@@ -22,6 +22,16 @@
 //!   large GETs ([`crate::ranges::coalesce`]) fetched concurrently; decoded sequences are kept in
 //!   a bounded cache. With [`ReaderOptions::coalesce`] = `None` every sequence is its own GET.
 //!
+//! - **a local-disk shard cache**, when [`ReaderOptions::disk_cache`] is set, the store is remote
+//!   (`s3://`, `gs://`, `az://`, `memory://`) and the split is over the whole-shard limit: each
+//!   shard a sequence touches is downloaded whole in the background (one streaming GET, into
+//!   `<cache>/<manifest digest>/<shard>`, checked — size, header, sha256 — before it is renamed
+//!   into place), at most a few at a time, in the order the reads first touch them. Until a
+//!   shard is in the cache its sequences are read by ranged GETs as above, so the first steps
+//!   never wait for a download; after that they are positioned reads of the local file. Files
+//!   left by an earlier run are reused when their size is right and their sha256 (checked once
+//!   per process) matches; a corrupt one is deleted and downloaded again, with a warning.
+//!
 //! Checks: the manifest is checked for consistency when opened; a shard's size and header
 //! (magic, version, dtype, token count, vocabulary, end-of-text id) are checked against the
 //! manifest when the shard is first touched; every token read is checked against the vocabulary;
@@ -31,15 +41,19 @@
 //! order do not add up to a hash: `verify` (or `smelt corpus verify`) is the check for those.
 //! Every error names the object.
 
+mod disk_cache;
 mod fetch;
 
 use std::collections::{HashMap, VecDeque};
 use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 use tokio::sync::{OnceCell, Semaphore};
 
 use crate::error::CorpusError;
@@ -79,6 +93,9 @@ pub struct ReaderOptions {
     /// A split whose shards add up to at most this many bytes is read whole shard by shard and
     /// held in memory (see the module docs); 0 always reads ranges.
     pub whole_split_max_bytes: u64,
+    /// A local directory for the shard cache of a remote store (see the module docs); `None`:
+    /// no cache. Ignored for local stores and for splits read whole into memory.
+    pub disk_cache: Option<PathBuf>,
 }
 
 impl Default for ReaderOptions {
@@ -95,6 +112,7 @@ impl Default for ReaderOptions {
             // sequences behind it.
             coalesce: Some(Coalesce { max_gap: 64 << 10, max_len: 16 << 20 }),
             whole_split_max_bytes: 256 << 20,
+            disk_cache: None,
         }
     }
 }
@@ -212,6 +230,12 @@ struct Shard {
     whole_requested: AtomicBool,
     /// sha256 of the shard's bytes `[0, pos)` while it is being read front to back.
     stream_hash: Mutex<fetch::StreamHash>,
+    /// Its checked copy in the disk cache, once there.
+    local: std::sync::OnceLock<std::fs::File>,
+    /// Serializes the checks and the download of its cached copy.
+    cache_lock: tokio::sync::Mutex<()>,
+    /// A background download was started.
+    cache_requested: AtomicBool,
 }
 
 impl Shard {
@@ -225,6 +249,9 @@ impl Shard {
             whole: OnceCell::new(),
             whole_requested: AtomicBool::new(false),
             stream_hash: Mutex::new(fetch::StreamHash::new()),
+            local: std::sync::OnceLock::new(),
+            cache_lock: tokio::sync::Mutex::new(()),
+            cache_requested: AtomicBool::new(false),
         }
     }
 }
@@ -240,7 +267,11 @@ struct Inner {
     coalesce: Option<Coalesce>,
     /// Whole-shard mode (see the module docs).
     whole: bool,
+    /// The shard cache's directory for this corpus, when the disk cache is in use.
+    disk_cache: Option<PathBuf>,
     permits: Arc<Semaphore>,
+    /// Downloads into the disk cache in flight at once.
+    dl_permits: Arc<Semaphore>,
     state: Mutex<CacheState>,
     sequences: AtomicU64,
     ready: AtomicU64,
@@ -273,6 +304,7 @@ impl std::fmt::Debug for CorpusReader {
             .field("tokens", &self.inner.total)
             .field("shards", &self.inner.shards.len())
             .field("whole_shards", &self.inner.whole)
+            .field("disk_cache", &self.inner.disk_cache)
             .finish()
     }
 }
@@ -362,6 +394,14 @@ impl CorpusReader {
             })
             .collect();
         let split_bytes: u64 = split_info.shards.iter().map(|s| s.bytes).sum();
+        let whole = split_bytes <= opts.whole_split_max_bytes;
+        let disk_cache = match &opts.disk_cache {
+            Some(root) if !whole && disk_cache::is_remote(dir.uri()) => Some(disk_cache::cache_dir(root, &manifest)),
+            _ => None,
+        };
+        if let Some(d) = &disk_cache {
+            std::fs::create_dir_all(d).map_err(|e| CorpusError::io(d.display().to_string(), e))?;
+        }
         let inner = Inner {
             total: split_info.tokens,
             dtype: manifest.dtype,
@@ -370,8 +410,10 @@ impl CorpusReader {
             shards,
             cache_bytes: opts.cache_bytes,
             coalesce: opts.coalesce,
-            whole: split_bytes <= opts.whole_split_max_bytes,
+            whole,
+            disk_cache,
             permits: Arc::new(Semaphore::new(opts.concurrency)),
+            dl_permits: Arc::new(Semaphore::new(opts.concurrency.min(disk_cache::DOWNLOADS))),
             state: Mutex::new(CacheState::default()),
             sequences: AtomicU64::new(0),
             ready: AtomicU64::new(0),
@@ -381,6 +423,7 @@ impl CorpusReader {
             shards_verified: AtomicU64::new(0),
             manifest,
         };
+        inner.adopt_verified();
         Ok(CorpusReader { inner: Arc::new(inner) })
     }
 
@@ -403,6 +446,33 @@ impl CorpusReader {
     /// Whether the split is read whole shard by shard (see the module docs).
     pub fn whole_shards(&self) -> bool {
         self.inner.whole
+    }
+
+    /// The directory of this corpus's shard cache, when reads go through one (see the module docs).
+    pub fn disk_cache(&self) -> Option<&std::path::Path> {
+        self.inner.disk_cache.as_deref()
+    }
+
+    /// Shards of the split whose checked copy is in the disk cache.
+    pub fn cached_shards(&self) -> usize {
+        self.inner.shards.iter().filter(|s| s.local.get().is_some()).count()
+    }
+
+    /// Puts every shard of the split into the disk cache now (reusing good copies, downloading
+    /// the rest), waiting for downloads already on their way; the number of shards cached. 0
+    /// when the reader uses no disk cache.
+    pub fn fill_disk_cache(&self) -> Result<usize, CorpusError> {
+        if self.inner.disk_cache.is_none() {
+            return Ok(0);
+        }
+        let inner = self.inner.clone();
+        block_on_io(async move {
+            let all: FuturesUnordered<_> = (0..inner.shards.len()).map(|k| inner.cache_shard(k)).collect();
+            let results: Vec<_> = all.collect().await;
+            results.into_iter().collect::<Result<Vec<()>, _>>()
+        })
+        .unwrap_or_else(|| Err(CorpusError::Invalid("a cache task panicked".into())))?;
+        Ok(self.cached_shards())
     }
 
     /// Whole sequences of `seq_len` inputs (plus the one target after them): `(n_tokens - 1) / seq_len`.
@@ -536,9 +606,33 @@ impl CorpusReader {
         }
     }
 
+    /// Disk cache: starts downloading the shards `keys` touch that are neither cached nor on
+    /// their way, in the order the keys touch them.
+    fn start_downloads(&self, keys: &[Key]) {
+        for &key in keys {
+            for k in self.inner.shards_of(key) {
+                let shard = &self.inner.shards[k];
+                if shard.local.get().is_some() || shard.cache_requested.swap(true, Ordering::Relaxed) {
+                    continue;
+                }
+                let inner = self.inner.clone();
+                io_runtime().spawn(async move {
+                    // reads go on by ranged GETs (which report a bad object themselves)
+                    if let Err(e) = inner.cache_shard(k).await {
+                        tracing::warn!("disk cache: {e}");
+                        inner.shards[k].cache_requested.store(false, Ordering::Relaxed);
+                    }
+                });
+            }
+        }
+    }
+
     /// Ranged mode: for each key, its cached value or the slot of its fetch. The keys neither
     /// cached nor on their way are fetched by one new task, their ranges coalesced.
     fn request(&self, keys: &[Key]) -> Vec<Lookup> {
+        if self.inner.disk_cache.is_some() {
+            self.start_downloads(keys);
+        }
         let mut out = Vec::with_capacity(keys.len());
         let mut new: Vec<(Key, Arc<Slot>)> = Vec::new();
         {

@@ -133,7 +133,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
     if a.start_step > 0 || !a.resume_from.is_empty() {
         warn!(job_id = %a.job_id, start_step = a.start_step, "bert/t5 jobs restart from step 0: they are not checkpointed yet");
     }
-    let data = family_data::open(&spec)?;
+    let data = family_data::open(&spec, &req.out_dir)?;
     let fam = spec.family_config(data.base_vocab)?;
     let tc = spec.train_config();
     let objective = Objective::new(&fam, tc.seq_len);

@@ -55,9 +55,11 @@ pub struct FamilyData {
     pub val: Source,
 }
 
-pub fn open(spec: &JobSpec) -> Result<FamilyData> {
+/// A large remote corpus is read through the shard cache `<out_dir>/cache/corpora`.
+pub fn open(spec: &JobSpec, out_dir: &std::path::Path) -> Result<FamilyData> {
     if let Some(uri) = &spec.data.corpus {
-        let reader = CorpusReader::open(uri).with_context(|| format!("opening data.corpus {uri}"))?;
+        let o = ReaderOptions { disk_cache: Some(out_dir.join("cache").join("corpora")), ..Default::default() };
+        let reader = CorpusReader::open_with(uri, o).with_context(|| format!("opening data.corpus {uri}"))?;
         let m = reader.manifest().clone();
         let val = if m.val.tokens > 0 {
             let v = CorpusReader::open_with(uri, ReaderOptions { split: Split::Val, ..Default::default() })?;

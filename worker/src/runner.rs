@@ -177,9 +177,13 @@ impl TrainData {
 const MAX_VAL_TOKENS: u64 = 1 << 20;
 
 /// Opens the job's data: (tokenizer, model vocabulary, training data, validation tokens).
-fn load_data(spec: &JobSpec) -> Result<(Tokenizer, usize, TrainData, Vec<u32>)> {
+///
+/// A corpus on a remote store too large to hold in memory is read through the shard cache
+/// `<out_dir>/cache/corpora` (see [`ReaderOptions::disk_cache`]).
+fn load_data(spec: &JobSpec, out_dir: &std::path::Path) -> Result<(Tokenizer, usize, TrainData, Vec<u32>)> {
     if let Some(uri) = &spec.data.corpus {
-        let reader = CorpusReader::open(uri).with_context(|| format!("opening data.corpus {uri}"))?;
+        let o = ReaderOptions { disk_cache: Some(out_dir.join("cache").join("corpora")), ..Default::default() };
+        let reader = CorpusReader::open_with(uri, o).with_context(|| format!("opening data.corpus {uri}"))?;
         let m = reader.manifest().clone();
         let val = if m.val.tokens > 0 {
             let v = CorpusReader::open_with(uri, ReaderOptions { split: Split::Val, ..Default::default() })?;
@@ -211,8 +215,8 @@ pub(crate) struct Pretrain {
 }
 
 impl Pretrain {
-    fn open(spec: JobSpec) -> Result<Self> {
-        let (tokenizer, vocab, data, val_ids) = load_data(&spec)?;
+    fn open(spec: JobSpec, out_dir: &std::path::Path) -> Result<Self> {
+        let (tokenizer, vocab, data, val_ids) = load_data(&spec, out_dir)?;
         let cfg = spec.model_config(vocab)?;
         let tc = spec.train_config();
         let n_sequences = data.n_sequences(tc.seq_len);
@@ -233,7 +237,7 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
         JobKind::Pretrain => {}
         JobKind::Finetune => return crate::finetune::run(req, spec, control, events),
     }
-    let job = Pretrain::open(spec)?;
+    let job = Pretrain::open(spec, &req.out_dir)?;
     match req.device {
         Device::Cpu => {
             let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener.try_clone().context("cloning the ring listener")?, RING_CONNECT_TIMEOUT)

@@ -59,11 +59,11 @@ struct Piece {
 }
 
 impl Inner {
-    fn store_err(&self, op: &'static str, shard: &Shard, e: object_store::Error) -> CorpusError {
+    pub(super) fn store_err(&self, op: &'static str, shard: &Shard, e: object_store::Error) -> CorpusError {
         StoreError::from_object_store(op, shard.uri.clone(), e).into()
     }
 
-    fn count_get(&self, bytes: usize) {
+    pub(super) fn count_get(&self, bytes: usize) {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.bytes_fetched.fetch_add(bytes as u64, Ordering::Relaxed);
     }
@@ -89,7 +89,7 @@ impl Inner {
             .map(|_| ())
     }
 
-    fn check_header_bytes(&self, shard: &Shard, head: &[u8], size: u64) -> Result<(), CorpusError> {
+    pub(super) fn check_header_bytes(&self, shard: &Shard, head: &[u8], size: u64) -> Result<(), CorpusError> {
         let bad = |reason: String| CorpusError::bad_shard(&shard.uri, reason);
         let h = crate::format::ShardHeader::parse(head).map_err(bad)?;
         let m = &self.manifest;
@@ -119,7 +119,7 @@ impl Inner {
         Ok(())
     }
 
-    fn check_sha(&self, shard: &Shard, sha: &str) -> Result<(), CorpusError> {
+    pub(super) fn check_sha(&self, shard: &Shard, sha: &str) -> Result<(), CorpusError> {
         if sha != shard.info.sha256 {
             return Err(CorpusError::bad_shard(&shard.uri, format!("sha256 {sha} does not match the manifest's {}", shard.info.sha256)));
         }
@@ -127,7 +127,7 @@ impl Inner {
         Ok(())
     }
 
-    fn check_ids(&self, shard: &Shard, first: u64, ids: &[u32]) -> Result<(), CorpusError> {
+    pub(super) fn check_ids(&self, shard: &Shard, first: u64, ids: &[u32]) -> Result<(), CorpusError> {
         let v = self.manifest.vocab_size;
         if let Some(p) = ids.iter().position(|&t| t >= v) {
             return Err(CorpusError::bad_shard(
@@ -221,6 +221,14 @@ impl Inner {
         let mut pieces = Vec::new();
         let mut needs = Vec::new();
         let mut left = vec![0usize; keys.len()];
+        // None once a key is answered (an error, or handed over)
+        let mut bufs: Vec<Option<Vec<u32>>> = keys.iter().map(|&(_, len)| Some(vec![0u32; len as usize])).collect();
+        fn fail(bufs: &mut [Option<Vec<u32>>], done: &mut impl FnMut(usize, Result<Vec<u32>, CorpusError>), ki: usize, e: &CorpusError) {
+            if bufs[ki].take().is_some() {
+                done(ki, Err(e.clone()));
+            }
+        }
+        let mut scratch = Vec::new();
         for (ki, &(start, len)) in keys.iter().enumerate() {
             let end = start + len;
             let mut pos = start;
@@ -229,17 +237,29 @@ impl Inner {
                 let shard = &self.shards[k];
                 let lo = pos - shard.start;
                 let hi = (end - shard.start).min(shard.info.tokens).min(lo.saturating_add(max_tokens));
+                if let Some(file) = shard.local.get() {
+                    // in the disk cache: a positioned read of the local file
+                    let dst = (pos - start) as usize;
+                    pos = shard.start + hi;
+                    let Some(buf) = bufs[ki].as_mut() else { continue };
+                    let out = &mut buf[dst..dst + (hi - lo) as usize];
+                    if let Err(e) = self.read_cached(k, file, lo, out, &mut scratch) {
+                        fail(&mut bufs, &mut done, ki, &e);
+                    }
+                    continue;
+                }
                 needs.push(Need { object: k, range: HEADER_BYTES + lo * w..HEADER_BYTES + hi * w });
                 pieces.push(Piece { key: ki, shard: k, lo, hi, dst: (pos - start) as usize });
                 left[ki] += 1;
                 pos = shard.start + hi;
             }
         }
-        // None once a key is answered (an error, or handed over)
-        let mut bufs: Vec<Option<Vec<u32>>> = keys.iter().map(|&(_, len)| Some(vec![0u32; len as usize])).collect();
-        fn fail(bufs: &mut [Option<Vec<u32>>], done: &mut impl FnMut(usize, Result<Vec<u32>, CorpusError>), ki: usize, e: &CorpusError) {
-            if bufs[ki].take().is_some() {
-                done(ki, Err(e.clone()));
+        // keys read wholly from the disk cache are complete already
+        for ki in 0..keys.len() {
+            if left[ki] == 0 {
+                if let Some(v) = bufs[ki].take() {
+                    done(ki, Ok(v));
+                }
             }
         }
 
