@@ -236,15 +236,19 @@ fn run_family(a: &AttentionArgs, model_path: &Path, saved: SavedFamilyModel) -> 
     Ok(())
 }
 
-/// A `rows x cols` map of weights in [0, 1] as an RGB PNG, `cell` pixels per entry, scaled by
-/// the map's maximum so that weak heads stay readable.
+/// A `rows x cols` map of weights in [0, 1] as an RGB PNG, `cell` pixels per entry. Each row (one
+/// query's distribution over keys) is scaled by its own maximum: under a causal mask the first
+/// query puts all its weight on itself, so one scale for the whole map would leave every other
+/// row near black. attention.json keeps the unscaled weights.
 fn write_heat_map(path: &Path, weights: &[f32], rows: usize, cols: usize, cell: usize) -> Result<()> {
-    let max = weights.iter().cloned().fold(f32::MIN_POSITIVE, f32::max);
+    let row_max: Vec<f32> =
+        weights.chunks(cols).map(|r| r.iter().cloned().fold(f32::MIN_POSITIVE, f32::max)).collect();
     let (width, height) = (cols * cell, rows * cell);
     let mut pixels = vec![0u8; width * height * 3];
     for (y, row) in pixels.chunks_mut(width * 3).enumerate() {
+        let q = y / cell;
         for x in 0..width {
-            let w = weights[(y / cell) * cols + x / cell] / max;
+            let w = weights[q * cols + x / cell] / row_max[q];
             row[x * 3..x * 3 + 3].copy_from_slice(&viridis(w));
         }
     }
