@@ -68,9 +68,13 @@ fn samples(c: &Cluster, job: &str, world: u32) -> BTreeMap<u64, Vec<u64>> {
         }
         per_rank.push(m);
     }
+    // A cancelled job's ranks stop at slightly different steps (each logs a step once it ran
+    // it): keep the steps every rank ran.
     let mut out = BTreeMap::new();
-    for (step, _) in per_rank[0].iter() {
-        out.insert(*step, per_rank.iter().flat_map(|m| m[step].1.clone()).collect());
+    for step in per_rank[0].keys() {
+        if per_rank.iter().all(|m| m.contains_key(step)) {
+            out.insert(*step, per_rank.iter().flat_map(|m| m[step].1.clone()).collect());
+        }
     }
     out
 }
