@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::ScoreKind;
+use super::config_checks::{check_sizes, unknown_preset};
 use crate::error::ConfigError;
 use crate::model::gpt_config::LayerNormPlacement;
 
@@ -111,12 +112,7 @@ impl BertConfig {
             "bert-large" => cfg(30522, 512, 24, 16, 1024),
             "bert-tiny" => cfg(256, 128, 2, 2, 128),
             "bert-test" => cfg(64, 32, 2, 2, 32),
-            _ => {
-                return Err(ConfigError::new(
-                    "preset",
-                    format!("unknown BERT preset {name:?}; known: {}", PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")),
-                ))
-            }
+            _ => return Err(unknown_preset("BERT", name, PRESETS)),
         })
     }
 
@@ -134,25 +130,20 @@ impl BertConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (field, v) in [
-            ("vocab_size", self.vocab_size),
-            ("max_positions", self.max_positions),
-            ("n_layer", self.n_layer),
-            ("n_head", self.n_head),
-            ("n_embd", self.n_embd),
-            ("n_inner", self.n_inner),
-            ("type_vocab_size", self.type_vocab_size),
-        ] {
-            if v == 0 {
-                return Err(ConfigError::new(field, "must be at least 1"));
-            }
-        }
-        if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(ConfigError::new("n_embd", format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head)));
-        }
-        if self.vocab_size > u32::MAX as usize - 1 {
-            return Err(ConfigError::new("vocab_size", "must fit in u32 token ids"));
-        }
+        check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("max_positions", self.max_positions),
+                ("n_layer", self.n_layer),
+                ("n_head", self.n_head),
+                ("n_embd", self.n_embd),
+                ("n_inner", self.n_inner),
+                ("type_vocab_size", self.type_vocab_size),
+            ],
+            self.n_embd,
+            self.n_head,
+            self.vocab_size,
+        )?;
         if self.num_labels == 1 {
             return Err(ConfigError::new("num_labels", "a classifier needs at least 2 labels (0 disables it)"));
         }

@@ -3,6 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::ScoreKind;
+use super::config_checks::{check_sizes, unknown_preset};
 use crate::error::ConfigError;
 use crate::model::bert_config::Positions;
 use crate::model::gpt_config::LayerNormPlacement;
@@ -62,12 +63,7 @@ impl T5Config {
             "t5-small" => cfg(32128, 512, 6, 8, 512, 2048),
             "t5-tiny" => cfg(256, 128, 2, 2, 128, 512),
             "t5-test" => cfg(64, 32, 2, 2, 32, 128),
-            _ => {
-                return Err(ConfigError::new(
-                    "preset",
-                    format!("unknown T5 preset {name:?}; known: {}", PRESETS.iter().map(|p| p.0).collect::<Vec<_>>().join(", ")),
-                ))
-            }
+            _ => return Err(unknown_preset("T5", name, PRESETS)),
         })
     }
 
@@ -84,25 +80,20 @@ impl T5Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        for (field, v) in [
-            ("vocab_size", self.vocab_size),
-            ("max_positions", self.max_positions),
-            ("n_layer", self.n_layer),
-            ("n_decoder_layer", self.n_decoder_layer),
-            ("n_head", self.n_head),
-            ("n_embd", self.n_embd),
-            ("n_inner", self.n_inner),
-        ] {
-            if v == 0 {
-                return Err(ConfigError::new(field, "must be at least 1"));
-            }
-        }
-        if !self.n_embd.is_multiple_of(self.n_head) {
-            return Err(ConfigError::new("n_embd", format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head)));
-        }
-        if self.vocab_size > u32::MAX as usize - 1 {
-            return Err(ConfigError::new("vocab_size", "must fit in u32 token ids"));
-        }
+        check_sizes(
+            &[
+                ("vocab_size", self.vocab_size),
+                ("max_positions", self.max_positions),
+                ("n_layer", self.n_layer),
+                ("n_decoder_layer", self.n_decoder_layer),
+                ("n_head", self.n_head),
+                ("n_embd", self.n_embd),
+                ("n_inner", self.n_inner),
+            ],
+            self.n_embd,
+            self.n_head,
+            self.vocab_size,
+        )?;
         Ok(())
     }
 }
