@@ -10,6 +10,7 @@
 //! ```
 //!
 //! - `layout`: names and paths; `manifest`: MANIFEST.json and trainer.json.
+//! - `model_config`: what the weights are (GPT, BERT, T5) and the model-file metadata.
 //! - `tensors`: the two safetensors files to and from flat host buffers.
 //! - `upload`: one object up, multipart when large, transient errors retried with backoff.
 //! - `write`: a snapshot to a committed checkpoint; `read`: verified loads, listing, fallback.
@@ -22,6 +23,7 @@
 pub mod error;
 pub mod layout;
 pub mod manifest;
+pub mod model_config;
 pub mod read;
 pub mod retention;
 pub mod source;
@@ -34,6 +36,7 @@ pub use error::CheckpointError;
 pub use layout::{checkpoints_root, step_dir_name, step_of_uri};
 pub use manifest::{FileEntry, Lineage, Manifest, TrainerJson};
 pub use manifest::HeadConfig;
+pub use model_config::ModelConfig;
 pub use read::{
     list_committed, load_latest_good, load_model_verified, load_or_fall_back, load_verified, load_verified_dir, verify, Checkpoint,
     Resumed, Skipped, VerifiedModel,

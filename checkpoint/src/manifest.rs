@@ -3,8 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 use smelt_corpus::Tokenizer;
-use smelt_engine::model::GptConfig;
 use smelt_engine::train::TrainerState;
+
+use crate::model_config::ModelConfig;
 
 /// Bumped when a reader of the old format could not read the new one.
 pub const FORMAT: &str = "smelt-checkpoint/1";
@@ -48,7 +49,7 @@ pub struct DataPosition {
     pub seed: u64,
 }
 
-/// A fine-tuning job's classification head: its tensors (`score.weight`) follow the GPT's in
+/// A GPT fine-tuning job's classification head: its tensors (`score.weight`) follow the GPT's in
 /// model.safetensors and optimizer.safetensors, and its parameters follow the GPT's in
 /// `Snapshot::params` (and the moments likewise).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -68,8 +69,9 @@ pub struct TrainerJson {
     pub data: DataPosition,
     /// Step counter, AdamW's update count, the data generator.
     pub trainer: TrainerState,
-    pub model: GptConfig,
-    /// A classification head trained with the GPT (fine-tuning); absent for a plain GPT.
+    /// The model (GPT, BERT or T5). A BERT's own classifier is part of its config.
+    pub model: ModelConfig,
+    /// A classification head trained on top of a GPT (fine-tuning); absent otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head: Option<HeadConfig>,
     pub tokenizer: Tokenizer,

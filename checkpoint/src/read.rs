@@ -91,7 +91,7 @@ pub fn load_verified_dir(dir: &StoreDir) -> Result<Checkpoint> {
     if trainer.step != manifest.step {
         return Err(bad(trainer_uri, format!("step {} but the manifest says {}", trainer.step, manifest.step)));
     }
-    trainer.model.validate().map_err(|e| bad(trainer_uri, format!("bad model config: {e}")))?;
+    trainer.model.validate().map_err(|e| bad(trainer_uri, format!("bad {} model config: {e}", trainer.model.arch())))?;
     let table = tensors::table_of(&trainer);
     let params = tensors::read_model(&table, &read_checked(&dir, &manifest, MODEL)?, &dir.uri_of(MODEL))?;
     let (m, v) = tensors::read_optimizer(&table, &read_checked(&dir, &manifest, OPTIMIZER)?, &dir.uri_of(OPTIMIZER))?;

@@ -1,6 +1,6 @@
 //! The two safetensors files of a checkpoint, to and from flat host buffers. The weights keep
 //! the engine's Hugging Face names (so `model.safetensors` is also a model file `smelt sample`
-//! reads); the AdamW moments use the same names behind `exp_avg.` / `exp_avg_sq.` (PyTorch's
+//! reads, whatever the architecture); the AdamW moments use the same names behind `exp_avg.` / `exp_avg_sq.` (PyTorch's
 //! names for them), in one file, in table order. A fine-tuning job's classification head
 //! (`score.weight`, as in transformers' GPT2ForSequenceClassification) follows the GPT's tensors.
 
@@ -8,25 +8,22 @@ use std::collections::HashMap;
 
 use smelt_corpus::Tokenizer;
 use smelt_engine::model::heads::ClassificationHead;
-use smelt_engine::model::{Gpt, GptConfig};
 use smelt_engine::params::ParamTable;
 use smelt_engine::{weights, CpuBackend};
 
 use crate::error::{CheckpointError, Result};
 use crate::manifest::TrainerJson;
+use crate::model_config::ModelConfig;
 
 const M_PREFIX: &str = "exp_avg.";
 const V_PREFIX: &str = "exp_avg_sq.";
 
-pub fn param_table(cfg: &GptConfig) -> ParamTable {
-    Gpt::<CpuBackend>::param_table(cfg)
-}
-
-/// Every tensor a checkpoint holds, in `Snapshot::params` order: the GPT's, then the head's.
+/// Every tensor a checkpoint holds, in `Snapshot::params` order: the model's, then a GPT
+/// fine-tuning head's.
 pub fn table_of(t: &TrainerJson) -> ParamTable {
-    let mut table = param_table(&t.model);
+    let mut table = t.model.param_table();
     if let Some(h) = t.head {
-        for s in ClassificationHead::<CpuBackend>::param_table(h.num_labels, t.model.n_embd).specs() {
+        for s in ClassificationHead::<CpuBackend>::param_table(h.num_labels, t.model.n_embd()).specs() {
             table.push(&s.name, &s.shape, s.kind, s.init);
         }
     }
@@ -48,13 +45,10 @@ fn tensors_err(uri: &str, e: smelt_engine::EngineError) -> CheckpointError {
     CheckpointError::BadTensors { uri: uri.to_string(), message: e.to_string() }
 }
 
-/// model.safetensors, with the metadata smelt's model files carry (config, tokenizer, step).
-pub fn model_bytes(table: &ParamTable, cfg: &GptConfig, tokenizer: &Tokenizer, params: &[f32], step: u64) -> Result<Vec<u8>> {
-    let mut meta = HashMap::new();
-    meta.insert("smelt.format".to_string(), "gpt/1".to_string());
-    meta.insert("smelt.config".to_string(), serde_json::to_string(cfg).expect("config serializes"));
-    meta.insert("smelt.tokenizer".to_string(), serde_json::to_string(tokenizer).expect("tokenizer serializes"));
-    meta.insert("smelt.step".to_string(), step.to_string());
+/// model.safetensors, with the metadata smelt's model files carry (format, config, tokenizer,
+/// special tokens, step).
+pub fn model_bytes(table: &ParamTable, model: &ModelConfig, tokenizer: &Tokenizer, params: &[f32], step: u64) -> Result<Vec<u8>> {
+    let meta = model.metadata(tokenizer, &[("step", step.to_string())]);
     weights::to_bytes(table, params, meta).map_err(|e| tensors_err("model.safetensors", e))
 }
 

@@ -5,12 +5,12 @@
 use bytes::Bytes;
 use smelt_corpus::format::sha256_hex;
 use smelt_corpus::{StoreDir, Tokenizer};
-use smelt_engine::model::GptConfig;
 use tracing::info;
 
 use crate::error::{CheckpointError, Result};
 use crate::layout::{step_dir_name, MANIFEST, MODEL, OPTIMIZER, TRAINER};
 use crate::manifest::{now_ms, FileEntry, Manifest, TrainerJson, FORMAT};
+use crate::model_config::ModelConfig;
 use crate::tensors;
 use crate::upload::{put_object, with_retry, UploadOptions};
 
@@ -28,7 +28,7 @@ impl Snapshot {
     pub fn step(&self) -> u64 {
         self.trainer.step
     }
-    pub fn model(&self) -> &GptConfig {
+    pub fn model(&self) -> &ModelConfig {
         &self.trainer.model
     }
     pub fn tokenizer(&self) -> &Tokenizer {

@@ -56,7 +56,7 @@ fn snapshot_of(trainer: &Trainer<CpuBackend>, cfg: &GptConfig) -> Snapshot {
             attempt: 1,
             data: DataPosition { samples_consumed: 0, global_batch: 1, seed: 0 },
             trainer: state,
-            model: cfg.clone(),
+            model: cfg.clone().into(),
             head: None,
             tokenizer: Tokenizer::Gpt2,
             spec_toml: String::new(),

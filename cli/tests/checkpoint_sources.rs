@@ -45,7 +45,7 @@ fn snapshot(step: u64) -> Snapshot {
             attempt: 1,
             data: DataPosition { samples_consumed: step * 4, global_batch: 4, seed: 1 },
             trainer: TrainerState { step, optimizer_steps: step, data_rng: Rng::new(1) },
-            model: cfg,
+            model: cfg.into(),
             head: None,
             tokenizer: Tokenizer::Byte,
             spec_toml: String::new(),

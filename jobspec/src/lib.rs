@@ -54,7 +54,7 @@
 
 mod family;
 
-pub use family::{Arch, BertObjective, BertSpecials, FamilyConfig, T5Specials};
+pub use family::{Arch, BertObjective, BertSpecials, ContrastiveViews, FamilyConfig, T5Specials};
 
 use serde::{Deserialize, Serialize};
 use smelt_engine::model::{GptConfig, LayerNormPlacement};
@@ -199,6 +199,14 @@ pub struct ModelSpec {
     /// BERT contrastive: InfoNCE temperature (default 0.05).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub temperature: Option<f32>,
+    /// BERT: dropout probability of training passes, in [0, 1) (default 0: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<f32>,
+    /// BERT contrastive: how a window's two views differ: `mask` (default; two independent
+    /// maskings) or `dropout` (the same tokens twice, the model's dropout makes the views:
+    /// SimCSE; needs `dropout` > 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub views: Option<String>,
     /// T5 span corruption: share of tokens cut out (default 0.15).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub noise_density: Option<f64>,
@@ -436,9 +444,6 @@ impl JobSpec {
                 self.model_config(self.model.vocab_size.unwrap_or(256))?.block_size
             }
             Arch::Bert | Arch::T5 => {
-                if self.checkpoint.every > 0 {
-                    return Err(err("checkpoint.every", "checkpoints are only written for arch = \"gpt\" so far (leave it 0: the final model is saved)"));
-                }
                 let fam = self.family_config(self.model.vocab_size.unwrap_or(256))?;
                 if matches!(fam, FamilyConfig::Bert { objective: BertObjective::Contrastive, .. }) && self.train.micro_batch < 2 {
                     return Err(err("train.micro_batch", "the contrastive objective needs at least 2 pairs per micro-batch (in-batch negatives)"));

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use smelt_checkpoint::manifest::{DataPosition, FORMAT};
 use smelt_checkpoint::{
-    checkpoints_root, load_or_fall_back, AsyncCheckpointer, Checkpoint, HeadConfig, Lineage, Outcome, Retention, Snapshot,
+    checkpoints_root, load_or_fall_back, AsyncCheckpointer, Checkpoint, HeadConfig, Lineage, ModelConfig, Outcome, Retention, Snapshot,
     Submitted, TrainerJson, UploadOptions,
 };
 use smelt_corpus::{StoreDir, Tokenizer};
@@ -70,6 +70,22 @@ pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut
     Ok(())
 }
 
+/// A resume under another seed or global batch is allowed (a deliberate change) but does not
+/// continue the checkpoint's sample order: say so.
+pub fn warn_if_data_order_changes(ck: &Checkpoint, spec: &JobSpec) {
+    let (seed, global) = (spec.seed, spec.train.global_batch as u64);
+    if ck.trainer.data.seed != seed || ck.trainer.data.global_batch != global {
+        warn!(
+            uri = %ck.uri,
+            checkpoint_seed = ck.trainer.data.seed,
+            checkpoint_global_batch = ck.trainer.data.global_batch,
+            seed,
+            global_batch = global,
+            "resuming with another seed or global batch: the data order does not continue the checkpoint's"
+        );
+    }
+}
+
 /// Lineage of a run's checkpoints when it resumed from `ck`.
 pub fn lineage_of(ck: &Checkpoint) -> Lineage {
     Lineage { parent_checkpoint: Some(ck.uri.clone()), parent_job: Some(ck.trainer.job_id.clone()) }
@@ -87,7 +103,7 @@ pub fn resume<B: Backend>(
 ) -> Result<Resumed> {
     let mut resumed = Resumed::default();
     if let Some(ck) = load_resume(a, events)? {
-        if ck.trainer.model != *cfg || ck.trainer.head.is_some() {
+        if ck.trainer.model.gpt() != Some(cfg) || ck.trainer.head.is_some() {
             return Err(anyhow!(
                 "checkpoint {} holds a model {:?}{}, the job's spec makes {:?}",
                 ck.uri,
@@ -96,17 +112,7 @@ pub fn resume<B: Backend>(
                 cfg
             ));
         }
-        let (seed, global) = (spec.seed, spec.train.global_batch as u64);
-        if ck.trainer.data.seed != seed || ck.trainer.data.global_batch != global {
-            warn!(
-                uri = %ck.uri,
-                checkpoint_seed = ck.trainer.data.seed,
-                checkpoint_global_batch = ck.trainer.data.global_batch,
-                seed,
-                global_batch = global,
-                "resuming with another seed or global batch: the data order does not continue the checkpoint's"
-            );
-        }
+        warn_if_data_order_changes(&ck, spec);
         trainer.restore(&ck.params, &ck.m, &ck.v, &ck.trainer.trainer).with_context(|| format!("restoring {}", ck.uri))?;
         resumed = Resumed { start_step: ck.step(), lineage: lineage_of(&ck) };
     }
@@ -144,7 +150,7 @@ pub struct Checkpointer {
 
 impl Checkpointer {
     /// `None` when the job does not checkpoint.
-    pub fn new(a: &Assignment, spec: &JobSpec, cfg: &GptConfig, tokenizer: &Tokenizer, out_dir: &Path, lineage: Lineage) -> Result<Option<Self>> {
+    pub fn new(a: &Assignment, spec: &JobSpec, model: ModelConfig, tokenizer: &Tokenizer, out_dir: &Path, lineage: Lineage) -> Result<Option<Self>> {
         let c = &spec.checkpoint;
         if c.every == 0 {
             return Ok(None);
@@ -160,7 +166,7 @@ impl Checkpointer {
             attempt: a.attempt,
             data: DataPosition { samples_consumed: 0, global_batch: spec.train.global_batch as u64, seed: spec.seed },
             trainer: smelt_engine::train::TrainerState { step: 0, optimizer_steps: 0, data_rng: smelt_engine::rng::Rng::new(0) },
-            model: cfg.clone(),
+            model,
             head: None,
             tokenizer: tokenizer.clone(),
             spec_toml: a.spec_toml.clone(),

@@ -1,29 +1,40 @@
 //! A BERT or T5 pretraining job (`[model] arch = "bert" | "t5"`): the runner dispatches here on
 //! the architecture. Data parallelism is GPT's: every rank derives the same window order from
 //! the seed and takes its slice of each step's global batch; the objective turns each window
-//! into a sample (masked LM, next-sentence pairs, two masked views, span corruption) seeded by
-//! (seed, step, global sample index); gradients are averaged over the ring and every rank steps
-//! AdamW (clipping by the global norm). Rank 0 evaluates on fixed validation windows, streams
-//! metrics and saves `jobs/<id>/model.safetensors` (format `bert/1` or `t5/1`).
+//! into a sample (masked LM, next-sentence pairs, two views, span corruption) seeded by
+//! (seed, step, global sample index); gradients are averaged over the collective and every rank
+//! steps AdamW (clipping by the global norm). Rank 0 evaluates on fixed validation windows,
+//! streams metrics, checkpoints as GPT jobs do (`checkpointing`: weights, AdamW moments and
+//! trainer.json naming the architecture) and saves `jobs/<id>/model.safetensors` (format
+//! `bert/1` or `t5/1`).
 //!
-//! Not yet: checkpoints (the spec refuses `checkpoint.every` for these architectures; a
-//! restarted attempt starts again at step 0) and the CUDA backend.
+//! A sample is a pure function of (seed, step, index), so a checkpoint needs no data generator
+//! state: a resumed run at step s makes exactly the batches the uninterrupted run made.
+//!
+//! On a CPU worker the backend is the CPU one and ranks average over the TCP ring; on a GPU
+//! worker it is the CUDA backend and NCCL (`gpu::train_family`). General and additive attention
+//! scores are CPU-only: the model refuses them on CUDA with an error naming `scores`.
 
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
+use smelt_checkpoint::ModelConfig;
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_engine::backend::Backend;
 use smelt_engine::collective::{Collective, TcpRing};
 use smelt_engine::model::{Bert, T5};
 use smelt_engine::optim::AdamW;
 use smelt_engine::params::ParamTable;
+use smelt_engine::rng::Rng;
+use smelt_engine::train::TrainerState;
 use smelt_engine::{CpuBackend, EngineError};
-use smelt_jobspec::{Device, FamilyConfig, JobSpec};
+use smelt_jobspec::{FamilyConfig, JobSpec};
 use smelt_proto::v1::StepMetrics;
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::family_data::{self, FamilyBatch, Objective, Source};
+use crate::checkpointing::{self, Checkpointer, HostState};
+use crate::device::Device;
+use crate::family_data::{self, FamilyBatch, FamilyData, Objective, Source};
 use crate::model_file::{self, FamilyModel};
 use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
 
@@ -32,19 +43,19 @@ const EVAL_STEP: u64 = u64::MAX;
 
 /// The model being trained (one per run, so the variants' size difference costs nothing).
 #[allow(clippy::large_enum_variant)]
-enum Model {
-    Bert(Bert<CpuBackend>),
-    T5(T5<CpuBackend>),
+enum Model<B: Backend> {
+    Bert(Bert<B>),
+    T5(T5<B>),
 }
 
-impl Model {
-    fn new(fam: &FamilyConfig, seed: u64) -> Result<Model> {
+impl<B: Backend> Model<B> {
+    fn new(be: B, fam: &FamilyConfig, seed: u64) -> Result<Self> {
         Ok(match fam {
-            FamilyConfig::Bert { config, .. } => Model::Bert(Bert::new(CpuBackend::new(), config.clone(), seed)?),
-            FamilyConfig::T5 { config, .. } => Model::T5(T5::new(CpuBackend::new(), config.clone(), seed)?),
+            FamilyConfig::Bert { config, .. } => Model::Bert(Bert::new(be, config.clone(), seed)?),
+            FamilyConfig::T5 { config, .. } => Model::T5(T5::new(be, config.clone(), seed)?),
         })
     }
-    fn backend(&self) -> &CpuBackend {
+    fn backend(&self) -> &B {
         match self {
             Model::Bert(m) => m.backend(),
             Model::T5(m) => m.backend(),
@@ -76,13 +87,13 @@ impl Model {
             Model::T5(m) => m.backward(scale),
         }
     }
-    fn backend_and_grads_mut(&mut self) -> (&CpuBackend, &mut <CpuBackend as Backend>::Buf) {
+    fn backend_and_grads_mut(&mut self) -> (&B, &mut B::Buf) {
         match self {
             Model::Bert(m) => m.backend_and_grads_mut(),
             Model::T5(m) => m.backend_and_grads_mut(),
         }
     }
-    fn params_and_grads(&mut self) -> (&CpuBackend, &ParamTable, &mut <CpuBackend as Backend>::Buf, &<CpuBackend as Backend>::Buf) {
+    fn params_and_grads(&mut self) -> (&B, &ParamTable, &mut B::Buf, &B::Buf) {
         match self {
             Model::Bert(m) => m.params_and_grads(),
             Model::T5(m) => m.params_and_grads(),
@@ -92,6 +103,12 @@ impl Model {
         match self {
             Model::Bert(m) => m.params_host(),
             Model::T5(m) => m.params_host(),
+        }
+    }
+    fn set_params_host(&mut self, host: &[f32]) {
+        match self {
+            Model::Bert(m) => m.set_params_host(host),
+            Model::T5(m) => m.set_params_host(host),
         }
     }
 }
@@ -104,11 +121,10 @@ fn batch_tokens(x: &FamilyBatch) -> usize {
     }
 }
 
-/// The mean of one value over the ring.
-fn all_reduce_scalar(ring: &mut dyn Collective<CpuBackend>, x: f32) -> Result<f32> {
-    let be = CpuBackend::new();
+/// The mean of one value over the collective.
+fn all_reduce_scalar<B: Backend>(be: &B, collective: &mut dyn Collective<B>, x: f32) -> Result<f32> {
     let mut buf = be.upload(&[x]);
-    ring.all_reduce_mean(&be, be.view_mut(&mut buf, 0..1))?;
+    collective.all_reduce_mean(be, be.view_mut(&mut buf, 0..1))?;
     Ok(be.download(be.view(&buf, 0..1))[0])
 }
 
@@ -122,19 +138,63 @@ fn eval_batches(objective: &Objective, val: &Source, seed: u64, micro: usize, ma
     idx.chunks(micro).filter(|c| c.len() >= objective.min_batch()).map(|c| objective.read_batch(val, seed, EVAL_STEP, c, c, n)).collect()
 }
 
+/// A BERT or T5 job with its data opened, before a backend is chosen.
+pub(crate) struct FamilyJob {
+    spec: JobSpec,
+    data: FamilyData,
+    fam: FamilyConfig,
+}
+
+impl FamilyJob {
+    fn open(spec: JobSpec, out_dir: &std::path::Path) -> Result<Self> {
+        let data = family_data::open(&spec, out_dir)?;
+        let fam = spec.family_config(data.base_vocab)?;
+        Ok(FamilyJob { spec, data, fam })
+    }
+
+    /// The model as model files and checkpoints record it.
+    fn saved_model(&self) -> FamilyModel {
+        match &self.fam {
+            FamilyConfig::Bert { config, specials, .. } => FamilyModel::Bert { config: config.clone(), specials: *specials },
+            FamilyConfig::T5 { config, specials, .. } => FamilyModel::T5 { config: config.clone(), specials: *specials },
+        }
+    }
+}
+
 /// The training thread of a BERT or T5 assignment. Returns the final step.
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let job = FamilyJob::open(spec, &req.out_dir)?;
+    match req.device {
+        Device::Cpu => {
+            let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener.try_clone().context("cloning the ring listener")?, RING_CONNECT_TIMEOUT)
+                .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
+            let abort = ring.abort_handle();
+            control.on_stop(move || abort.abort());
+            if let Some(reason) = control.stopped() {
+                bail!("stopped before training: {reason}");
+            }
+            train(CpuBackend::new(), &mut ring, job, &req, control, events)
+        }
+        Device::Cuda(ordinal) => crate::gpu::train_family(ordinal, job, &req, control, events),
+    }
+}
+
+/// The BERT/T5 training loop on any backend, the collective already joined.
+pub(crate) fn train<B: Backend>(
+    be: B,
+    collective: &mut dyn Collective<B>,
+    job: FamilyJob,
+    req: &RunRequest,
+    control: &RunControl,
+    events: &dyn Fn(RunEvent),
+) -> Result<u64> {
+    let a = &req.assignment;
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let saved = job.saved_model();
+    let FamilyJob { spec, data, fam } = job;
     let arch = spec.arch()?;
-    if spec.cluster.device == Device::Cuda {
-        bail!("arch = {:?} trains on the CPU backend only so far (cluster.device = \"cuda\")", arch.name());
-    }
-    if a.start_step > 0 || !a.resume_from.is_empty() {
-        warn!(job_id = %a.job_id, start_step = a.start_step, "bert/t5 jobs restart from step 0: they are not checkpointed yet");
-    }
-    let data = family_data::open(&spec, &req.out_dir)?;
-    let fam = spec.family_config(data.base_vocab)?;
     let tc = spec.train_config();
     let objective = Objective::new(&fam, tc.seq_len);
     let wlen = objective.window_len();
@@ -145,18 +205,35 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
     let order = SampleOrder::new(n_windows, spec.seed);
     let global = spec.train.global_batch as u64;
 
-    let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener, RING_CONNECT_TIMEOUT)
-        .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
-    *control.ring_abort.lock().unwrap() = Some(ring.abort_handle());
-
-    let mut model = Model::new(&fam, spec.seed)?;
+    let mut model = Model::new(be, &fam, spec.seed).with_context(|| format!("building the {} model on {}", arch.name(), req.device))?;
     let mut opt = AdamW::new(model.backend(), model.table(), tc.optim.clone())?;
+
+    // Resume: weights, moments and AdamW's count; the data position is the step itself.
+    let model_config: ModelConfig = saved.model_config();
+    let (mut start, mut lineage) = (0, Default::default());
+    if let Some(ck) = checkpointing::load_resume(a, events)? {
+        if ck.trainer.model != model_config || ck.trainer.head.is_some() {
+            bail!("checkpoint {} holds a {} model {:?}, the job's spec makes a {} model {:?}", ck.uri, ck.trainer.model.arch(), ck.trainer.model, model_config.arch(), model_config);
+        }
+        checkpointing::warn_if_data_order_changes(&ck, &spec);
+        model.set_params_host(&ck.params);
+        let be = model.backend();
+        opt.restore(be, &ck.m, &ck.v, ck.trainer.trainer.optimizer_steps);
+        start = ck.step();
+        lineage = checkpointing::lineage_of(&ck);
+    }
+    checkpointing::agree_on_start(a, start, model.backend(), collective)?;
+    let mut checkpointer = match rank {
+        0 => Checkpointer::new(a, &spec, model_config, &data.tokenizer, &req.out_dir, lineage)?,
+        _ => None,
+    };
+
     let val = if rank == 0 { eval_batches(&objective, &data.val, spec.seed, tc.batch_size, tc.eval_batches)? } else { Vec::new() };
-    info!(job_id = %a.job_id, attempt = a.attempt, rank, world, arch = arch.name(), params = model.table().total(), windows = n_windows, "training started");
+    info!(job_id = %a.job_id, attempt = a.attempt, rank, world, device = %req.device, arch = arch.name(), params = model.table().total(), windows = n_windows, start_step = start, "training started");
 
     let started = Instant::now();
     let (mut tokens, mut last_val) = (0usize, None);
-    for step in 0..tc.steps {
+    for step in start..tc.steps {
         if let Some(reason) = control.stopped() {
             bail!("stopped at step {step}: {reason}");
         }
@@ -179,7 +256,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
             bail!("step {step}: this rank has no samples (train.global_batch is smaller than the world size?)");
         }
 
-        // forward + backward per micro-batch, the mean loss and gradient over the ring
+        // forward + backward per micro-batch, the mean loss and gradient over the collective
         model.zero_grad();
         let mut loss_sum = 0.0f64;
         for x in &micro {
@@ -193,16 +270,17 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
             loss_sum += loss as f64;
             model.backward(1.0 / k as f32)?;
         }
-        let loss = all_reduce_scalar(&mut ring, (loss_sum / k as f64) as f32)?;
+        let loss = all_reduce_scalar(model.backend(), collective, (loss_sum / k as f64) as f32)?;
         if !loss.is_finite() {
             return Err(EngineError::NonFiniteLoss { step, loss }.into());
         }
         let n = model.table().total();
         let (be, grads) = model.backend_and_grads_mut();
-        ring.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
+        collective.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
         let lr = tc.schedule.lr_at(step);
         let (be, _, params, grads) = model.params_and_grads();
         let report = opt.step(be, params, grads, lr, step)?;
+        model.backend().synchronize()?;
 
         let done = step + 1;
         let mut val_loss = None;
@@ -230,12 +308,23 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
                 val_accuracy: None,
             }));
         }
+        if let Some(c) = checkpointer.as_mut() {
+            c.after_step_with(done, tc.steps, events, &mut || {
+                let (m, v) = opt.moments_host(model.backend());
+                // Samples depend on (seed, step) alone: the generator recorded is the seed's.
+                let state = TrainerState { step: done, optimizer_steps: opt.steps_done(), data_rng: Rng::new(spec.seed) };
+                HostState { params: model.params_host(), m, v, state }
+            });
+        }
+    }
+    if let Some(c) = checkpointer {
+        c.finish(events);
     }
     if rank == 0 {
         let path = req.out_dir.join("jobs").join(&a.job_id).join("model.safetensors");
-        let (saved, objective_name) = match &fam {
-            FamilyConfig::Bert { config, objective, specials, .. } => (FamilyModel::Bert { config: config.clone(), specials: *specials }, objective.name()),
-            FamilyConfig::T5 { config, specials, .. } => (FamilyModel::T5 { config: config.clone(), specials: *specials }, "span"),
+        let objective_name = match &fam {
+            FamilyConfig::Bert { objective, .. } => objective.name(),
+            FamilyConfig::T5 { .. } => "span",
         };
         let mut extra = vec![("step", tc.steps.to_string()), ("job", a.job_id.clone()), ("objective", objective_name.to_string())];
         if let Some(v) = last_val {

@@ -329,7 +329,7 @@ impl State {
 
     /// Puts the model, the head and both optimizers back where checkpoint `ck` left them.
     fn restore(&mut self, job: &FinetuneJob, ck: &Checkpoint) -> Result<()> {
-        if ck.trainer.model != job.config || ck.trainer.head != job.head_config() {
+        if ck.trainer.model.gpt() != Some(&job.config) || ck.trainer.head != job.head_config() {
             bail!(
                 "checkpoint {} holds a model {:?} with head {:?}; this job makes {:?} with head {:?}",
                 ck.uri,
@@ -561,7 +561,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
     let checkpointer = match rank {
         0 => {
             let lineage = resumed.as_ref().map_or_else(|| job.lineage(), checkpointing::lineage_of);
-            Checkpointer::new(a, &spec, &job.config, &job.tokenizer, &req.out_dir, lineage)?.map(|c| c.with_head(job.head_config()))
+            Checkpointer::new(a, &spec, job.config.clone().into(), &job.tokenizer, &req.out_dir, lineage)?.map(|c| c.with_head(job.head_config()))
         }
         _ => None,
     };

@@ -1,4 +1,4 @@
-//! GPT pretraining on one GPU: the CUDA backend, NCCL between ranks (rank 0's unique id created
+//! Pretraining (GPT, BERT, T5) on one GPU: the CUDA backend, NCCL between ranks (rank 0's unique id created
 //! before the rendezvous, relayed to the others by the coordinator), and the communicator
 //! aborted when the run is stopped (job aborted, a peer lost), so a dead peer never hangs a
 //! worker. One GPU alone needs no communicator (`Local`).
@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 
+use crate::family::FamilyJob;
 use crate::runner::{Pretrain, RunControl, RunEvent, RunRequest};
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`, 128 in every NCCL release).
@@ -25,20 +26,33 @@ pub fn relayed_nccl_id(bytes: &[u8], rank: usize, world: usize) -> Result<[u8; N
     bytes.try_into().map_err(|_| {
         anyhow!(
             "the rendezvous relayed an nccl unique id of {} bytes, expected {NCCL_ID_BYTES} (rank {rank} of {world}; \
-             rank 0 sends it only for gpt pretraining on more than one gpu)",
+             rank 0 sends it only for pretraining on more than one gpu)",
             bytes.len()
         )
     })
 }
 
+/// GPT pretraining on GPU `ordinal`.
 #[cfg(feature = "cuda")]
-pub(crate) fn train_gpt(
+pub(crate) fn train_gpt(ordinal: usize, job: Pretrain, req: &RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
+    with_gpu(ordinal, req, control, |be, collective| crate::runner::train_gpt(be, collective, job, req, control, events))
+}
+
+/// BERT or T5 pretraining on GPU `ordinal`.
+#[cfg(feature = "cuda")]
+pub(crate) fn train_family(ordinal: usize, job: FamilyJob, req: &RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
+    with_gpu(ordinal, req, control, |be, collective| crate::family::train(be, collective, job, req, control, events))
+}
+
+/// Starts the CUDA backend on GPU `ordinal`, joins the job's NCCL communicator (none for one
+/// rank) and runs `train` with both.
+#[cfg(feature = "cuda")]
+fn with_gpu<R>(
     ordinal: usize,
-    job: Pretrain,
     req: &RunRequest,
     control: &RunControl,
-    events: &dyn Fn(RunEvent),
-) -> Result<u64> {
+    train: impl FnOnce(smelt_engine::cuda::CudaBackend, &mut dyn smelt_engine::collective::Collective<smelt_engine::cuda::CudaBackend>) -> Result<R>,
+) -> Result<R> {
     use anyhow::Context;
     use smelt_engine::cuda::nccl::NcclCollective;
     use smelt_engine::cuda::CudaBackend;
@@ -50,7 +64,7 @@ pub(crate) fn train_gpt(
     let be = CudaBackend::new(ordinal).with_context(|| format!("starting the cuda backend on cuda:{ordinal}"))?;
     info!(job_id = %a.job_id, rank, device = %req.device, gpu = be.device_name(), arch = be.arch(), "cuda backend ready");
     if world == 1 {
-        return crate::runner::train_gpt(be, &mut Local, job, req, control, events);
+        return train(be, &mut Local);
     }
     let id = relayed_nccl_id(&req.nccl_unique_id, rank, world)?;
     // ncclCommInitRank blocks until every rank has joined: wait for it on a thread of its own,
@@ -69,17 +83,16 @@ pub(crate) fn train_gpt(
         return Err(anyhow!("stopped before training: {reason}"));
     }
     info!(job_id = %a.job_id, rank, world, "nccl communicator joined");
-    crate::runner::train_gpt(be, &mut comm, job, req, control, events)
+    train(be, &mut comm)
 }
 
 #[cfg(not(feature = "cuda"))]
-pub(crate) fn train_gpt(
-    ordinal: usize,
-    _job: Pretrain,
-    _req: &RunRequest,
-    _control: &RunControl,
-    _events: &dyn Fn(RunEvent),
-) -> Result<u64> {
+pub(crate) fn train_gpt(ordinal: usize, _job: Pretrain, _req: &RunRequest, _control: &RunControl, _events: &dyn Fn(RunEvent)) -> Result<u64> {
+    Err(anyhow!("cuda:{ordinal}: {}", crate::device::BUILT_WITHOUT_CUDA))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn train_family(ordinal: usize, _job: FamilyJob, _req: &RunRequest, _control: &RunControl, _events: &dyn Fn(RunEvent)) -> Result<u64> {
     Err(anyhow!("cuda:{ordinal}: {}", crate::device::BUILT_WITHOUT_CUDA))
 }
 

@@ -11,19 +11,17 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use smelt_corpus::Tokenizer;
-use smelt_engine::model::{Bert, BertConfig, Gpt, GptConfig, T5Config, T5};
+use smelt_engine::model::{BertConfig, Gpt, GptConfig, T5Config};
 use smelt_engine::params::ParamTable;
 use smelt_engine::weights;
 use smelt_engine::CpuBackend;
 use smelt_jobspec::{BertSpecials, T5Specials};
 
-const KEY_FORMAT: &str = "smelt.format";
-const KEY_CONFIG: &str = "smelt.config";
-const KEY_TOKENIZER: &str = "smelt.tokenizer";
-const KEY_SPECIALS: &str = "smelt.special_tokens";
-const FORMAT: &str = "gpt/1";
-pub const FORMAT_BERT: &str = "bert/1";
-pub const FORMAT_T5: &str = "t5/1";
+use smelt_checkpoint::model_config::{KEY_CONFIG, KEY_FORMAT, KEY_SPECIALS, KEY_TOKENIZER};
+pub use smelt_checkpoint::model_config::{FORMAT_BERT, FORMAT_T5};
+use smelt_checkpoint::ModelConfig;
+
+const FORMAT: &str = smelt_checkpoint::model_config::FORMAT_GPT;
 
 pub struct SavedModel {
     pub config: GptConfig,
@@ -41,14 +39,7 @@ pub fn save(path: &Path, config: &GptConfig, tokenizer: &Tokenizer, params: &[f3
 
 /// The metadata of a smelt model file: format, config, tokenizer, and `smelt.<key>` extras.
 pub fn metadata(config: &GptConfig, tokenizer: &Tokenizer, extra: &[(&str, String)]) -> Result<HashMap<String, String>> {
-    let mut meta = HashMap::new();
-    meta.insert(KEY_FORMAT.to_string(), FORMAT.to_string());
-    meta.insert(KEY_CONFIG.to_string(), serde_json::to_string(config)?);
-    meta.insert(KEY_TOKENIZER.to_string(), serde_json::to_string(tokenizer)?);
-    for (k, v) in extra {
-        meta.insert(format!("smelt.{k}"), v.clone());
-    }
-    Ok(meta)
+    Ok(ModelConfig::Gpt(config.clone()).metadata(tokenizer, extra))
 }
 
 pub fn load(path: &Path) -> Result<SavedModel> {
@@ -92,17 +83,23 @@ pub enum FamilyModel {
 }
 
 impl FamilyModel {
-    fn format(&self) -> &'static str {
-        match self {
-            FamilyModel::Bert { .. } => FORMAT_BERT,
-            FamilyModel::T5 { .. } => FORMAT_T5,
+    /// The same model as a checkpoint records it.
+    pub fn model_config(&self) -> ModelConfig {
+        match self.clone() {
+            FamilyModel::Bert { config, specials } => ModelConfig::Bert { bert: config, specials },
+            FamilyModel::T5 { config, specials } => ModelConfig::T5 { t5: config, specials },
+        }
+    }
+    /// The model a checkpoint holds, when it is a BERT or a T5.
+    pub fn from_model_config(m: &ModelConfig) -> Option<FamilyModel> {
+        match m.clone() {
+            ModelConfig::Bert { bert, specials } => Some(FamilyModel::Bert { config: bert, specials }),
+            ModelConfig::T5 { t5, specials } => Some(FamilyModel::T5 { config: t5, specials }),
+            ModelConfig::Gpt(_) => None,
         }
     }
     fn table(&self) -> ParamTable {
-        match self {
-            FamilyModel::Bert { config, .. } => Bert::<CpuBackend>::param_table(config),
-            FamilyModel::T5 { config, .. } => T5::<CpuBackend>::param_table(config),
-        }
+        self.model_config().param_table()
     }
     fn vocab_size(&self) -> usize {
         match self {
@@ -142,18 +139,7 @@ pub enum AnyModel {
 /// Writes a BERT or T5 model: tensors under the engine's (Hugging Face) names, format, config,
 /// tokenizer, special tokens and `smelt.<key>` extras.
 pub fn save_family(path: &Path, model: &FamilyModel, tokenizer: &Tokenizer, params: &[f32], extra: &[(&str, String)]) -> Result<()> {
-    let mut meta = HashMap::new();
-    meta.insert(KEY_FORMAT.to_string(), model.format().to_string());
-    let (config, specials) = match model {
-        FamilyModel::Bert { config, specials } => (serde_json::to_string(config)?, serde_json::to_string(specials)?),
-        FamilyModel::T5 { config, specials } => (serde_json::to_string(config)?, serde_json::to_string(specials)?),
-    };
-    meta.insert(KEY_CONFIG.to_string(), config);
-    meta.insert(KEY_SPECIALS.to_string(), specials);
-    meta.insert(KEY_TOKENIZER.to_string(), serde_json::to_string(tokenizer)?);
-    for (k, v) in extra {
-        meta.insert(format!("smelt.{k}"), v.clone());
-    }
+    let meta = model.model_config().metadata(tokenizer, extra);
     let bytes = weights::to_bytes(&model.table(), params, meta)?;
     weights::write_atomic(path, &bytes)?;
     Ok(())
@@ -205,6 +191,7 @@ pub fn family_from_bytes(bytes: &[u8], shown: &str) -> Result<SavedFamilyModel> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use smelt_engine::model::Bert;
 
     #[test]
     fn family_models_round_trip_and_are_told_apart() {

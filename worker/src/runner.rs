@@ -110,13 +110,12 @@ pub struct RunRequest {
     pub nccl_unique_id: Vec<u8>,
 }
 
-/// Whether this rank must create the NCCL unique id before its rendezvous: rank 0 of a GPT
-/// pretraining job on more than one GPU (fine-tuning and BERT/T5 run on the CPU backend and its
-/// TCP ring even on GPU workers, so they need none). Keep in step with `train`'s dispatch.
+/// Whether this rank must create the NCCL unique id before its rendezvous: rank 0 of a
+/// pretraining job (GPT, BERT or T5) on more than one GPU (fine-tuning runs on the CPU backend
+/// and its TCP ring even on GPU workers, so it needs none). Keep in step with `train`'s dispatch.
 pub fn creates_nccl_id(a: &Assignment, device: Device) -> bool {
-    let gpt_pretrain = JobSpec::parse(&a.spec_toml)
-        .is_ok_and(|s| s.kind == JobKind::Pretrain && s.arch().is_ok_and(|arch| arch == smelt_jobspec::Arch::Gpt));
-    matches!(device, Device::Cuda(_)) && a.rank == 0 && a.world_size > 1 && gpt_pretrain
+    let pretrain = JobSpec::parse(&a.spec_toml).is_ok_and(|s| s.kind == JobKind::Pretrain);
+    matches!(device, Device::Cuda(_)) && a.rank == 0 && a.world_size > 1 && pretrain
 }
 
 /// Runs one assignment to the end; always produces exactly one `Done`.
@@ -272,7 +271,7 @@ pub(crate) fn train_gpt<B: Backend>(
     let resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, collective, events)?;
     let start_step = resumed.start_step;
     let mut checkpointer = match rank {
-        0 => Checkpointer::new(a, &spec, &cfg, &tokenizer, &req.out_dir, resumed.lineage)?,
+        0 => Checkpointer::new(a, &spec, cfg.clone().into(), &tokenizer, &req.out_dir, resumed.lineage)?,
         _ => None,
     };
     let mut sample_log = SampleLog::from_env(&a.job_id, a.rank, a.attempt);
@@ -388,7 +387,7 @@ mod tests {
     }
 
     #[test]
-    fn only_rank0_of_multi_gpu_gpt_pretraining_creates_an_nccl_id() {
+    fn only_rank0_of_multi_gpu_pretraining_creates_an_nccl_id() {
         let asg = |spec: &str, rank, world_size| Assignment { spec_toml: spec.into(), rank, world_size, ..Default::default() };
         let gpt = include_str!("../../examples/shakespeare-char.toml");
         let finetune = include_str!("../../examples/finetune-classify.toml");
@@ -398,7 +397,8 @@ mod tests {
         assert!(!creates_nccl_id(&asg(gpt, 0, 1), Device::Cuda(0)), "one gpu needs no communicator");
         assert!(!creates_nccl_id(&asg(gpt, 0, 2), Device::Cpu), "cpu ranks use the tcp ring");
         assert!(!creates_nccl_id(&asg(finetune, 0, 2), Device::Cuda(0)), "fine-tuning averages over the tcp ring");
-        assert!(!creates_nccl_id(&asg(bert, 0, 2), Device::Cuda(0)), "bert/t5 run on the cpu backend");
+        assert!(creates_nccl_id(&asg(bert, 0, 2), Device::Cuda(0)), "bert/t5 pretraining runs on the gpus too");
+        assert!(!creates_nccl_id(&asg(bert, 1, 2), Device::Cuda(1)));
         assert!(!creates_nccl_id(&asg("not toml", 0, 2), Device::Cuda(0)));
     }
 }

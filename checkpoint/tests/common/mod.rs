@@ -17,7 +17,7 @@ pub fn config(vocab: usize, n_embd: usize) -> GptConfig {
 
 /// A snapshot whose every value depends on `step`, so checkpoints of different steps differ.
 pub fn snapshot(cfg: &GptConfig, step: u64) -> Snapshot {
-    let n = smelt_checkpoint::tensors::param_table(cfg).total();
+    let n = smelt_engine::model::Gpt::<smelt_engine::CpuBackend>::param_table(cfg).total();
     let mut rng = Rng::new(step);
     let mut draw = |scale: f64| (0..n).map(|_| (rng.normal() * scale) as f32).collect::<Vec<f32>>();
     let (params, m, v) = (draw(0.02), draw(1e-3), draw(1e-6).into_iter().map(f32::abs).collect());
@@ -36,7 +36,7 @@ pub fn snapshot(cfg: &GptConfig, step: u64) -> Snapshot {
             attempt: 1,
             data: DataPosition { samples_consumed: step * 8, global_batch: 8, seed: 7 },
             trainer: TrainerState { step, optimizer_steps: step, data_rng },
-            model: cfg.clone(),
+            model: cfg.clone().into(),
             head: None,
             tokenizer: Tokenizer::Byte,
             spec_toml: "name = \"t\"\n".into(),
