@@ -127,5 +127,5 @@ fn load_verified_dir(root: &StoreDir, step: u64) -> Vec<f32> {
     let bytes = dir.get(MODEL).unwrap();
     let entry = m.files.iter().find(|f| f.name == MODEL).unwrap();
     assert_eq!(smelt_corpus::format::sha256_hex(&bytes), entry.sha256);
-    smelt_checkpoint::tensors::read_model(&smelt_checkpoint::tensors::param_table(&config(64, 16)), &bytes, "model").unwrap()
+    smelt_checkpoint::tensors::read_model(&smelt_checkpoint::ModelConfig::Gpt(config(64, 16)).param_table(), &bytes, "model").unwrap()
 }
