@@ -124,6 +124,18 @@ impl OptionalOp {
     }
 }
 
+/// One dropout call's mask: element i (of the view) is kept with probability `1 - p`, decided by
+/// a hash of `(seed, offset + i)` (see `cpu::dropout`). Forward and backward with the same value
+/// see the same mask, so nothing is saved between them, and every backend draws the same mask.
+/// `p` must lie in [0, 1); the ops panic with a message naming it otherwise.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+    /// Counter of the view's element 0: calls sharing a seed use disjoint counter ranges.
+    pub offset: u64,
+}
+
 /// One AdamW update's hyper-parameters (PyTorch semantics, decoupled weight decay).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWStep {
@@ -390,6 +402,27 @@ pub trait Backend: Send + Sync + 'static {
                 scores.kind()
             ),
         }
+    }
+
+    /// Inverted dropout: `out = inp * keep / (1 - p)`, keep from `mask` (p = 0: `out = inp`
+    /// exactly). The default computes on the host through `cpu::dropout`, so any backend draws
+    /// the same mask as the CPU.
+    fn dropout_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>, mask: Dropout) {
+        let x = self.download(inp);
+        let mut y = vec![0.0; x.len()];
+        crate::cpu::dropout::forward(&mut y, &x, mask);
+        self.write(out, &y);
+    }
+    /// `dinp += dout * keep / (1 - p)`, with the forward's `mask`. The default computes the
+    /// product on the host and accumulates it through `residual_backward` (into a scratch twin).
+    fn dropout_backward(&self, dinp: Self::ViewMut<'_>, dout: Self::View<'_>, mask: Dropout) {
+        let dy = self.download(dout);
+        let mut g = vec![0.0; dy.len()];
+        crate::cpu::dropout::backward(&mut g, &dy, mask);
+        let g = self.upload(&g);
+        let n = dy.len();
+        let mut scratch = self.zeros(n);
+        self.residual_backward(dinp, self.view_mut(&mut scratch, 0..n), self.view(&g, 0..n));
     }
 
     /// `out = tanh(inp)` (BERT's pooler). The default goes through the host: it runs on a

@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::backend::{AdamWStep, AttnShape, Backend, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::backend::{AdamWStep, AttnShape, Backend, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use crate::EngineError;
 
 /// Calls and total seconds of one op (keyed by op name and shape).
@@ -246,6 +246,12 @@ impl<B: Backend> Backend for Profiled<B> {
             || attn_key("attention_ex_backward", shape),
             || self.inner.attention_ex_backward(dsrc, dscores, dout, src, scores, key_lens, out, saved, shape),
         )
+    }
+    fn dropout_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>, mask: Dropout) {
+        self.timed(|| "dropout_forward".into(), || self.inner.dropout_forward(out, inp, mask))
+    }
+    fn dropout_backward(&self, dinp: B::ViewMut<'_>, dout: B::View<'_>, mask: Dropout) {
+        self.timed(|| "dropout_backward".into(), || self.inner.dropout_backward(dinp, dout, mask))
     }
     fn tanh_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>) {
         self.timed(|| "tanh_forward".into(), || self.inner.tanh_forward(out, inp))

@@ -34,6 +34,7 @@ fn config(f: &Fixture) -> BertConfig {
         num_labels: u("num_labels"),
         pooling: if s("pooling") == "cls" { Pooling::Cls } else { Pooling::Mean },
         temperature: m["temperature"].as_f64().unwrap() as f32,
+        dropout: 0.0,
     }
 }
 
@@ -57,6 +58,7 @@ fn check(variant: &str) {
         nsp_labels: has("nsp").then(|| f.ints["nsp_labels"].clone()),
         labels: has("cls").then(|| f.ints["labels"].clone()),
         paired: has("contrastive"),
+        ..Default::default()
     };
     let loss = model.forward(&batch).unwrap().expect("the batch has targets");
     let want = f.get("loss")[0];

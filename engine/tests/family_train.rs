@@ -1,7 +1,8 @@
 //! Each objective of the family lowers its loss in a short run on data built here: masked LM +
 //! next-sentence prediction and sequence classification (BERT, padded batches), in-batch InfoNCE
-//! over paired views (BERT, mean pooling), span corruption (T5). Each test measures a fixed
-//! evaluation batch before and after training and asks for a clear drop.
+//! over paired views (BERT, mean pooling; masked views, and SimCSE's two dropout views of one
+//! input), span corruption (T5). Each test measures a fixed evaluation batch before and after
+//! training and asks for a clear drop.
 
 use smelt_engine::backend::{Backend, ScoreKind, IGNORE_INDEX};
 use smelt_engine::model::objectives::{corrupt_spans, mask_tokens, MaskingConfig, SpanCorruptionConfig};
@@ -200,6 +201,53 @@ fn bert_contrastive_loss_falls_on_paired_views() {
     assert!(after < 0.6 * before, "contrastive loss {before} -> {after}");
     // chance is 1/16
     assert!(acc > 0.4, "top-1 pair accuracy after training {acc}");
+}
+
+#[test]
+fn bert_contrastive_loss_falls_on_dropout_views() {
+    // SimCSE: rows i and i + B/2 hold the same document; only the model's dropout makes the two
+    // views differ. Measured on a fixed training-mode batch (fixed dropout seed) before and after.
+    let vocab = 40u32;
+    let (t, docs) = (16usize, 48usize);
+    let mut rng = Rng::new(9);
+    let corpus: Vec<Vec<u32>> = (0..docs).map(|_| (0..t).map(|_| SPECIALS + rng.below((vocab - SPECIALS) as u64) as u32).collect()).collect();
+    let mut cfg = bert_config(vocab);
+    cfg.nsp = false;
+    cfg.dropout = 0.1;
+    let batch = |pairs: usize, rng: &mut Rng, dropout_seed: u64| {
+        // distinct documents (a repeated one would be a second positive)
+        let mut picks: Vec<usize> = (0..docs).collect();
+        for i in 0..pairs {
+            picks.swap(i, i + rng.below((docs - i) as u64) as usize);
+        }
+        picks.truncate(pairs);
+        let mut x = BertBatch { batch: 2 * pairs, seq_len: t, paired: true, train: true, dropout_seed, ..Default::default() };
+        for _view in 0..2 {
+            for &d in &picks {
+                x.tokens.extend(&corpus[d]);
+            }
+        }
+        x
+    };
+    let mut model = Bert::new(CpuBackend::new(), cfg, 3).unwrap();
+    let mut opt = optimizer(model.backend(), model.table());
+    let eval = batch(16, &mut Rng::new(79), 12345);
+    let before = model.forward(&eval).unwrap().unwrap();
+    for step in 0..60 {
+        model.zero_grad();
+        model.forward(&batch(8, &mut rng, step)).unwrap();
+        model.backward(1.0).unwrap();
+        let (be, _, p, g) = model.params_and_grads();
+        opt.step(be, p, g, 3e-3, step).unwrap();
+    }
+    let after = model.forward(&eval).unwrap().unwrap();
+    let acc = model.losses().contrastive_accuracy.unwrap();
+    eprintln!("dropout-view contrastive {before} -> {after}, accuracy {acc}");
+    assert!(after < 0.5 * before, "contrastive loss {before} -> {after}");
+    // without dropout the two views coincide: the trivially easy case, every pair found
+    let eval_off = BertBatch { train: false, ..eval };
+    model.forward(&eval_off).unwrap();
+    assert_eq!(model.losses().contrastive_accuracy, Some(1.0));
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //! `backend_op_tests!(cuda, *cuda_f32().unwrap(), cuda_f32().is_some());` (skips without a GPU).
 
 use smelt_engine::backend::{
-    AdamWStep, AttnShape, Backend, MatmulShape, QkvSource, WeightLayout, IGNORE_INDEX,
+    AdamWStep, AttnShape, Backend, Dropout, MatmulShape, QkvSource, WeightLayout, IGNORE_INDEX,
 };
 use smelt_engine::rng::Rng;
 
@@ -739,6 +739,51 @@ pub fn check_split_mut_overlap<B: Backend>(be: &B) {
     be.fill(b, 2.0);
 }
 
+// ---- dropout ----------------------------------------------------------------------------------
+
+/// The mask written from its definition (SplitMix64 read at a counter, upper 32 bits against
+/// round(p * 2^32)), independently of the engine's code.
+fn dropout_keeps_ref(seed: u64, counter: u64, p: f32) -> bool {
+    fn mix(mut z: u64) -> u64 {
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
+        z ^ (z >> 31)
+    }
+    let state = mix(seed).wrapping_add(counter.wrapping_add(1).wrapping_mul(0x9E3779B97F4A7C15));
+    (mix(state) >> 32) as f64 >= (p as f64 * 4294967296.0).round()
+}
+
+pub fn check_dropout<B: Backend>(be: &B) {
+    let mut rng = Rng::new(23);
+    let n = 300;
+    let (inp, r) = (randn(&mut rng, n, 1.0), randn(&mut rng, n, 1.0));
+    let mask = Dropout { p: 0.3, seed: 99, offset: 1_000 };
+    let fwd = |x: &[Vec<f32>]| {
+        let inp = be.upload(&x[0]);
+        let mut out = be.upload(&vec![7.0; n]);
+        be.dropout_forward(all_mut(be, &mut out), all(be, &inp), mask);
+        host(be, &out)
+    };
+    let out = fwd(std::slice::from_ref(&inp));
+    let scale = 1.0 / (1.0 - mask.p);
+    for i in 0..n {
+        let want = if dropout_keeps_ref(mask.seed, mask.offset + i as u64, mask.p) { inp[i] * scale } else { 0.0 };
+        assert_eq!(out[i], want, "dropout forward [{i}]");
+    }
+    let dropped = out.iter().filter(|&&x| x == 0.0).count();
+    assert!((50..130).contains(&dropped), "dropout dropped {dropped} of {n} at p = 0.3");
+
+    let (mut dinp, dout) = (prefilled(be, n), be.upload(&r));
+    be.dropout_backward(all_mut(be, &mut dinp), all(be, &dout), mask);
+    let numeric = numeric_grad(&mut |x| dot64(&fwd(x), &r), std::slice::from_ref(&inp), 0, STEP);
+    assert_grad("dropout dinp", &accumulated(be, &dinp), &numeric, TOL);
+    // dropped elements receive exactly nothing
+    let dhost = host(be, &dinp);
+    for i in (0..n).filter(|&i| out[i] == 0.0) {
+        assert_eq!(dhost[i], ACC, "dropout backward reached dropped element [{i}]");
+    }
+}
+
 // ---- instantiation ----------------------------------------------------------------------------
 
 macro_rules! backend_op_tests {
@@ -819,6 +864,13 @@ macro_rules! backend_op_tests {
                     return;
                 }
                 check_residual(&$backend);
+            }
+            #[test]
+            fn dropout() {
+                if !$available {
+                    return;
+                }
+                check_dropout(&$backend);
             }
             #[test]
             fn cross_entropy() {

@@ -12,6 +12,8 @@
 //! arch = "bert"
 //! preset = "bert-tiny"         # or n_layer, n_head, n_embd, block_size (= max positions)
 //! objective = "mlm+nsp"        # mlm | mlm+nsp | contrastive
+//! dropout = 0.1                # training passes only (default 0)
+//! views = "mask"               # contrastive: mask (two maskings) | dropout (SimCSE)
 //! scores = "dot"               # dot | general | additive
 //! positions = "learned"        # learned | sinusoidal
 //! ln_placement = "post"
@@ -64,6 +66,17 @@ impl BertObjective {
     }
 }
 
+/// How the two views of a window differ in the contrastive objective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ContrastiveViews {
+    /// Two independent maskings of the window.
+    #[default]
+    Mask,
+    /// The window twice, unmasked: the model's dropout makes the two views (SimCSE).
+    Dropout,
+}
+
 /// BERT's special ids, the four above the tokenizer's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BertSpecials {
@@ -93,7 +106,7 @@ pub struct T5Specials {
 /// A BERT or T5 model and objective, as the spec makes them for a given text vocabulary.
 #[derive(Clone, Debug, PartialEq)]
 pub enum FamilyConfig {
-    Bert { config: BertConfig, objective: BertObjective, mask_prob: f64, specials: BertSpecials },
+    Bert { config: BertConfig, objective: BertObjective, mask_prob: f64, specials: BertSpecials, views: ContrastiveViews },
     T5 { config: T5Config, span: SpanCorruptionConfig, specials: T5Specials },
 }
 
@@ -115,7 +128,7 @@ fn model_field(f: &str) -> String {
 }
 
 /// Options that only some architectures read: (field, set, the architectures that take it).
-fn family_fields(m: &crate::ModelSpec) -> [(&'static str, bool, &'static [Arch]); 10] {
+fn family_fields(m: &crate::ModelSpec) -> [(&'static str, bool, &'static [Arch]); 12] {
     const BOTH: &[Arch] = &[Arch::Bert, Arch::T5];
     [
         ("model.scores", m.scores.is_some(), BOTH),
@@ -125,6 +138,8 @@ fn family_fields(m: &crate::ModelSpec) -> [(&'static str, bool, &'static [Arch])
         ("model.n_decoder_layer", m.n_decoder_layer.is_some(), &[Arch::T5]),
         ("model.mask_prob", m.mask_prob.is_some(), &[Arch::Bert]),
         ("model.temperature", m.temperature.is_some(), &[Arch::Bert]),
+        ("model.dropout", m.dropout.is_some(), &[Arch::Bert]),
+        ("model.views", m.views.is_some(), &[Arch::Bert]),
         ("model.noise_density", m.noise_density.is_some(), &[Arch::T5]),
         ("model.mean_span", m.mean_span.is_some(), &[Arch::T5]),
         ("model.sentinels", m.sentinels.is_some(), &[Arch::T5]),
@@ -208,6 +223,17 @@ impl JobSpec {
                 if m.temperature.is_some() && objective != BertObjective::Contrastive {
                     return Err(err("model.temperature", "only for objective = \"contrastive\""));
                 }
+                let views = match m.views.as_deref() {
+                    None | Some("mask") => ContrastiveViews::Mask,
+                    Some("dropout") => ContrastiveViews::Dropout,
+                    Some(o) => return Err(err("model.views", format!("{o:?} is not one of: mask, dropout"))),
+                };
+                if m.views.is_some() && objective != BertObjective::Contrastive {
+                    return Err(err("model.views", "only for objective = \"contrastive\""));
+                }
+                if views == ContrastiveViews::Dropout && m.mask_prob.is_some() {
+                    return Err(err("model.mask_prob", "views = \"dropout\" does not mask (the views are the same tokens)"));
+                }
                 let specials = BertSpecials::new(base);
                 c.vocab_size = (base + BertSpecials::COUNT) as usize;
                 c.ln_placement = m.ln_placement;
@@ -218,7 +244,13 @@ impl JobSpec {
                 if let Some(t) = m.temperature {
                     c.temperature = t;
                 }
+                if let Some(p) = m.dropout {
+                    c.dropout = p;
+                }
                 c.validate().map_err(|e| err(&model_field(&e.field), e.message))?;
+                if views == ContrastiveViews::Dropout && c.dropout == 0.0 {
+                    return Err(err("model.dropout", "views = \"dropout\" needs a dropout probability above 0: without it the two views of a window are identical"));
+                }
                 let mask_prob = m.mask_prob.unwrap_or(0.15);
                 if !(mask_prob > 0.0 && mask_prob <= 1.0) {
                     return Err(err("model.mask_prob", format!("{mask_prob} is outside (0, 1]")));
@@ -228,7 +260,7 @@ impl JobSpec {
                 if seq < min {
                     return Err(err("train.seq_len", format!("{seq} is too short for objective {:?} (at least {min}: the special tokens take {})", objective.name(), min - 1)));
                 }
-                Ok(FamilyConfig::Bert { config: c, objective, mask_prob, specials })
+                Ok(FamilyConfig::Bert { config: c, objective, mask_prob, specials, views })
             }
             Arch::T5 => {
                 let mut c = match &m.preset {
@@ -345,8 +377,8 @@ world_size = 2
     fn bert_spec_makes_its_model_and_objective() {
         let s = JobSpec::parse(BERT).unwrap();
         assert_eq!(s.arch().unwrap(), Arch::Bert);
-        let FamilyConfig::Bert { config, objective, mask_prob, specials } = s.family_config(30).unwrap() else { panic!("not bert") };
-        assert_eq!((objective, mask_prob), (BertObjective::MlmNsp, 0.15));
+        let FamilyConfig::Bert { config, objective, mask_prob, specials, views } = s.family_config(30).unwrap() else { panic!("not bert") };
+        assert_eq!((objective, mask_prob, views, config.dropout), (BertObjective::MlmNsp, 0.15, ContrastiveViews::Mask, 0.0));
         assert_eq!(config.vocab_size, 34);
         assert_eq!((specials.pad, specials.cls, specials.sep, specials.mask), (30, 31, 32, 33));
         assert!(config.nsp);
@@ -354,6 +386,43 @@ world_size = 2
         let opts = BERT.replace("objective = \"mlm+nsp\"", "objective = \"contrastive\"\nscores = \"additive\"\npositions = \"sinusoidal\"\ntemperature = 0.1");
         let FamilyConfig::Bert { config, objective, .. } = JobSpec::parse(&opts).unwrap().family_config(30).unwrap() else { panic!() };
         assert_eq!((objective, config.scores, config.positions, config.temperature, config.nsp), (BertObjective::Contrastive, ScoreKind::Additive, Positions::Sinusoidal, 0.1, false));
+    }
+
+    #[test]
+    fn bert_dropout_and_dropout_views() {
+        let with = |extra: &str| BERT.replace("objective = \"mlm+nsp\"", extra);
+        let s = JobSpec::parse(&with("objective = \"mlm+nsp\"\ndropout = 0.1")).unwrap();
+        let FamilyConfig::Bert { config, views, .. } = s.family_config(30).unwrap() else { panic!() };
+        assert_eq!((config.dropout, views), (0.1, ContrastiveViews::Mask));
+        let s = JobSpec::parse(&with("objective = \"contrastive\"\nviews = \"dropout\"\ndropout = 0.1")).unwrap();
+        let FamilyConfig::Bert { config, objective, views, .. } = s.family_config(30).unwrap() else { panic!() };
+        assert_eq!((objective, views, config.dropout), (BertObjective::Contrastive, ContrastiveViews::Dropout, 0.1));
+        assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s, "the new fields survive a round trip");
+        let s = JobSpec::parse(&with("objective = \"contrastive\"\nviews = \"mask\"")).unwrap();
+        let FamilyConfig::Bert { views, .. } = s.family_config(30).unwrap() else { panic!() };
+        assert_eq!(views, ContrastiveViews::Mask);
+    }
+
+    #[test]
+    fn dropout_errors_name_the_field() {
+        let error = |extra: &str| JobSpec::parse(&BERT.replace("objective = \"mlm+nsp\"", extra)).unwrap_err();
+        let field = |extra: &str| error(extra).field;
+        let e = error("objective = \"contrastive\"\nviews = \"dropout\"");
+        assert_eq!(e.field, "model.dropout");
+        assert!(e.to_string().contains("views = \"dropout\""), "{e}");
+        assert_eq!(field("objective = \"contrastive\"\nviews = \"dropout\"\ndropout = 0.0"), "model.dropout");
+        for bad in ["1.0", "1.5", "-0.1"] {
+            let e = error(&format!("dropout = {bad}"));
+            assert_eq!(e.field, "model.dropout", "dropout = {bad}");
+            assert!(e.to_string().contains("[0, 1)"), "{e}");
+        }
+        assert_eq!(field("objective = \"contrastive\"\nviews = \"noise\"\ndropout = 0.1"), "model.views");
+        assert_eq!(field("objective = \"mlm\"\nviews = \"mask\""), "model.views");
+        assert_eq!(field("objective = \"contrastive\"\nviews = \"dropout\"\ndropout = 0.1\nmask_prob = 0.2"), "model.mask_prob");
+        // only BERT has dropout so far
+        assert_eq!(JobSpec::parse(&t5().replace("sentinels = 8", "sentinels = 8\ndropout = 0.1")).unwrap_err().field, "model.dropout");
+        let gpt = BERT.replace("arch = \"bert\"\n", "").replace("bert-test", "test").replace("objective = \"mlm+nsp\"", "dropout = 0.1");
+        assert_eq!(JobSpec::parse(&gpt).unwrap_err().field, "model.dropout");
     }
 
     #[test]
@@ -378,7 +447,7 @@ world_size = 2
         assert_eq!(field(BERT.replace("bert-test", "tiny")), "model.preset");
         assert_eq!(field(BERT.replace("seq_len = 24", "seq_len = 64")), "train.seq_len");
         assert_eq!(field(BERT.replace("seq_len = 24", "seq_len = 4")), "train.seq_len");
-        assert_eq!(field(format!("{BERT}\n[checkpoint]\nevery = 5\n")), "checkpoint.every");
+        assert!(JobSpec::parse(&format!("{BERT}\n[checkpoint]\nevery = 5\n")).is_ok(), "BERT jobs checkpoint like GPT ones");
         let contrastive_one = BERT.replace("\"mlm+nsp\"", "\"contrastive\"").replace("global_batch = 8\nmicro_batch = 4", "global_batch = 2\nmicro_batch = 1");
         assert_eq!(field(contrastive_one), "train.micro_batch");
         assert_eq!(field(t5().replace("sentinels = 8", "sentinels = 8\nobjective = \"mlm\"")), "model.objective");

@@ -2,7 +2,9 @@
 //! jobs read them) and what each objective makes of a window. Every random choice of a sample
 //! (masking, next-sentence partner, spans) comes from a generator seeded by (job seed, step,
 //! the sample's global index in the step stream), so a batch is the same on any world size and
-//! in any rerun.
+//! in any rerun. A BERT training batch also carries the seed of its dropout masks, drawn from
+//! (job seed, step, the micro-batch's first global index); evaluation batches (`EVAL_STEP`) run
+//! without dropout.
 
 use anyhow::{anyhow, Context, Result};
 use smelt_corpus::sample_order::Sequences;
@@ -10,7 +12,7 @@ use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
 use smelt_engine::model::objectives::{corrupt_spans, mask_tokens, MaskingConfig, SpanCorruptionConfig};
 use smelt_engine::model::{BertBatch, T5Batch};
 use smelt_engine::rng::Rng;
-use smelt_jobspec::{BertObjective, BertSpecials, FamilyConfig, JobSpec};
+use smelt_jobspec::{BertObjective, BertSpecials, ContrastiveViews, FamilyConfig, JobSpec};
 
 /// Validation tokens kept in memory, at most this many from a corpus's validation split.
 const MAX_VAL_TOKENS: u64 = 1 << 20;
@@ -78,15 +80,24 @@ pub fn open(spec: &JobSpec, out_dir: &std::path::Path) -> Result<FamilyData> {
     Ok(FamilyData { tokenizer, base_vocab, train: Source::Text(ids), val: Source::Text(val) })
 }
 
+/// The step of evaluation batches: `read_batch` builds them as evaluation passes (no dropout).
+pub const EVAL_STEP: u64 = u64::MAX;
+
 /// The generator of one sample: (job seed, step, global sample index).
 pub fn sample_rng(seed: u64, step: u64, k: u64) -> Rng {
     Rng::derive(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k.rotate_left(32), "family-sample")
 }
 
+/// The seed of a micro-batch's dropout masks: (job seed, step, global index of its first
+/// sample), so it is the same whatever the world size and in any rerun.
+pub fn dropout_seed(seed: u64, step: u64, first: u64) -> u64 {
+    Rng::derive(seed ^ step.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ first.rotate_left(32), "family-dropout").next_u64()
+}
+
 /// What an objective makes of windows.
 #[derive(Clone, Debug)]
 pub enum Objective {
-    Bert { objective: BertObjective, masking: MaskingConfig, specials: BertSpecials, seq_len: usize },
+    Bert { objective: BertObjective, masking: MaskingConfig, specials: BertSpecials, seq_len: usize, views: ContrastiveViews },
     T5 { span: SpanCorruptionConfig, pad: u32, seq_len: usize },
 }
 
@@ -106,11 +117,11 @@ pub struct Plan {
 impl Objective {
     pub fn new(fam: &FamilyConfig, seq_len: usize) -> Self {
         match fam {
-            FamilyConfig::Bert { config, objective, mask_prob, specials } => {
+            FamilyConfig::Bert { config, objective, mask_prob, specials, views } => {
                 let s = *specials;
                 let mut masking = MaskingConfig::bert(config.vocab_size as u32, s.mask, vec![s.pad, s.cls, s.sep]);
                 masking.mask_prob = *mask_prob;
-                Objective::Bert { objective: *objective, masking, specials: s, seq_len }
+                Objective::Bert { objective: *objective, masking, specials: s, seq_len, views: *views }
             }
             FamilyConfig::T5 { span, specials, .. } => Objective::T5 { span: span.clone(), pad: specials.pad, seq_len },
         }
@@ -152,7 +163,7 @@ impl Objective {
         let b = windows.len();
         let mut partners = partners.iter();
         match self {
-            Objective::Bert { objective, masking, specials: s, seq_len } => {
+            Objective::Bert { objective, masking, specials: s, seq_len, views } => {
                 let t = *seq_len;
                 let mut x = BertBatch { batch: b, seq_len: t, ..Default::default() };
                 let (mut mlm, mut nsp, mut seg) = (Vec::new(), Vec::new(), Vec::new());
@@ -180,13 +191,22 @@ impl Objective {
                         }
                     }
                     debug_assert_eq!(seq.len(), t);
-                    let m = mask_tokens(&seq, masking, &mut plan.rng);
-                    x.tokens.extend(m.inputs);
-                    if *objective == BertObjective::Contrastive {
-                        // a second, independently masked view of the same window
-                        views_b.extend(mask_tokens(&seq, masking, &mut plan.rng).inputs);
-                    } else {
-                        mlm.extend(m.targets);
+                    match (objective, views) {
+                        (BertObjective::Contrastive, ContrastiveViews::Dropout) => {
+                            // the window twice, unmasked: the model's dropout makes the views
+                            x.tokens.extend(&seq);
+                            views_b.extend(seq);
+                        }
+                        (BertObjective::Contrastive, ContrastiveViews::Mask) => {
+                            // two independently masked views of the same window
+                            x.tokens.extend(mask_tokens(&seq, masking, &mut plan.rng).inputs);
+                            views_b.extend(mask_tokens(&seq, masking, &mut plan.rng).inputs);
+                        }
+                        _ => {
+                            let m = mask_tokens(&seq, masking, &mut plan.rng);
+                            x.tokens.extend(m.inputs);
+                            mlm.extend(m.targets);
+                        }
                     }
                 }
                 match objective {
@@ -218,14 +238,21 @@ impl Objective {
     }
 
     /// The micro-batch of windows `indices` of `source` whose samples have global indices `ks`
-    /// in step `step`: plans, reads (own windows, then partners), builds.
+    /// in step `step`: plans, reads (own windows, then partners), builds. A BERT batch of a
+    /// training step is a training pass (dropout on, seeded by `dropout_seed`); one of
+    /// `EVAL_STEP` is an evaluation pass.
     pub fn read_batch(&self, source: &Source, seed: u64, step: u64, indices: &[u64], ks: &[u64], n_windows: u64) -> Result<FamilyBatch> {
         let len = self.window_len();
         let plans: Vec<Plan> = indices.iter().zip(ks).map(|(&i, &k)| self.plan(sample_rng(seed, step, k), i, n_windows)).collect();
         let partner_ids: Vec<u64> = plans.iter().filter_map(|p| p.partner).collect();
         let windows = source.windows(len, indices)?;
         let partners = if partner_ids.is_empty() { Vec::new() } else { source.windows(len, &partner_ids)? };
-        self.batch(&windows, plans, &partners)
+        let mut batch = self.batch(&windows, plans, &partners)?;
+        if let FamilyBatch::Bert(x) = &mut batch {
+            x.train = step != EVAL_STEP;
+            x.dropout_seed = dropout_seed(seed, step, ks.first().copied().unwrap_or(0));
+        }
+        Ok(batch)
     }
 }
 
@@ -238,7 +265,7 @@ mod tests {
         let s = BertSpecials::new(20);
         let mut masking = MaskingConfig::bert(24, s.mask, vec![s.pad, s.cls, s.sep]);
         masking.mask_prob = 0.5;
-        Objective::Bert { objective, masking, specials: s, seq_len: 11 }
+        Objective::Bert { objective, masking, specials: s, seq_len: 11, views: ContrastiveViews::Mask }
     }
 
     #[test]
@@ -280,6 +307,42 @@ mod tests {
         assert!(x.paired && x.mlm_targets.is_none());
         assert_eq!((x.batch, x.tokens.len()), (6, 66));
         assert_ne!(&x.tokens[..33], &x.tokens[33..], "the two views are masked independently");
+    }
+
+    #[test]
+    fn dropout_views_repeat_the_unmasked_window() {
+        let Objective::Bert { masking, specials, .. } = bert(BertObjective::Contrastive) else { unreachable!() };
+        let o = Objective::Bert { objective: BertObjective::Contrastive, masking, specials, seq_len: 11, views: ContrastiveViews::Dropout };
+        let src = Source::Text((0..100).map(|i| (i % 20) as u32).collect());
+        let idx = [0u64, 1, 2];
+        let FamilyBatch::Bert(x) = o.read_batch(&src, 1, 0, &idx, &idx, src.n_windows(9)).unwrap() else { panic!() };
+        assert!(x.paired && x.mlm_targets.is_none());
+        assert_eq!((x.batch, x.tokens.len()), (6, 66));
+        assert_eq!(&x.tokens[..33], &x.tokens[33..], "rows i and i + B are the same tokens");
+        for (i, w) in src.windows(9, &idx).unwrap().iter().enumerate() {
+            let row = &x.tokens[i * 11..(i + 1) * 11];
+            assert_eq!((row[0], &row[1..10], row[10]), (specials.cls, &w[..], specials.sep), "[CLS] window [SEP], unmasked");
+        }
+        assert!(x.train, "a training step's batch is a training pass");
+    }
+
+    #[test]
+    fn dropout_seeds_follow_the_step_and_first_sample_and_evaluation_is_off() {
+        let o = bert(BertObjective::Mlm);
+        let src = Source::Text((0..200).map(|i| (i % 20) as u32).collect());
+        let n = src.n_windows(9);
+        let read = |step: u64, ks: &[u64]| {
+            let FamilyBatch::Bert(x) = o.read_batch(&src, 7, step, ks, ks, n).unwrap() else { panic!() };
+            x
+        };
+        let a = read(3, &[4, 5]);
+        assert!(a.train);
+        assert_eq!(a.dropout_seed, read(3, &[4, 5]).dropout_seed, "a rerun draws the same masks");
+        // the seed depends on the first sample only, not on how many samples a rank holds
+        assert_eq!(a.dropout_seed, read(3, &[4]).dropout_seed);
+        assert_ne!(a.dropout_seed, read(4, &[4, 5]).dropout_seed, "another step");
+        assert_ne!(a.dropout_seed, read(3, &[6, 7]).dropout_seed, "another micro-batch");
+        assert!(!read(EVAL_STEP, &[0, 1]).train, "evaluation batches run without dropout");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! A fine-tuning job (`kind = "finetune"`): start from the weights `finetune.init_from` names,
+//! A fine-tuning job (`kind = "finetune"`) of a GPT (a BERT or T5 parent goes to
+//! `finetune_family`): start from the weights `finetune.init_from` names,
 //! train a classification head or causal SFT on labeled JSONL, report validation loss (and
 //! accuracy for classification), save the result with its parent recorded.
 //!
@@ -97,8 +98,13 @@ impl FinetuneJob {
     /// tokenizer. Every error names the spec field or the file and line at fault.
     pub fn prepare(spec: &JobSpec, out_dir: &Path) -> Result<FinetuneJob> {
         let f: &FinetuneSpec = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
+        Self::prepare_from(spec, resolve_init_from(spec, &f.init_from, out_dir)?)
+    }
+
+    /// [`Self::prepare`] with `init_from` already resolved to `src`.
+    pub fn prepare_from(spec: &JobSpec, src: ModelSource) -> Result<FinetuneJob> {
+        let f: &FinetuneSpec = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
         let head = f.head_kind()?;
-        let src = resolve_init_from(spec, &f.init_from, out_dir)?;
         let parent_file = src.file.clone();
         let saved = model_file::from_bytes(&src.bytes, &parent_file).with_context(|| format!("finetune.init_from {:?}", f.init_from))?;
         let cfg = saved.config;
@@ -545,7 +551,12 @@ fn sft_batch<'a>(examples: impl Iterator<Item = &'a SftExample> + Clone) -> SftB
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    let job = FinetuneJob::prepare(&spec, &req.out_dir)?;
+    let f = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
+    let src = resolve_init_from(&spec, &f.init_from, &req.out_dir)?;
+    if model_file::is_family(&src.bytes, &src.file)? {
+        return crate::finetune_family::run(req, spec, src, control, events);
+    }
+    let job = FinetuneJob::prepare_from(&spec, src)?;
     if rank == 0 {
         for s in &job.skipped {
             let text = format!("finetune.init_from: checkpoint {} skipped: {}; starting from {} instead", s.uri, s.reason, job.parent_file);

@@ -28,6 +28,13 @@ pub struct SftExample {
     pub targets: Vec<u32>,
 }
 
+/// A prompt and its response as token ids, for a sequence-to-sequence model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PairExample {
+    pub prompt: Vec<u32>,
+    pub response: Vec<u32>,
+}
+
 /// Reads a whole file: a local path, or an object-store URI (`file://`, `s3://`, ...).
 pub fn read_location(location: &str) -> Result<Vec<u8>> {
     if location.contains("://") {
@@ -110,6 +117,30 @@ pub fn load_sft(location: &str, tokenizer: &Tokenizer, seq_len: usize, eot: Opti
             inputs.truncate(real);
             targets.truncate(real);
             Ok(SftExample { inputs, targets })
+        })
+        .collect()
+}
+
+/// Prompt/response pairs (the SFT JSONL) for an encoder-decoder: prompts keep their first
+/// `max_prompt` tokens, responses (ended by `eot` when given) their first `max_response`.
+pub fn load_pairs(location: &str, tokenizer: &Tokenizer, max_prompt: usize, max_response: usize, eot: Option<u32>) -> Result<Vec<PairExample>> {
+    jsonl(location)?
+        .into_iter()
+        .map(|(n, m)| {
+            let p = string_field(&m, "prompt", location, n)?;
+            let r = string_field(&m, "response", location, n)?;
+            let mut prompt = tokenizer.encode(p).with_context(|| format!("{location} line {n}: field \"prompt\""))?;
+            let mut response = tokenizer.encode(r).with_context(|| format!("{location} line {n}: field \"response\""))?;
+            if prompt.is_empty() {
+                bail!("{location} line {n}: field \"prompt\" is empty: the encoder has nothing to read");
+            }
+            if response.is_empty() {
+                bail!("{location} line {n}: field \"response\" is empty: nothing to learn");
+            }
+            response.extend(eot);
+            prompt.truncate(max_prompt);
+            response.truncate(max_response);
+            Ok(PairExample { prompt, response })
         })
         .collect()
 }

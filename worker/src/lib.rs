@@ -9,6 +9,7 @@ pub mod family;
 pub mod family_data;
 pub mod finetune;
 pub mod finetune_data;
+pub mod finetune_family;
 pub mod gpu;
 pub mod model_file;
 pub mod runner;

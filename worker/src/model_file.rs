@@ -145,6 +145,12 @@ pub fn save_family(path: &Path, model: &FamilyModel, tokenizer: &Tokenizer, para
     Ok(())
 }
 
+/// Whether model-file bytes hold a BERT or a T5 (their format says so; `shown` names them).
+pub fn is_family(bytes: &[u8], shown: &str) -> Result<bool> {
+    let meta = weights::metadata(bytes, shown)?;
+    Ok(matches!(meta.get(KEY_FORMAT).map(String::as_str), Some(FORMAT_BERT) | Some(FORMAT_T5)))
+}
+
 /// Reads a model of any format.
 pub fn load_any(path: &Path) -> Result<AnyModel> {
     let bytes = weights::read_file(path)?;

@@ -6,6 +6,8 @@ mod adamw;
 mod attention;
 mod attention_ex;
 mod cross_entropy;
+/// The dropout mask (a hash of seed and element counter), shared with the CUDA kernel.
+pub mod dropout;
 mod elementwise;
 mod embedding;
 mod layernorm;
@@ -15,7 +17,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::backend::{AdamWStep, AttnShape, Backend, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::backend::{AdamWStep, AttnShape, Backend, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 
 /// Rows handled by one task in chunked reductions; a constant so that partial sums (and thus
 /// rounding) never depend on how many threads run them.
@@ -191,6 +193,13 @@ impl Backend for CpuBackend {
     }
     fn residual_backward(&self, da: &mut [f32], db: &mut [f32], dout: &[f32]) {
         elementwise::residual_backward(da, db, dout)
+    }
+
+    fn dropout_forward(&self, out: &mut [f32], inp: &[f32], mask: Dropout) {
+        dropout::forward(out, inp, mask)
+    }
+    fn dropout_backward(&self, dinp: &mut [f32], dout: &[f32], mask: Dropout) {
+        dropout::backward(dinp, dout, mask)
     }
 
     fn cross_entropy_forward(

@@ -1,4 +1,4 @@
-//! GELU and the residual add: one grid-stride kernel each.
+//! GELU, the residual add and tanh: one grid-stride kernel each.
 
 use cudarc::driver::PushKernelArg;
 
@@ -41,4 +41,27 @@ pub(crate) fn residual_forward(be: &CudaBackend, out: CudaViewMut<'_>, a: CudaVi
 pub(crate) fn residual_backward(be: &CudaBackend, da: CudaViewMut<'_>, db: CudaViewMut<'_>, dout: CudaView<'_>) {
     assert!(da.len == dout.len && db.len == dout.len, "residual backward: lengths differ");
     launch(be, "residual_backward", &[da.ptr, db.ptr, dout.ptr], dout.len)
+}
+
+/// BERT's pooler runs this on (B, C) values per step: on the device, so the step never waits for
+/// a host round trip (the trait's default goes through the host).
+pub(crate) fn tanh_forward(be: &CudaBackend, out: CudaViewMut<'_>, inp: CudaView<'_>) {
+    assert_eq!(out.len, inp.len, "tanh: out {} vs inp {}", out.len, inp.len);
+    launch(be, "tanh_forward", &[out.ptr, inp.ptr], out.len)
+}
+
+pub(crate) fn tanh_backward(be: &CudaBackend, dinp: CudaViewMut<'_>, out: CudaView<'_>, dout: CudaView<'_>) {
+    assert!(dinp.len == out.len && dout.len == out.len, "tanh backward: lengths differ");
+    launch(be, "tanh_backward", &[dinp.ptr, out.ptr, dout.ptr], out.len)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn kernel_names_exist_in_the_source() {
+        let names = crate::cuda::kernels::kernel_names(include_str!("kernels/elementwise.cu"));
+        for k in ["gelu_forward", "gelu_backward", "residual_forward", "residual_backward", "tanh_forward", "tanh_backward"] {
+            assert!(names.iter().any(|n| n == k), "{k} missing from elementwise.cu: {names:?}");
+        }
+    }
 }

@@ -16,6 +16,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("bias", include_str!("kernels/bias.cu")),
     ("layernorm", include_str!("kernels/layernorm.cu")),
     ("elementwise", include_str!("kernels/elementwise.cu")),
+    ("dropout", include_str!("kernels/dropout.cu")),
     ("cross_entropy", include_str!("kernels/cross_entropy.cu")),
     ("adamw", include_str!("kernels/adamw.cu")),
     ("attention", include_str!("kernels/attention.cu")),

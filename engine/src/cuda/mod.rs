@@ -16,6 +16,7 @@ mod adamw;
 mod attention;
 mod colsum;
 mod cross_entropy;
+mod dropout;
 mod elementwise;
 mod embedding;
 pub mod kernels;
@@ -33,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError};
 
-use crate::backend::{AdamWStep, AttnShape, Backend, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::backend::{AdamWStep, AttnShape, Backend, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use crate::error::{ConfigError, EngineError};
 pub use view::{CudaView, CudaViewMut};
 
@@ -543,11 +544,23 @@ impl Backend for CudaBackend {
     fn gelu_backward(&self, dinp: CudaViewMut<'_>, inp: CudaView<'_>, dout: CudaView<'_>) {
         elementwise::gelu_backward(self, dinp, inp, dout)
     }
+    fn tanh_forward(&self, out: CudaViewMut<'_>, inp: CudaView<'_>) {
+        elementwise::tanh_forward(self, out, inp)
+    }
+    fn tanh_backward(&self, dinp: CudaViewMut<'_>, out: CudaView<'_>, dout: CudaView<'_>) {
+        elementwise::tanh_backward(self, dinp, out, dout)
+    }
     fn residual_forward(&self, out: CudaViewMut<'_>, a: CudaView<'_>, b: CudaView<'_>) {
         elementwise::residual_forward(self, out, a, b)
     }
     fn residual_backward(&self, da: CudaViewMut<'_>, db: CudaViewMut<'_>, dout: CudaView<'_>) {
         elementwise::residual_backward(self, da, db, dout)
+    }
+    fn dropout_forward(&self, out: CudaViewMut<'_>, inp: CudaView<'_>, mask: Dropout) {
+        dropout::forward(self, out, inp, mask)
+    }
+    fn dropout_backward(&self, dinp: CudaViewMut<'_>, dout: CudaView<'_>, mask: Dropout) {
+        dropout::backward(self, dinp, dout, mask)
     }
 
     // ---- cross-entropy ------------------------------------------------------------------

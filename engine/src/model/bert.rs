@@ -5,10 +5,16 @@
 //! bias), a tanh pooler over [CLS] with next-sentence prediction and sequence classification,
 //! and in-batch InfoNCE over pooled embeddings of paired sequences.
 //!
+//! Dropout (`BertConfig::dropout`, HF's `hidden_dropout_prob`) acts in training batches only
+//! (`BertBatch::train`): after the embedding LayerNorm and on each sublayer's output before its
+//! residual add, with masks drawn from `BertBatch::dropout_seed` (site 0 the embedding, then the
+//! sublayers in order), so a batch replays identically on any rank and in any rerun. A paired
+//! batch whose rows i and i + B/2 hold the same tokens thus sees two dropout views (SimCSE).
+//!
 //! Tensor names are Hugging Face `BertForPreTraining`'s (PyTorch `Linear` layout (out, in)), so a
 //! post-LN, learned-position, dot-score model exports by copying; query, key and value sit back to
 //! back in the flat buffer and act as one fused (3C, C) weight. Differences from HF: GELU is the
-//! tanh approximation (original BERT's), LayerNorm eps is 1e-5, no dropout.
+//! tanh approximation (original BERT's), LayerNorm eps is 1e-5, no attention-probability dropout.
 //!
 //! The loss is the sum of the objectives the batch carries, each a mean over its own items.
 
@@ -17,7 +23,7 @@ use std::ops::Range;
 use crate::backend::{Backend, MatmulShape, OptionalOp, ScoreKind, WeightLayout, IGNORE_INDEX};
 use crate::error::{ConfigError, EngineError};
 use crate::model::bert_config::{BertConfig, Pooling, Positions};
-use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, zero, Ctx, Dims, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
+use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, zero, Ctx, Dims, DropoutPass, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
 use crate::model::gpt_config::LayerNormPlacement;
 use crate::model::objectives::info_nce;
 use crate::params::{Init, ParamKind, ParamTable};
@@ -41,6 +47,11 @@ pub struct BertBatch {
     pub labels: Option<Vec<u32>>,
     /// Contrastive pairs: sequence i and sequence i + B/2 are two views of one item.
     pub paired: bool,
+    /// A training pass: the config's dropout acts (evaluation leaves it false: no dropout).
+    pub train: bool,
+    /// Seed of this pass's dropout masks (read when `train`); derive it from the step and the
+    /// batch's place in it, so that every rank and every rerun draws the same masks.
+    pub dropout_seed: u64,
 }
 
 impl BertBatch {
@@ -141,6 +152,8 @@ struct Loaded<B: Backend> {
     nsp: Option<B::Ids>,
     labels: Option<B::Ids>,
     paired: bool,
+    /// This pass's dropout (None: evaluation, or the config has none).
+    dropout: Option<DropoutPass>,
 }
 
 /// A classification head's activations: logits, log-sum-exp, per-row losses.
@@ -157,6 +170,7 @@ struct Acts<B: Backend> {
     t: usize,
     emb: B::Buf, // (N, C) sum of the embeddings
     emb_ln: NormActs<B>,
+    emb_drop: B::Buf, // (N, C) dropout(LN(emb)) in training passes; empty without dropout
     stack: StackActs<B>,
     final_ln: Option<NormActs<B>>,
     mlm_h: B::Buf, // (N, C) dense
@@ -389,6 +403,7 @@ impl<B: Backend> Bert<B> {
             nsp,
             labels,
             paired: x.paired,
+            dropout: (x.train && cfg.dropout > 0.0).then_some(DropoutPass { p: cfg.dropout, seed: x.dropout_seed, first: 0 }),
         });
         if self.acts.as_ref().is_none_or(|a| a.b != b || a.t != t) {
             self.acts = Some(self.alloc(b, t));
@@ -410,6 +425,7 @@ impl<B: Backend> Bert<B> {
             t,
             emb: z(n * c),
             emb_ln: self.lay.emb_ln.alloc(be, n),
+            emb_drop: z(if self.cfg.dropout > 0.0 { n * c } else { 0 }),
             stack: self.lay.stack.alloc(be, self.dims(b, t)),
             final_ln: self.lay.final_ln.as_ref().map(|l| l.alloc(be, n)),
             mlm_h: z(n * c),
@@ -452,9 +468,18 @@ impl<B: Backend> Bert<B> {
         be.embedding_forward(all_mut(be, &mut a.emb), &batch.positions, pos_table, c, true);
         be.embedding_forward(all_mut(be, &mut a.emb), &batch.segments, cx.p(&lay.tte), c, true);
         lay.emb_ln.forward(&cx, &mut a.emb_ln, &a.emb);
+        // x0 = dropout(LN(emb)) in training passes (site 0), the stack's sublayers sites 1..
+        let x0 = match batch.dropout {
+            Some(dp) => {
+                be.dropout_forward(all_mut(be, &mut a.emb_drop), all(be, &a.emb_ln.out), dp.site(0, n * c));
+                &a.emb_drop
+            }
+            None => &a.emb_ln.out,
+        };
 
         let lens = Lens::<B> { own: batch.lens.as_ref(), memory: None };
-        lay.stack.forward(&cx, &mut a.stack, &a.emb_ln.out, None, lens, d);
+        let stack_dropout = batch.dropout.map(|dp| DropoutPass { first: 1, ..dp });
+        lay.stack.forward_with_dropout(&cx, &mut a.stack, x0, None, lens, d, stack_dropout);
         let out = lay.stack.output(&a.stack, &a.emb_ln.out);
         if let (Some(ln), Some(la)) = (&lay.final_ln, a.final_ln.as_mut()) {
             ln.forward(&cx, la, out);
@@ -533,7 +558,7 @@ impl<B: Backend> Bert<B> {
         let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, cfg.vocab_size);
         let n = b * t;
         let d = Dims { b, t, tm: t, c, heads: cfg.n_head };
-        let Acts { emb, emb_ln, stack, final_ln, mlm_h, mlm_g, mlm_ln, mlm, cls, pooled, nsp, class, pool_mat, dhf, dn1, dn2, dpool, dpre, dcls, .. } = a;
+        let Acts { emb, emb_ln, emb_drop, stack, final_ln, mlm_h, mlm_g, mlm_ln, mlm, cls, pooled, nsp, class, pool_mat, dhf, dn1, dn2, dpool, dpre, dcls, .. } = a;
         let stack_out = lay.stack.output(stack, &emb_ln.out);
         let hf = final_ln.as_ref().map_or(stack_out, |l| &l.out);
         zero(be, dhf);
@@ -593,9 +618,20 @@ impl<B: Backend> Bert<B> {
             _ => be.copy(all_mut(be, &mut dout), all(be, dhf)),
         }
         let lens = Lens::<B> { own: batch.lens.as_ref(), memory: None };
-        lay.stack.backward(&cx, grads, stack, &emb_ln.out, None, None, lens, &mut dout, d);
+        let x0 = if batch.dropout.is_some() { &*emb_drop } else { &emb_ln.out };
+        let stack_dropout = batch.dropout.map(|dp| DropoutPass { first: 1, ..dp });
+        lay.stack.backward_with_dropout(&cx, grads, stack, x0, None, None, lens, &mut dout, d, stack_dropout);
+        // dout: the gradient of x0; through the embedding dropout's mask to LN(emb)'s
+        let dln = match batch.dropout {
+            Some(dp) => {
+                zero(be, dn2);
+                be.dropout_backward(all_mut(be, dn2), all(be, &dout), dp.site(0, n * c));
+                &*dn2
+            }
+            None => &dout,
+        };
         zero(be, dn1);
-        lay.emb_ln.backward(&cx, grads, dn1, &dout, emb, emb_ln);
+        lay.emb_ln.backward(&cx, grads, dn1, dln, emb, emb_ln);
         be.embedding_backward(be.view_mut(grads, lay.wte.clone()), all(be, dn1), &batch.tokens, c);
         if let Some(wpe) = &lay.wpe {
             be.embedding_backward(be.view_mut(grads, wpe.clone()), all(be, dn1), &batch.positions, c);

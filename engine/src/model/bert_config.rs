@@ -1,5 +1,5 @@
 //! BERT configuration: sizes, the family options (LayerNorm placement, positions, attention
-//! score), the heads, presets and validation.
+//! score), the heads, dropout, presets and validation.
 
 use serde::{Deserialize, Serialize};
 
@@ -75,6 +75,15 @@ pub struct BertConfig {
     /// InfoNCE temperature.
     #[serde(default = "default_temperature")]
     pub temperature: f32,
+    /// Dropout probability in training passes (HF BERT's `hidden_dropout_prob`): after the
+    /// embedding LayerNorm and on every sublayer's output before its residual add; none on the
+    /// attention probabilities. 0 (the default, left out of the serialized config) disables it.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub dropout: f32,
+}
+
+fn is_zero(p: &f32) -> bool {
+    *p == 0.0
 }
 
 fn post() -> LayerNormPlacement {
@@ -106,6 +115,7 @@ impl BertConfig {
             num_labels: 0,
             pooling: Pooling::Mean,
             temperature: default_temperature(),
+            dropout: 0.0,
         };
         Ok(match name {
             "bert-base" => cfg(30522, 512, 12, 12, 768),
@@ -150,6 +160,7 @@ impl BertConfig {
         if !(self.temperature > 0.0 && self.temperature.is_finite()) {
             return Err(ConfigError::new("temperature", format!("{} must be a positive number", self.temperature)));
         }
+        crate::cpu::dropout::check_probability(self.dropout)?;
         Ok(())
     }
 }

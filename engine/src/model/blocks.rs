@@ -3,11 +3,13 @@
 //! (pre-LN: `x + f(LN(x))`) or after (post-LN: `LN(x + f(x))`) the residual add. A `Stack` is a
 //! sequence of sublayers (an encoder layer is [self-attn, ffn], a decoder layer is
 //! [causal self-attn, cross-attn, ffn]). Each piece has its forward beside its backward, written
-//! against `Backend`; activations are sized exactly for the current batch.
+//! against `Backend`; activations are sized exactly for the current batch. A training pass may
+//! drop out each sublayer's output before its residual add (`forward_with_dropout`; BERT uses
+//! it, T5 does not).
 
 use std::ops::Range;
 
-use crate::backend::{AttnShape, Backend, MatmulShape, QkvSource, ScoreKind, Scores, WeightLayout};
+use crate::backend::{AttnShape, Backend, Dropout, MatmulShape, QkvSource, ScoreKind, Scores, WeightLayout};
 use crate::model::gpt_config::LayerNormPlacement;
 use crate::params::{Init, ParamKind, ParamTable};
 
@@ -32,6 +34,23 @@ pub(crate) fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut
 }
 pub(crate) fn zero<B: Backend>(be: &B, buf: &mut B::Buf) {
     be.fill(all_mut(be, buf), 0.0)
+}
+
+/// The dropout of one training pass: site k (the embedding, a sublayer's output, ...) of `len`
+/// elements draws its mask at counters `[(first + k) * len, (first + k + 1) * len)` under the
+/// pass's seed, so no two sites of a pass share a mask, and a rerun of the pass draws the same.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct DropoutPass {
+    pub p: f32,
+    pub seed: u64,
+    /// Site index of the first site this pass covers (a stack after an embedding site: 1).
+    pub first: usize,
+}
+
+impl DropoutPass {
+    pub fn site(&self, k: usize, len: usize) -> Dropout {
+        Dropout { p: self.p, seed: self.seed, offset: ((self.first + k) as u64).wrapping_mul(len as u64) }
+    }
 }
 
 /// `y (N, out) = x (N, in) @ W^T + b` with W `(out, in)` (PyTorch `Linear`). Several tensors
@@ -235,7 +254,7 @@ pub(crate) struct Scratch<B: Backend> {
     g: B::Buf,     // (N, C) gradient of the current sublayer's output, then of its input
     gnext: B::Buf, // (N, C)
     dres: B::Buf,  // (N, C)
-    df: B::Buf,    // (N, C)
+    df: B::Buf,    // (N, C); in a forward with dropout: the current sublayer's dropout(f)
     dfin: B::Buf,  // (N, C)
     datt: B::Buf,  // (N, C)
     dqkv: B::Buf,  // (N, 3C)
@@ -312,6 +331,22 @@ impl Stack {
     }
 
     pub fn forward<B: Backend>(&self, cx: &Ctx<B>, acts: &mut StackActs<B>, x: &B::Buf, memory: Option<&B::Buf>, lens: Lens<B>, d: Dims) {
+        self.forward_with_dropout(cx, acts, x, memory, lens, d, None)
+    }
+
+    /// `forward`, with sublayer i's output `f` replaced by `dropout(f)` (site i of `dropout`)
+    /// before the residual add. `None`: exactly `forward`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_with_dropout<B: Backend>(
+        &self,
+        cx: &Ctx<B>,
+        acts: &mut StackActs<B>,
+        x: &B::Buf,
+        memory: Option<&B::Buf>,
+        lens: Lens<B>,
+        d: Dims,
+        dropout: Option<DropoutPass>,
+    ) {
         let be = cx.be;
         for (i, sub) in self.subs.iter().enumerate() {
             let (done, rest) = acts.subs.split_at_mut(i);
@@ -349,7 +384,17 @@ impl Stack {
                     proj.forward(cx, &mut a.f, &a.b, d.rows());
                 }
             }
-            be.residual_forward(all_mut(be, &mut a.resid), all(be, inp), all(be, &a.f));
+            // the residual adds f, or dropout(f) (kept in the backward's df scratch: f itself is
+            // not needed again, and the mask is recomputed in the backward)
+            let f = match dropout {
+                Some(dp) => {
+                    let dropped = &mut acts.scratch.df;
+                    be.dropout_forward(all_mut(be, dropped), all(be, &a.f), dp.site(i, d.rows() * d.c));
+                    &acts.scratch.df
+                }
+                None => &a.f,
+            };
+            be.residual_forward(all_mut(be, &mut a.resid), all(be, inp), all(be, f));
             if self.placement == LayerNormPlacement::Post {
                 sub.ln.forward(cx, &mut a.ln, &a.resid);
             }
@@ -366,10 +411,28 @@ impl Stack {
         acts: &mut StackActs<B>,
         x: &B::Buf,
         memory: Option<&B::Buf>,
+        dmemory: Option<&mut B::Buf>,
+        lens: Lens<B>,
+        dout: &mut B::Buf,
+        d: Dims,
+    ) {
+        self.backward_with_dropout(cx, grads, acts, x, memory, dmemory, lens, dout, d, None)
+    }
+
+    /// The backward of `forward_with_dropout` with the same `dropout`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_with_dropout<B: Backend>(
+        &self,
+        cx: &Ctx<B>,
+        grads: &mut B::Buf,
+        acts: &mut StackActs<B>,
+        x: &B::Buf,
+        memory: Option<&B::Buf>,
         mut dmemory: Option<&mut B::Buf>,
         lens: Lens<B>,
         dout: &mut B::Buf,
         d: Dims,
+        dropout: Option<DropoutPass>,
     ) {
         let be = cx.be;
         let n = d.rows();
@@ -392,6 +455,13 @@ impl Stack {
                     sub.ln.backward(cx, grads, &mut s.dres, &s.g, &a.resid, &a.ln);
                     be.residual_backward(all_mut(be, &mut s.gnext), all_mut(be, &mut s.df), all(be, &s.dres));
                 }
+            }
+            if let Some(dp) = dropout {
+                // s.df is the gradient of dropout(f): through the same mask to f's (dfin serves
+                // as scratch; it is zeroed again below before its own use)
+                zero(be, &mut s.dfin);
+                be.dropout_backward(all_mut(be, &mut s.dfin), all(be, &s.df), dp.site(i, n * d.c));
+                std::mem::swap(&mut s.df, &mut s.dfin);
             }
             let fin = if self.placement == LayerNormPlacement::Pre { &a.ln.out } else { inp };
             // dfin: gradient of f's input (pre-LN: then through LN; post-LN: that is x itself)

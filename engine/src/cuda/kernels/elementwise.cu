@@ -1,4 +1,4 @@
-// Elementwise ops: GELU (tanh approximation, GPT-2) and the residual add.
+// Elementwise ops: GELU (tanh approximation, GPT-2), the residual add, and tanh (BERT's pooler).
 
 typedef unsigned long long u64;
 
@@ -40,5 +40,18 @@ extern "C" __global__ void residual_backward(float* da, float* db, const float* 
         float d = dout[i];
         da[i] += d;
         db[i] += d;
+    }
+}
+
+// out = tanh(x) (BERT's pooler)
+extern "C" __global__ void tanh_forward(float* out, const float* inp, u64 n) {
+    GRID_STRIDE(i, n) { out[i] = tanhf(inp[i]); }
+}
+
+// dinp += dout * (1 - out^2), from the forward's output
+extern "C" __global__ void tanh_backward(float* dinp, const float* out, const float* dout, u64 n) {
+    GRID_STRIDE(i, n) {
+        float y = out[i];
+        dinp[i] += dout[i] * (1.0f - y * y);
     }
 }

@@ -1,0 +1,448 @@
+//! Fine-tuning a BERT or a T5 (`kind = "finetune"` whose `init_from` is a `bert/1` or `t5/1`
+//! model or checkpoint): a BERT gets a sequence-classification head (`head = "classification"`:
+//! pooler + classifier on [CLS], as transformers' BertForSequenceClassification), a T5 learns
+//! prompt -> response as sequence to sequence (`head = "sft"`: the prompt is the encoder's
+//! input, the response the decoder's target).
+//!
+//! The fine-tuned model is the parent's config with the task's head: every tensor the parent
+//! has under the same name and shape is copied, the new ones (classifier, and the pooler when
+//! the parent had no next-sentence head) are drawn from the job's seed. Data parallelism,
+//! checkpoints and resume are pretraining's (`checkpointing`); the run is on the CPU backend
+//! and the TCP ring, as GPT fine-tuning is.
+
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use smelt_checkpoint::{ModelConfig, ModelSource};
+use smelt_corpus::sample_order::{rank_slice, SampleOrder};
+use smelt_corpus::Tokenizer;
+use smelt_engine::backend::Backend;
+use smelt_engine::collective::{Collective, TcpRing};
+use smelt_engine::model::{Bert, BertBatch, T5Batch, T5};
+use smelt_engine::optim::AdamW;
+use smelt_engine::params::ParamTable;
+use smelt_engine::rng::Rng;
+use smelt_engine::train::TrainerState;
+use smelt_engine::{CpuBackend, EngineError};
+use smelt_jobspec::{FinetuneHead, FinetuneSpec, JobSpec};
+use smelt_proto::v1::{JobNote, StepMetrics};
+use tracing::info;
+
+use crate::checkpointing::{self, Checkpointer, HostState};
+use crate::finetune_data::{self, ClassExample, PairExample};
+use crate::model_file::{self, FamilyModel, SavedFamilyModel};
+use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
+
+/// The examples of a job, by model.
+enum Task {
+    /// BERT sequence classification: texts (without [CLS]/[SEP]) and labels.
+    Classify { num_labels: usize, train: Vec<ClassExample>, val: Vec<ClassExample> },
+    /// T5 sequence to sequence: (prompt, response) token ids.
+    Seq2Seq { train: Vec<PairExample>, val: Vec<PairExample> },
+}
+
+impl Task {
+    fn n_train(&self) -> usize {
+        match self {
+            Task::Classify { train, .. } => train.len(),
+            Task::Seq2Seq { train, .. } => train.len(),
+        }
+    }
+    fn n_val(&self) -> usize {
+        match self {
+            Task::Classify { val, .. } => val.len(),
+            Task::Seq2Seq { val, .. } => val.len(),
+        }
+    }
+}
+
+/// A BERT or T5 fine-tuning job, parent read and examples loaded.
+pub struct FamilyFinetune {
+    /// The fine-tuned model's config (the parent's with the task's head).
+    model: FamilyModel,
+    tokenizer: Tokenizer,
+    /// The fine-tuned model's initial weights: the parent's where they exist.
+    init_params: Vec<f32>,
+    parent: String,
+    parent_file: String,
+    parent_job: Option<String>,
+    task: Task,
+}
+
+/// Copies every tensor of `from` that `to` has under the same name and shape into `params`
+/// (laid out by `to`); returns the names of those `to` has and `from` lacks.
+fn copy_by_name(from: &ParamTable, from_params: &[f32], to: &ParamTable, params: &mut [f32]) -> Vec<String> {
+    let mut fresh = Vec::new();
+    for s in to.specs() {
+        match from.id(&s.name).map(|id| from.spec(id)) {
+            Some(f) if f.shape == s.shape => params[s.range()].copy_from_slice(&from_params[f.range()]),
+            _ => fresh.push(s.name.clone()),
+        }
+    }
+    fresh
+}
+
+impl FamilyFinetune {
+    /// Reads the parent (already resolved and verified), checks that the head suits it and loads
+    /// the examples with its tokenizer. Errors name the spec field or the file and line.
+    pub fn prepare(spec: &JobSpec, src: &ModelSource) -> Result<Self> {
+        let f: &FinetuneSpec = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
+        let head = f.head_kind()?;
+        let SavedFamilyModel { model: parent, tokenizer: tok, params: parent_params, metadata } =
+            model_file::family_from_bytes(&src.bytes, &src.file).with_context(|| format!("finetune.init_from {:?}", f.init_from))?;
+        let seq = spec.train.seq_len;
+        let (model, task) = match (parent.clone(), head) {
+            (FamilyModel::Bert { mut config, specials }, FinetuneHead::Classification) => {
+                let num_labels = f.num_labels.ok_or_else(|| anyhow!("job spec: `finetune.num_labels`: required for head = \"classification\""))?;
+                // [CLS] text [SEP] must fit the positions.
+                if seq > config.max_positions {
+                    bail!("job spec: `train.seq_len`: {seq} exceeds the max_positions {} of the BERT in finetune.init_from", config.max_positions);
+                }
+                if seq < 3 {
+                    bail!("job spec: `train.seq_len`: {seq} leaves no room for text between [CLS] and [SEP]");
+                }
+                let (train, val) = load_split(f, |p| finetune_data::load_classification(p, &tok, num_labels, seq - 2))?;
+                config.nsp = false;
+                config.num_labels = num_labels;
+                (FamilyModel::Bert { config, specials }, Task::Classify { num_labels, train, val })
+            }
+            (FamilyModel::T5 { config, specials }, FinetuneHead::Sft) => {
+                if seq > config.max_positions {
+                    bail!("job spec: `train.seq_len`: {seq} exceeds the max_positions {} of the T5 in finetune.init_from", config.max_positions);
+                }
+                // The end-of-text id ends each response when the model knows it (a corpus's).
+                let eot = Some(tok.eot_token()).filter(|&e| e < specials.base_vocab);
+                let (train, val) = load_split(f, |p| finetune_data::load_pairs(p, &tok, seq, seq, eot))?;
+                (FamilyModel::T5 { config, specials }, Task::Seq2Seq { train, val })
+            }
+            (FamilyModel::Bert { .. }, FinetuneHead::Sft) => {
+                bail!("job spec: `finetune.head`: \"sft\" needs a generative model (a GPT or a T5); the BERT in finetune.init_from fine-tunes with head = \"classification\"")
+            }
+            (FamilyModel::T5 { .. }, FinetuneHead::Classification) => {
+                bail!("job spec: `finetune.head`: \"classification\" is for a GPT or a BERT; the T5 in finetune.init_from fine-tunes with head = \"sft\" (prompt -> response)")
+            }
+        };
+        if task.n_train() == 0 {
+            bail!("finetune.data {}: no training examples left after holding out the validation split", f.data);
+        }
+        let table = model.model_config().param_table();
+        let mut init_params = table.init(spec.seed);
+        let fresh = copy_by_name(&parent.model_config().param_table(), &parent_params, &table, &mut init_params);
+        info!(parent = %src.file, arch = model.model_config().arch(), new_tensors = ?fresh, "fine-tuning from the parent's weights");
+        Ok(FamilyFinetune {
+            model,
+            tokenizer: tok,
+            init_params,
+            parent: f.init_from.clone(),
+            parent_file: src.file.clone(),
+            parent_job: metadata.get("smelt.job").cloned().or(src.job.clone()),
+            task,
+        })
+    }
+}
+
+fn load_split<T>(f: &FinetuneSpec, load: impl Fn(&str) -> Result<Vec<T>>) -> Result<(Vec<T>, Vec<T>)> {
+    let all = load(&f.data).context("finetune.data")?;
+    Ok(match &f.val_data {
+        Some(v) => (all, load(v).context("finetune.val_data")?),
+        None => finetune_data::split(all, f.val_fraction),
+    })
+}
+
+/// The model being fine-tuned.
+#[allow(clippy::large_enum_variant)]
+enum Model {
+    Bert(Bert<CpuBackend>),
+    T5(T5<CpuBackend>),
+}
+
+/// A batch for the model.
+enum Batch {
+    Bert(BertBatch),
+    T5(T5Batch),
+}
+
+impl Model {
+    fn new(m: &FamilyModel, params: &[f32]) -> Result<Model> {
+        Ok(match m {
+            FamilyModel::Bert { config, .. } => Model::Bert(Bert::from_params(CpuBackend::new(), config.clone(), params)?),
+            FamilyModel::T5 { config, .. } => Model::T5(T5::from_params(CpuBackend::new(), config.clone(), params)?),
+        })
+    }
+    fn table(&self) -> &ParamTable {
+        match self {
+            Model::Bert(m) => m.table(),
+            Model::T5(m) => m.table(),
+        }
+    }
+    fn zero_grad(&mut self) {
+        match self {
+            Model::Bert(m) => m.zero_grad(),
+            Model::T5(m) => m.zero_grad(),
+        }
+    }
+    fn forward(&mut self, x: &Batch) -> Result<f32> {
+        let loss = match (self, x) {
+            (Model::Bert(m), Batch::Bert(x)) => m.forward(x)?,
+            (Model::T5(m), Batch::T5(x)) => m.forward(x)?,
+            _ => unreachable!("the task makes batches for its own model"),
+        };
+        loss.ok_or_else(|| anyhow!("the batch carries no targets"))
+    }
+    fn backward(&mut self, scale: f32) -> Result<(), EngineError> {
+        match self {
+            Model::Bert(m) => m.backward(scale),
+            Model::T5(m) => m.backward(scale),
+        }
+    }
+    fn backend_and_grads_mut(&mut self) -> (&CpuBackend, &mut Vec<f32>) {
+        match self {
+            Model::Bert(m) => m.backend_and_grads_mut(),
+            Model::T5(m) => m.backend_and_grads_mut(),
+        }
+    }
+    fn params_and_grads(&mut self) -> (&CpuBackend, &ParamTable, &mut Vec<f32>, &Vec<f32>) {
+        match self {
+            Model::Bert(m) => m.params_and_grads(),
+            Model::T5(m) => m.params_and_grads(),
+        }
+    }
+    fn params_host(&self) -> Vec<f32> {
+        match self {
+            Model::Bert(m) => m.params_host(),
+            Model::T5(m) => m.params_host(),
+        }
+    }
+    fn set_params_host(&mut self, host: &[f32]) {
+        match self {
+            Model::Bert(m) => m.set_params_host(host),
+            Model::T5(m) => m.set_params_host(host),
+        }
+    }
+    /// The predicted class of each row of the last classification batch.
+    fn predictions(&self, num_labels: usize) -> Vec<u32> {
+        let Model::Bert(m) = self else { return Vec::new() };
+        m.class_logits()
+            .chunks(num_labels)
+            .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i as u32, x) } else { best }).0)
+            .collect()
+    }
+}
+
+impl FamilyFinetune {
+    /// A micro-batch of the given examples: `[CLS] text [SEP]` padded with [PAD] and masked by
+    /// length for BERT; (prompt, response) pairs for T5.
+    fn batch(&self, idx: &[usize], val: bool) -> Batch {
+        match (&self.task, &self.model) {
+            (Task::Classify { train, val: v, .. }, FamilyModel::Bert { specials: s, .. }) => {
+                let ex: Vec<&ClassExample> = idx.iter().map(|&i| if val { &v[i] } else { &train[i] }).collect();
+                let t = ex.iter().map(|e| e.ids.len() + 2).max().unwrap_or(2);
+                let mut x = BertBatch::new(Vec::with_capacity(ex.len() * t), ex.len(), t);
+                let (mut lens, mut labels) = (Vec::new(), Vec::new());
+                for e in ex {
+                    let row = std::iter::once(s.cls).chain(e.ids.iter().copied()).chain([s.sep]);
+                    x.tokens.extend(row.chain(std::iter::repeat(s.pad)).take(t));
+                    lens.push(e.ids.len() as u32 + 2);
+                    labels.push(e.label);
+                }
+                x.lens = Some(lens);
+                x.labels = Some(labels);
+                Batch::Bert(x)
+            }
+            (Task::Seq2Seq { train, val: v }, FamilyModel::T5 { specials: s, .. }) => {
+                let pairs: Vec<(Vec<u32>, Vec<u32>)> = idx
+                    .iter()
+                    .map(|&i| if val { &v[i] } else { &train[i] })
+                    .map(|e| (e.prompt.clone(), e.response.clone()))
+                    .collect();
+                Batch::T5(T5Batch::from_pairs(&pairs, s.pad, s.pad))
+            }
+            _ => unreachable!("prepare pairs each task with its model"),
+        }
+    }
+
+    fn batch_tokens(x: &Batch) -> usize {
+        match x {
+            Batch::Bert(x) => x.lens.iter().flatten().map(|&l| l as usize).sum(),
+            Batch::T5(x) => x.enc_lens.iter().flatten().map(|&l| l as usize).sum::<usize>() + x.batch * x.dec_len,
+        }
+    }
+
+    /// Validation (loss, accuracy) over every validation example, in batches of `batch`; the
+    /// loss is the mean over examples (classification) or over response tokens (seq2seq).
+    fn evaluate(&self, model: &mut Model, batch: usize) -> Result<(Option<f32>, Option<f32>)> {
+        let n = self.task.n_val();
+        if n == 0 {
+            return Ok((None, None));
+        }
+        let (mut loss_sum, mut weight, mut correct) = (0.0f64, 0usize, 0usize);
+        let all: Vec<usize> = (0..n).collect();
+        for chunk in all.chunks(batch.max(1)) {
+            let x = self.batch(chunk, true);
+            let loss = model.forward(&x)? as f64;
+            match &x {
+                Batch::Bert(b) => {
+                    let Task::Classify { num_labels, .. } = &self.task else { unreachable!() };
+                    loss_sum += loss * b.batch as f64;
+                    weight += b.batch;
+                    let labels = b.labels.as_deref().unwrap_or_default();
+                    correct += model.predictions(*num_labels).iter().zip(labels).filter(|(p, l)| p == l).count();
+                }
+                Batch::T5(b) => {
+                    let k = b.targets.iter().flatten().filter(|&&t| t != smelt_engine::backend::IGNORE_INDEX).count();
+                    loss_sum += loss * k as f64;
+                    weight += k;
+                }
+            }
+        }
+        let loss = Some((loss_sum / weight.max(1) as f64) as f32);
+        Ok(match self.task {
+            Task::Classify { .. } => (loss, Some(correct as f32 / n as f32)),
+            Task::Seq2Seq { .. } => (loss, None),
+        })
+    }
+}
+
+/// The mean of one value over the ring.
+fn all_reduce_scalar(ring: &mut dyn Collective<CpuBackend>, x: f32) -> Result<f32> {
+    let be = CpuBackend::new();
+    let mut buf = be.upload(&[x]);
+    ring.all_reduce_mean(&be, be.view_mut(&mut buf, 0..1))?;
+    Ok(be.download(be.view(&buf, 0..1))[0])
+}
+
+/// The training thread of a BERT or T5 fine-tuning assignment (`finetune::run` dispatches here
+/// on the parent's format). Returns the final step.
+pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
+    let a = &req.assignment;
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let job = FamilyFinetune::prepare(&spec, &src)?;
+    if rank == 0 {
+        for s in &src.skipped {
+            let text = format!("finetune.init_from: checkpoint {} skipped: {}; starting from {} instead", s.uri, s.reason, src.file);
+            events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
+        }
+    }
+    let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener.try_clone().context("cloning the ring listener")?, RING_CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
+    let abort = ring.abort_handle();
+    control.on_stop(move || abort.abort());
+
+    let tc = spec.train_config();
+    let mut model = Model::new(&job.model, &job.init_params)?;
+    let mut opt = AdamW::new(&CpuBackend::new(), model.table(), tc.optim.clone())?;
+    let model_config: ModelConfig = job.model.model_config();
+    let (mut start, mut lineage) = (0, smelt_checkpoint::Lineage { parent_checkpoint: Some(job.parent_file.clone()), parent_job: job.parent_job.clone() });
+    if let Some(ck) = checkpointing::load_resume(a, events)? {
+        if ck.trainer.model != model_config || ck.trainer.head.is_some() {
+            bail!("checkpoint {} holds a {} model {:?}, this job fine-tunes a {} model {:?}", ck.uri, ck.trainer.model.arch(), ck.trainer.model, model_config.arch(), model_config);
+        }
+        model.set_params_host(&ck.params);
+        opt.restore(&CpuBackend::new(), &ck.m, &ck.v, ck.trainer.trainer.optimizer_steps);
+        start = ck.step();
+        lineage = checkpointing::lineage_of(&ck);
+    }
+    checkpointing::agree_on_start(a, start, &CpuBackend::new(), &mut ring)?;
+    let mut checkpointer = match rank {
+        0 => Checkpointer::new(a, &spec, model_config.clone(), &job.tokenizer, &req.out_dir, lineage)?,
+        _ => None,
+    };
+
+    let order = SampleOrder::new(job.task.n_train() as u64, spec.seed);
+    let global = spec.train.global_batch as u64;
+    info!(job_id = %a.job_id, rank, world, arch = model_config.arch(), parent = %job.parent, start, train_examples = job.task.n_train(), val_examples = job.task.n_val(), "fine-tuning started");
+    let started = Instant::now();
+    let (mut tokens, mut last_val) = (0usize, (None, None));
+    for step in start..tc.steps {
+        if let Some(reason) = control.stopped() {
+            bail!("stopped at step {step}: {reason}");
+        }
+        let idx: Vec<usize> = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?.map(|k| order.sequence_at(k) as usize).collect();
+        let micro: Vec<Batch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, false)).collect();
+        let k = micro.len();
+        if k == 0 {
+            bail!("step {step}: this rank has no examples (train.global_batch is smaller than the world size?)");
+        }
+        model.zero_grad();
+        let mut loss_sum = 0.0f64;
+        for x in &micro {
+            let loss = model.forward(x)?;
+            tokens += FamilyFinetune::batch_tokens(x) * world;
+            if !loss.is_finite() {
+                loss_sum = loss as f64;
+                break;
+            }
+            loss_sum += loss as f64;
+            model.backward(1.0 / k as f32)?;
+        }
+        let loss = all_reduce_scalar(&mut ring, (loss_sum / k as f64) as f32)?;
+        if !loss.is_finite() {
+            return Err(EngineError::NonFiniteLoss { step, loss }.into());
+        }
+        let n = model.table().total();
+        let (be, grads) = model.backend_and_grads_mut();
+        ring.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
+        let lr = tc.schedule.lr_at(step);
+        let (be, _, params, grads) = model.params_and_grads();
+        let report = opt.step(be, params, grads, lr, step)?;
+
+        let done = step + 1;
+        let mut val = (None, None);
+        if rank == 0 && (done == tc.steps || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
+            val = job.evaluate(&mut model, tc.batch_size)?;
+            if val.0.is_some() {
+                last_val = val;
+                info!(job_id = %a.job_id, step = done, val_loss = val.0, val_accuracy = val.1, "evaluated");
+            }
+        }
+        if rank == 0 {
+            events(RunEvent::Metrics(StepMetrics {
+                job_id: a.job_id.clone(),
+                attempt: a.attempt,
+                rank: a.rank,
+                step: done,
+                loss,
+                grad_norm: report.grad_norm,
+                lr,
+                tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                val_loss: val.0,
+                val_accuracy: val.1,
+            }));
+        }
+        if let Some(c) = checkpointer.as_mut() {
+            c.after_step_with(done, tc.steps, events, &mut || {
+                let (m, v) = opt.moments_host(&CpuBackend::new());
+                // The example order is a function of (seed, step): no generator state to carry.
+                let state = TrainerState { step: done, optimizer_steps: opt.steps_done(), data_rng: Rng::new(spec.seed) };
+                HostState { params: model.params_host(), m, v, state }
+            });
+        }
+    }
+    if let Some(c) = checkpointer {
+        c.finish(events);
+    }
+    if rank == 0 {
+        let path = req.out_dir.join("jobs").join(&a.job_id).join("model.safetensors");
+        let f = spec.finetune.as_ref().expect("prepared from a finetune spec");
+        let mut extra = vec![
+            ("kind", "finetune".to_string()),
+            ("head", f.head.clone()),
+            ("parent", job.parent.clone()),
+            ("parent_file", job.parent_file.clone()),
+            ("step", tc.steps.to_string()),
+            ("job", a.job_id.clone()),
+        ];
+        if let Some(j) = &job.parent_job {
+            extra.push(("parent_job", j.clone()));
+        }
+        if let Some(v) = last_val.0 {
+            extra.push(("val_loss", v.to_string()));
+        }
+        if let Some(acc) = last_val.1 {
+            extra.push(("val_accuracy", acc.to_string()));
+        }
+        model_file::save_family(&path, &job.model, &job.tokenizer, &model.params_host(), &extra)?;
+        info!(job_id = %a.job_id, path = %path.display(), parent = %job.parent, val_loss = last_val.0, val_accuracy = last_val.1, "fine-tuned weights saved");
+    }
+    Ok(tc.steps)
+}
