@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds here what a device call needs and stages it in ./device/ (ignored by git, named in the
 # device tool's `carry`): the smelt binary and the CUDA test binaries, stripped, plus the PyTorch
-# peer. The device machine has no Rust toolchain.
+# peers (GPT-2; BERT and T5) and the device scripts. The device machine has no Rust toolchain.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 rm -rf device && mkdir -p device/tests
@@ -16,7 +16,7 @@ for line in sys.stdin:
     if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
         print(m["target"]["name"], m["executable"])' \
   | while read -r name exe; do strip -o "device/tests/$name" "$exe"; done
-cp ../shared/anchors/torch_gpt2.py device/
-cp bench/device/cuda_check.sh bench/device/cuda_perf.sh bench/device/cuda_e2e.sh bench/device/cuda_vocab.sh device/
+cp ../shared/anchors/torch_gpt2.py ../shared/anchors/torch_family.py device/
+cp bench/device/cuda_check.sh bench/device/cuda_perf.sh bench/device/cuda_e2e.sh bench/device/cuda_vocab.sh bench/device/cuda_family.sh device/
 ls -la device device/tests
 du -sh device

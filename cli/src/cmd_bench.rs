@@ -3,7 +3,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Result};
-use clap::{Args, Subcommand};
+use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 use smelt_engine::backend::{Backend, MatmulShape, WeightLayout};
 use smelt_engine::data::TokenWindows;
@@ -16,7 +16,7 @@ use smelt_engine::CpuBackend;
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Time full training steps (forward, backward, AdamW) of a GPT.
+    /// Time full training steps (forward, backward, AdamW) of a GPT, BERT (masked LM) or T5.
     Step(StepArgs),
     /// GPT-2 BPE speed on a text file, beside Python tiktoken on the same file.
     Tokenize(crate::bench_corpus::TokenizeArgs),
@@ -28,17 +28,47 @@ pub enum BenchCommand {
     Checkpoint(crate::bench_checkpoint::CheckpointArgs),
 }
 
+/// The model family a step bench trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Arch {
+    /// GPT, next-token prediction.
+    Gpt,
+    /// BERT, masked LM on 15% of the positions, no next-sentence head (HF BertForMaskedLM).
+    Bert,
+    /// T5-style encoder-decoder, random inputs and labels (a span-denoising shape).
+    T5,
+}
+
+impl Arch {
+    /// The name `--arch` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Gpt => "gpt",
+            Arch::Bert => "bert",
+            Arch::T5 => "t5",
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct StepArgs {
     /// cpu, or cuda (GPU 0; needs a binary built with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub backend: String,
-    #[arg(long, default_value = "gpt2-124m")]
-    pub preset: String,
+    #[arg(long, value_enum, default_value = "gpt")]
+    pub arch: Arch,
+    /// Model preset of the family (default: gpt2-124m, bert-base, t5-small).
+    #[arg(long)]
+    pub preset: Option<String>,
     #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Sequence length (T5: the encoder's). Tokens/s counts B * seq input tokens.
     #[arg(long, default_value_t = 64)]
     pub seq: usize,
+    /// T5 only: decoder (target) length (default: seq / 4, rounded up, about span corruption's
+    /// ratio; T5's own 512 -> 114 is 0.22).
+    #[arg(long)]
+    pub dec_seq: Option<usize>,
     /// Untimed steps first.
     #[arg(long, default_value_t = 1)]
     pub warmup: u64,
@@ -49,7 +79,8 @@ pub struct StepArgs {
     #[arg(long)]
     pub json: bool,
     /// Override the preset's vocabulary size (e.g. 50304, GPT-2's 50257 padded to a multiple
-    /// of 64 as llm.c and the PyTorch peer do), to measure what an odd vocabulary costs.
+    /// of 64 as llm.c and the PyTorch peer do; 30528 for BERT's 30522), to measure what an odd
+    /// vocabulary costs.
     #[arg(long)]
     pub vocab: Option<usize>,
     /// Time every backend op (each bracketed by a device sync) and print where a step's time
@@ -62,6 +93,20 @@ pub struct StepArgs {
     /// Dense bf16 peak of the GPU in TFLOP/s, for MFU (H100/H200 SXM: 989).
     #[arg(long, default_value_t = 989.0)]
     pub peak_tflops: f64,
+}
+
+impl StepArgs {
+    pub fn preset(&self) -> String {
+        let default = match self.arch {
+            Arch::Gpt => "gpt2-124m",
+            Arch::Bert => "bert-base",
+            Arch::T5 => "t5-small",
+        };
+        self.preset.clone().unwrap_or_else(|| default.to_string())
+    }
+    pub fn dec_seq(&self) -> usize {
+        self.dec_seq.unwrap_or(self.seq.div_ceil(4))
+    }
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -94,6 +139,9 @@ fn sgemm_gflops(be: &CpuBackend) -> f64 {
 fn step(a: StepArgs) -> Result<()> {
     if a.steps == 0 {
         bail!("--steps must be at least 1");
+    }
+    if a.dec_seq.is_some() && a.arch != Arch::T5 {
+        bail!("--dec-seq is for --arch t5 (the decoder's length); --arch {} has one sequence length, --seq", a.arch.name());
     }
     match a.backend.as_str() {
         "cpu" => {
@@ -142,13 +190,15 @@ fn step_cuda(a: &StepArgs) -> Result<()> {
     Ok(())
 }
 
-/// Median and mean step time of a GPT trained on random tokens.
-struct Timed {
-    params: usize,
-    flops_per_token: f64,
-    tokens_per_step: f64,
+/// Step times of a model trained on random tokens.
+pub(crate) struct Timed {
+    pub params: usize,
+    /// Training FLOPs per counted (input) token.
+    pub flops_per_token: f64,
+    /// Input tokens per step (GPT, BERT: B * T; T5: B * Te).
+    pub tokens_per_step: f64,
     /// Seconds per step, sorted.
-    secs: Vec<f64>,
+    pub secs: Vec<f64>,
 }
 
 impl Timed {
@@ -180,8 +230,43 @@ fn time_steps<B: Backend>(be: B, a: &StepArgs) -> Result<Timed> {
     run_steps(be, a, |_| {}, |_| {})
 }
 
+/// The untimed warm-up steps, `after_warmup`, the timed steps, `after`: sorted seconds per
+/// timed step. Each step must end by reading something back from the device (the loss), so
+/// host clocks time whole steps on every backend.
+pub(crate) fn time_loop<M, B>(
+    m: &mut M,
+    backend: fn(&M) -> &B,
+    warmup: u64,
+    steps: u64,
+    after_warmup: impl FnOnce(&B),
+    after: impl FnOnce(&B),
+    mut step: impl FnMut(&mut M) -> Result<()>,
+) -> Result<Vec<f64>> {
+    for _ in 0..warmup {
+        step(m)?;
+    }
+    after_warmup(backend(m));
+    let mut secs = Vec::with_capacity(steps as usize);
+    for _ in 0..steps {
+        let t = Instant::now();
+        step(m)?;
+        secs.push(t.elapsed().as_secs_f64());
+    }
+    after(backend(m));
+    secs.sort_by(f64::total_cmp);
+    Ok(secs)
+}
+
 fn run_steps<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), after: impl FnOnce(&B)) -> Result<Timed> {
-    let mut cfg = GptConfig::preset(&a.preset)?;
+    match a.arch {
+        Arch::Gpt => run_gpt(be, a, after_warmup, after),
+        Arch::Bert => crate::bench_family::run_bert(be, a, after_warmup, after),
+        Arch::T5 => crate::bench_family::run_t5(be, a, after_warmup, after),
+    }
+}
+
+fn run_gpt<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), after: impl FnOnce(&B)) -> Result<Timed> {
+    let mut cfg = GptConfig::preset(&a.preset())?;
     if let Some(v) = a.vocab {
         cfg.vocab_size = v;
         cfg.validate()?;
@@ -205,20 +290,11 @@ fn run_steps<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), aft
     };
     let model = Gpt::new(be, cfg.clone(), 0)?;
     let mut trainer = Trainer::new(model, tc)?;
-    for _ in 0..a.warmup {
-        trainer.train_step(&windows)?;
-    }
-    after_warmup(trainer.model().backend());
-    // Each step ends by reading its loss back, which waits for the device: host clocks time
-    // whole steps correctly on every backend.
-    let mut secs = Vec::with_capacity(a.steps as usize);
-    for _ in 0..a.steps {
-        let t = Instant::now();
-        trainer.train_step(&windows)?;
-        secs.push(t.elapsed().as_secs_f64());
-    }
-    after(trainer.model().backend());
-    secs.sort_by(f64::total_cmp);
+    // Each step ends by reading its loss back, which waits for the device.
+    let secs = time_loop(&mut trainer, |t| t.model().backend(), a.warmup, a.steps, after_warmup, after, |t| {
+        t.train_step(&windows)?;
+        Ok(())
+    })?;
     Ok(Timed {
         params: cfg.num_params(),
         flops_per_token: cfg.flops_per_token(a.seq),
@@ -230,7 +306,8 @@ fn run_steps<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), aft
 fn report(a: &StepArgs, t: &Timed, extra: serde_json::Value, extra_text: String) {
     let mut report = json!({
         "bench": "step",
-        "preset": a.preset,
+        "arch": a.arch.name(),
+        "preset": a.preset(),
         "vocab": a.vocab,
         "params": t.params,
         "batch": a.batch,
@@ -240,6 +317,7 @@ fn report(a: &StepArgs, t: &Timed, extra: serde_json::Value, extra_text: String)
         "ms_per_step": t.median() * 1e3,
         "ms_per_step_min": t.secs[0] * 1e3,
         "ms_per_step_max": t.secs[t.secs.len() - 1] * 1e3,
+        "tokens_per_step": t.tokens_per_step,
         "tokens_per_s": t.tokens_per_s(),
         "flops_per_token": t.flops_per_token,
         "gflops_per_s": t.gflops(),
@@ -247,12 +325,17 @@ fn report(a: &StepArgs, t: &Timed, extra: serde_json::Value, extra_text: String)
     if let (Some(obj), serde_json::Value::Object(more)) = (report.as_object_mut(), extra) {
         obj.extend(more);
     }
+    if a.arch == Arch::T5 {
+        if let Some(obj) = report.as_object_mut() {
+            obj.insert("dec_seq".into(), json!(a.dec_seq()));
+        }
+    }
     if a.json {
         println!("{report}");
     } else {
         println!(
             "{}: {:.1} ms/step (median of {}), {:.0} tokens/s, {:.1} GFLOP/s, {extra_text}",
-            a.preset,
+            a.preset(),
             t.median() * 1e3,
             a.steps,
             t.tokens_per_s(),

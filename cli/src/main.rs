@@ -3,6 +3,7 @@
 mod bench_checkpoint;
 mod bench_coordinator;
 mod bench_corpus;
+mod bench_family;
 mod cmd_checkpoints;
 mod client;
 mod cmd_attention;

@@ -7,7 +7,7 @@
 
 use std::sync::OnceLock;
 
-use smelt_engine::backend::{AdamWStep, Backend, MatmulShape, WeightLayout, IGNORE_INDEX};
+use smelt_engine::backend::{AdamWStep, Backend, Dropout, MatmulShape, WeightLayout, IGNORE_INDEX};
 use smelt_engine::cuda::{CudaBackend, CudaOptions, MatmulPrecision};
 use smelt_engine::rng::Rng;
 use smelt_engine::{CpuBackend, EngineError};
@@ -324,6 +324,56 @@ fn elementwise_body<B: Backend>(be: &B) -> Outs {
 fn gelu_and_residual_match_cpu() {
     let Some(g) = gpu() else { return };
     compare("elementwise", g, 1e-6, both!(elementwise_body));
+}
+
+// ---- tanh (BERT's pooler) ---------------------------------------------------------------------
+
+fn tanh_body<B: Backend>(be: &B, n: usize) -> Outs {
+    // std 2: values deep in both saturated tails as well as around 0
+    let x = be.upload(&randn(35, n, 2.0));
+    let mut y = be.upload(&randn(36, n, 1.0)); // overwritten
+    be.tanh_forward(all_mut(be, &mut y), all(be, &x));
+    let dout = be.upload(&randn(37, n, 1.0));
+    let mut dx = be.upload(&randn(38, n, 1.0)); // accumulated into
+    be.tanh_backward(all_mut(be, &mut dx), all(be, &y), all(be, &dout));
+    vec![("tanh", host(be, &y)), ("dtanh", host(be, &dx))]
+}
+
+#[test]
+fn tanh_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    // (B, C) of a BERT-base pooler, and a length that is no multiple of a block
+    compare("tanh 32x768", g, 1e-6, both!(tanh_body, 32 * 768));
+    compare("tanh 100003", g, 1e-6, both!(tanh_body, 100_003));
+}
+
+// ---- dropout ----------------------------------------------------------------------------------
+
+fn dropout_body<B: Backend>(be: &B, mask: Dropout) -> Outs {
+    let n = 100_003;
+    let x = be.upload(&randn(35, n, 1.0));
+    let mut out = be.upload(&randn(36, n, 1.0)); // overwritten
+    be.dropout_forward(all_mut(be, &mut out), all(be, &x), mask);
+    // a window of the same buffer at its own counters
+    let mut part = be.zeros(1_000);
+    be.dropout_forward(all_mut(be, &mut part), be.view(&x, 50_000..51_000), Dropout { offset: mask.offset + 50_000, ..mask });
+    let dout = be.upload(&randn(37, n, 1.0));
+    let mut dx = be.upload(&randn(38, n, 1.0));
+    be.dropout_backward(all_mut(be, &mut dx), all(be, &dout), mask);
+    vec![("out", host(be, &out)), ("window", host(be, &part)), ("dinp", host(be, &dx))]
+}
+
+#[test]
+fn dropout_masks_match_cpu_bitwise() {
+    let Some(g) = gpu() else { return };
+    // Same hash, same f32 product (no FMA): the masks and values are bit-identical.
+    for mask in [
+        Dropout { p: 0.1, seed: 5, offset: 0 },
+        Dropout { p: 0.5, seed: u64::MAX, offset: (1 << 40) + 3 },
+        Dropout { p: 0.0, seed: 1, offset: 7 },
+    ] {
+        compare(&format!("dropout {mask:?}"), g, 0.0, both!(dropout_body, mask));
+    }
 }
 
 // ---- cross-entropy ----------------------------------------------------------------------------

@@ -34,12 +34,9 @@ use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer, HostState};
 use crate::device::Device;
-use crate::family_data::{self, FamilyBatch, FamilyData, Objective, Source};
+use crate::family_data::{self, FamilyBatch, FamilyData, Objective, Source, EVAL_STEP};
 use crate::model_file::{self, FamilyModel};
 use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
-
-/// Marks the evaluation samples' generators apart from any training step's.
-const EVAL_STEP: u64 = u64::MAX;
 
 /// The model being trained (one per run, so the variants' size difference costs nothing).
 #[allow(clippy::large_enum_variant)]

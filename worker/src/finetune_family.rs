@@ -4,6 +4,9 @@
 //! prompt -> response as sequence to sequence (`head = "sft"`: the prompt is the encoder's
 //! input, the response the decoder's target).
 //!
+//! A BERT fine-tunes with its parent's dropout (`model.dropout` of the pretraining spec), on in
+//! training batches and off in validation, as transformers does.
+//!
 //! The fine-tuned model is the parent's config with the task's head: every tensor the parent
 //! has under the same name and shape is copied, the new ones (classifier, and the pooler when
 //! the parent had no next-sentence head) are drawn from the job's seed. Data parallelism,
@@ -29,6 +32,7 @@ use smelt_proto::v1::{JobNote, StepMetrics};
 use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer, HostState};
+use crate::family_data;
 use crate::finetune_data::{self, ClassExample, PairExample};
 use crate::model_file::{self, FamilyModel, SavedFamilyModel};
 use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
@@ -67,6 +71,7 @@ pub struct FamilyFinetune {
     parent_file: String,
     parent_job: Option<String>,
     task: Task,
+    seed: u64,
 }
 
 /// Copies every tensor of `from` that `to` has under the same name and shape into `params`
@@ -137,6 +142,7 @@ impl FamilyFinetune {
             parent_file: src.file.clone(),
             parent_job: metadata.get("smelt.job").cloned().or(src.job.clone()),
             task,
+            seed: spec.seed,
         })
     }
 }
@@ -231,8 +237,11 @@ impl Model {
 
 impl FamilyFinetune {
     /// A micro-batch of the given examples: `[CLS] text [SEP]` padded with [PAD] and masked by
-    /// length for BERT; (prompt, response) pairs for T5.
-    fn batch(&self, idx: &[usize], val: bool) -> Batch {
+    /// length for BERT; (prompt, response) pairs for T5. `step` seeds a BERT's dropout masks
+    /// (with the micro-batch's first example, so they do not depend on the world size);
+    /// validation batches (`step` = None) run without dropout.
+    fn batch(&self, idx: &[usize], step: Option<u64>) -> Batch {
+        let val = step.is_none();
         match (&self.task, &self.model) {
             (Task::Classify { train, val: v, .. }, FamilyModel::Bert { specials: s, .. }) => {
                 let ex: Vec<&ClassExample> = idx.iter().map(|&i| if val { &v[i] } else { &train[i] }).collect();
@@ -247,6 +256,10 @@ impl FamilyFinetune {
                 }
                 x.lens = Some(lens);
                 x.labels = Some(labels);
+                if let Some(step) = step {
+                    x.train = true;
+                    x.dropout_seed = family_data::dropout_seed(self.seed, step, idx.first().copied().unwrap_or(0) as u64);
+                }
                 Batch::Bert(x)
             }
             (Task::Seq2Seq { train, val: v }, FamilyModel::T5 { specials: s, .. }) => {
@@ -278,7 +291,7 @@ impl FamilyFinetune {
         let (mut loss_sum, mut weight, mut correct) = (0.0f64, 0usize, 0usize);
         let all: Vec<usize> = (0..n).collect();
         for chunk in all.chunks(batch.max(1)) {
-            let x = self.batch(chunk, true);
+            let x = self.batch(chunk, None);
             let loss = model.forward(&x)? as f64;
             match &x {
                 Batch::Bert(b) => {
@@ -358,7 +371,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
             bail!("stopped at step {step}: {reason}");
         }
         let idx: Vec<usize> = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?.map(|k| order.sequence_at(k) as usize).collect();
-        let micro: Vec<Batch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, false)).collect();
+        let micro: Vec<Batch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, Some(step))).collect();
         let k = micro.len();
         if k == 0 {
             bail!("step {step}: this rank has no examples (train.global_batch is smaller than the world size?)");
