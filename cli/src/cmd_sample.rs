@@ -68,6 +68,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if ids.is_empty() {
         bail!("--prompt must not be empty");
     }
+    let known = saved.tokenizer.corpus_vocab_size().min(saved.config.vocab_size);
     let mut model = Gpt::from_params(CpuBackend::new(), saved.config, &saved.params)?;
     let mut rng = Rng::new(a.seed);
     let mut out = std::io::stdout().lock();
@@ -75,7 +76,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
     for _ in 0..a.tokens {
         let ctx = &ids[ids.len().saturating_sub(block)..];
         model.forward(ctx, None, 1, ctx.len())?;
-        let next = pick(&model.logits_at(0, ctx.len() - 1), a.temperature, a.top_k, &mut rng);
+        let logits = model.logits_at(0, ctx.len() - 1);
+        // Ids past the tokenizer's (and end-of-text) are vocabulary padding: never picked.
+        let next = pick(&logits[..known], a.temperature, a.top_k, &mut rng);
         ids.push(next);
         // A model trained on a prepared corpus also knows the end-of-text id: a document break.
         if next == saved.tokenizer.eot_token() && next as usize >= saved.tokenizer.vocab_size() {

@@ -162,6 +162,9 @@ fn default_seed() -> u64 {
     1337
 }
 
+/// The largest `model.pad_vocab_to`: more padding than this only wastes memory.
+pub const MAX_VOCAB_PAD: usize = 4096;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
@@ -172,6 +175,12 @@ pub struct ModelSpec {
     pub block_size: Option<usize>,
     /// For presets without a tokenizer of their own; a char tokenizer sets it from the text.
     pub vocab_size: Option<usize>,
+    /// GPT only: rounds the model's vocabulary up to a multiple of this (nanoGPT's 50,257 ->
+    /// 50,304 with 64). The extra ids are never inputs or targets: their logits only learn to
+    /// be unlikely, and sampling never picks them. On a GPU the LM head and its gradient run
+    /// on aligned shapes (bench/NOTES.md: 123 -> 97 ms per GPT-2 124M step on an H100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pad_vocab_to: Option<usize>,
     #[serde(default)]
     pub ln_placement: LayerNormPlacement,
     /// `gpt` (default), `bert` (encoder-only) or `t5` (encoder-decoder). Presets are per
@@ -444,6 +453,9 @@ impl JobSpec {
                 self.model_config(self.model.vocab_size.unwrap_or(256))?.block_size
             }
             Arch::Bert | Arch::T5 => {
+                if self.model.pad_vocab_to.is_some() {
+                    return Err(err("model.pad_vocab_to", "only for arch = \"gpt\" (BERT and T5 keep their special ids at the top of the vocabulary)"));
+                }
                 let fam = self.family_config(self.model.vocab_size.unwrap_or(256))?;
                 if matches!(fam, FamilyConfig::Bert { objective: BertObjective::Contrastive, .. }) && self.train.micro_batch < 2 {
                     return Err(err("train.micro_batch", "the contrastive objective needs at least 2 pairs per micro-batch (in-batch negatives)"));
@@ -492,6 +504,7 @@ impl JobSpec {
             ("model.n_embd", m.n_embd.is_some()),
             ("model.block_size", m.block_size.is_some()),
             ("model.vocab_size", m.vocab_size.is_some()),
+            ("model.pad_vocab_to", m.pad_vocab_to.is_some()),
             ("model.arch", m.arch.is_some()),
         ] {
             if set {
@@ -506,7 +519,8 @@ impl JobSpec {
         self.train.global_batch / (self.cluster.world_size as usize * self.train.micro_batch)
     }
 
-    /// The model config, with the vocabulary size the tokenizer decided.
+    /// The model config, with the vocabulary size the tokenizer decided (rounded up to a
+    /// multiple of `model.pad_vocab_to` when given).
     pub fn model_config(&self, vocab_size: usize) -> Result<GptConfig, SpecError> {
         let m = &self.model;
         let mut cfg = match &m.preset {
@@ -523,7 +537,11 @@ impl JobSpec {
                 }
             }
         };
-        cfg.vocab_size = vocab_size;
+        cfg.vocab_size = match m.pad_vocab_to {
+            None => vocab_size,
+            Some(k) if (1..=MAX_VOCAB_PAD).contains(&k) => vocab_size.div_ceil(k) * k,
+            Some(k) => return Err(err("model.pad_vocab_to", format!("{k} is not in 1..={MAX_VOCAB_PAD}"))),
+        };
         if let Some(v) = m.n_layer {
             cfg.n_layer = v;
         }
@@ -605,6 +623,15 @@ world_size = 2
         assert_eq!(s.seed, 1337);
         assert_eq!(s.train_config().schedule.min_lr, 1e-3 / 10.0);
         assert_eq!(s.model_config(65).unwrap().vocab_size, 65);
+        let mut padded = s.clone();
+        padded.model.pad_vocab_to = Some(64);
+        assert_eq!(padded.model_config(65).unwrap().vocab_size, 128);
+        assert_eq!(padded.model_config(50257).unwrap().vocab_size, 50304, "nanoGPT's padding");
+        assert_eq!(padded.model_config(128).unwrap().vocab_size, 128);
+        padded.model.pad_vocab_to = Some(0);
+        assert_eq!(padded.model_config(65).unwrap_err().field, "model.pad_vocab_to");
+        let bert = GOOD.replace("preset = \"tiny\"", "arch = \"bert\"\npreset = \"bert-test\"\npad_vocab_to = 64");
+        assert_eq!(JobSpec::parse(&bert).unwrap_err().field, "model.pad_vocab_to");
         // Round trip through TOML.
         assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s);
     }

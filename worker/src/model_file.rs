@@ -62,10 +62,11 @@ pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<SavedModel> {
     let config: GptConfig = serde_json::from_str(field(KEY_CONFIG)?).with_context(|| format!("{shown}: bad {KEY_CONFIG}"))?;
     config.validate().with_context(|| format!("{shown}: bad model config"))?;
     let tokenizer: Tokenizer = serde_json::from_str(field(KEY_TOKENIZER)?).with_context(|| format!("{shown}: bad {KEY_TOKENIZER}"))?;
-    // A model trained on a prepared corpus has one more id than its tokenizer: end-of-text.
-    if tokenizer.vocab_size() != config.vocab_size && tokenizer.corpus_vocab_size() != config.vocab_size {
+    // A model trained on a prepared corpus has one more id than its tokenizer (end-of-text);
+    // a padded vocabulary (`model.pad_vocab_to`) has more ids, never produced by the tokenizer.
+    if config.vocab_size < tokenizer.vocab_size() {
         return Err(anyhow!(
-            "{shown}: tokenizer has {} tokens but the model's vocab_size is {}",
+            "{shown}: tokenizer has {} tokens but the model's vocab_size is only {}",
             tokenizer.vocab_size(),
             config.vocab_size
         ));
