@@ -748,4 +748,17 @@ lr = 1e-4
         // A [finetune] table on a pretraining job is refused rather than ignored.
         assert_eq!(field(format!("{GOOD}\n[finetune]\ninit_from = \"x\"\nhead = \"sft\"\ndata = \"d\"\n")), "finetune");
     }
+
+    #[test]
+    fn the_gpt_examples_parse() {
+        for (name, text) in [
+            ("shakespeare-char", include_str!("../../examples/shakespeare-char.toml")),
+            ("shakespeare-char-gpu", include_str!("../../examples/shakespeare-char-gpu.toml")),
+            ("finetune-classify", include_str!("../../examples/finetune-classify.toml")),
+        ] {
+            JobSpec::parse(text).unwrap_or_else(|e| panic!("examples/{name}.toml: {e}"));
+        }
+        let gpu = JobSpec::parse(include_str!("../../examples/shakespeare-char-gpu.toml")).unwrap();
+        assert_eq!(gpu.model_config(65).unwrap().vocab_size, 128);
+    }
 }
