@@ -38,9 +38,10 @@ use crate::family_data::{self, FamilyBatch, FamilyData, Objective, Source, EVAL_
 use crate::model_file::{self, FamilyModel};
 use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
 
-/// The model being trained (one per run, so the variants' size difference costs nothing).
+/// The model being trained, pretraining or fine-tuning (one per run, so the variants' size
+/// difference costs nothing).
 #[allow(clippy::large_enum_variant)]
-enum Model<B: Backend> {
+pub(crate) enum Model<B: Backend> {
     Bert(Bert<B>),
     T5(T5<B>),
 }
@@ -52,25 +53,39 @@ impl<B: Backend> Model<B> {
             FamilyConfig::T5 { config, .. } => Model::T5(T5::new(be, config.clone(), seed)?),
         })
     }
-    fn backend(&self) -> &B {
+    /// A model of the saved config with the given weights.
+    pub(crate) fn from_params(be: B, m: &FamilyModel, params: &[f32]) -> Result<Self> {
+        Ok(match m {
+            FamilyModel::Bert { config, .. } => Model::Bert(Bert::from_params(be, config.clone(), params)?),
+            FamilyModel::T5 { config, .. } => Model::T5(T5::from_params(be, config.clone(), params)?),
+        })
+    }
+    /// (B, num_labels) class logits of the last BERT batch with labels (empty for a T5).
+    pub(crate) fn class_logits(&self) -> Vec<f32> {
+        match self {
+            Model::Bert(m) => m.class_logits(),
+            Model::T5(_) => Vec::new(),
+        }
+    }
+    pub(crate) fn backend(&self) -> &B {
         match self {
             Model::Bert(m) => m.backend(),
             Model::T5(m) => m.backend(),
         }
     }
-    fn table(&self) -> &ParamTable {
+    pub(crate) fn table(&self) -> &ParamTable {
         match self {
             Model::Bert(m) => m.table(),
             Model::T5(m) => m.table(),
         }
     }
-    fn zero_grad(&mut self) {
+    pub(crate) fn zero_grad(&mut self) {
         match self {
             Model::Bert(m) => m.zero_grad(),
             Model::T5(m) => m.zero_grad(),
         }
     }
-    fn forward(&mut self, x: &FamilyBatch) -> Result<f32> {
+    pub(crate) fn forward(&mut self, x: &FamilyBatch) -> Result<f32> {
         let loss = match (self, x) {
             (Model::Bert(m), FamilyBatch::Bert(x)) => m.forward(x)?,
             (Model::T5(m), FamilyBatch::T5(x)) => m.forward(x)?,
@@ -78,31 +93,31 @@ impl<B: Backend> Model<B> {
         };
         loss.ok_or_else(|| anyhow!("the batch carries no targets"))
     }
-    fn backward(&mut self, scale: f32) -> Result<(), EngineError> {
+    pub(crate) fn backward(&mut self, scale: f32) -> Result<(), EngineError> {
         match self {
             Model::Bert(m) => m.backward(scale),
             Model::T5(m) => m.backward(scale),
         }
     }
-    fn backend_and_grads_mut(&mut self) -> (&B, &mut B::Buf) {
+    pub(crate) fn backend_and_grads_mut(&mut self) -> (&B, &mut B::Buf) {
         match self {
             Model::Bert(m) => m.backend_and_grads_mut(),
             Model::T5(m) => m.backend_and_grads_mut(),
         }
     }
-    fn params_and_grads(&mut self) -> (&B, &ParamTable, &mut B::Buf, &B::Buf) {
+    pub(crate) fn params_and_grads(&mut self) -> (&B, &ParamTable, &mut B::Buf, &B::Buf) {
         match self {
             Model::Bert(m) => m.params_and_grads(),
             Model::T5(m) => m.params_and_grads(),
         }
     }
-    fn params_host(&self) -> Vec<f32> {
+    pub(crate) fn params_host(&self) -> Vec<f32> {
         match self {
             Model::Bert(m) => m.params_host(),
             Model::T5(m) => m.params_host(),
         }
     }
-    fn set_params_host(&mut self, host: &[f32]) {
+    pub(crate) fn set_params_host(&mut self, host: &[f32]) {
         match self {
             Model::Bert(m) => m.set_params_host(host),
             Model::T5(m) => m.set_params_host(host),

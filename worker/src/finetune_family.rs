@@ -21,7 +21,7 @@ use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_corpus::Tokenizer;
 use smelt_engine::backend::Backend;
 use smelt_engine::collective::{Collective, TcpRing};
-use smelt_engine::model::{Bert, BertBatch, T5Batch, T5};
+use smelt_engine::model::{BertBatch, T5Batch};
 use smelt_engine::optim::AdamW;
 use smelt_engine::params::ParamTable;
 use smelt_engine::rng::Rng;
@@ -32,7 +32,7 @@ use smelt_proto::v1::{JobNote, StepMetrics};
 use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer, HostState};
-use crate::family_data;
+use crate::family_data::{self, FamilyBatch};
 use crate::finetune_data::{self, ClassExample, PairExample};
 use crate::model_file::{self, FamilyModel, SavedFamilyModel};
 use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
@@ -155,84 +155,15 @@ fn load_split<T>(f: &FinetuneSpec, load: impl Fn(&str) -> Result<Vec<T>>) -> Res
     })
 }
 
-/// The model being fine-tuned.
-#[allow(clippy::large_enum_variant)]
-enum Model {
-    Bert(Bert<CpuBackend>),
-    T5(T5<CpuBackend>),
-}
+type Model = crate::family::Model<CpuBackend>;
 
-/// A batch for the model.
-enum Batch {
-    Bert(BertBatch),
-    T5(T5Batch),
-}
-
-impl Model {
-    fn new(m: &FamilyModel, params: &[f32]) -> Result<Model> {
-        Ok(match m {
-            FamilyModel::Bert { config, .. } => Model::Bert(Bert::from_params(CpuBackend::new(), config.clone(), params)?),
-            FamilyModel::T5 { config, .. } => Model::T5(T5::from_params(CpuBackend::new(), config.clone(), params)?),
-        })
-    }
-    fn table(&self) -> &ParamTable {
-        match self {
-            Model::Bert(m) => m.table(),
-            Model::T5(m) => m.table(),
-        }
-    }
-    fn zero_grad(&mut self) {
-        match self {
-            Model::Bert(m) => m.zero_grad(),
-            Model::T5(m) => m.zero_grad(),
-        }
-    }
-    fn forward(&mut self, x: &Batch) -> Result<f32> {
-        let loss = match (self, x) {
-            (Model::Bert(m), Batch::Bert(x)) => m.forward(x)?,
-            (Model::T5(m), Batch::T5(x)) => m.forward(x)?,
-            _ => unreachable!("the task makes batches for its own model"),
-        };
-        loss.ok_or_else(|| anyhow!("the batch carries no targets"))
-    }
-    fn backward(&mut self, scale: f32) -> Result<(), EngineError> {
-        match self {
-            Model::Bert(m) => m.backward(scale),
-            Model::T5(m) => m.backward(scale),
-        }
-    }
-    fn backend_and_grads_mut(&mut self) -> (&CpuBackend, &mut Vec<f32>) {
-        match self {
-            Model::Bert(m) => m.backend_and_grads_mut(),
-            Model::T5(m) => m.backend_and_grads_mut(),
-        }
-    }
-    fn params_and_grads(&mut self) -> (&CpuBackend, &ParamTable, &mut Vec<f32>, &Vec<f32>) {
-        match self {
-            Model::Bert(m) => m.params_and_grads(),
-            Model::T5(m) => m.params_and_grads(),
-        }
-    }
-    fn params_host(&self) -> Vec<f32> {
-        match self {
-            Model::Bert(m) => m.params_host(),
-            Model::T5(m) => m.params_host(),
-        }
-    }
-    fn set_params_host(&mut self, host: &[f32]) {
-        match self {
-            Model::Bert(m) => m.set_params_host(host),
-            Model::T5(m) => m.set_params_host(host),
-        }
-    }
-    /// The predicted class of each row of the last classification batch.
-    fn predictions(&self, num_labels: usize) -> Vec<u32> {
-        let Model::Bert(m) = self else { return Vec::new() };
-        m.class_logits()
-            .chunks(num_labels)
-            .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i as u32, x) } else { best }).0)
-            .collect()
-    }
+/// The predicted class of each row of the last classification batch.
+fn predictions(model: &Model, num_labels: usize) -> Vec<u32> {
+    model
+        .class_logits()
+        .chunks(num_labels)
+        .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i as u32, x) } else { best }).0)
+        .collect()
 }
 
 impl FamilyFinetune {
@@ -240,7 +171,7 @@ impl FamilyFinetune {
     /// length for BERT; (prompt, response) pairs for T5. `step` seeds a BERT's dropout masks
     /// (with the micro-batch's first example, so they do not depend on the world size);
     /// validation batches (`step` = None) run without dropout.
-    fn batch(&self, idx: &[usize], step: Option<u64>) -> Batch {
+    fn batch(&self, idx: &[usize], step: Option<u64>) -> FamilyBatch {
         let val = step.is_none();
         match (&self.task, &self.model) {
             (Task::Classify { train, val: v, .. }, FamilyModel::Bert { specials: s, .. }) => {
@@ -260,7 +191,7 @@ impl FamilyFinetune {
                     x.train = true;
                     x.dropout_seed = family_data::dropout_seed(self.seed, step, idx.first().copied().unwrap_or(0) as u64);
                 }
-                Batch::Bert(x)
+                FamilyBatch::Bert(x)
             }
             (Task::Seq2Seq { train, val: v }, FamilyModel::T5 { specials: s, .. }) => {
                 let pairs: Vec<(Vec<u32>, Vec<u32>)> = idx
@@ -268,16 +199,16 @@ impl FamilyFinetune {
                     .map(|&i| if val { &v[i] } else { &train[i] })
                     .map(|e| (e.prompt.clone(), e.response.clone()))
                     .collect();
-                Batch::T5(T5Batch::from_pairs(&pairs, s.pad, s.pad))
+                FamilyBatch::T5(T5Batch::from_pairs(&pairs, s.pad, s.pad))
             }
             _ => unreachable!("prepare pairs each task with its model"),
         }
     }
 
-    fn batch_tokens(x: &Batch) -> usize {
+    fn batch_tokens(x: &FamilyBatch) -> usize {
         match x {
-            Batch::Bert(x) => x.lens.iter().flatten().map(|&l| l as usize).sum(),
-            Batch::T5(x) => x.enc_lens.iter().flatten().map(|&l| l as usize).sum::<usize>() + x.batch * x.dec_len,
+            FamilyBatch::Bert(x) => x.lens.iter().flatten().map(|&l| l as usize).sum(),
+            FamilyBatch::T5(x) => x.enc_lens.iter().flatten().map(|&l| l as usize).sum::<usize>() + x.batch * x.dec_len,
         }
     }
 
@@ -294,14 +225,14 @@ impl FamilyFinetune {
             let x = self.batch(chunk, None);
             let loss = model.forward(&x)? as f64;
             match &x {
-                Batch::Bert(b) => {
+                FamilyBatch::Bert(b) => {
                     let Task::Classify { num_labels, .. } = &self.task else { unreachable!() };
                     loss_sum += loss * b.batch as f64;
                     weight += b.batch;
                     let labels = b.labels.as_deref().unwrap_or_default();
-                    correct += model.predictions(*num_labels).iter().zip(labels).filter(|(p, l)| p == l).count();
+                    correct += predictions(model, *num_labels).iter().zip(labels).filter(|(p, l)| p == l).count();
                 }
-                Batch::T5(b) => {
+                FamilyBatch::T5(b) => {
                     let k = b.targets.iter().flatten().filter(|&&t| t != smelt_engine::backend::IGNORE_INDEX).count();
                     loss_sum += loss * k as f64;
                     weight += k;
@@ -342,7 +273,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
     control.on_stop(move || abort.abort());
 
     let tc = spec.train_config();
-    let mut model = Model::new(&job.model, &job.init_params)?;
+    let mut model = Model::from_params(CpuBackend::new(), &job.model, &job.init_params)?;
     let mut opt = AdamW::new(&CpuBackend::new(), model.table(), tc.optim.clone())?;
     let model_config: ModelConfig = job.model.model_config();
     let (mut start, mut lineage) = (0, smelt_checkpoint::Lineage { parent_checkpoint: Some(job.parent_file.clone()), parent_job: job.parent_job.clone() });
@@ -371,7 +302,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
             bail!("stopped at step {step}: {reason}");
         }
         let idx: Vec<usize> = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?.map(|k| order.sequence_at(k) as usize).collect();
-        let micro: Vec<Batch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, Some(step))).collect();
+        let micro: Vec<FamilyBatch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, Some(step))).collect();
         let k = micro.len();
         if k == 0 {
             bail!("step {step}: this rank has no examples (train.global_batch is smaller than the world size?)");
