@@ -332,6 +332,19 @@ pub trait Backend: Send + Sync + 'static {
         vocab: usize,
     );
 
+    /// The fused classifier's backward: overwrites `logits (N, V)` with their gradient,
+    /// `dloss * (softmax(logits[n]) - onehot(target[n]))`, zeros for ignored rows. Nothing
+    /// reads the logits after the backward pass, so their buffer can hold the gradient: no
+    /// second (N, V) buffer, no zero fill, one pass over the largest activation there is.
+    fn cross_entropy_backward_in_place(
+        &self,
+        logits: Self::ViewMut<'_>,
+        lse: Self::View<'_>,
+        targets: &Self::Ids,
+        dloss: f32,
+        vocab: usize,
+    );
+
     // ---- optimizer ------------------------------------------------------------------------
 
     /// One AdamW step over a range of the flat buffers (params, grads, first and second moments).

@@ -213,6 +213,9 @@ impl<B: Backend> Backend for Profiled<B> {
             || self.inner.cross_entropy_backward(dlogits, logits, lse, targets, dloss, vocab),
         )
     }
+    fn cross_entropy_backward_in_place(&self, logits: B::ViewMut<'_>, lse: B::View<'_>, targets: &B::Ids, dloss: f32, vocab: usize) {
+        self.timed(|| "cross_entropy_backward_in_place".into(), || self.inner.cross_entropy_backward_in_place(logits, lse, targets, dloss, vocab))
+    }
     fn adamw_update(&self, params: B::ViewMut<'_>, grads: B::View<'_>, m: B::ViewMut<'_>, v: B::ViewMut<'_>, hp: AdamWStep) {
         self.timed(|| "adamw_update".into(), || self.inner.adamw_update(params, grads, m, v, hp))
     }

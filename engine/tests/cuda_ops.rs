@@ -389,7 +389,9 @@ fn cross_entropy_body<B: Backend>(be: &B, n: usize, v: usize) -> Outs {
     be.cross_entropy_forward(all_mut(be, &mut losses), all_mut(be, &mut lse), all(be, &logits), &t, v);
     let mut dlogits = be.upload(&randn(43, n * v, 0.01));
     be.cross_entropy_backward(all_mut(be, &mut dlogits), all(be, &logits), all(be, &lse), &t, 0.37, v);
-    vec![("losses", host(be, &losses)), ("lse", host(be, &lse)), ("dlogits", host(be, &dlogits))]
+    let mut in_place = be.upload(&randn(41, n * v, 3.0));
+    be.cross_entropy_backward_in_place(all_mut(be, &mut in_place), all(be, &lse), &t, 0.37, v);
+    vec![("losses", host(be, &losses)), ("lse", host(be, &lse)), ("dlogits", host(be, &dlogits)), ("in_place", host(be, &in_place))]
 }
 
 #[test]

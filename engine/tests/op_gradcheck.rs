@@ -595,6 +595,18 @@ pub fn check_cross_entropy<B: Backend>(be: &B) {
     for i in 0..n * v {
         assert!((analytic2[i] - analytic[i]).abs() < 1e-3, "dlogits[{i}] with logits + 1000: {} vs {}", analytic2[i], analytic[i]);
     }
+
+    // The fused classifier's in-place backward: the logits become exactly the gradient the
+    // accumulating op adds to a zeroed buffer, ignored rows zeros.
+    let mut in_place = be.upload(&logits);
+    be.cross_entropy_backward_in_place(all_mut(be, &mut in_place), all(be, &lse), &ids, dloss, v);
+    let mut zeroed = be.zeros(n * v);
+    be.cross_entropy_backward(all_mut(be, &mut zeroed), all(be, &logits_d), all(be, &lse), &ids, dloss, v);
+    let (got, want) = (host(be, &in_place), host(be, &zeroed));
+    assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "in-place cross-entropy backward differs:\n{got:?}\n{want:?}");
+    for k in [1, 4] {
+        assert!(got[k * v..(k + 1) * v].iter().all(|&x| x == 0.0), "ignored row {k} is not zero");
+    }
 }
 
 // ---- AdamW ------------------------------------------------------------------------------------

@@ -31,6 +31,22 @@ pub fn forward(losses: &mut [f32], lse: &mut [f32], logits: &[f32], targets: &[u
 }
 
 /// dlogits[n] += dloss * (softmax(logits[n]) - onehot(t)), skipping ignored rows.
+/// `logits[n] = dloss * (softmax(logits[n]) - onehot(t))`, zeros for ignored rows: the same
+/// arithmetic as [`backward`] into a zeroed buffer, so the two agree bit for bit.
+pub fn backward_in_place(logits: &mut [f32], lse: &[f32], targets: &[u32], dloss: f32, v: usize) {
+    assert!(logits.len() == targets.len() * v && lse.len() == targets.len(), "cross entropy");
+    logits.par_chunks_mut(v).zip(lse.par_iter().zip(targets.par_iter())).for_each(|(row, (&l, &t))| {
+        if t == IGNORE_INDEX {
+            row.fill(0.0);
+            return;
+        }
+        for x in row.iter_mut() {
+            *x = 0.0 + dloss * (*x - l).exp();
+        }
+        row[t as usize] -= dloss;
+    });
+}
+
 pub fn backward(
     dlogits: &mut [f32],
     logits: &[f32],

@@ -223,6 +223,9 @@ impl Backend for CpuBackend {
     ) {
         cross_entropy::backward(dlogits, logits, lse, targets, dloss, vocab)
     }
+    fn cross_entropy_backward_in_place(&self, logits: &mut [f32], lse: &[f32], targets: &Vec<u32>, dloss: f32, vocab: usize) {
+        cross_entropy::backward_in_place(logits, lse, targets, dloss, vocab)
+    }
 
     fn adamw_update(
         &self,

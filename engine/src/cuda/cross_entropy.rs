@@ -36,6 +36,23 @@ pub(crate) fn forward(
     be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_forward");
 }
 
+/// logits[n] = dloss * (softmax(logits[n]) - onehot(t)), zeros for ignored rows.
+pub(crate) fn backward_in_place(be: &CudaBackend, logits: CudaViewMut<'_>, lse: CudaView<'_>, targets: &CudaSlice<u32>, dloss: f32, v: usize) {
+    let n = targets.len();
+    assert_eq!(logits.len, n * v, "cross entropy backward in place: logits {} floats, expected (N={n}, V={v})", logits.len);
+    assert_eq!(lse.len, n, "cross entropy backward in place: lse");
+    if n == 0 {
+        return;
+    }
+    let f = be.func("cross_entropy_backward_in_place");
+    let (t, vv) = (be.ids_ptr(targets), v as u64);
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&logits.ptr).arg(&lse.ptr).arg(&t).arg(&dloss).arg(&vv);
+    // SAFETY: cross_entropy_backward_in_place(float*, const float*, const unsigned*, float, u64),
+    // one block per row, reads and writes row n of logits only.
+    be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_backward_in_place");
+}
+
 /// dlogits[n] += dloss * (softmax(logits[n]) - onehot(t)), skipping ignored rows.
 pub(crate) fn backward(
     be: &CudaBackend,

@@ -586,6 +586,9 @@ impl Backend for CudaBackend {
     ) {
         cross_entropy::backward(self, dlogits, logits, lse, targets, dloss, vocab)
     }
+    fn cross_entropy_backward_in_place(&self, logits: CudaViewMut<'_>, lse: CudaView<'_>, targets: &CudaSlice<u32>, dloss: f32, vocab: usize) {
+        cross_entropy::backward_in_place(self, logits, lse, targets, dloss, vocab)
+    }
 
     // ---- optimizer ----------------------------------------------------------------------
 

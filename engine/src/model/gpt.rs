@@ -58,7 +58,6 @@ struct Scratch<B: Backend> {
     dqkv: B::Buf,      // (BT, 3C)
     dfch: B::Buf,      // (BT, 4C)
     dfch_gelu: B::Buf, // (BT, 4C)
-    dlogits: B::Buf,   // (BT, V)
 }
 
 /// Everything sized by the batch: allocated for a capacity of rows and of attention state, used
@@ -317,7 +316,6 @@ impl<B: Backend> Gpt<B> {
                 dqkv: z(rows * 3 * c),
                 dfch: z(rows * 4 * c),
                 dfch_gelu: z(rows * 4 * c),
-                dlogits: z(rows * v),
             },
         }
     }
@@ -498,7 +496,8 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// Backward pass of the last forward (which must have had targets): accumulates into the
-    /// gradient buffer the gradient of `loss_scale * mean loss`. Use `loss_scale = 1/k` to average
+    /// gradient buffer the gradient of `loss_scale * mean loss`. The logits buffer then holds
+    /// their gradient (`logits_at` reads logits only until the backward pass). Use `loss_scale = 1/k` to average
     /// k accumulated micro-batches.
     pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
         {
@@ -509,17 +508,11 @@ impl<B: Backend> Gpt<B> {
             let (c, v) = (cfg.n_embd, cfg.vocab_size);
             let rows = batch.b * batch.t;
             let s = &mut acts.scratch;
-            // dlogits = dloss * (softmax - onehot)                 // (BT, V)
+            // dlogits = dloss * (softmax - onehot), written over the logits: the fused
+            // classifier keeps no second (BT, V) buffer                 // (BT, V)
             let dloss = loss_scale / batch.n_targets.max(1) as f32;
-            be.fill(be.view_mut(&mut s.dlogits, 0..rows * v), 0.0);
-            be.cross_entropy_backward(
-                be.view_mut(&mut s.dlogits, 0..rows * v),
-                be.view(&acts.logits, 0..rows * v),
-                be.view(&acts.lse, 0..rows),
-                targets,
-                dloss,
-                v,
-            );
+            be.cross_entropy_backward_in_place(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lse, 0..rows), targets, dloss, v);
+            let dlogits = &acts.logits;
             // through the tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
             be.fill(be.view_mut(&mut s.dln, 0..rows * c), 0.0);
             let head = MatmulShape { rows, in_features: c, out_features: v, layout: WeightLayout::OutIn };
@@ -527,7 +520,7 @@ impl<B: Backend> Gpt<B> {
                 Some(be.view_mut(&mut s.dln, 0..rows * c)),
                 be.view_mut(grads, table.range(*wte)),
                 None,
-                be.view(&s.dlogits, 0..rows * v),
+                be.view(dlogits, 0..rows * v),
                 be.view(&acts.lnf, 0..rows * c),
                 be.view(params, table.range(*wte)),
                 head,

@@ -78,3 +78,23 @@ extern "C" __global__ void cross_entropy_backward(float* dlogits, const float* l
         d[i] = g;
     }
 }
+
+// The fused classifier's backward: logits[n] = dloss * (softmax(logits[n]) - onehot(t)), zeros
+// for ignored rows (and for a target out of range, which the forward already flagged). Each
+// element is read once and written once by the same thread. Launch: one block per row.
+extern "C" __global__ void cross_entropy_backward_in_place(float* logits, const float* lse, const unsigned* targets,
+                                                           float dloss, u64 v) {
+    u64 row = blockIdx.x;
+    unsigned t = targets[row];
+    float* x = logits + row * v;
+    if (t == IGNORE_INDEX || t >= v) {
+        for (u64 i = threadIdx.x; i < v; i += blockDim.x) x[i] = 0.0f;
+        return;
+    }
+    float l = lse[row];
+    for (u64 i = threadIdx.x; i < v; i += blockDim.x) {
+        float g = 0.0f + dloss * expf(x[i] - l);
+        if (i == t) g -= dloss;
+        x[i] = g;
+    }
+}
