@@ -240,6 +240,19 @@ pub trait Backend: Send + Sync + 'static {
         weight: Self::View<'_>,
         shape: MatmulShape,
     );
+    /// [`Backend::matmul_backward`] with `dinp = dout @ W^T` overwritten, not accumulated: a
+    /// caller that would zero `dinp` first saves that pass (the GEMM's beta = 0).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_backward_set_dinp(
+        &self,
+        dinp: Self::ViewMut<'_>,
+        dweight: Self::ViewMut<'_>,
+        dbias: Option<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        shape: MatmulShape,
+    );
 
     // ---- LayerNorm (eps 1e-5) ---------------------------------------------------------------
 

@@ -138,6 +138,18 @@ impl<B: Backend> Backend for Profiled<B> {
     ) {
         self.timed(|| mm_key("matmul_backward", shape), || self.inner.matmul_backward(dinp, dweight, dbias, dout, inp, weight, shape))
     }
+    fn matmul_backward_set_dinp(
+        &self,
+        dinp: B::ViewMut<'_>,
+        dweight: B::ViewMut<'_>,
+        dbias: Option<B::ViewMut<'_>>,
+        dout: B::View<'_>,
+        inp: B::View<'_>,
+        weight: B::View<'_>,
+        shape: MatmulShape,
+    ) {
+        self.timed(|| mm_key("matmul_backward", shape), || self.inner.matmul_backward_set_dinp(dinp, dweight, dbias, dout, inp, weight, shape))
+    }
     fn layernorm_forward(
         &self,
         out: B::ViewMut<'_>,

@@ -242,6 +242,29 @@ pub fn check_matmul<B: Backend>(be: &B) {
             }
         }
     }
+
+    // matmul_backward_set_dinp: dinp overwritten (whatever it held), the same values the
+    // accumulating op adds; dW and dbias still accumulate.
+    for layout in [WeightLayout::InOut, WeightLayout::OutIn] {
+        let s = MatmulShape { rows: 7, in_features: 5, out_features: 9, layout };
+        let (inp, w, r) = (randn(&mut rng, 35, 1.0), randn(&mut rng, 45, 1.0), randn(&mut rng, 63, 1.0));
+        let (dinp_acc, dw_acc, db_acc) = matmul_backward_host(be, &inp, &w, &r, true, true, s);
+        let (inp_d, w_d, r_d) = (be.upload(&inp), be.upload(&w), be.upload(&r));
+        let mut dinp = be.upload(&randn(&mut rng, 35, 100.0));
+        let (mut dw, mut db) = (prefilled(be, 45), prefilled(be, 9));
+        be.matmul_backward_set_dinp(all_mut(be, &mut dinp), all_mut(be, &mut dw), Some(all_mut(be, &mut db)), all(be, &r_d), all(be, &inp_d), all(be, &w_d), s);
+        let got: Vec<f64> = host(be, &dinp).iter().map(|&x| x as f64).collect();
+        assert_close_f64(&format!("set_dinp {layout:?} dinp"), &got, &dinp_acc.unwrap(), 1e-5);
+        assert_close_f64(&format!("set_dinp {layout:?} dweight"), &accumulated(be, &dw), &dw_acc, 1e-5);
+        assert_close_f64(&format!("set_dinp {layout:?} dbias"), &accumulated(be, &db), &db_acc.unwrap(), 1e-5);
+    }
+}
+
+fn assert_close_f64(tag: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{tag}: lengths");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * w.abs().max(1.0), "{tag}[{i}]: got {g}, want {w}");
+    }
 }
 
 /// Shapes past gemm's small-matrix paths and past one 64-row reduction chunk, against the

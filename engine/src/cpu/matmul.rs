@@ -89,6 +89,21 @@ pub fn backward(
     weight: &[f32],
     s: MatmulShape,
 ) {
+    backward_with(dinp, true, dweight, dbias, dout, inp, weight, s)
+}
+
+/// [`backward`], with `dinp` overwritten when `accumulate_dinp` is false.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_with(
+    dinp: Option<&mut [f32]>,
+    accumulate_dinp: bool,
+    dweight: &mut [f32],
+    dbias: Option<&mut [f32]>,
+    dout: &[f32],
+    inp: &[f32],
+    weight: &[f32],
+    s: MatmulShape,
+) {
     let (n, ic, oc) = (s.rows, s.in_features, s.out_features);
     assert_eq!(dout.len(), n * oc, "matmul dout");
     assert_eq!(inp.len(), n * ic, "matmul inp");
@@ -97,7 +112,7 @@ pub fn backward(
     if let Some(dinp) = dinp {
         assert_eq!(dinp.len(), n * ic, "matmul dinp");
         // W^T as an (OC, IC) matrix: swap W's strides.
-        gemm_strided(dinp, true, (n, ic, oc), dout, (oc, 1), weight, (w_cs, w_rs));
+        gemm_strided(dinp, accumulate_dinp, (n, ic, oc), dout, (oc, 1), weight, (w_cs, w_rs));
     }
     match s.layout {
         // dW (IC, OC) += inp^T (IC, N) @ dout (N, OC)

@@ -130,6 +130,18 @@ impl Backend for CpuBackend {
     ) {
         matmul::backward(dinp, dweight, dbias, dout, inp, weight, shape)
     }
+    fn matmul_backward_set_dinp(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: Option<&mut [f32]>,
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        shape: MatmulShape,
+    ) {
+        matmul::backward_with(Some(dinp), false, dweight, dbias, dout, inp, weight, shape)
+    }
 
     fn layernorm_forward(
         &self,

@@ -242,6 +242,22 @@ pub(crate) fn backward(
     weight: CudaView<'_>,
     s: MatmulShape,
 ) {
+    backward_with(be, dinp, 1.0, dweight, dbias, dout, inp, weight, s)
+}
+
+/// [`backward`] with dinp = dinp_beta * dinp + dout @ W^T (0: overwritten, 1: accumulated).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_with(
+    be: &CudaBackend,
+    dinp: Option<CudaViewMut<'_>>,
+    dinp_beta: f32,
+    dweight: CudaViewMut<'_>,
+    dbias: Option<CudaViewMut<'_>>,
+    dout: CudaView<'_>,
+    inp: CudaView<'_>,
+    weight: CudaView<'_>,
+    s: MatmulShape,
+) {
     check_shapes(&s, inp.len, weight.len, dout.len);
     assert_eq!(dweight.len, weight.len, "matmul dweight: {} floats, weight {}", dweight.len, weight.len);
     let (n, ic, oc) = (s.rows, s.in_features, s.out_features);
@@ -269,7 +285,7 @@ pub(crate) fn backward(
         };
         gemm(
             be,
-            Gemm { ta, tb: N, m: ic, n, k: oc, a: w, lda: ldw, b: dy, ldb: lddy, c: dinp.ptr, ldc: ic, beta: 1.0 },
+            Gemm { ta, tb: N, m: ic, n, k: oc, a: w, lda: ldw, b: dy, ldb: lddy, c: dinp.ptr, ldc: ic, beta: dinp_beta },
             "matmul_backward dinp",
         );
     }

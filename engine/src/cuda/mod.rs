@@ -443,6 +443,18 @@ impl Backend for CudaBackend {
     ) {
         matmul::backward(self, dinp, dweight, dbias, dout, inp, weight, shape)
     }
+    fn matmul_backward_set_dinp(
+        &self,
+        dinp: CudaViewMut<'_>,
+        dweight: CudaViewMut<'_>,
+        dbias: Option<CudaViewMut<'_>>,
+        dout: CudaView<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        shape: MatmulShape,
+    ) {
+        matmul::backward_with(self, Some(dinp), 0.0, dweight, dbias, dout, inp, weight, shape)
+    }
 
     // ---- layernorm ----------------------------------------------------------------------
 

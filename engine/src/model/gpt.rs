@@ -52,7 +52,6 @@ struct Scratch<B: Backend> {
     dres: B::Buf,      // (BT, C) gradient of the current block's output
     dx: B::Buf,        // (BT, C) gradient of the current block's input
     dmid: B::Buf,      // (BT, C)
-    dproj: B::Buf,     // (BT, C)
     dln: B::Buf,       // (BT, C)
     datty: B::Buf,     // (BT, C)
     dqkv: B::Buf,      // (BT, 3C)
@@ -310,7 +309,6 @@ impl<B: Backend> Gpt<B> {
                 dres: z(rows * c),
                 dx: z(rows * c),
                 dmid: z(rows * c),
-                dproj: z(rows * c),
                 dln: z(rows * c),
                 datty: z(rows * c),
                 dqkv: z(rows * 3 * c),
@@ -514,10 +512,9 @@ impl<B: Backend> Gpt<B> {
             be.cross_entropy_backward_in_place(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lse, 0..rows), targets, dloss, v);
             let dlogits = &acts.logits;
             // through the tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
-            be.fill(be.view_mut(&mut s.dln, 0..rows * c), 0.0);
             let head = MatmulShape { rows, in_features: c, out_features: v, layout: WeightLayout::OutIn };
-            be.matmul_backward(
-                Some(be.view_mut(&mut s.dln, 0..rows * c)),
+            be.matmul_backward_set_dinp(
+                be.view_mut(&mut s.dln, 0..rows * c),
                 be.view_mut(grads, table.range(*wte)),
                 None,
                 be.view(dlogits, 0..rows * v),
@@ -581,37 +578,36 @@ impl<B: Backend> Gpt<B> {
         for (l, bp) in blocks.iter().enumerate().rev() {
             let a = &block_acts[l];
             let x = if l == 0 { &*encoded } else { block_output(&block_acts[l - 1], cfg.ln_placement) };
+            // A residual add passes its gradient to both inputs unchanged: one input's gradient
+            // is a copy (it accumulates more later), the branch reads the same buffer directly.
             // mlp_in: the MLP's input; dmlp_in ends up holding its full gradient
-            let (mlp_in, dres_mlp) = match cfg.ln_placement {
+            let (mlp_in, dres_mlp, dfcproj) = match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    // resid2 = resid1 + fcproj
-                    zero(be, &mut s.dmid, rows * c);
-                    zero(be, &mut s.dproj, rows * c);
-                    be.residual_backward(be.view_mut(&mut s.dmid, rc.clone()), be.view_mut(&mut s.dproj, rc.clone()), be.view(&s.dres, rc.clone()));
-                    (&a.ln2, false)
+                    // resid2 = resid1 + fcproj: dresid1 := dres (more below), dfcproj = dres
+                    be.copy(be.view_mut(&mut s.dmid, rc.clone()), be.view(&s.dres, rc.clone()));
+                    (&a.ln2, false, &s.dres)
                 }
                 LayerNormPlacement::Post => {
-                    // out = LN2(resid2); resid2 = ln1 + fcproj
+                    // out = LN2(resid2); resid2 = ln1 + fcproj: dln1 := dresid2, dfcproj = dresid2
                     zero(be, &mut s.dmid, rows * c);
                     ln_back(grads, &mut s.dmid, &s.dres, &a.resid2, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
-                    zero(be, &mut s.dln, rows * c);
-                    zero(be, &mut s.dproj, rows * c);
-                    be.residual_backward(be.view_mut(&mut s.dln, rc.clone()), be.view_mut(&mut s.dproj, rc.clone()), be.view(&s.dmid, rc.clone()));
-                    (&a.ln1, true)
+                    be.copy(be.view_mut(&mut s.dln, rc.clone()), be.view(&s.dmid, rc.clone()));
+                    (&a.ln1, true, &s.dmid)
                 }
             };
             // fcproj = fch_gelu @ W + b
-            zero(be, &mut s.dfch_gelu, rows * 4 * c);
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fcproj_w, bp.fcproj_b);
-            be.matmul_backward(Some(be.view_mut(&mut s.dfch_gelu, rc4.clone())), dw, Some(db), be.view(&s.dproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), mm(rows, 4 * c, c));
+            be.matmul_backward_set_dinp(be.view_mut(&mut s.dfch_gelu, rc4.clone()), dw, Some(db), be.view(dfcproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), mm(rows, 4 * c, c));
             zero(be, &mut s.dfch, rows * 4 * c);
             be.gelu_backward(be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
             // fch = mlp_in @ W + b; post-LN accumulates onto the residual gradient already in dln
-            if !dres_mlp {
-                zero(be, &mut s.dln, rows * c);
-            }
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fc_w, bp.fc_b);
-            be.matmul_backward(Some(be.view_mut(&mut s.dln, rc.clone())), dw, Some(db), be.view(&s.dfch, rc4.clone()), be.view(mlp_in, rc.clone()), p(bp.fc_w), mm(rows, c, 4 * c));
+            let fc = (be.view(&s.dfch, rc4.clone()), be.view(mlp_in, rc.clone()), p(bp.fc_w), mm(rows, c, 4 * c));
+            if dres_mlp {
+                be.matmul_backward(Some(be.view_mut(&mut s.dln, rc.clone())), dw, Some(db), fc.0, fc.1, fc.2, fc.3);
+            } else {
+                be.matmul_backward_set_dinp(be.view_mut(&mut s.dln, rc.clone()), dw, Some(db), fc.0, fc.1, fc.2, fc.3);
+            }
             // dmid := gradient of resid1
             match cfg.ln_placement {
                 LayerNormPlacement::Pre => ln_back(grads, &mut s.dmid, &s.dln, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b),
@@ -620,14 +616,11 @@ impl<B: Backend> Gpt<B> {
                     ln_back(grads, &mut s.dmid, &s.dln, &a.resid1, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                 }
             }
-            // resid1 = x + attproj
-            zero(be, &mut s.dx, rows * c);
-            zero(be, &mut s.dproj, rows * c);
-            be.residual_backward(be.view_mut(&mut s.dx, rc.clone()), be.view_mut(&mut s.dproj, rc.clone()), be.view(&s.dmid, rc.clone()));
+            // resid1 = x + attproj: dx := dresid1 (more below), dattproj = dresid1
+            be.copy(be.view_mut(&mut s.dx, rc.clone()), be.view(&s.dmid, rc.clone()));
             // attproj = atty @ W + b
-            zero(be, &mut s.datty, rows * c);
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.proj_w, bp.proj_b);
-            be.matmul_backward(Some(be.view_mut(&mut s.datty, rc.clone())), dw, Some(db), be.view(&s.dproj, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), mm(rows, c, c));
+            be.matmul_backward_set_dinp(be.view_mut(&mut s.datty, rc.clone()), dw, Some(db), be.view(&s.dmid, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), mm(rows, c, c));
             // atty = attention(qkv)
             zero(be, &mut s.dqkv, rows * 3 * c);
             be.attention_backward(
@@ -642,8 +635,7 @@ impl<B: Backend> Gpt<B> {
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.qkv_w, bp.qkv_b);
             match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    zero(be, &mut s.dln, rows * c);
-                    be.matmul_backward(Some(be.view_mut(&mut s.dln, rc.clone())), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
+                    be.matmul_backward_set_dinp(be.view_mut(&mut s.dln, rc.clone()), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
                     ln_back(grads, &mut s.dx, &s.dln, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                 }
                 LayerNormPlacement::Post => {

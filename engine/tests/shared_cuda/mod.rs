@@ -116,6 +116,18 @@ impl Backend for Shared {
     ) {
         self.0.matmul_backward(dinp, dweight, dbias, dout, inp, weight, shape)
     }
+    fn matmul_backward_set_dinp(
+        &self,
+        dinp: ViewMut<'_>,
+        dweight: ViewMut<'_>,
+        dbias: Option<ViewMut<'_>>,
+        dout: View<'_>,
+        inp: View<'_>,
+        weight: View<'_>,
+        shape: MatmulShape,
+    ) {
+        self.0.matmul_backward_set_dinp(dinp, dweight, dbias, dout, inp, weight, shape)
+    }
     fn layernorm_forward(
         &self,
         out: ViewMut<'_>,
