@@ -309,6 +309,8 @@ pub trait Backend: Send + Sync + 'static {
 
     fn gelu_forward(&self, out: Self::ViewMut<'_>, inp: Self::View<'_>);
     fn gelu_backward(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>);
+    /// `dinp = dout * gelu'(inp)`, overwritten (saves the caller a zero fill).
+    fn gelu_backward_set(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>);
 
     // ---- residual add ---------------------------------------------------------------------
 

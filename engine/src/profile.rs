@@ -202,6 +202,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn gelu_backward(&self, dinp: B::ViewMut<'_>, inp: B::View<'_>, dout: B::View<'_>) {
         self.timed(|| "gelu_backward".into(), || self.inner.gelu_backward(dinp, inp, dout))
     }
+    fn gelu_backward_set(&self, dinp: B::ViewMut<'_>, inp: B::View<'_>, dout: B::View<'_>) {
+        self.timed(|| "gelu_backward".into(), || self.inner.gelu_backward_set(dinp, inp, dout))
+    }
     fn residual_forward(&self, out: B::ViewMut<'_>, a: B::View<'_>, b: B::View<'_>) {
         self.timed(|| "residual_forward".into(), || self.inner.residual_forward(out, a, b))
     }

@@ -306,6 +306,8 @@ fn elementwise_body<B: Backend>(be: &B) -> Outs {
     be.gelu_forward(all_mut(be, &mut gelu), all(be, &x));
     let mut dx = be.upload(&randn(32, n, 1.0));
     be.gelu_backward(all_mut(be, &mut dx), all(be, &x), all(be, &y));
+    let mut dx_set = be.upload(&randn(35, n, 1.0));
+    be.gelu_backward_set(all_mut(be, &mut dx_set), all(be, &x), all(be, &y));
     let mut sum = be.zeros(n);
     be.residual_forward(all_mut(be, &mut sum), all(be, &x), all(be, &y));
     let mut da = be.upload(&randn(33, n, 1.0));
@@ -314,6 +316,7 @@ fn elementwise_body<B: Backend>(be: &B) -> Outs {
     vec![
         ("gelu", host(be, &gelu)),
         ("dgelu", host(be, &dx)),
+        ("dgelu_set", host(be, &dx_set)),
         ("residual", host(be, &sum)),
         ("da", host(be, &da)),
         ("db", host(be, &db)),

@@ -536,6 +536,11 @@ pub fn check_gelu<B: Backend>(be: &B) {
     be.gelu_backward(all_mut(be, &mut dinp), all(be, &inp_d), all(be, &dout));
     let numeric = numeric_grad(&mut |x| dot64(&fwd(x), &r), &[inp.clone()], 0, STEP);
     assert_grad("gelu dinp", &accumulated(be, &dinp), &numeric, TOL);
+    // The overwriting variant: the same gradient whatever dinp held.
+    let mut set = be.upload(&vec![f32::NAN; inp.len()]);
+    be.gelu_backward_set(all_mut(be, &mut set), all(be, &inp_d), all(be, &dout));
+    let set: Vec<f64> = host(be, &set).iter().map(|&x| x as f64).collect();
+    assert_grad("gelu dinp (set)", &set, &numeric, TOL);
 }
 
 pub fn check_residual<B: Backend>(be: &B) {

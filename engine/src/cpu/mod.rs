@@ -200,6 +200,10 @@ impl Backend for CpuBackend {
     fn gelu_backward(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
         elementwise::gelu_backward(dinp, inp, dout)
     }
+    fn gelu_backward_set(&self, dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
+        dinp.fill(0.0);
+        elementwise::gelu_backward(dinp, inp, dout)
+    }
     fn residual_forward(&self, out: &mut [f32], a: &[f32], b: &[f32]) {
         elementwise::residual_forward(out, a, b)
     }

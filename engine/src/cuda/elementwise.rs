@@ -33,6 +33,11 @@ pub(crate) fn gelu_backward(be: &CudaBackend, dinp: CudaViewMut<'_>, inp: CudaVi
     launch(be, "gelu_backward", &[dinp.ptr, inp.ptr, dout.ptr], inp.len)
 }
 
+pub(crate) fn gelu_backward_set(be: &CudaBackend, dinp: CudaViewMut<'_>, inp: CudaView<'_>, dout: CudaView<'_>) {
+    assert!(dinp.len == inp.len && dout.len == inp.len, "gelu backward: lengths differ");
+    launch(be, "gelu_backward_set", &[dinp.ptr, inp.ptr, dout.ptr], inp.len)
+}
+
 pub(crate) fn residual_forward(be: &CudaBackend, out: CudaViewMut<'_>, a: CudaView<'_>, b: CudaView<'_>) {
     assert!(out.len == a.len && a.len == b.len, "residual: lengths differ");
     launch(be, "residual_forward", &[out.ptr, a.ptr, b.ptr], a.len)
@@ -60,7 +65,7 @@ mod tests {
     #[test]
     fn kernel_names_exist_in_the_source() {
         let names = crate::cuda::kernels::kernel_names(include_str!("kernels/elementwise.cu"));
-        for k in ["gelu_forward", "gelu_backward", "residual_forward", "residual_backward", "tanh_forward", "tanh_backward"] {
+        for k in ["gelu_forward", "gelu_backward", "gelu_backward_set", "residual_forward", "residual_backward", "tanh_forward", "tanh_backward"] {
             assert!(names.iter().any(|n| n == k), "{k} missing from elementwise.cu: {names:?}");
         }
     }

@@ -556,6 +556,9 @@ impl Backend for CudaBackend {
     fn gelu_backward(&self, dinp: CudaViewMut<'_>, inp: CudaView<'_>, dout: CudaView<'_>) {
         elementwise::gelu_backward(self, dinp, inp, dout)
     }
+    fn gelu_backward_set(&self, dinp: CudaViewMut<'_>, inp: CudaView<'_>, dout: CudaView<'_>) {
+        elementwise::gelu_backward_set(self, dinp, inp, dout)
+    }
     fn tanh_forward(&self, out: CudaViewMut<'_>, inp: CudaView<'_>) {
         elementwise::tanh_forward(self, out, inp)
     }

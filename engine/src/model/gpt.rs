@@ -598,8 +598,7 @@ impl<B: Backend> Gpt<B> {
             // fcproj = fch_gelu @ W + b
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fcproj_w, bp.fcproj_b);
             be.matmul_backward_set_dinp(be.view_mut(&mut s.dfch_gelu, rc4.clone()), dw, Some(db), be.view(dfcproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), mm(rows, 4 * c, c));
-            zero(be, &mut s.dfch, rows * 4 * c);
-            be.gelu_backward(be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
+            be.gelu_backward_set(be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
             // fch = mlp_in @ W + b; post-LN accumulates onto the residual gradient already in dln
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fc_w, bp.fc_b);
             let fc = (be.view(&s.dfch, rc4.clone()), be.view(mlp_in, rc.clone()), p(bp.fc_w), mm(rows, c, 4 * c));

@@ -177,6 +177,9 @@ impl Backend for Shared {
     fn gelu_backward(&self, dinp: ViewMut<'_>, inp: View<'_>, dout: View<'_>) {
         self.0.gelu_backward(dinp, inp, dout)
     }
+    fn gelu_backward_set(&self, dinp: ViewMut<'_>, inp: View<'_>, dout: View<'_>) {
+        self.0.gelu_backward_set(dinp, inp, dout)
+    }
     fn residual_forward(&self, out: ViewMut<'_>, a: View<'_>, b: View<'_>) {
         self.0.residual_forward(out, a, b)
     }

@@ -29,6 +29,18 @@ extern "C" __global__ void gelu_backward(float* dinp, const float* inp, const fl
     }
 }
 
+// dinp = dout * gelu'(x), overwritten
+extern "C" __global__ void gelu_backward_set(float* dinp, const float* inp, const float* dout, u64 n) {
+    GRID_STRIDE(i, n) {
+        float x = inp[i];
+        float u = SQRT_2_OVER_PI * (x + GELU_CUBIC * x * x * x);
+        float t = tanhf(u);
+        float sech2 = 1.0f - t * t;
+        float du = SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_CUBIC * x * x);
+        dinp[i] = 0.0f + dout[i] * (0.5f * (1.0f + t) + 0.5f * x * sech2 * du);
+    }
+}
+
 // out = a + b
 extern "C" __global__ void residual_forward(float* out, const float* a, const float* b, u64 n) {
     GRID_STRIDE(i, n) { out[i] = a[i] + b[i]; }
