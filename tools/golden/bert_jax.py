@@ -137,6 +137,12 @@ def sinusoidal(P, C):
     return jnp.asarray(t)
 
 
+def token_scale(e, cfg):
+    """Token lookups beside sinusoidal positions are multiplied by sqrt(C) (Vaswani et al. 3.4,
+    fairseq's embed_scale); beside learned positions they are used as they are."""
+    return e * math.sqrt(cfg["n_embd"]) if cfg["positions"] == "sinusoidal" else e
+
+
 def scores_of(q, k, p, pre, cfg):
     """q (B,H,Tq,D), k (B,H,Tk,D) -> (B,H,Tq,Tk)"""
     D = q.shape[-1]
@@ -172,7 +178,7 @@ def encoder(p, batch, cfg):
         pos = p["bert.embeddings.position_embeddings.weight"][:T]
     else:
         pos = sinusoidal(cfg["max_positions"], cfg["n_embd"])[:T]
-    x = p["bert.embeddings.word_embeddings.weight"][tok] + pos[None] + p["bert.embeddings.token_type_embeddings.weight"][seg]
+    x = token_scale(p["bert.embeddings.word_embeddings.weight"][tok], cfg) + pos[None] + p["bert.embeddings.token_type_embeddings.weight"][seg]
     x = layer_norm(x, p["bert.embeddings.LayerNorm.weight"], p["bert.embeddings.LayerNorm.bias"], eps)
     key_mask = jnp.arange(T)[None, :] < lens[:, None]
     for i in range(cfg["n_layer"]):

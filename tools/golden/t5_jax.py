@@ -21,7 +21,7 @@ from safetensors.numpy import save_file  # noqa: E402
 
 # the layer math is BERT's (same definitions), imported from its golden script
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bert_jax import ce_rows, gelu_tanh, layer_norm, linear, scores_of, sinusoidal  # noqa: E402
+from bert_jax import ce_rows, gelu_tanh, layer_norm, linear, scores_of, sinusoidal, token_scale  # noqa: E402
 
 BASE = dict(vocab_size=31, max_positions=12, n_layer=2, n_decoder_layer=2, n_head=3, n_embd=12,
             n_inner=20, batch=3, enc_len=8, dec_len=6, ln_eps=1e-5)
@@ -126,7 +126,8 @@ def forward(p, batch, cfg):
         pe, pd = s[:Te], s[:Td]
     key_ok = jnp.arange(Te)[None, :] < enc_lens[:, None]  # (B, Te)
     enc_mask = jnp.broadcast_to(key_ok[:, None, :], (B, Te, Te))
-    x = p["shared.weight"][enc_tok] + pe[None]
+    emb = lambda tok: token_scale(p["shared.weight"][tok], cfg)  # input lookups only, not the head  # noqa: E731
+    x = emb(enc_tok) + pe[None]
     for i in range(cfg["n_layer"]):
         pre = f"encoder.block.{i}.layer"
         x = sublayer(x, lambda z: attention(z, z, p, pre + ".0.SelfAttention", cfg, enc_mask), p, pre + ".0.layer_norm", cfg)
@@ -134,7 +135,7 @@ def forward(p, batch, cfg):
     enc = layer_norm(x, p["encoder.final_layer_norm.weight"], p["encoder.final_layer_norm.bias"], eps)
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((Td, Td), dtype=bool))[None], (B, Td, Td))
     cross_mask = jnp.broadcast_to(key_ok[:, None, :], (B, Td, Te))
-    y = p["shared.weight"][dec_tok] + pd[None]
+    y = emb(dec_tok) + pd[None]
     for i in range(cfg["n_decoder_layer"]):
         pre = f"decoder.block.{i}.layer"
         y = sublayer(y, lambda z: attention(z, z, p, pre + ".0.SelfAttention", cfg, causal), p, pre + ".0.layer_norm", cfg)

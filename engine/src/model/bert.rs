@@ -5,6 +5,11 @@
 //! bias), a tanh pooler over [CLS] with next-sentence prediction and sequence classification,
 //! and in-batch InfoNCE over pooled embeddings of paired sequences.
 //!
+//! With sinusoidal positions the word-embedding lookup is multiplied by sqrt(C) before positions
+//! and segments are added, and the word table starts N(0, C^-0.5) (Vaswani et al., fairseq; why:
+//! see `blocks::token_scale`); the tied MLM decoder reads the table unscaled, and the segment
+//! embeddings are not scaled. Learned positions: no factor, every table N(0, 0.02).
+//!
 //! Dropout (`BertConfig::dropout`, HF's `hidden_dropout_prob`) acts in training batches only
 //! (`BertBatch::train`): after the embedding LayerNorm and on each sublayer's output before its
 //! residual add, with masks drawn from `BertBatch::dropout_seed` (site 0 the embedding, then the
@@ -23,7 +28,7 @@ use std::ops::Range;
 use crate::backend::{Backend, MatmulShape, OptionalOp, ScoreKind, WeightLayout, IGNORE_INDEX};
 use crate::error::{ConfigError, EngineError};
 use crate::model::bert_config::{BertConfig, Pooling, Positions};
-use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, zero, Ctx, Dims, DropoutPass, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
+use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, token_init_std, token_scale, zero, Ctx, Dims, DropoutPass, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
 use crate::model::gpt_config::LayerNormPlacement;
 use crate::model::objectives::info_nce;
 use crate::params::{Init, ParamKind, ParamTable};
@@ -104,7 +109,8 @@ fn build(cfg: &BertConfig) -> (ParamTable, Layout) {
         let id = t.push(name, &[rows, c], ParamKind::Embedding, Init::Normal { std });
         t.range(id)
     };
-    let wte = emb(&mut t, "bert.embeddings.word_embeddings.weight", v);
+    let id = t.push("bert.embeddings.word_embeddings.weight", &[v, c], ParamKind::Embedding, Init::Normal { std: token_init_std(cfg.positions, c, std) });
+    let wte = t.range(id);
     let wpe = (cfg.positions == Positions::Learned).then(|| emb(&mut t, "bert.embeddings.position_embeddings.weight", cfg.max_positions));
     let tte = emb(&mut t, "bert.embeddings.token_type_embeddings.weight", cfg.type_vocab_size);
     let emb_ln = Norm::push(&mut t, "bert.embeddings.LayerNorm", c);
@@ -221,7 +227,7 @@ pub(crate) fn check_scores_supported<B: Backend>(be: &B, kind: ScoreKind) -> Res
 
 impl<B: Backend> Bert<B> {
     /// A model with BERT's initialisation (N(0, 0.02), zero biases; general scores start at the
-    /// identity), seeded per tensor.
+    /// identity; word embeddings N(0, C^-0.5) with sinusoidal positions), seeded per tensor.
     pub fn new(be: B, cfg: BertConfig, seed: u64) -> Result<Self, EngineError> {
         cfg.validate()?;
         let (table, lay) = build(&cfg);
@@ -458,8 +464,11 @@ impl<B: Backend> Bert<B> {
         let n = b * t;
         let d = Dims { b, t, tm: t, c, heads: cfg.n_head };
 
-        // emb = wte[tokens] + positions + tte[segments]; x0 = LN(emb)      // (N, C)
+        // emb = wte[tokens] (* sqrt(C) if sinusoidal) + positions + tte[segments]; x0 = LN(emb)  // (N, C)
         be.embedding_forward(all_mut(be, &mut a.emb), &batch.tokens, cx.p(&lay.wte), c, false);
+        if let Some(s) = token_scale(cfg.positions, c) {
+            be.scale(all_mut(be, &mut a.emb), s);
+        }
         let pos_table = match (&lay.wpe, sinusoidal) {
             (Some(wpe), _) => cx.p(wpe),
             (None, Some(s)) => be.view(s, 0..cfg.max_positions * c),
@@ -632,11 +641,15 @@ impl<B: Backend> Bert<B> {
         };
         zero(be, dn1);
         lay.emb_ln.backward(&cx, grads, dn1, dln, emb, emb_ln);
-        be.embedding_backward(be.view_mut(grads, lay.wte.clone()), all(be, dn1), &batch.tokens, c);
         if let Some(wpe) = &lay.wpe {
             be.embedding_backward(be.view_mut(grads, wpe.clone()), all(be, dn1), &batch.positions, c);
         }
         be.embedding_backward(be.view_mut(grads, lay.tte.clone()), all(be, dn1), &batch.segments, c);
+        // the word lookup was scaled: so is its gradient (dn1 is spent after this)
+        if let Some(s) = token_scale(cfg.positions, c) {
+            be.scale(all_mut(be, dn1), s);
+        }
+        be.embedding_backward(be.view_mut(grads, lay.wte.clone()), all(be, dn1), &batch.tokens, c);
         Ok(())
     }
 }

@@ -10,6 +10,7 @@
 use std::ops::Range;
 
 use crate::backend::{AttnShape, Backend, Dropout, MatmulShape, QkvSource, ScoreKind, Scores, WeightLayout};
+use crate::model::bert_config::Positions;
 use crate::model::gpt_config::LayerNormPlacement;
 use crate::params::{Init, ParamKind, ParamTable};
 
@@ -541,4 +542,25 @@ pub(crate) fn sinusoidal_table(positions: usize, c: usize) -> Vec<f32> {
         }
     }
     t
+}
+
+/// The factor on the token lookup: sqrt(C) with sinusoidal positions, none with learned ones.
+///
+/// Sinusoidal positions have entries of magnitude ~0.7 and are not learned: a token table at
+/// N(0, 0.02) would sit ~35x below them and the model would see mostly positions. So, as in
+/// Vaswani et al. (section 3.4) and fairseq (`embed_scale`), the lookup is multiplied by sqrt(C)
+/// before the positions are added, and the table starts N(0, C^-0.5) (`token_init_std`): the
+/// scaled token part has unit scale, and a head tied to the (unscaled) table starts with
+/// unit-scale logits. Learned positions start as small as the tokens and keep both as they are.
+pub(crate) fn token_scale(positions: Positions, c: usize) -> Option<f32> {
+    (positions == Positions::Sinusoidal).then(|| (c as f32).sqrt())
+}
+
+/// The token table's init std: C^-0.5 with sinusoidal positions (see `token_scale`), else
+/// `learned_std`, the model's usual embedding std.
+pub(crate) fn token_init_std(positions: Positions, c: usize, learned_std: f32) -> f32 {
+    match positions {
+        Positions::Learned => learned_std,
+        Positions::Sinusoidal => (c as f64).powf(-0.5) as f32,
+    }
 }

@@ -5,6 +5,11 @@
 //! mask) and a GELU FFN; pre-LN (T5) or post-LN; a final LayerNorm on each side; attention
 //! scores dot, general or additive.
 //!
+//! With sinusoidal positions both input lookups of `shared` are multiplied by sqrt(C) before the
+//! positions are added, and `shared` starts N(0, C^-0.5) (Vaswani et al., fairseq; why: see
+//! `blocks::token_scale`); the tied head reads `shared` unscaled. Learned positions: no factor,
+//! `shared` N(0, 0.02).
+//!
 //! "T5-style": tensor names follow Hugging Face T5's (`shared`, `encoder.block.{i}.layer.0
 //! .SelfAttention.q`, ...), but these layers have biases and LayerNorm (not RMSNorm), GELU (not
 //! ReLU), absolute positions (not relative bias) and no d_model^-0.5 logit scale, so Hugging
@@ -16,7 +21,7 @@ use crate::backend::{Backend, MatmulShape, OptionalOp, WeightLayout, IGNORE_INDE
 use crate::error::EngineError;
 use crate::model::bert::check_scores_supported;
 use crate::model::bert_config::Positions;
-use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, zero, Ctx, Dims, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
+use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, token_init_std, token_scale, zero, Ctx, Dims, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
 use crate::model::t5_config::T5Config;
 use crate::params::{Init, ParamKind, ParamTable};
 
@@ -79,7 +84,8 @@ fn build(cfg: &T5Config) -> (ParamTable, Layout) {
         let id = t.push(name, &[rows, c], ParamKind::Embedding, Init::Normal { std });
         t.range(id)
     };
-    let shared = emb(&mut t, "shared.weight", v);
+    let id = t.push("shared.weight", &[v, c], ParamKind::Embedding, Init::Normal { std: token_init_std(cfg.positions, c, std) });
+    let shared = t.range(id);
     let learned = cfg.positions == Positions::Learned;
     let enc_pos = learned.then(|| emb(&mut t, "encoder.embed_positions.weight", cfg.max_positions));
     let dec_pos = learned.then(|| emb(&mut t, "decoder.embed_positions.weight", cfg.max_positions));
@@ -168,8 +174,8 @@ pub struct T5<B: Backend> {
 }
 
 impl<B: Backend> T5<B> {
-    /// Seeded initialisation: N(0, 0.02) weights and embeddings, zero biases, general scores at
-    /// the identity.
+    /// Seeded initialisation: N(0, 0.02) weights and embeddings (`shared` N(0, C^-0.5) with
+    /// sinusoidal positions), zero biases, general scores at the identity.
     pub fn new(be: B, cfg: T5Config, seed: u64) -> Result<Self, EngineError> {
         cfg.validate()?;
         let (table, lay) = build(&cfg);
@@ -351,14 +357,18 @@ impl<B: Backend> T5<B> {
         let (batch, a) = (batch.as_ref().unwrap(), acts.as_mut().unwrap());
         let cx = Ctx { be, params };
         let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        let factor = token_scale(cfg.positions, c);
         let pos = |learned: &Option<Range<usize>>| match (learned, sinusoidal.as_ref()) {
             (Some(r), _) => cx.p(r),
             (None, Some(s)) => be.view(s, 0..cfg.max_positions * c),
             (None, None) => unreachable!("positions are learned or sinusoidal"),
         };
 
-        // encoder: x = shared[tokens] + pos; stack; final LN                 // (B Te, C)
+        // encoder: x = shared[tokens] (* sqrt(C) if sinusoidal) + pos; stack; final LN  // (B Te, C)
         be.embedding_forward(all_mut(be, &mut a.enc_x), &batch.enc_tokens, cx.p(&lay.shared), c, false);
+        if let Some(s) = factor {
+            be.scale(all_mut(be, &mut a.enc_x), s);
+        }
         be.embedding_forward(all_mut(be, &mut a.enc_x), &batch.enc_positions, pos(&lay.enc_pos), c, true);
         let enc_lens = Lens::<B> { own: batch.enc_lens.as_ref(), memory: None };
         lay.encoder.forward(&cx, &mut a.enc, &a.enc_x, None, enc_lens, de);
@@ -366,6 +376,9 @@ impl<B: Backend> T5<B> {
 
         // decoder: causal self-attention, cross-attention over enc_out        // (B Td, C)
         be.embedding_forward(all_mut(be, &mut a.dec_x), &batch.dec_tokens, cx.p(&lay.shared), c, false);
+        if let Some(s) = factor {
+            be.scale(all_mut(be, &mut a.dec_x), s);
+        }
         be.embedding_forward(all_mut(be, &mut a.dec_x), &batch.dec_positions, pos(&lay.dec_pos), c, true);
         let dec_lens = Lens::<B> { own: None, memory: batch.enc_lens.as_ref() };
         lay.decoder.forward(&cx, &mut a.dec, &a.dec_x, Some(&a.enc_out.out), dec_lens, dd);
@@ -391,6 +404,7 @@ impl<B: Backend> T5<B> {
         let a = acts.as_mut().unwrap();
         let cx = Ctx { be, params };
         let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        let factor = token_scale(cfg.positions, c);
         let Acts { enc_x, enc, enc_out, dec_x, dec, dec_out, logits, lse, dlogits, ddec, denc, .. } = a;
 
         zero(be, dlogits);
@@ -405,19 +419,26 @@ impl<B: Backend> T5<B> {
         zero(be, denc);
         let dec_lens = Lens::<B> { own: None, memory: batch.enc_lens.as_ref() };
         lay.decoder.backward(&cx, grads, dec, dec_x, Some(&enc_out.out), Some(denc), dec_lens, ddec, dd);
-        be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, ddec), &batch.dec_tokens, c);
         if let Some(r) = &lay.dec_pos {
             be.embedding_backward(be.view_mut(grads, r.clone()), all(be, ddec), &batch.dec_positions, c);
         }
+        // the lookup was scaled: so is its gradient (ddec is spent after this)
+        if let Some(s) = factor {
+            be.scale(all_mut(be, ddec), s);
+        }
+        be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, ddec), &batch.dec_tokens, c);
         // encoder: final LN, stack, embeddings
         let mut dx = be.zeros(batch.b * batch.te * c);
         lay.enc_ln.backward(&cx, grads, &mut dx, denc, lay.encoder.output(enc, enc_x), enc_out);
         let enc_lens = Lens::<B> { own: batch.enc_lens.as_ref(), memory: None };
         lay.encoder.backward(&cx, grads, enc, enc_x, None, None, enc_lens, &mut dx, de);
-        be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, &dx), &batch.enc_tokens, c);
         if let Some(r) = &lay.enc_pos {
             be.embedding_backward(be.view_mut(grads, r.clone()), all(be, &dx), &batch.enc_positions, c);
         }
+        if let Some(s) = factor {
+            be.scale(all_mut(be, &mut dx), s);
+        }
+        be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, &dx), &batch.enc_tokens, c);
         Ok(())
     }
 }
