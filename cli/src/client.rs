@@ -8,7 +8,8 @@ use clap::Args;
 use serde_json::{json, Value};
 use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::{DeviceClass, Job, JobState, WorkerInfo, WorkerState};
-use tonic::transport::{Channel, Endpoint};
+use smelt_proto::auth::{self, AuthChannel};
+use tonic::transport::Endpoint;
 
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorUrl {
@@ -21,7 +22,17 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>> {
+/// The token: the file's contents (trimmed) when given, else `SMELT_TOKEN`, else none.
+pub fn token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    let Some(f) = file else { return Ok(auth::token_from_env()) };
+    let t = std::fs::read_to_string(f).with_context(|| format!("reading the token file {}", f.display()))?;
+    let t = t.trim().to_string();
+    auth::check_token(&t).map_err(|e| anyhow::anyhow!("token file {}: {e}", f.display()))?;
+    Ok(Some(t))
+}
+
+/// A jobs client; every call carries `SMELT_TOKEN` when it is set.
+pub async fn connect(url: &str) -> Result<JobServiceClient<AuthChannel>> {
     let channel = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("coordinator URL {url:?} is not a valid URL"))?
         .connect_timeout(Duration::from_secs(5))
@@ -35,7 +46,8 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<Channel>> {
             }
             anyhow::anyhow!("cannot reach the coordinator at {url}: {cause}")
         })?;
-    Ok(JobServiceClient::new(channel))
+    let token = auth::BearerToken::new(auth::token_from_env().as_deref()).map_err(|e| anyhow::anyhow!("{}: {e}", auth::TOKEN_ENV))?;
+    Ok(JobServiceClient::with_interceptor(channel, token))
 }
 
 /// A gRPC error as the user should read it: the status message says what to fix.

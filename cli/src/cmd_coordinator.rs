@@ -23,6 +23,10 @@ pub struct CoordinatorArgs {
     /// A worker silent for longer is lost (and its job restarts or fails).
     #[arg(long, default_value_t = 10_000)]
     pub lease_timeout_ms: u64,
+    /// File holding the token every worker and client must present (else env SMELT_TOKEN;
+    /// none: every call is admitted, fine on loopback).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 pub fn run(a: CoordinatorArgs) -> Result<()> {
@@ -31,6 +35,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         db_path: a.db,
         heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
         lease_timeout: Duration::from_millis(a.lease_timeout_ms),
+        token: crate::client::token(a.token_file.as_deref())?,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(smelt_coordinator::serve(cfg, crate::signals::terminated()))

@@ -8,7 +8,6 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, SubmitRequest, WatchJobRequest};
-use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::client::{connect, exit_on_error, job_state, runtime, state_name, status, CoordinatorUrl};
@@ -63,7 +62,7 @@ fn gone(code: Code) -> bool {
 /// Streams the job's events with a progress bar; Ok once it succeeded, Err with the reason
 /// when it failed or was cancelled. Survives a coordinator restart (reconnects, skips replayed
 /// events).
-async fn follow(client: &mut JobServiceClient<Channel>, job: &Job) -> Result<()> {
+async fn follow(client: &mut JobServiceClient<smelt_proto::auth::AuthChannel>, job: &Job) -> Result<()> {
     let bar = ProgressBar::new(job.total_steps);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")?);
     bar.set_position(job.last_step);

@@ -22,6 +22,9 @@ pub struct WorkerArgs {
     /// built with --features cuda, and fails at startup when GPU N is not usable).
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: DeviceRequest,
+    /// File holding the coordinator's token (else env SMELT_TOKEN; none: an open coordinator).
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
 }
 
 fn parse_device(s: &str) -> Result<DeviceRequest, String> {
@@ -33,7 +36,8 @@ pub fn run(a: WorkerArgs) -> Result<()> {
     let device = device::resolve(a.device)?;
     info!(device = %device, "worker device");
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into());
-    let cfg = WorkerConfig { coordinator: a.coordinator, data_bind: a.data_addr, out_dir: a.out_dir, hostname, device };
+    let token = crate::client::token(a.token_file.as_deref())?;
+    let cfg = WorkerConfig { coordinator: a.coordinator, data_bind: a.data_addr, out_dir: a.out_dir, hostname, device, token };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(smelt_worker::run(cfg, crate::signals::terminated()))
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use smelt_proto::auth::RequireToken;
 use smelt_proto::v1::job_service_server::JobServiceServer;
 use smelt_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
@@ -32,6 +33,8 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// A worker silent for longer is lost.
     pub lease_timeout: Duration,
+    /// With a token, every call must carry it (`smelt_proto::auth`); without, all are admitted.
+    pub token: Option<String>,
 }
 
 impl CoordinatorConfig {
@@ -41,10 +44,14 @@ impl CoordinatorConfig {
             db_path: db_path.into(),
             heartbeat_interval: Duration::from_secs(1),
             lease_timeout: Duration::from_secs(10),
+            token: None,
         }
     }
 
     fn validate(&self) -> anyhow::Result<()> {
+        if let Some(t) = &self.token {
+            smelt_proto::auth::check_token(t).map_err(|e| anyhow::anyhow!("coordinator token: {e}"))?;
+        }
         if self.heartbeat_interval.is_zero() {
             anyhow::bail!("heartbeat interval must be positive");
         }
@@ -65,6 +72,7 @@ pub struct Bound {
     addr: SocketAddr,
     coord: Coordinator,
     store: Store,
+    auth: RequireToken,
 }
 
 /// Opens the database (restoring jobs and workers) and binds the listen address.
@@ -78,7 +86,11 @@ pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
     coord.flush().await?;
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
-    Ok(Bound { listener, addr, coord, store })
+    let auth = RequireToken::new(cfg.token.as_deref());
+    if !auth.enabled() && !addr.ip().is_loopback() {
+        warn!(addr = %addr, "listening beyond loopback without a token: anyone who reaches this port can submit jobs and register workers (set SMELT_TOKEN or --token-file)");
+    }
+    Ok(Bound { listener, addr, coord, store, auth })
 }
 
 impl Bound {
@@ -90,16 +102,16 @@ impl Bound {
     /// commits what is queued for the store. Jobs and workers are left as they are: the next
     /// coordinator on the same file takes them over.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Bound { listener, addr, coord, store } = self;
-        info!(addr = %addr, db = %store.path().display(), "coordinator listening");
+        let Bound { listener, addr, coord, store, auth } = self;
+        info!(addr = %addr, db = %store.path().display(), token = auth.enabled(), "coordinator listening");
         let lease = tokio::spawn(run_lease_checker(coord.clone()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         let router = Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(WorkerServiceServer::new(WorkerSvc { coord: coord.clone() }))
-            .add_service(JobServiceServer::new(JobSvc { coord: coord.clone() }));
+            .add_service(WorkerServiceServer::with_interceptor(WorkerSvc { coord: coord.clone() }, auth.clone()))
+            .add_service(JobServiceServer::with_interceptor(JobSvc { coord: coord.clone() }, auth));
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use smelt_proto::v1::coordinator_message::Body as Down;
 use smelt_proto::v1::worker_message::Body as Up;
 use smelt_proto::v1::worker_service_client::WorkerServiceClient;
@@ -18,7 +18,7 @@ use smelt_proto::v1::{
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt;
-use tonic::transport::Channel;
+use smelt_proto::auth::{AuthChannel, BearerToken};
 use tracing::{info, warn};
 
 use crate::device::Device;
@@ -36,6 +36,8 @@ pub struct WorkerConfig {
     /// Where this worker trains (decided at startup: `device::resolve`); registered as its
     /// device class and index, which the coordinator schedules by.
     pub device: Device,
+    /// The coordinator's token, when it requires one (`smelt_proto::auth`).
+    pub token: Option<String>,
 }
 
 /// The assignment in progress and how to stop it.
@@ -66,7 +68,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             return Ok(());
         }
         // ---- connect and register -----------------------------------------------------------
-        let mut client = match connect(&cfg.coordinator).await {
+        let mut client = match connect(&cfg.coordinator, cfg.token.as_deref()).await {
             Ok(c) => c,
             Err(e) => {
                 warn!(coordinator = %cfg.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable");
@@ -90,6 +92,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             .await;
         let reg = match reg {
             Ok(r) => r.into_inner(),
+            // A token the coordinator refuses will not start working by retrying.
+            Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                bail!("the coordinator at {} refused this worker: {}", cfg.coordinator, e.message());
+            }
             Err(e) => {
                 warn!(error = %e.message(), "register refused; retrying");
                 tokio::time::sleep(backoff).await;
@@ -209,7 +215,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
 /// Tells the coordinator a checkpoint's manifest has landed; retried while it is unreachable
 /// (the checkpoint is safe in the store either way: a restart that misses it resumes from an
 /// earlier one).
-async fn report_checkpoint(mut client: WorkerServiceClient<Channel>, r: CheckpointReport) {
+async fn report_checkpoint(mut client: WorkerServiceClient<AuthChannel>, r: CheckpointReport) {
     let mut backoff = Duration::from_millis(200);
     for attempt in 1..=5 {
         match client.report_checkpoint(r.clone()).await {
@@ -230,21 +236,22 @@ async fn report_checkpoint(mut client: WorkerServiceClient<Channel>, r: Checkpoi
     }
 }
 
-async fn connect(url: &str) -> Result<WorkerServiceClient<Channel>> {
+async fn connect(url: &str, token: Option<&str>) -> Result<WorkerServiceClient<AuthChannel>> {
     let channel = tonic::transport::Endpoint::from_shared(url.to_string())
         .with_context(|| format!("coordinator URL {url:?}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect()
         .await?;
-    Ok(WorkerServiceClient::new(channel))
+    let token = BearerToken::new(token).map_err(|e| anyhow!("worker token: {e}"))?;
+    Ok(WorkerServiceClient::with_interceptor(channel, token))
 }
 
 /// Joins the attempt's rendezvous: sends this rank's NCCL unique id (rank 0 of a multi-GPU job;
 /// empty otherwise) and gets every rank's ring address and rank 0's id, which the coordinator
 /// relays as opaque bytes.
 pub async fn rendezvous(
-    client: &mut WorkerServiceClient<Channel>,
+    client: &mut WorkerServiceClient<AuthChannel>,
     a: &Assignment,
     worker_id: &str,
     nccl_unique_id: Vec<u8>,
@@ -262,7 +269,7 @@ pub async fn rendezvous(
 /// Rendezvous on the runtime (rank 0 of a multi-GPU job first creates the NCCL id), then the
 /// training thread.
 fn start(
-    mut client: WorkerServiceClient<Channel>,
+    mut client: WorkerServiceClient<AuthChannel>,
     a: Assignment,
     worker_id: String,
     listener: &TcpListener,

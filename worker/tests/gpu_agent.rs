@@ -28,6 +28,7 @@ async fn worker(url: &str, out: &Path, device: Device) -> oneshot::Sender<()> {
         out_dir: out.to_path_buf(),
         hostname: "gpu-host".into(),
         device,
+        token: None,
     };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(smelt_worker::run(cfg, async move {
@@ -48,6 +49,7 @@ async fn a_cuda_job_on_gpu_workers_without_a_usable_gpu_fails_saying_why() {
         db_path: dir.path().join("smelt.db"),
         heartbeat_interval: Duration::from_millis(50),
         lease_timeout: Duration::from_millis(2000),
+        token: None,
     };
     let bound = bind(cfg).await.unwrap();
     let url = format!("http://{}", bound.local_addr());

@@ -38,6 +38,7 @@ pub async fn start(db: &Path) -> Coord {
         db_path: db.to_path_buf(),
         heartbeat_interval: HEARTBEAT,
         lease_timeout: LEASE,
+        token: None,
     };
     let bound = bind(cfg).await.expect("bind");
     let addr = bound.local_addr();
