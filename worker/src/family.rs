@@ -21,9 +21,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use smelt_checkpoint::ModelConfig;
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_engine::backend::Backend;
-use smelt_engine::collective::{Collective, TcpRing};
+use smelt_engine::collective::Collective;
 use smelt_engine::model::{Bert, T5};
-use smelt_engine::optim::AdamW;
+use smelt_engine::optim::{AdamW, StepReport};
 use smelt_engine::params::ParamTable;
 use smelt_engine::rng::Rng;
 use smelt_engine::train::TrainerState;
@@ -36,7 +36,7 @@ use crate::checkpointing::{self, Checkpointer, HostState};
 use crate::device::Device;
 use crate::family_data::{self, FamilyBatch, FamilyData, Objective, Source, EVAL_STEP};
 use crate::model_file::{self, FamilyModel};
-use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
+use crate::runner::{RunControl, RunEvent, RunRequest};
 
 /// The model being trained, pretraining or fine-tuning (one per run, so the variants' size
 /// difference costs nothing).
@@ -53,6 +53,47 @@ impl<B: Backend> Model<B> {
             FamilyConfig::T5 { config, .. } => Model::T5(T5::new(be, config.clone(), seed)?),
         })
     }
+    /// One optimizer step over this rank's micro-batches: forward + backward of each (loss
+    /// scaled by 1/k), the loss and the flat gradient averaged over the collective, AdamW
+    /// (clipping by the global norm). Returns the mean loss over every rank and AdamW's report.
+    /// A non-finite loss on any rank fails the step on every rank (they all see the mean).
+    pub(crate) fn train_step(
+        &mut self,
+        micro: &[FamilyBatch],
+        collective: &mut dyn Collective<B>,
+        opt: &mut AdamW<B>,
+        lr: f32,
+        step: u64,
+    ) -> Result<(f32, StepReport)> {
+        let k = micro.len();
+        if k == 0 {
+            bail!("step {step}: this rank has no samples (train.global_batch is smaller than the world size?)");
+        }
+        self.zero_grad();
+        let mut loss_sum = 0.0f64;
+        for x in micro {
+            let loss = self.forward(x)?;
+            if !loss.is_finite() {
+                // the other ranks learn of it through the loss all-reduce
+                loss_sum = loss as f64;
+                break;
+            }
+            loss_sum += loss as f64;
+            self.backward(1.0 / k as f32)?;
+        }
+        let loss = all_reduce_scalar(self.backend(), collective, (loss_sum / k as f64) as f32)?;
+        if !loss.is_finite() {
+            return Err(EngineError::NonFiniteLoss { step, loss }.into());
+        }
+        let n = self.table().total();
+        let (be, grads) = self.backend_and_grads_mut();
+        collective.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
+        let (be, _, params, grads) = self.params_and_grads();
+        let report = opt.step(be, params, grads, lr, step)?;
+        self.backend().synchronize()?;
+        Ok((loss, report))
+    }
+
     /// A model of the saved config with the given weights.
     pub(crate) fn from_params(be: B, m: &FamilyModel, params: &[f32]) -> Result<Self> {
         Ok(match m {
@@ -175,18 +216,10 @@ impl FamilyJob {
 
 /// The training thread of a BERT or T5 assignment. Returns the final step.
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
-    let a = &req.assignment;
-    let (rank, world) = (a.rank as usize, a.world_size as usize);
     let job = FamilyJob::open(spec, &req.out_dir)?;
     match req.device {
         Device::Cpu => {
-            let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener.try_clone().context("cloning the ring listener")?, RING_CONNECT_TIMEOUT)
-                .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
-            let abort = ring.abort_handle();
-            control.on_stop(move || abort.abort());
-            if let Some(reason) = control.stopped() {
-                bail!("stopped before training: {reason}");
-            }
+            let mut ring = crate::runner::connect_ring(&req, control)?;
             train(CpuBackend::new(), &mut ring, job, &req, control, events)
         }
         Device::Cuda(ordinal) => crate::gpu::train_family(ordinal, job, &req, control, events),
@@ -263,36 +296,9 @@ pub(crate) fn train<B: Backend>(
             .zip(ks.chunks(tc.batch_size))
             .map(|(i, k)| objective.read_batch(&data.train, spec.seed, step, i, k, n_windows))
             .collect::<Result<Vec<_>>>()?;
-        let k = micro.len();
-        if k == 0 {
-            bail!("step {step}: this rank has no samples (train.global_batch is smaller than the world size?)");
-        }
-
-        // forward + backward per micro-batch, the mean loss and gradient over the collective
-        model.zero_grad();
-        let mut loss_sum = 0.0f64;
-        for x in &micro {
-            let loss = model.forward(x)?;
-            tokens += batch_tokens(x) * world;
-            if !loss.is_finite() {
-                // the other ranks learn of it through the loss all-reduce
-                loss_sum = loss as f64;
-                break;
-            }
-            loss_sum += loss as f64;
-            model.backward(1.0 / k as f32)?;
-        }
-        let loss = all_reduce_scalar(model.backend(), collective, (loss_sum / k as f64) as f32)?;
-        if !loss.is_finite() {
-            return Err(EngineError::NonFiniteLoss { step, loss }.into());
-        }
-        let n = model.table().total();
-        let (be, grads) = model.backend_and_grads_mut();
-        collective.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
         let lr = tc.schedule.lr_at(step);
-        let (be, _, params, grads) = model.params_and_grads();
-        let report = opt.step(be, params, grads, lr, step)?;
-        model.backend().synchronize()?;
+        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step)?;
+        tokens += micro.iter().map(batch_tokens).sum::<usize>() * world;
 
         let done = step + 1;
         let mut val_loss = None;

@@ -19,14 +19,12 @@ use anyhow::{anyhow, bail, Context, Result};
 use smelt_checkpoint::{ModelConfig, ModelSource};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_corpus::Tokenizer;
-use smelt_engine::backend::Backend;
-use smelt_engine::collective::{Collective, TcpRing};
 use smelt_engine::model::{BertBatch, T5Batch};
 use smelt_engine::optim::AdamW;
 use smelt_engine::params::ParamTable;
 use smelt_engine::rng::Rng;
 use smelt_engine::train::TrainerState;
-use smelt_engine::{CpuBackend, EngineError};
+use smelt_engine::CpuBackend;
 use smelt_jobspec::{FinetuneHead, FinetuneSpec, JobSpec};
 use smelt_proto::v1::{JobNote, StepMetrics};
 use tracing::info;
@@ -35,7 +33,7 @@ use crate::checkpointing::{self, Checkpointer, HostState};
 use crate::family_data::{self, FamilyBatch};
 use crate::finetune_data::{self, ClassExample, PairExample};
 use crate::model_file::{self, FamilyModel, SavedFamilyModel};
-use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
+use crate::runner::{RunControl, RunEvent, RunRequest};
 
 /// The examples of a job, by model.
 enum Task {
@@ -247,14 +245,6 @@ impl FamilyFinetune {
     }
 }
 
-/// The mean of one value over the ring.
-fn all_reduce_scalar(ring: &mut dyn Collective<CpuBackend>, x: f32) -> Result<f32> {
-    let be = CpuBackend::new();
-    let mut buf = be.upload(&[x]);
-    ring.all_reduce_mean(&be, be.view_mut(&mut buf, 0..1))?;
-    Ok(be.download(be.view(&buf, 0..1))[0])
-}
-
 /// The training thread of a BERT or T5 fine-tuning assignment (`finetune::run` dispatches here
 /// on the parent's format). Returns the final step.
 pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
@@ -267,10 +257,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
             events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
         }
     }
-    let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener.try_clone().context("cloning the ring listener")?, RING_CONNECT_TIMEOUT)
-        .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
-    let abort = ring.abort_handle();
-    control.on_stop(move || abort.abort());
+    let mut ring = crate::runner::connect_ring(&req, control)?;
 
     let tc = spec.train_config();
     let mut model = Model::from_params(CpuBackend::new(), &job.model, &job.init_params)?;
@@ -303,32 +290,9 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
         }
         let idx: Vec<usize> = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?.map(|k| order.sequence_at(k) as usize).collect();
         let micro: Vec<FamilyBatch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, Some(step))).collect();
-        let k = micro.len();
-        if k == 0 {
-            bail!("step {step}: this rank has no examples (train.global_batch is smaller than the world size?)");
-        }
-        model.zero_grad();
-        let mut loss_sum = 0.0f64;
-        for x in &micro {
-            let loss = model.forward(x)?;
-            tokens += FamilyFinetune::batch_tokens(x) * world;
-            if !loss.is_finite() {
-                loss_sum = loss as f64;
-                break;
-            }
-            loss_sum += loss as f64;
-            model.backward(1.0 / k as f32)?;
-        }
-        let loss = all_reduce_scalar(&mut ring, (loss_sum / k as f64) as f32)?;
-        if !loss.is_finite() {
-            return Err(EngineError::NonFiniteLoss { step, loss }.into());
-        }
-        let n = model.table().total();
-        let (be, grads) = model.backend_and_grads_mut();
-        ring.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
         let lr = tc.schedule.lr_at(step);
-        let (be, _, params, grads) = model.params_and_grads();
-        let report = opt.step(be, params, grads, lr, step)?;
+        let (loss, report) = model.train_step(&micro, &mut ring, &mut opt, lr, step)?;
+        tokens += micro.iter().map(FamilyFinetune::batch_tokens).sum::<usize>() * world;
 
         let done = step + 1;
         let mut val = (None, None);

@@ -229,7 +229,6 @@ impl Pretrain {
 
 fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
-    let (rank, world) = (a.rank as usize, a.world_size as usize);
     let spec = JobSpec::parse(&a.spec_toml)?;
     match spec.kind {
         JobKind::Pretrain if spec.arch()? != smelt_jobspec::Arch::Gpt => return crate::family::run(req, spec, control, events),
@@ -239,17 +238,25 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
     let job = Pretrain::open(spec, &req.out_dir)?;
     match req.device {
         Device::Cpu => {
-            let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener.try_clone().context("cloning the ring listener")?, RING_CONNECT_TIMEOUT)
-                .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
-            let abort = ring.abort_handle();
-            control.on_stop(move || abort.abort());
-            if let Some(reason) = control.stopped() {
-                return Err(anyhow!("stopped before training: {reason}"));
-            }
+            let mut ring = connect_ring(&req, control)?;
             train_gpt(CpuBackend::new(), &mut ring, job, &req, control, events)
         }
         Device::Cuda(ordinal) => crate::gpu::train_gpt(ordinal, job, &req, control, events),
     }
+}
+
+/// Joins the assignment's TCP ring (CPU ranks), aborted when the run is stopped.
+pub(crate) fn connect_ring(req: &RunRequest, control: &RunControl) -> Result<TcpRing> {
+    let a = &req.assignment;
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let ring = TcpRing::connect(rank, &req.peer_addrs, req.listener.try_clone().context("cloning the ring listener")?, RING_CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
+    let abort = ring.abort_handle();
+    control.on_stop(move || abort.abort());
+    if let Some(reason) = control.stopped() {
+        return Err(anyhow!("stopped before training: {reason}"));
+    }
+    Ok(ring)
 }
 
 /// The GPT pretraining loop on any backend, the collective already joined.
