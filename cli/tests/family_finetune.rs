@@ -119,7 +119,7 @@ fn a_pretrained_t5_fine_tunes_seq2seq_and_resumes_exactly_after_sigkill() {
     c.start_worker();
     // (Named by its file: the restarted attempt runs on the other worker, whose output
     // directory does not hold the parent job's files.)
-    let (parent, file) = pretrain(&c, "t5-parent", "arch = \"t5\"\npreset = \"t5-test\"\nsentinels = 8\npositions = \"learned\"");
+    let (parent, file) = pretrain(&c, "t5-parent", "arch = \"t5\"\npreset = \"t5-test\"\nsentinels = 8");
     // Copy the first three letters of the word.
     let mut rng = Rng::new(11);
     let data = c.dir.path().join("pairs.jsonl");
