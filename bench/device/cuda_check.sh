@@ -18,7 +18,7 @@ for t in device/tests/*; do
 done
 if [ "${SKIP_BENCH:-0}" != 1 ]; then
   echo "== smelt bench step (cuda)"
-  timeout 240 device/smelt bench step --backend cuda --preset gpt2-124m --batch "${B:-16}" --seq 1024 --warmup 3 --steps 10 --json 2>&1 | tee "$OUT/smelt_bench.txt" | tail -5
+  timeout 240 device/smelt bench step --backend cuda --preset gpt2-124m --batch "${B:-16}" --seq 1024 --vocab "${VOCAB:-50304}" --warmup 3 --steps 10 --json 2>&1 | tee "$OUT/smelt_bench.txt" | tail -5
   echo "== torch.compile peer"
   timeout 240 python3 device/torch_gpt2.py --B "${B:-16}" --T 1024 --steps 30 --compile 2>&1 | tee "$OUT/torch_bench.txt" | tail -3
 fi

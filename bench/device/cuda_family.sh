@@ -3,7 +3,7 @@
 #  1. Tests: device/tests/cuda_family (both models on CUDA against the CPU: every loss and
 #     gradient, f32 and bf16), then the ops they add over GPT from cuda_ops (tanh) and
 #     cuda_attention (key padding masks, bidirectional and cross attention). FULL=1 runs all of
-#     cuda_ops and cuda_attention instead.
+#     cuda_ops and cuda_attention instead; SKIP_TESTS=1 none (after cuda_check.sh ran them all).
 #  2. smelt's steps at the peers' shapes: BERT-base masked LM 32 x 512, T5-small 64 x 512 -> 114
 #     (bf16 matmuls, 3 warm-up + 10 timed steps, median). PROFILE=1 adds a per-op profile of each;
 #     PAD_VOCAB=1 adds BERT with its vocabulary padded to 30,528 (what the odd 30,522 costs).
@@ -31,13 +31,15 @@ run_test() { # name timeout [filters...]
   summary+=("$name rc=$rc $(grep -E '^test result' "$LOGS/$name.log" | tail -1)")
   { echo "==== $name $*"; cat "$LOGS/$name.log"; } >> "$OUT/tests.log"
 }
-run_test cuda_family 90
-if [ "${FULL:-0}" = 1 ]; then
-  run_test cuda_ops 120
-  run_test cuda_attention 120
-else
-  run_test cuda_ops 45 tanh gelu_and_residual
-  run_test cuda_attention 60 key_padding bidirectional cross
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  run_test cuda_family 90
+  if [ "${FULL:-0}" = 1 ]; then
+    run_test cuda_ops 120
+    run_test cuda_attention 120
+  else
+    run_test cuda_ops 45 tanh gelu_and_residual
+    run_test cuda_attention 60 key_padding bidirectional cross
+  fi
 fi
 
 bench() { # arch, then smelt's flags

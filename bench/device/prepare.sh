@@ -7,13 +7,14 @@ cd "$(dirname "$0")/../.."
 rm -rf device && mkdir -p device/tests
 cargo build --release -p smelt --features cuda
 strip -o device/smelt "${CARGO_TARGET_DIR:-target}/release/smelt"
-# Test binaries: cargo prints each one's path as JSON; keep the CUDA ones.
+# Test binaries: cargo prints each one's path as JSON; keep the CUDA ones (and op_gradcheck,
+# whose op checks also run on the CUDA backend).
 cargo test --release -p smelt-engine --features cuda --no-run --message-format=json 2>/dev/null \
   | python3 -c '
 import json, sys
 for line in sys.stdin:
     m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"].startswith("cuda_"):
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and (m["target"]["name"].startswith("cuda_") or m["target"]["name"] == "op_gradcheck"):
         print(m["target"]["name"], m["executable"])' \
   | while read -r name exe; do strip -o "device/tests/$name" "$exe"; done
 cp ../shared/anchors/torch_gpt2.py ../shared/anchors/torch_family.py device/
