@@ -127,10 +127,11 @@ async fn follow(client: &mut JobServiceClient<smelt_proto::auth::AuthChannel>, j
                     bar.set_position(m.step);
                     let acc = last_acc.map(|a| format!(" acc {a:.4}")).unwrap_or_default();
                     let val = last_val.map(|v| format!(" | val {v:.4}{acc}")).unwrap_or_default();
-                    bar.set_message(format!("loss {:.4}{val} | {:.0} tok/s", m.loss, m.tokens_per_s));
+                    let mfu = m.mfu.map(|u| format!(" | mfu {:.1}%", 100.0 * u)).unwrap_or_default();
+                    bar.set_message(format!("loss {:.4}{val} | {:.0} tok/s{mfu}", m.loss, m.tokens_per_s));
                     if bar.is_hidden() && (m.step % every == 0 || m.val_loss.is_some()) {
                         eprintln!(
-                            "step {}/{}: loss {:.4}{val} | {:.0} tok/s",
+                            "step {}/{}: loss {:.4}{val} | {:.0} tok/s{mfu}",
                             m.step, job.total_steps, m.loss, m.tokens_per_s
                         );
                     }

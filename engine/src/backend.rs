@@ -166,6 +166,12 @@ pub trait Backend: Send + Sync + 'static {
 
     fn name(&self) -> &'static str;
 
+    /// The device's dense bf16 peak in FLOP/s, the yardstick of MFU; None where there is no
+    /// such figure (the CPU, an unknown GPU).
+    fn peak_flops(&self) -> Option<f64> {
+        None
+    }
+
     /// Waits for all queued device work and returns the first device error recorded since the
     /// last call (ops return `()`; an asynchronous backend records failures and reports them
     /// here). The trainer calls it once per step before reading the loss.

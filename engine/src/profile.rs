@@ -78,6 +78,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn synchronize(&self) -> Result<(), EngineError> {
         self.inner.synchronize()
     }
+    fn peak_flops(&self) -> Option<f64> {
+        self.inner.peak_flops()
+    }
     fn zeros(&self, len: usize) -> B::Buf {
         self.timed(|| "zeros".into(), || self.inner.zeros(len))
     }

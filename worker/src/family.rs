@@ -324,6 +324,7 @@ pub(crate) fn train<B: Backend>(
                 tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 val_loss,
                 val_accuracy: None,
+                mfu: None,
             }));
         }
         if let Some(c) = checkpointer.as_mut() {

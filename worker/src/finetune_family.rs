@@ -315,6 +315,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
                 tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 val_loss: val.0,
                 val_accuracy: val.1,
+                mfu: None,
             }));
         }
         if let Some(c) = checkpointer.as_mut() {

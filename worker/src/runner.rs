@@ -287,6 +287,7 @@ pub(crate) fn train_gpt<B: Backend>(
     let started = Instant::now();
     let mut tokens = 0usize;
     let mut last_val = None;
+    let (peak, flops_per_token) = (trainer.model.backend().peak_flops(), cfg.flops_per_token(seq));
     for step in start_step..tc.steps {
         if let Some(reason) = control.stopped() {
             return Err(anyhow!("stopped at step {step}: {reason}"));
@@ -318,6 +319,9 @@ pub(crate) fn train_gpt<B: Backend>(
             last_val = Some(v);
         }
         if rank == 0 {
+            let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64();
+            // Every rank runs the same device, so the job's MFU is this rank's share of the peak.
+            let mfu = peak.map(|p| (flops_per_token * tokens_per_s / world as f64 / p) as f32);
             events(RunEvent::Metrics(StepMetrics {
                 job_id: a.job_id.clone(),
                 attempt: a.attempt,
@@ -326,9 +330,10 @@ pub(crate) fn train_gpt<B: Backend>(
                 loss: stats.loss,
                 grad_norm: stats.grad_norm,
                 lr: stats.lr,
-                tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64(),
+                tokens_per_s,
                 val_loss,
                 val_accuracy: None,
+                mfu,
             }));
         }
         if let Some(c) = checkpointer.as_mut() {

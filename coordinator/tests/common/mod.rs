@@ -314,6 +314,7 @@ impl Worker {
             tokens_per_s: 1000.0,
             val_loss: None,
             val_accuracy: None,
+            mfu: None,
         }))
         .await;
     }

@@ -23,6 +23,7 @@ pub mod kernels;
 mod layernorm;
 mod matmul;
 mod memory;
+mod peak;
 pub mod nccl;
 pub mod view;
 
@@ -340,6 +341,9 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn peak_flops(&self) -> Option<f64> {
+        peak::dense_bf16_tflops(&self.device_name).map(|t| t * 1e12)
+    }
     fn synchronize(&self) -> Result<(), EngineError> {
         self.check(self.stream.synchronize(), "stream synchronize");
         self.check(self.ctx.check_err(), "deferred driver call");
