@@ -20,7 +20,7 @@ use smelt_checkpoint::{resolve_model, Checkpoint, HeadConfig, JobLocations, Line
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_corpus::Tokenizer;
 use smelt_engine::backend::{Backend, IGNORE_INDEX};
-use smelt_engine::collective::{Collective, TcpRing};
+use smelt_engine::collective::Collective;
 use smelt_engine::model::heads::ClassificationHead;
 use smelt_engine::model::{Gpt, GptConfig};
 use smelt_engine::optim::{AdamW, AdamWConfig, LrSchedule};
@@ -34,7 +34,7 @@ use tracing::info;
 use crate::checkpointing::{self, Checkpointer, HostState};
 use crate::finetune_data::{self, ClassExample, SftExample};
 use crate::model_file;
-use crate::runner::{RunControl, RunEvent, RunRequest, RING_CONNECT_TIMEOUT};
+use crate::runner::{RunControl, RunEvent, RunRequest};
 
 /// The examples of a job, by head.
 enum Examples {
@@ -551,7 +551,7 @@ fn sft_batch<'a>(examples: impl Iterator<Item = &'a SftExample> + Clone) -> SftB
 /// train with checkpoints, save. Returns the final step.
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
-    let (rank, world) = (a.rank as usize, a.world_size as usize);
+    let rank = a.rank as usize;
     let f = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
     let src = resolve_init_from(&spec, &f.init_from, &req.out_dir)?;
     if model_file::is_family(&src.bytes, &src.file)? {
@@ -564,9 +564,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
             events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
         }
     }
-    let mut ring = TcpRing::connect(rank, &req.peer_addrs, req.listener, RING_CONNECT_TIMEOUT)
-        .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
-    *control.ring_abort.lock().unwrap() = Some(ring.abort_handle());
+    let mut ring = crate::runner::connect_ring(&req, control)?;
     let resumed = checkpointing::load_resume(a, events)?;
     let start = resumed.as_ref().map_or(0, |c| c.step());
     checkpointing::agree_on_start(a, start, &CpuBackend::new(), &mut ring)?;

@@ -63,7 +63,6 @@ type AbortHook = Box<dyn Fn() + Send + Sync>;
 pub struct RunControl {
     stop: Arc<AtomicBool>,
     reason: Arc<Mutex<String>>,
-    pub(crate) ring_abort: Arc<Mutex<Option<smelt_engine::collective::AbortHandle>>>,
     abort_hook: Arc<Mutex<Option<AbortHook>>>,
 }
 
@@ -72,9 +71,6 @@ impl RunControl {
     pub fn stop(&self, reason: &str) {
         *self.reason.lock().unwrap() = reason.to_string();
         self.stop.store(true, Ordering::SeqCst);
-        if let Some(a) = self.ring_abort.lock().unwrap().as_ref() {
-            a.abort();
-        }
         if let Some(abort) = self.abort_hook.lock().unwrap().as_ref() {
             abort();
         }
