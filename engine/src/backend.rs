@@ -150,6 +150,38 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
+/// The flat buffer as consecutive runs of one weight decay each (AdamW decays matmul weights,
+/// not biases or LayerNorm), on the host and, for a one-pass update, on the device: `ends[r]`
+/// is run r's end offset, `decay[r]` its weight decay. (Generic over the backend's id and
+/// float buffers, so a backend wrapping another passes it through.)
+pub struct DecayRuns<I, F> {
+    pub host: Vec<(std::ops::Range<usize>, f32)>,
+    pub ends: I,
+    pub decay: F,
+}
+
+impl<I, F> DecayRuns<I, F> {
+    /// `runs` must tile [0, n) in order.
+    pub fn new<B: Backend<Ids = I, Buf = F>>(be: &B, runs: Vec<(std::ops::Range<usize>, f32)>) -> Self {
+        let mut at = 0;
+        for (r, _) in &runs {
+            assert_eq!(r.start, at, "decay runs must tile the buffer in order");
+            at = r.end;
+        }
+        // Offsets past u32 have no device table: such a buffer takes the per-run path.
+        let ends: Vec<u32> = runs.iter().map(|(r, _)| u32::try_from(r.end).unwrap_or(u32::MAX)).collect();
+        let decay: Vec<f32> = runs.iter().map(|(_, wd)| *wd).collect();
+        DecayRuns { ends: be.upload_ids(&ends), decay: be.upload(&decay), host: runs }
+    }
+    /// Elements covered.
+    pub fn len(&self) -> usize {
+        self.host.last().map_or(0, |(r, _)| r.end)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// Owned f32 memory on the device.
     type Buf: Send;
@@ -377,6 +409,25 @@ pub trait Backend: Send + Sync + 'static {
         v: Self::ViewMut<'_>,
         hp: AdamWStep,
     );
+
+    /// One AdamW step over whole flat buffers, each run with its own weight decay
+    /// (`hp.weight_decay` is ignored). The default launches [`Backend::adamw_update`] once per
+    /// run; a backend may do it in one pass (the same arithmetic, so the same bits).
+    fn adamw_update_runs(
+        &self,
+        params: &mut Self::Buf,
+        grads: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        runs: &DecayRuns<Self::Ids, Self::Buf>,
+        hp: AdamWStep,
+    ) {
+        for (range, wd) in &runs.host {
+            let [mr] = self.split_mut(m, [range.clone()]);
+            let [vr] = self.split_mut(v, [range.clone()]);
+            self.adamw_update(self.view_mut(params, range.clone()), self.view(grads, range.clone()), mr, vr, AdamWStep { weight_decay: *wd, ..hp });
+        }
+    }
 
     // ---- later additions, each with a default body --------------------------------------------
     // Backends written before these ops keep compiling; `supports` tells models which of the

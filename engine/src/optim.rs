@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::{AdamWStep, Backend, DecayRuns};
 use crate::error::{ConfigError, EngineError};
 use crate::params::{ParamKind, ParamTable};
 
@@ -116,7 +116,7 @@ pub struct StepReport {
 
 pub struct AdamW<B: Backend> {
     cfg: AdamWConfig,
-    runs: Vec<(Range<usize>, f32)>,
+    runs: DecayRuns<B::Ids, B::Buf>,
     m: B::Buf,
     v: B::Buf,
     /// Updates applied so far.
@@ -126,7 +126,7 @@ pub struct AdamW<B: Backend> {
 impl<B: Backend> AdamW<B> {
     pub fn new(be: &B, table: &ParamTable, cfg: AdamWConfig) -> Result<Self, ConfigError> {
         cfg.validate()?;
-        Ok(AdamW { runs: decay_runs(table, &cfg), m: be.zeros(table.total()), v: be.zeros(table.total()), t: 0, cfg })
+        Ok(AdamW { runs: DecayRuns::new(be, decay_runs(table, &cfg)), m: be.zeros(table.total()), v: be.zeros(table.total()), t: 0, cfg })
     }
 
     pub fn steps_done(&self) -> u64 {
@@ -159,20 +159,8 @@ impl<B: Backend> AdamW<B> {
             _ => 1.0,
         };
         self.t += 1;
-        for (range, wd) in &self.runs {
-            let hp = AdamWStep {
-                lr,
-                beta1: self.cfg.beta1,
-                beta2: self.cfg.beta2,
-                eps: self.cfg.eps,
-                weight_decay: *wd,
-                t: self.t,
-                grad_scale,
-            };
-            let [m] = be.split_mut(&mut self.m, [range.clone()]);
-            let [v] = be.split_mut(&mut self.v, [range.clone()]);
-            be.adamw_update(be.view_mut(params, range.clone()), be.view(grads, range.clone()), m, v, hp);
-        }
+        let hp = AdamWStep { lr, beta1: self.cfg.beta1, beta2: self.cfg.beta2, eps: self.cfg.eps, weight_decay: 0.0, t: self.t, grad_scale };
+        be.adamw_update_runs(params, grads, &mut self.m, &mut self.v, &self.runs, hp);
         Ok(StepReport { grad_norm: norm, lr })
     }
 }

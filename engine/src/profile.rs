@@ -10,7 +10,7 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::backend::{AdamWStep, AttnShape, Backend, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use crate::EngineError;
 
 /// Calls and total seconds of one op (keyed by op name and shape).
@@ -233,6 +233,9 @@ impl<B: Backend> Backend for Profiled<B> {
     }
     fn cross_entropy_backward_in_place(&self, logits: B::ViewMut<'_>, lse: B::View<'_>, targets: &B::Ids, dloss: f32, vocab: usize) {
         self.timed(|| "cross_entropy_backward_in_place".into(), || self.inner.cross_entropy_backward_in_place(logits, lse, targets, dloss, vocab))
+    }
+    fn adamw_update_runs(&self, params: &mut B::Buf, grads: &B::Buf, m: &mut B::Buf, v: &mut B::Buf, runs: &DecayRuns<B::Ids, B::Buf>, hp: AdamWStep) {
+        self.timed(|| "adamw_update".into(), || self.inner.adamw_update_runs(params, grads, m, v, runs, hp))
     }
     fn adamw_update(&self, params: B::ViewMut<'_>, grads: B::View<'_>, m: B::ViewMut<'_>, v: B::ViewMut<'_>, hp: AdamWStep) {
         self.timed(|| "adamw_update".into(), || self.inner.adamw_update(params, grads, m, v, hp))

@@ -435,10 +435,32 @@ fn adamw_body<B: Backend>(be: &B) -> Outs {
     vec![("params", host(be, &p)), ("m", host(be, &m)), ("v", host(be, &v))]
 }
 
+/// The one-launch update over runs of different weight decay (odd lengths, a one-element run)
+/// and, on the same backend, the per-run launches it replaces: the same bits.
+fn adamw_runs_body<B: Backend>(be: &B) -> Outs {
+    let n = 100_003;
+    let runs = vec![(0..1, 0.0), (1..40_000, 0.1), (40_000..40_769, 0.0), (40_769..n, 0.1)];
+    let table = smelt_engine::backend::DecayRuns::new(be, runs.clone());
+    let (mut p, mut m, mut v) = (be.upload(&randn(60, n, 1.0)), be.zeros(n), be.zeros(n));
+    let (mut p2, mut m2, mut v2) = (be.upload(&randn(60, n, 1.0)), be.zeros(n), be.zeros(n));
+    for t in 1..=3u64 {
+        let g = be.upload(&randn(60 + t, n, 1.0));
+        let hp = AdamWStep { lr: 1e-2, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.0, t, grad_scale: 0.5 };
+        be.adamw_update_runs(&mut p, &g, &mut m, &mut v, &table, hp);
+        for (r, wd) in &runs {
+            be.adamw_update(be.view_mut(&mut p2, r.clone()), be.view(&g, r.clone()), be.view_mut(&mut m2, r.clone()), be.view_mut(&mut v2, r.clone()), AdamWStep { weight_decay: *wd, ..hp });
+        }
+    }
+    let (p, p2) = (host(be, &p), host(be, &p2));
+    assert!(p.iter().zip(&p2).all(|(a, b)| a.to_bits() == b.to_bits()), "{}: one launch and per-run launches differ", be.name());
+    vec![("params", p), ("m", host(be, &m)), ("v", host(be, &v))]
+}
+
 #[test]
 fn adamw_matches_cpu() {
     let Some(g) = gpu() else { return };
     compare("adamw", g, 1e-6, both!(adamw_body));
+    compare("adamw runs", g, 1e-6, both!(adamw_runs_body));
 }
 
 // ---- errors -----------------------------------------------------------------------------------

@@ -1,11 +1,41 @@
 //! Fused AdamW over a range of the flat buffers.
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::memory::elementwise_cfg;
 use super::view::{CudaView, CudaViewMut};
 use super::CudaBackend;
-use crate::backend::AdamWStep;
+use crate::backend::{AdamWStep, DecayRuns};
+
+/// All runs in one launch (see `adamw_update_runs` in adamw.cu).
+pub(crate) fn update_runs(
+    be: &CudaBackend,
+    params: &mut CudaSlice<f32>,
+    grads: &CudaSlice<f32>,
+    m: &mut CudaSlice<f32>,
+    v: &mut CudaSlice<f32>,
+    runs: &DecayRuns<CudaSlice<u32>, CudaSlice<f32>>,
+    hp: AdamWStep,
+) {
+    let n = runs.len();
+    assert!(params.len() == n && grads.len() == n && m.len() == n && v.len() == n, "adamw: buffers of different lengths");
+    if n == 0 {
+        return;
+    }
+    let bc1 = 1.0 - hp.beta1.powi(hp.t as i32);
+    let bc2 = 1.0 - hp.beta2.powi(hp.t as i32);
+    let f = be.func("adamw_update_runs");
+    let (n64, nruns) = (n as u64, runs.host.len() as u32);
+    let (pp, gp, mp, vp) = (be.buf_ptr(params), be.buf_ptr(grads), be.buf_ptr(m), be.buf_ptr(v));
+    let (ends, decay) = (be.ids_ptr(&runs.ends), be.buf_ptr(&runs.decay));
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&pp).arg(&gp).arg(&mp).arg(&vp).arg(&n64).arg(&ends).arg(&decay).arg(&nruns);
+    b.arg(&hp.lr).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&hp.grad_scale).arg(&bc1).arg(&bc2);
+    // SAFETY: adamw_update_runs(float*, const float*, float*, float*, u64, const unsigned*,
+    // const float*, unsigned, 7 x float) touches elements 0..n of four buffers of n floats
+    // (asserted) and reads nruns >= 1 entries of ends and decay.
+    be.check(unsafe { b.launch(elementwise_cfg(be, n)) }.map(|_| ()), "adamw_update_runs");
+}
 
 pub(crate) fn update(
     be: &CudaBackend,

@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError};
 
-use crate::backend::{AdamWStep, AttnShape, Backend, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use crate::error::{ConfigError, EngineError};
 pub use view::{CudaView, CudaViewMut};
 
@@ -611,6 +611,26 @@ impl Backend for CudaBackend {
 
     // ---- optimizer ----------------------------------------------------------------------
 
+    fn adamw_update_runs(
+        &self,
+        params: &mut CudaSlice<f32>,
+        grads: &CudaSlice<f32>,
+        m: &mut CudaSlice<f32>,
+        v: &mut CudaSlice<f32>,
+        runs: &DecayRuns<CudaSlice<u32>, CudaSlice<f32>>,
+        hp: AdamWStep,
+    ) {
+        // Run ends are stored as u32: a larger buffer takes the per-run launches.
+        if runs.len() < u32::MAX as usize {
+            adamw::update_runs(self, params, grads, m, v, runs, hp)
+        } else {
+            for (range, wd) in &runs.host {
+                let [mr] = self.split_mut(m, [range.clone()]);
+                let [vr] = self.split_mut(v, [range.clone()]);
+                self.adamw_update(self.view_mut(params, range.clone()), self.view(grads, range.clone()), mr, vr, AdamWStep { weight_decay: *wd, ..hp });
+            }
+        }
+    }
     fn adamw_update(
         &self,
         params: CudaViewMut<'_>,

@@ -11,7 +11,7 @@
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use smelt_engine::backend::{AdamWStep, AttnShape, Backend, MatmulShape, OptionalOp, QkvSource, Scores};
+use smelt_engine::backend::{AdamWStep, AttnShape, Backend, DecayRuns, MatmulShape, OptionalOp, QkvSource, Scores};
 use smelt_engine::cuda::{CudaBackend, CudaOptions, MatmulPrecision};
 use smelt_engine::EngineError;
 
@@ -197,6 +197,9 @@ impl Backend for Shared {
     }
     fn adamw_update(&self, params: ViewMut<'_>, grads: View<'_>, m: ViewMut<'_>, v: ViewMut<'_>, hp: AdamWStep) {
         self.0.adamw_update(params, grads, m, v, hp)
+    }
+    fn adamw_update_runs(&self, params: &mut Buf, grads: &Buf, m: &mut Buf, v: &mut Buf, runs: &DecayRuns<Ids, Buf>, hp: AdamWStep) {
+        self.0.adamw_update_runs(params, grads, m, v, runs, hp)
     }
     fn supports(&self, op: OptionalOp) -> bool {
         self.0.supports(op)
