@@ -1,12 +1,14 @@
 //! `smelt export`: a model in other tools' formats.
 //!
-//! - `hf <model> <dir>`: `config.json` + `model.safetensors` that Hugging Face transformers loads
-//!   as `GPT2LMHeadModel`. The engine already stores GPT-2's tensor names and layouts (`Conv1D`
+//! - `hf <model> <dir>`: `config.json` + `model.safetensors` that Hugging Face transformers loads:
+//!   a GPT as `GPT2LMHeadModel`, a BERT as `BertForPreTraining`, `BertForSequenceClassification`
+//!   or `BertForMaskedLM` (`export_bert.rs`; a T5 is refused there). For a GPT: The engine already stores GPT-2's tensor names and layouts (`Conv1D`
 //!   weights (in, out)), so the tensors are copied; the LM head is tied to `wte` and, as
 //!   transformers' own `save_pretrained` does for tied weights, `lm_head.weight` is not stored
 //!   (`tie_word_embeddings` makes the loader tie it).
 //! - `logits <model> <out.npy> --ids ...`: the model's logits (T, V) for one sequence, as a
-//!   NumPy file, to compare against another implementation (`tools/hf/check_export.py`).
+//!   NumPy file, to compare against another implementation (`tools/hf/check_export.py`); for a
+//!   BERT the masked-LM logits of the unpadded sequence in segment 0.
 //!
 //! `<model>` is a checkpoint (`<store>/jobs/<job>/ckpt/<step>/`, verified against its manifest
 //! before anything is exported), a `model.safetensors` or a directory holding one, as a local
@@ -21,13 +23,18 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use smelt_engine::model::{Gpt, LayerNormPlacement};
 use smelt_engine::{weights, CpuBackend};
-use smelt_checkpoint::{resolve_model, JobLocations};
-use smelt_worker::model_file::{self, SavedModel};
+use smelt_checkpoint::{resolve_model, JobLocations, ModelSource};
+use smelt_worker::model_file::{self, SavedFamilyModel, SavedModel};
 use tracing::{info, warn};
+
+// Lives beside this file (cli/src/export_bert.rs), declared here so main.rs needs no entry.
+#[path = "export_bert.rs"]
+mod export_bert;
 
 #[derive(Subcommand, Debug)]
 pub enum ExportCommand {
-    /// Hugging Face transformers: config.json + model.safetensors (GPT2LMHeadModel).
+    /// Hugging Face transformers: config.json + model.safetensors (GPT2LMHeadModel, or BERT's
+    /// BertForPreTraining / BertForSequenceClassification / BertForMaskedLM).
     Hf(HfArgs),
     /// Logits of one token sequence as a .npy file (T, V), float32.
     Logits(LogitsArgs),
@@ -70,15 +77,31 @@ pub fn run(c: ExportCommand) -> Result<()> {
     }
 }
 
-/// Reads `<model>`, verified when it is a checkpoint (see the module docs).
-fn load(model: &str, store: &StoreArg) -> Result<SavedModel> {
+/// A model of either kind: a GPT, or a BERT / T5.
+enum Loaded {
+    Gpt(SavedModel),
+    Family(SavedFamilyModel),
+}
+
+/// Reads `<model>`'s bytes, verified when it is a checkpoint (see the module docs).
+fn read(model: &str, store: &StoreArg) -> Result<ModelSource> {
     let jobs = JobLocations { checkpoint_store: store.store.clone(), final_models: Some(store.store.clone()) };
     let src = resolve_model(model, &jobs).with_context(|| format!("reading the model {model}"))?;
     for s in &src.skipped {
         warn!(uri = %s.uri, reason = %s.reason, "checkpoint skipped");
     }
     info!(model, file = %src.file, verified = src.checkpoint.is_some(), "model read");
-    model_file::from_bytes(&src.bytes, &src.file)
+    Ok(src)
+}
+
+/// Reads `<model>` as whichever family its format names.
+fn load(model: &str, store: &StoreArg) -> Result<Loaded> {
+    let src = read(model, store)?;
+    Ok(if model_file::is_family(&src.bytes, &src.file)? {
+        Loaded::Family(model_file::family_from_bytes(&src.bytes, &src.file)?)
+    } else {
+        Loaded::Gpt(model_file::from_bytes(&src.bytes, &src.file)?)
+    })
 }
 
 /// GPT2Config of a smelt GPT. Dropout is 0: smelt trains without it, so the export behaves as
@@ -119,7 +142,10 @@ fn hf_config(saved: &SavedModel) -> serde_json::Value {
 }
 
 fn export_hf(a: &HfArgs) -> Result<()> {
-    let saved = load(&a.model, &a.store)?;
+    let saved = match load(&a.model, &a.store)? {
+        Loaded::Gpt(s) => s,
+        Loaded::Family(s) => return export_bert::export_hf(&s, &a.model, &a.out),
+    };
     if saved.config.ln_placement == LayerNormPlacement::Post {
         bail!(
             "{}: a post-LN model (ln_placement = post) has no Hugging Face GPT-2 equivalent: GPT-2 normalises before each \
@@ -146,7 +172,13 @@ fn export_hf(a: &HfArgs) -> Result<()> {
 }
 
 fn export_logits(a: &LogitsArgs) -> Result<()> {
-    let saved = load(&a.model, &a.store)?;
+    let saved = match load(&a.model, &a.store)? {
+        Loaded::Gpt(s) => s,
+        Loaded::Family(s) => {
+            let (v, logits) = export_bert::mlm_logits(s, &a.model, &a.ids)?;
+            return write_npy(&a.out, &[a.ids.len(), v], &logits);
+        }
+    };
     let (t, v) = (a.ids.len(), saved.config.vocab_size);
     let mut model = Gpt::from_params(CpuBackend::new(), saved.config, &saved.params)?;
     model.forward(&a.ids, None, 1, t)?;
