@@ -236,7 +236,9 @@ impl JobSpec {
                 }
                 let specials = BertSpecials::new(base);
                 c.vocab_size = (base + BertSpecials::COUNT) as usize;
-                c.ln_placement = m.ln_placement;
+                if let Some(p) = m.ln_placement {
+                    c.ln_placement = p;
+                }
                 c.scores = parse_scores(&m.scores)?;
                 c.positions = parse_positions(&m.positions, Positions::Learned)?;
                 c.nsp = objective == BertObjective::MlmNsp;
@@ -291,7 +293,9 @@ impl JobSpec {
                     return Err(err("model.sentinels", format!("{sentinels} sentinels overflow the u32 token ids")));
                 }
                 c.vocab_size = vocab as usize;
-                c.ln_placement = m.ln_placement;
+                if let Some(p) = m.ln_placement {
+                    c.ln_placement = p;
+                }
                 c.scores = parse_scores(&m.scores)?;
                 c.positions = parse_positions(&m.positions, Positions::Sinusoidal)?;
                 c.validate().map_err(|e| err(&model_field(&e.field), e.message))?;
@@ -382,6 +386,13 @@ world_size = 2
         assert_eq!(config.vocab_size, 34);
         assert_eq!((specials.pad, specials.cls, specials.sep, specials.mask), (30, 31, 32, 33));
         assert!(config.nsp);
+        // Unset, the placement is each architecture's own: BERT post-LN, T5 (and GPT-2) pre-LN.
+        assert_eq!(config.ln_placement, smelt_engine::model::LayerNormPlacement::Post);
+        let FamilyConfig::T5 { config: t5c, .. } = JobSpec::parse(&t5()).unwrap().family_config(30).unwrap() else { panic!("not t5") };
+        assert_eq!(t5c.ln_placement, smelt_engine::model::LayerNormPlacement::Pre);
+        let pre = BERT.replace("objective = \"mlm+nsp\"", "objective = \"mlm+nsp\"\nln_placement = \"pre\"");
+        let FamilyConfig::Bert { config: prec, .. } = JobSpec::parse(&pre).unwrap().family_config(30).unwrap() else { panic!() };
+        assert_eq!(prec.ln_placement, smelt_engine::model::LayerNormPlacement::Pre);
         assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s);
         let opts = BERT.replace("objective = \"mlm+nsp\"", "objective = \"contrastive\"\nscores = \"additive\"\npositions = \"sinusoidal\"\ntemperature = 0.1");
         let FamilyConfig::Bert { config, objective, .. } = JobSpec::parse(&opts).unwrap().family_config(30).unwrap() else { panic!() };

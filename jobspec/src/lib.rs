@@ -181,8 +181,9 @@ pub struct ModelSpec {
     /// on aligned shapes (bench/NOTES.md: 123 -> 97 ms per GPT-2 124M step on an H100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pad_vocab_to: Option<usize>,
-    #[serde(default)]
-    pub ln_placement: LayerNormPlacement,
+    /// `pre` or `post`; unset: the architecture's own (GPT-2 and T5 pre, BERT post).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ln_placement: Option<LayerNormPlacement>,
     /// `gpt` (default), `bert` (encoder-only) or `t5` (encoder-decoder). Presets are per
     /// architecture (`bert-tiny`, `t5-tiny`, ...).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -533,7 +534,7 @@ impl JobSpec {
                     n_layer: need(m.n_layer, "n_layer")?,
                     n_head: need(m.n_head, "n_head")?,
                     n_embd: need(m.n_embd, "n_embd")?,
-                    ln_placement: m.ln_placement,
+                    ln_placement: m.ln_placement.unwrap_or_default(),
                 }
             }
         };
@@ -554,7 +555,7 @@ impl JobSpec {
         if let Some(v) = m.block_size {
             cfg.block_size = v;
         }
-        cfg.ln_placement = m.ln_placement;
+        cfg.ln_placement = m.ln_placement.unwrap_or_default();
         cfg.validate().map_err(|e| err(&format!("model.{}", e.field), e.message))?;
         Ok(cfg)
     }
