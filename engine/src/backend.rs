@@ -342,6 +342,17 @@ pub trait Backend: Send + Sync + 'static {
         saved: Self::View<'_>,
         shape: AttnShape,
     );
+    /// [`Backend::attention_backward`] writing the gradient over what `dsrc` held (saves the
+    /// caller a zero fill of the (B, T, 3C) buffer).
+    fn attention_backward_set(
+        &self,
+        dsrc: QkvSource<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        src: QkvSource<Self::View<'_>>,
+        out: Self::View<'_>,
+        saved: Self::View<'_>,
+        shape: AttnShape,
+    );
 
     // ---- GELU (tanh approximation, as GPT-2) ----------------------------------------------
 

@@ -199,6 +199,17 @@ impl<B: Backend> Backend for Profiled<B> {
     ) {
         self.timed(|| attn_key("attention_backward", shape), || self.inner.attention_backward(dsrc, dout, src, out, saved, shape))
     }
+    fn attention_backward_set(
+        &self,
+        dsrc: QkvSource<B::ViewMut<'_>>,
+        dout: B::View<'_>,
+        src: QkvSource<B::View<'_>>,
+        out: B::View<'_>,
+        saved: B::View<'_>,
+        shape: AttnShape,
+    ) {
+        self.timed(|| attn_key("attention_backward", shape), || self.inner.attention_backward_set(dsrc, dout, src, out, saved, shape))
+    }
     fn gelu_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>) {
         self.timed(|| "gelu_forward".into(), || self.inner.gelu_forward(out, inp))
     }

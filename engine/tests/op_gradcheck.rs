@@ -459,9 +459,19 @@ fn attention_case<B: Backend>(be: &B, s: AttnShape, split: bool, seed: u64) {
 
     let mut loss = |x: &[Vec<f32>]| dot64(&host(be, &attention_forward_host(be, x, s).1), &r);
     let names = if split { ["dq", "dkv"].as_slice() } else { ["dqkv"].as_slice() };
+    let mut set: Vec<B::Buf> = x.iter().map(|v| be.upload(&vec![f32::NAN; v.len()])).collect();
+    let dsrc = match &mut set[..] {
+        [dqkv] => QkvSource::Packed(all_mut(be, dqkv)),
+        [dq, dkv] => QkvSource::Split { q: all_mut(be, dq), kv: all_mut(be, dkv) },
+        _ => unreachable!(),
+    };
+    be.attention_backward_set(dsrc, all(be, &dout), attention_src(be, &bufs), all(be, &out), all(be, &saved), s);
     for (which, name) in names.iter().enumerate() {
         let numeric = numeric_grad(&mut loss, &x, which, STEP);
         assert_grad(&format!("{tag} {name}"), &accumulated(be, &grads[which]), &numeric, TOL);
+        // The overwriting variant: the same gradient, whatever the buffer held (NaN here).
+        let got: Vec<f64> = host(be, &set[which]).iter().map(|&v| v as f64).collect();
+        assert_grad(&format!("{tag} {name} (set)"), &got, &numeric, TOL);
     }
 }
 

@@ -15,7 +15,7 @@
 #include <functional>
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 thread_local Dim3 threadIdx, blockIdx;
-Dim3 gridDim;
+Dim3 gridDim, blockDim;
 std::barrier<>* g_bar;
 float g_xch[1024];
 float smem[1 << 17];
@@ -37,6 +37,7 @@ inline float __int_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); retur
 using std::min;
 inline void launch(Dim3 grid, unsigned threads, std::function<void()> k) {
     gridDim = grid;
+    blockDim = {threads, 1, 1};
     for (unsigned z = 0; z < grid.z; z++)
         for (unsigned y = 0; y < grid.y; y++)
             for (unsigned x = 0; x < grid.x; x++) {

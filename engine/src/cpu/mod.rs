@@ -193,6 +193,29 @@ impl Backend for CpuBackend {
     ) {
         attention::backward(dsrc, dout, src, saved, shape)
     }
+    fn attention_backward_set(
+        &self,
+        dsrc: QkvSource<&mut [f32]>,
+        dout: &[f32],
+        src: QkvSource<&[f32]>,
+        _out: &[f32],
+        saved: &[f32],
+        shape: AttnShape,
+    ) {
+        // The reference: zero, then the accumulating op.
+        let dsrc = match dsrc {
+            QkvSource::Packed(d) => {
+                d.fill(0.0);
+                QkvSource::Packed(d)
+            }
+            QkvSource::Split { q, kv } => {
+                q.fill(0.0);
+                kv.fill(0.0);
+                QkvSource::Split { q, kv }
+            }
+        };
+        attention::backward(dsrc, dout, src, saved, shape)
+    }
 
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
         elementwise::gelu_forward(out, inp)

@@ -52,7 +52,8 @@ struct Params {
     v_off: i32,
     causal: i32,
     scale: f32,
-    pad_: i32,
+    /// Backward: 1 adds into dq, dk, dv; 0 overwrites them. (Also keeps key_lens aligned.)
+    accumulate: i32,
     /// Device pointer to `key_lens (B)` (u32), or 0 for no padding mask.
     key_lens: u64,
 }
@@ -203,7 +204,7 @@ fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Param
         v_off: v_off as i32,
         causal: s.causal as i32,
         scale: 1.0 / (hd as f32).sqrt(),
-        pad_: 0,
+        accumulate: 1,
         key_lens,
     };
     (p, q, kv)
@@ -306,7 +307,9 @@ pub(crate) fn forward_masked(
     );
 }
 
-/// Accumulates dq, dk, dv into `dsrc` (laid out like `src`).
+/// Accumulates dq, dk, dv into `dsrc` (laid out like `src`), or with `accumulate` false
+/// writes them over whatever it held.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     be: &CudaBackend,
     dsrc: QkvSource<CudaViewMut<'_>>,
@@ -315,8 +318,9 @@ pub(crate) fn backward(
     out: CudaView<'_>,
     saved: CudaView<'_>,
     shape: AttnShape,
+    accumulate: bool,
 ) {
-    backward_masked(be, dsrc, dout, src, out, saved, None, shape)
+    backward_with(be, dsrc, dout, src, out, saved, None, shape, accumulate)
 }
 
 /// [`backward`] with the key padding mask the forward pass used (keys past `key_lens[b]` get
@@ -332,8 +336,24 @@ pub(crate) fn backward_masked(
     key_lens: Option<&CudaSlice<u32>>,
     shape: AttnShape,
 ) {
+    backward_with(be, dsrc, dout, src, out, saved, key_lens, shape, true)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_with(
+    be: &CudaBackend,
+    dsrc: QkvSource<CudaViewMut<'_>>,
+    dout: CudaView<'_>,
+    src: QkvSource<CudaView<'_>>,
+    out: CudaView<'_>,
+    saved: CudaView<'_>,
+    key_lens: Option<&CudaSlice<u32>>,
+    shape: AttnShape,
+    accumulate: bool,
+) {
     check_shape(&shape);
-    let (p, q, kv) = params(&shape, &src, key_lens_ptr(be, key_lens, &shape));
+    let (mut p, q, kv) = params(&shape, &src, key_lens_ptr(be, key_lens, &shape));
+    p.accumulate = accumulate as i32;
     let (dq, dkv) = match (&dsrc, &src) {
         (QkvSource::Packed(d), QkvSource::Packed(_)) => {
             assert_eq!(

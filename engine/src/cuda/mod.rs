@@ -512,7 +512,18 @@ impl Backend for CudaBackend {
         saved: CudaView<'_>,
         shape: AttnShape,
     ) {
-        attention::backward(self, dsrc, dout, src, out, saved, shape)
+        attention::backward(self, dsrc, dout, src, out, saved, shape, true)
+    }
+    fn attention_backward_set(
+        &self,
+        dsrc: QkvSource<CudaViewMut<'_>>,
+        dout: CudaView<'_>,
+        src: QkvSource<CudaView<'_>>,
+        out: CudaView<'_>,
+        saved: CudaView<'_>,
+        shape: AttnShape,
+    ) {
+        attention::backward(self, dsrc, dout, src, out, saved, shape, false)
     }
     fn supports(&self, op: OptionalOp) -> bool {
         // Dot-score attention with key padding masks has kernels; learned scores do not.

@@ -621,8 +621,7 @@ impl<B: Backend> Gpt<B> {
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.proj_w, bp.proj_b);
             be.matmul_backward_set_dinp(be.view_mut(&mut s.datty, rc.clone()), dw, Some(db), be.view(&s.dmid, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), mm(rows, c, c));
             // atty = attention(qkv)
-            zero(be, &mut s.dqkv, rows * 3 * c);
-            be.attention_backward(
+            be.attention_backward_set(
                 QkvSource::Packed(be.view_mut(&mut s.dqkv, rc3.clone())),
                 be.view(&s.datty, rc.clone()),
                 QkvSource::Packed(be.view(&a.qkv, rc3.clone())),

@@ -171,6 +171,17 @@ impl Backend for Shared {
     ) {
         self.0.attention_backward(dsrc, dout, src, out, saved, shape)
     }
+    fn attention_backward_set(
+        &self,
+        dsrc: QkvSource<ViewMut<'_>>,
+        dout: View<'_>,
+        src: QkvSource<View<'_>>,
+        out: View<'_>,
+        saved: View<'_>,
+        shape: AttnShape,
+    ) {
+        self.0.attention_backward_set(dsrc, dout, src, out, saved, shape)
+    }
     fn gelu_forward(&self, out: ViewMut<'_>, inp: View<'_>) {
         self.0.gelu_forward(out, inp)
     }

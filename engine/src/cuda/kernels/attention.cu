@@ -43,9 +43,25 @@ struct AttnParams {
     int v_ld, v_off;   // of values in `kv` (and of dv)
     int causal;        // 1: query i sees keys j <= i
     float scale;       // 1 / sqrt(hd)
-    int pad_;          // keeps key_lens 8-byte aligned on both sides
+    int accumulate;    // backward: 1 adds into dq, dk, dv; 0 overwrites them (every element of
+                       // this head's columns is written once). Also keeps key_lens 8-byte aligned.
     const unsigned* key_lens;  // (B) keys j >= key_lens[b] are padding; null: all Tk are keys
 };
+
+// A gradient element: added to (accumulate) or written over.
+#define GRAD_STORE(dst, val) ((dst) = (p.accumulate ? (dst) : 0.0f) + (val))
+
+// Overwrite mode: the dk and dv rows of a key tile of padding get zeros (their gradient), since
+// the block that owns them leaves without computing anything. All threads of the block call it.
+__device__ __forceinline__ void zero_padding_kv_tile(float* dkv, const AttnParams& p, int b, int h, int k0) {
+    if (p.accumulate) return;
+    for (int e = threadIdx.x; e < TILE * p.hd; e += blockDim.x) {
+        const int j = k0 + e / p.hd, d = e % p.hd;
+        if (j >= p.tk) break;
+        dkv[((size_t)b * p.tk + j) * p.k_ld + p.k_off + h * p.hd + d] = 0.0f;
+        dkv[((size_t)b * p.tk + j) * p.v_ld + p.v_off + h * p.hd + d] = 0.0f;
+    }
+}
 
 // Keys of batch element b (its padding-mask length), each in 1..=Tk.
 __device__ __forceinline__ int key_count(const AttnParams& p, int b) {
@@ -279,7 +295,10 @@ __device__ void backward_dkv_impl(float* dkv, const float* q, const float* kv, c
 
     const int k0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
     const int nk = key_count(p, b);
-    if (k0 >= nk) return;  // a tile of padding keys: no gradient (the whole block leaves)
+    if (k0 >= nk) {  // a tile of padding keys: no gradient (the whole block leaves)
+        zero_padding_kv_tile(dkv, p, b, h, k0);
+        return;
+    }
     const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
     const float* qb = q + (size_t)b * p.tq * p.q_ld + p.q_off + h * p.hd;
     const float* kb = kv + (size_t)b * p.tk * p.k_ld + p.k_off + h * p.hd;
@@ -336,8 +355,8 @@ __device__ void backward_dkv_impl(float* dkv, const float* q, const float* kv, c
         for (int c = 0; c < NC; c++) {
             const int d = tx + 16 * c;
             if (d < p.hd) {
-                dkrow[d] += dk[a][c] * p.scale;
-                dvrow[d] += dv[a][c];
+                GRAD_STORE(dkrow[d], dk[a][c] * p.scale);
+                GRAD_STORE(dvrow[d], dv[a][c]);
             }
         }
     }
@@ -411,7 +430,7 @@ __device__ void backward_dq_impl(float* dq, const float* q, const float* kv, con
 #pragma unroll
         for (int c = 0; c < NC; c++) {
             const int d = tx + 16 * c;
-            if (d < p.hd) dqrow[d] += acc[a][c] * p.scale;
+            if (d < p.hd) GRAD_STORE(dqrow[d], acc[a][c] * p.scale);
         }
     }
 }
@@ -706,7 +725,10 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const float* q, const float* 
 
     const int k0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
     const int nk = key_count(p, b);
-    if (k0 >= nk) return;  // a tile of padding keys: no gradient (the whole block leaves)
+    if (k0 >= nk) {  // a tile of padding keys: no gradient (the whole block leaves)
+        zero_padding_kv_tile(dkv, p, b, h, k0);
+        return;
+    }
     const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const float* qb = q + (size_t)b * p.tq * p.q_ld + p.q_off + h * p.hd;
     const float* kb = kv + (size_t)b * p.tk * p.k_ld + p.k_off + h * p.hd;
@@ -790,8 +812,8 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const float* q, const float* 
             for (int e = 0; e < 2; e++) {
                 const int d = dn * 8 + 2 * t + e;
                 if (d < p.hd) {
-                    dkrow[d] += dk[dn][2 * half + e] * p.scale;
-                    dvrow[d] += dv[dn][2 * half + e];
+                    GRAD_STORE(dkrow[d], dk[dn][2 * half + e] * p.scale);
+                    GRAD_STORE(dvrow[d], dv[dn][2 * half + e]);
                 }
             }
     }
@@ -889,7 +911,7 @@ __device__ void backward_dq_bf16_impl(float* dq, const float* q, const float* kv
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int d = dn * 8 + 2 * t + e;
-                if (d < p.hd) dqrow[d] += acc[dn][2 * half + e] * p.scale;
+                if (d < p.hd) GRAD_STORE(dqrow[d], acc[dn][2 * half + e] * p.scale);
             }
     }
 }
