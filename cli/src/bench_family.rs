@@ -124,27 +124,12 @@ pub(crate) fn run_t5<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(
     Ok(Timed { params, flops_per_token: t5_flops_per_input_token(&cfg, te, td), tokens_per_step: (b * te) as f64, secs })
 }
 
-/// Training FLOPs (3x the forward's matmul FLOPs) per token of BERT with the MLM head on every
-/// position (as HF computes it): per layer q, k, v, o (4 C^2) and the FFN (2 C F) per token,
-/// attention's scores and weighted sum over all T keys (2 C T MACs); the head's dense (C^2) and
-/// tied decoder (C V). Same convention as `GptConfig::flops_per_token`.
 pub(crate) fn bert_flops_per_token(cfg: &BertConfig, t: usize) -> f64 {
-    let (c, f, v, l, t) = (cfg.n_embd as f64, cfg.n_inner as f64, cfg.vocab_size as f64, cfg.n_layer as f64, t as f64);
-    let macs = l * (4.0 * c * c + 2.0 * c * f + 2.0 * c * t) + c * c + c * v;
-    6.0 * macs
+    cfg.flops_per_token(t)
 }
 
-/// Training FLOPs per encoder (input) token of the T5-style model, Te encoder and Td decoder
-/// positions: the encoder as BERT's layers; per decoder token causal self-attention (4 C^2 +
-/// 2 C Td, the full map counted), cross-attention's q and o (2 C^2) and scores over Te keys
-/// (2 C Te), the FFN (2 C F) and the tied head (C V); the cross-attention's k and v run on the
-/// encoder output (2 C^2 per encoder token per decoder layer). Decoder work is scaled by Td/Te.
 pub(crate) fn t5_flops_per_input_token(cfg: &T5Config, te: usize, td: usize) -> f64 {
-    let (c, f, v) = (cfg.n_embd as f64, cfg.n_inner as f64, cfg.vocab_size as f64);
-    let (le, ld, te_f, td_f) = (cfg.n_layer as f64, cfg.n_decoder_layer as f64, te as f64, td as f64);
-    let enc = le * (4.0 * c * c + 2.0 * c * f + 2.0 * c * te_f) + ld * 2.0 * c * c;
-    let dec = ld * (4.0 * c * c + 2.0 * c * td_f + 2.0 * c * c + 2.0 * c * te_f + 2.0 * c * f) + c * v;
-    6.0 * (enc + dec * td_f / te_f)
+    cfg.flops_per_input_token(te, td)
 }
 
 #[cfg(test)]

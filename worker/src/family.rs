@@ -166,6 +166,15 @@ impl<B: Backend> Model<B> {
     }
 }
 
+/// Training FLOPs of a batch (for MFU).
+fn batch_flops(fam: &FamilyConfig, x: &FamilyBatch) -> f64 {
+    match (fam, x) {
+        (FamilyConfig::Bert { config, .. }, FamilyBatch::Bert(x)) => config.flops_per_token(x.seq_len) * (x.batch * x.seq_len) as f64,
+        (FamilyConfig::T5 { config, .. }, FamilyBatch::T5(x)) => config.flops_per_input_token(x.enc_len, x.dec_len) * (x.batch * x.enc_len) as f64,
+        _ => 0.0,
+    }
+}
+
 /// Tokens a batch puts through the model (encoder and decoder for T5).
 fn batch_tokens(x: &FamilyBatch) -> usize {
     match x {
@@ -278,6 +287,8 @@ pub(crate) fn train<B: Backend>(
 
     let started = Instant::now();
     let (mut tokens, mut last_val) = (0usize, None);
+    // This rank's training FLOPs, for MFU against the device's peak (GPU ranks).
+    let (mut flops, peak) = (0.0f64, model.backend().peak_flops());
     for step in start..tc.steps {
         if let Some(reason) = control.stopped() {
             bail!("stopped at step {step}: {reason}");
@@ -299,6 +310,7 @@ pub(crate) fn train<B: Backend>(
         let lr = tc.schedule.lr_at(step);
         let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step)?;
         tokens += micro.iter().map(batch_tokens).sum::<usize>() * world;
+        flops += micro.iter().map(|x| batch_flops(&fam, x)).sum::<f64>();
 
         let done = step + 1;
         let mut val_loss = None;
@@ -324,7 +336,7 @@ pub(crate) fn train<B: Backend>(
                 tokens_per_s: tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
                 val_loss,
                 val_accuracy: None,
-                mfu: None,
+                mfu: peak.map(|p| (flops / started.elapsed().as_secs_f64().max(1e-9) / p) as f32),
             }));
         }
         if let Some(c) = checkpointer.as_mut() {

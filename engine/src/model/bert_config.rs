@@ -126,6 +126,16 @@ impl BertConfig {
         })
     }
 
+    /// Training FLOPs (3x the forward's matmul FLOPs) per token with the MLM head on every
+    /// position (as HF computes it): per layer q, k, v, o (4 C^2) and the FFN (2 C F) per token,
+    /// attention's scores and weighted sum over all T keys (2 C T MACs); the head's dense (C^2)
+    /// and tied decoder (C V). The convention of `GptConfig::flops_per_token`.
+    pub fn flops_per_token(&self, t: usize) -> f64 {
+        let (c, f, v, l, t) = (self.n_embd as f64, self.n_inner as f64, self.vocab_size as f64, self.n_layer as f64, t as f64);
+        let macs = l * (4.0 * c * c + 2.0 * c * f + 2.0 * c * t) + c * c + c * v;
+        6.0 * macs
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }

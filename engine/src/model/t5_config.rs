@@ -67,6 +67,19 @@ impl T5Config {
         })
     }
 
+    /// Training FLOPs per encoder (input) token, Te encoder and Td decoder positions: the
+    /// encoder as BERT's layers; per decoder token causal self-attention (4 C^2 + 2 C Td, the
+    /// full map counted), cross-attention's q and o (2 C^2) and scores over Te keys (2 C Te), the
+    /// FFN (2 C F) and the tied head (C V); the cross-attention's k and v run on the encoder
+    /// output (2 C^2 per encoder token per decoder layer). Decoder work is scaled by Td/Te.
+    pub fn flops_per_input_token(&self, te: usize, td: usize) -> f64 {
+        let (c, f, v) = (self.n_embd as f64, self.n_inner as f64, self.vocab_size as f64);
+        let (le, ld, te_f, td_f) = (self.n_layer as f64, self.n_decoder_layer as f64, te as f64, td as f64);
+        let enc = le * (4.0 * c * c + 2.0 * c * f + 2.0 * c * te_f) + ld * 2.0 * c * c;
+        let dec = ld * (4.0 * c * c + 2.0 * c * td_f + 2.0 * c * c + 2.0 * c * te_f + 2.0 * c * f) + c * v;
+        6.0 * (enc + dec * td_f / te_f)
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }
