@@ -74,7 +74,7 @@ pub(crate) fn run_bert<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnc
         f.step += 1;
         Ok(())
     })?;
-    Ok(Timed { params, flops_per_token: bert_flops_per_token(&cfg, t), tokens_per_step: (b * t) as f64, secs })
+    Ok(Timed { params, flops_per_token: cfg.flops_per_token(t), tokens_per_step: (b * t) as f64, secs })
 }
 
 pub(crate) fn run_t5<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), after: impl FnOnce(&B)) -> Result<Timed> {
@@ -121,15 +121,7 @@ pub(crate) fn run_t5<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(
         f.step += 1;
         Ok(())
     })?;
-    Ok(Timed { params, flops_per_token: t5_flops_per_input_token(&cfg, te, td), tokens_per_step: (b * te) as f64, secs })
-}
-
-pub(crate) fn bert_flops_per_token(cfg: &BertConfig, t: usize) -> f64 {
-    cfg.flops_per_token(t)
-}
-
-pub(crate) fn t5_flops_per_input_token(cfg: &T5Config, te: usize, td: usize) -> f64 {
-    cfg.flops_per_input_token(te, td)
+    Ok(Timed { params, flops_per_token: cfg.flops_per_input_token(te, td), tokens_per_step: (b * te) as f64, secs })
 }
 
 #[cfg(test)]
@@ -141,7 +133,7 @@ mod tests {
         // BERT-base at T = 512: per token 12 * (4*768^2 + 2*768*3072 + 2*768*512) + 768^2
         // + 768*30522 MACs = 12 * 7,864,320 + 589,824 + 23,440,896 = 118,402,560; x6 = 710.4 MFLOP.
         let cfg = BertConfig::preset("bert-base").unwrap();
-        assert_eq!(bert_flops_per_token(&cfg, 512), 6.0 * 118_402_560.0);
+        assert_eq!(cfg.flops_per_token(512), 6.0 * 118_402_560.0);
     }
 
     #[test]
@@ -151,9 +143,9 @@ mod tests {
         let enc = 6.0 * (4.0 * c * c + 2.0 * c * f + 2.0 * c * 512.0) + 6.0 * 2.0 * c * c;
         let dec = 6.0 * (6.0 * c * c + 2.0 * c * 114.0 + 2.0 * c * 512.0 + 2.0 * c * f) + c * v;
         let want = 6.0 * (enc + dec * 114.0 / 512.0);
-        assert!((t5_flops_per_input_token(&cfg, 512, 114) - want).abs() < 1e-6 * want);
+        assert!((cfg.flops_per_input_token(512, 114) - want).abs() < 1e-6 * want);
         // Td = Te: decoder work per token counts in full
-        let same = t5_flops_per_input_token(&cfg, 64, 64);
+        let same = cfg.flops_per_input_token(64, 64);
         let dec64 = 6.0 * (6.0 * c * c + 2.0 * c * 64.0 + 2.0 * c * 64.0 + 2.0 * c * f) + c * v;
         let enc64 = 6.0 * (4.0 * c * c + 2.0 * c * f + 2.0 * c * 64.0) + 6.0 * 2.0 * c * c;
         assert!((same - 6.0 * (enc64 + dec64)).abs() < 1e-6 * same);
