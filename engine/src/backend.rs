@@ -182,6 +182,24 @@ impl<I, F> DecayRuns<I, F> {
     }
 }
 
+/// [`Backend::adamw_update_runs`] as one [`Backend::adamw_update`] per run: the trait's default,
+/// and a backend's fallback where its one-pass kernel does not apply.
+pub fn adamw_update_each_run<B: Backend>(
+    be: &B,
+    params: &mut B::Buf,
+    grads: &B::Buf,
+    m: &mut B::Buf,
+    v: &mut B::Buf,
+    runs: &DecayRuns<B::Ids, B::Buf>,
+    hp: AdamWStep,
+) {
+    for (range, wd) in &runs.host {
+        let [mr] = be.split_mut(m, [range.clone()]);
+        let [vr] = be.split_mut(v, [range.clone()]);
+        be.adamw_update(be.view_mut(params, range.clone()), be.view(grads, range.clone()), mr, vr, AdamWStep { weight_decay: *wd, ..hp });
+    }
+}
+
 pub trait Backend: Send + Sync + 'static {
     /// Owned f32 memory on the device.
     type Buf: Send;
@@ -432,12 +450,10 @@ pub trait Backend: Send + Sync + 'static {
         v: &mut Self::Buf,
         runs: &DecayRuns<Self::Ids, Self::Buf>,
         hp: AdamWStep,
-    ) {
-        for (range, wd) in &runs.host {
-            let [mr] = self.split_mut(m, [range.clone()]);
-            let [vr] = self.split_mut(v, [range.clone()]);
-            self.adamw_update(self.view_mut(params, range.clone()), self.view(grads, range.clone()), mr, vr, AdamWStep { weight_decay: *wd, ..hp });
-        }
+    ) where
+        Self: Sized,
+    {
+        adamw_update_each_run(self, params, grads, m, v, runs, hp)
     }
 
     // ---- later additions, each with a default body --------------------------------------------

@@ -18,7 +18,7 @@
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use smelt_checkpoint::ModelConfig;
+use smelt_checkpoint::{Checkpoint, ModelConfig};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_engine::backend::Backend;
 use smelt_engine::collective::Collective;
@@ -92,6 +92,26 @@ impl<B: Backend> Model<B> {
         let report = opt.step(be, params, grads, lr, step)?;
         self.backend().synchronize()?;
         Ok((loss, report))
+    }
+
+    /// Puts the weights and AdamW's moments and count back where checkpoint `ck` left them,
+    /// once it is known to hold `expected` (`makes` says in the error what this job builds).
+    pub(crate) fn restore(&mut self, opt: &mut AdamW<B>, ck: &Checkpoint, expected: &ModelConfig, spec: &JobSpec, makes: &str) -> Result<()> {
+        if ck.trainer.model != *expected || ck.trainer.head.is_some() {
+            bail!("checkpoint {} holds a {} model {:?}, {makes} a {} model {:?}", ck.uri, ck.trainer.model.arch(), ck.trainer.model, expected.arch(), expected);
+        }
+        checkpointing::warn_if_data_order_changes(ck, spec);
+        self.set_params_host(&ck.params);
+        opt.restore(self.backend(), &ck.m, &ck.v, ck.trainer.trainer.optimizer_steps);
+        Ok(())
+    }
+
+    /// What a checkpoint after `done` steps holds. Samples are a function of (seed, step), so
+    /// no generator state is carried: the one recorded is the seed's.
+    pub(crate) fn host_state(&self, opt: &AdamW<B>, done: u64, seed: u64) -> HostState {
+        let (m, v) = opt.moments_host(self.backend());
+        let state = TrainerState { step: done, optimizer_steps: opt.steps_done(), data_rng: Rng::new(seed) };
+        HostState { params: self.params_host(), m, v, state }
     }
 
     /// A model of the saved config with the given weights.
@@ -266,13 +286,7 @@ pub(crate) fn train<B: Backend>(
     let model_config: ModelConfig = saved.model_config();
     let (mut start, mut lineage) = (0, Default::default());
     if let Some(ck) = checkpointing::load_resume(a, events)? {
-        if ck.trainer.model != model_config || ck.trainer.head.is_some() {
-            bail!("checkpoint {} holds a {} model {:?}, the job's spec makes a {} model {:?}", ck.uri, ck.trainer.model.arch(), ck.trainer.model, model_config.arch(), model_config);
-        }
-        checkpointing::warn_if_data_order_changes(&ck, &spec);
-        model.set_params_host(&ck.params);
-        let be = model.backend();
-        opt.restore(be, &ck.m, &ck.v, ck.trainer.trainer.optimizer_steps);
+        model.restore(&mut opt, &ck, &model_config, &spec, "the job's spec makes")?;
         start = ck.step();
         lineage = checkpointing::lineage_of(&ck);
     }
@@ -340,12 +354,7 @@ pub(crate) fn train<B: Backend>(
             }));
         }
         if let Some(c) = checkpointer.as_mut() {
-            c.after_step_with(done, tc.steps, events, &mut || {
-                let (m, v) = opt.moments_host(model.backend());
-                // Samples depend on (seed, step) alone: the generator recorded is the seed's.
-                let state = TrainerState { step: done, optimizer_steps: opt.steps_done(), data_rng: Rng::new(spec.seed) };
-                HostState { params: model.params_host(), m, v, state }
-            });
+            c.after_step_with(done, tc.steps, events, &mut || model.host_state(&opt, done, spec.seed));
         }
     }
     if let Some(c) = checkpointer {

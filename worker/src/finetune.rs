@@ -298,7 +298,7 @@ impl FinetuneJob {
 
 /// Training and validation examples: `finetune.val_data` when given, else `val_fraction` of
 /// `finetune.data` held out.
-fn load_split<T>(f: &FinetuneSpec, load: impl Fn(&str) -> Result<Vec<T>>) -> Result<(Vec<T>, Vec<T>)> {
+pub(crate) fn load_split<T>(f: &FinetuneSpec, load: impl Fn(&str) -> Result<Vec<T>>) -> Result<(Vec<T>, Vec<T>)> {
     let all = load(&f.data).context("finetune.data")?;
     Ok(match &f.val_data {
         Some(v) => (all, load(v).context("finetune.val_data")?),

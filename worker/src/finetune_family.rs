@@ -19,18 +19,18 @@ use anyhow::{anyhow, bail, Context, Result};
 use smelt_checkpoint::{ModelConfig, ModelSource};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_corpus::Tokenizer;
+use smelt_engine::model::heads::row_argmax;
 use smelt_engine::model::{BertBatch, T5Batch};
 use smelt_engine::optim::AdamW;
 use smelt_engine::params::ParamTable;
-use smelt_engine::rng::Rng;
-use smelt_engine::train::TrainerState;
 use smelt_engine::CpuBackend;
 use smelt_jobspec::{FinetuneHead, FinetuneSpec, JobSpec};
 use smelt_proto::v1::{JobNote, StepMetrics};
 use tracing::info;
 
-use crate::checkpointing::{self, Checkpointer, HostState};
+use crate::checkpointing::{self, Checkpointer};
 use crate::family_data::{self, FamilyBatch};
+use crate::finetune::load_split;
 use crate::finetune_data::{self, ClassExample, PairExample};
 use crate::model_file::{self, FamilyModel, SavedFamilyModel};
 use crate::runner::{RunControl, RunEvent, RunRequest};
@@ -145,24 +145,7 @@ impl FamilyFinetune {
     }
 }
 
-fn load_split<T>(f: &FinetuneSpec, load: impl Fn(&str) -> Result<Vec<T>>) -> Result<(Vec<T>, Vec<T>)> {
-    let all = load(&f.data).context("finetune.data")?;
-    Ok(match &f.val_data {
-        Some(v) => (all, load(v).context("finetune.val_data")?),
-        None => finetune_data::split(all, f.val_fraction),
-    })
-}
-
 type Model = crate::family::Model<CpuBackend>;
-
-/// The predicted class of each row of the last classification batch.
-fn predictions(model: &Model, num_labels: usize) -> Vec<u32> {
-    model
-        .class_logits()
-        .chunks(num_labels)
-        .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i as u32, x) } else { best }).0)
-        .collect()
-}
 
 impl FamilyFinetune {
     /// A micro-batch of the given examples: `[CLS] text [SEP]` padded with [PAD] and masked by
@@ -228,7 +211,7 @@ impl FamilyFinetune {
                     loss_sum += loss * b.batch as f64;
                     weight += b.batch;
                     let labels = b.labels.as_deref().unwrap_or_default();
-                    correct += predictions(model, *num_labels).iter().zip(labels).filter(|(p, l)| p == l).count();
+                    correct += row_argmax(&model.class_logits(), *num_labels).iter().zip(labels).filter(|(p, l)| p == l).count();
                 }
                 FamilyBatch::T5(b) => {
                     let k = b.targets.iter().flatten().filter(|&&t| t != smelt_engine::backend::IGNORE_INDEX).count();
@@ -265,11 +248,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
     let model_config: ModelConfig = job.model.model_config();
     let (mut start, mut lineage) = (0, smelt_checkpoint::Lineage { parent_checkpoint: Some(job.parent_file.clone()), parent_job: job.parent_job.clone() });
     if let Some(ck) = checkpointing::load_resume(a, events)? {
-        if ck.trainer.model != model_config || ck.trainer.head.is_some() {
-            bail!("checkpoint {} holds a {} model {:?}, this job fine-tunes a {} model {:?}", ck.uri, ck.trainer.model.arch(), ck.trainer.model, model_config.arch(), model_config);
-        }
-        model.set_params_host(&ck.params);
-        opt.restore(&CpuBackend::new(), &ck.m, &ck.v, ck.trainer.trainer.optimizer_steps);
+        model.restore(&mut opt, &ck, &model_config, &spec, "this job fine-tunes")?;
         start = ck.step();
         lineage = checkpointing::lineage_of(&ck);
     }
@@ -319,12 +298,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
             }));
         }
         if let Some(c) = checkpointer.as_mut() {
-            c.after_step_with(done, tc.steps, events, &mut || {
-                let (m, v) = opt.moments_host(&CpuBackend::new());
-                // The example order is a function of (seed, step): no generator state to carry.
-                let state = TrainerState { step: done, optimizer_steps: opt.steps_done(), data_rng: Rng::new(spec.seed) };
-                HostState { params: model.params_host(), m, v, state }
-            });
+            c.after_step_with(done, tc.steps, events, &mut || model.host_state(&opt, done, spec.seed));
         }
     }
     if let Some(c) = checkpointer {

@@ -635,11 +635,7 @@ impl Backend for CudaBackend {
         if runs.len() < u32::MAX as usize {
             adamw::update_runs(self, params, grads, m, v, runs, hp)
         } else {
-            for (range, wd) in &runs.host {
-                let [mr] = self.split_mut(m, [range.clone()]);
-                let [vr] = self.split_mut(v, [range.clone()]);
-                self.adamw_update(self.view_mut(params, range.clone()), self.view(grads, range.clone()), mr, vr, AdamWStep { weight_decay: *wd, ..hp });
-            }
+            crate::backend::adamw_update_each_run(self, params, grads, m, v, runs, hp)
         }
     }
     fn adamw_update(

@@ -41,6 +41,14 @@ struct HeadBatch<B: Backend> {
     labels: Option<B::Ids>,
 }
 
+/// The most likely class of each row of `(rows, classes)` logits (ties: the lowest class).
+pub fn row_argmax(logits: &[f32], classes: usize) -> Vec<u32> {
+    logits
+        .chunks(classes)
+        .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0 as u32)
+        .collect()
+}
+
 /// Linear classifier over the pooled last-token hidden state.
 pub struct ClassificationHead<B: Backend> {
     num_labels: usize,
@@ -199,10 +207,7 @@ impl<B: Backend> ClassificationHead<B> {
 
     /// The most likely label of each sequence of the last forward (ties: the lowest label).
     pub fn predictions(&self, be: &B) -> Vec<u32> {
-        self.logits(be)
-            .chunks(self.num_labels)
-            .map(|row| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0 as u32)
-            .collect()
+        row_argmax(&self.logits(be), self.num_labels)
     }
 
     /// Backward of the last forward (which must have had labels): accumulates the gradient of
