@@ -102,23 +102,11 @@ impl FamilyModel {
     fn table(&self) -> ParamTable {
         self.model_config().param_table()
     }
-    fn vocab_size(&self) -> usize {
-        match self {
-            FamilyModel::Bert { config, .. } => config.vocab_size,
-            FamilyModel::T5 { config, .. } => config.vocab_size,
-        }
-    }
     /// The tokenizer's (or corpus's) vocabulary size: ids below it are text.
     pub fn base_vocab(&self) -> u32 {
         match self {
             FamilyModel::Bert { specials, .. } => specials.base_vocab,
             FamilyModel::T5 { specials, .. } => specials.base_vocab,
-        }
-    }
-    fn expected_vocab(&self) -> usize {
-        match self {
-            FamilyModel::Bert { specials, .. } => (specials.base_vocab + BertSpecials::COUNT) as usize,
-            FamilyModel::T5 { specials, .. } => specials.base_vocab as usize + 1 + specials.sentinels as usize,
         }
     }
 }
@@ -173,19 +161,16 @@ pub fn family_from_bytes(bytes: &[u8], shown: &str) -> Result<SavedFamilyModel> 
     let model = match field(KEY_FORMAT)?.as_str() {
         FORMAT_BERT => {
             let config: BertConfig = serde_json::from_str(config).with_context(|| bad(KEY_CONFIG))?;
-            config.validate().with_context(|| format!("{shown}: bad model config"))?;
             FamilyModel::Bert { config, specials: serde_json::from_str(specials).with_context(|| bad(KEY_SPECIALS))? }
         }
         FORMAT_T5 => {
             let config: T5Config = serde_json::from_str(config).with_context(|| bad(KEY_CONFIG))?;
-            config.validate().with_context(|| format!("{shown}: bad model config"))?;
             FamilyModel::T5 { config, specials: serde_json::from_str(specials).with_context(|| bad(KEY_SPECIALS))? }
         }
         other => return Err(anyhow!("{shown}: model format {other:?} is not {FORMAT_BERT:?} or {FORMAT_T5:?}")),
     };
-    if model.vocab_size() != model.expected_vocab() {
-        return Err(anyhow!("{shown}: vocab_size {} does not match the special tokens ({} text ids plus the reserved ones make {})", model.vocab_size(), model.base_vocab(), model.expected_vocab()));
-    }
+    // The config's own checks, and that the special ids add up to its vocabulary.
+    model.model_config().validate().map_err(|e| anyhow!("{shown}: bad model config: {e}"))?;
     let tokenizer: Tokenizer = serde_json::from_str(field(KEY_TOKENIZER)?).with_context(|| bad(KEY_TOKENIZER))?;
     let base = model.base_vocab() as usize;
     if tokenizer.vocab_size() != base && tokenizer.corpus_vocab_size() != base {
