@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# Everything one 15-minute device lease should check, in one call (~7-8 minutes; stage it with
+# bench/device/prepare.sh, then `bash device/cuda_all.sh` with carry ["device"], timeout_s ~570):
+#  1. every CUDA test binary (and op_gradcheck's CUDA half), run side by side: they are small and
+#     the card has room; their logs go to one file;
+#  2. GPT-2 124M: smelt's per-op profile, smelt's step, then torch_gpt2.py --compile (issue 5);
+#  3. BERT-base MLM and T5-small: smelt's step and profile, then the Hugging Face peers from
+#     torch_family.py, compiled (issue 7). The peers run through torch_family.py's own `bench`
+#     and `main`; only its GPT-2 run is skipped (step 2 has the GPT-2 peer), to save the lease.
+# $OUT gets 7 files: summary.txt, tests.log, gpt.txt, smelt_bert.json, smelt_t5.json, smelt.err,
+# torch_family.txt. Stage budgets (seconds) are in the timeouts below; they sum under 540.
+set -u
+cd "$(dirname "$0")/.."
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
+export SMELT_CUDA_INCLUDE=${SMELT_CUDA_INCLUDE:-/usr/local/cuda/include}
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+LOGS=$(mktemp -d)
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 | tee "$OUT/summary.txt"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  echo "== tests (side by side)"
+  start=$(date +%s)
+  for t in device/tests/*; do
+    name=$(basename "$t")
+    ( timeout "${TEST_TIMEOUT:-150}" "$t" --test-threads=1 --nocapture > "$LOGS/$name.log" 2>&1
+      echo "$?" > "$LOGS/$name.rc" ) &
+  done
+  wait
+  echo "tests took $(( $(date +%s) - start )) s"
+  for t in device/tests/*; do
+    name=$(basename "$t")
+    line="$name rc=$(cat "$LOGS/$name.rc") $(grep -E '^test result' "$LOGS/$name.log" | tail -1)"
+    echo "$line" | tee -a "$OUT/summary.txt"
+    grep -E "^test .*FAILED|panicked|skipping" "$LOGS/$name.log" | head -8
+    { echo "==== $name"; cat "$LOGS/$name.log"; } >> "$OUT/tests.log"
+  done
+fi
+
+gpt=(device/smelt bench step --backend cuda --preset gpt2-124m --batch "${B:-16}" --seq 1024 --vocab "${VOCAB:-50304}")
+echo "== gpt-2 124m: profile" | tee -a "$OUT/gpt.txt"
+timeout 60 "${gpt[@]}" --warmup 2 --steps 2 --profile >> "$OUT/gpt.txt" 2>&1; echo "rc=$?"
+grep -E "^ *[0-9.]+ +[0-9.]+%" "$OUT/gpt.txt" | head -14
+echo "== gpt-2 124m: smelt step" | tee -a "$OUT/gpt.txt"
+timeout 60 "${gpt[@]}" --warmup 3 --steps 10 --json > "$LOGS/gpt.json" 2>> "$OUT/gpt.txt"; echo "rc=$?"
+cat "$LOGS/gpt.json" >> "$OUT/gpt.txt"; tail -1 "$LOGS/gpt.json"
+echo "== gpt-2 124m: torch.compile peer" | tee -a "$OUT/gpt.txt"
+timeout 150 python3 device/torch_gpt2.py --B "${B:-16}" --T 1024 --steps 30 --compile > "$LOGS/torch_gpt2.txt" 2>&1; echo "rc=$?"
+cat "$LOGS/torch_gpt2.txt" >> "$OUT/gpt.txt"; tail -1 "$LOGS/torch_gpt2.txt"
+
+family() { # arch, then smelt's flags
+  local arch=$1; shift
+  echo "== $arch: smelt step $*"
+  echo "==== $arch $*" >> "$OUT/smelt.err"
+  timeout 60 device/smelt bench step --backend cuda --arch "$arch" "$@" --warmup 3 --steps 10 --json \
+    > "$OUT/smelt_$arch.json" 2>> "$OUT/smelt.err"
+  echo "rc=$? $(tail -c 400 "$OUT/smelt_$arch.json")"
+  echo "==== profile $arch $*" >> "$OUT/smelt.err"
+  timeout 45 device/smelt bench step --backend cuda --arch "$arch" "$@" --warmup 2 --steps 2 --profile \
+    >> "$OUT/smelt.err" 2>&1
+}
+family bert --preset bert-base --batch 32 --seq 512
+family t5 --preset t5-small --batch 64 --seq 512 --dec-seq 114
+
+echo "== hugging face peers (bert, t5), compiled"
+timeout 200 python3 - > "$OUT/torch_family.txt" 2>&1 <<'EOF'
+import sys
+sys.path.insert(0, "device")
+import torch_family as tf
+run = tf.bench
+def bench(name, model, *rest):
+    if name == "gpt2-124m":  # measured by torch_gpt2.py above
+        print("hf-gpt2-124m skipped", flush=True)
+        return
+    run(name, model, *rest)
+tf.bench = bench
+sys.argv = ["torch_family.py", "--compile", "--steps", "20"]
+tf.main()
+EOF
+echo "rc=$?"; grep -E "^hf-|Error" "$OUT/torch_family.txt" | tail -4
+
+echo "== summary" | tee -a "$OUT/summary.txt"
+python3 - "$OUT" "$LOGS" <<'EOF' | tee -a "$OUT/summary.txt"
+import json, pathlib, re, sys
+out, logs = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+def last_json(p):
+    try:
+        return json.loads(p.read_text().strip().splitlines()[-1])
+    except (OSError, ValueError, IndexError) as e:
+        print(f"{p.name}: no result ({e})")
+peer = {}
+for line in (out / "torch_family.txt").read_text(errors="replace").splitlines() if (out / "torch_family.txt").exists() else []:
+    m = re.match(r"hf-(\S+?)(-compile)? N=\S+ step=([\d.]+)ms tok/s=(\d+)", line)
+    if m:
+        peer[m.group(1)] = float(m.group(4))
+g = last_json(logs / "gpt.json")
+t = None
+if (logs / "torch_gpt2.txt").exists():
+    for line in (logs / "torch_gpt2.txt").read_text(errors="replace").splitlines():
+        m = re.search(r"tok/s[=:]\s*([\d.]+)", line)
+        if m:
+            t = float(m.group(1))
+if g:
+    line = f"gpt2-124m: smelt {g['tokens_per_s']:.0f} tok/s ({g['ms_per_step']:.1f} ms, MFU {100*g['mfu']:.1f}%)"
+    if t:
+        line += f"; torch.compile {t:.0f} tok/s; ratio {g['tokens_per_s']/t:.2f}x"
+    print(line)
+for arch, name in [("bert", "bert-base-mlm"), ("t5", "t5-small-denoise")]:
+    s = last_json(out / f"smelt_{arch}.json")
+    if not s:
+        continue
+    line = f"{arch}: smelt {s['tokens_per_s']:.0f} tok/s ({s['ms_per_step']:.1f} ms, MFU {100*s['mfu']:.1f}%)"
+    if name in peer:
+        line += f"; hf compiled {peer[name]:.0f} tok/s; ratio {s['tokens_per_s']/peer[name]:.2f}x"
+    print(line)
+EOF
