@@ -3,10 +3,12 @@
 # bench/device/prepare.sh, then `bash device/cuda_all.sh` with carry ["device"], timeout_s ~570):
 #  1. every CUDA test binary (and op_gradcheck's CUDA half), run side by side: they are small and
 #     the card has room; their logs go to one file;
-#  2. GPT-2 124M: smelt's per-op profile, smelt's step, then torch_gpt2.py --compile (issue 5);
-#  3. BERT-base MLM and T5-small: smelt's step and profile, then the Hugging Face peers from
+#  2. GPT-2 124M: smelt's step (and with BASELINE_ENV, e.g. "SMELT_ATTENTION_KERNELS=v1", the
+#     previous kernels' step), then torch_gpt2.py --compile (issue 5);
+#  3. BERT-base MLM and T5-small: smelt's step, then the Hugging Face peers from
 #     torch_family.py, compiled (issue 7). The peers run through torch_family.py's own `bench`
-#     and `main`; only its GPT-2 run is skipped (step 2 has the GPT-2 peer), to save the lease.
+#     and `main`; only its GPT-2 run is skipped (step 2 has the GPT-2 peer), to save the lease;
+#  4. per-op profiles of the three models (each op synchronised), last because least needed.
 # $OUT gets 7 files: summary.txt, tests.log, gpt.txt, smelt_bert.json, smelt_t5.json, smelt.err,
 # torch_family.txt. Stage budgets (seconds) are in the timeouts below; they sum under 540.
 set -u
@@ -38,12 +40,15 @@ if [ "${SKIP_TESTS:-0}" != 1 ]; then
 fi
 
 gpt=(device/smelt bench step --backend cuda --preset gpt2-124m --batch "${B:-16}" --seq 1024 --vocab "${VOCAB:-50304}")
-echo "== gpt-2 124m: profile" | tee -a "$OUT/gpt.txt"
-timeout 60 "${gpt[@]}" --warmup 2 --steps 2 --profile >> "$OUT/gpt.txt" 2>&1; echo "rc=$?"
-grep -E "^ *[0-9.]+ +[0-9.]+%" "$OUT/gpt.txt" | head -14
 echo "== gpt-2 124m: smelt step" | tee -a "$OUT/gpt.txt"
 timeout 60 "${gpt[@]}" --warmup 3 --steps 10 --json > "$LOGS/gpt.json" 2>> "$OUT/gpt.txt"; echo "rc=$?"
 cat "$LOGS/gpt.json" >> "$OUT/gpt.txt"; tail -1 "$LOGS/gpt.json"
+# The previous version's kernels in the same call: BASELINE_ENV names the switches back to it.
+if [ -n "${BASELINE_ENV:-}" ]; then
+  echo "== gpt-2 124m: smelt step with $BASELINE_ENV" | tee -a "$OUT/gpt.txt"
+  env $BASELINE_ENV timeout 60 "${gpt[@]}" --warmup 3 --steps 10 --json > "$LOGS/gpt_base.json" 2>> "$OUT/gpt.txt"; echo "rc=$?"
+  cat "$LOGS/gpt_base.json" >> "$OUT/gpt.txt"; tail -1 "$LOGS/gpt_base.json"
+fi
 echo "== gpt-2 124m: torch.compile peer" | tee -a "$OUT/gpt.txt"
 timeout 150 python3 device/torch_gpt2.py --B "${B:-16}" --T 1024 --steps 30 --compile > "$LOGS/torch_gpt2.txt" 2>&1; echo "rc=$?"
 cat "$LOGS/torch_gpt2.txt" >> "$OUT/gpt.txt"; tail -1 "$LOGS/torch_gpt2.txt"
@@ -55,6 +60,9 @@ family() { # arch, then smelt's flags
   timeout 60 device/smelt bench step --backend cuda --arch "$arch" "$@" --warmup 3 --steps 10 --json \
     > "$OUT/smelt_$arch.json" 2>> "$OUT/smelt.err"
   echo "rc=$? $(tail -c 400 "$OUT/smelt_$arch.json")"
+}
+profile() { # arch, then smelt's flags: per-op profile into smelt.err (run last: least needed)
+  local arch=$1; shift
   echo "==== profile $arch $*" >> "$OUT/smelt.err"
   timeout 45 device/smelt bench step --backend cuda --arch "$arch" "$@" --warmup 2 --steps 2 --profile \
     >> "$OUT/smelt.err" 2>&1
@@ -79,6 +87,12 @@ tf.main()
 EOF
 echo "rc=$?"; grep -E "^hf-|Error" "$OUT/torch_family.txt" | tail -4
 
+echo "== profiles"
+profile gpt --preset gpt2-124m --batch "${B:-16}" --seq 1024 --vocab "${VOCAB:-50304}"
+profile bert --preset bert-base --batch 32 --seq 512
+profile t5 --preset t5-small --batch 64 --seq 512 --dec-seq 114
+grep -E "attention|all ops" "$OUT/smelt.err"
+
 echo "== summary" | tee -a "$OUT/summary.txt"
 python3 - "$OUT" "$LOGS" <<'EOF' | tee -a "$OUT/summary.txt"
 import json, pathlib, re, sys
@@ -100,6 +114,9 @@ if (logs / "torch_gpt2.txt").exists():
         m = re.search(r"tok/s[=:]\s*([\d.]+)", line)
         if m:
             t = float(m.group(1))
+b = last_json(logs / "gpt_base.json") if (logs / "gpt_base.json").exists() else None
+if g and b:
+    print(f"gpt2-124m baseline ({__import__('os').environ.get('BASELINE_ENV', '')}): {b['ms_per_step']:.1f} ms; this version {g['ms_per_step']:.1f} ms")
 if g:
     line = f"gpt2-124m: smelt {g['tokens_per_s']:.0f} tok/s ({g['ms_per_step']:.1f} ms, MFU {100*g['mfu']:.1f}%)"
     if t:

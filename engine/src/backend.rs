@@ -516,6 +516,33 @@ pub trait Backend: Send + Sync + 'static {
         }
     }
 
+    /// [`Backend::attention_ex_backward`] writing the gradient of the source(s) over what `dsrc`
+    /// held (padded keys' rows get zeros), saving the caller a zero fill of the source
+    /// gradients; the score parameters' gradients still accumulate into `dscores`. The default
+    /// covers `Scores::Dot` without a mask only, like `attention_ex_backward`'s.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_ex_backward_set(
+        &self,
+        dsrc: QkvSource<Self::ViewMut<'_>>,
+        dscores: Scores<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        src: QkvSource<Self::View<'_>>,
+        scores: Scores<Self::View<'_>>,
+        key_lens: Option<&Self::Ids>,
+        out: Self::View<'_>,
+        saved: Self::View<'_>,
+        shape: AttnShape,
+    ) {
+        match (&scores, &dscores, key_lens) {
+            (Scores::Dot, Scores::Dot, None) => self.attention_backward_set(dsrc, dout, src, out, saved, shape),
+            _ => unimplemented!(
+                "{}: attention_ex_backward_set with {:?} scores or a key mask: general and additive scores and key padding masks are CPU-only until they have kernels for this backend",
+                self.name(),
+                scores.kind()
+            ),
+        }
+    }
+
     /// Inverted dropout: `out = inp * keep / (1 - p)`, keep from `mask` (p = 0: `out = inp`
     /// exactly). The default computes on the host through `cpu::dropout`, so any backend draws
     /// the same mask as the CPU.

@@ -282,6 +282,23 @@ impl<B: Backend> Backend for Profiled<B> {
             || self.inner.attention_ex_backward(dsrc, dscores, dout, src, scores, key_lens, out, saved, shape),
         )
     }
+    fn attention_ex_backward_set(
+        &self,
+        dsrc: QkvSource<B::ViewMut<'_>>,
+        dscores: Scores<B::ViewMut<'_>>,
+        dout: B::View<'_>,
+        src: QkvSource<B::View<'_>>,
+        scores: Scores<B::View<'_>>,
+        key_lens: Option<&B::Ids>,
+        out: B::View<'_>,
+        saved: B::View<'_>,
+        shape: AttnShape,
+    ) {
+        self.timed(
+            || attn_key("attention_ex_backward", shape),
+            || self.inner.attention_ex_backward_set(dsrc, dscores, dout, src, scores, key_lens, out, saved, shape),
+        )
+    }
     fn dropout_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>, mask: Dropout) {
         self.timed(|| "dropout_forward".into(), || self.inner.dropout_forward(out, inp, mask))
     }

@@ -2,7 +2,8 @@
 //! key padding masks; `tanh_*`) against plain f64 references written here and central finite
 //! differences of their forward passes. Same method as `op_gradcheck.rs`: a random projection
 //! `R`, `L = sum(out * R)`, gradient buffers pre-filled with `ACC` so an op that overwrites
-//! instead of accumulating fails.
+//! instead of accumulating fails (and `attention_ex_backward_set`, on buffers pre-filled with
+//! something else, must give the same gradients).
 //!
 //! Bodies are generic over `B: Backend`; `family_op_tests!` instantiates them per backend (a
 //! backend whose `supports` says no to an op skips that case, loudly).
@@ -218,8 +219,8 @@ fn run_case<B: Backend>(be: &B, case: Case, seed: u64) {
 
     let dout = be.upload(&r);
     let lens = case.key_lens.as_ref().map(|l| be.upload_ids(l));
-    let mut grads: Vec<B::Buf> = x.iter().map(|v| be.upload(&vec![ACC; v.len()])).collect();
-    {
+    // set: attention_ex_backward_set, which writes the sources' gradients over what they held
+    let backward = |grads: &mut [B::Buf], set: bool| {
         let (gsrc, gpar) = grads.split_at_mut(n_src(&case));
         let dsrc = match gsrc {
             [dqkv] => QkvSource::Packed(all_mut(be, dqkv)),
@@ -233,13 +234,29 @@ fn run_case<B: Backend>(be: &B, case: Case, seed: u64) {
             _ => unreachable!(),
         };
         let (src, par) = bufs.split_at(n_src(&case));
-        be.attention_ex_backward(dsrc, dscores, all(be, &dout), src_of(be, src), scores_of(be, &case, par), lens.as_ref(), all(be, &out), all(be, &saved), s);
-    }
+        let (dout, src, scores, out, saved) = (all(be, &dout), src_of(be, src), scores_of(be, &case, par), all(be, &out), all(be, &saved));
+        if set {
+            be.attention_ex_backward_set(dsrc, dscores, dout, src, scores, lens.as_ref(), out, saved, s);
+        } else {
+            be.attention_ex_backward(dsrc, dscores, dout, src, scores, lens.as_ref(), out, saved, s);
+        }
+    };
+    let mut grads: Vec<B::Buf> = x.iter().map(|v| be.upload(&vec![ACC; v.len()])).collect();
+    backward(&mut grads, false);
     let mut loss = |x: &[Vec<f32>]| dot64(&host(be, &forward(be, &case, x).1), &r);
     for (which, g) in grads.iter().enumerate() {
         let analytic: Vec<f64> = host(be, g).iter().map(|&v| v as f64 - ACC as f64).collect();
         let numeric = numeric_grad(&mut loss, &x, which, STEP);
         assert_grad(&format!("{tag} input {which}"), &analytic, &numeric, TOL);
+    }
+
+    // The overwriting variant, on source gradients full of something else: the same gradients
+    // (padded keys' rows included: zeros), while the score parameters' still accumulate.
+    let mut over: Vec<B::Buf> = x.iter().enumerate().map(|(i, v)| be.upload(&vec![if i < n_src(&case) { -7.0 } else { ACC }; v.len()])).collect();
+    backward(&mut over, true);
+    for (which, (g, o)) in grads.iter().zip(&over).enumerate() {
+        let want: Vec<f64> = host(be, g).iter().map(|&v| v as f64 - if which < n_src(&case) { ACC as f64 } else { 0.0 }).collect();
+        assert_close(&format!("{tag} input {which}: attention_ex_backward_set vs the accumulating op"), &host(be, o), &want, 1e-5);
     }
 }
 

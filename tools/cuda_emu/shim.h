@@ -96,3 +96,23 @@ inline void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigne
     }
     g_bar->arrive_and_wait();
 }
+
+// Backward v2's primitives: cp.async as an immediate copy (the kernels wait and sync before
+// reading, so ordering is the same), and ldmatrix.x4.trans as a warp-collective exchange of the
+// lanes' row addresses (lanes 8m .. 8m+7 address the rows of 8x8 matrix m; lane (g, t) gets
+// rows 2t and 2t+1 of column g, the lower row in the low half).
+inline void cp_async16(void* s, const void* g) { std::memcpy(s, g, 16); }
+inline void cp_async_commit() {}
+template <int N> inline void cp_async_wait() {}
+const unsigned short* g_rows[1024];
+inline void load_b_trans(unsigned (&b)[4], const unsigned short* s, int ld, int k0, int n0) {
+    unsigned tid = threadIdx.x, w0 = tid & ~31u, l = tid & 31u;
+    g_rows[tid] = s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8;
+    g_bar->arrive_and_wait();
+    unsigned g = l / 4, t = l % 4;
+    for (int m = 0; m < 4; m++) {
+        unsigned short lo = g_rows[w0 + 8 * m + 2 * t][g], hi = g_rows[w0 + 8 * m + 2 * t + 1][g];
+        b[m] = (unsigned)lo | ((unsigned)hi << 16);
+    }
+    g_bar->arrive_and_wait();
+}

@@ -202,19 +202,7 @@ impl Backend for CpuBackend {
         saved: &[f32],
         shape: AttnShape,
     ) {
-        // The reference: zero, then the accumulating op.
-        let dsrc = match dsrc {
-            QkvSource::Packed(d) => {
-                d.fill(0.0);
-                QkvSource::Packed(d)
-            }
-            QkvSource::Split { q, kv } => {
-                q.fill(0.0);
-                kv.fill(0.0);
-                QkvSource::Split { q, kv }
-            }
-        };
-        attention::backward(dsrc, dout, src, saved, shape)
+        attention::backward(zeroed(dsrc), dout, src, saved, shape)
     }
 
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
@@ -306,6 +294,35 @@ impl Backend for CpuBackend {
         shape: AttnShape,
     ) {
         attention_ex::backward(dsrc, dscores, dout, src, scores, key_lens.map(|l| &l[..]), saved, shape)
+    }
+    fn attention_ex_backward_set(
+        &self,
+        dsrc: QkvSource<&mut [f32]>,
+        dscores: Scores<&mut [f32]>,
+        dout: &[f32],
+        src: QkvSource<&[f32]>,
+        scores: Scores<&[f32]>,
+        key_lens: Option<&Vec<u32>>,
+        _out: &[f32],
+        saved: &[f32],
+        shape: AttnShape,
+    ) {
+        attention_ex::backward(zeroed(dsrc), dscores, dout, src, scores, key_lens.map(|l| &l[..]), saved, shape)
+    }
+}
+
+/// The overwriting attention backwards' reference: zero the source gradients, then accumulate.
+fn zeroed(dsrc: QkvSource<&mut [f32]>) -> QkvSource<&mut [f32]> {
+    match dsrc {
+        QkvSource::Packed(d) => {
+            d.fill(0.0);
+            QkvSource::Packed(d)
+        }
+        QkvSource::Split { q, kv } => {
+            q.fill(0.0);
+            kv.fill(0.0);
+            QkvSource::Split { q, kv }
+        }
     }
 }
 

@@ -4,23 +4,30 @@
 //! streams 64-key tiles through shared memory with an online softmax and saves one log-sum-exp
 //! per (B, H, Tq) row; the backward pass recomputes the probabilities from q, k and that lse.
 //!
-//! Two kernel families, picked by the backend's [`MatmulPrecision`] (the math mode of every
-//! tensor-core op): `Bf16` runs bf16 operands on `mma.sync` tensor cores with f32 accumulation
-//! and f32 softmax (128 threads per block, each warp owning 16 rows of the 64-row tile);
-//! `Tf32` and `F32` run the f32 reference kernels (256 threads, 4x4 cells per thread), which
-//! match the CPU to ~1e-6. Both share the launch geometry, 64-row tiles and saved state:
-//! - forward: grid (ceil(Tq/64), H, B);
-//! - backward: `attention_backward_dot_f32` (D = rowsum(dout * out), one warp per row), then
-//!   `dkv` with grid (ceil(Tk/64), H, B) (dk, dv of one key tile over all query tiles), then
-//!   `dq` with grid (ceil(Tq/64), H, B) (dq of one query tile over all key tiles). Each gradient
-//!   element is owned by one thread, so accumulation is deterministic and needs no atomics.
+//! Kernel families, picked by the backend's [`MatmulPrecision`] (the math mode of every
+//! tensor-core op):
+//! - `Bf16` (sm_80+): version 2. The forward pass first writes head-major bf16 copies of q, k
+//!   and v, (B, H, Tpad, W) with rows rounded up to the 64-row tile and the head dim to W, into
+//!   the saved state after the lse ([`V2Saved`]); the backward pass reuses them, converts dout
+//!   likewise and precomputes each row's (lse log2 e, D). Tiles then move by `cp.async`,
+//!   double-buffered, and the operands that must be read transposed come through
+//!   `ldmatrix.trans`; bf16 `mma.sync` with f32 accumulation and softmax, 128 threads per
+//!   block, each warp owning 16 rows of the 64-row tile. `SMELT_ATTENTION_KERNELS=v1` runs the
+//!   earlier bf16 kernels (f32 operands converted while staged) instead, to compare the two.
+//! - `Tf32` and `F32`: the f32 reference kernels (256 threads, 4x4 cells per thread), which
+//!   match the CPU to ~1e-6.
+//!
+//! Every family shares the launch geometry: forward grid (ceil(Tq/64), H, B); backward `dkv`
+//! grid (ceil(Tk/64), H, B) (dk, dv of one key tile over all query tiles), then `dq` grid
+//! (ceil(Tq/64), H, B) (dq of one query tile over all key tiles, recomputing P instead of using
+//! atomics). Each gradient element is owned by one thread, so accumulation is deterministic.
 //!
 //! Kernels exist for head dims padded to 32, 64 and 128; larger head dims are rejected. An
 //! optional key padding mask (`key_lens`, for `attention_ex_*` with dot scores) skips the key
 //! tiles past each sequence's length.
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use crate::backend::{AttnShape, QkvSource};
 use crate::cuda::view::{CudaView, CudaViewMut};
@@ -62,8 +69,55 @@ struct Params {
 unsafe impl DeviceRepr for Params {}
 
 /// One log-sum-exp per (B, H, Tq) row.
-pub(crate) fn saved_len(shape: AttnShape) -> usize {
+fn lse_len(shape: AttnShape) -> usize {
     shape.batch * shape.heads * shape.q_len
+}
+
+/// Where version 2 (bf16) keeps its head-major bf16 copies of q, k and v inside the saved
+/// state, after the lse: offsets and lengths in f32 units (two bf16 per f32), each copy
+/// starting on a 16-byte boundary for cp.async.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct V2Saved {
+    /// Padded head dim W (32, 64, 128) and rows rounded up to the 64-row tile.
+    w: usize,
+    tq_pad: usize,
+    tk_pad: usize,
+    /// f32 offsets of the q, k and v copies, and the total length.
+    q_at: usize,
+    k_at: usize,
+    v_at: usize,
+    len: usize,
+}
+
+impl V2Saved {
+    fn of(s: AttnShape) -> V2Saved {
+        let (_, w) = bucket(s.head_dim());
+        let tq_pad = s.q_len.div_ceil(TILE) * TILE;
+        let tk_pad = s.kv_len.div_ceil(TILE) * TILE;
+        let bh = s.batch * s.heads;
+        let q_at = lse_len(s).div_ceil(4) * 4;
+        let k_at = q_at + bh * tq_pad * w / 2;
+        let v_at = k_at + bh * tk_pad * w / 2;
+        V2Saved { w, tq_pad, tk_pad, q_at, k_at, v_at, len: v_at + bh * tk_pad * w / 2 }
+    }
+}
+
+/// Length of the saved state: the lse, and for version 2 the bf16 operand copies.
+pub(crate) fn saved_len(be: &CudaBackend, shape: AttnShape) -> usize {
+    if uses_v2(be) {
+        V2Saved::of(shape).len
+    } else {
+        lse_len(shape)
+    }
+}
+
+/// Whether this backend runs the version-2 kernels: tensor-core (bf16) precision, unless the
+/// environment says `SMELT_ATTENTION_KERNELS=v1` (the earlier bf16 kernels, kept to compare the
+/// two on a card; read once per process).
+fn uses_v2(be: &CudaBackend) -> bool {
+    static V1: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let v1 = *V1.get_or_init(|| std::env::var("SMELT_ATTENTION_KERNELS").as_deref() == Ok("v1"));
+    Family::of(be) == Family::Bf16 && !v1
 }
 
 /// Head-dim bucket of the kernels: `(suffix, W)` with W the padded head dim.
@@ -86,6 +140,9 @@ fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
                 Kernel::Forward => 3 * tile + scores,
                 Kernel::Dkv => 4 * tile + 2 * scores + 2 * TILE,
                 Kernel::Dq => 4 * tile + scores + 2 * TILE,
+                Kernel::ForwardV2 | Kernel::DkvV2 | Kernel::DqV2 => {
+                    unreachable!("version 2 is bf16 only")
+                }
             };
             4 * floats
         }
@@ -96,6 +153,12 @@ fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
                 Kernel::Forward => (2 * rows + cols, 0),
                 Kernel::Dkv => (4 * rows + 2 * cols, 2 * TILE),
                 Kernel::Dq => (4 * rows + cols, 2 * TILE),
+                // Q and two buffers each of K and V
+                Kernel::ForwardV2 => (5 * rows, 0),
+                // K, V and two buffers each of Q and dout; two (64, 2) (lse, D) tiles
+                Kernel::DkvV2 => (6 * rows, 4 * TILE),
+                // Q, dout and two buffers each of K and V
+                Kernel::DqV2 => (6 * rows, 0),
             };
             2 * halves + 4 * floats
         }
@@ -142,6 +205,10 @@ enum Kernel {
     Forward,
     Dkv,
     Dq,
+    /// Version 2 (bf16 only): head-major bf16 operands, cp.async double buffering.
+    ForwardV2,
+    DkvV2,
+    DqV2,
 }
 
 fn check_shape(s: &AttnShape) {
@@ -226,6 +293,9 @@ fn launch_tiled(
         Kernel::Forward => format!("attention_forward_{tag}_{suffix}"),
         Kernel::Dkv => format!("attention_backward_dkv_{tag}_{suffix}"),
         Kernel::Dq => format!("attention_backward_dq_{tag}_{suffix}"),
+        Kernel::ForwardV2 => format!("attention_forward_v2_{suffix}"),
+        Kernel::DkvV2 => format!("attention_backward_dkv_v2_{suffix}"),
+        Kernel::DqV2 => format!("attention_backward_dq_v2_{suffix}"),
     };
     let f = be.func(&name);
     let smem = smem_bytes(family, kernel, w);
@@ -292,11 +362,22 @@ pub(crate) fn forward_masked(
         shape.batch * shape.q_len * shape.channels,
         "attention out (B,Tq,C)"
     );
-    assert_eq!(saved.len, saved_len(shape), "attention saved lse (B,H,Tq)");
+    assert_eq!(saved.len, saved_len(be, shape), "attention saved state");
     if shape.batch == 0 || shape.q_len == 0 {
         return;
     }
     assert!(shape.kv_len > 0, "attention: no keys to attend to");
+    if uses_v2(be) {
+        let at = V2Saved::of(shape);
+        let base = saved.ptr;
+        assert!(base.is_multiple_of(16), "attention saved state must start 16-byte aligned");
+        let (qh, kh, vh) = (base + 4 * at.q_at as u64, base + 4 * at.k_at as u64, base + 4 * at.v_at as u64);
+        heads_bf16(be, &p, qh, q, shape.q_len, p.q_ld, p.q_off, at.w);
+        heads_bf16(be, &p, kh, kv, shape.kv_len, p.k_ld, p.k_off, at.w);
+        heads_bf16(be, &p, vh, kv, shape.kv_len, p.v_ld, p.v_off, at.w);
+        launch_tiled(be, Kernel::ForwardV2, &shape, shape.q_len, &[out.ptr, base, qh, kh, vh], &p);
+        return;
+    }
     launch_tiled(
         be,
         Kernel::Forward,
@@ -324,7 +405,7 @@ pub(crate) fn backward(
 }
 
 /// [`backward`] with the key padding mask the forward pass used (keys past `key_lens[b]` get
-/// no gradient).
+/// no gradient: nothing added, or zeros written when `accumulate` is false).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_masked(
     be: &CudaBackend,
@@ -335,8 +416,9 @@ pub(crate) fn backward_masked(
     saved: CudaView<'_>,
     key_lens: Option<&CudaSlice<u32>>,
     shape: AttnShape,
+    accumulate: bool,
 ) {
-    backward_with(be, dsrc, dout, src, out, saved, key_lens, shape, true)
+    backward_with(be, dsrc, dout, src, out, saved, key_lens, shape, accumulate)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -381,14 +463,18 @@ fn backward_with(
     let n_out = shape.batch * shape.q_len * shape.channels;
     assert_eq!(dout.len, n_out, "attention dout (B,Tq,C)");
     assert_eq!(out.len, n_out, "attention out (B,Tq,C)");
-    assert_eq!(saved.len, saved_len(shape), "attention saved lse (B,H,Tq)");
+    assert_eq!(saved.len, saved_len(be, shape), "attention saved state");
     if shape.batch == 0 || shape.q_len == 0 {
         return;
     }
     assert!(shape.kv_len > 0, "attention: no keys to attend to");
+    if uses_v2(be) {
+        backward_v2(be, &shape, &p, dq, dkv, dout.ptr, out.ptr, saved.ptr);
+        return;
+    }
 
     // D (B,H,Tq): scratch for this call only; freed stream-ordered after the kernels that read it.
-    let rows = saved_len(shape);
+    let rows = lse_len(shape);
     // SAFETY: every element is written by attention_backward_dot_f32 before anything reads it.
     let dsum = match unsafe { be.stream().alloc::<f32>(rows) } {
         Ok(d) => d,
@@ -432,6 +518,68 @@ fn backward_with(
     drop(dsum);
 }
 
+/// dst (B, H, Tpad, w) bf16: the head columns of a strided f32 (B, rows, ld) matrix.
+#[allow(clippy::too_many_arguments)]
+fn heads_bf16(be: &CudaBackend, p: &Params, dst: u64, src: u64, rows: usize, ld: i32, off: i32, w: usize) {
+    let name = "attention_heads_bf16";
+    let f = be.func(name);
+    let pairs = p.batch as usize * p.heads as usize * rows.div_ceil(TILE) * TILE * w / 2;
+    let cfg = LaunchConfig {
+        grid_dim: (pairs.div_ceil(THREADS as usize) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let (rows, w) = (rows as i32, w as i32);
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&dst).arg(&src).arg(&rows).arg(&ld).arg(&off).arg(&w).arg(p);
+    // SAFETY: dst holds B*H*Tpad*w bf16 (the callers' layouts); src rows < `rows` of stride ld
+    // hold the head columns off + h*hd (checked against the shape by the callers).
+    be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
+}
+
+/// Backward version 2 (attention.cu): q, k and v come as the forward pass's bf16 copies in
+/// `saved`; dout is converted here, each row's (lse log2 e, D) computed, then the dkv and dq
+/// passes read their tiles by cp.async.
+#[allow(clippy::too_many_arguments)]
+fn backward_v2(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, dkv: u64, dout: u64, out: u64, saved: u64) {
+    let at = V2Saved::of(*s);
+    let bh = s.batch * s.heads;
+    // Scratch for this call only, freed in stream order after the kernels that read it.
+    // SAFETY: attention_heads_bf16 writes every element (padding included) and
+    // attention_backward_stats every (lse, D) pair before the passes read them.
+    let (doh, stats) = match unsafe {
+        (be.stream().alloc::<u16>(bh * at.tq_pad * at.w), be.stream().alloc::<f32>(2 * bh * at.tq_pad))
+    } {
+        (Ok(d), Ok(st)) => (d, st),
+        (Err(e), _) | (_, Err(e)) => {
+            be.check(Err(e), "attention backward: allocating bf16 dout and row stats");
+            return;
+        }
+    };
+    let doh_ptr = doh.device_ptr(be.stream()).0;
+    let stats_ptr = be.buf_ptr(&stats);
+    heads_bf16(be, p, doh_ptr, dout, s.q_len, s.channels as i32, 0, at.w);
+    {
+        let name = "attention_backward_stats";
+        let f = be.func(name);
+        let rows = bh * at.tq_pad;
+        let cfg = LaunchConfig {
+            grid_dim: (rows.div_ceil(THREADS as usize / 32) as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = be.stream().launch_builder(&f);
+        b.arg(&stats_ptr).arg(&dout).arg(&out).arg(&saved).arg(p);
+        // SAFETY: stats holds B*H*Tqpad pairs; dout and out B*Tq*C, the lse at the start of
+        // saved B*H*Tq (asserted by the caller).
+        be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
+    }
+    let (qh, kh, vh) = (saved + 4 * at.q_at as u64, saved + 4 * at.k_at as u64, saved + 4 * at.v_at as u64);
+    launch_tiled(be, Kernel::DkvV2, s, s.kv_len, &[dkv, qh, kh, vh, doh_ptr, stats_ptr], p);
+    launch_tiled(be, Kernel::DqV2, s, s.q_len, &[dq, qh, kh, vh, doh_ptr, stats_ptr], p);
+    drop((doh, stats));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -440,6 +588,27 @@ mod tests {
     fn bf16_kernels_need_sm80() {
         assert!(has_bf16_mma("sm_90") && has_bf16_mma("sm_80") && has_bf16_mma("sm_100"));
         assert!(!has_bf16_mma("sm_75") && !has_bf16_mma("sm_70") && !has_bf16_mma("garbage"));
+    }
+
+    #[test]
+    fn v2_saved_state_layout() {
+        // GPT-2 124M at B16 T1024: 12 heads of 64.
+        let s = AttnShape { batch: 16, heads: 12, channels: 768, q_len: 1024, kv_len: 1024, causal: true };
+        let at = V2Saved::of(s);
+        let lse = 16 * 12 * 1024;
+        let copy = 16 * 12 * 1024 * 64 / 2; // bf16 pairs per f32
+        assert_eq!((at.w, at.tq_pad, at.tk_pad), (64, 1024, 1024));
+        assert_eq!((at.q_at, at.k_at, at.v_at, at.len), (lse, lse + copy, lse + 2 * copy, lse + 3 * copy));
+        // Odd lengths: rows rounded to the tile, the lse region to 16 bytes, hd 40 -> W 64.
+        let s = AttnShape { batch: 3, heads: 3, channels: 120, q_len: 33, kv_len: 77, causal: false };
+        let at = V2Saved::of(s);
+        assert_eq!((at.w, at.tq_pad, at.tk_pad), (64, 64, 128));
+        assert_eq!(at.q_at, (3 * 3 * 33usize).div_ceil(4) * 4);
+        for off in [at.q_at, at.k_at, at.v_at] {
+            assert_eq!(off % 4, 0, "copies start 16-byte aligned");
+        }
+        assert_eq!(at.k_at - at.q_at, 9 * 64 * 64 / 2);
+        assert_eq!(at.len - at.v_at, 9 * 128 * 64 / 2);
     }
 
     #[test]
@@ -456,7 +625,9 @@ mod tests {
     fn shared_memory_fits_an_h100_and_an_a100() {
         // sm_80 allows 163 KiB of opt-in shared memory per block, sm_90 227 KiB.
         for f in [Family::F32, Family::Bf16] {
-            for k in [Kernel::Forward, Kernel::Dkv, Kernel::Dq] {
+            let v2 = [Kernel::ForwardV2, Kernel::DkvV2, Kernel::DqV2];
+            let kernels = [Kernel::Forward, Kernel::Dkv, Kernel::Dq];
+            for k in kernels.into_iter().chain(if f == Family::Bf16 { &v2[..] } else { &[] }.iter().copied()) {
                 let bytes = smem_bytes(f, k, 128);
                 assert!(bytes <= 166_912, "{f:?} {k:?}: {bytes}");
             }
@@ -486,5 +657,14 @@ mod tests {
             }
         }
         assert!(names.contains(&"attention_backward_dot_f32".to_string()));
+        for suffix in ["d32", "d64", "d128"] {
+            for k in ["forward", "backward_dkv", "backward_dq"] {
+                let name = format!("attention_{k}_v2_{suffix}");
+                assert!(names.contains(&name), "{name} missing from attention.cu");
+            }
+        }
+        for name in ["attention_heads_bf16", "attention_backward_stats"] {
+            assert!(names.contains(&name.to_string()), "{name} missing from attention.cu");
+        }
     }
 }

@@ -7,6 +7,9 @@
 //! accumulation: several times faster on an H100 than letting cuBLAS convert f32 operands
 //! itself (`CUBLAS_COMPUTE_32F_FAST_16BF`), with the same rounding of the operands.
 //!
+//! A forward matmul with a bias and bf16 operands runs as one cuBLASLt GEMM with a bias
+//! epilogue instead (lt.rs): no broadcast pass, no read of C.
+//!
 //! cuBLAS is column-major; a row-major `X (r, c)` is the column-major `X^T` with ld = c, so
 //! `out = inp @ W` is computed as `out^T (OC, N) = W' (OC, IC) @ inp^T (IC, N)`.
 
@@ -18,6 +21,7 @@ use cudarc::cublas::sys::{
 use cudarc::driver::PushKernelArg;
 
 use super::colsum;
+use super::lt::LtShape;
 use super::memory::elementwise_cfg;
 use super::view::{CudaView, CudaViewMut};
 use super::{CudaBackend, MatmulPrecision};
@@ -215,6 +219,19 @@ pub(crate) fn forward(
         // reads rows rows of stride ld from the scratch and writes N*OC floats of `out`.
         be.check(unsafe { b.launch(elementwise_cfg(be, n * oc)) }.map(|_| ()), "unpad_rows_add_bias");
         return;
+    }
+    // bf16 operands and a bias: one cuBLASLt GEMM adds it in its epilogue (lt.rs).
+    if let (Some(bias), Some(lt)) = (bias, be.lt()) {
+        if w.bf16 && x.bf16 && n * oc > 0 {
+            let shape = LtShape { transa: ta == T, transb: false, m: oc, n, k: ic, lda, ldb, ldd: oc };
+            be.check(be.stream().context().bind_to_thread(), "bind context");
+            // SAFETY: w and x are the bf16 copies `operands` made (lda x .., ldb x N), out holds
+            // N*OC floats and bias OC (asserted above).
+            if let Err(e) = unsafe { lt.gemm_bias_bf16(be.stream(), shape, w.ptr, x.ptr, out.ptr, bias.ptr) } {
+                be.fail("matmul_forward", e);
+            }
+            return;
+        }
     }
     if let Some(bias) = bias {
         if n * oc > 0 {

@@ -21,6 +21,7 @@ mod elementwise;
 mod embedding;
 pub mod kernels;
 mod layernorm;
+mod lt;
 mod matmul;
 mod memory;
 mod peak;
@@ -89,6 +90,9 @@ pub struct CudaBackend {
     bf16_scratch: Mutex<Option<CudaSlice<u16>>>,
     /// f32 GEMM outputs with a padded leading dimension (see matmul.rs), grown as needed.
     f32_scratch: Mutex<Option<CudaSlice<f32>>>,
+    /// cuBLASLt for GEMMs with a bias epilogue (lt.rs); `None` where it could not be set up or
+    /// `SMELT_CUBLASLT=0`, and then matmul.rs uses cublasGemmEx alone.
+    lt: Option<lt::Lt>,
     ordinal: usize,
     device_name: String,
     arch: String,
@@ -186,6 +190,17 @@ impl CudaBackend {
         }
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| device_err(format!("cuda:{ordinal}: cublas handle: {e:?}")))?;
+        let lt = if lt::disabled_by_env() {
+            None
+        } else {
+            match lt::Lt::new(&stream) {
+                Ok(lt) => Some(lt),
+                Err(e) => {
+                    tracing::warn!(device = ordinal, error = %e, "cublaslt unavailable, bias epilogues off");
+                    None
+                }
+            }
+        };
         let err_word = stream
             .alloc_zeros::<u32>(1)
             .map_err(|e| device_err(format!("cuda:{ordinal}: allocating the error word: {e:?}")))?;
@@ -199,6 +214,7 @@ impl CudaBackend {
             err_word,
             bf16_scratch: Mutex::new(None),
             f32_scratch: Mutex::new(None),
+            lt,
             ordinal,
             device_name,
             arch,
@@ -227,6 +243,9 @@ impl CudaBackend {
     }
     pub(crate) fn blas(&self) -> &CudaBlas {
         &self.blas
+    }
+    pub(crate) fn lt(&self) -> Option<&lt::Lt> {
+        self.lt.as_ref()
     }
 
     /// Kernel by its `extern "C"` name. Panics on an unknown name: that is a bug in this crate.
@@ -492,7 +511,7 @@ impl Backend for CudaBackend {
     // ---- attention (attention.rs) -------------------------------------------------------
 
     fn attention_saved_len(&self, shape: AttnShape) -> usize {
-        attention::saved_len(shape)
+        attention::saved_len(self, shape)
     }
     fn attention_forward(
         &self,
@@ -557,7 +576,27 @@ impl Backend for CudaBackend {
     ) {
         match (scores, dscores) {
             (Scores::Dot, Scores::Dot) => {
-                attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape)
+                attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, true)
+            }
+            (other, _) => unimplemented!("cuda: {:?} attention scores are CPU-only", other.kind()),
+        }
+    }
+    fn attention_ex_backward_set(
+        &self,
+        dsrc: QkvSource<CudaViewMut<'_>>,
+        dscores: Scores<CudaViewMut<'_>>,
+        dout: CudaView<'_>,
+        src: QkvSource<CudaView<'_>>,
+        scores: Scores<CudaView<'_>>,
+        key_lens: Option<&CudaSlice<u32>>,
+        out: CudaView<'_>,
+        saved: CudaView<'_>,
+        shape: AttnShape,
+    ) {
+        // The kernels' overwrite mode (AttnParams.accumulate = 0) also zeroes padded key rows.
+        match (scores, dscores) {
+            (Scores::Dot, Scores::Dot) => {
+                attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, false)
             }
             (other, _) => unimplemented!("cuda: {:?} attention scores are CPU-only", other.kind()),
         }

@@ -28,7 +28,7 @@ use std::ops::Range;
 use crate::backend::{Backend, MatmulShape, OptionalOp, ScoreKind, WeightLayout, IGNORE_INDEX};
 use crate::error::{ConfigError, EngineError};
 use crate::model::bert_config::{BertConfig, Pooling, Positions};
-use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, token_init_std, token_scale, zero, Ctx, Dims, DropoutPass, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
+use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, token_init_std, token_scale, zero, Ctx, Dims, DropoutPass, Grad, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
 use crate::model::gpt_config::LayerNormPlacement;
 use crate::model::objectives::info_nce;
 use crate::params::{Init, ParamKind, ParamTable};
@@ -162,12 +162,12 @@ struct Loaded<B: Backend> {
     dropout: Option<DropoutPass>,
 }
 
-/// A classification head's activations: logits, log-sum-exp, per-row losses.
+/// A classification head's activations: logits (their gradient after the backward pass),
+/// log-sum-exp, per-row losses.
 struct HeadActs<B: Backend> {
     logits: B::Buf,
     lse: B::Buf,
     losses: B::Buf,
-    dlogits: B::Buf,
 }
 
 /// Activations (and gradient scratch) for one batch shape.
@@ -197,6 +197,7 @@ struct Acts<B: Backend> {
     dpool: B::Buf, // (B, C)
     dpre: B::Buf,  // (B, C)
     dcls: B::Buf,  // (B, C)
+    dz_dev: B::Buf, // (B, C) the contrastive loss's dz, uploaded
 }
 
 pub struct Bert<B: Backend> {
@@ -297,15 +298,15 @@ impl<B: Backend> Bert<B> {
         self.acts.as_ref().expect("forward first")
     }
     /// Masked-LM logits of the last forward, (B, T, V) (computed when the batch had MLM targets
-    /// or no targets at all).
+    /// or no targets at all); after a backward pass, their gradient.
     pub fn logits(&self) -> Vec<f32> {
         self.be.download(all(&self.be, &self.acts().mlm.logits))
     }
-    /// Next-sentence logits (B, 2).
+    /// Next-sentence logits (B, 2); after a backward pass, their gradient.
     pub fn nsp_logits(&self) -> Vec<f32> {
         self.be.download(all(&self.be, &self.acts().nsp.logits))
     }
-    /// Classification logits (B, num_labels).
+    /// Classification logits (B, num_labels); after a backward pass, their gradient.
     pub fn class_logits(&self) -> Vec<f32> {
         self.be.download(all(&self.be, &self.acts().class.logits))
     }
@@ -425,7 +426,7 @@ impl<B: Backend> Bert<B> {
         let be = &self.be;
         let (n, c, v) = (b * t, self.cfg.n_embd, self.cfg.vocab_size);
         let z = |k: usize| be.zeros(k);
-        let head = |rows: usize, classes: usize| HeadActs { logits: z(rows * classes), lse: z(rows), losses: z(rows), dlogits: z(rows * classes) };
+        let head = |rows: usize, classes: usize| HeadActs { logits: z(rows * classes), lse: z(rows), losses: z(rows) };
         Acts {
             b,
             t,
@@ -451,6 +452,7 @@ impl<B: Backend> Bert<B> {
             dpool: z(b * c),
             dpre: z(b * c),
             dcls: z(b * c),
+            dz_dev: z(b * c),
         }
     }
 
@@ -556,6 +558,13 @@ impl<B: Backend> Bert<B> {
     }
 
     /// Backward pass of the last forward: accumulates the gradient of `loss_scale * loss`.
+    /// Each head's logits buffer then holds their gradient (`logits`, `nsp_logits` and
+    /// `class_logits` read logits only until the backward pass).
+    ///
+    /// Zero fills left: LayerNorm's backward only accumulates, so each LayerNorm whose input
+    /// gradient has nothing to join gets a zeroed buffer (the MLM head's, the embeddings', the
+    /// final one (pre-LN), one per post-LN sublayer), as does the pooler's tanh; every other op
+    /// writes over its output, and the first head to reach the hidden states sets their gradient.
     pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
         let Bert { be, cfg, lay, params, grads, batch, acts, losses, dz, .. } = self;
         let batch = batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
@@ -567,89 +576,111 @@ impl<B: Backend> Bert<B> {
         let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, cfg.vocab_size);
         let n = b * t;
         let d = Dims { b, t, tm: t, c, heads: cfg.n_head };
-        let Acts { emb, emb_ln, emb_drop, stack, final_ln, mlm_h, mlm_g, mlm_ln, mlm, cls, pooled, nsp, class, pool_mat, dhf, dn1, dn2, dpool, dpre, dcls, .. } = a;
+        let Acts { emb, emb_ln, emb_drop, stack, final_ln, mlm_h, mlm_g, mlm_ln, mlm, cls, pooled, nsp, class, pool_mat, dhf, dn1, dn2, dpool, dpre, dcls, dz_dev, .. } = a;
         let stack_out = lay.stack.output(stack, &emb_ln.out);
         let hf = final_ln.as_ref().map_or(stack_out, |l| &l.out);
-        zero(be, dhf);
+        // whether dhf holds a gradient yet: the first head sets it, the others add
+        let mut dhf_written = false;
 
         if let Some((targets, count)) = &batch.mlm {
-            zero(be, &mut mlm.dlogits);
+            // dlogits = dloss * (softmax - onehot), written over the logits     // (N, V)
             let dloss = loss_scale / (*count).max(1) as f32;
-            be.cross_entropy_backward(all_mut(be, &mut mlm.dlogits), all(be, &mlm.logits), all(be, &mlm.lse), targets, dloss, v);
+            be.cross_entropy_backward_in_place(all_mut(be, &mut mlm.logits), all(be, &mlm.lse), targets, dloss, v);
             // through the tied decoder: dln = dlogits wte, dwte += dlogits^T ln, dbias += sum
-            zero(be, dn1);
             let dec = MatmulShape { rows: n, in_features: c, out_features: v, layout: WeightLayout::OutIn };
             let [dw, db] = be.split_mut(grads, [lay.wte.clone(), lay.mlm_bias.clone()]);
-            be.matmul_backward(Some(all_mut(be, dn1)), dw, Some(db), all(be, &mlm.dlogits), all(be, &mlm_ln.out), cx.p(&lay.wte), dec);
+            be.matmul_backward_set_dinp(all_mut(be, dn1), dw, Some(db), all(be, &mlm.logits), all(be, &mlm_ln.out), cx.p(&lay.wte), dec);
             zero(be, dn2);
             lay.mlm_ln.backward(&cx, grads, dn2, dn1, mlm_g, mlm_ln);
-            zero(be, dn1);
-            be.gelu_backward(all_mut(be, dn1), all(be, mlm_h), all(be, dn2));
-            lay.mlm_dense.backward(&cx, grads, Some(dhf), dn1, hf, n);
+            be.gelu_backward_set(all_mut(be, dn1), all(be, mlm_h), all(be, dn2));
+            lay.mlm_dense.backward(&cx, grads, dhf, Grad::after(dhf_written), dn1, hf, n);
+            dhf_written = true;
         }
         if let Some(pooler) = &lay.pooler {
-            zero(be, dpool);
             let heads = [(&lay.nsp, &batch.nsp, &mut *nsp, 2), (&lay.classifier, &batch.labels, &mut *class, cfg.num_labels)];
-            let mut any = false;
+            let mut dpool_written = false;
             for (lin, y, h, classes) in heads {
                 if let (Some(lin), Some(y)) = (lin, y) {
-                    zero(be, &mut h.dlogits);
-                    be.cross_entropy_backward(all_mut(be, &mut h.dlogits), all(be, &h.logits), all(be, &h.lse), y, loss_scale / b as f32, classes);
-                    lin.backward(&cx, grads, Some(dpool), &h.dlogits, pooled, b);
-                    any = true;
+                    // dlogits written over the logits                            // (B, classes)
+                    be.cross_entropy_backward_in_place(all_mut(be, &mut h.logits), all(be, &h.lse), y, loss_scale / b as f32, classes);
+                    lin.backward(&cx, grads, dpool, Grad::after(dpool_written), &h.logits, pooled, b);
+                    dpool_written = true;
                 }
             }
-            if any {
+            if dpool_written {
+                // tanh_backward only accumulates                                 // (B, C)
                 zero(be, dpre);
                 be.tanh_backward(all_mut(be, dpre), all(be, pooled), all(be, dpool));
-                zero(be, dcls);
-                pooler.backward(&cx, grads, Some(dcls), dpre, cls, b);
+                pooler.backward(&cx, grads, dcls, Grad::Set, dpre, cls, b);
+                // the scatter adds into the [CLS] rows only: every other row must hold a gradient
+                if !dhf_written {
+                    zero(be, dhf);
+                    dhf_written = true;
+                }
                 be.embedding_backward(all_mut(be, dhf), all(be, dcls), &batch.cls_rows, c);
             }
         }
         if let Some(dz) = dz.as_ref() {
             let scaled: Vec<f32> = dz.iter().map(|g| g * loss_scale).collect();
-            let dzb = be.upload(&scaled);
+            be.write(all_mut(be, dz_dev), &scaled);
+            // both poolings add into dhf (a scatter, or the GEMM's weight gradient)
+            if !dhf_written {
+                zero(be, dhf);
+                dhf_written = true;
+            }
             match cfg.pooling {
-                Pooling::Cls => be.embedding_backward(all_mut(be, dhf), all(be, &dzb), &batch.cls_rows, c),
+                Pooling::Cls => be.embedding_backward(all_mut(be, dhf), all(be, dz_dev), &batch.cls_rows, c),
                 Pooling::Mean => {
                     // z = P hf: dhf += P^T dz (hf plays the weight, in (in, out) layout)
                     let shape = MatmulShape { rows: b, in_features: n, out_features: c, layout: WeightLayout::InOut };
-                    be.matmul_backward(None, all_mut(be, dhf), None, all(be, &dzb), all(be, pool_mat), all(be, hf), shape);
+                    be.matmul_backward(None, all_mut(be, dhf), None, all(be, dz_dev), all(be, pool_mat), all(be, hf), shape);
                 }
             }
         }
-
-        // through the final LayerNorm (pre-LN), the stack, the embedding LayerNorm
-        let mut dout = be.zeros(n * c);
-        match (&lay.final_ln, final_ln.as_ref()) {
-            (Some(ln), Some(la)) => ln.backward(&cx, grads, &mut dout, dhf, stack_out, la),
-            _ => be.copy(all_mut(be, &mut dout), all(be, dhf)),
+        if !dhf_written {
+            // unreachable while every objective above has a head; a zero gradient if not
+            zero(be, dhf);
         }
+
+        // through the final LayerNorm (pre-LN) into dn1; post-LN: the stack's output is hf, and
+        // the stack takes dhf as its output's gradient
+        let dstack: &mut B::Buf = match (&lay.final_ln, final_ln.as_ref()) {
+            (Some(ln), Some(la)) => {
+                zero(be, dn1);
+                ln.backward(&cx, grads, dn1, dhf, stack_out, la);
+                &mut *dn1
+            }
+            _ => &mut *dhf,
+        };
         let lens = Lens::<B> { own: batch.lens.as_ref(), memory: None };
         let x0 = if batch.dropout.is_some() { &*emb_drop } else { &emb_ln.out };
         let stack_dropout = batch.dropout.map(|dp| DropoutPass { first: 1, ..dp });
-        lay.stack.backward_with_dropout(&cx, grads, stack, x0, None, None, lens, &mut dout, d, stack_dropout);
-        // dout: the gradient of x0; through the embedding dropout's mask to LN(emb)'s
-        let dln = match batch.dropout {
+        lay.stack.backward_with_dropout(&cx, grads, stack, x0, None, None, lens, dstack, d, stack_dropout);
+        // dstack: the gradient of x0 (in dn1 or dhf); through the embedding dropout's mask (its
+        // forward is its backward, written over dn2) and the embedding LayerNorm into a zeroed
+        // buffer that neither of those occupies
+        let demb: &mut B::Buf = match batch.dropout {
             Some(dp) => {
-                zero(be, dn2);
-                be.dropout_backward(all_mut(be, dn2), all(be, &dout), dp.site(0, n * c));
-                &*dn2
+                be.dropout_forward(all_mut(be, dn2), all(be, dstack), dp.site(0, n * c));
+                zero(be, dn1);
+                lay.emb_ln.backward(&cx, grads, dn1, dn2, emb, emb_ln);
+                dn1
             }
-            None => &dout,
+            None => {
+                zero(be, dn2);
+                lay.emb_ln.backward(&cx, grads, dn2, dstack, emb, emb_ln);
+                dn2
+            }
         };
-        zero(be, dn1);
-        lay.emb_ln.backward(&cx, grads, dn1, dln, emb, emb_ln);
         if let Some(wpe) = &lay.wpe {
-            be.embedding_backward(be.view_mut(grads, wpe.clone()), all(be, dn1), &batch.positions, c);
+            be.embedding_backward(be.view_mut(grads, wpe.clone()), all(be, demb), &batch.positions, c);
         }
-        be.embedding_backward(be.view_mut(grads, lay.tte.clone()), all(be, dn1), &batch.segments, c);
-        // the word lookup was scaled: so is its gradient (dn1 is spent after this)
+        be.embedding_backward(be.view_mut(grads, lay.tte.clone()), all(be, demb), &batch.segments, c);
+        // the word lookup was scaled: so is its gradient (demb is spent after this)
         if let Some(s) = token_scale(cfg.positions, c) {
-            be.scale(all_mut(be, dn1), s);
+            be.scale(all_mut(be, demb), s);
         }
-        be.embedding_backward(be.view_mut(grads, lay.wte.clone()), all(be, dn1), &batch.tokens, c);
+        be.embedding_backward(be.view_mut(grads, lay.wte.clone()), all(be, demb), &batch.tokens, c);
         Ok(())
     }
 }

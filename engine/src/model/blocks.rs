@@ -37,6 +37,26 @@ pub(crate) fn zero<B: Backend>(be: &B, buf: &mut B::Buf) {
     be.fill(all_mut(be, buf), 0.0)
 }
 
+/// How a backward op delivers an input's gradient: written over the buffer (`Set`: no zero
+/// fill first), or added to the gradient the buffer already holds (`Add`: a second path into
+/// the same input, such as the other side of a residual add).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Grad {
+    Set,
+    Add,
+}
+
+impl Grad {
+    /// `Set` for the first writer of a buffer, `Add` once it holds a gradient.
+    pub fn after(written: bool) -> Grad {
+        if written {
+            Grad::Add
+        } else {
+            Grad::Set
+        }
+    }
+}
+
 /// The dropout of one training pass: site k (the embedding, a sublayer's output, ...) of `len`
 /// elements draws its mask at counters `[(first + k) * len, (first + k + 1) * len)` under the
 /// pass's seed, so no two sites of a pass share a mask, and a rerun of the pass draws the same.
@@ -83,11 +103,16 @@ impl Linear {
         be.matmul_forward(all_mut(be, out), all(be, x), cx.p(&self.w), Some(cx.p(&self.b)), self.shape(rows));
     }
 
-    /// `dx += dy W` (when asked), `dW += dy^T x`, `db += sum dy`.
-    pub fn backward<B: Backend>(&self, cx: &Ctx<B>, grads: &mut B::Buf, dx: Option<&mut B::Buf>, dy: &B::Buf, x: &B::Buf, rows: usize) {
+    /// `dx = dy W` (`Set`) or `dx += dy W` (`Add`); `dW += dy^T x`, `db += sum dy`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward<B: Backend>(&self, cx: &Ctx<B>, grads: &mut B::Buf, dx: &mut B::Buf, mode: Grad, dy: &B::Buf, x: &B::Buf, rows: usize) {
         let be = cx.be;
         let [dw, db] = be.split_mut(grads, [self.w.clone(), self.b.clone()]);
-        be.matmul_backward(dx.map(|d| all_mut(be, d)), dw, Some(db), all(be, dy), all(be, x), cx.p(&self.w), self.shape(rows));
+        let (dx, dy, x, w, shape) = (all_mut(be, dx), all(be, dy), all(be, x), cx.p(&self.w), self.shape(rows));
+        match mode {
+            Grad::Set => be.matmul_backward_set_dinp(dx, dw, Some(db), dy, x, w, shape),
+            Grad::Add => be.matmul_backward(Some(dx), dw, Some(db), dy, x, w, shape),
+        }
     }
 }
 
@@ -253,9 +278,8 @@ pub(crate) fn saved_probs<B: Backend>(a: &SubActs<B>) -> &B::Buf {
 /// Gradient scratch for one stack, exactly sized.
 pub(crate) struct Scratch<B: Backend> {
     g: B::Buf,     // (N, C) gradient of the current sublayer's output, then of its input
-    gnext: B::Buf, // (N, C)
-    dres: B::Buf,  // (N, C)
-    df: B::Buf,    // (N, C); in a forward with dropout: the current sublayer's dropout(f)
+    gnext: B::Buf, // (N, C) post-LN: the gradient of the sublayer's input being collected
+    df: B::Buf,    // (N, C) f's gradient under dropout; in a forward with dropout: dropout(f)
     dfin: B::Buf,  // (N, C)
     datt: B::Buf,  // (N, C)
     dqkv: B::Buf,  // (N, 3C)
@@ -305,7 +329,6 @@ impl Stack {
         let scratch = Scratch {
             g: z(n * c),
             gnext: z(n * c),
-            dres: z(n * c),
             df: z(n * c),
             dfin: z(n * c),
             datt: z(n * c),
@@ -403,7 +426,9 @@ impl Stack {
     }
 
     /// On entry `dout` holds the gradient of the stack's output, on return the gradient of its
-    /// input `x`. Cross-attention adds the memory's gradient into `dmemory`.
+    /// input `x`. Cross-attention writes the memory's gradient into `dmemory` (over whatever it
+    /// held; the first cross-attention sublayer met sets it, later ones add; zeros when the
+    /// stack has none).
     #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(
         &self,
@@ -421,6 +446,12 @@ impl Stack {
     }
 
     /// The backward of `forward_with_dropout` with the same `dropout`.
+    ///
+    /// No zero fills but one per post-LN sublayer (LayerNorm's backward only accumulates): a
+    /// residual add hands its gradient to both inputs unchanged, so the branch reads the
+    /// residual's gradient buffer directly and the branch's input gradient is added onto it
+    /// (pre-LN: through the LayerNorm into `g` itself; post-LN: by the first linear's GEMM into
+    /// `gnext`), and every other op writes over its output.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_with_dropout<B: Backend>(
         &self,
@@ -437,43 +468,40 @@ impl Stack {
     ) {
         let be = cx.be;
         let n = d.rows();
+        let post = self.placement == LayerNormPlacement::Post;
         let StackActs { subs: sub_acts, scratch: s } = acts;
+        // whether dmemory holds a gradient yet (its first writer sets, the others add)
+        let mut dmemory_written = false;
         std::mem::swap(&mut s.g, dout);
         for (i, sub) in self.subs.iter().enumerate().rev() {
             let a = &sub_acts[i];
             let inp = if i == 0 { x } else { self.sub_out(&sub_acts[i - 1]) };
-            // s.g: gradient of this sublayer's output; s.gnext collects the gradient of inp
-            zero(be, &mut s.gnext);
-            zero(be, &mut s.df);
-            match self.placement {
-                LayerNormPlacement::Pre => {
-                    // out = x + f: dx += dout, df = dout
-                    be.residual_backward(all_mut(be, &mut s.gnext), all_mut(be, &mut s.df), all(be, &s.g));
-                }
-                LayerNormPlacement::Post => {
-                    // out = LN(resid), resid = x + f
-                    zero(be, &mut s.dres);
-                    sub.ln.backward(cx, grads, &mut s.dres, &s.g, &a.resid, &a.ln);
-                    be.residual_backward(all_mut(be, &mut s.gnext), all_mut(be, &mut s.df), all(be, &s.dres));
-                }
+            // s.g: gradient of this sublayer's output. resid = inp + f (or + dropout(f)) hands
+            // its gradient dresid to inp and to f alike.
+            if post {
+                // out = LN(resid): dresid into gnext, which then collects inp's gradient
+                zero(be, &mut s.gnext);
+                sub.ln.backward(cx, grads, &mut s.gnext, &s.g, &a.resid, &a.ln);
             }
-            if let Some(dp) = dropout {
-                // s.df is the gradient of dropout(f): through the same mask to f's (dfin serves
-                // as scratch; it is zeroed again below before its own use)
-                zero(be, &mut s.dfin);
-                be.dropout_backward(all_mut(be, &mut s.dfin), all(be, &s.df), dp.site(i, n * d.c));
-                std::mem::swap(&mut s.df, &mut s.dfin);
-            }
-            let fin = if self.placement == LayerNormPlacement::Pre { &a.ln.out } else { inp };
-            // dfin: gradient of f's input (pre-LN: then through LN; post-LN: that is x itself)
-            zero(be, &mut s.dfin);
+            // pre-LN: dresid is s.g itself (dout = dresid), which collects inp's gradient
+            let dresid = if post { &s.gnext } else { &s.g };
+            // df: f's gradient. Without dropout dresid itself; with it, dresid through the same
+            // mask: dropout is a diagonal linear map, so its forward applied to dresid (written
+            // over s.df) is its backward
+            let df = match dropout {
+                Some(dp) => {
+                    be.dropout_forward(all_mut(be, &mut s.df), all(be, dresid), dp.site(i, n * d.c));
+                    &s.df
+                }
+                None => dresid,
+            };
+            let fin = if post { inp } else { &a.ln.out };
+            // the gradient of f's input (`fin_grad`) is taken once df is spent: df may be s.gnext
             match &sub.inner {
                 Inner::SelfAttn { qkv, proj, scores, causal } => {
-                    zero(be, &mut s.datt);
-                    proj.backward(cx, grads, Some(&mut s.datt), &s.df, &a.att, n);
-                    zero(be, &mut s.dqkv);
+                    proj.backward(cx, grads, &mut s.datt, Grad::Set, df, &a.att, n);
                     let key_lens = if *causal { None } else { lens.own };
-                    be.attention_ex_backward(
+                    be.attention_ex_backward_set(
                         QkvSource::Packed(all_mut(be, &mut s.dqkv)),
                         scores.grads(be, grads),
                         all(be, &s.datt),
@@ -484,15 +512,13 @@ impl Stack {
                         all(be, &a.saved),
                         d.attn(d.t, *causal),
                     );
-                    qkv.backward(cx, grads, Some(&mut s.dfin), &s.dqkv, fin, n);
+                    let (dfin, mode) = fin_grad::<B>(&mut s.gnext, &mut s.dfin, post);
+                    qkv.backward(cx, grads, dfin, mode, &s.dqkv, fin, n);
                 }
                 Inner::CrossAttn { q, kv, proj, scores } => {
                     let mem = memory.expect("cross-attention needs a memory");
-                    zero(be, &mut s.datt);
-                    proj.backward(cx, grads, Some(&mut s.datt), &s.df, &a.att, n);
-                    zero(be, &mut s.dq);
-                    zero(be, &mut s.dkv);
-                    be.attention_ex_backward(
+                    proj.backward(cx, grads, &mut s.datt, Grad::Set, df, &a.att, n);
+                    be.attention_ex_backward_set(
                         QkvSource::Split { q: all_mut(be, &mut s.dq), kv: all_mut(be, &mut s.dkv) },
                         scores.grads(be, grads),
                         all(be, &s.datt),
@@ -503,28 +529,42 @@ impl Stack {
                         all(be, &a.saved),
                         d.attn(d.tm, false),
                     );
-                    q.backward(cx, grads, Some(&mut s.dfin), &s.dq, fin, n);
+                    let (dfin, mode) = fin_grad::<B>(&mut s.gnext, &mut s.dfin, post);
+                    q.backward(cx, grads, dfin, mode, &s.dq, fin, n);
                     let dmem = dmemory.as_deref_mut().expect("cross-attention needs a memory gradient");
-                    kv.backward(cx, grads, Some(dmem), &s.dkv, mem, d.b * d.tm);
+                    kv.backward(cx, grads, dmem, Grad::after(dmemory_written), &s.dkv, mem, d.b * d.tm);
+                    dmemory_written = true;
                 }
                 Inner::Ffn { fc, proj } => {
-                    zero(be, &mut s.dhg);
-                    proj.backward(cx, grads, Some(&mut s.dhg), &s.df, &a.b, n);
-                    zero(be, &mut s.dh);
-                    be.gelu_backward(all_mut(be, &mut s.dh), all(be, &a.a), all(be, &s.dhg));
-                    fc.backward(cx, grads, Some(&mut s.dfin), &s.dh, fin, n);
+                    proj.backward(cx, grads, &mut s.dhg, Grad::Set, df, &a.b, n);
+                    be.gelu_backward_set(all_mut(be, &mut s.dh), all(be, &a.a), all(be, &s.dhg));
+                    let (dfin, mode) = fin_grad::<B>(&mut s.gnext, &mut s.dfin, post);
+                    fc.backward(cx, grads, dfin, mode, &s.dh, fin, n);
                 }
             }
-            match self.placement {
-                LayerNormPlacement::Pre => sub.ln.backward(cx, grads, &mut s.gnext, &s.dfin, inp, &a.ln),
-                LayerNormPlacement::Post => {
-                    // f's input is x: its gradient joins the residual's
-                    be.residual_backward(all_mut(be, &mut s.gnext), all_mut(be, &mut s.dres), all(be, &s.dfin));
-                }
+            if post {
+                std::mem::swap(&mut s.g, &mut s.gnext);
+            } else {
+                // x + f(LN(x)): LN's input gradient joins dresid in s.g
+                sub.ln.backward(cx, grads, &mut s.g, &s.dfin, inp, &a.ln);
             }
-            std::mem::swap(&mut s.g, &mut s.gnext);
+        }
+        if let (Some(dmem), false) = (dmemory, dmemory_written) {
+            // no cross-attention read the memory: its gradient is zero
+            zero(be, dmem);
         }
         std::mem::swap(&mut s.g, dout);
+    }
+}
+
+/// Where the gradient of a sublayer's f input goes: pre-LN written into `dfin` (then through
+/// the LayerNorm); post-LN (f's input is the sublayer's input) added onto the residual's
+/// gradient in `gnext`.
+fn fin_grad<'a, B: Backend>(gnext: &'a mut B::Buf, dfin: &'a mut B::Buf, post: bool) -> (&'a mut B::Buf, Grad) {
+    if post {
+        (gnext, Grad::Add)
+    } else {
+        (dfin, Grad::Set)
     }
 }
 

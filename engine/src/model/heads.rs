@@ -24,10 +24,9 @@ struct HeadActs<B: Backend> {
     seqs_cap: usize,
     rows_cap: usize,
     pooled: B::Buf,   // (B, C) hidden state of each sequence's last real token
-    logits: B::Buf,   // (B, L)
+    logits: B::Buf,   // (B, L); their gradient after the backward pass
     lse: B::Buf,      // (B)
     losses: B::Buf,   // (B)
-    dlogits: B::Buf,  // (B, L)
     dpooled: B::Buf,  // (B, C)
     dhidden: B::Buf,  // (BT, C) gradient handed back to the GPT
 }
@@ -142,7 +141,6 @@ impl<B: Backend> ClassificationHead<B> {
             logits: be.zeros(seqs * l),
             lse: be.zeros(seqs),
             losses: be.zeros(seqs),
-            dlogits: be.zeros(seqs * l),
             dpooled: be.zeros(seqs * c),
             dhidden: be.zeros(rows * c),
         });
@@ -199,13 +197,14 @@ impl<B: Backend> ClassificationHead<B> {
         Ok(loss)
     }
 
-    /// Logits of the last forward, (B, L) on the host.
+    /// Logits of the last forward, (B, L) on the host; after a backward pass, their gradient.
     pub fn logits(&self, be: &B) -> Vec<f32> {
         let (a, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
         be.download(be.view(&a.logits, 0..batch.b * self.num_labels))
     }
 
-    /// The most likely label of each sequence of the last forward (ties: the lowest label).
+    /// The most likely label of each sequence of the last forward (ties: the lowest label); read
+    /// before the backward pass, which writes the logits' gradient over them.
     pub fn predictions(&self, be: &B) -> Vec<u32> {
         row_argmax(&self.logits(be), self.num_labels)
     }
@@ -220,22 +219,21 @@ impl<B: Backend> ClassificationHead<B> {
         let (b, rows) = (batch.b, batch.b * batch.t);
         let a = self.acts.as_mut().unwrap();
 
-        // dlogits = dloss * (softmax - onehot(label))               // (B, L)
-        be.fill(be.view_mut(&mut a.dlogits, 0..b * l), 0.0);
-        be.cross_entropy_backward(be.view_mut(&mut a.dlogits, 0..b * l), be.view(&a.logits, 0..b * l), be.view(&a.lse, 0..b), labels, loss_scale / b as f32, l);
-        // dpooled = dlogits @ score; dscore += dlogits^T @ pooled
-        be.fill(be.view_mut(&mut a.dpooled, 0..b * c), 0.0);
+        // dlogits = dloss * (softmax - onehot(label)), written over the logits  // (B, L)
+        be.cross_entropy_backward_in_place(be.view_mut(&mut a.logits, 0..b * l), be.view(&a.lse, 0..b), labels, loss_scale / b as f32, l);
+        // dpooled = dlogits @ score (written over); dscore += dlogits^T @ pooled
         let shape = MatmulShape { rows: b, in_features: c, out_features: l, layout: WeightLayout::OutIn };
-        be.matmul_backward(
-            Some(be.view_mut(&mut a.dpooled, 0..b * c)),
+        be.matmul_backward_set_dinp(
+            be.view_mut(&mut a.dpooled, 0..b * c),
             be.view_mut(&mut self.grads, 0..l * c),
             None,
-            be.view(&a.dlogits, 0..b * l),
+            be.view(&a.logits, 0..b * l),
             be.view(&a.pooled, 0..b * c),
             be.view(&self.params, 0..l * c),
             shape,
         );
-        // dhidden[n*T + last[n]] += dpooled[n]; every other row 0   // (BT, C)
+        // dhidden[n*T + last[n]] += dpooled[n]; every other row 0 (the scatter only adds, so
+        // the one fill left)                                        // (BT, C)
         be.fill(be.view_mut(&mut a.dhidden, 0..rows * c), 0.0);
         be.embedding_backward(be.view_mut(&mut a.dhidden, 0..rows * c), be.view(&a.dpooled, 0..b * c), &batch.pool_rows, c);
         Ok(be.view(&a.dhidden, 0..rows * c))

@@ -153,12 +153,13 @@ struct Acts<B: Backend> {
     dec_x: B::Buf,        // (B Td, C)
     dec: StackActs<B>,
     dec_out: NormActs<B>, // (B Td, C)
-    logits: B::Buf,       // (B Td, V)
+    logits: B::Buf,       // (B Td, V); their gradient after the backward pass
     lse: B::Buf,
     losses: B::Buf,
-    dlogits: B::Buf,
-    ddec: B::Buf, // (B Td, C)
-    denc: B::Buf, // (B Te, C)
+    dhead: B::Buf, // (B Td, C) gradient of dec_out
+    ddec: B::Buf,  // (B Td, C)
+    denc: B::Buf,  // (B Te, C) gradient of enc_out
+    dx: B::Buf,    // (B Te, C)
 }
 
 pub struct T5<B: Backend> {
@@ -236,7 +237,7 @@ impl<B: Backend> T5<B> {
     pub fn zero_grad(&mut self) {
         zero(&self.be, &mut self.grads);
     }
-    /// Decoder logits of the last forward, (B, Td, V).
+    /// Decoder logits of the last forward, (B, Td, V); after a backward pass, their gradient.
     pub fn logits(&self) -> Vec<f32> {
         self.be.download(all(&self.be, &self.acts.as_ref().expect("forward first").logits))
     }
@@ -343,9 +344,10 @@ impl<B: Backend> T5<B> {
             logits: be.zeros(nd * v),
             lse: be.zeros(nd),
             losses: be.zeros(nd),
-            dlogits: be.zeros(nd * v),
+            dhead: be.zeros(nd * c),
             ddec: be.zeros(nd * c),
             denc: be.zeros(ne * c),
+            dx: be.zeros(ne * c),
         }
     }
 
@@ -394,7 +396,10 @@ impl<B: Backend> T5<B> {
     }
 
     /// Backward pass of the last forward (which had targets): accumulates the gradient of
-    /// `loss_scale * mean loss`.
+    /// `loss_scale * mean loss`. The logits buffer then holds their gradient.
+    ///
+    /// Zero fills left: the two final LayerNorms' input gradients (LayerNorm's backward only
+    /// accumulates), and one per post-LN sublayer; every other op writes over its output.
     pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
         let batch = self.batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
         let (de, dd) = self.dims(batch.b, batch.te, batch.td);
@@ -405,18 +410,16 @@ impl<B: Backend> T5<B> {
         let cx = Ctx { be, params };
         let (c, v) = (cfg.n_embd, cfg.vocab_size);
         let factor = token_scale(cfg.positions, c);
-        let Acts { enc_x, enc, enc_out, dec_x, dec, dec_out, logits, lse, dlogits, ddec, denc, .. } = a;
+        let Acts { enc_x, enc, enc_out, dec_x, dec, dec_out, logits, lse, dhead, ddec, denc, dx, .. } = a;
 
-        zero(be, dlogits);
-        be.cross_entropy_backward(all_mut(be, dlogits), all(be, logits), all(be, lse), targets, loss_scale / (*count).max(1) as f32, v);
-        // tied head: ddec_out = dlogits shared; dshared += dlogits^T dec_out
-        let mut dfinal = be.zeros(batch.b * batch.td * c);
+        // dlogits = dloss * (softmax - onehot), written over the logits          // (B Td, V)
+        be.cross_entropy_backward_in_place(all_mut(be, logits), all(be, lse), targets, loss_scale / (*count).max(1) as f32, v);
+        // tied head: dhead = dlogits shared (written over); dshared += dlogits^T dec_out
         let head = MatmulShape { rows: batch.b * batch.td, in_features: c, out_features: v, layout: WeightLayout::OutIn };
-        be.matmul_backward(Some(all_mut(be, &mut dfinal)), be.view_mut(grads, lay.shared.clone()), None, all(be, dlogits), all(be, &dec_out.out), cx.p(&lay.shared), head);
+        be.matmul_backward_set_dinp(all_mut(be, dhead), be.view_mut(grads, lay.shared.clone()), None, all(be, logits), all(be, &dec_out.out), cx.p(&lay.shared), head);
         zero(be, ddec);
-        lay.dec_ln.backward(&cx, grads, ddec, &dfinal, lay.decoder.output(dec, dec_x), dec_out);
-        // decoder stack; cross-attention adds into denc (the gradient of enc_out)
-        zero(be, denc);
+        lay.dec_ln.backward(&cx, grads, ddec, dhead, lay.decoder.output(dec, dec_x), dec_out);
+        // decoder stack; its cross-attention writes denc (the gradient of enc_out)
         let dec_lens = Lens::<B> { own: None, memory: batch.enc_lens.as_ref() };
         lay.decoder.backward(&cx, grads, dec, dec_x, Some(&enc_out.out), Some(denc), dec_lens, ddec, dd);
         if let Some(r) = &lay.dec_pos {
@@ -428,17 +431,17 @@ impl<B: Backend> T5<B> {
         }
         be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, ddec), &batch.dec_tokens, c);
         // encoder: final LN, stack, embeddings
-        let mut dx = be.zeros(batch.b * batch.te * c);
-        lay.enc_ln.backward(&cx, grads, &mut dx, denc, lay.encoder.output(enc, enc_x), enc_out);
+        zero(be, dx);
+        lay.enc_ln.backward(&cx, grads, dx, denc, lay.encoder.output(enc, enc_x), enc_out);
         let enc_lens = Lens::<B> { own: batch.enc_lens.as_ref(), memory: None };
-        lay.encoder.backward(&cx, grads, enc, enc_x, None, None, enc_lens, &mut dx, de);
+        lay.encoder.backward(&cx, grads, enc, enc_x, None, None, enc_lens, dx, de);
         if let Some(r) = &lay.enc_pos {
-            be.embedding_backward(be.view_mut(grads, r.clone()), all(be, &dx), &batch.enc_positions, c);
+            be.embedding_backward(be.view_mut(grads, r.clone()), all(be, dx), &batch.enc_positions, c);
         }
         if let Some(s) = factor {
-            be.scale(all_mut(be, &mut dx), s);
+            be.scale(all_mut(be, dx), s);
         }
-        be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, &dx), &batch.enc_tokens, c);
+        be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, dx), &batch.enc_tokens, c);
         Ok(())
     }
 }

@@ -240,6 +240,20 @@ impl Backend for Shared {
     ) {
         self.0.attention_ex_backward(dsrc, dscores, dout, src, scores, key_lens, out, saved, shape)
     }
+    fn attention_ex_backward_set(
+        &self,
+        dsrc: QkvSource<ViewMut<'_>>,
+        dscores: Scores<ViewMut<'_>>,
+        dout: View<'_>,
+        src: QkvSource<View<'_>>,
+        scores: Scores<View<'_>>,
+        key_lens: Option<&Ids>,
+        out: View<'_>,
+        saved: View<'_>,
+        shape: AttnShape,
+    ) {
+        self.0.attention_ex_backward_set(dsrc, dscores, dout, src, scores, key_lens, out, saved, shape)
+    }
     fn tanh_forward(&self, out: ViewMut<'_>, inp: View<'_>) {
         self.0.tanh_forward(out, inp)
     }

@@ -962,3 +962,543 @@ attention_backward_dq_bf16_d128(float* dq, const float* q, const float* kv, cons
                                  const float* lse, const float* dsum, const AttnParams p) {
     backward_dq_bf16_impl<8>(dq, q, kv, dout, lse, dsum, p);
 }
+
+// =============================================================================================
+// Backward, version 2: what the tensor-core family runs (the two bf16 passes above stay as
+// `SMELT_ATTENTION_BACKWARD=v1`, for comparison). The f32 operands are converted once per call
+// into head-major bf16 copies (attention_heads_bf16): (B, H, Tpad, W), Tpad = T rounded up to
+// 64, zeros past T and past hd, so that a tile is 64 contiguous rows of W bf16. Tiles then
+// arrive by cp.async in 16-byte chunks, double-buffered: the copy of the next query (or key)
+// tile overlaps the arithmetic on this one. The operands the v1 kernels staged transposed (the
+// B of dv += P^T dout, dk += dS^T q and dq += dS k) are read from the row tiles with
+// ldmatrix.trans. Each query row's (lse log2(e), D) pair comes precomputed and padded
+// (attention_backward_stats). Same two passes and ownership as v1: deterministic, no atomics.
+
+#define LOG2E 1.4426950408889634f
+
+__device__ __forceinline__ int round_tile(int n) { return (n + TILE - 1) / TILE * TILE; }
+
+#ifndef SMELT_HOST_EMULATION
+__device__ __forceinline__ u32 smem_addr(const void* s) { return (u32)__cvta_generic_to_shared(s); }
+// 16 bytes global -> shared without passing through registers (sm_80+).
+__device__ __forceinline__ void cp_async16(void* s, const void* g) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(s)), "l"(g));
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.commit_group;");
+#endif
+}
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.wait_group %0;" ::"n"(N));
+#endif
+}
+// Two B fragments (k 16 x n 16: b[0], b[1] for n-tile n0, b[2], b[3] for n0 + 8) of a tile
+// stored [k][n] with row stride ld: ldmatrix.trans hands lane (g, t) the pairs (k 2t, 2t+1;
+// n g) mma's B operand wants. Lanes 8m .. 8m+7 give the row addresses of 8x8 matrix m.
+__device__ __forceinline__ void load_b_trans(u32 (&b)[4], const bf16_t* s, int ld, int k0, int n0) {
+    const int l = threadIdx.x % 32;
+    const bf16_t* row = s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8;
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "r"(smem_addr(row)));
+#else
+    __trap();
+#endif
+}
+#endif
+
+// dst (B, H, Tpad, w) bf16 from the head columns of a strided f32 (B, rows, ld) matrix (head h
+// at column off + h*hd): zeros past `rows` and past hd. One thread per pair of columns.
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_heads_bf16(bf16_t* dst, const float* src, int rows, int ld, int off, int w,
+                     const AttnParams p) {
+    const int tp = round_tile(rows), pairs = w / 2;
+    const size_t n = (size_t)p.batch * p.heads * tp * pairs;
+    const size_t e = (size_t)blockIdx.x * THREADS + threadIdx.x;
+    if (e >= n) return;
+    const int d = 2 * (int)(e % pairs);
+    const size_t r = e / pairs;  // (b*H + h)*Tpad + i
+    const int i = (int)(r % tp);
+    const size_t bh = r / tp;
+    const int h = (int)(bh % p.heads);
+    const size_t b = bh / p.heads;
+    float x0 = 0.0f, x1 = 0.0f;
+    if (i < rows) {
+        const float* s = src + (b * rows + i) * ld + off + h * p.hd;
+        if (d < p.hd) x0 = s[d];
+        if (d + 1 < p.hd) x1 = s[d + 1];
+    }
+    *(u32*)(dst + r * w + d) = pack_bf16x2(x0, x1);
+}
+
+// stats (B, H, Tqpad, 2): per query row (lse * log2(e), D = rowsum(dout * out)), zeros past Tq.
+// One warp per row.
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_stats(float* stats, const float* dout, const float* out, const float* lse,
+                         const AttnParams p) {
+    const int tqp = round_tile(p.tq);
+    const size_t row = (size_t)blockIdx.x * (THREADS / 32) + threadIdx.x / 32;  // (b*H+h)*Tqpad+i
+    const int lane = threadIdx.x % 32;
+    if (row >= (size_t)p.batch * p.heads * tqp) return;  // whole warp leaves together
+    const int i = (int)(row % tqp);
+    const size_t bh = row / tqp;
+    const int h = (int)(bh % p.heads);
+    const size_t b = bh / p.heads;
+    float acc = 0.0f, l = 0.0f;
+    if (i < p.tq) {
+        const float* dy = dout + (b * p.tq + i) * p.channels + h * p.hd;
+        const float* y = out + (b * p.tq + i) * p.channels + h * p.hd;
+        for (int d = lane; d < p.hd; d += 32) acc += dy[d] * y[d];
+        l = lse[bh * p.tq + i] * LOG2E;
+    }
+    for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (lane == 0) {
+        stats[2 * row] = l;
+        stats[2 * row + 1] = acc;
+    }
+}
+
+// Rows row0 .. row0+64 of a head-major (Tpad, W) bf16 matrix into a (64, W+8) shared tile.
+template <int W>
+__device__ __forceinline__ void copy_tile_async(bf16_t* s, const bf16_t* g, int row0) {
+    constexpr int CH = W / 8;  // 16-byte chunks per row
+    for (int e = threadIdx.x; e < TILE * CH; e += MMA_THREADS) {
+        const int r = e / CH, c = e % CH;
+        cp_async16(s + r * (W + 8) + c * 8, g + (size_t)(row0 + r) * W + c * 8);
+    }
+}
+
+// The (lse log2e, D) pairs of rows row0 .. row0+64: 512 bytes, 32 chunks.
+__device__ __forceinline__ void copy_stats_async(float* s, const float* g, int row0) {
+    if (threadIdx.x < 32) cp_async16(s + 4 * threadIdx.x, g + 2 * (size_t)row0 + 4 * threadIdx.x);
+}
+
+// Forward, version 2: q, k and v arrive as head-major bf16 copies (made by
+// attention_heads_bf16 into the saved state, where the backward pass finds them again). One
+// block per (64-query tile, head, batch); this warp's 16 query rows stay in registers as A
+// fragments; key and value tiles are double-buffered by cp.async; scores live in the log2
+// domain (exp2 of s * scale * log2 e), the saved lse in natural units.
+template <int NC>
+__device__ void forward_v2_impl(float* out, float* lse, const bf16_t* qh, const bf16_t* kh,
+                                const bf16_t* vh, const AttnParams p) {
+    constexpr int W = 16 * NC, LR = W + 8, TS = TILE * LR;
+    extern __shared__ float smem[];
+    bf16_t* Qs = (bf16_t*)smem;  // (64 queries, LR)
+    bf16_t* Ks = Qs + TS;        // 2 x (64 keys, LR): B of s = q k^T
+    bf16_t* Vs = Ks + 2 * TS;    // 2 x (64 keys, LR): B of o += P v (trans)
+
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const int tqp = round_tile(p.tq), tkp = round_tile(p.tk);
+    const size_t bh = (size_t)b * p.heads + h;
+    const bf16_t* kb = kh + bh * tkp * W;
+    const bf16_t* vb = vh + bh * tkp * W;
+    const float scale2 = p.scale * LOG2E;
+
+    copy_tile_async<W>(Qs, qh + bh * tqp * W, q0);
+    cp_async_commit();
+    copy_tile_async<W>(Ks, kb, 0);
+    copy_tile_async<W>(Vs, vb, 0);
+    cp_async_commit();
+    cp_async_wait<1>();  // Q landed (the first key tile may still be in flight)
+    __syncthreads();
+    u32 qa[NC][4];  // this warp's 16 query rows as A fragments, kept for every key tile
+#pragma unroll
+    for (int kk = 0; kk < NC; kk++) load_a(qa[kk], Qs, LR, warp * 16, kk * 16);
+
+    float o[W / 8][4];  // (16, W) output accumulator, C layout
+    float m[2], l[2];   // running max (log2 domain) and sum of rows g and g+8
+#pragma unroll
+    for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[dn][e] = 0.0f;
+    m[0] = m[1] = neg_inf();
+    l[0] = l[1] = 0.0f;
+
+    const int nk = key_count(p, b);  // key tiles past it are all padding: skipped
+    const int kend = p.causal ? min(nk, q0 + TILE) : nk;
+    for (int k0 = 0, it = 0; k0 < kend; k0 += TILE, it++) {
+        const int buf = it & 1;
+        if (k0 + TILE < kend) {  // the next key tile, into the other buffer
+            copy_tile_async<W>(Ks + (buf ^ 1) * TS, kb, k0 + TILE);
+            copy_tile_async<W>(Vs + (buf ^ 1) * TS, vb, k0 + TILE);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // this key tile landed for every thread
+        const bf16_t* Kc = Ks + buf * TS;
+        const bf16_t* Vc = Vs + buf * TS;
+
+        float s[8][4];  // (16, 64) scores, C layout
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < NC; kk++) {
+                u32 b0, b1;
+                load_b(b0, b1, Kc, LR, nt * 8, kk * 16);
+                mma_bf16(s[nt], qa[kk], b0, b1);
+            }
+        }
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+            const int i = q0 + warp * 16 + g + 8 * half;
+            float rmax = neg_inf();
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const int j = k0 + nt * 8 + 2 * t + e;
+                    float& x = s[nt][2 * half + e];
+                    x = key_visible(p, nk, i, j) ? x * scale2 : neg_inf();
+                    rmax = fmaxf(rmax, x);
+                }
+            rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
+            rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
+            const float m_new = fmaxf(m[half], rmax);
+            const float base = m_new == neg_inf() ? 0.0f : m_new;  // see the f32 forward
+            const float corr = exp2f(m[half] - base);
+            float rsum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    float& x = s[nt][2 * half + e];
+                    x = exp2f(x - base);
+                    rsum += x;
+                }
+            rsum += __shfl_xor_sync(0xffffffffu, rsum, 1);
+            rsum += __shfl_xor_sync(0xffffffffu, rsum, 2);
+            l[half] = l[half] * corr + rsum;
+            m[half] = m_new;
+#pragma unroll
+            for (int dn = 0; dn < W / 8; dn++) {
+                o[dn][2 * half] *= corr;
+                o[dn][2 * half + 1] *= corr;
+            }
+        }
+        u32 pa[4][4];
+        c_to_a(pa, s);  // P as A fragments, straight from registers
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+            for (int dn = 0; dn < W / 16; dn++) {
+                u32 bt[4];
+                load_b_trans(bt, Vc, LR, kk * 16, dn * 16);
+                mma_bf16(o[2 * dn], pa[kk], bt[0], bt[1]);  // o += P v
+                mma_bf16(o[2 * dn + 1], pa[kk], bt[2], bt[3]);
+            }
+        __syncthreads();  // every warp is done with this buffer before it is refilled
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int i = q0 + warp * 16 + g + 8 * half;
+        if (i >= p.tq) continue;
+        const float inv = 1.0f / l[half];
+        float* orow = out + ((size_t)b * p.tq + i) * p.channels + h * p.hd;
+#pragma unroll
+        for (int dn = 0; dn < W / 8; dn++) {
+            const int d = dn * 8 + 2 * t;
+            if (d < p.hd) orow[d] = o[dn][2 * half] * inv;
+            if (d + 1 < p.hd) orow[d + 1] = o[dn][2 * half + 1] * inv;
+        }
+        if (t == 0) lse[bh * p.tq + i] = (m[half] + log2f(l[half])) / LOG2E;
+    }
+}
+
+template <int NC>
+__device__ void backward_dkv_v2_impl(float* dkv, const bf16_t* qh, const bf16_t* kh,
+                                     const bf16_t* vh, const bf16_t* doh, const float* stats,
+                                     const AttnParams p) {
+    constexpr int W = 16 * NC, LR = W + 8, TS = TILE * LR;
+    extern __shared__ float smem[];
+    bf16_t* Ks = (bf16_t*)smem;   // (64 keys, LR): A of S^T = k q^T
+    bf16_t* Vs = Ks + TS;         // (64 keys, LR): A of dP^T = v dout^T
+    bf16_t* Qs = Vs + TS;         // 2 x (64 queries, LR): B of S^T, and of dk += dS^T q (trans)
+    bf16_t* dOs = Qs + 2 * TS;    // 2 x (64 queries, LR): B of dP^T, and of dv += P^T dout
+    float* st_s = (float*)(dOs + 2 * TS);  // 2 x (64, 2): (lse log2e, D) per query
+
+    const int k0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int nk = key_count(p, b);
+    if (k0 >= nk) {  // a tile of padding keys: no gradient (the whole block leaves)
+        zero_padding_kv_tile(dkv, p, b, h, k0);
+        return;
+    }
+    const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const int tqp = round_tile(p.tq), tkp = round_tile(p.tk);
+    const size_t bh = (size_t)b * p.heads + h;
+    const bf16_t* qb = qh + bh * tqp * W;
+    const bf16_t* dob = doh + bh * tqp * W;
+    const float* sb = stats + bh * tqp * 2;
+    const float scale2 = p.scale * LOG2E;
+
+    const int qstart = p.causal ? (k0 / TILE) * TILE : 0;
+    copy_tile_async<W>(Ks, kh + bh * tkp * W, k0);
+    copy_tile_async<W>(Vs, vh + bh * tkp * W, k0);
+    copy_tile_async<W>(Qs, qb, qstart);
+    copy_tile_async<W>(dOs, dob, qstart);
+    copy_stats_async(st_s, sb, qstart);
+    cp_async_commit();
+
+    float dk[W / 8][4], dv[W / 8][4];  // (16 keys, W) each, C layout
+#pragma unroll
+    for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dk[dn][e] = dv[dn][e] = 0.0f;
+
+    for (int q0 = qstart, it = 0; q0 < p.tq; q0 += TILE, it++) {
+        const int buf = it & 1;
+        if (q0 + TILE < p.tq) {  // the next query tile, into the other buffer
+            copy_tile_async<W>(Qs + (buf ^ 1) * TS, qb, q0 + TILE);
+            copy_tile_async<W>(dOs + (buf ^ 1) * TS, dob, q0 + TILE);
+            copy_stats_async(st_s + (buf ^ 1) * 2 * TILE, sb, q0 + TILE);
+        }
+        cp_async_commit();  // (possibly empty) so that "all but the newest" is this tile
+        cp_async_wait<1>();
+        __syncthreads();  // this tile (and K, V) landed for every thread
+        const bf16_t* Qc = Qs + buf * TS;
+        const bf16_t* dOc = dOs + buf * TS;
+        const float* sc = st_s + buf * 2 * TILE;
+
+        // rows: this warp's 16 keys; columns: the 64 queries
+        float st[8][4], dpt[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < NC; kk++) {
+            u32 ka[4], va[4];
+            load_a(ka, Ks, LR, warp * 16, kk * 16);
+            load_a(va, Vs, LR, warp * 16, kk * 16);
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                u32 b0, b1;
+                load_b(b0, b1, Qc, LR, nt * 8, kk * 16);
+                mma_bf16(st[nt], ka, b0, b1);
+                load_b(b0, b1, dOc, LR, nt * 8, kk * 16);
+                mma_bf16(dpt[nt], va, b0, b1);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int j = k0 + warp * 16 + g + 8 * (e >> 1);
+                const int qi = nt * 8 + 2 * t + (e & 1);
+                const float pr = visible(p, nk, q0 + qi, j)
+                                     ? exp2f(st[nt][e] * scale2 - sc[2 * qi]) : 0.0f;
+                st[nt][e] = pr;                                // P^T
+                dpt[nt][e] = pr * (dpt[nt][e] - sc[2 * qi + 1]);  // dS^T
+            }
+        u32 pa[4][4], sa[4][4];
+        c_to_a(pa, st);
+        c_to_a(sa, dpt);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+            for (int dn = 0; dn < W / 16; dn++) {
+                u32 bt[4];
+                load_b_trans(bt, dOc, LR, kk * 16, dn * 16);
+                mma_bf16(dv[2 * dn], pa[kk], bt[0], bt[1]);  // dv += P^T dout
+                mma_bf16(dv[2 * dn + 1], pa[kk], bt[2], bt[3]);
+                load_b_trans(bt, Qc, LR, kk * 16, dn * 16);
+                mma_bf16(dk[2 * dn], sa[kk], bt[0], bt[1]);  // dk += dS^T q
+                mma_bf16(dk[2 * dn + 1], sa[kk], bt[2], bt[3]);
+            }
+        __syncthreads();  // every warp is done with this buffer before it is refilled
+    }
+    cp_async_wait<0>();  // nothing may be in flight when the block exits
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int j = k0 + warp * 16 + g + 8 * half;
+        if (j >= p.tk) continue;
+        float* dkrow = dkv + ((size_t)b * p.tk + j) * p.k_ld + p.k_off + h * p.hd;
+        float* dvrow = dkv + ((size_t)b * p.tk + j) * p.v_ld + p.v_off + h * p.hd;
+#pragma unroll
+        for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int d = dn * 8 + 2 * t + e;
+                if (d < p.hd) {
+                    GRAD_STORE(dkrow[d], dk[dn][2 * half + e] * p.scale);
+                    GRAD_STORE(dvrow[d], dv[dn][2 * half + e]);
+                }
+            }
+    }
+}
+
+template <int NC>
+__device__ void backward_dq_v2_impl(float* dq, const bf16_t* qh, const bf16_t* kh,
+                                    const bf16_t* vh, const bf16_t* doh, const float* stats,
+                                    const AttnParams p) {
+    constexpr int W = 16 * NC, LR = W + 8, TS = TILE * LR;
+    extern __shared__ float smem[];
+    bf16_t* Qs = (bf16_t*)smem;  // (64 queries, LR): A of s = q k^T
+    bf16_t* dOs = Qs + TS;       // (64 queries, LR): A of dP = dout v^T
+    bf16_t* Ks = dOs + TS;       // 2 x (64 keys, LR): B of s, and of dq += dS k (trans)
+    bf16_t* Vs = Ks + 2 * TS;    // 2 x (64 keys, LR): B of dP
+
+    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
+    const int tqp = round_tile(p.tq), tkp = round_tile(p.tk);
+    const size_t bh = (size_t)b * p.heads + h;
+    const bf16_t* kb = kh + bh * tkp * W;
+    const bf16_t* vb = vh + bh * tkp * W;
+    const float scale2 = p.scale * LOG2E;
+
+    copy_tile_async<W>(Qs, qh + bh * tqp * W, q0);
+    copy_tile_async<W>(dOs, doh + bh * tqp * W, q0);
+    copy_tile_async<W>(Ks, kb, 0);
+    copy_tile_async<W>(Vs, vb, 0);
+    cp_async_commit();
+    // (lse log2e, D) of this thread's two rows, g and g+8 of the warp's 16 (padded rows: 0)
+    float lse2[2], dd[2];
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const size_t i = (size_t)q0 + warp * 16 + g + 8 * half;
+        lse2[half] = stats[(bh * tqp + i) * 2];
+        dd[half] = stats[(bh * tqp + i) * 2 + 1];
+    }
+
+    float acc[W / 8][4];  // (16 queries, W) dq, C layout
+#pragma unroll
+    for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) acc[dn][e] = 0.0f;
+
+    const int nk = key_count(p, b);  // key tiles past it are all padding: skipped
+    const int kend = p.causal ? min(nk, q0 + TILE) : nk;
+    for (int k0 = 0, it = 0; k0 < kend; k0 += TILE, it++) {
+        const int buf = it & 1;
+        if (k0 + TILE < kend) {  // the next key tile, into the other buffer
+            copy_tile_async<W>(Ks + (buf ^ 1) * TS, kb, k0 + TILE);
+            copy_tile_async<W>(Vs + (buf ^ 1) * TS, vb, k0 + TILE);
+        }
+        cp_async_commit();
+        cp_async_wait<1>();
+        __syncthreads();  // this key tile (and Q, dout) landed for every thread
+        const bf16_t* Kc = Ks + buf * TS;
+        const bf16_t* Vc = Vs + buf * TS;
+
+        // rows: this warp's 16 queries; columns: the 64 keys
+        float s[8][4], dp[8][4];
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < NC; kk++) {
+            u32 qa[4], da[4];
+            load_a(qa, Qs, LR, warp * 16, kk * 16);
+            load_a(da, dOs, LR, warp * 16, kk * 16);
+#pragma unroll
+            for (int nt = 0; nt < 8; nt++) {
+                u32 b0, b1;
+                load_b(b0, b1, Kc, LR, nt * 8, kk * 16);
+                mma_bf16(s[nt], qa, b0, b1);
+                load_b(b0, b1, Vc, LR, nt * 8, kk * 16);
+                mma_bf16(dp[nt], da, b0, b1);
+            }
+        }
+#pragma unroll
+        for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const int half = e >> 1;
+                const int i = q0 + warp * 16 + g + 8 * half;
+                const int j = k0 + nt * 8 + 2 * t + (e & 1);
+                const float pr =
+                    visible(p, nk, i, j) ? exp2f(s[nt][e] * scale2 - lse2[half]) : 0.0f;
+                dp[nt][e] = pr * (dp[nt][e] - dd[half]);  // dS
+            }
+        u32 sa[4][4];
+        c_to_a(sa, dp);
+#pragma unroll
+        for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+            for (int dn = 0; dn < W / 16; dn++) {
+                u32 bt[4];
+                load_b_trans(bt, Kc, LR, kk * 16, dn * 16);
+                mma_bf16(acc[2 * dn], sa[kk], bt[0], bt[1]);  // dq += dS k
+                mma_bf16(acc[2 * dn + 1], sa[kk], bt[2], bt[3]);
+            }
+        __syncthreads();  // every warp is done with this buffer before it is refilled
+    }
+    cp_async_wait<0>();
+
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+        const int i = q0 + warp * 16 + g + 8 * half;
+        if (i >= p.tq) continue;
+        float* dqrow = dq + ((size_t)b * p.tq + i) * p.q_ld + p.q_off + h * p.hd;
+#pragma unroll
+        for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+            for (int e = 0; e < 2; e++) {
+                const int d = dn * 8 + 2 * t + e;
+                if (d < p.hd) GRAD_STORE(dqrow[d], acc[dn][2 * half + e] * p.scale);
+            }
+    }
+}
+
+// ---- version 2 entry points ----------------------------------------------------------
+
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_forward_v2_d32(float* out, float* lse, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                          const AttnParams p) {
+    forward_v2_impl<2>(out, lse, qh, kh, vh, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_forward_v2_d64(float* out, float* lse, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                          const AttnParams p) {
+    forward_v2_impl<4>(out, lse, qh, kh, vh, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_forward_v2_d128(float* out, float* lse, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                          const AttnParams p) {
+    forward_v2_impl<8>(out, lse, qh, kh, vh, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dkv_v2_d32(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dkv_v2_impl<2>(dkv, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dq_v2_d32(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dq_v2_impl<2>(dq, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dkv_v2_d64(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dkv_v2_impl<4>(dkv, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dq_v2_d64(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dq_v2_impl<4>(dq, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dkv_v2_d128(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dkv_v2_impl<8>(dkv, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dq_v2_d128(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dq_v2_impl<8>(dq, qh, kh, vh, doh, stats, p);
+}
