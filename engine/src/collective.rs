@@ -1,6 +1,7 @@
 //! Collectives for data-parallel training: average a buffer across ranks, in place.
 //!
-//! - [`Collective`]: the one operation the trainer needs, `all_reduce_mean`;
+//! - [`Collective`]: the one operation the trainer needs, `all_reduce_mean`, and its
+//!   overlapped form (`start_all_reduce_mean` + `wait_all`, see `grad_buckets.rs`);
 //! - [`Local`]: world size 1, a no-op, for every backend;
 //! - [`TcpRing`]: a ring all-reduce over plain blocking `std::net` TCP sockets for the CPU
 //!   backend. It runs on the training thread (no async runtime): reduce-scatter then
@@ -38,6 +39,31 @@ pub trait Collective<B: Backend>: Send {
     /// with a buffer of the same length, in the same sequence of calls; every rank ends with
     /// bitwise identical values.
     fn all_reduce_mean(&mut self, be: &B, buf: B::ViewMut<'_>) -> Result<(), CollectiveError>;
+
+    /// Whether [`start_all_reduce_mean`](Self::start_all_reduce_mean) returns before the
+    /// reduction is done, so that the trainer can hand it gradient buckets while the backward
+    /// pass is still computing the rest (false: the trainer reduces the whole buffer after it).
+    fn overlaps_backward(&self) -> bool {
+        false
+    }
+
+    /// Starts averaging `buf` like `all_reduce_mean`, possibly in the background; every
+    /// started buffer is final once [`wait_all`](Self::wait_all) returns Ok. Ranks must start
+    /// the same sequence of buffers. The default reduces before returning.
+    ///
+    /// # Safety
+    /// Until `wait_all` returns, nothing may read or write the memory `buf` covers (a
+    /// background reduction works on it after this call's borrow has ended), and that memory
+    /// must stay allocated.
+    unsafe fn start_all_reduce_mean(&mut self, be: &B, buf: B::ViewMut<'_>) -> Result<(), CollectiveError> {
+        self.all_reduce_mean(be, buf)
+    }
+
+    /// Waits for every reduction started since the last call. After an error the collective
+    /// is broken, as after a failed `all_reduce_mean`.
+    fn wait_all(&mut self, _be: &B) -> Result<(), CollectiveError> {
+        Ok(())
+    }
 }
 
 #[derive(Debug, Error)]
@@ -330,6 +356,16 @@ impl Collective<CpuBackend> for TcpRing {
         self.world
     }
     fn all_reduce_mean(&mut self, _be: &CpuBackend, buf: &mut [f32]) -> Result<(), CollectiveError> {
+        self.reduce(buf)
+    }
+}
+
+impl TcpRing {
+    /// `all_reduce_mean` without a backend (it needs none): also what [`BackgroundRing`]'s
+    /// thread runs.
+    ///
+    /// [`BackgroundRing`]: crate::background_ring::BackgroundRing
+    pub fn reduce(&mut self, buf: &mut [f32]) -> Result<(), CollectiveError> {
         self.check_usable()?;
         if self.world == 1 {
             return Ok(());

@@ -11,12 +11,14 @@
 //! - [`weights`]: safetensors in and out.
 
 pub mod backend;
+pub mod background_ring;
 pub mod collective;
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod data;
 pub mod error;
+pub mod grad_buckets;
 pub mod model;
 pub mod optim;
 pub mod params;

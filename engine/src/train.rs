@@ -7,7 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
-use crate::collective::Collective;
+use crate::collective::{Collective, CollectiveError};
+use crate::grad_buckets::{GradBuckets, DEFAULT_BUCKET_FLOATS};
 use crate::data::{Batch, TokenWindows};
 use crate::error::{ConfigError, EngineError};
 use crate::model::Gpt;
@@ -72,6 +73,9 @@ pub struct Trainer<B: Backend> {
     cfg: TrainConfig,
     step: u64,
     data_rng: Rng,
+    /// Smallest gradient bucket averaged during the backward pass, in f32 values (0: average
+    /// the whole buffer after it); used with collectives that overlap.
+    bucket_floats: usize,
 }
 
 impl<B: Backend> Trainer<B> {
@@ -79,7 +83,15 @@ impl<B: Backend> Trainer<B> {
         cfg.validate(model.config().block_size)?;
         let opt = AdamW::new(model.backend(), model.table(), cfg.optim.clone())?;
         let data_rng = Rng::derive(cfg.seed, "data-order");
-        Ok(Trainer { model, opt, cfg, step: 0, data_rng })
+        Ok(Trainer { model, opt, cfg, step: 0, data_rng, bucket_floats: DEFAULT_BUCKET_FLOATS })
+    }
+
+    /// Sets the smallest gradient bucket averaged while the backward pass runs, in f32 values
+    /// (default [`DEFAULT_BUCKET_FLOATS`], 25 MiB as PyTorch DDP); 0 averages the whole buffer
+    /// after the pass. Only the bucketing changes, not the result's values (up to the ring's
+    /// summation order over the chunks of each bucket).
+    pub fn set_bucket_floats(&mut self, floats: usize) {
+        self.bucket_floats = floats;
     }
 
     pub fn config(&self) -> &TrainConfig {
@@ -142,21 +154,26 @@ impl<B: Backend> Trainer<B> {
         self.model.zero_grad();
         let mut loss_sum = 0.0f64;
         let mut tokens = 0;
-        for batch in micro_batches {
-            let loss = self
-                .model
-                .forward(&batch.inputs, Some(&batch.targets), batch.batch, batch.seq_len)?
-                .expect("targets given");
-            self.model.backend().synchronize()?;
+        // All micro-batches but the last: forward and backward, no communication.
+        let mut finite = true;
+        for batch in &micro_batches[..k - 1] {
+            let loss = self.forward_batch(batch)?;
             tokens += batch.batch * batch.seq_len;
+            loss_sum += loss as f64;
             if !loss.is_finite() {
-                // Let the other ranks learn about it through the loss all-reduce below.
-                loss_sum = loss as f64;
+                // The other ranks learn about it through the loss all-reduce below.
+                finite = false;
                 break;
             }
-            loss_sum += loss as f64;
             self.model.backward(1.0 / k as f32)?;
         }
+        if finite {
+            let last = &micro_batches[k - 1];
+            loss_sum += self.forward_batch(last)? as f64;
+            tokens += last.batch * last.seq_len;
+        }
+        // The mean loss over every rank's micro-batches, before any gradient moves: a
+        // non-finite loss anywhere stops every rank here, with the same error.
         let local_loss = (loss_sum / k as f64) as f32;
         let loss = {
             let be = self.model.backend();
@@ -167,17 +184,62 @@ impl<B: Backend> Trainer<B> {
         if !loss.is_finite() {
             return Err(EngineError::NonFiniteLoss { step: self.step, loss });
         }
-        {
-            let n = self.model.table().total();
-            let (be, grads) = self.model.backend_and_grads_mut();
-            collective.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
-        }
+        self.backward_and_average(1.0 / k as f32, collective)?;
         let lr = self.cfg.schedule.lr_at(self.step);
         let (be, _, params, grads) = self.model.params_and_grads();
         let report = self.opt.step(be, params, grads, lr, self.step)?;
         let stats = StepStats { step: self.step, loss, grad_norm: report.grad_norm, lr, tokens: tokens * collective.world_size() };
         self.step += 1;
         Ok(stats)
+    }
+
+    /// Forward of one micro-batch; its loss, after any device error was reported.
+    fn forward_batch(&mut self, batch: &Batch) -> Result<f32, EngineError> {
+        let loss = self
+            .model
+            .forward(&batch.inputs, Some(&batch.targets), batch.batch, batch.seq_len)?
+            .expect("targets given");
+        self.model.backend().synchronize()?;
+        Ok(loss)
+    }
+
+    /// The last micro-batch's backward pass, then the gradients averaged over the ranks. When
+    /// the collective overlaps (`Collective::overlaps_backward`), each bucket of final
+    /// gradients (grad_buckets.rs) starts averaging while the pass computes the next; else one
+    /// all-reduce of the whole buffer follows the pass.
+    fn backward_and_average(&mut self, loss_scale: f32, collective: &mut dyn Collective<B>) -> Result<(), EngineError> {
+        if !collective.overlaps_backward() || self.bucket_floats == 0 {
+            self.model.backward(loss_scale)?;
+            let n = self.model.table().total();
+            let (be, grads) = self.model.backend_and_grads_mut();
+            collective.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
+            return Ok(());
+        }
+        let mut buckets = GradBuckets::new(self.bucket_floats);
+        let mut started: Result<(), CollectiveError> = Ok(());
+        let mut start = |be: &B, grads: &mut B::Buf, r: std::ops::Range<usize>, started: &mut Result<(), CollectiveError>| {
+            if started.is_ok() {
+                // SAFETY: the model reports a range only when no later op of the pass writes
+                // it (Gpt::backward_overlapped), nothing else touches the gradients before
+                // wait_all below, and the buffer lives in the model, which outlives this call.
+                *started = unsafe { collective.start_all_reduce_mean(be, be.view_mut(grads, r)) };
+            }
+        };
+        let pass = self.model.backward_overlapped(loss_scale, &mut |be, grads, range| {
+            for bucket in buckets.ready(range) {
+                start(be, grads, bucket, &mut started);
+            }
+        });
+        let (be, grads) = self.model.backend_and_grads_mut();
+        if let Some(bucket) = buckets.finish() {
+            start(be, grads, bucket, &mut started);
+        }
+        // Always wait, even after an error: nothing may still work on the buffer on return.
+        let waited = collective.wait_all(be);
+        pass?;
+        started?;
+        waited?;
+        Ok(())
     }
 
     /// Mean loss over the fixed evaluation windows of `val`.

@@ -8,6 +8,7 @@ use std::thread;
 use std::time::Duration;
 
 use smelt_corpus::{rank_slice, SampleOrder, Sequences};
+use smelt_engine::background_ring::BackgroundRing;
 use smelt_engine::collective::{Collective, Local, TcpRing};
 use smelt_engine::data::Batch;
 use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
@@ -59,12 +60,26 @@ fn tokens() -> Vec<u32> {
 /// Trains one rank of `world` for `STEPS` steps with micro-batches of `micro` sequences; returns
 /// its final parameters and the stats of every step.
 fn train_rank(rank: usize, world: usize, micro: usize, collective: &mut dyn Collective<CpuBackend>) -> (Vec<f32>, Vec<StepStats>) {
+    train_rank_bucketed(rank, world, micro, collective, None)
+}
+
+/// [`train_rank`] with the trainer's gradient bucket size set (None: its default).
+fn train_rank_bucketed(
+    rank: usize,
+    world: usize,
+    micro: usize,
+    collective: &mut dyn Collective<CpuBackend>,
+    bucket_floats: Option<usize>,
+) -> (Vec<f32>, Vec<StepStats>) {
     let toks = tokens();
     let seqs = Sequences::new(&toks, SEQ);
     assert_eq!(seqs.count(), N_SEQUENCES as u64);
     let order = SampleOrder::new(seqs.count(), DATA_SEED);
     let model = Gpt::new(CpuBackend, model_config(), 7).unwrap();
     let mut trainer = Trainer::new(model, train_config()).unwrap();
+    if let Some(b) = bucket_floats {
+        trainer.set_bucket_floats(b);
+    }
     let mut stats = Vec::new();
     for step in 0..STEPS {
         let slice = rank_slice(step, GLOBAL_BATCH, rank as u64, world as u64).unwrap();
@@ -84,6 +99,13 @@ fn train_rank(rank: usize, world: usize, micro: usize, collective: &mut dyn Coll
 
 /// Runs `world` ranks as threads joined by a TCP ring on loopback.
 fn train_ring(world: usize, micro: usize) -> Vec<(Vec<f32>, Vec<StepStats>)> {
+    train_ring_overlapped(world, micro, None).into_iter().map(|(p, s, _)| (p, s)).collect()
+}
+
+/// [`train_ring`]; with `Some(bucket_floats)` each ring runs on its own thread
+/// ([`BackgroundRing`]) and gradient buckets of that size are averaged during the backward
+/// pass. Also returns how many reductions each rank started.
+fn train_ring_overlapped(world: usize, micro: usize, bucket_floats: Option<usize>) -> Vec<(Vec<f32>, Vec<StepStats>, u64)> {
     let listeners: Vec<TcpListener> = (0..world).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
     let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
     let handles: Vec<_> = listeners
@@ -92,8 +114,19 @@ fn train_ring(world: usize, micro: usize) -> Vec<(Vec<f32>, Vec<StepStats>)> {
         .map(|(rank, l)| {
             let addrs = addrs.clone();
             thread::spawn(move || {
-                let mut ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(30)).unwrap();
-                train_rank(rank, world, micro, &mut ring)
+                let ring = TcpRing::connect(rank, &addrs, l, Duration::from_secs(30)).unwrap();
+                match bucket_floats {
+                    None => {
+                        let mut ring = ring;
+                        let (p, s) = train_rank(rank, world, micro, &mut ring);
+                        (p, s, 0)
+                    }
+                    Some(b) => {
+                        let mut ring = BackgroundRing::new(ring);
+                        let (p, s) = train_rank_bucketed(rank, world, micro, &mut ring, Some(b));
+                        (p, s, ring.reductions_started())
+                    }
+                }
             })
         })
         .collect();
@@ -151,4 +184,59 @@ fn no_micro_batches_is_an_error() {
     let mut trainer = Trainer::new(model, train_config()).unwrap();
     assert!(trainer.train_step_batches(&[], &mut Local).is_err());
     assert_eq!(trainer.step(), 0);
+}
+
+/// Averaging gradient buckets on the ring's own thread while the backward pass runs gives the
+/// same weights, bit for bit, as one all-reduce of the whole buffer after it (two ranks: each
+/// value is the same sum of two terms whatever the chunking), and really runs in buckets.
+#[test]
+fn overlapped_buckets_match_the_whole_buffer_bitwise() {
+    let plain = train_ring(2, 4);
+    let accum_plain = train_ring(2, 2);
+    // ln_f + block 1, block 0, then the embeddings: several buckets per step at 2,000 floats
+    // (a block holds 12,704), and one bucket per step at the default 25 MiB.
+    for (bucket, min_per_step) in [(2_000usize, 3u64), (smelt_engine::grad_buckets::DEFAULT_BUCKET_FLOATS, 1)] {
+        for (name, micro, reference) in [("micro-batch 4", 4, &plain), ("2 micro-batches of 2", 2, &accum_plain)] {
+            let ranks = train_ring_overlapped(2, micro, Some(bucket));
+            for (r, (params, stats, started)) in ranks.iter().enumerate() {
+                assert!(bitwise_eq(params, &reference[r].0), "bucket {bucket}, {name}: rank {r}'s weights differ from the plain ring's");
+                for (a, b) in stats.iter().zip(&reference[r].1) {
+                    assert_eq!(a.loss.to_bits(), b.loss.to_bits(), "bucket {bucket}, {name}: same loss");
+                    assert_eq!(a.grad_norm.to_bits(), b.grad_norm.to_bits(), "bucket {bucket}, {name}: same gradient norm");
+                }
+                // one loss all-reduce per step, then the gradient buckets
+                let buckets = started - STEPS;
+                assert!(buckets >= min_per_step * STEPS, "bucket {bucket}, {name}: rank {r} started {buckets} gradient buckets in {STEPS} steps");
+                println!("bucket {bucket}, {name}: rank {r}: {} gradient buckets per step, weights bitwise equal", buckets / STEPS);
+            }
+        }
+    }
+}
+
+/// A peer that leaves while buckets are in flight makes the step fail with an error naming
+/// the collective, instead of hanging, and the ring thread is joined cleanly afterwards.
+#[test]
+fn a_vanished_peer_fails_an_overlapped_step() {
+    let listeners: Vec<TcpListener> = (0..2).map(|_| TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let mut listeners = listeners.into_iter();
+    let (l0, l1) = (listeners.next().unwrap(), listeners.next().unwrap());
+    let a1 = addrs.clone();
+    let peer = thread::spawn(move || {
+        let ring = TcpRing::connect(1, &a1, l1, Duration::from_secs(30)).unwrap();
+        drop(ring); // joins, then vanishes before the first step
+    });
+    let ring = TcpRing::connect(0, &addrs, l0, Duration::from_secs(30)).unwrap();
+    peer.join().unwrap();
+    let mut ring = BackgroundRing::new(ring);
+    let toks = tokens();
+    let seqs = Sequences::new(&toks, SEQ);
+    let (inputs, targets) = seqs.batch(0..4);
+    let batch = Batch { inputs, targets, batch: 4, seq_len: SEQ };
+    let mut trainer = Trainer::new(Gpt::new(CpuBackend, model_config(), 7).unwrap(), train_config()).unwrap();
+    trainer.set_bucket_floats(2_000);
+    let err = trainer.train_step_batches(&[batch], &mut ring).unwrap_err().to_string();
+    assert!(err.contains("rank 1") || err.contains("closed") || err.contains("broken"), "{err}");
+    assert_eq!(trainer.step(), 0, "no optimizer step after a failed exchange");
+    drop(ring);
 }

@@ -2,7 +2,6 @@
 // forward output, lse and accumulated gradients with a plain f64 reference written here.
 // Build and run:  g++ -std=c++20 -O2 -pthread -w attention_emu.cpp -o /tmp/attention_emu
 //                 /tmp/attention_emu        (f32 kernels)     /tmp/attention_emu bf16
-//                 /tmp/attention_emu v2     (bf16 forward, backward version 2)
 // Exit status: the number of failing cases.
 #include "shim.h"
 #include "../../engine/src/cuda/kernels/attention.cu"
@@ -19,9 +18,7 @@ static double rel(const std::vector<float>& a, const std::vector<double>& b) {
 }
 
 int main(int argc, char** argv) {
-    bool v2 = argc > 1 && std::string(argv[1]) == "v2";
-    bool tc = v2 || (argc > 1 && std::string(argv[1]) == "bf16");
-    unsigned nthreads = tc ? 128 : 256;
+    bool tc = argc > 1 && std::string(argv[1]) == "bf16";
     double tol_f = tc ? 2e-2 : 1e-5, tol_g = tc ? 3e-2 : 1e-4;
     Case cases[] = {
         {"causal packed B2 T129 C96 H3", 2, 129, 129, 96, 3, 1, 1},
@@ -98,13 +95,10 @@ int main(int argc, char** argv) {
         // kernels
         std::vector<float> out((size_t)B * Tq * C, std::nanf("")), lse((size_t)B * H * Tq, std::nanf("")), dsum(lse.size(), std::nanf(""));
         Dim3 gq{(unsigned)((Tq + 63) / 64), (unsigned)H, (unsigned)B}, gk{(unsigned)((Tk + 63) / 64), (unsigned)H, (unsigned)B};
-        auto fwd = tc ? (hd <= 32 ? attention_forward_bf16_d32 : hd <= 64 ? attention_forward_bf16_d64 : attention_forward_bf16_d128)
-                      : (hd <= 32 ? attention_forward_f32_d32 : hd <= 64 ? attention_forward_f32_d64 : attention_forward_f32_d128);
-        auto dkvk = tc ? (hd <= 32 ? attention_backward_dkv_bf16_d32 : hd <= 64 ? attention_backward_dkv_bf16_d64 : attention_backward_dkv_bf16_d128)
-                       : (hd <= 32 ? attention_backward_dkv_f32_d32 : hd <= 64 ? attention_backward_dkv_f32_d64 : attention_backward_dkv_f32_d128);
-        auto dqk = tc ? (hd <= 32 ? attention_backward_dq_bf16_d32 : hd <= 64 ? attention_backward_dq_bf16_d64 : attention_backward_dq_bf16_d128)
-                      : (hd <= 32 ? attention_backward_dq_f32_d32 : hd <= 64 ? attention_backward_dq_f32_d64 : attention_backward_dq_f32_d128);
-        // version 2: head-major bf16 copies and (lse log2e, D) stats, then its two passes
+        auto fwd = hd <= 32 ? attention_forward_f32_d32 : hd <= 64 ? attention_forward_f32_d64 : attention_forward_f32_d128;
+        auto dkvk = hd <= 32 ? attention_backward_dkv_f32_d32 : hd <= 64 ? attention_backward_dkv_f32_d64 : attention_backward_dkv_f32_d128;
+        auto dqk = hd <= 32 ? attention_backward_dq_f32_d32 : hd <= 64 ? attention_backward_dq_f32_d64 : attention_backward_dq_f32_d128;
+        // tensor cores: head-major bf16 copies (forward) and (lse log2e, D) stats, then the passes
         const int W = hd <= 32 ? 32 : hd <= 64 ? 64 : 128, tqp = (Tq + 63) / 64 * 64, tkp = (Tk + 63) / 64 * 64;
         std::vector<unsigned short> qh((size_t)B * H * tqp * W, 0xffff), kh((size_t)B * H * tkp * W, 0xffff),
             vh(kh.size(), 0xffff), doh(qh.size(), 0xffff);
@@ -113,14 +107,14 @@ int main(int argc, char** argv) {
             size_t n = (size_t)B * H * ((rows + 63) / 64 * 64) * (W / 2);
             launch({(unsigned)((n + 255) / 256), 1, 1}, 256, [&] { attention_heads_bf16(dst, src, rows, ld, off, W, p); });
         };
-        if (v2) {  // forward version 2 reads the bf16 copies (which the backward pass reuses)
+        if (tc) {  // the forward pass reads the bf16 copies (which the backward pass reuses)
             heads(qh.data(), q, Tq, p.q_ld, p.q_off);
             heads(kh.data(), kv, Tk, p.k_ld, p.k_off);
             heads(vh.data(), kv, Tk, p.v_ld, p.v_off);
-            auto f2 = hd <= 32 ? attention_forward_v2_d32 : hd <= 64 ? attention_forward_v2_d64 : attention_forward_v2_d128;
+            auto f2 = hd <= 32 ? attention_forward_bf16_d32 : hd <= 64 ? attention_forward_bf16_d64 : attention_forward_bf16_d128;
             launch(gq, 128, [&] { f2(out.data(), lse.data(), qh.data(), kh.data(), vh.data(), p); });
         } else {
-            launch(gq, nthreads, [&] { fwd(out.data(), lse.data(), q, kv, p); });
+            launch(gq, 256, [&] { fwd(out.data(), lse.data(), q, kv, p); });
         }
         unsigned rows = B * Tq * H;
         launch({(rows + 7) / 8, 1, 1}, 256, [&] { attention_backward_dot_f32(dsum.data(), dout.data(), out.data(), p); });
@@ -133,16 +127,16 @@ int main(int argc, char** argv) {
         for (size_t i = 0; i < dkv.size(); i++) edkv[i] = dkv[i] + rdkv[i];
         float* dkvp = cs.packed ? dq.data() : dkv.data();
         auto backward = [&](float* dkvp_, float* dqp_) {
-            if (!v2) {
-                launch(gk, nthreads, [&] { dkvk(dkvp_, q, kv, dout.data(), lse.data(), dsum.data(), p); });
-                launch(gq, nthreads, [&] { dqk(dqp_, q, kv, dout.data(), lse.data(), dsum.data(), p); });
+            if (!tc) {
+                launch(gk, 256, [&] { dkvk(dkvp_, q, kv, dout.data(), lse.data(), dsum.data(), p); });
+                launch(gq, 256, [&] { dqk(dqp_, q, kv, dout.data(), lse.data(), dsum.data(), p); });
                 return;
             }
             heads(doh.data(), dout.data(), Tq, C, 0);
             unsigned srows = B * H * tqp;
             launch({(srows + 7) / 8, 1, 1}, 256, [&] { attention_backward_stats(stats.data(), dout.data(), out.data(), lse.data(), p); });
-            auto dkv2 = hd <= 32 ? attention_backward_dkv_v2_d32 : hd <= 64 ? attention_backward_dkv_v2_d64 : attention_backward_dkv_v2_d128;
-            auto dq2 = hd <= 32 ? attention_backward_dq_v2_d32 : hd <= 64 ? attention_backward_dq_v2_d64 : attention_backward_dq_v2_d128;
+            auto dkv2 = hd <= 32 ? attention_backward_dkv_bf16_d32 : hd <= 64 ? attention_backward_dkv_bf16_d64 : attention_backward_dkv_bf16_d128;
+            auto dq2 = hd <= 32 ? attention_backward_dq_bf16_d32 : hd <= 64 ? attention_backward_dq_bf16_d64 : attention_backward_dq_bf16_d128;
             launch(gk, 128, [&] { dkv2(dkvp_, qh.data(), kh.data(), vh.data(), doh.data(), stats.data(), p); });
             launch(gq, 128, [&] { dq2(dqp_, qh.data(), kh.data(), vh.data(), doh.data(), stats.data(), p); });
         };

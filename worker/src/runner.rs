@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, Context, Result};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder, Sequences};
 use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
+use smelt_engine::background_ring::BackgroundRing;
 use smelt_engine::collective::{Collective, TcpRing};
 use smelt_engine::data::{Batch, TokenWindows};
 use smelt_engine::model::Gpt;
@@ -234,7 +235,8 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
     let job = Pretrain::open(spec, &req.out_dir)?;
     match req.device {
         Device::Cpu => {
-            let mut ring = connect_ring(&req, control)?;
+            // On its own thread: gradient buckets are averaged while the backward pass runs.
+            let mut ring = BackgroundRing::new(connect_ring(&req, control)?);
             train_gpt(CpuBackend::new(), &mut ring, job, &req, control, events)
         }
         Device::Cuda(ordinal) => crate::gpu::train_gpt(ordinal, job, &req, control, events),

@@ -6,14 +6,13 @@
 //!
 //! Kernel families, picked by the backend's [`MatmulPrecision`] (the math mode of every
 //! tensor-core op):
-//! - `Bf16` (sm_80+): version 2. The forward pass first writes head-major bf16 copies of q, k
-//!   and v, (B, H, Tpad, W) with rows rounded up to the 64-row tile and the head dim to W, into
-//!   the saved state after the lse ([`V2Saved`]); the backward pass reuses them, converts dout
+//! - `Bf16` (sm_80+): the forward pass first writes head-major bf16 copies of q, k and v,
+//!   (B, H, Tpad, W) with rows rounded up to the 64-row tile and the head dim to W, into the
+//!   saved state after the lse ([`Bf16Saved`]); the backward pass reuses them, converts dout
 //!   likewise and precomputes each row's (lse log2 e, D). Tiles then move by `cp.async`,
 //!   double-buffered, and the operands that must be read transposed come through
 //!   `ldmatrix.trans`; bf16 `mma.sync` with f32 accumulation and softmax, 128 threads per
-//!   block, each warp owning 16 rows of the 64-row tile. `SMELT_ATTENTION_KERNELS=v1` runs the
-//!   earlier bf16 kernels (f32 operands converted while staged) instead, to compare the two.
+//!   block, each warp owning 16 rows of the 64-row tile.
 //! - `Tf32` and `F32`: the f32 reference kernels (256 threads, 4x4 cells per thread), which
 //!   match the CPU to ~1e-6.
 //!
@@ -73,11 +72,11 @@ fn lse_len(shape: AttnShape) -> usize {
     shape.batch * shape.heads * shape.q_len
 }
 
-/// Where version 2 (bf16) keeps its head-major bf16 copies of q, k and v inside the saved
+/// Where the bf16 kernels keep their head-major bf16 copies of q, k and v inside the saved
 /// state, after the lse: offsets and lengths in f32 units (two bf16 per f32), each copy
 /// starting on a 16-byte boundary for cp.async.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct V2Saved {
+struct Bf16Saved {
     /// Padded head dim W (32, 64, 128) and rows rounded up to the 64-row tile.
     w: usize,
     tq_pad: usize,
@@ -89,8 +88,8 @@ struct V2Saved {
     len: usize,
 }
 
-impl V2Saved {
-    fn of(s: AttnShape) -> V2Saved {
+impl Bf16Saved {
+    fn of(s: AttnShape) -> Bf16Saved {
         let (_, w) = bucket(s.head_dim());
         let tq_pad = s.q_len.div_ceil(TILE) * TILE;
         let tk_pad = s.kv_len.div_ceil(TILE) * TILE;
@@ -98,26 +97,17 @@ impl V2Saved {
         let q_at = lse_len(s).div_ceil(4) * 4;
         let k_at = q_at + bh * tq_pad * w / 2;
         let v_at = k_at + bh * tk_pad * w / 2;
-        V2Saved { w, tq_pad, tk_pad, q_at, k_at, v_at, len: v_at + bh * tk_pad * w / 2 }
+        Bf16Saved { w, tq_pad, tk_pad, q_at, k_at, v_at, len: v_at + bh * tk_pad * w / 2 }
     }
 }
 
-/// Length of the saved state: the lse, and for version 2 the bf16 operand copies.
+/// Length of the saved state: the lse, and for the bf16 kernels the operand copies.
 pub(crate) fn saved_len(be: &CudaBackend, shape: AttnShape) -> usize {
-    if uses_v2(be) {
-        V2Saved::of(shape).len
+    if Family::of(be) == Family::Bf16 {
+        Bf16Saved::of(shape).len
     } else {
         lse_len(shape)
     }
-}
-
-/// Whether this backend runs the version-2 kernels: tensor-core (bf16) precision, unless the
-/// environment says `SMELT_ATTENTION_KERNELS=v1` (the earlier bf16 kernels, kept to compare the
-/// two on a card; read once per process).
-fn uses_v2(be: &CudaBackend) -> bool {
-    static V1: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let v1 = *V1.get_or_init(|| std::env::var("SMELT_ATTENTION_KERNELS").as_deref() == Ok("v1"));
-    Family::of(be) == Family::Bf16 && !v1
 }
 
 /// Head-dim bucket of the kernels: `(suffix, W)` with W the padded head dim.
@@ -140,25 +130,18 @@ fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
                 Kernel::Forward => 3 * tile + scores,
                 Kernel::Dkv => 4 * tile + 2 * scores + 2 * TILE,
                 Kernel::Dq => 4 * tile + scores + 2 * TILE,
-                Kernel::ForwardV2 | Kernel::DkvV2 | Kernel::DqV2 => {
-                    unreachable!("version 2 is bf16 only")
-                }
             };
             4 * floats
         }
         Family::Bf16 => {
             let rows = TILE * (w + 8); // a (64, W+8) bf16 tile
-            let cols = w * (TILE + 8); // a transposed (W, 64+8) bf16 tile
             let (halves, floats) = match kernel {
-                Kernel::Forward => (2 * rows + cols, 0),
-                Kernel::Dkv => (4 * rows + 2 * cols, 2 * TILE),
-                Kernel::Dq => (4 * rows + cols, 2 * TILE),
                 // Q and two buffers each of K and V
-                Kernel::ForwardV2 => (5 * rows, 0),
+                Kernel::Forward => (5 * rows, 0),
                 // K, V and two buffers each of Q and dout; two (64, 2) (lse, D) tiles
-                Kernel::DkvV2 => (6 * rows, 4 * TILE),
+                Kernel::Dkv => (6 * rows, 4 * TILE),
                 // Q, dout and two buffers each of K and V
-                Kernel::DqV2 => (6 * rows, 0),
+                Kernel::Dq => (6 * rows, 0),
             };
             2 * halves + 4 * floats
         }
@@ -205,10 +188,6 @@ enum Kernel {
     Forward,
     Dkv,
     Dq,
-    /// Version 2 (bf16 only): head-major bf16 operands, cp.async double buffering.
-    ForwardV2,
-    DkvV2,
-    DqV2,
 }
 
 fn check_shape(s: &AttnShape) {
@@ -293,9 +272,6 @@ fn launch_tiled(
         Kernel::Forward => format!("attention_forward_{tag}_{suffix}"),
         Kernel::Dkv => format!("attention_backward_dkv_{tag}_{suffix}"),
         Kernel::Dq => format!("attention_backward_dq_{tag}_{suffix}"),
-        Kernel::ForwardV2 => format!("attention_forward_v2_{suffix}"),
-        Kernel::DkvV2 => format!("attention_backward_dkv_v2_{suffix}"),
-        Kernel::DqV2 => format!("attention_backward_dq_v2_{suffix}"),
     };
     let f = be.func(&name);
     let smem = smem_bytes(family, kernel, w);
@@ -367,15 +343,15 @@ pub(crate) fn forward_masked(
         return;
     }
     assert!(shape.kv_len > 0, "attention: no keys to attend to");
-    if uses_v2(be) {
-        let at = V2Saved::of(shape);
+    if Family::of(be) == Family::Bf16 {
+        let at = Bf16Saved::of(shape);
         let base = saved.ptr;
         assert!(base.is_multiple_of(16), "attention saved state must start 16-byte aligned");
         let (qh, kh, vh) = (base + 4 * at.q_at as u64, base + 4 * at.k_at as u64, base + 4 * at.v_at as u64);
         heads_bf16(be, &p, qh, q, shape.q_len, p.q_ld, p.q_off, at.w);
         heads_bf16(be, &p, kh, kv, shape.kv_len, p.k_ld, p.k_off, at.w);
         heads_bf16(be, &p, vh, kv, shape.kv_len, p.v_ld, p.v_off, at.w);
-        launch_tiled(be, Kernel::ForwardV2, &shape, shape.q_len, &[out.ptr, base, qh, kh, vh], &p);
+        launch_tiled(be, Kernel::Forward, &shape, shape.q_len, &[out.ptr, base, qh, kh, vh], &p);
         return;
     }
     launch_tiled(
@@ -468,8 +444,8 @@ fn backward_with(
         return;
     }
     assert!(shape.kv_len > 0, "attention: no keys to attend to");
-    if uses_v2(be) {
-        backward_v2(be, &shape, &p, dq, dkv, dout.ptr, out.ptr, saved.ptr);
+    if Family::of(be) == Family::Bf16 {
+        backward_bf16(be, &shape, &p, dq, dkv, dout.ptr, out.ptr, saved.ptr);
         return;
     }
 
@@ -537,12 +513,12 @@ fn heads_bf16(be: &CudaBackend, p: &Params, dst: u64, src: u64, rows: usize, ld:
     be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
 }
 
-/// Backward version 2 (attention.cu): q, k and v come as the forward pass's bf16 copies in
+/// Backward of the bf16 kernels (attention.cu): q, k and v come as the forward pass's bf16 copies in
 /// `saved`; dout is converted here, each row's (lse log2 e, D) computed, then the dkv and dq
 /// passes read their tiles by cp.async.
 #[allow(clippy::too_many_arguments)]
-fn backward_v2(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, dkv: u64, dout: u64, out: u64, saved: u64) {
-    let at = V2Saved::of(*s);
+fn backward_bf16(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, dkv: u64, dout: u64, out: u64, saved: u64) {
+    let at = Bf16Saved::of(*s);
     let bh = s.batch * s.heads;
     // Scratch for this call only, freed in stream order after the kernels that read it.
     // SAFETY: attention_heads_bf16 writes every element (padding included) and
@@ -575,8 +551,8 @@ fn backward_v2(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, dkv: u64, d
         be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
     }
     let (qh, kh, vh) = (saved + 4 * at.q_at as u64, saved + 4 * at.k_at as u64, saved + 4 * at.v_at as u64);
-    launch_tiled(be, Kernel::DkvV2, s, s.kv_len, &[dkv, qh, kh, vh, doh_ptr, stats_ptr], p);
-    launch_tiled(be, Kernel::DqV2, s, s.q_len, &[dq, qh, kh, vh, doh_ptr, stats_ptr], p);
+    launch_tiled(be, Kernel::Dkv, s, s.kv_len, &[dkv, qh, kh, vh, doh_ptr, stats_ptr], p);
+    launch_tiled(be, Kernel::Dq, s, s.q_len, &[dq, qh, kh, vh, doh_ptr, stats_ptr], p);
     drop((doh, stats));
 }
 
@@ -591,17 +567,17 @@ mod tests {
     }
 
     #[test]
-    fn v2_saved_state_layout() {
+    fn bf16_saved_state_layout() {
         // GPT-2 124M at B16 T1024: 12 heads of 64.
         let s = AttnShape { batch: 16, heads: 12, channels: 768, q_len: 1024, kv_len: 1024, causal: true };
-        let at = V2Saved::of(s);
+        let at = Bf16Saved::of(s);
         let lse = 16 * 12 * 1024;
         let copy = 16 * 12 * 1024 * 64 / 2; // bf16 pairs per f32
         assert_eq!((at.w, at.tq_pad, at.tk_pad), (64, 1024, 1024));
         assert_eq!((at.q_at, at.k_at, at.v_at, at.len), (lse, lse + copy, lse + 2 * copy, lse + 3 * copy));
         // Odd lengths: rows rounded to the tile, the lse region to 16 bytes, hd 40 -> W 64.
         let s = AttnShape { batch: 3, heads: 3, channels: 120, q_len: 33, kv_len: 77, causal: false };
-        let at = V2Saved::of(s);
+        let at = Bf16Saved::of(s);
         assert_eq!((at.w, at.tq_pad, at.tk_pad), (64, 64, 128));
         assert_eq!(at.q_at, (3 * 3 * 33usize).div_ceil(4) * 4);
         for off in [at.q_at, at.k_at, at.v_at] {
@@ -625,9 +601,7 @@ mod tests {
     fn shared_memory_fits_an_h100_and_an_a100() {
         // sm_80 allows 163 KiB of opt-in shared memory per block, sm_90 227 KiB.
         for f in [Family::F32, Family::Bf16] {
-            let v2 = [Kernel::ForwardV2, Kernel::DkvV2, Kernel::DqV2];
-            let kernels = [Kernel::Forward, Kernel::Dkv, Kernel::Dq];
-            for k in kernels.into_iter().chain(if f == Family::Bf16 { &v2[..] } else { &[] }.iter().copied()) {
+            for k in [Kernel::Forward, Kernel::Dkv, Kernel::Dq] {
                 let bytes = smem_bytes(f, k, 128);
                 assert!(bytes <= 166_912, "{f:?} {k:?}: {bytes}");
             }
@@ -638,7 +612,7 @@ mod tests {
         );
         assert_eq!(
             smem_bytes(Family::Bf16, Kernel::Forward, 64),
-            2 * (2 * 64 * 72 + 64 * 72)
+            2 * (5 * 64 * 72)
         );
     }
 
@@ -657,12 +631,6 @@ mod tests {
             }
         }
         assert!(names.contains(&"attention_backward_dot_f32".to_string()));
-        for suffix in ["d32", "d64", "d128"] {
-            for k in ["forward", "backward_dkv", "backward_dq"] {
-                let name = format!("attention_{k}_v2_{suffix}");
-                assert!(names.contains(&name), "{name} missing from attention.cu");
-            }
-        }
         for name in ["attention_heads_bf16", "attention_backward_stats"] {
             assert!(names.contains(&name.to_string()), "{name} missing from attention.cu");
         }

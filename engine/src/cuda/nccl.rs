@@ -6,8 +6,12 @@
 //! `ncclCommGetAsyncError` instead of blocking in `cuStreamSynchronize`, so a peer's failure
 //! or an `abort()` turns into an error.
 //!
-//! Not done yet: bucketing the flat gradient and overlapping the all-reduce with the backward
-//! pass (one all-reduce of the whole buffer after the backward, for now).
+//! Overlap with the backward pass (`Collective::start_all_reduce_mean`): each gradient bucket
+//! is averaged on a second stream that first waits for the compute stream's work so far (the
+//! bucket's gradients), so the backward kernels of the next blocks run while NCCL moves this
+//! one; `wait_all` polls that stream as above. Off unless `SMELT_NCCL_OVERLAP=1` (or
+//! `set_overlap`) until it has been measured on several GPUs; without it the trainer averages
+//! the whole buffer after the backward pass on the compute stream.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -80,6 +84,9 @@ pub struct NcclCollective {
     world: usize,
     /// How often a pending all-reduce checks for completion, peer errors and aborts.
     poll: Duration,
+    /// The stream overlapped all-reduces run on, and whether the trainer may use it.
+    comm_stream: Arc<cudarc::driver::CudaStream>,
+    overlap: bool,
 }
 
 impl NcclCollective {
@@ -100,12 +107,13 @@ impl NcclCollective {
         if r != sys::ncclResult_t::ncclSuccess {
             return Err(CollectiveError::Config(format!("ncclCommInitRank(rank {rank} of {world}): {r:?}")));
         }
-        Ok(NcclCollective {
-            shared: Arc::new(Shared { comm: Mutex::new(comm), aborted: AtomicBool::new(false) }),
-            rank,
-            world,
-            poll: Duration::from_micros(50),
-        })
+        let shared = Arc::new(Shared { comm: Mutex::new(comm), aborted: AtomicBool::new(false) });
+        let comm_stream = be
+            .context()
+            .new_stream()
+            .map_err(|e| CollectiveError::Config(format!("creating the all-reduce stream on cuda:{}: {e:?}", be.ordinal())))?;
+        let overlap = std::env::var("SMELT_NCCL_OVERLAP").as_deref() == Ok("1");
+        Ok(NcclCollective { shared, rank, world, poll: Duration::from_micros(50), comm_stream, overlap })
     }
 
     pub fn abort_handle(&self) -> NcclAbortHandle {
@@ -116,9 +124,37 @@ impl NcclCollective {
         self.shared.abort()
     }
 
-    /// Waits for the stream, failing early on an abort or an asynchronous NCCL error.
+    /// Whether the trainer hands over gradient buckets during the backward pass (see the
+    /// module docs; the default comes from `SMELT_NCCL_OVERLAP`).
+    pub fn set_overlap(&mut self, on: bool) {
+        self.overlap = on;
+    }
+
+    /// In-place `ncclAvg` of `len` floats at `ptr`, enqueued on `stream`.
+    fn enqueue(&self, ptr: u64, len: usize, stream: drv_sys::CUstream) -> Result<(), CollectiveError> {
+        let comm = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
+        if comm.is_null() {
+            return Err(CollectiveError::Aborted);
+        }
+        let ptr = ptr as *mut ::core::ffi::c_void;
+        // SAFETY: the caller passes a buffer of len floats on this communicator's device; in
+        // place is allowed.
+        let r = unsafe {
+            sys::ncclAllReduce(ptr, ptr, len, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclAvg, *comm, stream as sys::cudaStream_t)
+        };
+        if r != sys::ncclResult_t::ncclSuccess {
+            return Err(CollectiveError::Broken(format!("ncclAllReduce of {len} floats: {r:?}")));
+        }
+        Ok(())
+    }
+
+    /// Waits for the compute stream, failing early on an abort or an asynchronous NCCL error.
     fn wait(&self, be: &CudaBackend) -> Result<(), CollectiveError> {
-        let stream = be.stream().cu_stream();
+        self.wait_stream(be.stream().cu_stream())
+    }
+
+    /// Waits for `stream` (polled), failing early on an abort or an asynchronous NCCL error.
+    fn wait_stream(&self, stream: drv_sys::CUstream) -> Result<(), CollectiveError> {
         loop {
             // SAFETY: querying a live stream.
             match unsafe { drv_sys::cuStreamQuery(stream) } {
@@ -176,29 +212,36 @@ impl Collective<CudaBackend> for NcclCollective {
             return Ok(());
         }
         be.context().bind_to_thread().map_err(|e| CollectiveError::Broken(format!("{e:?}")))?;
-        {
-            let comm = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
-            if comm.is_null() {
-                return Err(CollectiveError::Aborted);
-            }
-            let ptr = buf.ptr as *mut ::core::ffi::c_void;
-            // SAFETY: buf holds buf.len floats on this communicator's device; in place is allowed.
-            let r = unsafe {
-                sys::ncclAllReduce(
-                    ptr,
-                    ptr,
-                    buf.len,
-                    sys::ncclDataType_t::ncclFloat32,
-                    sys::ncclRedOp_t::ncclAvg,
-                    *comm,
-                    be.stream().cu_stream() as sys::cudaStream_t,
-                )
-            };
-            if r != sys::ncclResult_t::ncclSuccess {
-                return Err(CollectiveError::Broken(format!("ncclAllReduce of {} floats: {r:?}", buf.len)));
-            }
-        }
+        self.enqueue(buf.ptr, buf.len, be.stream().cu_stream())?;
         self.wait(be)?;
         Ok(())
+    }
+
+    fn overlaps_backward(&self) -> bool {
+        self.overlap
+    }
+
+    /// The bucket on the all-reduce stream, after the compute stream's work so far.
+    unsafe fn start_all_reduce_mean(&mut self, be: &CudaBackend, buf: CudaViewMut<'_>) -> Result<(), CollectiveError> {
+        if !self.overlap {
+            return self.all_reduce_mean(be, buf);
+        }
+        if self.shared.aborted.load(Ordering::SeqCst) {
+            return Err(CollectiveError::Aborted);
+        }
+        if buf.len == 0 {
+            return Ok(());
+        }
+        be.context().bind_to_thread().map_err(|e| CollectiveError::Broken(format!("{e:?}")))?;
+        self.comm_stream
+            .join(be.stream())
+            .map_err(|e| CollectiveError::Broken(format!("ordering the all-reduce stream after the backward pass: {e:?}")))?;
+        self.enqueue(buf.ptr, buf.len, self.comm_stream.cu_stream())
+    }
+
+    /// Every started bucket done (the compute stream's later work is enqueued after this
+    /// returns, so it sees the averaged values).
+    fn wait_all(&mut self, _be: &CudaBackend) -> Result<(), CollectiveError> {
+        self.wait_stream(self.comm_stream.cu_stream())
     }
 }

@@ -498,6 +498,16 @@ impl<B: Backend> Gpt<B> {
     /// their gradient (`logits_at` reads logits only until the backward pass). Use `loss_scale = 1/k` to average
     /// k accumulated micro-batches.
     pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
+        self.backward_overlapped(loss_scale, &mut |_, _, _| {})
+    }
+
+    /// [`backward`](Self::backward), calling `ready(backend, grads, range)` as soon as a range of
+    /// the flat gradient buffer is final (nothing later in this pass writes it): `ln_f`, then
+    /// each block from the last to the first (contiguous in the table), then the embeddings
+    /// last (the tied `wte` also gets the LM head's gradient, at the start). The ranges cover
+    /// the table once. Data-parallel training starts averaging them while the pass goes on
+    /// (grad_buckets.rs); `ready` must not write into the ranges still to come.
+    pub fn backward_overlapped(&mut self, loss_scale: f32, ready: &mut ReadyFn<'_, B>) -> Result<(), EngineError> {
         {
             let Gpt { be, cfg, table, params, grads, acts, batch, wte, .. } = &mut *self;
             let batch = batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
@@ -523,7 +533,7 @@ impl<B: Backend> Gpt<B> {
                 head,
             );
         }
-        self.body_backward();
+        self.body_backward(ready);
         Ok(())
     }
 
@@ -535,13 +545,13 @@ impl<B: Backend> Gpt<B> {
         let n = batch.b * batch.t * self.cfg.n_embd;
         let acts = self.acts.as_mut().unwrap();
         self.be.copy(self.be.view_mut(&mut acts.scratch.dln, 0..n), dhidden);
-        self.body_backward();
+        self.body_backward(&mut |_, _, _| {});
         Ok(())
     }
 
     /// From `scratch.dln` = the gradient of `lnf` (BT, C) down through `ln_f`, the blocks and the
     /// embeddings, into the gradient buffer.
-    fn body_backward(&mut self) {
+    fn body_backward(&mut self, ready: &mut ReadyFn<'_, B>) {
         let Gpt { be, cfg, table, params, grads, acts, batch, blocks, .. } = self;
         let batch = batch.as_ref().expect("forward first");
         let acts = acts.as_mut().unwrap();
@@ -574,6 +584,7 @@ impl<B: Backend> Gpt<B> {
         };
         zero(be, &mut s.dres, rows * c);
         ln_back(grads, &mut s.dres, &s.dln, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
+        ready(be, grads, table.range(self.lnf_w).start..table.range(self.lnf_b).end);
 
         for (l, bp) in blocks.iter().enumerate().rev() {
             let a = &block_acts[l];
@@ -641,13 +652,19 @@ impl<B: Backend> Gpt<B> {
                 }
             }
             std::mem::swap(&mut s.dres, &mut s.dx);
+            // every parameter of block l is final (pushed from ln_1.weight to mlp.c_proj.bias)
+            ready(be, grads, table.range(bp.ln1_w).start..table.range(bp.fcproj_b).end);
         }
 
         // encoded = wte[tokens] + wpe[positions]
         be.embedding_backward(be.view_mut(grads, table.range(self.wte)), be.view(&s.dres, rc.clone()), &batch.tokens, c);
         be.embedding_backward(be.view_mut(grads, table.range(self.wpe)), be.view(&s.dres, rc.clone()), &batch.positions, c);
+        ready(be, grads, table.range(self.wte).start..table.range(self.wpe).end);
     }
 }
+
+/// Told by [`Gpt::backward_overlapped`] which range of the flat gradient became final.
+pub type ReadyFn<'a, B> = dyn FnMut(&B, &mut <B as Backend>::Buf, std::ops::Range<usize>) + 'a;
 
 /// The gradients of a weight and its bias, two disjoint ranges of the flat gradient buffer.
 fn weight_and_bias_grads<'g, B: Backend>(
