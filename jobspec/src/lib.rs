@@ -310,6 +310,11 @@ pub struct ClusterSpec {
     pub world_size: u32,
     #[serde(default)]
     pub device: Device,
+    /// GPT pretraining: the smallest bucket of gradients (MiB of f32) averaged across ranks
+    /// while the backward pass computes the rest (PyTorch DDP's `bucket_cap_mb`); 0 averages
+    /// the whole gradient after the backward pass.
+    #[serde(default = "default_grad_bucket_mb")]
+    pub grad_bucket_mb: f64,
 }
 
 /// `[checkpoint]`: when rank 0 checkpoints, how many it keeps, and where.
@@ -332,6 +337,13 @@ pub struct CheckpointSpec {
     #[serde(default = "default_final_wait_s")]
     pub final_wait_s: u64,
 }
+
+fn default_grad_bucket_mb() -> f64 {
+    25.0
+}
+/// The largest `cluster.grad_bucket_mb`: one bucket of 4 GiB is already the whole gradient of
+/// a billion-parameter model.
+const MAX_GRAD_BUCKET_MB: f64 = 4096.0;
 
 fn default_keep_last() -> u32 {
     3
@@ -364,7 +376,7 @@ fn default_world_size() -> u32 {
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { world_size: 1, device: Device::Cpu }
+        ClusterSpec { world_size: 1, device: Device::Cpu, grad_bucket_mb: default_grad_bucket_mb() }
     }
 }
 
@@ -400,6 +412,11 @@ impl JobSpec {
         toml::to_string(self).expect("a JobSpec always serializes")
     }
 
+    /// `cluster.grad_bucket_mb` in f32 values (0: no buckets).
+    pub fn grad_bucket_floats(&self) -> usize {
+        (self.cluster.grad_bucket_mb * 1024.0 * 1024.0 / 4.0) as usize
+    }
+
     pub fn validate(&self) -> Result<(), SpecError> {
         if self.name.trim().is_empty() {
             return Err(err("name", "must not be empty"));
@@ -407,6 +424,10 @@ impl JobSpec {
         self.checkpoint.validate()?;
         if self.cluster.world_size == 0 {
             return Err(err("cluster.world_size", "must be at least 1"));
+        }
+        let mb = self.cluster.grad_bucket_mb;
+        if !(0.0..=MAX_GRAD_BUCKET_MB).contains(&mb) {
+            return Err(err("cluster.grad_bucket_mb", format!("{mb} is not in 0..={MAX_GRAD_BUCKET_MB} (MiB; 0 averages after the backward pass)")));
         }
         let t = &self.train;
         if t.steps == 0 {
@@ -661,6 +682,19 @@ world_size = 2
         assert_eq!(e.field, "train.lr", "{e}");
         let e = JobSpec::parse(&GOOD.replace("[cluster]\nworld_size = 2", "[cluster]\nworld_size = 2\ndevice = \"tpu\"")).unwrap_err();
         assert!(e.message.contains("tpu") || e.field.contains("tpu"), "{e}");
+    }
+
+    #[test]
+    fn grad_bucket_size_defaults_to_ddps_and_is_checked() {
+        let s = JobSpec::parse(GOOD).unwrap();
+        assert_eq!(s.cluster.grad_bucket_mb, 25.0);
+        assert_eq!(s.grad_bucket_floats(), 25 * 1024 * 1024 / 4);
+        let off = JobSpec::parse(&GOOD.replace("[cluster]\nworld_size = 2", "[cluster]\nworld_size = 2\ngrad_bucket_mb = 0")).unwrap();
+        assert_eq!(off.grad_bucket_floats(), 0);
+        for bad in ["-1", "5000", "nan"] {
+            let e = JobSpec::parse(&GOOD.replace("[cluster]\nworld_size = 2", &format!("[cluster]\nworld_size = 2\ngrad_bucket_mb = {bad}"))).unwrap_err();
+            assert_eq!(e.field, "cluster.grad_bucket_mb", "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -273,6 +273,7 @@ pub(crate) fn train_gpt<B: Backend>(
     let global = spec.train.global_batch as u64;
     let model = Gpt::new(be, cfg.clone(), spec.seed)?;
     let mut trainer = Trainer::new(model, tc.clone())?;
+    trainer.set_bucket_floats(spec.grad_bucket_floats());
     let resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, collective, events)?;
     let start_step = resumed.start_step;
     let mut checkpointer = match rank {
