@@ -574,12 +574,8 @@ impl Backend for CudaBackend {
         saved: CudaView<'_>,
         shape: AttnShape,
     ) {
-        match (scores, dscores) {
-            (Scores::Dot, Scores::Dot) => {
-                attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, true)
-            }
-            (other, _) => unimplemented!("cuda: {:?} attention scores are CPU-only", other.kind()),
-        }
+        dot_scores_only(scores, dscores);
+        attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, true)
     }
     fn attention_ex_backward_set(
         &self,
@@ -594,12 +590,8 @@ impl Backend for CudaBackend {
         shape: AttnShape,
     ) {
         // The kernels' overwrite mode (AttnParams.accumulate = 0) also zeroes padded key rows.
-        match (scores, dscores) {
-            (Scores::Dot, Scores::Dot) => {
-                attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, false)
-            }
-            (other, _) => unimplemented!("cuda: {:?} attention scores are CPU-only", other.kind()),
-        }
+        dot_scores_only(scores, dscores);
+        attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, false)
     }
 
     // ---- elementwise --------------------------------------------------------------------
@@ -686,5 +678,15 @@ impl Backend for CudaBackend {
         hp: AdamWStep,
     ) {
         adamw::update(self, params, grads, m, v, hp)
+    }
+}
+
+/// The CUDA attention kernels compute dot-product scores only; models ask `Backend::supports`
+/// when built and refuse the learned scores on CUDA with a `ConfigError` naming `scores`, so
+/// reaching this with another kind is a bug in the caller.
+fn dot_scores_only(scores: Scores<CudaView<'_>>, dscores: Scores<CudaViewMut<'_>>) {
+    match (scores, dscores) {
+        (Scores::Dot, Scores::Dot) => {}
+        (other, _) => unimplemented!("cuda: {:?} attention scores are CPU-only", other.kind()),
     }
 }
