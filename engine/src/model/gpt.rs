@@ -172,40 +172,7 @@ impl<B: Backend> Gpt<B> {
     pub fn config(&self) -> &GptConfig {
         &self.cfg
     }
-    pub fn table(&self) -> &ParamTable {
-        &self.table
-    }
-    pub fn backend(&self) -> &B {
-        &self.be
-    }
-    pub fn params(&self) -> &B::Buf {
-        &self.params
-    }
-    pub fn grads(&self) -> &B::Buf {
-        &self.grads
-    }
-    /// Parameters (mutable, for the optimizer) and gradients together.
-    pub fn params_and_grads(&mut self) -> (&B, &ParamTable, &mut B::Buf, &B::Buf) {
-        (&self.be, &self.table, &mut self.params, &self.grads)
-    }
-    /// The backend and the gradient buffer, writable (averaging gradients across ranks).
-    pub fn backend_and_grads_mut(&mut self) -> (&B, &mut B::Buf) {
-        (&self.be, &mut self.grads)
-    }
-    pub fn params_host(&self) -> Vec<f32> {
-        self.be.download(self.be.view(&self.params, 0..self.table.total()))
-    }
-    pub fn grads_host(&self) -> Vec<f32> {
-        self.be.download(self.be.view(&self.grads, 0..self.table.total()))
-    }
-    pub fn set_params_host(&mut self, host: &[f32]) {
-        assert_eq!(host.len(), self.table.total(), "parameter count");
-        self.be.write(self.be.view_mut(&mut self.params, 0..host.len()), host);
-    }
-    pub fn zero_grad(&mut self) {
-        let n = self.table.total();
-        self.be.fill(self.be.view_mut(&mut self.grads, 0..n), 0.0);
-    }
+    super::flat_params::flat_param_accessors!();
 
     /// Loads a batch: tokens (B, T) and optional targets (B, T) (`IGNORE_INDEX` skips one).
     fn load_batch(&mut self, tokens: &[u32], targets: Option<&[u32]>, b: usize, t: usize) -> Result<(), EngineError> {

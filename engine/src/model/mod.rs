@@ -4,6 +4,7 @@ pub mod attention_maps;
 pub mod bert;
 pub mod bert_config;
 mod config_checks;
+mod flat_params;
 mod blocks;
 pub mod gpt;
 pub mod gpt_config;

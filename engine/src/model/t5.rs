@@ -206,37 +206,7 @@ impl<B: Backend> T5<B> {
     pub fn config(&self) -> &T5Config {
         &self.cfg
     }
-    pub fn table(&self) -> &ParamTable {
-        &self.table
-    }
-    pub fn backend(&self) -> &B {
-        &self.be
-    }
-    pub fn params(&self) -> &B::Buf {
-        &self.params
-    }
-    pub fn grads(&self) -> &B::Buf {
-        &self.grads
-    }
-    pub fn params_and_grads(&mut self) -> (&B, &ParamTable, &mut B::Buf, &B::Buf) {
-        (&self.be, &self.table, &mut self.params, &self.grads)
-    }
-    pub fn backend_and_grads_mut(&mut self) -> (&B, &mut B::Buf) {
-        (&self.be, &mut self.grads)
-    }
-    pub fn params_host(&self) -> Vec<f32> {
-        self.be.download(all(&self.be, &self.params))
-    }
-    pub fn grads_host(&self) -> Vec<f32> {
-        self.be.download(all(&self.be, &self.grads))
-    }
-    pub fn set_params_host(&mut self, host: &[f32]) {
-        assert_eq!(host.len(), self.table.total(), "parameter count");
-        self.be.write(all_mut(&self.be, &mut self.params), host);
-    }
-    pub fn zero_grad(&mut self) {
-        zero(&self.be, &mut self.grads);
-    }
+    super::flat_params::flat_param_accessors!();
     /// Decoder logits of the last forward, (B, Td, V); after a backward pass, their gradient.
     pub fn logits(&self) -> Vec<f32> {
         self.be.download(all(&self.be, &self.acts.as_ref().expect("forward first").logits))
