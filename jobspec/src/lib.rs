@@ -312,9 +312,10 @@ pub struct ClusterSpec {
     pub device: Device,
     /// GPT pretraining: the smallest bucket of gradients (MiB of f32) averaged across ranks
     /// while the backward pass computes the rest (PyTorch DDP's `bucket_cap_mb`); 0 averages
-    /// the whole gradient after the backward pass.
-    #[serde(default = "default_grad_bucket_mb")]
-    pub grad_bucket_mb: f64,
+    /// the whole gradient after the backward pass. Unset: the device's default (GPUs 25 MiB;
+    /// CPU workers 0, measured faster when every core computes: bench/NOTES.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grad_bucket_mb: Option<f64>,
 }
 
 /// `[checkpoint]`: when rank 0 checkpoints, how many it keeps, and where.
@@ -338,9 +339,6 @@ pub struct CheckpointSpec {
     pub final_wait_s: u64,
 }
 
-fn default_grad_bucket_mb() -> f64 {
-    25.0
-}
 /// The largest `cluster.grad_bucket_mb`: one bucket of 4 GiB is already the whole gradient of
 /// a billion-parameter model.
 const MAX_GRAD_BUCKET_MB: f64 = 4096.0;
@@ -376,7 +374,7 @@ fn default_world_size() -> u32 {
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { world_size: 1, device: Device::Cpu, grad_bucket_mb: default_grad_bucket_mb() }
+        ClusterSpec { world_size: 1, device: Device::Cpu, grad_bucket_mb: None }
     }
 }
 
@@ -412,9 +410,9 @@ impl JobSpec {
         toml::to_string(self).expect("a JobSpec always serializes")
     }
 
-    /// `cluster.grad_bucket_mb` in f32 values (0: no buckets).
-    pub fn grad_bucket_floats(&self) -> usize {
-        (self.cluster.grad_bucket_mb * 1024.0 * 1024.0 / 4.0) as usize
+    /// `cluster.grad_bucket_mb` in f32 values (0: no buckets; None: unset).
+    pub fn grad_bucket_floats(&self) -> Option<usize> {
+        self.cluster.grad_bucket_mb.map(|mb| (mb * 1024.0 * 1024.0 / 4.0) as usize)
     }
 
     pub fn validate(&self) -> Result<(), SpecError> {
@@ -425,9 +423,10 @@ impl JobSpec {
         if self.cluster.world_size == 0 {
             return Err(err("cluster.world_size", "must be at least 1"));
         }
-        let mb = self.cluster.grad_bucket_mb;
-        if !(0.0..=MAX_GRAD_BUCKET_MB).contains(&mb) {
-            return Err(err("cluster.grad_bucket_mb", format!("{mb} is not in 0..={MAX_GRAD_BUCKET_MB} (MiB; 0 averages after the backward pass)")));
+        if let Some(mb) = self.cluster.grad_bucket_mb {
+            if !(0.0..=MAX_GRAD_BUCKET_MB).contains(&mb) {
+                return Err(err("cluster.grad_bucket_mb", format!("{mb} is not in 0..={MAX_GRAD_BUCKET_MB} (MiB; 0 averages after the backward pass)")));
+            }
         }
         let t = &self.train;
         if t.steps == 0 {
@@ -685,12 +684,14 @@ world_size = 2
     }
 
     #[test]
-    fn grad_bucket_size_defaults_to_ddps_and_is_checked() {
+    fn grad_bucket_size_is_optional_and_checked() {
         let s = JobSpec::parse(GOOD).unwrap();
-        assert_eq!(s.cluster.grad_bucket_mb, 25.0);
-        assert_eq!(s.grad_bucket_floats(), 25 * 1024 * 1024 / 4);
+        assert_eq!(s.grad_bucket_floats(), None);
+        let on = JobSpec::parse(&GOOD.replace("[cluster]\nworld_size = 2", "[cluster]\nworld_size = 2\ngrad_bucket_mb = 25")).unwrap();
+        assert_eq!(on.grad_bucket_floats(), Some(25 * 1024 * 1024 / 4));
         let off = JobSpec::parse(&GOOD.replace("[cluster]\nworld_size = 2", "[cluster]\nworld_size = 2\ngrad_bucket_mb = 0")).unwrap();
-        assert_eq!(off.grad_bucket_floats(), 0);
+        assert_eq!(off.grad_bucket_floats(), Some(0));
+        assert_eq!(JobSpec::parse(&on.to_toml()).unwrap(), on, "round trip");
         for bad in ["-1", "5000", "nan"] {
             let e = JobSpec::parse(&GOOD.replace("[cluster]\nworld_size = 2", &format!("[cluster]\nworld_size = 2\ngrad_bucket_mb = {bad}"))).unwrap_err();
             assert_eq!(e.field, "cluster.grad_bucket_mb", "{bad}: {e}");

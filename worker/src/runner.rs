@@ -235,9 +235,14 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
     let job = Pretrain::open(spec, &req.out_dir)?;
     match req.device {
         Device::Cpu => {
-            // On its own thread: gradient buckets are averaged while the backward pass runs.
-            let mut ring = BackgroundRing::new(connect_ring(&req, control)?);
-            train_gpt(CpuBackend::new(), &mut ring, job, &req, control, events)
+            let ring = connect_ring(&req, control)?;
+            match job.spec.grad_bucket_floats() {
+                // Asked for: the ring on its own thread, averaging buckets during the backward.
+                Some(n) if n > 0 => train_gpt(CpuBackend::new(), &mut BackgroundRing::new(ring), job, &req, control, events),
+                // The CPU default: one all-reduce after the backward pass (measured faster
+                // when every core computes; bench/NOTES.md).
+                _ => train_gpt(CpuBackend::new(), &mut { ring }, job, &req, control, events),
+            }
         }
         Device::Cuda(ordinal) => crate::gpu::train_gpt(ordinal, job, &req, control, events),
     }
@@ -273,7 +278,9 @@ pub(crate) fn train_gpt<B: Backend>(
     let global = spec.train.global_batch as u64;
     let model = Gpt::new(be, cfg.clone(), spec.seed)?;
     let mut trainer = Trainer::new(model, tc.clone())?;
-    trainer.set_bucket_floats(spec.grad_bucket_floats());
+    if let Some(n) = spec.grad_bucket_floats() {
+        trainer.set_bucket_floats(n);
+    }
     let resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, collective, events)?;
     let start_step = resumed.start_step;
     let mut checkpointer = match rank {
