@@ -250,6 +250,13 @@ fn two_workers_match_one_worker_with_twice_the_micro_batch() {
     println!("max |w(2 workers) - w(1 worker)| after 12 steps: {max_diff:e}");
     assert!(max_diff < 1e-4, "2 workers vs 1 worker differ by {max_diff}");
     assert!(!a.is_empty() && a.len() == b.len() && a.iter().all(|x| x.is_finite()));
+    // Gradient buckets averaged during the backward pass (the ring on its own thread; 0.01 MiB
+    // is a few thousand values, several buckets for this model): the same weights, bit for bit.
+    let spec = c.spec("two-ranks-buckets", 2, 4, 12, 0).replace("[cluster]\n", "[cluster]\ngrad_bucket_mb = 0.01\n");
+    let buckets = c.submit(&spec).unwrap();
+    c.wait_state(&buckets.id, JobState::Succeeded, LONG);
+    let w = c.model_of(&buckets.id);
+    assert!(w.iter().zip(&a).all(|(x, y)| x.to_bits() == y.to_bits()), "bucketed averaging changed the weights");
 }
 
 #[test]
