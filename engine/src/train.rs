@@ -217,22 +217,23 @@ impl<B: Backend> Trainer<B> {
         }
         let mut buckets = GradBuckets::new(self.bucket_floats);
         let mut started: Result<(), CollectiveError> = Ok(());
-        let mut start = |be: &B, grads: &mut B::Buf, r: std::ops::Range<usize>, started: &mut Result<(), CollectiveError>| {
+        // Starts one bucket unless an earlier one failed (the ring is broken then).
+        let mut start = |be: &B, grads: &mut B::Buf, r: std::ops::Range<usize>| {
             if started.is_ok() {
                 // SAFETY: the model reports a range only when no later op of the pass writes
                 // it (Gpt::backward_overlapped), nothing else touches the gradients before
                 // wait_all below, and the buffer lives in the model, which outlives this call.
-                *started = unsafe { collective.start_all_reduce_mean(be, be.view_mut(grads, r)) };
+                started = unsafe { collective.start_all_reduce_mean(be, be.view_mut(grads, r)) };
             }
         };
         let pass = self.model.backward_overlapped(loss_scale, &mut |be, grads, range| {
             for bucket in buckets.ready(range) {
-                start(be, grads, bucket, &mut started);
+                start(be, grads, bucket);
             }
         });
         let (be, grads) = self.model.backend_and_grads_mut();
         if let Some(bucket) = buckets.finish() {
-            start(be, grads, bucket, &mut started);
+            start(be, grads, bucket);
         }
         // Always wait, even after an error: nothing may still work on the buffer on return.
         let waited = collective.wait_all(be);

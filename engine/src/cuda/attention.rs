@@ -464,11 +464,7 @@ fn backward_with(
         let name = "attention_backward_dot_f32";
         let f = be.func(name);
         let warps_per_block = THREADS as usize / 32;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(warps_per_block) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_of_threads(rows.div_ceil(warps_per_block));
         let mut b = be.stream().launch_builder(&f);
         b.arg(&dsum_ptr).arg(&dout.ptr).arg(&out.ptr).arg(&p);
         // SAFETY: dsum holds B*H*Tq floats, dout and out B*Tq*C (asserted above).
@@ -494,17 +490,18 @@ fn backward_with(
     drop(dsum);
 }
 
+/// A 1-D grid of `blocks` blocks of `THREADS` threads (the row and element kernels).
+fn blocks_of_threads(blocks: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// dst (B, H, Tpad, w) bf16: the head columns of a strided f32 (B, rows, ld) matrix.
 #[allow(clippy::too_many_arguments)]
 fn heads_bf16(be: &CudaBackend, p: &Params, dst: u64, src: u64, rows: usize, ld: i32, off: i32, w: usize) {
     let name = "attention_heads_bf16";
     let f = be.func(name);
     let pairs = p.batch as usize * p.heads as usize * rows.div_ceil(TILE) * TILE * w / 2;
-    let cfg = LaunchConfig {
-        grid_dim: (pairs.div_ceil(THREADS as usize) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = blocks_of_threads(pairs.div_ceil(THREADS as usize));
     let (rows, w) = (rows as i32, w as i32);
     let mut b = be.stream().launch_builder(&f);
     b.arg(&dst).arg(&src).arg(&rows).arg(&ld).arg(&off).arg(&w).arg(p);
@@ -539,11 +536,7 @@ fn backward_bf16(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, dkv: u64,
         let name = "attention_backward_stats";
         let f = be.func(name);
         let rows = bh * at.tq_pad;
-        let cfg = LaunchConfig {
-            grid_dim: (rows.div_ceil(THREADS as usize / 32) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = blocks_of_threads(rows.div_ceil(THREADS as usize / 32));
         let mut b = be.stream().launch_builder(&f);
         b.arg(&stats_ptr).arg(&dout).arg(&out).arg(&saved).arg(p);
         // SAFETY: stats holds B*H*Tqpad pairs; dout and out B*Tq*C, the lse at the start of

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use cudarc::driver::sys as drv_sys;
+use cudarc::driver::CudaStream;
 use cudarc::nccl::sys;
 
 use super::view::CudaViewMut;
@@ -85,7 +86,7 @@ pub struct NcclCollective {
     /// How often a pending all-reduce checks for completion, peer errors and aborts.
     poll: Duration,
     /// The stream overlapped all-reduces run on, and whether the trainer may use it.
-    comm_stream: Arc<cudarc::driver::CudaStream>,
+    comm_stream: Arc<CudaStream>,
     overlap: bool,
 }
 
@@ -130,8 +131,22 @@ impl NcclCollective {
         self.overlap = on;
     }
 
-    /// In-place `ncclAvg` of `len` floats at `ptr`, enqueued on `stream`.
-    fn enqueue(&self, ptr: u64, len: usize, stream: drv_sys::CUstream) -> Result<(), CollectiveError> {
+    /// In-place `ncclAvg` of `buf`, enqueued on `stream` after `before` (when given) has done
+    /// its work so far. False when there was nothing to enqueue (an empty buffer).
+    fn enqueue(&self, be: &CudaBackend, buf: &CudaViewMut<'_>, stream: &CudaStream, before: Option<&CudaStream>) -> Result<bool, CollectiveError> {
+        if self.shared.aborted.load(Ordering::SeqCst) {
+            return Err(CollectiveError::Aborted);
+        }
+        if buf.len == 0 {
+            return Ok(false);
+        }
+        be.context().bind_to_thread().map_err(|e| CollectiveError::Broken(format!("{e:?}")))?;
+        if let Some(before) = before {
+            stream
+                .join(before)
+                .map_err(|e| CollectiveError::Broken(format!("ordering the all-reduce stream after the backward pass: {e:?}")))?;
+        }
+        let (ptr, len) = (buf.ptr, buf.len);
         let comm = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
         if comm.is_null() {
             return Err(CollectiveError::Aborted);
@@ -140,12 +155,12 @@ impl NcclCollective {
         // SAFETY: the caller passes a buffer of len floats on this communicator's device; in
         // place is allowed.
         let r = unsafe {
-            sys::ncclAllReduce(ptr, ptr, len, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclAvg, *comm, stream as sys::cudaStream_t)
+            sys::ncclAllReduce(ptr, ptr, len, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclAvg, *comm, stream.cu_stream() as sys::cudaStream_t)
         };
         if r != sys::ncclResult_t::ncclSuccess {
             return Err(CollectiveError::Broken(format!("ncclAllReduce of {len} floats: {r:?}")));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Waits for the compute stream, failing early on an abort or an asynchronous NCCL error.
@@ -205,15 +220,9 @@ impl Collective<CudaBackend> for NcclCollective {
 
     /// In-place `ncclAvg` over f32 on the backend's stream, then a polled wait.
     fn all_reduce_mean(&mut self, be: &CudaBackend, buf: CudaViewMut<'_>) -> Result<(), CollectiveError> {
-        if self.shared.aborted.load(Ordering::SeqCst) {
-            return Err(CollectiveError::Aborted);
+        if self.enqueue(be, &buf, be.stream(), None)? {
+            self.wait(be)?;
         }
-        if buf.len == 0 {
-            return Ok(());
-        }
-        be.context().bind_to_thread().map_err(|e| CollectiveError::Broken(format!("{e:?}")))?;
-        self.enqueue(buf.ptr, buf.len, be.stream().cu_stream())?;
-        self.wait(be)?;
         Ok(())
     }
 
@@ -226,17 +235,7 @@ impl Collective<CudaBackend> for NcclCollective {
         if !self.overlap {
             return self.all_reduce_mean(be, buf);
         }
-        if self.shared.aborted.load(Ordering::SeqCst) {
-            return Err(CollectiveError::Aborted);
-        }
-        if buf.len == 0 {
-            return Ok(());
-        }
-        be.context().bind_to_thread().map_err(|e| CollectiveError::Broken(format!("{e:?}")))?;
-        self.comm_stream
-            .join(be.stream())
-            .map_err(|e| CollectiveError::Broken(format!("ordering the all-reduce stream after the backward pass: {e:?}")))?;
-        self.enqueue(buf.ptr, buf.len, self.comm_stream.cu_stream())
+        self.enqueue(be, &buf, &self.comm_stream, Some(be.stream())).map(|_| ())
     }
 
     /// Every started bucket done (the compute stream's later work is enqueued after this
