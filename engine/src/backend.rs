@@ -232,6 +232,15 @@ pub trait Backend: Send + Sync + 'static {
     // ---- memory -------------------------------------------------------------------------
 
     fn zeros(&self, len: usize) -> Self::Buf;
+    /// A zeroed buffer for an activation the backend may store at reduced precision (the CUDA
+    /// backend with bf16 matmuls keeps bf16, as autocast does). Only these ops accept one:
+    /// `matmul_forward` (inp, out), `matmul_backward*` (dout, inp, and dinp when overwritten),
+    /// `layernorm_forward` (out), `gelu_forward` (both), `gelu_backward_set` (all three),
+    /// `cross_entropy_forward` and `cross_entropy_backward_in_place` (logits), and `download`,
+    /// `write`, `fill`, `copy` (between buffers of one kind); others panic on one.
+    fn activation_zeros(&self, len: usize) -> Self::Buf {
+        self.zeros(len)
+    }
     fn upload(&self, host: &[f32]) -> Self::Buf;
     fn upload_ids(&self, host: &[u32]) -> Self::Ids;
     fn len(&self, buf: &Self::Buf) -> usize;

@@ -3,22 +3,22 @@
 use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::memory::elementwise_cfg;
-use super::view::{CudaView, CudaViewMut};
+use super::view::{CudaBuf, CudaView, CudaViewMut};
 use super::CudaBackend;
 use crate::backend::{AdamWStep, DecayRuns};
 
 /// All runs in one launch (see `adamw_update_runs` in adamw.cu).
 pub(crate) fn update_runs(
     be: &CudaBackend,
-    params: &mut CudaSlice<f32>,
-    grads: &CudaSlice<f32>,
-    m: &mut CudaSlice<f32>,
-    v: &mut CudaSlice<f32>,
-    runs: &DecayRuns<CudaSlice<u32>, CudaSlice<f32>>,
+    params: &mut CudaBuf,
+    grads: &CudaBuf,
+    m: &mut CudaBuf,
+    v: &mut CudaBuf,
+    runs: &DecayRuns<CudaSlice<u32>, CudaBuf>,
     hp: AdamWStep,
 ) {
     let n = runs.len();
-    assert!(params.len() == n && grads.len() == n && m.len() == n && v.len() == n, "adamw: buffers of different lengths");
+    assert!(params.len == n && grads.len == n && m.len == n && v.len == n, "adamw: buffers of different lengths");
     if n == 0 {
         return;
     }
@@ -26,8 +26,9 @@ pub(crate) fn update_runs(
     let bc2 = 1.0 - hp.beta2.powi(hp.t as i32);
     let f = be.func("adamw_update_runs");
     let (n64, nruns) = (n as u64, runs.host.len() as u32);
-    let (pp, gp, mp, vp) = (be.buf_ptr(params), be.buf_ptr(grads), be.buf_ptr(m), be.buf_ptr(v));
-    let (ends, decay) = (be.ids_ptr(&runs.ends), be.buf_ptr(&runs.decay));
+    let (pp, gp) = (be.buf_ptr(params.f32_data()), be.buf_ptr(grads.f32_data()));
+    let (mp, vp) = (be.buf_ptr(m.f32_data()), be.buf_ptr(v.f32_data()));
+    let (ends, decay) = (be.ids_ptr(&runs.ends), be.buf_ptr(runs.decay.f32_data()));
     let mut b = be.stream().launch_builder(&f);
     b.arg(&pp).arg(&gp).arg(&mp).arg(&vp).arg(&n64).arg(&ends).arg(&decay).arg(&nruns);
     b.arg(&hp.lr).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&hp.grad_scale).arg(&bc1).arg(&bc2);
@@ -56,7 +57,7 @@ pub(crate) fn update(
     let f = be.func("adamw_update");
     let n64 = n as u64;
     let mut b = be.stream().launch_builder(&f);
-    b.arg(&params.ptr).arg(&grads.ptr).arg(&m.ptr).arg(&v.ptr).arg(&n64);
+    b.arg(params.ptr_ref()).arg(grads.ptr_ref()).arg(m.ptr_ref()).arg(v.ptr_ref()).arg(&n64);
     b.arg(&hp.lr).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&hp.weight_decay);
     b.arg(&hp.grad_scale).arg(&bc1).arg(&bc2);
     // SAFETY: adamw_update(float*, const float*, float*, float*, u64, 8 x float) touches

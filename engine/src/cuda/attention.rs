@@ -226,12 +226,12 @@ fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Param
                 "attention: self-attention needs Tq == Tk"
             );
             assert_eq!(qkv.len, s.batch * s.q_len * 3 * c, "attention qkv (B,T,3C)");
-            (3 * c, 3 * c, c, 3 * c, 2 * c, qkv.ptr, qkv.ptr)
+            (3 * c, 3 * c, c, 3 * c, 2 * c, qkv.ptr(), qkv.ptr())
         }
         QkvSource::Split { q, kv } => {
             assert_eq!(q.len, s.batch * s.q_len * c, "attention q (B,Tq,C)");
             assert_eq!(kv.len, s.batch * s.kv_len * 2 * c, "attention kv (B,Tk,2C)");
-            (c, 2 * c, 0, 2 * c, c, q.ptr, kv.ptr)
+            (c, 2 * c, 0, 2 * c, c, q.ptr(), kv.ptr())
         }
     };
     let hd = s.head_dim();
@@ -345,13 +345,13 @@ pub(crate) fn forward_masked(
     assert!(shape.kv_len > 0, "attention: no keys to attend to");
     if Family::of(be) == Family::Bf16 {
         let at = Bf16Saved::of(shape);
-        let base = saved.ptr;
+        let base = saved.ptr();
         assert!(base.is_multiple_of(16), "attention saved state must start 16-byte aligned");
         let (qh, kh, vh) = (base + 4 * at.q_at as u64, base + 4 * at.k_at as u64, base + 4 * at.v_at as u64);
         heads_bf16(be, &p, qh, q, shape.q_len, p.q_ld, p.q_off, at.w);
         heads_bf16(be, &p, kh, kv, shape.kv_len, p.k_ld, p.k_off, at.w);
         heads_bf16(be, &p, vh, kv, shape.kv_len, p.v_ld, p.v_off, at.w);
-        launch_tiled(be, Kernel::Forward, &shape, shape.q_len, &[out.ptr, base, qh, kh, vh], &p);
+        launch_tiled(be, Kernel::Forward, &shape, shape.q_len, &[out.ptr(), base, qh, kh, vh], &p);
         return;
     }
     launch_tiled(
@@ -359,7 +359,7 @@ pub(crate) fn forward_masked(
         Kernel::Forward,
         &shape,
         shape.q_len,
-        &[out.ptr, saved.ptr, q, kv],
+        &[out.ptr(), saved.ptr(), q, kv],
         &p,
     );
 }
@@ -419,7 +419,7 @@ fn backward_with(
                 shape.batch * shape.q_len * 3 * shape.channels,
                 "attention dqkv (B,T,3C)"
             );
-            (d.ptr, d.ptr)
+            (d.ptr(), d.ptr())
         }
         (QkvSource::Split { q: dq, kv: dkv }, QkvSource::Split { .. }) => {
             assert_eq!(
@@ -432,7 +432,7 @@ fn backward_with(
                 shape.batch * shape.kv_len * 2 * shape.channels,
                 "attention dkv (B,Tk,2C)"
             );
-            (dq.ptr, dkv.ptr)
+            (dq.ptr(), dkv.ptr())
         }
         _ => panic!("attention backward: dsrc and src must both be packed or both split"),
     };
@@ -445,7 +445,7 @@ fn backward_with(
     }
     assert!(shape.kv_len > 0, "attention: no keys to attend to");
     if Family::of(be) == Family::Bf16 {
-        backward_bf16(be, &shape, &p, dq, dkv, dout.ptr, out.ptr, saved.ptr);
+        backward_bf16(be, &shape, &p, dq, dkv, dout.ptr(), out.ptr(), saved.ptr());
         return;
     }
 
@@ -466,17 +466,17 @@ fn backward_with(
         let warps_per_block = THREADS as usize / 32;
         let cfg = blocks_of_threads(rows.div_ceil(warps_per_block));
         let mut b = be.stream().launch_builder(&f);
-        b.arg(&dsum_ptr).arg(&dout.ptr).arg(&out.ptr).arg(&p);
+        b.arg(&dsum_ptr).arg(dout.ptr_ref()).arg(out.ptr_ref()).arg(&p);
         // SAFETY: dsum holds B*H*Tq floats, dout and out B*Tq*C (asserted above).
         be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
     }
-    let lse = saved.ptr;
+    let lse = saved.ptr();
     launch_tiled(
         be,
         Kernel::Dkv,
         &shape,
         shape.kv_len,
-        &[dkv, q, kv, dout.ptr, lse, dsum_ptr],
+        &[dkv, q, kv, dout.ptr(), lse, dsum_ptr],
         &p,
     );
     launch_tiled(
@@ -484,7 +484,7 @@ fn backward_with(
         Kernel::Dq,
         &shape,
         shape.q_len,
-        &[dq, q, kv, dout.ptr, lse, dsum_ptr],
+        &[dq, q, kv, dout.ptr(), lse, dsum_ptr],
         &p,
     );
     drop(dsum);

@@ -49,18 +49,18 @@ pub(crate) fn finish(be: &CudaBackend, dst: u64, partial: u64, rows: usize, cols
     be.check(unsafe { b.launch(cfg) }.map(|_| ()), "column_sum_finish");
 }
 
-/// `dst (cols) += sum over rows of src (rows, cols)`.
-pub(crate) fn add_column_sums(be: &CudaBackend, dst: u64, src: u64, rows: usize, cols: usize) {
+/// `dst (cols) += sum over rows of src (rows, cols)`; `src_bf16`: src holds bf16 (summed in f32).
+pub(crate) fn add_column_sums(be: &CudaBackend, dst: u64, src: u64, src_bf16: bool, rows: usize, cols: usize) {
     if rows == 0 || cols == 0 {
         return;
     }
     let (_scratch, partial) = scratch(be, rows, cols);
-    let f = be.func("column_sum_partial");
+    let f = be.func(if src_bf16 { "column_sum_partial_bf16" } else { "column_sum_partial" });
     let (n, c, per) = (rows as u64, cols as u64, ROWS_PER_TASK as u64);
     let mut b = be.stream().launch_builder(&f);
     b.arg(&partial).arg(&src).arg(&n).arg(&c).arg(&per);
-    // SAFETY: column_sum_partial(float*, const float*, u64, u64, u64) reads rows*cols floats
-    // of src and writes chunks*cols partials.
+    // SAFETY: column_sum_partial[_bf16](float*, const float* or const unsigned short*, u64, u64,
+    // u64) reads rows*cols elements of src and writes chunks*cols partials.
     be.check(unsafe { b.launch(partial_cfg(rows, cols)) }.map(|_| ()), "column_sum_partial");
     finish(be, dst, partial, rows, cols);
 }

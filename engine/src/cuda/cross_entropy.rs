@@ -27,12 +27,14 @@ pub(crate) fn forward(
     if n == 0 {
         return;
     }
-    let f = be.func("cross_entropy_forward");
+    // f32 or bf16 logits (the latter an activation buffer, see view.rs)
+    let f = be.func(if logits.is_bf16() { "cross_entropy_forward_bf16" } else { "cross_entropy_forward" });
     let (t, err, vv) = (be.ids_ptr(targets), be.err_ptr(), v as u64);
     let mut b = be.stream().launch_builder(&f);
-    b.arg(&losses.ptr).arg(&lse.ptr).arg(&logits.ptr).arg(&t).arg(&vv).arg(&err);
-    // SAFETY: cross_entropy_forward(float*, float*, const float*, const unsigned*, u64,
-    // unsigned*) with one block per row reads row n of logits and writes losses[n], lse[n].
+    b.arg(losses.ptr_ref()).arg(lse.ptr_ref()).arg(logits.addr_ref()).arg(&t).arg(&vv).arg(&err);
+    // SAFETY: cross_entropy_forward[_bf16](float*, float*, const float* or const unsigned short*
+    // (matching the view's type), const unsigned*, u64, unsigned*) with one block per row reads
+    // row n of logits and writes losses[n], lse[n].
     be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_forward");
 }
 
@@ -44,12 +46,13 @@ pub(crate) fn backward_in_place(be: &CudaBackend, logits: CudaViewMut<'_>, lse: 
     if n == 0 {
         return;
     }
-    let f = be.func("cross_entropy_backward_in_place");
+    let f = be.func(if logits.is_bf16() { "cross_entropy_backward_in_place_bf16" } else { "cross_entropy_backward_in_place" });
     let (t, vv) = (be.ids_ptr(targets), v as u64);
     let mut b = be.stream().launch_builder(&f);
-    b.arg(&logits.ptr).arg(&lse.ptr).arg(&t).arg(&dloss).arg(&vv);
-    // SAFETY: cross_entropy_backward_in_place(float*, const float*, const unsigned*, float, u64),
-    // one block per row, reads and writes row n of logits only.
+    b.arg(logits.addr_ref()).arg(lse.ptr_ref()).arg(&t).arg(&dloss).arg(&vv);
+    // SAFETY: cross_entropy_backward_in_place[_bf16](float* or unsigned short* (the view's
+    // type), const float*, const unsigned*, float, u64), one block per row, reads and writes
+    // row n of logits only.
     be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_backward_in_place");
 }
 
@@ -72,7 +75,7 @@ pub(crate) fn backward(
     let f = be.func("cross_entropy_backward");
     let (t, vv) = (be.ids_ptr(targets), v as u64);
     let mut b = be.stream().launch_builder(&f);
-    b.arg(&dlogits.ptr).arg(&logits.ptr).arg(&lse.ptr).arg(&t).arg(&dloss).arg(&vv);
+    b.arg(dlogits.ptr_ref()).arg(logits.ptr_ref()).arg(lse.ptr_ref()).arg(&t).arg(&dloss).arg(&vv);
     // SAFETY: cross_entropy_backward(float*, const float*, const float*, const unsigned*,
     // float, u64), one block per row, touches row n of dlogits and logits.
     be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_backward");

@@ -27,10 +27,10 @@ fn launch(be: &CudaBackend, name: &str, dst: u64, src: u64, n: usize, mask: Drop
 
 pub(crate) fn forward(be: &CudaBackend, out: CudaViewMut<'_>, inp: CudaView<'_>, mask: Dropout) {
     assert_eq!(out.len, inp.len, "dropout: out {} vs inp {}", out.len, inp.len);
-    launch(be, "dropout_forward", out.ptr, inp.ptr, inp.len, mask)
+    launch(be, "dropout_forward", out.ptr(), inp.ptr(), inp.len, mask)
 }
 
 pub(crate) fn backward(be: &CudaBackend, dinp: CudaViewMut<'_>, dout: CudaView<'_>, mask: Dropout) {
     assert_eq!(dinp.len, dout.len, "dropout backward: dinp {} vs dout {}", dinp.len, dout.len);
-    launch(be, "dropout_backward", dinp.ptr, dout.ptr, dout.len, mask)
+    launch(be, "dropout_backward", dinp.ptr(), dout.ptr(), dout.len, mask)
 }

@@ -18,46 +18,57 @@ fn launch(be: &CudaBackend, name: &str, ptrs: &[u64], n: usize) {
         b.arg(p);
     }
     b.arg(&n64);
-    // SAFETY: each kernel of elementwise.cu takes its float pointers then u64 n and touches
-    // elements 0..n of each; callers check every view holds n floats.
+    // SAFETY: each kernel of elementwise.cu takes its pointers (float*, or unsigned short* for
+    // the _bf16 kernels, whose callers check every view is bf16) then u64 n and touches
+    // elements 0..n of each; callers check every view holds n elements.
     be.check(unsafe { b.launch(elementwise_cfg(be, n)) }.map(|_| ()), name);
 }
 
+/// out = gelu(inp): both f32, or both bf16 (activations, see view.rs).
 pub(crate) fn gelu_forward(be: &CudaBackend, out: CudaViewMut<'_>, inp: CudaView<'_>) {
     assert_eq!(out.len, inp.len, "gelu: out {} vs inp {}", out.len, inp.len);
-    launch(be, "gelu_forward", &[out.ptr, inp.ptr], out.len)
+    if out.is_bf16() || inp.is_bf16() {
+        assert!(out.is_bf16() && inp.is_bf16(), "gelu: out and inp must both be bf16 or both f32");
+        return launch(be, "gelu_forward_bf16", &[out.addr(), inp.addr()], out.len);
+    }
+    launch(be, "gelu_forward", &[out.ptr(), inp.ptr()], out.len)
 }
 
 pub(crate) fn gelu_backward(be: &CudaBackend, dinp: CudaViewMut<'_>, inp: CudaView<'_>, dout: CudaView<'_>) {
     assert!(dinp.len == inp.len && dout.len == inp.len, "gelu backward: lengths differ");
-    launch(be, "gelu_backward", &[dinp.ptr, inp.ptr, dout.ptr], inp.len)
+    launch(be, "gelu_backward", &[dinp.ptr(), inp.ptr(), dout.ptr()], inp.len)
 }
 
+/// dinp = dout * gelu'(inp): all three f32, or all three bf16.
 pub(crate) fn gelu_backward_set(be: &CudaBackend, dinp: CudaViewMut<'_>, inp: CudaView<'_>, dout: CudaView<'_>) {
     assert!(dinp.len == inp.len && dout.len == inp.len, "gelu backward: lengths differ");
-    launch(be, "gelu_backward_set", &[dinp.ptr, inp.ptr, dout.ptr], inp.len)
+    if dinp.is_bf16() || inp.is_bf16() || dout.is_bf16() {
+        assert!(dinp.is_bf16() && inp.is_bf16() && dout.is_bf16(), "gelu backward: dinp, inp and dout must all be bf16 or all f32");
+        return launch(be, "gelu_backward_set_bf16", &[dinp.addr(), inp.addr(), dout.addr()], inp.len);
+    }
+    launch(be, "gelu_backward_set", &[dinp.ptr(), inp.ptr(), dout.ptr()], inp.len)
 }
 
 pub(crate) fn residual_forward(be: &CudaBackend, out: CudaViewMut<'_>, a: CudaView<'_>, b: CudaView<'_>) {
     assert!(out.len == a.len && a.len == b.len, "residual: lengths differ");
-    launch(be, "residual_forward", &[out.ptr, a.ptr, b.ptr], a.len)
+    launch(be, "residual_forward", &[out.ptr(), a.ptr(), b.ptr()], a.len)
 }
 
 pub(crate) fn residual_backward(be: &CudaBackend, da: CudaViewMut<'_>, db: CudaViewMut<'_>, dout: CudaView<'_>) {
     assert!(da.len == dout.len && db.len == dout.len, "residual backward: lengths differ");
-    launch(be, "residual_backward", &[da.ptr, db.ptr, dout.ptr], dout.len)
+    launch(be, "residual_backward", &[da.ptr(), db.ptr(), dout.ptr()], dout.len)
 }
 
 /// BERT's pooler runs this on (B, C) values per step: on the device, so the step never waits for
 /// a host round trip (the trait's default goes through the host).
 pub(crate) fn tanh_forward(be: &CudaBackend, out: CudaViewMut<'_>, inp: CudaView<'_>) {
     assert_eq!(out.len, inp.len, "tanh: out {} vs inp {}", out.len, inp.len);
-    launch(be, "tanh_forward", &[out.ptr, inp.ptr], out.len)
+    launch(be, "tanh_forward", &[out.ptr(), inp.ptr()], out.len)
 }
 
 pub(crate) fn tanh_backward(be: &CudaBackend, dinp: CudaViewMut<'_>, out: CudaView<'_>, dout: CudaView<'_>) {
     assert!(dinp.len == out.len && dout.len == out.len, "tanh backward: lengths differ");
-    launch(be, "tanh_backward", &[dinp.ptr, out.ptr, dout.ptr], out.len)
+    launch(be, "tanh_backward", &[dinp.ptr(), out.ptr(), dout.ptr()], out.len)
 }
 
 #[cfg(test)]

@@ -30,7 +30,7 @@ pub(crate) fn forward(
     let (ids_ptr, err) = (be.ids_ptr(ids), be.err_ptr());
     let (rows, cc, table_rows, acc) = (n as u64, c as u64, (table.len / c) as u64, accumulate as i32);
     let mut b = be.stream().launch_builder(&f);
-    b.arg(&out.ptr).arg(&ids_ptr).arg(&table.ptr).arg(&rows).arg(&cc).arg(&table_rows).arg(&acc).arg(&err);
+    b.arg(out.ptr_ref()).arg(&ids_ptr).arg(table.ptr_ref()).arg(&rows).arg(&cc).arg(&table_rows).arg(&acc).arg(&err);
     // SAFETY: embedding_forward(float*, const unsigned*, const float*, u64, u64, u64, int,
     // unsigned*) writes N*C floats of out and reads rows of table below table_rows.
     be.check(unsafe { b.launch(elementwise_cfg(be, n * c)) }.map(|_| ()), "embedding_forward");
@@ -91,7 +91,7 @@ pub(crate) fn backward(
     let f = be.func("embedding_backward_grouped");
     let (rows_p, offsets_p, order_p, cc) = (be.ids_ptr(&rows), be.ids_ptr(&offsets), be.ids_ptr(&order), c as u64);
     let mut b = stream.launch_builder(&f);
-    b.arg(&dtable.ptr).arg(&dout.ptr).arg(&rows_p).arg(&offsets_p).arg(&order_p).arg(&cc);
+    b.arg(dtable.ptr_ref()).arg(dout.ptr_ref()).arg(&rows_p).arg(&offsets_p).arg(&order_p).arg(&cc);
     const THREADS: usize = 128;
     let cfg = LaunchConfig {
         grid_dim: (g.rows.len() as u32, c.div_ceil(THREADS) as u32, 1),

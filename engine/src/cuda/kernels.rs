@@ -9,18 +9,19 @@
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use thiserror::Error;
 
-/// (module name, CUDA C++ source), one entry per `.cu` file.
+/// (module name, CUDA C++ source), one entry per `.cu` file; modules that touch bf16 storage get
+/// `bf16.cuh` (conversions) prepended.
 pub const MODULES: &[(&str, &str)] = &[
     ("memory", include_str!("kernels/memory.cu")),
     ("embedding", include_str!("kernels/embedding.cu")),
-    ("bias", include_str!("kernels/bias.cu")),
-    ("layernorm", include_str!("kernels/layernorm.cu")),
-    ("elementwise", include_str!("kernels/elementwise.cu")),
+    ("bias", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/bias.cu"))),
+    ("layernorm", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/layernorm.cu"))),
+    ("elementwise", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/elementwise.cu"))),
     ("dropout", include_str!("kernels/dropout.cu")),
-    ("cross_entropy", include_str!("kernels/cross_entropy.cu")),
+    ("cross_entropy", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/cross_entropy.cu"))),
     ("adamw", include_str!("kernels/adamw.cu")),
     ("attention", include_str!("kernels/attention.cu")),
-    ("convert", include_str!("kernels/convert.cu")),
+    ("convert", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/convert.cu"))),
 ];
 
 /// Env var naming a directory of CUDA headers to add to NVRTC's include path.

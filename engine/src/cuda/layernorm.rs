@@ -38,11 +38,13 @@ pub(crate) fn forward(
     if n == 0 {
         return;
     }
-    let f = be.func("layernorm_forward");
+    // out may be a bf16 activation (a GEMM's input, see view.rs); everything else is f32
+    let f = be.func(if out.is_bf16() { "layernorm_forward_bf16out" } else { "layernorm_forward" });
     let (rows, cc) = (n as u64, c as u64);
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&out.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&inp.ptr).arg(&w.ptr).arg(&b.ptr).arg(&rows).arg(&cc);
-    // SAFETY: layernorm_forward(float*, float*, float*, const float* x3, u64, u64): sizes asserted.
+    l.arg(out.addr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref()).arg(b.ptr_ref()).arg(&rows).arg(&cc);
+    // SAFETY: layernorm_forward(float*, float*, float*, const float* x3, u64, u64) (the _bf16out
+    // variant takes unsigned short* out, matching the view's type): sizes asserted.
     be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), "layernorm_forward");
 }
 
@@ -70,7 +72,7 @@ pub(crate) fn backward(
     let (rows, cc) = (n as u64, c as u64);
     let f = be.func("layernorm_backward_input");
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&dinp.ptr).arg(&dout.ptr).arg(&inp.ptr).arg(&w.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&rows).arg(&cc);
+    l.arg(dinp.ptr_ref()).arg(dout.ptr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc);
     // SAFETY: layernorm_backward_input(float*, const float* x5, u64, u64): sizes asserted.
     be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), "layernorm_backward_input");
 
@@ -79,13 +81,13 @@ pub(crate) fn backward(
     let f = be.func("layernorm_backward_params_partial");
     let per = ROWS_PER_TASK as u64;
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&pdw).arg(&pdb).arg(&dout.ptr).arg(&inp.ptr).arg(&mean.ptr).arg(&rstd.ptr).arg(&rows).arg(&cc).arg(&per);
+    l.arg(&pdw).arg(&pdb).arg(dout.ptr_ref()).arg(inp.ptr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc).arg(&per);
     // SAFETY: layernorm_backward_params_partial(float*, float*, const float* x4, u64, u64, u64)
     // writes chunks*C floats to each scratch buffer.
     be.check(
         unsafe { l.launch(colsum::partial_cfg(n, c)) }.map(|_| ()),
         "layernorm_backward_params_partial",
     );
-    colsum::finish(be, dw.ptr, pdw, n, c);
-    colsum::finish(be, db.ptr, pdb, n, c);
+    colsum::finish(be, dw.ptr(), pdw, n, c);
+    colsum::finish(be, db.ptr(), pdb, n, c);
 }

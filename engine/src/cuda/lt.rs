@@ -34,6 +34,8 @@ pub(crate) struct LtShape {
     pub lda: usize,
     pub ldb: usize,
     pub ldd: usize,
+    /// D in bf16 (an activation buffer, see view.rs) instead of f32; the bias stays f32.
+    pub d_bf16: bool,
 }
 
 struct Plan {
@@ -99,13 +101,13 @@ impl Lt {
         Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
     }
 
-    /// D (m, n) f32 = op(A) op(B) + bias (m), A and B bf16, f32 accumulation. Err describes a
-    /// cuBLASLt failure (the caller records it).
+    /// D (m, n) = op(A) op(B) + bias (m), A and B bf16, D f32 or bf16 (`s.d_bf16`), f32
+    /// accumulation and bias. Err describes a cuBLASLt failure.
     ///
     /// # Safety
     /// `a`, `b`, `d` and `bias` must be device pointers holding the extents `s` describes
     /// (A: lda x (k or m), B: ldb x (n or k), D: ldd x n, bias: m floats).
-    pub(crate) unsafe fn gemm_bias_bf16(
+    pub(crate) unsafe fn gemm_bias(
         &self,
         stream: &CudaStream,
         s: LtShape,
@@ -178,10 +180,22 @@ impl Lt {
                 size_of::<sys::cublasLtEpilogue_t>(),
             )
             .map_err(err("epilogue"))?;
+            if s.d_bf16 {
+                // The bias defaults to D's type; ours is the f32 parameter.
+                let bias_type = f32t;
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+                    &bias_type as *const _ as *const c_void,
+                    size_of::<sys::cudaDataType_t>(),
+                )
+                .map_err(err("bias data type"))?;
+            }
         }
         plan.a = lt::create_matrix_layout(bf16, a_rows as u64, a_cols as u64, s.lda as i64).map_err(err("layout A"))?;
         plan.b = lt::create_matrix_layout(bf16, b_rows as u64, b_cols as u64, s.ldb as i64).map_err(err("layout B"))?;
-        plan.d = lt::create_matrix_layout(f32t, s.m as u64, s.n as u64, s.ldd as i64).map_err(err("layout D"))?;
+        let d_type = if s.d_bf16 { bf16 } else { f32t };
+        plan.d = lt::create_matrix_layout(d_type, s.m as u64, s.n as u64, s.ldd as i64).map_err(err("layout D"))?;
         let pref = lt::create_matmul_pref().map_err(err("preference"))?;
         // SAFETY: pref was created above and is destroyed below whatever happens between.
         let heuristic = unsafe {

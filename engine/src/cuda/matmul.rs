@@ -10,6 +10,10 @@
 //! A forward matmul with a bias and bf16 operands runs as one cuBLASLt GEMM with a bias
 //! epilogue instead (lt.rs): no broadcast pass, no read of C.
 //!
+//! bf16 activation views (view.rs) are GEMM operands as they are, without a conversion pass,
+//! and a bf16 `out` / overwritten `dinp` is the GEMM's own bf16 output (rounded once from the
+//! f32 accumulator, as autocast's).
+//!
 //! cuBLAS is column-major; a row-major `X (r, c)` is the column-major `X^T` with ld = c, so
 //! `out = inp @ W` is computed as `out^T (OC, N) = W' (OC, IC) @ inp^T (IC, N)`.
 
@@ -50,7 +54,8 @@ impl Operand {
     }
 }
 
-/// One column-major GEMM `C (m, n) = alpha op(A) (m, k) @ op(B) (k, n) + beta C`, C in f32.
+/// One column-major GEMM `C (m, n) = alpha op(A) (m, k) @ op(B) (k, n) + beta C`, C in f32
+/// (or bf16 with beta = 0).
 struct Gemm {
     ta: cublasOperation_t,
     tb: cublasOperation_t,
@@ -64,6 +69,7 @@ struct Gemm {
     c: u64,
     ldc: usize,
     beta: f32,
+    c_bf16: bool,
 }
 
 fn compute_type(p: MatmulPrecision) -> cublasComputeType_t {
@@ -83,6 +89,7 @@ fn gemm(be: &CudaBackend, g: Gemm, what: &str) {
         be.fail(what, format!("gemm dimensions {dims:?} exceed cuBLAS's 32-bit limit"));
         return;
     }
+    assert!(!g.c_bf16 || g.beta == 0.0, "{what}: a bf16 output cannot be accumulated into");
     let alpha = 1.0f32;
     // bf16 operands (converted by us) take plain f32 accumulation; f32 operands take the
     // precision's math mode.
@@ -111,7 +118,7 @@ fn gemm(be: &CudaBackend, g: Gemm, what: &str) {
             g.ldb as i32,
             &g.beta as *const f32 as *const c_void,
             g.c as *mut c_void,
-            cudaDataType::CUDA_R_32F,
+            if g.c_bf16 { cudaDataType::CUDA_R_16BF } else { cudaDataType::CUDA_R_32F },
             g.ldc as i32,
             compute,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
@@ -127,26 +134,31 @@ fn padded_ld(cols: usize) -> usize {
     cols.div_ceil(8) * 8
 }
 
-/// One matmul operand as the caller holds it: a dense row-major `(len / cols, cols)` f32 view.
+/// One matmul operand as the caller holds it: a dense row-major `(len / cols, cols)` view, f32
+/// or bf16.
 #[derive(Clone, Copy)]
 struct Dense<'a> {
     view: CudaView<'a>,
     cols: usize,
 }
 
-/// The operands of one matmul call as GEMM inputs. With `MatmulPrecision::Bf16`: bf16 copies
-/// side by side in the scratch, each with its row stride padded to `padded_ld` (regions 16-byte
-/// aligned); `ld` is that stride. Otherwise the f32 views themselves, `ld` = their columns.
-/// `None` when the scratch could not be allocated (the failure is recorded).
+/// The operands of one matmul call as GEMM inputs. With `MatmulPrecision::Bf16`: a bf16 view
+/// as it is (`ld` = its columns); an f32 one as a bf16 copy, side by side in the scratch, each
+/// with its row stride padded to `padded_ld` (regions 16-byte aligned); `ld` is that stride.
+/// Otherwise the f32 views themselves, `ld` = their columns. `None` when the scratch could not
+/// be allocated (the failure is recorded).
 fn operands<const K: usize>(be: &CudaBackend, dense: [Dense<'_>; K]) -> Option<[(Operand, usize); K]> {
     if be.options().matmul != MatmulPrecision::Bf16 {
-        return Some(dense.map(|d| (Operand::f32(d.view.ptr), d.cols)));
+        return Some(dense.map(|d| (Operand::f32(d.view.ptr()), d.cols)));
     }
-    let size = |d: &Dense<'_>| if d.cols == 0 { 0 } else { d.view.len / d.cols * padded_ld(d.cols) };
+    let size = |d: &Dense<'_>| if d.cols == 0 || d.view.is_bf16() { 0 } else { d.view.len / d.cols * padded_ld(d.cols) };
     let total: usize = dense.iter().map(size).sum();
     let base = be.bf16_scratch(total)?;
     let mut offset = 0usize;
     Some(dense.map(|d| {
+        if d.view.is_bf16() {
+            return (Operand { ptr: d.view.addr(), bf16: true }, d.cols);
+        }
         let ptr = base + 2 * offset as u64;
         offset += size(&d);
         let ld = padded_ld(d.cols);
@@ -155,7 +167,7 @@ fn operands<const K: usize>(be: &CudaBackend, dense: [Dense<'_>; K]) -> Option<[
             if ld == d.cols {
                 let f = be.func("f32_to_bf16");
                 let mut b = be.stream().launch_builder(&f);
-                b.arg(&ptr).arg(&d.view.ptr).arg(&n);
+                b.arg(&ptr).arg(d.view.ptr_ref()).arg(&n);
                 // SAFETY: f32_to_bf16(u16*, const float*, u64) reads the view's n floats and
                 // writes n bf16 values inside the scratch region sized above.
                 be.check(unsafe { b.launch(elementwise_cfg(be, d.view.len.div_ceil(4))) }.map(|_| ()), "f32_to_bf16");
@@ -163,7 +175,7 @@ fn operands<const K: usize>(be: &CudaBackend, dense: [Dense<'_>; K]) -> Option<[
                 let f = be.func("f32_to_bf16_rows");
                 let (rows, cols, ld64) = ((d.view.len / d.cols) as u64, d.cols as u64, ld as u64);
                 let mut b = be.stream().launch_builder(&f);
-                b.arg(&ptr).arg(&d.view.ptr).arg(&rows).arg(&cols).arg(&ld64);
+                b.arg(&ptr).arg(d.view.ptr_ref()).arg(&rows).arg(&cols).arg(&ld64);
                 // SAFETY: f32_to_bf16_rows(u16*, const float*, u64, u64, u64) reads rows*cols
                 // floats and writes rows rows of stride ld inside the region sized above.
                 be.check(unsafe { b.launch(elementwise_cfg(be, d.view.len)) }.map(|_| ()), "f32_to_bf16_rows");
@@ -203,48 +215,63 @@ pub(crate) fn forward(
     let Some([(w, lda), (x, ldb)]) = operands(be, [Dense { view: weight, cols: w_cols }, Dense { view: inp, cols: ic }]) else {
         return;
     };
+    let out_bf16 = out.is_bf16();
     // A bf16 GEMM whose output rows are not a multiple of 8 wide (the LM head over 50,257 ids)
     // writes into a padded f32 scratch, then one pass moves it into `out` adding the bias.
     let padded_out = be.options().matmul == MatmulPrecision::Bf16 && padded_ld(oc) != oc && n > 0;
-    if padded_out {
+    // bf16 operands and a bias: one cuBLASLt GEMM adds it in its epilogue (lt.rs).
+    if let (Some(bias), Some(lt), false) = (bias, be.lt(), padded_out) {
+        if w.bf16 && x.bf16 && n * oc > 0 {
+            let shape = LtShape { transa: ta == T, transb: false, m: oc, n, k: ic, lda, ldb, ldd: oc, d_bf16: out_bf16 };
+            be.check(be.stream().context().bind_to_thread(), "bind context");
+            // SAFETY: w and x are bf16 (lda x .., ldb x N), out holds N*OC elements of the type
+            // the shape names and bias OC floats (asserted above).
+            match unsafe { lt.gemm_bias(be.stream(), shape, w.ptr, x.ptr, out.addr(), bias.ptr()) } {
+                Ok(()) => return,
+                // A cuBLASLt without a bf16-output bias epilogue: the scratch path below.
+                Err(e) if out_bf16 => warn_bf16_epilogue_once(&e),
+                Err(e) => return be.fail("matmul_forward", e),
+            }
+        }
+    }
+    // Through an f32 scratch: a padded output, or a bf16 output with a bias.
+    if padded_out || (out_bf16 && bias.is_some() && n * oc > 0) {
         let ldc = padded_ld(oc);
         let Some(c) = be.f32_scratch(n * ldc) else { return };
-        gemm(be, Gemm { ta, tb: N, m: oc, n, k: ic, a: w, lda, b: x, ldb, c, ldc, beta: 0.0 }, "matmul_forward");
-        let f = be.func("unpad_rows_add_bias");
-        let bias_ptr = bias.map_or(0u64, |b| b.ptr);
+        gemm(be, Gemm { ta, tb: N, m: oc, n, k: ic, a: w, lda, b: x, ldb, c, ldc, beta: 0.0, c_bf16: false }, "matmul_forward");
+        let name = if out_bf16 { "unpad_rows_add_bias_bf16" } else { "unpad_rows_add_bias" };
+        let f = be.func(name);
+        let bias_ptr = bias.map_or(0u64, |b| b.ptr());
         let (rows, cols, ld64) = (n as u64, oc as u64, ldc as u64);
         let mut b = be.stream().launch_builder(&f);
-        b.arg(&out.ptr).arg(&c).arg(&bias_ptr).arg(&rows).arg(&cols).arg(&ld64);
-        // SAFETY: unpad_rows_add_bias(float*, const float*, const float* or null, u64, u64, u64)
-        // reads rows rows of stride ld from the scratch and writes N*OC floats of `out`.
-        be.check(unsafe { b.launch(elementwise_cfg(be, n * oc)) }.map(|_| ()), "unpad_rows_add_bias");
+        b.arg(out.addr_ref()).arg(&c).arg(&bias_ptr).arg(&rows).arg(&cols).arg(&ld64);
+        // SAFETY: unpad_rows_add_bias[_bf16](float* or unsigned short* (out's type), const
+        // float*, const float* or null, u64, u64, u64) reads rows rows of stride ld from the
+        // scratch and writes N*OC elements of `out`.
+        be.check(unsafe { b.launch(elementwise_cfg(be, n * oc)) }.map(|_| ()), name);
         return;
-    }
-    // bf16 operands and a bias: one cuBLASLt GEMM adds it in its epilogue (lt.rs).
-    if let (Some(bias), Some(lt)) = (bias, be.lt()) {
-        if w.bf16 && x.bf16 && n * oc > 0 {
-            let shape = LtShape { transa: ta == T, transb: false, m: oc, n, k: ic, lda, ldb, ldd: oc };
-            be.check(be.stream().context().bind_to_thread(), "bind context");
-            // SAFETY: w and x are the bf16 copies `operands` made (lda x .., ldb x N), out holds
-            // N*OC floats and bias OC (asserted above).
-            if let Err(e) = unsafe { lt.gemm_bias_bf16(be.stream(), shape, w.ptr, x.ptr, out.ptr, bias.ptr) } {
-                be.fail("matmul_forward", e);
-            }
-            return;
-        }
     }
     if let Some(bias) = bias {
         if n * oc > 0 {
             let f = be.func("bias_broadcast");
             let (rows, cols) = (n as u64, oc as u64);
             let mut b = be.stream().launch_builder(&f);
-            b.arg(&out.ptr).arg(&bias.ptr).arg(&rows).arg(&cols);
+            b.arg(out.ptr_ref()).arg(bias.ptr_ref()).arg(&rows).arg(&cols);
             // SAFETY: bias_broadcast(float*, const float*, u64, u64) writes N*OC floats.
             be.check(unsafe { b.launch(elementwise_cfg(be, n * oc)) }.map(|_| ()), "bias_broadcast");
         }
     }
     let beta = if bias.is_some() { 1.0 } else { 0.0 };
-    gemm(be, Gemm { ta, tb: N, m: oc, n, k: ic, a: w, lda, b: x, ldb, c: out.ptr, ldc: oc, beta }, "matmul_forward");
+    let gemm_out = Gemm { ta, tb: N, m: oc, n, k: ic, a: w, lda, b: x, ldb, c: out.addr(), ldc: oc, beta, c_bf16: out_bf16 };
+    gemm(be, gemm_out, "matmul_forward");
+}
+
+/// Says once per process that bf16 outputs with a bias take the scratch path.
+fn warn_bf16_epilogue_once(e: &str) {
+    static WARNED: std::sync::Once = std::sync::Once::new();
+    WARNED.call_once(|| {
+        tracing::warn!(error = %e, "cublaslt bias epilogue with a bf16 output unavailable; using an f32 scratch and one pass")
+    });
 }
 
 /// dinp += dout @ W^T; dW += inp^T @ dout (in W's layout); dbias += column sums of dout.
@@ -290,10 +317,11 @@ pub(crate) fn backward_with(
         (dy, x, w)
     } else {
         let Some([dy, x]) = operands(be, [dy, x]) else { return };
-        (dy, x, (Operand::f32(weight.ptr), w_cols))
+        (dy, x, (Operand::f32(weight.ptr()), w_cols))
     };
     if let Some(dinp) = dinp {
         assert_eq!(dinp.len, n * ic, "matmul dinp: {} floats, expected (N={n}, IC={ic})", dinp.len);
+        assert!(!dinp.is_bf16() || dinp_beta == 0.0, "matmul backward: a bf16 dinp can only be overwritten");
         // dinp^T (IC, N) += W'' (IC, OC) @ dout^T (OC, N); W (IC, OC) row-major is column-major
         // (OC, IC): transpose it; W (OC, IC) row-major is column-major (IC, OC) already.
         let ta = match s.layout {
@@ -302,23 +330,23 @@ pub(crate) fn backward_with(
         };
         gemm(
             be,
-            Gemm { ta, tb: N, m: ic, n, k: oc, a: w, lda: ldw, b: dy, ldb: lddy, c: dinp.ptr, ldc: ic, beta: dinp_beta },
+            Gemm { ta, tb: N, m: ic, n, k: oc, a: w, lda: ldw, b: dy, ldb: lddy, c: dinp.addr(), ldc: ic, beta: dinp_beta, c_bf16: dinp.is_bf16() },
             "matmul_backward dinp",
         );
     }
     let g = match s.layout {
         // dW (IC, OC) row-major = column-major dW^T (OC, IC) += dout^T (OC, N) @ inp (N, IC)
         WeightLayout::InOut => Gemm {
-            ta: N, tb: T, m: oc, n: ic, k: n, a: dy, lda: lddy, b: x, ldb: ldx, c: dweight.ptr, ldc: oc, beta: 1.0,
+            ta: N, tb: T, m: oc, n: ic, k: n, a: dy, lda: lddy, b: x, ldb: ldx, c: dweight.ptr(), ldc: oc, beta: 1.0, c_bf16: false,
         },
         // dW (OC, IC) row-major = column-major dW^T (IC, OC) += inp^T (IC, N) @ dout (N, OC)
         WeightLayout::OutIn => Gemm {
-            ta: N, tb: T, m: ic, n: oc, k: n, a: x, lda: ldx, b: dy, ldb: lddy, c: dweight.ptr, ldc: ic, beta: 1.0,
+            ta: N, tb: T, m: ic, n: oc, k: n, a: x, lda: ldx, b: dy, ldb: lddy, c: dweight.ptr(), ldc: ic, beta: 1.0, c_bf16: false,
         },
     };
     gemm(be, g, "matmul_backward dweight");
     if let Some(dbias) = dbias {
         assert_eq!(dbias.len, oc, "matmul dbias: {} floats, expected OC={oc}", dbias.len);
-        colsum::add_column_sums(be, dbias.ptr, dout.ptr, n, oc);
+        colsum::add_column_sums(be, dbias.ptr(), dout.addr(), dout.is_bf16(), n, oc);
     }
 }

@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use cudarc::driver::{result, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
-use super::view::{CudaView, CudaViewMut};
+use super::view::{CudaBuf, CudaView, CudaViewMut, Dtype};
 use super::CudaBackend;
 
 /// Blocks of `sum_squares_partial`: a constant, so the partial sums (and their rounding) are
@@ -34,28 +34,24 @@ fn check_range(len: usize, range: &Range<usize>) {
     );
 }
 
-pub(crate) fn view<'a>(be: &CudaBackend, buf: &'a CudaSlice<f32>, range: Range<usize>) -> CudaView<'a> {
-    check_range(buf.len(), &range);
-    let ptr = be.buf_ptr(buf) + 4 * range.start as u64;
+pub(crate) fn view<'a>(be: &CudaBackend, buf: &'a CudaBuf, range: Range<usize>) -> CudaView<'a> {
+    check_range(buf.len, &range);
+    let ptr = be.buf_ptr(&buf.data) + (buf.dtype.size() * range.start) as u64;
     // SAFETY: the range lies inside `buf`, which the view borrows for 'a.
-    unsafe { CudaView::from_raw(ptr, range.len()) }
+    unsafe { CudaView::from_raw_typed(ptr, range.len(), buf.dtype) }
 }
 
-pub(crate) fn view_mut<'a>(
-    be: &CudaBackend,
-    buf: &'a mut CudaSlice<f32>,
-    range: Range<usize>,
-) -> CudaViewMut<'a> {
-    check_range(buf.len(), &range);
-    let ptr = be.buf_ptr(buf) + 4 * range.start as u64;
+pub(crate) fn view_mut<'a>(be: &CudaBackend, buf: &'a mut CudaBuf, range: Range<usize>) -> CudaViewMut<'a> {
+    check_range(buf.len, &range);
+    let ptr = be.buf_ptr(&buf.data) + (buf.dtype.size() * range.start) as u64;
     // SAFETY: the range lies inside `buf`, which the view borrows mutably for 'a.
-    unsafe { CudaViewMut::from_raw(ptr, range.len()) }
+    unsafe { CudaViewMut::from_raw_typed(ptr, range.len(), buf.dtype) }
 }
 
 /// Several disjoint writable ranges at once; panics if two overlap.
 pub(crate) fn split_mut<'a, const K: usize>(
     be: &CudaBackend,
-    buf: &'a mut CudaSlice<f32>,
+    buf: &'a mut CudaBuf,
     ranges: [Range<usize>; K],
 ) -> [CudaViewMut<'a>; K] {
     let mut order: Vec<usize> = (0..K).collect();
@@ -68,23 +64,46 @@ pub(crate) fn split_mut<'a, const K: usize>(
         );
     }
     for r in &ranges {
-        check_range(buf.len(), r);
+        check_range(buf.len, r);
     }
-    let base = be.buf_ptr(buf);
+    let (base, dtype) = (be.buf_ptr(&buf.data), buf.dtype);
     // SAFETY: every range lies inside `buf` (borrowed mutably for 'a) and no two overlap.
-    ranges.map(|r| unsafe { CudaViewMut::from_raw(base + 4 * r.start as u64, r.len()) })
+    ranges.map(|r| unsafe { CudaViewMut::from_raw_typed(base + (dtype.size() * r.start) as u64, r.len(), dtype) })
+}
+
+/// A zeroed buffer of `len` bf16 values (two to an f32 word).
+pub(crate) fn zeros_bf16(be: &CudaBackend, len: usize) -> CudaBuf {
+    CudaBuf { data: zeros(be, len.div_ceil(2)), len, dtype: Dtype::Bf16 }
+}
+
+/// f32 -> bf16, round to nearest even (NaN stays NaN), as `f32_to_bf16` in convert.cu.
+pub(crate) fn f32_to_bf16_bits(f: f32) -> u16 {
+    let u = f.to_bits();
+    if u & 0x7f80_0000 == 0x7f80_0000 && u & 0x007f_ffff != 0 {
+        return ((u >> 16) | 0x40) as u16;
+    }
+    (u.wrapping_add(0x7fff + ((u >> 16) & 1)) >> 16) as u16
 }
 
 pub(crate) fn download(be: &CudaBackend, view: CudaView<'_>) -> Vec<f32> {
-    let mut host = vec![0.0f32; view.len];
     if view.len == 0 {
-        return host;
+        return Vec::new();
     }
     let stream = be.stream();
     be.check(stream.context().bind_to_thread(), "bind context");
+    if view.is_bf16() {
+        let mut bits = vec![0u16; view.len];
+        // SAFETY: `bits` holds view.len bf16 values and the view covers as many on the device;
+        // the stream is synchronised before `bits` is read or dropped.
+        let r = unsafe { result::memcpy_dtoh_async(&mut bits[..], view.addr(), stream.cu_stream()) };
+        be.check(r, "download");
+        be.check(stream.synchronize(), "download synchronize");
+        return bits.into_iter().map(|b| f32::from_bits((b as u32) << 16)).collect();
+    }
+    let mut host = vec![0.0f32; view.len];
     // SAFETY: `host` holds view.len floats and the view covers as many on the device; the
     // stream is synchronised before `host` is read or dropped.
-    let r = unsafe { result::memcpy_dtoh_async(&mut host[..], view.ptr, stream.cu_stream()) };
+    let r = unsafe { result::memcpy_dtoh_async(&mut host[..], view.ptr(), stream.cu_stream()) };
     be.check(r, "download");
     be.check(stream.synchronize(), "download synchronize");
     host
@@ -97,9 +116,16 @@ pub(crate) fn write(be: &CudaBackend, dst: CudaViewMut<'_>, host: &[f32]) {
     }
     let stream = be.stream();
     be.check(stream.context().bind_to_thread(), "bind context");
+    if dst.is_bf16() {
+        let bits: Vec<u16> = host.iter().map(|&f| f32_to_bf16_bits(f)).collect();
+        // SAFETY: as below; `bits` is staged by the driver before the call returns.
+        let r = unsafe { result::memcpy_htod_async(dst.addr(), &bits[..], stream.cu_stream()) };
+        be.check(r, "write");
+        return;
+    }
     // SAFETY: sizes match (asserted). From pageable memory the driver copies `host` into a
     // staging buffer before returning, so `host` may be dropped right after.
-    let r = unsafe { result::memcpy_htod_async(dst.ptr, host, stream.cu_stream()) };
+    let r = unsafe { result::memcpy_htod_async(dst.ptr(), host, stream.cu_stream()) };
     be.check(r, "write");
 }
 
@@ -113,23 +139,35 @@ pub(crate) fn fill(be: &CudaBackend, dst: CudaViewMut<'_>, value: f32) {
     if dst.len == 0 {
         return;
     }
+    if dst.is_bf16() {
+        be.check(be.stream().context().bind_to_thread(), "bind context");
+        // SAFETY: the view covers dst.len 16-bit values.
+        let r = unsafe {
+            cudarc::driver::sys::cuMemsetD16Async(dst.addr(), f32_to_bf16_bits(value), dst.len, be.stream().cu_stream())
+        }
+        .result();
+        be.check(r, "fill bf16");
+        return;
+    }
     let f = be.func("fill_f32");
     let n = dst.len as u64;
     let mut b = be.stream().launch_builder(&f);
-    b.arg(&dst.ptr).arg(&value).arg(&n);
+    b.arg(dst.ptr_ref()).arg(&value).arg(&n);
     // SAFETY: fill_f32(float*, float, u64) writes n floats at dst.
     be.check(unsafe { b.launch(elementwise_cfg(be, dst.len)) }.map(|_| ()), "fill_f32");
 }
 
 pub(crate) fn copy(be: &CudaBackend, dst: CudaViewMut<'_>, src: CudaView<'_>) {
     assert_eq!(dst.len, src.len, "cuda copy: dst has {} elements, src {}", dst.len, src.len);
+    assert_eq!(dst.dtype, src.dtype, "cuda copy between element types");
     if dst.len == 0 {
         return;
     }
     let stream = be.stream();
     be.check(stream.context().bind_to_thread(), "bind context");
-    // SAFETY: both ranges hold dst.len floats (asserted); a ViewMut never aliases a live View.
-    let r = unsafe { result::memcpy_dtod_async(dst.ptr, src.ptr, 4 * dst.len, stream.cu_stream()) };
+    // SAFETY: both ranges hold dst.len elements of one type (asserted); a ViewMut never
+    // aliases a live View.
+    let r = unsafe { result::memcpy_dtod_async(dst.addr(), src.addr(), dst.dtype.size() * dst.len, stream.cu_stream()) };
     be.check(r, "copy");
 }
 
@@ -140,7 +178,7 @@ pub(crate) fn scale(be: &CudaBackend, dst: CudaViewMut<'_>, s: f32) {
     let f = be.func("scale_f32");
     let n = dst.len as u64;
     let mut b = be.stream().launch_builder(&f);
-    b.arg(&dst.ptr).arg(&s).arg(&n);
+    b.arg(dst.ptr_ref()).arg(&s).arg(&n);
     // SAFETY: scale_f32(float*, float, u64) rewrites n floats at dst.
     be.check(unsafe { b.launch(elementwise_cfg(be, dst.len)) }.map(|_| ()), "scale_f32");
 }
@@ -158,7 +196,7 @@ pub(crate) fn sum_squares(be: &CudaBackend, src: CudaView<'_>) -> f64 {
     let f = be.func("sum_squares_partial");
     let n = src.len as u64;
     let mut b = be.stream().launch_builder(&f);
-    b.arg(&src.ptr).arg(&n).arg(&partial_ptr);
+    b.arg(src.ptr_ref()).arg(&n).arg(&partial_ptr);
     let cfg = LaunchConfig { grid_dim: (SUM_BLOCKS as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     // SAFETY: sum_squares_partial(const float*, u64, double*) reads n floats, writes SUM_BLOCKS doubles.
     be.check(unsafe { b.launch(cfg) }.map(|_| ()), "sum_squares_partial");

@@ -6,11 +6,14 @@
 //! once per backend for the device's own architecture, and run on one stream; ops return `()`
 //! and record the first failure, which [`Backend::synchronize`] reports.
 //!
-//! Precision (this version): every buffer is f32 (parameters, gradients, optimizer state and
-//! activations). Matmuls run through cuBLAS with fp32 storage and a selectable math mode
-//! ([`MatmulPrecision`]); the default `Bf16` rounds the operands to bf16 on the tensor cores and
-//! accumulates in fp32 (`CUBLAS_COMPUTE_32F_FAST_16BF`). Storing activations in bf16 (half the
-//! memory traffic) is a later version.
+//! Precision: parameters, gradients and optimizer state are f32 (the master weights). Matmuls
+//! run through cuBLAS / cuBLASLt with a selectable math mode ([`MatmulPrecision`]); the default
+//! `Bf16` multiplies bf16 operands on the tensor cores and accumulates in fp32. With `Bf16`, the
+//! activations a model allocates through `Backend::activation_zeros` (GEMM inputs and outputs
+//! such as LayerNorm outputs, the MLP's hidden layer, the logits) are stored as bf16 (see
+//! view.rs for which ops take them); the residual stream and everything else stays f32.
+//! `SMELT_BF16_ACTIVATIONS=0` keeps every activation in f32 (read once per process), for
+//! comparison on a card.
 
 mod adamw;
 mod attention;
@@ -38,7 +41,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 
 use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use crate::error::{ConfigError, EngineError};
-pub use view::{CudaView, CudaViewMut};
+pub use view::{CudaBuf, CudaView, CudaViewMut, Dtype};
 
 /// Math mode of the cuBLAS matmuls (storage is f32 in every mode).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -351,7 +354,7 @@ impl CudaBackend {
 }
 
 impl Backend for CudaBackend {
-    type Buf = CudaSlice<f32>;
+    type Buf = CudaBuf;
     type Ids = CudaSlice<u32>;
     type View<'a> = CudaView<'a>;
     type ViewMut<'a> = CudaViewMut<'a>;
@@ -376,27 +379,34 @@ impl Backend for CudaBackend {
 
     // ---- memory -------------------------------------------------------------------------
 
-    fn zeros(&self, len: usize) -> CudaSlice<f32> {
-        memory::zeros(self, len)
+    fn zeros(&self, len: usize) -> CudaBuf {
+        CudaBuf::f32(memory::zeros(self, len))
     }
-    fn upload(&self, host: &[f32]) -> CudaSlice<f32> {
-        memory::upload(self, host)
+    fn activation_zeros(&self, len: usize) -> CudaBuf {
+        if self.opts.matmul == MatmulPrecision::Bf16 && bf16_activations_enabled() {
+            memory::zeros_bf16(self, len)
+        } else {
+            self.zeros(len)
+        }
+    }
+    fn upload(&self, host: &[f32]) -> CudaBuf {
+        CudaBuf::f32(memory::upload(self, host))
     }
     fn upload_ids(&self, host: &[u32]) -> CudaSlice<u32> {
         memory::upload(self, host)
     }
-    fn len(&self, buf: &CudaSlice<f32>) -> usize {
-        buf.len()
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
     }
-    fn view<'a>(&self, buf: &'a CudaSlice<f32>, range: Range<usize>) -> CudaView<'a> {
+    fn view<'a>(&self, buf: &'a CudaBuf, range: Range<usize>) -> CudaView<'a> {
         memory::view(self, buf, range)
     }
-    fn view_mut<'a>(&self, buf: &'a mut CudaSlice<f32>, range: Range<usize>) -> CudaViewMut<'a> {
+    fn view_mut<'a>(&self, buf: &'a mut CudaBuf, range: Range<usize>) -> CudaViewMut<'a> {
         memory::view_mut(self, buf, range)
     }
     fn split_mut<'a, const K: usize>(
         &self,
-        buf: &'a mut CudaSlice<f32>,
+        buf: &'a mut CudaBuf,
         ranges: [Range<usize>; K],
     ) -> [CudaViewMut<'a>; K] {
         memory::split_mut(self, buf, ranges)
@@ -655,11 +665,11 @@ impl Backend for CudaBackend {
 
     fn adamw_update_runs(
         &self,
-        params: &mut CudaSlice<f32>,
-        grads: &CudaSlice<f32>,
-        m: &mut CudaSlice<f32>,
-        v: &mut CudaSlice<f32>,
-        runs: &DecayRuns<CudaSlice<u32>, CudaSlice<f32>>,
+        params: &mut CudaBuf,
+        grads: &CudaBuf,
+        m: &mut CudaBuf,
+        v: &mut CudaBuf,
+        runs: &DecayRuns<CudaSlice<u32>, CudaBuf>,
         hp: AdamWStep,
     ) {
         // Run ends are stored as u32: a larger buffer takes the per-run launches.
@@ -679,6 +689,12 @@ impl Backend for CudaBackend {
     ) {
         adamw::update(self, params, grads, m, v, hp)
     }
+}
+
+/// Whether `SMELT_BF16_ACTIVATIONS=0` asked for f32 activations (read once per process).
+fn bf16_activations_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SMELT_BF16_ACTIVATIONS").map_or(true, |v| v != "0"))
 }
 
 /// The CUDA attention kernels compute dot-product scores only; models ask `Backend::supports`

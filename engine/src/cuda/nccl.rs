@@ -146,7 +146,7 @@ impl NcclCollective {
                 .join(before)
                 .map_err(|e| CollectiveError::Broken(format!("ordering the all-reduce stream after the backward pass: {e:?}")))?;
         }
-        let (ptr, len) = (buf.ptr, buf.len);
+        let (ptr, len) = (buf.ptr(), buf.len);
         let comm = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
         if comm.is_null() {
             return Err(CollectiveError::Aborted);

@@ -25,6 +25,19 @@ extern "C" __global__ void column_sum_partial(float* partial, const float* src, 
     partial[chunk * cols + o] = acc;
 }
 
+// column_sum_partial over a bf16 source (sums in f32).
+extern "C" __global__ void column_sum_partial_bf16(float* partial, const unsigned short* src, u64 n_rows, u64 cols,
+                                                   u64 rows_per_chunk) {
+    u64 o = blockIdx.y * (u64)blockDim.x + threadIdx.x;
+    u64 chunk = blockIdx.x;
+    if (o >= cols) return;
+    u64 r0 = chunk * rows_per_chunk;
+    u64 r1 = min(r0 + rows_per_chunk, n_rows);
+    float acc = 0.0f;
+    for (u64 r = r0; r < r1; r++) acc += bf16_to_f32(src[r * cols + o]);
+    partial[chunk * cols + o] = acc;
+}
+
 // dst[o] += partial[0, o] + partial[1, o] + ..., one add at a time in chunk order.
 extern "C" __global__ void column_sum_finish(float* dst, const float* partial, u64 chunks, u64 cols) {
     u64 o = blockIdx.x * (u64)blockDim.x + threadIdx.x;

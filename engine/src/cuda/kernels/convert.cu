@@ -7,14 +7,7 @@
 
 typedef unsigned long long u64;
 
-__device__ __forceinline__ unsigned short f32_to_bf16_rne(float f) {
-    unsigned int u = __float_as_uint(f);
-    if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u) {
-        return (unsigned short)((u >> 16) | 0x0040u);  // NaN stays a (quiet) NaN
-    }
-    u += 0x7fffu + ((u >> 16) & 1u);                   // round to nearest, ties to even
-    return (unsigned short)(u >> 16);
-}
+// f32_to_bf16_rne comes from bf16.cuh, prepended by kernels.rs.
 
 // out[i] = bf16(in[i]); four elements per thread where both pointers allow 16/8-byte access.
 extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* in, u64 n) {
@@ -63,5 +56,17 @@ extern "C" __global__ void unpad_rows_add_bias(float* out, const float* padded, 
         u64 r = i / cols, c = i - r * cols;
         float v = padded[r * ld_in + c];
         out[i] = bias ? v + bias[c] : v;
+    }
+}
+
+// As unpad_rows_add_bias, into a bf16 buffer: the GEMM's f32 result (plus the f32 bias) is rounded
+// once, as cuBLAS's own bf16 output would be.
+extern "C" __global__ void unpad_rows_add_bias_bf16(unsigned short* out, const float* padded, const float* bias,
+                                                    u64 rows, u64 cols, u64 ld_in) {
+    const u64 total = rows * cols;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 r = i / cols, c = i - r * cols;
+        float v = padded[r * ld_in + c];
+        out[i] = f32_to_bf16_rne(bias ? v + bias[c] : v);
     }
 }

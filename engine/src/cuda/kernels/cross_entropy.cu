@@ -18,16 +18,23 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
     m = mm;
 }
 
+// A logit as f32, from f32 or bf16 storage (bf16.cuh is prepended).
+__device__ __forceinline__ float logit_at(const float* x, u64 i) { return x[i]; }
+__device__ __forceinline__ float logit_at(const unsigned short* x, u64 i) { return bf16_to_f32(x[i]); }
+__device__ __forceinline__ void logit_store(float* x, u64 i, float g) { x[i] = g; }
+__device__ __forceinline__ void logit_store(unsigned short* x, u64 i, float g) { x[i] = f32_to_bf16_rne(g); }
+
 // losses[n] = lse(logits[n]) - logits[n, t], 0 where t is IGNORE_INDEX; saves lse (N).
-// logits (N, V). Launch: one block per row, blockDim.x == 512.
-extern "C" __global__ void cross_entropy_forward(float* losses, float* lse, const float* logits,
-                                                 const unsigned* targets, u64 v, unsigned* err) {
+// logits (N, V), f32 or bf16. Launch: one block per row, blockDim.x == 512.
+template <typename T>
+__device__ void cross_entropy_forward_t(float* losses, float* lse, const T* logits,
+                                        const unsigned* targets, u64 v, unsigned* err) {
     __shared__ float sm[512], ss[512];
     u64 row = blockIdx.x;
-    const float* x = logits + row * v;
+    const T* x = logits + row * v;
     float m = -INFINITY, s = 0.0f;
     for (u64 i = threadIdx.x; i < v; i += blockDim.x) {
-        float xi = x[i];
+        float xi = logit_at(x, i);
         if (xi > m) {
             s = s * expf(m - xi) + 1.0f;
             m = xi;
@@ -57,9 +64,19 @@ extern "C" __global__ void cross_entropy_forward(float* losses, float* lse, cons
             atomicOr(err, ERR_TARGET);
             losses[row] = 0.0f;
         } else {
-            losses[row] = l - x[t];
+            losses[row] = l - logit_at(x, t);
         }
     }
+}
+
+extern "C" __global__ void cross_entropy_forward(float* losses, float* lse, const float* logits,
+                                                 const unsigned* targets, u64 v, unsigned* err) {
+    cross_entropy_forward_t(losses, lse, logits, targets, v, err);
+}
+
+extern "C" __global__ void cross_entropy_forward_bf16(float* losses, float* lse, const unsigned short* logits,
+                                                      const unsigned* targets, u64 v, unsigned* err) {
+    cross_entropy_forward_t(losses, lse, logits, targets, v, err);
 }
 
 // dlogits[n] += dloss * (softmax(logits[n]) - onehot(t)), nothing for ignored rows.
@@ -82,19 +99,31 @@ extern "C" __global__ void cross_entropy_backward(float* dlogits, const float* l
 // The fused classifier's backward: logits[n] = dloss * (softmax(logits[n]) - onehot(t)), zeros
 // for ignored rows (and for a target out of range, which the forward already flagged). Each
 // element is read once and written once by the same thread. Launch: one block per row.
-extern "C" __global__ void cross_entropy_backward_in_place(float* logits, const float* lse, const unsigned* targets,
-                                                           float dloss, u64 v) {
+template <typename T>
+__device__ void cross_entropy_backward_in_place_t(T* logits, const float* lse, const unsigned* targets, float dloss,
+                                                  u64 v) {
     u64 row = blockIdx.x;
     unsigned t = targets[row];
-    float* x = logits + row * v;
+    T* x = logits + row * v;
     if (t == IGNORE_INDEX || t >= v) {
-        for (u64 i = threadIdx.x; i < v; i += blockDim.x) x[i] = 0.0f;
+        for (u64 i = threadIdx.x; i < v; i += blockDim.x) logit_store(x, i, 0.0f);
         return;
     }
     float l = lse[row];
     for (u64 i = threadIdx.x; i < v; i += blockDim.x) {
-        float g = 0.0f + dloss * expf(x[i] - l);
+        float g = 0.0f + dloss * expf(logit_at(x, i) - l);
         if (i == t) g -= dloss;
-        x[i] = g;
+        logit_store(x, i, g);
     }
+}
+
+extern "C" __global__ void cross_entropy_backward_in_place(float* logits, const float* lse, const unsigned* targets,
+                                                           float dloss, u64 v) {
+    cross_entropy_backward_in_place_t(logits, lse, targets, dloss, v);
+}
+
+// The same over bf16 logits: the gradient is stored as bf16 (the LM head's GEMM operand).
+extern "C" __global__ void cross_entropy_backward_in_place_bf16(unsigned short* logits, const float* lse,
+                                                                const unsigned* targets, float dloss, u64 v) {
+    cross_entropy_backward_in_place_t(logits, lse, targets, dloss, v);
 }

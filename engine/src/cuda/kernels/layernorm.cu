@@ -34,6 +34,30 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
     }
 }
 
+// layernorm_forward writing a bf16 output (a GEMM's input); statistics and math in f32.
+extern "C" __global__ void layernorm_forward_bf16out(unsigned short* out, float* mean, float* rstd, const float* inp,
+                                                    const float* w, const float* b, u64 n_rows, u64 c) {
+    u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) / 32;
+    unsigned lane = threadIdx.x % 32;
+    if (row >= n_rows) return;
+    const float* x = inp + row * c;
+    float s = 0.0f;
+    for (u64 i = lane; i < c; i += 32) s += x[i];
+    float m = warp_sum(s) / (float)c;
+    float v = 0.0f;
+    for (u64 i = lane; i < c; i += 32) {
+        float d = x[i] - m;
+        v += d * d;
+    }
+    float r = 1.0f / sqrtf(warp_sum(v) / (float)c + LN_EPS);
+    unsigned short* o = out + row * c;
+    for (u64 i = lane; i < c; i += 32) o[i] = f32_to_bf16_rne((x[i] - m) * r * w[i] + b[i]);
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
 // With xhat = (x - mean) * rstd and dxhat = dout * w:
 // dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)). One warp per row.
 extern "C" __global__ void layernorm_backward_input(float* dinp, const float* dout, const float* inp,
