@@ -407,8 +407,9 @@ impl<B: Backend> Bert<B> {
             final_ln: self.lay.final_ln.as_ref().map(|l| l.alloc(be, n)),
             mlm_h: z(n * c),
             mlm_g: z(n * c),
-            mlm_ln: self.lay.mlm_ln.alloc(be, n),
-            mlm: head(n, v),
+            mlm_ln: self.lay.mlm_ln.alloc_matmul_input(be, n),
+            // the MLM logits: read by the decoder matmul and the classifier only (bf16 on CUDA)
+            mlm: HeadActs { logits: be.activation_zeros(n * v), lse: z(n), losses: z(n) },
             cls: z(b * c),
             pool_pre: z(b * c),
             pooled: z(b * c),

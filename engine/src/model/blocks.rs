@@ -142,6 +142,12 @@ impl Norm {
         NormActs { out: be.zeros(rows * self.c), mean: be.zeros(rows), rstd: be.zeros(rows) }
     }
 
+    /// As `alloc`, with the output in the backend's activation storage (bf16 on CUDA): for a
+    /// LayerNorm whose output only matmuls read (see `Backend::activation_zeros`).
+    pub fn alloc_matmul_input<B: Backend>(&self, be: &B, rows: usize) -> NormActs<B> {
+        NormActs { out: be.activation_zeros(rows * self.c), mean: be.zeros(rows), rstd: be.zeros(rows) }
+    }
+
     pub fn forward<B: Backend>(&self, cx: &Ctx<B>, a: &mut NormActs<B>, x: &B::Buf) {
         let be = cx.be;
         be.layernorm_forward(all_mut(be, &mut a.out), all_mut(be, &mut a.mean), all_mut(be, &mut a.rstd), all(be, x), cx.p(&self.w), cx.p(&self.b), self.c);
@@ -314,6 +320,11 @@ impl Stack {
     pub fn alloc<B: Backend>(&self, be: &B, d: Dims) -> StackActs<B> {
         let (n, nm, c, f) = (d.rows(), d.b * d.tm, d.c, self.ffn);
         let z = |k: usize| be.zeros(k);
+        // The FFN's hidden layer (fc output, GELU output and their gradients) and pre-LN's
+        // LayerNorm outputs are read only by matmuls and GELU: activation storage (bf16 on
+        // CUDA). Post-LN's LayerNorm output is the sublayer's output (residual adds): f32.
+        let act = |k: usize| be.activation_zeros(k);
+        let pre = self.placement == LayerNormPlacement::Pre;
         let subs = self
             .subs
             .iter()
@@ -321,9 +332,10 @@ impl Stack {
                 let (a, b, att, saved) = match &s.inner {
                     Inner::SelfAttn { causal, .. } => (z(n * 3 * c), z(0), z(n * c), z(be.attention_saved_len(d.attn(d.t, *causal)))),
                     Inner::CrossAttn { .. } => (z(n * c), z(nm * 2 * c), z(n * c), z(be.attention_saved_len(d.attn(d.tm, false)))),
-                    Inner::Ffn { .. } => (z(n * f), z(n * f), z(0), z(0)),
+                    Inner::Ffn { .. } => (act(n * f), act(n * f), z(0), z(0)),
                 };
-                SubActs { ln: s.ln.alloc(be, n), a, b, att, saved, f: z(n * c), resid: z(n * c) }
+                let ln = if pre { s.ln.alloc_matmul_input(be, n) } else { s.ln.alloc(be, n) };
+                SubActs { ln, a, b, att, saved, f: z(n * c), resid: z(n * c) }
             })
             .collect();
         let scratch = Scratch {
@@ -335,8 +347,8 @@ impl Stack {
             dqkv: z(n * 3 * c),
             dq: z(n * c),
             dkv: z(nm * 2 * c),
-            dh: z(n * f),
-            dhg: z(n * f),
+            dh: act(n * f),
+            dhg: act(n * f),
         };
         StackActs { subs, scratch }
     }

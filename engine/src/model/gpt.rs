@@ -243,13 +243,21 @@ impl<B: Backend> Gpt<B> {
         let be = &self.be;
         let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
         let z = |n: usize| be.zeros(n);
+        // GEMM inputs and outputs read by nothing but matmuls, GELU, LayerNorm's forward and
+        // the classifier: stored as the backend likes activations (bf16 on CUDA with bf16
+        // matmuls). Post-LN's LayerNorm outputs also feed residual adds, so they stay f32.
+        let act = |n: usize| be.activation_zeros(n);
+        let ln_out = |n: usize| match self.cfg.ln_placement {
+            LayerNormPlacement::Pre => be.activation_zeros(n),
+            LayerNormPlacement::Post => be.zeros(n),
+        };
         Acts {
             rows_cap: rows,
             saved_cap: saved,
             encoded: z(rows * c),
             blocks: (0..self.cfg.n_layer)
                 .map(|_| BlockActs {
-                    ln1: z(rows * c),
+                    ln1: ln_out(rows * c),
                     ln1_mean: z(rows),
                     ln1_rstd: z(rows),
                     qkv: z(rows * 3 * c),
@@ -257,11 +265,11 @@ impl<B: Backend> Gpt<B> {
                     att_saved: z(saved),
                     attproj: z(rows * c),
                     resid1: z(rows * c),
-                    ln2: z(rows * c),
+                    ln2: ln_out(rows * c),
                     ln2_mean: z(rows),
                     ln2_rstd: z(rows),
-                    fch: z(rows * 4 * c),
-                    fch_gelu: z(rows * 4 * c),
+                    fch: act(rows * 4 * c),
+                    fch_gelu: act(rows * 4 * c),
                     fcproj: z(rows * c),
                     resid2: z(rows * c),
                 })
@@ -269,7 +277,7 @@ impl<B: Backend> Gpt<B> {
             lnf: z(rows * c),
             lnf_mean: z(rows),
             lnf_rstd: z(rows),
-            logits: z(rows * v),
+            logits: act(rows * v),
             lse: z(rows),
             losses: z(rows),
             scratch: Scratch {
@@ -279,8 +287,8 @@ impl<B: Backend> Gpt<B> {
                 dln: z(rows * c),
                 datty: z(rows * c),
                 dqkv: z(rows * 3 * c),
-                dfch: z(rows * 4 * c),
-                dfch_gelu: z(rows * 4 * c),
+                dfch: act(rows * 4 * c),
+                dfch_gelu: act(rows * 4 * c),
             },
         }
     }

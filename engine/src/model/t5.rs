@@ -311,7 +311,8 @@ impl<B: Backend> T5<B> {
             dec_x: be.zeros(nd * c),
             dec: self.lay.decoder.alloc(be, dd),
             dec_out: self.lay.dec_ln.alloc(be, nd),
-            logits: be.zeros(nd * v),
+            // read by the head matmul and the classifier only (bf16 on CUDA)
+            logits: be.activation_zeros(nd * v),
             lse: be.zeros(nd),
             losses: be.zeros(nd),
             dhead: be.zeros(nd * c),
