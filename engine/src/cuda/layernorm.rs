@@ -1,4 +1,5 @@
-//! LayerNorm: forward and input gradient one warp per row; weight and bias gradients as
+//! LayerNorm: forward one warp per row; backward in one pass per chunk of rows for C <= 1024
+//! (else the input gradient one warp per row, then the partials); weight and bias gradients as
 //! deterministic column sums over fixed row chunks (see colsum.rs).
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -48,6 +49,17 @@ pub(crate) fn forward(
     be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), "layernorm_forward");
 }
 
+/// Columns per lane of the fused backward kernels (`layernorm_backward_fused_k{K}`, C <= 32 K).
+const FUSED_K: [usize; 5] = [4, 8, 16, 24, 32];
+
+/// The smallest fused K covering `c` columns (32 lanes x K), or None above 1024 columns.
+fn fused_k(c: usize) -> Option<usize> {
+    FUSED_K.into_iter().find(|&k| 32 * k >= c)
+}
+
+/// dinp (N, C) += the input gradient; dw (C) += sum_n dout * xhat; db (C) += sum_n dout. The
+/// weight/bias sums go through per-chunk partials (`ROWS_PER_TASK` rows, colsum.rs), so they are
+/// the same on every run.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     be: &CudaBackend,
@@ -69,6 +81,68 @@ pub(crate) fn backward(
     if n == 0 {
         return;
     }
+    let (_pdw_buf, pdw) = colsum::scratch(be, n, c);
+    let (_pdb_buf, pdb) = colsum::scratch(be, n, c);
+    match fused_k(c) {
+        Some(k) => backward_fused(be, k, &dinp, (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c),
+        None => backward_two_pass(be, &dinp, (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c),
+    }
+    colsum::finish(be, dw.ptr(), pdw, n, c);
+    colsum::finish(be, db.ptr(), pdb, n, c);
+}
+
+/// One pass (C <= 1024): a block of 8 warps per chunk of `ROWS_PER_TASK` rows writes dinp (+=)
+/// and the chunk's partials (pdw, pdb), each (chunks, C).
+#[allow(clippy::too_many_arguments)]
+fn backward_fused(
+    be: &CudaBackend,
+    k: usize,
+    dinp: &CudaViewMut<'_>,
+    (pdw, pdb): (u64, u64),
+    dout: &CudaView<'_>,
+    inp: &CudaView<'_>,
+    w: &CudaView<'_>,
+    mean: &CudaView<'_>,
+    rstd: &CudaView<'_>,
+    n: usize,
+    c: usize,
+) {
+    let name = format!("layernorm_backward_fused_k{k}");
+    let f = be.func(&name);
+    let (rows, cc, per) = (n as u64, c as u64, ROWS_PER_TASK as u64);
+    let cfg = LaunchConfig {
+        grid_dim: (colsum::chunks(n) as u32, 1, 1),
+        block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+        // (8 warps, C) f32 partials; at most 32 KiB, under the 48 KiB needing no opt-in
+        shared_mem_bytes: fused_smem_bytes(c),
+    };
+    let mut l = be.stream().launch_builder(&f);
+    l.arg(dinp.ptr_ref()).arg(&pdw).arg(&pdb).arg(dout.ptr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref());
+    l.arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc).arg(&per);
+    // SAFETY: layernorm_backward_fused_k{K}(float* x3, const float* x5, u64, u64, u64) with
+    // 32 K >= C: sizes asserted by the caller; writes chunks*C floats to each scratch buffer.
+    be.check(unsafe { l.launch(cfg) }.map(|_| ()), &name);
+}
+
+/// Dynamic shared memory of the fused kernel: one (C) f32 row per warp.
+fn fused_smem_bytes(c: usize) -> u32 {
+    (ROWS_PER_BLOCK * c * std::mem::size_of::<f32>()) as u32
+}
+
+/// Two passes (any C): the input gradient one warp per row, then the partials per (chunk, column).
+#[allow(clippy::too_many_arguments)]
+fn backward_two_pass(
+    be: &CudaBackend,
+    dinp: &CudaViewMut<'_>,
+    (pdw, pdb): (u64, u64),
+    dout: &CudaView<'_>,
+    inp: &CudaView<'_>,
+    w: &CudaView<'_>,
+    mean: &CudaView<'_>,
+    rstd: &CudaView<'_>,
+    n: usize,
+    c: usize,
+) {
     let (rows, cc) = (n as u64, c as u64);
     let f = be.func("layernorm_backward_input");
     let mut l = be.stream().launch_builder(&f);
@@ -76,8 +150,6 @@ pub(crate) fn backward(
     // SAFETY: layernorm_backward_input(float*, const float* x5, u64, u64): sizes asserted.
     be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), "layernorm_backward_input");
 
-    let (_pdw_buf, pdw) = colsum::scratch(be, n, c);
-    let (_pdb_buf, pdb) = colsum::scratch(be, n, c);
     let f = be.func("layernorm_backward_params_partial");
     let per = ROWS_PER_TASK as u64;
     let mut l = be.stream().launch_builder(&f);
@@ -88,6 +160,32 @@ pub(crate) fn backward(
         unsafe { l.launch(colsum::partial_cfg(n, c)) }.map(|_| ()),
         "layernorm_backward_params_partial",
     );
-    colsum::finish(be, dw.ptr(), pdw, n, c);
-    colsum::finish(be, db.ptr(), pdb, n, c);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fused_k, fused_smem_bytes, FUSED_K};
+
+    #[test]
+    fn fused_k_is_the_smallest_bucket_covering_c() {
+        assert_eq!(fused_k(1), Some(4));
+        assert_eq!(fused_k(128), Some(4));
+        assert_eq!(fused_k(129), Some(8));
+        assert_eq!(fused_k(768), Some(24));
+        assert_eq!(fused_k(769), Some(32));
+        assert_eq!(fused_k(1024), Some(32));
+        assert_eq!(fused_k(1025), None);
+        // the widest fused C fits the 48 KiB of dynamic shared memory that needs no opt-in
+        let widest = 32 * FUSED_K[FUSED_K.len() - 1];
+        assert!(fused_smem_bytes(widest) <= 48 * 1024, "{} bytes", fused_smem_bytes(widest));
+    }
+
+    #[test]
+    fn fused_kernel_names_exist_in_the_source() {
+        let names = crate::cuda::kernels::kernel_names(include_str!("kernels/layernorm.cu"));
+        for k in FUSED_K {
+            let name = format!("layernorm_backward_fused_k{k}");
+            assert!(names.contains(&name), "{name} missing from layernorm.cu: {names:?}");
+        }
+    }
 }

@@ -135,36 +135,59 @@ fn padded_ld(cols: usize) -> usize {
 }
 
 /// One matmul operand as the caller holds it: a dense row-major `(len / cols, cols)` view, f32
-/// or bf16.
+/// or bf16; as a GEMM input it gets at least `rows_alloc` rows (the extra ones zero).
 #[derive(Clone, Copy)]
 struct Dense<'a> {
     view: CudaView<'a>,
     cols: usize,
+    rows_alloc: usize,
+}
+
+impl<'a> Dense<'a> {
+    fn new(view: CudaView<'a>, cols: usize) -> Self {
+        Dense { view, cols, rows_alloc: Self::rows_of(&view, cols) }
+    }
+    /// With zero rows appended up to `rows` (a GEMM over a rounded-up dimension).
+    fn with_rows(self, rows: usize) -> Self {
+        Dense { rows_alloc: rows.max(self.rows()), ..self }
+    }
+    fn rows_of(view: &CudaView<'_>, cols: usize) -> usize {
+        if cols == 0 { 0 } else { view.len / cols }
+    }
+    fn rows(&self) -> usize {
+        Self::rows_of(&self.view, self.cols)
+    }
+    /// Usable by a GEMM as it is: bf16 already, rows a multiple of 8 wide, nothing to append.
+    fn ready_bf16(&self) -> bool {
+        self.view.is_bf16() && padded_ld(self.cols) == self.cols && self.rows_alloc == self.rows()
+    }
 }
 
 /// The operands of one matmul call as GEMM inputs. With `MatmulPrecision::Bf16`: a bf16 view
-/// as it is (`ld` = its columns); an f32 one as a bf16 copy, side by side in the scratch, each
-/// with its row stride padded to `padded_ld` (regions 16-byte aligned); `ld` is that stride.
-/// Otherwise the f32 views themselves, `ld` = their columns. `None` when the scratch could not
-/// be allocated (the failure is recorded).
+/// as it is when its rows are a multiple of 8 wide (`ld` = its columns); otherwise a bf16 copy,
+/// side by side in the scratch, each with its row stride padded to `padded_ld` (regions 16-byte
+/// aligned; padding columns and appended rows zero); `ld` is that stride. Without bf16: the
+/// f32 views themselves, `ld` = their columns. `None` when the scratch could not be allocated
+/// (the failure is recorded).
 fn operands<const K: usize>(be: &CudaBackend, dense: [Dense<'_>; K]) -> Option<[(Operand, usize); K]> {
     if be.options().matmul != MatmulPrecision::Bf16 {
         return Some(dense.map(|d| (Operand::f32(d.view.ptr()), d.cols)));
     }
-    let size = |d: &Dense<'_>| if d.cols == 0 || d.view.is_bf16() { 0 } else { d.view.len / d.cols * padded_ld(d.cols) };
+    let size = |d: &Dense<'_>| if d.cols == 0 || d.ready_bf16() { 0 } else { d.rows_alloc * padded_ld(d.cols) };
     let total: usize = dense.iter().map(size).sum();
     let base = be.bf16_scratch(total)?;
     let mut offset = 0usize;
     Some(dense.map(|d| {
-        if d.view.is_bf16() {
+        if d.ready_bf16() {
             return (Operand { ptr: d.view.addr(), bf16: true }, d.cols);
         }
         let ptr = base + 2 * offset as u64;
         offset += size(&d);
         let ld = padded_ld(d.cols);
+        let rows = d.rows();
         if d.view.len > 0 {
             let n = d.view.len as u64;
-            if ld == d.cols {
+            if ld == d.cols && !d.view.is_bf16() {
                 let f = be.func("f32_to_bf16");
                 let mut b = be.stream().launch_builder(&f);
                 b.arg(&ptr).arg(d.view.ptr_ref()).arg(&n);
@@ -172,14 +195,23 @@ fn operands<const K: usize>(be: &CudaBackend, dense: [Dense<'_>; K]) -> Option<[
                 // writes n bf16 values inside the scratch region sized above.
                 be.check(unsafe { b.launch(elementwise_cfg(be, d.view.len.div_ceil(4))) }.map(|_| ()), "f32_to_bf16");
             } else {
-                let f = be.func("f32_to_bf16_rows");
-                let (rows, cols, ld64) = ((d.view.len / d.cols) as u64, d.cols as u64, ld as u64);
+                let name = if d.view.is_bf16() { "bf16_rows_repack" } else { "f32_to_bf16_rows" };
+                let f = be.func(name);
+                let (rows64, cols, ld64) = (rows as u64, d.cols as u64, ld as u64);
                 let mut b = be.stream().launch_builder(&f);
-                b.arg(&ptr).arg(d.view.ptr_ref()).arg(&rows).arg(&cols).arg(&ld64);
-                // SAFETY: f32_to_bf16_rows(u16*, const float*, u64, u64, u64) reads rows*cols
-                // floats and writes rows rows of stride ld inside the region sized above.
-                be.check(unsafe { b.launch(elementwise_cfg(be, d.view.len)) }.map(|_| ()), "f32_to_bf16_rows");
+                b.arg(&ptr).arg(d.view.addr_ref()).arg(&rows64).arg(&cols).arg(&ld64);
+                // SAFETY: f32_to_bf16_rows / bf16_rows_repack(u16*, const float* or const u16*
+                // (the view's type), u64, u64, u64) read rows*cols elements and write rows rows
+                // of stride ld inside the region sized above.
+                be.check(unsafe { b.launch(elementwise_cfg(be, rows * ld)) }.map(|_| ()), name);
             }
+        }
+        if d.rows_alloc > rows {
+            let (at, count) = (ptr + 2 * (rows * ld) as u64, (d.rows_alloc - rows) * ld);
+            be.check(be.stream().context().bind_to_thread(), "bind context");
+            // SAFETY: the appended rows lie inside the region sized above (rows_alloc * ld).
+            let r = unsafe { cudarc::driver::sys::cuMemsetD16Async(at, 0, count, be.stream().cu_stream()) }.result();
+            be.check(r, "zero padding rows");
         }
         (Operand { ptr, bf16: true }, ld)
     }))
@@ -212,13 +244,19 @@ pub(crate) fn forward(
         WeightLayout::InOut => (N, oc),
         WeightLayout::OutIn => (T, ic),
     };
-    let Some([(w, lda), (x, ldb)]) = operands(be, [Dense { view: weight, cols: w_cols }, Dense { view: inp, cols: ic }]) else {
+    // A bf16 GEMM whose output rows are not a multiple of 8 wide (the LM head over 50,257 or
+    // 30,522 ids) runs over OC rounded up (the weight gets zero rows) into a padded f32
+    // scratch, then one pass moves it into `out` adding the bias.
+    let padded_out = be.options().matmul == MatmulPrecision::Bf16 && padded_ld(oc) != oc && n > 0;
+    let m = if padded_out { padded_ld(oc) } else { oc };
+    let w_dense = match s.layout {
+        WeightLayout::InOut => Dense::new(weight, w_cols),
+        WeightLayout::OutIn => Dense::new(weight, w_cols).with_rows(m),
+    };
+    let Some([(w, lda), (x, ldb)]) = operands(be, [w_dense, Dense::new(inp, ic)]) else {
         return;
     };
     let out_bf16 = out.is_bf16();
-    // A bf16 GEMM whose output rows are not a multiple of 8 wide (the LM head over 50,257 ids)
-    // writes into a padded f32 scratch, then one pass moves it into `out` adding the bias.
-    let padded_out = be.options().matmul == MatmulPrecision::Bf16 && padded_ld(oc) != oc && n > 0;
     // bf16 operands and a bias: one cuBLASLt GEMM adds it in its epilogue (lt.rs).
     if let (Some(bias), Some(lt), false) = (bias, be.lt(), padded_out) {
         if w.bf16 && x.bf16 && n * oc > 0 {
@@ -238,7 +276,7 @@ pub(crate) fn forward(
     if padded_out || (out_bf16 && bias.is_some() && n * oc > 0) {
         let ldc = padded_ld(oc);
         let Some(c) = be.f32_scratch(n * ldc) else { return };
-        gemm(be, Gemm { ta, tb: N, m: oc, n, k: ic, a: w, lda, b: x, ldb, c, ldc, beta: 0.0, c_bf16: false }, "matmul_forward");
+        gemm(be, Gemm { ta, tb: N, m, n, k: ic, a: w, lda, b: x, ldb, c, ldc, beta: 0.0, c_bf16: false }, "matmul_forward");
         let name = if out_bf16 { "unpad_rows_add_bias_bf16" } else { "unpad_rows_add_bias" };
         let f = be.func(name);
         let bias_ptr = bias.map_or(0u64, |b| b.ptr());
@@ -309,11 +347,21 @@ pub(crate) fn backward_with(
         WeightLayout::InOut => oc,
         WeightLayout::OutIn => ic,
     };
-    let dy = Dense { view: dout, cols: oc };
-    let x = Dense { view: inp, cols: ic };
+    // With bf16 operands and OC not a multiple of 8 (an LM head over 50,257 or 30,522 ids),
+    // every GEMM runs over OC rounded up to `op`: dout gets zero columns, W zero rows or
+    // columns, so dinp's k = op adds zeros, and dW's rounded-up GEMM goes into an f32
+    // scratch whose first OC rows or columns are added into dW.
+    let odd = be.options().matmul == MatmulPrecision::Bf16 && padded_ld(oc) != oc && n > 0;
+    let op = if odd { padded_ld(oc) } else { oc };
+    let dy = Dense::new(dout, oc);
+    let x = Dense::new(inp, ic);
+    let w_dense = match s.layout {
+        WeightLayout::InOut => Dense::new(weight, w_cols),
+        WeightLayout::OutIn => Dense::new(weight, w_cols).with_rows(op),
+    };
     // The weight is only read for dinp; skip converting it when there is none.
     let ((dy, lddy), (x, ldx), (w, ldw)) = if dinp.is_some() {
-        let Some([dy, x, w]) = operands(be, [dy, x, Dense { view: weight, cols: w_cols }]) else { return };
+        let Some([dy, x, w]) = operands(be, [dy, x, w_dense]) else { return };
         (dy, x, w)
     } else {
         let Some([dy, x]) = operands(be, [dy, x]) else { return };
@@ -328,23 +376,40 @@ pub(crate) fn backward_with(
             WeightLayout::InOut => T,
             WeightLayout::OutIn => N,
         };
-        gemm(
-            be,
-            Gemm { ta, tb: N, m: ic, n, k: oc, a: w, lda: ldw, b: dy, ldb: lddy, c: dinp.addr(), ldc: ic, beta: dinp_beta, c_bf16: dinp.is_bf16() },
-            "matmul_backward dinp",
-        );
+        let g = Gemm { ta, tb: N, m: ic, n, k: op, a: w, lda: ldw, b: dy, ldb: lddy, c: dinp.addr(), ldc: ic, beta: dinp_beta, c_bf16: dinp.is_bf16() };
+        gemm(be, g, "matmul_backward dinp");
     }
-    let g = match s.layout {
+    // dW's GEMM: straight into dweight (beta = 1), or over the rounded-up OC into a scratch.
+    let (dw_c, dw_beta) = if odd {
+        let Some(c) = be.f32_scratch(op * ic) else { return };
+        (c, 0.0)
+    } else {
+        (dweight.ptr(), 1.0)
+    };
+    let (g, rows, cols, ld) = match s.layout {
         // dW (IC, OC) row-major = column-major dW^T (OC, IC) += dout^T (OC, N) @ inp (N, IC)
-        WeightLayout::InOut => Gemm {
-            ta: N, tb: T, m: oc, n: ic, k: n, a: dy, lda: lddy, b: x, ldb: ldx, c: dweight.ptr(), ldc: oc, beta: 1.0, c_bf16: false,
-        },
+        WeightLayout::InOut => (
+            Gemm { ta: N, tb: T, m: op, n: ic, k: n, a: dy, lda: lddy, b: x, ldb: ldx, c: dw_c, ldc: op, beta: dw_beta, c_bf16: false },
+            ic, oc, op,
+        ),
         // dW (OC, IC) row-major = column-major dW^T (IC, OC) += inp^T (IC, N) @ dout (N, OC)
-        WeightLayout::OutIn => Gemm {
-            ta: N, tb: T, m: ic, n: oc, k: n, a: x, lda: ldx, b: dy, ldb: lddy, c: dweight.ptr(), ldc: ic, beta: 1.0, c_bf16: false,
-        },
+        WeightLayout::OutIn => (
+            Gemm { ta: N, tb: T, m: ic, n: op, k: n, a: x, lda: ldx, b: dy, ldb: lddy, c: dw_c, ldc: ic, beta: dw_beta, c_bf16: false },
+            oc, ic, ic,
+        ),
     };
     gemm(be, g, "matmul_backward dweight");
+    if odd {
+        // dweight (rows, cols) row-major += scratch (rows, ld) [:, :cols]
+        let f = be.func("add_unpadded");
+        let (r64, c64, ld64) = (rows as u64, cols as u64, ld as u64);
+        let mut b = be.stream().launch_builder(&f);
+        b.arg(dweight.ptr_ref()).arg(&dw_c).arg(&r64).arg(&c64).arg(&ld64);
+        // SAFETY: add_unpadded(float*, const float*, u64, u64, u64) rewrites rows*cols floats
+        // of dweight (= IC*OC, asserted) and reads rows rows of stride ld of the scratch
+        // (op*ic floats, allocated above).
+        be.check(unsafe { b.launch(elementwise_cfg(be, rows * cols)) }.map(|_| ()), "add_unpadded");
+    }
     if let Some(dbias) = dbias {
         assert_eq!(dbias.len, oc, "matmul dbias: {} floats, expected OC={oc}", dbias.len);
         colsum::add_column_sums(be, dbias.ptr(), dout.addr(), dout.is_bf16(), n, oc);

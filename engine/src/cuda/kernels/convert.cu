@@ -35,15 +35,37 @@ extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* in, u64
     }
 }
 
-// A row-major (rows, cols) f32 matrix into bf16 rows of stride ld_out >= cols. Tensor-core GEMMs
-// want every leading dimension a multiple of 8 elements: GPT-2's vocabulary (50,257) is not,
-// and cuBLAS then falls off its fast kernels (measured: 47 TFLOP/s for the LM head, bench/NOTES.md).
-// The padding columns are never read (they lie past the GEMM's extent).
+// A row-major (rows, cols) f32 matrix into bf16 rows of stride ld_out >= cols, the padding
+// columns zeroed. Tensor-core GEMMs want every leading dimension (and m, n, k themselves) a
+// multiple of 8 elements: GPT-2's vocabulary (50,257) and BERT's (30,522) are not, and cuBLAS
+// then falls off its fast kernels (measured: 47 TFLOP/s for the LM head, bench/NOTES.md).
+// Zero padding lets a GEMM run over the rounded-up size: padded products add zeros.
 extern "C" __global__ void f32_to_bf16_rows(unsigned short* out, const float* in, u64 rows, u64 cols, u64 ld_out) {
+    const u64 total = rows * ld_out;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 r = i / ld_out, c = i - r * ld_out;
+        out[i] = c < cols ? f32_to_bf16_rne(in[r * cols + c]) : (unsigned short)0;
+    }
+}
+
+// The same for a bf16 matrix (an activation buffer): copied into rows of stride ld_out, padding
+// zeroed.
+extern "C" __global__ void bf16_rows_repack(unsigned short* out, const unsigned short* in, u64 rows, u64 cols,
+                                            u64 ld_out) {
+    const u64 total = rows * ld_out;
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
+        u64 r = i / ld_out, c = i - r * ld_out;
+        out[i] = c < cols ? in[r * cols + c] : (unsigned short)0;
+    }
+}
+
+// out (rows, cols) += padded (rows, ld_in) [:, :cols]: a weight gradient computed over a
+// rounded-up dimension into a scratch, added into the caller's gradient.
+extern "C" __global__ void add_unpadded(float* out, const float* padded, u64 rows, u64 cols, u64 ld_in) {
     const u64 total = rows * cols;
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < total; i += (u64)gridDim.x * blockDim.x) {
         u64 r = i / cols, c = i - r * cols;
-        out[r * ld_out + c] = f32_to_bf16_rne(in[i]);
+        out[i] += padded[r * ld_in + c];
     }
 }
 

@@ -114,6 +114,9 @@ extern "C" __global__ void layernorm_backward_params_partial(float* pdw, float* 
 // One pass over dout and inp: both reductions, dinp and the weight/bias partials per chunk.
 
 #define LN_WARPS 8  // warps per block of layernorm_backward_fused_k* (256 threads)
+// Two blocks per SM for K <= 24 caps registers at 128 (K = 24 then needs no spills, ptxas -v;
+// unbounded it takes 175 and one block per SM). K = 32 would spill at 128, so it runs one.
+#define LN_MIN_BLOCKS 2
 
 // dst (C) = the LN_WARPS warps' part (K per lane, at columns lane + 32 j) added in warp order,
 // through red: shared (LN_WARPS, C). Ends with a barrier, so red may be reused at once.
@@ -195,25 +198,25 @@ __device__ void backward_fused_impl(float* dinp, float* pdw, float* pdb, const f
 
 // ---- entry points, one per K (C <= 128, 256, 512, 768, 1024); grid: chunks, 256 threads ----
 
-extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k4(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
                             const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
                             u64 rows_per_chunk) {
     backward_fused_impl<4>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk);
 }
-extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k8(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
                             const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
                             u64 rows_per_chunk) {
     backward_fused_impl<8>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk);
 }
-extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k16(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
                              const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
                              u64 rows_per_chunk) {
     backward_fused_impl<16>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk);
 }
-extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k24(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
                              const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
                              u64 rows_per_chunk) {
