@@ -236,6 +236,8 @@ pub trait Backend: Send + Sync + 'static {
     /// backend with bf16 matmuls keeps bf16, as autocast does). Only these ops accept one:
     /// `matmul_forward` (inp, out), `matmul_backward*` (dout, inp, and dinp when overwritten),
     /// `layernorm_forward` (out), `gelu_forward` (both), `gelu_backward_set` (all three),
+    /// `attention_forward` / `attention_backward*` / `attention_ex_*` (q, kv, out, dout, dq, dkv:
+    /// all of them reduced or none),
     /// `cross_entropy_forward` and `cross_entropy_backward_in_place` (logits), and `download`,
     /// `write`, `fill`, `copy` (between buffers of one kind); others panic on one.
     fn activation_zeros(&self, len: usize) -> Self::Buf {

@@ -58,8 +58,11 @@ struct Params {
     v_off: i32,
     causal: i32,
     scale: f32,
-    /// Backward: 1 adds into dq, dk, dv; 0 overwrites them. (Also keeps key_lens aligned.)
+    /// Backward: 1 adds into dq, dk, dv; 0 overwrites them.
     accumulate: i32,
+    /// bf16 family: q, kv, out, dout, dq, dkv are bf16 activation buffers (all or none).
+    /// (Also keeps key_lens 8-byte aligned.)
+    io_bf16: i32,
     /// Device pointer to `key_lens (B)` (u32), or 0 for no padding mask.
     key_lens: u64,
 }
@@ -215,9 +218,34 @@ fn check_shape(s: &AttnShape) {
     );
 }
 
+/// Whether this backend's attention runs the bf16 tensor-core family, the only one that takes
+/// bf16 activation buffers (so the backend hands out bf16 activations only then).
+pub(crate) fn bf16_family(be: &CudaBackend) -> bool {
+    Family::of(be) == Family::Bf16
+}
+
+/// Whether the source is bf16 (activation buffers); q and kv must agree.
+fn src_is_bf16(src: &QkvSource<CudaView<'_>>) -> bool {
+    match src {
+        QkvSource::Packed(qkv) => qkv.is_bf16(),
+        QkvSource::Split { q, kv } => {
+            assert_eq!(q.is_bf16(), kv.is_bf16(), "attention: q and kv must both be bf16 or both f32");
+            q.is_bf16()
+        }
+    }
+}
+
+/// Checks that a buffer has the source's element type, and that the family can read it.
+#[track_caller]
+fn check_io(be: &CudaBackend, io_bf16: bool, bf16: bool, what: &str) {
+    assert_eq!(bf16, io_bf16, "attention: {what} must have the element type of q, k, v (bf16 or f32)");
+    assert!(!io_bf16 || bf16_family(be), "attention: bf16 buffers need the bf16 kernels (bf16 matmuls, sm_80+)");
+}
+
 /// Kernel parameters and the (q, kv) pointers of a source, after checking its lengths.
 fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Params, u64, u64) {
     let c = s.channels;
+    let io_bf16 = src_is_bf16(src);
     // Queries always start at column 0 of their rows.
     let (q_ld, k_ld, k_off, v_ld, v_off, q, kv) = match src {
         QkvSource::Packed(qkv) => {
@@ -226,12 +254,12 @@ fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Param
                 "attention: self-attention needs Tq == Tk"
             );
             assert_eq!(qkv.len, s.batch * s.q_len * 3 * c, "attention qkv (B,T,3C)");
-            (3 * c, 3 * c, c, 3 * c, 2 * c, qkv.ptr(), qkv.ptr())
+            (3 * c, 3 * c, c, 3 * c, 2 * c, qkv.addr(), qkv.addr())
         }
         QkvSource::Split { q, kv } => {
             assert_eq!(q.len, s.batch * s.q_len * c, "attention q (B,Tq,C)");
             assert_eq!(kv.len, s.batch * s.kv_len * 2 * c, "attention kv (B,Tk,2C)");
-            (c, 2 * c, 0, 2 * c, c, q.ptr(), kv.ptr())
+            (c, 2 * c, 0, 2 * c, c, q.addr(), kv.addr())
         }
     };
     let hd = s.head_dim();
@@ -251,6 +279,7 @@ fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Param
         causal: s.causal as i32,
         scale: 1.0 / (hd as f32).sqrt(),
         accumulate: 1,
+        io_bf16: io_bf16 as i32,
         key_lens,
     };
     (p, q, kv)
@@ -333,6 +362,7 @@ pub(crate) fn forward_masked(
 ) {
     check_shape(&shape);
     let (p, q, kv) = params(&shape, &src, key_lens_ptr(be, key_lens, &shape));
+    check_io(be, p.io_bf16 != 0, out.is_bf16(), "out");
     assert_eq!(
         out.len,
         shape.batch * shape.q_len * shape.channels,
@@ -351,7 +381,7 @@ pub(crate) fn forward_masked(
         heads_bf16(be, &p, qh, q, shape.q_len, p.q_ld, p.q_off, at.w);
         heads_bf16(be, &p, kh, kv, shape.kv_len, p.k_ld, p.k_off, at.w);
         heads_bf16(be, &p, vh, kv, shape.kv_len, p.v_ld, p.v_off, at.w);
-        launch_tiled(be, Kernel::Forward, &shape, shape.q_len, &[out.ptr(), base, qh, kh, vh], &p);
+        launch_tiled(be, Kernel::Forward, &shape, shape.q_len, &[out.addr(), base, qh, kh, vh], &p);
         return;
     }
     launch_tiled(
@@ -419,7 +449,8 @@ fn backward_with(
                 shape.batch * shape.q_len * 3 * shape.channels,
                 "attention dqkv (B,T,3C)"
             );
-            (d.ptr(), d.ptr())
+            check_io(be, p.io_bf16 != 0, d.is_bf16(), "dqkv");
+            (d.addr(), d.addr())
         }
         (QkvSource::Split { q: dq, kv: dkv }, QkvSource::Split { .. }) => {
             assert_eq!(
@@ -432,7 +463,9 @@ fn backward_with(
                 shape.batch * shape.kv_len * 2 * shape.channels,
                 "attention dkv (B,Tk,2C)"
             );
-            (dq.ptr(), dkv.ptr())
+            check_io(be, p.io_bf16 != 0, dq.is_bf16(), "dq");
+            check_io(be, p.io_bf16 != 0, dkv.is_bf16(), "dkv");
+            (dq.addr(), dkv.addr())
         }
         _ => panic!("attention backward: dsrc and src must both be packed or both split"),
     };
@@ -444,8 +477,10 @@ fn backward_with(
         return;
     }
     assert!(shape.kv_len > 0, "attention: no keys to attend to");
+    check_io(be, p.io_bf16 != 0, dout.is_bf16(), "dout");
+    check_io(be, p.io_bf16 != 0, out.is_bf16(), "out");
     if Family::of(be) == Family::Bf16 {
-        backward_bf16(be, &shape, &p, dq, dkv, dout.ptr(), out.ptr(), saved.ptr());
+        backward_bf16(be, &shape, &p, dq, dkv, dout.addr(), out.addr(), saved.ptr());
         return;
     }
 
@@ -495,7 +530,8 @@ fn blocks_of_threads(blocks: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// dst (B, H, Tpad, w) bf16: the head columns of a strided f32 (B, rows, ld) matrix.
+/// dst (B, H, Tpad, w) bf16: the head columns of a strided (B, rows, ld) matrix (f32, or bf16
+/// when `p.io_bf16`).
 #[allow(clippy::too_many_arguments)]
 fn heads_bf16(be: &CudaBackend, p: &Params, dst: u64, src: u64, rows: usize, ld: i32, off: i32, w: usize) {
     let name = "attention_heads_bf16";

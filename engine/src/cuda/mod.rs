@@ -383,7 +383,9 @@ impl Backend for CudaBackend {
         CudaBuf::f32(memory::zeros(self, len))
     }
     fn activation_zeros(&self, len: usize) -> CudaBuf {
-        if self.opts.matmul == MatmulPrecision::Bf16 && bf16_activations_enabled() {
+        // Only the bf16 attention kernels read and write bf16 activations, so bf16 matmuls on a
+        // GPU without them (before sm_80) keep f32 activations.
+        if attention::bf16_family(self) && bf16_activations_enabled() {
             memory::zeros_bf16(self, len)
         } else {
             self.zeros(len)

@@ -243,9 +243,10 @@ impl<B: Backend> Gpt<B> {
         let be = &self.be;
         let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
         let z = |n: usize| be.zeros(n);
-        // GEMM inputs and outputs read by nothing but matmuls, GELU, LayerNorm's forward and
-        // the classifier: stored as the backend likes activations (bf16 on CUDA with bf16
-        // matmuls). Post-LN's LayerNorm outputs also feed residual adds, so they stay f32.
+        // GEMM inputs and outputs read by nothing but matmuls, attention, GELU, LayerNorm's
+        // forward and the classifier: stored as the backend likes activations (bf16 on CUDA
+        // with bf16 matmuls). Post-LN's LayerNorm outputs also feed residual adds, so they
+        // stay f32.
         let act = |n: usize| be.activation_zeros(n);
         let ln_out = |n: usize| match self.cfg.ln_placement {
             LayerNormPlacement::Pre => be.activation_zeros(n),
@@ -260,8 +261,8 @@ impl<B: Backend> Gpt<B> {
                     ln1: ln_out(rows * c),
                     ln1_mean: z(rows),
                     ln1_rstd: z(rows),
-                    qkv: z(rows * 3 * c),
-                    atty: z(rows * c),
+                    qkv: act(rows * 3 * c),
+                    atty: act(rows * c),
                     att_saved: z(saved),
                     attproj: z(rows * c),
                     resid1: z(rows * c),
@@ -285,8 +286,8 @@ impl<B: Backend> Gpt<B> {
                 dx: z(rows * c),
                 dmid: z(rows * c),
                 dln: z(rows * c),
-                datty: z(rows * c),
-                dqkv: z(rows * 3 * c),
+                datty: act(rows * c),
+                dqkv: act(rows * 3 * c),
                 dfch: act(rows * 4 * c),
                 dfch_gelu: act(rows * 4 * c),
             },

@@ -45,7 +45,9 @@ struct AttnParams {
     int causal;        // 1: query i sees keys j <= i
     float scale;       // 1 / sqrt(hd)
     int accumulate;    // backward: 1 adds into dq, dk, dv; 0 overwrites them (every element of
-                       // this head's columns is written once). Also keeps key_lens 8-byte aligned.
+                       // this head's columns is written once).
+    int io_bf16;       // bf16 family only: q, kv, out, dout, dq, dkv are bf16 activation buffers
+                       // (engine/src/cuda/view.rs) instead of f32. Keeps key_lens 8-byte aligned.
     const unsigned* key_lens;  // (B) keys j >= key_lens[b] are padding; null: all Tk are keys
 };
 
@@ -534,6 +536,34 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b
 
 __device__ __forceinline__ u32 lds32(const bf16_t* s) { return *(const u32*)s; }
 
+// Element idx of a buffer the bf16 family reads or writes in global memory (q, kv, out, dout,
+// dq, dkv): f32, or bf16 when p.io_bf16. The pointer is typed float* either way; only the index
+// arithmetic here knows the element size.
+__device__ __forceinline__ float io_load(const float* base, size_t idx, const AttnParams& p) {
+    return p.io_bf16 ? __int_as_float((int)((u32)((const bf16_t*)base)[idx] << 16)) : base[idx];
+}
+__device__ __forceinline__ void io_store(float* base, size_t idx, float v, const AttnParams& p) {
+    if (p.io_bf16) {
+        ((bf16_t*)base)[idx] = (bf16_t)(pack_bf16x2(v, 0.0f) & 0xffffu);
+    } else {
+        base[idx] = v;
+    }
+}
+// A gradient element: added to (accumulate) or written over, in the buffer's own type.
+__device__ __forceinline__ void io_grad_store(float* base, size_t idx, float v, const AttnParams& p) {
+    io_store(base, idx, (p.accumulate ? io_load(base, idx, p) : 0.0f) + v, p);
+}
+// zero_padding_kv_tile for the bf16 family's buffers.
+__device__ __forceinline__ void zero_padding_kv_tile_io(float* dkv, const AttnParams& p, int b, int h, int k0) {
+    if (p.accumulate) return;
+    for (int e = threadIdx.x; e < TILE * p.hd; e += blockDim.x) {
+        const int j = k0 + e / p.hd, d = e % p.hd;
+        if (j >= p.tk) break;
+        io_store(dkv, ((size_t)b * p.tk + j) * p.k_ld + p.k_off + h * p.hd + d, 0.0f, p);
+        io_store(dkv, ((size_t)b * p.tk + j) * p.v_ld + p.v_off + h * p.hd + d, 0.0f, p);
+    }
+}
+
 // A fragment of rows r0..r0+16, columns c0..c0+16 of a row-major tile with row stride ld.
 __device__ __forceinline__ void load_a(u32 (&a)[4], const bf16_t* s, int ld, int r0, int c0) {
     const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
@@ -616,8 +646,9 @@ __device__ __forceinline__ void load_b_trans(u32 (&b)[4], const bf16_t* s, int l
 }
 #endif
 
-// dst (B, H, Tpad, w) bf16 from the head columns of a strided f32 (B, rows, ld) matrix (head h
-// at column off + h*hd): zeros past `rows` and past hd. One thread per pair of columns.
+// dst (B, H, Tpad, w) bf16 from the head columns of a strided (B, rows, ld) matrix, f32 or
+// (p.io_bf16) bf16 (head h at column off + h*hd): zeros past `rows` and past hd. One thread per
+// pair of columns.
 extern "C" __global__ void __launch_bounds__(THREADS)
 attention_heads_bf16(bf16_t* dst, const float* src, int rows, int ld, int off, int w,
                      const AttnParams p) {
@@ -633,9 +664,9 @@ attention_heads_bf16(bf16_t* dst, const float* src, int rows, int ld, int off, i
     const size_t b = bh / p.heads;
     float x0 = 0.0f, x1 = 0.0f;
     if (i < rows) {
-        const float* s = src + (b * rows + i) * ld + off + h * p.hd;
-        if (d < p.hd) x0 = s[d];
-        if (d + 1 < p.hd) x1 = s[d + 1];
+        const size_t s = (b * rows + i) * ld + off + h * p.hd;
+        if (d < p.hd) x0 = io_load(src, s + d, p);
+        if (d + 1 < p.hd) x1 = io_load(src, s + d + 1, p);
     }
     *(u32*)(dst + r * w + d) = pack_bf16x2(x0, x1);
 }
@@ -655,9 +686,8 @@ attention_backward_stats(float* stats, const float* dout, const float* out, cons
     const size_t b = bh / p.heads;
     float acc = 0.0f, l = 0.0f;
     if (i < p.tq) {
-        const float* dy = dout + (b * p.tq + i) * p.channels + h * p.hd;
-        const float* y = out + (b * p.tq + i) * p.channels + h * p.hd;
-        for (int d = lane; d < p.hd; d += 32) acc += dy[d] * y[d];
+        const size_t row0 = (b * p.tq + i) * p.channels + h * p.hd;  // dout and out: f32 or bf16
+        for (int d = lane; d < p.hd; d += 32) acc += io_load(dout, row0 + d, p) * io_load(out, row0 + d, p);
         l = lse[bh * p.tq + i] * LOG2E;
     }
     for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
@@ -807,12 +837,12 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
         const int i = q0 + warp * 16 + g + 8 * half;
         if (i >= p.tq) continue;
         const float inv = 1.0f / l[half];
-        float* orow = out + ((size_t)b * p.tq + i) * p.channels + h * p.hd;
+        const size_t orow = ((size_t)b * p.tq + i) * p.channels + h * p.hd;
 #pragma unroll
         for (int dn = 0; dn < W / 8; dn++) {
             const int d = dn * 8 + 2 * t;
-            if (d < p.hd) orow[d] = o[dn][2 * half] * inv;
-            if (d + 1 < p.hd) orow[d + 1] = o[dn][2 * half + 1] * inv;
+            if (d < p.hd) io_store(out, orow + d, o[dn][2 * half] * inv, p);
+            if (d + 1 < p.hd) io_store(out, orow + d + 1, o[dn][2 * half + 1] * inv, p);
         }
         if (t == 0) lse[bh * p.tq + i] = (m[half] + log2f(l[half])) / LOG2E;
     }
@@ -833,7 +863,7 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_
     const int k0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
     const int nk = key_count(p, b);
     if (k0 >= nk) {  // a tile of padding keys: no gradient (the whole block leaves)
-        zero_padding_kv_tile(dkv, p, b, h, k0);
+        zero_padding_kv_tile_io(dkv, p, b, h, k0);
         return;
     }
     const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
@@ -926,16 +956,16 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_
     for (int half = 0; half < 2; half++) {
         const int j = k0 + warp * 16 + g + 8 * half;
         if (j >= p.tk) continue;
-        float* dkrow = dkv + ((size_t)b * p.tk + j) * p.k_ld + p.k_off + h * p.hd;
-        float* dvrow = dkv + ((size_t)b * p.tk + j) * p.v_ld + p.v_off + h * p.hd;
+        const size_t dkrow = ((size_t)b * p.tk + j) * p.k_ld + p.k_off + h * p.hd;
+        const size_t dvrow = ((size_t)b * p.tk + j) * p.v_ld + p.v_off + h * p.hd;
 #pragma unroll
         for (int dn = 0; dn < W / 8; dn++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int d = dn * 8 + 2 * t + e;
                 if (d < p.hd) {
-                    GRAD_STORE(dkrow[d], dk[dn][2 * half + e] * p.scale);
-                    GRAD_STORE(dvrow[d], dv[dn][2 * half + e]);
+                    io_grad_store(dkv, dkrow + d, dk[dn][2 * half + e] * p.scale, p);
+                    io_grad_store(dkv, dvrow + d, dv[dn][2 * half + e], p);
                 }
             }
     }
@@ -1044,13 +1074,13 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
     for (int half = 0; half < 2; half++) {
         const int i = q0 + warp * 16 + g + 8 * half;
         if (i >= p.tq) continue;
-        float* dqrow = dq + ((size_t)b * p.tq + i) * p.q_ld + p.q_off + h * p.hd;
+        const size_t dqrow = ((size_t)b * p.tq + i) * p.q_ld + p.q_off + h * p.hd;
 #pragma unroll
         for (int dn = 0; dn < W / 8; dn++)
 #pragma unroll
             for (int e = 0; e < 2; e++) {
                 const int d = dn * 8 + 2 * t + e;
-                if (d < p.hd) GRAD_STORE(dqrow[d], acc[dn][2 * half + e] * p.scale);
+                if (d < p.hd) io_grad_store(dq, dqrow + d, acc[dn][2 * half + e] * p.scale, p);
             }
     }
 }
