@@ -2,13 +2,15 @@
 //! every input gradient, on random inputs and shapes that cross the kernels' 64-row tiles and
 //! head-dim buckets, for both kernel families (f32 reference: `MatmulPrecision::F32`; bf16
 //! tensor cores: `MatmulPrecision::Bf16`). One test body runs on both backends; without a GPU
-//! each test prints why it skips and passes.
+//! each test prints why it skips and passes. The `bf16_io_*` tests run the bf16 family on bf16
+//! activation buffers (`Backend::activation_zeros`) for every q/kv, out, dout, dq and dkv.
 #![cfg(feature = "cuda")]
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
 use smelt_engine::backend::{AttnShape, OptionalOp, QkvSource, Scores};
-use smelt_engine::cuda::{CudaBackend, CudaOptions, MatmulPrecision};
+use smelt_engine::cuda::{CudaBackend, CudaOptions, Dtype, MatmulPrecision};
 use smelt_engine::rng::Rng;
 use smelt_engine::{Backend, CpuBackend};
 
@@ -391,4 +393,315 @@ fn backward_is_deterministic() {
         );
         assert!(a.dq == b.dq, "[{p:?}] dqkv differs between identical runs");
     }
+}
+
+// ---- bf16 activation buffers ------------------------------------------------------------------
+//
+// With bf16 matmuls the model keeps q/kv, out, dout, dq and dkv in bf16 activation buffers
+// (`activation_zeros`), which the bf16 kernels read and write directly (AttnParams.io_bf16).
+// The inputs are rounded to bf16 on the host first, so the CPU reference (f32 buffers holding
+// the same values) and the GPU see identical operands; what is left is the bf16 family's own
+// error (BF16_TOL above, ~1e-2) plus one bf16 rounding of each output (~1e-3 as a norm).
+
+/// ‖gpu − cpu‖ / ‖cpu‖ bounds with bf16 buffers: (forward output, gradients).
+const BF16_IO_TOL: (f64, f64) = (2e-2, 3e-2);
+
+/// The bf16 backend when it hands out bf16 activation buffers; None (after a skip line)
+/// without a GPU, or where activations stay f32.
+fn bf16_activations() -> Option<&'static CudaBackend> {
+    let be = gpu(MatmulPrecision::Bf16)?;
+    if be.activation_zeros(1).dtype() != Dtype::Bf16 {
+        let off = std::env::var("SMELT_BF16_ACTIVATIONS").is_ok_and(|v| v == "0");
+        let sm80 = be.arch().strip_prefix("sm_").and_then(|v| v.parse::<u32>().ok()).is_some_and(|v| v >= 80);
+        assert!(
+            off || !sm80,
+            "a Bf16 backend on {} must hand out bf16 activations unless SMELT_BF16_ACTIVATIONS=0",
+            be.arch()
+        );
+        println!("skipping: activations stay f32 here ({}, SMELT_BF16_ACTIVATIONS=0: {off})", be.arch());
+        return None;
+    }
+    Some(be)
+}
+
+/// f32 -> nearest bf16 (ties to even), widened back to f32: the value a bf16 buffer holds.
+/// Written from the definition (keep the top 16 bits, look at the 16 dropped ones), not from
+/// the engine's code. NaN stays NaN.
+fn round_bf16(x: f32) -> f32 {
+    if x.is_nan() {
+        return f32::NAN;
+    }
+    let bits = x.to_bits();
+    let (mut upper, dropped) = (bits >> 16, bits & 0xffff);
+    if dropped > 0x8000 || (dropped == 0x8000 && upper & 1 == 1) {
+        upper += 1;
+    }
+    f32::from_bits(upper << 16)
+}
+
+fn round_all(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| round_bf16(v)).collect()
+}
+
+fn rms(x: &[f32]) -> f64 {
+    (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / x.len() as f64).sqrt()
+}
+
+/// An activation buffer (bf16 on a Bf16 CUDA backend, f32 on the CPU) holding `values`.
+fn activation<B: Backend>(be: &B, values: &[f32]) -> B::Buf {
+    let mut buf = be.activation_zeros(values.len());
+    be.write(all_mut(be, &mut buf), values);
+    buf
+}
+
+fn source<'a, B: Backend>(be: &B, q: &'a B::Buf, kv: Option<&'a B::Buf>) -> QkvSource<B::View<'a>> {
+    match kv {
+        None => QkvSource::Packed(all(be, q)),
+        Some(kv) => QkvSource::Split { q: all(be, q), kv: all(be, kv) },
+    }
+}
+
+fn dsource<'a, B: Backend>(be: &B, dq: &'a mut B::Buf, dkv: Option<&'a mut B::Buf>) -> QkvSource<B::ViewMut<'a>> {
+    match dkv {
+        None => QkvSource::Packed(all_mut(be, dq)),
+        Some(dkv) => QkvSource::Split { q: all_mut(be, dq), kv: all_mut(be, dkv) },
+    }
+}
+
+/// The plain forward op, or `attention_ex_forward` with dot scores when there is a key mask.
+fn forward_op<B: Backend>(
+    be: &B,
+    out: B::ViewMut<'_>,
+    saved: B::ViewMut<'_>,
+    src: QkvSource<B::View<'_>>,
+    lens: Option<&B::Ids>,
+    s: AttnShape,
+) {
+    match lens {
+        None => be.attention_forward(out, saved, src, s),
+        Some(l) => be.attention_ex_forward(out, saved, src, Scores::Dot, Some(l), s),
+    }
+}
+
+/// One of the four backward ops: accumulating or overwriting, plain or `_ex` (key mask).
+#[allow(clippy::too_many_arguments)]
+fn backward_op<B: Backend>(
+    be: &B,
+    accumulate: bool,
+    dsrc: QkvSource<B::ViewMut<'_>>,
+    dout: B::View<'_>,
+    src: QkvSource<B::View<'_>>,
+    out: B::View<'_>,
+    saved: B::View<'_>,
+    lens: Option<&B::Ids>,
+    s: AttnShape,
+) {
+    let (d, sc) = (Scores::Dot, Scores::Dot);
+    match (lens, accumulate) {
+        (None, true) => be.attention_backward(dsrc, dout, src, out, saved, s),
+        (None, false) => be.attention_backward_set(dsrc, dout, src, out, saved, s),
+        (Some(l), true) => be.attention_ex_backward(dsrc, d, dout, src, sc, Some(l), out, saved, s),
+        (Some(l), false) => be.attention_ex_backward_set(dsrc, d, dout, src, sc, Some(l), out, saved, s),
+    }
+}
+
+/// Host results of [`run_io`]: the output, the accumulating backward's increments and the
+/// overwriting backward's results (both should be the gradient).
+struct IoOutputs {
+    out: Vec<f32>,
+    dq: Vec<f32>,
+    dkv: Vec<f32>,
+    dq_set: Vec<f32>,
+    dkv_set: Vec<f32>,
+}
+
+/// Forward, accumulating backward and overwriting backward, every tensor but the saved state
+/// in an activation buffer (bf16 on the GPU under test, f32 on the CPU).
+fn run_io<B: Backend>(be: &B, x: &Inputs) -> IoOutputs {
+    let s = x.shape;
+    let q = activation(be, &x.q);
+    // Split sources only: a device may refuse a zero-length allocation.
+    let kv = (!x.packed).then(|| activation(be, &x.kv));
+    let dout = activation(be, &x.dout);
+    let mut out = be.activation_zeros(s.batch * s.q_len * s.channels);
+    let mut saved = be.zeros(be.attention_saved_len(s));
+    let lens = x.key_lens.as_ref().map(|l| be.upload_ids(l));
+    let lens = lens.as_ref();
+    forward_op(be, all_mut(be, &mut out), all_mut(be, &mut saved), source(be, &q, kv.as_ref()), lens, s);
+
+    let mut dq = activation(be, &x.dq0);
+    let mut dkv = (!x.packed).then(|| activation(be, &x.dkv0));
+    let (src, dsrc) = (source(be, &q, kv.as_ref()), dsource(be, &mut dq, dkv.as_mut()));
+    backward_op(be, true, dsrc, all(be, &dout), src, all(be, &out), all(be, &saved), lens, s);
+    // Overwriting, over NaN: any element the kernels leave unwritten (a padded key's row
+    // included, which must become zero) stays NaN.
+    let nan = |n: usize| vec![f32::NAN; n];
+    let mut dq2 = activation(be, &nan(x.dq0.len()));
+    let mut dkv2 = (!x.packed).then(|| activation(be, &nan(x.dkv0.len())));
+    let (src, dsrc) = (source(be, &q, kv.as_ref()), dsource(be, &mut dq2, dkv2.as_mut()));
+    backward_op(be, false, dsrc, all(be, &dout), src, all(be, &out), all(be, &saved), lens, s);
+    be.synchronize().expect("attention on activation buffers ran without a device error");
+
+    let minus = |a: Vec<f32>, b: &[f32]| a.iter().zip(b).map(|(x, y)| x - y).collect::<Vec<_>>();
+    let host = |b: &B::Buf| be.download(all(be, b));
+    IoOutputs {
+        out: host(&out),
+        dq: minus(host(&dq), &x.dq0),
+        dkv: dkv.map(|d| minus(host(&d), &x.dkv0)).unwrap_or_default(),
+        dq_set: host(&dq2),
+        dkv_set: dkv2.map(|d| host(&d)).unwrap_or_default(),
+    }
+}
+
+/// `inputs` with q/kv and dout rounded to bf16 (values a bf16 buffer holds exactly).
+fn bf16_inputs(seed: u64, shape: AttnShape, packed: bool, key_lens: Option<Vec<u32>>) -> Inputs {
+    let mut x = inputs(seed, shape, packed);
+    x.q = round_all(&x.q);
+    x.kv = round_all(&x.kv);
+    x.dout = round_all(&x.dout);
+    x.key_lens = key_lens;
+    x
+}
+
+/// Starting gradients for the accumulating op: bf16 values with the gradient's own scale, so
+/// that the bf16 rounding of (start + gradient) stays small next to the gradient (a start much
+/// larger than the gradient would drown it), while a lost start or lost gradient is an O(1) error.
+fn gradient_sized_start(seed: u64, grad: &[f32]) -> Vec<f32> {
+    if grad.is_empty() {
+        return Vec::new();
+    }
+    let mut rng = Rng::new(seed);
+    round_all(&randn(&mut rng, grad.len(), rms(grad)))
+}
+
+fn assert_finite(name: &str, what: &str, v: &[f32]) {
+    let bad = v.iter().filter(|x| !x.is_finite()).count();
+    assert!(bad == 0, "{name}: {bad} of {} {what} values are not finite (unwritten NaN, or overflow)", v.len());
+}
+
+/// One case on the CPU (f32 buffers) and on the GPU (bf16 buffers), errors bounded.
+fn check_bf16_io(name: &str, seed: u64, shape: AttnShape, packed: bool, key_lens: Option<Vec<u32>>) {
+    let Some(be) = bf16_activations() else { return };
+    let mut x = bf16_inputs(seed, shape, packed, key_lens);
+    let want = run_io(&CpuBackend::new(), &x);
+    x.dq0 = gradient_sized_start(seed + 100, &want.dq_set);
+    x.dkv0 = gradient_sized_start(seed + 200, &want.dkv_set);
+    let got = run_io(be, &x);
+    let (fwd_tol, grad_tol) = BF16_IO_TOL;
+    let grad = if packed { "dqkv" } else { "dq" };
+    let mut checks = vec![
+        ("out", &got.out, &want.out, fwd_tol),
+        (grad, &got.dq, &want.dq_set, grad_tol),
+        ("set", &got.dq_set, &want.dq_set, grad_tol),
+    ];
+    if !packed {
+        checks.push(("dkv", &got.dkv, &want.dkv_set, grad_tol));
+        checks.push(("dkv set", &got.dkv_set, &want.dkv_set, grad_tol));
+    }
+    let mut line = format!("{name} [bf16 buffers]: rel err");
+    for (what, g, _, _) in &checks {
+        assert_finite(name, what, g);
+    }
+    let errs: Vec<f64> = checks.iter().map(|(_, g, w, _)| rel_err(g, w)).collect();
+    for ((what, _, _, _), e) in checks.iter().zip(&errs) {
+        line += &format!(" {what} {e:.2e}");
+    }
+    println!("{line}");
+    for ((what, _, _, tol), e) in checks.iter().zip(&errs) {
+        assert!(e < tol, "{name} [bf16 buffers]: {what} rel err {e:.2e} >= {tol:.0e}");
+    }
+}
+
+#[test]
+fn bf16_io_packed_self_attention() {
+    // T = 129: two full 64-row tiles and a 1-row tail; hd = 32.
+    check_bf16_io("causal packed B=2 T=129 C=96 H=3", 21, shape(2, 129, 129, 96, 3, true), true, None);
+    check_bf16_io("bidirectional packed B=2 T=70 C=96 H=3", 22, shape(2, 70, 70, 96, 3, false), true, None);
+    check_bf16_io("causal packed B=3 T=3 C=40 H=2 (hd 20)", 23, shape(3, 3, 3, 40, 2, true), true, None);
+}
+
+#[test]
+fn bf16_io_head_dims_64_and_128() {
+    check_bf16_io("causal packed B=2 T=256 C=128 H=2 (hd 64)", 24, shape(2, 256, 256, 128, 2, true), true, None);
+    check_bf16_io("causal packed B=1 T=100 C=256 H=2 (hd 128)", 25, shape(1, 100, 100, 256, 2, true), true, None);
+}
+
+#[test]
+fn bf16_io_cross_attention_split() {
+    check_bf16_io("cross split B=2 Tq=33 Tk=77 C=96 H=3", 26, shape(2, 33, 77, 96, 3, false), false, None);
+    // hd = 40 runs the 64-wide kernels with padded columns; Tk spans three key tiles.
+    check_bf16_io("cross split B=1 Tq=65 Tk=130 C=120 H=3 (hd 40)", 27, shape(1, 65, 130, 120, 3, false), false, None);
+}
+
+#[test]
+fn bf16_io_key_padding_masks() {
+    // Keys past 64 of the second sequence form a tile of padding, whose dk, dv rows the
+    // overwriting op must zero (they start as NaN).
+    let s = shape(2, 70, 70, 96, 3, false);
+    check_bf16_io("masked bidirectional packed T=70 lens [70, 37]", 28, s, true, Some(vec![70, 37]));
+    let s = shape(2, 33, 77, 96, 3, false);
+    check_bf16_io("masked cross split Tq=33 Tk=77 lens [5, 77]", 29, s, false, Some(vec![5, 77]));
+    // A length on a tile edge: the second key tile of the first sequence is all padding.
+    let s = shape(2, 129, 129, 96, 3, true);
+    check_bf16_io("masked causal packed T=129 lens [64, 100]", 30, s, true, Some(vec![64, 100]));
+}
+
+/// The text of a caught panic.
+fn panic_text(payload: Box<dyn std::any::Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(s) => *s,
+        Err(p) => p.downcast_ref::<&str>().map(|s| s.to_string()).unwrap_or_default(),
+    }
+}
+
+/// `op` must panic, naming the element type.
+fn assert_refused(what: &str, op: impl FnOnce()) {
+    let payload = catch_unwind(AssertUnwindSafe(op)).err();
+    let text = payload.map(panic_text).unwrap_or_else(|| panic!("{what}: accepted, should have panicked"));
+    assert!(text.contains("element type"), "{what}: panicked without naming the element type: {text}");
+}
+
+#[test]
+fn bf16_io_refuses_mixed_element_types() {
+    // A bf16 source with an f32 output (or gradient) would have the kernels read or write one
+    // of them with the wrong element size; the op must refuse before launching anything.
+    let Some(be) = bf16_activations() else { return };
+    let s = shape(1, 8, 8, 32, 2, true);
+    let (n_qkv, n_out) = (8 * 3 * 32, 8 * 32);
+    let qkv = activation(be, &vec![0.5; n_qkv]);
+    let dout = activation(be, &vec![0.25; n_out]);
+    let mut out = be.activation_zeros(n_out);
+    let mut out_f32 = be.zeros(n_out);
+    let mut saved = be.zeros(be.attention_saved_len(s));
+    let src = || QkvSource::Packed(all(be, &qkv));
+    assert_refused("forward with an f32 out", || {
+        be.attention_forward(all_mut(be, &mut out_f32), all_mut(be, &mut saved), src(), s)
+    });
+    // A proper forward, so that only the element type is wrong below.
+    be.attention_forward(all_mut(be, &mut out), all_mut(be, &mut saved), src(), s);
+    let mut dqkv_f32 = be.zeros(n_qkv);
+    assert_refused("backward into an f32 dqkv", || {
+        let d = QkvSource::Packed(all_mut(be, &mut dqkv_f32));
+        be.attention_backward(d, all(be, &dout), src(), all(be, &out), all(be, &saved), s)
+    });
+    let mut dqkv = be.activation_zeros(n_qkv);
+    let dout_f32 = be.zeros(n_out);
+    assert_refused("backward_set from an f32 dout", || {
+        let d = QkvSource::Packed(all_mut(be, &mut dqkv));
+        be.attention_backward_set(d, all(be, &dout_f32), src(), all(be, &out), all(be, &saved), s)
+    });
+    be.synchronize().expect("the refused calls left no device error");
+}
+
+#[test]
+fn bf16_io_harness_runs_on_the_cpu() {
+    // The bf16-buffer test body without a GPU (CPU activation buffers are f32): both backward
+    // variants agree and the NaN the overwriting one starts from is gone.
+    let x = bf16_inputs(31, shape(2, 33, 77, 96, 3, false), false, Some(vec![5, 77]));
+    let o = run_io(&CpuBackend::new(), &x);
+    for (what, v) in [("dq", &o.dq_set), ("dkv", &o.dkv_set)] {
+        assert_finite("cpu", what, v);
+    }
+    assert!(rel_err(&o.dq, &o.dq_set) < 1e-5, "cpu: accumulating and overwriting dq differ");
+    assert!(rel_err(&o.dkv, &o.dkv_set) < 1e-5, "cpu: accumulating and overwriting dkv differ");
 }

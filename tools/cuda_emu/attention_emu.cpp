@@ -2,6 +2,7 @@
 // forward output, lse and accumulated gradients with a plain f64 reference written here.
 // Build and run:  g++ -std=c++20 -O2 -pthread -w attention_emu.cpp -o /tmp/attention_emu
 //                 /tmp/attention_emu        (f32 kernels)     /tmp/attention_emu bf16
+//                 /tmp/attention_emu bf16io (bf16 kernels on bf16 q/kv, dout, out, dq, dkv buffers)
 // Exit status: the number of failing cases.
 #include "shim.h"
 #include "../../engine/src/cuda/kernels/attention.cu"
@@ -17,8 +18,55 @@ static double rel(const std::vector<float>& a, const std::vector<double>& b) {
     return std::sqrt(num / den);
 }
 
+static float round_bf16(float x) { return bf2f(f2bf(x)); }
+
+static double rms(const std::vector<double>& v) {
+    double s = 0;
+    for (double x : v) s += x * x;
+    return std::sqrt(s / std::max<size_t>(v.size(), 1));
+}
+
+// A global buffer the kernels read or write: f32, or (io_bf16) bf16 as the engine's activation
+// buffers. Both are allocated twice as long as needed and the tail is a canary: a kernel that
+// indexed a bf16 buffer with f32 strides (or wrote past the end) changes it.
+struct Dev {
+    static constexpr unsigned short CANARY = 0x5a5a;
+    bool bf;
+    size_t n;
+    std::vector<float> f;
+    std::vector<unsigned short> h;
+    Dev(bool bf, size_t n) : bf(bf), n(n) {
+        if (bf) h.assign(2 * n, CANARY);
+        else f.assign(2 * n, __int_as_float(0x5a5a5a5au));
+    }
+    float* ptr() { return bf ? (float*)h.data() : f.data(); }
+    // Stores v (rounded to bf16 when the buffer is bf16) and returns what the buffer holds.
+    std::vector<float> set(const std::vector<float>& v) {
+        std::vector<float> held(n);
+        for (size_t i = 0; i < n; i++) {
+            if (bf) { h[i] = f2bf(v[i]); held[i] = bf2f(h[i]); }
+            else { f[i] = v[i]; held[i] = v[i]; }
+        }
+        return held;
+    }
+    void set_bits(size_t i, unsigned short bits) { h[i] = bits; }
+    std::vector<float> get() const {
+        std::vector<float> v(n);
+        for (size_t i = 0; i < n; i++) v[i] = bf ? bf2f(h[i]) : f[i];
+        return v;
+    }
+    bool canary_ok() const {
+        for (size_t i = n; i < 2 * n; i++)
+            if (bf ? h[i] != CANARY : f[i] != __int_as_float(0x5a5a5a5au)) return false;
+        return true;
+    }
+};
+
 int main(int argc, char** argv) {
-    bool tc = argc > 1 && std::string(argv[1]) == "bf16";
+    // modes: (none) f32 kernels; bf16: tensor-core kernels on f32 buffers; bf16io: tensor-core
+    // kernels with every global input and output (q/kv, dout, out, dq, dkv) a bf16 buffer.
+    std::string mode = argc > 1 ? argv[1] : "";
+    bool io = mode == "bf16io", tc = mode == "bf16" || io;
     double tol_f = tc ? 2e-2 : 1e-5, tol_g = tc ? 3e-2 : 1e-4;
     Case cases[] = {
         {"causal packed B2 T129 C96 H3", 2, 129, 129, 96, 3, 1, 1},
@@ -40,22 +88,25 @@ int main(int argc, char** argv) {
         AttnParams p{};
         p.batch = B; p.tq = Tq; p.tk = Tk; p.channels = C; p.heads = H; p.hd = hd;
         p.causal = cs.causal; p.scale = 1.0f / std::sqrt((float)hd); p.accumulate = 1;
+        p.io_bf16 = io;
         p.key_lens = cs.lens.empty() ? nullptr : cs.lens.data();
+        // bf16io: inputs are rounded to bf16 first, so the reference sees what the kernels see
+        auto input = [&](float scale) { float x = U(rng) * scale; return io ? round_bf16(x) : x; };
         std::vector<float> qbuf, kvbuf;
         if (cs.packed) {
             p.q_ld = p.k_ld = p.v_ld = 3 * C; p.q_off = 0; p.k_off = C; p.v_off = 2 * C;
             qbuf.resize((size_t)B * Tq * 3 * C);
-            for (auto& x : qbuf) x = U(rng) * 2;
+            for (auto& x : qbuf) x = input(2);
         } else {
             p.q_ld = C; p.q_off = 0; p.k_ld = p.v_ld = 2 * C; p.k_off = 0; p.v_off = C;
             qbuf.resize((size_t)B * Tq * C); kvbuf.resize((size_t)B * Tk * 2 * C);
-            for (auto& x : qbuf) x = U(rng) * 2;
-            for (auto& x : kvbuf) x = U(rng) * 2;
+            for (auto& x : qbuf) x = input(2);
+            for (auto& x : kvbuf) x = input(2);
         }
         const float* q = qbuf.data();
         const float* kv = cs.packed ? qbuf.data() : kvbuf.data();
         std::vector<float> dout((size_t)B * Tq * C);
-        for (auto& x : dout) x = U(rng);
+        for (auto& x : dout) x = input(1);
         // reference in double
         std::vector<double> rout((size_t)B * Tq * C), rlse((size_t)B * H * Tq);
         std::vector<double> rdq(qbuf.size()), rdkv(cs.packed ? qbuf.size() : kvbuf.size());
@@ -92,8 +143,16 @@ int main(int argc, char** argv) {
                 }
             }
         }
-        // kernels
-        std::vector<float> out((size_t)B * Tq * C, std::nanf("")), lse((size_t)B * H * Tq, std::nanf("")), dsum(lse.size(), std::nanf(""));
+        // kernels: the global buffers, f32 or (bf16io) bf16
+        Dev qdev(io, qbuf.size()), kvdev(io, kvbuf.size()), doutdev(io, dout.size()), outdev(io, dout.size());
+        qdev.set(qbuf); kvdev.set(kvbuf); doutdev.set(dout);  // exact: the inputs are rounded already
+        const float* qd = qdev.ptr();
+        const float* kvd = cs.packed ? qdev.ptr() : kvdev.ptr();
+        const float* doutd = doutdev.ptr();
+        float* outd = outdev.ptr();
+        if (io) for (size_t i = 0; i < outdev.n; i++) outdev.set_bits(i, 0x7fc0);  // NaN: unwritten shows
+        else std::fill(outdev.f.begin(), outdev.f.begin() + outdev.n, std::nanf(""));
+        std::vector<float> lse((size_t)B * H * Tq, std::nanf("")), dsum(lse.size(), std::nanf(""));
         Dim3 gq{(unsigned)((Tq + 63) / 64), (unsigned)H, (unsigned)B}, gk{(unsigned)((Tk + 63) / 64), (unsigned)H, (unsigned)B};
         auto fwd = hd <= 32 ? attention_forward_f32_d32 : hd <= 64 ? attention_forward_f32_d64 : attention_forward_f32_d128;
         auto dkvk = hd <= 32 ? attention_backward_dkv_f32_d32 : hd <= 64 ? attention_backward_dkv_f32_d64 : attention_backward_dkv_f32_d128;
@@ -108,58 +167,76 @@ int main(int argc, char** argv) {
             launch({(unsigned)((n + 255) / 256), 1, 1}, 256, [&] { attention_heads_bf16(dst, src, rows, ld, off, W, p); });
         };
         if (tc) {  // the forward pass reads the bf16 copies (which the backward pass reuses)
-            heads(qh.data(), q, Tq, p.q_ld, p.q_off);
-            heads(kh.data(), kv, Tk, p.k_ld, p.k_off);
-            heads(vh.data(), kv, Tk, p.v_ld, p.v_off);
+            heads(qh.data(), qd, Tq, p.q_ld, p.q_off);
+            heads(kh.data(), kvd, Tk, p.k_ld, p.k_off);
+            heads(vh.data(), kvd, Tk, p.v_ld, p.v_off);
             auto f2 = hd <= 32 ? attention_forward_bf16_d32 : hd <= 64 ? attention_forward_bf16_d64 : attention_forward_bf16_d128;
-            launch(gq, 128, [&] { f2(out.data(), lse.data(), qh.data(), kh.data(), vh.data(), p); });
+            launch(gq, 128, [&] { f2(outd, lse.data(), qh.data(), kh.data(), vh.data(), p); });
         } else {
-            launch(gq, 256, [&] { fwd(out.data(), lse.data(), q, kv, p); });
+            launch(gq, 256, [&] { fwd(outd, lse.data(), qd, kvd, p); });
+            unsigned rows = B * Tq * H;  // D, for the f32 backward (the bf16 one has its own stats)
+            launch({(rows + 7) / 8, 1, 1}, 256, [&] { attention_backward_dot_f32(dsum.data(), doutd, outd, p); });
         }
-        unsigned rows = B * Tq * H;
-        launch({(rows + 7) / 8, 1, 1}, 256, [&] { attention_backward_dot_f32(dsum.data(), dout.data(), out.data(), p); });
-        // gradients start from random values: backward must accumulate
-        std::vector<float> dq(qbuf.size()), dkv(cs.packed ? 0 : kvbuf.size());
-        for (auto& x : dq) x = U(rng);
-        for (auto& x : dkv) x = U(rng);
+        std::vector<float> out = outdev.get();
+        // gradients start from random values: backward must accumulate. bf16io: of the
+        // gradient's own size, so that the gradient is not lost in the bf16 rounding of the sum.
+        const float g0 = io ? (float)(1.7 * rms(rdq)) : 1.0f, g1 = io ? (float)(1.7 * rms(rdkv)) : 1.0f;
+        Dev dqdev(io, qbuf.size()), dkvdev(io, cs.packed ? 0 : kvbuf.size());
+        std::vector<float> init(dqdev.n), initkv(dkvdev.n);
+        for (auto& x : init) x = g0 * U(rng);
+        for (auto& x : initkv) x = g1 * U(rng);
+        init = dqdev.set(init); initkv = dkvdev.set(initkv);
         std::vector<double> edq(rdq.size()), edkv(rdkv.size());
-        for (size_t i = 0; i < dq.size(); i++) edq[i] = dq[i] + rdq[i];
-        for (size_t i = 0; i < dkv.size(); i++) edkv[i] = dkv[i] + rdkv[i];
-        float* dkvp = cs.packed ? dq.data() : dkv.data();
+        for (size_t i = 0; i < dqdev.n; i++) edq[i] = init[i] + rdq[i];
+        for (size_t i = 0; i < dkvdev.n; i++) edkv[i] = initkv[i] + rdkv[i];
         auto backward = [&](float* dkvp_, float* dqp_) {
             if (!tc) {
-                launch(gk, 256, [&] { dkvk(dkvp_, q, kv, dout.data(), lse.data(), dsum.data(), p); });
-                launch(gq, 256, [&] { dqk(dqp_, q, kv, dout.data(), lse.data(), dsum.data(), p); });
+                launch(gk, 256, [&] { dkvk(dkvp_, qd, kvd, doutd, lse.data(), dsum.data(), p); });
+                launch(gq, 256, [&] { dqk(dqp_, qd, kvd, doutd, lse.data(), dsum.data(), p); });
                 return;
             }
-            heads(doh.data(), dout.data(), Tq, C, 0);
+            heads(doh.data(), doutd, Tq, C, 0);
             unsigned srows = B * H * tqp;
-            launch({(srows + 7) / 8, 1, 1}, 256, [&] { attention_backward_stats(stats.data(), dout.data(), out.data(), lse.data(), p); });
+            launch({(srows + 7) / 8, 1, 1}, 256, [&] { attention_backward_stats(stats.data(), doutd, outd, lse.data(), p); });
             auto dkv2 = hd <= 32 ? attention_backward_dkv_bf16_d32 : hd <= 64 ? attention_backward_dkv_bf16_d64 : attention_backward_dkv_bf16_d128;
             auto dq2 = hd <= 32 ? attention_backward_dq_bf16_d32 : hd <= 64 ? attention_backward_dq_bf16_d64 : attention_backward_dq_bf16_d128;
             launch(gk, 128, [&] { dkv2(dkvp_, qh.data(), kh.data(), vh.data(), doh.data(), stats.data(), p); });
             launch(gq, 128, [&] { dq2(dqp_, qh.data(), kh.data(), vh.data(), doh.data(), stats.data(), p); });
         };
-        backward(dkvp, dq.data());
+        backward(cs.packed ? dqdev.ptr() : dkvdev.ptr(), dqdev.ptr());
+        std::vector<float> dq = dqdev.get(), dkv = dkvdev.get();
         double e1 = rel(out, rout), e2 = rel(lse, rlse), e3 = rel(dq, edq), e4 = cs.packed ? 0 : rel(dkv, edkv);
         // gradient-only error (without the initial values) is the stricter measure
-        std::vector<float> gq_only(dq.size()); std::vector<double> rq_only(rdq);
-        for (size_t i = 0; i < dq.size(); i++) gq_only[i] = dq[i] - (float)(edq[i] - rdq[i]);
-        double e5 = rel(gq_only, rq_only);
-        // Overwrite mode (accumulate = 0): whatever the buffers held (large values here), they
-        // end up holding exactly the gradient, padding-key tiles included (zeros).
+        std::vector<float> gq_only(dq.size()), gkv_only(dkv.size());
+        for (size_t i = 0; i < dq.size(); i++) gq_only[i] = dq[i] - init[i];
+        for (size_t i = 0; i < dkv.size(); i++) gkv_only[i] = dkv[i] - initkv[i];
+        double e5 = rel(gq_only, rdq), e5kv = cs.packed ? 0 : rel(gkv_only, rdkv);
+        // Overwrite mode (accumulate = 0): whatever the buffers held (large values here; bf16io:
+        // NaN, infinities and large values too), they end up holding exactly the gradient,
+        // padding-key tiles included (zeros).
         p.accumulate = 0;
-        std::vector<float> dq2(dq.size()), dkv2(dkv.size());
-        for (auto& x : dq2) x = 1e3f * U(rng);
-        for (auto& x : dkv2) x = 1e3f * U(rng);
-        float* dkvp2 = cs.packed ? dq2.data() : dkv2.data();
-        backward(dkvp2, dq2.data());
+        Dev dq2dev(io, dqdev.n), dkv2dev(io, dkvdev.n);
+        auto garbage = [&](Dev& d) {
+            std::vector<float> v(d.n);
+            for (auto& x : v) x = 1e3f * U(rng);
+            d.set(v);
+            if (io) {
+                const unsigned short odd[3] = {0x7fc1, 0xff80, 0x7f7f};  // NaN, -inf, largest finite
+                for (size_t i = 0; i < d.n; i += 2) d.set_bits(i, odd[(i / 2) % 3]);
+            }
+        };
+        garbage(dq2dev); garbage(dkv2dev);
+        backward(cs.packed ? dq2dev.ptr() : dkv2dev.ptr(), dq2dev.ptr());
         p.accumulate = 1;
-        double e6 = rel(dq2, rdq), e7 = cs.packed ? 0 : rel(dkv2, rdkv);
-        bool ok = e1 < tol_f && e2 < tol_f && e3 < tol_g && e4 < tol_g && e5 < tol_g && e6 < tol_g && e7 < tol_g &&
-                  std::isfinite(e1 + e2 + e3 + e4 + e5 + e6 + e7);
+        double e6 = rel(dq2dev.get(), rdq), e7 = cs.packed ? 0 : rel(dkv2dev.get(), rdkv);
+        bool canaries = qdev.canary_ok() && kvdev.canary_ok() && doutdev.canary_ok() && outdev.canary_ok() &&
+                        dqdev.canary_ok() && dkvdev.canary_ok() && dq2dev.canary_ok() && dkv2dev.canary_ok();
+        bool ok = e1 < tol_f && e2 < tol_f && e3 < tol_g && e4 < tol_g && e5 < tol_g && e5kv < tol_g && e6 < tol_g &&
+                  e7 < tol_g && canaries && std::isfinite(e1 + e2 + e3 + e4 + e5 + e5kv + e6 + e7);
         failures += !ok;
-        printf("%-32s out %.2e lse %.2e dsrc %.2e dkv %.2e grad-only %.2e overwrite %.2e/%.2e %s\n", cs.name, e1, e2, e3, e4, e5, e6, e7, ok ? "ok" : "FAIL");
+        printf("%-32s out %.2e lse %.2e dsrc %.2e dkv %.2e grad-only %.2e/%.2e overwrite %.2e/%.2e%s %s\n", cs.name, e1, e2,
+               e3, e4, e5, e5kv, e6, e7, canaries ? "" : " CANARY", ok ? "ok" : "FAIL");
+        fflush(stdout);
     }
     return failures;
 }

@@ -320,9 +320,10 @@ impl Stack {
     pub fn alloc<B: Backend>(&self, be: &B, d: Dims) -> StackActs<B> {
         let (n, nm, c, f) = (d.rows(), d.b * d.tm, d.c, self.ffn);
         let z = |k: usize| be.zeros(k);
-        // The FFN's hidden layer (fc output, GELU output and their gradients) and pre-LN's
-        // LayerNorm outputs are read only by matmuls and GELU: activation storage (bf16 on
-        // CUDA). Post-LN's LayerNorm output is the sublayer's output (residual adds): f32.
+        // Attention's q, k, v and output, the FFN's hidden layer (fc output, GELU output) and
+        // their gradients, and pre-LN's LayerNorm outputs are read only by matmuls, attention
+        // and GELU: activation storage (bf16 on CUDA). Post-LN's LayerNorm output is the
+        // sublayer's output (residual adds): f32.
         let act = |k: usize| be.activation_zeros(k);
         let pre = self.placement == LayerNormPlacement::Pre;
         let subs = self
@@ -330,8 +331,8 @@ impl Stack {
             .iter()
             .map(|s| {
                 let (a, b, att, saved) = match &s.inner {
-                    Inner::SelfAttn { causal, .. } => (z(n * 3 * c), z(0), z(n * c), z(be.attention_saved_len(d.attn(d.t, *causal)))),
-                    Inner::CrossAttn { .. } => (z(n * c), z(nm * 2 * c), z(n * c), z(be.attention_saved_len(d.attn(d.tm, false)))),
+                    Inner::SelfAttn { causal, .. } => (act(n * 3 * c), z(0), act(n * c), z(be.attention_saved_len(d.attn(d.t, *causal)))),
+                    Inner::CrossAttn { .. } => (act(n * c), act(nm * 2 * c), act(n * c), z(be.attention_saved_len(d.attn(d.tm, false)))),
                     Inner::Ffn { .. } => (act(n * f), act(n * f), z(0), z(0)),
                 };
                 let ln = if pre { s.ln.alloc_matmul_input(be, n) } else { s.ln.alloc(be, n) };
@@ -343,10 +344,10 @@ impl Stack {
             gnext: z(n * c),
             df: z(n * c),
             dfin: z(n * c),
-            datt: z(n * c),
-            dqkv: z(n * 3 * c),
-            dq: z(n * c),
-            dkv: z(nm * 2 * c),
+            datt: act(n * c),
+            dqkv: act(n * 3 * c),
+            dq: act(n * c),
+            dkv: act(nm * 2 * c),
             dh: act(n * f),
             dhg: act(n * f),
         };
