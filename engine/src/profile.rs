@@ -84,6 +84,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn zeros(&self, len: usize) -> B::Buf {
         self.timed(|| "zeros".into(), || self.inner.zeros(len))
     }
+    fn activation_zeros(&self, len: usize) -> B::Buf {
+        self.timed(|| "zeros".into(), || self.inner.activation_zeros(len))
+    }
     fn upload(&self, host: &[f32]) -> B::Buf {
         self.timed(|| "upload".into(), || self.inner.upload(host))
     }
