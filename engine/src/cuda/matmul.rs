@@ -253,18 +253,33 @@ pub(crate) fn forward(
         WeightLayout::InOut => Dense::new(weight, w_cols),
         WeightLayout::OutIn => Dense::new(weight, w_cols).with_rows(m),
     };
-    let Some([(w, lda), (x, ldb)]) = operands(be, [w_dense, Dense::new(inp, ic)]) else {
-        return;
-    };
     let out_bf16 = out.is_bf16();
+    // A bf16 output through cuBLASLt's bias epilogue takes the bias in bf16 too (lt.rs): it
+    // is converted with the operands (rounded once, as autocast's linear does).
+    let bias_bf16 = match bias {
+        Some(b) if out_bf16 && !padded_out && be.lt().is_some() => Some(b),
+        _ => None,
+    };
+    let ((w, lda), (x, ldb), lt_bias) = match bias_bf16 {
+        Some(b) => {
+            let Some([w, x, (bb, _)]) = operands(be, [w_dense, Dense::new(inp, ic), Dense::new(b, oc)]) else { return };
+            (w, x, Some(bb.ptr))
+        }
+        None => {
+            let Some([w, x]) = operands(be, [w_dense, Dense::new(inp, ic)]) else { return };
+            (w, x, bias.map(|b| b.ptr()))
+        }
+    };
     // bf16 operands and a bias: one cuBLASLt GEMM adds it in its epilogue (lt.rs).
     if let (Some(bias), Some(lt), false) = (bias, be.lt(), padded_out) {
         if w.bf16 && x.bf16 && n * oc > 0 {
             let shape = LtShape { transa: ta == T, transb: false, m: oc, n, k: ic, lda, ldb, ldd: oc, d_bf16: out_bf16 };
             be.check(be.stream().context().bind_to_thread(), "bind context");
             // SAFETY: w and x are bf16 (lda x .., ldb x N), out holds N*OC elements of the type
-            // the shape names and bias OC floats (asserted above).
-            match unsafe { lt.gemm_bias(be.stream(), shape, w.ptr, x.ptr, out.addr(), bias.ptr()) } {
+            // the shape names and the bias OC of the same type (asserted above; the bf16 copy
+            // made by `operands` when out is bf16).
+            let bias_ptr = lt_bias.unwrap_or_else(|| bias.ptr());
+            match unsafe { lt.gemm_bias(be.stream(), shape, w.ptr, x.ptr, out.addr(), bias_ptr) } {
                 Ok(()) => return,
                 // A cuBLASLt without a bf16-output bias epilogue: the scratch path below.
                 Err(e) if out_bf16 => warn_bf16_epilogue_once(&e),

@@ -568,10 +568,11 @@ impl<B: Backend> Gpt<B> {
             // A residual add passes its gradient to both inputs unchanged: one input's gradient
             // is a copy (it accumulates more later), the branch reads the same buffer directly.
             // mlp_in: the MLP's input; dmlp_in ends up holding its full gradient
+            // pre-LN needs no copies: dres is read as dfcproj, then LN2's input gradient is added
+            // onto it in place (dres := dresid1), which attproj reads, then LN1's (dres := dx).
             let (mlp_in, dres_mlp, dfcproj) = match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    // resid2 = resid1 + fcproj: dresid1 := dres (more below), dfcproj = dres
-                    be.copy(be.view_mut(&mut s.dmid, rc.clone()), be.view(&s.dres, rc.clone()));
+                    // resid2 = resid1 + fcproj: dfcproj = dres; dresid1 = dres + LN2'(...) below
                     (&a.ln2, false, &s.dres)
                 }
                 LayerNormPlacement::Post => {
@@ -594,19 +595,23 @@ impl<B: Backend> Gpt<B> {
             } else {
                 be.matmul_backward_set_dinp(be.view_mut(&mut s.dln, rc.clone()), dw, Some(db), fc.0, fc.1, fc.2, fc.3);
             }
-            // dmid := gradient of resid1
-            match cfg.ln_placement {
-                LayerNormPlacement::Pre => ln_back(grads, &mut s.dmid, &s.dln, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b),
+            // the gradient of resid1: in dres (pre-LN, in place) or dmid (post-LN)
+            let dresid1 = match cfg.ln_placement {
+                LayerNormPlacement::Pre => {
+                    ln_back(grads, &mut s.dres, &s.dln, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
+                    &s.dres
+                }
                 LayerNormPlacement::Post => {
                     zero(be, &mut s.dmid, rows * c);
                     ln_back(grads, &mut s.dmid, &s.dln, &a.resid1, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                    // resid1 = x + attproj: dx := dresid1 (more below)
+                    be.copy(be.view_mut(&mut s.dx, rc.clone()), be.view(&s.dmid, rc.clone()));
+                    &s.dmid
                 }
-            }
-            // resid1 = x + attproj: dx := dresid1 (more below), dattproj = dresid1
-            be.copy(be.view_mut(&mut s.dx, rc.clone()), be.view(&s.dmid, rc.clone()));
-            // attproj = atty @ W + b
+            };
+            // attproj = atty @ W + b: dattproj = dresid1
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.proj_w, bp.proj_b);
-            be.matmul_backward_set_dinp(be.view_mut(&mut s.datty, rc.clone()), dw, Some(db), be.view(&s.dmid, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), mm(rows, c, c));
+            be.matmul_backward_set_dinp(be.view_mut(&mut s.datty, rc.clone()), dw, Some(db), be.view(dresid1, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), mm(rows, c, c));
             // atty = attention(qkv)
             be.attention_backward_set(
                 QkvSource::Packed(be.view_mut(&mut s.dqkv, rc3.clone())),
@@ -621,13 +626,14 @@ impl<B: Backend> Gpt<B> {
             match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
                     be.matmul_backward_set_dinp(be.view_mut(&mut s.dln, rc.clone()), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
-                    ln_back(grads, &mut s.dx, &s.dln, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                    // dres := dx = dresid1 + LN1'(dln), in place
+                    ln_back(grads, &mut s.dres, &s.dln, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                 }
                 LayerNormPlacement::Post => {
                     be.matmul_backward(Some(be.view_mut(&mut s.dx, rc.clone())), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(x, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
+                    std::mem::swap(&mut s.dres, &mut s.dx);
                 }
             }
-            std::mem::swap(&mut s.dres, &mut s.dx);
             // every parameter of block l is final (pushed from ln_1.weight to mlp.c_proj.bias)
             ready(be, grads, table.range(bp.ln1_w).start..table.range(bp.fcproj_b).end);
         }

@@ -1,5 +1,11 @@
 // Fused softmax cross-entropy over the vocabulary, one block per row: the forward reads each
 // logit once (online max and sum of exponentials), the backward once more.
+//
+// The rows are streamed, so the kernels are bound by memory bandwidth: each thread moves four
+// logits per access (8 bytes of bf16 as a uint2, 16 bytes of f32 as a float4) and keeps four
+// such accesses in flight. A row starts at logits + row * V, which is aligned for those words
+// only when (row * V) % 4 == 0 (V may be odd), so each row is split into a scalar head up to the
+// first aligned element, a body of aligned 4-element words, and a scalar tail of under 4.
 
 typedef unsigned long long u64;
 
@@ -8,6 +14,15 @@ typedef unsigned long long u64;
 #define ERR_TARGET 2u
 // NVRTC has no <math.h>; the bit pattern of +inf.
 #define INFINITY __int_as_float(0x7f800000)
+// log2(e): exp(d) = exp2(d * log2(e)), and exp2f is one MUFU.EX2 (with ftz off, a scaling
+// for subnormal results) where expf adds a range reduction of about 8 instructions.
+#define CE_LOG2E 1.4426950408889634f
+// Words of 4 logits each thread loads before using any (memory-level parallelism).
+#define CE_UNROLL 4
+
+// exp(x - m). x - m is exact for nearby bf16 values and the product rounds once, so each term
+// keeps about f32 accuracy (relative error ~ |x - m| * 2^-24 on top of exp2f's 2 ulp).
+__device__ __forceinline__ float exp_diff(float x, float m) { return exp2f((x - m) * CE_LOG2E); }
 
 // Merges two (max, sum of exp(x - max)) pairs.
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
@@ -18,44 +33,132 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
     m = mm;
 }
 
+// Folds N logits into a running (max, sum of exp(x - max)): the sum is rescaled once, to the
+// group's maximum if it is larger, then the N terms are added. Exactly as careful as one element
+// at a time (the largest term is exp(0) = 1), with one rescale per group instead of per element.
+// A NaN logit makes the sum NaN; groups of nothing but -inf are skipped.
+template <int N>
+__device__ __forceinline__ void online_update(float& m, float& s, const float* x) {
+    float gm = x[0];
+#pragma unroll
+    for (int k = 1; k < N; k++) gm = fmaxf(gm, x[k]);
+    if (gm > m) {
+        s *= exp_diff(m, gm);  // 0 while m is still -inf (s is 0 then too)
+        m = gm;
+    }
+    if (m == -INFINITY) return;
+    float g = 0.0f;
+#pragma unroll
+    for (int k = 0; k < N; k++) g += exp_diff(x[k], m);
+    s += g;
+}
+
 // A logit as f32, from f32 or bf16 storage (bf16.cuh is prepended).
 __device__ __forceinline__ float logit_at(const float* x, u64 i) { return x[i]; }
 __device__ __forceinline__ float logit_at(const unsigned short* x, u64 i) { return bf16_to_f32(x[i]); }
 __device__ __forceinline__ void logit_store(float* x, u64 i, float g) { x[i] = g; }
 __device__ __forceinline__ void logit_store(unsigned short* x, u64 i, float g) { x[i] = f32_to_bf16_rne(g); }
 
+// Four logits in one aligned word: uint2 for bf16, float4 for f32.
+template <typename T> struct Quad;
+template <> struct Quad<unsigned short> {
+    typedef uint2 W;
+    static __device__ __forceinline__ void unpack(W w, float f[4]) { bf16x4_unpack(w, f); }
+    static __device__ __forceinline__ W pack(const float f[4]) { return bf16x4_pack(f); }
+};
+template <> struct Quad<float> {
+    typedef float4 W;
+    static __device__ __forceinline__ void unpack(W w, float f[4]) { f[0] = w.x; f[1] = w.y; f[2] = w.z; f[3] = w.w; }
+    static __device__ __forceinline__ W pack(const float f[4]) {
+        W w;
+        w.x = f[0]; w.y = f[1]; w.z = f[2]; w.w = f[3];
+        return w;
+    }
+};
+
+// A row of V logits as head (elements [0, head)), words ([head, head + 4 words)), tail
+// (the remaining tail elements from tail_start).
+struct RowSplit {
+    u64 head, words, tail_start, tail;
+};
+
+// The head runs up to the first element whose address is a multiple of the word size (4 elements).
+template <typename T>
+__device__ __forceinline__ RowSplit split_row(const T* x, u64 v) {
+    u64 mis = ((u64)x / sizeof(T)) & 3;  // elements past the previous word boundary
+    u64 head = (4 - mis) & 3;
+    if (head > v) head = v;
+    RowSplit r;
+    r.head = head;
+    r.words = (v - head) / 4;
+    r.tail_start = head + 4 * r.words;
+    r.tail = v - r.tail_start;
+    return r;
+}
+
+// Merges every thread's (m, s) into all threads' (m, s): a butterfly of lse_merge within each
+// warp, then each warp merges the warps' results the same way (so every warp calls the shuffles
+// together). The merge is symmetric, so the lanes agree. blockDim.x: a multiple of 32, <= 1024.
+__device__ __forceinline__ void block_lse(float& m, float& s) {
+    __shared__ float wm[32], ws[32];
+    unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        lse_merge(m, s, m2, s2);
+    }
+    if (lane == 0) {
+        wm[warp] = m;
+        ws[warp] = s;
+    }
+    __syncthreads();
+    m = lane < warps ? wm[lane] : -INFINITY;
+    s = lane < warps ? ws[lane] : 0.0f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        float m2 = __shfl_xor_sync(0xffffffffu, m, o), s2 = __shfl_xor_sync(0xffffffffu, s, o);
+        lse_merge(m, s, m2, s2);
+    }
+}
+
 // losses[n] = lse(logits[n]) - logits[n, t], 0 where t is IGNORE_INDEX; saves lse (N).
-// logits (N, V), f32 or bf16. Launch: one block per row, blockDim.x == 512.
+// logits (N, V), f32 or bf16. Launch: one block per row, blockDim.x a multiple of 32 in [32, 1024].
 template <typename T>
 __device__ void cross_entropy_forward_t(float* losses, float* lse, const T* logits,
                                         const unsigned* targets, u64 v, unsigned* err) {
-    __shared__ float sm[512], ss[512];
-    u64 row = blockIdx.x;
+    typedef Quad<T> Q;
+    typedef typename Q::W W;
+    u64 row = blockIdx.x, tid = threadIdx.x, bd = blockDim.x;
     const T* x = logits + row * v;
+    RowSplit r = split_row(x, v);
+    const W* xw = (const W*)(x + r.head);
     float m = -INFINITY, s = 0.0f;
-    for (u64 i = threadIdx.x; i < v; i += blockDim.x) {
-        float xi = logit_at(x, i);
-        if (xi > m) {
-            s = s * expf(m - xi) + 1.0f;
-            m = xi;
-        } else if (m != -INFINITY) {
-            s += expf(xi - m);
-        }
+    if (tid < r.head) {
+        float xi = logit_at(x, tid);
+        online_update<1>(m, s, &xi);
     }
-    sm[threadIdx.x] = m;
-    ss[threadIdx.x] = s;
-    __syncthreads();
-    for (unsigned k = blockDim.x / 2; k > 0; k >>= 1) {
-        if (threadIdx.x < k) {
-            float a = sm[threadIdx.x], b = ss[threadIdx.x];
-            lse_merge(a, b, sm[threadIdx.x + k], ss[threadIdx.x + k]);
-            sm[threadIdx.x] = a;
-            ss[threadIdx.x] = b;
-        }
-        __syncthreads();
+    u64 w = tid;
+    for (; w + (CE_UNROLL - 1) * bd < r.words; w += CE_UNROLL * bd) {
+        W q[CE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < CE_UNROLL; u++) q[u] = xw[w + u * bd];
+        float f[4 * CE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < CE_UNROLL; u++) Q::unpack(q[u], f + 4 * u);
+        online_update<4 * CE_UNROLL>(m, s, f);
     }
-    if (threadIdx.x == 0) {
-        float l = sm[0] + logf(ss[0]);
+    for (; w < r.words; w += bd) {
+        float f[4];
+        Q::unpack(xw[w], f);
+        online_update<4>(m, s, f);
+    }
+    if (tid < r.tail) {
+        float xi = logit_at(x, r.tail_start + tid);
+        online_update<1>(m, s, &xi);
+    }
+    block_lse(m, s);
+    if (tid == 0) {
+        float l = m + logf(s);
         lse[row] = l;
         unsigned t = targets[row];
         if (t == IGNORE_INDEX) {
@@ -79,6 +182,10 @@ extern "C" __global__ void cross_entropy_forward_bf16(float* losses, float* lse,
     cross_entropy_forward_t(losses, lse, logits, targets, v, err);
 }
 
+// dloss * softmax(x)_i given the row's lse, before the target's -dloss. Explicit roundings (no
+// fused multiply-add) so the in-place backward equals the accumulating one into zeros bitwise.
+__device__ __forceinline__ float softmax_grad(float x, float l, float dloss) { return __fmul_rn(dloss, exp_diff(x, l)); }
+
 // dlogits[n] += dloss * (softmax(logits[n]) - onehot(t)), nothing for ignored rows.
 // Launch: one block per row (any blockDim).
 extern "C" __global__ void cross_entropy_backward(float* dlogits, const float* logits, const float* lse,
@@ -90,30 +197,87 @@ extern "C" __global__ void cross_entropy_backward(float* dlogits, const float* l
     float* d = dlogits + row * v;
     float l = lse[row];
     for (u64 i = threadIdx.x; i < v; i += blockDim.x) {
-        float g = d[i] + dloss * expf(x[i] - l);
+        float g = __fadd_rn(d[i], softmax_grad(x[i], l, dloss));
         if (i == t) g -= dloss;
         d[i] = g;
     }
 }
 
+// One element of the in-place backward: 0 + dloss * softmax (as the accumulating kernel into a
+// zeroed buffer, +0 for a -0 product included), minus dloss at the target.
+__device__ __forceinline__ float in_place_grad(float x, float l, float dloss, bool target) {
+    float g = __fadd_rn(0.0f, softmax_grad(x, l, dloss));
+    return target ? g - dloss : g;
+}
+
+// The same for the 4 logits of a word whose first element is element `first` of the row.
+__device__ __forceinline__ void in_place_grad4(float f[4], float l, float dloss, u64 first, u64 t) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) f[k] = __fadd_rn(0.0f, softmax_grad(f[k], l, dloss));
+    u64 j = t - first;  // wraps to a huge value when the target lies before this word
+    if (j < 4) {
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            if (j == (u64)k) f[k] -= dloss;
+    }
+}
+
+// A row of zeros (the gradient of an ignored row), with the same head / words / tail split.
+template <typename T>
+__device__ __forceinline__ void zero_row(T* x, RowSplit r) {
+    typedef Quad<T> Q;
+    typedef typename Q::W W;
+    u64 tid = threadIdx.x, bd = blockDim.x;
+    const float zeros[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    W z = Q::pack(zeros);
+    W* xw = (W*)(x + r.head);
+    if (tid < r.head) logit_store(x, tid, 0.0f);
+    for (u64 w = tid; w < r.words; w += bd) xw[w] = z;
+    if (tid < r.tail) logit_store(x, r.tail_start + tid, 0.0f);
+}
+
 // The fused classifier's backward: logits[n] = dloss * (softmax(logits[n]) - onehot(t)), zeros
 // for ignored rows (and for a target out of range, which the forward already flagged). Each
-// element is read once and written once by the same thread. Launch: one block per row.
+// element is read once and written once by the same thread, rounded once to the storage type.
+// Launch: one block per row, blockDim.x >= 4 (the head and tail take one element per thread).
 template <typename T>
 __device__ void cross_entropy_backward_in_place_t(T* logits, const float* lse, const unsigned* targets, float dloss,
                                                   u64 v) {
-    u64 row = blockIdx.x;
+    typedef Quad<T> Q;
+    typedef typename Q::W W;
+    u64 row = blockIdx.x, tid = threadIdx.x, bd = blockDim.x;
     unsigned t = targets[row];
     T* x = logits + row * v;
+    RowSplit r = split_row(x, v);
     if (t == IGNORE_INDEX || t >= v) {
-        for (u64 i = threadIdx.x; i < v; i += blockDim.x) logit_store(x, i, 0.0f);
+        zero_row(x, r);
         return;
     }
     float l = lse[row];
-    for (u64 i = threadIdx.x; i < v; i += blockDim.x) {
-        float g = 0.0f + dloss * expf(logit_at(x, i) - l);
-        if (i == t) g -= dloss;
-        logit_store(x, i, g);
+    W* xw = (W*)(x + r.head);
+    if (tid < r.head) logit_store(x, tid, in_place_grad(logit_at(x, tid), l, dloss, tid == t));
+    u64 w = tid;
+    for (; w + (CE_UNROLL - 1) * bd < r.words; w += CE_UNROLL * bd) {
+        W q[CE_UNROLL];
+#pragma unroll
+        for (int u = 0; u < CE_UNROLL; u++) q[u] = xw[w + u * bd];
+#pragma unroll
+        for (int u = 0; u < CE_UNROLL; u++) {
+            float f[4];
+            Q::unpack(q[u], f);
+            in_place_grad4(f, l, dloss, r.head + 4 * (w + u * bd), t);
+            xw[w + u * bd] = Q::pack(f);
+        }
+    }
+    for (; w < r.words; w += bd) {
+        float f[4];
+        Q::unpack(xw[w], f);
+        in_place_grad4(f, l, dloss, r.head + 4 * w, t);
+        xw[w] = Q::pack(f);
+    }
+    if (tid < r.tail) {
+        u64 i = r.tail_start + tid;
+        logit_store(x, i, in_place_grad(logit_at(x, i), l, dloss, i == t));
     }
 }
 
