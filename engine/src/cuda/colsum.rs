@@ -1,6 +1,7 @@
-//! Deterministic column sums `dst (C) += sum_n src (N, C)`: per chunk of rows a partial from 0 in
-//! row order, then the partials added to `dst` in chunk order. The chunk is the CPU reference's
-//! `ROWS_PER_TASK`, so in f32 the result is bitwise the CPU's (bias and LayerNorm gradients).
+//! Deterministic column sums `dst (C) += sum_n src (N, C)`: per chunk of rows (the CPU
+//! reference's `ROWS_PER_TASK`) a partial from 0 in row order, then the partials added in a
+//! fixed order (eight interleaved runs of chunks, then those in order) onto `dst`. The same bits
+//! on every run; the CPU's chunk-order sum differs from it by rounding only.
 
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
@@ -34,17 +35,14 @@ pub(crate) fn scratch(be: &CudaBackend, rows: usize, cols: usize) -> (CudaSlice<
     (buf, ptr)
 }
 
-/// `dst[c] += partial[0, c] + partial[1, c] + ...` in chunk order.
+/// `dst[c] += partial[0, c] + partial[1, c] + ...` (in the fixed order of column_sum_finish).
 pub(crate) fn finish(be: &CudaBackend, dst: u64, partial: u64, rows: usize, cols: usize) {
     let f = be.func("column_sum_finish");
     let (k, c) = (chunks(rows) as u64, cols as u64);
     let mut b = be.stream().launch_builder(&f);
     b.arg(&dst).arg(&partial).arg(&k).arg(&c);
-    let cfg = LaunchConfig {
-        grid_dim: (cols.div_ceil(THREADS as usize) as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    // 32 columns per block of 8 warps (see column_sum_finish in bias.cu)
+    let cfg = LaunchConfig { grid_dim: (cols.div_ceil(32) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 8 * 32 * 4 };
     // SAFETY: column_sum_finish(float*, const float*, u64, u64) reads k*c partials, rewrites c.
     be.check(unsafe { b.launch(cfg) }.map(|_| ()), "column_sum_finish");
 }

@@ -96,9 +96,10 @@ __device__ __forceinline__ RowSplit split_row(const T* x, u64 v) {
     return r;
 }
 
-// Merges every thread's (m, s) into all threads' (m, s): a butterfly of lse_merge within each
-// warp, then each warp merges the warps' results the same way (so every warp calls the shuffles
-// together). The merge is symmetric, so the lanes agree. blockDim.x: a multiple of 32, <= 1024.
+// Merges every thread's (m, s) into the block's, in every thread (thread 0's is the one used): a
+// butterfly of lse_merge within each warp (5 shuffle steps instead of 9 __syncthreads levels),
+// then every warp merges the warps' results the same way, so that all warps call the shuffles
+// together. A tree of pairwise merges as before. blockDim.x: a multiple of 32, at most 1024.
 __device__ __forceinline__ void block_lse(float& m, float& s) {
     __shared__ float wm[32], ws[32];
     unsigned lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
