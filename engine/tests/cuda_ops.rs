@@ -183,6 +183,26 @@ fn embedding_body<B: Backend>(be: &B, accumulate: bool) -> Outs {
     vec![("out", host(be, &out)), ("dtable", host(be, &dtable))]
 }
 
+/// BERT's token-type table: two ids over many positions, so each id's sum runs through the
+/// segmented (two-level) path of the CUDA backward.
+fn embedding_few_ids_body<B: Backend>(be: &B) -> Outs {
+    let (rows, c, n) = (2, 96, 1000);
+    let mut rng = Rng::new(9);
+    let ids: Vec<u32> = (0..n).map(|_| rng.below(2) as u32).collect();
+    let ids_d = be.upload_ids(&ids);
+    let mut dtable = be.upload(&randn(10, rows * c, 1.0));
+    let dout = be.upload(&randn(11, n * c, 1.0));
+    be.embedding_backward(all_mut(be, &mut dtable), all(be, &dout), &ids_d, c);
+    vec![("dtable", host(be, &dtable))]
+}
+
+#[test]
+fn embedding_backward_over_few_ids_matches_cpu() {
+    let Some(g) = gpu() else { return };
+    // Sums of ~500 rows per id, in segments of 64 then in segment order: rounding only.
+    compare("embedding few ids", g, 1e-5, both!(embedding_few_ids_body));
+}
+
 #[test]
 fn embedding_matches_cpu_bitwise() {
     let Some(g) = gpu() else { return };
