@@ -89,6 +89,7 @@ int main(int argc, char** argv) {
         p.batch = B; p.tq = Tq; p.tk = Tk; p.channels = C; p.heads = H; p.hd = hd;
         p.causal = cs.causal; p.scale = 1.0f / std::sqrt((float)hd); p.accumulate = 1;
         p.io_bf16 = io;
+        p.pairs = io;  // every case has even strides, offsets and head dims: pairs move as one access
         p.key_lens = cs.lens.empty() ? nullptr : cs.lens.data();
         // bf16io: inputs are rounded to bf16 first, so the reference sees what the kernels see
         auto input = [&](float scale) { float x = U(rng) * scale; return io ? round_bf16(x) : x; };

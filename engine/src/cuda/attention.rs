@@ -61,8 +61,10 @@ struct Params {
     /// Backward: 1 adds into dq, dk, dv; 0 overwrites them.
     accumulate: i32,
     /// bf16 family: q, kv, out, dout, dq, dkv are bf16 activation buffers (all or none).
-    /// (Also keeps key_lens 8-byte aligned.)
     io_bf16: i32,
+    /// With io_bf16: every buffer pointer, row stride and column offset is even (in elements),
+    /// so column pairs (d, d+1), d even, move as one 4-byte access (`pairs_allowed`).
+    pairs: i32,
     /// Device pointer to `key_lens (B)` (u32), or 0 for no padding mask.
     key_lens: u64,
 }
@@ -242,6 +244,14 @@ fn check_io(be: &CudaBackend, io_bf16: bool, bf16: bool, what: &str) {
     assert!(!io_bf16 || bf16_family(be), "attention: bf16 buffers need the bf16 kernels (bf16 matmuls, sm_80+)");
 }
 
+/// Whether column pairs may move as 4-byte accesses: bf16 buffers (io_bf16) whose pointers are
+/// 4-byte aligned, with even row strides, column offsets and channels (the head offsets h*hd
+/// are then even when hd is; an odd hd takes the single-element path for its last column).
+fn pairs_allowed(p: &Params, ptrs: &[u64]) -> bool {
+    let even = [p.q_ld, p.q_off, p.k_ld, p.k_off, p.v_ld, p.v_off, p.channels, p.hd].iter().all(|x| x % 2 == 0);
+    p.io_bf16 != 0 && even && ptrs.iter().all(|x| x % 4 == 0)
+}
+
 /// Kernel parameters and the (q, kv) pointers of a source, after checking its lengths.
 fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Params, u64, u64) {
     let c = s.channels;
@@ -280,6 +290,7 @@ fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Param
         scale: 1.0 / (hd as f32).sqrt(),
         accumulate: 1,
         io_bf16: io_bf16 as i32,
+        pairs: 0,
         key_lens,
     };
     (p, q, kv)
@@ -374,6 +385,8 @@ pub(crate) fn forward_masked(
     }
     assert!(shape.kv_len > 0, "attention: no keys to attend to");
     if Family::of(be) == Family::Bf16 {
+        let mut p = p;
+        p.pairs = pairs_allowed(&p, &[out.addr(), q, kv]) as i32;
         let at = Bf16Saved::of(shape);
         let base = saved.ptr();
         assert!(base.is_multiple_of(16), "attention saved state must start 16-byte aligned");
@@ -480,6 +493,7 @@ fn backward_with(
     check_io(be, p.io_bf16 != 0, dout.is_bf16(), "dout");
     check_io(be, p.io_bf16 != 0, out.is_bf16(), "out");
     if Family::of(be) == Family::Bf16 {
+        p.pairs = pairs_allowed(&p, &[dq, dkv, dout.addr(), out.addr(), q, kv]) as i32;
         backward_bf16(be, &shape, &p, dq, dkv, dout.addr(), out.addr(), saved.ptr());
         return;
     }

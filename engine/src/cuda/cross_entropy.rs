@@ -5,8 +5,11 @@ use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 use super::view::{CudaView, CudaViewMut};
 use super::CudaBackend;
 
-/// Must match the shared arrays of cross_entropy_forward.
+/// Threads per row. The forward merges per-warp results through a 32-entry shared array and
+/// warp shuffles (a multiple of 32, at most 1024); head and tail elements of a row (up to 3 each,
+/// before and after the 4-element words the kernels load) take one thread each (at least 4).
 const THREADS: u32 = 512;
+const _: () = assert!(THREADS % 32 == 0 && THREADS >= 32 && THREADS <= 1024);
 
 fn row_cfg(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
@@ -34,7 +37,8 @@ pub(crate) fn forward(
     b.arg(losses.ptr_ref()).arg(lse.ptr_ref()).arg(logits.addr_ref()).arg(&t).arg(&vv).arg(&err);
     // SAFETY: cross_entropy_forward[_bf16](float*, float*, const float* or const unsigned short*
     // (matching the view's type), const unsigned*, u64, unsigned*) with one block per row reads
-    // row n of logits and writes losses[n], lse[n].
+    // row n of logits (its 4-element words only where they are aligned, computed from the
+    // address) and writes losses[n], lse[n].
     be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_forward");
 }
 
@@ -52,7 +56,7 @@ pub(crate) fn backward_in_place(be: &CudaBackend, logits: CudaViewMut<'_>, lse: 
     b.arg(logits.addr_ref()).arg(lse.ptr_ref()).arg(&t).arg(&dloss).arg(&vv);
     // SAFETY: cross_entropy_backward_in_place[_bf16](float* or unsigned short* (the view's
     // type), const float*, const unsigned*, float, u64), one block per row, reads and writes
-    // row n of logits only.
+    // row n of logits only (aligned 4-element words, scalar head and tail).
     be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_backward_in_place");
 }
 

@@ -47,7 +47,9 @@ struct AttnParams {
     int accumulate;    // backward: 1 adds into dq, dk, dv; 0 overwrites them (every element of
                        // this head's columns is written once).
     int io_bf16;       // bf16 family only: q, kv, out, dout, dq, dkv are bf16 activation buffers
-                       // (engine/src/cuda/view.rs) instead of f32. Keeps key_lens 8-byte aligned.
+                       // (engine/src/cuda/view.rs) instead of f32.
+    int pairs;         // bf16 family with io_bf16: every one of those buffers, row stride and
+                       // column offset allows 4-byte accesses to column pairs (d, d+1), d even
     const unsigned* key_lens;  // (B) keys j >= key_lens[b] are padding; null: all Tk are keys
 };
 
@@ -553,6 +555,40 @@ __device__ __forceinline__ void io_store(float* base, size_t idx, float v, const
 __device__ __forceinline__ void io_grad_store(float* base, size_t idx, float v, const AttnParams& p) {
     io_store(base, idx, (p.accumulate ? io_load(base, idx, p) : 0.0f) + v, p);
 }
+// Columns d and d + 1 (d even) of a head at idx, idx + 1: one 4-byte access when p.pairs (bf16
+// buffers whose strides and offsets are even: idx is even), else one element at a time (d + 1
+// may lie past hd).
+__device__ __forceinline__ void io_load_pair(const float* base, size_t idx, int d, float& v0, float& v1,
+                                             const AttnParams& p) {
+    if (p.pairs && d + 1 < p.hd) {
+        const u32 w = *(const u32*)((const bf16_t*)base + idx);
+        v0 = __int_as_float((int)(w << 16));
+        v1 = __int_as_float((int)(w & 0xffff0000u));
+        return;
+    }
+    v0 = d < p.hd ? io_load(base, idx, p) : 0.0f;
+    v1 = d + 1 < p.hd ? io_load(base, idx + 1, p) : 0.0f;
+}
+__device__ __forceinline__ void io_store_pair(float* base, size_t idx, int d, float v0, float v1, const AttnParams& p) {
+    if (p.pairs && d + 1 < p.hd) {
+        *(u32*)((bf16_t*)base + idx) = pack_bf16x2(v0, v1);
+        return;
+    }
+    if (d < p.hd) io_store(base, idx, v0, p);
+    if (d + 1 < p.hd) io_store(base, idx + 1, v1, p);
+}
+__device__ __forceinline__ void io_grad_store_pair(float* base, size_t idx, int d, float v0, float v1,
+                                                   const AttnParams& p) {
+    if (p.pairs && d + 1 < p.hd) {
+        float o0 = 0.0f, o1 = 0.0f;
+        if (p.accumulate) io_load_pair(base, idx, d, o0, o1, p);
+        *(u32*)((bf16_t*)base + idx) = pack_bf16x2(o0 + v0, o1 + v1);
+        return;
+    }
+    if (d < p.hd) io_grad_store(base, idx, v0, p);
+    if (d + 1 < p.hd) io_grad_store(base, idx + 1, v1, p);
+}
+
 // zero_padding_kv_tile for the bf16 family's buffers.
 __device__ __forceinline__ void zero_padding_kv_tile_io(float* dkv, const AttnParams& p, int b, int h, int k0) {
     if (p.accumulate) return;
@@ -663,11 +699,7 @@ attention_heads_bf16(bf16_t* dst, const float* src, int rows, int ld, int off, i
     const int h = (int)(bh % p.heads);
     const size_t b = bh / p.heads;
     float x0 = 0.0f, x1 = 0.0f;
-    if (i < rows) {
-        const size_t s = (b * rows + i) * ld + off + h * p.hd;
-        if (d < p.hd) x0 = io_load(src, s + d, p);
-        if (d + 1 < p.hd) x1 = io_load(src, s + d + 1, p);
-    }
+    if (i < rows) io_load_pair(src, (b * rows + i) * ld + off + h * p.hd + d, d, x0, x1, p);
     *(u32*)(dst + r * w + d) = pack_bf16x2(x0, x1);
 }
 
@@ -841,8 +873,7 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
 #pragma unroll
         for (int dn = 0; dn < W / 8; dn++) {
             const int d = dn * 8 + 2 * t;
-            if (d < p.hd) io_store(out, orow + d, o[dn][2 * half] * inv, p);
-            if (d + 1 < p.hd) io_store(out, orow + d + 1, o[dn][2 * half + 1] * inv, p);
+            io_store_pair(out, orow + d, d, o[dn][2 * half] * inv, o[dn][2 * half + 1] * inv, p);
         }
         if (t == 0) lse[bh * p.tq + i] = (m[half] + log2f(l[half])) / LOG2E;
     }
@@ -959,15 +990,11 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_
         const size_t dkrow = ((size_t)b * p.tk + j) * p.k_ld + p.k_off + h * p.hd;
         const size_t dvrow = ((size_t)b * p.tk + j) * p.v_ld + p.v_off + h * p.hd;
 #pragma unroll
-        for (int dn = 0; dn < W / 8; dn++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int d = dn * 8 + 2 * t + e;
-                if (d < p.hd) {
-                    io_grad_store(dkv, dkrow + d, dk[dn][2 * half + e] * p.scale, p);
-                    io_grad_store(dkv, dvrow + d, dv[dn][2 * half + e], p);
-                }
-            }
+        for (int dn = 0; dn < W / 8; dn++) {
+            const int d = dn * 8 + 2 * t;
+            io_grad_store_pair(dkv, dkrow + d, d, dk[dn][2 * half] * p.scale, dk[dn][2 * half + 1] * p.scale, p);
+            io_grad_store_pair(dkv, dvrow + d, d, dv[dn][2 * half], dv[dn][2 * half + 1], p);
+        }
     }
 }
 
@@ -1076,12 +1103,10 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
         if (i >= p.tq) continue;
         const size_t dqrow = ((size_t)b * p.tq + i) * p.q_ld + p.q_off + h * p.hd;
 #pragma unroll
-        for (int dn = 0; dn < W / 8; dn++)
-#pragma unroll
-            for (int e = 0; e < 2; e++) {
-                const int d = dn * 8 + 2 * t + e;
-                if (d < p.hd) io_grad_store(dq, dqrow + d, acc[dn][2 * half + e] * p.scale, p);
-            }
+        for (int dn = 0; dn < W / 8; dn++) {
+            const int d = dn * 8 + 2 * t;
+            io_grad_store_pair(dq, dqrow + d, d, acc[dn][2 * half] * p.scale, acc[dn][2 * half + 1] * p.scale, p);
+        }
     }
 }
 
