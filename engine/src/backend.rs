@@ -295,6 +295,19 @@ pub trait Backend: Send + Sync + 'static {
         bias: Option<Self::View<'_>>,
         shape: MatmulShape,
     );
+    /// `out = residual + (inp @ W + bias)`: a projection added onto the residual stream in one
+    /// op, the same value as `matmul_forward` then `residual_forward(out, residual, proj)` (the
+    /// CUDA backend adds it in the GEMM's epilogue: no projection buffer, no separate pass).
+    /// Its backward is a matmul backward with `dout` = the residual's gradient.
+    fn matmul_forward_residual(
+        &self,
+        out: Self::ViewMut<'_>,
+        residual: Self::View<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        bias: Option<Self::View<'_>>,
+        shape: MatmulShape,
+    );
     /// `dinp += dout @ W^T`, `dW += inp^T @ dout` (in W's layout), `dbias += sum_n dout`.
     #[allow(clippy::too_many_arguments)]
     fn matmul_backward(

@@ -132,6 +132,17 @@ impl<B: Backend> Backend for Profiled<B> {
     fn matmul_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>, weight: B::View<'_>, bias: Option<B::View<'_>>, shape: MatmulShape) {
         self.timed(|| mm_key("matmul_forward", shape), || self.inner.matmul_forward(out, inp, weight, bias, shape))
     }
+    fn matmul_forward_residual(
+        &self,
+        out: B::ViewMut<'_>,
+        residual: B::View<'_>,
+        inp: B::View<'_>,
+        weight: B::View<'_>,
+        bias: Option<B::View<'_>>,
+        shape: MatmulShape,
+    ) {
+        self.timed(|| mm_key("matmul_forward_residual", shape), || self.inner.matmul_forward_residual(out, residual, inp, weight, bias, shape))
+    }
     fn matmul_backward(
         &self,
         dinp: Option<B::ViewMut<'_>>,

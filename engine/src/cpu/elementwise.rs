@@ -35,6 +35,16 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
 }
 
 /// out = a + b
+/// `out = a + out` elementwise (the residual add with the projection already in `out`).
+pub fn add_onto(out: &mut [f32], a: &[f32]) {
+    assert_eq!(out.len(), a.len(), "residual");
+    out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, a)| {
+        for i in 0..o.len() {
+            o[i] = a[i] + o[i];
+        }
+    });
+}
+
 pub fn residual_forward(out: &mut [f32], a: &[f32], b: &[f32]) {
     assert!(out.len() == a.len() && a.len() == b.len(), "residual");
     out.par_chunks_mut(CHUNK)

@@ -118,6 +118,20 @@ impl Backend for CpuBackend {
     ) {
         matmul::forward(out, inp, weight, bias, shape)
     }
+    fn matmul_forward_residual(
+        &self,
+        out: &mut [f32],
+        residual: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        bias: Option<&[f32]>,
+        shape: MatmulShape,
+    ) {
+        assert_eq!(out.len(), residual.len(), "matmul residual: out {} vs residual {}", out.len(), residual.len());
+        matmul::forward(out, inp, weight, bias, shape);
+        // residual + projection, the order `residual_forward(out, residual, proj)` adds in
+        elementwise::add_onto(out, residual);
+    }
     fn matmul_backward(
         &self,
         dinp: Option<&mut [f32]>,

@@ -54,6 +54,13 @@ pub(crate) fn residual_forward(be: &CudaBackend, out: CudaViewMut<'_>, a: CudaVi
     launch(be, "residual_forward", &[out.ptr(), a.ptr(), b.ptr()], a.len)
 }
 
+/// `out = residual + out` in place (a projection already in `out`), f32.
+pub(crate) fn add_onto(be: &CudaBackend, out: &CudaViewMut<'_>, residual: CudaView<'_>) {
+    assert_eq!(out.len, residual.len, "residual: lengths differ");
+    // residual_forward(out, a, b) reads a[i] and b[i] before writing out[i]: b may be out
+    launch(be, "residual_forward", &[out.ptr(), residual.ptr(), out.ptr()], out.len)
+}
+
 pub(crate) fn residual_backward(be: &CudaBackend, da: CudaViewMut<'_>, db: CudaViewMut<'_>, dout: CudaView<'_>) {
     assert!(da.len == dout.len && db.len == dout.len, "residual backward: lengths differ");
     launch(be, "residual_backward", &[da.ptr(), db.ptr(), dout.ptr()], dout.len)

@@ -103,8 +103,9 @@ impl Lt {
     }
 
     /// D (m, n) = op(A) op(B) + bias (m), A and B bf16, D and bias f32 or both bf16
-    /// (`s.d_bf16`), f32 accumulation. Err describes a cuBLASLt failure; a shape whose plan
-    /// failed fails again at once (no second heuristic query).
+    /// (`s.d_bf16`), f32 accumulation; with `c`, `+ C` too (C of D's type and layout). Err
+    /// describes a cuBLASLt failure; a shape whose plan failed fails again at once (no second
+    /// heuristic query).
     ///
     /// # Safety
     /// `a`, `b`, `d` and `bias` must be device pointers holding the extents `s` describes
@@ -117,6 +118,7 @@ impl Lt {
         b: u64,
         d: u64,
         bias: u64,
+        c: Option<u64>,
     ) -> Result<(), String> {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         let plan = match plans.entry(s) {
@@ -131,7 +133,9 @@ impl Lt {
             size_of::<u64>(),
         )
         .map_err(|e| format!("cuBLASLt bias pointer: {e:?}"))?;
-        let (alpha, beta) = (1.0f32, 0.0f32);
+        // With c: D = A B + C + bias (C laid out as D, beta = 1), a residual added in the epilogue.
+        let (alpha, beta) = (1.0f32, if c.is_some() { 1.0f32 } else { 0.0 });
+        let c = c.unwrap_or(d);
         let ws = self.workspace.device_ptr(stream).0;
         lt::matmul(
             self.handle,
@@ -142,7 +146,7 @@ impl Lt {
             plan.a,
             b as *const c_void,
             plan.b,
-            d as *const c_void,
+            c as *const c_void,
             plan.d,
             d as *mut c_void,
             plan.d,

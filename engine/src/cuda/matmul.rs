@@ -233,6 +233,38 @@ pub(crate) fn forward(
     bias: Option<CudaView<'_>>,
     s: MatmulShape,
 ) {
+    forward_into(be, &out, inp, weight, bias, s, None);
+}
+
+/// out (N, OC) = residual (N, OC) + (inp @ W + bias): in the epilogue of the cuBLASLt GEMM
+/// when that path runs (C = residual, beta = 1), else one add after the matmul.
+pub(crate) fn forward_residual(
+    be: &CudaBackend,
+    out: CudaViewMut<'_>,
+    residual: CudaView<'_>,
+    inp: CudaView<'_>,
+    weight: CudaView<'_>,
+    bias: Option<CudaView<'_>>,
+    s: MatmulShape,
+) {
+    assert_eq!(out.len, residual.len, "matmul residual: out {} vs residual {}", out.len, residual.len);
+    assert!(!out.is_bf16() && !residual.is_bf16(), "matmul residual: the residual stream is f32");
+    if !forward_into(be, &out, inp, weight, bias, s, Some(residual)) {
+        super::elementwise::add_onto(be, &out, residual);
+    }
+}
+
+/// The forward matmul into `out`; with `residual` (f32, like out) it may add it in the GEMM's
+/// epilogue, and says whether it did.
+fn forward_into(
+    be: &CudaBackend,
+    out: &CudaViewMut<'_>,
+    inp: CudaView<'_>,
+    weight: CudaView<'_>,
+    bias: Option<CudaView<'_>>,
+    s: MatmulShape,
+    residual: Option<CudaView<'_>>,
+) -> bool {
     check_shapes(&s, inp.len, weight.len, out.len);
     let (n, ic, oc) = (s.rows, s.in_features, s.out_features);
     if let Some(bias) = bias {
@@ -262,11 +294,11 @@ pub(crate) fn forward(
     };
     let ((w, lda), (x, ldb), lt_bias) = match bias_bf16 {
         Some(b) => {
-            let Some([w, x, (bb, _)]) = operands(be, [w_dense, Dense::new(inp, ic), Dense::new(b, oc)]) else { return };
+            let Some([w, x, (bb, _)]) = operands(be, [w_dense, Dense::new(inp, ic), Dense::new(b, oc)]) else { return false };
             (w, x, Some(bb.ptr))
         }
         None => {
-            let Some([w, x]) = operands(be, [w_dense, Dense::new(inp, ic)]) else { return };
+            let Some([w, x]) = operands(be, [w_dense, Dense::new(inp, ic)]) else { return false };
             (w, x, bias.map(|b| b.ptr()))
         }
     };
@@ -279,18 +311,23 @@ pub(crate) fn forward(
             // the shape names and the bias OC of the same type (asserted above; the bf16 copy
             // made by `operands` when out is bf16).
             let bias_ptr = lt_bias.unwrap_or_else(|| bias.ptr());
-            match unsafe { lt.gemm_bias(be.stream(), shape, w.ptr, x.ptr, out.addr(), bias_ptr) } {
-                Ok(()) => return,
+            // SAFETY (residual): f32 like out, of out's length (asserted by forward_residual).
+            let c = residual.map(|r| r.ptr());
+            match unsafe { lt.gemm_bias(be.stream(), shape, w.ptr, x.ptr, out.addr(), bias_ptr, c) } {
+                Ok(()) => return residual.is_some(),
                 // A cuBLASLt without a bf16-output bias epilogue: the scratch path below.
                 Err(e) if out_bf16 => warn_bf16_epilogue_once(&e),
-                Err(e) => return be.fail("matmul_forward", e),
+                Err(e) => {
+                    be.fail("matmul_forward", e);
+                    return false;
+                }
             }
         }
     }
     // Through an f32 scratch: a padded output, or a bf16 output with a bias.
     if padded_out || (out_bf16 && bias.is_some() && n * oc > 0) {
         let ldc = padded_ld(oc);
-        let Some(c) = be.f32_scratch(n * ldc) else { return };
+        let Some(c) = be.f32_scratch(n * ldc) else { return false };
         gemm(be, Gemm { ta, tb: N, m, n, k: ic, a: w, lda, b: x, ldb, c, ldc, beta: 0.0, c_bf16: false }, "matmul_forward");
         let name = if out_bf16 { "unpad_rows_add_bias_bf16" } else { "unpad_rows_add_bias" };
         let f = be.func(name);
@@ -302,7 +339,7 @@ pub(crate) fn forward(
         // float*, const float* or null, u64, u64, u64) reads rows rows of stride ld from the
         // scratch and writes N*OC elements of `out`.
         be.check(unsafe { b.launch(elementwise_cfg(be, n * oc)) }.map(|_| ()), name);
-        return;
+        return false;
     }
     if let Some(bias) = bias {
         if n * oc > 0 {
@@ -317,6 +354,7 @@ pub(crate) fn forward(
     let beta = if bias.is_some() { 1.0 } else { 0.0 };
     let gemm_out = Gemm { ta, tb: N, m: oc, n, k: ic, a: w, lda, b: x, ldb, c: out.addr(), ldc: oc, beta, c_bf16: out_bf16 };
     gemm(be, gemm_out, "matmul_forward");
+    false
 }
 
 /// Says once per process that bf16 outputs with a bias take the scratch path.

@@ -466,6 +466,17 @@ impl Backend for CudaBackend {
     ) {
         matmul::forward(self, out, inp, weight, bias, shape)
     }
+    fn matmul_forward_residual(
+        &self,
+        out: CudaViewMut<'_>,
+        residual: CudaView<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        bias: Option<CudaView<'_>>,
+        shape: MatmulShape,
+    ) {
+        matmul::forward_residual(self, out, residual, inp, weight, bias, shape)
+    }
     fn matmul_backward(
         &self,
         dinp: Option<CudaViewMut<'_>>,

@@ -36,14 +36,12 @@ struct BlockActs<B: Backend> {
     qkv: B::Buf,      // (BT, 3C)
     atty: B::Buf,     // (BT, C)
     att_saved: B::Buf,
-    attproj: B::Buf,  // (BT, C)
     resid1: B::Buf,   // (BT, C)
     ln2: B::Buf,      // (BT, C)
     ln2_mean: B::Buf, // (BT)
     ln2_rstd: B::Buf, // (BT)
     fch: B::Buf,      // (BT, 4C)
     fch_gelu: B::Buf, // (BT, 4C)
-    fcproj: B::Buf,   // (BT, C)
     resid2: B::Buf,   // (BT, C)
 }
 
@@ -264,14 +262,12 @@ impl<B: Backend> Gpt<B> {
                     qkv: act(rows * 3 * c),
                     atty: act(rows * c),
                     att_saved: z(saved),
-                    attproj: z(rows * c),
                     resid1: z(rows * c),
                     ln2: ln_out(rows * c),
                     ln2_mean: z(rows),
                     ln2_rstd: z(rows),
                     fch: act(rows * 4 * c),
                     fch_gelu: act(rows * 4 * c),
-                    fcproj: z(rows * c),
                     resid2: z(rows * c),
                 })
                 .collect(),
@@ -408,9 +404,8 @@ impl<B: Backend> Gpt<B> {
                 QkvSource::Packed(be.view(&a.qkv, rc3.clone())),
                 attn,
             );
-            // attproj = atty @ c_proj + b; resid1 = x + attproj
-            be.matmul_forward(be.view_mut(&mut a.attproj, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), Some(p(bp.proj_b)), mm(rows, c, c));
-            be.residual_forward(be.view_mut(&mut a.resid1, rc.clone()), x, be.view(&a.attproj, rc.clone()));
+            // resid1 = x + (atty @ c_proj + b), the projection added onto the residual in one op
+            be.matmul_forward_residual(be.view_mut(&mut a.resid1, rc.clone()), x, be.view(&a.atty, rc.clone()), p(bp.proj_w), Some(p(bp.proj_b)), mm(rows, c, c));
             // mlp input: LN2(resid1) (pre-LN) or LN1(resid1) (post-LN)
             let mlp_in = match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
@@ -422,17 +417,17 @@ impl<B: Backend> Gpt<B> {
                     &a.ln1
                 }
             };
-            // fch = mlp_in @ c_fc + b (BT, 4C); fch_gelu = gelu(fch); fcproj = fch_gelu @ c_proj + b
+            // fch = mlp_in @ c_fc + b (BT, 4C); fch_gelu = gelu(fch)
             be.matmul_forward(be.view_mut(&mut a.fch, rc4.clone()), be.view(mlp_in, rc.clone()), p(bp.fc_w), Some(p(bp.fc_b)), mm(rows, c, 4 * c));
             be.gelu_forward(be.view_mut(&mut a.fch_gelu, rc4.clone()), be.view(&a.fch, rc4.clone()));
-            be.matmul_forward(be.view_mut(&mut a.fcproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), Some(p(bp.fcproj_b)), mm(rows, 4 * c, c));
-            // resid2 = mlp_in's residual + fcproj; post-LN then normalises it
+            // resid2 = mlp_in's residual + (fch_gelu @ c_proj + b); post-LN then normalises it
+            let fcproj = |be: &B, out: &mut B::Buf, residual: B::View<'_>| {
+                be.matmul_forward_residual(be.view_mut(out, rc.clone()), residual, be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), Some(p(bp.fcproj_b)), mm(rows, 4 * c, c))
+            };
             match cfg.ln_placement {
-                LayerNormPlacement::Pre => {
-                    be.residual_forward(be.view_mut(&mut a.resid2, rc.clone()), be.view(&a.resid1, rc.clone()), be.view(&a.fcproj, rc.clone()));
-                }
+                LayerNormPlacement::Pre => fcproj(be, &mut a.resid2, be.view(&a.resid1, rc.clone())),
                 LayerNormPlacement::Post => {
-                    be.residual_forward(be.view_mut(&mut a.resid2, rc.clone()), be.view(&a.ln1, rc.clone()), be.view(&a.fcproj, rc.clone()));
+                    fcproj(be, &mut a.resid2, be.view(&a.ln1, rc.clone()));
                     ln(be, &mut a.ln2, &mut a.ln2_mean, &mut a.ln2_rstd, be.view(&a.resid2, rc.clone()), bp.ln2_w, bp.ln2_b);
                 }
             }

@@ -59,6 +59,9 @@ impl Backend for Shared {
     fn zeros(&self, len: usize) -> Buf {
         self.0.zeros(len)
     }
+    fn activation_zeros(&self, len: usize) -> Buf {
+        self.0.activation_zeros(len)
+    }
     fn upload(&self, host: &[f32]) -> Buf {
         self.0.upload(host)
     }
@@ -103,6 +106,17 @@ impl Backend for Shared {
     }
     fn matmul_forward(&self, out: ViewMut<'_>, inp: View<'_>, weight: View<'_>, bias: Option<View<'_>>, shape: MatmulShape) {
         self.0.matmul_forward(out, inp, weight, bias, shape)
+    }
+    fn matmul_forward_residual(
+        &self,
+        out: ViewMut<'_>,
+        residual: View<'_>,
+        inp: View<'_>,
+        weight: View<'_>,
+        bias: Option<View<'_>>,
+        shape: MatmulShape,
+    ) {
+        self.0.matmul_forward_residual(out, residual, inp, weight, bias, shape)
     }
     fn matmul_backward(
         &self,
