@@ -367,6 +367,29 @@ enum Dinp {
     Skip,
 }
 
+/// `matmul_forward_residual`: out (f32) = residual + bf16 inp @ W + bias, the GPT projections
+/// (cuBLASLt with C = residual and beta = 1 on the GPU).
+fn matmul_residual_body<B: Backend>(be: &B, rows: usize, ic: usize, oc: usize) -> Outs {
+    let s = MatmulShape { rows, in_features: ic, out_features: oc, layout: WeightLayout::InOut };
+    let inp = activation(be, &randn_bf16(20, rows * ic, 1.0));
+    let w = be.upload(&randn_bf16(21, ic * oc, 0.1));
+    let b = be.upload(&randn(22, oc, 1.0));
+    let residual = be.upload(&randn(23, rows * oc, 1.0));
+    let mut out = be.zeros(rows * oc + GUARD);
+    be.fill(all_mut(be, &mut out), STALE);
+    be.matmul_forward_residual(be.view_mut(&mut out, 0..rows * oc), all(be, &residual), all(be, &inp), all(be, &w), Some(all(be, &b)), s);
+    let got = host(be, &out);
+    assert!(got[rows * oc..].iter().all(|&v| v == STALE), "{}: residual matmul wrote past the output", be.name());
+    vec![("out", got[..rows * oc].to_vec(), F32_OUT)]
+}
+
+#[test]
+fn matmul_forward_residual_with_bf16_inputs_matches_cpu() {
+    let Some((g, _serial)) = gpu() else { return };
+    compare("residual 257x96->96", g, both!(matmul_residual_body, 257, 96, 96));
+    compare("residual 70x384->96", g, both!(matmul_residual_body, 70, 4 * 96, 96));
+}
+
 #[derive(Clone, Copy, Debug)]
 struct BwdCase {
     rows: usize,
