@@ -39,6 +39,9 @@ pub(crate) fn run_bert<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnc
     if let Some(v) = a.vocab {
         cfg.vocab_size = v;
     }
+    if let Some(p) = a.dropout {
+        cfg.dropout = p;
+    }
     cfg.validate()?;
     let (b, t) = (a.batch, a.seq);
     if b == 0 || t == 0 {
