@@ -361,6 +361,21 @@ pub trait Backend: Send + Sync + 'static {
         rstd: Self::View<'_>,
         channels: usize,
     );
+    /// [`Backend::layernorm_backward`] with the input gradient written over `dinp`, not added
+    /// (saves the caller a zero fill and the read of dinp).
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_set(
+        &self,
+        dinp: Self::ViewMut<'_>,
+        dweight: Self::ViewMut<'_>,
+        dbias: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        mean: Self::View<'_>,
+        rstd: Self::View<'_>,
+        channels: usize,
+    );
 
     // ---- multi-head scaled dot-product attention ------------------------------------------
 

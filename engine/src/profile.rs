@@ -196,6 +196,23 @@ impl<B: Backend> Backend for Profiled<B> {
             || self.inner.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels),
         )
     }
+    fn layernorm_backward_set(
+        &self,
+        dinp: B::ViewMut<'_>,
+        dweight: B::ViewMut<'_>,
+        dbias: B::ViewMut<'_>,
+        dout: B::View<'_>,
+        inp: B::View<'_>,
+        weight: B::View<'_>,
+        mean: B::View<'_>,
+        rstd: B::View<'_>,
+        channels: usize,
+    ) {
+        self.timed(
+            || "layernorm_backward".into(),
+            || self.inner.layernorm_backward_set(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels),
+        )
+    }
     fn attention_saved_len(&self, shape: AttnShape) -> usize {
         self.inner.attention_saved_len(shape)
     }

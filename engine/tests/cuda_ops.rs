@@ -298,11 +298,25 @@ fn layernorm_body<B: Backend>(be: &B, n: usize, c: usize) -> Outs {
         all(be, &rstd),
         c,
     );
+    // the overwrite variant over random values (C above 1024 takes the zero-then-add path)
+    let mut dset = be.upload(&randn(27, n * c, 1.0));
+    be.layernorm_backward_set(
+        all_mut(be, &mut dset),
+        all_mut(be, &mut dw),
+        all_mut(be, &mut db),
+        all(be, &dout),
+        all(be, &inp),
+        all(be, &w),
+        all(be, &mean),
+        all(be, &rstd),
+        c,
+    );
     vec![
         ("out", host(be, &out)),
         ("mean", host(be, &mean)),
         ("rstd", host(be, &rstd)),
         ("dinp", host(be, &dinp)),
+        ("dinp set", host(be, &dset)),
         ("dweight", host(be, &dw)),
         ("dbias", host(be, &db)),
     ]
@@ -314,6 +328,7 @@ fn layernorm_matches_cpu() {
     compare("layernorm 300x200", g, 1e-5, both!(layernorm_body, 300, 200));
     compare("layernorm 129x768", g, 1e-5, both!(layernorm_body, 129, 768));
     compare("layernorm 5x7", g, 1e-5, both!(layernorm_body, 5, 7));
+    compare("layernorm 70x1100", g, 1e-5, both!(layernorm_body, 70, 1100));
 }
 
 // ---- gelu, residual ---------------------------------------------------------------------------

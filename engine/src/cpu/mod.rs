@@ -183,6 +183,22 @@ impl Backend for CpuBackend {
     ) {
         layernorm::backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
     }
+    fn layernorm_backward_set(
+        &self,
+        dinp: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        channels: usize,
+    ) {
+        // the reference: zeros, then the accumulating backward (0 + x = x, bit for bit)
+        dinp.fill(0.0);
+        layernorm::backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+    }
 
     fn attention_saved_len(&self, shape: AttnShape) -> usize {
         attention::saved_len(shape)

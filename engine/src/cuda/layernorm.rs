@@ -57,12 +57,13 @@ fn fused_k(c: usize) -> Option<usize> {
     FUSED_K.into_iter().find(|&k| 32 * k >= c)
 }
 
-/// dinp (N, C) += the input gradient; dw (C) += sum_n dout * xhat; db (C) += sum_n dout. The
-/// weight/bias sums go through per-chunk partials (`ROWS_PER_TASK` rows, colsum.rs), so they are
-/// the same on every run.
+/// dinp (N, C) += the input gradient (`accumulate`; else written over dinp); dw (C) += sum_n
+/// dout * xhat; db (C) += sum_n dout. The weight/bias sums go through per-chunk partials
+/// (`ROWS_PER_TASK` rows, colsum.rs), so they are the same on every run.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     be: &CudaBackend,
+    accumulate: bool,
     dinp: CudaViewMut<'_>,
     dw: CudaViewMut<'_>,
     db: CudaViewMut<'_>,
@@ -84,8 +85,16 @@ pub(crate) fn backward(
     let (_pdw_buf, pdw) = colsum::scratch(be, n, c);
     let (_pdb_buf, pdb) = colsum::scratch(be, n, c);
     match fused_k(c) {
-        Some(k) => backward_fused(be, k, &dinp, (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c),
-        None => backward_two_pass(be, &dinp, (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c),
+        Some(k) => backward_fused(be, k, accumulate, &dinp, (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c),
+        None => {
+            // the two-pass kernels only add: zero first when overwriting
+            if !accumulate {
+                // SAFETY: the same range as dinp, which this function holds exclusively.
+                let zeroed = unsafe { CudaViewMut::from_raw_typed(dinp.ptr(), dinp.len, dinp.dtype) };
+                super::memory::fill(be, zeroed, 0.0);
+            }
+            backward_two_pass(be, &dinp, (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c)
+        }
     }
     colsum::finish(be, dw.ptr(), pdw, n, c);
     colsum::finish(be, db.ptr(), pdb, n, c);
@@ -97,6 +106,7 @@ pub(crate) fn backward(
 fn backward_fused(
     be: &CudaBackend,
     k: usize,
+    accumulate: bool,
     dinp: &CudaViewMut<'_>,
     (pdw, pdb): (u64, u64),
     dout: &CudaView<'_>,
@@ -118,8 +128,9 @@ fn backward_fused(
     };
     let mut l = be.stream().launch_builder(&f);
     l.arg(dinp.ptr_ref()).arg(&pdw).arg(&pdb).arg(dout.ptr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref());
-    l.arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc).arg(&per);
-    // SAFETY: layernorm_backward_fused_k{K}(float* x3, const float* x5, u64, u64, u64) with
+    let acc = accumulate as i32;
+    l.arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc).arg(&per).arg(&acc);
+    // SAFETY: layernorm_backward_fused_k{K}(float* x3, const float* x5, u64, u64, u64, int) with
     // 32 K >= C: sizes asserted by the caller; writes chunks*C floats to each scratch buffer.
     be.check(unsafe { l.launch(cfg) }.map(|_| ()), &name);
 }

@@ -528,7 +528,21 @@ impl Backend for CudaBackend {
         rstd: CudaView<'_>,
         channels: usize,
     ) {
-        layernorm::backward(self, dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+        layernorm::backward(self, true, dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+    }
+    fn layernorm_backward_set(
+        &self,
+        dinp: CudaViewMut<'_>,
+        dweight: CudaViewMut<'_>,
+        dbias: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        mean: CudaView<'_>,
+        rstd: CudaView<'_>,
+        channels: usize,
+    ) {
+        layernorm::backward(self, false, dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
     }
 
     // ---- attention (attention.rs) -------------------------------------------------------

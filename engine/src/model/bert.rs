@@ -561,8 +561,7 @@ impl<B: Backend> Bert<B> {
             let dec = MatmulShape { rows: n, in_features: c, out_features: v, layout: WeightLayout::OutIn };
             let [dw, db] = be.split_mut(grads, [lay.wte.clone(), lay.mlm_bias.clone()]);
             be.matmul_backward_set_dinp(all_mut(be, dn1), dw, Some(db), all(be, &mlm.logits), all(be, &mlm_ln.out), cx.p(&lay.wte), dec);
-            zero(be, dn2);
-            lay.mlm_ln.backward(&cx, grads, dn2, dn1, mlm_g, mlm_ln);
+            lay.mlm_ln.backward_set(&cx, grads, dn2, dn1, mlm_g, mlm_ln);
             be.gelu_backward_set(all_mut(be, dn1), all(be, mlm_h), all(be, dn2));
             lay.mlm_dense.backward(&cx, grads, dhf, Grad::after(dhf_written), dn1, hf, n);
             dhf_written = true;
@@ -617,8 +616,7 @@ impl<B: Backend> Bert<B> {
         // the stack takes dhf as its output's gradient
         let dstack: &mut B::Buf = match (&lay.final_ln, final_ln.as_ref()) {
             (Some(ln), Some(la)) => {
-                zero(be, dn1);
-                ln.backward(&cx, grads, dn1, dhf, stack_out, la);
+                ln.backward_set(&cx, grads, dn1, dhf, stack_out, la);
                 &mut *dn1
             }
             _ => &mut *dhf,
@@ -633,13 +631,11 @@ impl<B: Backend> Bert<B> {
         let demb: &mut B::Buf = match batch.dropout {
             Some(dp) => {
                 be.dropout_forward(all_mut(be, dn2), all(be, dstack), dp.site(0, n * c));
-                zero(be, dn1);
-                lay.emb_ln.backward(&cx, grads, dn1, dn2, emb, emb_ln);
+                lay.emb_ln.backward_set(&cx, grads, dn1, dn2, emb, emb_ln);
                 dn1
             }
             None => {
-                zero(be, dn2);
-                lay.emb_ln.backward(&cx, grads, dn2, dstack, emb, emb_ln);
+                lay.emb_ln.backward_set(&cx, grads, dn2, dstack, emb, emb_ln);
                 dn2
             }
         };

@@ -159,6 +159,13 @@ impl Norm {
         let [dw, db] = be.split_mut(grads, [self.w.clone(), self.b.clone()]);
         be.layernorm_backward(all_mut(be, dx), dw, db, all(be, dy), all(be, x), cx.p(&self.w), all(be, &a.mean), all(be, &a.rstd), self.c);
     }
+
+    /// `dx = LN'(dy)` written over dx (no zero fill first), and the parameter gradients.
+    pub fn backward_set<B: Backend>(&self, cx: &Ctx<B>, grads: &mut B::Buf, dx: &mut B::Buf, dy: &B::Buf, x: &B::Buf, a: &NormActs<B>) {
+        let be = cx.be;
+        let [dw, db] = be.split_mut(grads, [self.w.clone(), self.b.clone()]);
+        be.layernorm_backward_set(all_mut(be, dx), dw, db, all(be, dy), all(be, x), cx.p(&self.w), all(be, &a.mean), all(be, &a.rstd), self.c);
+    }
 }
 
 /// The learned parameters of an attention score.
@@ -493,8 +500,7 @@ impl Stack {
             // its gradient dresid to inp and to f alike.
             if post {
                 // out = LN(resid): dresid into gnext, which then collects inp's gradient
-                zero(be, &mut s.gnext);
-                sub.ln.backward(cx, grads, &mut s.gnext, &s.g, &a.resid, &a.ln);
+                sub.ln.backward_set(cx, grads, &mut s.gnext, &s.g, &a.resid, &a.ln);
             }
             // pre-LN: dresid is s.g itself (dout = dresid), which collects inp's gradient
             let dresid = if post { &s.gnext } else { &s.g };

@@ -533,10 +533,12 @@ impl<B: Backend> Gpt<B> {
         let attn = AttnShape { batch: b, q_len: t, kv_len: t, channels: c, heads: cfg.n_head, causal: true };
         let saved_len = be.attention_saved_len(attn);
         let Acts { encoded, blocks: block_acts, lnf_mean, lnf_rstd, scratch: s, .. } = acts;
-        let zero = |be: &B, buf: &mut B::Buf, n: usize| be.fill(be.view_mut(buf, 0..n), 0.0);
-        let ln_back = |grads: &mut B::Buf, dinp: &mut B::Buf, dout: &B::Buf, inp: &B::Buf, mean: &B::Buf, rstd: &B::Buf, w: ParamId, bias: ParamId| {
+        // dinp += LN'(dout), or with `set` dinp = LN'(dout) (no zero fill first)
+        let ln_grad = |set: bool, grads: &mut B::Buf, dinp: &mut B::Buf, dout: &B::Buf, inp: &B::Buf, mean: &B::Buf, rstd: &B::Buf, w: ParamId, bias: ParamId| {
             let (dw, db) = weight_and_bias_grads(be, table, grads, w, bias);
-            be.layernorm_backward(
+            let op = if set { B::layernorm_backward_set } else { B::layernorm_backward };
+            op(
+                be,
                 be.view_mut(dinp, rc.clone()),
                 dw,
                 db,
@@ -553,8 +555,7 @@ impl<B: Backend> Gpt<B> {
             Some(a) => block_output(a, cfg.ln_placement),
             None => &*encoded,
         };
-        zero(be, &mut s.dres, rows * c);
-        ln_back(grads, &mut s.dres, &s.dln, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
+        ln_grad(true, grads, &mut s.dres, &s.dln, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
         ready(be, grads, table.range(self.lnf_w).start..table.range(self.lnf_b).end);
 
         for (l, bp) in blocks.iter().enumerate().rev() {
@@ -572,8 +573,7 @@ impl<B: Backend> Gpt<B> {
                 }
                 LayerNormPlacement::Post => {
                     // out = LN2(resid2); resid2 = ln1 + fcproj: dln1 := dresid2, dfcproj = dresid2
-                    zero(be, &mut s.dmid, rows * c);
-                    ln_back(grads, &mut s.dmid, &s.dres, &a.resid2, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
+                    ln_grad(true, grads, &mut s.dmid, &s.dres, &a.resid2, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
                     be.copy(be.view_mut(&mut s.dln, rc.clone()), be.view(&s.dmid, rc.clone()));
                     (&a.ln1, true, &s.dmid)
                 }
@@ -593,12 +593,11 @@ impl<B: Backend> Gpt<B> {
             // the gradient of resid1: in dres (pre-LN, in place) or dmid (post-LN)
             let dresid1 = match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    ln_back(grads, &mut s.dres, &s.dln, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
+                    ln_grad(false, grads, &mut s.dres, &s.dln, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
                     &s.dres
                 }
                 LayerNormPlacement::Post => {
-                    zero(be, &mut s.dmid, rows * c);
-                    ln_back(grads, &mut s.dmid, &s.dln, &a.resid1, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                    ln_grad(true, grads, &mut s.dmid, &s.dln, &a.resid1, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                     // resid1 = x + attproj: dx := dresid1 (more below)
                     be.copy(be.view_mut(&mut s.dx, rc.clone()), be.view(&s.dmid, rc.clone()));
                     &s.dmid
@@ -622,7 +621,7 @@ impl<B: Backend> Gpt<B> {
                 LayerNormPlacement::Pre => {
                     be.matmul_backward_set_dinp(be.view_mut(&mut s.dln, rc.clone()), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
                     // dres := dx = dresid1 + LN1'(dln), in place
-                    ln_back(grads, &mut s.dres, &s.dln, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                    ln_grad(false, grads, &mut s.dres, &s.dln, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                 }
                 LayerNormPlacement::Post => {
                     be.matmul_backward(Some(be.view_mut(&mut s.dx, rc.clone())), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(x, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));

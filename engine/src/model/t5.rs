@@ -21,7 +21,7 @@ use crate::backend::{Backend, MatmulShape, OptionalOp, WeightLayout, IGNORE_INDE
 use crate::error::EngineError;
 use crate::model::bert::check_scores_supported;
 use crate::model::bert_config::Positions;
-use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, token_init_std, token_scale, zero, Ctx, Dims, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
+use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, token_init_std, token_scale, Ctx, Dims, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
 use crate::model::t5_config::T5Config;
 use crate::params::{Init, ParamKind, ParamTable};
 
@@ -388,8 +388,7 @@ impl<B: Backend> T5<B> {
         // tied head: dhead = dlogits shared (written over); dshared += dlogits^T dec_out
         let head = MatmulShape { rows: batch.b * batch.td, in_features: c, out_features: v, layout: WeightLayout::OutIn };
         be.matmul_backward_set_dinp(all_mut(be, dhead), be.view_mut(grads, lay.shared.clone()), None, all(be, logits), all(be, &dec_out.out), cx.p(&lay.shared), head);
-        zero(be, ddec);
-        lay.dec_ln.backward(&cx, grads, ddec, dhead, lay.decoder.output(dec, dec_x), dec_out);
+        lay.dec_ln.backward_set(&cx, grads, ddec, dhead, lay.decoder.output(dec, dec_x), dec_out);
         // decoder stack; its cross-attention writes denc (the gradient of enc_out)
         let dec_lens = Lens::<B> { own: None, memory: batch.enc_lens.as_ref() };
         lay.decoder.backward(&cx, grads, dec, dec_x, Some(&enc_out.out), Some(denc), dec_lens, ddec, dd);
@@ -402,8 +401,7 @@ impl<B: Backend> T5<B> {
         }
         be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, ddec), &batch.dec_tokens, c);
         // encoder: final LN, stack, embeddings
-        zero(be, dx);
-        lay.enc_ln.backward(&cx, grads, dx, denc, lay.encoder.output(enc, enc_x), enc_out);
+        lay.enc_ln.backward_set(&cx, grads, dx, denc, lay.encoder.output(enc, enc_x), enc_out);
         let enc_lens = Lens::<B> { own: batch.enc_lens.as_ref(), memory: None };
         lay.encoder.backward(&cx, grads, enc, enc_x, None, None, enc_lens, dx, de);
         if let Some(r) = &lay.enc_pos {

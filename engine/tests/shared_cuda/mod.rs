@@ -168,6 +168,20 @@ impl Backend for Shared {
     ) {
         self.0.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
     }
+    fn layernorm_backward_set(
+        &self,
+        dinp: ViewMut<'_>,
+        dweight: ViewMut<'_>,
+        dbias: ViewMut<'_>,
+        dout: View<'_>,
+        inp: View<'_>,
+        weight: View<'_>,
+        mean: View<'_>,
+        rstd: View<'_>,
+        channels: usize,
+    ) {
+        self.0.layernorm_backward_set(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+    }
     fn attention_saved_len(&self, shape: AttnShape) -> usize {
         self.0.attention_saved_len(shape)
     }

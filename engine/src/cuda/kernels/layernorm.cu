@@ -147,7 +147,7 @@ __device__ __forceinline__ void combine_warp_partials(float* dst, const float (&
 template <int K>
 __device__ void backward_fused_impl(float* dinp, float* pdw, float* pdb, const float* dout,
                                     const float* inp, const float* w, const float* mean,
-                                    const float* rstd, u64 n_rows, u64 c, u64 rows_per_chunk) {
+                                    const float* rstd, u64 n_rows, u64 c, u64 rows_per_chunk, int accumulate) {
     extern __shared__ float smem[];  // (LN_WARPS, C): one warp's partial per row
     const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
     const u64 chunk = blockIdx.x;
@@ -187,7 +187,8 @@ __device__ void backward_fused_impl(float* dinp, float* pdw, float* pdb, const f
 #pragma unroll
         for (int j = 0; j < K; j++) {
             const u64 i = lane + 32 * j;
-            if (live && i < c) dx[i] += rs * (g[j] * w[i] - dmean - xhat[j] * dnorm_mean);
+            // added onto dinp, or (accumulate = 0) written over it: no zero fill before
+            if (live && i < c) dx[i] = (accumulate ? dx[i] : 0.0f) + rs * (g[j] * w[i] - dmean - xhat[j] * dnorm_mean);
             dw[j] += g[j] * xhat[j];  // adds 0 outside the chunk and past C
             db[j] += g[j];
         }
@@ -201,30 +202,30 @@ __device__ void backward_fused_impl(float* dinp, float* pdw, float* pdb, const f
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k4(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
                             const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                            u64 rows_per_chunk) {
-    backward_fused_impl<4>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk);
+                            u64 rows_per_chunk, int accumulate) {
+    backward_fused_impl<4>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k8(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
                             const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                            u64 rows_per_chunk) {
-    backward_fused_impl<8>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk);
+                            u64 rows_per_chunk, int accumulate) {
+    backward_fused_impl<8>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k16(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
                              const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                             u64 rows_per_chunk) {
-    backward_fused_impl<16>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk);
+                             u64 rows_per_chunk, int accumulate) {
+    backward_fused_impl<16>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k24(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
                              const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                             u64 rows_per_chunk) {
-    backward_fused_impl<24>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk);
+                             u64 rows_per_chunk, int accumulate) {
+    backward_fused_impl<24>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
 }
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
 layernorm_backward_fused_k32(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
                              const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                             u64 rows_per_chunk) {
-    backward_fused_impl<32>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk);
+                             u64 rows_per_chunk, int accumulate) {
+    backward_fused_impl<32>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
 }
