@@ -56,7 +56,8 @@ pub(crate) fn run_bert<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnc
         .map(|_| {
             let tokens: Vec<u32> = (0..b * t).map(|_| rng.below(v) as u32).collect();
             let targets = tokens.iter().map(|&id| if rng.below(100) < MLM_RATE { id } else { IGNORE_INDEX }).collect();
-            BertBatch { mlm_targets: Some(targets), ..BertBatch::new(tokens, b, t) }
+            // a training pass: the config's dropout (if any) acts, as in the peer's train mode
+            BertBatch { mlm_targets: Some(targets), train: true, ..BertBatch::new(tokens, b, t) }
         })
         .collect();
     let model = Bert::new(be, cfg.clone(), 0)?;
@@ -64,7 +65,8 @@ pub(crate) fn run_bert<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnc
     let params = model.table().total();
     let mut f = Family { model, batches, step: 0 };
     let secs = time_loop(&mut f, |f| f.model.backend(), a.warmup, a.steps, after_warmup, after, |f| {
-        let x = &f.batches[f.step as usize % BATCHES];
+        let x = &mut f.batches[f.step as usize % BATCHES];
+        x.dropout_seed = f.step; // fresh masks every step
         f.model.zero_grad();
         let loss = f.model.forward(x)?.expect("the batch has MLM targets");
         f.model.backend().synchronize()?;
