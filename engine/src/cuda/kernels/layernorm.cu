@@ -11,9 +11,15 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// out (N, C) = (inp - mean) * rstd * w + b; saves mean (N), rstd (N). One warp per row.
-extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
-                                             const float* w, const float* b, u64 n_rows, u64 c) {
+// An output element, f32 or bf16 (bf16.cuh is prepended by kernels.rs).
+__device__ __forceinline__ void ln_store(float* o, u64 i, float v) { o[i] = v; }
+__device__ __forceinline__ void ln_store(unsigned short* o, u64 i, float v) { o[i] = f32_to_bf16_rne(v); }
+
+// out (N, C) = (inp - mean) * rstd * w + b; saves mean (N), rstd (N). One warp per row;
+// statistics and math in f32 whatever out's type.
+template <typename T>
+__device__ void forward_impl(T* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
+                             u64 n_rows, u64 c) {
     u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) / 32;
     unsigned lane = threadIdx.x % 32;
     if (row >= n_rows) return;
@@ -27,36 +33,23 @@ extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rst
         v += d * d;
     }
     float r = 1.0f / sqrtf(warp_sum(v) / (float)c + LN_EPS);
-    float* o = out + row * c;
-    for (u64 i = lane; i < c; i += 32) o[i] = (x[i] - m) * r * w[i] + b[i];
+    T* o = out + row * c;
+    for (u64 i = lane; i < c; i += 32) ln_store(o, i, (x[i] - m) * r * w[i] + b[i]);
     if (lane == 0) {
         mean[row] = m;
         rstd[row] = r;
     }
 }
 
-// layernorm_forward writing a bf16 output (a GEMM's input); statistics and math in f32.
+extern "C" __global__ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                                             const float* w, const float* b, u64 n_rows, u64 c) {
+    forward_impl(out, mean, rstd, inp, w, b, n_rows, c);
+}
+
+// The same writing a bf16 output (a GEMM's input).
 extern "C" __global__ void layernorm_forward_bf16out(unsigned short* out, float* mean, float* rstd, const float* inp,
                                                     const float* w, const float* b, u64 n_rows, u64 c) {
-    u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) / 32;
-    unsigned lane = threadIdx.x % 32;
-    if (row >= n_rows) return;
-    const float* x = inp + row * c;
-    float s = 0.0f;
-    for (u64 i = lane; i < c; i += 32) s += x[i];
-    float m = warp_sum(s) / (float)c;
-    float v = 0.0f;
-    for (u64 i = lane; i < c; i += 32) {
-        float d = x[i] - m;
-        v += d * d;
-    }
-    float r = 1.0f / sqrtf(warp_sum(v) / (float)c + LN_EPS);
-    unsigned short* o = out + row * c;
-    for (u64 i = lane; i < c; i += 32) o[i] = f32_to_bf16_rne((x[i] - m) * r * w[i] + b[i]);
-    if (lane == 0) {
-        mean[row] = m;
-        rstd[row] = r;
-    }
+    forward_impl(out, mean, rstd, inp, w, b, n_rows, c);
 }
 
 // With xhat = (x - mean) * rstd and dxhat = dout * w:
