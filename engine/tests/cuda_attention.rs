@@ -6,6 +6,9 @@
 //! activation buffers (`Backend::activation_zeros`) for every q/kv, out, dout, dq and dkv.
 #![cfg(feature = "cuda")]
 
+mod bf16_reference;
+use bf16_reference::round_all;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
@@ -424,24 +427,6 @@ fn bf16_activations() -> Option<&'static CudaBackend> {
     Some(be)
 }
 
-/// f32 -> nearest bf16 (ties to even), widened back to f32: the value a bf16 buffer holds.
-/// Written from the definition (keep the top 16 bits, look at the 16 dropped ones), not from
-/// the engine's code. NaN stays NaN.
-fn round_bf16(x: f32) -> f32 {
-    if x.is_nan() {
-        return f32::NAN;
-    }
-    let bits = x.to_bits();
-    let (mut upper, dropped) = (bits >> 16, bits & 0xffff);
-    if dropped > 0x8000 || (dropped == 0x8000 && upper & 1 == 1) {
-        upper += 1;
-    }
-    f32::from_bits(upper << 16)
-}
-
-fn round_all(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| round_bf16(v)).collect()
-}
 
 fn rms(x: &[f32]) -> f64 {
     (x.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / x.len() as f64).sqrt()

@@ -14,6 +14,9 @@
 //! GPU tests print a skip line.
 #![cfg(feature = "cuda")]
 
+mod bf16_reference;
+use bf16_reference::{round_all, round_bf16};
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
@@ -57,25 +60,6 @@ fn gpu() -> Option<(&'static CudaBackend, MutexGuard<'static, ()>)> {
 
 // ---- helpers ----------------------------------------------------------------------------------
 
-/// f32 -> nearest bf16 (ties to even), widened back to f32. Written from the definition (keep
-/// the top 16 bits, look at the 16 dropped ones), not from the engine's code. NaN stays NaN.
-fn round_bf16(x: f32) -> f32 {
-    if x.is_nan() {
-        return f32::NAN;
-    }
-    let bits = x.to_bits();
-    let (mut upper, dropped) = (bits >> 16, bits & 0xffff);
-    // Above half an ulp, or exactly half with an odd kept part: round the magnitude up (a carry
-    // into the exponent is right, up to infinity from the largest finite values).
-    if dropped > 0x8000 || (dropped == 0x8000 && upper & 1 == 1) {
-        upper += 1;
-    }
-    f32::from_bits(upper << 16)
-}
-
-fn round_all(x: &[f32]) -> Vec<f32> {
-    x.iter().map(|&v| round_bf16(v)).collect()
-}
 
 fn randn(seed: u64, n: usize, std: f64) -> Vec<f32> {
     let mut rng = Rng::new(seed);

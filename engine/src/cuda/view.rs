@@ -83,41 +83,48 @@ pub struct CudaViewMut<'a> {
     _l: PhantomData<&'a mut f32>,
 }
 
+/// The accessors both view types share (written once, expanded in each impl).
+macro_rules! view_accessors {
+    () => {
+        /// The device pointer of an f32 view; panics on a bf16 view (an op that only takes f32).
+        #[track_caller]
+        pub(crate) fn ptr(&self) -> u64 {
+            assert_eq!(self.dtype, Dtype::F32, "a bf16 view was passed to an op that only takes f32");
+            self.addr
+        }
+        /// [`ptr`](Self::ptr) by reference, for a kernel launch's argument list.
+        #[track_caller]
+        pub(crate) fn ptr_ref(&self) -> &u64 {
+            assert_eq!(self.dtype, Dtype::F32, "a bf16 view was passed to an op that only takes f32");
+            &self.addr
+        }
+        /// The device pointer whatever the element type (ops that dispatch on `dtype`).
+        pub(crate) fn addr(&self) -> u64 {
+            self.addr
+        }
+        /// [`addr`](Self::addr) by reference, for a kernel launch's argument list.
+        pub(crate) fn addr_ref(&self) -> &u64 {
+            &self.addr
+        }
+        pub(crate) fn is_bf16(&self) -> bool {
+            self.dtype == Dtype::Bf16
+        }
+        pub fn len(&self) -> usize {
+            self.len
+        }
+        pub fn is_empty(&self) -> bool {
+            self.len == 0
+        }
+    };
+}
+
 impl<'a> CudaView<'a> {
     /// # Safety
     /// `ptr..ptr + dtype.size() * len` must lie in one live allocation that outlives `'a`.
     pub(crate) unsafe fn from_raw_typed(ptr: u64, len: usize, dtype: Dtype) -> Self {
         CudaView { addr: ptr, len, dtype, _l: PhantomData }
     }
-    /// The device pointer of an f32 view; panics on a bf16 view (an op that only takes f32).
-    #[track_caller]
-    pub(crate) fn ptr(&self) -> u64 {
-        assert_eq!(self.dtype, Dtype::F32, "a bf16 view was passed to an op that only takes f32");
-        self.addr
-    }
-    /// [`ptr`](Self::ptr) by reference, for a kernel launch's argument list.
-    #[track_caller]
-    pub(crate) fn ptr_ref(&self) -> &u64 {
-        assert_eq!(self.dtype, Dtype::F32, "a bf16 view was passed to an op that only takes f32");
-        &self.addr
-    }
-    /// The device pointer whatever the element type (ops that dispatch on `dtype`).
-    pub(crate) fn addr(&self) -> u64 {
-        self.addr
-    }
-    /// [`addr`](Self::addr) by reference, for a kernel launch's argument list.
-    pub(crate) fn addr_ref(&self) -> &u64 {
-        &self.addr
-    }
-    pub(crate) fn is_bf16(&self) -> bool {
-        self.dtype == Dtype::Bf16
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+    view_accessors!();
 }
 
 impl<'a> CudaViewMut<'a> {
@@ -126,35 +133,7 @@ impl<'a> CudaViewMut<'a> {
     pub(crate) unsafe fn from_raw_typed(ptr: u64, len: usize, dtype: Dtype) -> Self {
         CudaViewMut { addr: ptr, len, dtype, _l: PhantomData }
     }
-    /// The device pointer of an f32 view; panics on a bf16 view (an op that only takes f32).
-    #[track_caller]
-    pub(crate) fn ptr(&self) -> u64 {
-        assert_eq!(self.dtype, Dtype::F32, "a bf16 view was passed to an op that only takes f32");
-        self.addr
-    }
-    /// [`ptr`](Self::ptr) by reference, for a kernel launch's argument list.
-    #[track_caller]
-    pub(crate) fn ptr_ref(&self) -> &u64 {
-        assert_eq!(self.dtype, Dtype::F32, "a bf16 view was passed to an op that only takes f32");
-        &self.addr
-    }
-    /// The device pointer whatever the element type (ops that dispatch on `dtype`).
-    pub(crate) fn addr(&self) -> u64 {
-        self.addr
-    }
-    /// [`addr`](Self::addr) by reference, for a kernel launch's argument list.
-    pub(crate) fn addr_ref(&self) -> &u64 {
-        &self.addr
-    }
-    pub(crate) fn is_bf16(&self) -> bool {
-        self.dtype == Dtype::Bf16
-    }
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
+    view_accessors!();
     /// A read-only view of the same range, borrowing this one.
     pub fn as_view(&self) -> CudaView<'_> {
         CudaView { addr: self.addr, len: self.len, dtype: self.dtype, _l: PhantomData }
