@@ -39,8 +39,9 @@ pub fn gelu_backward(dinp: &mut [f32], inp: &[f32], dout: &[f32]) {
 pub fn add_onto(out: &mut [f32], a: &[f32]) {
     assert_eq!(out.len(), a.len(), "residual");
     out.par_chunks_mut(CHUNK).zip(a.par_chunks(CHUNK)).for_each(|(o, a)| {
-        for i in 0..o.len() {
-            o[i] = a[i] + o[i];
+        // residual + projection: IEEE addition commutes, so this is a[i] + o[i] bit for bit
+        for (o, a) in o.iter_mut().zip(a) {
+            *o += a;
         }
     });
 }

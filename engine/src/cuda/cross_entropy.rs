@@ -9,7 +9,7 @@ use super::CudaBackend;
 /// warp shuffles (a multiple of 32, at most 1024); head and tail elements of a row (up to 3 each,
 /// before and after the 4-element words the kernels load) take one thread each (at least 4).
 const THREADS: u32 = 512;
-const _: () = assert!(THREADS % 32 == 0 && THREADS >= 32 && THREADS <= 1024);
+const _: () = assert!(THREADS.is_multiple_of(32) && THREADS >= 32 && THREADS <= 1024);
 
 fn row_cfg(rows: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }

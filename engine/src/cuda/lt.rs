@@ -109,7 +109,8 @@ impl Lt {
     ///
     /// # Safety
     /// `a`, `b`, `d` and `bias` must be device pointers holding the extents `s` describes
-    /// (A: lda x (k or m), B: ldb x (n or k), D: ldd x n, bias: m floats).
+    /// (A: lda x (k or m), B: ldb x (n or k), D and C: ldd x n, bias: m values).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) unsafe fn gemm_bias(
         &self,
         stream: &CudaStream,

@@ -152,7 +152,7 @@ impl<'a> Dense<'a> {
         Dense { rows_alloc: rows.max(self.rows()), ..self }
     }
     fn rows_of(view: &CudaView<'_>, cols: usize) -> usize {
-        if cols == 0 { 0 } else { view.len / cols }
+        view.len.checked_div(cols).unwrap_or(0)
     }
     fn rows(&self) -> usize {
         Self::rows_of(&self.view, self.cols)
