@@ -6,6 +6,11 @@
 //! f32 product (one IEEE addition, commutative), so results match the plain path bit for bit
 //! up to the GEMM's own kernel choice.
 //!
+//! Two variants on the same plans: a bf16 D (an activation buffer) with a bf16 bias (the
+//! heuristic finds no kernel for a bf16 D with an f32 bias on an H100), and `+ C` with beta = 1,
+//! C laid out as D: a projection added onto the residual stream in the same pass
+//! (`matmul_forward_residual`).
+//!
 //! Plans (descriptors, layouts and the heuristic's algorithm) are built once per shape and
 //! kept; only the bias pointer changes between calls. `SMELT_CUBLASLT=0` turns the path off
 //! (read once per process), for comparison on a card.
