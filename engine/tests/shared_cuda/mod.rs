@@ -11,7 +11,7 @@
 use std::ops::Range;
 use std::sync::OnceLock;
 
-use smelt_engine::backend::{AdamWStep, AttnShape, Backend, DecayRuns, MatmulShape, OptionalOp, QkvSource, Scores};
+use smelt_engine::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use smelt_engine::cuda::{CudaBackend, CudaOptions, MatmulPrecision};
 use smelt_engine::EngineError;
 
@@ -284,6 +284,12 @@ impl Backend for Shared {
     }
     fn tanh_forward(&self, out: ViewMut<'_>, inp: View<'_>) {
         self.0.tanh_forward(out, inp)
+    }
+    fn dropout_forward(&self, out: ViewMut<'_>, inp: View<'_>, mask: Dropout) {
+        self.0.dropout_forward(out, inp, mask)
+    }
+    fn dropout_backward(&self, dinp: ViewMut<'_>, dout: View<'_>, mask: Dropout) {
+        self.0.dropout_backward(dinp, dout, mask)
     }
     fn tanh_backward(&self, dinp: ViewMut<'_>, out: View<'_>, dout: View<'_>) {
         self.0.tanh_backward(dinp, out, dout)
