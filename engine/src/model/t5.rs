@@ -369,8 +369,8 @@ impl<B: Backend> T5<B> {
     /// Backward pass of the last forward (which had targets): accumulates the gradient of
     /// `loss_scale * mean loss`. The logits buffer then holds their gradient.
     ///
-    /// Zero fills left: the two final LayerNorms' input gradients (LayerNorm's backward only
-    /// accumulates), and one per post-LN sublayer; every other op writes over its output.
+    /// No zero fills: the final LayerNorms and post-LN sublayers write their input gradients
+    /// over the buffers (`layernorm_backward_set`), as every other op here does.
     pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
         let batch = self.batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
         let (de, dd) = self.dims(batch.b, batch.te, batch.td);
