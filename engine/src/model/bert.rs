@@ -532,10 +532,11 @@ impl<B: Backend> Bert<B> {
     /// Each head's logits buffer then holds their gradient (`logits`, `nsp_logits` and
     /// `class_logits` read logits only until the backward pass).
     ///
-    /// Zero fills left: LayerNorm's backward only accumulates, so each LayerNorm whose input
-    /// gradient has nothing to join gets a zeroed buffer (the MLM head's, the embeddings', the
-    /// final one (pre-LN), one per post-LN sublayer), as does the pooler's tanh; every other op
-    /// writes over its output, and the first head to reach the hidden states sets their gradient.
+    /// Zero fills left: the pooler's tanh (its backward only accumulates). Each LayerNorm whose
+    /// input gradient has nothing to join writes it over its buffer (`layernorm_backward_set`:
+    /// the MLM head's, the embeddings', the final one (pre-LN), each post-LN sublayer's); every
+    /// other op writes over its output, and the first head to reach the hidden states sets
+    /// their gradient.
     pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
         let Bert { be, cfg, lay, params, grads, batch, acts, losses, dz, .. } = self;
         let batch = batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;

@@ -467,7 +467,7 @@ impl Stack {
 
     /// The backward of `forward_with_dropout` with the same `dropout`.
     ///
-    /// No zero fills but one per post-LN sublayer (LayerNorm's backward only accumulates): a
+    /// No zero fills (a post-LN sublayer's LayerNorm writes its input gradient over `gnext`): a
     /// residual add hands its gradient to both inputs unchanged, so the branch reads the
     /// residual's gradient buffer directly and the branch's input gradient is added onto it
     /// (pre-LN: through the LayerNorm into `g` itself; post-LN: by the first linear's GEMM into
