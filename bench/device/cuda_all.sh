@@ -9,8 +9,8 @@
 #     torch_family.py, compiled (issue 7). The peers run through torch_family.py's own `bench`
 #     and `main`; only its GPT-2 run is skipped (step 2 has the GPT-2 peer), to save the lease;
 #  4. per-op profiles of the three models (each op synchronised), last because least needed.
-# $OUT gets 7 files: summary.txt, tests.log, gpt.txt, smelt_bert.json, smelt_t5.json, smelt.err,
-# torch_family.txt. Stage budgets (seconds) are in the timeouts below; they sum under 540.
+# $OUT gets 8 files: summary.txt, tests.log, gpt.txt, smelt_bert.json, smelt_bert_dropout.json,
+# smelt_t5.json, smelt.err, torch_family.txt. Stage budgets (seconds) are in the timeouts below; they sum under 540.
 set -u
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
