@@ -14,6 +14,10 @@
 //! GPU tests print a skip line.
 #![cfg(feature = "cuda")]
 
+#[macro_use]
+mod backend_pair;
+use backend_pair::Runner;
+
 mod bf16_reference;
 use bf16_reference::{round_all, round_bf16};
 
@@ -134,7 +138,7 @@ fn assert_same_bits(what: &str, got: &[f32], want: &[f32]) {
 type Outs = Vec<(&'static str, Vec<f32>, f64)>;
 
 /// Runs `body` on the CPU and on `gpu`, compares each named output within its tolerance.
-fn compare(what: &str, gpu: &CudaBackend, body: impl Fn(&dyn Runner) -> Outs) {
+fn compare(what: &str, gpu: &CudaBackend, body: impl Fn(&dyn Runner<Outs>) -> Outs) {
     let want = body(&CpuBackend::new());
     let got = body(gpu);
     gpu.synchronize().unwrap_or_else(|e| panic!("{what}: device error: {e}"));
@@ -147,36 +151,6 @@ fn compare(what: &str, gpu: &CudaBackend, body: impl Fn(&dyn Runner) -> Outs) {
     }
 }
 
-/// Object-safe shim so one closure runs on both backends: each test body is a generic fn
-/// called through `run`.
-trait Runner {
-    fn run(&self, f: &dyn Fn(&dyn std::any::Any) -> Outs) -> Outs;
-}
-impl Runner for CpuBackend {
-    fn run(&self, f: &dyn Fn(&dyn std::any::Any) -> Outs) -> Outs {
-        f(self)
-    }
-}
-impl Runner for CudaBackend {
-    fn run(&self, f: &dyn Fn(&dyn std::any::Any) -> Outs) -> Outs {
-        f(self)
-    }
-}
-
-/// Calls the generic body `$f::<B>(be, args..)` for whichever backend `r` is.
-macro_rules! both {
-    ($f:ident $(, $arg:expr)*) => {
-        |r: &dyn Runner| r.run(&|any: &dyn std::any::Any| {
-            if let Some(be) = any.downcast_ref::<CpuBackend>() {
-                $f(be $(, $arg)*)
-            } else if let Some(be) = any.downcast_ref::<CudaBackend>() {
-                $f(be $(, $arg)*)
-            } else {
-                unreachable!("two backends")
-            }
-        })
-    };
-}
 
 // ---- the host rounding itself -----------------------------------------------------------------
 

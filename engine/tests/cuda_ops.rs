@@ -5,6 +5,10 @@
 //! accumulating fails. Without a GPU (or without libcuda) the GPU tests print a skip line.
 #![cfg(feature = "cuda")]
 
+#[macro_use]
+mod backend_pair;
+use backend_pair::Runner;
+
 use std::sync::OnceLock;
 
 use smelt_engine::backend::{AdamWStep, Backend, Dropout, MatmulShape, WeightLayout, IGNORE_INDEX};
@@ -73,7 +77,7 @@ fn rel_err(got: &[f32], want: &[f32]) -> f64 {
 type Outs = Vec<(&'static str, Vec<f32>)>;
 
 /// Runs `body` on the CPU and on `gpu`, compares each named output within `tol`.
-fn compare(what: &str, gpu: &CudaBackend, tol: f64, body: impl Fn(&dyn Runner) -> Outs) {
+fn compare(what: &str, gpu: &CudaBackend, tol: f64, body: impl Fn(&dyn Runner<Outs>) -> Outs) {
     let want = body(&CpuBackend::new());
     let got = body(gpu);
     gpu.synchronize().unwrap_or_else(|e| panic!("{what}: device error: {e}"));
@@ -86,36 +90,6 @@ fn compare(what: &str, gpu: &CudaBackend, tol: f64, body: impl Fn(&dyn Runner) -
     }
 }
 
-/// Object-safe shim so one closure runs on both backends: each test body is a generic fn
-/// called through `run`.
-trait Runner {
-    fn run(&self, f: &dyn Fn(&dyn std::any::Any) -> Outs) -> Outs;
-}
-impl Runner for CpuBackend {
-    fn run(&self, f: &dyn Fn(&dyn std::any::Any) -> Outs) -> Outs {
-        f(self)
-    }
-}
-impl Runner for CudaBackend {
-    fn run(&self, f: &dyn Fn(&dyn std::any::Any) -> Outs) -> Outs {
-        f(self)
-    }
-}
-
-/// Calls the generic body `$f::<B>(be, args..)` for whichever backend `r` is.
-macro_rules! both {
-    ($f:ident $(, $arg:expr)*) => {
-        |r: &dyn Runner| r.run(&|any: &dyn std::any::Any| {
-            if let Some(be) = any.downcast_ref::<CpuBackend>() {
-                $f(be $(, $arg)*)
-            } else if let Some(be) = any.downcast_ref::<CudaBackend>() {
-                $f(be $(, $arg)*)
-            } else {
-                unreachable!("two backends")
-            }
-        })
-    };
-}
 
 
 // ---- memory -----------------------------------------------------------------------------------

@@ -64,7 +64,7 @@ fn fused_k(c: usize) -> Option<usize> {
 pub(crate) fn backward(
     be: &CudaBackend,
     accumulate: bool,
-    dinp: CudaViewMut<'_>,
+    mut dinp: CudaViewMut<'_>,
     dw: CudaViewMut<'_>,
     db: CudaViewMut<'_>,
     dout: CudaView<'_>,
@@ -89,9 +89,7 @@ pub(crate) fn backward(
         None => {
             // the two-pass kernels only add: zero first when overwriting
             if !accumulate {
-                // SAFETY: the same range as dinp, which this function holds exclusively.
-                let zeroed = unsafe { CudaViewMut::from_raw_typed(dinp.ptr(), dinp.len, dinp.dtype) };
-                super::memory::fill(be, zeroed, 0.0);
+                super::memory::fill(be, dinp.reborrow(), 0.0);
             }
             backward_two_pass(be, &dinp, (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c)
         }

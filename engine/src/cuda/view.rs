@@ -134,6 +134,11 @@ impl<'a> CudaViewMut<'a> {
         CudaViewMut { addr: ptr, len, dtype, _l: PhantomData }
     }
     view_accessors!();
+    /// A writable view of the same range for one call (`fill` first, then a kernel), borrowing
+    /// this one mutably.
+    pub fn reborrow(&mut self) -> CudaViewMut<'_> {
+        CudaViewMut { addr: self.addr, len: self.len, dtype: self.dtype, _l: PhantomData }
+    }
     /// A read-only view of the same range, borrowing this one.
     pub fn as_view(&self) -> CudaView<'_> {
         CudaView { addr: self.addr, len: self.len, dtype: self.dtype, _l: PhantomData }
