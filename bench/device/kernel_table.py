@@ -1,0 +1,61 @@
+#!/usr/bin/env python3
+"""Per-kernel time of one training step from Nsight Compute CSVs (gpu__time_duration, one row
+per launch), as written by bench/device/cuda_kernel_times.sh.
+
+One step is the launches after the second-to-last AdamW launch up to and including the last one
+(the bench runs warmup + measured steps; each ends with the fused AdamW over the flat buffer).
+Rows are grouped by kernel name and grid; GEMMs keep cuBLAS's kernel names.
+
+usage: kernel_table.py A.csv [B.csv ...]
+"""
+import csv
+import sys
+from collections import OrderedDict
+
+
+def launches(path):
+    rows = []
+    with open(path, newline="", errors="replace") as f:
+        lines = [l for l in f if l.startswith('"')]
+    for r in csv.DictReader(lines):
+        if r.get("Metric Name") != "gpu__time_duration.sum":
+            continue
+        name = r["Kernel Name"]
+        value = float(r["Metric Value"].replace(",", ""))
+        unit = r.get("Metric Unit", "nsecond")
+        scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}.get(unit, 1e-6)
+        rows.append((name, r.get("Grid Size", ""), r.get("Block Size", ""), value * scale))
+    return rows
+
+
+def one_step(rows):
+    ends = [i for i, r in enumerate(rows) if "adamw" in r[0]]
+    if len(ends) >= 2:
+        return rows[ends[-2] + 1 : ends[-1] + 1]
+    return rows
+
+
+def short(name):
+    name = name.split("(")[0]
+    return name if len(name) <= 70 else name[:67] + "..."
+
+
+def table(path):
+    step = one_step(launches(path))
+    groups = OrderedDict()
+    for name, grid, block, ms in step:
+        key = (short(name), grid, block)
+        n, t = groups.get(key, (0, 0.0))
+        groups[key] = (n + 1, t + ms)
+    total = sum(t for _, t in groups.values())
+    print(f"## {path}: one step, {len(step)} launches, {total:.2f} ms of kernel time")
+    for (name, grid, block), (n, t) in sorted(groups.items(), key=lambda kv: -kv[1][1]):
+        print(f"{t:8.3f} ms {n:4d}x {t / n * 1e3:9.1f} us  {name}  grid {grid} block {block}")
+    print()
+
+
+for p in sys.argv[1:]:
+    try:
+        table(p)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"## {p}: unreadable ({e})")
