@@ -5,6 +5,7 @@
 //                 /tmp/attention_emu bf16io (bf16 kernels on bf16 q/kv, dout, out, dq, dkv buffers)
 // Exit status: the number of failing cases.
 #include "shim.h"
+struct uint4 { unsigned x, y, z, w; };  // CUDA's 16-byte vector (the _vec stats kernels)
 #include "../../engine/src/cuda/kernels/attention.cu"
 #include <cstdio>
 #include <random>
@@ -64,9 +65,12 @@ struct Dev {
 
 int main(int argc, char** argv) {
     // modes: (none) f32 kernels; bf16: tensor-core kernels on f32 buffers; bf16io: tensor-core
-    // kernels with every global input and output (q/kv, dout, out, dq, dkv) a bf16 buffer.
+    // kernels with every global input and output (q/kv, dout, out, dq, dkv) a bf16 buffer;
+    // direct: as bf16io, and where the engine would (hd a kernel width, 16-byte strides) the
+    // tiled kernels read q, k, v and dout in place instead of head-major copies.
     std::string mode = argc > 1 ? argv[1] : "";
-    bool io = mode == "bf16io", tc = mode == "bf16" || io;
+    bool direct_mode = mode == "direct";
+    bool io = mode == "bf16io" || direct_mode, tc = mode == "bf16" || io;
     double tol_f = tc ? 2e-2 : 1e-5, tol_g = tc ? 3e-2 : 1e-4;
     Case cases[] = {
         {"causal packed B2 T129 C96 H3", 2, 129, 129, 96, 3, 1, 1},
@@ -106,6 +110,12 @@ int main(int argc, char** argv) {
         }
         const float* q = qbuf.data();
         const float* kv = cs.packed ? qbuf.data() : kvbuf.data();
+        {   // as direct_allowed in attention.rs (the buffers here are 16-byte aligned vectors)
+            const int w = hd <= 32 ? 32 : hd <= 64 ? 64 : 128;
+            bool aligned = true;
+            for (int x : {p.q_ld, p.q_off, p.k_ld, p.k_off, p.v_ld, p.v_off, p.channels}) aligned &= x % 8 == 0;
+            p.direct = direct_mode && hd == w && aligned;
+        }
         std::vector<float> dout((size_t)B * Tq * C);
         for (auto& x : dout) x = input(1);
         // reference in double
@@ -167,7 +177,15 @@ int main(int argc, char** argv) {
             size_t n = (size_t)B * H * ((rows + 63) / 64 * 64) * (W / 2);
             launch({(unsigned)((n + 255) / 256), 1, 1}, 256, [&] { attention_heads_bf16(dst, src, rows, ld, off, W, p); });
         };
-        if (tc) {  // the forward pass reads the bf16 copies (which the backward pass reuses)
+        // direct: the passes get the bf16 buffers themselves where they took the copies
+        auto qsrc = [&] { return p.direct ? (const unsigned short*)qd : qh.data(); };
+        auto ksrc = [&] { return p.direct ? (const unsigned short*)kvd : kh.data(); };
+        auto vsrc = [&] { return p.direct ? (const unsigned short*)kvd : vh.data(); };
+        auto dosrc = [&] { return p.direct ? (const unsigned short*)doutd : doh.data(); };
+        if (tc && p.direct) {
+            auto f2 = hd <= 32 ? attention_forward_bf16_d32 : hd <= 64 ? attention_forward_bf16_d64 : attention_forward_bf16_d128;
+            launch(gq, 128, [&] { f2(outd, lse.data(), qsrc(), ksrc(), vsrc(), p); });
+        } else if (tc) {  // the forward pass reads the bf16 copies (which the backward pass reuses)
             heads(qh.data(), qd, Tq, p.q_ld, p.q_off);
             heads(kh.data(), kvd, Tk, p.k_ld, p.k_off);
             heads(vh.data(), kvd, Tk, p.v_ld, p.v_off);
@@ -196,13 +214,19 @@ int main(int argc, char** argv) {
                 launch(gq, 256, [&] { dqk(dqp_, qd, kvd, doutd, lse.data(), dsum.data(), p); });
                 return;
             }
-            heads(doh.data(), doutd, Tq, C, 0);
+            if (!p.direct) heads(doh.data(), doutd, Tq, C, 0);
             unsigned srows = B * H * tqp;
-            launch({(srows + 7) / 8, 1, 1}, 256, [&] { attention_backward_stats(stats.data(), doutd, outd, lse.data(), p); });
+            if (p.direct) {  // as backward_bf16 in attention.rs: hd/8 lanes per row
+                auto sv = hd <= 32 ? attention_backward_stats_vec_d32 : hd <= 64 ? attention_backward_stats_vec_d64 : attention_backward_stats_vec_d128;
+                unsigned blocks = (unsigned)(((size_t)srows * (W / 8) + 255) / 256);
+                launch({blocks, 1, 1}, 256, [&] { sv(stats.data(), (const unsigned short*)doutd, (const unsigned short*)outd, lse.data(), p); });
+            } else {
+                launch({(srows + 7) / 8, 1, 1}, 256, [&] { attention_backward_stats(stats.data(), doutd, outd, lse.data(), p); });
+            }
             auto dkv2 = hd <= 32 ? attention_backward_dkv_bf16_d32 : hd <= 64 ? attention_backward_dkv_bf16_d64 : attention_backward_dkv_bf16_d128;
             auto dq2 = hd <= 32 ? attention_backward_dq_bf16_d32 : hd <= 64 ? attention_backward_dq_bf16_d64 : attention_backward_dq_bf16_d128;
-            launch(gk, 128, [&] { dkv2(dkvp_, qh.data(), kh.data(), vh.data(), doh.data(), stats.data(), p); });
-            launch(gq, 128, [&] { dq2(dqp_, qh.data(), kh.data(), vh.data(), doh.data(), stats.data(), p); });
+            launch(gk, 128, [&] { dkv2(dkvp_, qsrc(), ksrc(), vsrc(), dosrc(), stats.data(), p); });
+            launch(gq, 128, [&] { dq2(dqp_, qsrc(), ksrc(), vsrc(), dosrc(), stats.data(), p); });
         };
         backward(cs.packed ? dqdev.ptr() : dkvdev.ptr(), dqdev.ptr());
         std::vector<float> dq = dqdev.get(), dkv = dkvdev.get();
@@ -235,6 +259,7 @@ int main(int argc, char** argv) {
         bool ok = e1 < tol_f && e2 < tol_f && e3 < tol_g && e4 < tol_g && e5 < tol_g && e5kv < tol_g && e6 < tol_g &&
                   e7 < tol_g && canaries && std::isfinite(e1 + e2 + e3 + e4 + e5 + e5kv + e6 + e7);
         failures += !ok;
+        if (direct_mode) printf("%s", p.direct ? "[direct] " : "[copies] ");
         printf("%-32s out %.2e lse %.2e dsrc %.2e dkv %.2e grad-only %.2e/%.2e overwrite %.2e/%.2e%s %s\n", cs.name, e1, e2,
                e3, e4, e5, e5kv, e6, e7, canaries ? "" : " CANARY", ok ? "ok" : "FAIL");
         fflush(stdout);

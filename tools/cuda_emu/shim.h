@@ -102,6 +102,11 @@ inline void mma_bf16(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigne
 // lanes' row addresses (lanes 8m .. 8m+7 address the rows of 8x8 matrix m; lane (g, t) gets
 // rows 2t and 2t+1 of column g, the lower row in the low half).
 inline void cp_async16(void* s, const void* g) { std::memcpy(s, g, 16); }
+// zero-fills without touching g when !valid, as cp.async with src-size 0
+inline void cp_async16_or_zero(void* s, const void* g, bool valid) {
+    if (valid) std::memcpy(s, g, 16);
+    else std::memset(s, 0, 16);
+}
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 const unsigned short* g_rows[1024];

@@ -6,13 +6,17 @@
 //!
 //! Kernel families, picked by the backend's [`MatmulPrecision`] (the math mode of every
 //! tensor-core op):
-//! - `Bf16` (sm_80+): the forward pass first writes head-major bf16 copies of q, k and v,
-//!   (B, H, Tpad, W) with rows rounded up to the 64-row tile and the head dim to W, into the
-//!   saved state after the lse ([`Bf16Saved`]); the backward pass reuses them, converts dout
-//!   likewise and precomputes each row's (lse log2 e, D). Tiles then move by `cp.async`,
+//! - `Bf16` (sm_80+): tiles of q, k, v and dout move by `cp.async` in 16-byte chunks,
 //!   double-buffered, and the operands that must be read transposed come through
 //!   `ldmatrix.trans`; bf16 `mma.sync` with f32 accumulation and softmax, 128 threads per
-//!   block, each warp owning 16 rows of the 64-row tile.
+//!   block, each warp owning 16 rows of the 64-row tile; the backward pass first computes each
+//!   row's (lse log2 e, D). With bf16 activation buffers whose head dim is a kernel width and
+//!   whose rows are 16-byte aligned (GPT-2, BERT, T5), the kernels read the buffers in place
+//!   (`Params.direct`, zeros past the last row). Otherwise (f32 buffers, a head dim of 40) they
+//!   read head-major bf16 copies, (B, H, Tpad, W) with rows rounded up to the 64-row tile and
+//!   the head dim to W: kept in the saved state after the lse ([`Bf16Saved`]) when the backend
+//!   does not expect in-place reads ([`copies_saved`]), else made for the call. Reading in
+//!   place saved GPT-2 124M 48 copy passes per step (1.9 ms on an H100, bench/NOTES.md v8).
 //! - `Tf32` and `F32`: the f32 reference kernels (256 threads, 4x4 cells per thread), which
 //!   match the CPU to ~1e-6.
 //!
@@ -65,6 +69,9 @@ struct Params {
     /// With io_bf16: every buffer pointer, row stride and column offset is even (in elements),
     /// so column pairs (d, d+1), d even, move as one 4-byte access (`pairs_allowed`).
     pairs: i32,
+    /// bf16 family: the tiled kernels read q, k, v and dout straight from the bf16 activation
+    /// buffers (`direct_allowed`) instead of head-major copies.
+    direct: i32,
     /// Device pointer to `key_lens (B)` (u32), or 0 for no padding mask.
     key_lens: u64,
 }
@@ -106,13 +113,32 @@ impl Bf16Saved {
     }
 }
 
-/// Length of the saved state: the lse, and for the bf16 kernels the operand copies.
+/// Length of the saved state: the lse, and for the bf16 kernels the operand copies unless the
+/// kernels are expected to read the activations directly ([`copies_saved`]).
 pub(crate) fn saved_len(be: &CudaBackend, shape: AttnShape) -> usize {
-    if Family::of(be) == Family::Bf16 {
+    if copies_saved(be, shape) {
         Bf16Saved::of(shape).len
     } else {
         lse_len(shape)
     }
+}
+
+/// Whether the forward pass keeps head-major bf16 copies of q, k and v in the saved state for
+/// the backward pass: the bf16 family, unless the activations are bf16 buffers the kernels can
+/// read in place (head dim exactly a kernel width, channels a multiple of 8). Without saved
+/// copies a call that cannot read in place (f32 buffers, misaligned views) makes temporary
+/// copies, in the backward pass again.
+fn copies_saved(be: &CudaBackend, s: AttnShape) -> bool {
+    Family::of(be) == Family::Bf16
+        && !(super::bf16_activations_enabled() && bucket(s.head_dim()).1 == s.head_dim() && s.channels.is_multiple_of(8))
+}
+
+/// Whether the tiled kernels may read q, k, v and dout in place (`Params.direct`): bf16
+/// buffers, the head dim exactly the kernel's width W (a head's row is W contiguous bf16), and
+/// every row stride, column offset and pointer on a 16-byte boundary (the cp.async chunks).
+fn direct_allowed(p: &Params, ptrs: &[u64]) -> bool {
+    let aligned = [p.q_ld, p.q_off, p.k_ld, p.k_off, p.v_ld, p.v_off, p.channels].iter().all(|x| x % 8 == 0);
+    p.io_bf16 != 0 && bucket(p.hd as usize).1 == p.hd as usize && aligned && ptrs.iter().all(|x| x % 16 == 0)
 }
 
 /// Head-dim bucket of the kernels: `(suffix, W)` with W the padded head dim.
@@ -291,6 +317,7 @@ fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Param
         accumulate: 1,
         io_bf16: io_bf16 as i32,
         pairs: 0,
+        direct: 0,
         key_lens,
     };
     (p, q, kv)
@@ -387,14 +414,26 @@ pub(crate) fn forward_masked(
     if Family::of(be) == Family::Bf16 {
         let mut p = p;
         p.pairs = pairs_allowed(&p, &[out.addr(), q, kv]) as i32;
-        let at = Bf16Saved::of(shape);
         let base = saved.ptr();
-        assert!(base.is_multiple_of(16), "attention saved state must start 16-byte aligned");
-        let (qh, kh, vh) = (base + 4 * at.q_at as u64, base + 4 * at.k_at as u64, base + 4 * at.v_at as u64);
-        heads_bf16(be, &p, qh, q, shape.q_len, p.q_ld, p.q_off, at.w);
-        heads_bf16(be, &p, kh, kv, shape.kv_len, p.k_ld, p.k_off, at.w);
-        heads_bf16(be, &p, vh, kv, shape.kv_len, p.v_ld, p.v_off, at.w);
-        launch_tiled(be, Kernel::Forward, &shape, shape.q_len, &[out.addr(), base, qh, kh, vh], &p);
+        // The copies the backward pass will look for are made whether or not this pass reads
+        // them (it reads in place when it can).
+        let saved_copies = copies_saved(be, shape).then(|| {
+            assert!(base.is_multiple_of(16), "attention saved state must start 16-byte aligned");
+            let at = Bf16Saved::of(shape);
+            let heads = HeadCopies { q: base + 4 * at.q_at as u64, k: base + 4 * at.k_at as u64, v: base + 4 * at.v_at as u64 };
+            heads.fill(be, &p, &shape, q, kv);
+            heads
+        });
+        if direct_allowed(&p, &[q, kv]) {
+            p.direct = 1;
+            launch_tiled(be, Kernel::Forward, &shape, shape.q_len, &[out.addr(), base, q, kv, kv], &p);
+        } else if let Some(heads) = saved_copies {
+            launch_tiled(be, Kernel::Forward, &shape, shape.q_len, &[out.addr(), base, heads.q, heads.k, heads.v], &p);
+        } else {
+            let Some((_scratch, heads)) = HeadCopies::temporary(be, &shape) else { return };
+            heads.fill(be, &p, &shape, q, kv);
+            launch_tiled(be, Kernel::Forward, &shape, shape.q_len, &[out.addr(), base, heads.q, heads.k, heads.v], &p);
+        }
         return;
     }
     launch_tiled(
@@ -494,7 +533,8 @@ fn backward_with(
     check_io(be, p.io_bf16 != 0, out.is_bf16(), "out");
     if Family::of(be) == Family::Bf16 {
         p.pairs = pairs_allowed(&p, &[dq, dkv, dout.addr(), out.addr(), q, kv]) as i32;
-        backward_bf16(be, &shape, &p, dq, dkv, dout.addr(), out.addr(), saved.ptr());
+        p.direct = direct_allowed(&p, &[q, kv, dout.addr(), out.addr()]) as i32;
+        backward_bf16(be, &shape, &p, dq, (q, kv), dkv, dout.addr(), out.addr(), saved.ptr());
         return;
     }
 
@@ -560,43 +600,109 @@ fn heads_bf16(be: &CudaBackend, p: &Params, dst: u64, src: u64, rows: usize, ld:
     be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
 }
 
-/// Backward of the bf16 kernels (attention.cu): q, k and v come as the forward pass's bf16 copies in
-/// `saved`; dout is converted here, each row's (lse log2 e, D) computed, then the dkv and dq
-/// passes read their tiles by cp.async.
+/// Head-major bf16 copies (B, H, Tpad, W) of q, k and v (device pointers), for calls whose
+/// buffers the kernels cannot read in place.
+#[derive(Clone, Copy)]
+struct HeadCopies {
+    q: u64,
+    k: u64,
+    v: u64,
+}
+
+impl HeadCopies {
+    /// Copies in a scratch allocation for this call only (freed in stream order when the
+    /// returned slice drops, after the kernels queued before then). None if it cannot be
+    /// allocated (the error is recorded).
+    fn temporary(be: &CudaBackend, s: &AttnShape) -> Option<(CudaSlice<u16>, HeadCopies)> {
+        let at = Bf16Saved::of(*s);
+        let (qn, kn) = (s.batch * s.heads * at.tq_pad * at.w, s.batch * s.heads * at.tk_pad * at.w);
+        // SAFETY: `fill` writes every element (padding included) before a kernel reads them.
+        match unsafe { be.stream().alloc::<u16>(qn + 2 * kn) } {
+            Ok(buf) => {
+                let base = buf.device_ptr(be.stream()).0;
+                // each copy starts on a 16-byte boundary: qn and kn are multiples of 64 * 32
+                let heads = HeadCopies { q: base, k: base + 2 * qn as u64, v: base + 2 * (qn + kn) as u64 };
+                Some((buf, heads))
+            }
+            Err(e) => {
+                be.check(Err(e), "attention: allocating head-major bf16 copies of q, k, v");
+                None
+            }
+        }
+    }
+
+    /// Writes the copies from the source's q and kv buffers (`params`).
+    fn fill(&self, be: &CudaBackend, p: &Params, s: &AttnShape, q: u64, kv: u64) {
+        let w = Bf16Saved::of(*s).w;
+        heads_bf16(be, p, self.q, q, s.q_len, p.q_ld, p.q_off, w);
+        heads_bf16(be, p, self.k, kv, s.kv_len, p.k_ld, p.k_off, w);
+        heads_bf16(be, p, self.v, kv, s.kv_len, p.v_ld, p.v_off, w);
+    }
+}
+
+/// Backward of the bf16 kernels (attention.cu): with `p.direct` the passes read q, k, v and
+/// dout in place; else q, k and v come from the forward pass's copies in `saved` (or fresh
+/// temporary ones when it kept none) and dout is copied likewise. Each row's (lse log2 e, D) is
+/// computed first, then the dkv and dq passes read their tiles by cp.async.
 #[allow(clippy::too_many_arguments)]
-fn backward_bf16(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, dkv: u64, dout: u64, out: u64, saved: u64) {
+fn backward_bf16(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, (q, kv): (u64, u64), dkv: u64, dout: u64, out: u64, saved: u64) {
     let at = Bf16Saved::of(*s);
     let bh = s.batch * s.heads;
     // Scratch for this call only, freed in stream order after the kernels that read it.
-    // SAFETY: attention_heads_bf16 writes every element (padding included) and
-    // attention_backward_stats every (lse, D) pair before the passes read them.
-    let (doh, stats) = match unsafe {
-        (be.stream().alloc::<u16>(bh * at.tq_pad * at.w), be.stream().alloc::<f32>(2 * bh * at.tq_pad))
-    } {
-        (Ok(d), Ok(st)) => (d, st),
-        (Err(e), _) | (_, Err(e)) => {
-            be.check(Err(e), "attention backward: allocating bf16 dout and row stats");
+    // SAFETY: attention_backward_stats writes every (lse, D) pair before the passes read them.
+    let stats = match unsafe { be.stream().alloc::<f32>(2 * bh * at.tq_pad) } {
+        Ok(st) => st,
+        Err(e) => {
+            be.check(Err(e), "attention backward: allocating the row stats");
+            return;
+        }
+    };
+    let stats_ptr = be.buf_ptr(&stats);
+    {
+        // direct: hd/8 lanes per row, 16-byte loads; else a warp per row
+        let rows = bh * at.tq_pad;
+        let (name, cfg) = if p.direct != 0 {
+            let (suffix, w) = bucket(s.head_dim());
+            (format!("attention_backward_stats_vec_{suffix}"), blocks_of_threads((rows * w / 8).div_ceil(THREADS as usize)))
+        } else {
+            ("attention_backward_stats".to_string(), blocks_of_threads(rows.div_ceil(THREADS as usize / 32)))
+        };
+        let f = be.func(&name);
+        let mut b = be.stream().launch_builder(&f);
+        b.arg(&stats_ptr).arg(&dout).arg(&out).arg(&saved).arg(p);
+        // SAFETY: stats holds B*H*Tqpad pairs; dout and out B*Tq*C (16-byte aligned rows for the
+        // _vec kernels: direct_allowed), the lse at the start of saved B*H*Tq (asserted by the
+        // caller).
+        be.check(unsafe { b.launch(cfg) }.map(|_| ()), &name);
+    }
+    if p.direct != 0 {
+        launch_tiled(be, Kernel::Dkv, s, s.kv_len, &[dkv, q, kv, kv, dout, stats_ptr], p);
+        launch_tiled(be, Kernel::Dq, s, s.q_len, &[dq, q, kv, kv, dout, stats_ptr], p);
+        drop(stats);
+        return;
+    }
+    let mut temporary = None;
+    let heads = if copies_saved(be, *s) {
+        HeadCopies { q: saved + 4 * at.q_at as u64, k: saved + 4 * at.k_at as u64, v: saved + 4 * at.v_at as u64 }
+    } else {
+        let Some((scratch, heads)) = HeadCopies::temporary(be, s) else { return };
+        heads.fill(be, p, s, q, kv);
+        temporary = Some(scratch);
+        heads
+    };
+    // SAFETY: attention_heads_bf16 writes every element (padding included) before the passes.
+    let doh = match unsafe { be.stream().alloc::<u16>(bh * at.tq_pad * at.w) } {
+        Ok(d) => d,
+        Err(e) => {
+            be.check(Err(e), "attention backward: allocating the bf16 copy of dout");
             return;
         }
     };
     let doh_ptr = doh.device_ptr(be.stream()).0;
-    let stats_ptr = be.buf_ptr(&stats);
     heads_bf16(be, p, doh_ptr, dout, s.q_len, s.channels as i32, 0, at.w);
-    {
-        let name = "attention_backward_stats";
-        let f = be.func(name);
-        let rows = bh * at.tq_pad;
-        let cfg = blocks_of_threads(rows.div_ceil(THREADS as usize / 32));
-        let mut b = be.stream().launch_builder(&f);
-        b.arg(&stats_ptr).arg(&dout).arg(&out).arg(&saved).arg(p);
-        // SAFETY: stats holds B*H*Tqpad pairs; dout and out B*Tq*C, the lse at the start of
-        // saved B*H*Tq (asserted by the caller).
-        be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
-    }
-    let (qh, kh, vh) = (saved + 4 * at.q_at as u64, saved + 4 * at.k_at as u64, saved + 4 * at.v_at as u64);
-    launch_tiled(be, Kernel::Dkv, s, s.kv_len, &[dkv, qh, kh, vh, doh_ptr, stats_ptr], p);
-    launch_tiled(be, Kernel::Dq, s, s.q_len, &[dq, qh, kh, vh, doh_ptr, stats_ptr], p);
-    drop((doh, stats));
+    launch_tiled(be, Kernel::Dkv, s, s.kv_len, &[dkv, heads.q, heads.k, heads.v, doh_ptr, stats_ptr], p);
+    launch_tiled(be, Kernel::Dq, s, s.q_len, &[dq, heads.q, heads.k, heads.v, doh_ptr, stats_ptr], p);
+    drop((doh, stats, temporary));
 }
 
 #[cfg(test)]
@@ -674,7 +780,7 @@ mod tests {
             }
         }
         assert!(names.contains(&"attention_backward_dot_f32".to_string()));
-        for name in ["attention_heads_bf16", "attention_backward_stats"] {
+        for name in ["attention_heads_bf16", "attention_backward_stats", "attention_backward_stats_vec_d32", "attention_backward_stats_vec_d64", "attention_backward_stats_vec_d128"] {
             assert!(names.contains(&name.to_string()), "{name} missing from attention.cu");
         }
     }

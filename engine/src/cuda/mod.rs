@@ -719,7 +719,7 @@ impl Backend for CudaBackend {
 }
 
 /// Whether `SMELT_BF16_ACTIVATIONS=0` asked for f32 activations (read once per process).
-fn bf16_activations_enabled() -> bool {
+pub(crate) fn bf16_activations_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("SMELT_BF16_ACTIVATIONS").map_or(true, |v| v != "0"))
 }

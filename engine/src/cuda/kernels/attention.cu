@@ -50,6 +50,9 @@ struct AttnParams {
                        // (engine/src/cuda/view.rs) instead of f32.
     int pairs;         // bf16 family with io_bf16: every one of those buffers, row stride and
                        // column offset allows 4-byte accesses to column pairs (d, d+1), d even
+    int direct;        // bf16 family with io_bf16 and hd == W: the tiled kernels read q, k, v
+                       // and dout straight from the activation buffers (rows of hd bf16 at
+                       // 16-byte aligned addresses) instead of head-major copies
     const unsigned* key_lens;  // (B) keys j >= key_lens[b] are padding; null: all Tk are keys
 };
 
@@ -628,10 +631,10 @@ __device__ __forceinline__ void c_to_a(u32 (&a)[4][4], const float (&c)[8][4]) {
 }
 
 // =============================================================================================
-// The tensor-core kernels. The f32 operands are first copied as head-major bf16
-// (attention_heads_bf16): (B, H, Tpad, W), Tpad = T rounded up to 64, zeros past T and past
-// hd, so that a tile is 64 contiguous rows of W bf16; the forward pass keeps q, k and v's
-// copies in the saved state for the backward pass, which copies dout likewise. Tiles arrive by
+// The tensor-core kernels. They read q, k, v and dout as rows of W bf16: in place from the bf16
+// activation buffers when hd == W and rows are 16-byte aligned (p.direct; rows past T are
+// zero-filled by cp.async), else from head-major bf16 copies (attention_heads_bf16):
+// (B, H, Tpad, W), Tpad = T rounded up to 64, zeros past T and past hd (TileSrc says which). Tiles arrive by
 // cp.async in 16-byte chunks, double-buffered: the copy of the next key (or query) tile overlaps
 // the arithmetic on this one. The operands that must be read transposed (the B of o += P v,
 // dv += P^T dout, dk += dS^T q and dq += dS k) come from the row tiles through ldmatrix.trans.
@@ -657,6 +660,15 @@ __device__ __forceinline__ void cp_async16(void* s, const void* g) {
 __device__ __forceinline__ void cp_async_commit() {
 #if __CUDA_ARCH__ >= 800
     asm volatile("cp.async.commit_group;");
+#endif
+}
+// Like cp_async16, but writes 16 zero bytes instead when !valid (g is then not read, though it
+// must still be a valid address: the caller passes a row it may read).
+__device__ __forceinline__ void cp_async16_or_zero(void* s, const void* g, bool valid) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(s)), "l"(g), "r"(valid ? 16 : 0));
+#else
+    __trap();
 #endif
 }
 // Waits until at most N of this thread's committed groups are still in flight.
@@ -729,13 +741,85 @@ attention_backward_stats(float* stats, const float* dout, const float* out, cons
     }
 }
 
-// Rows row0 .. row0+64 of a head-major (Tpad, W) bf16 matrix into a (64, W+8) shared tile.
+// attention_backward_stats for p.direct calls (bf16 dout and out, hd = 8 L with L lanes per
+// row, rows 16-byte aligned): each lane reads 8 columns of dout and out as one 16-byte access
+// (the warp-per-row kernel's 2-byte loads left it bound by load instructions), the L lanes of a
+// row add their parts by shuffles. A warp holds 32 / L rows. Same layout and zero padding.
+template <int L>
+__device__ __forceinline__ void backward_stats_vec(float* stats, const bf16_t* dout, const bf16_t* out,
+                                                   const float* lse, const AttnParams& p) {
+    const int tqp = round_tile(p.tq);
+    const int lane = threadIdx.x % 32, part = lane % L;
+    const size_t row = ((size_t)blockIdx.x * THREADS + threadIdx.x) / L;  // (b*H+h)*Tqpad+i
+    // B*H*Tqpad*L threads are a whole number of blocks (Tqpad is a multiple of 64, L >= 4), so
+    // no thread is past the end and every shuffle below has its full warp
+    const int i = (int)(row % tqp);
+    const size_t bh = row / tqp;
+    const int h = (int)(bh % p.heads);
+    const size_t b = bh / p.heads;
+    float acc = 0.0f, l = 0.0f;
+    if (i < p.tq) {
+        const size_t at = (b * p.tq + i) * p.channels + h * p.hd + 8 * part;
+        const uint4 dy = *(const uint4*)(dout + at), y = *(const uint4*)(out + at);
+        const u32 dw[4] = {dy.x, dy.y, dy.z, dy.w}, yw[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+            acc += __int_as_float((int)(dw[k] << 16)) * __int_as_float((int)(yw[k] << 16));
+            acc += __int_as_float((int)(dw[k] & 0xffff0000u)) * __int_as_float((int)(yw[k] & 0xffff0000u));
+        }
+        l = lse[bh * p.tq + i] * LOG2E;
+    }
+    // the L lanes of a row are aligned groups of the warp: xor offsets below L stay inside them
+    for (int o = L / 2; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+    if (part == 0) {
+        stats[2 * row] = l;
+        stats[2 * row + 1] = acc;
+    }
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_stats_vec_d32(float* stats, const bf16_t* dout, const bf16_t* out, const float* lse,
+                                 const AttnParams p) {
+    backward_stats_vec<4>(stats, dout, out, lse, p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_stats_vec_d64(float* stats, const bf16_t* dout, const bf16_t* out, const float* lse,
+                                 const AttnParams p) {
+    backward_stats_vec<8>(stats, dout, out, lse, p);
+}
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_backward_stats_vec_d128(float* stats, const bf16_t* dout, const bf16_t* out, const float* lse,
+                                  const AttnParams p) {
+    backward_stats_vec<16>(stats, dout, out, lse, p);
+}
+
+// Where one head's rows of q, k, v or dout come from: `rows` rows of W bf16 at stride `ld`
+// from `base` (row 0, column 0 of the head); rows past `rows` read as zeros.
+struct TileSrc {
+    const bf16_t* base;
+    int ld, rows;
+};
+
+// Head h of batch entry b of a (B, T, ld) bf16 buffer at column off (p.direct), or of its
+// head-major (B, H, Tpad, W) copy (attention_heads_bf16): the copy's padding rows hold zeros,
+// so every one of its Tpad rows may be read.
 template <int W>
-__device__ __forceinline__ void copy_tile_async(bf16_t* s, const bf16_t* g, int row0) {
+__device__ __forceinline__ TileSrc head_src(const bf16_t* buf, const AttnParams& p, int b, int h,
+                                            int t_len, int ld, int off) {
+    if (p.direct) return TileSrc{buf + (size_t)b * t_len * ld + off + h * p.hd, ld, t_len};
+    const int tp = round_tile(t_len);
+    return TileSrc{buf + ((size_t)b * p.heads + h) * tp * W, W, tp};
+}
+
+// Rows row0 .. row0+64 of a head's (rows, W) bf16 matrix into a (64, W+8) shared tile.
+template <int W>
+__device__ __forceinline__ void copy_tile_async(bf16_t* s, const TileSrc src, int row0) {
     constexpr int CH = W / 8;  // 16-byte chunks per row
     for (int e = threadIdx.x; e < TILE * CH; e += MMA_THREADS) {
         const int r = e / CH, c = e % CH;
-        cp_async16(s + r * (W + 8) + c * 8, g + (size_t)(row0 + r) * W + c * 8);
+        const int row = row0 + r;
+        const bool valid = row < src.rows;
+        // a row past the end is zero-filled; its source address is row 0's (never read)
+        cp_async16_or_zero(s + r * (W + 8) + c * 8, src.base + (size_t)(valid ? row : 0) * src.ld + c * 8, valid);
     }
 }
 
@@ -744,9 +828,7 @@ __device__ __forceinline__ void copy_stats_async(float* s, const float* g, int r
     if (threadIdx.x < 32) cp_async16(s + 4 * threadIdx.x, g + 2 * (size_t)row0 + 4 * threadIdx.x);
 }
 
-// Forward: q, k and v arrive as head-major bf16 copies (made by
-// attention_heads_bf16 into the saved state, where the backward pass finds them again). One
-// block per (64-query tile, head, batch); this warp's 16 query rows stay in registers as A
+// Forward: q, k and v arrive in place or as head-major copies (TileSrc). One block per (64-query tile, head, batch); this warp's 16 query rows stay in registers as A
 // fragments; key and value tiles are double-buffered by cp.async; scores live in the log2
 // domain (exp2 of s * scale * log2 e), the saved lse in natural units.
 template <int NC>
@@ -760,13 +842,13 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
 
     const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const int tqp = round_tile(p.tq), tkp = round_tile(p.tk);
     const size_t bh = (size_t)b * p.heads + h;
-    const bf16_t* kb = kh + bh * tkp * W;
-    const bf16_t* vb = vh + bh * tkp * W;
+    const TileSrc qb = head_src<W>(qh, p, b, h, p.tq, p.q_ld, p.q_off);
+    const TileSrc kb = head_src<W>(kh, p, b, h, p.tk, p.k_ld, p.k_off);
+    const TileSrc vb = head_src<W>(vh, p, b, h, p.tk, p.v_ld, p.v_off);
     const float scale2 = p.scale * LOG2E;
 
-    copy_tile_async<W>(Qs, qh + bh * tqp * W, q0);
+    copy_tile_async<W>(Qs, qb, q0);
     cp_async_commit();
     copy_tile_async<W>(Ks, kb, 0);
     copy_tile_async<W>(Vs, vb, 0);
@@ -898,16 +980,15 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_
         return;
     }
     const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const int tqp = round_tile(p.tq), tkp = round_tile(p.tk);
     const size_t bh = (size_t)b * p.heads + h;
-    const bf16_t* qb = qh + bh * tqp * W;
-    const bf16_t* dob = doh + bh * tqp * W;
-    const float* sb = stats + bh * tqp * 2;
+    const TileSrc qb = head_src<W>(qh, p, b, h, p.tq, p.q_ld, p.q_off);
+    const TileSrc dob = head_src<W>(doh, p, b, h, p.tq, p.channels, 0);
+    const float* sb = stats + bh * round_tile(p.tq) * 2;
     const float scale2 = p.scale * LOG2E;
 
     const int qstart = p.causal ? (k0 / TILE) * TILE : 0;
-    copy_tile_async<W>(Ks, kh + bh * tkp * W, k0);
-    copy_tile_async<W>(Vs, vh + bh * tkp * W, k0);
+    copy_tile_async<W>(Ks, head_src<W>(kh, p, b, h, p.tk, p.k_ld, p.k_off), k0);
+    copy_tile_async<W>(Vs, head_src<W>(vh, p, b, h, p.tk, p.v_ld, p.v_off), k0);
     copy_tile_async<W>(Qs, qb, qstart);
     copy_tile_async<W>(dOs, dob, qstart);
     copy_stats_async(st_s, sb, qstart);
@@ -1011,14 +1092,14 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
 
     const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
     const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    const int tqp = round_tile(p.tq), tkp = round_tile(p.tk);
+    const int tqp = round_tile(p.tq);
     const size_t bh = (size_t)b * p.heads + h;
-    const bf16_t* kb = kh + bh * tkp * W;
-    const bf16_t* vb = vh + bh * tkp * W;
+    const TileSrc kb = head_src<W>(kh, p, b, h, p.tk, p.k_ld, p.k_off);
+    const TileSrc vb = head_src<W>(vh, p, b, h, p.tk, p.v_ld, p.v_off);
     const float scale2 = p.scale * LOG2E;
 
-    copy_tile_async<W>(Qs, qh + bh * tqp * W, q0);
-    copy_tile_async<W>(dOs, doh + bh * tqp * W, q0);
+    copy_tile_async<W>(Qs, head_src<W>(qh, p, b, h, p.tq, p.q_ld, p.q_off), q0);
+    copy_tile_async<W>(dOs, head_src<W>(doh, p, b, h, p.tq, p.channels, 0), q0);
     copy_tile_async<W>(Ks, kb, 0);
     copy_tile_async<W>(Vs, vb, 0);
     cp_async_commit();
