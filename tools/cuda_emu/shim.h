@@ -110,6 +110,18 @@ inline void cp_async16_or_zero(void* s, const void* g, bool valid) {
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
 const unsigned short* g_rows[1024];
+// ldmatrix.x4 (not transposed): lane (g, t) gets row g, columns 2t and 2t+1 of matrix m
+inline void ldsm_x4(unsigned (&r)[4], const unsigned short* row) {
+    unsigned tid = threadIdx.x, w0 = tid & ~31u, l = tid & 31u;
+    g_rows[tid] = row;
+    g_bar->arrive_and_wait();
+    unsigned g = l / 4, t = l % 4;
+    for (int m = 0; m < 4; m++) {
+        const unsigned short* src = g_rows[w0 + 8 * m + g];
+        r[m] = (unsigned)src[2 * t] | ((unsigned)src[2 * t + 1] << 16);
+    }
+    g_bar->arrive_and_wait();
+}
 inline void load_b_trans(unsigned (&b)[4], const unsigned short* s, int ld, int k0, int n0) {
     unsigned tid = threadIdx.x, w0 = tid & ~31u, l = tid & 31u;
     g_rows[tid] = s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8;

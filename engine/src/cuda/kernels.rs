@@ -68,6 +68,16 @@ pub fn compile_source(name: &'static str, src: &str, arch: &str) -> Result<Compi
     compile_one(name, src, arch)
 }
 
+/// Compile-time tuning knobs read from the environment, for measuring variants on a card
+/// without rebuilding: `SMELT_ATTN_MIN_BLOCKS` (1..=4, attention.cu's blocks per SM for the
+/// hd-64 tensor-core kernels). Unset or invalid values keep the sources' defaults.
+fn tuning_defines() -> Vec<String> {
+    match std::env::var("SMELT_ATTN_MIN_BLOCKS").ok().and_then(|v| v.parse::<u32>().ok()) {
+        Some(n @ 1..=4) => vec![format!("-DSMELT_ATTN_MIN_BLOCKS={n}")],
+        _ => Vec::new(),
+    }
+}
+
 fn compile_one(name: &'static str, src: &str, arch: &str) -> Result<CompiledModule, KernelError> {
     let mut include_paths = Vec::new();
     if let Ok(dir) = std::env::var(INCLUDE_ENV) {
@@ -81,7 +91,7 @@ fn compile_one(name: &'static str, src: &str, arch: &str) -> Result<CompiledModu
         prec_sqrt: Some(true),
         ftz: Some(false),
         include_paths,
-        options: vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()],
+        options: [vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()], tuning_defines()].concat(),
         name: Some(format!("{name}.cu")),
         ..Default::default()
     };

@@ -509,6 +509,12 @@ attention_backward_dq_f32_d128(float* dq, const float* q, const float* kv, const
 typedef unsigned short bf16_t;
 typedef unsigned int u32;
 #define MMA_THREADS 128
+// Blocks per SM the hd-64 tensor-core kernels are compiled for (their register cap: 65536 /
+// (128 * N)); 1 lets ptxas take what it needs (~180 registers: two blocks per SM). The engine
+// passes SMELT_ATTN_MIN_BLOCKS from the environment variable of that name, for measuring.
+#ifndef SMELT_ATTN_MIN_BLOCKS
+#define SMELT_ATTN_MIN_BLOCKS 1
+#endif
 
 // The two primitives below need sm_80. Before that the kernels still compile (so the module
 // loads on any GPU) but trap; the host picks the f32 kernels there. SMELT_HOST_EMULATION is
@@ -603,22 +609,6 @@ __device__ __forceinline__ void zero_padding_kv_tile_io(float* dkv, const AttnPa
     }
 }
 
-// A fragment of rows r0..r0+16, columns c0..c0+16 of a row-major tile with row stride ld.
-__device__ __forceinline__ void load_a(u32 (&a)[4], const bf16_t* s, int ld, int r0, int c0) {
-    const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    a[0] = lds32(s + (r0 + g) * ld + c0 + 2 * t);
-    a[1] = lds32(s + (r0 + g + 8) * ld + c0 + 2 * t);
-    a[2] = lds32(s + (r0 + g) * ld + c0 + 2 * t + 8);
-    a[3] = lds32(s + (r0 + g + 8) * ld + c0 + 2 * t + 8);
-}
-
-// B fragment (k 16 x n 8) of a tile stored [n][k] with row stride ld, at n0, k0.
-__device__ __forceinline__ void load_b(u32& b0, u32& b1, const bf16_t* s, int ld, int n0, int k0) {
-    const int g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
-    b0 = lds32(s + (n0 + g) * ld + k0 + 2 * t);
-    b1 = lds32(s + (n0 + g) * ld + k0 + 2 * t + 8);
-}
-
 // A fragments of a (16, 64) f32 C-layout tile c[8][4]: a[kk] covers columns 16kk .. 16kk+16.
 __device__ __forceinline__ void c_to_a(u32 (&a)[4][4], const float (&c)[8][4]) {
 #pragma unroll
@@ -678,6 +668,18 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" ::"n"(N));
 #endif
 }
+// Four 8x8 bf16 matrices from shared memory: lanes 8m .. 8m+7 give the row addresses of matrix
+// m (16 bytes each); lane (g, t) gets r[m] = row g, columns 2t and 2t+1 of matrix m (the lower
+// column in the low half), i.e. the A and B fragment layouts of mma.m16n8k16.
+__device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const bf16_t* row) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(row)));
+#else
+    __trap();
+#endif
+}
 // Two B fragments (k 16 x n 16: b[0], b[1] for n-tile n0, b[2], b[3] for n0 + 8) of a tile
 // stored [k][n] with row stride ld: ldmatrix.trans hands lane (g, t) the pairs (k 2t, 2t+1;
 // n g) mma's B operand wants. Lanes 8m .. 8m+7 give the row addresses of 8x8 matrix m.
@@ -693,6 +695,21 @@ __device__ __forceinline__ void load_b_trans(u32 (&b)[4], const bf16_t* s, int l
 #endif
 }
 #endif
+
+// A fragment of rows r0..r0+16, columns c0..c0+16 of a row-major tile with row stride ld: one
+// ldmatrix.x4 (8x8 matrices: rows r0.. and r0+8.. of columns c0.., then of columns c0+8..).
+__device__ __forceinline__ void load_a(u32 (&a)[4], const bf16_t* s, int ld, int r0, int c0) {
+    const int l = threadIdx.x % 32;
+    ldsm_x4(a, s + (r0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + c0 + (l >> 4) * 8);
+}
+
+// B fragments (k 16 x n 8) of two adjacent n-tiles, n0 and n0 + 8, of a tile stored [n][k]
+// with row stride ld, at k0: b[0], b[1] for n0 and b[2], b[3] for n0 + 8, one ldmatrix.x4
+// (the lds32 pairs it replaces issued four times the load instructions).
+__device__ __forceinline__ void load_b2(u32 (&b)[4], const bf16_t* s, int ld, int n0, int k0) {
+    const int l = threadIdx.x % 32;
+    ldsm_x4(b, s + (n0 + (l & 7) + (l >> 4) * 8) * ld + k0 + ((l >> 3) & 1) * 8);
+}
 
 // dst (B, H, Tpad, w) bf16 from the head columns of a strided (B, rows, ld) matrix, f32 or
 // (p.io_bf16) bf16 (head h at column off + h*hd): zeros past `rows` and past hd. One thread per
@@ -884,16 +901,18 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
 
         float s[8][4];  // (16, 64) scores, C layout
 #pragma unroll
-        for (int nt = 0; nt < 8; nt++) {
+        for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[nt][e] = 0.0f;
 #pragma unroll
+        for (int n2 = 0; n2 < 4; n2++)
+#pragma unroll
             for (int kk = 0; kk < NC; kk++) {
-                u32 b0, b1;
-                load_b(b0, b1, Kc, LR, nt * 8, kk * 16);
-                mma_bf16(s[nt], qa[kk], b0, b1);
+                u32 bb[4];
+                load_b2(bb, Kc, LR, n2 * 16, kk * 16);
+                mma_bf16(s[2 * n2], qa[kk], bb[0], bb[1]);
+                mma_bf16(s[2 * n2 + 1], qa[kk], bb[2], bb[3]);
             }
-        }
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             const int i = q0 + warp * 16 + g + 8 * half;
@@ -1026,12 +1045,14 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_
             load_a(ka, Ks, LR, warp * 16, kk * 16);
             load_a(va, Vs, LR, warp * 16, kk * 16);
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                u32 b0, b1;
-                load_b(b0, b1, Qc, LR, nt * 8, kk * 16);
-                mma_bf16(st[nt], ka, b0, b1);
-                load_b(b0, b1, dOc, LR, nt * 8, kk * 16);
-                mma_bf16(dpt[nt], va, b0, b1);
+            for (int n2 = 0; n2 < 4; n2++) {
+                u32 bb[4];
+                load_b2(bb, Qc, LR, n2 * 16, kk * 16);
+                mma_bf16(st[2 * n2], ka, bb[0], bb[1]);
+                mma_bf16(st[2 * n2 + 1], ka, bb[2], bb[3]);
+                load_b2(bb, dOc, LR, n2 * 16, kk * 16);
+                mma_bf16(dpt[2 * n2], va, bb[0], bb[1]);
+                mma_bf16(dpt[2 * n2 + 1], va, bb[2], bb[3]);
             }
         }
 #pragma unroll
@@ -1144,12 +1165,14 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
             load_a(qa, Qs, LR, warp * 16, kk * 16);
             load_a(da, dOs, LR, warp * 16, kk * 16);
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++) {
-                u32 b0, b1;
-                load_b(b0, b1, Kc, LR, nt * 8, kk * 16);
-                mma_bf16(s[nt], qa, b0, b1);
-                load_b(b0, b1, Vc, LR, nt * 8, kk * 16);
-                mma_bf16(dp[nt], da, b0, b1);
+            for (int n2 = 0; n2 < 4; n2++) {
+                u32 bb[4];
+                load_b2(bb, Kc, LR, n2 * 16, kk * 16);
+                mma_bf16(s[2 * n2], qa, bb[0], bb[1]);
+                mma_bf16(s[2 * n2 + 1], qa, bb[2], bb[3]);
+                load_b2(bb, Vc, LR, n2 * 16, kk * 16);
+                mma_bf16(dp[2 * n2], da, bb[0], bb[1]);
+                mma_bf16(dp[2 * n2 + 1], da, bb[2], bb[3]);
             }
         }
 #pragma unroll
@@ -1198,7 +1221,7 @@ attention_forward_bf16_d32(float* out, float* lse, const bf16_t* qh, const bf16_
                           const AttnParams p) {
     forward_bf16_impl<2>(out, lse, qh, kh, vh, p);
 }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_MIN_BLOCKS)
 attention_forward_bf16_d64(float* out, float* lse, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                           const AttnParams p) {
     forward_bf16_impl<4>(out, lse, qh, kh, vh, p);
@@ -1218,12 +1241,12 @@ attention_backward_dq_bf16_d32(float* dq, const bf16_t* qh, const bf16_t* kh, co
                               const bf16_t* doh, const float* stats, const AttnParams p) {
     backward_dq_bf16_impl<2>(dq, qh, kh, vh, doh, stats, p);
 }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_MIN_BLOCKS)
 attention_backward_dkv_bf16_d64(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
     backward_dkv_bf16_impl<4>(dkv, qh, kh, vh, doh, stats, p);
 }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_MIN_BLOCKS)
 attention_backward_dq_bf16_d64(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
     backward_dq_bf16_impl<4>(dq, qh, kh, vh, doh, stats, p);
