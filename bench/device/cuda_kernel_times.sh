@@ -35,13 +35,27 @@ fi
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $NCU"
 gpt=(device/smelt bench step --backend cuda --preset gpt2-124m --batch 16 --seq 1024 --vocab 50304 --warmup 1 --steps 1)
-for mode in bf16 f32; do
-  env_set=""; [ "$mode" = f32 ] && env_set="SMELT_BF16_ACTIVATIONS=0"
-  echo "== ncu $mode"
+# VARIANTS: name=ENV pairs (ENV with commas for several variables), each timed by ncu; DETAIL: a
+# kernel-name regex whose first launch ncu profiles in depth (occupancy, warp stalls, memory).
+VARIANTS=${VARIANTS:-"bf16= f32=SMELT_BF16_ACTIVATIONS=0"}
+csvs=()
+for variant in $VARIANTS; do
+  mode=${variant%%=*}; env_set=${variant#*=}
+  echo "== ncu $mode ${env_set:+($env_set)}"
   start=$(date +%s)
-  env $env_set timeout "${NCU_TIMEOUT:-100}" "$NCU" --clock-control none --metrics gpu__time_duration.sum \
+  env ${env_set//,/ } timeout "${NCU_TIMEOUT:-100}" "$NCU" --clock-control none --metrics gpu__time_duration.sum \
     --csv --print-units base "${gpt[@]}" > "$OUT/kernels_$mode.csv" 2> "$LOGS/ncu_$mode.err"
   echo "rc=$? took $(( $(date +%s) - start )) s, $(grep -c gpu__time_duration "$OUT/kernels_$mode.csv") kernels"
   tail -3 "$LOGS/ncu_$mode.err"
+  csvs+=("$OUT/kernels_$mode.csv")
 done
-python3 device/kernel_table.py "$OUT/kernels_bf16.csv" "$OUT/kernels_f32.csv" | tee "$OUT/kernels.txt" | head -60
+python3 device/kernel_table.py "${csvs[@]}" > "$OUT/kernels.txt"
+head -45 "$OUT/kernels.txt"
+if [ -n "${DETAIL:-}" ]; then
+  echo "== ncu detail: $DETAIL"
+  timeout "${DETAIL_TIMEOUT:-120}" "$NCU" --clock-control none -k "regex:$DETAIL" --launch-skip "${DETAIL_SKIP:-0}" \
+    --launch-count "${DETAIL_COUNT:-3}" --section SpeedOfLight --section Occupancy --section LaunchStats \
+    --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+    "${gpt[@]}" > "$OUT/detail.txt" 2>&1
+  echo "rc=$?"; grep -E "^  [a-z_]+.*\(|Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Issue Slots|Throughput|Bank" "$OUT/detail.txt" | head -80
+fi

@@ -54,6 +54,29 @@ def table(path):
     print()
 
 
+def compare(paths):
+    """Side by side: time per kernel name (all grids) in each file's step, largest first."""
+    cols = []
+    for p in paths:
+        try:
+            step = one_step(launches(p))
+        except (OSError, KeyError, ValueError) as e:
+            print(f"## {p}: unreadable ({e})")
+            return
+        t = {}
+        for name, _, _, ms in step:
+            t[short(name)] = t.get(short(name), 0.0) + ms
+        cols.append(t)
+    names = sorted(set().union(*cols), key=lambda n: -max(c.get(n, 0.0) for c in cols))
+    print("## per kernel, ms per step: " + " | ".join(paths))
+    print("  ".join(f"{sum(c.values()):8.3f}" for c in cols) + "  (total)")
+    for n in names[:40]:
+        print("  ".join(f"{c.get(n, 0.0):8.3f}" for c in cols) + f"  {n}")
+    print()
+
+
+if len(sys.argv) > 2:
+    compare(sys.argv[1:])
 for p in sys.argv[1:]:
     try:
         table(p)
