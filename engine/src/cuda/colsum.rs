@@ -53,12 +53,24 @@ pub(crate) fn add_column_sums(be: &CudaBackend, dst: u64, src: u64, src_bf16: bo
         return;
     }
     let (_scratch, partial) = scratch(be, rows, cols);
-    let f = be.func(if src_bf16 { "column_sum_partial_bf16" } else { "column_sum_partial" });
+    // four columns per thread when every row starts on a 16-byte (f32) / 8-byte (bf16) boundary
+    // (the scratch is a fresh allocation: aligned); same sums, bitwise
+    let elem = if src_bf16 { 2 } else { 4 };
+    let x4 = cols.is_multiple_of(4) && src.is_multiple_of(4 * elem);
+    let name = match (src_bf16, x4) {
+        (false, false) => "column_sum_partial",
+        (true, false) => "column_sum_partial_bf16",
+        (false, true) => "column_sum_partial_x4",
+        (true, true) => "column_sum_partial_bf16_x4",
+    };
+    let f = be.func(name);
     let (n, c, per) = (rows as u64, cols as u64, ROWS_PER_TASK as u64);
     let mut b = be.stream().launch_builder(&f);
     b.arg(&partial).arg(&src).arg(&n).arg(&c).arg(&per);
-    // SAFETY: column_sum_partial[_bf16](float*, const float* or const unsigned short*, u64, u64,
-    // u64) reads rows*cols elements of src and writes chunks*cols partials.
-    be.check(unsafe { b.launch(partial_cfg(rows, cols)) }.map(|_| ()), "column_sum_partial");
+    let cfg = if x4 { partial_cfg(rows, cols.div_ceil(4)) } else { partial_cfg(rows, cols) };
+    // SAFETY: column_sum_partial[_bf16][_x4](float*, const float* or const unsigned short*, u64,
+    // u64, u64) reads rows*cols elements of src and writes chunks*cols partials (the _x4 ones
+    // four columns per thread: cols % 4 == 0 and src aligned, checked above).
+    be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
     finish(be, dst, partial, rows, cols);
 }
