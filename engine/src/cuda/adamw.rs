@@ -1,10 +1,10 @@
 //! Fused AdamW over a range of the flat buffers.
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::PushKernelArg;
 
 use super::memory::elementwise_cfg;
 use super::view::{CudaBuf, CudaView, CudaViewMut};
-use super::CudaBackend;
+use super::{CudaBackend, CudaIds};
 use crate::backend::{AdamWStep, DecayRuns};
 
 /// All runs in one launch (see `adamw_update_runs` in adamw.cu).
@@ -14,7 +14,7 @@ pub(crate) fn update_runs(
     grads: &CudaBuf,
     m: &mut CudaBuf,
     v: &mut CudaBuf,
-    runs: &DecayRuns<CudaSlice<u32>, CudaBuf>,
+    runs: &DecayRuns<CudaIds, CudaBuf>,
     hp: AdamWStep,
 ) {
     let n = runs.len();

@@ -34,7 +34,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelA
 
 use crate::backend::{AttnShape, QkvSource};
 use crate::cuda::view::{CudaView, CudaViewMut};
-use crate::cuda::{CudaBackend, MatmulPrecision};
+use crate::cuda::{CudaBackend, CudaIds, MatmulPrecision};
 
 /// Rows of a tile (queries or keys), fixed in attention.cu.
 const TILE: usize = 64;
@@ -378,7 +378,7 @@ pub(crate) fn forward(
 }
 
 /// Device pointer of a key-length vector after checking its length, or 0 for none.
-fn key_lens_ptr(be: &CudaBackend, key_lens: Option<&CudaSlice<u32>>, s: &AttnShape) -> u64 {
+fn key_lens_ptr(be: &CudaBackend, key_lens: Option<&CudaIds>, s: &AttnShape) -> u64 {
     match key_lens {
         None => 0,
         Some(lens) => {
@@ -395,7 +395,7 @@ pub(crate) fn forward_masked(
     out: CudaViewMut<'_>,
     saved: CudaViewMut<'_>,
     src: QkvSource<CudaView<'_>>,
-    key_lens: Option<&CudaSlice<u32>>,
+    key_lens: Option<&CudaIds>,
     shape: AttnShape,
 ) {
     check_shape(&shape);
@@ -472,7 +472,7 @@ pub(crate) fn backward_masked(
     src: QkvSource<CudaView<'_>>,
     out: CudaView<'_>,
     saved: CudaView<'_>,
-    key_lens: Option<&CudaSlice<u32>>,
+    key_lens: Option<&CudaIds>,
     shape: AttnShape,
     accumulate: bool,
 ) {
@@ -487,7 +487,7 @@ fn backward_with(
     src: QkvSource<CudaView<'_>>,
     out: CudaView<'_>,
     saved: CudaView<'_>,
-    key_lens: Option<&CudaSlice<u32>>,
+    key_lens: Option<&CudaIds>,
     shape: AttnShape,
     accumulate: bool,
 ) {

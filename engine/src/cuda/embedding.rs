@@ -1,7 +1,8 @@
 //! Embedding lookup and its backward.
 //!
-//! The backward is deterministic: the ids are read back (N u32, one small synchronous copy) and
-//! grouped on the host by id in increasing position. A group of at most [`SEG`] positions (every
+//! The backward is deterministic: the ids are grouped on the host by id in increasing position,
+//! from the host copy kept with them at upload (ids.rs: no read-back, so no stream
+//! synchronisation). A group of at most [`SEG`] positions (every
 //! id of a token or position table in practice) is summed by one thread per (id, column) onto
 //! dtable in position order: bitwise the CPU's sequential loop. A longer group (a segment table:
 //! 2 ids over all N positions) would make those threads loop N/2 times in a launch of a few
@@ -9,13 +10,13 @@
 //! its rows from 0 into a partial, then one per (id, column) adds the partials onto dtable in
 //! segment order. Still deterministic, but it differs from the CPU's sum by rounding (the
 //! partials are `dtable + (d0 + .. + d63) + (d64 + ..)`, not `((dtable + d0) + d1) + ..`).
-//! Atomics would avoid the read-back but make the sums depend on scheduling.
+//! Atomics would avoid the grouping but make the sums depend on scheduling.
 
-use cudarc::driver::{result, CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use super::memory::{elementwise_cfg, upload};
 use super::view::{CudaView, CudaViewMut};
-use super::CudaBackend;
+use super::{CudaBackend, CudaIds};
 
 /// out[n] (+)= table[ids[n]]; out (N, C), table (R, C), ids (N).
 pub(crate) fn forward(
@@ -147,15 +148,9 @@ fn partial_scratch(be: &CudaBackend, segments: usize, c: usize) -> (Option<CudaS
     (Some(buf), ptr)
 }
 
-/// Reads the ids back; `None` (after recording the failure) when one is outside the table.
-fn download_ids(be: &CudaBackend, ids: &CudaSlice<u32>, table_rows: usize) -> Option<Vec<u32>> {
-    let mut host = vec![0u32; ids.len()];
-    let stream = be.stream();
-    be.check(stream.context().bind_to_thread(), "bind context");
-    // SAFETY: host holds n ids, ids as many; synchronised before host is read.
-    let r = unsafe { result::memcpy_dtoh_async(&mut host[..], be.ids_ptr(ids), stream.cu_stream()) };
-    be.check(r, "embedding ids download");
-    be.check(stream.synchronize(), "embedding ids synchronize");
+/// The ids' host copy; `None` (after recording the failure) when one is outside the table.
+fn checked_ids<'a>(be: &CudaBackend, ids: &'a CudaIds, table_rows: usize) -> Option<&'a [u32]> {
+    let host = ids.host();
     if let Some(&bad) = host.iter().find(|&&id| id as usize >= table_rows) {
         be.fail("embedding_backward", format!("id {bad} outside a table of {table_rows} rows"));
         return None;
@@ -168,7 +163,7 @@ pub(crate) fn backward(
     be: &CudaBackend,
     dtable: CudaViewMut<'_>,
     dout: CudaView<'_>,
-    ids: &CudaSlice<u32>,
+    ids: &CudaIds,
     c: usize,
 ) {
     let n = ids.len();
@@ -177,8 +172,8 @@ pub(crate) fn backward(
     if n == 0 {
         return;
     }
-    let Some(host) = download_ids(be, ids, dtable.len / c) else { return };
-    let g = group_by_id(&host);
+    let Some(host) = checked_ids(be, ids, dtable.len / c) else { return };
+    let g = group_by_id(host);
     let s = segment(&g.offsets, SEG);
     let plan = upload_plan(be, &g, &s);
     let (_scratch, partial) = partial_scratch(be, s.start.len(), c);

@@ -1,7 +1,10 @@
 //! LayerNorm: forward one warp per row; backward in one pass per chunk of rows for C <= 1024
 //! (else the input gradient one warp per row, then the partials); weight and bias gradients as
-//! deterministic column sums over fixed row chunks (see colsum.rs).
+//! deterministic column sums over fixed row chunks (see colsum.rs). The backward pass takes
+//! dout in f32 or bf16 (a bf16 GEMM's output, as autocast writes d(ln_out)); everything else is
+//! f32.
 
+use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use super::colsum;
@@ -49,7 +52,8 @@ pub(crate) fn forward(
     be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), "layernorm_forward");
 }
 
-/// Columns per lane of the fused backward kernels (`layernorm_backward_fused_k{K}`, C <= 32 K).
+/// Columns per lane of the fused backward kernels (`layernorm_backward_fused_k{K}`, C <= 32 K;
+/// the lane takes them as K / 4 groups of 4 adjacent columns).
 const FUSED_K: [usize; 5] = [4, 8, 16, 24, 32];
 
 /// The smallest fused K covering `c` columns (32 lanes x K), or None above 1024 columns.
@@ -57,9 +61,18 @@ fn fused_k(c: usize) -> Option<usize> {
     FUSED_K.into_iter().find(|&k| 32 * k >= c)
 }
 
+/// Suffix of the backward kernels' names for dout's element type.
+fn dout_tag(dout: &CudaView<'_>) -> &'static str {
+    if dout.is_bf16() {
+        "_bf16dout"
+    } else {
+        ""
+    }
+}
+
 /// dinp (N, C) += the input gradient (`accumulate`; else written over dinp); dw (C) += sum_n
 /// dout * xhat; db (C) += sum_n dout. The weight/bias sums go through per-chunk partials
-/// (`ROWS_PER_TASK` rows, colsum.rs), so they are the same on every run.
+/// (`ROWS_PER_TASK` rows, colsum.rs), so they are the same on every run. dout may be bf16.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     be: &CudaBackend,
@@ -115,27 +128,39 @@ fn backward_fused(
     n: usize,
     c: usize,
 ) {
-    let name = format!("layernorm_backward_fused_k{k}");
+    let name = format!("layernorm_backward_fused{}_k{k}", dout_tag(dout));
     let f = be.func(&name);
+    let smem = fused_smem_bytes(c);
+    // Above 48 KiB (C > 768) a kernel must opt in to its dynamic shared memory (per function).
+    if smem > NO_OPT_IN_SMEM {
+        be.check(
+            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32),
+            &format!("{name}: raising dynamic shared memory to {smem} bytes"),
+        );
+    }
     let (rows, cc, per) = (n as u64, c as u64, ROWS_PER_TASK as u64);
     let cfg = LaunchConfig {
         grid_dim: (colsum::chunks(n) as u32, 1, 1),
         block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
-        // (8 warps, C) f32 partials; at most 32 KiB, under the 48 KiB needing no opt-in
-        shared_mem_bytes: fused_smem_bytes(c),
+        shared_mem_bytes: smem,
     };
     let mut l = be.stream().launch_builder(&f);
-    l.arg(dinp.ptr_ref()).arg(&pdw).arg(&pdb).arg(dout.ptr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref());
+    l.arg(dinp.ptr_ref()).arg(&pdw).arg(&pdb).arg(dout.addr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref());
     let acc = accumulate as i32;
     l.arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc).arg(&per).arg(&acc);
-    // SAFETY: layernorm_backward_fused_k{K}(float* x3, const float* x5, u64, u64, u64, int) with
-    // 32 K >= C: sizes asserted by the caller; writes chunks*C floats to each scratch buffer.
+    // SAFETY: layernorm_backward_fused[_bf16dout]_k{K}(float* x3, const float* or (bf16dout)
+    // const unsigned short* dout, const float* x4, u64, u64, u64, int) with 32 K >= C, the
+    // variant chosen by dout's type: sizes asserted by the caller; writes chunks*C floats to
+    // each scratch buffer.
     be.check(unsafe { l.launch(cfg) }.map(|_| ()), &name);
 }
 
-/// Dynamic shared memory of the fused kernel: one (C) f32 row per warp.
+/// Dynamic shared memory a kernel may take without opting in.
+const NO_OPT_IN_SMEM: u32 = 48 * 1024;
+
+/// Dynamic shared memory of the fused kernel: a (2, C) f32 slice per warp (its dw, db partials).
 fn fused_smem_bytes(c: usize) -> u32 {
-    (ROWS_PER_BLOCK * c * std::mem::size_of::<f32>()) as u32
+    (ROWS_PER_BLOCK * 2 * c * std::mem::size_of::<f32>()) as u32
 }
 
 /// Two passes (any C): the input gradient one warp per row, then the partials per (chunk, column).
@@ -153,27 +178,29 @@ fn backward_two_pass(
     c: usize,
 ) {
     let (rows, cc) = (n as u64, c as u64);
-    let f = be.func("layernorm_backward_input");
+    let tag = dout_tag(dout);
+    let name = format!("layernorm_backward_input{tag}");
+    let f = be.func(&name);
     let mut l = be.stream().launch_builder(&f);
-    l.arg(dinp.ptr_ref()).arg(dout.ptr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc);
-    // SAFETY: layernorm_backward_input(float*, const float* x5, u64, u64): sizes asserted.
-    be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), "layernorm_backward_input");
+    l.arg(dinp.ptr_ref()).arg(dout.addr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc);
+    // SAFETY: layernorm_backward_input[_bf16dout](float*, const float* or (bf16dout) const
+    // unsigned short* dout, const float* x4, u64, u64), chosen by dout's type: sizes asserted.
+    be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), &name);
 
-    let f = be.func("layernorm_backward_params_partial");
+    let name = format!("layernorm_backward_params_partial{tag}");
+    let f = be.func(&name);
     let per = ROWS_PER_TASK as u64;
     let mut l = be.stream().launch_builder(&f);
-    l.arg(&pdw).arg(&pdb).arg(dout.ptr_ref()).arg(inp.ptr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc).arg(&per);
-    // SAFETY: layernorm_backward_params_partial(float*, float*, const float* x4, u64, u64, u64)
-    // writes chunks*C floats to each scratch buffer.
-    be.check(
-        unsafe { l.launch(colsum::partial_cfg(n, c)) }.map(|_| ()),
-        "layernorm_backward_params_partial",
-    );
+    l.arg(&pdw).arg(&pdb).arg(dout.addr_ref()).arg(inp.ptr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc).arg(&per);
+    // SAFETY: layernorm_backward_params_partial[_bf16dout](float*, float*, const float* or
+    // (bf16dout) const unsigned short* dout, const float* x3, u64, u64, u64), chosen by dout's
+    // type, writes chunks*C floats to each scratch buffer.
+    be.check(unsafe { l.launch(colsum::partial_cfg(n, c)) }.map(|_| ()), &name);
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{fused_k, fused_smem_bytes, FUSED_K};
+    use super::{fused_k, fused_smem_bytes, FUSED_K, NO_OPT_IN_SMEM};
 
     #[test]
     fn fused_k_is_the_smallest_bucket_covering_c() {
@@ -184,16 +211,29 @@ mod tests {
         assert_eq!(fused_k(769), Some(32));
         assert_eq!(fused_k(1024), Some(32));
         assert_eq!(fused_k(1025), None);
-        // the widest fused C fits the 48 KiB of dynamic shared memory that needs no opt-in
-        let widest = 32 * FUSED_K[FUSED_K.len() - 1];
-        assert!(fused_smem_bytes(widest) <= 48 * 1024, "{} bytes", fused_smem_bytes(widest));
+        // every K is whole groups of 4 columns (the kernels' float4 layout)
+        assert!(FUSED_K.iter().all(|k| k % 4 == 0));
     }
 
     #[test]
-    fn fused_kernel_names_exist_in_the_source() {
+    fn fused_shared_memory_fits() {
+        // GPT-2's C = 768 needs no opt-in; the widest fused C (1024) opts in to 64 KiB, which
+        // every architecture from sm_75 on grants (two blocks per SM from sm_80 on)
+        assert_eq!(fused_smem_bytes(768), NO_OPT_IN_SMEM);
+        let widest = 32 * FUSED_K[FUSED_K.len() - 1];
+        assert_eq!(fused_smem_bytes(widest), 64 * 1024);
+    }
+
+    #[test]
+    fn backward_kernel_names_exist_in_the_source() {
         let names = crate::cuda::kernels::kernel_names(include_str!("kernels/layernorm.cu"));
-        for k in FUSED_K {
-            let name = format!("layernorm_backward_fused_k{k}");
+        let mut want: Vec<String> = Vec::new();
+        for tag in ["", "_bf16dout"] {
+            want.extend(FUSED_K.iter().map(|k| format!("layernorm_backward_fused{tag}_k{k}")));
+            want.push(format!("layernorm_backward_input{tag}"));
+            want.push(format!("layernorm_backward_params_partial{tag}"));
+        }
+        for name in want {
             assert!(names.contains(&name), "{name} missing from layernorm.cu: {names:?}");
         }
     }

@@ -22,6 +22,7 @@ mod cross_entropy;
 mod dropout;
 mod elementwise;
 mod embedding;
+mod ids;
 pub mod kernels;
 mod layernorm;
 mod lt;
@@ -41,6 +42,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 
 use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use crate::error::{ConfigError, EngineError};
+pub use ids::CudaIds;
 pub use view::{CudaBuf, CudaView, CudaViewMut, Dtype};
 
 /// Math mode of the cuBLAS matmuls (storage is f32 in every mode).
@@ -355,7 +357,7 @@ impl CudaBackend {
 
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
-    type Ids = CudaSlice<u32>;
+    type Ids = CudaIds;
     type View<'a> = CudaView<'a>;
     type ViewMut<'a> = CudaViewMut<'a>;
 
@@ -394,8 +396,8 @@ impl Backend for CudaBackend {
     fn upload(&self, host: &[f32]) -> CudaBuf {
         CudaBuf::f32(memory::upload(self, host))
     }
-    fn upload_ids(&self, host: &[u32]) -> CudaSlice<u32> {
-        memory::upload(self, host)
+    fn upload_ids(&self, host: &[u32]) -> CudaIds {
+        CudaIds::new(memory::upload(self, host), host.to_vec())
     }
     fn len(&self, buf: &CudaBuf) -> usize {
         buf.len
@@ -437,7 +439,7 @@ impl Backend for CudaBackend {
     fn embedding_forward(
         &self,
         out: CudaViewMut<'_>,
-        ids: &CudaSlice<u32>,
+        ids: &CudaIds,
         table: CudaView<'_>,
         channels: usize,
         accumulate: bool,
@@ -448,7 +450,7 @@ impl Backend for CudaBackend {
         &self,
         dtable: CudaViewMut<'_>,
         dout: CudaView<'_>,
-        ids: &CudaSlice<u32>,
+        ids: &CudaIds,
         channels: usize,
     ) {
         embedding::backward(self, dtable, dout, ids, channels)
@@ -591,7 +593,7 @@ impl Backend for CudaBackend {
         saved: CudaViewMut<'_>,
         src: QkvSource<CudaView<'_>>,
         scores: Scores<CudaView<'_>>,
-        key_lens: Option<&CudaSlice<u32>>,
+        key_lens: Option<&CudaIds>,
         shape: AttnShape,
     ) {
         match scores {
@@ -606,7 +608,7 @@ impl Backend for CudaBackend {
         dout: CudaView<'_>,
         src: QkvSource<CudaView<'_>>,
         scores: Scores<CudaView<'_>>,
-        key_lens: Option<&CudaSlice<u32>>,
+        key_lens: Option<&CudaIds>,
         out: CudaView<'_>,
         saved: CudaView<'_>,
         shape: AttnShape,
@@ -621,7 +623,7 @@ impl Backend for CudaBackend {
         dout: CudaView<'_>,
         src: QkvSource<CudaView<'_>>,
         scores: Scores<CudaView<'_>>,
-        key_lens: Option<&CudaSlice<u32>>,
+        key_lens: Option<&CudaIds>,
         out: CudaView<'_>,
         saved: CudaView<'_>,
         shape: AttnShape,
@@ -668,7 +670,7 @@ impl Backend for CudaBackend {
         losses: CudaViewMut<'_>,
         lse: CudaViewMut<'_>,
         logits: CudaView<'_>,
-        targets: &CudaSlice<u32>,
+        targets: &CudaIds,
         vocab: usize,
     ) {
         cross_entropy::forward(self, losses, lse, logits, targets, vocab)
@@ -678,13 +680,13 @@ impl Backend for CudaBackend {
         dlogits: CudaViewMut<'_>,
         logits: CudaView<'_>,
         lse: CudaView<'_>,
-        targets: &CudaSlice<u32>,
+        targets: &CudaIds,
         dloss: f32,
         vocab: usize,
     ) {
         cross_entropy::backward(self, dlogits, logits, lse, targets, dloss, vocab)
     }
-    fn cross_entropy_backward_in_place(&self, logits: CudaViewMut<'_>, lse: CudaView<'_>, targets: &CudaSlice<u32>, dloss: f32, vocab: usize) {
+    fn cross_entropy_backward_in_place(&self, logits: CudaViewMut<'_>, lse: CudaView<'_>, targets: &CudaIds, dloss: f32, vocab: usize) {
         cross_entropy::backward_in_place(self, logits, lse, targets, dloss, vocab)
     }
 
@@ -696,7 +698,7 @@ impl Backend for CudaBackend {
         grads: &CudaBuf,
         m: &mut CudaBuf,
         v: &mut CudaBuf,
-        runs: &DecayRuns<CudaSlice<u32>, CudaBuf>,
+        runs: &DecayRuns<CudaIds, CudaBuf>,
         hp: AdamWStep,
     ) {
         // Run ends are stored as u32: a larger buffer takes the per-run launches.

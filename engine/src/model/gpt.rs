@@ -50,7 +50,10 @@ struct Scratch<B: Backend> {
     dres: B::Buf,      // (BT, C) gradient of the current block's output
     dx: B::Buf,        // (BT, C) gradient of the current block's input
     dmid: B::Buf,      // (BT, C)
-    dln: B::Buf,       // (BT, C)
+    dln: B::Buf,       // (BT, C) f32: post-LN's LayerNorm gradients (they accumulate), a head's dhidden
+    // (BT, C) pre-LN: a LayerNorm output's gradient, written by one GEMM and read by the
+    // LayerNorm backward only, so stored as an activation (bf16 on CUDA, as autocast keeps it)
+    dln_act: B::Buf,
     datty: B::Buf,     // (BT, C)
     dqkv: B::Buf,      // (BT, 3C)
     dfch: B::Buf,      // (BT, 4C)
@@ -282,6 +285,10 @@ impl<B: Backend> Gpt<B> {
                 dx: z(rows * c),
                 dmid: z(rows * c),
                 dln: z(rows * c),
+                dln_act: match self.cfg.ln_placement {
+                    LayerNormPlacement::Pre => act(rows * c),
+                    LayerNormPlacement::Post => z(0),
+                },
                 datty: act(rows * c),
                 dqkv: act(rows * 3 * c),
                 dfch: act(rows * 4 * c),
@@ -494,8 +501,12 @@ impl<B: Backend> Gpt<B> {
             let dlogits = &acts.logits;
             // through the tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
             let head = MatmulShape { rows, in_features: c, out_features: v, layout: WeightLayout::OutIn };
+            let dlnf = match cfg.ln_placement {
+                LayerNormPlacement::Pre => &mut s.dln_act,
+                LayerNormPlacement::Post => &mut s.dln,
+            };
             be.matmul_backward_set_dinp(
-                be.view_mut(&mut s.dln, 0..rows * c),
+                be.view_mut(dlnf, 0..rows * c),
                 be.view_mut(grads, table.range(*wte)),
                 None,
                 be.view(dlogits, 0..rows * v),
@@ -504,7 +515,8 @@ impl<B: Backend> Gpt<B> {
                 head,
             );
         }
-        self.body_backward(ready);
+        let lnf_grad_in_act = self.cfg.ln_placement == LayerNormPlacement::Pre;
+        self.body_backward(ready, lnf_grad_in_act);
         Ok(())
     }
 
@@ -516,13 +528,14 @@ impl<B: Backend> Gpt<B> {
         let n = batch.b * batch.t * self.cfg.n_embd;
         let acts = self.acts.as_mut().unwrap();
         self.be.copy(self.be.view_mut(&mut acts.scratch.dln, 0..n), dhidden);
-        self.body_backward(&mut |_, _, _| {});
+        self.body_backward(&mut |_, _, _| {}, false);
         Ok(())
     }
 
-    /// From `scratch.dln` = the gradient of `lnf` (BT, C) down through `ln_f`, the blocks and the
-    /// embeddings, into the gradient buffer.
-    fn body_backward(&mut self, ready: &mut ReadyFn<'_, B>) {
+    /// From the gradient of `lnf` (BT, C) down through `ln_f`, the blocks and the embeddings, into
+    /// the gradient buffer. The gradient is in `scratch.dln_act` (`lnf_grad_in_act`, the LM
+    /// head's pre-LN output) or `scratch.dln`.
+    fn body_backward(&mut self, ready: &mut ReadyFn<'_, B>, lnf_grad_in_act: bool) {
         let Gpt { be, cfg, table, params, grads, acts, batch, blocks, .. } = self;
         let batch = batch.as_ref().expect("forward first");
         let acts = acts.as_mut().unwrap();
@@ -555,7 +568,8 @@ impl<B: Backend> Gpt<B> {
             Some(a) => block_output(a, cfg.ln_placement),
             None => &*encoded,
         };
-        ln_grad(true, grads, &mut s.dres, &s.dln, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
+        let dlnf = if lnf_grad_in_act { &s.dln_act } else { &s.dln };
+        ln_grad(true, grads, &mut s.dres, dlnf, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
         ready(be, grads, table.range(self.lnf_w).start..table.range(self.lnf_b).end);
 
         for (l, bp) in blocks.iter().enumerate().rev() {
@@ -588,12 +602,12 @@ impl<B: Backend> Gpt<B> {
             if dres_mlp {
                 be.matmul_backward(Some(be.view_mut(&mut s.dln, rc.clone())), dw, Some(db), fc.0, fc.1, fc.2, fc.3);
             } else {
-                be.matmul_backward_set_dinp(be.view_mut(&mut s.dln, rc.clone()), dw, Some(db), fc.0, fc.1, fc.2, fc.3);
+                be.matmul_backward_set_dinp(be.view_mut(&mut s.dln_act, rc.clone()), dw, Some(db), fc.0, fc.1, fc.2, fc.3);
             }
             // the gradient of resid1: in dres (pre-LN, in place) or dmid (post-LN)
             let dresid1 = match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    ln_grad(false, grads, &mut s.dres, &s.dln, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
+                    ln_grad(false, grads, &mut s.dres, &s.dln_act, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
                     &s.dres
                 }
                 LayerNormPlacement::Post => {
@@ -619,9 +633,9 @@ impl<B: Backend> Gpt<B> {
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.qkv_w, bp.qkv_b);
             match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    be.matmul_backward_set_dinp(be.view_mut(&mut s.dln, rc.clone()), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
+                    be.matmul_backward_set_dinp(be.view_mut(&mut s.dln_act, rc.clone()), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
                     // dres := dx = dresid1 + LN1'(dln), in place
-                    ln_grad(false, grads, &mut s.dres, &s.dln, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                    ln_grad(false, grads, &mut s.dres, &s.dln_act, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                 }
                 LayerNormPlacement::Post => {
                     be.matmul_backward(Some(be.view_mut(&mut s.dx, rc.clone())), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(x, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));

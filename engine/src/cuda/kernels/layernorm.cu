@@ -1,6 +1,7 @@
 // LayerNorm over the last dimension (eps 1e-5): forward, and backward either in one pass per
-// chunk of rows (C <= 1024, layernorm_backward_fused_k*) or in two parts, the input gradient (one
-// warp per row) and the weight/bias gradients (deterministic column sums).
+// chunk of rows (C <= 1024, layernorm_backward_fused[_bf16dout]_k*) or in two parts, the input
+// gradient (one warp per row) and the weight/bias gradients (deterministic column sums). The
+// backward kernels take dout in f32 or (the _bf16dout ones) bf16.
 
 typedef unsigned long long u64;
 
@@ -52,50 +53,89 @@ extern "C" __global__ void layernorm_forward_bf16out(unsigned short* out, float*
     forward_impl(out, mean, rstd, inp, w, b, n_rows, c);
 }
 
+// ---- backward -----------------------------------------------------------------------------
 // With xhat = (x - mean) * rstd and dxhat = dout * w:
-// dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)). One warp per row.
+// dinp += rstd * (dxhat - mean(dxhat) - xhat * mean(dxhat * xhat)), dw += sum_rows dout * xhat,
+// db += sum_rows dout. dout is f32 or bf16 (the GEMM producing d(ln_out) may write bf16, as
+// autocast does: the *_bf16dout kernels); inp, dinp and w are f32, all arithmetic f32.
+//
+// Every backward kernel gives lane l of a row's warp the column groups q = l + 32 j (columns
+// 4 q .. 4 q + 3, j = 0, 1, ...), sums a row per lane in (j, column) order, then across lanes
+// with butterfly shuffles: the fused kernels (vector loads) and the two-pass one (C > 1024)
+// give the same dinp bits.
+
+// A dout element as f32.
+__device__ __forceinline__ float ln_load(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float ln_load(const unsigned short* p, u64 i) { return bf16_to_f32(p[i]); }
+
+// warp_sum on a and on b (the same additions), their shuffle latencies overlapped.
+__device__ __forceinline__ void warp_sum2(float& a, float& b) {
+    for (int o = 16; o > 0; o >>= 1) {
+        a += __shfl_xor_sync(0xffffffffu, a, o);
+        b += __shfl_xor_sync(0xffffffffu, b, o);
+    }
+}
+
+// One warp per row: dinp += the input gradient.
+template <typename TG>
+__device__ void backward_input_impl(float* dinp, const TG* dout, const float* inp, const float* w,
+                                    const float* mean, const float* rstd, u64 n_rows, u64 c) {
+    const u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) / 32;
+    const unsigned lane = threadIdx.x % 32;
+    if (row >= n_rows) return;
+    const float* x = inp + row * c;
+    const TG* dy = dout + row * c;
+    const float mu = mean[row], rs = rstd[row];
+    float dmean = 0.0f, dnorm_mean = 0.0f;
+    for (u64 q = 4 * lane; q < c; q += 128) {
+        for (u64 i = q; i < min(q + 4, c); i++) {
+            const float xhat = (x[i] - mu) * rs;
+            const float dxhat = ln_load(dy, i) * w[i];
+            dmean += dxhat;
+            dnorm_mean += dxhat * xhat;
+        }
+    }
+    warp_sum2(dmean, dnorm_mean);
+    dmean /= (float)c;
+    dnorm_mean /= (float)c;
+    float* dx = dinp + row * c;
+    for (u64 q = 4 * lane; q < c; q += 128) {
+        for (u64 i = q; i < min(q + 4, c); i++) {
+            const float xhat = (x[i] - mu) * rs;
+            const float dxhat = ln_load(dy, i) * w[i];
+            dx[i] += rs * (dxhat - dmean - xhat * dnorm_mean);
+        }
+    }
+}
+
 extern "C" __global__ void layernorm_backward_input(float* dinp, const float* dout, const float* inp,
                                                     const float* w, const float* mean,
                                                     const float* rstd, u64 n_rows, u64 c) {
-    u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) / 32;
-    unsigned lane = threadIdx.x % 32;
-    if (row >= n_rows) return;
-    const float* x = inp + row * c;
-    const float* dy = dout + row * c;
-    float mu = mean[row], rs = rstd[row];
-    float dmean = 0.0f, dnorm_mean = 0.0f;
-    for (u64 i = lane; i < c; i += 32) {
-        float xhat = (x[i] - mu) * rs;
-        float dxhat = dy[i] * w[i];
-        dmean += dxhat;
-        dnorm_mean += dxhat * xhat;
-    }
-    dmean = warp_sum(dmean) / (float)c;
-    dnorm_mean = warp_sum(dnorm_mean) / (float)c;
-    float* dx = dinp + row * c;
-    for (u64 i = lane; i < c; i += 32) {
-        float xhat = (x[i] - mu) * rs;
-        float dxhat = dy[i] * w[i];
-        dx[i] += rs * (dxhat - dmean - xhat * dnorm_mean);
-    }
+    backward_input_impl(dinp, dout, inp, w, mean, rstd, n_rows, c);
+}
+extern "C" __global__ void layernorm_backward_input_bf16dout(float* dinp, const unsigned short* dout,
+                                                             const float* inp, const float* w,
+                                                             const float* mean, const float* rstd,
+                                                             u64 n_rows, u64 c) {
+    backward_input_impl(dinp, dout, inp, w, mean, rstd, n_rows, c);
 }
 
 // Per chunk of rows: pdw[chunk, i] = sum dout * xhat, pdb[chunk, i] = sum dout, from 0 in row
 // order (the CPU reference's per-task partials); column_sum_finish adds them in chunk order.
 // grid: (chunks, ceil(C / blockDim.x)).
-extern "C" __global__ void layernorm_backward_params_partial(float* pdw, float* pdb, const float* dout,
-                                                             const float* inp, const float* mean,
-                                                             const float* rstd, u64 n_rows, u64 c,
-                                                             u64 rows_per_chunk) {
-    u64 i = blockIdx.y * (u64)blockDim.x + threadIdx.x;
-    u64 chunk = blockIdx.x;
+template <typename TG>
+__device__ void backward_params_partial_impl(float* pdw, float* pdb, const TG* dout, const float* inp,
+                                             const float* mean, const float* rstd, u64 n_rows, u64 c,
+                                             u64 rows_per_chunk) {
+    const u64 i = blockIdx.y * (u64)blockDim.x + threadIdx.x;
+    const u64 chunk = blockIdx.x;
     if (i >= c) return;
-    u64 r0 = chunk * rows_per_chunk;
-    u64 r1 = min(r0 + rows_per_chunk, n_rows);
+    const u64 r0 = chunk * rows_per_chunk;
+    const u64 r1 = min(r0 + rows_per_chunk, n_rows);
     float dw = 0.0f, db = 0.0f;
     for (u64 r = r0; r < r1; r++) {
-        float xhat = (inp[r * c + i] - mean[r]) * rstd[r];
-        float dy = dout[r * c + i];
+        const float xhat = (inp[r * c + i] - mean[r]) * rstd[r];
+        const float dy = ln_load(dout, r * c + i);
         dw += dy * xhat;
         db += dy;
     }
@@ -103,122 +143,244 @@ extern "C" __global__ void layernorm_backward_params_partial(float* pdw, float* 
     pdb[chunk * c + i] = db;
 }
 
-// ---- fused backward (C <= 32 K) -----------------------------------------------------------
-// One pass over dout and inp: both reductions, dinp and the weight/bias partials per chunk.
+extern "C" __global__ void layernorm_backward_params_partial(float* pdw, float* pdb, const float* dout,
+                                                             const float* inp, const float* mean,
+                                                             const float* rstd, u64 n_rows, u64 c,
+                                                             u64 rows_per_chunk) {
+    backward_params_partial_impl(pdw, pdb, dout, inp, mean, rstd, n_rows, c, rows_per_chunk);
+}
+extern "C" __global__ void layernorm_backward_params_partial_bf16dout(float* pdw, float* pdb,
+                                                                      const unsigned short* dout,
+                                                                      const float* inp, const float* mean,
+                                                                      const float* rstd, u64 n_rows,
+                                                                      u64 c, u64 rows_per_chunk) {
+    backward_params_partial_impl(pdw, pdb, dout, inp, mean, rstd, n_rows, c, rows_per_chunk);
+}
 
-#define LN_WARPS 8  // warps per block of layernorm_backward_fused_k* (256 threads)
-// Two blocks per SM for K <= 24 caps registers at 128 (K = 24 then needs no spills, ptxas -v;
-// unbounded it takes 175 and one block per SM). K = 32 would spill at 128, so it runs one.
+// ---- fused backward (C <= 1024) -----------------------------------------------------------
+// One pass over inp, dout and dinp: both row reductions, dinp and the weight/bias partials per
+// chunk of rows.
+
+#define LN_WARPS 8  // warps per block of layernorm_backward_fused_* (256 threads)
+// The grid is one block per 64-row chunk (256 blocks for 16384 rows: two per SM on an H100),
+// so two resident blocks per SM is all the occupancy there is to have. Their 128 registers a
+// thread hold its part of a row (x, dout, old dinp: 12 per column group) with no spills up to
+// K = 24 (ptxas -v, sm_90: 127 registers); K = 32 spills a few words per row (88 bytes in the f32
+// scalar path, 32 in the bf16 kernel), cheaper than one block per SM.
 #define LN_MIN_BLOCKS 2
 
-// dst (C) = the LN_WARPS warps' part (K per lane, at columns lane + 32 j) added in warp order,
-// through red: shared (LN_WARPS, C). Ends with a barrier, so red may be reused at once.
-template <int K>
-__device__ __forceinline__ void combine_warp_partials(float* dst, const float (&part)[K], float* red,
-                                                      u64 c) {
-    const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+// Whether the 4-column groups can move as single 16-byte (f32) or 8-byte (bf16) words: C % 4 == 0
+// and aligned buffers, so that every row starts aligned too. Else (C % 4 != 0, a view at an odd
+// offset) one access per column: the same columns per lane, so the same results.
+template <typename TG>
+__device__ __forceinline__ bool ln_vector_ok(const float* dinp, const TG* dout, const float* inp,
+                                             const float* w, u64 c) {
+    return c % 4 == 0 && ((u64)dinp | (u64)inp | (u64)w) % 16 == 0 && (u64)dout % (4 * sizeof(TG)) == 0;
+}
+
+// v = columns col .. col + 3 of a row (col % 4 == 0), zeros at and past n. With vec, n % 4 == 0:
+// a group is all in or all out.
+__device__ __forceinline__ void ln_load4(float (&v)[4], const float* p, unsigned col, unsigned n, bool vec) {
+    if (vec) {
+        if (col < n) {
+            const float4 q = *reinterpret_cast<const float4*>(p + col);
+            v[0] = q.x, v[1] = q.y, v[2] = q.z, v[3] = q.w;
+        } else {
+            v[0] = v[1] = v[2] = v[3] = 0.0f;
+        }
+    } else {
 #pragma unroll
-    for (int j = 0; j < K; j++) {
-        const u64 i = lane + 32 * j;
-        if (i < c) red[warp * c + i] = part[j];
+        for (int e = 0; e < 4; e++) v[e] = col + e < n ? p[col + e] : 0.0f;
     }
-    __syncthreads();
-    for (u64 i = threadIdx.x; i < c; i += LN_WARPS * 32) {
-        float s = 0.0f;
-        for (int v = 0; v < LN_WARPS; v++) s += red[v * c + i];
-        dst[i] = s;
+}
+__device__ __forceinline__ void ln_load4(float (&v)[4], const unsigned short* p, unsigned col, unsigned n,
+                                         bool vec) {
+    if (vec) {
+        if (col < n) {
+            bf16x4_unpack(*reinterpret_cast<const uint2*>(p + col), v);
+        } else {
+            v[0] = v[1] = v[2] = v[3] = 0.0f;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++) v[e] = col + e < n ? bf16_to_f32(p[col + e]) : 0.0f;
     }
-    __syncthreads();
+}
+
+// p[col .. col + 4) = v, the columns below n only (as ln_load4).
+__device__ __forceinline__ void ln_store4(float* p, unsigned col, unsigned n, bool vec, const float (&v)[4]) {
+    if (vec) {
+        if (col < n) {
+            float4 q;
+            q.x = v[0], q.y = v[1], q.z = v[2], q.w = v[3];
+            *reinterpret_cast<float4*>(p + col) = q;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (col + e < n) p[col + e] = v[e];
+    }
+}
+
+// p[col .. col + 4) += v, the columns below n only (shared memory partials).
+__device__ __forceinline__ void ln_add4(float* p, unsigned col, unsigned n, bool vec, const float (&v)[4]) {
+    if (vec) {
+        if (col < n) {
+            float4* q = reinterpret_cast<float4*>(p + col);
+            float4 t = *q;
+            t.x += v[0], t.y += v[1], t.z += v[2], t.w += v[3];
+            *q = t;
+        }
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (col + e < n) p[col + e] += v[e];
+    }
 }
 
 // One block per chunk of rows_per_chunk consecutive rows (the last chunk may be short); warp w
-// takes rows w, w + LN_WARPS, ... of it. Lane l owns columns l + 32 j (j < K), so a row's xhat
-// and dout (K floats each, in registers) serve the two row reductions, dinp (+=) and the warp's
-// running dw, db partials (K each). The warps' partials are then added through shared memory
-// in warp order into pdw[chunk, :], pdb[chunk, :]: a fixed order, so the same on every run
-// (column_sum_finish adds the chunks). Dynamic shared memory: (LN_WARPS, C) floats.
-template <int K>
-__device__ void backward_fused_impl(float* dinp, float* pdw, float* pdb, const float* dout,
-                                    const float* inp, const float* w, const float* mean,
-                                    const float* rstd, u64 n_rows, u64 c, u64 rows_per_chunk, int accumulate) {
-    extern __shared__ float smem[];  // (LN_WARPS, C): one warp's partial per row
+// takes rows w, w + LN_WARPS, ... of it; lane l the column groups l + 32 j (j < V, C <= 128 V).
+// Per row a lane first issues all its loads (x, dout, the old dinp when accumulating), so their
+// latencies overlap; then xhat, dxhat, its two row sums and the warp's dw, db partials, which
+// live in shared memory so that registers hold only the row; then warp_sum2 and dinp. At the
+// end the warps' partials are added in warp order into pdw[chunk, :], pdb[chunk, :]: a fixed
+// order, the same bits on every run (column_sum_finish then adds the chunks).
+// Dynamic shared memory: (LN_WARPS, 2, C) floats, a warp's dw then db partial.
+template <typename TG, int V, bool VEC>
+__device__ void backward_fused_chunk(float* __restrict__ dinp, float* __restrict__ pdw, float* __restrict__ pdb,
+                                    const TG* __restrict__ dout, const float* __restrict__ inp,
+                                    const float* __restrict__ w, const float* __restrict__ mean,
+                                    const float* __restrict__ rstd, u64 n_rows, u64 c64, u64 rows_per_chunk,
+                                    int accumulate) {
+    extern __shared__ float smem[];
     const unsigned warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const unsigned c = (unsigned)c64;  // <= 128 V
     const u64 chunk = blockIdx.x;
     const u64 r0 = chunk * rows_per_chunk, r1 = min(r0 + rows_per_chunk, n_rows);
-    float dw[K], db[K];
+    const bool vec = VEC;
+    float* sdw = smem + 2 * c * warp;  // (C) this warp's dw partial; only its own lanes touch it
+    float* sdb = sdw + c;              // (C) and its db partial
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-    for (int j = 0; j < K; j++) dw[j] = db[j] = 0.0f;
-    // Every warp runs the same number of rounds (warp_sum stays block-uniform, as the host
-    // emulator needs); a row past the chunk reads zeros and writes nothing.
+    for (int j = 0; j < V; j++) {
+        ln_store4(sdw, 4 * (lane + 32 * j), c, vec, zero);
+        ln_store4(sdb, 4 * (lane + 32 * j), c, vec, zero);
+    }
+    // Every warp runs the same number of rounds (the shuffles stay block-uniform, as the host
+    // emulator needs); a row past the chunk loads zeros and writes nothing.
     const u64 rounds = (r1 - r0 + LN_WARPS - 1) / LN_WARPS;
     for (u64 k = 0; k < rounds; k++) {
         const u64 row = r0 + k * LN_WARPS + warp;
         const bool live = row < r1;
+        const unsigned n = live ? c : 0;  // columns this row loads and stores
         const float mu = live ? mean[row] : 0.0f, rs = live ? rstd[row] : 0.0f;
-        const float* x = inp + row * c;
-        const float* dy = dout + row * c;
-        float xhat[K], g[K];  // this row's xhat and dout at the lane's columns (0 outside)
+        const float* x = inp + row * c64;
+        const TG* dy = dout + row * c64;
+        float* dx = dinp + row * c64;
+        // the lane's columns of the row: x (then xhat), dout (then dxhat), old dinp (or 0)
+        float xh[V][4], g[V][4], d[V][4];
 #pragma unroll
-        for (int j = 0; j < K; j++) {
-            const u64 i = lane + 32 * j;
-            const bool in = live && i < c;
-            xhat[j] = in ? (x[i] - mu) * rs : 0.0f;
-            g[j] = in ? dy[i] : 0.0f;
+        for (int j = 0; j < V; j++) {
+            const unsigned col = 4 * (lane + 32 * j);
+            ln_load4(xh[j], x, col, n, vec);
+            ln_load4(g[j], dy, col, n, vec);
+            ln_load4(d[j], dx, col, accumulate ? n : 0, vec);  // overwriting: dinp is not read
         }
-        // per lane in column order, then warp_sum: the order of layernorm_backward_input
         float dmean = 0.0f, dnorm_mean = 0.0f;
 #pragma unroll
-        for (int j = 0; j < K; j++) {
-            const u64 i = lane + 32 * j;
-            const float dxhat = i < c ? g[j] * w[i] : 0.0f;
-            dmean += dxhat;
-            dnorm_mean += dxhat * xhat[j];
-        }
-        dmean = warp_sum(dmean) / (float)c;
-        dnorm_mean = warp_sum(dnorm_mean) / (float)c;
-        float* dx = dinp + row * c;
+        for (int j = 0; j < V; j++) {
+            const unsigned col = 4 * (lane + 32 * j);
+            float wv[4], gx[4];
+            ln_load4(wv, w, col, n, vec);
 #pragma unroll
-        for (int j = 0; j < K; j++) {
-            const u64 i = lane + 32 * j;
-            // added onto dinp, or (accumulate = 0) written over it: no zero fill before
-            if (live && i < c) dx[i] = (accumulate ? dx[i] : 0.0f) + rs * (g[j] * w[i] - dmean - xhat[j] * dnorm_mean);
-            dw[j] += g[j] * xhat[j];  // adds 0 outside the chunk and past C
-            db[j] += g[j];
+            for (int e = 0; e < 4; e++) {
+                xh[j][e] = (xh[j][e] - mu) * rs;
+                gx[e] = g[j][e] * xh[j][e];
+            }
+            ln_add4(sdw, col, n, vec, gx);
+            ln_add4(sdb, col, n, vec, g[j]);
+            // past C (scalar path) dout and w are 0: dxhat is 0 there and adds nothing
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                g[j][e] *= wv[e];
+                dmean += g[j][e];
+                dnorm_mean += g[j][e] * xh[j][e];
+            }
+        }
+        warp_sum2(dmean, dnorm_mean);
+        dmean /= (float)c;
+        dnorm_mean /= (float)c;
+#pragma unroll
+        for (int j = 0; j < V; j++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) d[j][e] += rs * (g[j][e] - dmean - xh[j][e] * dnorm_mean);
+            ln_store4(dx, 4 * (lane + 32 * j), n, vec, d[j]);
         }
     }
-    combine_warp_partials<K>(pdw + chunk * c, dw, smem, c);
-    combine_warp_partials<K>(pdb + chunk * c, db, smem, c);
+    __syncthreads();
+    for (unsigned i = threadIdx.x; i < c; i += LN_WARPS * 32) {
+        float sw = 0.0f, sb = 0.0f;
+        for (int v = 0; v < LN_WARPS; v++) {
+            sw += smem[2 * c * v + i];
+            sb += smem[2 * c * v + c + i];
+        }
+        pdw[chunk * c64 + i] = sw;
+        pdb[chunk * c64 + i] = sb;
+    }
 }
 
-// ---- entry points, one per K (C <= 128, 256, 512, 768, 1024); grid: chunks, 256 threads ----
+// The kernels' body: the vector or the scalar path, chosen once per launch (the same for every
+// block), compiled apart so that the scalar path's extra registers do not burden the other.
+template <typename TG, int V>
+__device__ __forceinline__ void backward_fused_impl(float* dinp, float* pdw, float* pdb, const TG* dout,
+                                                    const float* inp, const float* w, const float* mean,
+                                                    const float* rstd, u64 n_rows, u64 c, u64 rows_per_chunk,
+                                                    int accumulate) {
+    if (ln_vector_ok(dinp, dout, inp, w, c)) {
+        backward_fused_chunk<TG, V, true>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk,
+                                          accumulate);
+    } else {
+        backward_fused_chunk<TG, V, false>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk,
+                                           accumulate);
+    }
+}
+
+// ---- entry points: V = 1, 2, 4, 6, 8 column groups per lane (C <= 128, 256, 512, 768, 1024:
+// layernorm_backward_fused_k{4 V}), dout f32 or bf16; grid: chunks, LN_WARPS * 32 threads ----
+
+#define LN_FUSED_PARAMS(TG)                                                                              \
+    float *dinp, float *pdw, float *pdb, const TG *dout, const float *inp, const float *w, const float *mean, \
+        const float *rstd, u64 n_rows, u64 c, u64 rows_per_chunk, int accumulate
+#define LN_FUSED_ARGS dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate
 
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
-layernorm_backward_fused_k4(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
-                            const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                            u64 rows_per_chunk, int accumulate) {
-    backward_fused_impl<4>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
+layernorm_backward_fused_k4(LN_FUSED_PARAMS(float)) { backward_fused_impl<float, 1>(LN_FUSED_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
+layernorm_backward_fused_k8(LN_FUSED_PARAMS(float)) { backward_fused_impl<float, 2>(LN_FUSED_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
+layernorm_backward_fused_k16(LN_FUSED_PARAMS(float)) { backward_fused_impl<float, 4>(LN_FUSED_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
+layernorm_backward_fused_k24(LN_FUSED_PARAMS(float)) { backward_fused_impl<float, 6>(LN_FUSED_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
+layernorm_backward_fused_k32(LN_FUSED_PARAMS(float)) { backward_fused_impl<float, 8>(LN_FUSED_ARGS); }
+
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
+layernorm_backward_fused_bf16dout_k4(LN_FUSED_PARAMS(unsigned short)) {
+    backward_fused_impl<unsigned short, 1>(LN_FUSED_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
-layernorm_backward_fused_k8(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
-                            const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                            u64 rows_per_chunk, int accumulate) {
-    backward_fused_impl<8>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
+layernorm_backward_fused_bf16dout_k8(LN_FUSED_PARAMS(unsigned short)) {
+    backward_fused_impl<unsigned short, 2>(LN_FUSED_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
-layernorm_backward_fused_k16(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
-                             const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                             u64 rows_per_chunk, int accumulate) {
-    backward_fused_impl<16>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
+layernorm_backward_fused_bf16dout_k16(LN_FUSED_PARAMS(unsigned short)) {
+    backward_fused_impl<unsigned short, 4>(LN_FUSED_ARGS);
 }
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
-layernorm_backward_fused_k24(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
-                             const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                             u64 rows_per_chunk, int accumulate) {
-    backward_fused_impl<24>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
+layernorm_backward_fused_bf16dout_k24(LN_FUSED_PARAMS(unsigned short)) {
+    backward_fused_impl<unsigned short, 6>(LN_FUSED_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(LN_WARPS * 32)
-layernorm_backward_fused_k32(float* dinp, float* pdw, float* pdb, const float* dout, const float* inp,
-                             const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c,
-                             u64 rows_per_chunk, int accumulate) {
-    backward_fused_impl<32>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate);
+extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
+layernorm_backward_fused_bf16dout_k32(LN_FUSED_PARAMS(unsigned short)) {
+    backward_fused_impl<unsigned short, 8>(LN_FUSED_ARGS);
 }
