@@ -9,6 +9,7 @@
 #     torch_family.py, compiled (issue 7). The peers run through torch_family.py's own `bench`
 #     and `main`; only its GPT-2 run is skipped (step 2 has the GPT-2 peer), to save the lease;
 #  4. per-op profiles of the three models (each op synchronised), last because least needed.
+# PROFILES=0 skips step 4; KERNEL_VARIANTS adds Nsight kernel times at the end (see there).
 # $OUT gets 8 files: summary.txt, tests.log, gpt.txt, smelt_bert.json, smelt_bert_dropout.json,
 # smelt_t5.json, smelt.err, torch_family.txt. Stage budgets (seconds) are in the timeouts below; they sum under 540.
 set -u
@@ -90,11 +91,27 @@ tf.main()
 EOF
 echo "rc=$?"; grep -E "^hf-|Error" "$OUT/torch_family.txt" | tail -4
 
-echo "== profiles"
-profile gpt --preset gpt2-124m --batch "${B:-16}" --seq 1024 --vocab "${VOCAB:-50304}"
-profile bert --preset bert-base --batch 32 --seq 512
-profile t5 --preset t5-small --batch 64 --seq 512 --dec-seq 114
-grep -E "attention|all ops" "$OUT/smelt.err"
+if [ "${PROFILES:-1}" = 1 ]; then
+  echo "== profiles"
+  profile gpt --preset gpt2-124m --batch "${B:-16}" --seq 1024 --vocab "${VOCAB:-50304}"
+  profile bert --preset bert-base --batch 32 --seq 512
+  profile t5 --preset t5-small --batch 64 --seq 512 --dec-seq 114
+  grep -E "attention|all ops" "$OUT/smelt.err"
+fi
+# KERNEL_VARIANTS (name=ENV ..., as cuda_kernel_times.sh's VARIANTS): each kernel's own time in
+# one GPT-2 step by Nsight Compute, side by side (~20 s a variant).
+if [ -n "${KERNEL_VARIANTS:-}" ]; then
+  echo "== kernel times: $KERNEL_VARIANTS"
+  NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
+  csvs=()
+  for variant in $KERNEL_VARIANTS; do
+    mode=${variant%%=*}; env_set=${variant#*=}
+    env ${env_set//+/ } timeout 90 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
+      "${gpt[@]}" --warmup 1 --steps 1 > "$OUT/kernels_$mode.csv" 2> "$LOGS/ncu_$mode.err"
+    echo "$mode rc=$?"; csvs+=("$OUT/kernels_$mode.csv")
+  done
+  python3 device/kernel_table.py "${csvs[@]}" > "$OUT/kernels.txt"; head -36 "$OUT/kernels.txt"
+fi
 
 echo "== summary" | tee -a "$OUT/summary.txt"
 python3 - "$OUT" "$LOGS" <<'EOF' | tee -a "$OUT/summary.txt"

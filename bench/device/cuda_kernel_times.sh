@@ -35,7 +35,7 @@ fi
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $NCU"
 gpt=(device/smelt bench step --backend cuda --preset gpt2-124m --batch 16 --seq 1024 --vocab 50304 --warmup 1 --steps 1)
-# VARIANTS: name=ENV pairs (ENV with commas for several variables), each timed by ncu; DETAIL: a
+# VARIANTS: name=ENV pairs (ENV with + between several variables), each timed by ncu; DETAIL: a
 # kernel-name regex whose first launch ncu profiles in depth (occupancy, warp stalls, memory).
 VARIANTS=${VARIANTS:-"bf16= f32=SMELT_BF16_ACTIVATIONS=0"}
 csvs=()
@@ -43,7 +43,7 @@ for variant in $VARIANTS; do
   mode=${variant%%=*}; env_set=${variant#*=}
   echo "== ncu $mode ${env_set:+($env_set)}"
   start=$(date +%s)
-  env ${env_set//,/ } timeout "${NCU_TIMEOUT:-100}" "$NCU" --clock-control none --metrics gpu__time_duration.sum \
+  env ${env_set//+/ } timeout "${NCU_TIMEOUT:-100}" "$NCU" --clock-control none --metrics gpu__time_duration.sum \
     --csv --print-units base "${gpt[@]}" > "$OUT/kernels_$mode.csv" 2> "$LOGS/ncu_$mode.err"
   echo "rc=$? took $(( $(date +%s) - start )) s, $(grep -c gpu__time_duration "$OUT/kernels_$mode.csv") kernels"
   tail -3 "$LOGS/ncu_$mode.err"

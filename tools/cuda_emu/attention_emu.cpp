@@ -6,6 +6,7 @@
 // Exit status: the number of failing cases.
 #include "shim.h"
 struct uint4 { unsigned x, y, z, w; };  // CUDA's 16-byte vector (the _vec stats kernels)
+struct alignas(8) float2 { float x, y; };  // the (lse, D) pairs of the dkv pass
 #include "../../engine/src/cuda/kernels/attention.cu"
 #include <cstdio>
 #include <random>

@@ -109,6 +109,7 @@ inline void cp_async16_or_zero(void* s, const void* g, bool valid) {
 }
 inline void cp_async_commit() {}
 template <int N> inline void cp_async_wait() {}
+inline float fast_exp2(float x) { return std::exp2(x); }  // ex2.approx.ftz on the device
 const unsigned short* g_rows[1024];
 // ldmatrix.x4 (not transposed): lane (g, t) gets row g, columns 2t and 2t+1 of matrix m
 inline void ldsm_x4(unsigned (&r)[4], const unsigned short* row) {

@@ -69,11 +69,17 @@ pub fn compile_source(name: &'static str, src: &str, arch: &str) -> Result<Compi
 }
 
 /// Compile-time tuning knobs read from the environment, for measuring variants on a card
-/// without rebuilding: `SMELT_ATTN_MIN_BLOCKS` (1..=4, attention.cu's blocks per SM for the
-/// hd-64 tensor-core kernels). Unset or invalid values keep the sources' defaults.
+/// without rebuilding: `SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq"` (each 1..=4: attention.cu's blocks
+/// per SM for the hd-64 tensor-core kernels). Unset or invalid values keep the sources' defaults.
 fn tuning_defines() -> Vec<String> {
-    match std::env::var("SMELT_ATTN_MIN_BLOCKS").ok().and_then(|v| v.parse::<u32>().ok()) {
-        Some(n @ 1..=4) => vec![format!("-DSMELT_ATTN_MIN_BLOCKS={n}")],
+    let Ok(v) = std::env::var("SMELT_ATTN_MIN_BLOCKS") else { return Vec::new() };
+    let n: Vec<u32> = v.split(',').filter_map(|x| x.trim().parse().ok()).filter(|n| (1..=4).contains(n)).collect();
+    match n[..] {
+        [fwd, dkv, dq] => vec![
+            format!("-DSMELT_ATTN_FWD_MIN_BLOCKS={fwd}"),
+            format!("-DSMELT_ATTN_DKV_MIN_BLOCKS={dkv}"),
+            format!("-DSMELT_ATTN_DQ_MIN_BLOCKS={dq}"),
+        ],
         _ => Vec::new(),
     }
 }

@@ -510,10 +510,18 @@ typedef unsigned short bf16_t;
 typedef unsigned int u32;
 #define MMA_THREADS 128
 // Blocks per SM the hd-64 tensor-core kernels are compiled for (their register cap: 65536 /
-// (128 * N)); 1 lets ptxas take what it needs (~180 registers: two blocks per SM). The engine
-// passes SMELT_ATTN_MIN_BLOCKS from the environment variable of that name, for measuring.
-#ifndef SMELT_ATTN_MIN_BLOCKS
-#define SMELT_ATTN_MIN_BLOCKS 1
+// (128 * N); 1 lets ptxas take what it needs). Measured on an H200 (bench/NOTES.md v8): the
+// forward keeps 4 (128 registers, as before its masks were split), dq runs faster at 3 (~180 ->
+// 168 registers, a few bytes spilled), dkv slower at 3 (spills in its loop): 1. The engine
+// passes SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq" from the environment, for measuring.
+#ifndef SMELT_ATTN_FWD_MIN_BLOCKS
+#define SMELT_ATTN_FWD_MIN_BLOCKS 4
+#endif
+#ifndef SMELT_ATTN_DKV_MIN_BLOCKS
+#define SMELT_ATTN_DKV_MIN_BLOCKS 1
+#endif
+#ifndef SMELT_ATTN_DQ_MIN_BLOCKS
+#define SMELT_ATTN_DQ_MIN_BLOCKS 3
 #endif
 
 // The two primitives below need sm_80. Before that the kernels still compile (so the module
@@ -530,6 +538,14 @@ __device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
     __trap();
     return 0;
 #endif
+}
+// 2^x by the special-function unit alone (ex2.approx.ftz, max 2 ulp as exp2f): exp2f without
+// fast-math wraps the same instruction in a scaling for subnormal results, a few instructions per
+// probability in kernels whose issue slots are the limit; a probability below 2^-126 flushes to 0.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
 }
 // d += a b for one 16x8x16 tile, f32 accumulation.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
@@ -845,6 +861,75 @@ __device__ __forceinline__ void copy_stats_async(float* s, const float* g, int r
     if (threadIdx.x < 32) cp_async16(s + 4 * threadIdx.x, g + 2 * (size_t)row0 + 4 * threadIdx.x);
 }
 
+// ---- masks and probabilities of a (16 x 64) warp tile, C layout -----------------------------
+// Element (nt, e) of a thread (g, t) of the warp sits at row r0 + 8 (e >> 1) and column
+// c0 + nt * 8 + (e & 1), with r0 = the warp's first row + g and c0 = the tile's first column
+// + 2 t. CHECK = false is for tiles that key_tile_full / pair_tile_full proved fully visible.
+
+// Whether every key of the tile at k0 is visible to every query row of the tile at q0 in the
+// forward pass (padding query rows count as seeing key 0 onwards, see key_visible).
+__device__ __forceinline__ bool key_tile_full(const AttnParams& p, int nk, int q0, int k0) {
+    return k0 + TILE <= nk && (!p.causal || k0 + TILE - 1 <= q0);
+}
+// Whether every (query, key) pair of the tiles at q0, k0 contributes to the gradients.
+__device__ __forceinline__ bool pair_tile_full(const AttnParams& p, int nk, int q0, int k0) {
+    return q0 + TILE <= p.tq && key_tile_full(p, nk, q0, k0);
+}
+
+// Forward scores s (rows: queries from r0, columns: keys from c0): scaled into the log2 domain,
+// -inf where invisible.
+template <bool CHECK>
+__device__ __forceinline__ void scale_scores(float (&s)[8][4], const AttnParams& p, int nk, int r0, int c0,
+                                             float scale2) {
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int i = r0 + 8 * (e >> 1), j = c0 + nt * 8 + (e & 1);
+            s[nt][e] = !CHECK || key_visible(p, nk, i, j) ? s[nt][e] * scale2 : neg_inf();
+        }
+}
+
+// dkv pass (rows: keys from r0, columns: queries q0 + nt*8 + 2t + (e&1)): st holds S^T and
+// becomes P^T, dpt holds dP^T and becomes dS^T. sc: the query tile's (lse log2 e, D) pairs.
+template <bool CHECK>
+__device__ __forceinline__ void probs_dkv(float (&st)[8][4], float (&dpt)[8][4], const float* sc,
+                                          const AttnParams& p, int nk, int q0, int r0, float scale2) {
+    const int t = threadIdx.x % 4;
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const int qi = nt * 8 + 2 * t + c;
+            const float2 st2 = ((const float2*)sc)[qi];  // one 8-byte load for both rows
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int e = 2 * half + c;
+                const float pr = !CHECK || visible(p, nk, q0 + qi, r0 + 8 * half)
+                                     ? fast_exp2(st[nt][e] * scale2 - st2.x) : 0.0f;
+                st[nt][e] = pr;
+                dpt[nt][e] = pr * (dpt[nt][e] - st2.y);
+            }
+        }
+}
+
+// dq pass (rows: queries from r0, columns: keys from c0): dp holds dP and becomes dS, from the
+// scores s and the rows' (lse log2 e, D).
+template <bool CHECK>
+__device__ __forceinline__ void probs_dq(const float (&s)[8][4], float (&dp)[8][4], const float (&lse2)[2],
+                                         const float (&dd)[2], const AttnParams& p, int nk, int r0, int c0,
+                                         float scale2) {
+#pragma unroll
+    for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int half = e >> 1;
+            const int i = r0 + 8 * half, j = c0 + nt * 8 + (e & 1);
+            const float pr = !CHECK || visible(p, nk, i, j) ? fast_exp2(s[nt][e] * scale2 - lse2[half]) : 0.0f;
+            dp[nt][e] = pr * (dp[nt][e] - dd[half]);
+        }
+}
+
 // Forward: q, k and v arrive in place or as head-major copies (TileSrc). One block per (64-query tile, head, batch); this warp's 16 query rows stay in registers as A
 // fragments; key and value tiles are double-buffered by cp.async; scores live in the log2
 // domain (exp2 of s * scale * log2 e), the saved lse in natural units.
@@ -913,31 +998,32 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
                 mma_bf16(s[2 * n2], qa[kk], bb[0], bb[1]);
                 mma_bf16(s[2 * n2 + 1], qa[kk], bb[2], bb[3]);
             }
+        // Scaled scores, -inf where invisible; a tile whose keys are all visible to all its
+        // queries (most of them) skips the per-element test.
+        if (key_tile_full(p, nk, q0, k0)) {
+            scale_scores<false>(s, p, nk, q0 + warp * 16 + g, k0 + 2 * t, scale2);
+        } else {
+            scale_scores<true>(s, p, nk, q0 + warp * 16 + g, k0 + 2 * t, scale2);
+        }
 #pragma unroll
         for (int half = 0; half < 2; half++) {
-            const int i = q0 + warp * 16 + g + 8 * half;
             float rmax = neg_inf();
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = k0 + nt * 8 + 2 * t + e;
-                    float& x = s[nt][2 * half + e];
-                    x = key_visible(p, nk, i, j) ? x * scale2 : neg_inf();
-                    rmax = fmaxf(rmax, x);
-                }
+                for (int e = 0; e < 2; e++) rmax = fmaxf(rmax, s[nt][2 * half + e]);
             rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
             rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
             const float m_new = fmaxf(m[half], rmax);
             const float base = m_new == neg_inf() ? 0.0f : m_new;  // see the f32 forward
-            const float corr = exp2f(m[half] - base);
+            const float corr = fast_exp2(m[half] - base);
             float rsum = 0.0f;
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     float& x = s[nt][2 * half + e];
-                    x = exp2f(x - base);
+                    x = fast_exp2(x - base);
                     rsum += x;
                 }
             rsum += __shfl_xor_sync(0xffffffffu, rsum, 1);
@@ -1055,17 +1141,12 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_
                 mma_bf16(dpt[2 * n2 + 1], va, bb[2], bb[3]);
             }
         }
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int j = k0 + warp * 16 + g + 8 * (e >> 1);
-                const int qi = nt * 8 + 2 * t + (e & 1);
-                const float pr = visible(p, nk, q0 + qi, j)
-                                     ? exp2f(st[nt][e] * scale2 - sc[2 * qi]) : 0.0f;
-                st[nt][e] = pr;                                // P^T
-                dpt[nt][e] = pr * (dpt[nt][e] - sc[2 * qi + 1]);  // dS^T
-            }
+        // P^T and dS^T in place of S^T and dP^T (no per-element test on a fully visible tile)
+        if (pair_tile_full(p, nk, q0, k0)) {
+            probs_dkv<false>(st, dpt, sc, p, nk, q0, k0 + warp * 16 + g, scale2);
+        } else {
+            probs_dkv<true>(st, dpt, sc, p, nk, q0, k0 + warp * 16 + g, scale2);
+        }
         u32 pa[4][4], sa[4][4];
         c_to_a(pa, st);
         c_to_a(sa, dpt);
@@ -1175,17 +1256,12 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
                 mma_bf16(dp[2 * n2 + 1], da, bb[2], bb[3]);
             }
         }
-#pragma unroll
-        for (int nt = 0; nt < 8; nt++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                const int half = e >> 1;
-                const int i = q0 + warp * 16 + g + 8 * half;
-                const int j = k0 + nt * 8 + 2 * t + (e & 1);
-                const float pr =
-                    visible(p, nk, i, j) ? exp2f(s[nt][e] * scale2 - lse2[half]) : 0.0f;
-                dp[nt][e] = pr * (dp[nt][e] - dd[half]);  // dS
-            }
+        // dS in place of dP (no per-element test on a fully visible tile)
+        if (pair_tile_full(p, nk, q0, k0)) {
+            probs_dq<false>(s, dp, lse2, dd, p, nk, q0 + warp * 16 + g, k0 + 2 * t, scale2);
+        } else {
+            probs_dq<true>(s, dp, lse2, dd, p, nk, q0 + warp * 16 + g, k0 + 2 * t, scale2);
+        }
         u32 sa[4][4];
         c_to_a(sa, dp);
 #pragma unroll
@@ -1221,7 +1297,7 @@ attention_forward_bf16_d32(float* out, float* lse, const bf16_t* qh, const bf16_
                           const AttnParams p) {
     forward_bf16_impl<2>(out, lse, qh, kh, vh, p);
 }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_FWD_MIN_BLOCKS)
 attention_forward_bf16_d64(float* out, float* lse, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                           const AttnParams p) {
     forward_bf16_impl<4>(out, lse, qh, kh, vh, p);
@@ -1241,12 +1317,12 @@ attention_backward_dq_bf16_d32(float* dq, const bf16_t* qh, const bf16_t* kh, co
                               const bf16_t* doh, const float* stats, const AttnParams p) {
     backward_dq_bf16_impl<2>(dq, qh, kh, vh, doh, stats, p);
 }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DKV_MIN_BLOCKS)
 attention_backward_dkv_bf16_d64(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
     backward_dkv_bf16_impl<4>(dkv, qh, kh, vh, doh, stats, p);
 }
-extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_MIN_BLOCKS)
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DQ_MIN_BLOCKS)
 attention_backward_dq_bf16_d64(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
     backward_dq_bf16_impl<4>(dq, qh, kh, vh, doh, stats, p);
