@@ -465,6 +465,18 @@ pub trait Backend: Send + Sync + 'static {
         dloss: f32,
         vocab: usize,
     );
+    /// `cross_entropy_forward` (losses, lse) then `cross_entropy_backward_in_place` (logits
+    /// overwritten by their gradient, zeros for ignored rows), with the same results: a backend
+    /// may read each row once for both. No default body: the trait cannot read a `ViewMut`.
+    fn cross_entropy_forward_backward_in_place(
+        &self,
+        losses: Self::ViewMut<'_>,
+        lse: Self::ViewMut<'_>,
+        logits: Self::ViewMut<'_>,
+        targets: &Self::Ids,
+        dloss: f32,
+        vocab: usize,
+    );
 
     // ---- optimizer ------------------------------------------------------------------------
 

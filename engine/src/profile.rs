@@ -276,6 +276,20 @@ impl<B: Backend> Backend for Profiled<B> {
     fn cross_entropy_backward_in_place(&self, logits: B::ViewMut<'_>, lse: B::View<'_>, targets: &B::Ids, dloss: f32, vocab: usize) {
         self.timed(|| "cross_entropy_backward_in_place".into(), || self.inner.cross_entropy_backward_in_place(logits, lse, targets, dloss, vocab))
     }
+    fn cross_entropy_forward_backward_in_place(
+        &self,
+        losses: B::ViewMut<'_>,
+        lse: B::ViewMut<'_>,
+        logits: B::ViewMut<'_>,
+        targets: &B::Ids,
+        dloss: f32,
+        vocab: usize,
+    ) {
+        self.timed(
+            || "cross_entropy_forward_backward_in_place".into(),
+            || self.inner.cross_entropy_forward_backward_in_place(losses, lse, logits, targets, dloss, vocab),
+        )
+    }
     fn adamw_update_runs(&self, params: &mut B::Buf, grads: &B::Buf, m: &mut B::Buf, v: &mut B::Buf, runs: &DecayRuns<B::Ids, B::Buf>, hp: AdamWStep) {
         self.timed(|| "adamw_update".into(), || self.inner.adamw_update_runs(params, grads, m, v, runs, hp))
     }

@@ -115,7 +115,8 @@ impl<B: Backend> Trainer<B> {
         let mut loss_sum = 0.0f64;
         for _ in 0..k {
             let batch = train.random_batch(&mut self.data_rng, b, t);
-            let loss = self.model.forward(&batch.inputs, Some(&batch.targets), b, t)?.expect("targets given");
+            // the loss and, in the same pass over the logits, their gradient for backward below
+            let loss = self.model.forward_train(&batch.inputs, &batch.targets, b, t, 1.0 / k as f32)?;
             // A device error makes the loss meaningless: report it first (no-op on CPU).
             self.model.backend().synchronize()?;
             if !loss.is_finite() {
@@ -157,7 +158,7 @@ impl<B: Backend> Trainer<B> {
         // All micro-batches but the last: forward and backward, no communication.
         let mut finite = true;
         for batch in &micro_batches[..k - 1] {
-            let loss = self.forward_batch(batch)?;
+            let loss = self.forward_batch(batch, 1.0 / k as f32)?;
             tokens += batch.batch * batch.seq_len;
             loss_sum += loss as f64;
             if !loss.is_finite() {
@@ -169,7 +170,7 @@ impl<B: Backend> Trainer<B> {
         }
         if finite {
             let last = &micro_batches[k - 1];
-            loss_sum += self.forward_batch(last)? as f64;
+            loss_sum += self.forward_batch(last, 1.0 / k as f32)? as f64;
             tokens += last.batch * last.seq_len;
         }
         // The mean loss over every rank's micro-batches, before any gradient moves: a
@@ -193,12 +194,10 @@ impl<B: Backend> Trainer<B> {
         Ok(stats)
     }
 
-    /// Forward of one micro-batch; its loss, after any device error was reported.
-    fn forward_batch(&mut self, batch: &Batch) -> Result<f32, EngineError> {
-        let loss = self
-            .model
-            .forward(&batch.inputs, Some(&batch.targets), batch.batch, batch.seq_len)?
-            .expect("targets given");
+    /// Forward of one micro-batch (`Gpt::forward_train`: the logits' gradient for a backward
+    /// pass with `loss_scale` comes with it); its loss, after any device error was reported.
+    fn forward_batch(&mut self, batch: &Batch, loss_scale: f32) -> Result<f32, EngineError> {
+        let loss = self.model.forward_train(&batch.inputs, &batch.targets, batch.batch, batch.seq_len, loss_scale)?;
         self.model.backend().synchronize()?;
         Ok(loss)
     }

@@ -675,3 +675,39 @@ fn gpt_config_validation_names_the_field() {
     // the parameter count matches the table the model builds
     assert_eq!(ok.num_params(), Gpt::<CpuBackend>::param_table(&ok).total());
 }
+
+// ---- the fused classifier's training forward ----------------------------------------------------
+
+/// `forward_train` computes the logits' gradient with the loss: the loss and every gradient are
+/// those of `forward` + `backward` with the same loss_scale (the CPU backend runs the same two
+/// ops, so bitwise), with ignored targets in the batch; a backward with another loss_scale is
+/// refused (the logits it would need are gone), and so is reading the logits.
+#[test]
+fn forward_train_matches_forward_then_backward() {
+    for placement in [LayerNormPlacement::Pre, LayerNormPlacement::Post] {
+        let cfg = tiny(placement);
+        let mut rng = Rng::new(17);
+        let (b, t) = (2, 5);
+        let tokens = random_ids(&mut rng, b * t, cfg.vocab_size);
+        let mut targets = random_ids(&mut rng, b * t, cfg.vocab_size);
+        targets[3] = IGNORE_INDEX;
+        let mut plain = perturbed_model(&cfg, 5);
+        plain.zero_grad();
+        let loss_plain = plain.forward(&tokens, Some(&targets), b, t).unwrap().unwrap();
+        plain.backward(0.5).unwrap();
+        let mut fused = perturbed_model(&cfg, 5);
+        fused.zero_grad();
+        let loss_fused = fused.forward_train(&tokens, &targets, b, t, 0.5).unwrap();
+        fused.backward(0.5).unwrap();
+        assert_eq!(loss_plain.to_bits(), loss_fused.to_bits(), "{placement:?}: loss");
+        let (gp, gf) = (plain.grads_host(), fused.grads_host());
+        assert!(gp.iter().any(|&g| g != 0.0), "{placement:?}: a gradient to compare");
+        assert!(gp.iter().zip(&gf).all(|(a, b)| a.to_bits() == b.to_bits()), "{placement:?}: gradients differ");
+
+        fused.forward_train(&tokens, &targets, b, t, 0.5).unwrap();
+        let err = fused.backward(0.25).unwrap_err();
+        assert!(err.to_string().contains("loss_scale 0.25"), "{err}");
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fused.logits()));
+        assert!(read.is_err(), "{placement:?}: logits after forward_train must be refused");
+    }
+}

@@ -396,7 +396,7 @@ impl State {
             }
             Examples::Sft { train, .. } => {
                 let b = sft_batch(idx.iter().map(|&i| &train[i]));
-                let loss = self.model.forward(&b.inputs, Some(&b.targets), b.b, b.t)?.expect("targets given");
+                let loss = self.model.forward_train(&b.inputs, &b.targets, b.b, b.t, scale)?;
                 if loss.is_finite() {
                     self.model.backward(scale)?;
                 }

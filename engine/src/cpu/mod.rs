@@ -283,6 +283,18 @@ impl Backend for CpuBackend {
     fn cross_entropy_backward_in_place(&self, logits: &mut [f32], lse: &[f32], targets: &Vec<u32>, dloss: f32, vocab: usize) {
         cross_entropy::backward_in_place(logits, lse, targets, dloss, vocab)
     }
+    fn cross_entropy_forward_backward_in_place(
+        &self,
+        losses: &mut [f32],
+        lse: &mut [f32],
+        logits: &mut [f32],
+        targets: &Vec<u32>,
+        dloss: f32,
+        vocab: usize,
+    ) {
+        cross_entropy::forward(losses, lse, logits, targets, vocab);
+        cross_entropy::backward_in_place(logits, lse, targets, dloss, vocab)
+    }
 
     fn adamw_update(
         &self,

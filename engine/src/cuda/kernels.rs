@@ -19,7 +19,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("elementwise", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/elementwise.cu"))),
     ("dropout", include_str!("kernels/dropout.cu")),
     ("cross_entropy", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/cross_entropy.cu"))),
-    ("adamw", include_str!("kernels/adamw.cu")),
+    ("adamw", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/adamw.cu"))),
     ("attention", include_str!("kernels/attention.cu")),
     ("convert", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/convert.cu"))),
 ];

@@ -10,6 +10,9 @@
 //! A forward matmul with a bias and bf16 operands runs as one cuBLASLt GEMM with a bias
 //! epilogue instead (lt.rs): no broadcast pass, no read of C.
 //!
+//! The weight operand is read from a bf16 shadow of its whole buffer when the backend keeps one
+//! (shadow.rs: made once per write generation, kept up to date by AdamW), with no conversion.
+//!
 //! bf16 activation views (view.rs) are GEMM operands as they are, without a conversion pass,
 //! and a bf16 `out` / overwritten `dinp` is the GEMM's own bf16 output (rounded once from the
 //! f32 accumulator, as autocast's).
@@ -27,6 +30,7 @@ use cudarc::driver::PushKernelArg;
 use super::colsum;
 use super::lt::LtShape;
 use super::memory::elementwise_cfg;
+use super::shadow;
 use super::view::{CudaView, CudaViewMut};
 use super::{CudaBackend, MatmulPrecision};
 use crate::backend::{MatmulShape, WeightLayout};
@@ -141,11 +145,13 @@ struct Dense<'a> {
     view: CudaView<'a>,
     cols: usize,
     rows_alloc: usize,
+    /// Copy a bf16 view into the scratch even when it is usable as it is (see `weight_dense`).
+    force_copy: bool,
 }
 
 impl<'a> Dense<'a> {
     fn new(view: CudaView<'a>, cols: usize) -> Self {
-        Dense { view, cols, rows_alloc: Self::rows_of(&view, cols) }
+        Dense { view, cols, rows_alloc: Self::rows_of(&view, cols), force_copy: false }
     }
     /// With zero rows appended up to `rows` (a GEMM over a rounded-up dimension).
     fn with_rows(self, rows: usize) -> Self {
@@ -159,8 +165,20 @@ impl<'a> Dense<'a> {
     }
     /// Usable by a GEMM as it is: bf16 already, rows a multiple of 8 wide, nothing to append.
     fn ready_bf16(&self) -> bool {
-        self.view.is_bf16() && padded_ld(self.cols) == self.cols && self.rows_alloc == self.rows()
+        self.view.is_bf16() && !self.force_copy && padded_ld(self.cols) == self.cols && self.rows_alloc == self.rows()
     }
+}
+
+/// A weight operand `(len / cols, cols)`: with bf16 matmuls, the bf16 shadow of its buffer when
+/// the backend has or makes one (shadow.rs), else the view itself (converted by `operands`).
+/// A shadow view goes to the GEMM as it is where a bf16 activation would, except when it is not
+/// 16-byte aligned (a parameter at an odd offset): the scratch regions the per-call conversion
+/// writes are, and cuBLAS picks its kernel by alignment too, so such a view is copied into the
+/// scratch, which keeps the results bitwise those of the conversion.
+fn weight_dense<'a>(be: &CudaBackend, weight: CudaView<'a>, cols: usize) -> Dense<'a> {
+    let view = shadow::weight_view(be, weight);
+    let from_shadow = view.is_bf16() && !weight.is_bf16();
+    Dense { force_copy: from_shadow && !view.addr().is_multiple_of(16), ..Dense::new(view, cols) }
 }
 
 /// The operands of one matmul call as GEMM inputs. With `MatmulPrecision::Bf16`: a bf16 view
@@ -282,8 +300,8 @@ fn forward_into(
     let padded_out = be.options().matmul == MatmulPrecision::Bf16 && padded_ld(oc) != oc && n > 0;
     let m = if padded_out { padded_ld(oc) } else { oc };
     let w_dense = match s.layout {
-        WeightLayout::InOut => Dense::new(weight, w_cols),
-        WeightLayout::OutIn => Dense::new(weight, w_cols).with_rows(m),
+        WeightLayout::InOut => weight_dense(be, weight, w_cols),
+        WeightLayout::OutIn => weight_dense(be, weight, w_cols).with_rows(m),
     };
     let out_bf16 = out.is_bf16();
     // A bf16 output through cuBLASLt's bias epilogue takes the bias in bf16 too (lt.rs): it
@@ -408,12 +426,13 @@ pub(crate) fn backward_with(
     let op = if odd { padded_ld(oc) } else { oc };
     let dy = Dense::new(dout, oc);
     let x = Dense::new(inp, ic);
-    let w_dense = match s.layout {
-        WeightLayout::InOut => Dense::new(weight, w_cols),
-        WeightLayout::OutIn => Dense::new(weight, w_cols).with_rows(op),
-    };
-    // The weight is only read for dinp; skip converting it when there is none.
+    // The weight is only read for dinp; skip converting it (or reading its shadow) when there
+    // is none.
     let ((dy, lddy), (x, ldx), (w, ldw)) = if dinp.is_some() {
+        let w_dense = match s.layout {
+            WeightLayout::InOut => weight_dense(be, weight, w_cols),
+            WeightLayout::OutIn => weight_dense(be, weight, w_cols).with_rows(op),
+        };
         let Some([dy, x, w]) = operands(be, [dy, x, w_dense]) else { return };
         (dy, x, w)
     } else {

@@ -4,7 +4,7 @@ use std::ops::Range;
 
 use cudarc::driver::{result, CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
 
-use super::view::{CudaBuf, CudaView, CudaViewMut, Dtype};
+use super::view::{CudaBuf, CudaView, CudaViewMut};
 use super::CudaBackend;
 
 /// Blocks of `sum_squares_partial`: a constant, so the partial sums (and their rounding) are
@@ -34,21 +34,26 @@ fn check_range(len: usize, range: &Range<usize>) {
     );
 }
 
+/// A read-only view that records its buffer's id and write generation (the matmuls' bf16 weight
+/// shadows key on them, shadow.rs).
 pub(crate) fn view<'a>(be: &CudaBackend, buf: &'a CudaBuf, range: Range<usize>) -> CudaView<'a> {
     check_range(buf.len, &range);
-    let ptr = be.buf_ptr(&buf.data) + (buf.dtype.size() * range.start) as u64;
-    // SAFETY: the range lies inside `buf`, which the view borrows for 'a.
-    unsafe { CudaView::from_raw_typed(ptr, range.len(), buf.dtype) }
+    let ptr = be.buf_ptr(buf.storage()) + (buf.dtype.size() * range.start) as u64;
+    // SAFETY: the range lies inside `buf`, which the view borrows for 'a; ptr is element
+    // range.start of it.
+    unsafe { CudaView::from_buf(buf, ptr, range.start, range.len()) }
 }
 
+/// A writable view; the buffer enters a new write generation (whether or not it is written).
 pub(crate) fn view_mut<'a>(be: &CudaBackend, buf: &'a mut CudaBuf, range: Range<usize>) -> CudaViewMut<'a> {
     check_range(buf.len, &range);
-    let ptr = be.buf_ptr(&buf.data) + (buf.dtype.size() * range.start) as u64;
+    let ptr = be.buf_ptr(buf.storage_for_write()) + (buf.dtype.size() * range.start) as u64;
     // SAFETY: the range lies inside `buf`, which the view borrows mutably for 'a.
     unsafe { CudaViewMut::from_raw_typed(ptr, range.len(), buf.dtype) }
 }
 
-/// Several disjoint writable ranges at once; panics if two overlap.
+/// Several disjoint writable ranges at once; panics if two overlap. The buffer enters a new
+/// write generation, as with `view_mut`.
 pub(crate) fn split_mut<'a, const K: usize>(
     be: &CudaBackend,
     buf: &'a mut CudaBuf,
@@ -66,14 +71,15 @@ pub(crate) fn split_mut<'a, const K: usize>(
     for r in &ranges {
         check_range(buf.len, r);
     }
-    let (base, dtype) = (be.buf_ptr(&buf.data), buf.dtype);
+    let dtype = buf.dtype;
+    let base = be.buf_ptr(buf.storage_for_write());
     // SAFETY: every range lies inside `buf` (borrowed mutably for 'a) and no two overlap.
     ranges.map(|r| unsafe { CudaViewMut::from_raw_typed(base + (dtype.size() * r.start) as u64, r.len(), dtype) })
 }
 
 /// A zeroed buffer of `len` bf16 values (two to an f32 word).
 pub(crate) fn zeros_bf16(be: &CudaBackend, len: usize) -> CudaBuf {
-    CudaBuf { data: zeros(be, len.div_ceil(2)), len, dtype: Dtype::Bf16 }
+    CudaBuf::bf16(zeros(be, len.div_ceil(2)), len)
 }
 
 /// f32 -> bf16, round to nearest even (NaN stays NaN), as `f32_to_bf16` in convert.cu.

@@ -14,6 +14,9 @@
 //! view.rs for which ops take them); the residual stream and everything else stays f32.
 //! `SMELT_BF16_ACTIVATIONS=0` keeps every activation in f32 (read once per process), for
 //! comparison on a card.
+//! bf16 matmuls read their weights from a bf16 copy of the whole parameter buffer made once per
+//! write generation and updated by AdamW (shadow.rs), not converted per call;
+//! `SMELT_WEIGHT_SHADOW=0` turns that off.
 
 mod adamw;
 mod attention;
@@ -29,6 +32,7 @@ mod lt;
 mod matmul;
 mod memory;
 mod peak;
+mod shadow;
 pub mod nccl;
 pub mod view;
 
@@ -42,6 +46,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 
 use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use crate::error::{ConfigError, EngineError};
+pub use shadow::ShadowStats;
 pub use ids::CudaIds;
 pub use view::{CudaBuf, CudaView, CudaViewMut, Dtype};
 
@@ -98,6 +103,10 @@ pub struct CudaBackend {
     /// cuBLASLt for GEMMs with a bias epilogue (lt.rs); `None` where it could not be set up or
     /// `SMELT_CUBLASLT=0`, and then matmul.rs uses cublasGemmEx alone.
     lt: Option<lt::Lt>,
+    /// Whether bf16 matmuls read their weights from bf16 shadows of whole buffers (shadow.rs).
+    weight_shadow: bool,
+    /// The shadows and the counts that decide which buffers get one.
+    shadows: Mutex<shadow::ShadowCache<CudaSlice<u16>>>,
     ordinal: usize,
     device_name: String,
     arch: String,
@@ -220,6 +229,8 @@ impl CudaBackend {
             bf16_scratch: Mutex::new(None),
             f32_scratch: Mutex::new(None),
             lt,
+            weight_shadow: shadow::enabled_by_env(),
+            shadows: Mutex::new(shadow::ShadowCache::default()),
             ordinal,
             device_name,
             arch,
@@ -229,6 +240,23 @@ impl CudaBackend {
 
     pub fn options(&self) -> CudaOptions {
         self.opts
+    }
+    /// With `on` false, bf16 matmuls convert their weights on every call instead of reading
+    /// bf16 shadows of their buffers (same results, bitwise; for comparison). The default is
+    /// on unless `SMELT_WEIGHT_SHADOW=0`.
+    pub fn with_weight_shadow(mut self, on: bool) -> Self {
+        self.weight_shadow = on;
+        self
+    }
+    pub fn weight_shadow(&self) -> bool {
+        self.weight_shadow
+    }
+    /// Counts of what the weight shadows did so far.
+    pub fn weight_shadow_stats(&self) -> ShadowStats {
+        self.shadows().stats()
+    }
+    pub(crate) fn shadows(&self) -> std::sync::MutexGuard<'_, shadow::ShadowCache<CudaSlice<u16>>> {
+        self.shadows.lock().unwrap_or_else(|p| p.into_inner())
     }
     pub fn device_name(&self) -> &str {
         &self.device_name
@@ -688,6 +716,17 @@ impl Backend for CudaBackend {
     }
     fn cross_entropy_backward_in_place(&self, logits: CudaViewMut<'_>, lse: CudaView<'_>, targets: &CudaIds, dloss: f32, vocab: usize) {
         cross_entropy::backward_in_place(self, logits, lse, targets, dloss, vocab)
+    }
+    fn cross_entropy_forward_backward_in_place(
+        &self,
+        losses: CudaViewMut<'_>,
+        lse: CudaViewMut<'_>,
+        logits: CudaViewMut<'_>,
+        targets: &CudaIds,
+        dloss: f32,
+        vocab: usize,
+    ) {
+        cross_entropy::forward_backward_in_place(self, losses, lse, logits, targets, dloss, vocab)
     }
 
     // ---- optimizer ----------------------------------------------------------------------

@@ -86,6 +86,9 @@ struct Batch<B: Backend> {
     positions: B::Ids,
     targets: Option<B::Ids>,
     n_targets: usize,
+    /// Set by `forward_train`: the logits buffer already holds the gradient of
+    /// `loss_scale * mean loss`, for this loss_scale.
+    logits_grad_scale: Option<f32>,
 }
 
 pub struct Gpt<B: Backend> {
@@ -215,6 +218,7 @@ impl<B: Backend> Gpt<B> {
             positions: self.be.upload_ids(&positions),
             targets: targets.map(|tg| self.be.upload_ids(tg)),
             n_targets,
+            logits_grad_scale: None,
         });
         let (rows, saved) = (b * t, self.attention_saved_len(b, t));
         if self.acts.as_ref().is_none_or(|a| a.rows_cap < rows || a.saved_cap < saved) {
@@ -323,10 +327,30 @@ impl<B: Backend> Gpt<B> {
         b: usize,
         t: usize,
     ) -> Result<Option<f32>, EngineError> {
+        self.forward_with(tokens, targets, b, t, None)
+    }
+
+    /// A training pass's forward half: the mean cross-entropy over the targets that count, and
+    /// the logits' gradient for `backward(loss_scale)` (or `backward_overlapped`) computed in the
+    /// same read of the logits (the fused classifier, `cross_entropy_forward_backward_in_place`:
+    /// the logits of a batch are the largest activation there is). The logits are not available
+    /// afterwards (`logits` panics), and `backward` must get the same loss_scale (else an error).
+    pub fn forward_train(&mut self, tokens: &[u32], targets: &[u32], b: usize, t: usize, loss_scale: f32) -> Result<f32, EngineError> {
+        Ok(self.forward_with(tokens, Some(targets), b, t, Some(loss_scale))?.expect("targets given"))
+    }
+
+    fn forward_with(
+        &mut self,
+        tokens: &[u32],
+        targets: Option<&[u32]>,
+        b: usize,
+        t: usize,
+        train_loss_scale: Option<f32>,
+    ) -> Result<Option<f32>, EngineError> {
         self.load_batch(tokens, targets, b, t)?;
         self.body_forward();
-        let Gpt { be, cfg, table, params, acts, batch, .. } = self;
-        let (acts, batch) = (acts.as_mut().unwrap(), batch.as_ref().unwrap());
+        let Gpt { be, cfg, table, params, acts, .. } = self;
+        let acts = acts.as_mut().unwrap();
         let v = cfg.vocab_size;
         let rows = b * t;
         let p = |id: ParamId| be.view(params, table.range(id));
@@ -335,14 +359,30 @@ impl<B: Backend> Gpt<B> {
         let head = MatmulShape { rows, in_features: cfg.n_embd, out_features: v, layout: WeightLayout::OutIn };
         be.matmul_forward(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lnf, 0..rows * cfg.n_embd), p(self.wte), None, head);
 
+        let batch = self.batch.as_mut().unwrap();
         let Some(targets) = &batch.targets else { return Ok(None) };
-        be.cross_entropy_forward(
-            be.view_mut(&mut acts.losses, 0..rows),
-            be.view_mut(&mut acts.lse, 0..rows),
-            be.view(&acts.logits, 0..rows * v),
-            targets,
-            v,
-        );
+        match train_loss_scale {
+            None => be.cross_entropy_forward(
+                be.view_mut(&mut acts.losses, 0..rows),
+                be.view_mut(&mut acts.lse, 0..rows),
+                be.view(&acts.logits, 0..rows * v),
+                targets,
+                v,
+            ),
+            Some(loss_scale) => {
+                // dlogits = dloss * (softmax - onehot) over the logits, as `backward` would
+                let dloss = loss_scale / batch.n_targets.max(1) as f32;
+                be.cross_entropy_forward_backward_in_place(
+                    be.view_mut(&mut acts.losses, 0..rows),
+                    be.view_mut(&mut acts.lse, 0..rows),
+                    be.view_mut(&mut acts.logits, 0..rows * v),
+                    targets,
+                    dloss,
+                    v,
+                );
+                batch.logits_grad_scale = Some(loss_scale);
+            }
+        }
         let losses = be.download(be.view(&acts.losses, 0..rows));
         let sum: f64 = losses.iter().map(|&x| x as f64).sum();
         Ok(Some((sum / batch.n_targets.max(1) as f64) as f32))
@@ -459,6 +499,7 @@ impl<B: Backend> Gpt<B> {
     /// Logits of the last forward pass, (B, T, V) on the host.
     pub fn logits(&self) -> Vec<f32> {
         let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
+        assert!(batch.logits_grad_scale.is_none(), "forward_train replaced the logits by their gradient");
         let n = batch.b * batch.t * self.cfg.vocab_size;
         self.be.download(self.be.view(&acts.logits, 0..n))
     }
@@ -466,6 +507,7 @@ impl<B: Backend> Gpt<B> {
     /// Logits at one position of the last forward pass.
     pub fn logits_at(&self, b: usize, t: usize) -> Vec<f32> {
         let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
+        assert!(batch.logits_grad_scale.is_none(), "forward_train replaced the logits by their gradient");
         let v = self.cfg.vocab_size;
         let row = b * batch.t + t;
         self.be.download(self.be.view(&acts.logits, row * v..(row + 1) * v))
@@ -497,7 +539,15 @@ impl<B: Backend> Gpt<B> {
             // dlogits = dloss * (softmax - onehot), written over the logits: the fused
             // classifier keeps no second (BT, V) buffer                 // (BT, V)
             let dloss = loss_scale / batch.n_targets.max(1) as f32;
-            be.cross_entropy_backward_in_place(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lse, 0..rows), targets, dloss, v);
+            match batch.logits_grad_scale {
+                // forward_train computed the gradient already (its loss_scale must be this one:
+                // the logits it would take to redo it are gone)
+                Some(s) if s != loss_scale => {
+                    return Err(EngineError::Batch(format!("backward with loss_scale {loss_scale} after forward_train with {s}")));
+                }
+                Some(_) => {}
+                None => be.cross_entropy_backward_in_place(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lse, 0..rows), targets, dloss, v),
+            }
             let dlogits = &acts.logits;
             // through the tied head: dlnf = dlogits @ wte, dwte += dlogits^T @ lnf
             let head = MatmulShape { rows, in_features: c, out_features: v, layout: WeightLayout::OutIn };

@@ -234,6 +234,9 @@ impl Backend for Shared {
     fn cross_entropy_backward_in_place(&self, logits: ViewMut<'_>, lse: View<'_>, targets: &Ids, dloss: f32, vocab: usize) {
         self.0.cross_entropy_backward_in_place(logits, lse, targets, dloss, vocab)
     }
+    fn cross_entropy_forward_backward_in_place(&self, losses: ViewMut<'_>, lse: ViewMut<'_>, logits: ViewMut<'_>, targets: &Ids, dloss: f32, vocab: usize) {
+        self.0.cross_entropy_forward_backward_in_place(losses, lse, logits, targets, dloss, vocab)
+    }
     fn adamw_update(&self, params: ViewMut<'_>, grads: View<'_>, m: ViewMut<'_>, v: ViewMut<'_>, hp: AdamWStep) {
         self.0.adamw_update(params, grads, m, v, hp)
     }

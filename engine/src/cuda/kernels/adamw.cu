@@ -24,8 +24,10 @@ extern "C" __global__ void adamw_update(float* p, const float* grads, float* m, 
 // The whole flat buffer in one launch: element i's weight decay is that of the run holding it,
 // found by binary search over the runs' end offsets (a few dozen, cached). Otherwise the same
 // arithmetic as adamw_update, so the two give the same bits.
-extern "C" __global__ void adamw_update_runs(float* p, const float* grads, float* m, float* v, u64 n,
-                                             const unsigned* ends, const float* decay, unsigned nruns,
+// p_bf16 (null: none) is the bf16 shadow of p the matmuls read (shadow.rs): every new value is
+// written there too, rounded as the matmuls' own conversion (f32_to_bf16_rne, bf16.cuh).
+extern "C" __global__ void adamw_update_runs(float* p, unsigned short* p_bf16, const float* grads, float* m, float* v,
+                                             u64 n, const unsigned* ends, const float* decay, unsigned nruns,
                                              float lr, float beta1, float beta2, float eps,
                                              float grad_scale, float bc1, float bc2) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
@@ -44,6 +46,8 @@ extern "C" __global__ void adamw_update_runs(float* p, const float* grads, float
         v[i] = vi;
         float mhat = mi / bc1;
         float vhat = vi / bc2;
-        p[i] = pi - lr * mhat / (sqrtf(vhat) + eps);
+        float np = pi - lr * mhat / (sqrtf(vhat) + eps);
+        p[i] = np;
+        if (p_bf16) p_bf16[i] = f32_to_bf16_rne(np);
     }
 }

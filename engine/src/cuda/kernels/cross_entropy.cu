@@ -24,12 +24,14 @@ typedef unsigned long long u64;
 // keeps about f32 accuracy (relative error ~ |x - m| * 2^-24 on top of exp2f's 2 ulp).
 __device__ __forceinline__ float exp_diff(float x, float m) { return exp2f((x - m) * CE_LOG2E); }
 
-// Merges two (max, sum of exp(x - max)) pairs.
+// Merges two (max, sum of exp(x - max)) pairs. Explicit roundings (no fused multiply-add, whose
+// contraction the compiler chooses per kernel) make the merge commutative and the same in every
+// kernel, so the fused kernel's lse equals the forward kernel's bitwise.
 __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
     if (m2 == -INFINITY) return;
     if (m == -INFINITY) { m = m2; s = s2; return; }
     float mm = fmaxf(m, m2);
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
+    s = __fadd_rn(__fmul_rn(s, expf(m - mm)), __fmul_rn(s2, expf(m2 - mm)));
     m = mm;
 }
 
@@ -43,7 +45,8 @@ __device__ __forceinline__ void online_update(float& m, float& s, const float* x
 #pragma unroll
     for (int k = 1; k < N; k++) gm = fmaxf(gm, x[k]);
     if (gm > m) {
-        s *= exp_diff(m, gm);  // 0 while m is still -inf (s is 0 then too)
+        // 0 while m is still -inf (s is 0 then too); rounded alone, never fused with the add below
+        s = __fmul_rn(s, exp_diff(m, gm));
         m = gm;
     }
     if (m == -INFINITY) return;
@@ -122,6 +125,9 @@ __device__ __forceinline__ void block_lse(float& m, float& s) {
     }
 }
 
+// The row's log-sum-exp from the block's (m, s), rounded the same way in every kernel.
+__device__ __forceinline__ float lse_of(float m, float s) { return __fadd_rn(m, logf(s)); }
+
 // losses[n] = lse(logits[n]) - logits[n, t], 0 where t is IGNORE_INDEX; saves lse (N).
 // logits (N, V), f32 or bf16. Launch: one block per row, blockDim.x a multiple of 32 in [32, 1024].
 template <typename T>
@@ -159,7 +165,7 @@ __device__ void cross_entropy_forward_t(float* losses, float* lse, const T* logi
     }
     block_lse(m, s);
     if (tid == 0) {
-        float l = m + logf(s);
+        float l = lse_of(m, s);
         lse[row] = l;
         unsigned t = targets[row];
         if (t == IGNORE_INDEX) {
@@ -291,4 +297,166 @@ extern "C" __global__ void cross_entropy_backward_in_place(float* logits, const 
 extern "C" __global__ void cross_entropy_backward_in_place_bf16(unsigned short* logits, const float* lse,
                                                                 const unsigned* targets, float dloss, u64 v) {
     cross_entropy_backward_in_place_t(logits, lse, targets, dloss, v);
+}
+
+// ---- forward and in-place backward in one pass -------------------------------------------------
+//
+// A training step runs the in-place backward right after the forward, so the fused kernel reads
+// each row once, keeps it in registers, reduces it to the row's lse and loss, and overwrites it
+// with the gradient: one read and one write of the logits instead of two reads and a write.
+// Thread tid holds the row's words tid + k * CE_FUSED_THREADS, k < K (K words of 4 logits: 2
+// registers each for bf16, 4 for f32, which is written generically but not instantiated), plus
+// at most one head and one tail element; the host picks K with K * 4 * CE_FUSED_THREADS >= V.
+// Every load is issued before any value is used.
+//
+// The arithmetic is the two kernels': the per-thread (m, s) folds the same values in the same
+// groups and order as cross_entropy_forward_t's loops, block_lse merges them in the same tree,
+// and the gradient is in_place_grad of the same lse, so losses, lse and gradients equal the
+// two-kernel path's bitwise.
+//
+// The thread count is a compile-time constant so that word k of a thread sits at a fixed offset
+// from the thread's first word (an immediate in the load and the store), and "word k is in the
+// row" is k < the thread's word count: no 64-bit address or index per held word, which would
+// double the registers per word.
+
+// Threads per row of the fused kernels; cross_entropy.rs launches them with exactly as many.
+#define CE_FUSED_THREADS 512
+
+// Folds the thread's nk held words (nk <= K) into (m, s) as cross_entropy_forward_t's loops do:
+// CE_UNROLL words at a time while the whole group lies in the row, then the nk % CE_UNROLL words
+// left one by one. Those are copied out of their group first (a few selects) so that the
+// word-by-word code exists once, not once per group (less unrolled code to compile).
+template <typename T, int K>
+__device__ __forceinline__ void fold_held(float& m, float& s, const typename Quad<T>::W (&q)[K], int nk) {
+    typedef Quad<T> Q;
+    typedef typename Q::W W;
+    static_assert(K % CE_UNROLL == 0, "held words come in whole groups");
+    const int groups = nk / CE_UNROLL;
+#pragma unroll
+    for (int g = 0; g < K / CE_UNROLL; g++) {
+        if (g < groups) {
+            float f[4 * CE_UNROLL];
+#pragma unroll
+            for (int u = 0; u < CE_UNROLL; u++) Q::unpack(q[g * CE_UNROLL + u], f + 4 * u);
+            online_update<4 * CE_UNROLL>(m, s, f);
+        }
+    }
+    W rest[CE_UNROLL - 1];
+#pragma unroll
+    for (int u = 0; u < CE_UNROLL - 1; u++) rest[u] = q[u];
+#pragma unroll
+    for (int g = 1; g < K / CE_UNROLL; g++) {
+        if (g == groups) {
+#pragma unroll
+            for (int u = 0; u < CE_UNROLL - 1; u++) rest[u] = q[g * CE_UNROLL + u];
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < CE_UNROLL - 1; u++) {
+        if (u < nk - groups * CE_UNROLL) {
+            float f[4];
+            Q::unpack(rest[u], f);
+            online_update<4>(m, s, f);
+        }
+    }
+}
+
+// in_place_grad4 with the target's offset from the word's first element, j = t - first (as
+// unsigned: wraps to a huge value when the target lies before the word). Rows of the fused
+// kernels are short enough for 32 bits.
+__device__ __forceinline__ void in_place_grad4_at(float f[4], float l, float dloss, unsigned j) {
+#pragma unroll
+    for (int k = 0; k < 4; k++) f[k] = __fadd_rn(0.0f, softmax_grad(f[k], l, dloss));
+    if (j < 4) {
+#pragma unroll
+        for (int k = 0; k < 4; k++)
+            if (j == (unsigned)k) f[k] -= dloss;
+    }
+}
+
+// Overwrites the thread's nk held words (xw: its first) with their gradient; j0 = t - the first
+// element of its first word.
+template <typename T, int K>
+__device__ __forceinline__ void store_held_grad(typename Quad<T>::W* xw, const typename Quad<T>::W (&q)[K], int nk,
+                                                float l, float dloss, unsigned j0) {
+    typedef Quad<T> Q;
+#pragma unroll
+    for (int k = 0; k < K; k++) {
+        if (k < nk) {
+            float f[4];
+            Q::unpack(q[k], f);
+            in_place_grad4_at(f, l, dloss, j0 - 4u * CE_FUSED_THREADS * k);
+            xw[k * CE_FUSED_THREADS] = Q::pack(f);
+        }
+    }
+}
+
+// losses, lse as cross_entropy_forward_t, then logits overwritten as
+// cross_entropy_backward_in_place_t (zeros for an ignored row or a target out of range, which
+// sets ERR_TARGET). logits (N, V), V <= K * 4 * CE_FUSED_THREADS. Launch: one block of
+// CE_FUSED_THREADS threads per row.
+template <typename T, int K>
+__device__ void cross_entropy_fused_t(float* losses, float* lse, T* logits, const unsigned* targets, float dloss, u64 v,
+                                      unsigned* err) {
+    typedef Quad<T> Q;
+    typedef typename Q::W W;
+    u64 row = blockIdx.x;
+    unsigned tid = threadIdx.x;
+    T* x = logits + row * v;
+    RowSplit r = split_row(x, v);
+    W* xw = (W*)(x + r.head) + tid;  // the thread's first word
+    unsigned words = (unsigned)r.words, head = (unsigned)r.head, tail = (unsigned)r.tail;
+    int nk = tid < words ? (int)((words - tid + CE_FUSED_THREADS - 1) / CE_FUSED_THREADS) : 0;  // words held
+    unsigned t = targets[row];
+    W q[K];
+#pragma unroll
+    for (int k = 0; k < K; k++)
+        if (k < nk) q[k] = xw[k * CE_FUSED_THREADS];
+    float hx = tid < head ? logit_at(x, tid) : 0.0f;
+    float tx = tid < tail ? logit_at(x, r.tail_start + tid) : 0.0f;
+    // The target's logit, read before block_lse's barrier: after it, other threads overwrite the row.
+    bool skip = t == IGNORE_INDEX || t >= v;
+    float xt = tid == 0 && !skip ? logit_at(x, t) : 0.0f;
+
+    float m = -INFINITY, s = 0.0f;
+    if (tid < head) online_update<1>(m, s, &hx);
+    fold_held<T, K>(m, s, q, nk);
+    if (tid < tail) online_update<1>(m, s, &tx);
+    block_lse(m, s);
+    // Lane 0 of every warp holds thread 0's (m, s): every warp ran the same second butterfly on the
+    // same per-warp results. Broadcast it so that every thread uses the lse that is saved.
+    m = __shfl_sync(0xffffffffu, m, 0);
+    s = __shfl_sync(0xffffffffu, s, 0);
+    float l = lse_of(m, s);
+    if (tid == 0) {
+        lse[row] = l;
+        if (t != IGNORE_INDEX && t >= v) atomicOr(err, ERR_TARGET);
+        losses[row] = skip ? 0.0f : l - xt;
+    }
+    if (skip) {
+        zero_row(x, r);
+        return;
+    }
+    if (tid < head) logit_store(x, tid, in_place_grad(hx, l, dloss, tid == t));
+    store_held_grad<T, K>(xw, q, nk, l, dloss, t - head - 4u * tid);
+    if (tid < tail) {
+        unsigned i = (unsigned)r.tail_start + tid;
+        logit_store(x, i, in_place_grad(tx, l, dloss, i == t));
+    }
+}
+
+// One kernel per K, the smallest of which covers V: bf16 rows of up to 4 * 512 * 16 + 3 = 32771
+// logits (BERT's, T5's vocabularies) at K = 16, up to 65539 (GPT-2's) at K = 32; longer rows,
+// and f32 logits, take the two kernels (each K costs NVRTC time at every backend's start, and
+// smaller K gain no occupancy: K = 8 needs 48 registers, still 2 blocks of 512 per SM). K = 16
+// fits 64 registers (2 blocks per SM: one row's loads overlap the other's reduction); K = 32
+// takes one block per SM, whose loads in flight (a whole row: 100 KB at V = 50304) keep the
+// memory busy.
+#define CE_FUSED_PARAMS(T) float *losses, float *lse, T *logits, const unsigned *targets, float dloss, u64 v, unsigned *err
+#define CE_FUSED_ARGS losses, lse, logits, targets, dloss, v, err
+extern "C" __global__ void __launch_bounds__(CE_FUSED_THREADS, 2) cross_entropy_fused_bf16_k16(CE_FUSED_PARAMS(unsigned short)) {
+    cross_entropy_fused_t<unsigned short, 16>(CE_FUSED_ARGS);
+}
+extern "C" __global__ void __launch_bounds__(CE_FUSED_THREADS, 1) cross_entropy_fused_bf16_k32(CE_FUSED_PARAMS(unsigned short)) {
+    cross_entropy_fused_t<unsigned short, 32>(CE_FUSED_ARGS);
 }
