@@ -28,7 +28,7 @@ const BF16_OUT: f64 = 1e-2;
 // ---- the GPU, once per test binary ------------------------------------------------------------
 
 fn gpu_with(cell: &'static OnceLock<Result<CudaBackend, String>>, p: MatmulPrecision) -> Option<&'static CudaBackend> {
-    match cell.get_or_init(|| CudaBackend::new_with(0, CudaOptions { matmul: p }).map_err(|e| e.to_string())) {
+    match cell.get_or_init(|| CudaBackend::new_with(0, CudaOptions { matmul: p }).map(|b| b.with_fused_classifier(true)).map_err(|e| e.to_string())) {
         Ok(be) => Some(be),
         Err(why) => {
             println!("skipping: {why}");

@@ -105,6 +105,10 @@ pub struct CudaBackend {
     lt: Option<lt::Lt>,
     /// Whether bf16 matmuls read their weights from bf16 shadows of whole buffers (shadow.rs).
     weight_shadow: bool,
+    /// Whether `cross_entropy_forward_backward_in_place` runs the one-read fused kernel instead
+    /// of the forward and in-place backward kernels (cross_entropy.rs): off unless
+    /// `SMELT_FUSED_CLASSIFIER=1`, since it measured slower (run 14, bench/NOTES.md v8).
+    fused_classifier: bool,
     /// The shadows and the counts that decide which buffers get one.
     shadows: Mutex<shadow::ShadowCache<CudaSlice<u16>>>,
     ordinal: usize,
@@ -230,6 +234,7 @@ impl CudaBackend {
             f32_scratch: Mutex::new(None),
             lt,
             weight_shadow: shadow::enabled_by_env(),
+            fused_classifier: std::env::var("SMELT_FUSED_CLASSIFIER").is_ok_and(|v| v == "1"),
             shadows: Mutex::new(shadow::ShadowCache::default()),
             ordinal,
             device_name,
@@ -244,6 +249,15 @@ impl CudaBackend {
     /// With `on` false, bf16 matmuls convert their weights on every call instead of reading
     /// bf16 shadows of their buffers (same results, bitwise; for comparison). The default is
     /// on unless `SMELT_WEIGHT_SHADOW=0`.
+    /// With `on`, the classifier's training forward (`cross_entropy_forward_backward_in_place`)
+    /// runs the fused one-read kernel (same results, bitwise; slower on an H200 so far).
+    pub fn with_fused_classifier(mut self, on: bool) -> Self {
+        self.fused_classifier = on;
+        self
+    }
+    pub(crate) fn fused_classifier(&self) -> bool {
+        self.fused_classifier
+    }
     pub fn with_weight_shadow(mut self, on: bool) -> Self {
         self.weight_shadow = on;
         self
