@@ -21,24 +21,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 | tee "$OUT/summary.txt"
 
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  echo "== tests (side by side)"
-  start=$(date +%s)
-  for t in device/tests/*; do
-    name=$(basename "$t")
-    ( timeout "${TEST_TIMEOUT:-150}" "$t" --test-threads=1 --nocapture > "$LOGS/$name.log" 2>&1
-      echo "$?" > "$LOGS/$name.rc" ) &
-  done
-  wait
-  echo "tests took $(( $(date +%s) - start )) s"
-  for t in device/tests/*; do
-    name=$(basename "$t")
-    line="$name rc=$(cat "$LOGS/$name.rc") $(grep -E '^test result' "$LOGS/$name.log" | tail -1)"
-    echo "$line" | tee -a "$OUT/summary.txt"
-    grep -E "^test .*FAILED|panicked|skipping" "$LOGS/$name.log" | head -8
-    { echo "==== $name"; cat "$LOGS/$name.log"; } >> "$OUT/tests.log"
-  done
-fi
+source device/tests_side_by_side.sh
 
 gpt=(device/smelt bench step --backend cuda --preset gpt2-124m --batch "${B:-16}" --seq 1024 --vocab "${VOCAB:-50304}")
 echo "== gpt-2 124m: smelt step" | tee -a "$OUT/gpt.txt"

@@ -13,24 +13,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 LOGS=$(mktemp -d)
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv 2>&1 | tee "$OUT/summary.txt"
 
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  echo "== tests (side by side)"
-  start=$(date +%s)
-  for t in device/tests/*; do
-    name=$(basename "$t")
-    ( timeout "${TEST_TIMEOUT:-150}" "$t" --test-threads=1 --nocapture > "$LOGS/$name.log" 2>&1
-      echo "$?" > "$LOGS/$name.rc" ) &
-  done
-  wait
-  echo "tests took $(( $(date +%s) - start )) s"
-  for t in device/tests/*; do
-    name=$(basename "$t")
-    line="$name rc=$(cat "$LOGS/$name.rc") $(grep -E '^test result' "$LOGS/$name.log" | tail -1)"
-    echo "$line" | tee -a "$OUT/summary.txt"
-    grep -E "^test .*FAILED|panicked|skipping" "$LOGS/$name.log" | head -8
-    { echo "==== $name"; cat "$LOGS/$name.log"; } >> "$OUT/tests.log"
-  done
-fi
+source device/tests_side_by_side.sh
 
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
 echo "ncu: $NCU"

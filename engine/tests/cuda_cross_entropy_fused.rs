@@ -11,6 +11,8 @@
 #![cfg(feature = "cuda")]
 
 mod bf16_reference;
+mod op_buffers;
+use op_buffers::{randn, all, all_mut, host, rel_err};
 use bf16_reference::round_all;
 
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -62,39 +64,6 @@ fn gpu_bf16() -> Option<&'static CudaBackend> {
 }
 
 // ---- helpers ----------------------------------------------------------------------------------
-
-fn randn(seed: u64, n: usize, std: f64) -> Vec<f32> {
-    let mut rng = Rng::new(seed);
-    (0..n).map(|_| (rng.normal() * std) as f32).collect()
-}
-
-fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
-    be.view(buf, 0..be.len(buf))
-}
-
-fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
-    let n = be.len(buf);
-    be.view_mut(buf, 0..n)
-}
-
-fn host<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
-    be.download(all(be, buf))
-}
-
-/// ‖got − want‖ / ‖want‖ in f64 (‖got‖ where want is all zeros).
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "lengths differ");
-    let (mut d, mut w) = (0.0f64, 0.0f64);
-    for (&g, &x) in got.iter().zip(want) {
-        d += (g as f64 - x as f64).powi(2);
-        w += (x as f64).powi(2);
-    }
-    if w == 0.0 {
-        d.sqrt()
-    } else {
-        (d / w).sqrt()
-    }
-}
 
 /// How many values differ in their bits.
 fn bit_diffs(a: &[f32], b: &[f32]) -> usize {

@@ -10,6 +10,8 @@
 
 #[macro_use]
 mod backend_pair;
+mod op_buffers;
+use op_buffers::{randn, all, all_mut, rel_err};
 use backend_pair::Runner;
 
 mod bf16_reference;
@@ -19,7 +21,6 @@ use std::sync::{Mutex, MutexGuard, OnceLock};
 
 use smelt_engine::backend::Backend;
 use smelt_engine::cuda::{CudaBackend, CudaOptions, Dtype, MatmulPrecision};
-use smelt_engine::rng::Rng;
 use smelt_engine::CpuBackend;
 
 const TOL: f64 = 1e-5;
@@ -52,20 +53,6 @@ fn bf16_activations(be: &CudaBackend) -> bool {
         println!("skipping the bf16 cases: activations are f32 (SMELT_BF16_ACTIVATIONS=0)");
     }
     on
-}
-
-fn randn(seed: u64, n: usize, std: f64) -> Vec<f32> {
-    let mut rng = Rng::new(seed);
-    (0..n).map(|_| (rng.normal() * std) as f32).collect()
-}
-
-fn all<'a, B: Backend>(be: &B, buf: &'a B::Buf) -> B::View<'a> {
-    be.view(buf, 0..be.len(buf))
-}
-
-fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
-    let n = be.len(buf);
-    be.view_mut(buf, 0..n)
 }
 
 /// `values` at `off..off + len` of a buffer of sentinels (GUARD more after them): an activation
@@ -123,17 +110,6 @@ fn backward_body<B: Backend>(be: &B, n: usize, c: usize, bf16_dout: bool, off: u
         ("dweight twice", be.download(all(be, &dw))),
         ("dbias twice", be.download(all(be, &db))),
     ]
-}
-
-/// ‖got − want‖ / ‖want‖ in f64.
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "lengths differ");
-    let (mut d, mut w) = (0.0f64, 0.0f64);
-    for (&g, &x) in got.iter().zip(want) {
-        d += (g as f64 - x as f64).powi(2);
-        w += (x as f64).powi(2);
-    }
-    (d / w).sqrt()
 }
 
 /// Runs `body` on the CPU and on `gpu`, compares each output within TOL; returns the GPU's.

@@ -5,6 +5,8 @@
 //! a GPU.
 #![cfg(feature = "cuda")]
 
+mod op_buffers;
+use op_buffers::{randn};
 use smelt_engine::backend::{Backend, MatmulShape, WeightLayout, IGNORE_INDEX};
 use smelt_engine::cuda::{CudaBackend, CudaOptions, MatmulPrecision, ShadowStats};
 use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
@@ -20,11 +22,6 @@ fn gpu(shadow: bool) -> Option<CudaBackend> {
             None
         }
     }
-}
-
-fn randn(seed: u64, n: usize, std: f64) -> Vec<f32> {
-    let mut rng = Rng::new(seed);
-    (0..n).map(|_| (rng.normal() * std) as f32).collect()
 }
 
 /// Bitwise equality (NaNs included), naming the first difference.
