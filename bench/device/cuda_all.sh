@@ -86,14 +86,9 @@ fi
 if [ -n "${KERNEL_VARIANTS:-}" ]; then
   echo "== kernel times: $KERNEL_VARIANTS"
   NCU=$(command -v ncu || ls /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  csvs=()
-  for variant in $KERNEL_VARIANTS; do
-    mode=${variant%%=*}; env_set=${variant#*=}
-    env ${env_set//+/ } timeout 90 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --print-units base \
-      "${gpt[@]}" --warmup 1 --steps 1 > "$OUT/kernels_$mode.csv" 2> "$LOGS/ncu_$mode.err"
-    echo "$mode rc=$?"; csvs+=("$OUT/kernels_$mode.csv")
-  done
-  python3 device/kernel_table.py "${csvs[@]}" > "$OUT/kernels.txt"; head -36 "$OUT/kernels.txt"
+  gpt+=(--warmup 1 --steps 1)
+  VARIANTS=$KERNEL_VARIANTS
+  source device/kernel_variants.sh
 fi
 
 echo "== summary" | tee -a "$OUT/summary.txt"

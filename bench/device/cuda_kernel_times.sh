@@ -21,19 +21,7 @@ gpt=(device/smelt bench step --backend cuda --preset gpt2-124m --batch 16 --seq 
 # VARIANTS: name=ENV pairs (ENV with + between several variables), each timed by ncu; DETAIL: a
 # kernel-name regex whose first launch ncu profiles in depth (occupancy, warp stalls, memory).
 VARIANTS=${VARIANTS:-"bf16= f32=SMELT_BF16_ACTIVATIONS=0"}
-csvs=()
-for variant in $VARIANTS; do
-  mode=${variant%%=*}; env_set=${variant#*=}
-  echo "== ncu $mode ${env_set:+($env_set)}"
-  start=$(date +%s)
-  env ${env_set//+/ } timeout "${NCU_TIMEOUT:-100}" "$NCU" --clock-control none --metrics gpu__time_duration.sum \
-    --csv --print-units base "${gpt[@]}" > "$OUT/kernels_$mode.csv" 2> "$LOGS/ncu_$mode.err"
-  echo "rc=$? took $(( $(date +%s) - start )) s, $(grep -c gpu__time_duration "$OUT/kernels_$mode.csv") kernels"
-  tail -3 "$LOGS/ncu_$mode.err"
-  csvs+=("$OUT/kernels_$mode.csv")
-done
-python3 device/kernel_table.py "${csvs[@]}" > "$OUT/kernels.txt"
-head -45 "$OUT/kernels.txt"
+source device/kernel_variants.sh
 if [ -n "${DETAIL:-}" ]; then
   echo "== ncu detail: $DETAIL"
   timeout "${DETAIL_TIMEOUT:-120}" "$NCU" --clock-control none -k "regex:$DETAIL" --launch-skip "${DETAIL_SKIP:-0}" \

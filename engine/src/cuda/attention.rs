@@ -541,13 +541,7 @@ fn backward_with(
     // D (B,H,Tq): scratch for this call only; freed stream-ordered after the kernels that read it.
     let rows = lse_len(shape);
     // SAFETY: every element is written by attention_backward_dot_f32 before anything reads it.
-    let dsum = match unsafe { be.stream().alloc::<f32>(rows) } {
-        Ok(d) => d,
-        Err(e) => {
-            be.check(Err(e), "attention backward: allocating D (B,H,Tq)");
-            return;
-        }
-    };
+    let Some(dsum) = (unsafe { scratch::<f32>(be, rows, "attention backward: allocating D (B,H,Tq)") }) else { return };
     let dsum_ptr = be.buf_ptr(&dsum);
     {
         let name = "attention_backward_dot_f32";
@@ -577,6 +571,22 @@ fn backward_with(
         &p,
     );
     drop(dsum);
+}
+
+/// Uninitialised device memory for one call, freed in stream order when dropped (after the
+/// kernels queued before then); None after recording the failure as `what`.
+///
+/// # Safety
+/// The caller writes every element before a kernel reads it.
+unsafe fn scratch<T: DeviceRepr>(be: &CudaBackend, len: usize, what: &str) -> Option<CudaSlice<T>> {
+    // SAFETY: uninitialised memory; the caller's contract says it is written before it is read.
+    match unsafe { be.stream().alloc::<T>(len) } {
+        Ok(buf) => Some(buf),
+        Err(e) => {
+            be.check(Err(e), what);
+            None
+        }
+    }
 }
 
 /// A 1-D grid of `blocks` blocks of `THREADS` threads (the row and element kernels).
@@ -617,18 +627,11 @@ impl HeadCopies {
         let at = Bf16Saved::of(*s);
         let (qn, kn) = (s.batch * s.heads * at.tq_pad * at.w, s.batch * s.heads * at.tk_pad * at.w);
         // SAFETY: `fill` writes every element (padding included) before a kernel reads them.
-        match unsafe { be.stream().alloc::<u16>(qn + 2 * kn) } {
-            Ok(buf) => {
-                let base = buf.device_ptr(be.stream()).0;
-                // each copy starts on a 16-byte boundary: qn and kn are multiples of 64 * 32
-                let heads = HeadCopies { q: base, k: base + 2 * qn as u64, v: base + 2 * (qn + kn) as u64 };
-                Some((buf, heads))
-            }
-            Err(e) => {
-                be.check(Err(e), "attention: allocating head-major bf16 copies of q, k, v");
-                None
-            }
-        }
+        let buf = unsafe { scratch::<u16>(be, qn + 2 * kn, "attention: allocating head-major bf16 copies of q, k, v") }?;
+        let base = buf.device_ptr(be.stream()).0;
+        // each copy starts on a 16-byte boundary: qn and kn are multiples of 64 * 32
+        let heads = HeadCopies { q: base, k: base + 2 * qn as u64, v: base + 2 * (qn + kn) as u64 };
+        Some((buf, heads))
     }
 
     /// Writes the copies from the source's q and kv buffers (`params`).
@@ -650,13 +653,7 @@ fn backward_bf16(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, (q, kv): 
     let bh = s.batch * s.heads;
     // Scratch for this call only, freed in stream order after the kernels that read it.
     // SAFETY: attention_backward_stats writes every (lse, D) pair before the passes read them.
-    let stats = match unsafe { be.stream().alloc::<f32>(2 * bh * at.tq_pad) } {
-        Ok(st) => st,
-        Err(e) => {
-            be.check(Err(e), "attention backward: allocating the row stats");
-            return;
-        }
-    };
+    let Some(stats) = (unsafe { scratch::<f32>(be, 2 * bh * at.tq_pad, "attention backward: allocating the row stats") }) else { return };
     let stats_ptr = be.buf_ptr(&stats);
     {
         // direct: hd/8 lanes per row, 16-byte loads; else a warp per row
@@ -691,13 +688,7 @@ fn backward_bf16(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, (q, kv): 
         heads
     };
     // SAFETY: attention_heads_bf16 writes every element (padding included) before the passes.
-    let doh = match unsafe { be.stream().alloc::<u16>(bh * at.tq_pad * at.w) } {
-        Ok(d) => d,
-        Err(e) => {
-            be.check(Err(e), "attention backward: allocating the bf16 copy of dout");
-            return;
-        }
-    };
+    let Some(doh) = (unsafe { scratch::<u16>(be, bh * at.tq_pad * at.w, "attention backward: allocating the bf16 copy of dout") }) else { return };
     let doh_ptr = doh.device_ptr(be.stream()).0;
     heads_bf16(be, p, doh_ptr, dout, s.q_len, s.channels as i32, 0, at.w);
     launch_tiled(be, Kernel::Dkv, s, s.kv_len, &[dkv, heads.q, heads.k, heads.v, doh_ptr, stats_ptr], p);

@@ -561,7 +561,6 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b
 }
 #endif
 
-__device__ __forceinline__ u32 lds32(const bf16_t* s) { return *(const u32*)s; }
 
 // Element idx of a buffer the bf16 family reads or writes in global memory (q, kv, out, dout,
 // dq, dkv): f32, or bf16 when p.io_bf16. The pointer is typed float* either way; only the index
@@ -721,7 +720,7 @@ __device__ __forceinline__ void load_a(u32 (&a)[4], const bf16_t* s, int ld, int
 
 // B fragments (k 16 x n 8) of two adjacent n-tiles, n0 and n0 + 8, of a tile stored [n][k]
 // with row stride ld, at k0: b[0], b[1] for n0 and b[2], b[3] for n0 + 8, one ldmatrix.x4
-// (the lds32 pairs it replaces issued four times the load instructions).
+// (the 32-bit shared loads it replaced issued four times the load instructions).
 __device__ __forceinline__ void load_b2(u32 (&b)[4], const bf16_t* s, int ld, int n0, int k0) {
     const int l = threadIdx.x % 32;
     ldsm_x4(b, s + (n0 + (l & 7) + (l >> 4) * 8) * ld + k0 + ((l >> 3) & 1) * 8);
