@@ -180,7 +180,11 @@ fn step_cuda(a: &StepArgs) -> Result<()> {
     let matmul: MatmulPrecision = a.matmul.parse().map_err(|e| anyhow::anyhow!("--matmul: {e}"))?;
     let be = CudaBackend::new_with(0, CudaOptions { matmul, ..Default::default() })?;
     let device = be.device_name().to_string();
-    let timed = if a.profile { time_profiled(be, a)? } else { time_steps(be, a)? };
+    // which cuBLASLt training epilogues the timed steps took (SMELT_GELU_EPILOGUE=1,
+    // SMELT_BGRAD_EPILOGUE=1), counted over the whole run: so a variant's timing says whether
+    // its fused path really ran
+    let mut epilogues = smelt_engine::cuda::EpilogueStats::default();
+    let timed = if a.profile { time_profiled(be, a)? } else { run_steps(be, a, |_| {}, |be| epilogues = be.epilogue_stats())? };
     // MFU against the dense bf16 peak of the card (H100/H200 SXM: 989 TFLOP/s), the same
     // yardstick as ../shared/anchors/torch_gpt2.py's --peak default, so the two are comparable.
     let peak_tflops = a.peak_tflops;
@@ -190,6 +194,11 @@ fn step_cuda(a: &StepArgs) -> Result<()> {
         "device": device,
         "peak_tflops": peak_tflops,
         "mfu": mfu,
+        "epilogue_calls": {
+            "gelu_forward": epilogues.gelu_forward,
+            "dgelu_backward": epilogues.dgelu_backward,
+            "bgrad": epilogues.bgrad,
+        },
     }), format!("MFU {:.1}% of {peak_tflops} TFLOP/s on {device}", 100.0 * mfu));
     Ok(())
 }

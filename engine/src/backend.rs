@@ -235,7 +235,8 @@ pub trait Backend: Send + Sync + 'static {
     /// A zeroed buffer for an activation the backend may store at reduced precision (the CUDA
     /// backend with bf16 matmuls keeps bf16, as autocast does). Only these ops accept one:
     /// `matmul_forward` (inp, out), `matmul_backward*` (dout, inp, and dinp when overwritten),
-    /// `layernorm_forward` (out), `gelu_forward` (both), `gelu_backward_set` (all three),
+    /// `layernorm_forward` (out), `layernorm_backward*` (dout), `layernorm_backward_and_copy`
+    /// (dinp_copy), `gelu_forward` (both), `gelu_backward_set` (all three),
     /// `attention_forward` / `attention_backward*` / `attention_ex_*` (q, kv, out, dout, dq, dkv:
     /// all of them reduced or none),
     /// `cross_entropy_forward` and `cross_entropy_backward_in_place` (logits), and `download`,
@@ -367,6 +368,29 @@ pub trait Backend: Send + Sync + 'static {
     fn layernorm_backward_set(
         &self,
         dinp: Self::ViewMut<'_>,
+        dweight: Self::ViewMut<'_>,
+        dbias: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        mean: Self::View<'_>,
+        rstd: Self::View<'_>,
+        channels: usize,
+    );
+    /// [`Backend::layernorm_backward`] (`accumulate`) or [`Backend::layernorm_backward_set`]
+    /// (not), then the final `dinp` also written into `dinp_copy`, an activation buffer (from
+    /// `activation_zeros`) of dinp's length, in the same pass where the backend can. Why: in the
+    /// pre-LN GPT the next op after a LayerNorm backward is a projection's matmul backward with
+    /// dinp (the residual stream's gradient, f32) as its dout; the CUDA backend with bf16
+    /// matmuls would convert that dout to bf16 on every call, while a bf16 copy written by the
+    /// LayerNorm kernel is read as it is. The CPU keeps f32 activations: there the copy equals
+    /// dinp.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_and_copy(
+        &self,
+        accumulate: bool,
+        dinp: Self::ViewMut<'_>,
+        dinp_copy: Self::ViewMut<'_>,
         dweight: Self::ViewMut<'_>,
         dbias: Self::ViewMut<'_>,
         dout: Self::View<'_>,
@@ -592,6 +616,47 @@ pub trait Backend: Send + Sync + 'static {
                 scores.kind()
             ),
         }
+    }
+
+    /// The MLP's up-projection and its GELU as one op where a backend fuses them (the CUDA
+    /// backend's cuBLASLt GELU epilogue): `pre = inp @ W + bias`, `out = gelu(pre)` (tanh
+    /// approximation), both written. Returns false, having written nothing, where it does not
+    /// (the default): the caller then runs `matmul_forward` and `gelu_forward`.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_gelu_forward_fused(
+        &self,
+        out: Self::ViewMut<'_>,
+        pre: Self::ViewMut<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        bias: Option<Self::View<'_>>,
+        shape: MatmulShape,
+    ) -> bool {
+        let _ = (out, pre, inp, weight, bias, shape);
+        false
+    }
+    /// The backward pass of `y = act @ W + bias` with `act = gelu(pre)`, fused where a backend
+    /// can (the CUDA backend's cuBLASLt DGELU_BGRAD epilogue): `dW += act^T @ dout`,
+    /// `dbias += sum_n dout`, `dpre = gelu'(pre) * (dout @ W^T)` (overwritten) and
+    /// `dpre_bias += sum_n dpre`, the up-projection's bias gradient (so that projection's
+    /// backward then takes no dbias). Returns false, having written nothing, where it does not
+    /// (the default): the caller runs `matmul_backward_set_dinp` into a scratch for d(act),
+    /// `gelu_backward_set`, and the up-projection's backward with its dbias.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_dgelu_backward_fused(
+        &self,
+        dpre: Self::ViewMut<'_>,
+        dpre_bias: Option<Self::ViewMut<'_>>,
+        dweight: Self::ViewMut<'_>,
+        dbias: Option<Self::ViewMut<'_>>,
+        dout: Self::View<'_>,
+        act: Self::View<'_>,
+        pre: Self::View<'_>,
+        weight: Self::View<'_>,
+        shape: MatmulShape,
+    ) -> bool {
+        let _ = (dpre, dpre_bias, dweight, dbias, dout, act, pre, weight, shape);
+        false
     }
 
     /// Inverted dropout: `out = inp * keep / (1 - p)`, keep from `mask` (p = 0: `out = inp`

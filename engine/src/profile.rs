@@ -213,6 +213,25 @@ impl<B: Backend> Backend for Profiled<B> {
             || self.inner.layernorm_backward_set(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels),
         )
     }
+    fn layernorm_backward_and_copy(
+        &self,
+        accumulate: bool,
+        dinp: B::ViewMut<'_>,
+        dinp_copy: B::ViewMut<'_>,
+        dweight: B::ViewMut<'_>,
+        dbias: B::ViewMut<'_>,
+        dout: B::View<'_>,
+        inp: B::View<'_>,
+        weight: B::View<'_>,
+        mean: B::View<'_>,
+        rstd: B::View<'_>,
+        channels: usize,
+    ) {
+        self.timed(
+            || "layernorm_backward".into(),
+            || self.inner.layernorm_backward_and_copy(accumulate, dinp, dinp_copy, dweight, dbias, dout, inp, weight, mean, rstd, channels),
+        )
+    }
     fn attention_saved_len(&self, shape: AttnShape) -> usize {
         self.inner.attention_saved_len(shape)
     }
@@ -240,6 +259,34 @@ impl<B: Backend> Backend for Profiled<B> {
         shape: AttnShape,
     ) {
         self.timed(|| attn_key("attention_backward", shape), || self.inner.attention_backward_set(dsrc, dout, src, out, saved, shape))
+    }
+    fn matmul_gelu_forward_fused(
+        &self,
+        out: B::ViewMut<'_>,
+        pre: B::ViewMut<'_>,
+        inp: B::View<'_>,
+        weight: B::View<'_>,
+        bias: Option<B::View<'_>>,
+        shape: MatmulShape,
+    ) -> bool {
+        self.timed(|| mm_key("matmul_forward+gelu", shape), || self.inner.matmul_gelu_forward_fused(out, pre, inp, weight, bias, shape))
+    }
+    fn matmul_dgelu_backward_fused(
+        &self,
+        dpre: B::ViewMut<'_>,
+        dpre_bias: Option<B::ViewMut<'_>>,
+        dweight: B::ViewMut<'_>,
+        dbias: Option<B::ViewMut<'_>>,
+        dout: B::View<'_>,
+        act: B::View<'_>,
+        pre: B::View<'_>,
+        weight: B::View<'_>,
+        shape: MatmulShape,
+    ) -> bool {
+        self.timed(
+            || mm_key("matmul_backward+gelu", shape),
+            || self.inner.matmul_dgelu_backward_fused(dpre, dpre_bias, dweight, dbias, dout, act, pre, weight, shape),
+        )
     }
     fn gelu_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>) {
         self.timed(|| "gelu_forward".into(), || self.inner.gelu_forward(out, inp))

@@ -5,6 +5,9 @@
 //! and the same bits on every run. Both modes (accumulate, overwrite) each time; gradients start
 //! from random values. dout values are rounded to bf16 on the host first, so the CPU sees what a
 //! bf16 buffer holds and only f32 summation order differs (tolerance 1e-5, as cuda_ops.rs).
+//! `layernorm_backward_and_copy` is checked against the plain op on the same backend: the same
+//! dinp, dweight, dbias bits, and a copy that is dinp rounded to bf16 (the tests' own rounding),
+//! or dinp itself where activations are f32.
 //! Without a GPU the tests print a skip line.
 #![cfg(feature = "cuda")]
 
@@ -129,6 +132,110 @@ fn compare(what: &str, gpu: &CudaBackend, body: impl Fn(&dyn Runner<Outs>) -> Ou
 /// Whether two runs' outputs are the same bits, output by output.
 fn same_bits(a: &Outs, b: &Outs) -> bool {
     a.iter().zip(b).all(|((_, x), (_, y))| x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits()))
+}
+
+/// What one mode (accumulate or overwrite) of `copy_body` leaves: dinp, dweight, dbias of the
+/// plain op and of `layernorm_backward_and_copy`, and the latter's copy (as f32).
+struct CopyMode {
+    accumulate: bool,
+    plain: [Vec<f32>; 3],
+    with_copy: [Vec<f32>; 3],
+    copy: Vec<f32>,
+}
+
+/// The LayerNorm backward with `n` rows of `c` columns in both modes, once as
+/// `layernorm_backward` / `layernorm_backward_set` and once as `layernorm_backward_and_copy`,
+/// each from the same starting gradients. dout is bf16 when `bf16_dout`; inp, dout and dinp
+/// views start `off` elements into their buffers, the copy's (an activation buffer: bf16 on the
+/// GPU, NaN before the call) `copy_off`.
+fn copy_body<B: Backend>(be: &B, n: usize, c: usize, bf16_dout: bool, off: usize, copy_off: usize) -> Vec<CopyMode> {
+    let inp = placed(be, false, &randn(50, n * c, 1.0), off);
+    let inp_v = be.view(&inp, off..off + n * c);
+    let w = be.upload(&randn(51, c, 1.0));
+    let b = be.upload(&randn(52, c, 1.0));
+    let (mut out, mut mean, mut rstd) = (be.zeros(n * c), be.zeros(n), be.zeros(n));
+    be.layernorm_forward(all_mut(be, &mut out), all_mut(be, &mut mean), all_mut(be, &mut rstd), inp_v, all(be, &w), all(be, &b), c);
+    let g = randn(53, n * c, 1.0);
+    let dout = placed(be, bf16_dout, &if bf16_dout { round_all(&g) } else { g }, off);
+    let dout_v = be.view(&dout, off..off + n * c);
+    let (wv, mv, rv) = (all(be, &w), all(be, &mean), all(be, &rstd));
+    let (dinp0, dw0, db0) = (randn(54, n * c, 1.0), randn(55, c, 1.0), randn(56, c, 1.0));
+    // one call: [dinp, dweight, dbias], and the copy when asked for one
+    let run = |accumulate: bool, with_copy: bool| {
+        let mut dinp = placed(be, false, &dinp0, off);
+        let mut copy = placed(be, true, &vec![f32::NAN; n * c], copy_off);
+        let (mut dw, mut db) = (be.upload(&dw0), be.upload(&db0));
+        let dinp_v = be.view_mut(&mut dinp, off..off + n * c);
+        let (dw_v, db_v) = (all_mut(be, &mut dw), all_mut(be, &mut db));
+        if with_copy {
+            let copy_v = be.view_mut(&mut copy, copy_off..copy_off + n * c);
+            be.layernorm_backward_and_copy(accumulate, dinp_v, copy_v, dw_v, db_v, dout_v, inp_v, wv, mv, rv, c);
+        } else if accumulate {
+            be.layernorm_backward(dinp_v, dw_v, db_v, dout_v, inp_v, wv, mv, rv, c);
+        } else {
+            be.layernorm_backward_set(dinp_v, dw_v, db_v, dout_v, inp_v, wv, mv, rv, c);
+        }
+        let grads = [body(be, "dinp", &dinp, off, n * c), be.download(all(be, &dw)), be.download(all(be, &db))];
+        (grads, body(be, "copy", &copy, copy_off, n * c))
+    };
+    [true, false]
+        .into_iter()
+        .map(|accumulate| {
+            let (plain, _) = run(accumulate, false);
+            let (with_copy, copy) = run(accumulate, true);
+            CopyMode { accumulate, plain, with_copy, copy }
+        })
+        .collect()
+}
+
+/// Asserts what `layernorm_backward_and_copy` promises: the plain op's dinp, dweight and dbias
+/// bit for bit, and a copy equal to dinp as the activation buffer stores it (rounded to bf16
+/// when `copy_bf16`, else exact).
+fn check_copy(what: &str, modes: &[CopyMode], copy_bf16: bool) {
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+    for m in modes {
+        let what = format!("{what} ({})", if m.accumulate { "accumulate" } else { "set" });
+        for (name, (got, want)) in ["dinp", "dweight", "dbias"].iter().zip(m.with_copy.iter().zip(&m.plain)) {
+            assert!(want.iter().all(|x| x.is_finite()), "{what}: non-finite {name}");
+            assert_eq!(bits(got), bits(want), "{what}: {name} differs from the op without the copy");
+        }
+        let dinp = &m.with_copy[0];
+        let want = if copy_bf16 { round_all(dinp) } else { dinp.clone() };
+        let wrong = m.copy.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+        assert_eq!(wrong, 0, "{what}: {wrong} of {} copied values are not dinp as stored (bf16 {copy_bf16})", want.len());
+        println!("{what}: dinp, dweight, dbias unchanged by the copy; copy == {} of dinp", if copy_bf16 { "bf16" } else { "f32" });
+    }
+}
+
+#[test]
+fn layernorm_backward_and_copy_on_the_cpu() {
+    // the CPU keeps f32 activations: the copy is dinp itself
+    check_copy("cpu 70x7", &copy_body(&CpuBackend::new(), 70, 7, false, 1, 0), false);
+}
+
+#[test]
+fn layernorm_backward_and_copy_writes_dinp_rounded_to_bf16() {
+    let Some((g, _serial)) = gpu() else { return };
+    // bf16 activations: the kernels write the copy; f32 ones (SMELT_BF16_ACTIVATIONS=0): a copy
+    let copy_bf16 = g.activation_zeros(1).dtype() == Dtype::Bf16;
+    // (rows, C, bf16 dout, offset, copy's offset): the fused vector path (K 24, K 32 with
+    // opted-in shared memory), its scalar path (C % 4 != 0; all views off alignment; only the
+    // copy off its 8-byte word), and the two-pass kernels above C = 1024
+    let cases = [
+        (129, 768, true, 0, 0),
+        (70, 1000, false, 0, 0),
+        (5, 7, true, 0, 0),
+        (129, 768, true, 1, 1),
+        (65, 64, false, 0, 1),
+        (70, 1100, true, 0, 0),
+        (70, 1100, false, 1, 3),
+    ];
+    for (n, c, bf16_dout, off, copy_off) in cases {
+        let what = format!("{n}x{c} bf16 dout {bf16_dout} at +{off}, copy at +{copy_off}");
+        let modes = copy_body(g, n, c, bf16_dout && copy_bf16, off, copy_off);
+        g.synchronize().unwrap_or_else(|e| panic!("{what}: device error: {e}"));
+        check_copy(&what, &modes, copy_bf16);
+    }
 }
 
 #[test]

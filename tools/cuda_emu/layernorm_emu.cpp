@@ -10,7 +10,11 @@
 //   - dinp bitwise equal to the two-pass kernel's (layernorm_backward_input), whose per-lane
 //     column order the fused kernel shares;
 //   - the two alignments give the same bits (dinp, dw, db): the scalar path owns the same columns;
-//   - nothing written outside dinp's rows (canaries after it).
+//   - nothing written outside dinp's rows (canaries after it);
+//   - with a dinp_bf16 copy requested (both modes, both paths): dinp the same bits as without
+//     it, the copy bitwise equal to dinp rounded to bf16 (shim.h's own rounding), nothing
+//     written past the copy; and a copy one element off its 8-byte word while the other
+//     buffers are aligned (the fused kernel must leave its vector path).
 // Built with -fsanitize=alignment, a float4 / uint2 access through a misaligned pointer aborts.
 // Build and run:  g++ -std=c++20 -O2 -pthread -w -fsanitize=alignment -fno-sanitize-recover=all \
 //                     layernorm_emu.cpp -o /tmp/layernorm_emu && /tmp/layernorm_emu [C ...]
@@ -37,9 +41,10 @@ static const float CANARY = 12345.0f;
 
 // The kernels for dout's element type TG.
 template <typename TG> struct Kernels {
-    typedef void (*Fused)(float*, float*, float*, const TG*, const float*, const float*, const float*,
-                          const float*, u64, u64, u64, int);
-    typedef void (*Input)(float*, const TG*, const float*, const float*, const float*, const float*, u64, u64);
+    typedef void (*Fused)(float*, unsigned short*, float*, float*, const TG*, const float*, const float*,
+                          const float*, const float*, u64, u64, u64, int);
+    typedef void (*Input)(float*, unsigned short*, const TG*, const float*, const float*, const float*,
+                          const float*, u64, u64);
     typedef void (*Partial)(float*, float*, const TG*, const float*, const float*, const float*, u64, u64, u64);
     Fused fused[5];
     Input input;
@@ -90,6 +95,7 @@ struct Data {
 struct Result {
     std::vector<float> dinp, dset, dw, db, two_pass, two_pass_set;
     bool canaries_ok = true;
+    bool copy_ok = true;  // the runs with a bf16 copy of dinp (see copy_runs)
 };
 
 // A buffer of `len` elements starting `off` elements past an aligned address, GUARD canaries
@@ -100,6 +106,7 @@ template <typename T> struct Placed {
     size_t off, len;
     Placed(size_t len, size_t off, T fill, size_t room) : store(off + len + GUARD + room, fill), off(off), len(len) {}
     T* p() { return store.data() + off; }
+    const T* p() const { return store.data() + off; }
     std::vector<T> body() const { return std::vector<T>(store.begin() + off, store.begin() + off + len); }
     bool guard_is(T v) const {
         for (size_t i = off + len; i < off + len + GUARD; i++)
@@ -108,10 +115,11 @@ template <typename T> struct Placed {
     }
 };
 
-// dinp += / = the input gradient and dw, db += the column sums, as layernorm.rs runs them.
+// dinp += / = the input gradient and dw, db += the column sums, as layernorm.rs runs them;
+// copy (may be null): the final dinp as bf16.
 template <typename TG>
-static void engine_backward(const Data& d, int accumulate, float* dinp, float* dw, float* db, const TG* dout,
-                            const float* x) {
+static void engine_backward(const Data& d, int accumulate, float* dinp, bf16* copy, float* dw, float* db,
+                            const TG* dout, const float* x) {
     const Kernels<TG>& ks = kernels((TG*)nullptr);
     const int n = d.n, c = d.c, chunks = (n + PER - 1) / PER;
     const u64 un = n, uc = c, up = PER, uk = chunks;
@@ -120,13 +128,13 @@ static void engine_backward(const Data& d, int accumulate, float* dinp, float* d
     const int i = pick(c);
     if (i >= 0) {
         launch({(unsigned)chunks, 1, 1}, 256, [&] {
-            ks.fused[i](dinp, pdw.data(), pdb.data(), dout, x, d.w.data(), d.mean.data(), d.rstd.data(), un, uc,
-                        up, accumulate);
+            ks.fused[i](dinp, copy, pdw.data(), pdb.data(), dout, x, d.w.data(), d.mean.data(), d.rstd.data(), un,
+                        uc, up, accumulate);
         });
     } else {
         if (!accumulate) std::fill(dinp, dinp + (size_t)n * c, 0.0f);
         launch({(unsigned)((n + 7) / 8), 1, 1}, 256, [&] {
-            ks.input(dinp, dout, x, d.w.data(), d.mean.data(), d.rstd.data(), un, uc);
+            ks.input(dinp, copy, dout, x, d.w.data(), d.mean.data(), d.rstd.data(), un, uc);
         });
         launch({(unsigned)chunks, (unsigned)((c + 127) / 128), 1}, 128, [&] {
             ks.partial(pdw.data(), pdb.data(), dout, x, d.mean.data(), d.rstd.data(), un, uc, up);
@@ -134,6 +142,33 @@ static void engine_backward(const Data& d, int accumulate, float* dinp, float* d
     }
     launch({(unsigned)((c + 31) / 32), 1, 1}, 256, [&] { column_sum_finish(dw, pdw.data(), uk, uc); });
     launch({(unsigned)((c + 31) / 32), 1, 1}, 256, [&] { column_sum_finish(db, pdb.data(), uk, uc); });
+}
+
+// The backward in one mode again, now with a bf16 copy `copy_off` elements past an aligned
+// address (dinp, dout, inp `off` past theirs): dinp must be the bits `want` (the run without a
+// copy) and the copy dinp rounded to bf16, bit for bit, with its canaries intact.
+template <typename TG>
+static bool copy_run(const Data& d, int accumulate, size_t off, size_t copy_off, const Placed<TG>& dout,
+                     const Placed<float>& x, const std::vector<float>& want) {
+    const size_t len = (size_t)d.n * d.c, room = 8 * (size_t)d.c;
+    const bf16 CANARY_BF16 = f2bf(CANARY);
+    Placed<float> dinp(len, off, CANARY, room);
+    Placed<bf16> copy(len, copy_off, CANARY_BF16, room);
+    for (size_t i = 0; i < len; i++) {
+        dinp.p()[i] = accumulate ? d.dinp0[i] : std::nanf("");
+        copy.p()[i] = 0x7fc1;  // a NaN: a value left unwritten shows
+    }
+    std::vector<float> dw = d.dw0, db = d.db0;
+    engine_backward<TG>(d, accumulate, dinp.p(), copy.p(), dw.data(), db.data(), dout.p(), x.p());
+    const std::vector<float> got = dinp.body();
+    bool rounded = true;
+    for (size_t i = 0; i < len; i++) rounded = rounded && copy.p()[i] == f2bf(got[i]);
+    const bool ok = same_bits(got, want) && rounded && dinp.guard_is(CANARY) && copy.guard_is(CANARY_BF16);
+    if (!ok)
+        printf("  copy (%s, dinp +%zu, copy +%zu): dinp %s, copy %s bf16(dinp), canaries %s\n",
+               accumulate ? "accumulate" : "overwrite", off, copy_off, same_bits(got, want) ? "==" : "!=",
+               rounded ? "==" : "!=", dinp.guard_is(CANARY) && copy.guard_is(CANARY_BF16) ? "ok" : "BAD");
+    return ok;
 }
 
 // One run with inp, dout and dinp `off` elements past aligned addresses.
@@ -155,15 +190,19 @@ static Result run(const Data& d, size_t off) {
     Result r;
     r.dw = d.dw0, r.db = d.db0;
     std::vector<float> dw2 = d.dw0, db2 = d.db0;
-    engine_backward<TG>(d, 1, dinp.p(), r.dw.data(), r.db.data(), dout.p(), x.p());
-    engine_backward<TG>(d, 0, dset.p(), dw2.data(), db2.data(), dout.p(), x.p());
+    engine_backward<TG>(d, 1, dinp.p(), nullptr, r.dw.data(), r.db.data(), dout.p(), x.p());
+    engine_backward<TG>(d, 0, dset.p(), nullptr, dw2.data(), db2.data(), dout.p(), x.p());
     // the two-pass input gradient, for the bitwise comparison
     const Kernels<TG>& ks = kernels((TG*)nullptr);
     for (Placed<float>* t : {&two, &two_set})
         launch({(unsigned)((d.n + 7) / 8), 1, 1}, 256, [&] {
-            ks.input(t->p(), dout.p(), x.p(), d.w.data(), d.mean.data(), d.rstd.data(), un, uc);
+            ks.input(t->p(), nullptr, dout.p(), x.p(), d.w.data(), d.mean.data(), d.rstd.data(), un, uc);
         });
     r.dinp = dinp.body(), r.dset = dset.body(), r.two_pass = two.body(), r.two_pass_set = two_set.body();
+    // with a bf16 copy: both modes at this alignment, and (aligned runs) a copy off its word
+    r.copy_ok = copy_run<TG>(d, 1, off, off, dout, x, r.dinp);
+    r.copy_ok = copy_run<TG>(d, 0, off, off, dout, x, r.dset) && r.copy_ok;
+    if (off == 0) r.copy_ok = copy_run<TG>(d, 0, 0, 1, dout, x, r.dset) && r.copy_ok;
     // dw, db of the overwrite run: the same partials added onto the same start
     r.canaries_ok = dinp.guard_is(CANARY) && dset.guard_is(CANARY) && same_bits(dw2, r.dw) && same_bits(db2, r.db);
     return r;
@@ -234,9 +273,11 @@ static bool check(int n, int c, std::mt19937& rng) {
         const double e1 = rel(r->dinp, edx), e2 = rel(r->dset, rdx), e3 = rel(r->dw, edw), e4 = rel(r->db, edb);
         const bool near = e1 < 1e-5 && e2 < 1e-5 && e3 < 1e-5 && e4 < 1e-5 && std::isfinite(e1 + e2 + e3 + e4);
         const bool two = same_bits(r->dinp, r->two_pass) && same_bits(r->dset, r->two_pass_set);
-        ok = ok && near && two && r->canaries_ok;
-        printf("  %s: dinp %.2e set %.2e dw %.2e db %.2e, dinp %s two-pass, canaries and set-mode dw, db %s\n",
-               r == &a ? "aligned  " : "unaligned", e1, e2, e3, e4, two ? "==" : "!=", r->canaries_ok ? "ok" : "BAD");
+        ok = ok && near && two && r->canaries_ok && r->copy_ok;
+        printf("  %s: dinp %.2e set %.2e dw %.2e db %.2e, dinp %s two-pass, canaries and set-mode dw, db %s, "
+               "bf16 copy %s\n",
+               r == &a ? "aligned  " : "unaligned", e1, e2, e3, e4, two ? "==" : "!=", r->canaries_ok ? "ok" : "BAD",
+               r->copy_ok ? "ok" : "BAD");
     }
     printf("  %s\n", ok ? "ok" : "FAIL");
     return ok;

@@ -199,6 +199,29 @@ impl Backend for CpuBackend {
         dinp.fill(0.0);
         layernorm::backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
     }
+    fn layernorm_backward_and_copy(
+        &self,
+        accumulate: bool,
+        dinp: &mut [f32],
+        dinp_copy: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        channels: usize,
+    ) {
+        assert_eq!(dinp_copy.len(), dinp.len(), "layernorm backward: dinp's copy and dinp differ in length");
+        // activations are f32 here: the op, then a plain copy
+        if accumulate {
+            self.layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels);
+        } else {
+            self.layernorm_backward_set(dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels);
+        }
+        self.copy(dinp_copy, dinp);
+    }
 
     fn attention_saved_len(&self, shape: AttnShape) -> usize {
         attention::saved_len(shape)
@@ -389,5 +412,45 @@ fn split_disjoint<const K: usize>(buf: &mut [f32], ranges: [Range<usize>; K]) ->
     match v.try_into() {
         Ok(a) => a,
         Err(_) => unreachable!("exactly K slots were filled"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CpuBackend;
+    use crate::backend::Backend;
+    use crate::rng::Rng;
+
+    fn randn(seed: u64, n: usize) -> Vec<f32> {
+        let mut rng = Rng::new(seed);
+        (0..n).map(|_| rng.normal() as f32).collect()
+    }
+
+    fn bits(v: &[f32]) -> Vec<u32> {
+        v.iter().map(|x| x.to_bits()).collect()
+    }
+
+    #[test]
+    fn layernorm_backward_and_copy_matches_layernorm_backward() {
+        let be = CpuBackend::new();
+        let (n, c) = (70, 9); // two row chunks of the reference's reductions
+        let (x, w, b, dout, dinp0) = (randn(1, n * c), randn(2, c), randn(3, c), randn(4, n * c), randn(5, n * c));
+        let (mut out, mut mean, mut rstd) = (vec![0.0; n * c], vec![0.0; n], vec![0.0; n]);
+        be.layernorm_forward(&mut out, &mut mean, &mut rstd, &x, &w, &b, c);
+        for accumulate in [true, false] {
+            // the reference: the accumulating op onto dinp0, or onto zeros for the set mode
+            let mut want = if accumulate { dinp0.clone() } else { vec![0.0; n * c] };
+            let (mut dw_want, mut db_want) = (randn(6, c), randn(7, c));
+            be.layernorm_backward(&mut want, &mut dw_want, &mut db_want, &dout, &x, &w, &mean, &rstd, c);
+            // set mode starts from NaN (it must overwrite); the copy always does
+            let mut dinp = if accumulate { dinp0.clone() } else { vec![f32::NAN; n * c] };
+            let mut copy = vec![f32::NAN; n * c];
+            let (mut dw, mut db) = (randn(6, c), randn(7, c));
+            be.layernorm_backward_and_copy(accumulate, &mut dinp, &mut copy, &mut dw, &mut db, &dout, &x, &w, &mean, &rstd, c);
+            assert_eq!(bits(&dinp), bits(&want), "accumulate {accumulate}: dinp");
+            assert_eq!(bits(&copy), bits(&want), "accumulate {accumulate}: the copy");
+            assert_eq!(bits(&dw), bits(&dw_want), "accumulate {accumulate}: dweight");
+            assert_eq!(bits(&db), bits(&db_want), "accumulate {accumulate}: dbias");
+        }
     }
 }

@@ -2,7 +2,8 @@
 //! (else the input gradient one warp per row, then the partials); weight and bias gradients as
 //! deterministic column sums over fixed row chunks (see colsum.rs). The backward pass takes
 //! dout in f32 or bf16 (a bf16 GEMM's output, as autocast writes d(ln_out)); everything else is
-//! f32.
+//! f32, except the optional bf16 copy of dinp it can write in the same pass (the next GEMM's
+//! dout, which then needs no conversion).
 
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{LaunchConfig, PushKernelArg};
@@ -73,11 +74,14 @@ fn dout_tag(dout: &CudaView<'_>) -> &'static str {
 /// dinp (N, C) += the input gradient (`accumulate`; else written over dinp); dw (C) += sum_n
 /// dout * xhat; db (C) += sum_n dout. The weight/bias sums go through per-chunk partials
 /// (`ROWS_PER_TASK` rows, colsum.rs), so they are the same on every run. dout may be bf16.
+/// `dinp_copy` (a bf16 view of dinp's length), when given, receives the final dinp rounded to
+/// bf16, written by the same kernel that writes dinp.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward(
     be: &CudaBackend,
     accumulate: bool,
     mut dinp: CudaViewMut<'_>,
+    dinp_copy: Option<CudaViewMut<'_>>,
     dw: CudaViewMut<'_>,
     db: CudaViewMut<'_>,
     dout: CudaView<'_>,
@@ -92,19 +96,26 @@ pub(crate) fn backward(
     assert!(dinp.len == n * c && dout.len == n * c, "layernorm grads");
     assert!(dw.len == c && db.len == c && w.len == c, "layernorm param grads");
     assert!(mean.len == n && rstd.len == n, "layernorm saved state");
+    if let Some(copy) = &dinp_copy {
+        assert!(copy.is_bf16(), "layernorm backward: dinp's copy must be a bf16 view");
+        assert_eq!(copy.len, dinp.len, "layernorm backward: dinp's copy has {} values, dinp {}", copy.len, dinp.len);
+    }
     if n == 0 {
         return;
     }
+    // the kernels' dinp_bf16 argument: 0 (null) for no copy
+    let copy = dinp_copy.as_ref().map_or(0, |v| v.addr());
     let (_pdw_buf, pdw) = colsum::scratch(be, n, c);
     let (_pdb_buf, pdb) = colsum::scratch(be, n, c);
     match fused_k(c) {
-        Some(k) => backward_fused(be, k, accumulate, &dinp, (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c),
+        Some(k) => backward_fused(be, k, accumulate, (&dinp, copy), (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c),
         None => {
-            // the two-pass kernels only add: zero first when overwriting
+            // the two-pass kernels only add: zero first when overwriting (the input kernel
+            // then sees the final values, so its copy is of them too)
             if !accumulate {
                 super::memory::fill(be, dinp.reborrow(), 0.0);
             }
-            backward_two_pass(be, &dinp, (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c)
+            backward_two_pass(be, (&dinp, copy), (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c)
         }
     }
     colsum::finish(be, dw.ptr(), pdw, n, c);
@@ -112,13 +123,14 @@ pub(crate) fn backward(
 }
 
 /// One pass (C <= 1024): a block of 8 warps per chunk of `ROWS_PER_TASK` rows writes dinp (+=)
-/// and the chunk's partials (pdw, pdb), each (chunks, C).
+/// (and its bf16 copy at device address `copy`, unless 0) and the chunk's partials (pdw, pdb),
+/// each (chunks, C).
 #[allow(clippy::too_many_arguments)]
 fn backward_fused(
     be: &CudaBackend,
     k: usize,
     accumulate: bool,
-    dinp: &CudaViewMut<'_>,
+    (dinp, copy): (&CudaViewMut<'_>, u64),
     (pdw, pdb): (u64, u64),
     dout: &CudaView<'_>,
     inp: &CudaView<'_>,
@@ -145,13 +157,13 @@ fn backward_fused(
         shared_mem_bytes: smem,
     };
     let mut l = be.stream().launch_builder(&f);
-    l.arg(dinp.ptr_ref()).arg(&pdw).arg(&pdb).arg(dout.addr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref());
+    l.arg(dinp.ptr_ref()).arg(&copy).arg(&pdw).arg(&pdb).arg(dout.addr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref());
     let acc = accumulate as i32;
     l.arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc).arg(&per).arg(&acc);
-    // SAFETY: layernorm_backward_fused[_bf16dout]_k{K}(float* x3, const float* or (bf16dout)
-    // const unsigned short* dout, const float* x4, u64, u64, u64, int) with 32 K >= C, the
-    // variant chosen by dout's type: sizes asserted by the caller; writes chunks*C floats to
-    // each scratch buffer.
+    // SAFETY: layernorm_backward_fused[_bf16dout]_k{K}(float*, unsigned short* (null or N*C bf16),
+    // float* x2, const float* or (bf16dout) const unsigned short* dout, const float* x4, u64,
+    // u64, u64, int) with 32 K >= C, the variant chosen by dout's type: sizes asserted by the
+    // caller; writes chunks*C floats to each scratch buffer.
     be.check(unsafe { l.launch(cfg) }.map(|_| ()), &name);
 }
 
@@ -163,11 +175,12 @@ fn fused_smem_bytes(c: usize) -> u32 {
     (ROWS_PER_BLOCK * 2 * c * std::mem::size_of::<f32>()) as u32
 }
 
-/// Two passes (any C): the input gradient one warp per row, then the partials per (chunk, column).
+/// Two passes (any C): the input gradient one warp per row (dinp += it, and the sum's bf16 copy
+/// at `copy` unless 0), then the partials per (chunk, column).
 #[allow(clippy::too_many_arguments)]
 fn backward_two_pass(
     be: &CudaBackend,
-    dinp: &CudaViewMut<'_>,
+    (dinp, copy): (&CudaViewMut<'_>, u64),
     (pdw, pdb): (u64, u64),
     dout: &CudaView<'_>,
     inp: &CudaView<'_>,
@@ -182,9 +195,10 @@ fn backward_two_pass(
     let name = format!("layernorm_backward_input{tag}");
     let f = be.func(&name);
     let mut l = be.stream().launch_builder(&f);
-    l.arg(dinp.ptr_ref()).arg(dout.addr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc);
-    // SAFETY: layernorm_backward_input[_bf16dout](float*, const float* or (bf16dout) const
-    // unsigned short* dout, const float* x4, u64, u64), chosen by dout's type: sizes asserted.
+    l.arg(dinp.ptr_ref()).arg(&copy).arg(dout.addr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc);
+    // SAFETY: layernorm_backward_input[_bf16dout](float*, unsigned short* (null or N*C bf16),
+    // const float* or (bf16dout) const unsigned short* dout, const float* x4, u64, u64), chosen
+    // by dout's type: sizes asserted.
     be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), &name);
 
     let name = format!("layernorm_backward_params_partial{tag}");

@@ -1,4 +1,5 @@
-//! cuBLASLt GEMMs with a bias epilogue: `D = op(A) op(B) + bias` in one pass over D.
+//! cuBLASLt GEMMs with epilogues: `D = op(A) op(B) + bias` in one pass over D, and the
+//! training epilogues that fuse a GELU or a bias gradient into a GEMM.
 //!
 //! `cublasGemmEx` cannot add a bias, so the plain path broadcasts the bias into the output
 //! first and runs the GEMM with beta = 1: two extra passes over an (N, OC) f32 output (for
@@ -11,8 +12,21 @@
 //! C laid out as D: a projection added onto the residual stream in the same pass
 //! (`matmul_forward_residual`).
 //!
+//! The training epilogues (`LtEpilogue`), as NVIDIA's Transformer Engine uses them:
+//! - `GeluAuxBias`: aux = A B + bias (GELU's input, kept for the backward pass), D = GELU(aux)
+//!   with the tanh approximation (GPT-2's), both bf16: the MLP's up-projection and its GELU in
+//!   one pass, no separate GELU kernel.
+//! - `DGeluBgrad`: D = (A B) * GELU'(aux), and the sums of D over its n columns (our rows) into
+//!   the bias pointer, in D's type: the MLP's down-projection backward, the GELU backward and
+//!   the up-projection's bias gradient in one pass.
+//! - `BgradA` / `BgradB`: D = A B + beta C and the sums of A (op(A) = N) or B (op(B) = T) over
+//!   k into the bias pointer: a weight gradient GEMM that also sums dout for the bias gradient,
+//!   instead of a column-sum pass over dout.
+//! The bias-gradient epilogues write (not add) their sums, so callers direct them into a
+//! scratch and add that onto the gradient (accumulation over micro-batches).
+//!
 //! Plans (descriptors, layouts and the heuristic's algorithm) are built once per shape and
-//! kept; only the bias pointer changes between calls. `SMELT_CUBLASLT=0` turns the path off
+//! kept; only the pointers change between calls. `SMELT_CUBLASLT=0` turns the path off
 //! (read once per process), for comparison on a card.
 
 use std::collections::hash_map::Entry;
@@ -42,6 +56,83 @@ pub(crate) struct LtShape {
     /// D in bf16 (an activation buffer, see view.rs) instead of f32; the bias then is bf16 too
     /// (cuBLASLt's heuristic finds no kernel for a bf16 D with an f32 bias on an H100).
     pub d_bf16: bool,
+    pub epilogue: LtEpilogue,
+}
+
+/// What a GEMM does besides the product (see the module's comment).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum LtEpilogue {
+    /// D = A B (+ C) + bias (m values of D's type).
+    Bias,
+    /// aux = A B + bias, D = GELU_tanh(aux); aux of D's type and leading dimension.
+    GeluAuxBias,
+    /// D = (A B) * GELU_tanh'(aux); the bias pointer gets each of D's m rows summed over n.
+    DGeluBgrad,
+    /// D = A B + beta C; the bias pointer gets op(A) = A (m, k) summed over k (m values).
+    BgradA,
+    /// D = A B + beta C; the bias pointer gets op(B) = B^T (k, n) summed over k (n values).
+    BgradB,
+}
+
+impl LtEpilogue {
+    fn raw(self) -> sys::cublasLtEpilogue_t {
+        use sys::cublasLtEpilogue_t as E;
+        match self {
+            LtEpilogue::Bias => E::CUBLASLT_EPILOGUE_BIAS,
+            LtEpilogue::GeluAuxBias => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
+            LtEpilogue::DGeluBgrad => E::CUBLASLT_EPILOGUE_DGELU_BGRAD,
+            LtEpilogue::BgradA => E::CUBLASLT_EPILOGUE_BGRADA,
+            LtEpilogue::BgradB => E::CUBLASLT_EPILOGUE_BGRADB,
+        }
+    }
+    /// Whether the epilogue reads or writes an aux matrix (GELU's input).
+    fn has_aux(self) -> bool {
+        matches!(self, LtEpilogue::GeluAuxBias | LtEpilogue::DGeluBgrad)
+    }
+}
+
+/// How many calls took each training epilogue since the backend was made (the unfused ops
+/// ran for the rest): lets tests and benches see that a fused path really ran.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EpilogueStats {
+    /// Up-projection + GELU forward (GELU_AUX_BIAS).
+    pub gelu_forward: u64,
+    /// Down-projection + GELU backward + the up-projection's bias gradient (DGELU_BGRAD).
+    pub dgelu_backward: u64,
+    /// Weight gradients with their bias gradient (BGRADA / BGRADB).
+    pub bgrad: u64,
+}
+
+/// The counters behind [`EpilogueStats`].
+#[derive(Debug, Default)]
+pub(crate) struct EpilogueCounts {
+    pub gelu_forward: std::sync::atomic::AtomicU64,
+    pub dgelu_backward: std::sync::atomic::AtomicU64,
+    pub bgrad: std::sync::atomic::AtomicU64,
+}
+
+impl EpilogueCounts {
+    pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64) {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    pub(crate) fn stats(&self) -> EpilogueStats {
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        EpilogueStats { gelu_forward: get(&self.gelu_forward), dgelu_backward: get(&self.dgelu_backward), bgrad: get(&self.bgrad) }
+    }
+}
+
+/// The device pointers of one epilogue GEMM call.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct LtArgs {
+    pub a: u64,
+    pub b: u64,
+    pub d: u64,
+    /// C (laid out as D) with beta = 1; None: beta = 0.
+    pub c: Option<u64>,
+    /// The bias (`Bias`, `GeluAuxBias`) or the bias gradient's output (the `*Bgrad*` ones).
+    pub bias: u64,
+    /// GELU's input (`GeluAuxBias` writes it, `DGeluBgrad` reads it); 0 otherwise.
+    pub aux: u64,
 }
 
 struct Plan {
@@ -107,54 +198,46 @@ impl Lt {
         Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
     }
 
-    /// D (m, n) = op(A) op(B) + bias (m), A and B bf16, D and bias f32 or both bf16
-    /// (`s.d_bf16`), f32 accumulation; with `c`, `+ C` too (C of D's type and layout). Err
-    /// describes a cuBLASLt failure; a shape whose plan failed fails again at once (no second
-    /// heuristic query).
+    /// One GEMM with the epilogue `s.epilogue` (see `LtEpilogue`): A and B bf16, D f32 or bf16
+    /// (`s.d_bf16`; the bias, aux and bias-gradient vectors of D's type), f32 accumulation.
+    /// Err describes a cuBLASLt failure, in which case nothing was launched; a shape whose plan
+    /// failed fails again at once (no second heuristic query).
     ///
     /// # Safety
-    /// `a`, `b`, `d` and `bias` must be device pointers holding the extents `s` describes
-    /// (A: lda x (k or m), B: ldb x (n or k), D and C: ldd x n, bias: m values).
-    #[allow(clippy::too_many_arguments)]
-    pub(crate) unsafe fn gemm_bias(
-        &self,
-        stream: &CudaStream,
-        s: LtShape,
-        a: u64,
-        b: u64,
-        d: u64,
-        bias: u64,
-        c: Option<u64>,
-    ) -> Result<(), String> {
+    /// The pointers in `args` must be device memory holding the extents `s` describes (A: lda x
+    /// (k or m), B: ldb x (n or k), D, C and aux: ldd x n, bias: m values, or n for `BgradB`).
+    pub(crate) unsafe fn matmul(&self, stream: &CudaStream, s: LtShape, args: LtArgs) -> Result<(), String> {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         let plan = match plans.entry(s) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => v.insert(self.plan(s)),
         };
         let plan = plan.as_ref().map_err(|e| e.clone())?;
-        lt::set_matmul_desc_attribute(
-            plan.desc,
-            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-            &bias as *const u64 as *const c_void,
-            size_of::<u64>(),
-        )
-        .map_err(|e| format!("cuBLASLt bias pointer: {e:?}"))?;
-        // With c: D = A B + C + bias (C laid out as D, beta = 1), a residual added in the epilogue.
-        let (alpha, beta) = (1.0f32, if c.is_some() { 1.0f32 } else { 0.0 });
-        let c = c.unwrap_or(d);
+        let set_ptr = |attr, ptr: &u64, what: &str| {
+            lt::set_matmul_desc_attribute(plan.desc, attr, ptr as *const u64 as *const c_void, size_of::<u64>())
+                .map_err(|e| format!("cuBLASLt {what} pointer: {e:?}"))
+        };
+        set_ptr(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &args.bias, "bias")?;
+        if s.epilogue.has_aux() {
+            set_ptr(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &args.aux, "aux")?;
+        }
+        // With c: D = A B + C (+ bias), C laid out as D, beta = 1 (a residual added in the
+        // epilogue, or a weight gradient accumulated).
+        let (alpha, beta) = (1.0f32, if args.c.is_some() { 1.0f32 } else { 0.0 });
+        let c = args.c.unwrap_or(args.d);
         let ws = self.workspace.device_ptr(stream).0;
         lt::matmul(
             self.handle,
             plan.desc,
             &alpha as *const f32 as *const c_void,
             &beta as *const f32 as *const c_void,
-            a as *const c_void,
+            args.a as *const c_void,
             plan.a,
-            b as *const c_void,
+            args.b as *const c_void,
             plan.b,
             c as *const c_void,
             plan.d,
-            d as *mut c_void,
+            args.d as *mut c_void,
             plan.d,
             &plan.algo,
             ws as *mut c_void,
@@ -176,7 +259,7 @@ impl Lt {
         let mut plan = Plan { desc, a: std::ptr::null_mut(), b: std::ptr::null_mut(), d: std::ptr::null_mut(), algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] } };
         // cublasOperation_t as the attribute stores it: 0 = N, 1 = T.
         let op = |t: bool| t as i32;
-        let epilogue = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+        let epilogue = s.epilogue.raw();
         // SAFETY: attribute values are plain host values of the sizes cuBLASLt documents.
         unsafe {
             for (attr, value) in [
@@ -193,6 +276,17 @@ impl Lt {
                 size_of::<sys::cublasLtEpilogue_t>(),
             )
             .map_err(err("epilogue"))?;
+            if s.epilogue.has_aux() {
+                // aux is laid out as D (GELU's input of the same (m, n) block)
+                let aux_ld = s.ldd as i64;
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD,
+                    &aux_ld as *const i64 as *const c_void,
+                    size_of::<i64>(),
+                )
+                .map_err(err("aux leading dimension"))?;
+            }
         }
         plan.a = lt::create_matrix_layout(bf16, a_rows as u64, a_cols as u64, s.lda as i64).map_err(err("layout A"))?;
         plan.b = lt::create_matrix_layout(bf16, b_rows as u64, b_cols as u64, s.ldb as i64).map_err(err("layout B"))?;

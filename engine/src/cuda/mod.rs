@@ -46,6 +46,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 
 use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use crate::error::{ConfigError, EngineError};
+pub use lt::EpilogueStats;
 pub use shadow::ShadowStats;
 pub use ids::CudaIds;
 pub use view::{CudaBuf, CudaView, CudaViewMut, Dtype};
@@ -109,6 +110,16 @@ pub struct CudaBackend {
     /// of the forward and in-place backward kernels (cross_entropy.rs): off unless
     /// `SMELT_FUSED_CLASSIFIER=1`, since it measured slower (run 14, bench/NOTES.md v8).
     fused_classifier: bool,
+    /// Whether the MLP's up-projection + GELU and its backward run as cuBLASLt GELU epilogues
+    /// (`Backend::matmul_gelu_forward_fused` / `matmul_dgelu_backward_fused`, lt.rs): off
+    /// unless `SMELT_GELU_EPILOGUE=1` until measured on a card.
+    gelu_epilogue: bool,
+    /// Whether weight-gradient GEMMs also sum dout for the bias gradient in their epilogue
+    /// (BGRADA / BGRADB, lt.rs) instead of a column-sum pass: off unless
+    /// `SMELT_BGRAD_EPILOGUE=1` until measured on a card.
+    bgrad_epilogue: bool,
+    /// Calls that took each training epilogue.
+    epilogue_counts: lt::EpilogueCounts,
     /// The shadows and the counts that decide which buffers get one.
     shadows: Mutex<shadow::ShadowCache<CudaSlice<u16>>>,
     ordinal: usize,
@@ -235,6 +246,9 @@ impl CudaBackend {
             lt,
             weight_shadow: shadow::enabled_by_env(),
             fused_classifier: std::env::var("SMELT_FUSED_CLASSIFIER").is_ok_and(|v| v == "1"),
+            gelu_epilogue: std::env::var("SMELT_GELU_EPILOGUE").is_ok_and(|v| v == "1"),
+            bgrad_epilogue: std::env::var("SMELT_BGRAD_EPILOGUE").is_ok_and(|v| v == "1"),
+            epilogue_counts: lt::EpilogueCounts::default(),
             shadows: Mutex::new(shadow::ShadowCache::default()),
             ordinal,
             device_name,
@@ -257,6 +271,34 @@ impl CudaBackend {
     }
     pub(crate) fn fused_classifier(&self) -> bool {
         self.fused_classifier
+    }
+    /// With `on`, the MLP's up-projection + GELU and its backward run as cuBLASLt GELU
+    /// epilogues where cuBLASLt has them (bf16 matmuls; see lt.rs). The default is off unless
+    /// `SMELT_GELU_EPILOGUE=1`.
+    pub fn with_gelu_epilogue(mut self, on: bool) -> Self {
+        self.gelu_epilogue = on;
+        self
+    }
+    pub(crate) fn gelu_epilogue(&self) -> bool {
+        self.gelu_epilogue
+    }
+    /// With `on`, weight-gradient GEMMs with a bias also write the bias gradient from their
+    /// epilogue (cuBLASLt BGRADA/BGRADB, bf16 matmuls) instead of a column-sum pass. The
+    /// default is off unless `SMELT_BGRAD_EPILOGUE=1`.
+    pub fn with_bgrad_epilogue(mut self, on: bool) -> Self {
+        self.bgrad_epilogue = on;
+        self
+    }
+    pub(crate) fn bgrad_epilogue(&self) -> bool {
+        self.bgrad_epilogue
+    }
+    pub(crate) fn epilogue_counts(&self) -> &lt::EpilogueCounts {
+        &self.epilogue_counts
+    }
+    /// How many matmul calls took each training epilogue so far (see `with_gelu_epilogue`,
+    /// `with_bgrad_epilogue`).
+    pub fn epilogue_stats(&self) -> EpilogueStats {
+        self.epilogue_counts.stats()
     }
     pub fn with_weight_shadow(mut self, on: bool) -> Self {
         self.weight_shadow = on;
@@ -572,7 +614,7 @@ impl Backend for CudaBackend {
         rstd: CudaView<'_>,
         channels: usize,
     ) {
-        layernorm::backward(self, true, dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+        layernorm::backward(self, true, dinp, None, dweight, dbias, dout, inp, weight, mean, rstd, channels)
     }
     fn layernorm_backward_set(
         &self,
@@ -586,7 +628,30 @@ impl Backend for CudaBackend {
         rstd: CudaView<'_>,
         channels: usize,
     ) {
-        layernorm::backward(self, false, dinp, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+        layernorm::backward(self, false, dinp, None, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+    }
+    fn layernorm_backward_and_copy(
+        &self,
+        accumulate: bool,
+        mut dinp: CudaViewMut<'_>,
+        dinp_copy: CudaViewMut<'_>,
+        dweight: CudaViewMut<'_>,
+        dbias: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        mean: CudaView<'_>,
+        rstd: CudaView<'_>,
+        channels: usize,
+    ) {
+        if dinp_copy.is_bf16() {
+            // the kernel that writes dinp stores its bf16 copy too
+            layernorm::backward(self, accumulate, dinp, Some(dinp_copy), dweight, dbias, dout, inp, weight, mean, rstd, channels)
+        } else {
+            // f32 activations (SMELT_BF16_ACTIVATIONS=0, or no bf16 matmuls): the op, then a copy
+            layernorm::backward(self, accumulate, dinp.reborrow(), None, dweight, dbias, dout, inp, weight, mean, rstd, channels);
+            memory::copy(self, dinp_copy, dinp.as_view())
+        }
     }
 
     // ---- attention (attention.rs) -------------------------------------------------------
@@ -677,6 +742,31 @@ impl Backend for CudaBackend {
 
     // ---- elementwise --------------------------------------------------------------------
 
+    fn matmul_gelu_forward_fused(
+        &self,
+        out: CudaViewMut<'_>,
+        pre: CudaViewMut<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        bias: Option<CudaView<'_>>,
+        shape: MatmulShape,
+    ) -> bool {
+        matmul::forward_gelu(self, out, pre, inp, weight, bias, shape)
+    }
+    fn matmul_dgelu_backward_fused(
+        &self,
+        dpre: CudaViewMut<'_>,
+        dpre_bias: Option<CudaViewMut<'_>>,
+        dweight: CudaViewMut<'_>,
+        dbias: Option<CudaViewMut<'_>>,
+        dout: CudaView<'_>,
+        act: CudaView<'_>,
+        pre: CudaView<'_>,
+        weight: CudaView<'_>,
+        shape: MatmulShape,
+    ) -> bool {
+        matmul::backward_dgelu(self, dpre, dpre_bias, dweight, dbias, dout, act, pre, weight, shape)
+    }
     fn gelu_forward(&self, out: CudaViewMut<'_>, inp: CudaView<'_>) {
         elementwise::gelu_forward(self, out, inp)
     }

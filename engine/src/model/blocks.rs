@@ -103,16 +103,64 @@ impl Linear {
         be.matmul_forward(all_mut(be, out), all(be, x), cx.p(&self.w), Some(cx.p(&self.b)), self.shape(rows));
     }
 
+    /// `pre = x W^T + b`, `out = gelu(pre)`: an FFN's up-projection and its GELU, one op where
+    /// the backend fuses them (`Backend::matmul_gelu_forward_fused`).
+    pub fn forward_gelu<B: Backend>(&self, cx: &Ctx<B>, out: &mut B::Buf, pre: &mut B::Buf, x: &B::Buf, rows: usize) {
+        let be = cx.be;
+        let (x, w, b, shape) = (all(be, x), cx.p(&self.w), Some(cx.p(&self.b)), self.shape(rows));
+        if !be.matmul_gelu_forward_fused(all_mut(be, out), all_mut(be, pre), x, w, b, shape) {
+            be.matmul_forward(all_mut(be, pre), x, w, b, shape);
+            be.gelu_forward(all_mut(be, out), all(be, pre));
+        }
+    }
+
     /// `dx = dy W` (`Set`) or `dx += dy W` (`Add`); `dW += dy^T x`, `db += sum dy`.
     #[allow(clippy::too_many_arguments)]
     pub fn backward<B: Backend>(&self, cx: &Ctx<B>, grads: &mut B::Buf, dx: &mut B::Buf, mode: Grad, dy: &B::Buf, x: &B::Buf, rows: usize) {
+        self.backward_bias(cx, grads, dx, mode, dy, x, rows, true)
+    }
+
+    /// `backward`, with the bias gradient only when `bias` (else already accumulated, as by
+    /// `backward_dgelu`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_bias<B: Backend>(&self, cx: &Ctx<B>, grads: &mut B::Buf, dx: &mut B::Buf, mode: Grad, dy: &B::Buf, x: &B::Buf, rows: usize, bias: bool) {
         let be = cx.be;
         let [dw, db] = be.split_mut(grads, [self.w.clone(), self.b.clone()]);
+        let db = if bias { Some(db) } else { None };
         let (dx, dy, x, w, shape) = (all_mut(be, dx), all(be, dy), all(be, x), cx.p(&self.w), self.shape(rows));
         match mode {
-            Grad::Set => be.matmul_backward_set_dinp(dx, dw, Some(db), dy, x, w, shape),
-            Grad::Add => be.matmul_backward(Some(dx), dw, Some(db), dy, x, w, shape),
+            Grad::Set => be.matmul_backward_set_dinp(dx, dw, db, dy, x, w, shape),
+            Grad::Add => be.matmul_backward(Some(dx), dw, db, dy, x, w, shape),
         }
+    }
+
+    /// The backward pass of this linear over `act = gelu(pre)`, where `pre` came from the
+    /// up-projection `up`: `dpre = gelu'(pre) * (dy W)` (overwritten), this linear's dW and db,
+    /// and, where the backend fuses it all (`Backend::matmul_dgelu_backward_fused`), `up`'s bias
+    /// gradient too. Returns whether `up`'s bias gradient is done; `dact` is the scratch for
+    /// d(act) the unfused path takes.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_dgelu<B: Backend>(
+        &self,
+        cx: &Ctx<B>,
+        grads: &mut B::Buf,
+        dpre: &mut B::Buf,
+        dact: &mut B::Buf,
+        dy: &B::Buf,
+        act: &B::Buf,
+        pre: &B::Buf,
+        up: &Linear,
+        rows: usize,
+    ) -> bool {
+        let be = cx.be;
+        let [dw, db, dup_b] = be.split_mut(grads, [self.w.clone(), self.b.clone(), up.b.clone()]);
+        let (w, shape) = (cx.p(&self.w), self.shape(rows));
+        if be.matmul_dgelu_backward_fused(all_mut(be, dpre), Some(dup_b), dw, Some(db), all(be, dy), all(be, act), all(be, pre), w, shape) {
+            return true;
+        }
+        self.backward(cx, grads, dact, Grad::Set, dy, act, rows);
+        be.gelu_backward_set(all_mut(be, dpre), all(be, pre), all(be, dact));
+        false
     }
 }
 
@@ -423,8 +471,7 @@ impl Stack {
                     proj.forward(cx, &mut a.f, &a.att, d.rows());
                 }
                 Inner::Ffn { fc, proj } => {
-                    fc.forward(cx, &mut a.a, fin, d.rows()); // (N, F)
-                    be.gelu_forward(all_mut(be, &mut a.b), all(be, &a.a));
+                    fc.forward_gelu(cx, &mut a.b, &mut a.a, fin, d.rows()); // (N, F) each
                     proj.forward(cx, &mut a.f, &a.b, d.rows());
                 }
             }
@@ -555,10 +602,9 @@ impl Stack {
                     dmemory_written = true;
                 }
                 Inner::Ffn { fc, proj } => {
-                    proj.backward(cx, grads, &mut s.dhg, Grad::Set, df, &a.b, n);
-                    be.gelu_backward_set(all_mut(be, &mut s.dh), all(be, &a.a), all(be, &s.dhg));
+                    let fc_bias_done = proj.backward_dgelu(cx, grads, &mut s.dh, &mut s.dhg, df, &a.b, &a.a, fc, n);
                     let (dfin, mode) = fin_grad::<B>(&mut s.gnext, &mut s.dfin, post);
-                    fc.backward(cx, grads, dfin, mode, &s.dh, fin, n);
+                    fc.backward_bias(cx, grads, dfin, mode, &s.dh, fin, n, !fc_bias_done);
                 }
             }
             if post {

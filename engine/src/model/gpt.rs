@@ -54,6 +54,10 @@ struct Scratch<B: Backend> {
     // (BT, C) pre-LN: a LayerNorm output's gradient, written by one GEMM and read by the
     // LayerNorm backward only, so stored as an activation (bf16 on CUDA, as autocast keeps it)
     dln_act: B::Buf,
+    // (BT, C) pre-LN: dres as an activation, written by the LayerNorm backward that produced
+    // dres and read as dout by the next projection's matmul backward (bf16 on CUDA: that GEMM
+    // then needs no conversion pass); (0) post-LN
+    dres_act: B::Buf,
     datty: B::Buf,     // (BT, C)
     dqkv: B::Buf,      // (BT, 3C)
     dfch: B::Buf,      // (BT, 4C)
@@ -293,6 +297,10 @@ impl<B: Backend> Gpt<B> {
                     LayerNormPlacement::Pre => act(rows * c),
                     LayerNormPlacement::Post => z(0),
                 },
+                dres_act: match self.cfg.ln_placement {
+                    LayerNormPlacement::Pre => act(rows * c),
+                    LayerNormPlacement::Post => z(0),
+                },
                 datty: act(rows * c),
                 dqkv: act(rows * 3 * c),
                 dfch: act(rows * 4 * c),
@@ -464,9 +472,13 @@ impl<B: Backend> Gpt<B> {
                     &a.ln1
                 }
             };
-            // fch = mlp_in @ c_fc + b (BT, 4C); fch_gelu = gelu(fch)
-            be.matmul_forward(be.view_mut(&mut a.fch, rc4.clone()), be.view(mlp_in, rc.clone()), p(bp.fc_w), Some(p(bp.fc_b)), mm(rows, c, 4 * c));
-            be.gelu_forward(be.view_mut(&mut a.fch_gelu, rc4.clone()), be.view(&a.fch, rc4.clone()));
+            // fch = mlp_in @ c_fc + b (BT, 4C); fch_gelu = gelu(fch): one op where the backend
+            // fuses the GELU into the GEMM
+            let fc = (be.view(mlp_in, rc.clone()), p(bp.fc_w), Some(p(bp.fc_b)), mm(rows, c, 4 * c));
+            if !be.matmul_gelu_forward_fused(be.view_mut(&mut a.fch_gelu, rc4.clone()), be.view_mut(&mut a.fch, rc4.clone()), fc.0, fc.1, fc.2, fc.3) {
+                be.matmul_forward(be.view_mut(&mut a.fch, rc4.clone()), fc.0, fc.1, fc.2, fc.3);
+                be.gelu_forward(be.view_mut(&mut a.fch_gelu, rc4.clone()), be.view(&a.fch, rc4.clone()));
+            }
             // resid2 = mlp_in's residual + (fch_gelu @ c_proj + b); post-LN then normalises it
             let fcproj = |be: &B, out: &mut B::Buf, residual: B::View<'_>| {
                 be.matmul_forward_residual(be.view_mut(out, rc.clone()), residual, be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), Some(p(bp.fcproj_b)), mm(rows, 4 * c, c))
@@ -596,22 +608,17 @@ impl<B: Backend> Gpt<B> {
         let attn = AttnShape { batch: b, q_len: t, kv_len: t, channels: c, heads: cfg.n_head, causal: true };
         let saved_len = be.attention_saved_len(attn);
         let Acts { encoded, blocks: block_acts, lnf_mean, lnf_rstd, scratch: s, .. } = acts;
-        // dinp += LN'(dout), or with `set` dinp = LN'(dout) (no zero fill first)
-        let ln_grad = |set: bool, grads: &mut B::Buf, dinp: &mut B::Buf, dout: &B::Buf, inp: &B::Buf, mean: &B::Buf, rstd: &B::Buf, w: ParamId, bias: ParamId| {
+        // dinp += LN'(dout), or with `set` dinp = LN'(dout) (no zero fill first); with `copy`,
+        // the final dinp is also written there (an activation buffer: the next matmul's dout)
+        let ln_grad = |set: bool, grads: &mut B::Buf, dinp: &mut B::Buf, copy: Option<&mut B::Buf>, dout: &B::Buf, inp: &B::Buf, mean: &B::Buf, rstd: &B::Buf, w: ParamId, bias: ParamId| {
             let (dw, db) = weight_and_bias_grads(be, table, grads, w, bias);
-            let op = if set { B::layernorm_backward_set } else { B::layernorm_backward };
-            op(
-                be,
-                be.view_mut(dinp, rc.clone()),
-                dw,
-                db,
-                be.view(dout, rc.clone()),
-                be.view(inp, rc.clone()),
-                p(w),
-                be.view(mean, 0..rows),
-                be.view(rstd, 0..rows),
-                c,
-            );
+            let (dinp, dout, inp) = (be.view_mut(dinp, rc.clone()), be.view(dout, rc.clone()), be.view(inp, rc.clone()));
+            let (mean, rstd) = (be.view(mean, 0..rows), be.view(rstd, 0..rows));
+            match copy {
+                Some(copy) => be.layernorm_backward_and_copy(!set, dinp, be.view_mut(copy, rc.clone()), dw, db, dout, inp, p(w), mean, rstd, c),
+                None if set => be.layernorm_backward_set(dinp, dw, db, dout, inp, p(w), mean, rstd, c),
+                None => be.layernorm_backward(dinp, dw, db, dout, inp, p(w), mean, rstd, c),
+            }
         };
 
         let last = match block_acts.last() {
@@ -619,7 +626,10 @@ impl<B: Backend> Gpt<B> {
             None => &*encoded,
         };
         let dlnf = if lnf_grad_in_act { &s.dln_act } else { &s.dln };
-        ln_grad(true, grads, &mut s.dres, dlnf, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
+        // pre-LN: the last block's fcproj reads this gradient next (none without blocks)
+        let pre_ln = cfg.ln_placement == LayerNormPlacement::Pre;
+        let lnf_copy = (pre_ln && !blocks.is_empty()).then_some(&mut s.dres_act);
+        ln_grad(true, grads, &mut s.dres, lnf_copy, dlnf, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
         ready(be, grads, table.range(self.lnf_w).start..table.range(self.lnf_b).end);
 
         for (l, bp) in blocks.iter().enumerate().rev() {
@@ -628,40 +638,52 @@ impl<B: Backend> Gpt<B> {
             // A residual add passes its gradient to both inputs unchanged: one input's gradient
             // is a copy (it accumulates more later), the branch reads the same buffer directly.
             // mlp_in: the MLP's input; dmlp_in ends up holding its full gradient
-            // pre-LN needs no copies: dres is read as dfcproj, then LN2's input gradient is added
-            // onto it in place (dres := dresid1), which attproj reads, then LN1's (dres := dx).
+            // pre-LN needs no copies: LN2's input gradient is added onto dres in place (dres :=
+            // dresid1), then LN1's (dres := dx). Each of those LayerNorm backwards (and ln_f's)
+            // also writes the result into dres_act, an activation (bf16 on CUDA), which the
+            // projection after it reads as dout (fcproj, attproj) with no conversion.
             let (mlp_in, dres_mlp, dfcproj) = match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    // resid2 = resid1 + fcproj: dfcproj = dres; dresid1 = dres + LN2'(...) below
-                    (&a.ln2, false, &s.dres)
+                    // resid2 = resid1 + fcproj: dfcproj = dres (its copy in dres_act);
+                    // dresid1 = dres + LN2'(...) below
+                    (&a.ln2, false, &s.dres_act)
                 }
                 LayerNormPlacement::Post => {
                     // out = LN2(resid2); resid2 = ln1 + fcproj: dln1 := dresid2, dfcproj = dresid2
-                    ln_grad(true, grads, &mut s.dmid, &s.dres, &a.resid2, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
+                    ln_grad(true, grads, &mut s.dmid, None, &s.dres, &a.resid2, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
                     be.copy(be.view_mut(&mut s.dln, rc.clone()), be.view(&s.dmid, rc.clone()));
                     (&a.ln1, true, &s.dmid)
                 }
             };
-            // fcproj = fch_gelu @ W + b
-            let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fcproj_w, bp.fcproj_b);
-            be.matmul_backward_set_dinp(be.view_mut(&mut s.dfch_gelu, rc4.clone()), dw, Some(db), be.view(dfcproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), mm(rows, 4 * c, c));
-            be.gelu_backward_set(be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
+            // fcproj = fch_gelu @ W + b; fch_gelu = gelu(fch): dfch straight from the GEMM where
+            // the backend fuses the GELU backward and fc's bias gradient into it (fc_b done),
+            // else through dfch_gelu
+            let [dw, db, dfc_b] = be.split_mut(grads, [table.range(bp.fcproj_w), table.range(bp.fcproj_b), table.range(bp.fc_b)]);
+            let fcproj = (be.view(dfcproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), mm(rows, 4 * c, c));
+            let fc_bias_done = be.matmul_dgelu_backward_fused(be.view_mut(&mut s.dfch, rc4.clone()), Some(dfc_b), dw, Some(db), fcproj.0, fcproj.1, be.view(&a.fch, rc4.clone()), fcproj.2, fcproj.3);
+            if !fc_bias_done {
+                let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fcproj_w, bp.fcproj_b);
+                be.matmul_backward_set_dinp(be.view_mut(&mut s.dfch_gelu, rc4.clone()), dw, Some(db), fcproj.0, fcproj.1, fcproj.2, fcproj.3);
+                be.gelu_backward_set(be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
+            }
             // fch = mlp_in @ W + b; post-LN accumulates onto the residual gradient already in dln
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fc_w, bp.fc_b);
+            let db = (!fc_bias_done).then_some(db);
             let fc = (be.view(&s.dfch, rc4.clone()), be.view(mlp_in, rc.clone()), p(bp.fc_w), mm(rows, c, 4 * c));
             if dres_mlp {
-                be.matmul_backward(Some(be.view_mut(&mut s.dln, rc.clone())), dw, Some(db), fc.0, fc.1, fc.2, fc.3);
+                be.matmul_backward(Some(be.view_mut(&mut s.dln, rc.clone())), dw, db, fc.0, fc.1, fc.2, fc.3);
             } else {
-                be.matmul_backward_set_dinp(be.view_mut(&mut s.dln_act, rc.clone()), dw, Some(db), fc.0, fc.1, fc.2, fc.3);
+                be.matmul_backward_set_dinp(be.view_mut(&mut s.dln_act, rc.clone()), dw, db, fc.0, fc.1, fc.2, fc.3);
             }
-            // the gradient of resid1: in dres (pre-LN, in place) or dmid (post-LN)
+            // the gradient of resid1: in dres (pre-LN, in place; attproj reads its copy in
+            // dres_act) or dmid (post-LN)
             let dresid1 = match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    ln_grad(false, grads, &mut s.dres, &s.dln_act, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
-                    &s.dres
+                    ln_grad(false, grads, &mut s.dres, Some(&mut s.dres_act), &s.dln_act, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
+                    &s.dres_act
                 }
                 LayerNormPlacement::Post => {
-                    ln_grad(true, grads, &mut s.dmid, &s.dln, &a.resid1, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                    ln_grad(true, grads, &mut s.dmid, None, &s.dln, &a.resid1, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                     // resid1 = x + attproj: dx := dresid1 (more below)
                     be.copy(be.view_mut(&mut s.dx, rc.clone()), be.view(&s.dmid, rc.clone()));
                     &s.dmid
@@ -684,8 +706,10 @@ impl<B: Backend> Gpt<B> {
             match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
                     be.matmul_backward_set_dinp(be.view_mut(&mut s.dln_act, rc.clone()), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
-                    // dres := dx = dresid1 + LN1'(dln), in place
-                    ln_grad(false, grads, &mut s.dres, &s.dln_act, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                    // dres := dx = dresid1 + LN1'(dln), in place; copied into dres_act for the
+                    // fcproj of block l - 1 (block 0's feeds the embeddings, which read f32 dres)
+                    let copy = (l > 0).then_some(&mut s.dres_act);
+                    ln_grad(false, grads, &mut s.dres, copy, &s.dln_act, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                 }
                 LayerNormPlacement::Post => {
                     be.matmul_backward(Some(be.view_mut(&mut s.dx, rc.clone())), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(x, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));

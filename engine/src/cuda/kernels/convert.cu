@@ -92,3 +92,11 @@ extern "C" __global__ void unpad_rows_add_bias_bf16(unsigned short* out, const f
         out[i] = f32_to_bf16_rne(bias ? v + bias[c] : v);
     }
 }
+
+// out[i] += in[i] (bf16): a bias gradient that a cuBLASLt epilogue wrote in its GEMM's output
+// type (DGELU_BGRAD with a bf16 D), added onto the f32 gradient buffer.
+extern "C" __global__ void add_bf16_onto_f32(float* out, const unsigned short* in, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        out[i] += bf16_to_f32(in[i]);
+    }
+}

@@ -63,6 +63,11 @@ extern "C" __global__ void layernorm_forward_bf16out(unsigned short* out, float*
 // 4 q .. 4 q + 3, j = 0, 1, ...), sums a row per lane in (j, column) order, then across lanes
 // with butterfly shuffles: the fused kernels (vector loads) and the two-pass one (C > 1024)
 // give the same dinp bits.
+//
+// Every backward kernel also takes dinp_bf16 (N, C), which may be null: where given, each final
+// dinp value (after the accumulate / overwrite) is stored there too, rounded to bf16. The
+// pre-LN GPT's next op reads that gradient as a bf16 GEMM's dout, which then needs no f32 ->
+// bf16 conversion pass of its own. Whether it is null is uniform over the launch.
 
 // A dout element as f32.
 __device__ __forceinline__ float ln_load(const float* p, u64 i) { return p[i]; }
@@ -76,10 +81,10 @@ __device__ __forceinline__ void warp_sum2(float& a, float& b) {
     }
 }
 
-// One warp per row: dinp += the input gradient.
+// One warp per row: dinp += the input gradient (and dinp_bf16 = the sum as bf16, when given).
 template <typename TG>
-__device__ void backward_input_impl(float* dinp, const TG* dout, const float* inp, const float* w,
-                                    const float* mean, const float* rstd, u64 n_rows, u64 c) {
+__device__ void backward_input_impl(float* dinp, unsigned short* dinp_bf16, const TG* dout, const float* inp,
+                                    const float* w, const float* mean, const float* rstd, u64 n_rows, u64 c) {
     const u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) / 32;
     const unsigned lane = threadIdx.x % 32;
     if (row >= n_rows) return;
@@ -99,25 +104,28 @@ __device__ void backward_input_impl(float* dinp, const TG* dout, const float* in
     dmean /= (float)c;
     dnorm_mean /= (float)c;
     float* dx = dinp + row * c;
+    unsigned short* dxb = dinp_bf16 ? dinp_bf16 + row * c : nullptr;
     for (u64 q = 4 * lane; q < c; q += 128) {
         for (u64 i = q; i < min(q + 4, c); i++) {
             const float xhat = (x[i] - mu) * rs;
             const float dxhat = ln_load(dy, i) * w[i];
-            dx[i] += rs * (dxhat - dmean - xhat * dnorm_mean);
+            const float v = dx[i] + rs * (dxhat - dmean - xhat * dnorm_mean);
+            dx[i] = v;
+            if (dxb) dxb[i] = f32_to_bf16_rne(v);
         }
     }
 }
 
-extern "C" __global__ void layernorm_backward_input(float* dinp, const float* dout, const float* inp,
-                                                    const float* w, const float* mean,
+extern "C" __global__ void layernorm_backward_input(float* dinp, unsigned short* dinp_bf16, const float* dout,
+                                                    const float* inp, const float* w, const float* mean,
                                                     const float* rstd, u64 n_rows, u64 c) {
-    backward_input_impl(dinp, dout, inp, w, mean, rstd, n_rows, c);
+    backward_input_impl(dinp, dinp_bf16, dout, inp, w, mean, rstd, n_rows, c);
 }
-extern "C" __global__ void layernorm_backward_input_bf16dout(float* dinp, const unsigned short* dout,
-                                                             const float* inp, const float* w,
-                                                             const float* mean, const float* rstd,
-                                                             u64 n_rows, u64 c) {
-    backward_input_impl(dinp, dout, inp, w, mean, rstd, n_rows, c);
+extern "C" __global__ void layernorm_backward_input_bf16dout(float* dinp, unsigned short* dinp_bf16,
+                                                             const unsigned short* dout, const float* inp,
+                                                             const float* w, const float* mean,
+                                                             const float* rstd, u64 n_rows, u64 c) {
+    backward_input_impl(dinp, dinp_bf16, dout, inp, w, mean, rstd, n_rows, c);
 }
 
 // Per chunk of rows: pdw[chunk, i] = sum dout * xhat, pdb[chunk, i] = sum dout, from 0 in row
@@ -165,17 +173,20 @@ extern "C" __global__ void layernorm_backward_params_partial_bf16dout(float* pdw
 // The grid is one block per 64-row chunk (256 blocks for 16384 rows: two per SM on an H100),
 // so two resident blocks per SM is all the occupancy there is to have. Their 128 registers a
 // thread hold its part of a row (x, dout, old dinp: 12 per column group) with no spills up to
-// K = 24 (ptxas -v, sm_90: 127 registers); K = 32 spills a few words per row (88 bytes in the f32
-// scalar path, 32 in the bf16 kernel), cheaper than one block per SM.
+// K = 24 (ptxas -v, sm_90: 128 registers with the dinp_bf16 stores, 127 before); K = 32 spills a
+// few words per row (ptxas, stores / loads: 52 / 88 bytes in the f32 kernel, 68 / 92 in the
+// bf16 one; 88 / 88 and 32 / 32 before dinp_bf16), cheaper than one block per SM.
 #define LN_MIN_BLOCKS 2
 
 // Whether the 4-column groups can move as single 16-byte (f32) or 8-byte (bf16) words: C % 4 == 0
-// and aligned buffers, so that every row starts aligned too. Else (C % 4 != 0, a view at an odd
-// offset) one access per column: the same columns per lane, so the same results.
+// and aligned buffers (dinp_bf16 too, when given), so that every row starts aligned too. Else
+// (C % 4 != 0, a view at an odd offset) one access per column: the same columns per lane, so the
+// same results.
 template <typename TG>
-__device__ __forceinline__ bool ln_vector_ok(const float* dinp, const TG* dout, const float* inp,
-                                             const float* w, u64 c) {
-    return c % 4 == 0 && ((u64)dinp | (u64)inp | (u64)w) % 16 == 0 && (u64)dout % (4 * sizeof(TG)) == 0;
+__device__ __forceinline__ bool ln_vector_ok(const float* dinp, const unsigned short* dinp_bf16, const TG* dout,
+                                             const float* inp, const float* w, u64 c) {
+    return c % 4 == 0 && ((u64)dinp | (u64)inp | (u64)w) % 16 == 0 && (u64)dout % (4 * sizeof(TG)) == 0 &&
+           (u64)dinp_bf16 % 8 == 0;
 }
 
 // v = columns col .. col + 3 of a row (col % 4 == 0), zeros at and past n. With vec, n % 4 == 0:
@@ -222,6 +233,18 @@ __device__ __forceinline__ void ln_store4(float* p, unsigned col, unsigned n, bo
     }
 }
 
+// The same into bf16 (rounded to nearest even): one 8-byte word on the vector path.
+__device__ __forceinline__ void ln_store4(unsigned short* p, unsigned col, unsigned n, bool vec,
+                                          const float (&v)[4]) {
+    if (vec) {
+        if (col < n) *reinterpret_cast<uint2*>(p + col) = bf16x4_pack(v);
+    } else {
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (col + e < n) p[col + e] = f32_to_bf16_rne(v[e]);
+    }
+}
+
 // p[col .. col + 4) += v, the columns below n only (shared memory partials).
 __device__ __forceinline__ void ln_add4(float* p, unsigned col, unsigned n, bool vec, const float (&v)[4]) {
     if (vec) {
@@ -242,14 +265,16 @@ __device__ __forceinline__ void ln_add4(float* p, unsigned col, unsigned n, bool
 // takes rows w, w + LN_WARPS, ... of it; lane l the column groups l + 32 j (j < V, C <= 128 V).
 // Per row a lane first issues all its loads (x, dout, the old dinp when accumulating), so their
 // latencies overlap; then xhat, dxhat, its two row sums and the warp's dw, db partials, which
-// live in shared memory so that registers hold only the row; then warp_sum2 and dinp. At the
-// end the warps' partials are added in warp order into pdw[chunk, :], pdb[chunk, :]: a fixed
-// order, the same bits on every run (column_sum_finish then adds the chunks).
+// live in shared memory so that registers hold only the row; then warp_sum2 and dinp (and its
+// bf16 copy in dinp_bf16 when that is not null). At the end the warps' partials are added in
+// warp order into pdw[chunk, :], pdb[chunk, :]: a fixed order, the same bits on every run
+// (column_sum_finish then adds the chunks).
 // Dynamic shared memory: (LN_WARPS, 2, C) floats, a warp's dw then db partial.
 template <typename TG, int V, bool VEC>
-__device__ void backward_fused_chunk(float* __restrict__ dinp, float* __restrict__ pdw, float* __restrict__ pdb,
-                                    const TG* __restrict__ dout, const float* __restrict__ inp,
-                                    const float* __restrict__ w, const float* __restrict__ mean,
+__device__ void backward_fused_chunk(float* __restrict__ dinp, unsigned short* __restrict__ dinp_bf16,
+                                    float* __restrict__ pdw, float* __restrict__ pdb, const TG* __restrict__ dout,
+                                    const float* __restrict__ inp, const float* __restrict__ w,
+                                    const float* __restrict__ mean,
                                     const float* __restrict__ rstd, u64 n_rows, u64 c64, u64 rows_per_chunk,
                                     int accumulate) {
     extern __shared__ float smem[];
@@ -277,6 +302,7 @@ __device__ void backward_fused_chunk(float* __restrict__ dinp, float* __restrict
         const float* x = inp + row * c64;
         const TG* dy = dout + row * c64;
         float* dx = dinp + row * c64;
+        unsigned short* dxb = dinp_bf16 ? dinp_bf16 + row * c64 : nullptr;
         // the lane's columns of the row: x (then xhat), dout (then dxhat), old dinp (or 0)
         float xh[V][4], g[V][4], d[V][4];
 #pragma unroll
@@ -315,6 +341,7 @@ __device__ void backward_fused_chunk(float* __restrict__ dinp, float* __restrict
 #pragma unroll
             for (int e = 0; e < 4; e++) d[j][e] += rs * (g[j][e] - dmean - xh[j][e] * dnorm_mean);
             ln_store4(dx, 4 * (lane + 32 * j), n, vec, d[j]);
+            if (dxb) ln_store4(dxb, 4 * (lane + 32 * j), n, vec, d[j]);
         }
     }
     __syncthreads();
@@ -332,26 +359,27 @@ __device__ void backward_fused_chunk(float* __restrict__ dinp, float* __restrict
 // The kernels' body: the vector or the scalar path, chosen once per launch (the same for every
 // block), compiled apart so that the scalar path's extra registers do not burden the other.
 template <typename TG, int V>
-__device__ __forceinline__ void backward_fused_impl(float* dinp, float* pdw, float* pdb, const TG* dout,
-                                                    const float* inp, const float* w, const float* mean,
-                                                    const float* rstd, u64 n_rows, u64 c, u64 rows_per_chunk,
-                                                    int accumulate) {
-    if (ln_vector_ok(dinp, dout, inp, w, c)) {
-        backward_fused_chunk<TG, V, true>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk,
-                                          accumulate);
+__device__ __forceinline__ void backward_fused_impl(float* dinp, unsigned short* dinp_bf16, float* pdw, float* pdb,
+                                                    const TG* dout, const float* inp, const float* w,
+                                                    const float* mean, const float* rstd, u64 n_rows, u64 c,
+                                                    u64 rows_per_chunk, int accumulate) {
+    if (ln_vector_ok(dinp, dinp_bf16, dout, inp, w, c)) {
+        backward_fused_chunk<TG, V, true>(dinp, dinp_bf16, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c,
+                                          rows_per_chunk, accumulate);
     } else {
-        backward_fused_chunk<TG, V, false>(dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk,
-                                           accumulate);
+        backward_fused_chunk<TG, V, false>(dinp, dinp_bf16, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c,
+                                           rows_per_chunk, accumulate);
     }
 }
 
 // ---- entry points: V = 1, 2, 4, 6, 8 column groups per lane (C <= 128, 256, 512, 768, 1024:
 // layernorm_backward_fused_k{4 V}), dout f32 or bf16; grid: chunks, LN_WARPS * 32 threads ----
 
-#define LN_FUSED_PARAMS(TG)                                                                              \
-    float *dinp, float *pdw, float *pdb, const TG *dout, const float *inp, const float *w, const float *mean, \
-        const float *rstd, u64 n_rows, u64 c, u64 rows_per_chunk, int accumulate
-#define LN_FUSED_ARGS dinp, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate
+#define LN_FUSED_PARAMS(TG)                                                                            \
+    float *dinp, unsigned short *dinp_bf16, float *pdw, float *pdb, const TG *dout, const float *inp,      \
+        const float *w, const float *mean, const float *rstd, u64 n_rows, u64 c, u64 rows_per_chunk,       \
+        int accumulate
+#define LN_FUSED_ARGS dinp, dinp_bf16, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate
 
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k4(LN_FUSED_PARAMS(float)) { backward_fused_impl<float, 1>(LN_FUSED_ARGS); }
