@@ -9,7 +9,9 @@
 #     torch_family.py, compiled (issue 7). The peers run through torch_family.py's own `bench`
 #     and `main`; only its GPT-2 run is skipped (step 2 has the GPT-2 peer), to save the lease;
 #  4. per-op profiles of the three models (each op synchronised), last because least needed.
-# PROFILES=0 skips step 4; KERNEL_VARIANTS adds Nsight kernel times at the end (see there).
+# PROFILES=0 skips step 4; KERNEL_VARIANTS adds Nsight kernel times at the end (see there);
+# STEP_VARIANTS times the GPT-2 step under other switches, FAMILY_ENV sets switches for BERT and
+# T5; EXTRA_TEST_ENV reruns EXTRA_TESTS under other switches (tests_side_by_side.sh).
 # $OUT gets 8 files: summary.txt, tests.log, gpt.txt, smelt_bert.json, smelt_bert_dropout.json,
 # smelt_t5.json, smelt.err, torch_family.txt. Stage budgets (seconds) are in the timeouts below; they sum under 540.
 set -u
@@ -33,6 +35,15 @@ if [ -n "${BASELINE_ENV:-}" ]; then
   env $BASELINE_ENV timeout 60 "${gpt[@]}" --warmup 3 --steps 10 --json > "$LOGS/gpt_base.json" 2>> "$OUT/gpt.txt"; echo "rc=$?"
   cat "$LOGS/gpt_base.json" >> "$OUT/gpt.txt"; tail -1 "$LOGS/gpt_base.json"
 fi
+# STEP_VARIANTS (name=ENV ..., + between several variables): the GPT-2 step once more under
+# each, e.g. "gelu=SMELT_GELU_EPILOGUE=1 both=SMELT_GELU_EPILOGUE=1+SMELT_BGRAD_EPILOGUE=1"
+# (~15 s each); the summary prints each against the peer.
+for variant in ${STEP_VARIANTS:-}; do
+  name=${variant%%=*}; env_set=${variant#*=}
+  echo "== gpt-2 124m: smelt step, variant $name ($env_set)" | tee -a "$OUT/gpt.txt"
+  env ${env_set//+/ } timeout 60 "${gpt[@]}" --warmup 3 --steps 10 --json > "$LOGS/gpt_variant_$name.json" 2>> "$OUT/gpt.txt"; echo "rc=$?"
+  cat "$LOGS/gpt_variant_$name.json" >> "$OUT/gpt.txt"; tail -1 "$LOGS/gpt_variant_$name.json"
+done
 echo "== gpt-2 124m: torch.compile peer" | tee -a "$OUT/gpt.txt"
 timeout 150 python3 device/torch_gpt2.py --B "${B:-16}" --T 1024 --steps 30 --compile > "$LOGS/torch_gpt2.txt" 2>&1; echo "rc=$?"
 cat "$LOGS/torch_gpt2.txt" >> "$OUT/gpt.txt"; tail -1 "$LOGS/torch_gpt2.txt"
@@ -51,6 +62,8 @@ profile() { # arch, then smelt's flags: per-op profile into smelt.err (run last:
   timeout 45 device/smelt bench step --backend cuda --arch "$arch" "$@" --warmup 2 --steps 2 --profile \
     >> "$OUT/smelt.err" 2>&1
 }
+# FAMILY_ENV (VAR=value ..., + between several) applies to the BERT and T5 steps below.
+if [ -n "${FAMILY_ENV:-}" ]; then export ${FAMILY_ENV//+/ }; fi
 family bert bert --preset bert-base --batch 32 --seq 512
 # the peer trains with Hugging Face's default dropout (0.1 hidden and attention): ours with 0.1
 # hidden dropout too (our fused attention has no dropout on the probabilities)
@@ -120,6 +133,13 @@ if g:
     if t:
         line += f"; torch.compile {t:.0f} tok/s; ratio {g['tokens_per_s']/t:.2f}x"
     print(line)
+for p in sorted(logs.glob("gpt_variant_*.json")):
+    v = last_json(p)
+    if v:
+        line = f"gpt2-124m variant {p.stem[len('gpt_variant_'):]}: smelt {v['tokens_per_s']:.0f} tok/s ({v['ms_per_step']:.1f} ms; epilogue calls {v.get('epilogue_calls')})"
+        if t:
+            line += f"; ratio {v['tokens_per_s']/t:.2f}x"
+        print(line)
 for arch, name in [("bert", "bert-base-mlm"), ("bert_dropout", "bert-base-mlm"), ("t5", "t5-small-denoise")]:
     s = last_json(out / f"smelt_{arch}.json")
     if not s:
