@@ -88,6 +88,37 @@ int main(int argc, char** argv) {
     std::mt19937 rng(7);
     std::uniform_real_distribution<float> U(-1.f, 1.f);
     int failures = 0;
+    // tile_order maps the launch order onto every (tile, head, batch) exactly once, for any grid
+    // and group, and within a group puts the tiles with the most work first
+    {
+        int bad = 0;
+        for (int tiles : {1, 2, 3, 16, 17})
+            for (int heads : {1, 3, 12})
+                for (int batch : {1, 2, 5, 16})
+                    for (int group : {0, 1, 2, 5, 16, 64})
+                        for (int heavy = 0; heavy < 2; heavy++) {
+                            const int n_bh = heads * batch;
+                            std::vector<int> seen((size_t)tiles * n_bh, 0);
+                            int prev_rank = -1, prev_g0 = -1;
+                            for (unsigned lin = 0; lin < (unsigned)(tiles * n_bh); lin++) {
+                                TileCoord c = tile_order(lin, tiles, heads, n_bh, group, heavy);
+                                if (c.tile < 0 || c.tile >= tiles || c.h < 0 || c.h >= heads || c.b < 0 || c.b >= batch) {
+                                    bad++;
+                                    continue;
+                                }
+                                seen[((size_t)c.b * heads + c.h) * tiles + c.tile]++;
+                                if (group > 0) {  // ranks never decrease within a group
+                                    const int g0 = (int)(lin / ((unsigned)group * tiles)), rank = heavy ? tiles - 1 - c.tile : c.tile;
+                                    if (g0 == prev_g0 && rank < prev_rank) bad++;
+                                    prev_g0 = g0;
+                                    prev_rank = rank;
+                                }
+                            }
+                            for (int v : seen) bad += v != 1;
+                        }
+        failures += bad != 0;
+        printf("%-4s tile_order is a bijection, heaviest tiles first within each group (%d bad)\n", bad ? "FAIL" : "ok", bad);
+    }
     for (auto& cs : cases) {
         int B = cs.B, Tq = cs.Tq, Tk = cs.Tk, C = cs.C, H = cs.H, hd = C / H;
         AttnParams p{};

@@ -41,5 +41,29 @@ int main() {
             printf("rows %4u cols %4u %s: x4 %s\n", cs.rows, cs.cols, bf ? "bf16" : "f32 ", ok ? "bitwise equal ok" : "DIFFERS FAIL");
         }
     }
+    // column_sum_finish2 adds each of two partial sets exactly as column_sum_finish does
+    for (auto cs : cases) {
+        const unsigned chunks = (cs.rows + per - 1) / per;
+        std::vector<float> p0((size_t)chunks * cs.cols), p1(p0.size()), d0(cs.cols), d1(cs.cols);
+        for (auto& v : p0) v = N(rng);
+        for (auto& v : p1) v = N(rng);
+        for (auto& v : d0) v = N(rng);
+        for (auto& v : d1) v = N(rng);
+        std::vector<float> w0 = d0, w1 = d1, g0 = d0, g1 = d1;
+        const unsigned blocks = (cs.cols + 31) / 32;
+        launch({blocks, 1, 1}, 256, [&] { column_sum_finish(w0.data(), p0.data(), chunks, cs.cols); });
+        launch({blocks, 1, 1}, 256, [&] { column_sum_finish(w1.data(), p1.data(), chunks, cs.cols); });
+        launch({blocks, 2, 1}, 256, [&] { column_sum_finish2(g0.data(), p0.data(), g1.data(), p1.data(), chunks, cs.cols); });
+        // and both against a plain f64 sum (loose: the order differs)
+        bool close = true;
+        for (unsigned o = 0; o < cs.cols; o++) {
+            double s = d0[o];
+            for (unsigned k = 0; k < chunks; k++) s += p0[(size_t)k * cs.cols + o];
+            close = close && std::fabs(s - g0[o]) <= 1e-4 * (1 + std::fabs(s));
+        }
+        bool ok = close && std::memcmp(w0.data(), g0.data(), w0.size() * 4) == 0 && std::memcmp(w1.data(), g1.data(), w1.size() * 4) == 0;
+        failures += !ok;
+        printf("rows %4u cols %4u: finish2 %s\n", cs.rows, cs.cols, ok ? "bitwise equal to two finishes ok" : "DIFFERS FAIL");
+    }
     return failures;
 }

@@ -21,6 +21,7 @@ float g_xch[1024];
 float smem[1 << 17];
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__

@@ -47,6 +47,19 @@ pub(crate) fn finish(be: &CudaBackend, dst: u64, partial: u64, rows: usize, cols
     be.check(unsafe { b.launch(cfg) }.map(|_| ()), "column_sum_finish");
 }
 
+/// `finish` for two gradients of the same shape (LayerNorm's weight and bias) in one launch, each
+/// summed as `finish` sums it.
+pub(crate) fn finish2(be: &CudaBackend, (dst0, partial0): (u64, u64), (dst1, partial1): (u64, u64), rows: usize, cols: usize) {
+    let f = be.func("column_sum_finish2");
+    let (k, c) = (chunks(rows) as u64, cols as u64);
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&dst0).arg(&partial0).arg(&dst1).arg(&partial1).arg(&k).arg(&c);
+    let cfg = LaunchConfig { grid_dim: (cols.div_ceil(32) as u32, 2, 1), block_dim: (256, 1, 1), shared_mem_bytes: 8 * 32 * 4 };
+    // SAFETY: column_sum_finish2(float*, const float*, float*, const float*, u64, u64) reads k*c
+    // partials of each pair and rewrites the c values of its dst.
+    be.check(unsafe { b.launch(cfg) }.map(|_| ()), "column_sum_finish2");
+}
+
 /// `dst (cols) += sum over rows of src (rows, cols)`; `src_bf16`: src holds bf16 (summed in f32).
 pub(crate) fn add_column_sums(be: &CudaBackend, dst: u64, src: u64, src_bf16: bool, rows: usize, cols: usize) {
     if rows == 0 || cols == 0 {

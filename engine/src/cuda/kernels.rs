@@ -70,18 +70,23 @@ pub fn compile_source(name: &'static str, src: &str, arch: &str) -> Result<Compi
 
 /// Compile-time tuning knobs read from the environment, for measuring variants on a card
 /// without rebuilding: `SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq"` (each 1..=4: attention.cu's blocks
-/// per SM for the hd-64 tensor-core kernels). Unset or invalid values keep the sources' defaults.
+/// per SM for the hd-64 tensor-core kernels) and `SMELT_ATTN_HEAD_GROUP=n` (0..=4096: heads
+/// scheduled together by attention.cu's `tile_order`, 0 for the launch grid's order). Unset or
+/// invalid values keep the sources' defaults.
 fn tuning_defines() -> Vec<String> {
-    let Ok(v) = std::env::var("SMELT_ATTN_MIN_BLOCKS") else { return Vec::new() };
-    let n: Vec<u32> = v.split(',').filter_map(|x| x.trim().parse().ok()).filter(|n| (1..=4).contains(n)).collect();
-    match n[..] {
-        [fwd, dkv, dq] => vec![
-            format!("-DSMELT_ATTN_FWD_MIN_BLOCKS={fwd}"),
-            format!("-DSMELT_ATTN_DKV_MIN_BLOCKS={dkv}"),
-            format!("-DSMELT_ATTN_DQ_MIN_BLOCKS={dq}"),
-        ],
-        _ => Vec::new(),
+    let mut defines = Vec::new();
+    if let Ok(v) = std::env::var("SMELT_ATTN_MIN_BLOCKS") {
+        let n: Vec<u32> = v.split(',').filter_map(|x| x.trim().parse().ok()).filter(|n| (1..=4).contains(n)).collect();
+        if let [fwd, dkv, dq] = n[..] {
+            defines.push(format!("-DSMELT_ATTN_FWD_MIN_BLOCKS={fwd}"));
+            defines.push(format!("-DSMELT_ATTN_DKV_MIN_BLOCKS={dkv}"));
+            defines.push(format!("-DSMELT_ATTN_DQ_MIN_BLOCKS={dq}"));
+        }
     }
+    if let Some(g) = std::env::var("SMELT_ATTN_HEAD_GROUP").ok().and_then(|v| v.trim().parse::<u32>().ok()).filter(|g| *g <= 4096) {
+        defines.push(format!("-DSMELT_ATTN_HEAD_GROUP={g}"));
+    }
+    defines
 }
 
 fn compile_one(name: &'static str, src: &str, arch: &str) -> Result<CompiledModule, KernelError> {

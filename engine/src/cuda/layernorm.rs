@@ -118,8 +118,7 @@ pub(crate) fn backward(
             backward_two_pass(be, (&dinp, copy), (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c)
         }
     }
-    colsum::finish(be, dw.ptr(), pdw, n, c);
-    colsum::finish(be, db.ptr(), pdb, n, c);
+    colsum::finish2(be, (dw.ptr(), pdw), (db.ptr(), pdb), n, c);
 }
 
 /// One pass (C <= 1024): a block of 8 warps per chunk of `ROWS_PER_TASK` rows writes dinp (+=)

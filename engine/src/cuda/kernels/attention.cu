@@ -824,6 +824,57 @@ attention_backward_stats_vec_d128(float* stats, const bf16_t* dout, const bf16_t
     backward_stats_vec<16>(stats, dout, out, lse, p);
 }
 
+// Heads whose tiles the tensor-core kernels schedule together (tile_order); 0 keeps the launch
+// grid's own order (tile = blockIdx.x, head = blockIdx.y, batch = blockIdx.z). The engine passes
+// SMELT_ATTN_HEAD_GROUP from the environment, for measuring.
+#ifndef SMELT_ATTN_HEAD_GROUP
+#define SMELT_ATTN_HEAD_GROUP 16
+#endif
+
+struct TileCoord {
+    int tile, h, b;
+};
+
+// The (tile, head, batch entry) of the block at position `linear` of the launch order in a grid
+// of n_tiles x heads x batch (n_bh = heads x batch). The block scheduler starts blocks in launch
+// order, so with a causal mask the order decides how the grid ends: in the grid's own order
+// every head's tiles are mixed, and the last blocks to start include long ones (the last query
+// tile of the forward and dq sees every key tile; the first key tile of dkv, every query tile),
+// which then run on a few SMs while the others idle. Here heads go in groups of `group`; within a
+// group, tile ranks go from the most work to the least (rank 0 = the last tile when heavy_last,
+// else the first), one block per head in turn. The grid then ends on one-tile blocks, and the
+// heads in flight (a group's k and v, or q and dout, 256 KB per GPT-2 head) stay few enough to be
+// read from L2 by all their tiles. A bijection from [0, n_tiles x n_bh) onto the tiles (checked
+// by tools/cuda_emu/attention_emu.cpp over many grids).
+__host__ __device__ inline TileCoord tile_order(unsigned linear, int n_tiles, int heads, int n_bh, int group,
+                                                bool heavy_last) {
+    TileCoord c;
+    if (group <= 0) {  // the launch grid's order
+        c.tile = (int)(linear % (unsigned)n_tiles);
+        const unsigned bh = linear / (unsigned)n_tiles;
+        c.h = (int)(bh % (unsigned)heads);
+        c.b = (int)(bh / (unsigned)heads);
+        return c;
+    }
+    const unsigned per_group = (unsigned)group * (unsigned)n_tiles;
+    const unsigned g0 = linear / per_group * (unsigned)group;  // the group's first (b, h)
+    const unsigned within = linear - g0 * (unsigned)n_tiles;
+    const unsigned gs = min((unsigned)group, (unsigned)n_bh - g0);  // the last group may be short
+    const int rank = (int)(within / gs);
+    const unsigned bh = g0 + within % gs;
+    c.tile = heavy_last ? n_tiles - 1 - rank : rank;
+    c.h = (int)(bh % (unsigned)heads);
+    c.b = (int)(bh / (unsigned)heads);
+    return c;
+}
+
+// This block's tile, head and batch entry (grid: tiles x heads x batch, see tile_order).
+__device__ __forceinline__ TileCoord block_tile(bool heavy_last) {
+    const unsigned linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+    return tile_order(linear, (int)gridDim.x, (int)gridDim.y, (int)(gridDim.y * gridDim.z), SMELT_ATTN_HEAD_GROUP,
+                      heavy_last);
+}
+
 // Where one head's rows of q, k, v or dout come from: `rows` rows of W bf16 at stride `ld`
 // from `base` (row 0, column 0 of the head); rows past `rows` read as zeros.
 struct TileSrc {
@@ -941,7 +992,8 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
     bf16_t* Ks = Qs + TS;        // 2 x (64 keys, LR): B of s = q k^T
     bf16_t* Vs = Ks + 2 * TS;    // 2 x (64 keys, LR): B of o += P v (trans)
 
-    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const TileCoord tc = block_tile(true);  // the last query tile has the most key tiles
+    const int q0 = tc.tile * TILE, h = tc.h, b = tc.b;
     const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const size_t bh = (size_t)b * p.heads + h;
     const TileSrc qb = head_src<W>(qh, p, b, h, p.tq, p.q_ld, p.q_off);
@@ -1077,7 +1129,8 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_
     bf16_t* dOs = Qs + 2 * TS;    // 2 x (64 queries, LR): B of dP^T, and of dv += P^T dout
     float* st_s = (float*)(dOs + 2 * TS);  // 2 x (64, 2): (lse log2e, D) per query
 
-    const int k0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const TileCoord tc = block_tile(false);  // the first key tile is seen by every query tile
+    const int k0 = tc.tile * TILE, h = tc.h, b = tc.b;
     const int nk = key_count(p, b);
     if (k0 >= nk) {  // a tile of padding keys: no gradient (the whole block leaves)
         zero_padding_kv_tile_io(dkv, p, b, h, k0);
@@ -1191,7 +1244,8 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
     bf16_t* Ks = dOs + TS;       // 2 x (64 keys, LR): B of s, and of dq += dS k (trans)
     bf16_t* Vs = Ks + 2 * TS;    // 2 x (64 keys, LR): B of dP
 
-    const int q0 = blockIdx.x * TILE, h = blockIdx.y, b = blockIdx.z;
+    const TileCoord tc = block_tile(true);  // the last query tile has the most key tiles
+    const int q0 = tc.tile * TILE, h = tc.h, b = tc.b;
     const int warp = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, t = threadIdx.x % 4;
     const int tqp = round_tile(p.tq);
     const size_t bh = (size_t)b * p.heads + h;

@@ -86,7 +86,7 @@ extern "C" __global__ void column_sum_partial_bf16_x4(float* partial, const unsi
 // all 256 chunks of a 16,384-row gradient serially took tens of microseconds per call).
 // grid: ceil(cols / 32), block 256, 1 KiB of dynamic shared memory (8 x 32 floats; dynamic so
 // that the host emulator, tools/cuda_emu, maps it to its shared block); lane = column.
-extern "C" __global__ void column_sum_finish(float* dst, const float* partial, u64 chunks, u64 cols) {
+__device__ __forceinline__ void column_sum_finish_impl(float* dst, const float* partial, u64 chunks, u64 cols) {
     extern __shared__ float smem[];
     float (*part)[32] = (float (*)[32])smem;
     const unsigned lane = threadIdx.x % 32, w = threadIdx.x / 32;
@@ -101,5 +101,21 @@ extern "C" __global__ void column_sum_finish(float* dst, const float* partial, u
         float t = part[0][lane];
         for (int i = 1; i < 8; i++) t += part[i][lane];
         dst[o] = dst[o] + t;
+    }
+}
+
+extern "C" __global__ void column_sum_finish(float* dst, const float* partial, u64 chunks, u64 cols) {
+    column_sum_finish_impl(dst, partial, chunks, cols);
+}
+
+// column_sum_finish for two gradients of the same shape in one launch (blockIdx.y = 0: dst0 from
+// partial0, 1: dst1 from partial1): LayerNorm's weight and bias gradients, one launch fewer per
+// LayerNorm backward. Each is summed exactly as column_sum_finish sums it. grid: (ceil(cols / 32), 2).
+extern "C" __global__ void column_sum_finish2(float* dst0, const float* partial0, float* dst1, const float* partial1,
+                                              u64 chunks, u64 cols) {
+    if (blockIdx.y == 0) {
+        column_sum_finish_impl(dst0, partial0, chunks, cols);
+    } else {
+        column_sum_finish_impl(dst1, partial1, chunks, cols);
     }
 }
