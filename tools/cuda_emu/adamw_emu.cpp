@@ -5,7 +5,8 @@
 //     convert.cu's f32_to_bf16 (the matmuls' per-call conversion) makes of the new parameters,
 //     and equal to an independent round-to-nearest-even written here (NaN stays NaN);
 //   - nothing past n is written (canaries), with a grid smaller than n (grid-stride loop).
-// Build and run:  g++ -std=c++20 -O2 -pthread -w adamw_emu.cpp -o /tmp/adamw_emu && /tmp/adamw_emu
+// Build and run:  g++ -std=c++20 -O2 -pthread -w -ffp-contract=off -fsanitize=alignment -fno-sanitize-recover=all \
+//                     adamw_emu.cpp -o /tmp/adamw_emu && /tmp/adamw_emu
 // Exit status: the number of failing checks.
 #include "shim.h"
 #include <cstdint>
@@ -20,6 +21,12 @@ struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 using std::sqrt;
 inline float sqrtf(float x) { return std::sqrt(x); }
+// The IEEE single operations CUDA's _rn intrinsics are (build with -ffp-contract=off).
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }
 #include "../../engine/src/cuda/kernels/bf16.cuh"
 #include "../../engine/src/cuda/kernels/adamw.cu"
 #include "../../engine/src/cuda/kernels/convert.cu"
@@ -104,5 +111,48 @@ int main() {
     for (size_t i = n; i < n + GUARD; i++) canaries &= shadow[i] == CANARY;
     check(canaries, "written past n");
     std::printf("adamw_update_runs with a shadow: %zu elements, %s\n", n, failures ? "FAILED" : "ok");
+
+    // adamw_update_runs_x4 (four elements per thread, runs ending inside a word, a tail of 3):
+    // bitwise adamw_update_runs, with and without the shadow, and both bitwise the CPU
+    // reference's formula (engine/src/cpu/adamw.rs) written out again here.
+    {
+        const int before = failures;
+        std::vector<unsigned> ends2 = {1, 1001, 1002, 3998, (unsigned)n};
+        std::vector<float> decay2 = {0.0f, 0.1f, 0.0f, 0.01f, 0.1f};
+        auto run = [&](State& s, unsigned short* shadow, bool x4) {
+            launch({BLOCKS, 1, 1}, THREADS, [&] {
+                if (x4)
+                    adamw_update_runs_x4(s.p.data(), shadow, g.data(), s.m.data(), s.v.data(), n, ends2.data(), decay2.data(), 5,
+                                         1e-3f, 0.9f, 0.95f, 1e-8f, 0.5f, 1.0f - 0.9f, 1.0f - 0.95f);
+                else
+                    adamw_update_runs(s.p.data(), shadow, g.data(), s.m.data(), s.v.data(), n, ends2.data(), decay2.data(), 5,
+                                      1e-3f, 0.9f, 0.95f, 1e-8f, 0.5f, 1.0f - 0.9f, 1.0f - 0.95f);
+            });
+        };
+        State a = s0, b = s0, c = s0;
+        std::vector<unsigned short> sa(n + GUARD, CANARY), sb(n + GUARD, CANARY);
+        run(a, sa.data(), false);
+        run(b, sb.data(), true);
+        run(c, nullptr, true);
+        check(same_bits(a.p, b.p) && same_bits(a.m, b.m) && same_bits(a.v, b.v), "x4 differs from the scalar kernel");
+        check(same_bits(b.p, c.p), "x4's p differs with and without the shadow");
+        check(std::memcmp(sa.data(), sb.data(), 2 * sa.size()) == 0, "x4's shadow (or its canaries) differs from the scalar kernel's");
+        // the CPU reference: per element, with the run's decay
+        State r = s0;
+        size_t bad = 0;
+        for (size_t i = 0; i < n; i++) {
+            size_t run_i = 0;
+            while (ends2[run_i] <= i) run_i++;
+            float gi = g[i] * 0.5f;
+            r.p[i] -= 1e-3f * decay2[run_i] * r.p[i];
+            r.m[i] = 0.9f * r.m[i] + (1.0f - 0.9f) * gi;
+            r.v[i] = 0.95f * r.v[i] + (1.0f - 0.95f) * gi * gi;
+            float mhat = r.m[i] / (1.0f - 0.9f), vhat = r.v[i] / (1.0f - 0.95f);
+            r.p[i] -= 1e-3f * mhat / (std::sqrt(vhat) + 1e-8f);
+            bad += std::memcmp(&r.p[i], &a.p[i], 4) != 0 && !(std::isnan(r.p[i]) && std::isnan(a.p[i]));
+        }
+        check(bad == 0, std::to_string(bad) + " parameters differ from the CPU formula's bits");
+        std::printf("adamw_update_runs_x4: %s\n", failures == before ? "bitwise the scalar kernel and the CPU formula ok" : "FAILED");
+    }
     return failures;
 }

@@ -26,7 +26,8 @@ pub(crate) fn update_runs(
     }
     let bc1 = 1.0 - hp.beta1.powi(hp.t as i32);
     let bc2 = 1.0 - hp.beta2.powi(hp.t as i32);
-    let f = be.func("adamw_update_runs");
+    // Four elements per thread where every buffer allows 16-byte (the shadow 8-byte) accesses.
+    let aligned = |ptr: u64, bytes: u64| ptr.is_multiple_of(bytes);
     let (n64, nruns) = (n as u64, runs.host.len() as u32);
     // The `_for_write` accessors start new write generations of the buffers written.
     let (pp, gp) = (be.buf_ptr(params.f32_data_for_write()), be.buf_ptr(grads.f32_data()));
@@ -34,6 +35,9 @@ pub(crate) fn update_runs(
     let (ends, decay) = (be.ids_ptr(&runs.ends), be.buf_ptr(runs.decay.f32_data()));
     // Null when params has no shadow.
     let shadow = shadow::rewrite_target(be, params);
+    let x4 = [pp, gp, mp, vp].iter().all(|&a| aligned(a, 16)) && aligned(shadow, 8);
+    let name = if x4 { "adamw_update_runs_x4" } else { "adamw_update_runs" };
+    let f = be.func(name);
     let mut b = be.stream().launch_builder(&f);
     b.arg(&pp).arg(&shadow).arg(&gp).arg(&mp).arg(&vp).arg(&n64).arg(&ends).arg(&decay).arg(&nruns);
     b.arg(&hp.lr).arg(&hp.beta1).arg(&hp.beta2).arg(&hp.eps).arg(&hp.grad_scale).arg(&bc1).arg(&bc2);
@@ -41,9 +45,11 @@ pub(crate) fn update_runs(
     // u64, const unsigned*, const float*, unsigned, 7 x float) touches elements 0..n of four
     // buffers of n floats (asserted) and of the shadow (at least n values, rewrite_target), and
     // reads nruns >= 1 entries of ends and decay.
-    let r = unsafe { b.launch(elementwise_cfg(be, n)) }.map(|_| ());
+    // (the _x4 kernel: the same with four elements per thread, pointers aligned as checked)
+    let threads = if x4 { n.div_ceil(4) } else { n };
+    let r = unsafe { b.launch(elementwise_cfg(be, threads)) }.map(|_| ());
     let launched = r.is_ok();
-    be.check(r, "adamw_update_runs");
+    be.check(r, name);
     // The kernel covers every element 0..n, so the shadow holds the whole new generation.
     shadow::rewritten(be, params, launched && shadow != 0);
 }
