@@ -1,3 +1,7 @@
+//! The CUDA LayerNorm forward against the CPU reference on both of its kernels (the register-row
+//! `layernorm_forward[_bf16out]_k*` for C <= 1024 with aligned rows, the scalar one for other C
+//! and for any buffer off its vector word), f32 and bf16 out.
+//!
 //! The CUDA LayerNorm backward pass against the CPU reference, in the cases cuda_ops.rs does not
 //! reach: dout in bf16 (`layernorm_backward_fused_bf16dout_k*`, and the two-pass kernels above
 //! C = 1024), views one element past an aligned address (the fused kernel's one-column-at-a-time
@@ -204,6 +208,102 @@ fn check_copy(what: &str, modes: &[CopyMode], copy_bf16: bool) {
         let wrong = m.copy.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
         assert_eq!(wrong, 0, "{what}: {wrong} of {} copied values are not dinp as stored (bf16 {copy_bf16})", want.len());
         println!("{what}: dinp, dweight, dbias unchanged by the copy; copy == {} of dinp", if copy_bf16 { "bf16" } else { "f32" });
+    }
+}
+
+/// The forward with `n` rows of `c` columns into out (an activation buffer, bf16 on the GPU, when
+/// `bf16_out`; else f32), mean and rstd, which start NaN; the out, inp and w / b views start
+/// `offs` = (out, inp, w and b) elements into their buffers.
+fn forward_body<B: Backend>(be: &B, n: usize, c: usize, bf16_out: bool, offs: (usize, usize, usize)) -> Outs {
+    let (out_off, in_off, wb_off) = offs;
+    // rows centred on -3 .. 3, so that the means differ
+    let mut x = randn(60, n * c, 1.0);
+    x.iter_mut().enumerate().for_each(|(i, v)| *v += (i / c % 7) as f32 - 3.0);
+    let inp = placed(be, false, &x, in_off);
+    let w = placed(be, false, &randn(61, c, 1.0), wb_off);
+    let b = placed(be, false, &randn(62, c, 1.0), wb_off);
+    let mut out = placed(be, bf16_out, &vec![f32::NAN; n * c], out_off);
+    let (mut mean, mut rstd) = (be.upload(&vec![f32::NAN; n]), be.upload(&vec![f32::NAN; n]));
+    be.layernorm_forward(
+        be.view_mut(&mut out, out_off..out_off + n * c),
+        all_mut(be, &mut mean),
+        all_mut(be, &mut rstd),
+        be.view(&inp, in_off..in_off + n * c),
+        be.view(&w, wb_off..wb_off + c),
+        be.view(&b, wb_off..wb_off + c),
+        c,
+    );
+    vec![
+        ("out", body(be, "out", &out, out_off, n * c)),
+        ("mean", be.download(all(be, &mean))),
+        ("rstd", be.download(all(be, &rstd))),
+    ]
+}
+
+/// Runs the forward `body` on the CPU and on `gpu`: mean, rstd and an f32 out within TOL; a bf16
+/// out (`out_bf16`) against the CPU's rounded to bf16, where f32 summation order may flip a
+/// rounding: at most one bf16 ulp apart, and that for at most 0.1% of the values (a rounding
+/// other than to nearest would differ for about half of them).
+fn compare_forward(what: &str, gpu: &CudaBackend, out_bf16: bool, body: impl Fn(&dyn Runner<Outs>) -> Outs) {
+    let want = body(&CpuBackend::new());
+    let got = body(gpu);
+    gpu.synchronize().unwrap_or_else(|e| panic!("{what}: device error: {e}"));
+    for ((name, g), (_, w)) in got.iter().zip(&want) {
+        assert!(g.iter().all(|x| x.is_finite()), "{what}/{name}: non-finite output on the GPU");
+        if *name == "out" && out_bf16 {
+            let w = round_all(w);
+            let mut differ = 0;
+            for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
+                if a != b {
+                    differ += 1;
+                    // one bf16 ulp is at most |b| / 128
+                    assert!((a - b).abs() <= b.abs() / 128.0, "{what}/out[{i}]: {a} vs the CPU's {b} (bf16)");
+                }
+            }
+            println!("{what}/out: {differ} of {} bf16 values one ulp off the CPU's rounding", g.len());
+            assert!(differ * 1000 <= g.len(), "{what}/out: {differ} of {} bf16 values differ", g.len());
+        } else {
+            let e = rel_err(g, w);
+            println!("{what}/{name}: rel err {e:.3e} over {} values", g.len());
+            assert!(e <= TOL, "{what}/{name}: rel err {e:.3e} > {TOL:.0e}");
+        }
+    }
+}
+
+#[test]
+fn the_forward_body_runs_on_the_cpu() {
+    // Runs everywhere: the body's views at offsets and sentinels, and every output written.
+    let outs = forward_body(&CpuBackend::new(), 70, 7, true, (1, 2, 3));
+    assert!(outs.iter().all(|(_, v)| v.iter().all(|x| x.is_finite())));
+}
+
+#[test]
+fn layernorm_forward_matches_cpu() {
+    let Some((g, _serial)) = gpu() else { return };
+    let bf16 = bf16_activations(g);
+    // (rows, C, (out, inp, w / b offsets)): the register kernels (K 24 at GPT-2's C, K 32, K 8
+    // and K 4 with a last column group only some lanes hold), the scalar one for C % 4 != 0 and
+    // above 1024, and at C = 768 with each buffer one element off its vector word
+    let cases = [
+        (129, 768, (0, 0, 0)),
+        (70, 1024, (0, 0, 0)),
+        (65, 132, (0, 0, 0)),
+        (200, 100, (0, 0, 0)),
+        (5, 7, (0, 0, 0)),
+        (70, 1030, (0, 0, 0)),
+        (70, 1028, (0, 0, 0)),
+        (129, 768, (1, 0, 0)),
+        (129, 768, (0, 1, 0)),
+        (129, 768, (0, 0, 1)),
+    ];
+    for (n, c, offs) in cases {
+        for bf16_out in [false, true] {
+            if bf16_out && !bf16 {
+                continue;
+            }
+            let what = format!("forward {n}x{c} bf16 out {bf16_out} at {offs:?}");
+            compare_forward(&what, g, bf16_out, both!(forward_body, n, c, bf16_out, offs));
+        }
     }
 }
 

@@ -1,6 +1,12 @@
-// Runs layernorm.cu's backward kernels under the host emulator (shim.h) on random inputs, as the
-// engine does (layernorm.rs): the fused kernel for C <= 1024 (layernorm_backward_fused_k*, or
-// _bf16dout_k* for a bf16 dout), else the two-pass kernels, then bias.cu's column_sum_finish.
+// Runs layernorm.cu's forward and backward kernels under the host emulator (shim.h) on random
+// inputs. Forward (check_forward): the kernel layernorm.rs picks (layernorm_forward[_bf16out]_k*
+// for C <= 1024, C % 4 == 0, aligned buffers; else the scalar layernorm_forward[_bf16out]) and the
+// scalar one, with out, inp, w / b aligned and each one element off (the scalar kernel then):
+// out (f32), mean, rstd within 1e-5 of an f64 reference, the bf16 out the f32 one rounded to
+// nearest even bit for bit, nothing written outside the outputs.
+// Backward, as the engine runs it (layernorm.rs): the fused kernel for C <= 1024
+// (layernorm_backward_fused_k*, or _bf16dout_k* for a bf16 dout), else the two-pass kernels,
+// then bias.cu's column_sum_finish.
 // Each case runs with dout in f32 and in bf16 (values rounded to bf16 first, so that the f64
 // reference written here sees what the kernel sees), in both modes (accumulating onto random
 // dinp, and overwriting a NaN-filled dinp), and twice: with aligned buffers (the fused kernel's
@@ -19,7 +25,7 @@
 // Build and run:  g++ -std=c++20 -O2 -pthread -w -fsanitize=alignment -fno-sanitize-recover=all \
 //                     layernorm_emu.cpp -o /tmp/layernorm_emu && /tmp/layernorm_emu [C ...]
 // (arguments: only the cases with these C; all of them take a few minutes on two cores)
-// Exit status: the number of failing cases.
+// Exit status: the number of failing cases (backward cases count once per dout type).
 #include "shim.h"
 // What bf16.cuh and layernorm.cu use beyond shim.h. The vector types carry CUDA's alignment so
 // that the sanitizer sees a misaligned word access.
@@ -283,6 +289,163 @@ static bool check(int n, int c, std::mt19937& rng) {
     return ok;
 }
 
+// ---- forward ----------------------------------------------------------------------------------
+
+// The forward kernels for out's element type T: the scalar one, and the register-row ones by K.
+template <typename T> struct FwdKernels {
+    typedef void (*K)(T*, float*, float*, const float*, const float*, const float*, u64, u64);
+    K scalar;
+    K vec[5];
+};
+static const FwdKernels<float> FF = {layernorm_forward,
+                                     {layernorm_forward_k4, layernorm_forward_k8, layernorm_forward_k16,
+                                      layernorm_forward_k24, layernorm_forward_k32}};
+static const FwdKernels<bf16> FB = {layernorm_forward_bf16out,
+                                    {layernorm_forward_bf16out_k4, layernorm_forward_bf16out_k8,
+                                     layernorm_forward_bf16out_k16, layernorm_forward_bf16out_k24,
+                                     layernorm_forward_bf16out_k32}};
+static const FwdKernels<float>& fwd_kernels(float*) { return FF; }
+static const FwdKernels<bf16>& fwd_kernels(bf16*) { return FB; }
+
+// The engine's choice (layernorm.rs forward_kernel): the register kernel of the smallest K with
+// 32 K >= C when C <= 1024, C % 4 == 0 and out (4 values), inp, w, b start on their vector words;
+// else -1, the scalar kernel.
+template <typename T>
+static int pick_forward(int c, const T* out, const float* inp, const float* w, const float* b) {
+    const bool aligned = (size_t)out % (4 * sizeof(T)) == 0 && (size_t)inp % 16 == 0 && (size_t)w % 16 == 0 &&
+                         (size_t)b % 16 == 0;
+    return c % 4 == 0 && aligned ? pick(c) : -1;
+}
+
+// Inputs of a forward case: rows at different offsets and spreads, every fifth one with mean 30
+// and spread 0.5 (where a one-pass variance, E[x^2] - mean^2, would lose ~1e-3 of rstd in f32;
+// the two-pass one stays within the tolerance), w and b.
+struct FwdData {
+    int n, c;
+    std::vector<float> x, w, b;
+};
+
+static FwdData make_forward(int n, int c, std::mt19937& rng) {
+    std::uniform_real_distribution<float> U(-1.f, 1.f);
+    FwdData d{n, c};
+    d.x.resize((size_t)n * c), d.w.resize(c), d.b.resize(c);
+    for (int r = 0; r < n; r++) {
+        const bool far = r % 5 == 3;
+        const float offset = far ? 30.0f : 4 * U(rng), spread = far ? 0.5f : 0.5f + 2 * (U(rng) + 1);
+        for (int i = 0; i < c; i++) d.x[(size_t)r * c + i] = offset + spread * U(rng);
+    }
+    for (auto& v : d.w) v = 1 + 0.5f * U(rng);
+    for (auto& v : d.b) v = U(rng);
+    return d;
+}
+
+// f64 reference: mean, 1 / sqrt(var + eps) (two passes), out.
+struct FwdRef {
+    std::vector<double> out, mean, rstd;
+};
+
+static FwdRef forward_reference(const FwdData& d) {
+    FwdRef r;
+    r.out.resize(d.x.size()), r.mean.resize(d.n), r.rstd.resize(d.n);
+    for (int row = 0; row < d.n; row++) {
+        const float* x = d.x.data() + (size_t)row * d.c;
+        double m = 0, v = 0;
+        for (int i = 0; i < d.c; i++) m += x[i];
+        m /= d.c;
+        for (int i = 0; i < d.c; i++) v += (x[i] - m) * (x[i] - m);
+        const double rs = 1 / std::sqrt(v / d.c + 1e-5);
+        for (int i = 0; i < d.c; i++) r.out[(size_t)row * d.c + i] = (x[i] - m) * rs * d.w[i] + d.b[i];
+        r.mean[row] = m, r.rstd[row] = rs;
+    }
+    return r;
+}
+
+// Whether every element of the buffer outside its body (before it, the guard and the room after
+// it) is still `v`.
+template <typename T> static bool outside_is(const Placed<T>& p, T v) {
+    for (size_t i = 0; i < p.store.size(); i++)
+        if ((i < p.off || i >= p.off + p.len) && std::memcmp(&p.store[i], &v, sizeof(T)) != 0) return false;
+    return true;
+}
+
+// What one forward launch left: out (as f32), mean, rstd, the kernel (K index, -1 scalar), and
+// whether everything outside out, mean and rstd is untouched.
+struct FwdRun {
+    std::vector<float> out, mean, rstd;
+    int kernel;
+    bool outside_ok;
+};
+
+// The forward with out, inp and w / b `off_out`, `off_in`, `off_wb` elements past aligned
+// addresses; `kernel`: the engine's pick (-2), the scalar kernel (-1) or the register kernel K
+// index. out, mean and rstd start NaN (an unwritten value shows), canaries around them.
+template <typename T>
+static FwdRun run_forward(const FwdData& d, size_t off_out, size_t off_in, size_t off_wb, int kernel) {
+    const size_t len = (size_t)d.n * d.c, room = 8 * (size_t)d.c;
+    const T canary = store_as(CANARY, (T*)nullptr), nan = store_as(std::nanf(""), (T*)nullptr);
+    Placed<T> out(len, off_out, canary, room);
+    Placed<float> x(len, off_in, 0.0f, room), w(d.c, off_wb, 0.0f, 0), b(d.c, off_wb, 0.0f, 0);
+    Placed<float> mean(d.n, 0, CANARY, 8), rstd(d.n, 0, CANARY, 8);
+    for (size_t i = 0; i < len; i++) out.p()[i] = nan, x.p()[i] = d.x[i];
+    for (int i = 0; i < d.c; i++) w.p()[i] = d.w[i], b.p()[i] = d.b[i];
+    for (int r = 0; r < d.n; r++) mean.p()[r] = rstd.p()[r] = std::nanf("");
+    const FwdKernels<T>& ks = fwd_kernels((T*)nullptr);
+    FwdRun run;
+    run.kernel = kernel == -2 ? pick_forward<T>(d.c, out.p(), x.p(), w.p(), b.p()) : kernel;
+    const auto k = run.kernel < 0 ? ks.scalar : ks.vec[run.kernel];
+    const u64 un = d.n, uc = d.c;
+    launch({(unsigned)((d.n + 7) / 8), 1, 1}, 256,
+           [&] { k(out.p(), mean.p(), rstd.p(), x.p(), w.p(), b.p(), un, uc); });
+    for (size_t i = 0; i < len; i++) run.out.push_back(sizeof(T) == 2 ? bf2f(out.p()[i]) : out.p()[i]);
+    run.mean = mean.body(), run.rstd = rstd.body();
+    run.outside_ok = outside_is(out, canary) && outside_is(mean, CANARY) && outside_is(rstd, CANARY);
+    return run;
+}
+
+static const char* kernel_name(int k) {
+    static const char* names[] = {"k4", "k8", "k16", "k24", "k32"};
+    return k < 0 ? "scalar" : names[k];
+}
+
+// The f32 and bf16 runs of one placement (and kernel choice): the f32 out, mean and rstd within
+// 1e-5 (relative) of the f64 reference; the bf16 run the same kernel family (K or scalar), the
+// same mean and rstd bits and an out that is the f32 run's rounded to nearest even, bit for bit;
+// nothing written outside the outputs. `want_kernel` (>= -1): the kernel the pick must give.
+static bool check_forward_run(const FwdData& d, const FwdRef& ref, const char* what, size_t off_out,
+                              size_t off_in, size_t off_wb, int kernel, int want_kernel) {
+    const FwdRun f = run_forward<float>(d, off_out, off_in, off_wb, kernel);
+    const FwdRun h = run_forward<bf16>(d, off_out, off_in, off_wb, kernel);
+    const double eo = rel(f.out, ref.out), em = rel(f.mean, ref.mean), er = rel(f.rstd, ref.rstd);
+    size_t rounded = 0;
+    for (size_t i = 0; i < f.out.size(); i++) rounded += h.out[i] == bf2f(f2bf(f.out[i]));
+    const bool near = eo < 1e-5 && em < 1e-5 && er < 1e-5 && std::isfinite(eo + em + er);
+    const bool same = h.kernel == f.kernel && rounded == f.out.size() && same_bits(h.mean, f.mean) &&
+                      same_bits(h.rstd, f.rstd);
+    const bool picked = want_kernel < -1 || f.kernel == want_kernel;
+    const bool ok = near && same && picked && f.outside_ok && h.outside_ok;
+    printf("  %-22s %-6s out %.2e mean %.2e rstd %.2e, bf16 out %s, outside %s%s\n", what, kernel_name(f.kernel), eo,
+           em, er, same ? "== rounded f32" : "!= rounded f32", f.outside_ok && h.outside_ok ? "ok" : "BAD",
+           picked ? "" : " (WRONG KERNEL)");
+    return ok;
+}
+
+// One forward case: the engine's pick with aligned buffers (the register kernel where C allows),
+// the scalar kernel on the same buffers, then out, inp, w / b one element past their words (the
+// pick must fall back to the scalar kernel; a vector access there would trip the sanitizer).
+static bool check_forward(int n, int c, std::mt19937& rng) {
+    const FwdData d = make_forward(n, c, rng);
+    const FwdRef ref = forward_reference(d);
+    const int vec = c % 4 == 0 ? pick(c) : -1;
+    printf("forward rows %4d C %4d\n", n, c);
+    bool ok = check_forward_run(d, ref, "aligned, engine's pick", 0, 0, 0, -2, vec);
+    ok = check_forward_run(d, ref, "aligned, scalar", 0, 0, 0, -1, -1) && ok;
+    ok = check_forward_run(d, ref, "out +1", 1, 0, 0, -2, -1) && ok;
+    ok = check_forward_run(d, ref, "inp +1", 0, 1, 0, -2, -1) && ok;
+    ok = check_forward_run(d, ref, "w, b +1", 0, 0, 1, -2, -1) && ok;
+    printf("  %s\n", ok ? "ok" : "FAIL");
+    return ok;
+}
+
 int main(int argc, char** argv) {
     // C crossing the vector (C % 4 == 0) and scalar paths and the K buckets (128, 256, 512,
     // 768, 1024), the two-pass path above 1024; rows: short last chunks, one full chunk, fewer
@@ -299,6 +462,17 @@ int main(int argc, char** argv) {
         if (!wanted) continue;
         failures += !check<float>(cs.rows, cs.c, rng);
         failures += !check<bf16>(cs.rows, cs.c, rng);
+    }
+    // forward: C around each K bucket's edge (128, 256, 512, 768, 1024; C % 4 != 0 and above
+    // 1024 on the scalar kernel), a last group that only some lanes hold (C = 100), rows that
+    // leave a block's last warps idle
+    Case fwd_cases[] = {{70, 1},    {130, 7},  {9, 4},     {200, 100}, {65, 128}, {65, 129},
+                        {65, 132},  {33, 256}, {33, 260},  {17, 512},  {17, 516}, {129, 768},
+                        {3, 768},   {9, 772},  {65, 1000}, {9, 1024},  {5, 1028}, {5, 1030}};
+    for (auto cs : fwd_cases) {
+        bool wanted = argc == 1;
+        for (int a = 1; a < argc; a++) wanted = wanted || std::atoi(argv[a]) == cs.c;
+        if (wanted) failures += !check_forward(cs.rows, cs.c, rng);
     }
     printf("%d failing\n", failures);
     return failures;

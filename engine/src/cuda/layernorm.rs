@@ -1,4 +1,5 @@
-//! LayerNorm: forward one warp per row; backward in one pass per chunk of rows for C <= 1024
+//! LayerNorm: forward one warp per row (for C <= 1024 with aligned rows reading each row once,
+//! with float4 loads, into registers); backward in one pass per chunk of rows for C <= 1024
 //! (else the input gradient one warp per row, then the partials); weight and bias gradients as
 //! deterministic column sums over fixed row chunks (see colsum.rs). The backward pass takes
 //! dout in f32 or bf16 (a bf16 GEMM's output, as autocast writes d(ln_out)); everything else is
@@ -13,7 +14,9 @@ use super::view::{CudaView, CudaViewMut};
 use super::CudaBackend;
 use crate::cpu::ROWS_PER_TASK;
 
-const ROWS_PER_BLOCK: usize = 8; // 8 warps of 32 threads
+/// 8 warps of 32 threads (the `__launch_bounds__` of the register-row forward kernels and of the
+/// fused backward ones: `LN_FWD_ROWS`, `LN_WARPS` in layernorm.cu).
+const ROWS_PER_BLOCK: usize = 8;
 
 fn warp_per_row_cfg(rows: usize) -> LaunchConfig {
     LaunchConfig {
@@ -44,17 +47,36 @@ pub(crate) fn forward(
         return;
     }
     // out may be a bf16 activation (a GEMM's input, see view.rs); everything else is f32
-    let f = be.func(if out.is_bf16() { "layernorm_forward_bf16out" } else { "layernorm_forward" });
+    let name = forward_kernel(c, out.is_bf16(), [out.addr(), inp.ptr(), w.ptr(), b.ptr()]);
+    let f = be.func(&name);
     let (rows, cc) = (n as u64, c as u64);
     let mut l = be.stream().launch_builder(&f);
     l.arg(out.addr_ref()).arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref()).arg(b.ptr_ref()).arg(&rows).arg(&cc);
-    // SAFETY: layernorm_forward(float*, float*, float*, const float* x3, u64, u64) (the _bf16out
-    // variant takes unsigned short* out, matching the view's type): sizes asserted.
-    be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), "layernorm_forward");
+    // SAFETY: layernorm_forward[_bf16out][_k{K}](float* or (bf16out) unsigned short* out, float*,
+    // float*, const float* x3, u64, u64), the variant matching out's type: sizes asserted; a _k{K}
+    // kernel only with 32 K >= C, C % 4 == 0 and every pointer aligned to its vector word
+    // (forward_kernel), as its float4 / 8-byte accesses need.
+    be.check(unsafe { l.launch(warp_per_row_cfg(n)) }.map(|_| ()), &name);
+}
+
+/// The forward kernel for `c` columns, a bf16 or f32 out, and the device addresses `[out, inp,
+/// w, b]`: `layernorm_forward[_bf16out]_k{K}` (each row read once, as float4 groups, into
+/// registers: K columns per lane, the fused backward's buckets) when C <= 1024, C % 4 == 0 and
+/// every buffer starts on its vector word (16 bytes; 8 for a bf16 out, 4 values), so that every
+/// row does too; else the scalar `layernorm_forward[_bf16out]` (any C, any alignment).
+fn forward_kernel(c: usize, out_bf16: bool, [out, inp, w, b]: [u64; 4]) -> String {
+    let tag = if out_bf16 { "_bf16out" } else { "" };
+    let out_word: u64 = if out_bf16 { 8 } else { 16 };
+    let aligned = out.is_multiple_of(out_word) && [inp, w, b].iter().all(|p| p.is_multiple_of(16));
+    match fused_k(c) {
+        Some(k) if c.is_multiple_of(4) && aligned => format!("layernorm_forward{tag}_k{k}"),
+        _ => format!("layernorm_forward{tag}"),
+    }
 }
 
 /// Columns per lane of the fused backward kernels (`layernorm_backward_fused_k{K}`, C <= 32 K;
-/// the lane takes them as K / 4 groups of 4 adjacent columns).
+/// the lane takes them as K / 4 groups of 4 adjacent columns) and of the register-row forward
+/// ones (`layernorm_forward_k{K}`).
 const FUSED_K: [usize; 5] = [4, 8, 16, 24, 32];
 
 /// The smallest fused K covering `c` columns (32 lanes x K), or None above 1024 columns.
@@ -213,7 +235,7 @@ fn backward_two_pass(
 
 #[cfg(test)]
 mod tests {
-    use super::{fused_k, fused_smem_bytes, FUSED_K, NO_OPT_IN_SMEM};
+    use super::{forward_kernel, fused_k, fused_smem_bytes, FUSED_K, NO_OPT_IN_SMEM};
 
     #[test]
     fn fused_k_is_the_smallest_bucket_covering_c() {
@@ -246,6 +268,60 @@ mod tests {
             want.push(format!("layernorm_backward_input{tag}"));
             want.push(format!("layernorm_backward_params_partial{tag}"));
         }
+        for name in want {
+            assert!(names.contains(&name), "{name} missing from layernorm.cu: {names:?}");
+        }
+    }
+
+    /// Device addresses [out, inp, w, b], all on a 256-byte boundary (as cudaMalloc returns).
+    const ALIGNED: [u64; 4] = [0x7f00_0000_0000, 0x7f00_0010_0000, 0x7f00_0020_0000, 0x7f00_0030_0000];
+
+    #[test]
+    fn forward_takes_the_register_kernel_only_for_aligned_rows_up_to_1024() {
+        let pick = |c, bf16, addrs| forward_kernel(c, bf16, addrs);
+        assert_eq!(pick(768, false, ALIGNED), "layernorm_forward_k24");
+        assert_eq!(pick(768, true, ALIGNED), "layernorm_forward_bf16out_k24");
+        assert_eq!(pick(4, false, ALIGNED), "layernorm_forward_k4");
+        assert_eq!(pick(132, true, ALIGNED), "layernorm_forward_bf16out_k8");
+        assert_eq!(pick(1024, false, ALIGNED), "layernorm_forward_k32");
+        // 25 groups of 4: lanes 25..31 hold none
+        assert_eq!(pick(100, false, ALIGNED), "layernorm_forward_k4");
+        // C % 4 != 0 (rows start off their 16-byte words), C above 1024
+        assert_eq!(pick(102, false, ALIGNED), "layernorm_forward");
+        assert_eq!(pick(7, true, ALIGNED), "layernorm_forward_bf16out");
+        assert_eq!(pick(1028, false, ALIGNED), "layernorm_forward");
+        assert_eq!(pick(1028, true, ALIGNED), "layernorm_forward_bf16out");
+        // each buffer one f32 (or, for a bf16 out, one bf16) past its word: the scalar kernel
+        for i in 0..4 {
+            let mut a = ALIGNED;
+            a[i] += 4;
+            assert_eq!(pick(768, false, a), "layernorm_forward", "f32 out, pointer {i} + 4 bytes");
+            a[i] = ALIGNED[i] + if i == 0 { 2 } else { 4 };
+            assert_eq!(pick(768, true, a), "layernorm_forward_bf16out", "bf16 out, pointer {i} off its word");
+        }
+        // a bf16 out needs only its 8-byte word (4 values), an f32 one the whole 16
+        let mut a = ALIGNED;
+        a[0] += 8;
+        assert_eq!(pick(768, true, a), "layernorm_forward_bf16out_k24");
+        assert_eq!(pick(768, false, a), "layernorm_forward");
+    }
+
+    #[test]
+    fn forward_kernel_names_exist_in_the_source() {
+        let names = crate::cuda::kernels::kernel_names(include_str!("kernels/layernorm.cu"));
+        // every name forward_kernel can give: all C up to past the last bucket, both outs,
+        // aligned and not
+        let mut off = ALIGNED;
+        off[1] += 4;
+        let mut want = std::collections::BTreeSet::new();
+        for c in 1..=32 * FUSED_K[FUSED_K.len() - 1] + 8 {
+            for bf16 in [false, true] {
+                want.insert(forward_kernel(c, bf16, ALIGNED));
+                want.insert(forward_kernel(c, bf16, off));
+            }
+        }
+        // the scalar pair and a _k{K} pair per bucket
+        assert_eq!(want.len(), 2 + 2 * FUSED_K.len(), "{want:?}");
         for name in want {
             assert!(names.contains(&name), "{name} missing from layernorm.cu: {names:?}");
         }

@@ -22,6 +22,7 @@
 //! - `BgradA` / `BgradB`: D = A B + beta C and the sums of A (op(A) = N) or B (op(B) = T) over
 //!   k into the bias pointer: a weight gradient GEMM that also sums dout for the bias gradient,
 //!   instead of a column-sum pass over dout.
+//!
 //! The bias-gradient epilogues write (not add) their sums, so callers direct them into a
 //! scratch and add that onto the gradient (accumulation over micro-batches).
 //!

@@ -1,5 +1,7 @@
-// LayerNorm over the last dimension (eps 1e-5): forward, and backward either in one pass per
-// chunk of rows (C <= 1024, layernorm_backward_fused[_bf16dout]_k*) or in two parts, the input
+// LayerNorm over the last dimension (eps 1e-5): forward either from one float4 read of each row
+// into registers (C <= 1024, C % 4 == 0, aligned buffers: layernorm_forward[_bf16out]_k*) or one
+// warp per row reading it three times (layernorm_forward[_bf16out]); backward either in one pass
+// per chunk of rows (C <= 1024, layernorm_backward_fused[_bf16dout]_k*) or in two parts, the input
 // gradient (one warp per row) and the weight/bias gradients (deterministic column sums). The
 // backward kernels take dout in f32 or (the _bf16dout ones) bf16.
 
@@ -412,3 +414,108 @@ extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_bf16dout_k32(LN_FUSED_PARAMS(unsigned short)) {
     backward_fused_impl<unsigned short, 8>(LN_FUSED_ARGS);
 }
+
+// ---- forward, C <= 1024: one read of each row, into registers -----------------------------
+// The scalar forward above reads a row three times (sum, squared deviations, output) with
+// 4-byte loads. Here a warp reads its row once as float4 groups, lane l holding the column
+// groups q = l + 32 j (columns 4 q .. 4 q + 3, j < V, C <= 128 V) as the fused backward does;
+// mean and variance come from those registers in two passes (sum, then the sum of squared
+// deviations: the same two-pass numerics as the scalar kernel), then w and b as float4 (the
+// same (C) vectors for every row: L1 / L2 hits) and the output as float4 (f32) or one 8-byte
+// word of 4 bf16 (rounded to nearest even). Taken when C % 4 == 0 and out, inp, w, b are
+// aligned to their vector words (layernorm.rs checks; every row then starts aligned too), else
+// the scalar kernels.
+//
+// One warp per row, LN_FWD_ROWS rows per block (layernorm.rs's warp_per_row_cfg), no loop over
+// rows: a warp issues all its row's loads (V float4 per lane: 3 KiB per warp at C = 768) before
+// its first add, and the bandwidth comes from many warps per SM doing that at once. The launch
+// bound (256 threads, LN_FWD_MIN_BLOCKS blocks per SM: <= 64 registers a thread) keeps at least
+// 32 warps resident per SM, ~96 KiB of row loads at C = 768, well above the ~30 KiB per SM that
+// covers an H200's bandwidth x latency (4.8 TB/s x ~0.8 us / 132 SMs). ptxas -v, sm_90, no
+// spills: 62 / 64 / 64 registers at K = 16 / 24 / 32 for an f32 out (w, b loads hoisted), 40 /
+// 48 / 56 for a bf16 out (5 blocks per SM at K = 24), 32 and under at K <= 8; five blocks per SM
+// (<= 48 registers) spills at K >= 16 in the f32 kernels. Several rows per warp (their loads
+// issued together) would trade warps for registers for no more bytes in flight.
+#define LN_FWD_ROWS 8
+#define LN_FWD_MIN_BLOCKS 4
+
+// out (N, C) = (inp - mean) * rstd * w + b; mean (N), rstd (N); C <= 128 V, C % 4 == 0,
+// every pointer aligned to its vector word.
+template <typename T, int V>
+__device__ __forceinline__ void forward_vec_impl(T* __restrict__ out, float* __restrict__ mean,
+                                                 float* __restrict__ rstd, const float* __restrict__ inp,
+                                                 const float* __restrict__ w, const float* __restrict__ b,
+                                                 u64 n_rows, u64 c64) {
+    const u64 row = (blockIdx.x * (u64)blockDim.x + threadIdx.x) / 32;
+    const unsigned lane = threadIdx.x % 32;
+    if (row >= n_rows) return;  // the whole warp returns: no lane of a shuffle is missing
+    const unsigned c = (unsigned)c64;
+    const float* x = inp + row * c64;
+    // the lane's columns of the row; groups at and past C read as zeros
+    float xv[V][4];
+#pragma unroll
+    for (int j = 0; j < V; j++) ln_load4(xv[j], x, 4 * (lane + 32 * j), c, true);
+    float s = 0.0f;
+#pragma unroll
+    for (int j = 0; j < V; j++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) s += xv[j][e];
+    const float m = warp_sum(s) / (float)c;
+    float v = 0.0f;
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+        if (4 * (lane + 32 * j) < c) {  // a zero past C is no column: (0 - m)^2 would count
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                const float d = xv[j][e] - m;
+                v += d * d;
+            }
+        }
+    }
+    const float r = 1.0f / sqrtf(warp_sum(v) / (float)c + LN_EPS);
+    T* o = out + row * c64;
+#pragma unroll
+    for (int j = 0; j < V; j++) {
+        const unsigned col = 4 * (lane + 32 * j);
+        float wv[4], bv[4], y[4];
+        ln_load4(wv, w, col, c, true);
+        ln_load4(bv, b, col, c, true);
+#pragma unroll
+        for (int e = 0; e < 4; e++) y[e] = (xv[j][e] - m) * r * wv[e] + bv[e];
+        ln_store4(o, col, c, true, y);
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = r;
+    }
+}
+
+// ---- entry points: V = 1, 2, 4, 6, 8 column groups per lane (C <= 128, 256, 512, 768, 1024:
+// layernorm_forward[_bf16out]_k{4 V}, the backward's buckets), out f32 or bf16; grid:
+// ceil(N / LN_FWD_ROWS) blocks of LN_FWD_ROWS * 32 threads ----
+
+#define LN_FWD_PARAMS(T) \
+    T *out, float *mean, float *rstd, const float *inp, const float *w, const float *b, u64 n_rows, u64 c
+#define LN_FWD_ARGS out, mean, rstd, inp, w, b, n_rows, c
+
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_k4(LN_FWD_PARAMS(float)) { forward_vec_impl<float, 1>(LN_FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_k8(LN_FWD_PARAMS(float)) { forward_vec_impl<float, 2>(LN_FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_k16(LN_FWD_PARAMS(float)) { forward_vec_impl<float, 4>(LN_FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_k24(LN_FWD_PARAMS(float)) { forward_vec_impl<float, 6>(LN_FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_k32(LN_FWD_PARAMS(float)) { forward_vec_impl<float, 8>(LN_FWD_ARGS); }
+
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_bf16out_k4(LN_FWD_PARAMS(unsigned short)) { forward_vec_impl<unsigned short, 1>(LN_FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_bf16out_k8(LN_FWD_PARAMS(unsigned short)) { forward_vec_impl<unsigned short, 2>(LN_FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_bf16out_k16(LN_FWD_PARAMS(unsigned short)) { forward_vec_impl<unsigned short, 4>(LN_FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_bf16out_k24(LN_FWD_PARAMS(unsigned short)) { forward_vec_impl<unsigned short, 6>(LN_FWD_ARGS); }
+extern "C" __global__ void __launch_bounds__(LN_FWD_ROWS * 32, LN_FWD_MIN_BLOCKS)
+layernorm_forward_bf16out_k32(LN_FWD_PARAMS(unsigned short)) { forward_vec_impl<unsigned short, 8>(LN_FWD_ARGS); }
