@@ -52,7 +52,9 @@ family() { # label, arch, then smelt's flags
   local label=$1 arch=$2; shift 2
   echo "== $label: smelt step $*"
   echo "==== $label $*" >> "$OUT/smelt.err"
-  timeout 60 device/smelt bench step --backend cuda --arch "$arch" "$@" --warmup 3 --steps 10 --json \
+  # FAMILY_ENV (VAR=value, + between several): switches for these steps only
+  local fe=${FAMILY_ENV:-}
+  env ${fe//+/ } timeout 60 device/smelt bench step --backend cuda --arch "$arch" "$@" --warmup 3 --steps 10 --json \
     > "$OUT/smelt_$label.json" 2>> "$OUT/smelt.err"
   echo "rc=$? $(tail -c 400 "$OUT/smelt_$label.json")"
 }
@@ -62,8 +64,6 @@ profile() { # arch, then smelt's flags: per-op profile into smelt.err (run last:
   timeout 45 device/smelt bench step --backend cuda --arch "$arch" "$@" --warmup 2 --steps 2 --profile \
     >> "$OUT/smelt.err" 2>&1
 }
-# FAMILY_ENV (VAR=value ..., + between several) applies to the BERT and T5 steps below.
-if [ -n "${FAMILY_ENV:-}" ]; then export ${FAMILY_ENV//+/ }; fi
 family bert bert --preset bert-base --batch 32 --seq 512
 # the peer trains with Hugging Face's default dropout (0.1 hidden and attention): ours with 0.1
 # hidden dropout too (our fused attention has no dropout on the probabilities)
