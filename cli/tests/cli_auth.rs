@@ -4,7 +4,8 @@
 //! and a worker with another one (which exits instead of retrying forever).
 
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+
+mod harness;
 
 struct Proc(Child);
 
@@ -33,13 +34,11 @@ fn a_coordinator_with_a_token_serves_only_those_who_carry_it() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, "correct-horse-battery-staple\n").unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let url = format!("http://{addr}");
-    let log = std::fs::File::create(dir.path().join("coordinator.log")).unwrap();
-    let _coordinator = Proc(
+    let log_path = dir.path().join("coordinator.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut coordinator = Proc(
         Command::new(env!("CARGO_BIN_EXE_smelt"))
-            .args(["coordinator", "--listen", &addr, "--db", dir.path().join("c.db").to_str().unwrap(), "--token-file", token_file.to_str().unwrap()])
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--db", dir.path().join("c.db").to_str().unwrap(), "--token-file", token_file.to_str().unwrap()])
             .env_remove("SMELT_TOKEN")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -47,11 +46,8 @@ fn a_coordinator_with_a_token_serves_only_those_who_carry_it() {
             .spawn()
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "coordinator did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let addr = harness::listening_addr(&log_path, &mut coordinator.0, 0);
+    let url = format!("http://{addr}");
 
     // Clients without the token, or with another one, are refused before anything happens.
     let none = smelt(&["jobs", "list"], &url, None);

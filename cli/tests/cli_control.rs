@@ -2,7 +2,8 @@
 //! types and reads (no workers needed).
 
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+
+mod harness;
 
 struct Coordinator(Child);
 
@@ -28,20 +29,16 @@ fn text(b: &[u8]) -> String {
 }
 
 fn start(dir: &std::path::Path) -> (Coordinator, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
-        .args(["coordinator", "--listen", &addr, "--db", dir.join("c.db").to_str().unwrap()])
+    let log_path = dir.join("coordinator.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--db", dir.join("c.db").to_str().unwrap()])
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while std::net::TcpStream::connect(&addr).is_err() {
-        assert!(Instant::now() < deadline, "coordinator did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let addr = harness::listening_addr(&log_path, &mut child, 0);
     (Coordinator(child), format!("http://{addr}"))
 }
 

@@ -9,6 +9,8 @@ use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, ListWorkersRequest, SubmitRequest, WatchJobRequest, WorkerState};
 use tonic::transport::Channel;
 
+mod harness;
+
 /// A child process killed (SIGKILL) when dropped.
 struct Proc {
     child: Child,
@@ -48,10 +50,6 @@ struct Cluster {
     rt: tokio::runtime::Runtime,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
 fn log_file(dir: &Path, name: &str) -> std::fs::File {
     std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap()
 }
@@ -59,7 +57,8 @@ fn log_file(dir: &Path, name: &str) -> std::fs::File {
 impl Cluster {
     fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
+        // empty until the coordinator's first start logs the port it bound
+        let addr = String::new();
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let mut c = Cluster { dir, addr, coordinator: None, workers: Vec::new(), rt };
         c.start_coordinator();
@@ -73,19 +72,20 @@ impl Cluster {
     fn start_coordinator(&mut self) {
         let db = self.dir.path().join("coordinator.db");
         let log = log_file(self.dir.path(), "coordinator");
-        let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
-            .args(["coordinator", "--listen", &self.addr, "--db", db.to_str().unwrap(), "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
+        // The first start binds a free port of its own choosing (harness::listening_addr says
+        // why); a restart takes the same address back, which the workers keep calling.
+        let listen = if self.addr.is_empty() { "127.0.0.1:0".to_string() } else { self.addr.clone() };
+        let log_path = self.dir.path().join("coordinator.log");
+        let seen = harness::listening_lines(&log_path);
+        let mut child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+            .args(["coordinator", "--listen", &listen, "--db", db.to_str().unwrap(), "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
+        self.addr = harness::listening_addr(&log_path, &mut child, seen);
         self.coordinator = Some(Proc { child });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&self.addr).is_err() {
-            assert!(Instant::now() < deadline, "coordinator did not come up; log:\n{}", self.logs());
-            std::thread::sleep(Duration::from_millis(50));
-        }
     }
 
     fn start_worker(&mut self) -> usize {

@@ -1,13 +1,14 @@
 //! `Backend::cross_entropy_forward_backward_in_place` against the two ops it replaces
 //! (`cross_entropy_forward`, then `cross_entropy_backward_in_place`).
 //!
-//! On the GPU the fused kernel (bf16 logits) must give the two kernels' losses, lse and gradients
-//! bit for bit (same per-thread order, same block merge, same rounding), and match the CPU
-//! reference within the usual tolerances on the same bf16-rounded values; f32 logits (which take
-//! the two kernels) are checked the same way. Shapes cover the vocabularies the
-//! fused kernels are picked for (GPT-2's, BERT's, T5's), rows that start unaligned (odd V, a view
-//! starting 1..3 elements into its buffer), ignored rows, and rows too long for the fused kernels
-//! (the two-kernel fallback). Without a GPU the GPU tests print a skip line.
+//! On the GPU the fused kernel (`cross_entropy_fused[_bf16]`: a row's forward and in-place
+//! backward in one block, the backends below have it switched on) must give the two kernels'
+//! losses, lse and gradients bit for bit (same per-thread order, same block merge, same
+//! rounding), and match the CPU reference within the usual tolerances on the same bf16-rounded
+//! values, for bf16 and f32 logits. Shapes cover GPT-2's, BERT's and T5's vocabularies, rows
+//! that start unaligned (odd V, a view starting 1..3 elements into its buffer), ignored rows,
+//! short and long rows, and a target outside the vocabulary. Without a GPU the GPU tests print
+//! a skip line.
 #![cfg(feature = "cuda")]
 
 mod bf16_reference;
@@ -186,16 +187,14 @@ fn fused_bf16_matches_two_kernels_and_cpu() {
     let Some(g) = gpu_bf16() else { return };
     let _serial = serial();
     for (n, v, offset) in [
-        (9, 50257, 0),  // GPT-2: K = 32, every row at another alignment
+        (9, 50257, 0),  // GPT-2: every row at another alignment
         (8, 50304, 1),  // GPT-2 padded to a multiple of 64
-        (9, 30522, 2),  // BERT: K = 16
+        (9, 30522, 2),  // BERT
         (9, 32128, 3),  // T5
-        (4, 32771, 0),  // the longest rows of K = 16 (row 0: no head, 16 words per thread, a tail of 3)
-        (3, 65539, 0),  // the longest of K = 32
-        (70, 1001, 1),  // many short rows
+        (600, 1001, 1), // more rows than the blocks resident at once (2 per SM)
         (5, 5, 3),      // a head, one word, a tail
         (3, 1, 0),      // one logit per row
-        (3, 70001, 1),  // too long for the fused kernels: the two kernels
+        (3, 200003, 1), // long rows: many CE_UNROLL groups per thread
     ] {
         check_shape(g, true, Shape { n, v, offset });
     }
@@ -204,32 +203,57 @@ fn fused_bf16_matches_two_kernels_and_cpu() {
 
 #[test]
 fn fused_f32_matches_two_kernels_and_cpu() {
-    // f32 logits have no fused kernel: the op runs the two kernels
     let Some(g) = gpu_f32() else { return };
     let _serial = serial();
-    for (n, v, offset) in [(9, 50257, 0), (300, 129, 1), (3, 1, 2)] {
+    for (n, v, offset) in [(9, 50257, 0), (600, 129, 1), (5, 5, 3), (3, 1, 2)] {
         check_shape(g, false, Shape { n, v, offset });
     }
     g.synchronize().expect("no device error");
 }
 
-#[test]
-fn fused_flags_a_target_outside_the_vocabulary() {
-    let Some(g) = gpu_bf16() else { return };
-    let _serial = serial();
+/// A target outside the vocabulary: the error word is set, the row's loss is 0 and its gradient
+/// zeros, as with the two kernels (bitwise).
+fn check_flags_a_bad_target(g: &CudaBackend, bf16: bool) {
     let s = Shape { n: 4, v: 1001, offset: 0 };
-    let values = round_all(&randn(63, s.n * s.v + PAD, 3.0));
+    let mut values = randn(63, s.n * s.v + PAD, 3.0);
+    if bf16 {
+        values = round_all(&values);
+    }
     let mut t = targets(s.n, s.v);
     t[2] = s.v as u32;
     g.synchronize().expect("no device error before");
-    let fused = run(g, true, true, s, &values, &t, 0.37);
+    let fused = run(g, bf16, true, s, &values, &t, 0.37);
     let err = g.synchronize().expect_err("a target outside the vocabulary must be reported").to_string();
     assert!(err.contains("outside the vocabulary"), "unexpected error: {err}");
     assert_eq!(fused.losses[2], 0.0, "the row's loss is 0");
     assert!(fused.grad(s)[2 * s.v..3 * s.v].iter().all(|&x| x.to_bits() == 0), "the row's gradient is zeros");
-    let two = run(g, true, false, s, &values, &t, 0.37);
+    let two = run(g, bf16, false, s, &values, &t, 0.37);
     assert!(g.synchronize().is_err(), "the two kernels report it too");
     assert_eq!(bit_diffs(&fused.losses, &two.losses), 0);
     assert_eq!(bit_diffs(&fused.lse, &two.lse), 0);
     assert_eq!(bit_diffs(&fused.buf, &two.buf), 0);
+}
+
+#[test]
+fn fused_flags_a_target_outside_the_vocabulary() {
+    let _serial = serial();
+    if let Some(g) = gpu_bf16() {
+        check_flags_a_bad_target(g, true);
+    }
+    if let Some(g) = gpu_f32() {
+        check_flags_a_bad_target(g, false);
+    }
+}
+
+#[test]
+fn fused_kernels_run_at_the_capped_blocks_per_sm() {
+    // the backward half's re-read hits L2 only with few rows in flight: the cap must take
+    let _serial = serial();
+    for (gpu, bf16) in [(gpu_bf16(), true), (gpu_f32(), false)] {
+        let Some(g) = gpu else { continue };
+        let o = g.fused_classifier_occupancy(bf16).expect("the occupancy is known");
+        println!("{}: {o:?}", if bf16 { "bf16" } else { "f32" });
+        assert!(o.uncapped >= 1, "the fused kernel does not fit on an SM: {o:?}");
+        assert_eq!(o.blocks_per_sm, o.cap.min(o.uncapped), "the cap on blocks per SM did not take");
+    }
 }

@@ -32,21 +32,18 @@ pub const LONG: Duration = Duration::from_secs(240);
 impl Cluster {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let addr = format!("127.0.0.1:{}", std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port());
         let db = dir.path().join("coordinator.db");
         let log = log_file(dir.path(), "coordinator");
-        let child = Command::new(env!("CARGO_BIN_EXE_smelt"))
-            .args(["coordinator", "--listen", &addr, "--db", db.to_str().unwrap(), "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
+        // Port 0: the coordinator binds a free port itself and logs it, so that tests running
+        // side by side cannot race for a port picked here and released before it binds.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+            .args(["coordinator", "--listen", "127.0.0.1:0", "--db", db.to_str().unwrap(), "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "coordinator did not come up");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let addr = listening_addr(&dir.path().join("coordinator.log"), &mut child, 0);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         Cluster { dir, addr, _coordinator: Proc(child), workers: Vec::new(), rt }
     }
@@ -219,6 +216,36 @@ impl Cluster {
             .output()
             .unwrap();
         (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    }
+}
+
+/// How many times a coordinator has logged "coordinator listening" in `log` (a restarted
+/// coordinator appends to the same log).
+pub fn listening_lines(log: &Path) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter(|l| l.contains("coordinator listening")).count()
+}
+
+/// The address a coordinator started with `--listen 127.0.0.1:0` bound: the `addr=` of the first
+/// "coordinator listening" line of `log` after the first `seen` ones (`listening_lines` before
+/// the start), waiting up to 30 s. Port 0 lets the coordinator pick a free port itself: a port
+/// picked by the test and released before the coordinator binds it can be taken meanwhile by a
+/// test running beside it. Panics with the log if `child` exits first or no line comes.
+pub fn listening_addr(log: &Path, child: &mut Child, seen: usize) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let found = text.lines().filter(|l| l.contains("coordinator listening")).nth(seen).and_then(|l| {
+            let at = l.find("addr=")? + "addr=".len();
+            l[at..].split_whitespace().next().map(str::to_string)
+        });
+        if let Some(addr) = found {
+            return addr;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("the coordinator exited ({status}) before listening; its log:\n{text}");
+        }
+        assert!(Instant::now() < deadline, "the coordinator did not log its address within 30 s; its log:\n{text}");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

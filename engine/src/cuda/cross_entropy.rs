@@ -1,13 +1,18 @@
 //! Fused softmax cross-entropy, one block per row of logits.
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use std::sync::OnceLock;
+
+use cudarc::driver::sys::CUfunction_attribute_enum;
+use cudarc::driver::{CudaFunction, CudaSlice, DriverError, LaunchConfig, PushKernelArg};
 
 use super::view::{CudaView, CudaViewMut};
-use super::CudaBackend;
+use super::{device_err, CudaBackend};
+use crate::error::EngineError;
 
 /// Threads per row. The forward merges per-warp results through a 32-entry shared array and
 /// warp shuffles (a multiple of 32, at most 1024); head and tail elements of a row (up to 3 each,
 /// before and after the 4-element words the kernels load) take one thread each (at least 4).
+/// The fused kernel's launch bounds allow at most its CE_FUSED_THREADS (512; a unit test checks).
 const THREADS: u32 = 512;
 const _: () = assert!(THREADS.is_multiple_of(32) && THREADS >= 32 && THREADS <= 1024);
 
@@ -60,27 +65,10 @@ pub(crate) fn backward_in_place(be: &CudaBackend, logits: CudaViewMut<'_>, lse: 
     be.check(unsafe { b.launch(row_cfg(n)) }.map(|_| ()), "cross_entropy_backward_in_place");
 }
 
-/// Words of 4 bf16 logits each thread of the fused kernel may hold, one kernel per value
-/// (cross_entropy.cu's `cross_entropy_fused_bf16_k{K}`). f32 logits take the two kernels.
-const FUSED_K_BF16: &[usize] = &[16, 32];
-/// The fused kernels' block size: their CE_FUSED_THREADS, which fixes where each held word lies.
-const FUSED_THREADS: u32 = 512;
-
-/// The fused kernel for rows of `v` logits: the smallest K whose K words per thread cover a row
-/// (at most v / 4 whole words after a head of up to 3 elements), None for f32 logits and rows
-/// longer than the largest K covers.
-fn fused_kernel(bf16: bool, v: usize) -> Option<String> {
-    if !bf16 {
-        return None;
-    }
-    let k = FUSED_K_BF16.iter().copied().find(|&k| k * FUSED_THREADS as usize >= v / 4)?;
-    Some(format!("cross_entropy_fused_bf16_k{k}"))
-}
-
-/// `forward` then `backward_in_place`; with the backend's fused classifier on, in one kernel that
-/// reads each row once and keeps it in registers (one read and one write of the logits instead of
-/// two reads and a write; the same results bitwise). f32 logits and rows too long for the
-/// registers take the two kernels.
+/// `forward` then `backward_in_place`; with the backend's fused classifier on, in one kernel
+/// (`cross_entropy_fused[_bf16]`) that runs both on a row in the same block, so that the
+/// backward's read of the row is served by L2 (one DRAM read and one write of the logits instead
+/// of two reads and a write; the same results bitwise). Any V, f32 or bf16 logits.
 pub(crate) fn forward_backward_in_place(
     be: &CudaBackend,
     losses: CudaViewMut<'_>,
@@ -96,23 +84,147 @@ pub(crate) fn forward_backward_in_place(
     if n == 0 {
         return;
     }
-    // the fused kernel only where asked for (CudaBackend::with_fused_classifier): one block of
-    // 512 threads per SM holding a 50k row measured 2.0 ms against the two kernels' 1.3
-    let fused = if be.fused_classifier() { fused_kernel(logits.is_bf16(), v) } else { None };
-    let Some(name) = fused else {
+    // the fused kernel only where asked for (CudaBackend::with_fused_classifier) until it is
+    // measured against the two kernels on a card
+    if !be.fused_classifier() {
         forward(be, losses, lse.reborrow(), logits.as_view(), targets, v);
         return backward_in_place(be, logits, lse.as_view(), targets, dloss, v);
-    };
-    let f = be.func(&name);
+    }
+    let bf16 = logits.is_bf16();
+    let name = fused_name(bf16);
+    let f = be.func(name);
+    let smem = fused_smem(be, &f, bf16);
     let (t, err, vv) = (be.ids_ptr(targets), be.err_ptr(), v as u64);
     let mut b = be.stream().launch_builder(&f);
     b.arg(losses.ptr_ref()).arg(lse.ptr_ref()).arg(logits.addr_ref()).arg(&t).arg(&dloss).arg(&vv).arg(&err);
-    let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (FUSED_THREADS, 1, 1), shared_mem_bytes: 0 };
-    // SAFETY: cross_entropy_fused_bf16_k{K}(float*, float*, unsigned short* (a bf16 view, as
-    // fused_kernel requires), const unsigned*, float, u64, unsigned*), one block of FUSED_THREADS
-    // per row with K * 4 * FUSED_THREADS >= v (fused_kernel), reads and writes row n of logits
-    // only (aligned 4-element words, scalar head and tail) and writes losses[n], lse[n].
-    be.check(unsafe { b.launch(cfg) }.map(|_| ()), "cross_entropy_fused");
+    let cfg = LaunchConfig { shared_mem_bytes: smem, ..row_cfg(n) };
+    // SAFETY: cross_entropy_fused[_bf16](float*, float*, float* or unsigned short* (the view's
+    // type, as the name is picked), const unsigned*, float, u64, unsigned*), one block of
+    // THREADS (<= its launch bounds) per row, reads and writes row n of logits only (aligned
+    // 4-element words, scalar head and tail) and writes losses[n], lse[n]. The dynamic shared
+    // memory is never touched (it only limits the blocks per SM) and is at most what
+    // fused_smem allowed the function.
+    be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
+}
+
+/// Blocks of the fused kernel resident per SM unless `SMELT_CE_BLOCKS_PER_SM` says otherwise.
+///
+/// Why a cap: the fused kernel's backward half re-reads the row its block has just read, which
+/// saves a DRAM read only if the row is still in L2. The rows in flight (blocks per SM x SMs x
+/// the row's bytes) must therefore stay well under L2: at GPT-2's V = 50304 a bf16 row is 100 KB,
+/// so 2 blocks on each of an H100's 132 SMs keep 26 MB of its 50 MB in flight, where the 3 that
+/// fit by registers would keep 40 MB (and 4, the thread limit, 53 MB). f32 rows are twice as long
+/// (53 MB at 2 per SM), but f32 logits are for comparisons, not speed.
+const FUSED_BLOCKS_PER_SM: u32 = 2;
+
+/// The most blocks per SM `SMELT_CE_BLOCKS_PER_SM` may ask for (more would not fit by threads).
+const MAX_BLOCKS_PER_SM: u32 = 4;
+
+/// `SMELT_CE_BLOCKS_PER_SM`'s value (read once per process; for measuring on a card), else
+/// FUSED_BLOCKS_PER_SM. A value that is not a count in 1..=MAX_BLOCKS_PER_SM warns and is ignored.
+fn blocks_per_sm() -> u32 {
+    static CAP: OnceLock<u32> = OnceLock::new();
+    *CAP.get_or_init(|| {
+        let var = std::env::var("SMELT_CE_BLOCKS_PER_SM").ok();
+        parse_blocks_per_sm(var.as_deref()).unwrap_or_else(|why| {
+            tracing::warn!("{why}; using {FUSED_BLOCKS_PER_SM} blocks per SM");
+            FUSED_BLOCKS_PER_SM
+        })
+    })
+}
+
+/// The blocks per SM an environment value asks for: FUSED_BLOCKS_PER_SM when unset.
+fn parse_blocks_per_sm(var: Option<&str>) -> Result<u32, String> {
+    let Some(s) = var else { return Ok(FUSED_BLOCKS_PER_SM) };
+    match s.trim().parse::<u32>() {
+        Ok(n) if (1..=MAX_BLOCKS_PER_SM).contains(&n) => Ok(n),
+        _ => Err(format!("SMELT_CE_BLOCKS_PER_SM=`{s}` is not a count of blocks in 1..={MAX_BLOCKS_PER_SM}")),
+    }
+}
+
+/// The fused kernels' dynamic shared memory in bytes (by logits type), worked out on first use
+/// per backend: the functions are the backend's own.
+#[derive(Default)]
+pub(crate) struct FusedSmem {
+    f32: OnceLock<u32>,
+    bf16: OnceLock<u32>,
+}
+
+/// The fused kernel's name for bf16 or f32 logits.
+fn fused_name(bf16: bool) -> &'static str {
+    if bf16 {
+        "cross_entropy_fused_bf16"
+    } else {
+        "cross_entropy_fused"
+    }
+}
+
+/// The dynamic shared memory to launch the fused kernel `f` with: see `cap_smem`. If the driver
+/// cannot tell, none (no cap; the same results, maybe slower), with a warning.
+fn fused_smem(be: &CudaBackend, f: &CudaFunction, bf16: bool) -> u32 {
+    let cell = if bf16 { &be.ce_fused_smem.bf16 } else { &be.ce_fused_smem.f32 };
+    *cell.get_or_init(|| {
+        let cap = blocks_per_sm();
+        cap_smem(be, f, cap).unwrap_or_else(|e| {
+            let kernel = fused_name(bf16);
+            tracing::warn!(kernel, blocks_per_sm = cap, error = ?e, "cannot cap the fused classifier's blocks per SM");
+            0
+        })
+    })
+}
+
+/// Dynamic shared memory, never touched by the kernel, that leaves room for at most `cap` of
+/// `f`'s blocks per SM (FUSED_BLOCKS_PER_SM says why); 0 when no more than `cap` fit anyway.
+/// Sets the function's attributes for it: the whole carveout as shared memory (so that the
+/// occupancy computed here is the one it runs at; the L1 it leaves is of no use to a streaming
+/// kernel), and the opt-in to more than 48 KiB.
+fn cap_smem(be: &CudaBackend, f: &CudaFunction, cap: u32) -> Result<u32, DriverError> {
+    use cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPT_IN;
+    use CUfunction_attribute_enum::{
+        CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYNAMIC,
+        CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT as CARVEOUT, CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES as STATIC,
+    };
+    let static_smem = f.get_attribute(STATIC)?; // (also makes the backend's context current)
+    if f.occupancy_max_active_blocks_per_multiprocessor(THREADS, 0, None)? <= cap {
+        return Ok(0);
+    }
+    f.set_attribute(CARVEOUT, 100)?;
+    // any size up to the device's limit may be launched (and asked about below)
+    f.set_attribute(MAX_DYNAMIC, be.ctx.attribute(OPT_IN)? - static_smem)?;
+    // the most that lets `cap` blocks fit, more than cap + 1 blocks' share
+    let smem = f.occupancy_available_dynamic_smem_per_block(cap, THREADS)?;
+    let got = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)?;
+    if got != cap {
+        let why = "the fused classifier's cap on blocks per SM did not take";
+        tracing::warn!(blocks_per_sm = got, wanted = cap, smem, "{why}");
+    }
+    Ok(smem as u32)
+}
+
+/// Blocks per SM of the fused classifier kernel (`CudaBackend::fused_classifier_occupancy`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FusedClassifierOccupancy {
+    /// The cap asked for (`SMELT_CE_BLOCKS_PER_SM`, default 2).
+    pub cap: u32,
+    /// Blocks that fit per SM without the cap (by registers and threads).
+    pub uncapped: u32,
+    /// Blocks that fit with the dynamic shared memory the kernel is launched with: the smaller
+    /// of the two above when the cap took.
+    pub blocks_per_sm: u32,
+}
+
+impl CudaBackend {
+    /// The fused classifier kernel's blocks per SM for bf16 or f32 logits, as it is launched
+    /// (setting up its cap first if no launch has yet).
+    pub fn fused_classifier_occupancy(&self, bf16: bool) -> Result<FusedClassifierOccupancy, EngineError> {
+        let f = self.func(fused_name(bf16));
+        let smem = fused_smem(self, &f, bf16);
+        let at = |smem: u32| {
+            f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem as usize, None)
+                .map_err(|e| device_err(format!("{}: occupancy: {e:?}", fused_name(bf16))))
+        };
+        Ok(FusedClassifierOccupancy { cap: blocks_per_sm(), uncapped: at(0)?, blocks_per_sm: at(smem)? })
+    }
 }
 
 /// dlogits[n] += dloss * (softmax(logits[n]) - onehot(t)), skipping ignored rows.
@@ -142,21 +254,26 @@ pub(crate) fn backward(
 
 #[cfg(test)]
 mod tests {
-    use super::fused_kernel;
+    use super::{parse_blocks_per_sm, FUSED_BLOCKS_PER_SM, MAX_BLOCKS_PER_SM, THREADS};
 
     #[test]
-    fn fused_kernel_covers_the_row() {
-        // GPT-2 (padded and not): 25 words per thread; BERT, T5: 15, 16
-        assert_eq!(fused_kernel(true, 50304).as_deref(), Some("cross_entropy_fused_bf16_k32"));
-        assert_eq!(fused_kernel(true, 50257).as_deref(), Some("cross_entropy_fused_bf16_k32"));
-        assert_eq!(fused_kernel(true, 30522).as_deref(), Some("cross_entropy_fused_bf16_k16"));
-        assert_eq!(fused_kernel(true, 32128).as_deref(), Some("cross_entropy_fused_bf16_k16"));
-        assert_eq!(fused_kernel(true, 1).as_deref(), Some("cross_entropy_fused_bf16_k16"));
-        // the longest rows each K covers: 4 * 512 * K words and a tail of 3
-        assert_eq!(fused_kernel(true, 32768 + 3).as_deref(), Some("cross_entropy_fused_bf16_k16"));
-        assert_eq!(fused_kernel(true, 32768 + 4).as_deref(), Some("cross_entropy_fused_bf16_k32"));
-        assert_eq!(fused_kernel(true, 65536 + 3).as_deref(), Some("cross_entropy_fused_bf16_k32"));
-        assert_eq!(fused_kernel(true, 65536 + 4), None);
-        assert_eq!(fused_kernel(false, 32128), None);
+    fn blocks_per_sm_from_the_environment() {
+        assert_eq!(parse_blocks_per_sm(None), Ok(FUSED_BLOCKS_PER_SM));
+        assert_eq!(parse_blocks_per_sm(Some("1")), Ok(1));
+        assert_eq!(parse_blocks_per_sm(Some(" 3 ")), Ok(3));
+        assert_eq!(parse_blocks_per_sm(Some("4")), Ok(MAX_BLOCKS_PER_SM));
+        for bad in ["0", "5", "-1", "two", ""] {
+            let err = parse_blocks_per_sm(Some(bad)).expect_err(bad);
+            assert!(err.contains("SMELT_CE_BLOCKS_PER_SM") && err.contains(bad), "unhelpful: {err}");
+        }
+    }
+
+    #[test]
+    fn launches_within_the_fused_kernels_launch_bounds() {
+        // the kernels are launched with THREADS; more than their launch bounds would fail to launch
+        let src = include_str!("kernels/cross_entropy.cu");
+        assert!(src.contains(&format!("#define CE_FUSED_THREADS {THREADS}\n")), "CE_FUSED_THREADS != THREADS");
+        let bounded = src.matches("__launch_bounds__(CE_FUSED_THREADS, ").count();
+        assert_eq!(bounded, 2, "both fused kernels are bounded by CE_FUSED_THREADS");
     }
 }

@@ -46,6 +46,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 
 use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 use crate::error::{ConfigError, EngineError};
+pub use cross_entropy::FusedClassifierOccupancy;
 pub use lt::EpilogueStats;
 pub use shadow::ShadowStats;
 pub use ids::CudaIds;
@@ -106,10 +107,14 @@ pub struct CudaBackend {
     lt: Option<lt::Lt>,
     /// Whether bf16 matmuls read their weights from bf16 shadows of whole buffers (shadow.rs).
     weight_shadow: bool,
-    /// Whether `cross_entropy_forward_backward_in_place` runs the one-read fused kernel instead
-    /// of the forward and in-place backward kernels (cross_entropy.rs): off unless
-    /// `SMELT_FUSED_CLASSIFIER=1`, since it measured slower (run 14, bench/NOTES.md v8).
+    /// Whether `cross_entropy_forward_backward_in_place` runs the fused kernel (forward and
+    /// in-place backward of a row in one block, the second read from L2) instead of the forward
+    /// and in-place backward kernels (cross_entropy.rs): off unless `SMELT_FUSED_CLASSIFIER=1`
+    /// until measured on a card.
     fused_classifier: bool,
+    /// The fused classifier kernels' dynamic shared memory, which caps their blocks per SM
+    /// (cross_entropy.rs), worked out on first use.
+    ce_fused_smem: cross_entropy::FusedSmem,
     /// Whether the MLP's up-projection + GELU and its backward run as cuBLASLt GELU epilogues
     /// (`Backend::matmul_gelu_forward_fused` / `matmul_dgelu_backward_fused`, lt.rs): off
     /// unless `SMELT_GELU_EPILOGUE=1` until measured on a card.
@@ -246,6 +251,7 @@ impl CudaBackend {
             lt,
             weight_shadow: shadow::enabled_by_env(),
             fused_classifier: std::env::var("SMELT_FUSED_CLASSIFIER").is_ok_and(|v| v == "1"),
+            ce_fused_smem: cross_entropy::FusedSmem::default(),
             gelu_epilogue: std::env::var("SMELT_GELU_EPILOGUE").is_ok_and(|v| v == "1"),
             bgrad_epilogue: std::env::var("SMELT_BGRAD_EPILOGUE").is_ok_and(|v| v == "1"),
             epilogue_counts: lt::EpilogueCounts::default(),
@@ -260,11 +266,11 @@ impl CudaBackend {
     pub fn options(&self) -> CudaOptions {
         self.opts
     }
-    /// With `on` false, bf16 matmuls convert their weights on every call instead of reading
-    /// bf16 shadows of their buffers (same results, bitwise; for comparison). The default is
-    /// on unless `SMELT_WEIGHT_SHADOW=0`.
     /// With `on`, the classifier's training forward (`cross_entropy_forward_backward_in_place`)
-    /// runs the fused one-read kernel (same results, bitwise; slower on an H200 so far).
+    /// runs the fused kernel: a row's forward and in-place backward in one block, the backward's
+    /// read served by L2, with the blocks per SM capped (`SMELT_CE_BLOCKS_PER_SM`, default 2) so
+    /// that the rows in flight stay in L2. Same results, bitwise. The default is off unless
+    /// `SMELT_FUSED_CLASSIFIER=1`.
     pub fn with_fused_classifier(mut self, on: bool) -> Self {
         self.fused_classifier = on;
         self
@@ -300,6 +306,9 @@ impl CudaBackend {
     pub fn epilogue_stats(&self) -> EpilogueStats {
         self.epilogue_counts.stats()
     }
+    /// With `on` false, bf16 matmuls convert their weights on every call instead of reading
+    /// bf16 shadows of their buffers (same results, bitwise; for comparison). The default is
+    /// on unless `SMELT_WEIGHT_SHADOW=0`.
     pub fn with_weight_shadow(mut self, on: bool) -> Self {
         self.weight_shadow = on;
         self

@@ -339,9 +339,10 @@ impl<B: Backend> Gpt<B> {
     }
 
     /// A training pass's forward half: the mean cross-entropy over the targets that count, and
-    /// the logits' gradient for `backward(loss_scale)` (or `backward_overlapped`) computed in the
-    /// same read of the logits (the fused classifier, `cross_entropy_forward_backward_in_place`:
-    /// the logits of a batch are the largest activation there is). The logits are not available
+    /// the logits' gradient for `backward(loss_scale)` (or `backward_overlapped`) written over
+    /// the logits in the same op (the fused classifier, `cross_entropy_forward_backward_in_place`,
+    /// which a backend may run as one kernel per row: the logits of a batch are the largest
+    /// activation there is). The logits are not available
     /// afterwards (`logits` panics), and `backward` must get the same loss_scale (else an error).
     pub fn forward_train(&mut self, tokens: &[u32], targets: &[u32], b: usize, t: usize, loss_scale: f32) -> Result<f32, EngineError> {
         Ok(self.forward_with(tokens, Some(targets), b, t, Some(loss_scale))?.expect("targets given"))

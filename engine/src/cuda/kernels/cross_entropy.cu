@@ -1,5 +1,6 @@
 // Fused softmax cross-entropy over the vocabulary, one block per row: the forward reads each
-// logit once (online max and sum of exponentials), the backward once more.
+// logit once (online max and sum of exponentials), the backward once more; the fused kernel at
+// the end runs both on a row in one block, its second read served by L2.
 //
 // The rows are streamed, so the kernels are bound by memory bandwidth: each thread moves four
 // logits per access (8 bytes of bf16 as a uint2, 16 bytes of f32 as a float4) and keeps four
@@ -128,18 +129,19 @@ __device__ __forceinline__ void block_lse(float& m, float& s) {
 // The row's log-sum-exp from the block's (m, s), rounded the same way in every kernel.
 __device__ __forceinline__ float lse_of(float m, float s) { return __fadd_rn(m, logf(s)); }
 
-// losses[n] = lse(logits[n]) - logits[n, t], 0 where t is IGNORE_INDEX; saves lse (N).
-// logits (N, V), f32 or bf16. Launch: one block per row, blockDim.x a multiple of 32 in [32, 1024].
+// Folds the thread's share of a row of V logits into (m, s), the thread's (max, sum of
+// exp(x - max)): head element tid, words tid + k * blockDim.x (CE_UNROLL at a time while a whole
+// group lies in the row, then one by one), tail element tid. The forward and the fused kernel
+// both run exactly this, so their per-thread values, and so the block's, are the same bits.
 template <typename T>
-__device__ void cross_entropy_forward_t(float* losses, float* lse, const T* logits,
-                                        const unsigned* targets, u64 v, unsigned* err) {
+__device__ __forceinline__ void thread_lse(float& m, float& s, const T* x, u64 v) {
     typedef Quad<T> Q;
     typedef typename Q::W W;
-    u64 row = blockIdx.x, tid = threadIdx.x, bd = blockDim.x;
-    const T* x = logits + row * v;
+    u64 tid = threadIdx.x, bd = blockDim.x;
     RowSplit r = split_row(x, v);
     const W* xw = (const W*)(x + r.head);
-    float m = -INFINITY, s = 0.0f;
+    m = -INFINITY;
+    s = 0.0f;
     if (tid < r.head) {
         float xi = logit_at(x, tid);
         online_update<1>(m, s, &xi);
@@ -163,8 +165,19 @@ __device__ void cross_entropy_forward_t(float* losses, float* lse, const T* logi
         float xi = logit_at(x, r.tail_start + tid);
         online_update<1>(m, s, &xi);
     }
+}
+
+// losses[n] = lse(logits[n]) - logits[n, t], 0 where t is IGNORE_INDEX; saves lse (N).
+// logits (N, V), f32 or bf16. Launch: one block per row, blockDim.x a multiple of 32 in [32, 1024].
+template <typename T>
+__device__ void cross_entropy_forward_t(float* losses, float* lse, const T* logits,
+                                        const unsigned* targets, u64 v, unsigned* err) {
+    u64 row = blockIdx.x;
+    const T* x = logits + row * v;
+    float m, s;
+    thread_lse(m, s, x, v);
     block_lse(m, s);
-    if (tid == 0) {
+    if (threadIdx.x == 0) {
         float l = lse_of(m, s);
         lse[row] = l;
         unsigned t = targets[row];
@@ -243,24 +256,15 @@ __device__ __forceinline__ void zero_row(T* x, RowSplit r) {
     if (tid < r.tail) logit_store(x, r.tail_start + tid, 0.0f);
 }
 
-// The fused classifier's backward: logits[n] = dloss * (softmax(logits[n]) - onehot(t)), zeros
-// for ignored rows (and for a target out of range, which the forward already flagged). Each
-// element is read once and written once by the same thread, rounded once to the storage type.
-// Launch: one block per row, blockDim.x >= 4 (the head and tail take one element per thread).
+// Overwrites a row of V logits (target t < V) with dloss * (softmax - onehot(t)), given the row's
+// lse l: the thread's head element, words and tail element as thread_lse takes them (the same
+// split), each read once and written once by the same thread, rounded once to the storage type.
 template <typename T>
-__device__ void cross_entropy_backward_in_place_t(T* logits, const float* lse, const unsigned* targets, float dloss,
-                                                  u64 v) {
+__device__ __forceinline__ void row_grad_in_place(T* x, u64 v, unsigned t, float l, float dloss) {
     typedef Quad<T> Q;
     typedef typename Q::W W;
-    u64 row = blockIdx.x, tid = threadIdx.x, bd = blockDim.x;
-    unsigned t = targets[row];
-    T* x = logits + row * v;
+    u64 tid = threadIdx.x, bd = blockDim.x;
     RowSplit r = split_row(x, v);
-    if (t == IGNORE_INDEX || t >= v) {
-        zero_row(x, r);
-        return;
-    }
-    float l = lse[row];
     W* xw = (W*)(x + r.head);
     if (tid < r.head) logit_store(x, tid, in_place_grad(logit_at(x, tid), l, dloss, tid == t));
     u64 w = tid;
@@ -288,6 +292,22 @@ __device__ void cross_entropy_backward_in_place_t(T* logits, const float* lse, c
     }
 }
 
+// The fused classifier's backward: logits[n] = dloss * (softmax(logits[n]) - onehot(t)), zeros
+// for ignored rows (and for a target out of range, which the forward already flagged).
+// Launch: one block per row, blockDim.x >= 4 (the head and tail take one element per thread).
+template <typename T>
+__device__ void cross_entropy_backward_in_place_t(T* logits, const float* lse, const unsigned* targets, float dloss,
+                                                  u64 v) {
+    u64 row = blockIdx.x;
+    unsigned t = targets[row];
+    T* x = logits + row * v;
+    if (t == IGNORE_INDEX || t >= v) {
+        zero_row(x, split_row(x, v));
+        return;
+    }
+    row_grad_in_place(x, v, t, lse[row], dloss);
+}
+
 extern "C" __global__ void cross_entropy_backward_in_place(float* logits, const float* lse, const unsigned* targets,
                                                            float dloss, u64 v) {
     cross_entropy_backward_in_place_t(logits, lse, targets, dloss, v);
@@ -301,162 +321,64 @@ extern "C" __global__ void cross_entropy_backward_in_place_bf16(unsigned short* 
 
 // ---- forward and in-place backward in one pass -------------------------------------------------
 //
-// A training step runs the in-place backward right after the forward, so the fused kernel reads
-// each row once, keeps it in registers, reduces it to the row's lse and loss, and overwrites it
-// with the gradient: one read and one write of the logits instead of two reads and a write.
-// Thread tid holds the row's words tid + k * CE_FUSED_THREADS, k < K (K words of 4 logits: 2
-// registers each for bf16, 4 for f32, which is written generically but not instantiated), plus
-// at most one head and one tail element; the host picks K with K * 4 * CE_FUSED_THREADS >= V.
-// Every load is issued before any value is used.
+// A training step runs the in-place backward right after the forward. The fused kernel runs both
+// on a row in the same block: thread_lse over the row, block_lse, then row_grad_in_place with that
+// lse. The backward's read of the row comes right after the forward's, so it hits L2 (a GPT-2 row
+// is 100 KB of bf16): DRAM sees one read and one write of the logits instead of two reads and a
+// write. That holds only while the rows in flight fit in L2 with room to spare, so the host caps
+// the blocks resident per SM (cross_entropy.rs: dynamic shared memory the kernel never touches,
+// sized so that no more than the cap fit; 2 per SM by default, 132 SMs x 2 x 100 KB = 26 MB of
+// an H100's 50 MB).
 //
-// The arithmetic is the two kernels': the per-thread (m, s) folds the same values in the same
-// groups and order as cross_entropy_forward_t's loops, block_lse merges them in the same tree,
-// and the gradient is in_place_grad of the same lse, so losses, lse and gradients equal the
-// two-kernel path's bitwise.
-//
-// The thread count is a compile-time constant so that word k of a thread sits at a fixed offset
-// from the thread's first word (an immediate in the load and the store), and "word k is in the
-// row" is k < the thread's word count: no 64-bit address or index per held word, which would
-// double the registers per word.
+// The arithmetic is the two kernels': the same thread_lse per thread, the same block_lse tree,
+// lse_of, and row_grad_in_place, so losses, lse and gradients equal theirs bitwise.
 
-// Threads per row of the fused kernels; cross_entropy.rs launches them with exactly as many.
+// Threads per row of the fused kernel (cross_entropy.rs launches it with exactly as many).
 #define CE_FUSED_THREADS 512
-
-// Folds the thread's nk held words (nk <= K) into (m, s) as cross_entropy_forward_t's loops do:
-// CE_UNROLL words at a time while the whole group lies in the row, then the nk % CE_UNROLL words
-// left one by one. Those are copied out of their group first (a few selects) so that the
-// word-by-word code exists once, not once per group (less unrolled code to compile).
-template <typename T, int K>
-__device__ __forceinline__ void fold_held(float& m, float& s, const typename Quad<T>::W (&q)[K], int nk) {
-    typedef Quad<T> Q;
-    typedef typename Q::W W;
-    static_assert(K % CE_UNROLL == 0, "held words come in whole groups");
-    const int groups = nk / CE_UNROLL;
-#pragma unroll
-    for (int g = 0; g < K / CE_UNROLL; g++) {
-        if (g < groups) {
-            float f[4 * CE_UNROLL];
-#pragma unroll
-            for (int u = 0; u < CE_UNROLL; u++) Q::unpack(q[g * CE_UNROLL + u], f + 4 * u);
-            online_update<4 * CE_UNROLL>(m, s, f);
-        }
-    }
-    W rest[CE_UNROLL - 1];
-#pragma unroll
-    for (int u = 0; u < CE_UNROLL - 1; u++) rest[u] = q[u];
-#pragma unroll
-    for (int g = 1; g < K / CE_UNROLL; g++) {
-        if (g == groups) {
-#pragma unroll
-            for (int u = 0; u < CE_UNROLL - 1; u++) rest[u] = q[g * CE_UNROLL + u];
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < CE_UNROLL - 1; u++) {
-        if (u < nk - groups * CE_UNROLL) {
-            float f[4];
-            Q::unpack(rest[u], f);
-            online_update<4>(m, s, f);
-        }
-    }
-}
-
-// in_place_grad4 with the target's offset from the word's first element, j = t - first (as
-// unsigned: wraps to a huge value when the target lies before the word). Rows of the fused
-// kernels are short enough for 32 bits.
-__device__ __forceinline__ void in_place_grad4_at(float f[4], float l, float dloss, unsigned j) {
-#pragma unroll
-    for (int k = 0; k < 4; k++) f[k] = __fadd_rn(0.0f, softmax_grad(f[k], l, dloss));
-    if (j < 4) {
-#pragma unroll
-        for (int k = 0; k < 4; k++)
-            if (j == (unsigned)k) f[k] -= dloss;
-    }
-}
-
-// Overwrites the thread's nk held words (xw: its first) with their gradient; j0 = t - the first
-// element of its first word.
-template <typename T, int K>
-__device__ __forceinline__ void store_held_grad(typename Quad<T>::W* xw, const typename Quad<T>::W (&q)[K], int nk,
-                                                float l, float dloss, unsigned j0) {
-    typedef Quad<T> Q;
-#pragma unroll
-    for (int k = 0; k < K; k++) {
-        if (k < nk) {
-            float f[4];
-            Q::unpack(q[k], f);
-            in_place_grad4_at(f, l, dloss, j0 - 4u * CE_FUSED_THREADS * k);
-            xw[k * CE_FUSED_THREADS] = Q::pack(f);
-        }
-    }
-}
 
 // losses, lse as cross_entropy_forward_t, then logits overwritten as
 // cross_entropy_backward_in_place_t (zeros for an ignored row or a target out of range, which
-// sets ERR_TARGET). logits (N, V), V <= K * 4 * CE_FUSED_THREADS. Launch: one block of
-// CE_FUSED_THREADS threads per row.
-template <typename T, int K>
+// sets ERR_TARGET). logits (N, V), f32 or bf16, any V. Launch: one block per row, blockDim.x a
+// multiple of 32 in [32, CE_FUSED_THREADS].
+template <typename T>
 __device__ void cross_entropy_fused_t(float* losses, float* lse, T* logits, const unsigned* targets, float dloss, u64 v,
                                       unsigned* err) {
-    typedef Quad<T> Q;
-    typedef typename Q::W W;
     u64 row = blockIdx.x;
-    unsigned tid = threadIdx.x;
     T* x = logits + row * v;
-    RowSplit r = split_row(x, v);
-    W* xw = (W*)(x + r.head) + tid;  // the thread's first word
-    unsigned words = (unsigned)r.words, head = (unsigned)r.head, tail = (unsigned)r.tail;
-    int nk = tid < words ? (int)((words - tid + CE_FUSED_THREADS - 1) / CE_FUSED_THREADS) : 0;  // words held
     unsigned t = targets[row];
-    W q[K];
-#pragma unroll
-    for (int k = 0; k < K; k++)
-        if (k < nk) q[k] = xw[k * CE_FUSED_THREADS];
-    float hx = tid < head ? logit_at(x, tid) : 0.0f;
-    float tx = tid < tail ? logit_at(x, r.tail_start + tid) : 0.0f;
-    // The target's logit, read before block_lse's barrier: after it, other threads overwrite the row.
     bool skip = t == IGNORE_INDEX || t >= v;
-    float xt = tid == 0 && !skip ? logit_at(x, t) : 0.0f;
-
-    float m = -INFINITY, s = 0.0f;
-    if (tid < head) online_update<1>(m, s, &hx);
-    fold_held<T, K>(m, s, q, nk);
-    if (tid < tail) online_update<1>(m, s, &tx);
+    // The target's logit, read before block_lse's barrier: after it, other threads overwrite the row.
+    float xt = threadIdx.x == 0 && !skip ? logit_at(x, t) : 0.0f;
+    float m, s;
+    thread_lse(m, s, (const T*)x, v);
     block_lse(m, s);
     // Lane 0 of every warp holds thread 0's (m, s): every warp ran the same second butterfly on the
-    // same per-warp results. Broadcast it so that every thread uses the lse that is saved.
+    // same per-warp results. Broadcast it so that every thread uses the lse that is saved (the
+    // other lanes merged the same pairs in the other order, the same bits as lse_merge is
+    // commutative; the broadcast makes that hold by construction, for two shuffles).
     m = __shfl_sync(0xffffffffu, m, 0);
     s = __shfl_sync(0xffffffffu, s, 0);
     float l = lse_of(m, s);
-    if (tid == 0) {
+    if (threadIdx.x == 0) {
         lse[row] = l;
         if (t != IGNORE_INDEX && t >= v) atomicOr(err, ERR_TARGET);
         losses[row] = skip ? 0.0f : l - xt;
     }
     if (skip) {
-        zero_row(x, r);
+        zero_row(x, split_row(x, v));
         return;
     }
-    if (tid < head) logit_store(x, tid, in_place_grad(hx, l, dloss, tid == t));
-    store_held_grad<T, K>(xw, q, nk, l, dloss, t - head - 4u * tid);
-    if (tid < tail) {
-        unsigned i = (unsigned)r.tail_start + tid;
-        logit_store(x, i, in_place_grad(tx, l, dloss, i == t));
-    }
+    row_grad_in_place(x, v, t, l, dloss);
 }
 
-// One kernel per K, the smallest of which covers V: bf16 rows of up to 4 * 512 * 16 + 3 = 32771
-// logits (BERT's, T5's vocabularies) at K = 16, up to 65539 (GPT-2's) at K = 32; longer rows,
-// and f32 logits, take the two kernels (each K costs NVRTC time at every backend's start, and
-// smaller K gain no occupancy: K = 8 needs 48 registers, still 2 blocks of 512 per SM). K = 16
-// fits 64 registers (2 blocks per SM: one row's loads overlap the other's reduction); K = 32
-// takes one block per SM, whose loads in flight (a whole row: 100 KB at V = 50304) keep the
-// memory busy.
+// The launch bounds let as many blocks fit by registers as the host may ask for: 3 per SM for
+// bf16 logits (40 registers, 3 x 132 x 100 KB = 40 MB in flight at most), 2 for f32 (at 3,
+// ptxas spills).
 #define CE_FUSED_PARAMS(T) float *losses, float *lse, T *logits, const unsigned *targets, float dloss, u64 v, unsigned *err
 #define CE_FUSED_ARGS losses, lse, logits, targets, dloss, v, err
-extern "C" __global__ void __launch_bounds__(CE_FUSED_THREADS, 2) cross_entropy_fused_bf16_k16(CE_FUSED_PARAMS(unsigned short)) {
-    cross_entropy_fused_t<unsigned short, 16>(CE_FUSED_ARGS);
+extern "C" __global__ void __launch_bounds__(CE_FUSED_THREADS, 2) cross_entropy_fused(CE_FUSED_PARAMS(float)) {
+    cross_entropy_fused_t(CE_FUSED_ARGS);
 }
-extern "C" __global__ void __launch_bounds__(CE_FUSED_THREADS, 1) cross_entropy_fused_bf16_k32(CE_FUSED_PARAMS(unsigned short)) {
-    cross_entropy_fused_t<unsigned short, 32>(CE_FUSED_ARGS);
+extern "C" __global__ void __launch_bounds__(CE_FUSED_THREADS, 3) cross_entropy_fused_bf16(CE_FUSED_PARAMS(unsigned short)) {
+    cross_entropy_fused_t(CE_FUSED_ARGS);
 }
