@@ -42,6 +42,21 @@ extern "C" __global__ void adamw_update(float* p, const float* grads, float* m, 
     }
 }
 
+// Element i of the flat buffers, with the weight decay of the run holding it (and its shadow
+// value, when p_bf16 is not null).
+__device__ __forceinline__ void adamw_runs_one(float* p, unsigned short* p_bf16, const float* grads, float* m, float* v,
+                                               u64 i, const unsigned* ends, const float* decay, unsigned nruns,
+                                               float lr, float beta1, float beta2, float eps, float grad_scale,
+                                               float bc1, float bc2) {
+    const float wd = decay[run_of(ends, nruns, i)];
+    float mi = m[i], vi = v[i];
+    const float np = adamw_elem(p[i], grads[i], mi, vi, lr, beta1, beta2, eps, wd, grad_scale, bc1, bc2);
+    m[i] = mi;
+    v[i] = vi;
+    p[i] = np;
+    if (p_bf16) p_bf16[i] = f32_to_bf16_rne(np);
+}
+
 // The whole flat buffer in one launch: element i's weight decay is that of the run holding it,
 // found by binary search over the runs' end offsets (a few dozen, cached). Otherwise the same
 // arithmetic as adamw_update, so the two give the same bits.
@@ -52,13 +67,7 @@ extern "C" __global__ void adamw_update_runs(float* p, unsigned short* p_bf16, c
                                              float lr, float beta1, float beta2, float eps,
                                              float grad_scale, float bc1, float bc2) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
-        const float wd = decay[run_of(ends, nruns, i)];
-        float mi = m[i], vi = v[i];
-        const float np = adamw_elem(p[i], grads[i], mi, vi, lr, beta1, beta2, eps, wd, grad_scale, bc1, bc2);
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = np;
-        if (p_bf16) p_bf16[i] = f32_to_bf16_rne(np);
+        adamw_runs_one(p, p_bf16, grads, m, v, i, ends, decay, nruns, lr, beta1, beta2, eps, grad_scale, bc1, bc2);
     }
 }
 
@@ -96,12 +105,6 @@ extern "C" __global__ void adamw_update_runs_x4(float* p, unsigned short* p_bf16
     }
     const u64 i = 4 * n4 + tid;  // the tail
     if (i < n) {
-        const float wd = decay[run_of(ends, nruns, i)];
-        float mi = m[i], vi = v[i];
-        const float np = adamw_elem(p[i], grads[i], mi, vi, lr, beta1, beta2, eps, wd, grad_scale, bc1, bc2);
-        m[i] = mi;
-        v[i] = vi;
-        p[i] = np;
-        if (p_bf16) p_bf16[i] = f32_to_bf16_rne(np);
+        adamw_runs_one(p, p_bf16, grads, m, v, i, ends, decay, nruns, lr, beta1, beta2, eps, grad_scale, bc1, bc2);
     }
 }
