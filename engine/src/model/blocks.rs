@@ -208,6 +208,15 @@ impl Norm {
         be.layernorm_backward(all_mut(be, dx), dw, db, all(be, dy), all(be, x), cx.p(&self.w), all(be, &a.mean), all(be, &a.rstd), self.c);
     }
 
+    /// `backward`, also writing the final dx into `copy`, an activation buffer (bf16 on CUDA) that
+    /// the next GEMM reads as its dout without a conversion (`layernorm_backward_and_copy`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_copy<B: Backend>(&self, cx: &Ctx<B>, grads: &mut B::Buf, dx: &mut B::Buf, copy: &mut B::Buf, dy: &B::Buf, x: &B::Buf, a: &NormActs<B>) {
+        let be = cx.be;
+        let [dw, db] = be.split_mut(grads, [self.w.clone(), self.b.clone()]);
+        be.layernorm_backward_and_copy(true, all_mut(be, dx), all_mut(be, copy), dw, db, all(be, dy), all(be, x), cx.p(&self.w), all(be, &a.mean), all(be, &a.rstd), self.c);
+    }
+
     /// `dx = LN'(dy)` written over dx (no zero fill first), and the parameter gradients.
     pub fn backward_set<B: Backend>(&self, cx: &Ctx<B>, grads: &mut B::Buf, dx: &mut B::Buf, dy: &B::Buf, x: &B::Buf, a: &NormActs<B>) {
         let be = cx.be;
@@ -339,6 +348,7 @@ pub(crate) fn saved_probs<B: Backend>(a: &SubActs<B>) -> &B::Buf {
 /// Gradient scratch for one stack, exactly sized.
 pub(crate) struct Scratch<B: Backend> {
     g: B::Buf,     // (N, C) gradient of the current sublayer's output, then of its input
+    g_act: B::Buf, // (N, C) pre-LN: g as an activation (the projections' dout); (0) post-LN
     gnext: B::Buf, // (N, C) post-LN: the gradient of the sublayer's input being collected
     df: B::Buf,    // (N, C) f's gradient under dropout; in a forward with dropout: dropout(f)
     dfin: B::Buf,  // (N, C)
@@ -396,6 +406,7 @@ impl Stack {
             .collect();
         let scratch = Scratch {
             g: z(n * c),
+            g_act: if pre { act(n * c) } else { z(0) },
             gnext: z(n * c),
             df: z(n * c),
             dfin: z(n * c),
@@ -539,6 +550,9 @@ impl Stack {
         let StackActs { subs: sub_acts, scratch: s } = acts;
         // whether dmemory holds a gradient yet (its first writer sets, the others add)
         let mut dmemory_written = false;
+        // pre-LN without dropout: whether s.g_act holds s.g (written by the LayerNorm backward
+        // of the sublayer above), which the projections then read as their dout
+        let mut g_act_current = false;
         std::mem::swap(&mut s.g, dout);
         for (i, sub) in self.subs.iter().enumerate().rev() {
             let a = &sub_acts[i];
@@ -559,6 +573,7 @@ impl Stack {
                     be.dropout_forward(all_mut(be, &mut s.df), all(be, dresid), dp.site(i, n * d.c));
                     &s.df
                 }
+                None if g_act_current => &s.g_act,
                 None => dresid,
             };
             let fin = if post { inp } else { &a.ln.out };
@@ -610,8 +625,14 @@ impl Stack {
             if post {
                 std::mem::swap(&mut s.g, &mut s.gnext);
             } else {
-                // x + f(LN(x)): LN's input gradient joins dresid in s.g
-                sub.ln.backward(cx, grads, &mut s.g, &s.dfin, inp, &a.ln);
+                // x + f(LN(x)): LN's input gradient joins dresid in s.g; without dropout, also
+                // into s.g_act for the projections of the sublayer below (none below sublayer 0)
+                g_act_current = dropout.is_none() && i > 0;
+                if g_act_current {
+                    sub.ln.backward_copy(cx, grads, &mut s.g, &mut s.g_act, &s.dfin, inp, &a.ln);
+                } else {
+                    sub.ln.backward(cx, grads, &mut s.g, &s.dfin, inp, &a.ln);
+                }
             }
         }
         if let (Some(dmem), false) = (dmemory, dmemory_written) {
