@@ -16,7 +16,7 @@ mod bf16_reference;
 mod op_buffers;
 
 use bf16_reference::round_all;
-use op_buffers::{all, all_mut, host, randn, rel_err};
+use op_buffers::{activation, all, all_mut, host, randn, rel_err};
 use smelt_engine::backend::{Backend, MatmulShape, WeightLayout};
 use smelt_engine::cuda::{CudaBackend, CudaOptions, EpilogueStats, MatmulPrecision};
 use smelt_engine::CpuBackend;
@@ -39,12 +39,6 @@ fn gpu() -> Option<CudaBackend> {
             None
         }
     }
-}
-
-fn activation<B: Backend>(be: &B, values: &[f32]) -> B::Buf {
-    let mut buf = be.activation_zeros(values.len());
-    be.write(all_mut(be, &mut buf), values);
-    buf
 }
 
 fn check(what: &str, got: &[f32], want: &[f32], tol: f64) {

@@ -23,6 +23,14 @@ pub fn all_mut<'a, B: Backend>(be: &B, buf: &'a mut B::Buf) -> B::ViewMut<'a> {
     be.view_mut(buf, 0..n)
 }
 
+/// An activation buffer (`Backend::activation_zeros`: bf16 on a Bf16 CUDA backend, f32 on the
+/// CPU) holding `values`.
+pub fn activation<B: Backend>(be: &B, values: &[f32]) -> B::Buf {
+    let mut buf = be.activation_zeros(values.len());
+    be.write(all_mut(be, &mut buf), values);
+    buf
+}
+
 /// The whole buffer on the host (as f32 whatever its storage).
 pub fn host<B: Backend>(be: &B, buf: &B::Buf) -> Vec<f32> {
     be.download(all(be, buf))
