@@ -4,7 +4,9 @@
 # with bf16 activations and with SMELT_BF16_ACTIVATIONS=0 (~3 minutes with the start; stage with
 # bench/device/prepare.sh, carry ["device"]). Unlike `--profile` (each op synchronised from the
 # host), these are the kernels' own times, one row per launch: $OUT/kernels_{bf16,f32}.csv, and
-# a per-kernel summary from bench/device/kernel_table.py in $OUT/kernels.txt.
+# a per-kernel summary from bench/device/kernel_table.py in $OUT/kernels.txt. PEER=1 then reads
+# the peer's kernels (torch.compile's step under torch.profiler, bench/device/peer_kernels.py,
+# ~1.5 minutes) into $OUT/peer_kernels.txt, by the same families as smelt's table.
 set -u
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
@@ -29,4 +31,9 @@ if [ -n "${DETAIL:-}" ]; then
     --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
     "${gpt[@]}" > "$OUT/detail.txt" 2>&1
   echo "rc=$?"; grep -E "^  [a-z_]+.*\(|Duration|Registers|Achieved Occupancy|Theoretical Occupancy|Block Limit|Stall|Issue Slots|Throughput|Bank" "$OUT/detail.txt" | head -80
+fi
+if [ "${PEER:-0}" = 1 ]; then
+  echo "== peer kernels (torch.compile under torch.profiler)"
+  timeout "${PEER_TIMEOUT:-200}" python3 device/peer_kernels.py --B 16 --T 1024 > "$OUT/peer_kernels.txt" 2> "$LOGS/peer.err"
+  echo "rc=$?"; tail -3 "$LOGS/peer.err"; head -24 "$OUT/peer_kernels.txt"
 fi

@@ -54,6 +54,39 @@ def table(path):
     print()
 
 
+# Families matching bench/device/peer_kernels.py's rows for the peer (first match wins), so the
+# two steps can be compared family by family.
+FAMILIES = [
+    ("attention backward", r"attention_backward"),
+    ("attention forward", r"attention_forward"),
+    ("gemm (cuBLAS/cuBLASLt)", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|ampere_|hopper_"),
+    ("optimizer (fused AdamW)", r"adamw"),
+    ("norm of the gradients (clip)", r"sum_squares"),
+    ("layer norm", r"layernorm"),
+    ("gelu", r"gelu"),
+    ("cross-entropy", r"cross_entropy"),
+    ("bias / column sums", r"column_sum|bias"),
+    ("conversions / copies / fills", r"f32_to_bf16|bf16_rows|unpad|fill|copy|memset|scale_f32|add_bf16"),
+    ("embedding", r"embedding"),
+    ("residual", r"residual"),
+]
+
+
+def families(path):
+    """ms per step by kernel family (the peer's families, see peer_kernels.py)."""
+    import re
+
+    step = one_step(launches(path))
+    fam = {}
+    for name, _, _, ms in step:
+        label = next((l for l, pat in FAMILIES if re.search(pat, name, re.IGNORECASE)), "other")
+        fam[label] = fam.get(label, 0.0) + ms
+    print(f"## {path}: by family, ms per step ({sum(fam.values()):.2f} ms)")
+    for label, ms in sorted(fam.items(), key=lambda kv: -kv[1]):
+        print(f"{ms:8.3f} ms  {label}")
+    print()
+
+
 def compare(paths):
     """Side by side: time per kernel name (all grids) in each file's step, largest first."""
     cols = []
@@ -79,6 +112,7 @@ if len(sys.argv) > 2:
     compare(sys.argv[1:])
 for p in sys.argv[1:]:
     try:
+        families(p)
         table(p)
     except (OSError, KeyError, ValueError) as e:
         print(f"## {p}: unreadable ({e})")

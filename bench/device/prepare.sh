@@ -18,6 +18,6 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' \
   | while read -r name exe; do strip -o "device/tests/$name" "$exe"; done
 cp ../shared/anchors/torch_gpt2.py ../shared/anchors/torch_family.py device/
-cp bench/device/cuda_all.sh bench/device/tests_side_by_side.sh bench/device/kernel_variants.sh bench/device/cuda_kernel_times.sh bench/device/kernel_table.py bench/device/cuda_bert_dropout.sh bench/device/cuda_profile_pair.sh bench/device/cuda_check.sh bench/device/cuda_perf.sh bench/device/cuda_e2e.sh bench/device/cuda_vocab.sh bench/device/cuda_family.sh device/
+cp bench/device/cuda_all.sh bench/device/tests_side_by_side.sh bench/device/kernel_variants.sh bench/device/cuda_kernel_times.sh bench/device/kernel_table.py bench/device/peer_kernels.py bench/device/cuda_bert_dropout.sh bench/device/cuda_profile_pair.sh bench/device/cuda_check.sh bench/device/cuda_perf.sh bench/device/cuda_e2e.sh bench/device/cuda_vocab.sh bench/device/cuda_family.sh device/
 ls -la device device/tests
 du -sh device
