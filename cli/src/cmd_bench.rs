@@ -184,7 +184,18 @@ fn step_cuda(a: &StepArgs) -> Result<()> {
     // SMELT_BGRAD_EPILOGUE=1), counted over the whole run: so a variant's timing says whether
     // its fused path really ran
     let mut epilogues = smelt_engine::cuda::EpilogueStats::default();
-    let timed = if a.profile { time_profiled(be, a)? } else { run_steps(be, a, |_| {}, |be| epilogues = be.epilogue_stats())? };
+    // GEMM autotuning (SMELT_LT_AUTOTUNE=1): what it saved over the timed steps, as timed when
+    // tuning (the tuning itself happens in the warmup steps)
+    let mut tuned_warm = smelt_engine::cuda::AutotuneStats::default();
+    let mut tuned_end = tuned_warm;
+    let timed = if a.profile {
+        time_profiled(be, a)?
+    } else {
+        run_steps(be, a, |be| tuned_warm = be.lt_autotune_stats(), |be| {
+            epilogues = be.epilogue_stats();
+            tuned_end = be.lt_autotune_stats();
+        })?
+    };
     // MFU against the dense bf16 peak of the card (H100/H200 SXM: 989 TFLOP/s), the same
     // yardstick as ../shared/anchors/torch_gpt2.py's --peak default, so the two are comparable.
     let peak_tflops = a.peak_tflops;
@@ -198,6 +209,11 @@ fn step_cuda(a: &StepArgs) -> Result<()> {
             "gelu_forward": epilogues.gelu_forward,
             "dgelu_backward": epilogues.dgelu_backward,
             "bgrad": epilogues.bgrad,
+        },
+        "gemm_autotune": {
+            "shapes": tuned_end.shapes,
+            "changed": tuned_end.changed,
+            "saved_ms_per_step": (tuned_end.saved_us - tuned_warm.saved_us) / 1e3 / a.steps.max(1) as f64,
         },
     }), format!("MFU {:.1}% of {peak_tflops} TFLOP/s on {device}", 100.0 * mfu));
     Ok(())

@@ -40,6 +40,8 @@ use cudarc::cublaslt::result as lt;
 use cudarc::cublaslt::sys;
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
+use super::lt_autotune;
+
 /// Workspace NVIDIA recommends for Hopper (32 MiB); enough for every other architecture.
 const WORKSPACE_BYTES: usize = 32 << 20;
 
@@ -63,6 +65,9 @@ pub(crate) struct LtShape {
 /// What a GEMM does besides the product (see the module's comment).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum LtEpilogue {
+    /// D = A B (+ C), no bias: the plain GEMMs (matmul.rs's backward), which take this path
+    /// only while autotuning (lt_autotune.rs); else cublasGemmEx runs them.
+    Plain,
     /// D = A B (+ C) + bias (m values of D's type).
     Bias,
     /// aux = A B + bias, D = GELU_tanh(aux); aux of D's type and leading dimension.
@@ -79,6 +84,7 @@ impl LtEpilogue {
     fn raw(self) -> sys::cublasLtEpilogue_t {
         use sys::cublasLtEpilogue_t as E;
         match self {
+            LtEpilogue::Plain => E::CUBLASLT_EPILOGUE_DEFAULT,
             LtEpilogue::Bias => E::CUBLASLT_EPILOGUE_BIAS,
             LtEpilogue::GeluAuxBias => E::CUBLASLT_EPILOGUE_GELU_AUX_BIAS,
             LtEpilogue::DGeluBgrad => E::CUBLASLT_EPILOGUE_DGELU_BGRAD,
@@ -89,6 +95,10 @@ impl LtEpilogue {
     /// Whether the epilogue reads or writes an aux matrix (GELU's input).
     fn has_aux(self) -> bool {
         matches!(self, LtEpilogue::GeluAuxBias | LtEpilogue::DGeluBgrad)
+    }
+    /// Whether the epilogue reads or writes the bias pointer.
+    fn has_bias(self) -> bool {
+        self != LtEpilogue::Plain
     }
 }
 
@@ -136,12 +146,15 @@ pub(crate) struct LtArgs {
     pub aux: u64,
 }
 
-struct Plan {
+pub(super) struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     a: sys::cublasLtMatrixLayout_t,
     b: sys::cublasLtMatrixLayout_t,
     d: sys::cublasLtMatrixLayout_t,
-    algo: sys::cublasLtMatmulAlgo_t,
+    /// The algorithm every call runs: the heuristic's first, or the autotuner's pick.
+    pub(super) algo: sys::cublasLtMatmulAlgo_t,
+    /// What autotuning found for this shape (None: not tuned).
+    pub(super) tuned: Option<lt_autotune::Tuned>,
 }
 
 impl Drop for Plan {
@@ -162,6 +175,9 @@ pub(crate) struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
     plans: Mutex<HashMap<LtShape, Result<Plan, String>>>,
+    /// Whether a new shape times the heuristic's candidates and keeps the fastest
+    /// (lt_autotune.rs); plain GEMMs then come through here too (matmul.rs).
+    autotune: bool,
 }
 
 // SAFETY: the cuBLASLt handle may be used from any thread (one call at a time is guaranteed by
@@ -196,7 +212,20 @@ impl Lt {
                 return Err(format!("allocating the cuBLASLt workspace: {e:?}"));
             }
         };
-        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()) })
+        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()), autotune: lt_autotune::enabled_by_env() })
+    }
+
+    /// Turns autotuning of shapes not seen yet on or off (see lt_autotune.rs).
+    pub(crate) fn set_autotune(&mut self, on: bool) {
+        self.autotune = on;
+    }
+    pub(crate) fn autotune(&self) -> bool {
+        self.autotune
+    }
+    /// What autotuning did so far, over every plan.
+    pub(crate) fn autotune_stats(&self) -> lt_autotune::AutotuneStats {
+        let plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
+        lt_autotune::AutotuneStats::over(plans.values().filter_map(|p| p.as_ref().ok()?.tuned.as_ref()))
     }
 
     /// One GEMM with the epilogue `s.epilogue` (see `LtEpilogue`): A and B bf16, D f32 or bf16
@@ -207,18 +236,40 @@ impl Lt {
     /// # Safety
     /// The pointers in `args` must be device memory holding the extents `s` describes (A: lda x
     /// (k or m), B: ldb x (n or k), D, C and aux: ldd x n, bias: m values, or n for `BgradB`).
-    pub(crate) unsafe fn matmul(&self, stream: &CudaStream, s: LtShape, args: LtArgs) -> Result<(), String> {
+    pub(crate) unsafe fn matmul(&self, stream: &std::sync::Arc<CudaStream>, s: LtShape, args: LtArgs) -> Result<(), String> {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
         let plan = match plans.entry(s) {
             Entry::Occupied(e) => e.into_mut(),
-            Entry::Vacant(v) => v.insert(self.plan(s)),
+            Entry::Vacant(v) => {
+                let mut plan = self.plan(s);
+                if let (true, Ok(p)) = (self.autotune, plan.as_mut()) {
+                    // SAFETY: as this function's; the timed runs write only what the call
+                    // itself writes, or a scratch in place of D (lt_autotune.rs).
+                    unsafe { lt_autotune::tune(self, stream, s, p, args) };
+                }
+                v.insert(plan)
+            }
         };
-        let plan = plan.as_ref().map_err(|e| e.clone())?;
+        let plan = plan.as_mut().map_err(|e| e.clone())?;
+        if let Some(t) = plan.tuned.as_mut() {
+            t.calls += 1;
+        }
+        let algo = plan.algo;
+        self.launch(stream, s, plan, &algo, args)
+    }
+
+    /// One cuBLASLt matmul of `plan` with `algo`.
+    ///
+    /// # Safety
+    /// As [`Lt::matmul`].
+    pub(super) unsafe fn launch(&self, stream: &CudaStream, s: LtShape, plan: &Plan, algo: &sys::cublasLtMatmulAlgo_t, args: LtArgs) -> Result<(), String> {
         let set_ptr = |attr, ptr: &u64, what: &str| {
             lt::set_matmul_desc_attribute(plan.desc, attr, ptr as *const u64 as *const c_void, size_of::<u64>())
                 .map_err(|e| format!("cuBLASLt {what} pointer: {e:?}"))
         };
-        set_ptr(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &args.bias, "bias")?;
+        if s.epilogue.has_bias() {
+            set_ptr(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &args.bias, "bias")?;
+        }
         if s.epilogue.has_aux() {
             set_ptr(sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &args.aux, "aux")?;
         }
@@ -240,7 +291,7 @@ impl Lt {
             plan.d,
             args.d as *mut c_void,
             plan.d,
-            &plan.algo,
+            algo,
             ws as *mut c_void,
             WORKSPACE_BYTES,
             stream.cu_stream() as sys::cudaStream_t,
@@ -250,6 +301,14 @@ impl Lt {
 
     /// Descriptors and the heuristic's first algorithm for one shape.
     fn plan(&self, s: LtShape) -> Result<Plan, String> {
+        let mut plan = self.descriptors(s)?;
+        let first = self.heuristics(&plan, 1).map_err(|e| format!("cuBLASLt algorithm heuristic for {s:?}: {e}"))?;
+        plan.algo = first[0];
+        Ok(plan)
+    }
+
+    /// The descriptors of one shape, with no algorithm yet.
+    fn descriptors(&self, s: LtShape) -> Result<Plan, String> {
         let err = |what: &'static str| move |e: lt::CublasError| format!("cuBLASLt {what} for {s:?}: {e:?}");
         let bf16 = sys::cudaDataType_t::CUDA_R_16BF;
         let f32t = sys::cudaDataType_t::CUDA_R_32F;
@@ -257,7 +316,14 @@ impl Lt {
         let (b_rows, b_cols) = if s.transb { (s.n, s.k) } else { (s.k, s.n) };
         let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, f32t).map_err(err("matmul desc"))?;
         // From here on the plan owns what exists, so an early return frees it.
-        let mut plan = Plan { desc, a: std::ptr::null_mut(), b: std::ptr::null_mut(), d: std::ptr::null_mut(), algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] } };
+        let mut plan = Plan {
+            desc,
+            a: std::ptr::null_mut(),
+            b: std::ptr::null_mut(),
+            d: std::ptr::null_mut(),
+            algo: sys::cublasLtMatmulAlgo_t { data: [0; 8] },
+            tuned: None,
+        };
         // cublasOperation_t as the attribute stores it: 0 = N, 1 = T.
         let op = |t: bool| t as i32;
         let epilogue = s.epilogue.raw();
@@ -293,20 +359,51 @@ impl Lt {
         plan.b = lt::create_matrix_layout(bf16, b_rows as u64, b_cols as u64, s.ldb as i64).map_err(err("layout B"))?;
         let d_type = if s.d_bf16 { bf16 } else { f32t };
         plan.d = lt::create_matrix_layout(d_type, s.m as u64, s.n as u64, s.ldd as i64).map_err(err("layout D"))?;
-        let pref = lt::create_matmul_pref().map_err(err("preference"))?;
-        // SAFETY: pref was created above and is destroyed below whatever happens between.
-        let heuristic = unsafe {
+        Ok(plan)
+    }
+
+    /// Up to `n` algorithms for `plan`, the heuristic's best first (at least one, or Err).
+    pub(super) fn heuristics(&self, plan: &Plan, n: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>, String> {
+        let pref = lt::create_matmul_pref().map_err(|e| format!("preference: {e:?}"))?;
+        let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(n);
+        let mut count = 0i32;
+        // SAFETY: pref was created above and is destroyed below whatever happens between;
+        // cuBLASLt writes at most `n` results into the vector's capacity and says how many.
+        let r = unsafe {
             let r = lt::set_matmul_pref_attribute(
                 pref,
                 sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
                 &WORKSPACE_BYTES as *const usize as *const c_void,
                 size_of::<usize>(),
             )
-            .and_then(|()| lt::get_matmul_algo_heuristic(self.handle, plan.desc, plan.a, plan.b, plan.d, plan.d, pref));
+            .map_err(|e| format!("{e:?}"))
+            .and_then(|()| {
+                sys::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle,
+                    plan.desc,
+                    plan.a,
+                    plan.b,
+                    plan.d,
+                    plan.d,
+                    pref,
+                    n as i32,
+                    results.as_mut_ptr(),
+                    &mut count,
+                )
+                .result()
+                .map_err(|e| format!("{e:?}"))
+            });
             let _ = lt::destroy_matmul_pref(pref);
-            r.map_err(err("algorithm heuristic"))?
+            if r.is_ok() {
+                results.set_len((count.max(0) as usize).min(n));
+            }
+            r
         };
-        plan.algo = heuristic.algo;
-        Ok(plan)
+        r?;
+        let algos: Vec<_> = results.iter().filter(|h| h.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS).map(|h| h.algo).collect();
+        if algos.is_empty() {
+            return Err("no algorithm (CUBLAS_STATUS_NOT_SUPPORTED)".into());
+        }
+        Ok(algos)
     }
 }

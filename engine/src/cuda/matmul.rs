@@ -97,6 +97,9 @@ fn gemm(be: &CudaBackend, g: Gemm, what: &str) {
         return;
     }
     assert!(!g.c_bf16 || g.beta == 0.0, "{what}: a bf16 output cannot be accumulated into");
+    if gemm_lt_autotuned(be, &g, what) {
+        return;
+    }
     let alpha = 1.0f32;
     // bf16 operands (converted by us) take plain f32 accumulation; f32 operands take the
     // precision's math mode.
@@ -133,6 +136,38 @@ fn gemm(be: &CudaBackend, g: Gemm, what: &str) {
     };
     if let Err(e) = r {
         be.fail(what, format!("cublasGemmEx: {e:?}"));
+    }
+}
+
+/// `g` through cuBLASLt when autotuning is on (lt_autotune.rs), so that the plain GEMMs are
+/// tuned too: bf16 operands and beta 0 or 1 only. false, with nothing launched, otherwise (or
+/// where cuBLASLt refused the shape: cublasGemmEx runs it then).
+fn gemm_lt_autotuned(be: &CudaBackend, g: &Gemm, what: &str) -> bool {
+    let Some(lt) = be.lt() else { return false };
+    if !(lt.autotune() && g.a.bf16 && g.b.bf16) || !(g.beta == 0.0 || g.beta == 1.0) {
+        return false;
+    }
+    let shape = LtShape {
+        transa: g.ta == T,
+        transb: g.tb == T,
+        m: g.m,
+        n: g.n,
+        k: g.k,
+        lda: g.lda,
+        ldb: g.ldb,
+        ldd: g.ldc,
+        d_bf16: g.c_bf16,
+        epilogue: LtEpilogue::Plain,
+    };
+    let args = LtArgs { a: g.a.ptr, b: g.b.ptr, d: g.c, c: (g.beta == 1.0).then_some(g.c), bias: 0, aux: 0 };
+    be.check(be.stream().context().bind_to_thread(), "bind context");
+    // SAFETY: as `gemm`'s: the callers checked the operands' extents; C is D (beta = 1).
+    match unsafe { lt.matmul(be.stream(), shape, args) } {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(what, error = %e, "cublaslt declined a plain gemm; cublasgemmex runs it");
+            false
+        }
     }
 }
 

@@ -30,6 +30,7 @@ mod ids;
 pub mod kernels;
 mod layernorm;
 mod lt;
+mod lt_autotune;
 mod matmul;
 mod memory;
 mod peak;
@@ -47,6 +48,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr
 use crate::error::{ConfigError, EngineError};
 pub use cross_entropy::FusedClassifierOccupancy;
 pub use lt::EpilogueStats;
+pub use lt_autotune::AutotuneStats;
 pub use shadow::ShadowStats;
 pub use ids::CudaIds;
 pub use view::{CudaBuf, CudaView, CudaViewMut, Dtype};
@@ -299,6 +301,21 @@ impl CudaBackend {
     }
     pub(crate) fn epilogue_counts(&self) -> &lt::EpilogueCounts {
         &self.epilogue_counts
+    }
+    /// With `on`, each GEMM shape not seen yet times cuBLASLt's first few algorithms on its
+    /// first call and keeps the fastest (lt_autotune.rs); the backward pass's plain GEMMs then
+    /// run through cuBLASLt too. Which algorithm wins depends on timing, so runs are no longer
+    /// bitwise repeatable. The default is off unless `SMELT_LT_AUTOTUNE=1`; no effect where
+    /// cuBLASLt is off.
+    pub fn with_lt_autotune(mut self, on: bool) -> Self {
+        if let Some(lt) = self.lt.as_mut() {
+            lt.set_autotune(on);
+        }
+        self
+    }
+    /// What GEMM autotuning did so far (zeros when it is off).
+    pub fn lt_autotune_stats(&self) -> AutotuneStats {
+        self.lt.as_ref().map(|lt| lt.autotune_stats()).unwrap_or_default()
     }
     /// How many matmul calls took each training epilogue so far (see `with_gelu_epilogue`,
     /// `with_bgrad_epilogue`).

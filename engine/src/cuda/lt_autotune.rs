@@ -1,0 +1,143 @@
+//! cuBLASLt autotuning: on a shape's first call, time the heuristic's first few algorithms on
+//! the call's own operands and keep the fastest for every later call of that shape.
+//!
+//! cuBLASLt's heuristic picks an algorithm from the shape alone; on the large bf16 GEMMs of a
+//! training step its first choice is usually, not always, the fastest (the weight-gradient
+//! GEMMs with a small output and K = B*T, split-K or not, are where it guesses). The timing
+//! costs a few milliseconds per shape, once per process.
+//!
+//! Off unless `SMELT_LT_AUTOTUNE=1` (or `CudaBackend::with_lt_autotune`) until measured on a
+//! card, and it trades away one property: which algorithm wins depends on timing, so two runs
+//! may pick differently for a shape and differ in the last bits of their sums (a resumed run is
+//! then not bitwise the uninterrupted one). With it on, the plain GEMMs of the backward pass
+//! also go through cuBLASLt (`LtEpilogue::Plain`) so that they are tuned too.
+//!
+//! The timed runs must not change what the real call computes: a call that accumulates
+//! (beta = 1) or whose D is also one of its inputs writes its timed runs into a scratch D; the
+//! other outputs (D of a beta = 0 call, GELU's aux, bias-gradient sums) are rewritten by the
+//! real call that follows.
+
+use std::sync::Arc;
+
+use cudarc::driver::{sys as driver_sys, CudaStream, DevicePtr};
+
+use super::lt::{Lt, LtArgs, LtShape, Plan};
+
+/// How many of the heuristic's algorithms are timed.
+const CANDIDATES: usize = 8;
+/// Timed runs per candidate (after one untimed run).
+const REPS: usize = 3;
+
+/// Whether `SMELT_LT_AUTOTUNE=1` asked for autotuning (read once per process).
+pub(crate) fn enabled_by_env() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("SMELT_LT_AUTOTUNE").as_deref() == Ok("1"))
+}
+
+/// What tuning found for one shape.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Tuned {
+    /// Microseconds per call of the heuristic's first algorithm and of the one kept.
+    pub heuristic_us: f32,
+    pub best_us: f32,
+    /// Whether the kept algorithm is not the heuristic's first.
+    pub changed: bool,
+    /// Calls of this shape since (the tuning call included).
+    pub calls: u64,
+}
+
+/// Totals over the tuned shapes (`CudaBackend::lt_autotune_stats`).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct AutotuneStats {
+    /// Shapes timed.
+    pub shapes: u64,
+    /// Shapes whose fastest algorithm was not the heuristic's first.
+    pub changed: u64,
+    /// Microseconds the kept algorithms saved over the heuristic's, summed over every call so
+    /// far (as timed when tuning): a bench divides the difference over its timed steps by their
+    /// number to get the saving per step.
+    pub saved_us: f64,
+}
+
+impl AutotuneStats {
+    pub(crate) fn over<'a>(tuned: impl Iterator<Item = &'a Tuned>) -> AutotuneStats {
+        let mut s = AutotuneStats::default();
+        for t in tuned {
+            s.shapes += 1;
+            s.changed += t.changed as u64;
+            s.saved_us += f64::from(t.heuristic_us - t.best_us) * t.calls as f64;
+        }
+        s
+    }
+}
+
+/// Times up to `CANDIDATES` algorithms for `s` on `args`' operands and sets `plan.algo` to the
+/// fastest; leaves the heuristic's choice where there is one candidate or the timing fails
+/// (said at debug level: tuning is an optimisation, never an error).
+///
+/// # Safety
+/// `args` as for `Lt::matmul` on shape `s`.
+pub(super) unsafe fn tune(lt: &Lt, stream: &Arc<CudaStream>, s: LtShape, plan: &mut Plan, args: LtArgs) {
+    match time_candidates(lt, stream, s, plan, args) {
+        Ok(Some(t)) => {
+            tracing::info!(
+                m = s.m, n = s.n, k = s.k, transa = s.transa, transb = s.transb, epilogue = ?s.epilogue,
+                heuristic_us = t.heuristic_us, best_us = t.best_us, changed = t.changed,
+                "cublaslt autotune"
+            );
+            plan.tuned = Some(t);
+        }
+        Ok(None) => {}
+        Err(e) => tracing::debug!(shape = ?s, error = %e, "cublaslt autotune skipped"),
+    }
+}
+
+unsafe fn time_candidates(lt: &Lt, stream: &Arc<CudaStream>, s: LtShape, plan: &mut Plan, args: LtArgs) -> Result<Option<Tuned>, String> {
+    let candidates = lt.heuristics(plan, CANDIDATES)?;
+    if candidates.len() < 2 {
+        return Ok(None);
+    }
+    // Timed runs go to a scratch D where running them in place would change the result.
+    let aliased = args.c.is_some() || [args.a, args.b, args.aux].contains(&args.d);
+    let scratch = if aliased {
+        let bytes = s.ldd * s.n * if s.d_bf16 { 2 } else { 4 };
+        // SAFETY: written by the timed runs before anything reads it; never read after.
+        Some(stream.alloc::<u8>(bytes).map_err(|e| format!("scratch D of {bytes} bytes: {e:?}"))?)
+    } else {
+        None
+    };
+    let timed_args = match &scratch {
+        Some(buf) => LtArgs { d: buf.device_ptr(stream).0, ..args },
+        None => args,
+    };
+    let ctx = stream.context();
+    let event = || ctx.new_event(Some(driver_sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| format!("event: {e:?}"));
+    let mut times: Vec<Option<f32>> = Vec::with_capacity(candidates.len());
+    for algo in &candidates {
+        // one untimed run (and a candidate that fails is left out)
+        if lt.launch(stream, s, plan, algo, timed_args).is_err() {
+            times.push(None);
+            continue;
+        }
+        let (start, end) = (event()?, event()?);
+        start.record(stream).map_err(|e| format!("record: {e:?}"))?;
+        let mut ok = true;
+        for _ in 0..REPS {
+            ok &= lt.launch(stream, s, plan, algo, timed_args).is_ok();
+        }
+        end.record(stream).map_err(|e| format!("record: {e:?}"))?;
+        let ms = start.elapsed_ms(&end).map_err(|e| format!("elapsed: {e:?}"))?;
+        times.push(ok.then_some(ms * 1e3 / REPS as f32));
+    }
+    drop(scratch);
+    let Some(heuristic_us) = times[0] else {
+        return Err("the heuristic's own algorithm failed when timed".into());
+    };
+    let (best, best_us) = times
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| Some((i, (*t)?)))
+        .fold((0, heuristic_us), |acc, (i, t)| if t < acc.1 { (i, t) } else { acc });
+    plan.algo = candidates[best];
+    Ok(Some(Tuned { heuristic_us, best_us, changed: best != 0, calls: 0 }))
+}
