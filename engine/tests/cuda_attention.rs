@@ -4,6 +4,9 @@
 //! tensor cores: `MatmulPrecision::Bf16`). One test body runs on both backends; without a GPU
 //! each test prints why it skips and passes. The `bf16_io_*` tests run the bf16 family on bf16
 //! activation buffers (`Backend::activation_zeros`) for every q/kv, out, dout, dq and dkv.
+//! Every bf16 case also runs with the fused backward (`with_fused_attention_backward`: dk, dv
+//! and dq in one pass, dq by atomics), whatever `SMELT_ATTN_FUSED_BWD` says; the other
+//! backends have it off.
 #![cfg(feature = "cuda")]
 
 mod bf16_reference;
@@ -22,15 +25,30 @@ use smelt_engine::{Backend, CpuBackend};
 const F32_TOL: (f64, f64) = (1e-5, 3e-5);
 const BF16_TOL: (f64, f64) = (1e-2, 1e-2);
 
-/// One backend per precision for every test in this file (NVRTC compiles all modules once).
-fn gpu(p: MatmulPrecision) -> Option<&'static CudaBackend> {
+/// The backends under test: the f32 reference kernels, the bf16 tensor-core kernels with the
+/// dkv and dq passes, and the bf16 kernels with the fused backward.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    F32,
+    Bf16,
+    Bf16Fused,
+}
+
+/// One backend per variant for every test in this file (NVRTC compiles all modules once).
+fn gpu(v: Variant) -> Option<&'static CudaBackend> {
     static F32: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
     static BF16: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
-    let cell = match p {
-        MatmulPrecision::Bf16 => &BF16,
-        _ => &F32,
+    static FUSED: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
+    let (cell, p) = match v {
+        Variant::F32 => (&F32, MatmulPrecision::F32),
+        Variant::Bf16 => (&BF16, MatmulPrecision::Bf16),
+        Variant::Bf16Fused => (&FUSED, MatmulPrecision::Bf16),
     };
-    let init = || CudaBackend::new_with(0, CudaOptions { matmul: p }).map_err(|e| e.to_string());
+    let init = || {
+        CudaBackend::new_with(0, CudaOptions { matmul: p })
+            .map(|be| be.with_fused_attention_backward(v == Variant::Bf16Fused))
+            .map_err(|e| e.to_string())
+    };
     match cell.get_or_init(init) {
         Ok(be) => Some(be),
         Err(why) => {
@@ -219,10 +237,7 @@ fn check(name: &str, seed: u64, shape: AttnShape, packed: bool) {
 fn check_inputs(name: &str, x: &Inputs) {
     let packed = x.packed;
     let mut want = None;
-    for (p, (fwd_tol, grad_tol)) in [
-        (MatmulPrecision::F32, F32_TOL),
-        (MatmulPrecision::Bf16, BF16_TOL),
-    ] {
+    for (p, (fwd_tol, grad_tol)) in [(Variant::F32, F32_TOL), (Variant::Bf16, BF16_TOL), (Variant::Bf16Fused, BF16_TOL)] {
         let Some(gpu) = gpu(p) else { return };
         if x.key_lens.is_some() && !gpu.supports(OptionalOp::KeyPaddingMask) {
             println!("skipping {name}: the CUDA backend does not route key padding masks yet");
@@ -384,8 +399,9 @@ fn harness_runs_on_the_cpu() {
 
 #[test]
 fn backward_is_deterministic() {
-    // dq comes from its own pass, not atomics: two runs agree bit for bit.
-    for p in [MatmulPrecision::F32, MatmulPrecision::Bf16] {
+    // dq comes from its own pass, not atomics: two runs agree bit for bit (the fused backward's
+    // dq is summed by atomics in no fixed order, so it is left out).
+    for p in [Variant::F32, Variant::Bf16] {
         let Some(gpu) = gpu(p) else { return };
         let x = inputs(8, shape(2, 129, 129, 96, 3, true), true);
         let a = run(gpu, &x);
@@ -411,8 +427,8 @@ const BF16_IO_TOL: (f64, f64) = (2e-2, 3e-2);
 
 /// The bf16 backend when it hands out bf16 activation buffers; None (after a skip line)
 /// without a GPU, or where activations stay f32.
-fn bf16_activations() -> Option<&'static CudaBackend> {
-    let be = gpu(MatmulPrecision::Bf16)?;
+fn bf16_activations(v: Variant) -> Option<&'static CudaBackend> {
+    let be = gpu(v)?;
     if be.activation_zeros(1).dtype() != Dtype::Bf16 {
         let off = std::env::var("SMELT_BF16_ACTIVATIONS").is_ok_and(|v| v == "0");
         let sm80 = be.arch().strip_prefix("sm_").and_then(|v| v.parse::<u32>().ok()).is_some_and(|v| v >= 80);
@@ -566,7 +582,14 @@ fn assert_finite(name: &str, what: &str, v: &[f32]) {
 
 /// One case on the CPU (f32 buffers) and on the GPU (bf16 buffers), errors bounded.
 fn check_bf16_io(name: &str, seed: u64, shape: AttnShape, packed: bool, key_lens: Option<Vec<u32>>) {
-    let Some(be) = bf16_activations() else { return };
+    for v in [Variant::Bf16, Variant::Bf16Fused] {
+        check_bf16_io_on(v, name, seed, shape, packed, key_lens.clone());
+    }
+}
+
+fn check_bf16_io_on(v: Variant, name: &str, seed: u64, shape: AttnShape, packed: bool, key_lens: Option<Vec<u32>>) {
+    let Some(be) = bf16_activations(v) else { return };
+    let name = &format!("{name} [{v:?}]");
     let mut x = bf16_inputs(seed, shape, packed, key_lens);
     let want = run_io(&CpuBackend::new(), &x);
     x.dq0 = gradient_sized_start(seed + 100, &want.dq_set);
@@ -650,7 +673,7 @@ fn assert_refused(what: &str, op: impl FnOnce()) {
 fn bf16_io_refuses_mixed_element_types() {
     // A bf16 source with an f32 output (or gradient) would have the kernels read or write one
     // of them with the wrong element size; the op must refuse before launching anything.
-    let Some(be) = bf16_activations() else { return };
+    let Some(be) = bf16_activations(Variant::Bf16) else { return };
     let s = shape(1, 8, 8, 32, 2, true);
     let (n_qkv, n_out) = (8 * 3 * 32, 8 * 32);
     let qkv = activation(be, &vec![0.5; n_qkv]);

@@ -152,6 +152,8 @@ fn nccl_overlapped_buckets_match_the_blocking_all_reduce() {
     let mut results = Vec::new();
     for overlap in [false, true] {
         let Some(be) = gpu(MatmulPrecision::Bf16) else { return };
+        // bit for bit below: the switches that trade repeatability for speed stay off
+        let be = be.with_fused_attention_backward(false).with_lt_autotune(false);
         let id = match unique_id() {
             Ok(id) => id,
             Err(e) => {

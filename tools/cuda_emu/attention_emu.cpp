@@ -3,6 +3,9 @@
 // Build and run:  g++ -std=c++20 -O2 -pthread -w attention_emu.cpp -o /tmp/attention_emu
 //                 /tmp/attention_emu        (f32 kernels)     /tmp/attention_emu bf16
 //                 /tmp/attention_emu bf16io (bf16 kernels on bf16 q/kv, dout, out, dq, dkv buffers)
+//                 /tmp/attention_emu direct (as bf16io, q, k, v and dout read in place where allowed)
+//                 /tmp/attention_emu fused  (as direct, with the fused backward: dkv pass + dq atomics)
+//                 /tmp/attention_emu fusedcopies (the fused backward on head-major copies)
 // Exit status: the number of failing cases.
 #include "shim.h"
 struct uint4 { unsigned x, y, z, w; };  // CUDA's 16-byte vector (the _vec stats kernels)
@@ -70,8 +73,9 @@ int main(int argc, char** argv) {
     // direct: as bf16io, and where the engine would (hd a kernel width, 16-byte strides) the
     // tiled kernels read q, k, v and dout in place instead of head-major copies.
     std::string mode = argc > 1 ? argv[1] : "";
-    bool direct_mode = mode == "direct";
-    bool io = mode == "bf16io" || direct_mode, tc = mode == "bf16" || io;
+    bool fused = mode == "fused" || mode == "fusedcopies";
+    bool direct_mode = mode == "direct" || mode == "fused";
+    bool io = mode == "bf16io" || direct_mode || fused, tc = mode == "bf16" || io;
     double tol_f = tc ? 2e-2 : 1e-5, tol_g = tc ? 3e-2 : 1e-4;
     Case cases[] = {
         {"causal packed B2 T129 C96 H3", 2, 129, 129, 96, 3, 1, 1},
@@ -255,6 +259,15 @@ int main(int argc, char** argv) {
             } else {
                 launch({(srows + 7) / 8, 1, 1}, 256, [&] { attention_backward_stats(stats.data(), doutd, outd, lse.data(), p); });
             }
+            if (fused) {  // as backward_bf16 in attention.rs with the fused pass: zeroed dq_acc, then
+                          // the dkv pass that also adds dS k into it, then the scaled store into dq
+                std::vector<float> acc((size_t)B * H * tqp * W, 0.0f);
+                auto fk = hd <= 32 ? attention_backward_fused_bf16_d32 : hd <= 64 ? attention_backward_fused_bf16_d64 : attention_backward_fused_bf16_d128;
+                launch(gk, 128, [&] { fk(dkvp_, acc.data(), qsrc(), ksrc(), vsrc(), dosrc(), stats.data(), p); });
+                size_t n = (size_t)B * Tq * H * ((hd + 1) / 2);
+                launch({(unsigned)((n + 255) / 256), 1, 1}, 256, [&] { attention_dq_from_acc(dqp_, acc.data(), W, p); });
+                return;
+            }
             auto dkv2 = hd <= 32 ? attention_backward_dkv_bf16_d32 : hd <= 64 ? attention_backward_dkv_bf16_d64 : attention_backward_dkv_bf16_d128;
             auto dq2 = hd <= 32 ? attention_backward_dq_bf16_d32 : hd <= 64 ? attention_backward_dq_bf16_d64 : attention_backward_dq_bf16_d128;
             launch(gk, 128, [&] { dkv2(dkvp_, qsrc(), ksrc(), vsrc(), dosrc(), stats.data(), p); });
@@ -291,7 +304,7 @@ int main(int argc, char** argv) {
         bool ok = e1 < tol_f && e2 < tol_f && e3 < tol_g && e4 < tol_g && e5 < tol_g && e5kv < tol_g && e6 < tol_g &&
                   e7 < tol_g && canaries && std::isfinite(e1 + e2 + e3 + e4 + e5 + e5kv + e6 + e7);
         failures += !ok;
-        if (direct_mode) printf("%s", p.direct ? "[direct] " : "[copies] ");
+        if (direct_mode || fused) printf("%s%s", fused ? "[fused] " : "", p.direct ? "[direct] " : "[copies] ");
         printf("%-32s out %.2e lse %.2e dsrc %.2e dkv %.2e grad-only %.2e/%.2e overwrite %.2e/%.2e%s %s\n", cs.name, e1, e2,
                e3, e4, e5, e5kv, e6, e7, canaries ? "" : " CANARY", ok ? "ok" : "FAIL");
         fflush(stdout);

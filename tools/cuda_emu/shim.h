@@ -6,6 +6,7 @@
 // read of an unwritten cell shows in the results. It checks indexing, masking, tiling and the
 // mma fragment layouts (taken from the PTX ISA); it cannot check timing or real data races.
 #include <algorithm>
+#include <atomic>
 #include <barrier>
 #include <cmath>
 #include <cstring>
@@ -124,14 +125,20 @@ inline void ldsm_x4(unsigned (&r)[4], const unsigned short* row) {
     }
     g_bar->arrive_and_wait();
 }
-inline void load_b_trans(unsigned (&b)[4], const unsigned short* s, int ld, int k0, int n0) {
+// ldmatrix.x4.trans: lane (g, t) gets rows 2t and 2t+1 of column g of matrix m
+inline void ldsm_x4_trans(unsigned (&r)[4], const unsigned short* row) {
     unsigned tid = threadIdx.x, w0 = tid & ~31u, l = tid & 31u;
-    g_rows[tid] = s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8;
+    g_rows[tid] = row;
     g_bar->arrive_and_wait();
     unsigned g = l / 4, t = l % 4;
     for (int m = 0; m < 4; m++) {
         unsigned short lo = g_rows[w0 + 8 * m + 2 * t][g], hi = g_rows[w0 + 8 * m + 2 * t + 1][g];
-        b[m] = (unsigned)lo | ((unsigned)hi << 16);
+        r[m] = (unsigned)lo | ((unsigned)hi << 16);
     }
     g_bar->arrive_and_wait();
+}
+// red.global.add.v2.f32: the threads of a block run concurrently here, so the adds are atomic
+inline void red_add_f32x2(float* g, float x, float y) {
+    std::atomic_ref<float>(g[0]).fetch_add(x);
+    std::atomic_ref<float>(g[1]).fetch_add(y);
 }

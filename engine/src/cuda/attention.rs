@@ -161,6 +161,7 @@ fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
                 Kernel::Forward => 3 * tile + scores,
                 Kernel::Dkv => 4 * tile + 2 * scores + 2 * TILE,
                 Kernel::Dq => 4 * tile + scores + 2 * TILE,
+                Kernel::Fused => unreachable!("the fused backward has no f32 kernels"),
             };
             4 * floats
         }
@@ -173,6 +174,8 @@ fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
                 Kernel::Dkv => (6 * rows, 4 * TILE),
                 // Q, dout and two buffers each of K and V
                 Kernel::Dq => (6 * rows, 0),
+                // as Dkv, plus a (64 keys, 72) tile of dS^T
+                Kernel::Fused => (6 * rows + TILE * (TILE + 8), 4 * TILE),
             };
             2 * halves + 4 * floats
         }
@@ -219,6 +222,8 @@ enum Kernel {
     Forward,
     Dkv,
     Dq,
+    /// dk, dv and dq in one pass (bf16 family; `CudaBackend::with_fused_attention_backward`).
+    Fused,
 }
 
 fn check_shape(s: &AttnShape) {
@@ -339,6 +344,7 @@ fn launch_tiled(
         Kernel::Forward => format!("attention_forward_{tag}_{suffix}"),
         Kernel::Dkv => format!("attention_backward_dkv_{tag}_{suffix}"),
         Kernel::Dq => format!("attention_backward_dq_{tag}_{suffix}"),
+        Kernel::Fused => format!("attention_backward_fused_{tag}_{suffix}"),
     };
     let f = be.func(&name);
     let smem = smem_bytes(family, kernel, w);
@@ -673,8 +679,7 @@ fn backward_bf16(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, (q, kv): 
         be.check(unsafe { b.launch(cfg) }.map(|_| ()), &name);
     }
     if p.direct != 0 {
-        launch_tiled(be, Kernel::Dkv, s, s.kv_len, &[dkv, q, kv, kv, dout, stats_ptr], p);
-        launch_tiled(be, Kernel::Dq, s, s.q_len, &[dq, q, kv, kv, dout, stats_ptr], p);
+        gradient_passes(be, s, p, (dq, dkv), [q, kv, kv, dout], stats_ptr);
         drop(stats);
         return;
     }
@@ -691,9 +696,38 @@ fn backward_bf16(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, (q, kv): 
     let Some(doh) = (unsafe { scratch::<u16>(be, bh * at.tq_pad * at.w, "attention backward: allocating the bf16 copy of dout") }) else { return };
     let doh_ptr = doh.device_ptr(be.stream()).0;
     heads_bf16(be, p, doh_ptr, dout, s.q_len, s.channels as i32, 0, at.w);
-    launch_tiled(be, Kernel::Dkv, s, s.kv_len, &[dkv, heads.q, heads.k, heads.v, doh_ptr, stats_ptr], p);
-    launch_tiled(be, Kernel::Dq, s, s.q_len, &[dq, heads.q, heads.k, heads.v, doh_ptr, stats_ptr], p);
+    gradient_passes(be, s, p, (dq, dkv), [heads.q, heads.k, heads.v, doh_ptr], stats_ptr);
     drop((doh, stats, temporary));
+}
+
+/// The bf16 family's gradient passes over the tile pairs, reading q, k, v and dout from `src`:
+/// the dkv pass then the dq pass, each recomputing the scores and dP (7 products per tile pair);
+/// or, with `CudaBackend::fused_attention_backward`, one pass for all three (5 products) that
+/// adds dq into a zeroed f32 scratch with atomics, then `attention_dq_from_acc` into dq.
+fn gradient_passes(be: &CudaBackend, s: &AttnShape, p: &Params, (dq, dkv): (u64, u64), src: [u64; 4], stats: u64) {
+    let [q, k, v, dout] = src;
+    if !be.fused_attention_backward() {
+        launch_tiled(be, Kernel::Dkv, s, s.kv_len, &[dkv, q, k, v, dout, stats], p);
+        launch_tiled(be, Kernel::Dq, s, s.q_len, &[dq, q, k, v, dout, stats], p);
+        return;
+    }
+    let at = Bf16Saved::of(*s);
+    let len = s.batch * s.heads * at.tq_pad * at.w;
+    // SAFETY: zeroed below before the fused pass adds into it.
+    let Some(mut acc) = (unsafe { scratch::<f32>(be, len, "attention backward: allocating the dq accumulator") }) else { return };
+    be.check(be.stream().memset_zeros(&mut acc), "attention backward: zeroing the dq accumulator");
+    let acc_ptr = be.buf_ptr(&acc);
+    launch_tiled(be, Kernel::Fused, s, s.kv_len, &[dkv, acc_ptr, q, k, v, dout, stats], p);
+    let name = "attention_dq_from_acc";
+    let f = be.func(name);
+    let pairs = s.batch * s.q_len * s.heads * s.head_dim().div_ceil(2);
+    let w = at.w as i32;
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&dq).arg(&acc_ptr).arg(&w).arg(p);
+    // SAFETY: acc holds (B, H, Tqpad, W) floats; the kernel writes the q columns (< hd) of rows
+    // < Tq of dq, whose extent the caller asserted.
+    be.check(unsafe { b.launch(blocks_of_threads(pairs.div_ceil(THREADS as usize))) }.map(|_| ()), name);
+    drop(acc);
 }
 
 #[cfg(test)]
@@ -746,6 +780,11 @@ mod tests {
                 assert!(bytes <= 166_912, "{f:?} {k:?}: {bytes}");
             }
         }
+        let fused = smem_bytes(Family::Bf16, Kernel::Fused, 128);
+        assert!(fused <= 166_912, "Bf16 Fused: {fused}");
+        // the dkv pass's layout plus the (64, 72) dS^T tile, at GPT-2's head dim: 64 KiB
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64), smem_bytes(Family::Bf16, Kernel::Dkv, 64) + 2 * 64 * 72);
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64), 65_536);
         assert_eq!(
             smem_bytes(Family::F32, Kernel::Forward, 64),
             4 * (3 * 64 * 65 + 64 * 65)
@@ -761,7 +800,8 @@ mod tests {
         let names = crate::cuda::kernels::kernel_names(include_str!("kernels/attention.cu"));
         for tag in ["f32", "bf16"] {
             for suffix in ["d32", "d64", "d128"] {
-                for k in ["forward", "backward_dkv", "backward_dq"] {
+                let fused = if tag == "bf16" { &["backward_fused"][..] } else { &[] };
+                for k in ["forward", "backward_dkv", "backward_dq"].iter().chain(fused) {
                     let name = format!("attention_{k}_{tag}_{suffix}");
                     assert!(
                         names.contains(&name),
@@ -771,7 +811,7 @@ mod tests {
             }
         }
         assert!(names.contains(&"attention_backward_dot_f32".to_string()));
-        for name in ["attention_heads_bf16", "attention_backward_stats", "attention_backward_stats_vec_d32", "attention_backward_stats_vec_d64", "attention_backward_stats_vec_d128"] {
+        for name in ["attention_heads_bf16", "attention_dq_from_acc", "attention_backward_stats", "attention_backward_stats_vec_d32", "attention_backward_stats_vec_d64", "attention_backward_stats_vec_d128"] {
             assert!(names.contains(&name.to_string()), "{name} missing from attention.cu");
         }
     }

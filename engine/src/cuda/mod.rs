@@ -126,6 +126,10 @@ pub struct CudaBackend {
     bgrad_epilogue: bool,
     /// Calls that took each training epilogue.
     epilogue_counts: lt::EpilogueCounts,
+    /// Whether the bf16 attention backward runs one fused pass (dk, dv and dq, FlashAttention-2
+    /// style, dq by atomics) instead of the dkv and dq passes (attention.rs): off unless
+    /// `SMELT_ATTN_FUSED_BWD=1` until measured on a card.
+    fused_attention_backward: bool,
     /// The shadows and the counts that decide which buffers get one.
     shadows: Mutex<shadow::ShadowCache<CudaSlice<u16>>>,
     ordinal: usize,
@@ -256,6 +260,7 @@ impl CudaBackend {
             gelu_epilogue: std::env::var("SMELT_GELU_EPILOGUE").is_ok_and(|v| v == "1"),
             bgrad_epilogue: std::env::var("SMELT_BGRAD_EPILOGUE").is_ok_and(|v| v == "1"),
             epilogue_counts: lt::EpilogueCounts::default(),
+            fused_attention_backward: std::env::var("SMELT_ATTN_FUSED_BWD").is_ok_and(|v| v == "1"),
             shadows: Mutex::new(shadow::ShadowCache::default()),
             ordinal,
             device_name,
@@ -301,6 +306,17 @@ impl CudaBackend {
     }
     pub(crate) fn epilogue_counts(&self) -> &lt::EpilogueCounts {
         &self.epilogue_counts
+    }
+    /// With `on`, the bf16 attention backward computes dk, dv and dq in one pass over the tile
+    /// pairs (5 products per pair instead of 7; dq added into an f32 scratch with atomics, so
+    /// dq is no longer bitwise repeatable between runs). The default is off unless
+    /// `SMELT_ATTN_FUSED_BWD=1`.
+    pub fn with_fused_attention_backward(mut self, on: bool) -> Self {
+        self.fused_attention_backward = on;
+        self
+    }
+    pub(crate) fn fused_attention_backward(&self) -> bool {
+        self.fused_attention_backward
     }
     /// With `on`, each GEMM shape not seen yet times cuBLASLt's first few algorithms on its
     /// first call and keeps the fastest (lt_autotune.rs); the backward pass's plain GEMMs then

@@ -547,6 +547,16 @@ __device__ __forceinline__ float fast_exp2(float x) {
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
+// *g += x, g[1] += y (g 8-byte aligned, global), not returning the old values: one vector
+// reduction on sm_90, two scalar ones before it.
+__device__ __forceinline__ void red_add_f32x2(float* g, float x, float y) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1, %2};" ::"l"(g), "f"(x), "f"(y) : "memory");
+#else
+    atomicAdd(g, x);
+    atomicAdd(g + 1, y);
+#endif
+}
 // d += a b for one 16x8x16 tile, f32 accumulation.
 __device__ __forceinline__ void mma_bf16(float (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
 #if __CUDA_ARCH__ >= 800
@@ -695,21 +705,35 @@ __device__ __forceinline__ void ldsm_x4(u32 (&r)[4], const bf16_t* row) {
     __trap();
 #endif
 }
-// Two B fragments (k 16 x n 16: b[0], b[1] for n-tile n0, b[2], b[3] for n0 + 8) of a tile
-// stored [k][n] with row stride ld: ldmatrix.trans hands lane (g, t) the pairs (k 2t, 2t+1;
-// n g) mma's B operand wants. Lanes 8m .. 8m+7 give the row addresses of 8x8 matrix m.
-__device__ __forceinline__ void load_b_trans(u32 (&b)[4], const bf16_t* s, int ld, int k0, int n0) {
-    const int l = threadIdx.x % 32;
-    const bf16_t* row = s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8;
+// ldmatrix.x4.trans: lanes 8m .. 8m+7 give the row addresses of 8x8 matrix m (16 bytes each);
+// lane (g, t) gets r[m] = rows 2t and 2t+1 of column g of matrix m (the lower row in the low
+// half), i.e. the fragment of the transposed matrix.
+__device__ __forceinline__ void ldsm_x4_trans(u32 (&r)[4], const bf16_t* row) {
 #if __CUDA_ARCH__ >= 800
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(b[0]), "=r"(b[1]), "=r"(b[2]), "=r"(b[3])
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(smem_addr(row)));
 #else
     __trap();
 #endif
 }
 #endif
+
+// Two B fragments (k 16 x n 16: b[0], b[1] for n-tile n0, b[2], b[3] for n0 + 8) of a tile
+// stored [k][n] with row stride ld: ldmatrix.trans hands lane (g, t) the pairs (k 2t, 2t+1;
+// n g) mma's B operand wants. Matrices: (k0, n0), (k0 + 8, n0), (k0, n0 + 8), (k0 + 8, n0 + 8).
+__device__ __forceinline__ void load_b_trans(u32 (&b)[4], const bf16_t* s, int ld, int k0, int n0) {
+    const int l = threadIdx.x % 32;
+    ldsm_x4_trans(b, s + (k0 + (l & 7) + ((l >> 3) & 1) * 8) * ld + n0 + (l >> 4) * 8);
+}
+
+// The A fragment (m 16 x k 16 at m0, k0) of a tile stored transposed, [k][m] with row stride
+// ld: a[0] = rows m0.., columns k0.. is the stored block (k0, m0) read transposed, a[1] (rows
+// m0 + 8) the block (k0, m0 + 8), a[2] (columns k0 + 8) the block (k0 + 8, m0), a[3] both.
+__device__ __forceinline__ void load_a_trans(u32 (&a)[4], const bf16_t* s, int ld, int m0, int k0) {
+    const int l = threadIdx.x % 32;
+    ldsm_x4_trans(a, s + (k0 + (l & 7) + (l >> 4) * 8) * ld + m0 + ((l >> 3) & 1) * 8);
+}
 
 // A fragment of rows r0..r0+16, columns c0..c0+16 of a row-major tile with row stride ld: one
 // ldmatrix.x4 (8x8 matrices: rows r0.. and r0+8.. of columns c0.., then of columns c0+8..).
@@ -1117,17 +1141,25 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
     }
 }
 
-template <int NC>
-__device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_t* kh,
+// dkv pass; FUSED: also dq (FlashAttention-2's backward: 5 products per tile pair instead of
+// the 7 of the dkv and dq passes). Each query tile's dS^T goes through shared memory
+// (dS_s) and every warp adds dS k for 16 of the tile's queries into dq_acc (B, H, Tqpad, W) f32
+// with vector atomics; attention_dq_from_acc then scales it into dq. The order of the atomic
+// additions varies between runs, so dq is not bitwise repeatable in this mode.
+template <int NC, bool FUSED>
+__device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* qh, const bf16_t* kh,
                                      const bf16_t* vh, const bf16_t* doh, const float* stats,
                                      const AttnParams p) {
     constexpr int W = 16 * NC, LR = W + 8, TS = TILE * LR;
     extern __shared__ float smem[];
-    bf16_t* Ks = (bf16_t*)smem;   // (64 keys, LR): A of S^T = k q^T
+    bf16_t* Ks = (bf16_t*)smem;   // (64 keys, LR): A of S^T = k q^T, and (FUSED) B of dq += dS k (trans)
     bf16_t* Vs = Ks + TS;         // (64 keys, LR): A of dP^T = v dout^T
     bf16_t* Qs = Vs + TS;         // 2 x (64 queries, LR): B of S^T, and of dk += dS^T q (trans)
     bf16_t* dOs = Qs + 2 * TS;    // 2 x (64 queries, LR): B of dP^T, and of dv += P^T dout
     float* st_s = (float*)(dOs + 2 * TS);  // 2 x (64, 2): (lse log2e, D) per query
+    // FUSED: (64 keys, LS) dS^T, A of dq (trans); 64 queries per row whatever W is
+    constexpr int LS = TILE + 8;
+    bf16_t* dS_s = (bf16_t*)(st_s + 4 * TILE);
 
     const TileCoord tc = block_tile(false);  // the first key tile is seen by every query tile
     const int k0 = tc.tile * TILE, h = tc.h, b = tc.b;
@@ -1202,6 +1234,18 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_
         u32 pa[4][4], sa[4][4];
         c_to_a(pa, st);
         c_to_a(sa, dpt);
+        if (FUSED) {
+            // this warp's 16 rows of dS^T, bf16 as the products use them: sa[kk] holds rows g
+            // and g + 8, columns 16kk + 2t (+1) and 16kk + 8 + 2t (+1) (c_to_a)
+            bf16_t* row = dS_s + (warp * 16 + g) * LS + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                *(u32*)(row + 16 * kk) = sa[kk][0];
+                *(u32*)(row + 8 * LS + 16 * kk) = sa[kk][1];
+                *(u32*)(row + 16 * kk + 8) = sa[kk][2];
+                *(u32*)(row + 8 * LS + 16 * kk + 8) = sa[kk][3];
+            }
+        }
 #pragma unroll
         for (int kk = 0; kk < 4; kk++)
 #pragma unroll
@@ -1214,7 +1258,38 @@ __device__ void backward_dkv_bf16_impl(float* dkv, const bf16_t* qh, const bf16_
                 mma_bf16(dk[2 * dn], sa[kk], bt[0], bt[1]);  // dk += dS^T q
                 mma_bf16(dk[2 * dn + 1], sa[kk], bt[2], bt[3]);
             }
-        __syncthreads();  // every warp is done with this buffer before it is refilled
+        __syncthreads();  // every warp is done with this buffer before it is refilled (FUSED:
+                          // and every warp's dS^T rows are in dS_s)
+        if (FUSED) {
+            // dq (queries q0 + 16 warp .., W) += dS (16 queries, 64 keys) k (64 keys, W): A read
+            // transposed from dS_s, B from the key tile. dS_s is rewritten only after the next
+            // tile's first __syncthreads, which every warp reaches after this.
+            float acc[W / 8][4];
+#pragma unroll
+            for (int dn = 0; dn < W / 8; dn++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[dn][e] = 0.0f;
+#pragma unroll
+            for (int kk = 0; kk < 4; kk++) {
+                u32 a[4];
+                load_a_trans(a, dS_s, LS, warp * 16, kk * 16);
+#pragma unroll
+                for (int dn = 0; dn < W / 16; dn++) {
+                    u32 bt[4];
+                    load_b_trans(bt, Ks, LR, kk * 16, dn * 16);
+                    mma_bf16(acc[2 * dn], a, bt[0], bt[1]);
+                    mma_bf16(acc[2 * dn + 1], a, bt[2], bt[3]);
+                }
+            }
+#pragma unroll
+            for (int half = 0; half < 2; half++) {
+                const int i = q0 + warp * 16 + g + 8 * half;
+                if (i >= p.tq) continue;  // a padding query: its dS row is zero
+                float* row = dq_acc + (bh * round_tile(p.tq) + i) * W + 2 * t;
+#pragma unroll
+                for (int dn = 0; dn < W / 8; dn++) red_add_f32x2(row + dn * 8, acc[dn][2 * half], acc[dn][2 * half + 1]);
+            }
+        }
     }
     cp_async_wait<0>();  // nothing may be in flight when the block exits
 
@@ -1363,7 +1438,7 @@ attention_forward_bf16_d128(float* out, float* lse, const bf16_t* qh, const bf16
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_dkv_bf16_d32(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dkv_bf16_impl<2>(dkv, qh, kh, vh, doh, stats, p);
+    backward_dkv_bf16_impl<2, false>(dkv, nullptr, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_dq_bf16_d32(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
@@ -1373,7 +1448,7 @@ attention_backward_dq_bf16_d32(float* dq, const bf16_t* qh, const bf16_t* kh, co
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DKV_MIN_BLOCKS)
 attention_backward_dkv_bf16_d64(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dkv_bf16_impl<4>(dkv, qh, kh, vh, doh, stats, p);
+    backward_dkv_bf16_impl<4, false>(dkv, nullptr, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DQ_MIN_BLOCKS)
 attention_backward_dq_bf16_d64(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
@@ -1383,10 +1458,46 @@ attention_backward_dq_bf16_d64(float* dq, const bf16_t* qh, const bf16_t* kh, co
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_dkv_bf16_d128(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dkv_bf16_impl<8>(dkv, qh, kh, vh, doh, stats, p);
+    backward_dkv_bf16_impl<8, false>(dkv, nullptr, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_dq_bf16_d128(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
     backward_dq_bf16_impl<8>(dq, qh, kh, vh, doh, stats, p);
+}
+// Fused backward (dk, dv and dq in one pass over the tile pairs; grid as the dkv pass): dq_acc
+// (B, H, Tqpad, W) f32 must be zero before, and attention_dq_from_acc reads it after.
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_fused_bf16_d32(float* dkv, float* dq_acc, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dkv_bf16_impl<2, true>(dkv, dq_acc, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DKV_MIN_BLOCKS)
+attention_backward_fused_bf16_d64(float* dkv, float* dq_acc, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dkv_bf16_impl<4, true>(dkv, dq_acc, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_fused_bf16_d128(float* dkv, float* dq_acc, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dkv_bf16_impl<8, true>(dkv, dq_acc, qh, kh, vh, doh, stats, p);
+}
+
+// dq (the q columns of the gradient buffer, f32 or bf16) += or = scale * dq_acc (B, H, Tqpad, w)
+// f32 of the fused backward: one thread per column pair (d, d + 1) of each (b, i, h), d < hd.
+extern "C" __global__ void __launch_bounds__(THREADS)
+attention_dq_from_acc(float* dq, const float* dq_acc, int w, const AttnParams p) {
+    const int pairs = (p.hd + 1) / 2;
+    const size_t n = (size_t)p.batch * p.tq * p.heads * pairs;
+    const size_t e = (size_t)blockIdx.x * THREADS + threadIdx.x;
+    if (e >= n) return;
+    const int d = 2 * (int)(e % pairs);
+    size_t r = e / pairs;  // (b * Tq + i) * H + h
+    const int h = (int)(r % p.heads);
+    r /= p.heads;
+    const int i = (int)(r % p.tq), b = (int)(r / p.tq);
+    // d + 1 < w always (hd <= w and d even), so the pair's second value is in the row
+    const float* a = dq_acc + (((size_t)b * p.heads + h) * round_tile(p.tq) + i) * w + d;
+    io_grad_store_pair(dq, ((size_t)b * p.tq + i) * p.q_ld + p.q_off + h * p.hd + d, d, a[0] * p.scale,
+                       a[1] * p.scale, p);
 }
