@@ -11,7 +11,8 @@
 #  4. per-op profiles of the three models (each op synchronised), last because least needed.
 # PROFILES=0 skips step 4; KERNEL_VARIANTS adds Nsight kernel times at the end (see there);
 # STEP_VARIANTS times the GPT-2 step under other switches, FAMILY_ENV sets switches for BERT and
-# T5; EXTRA_TEST_ENV reruns EXTRA_TESTS under other switches (tests_side_by_side.sh).
+# T5; EXTRA_TEST_ENV reruns EXTRA_TESTS under other switches (tests_side_by_side.sh);
+# SKIP_FAMILY=1 leaves out step 3.
 # $OUT gets 8 files: summary.txt, tests.log, gpt.txt, smelt_bert.json, smelt_bert_dropout.json,
 # smelt_t5.json, smelt.err, torch_family.txt. Stage budgets (seconds) are in the timeouts below; they sum under 540.
 set -u
@@ -64,6 +65,8 @@ profile() { # arch, then smelt's flags: per-op profile into smelt.err (run last:
   timeout 45 device/smelt bench step --backend cuda --arch "$arch" "$@" --warmup 2 --steps 2 --profile \
     >> "$OUT/smelt.err" 2>&1
 }
+# SKIP_FAMILY=1 leaves out BERT, T5 and their peers (~3 minutes) when the lease is for GPT-2
+if [ "${SKIP_FAMILY:-0}" != 1 ]; then
 family bert bert --preset bert-base --batch 32 --seq 512
 # the peer trains with Hugging Face's default dropout (0.1 hidden and attention): ours with 0.1
 # hidden dropout too (our fused attention has no dropout on the probabilities)
@@ -86,6 +89,7 @@ sys.argv = ["torch_family.py", "--compile", "--steps", "20"]
 tf.main()
 EOF
 echo "rc=$?"; grep -E "^hf-|Error" "$OUT/torch_family.txt" | tail -4
+fi
 
 if [ "${PROFILES:-1}" = 1 ]; then
   echo "== profiles"
@@ -136,7 +140,7 @@ if g:
 for p in sorted(logs.glob("gpt_variant_*.json")):
     v = last_json(p)
     if v:
-        line = f"gpt2-124m variant {p.stem[len('gpt_variant_'):]}: smelt {v['tokens_per_s']:.0f} tok/s ({v['ms_per_step']:.1f} ms; epilogue calls {v.get('epilogue_calls')})"
+        line = f"gpt2-124m variant {p.stem[len('gpt_variant_'):]}: smelt {v['tokens_per_s']:.0f} tok/s ({v['ms_per_step']:.1f} ms; epilogue calls {v.get('epilogue_calls')}; gemm autotune {v.get('gemm_autotune')})"
         if t:
             line += f"; ratio {v['tokens_per_s']/t:.2f}x"
         print(line)
