@@ -6,10 +6,13 @@
 //                 /tmp/attention_emu direct (as bf16io, q, k, v and dout read in place where allowed)
 //                 /tmp/attention_emu fused  (as direct, with the fused backward: dkv pass + dq atomics)
 //                 /tmp/attention_emu fusedcopies (the fused backward on head-major copies)
+// The fused modes take dq by bulk reductions (hd <= 64) as on sm_90; build with
+// -DSMELT_ATTN_DQ_BULK=0 for the vector-atomic path.
 // Exit status: the number of failing cases.
 #include "shim.h"
 struct uint4 { unsigned x, y, z, w; };  // CUDA's 16-byte vector (the _vec stats kernels)
 struct alignas(8) float2 { float x, y; };  // the (lse, D) pairs of the dkv pass
+inline float2 make_float2(float x, float y) { return float2{x, y}; }
 #include "../../engine/src/cuda/kernels/attention.cu"
 #include <cstdio>
 #include <random>

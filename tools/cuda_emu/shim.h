@@ -142,3 +142,15 @@ inline void red_add_f32x2(float* g, float x, float y) {
     std::atomic_ref<float>(g[0]).fetch_add(x);
     std::atomic_ref<float>(g[1]).fetch_add(y);
 }
+// the fused backward's dq by bulk reductions (cp.reduce.async.bulk ... add.f32): done at once,
+// element by element; the group and proxy operations order nothing here
+inline void bulk_reduce_add_f32(float* g, const float* s, unsigned bytes) {
+    for (unsigned i = 0; i < bytes / 4; i++) std::atomic_ref<float>(g[i]).fetch_add(s[i]);
+}
+inline void bulk_commit() {}
+inline void bulk_wait_read() {}
+inline void bulk_wait_all() {}
+inline void fence_proxy_async() {}
+// every thread of the block reaches the kernels' __syncwarp together, so the block barrier
+// stands in for it
+inline void __syncwarp() { g_bar->arrive_and_wait(); }

@@ -71,7 +71,9 @@ pub fn compile_source(name: &'static str, src: &str, arch: &str) -> Result<Compi
 /// Compile-time tuning knobs read from the environment, for measuring variants on a card
 /// without rebuilding: `SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq"` (each 1..=4: attention.cu's blocks
 /// per SM for the hd-64 tensor-core kernels) and `SMELT_ATTN_HEAD_GROUP=n` (0..=4096: heads
-/// scheduled together by attention.cu's `tile_order`, 0 for the launch grid's order). Unset or
+/// scheduled together by attention.cu's `tile_order`, 0 for the launch grid's order) and
+/// `SMELT_ATTN_DQ_BULK=0|1` (the fused attention backward's dq by bulk reductions or by vector
+/// atomics, see attention.cu). Unset or
 /// invalid values keep the sources' defaults.
 fn tuning_defines() -> Vec<String> {
     let mut defines = Vec::new();
@@ -82,6 +84,9 @@ fn tuning_defines() -> Vec<String> {
             defines.push(format!("-DSMELT_ATTN_DKV_MIN_BLOCKS={dkv}"));
             defines.push(format!("-DSMELT_ATTN_DQ_MIN_BLOCKS={dq}"));
         }
+    }
+    if let Some(b) = std::env::var("SMELT_ATTN_DQ_BULK").ok().filter(|v| v == "0" || v == "1") {
+        defines.push(format!("-DSMELT_ATTN_DQ_BULK={b}"));
     }
     if let Some(g) = std::env::var("SMELT_ATTN_HEAD_GROUP").ok().and_then(|v| v.trim().parse::<u32>().ok()).filter(|g| *g <= 4096) {
         defines.push(format!("-DSMELT_ATTN_HEAD_GROUP={g}"));

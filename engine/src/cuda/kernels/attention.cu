@@ -523,6 +523,16 @@ typedef unsigned int u32;
 #ifndef SMELT_ATTN_DQ_MIN_BLOCKS
 #define SMELT_ATTN_DQ_MIN_BLOCKS 3
 #endif
+// The fused backward sums dq by bulk reductions from shared memory (sm_90, head dims up to 64;
+// the host emulator models them) unless SMELT_ATTN_DQ_BULK=0, else by vector atomics.
+#ifndef SMELT_ATTN_DQ_BULK
+#define SMELT_ATTN_DQ_BULK 1
+#endif
+#if defined(SMELT_HOST_EMULATION) || (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900)
+#define SMELT_DQ_BULK_ARCH 1
+#else
+#define SMELT_DQ_BULK_ARCH 0
+#endif
 
 // The two primitives below need sm_80. Before that the kernels still compile (so the module
 // loads on any GPU) but trap; the host picks the f32 kernels there. SMELT_HOST_EMULATION is
@@ -555,6 +565,39 @@ __device__ __forceinline__ void red_add_f32x2(float* g, float x, float y) {
 #else
     atomicAdd(g, x);
     atomicAdd(g + 1, y);
+#endif
+}
+// The fused backward's dq rows by the TMA unit (sm_90): bytes of f32 at s (shared) added onto g
+// (global) by one asynchronous bulk reduction in L2, FlashAttention-3's way of summing dq. A
+// thread's bulk operations form groups: commit closes one, wait_read waits until its earlier
+// groups have read their shared memory (the staging may be rewritten), wait_all until they
+// are complete. fence_proxy_async makes this thread's shared-memory writes visible to them.
+__device__ __forceinline__ void bulk_reduce_add_f32(float* g, const float* s, unsigned bytes) {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;"
+                 ::"l"(g), "r"((u32)__cvta_generic_to_shared(s)), "r"(bytes) : "memory");
+#else
+    __trap();
+#endif
+}
+__device__ __forceinline__ void bulk_commit() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_read() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_wait_all() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fence_proxy_async() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 #endif
 }
 // d += a b for one 16x8x16 tile, f32 accumulation.
@@ -1143,8 +1186,10 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
 
 // dkv pass; FUSED: also dq (FlashAttention-2's backward: 5 products per tile pair instead of
 // the 7 of the dkv and dq passes). Each query tile's dS^T goes through shared memory
-// (dS_s) and every warp adds dS k for 16 of the tile's queries into dq_acc (B, H, Tqpad, W) f32
-// with vector atomics; attention_dq_from_acc then scales it into dq. The order of the atomic
+// (dS_s) and every warp adds dS k for 16 of the tile's queries into dq_acc (B, H, Tqpad, W) f32:
+// on sm_90 with W <= 64 by bulk reductions of its 16 rows staged in shared memory (dq_s, one
+// (16, W + 8) f32 tile per warp; rows padded so the staging stores miss each other's banks),
+// else with vector atomics; attention_dq_from_acc then scales it into dq. The order of the
 // additions varies between runs, so dq is not bitwise repeatable in this mode.
 template <int NC, bool FUSED>
 __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* qh, const bf16_t* kh,
@@ -1160,6 +1205,9 @@ __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* 
     // FUSED: (64 keys, LS) dS^T, A of dq (trans); 64 queries per row whatever W is
     constexpr int LS = TILE + 8;
     bf16_t* dS_s = (bf16_t*)(st_s + 4 * TILE);
+    constexpr bool BULK = FUSED && SMELT_ATTN_DQ_BULK && SMELT_DQ_BULK_ARCH && W <= 64;
+    constexpr int LQ = W + 8;  // row stride of the dq staging
+    float* dq_s = (float*)(dS_s + TILE * LS) + (threadIdx.x / 32) * 16 * LQ;  // this warp's (16, LQ)
 
     const TileCoord tc = block_tile(false);  // the first key tile is seen by every query tile
     const int k0 = tc.tile * TILE, h = tc.h, b = tc.b;
@@ -1281,17 +1329,39 @@ __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* 
                     mma_bf16(acc[2 * dn + 1], a, bt[2], bt[3]);
                 }
             }
+            float* acc_rows = dq_acc + (bh * round_tile(p.tq) + q0 + warp * 16) * W;  // this warp's 16 rows
+            const int lane = threadIdx.x % 32;
+            if (BULK) {
+                // lane r < 16 owns row r's bulk reduction; its last one must have read the
+                // staging before the warp rewrites it
+                if (lane < 16) bulk_wait_read();
+                __syncwarp();
 #pragma unroll
-            for (int half = 0; half < 2; half++) {
-                const int i = q0 + warp * 16 + g + 8 * half;
-                if (i >= p.tq) continue;  // a padding query: its dS row is zero
-                float* row = dq_acc + (bh * round_tile(p.tq) + i) * W + 2 * t;
+                for (int half = 0; half < 2; half++)
 #pragma unroll
-                for (int dn = 0; dn < W / 8; dn++) red_add_f32x2(row + dn * 8, acc[dn][2 * half], acc[dn][2 * half + 1]);
+                    for (int dn = 0; dn < W / 8; dn++)
+                        *(float2*)(dq_s + (g + 8 * half) * LQ + dn * 8 + 2 * t) =
+                            make_float2(acc[dn][2 * half], acc[dn][2 * half + 1]);
+                fence_proxy_async();
+                __syncwarp();
+                if (lane < 16) {  // rows past Tq are padding rows of dq_acc (zeros added)
+                    bulk_reduce_add_f32(acc_rows + lane * W, dq_s + lane * LQ, W * 4);
+                    bulk_commit();
+                }
+            } else {
+#pragma unroll
+                for (int half = 0; half < 2; half++) {
+                    const int r = g + 8 * half;
+                    if (q0 + warp * 16 + r >= p.tq) continue;  // a padding query: its dS row is zero
+#pragma unroll
+                    for (int dn = 0; dn < W / 8; dn++)
+                        red_add_f32x2(acc_rows + r * W + dn * 8 + 2 * t, acc[dn][2 * half], acc[dn][2 * half + 1]);
+                }
             }
         }
     }
     cp_async_wait<0>();  // nothing may be in flight when the block exits
+    if (BULK && threadIdx.x % 32 < 16) bulk_wait_all();  // nor may a bulk reduction
 
 #pragma unroll
     for (int half = 0; half < 2; half++) {
