@@ -45,14 +45,7 @@ fn gelu_epilogues_match_the_cpu_ops() {
         );
         let (want, cpu_fused) = mlp(&CpuBackend::new(), layout);
         assert!(!cpu_fused, "the CPU backend has no fused MLP ops");
-        let what = |name: &str| format!("{layout:?} {name}");
-        check(&what("pre"), &got.pre, &want.pre, BF16_OUT);
-        check(&what("out"), &got.out, &want.out, BF16_OUT);
-        check(&what("dpre"), &got.dpre, &want.dpre, BF16_OUT);
-        // dW's operands are out (bf16 on both sides up to one rounding) and dy (exact)
-        check(&what("proj dW"), &got.proj_dw, &want.proj_dw, BF16_OUT);
-        check(&what("proj db"), &got.proj_db, &want.proj_db, F32_OUT);
-        check(&what("fc db (from the epilogue, bf16)"), &got.fc_db, &want.fc_db, BF16_OUT);
+        got.check_against(&want, &format!("{layout:?}"));
     }
 }
 

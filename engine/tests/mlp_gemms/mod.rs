@@ -44,6 +44,22 @@ pub struct Mlp {
     pub fc_db: Vec<f32>,
 }
 
+impl Mlp {
+    /// Every output against the CPU's (`want`), each error bounded as its precision allows;
+    /// `label` starts each line.
+    pub fn check_against(&self, want: &Mlp, label: &str) {
+        let what = |name: &str| format!("{label} {name}");
+        check(&what("pre"), &self.pre, &want.pre, BF16_OUT);
+        check(&what("out"), &self.out, &want.out, BF16_OUT);
+        check(&what("dpre"), &self.dpre, &want.dpre, BF16_OUT);
+        // dW's operands are out (bf16 on both sides up to one rounding) and dy (exact)
+        check(&what("proj dW"), &self.proj_dw, &want.proj_dw, BF16_OUT);
+        check(&what("proj db"), &self.proj_db, &want.proj_db, F32_OUT);
+        // the up-projection's bias gradient, bf16 where the DGELU_BGRAD epilogue writes it
+        check(&what("fc db"), &self.fc_db, &want.fc_db, BF16_OUT);
+    }
+}
+
 /// Runs the MLP's up-projection + GELU and the backward pass through the down-projection and
 /// the GELU, fused where `be` fuses (`fused` says whether both fused calls returned true).
 pub fn mlp<B: Backend>(be: &B, layout: WeightLayout) -> (Mlp, bool) {
