@@ -57,7 +57,7 @@ def table(path):
 # Families matching bench/device/peer_kernels.py's rows for the peer (first match wins), so the
 # two steps can be compared family by family.
 FAMILIES = [
-    ("attention backward", r"attention_backward"),
+    ("attention backward", r"attention_backward|attention_dq_from_acc"),
     ("attention forward", r"attention_forward"),
     ("gemm (cuBLAS/cuBLASLt)", r"nvjet|gemm|cutlass|xmma|sm90_|sm80_|ampere_|hopper_"),
     ("optimizer (fused AdamW)", r"adamw"),
