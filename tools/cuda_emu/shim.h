@@ -35,6 +35,15 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     g_bar->arrive_and_wait();
     return r;
 }
+inline bool __any_sync(unsigned, bool pred) {
+    unsigned t = threadIdx.x, w0 = t & ~31u;
+    g_xch[t] = pred ? 1.0f : 0.0f;
+    g_bar->arrive_and_wait();
+    bool any = false;
+    for (unsigned l = 0; l < 32; l++) any |= g_xch[w0 + l] != 0.0f;
+    g_bar->arrive_and_wait();
+    return any;
+}
 inline float __int_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 using std::min;
 inline void launch(Dim3 grid, unsigned threads, std::function<void()> k) {

@@ -993,17 +993,16 @@ __device__ __forceinline__ bool pair_tile_full(const AttnParams& p, int nk, int 
     return q0 + TILE <= p.tq && key_tile_full(p, nk, q0, k0);
 }
 
-// Forward scores s (rows: queries from r0, columns: keys from c0): scaled into the log2 domain,
-// -inf where invisible.
-template <bool CHECK>
-__device__ __forceinline__ void scale_scores(float (&s)[8][4], const AttnParams& p, int nk, int r0, int c0,
-                                             float scale2) {
+// Forward scores s (rows: queries from r0, columns: keys from c0): -inf where invisible. They
+// stay unscaled: the scale goes into the exponent's FFMA (exp2(s * scale log2 e - max)), one
+// instruction per score fewer than scaling them first.
+__device__ __forceinline__ void mask_scores(float (&s)[8][4], const AttnParams& p, int nk, int r0, int c0) {
 #pragma unroll
     for (int nt = 0; nt < 8; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
             const int i = r0 + 8 * (e >> 1), j = c0 + nt * 8 + (e & 1);
-            s[nt][e] = !CHECK || key_visible(p, nk, i, j) ? s[nt][e] * scale2 : neg_inf();
+            if (!key_visible(p, nk, i, j)) s[nt][e] = neg_inf();
         }
 }
 
@@ -1116,13 +1115,10 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
                 mma_bf16(s[2 * n2], qa[kk], bb[0], bb[1]);
                 mma_bf16(s[2 * n2 + 1], qa[kk], bb[2], bb[3]);
             }
-        // Scaled scores, -inf where invisible; a tile whose keys are all visible to all its
-        // queries (most of them) skips the per-element test.
-        if (key_tile_full(p, nk, q0, k0)) {
-            scale_scores<false>(s, p, nk, q0 + warp * 16 + g, k0 + 2 * t, scale2);
-        } else {
-            scale_scores<true>(s, p, nk, q0 + warp * 16 + g, k0 + 2 * t, scale2);
-        }
+        // -inf where invisible; a tile whose keys are all visible to all its queries (most of
+        // them) skips the per-element test.
+        if (!key_tile_full(p, nk, q0, k0)) mask_scores(s, p, nk, q0 + warp * 16 + g, k0 + 2 * t);
+        float corr[2];
 #pragma unroll
         for (int half = 0; half < 2; half++) {
             float rmax = neg_inf();
@@ -1132,26 +1128,34 @@ __device__ void forward_bf16_impl(float* out, float* lse, const bf16_t* qh, cons
                 for (int e = 0; e < 2; e++) rmax = fmaxf(rmax, s[nt][2 * half + e]);
             rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 1));
             rmax = fmaxf(rmax, __shfl_xor_sync(0xffffffffu, rmax, 2));
-            const float m_new = fmaxf(m[half], rmax);
+            // the running max in the log2 domain (the scale is positive: max and scale commute)
+            const float m_new = fmaxf(m[half], rmax * scale2);
             const float base = m_new == neg_inf() ? 0.0f : m_new;  // see the f32 forward
-            const float corr = fast_exp2(m[half] - base);
+            corr[half] = fast_exp2(m[half] - base);
             float rsum = 0.0f;
 #pragma unroll
             for (int nt = 0; nt < 8; nt++)
 #pragma unroll
                 for (int e = 0; e < 2; e++) {
                     float& x = s[nt][2 * half + e];
-                    x = fast_exp2(x - base);
+                    x = fast_exp2(fmaf(x, scale2, -base));
                     rsum += x;
                 }
             rsum += __shfl_xor_sync(0xffffffffu, rsum, 1);
             rsum += __shfl_xor_sync(0xffffffffu, rsum, 2);
-            l[half] = l[half] * corr + rsum;
+            l[half] = l[half] * corr[half] + rsum;
             m[half] = m_new;
+        }
+        // Rescale the output only where a row's max moved (corr < 1): once the max settles,
+        // most key tiles leave every row's max alone, and the warp skips the multiplications
+        // (a row whose max stayed has corr = 1 exactly, so multiplying it changes nothing).
+        if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f)) {
 #pragma unroll
             for (int dn = 0; dn < W / 8; dn++) {
-                o[dn][2 * half] *= corr;
-                o[dn][2 * half + 1] *= corr;
+                o[dn][0] *= corr[0];
+                o[dn][1] *= corr[0];
+                o[dn][2] *= corr[1];
+                o[dn][3] *= corr[1];
             }
         }
         u32 pa[4][4];
