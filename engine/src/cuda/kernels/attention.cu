@@ -972,11 +972,13 @@ __device__ __forceinline__ void copy_tile_async(bf16_t* s, const TileSrc src, in
     const int r0 = threadIdx.x / CH, c = threadIdx.x % CH;
     bf16_t* dst = s + r0 * (W + 8) + c * 8;
     const bf16_t* first = src.base + c * 8;  // row 0: a row past the end reads (never) from here
+    const int row = row0 + r0;
+    const bf16_t* from = first + (size_t)row * src.ld;  // this thread's first row, then STEP apart
+    const size_t step = (size_t)STEP * src.ld;
 #pragma unroll
     for (int k = 0; k < TILE / STEP; k++) {
-        const int row = row0 + r0 + k * STEP;
-        const bool valid = row < src.rows;
-        cp_async16_or_zero(dst + k * STEP * (W + 8), valid ? first + (size_t)row * src.ld : first, valid);
+        const bool valid = row + k * STEP < src.rows;
+        cp_async16_or_zero(dst + k * STEP * (W + 8), valid ? from + k * step : first, valid);
     }
 }
 
