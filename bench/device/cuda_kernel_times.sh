@@ -36,4 +36,6 @@ if [ "${PEER:-0}" = 1 ]; then
   echo "== peer kernels (torch.compile under torch.profiler)"
   timeout "${PEER_TIMEOUT:-200}" python3 device/peer_kernels.py --B 16 --T 1024 > "$OUT/peer_kernels.txt" 2> "$LOGS/peer.err"
   echo "rc=$?"; tail -3 "$LOGS/peer.err"; head -24 "$OUT/peer_kernels.txt"
+  # the first variant's families beside the peer's
+  python3 device/kernel_table.py "${csvs[0]}" --peer "$OUT/peer_kernels.txt" | head -9 | tee "$OUT/versus_peer.txt"
 fi

@@ -6,7 +6,8 @@ One step is the launches after the second-to-last AdamW launch up to and includi
 (the bench runs warmup + measured steps; each ends with the fused AdamW over the flat buffer).
 Rows are grouped by kernel name and grid; GEMMs keep cuBLAS's kernel names.
 
-usage: kernel_table.py A.csv [B.csv ...]
+usage: kernel_table.py A.csv [B.csv ...] [--peer PEER_KERNELS.txt]
+  (--peer: A.csv's families beside the peer's, from bench/device/peer_kernels.py's output)
 """
 import csv
 import sys
@@ -72,18 +73,63 @@ FAMILIES = [
 ]
 
 
-def families(path):
+def family_times(path):
     """ms per step by kernel family (the peer's families, see peer_kernels.py)."""
     import re
 
-    step = one_step(launches(path))
     fam = {}
-    for name, _, _, ms in step:
+    for name, _, _, ms in one_step(launches(path)):
         label = next((l for l, pat in FAMILIES if re.search(pat, name, re.IGNORECASE)), "other")
         fam[label] = fam.get(label, 0.0) + ms
+    return fam
+
+
+def families(path):
+    fam = family_times(path)
     print(f"## {path}: by family, ms per step ({sum(fam.values()):.2f} ms)")
     for label, ms in sorted(fam.items(), key=lambda kv: -kv[1]):
         print(f"{ms:8.3f} ms  {label}")
+    print()
+
+
+# The families both steps have under the same name; the rest (Inductor's Triton fusions on the
+# peer's side, our LayerNorm, GELU, cross-entropy, ... kernels) compare as one row.
+SHARED = ["gemm (cuBLAS/cuBLASLt)", "attention forward", "attention backward", "optimizer (fused AdamW)", "norm of the gradients (clip)"]
+
+
+def peer_families(path):
+    """The peer's `### by family` rows from peer_kernels.py's output."""
+    import re
+
+    fam, inside = {}, False
+    for line in open(path, errors="replace"):
+        if line.startswith("### by family"):
+            inside = True
+            continue
+        if inside:
+            m = re.match(r"\s*([\d.]+) ms  (.+)", line.rstrip("\n"))
+            if not m:
+                break
+            fam[m.group(2)] = float(m.group(1))
+    return fam
+
+
+def versus_peer(ours_path, peer_path):
+    """Ours beside the peer's, family by family, in ms per step."""
+    ours, peer = family_times(ours_path), peer_families(peer_path)
+    if not peer:
+        print(f"## {peer_path}: no family table")
+        return
+    print(f"## ms per step, ours ({ours_path}) beside the peer's ({peer_path})")
+    print(f"{'ours':>8} {'peer':>8} {'ours-peer':>9}  family")
+    rest_ours, rest_peer = sum(ours.values()), sum(peer.values())
+    for label in SHARED:
+        o, q = ours.get(label, 0.0), peer.get(label, 0.0)
+        rest_ours -= o
+        rest_peer -= q
+        print(f"{o:8.3f} {q:8.3f} {o - q:+9.3f}  {label}")
+    print(f"{rest_ours:8.3f} {rest_peer:8.3f} {rest_ours - rest_peer:+9.3f}  everything else (elementwise, norms, loss, copies)")
+    print(f"{sum(ours.values()):8.3f} {sum(peer.values()):8.3f} {sum(ours.values()) - sum(peer.values()):+9.3f}  total kernel time")
     print()
 
 
@@ -108,9 +154,20 @@ def compare(paths):
     print()
 
 
-if len(sys.argv) > 2:
-    compare(sys.argv[1:])
-for p in sys.argv[1:]:
+args = sys.argv[1:]
+peer = None
+if "--peer" in args:  # --peer PEER_KERNELS.txt: the first CSV beside the peer's families
+    i = args.index("--peer")
+    peer = args[i + 1]
+    args = args[:i] + args[i + 2 :]
+if peer and args:
+    try:
+        versus_peer(args[0], peer)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"## versus the peer: unreadable ({e})")
+if len(args) > 1:
+    compare(args)
+for p in args:
     try:
         families(p)
         table(p)
