@@ -273,10 +273,8 @@ impl Backend for CudaBackend {
         key_lens: Option<&CudaIds>,
         shape: AttnShape,
     ) {
-        match scores {
-            Scores::Dot => attention::forward_masked(self, out, saved, src, key_lens, shape),
-            other => unimplemented!("cuda: {:?} attention scores are CPU-only", other.kind()),
-        }
+        dot_scores_only(&scores);
+        attention::forward_masked(self, out, saved, src, key_lens, shape)
     }
     fn attention_ex_backward(
         &self,
@@ -290,7 +288,8 @@ impl Backend for CudaBackend {
         saved: CudaView<'_>,
         shape: AttnShape,
     ) {
-        dot_scores_only(scores, dscores);
+        dot_scores_only(&scores);
+        dot_scores_only(&dscores);
         attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, true)
     }
     fn attention_ex_backward_set(
@@ -306,7 +305,8 @@ impl Backend for CudaBackend {
         shape: AttnShape,
     ) {
         // The kernels' overwrite mode (AttnParams.accumulate = 0) also zeroes padded key rows.
-        dot_scores_only(scores, dscores);
+        dot_scores_only(&scores);
+        dot_scores_only(&dscores);
         attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, false)
     }
 
@@ -436,9 +436,8 @@ impl Backend for CudaBackend {
 /// The CUDA attention kernels compute dot-product scores only; models ask `Backend::supports`
 /// when built and refuse the learned scores on CUDA with a `ConfigError` naming `scores`, so
 /// reaching this with another kind is a bug in the caller.
-fn dot_scores_only(scores: Scores<CudaView<'_>>, dscores: Scores<CudaViewMut<'_>>) {
-    match (scores, dscores) {
-        (Scores::Dot, Scores::Dot) => {}
-        (other, _) => unimplemented!("cuda: {:?} attention scores are CPU-only", other.kind()),
+fn dot_scores_only<V>(scores: &Scores<V>) {
+    if !matches!(scores, Scores::Dot) {
+        unimplemented!("cuda: {:?} attention scores are CPU-only", scores.kind());
     }
 }

@@ -241,12 +241,16 @@ impl Lt {
         let plan = match plans.entry(s) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => {
-                let mut plan = self.plan(s);
-                if let (true, Ok(p)) = (self.autotune, plan.as_mut()) {
-                    // SAFETY: as this function's; the timed runs write only what the call
-                    // itself writes, or a scratch in place of D (lt_autotune.rs).
-                    unsafe { lt_autotune::tune(self, stream, s, p, args) };
-                }
+                // one heuristic query: its first algorithm, or (autotuning) the candidates
+                let n = if self.autotune { lt_autotune::CANDIDATES } else { 1 };
+                let plan = self.plan(s, n).map(|(mut plan, candidates)| {
+                    if self.autotune {
+                        // SAFETY: as this function's; the timed runs write only what the call
+                        // itself writes, or a scratch in place of D (lt_autotune.rs).
+                        unsafe { lt_autotune::tune(self, stream, s, &mut plan, &candidates, args) };
+                    }
+                    plan
+                });
                 v.insert(plan)
             }
         };
@@ -299,12 +303,13 @@ impl Lt {
         .map_err(|e| format!("cublasLtMatmul {s:?}: {e:?}"))
     }
 
-    /// Descriptors and the heuristic's first algorithm for one shape.
-    fn plan(&self, s: LtShape) -> Result<Plan, String> {
+    /// Descriptors and the heuristic's first algorithm for one shape, with its first `n`
+    /// algorithms (the chosen one first).
+    fn plan(&self, s: LtShape, n: usize) -> Result<(Plan, Vec<sys::cublasLtMatmulAlgo_t>), String> {
         let mut plan = self.descriptors(s)?;
-        let first = self.heuristics(&plan, 1).map_err(|e| format!("cuBLASLt algorithm heuristic for {s:?}: {e}"))?;
-        plan.algo = first[0];
-        Ok(plan)
+        let algos = self.heuristics(&plan, n).map_err(|e| format!("cuBLASLt algorithm heuristic for {s:?}: {e}"))?;
+        plan.algo = algos[0];
+        Ok((plan, algos))
     }
 
     /// The descriptors of one shape, with no algorithm yet.
@@ -363,7 +368,7 @@ impl Lt {
     }
 
     /// Up to `n` algorithms for `plan`, the heuristic's best first (at least one, or Err).
-    pub(super) fn heuristics(&self, plan: &Plan, n: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>, String> {
+    fn heuristics(&self, plan: &Plan, n: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>, String> {
         let pref = lt::create_matmul_pref().map_err(|e| format!("preference: {e:?}"))?;
         let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(n);
         let mut count = 0i32;

@@ -21,10 +21,12 @@ use std::sync::Arc;
 
 use cudarc::driver::{sys as driver_sys, CudaStream, DevicePtr};
 
+use cudarc::cublaslt::sys::cublasLtMatmulAlgo_t as Algo;
+
 use super::lt::{Lt, LtArgs, LtShape, Plan};
 
 /// How many of the heuristic's algorithms are timed.
-const CANDIDATES: usize = 8;
+pub(super) const CANDIDATES: usize = 8;
 /// Timed runs per candidate (after one untimed run).
 const REPS: usize = 3;
 
@@ -71,14 +73,14 @@ impl AutotuneStats {
     }
 }
 
-/// Times up to `CANDIDATES` algorithms for `s` on `args`' operands and sets `plan.algo` to the
-/// fastest; leaves the heuristic's choice where there is one candidate or the timing fails
+/// Times the heuristic's `candidates` (its first choice first) for `s` on `args`' operands and
+/// sets `plan.algo` to the fastest; leaves the heuristic's choice where there is one candidate or the timing fails
 /// (said at debug level: tuning is an optimisation, never an error).
 ///
 /// # Safety
 /// `args` as for `Lt::matmul` on shape `s`.
-pub(super) unsafe fn tune(lt: &Lt, stream: &Arc<CudaStream>, s: LtShape, plan: &mut Plan, args: LtArgs) {
-    match time_candidates(lt, stream, s, plan, args) {
+pub(super) unsafe fn tune(lt: &Lt, stream: &Arc<CudaStream>, s: LtShape, plan: &mut Plan, candidates: &[Algo], args: LtArgs) {
+    match time_candidates(lt, stream, s, plan, candidates, args) {
         Ok(Some(t)) => {
             tracing::info!(
                 m = s.m, n = s.n, k = s.k, transa = s.transa, transb = s.transb, epilogue = ?s.epilogue,
@@ -92,8 +94,7 @@ pub(super) unsafe fn tune(lt: &Lt, stream: &Arc<CudaStream>, s: LtShape, plan: &
     }
 }
 
-unsafe fn time_candidates(lt: &Lt, stream: &Arc<CudaStream>, s: LtShape, plan: &mut Plan, args: LtArgs) -> Result<Option<Tuned>, String> {
-    let candidates = lt.heuristics(plan, CANDIDATES)?;
+unsafe fn time_candidates(lt: &Lt, stream: &Arc<CudaStream>, s: LtShape, plan: &mut Plan, candidates: &[Algo], args: LtArgs) -> Result<Option<Tuned>, String> {
     if candidates.len() < 2 {
         return Ok(None);
     }
@@ -113,7 +114,7 @@ unsafe fn time_candidates(lt: &Lt, stream: &Arc<CudaStream>, s: LtShape, plan: &
     let ctx = stream.context();
     let event = || ctx.new_event(Some(driver_sys::CUevent_flags::CU_EVENT_DEFAULT)).map_err(|e| format!("event: {e:?}"));
     let mut times: Vec<Option<f32>> = Vec::with_capacity(candidates.len());
-    for algo in &candidates {
+    for algo in candidates {
         // one untimed run (and a candidate that fails is left out)
         if lt.launch(stream, s, plan, algo, timed_args).is_err() {
             times.push(None);
