@@ -3,9 +3,11 @@
 //! train a classification head or causal SFT on labeled JSONL, report validation loss (and
 //! accuracy for classification), save the result with its parent recorded.
 //!
-//! Data parallelism is pretraining's: every rank derives the same example order from the seed
-//! and takes its slice of each step's global batch; the GPT's and the head's gradients are
-//! averaged over the ring, clipped by their joint norm, and stepped by AdamW on every rank.
+//! It runs on the worker's device, as pretraining does: the CPU backend and the TCP ring, or a
+//! GPU (`gpu::finetune_gpt`) and NCCL. Data parallelism is pretraining's: every rank derives
+//! the same example order from the seed and takes its slice of each step's global batch; the
+//! GPT's and the head's gradients are averaged over the collective, clipped by their joint
+//! norm, and stepped by AdamW on every rank.
 //!
 //! `init_from` is read through `smelt_checkpoint::resolve_model`: a checkpoint is verified
 //! against its manifest before its weights are used. Rank 0 checkpoints the GPT, the head and
@@ -32,6 +34,7 @@ use smelt_proto::v1::{JobNote, StepMetrics};
 use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer, HostState};
+use crate::device::Device;
 use crate::finetune_data::{self, ClassExample, SftExample};
 use crate::model_file;
 use crate::runner::{RunControl, RunEvent, RunRequest};
@@ -159,27 +162,30 @@ impl FinetuneJob {
         Lineage { parent_checkpoint: Some(self.parent_file.clone()), parent_job: self.parent_job.clone() }
     }
 
-    /// Trains as `rank` of the collective's world; rank 0 evaluates, reports metrics and saves
-    /// `<out_dir>/jobs/<job_id>/model.safetensors`. `stopped` is polled at every step.
-    pub fn train(
+    /// Trains on backend `be` as `rank` of the collective's world; rank 0 evaluates, reports
+    /// metrics and saves `<out_dir>/jobs/<job_id>/model.safetensors`. `stopped` is polled at
+    /// every step.
+    pub fn train<B: Backend>(
         &self,
+        be: B,
         job_id: &str,
         out_dir: &Path,
-        collective: &mut dyn Collective<CpuBackend>,
+        collective: &mut dyn Collective<B>,
         stopped: &dyn Fn() -> Option<String>,
         metrics: &mut dyn FnMut(StepMetrics),
     ) -> Result<FinetuneOutcome> {
-        self.train_from(job_id, out_dir, collective, stopped, metrics, None, None)
+        self.train_from(be, job_id, out_dir, collective, stopped, metrics, None, None)
     }
 
     /// [`Self::train`], starting from checkpoint `from` (every rank the same) when given, and
     /// checkpointing through `checkpoints` (rank 0) when given.
     #[allow(clippy::too_many_arguments)]
-    pub fn train_from(
+    pub fn train_from<B: Backend>(
         &self,
+        be: B,
         job_id: &str,
         out_dir: &Path,
-        collective: &mut dyn Collective<CpuBackend>,
+        collective: &mut dyn Collective<B>,
         stopped: &dyn Fn() -> Option<String>,
         metrics: &mut dyn FnMut(StepMetrics),
         from: Option<&Checkpoint>,
@@ -188,7 +194,8 @@ impl FinetuneJob {
         let (rank, world) = (collective.rank(), collective.world_size());
         let spec = &self.spec;
         let tc = spec.train_config();
-        let mut st = State::new(self, &tc.optim, tc.schedule.clone())?;
+        let backend = be.name().to_string();
+        let mut st = State::new(be, self, &tc.optim, tc.schedule.clone())?;
         let start = match from {
             Some(ck) => {
                 st.restore(self, ck)?;
@@ -202,6 +209,7 @@ impl FinetuneJob {
             job_id,
             rank,
             world,
+            backend = %backend,
             head = %spec.finetune.as_ref().map(|f| f.head.as_str()).unwrap_or_default(),
             parent = %self.parent,
             start,
@@ -260,7 +268,7 @@ impl FinetuneJob {
     }
 
     /// The GPT's tensors and the head's in one safetensors file, with the parent recorded.
-    fn save(&self, st: &State, path: &Path, job_id: &str, steps: u64, val: (Option<f32>, Option<f32>)) -> Result<()> {
+    fn save<B: Backend>(&self, st: &State<B>, path: &Path, job_id: &str, steps: u64, val: (Option<f32>, Option<f32>)) -> Result<()> {
         let mut table = ParamTable::new();
         for s in st.model.table().specs().iter().chain(st.head.iter().flat_map(|h| h.table().specs())) {
             table.push(&s.name, &s.shape, s.kind, s.init);
@@ -306,19 +314,19 @@ pub(crate) fn load_split<T>(f: &FinetuneSpec, load: impl Fn(&str) -> Result<Vec<
     })
 }
 
-/// Model, head and their optimizers.
-struct State {
-    model: Gpt<CpuBackend>,
-    head: Option<ClassificationHead<CpuBackend>>,
-    opt_model: AdamW<CpuBackend>,
-    opt_head: Option<AdamW<CpuBackend>>,
+/// Model, head and their optimizers, on one backend.
+struct State<B: Backend> {
+    model: Gpt<B>,
+    head: Option<ClassificationHead<B>>,
+    opt_model: AdamW<B>,
+    opt_head: Option<AdamW<B>>,
     clip: Option<f32>,
     schedule: LrSchedule,
 }
 
-impl State {
-    fn new(job: &FinetuneJob, optim: &AdamWConfig, schedule: LrSchedule) -> Result<State> {
-        let model = Gpt::from_params(CpuBackend::new(), job.config.clone(), &job.init_params)?;
+impl<B: Backend> State<B> {
+    fn new(be: B, job: &FinetuneJob, optim: &AdamWConfig, schedule: LrSchedule) -> Result<State<B>> {
+        let model = Gpt::from_params(be, job.config.clone(), &job.init_params)?;
         // Clipping is by the joint norm of the GPT's and the head's gradients, done here; the
         // optimizers themselves do not clip.
         let unclipped = AdamWConfig { grad_clip: None, ..optim.clone() };
@@ -407,7 +415,7 @@ impl State {
 
     /// One optimizer step over this rank's micro-batches: (global mean loss, gradient norm,
     /// this rank's real tokens).
-    fn step(&mut self, job: &FinetuneJob, micro: &[&[usize]], collective: &mut dyn Collective<CpuBackend>, step: u64) -> Result<(f32, f32, usize)> {
+    fn step(&mut self, job: &FinetuneJob, micro: &[&[usize]], collective: &mut dyn Collective<B>, step: u64) -> Result<(f32, f32, usize)> {
         let k = micro.len();
         if k == 0 {
             bail!("step {step}: this rank has no examples (train.global_batch is smaller than the world size?)");
@@ -427,9 +435,9 @@ impl State {
             }
             loss_sum += loss as f64;
         }
-        let be = CpuBackend::new();
+        let be = self.model.backend();
         let mut buf = be.upload(&[(loss_sum / k as f64) as f32]);
-        collective.all_reduce_mean(&be, be.view_mut(&mut buf, 0..1))?;
+        collective.all_reduce_mean(be, be.view_mut(&mut buf, 0..1))?;
         let loss = be.download(be.view(&buf, 0..1))[0];
         if !loss.is_finite() {
             return Err(EngineError::NonFiniteLoss { step, loss }.into());
@@ -547,40 +555,60 @@ fn sft_batch<'a>(examples: impl Iterator<Item = &'a SftExample> + Clone) -> SftB
 }
 
 /// The training thread of a fine-tuning assignment (the runner dispatches here on the job's
-/// kind): load, connect the ring, resume from the assignment's checkpoint if it names one,
-/// train with checkpoints, save. Returns the final step.
+/// kind): load, then train on the worker's device (a BERT or T5 parent goes to
+/// `finetune_family`). Returns the final step.
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
-    let rank = a.rank as usize;
     let f = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
     let src = resolve_init_from(&spec, &f.init_from, &req.out_dir)?;
     if model_file::is_family(&src.bytes, &src.file)? {
         return crate::finetune_family::run(req, spec, src, control, events);
     }
     let job = FinetuneJob::prepare_from(&spec, src)?;
-    if rank == 0 {
+    if a.rank == 0 {
         for s in &job.skipped {
             let text = format!("finetune.init_from: checkpoint {} skipped: {}; starting from {} instead", s.uri, s.reason, job.parent_file);
             events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
         }
     }
-    let mut ring = crate::runner::connect_ring(&req, control)?;
+    match req.device {
+        Device::Cpu => {
+            let mut ring = crate::runner::connect_ring(&req, control)?;
+            train_assignment(CpuBackend::new(), &mut ring, &job, &req, control, events)
+        }
+        Device::Cuda(ordinal) => crate::gpu::finetune_gpt(ordinal, &job, &req, control, events),
+    }
+}
+
+/// A prepared fine-tuning job on any backend, the collective already joined: resume from the
+/// assignment's checkpoint if it names one, train with checkpoints, save. Returns the final step.
+pub(crate) fn train_assignment<B: Backend>(
+    be: B,
+    collective: &mut dyn Collective<B>,
+    job: &FinetuneJob,
+    req: &RunRequest,
+    control: &RunControl,
+    events: &dyn Fn(RunEvent),
+) -> Result<u64> {
+    let a = &req.assignment;
+    let rank = a.rank as usize;
     let resumed = checkpointing::load_resume(a, events)?;
     let start = resumed.as_ref().map_or(0, |c| c.step());
-    checkpointing::agree_on_start(a, start, &CpuBackend::new(), &mut ring)?;
+    checkpointing::agree_on_start(a, start, &be, collective)?;
     let checkpointer = match rank {
         0 => {
             let lineage = resumed.as_ref().map_or_else(|| job.lineage(), checkpointing::lineage_of);
-            Checkpointer::new(a, &spec, job.config.clone().into(), &job.tokenizer, &req.out_dir, lineage)?.map(|c| c.with_head(job.head_config()))
+            Checkpointer::new(a, &job.spec, job.config.clone().into(), &job.tokenizer, &req.out_dir, lineage)?.map(|c| c.with_head(job.head_config()))
         }
         _ => None,
     };
     let (job_id, attempt) = (a.job_id.clone(), a.attempt);
     let mut metrics = |m: StepMetrics| events(RunEvent::Metrics(StepMetrics { job_id: job_id.clone(), attempt, rank: rank as u32, ..m }));
     let out = job.train_from(
+        be,
         &a.job_id,
         &req.out_dir,
-        &mut ring,
+        collective,
         &|| control.stopped(),
         &mut metrics,
         resumed.as_ref(),

@@ -10,8 +10,8 @@
 //! The fine-tuned model is the parent's config with the task's head: every tensor the parent
 //! has under the same name and shape is copied, the new ones (classifier, and the pooler when
 //! the parent had no next-sentence head) are drawn from the job's seed. Data parallelism,
-//! checkpoints and resume are pretraining's (`checkpointing`); the run is on the CPU backend
-//! and the TCP ring, as GPT fine-tuning is.
+//! checkpoints and resume are pretraining's (`checkpointing`); the run is on the worker's
+//! device (the CPU backend and the TCP ring, or a GPU and NCCL), as GPT fine-tuning is.
 
 use std::time::Instant;
 
@@ -23,12 +23,15 @@ use smelt_engine::model::heads::row_argmax;
 use smelt_engine::model::{BertBatch, T5Batch};
 use smelt_engine::optim::AdamW;
 use smelt_engine::params::ParamTable;
+use smelt_engine::backend::Backend;
+use smelt_engine::collective::Collective;
 use smelt_engine::CpuBackend;
 use smelt_jobspec::{FinetuneHead, FinetuneSpec, JobSpec};
 use smelt_proto::v1::{JobNote, StepMetrics};
 use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer};
+use crate::device::Device;
 use crate::family_data::{self, FamilyBatch};
 use crate::finetune::load_split;
 use crate::finetune_data::{self, ClassExample, PairExample};
@@ -145,7 +148,7 @@ impl FamilyFinetune {
     }
 }
 
-type Model = crate::family::Model<CpuBackend>;
+type Model<B> = crate::family::Model<B>;
 
 impl FamilyFinetune {
     /// A micro-batch of the given examples: `[CLS] text [SEP]` padded with [PAD] and masked by
@@ -195,7 +198,7 @@ impl FamilyFinetune {
 
     /// Validation (loss, accuracy) over every validation example, in batches of `batch`; the
     /// loss is the mean over examples (classification) or over response tokens (seq2seq).
-    fn evaluate(&self, model: &mut Model, batch: usize) -> Result<(Option<f32>, Option<f32>)> {
+    fn evaluate<B: Backend>(&self, model: &mut Model<B>, batch: usize) -> Result<(Option<f32>, Option<f32>)> {
         let n = self.task.n_val();
         if n == 0 {
             return Ok((None, None));
@@ -232,35 +235,55 @@ impl FamilyFinetune {
 /// on the parent's format). Returns the final step.
 pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
-    let (rank, world) = (a.rank as usize, a.world_size as usize);
     let job = FamilyFinetune::prepare(&spec, &src)?;
-    if rank == 0 {
+    if a.rank == 0 {
         for s in &src.skipped {
             let text = format!("finetune.init_from: checkpoint {} skipped: {}; starting from {} instead", s.uri, s.reason, src.file);
             events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
         }
     }
-    let mut ring = crate::runner::connect_ring(&req, control)?;
+    match req.device {
+        Device::Cpu => {
+            let mut ring = crate::runner::connect_ring(&req, control)?;
+            train(CpuBackend::new(), &mut ring, &job, &spec, &req, control, events)
+        }
+        Device::Cuda(ordinal) => crate::gpu::finetune_family(ordinal, &job, &spec, &req, control, events),
+    }
+}
 
+/// A prepared BERT or T5 fine-tuning job on any backend, the collective already joined: resume
+/// from the assignment's checkpoint if it names one, train with checkpoints, save. Returns the
+/// final step.
+pub(crate) fn train<B: Backend>(
+    be: B,
+    collective: &mut dyn Collective<B>,
+    job: &FamilyFinetune,
+    spec: &JobSpec,
+    req: &RunRequest,
+    control: &RunControl,
+    events: &dyn Fn(RunEvent),
+) -> Result<u64> {
+    let a = &req.assignment;
+    let (rank, world) = (a.rank as usize, a.world_size as usize);
     let tc = spec.train_config();
-    let mut model = Model::from_params(CpuBackend::new(), &job.model, &job.init_params)?;
-    let mut opt = AdamW::new(&CpuBackend::new(), model.table(), tc.optim.clone())?;
+    let mut model = Model::from_params(be, &job.model, &job.init_params).with_context(|| format!("building the fine-tuned model on {}", req.device))?;
+    let mut opt = AdamW::new(model.backend(), model.table(), tc.optim.clone())?;
     let model_config: ModelConfig = job.model.model_config();
     let (mut start, mut lineage) = (0, smelt_checkpoint::Lineage { parent_checkpoint: Some(job.parent_file.clone()), parent_job: job.parent_job.clone() });
     if let Some(ck) = checkpointing::load_resume(a, events)? {
-        model.restore(&mut opt, &ck, &model_config, &spec, "this job fine-tunes")?;
+        model.restore(&mut opt, &ck, &model_config, spec, "this job fine-tunes")?;
         start = ck.step();
         lineage = checkpointing::lineage_of(&ck);
     }
-    checkpointing::agree_on_start(a, start, &CpuBackend::new(), &mut ring)?;
+    checkpointing::agree_on_start(a, start, model.backend(), collective)?;
     let mut checkpointer = match rank {
-        0 => Checkpointer::new(a, &spec, model_config.clone(), &job.tokenizer, &req.out_dir, lineage)?,
+        0 => Checkpointer::new(a, spec, model_config.clone(), &job.tokenizer, &req.out_dir, lineage)?,
         _ => None,
     };
 
     let order = SampleOrder::new(job.task.n_train() as u64, spec.seed);
     let global = spec.train.global_batch as u64;
-    info!(job_id = %a.job_id, rank, world, arch = model_config.arch(), parent = %job.parent, start, train_examples = job.task.n_train(), val_examples = job.task.n_val(), "fine-tuning started");
+    info!(job_id = %a.job_id, rank, world, device = %req.device, arch = model_config.arch(), parent = %job.parent, start, train_examples = job.task.n_train(), val_examples = job.task.n_val(), "fine-tuning started");
     let started = Instant::now();
     let (mut tokens, mut last_val) = (0usize, (None, None));
     for step in start..tc.steps {
@@ -270,7 +293,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
         let idx: Vec<usize> = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?.map(|k| order.sequence_at(k) as usize).collect();
         let micro: Vec<FamilyBatch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, Some(step))).collect();
         let lr = tc.schedule.lr_at(step);
-        let (loss, report) = model.train_step(&micro, &mut ring, &mut opt, lr, step)?;
+        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step)?;
         tokens += micro.iter().map(FamilyFinetune::batch_tokens).sum::<usize>() * world;
 
         let done = step + 1;

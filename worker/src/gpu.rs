@@ -1,4 +1,4 @@
-//! Pretraining (GPT, BERT, T5) on one GPU: the CUDA backend, NCCL between ranks (rank 0's unique id created
+//! Pretraining and fine-tuning (GPT, BERT, T5) on one GPU: the CUDA backend, NCCL between ranks (rank 0's unique id created
 //! before the rendezvous, relayed to the others by the coordinator), and the communicator
 //! aborted when the run is stopped (job aborted, a peer lost), so a dead peer never hangs a
 //! worker. One GPU alone needs no communicator (`Local`).
@@ -8,7 +8,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Result};
 
+use smelt_jobspec::JobSpec;
+
 use crate::family::FamilyJob;
+use crate::finetune::FinetuneJob;
+use crate::finetune_family::FamilyFinetune;
 use crate::runner::{Pretrain, RunControl, RunEvent, RunRequest};
 
 /// Bytes of an NCCL unique id (`ncclUniqueId`, 128 in every NCCL release).
@@ -42,6 +46,25 @@ pub(crate) fn train_gpt(ordinal: usize, job: Pretrain, req: &RunRequest, control
 #[cfg(feature = "cuda")]
 pub(crate) fn train_family(ordinal: usize, job: FamilyJob, req: &RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     with_gpu(ordinal, req, control, |be, collective| crate::family::train(be, collective, job, req, control, events))
+}
+
+/// GPT fine-tuning on GPU `ordinal`.
+#[cfg(feature = "cuda")]
+pub(crate) fn finetune_gpt(ordinal: usize, job: &FinetuneJob, req: &RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
+    with_gpu(ordinal, req, control, |be, collective| crate::finetune::train_assignment(be, collective, job, req, control, events))
+}
+
+/// BERT or T5 fine-tuning on GPU `ordinal`.
+#[cfg(feature = "cuda")]
+pub(crate) fn finetune_family(
+    ordinal: usize,
+    job: &FamilyFinetune,
+    spec: &JobSpec,
+    req: &RunRequest,
+    control: &RunControl,
+    events: &dyn Fn(RunEvent),
+) -> Result<u64> {
+    with_gpu(ordinal, req, control, |be, collective| crate::finetune_family::train(be, collective, job, spec, req, control, events))
 }
 
 /// Starts the CUDA backend on GPU `ordinal`, joins the job's NCCL communicator (none for one
@@ -93,6 +116,23 @@ pub(crate) fn train_gpt(ordinal: usize, _job: Pretrain, _req: &RunRequest, _cont
 
 #[cfg(not(feature = "cuda"))]
 pub(crate) fn train_family(ordinal: usize, _job: FamilyJob, _req: &RunRequest, _control: &RunControl, _events: &dyn Fn(RunEvent)) -> Result<u64> {
+    Err(anyhow!("cuda:{ordinal}: {}", crate::device::BUILT_WITHOUT_CUDA))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn finetune_gpt(ordinal: usize, _job: &FinetuneJob, _req: &RunRequest, _control: &RunControl, _events: &dyn Fn(RunEvent)) -> Result<u64> {
+    Err(anyhow!("cuda:{ordinal}: {}", crate::device::BUILT_WITHOUT_CUDA))
+}
+
+#[cfg(not(feature = "cuda"))]
+pub(crate) fn finetune_family(
+    ordinal: usize,
+    _job: &FamilyFinetune,
+    _spec: &JobSpec,
+    _req: &RunRequest,
+    _control: &RunControl,
+    _events: &dyn Fn(RunEvent),
+) -> Result<u64> {
     Err(anyhow!("cuda:{ordinal}: {}", crate::device::BUILT_WITHOUT_CUDA))
 }
 

@@ -107,12 +107,13 @@ pub struct RunRequest {
     pub nccl_unique_id: Vec<u8>,
 }
 
-/// Whether this rank must create the NCCL unique id before its rendezvous: rank 0 of a
-/// pretraining job (GPT, BERT or T5) on more than one GPU (fine-tuning runs on the CPU backend
-/// and its TCP ring even on GPU workers, so it needs none). Keep in step with `train`'s dispatch.
+/// Whether this rank must create the NCCL unique id before its rendezvous: rank 0 of a job
+/// (pretraining or fine-tuning, any model) on more than one GPU, all of which average over NCCL.
+/// A spec that does not parse needs none (its run fails on it). Keep in step with `train`'s
+/// dispatch.
 pub fn creates_nccl_id(a: &Assignment, device: Device) -> bool {
-    let pretrain = JobSpec::parse(&a.spec_toml).is_ok_and(|s| s.kind == JobKind::Pretrain);
-    matches!(device, Device::Cuda(_)) && a.rank == 0 && a.world_size > 1 && pretrain
+    let parses = JobSpec::parse(&a.spec_toml).is_ok();
+    matches!(device, Device::Cuda(_)) && a.rank == 0 && a.world_size > 1 && parses
 }
 
 /// Runs one assignment to the end; always produces exactly one `Done`.
@@ -414,7 +415,8 @@ mod tests {
         assert!(!creates_nccl_id(&asg(gpt, 1, 2), Device::Cuda(1)), "other ranks receive it");
         assert!(!creates_nccl_id(&asg(gpt, 0, 1), Device::Cuda(0)), "one gpu needs no communicator");
         assert!(!creates_nccl_id(&asg(gpt, 0, 2), Device::Cpu), "cpu ranks use the tcp ring");
-        assert!(!creates_nccl_id(&asg(finetune, 0, 2), Device::Cuda(0)), "fine-tuning averages over the tcp ring");
+        assert!(creates_nccl_id(&asg(finetune, 0, 2), Device::Cuda(0)), "fine-tuning runs on the gpus too");
+        assert!(!creates_nccl_id(&asg(finetune, 0, 2), Device::Cpu));
         assert!(creates_nccl_id(&asg(bert, 0, 2), Device::Cuda(0)), "bert/t5 pretraining runs on the gpus too");
         assert!(!creates_nccl_id(&asg(bert, 1, 2), Device::Cuda(1)));
         assert!(!creates_nccl_id(&asg("not toml", 0, 2), Device::Cuda(0)));

@@ -72,7 +72,7 @@ fn spec(body: &str, steps: u64, lr: f32, eval_interval: u64) -> JobSpec {
 fn train(spec: &JobSpec, out: &Path) -> (FinetuneOutcome, Vec<StepMetrics>) {
     let job = FinetuneJob::prepare(spec, out).unwrap();
     let mut seen = Vec::new();
-    let outcome = job.train("job-000002", out, &mut Local, &|| None, &mut |m| seen.push(m)).unwrap();
+    let outcome = job.train(CpuBackend::new(), "job-000002", out, &mut Local, &|| None, &mut |m| seen.push(m)).unwrap();
     (outcome, seen)
 }
 
