@@ -542,6 +542,12 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// The widest additive score (`Scores::Additive { width }`) this backend takes; models
+    /// check their `additive_width` against it when built.
+    fn max_additive_width(&self) -> usize {
+        usize::MAX
+    }
+
     /// Attention with a selectable score and an optional key padding mask: for batch entry b,
     /// keys j >= `key_lens[b]` are invisible (as are j > i when causal); `key_lens` is `(B)`,
     /// each in 1..=Tk. The saved state has `attention_saved_len(shape)` values, as for

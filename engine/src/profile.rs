@@ -346,6 +346,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn supports(&self, op: OptionalOp) -> bool {
         self.inner.supports(op)
     }
+    fn max_additive_width(&self) -> usize {
+        self.inner.max_additive_width()
+    }
     fn attention_ex_forward(
         &self,
         out: B::ViewMut<'_>,

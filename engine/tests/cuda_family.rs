@@ -4,7 +4,8 @@
 //! sequences (key padding masks), segments, MLM + next-sentence targets, classification labels,
 //! contrastive pairs, and span-corruption pairs for T5 (padded encoder inputs, so the
 //! cross-attention is masked too). Lengths are not multiples of 64 (the attention tile) and some
-//! exceed it. Learned attention scores must be refused on CUDA with a ConfigError. One CUDA
+//! exceed it. Learned attention scores (general, additive) run the CUDA learned-score kernels and
+//! must match too; an additive width past those kernels' is a ConfigError. One CUDA
 //! backend per precision serves every model (shared_cuda: one NVRTC compile each). The GPU tests
 //! skip (print why) without a GPU; the CPU fixture check runs everywhere.
 #![cfg(feature = "cuda")]
@@ -201,13 +202,17 @@ fn bert_run<B: Backend>(be: B, cfg: &BertConfig, params: &[f32], x: &BertBatch) 
 }
 
 fn bert_vs_cpu(p: MatmulPrecision, task: BertTask, placement: LayerNormPlacement, positions: Positions, tol: f64) {
+    bert_cfg_vs_cpu(p, task, bert_task_cfg(task, placement, positions), tol)
+}
+
+fn bert_cfg_vs_cpu(p: MatmulPrecision, task: BertTask, cfg: BertConfig, tol: f64) {
     let Some(g) = shared(p) else { return };
-    let cfg = bert_task_cfg(task, placement, positions);
+    let (placement, positions) = (cfg.ln_placement, cfg.positions);
     let params = perturb(Bert::new(CpuBackend::new(), cfg.clone(), 7).unwrap().params_host(), 7);
     let x = bert_batch(task, &cfg);
     let cpu = bert_run(CpuBackend::new(), &cfg, &params, &x);
     let gpu = bert_run(g, &cfg, &params, &x);
-    let what = format!("bert {task:?} {p:?} {placement:?} {positions:?}");
+    let what = format!("bert {task:?} {p:?} {placement:?} {positions:?} {:?} scores", cfg.scores);
     compare(&what, &Bert::<CpuBackend>::param_table(&cfg), &cpu, &gpu, tol);
 }
 
@@ -278,13 +283,17 @@ fn t5_run<B: Backend>(be: B, cfg: &T5Config, params: &[f32], x: &T5Batch) -> Run
 }
 
 fn t5_vs_cpu(p: MatmulPrecision, placement: LayerNormPlacement, positions: Positions, tol: f64) {
+    t5_cfg_vs_cpu(p, t5_cfg(placement, positions), tol)
+}
+
+fn t5_cfg_vs_cpu(p: MatmulPrecision, cfg: T5Config, tol: f64) {
     let Some(g) = shared(p) else { return };
-    let cfg = t5_cfg(placement, positions);
+    let (placement, positions) = (cfg.ln_placement, cfg.positions);
     let params = perturb(T5::new(CpuBackend::new(), cfg.clone(), 9).unwrap().params_host(), 9);
     let x = t5_batch(&cfg);
     let cpu = t5_run(CpuBackend::new(), &cfg, &params, &x);
     let gpu = t5_run(g, &cfg, &params, &x);
-    let what = format!("t5 {p:?} {placement:?} {positions:?} ({} x {} -> {})", x.batch, x.enc_len, x.dec_len);
+    let what = format!("t5 {p:?} {placement:?} {positions:?} {:?} scores ({} x {} -> {})", cfg.scores, x.batch, x.enc_len, x.dec_len);
     compare(&what, &T5::<CpuBackend>::param_table(&cfg), &cpu, &gpu, tol);
 }
 
@@ -299,36 +308,67 @@ fn t5_span_corruption_bf16_within_bf16_tolerance() {
     t5_vs_cpu(MatmulPrecision::Bf16, LayerNormPlacement::Pre, Positions::Sinusoidal, BF16_TOL);
 }
 
-// ---- what CUDA refuses --------------------------------------------------------------------------
+// ---- learned attention scores ------------------------------------------------------------------
 
-fn assert_scores_refused(r: Result<(), EngineError>, what: &str, kind: ScoreKind) {
-    match r {
-        Err(EngineError::Config(e)) => {
-            println!("{what} with {kind:?} scores on cuda: {e}");
-            assert_eq!(e.field, "scores", "{what}: {e}");
-            let m = e.message.to_lowercase();
-            assert!(m.contains("cpu") && m.contains("cuda"), "{what}: the message should say the scores are CPU-only on cuda: {e}");
-        }
-        Err(e) => panic!("{what} with {kind:?} scores: expected a ConfigError naming `scores`, got {e}"),
-        Ok(()) => panic!("{what} with {kind:?} scores: built on cuda, but only dot scores have kernels"),
+/// BERT pre-training (padded: key masks) with a learned score; the additive one 24 wide (not
+/// the head dim 16).
+fn bert_scores_vs_cpu(p: MatmulPrecision, kind: ScoreKind, tol: f64) {
+    let mut cfg = bert_task_cfg(BertTask::Pretrain, LayerNormPlacement::Post, Positions::Learned);
+    cfg.scores = kind;
+    cfg.additive_width = 24;
+    bert_cfg_vs_cpu(p, BertTask::Pretrain, cfg, tol);
+}
+
+/// T5 with a learned score in every attention: encoder self (masked), decoder self (causal) and
+/// cross-attention (split source, masked).
+fn t5_scores_vs_cpu(p: MatmulPrecision, kind: ScoreKind, tol: f64) {
+    let mut cfg = t5_cfg(LayerNormPlacement::Pre, Positions::Sinusoidal);
+    cfg.scores = kind;
+    cfg.additive_width = 40;
+    t5_cfg_vs_cpu(p, cfg, tol);
+}
+
+#[test]
+fn bert_learned_scores_match_cpu() {
+    for kind in [ScoreKind::General, ScoreKind::Additive] {
+        bert_scores_vs_cpu(MatmulPrecision::F32, kind, F32_TOL);
+        bert_scores_vs_cpu(MatmulPrecision::Bf16, kind, BF16_TOL);
     }
 }
 
 #[test]
-fn learned_scores_are_a_config_error_on_cuda() {
-    let Some(g) = shared(MatmulPrecision::F32) else { return };
+fn t5_learned_scores_match_cpu() {
     for kind in [ScoreKind::General, ScoreKind::Additive] {
-        let mut cfg = bert_cfg(LayerNormPlacement::Post, Positions::Learned);
-        cfg.scores = kind;
-        // through from_params, as a worker restoring weights does, and through new
-        let params = Bert::new(CpuBackend::new(), cfg.clone(), 1).unwrap().params_host();
-        assert_scores_refused(Bert::from_params(g, cfg.clone(), &params).map(|_| ()), "Bert::from_params", kind);
-        assert_scores_refused(Bert::new(g, cfg, 1).map(|_| ()), "Bert::new", kind);
-        let mut cfg = t5_cfg(LayerNormPlacement::Pre, Positions::Sinusoidal);
-        cfg.scores = kind;
-        assert_scores_refused(T5::new(g, cfg, 1).map(|_| ()), "T5::new", kind);
+        t5_scores_vs_cpu(MatmulPrecision::F32, kind, F32_TOL);
+        t5_scores_vs_cpu(MatmulPrecision::Bf16, kind, BF16_TOL);
     }
-    g.synchronize().expect("refusing a config leaves no device error behind");
+}
+
+/// An additive score wider than the CUDA kernels take is a ConfigError naming
+/// `additive_width` when the model is built (the CPU builds it).
+#[test]
+fn too_wide_an_additive_score_is_a_config_error_on_cuda() {
+    let mut cfg = bert_cfg(LayerNormPlacement::Post, Positions::Learned);
+    cfg.scores = ScoreKind::Additive;
+    cfg.additive_width = 129;
+    assert!(Bert::new(CpuBackend::new(), cfg.clone(), 1).is_ok(), "the CPU has no width limit");
+    let Some(g) = shared(MatmulPrecision::F32) else { return };
+    for (what, r) in [("Bert::new", Bert::new(g, cfg.clone(), 1).map(|_| ())), ("T5::new", {
+        let mut t = t5_cfg(LayerNormPlacement::Pre, Positions::Sinusoidal);
+        t.scores = ScoreKind::Additive;
+        t.additive_width = 129;
+        T5::new(g, t, 1).map(|_| ())
+    })] {
+        match r {
+            Err(EngineError::Config(e)) => {
+                println!("{what} with additive_width 129 on cuda: {e}");
+                assert_eq!(e.field, "additive_width", "{what}: {e}");
+                assert!(e.message.contains("129") && e.message.contains("128"), "{what}: the message should name the width and the limit: {e}");
+            }
+            Err(e) => panic!("{what}: expected a ConfigError naming `additive_width`, got {e}"),
+            Ok(()) => panic!("{what}: built on cuda with an additive score wider than its kernels take"),
+        }
+    }
 }
 
 // ---- the fixtures themselves (no GPU needed) -----------------------------------------------------

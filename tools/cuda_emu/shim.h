@@ -35,6 +35,14 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     g_bar->arrive_and_wait();
     return r;
 }
+inline float __shfl_sync(unsigned, float v, int src) {
+    unsigned t = threadIdx.x, w0 = t & ~31u;
+    g_xch[t] = v;
+    g_bar->arrive_and_wait();
+    float r = g_xch[w0 + ((unsigned)src & 31u)];
+    g_bar->arrive_and_wait();
+    return r;
+}
 inline bool __any_sync(unsigned, bool pred) {
     unsigned t = threadIdx.x, w0 = t & ~31u;
     g_xch[t] = pred ? 1.0f : 0.0f;

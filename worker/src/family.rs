@@ -12,8 +12,8 @@
 //! state: a resumed run at step s makes exactly the batches the uninterrupted run made.
 //!
 //! On a CPU worker the backend is the CPU one and ranks average over the TCP ring; on a GPU
-//! worker it is the CUDA backend and NCCL (`gpu::train_family`). General and additive attention
-//! scores are CPU-only: the model refuses them on CUDA with an error naming `scores`.
+//! worker it is the CUDA backend and NCCL (`gpu::train_family`), learned attention scores
+//! (general, additive) included.
 
 use std::time::Instant;
 

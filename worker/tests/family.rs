@@ -69,16 +69,21 @@ fn contrastive_bert_job_lowers_its_loss_and_saves_its_model() {
 }
 
 #[test]
-fn a_family_job_on_a_gpu_worker_takes_the_cuda_path_and_general_scores_are_refused_there() {
-    // Whatever this build and machine have (no `cuda` feature; no GPU; a GPU, where the CUDA
-    // backend refuses general scores when the model is built), the run fails naming CUDA.
+fn a_family_job_on_a_gpu_worker_takes_the_cuda_path() {
+    // A T5 with general attention scores (the learned-score kernels on CUDA): where this build
+    // and machine cannot train on cuda:0 (no `cuda` feature, no GPU) the run fails naming CUDA;
+    // where they can, it trains there.
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("text.txt");
     std::fs::write(&text, LINE.repeat(5)).unwrap();
     let model = "arch = \"t5\"\npreset = \"t5-test\"\nsentinels = 8\nscores = \"general\"";
     let (metrics, done) = run_on(&spec(model, &text, "[cluster]\ndevice = \"cuda\"\n"), dir.path(), Device::Cuda(0));
-    assert!(!done.ok && metrics.is_empty());
-    assert!(done.error.contains("cuda"), "{}", done.error);
+    if smelt_worker::device::probe_cuda(0).is_ok() {
+        assert!(done.ok && !metrics.is_empty(), "{}", done.error);
+    } else {
+        assert!(!done.ok && metrics.is_empty());
+        assert!(done.error.contains("cuda"), "{}", done.error);
+    }
 }
 
 #[test]

@@ -47,40 +47,40 @@ pub(crate) const MAX_HEAD_DIM: usize = 128;
 /// Kernel parameters, `AttnParams` in attention.cu (same fields, same order, all 4 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
-struct Params {
-    batch: i32,
-    tq: i32,
-    tk: i32,
-    channels: i32,
-    heads: i32,
-    hd: i32,
-    q_ld: i32,
-    q_off: i32,
-    k_ld: i32,
-    k_off: i32,
-    v_ld: i32,
-    v_off: i32,
-    causal: i32,
-    scale: f32,
+pub(super) struct Params {
+    pub(super) batch: i32,
+    pub(super) tq: i32,
+    pub(super) tk: i32,
+    pub(super) channels: i32,
+    pub(super) heads: i32,
+    pub(super) hd: i32,
+    pub(super) q_ld: i32,
+    pub(super) q_off: i32,
+    pub(super) k_ld: i32,
+    pub(super) k_off: i32,
+    pub(super) v_ld: i32,
+    pub(super) v_off: i32,
+    pub(super) causal: i32,
+    pub(super) scale: f32,
     /// Backward: 1 adds into dq, dk, dv; 0 overwrites them.
-    accumulate: i32,
+    pub(super) accumulate: i32,
     /// bf16 family: q, kv, out, dout, dq, dkv are bf16 activation buffers (all or none).
-    io_bf16: i32,
+    pub(super) io_bf16: i32,
     /// With io_bf16: every buffer pointer, row stride and column offset is even (in elements),
     /// so column pairs (d, d+1), d even, move as one 4-byte access (`pairs_allowed`).
-    pairs: i32,
+    pub(super) pairs: i32,
     /// bf16 family: the tiled kernels read q, k, v and dout straight from the bf16 activation
     /// buffers (`direct_allowed`) instead of head-major copies.
-    direct: i32,
+    pub(super) direct: i32,
     /// Device pointer to `key_lens (B)` (u32), or 0 for no padding mask.
-    key_lens: u64,
+    pub(super) key_lens: u64,
 }
 
 // SAFETY: plain-old-data with C layout, matching the kernels' by-value struct parameter.
 unsafe impl DeviceRepr for Params {}
 
 /// One log-sum-exp per (B, H, Tq) row.
-fn lse_len(shape: AttnShape) -> usize {
+pub(super) fn lse_len(shape: AttnShape) -> usize {
     shape.batch * shape.heads * shape.q_len
 }
 
@@ -230,7 +230,7 @@ enum Kernel {
     Fused,
 }
 
-fn check_shape(s: &AttnShape) {
+pub(super) fn check_shape(s: &AttnShape) {
     assert!(
         s.heads > 0 && s.channels.is_multiple_of(s.heads),
         "attention: channels must divide into heads"
@@ -274,7 +274,7 @@ fn src_is_bf16(src: &QkvSource<CudaView<'_>>) -> bool {
 
 /// Checks that a buffer has the source's element type, and that the family can read it.
 #[track_caller]
-fn check_io(be: &CudaBackend, io_bf16: bool, bf16: bool, what: &str) {
+pub(super) fn check_io(be: &CudaBackend, io_bf16: bool, bf16: bool, what: &str) {
     assert_eq!(bf16, io_bf16, "attention: {what} must have the element type of q, k, v (bf16 or f32)");
     assert!(!io_bf16 || bf16_family(be), "attention: bf16 buffers need the bf16 kernels (bf16 matmuls, sm_80+)");
 }
@@ -288,7 +288,7 @@ fn pairs_allowed(p: &Params, ptrs: &[u64]) -> bool {
 }
 
 /// Kernel parameters and the (q, kv) pointers of a source, after checking its lengths.
-fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Params, u64, u64) {
+pub(super) fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64) -> (Params, u64, u64) {
     let c = s.channels;
     let io_bf16 = src_is_bf16(src);
     // Queries always start at column 0 of their rows.
@@ -388,7 +388,7 @@ pub(crate) fn forward(
 }
 
 /// Device pointer of a key-length vector after checking its length, or 0 for none.
-fn key_lens_ptr(be: &CudaBackend, key_lens: Option<&CudaIds>, s: &AttnShape) -> u64 {
+pub(super) fn key_lens_ptr(be: &CudaBackend, key_lens: Option<&CudaIds>, s: &AttnShape) -> u64 {
     match key_lens {
         None => 0,
         Some(lens) => {
@@ -489,22 +489,10 @@ pub(crate) fn backward_masked(
     backward_with(be, dsrc, dout, src, out, saved, key_lens, shape, accumulate)
 }
 
-#[allow(clippy::too_many_arguments)]
-fn backward_with(
-    be: &CudaBackend,
-    dsrc: QkvSource<CudaViewMut<'_>>,
-    dout: CudaView<'_>,
-    src: QkvSource<CudaView<'_>>,
-    out: CudaView<'_>,
-    saved: CudaView<'_>,
-    key_lens: Option<&CudaIds>,
-    shape: AttnShape,
-    accumulate: bool,
-) {
-    check_shape(&shape);
-    let (mut p, q, kv) = params(&shape, &src, key_lens_ptr(be, key_lens, &shape));
-    p.accumulate = accumulate as i32;
-    let (dq, dkv) = match (&dsrc, &src) {
+/// The (dq, dkv) pointers of a gradient laid out like its source, after checking their lengths
+/// and element types against the source's (`p.io_bf16`).
+pub(super) fn gradient_pointers(be: &CudaBackend, p: &Params, dsrc: &QkvSource<CudaViewMut<'_>>, src: &QkvSource<CudaView<'_>>, shape: &AttnShape) -> (u64, u64) {
+    match (dsrc, src) {
         (QkvSource::Packed(d), QkvSource::Packed(_)) => {
             assert_eq!(
                 d.len,
@@ -530,7 +518,25 @@ fn backward_with(
             (dq.addr(), dkv.addr())
         }
         _ => panic!("attention backward: dsrc and src must both be packed or both split"),
-    };
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_with(
+    be: &CudaBackend,
+    dsrc: QkvSource<CudaViewMut<'_>>,
+    dout: CudaView<'_>,
+    src: QkvSource<CudaView<'_>>,
+    out: CudaView<'_>,
+    saved: CudaView<'_>,
+    key_lens: Option<&CudaIds>,
+    shape: AttnShape,
+    accumulate: bool,
+) {
+    check_shape(&shape);
+    let (mut p, q, kv) = params(&shape, &src, key_lens_ptr(be, key_lens, &shape));
+    p.accumulate = accumulate as i32;
+    let (dq, dkv) = gradient_pointers(be, &p, &dsrc, &src, &shape);
     let n_out = shape.batch * shape.q_len * shape.channels;
     assert_eq!(dout.len, n_out, "attention dout (B,Tq,C)");
     assert_eq!(out.len, n_out, "attention out (B,Tq,C)");
@@ -588,7 +594,7 @@ fn backward_with(
 ///
 /// # Safety
 /// The caller writes every element before a kernel reads it.
-unsafe fn scratch<T: DeviceRepr>(be: &CudaBackend, len: usize, what: &str) -> Option<CudaSlice<T>> {
+pub(super) unsafe fn scratch<T: DeviceRepr>(be: &CudaBackend, len: usize, what: &str) -> Option<CudaSlice<T>> {
     // SAFETY: uninitialised memory; the caller's contract says it is written before it is read.
     match unsafe { be.stream().alloc::<T>(len) } {
         Ok(buf) => Some(buf),

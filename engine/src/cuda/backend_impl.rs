@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::{adamw, attention, cross_entropy, dropout, elementwise, embedding, layernorm, matmul, memory, peak};
+use super::{adamw, attention, cross_entropy, dropout, elementwise, embedding, layernorm, learned_scores, matmul, memory, peak};
 use super::{bf16_activations_enabled, CudaBackend, CudaBuf, CudaIds, CudaView, CudaViewMut};
 use crate::error::EngineError;
 use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
@@ -261,8 +261,12 @@ impl Backend for CudaBackend {
         attention::backward(self, dsrc, dout, src, out, saved, shape, false)
     }
     fn supports(&self, op: OptionalOp) -> bool {
-        // Dot-score attention with key padding masks has kernels; learned scores do not.
-        op == OptionalOp::KeyPaddingMask
+        // Dot scores run the flash kernels (attention.rs), general and additive ones the
+        // learned-score kernels (learned_scores.rs); both take key padding masks.
+        matches!(op, OptionalOp::KeyPaddingMask | OptionalOp::GeneralScores | OptionalOp::AdditiveScores)
+    }
+    fn max_additive_width(&self) -> usize {
+        learned_scores::MAX_WIDTH
     }
     fn attention_ex_forward(
         &self,
@@ -273,8 +277,10 @@ impl Backend for CudaBackend {
         key_lens: Option<&CudaIds>,
         shape: AttnShape,
     ) {
-        dot_scores_only(&scores);
-        attention::forward_masked(self, out, saved, src, key_lens, shape)
+        match scores {
+            Scores::Dot => attention::forward_masked(self, out, saved, src, key_lens, shape),
+            learned => learned_scores::forward(self, out, saved, src, learned, key_lens, shape),
+        }
     }
     fn attention_ex_backward(
         &self,
@@ -288,9 +294,7 @@ impl Backend for CudaBackend {
         saved: CudaView<'_>,
         shape: AttnShape,
     ) {
-        dot_scores_only(&scores);
-        dot_scores_only(&dscores);
-        attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, true)
+        attention_ex_backward(self, dsrc, dscores, dout, src, scores, key_lens, out, saved, shape, true)
     }
     fn attention_ex_backward_set(
         &self,
@@ -304,10 +308,8 @@ impl Backend for CudaBackend {
         saved: CudaView<'_>,
         shape: AttnShape,
     ) {
-        // The kernels' overwrite mode (AttnParams.accumulate = 0) also zeroes padded key rows.
-        dot_scores_only(&scores);
-        dot_scores_only(&dscores);
-        attention::backward_masked(self, dsrc, dout, src, out, saved, key_lens, shape, false)
+        // Overwrite mode also writes zeros for the padded keys' rows (both kernel families).
+        attention_ex_backward(self, dsrc, dscores, dout, src, scores, key_lens, out, saved, shape, false)
     }
 
     // ---- elementwise --------------------------------------------------------------------
@@ -433,11 +435,23 @@ impl Backend for CudaBackend {
     }
 }
 
-/// The CUDA attention kernels compute dot-product scores only; models ask `Backend::supports`
-/// when built and refuse the learned scores on CUDA with a `ConfigError` naming `scores`, so
-/// reaching this with another kind is a bug in the caller.
-fn dot_scores_only<V>(scores: &Scores<V>) {
-    if !matches!(scores, Scores::Dot) {
-        unimplemented!("cuda: {:?} attention scores are CPU-only", scores.kind());
+/// `attention_ex_backward(_set)`: the dot score by the flash kernels, the learned ones by theirs.
+#[allow(clippy::too_many_arguments)]
+fn attention_ex_backward(
+    be: &CudaBackend,
+    dsrc: QkvSource<CudaViewMut<'_>>,
+    dscores: Scores<CudaViewMut<'_>>,
+    dout: CudaView<'_>,
+    src: QkvSource<CudaView<'_>>,
+    scores: Scores<CudaView<'_>>,
+    key_lens: Option<&CudaIds>,
+    out: CudaView<'_>,
+    saved: CudaView<'_>,
+    shape: AttnShape,
+    accumulate: bool,
+) {
+    match (scores, dscores) {
+        (Scores::Dot, Scores::Dot) => attention::backward_masked(be, dsrc, dout, src, out, saved, key_lens, shape, accumulate),
+        (scores, dscores) => learned_scores::backward(be, dsrc, dscores, dout, src, scores, key_lens, out, saved, shape, accumulate),
     }
 }

@@ -21,6 +21,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("cross_entropy", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/cross_entropy.cu"))),
     ("adamw", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/adamw.cu"))),
     ("attention", include_str!("kernels/attention.cu")),
+    ("learned_scores", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/learned_scores.cu"))),
     ("convert", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/convert.cu"))),
 ];
 

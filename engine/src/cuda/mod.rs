@@ -29,6 +29,7 @@ mod embedding;
 mod ids;
 pub mod kernels;
 mod layernorm;
+mod learned_scores;
 mod lt;
 mod lt_autotune;
 mod matmul;

@@ -215,12 +215,17 @@ pub struct Bert<B: Backend> {
     dz: Option<Vec<f32>>,
 }
 
-/// Errors for options a backend lacks, raised when a model is built.
-pub(crate) fn check_scores_supported<B: Backend>(be: &B, kind: ScoreKind) -> Result<(), ConfigError> {
+/// Errors for options a backend lacks, raised when a model is built: a score kind without
+/// kernels, or an additive score wider than the backend's kernels take.
+pub(crate) fn check_scores_supported<B: Backend>(be: &B, kind: ScoreKind, additive_width: usize) -> Result<(), ConfigError> {
     match OptionalOp::of_scores(kind) {
         Some(op) if !be.supports(op) => Err(ConfigError::new(
             "scores",
             format!("{kind:?} attention scores are CPU-only until they have kernels for the {} backend", be.name()).to_lowercase(),
+        )),
+        _ if kind == ScoreKind::Additive && additive_width > be.max_additive_width() => Err(ConfigError::new(
+            "additive_width",
+            format!("{additive_width} is wider than the {} backend's additive-score kernels take (at most {})", be.name(), be.max_additive_width()),
         )),
         _ => Ok(()),
     }
@@ -241,7 +246,7 @@ impl<B: Backend> Bert<B> {
 
     pub fn from_params(be: B, cfg: BertConfig, host: &[f32]) -> Result<Self, EngineError> {
         cfg.validate()?;
-        check_scores_supported(&be, cfg.scores)?;
+        check_scores_supported(&be, cfg.scores, cfg.additive_width())?;
         let (table, lay) = build(&cfg);
         if host.len() != table.total() {
             return Err(EngineError::Batch(format!("parameter buffer holds {} values, the config needs {}", host.len(), table.total())));

@@ -189,7 +189,7 @@ impl<B: Backend> T5<B> {
 
     pub fn from_params(be: B, cfg: T5Config, host: &[f32]) -> Result<Self, EngineError> {
         cfg.validate()?;
-        check_scores_supported(&be, cfg.scores)?;
+        check_scores_supported(&be, cfg.scores, cfg.additive_width())?;
         let (table, lay) = build(&cfg);
         if host.len() != table.total() {
             return Err(EngineError::Batch(format!("parameter buffer holds {} values, the config needs {}", host.len(), table.total())));

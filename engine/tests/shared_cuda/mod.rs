@@ -4,6 +4,7 @@
 //! NVRTC (seconds each time). [`Shared`] is a `Backend` that forwards every op to a backend built
 //! once, so a test binary pays for one compile per precision however many models it builds.
 //! The ops with a default body that BERT and T5 reach are forwarded too (`supports`,
+//! `max_additive_width`,
 //! `attention_ex_*`, `tanh_*`), so those models see the CUDA backend's own ops; the others
 //! (dropout: the test configs have none) keep the trait's host defaults here.
 #![allow(clippy::too_many_arguments)] // the trait's own signatures
@@ -261,6 +262,9 @@ impl Backend for Shared {
     }
     fn supports(&self, op: OptionalOp) -> bool {
         self.0.supports(op)
+    }
+    fn max_additive_width(&self) -> usize {
+        self.0.max_additive_width()
     }
     fn attention_ex_forward(
         &self,
