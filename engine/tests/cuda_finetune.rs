@@ -7,6 +7,7 @@
 //! why) without a GPU.
 #![cfg(feature = "cuda")]
 
+mod compare;
 mod shared_cuda;
 
 use smelt_engine::backend::Backend;
@@ -16,21 +17,12 @@ use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
 use smelt_engine::rng::Rng;
 use smelt_engine::CpuBackend;
 
+use compare::rel_err;
 use shared_cuda::shared;
 
 /// T = 70 crosses the 64-row attention tile; 3 labels; head dim 16.
 fn cfg(ln_placement: LayerNormPlacement) -> GptConfig {
     GptConfig { vocab_size: 97, block_size: 80, n_layer: 2, n_head: 4, n_embd: 64, ln_placement }
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len(), "lengths differ");
-    let (mut d, mut w) = (0.0f64, 0.0f64);
-    for (&g, &x) in got.iter().zip(want) {
-        d += (g as f64 - x as f64).powi(2);
-        w += (x as f64).powi(2);
-    }
-    (d / w.max(1e-300)).sqrt()
 }
 
 /// One classification micro-batch: right-padded tokens, each sequence's last real position, labels.

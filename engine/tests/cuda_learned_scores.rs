@@ -9,10 +9,12 @@
 //! accumulating one's increments. Skips (prints why) without a GPU.
 #![cfg(feature = "cuda")]
 
+mod compare;
 mod bf16_reference;
 mod shared_cuda;
 
 use bf16_reference::round_all;
+use compare::rel_err;
 use shared_cuda::shared;
 
 use smelt_engine::backend::{AttnShape, Backend, OptionalOp, QkvSource, Scores};
@@ -202,17 +204,6 @@ fn run<B: Backend>(be: &B, x: &Inputs, act: bool, set_tol: f64) -> Outputs {
         assert!(e < set_tol, "{} on {}: attention_ex_backward_set's {what} differs from the accumulating op's increment by {e:.2e}", x.name, be.name());
     }
     got
-}
-
-fn rel_err(got: &[f32], want: &[f32]) -> f64 {
-    assert_eq!(got.len(), want.len());
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    assert!(den > 0.0, "reference is all zeros: the comparison would prove nothing");
-    (num / den).sqrt()
 }
 
 /// The case on the CPU and on CUDA with f32 buffers, then with bf16 activation buffers.
