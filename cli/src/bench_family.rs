@@ -10,7 +10,7 @@
 //! Tokens per second count input tokens, as the peer does: B*T for BERT, B*Te (encoder) for T5.
 
 use anyhow::{bail, Result};
-use smelt_engine::backend::{Backend, IGNORE_INDEX};
+use smelt_engine::backend::{Backend, ScoreKind, IGNORE_INDEX};
 use smelt_engine::model::{Bert, BertBatch, BertConfig, T5Batch, T5Config, T5};
 use smelt_engine::optim::{AdamW, AdamWConfig};
 use smelt_engine::rng::Rng;
@@ -31,6 +31,15 @@ struct Family<M, X> {
     step: u64,
 }
 
+/// `--scores` (checked by clap against the three names).
+fn score_kind(a: &StepArgs) -> ScoreKind {
+    match a.scores.as_deref() {
+        Some("general") => ScoreKind::General,
+        Some("additive") => ScoreKind::Additive,
+        _ => ScoreKind::Dot,
+    }
+}
+
 pub(crate) fn run_bert<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), after: impl FnOnce(&B)) -> Result<Timed> {
     let mut cfg = BertConfig::preset(&a.preset())?;
     // HF BertForMaskedLM has neither the pooler nor the next-sentence head.
@@ -42,6 +51,7 @@ pub(crate) fn run_bert<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnc
     if let Some(p) = a.dropout {
         cfg.dropout = p;
     }
+    cfg.scores = score_kind(a);
     cfg.validate()?;
     let (b, t) = (a.batch, a.seq);
     if b == 0 || t == 0 {
@@ -87,6 +97,7 @@ pub(crate) fn run_t5<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(
     if let Some(v) = a.vocab {
         cfg.vocab_size = v;
     }
+    cfg.scores = score_kind(a);
     cfg.validate()?;
     let (b, te, td) = (a.batch, a.seq, a.dec_seq());
     if b == 0 || te == 0 || td == 0 {

@@ -87,6 +87,11 @@ pub struct StepArgs {
     /// Hugging Face's BERT trains with 0.1, which its peer run uses).
     #[arg(long)]
     pub dropout: Option<f32>,
+    /// BERT and T5 only: the attention score, dot (the presets'), general or additive (the
+    /// additive width is the head dim), to time the learned scores beside the dot one (MFU
+    /// still counts the dot score's FLOPs).
+    #[arg(long, value_parser = ["dot", "general", "additive"])]
+    pub scores: Option<String>,
     /// Time every backend op (each bracketed by a device sync) and print where a step's time
     /// goes; the step time itself is then slower than a real one.
     #[arg(long)]
@@ -290,6 +295,9 @@ fn run_steps<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), aft
     if a.dropout.is_some() && !matches!(a.arch, Arch::Bert) {
         bail!("--dropout is for --arch bert (the GPT and T5 models here have no dropout)");
     }
+    if a.scores.is_some() && matches!(a.arch, Arch::Gpt) {
+        bail!("--scores is for --arch bert or t5 (the GPT here has dot-product attention only)");
+    }
     match a.arch {
         Arch::Gpt => run_gpt(be, a, after_warmup, after),
         Arch::Bert => crate::bench_family::run_bert(be, a, after_warmup, after),
@@ -342,6 +350,7 @@ fn report(a: &StepArgs, t: &Timed, extra: serde_json::Value, extra_text: String)
         "preset": a.preset(),
         "vocab": a.vocab,
         "dropout": a.dropout.map(|p| (p as f64 * 1e6).round() / 1e6),
+        "scores": a.scores.as_deref().unwrap_or("dot"),
         "params": t.params,
         "batch": a.batch,
         "seq": a.seq,

@@ -67,6 +67,20 @@ fn t5_step_counts_encoder_tokens_and_reports_the_decoder_length() {
 }
 
 #[test]
+fn learned_scores_are_timed_and_reported() {
+    for scores in ["general", "additive"] {
+        let j = step_json(&["--arch", "bert", "--preset", "bert-test", "--batch", "2", "--seq", "16", "--scores", scores]);
+        check_common(&j, "bert", "bert-test", 32.0);
+        assert_eq!(j["scores"], scores, "{j}");
+        let j = step_json(&["--arch", "t5", "--preset", "t5-test", "--batch", "2", "--seq", "16", "--scores", scores]);
+        check_common(&j, "t5", "t5-test", 32.0);
+        assert_eq!(j["scores"], scores, "{j}");
+    }
+    let j = step_json(&["--arch", "bert", "--preset", "bert-test", "--batch", "2", "--seq", "16"]);
+    assert_eq!(j["scores"], "dot", "{j}");
+}
+
+#[test]
 fn gpt_stays_the_default_arch() {
     let j = step_json(&["--preset", "tiny", "--batch", "2", "--seq", "16"]);
     check_common(&j, "gpt", "tiny", 32.0);
@@ -74,8 +88,10 @@ fn gpt_stays_the_default_arch() {
 
 #[test]
 fn bad_lengths_are_clear_errors() {
-    let cases: [(&[&str], &str); 3] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--arch", "bert", "--preset", "bert-test", "--dec-seq", "4"], "--dec-seq is for --arch t5"),
+        (&["--preset", "tiny", "--scores", "general"], "--scores is for --arch bert or t5"),
+        (&["--arch", "bert", "--preset", "bert-test", "--scores", "bilinear"], "bilinear"),
         (&["--arch", "bert", "--preset", "bert-test", "--seq", "33"], "exceeds the preset's max_positions 32"),
         (&["--arch", "t5", "--preset", "t5-test", "--seq", "16", "--dec-seq", "40"], "--dec-seq 40 exceeds"),
     ];
