@@ -1,14 +1,16 @@
 //! `smelt export`: a model in other tools' formats.
 //!
 //! - `hf <model> <dir>`: `config.json` + `model.safetensors` that Hugging Face transformers loads:
-//!   a GPT as `GPT2LMHeadModel`, a BERT as `BertForPreTraining`, `BertForSequenceClassification`
+//!   a GPT as `GPT2LMHeadModel` (a GPT fine-tuned as a classifier as
+//!   `GPT2ForSequenceClassification`, its `score.weight` as it is), a BERT as `BertForPreTraining`, `BertForSequenceClassification`
 //!   or `BertForMaskedLM` (`export_bert.rs`; a T5 is refused there). For a GPT: The engine already stores GPT-2's tensor names and layouts (`Conv1D`
 //!   weights (in, out)), so the tensors are copied; the LM head is tied to `wte` and, as
 //!   transformers' own `save_pretrained` does for tied weights, `lm_head.weight` is not stored
 //!   (`tie_word_embeddings` makes the loader tie it).
 //! - `logits <model> <out.npy> --ids ...`: the model's logits (T, V) for one sequence, as a
 //!   NumPy file, to compare against another implementation (`tools/hf/check_export.py`); for a
-//!   BERT the masked-LM logits of the unpadded sequence in segment 0.
+//!   BERT the masked-LM logits of the unpadded sequence in segment 0; with `--classifier`, a GPT
+//!   classifier's class logits (1, num_labels) of the sequence (its last token pooled).
 //!
 //! `<model>` is a checkpoint (`<store>/jobs/<job>/ckpt/<step>/`, verified against its manifest
 //! before anything is exported), a `model.safetensors` or a directory holding one, as a local
@@ -21,6 +23,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use smelt_engine::model::heads::ClassificationHead;
 use smelt_engine::model::{Gpt, LayerNormPlacement};
 use smelt_engine::{weights, CpuBackend};
 use smelt_checkpoint::{resolve_model, JobLocations, ModelSource};
@@ -33,8 +36,9 @@ mod export_bert;
 
 #[derive(Subcommand, Debug)]
 pub enum ExportCommand {
-    /// Hugging Face transformers: config.json + model.safetensors (GPT2LMHeadModel, or BERT's
-    /// BertForPreTraining / BertForSequenceClassification / BertForMaskedLM).
+    /// Hugging Face transformers: config.json + model.safetensors (GPT2LMHeadModel or, for a GPT
+    /// classifier, GPT2ForSequenceClassification; BERT's BertForPreTraining /
+    /// BertForSequenceClassification / BertForMaskedLM).
     Hf(HfArgs),
     /// Logits of one token sequence as a .npy file (T, V), float32.
     Logits(LogitsArgs),
@@ -66,6 +70,9 @@ pub struct LogitsArgs {
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub ids: Vec<u32>,
+    /// A GPT fine-tuned as a classifier: its class logits (1, num_labels) instead of the LM's.
+    #[arg(long)]
+    pub classifier: bool,
     #[command(flatten)]
     pub store: StoreArg,
 }
@@ -77,9 +84,10 @@ pub fn run(c: ExportCommand) -> Result<()> {
     }
 }
 
-/// A model of either kind: a GPT, or a BERT / T5.
+/// A model of either kind: a GPT (with its classification head, if fine-tuned as a
+/// classifier: label count and `score.weight`), or a BERT / T5.
 enum Loaded {
-    Gpt(SavedModel),
+    Gpt(SavedModel, Option<(usize, Vec<f32>)>),
     Family(SavedFamilyModel),
 }
 
@@ -100,7 +108,9 @@ fn load(model: &str, store: &StoreArg) -> Result<Loaded> {
     Ok(if model_file::is_family(&src.bytes, &src.file)? {
         Loaded::Family(model_file::family_from_bytes(&src.bytes, &src.file)?)
     } else {
-        Loaded::Gpt(model_file::from_bytes(&src.bytes, &src.file)?)
+        let saved = model_file::from_bytes(&src.bytes, &src.file)?;
+        let head = model_file::classification_head(&src.bytes, &src.file, &saved)?;
+        Loaded::Gpt(saved, head)
     })
 }
 
@@ -141,9 +151,24 @@ fn hf_config(saved: &SavedModel) -> serde_json::Value {
     cfg
 }
 
+/// GPT2Config of a smelt GPT classifier, for `GPT2ForSequenceClassification`. Transformers pools
+/// each sequence's last token that is not `pad_token_id` (smelt pools the last real token of
+/// right-padded batches): the end-of-text id when the model has one (text never encodes to it),
+/// else none, which transformers accepts for a batch of one sequence (or unpadded ones).
+fn hf_classifier_config(saved: &SavedModel, num_labels: usize) -> serde_json::Value {
+    let mut cfg = hf_config(saved);
+    cfg["architectures"] = serde_json::json!(["GPT2ForSequenceClassification"]);
+    cfg["num_labels"] = num_labels.into();
+    cfg["id2label"] = (0..num_labels).map(|i| (i.to_string(), serde_json::json!(format!("LABEL_{i}")))).collect::<serde_json::Map<_, _>>().into();
+    cfg["label2id"] = (0..num_labels).map(|i| (format!("LABEL_{i}"), serde_json::json!(i))).collect::<serde_json::Map<_, _>>().into();
+    cfg["problem_type"] = "single_label_classification".into();
+    cfg["pad_token_id"] = cfg["eos_token_id"].clone();
+    cfg
+}
+
 fn export_hf(a: &HfArgs) -> Result<()> {
-    let saved = match load(&a.model, &a.store)? {
-        Loaded::Gpt(s) => s,
+    let (saved, head) = match load(&a.model, &a.store)? {
+        Loaded::Gpt(s, head) => (s, head),
         Loaded::Family(s) => return export_bert::export_hf(&s, &a.model, &a.out),
     };
     if saved.config.ln_placement == LayerNormPlacement::Post {
@@ -153,34 +178,58 @@ fn export_hf(a: &HfArgs) -> Result<()> {
             a.model
         );
     }
-    let table = Gpt::<CpuBackend>::param_table(&saved.config);
+    let mut table = Gpt::<CpuBackend>::param_table(&saved.config);
+    let mut params = saved.params.clone();
+    let config = match &head {
+        None => hf_config(&saved),
+        Some((num_labels, w)) => {
+            // GPT2ForSequenceClassification: the GPT's tensors, then `score.weight`, whose name
+            // and (num_labels, C) layout smelt's head already has.
+            for s in ClassificationHead::<CpuBackend>::param_table(*num_labels, saved.config.n_embd).specs() {
+                table.push(&s.name, &s.shape, s.kind, s.init);
+            }
+            params.extend_from_slice(w);
+            hf_classifier_config(&saved, *num_labels)
+        }
+    };
     // transformers refuses a safetensors file whose metadata does not name its framework.
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = weights::to_bytes(&table, &saved.params, meta)?;
+    let bytes = weights::to_bytes(&table, &params, meta)?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     weights::write_atomic(&a.out.join("model.safetensors"), &bytes)?;
-    let config = serde_json::to_vec_pretty(&hf_config(&saved))?;
-    weights::write_atomic(&a.out.join("config.json"), &config)?;
+    weights::write_atomic(&a.out.join("config.json"), &serde_json::to_vec_pretty(&config)?)?;
     // The tokenizer as smelt knows it, so the export is self-describing (transformers does not
     // read it; a GPT-2 BPE model uses transformers' own "gpt2" tokenizer).
     weights::write_atomic(&a.out.join("smelt_tokenizer.json"), &serde_json::to_vec(&saved.tokenizer)?)?;
-    if saved.metadata.get("smelt.head").is_some_and(|h| h == "classification") {
-        info!(model = %a.model, "the classification head (score.weight) is not exported: GPT2LMHeadModel has the tied LM head only");
-    }
     info!(model = %a.model, out = %a.out.display(), tensors = table.specs().len(), params = table.total(), "exported for hugging face transformers");
     Ok(())
 }
 
 fn export_logits(a: &LogitsArgs) -> Result<()> {
-    let saved = match load(&a.model, &a.store)? {
-        Loaded::Gpt(s) => s,
+    let (saved, head) = match load(&a.model, &a.store)? {
+        Loaded::Gpt(s, head) => (s, head),
+        Loaded::Family(_) if a.classifier => bail!("{}: --classifier is for a GPT fine-tuned as a classifier; this is a BERT or T5", a.model),
         Loaded::Family(s) => {
             let (v, logits) = export_bert::mlm_logits(s, &a.model, &a.ids)?;
             return write_npy(&a.out, &[a.ids.len(), v], &logits);
         }
     };
     let (t, v) = (a.ids.len(), saved.config.vocab_size);
-    let mut model = Gpt::from_params(CpuBackend::new(), saved.config, &saved.params)?;
+    if t == 0 {
+        bail!("--ids: at least one token id");
+    }
+    let be = CpuBackend::new();
+    if a.classifier {
+        let Some((num_labels, w)) = head else {
+            bail!("{}: --classifier needs a GPT fine-tuned as a classifier (smelt.head = classification)", a.model);
+        };
+        let mut model = Gpt::from_params(be, saved.config, &saved.params)?;
+        let mut head = ClassificationHead::from_params(&be, num_labels, model.config().n_embd, &w)?;
+        model.forward_hidden(&a.ids, 1, t)?;
+        head.forward(&be, model.hidden(), &[t - 1], None, 1, t)?;
+        return write_npy(&a.out, &[1, num_labels], &head.logits(&be));
+    }
+    let mut model = Gpt::from_params(be, saved.config, &saved.params)?;
     model.forward(&a.ids, None, 1, t)?;
     write_npy(&a.out, &[t, v], &model.logits())
 }

@@ -1,8 +1,10 @@
 //! `smelt export hf`: every tensor's name, shape and dtype against Hugging Face GPT-2's layout
 //! (written out here from the GPT-2 architecture, not from smelt's parameter table), read back
 //! by parsing the safetensors header by hand; the values are the model's own; post-LN models are
-//! refused; `smelt export logits` writes a NumPy file. The logits comparison with transformers
-//! itself is `tools/hf/check_export.py` (needs torch and transformers).
+//! refused; `smelt export logits` writes a NumPy file. A GPT fine-tuned as a classifier exports
+//! as `GPT2ForSequenceClassification` with its `score.weight`. The logits comparison with
+//! transformers itself is `tools/hf/check_export.py` (`--classifier` for the classifier; needs
+//! torch and transformers).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -182,4 +184,72 @@ fn export_logits_writes_npy() {
     assert_eq!(b.len() - 10 - hlen, 5 * v * 4);
     let logits: Vec<f32> = b[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert!(logits.iter().all(|x| x.is_finite()) && logits.iter().any(|&x| x != 0.0));
+}
+
+/// `model` as a fine-tuned classifier's file: its tensors and metadata, plus `score.weight`
+/// (labels, C) holding `score` and the head's metadata (what a fine-tuning job saves); without
+/// `score` the metadata says classifier but the tensor is missing.
+fn classifier_of(model: &Path, path: &Path, labels: usize, score: Option<&[f32]>) {
+    use safetensors::tensor::{Dtype, TensorView};
+    let bytes = std::fs::read(model).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+    let mut meta = meta.metadata().clone().unwrap();
+    meta.insert("smelt.head".into(), "classification".into());
+    meta.insert("smelt.num_labels".into(), labels.to_string());
+    let score_bytes: Vec<u8> = score.unwrap_or_default().iter().flat_map(|x| x.to_le_bytes()).collect();
+    let c = st.tensor("transformer.wte.weight").unwrap().shape()[1];
+    let mut views: Vec<(String, TensorView)> = st.tensors();
+    if score.is_some() {
+        views.push(("score.weight".into(), TensorView::new(Dtype::F32, vec![labels, c], &score_bytes).unwrap()));
+    }
+    std::fs::write(path, safetensors::serialize(views, Some(meta)).unwrap()).unwrap();
+}
+
+#[test]
+fn a_gpt_classifier_exports_as_gpt2_for_sequence_classification() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = train(dir.path(), "run", &[]);
+    let c = 32;
+    let score: Vec<f32> = (0..3 * c).map(|i| (i as f32 * 0.37).sin()).collect();
+    let classifier = dir.path().join("classifier.safetensors");
+    classifier_of(&model, &classifier, 3, Some(&score));
+
+    let out = dir.path().join("hf");
+    let o = smelt(&["export", "hf", classifier.to_str().unwrap(), out.to_str().unwrap()]);
+    assert!(o.status.success(), "export failed: {}", text_of(&o));
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"], serde_json::json!(["GPT2ForSequenceClassification"]));
+    assert_eq!(cfg["num_labels"], 3);
+    assert_eq!(cfg["id2label"]["2"], "LABEL_2");
+    // a char model has no end-of-text id: no pad id (transformers then takes one sequence at a time)
+    assert!(cfg["pad_token_id"].is_null(), "{cfg}");
+
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let (tensors, _, start) = header(&bytes);
+    let mut want = gpt2_layout(char_vocab(), 32, c, 3);
+    want.insert("score.weight".into(), vec![3, c]);
+    let got: BTreeMap<String, Vec<usize>> = tensors.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect();
+    assert_eq!(got, want, "GPT-2's tensors and the head's");
+    let e = &tensors["score.weight"];
+    let values: Vec<f32> = bytes[start + e.offsets.0..start + e.offsets.1].chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
+    assert_eq!(values, score, "score.weight's values are the head's own");
+
+    // its class logits (1, 3); the LM's logits stay the default
+    let npy = dir.path().join("class.npy");
+    let o = smelt(&["export", "logits", classifier.to_str().unwrap(), npy.to_str().unwrap(), "--ids", "1,2,3", "--classifier"]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    let b = std::fs::read(&npy).unwrap();
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    assert!(std::str::from_utf8(&b[10..10 + hlen]).unwrap().contains("'shape': (1, 3)"));
+    let logits: Vec<f32> = b[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert!(logits.len() == 3 && logits.iter().all(|x| x.is_finite()) && logits.iter().any(|&x| x != 0.0), "{logits:?}");
+
+    // --classifier on a plain GPT, and a classifier file without its head, are clear errors
+    let o = smelt(&["export", "logits", model.to_str().unwrap(), npy.to_str().unwrap(), "--ids", "1,2", "--classifier"]);
+    assert!(!o.status.success() && text_of(&o).contains("fine-tuned as a classifier"), "{}", text_of(&o));
+    let headless = dir.path().join("headless.safetensors");
+    classifier_of(&model, &headless, 3, None);
+    let o = smelt(&["export", "hf", headless.to_str().unwrap(), dir.path().join("hf2").to_str().unwrap()]);
+    assert!(!o.status.success() && text_of(&o).contains("score.weight"), "{}", text_of(&o));
 }

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
 use smelt_corpus::Tokenizer;
+use smelt_engine::model::heads::ClassificationHead;
 use smelt_engine::model::{BertConfig, Gpt, GptConfig, T5Config};
 use smelt_engine::params::ParamTable;
 use smelt_engine::weights;
@@ -74,6 +75,27 @@ pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<SavedModel> {
     let table = Gpt::<CpuBackend>::param_table(&config);
     let (params, metadata) = weights::from_bytes(&table, bytes, &shown)?;
     Ok(SavedModel { config, tokenizer, params, metadata })
+}
+
+/// The classification head of a GPT fine-tuned as a classifier (`smelt.head =
+/// "classification"`): its label count and `score.weight` (num_labels, C), read from the same
+/// file's bytes. None for any other GPT.
+pub fn classification_head(bytes: &[u8], shown: &str, saved: &SavedModel) -> Result<Option<(usize, Vec<f32>)>> {
+    if saved.metadata.get("smelt.head").map(String::as_str) != Some("classification") {
+        return Ok(None);
+    }
+    let n: usize = saved
+        .metadata
+        .get("smelt.num_labels")
+        .ok_or_else(|| anyhow!("{shown}: a classifier (smelt.head = classification) without smelt.num_labels"))?
+        .parse()
+        .with_context(|| format!("{shown}: bad smelt.num_labels"))?;
+    if n == 0 {
+        return Err(anyhow!("{shown}: a classifier with smelt.num_labels = 0"));
+    }
+    let table = ClassificationHead::<CpuBackend>::param_table(n, saved.config.n_embd);
+    let (w, _) = weights::from_bytes(&table, bytes, shown)?;
+    Ok(Some((n, w)))
 }
 
 /// A BERT or T5 model's config with the special ids its vocabulary reserves.
