@@ -105,7 +105,9 @@ fn a_pretrained_bert_fine_tunes_a_classifier_on_two_ranks() {
     assert_eq!(ck.trainer.model, m.model.model_config());
     assert_eq!(ck.trainer.lineage.parent_job.as_deref(), Some(parent.as_str()));
 
-    // A BERT does not generate: head = "sft" is refused, naming the field.
+    // A BERT does not generate: `smelt sample` says so, and head = "sft" is refused, naming the field.
+    let (ok, out) = c.smelt(&["sample", "--model", &file, "--prompt", "ab"]);
+    assert!(!ok && out.contains("BERT does not generate"), "{out}");
     let bad = c.submit(&finetune_spec("bert-sft", &file, "sft", &data, 10, 1, 0), "");
     let (state, _) = c.follow(&bad.id);
     assert_eq!(state, JobState::Failed);
@@ -151,6 +153,27 @@ fn a_pretrained_t5_fine_tunes_seq2seq_and_resumes_exactly_after_sigkill() {
     assert_eq!(differ, 0, "{differ} weights differ after a kill and a resume from step {from}");
     assert!(matches!(a.model, FamilyModel::T5 { .. }));
     assert_eq!(a.metadata["smelt.parent_job"], parent);
+
+    // `smelt sample` on the fine-tuned T5: greedy responses to prompts it was trained on are
+    // their first three letters (the corpus has no end-of-text id, so it writes --tokens): at
+    // least half exactly (by chance: 1 in 512), and the first letter almost always (16 and 20
+    // of 20 when written; chance: 1 in 8).
+    let model = c.model_path(&whole);
+    let (mut right, mut first, mut asked) = (0, 0, 0);
+    let mut shown = Vec::new();
+    for line in std::fs::read_to_string(&data).unwrap().lines().take(20) {
+        let pair: serde_json::Value = serde_json::from_str(line).unwrap();
+        let (prompt, want) = (pair["prompt"].as_str().unwrap(), pair["response"].as_str().unwrap());
+        let (ok, out) = c.smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", prompt, "--tokens", "3", "--temperature", "0"]);
+        assert!(ok, "sample failed: {out}");
+        let got = out.lines().next().unwrap_or_default().to_string();
+        right += (got == want) as usize;
+        first += (got.chars().next() == want.chars().next()) as usize;
+        asked += 1;
+        shown.push(format!("{prompt} -> {got} (want {want})"));
+    }
+    eprintln!("t5 responses: {right}/{asked} right, {first} with the right first letter: {shown:?}");
+    assert!(right * 2 >= asked && first * 10 >= asked * 9, "{right}/{asked} right, {first} first letters: {shown:?}");
 
     // A T5 is not a classifier here: head = "classification" is refused, naming the field.
     let bad = c.submit(&finetune_spec("t5-classify", &file, "classification", &data, 10, 1, 0), "");
