@@ -473,6 +473,8 @@ impl<B: Backend> State<B> {
             let (_, p, g) = h.params_and_grads();
             o.step(self.model.backend(), p, g, lr, step)?;
         }
+        // A device error (a GPU backend's are sticky until read) fails this step, not a later one.
+        self.model.backend().synchronize()?;
         Ok((loss, norm, tokens))
     }
 
