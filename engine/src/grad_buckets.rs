@@ -52,9 +52,38 @@ impl GradBuckets {
     }
 }
 
+/// What a backward pass has not reported yet once it is over: the parts of `0..total` outside
+/// every range in `reported`, from the last to the first (so that they merge into buckets as
+/// the reported ones do). A model reports the ranges that become final early (its layers) and
+/// the rest (embeddings, heads: written again near the end) through this.
+pub fn unreported(total: usize, reported: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut sorted: Vec<Range<usize>> = reported.iter().filter(|r| !r.is_empty()).cloned().collect();
+    sorted.sort_by_key(|r| r.start);
+    let mut rest = Vec::new();
+    let mut at = 0;
+    for r in sorted {
+        if r.start > at {
+            rest.push(at..r.start);
+        }
+        at = at.max(r.end);
+    }
+    if at < total {
+        rest.push(at..total);
+    }
+    rest.reverse();
+    rest
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unreported_is_the_complement_from_the_end() {
+        assert_eq!(unreported(100, &[40..60, 10..20, 60..70]), vec![70..100, 20..40, 0..10]);
+        assert_eq!(unreported(10, &[0..10]), Vec::<Range<usize>>::new());
+        assert_eq!(unreported(10, &[]), vec![0..10]);
+    }
 
     #[test]
     fn merges_adjacent_ranges_from_the_end_until_full() {

@@ -30,6 +30,8 @@ use crate::error::{ConfigError, EngineError};
 use crate::model::bert_config::{BertConfig, Pooling, Positions};
 use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, token_init_std, token_scale, zero, Ctx, Dims, DropoutPass, Grad, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
 use crate::model::gpt_config::LayerNormPlacement;
+use crate::grad_buckets::unreported;
+use crate::model::gpt::ReadyFn;
 use crate::model::objectives::info_nce;
 use crate::params::{Init, ParamKind, ParamTable};
 
@@ -543,6 +545,16 @@ impl<B: Backend> Bert<B> {
     /// other op writes over its output, and the first head to reach the hidden states sets
     /// their gradient.
     pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
+        self.backward_overlapped(loss_scale, &mut |_, _, _| {})
+    }
+
+    /// [`backward`](Self::backward), calling `ready(backend, grads, range)` as soon as a range
+    /// of the flat gradient is final: each encoder sublayer's when its backward is done (the
+    /// last first), then, once the pass is over, everything else (the heads, the final and the
+    /// embedding LayerNorms, and the embeddings, whose word table the tied MLM decoder also
+    /// writes). Every value is in exactly one range; gradient buckets are averaged while the
+    /// pass goes on (Gpt::backward_overlapped's contract).
+    pub fn backward_overlapped(&mut self, loss_scale: f32, ready: &mut ReadyFn<'_, B>) -> Result<(), EngineError> {
         let Bert { be, cfg, lay, params, grads, batch, acts, losses, dz, .. } = self;
         let batch = batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
         if losses.total().is_none() {
@@ -630,7 +642,12 @@ impl<B: Backend> Bert<B> {
         let lens = Lens::<B> { own: batch.lens.as_ref(), memory: None };
         let x0 = if batch.dropout.is_some() { &*emb_drop } else { &emb_ln.out };
         let stack_dropout = batch.dropout.map(|dp| DropoutPass { first: 1, ..dp });
-        lay.stack.backward_with_dropout(&cx, grads, stack, x0, None, None, lens, dstack, d, stack_dropout);
+        let mut reported = Vec::new();
+        let mut track = |be: &B, g: &mut B::Buf, r: std::ops::Range<usize>| {
+            reported.push(r.clone());
+            ready(be, g, r)
+        };
+        lay.stack.backward_with_dropout(&cx, grads, stack, x0, None, None, lens, dstack, d, stack_dropout, &mut track);
         // dstack: the gradient of x0 (in dn1 or dhf); through the embedding dropout's mask (its
         // forward is its backward, written over dn2) and the embedding LayerNorm into a zeroed
         // buffer that neither of those occupies
@@ -654,6 +671,9 @@ impl<B: Backend> Bert<B> {
             be.scale(all_mut(be, demb), s);
         }
         be.embedding_backward(be.view_mut(grads, lay.wte.clone()), all(be, demb), &batch.tokens, c);
+        for r in unreported(be.len(grads), &reported) {
+            ready(be, grads, r);
+        }
         Ok(())
     }
 }

@@ -11,6 +11,7 @@ use std::ops::Range;
 
 use crate::backend::{AttnShape, Backend, Dropout, MatmulShape, QkvSource, ScoreKind, Scores, WeightLayout};
 use crate::model::bert_config::Positions;
+use crate::model::gpt::ReadyFn;
 use crate::model::gpt_config::LayerNormPlacement;
 use crate::params::{Init, ParamKind, ParamTable};
 
@@ -305,6 +306,30 @@ pub(crate) struct Sublayer {
     pub inner: Inner,
 }
 
+impl Sublayer {
+    /// The ranges of the flat buffer this sublayer's parameters occupy: final once its
+    /// backward is done (`Stack::backward_with_dropout` reports them then).
+    pub fn param_ranges(&self) -> Vec<Range<usize>> {
+        let lin = |l: &Linear| [l.w.clone(), l.b.clone()];
+        let mut r = vec![self.ln.w.clone(), self.ln.b.clone()];
+        let scores = |s: &ScoreParams| match s {
+            ScoreParams::Dot => vec![],
+            ScoreParams::General { w } => vec![w.clone()],
+            ScoreParams::Additive { wq, wk, v, .. } => vec![wq.clone(), wk.clone(), v.clone()],
+        };
+        match &self.inner {
+            Inner::SelfAttn { qkv, proj, scores: sc, .. } => {
+                r.extend(lin(qkv).into_iter().chain(lin(proj)).chain(scores(sc)));
+            }
+            Inner::CrossAttn { q, kv, proj, scores: sc } => {
+                r.extend(lin(q).into_iter().chain(lin(kv)).chain(lin(proj)).chain(scores(sc)));
+            }
+            Inner::Ffn { fc, proj } => r.extend(lin(fc).into_iter().chain(lin(proj))),
+        }
+        r
+    }
+}
+
 /// Batch geometry of a stack: its own rows (B*T), the memory's rows (B*Tm) for cross-attention.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Dims {
@@ -519,11 +544,13 @@ impl Stack {
         lens: Lens<B>,
         dout: &mut B::Buf,
         d: Dims,
+        ready: &mut ReadyFn<'_, B>,
     ) {
-        self.backward_with_dropout(cx, grads, acts, x, memory, dmemory, lens, dout, d, None)
+        self.backward_with_dropout(cx, grads, acts, x, memory, dmemory, lens, dout, d, None, ready)
     }
 
-    /// The backward of `forward_with_dropout` with the same `dropout`.
+    /// The backward of `forward_with_dropout` with the same `dropout`. Each sublayer's
+    /// parameter ranges go to `ready` as soon as its backward is done (the last first).
     ///
     /// No zero fills (a post-LN sublayer's LayerNorm writes its input gradient over `gnext`): a
     /// residual add hands its gradient to both inputs unchanged, so the branch reads the
@@ -543,6 +570,7 @@ impl Stack {
         dout: &mut B::Buf,
         d: Dims,
         dropout: Option<DropoutPass>,
+        ready: &mut ReadyFn<'_, B>,
     ) {
         let be = cx.be;
         let n = d.rows();
@@ -633,6 +661,9 @@ impl Stack {
                 } else {
                     sub.ln.backward(cx, grads, &mut s.g, &s.dfin, inp, &a.ln);
                 }
+            }
+            for r in sub.param_ranges() {
+                ready(be, grads, r);
             }
         }
         if let (Some(dmem), false) = (dmemory, dmemory_written) {

@@ -22,6 +22,8 @@ use crate::error::EngineError;
 use crate::model::bert::check_scores_supported;
 use crate::model::bert_config::Positions;
 use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, token_init_std, token_scale, Ctx, Dims, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
+use crate::grad_buckets::unreported;
+use crate::model::gpt::ReadyFn;
 use crate::model::t5_config::T5Config;
 use crate::params::{Init, ParamKind, ParamTable};
 
@@ -372,6 +374,16 @@ impl<B: Backend> T5<B> {
     /// No zero fills: the final LayerNorms and post-LN sublayers write their input gradients
     /// over the buffers (`layernorm_backward_set`), as every other op here does.
     pub fn backward(&mut self, loss_scale: f32) -> Result<(), EngineError> {
+        self.backward_overlapped(loss_scale, &mut |_, _, _| {})
+    }
+
+    /// [`backward`](Self::backward), calling `ready(backend, grads, range)` as soon as a range
+    /// of the flat gradient is final: each decoder sublayer's, then each encoder sublayer's,
+    /// when its backward is done (the last first), then, once the pass is over, everything else
+    /// (the final LayerNorms, the positions and the shared table, which the tied head and both
+    /// embeddings write). Every value is in exactly one range (Gpt::backward_overlapped's
+    /// contract).
+    pub fn backward_overlapped(&mut self, loss_scale: f32, ready: &mut ReadyFn<'_, B>) -> Result<(), EngineError> {
         let batch = self.batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
         let (de, dd) = self.dims(batch.b, batch.te, batch.td);
         let T5 { be, cfg, lay, params, grads, batch, acts, .. } = self;
@@ -391,7 +403,12 @@ impl<B: Backend> T5<B> {
         lay.dec_ln.backward_set(&cx, grads, ddec, dhead, lay.decoder.output(dec, dec_x), dec_out);
         // decoder stack; its cross-attention writes denc (the gradient of enc_out)
         let dec_lens = Lens::<B> { own: None, memory: batch.enc_lens.as_ref() };
-        lay.decoder.backward(&cx, grads, dec, dec_x, Some(&enc_out.out), Some(denc), dec_lens, ddec, dd);
+        let mut reported = Vec::new();
+        let mut track = |be: &B, g: &mut B::Buf, r: Range<usize>| {
+            reported.push(r.clone());
+            ready(be, g, r)
+        };
+        lay.decoder.backward(&cx, grads, dec, dec_x, Some(&enc_out.out), Some(denc), dec_lens, ddec, dd, &mut track);
         if let Some(r) = &lay.dec_pos {
             be.embedding_backward(be.view_mut(grads, r.clone()), all(be, ddec), &batch.dec_positions, c);
         }
@@ -403,7 +420,7 @@ impl<B: Backend> T5<B> {
         // encoder: final LN, stack, embeddings
         lay.enc_ln.backward_set(&cx, grads, dx, denc, lay.encoder.output(enc, enc_x), enc_out);
         let enc_lens = Lens::<B> { own: batch.enc_lens.as_ref(), memory: None };
-        lay.encoder.backward(&cx, grads, enc, enc_x, None, None, enc_lens, dx, de);
+        lay.encoder.backward(&cx, grads, enc, enc_x, None, None, enc_lens, dx, de, &mut track);
         if let Some(r) = &lay.enc_pos {
             be.embedding_backward(be.view_mut(grads, r.clone()), all(be, dx), &batch.enc_positions, c);
         }
@@ -411,6 +428,9 @@ impl<B: Backend> T5<B> {
             be.scale(all_mut(be, dx), s);
         }
         be.embedding_backward(be.view_mut(grads, lay.shared.clone()), all(be, dx), &batch.enc_tokens, c);
+        for r in unreported(be.len(grads), &reported) {
+            ready(be, grads, r);
+        }
         Ok(())
     }
 }
