@@ -9,6 +9,11 @@
 
 use std::ops::Range;
 
+use crate::backend::Backend;
+use crate::collective::{Collective, CollectiveError};
+use crate::error::EngineError;
+use crate::model::gpt::ReadyFn;
+
 /// DDP's default bucket: 25 MiB of f32.
 pub const DEFAULT_BUCKET_FLOATS: usize = 25 * 1024 * 1024 / 4;
 
@@ -50,6 +55,54 @@ impl GradBuckets {
     pub fn finish(&mut self) -> Option<Range<usize>> {
         self.pending.take()
     }
+}
+
+/// A model's backward pass with its gradient averaged over `collective`: when the collective
+/// overlaps (`Collective::overlaps_backward`) and `bucket_floats` > 0, `pass` runs with a
+/// `ready` callback that starts averaging each bucket of final ranges at once (the model's
+/// `backward_overlapped`), the last bucket follows the pass, and every reduction is waited
+/// for; otherwise `plain` runs the pass and one all-reduce of the whole buffer follows.
+/// `grads` gives the backend and the flat gradient buffer (its first `total` values).
+pub fn backward_and_average<B: Backend, M>(
+    model: &mut M,
+    collective: &mut dyn Collective<B>,
+    bucket_floats: usize,
+    pass: impl FnOnce(&mut M, &mut ReadyFn<'_, B>) -> Result<(), EngineError>,
+    grads: impl Fn(&mut M) -> (&B, &mut B::Buf),
+    total: usize,
+) -> Result<(), EngineError> {
+    if !collective.overlaps_backward() || bucket_floats == 0 {
+        pass(model, &mut |_, _, _| {})?;
+        let (be, g) = grads(model);
+        collective.all_reduce_mean(be, be.view_mut(g, 0..total))?;
+        return Ok(());
+    }
+    let mut buckets = GradBuckets::new(bucket_floats);
+    let mut started: Result<(), CollectiveError> = Ok(());
+    // Starts one bucket unless an earlier one failed (the ring is broken then).
+    let mut start = |be: &B, g: &mut B::Buf, r: Range<usize>| {
+        if started.is_ok() {
+            // SAFETY: the model reports a range only when no later op of the pass writes it
+            // (its `backward_overlapped` contract), nothing else touches the gradients before
+            // wait_all below, and the buffer lives in the model, which outlives this call.
+            started = unsafe { collective.start_all_reduce_mean(be, be.view_mut(g, r)) };
+        }
+    };
+    let done = pass(model, &mut |be, g, range| {
+        for bucket in buckets.ready(range) {
+            start(be, g, bucket);
+        }
+    });
+    let (be, g) = grads(model);
+    if let Some(bucket) = buckets.finish() {
+        start(be, g, bucket);
+    }
+    // Always wait, even after an error: nothing may still work on the buffer on return.
+    let waited = collective.wait_all(be);
+    done?;
+    started?;
+    waited?;
+    Ok(())
 }
 
 /// What a backward pass has not reported yet once it is over: the parts of `0..total` outside

@@ -7,8 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::backend::Backend;
-use crate::collective::{Collective, CollectiveError};
-use crate::grad_buckets::{GradBuckets, DEFAULT_BUCKET_FLOATS};
+use crate::collective::Collective;
+use crate::grad_buckets::{self, DEFAULT_BUCKET_FLOATS};
 use crate::data::{Batch, TokenWindows};
 use crate::error::{ConfigError, EngineError};
 use crate::model::Gpt;
@@ -207,39 +207,15 @@ impl<B: Backend> Trainer<B> {
     /// gradients (grad_buckets.rs) starts averaging while the pass computes the next; else one
     /// all-reduce of the whole buffer follows the pass.
     fn backward_and_average(&mut self, loss_scale: f32, collective: &mut dyn Collective<B>) -> Result<(), EngineError> {
-        if !collective.overlaps_backward() || self.bucket_floats == 0 {
-            self.model.backward(loss_scale)?;
-            let n = self.model.table().total();
-            let (be, grads) = self.model.backend_and_grads_mut();
-            collective.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
-            return Ok(());
-        }
-        let mut buckets = GradBuckets::new(self.bucket_floats);
-        let mut started: Result<(), CollectiveError> = Ok(());
-        // Starts one bucket unless an earlier one failed (the ring is broken then).
-        let mut start = |be: &B, grads: &mut B::Buf, r: std::ops::Range<usize>| {
-            if started.is_ok() {
-                // SAFETY: the model reports a range only when no later op of the pass writes
-                // it (Gpt::backward_overlapped), nothing else touches the gradients before
-                // wait_all below, and the buffer lives in the model, which outlives this call.
-                started = unsafe { collective.start_all_reduce_mean(be, be.view_mut(grads, r)) };
-            }
-        };
-        let pass = self.model.backward_overlapped(loss_scale, &mut |be, grads, range| {
-            for bucket in buckets.ready(range) {
-                start(be, grads, bucket);
-            }
-        });
-        let (be, grads) = self.model.backend_and_grads_mut();
-        if let Some(bucket) = buckets.finish() {
-            start(be, grads, bucket);
-        }
-        // Always wait, even after an error: nothing may still work on the buffer on return.
-        let waited = collective.wait_all(be);
-        pass?;
-        started?;
-        waited?;
-        Ok(())
+        let total = self.model.table().total();
+        grad_buckets::backward_and_average(
+            &mut self.model,
+            collective,
+            self.bucket_floats,
+            |m, ready| m.backward_overlapped(loss_scale, ready),
+            |m| m.backend_and_grads_mut(),
+            total,
+        )
     }
 
     /// Mean loss over the fixed evaluation windows of `val`.
