@@ -23,6 +23,7 @@ use smelt_engine::model::heads::row_argmax;
 use smelt_engine::model::{BertBatch, T5Batch};
 use smelt_engine::optim::AdamW;
 use smelt_engine::params::ParamTable;
+use smelt_engine::background_ring::BackgroundRing;
 use smelt_engine::backend::Backend;
 use smelt_engine::collective::Collective;
 use smelt_engine::CpuBackend;
@@ -244,8 +245,11 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
     }
     match req.device {
         Device::Cpu => {
-            let mut ring = crate::runner::connect_ring(&req, control)?;
-            train(CpuBackend::new(), &mut ring, &job, &spec, &req, control, events)
+            let ring = crate::runner::connect_ring(&req, control)?;
+            match spec.grad_bucket_floats() {
+                Some(n) if n > 0 => train(CpuBackend::new(), &mut BackgroundRing::new(ring), &job, &spec, &req, control, events),
+                _ => train(CpuBackend::new(), &mut { ring }, &job, &spec, &req, control, events),
+            }
         }
         Device::Cuda(ordinal) => crate::gpu::finetune_family(ordinal, &job, &spec, &req, control, events),
     }
@@ -293,7 +297,7 @@ pub(crate) fn train<B: Backend>(
         let idx: Vec<usize> = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?.map(|k| order.sequence_at(k) as usize).collect();
         let micro: Vec<FamilyBatch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, Some(step))).collect();
         let lr = tc.schedule.lr_at(step);
-        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step)?;
+        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step, crate::family::bucket_floats(spec))?;
         tokens += micro.iter().map(FamilyFinetune::batch_tokens).sum::<usize>() * world;
 
         let done = step + 1;
