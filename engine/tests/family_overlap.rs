@@ -92,20 +92,16 @@ fn bert_case(what: &str, mut cfg: BertConfig, classify: bool) {
         cfg.dropout = 0.1;
     }
     let x = bert_batch(&cfg, classify);
-    let run = |overlapped: bool| {
+    let forwarded = || {
         let mut m = Bert::new(CpuBackend::new(), cfg.clone(), 3).unwrap();
-        m.zero_grad();
         m.forward(&x).unwrap().expect("targets");
-        let mut got = Vec::new();
-        if overlapped {
-            got = reports(|f| m.backward_overlapped(0.5, f).unwrap());
-        } else {
-            m.backward(0.5).unwrap();
-        }
-        Reports { ranges: got, grads: m.grads_host() }
+        m
     };
-    let plain = run(false).grads;
-    check(what, &run(true), &plain);
+    let mut plain = forwarded();
+    plain.backward(0.5).unwrap();
+    let mut m = forwarded();
+    let ranges = reports(|f| m.backward_overlapped(0.5, f).unwrap());
+    check(what, &Reports { ranges, grads: m.grads_host() }, &plain.grads_host());
 }
 
 #[test]
@@ -136,20 +132,16 @@ fn t5_case(what: &str, placement: LayerNormPlacement, scores: ScoreKind) {
         })
         .collect();
     let x = T5Batch::from_pairs(&pairs, 0, 0);
-    let run = |overlapped: bool| {
+    let forwarded = || {
         let mut m = T5::new(CpuBackend::new(), cfg.clone(), 4).unwrap();
-        m.zero_grad();
         m.forward(&x).unwrap().expect("targets");
-        let mut got = Vec::new();
-        if overlapped {
-            got = reports(|f| m.backward_overlapped(0.5, f).unwrap());
-        } else {
-            m.backward(0.5).unwrap();
-        }
-        Reports { ranges: got, grads: m.grads_host() }
+        m
     };
-    let plain = run(false).grads;
-    check(what, &run(true), &plain);
+    let mut plain = forwarded();
+    plain.backward(0.5).unwrap();
+    let mut m = forwarded();
+    let ranges = reports(|f| m.backward_overlapped(0.5, f).unwrap());
+    check(what, &Reports { ranges, grads: m.grads_host() }, &plain.grads_host());
 }
 
 #[test]

@@ -406,7 +406,7 @@ mod tests {
     }
 
     #[test]
-    fn only_rank0_of_multi_gpu_pretraining_creates_an_nccl_id() {
+    fn only_rank0_of_a_multi_gpu_job_creates_an_nccl_id() {
         let asg = |spec: &str, rank, world_size| Assignment { spec_toml: spec.into(), rank, world_size, ..Default::default() };
         let gpt = include_str!("../../examples/shakespeare-char.toml");
         let finetune = include_str!("../../examples/finetune-classify.toml");
