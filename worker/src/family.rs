@@ -21,7 +21,6 @@ use anyhow::{anyhow, bail, Context, Result};
 use smelt_checkpoint::{Checkpoint, ModelConfig};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_engine::backend::Backend;
-use smelt_engine::background_ring::BackgroundRing;
 use smelt_engine::collective::Collective;
 use smelt_engine::grad_buckets::{self, DEFAULT_BUCKET_FLOATS};
 use smelt_engine::model::gpt::ReadyFn;
@@ -30,7 +29,7 @@ use smelt_engine::optim::{AdamW, StepReport};
 use smelt_engine::params::ParamTable;
 use smelt_engine::rng::Rng;
 use smelt_engine::train::TrainerState;
-use smelt_engine::{CpuBackend, EngineError};
+use smelt_engine::EngineError;
 use smelt_jobspec::{FamilyConfig, JobSpec};
 use smelt_proto::v1::StepMetrics;
 use tracing::info;
@@ -271,15 +270,7 @@ impl FamilyJob {
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let job = FamilyJob::open(spec, &req.out_dir)?;
     match req.device {
-        Device::Cpu => {
-            let ring = crate::runner::connect_ring(&req, control)?;
-            match job.spec.grad_bucket_floats() {
-                // Asked for: the ring on its own thread, averaging buckets during the backward
-                // (as GPT pretraining does; one all-reduce after the pass is the CPU default).
-                Some(n) if n > 0 => train(CpuBackend::new(), &mut BackgroundRing::new(ring), job, &req, control, events),
-                _ => train(CpuBackend::new(), &mut { ring }, job, &req, control, events),
-            }
-        }
+        Device::Cpu => crate::runner::with_cpu_ring(&req, control, &job.spec.clone(), |be, ring| train(be, ring, job, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::train_family(ordinal, job, &req, control, events),
     }
 }
@@ -410,8 +401,10 @@ mod tests {
     use std::net::TcpListener;
     use std::time::Duration;
 
+    use smelt_engine::background_ring::BackgroundRing;
     use smelt_engine::backend::IGNORE_INDEX;
     use smelt_engine::collective::TcpRing;
+    use smelt_engine::CpuBackend;
     use smelt_engine::model::{BertBatch, BertConfig, T5Batch, T5Config};
     use smelt_engine::optim::AdamWConfig;
 

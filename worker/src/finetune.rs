@@ -28,7 +28,7 @@ use smelt_engine::model::{Gpt, GptConfig};
 use smelt_engine::optim::{AdamW, AdamWConfig, LrSchedule};
 use smelt_engine::params::ParamTable;
 use smelt_engine::train::TrainerState;
-use smelt_engine::{weights, CpuBackend, EngineError};
+use smelt_engine::{weights, EngineError};
 use smelt_jobspec::{FinetuneHead, FinetuneSpec, JobSpec};
 use smelt_proto::v1::{JobNote, StepMetrics};
 use tracing::info;
@@ -574,10 +574,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
         }
     }
     match req.device {
-        Device::Cpu => {
-            let mut ring = crate::runner::connect_ring(&req, control)?;
-            train_assignment(CpuBackend::new(), &mut ring, &job, &req, control, events)
-        }
+        Device::Cpu => crate::runner::with_cpu_ring(&req, control, &spec, |be, ring| train_assignment(be, ring, &job, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::finetune_gpt(ordinal, &job, &req, control, events),
     }
 }

@@ -23,10 +23,8 @@ use smelt_engine::model::heads::row_argmax;
 use smelt_engine::model::{BertBatch, T5Batch};
 use smelt_engine::optim::AdamW;
 use smelt_engine::params::ParamTable;
-use smelt_engine::background_ring::BackgroundRing;
 use smelt_engine::backend::Backend;
 use smelt_engine::collective::Collective;
-use smelt_engine::CpuBackend;
 use smelt_jobspec::{FinetuneHead, FinetuneSpec, JobSpec};
 use smelt_proto::v1::{JobNote, StepMetrics};
 use tracing::info;
@@ -244,13 +242,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
         }
     }
     match req.device {
-        Device::Cpu => {
-            let ring = crate::runner::connect_ring(&req, control)?;
-            match spec.grad_bucket_floats() {
-                Some(n) if n > 0 => train(CpuBackend::new(), &mut BackgroundRing::new(ring), &job, &spec, &req, control, events),
-                _ => train(CpuBackend::new(), &mut { ring }, &job, &spec, &req, control, events),
-            }
-        }
+        Device::Cpu => crate::runner::with_cpu_ring(&req, control, &spec, |be, ring| train(be, ring, &job, &spec, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::finetune_family(ordinal, &job, &spec, &req, control, events),
     }
 }

@@ -235,17 +235,26 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
     }
     let job = Pretrain::open(spec, &req.out_dir)?;
     match req.device {
-        Device::Cpu => {
-            let ring = connect_ring(&req, control)?;
-            match job.spec.grad_bucket_floats() {
-                // Asked for: the ring on its own thread, averaging buckets during the backward.
-                Some(n) if n > 0 => train_gpt(CpuBackend::new(), &mut BackgroundRing::new(ring), job, &req, control, events),
-                // The CPU default: one all-reduce after the backward pass (measured faster
-                // when every core computes; bench/NOTES.md).
-                _ => train_gpt(CpuBackend::new(), &mut { ring }, job, &req, control, events),
-            }
-        }
+        Device::Cpu => with_cpu_ring(&req, control, &job.spec.clone(), |be, ring| train_gpt(be, ring, job, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::train_gpt(ordinal, job, &req, control, events),
+    }
+}
+
+/// Joins the assignment's TCP ring and runs `train` with the CPU backend and it: on the ring's
+/// own thread (`BackgroundRing`, gradient buckets averaged during the backward pass) when the
+/// spec sets `cluster.grad_bucket_mb` > 0, else the plain ring (the CPU default: one all-reduce
+/// after the backward pass, measured faster when every core computes; bench/NOTES.md). The
+/// CPU counterpart of `gpu::with_gpu`.
+pub(crate) fn with_cpu_ring<R>(
+    req: &RunRequest,
+    control: &RunControl,
+    spec: &JobSpec,
+    train: impl FnOnce(CpuBackend, &mut dyn Collective<CpuBackend>) -> Result<R>,
+) -> Result<R> {
+    let ring = connect_ring(req, control)?;
+    match spec.grad_bucket_floats() {
+        Some(n) if n > 0 => train(CpuBackend::new(), &mut BackgroundRing::new(ring)),
+        _ => train(CpuBackend::new(), &mut { ring }),
     }
 }
 
