@@ -310,7 +310,7 @@ pub struct ClusterSpec {
     pub world_size: u32,
     #[serde(default)]
     pub device: Device,
-    /// Pretraining (any model) and BERT/T5 fine-tuning: the smallest bucket of gradients (MiB of f32) averaged across ranks
+    /// Pretraining and fine-tuning (any model): the smallest bucket of gradients (MiB of f32) averaged across ranks
     /// while the backward pass computes the rest (PyTorch DDP's `bucket_cap_mb`); 0 averages
     /// the whole gradient after the backward pass. Unset: the device's default (GPUs 25 MiB;
     /// CPU workers 0, measured faster when every core computes: bench/NOTES.md).

@@ -23,6 +23,8 @@ use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_corpus::Tokenizer;
 use smelt_engine::backend::{Backend, IGNORE_INDEX};
 use smelt_engine::collective::Collective;
+use smelt_engine::grad_buckets;
+use smelt_engine::model::gpt::ReadyFn;
 use smelt_engine::model::heads::ClassificationHead;
 use smelt_engine::model::{Gpt, GptConfig};
 use smelt_engine::optim::{AdamW, AdamWConfig, LrSchedule};
@@ -226,7 +228,7 @@ impl FinetuneJob {
             let slice = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?;
             let indices: Vec<usize> = slice.map(|k| order.sequence_at(k) as usize).collect();
             let micro: Vec<&[usize]> = indices.chunks(tc.batch_size).collect();
-            let (loss, grad_norm, n_tokens) = st.step(self, &micro, collective, step)?;
+            let (loss, grad_norm, n_tokens) = st.step(self, &micro, collective, step, crate::family::bucket_floats(spec))?;
             tokens += n_tokens * world;
             let done = step + 1;
             let mut val = (None, None);
@@ -388,51 +390,66 @@ impl<B: Backend> State<B> {
         HostState { params, m, v, state }
     }
 
-    /// Forward + backward of one micro-batch with loss scale `scale`: (mean loss, real tokens).
-    fn forward_backward(&mut self, job: &FinetuneJob, idx: &[usize], scale: f32) -> Result<(f32, usize)> {
+    /// Forward of one micro-batch with loss scale `scale` (SFT: the logits' gradient comes with
+    /// it): (mean loss, real tokens).
+    fn forward(&mut self, job: &FinetuneJob, idx: &[usize], scale: f32) -> Result<(f32, usize)> {
         match &job.examples {
             Examples::Classification { train, .. } => {
                 let b = class_batch(idx.iter().map(|&i| &train[i]));
                 let head = self.head.as_mut().expect("classification has a head");
                 self.model.forward_hidden(&b.tokens, b.b, b.t)?;
                 let loss = head.forward(self.model.backend(), self.model.hidden(), &b.last, Some(&b.labels), b.b, b.t)?.expect("labels given");
-                if loss.is_finite() {
-                    let dh = head.backward(self.model.backend(), scale)?;
-                    self.model.backward_hidden(dh)?;
-                }
                 Ok((loss, b.real_tokens))
             }
             Examples::Sft { train, .. } => {
                 let b = sft_batch(idx.iter().map(|&i| &train[i]));
-                let loss = self.model.forward_train(&b.inputs, &b.targets, b.b, b.t, scale)?;
-                if loss.is_finite() {
-                    self.model.backward(scale)?;
-                }
-                Ok((loss, b.real_tokens))
+                Ok((self.model.forward_train(&b.inputs, &b.targets, b.b, b.t, scale)?, b.real_tokens))
             }
         }
     }
 
-    /// One optimizer step over this rank's micro-batches: (global mean loss, gradient norm,
-    /// this rank's real tokens).
-    fn step(&mut self, job: &FinetuneJob, micro: &[&[usize]], collective: &mut dyn Collective<B>, step: u64) -> Result<(f32, f32, usize)> {
-        let k = micro.len();
-        if k == 0 {
-            bail!("step {step}: this rank has no examples (train.global_batch is smaller than the world size?)");
+    /// The backward pass of the last forward (the head's first, then the GPT's), the GPT's
+    /// final gradient ranges reported to `ready` as they come.
+    fn backward(&mut self, scale: f32, ready: &mut ReadyFn<'_, B>) -> Result<(), EngineError> {
+        match &mut self.head {
+            Some(head) => {
+                let dh = head.backward(self.model.backend(), scale)?;
+                self.model.backward_hidden_overlapped(dh, ready)
+            }
+            None => self.model.backward_overlapped(scale, ready),
         }
+    }
+
+    /// One optimizer step over this rank's micro-batches: (global mean loss, gradient norm,
+    /// this rank's real tokens). As pretraining's: the loss all-reduce follows the last
+    /// micro-batch's forward (a non-finite loss stops every rank before any gradient moves),
+    /// and its backward pass averages the GPT's gradient in buckets as it goes when the
+    /// collective overlaps; the head's (small) gradient is averaged after it.
+    fn step(&mut self, job: &FinetuneJob, micro: &[&[usize]], collective: &mut dyn Collective<B>, step: u64, bucket_floats: usize) -> Result<(f32, f32, usize)> {
+        let k = micro.len();
+        let Some((last, rest)) = micro.split_last() else {
+            bail!("step {step}: this rank has no examples (train.global_batch is smaller than the world size?)");
+        };
+        let scale = 1.0 / k as f32;
         self.model.zero_grad();
         if let Some(h) = &mut self.head {
             h.zero_grad(self.model.backend());
         }
-        let (mut loss_sum, mut tokens) = (0.0f64, 0usize);
-        for idx in micro {
-            let (loss, n) = self.forward_backward(job, idx, 1.0 / k as f32)?;
+        let (mut loss_sum, mut tokens, mut finite) = (0.0f64, 0usize, true);
+        for idx in rest {
+            let (loss, n) = self.forward(job, idx, scale)?;
             tokens += n;
+            loss_sum += loss as f64;
             if !loss.is_finite() {
                 // Every rank learns of it through the loss all-reduce.
-                loss_sum = loss as f64;
+                finite = false;
                 break;
             }
+            self.backward(scale, &mut |_, _, _| {})?;
+        }
+        if finite {
+            let (loss, n) = self.forward(job, last, scale)?;
+            tokens += n;
             loss_sum += loss as f64;
         }
         let be = self.model.backend();
@@ -442,10 +459,11 @@ impl<B: Backend> State<B> {
         if !loss.is_finite() {
             return Err(EngineError::NonFiniteLoss { step, loss }.into());
         }
-        // Average the gradients (the GPT's, then the head's, in that order on every rank).
+        // The last backward pass with the GPT's gradient averaged, then the head's (the same
+        // order on every rank).
         let n = self.model.table().total();
+        grad_buckets::backward_and_average(self, collective, bucket_floats, |st, ready| st.backward(scale, ready), |st| st.model.backend_and_grads_mut(), n)?;
         let (be, grads) = self.model.backend_and_grads_mut();
-        collective.all_reduce_mean(be, be.view_mut(grads, 0..n))?;
         let mut sq = be.sum_squares(be.view(grads, 0..n));
         if let Some(h) = &mut self.head {
             let (table, _, hg) = h.params_and_grads();

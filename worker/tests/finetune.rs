@@ -191,3 +191,71 @@ fn bad_init_from_and_bad_data_are_named() {
     let e = prepare_err(&long, &out);
     assert!(e.contains("train.seq_len") && e.contains("block_size 32"), "{e}");
 }
+
+/// Two ranks on a loopback ring fine-tune for 6 steps; rank 0's saved model. With `bucket`,
+/// the ring runs on its own thread and the GPT's gradient is averaged in buckets during the
+/// backward pass (the spec's grad_bucket_mb); else one all-reduce after it.
+fn two_ranks(dir: &Path, body: &str, bucket_mb: Option<f64>, name: &str) -> Vec<u8> {
+    use smelt_engine::background_ring::BackgroundRing;
+    use smelt_engine::collective::TcpRing;
+    let mut text = format!("name = \"ft\"\nkind = \"finetune\"\nseed = 5\n\n[finetune]\n{body}\n\n[train]\nsteps = 6\nglobal_batch = 16\nmicro_batch = 4\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\n\n[cluster]\nworld_size = 2\n");
+    if let Some(mb) = bucket_mb {
+        text.push_str(&format!("grad_bucket_mb = {mb}\n"));
+    }
+    let spec = JobSpec::parse(&text).unwrap();
+    let listeners: Vec<std::net::TcpListener> = (0..2).map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap()).collect();
+    let addrs: Vec<String> = listeners.iter().map(|l| l.local_addr().unwrap().to_string()).collect();
+    let runs: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let (addrs, spec, out) = (addrs.clone(), spec.clone(), dir.join(format!("{name}-{rank}")));
+            std::thread::spawn(move || {
+                let ring = TcpRing::connect(rank, &addrs, l, std::time::Duration::from_secs(30)).unwrap();
+                let job = FinetuneJob::prepare(&spec, &out).unwrap();
+                match bucket_mb {
+                    Some(_) => {
+                        let mut ring = BackgroundRing::new(ring);
+                        let outcome = job.train(CpuBackend::new(), "job-000002", &out, &mut ring, &|| None, &mut |_| {}).unwrap();
+                        (outcome.model_path, ring.reductions_started())
+                    }
+                    None => (job.train(CpuBackend::new(), "job-000002", &out, &mut { ring }, &|| None, &mut |_| {}).unwrap().model_path, 0),
+                }
+            })
+        })
+        .collect();
+    let done: Vec<_> = runs.into_iter().map(|h| h.join().unwrap()).collect();
+    if bucket_mb.is_some() {
+        // 6 steps: a bucket of final GPT gradients at a time, several per backward pass
+        assert!(done[0].1 >= 6 * 3, "{name}: only {} reductions started in 6 steps", done[0].1);
+    }
+    std::fs::read(done[0].0.as_ref().expect("rank 0 saves")).unwrap()
+}
+
+/// Averaging the GPT's gradient in buckets during the backward pass (classification: after the
+/// head's backward; SFT: the LM's) leaves the saved weights bit for bit those of one all-reduce
+/// after the pass.
+#[test]
+fn gradient_buckets_match_one_all_reduce_bitwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let parent = pretrained_parent(dir.path());
+    let mut rng = Rng::new(12);
+    let class = dir.path().join("c.jsonl");
+    write_jsonl(&class, (0..64).map(|i| serde_json::json!({"text": word(&mut rng, i % 2 == 1), "label": i % 2})));
+    let sft = dir.path().join("s.jsonl");
+    write_jsonl(&sft, (0..64).map(|_| serde_json::json!({"prompt": word(&mut rng, false), "response": "ab"})));
+    let init = parent.to_str().unwrap();
+    for (what, body) in [
+        ("classification", format!("init_from = {init:?}\nhead = \"classification\"\nnum_labels = 2\ndata = {:?}\nval_fraction = 0.0", class.to_str().unwrap())),
+        ("sft", format!("init_from = {init:?}\nhead = \"sft\"\ndata = {:?}\nval_fraction = 0.0", sft.to_str().unwrap())),
+    ] {
+        let plain = two_ranks(dir.path(), &body, None, &format!("{what}-plain"));
+        // 0.01 MiB: ~2,600 values, several buckets per backward pass of the 2-layer GPT
+        let bucketed = two_ranks(dir.path(), &body, Some(0.01), &format!("{what}-buckets"));
+        let weights = |b: &[u8]| {
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            b[8 + n..].to_vec()
+        };
+        assert!(weights(&plain) == weights(&bucketed), "{what}: bucketed fine-tuning's weights differ from one all-reduce's");
+    }
+}

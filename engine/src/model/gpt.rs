@@ -587,11 +587,17 @@ impl<B: Backend> Gpt<B> {
     /// `dhidden` (B*T, C) (a task head's output): accumulates into the gradient buffer like
     /// `backward`. Works after `forward_hidden` or `forward`.
     pub fn backward_hidden(&mut self, dhidden: B::View<'_>) -> Result<(), EngineError> {
+        self.backward_hidden_overlapped(dhidden, &mut |_, _, _| {})
+    }
+
+    /// [`backward_hidden`](Self::backward_hidden), reporting final gradient ranges to `ready`
+    /// as [`backward_overlapped`](Self::backward_overlapped) does.
+    pub fn backward_hidden_overlapped(&mut self, dhidden: B::View<'_>, ready: &mut ReadyFn<'_, B>) -> Result<(), EngineError> {
         let batch = self.batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
         let n = batch.b * batch.t * self.cfg.n_embd;
         let acts = self.acts.as_mut().unwrap();
         self.be.copy(self.be.view_mut(&mut acts.scratch.dln, 0..n), dhidden);
-        self.body_backward(&mut |_, _, _| {}, false);
+        self.body_backward(ready, false);
         Ok(())
     }
 
