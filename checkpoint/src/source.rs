@@ -11,6 +11,7 @@ use smelt_corpus::StoreDir;
 use tracing::warn;
 
 use crate::error::{CheckpointError, Result};
+use crate::manifest::HeadConfig;
 use crate::layout::{checkpoints_root, parent_uri, step_dir_name, step_of_uri, MANIFEST, MODEL};
 use crate::read::{list_committed, load_model_verified, Skipped, VerifiedModel};
 
@@ -34,11 +35,16 @@ pub struct ModelSource {
     pub job: Option<String>,
     /// Checkpoints passed over (job ids only), and why.
     pub skipped: Vec<Skipped>,
+    /// A GPT fine-tuning checkpoint's classification head (its trainer.json says so; the model
+    /// file then also holds `score.weight`). None for other files: a fine-tuning job's final
+    /// model file says it in its own metadata (`smelt.head`, `smelt.num_labels`).
+    pub head: Option<HeadConfig>,
 }
 
 impl ModelSource {
     fn verified(v: VerifiedModel, skipped: Vec<Skipped>) -> Self {
-        ModelSource { file: format!("{}/{MODEL}", v.uri), checkpoint: Some(v.uri), job: Some(v.trainer.job_id), bytes: v.model, skipped }
+        let head = v.trainer.head;
+        ModelSource { file: format!("{}/{MODEL}", v.uri), checkpoint: Some(v.uri), job: Some(v.trainer.job_id), bytes: v.model, skipped, head }
     }
 }
 
@@ -65,7 +71,7 @@ pub fn resolve_model(source: &str, jobs: &JobLocations) -> Result<ModelSource> {
         if name == MODEL && dir.size(MANIFEST)?.is_some() {
             return Ok(ModelSource::verified(load_model_verified(&dir)?, Vec::new()));
         }
-        return Ok(ModelSource { bytes: dir.get(name)?, file: dir.uri_of(name), checkpoint: None, job: None, skipped: Vec::new() });
+        return Ok(ModelSource { bytes: dir.get(name)?, file: dir.uri_of(name), checkpoint: None, job: None, skipped: Vec::new(), head: None });
     }
     let dir = StoreDir::open(s)?;
     if dir.size(MANIFEST)?.is_some() {
@@ -77,7 +83,7 @@ pub fn resolve_model(source: &str, jobs: &JobLocations) -> Result<ModelSource> {
         return Err(CheckpointError::NotCommitted { uri: dir.uri().to_string() });
     }
     match dir.get(MODEL) {
-        Ok(bytes) => Ok(ModelSource { bytes, file: dir.uri_of(MODEL), checkpoint: None, job: None, skipped: Vec::new() }),
+        Ok(bytes) => Ok(ModelSource { bytes, file: dir.uri_of(MODEL), checkpoint: None, job: None, skipped: Vec::new(), head: None }),
         Err(e) if e.is_not_found() => Err(no_model(s, format!("no {MODEL} here, and no {MANIFEST} (not a checkpoint)"))),
         Err(e) => Err(e.into()),
     }
@@ -113,7 +119,7 @@ fn from_job(job: &str, jobs: &JobLocations) -> Result<ModelSource> {
             let dir = StoreDir::open(f)?.join(&format!("jobs/{job}"));
             match dir.get(MODEL) {
                 Ok(bytes) => {
-                    return Ok(ModelSource { bytes, file: dir.uri_of(MODEL), checkpoint: None, job: Some(job.to_string()), skipped });
+                    return Ok(ModelSource { bytes, file: dir.uri_of(MODEL), checkpoint: None, job: Some(job.to_string()), skipped, head: None });
                 }
                 Err(e) if e.is_not_found() => Some(dir.uri_of(MODEL)),
                 Err(e) => return Err(e.into()),

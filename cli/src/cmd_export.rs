@@ -109,7 +109,7 @@ fn load(model: &str, store: &StoreArg) -> Result<Loaded> {
         Loaded::Family(model_file::family_from_bytes(&src.bytes, &src.file)?)
     } else {
         let saved = model_file::from_bytes(&src.bytes, &src.file)?;
-        let head = model_file::classification_head(&src.bytes, &src.file, &saved)?;
+        let head = model_file::classification_head(&src.bytes, &src.file, &saved, src.head.map(|h| h.num_labels))?;
         Loaded::Gpt(saved, head)
     })
 }

@@ -152,3 +152,36 @@ fn export_and_list_read_checkpoints_over_s3() {
     assert!(listing.lines().any(|l| l.contains("00000020") && l.contains("corrupt")), "{listing}");
     assert!(listing.lines().any(|l| l.contains("00000010") && l.contains(" ok ")), "{listing}");
 }
+
+/// A GPT fine-tuning checkpoint with a classification head (its trainer.json says so, its
+/// model file holds `score.weight` after the GPT's tensors) exports as
+/// `GPT2ForSequenceClassification` with the head's values.
+#[test]
+fn a_classifier_checkpoint_exports_with_its_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store");
+    let root = StoreDir::open(store.join("jobs/job-000007/ckpt").to_str().unwrap()).unwrap();
+    let mut snap = snapshot(30);
+    let head: Vec<f32> = (0..3 * 8).map(|i| i as f32 * 0.125 - 1.0).collect();
+    snap.params.extend(&head);
+    snap.m.extend(vec![0.0; head.len()]);
+    snap.v.extend(vec![0.0; head.len()]);
+    snap.trainer.head = Some(smelt_checkpoint::HeadConfig { num_labels: 3 });
+    commit(&root, &snap, &UploadOptions::default()).unwrap();
+
+    let out = dir.path().join("hf");
+    let o = smelt(&["export", "hf", &format!("file://{}", store.join("jobs/job-000007/ckpt/00000030").display()), out.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["architectures"], serde_json::json!(["GPT2ForSequenceClassification"]));
+    assert_eq!(cfg["num_labels"], 3);
+    let bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    assert_eq!(header["score.weight"]["shape"], serde_json::json!([3, 8]));
+    let off = &header["score.weight"]["data_offsets"];
+    let (a, b) = (off[0].as_u64().unwrap() as usize, off[1].as_u64().unwrap() as usize);
+    let got: Vec<f32> = bytes[8 + n + a..8 + n + b].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    assert_eq!(got, head);
+    assert_eq!(exported_wte(&out), snap.params[..256 * 8]);
+}

@@ -77,19 +77,22 @@ pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<SavedModel> {
     Ok(SavedModel { config, tokenizer, params, metadata })
 }
 
-/// The classification head of a GPT fine-tuned as a classifier (`smelt.head =
-/// "classification"`): its label count and `score.weight` (num_labels, C), read from the same
-/// file's bytes. None for any other GPT.
-pub fn classification_head(bytes: &[u8], shown: &str, saved: &SavedModel) -> Result<Option<(usize, Vec<f32>)>> {
-    if saved.metadata.get("smelt.head").map(String::as_str) != Some("classification") {
-        return Ok(None);
-    }
-    let n: usize = saved
-        .metadata
-        .get("smelt.num_labels")
-        .ok_or_else(|| anyhow!("{shown}: a classifier (smelt.head = classification) without smelt.num_labels"))?
-        .parse()
-        .with_context(|| format!("{shown}: bad smelt.num_labels"))?;
+/// The classification head of a GPT fine-tuned as a classifier: its label count and
+/// `score.weight` (num_labels, C), read from the same file's bytes. A fine-tuning job's final
+/// file says it is one in its metadata (`smelt.head = "classification"`, `smelt.num_labels`); a
+/// checkpoint's file in its trainer.json, which `checkpoint_labels` passes on. None for any
+/// other GPT.
+pub fn classification_head(bytes: &[u8], shown: &str, saved: &SavedModel, checkpoint_labels: Option<usize>) -> Result<Option<(usize, Vec<f32>)>> {
+    let n: usize = match checkpoint_labels {
+        Some(n) => n,
+        None if saved.metadata.get("smelt.head").map(String::as_str) == Some("classification") => saved
+            .metadata
+            .get("smelt.num_labels")
+            .ok_or_else(|| anyhow!("{shown}: a classifier (smelt.head = classification) without smelt.num_labels"))?
+            .parse()
+            .with_context(|| format!("{shown}: bad smelt.num_labels"))?,
+        None => return Ok(None),
+    };
     if n == 0 {
         return Err(anyhow!("{shown}: a classifier with smelt.num_labels = 0"));
     }
