@@ -22,7 +22,7 @@ use smelt_checkpoint::{Checkpoint, ModelConfig};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_engine::backend::Backend;
 use smelt_engine::collective::Collective;
-use smelt_engine::grad_buckets::{self, DEFAULT_BUCKET_FLOATS};
+use smelt_engine::grad_buckets;
 use smelt_engine::model::gpt::ReadyFn;
 use smelt_engine::model::{Bert, T5};
 use smelt_engine::optim::{AdamW, StepReport};
@@ -165,10 +165,7 @@ impl<B: Backend> Model<B> {
         loss.ok_or_else(|| anyhow!("the batch carries no targets"))
     }
     pub(crate) fn backward(&mut self, scale: f32) -> Result<(), EngineError> {
-        match self {
-            Model::Bert(m) => m.backward(scale),
-            Model::T5(m) => m.backward(scale),
-        }
+        self.backward_overlapped(scale, &mut |_, _, _| {})
     }
     /// [`backward`](Self::backward), reporting final gradient ranges to `ready` as they come.
     pub(crate) fn backward_overlapped(&mut self, scale: f32, ready: &mut ReadyFn<'_, B>) -> Result<(), EngineError> {
@@ -201,12 +198,6 @@ impl<B: Backend> Model<B> {
             Model::T5(m) => m.set_params_host(host),
         }
     }
-}
-
-/// Values per gradient bucket when the collective overlaps the backward pass: the spec's
-/// `cluster.grad_bucket_mb`, else DDP's 25 MiB (0: one all-reduce after the pass).
-pub(crate) fn bucket_floats(spec: &JobSpec) -> usize {
-    spec.grad_bucket_floats().unwrap_or(DEFAULT_BUCKET_FLOATS)
 }
 
 /// Training FLOPs of a batch (for MFU).
@@ -270,7 +261,7 @@ impl FamilyJob {
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let job = FamilyJob::open(spec, &req.out_dir)?;
     match req.device {
-        Device::Cpu => crate::runner::with_cpu_ring(&req, control, &job.spec.clone(), |be, ring| train(be, ring, job, &req, control, events)),
+        Device::Cpu => crate::runner::with_cpu_ring(&req, control, job.spec.grad_bucket_floats(), |be, ring| train(be, ring, job, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::train_family(ordinal, job, &req, control, events),
     }
 }
@@ -342,7 +333,7 @@ pub(crate) fn train<B: Backend>(
             .map(|(i, k)| objective.read_batch(&data.train, spec.seed, step, i, k, n_windows))
             .collect::<Result<Vec<_>>>()?;
         let lr = tc.schedule.lr_at(step);
-        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step, bucket_floats(&spec))?;
+        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step, crate::runner::bucket_floats(&spec))?;
         tokens += micro.iter().map(batch_tokens).sum::<usize>() * world;
         flops += micro.iter().map(|x| batch_flops(&fam, x)).sum::<f64>();
 
@@ -404,6 +395,7 @@ mod tests {
     use smelt_engine::background_ring::BackgroundRing;
     use smelt_engine::backend::IGNORE_INDEX;
     use smelt_engine::collective::TcpRing;
+    use smelt_engine::grad_buckets::DEFAULT_BUCKET_FLOATS;
     use smelt_engine::CpuBackend;
     use smelt_engine::model::{BertBatch, BertConfig, T5Batch, T5Config};
     use smelt_engine::optim::AdamWConfig;

@@ -228,7 +228,7 @@ impl FinetuneJob {
             let slice = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?;
             let indices: Vec<usize> = slice.map(|k| order.sequence_at(k) as usize).collect();
             let micro: Vec<&[usize]> = indices.chunks(tc.batch_size).collect();
-            let (loss, grad_norm, n_tokens) = st.step(self, &micro, collective, step, crate::family::bucket_floats(spec))?;
+            let (loss, grad_norm, n_tokens) = st.step(self, &micro, collective, step, crate::runner::bucket_floats(spec))?;
             tokens += n_tokens * world;
             let done = step + 1;
             let mut val = (None, None);
@@ -592,7 +592,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
         }
     }
     match req.device {
-        Device::Cpu => crate::runner::with_cpu_ring(&req, control, &spec, |be, ring| train_assignment(be, ring, &job, &req, control, events)),
+        Device::Cpu => crate::runner::with_cpu_ring(&req, control, spec.grad_bucket_floats(), |be, ring| train_assignment(be, ring, &job, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::finetune_gpt(ordinal, &job, &req, control, events),
     }
 }

@@ -242,7 +242,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
         }
     }
     match req.device {
-        Device::Cpu => crate::runner::with_cpu_ring(&req, control, &spec, |be, ring| train(be, ring, &job, &spec, &req, control, events)),
+        Device::Cpu => crate::runner::with_cpu_ring(&req, control, spec.grad_bucket_floats(), |be, ring| train(be, ring, &job, &spec, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::finetune_family(ordinal, &job, &spec, &req, control, events),
     }
 }
@@ -289,7 +289,7 @@ pub(crate) fn train<B: Backend>(
         let idx: Vec<usize> = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?.map(|k| order.sequence_at(k) as usize).collect();
         let micro: Vec<FamilyBatch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, Some(step))).collect();
         let lr = tc.schedule.lr_at(step);
-        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step, crate::family::bucket_floats(spec))?;
+        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step, crate::runner::bucket_floats(spec))?;
         tokens += micro.iter().map(FamilyFinetune::batch_tokens).sum::<usize>() * world;
 
         let done = step + 1;

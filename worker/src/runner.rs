@@ -18,6 +18,7 @@ use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
 use smelt_engine::background_ring::BackgroundRing;
 use smelt_engine::collective::{Collective, TcpRing};
 use smelt_engine::data::{Batch, TokenWindows};
+use smelt_engine::grad_buckets::DEFAULT_BUCKET_FLOATS;
 use smelt_engine::model::Gpt;
 use smelt_engine::model::GptConfig;
 use smelt_engine::train::{TrainConfig, Trainer};
@@ -235,24 +236,31 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
     }
     let job = Pretrain::open(spec, &req.out_dir)?;
     match req.device {
-        Device::Cpu => with_cpu_ring(&req, control, &job.spec.clone(), |be, ring| train_gpt(be, ring, job, &req, control, events)),
+        Device::Cpu => with_cpu_ring(&req, control, job.spec.grad_bucket_floats(), |be, ring| train_gpt(be, ring, job, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::train_gpt(ordinal, job, &req, control, events),
     }
 }
 
+/// Values per gradient bucket when the collective overlaps the backward pass: the spec's
+/// `cluster.grad_bucket_mb`, else DDP's 25 MiB (0: one all-reduce after the pass). Every
+/// trainer (GPT, BERT/T5, fine-tuning) takes it from here.
+pub(crate) fn bucket_floats(spec: &JobSpec) -> usize {
+    spec.grad_bucket_floats().unwrap_or(DEFAULT_BUCKET_FLOATS)
+}
+
 /// Joins the assignment's TCP ring and runs `train` with the CPU backend and it: on the ring's
 /// own thread (`BackgroundRing`, gradient buckets averaged during the backward pass) when the
-/// spec sets `cluster.grad_bucket_mb` > 0, else the plain ring (the CPU default: one all-reduce
+/// spec sets `cluster.grad_bucket_mb` > 0 (`grad_bucket_floats`, the spec's), else the plain ring (the CPU default: one all-reduce
 /// after the backward pass, measured faster when every core computes; bench/NOTES.md). The
 /// CPU counterpart of `gpu::with_gpu`.
 pub(crate) fn with_cpu_ring<R>(
     req: &RunRequest,
     control: &RunControl,
-    spec: &JobSpec,
+    grad_bucket_floats: Option<usize>,
     train: impl FnOnce(CpuBackend, &mut dyn Collective<CpuBackend>) -> Result<R>,
 ) -> Result<R> {
     let ring = connect_ring(req, control)?;
-    match spec.grad_bucket_floats() {
+    match grad_bucket_floats {
         Some(n) if n > 0 => train(CpuBackend::new(), &mut BackgroundRing::new(ring)),
         _ => train(CpuBackend::new(), &mut { ring }),
     }
@@ -288,9 +296,7 @@ pub(crate) fn train_gpt<B: Backend>(
     let global = spec.train.global_batch as u64;
     let model = Gpt::new(be, cfg.clone(), spec.seed)?;
     let mut trainer = Trainer::new(model, tc.clone())?;
-    if let Some(n) = spec.grad_bucket_floats() {
-        trainer.set_bucket_floats(n);
-    }
+    trainer.set_bucket_floats(bucket_floats(&spec));
     let resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, collective, events)?;
     let start_step = resumed.start_step;
     let mut checkpointer = match rank {
