@@ -1,4 +1,4 @@
-// Runs attention.cu's kernels under the host emulator (shim.h) on random inputs and compares
+// Runs the attention kernels (engine/src/cuda/kernels/attention*) under the host emulator (shim.h) on random inputs and compares
 // forward output, lse and accumulated gradients with a plain f64 reference written here.
 // Build and run:  g++ -std=c++20 -O2 -pthread -w attention_emu.cpp -o /tmp/attention_emu
 //                 /tmp/attention_emu        (f32 kernels)     /tmp/attention_emu bf16
@@ -13,7 +13,13 @@
 struct uint4 { unsigned x, y, z, w; };  // CUDA's 16-byte vector (the _vec stats kernels)
 struct alignas(8) float2 { float x, y; };  // the (lse, D) pairs of the dkv pass
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
-#include "../../engine/src/cuda/kernels/attention.cu"
+// The attention module's files in kernels.rs' ATTENTION_SOURCE order.
+#include "../../engine/src/cuda/kernels/attention.cuh"
+#include "../../engine/src/cuda/kernels/attention_f32.cu"
+#include "../../engine/src/cuda/kernels/attention_mma.cuh"
+#include "../../engine/src/cuda/kernels/attention_operands.cu"
+#include "../../engine/src/cuda/kernels/attention_mma_forward.cu"
+#include "../../engine/src/cuda/kernels/attention_mma_backward.cu"
 #include <cstdio>
 #include <random>
 #include <string>

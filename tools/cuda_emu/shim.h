@@ -1,4 +1,4 @@
-// Host emulation of the CUDA subset that engine/src/cuda/kernels/attention.cu uses, so that the
+// Host emulation of the CUDA subset that the attention kernels (engine/src/cuda/kernels/attention*) use, so that the
 // real kernel source can be run and checked on a machine with no GPU: blocks run one at a time,
 // each as one std::thread per CUDA thread; __syncthreads is a std::barrier, warp shuffles and
 // mma.sync go through shared exchange arrays between two barriers (every thread of a block calls

@@ -6,7 +6,8 @@ static size is what one iteration issues when its branches are all taken (a mask
 unmasked path both count), which is enough to compare two versions of a kernel.
 
 usage: loop_mix.py SOURCE[+SOURCE...] KERNEL [KERNEL...] [-- NVRTC_OPTION ...]
-  e.g. tools/sass/loop_mix.py engine/src/cuda/kernels/attention.cu attention_forward_bf16_d64
+  e.g. (the attention module: its files in kernels.rs' ATTENTION_SOURCE order)
+  k=engine/src/cuda/kernels; tools/sass/loop_mix.py $k/attention.cuh+$k/attention_f32.cu+$k/attention_mma.cuh+$k/attention_operands.cu+$k/attention_mma_forward.cu+$k/attention_mma_backward.cu attention_forward_bf16_d64
 env: NVRTC_LIB (default: the cu13 wheel under /opt/cuda-pip or $SMELT_CUDA_PIP), CUOBJDUMP
      (default: cuobjdump on PATH, else the one Triton's wheel ships)
 """

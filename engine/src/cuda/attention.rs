@@ -1,4 +1,4 @@
-//! Fused flash-style multi-head attention on CUDA (kernels in `kernels/attention.cu`).
+//! Fused flash-style multi-head attention on CUDA (kernels in `kernels/attention*.cu*`, one module: `kernels::ATTENTION_SOURCE`).
 //!
 //! Same semantics as `cpu/attention.rs`, but no (T, T) matrix is ever stored: the forward pass
 //! streams 64-key tiles through shared memory with an online softmax and saves one log-sum-exp
@@ -36,7 +36,7 @@ use crate::backend::{AttnShape, QkvSource};
 use crate::cuda::view::{CudaView, CudaViewMut};
 use crate::cuda::{CudaBackend, CudaIds, MatmulPrecision};
 
-/// Rows of a tile (queries or keys), fixed in attention.cu.
+/// Rows of a tile (queries or keys), fixed in attention.cuh.
 const TILE: usize = 64;
 /// Threads per block of the f32 kernels (and of the D kernel) and of the tensor-core kernels.
 const THREADS: u32 = 256;
@@ -44,7 +44,7 @@ const MMA_THREADS: u32 = 128;
 /// Largest head dim with a kernel.
 pub(crate) const MAX_HEAD_DIM: usize = 128;
 
-/// Kernel parameters, `AttnParams` in attention.cu (same fields, same order, all 4 bytes).
+/// Kernel parameters, `AttnParams` in attention.cuh (same fields, same order, all 4 bytes).
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Params {
@@ -151,7 +151,7 @@ fn bucket(hd: usize) -> (&'static str, usize) {
 }
 
 /// Dynamic shared memory, in bytes, of each tiled kernel for padded head dim `w` (the layouts
-/// at the top of the `*_impl` functions in attention.cu).
+/// at the top of the `*_impl` functions in attention_mma_*.cu).
 fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
     match family {
         Family::F32 => {
@@ -659,7 +659,7 @@ impl HeadCopies {
     }
 }
 
-/// Backward of the bf16 kernels (attention.cu): with `p.direct` the passes read q, k, v and
+/// Backward of the bf16 kernels (attention_mma_backward.cu): with `p.direct` the passes read q, k, v and
 /// dout in place; else q, k and v come from the forward pass's copies in `saved` (or fresh
 /// temporary ones when it kept none) and dout is copied likewise. Each row's (lse log2 e, D) is
 /// computed first, then the dkv and dq passes read their tiles by cp.async.
@@ -808,7 +808,7 @@ mod tests {
 
     #[test]
     fn kernel_names_exist_in_the_source() {
-        let names = crate::cuda::kernels::kernel_names(include_str!("kernels/attention.cu"));
+        let names = crate::cuda::kernels::kernel_names(crate::cuda::kernels::ATTENTION_SOURCE);
         for tag in ["f32", "bf16"] {
             for suffix in ["d32", "d64", "d128"] {
                 let fused = if tag == "bf16" { &["backward_fused"][..] } else { &[] };
@@ -816,14 +816,14 @@ mod tests {
                     let name = format!("attention_{k}_{tag}_{suffix}");
                     assert!(
                         names.contains(&name),
-                        "{name} missing from attention.cu: {names:?}"
+                        "{name} missing from the attention module: {names:?}"
                     );
                 }
             }
         }
         assert!(names.contains(&"attention_backward_dot_f32".to_string()));
         for name in ["attention_heads_bf16", "attention_dq_from_acc", "attention_backward_stats", "attention_backward_stats_vec_d32", "attention_backward_stats_vec_d64", "attention_backward_stats_vec_d128"] {
-            assert!(names.contains(&name.to_string()), "{name} missing from attention.cu");
+            assert!(names.contains(&name.to_string()), "{name} missing from the attention module");
         }
     }
 }

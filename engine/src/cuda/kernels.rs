@@ -9,8 +9,19 @@
 use cudarc::nvrtc::{CompileOptions, Ptx};
 use thiserror::Error;
 
-/// (module name, CUDA C++ source), one entry per `.cu` file; modules that touch bf16 storage get
-/// `bf16.cuh` (conversions) prepended.
+/// The attention module's files, in the order they are compiled (attention.cuh says what each
+/// holds): one module, so the forward and backward share their primitives and tiles.
+pub const ATTENTION_SOURCE: &str = concat!(
+    include_str!("kernels/attention.cuh"),
+    include_str!("kernels/attention_f32.cu"),
+    include_str!("kernels/attention_mma.cuh"),
+    include_str!("kernels/attention_operands.cu"),
+    include_str!("kernels/attention_mma_forward.cu"),
+    include_str!("kernels/attention_mma_backward.cu"),
+);
+
+/// (module name, CUDA C++ source), one entry per `.cu` file (attention: its files); modules that
+/// touch bf16 storage get `bf16.cuh` (conversions) prepended.
 pub const MODULES: &[(&str, &str)] = &[
     ("memory", include_str!("kernels/memory.cu")),
     ("embedding", include_str!("kernels/embedding.cu")),
@@ -20,7 +31,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("dropout", include_str!("kernels/dropout.cu")),
     ("cross_entropy", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/cross_entropy.cu"))),
     ("adamw", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/adamw.cu"))),
-    ("attention", include_str!("kernels/attention.cu")),
+    ("attention", ATTENTION_SOURCE),
     ("learned_scores", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/learned_scores.cu"))),
     ("convert", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/convert.cu"))),
 ];
@@ -70,11 +81,11 @@ pub fn compile_source(name: &'static str, src: &str, arch: &str) -> Result<Compi
 }
 
 /// Compile-time tuning knobs read from the environment, for measuring variants on a card
-/// without rebuilding: `SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq"` (each 1..=4: attention.cu's blocks
+/// without rebuilding: `SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq"` (each 1..=4: attention_mma.cuh's blocks
 /// per SM for the hd-64 tensor-core kernels) and `SMELT_ATTN_HEAD_GROUP=n` (0..=4096: heads
-/// scheduled together by attention.cu's `tile_order`, 0 for the launch grid's order) and
+/// scheduled together by attention_mma.cuh's `tile_order`, 0 for the launch grid's order) and
 /// `SMELT_ATTN_DQ_BULK=0|1` (the fused attention backward's dq by bulk reductions or by vector
-/// atomics, see attention.cu). Unset or
+/// atomics, see attention_mma_backward.cu). Unset or
 /// invalid values keep the sources' defaults.
 fn tuning_defines() -> Vec<String> {
     let mut defines = Vec::new();

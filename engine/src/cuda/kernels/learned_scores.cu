@@ -3,7 +3,7 @@
 //   additive (Bahdanau): s_ij = sum_e v_h[e] tanh(qa_i[e] + ka_j[e]),  qa = q Wq_h, ka = k Wk_h,
 //                        Wq, Wk (H, hd, A), v (H, A)
 // then softmax over the visible keys (key padding mask, causal) and out_i = sum_j p_ij v_j, as
-// the dot-score kernels (attention.cu, whose q / kv layouts these share). The saved state is the
+// the dot-score kernels (attention*.cu, whose q / kv layouts these share). The saved state is the
 // same per-row log-sum-exp (B, H, Tq).
 //
 // Each score needs its query's and key's features: "qf" (B, H, Tq, W) is scale q W (general) or
