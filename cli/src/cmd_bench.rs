@@ -185,6 +185,10 @@ fn step_cuda(a: &StepArgs) -> Result<()> {
     let matmul: MatmulPrecision = a.matmul.parse().map_err(|e| anyhow::anyhow!("--matmul: {e}"))?;
     let be = CudaBackend::new_with(0, CudaOptions { matmul, ..Default::default() })?;
     let device = be.device_name().to_string();
+    // every switch as the SMELT_* variable and value that select it: the figure says which
+    // variant it measured, and `env` with these reproduces it
+    let tuning: serde_json::Map<String, serde_json::Value> =
+        be.tuning().settings().into_iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
     // which cuBLASLt training epilogues the timed steps took (SMELT_GELU_EPILOGUE=1,
     // SMELT_BGRAD_EPILOGUE=1), counted over the whole run: so a variant's timing says whether
     // its fused path really ran
@@ -210,6 +214,7 @@ fn step_cuda(a: &StepArgs) -> Result<()> {
         "device": device,
         "peak_tflops": peak_tflops,
         "mfu": mfu,
+        "tuning": tuning,
         "epilogue_calls": {
             "gelu_forward": epilogues.gelu_forward,
             "dgelu_backward": epilogues.dgelu_backward,

@@ -23,7 +23,7 @@ fn every_module_compiles_for_sm90() {
     if !nvrtc_or_skip() {
         return;
     }
-    let compiled = kernels::compile_all("sm_90").unwrap_or_else(|e| panic!("{e}"));
+    let compiled = kernels::compile_all("sm_90", &smelt_engine::cuda::CudaTuning::default().defines()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(compiled.len(), MODULES.len());
     for m in &compiled {
         let ptx = m.ptx.to_src();
@@ -47,4 +47,23 @@ fn a_broken_module_reports_its_name_and_the_compiler_log() {
         .expect("a module calling an undefined function must not compile");
     let msg = err.to_string();
     assert!(msg.contains("broken") && msg.contains("undefined_thing"), "unhelpful error: {msg}");
+}
+
+#[test]
+fn the_attention_kernels_compile_with_every_compiled_in_switch_moved() {
+    // the variants a card run selects through SMELT_ATTN_MIN_BLOCKS, SMELT_ATTN_DQ_BULK and
+    // SMELT_ATTN_HEAD_GROUP must build too, not only the defaults
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let vars = [("SMELT_ATTN_MIN_BLOCKS", "2,2,2"), ("SMELT_ATTN_DQ_BULK", "0"), ("SMELT_ATTN_HEAD_GROUP", "0")];
+    let tuning = smelt_engine::cuda::CudaTuning::from_lookup(|k| vars.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())).unwrap();
+    let defines = tuning.defines();
+    assert_ne!(defines, smelt_engine::cuda::CudaTuning::default().defines());
+    let attention = kernels::compile_one_with("attention", kernels::ATTENTION_SOURCE, "sm_90", &defines).unwrap_or_else(|e| panic!("{e}"));
+    let ptx = attention.ptx.to_src();
+    // SMELT_ATTN_DQ_BULK=0 leaves no bulk reduction in the fused backward
+    assert!(!ptx.contains("cp.reduce.async.bulk"), "bulk reductions compiled in with SMELT_ATTN_DQ_BULK=0");
+    let defaults = kernels::compile_one_with("attention", kernels::ATTENTION_SOURCE, "sm_90", &smelt_engine::cuda::CudaTuning::default().defines()).unwrap();
+    assert!(defaults.ptx.to_src().contains("cp.reduce.async.bulk"), "the default fused backward reduces dq in bulk on sm_90");
 }

@@ -130,7 +130,7 @@ pub(crate) fn saved_len(be: &CudaBackend, shape: AttnShape) -> usize {
 /// copies, in the backward pass again.
 fn copies_saved(be: &CudaBackend, s: AttnShape) -> bool {
     Family::of(be) == Family::Bf16
-        && !(super::bf16_activations_enabled() && bucket(s.head_dim()).1 == s.head_dim() && s.channels.is_multiple_of(8))
+        && !(be.tuning().bf16_activations && bucket(s.head_dim()).1 == s.head_dim() && s.channels.is_multiple_of(8))
 }
 
 /// Whether the tiled kernels may read q, k, v and dout in place (`Params.direct`): bf16

@@ -5,7 +5,7 @@
 use std::ops::Range;
 
 use super::{adamw, attention, cross_entropy, dropout, elementwise, embedding, layernorm, learned_scores, matmul, memory, peak};
-use super::{bf16_activations_enabled, CudaBackend, CudaBuf, CudaIds, CudaView, CudaViewMut};
+use super::{CudaBackend, CudaBuf, CudaIds, CudaView, CudaViewMut};
 use crate::error::EngineError;
 use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
 
@@ -41,7 +41,7 @@ impl Backend for CudaBackend {
     fn activation_zeros(&self, len: usize) -> CudaBuf {
         // Only the bf16 attention kernels read and write bf16 activations, so bf16 matmuls on a
         // GPU without them (before sm_80) keep f32 activations.
-        if attention::bf16_family(self) && bf16_activations_enabled() {
+        if attention::bf16_family(self) && self.tuning().bf16_activations {
             memory::zeros_bf16(self, len)
         } else {
             self.zeros(len)

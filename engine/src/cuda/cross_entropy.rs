@@ -107,40 +107,14 @@ pub(crate) fn forward_backward_in_place(
     be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
 }
 
-/// Blocks of the fused kernel resident per SM unless `SMELT_CE_BLOCKS_PER_SM` says otherwise.
-///
-/// Why a cap: the fused kernel's backward half re-reads the row its block has just read, which
-/// saves a DRAM read only if the row is still in L2. The rows in flight (blocks per SM x SMs x
-/// the row's bytes) must therefore stay well under L2: at GPT-2's V = 50304 a bf16 row is 100 KB,
-/// so 2 blocks on each of an H100's 132 SMs keep 26 MB of its 50 MB in flight, where the 3 that
-/// fit by registers would keep 40 MB (and 4, the thread limit, 53 MB). f32 rows are twice as long
-/// (53 MB at 2 per SM), but f32 logits are for comparisons, not speed.
-const FUSED_BLOCKS_PER_SM: u32 = 2;
-
-/// The most blocks per SM `SMELT_CE_BLOCKS_PER_SM` may ask for (more would not fit by threads).
-const MAX_BLOCKS_PER_SM: u32 = 4;
-
-/// `SMELT_CE_BLOCKS_PER_SM`'s value (read once per process; for measuring on a card), else
-/// FUSED_BLOCKS_PER_SM. A value that is not a count in 1..=MAX_BLOCKS_PER_SM warns and is ignored.
-fn blocks_per_sm() -> u32 {
-    static CAP: OnceLock<u32> = OnceLock::new();
-    *CAP.get_or_init(|| {
-        let var = std::env::var("SMELT_CE_BLOCKS_PER_SM").ok();
-        parse_blocks_per_sm(var.as_deref()).unwrap_or_else(|why| {
-            tracing::warn!("{why}; using {FUSED_BLOCKS_PER_SM} blocks per SM");
-            FUSED_BLOCKS_PER_SM
-        })
-    })
-}
-
-/// The blocks per SM an environment value asks for: FUSED_BLOCKS_PER_SM when unset.
-fn parse_blocks_per_sm(var: Option<&str>) -> Result<u32, String> {
-    let Some(s) = var else { return Ok(FUSED_BLOCKS_PER_SM) };
-    match s.trim().parse::<u32>() {
-        Ok(n) if (1..=MAX_BLOCKS_PER_SM).contains(&n) => Ok(n),
-        _ => Err(format!("SMELT_CE_BLOCKS_PER_SM=`{s}` is not a count of blocks in 1..={MAX_BLOCKS_PER_SM}")),
-    }
-}
+// Blocks of the fused kernel resident per SM (`CudaTuning::ce_blocks_per_sm`, default 2).
+//
+// Why a cap: the fused kernel's backward half re-reads the row its block has just read, which
+// saves a DRAM read only if the row is still in L2. The rows in flight (blocks per SM x SMs x
+// the row's bytes) must therefore stay well under L2: at GPT-2's V = 50304 a bf16 row is 100 KB,
+// so 2 blocks on each of an H100's 132 SMs keep 26 MB of its 50 MB in flight, where the 3 that
+// fit by registers would keep 40 MB (and 4, the thread limit, 53 MB). f32 rows are twice as long
+// (53 MB at 2 per SM), but f32 logits are for comparisons, not speed.
 
 /// The fused kernels' dynamic shared memory in bytes (by logits type), worked out on first use
 /// per backend: the functions are the backend's own.
@@ -164,7 +138,7 @@ fn fused_name(bf16: bool) -> &'static str {
 fn fused_smem(be: &CudaBackend, f: &CudaFunction, bf16: bool) -> u32 {
     let cell = if bf16 { &be.ce_fused_smem.bf16 } else { &be.ce_fused_smem.f32 };
     *cell.get_or_init(|| {
-        let cap = blocks_per_sm();
+        let cap = be.tuning().ce_blocks_per_sm;
         cap_smem(be, f, cap).unwrap_or_else(|e| {
             let kernel = fused_name(bf16);
             tracing::warn!(kernel, blocks_per_sm = cap, error = ?e, "cannot cap the fused classifier's blocks per SM");
@@ -174,7 +148,7 @@ fn fused_smem(be: &CudaBackend, f: &CudaFunction, bf16: bool) -> u32 {
 }
 
 /// Dynamic shared memory, never touched by the kernel, that leaves room for at most `cap` of
-/// `f`'s blocks per SM (FUSED_BLOCKS_PER_SM says why); 0 when no more than `cap` fit anyway.
+/// `f`'s blocks per SM (the comment above the fused-kernel names says why); 0 when no more than `cap` fit anyway.
 /// Sets the function's attributes for it: the whole carveout as shared memory (so that the
 /// occupancy computed here is the one it runs at; the L1 it leaves is of no use to a streaming
 /// kernel), and the opt-in to more than 48 KiB.
@@ -223,7 +197,7 @@ impl CudaBackend {
             f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem as usize, None)
                 .map_err(|e| device_err(format!("{}: occupancy: {e:?}", fused_name(bf16))))
         };
-        Ok(FusedClassifierOccupancy { cap: blocks_per_sm(), uncapped: at(0)?, blocks_per_sm: at(smem)? })
+        Ok(FusedClassifierOccupancy { cap: self.tuning().ce_blocks_per_sm, uncapped: at(0)?, blocks_per_sm: at(smem)? })
     }
 }
 
@@ -254,19 +228,7 @@ pub(crate) fn backward(
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_blocks_per_sm, FUSED_BLOCKS_PER_SM, MAX_BLOCKS_PER_SM, THREADS};
-
-    #[test]
-    fn blocks_per_sm_from_the_environment() {
-        assert_eq!(parse_blocks_per_sm(None), Ok(FUSED_BLOCKS_PER_SM));
-        assert_eq!(parse_blocks_per_sm(Some("1")), Ok(1));
-        assert_eq!(parse_blocks_per_sm(Some(" 3 ")), Ok(3));
-        assert_eq!(parse_blocks_per_sm(Some("4")), Ok(MAX_BLOCKS_PER_SM));
-        for bad in ["0", "5", "-1", "two", ""] {
-            let err = parse_blocks_per_sm(Some(bad)).expect_err(bad);
-            assert!(err.contains("SMELT_CE_BLOCKS_PER_SM") && err.contains(bad), "unhelpful: {err}");
-        }
-    }
+    use super::THREADS;
 
     #[test]
     fn launches_within_the_fused_kernels_launch_bounds() {

@@ -64,49 +64,29 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compiles every module in [`MODULES`] for `arch` (e.g. "sm_90").
-pub fn compile_all(arch: &str) -> Result<Vec<CompiledModule>, KernelError> {
+/// Compiles every module in [`MODULES`] for `arch` (e.g. "sm_90") with the preprocessor
+/// definitions `defines` (`CudaTuning::defines`: the kernels' compiled-in switches).
+pub fn compile_all(arch: &str, defines: &[String]) -> Result<Vec<CompiledModule>, KernelError> {
     if !nvrtc_available() {
         return Err(KernelError::NvrtcMissing);
     }
-    MODULES.iter().map(|&(name, src)| compile_one(name, src, arch)).collect()
+    MODULES.iter().map(|&(name, src)| compile_one(name, src, arch, defines)).collect()
 }
 
-/// Compiles one source (used by [`compile_all`], and by tests for their own snippets).
+/// Compiles one source without defines (tests' own snippets).
 pub fn compile_source(name: &'static str, src: &str, arch: &str) -> Result<CompiledModule, KernelError> {
+    compile_one_with(name, src, arch, &[])
+}
+
+/// Compiles one source with the preprocessor definitions `defines`.
+pub fn compile_one_with(name: &'static str, src: &str, arch: &str, defines: &[String]) -> Result<CompiledModule, KernelError> {
     if !nvrtc_available() {
         return Err(KernelError::NvrtcMissing);
     }
-    compile_one(name, src, arch)
+    compile_one(name, src, arch, defines)
 }
 
-/// Compile-time tuning knobs read from the environment, for measuring variants on a card
-/// without rebuilding: `SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq"` (each 1..=4: attention_mma.cuh's blocks
-/// per SM for the hd-64 tensor-core kernels) and `SMELT_ATTN_HEAD_GROUP=n` (0..=4096: heads
-/// scheduled together by attention_mma.cuh's `tile_order`, 0 for the launch grid's order) and
-/// `SMELT_ATTN_DQ_BULK=0|1` (the fused attention backward's dq by bulk reductions or by vector
-/// atomics, see attention_mma_backward.cu). Unset or
-/// invalid values keep the sources' defaults.
-fn tuning_defines() -> Vec<String> {
-    let mut defines = Vec::new();
-    if let Ok(v) = std::env::var("SMELT_ATTN_MIN_BLOCKS") {
-        let n: Vec<u32> = v.split(',').filter_map(|x| x.trim().parse().ok()).filter(|n| (1..=4).contains(n)).collect();
-        if let [fwd, dkv, dq] = n[..] {
-            defines.push(format!("-DSMELT_ATTN_FWD_MIN_BLOCKS={fwd}"));
-            defines.push(format!("-DSMELT_ATTN_DKV_MIN_BLOCKS={dkv}"));
-            defines.push(format!("-DSMELT_ATTN_DQ_MIN_BLOCKS={dq}"));
-        }
-    }
-    if let Some(b) = std::env::var("SMELT_ATTN_DQ_BULK").ok().filter(|v| v == "0" || v == "1") {
-        defines.push(format!("-DSMELT_ATTN_DQ_BULK={b}"));
-    }
-    if let Some(g) = std::env::var("SMELT_ATTN_HEAD_GROUP").ok().and_then(|v| v.trim().parse::<u32>().ok()).filter(|g| *g <= 4096) {
-        defines.push(format!("-DSMELT_ATTN_HEAD_GROUP={g}"));
-    }
-    defines
-}
-
-fn compile_one(name: &'static str, src: &str, arch: &str) -> Result<CompiledModule, KernelError> {
+fn compile_one(name: &'static str, src: &str, arch: &str, defines: &[String]) -> Result<CompiledModule, KernelError> {
     let mut include_paths = Vec::new();
     if let Ok(dir) = std::env::var(INCLUDE_ENV) {
         include_paths.push(dir);
@@ -119,7 +99,7 @@ fn compile_one(name: &'static str, src: &str, arch: &str) -> Result<CompiledModu
         prec_sqrt: Some(true),
         ftz: Some(false),
         include_paths,
-        options: [vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()], tuning_defines()].concat(),
+        options: [vec![format!("--gpu-architecture={arch}"), "--std=c++17".to_string()], defines.to_vec()].concat(),
         name: Some(format!("{name}.cu")),
         ..Default::default()
     };

@@ -193,15 +193,10 @@ impl Drop for Lt {
     }
 }
 
-/// Whether `SMELT_CUBLASLT=0` asked for the plain cublasGemmEx path.
-pub(crate) fn disabled_by_env() -> bool {
-    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *OFF.get_or_init(|| std::env::var("SMELT_CUBLASLT").as_deref() == Ok("0"))
-}
-
 impl Lt {
-    /// A handle and workspace on `stream`'s device, or a description of why not.
-    pub(crate) fn new(stream: &std::sync::Arc<CudaStream>) -> Result<Lt, String> {
+    /// A handle and workspace on `stream`'s device, autotuning new shapes or not, or a
+    /// description of why not.
+    pub(crate) fn new(stream: &std::sync::Arc<CudaStream>, autotune: bool) -> Result<Lt, String> {
         let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
         // SAFETY: the workspace is scratch cuBLASLt writes before reading.
         let workspace = match unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) } {
@@ -212,7 +207,7 @@ impl Lt {
                 return Err(format!("allocating the cuBLASLt workspace: {e:?}"));
             }
         };
-        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()), autotune: lt_autotune::enabled_by_env() })
+        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()), autotune })
     }
 
     /// Turns autotuning of shapes not seen yet on or off (see lt_autotune.rs).

@@ -30,12 +30,6 @@ pub(super) const CANDIDATES: usize = 8;
 /// Timed runs per candidate (after one untimed run).
 const REPS: usize = 3;
 
-/// Whether `SMELT_LT_AUTOTUNE=1` asked for autotuning (read once per process).
-pub(crate) fn enabled_by_env() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SMELT_LT_AUTOTUNE").as_deref() == Ok("1"))
-}
-
 /// What tuning found for one shape.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Tuned {

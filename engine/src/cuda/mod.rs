@@ -12,11 +12,10 @@
 //! activations a model allocates through `Backend::activation_zeros` (GEMM inputs and outputs
 //! such as LayerNorm outputs, the MLP's hidden layer, the logits) are stored as bf16 (see
 //! view.rs for which ops take them); the residual stream and everything else stays f32.
-//! `SMELT_BF16_ACTIVATIONS=0` keeps every activation in f32 (read once per process), for
-//! comparison on a card.
 //! bf16 matmuls read their weights from a bf16 copy of the whole parameter buffer made once per
-//! write generation and updated by AdamW (shadow.rs), not converted per call;
-//! `SMELT_WEIGHT_SHADOW=0` turns that off.
+//! write generation and updated by AdamW (shadow.rs), not converted per call.
+//! The performance switches (these two, the fused paths, the kernels' compiled-in tuning) are
+//! one struct, [`CudaTuning`] (tuning.rs): its defaults, overridden by `SMELT_*` variables.
 
 mod adamw;
 mod attention;
@@ -36,6 +35,7 @@ mod matmul;
 mod memory;
 mod peak;
 mod shadow;
+mod tuning;
 pub mod nccl;
 pub mod view;
 
@@ -51,6 +51,7 @@ pub use cross_entropy::FusedClassifierOccupancy;
 pub use lt::EpilogueStats;
 pub use lt_autotune::AutotuneStats;
 pub use shadow::ShadowStats;
+pub use tuning::CudaTuning;
 pub use ids::CudaIds;
 pub use view::{CudaBuf, CudaView, CudaViewMut, Dtype};
 
@@ -107,30 +108,14 @@ pub struct CudaBackend {
     /// cuBLASLt for GEMMs with a bias epilogue (lt.rs); `None` where it could not be set up or
     /// `SMELT_CUBLASLT=0`, and then matmul.rs uses cublasGemmEx alone.
     lt: Option<lt::Lt>,
-    /// Whether bf16 matmuls read their weights from bf16 shadows of whole buffers (shadow.rs).
-    weight_shadow: bool,
-    /// Whether `cross_entropy_forward_backward_in_place` runs the fused kernel (forward and
-    /// in-place backward of a row in one block, the second read from L2) instead of the forward
-    /// and in-place backward kernels (cross_entropy.rs): off unless `SMELT_FUSED_CLASSIFIER=1`
-    /// until measured on a card.
-    fused_classifier: bool,
+    /// The performance switches (tuning.rs): the defaults with the environment applied, then
+    /// whatever the `with_*` builders changed.
+    tuning: CudaTuning,
     /// The fused classifier kernels' dynamic shared memory, which caps their blocks per SM
     /// (cross_entropy.rs), worked out on first use.
     ce_fused_smem: cross_entropy::FusedSmem,
-    /// Whether the MLP's up-projection + GELU and its backward run as cuBLASLt GELU epilogues
-    /// (`Backend::matmul_gelu_forward_fused` / `matmul_dgelu_backward_fused`, lt.rs): off
-    /// unless `SMELT_GELU_EPILOGUE=1` until measured on a card.
-    gelu_epilogue: bool,
-    /// Whether weight-gradient GEMMs also sum dout for the bias gradient in their epilogue
-    /// (BGRADA / BGRADB, lt.rs) instead of a column-sum pass: off unless
-    /// `SMELT_BGRAD_EPILOGUE=1` until measured on a card.
-    bgrad_epilogue: bool,
     /// Calls that took each training epilogue.
     epilogue_counts: lt::EpilogueCounts,
-    /// Whether the bf16 attention backward runs one fused pass (dk, dv and dq, FlashAttention-2
-    /// style, dq by atomics) instead of the dkv and dq passes (attention.rs): off unless
-    /// `SMELT_ATTN_FUSED_BWD=1` until measured on a card.
-    fused_attention_backward: bool,
     /// The shadows and the counts that decide which buffers get one.
     shadows: Mutex<shadow::ShadowCache<CudaSlice<u16>>>,
     ordinal: usize,
@@ -146,6 +131,7 @@ impl std::fmt::Debug for CudaBackend {
             .field("device", &self.device_name)
             .field("arch", &self.arch)
             .field("opts", &self.opts)
+            .field("tuning", &self.tuning)
             .finish()
     }
 }
@@ -187,6 +173,8 @@ impl CudaBackend {
     }
 
     pub fn new_with(ordinal: usize, opts: CudaOptions) -> Result<Self, EngineError> {
+        // A switch set to something it cannot mean is refused before the device is touched.
+        let tuning = CudaTuning::from_env()?;
         if let Some(why) = missing_library() {
             return Err(device_err(format!("cuda:{ordinal}: {why}")));
         }
@@ -215,7 +203,7 @@ impl CudaBackend {
             )
             .map_err(|e| device_err(format!("cuda:{ordinal}: multiprocessor count: {e:?}")))?
             as u32;
-        let compiled = kernels::compile_all(&arch).map_err(|e| device_err(format!("cuda:{ordinal}: {e}")))?;
+        let compiled = kernels::compile_all(&arch, &tuning.defines()).map_err(|e| device_err(format!("cuda:{ordinal}: {e}")))?;
         let mut funcs = HashMap::new();
         for m in compiled {
             let module = ctx.load_module(m.ptx).map_err(|e| {
@@ -230,10 +218,10 @@ impl CudaBackend {
         }
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| device_err(format!("cuda:{ordinal}: cublas handle: {e:?}")))?;
-        let lt = if lt::disabled_by_env() {
+        let lt = if !tuning.cublaslt {
             None
         } else {
-            match lt::Lt::new(&stream) {
+            match lt::Lt::new(&stream, tuning.lt_autotune) {
                 Ok(lt) => Some(lt),
                 Err(e) => {
                     tracing::warn!(device = ordinal, error = %e, "cublaslt unavailable, bias epilogues off");
@@ -255,13 +243,9 @@ impl CudaBackend {
             bf16_scratch: Mutex::new(None),
             f32_scratch: Mutex::new(None),
             lt,
-            weight_shadow: shadow::enabled_by_env(),
-            fused_classifier: std::env::var("SMELT_FUSED_CLASSIFIER").is_ok_and(|v| v == "1"),
+            tuning,
             ce_fused_smem: cross_entropy::FusedSmem::default(),
-            gelu_epilogue: std::env::var("SMELT_GELU_EPILOGUE").is_ok_and(|v| v == "1"),
-            bgrad_epilogue: std::env::var("SMELT_BGRAD_EPILOGUE").is_ok_and(|v| v == "1"),
             epilogue_counts: lt::EpilogueCounts::default(),
-            fused_attention_backward: std::env::var("SMELT_ATTN_FUSED_BWD").is_ok_and(|v| v == "1"),
             shadows: Mutex::new(shadow::ShadowCache::default()),
             ordinal,
             device_name,
@@ -273,37 +257,41 @@ impl CudaBackend {
     pub fn options(&self) -> CudaOptions {
         self.opts
     }
+    /// The switches this backend runs with (what the bench reports).
+    pub fn tuning(&self) -> CudaTuning {
+        self.tuning
+    }
     /// With `on`, the classifier's training forward (`cross_entropy_forward_backward_in_place`)
     /// runs the fused kernel: a row's forward and in-place backward in one block, the backward's
     /// read served by L2, with the blocks per SM capped (`SMELT_CE_BLOCKS_PER_SM`, default 2) so
     /// that the rows in flight stay in L2. Same results, bitwise. The default is off unless
     /// `SMELT_FUSED_CLASSIFIER=1`.
     pub fn with_fused_classifier(mut self, on: bool) -> Self {
-        self.fused_classifier = on;
+        self.tuning.fused_classifier = on;
         self
     }
     pub(crate) fn fused_classifier(&self) -> bool {
-        self.fused_classifier
+        self.tuning.fused_classifier
     }
     /// With `on`, the MLP's up-projection + GELU and its backward run as cuBLASLt GELU
     /// epilogues where cuBLASLt has them (bf16 matmuls; see lt.rs). The default is off unless
     /// `SMELT_GELU_EPILOGUE=1`.
     pub fn with_gelu_epilogue(mut self, on: bool) -> Self {
-        self.gelu_epilogue = on;
+        self.tuning.gelu_epilogue = on;
         self
     }
     pub(crate) fn gelu_epilogue(&self) -> bool {
-        self.gelu_epilogue
+        self.tuning.gelu_epilogue
     }
     /// With `on`, weight-gradient GEMMs with a bias also write the bias gradient from their
     /// epilogue (cuBLASLt BGRADA/BGRADB, bf16 matmuls) instead of a column-sum pass. The
     /// default is off unless `SMELT_BGRAD_EPILOGUE=1`.
     pub fn with_bgrad_epilogue(mut self, on: bool) -> Self {
-        self.bgrad_epilogue = on;
+        self.tuning.bgrad_epilogue = on;
         self
     }
     pub(crate) fn bgrad_epilogue(&self) -> bool {
-        self.bgrad_epilogue
+        self.tuning.bgrad_epilogue
     }
     pub(crate) fn epilogue_counts(&self) -> &lt::EpilogueCounts {
         &self.epilogue_counts
@@ -313,11 +301,11 @@ impl CudaBackend {
     /// dq is no longer bitwise repeatable between runs). The default is off unless
     /// `SMELT_ATTN_FUSED_BWD=1`.
     pub fn with_fused_attention_backward(mut self, on: bool) -> Self {
-        self.fused_attention_backward = on;
+        self.tuning.fused_attention_backward = on;
         self
     }
     pub(crate) fn fused_attention_backward(&self) -> bool {
-        self.fused_attention_backward
+        self.tuning.fused_attention_backward
     }
     /// With `on`, each GEMM shape not seen yet times cuBLASLt's first few algorithms on its
     /// first call and keeps the fastest (lt_autotune.rs); the backward pass's plain GEMMs then
@@ -325,6 +313,7 @@ impl CudaBackend {
     /// bitwise repeatable. The default is off unless `SMELT_LT_AUTOTUNE=1`; no effect where
     /// cuBLASLt is off.
     pub fn with_lt_autotune(mut self, on: bool) -> Self {
+        self.tuning.lt_autotune = on;
         if let Some(lt) = self.lt.as_mut() {
             lt.set_autotune(on);
         }
@@ -343,11 +332,11 @@ impl CudaBackend {
     /// bf16 shadows of their buffers (same results, bitwise; for comparison). The default is
     /// on unless `SMELT_WEIGHT_SHADOW=0`.
     pub fn with_weight_shadow(mut self, on: bool) -> Self {
-        self.weight_shadow = on;
+        self.tuning.weight_shadow = on;
         self
     }
     pub fn weight_shadow(&self) -> bool {
-        self.weight_shadow
+        self.tuning.weight_shadow
     }
     /// Counts of what the weight shadows did so far.
     pub fn weight_shadow_stats(&self) -> ShadowStats {
@@ -479,10 +468,4 @@ impl CudaBackend {
         let (ptr, _sync) = buf.device_ptr(&self.stream);
         ptr
     }
-}
-
-/// Whether `SMELT_BF16_ACTIVATIONS=0` asked for f32 activations (read once per process).
-pub(crate) fn bf16_activations_enabled() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SMELT_BF16_ACTIVATIONS").map_or(true, |v| v != "0"))
 }

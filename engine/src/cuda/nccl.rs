@@ -113,7 +113,7 @@ impl NcclCollective {
             .context()
             .new_stream()
             .map_err(|e| CollectiveError::Config(format!("creating the all-reduce stream on cuda:{}: {e:?}", be.ordinal())))?;
-        let overlap = std::env::var("SMELT_NCCL_OVERLAP").as_deref() == Ok("1");
+        let overlap = be.tuning().nccl_overlap;
         Ok(NcclCollective { shared, rank, world, poll: Duration::from_micros(50), comm_stream, overlap })
     }
 

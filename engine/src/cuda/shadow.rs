@@ -12,7 +12,7 @@
 //!
 //! The shadow holds exactly what the per-view conversion produces (`f32_to_bf16_rne`, round to
 //! nearest even), so results are bitwise those without it. `SMELT_WEIGHT_SHADOW=0` turns it off
-//! (read once per process; [`CudaBackend::with_weight_shadow`] per backend).
+//! (`CudaTuning::weight_shadow`; [`CudaBackend::with_weight_shadow`] per backend).
 //!
 //! Which buffers get a shadow is [`ShadowCache`]'s decision (plain data, tested on the CPU): one
 //! read by at least [`MIN_READS`] matmuls covering at least its length in one write generation
@@ -283,12 +283,6 @@ pub(crate) fn rewrite_target(be: &CudaBackend, buf: &CudaBuf) -> u64 {
 /// the shadow's address (the shadow is then valid at `buf`'s generation, otherwise stale).
 pub(crate) fn rewritten(be: &CudaBackend, buf: &CudaBuf, shadow_written: bool) {
     be.shadows().rewritten(buf.id(), buf.gen(), shadow_written);
-}
-
-/// Whether `SMELT_WEIGHT_SHADOW=0` turned the shadows off (read once per process).
-pub(crate) fn enabled_by_env() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("SMELT_WEIGHT_SHADOW").map_or(true, |v| v != "0"))
 }
 
 #[cfg(test)]

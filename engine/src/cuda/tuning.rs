@@ -1,0 +1,252 @@
+//! The CUDA backend's performance switches in one place: each one's default, the environment
+//! variable that overrides it (for measuring variants on a card without rebuilding) and what
+//! the bench reports, so that a recorded figure says exactly which variant it measured and a
+//! default measured better is flipped here, once.
+//!
+//! Every switch computes the same function; some change which kernels or GEMM algorithms run,
+//! and those marked so below are no longer bitwise repeatable from run to run. A value a variable
+//! cannot mean is a `ConfigError` naming the variable (never silently the default), which
+//! `CudaBackend::new` returns before touching the device.
+//!
+//! Why each default is what it is: bench/NOTES.md, issue 5's section (v5 to v10).
+
+use crate::error::ConfigError;
+
+/// The switches. `Default` is what ships; [`CudaTuning::from_env`] applies the environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CudaTuning {
+    /// `SMELT_BF16_ACTIVATIONS`: activations that only matmuls, attention, GELU, LayerNorm's
+    /// forward and the classifier touch are stored as bf16 (v6: on).
+    pub bf16_activations: bool,
+    /// `SMELT_WEIGHT_SHADOW`: bf16 matmuls read their weights from a bf16 shadow of the whole
+    /// parameter buffer kept current by AdamW, instead of converting per call (v8: on).
+    pub weight_shadow: bool,
+    /// `SMELT_CUBLASLT`: GEMMs through cuBLASLt with fused epilogues; off, cublasGemmEx alone.
+    pub cublaslt: bool,
+    /// `SMELT_LT_AUTOTUNE`: each GEMM shape's first call times cuBLASLt's first algorithms and
+    /// keeps the fastest (v10, unmeasured: off). Not bitwise repeatable.
+    pub lt_autotune: bool,
+    /// `SMELT_GELU_EPILOGUE`: the MLP's up-projection + GELU and its backward as cuBLASLt
+    /// GELU_AUX_BIAS / DGELU_BGRAD epilogues (v9, unmeasured: off).
+    pub gelu_epilogue: bool,
+    /// `SMELT_BGRAD_EPILOGUE`: bias gradients from the weight-gradient GEMM's epilogue instead
+    /// of a column-sum pass (v9, unmeasured: off).
+    pub bgrad_epilogue: bool,
+    /// `SMELT_FUSED_CLASSIFIER`: the classifier's forward and in-place backward of a row in one
+    /// block (v9's version unmeasured; v8's measured slower: off).
+    pub fused_classifier: bool,
+    /// `SMELT_CE_BLOCKS_PER_SM`: the fused classifier's blocks per SM, 1..=4, capped so the rows
+    /// in flight stay in L2 (cross_entropy.rs).
+    pub ce_blocks_per_sm: u32,
+    /// `SMELT_ATTN_FUSED_BWD`: the bf16 attention backward in one pass over the tile pairs (5
+    /// products per pair instead of 7; v10, unmeasured: off). dq not bitwise repeatable.
+    pub fused_attention_backward: bool,
+    /// `SMELT_ATTN_DQ_BULK`: the fused backward adds dq by TMA bulk reductions on sm_90 (else
+    /// vector atomics). Compiled in (`-DSMELT_ATTN_DQ_BULK`).
+    pub attn_dq_bulk: bool,
+    /// `SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq"`: blocks per SM the hd-64 tensor-core attention
+    /// kernels are compiled for (their register cap), each 1..=4 (v8 run 13).
+    pub attn_min_blocks: [u32; 3],
+    /// `SMELT_ATTN_HEAD_GROUP`: heads whose tiles the tensor-core attention kernels schedule
+    /// together, heaviest first (0..=4096; 0: the launch grid's own order; v9).
+    pub attn_head_group: u32,
+    /// `SMELT_NCCL_OVERLAP`: gradient buckets all-reduced on a second stream while the backward
+    /// pass goes on (unmeasured on several GPUs: off).
+    pub nccl_overlap: bool,
+}
+
+impl Default for CudaTuning {
+    fn default() -> Self {
+        CudaTuning {
+            bf16_activations: true,
+            weight_shadow: true,
+            cublaslt: true,
+            lt_autotune: false,
+            gelu_epilogue: false,
+            bgrad_epilogue: false,
+            fused_classifier: false,
+            ce_blocks_per_sm: 2,
+            fused_attention_backward: false,
+            attn_dq_bulk: true,
+            attn_min_blocks: [4, 1, 3],
+            attn_head_group: 16,
+            nccl_overlap: false,
+        }
+    }
+}
+
+/// The most blocks per SM the fused classifier may ask for (more would not fit by threads).
+pub(crate) const MAX_CE_BLOCKS_PER_SM: u32 = 4;
+/// The largest head group `tile_order` takes.
+const MAX_HEAD_GROUP: u32 = 4096;
+
+impl CudaTuning {
+    /// The defaults with this process's environment applied.
+    pub fn from_env() -> Result<CudaTuning, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// The defaults with `get`'s values applied (`get(name)`: a variable's value, if set).
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<CudaTuning, ConfigError> {
+        let mut t = CudaTuning::default();
+        let flag = |name: &str, value: &mut bool| -> Result<(), ConfigError> {
+            if let Some(v) = get(name) {
+                *value = match v.trim() {
+                    "1" => true,
+                    "0" => false,
+                    _ => return Err(ConfigError::new(name, format!("`{v}` is not 0 (off) or 1 (on)"))),
+                };
+            }
+            Ok(())
+        };
+        flag("SMELT_BF16_ACTIVATIONS", &mut t.bf16_activations)?;
+        flag("SMELT_WEIGHT_SHADOW", &mut t.weight_shadow)?;
+        flag("SMELT_CUBLASLT", &mut t.cublaslt)?;
+        flag("SMELT_LT_AUTOTUNE", &mut t.lt_autotune)?;
+        flag("SMELT_GELU_EPILOGUE", &mut t.gelu_epilogue)?;
+        flag("SMELT_BGRAD_EPILOGUE", &mut t.bgrad_epilogue)?;
+        flag("SMELT_FUSED_CLASSIFIER", &mut t.fused_classifier)?;
+        flag("SMELT_ATTN_FUSED_BWD", &mut t.fused_attention_backward)?;
+        flag("SMELT_ATTN_DQ_BULK", &mut t.attn_dq_bulk)?;
+        flag("SMELT_NCCL_OVERLAP", &mut t.nccl_overlap)?;
+        if let Some(v) = get("SMELT_CE_BLOCKS_PER_SM") {
+            t.ce_blocks_per_sm = count(&v, 1..=MAX_CE_BLOCKS_PER_SM)
+                .ok_or_else(|| ConfigError::new("SMELT_CE_BLOCKS_PER_SM", format!("`{v}` is not a count of blocks in 1..={MAX_CE_BLOCKS_PER_SM}")))?;
+        }
+        if let Some(v) = get("SMELT_ATTN_MIN_BLOCKS") {
+            let n: Option<Vec<u32>> = v.split(',').map(|x| count(x, 1..=4)).collect();
+            t.attn_min_blocks = n.and_then(|n| n.try_into().ok()).ok_or_else(|| {
+                ConfigError::new("SMELT_ATTN_MIN_BLOCKS", format!("`{v}` is not three counts \"fwd,dkv,dq\", each in 1..=4"))
+            })?;
+        }
+        if let Some(v) = get("SMELT_ATTN_HEAD_GROUP") {
+            t.attn_head_group = count(&v, 0..=MAX_HEAD_GROUP)
+                .ok_or_else(|| ConfigError::new("SMELT_ATTN_HEAD_GROUP", format!("`{v}` is not a head count in 0..={MAX_HEAD_GROUP}")))?;
+        }
+        Ok(t)
+    }
+
+    /// Every switch as the variable and value that select it: what the bench reports, and
+    /// what reproduces the variant (`env` with these set).
+    pub fn settings(&self) -> Vec<(&'static str, String)> {
+        let b = |on: bool| if on { "1" } else { "0" }.to_string();
+        let [fwd, dkv, dq] = self.attn_min_blocks;
+        vec![
+            ("SMELT_BF16_ACTIVATIONS", b(self.bf16_activations)),
+            ("SMELT_WEIGHT_SHADOW", b(self.weight_shadow)),
+            ("SMELT_CUBLASLT", b(self.cublaslt)),
+            ("SMELT_LT_AUTOTUNE", b(self.lt_autotune)),
+            ("SMELT_GELU_EPILOGUE", b(self.gelu_epilogue)),
+            ("SMELT_BGRAD_EPILOGUE", b(self.bgrad_epilogue)),
+            ("SMELT_FUSED_CLASSIFIER", b(self.fused_classifier)),
+            ("SMELT_CE_BLOCKS_PER_SM", self.ce_blocks_per_sm.to_string()),
+            ("SMELT_ATTN_FUSED_BWD", b(self.fused_attention_backward)),
+            ("SMELT_ATTN_DQ_BULK", b(self.attn_dq_bulk)),
+            ("SMELT_ATTN_MIN_BLOCKS", format!("{fwd},{dkv},{dq}")),
+            ("SMELT_ATTN_HEAD_GROUP", self.attn_head_group.to_string()),
+            ("SMELT_NCCL_OVERLAP", b(self.nccl_overlap)),
+        ]
+    }
+
+    /// The preprocessor definitions the kernels are compiled with (every module gets all of
+    /// them; the sources' own `#ifndef` defaults serve the host emulator).
+    pub fn defines(&self) -> Vec<String> {
+        let [fwd, dkv, dq] = self.attn_min_blocks;
+        vec![
+            format!("-DSMELT_ATTN_FWD_MIN_BLOCKS={fwd}"),
+            format!("-DSMELT_ATTN_DKV_MIN_BLOCKS={dkv}"),
+            format!("-DSMELT_ATTN_DQ_MIN_BLOCKS={dq}"),
+            format!("-DSMELT_ATTN_DQ_BULK={}", u32::from(self.attn_dq_bulk)),
+            format!("-DSMELT_ATTN_HEAD_GROUP={}", self.attn_head_group),
+        ]
+    }
+}
+
+/// `s` as a count within `range`, or None.
+fn count(s: &str, range: std::ops::RangeInclusive<u32>) -> Option<u32> {
+    s.trim().parse::<u32>().ok().filter(|n| range.contains(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CudaTuning;
+    use std::collections::HashMap;
+
+    fn with(vars: &[(&str, &str)]) -> Result<CudaTuning, crate::error::ConfigError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        CudaTuning::from_lookup(|k| map.get(k).cloned())
+    }
+
+    #[test]
+    fn no_variables_give_the_defaults() {
+        assert_eq!(with(&[]).unwrap(), CudaTuning::default());
+    }
+
+    #[test]
+    fn every_setting_read_back_gives_the_same_tuning() {
+        // a tuning far from the defaults: each switch flipped, each count moved
+        let mut t = CudaTuning::default();
+        t.bf16_activations = false;
+        t.weight_shadow = false;
+        t.cublaslt = false;
+        t.lt_autotune = true;
+        t.gelu_epilogue = true;
+        t.bgrad_epilogue = true;
+        t.fused_classifier = true;
+        t.ce_blocks_per_sm = 3;
+        t.fused_attention_backward = true;
+        t.attn_dq_bulk = false;
+        t.attn_min_blocks = [2, 2, 1];
+        t.attn_head_group = 0;
+        t.nccl_overlap = true;
+        let settings = t.settings();
+        let vars: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        assert_eq!(with(&vars).unwrap(), t);
+        // and every field has a variable: the defaults' settings differ from t's in each one
+        let defaults = CudaTuning::default().settings();
+        assert_eq!(defaults.len(), settings.len());
+        for ((name, a), (_, b)) in defaults.iter().zip(&settings) {
+            assert_ne!(a, b, "{name} did not move");
+        }
+    }
+
+    #[test]
+    fn values_are_trimmed() {
+        let t = with(&[("SMELT_GELU_EPILOGUE", " 1 "), ("SMELT_ATTN_MIN_BLOCKS", "4, 2 ,3")]).unwrap();
+        assert!(t.gelu_epilogue);
+        assert_eq!(t.attn_min_blocks, [4, 2, 3]);
+    }
+
+    #[test]
+    fn a_value_a_variable_cannot_mean_is_an_error_naming_it() {
+        let bad = [
+            ("SMELT_GELU_EPILOGUE", "yes"),
+            ("SMELT_BF16_ACTIVATIONS", "2"),
+            ("SMELT_NCCL_OVERLAP", ""),
+            ("SMELT_CE_BLOCKS_PER_SM", "0"),
+            ("SMELT_CE_BLOCKS_PER_SM", "5"),
+            ("SMELT_CE_BLOCKS_PER_SM", "two"),
+            ("SMELT_ATTN_MIN_BLOCKS", "4,1"),
+            ("SMELT_ATTN_MIN_BLOCKS", "4,1,3,2"),
+            ("SMELT_ATTN_MIN_BLOCKS", "4,0,3"),
+            ("SMELT_ATTN_HEAD_GROUP", "-1"),
+            ("SMELT_ATTN_HEAD_GROUP", "4097"),
+        ];
+        for (name, value) in bad {
+            let e = with(&[(name, value)]).expect_err(&format!("{name}={value}"));
+            assert_eq!(e.field, name);
+            assert!(e.message.contains(&format!("`{value}`")), "{name}={value}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn the_default_defines_are_the_sources_own_defaults() {
+        // the emulator compiles the sources without defines: both must build the same kernels
+        let src = crate::cuda::kernels::ATTENTION_SOURCE;
+        for define in CudaTuning::default().defines() {
+            let (name, value) = define.trim_start_matches("-D").split_once('=').unwrap();
+            let default = format!("#ifndef {name}\n#define {name} {value}\n#endif");
+            assert!(src.contains(&default), "the attention sources' default for {name} is not {value}");
+        }
+    }
+}
