@@ -196,10 +196,12 @@ impl Checkpointer {
     /// After step `done` (steps completed) of `total` of a pretraining run: see
     /// [`Self::after_step_with`]. The host copies are, on a GPU, device-to-host downloads
     /// through the backend.
-    pub fn after_step<B: Backend>(&mut self, done: u64, total: u64, trainer: &Trainer<B>, events: &dyn Fn(RunEvent)) {
+    pub fn after_step<B: Backend>(&mut self, done: u64, total: u64, trainer: &Trainer<B>, events: &dyn Fn(RunEvent)) -> anyhow::Result<()> {
         self.after_step_with(done, total, events, &mut || {
             let (m, v) = trainer.moments_host();
-            HostState { params: trainer.model.params_host(), m, v, state: trainer.state() }
+            let params = trainer.model.params_host();
+            trainer.model.backend().synchronize()?;
+            Ok(HostState { params, m, v, state: trainer.state() })
         })
     }
 
@@ -207,11 +209,20 @@ impl Checkpointer {
     /// checkpoint is due, takes host copies with `take` (the only part of a checkpoint the
     /// training loop waits for) and hands them to the uploader. The last step always
     /// checkpoints, waiting (at most `final_wait`) for an upload still in flight.
-    pub fn after_step_with(&mut self, done: u64, total: u64, events: &dyn Fn(RunEvent), take: &mut dyn FnMut() -> HostState) {
+    /// `take` must fail rather than hand back copies a device error left unwritten (a failed
+    /// download records the error and returns zeros, and a checkpoint of zeros, once committed,
+    /// is what a restart would resume from): its error ends the run, and nothing is uploaded.
+    pub fn after_step_with(
+        &mut self,
+        done: u64,
+        total: u64,
+        events: &dyn Fn(RunEvent),
+        take: &mut dyn FnMut() -> anyhow::Result<HostState>,
+    ) -> anyhow::Result<()> {
         self.report(self.uploader.poll(), events);
         let last = done == total;
         if !(last || done % self.every == 0) {
-            return;
+            return Ok(());
         }
         if last && self.uploader.busy() {
             let (out, _) = self.uploader.wait(self.final_wait);
@@ -219,10 +230,10 @@ impl Checkpointer {
         }
         if self.uploader.busy() {
             warn!(step = done, "checkpoint skipped: the previous upload is still in flight (training never waits on storage)");
-            return;
+            return Ok(());
         }
         let t0 = Instant::now();
-        let host = take();
+        let host = take().map_err(|e| e.context(format!("taking the step-{done} checkpoint's host copies")))?;
         let mut meta = self.template.clone();
         meta.step = host.state.step;
         meta.data.samples_consumed = host.state.step * meta.data.global_batch;
@@ -233,6 +244,7 @@ impl Checkpointer {
         if let Submitted::Busy { in_flight } = self.uploader.submit(s) {
             warn!(step = done, in_flight, "checkpoint skipped: the previous upload is still in flight");
         }
+        Ok(())
     }
 
     /// End of the run: waits (at most `final_wait`) for the last upload and reports it; an
@@ -278,5 +290,53 @@ fn report(t: &TrainerJson, outcomes: Vec<Outcome>, events: &dyn Fn(RunEvent)) {
                 text: format!("checkpoint at step {step} not written: {error}"),
             })),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smelt_checkpoint::list_committed;
+
+    /// A one-step GPT job that checkpoints every step into `store`, and its checkpointer.
+    fn checkpointer(store: &Path) -> (Checkpointer, StoreDir) {
+        let spec_toml = format!(
+            "name = \"ck\"\nseed = 1\n[model]\npreset = \"tiny\"\n[data]\ntext = \"x.txt\"\ntokenizer = \"char\"\n\
+             [train]\nsteps = 1\nglobal_batch = 1\nmicro_batch = 1\nseq_len = 8\nlr = 1e-3\n[checkpoint]\nevery = 1\nstore = \"{}\"\n",
+            store.display()
+        );
+        let spec = JobSpec::parse(&spec_toml).expect("the test's spec parses");
+        let a = Assignment { job_id: "job-000001".into(), rank: 0, world_size: 1, spec_toml, ..Default::default() };
+        let tokenizer = Tokenizer::fit("char", "abc").unwrap();
+        let model = ModelConfig::Gpt(GptConfig::preset("tiny").unwrap());
+        let c = Checkpointer::new(&a, &spec, model, &tokenizer, store, Lineage::default()).unwrap().expect("every = 1 checkpoints");
+        let root = checkpoints_root(&StoreDir::open(&store.display().to_string()).unwrap(), "job-000001");
+        (c, root)
+    }
+
+    #[test]
+    fn host_copies_that_failed_end_the_run_and_commit_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, root) = checkpointer(dir.path());
+        let e = c
+            .after_step_with(1, 1, &|_| {}, &mut || Err(anyhow!("cuda:0 memcpy_dtoh: an illegal memory access was encountered")))
+            .expect_err("a failed take must fail the step");
+        let e = format!("{e:#}");
+        assert!(e.contains("step-1 checkpoint") && e.contains("illegal memory access"), "{e}");
+        c.finish(&|_| {});
+        assert!(list_committed(&root).unwrap().is_empty(), "nothing may be committed from failed host copies");
+    }
+
+    #[test]
+    fn host_copies_that_succeed_are_committed() {
+        // the control for the test above: the same checkpointer with a take that works commits
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, root) = checkpointer(dir.path());
+        let n = GptConfig::preset("tiny").unwrap().num_params();
+        let state = TrainerState { step: 1, optimizer_steps: 1, data_rng: smelt_engine::rng::Rng::new(1) };
+        c.after_step_with(1, 1, &|_| {}, &mut || Ok(HostState { params: vec![0.5; n], m: vec![0.0; n], v: vec![0.0; n], state: state.clone() }))
+            .unwrap();
+        c.finish(&|_| {});
+        assert_eq!(list_committed(&root).unwrap().len(), 1);
     }
 }

@@ -118,10 +118,13 @@ impl<B: Backend> Model<B> {
 
     /// What a checkpoint after `done` steps holds. Samples are a function of (seed, step), so
     /// no generator state is carried: the one recorded is the seed's.
-    pub(crate) fn host_state(&self, opt: &AdamW<B>, done: u64, seed: u64) -> HostState {
+    pub(crate) fn host_state(&self, opt: &AdamW<B>, done: u64, seed: u64) -> Result<HostState> {
         let (m, v) = opt.moments_host(self.backend());
+        let params = self.params_host();
+        // a failed download records the error and returns zeros: never checkpoint those
+        self.backend().synchronize()?;
         let state = TrainerState { step: done, optimizer_steps: opt.steps_done(), data_rng: Rng::new(seed) };
-        HostState { params: self.params_host(), m, v, state }
+        Ok(HostState { params, m, v, state })
     }
 
     /// A model of the saved config with the given weights.
@@ -157,11 +160,14 @@ impl<B: Backend> Model<B> {
         }
     }
     pub(crate) fn forward(&mut self, x: &FamilyBatch) -> Result<f32> {
-        let loss = match (self, x) {
+        let loss = match (&mut *self, x) {
             (Model::Bert(m), FamilyBatch::Bert(x)) => m.forward(x)?,
             (Model::T5(m), FamilyBatch::T5(x)) => m.forward(x)?,
             _ => unreachable!("the objective makes batches for its own model"),
         };
+        // any device error reported here, as GPT pretraining's forward_batch does: a failed
+        // kernel is named, not later seen as a broken all-reduce
+        self.backend().synchronize()?;
         loss.ok_or_else(|| anyhow!("the batch carries no targets"))
     }
     pub(crate) fn backward(&mut self, scale: f32) -> Result<(), EngineError> {
@@ -365,7 +371,7 @@ pub(crate) fn train<B: Backend>(
             }));
         }
         if let Some(c) = checkpointer.as_mut() {
-            c.after_step_with(done, tc.steps, events, &mut || model.host_state(&opt, done, spec.seed));
+            c.after_step_with(done, tc.steps, events, &mut || model.host_state(&opt, done, spec.seed))?;
         }
     }
     if let Some(c) = checkpointer {
@@ -381,7 +387,10 @@ pub(crate) fn train<B: Backend>(
         if let Some(v) = last_val {
             extra.push(("val_loss", v.to_string()));
         }
-        model_file::save_family(&path, &saved, &data.tokenizer, &model.params_host(), &extra)?;
+        let params = model.params_host();
+        // a failed download records the error and returns zeros: never save those
+        model.backend().synchronize()?;
+        model_file::save_family(&path, &saved, &data.tokenizer, &params, &extra)?;
         info!(job_id = %a.job_id, path = %path.display(), arch = arch.name(), "final weights saved");
     }
     Ok(tc.steps)

@@ -234,6 +234,8 @@ impl FinetuneJob {
             let mut val = (None, None);
             if rank == 0 && self.examples.n_val() > 0 && (done == tc.steps || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
                 val = st.evaluate(self, tc.batch_size)?;
+                // a device error in the evaluation would otherwise read as a loss of zeros
+                st.model.backend().synchronize()?;
                 last_val = val;
                 info!(job_id, step = done, val_loss = val.0, val_accuracy = val.1, "evaluated");
             }
@@ -253,7 +255,7 @@ impl FinetuneJob {
                 });
             }
             if let Some((c, events)) = checkpoints.as_mut() {
-                c.after_step_with(done, tc.steps, *events, &mut || st.host_state(done));
+                c.after_step_with(done, tc.steps, *events, &mut || st.host_state(done))?;
             }
         }
         if let Some((c, events)) = checkpoints {
@@ -279,6 +281,8 @@ impl FinetuneJob {
         if let Some(h) = &st.head {
             params.extend(h.params_host(st.model.backend()));
         }
+        // a failed download records the error and returns zeros: never save those
+        st.model.backend().synchronize()?;
         let f = self.spec.finetune.as_ref().expect("prepared from a finetune spec");
         let mut extra = vec![
             ("kind", "finetune".to_string()),
@@ -375,7 +379,7 @@ impl<B: Backend> State<B> {
 
     /// Host copies of everything a checkpoint after `step` steps holds: the GPT's values, then
     /// the head's.
-    fn host_state(&self, step: u64) -> HostState {
+    fn host_state(&self, step: u64) -> Result<HostState> {
         let be = self.model.backend();
         let mut params = self.model.params_host();
         let (mut m, mut v) = self.opt_model.moments_host(be);
@@ -385,14 +389,23 @@ impl<B: Backend> State<B> {
             m.extend(hm);
             v.extend(hv);
         }
+        // a failed download records the error and returns zeros: never checkpoint those
+        be.synchronize()?;
         // The example order is a function of (seed, step): no generator state to carry.
         let state = TrainerState { step, optimizer_steps: self.opt_model.steps_done(), data_rng: smelt_engine::rng::Rng::new(0) };
-        HostState { params, m, v, state }
+        Ok(HostState { params, m, v, state })
     }
 
     /// Forward of one micro-batch with loss scale `scale` (SFT: the logits' gradient comes with
-    /// it): (mean loss, real tokens).
+    /// it): (mean loss, real tokens), after any device error was reported (as pretraining's
+    /// `forward_batch`: a failed kernel is named here, not later as a broken all-reduce).
     fn forward(&mut self, job: &FinetuneJob, idx: &[usize], scale: f32) -> Result<(f32, usize)> {
+        let out = self.forward_unchecked(job, idx, scale)?;
+        self.model.backend().synchronize()?;
+        Ok(out)
+    }
+
+    fn forward_unchecked(&mut self, job: &FinetuneJob, idx: &[usize], scale: f32) -> Result<(f32, usize)> {
         match &job.examples {
             Examples::Classification { train, .. } => {
                 let b = class_batch(idx.iter().map(|&i| &train[i]));

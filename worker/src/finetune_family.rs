@@ -296,6 +296,8 @@ pub(crate) fn train<B: Backend>(
         let mut val = (None, None);
         if rank == 0 && (done == tc.steps || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
             val = job.evaluate(&mut model, tc.batch_size)?;
+            // a device error in the evaluation would otherwise read as a loss of zeros
+            model.backend().synchronize()?;
             if val.0.is_some() {
                 last_val = val;
                 info!(job_id = %a.job_id, step = done, val_loss = val.0, val_accuracy = val.1, "evaluated");
@@ -317,7 +319,7 @@ pub(crate) fn train<B: Backend>(
             }));
         }
         if let Some(c) = checkpointer.as_mut() {
-            c.after_step_with(done, tc.steps, events, &mut || model.host_state(&opt, done, spec.seed));
+            c.after_step_with(done, tc.steps, events, &mut || model.host_state(&opt, done, spec.seed))?;
         }
     }
     if let Some(c) = checkpointer {
@@ -343,7 +345,10 @@ pub(crate) fn train<B: Backend>(
         if let Some(acc) = last_val.1 {
             extra.push(("val_accuracy", acc.to_string()));
         }
-        model_file::save_family(&path, &job.model, &job.tokenizer, &model.params_host(), &extra)?;
+        let params = model.params_host();
+        // a failed download records the error and returns zeros: never save those
+        model.backend().synchronize()?;
+        model_file::save_family(&path, &job.model, &job.tokenizer, &params, &extra)?;
         info!(job_id = %a.job_id, path = %path.display(), parent = %job.parent, val_loss = last_val.0, val_accuracy = last_val.1, "fine-tuned weights saved");
     }
     Ok(tc.steps)

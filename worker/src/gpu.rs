@@ -30,7 +30,7 @@ pub fn relayed_nccl_id(bytes: &[u8], rank: usize, world: usize) -> Result<[u8; N
     bytes.try_into().map_err(|_| {
         anyhow!(
             "the rendezvous relayed an nccl unique id of {} bytes, expected {NCCL_ID_BYTES} (rank {rank} of {world}; \
-             rank 0 sends it only for pretraining on more than one gpu)",
+             rank 0 sends it for every job on more than one gpu)",
             bytes.len()
         )
     })
@@ -106,7 +106,13 @@ fn with_gpu<R>(
         return Err(anyhow!("stopped before training: {reason}"));
     }
     info!(job_id = %a.job_id, rank, world, "nccl communicator joined");
-    train(be, &mut comm)
+    let result = train(be, &mut comm);
+    if result.is_err() {
+        // a failed run may leave operations its peers never joined: abort (destroying, as
+        // dropping does after a run that succeeded, would wait for them)
+        comm.abort();
+    }
+    result
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -117,10 +117,12 @@ pub fn creates_nccl_id(a: &Assignment, device: Device) -> bool {
     matches!(device, Device::Cuda(_)) && a.rank == 0 && a.world_size > 1 && parses
 }
 
-/// Runs one assignment to the end; always produces exactly one `Done`.
+/// Runs one assignment to the end; always produces exactly one `Done`, a panic included (a
+/// device out of memory panics in the backend's allocation; without a `Done` the coordinator
+/// would see this rank busy forever and its peers would wait for it in their all-reduces).
 pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunEvent)) {
     let a = req.assignment.clone();
-    let result = train(req, &control, events);
+    let result = unless_panicked(|| train(req, &control, events));
     let (ok, error, final_step) = match result {
         Ok(step) => (true, String::new(), step),
         Err(e) => {
@@ -138,6 +140,18 @@ pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunE
         }
     };
     events(RunEvent::Done(AssignmentDone { job_id: a.job_id, attempt: a.attempt, ok, error, final_step }));
+}
+
+/// `f`'s result, or its panic as an error carrying the panic's message.
+pub(crate) fn unless_panicked<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("a panic without a message");
+        Err(anyhow!("the training thread panicked: {message}"))
+    })
 }
 
 /// The training data of a job: a text file every worker tokenizes the same way, or a prepared
@@ -359,7 +373,7 @@ pub(crate) fn train_gpt<B: Backend>(
             }));
         }
         if let Some(c) = checkpointer.as_mut() {
-            c.after_step(done, tc.steps, &trainer, events);
+            c.after_step(done, tc.steps, &trainer, events)?;
         }
     }
     if let Some(c) = checkpointer {
@@ -384,7 +398,10 @@ pub(crate) fn train_gpt<B: Backend>(
         if let Some(v) = last_val {
             extra.push(("val_loss", v.to_string()));
         }
-        model_file::save(&path, &cfg, &tokenizer, &trainer.model.params_host(), &extra)?;
+        let params = trainer.model.params_host();
+        // a failed download records the error and returns zeros: never save those
+        trainer.model.backend().synchronize()?;
+        model_file::save(&path, &cfg, &tokenizer, &params, &extra)?;
         info!(job_id = %a.job_id, path = %path.display(), "final weights saved");
     }
     Ok(tc.steps)
@@ -395,6 +412,19 @@ mod tests {
     use std::sync::atomic::AtomicUsize;
 
     use super::*;
+
+    #[test]
+    fn a_panic_in_training_becomes_an_error_carrying_its_message() {
+        // what the CUDA backend's allocation panics with when the device is out of memory
+        let formatted = unless_panicked::<u64>(|| panic!("cuda:{}: cannot allocate {} elements", 0, 1 << 30));
+        let e = format!("{:#}", formatted.expect_err("a panic is an error"));
+        assert!(e.contains("panicked") && e.contains("cuda:0: cannot allocate 1073741824 elements"), "{e}");
+        let literal = unless_panicked::<u64>(|| panic!("a literal message"));
+        assert!(format!("{:#}", literal.unwrap_err()).contains("a literal message"));
+        // results pass through untouched
+        assert_eq!(unless_panicked(|| Ok(7u64)).unwrap(), 7);
+        assert!(format!("{:#}", unless_panicked::<u64>(|| Err(anyhow!("plain error"))).unwrap_err()).contains("plain error"));
+    }
 
     fn counting_hook(control: &RunControl) -> Arc<AtomicUsize> {
         let calls = Arc::new(AtomicUsize::new(0));

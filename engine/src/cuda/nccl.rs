@@ -200,10 +200,21 @@ impl NcclCollective {
 }
 
 impl Drop for NcclCollective {
+    /// Frees the communicator when the run is done with it, even while abort handles remain
+    /// (they then find nothing to abort): before, a handle kept in the run's stop hook made
+    /// every multi-GPU job leak its communicator (device buffers, proxy threads, sockets) for
+    /// the worker's lifetime. Unwinding from a panic, this rank's operations may be left
+    /// half-done with its peers gone, and destroying waits for them: abort instead.
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.shared.abort();
+            return;
+        }
         let mut comm = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
-        if !comm.is_null() && Arc::strong_count(&self.shared) == 1 {
-            // SAFETY: the last owner of a live communicator.
+        if !comm.is_null() {
+            // SAFETY: a live communicator whose last operation completed (every step ends
+            // synchronised, and a failed run aborts it first: gpu.rs `with_gpu`); the mutex
+            // keeps an abort handle from using it meanwhile, and null tells them it is gone.
             unsafe { sys::ncclCommDestroy(*comm) };
             *comm = std::ptr::null_mut();
         }

@@ -390,6 +390,8 @@ impl<B: Backend> Bert<B> {
             dropout: (x.train && cfg.dropout > 0.0).then_some(DropoutPass { p: cfg.dropout, seed: x.dropout_seed, first: 0 }),
         });
         if self.acts.as_ref().is_none_or(|a| a.b != b || a.t != t) {
+            // the old buffers go first, so the device never holds both sets
+            self.acts = None;
             self.acts = Some(self.alloc(b, t));
         }
         Ok(())

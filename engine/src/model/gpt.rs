@@ -231,6 +231,8 @@ impl<B: Backend> Gpt<B> {
                 Some(a) => (rows.max(a.rows_cap), saved.max(a.saved_cap)),
                 None => (rows, saved),
             };
+            // the old buffers go first, so the device never holds both sets
+            self.acts = None;
             self.acts = Some(self.alloc_acts(rows, saved));
         }
         Ok(())

@@ -288,6 +288,8 @@ impl<B: Backend> T5<B> {
             targets,
         });
         if self.acts.as_ref().is_none_or(|a| (a.b, a.te, a.td) != (b, te, td)) {
+            // the old buffers go first, so the device never holds both sets
+            self.acts = None;
             self.acts = Some(self.alloc(b, te, td));
         }
         Ok(())
