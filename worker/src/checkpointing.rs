@@ -53,21 +53,56 @@ pub fn load_resume(a: &Assignment, events: &dyn Fn(RunEvent)) -> Result<Option<C
     Ok(Some(ck))
 }
 
-/// With several ranks, checks that they all start at `start` before the first gradient is
-/// exchanged: if any rank's start differs, the mean differs from it on at least one rank; that
-/// rank fails, and its ring breaking stops the others.
+/// With several ranks, checks before the first gradient is exchanged that they all start at
+/// `start` and all exchange gradients the same way (`Collective::overlaps_backward`: bucket
+/// all-reduces during the backward pass, or one after it; on GPUs it is the worker's
+/// `SMELT_NCCL_OVERLAP`, so two hosts set up differently would issue different collectives and
+/// hang or corrupt the gradients). Every rank sees any disagreement (see [`agreement_bits`])
+/// and fails naming it.
 pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut dyn Collective<B>) -> Result<()> {
     if a.world_size <= 1 {
         return Ok(());
     }
-    let mine = start as f32;
-    let mut buf = be.upload(&[mine]);
-    ring.all_reduce_mean(be, be.view_mut(&mut buf, 0..1))?;
-    let mean = be.download(be.view(&buf, 0..1))[0];
-    if mean != mine {
-        return Err(anyhow!("ranks resumed at different steps (rank {} at {mine}, mean {mean})", a.rank));
+    let values = [start, u64::from(ring.overlaps_backward())];
+    let mine = agreement_bits(&values);
+    let mut buf = be.upload(&mine);
+    ring.all_reduce_mean(be, be.view_mut(&mut buf, 0..mine.len()))?;
+    let mean = be.download(be.view(&buf, 0..mine.len()));
+    match first_disagreement(&mean, &values, a.world_size as usize) {
+        None => Ok(()),
+        Some(0) => Err(anyhow!("ranks resumed at different steps (rank {} at step {start})", a.rank)),
+        Some(_) => Err(anyhow!(
+            "ranks exchange gradients differently (rank {} {} the all-reduce with the backward pass): \
+             SMELT_NCCL_OVERLAP must be the same on every gpu worker of a job",
+            a.rank,
+            if values[1] == 1 { "overlaps" } else { "does not overlap" }
+        )),
     }
-    Ok(())
+}
+
+/// Bits per agreed value (a u64).
+const BITS: usize = 64;
+
+/// Each value's 64 bits as f32 zeros and ones: what the ranks average. A rank whose bit is 0
+/// sees a mean of exactly 0 only if every rank's is 0 (any 1 adds a positive share), and one
+/// whose bit is 1 sees `mean * world` round to `world` only if every rank's is 1 (one 0 takes
+/// 1/world off the mean, far above f32's rounding for any world below ~2,900 ranks; NCCL's
+/// f32 average multiplies each rank's value by 1/world first, so the mean of equal values
+/// that are not 0 or 1 is not always exactly that value, which is why a plain mean of the step
+/// cannot be compared). So every rank sees every disagreement.
+fn agreement_bits(values: &[u64]) -> Vec<f32> {
+    values.iter().flat_map(|&v| (0..BITS).map(move |k| ((v >> k) & 1) as f32)).collect()
+}
+
+/// Index of the first value some rank disagrees on, given the mean of every rank's
+/// [`agreement_bits`] over `world` ranks.
+fn first_disagreement(mean: &[f32], values: &[u64], world: usize) -> Option<usize> {
+    let mine = agreement_bits(values);
+    let agrees = |i: usize| match mine[i] == 1.0 {
+        false => mean[i] == 0.0,
+        true => (mean[i] as f64 * world as f64).round() == world as f64,
+    };
+    (0..values.len()).find(|&v| (0..BITS).any(|k| !agrees(v * BITS + k)))
 }
 
 /// A resume under another seed or global batch is allowed (a deliberate change) but does not
@@ -297,6 +332,59 @@ fn report(t: &TrainerJson, outcomes: Vec<Outcome>, events: &dyn Fn(RunEvent)) {
 mod tests {
     use super::*;
     use smelt_checkpoint::list_committed;
+
+    /// The f32 mean NCCL computes for `ncclAvg`: every rank's value times 1/world (rounded),
+    /// summed in rank order (rounded at each addition).
+    fn nccl_f32_mean(per_rank: &[Vec<f32>]) -> Vec<f32> {
+        let inv = 1.0f32 / per_rank.len() as f32;
+        (0..per_rank[0].len()).map(|i| per_rank.iter().fold(0.0f32, |acc, r| acc + r[i] * inv)).collect()
+    }
+
+    #[test]
+    fn ranks_that_agree_pass_whatever_the_world_size() {
+        // step 7 on 3 ranks: the plain f32 mean of 7.0 under ncclAvg is not 7.0, which made a
+        // 3-rank resume at step 7 fail as "ranks resumed at different steps"
+        let plain = nccl_f32_mean(&vec![vec![7.0f32]; 3])[0];
+        assert_ne!(plain, 7.0, "the premultiplied mean this check must not depend on");
+        for world in [2, 3, 5, 7, 12, 64, 1000, 2048] {
+            for start in [0u64, 3, 7, 4095, 123_456, 9_999_999, u64::MAX] {
+                for overlaps in [0, 1] {
+                    let values = [start, overlaps];
+                    let mean = nccl_f32_mean(&vec![agreement_bits(&values); world]);
+                    assert_eq!(first_disagreement(&mean, &values, world), None, "world {world}, start {start}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_rank_sees_a_disagreement_even_when_the_mean_hides_it() {
+        // starts 3, 4 and 5: the mean is the middle rank's own start, so a check of the mean
+        // alone passes there; the bits catch it on every rank
+        let starts = [3u64, 4, 5];
+        let per_rank: Vec<Vec<f32>> = starts.iter().map(|&s| agreement_bits(&[s, 0])).collect();
+        let mean = nccl_f32_mean(&per_rank);
+        for &s in &starts {
+            assert_eq!(first_disagreement(&mean, &[s, 0], 3), Some(0), "rank at step {s}");
+        }
+        // one host with SMELT_NCCL_OVERLAP=1 among four: every rank names the overlap
+        let per_rank: Vec<Vec<f32>> = [0u64, 0, 1, 0].iter().map(|&o| agreement_bits(&[500, o])).collect();
+        let mean = nccl_f32_mean(&per_rank);
+        for o in [0, 1] {
+            assert_eq!(first_disagreement(&mean, &[500, o], 4), Some(1));
+        }
+        // one dissenter among 2,048 ranks: the others' mean is 1 - 1/2048, still seen
+        let mut per_rank = vec![agreement_bits(&[9, 1]); 2048];
+        per_rank[1234] = agreement_bits(&[9, 0]);
+        let mean = nccl_f32_mean(&per_rank);
+        assert_eq!(first_disagreement(&mean, &[9, 1], 2048), Some(1));
+        assert_eq!(first_disagreement(&mean, &[9, 0], 2048), Some(1));
+        // a large start that differs in its top bit only
+        let (a, b) = (1u64 << 60, (1u64 << 60) + (1u64 << 63));
+        let mean = nccl_f32_mean(&[agreement_bits(&[a, 0]), agreement_bits(&[b, 0])]);
+        assert_eq!(first_disagreement(&mean, &[a, 0], 2), Some(0));
+        assert_eq!(first_disagreement(&mean, &[b, 0], 2), Some(0));
+    }
 
     /// A one-step GPT job that checkpoints every step into `store`, and its checkpointer.
     fn checkpointer(store: &Path) -> (Checkpointer, StoreDir) {
