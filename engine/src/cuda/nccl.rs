@@ -58,14 +58,36 @@ unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
 impl Shared {
-    fn abort(&self) {
+    /// Marks the communicator aborted and aborts it: at once when no call holds it, else from
+    /// a thread of its own as soon as the call lets go. Whoever stops a run (the worker's
+    /// agent, on its async runtime) must never wait here: an all-reduce can block inside NCCL
+    /// with the lock held (the first call of an algorithm sets up its connections with every
+    /// peer, and a dead peer never answers). That call ends only if NCCL gives up on it; the
+    /// deferred abort then frees the communicator and every later call fails `Aborted`.
+    fn abort(self: &Arc<Self>) {
         self.aborted.store(true, Ordering::SeqCst);
-        let mut comm = self.comm.lock().unwrap_or_else(|p| p.into_inner());
-        if !comm.is_null() {
-            // SAFETY: a live communicator, aborted once (set to null right after).
-            unsafe { sys::ncclCommAbort(*comm) };
-            *comm = std::ptr::null_mut();
+        match self.comm.try_lock() {
+            Ok(mut comm) => abort_locked(&mut comm),
+            Err(std::sync::TryLockError::Poisoned(p)) => abort_locked(&mut p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let shared = self.clone();
+                let spawned = std::thread::Builder::new().name("nccl-abort".into()).spawn(move || {
+                    abort_locked(&mut shared.comm.lock().unwrap_or_else(|p| p.into_inner()));
+                });
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start the thread that aborts the nccl communicator; it is aborted when its call returns");
+                }
+            }
         }
+    }
+}
+
+/// Aborts a live communicator once (null afterwards), under its lock.
+fn abort_locked(comm: &mut sys::ncclComm_t) {
+    if !comm.is_null() {
+        // SAFETY: a live communicator, under its lock, aborted once (set to null right after).
+        unsafe { sys::ncclCommAbort(*comm) };
+        *comm = std::ptr::null_mut();
     }
 }
 
@@ -253,5 +275,38 @@ impl Collective<CudaBackend> for NcclCollective {
     /// returns, so it sees the averaged values).
     fn wait_all(&mut self, _be: &CudaBackend) -> Result<(), CollectiveError> {
         self.wait_stream(self.comm_stream.cu_stream())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_abort_never_waits_for_a_call_holding_the_communicator() {
+        // no NCCL here: a null communicator, whose abort is only the flag; what is tested is
+        // that abort() returns while another thread holds the lock (a call blocked in NCCL)
+        let shared = Arc::new(Shared { comm: Mutex::new(std::ptr::null_mut()), aborted: AtomicBool::new(false) });
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let _call = shared.comm.lock().unwrap();
+                held_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+            })
+        };
+        held_rx.recv().unwrap();
+        let handle = NcclAbortHandle(shared.clone());
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            handle.abort();
+            done_tx.send(()).unwrap();
+        });
+        done_rx.recv_timeout(Duration::from_secs(30)).expect("abort() blocked on a held communicator");
+        assert!(shared.aborted.load(Ordering::SeqCst), "the abort is marked at once, for calls that come later");
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
     }
 }
