@@ -41,7 +41,8 @@ fn gelu_epilogues_match_the_cpu_ops() {
         let after = g.epilogue_stats();
         assert!(
             fused && after.gelu_forward == before.gelu_forward + 1 && after.dgelu_backward == before.dgelu_backward + 1,
-            "{layout:?}: cuBLASLt did not take the GELU epilogues ({before:?} -> {after:?}; its refusal is logged)"
+            "{layout:?}: cuBLASLt did not take the GELU epilogues ({before:?} -> {after:?}; refusals: {:?})",
+            g.epilogue_refusals()
         );
         let (want, cpu_fused) = mlp(&CpuBackend::new(), layout);
         assert!(!cpu_fused, "the CPU backend has no fused MLP ops");
@@ -62,8 +63,9 @@ fn bias_gradients_from_the_weight_gemm_match_the_cpu() {
         assert_eq!(
             took,
             fused as u64,
-            "{layout:?} OC={oc}: bias-gradient epilogue taken {took} times, expected {} ({before:?} -> {after:?}; a refusal is logged)",
-            fused as u64
+            "{layout:?} OC={oc}: bias-gradient epilogue taken {took} times, expected {} ({before:?} -> {after:?}; refusals: {:?})",
+            fused as u64,
+            g.epilogue_refusals()
         );
         let want = bias_backward(&CpuBackend::new(), layout, C, oc);
         for ((name, got), (_, want)) in got.iter().zip(&want) {

@@ -23,7 +23,9 @@
 //! Every family shares the launch geometry: forward grid (ceil(Tq/64), H, B); backward `dkv`
 //! grid (ceil(Tk/64), H, B) (dk, dv of one key tile over all query tiles), then `dq` grid
 //! (ceil(Tq/64), H, B) (dq of one query tile over all key tiles, recomputing P instead of using
-//! atomics). Each gradient element is owned by one thread, so accumulation is deterministic.
+//! atomics). Each gradient element is owned by one thread, so accumulation is deterministic;
+//! the opt-in fused backward (one pass for dk, dv and dq, grid as dkv) adds dq into an f32
+//! scratch from every key tile, so its dq is not.
 //!
 //! Kernels exist for head dims padded to 32, 64 and 128; larger head dims are rejected. An
 //! optional key padding mask (`key_lens`, for `attention_ex_*` with dot scores) skips the key
@@ -151,8 +153,9 @@ fn bucket(hd: usize) -> (&'static str, usize) {
 }
 
 /// Dynamic shared memory, in bytes, of each tiled kernel for padded head dim `w` (the layouts
-/// at the top of the `*_impl` functions in attention_mma_*.cu).
-fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
+/// at the top of the `*_impl` functions in attention_mma_*.cu); `bulk`: the fused backward
+/// was compiled to add dq by bulk reductions ([`dq_by_bulk_reductions`]).
+fn smem_bytes(family: Family, kernel: Kernel, w: usize, bulk: bool) -> usize {
     match family {
         Family::F32 => {
             let tile = TILE * (w + 1); // a (64, W+1) f32 tile of q, k, v or dout
@@ -174,10 +177,11 @@ fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
                 Kernel::Dkv => (6 * rows, 4 * TILE),
                 // Q, dout and two buffers each of K and V
                 Kernel::Dq => (6 * rows, 0),
-                // as Dkv, plus a (64 keys, 72) tile of dS^T and, for W <= 64, each warp's
-                // (16, W + 8) f32 staging of its dq rows for the bulk reductions
+                // as Dkv, plus a (64 keys, 72) tile of dS^T and, with bulk reductions at
+                // W <= 64, each warp's (16, W + 8) f32 staging of its dq rows (without them
+                // the 18 KiB would cost an A100 its second block per SM)
                 Kernel::Fused => {
-                    let staging = if w <= 64 { (MMA_THREADS as usize / 32) * 16 * (w + 8) } else { 0 };
+                    let staging = if bulk && w <= 64 { (MMA_THREADS as usize / 32) * 16 * (w + 8) } else { 0 };
                     (6 * rows + TILE * (TILE + 8), 4 * TILE + staging)
                 }
             };
@@ -188,9 +192,18 @@ fn smem_bytes(family: Family, kernel: Kernel, w: usize) -> usize {
 
 /// Whether `arch` ("sm_XY") has bf16 `mma.sync` (sm_80 and later).
 fn has_bf16_mma(arch: &str) -> bool {
-    arch.strip_prefix("sm_")
-        .and_then(|v| v.parse::<u32>().ok())
-        .is_some_and(|v| v >= 80)
+    arch_at_least(arch, 80)
+}
+
+/// Whether the fused backward adds dq by TMA bulk reductions: compiled in (SMELT_ATTN_DQ_BULK,
+/// `CudaTuning::attn_dq_bulk`) and the device has them (sm_90); attention_mma.cuh's
+/// SMELT_DQ_BULK_ARCH makes the same choice in the kernel.
+fn dq_by_bulk_reductions(be: &CudaBackend) -> bool {
+    be.tuning().attn_dq_bulk && arch_at_least(be.arch(), 90)
+}
+
+fn arch_at_least(arch: &str, sm: u32) -> bool {
+    arch.strip_prefix("sm_").and_then(|v| v.parse::<u32>().ok()).is_some_and(|v| v >= sm)
 }
 
 /// Kernel family: f32 reference or bf16 tensor cores.
@@ -351,7 +364,7 @@ fn launch_tiled(
         Kernel::Fused => format!("attention_backward_fused_{tag}_{suffix}"),
     };
     let f = be.func(&name);
-    let smem = smem_bytes(family, kernel, w);
+    let smem = smem_bytes(family, kernel, w, dq_by_bulk_reductions(be));
     // Above 48 KiB a kernel must opt in to its dynamic shared memory (per function, cheap).
     be.check(
         f.set_attribute(
@@ -713,7 +726,8 @@ fn backward_bf16(be: &CudaBackend, s: &AttnShape, p: &Params, dq: u64, (q, kv): 
 /// The bf16 family's gradient passes over the tile pairs, reading q, k, v and dout from `src`:
 /// the dkv pass then the dq pass, each recomputing the scores and dP (7 products per tile pair);
 /// or, with `CudaBackend::fused_attention_backward`, one pass for all three (5 products) that
-/// adds dq into a zeroed f32 scratch with atomics, then `attention_dq_from_acc` into dq.
+/// adds dq into a zeroed f32 scratch (bulk reductions on sm_90, else vector atomics), then
+/// `attention_dq_from_acc` into dq.
 fn gradient_passes(be: &CudaBackend, s: &AttnShape, p: &Params, (dq, dkv): (u64, u64), src: [u64; 4], stats: u64) {
     let [q, k, v, dout] = src;
     if !be.fused_attention_backward() {
@@ -786,22 +800,26 @@ mod tests {
         // sm_80 allows 163 KiB of opt-in shared memory per block, sm_90 227 KiB.
         for f in [Family::F32, Family::Bf16] {
             for k in [Kernel::Forward, Kernel::Dkv, Kernel::Dq] {
-                let bytes = smem_bytes(f, k, 128);
+                let bytes = smem_bytes(f, k, 128, true);
                 assert!(bytes <= 166_912, "{f:?} {k:?}: {bytes}");
             }
         }
-        let fused = smem_bytes(Family::Bf16, Kernel::Fused, 128);
+        let fused = smem_bytes(Family::Bf16, Kernel::Fused, 128, true);
         assert!(fused <= 166_912, "Bf16 Fused: {fused}");
-        // the dkv pass's layout plus the (64, 72) dS^T tile, at GPT-2's head dim: 64 KiB
-        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64), smem_bytes(Family::Bf16, Kernel::Dkv, 64) + 2 * 64 * 72 + 4 * 4 * 16 * 72);
-        // two blocks per SM still fit an H100's 227 KiB
-        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64), 83_968);
+        // the dkv pass's layout plus the (64, 72) dS^T tile, at GPT-2's head dim, and with bulk
+        // reductions each warp's (16, 72) f32 staging: 82 KiB, two blocks per SM on an H100
+        let dkv = smem_bytes(Family::Bf16, Kernel::Dkv, 64, true);
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64, true), dkv + 2 * 64 * 72 + 4 * 4 * 16 * 72);
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64, true), 83_968);
+        // without them 64 KiB, two blocks per SM on an A100 too
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64, false), dkv + 2 * 64 * 72);
+        assert!(2 * (smem_bytes(Family::Bf16, Kernel::Fused, 64, false) + 1024) <= 167_936);
         assert_eq!(
-            smem_bytes(Family::F32, Kernel::Forward, 64),
+            smem_bytes(Family::F32, Kernel::Forward, 64, true),
             4 * (3 * 64 * 65 + 64 * 65)
         );
         assert_eq!(
-            smem_bytes(Family::Bf16, Kernel::Forward, 64),
+            smem_bytes(Family::Bf16, Kernel::Forward, 64, true),
             2 * (5 * 64 * 72)
         );
     }

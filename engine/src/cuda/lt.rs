@@ -120,9 +120,22 @@ pub(crate) struct EpilogueCounts {
     pub gelu_forward: std::sync::atomic::AtomicU64,
     pub dgelu_backward: std::sync::atomic::AtomicU64,
     pub bgrad: std::sync::atomic::AtomicU64,
+    /// The distinct refusals so far, "epilogue: cuBLASLt's error" (a few at most: a refused
+    /// plan is cached, so each shape is refused once).
+    refusals: Mutex<Vec<String>>,
 }
 
 impl EpilogueCounts {
+    pub(crate) fn refused(&self, which: &str, e: &str) {
+        let mut r = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let line = format!("{which}: {e}");
+        if r.len() < 16 && !r.contains(&line) {
+            r.push(line);
+        }
+    }
+    pub(crate) fn refusals(&self) -> Vec<String> {
+        self.refusals.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
     pub(crate) fn bump(counter: &std::sync::atomic::AtomicU64) {
         counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
@@ -144,6 +157,27 @@ pub(crate) struct LtArgs {
     pub bias: u64,
     /// GELU's input (`GeluAuxBias` writes it, `DGeluBgrad` reads it); 0 otherwise.
     pub aux: u64,
+}
+
+/// The alignment in bytes cuBLASLt's heuristic may assume of each operand: the largest power of
+/// two dividing its address, up to 256 (cuBLASLt's own default assumption, which GPT-2's
+/// buffers meet, so the plans measured on cards stay what they were). Part of a plan's key, so
+/// that an algorithm picked for aligned operands (the heuristic's, or autotuning's timed on
+/// the first call's) never runs on less aligned ones, which cuBLASLt would refuse.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Alignment {
+    a: u32,
+    b: u32,
+    c: u32,
+    d: u32,
+    aux: u32,
+}
+
+impl Alignment {
+    fn of(args: &LtArgs) -> Alignment {
+        let of = |ptr: u64| if ptr == 0 { 256 } else { 1u32 << ptr.trailing_zeros().min(8) };
+        Alignment { a: of(args.a), b: of(args.b), c: of(args.c.unwrap_or(args.d)), d: of(args.d), aux: of(args.aux) }
+    }
 }
 
 pub(super) struct Plan {
@@ -174,7 +208,7 @@ impl Drop for Plan {
 pub(crate) struct Lt {
     handle: sys::cublasLtHandle_t,
     workspace: CudaSlice<u8>,
-    plans: Mutex<HashMap<LtShape, Result<Plan, String>>>,
+    plans: Mutex<HashMap<(LtShape, Alignment), Result<Plan, String>>>,
     /// Whether a new shape times the heuristic's candidates and keeps the fastest
     /// (lt_autotune.rs); plain GEMMs then come through here too (matmul.rs).
     autotune: bool,
@@ -233,12 +267,13 @@ impl Lt {
     /// (k or m), B: ldb x (n or k), D, C and aux: ldd x n, bias: m values, or n for `BgradB`).
     pub(crate) unsafe fn matmul(&self, stream: &std::sync::Arc<CudaStream>, s: LtShape, args: LtArgs) -> Result<(), String> {
         let mut plans = self.plans.lock().unwrap_or_else(|p| p.into_inner());
-        let plan = match plans.entry(s) {
+        let align = Alignment::of(&args);
+        let plan = match plans.entry((s, align)) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => {
                 // one heuristic query: its first algorithm, or (autotuning) the candidates
                 let n = if self.autotune { lt_autotune::CANDIDATES } else { 1 };
-                let plan = self.plan(s, n).map(|(mut plan, candidates)| {
+                let plan = self.plan(s, align, args.aux, n).map(|(mut plan, candidates)| {
                     if self.autotune {
                         // SAFETY: as this function's; the timed runs write only what the call
                         // itself writes, or a scratch in place of D (lt_autotune.rs).
@@ -300,9 +335,23 @@ impl Lt {
 
     /// Descriptors and the heuristic's first algorithm for one shape, with its first `n`
     /// algorithms (the chosen one first).
-    fn plan(&self, s: LtShape, n: usize) -> Result<(Plan, Vec<sys::cublasLtMatmulAlgo_t>), String> {
+    /// `aux`: the first call's aux pointer (GELU epilogues), set before the heuristic is asked,
+    /// which refuses an aux epilogue whose pointer is still null (later calls set their own).
+    fn plan(&self, s: LtShape, align: Alignment, aux: u64, n: usize) -> Result<(Plan, Vec<sys::cublasLtMatmulAlgo_t>), String> {
         let mut plan = self.descriptors(s)?;
-        let algos = self.heuristics(&plan, n).map_err(|e| format!("cuBLASLt algorithm heuristic for {s:?}: {e}"))?;
+        if s.epilogue.has_aux() {
+            // SAFETY: a u64 device address, the attribute's documented type.
+            unsafe {
+                lt::set_matmul_desc_attribute(
+                    plan.desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER,
+                    &aux as *const u64 as *const c_void,
+                    size_of::<u64>(),
+                )
+            }
+            .map_err(|e| format!("cuBLASLt aux pointer for {s:?}: {e:?}"))?;
+        }
+        let algos = self.heuristics(&plan, align, n).map_err(|e| format!("cuBLASLt algorithm heuristic for {s:?} ({align:?}): {e}"))?;
         plan.algo = algos[0];
         Ok((plan, algos))
     }
@@ -363,21 +412,35 @@ impl Lt {
     }
 
     /// Up to `n` algorithms for `plan`, the heuristic's best first (at least one, or Err).
-    fn heuristics(&self, plan: &Plan, n: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>, String> {
+    fn heuristics(&self, plan: &Plan, align: Alignment, n: usize) -> Result<Vec<sys::cublasLtMatmulAlgo_t>, String> {
         let pref = lt::create_matmul_pref().map_err(|e| format!("preference: {e:?}"))?;
         let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(n);
         let mut count = 0i32;
         // SAFETY: pref was created above and is destroyed below whatever happens between;
         // cuBLASLt writes at most `n` results into the vector's capacity and says how many.
         let r = unsafe {
-            let r = lt::set_matmul_pref_attribute(
-                pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &WORKSPACE_BYTES as *const usize as *const c_void,
-                size_of::<usize>(),
-            )
-            .map_err(|e| format!("{e:?}"))
-            .and_then(|()| {
+            use sys::cublasLtMatmulPreferenceAttributes_t as P;
+            let aligned = [
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, align.a),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, align.b),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, align.c),
+                (P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, align.d),
+            ]
+            .into_iter()
+            .try_for_each(|(attr, bytes)| {
+                lt::set_matmul_pref_attribute(pref, attr, &bytes as *const u32 as *const c_void, size_of::<u32>())
+            });
+            let r = aligned
+                .and_then(|()| {
+                    lt::set_matmul_pref_attribute(
+                        pref,
+                        P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                        &WORKSPACE_BYTES as *const usize as *const c_void,
+                        size_of::<usize>(),
+                    )
+                })
+                .map_err(|e| format!("{e:?}"))
+                .and_then(|()| {
                 sys::cublasLtMatmulAlgoGetHeuristic(
                     self.handle,
                     plan.desc,

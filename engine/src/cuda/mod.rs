@@ -328,6 +328,10 @@ impl CudaBackend {
     pub fn epilogue_stats(&self) -> EpilogueStats {
         self.epilogue_counts.stats()
     }
+    /// Why cuBLASLt refused an epilogue, each distinct refusal so far ("epilogue: error").
+    pub fn epilogue_refusals(&self) -> Vec<String> {
+        self.epilogue_counts.refusals()
+    }
     /// With `on` false, bf16 matmuls convert their weights on every call instead of reading
     /// bf16 shadows of their buffers (same results, bitwise; for comparison). The default is
     /// on unless `SMELT_WEIGHT_SHADOW=0`.

@@ -45,7 +45,8 @@ pub struct CudaTuning {
     /// vector atomics). Compiled in (`-DSMELT_ATTN_DQ_BULK`).
     pub attn_dq_bulk: bool,
     /// `SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq"`: blocks per SM the hd-64 tensor-core attention
-    /// kernels are compiled for (their register cap), each 1..=4 (v8 run 13).
+    /// kernels are compiled for (their register cap), each 1..=4 (v8 run 13). The fused
+    /// backward shares the dkv pass's (it needs ~229 registers: more than 2 would spill).
     pub attn_min_blocks: [u32; 3],
     /// `SMELT_ATTN_HEAD_GROUP`: heads whose tiles the tensor-core attention kernels schedule
     /// together, heaviest first (0..=4096; 0: the launch grid's own order; v9).

@@ -52,7 +52,7 @@ pub(super) fn weight_grads_bgrad(
     // dweight holds IC*OC floats (asserted by the caller) and is D and C alike (in place, same
     // layout), the scratch holds OC floats for the sums.
     if let Err(e) = unsafe { lt.matmul(be.stream(), shape, args) } {
-        warn_epilogue_once(&BGRAD_WARNED, "bgrad", &e);
+        warn_epilogue_once(be, &BGRAD_WARNED, "bgrad", &e);
         return false;
     }
     lt::EpilogueCounts::bump(&be.epilogue_counts().bgrad);
@@ -70,8 +70,11 @@ static BGRAD_WARNED: std::sync::Once = std::sync::Once::new();
 static GELU_WARNED: std::sync::Once = std::sync::Once::new();
 static DGELU_WARNED: std::sync::Once = std::sync::Once::new();
 
-/// Says once per process and epilogue that cuBLASLt refused it (the unfused ops run instead).
-fn warn_epilogue_once(once: &std::sync::Once, which: &'static str, e: &str) {
+/// Says once per process and epilogue that cuBLASLt refused it (the unfused ops run instead),
+/// and keeps the refusal on the backend (`CudaBackend::epilogue_refusals`: what a test that
+/// expected the epilogue prints, where no log is read).
+fn warn_epilogue_once(be: &CudaBackend, once: &std::sync::Once, which: &'static str, e: &str) {
+    be.epilogue_counts().refused(which, e);
     once.call_once(|| tracing::warn!(epilogue = which, error = %e, "cublaslt epilogue unavailable; running the unfused ops"));
 }
 
@@ -125,7 +128,7 @@ pub(crate) fn forward_gelu(
             true
         }
         Err(e) => {
-            warn_epilogue_once(&GELU_WARNED, "gelu_aux_bias", &e);
+            warn_epilogue_once(be, &GELU_WARNED, "gelu_aux_bias", &e);
             false
         }
     }
@@ -180,7 +183,7 @@ pub(crate) fn backward_dgelu(
     // SAFETY: w and dy are bf16 GEMM operands with their ld (operands), dpre and pre hold N*IC
     // bf16 values (asserted), the scratch IC bf16 values.
     if let Err(e) = unsafe { lt.matmul(be.stream(), shape, args) } {
-        warn_epilogue_once(&DGELU_WARNED, "dgelu_bgrad", &e);
+        warn_epilogue_once(be, &DGELU_WARNED, "dgelu_bgrad", &e);
         return false;
     }
     lt::EpilogueCounts::bump(&be.epilogue_counts().dgelu_backward);
