@@ -166,6 +166,8 @@ fn backward_fused(
     let smem = fused_smem_bytes(c);
     // Above 48 KiB (C > 768) a kernel must opt in to its dynamic shared memory (per function).
     if smem > NO_OPT_IN_SMEM {
+        // a driver call: this thread needs the context current (not left to whatever ran before)
+        be.check(be.stream().context().bind_to_thread(), "bind context");
         be.check(
             f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32),
             &format!("{name}: raising dynamic shared memory to {smem} bytes"),
