@@ -470,3 +470,20 @@ impl Lt {
         Ok(algos)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Alignment, LtArgs};
+
+    #[test]
+    fn a_plans_alignment_is_each_operands_largest_power_of_two_up_to_256() {
+        let args = LtArgs { a: 0x7f00_0000_0100, b: 0x7f00_0000_1010, d: 0x7f00_0000_0002, c: None, bias: 0x8, aux: 0 };
+        let al = Alignment::of(&args);
+        assert_eq!((al.a, al.b, al.c, al.d, al.aux), (256, 16, 2, 2, 256), "C defaults to D; no aux assumes nothing");
+        // the same shape with an accumulated C of its own, and an aux 32-byte aligned
+        let al = Alignment::of(&LtArgs { c: Some(0x7f00_0000_0040), aux: 0x7f00_0000_0020, ..args });
+        assert_eq!((al.c, al.aux), (64, 32));
+        // a plan made for aligned operands is not the plan for less aligned ones
+        assert_ne!(Alignment::of(&LtArgs { b: 0x7f00_0000_1000, ..args }), Alignment::of(&args));
+    }
+}
