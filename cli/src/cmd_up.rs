@@ -127,7 +127,14 @@ pub fn run(a: UpArgs) -> Result<()> {
     let device = device_for_job(a.device, job_device)?;
     let gpus = match device {
         UpDevice::Cpu => Ok(0),
-        UpDevice::Auto | UpDevice::Cuda => usable_gpus(),
+        UpDevice::Auto | UpDevice::Cuda => {
+            // an invalid GPU switch is a mistake to name, not a reason for `auto` to start CPU
+            // workers without a word
+            if let Some(why) = device::switch_error() {
+                bail!("{why}; fix it, or use --device cpu");
+            }
+            usable_gpus()
+        }
     };
     let devices = plan_workers(device, a.workers, gpus)?;
     let exe = std::env::current_exe()?;

@@ -35,6 +35,10 @@ pub enum DeviceError {
     Parse { given: String },
     #[error("--device cuda:{ordinal}: {why}")]
     Unusable { ordinal: usize, why: String },
+    /// A GPU performance switch set to a value it cannot mean: refused rather than taken as a
+    /// reason to train on the CPU (`auto` would otherwise fall back without a word).
+    #[error("{why} (a GPU performance switch: unset it, or see engine/src/cuda/tuning.rs for what it takes)")]
+    Switch { why: String },
 }
 
 /// Why a GPU is never usable from this binary.
@@ -113,7 +117,30 @@ pub fn resolve_with(req: DeviceRequest, probe: impl Fn(usize) -> Result<(), Stri
 
 /// Decides the device on this machine.
 pub fn resolve(req: DeviceRequest) -> Result<Device, DeviceError> {
+    check_switches(req, switch_error())?;
     resolve_with(req, probe_cuda)
+}
+
+/// A request that may train on a GPU (`auto`, `cuda:N`) is refused when a GPU switch is
+/// invalid (`why`): a GPU that does not come up for that reason is a mistake to name, not a
+/// machine without a GPU. `cpu` ignores the switches.
+pub fn check_switches(req: DeviceRequest, why: Option<String>) -> Result<(), DeviceError> {
+    match (req, why) {
+        (DeviceRequest::Cpu, _) | (_, None) => Ok(()),
+        (_, Some(why)) => Err(DeviceError::Switch { why }),
+    }
+}
+
+/// What is wrong with this process's GPU performance switches (`SMELT_*`, `CudaTuning`), if
+/// anything.
+#[cfg(feature = "cuda")]
+pub fn switch_error() -> Option<String> {
+    smelt_engine::cuda::CudaTuning::from_env().err().map(|e| e.to_string())
+}
+
+#[cfg(not(feature = "cuda"))]
+pub fn switch_error() -> Option<String> {
+    None
 }
 
 /// Whether GPU `ordinal` can train here: a `CudaBackend` comes up on it (libraries load, the
@@ -173,6 +200,17 @@ mod tests {
             let msg = e.to_string();
             assert!(msg.contains(&format!("{bad:?}")) && msg.contains("cuda:N"), "{msg}");
         }
+    }
+
+    #[test]
+    fn an_invalid_gpu_switch_is_an_error_unless_the_cpu_was_asked_for() {
+        let why = || Some("invalid `SMELT_GELU_EPILOGUE`: `on` is not 0 (off) or 1 (on)".to_string());
+        for req in [DeviceRequest::Auto, DeviceRequest::Cuda(0), DeviceRequest::Cuda(3)] {
+            let e = check_switches(req, why()).expect_err("auto and cuda:N refuse it");
+            assert!(e.to_string().contains("SMELT_GELU_EPILOGUE") && e.to_string().contains("`on`"), "{e}");
+            assert_eq!(check_switches(req, None), Ok(()));
+        }
+        assert_eq!(check_switches(DeviceRequest::Cpu, why()), Ok(()), "the cpu has no use for gpu switches");
     }
 
     #[test]
