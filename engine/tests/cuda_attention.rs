@@ -430,7 +430,7 @@ const BF16_IO_TOL: (f64, f64) = (2e-2, 3e-2);
 fn bf16_activations(v: Variant) -> Option<&'static CudaBackend> {
     let be = gpu(v)?;
     if be.activation_zeros(1).dtype() != Dtype::Bf16 {
-        let off = std::env::var("SMELT_BF16_ACTIVATIONS").is_ok_and(|v| v == "0");
+        let off = !be.tuning().bf16_activations;
         let sm80 = be.arch().strip_prefix("sm_").and_then(|v| v.parse::<u32>().ok()).is_some_and(|v| v >= 80);
         assert!(
             off || !sm80,

@@ -54,7 +54,7 @@ fn gpu() -> Option<(&'static CudaBackend, MutexGuard<'static, ()>)> {
     // A test that failed while holding the guard poisons it; the others still run.
     let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     if be.activation_zeros(1).dtype() != Dtype::Bf16 {
-        let off = std::env::var("SMELT_BF16_ACTIVATIONS").is_ok_and(|v| v == "0");
+        let off = !be.tuning().bf16_activations;
         assert!(off, "a Bf16 backend must hand out bf16 activations unless SMELT_BF16_ACTIVATIONS=0");
         println!("skipping: SMELT_BF16_ACTIVATIONS=0 keeps activations in f32");
         return None;
