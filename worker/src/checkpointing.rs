@@ -68,6 +68,8 @@ pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut
     let mut buf = be.upload(&mine);
     ring.all_reduce_mean(be, be.view_mut(&mut buf, 0..mine.len()))?;
     let mean = be.download(be.view(&buf, 0..mine.len()));
+    // a failed download reads as zeros, which could pass for agreement: the device says first
+    be.synchronize()?;
     match first_disagreement(&mean, &values, a.world_size as usize) {
         None => Ok(()),
         Some(0) => Err(anyhow!("ranks resumed at different steps (rank {} at step {start})", a.rank)),
@@ -268,7 +270,15 @@ impl Checkpointer {
             return Ok(());
         }
         let t0 = Instant::now();
-        let host = take().map_err(|e| e.context(format!("taking the step-{done} checkpoint's host copies")))?;
+        let host = match take() {
+            Ok(host) => host,
+            Err(e) => {
+                // an upload that ended since the poll above is still reported (the coordinator
+                // must hear of every checkpoint that exists), then the run ends
+                self.report(self.uploader.poll(), events);
+                return Err(e.context(format!("taking the step-{done} checkpoint's host copies")));
+            }
+        };
         let mut meta = self.template.clone();
         meta.step = host.state.step;
         meta.data.samples_consumed = host.state.step * meta.data.global_batch;

@@ -51,43 +51,64 @@ fn check_nccl_present() -> Result<(), CollectiveError> {
 struct Shared {
     comm: Mutex<sys::ncclComm_t>,
     aborted: AtomicBool,
+    /// The device's context, held until the communicator's teardown has run (it may run on a
+    /// thread of its own after everything else of the run is gone).
+    _context: Option<Arc<cudarc::driver::CudaContext>>,
 }
 
 // SAFETY: an ncclComm_t may be used from any thread; every use goes through the mutex.
 unsafe impl Send for Shared {}
 unsafe impl Sync for Shared {}
 
-impl Shared {
-    /// Marks the communicator aborted and aborts it: at once when no call holds it, else from
-    /// a thread of its own as soon as the call lets go. Whoever stops a run (the worker's
-    /// agent, on its async runtime) must never wait here: an all-reduce can block inside NCCL
-    /// with the lock held (the first call of an algorithm sets up its connections with every
-    /// peer, and a dead peer never answers). That call ends only if NCCL gives up on it; the
-    /// deferred abort then frees the communicator and every later call fails `Aborted`.
-    fn abort(self: &Arc<Self>) {
-        self.aborted.store(true, Ordering::SeqCst);
-        match self.comm.try_lock() {
-            Ok(mut comm) => abort_locked(&mut comm),
-            Err(std::sync::TryLockError::Poisoned(p)) => abort_locked(&mut p.into_inner()),
-            Err(std::sync::TryLockError::WouldBlock) => {
-                let shared = self.clone();
-                let spawned = std::thread::Builder::new().name("nccl-abort".into()).spawn(move || {
-                    abort_locked(&mut shared.comm.lock().unwrap_or_else(|p| p.into_inner()));
-                });
-                if let Err(e) = spawned {
-                    tracing::warn!(error = %e, "cannot start the thread that aborts the nccl communicator; it is aborted when its call returns");
-                }
-            }
-        }
-    }
+/// How a communicator ends: destroyed after a run whose every operation completed, aborted
+/// otherwise (operations may be pending with peers gone).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Teardown {
+    Destroy,
+    Abort,
 }
 
-/// Aborts a live communicator once (null afterwards), under its lock.
-fn abort_locked(comm: &mut sys::ncclComm_t) {
-    if !comm.is_null() {
-        // SAFETY: a live communicator, under its lock, aborted once (set to null right after).
-        unsafe { sys::ncclCommAbort(*comm) };
-        *comm = std::ptr::null_mut();
+impl Shared {
+    /// Marks the communicator aborted and aborts it (see [`Shared::release`]).
+    fn abort(self: &Arc<Self>) {
+        self.aborted.store(true, Ordering::SeqCst);
+        self.release(Teardown::Abort);
+    }
+
+    /// Ends the communicator on a thread of its own, never on the caller's: NCCL's teardown may
+    /// wait for the other ranks (destroying can block for good once a peer has gone, and even
+    /// an abort may synchronise), and a call may hold the communicator meanwhile (an all-reduce
+    /// blocked in NCCL's connection setup with a dead peer). Whoever ends a run (the training
+    /// thread, about to report its assignment done; the worker's agent stopping it, on its
+    /// async runtime) must not wait for either. The thread takes the communicator under the
+    /// lock, once whatever call holds it lets go, and nulls it, so exactly one teardown runs
+    /// and every later call fails `Aborted`; the thread's hold on `self` keeps the device's
+    /// context until NCCL is done. At worst a peer that never answers leaves this one thread
+    /// behind.
+    fn release(self: &Arc<Self>, how: Teardown) {
+        let shared = self.clone();
+        let end = move || {
+            let comm = std::mem::replace(&mut *shared.comm.lock().unwrap_or_else(|p| p.into_inner()), std::ptr::null_mut());
+            if !comm.is_null() {
+                // SAFETY: a live communicator, taken out of the shared slot under its lock (so
+                // no other thread can reach it any more), ended once.
+                unsafe {
+                    match how {
+                        Teardown::Destroy => sys::ncclCommDestroy(comm),
+                        Teardown::Abort => sys::ncclCommAbort(comm),
+                    }
+                };
+            }
+        };
+        let name = format!("nccl-{}", if how == Teardown::Abort { "abort" } else { "destroy" });
+        if let Err(e) = std::thread::Builder::new().name(name).spawn(end) {
+            tracing::warn!(error = %e, "cannot start a thread to end the nccl communicator; aborting it on this one");
+            let comm = std::mem::replace(&mut *self.comm.lock().unwrap_or_else(|p| p.into_inner()), std::ptr::null_mut());
+            if !comm.is_null() {
+                // SAFETY: as above.
+                unsafe { sys::ncclCommAbort(comm) };
+            }
+        }
     }
 }
 
@@ -130,7 +151,7 @@ impl NcclCollective {
         if r != sys::ncclResult_t::ncclSuccess {
             return Err(CollectiveError::Config(format!("ncclCommInitRank(rank {rank} of {world}): {r:?}")));
         }
-        let shared = Arc::new(Shared { comm: Mutex::new(comm), aborted: AtomicBool::new(false) });
+        let shared = Arc::new(Shared { comm: Mutex::new(comm), aborted: AtomicBool::new(false), _context: Some(be.context().clone()) });
         let comm_stream = be
             .context()
             .new_stream()
@@ -225,21 +246,12 @@ impl Drop for NcclCollective {
     /// Frees the communicator when the run is done with it, even while abort handles remain
     /// (they then find nothing to abort): before, a handle kept in the run's stop hook made
     /// every multi-GPU job leak its communicator (device buffers, proxy threads, sockets) for
-    /// the worker's lifetime. Unwinding from a panic, this rank's operations may be left
-    /// half-done with its peers gone, and destroying waits for them: abort instead.
+    /// the worker's lifetime. Destroyed after a run that completed; aborted when it was aborted
+    /// or when unwinding from a panic (operations may be left half-done with peers gone). On a
+    /// thread of its own either way (`Shared::release`).
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.shared.abort();
-            return;
-        }
-        let mut comm = self.shared.comm.lock().unwrap_or_else(|p| p.into_inner());
-        if !comm.is_null() {
-            // SAFETY: a live communicator whose last operation completed (every step ends
-            // synchronised, and a failed run aborts it first: gpu.rs `with_gpu`); the mutex
-            // keeps an abort handle from using it meanwhile, and null tells them it is gone.
-            unsafe { sys::ncclCommDestroy(*comm) };
-            *comm = std::ptr::null_mut();
-        }
+        let how = if std::thread::panicking() || self.shared.aborted.load(Ordering::SeqCst) { Teardown::Abort } else { Teardown::Destroy };
+        self.shared.release(how);
     }
 }
 
@@ -286,7 +298,7 @@ mod tests {
     fn an_abort_never_waits_for_a_call_holding_the_communicator() {
         // no NCCL here: a null communicator, whose abort is only the flag; what is tested is
         // that abort() returns while another thread holds the lock (a call blocked in NCCL)
-        let shared = Arc::new(Shared { comm: Mutex::new(std::ptr::null_mut()), aborted: AtomicBool::new(false) });
+        let shared = Arc::new(Shared { comm: Mutex::new(std::ptr::null_mut()), aborted: AtomicBool::new(false), _context: None });
         let (held_tx, held_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let holder = {
