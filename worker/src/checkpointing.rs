@@ -53,6 +53,14 @@ pub fn load_resume(a: &Assignment, events: &dyn Fn(RunEvent)) -> Result<Option<C
     Ok(Some(ck))
 }
 
+/// `value`, read back from the device, once the device reports no error since: a failed
+/// download records the error and returns zeros, which must never pass for a loss, an
+/// agreement, a checkpoint or the final weights.
+pub(crate) fn device_checked<B: Backend, T>(be: &B, value: T) -> Result<T> {
+    be.synchronize()?;
+    Ok(value)
+}
+
 /// With several ranks, checks before the first gradient is exchanged that they all start at
 /// `start` and all exchange gradients the same way (`Collective::overlaps_backward`: bucket
 /// all-reduces during the backward pass, or one after it; on GPUs it is the worker's
@@ -67,9 +75,7 @@ pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut
     let mine = agreement_bits(&values);
     let mut buf = be.upload(&mine);
     ring.all_reduce_mean(be, be.view_mut(&mut buf, 0..mine.len()))?;
-    let mean = be.download(be.view(&buf, 0..mine.len()));
-    // a failed download reads as zeros, which could pass for agreement: the device says first
-    be.synchronize()?;
+    let mean = device_checked(be, be.download(be.view(&buf, 0..mine.len())))?;
     match first_disagreement(&mean, &values, a.world_size as usize) {
         None => Ok(()),
         Some(0) => Err(anyhow!("ranks resumed at different steps (rank {} at step {start})", a.rank)),
@@ -236,8 +242,7 @@ impl Checkpointer {
     pub fn after_step<B: Backend>(&mut self, done: u64, total: u64, trainer: &Trainer<B>, events: &dyn Fn(RunEvent)) -> anyhow::Result<()> {
         self.after_step_with(done, total, events, &mut || {
             let (m, v) = trainer.moments_host();
-            let params = trainer.model.params_host();
-            trainer.model.backend().synchronize()?;
+            let params = device_checked(trainer.model.backend(), trainer.model.params_host())?;
             Ok(HostState { params, m, v, state: trainer.state() })
         })
     }

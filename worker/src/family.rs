@@ -120,9 +120,7 @@ impl<B: Backend> Model<B> {
     /// no generator state is carried: the one recorded is the seed's.
     pub(crate) fn host_state(&self, opt: &AdamW<B>, done: u64, seed: u64) -> Result<HostState> {
         let (m, v) = opt.moments_host(self.backend());
-        let params = self.params_host();
-        // a failed download records the error and returns zeros: never checkpoint those
-        self.backend().synchronize()?;
+        let params = checkpointing::device_checked(self.backend(), self.params_host())?;
         let state = TrainerState { step: done, optimizer_steps: opt.steps_done(), data_rng: Rng::new(seed) };
         Ok(HostState { params, m, v, state })
     }
@@ -387,9 +385,7 @@ pub(crate) fn train<B: Backend>(
         if let Some(v) = last_val {
             extra.push(("val_loss", v.to_string()));
         }
-        let params = model.params_host();
-        // a failed download records the error and returns zeros: never save those
-        model.backend().synchronize()?;
+        let params = checkpointing::device_checked(model.backend(), model.params_host())?;
         model_file::save_family(&path, &saved, &data.tokenizer, &params, &extra)?;
         info!(job_id = %a.job_id, path = %path.display(), arch = arch.name(), "final weights saved");
     }

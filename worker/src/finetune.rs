@@ -234,8 +234,7 @@ impl FinetuneJob {
             let mut val = (None, None);
             if rank == 0 && self.examples.n_val() > 0 && (done == tc.steps || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
                 val = st.evaluate(self, tc.batch_size)?;
-                // a device error in the evaluation would otherwise read as a loss of zeros
-                st.model.backend().synchronize()?;
+                val = checkpointing::device_checked(st.model.backend(), val)?;
                 last_val = val;
                 info!(job_id, step = done, val_loss = val.0, val_accuracy = val.1, "evaluated");
             }
@@ -281,8 +280,7 @@ impl FinetuneJob {
         if let Some(h) = &st.head {
             params.extend(h.params_host(st.model.backend()));
         }
-        // a failed download records the error and returns zeros: never save those
-        st.model.backend().synchronize()?;
+        let params = checkpointing::device_checked(st.model.backend(), params)?;
         let f = self.spec.finetune.as_ref().expect("prepared from a finetune spec");
         let mut extra = vec![
             ("kind", "finetune".to_string()),
@@ -389,8 +387,7 @@ impl<B: Backend> State<B> {
             m.extend(hm);
             v.extend(hv);
         }
-        // a failed download records the error and returns zeros: never checkpoint those
-        be.synchronize()?;
+        let (params, m, v) = checkpointing::device_checked(be, (params, m, v))?;
         // The example order is a function of (seed, step): no generator state to carry.
         let state = TrainerState { step, optimizer_steps: self.opt_model.steps_done(), data_rng: smelt_engine::rng::Rng::new(0) };
         Ok(HostState { params, m, v, state })

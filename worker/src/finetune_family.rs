@@ -296,8 +296,7 @@ pub(crate) fn train<B: Backend>(
         let mut val = (None, None);
         if rank == 0 && (done == tc.steps || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
             val = job.evaluate(&mut model, tc.batch_size)?;
-            // a device error in the evaluation would otherwise read as a loss of zeros
-            model.backend().synchronize()?;
+            val = checkpointing::device_checked(model.backend(), val)?;
             if val.0.is_some() {
                 last_val = val;
                 info!(job_id = %a.job_id, step = done, val_loss = val.0, val_accuracy = val.1, "evaluated");
@@ -345,9 +344,7 @@ pub(crate) fn train<B: Backend>(
         if let Some(acc) = last_val.1 {
             extra.push(("val_accuracy", acc.to_string()));
         }
-        let params = model.params_host();
-        // a failed download records the error and returns zeros: never save those
-        model.backend().synchronize()?;
+        let params = checkpointing::device_checked(model.backend(), model.params_host())?;
         model_file::save_family(&path, &job.model, &job.tokenizer, &params, &extra)?;
         info!(job_id = %a.job_id, path = %path.display(), parent = %job.parent, val_loss = last_val.0, val_accuracy = last_val.1, "fine-tuned weights saved");
     }

@@ -398,9 +398,7 @@ pub(crate) fn train_gpt<B: Backend>(
         if let Some(v) = last_val {
             extra.push(("val_loss", v.to_string()));
         }
-        let params = trainer.model.params_host();
-        // a failed download records the error and returns zeros: never save those
-        trainer.model.backend().synchronize()?;
+        let params = checkpointing::device_checked(trainer.model.backend(), trainer.model.params_host())?;
         model_file::save(&path, &cfg, &tokenizer, &params, &extra)?;
         info!(job_id = %a.job_id, path = %path.display(), "final weights saved");
     }

@@ -87,27 +87,25 @@ impl Shared {
     /// behind.
     fn release(self: &Arc<Self>, how: Teardown) {
         let shared = self.clone();
-        let end = move || {
-            let comm = std::mem::replace(&mut *shared.comm.lock().unwrap_or_else(|p| p.into_inner()), std::ptr::null_mut());
-            if !comm.is_null() {
-                // SAFETY: a live communicator, taken out of the shared slot under its lock (so
-                // no other thread can reach it any more), ended once.
-                unsafe {
-                    match how {
-                        Teardown::Destroy => sys::ncclCommDestroy(comm),
-                        Teardown::Abort => sys::ncclCommAbort(comm),
-                    }
-                };
-            }
-        };
         let name = format!("nccl-{}", if how == Teardown::Abort { "abort" } else { "destroy" });
-        if let Err(e) = std::thread::Builder::new().name(name).spawn(end) {
+        if let Err(e) = std::thread::Builder::new().name(name).spawn(move || shared.end(how)) {
             tracing::warn!(error = %e, "cannot start a thread to end the nccl communicator; aborting it on this one");
-            let comm = std::mem::replace(&mut *self.comm.lock().unwrap_or_else(|p| p.into_inner()), std::ptr::null_mut());
-            if !comm.is_null() {
-                // SAFETY: as above.
-                unsafe { sys::ncclCommAbort(comm) };
-            }
+            self.end(Teardown::Abort);
+        }
+    }
+
+    /// Takes the communicator out under its lock (so no other thread can reach it any more)
+    /// and ends it, once; nothing when it is already gone.
+    fn end(&self, how: Teardown) {
+        let comm = std::mem::replace(&mut *self.comm.lock().unwrap_or_else(|p| p.into_inner()), std::ptr::null_mut());
+        if !comm.is_null() {
+            // SAFETY: a live communicator no other thread can reach, ended once.
+            unsafe {
+                match how {
+                    Teardown::Destroy => sys::ncclCommDestroy(comm),
+                    Teardown::Abort => sys::ncclCommAbort(comm),
+                }
+            };
         }
     }
 }
