@@ -30,6 +30,15 @@ gpt=(device/smelt bench step --backend cuda --preset gpt2-124m --batch "${B:-16}
 echo "== gpt-2 124m: smelt step" | tee -a "$OUT/gpt.txt"
 timeout 60 "${gpt[@]}" --warmup 3 --steps 10 --json > "$LOGS/gpt.json" 2>> "$OUT/gpt.txt"; echo "rc=$?"
 cat "$LOGS/gpt.json" >> "$OUT/gpt.txt"; tail -1 "$LOGS/gpt.json"
+# The issue's own command, GPT-2's vocabulary of 50,257 (the step above has the peer's 50,304):
+# the LM head runs over 50,304 rows either way (GptConfig::head_rows), so the two should agree
+# within a percent or so (~15 s; NO_ISSUE_COMMAND=1 skips it).
+if [ "${NO_ISSUE_COMMAND:-0}" != 1 ]; then
+  echo "== gpt-2 124m: smelt step, the issue's command (vocabulary 50,257)" | tee -a "$OUT/gpt.txt"
+  timeout 60 device/smelt bench step --backend cuda --preset gpt2-124m --batch "${B:-16}" --seq 1024 --warmup 3 --steps 10 --json \
+    > "$LOGS/gpt_variant_vocab50257.json" 2>> "$OUT/gpt.txt"; echo "rc=$?"
+  cat "$LOGS/gpt_variant_vocab50257.json" >> "$OUT/gpt.txt"; tail -1 "$LOGS/gpt_variant_vocab50257.json"
+fi
 # The previous version's kernels in the same call: BASELINE_ENV names the switches back to it.
 if [ -n "${BASELINE_ENV:-}" ]; then
   echo "== gpt-2 124m: smelt step with $BASELINE_ENV" | tee -a "$OUT/gpt.txt"

@@ -24,7 +24,7 @@ pub fn table_of(t: &TrainerJson) -> ParamTable {
     let mut table = t.model.param_table();
     if let Some(h) = t.head {
         for s in ClassificationHead::<CpuBackend>::param_table(h.num_labels, t.model.n_embd()).specs() {
-            table.push(&s.name, &s.shape, s.kind, s.init);
+            table.push_like(s);
         }
     }
     table
@@ -35,7 +35,8 @@ fn moments_table(table: &ParamTable) -> ParamTable {
     let mut t = ParamTable::new();
     for prefix in [M_PREFIX, V_PREFIX] {
         for s in table.specs() {
-            t.push(&format!("{prefix}{}", s.name), &s.shape, s.kind, s.init);
+            // with the tensor's spare values: the moment buffers have the parameters' layout
+            t.push_with_spare(&format!("{prefix}{}", s.name), &s.shape, s.kind, s.init, s.spare);
         }
     }
     t

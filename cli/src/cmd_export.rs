@@ -186,7 +186,7 @@ fn export_hf(a: &HfArgs) -> Result<()> {
             // GPT2ForSequenceClassification: the GPT's tensors, then `score.weight`, whose name
             // and (num_labels, C) layout smelt's head already has.
             for s in ClassificationHead::<CpuBackend>::param_table(*num_labels, saved.config.n_embd).specs() {
-                table.push(&s.name, &s.shape, s.kind, s.init);
+                table.push_like(s);
             }
             params.extend_from_slice(w);
             hf_classifier_config(&saved, *num_labels)

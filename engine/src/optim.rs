@@ -99,8 +99,9 @@ fn decay_runs(table: &ParamTable, cfg: &AdamWConfig) -> Vec<(Range<usize>, f32)>
             _ => 0.0,
         };
         match runs.last_mut() {
-            Some((r, w)) if *w == wd && r.end == s.offset => r.end = s.range().end,
-            _ => runs.push((s.range(), wd)),
+            // a tensor's spare values (zero, zero gradients) ride with it: they stay zero
+            Some((r, w)) if *w == wd && r.end == s.offset => r.end = s.reserved_range().end,
+            _ => runs.push((s.reserved_range(), wd)),
         }
     }
     runs

@@ -36,6 +36,11 @@ pub struct ParamSpec {
     pub offset: usize,
     pub kind: ParamKind,
     pub init: Init,
+    /// Values reserved right after the tensor in the flat buffers, zero for good: room for a
+    /// GEMM to run over more rows than the tensor has (GPT's LM head over its vocabulary
+    /// rounded up, `GptConfig::head_rows`). Never named in a file, never initialised, never
+    /// given a nonzero gradient.
+    pub spare: usize,
 }
 
 impl ParamSpec {
@@ -45,9 +50,14 @@ impl ParamSpec {
     pub fn range(&self) -> Range<usize> {
         self.offset..self.offset + self.numel()
     }
+    /// The tensor and its spare values.
+    pub fn reserved_range(&self) -> Range<usize> {
+        self.offset..self.offset + self.numel() + self.spare
+    }
 }
 
-/// Tensors in order, packed back to back.
+/// Tensors in order, back to back (with a tensor's spare values, if any, between it and the
+/// next).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ParamTable {
     specs: Vec<ParamSpec>,
@@ -64,16 +74,36 @@ impl ParamTable {
     }
 
     pub fn push(&mut self, name: &str, shape: &[usize], kind: ParamKind, init: Init) -> ParamId {
+        self.push_with_spare(name, shape, kind, init, 0)
+    }
+
+    /// A tensor followed by `spare` values that stay zero (see [`ParamSpec::spare`]).
+    pub fn push_with_spare(&mut self, name: &str, shape: &[usize], kind: ParamKind, init: Init, spare: usize) -> ParamId {
         assert!(!self.by_name.contains_key(name), "duplicate parameter {name}");
-        let spec = ParamSpec { name: name.to_string(), shape: shape.to_vec(), offset: self.total, kind, init };
-        self.total += spec.numel();
+        let spec = ParamSpec { name: name.to_string(), shape: shape.to_vec(), offset: self.total, kind, init, spare };
+        self.total += spec.numel() + spare;
         self.by_name.insert(name.to_string(), self.specs.len());
         self.specs.push(spec);
         self.specs.len() - 1
     }
 
+    /// A copy of `spec` (from another table) at the end of this one, its spare values too:
+    /// tables built from others (a checkpoint's moments, a model and its head) keep the flat
+    /// layout of the buffers they describe.
+    pub fn push_like(&mut self, spec: &ParamSpec) -> ParamId {
+        self.push_with_spare(&spec.name, &spec.shape, spec.kind, spec.init, spec.spare)
+    }
+
+    /// Values in a flat buffer of this table: every tensor and its spare values.
     pub fn total(&self) -> usize {
         self.total
+    }
+    /// Values of the tensors themselves (what a parameter count reports).
+    pub fn numel(&self) -> usize {
+        self.specs.iter().map(ParamSpec::numel).sum()
+    }
+    pub fn reserved_range(&self, id: ParamId) -> Range<usize> {
+        self.specs[id].reserved_range()
     }
     pub fn specs(&self) -> &[ParamSpec] {
         &self.specs

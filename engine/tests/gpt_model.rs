@@ -19,7 +19,11 @@ fn tiny(ln_placement: LayerNormPlacement) -> GptConfig {
 fn perturbed_model(cfg: &GptConfig, seed: u64) -> Gpt<CpuBackend> {
     let mut model = Gpt::new(CpuBackend::new(), cfg.clone(), seed).unwrap();
     let mut rng = Rng::new(seed ^ 0x5eed);
-    let params: Vec<f32> = model.params_host().iter().map(|&x| x + 0.2 * rng.normal() as f32).collect();
+    let mut params = model.params_host();
+    // the tensors only: the LM head's padding after wte stays zero
+    for s in model.table().specs() {
+        params[s.range()].iter_mut().for_each(|x| *x += 0.2 * rng.normal() as f32);
+    }
     model.set_params_host(&params);
     model
 }
@@ -673,7 +677,88 @@ fn gpt_config_validation_names_the_field() {
         Ok(_) => panic!("n_layer 0 accepted"),
     }
     // the parameter count matches the table the model builds
-    assert_eq!(ok.num_params(), Gpt::<CpuBackend>::param_table(&ok).total());
+    assert_eq!(ok.num_params(), Gpt::<CpuBackend>::param_table(&ok).numel());
+}
+
+// ---- the LM head over the vocabulary rounded up ----------------------------------------------------
+
+#[test]
+fn the_head_rows_round_the_vocabulary_up_to_a_multiple_of_64() {
+    let rows = |v| GptConfig { vocab_size: v, ..tiny(LayerNormPlacement::Pre) }.head_rows();
+    assert_eq!(rows(50257), 50304, "GPT-2's vocabulary, as llm.c and the peer pad it");
+    assert_eq!(rows(50304), 50304);
+    assert_eq!(rows(30522), 30528);
+    assert_eq!((rows(1), rows(11), rows(64), rows(65)), (64, 64, 64, 128));
+    // the table reserves the difference after wte, and only there; the tensors keep HF shapes
+    let cfg = tiny(LayerNormPlacement::Pre);
+    let table = Gpt::<CpuBackend>::param_table(&cfg);
+    let wte = table.id("transformer.wte.weight").unwrap();
+    assert_eq!(table.spec(wte).shape, vec![11, 8]);
+    assert_eq!(table.reserved_range(wte).len(), 64 * 8);
+    assert_eq!(table.total(), table.numel() + 53 * 8);
+    assert!(table.specs().iter().filter(|s| s.name != "transformer.wte.weight").all(|s| s.spare == 0));
+}
+
+/// The padding's rows are zero, masked out of the softmax, and get exactly zero gradients, so
+/// they stay zero through training with weight decay on the embeddings (AdamW, clipping):
+/// nothing leaks into the loss, the logits (V wide) or a checkpoint.
+#[test]
+fn the_head_padding_stays_zero_through_training() {
+    let cfg = GptConfig { vocab_size: 37, block_size: 16, n_layer: 2, n_head: 2, n_embd: 16, ln_placement: LayerNormPlacement::Pre };
+    let table = Gpt::<CpuBackend>::param_table(&cfg);
+    let wte = table.id("transformer.wte.weight").unwrap();
+    let spare = table.range(wte).end..table.reserved_range(wte).end;
+    assert_eq!(spare.len(), (64 - 37) * 16);
+    let model = Gpt::new(CpuBackend::new(), cfg.clone(), 7).unwrap();
+    let tc = TrainConfig {
+        batch_size: 3,
+        seq_len: 16,
+        grad_accum: 2,
+        steps: 8,
+        schedule: LrSchedule { max_lr: 1e-2, min_lr: 1e-3, warmup_steps: 1, decay_steps: 8 },
+        optim: AdamWConfig { weight_decay: 0.1, decay_embeddings: true, ..AdamWConfig::default() },
+        eval_interval: 0,
+        eval_batches: 1,
+        seed: 5,
+    };
+    let mut trainer = Trainer::new(model, tc).unwrap();
+    let mut rng = Rng::new(4);
+    // a text with something to learn: each id follows from the one before
+    let stream: Vec<u32> = (0..2000u32).map(|i| (i * 7) % 37).collect();
+    let data = TokenWindows::new(&stream);
+    let start = trainer.model.params_host();
+    let mut losses = Vec::new();
+    for step in 0..8 {
+        losses.push(trainer.train_step(&data).unwrap().loss);
+        let (p, g) = (trainer.model.params_host(), trainer.model.grads_host());
+        assert!(p[spare.clone()].iter().all(|&x| x == 0.0), "step {step}: a padded head row moved");
+        assert!(g[spare.clone()].iter().all(|&x| x == 0.0), "step {step}: a padded head row got a gradient");
+        assert!(g[table.range(wte)].iter().any(|&x| x != 0.0), "step {step}: wte got no gradient");
+    }
+    assert!(losses[7] < losses[0] - 0.1, "no learning: {losses:?}");
+    let moved = trainer.model.params_host();
+    assert!(moved[table.range(wte)].iter().zip(&start[table.range(wte)]).filter(|(a, b)| a != b).count() > 37 * 16 / 2);
+    // logits come back V wide and give the model's own loss
+    let (b, t) = (2, 9);
+    let tokens = random_ids(&mut rng, b * t, 37);
+    let targets = random_ids(&mut rng, b * t, 37);
+    let loss = trainer.model.forward(&tokens, Some(&targets), b, t).unwrap().unwrap();
+    let logits = trainer.model.logits();
+    assert_eq!(logits.len(), b * t * 37);
+    let want = loss_f64(&logits, &targets, 37);
+    assert!((loss as f64 - want).abs() < 1e-5 * want, "loss {loss} vs the softmax over the V real logits {want}");
+    assert_eq!(trainer.model.logits_at(1, 3), logits[(9 + 3) * 37..(9 + 4) * 37].to_vec());
+}
+
+#[test]
+fn parameters_with_a_nonzero_head_padding_are_refused() {
+    let cfg = tiny(LayerNormPlacement::Pre);
+    let table = Gpt::<CpuBackend>::param_table(&cfg);
+    let wte = table.id("transformer.wte.weight").unwrap();
+    let mut host = table.init(1);
+    host[table.range(wte).end + 5] = 0.25;
+    let e = Gpt::from_params(CpuBackend::new(), cfg, &host).err().expect("a nonzero padding was accepted").to_string();
+    assert!(e.contains("spare value 5") && e.contains("transformer.wte.weight") && e.contains("0.25"), "{e}");
 }
 
 // ---- the fused classifier's training forward ----------------------------------------------------

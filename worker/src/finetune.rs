@@ -274,7 +274,7 @@ impl FinetuneJob {
     fn save<B: Backend>(&self, st: &State<B>, path: &Path, job_id: &str, steps: u64, val: (Option<f32>, Option<f32>)) -> Result<()> {
         let mut table = ParamTable::new();
         for s in st.model.table().specs().iter().chain(st.head.iter().flat_map(|h| h.table().specs())) {
-            table.push(&s.name, &s.shape, s.kind, s.init);
+            table.push_like(s);
         }
         let mut params = st.model.params_host();
         if let Some(h) = &st.head {

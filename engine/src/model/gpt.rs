@@ -76,7 +76,7 @@ struct Acts<B: Backend> {
     lnf: B::Buf,      // (BT, C)
     lnf_mean: B::Buf, // (BT)
     lnf_rstd: B::Buf, // (BT)
-    logits: B::Buf,   // (BT, V)
+    logits: B::Buf,   // (BT, Vp): Vp = head_rows, the vocabulary rounded up
     lse: B::Buf,      // (BT)
     losses: B::Buf,   // (BT)
     scratch: Scratch<B>,
@@ -108,7 +108,16 @@ pub struct Gpt<B: Backend> {
     grads: B::Buf,
     acts: Option<Acts<B>>,
     batch: Option<Batch<B>>,
+    /// (Vp) the LM head's bias when the head computes more rows than the vocabulary has
+    /// (`GptConfig::head_rows`): 0 for every real id, [`PADDED_LOGIT`] for the rest, so the
+    /// padding's logits take no share of the softmax and get a zero gradient. None when the
+    /// vocabulary is already a round number.
+    head_mask: Option<B::Buf>,
 }
+
+/// The logit of every padded LM-head row: exp(PADDED_LOGIT - max) is 0 in f32 and bf16 alike,
+/// and it stays finite (an infinity times a zero gradient would be NaN somewhere).
+pub const PADDED_LOGIT: f32 = -1.0e30;
 
 /// The name table of a GPT config, in Hugging Face GPT-2 order.
 fn build_table(cfg: &GptConfig) -> (ParamTable, [ParamId; 4], Vec<BlockParams>) {
@@ -117,7 +126,9 @@ fn build_table(cfg: &GptConfig) -> (ParamTable, [ParamId; 4], Vec<BlockParams>) 
     // GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L).
     let resid_std = std / ((2 * l) as f32).sqrt();
     let mut t = ParamTable::new();
-    let wte = t.push("transformer.wte.weight", &[v, c], ParamKind::Embedding, Init::Normal { std });
+    // the rows the LM head computes beyond the vocabulary are wte's spare values, zero for good
+    let spare = (cfg.head_rows() - v) * c;
+    let wte = t.push_with_spare("transformer.wte.weight", &[v, c], ParamKind::Embedding, Init::Normal { std }, spare);
     let wpe = t.push("transformer.wpe.weight", &[cfg.block_size, c], ParamKind::Embedding, Init::Normal { std });
     let mut blocks = Vec::with_capacity(l);
     for i in 0..l {
@@ -167,9 +178,18 @@ impl<B: Backend> Gpt<B> {
                 table.total()
             )));
         }
+        let spare = table.reserved_range(wte).end - table.range(wte).end;
+        if let Some(bad) = host[table.range(wte).end..table.reserved_range(wte).end].iter().position(|&x| x != 0.0) {
+            return Err(EngineError::Batch(format!(
+                "parameter buffer holds {} at spare value {bad} of {spare} after transformer.wte.weight, which must stay zero",
+                host[table.range(wte).end + bad]
+            )));
+        }
         let params = be.upload(host);
         let grads = be.zeros(table.total());
-        Ok(Gpt { be, cfg, table, wte, wpe, lnf_w, lnf_b, blocks, params, grads, acts: None, batch: None })
+        let (v, vp) = (cfg.vocab_size, cfg.head_rows());
+        let head_mask = (vp > v).then(|| be.upload(&(0..vp).map(|i| if i < v { 0.0 } else { PADDED_LOGIT }).collect::<Vec<_>>()));
+        Ok(Gpt { be, cfg, table, wte, wpe, lnf_w, lnf_b, blocks, params, grads, acts: None, batch: None, head_mask })
     }
 
     /// The parameter table this config produces, without building a model.
@@ -252,7 +272,7 @@ impl<B: Backend> Gpt<B> {
     /// Activations for up to `rows` rows and `saved` values of attention state per block.
     fn alloc_acts(&self, rows: usize, saved: usize) -> Acts<B> {
         let be = &self.be;
-        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        let (c, vp) = (self.cfg.n_embd, self.cfg.head_rows());
         let z = |n: usize| be.zeros(n);
         // GEMM inputs and outputs read by nothing but matmuls, attention, GELU, LayerNorm's
         // forward and the classifier: stored as the backend likes activations (bf16 on CUDA
@@ -287,7 +307,7 @@ impl<B: Backend> Gpt<B> {
             lnf: z(rows * c),
             lnf_mean: z(rows),
             lnf_rstd: z(rows),
-            logits: act(rows * v),
+            logits: act(rows * vp),
             lse: z(rows),
             losses: z(rows),
             scratch: Scratch {
@@ -360,15 +380,16 @@ impl<B: Backend> Gpt<B> {
     ) -> Result<Option<f32>, EngineError> {
         self.load_batch(tokens, targets, b, t)?;
         self.body_forward();
-        let Gpt { be, cfg, table, params, acts, .. } = self;
+        let Gpt { be, cfg, table, params, acts, head_mask, .. } = self;
         let acts = acts.as_mut().unwrap();
-        let v = cfg.vocab_size;
+        // the softmax runs over the head's Vp columns, the padding's masked to PADDED_LOGIT
+        let v = cfg.head_rows();
         let rows = b * t;
-        let p = |id: ParamId| be.view(params, table.range(id));
 
-        // logits = lnf @ wte^T                                // (BT, V)
+        // logits = lnf @ wte^T (+ mask)                        // (BT, Vp)
         let head = MatmulShape { rows, in_features: cfg.n_embd, out_features: v, layout: WeightLayout::OutIn };
-        be.matmul_forward(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lnf, 0..rows * cfg.n_embd), p(self.wte), None, head);
+        let mask = head_mask.as_ref().map(|m| be.view(m, 0..v));
+        be.matmul_forward(be.view_mut(&mut acts.logits, 0..rows * v), be.view(&acts.lnf, 0..rows * cfg.n_embd), be.view(params, table.reserved_range(self.wte)), mask, head);
 
         let batch = self.batch.as_mut().unwrap();
         let Some(targets) = &batch.targets else { return Ok(None) };
@@ -511,21 +532,25 @@ impl<B: Backend> Gpt<B> {
         );
     }
 
-    /// Logits of the last forward pass, (B, T, V) on the host.
+    /// Logits of the last forward pass, (B, T, V) on the host (the head's padding left out).
     pub fn logits(&self) -> Vec<f32> {
         let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
         assert!(batch.logits_grad_scale.is_none(), "forward_train replaced the logits by their gradient");
-        let n = batch.b * batch.t * self.cfg.vocab_size;
-        self.be.download(self.be.view(&acts.logits, 0..n))
+        let (v, vp) = (self.cfg.vocab_size, self.cfg.head_rows());
+        let padded = self.be.download(self.be.view(&acts.logits, 0..batch.b * batch.t * vp));
+        if vp == v {
+            return padded;
+        }
+        padded.chunks_exact(vp).flat_map(|row| &row[..v]).copied().collect()
     }
 
     /// Logits at one position of the last forward pass.
     pub fn logits_at(&self, b: usize, t: usize) -> Vec<f32> {
         let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
         assert!(batch.logits_grad_scale.is_none(), "forward_train replaced the logits by their gradient");
-        let v = self.cfg.vocab_size;
+        let (v, vp) = (self.cfg.vocab_size, self.cfg.head_rows());
         let row = b * batch.t + t;
-        self.be.download(self.be.view(&acts.logits, row * v..(row + 1) * v))
+        self.be.download(self.be.view(&acts.logits, row * vp..row * vp + v))
     }
 
     /// Backward pass of the last forward (which must have had targets): accumulates into the
@@ -548,7 +573,9 @@ impl<B: Backend> Gpt<B> {
             let batch = batch.as_ref().ok_or_else(|| EngineError::Batch("backward before forward".into()))?;
             let targets = batch.targets.as_ref().ok_or_else(|| EngineError::Batch("backward needs targets".into()))?;
             let acts = acts.as_mut().unwrap();
-            let (c, v) = (cfg.n_embd, cfg.vocab_size);
+            // over the head's Vp rows: the padding's dlogits are exactly zero (its softmax share
+            // is), so wte's spare values get zero gradients
+            let (c, v) = (cfg.n_embd, cfg.head_rows());
             let rows = batch.b * batch.t;
             let s = &mut acts.scratch;
             // dlogits = dloss * (softmax - onehot), written over the logits: the fused
@@ -572,11 +599,11 @@ impl<B: Backend> Gpt<B> {
             };
             be.matmul_backward_set_dinp(
                 be.view_mut(dlnf, 0..rows * c),
-                be.view_mut(grads, table.range(*wte)),
+                be.view_mut(grads, table.reserved_range(*wte)),
                 None,
                 be.view(dlogits, 0..rows * v),
                 be.view(&acts.lnf, 0..rows * c),
-                be.view(params, table.range(*wte)),
+                be.view(params, table.reserved_range(*wte)),
                 head,
             );
         }
