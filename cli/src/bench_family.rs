@@ -11,7 +11,7 @@
 
 use anyhow::{bail, Result};
 use smelt_engine::backend::{Backend, ScoreKind, IGNORE_INDEX};
-use smelt_engine::model::{Bert, BertBatch, BertConfig, T5Batch, T5Config, T5};
+use smelt_engine::model::{padded_head, Bert, BertBatch, BertConfig, T5Batch, T5Config, T5};
 use smelt_engine::optim::{AdamW, AdamWConfig};
 use smelt_engine::rng::Rng;
 
@@ -72,7 +72,7 @@ pub(crate) fn run_bert<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnc
         .collect();
     let model = Bert::new(be, cfg.clone(), 0)?;
     let mut opt = AdamW::new(model.backend(), model.table(), AdamWConfig::default())?;
-    let params = model.table().total();
+    let params = model.table().numel();
     let mut f = Family { model, batches, step: 0 };
     let secs = time_loop(&mut f, |f| f.model.backend(), a.warmup, a.steps, after_warmup, after, |f| {
         let x = &mut f.batches[f.step as usize % BATCHES];
@@ -89,7 +89,8 @@ pub(crate) fn run_bert<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnc
         f.step += 1;
         Ok(())
     })?;
-    Ok(Timed { params, flops_per_token: cfg.flops_per_token(t), tokens_per_step: (b * t) as f64, secs })
+    let (vocab_size, head_rows) = (cfg.vocab_size, padded_head::head_rows(cfg.vocab_size));
+    Ok(Timed { params, vocab_size, head_rows, flops_per_token: cfg.flops_per_token(t), tokens_per_step: (b * t) as f64, secs })
 }
 
 pub(crate) fn run_t5<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), after: impl FnOnce(&B)) -> Result<Timed> {
@@ -121,7 +122,7 @@ pub(crate) fn run_t5<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(
         .collect();
     let model = T5::new(be, cfg.clone(), 0)?;
     let mut opt = AdamW::new(model.backend(), model.table(), AdamWConfig::default())?;
-    let params = model.table().total();
+    let params = model.table().numel();
     let mut f = Family { model, batches, step: 0 };
     let secs = time_loop(&mut f, |f| f.model.backend(), a.warmup, a.steps, after_warmup, after, |f| {
         let x = &f.batches[f.step as usize % BATCHES];
@@ -137,7 +138,8 @@ pub(crate) fn run_t5<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(
         f.step += 1;
         Ok(())
     })?;
-    Ok(Timed { params, flops_per_token: cfg.flops_per_input_token(te, td), tokens_per_step: (b * te) as f64, secs })
+    let (vocab_size, head_rows) = (cfg.vocab_size, padded_head::head_rows(cfg.vocab_size));
+    Ok(Timed { params, vocab_size, head_rows, flops_per_token: cfg.flops_per_input_token(te, td), tokens_per_step: (b * te) as f64, secs })
 }
 
 #[cfg(test)]

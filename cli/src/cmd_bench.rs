@@ -232,6 +232,10 @@ fn step_cuda(a: &StepArgs) -> Result<()> {
 /// Step times of a model trained on random tokens.
 pub(crate) struct Timed {
     pub params: usize,
+    /// The model's vocabulary, and the rows its LM head runs over (the vocabulary rounded up:
+    /// engine/src/model/padded_head.rs).
+    pub vocab_size: usize,
+    pub head_rows: usize,
     /// Training FLOPs per counted (input) token.
     pub flops_per_token: f64,
     /// Input tokens per step (GPT, BERT: B * T; T5: B * Te).
@@ -342,6 +346,8 @@ fn run_gpt<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), after
     })?;
     Ok(Timed {
         params: cfg.num_params(),
+        vocab_size: cfg.vocab_size,
+        head_rows: cfg.head_rows(),
         flops_per_token: cfg.flops_per_token(a.seq),
         tokens_per_step: (a.batch * a.seq) as f64,
         secs,
@@ -354,6 +360,8 @@ fn report(a: &StepArgs, t: &Timed, extra: serde_json::Value, extra_text: String)
         "arch": a.arch.name(),
         "preset": a.preset(),
         "vocab": a.vocab,
+        "vocab_size": t.vocab_size,
+        "head_rows": t.head_rows,
         "dropout": a.dropout.map(|p| (p as f64 * 1e6).round() / 1e6),
         "scores": a.scores.as_deref().unwrap_or("dot"),
         "params": t.params,

@@ -201,7 +201,7 @@ fn export_hf(a: &HfArgs) -> Result<()> {
     // The tokenizer as smelt knows it, so the export is self-describing (transformers does not
     // read it; a GPT-2 BPE model uses transformers' own "gpt2" tokenizer).
     weights::write_atomic(&a.out.join("smelt_tokenizer.json"), &serde_json::to_vec(&saved.tokenizer)?)?;
-    info!(model = %a.model, out = %a.out.display(), tensors = table.specs().len(), params = table.total(), "exported for hugging face transformers");
+    info!(model = %a.model, out = %a.out.display(), tensors = table.specs().len(), params = table.numel(), "exported for hugging face transformers");
     Ok(())
 }
 

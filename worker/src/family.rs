@@ -312,7 +312,7 @@ pub(crate) fn train<B: Backend>(
     };
 
     let val = if rank == 0 { eval_batches(&objective, &data.val, spec.seed, tc.batch_size, tc.eval_batches)? } else { Vec::new() };
-    info!(job_id = %a.job_id, attempt = a.attempt, rank, world, device = %req.device, arch = arch.name(), params = model.table().total(), windows = n_windows, start_step = start, "training started");
+    info!(job_id = %a.job_id, attempt = a.attempt, rank, world, device = %req.device, arch = arch.name(), params = model.table().numel(), windows = n_windows, start_step = start, "training started");
 
     let started = Instant::now();
     let (mut tokens, mut last_val) = (0usize, None);

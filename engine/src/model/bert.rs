@@ -33,6 +33,7 @@ use crate::model::gpt_config::LayerNormPlacement;
 use crate::grad_buckets::unreported;
 use crate::model::gpt::ReadyFn;
 use crate::model::objectives::info_nce;
+use crate::model::padded_head;
 use crate::params::{Init, ParamKind, ParamTable};
 
 /// One batch for BERT: tokens and whichever objectives' targets it carries.
@@ -89,6 +90,9 @@ impl BertLosses {
 #[derive(Clone, Debug)]
 struct Layout {
     wte: Range<usize>,
+    /// `wte` and its spare rows: the tied decoder's weight, over the vocabulary rounded up
+    /// (padded_head.rs)
+    head: Range<usize>,
     wpe: Option<Range<usize>>,
     tte: Range<usize>,
     emb_ln: Norm,
@@ -97,6 +101,8 @@ struct Layout {
     mlm_dense: Linear,
     mlm_ln: Norm,
     mlm_bias: Range<usize>,
+    /// `mlm_bias` and its spare values (their gradient: the padding's column sums, zero)
+    mlm_bias_head: Range<usize>,
     pooler: Option<Linear>,
     nsp: Option<Linear>,
     classifier: Option<Linear>,
@@ -111,8 +117,9 @@ fn build(cfg: &BertConfig) -> (ParamTable, Layout) {
         let id = t.push(name, &[rows, c], ParamKind::Embedding, Init::Normal { std });
         t.range(id)
     };
-    let id = t.push("bert.embeddings.word_embeddings.weight", &[v, c], ParamKind::Embedding, Init::Normal { std: token_init_std(cfg.positions, c, std) });
-    let wte = t.range(id);
+    let pad = padded_head::head_rows(v) - v;
+    let id = t.push_with_spare("bert.embeddings.word_embeddings.weight", &[v, c], ParamKind::Embedding, Init::Normal { std: token_init_std(cfg.positions, c, std) }, pad * c);
+    let (wte, head) = (t.range(id), t.reserved_range(id));
     let wpe = (cfg.positions == Positions::Learned).then(|| emb(&mut t, "bert.embeddings.position_embeddings.weight", cfg.max_positions));
     let tte = emb(&mut t, "bert.embeddings.token_type_embeddings.weight", cfg.type_vocab_size);
     let emb_ln = Norm::push(&mut t, "bert.embeddings.LayerNorm", c);
@@ -136,12 +143,12 @@ fn build(cfg: &BertConfig) -> (ParamTable, Layout) {
     let pooler = pooled.then(|| Linear::push(&mut t, &["bert.pooler.dense"], c, c, std));
     let mlm_dense = Linear::push(&mut t, &["cls.predictions.transform.dense"], c, c, std);
     let mlm_ln = Norm::push(&mut t, "cls.predictions.transform.LayerNorm", c);
-    let bias = t.push("cls.predictions.bias", &[v], ParamKind::Bias, Init::Zeros);
-    let mlm_bias = t.range(bias);
+    let bias = t.push_with_spare("cls.predictions.bias", &[v], ParamKind::Bias, Init::Zeros, pad);
+    let (mlm_bias, mlm_bias_head) = (t.range(bias), t.reserved_range(bias));
     let nsp = cfg.nsp.then(|| Linear::push(&mut t, &["cls.seq_relationship"], c, 2, std));
     let classifier = (cfg.num_labels > 0).then(|| Linear::push(&mut t, &["classifier"], c, cfg.num_labels, std));
     let stack = Stack { subs, placement: cfg.ln_placement, ffn: f };
-    (t, Layout { wte, wpe, tte, emb_ln, stack, final_ln, mlm_dense, mlm_ln, mlm_bias, pooler, nsp, classifier, scores })
+    (t, Layout { wte, head, wpe, tte, emb_ln, stack, final_ln, mlm_dense, mlm_ln, mlm_bias, mlm_bias_head, pooler, nsp, classifier, scores })
 }
 
 /// The batch on the device.
@@ -215,6 +222,9 @@ pub struct Bert<B: Backend> {
     losses: BertLosses,
     /// d(contrastive loss)/dz of the last forward (host), used by backward.
     dz: Option<Vec<f32>>,
+    /// (Vp) the decoder's bias when the vocabulary is padded: `cls.predictions.bias`, copied in
+    /// before each forward, then the padding's mask (padded_head.rs)
+    head_bias: Option<B::Buf>,
 }
 
 /// Errors for options a backend lacks, raised when a model is built: a score kind without
@@ -253,10 +263,17 @@ impl<B: Backend> Bert<B> {
         if host.len() != table.total() {
             return Err(EngineError::Batch(format!("parameter buffer holds {} values, the config needs {}", host.len(), table.total())));
         }
+        for (r, name) in [(&lay.wte, "bert.embeddings.word_embeddings.weight"), (&lay.mlm_bias, "cls.predictions.bias")] {
+            let reserved = if r == &lay.wte { &lay.head } else { &lay.mlm_bias_head };
+            if let Some(e) = padded_head::check_spare(&host[r.end..reserved.end], name) {
+                return Err(EngineError::Batch(e));
+            }
+        }
         let sinusoidal = (cfg.positions == Positions::Sinusoidal).then(|| be.upload(&sinusoidal_table(cfg.max_positions, cfg.n_embd)));
         let params = be.upload(host);
         let grads = be.zeros(table.total());
-        Ok(Bert { be, cfg, table, lay, sinusoidal, params, grads, batch: None, acts: None, losses: BertLosses::default(), dz: None })
+        let head_bias = padded_head::mask(&be, cfg.vocab_size);
+        Ok(Bert { be, cfg, table, lay, sinusoidal, params, grads, batch: None, acts: None, losses: BertLosses::default(), dz: None, head_bias })
     }
 
     pub fn param_table(cfg: &BertConfig) -> ParamTable {
@@ -277,7 +294,7 @@ impl<B: Backend> Bert<B> {
     /// Masked-LM logits of the last forward, (B, T, V) (computed when the batch had MLM targets
     /// or no targets at all); after a backward pass, their gradient.
     pub fn logits(&self) -> Vec<f32> {
-        self.be.download(all(&self.be, &self.acts().mlm.logits))
+        padded_head::unpadded(self.be.download(all(&self.be, &self.acts().mlm.logits)), self.cfg.vocab_size)
     }
     /// Next-sentence logits (B, 2); after a backward pass, their gradient.
     pub fn nsp_logits(&self) -> Vec<f32> {
@@ -403,7 +420,7 @@ impl<B: Backend> Bert<B> {
 
     fn alloc(&self, b: usize, t: usize) -> Acts<B> {
         let be = &self.be;
-        let (n, c, v) = (b * t, self.cfg.n_embd, self.cfg.vocab_size);
+        let (n, c, v) = (b * t, self.cfg.n_embd, padded_head::head_rows(self.cfg.vocab_size));
         let z = |k: usize| be.zeros(k);
         let head = |rows: usize, classes: usize| HeadActs { logits: z(rows * classes), lse: z(rows), losses: z(rows) };
         Acts {
@@ -439,10 +456,11 @@ impl<B: Backend> Bert<B> {
     /// Forward pass; returns the summed loss of the objectives the batch carries (None if none).
     pub fn forward(&mut self, x: &BertBatch) -> Result<Option<f32>, EngineError> {
         self.load(x)?;
-        let Bert { be, cfg, lay, sinusoidal, params, batch, acts, losses: last_losses, dz: last_dz, .. } = self;
+        let Bert { be, cfg, lay, sinusoidal, params, batch, acts, losses: last_losses, dz: last_dz, head_bias, .. } = self;
         let (batch, a) = (batch.as_ref().unwrap(), acts.as_mut().unwrap());
         let cx = Ctx { be, params };
-        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, cfg.vocab_size);
+        // the decoder and the softmax run over the vocabulary rounded up (padded_head.rs)
+        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, padded_head::head_rows(cfg.vocab_size));
         let n = b * t;
         let d = Dims { b, t, tm: t, c, heads: cfg.n_head };
 
@@ -485,7 +503,15 @@ impl<B: Backend> Bert<B> {
             be.gelu_forward(all_mut(be, &mut a.mlm_g), all(be, &a.mlm_h));
             lay.mlm_ln.forward(&cx, &mut a.mlm_ln, &a.mlm_g);
             let dec = MatmulShape { rows: n, in_features: c, out_features: v, layout: WeightLayout::OutIn };
-            be.matmul_forward(all_mut(be, &mut a.mlm.logits), all(be, &a.mlm_ln.out), cx.p(&lay.wte), Some(cx.p(&lay.mlm_bias)), dec);
+            let bias = match head_bias {
+                Some(hb) => {
+                    // the bias's V values in front of the padding's mask
+                    be.copy(be.view_mut(hb, 0..cfg.vocab_size), cx.p(&lay.mlm_bias));
+                    all(be, hb)
+                }
+                None => cx.p(&lay.mlm_bias),
+            };
+            be.matmul_forward(all_mut(be, &mut a.mlm.logits), all(be, &a.mlm_ln.out), cx.p(&lay.head), Some(bias), dec);
             if let Some((targets, count)) = &batch.mlm {
                 losses.mlm = Some(cross_entropy_mean(be, &mut a.mlm, targets, v, *count));
             }
@@ -564,7 +590,8 @@ impl<B: Backend> Bert<B> {
         }
         let a = acts.as_mut().unwrap();
         let cx = Ctx { be, params };
-        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, cfg.vocab_size);
+        // over the vocabulary rounded up: the padding's dlogits are zero, so are its gradients
+        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, padded_head::head_rows(cfg.vocab_size));
         let n = b * t;
         let d = Dims { b, t, tm: t, c, heads: cfg.n_head };
         let Acts { emb, emb_ln, emb_drop, stack, final_ln, mlm_h, mlm_g, mlm_ln, mlm, cls, pooled, nsp, class, pool_mat, dhf, dn1, dn2, dpool, dpre, dcls, dz_dev, .. } = a;
@@ -579,8 +606,8 @@ impl<B: Backend> Bert<B> {
             be.cross_entropy_backward_in_place(all_mut(be, &mut mlm.logits), all(be, &mlm.lse), targets, dloss, v);
             // through the tied decoder: dln = dlogits wte, dwte += dlogits^T ln, dbias += sum
             let dec = MatmulShape { rows: n, in_features: c, out_features: v, layout: WeightLayout::OutIn };
-            let [dw, db] = be.split_mut(grads, [lay.wte.clone(), lay.mlm_bias.clone()]);
-            be.matmul_backward_set_dinp(all_mut(be, dn1), dw, Some(db), all(be, &mlm.logits), all(be, &mlm_ln.out), cx.p(&lay.wte), dec);
+            let [dw, db] = be.split_mut(grads, [lay.head.clone(), lay.mlm_bias_head.clone()]);
+            be.matmul_backward_set_dinp(all_mut(be, dn1), dw, Some(db), all(be, &mlm.logits), all(be, &mlm_ln.out), cx.p(&lay.head), dec);
             lay.mlm_ln.backward_set(&cx, grads, dn2, dn1, mlm_g, mlm_ln);
             be.gelu_backward_set(all_mut(be, dn1), all(be, mlm_h), all(be, dn2));
             lay.mlm_dense.backward(&cx, grads, dhf, Grad::after(dhf_written), dn1, hf, n);

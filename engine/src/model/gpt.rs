@@ -7,6 +7,7 @@
 use crate::backend::{AttnShape, Backend, MatmulShape, QkvSource, WeightLayout, IGNORE_INDEX};
 use crate::error::EngineError;
 use crate::model::gpt_config::{GptConfig, LayerNormPlacement};
+use crate::model::padded_head;
 use crate::params::{Init, ParamId, ParamKind, ParamTable};
 
 /// Parameter ids of one block.
@@ -108,16 +109,10 @@ pub struct Gpt<B: Backend> {
     grads: B::Buf,
     acts: Option<Acts<B>>,
     batch: Option<Batch<B>>,
-    /// (Vp) the LM head's bias when the head computes more rows than the vocabulary has
-    /// (`GptConfig::head_rows`): 0 for every real id, [`PADDED_LOGIT`] for the rest, so the
-    /// padding's logits take no share of the softmax and get a zero gradient. None when the
-    /// vocabulary is already a round number.
+    /// (Vp) the LM head's bias when it runs over more rows than the vocabulary has (the
+    /// padding's logits masked out; padded_head.rs), None when the vocabulary is a round number.
     head_mask: Option<B::Buf>,
 }
-
-/// The logit of every padded LM-head row: exp(PADDED_LOGIT - max) is 0 in f32 and bf16 alike,
-/// and it stays finite (an infinity times a zero gradient would be NaN somewhere).
-pub const PADDED_LOGIT: f32 = -1.0e30;
 
 /// The name table of a GPT config, in Hugging Face GPT-2 order.
 fn build_table(cfg: &GptConfig) -> (ParamTable, [ParamId; 4], Vec<BlockParams>) {
@@ -178,17 +173,12 @@ impl<B: Backend> Gpt<B> {
                 table.total()
             )));
         }
-        let spare = table.reserved_range(wte).end - table.range(wte).end;
-        if let Some(bad) = host[table.range(wte).end..table.reserved_range(wte).end].iter().position(|&x| x != 0.0) {
-            return Err(EngineError::Batch(format!(
-                "parameter buffer holds {} at spare value {bad} of {spare} after transformer.wte.weight, which must stay zero",
-                host[table.range(wte).end + bad]
-            )));
+        if let Some(e) = padded_head::check_spare(&host[table.range(wte).end..table.reserved_range(wte).end], "transformer.wte.weight") {
+            return Err(EngineError::Batch(e));
         }
         let params = be.upload(host);
         let grads = be.zeros(table.total());
-        let (v, vp) = (cfg.vocab_size, cfg.head_rows());
-        let head_mask = (vp > v).then(|| be.upload(&(0..vp).map(|i| if i < v { 0.0 } else { PADDED_LOGIT }).collect::<Vec<_>>()));
+        let head_mask = padded_head::mask(&be, cfg.vocab_size);
         Ok(Gpt { be, cfg, table, wte, wpe, lnf_w, lnf_b, blocks, params, grads, acts: None, batch: None, head_mask })
     }
 
@@ -382,7 +372,7 @@ impl<B: Backend> Gpt<B> {
         self.body_forward();
         let Gpt { be, cfg, table, params, acts, head_mask, .. } = self;
         let acts = acts.as_mut().unwrap();
-        // the softmax runs over the head's Vp columns, the padding's masked to PADDED_LOGIT
+        // the softmax runs over the head's Vp columns, the padding's masked (padded_head.rs)
         let v = cfg.head_rows();
         let rows = b * t;
 
@@ -536,12 +526,8 @@ impl<B: Backend> Gpt<B> {
     pub fn logits(&self) -> Vec<f32> {
         let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
         assert!(batch.logits_grad_scale.is_none(), "forward_train replaced the logits by their gradient");
-        let (v, vp) = (self.cfg.vocab_size, self.cfg.head_rows());
-        let padded = self.be.download(self.be.view(&acts.logits, 0..batch.b * batch.t * vp));
-        if vp == v {
-            return padded;
-        }
-        padded.chunks_exact(vp).flat_map(|row| &row[..v]).copied().collect()
+        let n = batch.b * batch.t * self.cfg.head_rows();
+        padded_head::unpadded(self.be.download(self.be.view(&acts.logits, 0..n)), self.cfg.vocab_size)
     }
 
     /// Logits at one position of the last forward pass.

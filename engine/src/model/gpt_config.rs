@@ -28,9 +28,6 @@ pub struct GptConfig {
     pub ln_placement: LayerNormPlacement,
 }
 
-/// See [`GptConfig::head_rows`].
-pub const HEAD_ROW_MULTIPLE: usize = 64;
-
 /// Preset names and what they are, for help texts and errors.
 pub const PRESETS: &[(&str, &str)] = &[
     ("gpt2-124m", "GPT-2 small: 12 layers, 12 heads, 768 wide, 1024 positions, 50257 tokens"),
@@ -105,14 +102,10 @@ impl GptConfig {
         Ok(())
     }
 
-    /// Rows of the LM head's GEMMs: the vocabulary rounded up to a multiple of
-    /// [`HEAD_ROW_MULTIPLE`] (GPT-2's 50,257 -> 50,304, what llm.c and the PyTorch peer train
-    /// with). cuBLAS's fast bf16 kernels need the GEMM's own m to be a round number, not only
-    /// its leading dimensions: at 50,257 the head's GEMMs ran ~3x slower on an H100 (bench/NOTES.md,
-    /// v3). The extra rows are `wte`'s spare values (zero), their logits masked out of the
-    /// softmax, so the model computes exactly what the unpadded one does.
+    /// Rows of the LM head's GEMMs: the vocabulary rounded up (GPT-2's 50,257 -> 50,304, what
+    /// llm.c and the PyTorch peer train with; model/padded_head.rs).
     pub fn head_rows(&self) -> usize {
-        self.vocab_size.div_ceil(HEAD_ROW_MULTIPLE) * HEAD_ROW_MULTIPLE
+        super::padded_head::head_rows(self.vocab_size)
     }
 
     /// Parameter count (the LM head is tied to `wte` and not counted twice).

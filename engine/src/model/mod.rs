@@ -9,6 +9,7 @@ mod blocks;
 pub mod gpt;
 pub mod gpt_config;
 pub mod objectives;
+pub mod padded_head;
 pub mod t5;
 pub mod t5_config;
 pub mod heads;

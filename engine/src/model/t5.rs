@@ -24,6 +24,7 @@ use crate::model::bert_config::Positions;
 use crate::model::blocks::{all, all_mut, saved_probs, sinusoidal_table, token_init_std, token_scale, Ctx, Dims, Inner, Lens, Linear, Norm, NormActs, ScoreParams, Stack, StackActs, Sublayer};
 use crate::grad_buckets::unreported;
 use crate::model::gpt::ReadyFn;
+use crate::model::padded_head;
 use crate::model::t5_config::T5Config;
 use crate::params::{Init, ParamKind, ParamTable};
 
@@ -69,6 +70,9 @@ impl T5Batch {
 #[derive(Clone, Debug)]
 struct Layout {
     shared: Range<usize>,
+    /// `shared` and its spare rows: the tied head's weight, over the vocabulary rounded up
+    /// (padded_head.rs)
+    head: Range<usize>,
     enc_pos: Option<Range<usize>>,
     dec_pos: Option<Range<usize>>,
     encoder: Stack,
@@ -86,8 +90,9 @@ fn build(cfg: &T5Config) -> (ParamTable, Layout) {
         let id = t.push(name, &[rows, c], ParamKind::Embedding, Init::Normal { std });
         t.range(id)
     };
-    let id = t.push("shared.weight", &[v, c], ParamKind::Embedding, Init::Normal { std: token_init_std(cfg.positions, c, std) });
-    let shared = t.range(id);
+    let spare = (padded_head::head_rows(v) - v) * c;
+    let id = t.push_with_spare("shared.weight", &[v, c], ParamKind::Embedding, Init::Normal { std: token_init_std(cfg.positions, c, std) }, spare);
+    let (shared, head) = (t.range(id), t.reserved_range(id));
     let learned = cfg.positions == Positions::Learned;
     let enc_pos = learned.then(|| emb(&mut t, "encoder.embed_positions.weight", cfg.max_positions));
     let dec_pos = learned.then(|| emb(&mut t, "decoder.embed_positions.weight", cfg.max_positions));
@@ -130,7 +135,7 @@ fn build(cfg: &T5Config) -> (ParamTable, Layout) {
     let dec_ln = Norm::push(&mut t, "decoder.final_layer_norm", c);
     let encoder = Stack { subs: enc, placement: cfg.ln_placement, ffn: f };
     let decoder = Stack { subs: dec, placement: cfg.ln_placement, ffn: f };
-    (t, Layout { shared, enc_pos, dec_pos, encoder, enc_ln, decoder, dec_ln, scores })
+    (t, Layout { shared, head, enc_pos, dec_pos, encoder, enc_ln, decoder, dec_ln, scores })
 }
 
 struct Loaded<B: Backend> {
@@ -174,6 +179,8 @@ pub struct T5<B: Backend> {
     grads: B::Buf,
     batch: Option<Loaded<B>>,
     acts: Option<Acts<B>>,
+    /// (Vp) the tied head's bias when the vocabulary is padded (padded_head.rs)
+    head_mask: Option<B::Buf>,
 }
 
 impl<B: Backend> T5<B> {
@@ -196,10 +203,14 @@ impl<B: Backend> T5<B> {
         if host.len() != table.total() {
             return Err(EngineError::Batch(format!("parameter buffer holds {} values, the config needs {}", host.len(), table.total())));
         }
+        if let Some(e) = padded_head::check_spare(&host[lay.shared.end..lay.head.end], "shared.weight") {
+            return Err(EngineError::Batch(e));
+        }
         let sinusoidal = (cfg.positions == Positions::Sinusoidal).then(|| be.upload(&sinusoidal_table(cfg.max_positions, cfg.n_embd)));
         let params = be.upload(host);
         let grads = be.zeros(table.total());
-        Ok(T5 { be, cfg, table, lay, sinusoidal, params, grads, batch: None, acts: None })
+        let head_mask = padded_head::mask(&be, cfg.vocab_size);
+        Ok(T5 { be, cfg, table, lay, sinusoidal, params, grads, batch: None, acts: None, head_mask })
     }
 
     pub fn param_table(cfg: &T5Config) -> ParamTable {
@@ -211,7 +222,8 @@ impl<B: Backend> T5<B> {
     super::flat_params::flat_param_accessors!();
     /// Decoder logits of the last forward, (B, Td, V); after a backward pass, their gradient.
     pub fn logits(&self) -> Vec<f32> {
-        self.be.download(all(&self.be, &self.acts.as_ref().expect("forward first").logits))
+        let padded = self.be.download(all(&self.be, &self.acts.as_ref().expect("forward first").logits));
+        padded_head::unpadded(padded, self.cfg.vocab_size)
     }
     /// Encoder output (after its final LayerNorm), (B, Te, C).
     pub fn encoder_output(&self) -> Vec<f32> {
@@ -302,7 +314,7 @@ impl<B: Backend> T5<B> {
 
     fn alloc(&self, b: usize, te: usize, td: usize) -> Acts<B> {
         let be = &self.be;
-        let (c, v) = (self.cfg.n_embd, self.cfg.vocab_size);
+        let (c, v) = (self.cfg.n_embd, padded_head::head_rows(self.cfg.vocab_size));
         let (de, dd) = self.dims(b, te, td);
         let (ne, nd) = (b * te, b * td);
         Acts {
@@ -330,10 +342,11 @@ impl<B: Backend> T5<B> {
     pub fn forward(&mut self, x: &T5Batch) -> Result<Option<f32>, EngineError> {
         self.load(x)?;
         let (de, dd) = self.dims(x.batch, x.enc_len, x.dec_len);
-        let T5 { be, cfg, lay, sinusoidal, params, batch, acts, .. } = self;
+        let T5 { be, cfg, lay, sinusoidal, params, batch, acts, head_mask, .. } = self;
         let (batch, a) = (batch.as_ref().unwrap(), acts.as_mut().unwrap());
         let cx = Ctx { be, params };
-        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        // the head and the softmax run over the vocabulary rounded up (padded_head.rs)
+        let (c, v) = (cfg.n_embd, padded_head::head_rows(cfg.vocab_size));
         let factor = token_scale(cfg.positions, c);
         let pos = |learned: &Option<Range<usize>>| match (learned, sinusoidal.as_ref()) {
             (Some(r), _) => cx.p(r),
@@ -361,9 +374,10 @@ impl<B: Backend> T5<B> {
         lay.decoder.forward(&cx, &mut a.dec, &a.dec_x, Some(&a.enc_out.out), dec_lens, dd);
         lay.dec_ln.forward(&cx, &mut a.dec_out, lay.decoder.output(&a.dec, &a.dec_x));
 
-        // logits = dec_out shared^T                                           // (B Td, V)
+        // logits = dec_out shared^T (+ the padding's mask)                    // (B Td, Vp)
         let head = MatmulShape { rows: batch.b * batch.td, in_features: c, out_features: v, layout: WeightLayout::OutIn };
-        be.matmul_forward(all_mut(be, &mut a.logits), all(be, &a.dec_out.out), cx.p(&lay.shared), None, head);
+        let mask = head_mask.as_ref().map(|m| all(be, m));
+        be.matmul_forward(all_mut(be, &mut a.logits), all(be, &a.dec_out.out), cx.p(&lay.head), mask, head);
         let Some((targets, count)) = &batch.targets else { return Ok(None) };
         be.cross_entropy_forward(all_mut(be, &mut a.losses), all_mut(be, &mut a.lse), all(be, &a.logits), targets, v);
         let sum: f64 = be.download(all(be, &a.losses)).iter().map(|&x| x as f64).sum();
@@ -393,7 +407,8 @@ impl<B: Backend> T5<B> {
         let (targets, count) = batch.targets.as_ref().ok_or_else(|| EngineError::Batch("backward needs targets".into()))?;
         let a = acts.as_mut().unwrap();
         let cx = Ctx { be, params };
-        let (c, v) = (cfg.n_embd, cfg.vocab_size);
+        // over the vocabulary rounded up: the padding's dlogits are zero, so are its gradients
+        let (c, v) = (cfg.n_embd, padded_head::head_rows(cfg.vocab_size));
         let factor = token_scale(cfg.positions, c);
         let Acts { enc_x, enc, enc_out, dec_x, dec, dec_out, logits, lse, dhead, ddec, denc, dx, .. } = a;
 
@@ -401,7 +416,7 @@ impl<B: Backend> T5<B> {
         be.cross_entropy_backward_in_place(all_mut(be, logits), all(be, lse), targets, loss_scale / (*count).max(1) as f32, v);
         // tied head: dhead = dlogits shared (written over); dshared += dlogits^T dec_out
         let head = MatmulShape { rows: batch.b * batch.td, in_features: c, out_features: v, layout: WeightLayout::OutIn };
-        be.matmul_backward_set_dinp(all_mut(be, dhead), be.view_mut(grads, lay.shared.clone()), None, all(be, logits), all(be, &dec_out.out), cx.p(&lay.shared), head);
+        be.matmul_backward_set_dinp(all_mut(be, dhead), be.view_mut(grads, lay.head.clone()), None, all(be, logits), all(be, &dec_out.out), cx.p(&lay.head), head);
         lay.dec_ln.backward_set(&cx, grads, ddec, dhead, lay.decoder.output(dec, dec_x), dec_out);
         // decoder stack; its cross-attention writes denc (the gradient of enc_out)
         let dec_lens = Lens::<B> { own: None, memory: batch.enc_lens.as_ref() };
