@@ -263,9 +263,9 @@ impl<B: Backend> Bert<B> {
         if host.len() != table.total() {
             return Err(EngineError::Batch(format!("parameter buffer holds {} values, the config needs {}", host.len(), table.total())));
         }
-        for (r, name) in [(&lay.wte, "bert.embeddings.word_embeddings.weight"), (&lay.mlm_bias, "cls.predictions.bias")] {
-            let reserved = if r == &lay.wte { &lay.head } else { &lay.mlm_bias_head };
-            if let Some(e) = padded_head::check_spare(&host[r.end..reserved.end], name) {
+        let padded = [(&lay.wte, &lay.head, "bert.embeddings.word_embeddings.weight"), (&lay.mlm_bias, &lay.mlm_bias_head, "cls.predictions.bias")];
+        for (tensor, reserved, name) in padded {
+            if let Some(e) = padded_head::check_spare(&host[tensor.end..reserved.end], name) {
                 return Err(EngineError::Batch(e));
             }
         }
