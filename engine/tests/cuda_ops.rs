@@ -511,3 +511,44 @@ fn nccl_world_of_one_averages_to_itself_and_abort_fails_later_calls() {
     assert!(matches!(r, Err(CollectiveError::Aborted)), "{r:?}");
     g.synchronize().expect("no device error left behind");
 }
+
+/// A world of two that only rank 0 joins never completes; setting the cancel flag ends the join
+/// (its half-made non-blocking communicator aborted) instead of leaving a thread in NCCL for
+/// good, which is what a stopped multi-GPU run needs when a peer never comes.
+#[test]
+fn an_nccl_join_whose_peer_never_comes_ends_when_cancelled() {
+    use smelt_engine::cuda::nccl::{unique_id, NcclCollective};
+    use smelt_engine::CollectiveError;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::time::Duration;
+    let Some(g) = gpu() else { return };
+    if !g.tuning().nccl_nonblocking {
+        println!("skipping: SMELT_NCCL_NONBLOCKING=0 (a blocking join cannot be cancelled)");
+        return;
+    }
+    let id = match unique_id() {
+        Ok(id) => id,
+        Err(e) => {
+            println!("skipping: {e}");
+            return;
+        }
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = mpsc::channel();
+    {
+        let cancel = cancel.clone();
+        // detached: should the join not return, the test fails below instead of hanging
+        std::thread::spawn(move || {
+            let r = NcclCollective::join(g, &id, 0, 2, &cancel).map(|_| ());
+            let _ = done_tx.send(r);
+        });
+    }
+    if let Ok(r) = done_rx.recv_timeout(Duration::from_secs(2)) {
+        panic!("a join of a world of two ended with one rank: {r:?}");
+    }
+    cancel.store(true, Ordering::SeqCst);
+    let r = done_rx.recv_timeout(Duration::from_secs(60)).expect("the cancelled join did not return (did nccl refuse the non-blocking config?)");
+    assert!(matches!(r, Err(CollectiveError::Aborted)), "{r:?}");
+    g.synchronize().expect("no device error left behind");
+}

@@ -80,6 +80,8 @@ fn with_gpu<R>(
     use smelt_engine::cuda::nccl::NcclCollective;
     use smelt_engine::cuda::CudaBackend;
     use smelt_engine::Local;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
     use tracing::info;
 
     let a = &req.assignment;
@@ -90,15 +92,23 @@ fn with_gpu<R>(
         return train(be, &mut Local);
     }
     let id = relayed_nccl_id(&req.nccl_unique_id, rank, world)?;
-    // ncclCommInitRank blocks until every rank has joined: wait for it on a thread of its own,
-    // so that an abort (a peer that never comes) still ends this run.
-    let init = move || {
-        let comm = NcclCollective::new(&be, &id, rank, world);
-        (be, comm)
+    // The join returns once every rank has joined: wait for it on a thread of its own, so that
+    // an abort (a peer that never comes) still ends this run at once. The cancel flag then ends
+    // the join itself (its half-made communicator aborted, the thread gone) where the
+    // communicator is non-blocking (nccl.rs); a blocking join's thread stays until NCCL returns.
+    let cancel = Arc::new(AtomicBool::new(false));
+    let init = {
+        let cancel = cancel.clone();
+        move || {
+            let comm = NcclCollective::join(&be, &id, rank, world, &cancel);
+            (be, comm)
+        }
     };
     let stopped = || control.stopped();
-    let (be, comm) = crate::abortable::run_unless_stopped(&format!("nccl-init-{}", a.job_id), init, &stopped, INIT_POLL)
-        .map_err(|reason| anyhow!("stopped while joining the nccl communicator as rank {rank} of {world}: {reason}"))?;
+    let (be, comm) = crate::abortable::run_unless_stopped(&format!("nccl-init-{}", a.job_id), init, &stopped, INIT_POLL).map_err(|reason| {
+        cancel.store(true, Ordering::SeqCst);
+        anyhow!("stopped while joining the nccl communicator as rank {rank} of {world}: {reason}")
+    })?;
     let mut comm = comm.with_context(|| format!("joining the nccl communicator as rank {rank} of {world} on cuda:{ordinal}"))?;
     let abort = comm.abort_handle();
     control.on_stop(move || abort.abort());

@@ -6,6 +6,15 @@
 //! `ncclCommGetAsyncError` instead of blocking in `cuStreamSynchronize`, so a peer's failure
 //! or an `abort()` turns into an error.
 //!
+//! Joining: the communicator is created non-blocking (`ncclCommInitRankConfig` with
+//! `blocking = 0`, `CudaTuning::nccl_nonblocking`) and its state polled, so a join whose peers
+//! never come ends when the caller's cancel flag is set (the communicator aborted) instead of
+//! leaving a thread blocked in `ncclCommInitRank` for good. On such a communicator any NCCL call
+//! may answer "in progress" before its work is on the stream: it is polled until enqueued
+//! (`settle`) before anything waits on the stream, and a completed run's communicator is
+//! finalized (polled) before it is destroyed. Where NCCL refuses the config, the blocking join
+//! is used, as with `SMELT_NCCL_NONBLOCKING=0`.
+//!
 //! Overlap with the backward pass (`Collective::start_all_reduce_mean`): each gradient bucket
 //! is averaged on a second stream that first waits for the compute stream's work so far (the
 //! bucket's gradients), so the backward kernels of the next blocks run while NCCL moves this
@@ -13,6 +22,7 @@
 //! `set_overlap`) until it has been measured on several GPUs; without it the trainer averages
 //! the whole buffer after the backward pass on the compute stream.
 
+use std::ffi::{c_char, c_int, c_uint};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,10 +57,110 @@ fn check_nccl_present() -> Result<(), CollectiveError> {
     }
 }
 
+/// NCCL's `ncclConfig_t` as far as NCCL 2.17's fields go, in its order. NCCL reads a caller's
+/// config by the `size` it states and resets every field newer than the `version` it states
+/// (init.cc, `parseCommConfig`), so every release since 2.17 reads this prefix alike, whichever
+/// release cudarc's bindings were generated from (the unit test checks the prefix against them).
+#[repr(C)]
+struct ConfigV2_17 {
+    size: usize,
+    magic: c_uint,
+    version: c_uint,
+    blocking: c_int,
+    cga_cluster_size: c_int,
+    min_ctas: c_int,
+    max_ctas: c_int,
+    net_name: *const c_char,
+    split_share: c_int,
+}
+
+impl ConfigV2_17 {
+    /// `NCCL_CONFIG_INITIALIZER` with `blocking = 0`: every other field left to NCCL.
+    fn nonblocking() -> Self {
+        const UNDEF_INT: c_int = c_int::MIN; // NCCL_CONFIG_UNDEF_INT
+        ConfigV2_17 {
+            size: std::mem::size_of::<ConfigV2_17>(),
+            magic: 0xcafe_beef,
+            version: 2 * 10_000 + 17 * 100, // NCCL_VERSION(2, 17, 0)
+            blocking: 0,
+            cga_cluster_size: UNDEF_INT,
+            min_ctas: UNDEF_INT,
+            max_ctas: UNDEF_INT,
+            net_name: std::ptr::null(),
+            split_share: UNDEF_INT,
+        }
+    }
+}
+
+/// How a non-blocking join ended without a communicator.
+enum JoinFailure {
+    /// NCCL did not take the config (an argument error before any work started): worth a
+    /// blocking join instead.
+    ConfigRefused(sys::ncclResult_t),
+    Failed(CollectiveError),
+}
+
+/// Polls a non-blocking communicator's state until it leaves "in progress"; `cancel` (checked
+/// between polls) ends the wait with `Aborted`, the communicator untouched.
+fn poll_state(comm: sys::ncclComm_t, poll: Duration, cancel: &dyn Fn() -> bool) -> Result<sys::ncclResult_t, CollectiveError> {
+    loop {
+        let mut state = sys::ncclResult_t::ncclInProgress;
+        // SAFETY: a live communicator, owned by the caller.
+        unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+        if state != sys::ncclResult_t::ncclInProgress {
+            return Ok(state);
+        }
+        if cancel() {
+            return Err(CollectiveError::Aborted);
+        }
+        std::thread::sleep(poll);
+    }
+}
+
+/// Joins as `rank` of `world` with a non-blocking communicator, polling until every rank has
+/// joined or `cancel` is set (then the half-made communicator is aborted).
+fn join_nonblocking(uid: sys::ncclUniqueId, rank: usize, world: usize, cancel: &AtomicBool, poll: Duration) -> Result<sys::ncclComm_t, JoinFailure> {
+    let mut config = ConfigV2_17::nonblocking();
+    let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+    // SAFETY: config is a valid prefix of ncclConfig_t (its size says how much NCCL may read);
+    // comm is written by NCCL; the caller made the device's context current.
+    let r = unsafe { sys::ncclCommInitRankConfig(&mut comm, world as i32, uid, rank as i32, (&mut config as *mut ConfigV2_17).cast()) };
+    let abort = |comm: sys::ncclComm_t| {
+        if !comm.is_null() {
+            // SAFETY: a communicator NCCL handed back and nothing else holds.
+            unsafe { sys::ncclCommAbort(comm) };
+        }
+    };
+    match r {
+        sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress if !comm.is_null() => {}
+        sys::ncclResult_t::ncclInvalidArgument | sys::ncclResult_t::ncclInvalidUsage => {
+            abort(comm);
+            return Err(JoinFailure::ConfigRefused(r));
+        }
+        other => {
+            abort(comm);
+            return Err(JoinFailure::Failed(CollectiveError::Config(format!("ncclCommInitRankConfig (rank {rank} of {world}, non-blocking): {other:?}"))));
+        }
+    }
+    match poll_state(comm, poll, &|| cancel.load(Ordering::SeqCst)) {
+        Ok(sys::ncclResult_t::ncclSuccess) => Ok(comm),
+        Ok(state) => {
+            abort(comm);
+            Err(JoinFailure::Failed(CollectiveError::Config(format!("joining the communicator as rank {rank} of {world}: {state:?}"))))
+        }
+        Err(e) => {
+            abort(comm);
+            Err(JoinFailure::Failed(e))
+        }
+    }
+}
+
 /// The communicator, shared with abort handles.
 struct Shared {
     comm: Mutex<sys::ncclComm_t>,
     aborted: AtomicBool,
+    /// Made non-blocking: its calls may answer "in progress" (see the module docs).
+    nonblocking: bool,
     /// The device's context, held until the communicator's teardown has run (it may run on a
     /// thread of its own after everything else of the run is gone).
     _context: Option<Arc<cudarc::driver::CudaContext>>,
@@ -102,6 +212,19 @@ impl Shared {
             // SAFETY: a live communicator no other thread can reach, ended once.
             unsafe {
                 match how {
+                    // a non-blocking communicator is finalized (polled: this thread may wait)
+                    // before it is destroyed; one whose finalizing fails is aborted instead
+                    Teardown::Destroy if self.nonblocking => {
+                        let r = sys::ncclCommFinalize(comm);
+                        let state = match r {
+                            sys::ncclResult_t::ncclInProgress => poll_state(comm, Duration::from_millis(1), &|| false).unwrap_or(r),
+                            other => other,
+                        };
+                        match state {
+                            sys::ncclResult_t::ncclSuccess => sys::ncclCommDestroy(comm),
+                            _ => sys::ncclCommAbort(comm),
+                        }
+                    }
                     Teardown::Destroy => sys::ncclCommDestroy(comm),
                     Teardown::Abort => sys::ncclCommAbort(comm),
                 }
@@ -132,9 +255,17 @@ pub struct NcclCollective {
 }
 
 impl NcclCollective {
-    /// Joins the communicator `id` as `rank` of `world` on `be`'s GPU; blocks until every rank
+    /// Joins the communicator `id` as `rank` of `world` on `be`'s GPU; returns once every rank
     /// has joined.
     pub fn new(be: &CudaBackend, id: &[u8; UNIQUE_ID_BYTES], rank: usize, world: usize) -> Result<Self, CollectiveError> {
+        Self::join(be, id, rank, world, &AtomicBool::new(false))
+    }
+
+    /// [`NcclCollective::new`], ended with `Aborted` once `cancel` is set while the other ranks
+    /// are still awaited (the half-made communicator aborted, nothing left running); with a
+    /// blocking join (`SMELT_NCCL_NONBLOCKING=0`, or a config NCCL refused) `cancel` is not
+    /// seen until the join returns.
+    pub fn join(be: &CudaBackend, id: &[u8; UNIQUE_ID_BYTES], rank: usize, world: usize, cancel: &AtomicBool) -> Result<Self, CollectiveError> {
         if world == 0 || rank >= world {
             return Err(CollectiveError::Config(format!("rank {rank} outside a world of {world}")));
         }
@@ -143,19 +274,36 @@ impl NcclCollective {
             .bind_to_thread()
             .map_err(|e| CollectiveError::Config(format!("binding cuda:{}: {e:?}", be.ordinal())))?;
         let uid = sys::ncclUniqueId { internal: id.map(|b| b as ::core::ffi::c_char) };
-        let mut comm: sys::ncclComm_t = std::ptr::null_mut();
-        // SAFETY: comm is written by NCCL on success; the device's context is current.
-        let r = unsafe { sys::ncclCommInitRank(&mut comm, world as i32, uid, rank as i32) };
-        if r != sys::ncclResult_t::ncclSuccess {
-            return Err(CollectiveError::Config(format!("ncclCommInitRank(rank {rank} of {world}): {r:?}")));
+        let poll = Duration::from_micros(50);
+        let mut joined = None;
+        if be.tuning().nccl_nonblocking {
+            match join_nonblocking(uid, rank, world, cancel, Duration::from_millis(1)) {
+                Ok(comm) => joined = Some((comm, true)),
+                Err(JoinFailure::ConfigRefused(r)) => {
+                    tracing::warn!(result = ?r, rank, world, "nccl refused a non-blocking communicator; joining blocking (an abort cannot interrupt the join)")
+                }
+                Err(JoinFailure::Failed(e)) => return Err(e),
+            }
         }
-        let shared = Arc::new(Shared { comm: Mutex::new(comm), aborted: AtomicBool::new(false), _context: Some(be.context().clone()) });
+        let (comm, nonblocking) = match joined {
+            Some(j) => j,
+            None => {
+                let mut comm: sys::ncclComm_t = std::ptr::null_mut();
+                // SAFETY: comm is written by NCCL on success; the device's context is current.
+                let r = unsafe { sys::ncclCommInitRank(&mut comm, world as i32, uid, rank as i32) };
+                if r != sys::ncclResult_t::ncclSuccess {
+                    return Err(CollectiveError::Config(format!("ncclCommInitRank(rank {rank} of {world}): {r:?}")));
+                }
+                (comm, false)
+            }
+        };
+        let shared = Arc::new(Shared { comm: Mutex::new(comm), aborted: AtomicBool::new(false), nonblocking, _context: Some(be.context().clone()) });
         let comm_stream = be
             .context()
             .new_stream()
             .map_err(|e| CollectiveError::Config(format!("creating the all-reduce stream on cuda:{}: {e:?}", be.ordinal())))?;
         let overlap = be.tuning().nccl_overlap;
-        Ok(NcclCollective { shared, rank, world, poll: Duration::from_micros(50), comm_stream, overlap })
+        Ok(NcclCollective { shared, rank, world, poll, comm_stream, overlap })
     }
 
     pub fn abort_handle(&self) -> NcclAbortHandle {
@@ -197,6 +345,12 @@ impl NcclCollective {
         // place is allowed.
         let r = unsafe {
             sys::ncclAllReduce(ptr, ptr, len, sys::ncclDataType_t::ncclFloat32, sys::ncclRedOp_t::ncclAvg, *comm, stream.cu_stream() as sys::cudaStream_t)
+        };
+        // A non-blocking communicator may answer before the all-reduce is on the stream:
+        // nothing may wait on the stream (or call NCCL again) until it is.
+        let r = match r {
+            sys::ncclResult_t::ncclInProgress if self.shared.nonblocking => poll_state(*comm, self.poll, &|| self.shared.aborted.load(Ordering::SeqCst))?,
+            other => other,
         };
         if r != sys::ncclResult_t::ncclSuccess {
             return Err(CollectiveError::Broken(format!("ncclAllReduce of {len} floats: {r:?}")));
@@ -296,7 +450,7 @@ mod tests {
     fn an_abort_never_waits_for_a_call_holding_the_communicator() {
         // no NCCL here: a null communicator, whose abort is only the flag; what is tested is
         // that abort() returns while another thread holds the lock (a call blocked in NCCL)
-        let shared = Arc::new(Shared { comm: Mutex::new(std::ptr::null_mut()), aborted: AtomicBool::new(false), _context: None });
+        let shared = Arc::new(Shared { comm: Mutex::new(std::ptr::null_mut()), aborted: AtomicBool::new(false), nonblocking: true, _context: None });
         let (held_tx, held_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let holder = {
@@ -318,5 +472,25 @@ mod tests {
         assert!(shared.aborted.load(Ordering::SeqCst), "the abort is marked at once, for calls that come later");
         release_tx.send(()).unwrap();
         holder.join().unwrap();
+    }
+
+    #[test]
+    fn the_config_is_ncclconfig_ts_prefix() {
+        // the field offsets against cudarc's bindings (generated from nccl.h): NCCL reads the
+        // prefix our size states, so every field must sit where its own struct has it
+        use std::mem::offset_of;
+        type Nccl = sys::ncclConfig_t;
+        assert_eq!(offset_of!(ConfigV2_17, size), offset_of!(Nccl, size));
+        assert_eq!(offset_of!(ConfigV2_17, magic), offset_of!(Nccl, magic));
+        assert_eq!(offset_of!(ConfigV2_17, version), offset_of!(Nccl, version));
+        assert_eq!(offset_of!(ConfigV2_17, blocking), offset_of!(Nccl, blocking));
+        assert_eq!(offset_of!(ConfigV2_17, cga_cluster_size), offset_of!(Nccl, cgaClusterSize));
+        assert_eq!(offset_of!(ConfigV2_17, min_ctas), offset_of!(Nccl, minCTAs));
+        assert_eq!(offset_of!(ConfigV2_17, max_ctas), offset_of!(Nccl, maxCTAs));
+        assert_eq!(offset_of!(ConfigV2_17, net_name), offset_of!(Nccl, netName));
+        assert_eq!(offset_of!(ConfigV2_17, split_share), offset_of!(Nccl, splitShare));
+        assert!(std::mem::size_of::<ConfigV2_17>() <= std::mem::size_of::<Nccl>());
+        let c = ConfigV2_17::nonblocking();
+        assert_eq!((c.size, c.magic, c.version, c.blocking), (std::mem::size_of::<ConfigV2_17>(), 0xcafe_beef, 21_700, 0));
     }
 }

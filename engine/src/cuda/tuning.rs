@@ -54,6 +54,12 @@ pub struct CudaTuning {
     /// `SMELT_NCCL_OVERLAP`: gradient buckets all-reduced on a second stream while the backward
     /// pass goes on (unmeasured on several GPUs: off).
     pub nccl_overlap: bool,
+    /// `SMELT_NCCL_NONBLOCKING`: the communicator is created non-blocking (`blocking = 0`) and
+    /// polled, so a join whose peers never come can be aborted; NCCL calls that answer "in
+    /// progress" are polled until enqueued (nccl.rs). Off: the blocking `ncclCommInitRank`,
+    /// whose thread an abort leaves behind. On (unmeasured, not yet run on a card: the world of
+    /// one tests run it first).
+    pub nccl_nonblocking: bool,
 }
 
 impl Default for CudaTuning {
@@ -72,6 +78,7 @@ impl Default for CudaTuning {
             attn_min_blocks: [4, 1, 3],
             attn_head_group: 16,
             nccl_overlap: false,
+            nccl_nonblocking: true,
         }
     }
 }
@@ -110,6 +117,7 @@ impl CudaTuning {
         flag("SMELT_ATTN_FUSED_BWD", &mut t.fused_attention_backward)?;
         flag("SMELT_ATTN_DQ_BULK", &mut t.attn_dq_bulk)?;
         flag("SMELT_NCCL_OVERLAP", &mut t.nccl_overlap)?;
+        flag("SMELT_NCCL_NONBLOCKING", &mut t.nccl_nonblocking)?;
         if let Some(v) = get("SMELT_CE_BLOCKS_PER_SM") {
             t.ce_blocks_per_sm = count(&v, 1..=MAX_CE_BLOCKS_PER_SM)
                 .ok_or_else(|| ConfigError::new("SMELT_CE_BLOCKS_PER_SM", format!("`{v}` is not a count of blocks in 1..={MAX_CE_BLOCKS_PER_SM}")))?;
@@ -146,6 +154,7 @@ impl CudaTuning {
             ("SMELT_ATTN_MIN_BLOCKS", format!("{fwd},{dkv},{dq}")),
             ("SMELT_ATTN_HEAD_GROUP", self.attn_head_group.to_string()),
             ("SMELT_NCCL_OVERLAP", b(self.nccl_overlap)),
+            ("SMELT_NCCL_NONBLOCKING", b(self.nccl_nonblocking)),
         ]
     }
 
@@ -200,6 +209,7 @@ mod tests {
         t.attn_min_blocks = [2, 2, 1];
         t.attn_head_group = 0;
         t.nccl_overlap = true;
+        t.nccl_nonblocking = false;
         let settings = t.settings();
         let vars: Vec<(&str, &str)> = settings.iter().map(|(k, v)| (*k, v.as_str())).collect();
         assert_eq!(with(&vars).unwrap(), t);
