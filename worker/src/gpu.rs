@@ -101,6 +101,11 @@ fn with_gpu<R>(
         let cancel = cancel.clone();
         move || {
             let comm = NcclCollective::join(&be, &id, rank, world, &cancel);
+            if let (Ok(c), true) = (&comm, cancel.load(Ordering::SeqCst)) {
+                // joined just as the run was stopped: nobody will use it, and its peers may be
+                // gone (dropping it would wait for them to finalize)
+                c.abort();
+            }
             (be, comm)
         }
     };

@@ -79,7 +79,9 @@ impl ConfigV2_17 {
     fn nonblocking() -> Self {
         const UNDEF_INT: c_int = c_int::MIN; // NCCL_CONFIG_UNDEF_INT
         ConfigV2_17 {
-            size: std::mem::size_of::<ConfigV2_17>(),
+            // the defined fields only, not the struct's tail padding (NCCL would copy those
+            // bytes into the next release's first field)
+            size: std::mem::offset_of!(ConfigV2_17, split_share) + std::mem::size_of::<c_int>(),
             magic: 0xcafe_beef,
             version: 2 * 10_000 + 17 * 100, // NCCL_VERSION(2, 17, 0)
             blocking: 0,
@@ -89,6 +91,22 @@ impl ConfigV2_17 {
             net_name: std::ptr::null(),
             split_share: UNDEF_INT,
         }
+    }
+}
+
+/// The first NCCL release whose `ncclConfig_t` has every field [`ConfigV2_17`] sets.
+const NONBLOCKING_SINCE: i32 = 2 * 10_000 + 17 * 100;
+
+/// The loaded NCCL's version (`NCCL_VERSION_CODE`), 0 if it does not say: a release without
+/// `ncclCommInitRankConfig` must not be asked for it (the symbol would be missing).
+fn nccl_version() -> i32 {
+    let mut v = 0;
+    // SAFETY: writes one int.
+    let r = unsafe { sys::ncclGetVersion(&mut v) };
+    if r == sys::ncclResult_t::ncclSuccess {
+        v
+    } else {
+        0
     }
 }
 
@@ -106,7 +124,11 @@ fn poll_state(comm: sys::ncclComm_t, poll: Duration, cancel: &dyn Fn() -> bool) 
     loop {
         let mut state = sys::ncclResult_t::ncclInProgress;
         // SAFETY: a live communicator, owned by the caller.
-        unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+        let r = unsafe { sys::ncclCommGetAsyncError(comm, &mut state) };
+        // the query itself can fail after writing success (completing a group's work)
+        if r != sys::ncclResult_t::ncclSuccess {
+            return Ok(r);
+        }
         if state != sys::ncclResult_t::ncclInProgress {
             return Ok(state);
         }
@@ -133,8 +155,8 @@ fn join_nonblocking(uid: sys::ncclUniqueId, rank: usize, world: usize, cancel: &
     };
     match r {
         sys::ncclResult_t::ncclSuccess | sys::ncclResult_t::ncclInProgress if !comm.is_null() => {}
-        sys::ncclResult_t::ncclInvalidArgument | sys::ncclResult_t::ncclInvalidUsage => {
-            abort(comm);
+        // refused before any work started (no communicator): a blocking join may still work
+        sys::ncclResult_t::ncclInvalidArgument | sys::ncclResult_t::ncclInvalidUsage if comm.is_null() && !cancel.load(Ordering::SeqCst) => {
             return Err(JoinFailure::ConfigRefused(r));
         }
         other => {
@@ -159,8 +181,6 @@ fn join_nonblocking(uid: sys::ncclUniqueId, rank: usize, world: usize, cancel: &
 struct Shared {
     comm: Mutex<sys::ncclComm_t>,
     aborted: AtomicBool,
-    /// Made non-blocking: its calls may answer "in progress" (see the module docs).
-    nonblocking: bool,
     /// The device's context, held until the communicator's teardown has run (it may run on a
     /// thread of its own after everything else of the run is gone).
     _context: Option<Arc<cudarc::driver::CudaContext>>,
@@ -212,12 +232,15 @@ impl Shared {
             // SAFETY: a live communicator no other thread can reach, ended once.
             unsafe {
                 match how {
-                    // a non-blocking communicator is finalized (polled: this thread may wait)
-                    // before it is destroyed; one whose finalizing fails is aborted instead
-                    Teardown::Destroy if self.nonblocking => {
+                    // finalized (a non-blocking one answers "in progress": polled, this thread
+                    // may wait, an abort meanwhile ends it) before it is destroyed; one whose
+                    // finalizing fails or is aborted is aborted instead
+                    Teardown::Destroy => {
                         let r = sys::ncclCommFinalize(comm);
                         let state = match r {
-                            sys::ncclResult_t::ncclInProgress => poll_state(comm, Duration::from_millis(1), &|| false).unwrap_or(r),
+                            sys::ncclResult_t::ncclInProgress => {
+                                poll_state(comm, Duration::from_millis(1), &|| self.aborted.load(Ordering::SeqCst)).unwrap_or(sys::ncclResult_t::ncclInProgress)
+                            }
                             other => other,
                         };
                         match state {
@@ -225,7 +248,6 @@ impl Shared {
                             _ => sys::ncclCommAbort(comm),
                         }
                     }
-                    Teardown::Destroy => sys::ncclCommDestroy(comm),
                     Teardown::Abort => sys::ncclCommAbort(comm),
                 }
             };
@@ -276,28 +298,37 @@ impl NcclCollective {
         let uid = sys::ncclUniqueId { internal: id.map(|b| b as ::core::ffi::c_char) };
         let poll = Duration::from_micros(50);
         let mut joined = None;
-        if be.tuning().nccl_nonblocking {
+        if be.tuning().nccl_nonblocking && nccl_version() >= NONBLOCKING_SINCE {
             match join_nonblocking(uid, rank, world, cancel, Duration::from_millis(1)) {
-                Ok(comm) => joined = Some((comm, true)),
+                Ok(comm) => joined = Some(comm),
                 Err(JoinFailure::ConfigRefused(r)) => {
                     tracing::warn!(result = ?r, rank, world, "nccl refused a non-blocking communicator; joining blocking (an abort cannot interrupt the join)")
                 }
                 Err(JoinFailure::Failed(e)) => return Err(e),
             }
         }
-        let (comm, nonblocking) = match joined {
-            Some(j) => j,
+        let comm = match joined {
+            Some(comm) => comm,
             None => {
                 let mut comm: sys::ncclComm_t = std::ptr::null_mut();
                 // SAFETY: comm is written by NCCL on success; the device's context is current.
                 let r = unsafe { sys::ncclCommInitRank(&mut comm, world as i32, uid, rank as i32) };
+                // NCCL_COMM_BLOCKING=0 in the environment makes even this join non-blocking
+                let r = match r {
+                    sys::ncclResult_t::ncclInProgress if !comm.is_null() => poll_state(comm, Duration::from_millis(1), &|| false)?,
+                    other => other,
+                };
                 if r != sys::ncclResult_t::ncclSuccess {
+                    if !comm.is_null() {
+                        // SAFETY: the failed join's communicator, reachable from nowhere else.
+                        unsafe { sys::ncclCommAbort(comm) };
+                    }
                     return Err(CollectiveError::Config(format!("ncclCommInitRank(rank {rank} of {world}): {r:?}")));
                 }
-                (comm, false)
+                comm
             }
         };
-        let shared = Arc::new(Shared { comm: Mutex::new(comm), aborted: AtomicBool::new(false), nonblocking, _context: Some(be.context().clone()) });
+        let shared = Arc::new(Shared { comm: Mutex::new(comm), aborted: AtomicBool::new(false), _context: Some(be.context().clone()) });
         let comm_stream = be
             .context()
             .new_stream()
@@ -349,7 +380,7 @@ impl NcclCollective {
         // A non-blocking communicator may answer before the all-reduce is on the stream:
         // nothing may wait on the stream (or call NCCL again) until it is.
         let r = match r {
-            sys::ncclResult_t::ncclInProgress if self.shared.nonblocking => poll_state(*comm, self.poll, &|| self.shared.aborted.load(Ordering::SeqCst))?,
+            sys::ncclResult_t::ncclInProgress => poll_state(*comm, self.poll, &|| self.shared.aborted.load(Ordering::SeqCst))?,
             other => other,
         };
         if r != sys::ncclResult_t::ncclSuccess {
@@ -450,7 +481,7 @@ mod tests {
     fn an_abort_never_waits_for_a_call_holding_the_communicator() {
         // no NCCL here: a null communicator, whose abort is only the flag; what is tested is
         // that abort() returns while another thread holds the lock (a call blocked in NCCL)
-        let shared = Arc::new(Shared { comm: Mutex::new(std::ptr::null_mut()), aborted: AtomicBool::new(false), nonblocking: true, _context: None });
+        let shared = Arc::new(Shared { comm: Mutex::new(std::ptr::null_mut()), aborted: AtomicBool::new(false), _context: None });
         let (held_tx, held_rx) = std::sync::mpsc::channel();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let holder = {
@@ -491,6 +522,7 @@ mod tests {
         assert_eq!(offset_of!(ConfigV2_17, split_share), offset_of!(Nccl, splitShare));
         assert!(std::mem::size_of::<ConfigV2_17>() <= std::mem::size_of::<Nccl>());
         let c = ConfigV2_17::nonblocking();
-        assert_eq!((c.size, c.magic, c.version, c.blocking), (std::mem::size_of::<ConfigV2_17>(), 0xcafe_beef, 21_700, 0));
+        assert_eq!((c.size, c.magic, c.version, c.blocking), (44, 0xcafe_beef, 21_700, 0), "size: up to splitShare's end, no padding");
+        assert_eq!(c.version as i32, NONBLOCKING_SINCE);
     }
 }
