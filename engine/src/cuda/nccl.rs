@@ -83,7 +83,7 @@ impl ConfigV2_17 {
             // bytes into the next release's first field)
             size: std::mem::offset_of!(ConfigV2_17, split_share) + std::mem::size_of::<c_int>(),
             magic: 0xcafe_beef,
-            version: 2 * 10_000 + 17 * 100, // NCCL_VERSION(2, 17, 0)
+            version: NONBLOCKING_SINCE as c_uint,
             blocking: 0,
             cga_cluster_size: UNDEF_INT,
             min_ctas: UNDEF_INT,
@@ -94,7 +94,8 @@ impl ConfigV2_17 {
     }
 }
 
-/// The first NCCL release whose `ncclConfig_t` has every field [`ConfigV2_17`] sets.
+/// The first NCCL release whose `ncclConfig_t` has every field [`ConfigV2_17`] sets
+/// (`NCCL_VERSION(2, 17, 0)`); older ones join and tear down the blocking way.
 const NONBLOCKING_SINCE: i32 = 2 * 10_000 + 17 * 100;
 
 /// The loaded NCCL's version (`NCCL_VERSION_CODE`), 0 if it does not say: a release without
@@ -235,6 +236,7 @@ impl Shared {
                     // finalized (a non-blocking one answers "in progress": polled, this thread
                     // may wait, an abort meanwhile ends it) before it is destroyed; one whose
                     // finalizing fails or is aborted is aborted instead
+                    Teardown::Destroy if nccl_version() < NONBLOCKING_SINCE => sys::ncclCommDestroy(comm),
                     Teardown::Destroy => {
                         let r = sys::ncclCommFinalize(comm);
                         let state = match r {
