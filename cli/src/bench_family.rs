@@ -11,7 +11,7 @@
 
 use anyhow::{bail, Result};
 use smelt_engine::backend::{Backend, ScoreKind, IGNORE_INDEX};
-use smelt_engine::model::{padded_head, Bert, BertBatch, BertConfig, T5Batch, T5Config, T5};
+use smelt_engine::model::{Bert, BertBatch, BertConfig, T5Batch, T5Config, T5};
 use smelt_engine::optim::{AdamW, AdamWConfig};
 use smelt_engine::rng::Rng;
 
@@ -89,7 +89,7 @@ pub(crate) fn run_bert<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnc
         f.step += 1;
         Ok(())
     })?;
-    let (vocab_size, head_rows) = (cfg.vocab_size, padded_head::head_rows(cfg.vocab_size));
+    let (vocab_size, head_rows) = (cfg.vocab_size, cfg.head_rows());
     Ok(Timed { params, vocab_size, head_rows, flops_per_token: cfg.flops_per_token(t), tokens_per_step: (b * t) as f64, secs })
 }
 
@@ -138,7 +138,7 @@ pub(crate) fn run_t5<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(
         f.step += 1;
         Ok(())
     })?;
-    let (vocab_size, head_rows) = (cfg.vocab_size, padded_head::head_rows(cfg.vocab_size));
+    let (vocab_size, head_rows) = (cfg.vocab_size, cfg.head_rows());
     Ok(Timed { params, vocab_size, head_rows, flops_per_token: cfg.flops_per_input_token(te, td), tokens_per_step: (b * te) as f64, secs })
 }
 

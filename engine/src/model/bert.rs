@@ -117,7 +117,7 @@ fn build(cfg: &BertConfig) -> (ParamTable, Layout) {
         let id = t.push(name, &[rows, c], ParamKind::Embedding, Init::Normal { std });
         t.range(id)
     };
-    let pad = padded_head::head_rows(v) - v;
+    let pad = cfg.head_rows() - v;
     let id = t.push_with_spare("bert.embeddings.word_embeddings.weight", &[v, c], ParamKind::Embedding, Init::Normal { std: token_init_std(cfg.positions, c, std) }, pad * c);
     let (wte, head) = (t.range(id), t.reserved_range(id));
     let wpe = (cfg.positions == Positions::Learned).then(|| emb(&mut t, "bert.embeddings.position_embeddings.weight", cfg.max_positions));
@@ -420,7 +420,7 @@ impl<B: Backend> Bert<B> {
 
     fn alloc(&self, b: usize, t: usize) -> Acts<B> {
         let be = &self.be;
-        let (n, c, v) = (b * t, self.cfg.n_embd, padded_head::head_rows(self.cfg.vocab_size));
+        let (n, c, v) = (b * t, self.cfg.n_embd, self.cfg.head_rows());
         let z = |k: usize| be.zeros(k);
         let head = |rows: usize, classes: usize| HeadActs { logits: z(rows * classes), lse: z(rows), losses: z(rows) };
         Acts {
@@ -460,7 +460,7 @@ impl<B: Backend> Bert<B> {
         let (batch, a) = (batch.as_ref().unwrap(), acts.as_mut().unwrap());
         let cx = Ctx { be, params };
         // the decoder and the softmax run over the vocabulary rounded up (padded_head.rs)
-        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, padded_head::head_rows(cfg.vocab_size));
+        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, cfg.head_rows());
         let n = b * t;
         let d = Dims { b, t, tm: t, c, heads: cfg.n_head };
 
@@ -591,7 +591,7 @@ impl<B: Backend> Bert<B> {
         let a = acts.as_mut().unwrap();
         let cx = Ctx { be, params };
         // over the vocabulary rounded up: the padding's dlogits are zero, so are its gradients
-        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, padded_head::head_rows(cfg.vocab_size));
+        let (b, t, c, v) = (batch.b, batch.t, cfg.n_embd, cfg.head_rows());
         let n = b * t;
         let d = Dims { b, t, tm: t, c, heads: cfg.n_head };
         let Acts { emb, emb_ln, emb_drop, stack, final_ln, mlm_h, mlm_g, mlm_ln, mlm, cls, pooled, nsp, class, pool_mat, dhf, dn1, dn2, dpool, dpre, dcls, dz_dev, .. } = a;

@@ -136,6 +136,11 @@ impl BertConfig {
         6.0 * macs
     }
 
+    /// Rows of the tied LM head's GEMMs: the vocabulary rounded up (model/padded_head.rs).
+    pub fn head_rows(&self) -> usize {
+        super::padded_head::head_rows(self.vocab_size)
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }

@@ -90,7 +90,7 @@ fn build(cfg: &T5Config) -> (ParamTable, Layout) {
         let id = t.push(name, &[rows, c], ParamKind::Embedding, Init::Normal { std });
         t.range(id)
     };
-    let spare = (padded_head::head_rows(v) - v) * c;
+    let spare = (cfg.head_rows() - v) * c;
     let id = t.push_with_spare("shared.weight", &[v, c], ParamKind::Embedding, Init::Normal { std: token_init_std(cfg.positions, c, std) }, spare);
     let (shared, head) = (t.range(id), t.reserved_range(id));
     let learned = cfg.positions == Positions::Learned;
@@ -314,7 +314,7 @@ impl<B: Backend> T5<B> {
 
     fn alloc(&self, b: usize, te: usize, td: usize) -> Acts<B> {
         let be = &self.be;
-        let (c, v) = (self.cfg.n_embd, padded_head::head_rows(self.cfg.vocab_size));
+        let (c, v) = (self.cfg.n_embd, self.cfg.head_rows());
         let (de, dd) = self.dims(b, te, td);
         let (ne, nd) = (b * te, b * td);
         Acts {
@@ -346,7 +346,7 @@ impl<B: Backend> T5<B> {
         let (batch, a) = (batch.as_ref().unwrap(), acts.as_mut().unwrap());
         let cx = Ctx { be, params };
         // the head and the softmax run over the vocabulary rounded up (padded_head.rs)
-        let (c, v) = (cfg.n_embd, padded_head::head_rows(cfg.vocab_size));
+        let (c, v) = (cfg.n_embd, cfg.head_rows());
         let factor = token_scale(cfg.positions, c);
         let pos = |learned: &Option<Range<usize>>| match (learned, sinusoidal.as_ref()) {
             (Some(r), _) => cx.p(r),
@@ -408,7 +408,7 @@ impl<B: Backend> T5<B> {
         let a = acts.as_mut().unwrap();
         let cx = Ctx { be, params };
         // over the vocabulary rounded up: the padding's dlogits are zero, so are its gradients
-        let (c, v) = (cfg.n_embd, padded_head::head_rows(cfg.vocab_size));
+        let (c, v) = (cfg.n_embd, cfg.head_rows());
         let factor = token_scale(cfg.positions, c);
         let Acts { enc_x, enc, enc_out, dec_x, dec, dec_out, logits, lse, dhead, ddec, denc, dx, .. } = a;
 

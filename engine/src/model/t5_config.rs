@@ -80,6 +80,11 @@ impl T5Config {
         6.0 * (enc + dec * td_f / te_f)
     }
 
+    /// Rows of the tied LM head's GEMMs: the vocabulary rounded up (model/padded_head.rs).
+    pub fn head_rows(&self) -> usize {
+        super::padded_head::head_rows(self.vocab_size)
+    }
+
     pub fn head_dim(&self) -> usize {
         self.n_embd / self.n_head
     }
