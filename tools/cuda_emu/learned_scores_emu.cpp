@@ -4,7 +4,8 @@
 //   forward: features (learned_scores_project), learned_attention_forward -> out, lse;
 //   backward: features again, learned_attention_backward_rows (dq features, the additive v's
 //   per-row shares, D), learned_attention_backward_keys (dv, and dk or the dk features), then
-//   learned_scores_project_back_input / _weight and learned_scores_sum_rows.
+//   learned_scores_project_back_input, and the weight gradients' chunked sums
+//   (learned_scores_weight_partials / _row_partials, then learned_scores_sum_chunks).
 // Cases: general and additive (A below, equal to and above hd), packed self-attention and split
 // cross-attention (Tq != Tk), causal or not, key padding masks, head dims 16, 33, 64, 128, row
 // counts that cross the 16-row blocks and 32-key tiles, f32 and bf16 buffers (the reference then
@@ -27,6 +28,35 @@ struct alignas(8) uint2 { unsigned x, y; };
 #include <string>
 
 static const float CANARY = 12345.0f;
+
+// learned_scores.rs's row_chunks: (rows per chunk, chunks), here with a small cap so the tests'
+// row counts (tens to hundreds) span several chunks, an uneven last one among them.
+static std::pair<int, int> row_chunks(int n_rows) {
+    const int max_chunks = 128, tile = LS_WTILE;
+    int chunks = std::max(1, std::min((n_rows + 63) / 64, max_chunks));
+    int chunk = ((n_rows + chunks - 1) / chunks + tile - 1) / tile * tile;
+    return {chunk, std::max(1, (n_rows + chunk - 1) / chunk)};
+}
+
+// dw += alpha x_h^T dfeat_h as learned_scores.rs's project_back: partial sums per chunk of rows
+// (NaN-filled first: every partial must be written), then their sum.
+static void project_back_weight(float* dw, const float* x, const float* dfeat, int rows, int ld, int off, float alpha, LsParams p) {
+    auto [chunk, chunks] = row_chunks(p.batch * rows);
+    const size_t len = (size_t)p.heads * p.hd * p.width;
+    std::vector<float> part(chunks * len, std::nanf(""));
+    const unsigned tiles = (unsigned)(((p.hd + LS_WTILE - 1) / LS_WTILE) * ((p.width + LS_WTILE - 1) / LS_WTILE));
+    launch(Dim3{tiles, (unsigned)p.heads, (unsigned)chunks}, 256, [&] { learned_scores_weight_partials(part.data(), x, dfeat, rows, ld, off, chunk, p); });
+    launch(Dim3{(unsigned)((len + 255) / 256), 1, 1}, 256, [&] { learned_scores_sum_chunks(dw, part.data(), chunks, (int)len, alpha); });
+}
+
+// dva += the additive v's row shares, summed as learned_scores.rs's sum_rows.
+static void sum_rows(float* dva, const float* dva_rows, LsParams p) {
+    auto [chunk, chunks] = row_chunks(p.batch * p.tq);
+    const size_t len = (size_t)p.heads * p.width;
+    std::vector<float> part(chunks * len, std::nanf(""));
+    launch(Dim3{(unsigned)p.heads, (unsigned)chunks, 1}, LS_MAX_W, [&] { learned_scores_row_partials(part.data(), dva_rows, chunk, p); });
+    launch(Dim3{(unsigned)((len + 255) / 256), 1, 1}, 256, [&] { learned_scores_sum_chunks(dva, part.data(), chunks, (int)len, 1.0f); });
+}
 static const size_t GUARD = 16;
 
 // A device buffer of n elements, f32 or bf16, with GUARD canaries after it.
@@ -231,11 +261,11 @@ static int run_case(const Case& c, bool accumulate) {
     });
     const float a1 = c.additive ? 1.0f : scale;
     launch(blocks((size_t)B * Tq * C), 256, [&] { learned_scores_project_back_input(dq.ptr(), dqf.data(), w1.data(), Tq, q_ld, q_off, a1, p); });
-    launch(blocks((size_t)H * hd * W), 256, [&] { learned_scores_project_back_weight(dw1.data(), qb.ptr(), dqf.data(), Tq, q_ld, q_off, a1, p); });
+    project_back_weight(dw1.data(), qb.ptr(), dqf.data(), Tq, q_ld, q_off, a1, p);
     if (c.additive) {
         launch(blocks((size_t)B * Tk * C), 256, [&] { learned_scores_project_back_input(dkvdst.ptr(), dkf.data(), w2.data(), Tk, k_ld, k_off, 1.0f, p); });
-        launch(blocks((size_t)H * hd * W), 256, [&] { learned_scores_project_back_weight(dw2.data(), kvsrc.ptr(), dkf.data(), Tk, k_ld, k_off, 1.0f, p); });
-        launch(blocks((size_t)H * W), 256, [&] { learned_scores_sum_rows(dva.data(), dvar.data(), p); });
+        project_back_weight(dw2.data(), kvsrc.ptr(), dkf.data(), Tk, k_ld, k_off, 1.0f, p);
+        sum_rows(dva.data(), dvar.data(), p);
     }
 
     // ---- compare ----

@@ -230,14 +230,56 @@ fn project(be: &CudaBackend, p: &LsParams, feat: u64, x: u64, w: u64, (rows, ld,
     launch!(be, "learned_scores_project", flat_cfg(n), &feat, &x, &w, &rows, &ld, &off, &alpha, p);
 }
 
+/// Rows per chunk of the weight gradients' sums over B * rows rows, and the chunk count: ~256
+/// rows a chunk, at most [`MAX_CHUNKS`] chunks (so the partials stay small), whole 32-row tiles.
+/// A function of the shape alone, so every run sums in the same order.
+fn row_chunks(n_rows: usize) -> (usize, usize) {
+    let chunks = n_rows.div_ceil(256).clamp(1, MAX_CHUNKS);
+    let chunk = n_rows.div_ceil(chunks).div_ceil(WTILE) * WTILE;
+    (chunk, n_rows.div_ceil(chunk).max(1))
+}
+/// See [`row_chunks`].
+const MAX_CHUNKS: usize = 128;
+/// The weight-gradient tile (LS_WTILE in learned_scores.cu).
+const WTILE: usize = 32;
+
+/// dst (len) += alpha * the sum over `chunks` partials (chunks, len), in order.
+fn sum_chunks(be: &CudaBackend, dst: u64, part: u64, chunks: usize, len: usize, alpha: f32) {
+    let (c, n) = (chunks as i32, len as i32);
+    launch!(be, "learned_scores_sum_chunks", flat_cfg(len), &dst, &part, &c, &n, &alpha);
+}
+
 /// dx's head columns at (rows, ld, off) += alpha dfeat_h w_h^T (written over unless
-/// p.accumulate), and dw += alpha x_h^T dfeat_h.
+/// p.accumulate), and dw += alpha x_h^T dfeat_h (chunked partial sums, then their sum).
 #[allow(clippy::too_many_arguments)]
 fn project_back(be: &CudaBackend, p: &LsParams, dx: u64, dw: u64, x: u64, dfeat: u64, w: u64, (rows, ld, off): (usize, i32, i32), alpha: f32) {
     let (batch, heads, hd, width) = (p.batch as usize, p.heads as usize, p.hd as usize, p.width as usize);
     let r = rows as i32;
     launch!(be, "learned_scores_project_back_input", flat_cfg(batch * rows * heads * hd), &dx, &dfeat, &w, &r, &ld, &off, &alpha, p);
-    launch!(be, "learned_scores_project_back_weight", flat_cfg(heads * hd * width), &dw, &x, &dfeat, &r, &ld, &off, &alpha, p);
+    let (chunk, chunks) = row_chunks(batch * rows);
+    let len = heads * hd * width;
+    let Some(part) = floats(be, chunks * len, "learned attention scores backward: allocating the weight gradients' partial sums") else { return };
+    let cfg = LaunchConfig {
+        grid_dim: ((hd.div_ceil(WTILE) * width.div_ceil(WTILE)) as u32, heads as u32, chunks as u32),
+        block_dim: (FLAT_THREADS, 1, 1),
+        shared_mem_bytes: (4 * 2 * WTILE * (WTILE + 1)) as u32,
+    };
+    let (part_p, ch) = (be.buf_ptr(&part), chunk as i32);
+    launch!(be, "learned_scores_weight_partials", cfg, &part_p, &x, &dfeat, &r, &ld, &off, &ch, p);
+    sum_chunks(be, dw, part_p, chunks, len, alpha);
+    drop(part);
+}
+
+/// dva (H, A) += the sum of the additive v's row shares dva_rows (B, H, Tq, A).
+fn sum_rows(be: &CudaBackend, p: &LsParams, dva: u64, dva_rows: u64) {
+    let (heads, width) = (p.heads as usize, p.width as usize);
+    let (chunk, chunks) = row_chunks(p.batch as usize * p.tq as usize);
+    let Some(part) = floats(be, chunks * heads * width, "learned attention scores backward: allocating the score vector's partial sums") else { return };
+    let cfg = LaunchConfig { grid_dim: (heads as u32, chunks as u32, 1), block_dim: (MAX_WIDTH as u32, 1, 1), shared_mem_bytes: 0 };
+    let (part_p, ch) = (be.buf_ptr(&part), chunk as i32);
+    launch!(be, "learned_scores_row_partials", cfg, &part_p, &dva_rows, &ch, p);
+    sum_chunks(be, dva, part_p, chunks, heads * width, 1.0);
+    drop(part);
 }
 
 /// `Backend::attention_ex_forward` with a general or additive score: out (B, Tq, C) and the lse
@@ -331,7 +373,7 @@ pub(crate) fn backward(
     if l.additive {
         // key features -> dk, dWk; the rows' shares of dv_h summed
         project_back(be, &p, dkv, dl.w_k, kv, dkf_p, l.w_k, (shape.kv_len, p.k_ld, p.k_off), 1.0);
-        launch!(be, "learned_scores_sum_rows", flat_cfg(shape.heads * w), &dl.v, &dva_p, &p);
+        sum_rows(be, &p, dl.v, dva_p);
     }
     drop((feats, dqf, dsum, dva_rows, dkf));
 }
@@ -360,5 +402,16 @@ mod tests {
             fields,
             ["batch", "tq", "tk", "heads", "hd", "q_ld", "q_off", "k_ld", "k_off", "v_ld", "v_off", "causal", "io_bf16", "width", "additive", "accumulate", "key_lens"]
         );
+    }
+
+    #[test]
+    fn row_chunks_cover_the_rows_in_whole_tiles() {
+        for n in [1, 31, 32, 33, 255, 256, 257, 4096, 16_384, 16_385, 1 << 20] {
+            let (chunk, chunks) = row_chunks(n);
+            assert_eq!(chunk % WTILE, 0, "{n}");
+            assert!(chunks * chunk >= n && (chunks - 1) * chunk < n, "{n}: {chunks} chunks of {chunk}");
+            assert!(chunks <= MAX_CHUNKS, "{n}");
+        }
+        assert_eq!(row_chunks(16_384), (256, 64), "GPT-2's B*T: 64 chunks of 256 rows");
     }
 }

@@ -22,8 +22,9 @@
 //       kernel) and sums the query side's gradient: dqf_i (and the additive v's per-row share).
 //   learned_attention_backward_keys   grid (ceil(Tk/16), H, B): each warp owns 4 key rows, query
 //       tiles of 32 (one per lane): dv_j and the key side's gradient (dk_j for general, dka_j).
-// Every gradient element is owned by one thread (row sums in a fixed order, then the weight
-// gradients summed over rows by one thread each), so the results are the same on every run.
+// Every gradient element is owned by one thread (row sums in a fixed order; the weight gradients
+// summed over fixed chunks of rows, then over the chunks in order), so the results are the same
+// on every run.
 
 #define LS_ROWS 16      // rows (queries or keys) of a block: 4 warps x 4 rows
 #define LS_ROWS_PER_WARP 4
@@ -429,34 +430,72 @@ learned_scores_project_back_input(float* dx, const float* dfeat, const float* w,
     ls_store(dx, ((size_t)b * rows + t) * ld + off + (size_t)h * p.hd + d, alpha * s, p.io_bf16, p.accumulate);
 }
 
-// dw (H, hd, W) += alpha sum over (b, t) of x_h[d] dfeat_h[e]: a thread per weight, summing
-// the rows in order.
+// The weight gradients dw (H, hd, W) = alpha sum over the B*rows rows (b, t) of x_h[d] dfeat_h[e]
+// (and the additive v's dva (H, A) = the sum of its rows' shares) in two deterministic passes,
+// the rows cut into `chunks` fixed chunks of `chunk` rows (learned_scores.rs picks them from the
+// shape alone, so every run sums in the same order): a block per (output tile, head, chunk)
+// writes the chunk's partial sums, then learned_scores_sum_chunks adds the chunks in order.
+// (Before: a thread per weight summing all B*T rows serially, ~16K dependent steps per thread
+// and a grid too small to fill the card.)
+#define LS_WTILE 32     // a weight-gradient block's outputs: 32 x 32 (d, e), 4 per thread
+
+// part (chunks, H, hd, W): chunk s's sum of x_h[d] dfeat_h[e] over its rows. Grid
+// (ceil(hd/32) * ceil(W/32), H, chunks), 256 threads, 2 * 32 * 33 floats of shared memory.
 extern "C" __global__ void __launch_bounds__(256)
-learned_scores_project_back_weight(float* dw, const float* x, const float* dfeat, int rows, int ld, int off,
-                                   float alpha, LsParams p) {
-    const size_t n = (size_t)p.heads * p.hd * p.width;
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n) return;
-    const int e = (int)(idx % p.width), d = (int)(idx / p.width % p.hd), h = (int)(idx / p.width / p.hd);
-    float s = 0.0f;
-    for (int b = 0; b < p.batch; b++) {
-        for (int t = 0; t < rows; t++) {
-            const float xv = ls_load(x, ((size_t)b * rows + t) * ld + off + (size_t)h * p.hd + d, p.io_bf16);
-            s += xv * dfeat[ls_feat(p, b, h, t, rows) + e];
+learned_scores_weight_partials(float* part, const float* x, const float* dfeat, int rows, int ld, int off,
+                               int chunk, LsParams p) {
+    extern __shared__ float smem[];
+    float* xs = smem;                         // (32 rows, 33): x_h[d] of the tile's d
+    float* fs = xs + LS_WTILE * (LS_WTILE + 1); // (32 rows, 33): dfeat_h[e] of the tile's e
+    const int W = p.width, tiles_e = (W + LS_WTILE - 1) / LS_WTILE;
+    const int d0 = blockIdx.x / tiles_e * LS_WTILE, e0 = blockIdx.x % tiles_e * LS_WTILE;
+    const int h = blockIdx.y, s = blockIdx.z;
+    const int tx = threadIdx.x % LS_WTILE, ty = threadIdx.x / LS_WTILE;  // e column; d rows ty + 8k
+    const int n_rows = p.batch * rows;
+    const int n0 = s * chunk, n1 = min(n0 + chunk, n_rows);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int r0 = n0; r0 < n1; r0 += LS_WTILE) {
+        __syncthreads();
+        for (int k = 0; k < 4; k++) {
+            const int i = threadIdx.x + k * 256, rr = i / LS_WTILE, cc = i % LS_WTILE;
+            const int n = r0 + rr, b = n / rows, t = n % rows;
+            const int d = d0 + cc, e = e0 + cc;
+            xs[rr * (LS_WTILE + 1) + cc] = n < n1 && d < p.hd ? ls_load(x, ((size_t)b * rows + t) * ld + off + (size_t)h * p.hd + d, p.io_bf16) : 0.0f;
+            fs[rr * (LS_WTILE + 1) + cc] = n < n1 && e < W ? dfeat[ls_feat(p, b, h, t, rows) + e] : 0.0f;
+        }
+        __syncthreads();
+        for (int rr = 0; rr < LS_WTILE; rr++) {
+            const float f = fs[rr * (LS_WTILE + 1) + tx];
+            #pragma unroll
+            for (int k = 0; k < 4; k++) acc[k] += xs[rr * (LS_WTILE + 1) + ty + 8 * k] * f;
         }
     }
-    dw[idx] += alpha * s;
+    const int e = e0 + tx;
+    #pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int d = d0 + ty + 8 * k;
+        if (d < p.hd && e < W) part[(((size_t)s * p.heads + h) * p.hd + d) * W + e] = acc[k];
+    }
 }
 
-// dva (H, A) += the rows' shares dva_rows (B, H, Tq, A), summed in order: a thread per (h, e).
+// part (chunks, H, A): chunk s's sum of the additive v's row shares dva_rows (B, H, Tq, A) over
+// its rows (n = b Tq + i). Grid (H, chunks), LS_MAX_W threads: one per feature.
+extern "C" __global__ void __launch_bounds__(LS_MAX_W)
+learned_scores_row_partials(float* part, const float* dva_rows, int chunk, LsParams p) {
+    const int h = blockIdx.x, s = blockIdx.y, e = threadIdx.x;
+    if (e >= p.width) return;
+    const int n0 = s * chunk, n1 = min(n0 + chunk, p.batch * p.tq);
+    float acc = 0.0f;
+    for (int n = n0; n < n1; n++) acc += dva_rows[ls_feat(p, n / p.tq, h, n % p.tq, p.tq) + e];
+    part[((size_t)s * p.heads + h) * p.width + e] = acc;
+}
+
+// dst (len) += alpha sum over the chunks, in order, of part (chunks, len). A thread per element.
 extern "C" __global__ void __launch_bounds__(256)
-learned_scores_sum_rows(float* dva, const float* dva_rows, LsParams p) {
-    const size_t n = (size_t)p.heads * p.width;
-    const size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= n) return;
-    const int e = (int)(idx % p.width), h = (int)(idx / p.width);
-    float s = 0.0f;
-    for (int b = 0; b < p.batch; b++)
-        for (int i = 0; i < p.tq; i++) s += dva_rows[ls_feat(p, b, h, i, p.tq) + e];
-    dva[idx] += s;
+learned_scores_sum_chunks(float* dst, const float* part, int chunks, int len, float alpha) {
+    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+    if (idx >= len) return;
+    float acc = 0.0f;
+    for (int c = 0; c < chunks; c++) acc += part[(size_t)c * len + idx];
+    dst[idx] += alpha * acc;
 }
