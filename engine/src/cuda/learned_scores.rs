@@ -230,16 +230,20 @@ fn project(be: &CudaBackend, p: &LsParams, feat: u64, x: u64, w: u64, (rows, ld,
     launch!(be, "learned_scores_project", flat_cfg(n), &feat, &x, &w, &rows, &ld, &off, &alpha, p);
 }
 
-/// Rows per chunk of the weight gradients' sums over B * rows rows, and the chunk count: ~256
-/// rows a chunk, at most [`MAX_CHUNKS`] chunks (so the partials stay small), whole 32-row tiles.
-/// A function of the shape alone, so every run sums in the same order.
-fn row_chunks(n_rows: usize) -> (usize, usize) {
-    let chunks = n_rows.div_ceil(256).clamp(1, MAX_CHUNKS);
+/// Rows per chunk of a gradient's sums over `n_rows` rows into `len` outputs, and the chunk
+/// count: ~256 rows a chunk, whole 32-row tiles, at most [`MAX_CHUNKS`] chunks and
+/// [`MAX_PARTIALS`] partial sums in all (wide heads need fewer chunks to fill the card). A
+/// function of the shape alone, so every run sums in the same order.
+fn row_chunks(n_rows: usize, len: usize) -> (usize, usize) {
+    let n_rows = n_rows.max(1);
+    let chunks = n_rows.div_ceil(256).clamp(1, MAX_CHUNKS).min((MAX_PARTIALS / len.max(1)).max(1));
     let chunk = n_rows.div_ceil(chunks).div_ceil(WTILE) * WTILE;
-    (chunk, n_rows.div_ceil(chunk).max(1))
+    (chunk, n_rows.div_ceil(chunk))
 }
 /// See [`row_chunks`].
 const MAX_CHUNKS: usize = 128;
+/// See [`row_chunks`] (32 MB of f32 partials).
+const MAX_PARTIALS: usize = 8 << 20;
 /// The weight-gradient tile (LS_WTILE in learned_scores.cu).
 const WTILE: usize = 32;
 
@@ -256,8 +260,8 @@ fn project_back(be: &CudaBackend, p: &LsParams, dx: u64, dw: u64, x: u64, dfeat:
     let (batch, heads, hd, width) = (p.batch as usize, p.heads as usize, p.hd as usize, p.width as usize);
     let r = rows as i32;
     launch!(be, "learned_scores_project_back_input", flat_cfg(batch * rows * heads * hd), &dx, &dfeat, &w, &r, &ld, &off, &alpha, p);
-    let (chunk, chunks) = row_chunks(batch * rows);
     let len = heads * hd * width;
+    let (chunk, chunks) = row_chunks(batch * rows, len);
     let Some(part) = floats(be, chunks * len, "learned attention scores backward: allocating the weight gradients' partial sums") else { return };
     let cfg = LaunchConfig {
         grid_dim: ((hd.div_ceil(WTILE) * width.div_ceil(WTILE)) as u32, heads as u32, chunks as u32),
@@ -273,7 +277,7 @@ fn project_back(be: &CudaBackend, p: &LsParams, dx: u64, dw: u64, x: u64, dfeat:
 /// dva (H, A) += the sum of the additive v's row shares dva_rows (B, H, Tq, A).
 fn sum_rows(be: &CudaBackend, p: &LsParams, dva: u64, dva_rows: u64) {
     let (heads, width) = (p.heads as usize, p.width as usize);
-    let (chunk, chunks) = row_chunks(p.batch as usize * p.tq as usize);
+    let (chunk, chunks) = row_chunks(p.batch as usize * p.tq as usize, heads * width);
     let Some(part) = floats(be, chunks * heads * width, "learned attention scores backward: allocating the score vector's partial sums") else { return };
     let cfg = LaunchConfig { grid_dim: (heads as u32, chunks as u32, 1), block_dim: (MAX_WIDTH as u32, 1, 1), shared_mem_bytes: 0 };
     let (part_p, ch) = (be.buf_ptr(&part), chunk as i32);
@@ -406,12 +410,16 @@ mod tests {
 
     #[test]
     fn row_chunks_cover_the_rows_in_whole_tiles() {
-        for n in [1, 31, 32, 33, 255, 256, 257, 4096, 16_384, 16_385, 1 << 20] {
-            let (chunk, chunks) = row_chunks(n);
-            assert_eq!(chunk % WTILE, 0, "{n}");
-            assert!(chunks * chunk >= n && (chunks - 1) * chunk < n, "{n}: {chunks} chunks of {chunk}");
-            assert!(chunks <= MAX_CHUNKS, "{n}");
+        for len in [64, 12 * 64 * 64, 16 * 128 * 128] {
+            for n in [1, 31, 32, 33, 255, 256, 257, 4096, 16_384, 16_385, 1 << 20] {
+                let (chunk, chunks) = row_chunks(n, len);
+                assert_eq!(chunk % WTILE, 0, "{n}");
+                assert!(chunks * chunk >= n && (chunks - 1) * chunk < n, "{n}: {chunks} chunks of {chunk}");
+                assert!(chunks <= MAX_CHUNKS && chunks * len <= MAX_PARTIALS.max(len), "{n} x {len}: {chunks} chunks");
+            }
         }
-        assert_eq!(row_chunks(16_384), (256, 64), "GPT-2's B*T: 64 chunks of 256 rows");
+        assert_eq!(row_chunks(16_384, 12 * 64 * 64), (256, 64), "BERT-base's 32 x 512 rows, 12 heads of 64 x 64: 64 chunks of 256 rows");
+        assert_eq!(row_chunks(1 << 20, 16 * 128 * 128), (1 << 15, 32), "the widest heads: the partials capped at 32 MB");
+        assert_eq!(row_chunks(0, 64), (32, 1), "no rows: one (empty) chunk");
     }
 }
