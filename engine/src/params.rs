@@ -105,6 +105,26 @@ impl ParamTable {
     pub fn reserved_range(&self, id: ParamId) -> Range<usize> {
         self.specs[id].reserved_range()
     }
+
+    /// Why `host` cannot be a flat parameter buffer of this table, if it cannot: its length,
+    /// or a nonzero spare value (they must stay zero: the LM head's padding).
+    pub fn check_buffer(&self, host: &[f32]) -> Result<(), String> {
+        if host.len() != self.total {
+            return Err(format!("parameter buffer holds {} values, the config needs {}", host.len(), self.total));
+        }
+        for s in self.specs.iter().filter(|s| s.spare > 0) {
+            let spare = &host[s.range().end..s.reserved_range().end];
+            if let Some(bad) = spare.iter().position(|&x| x != 0.0) {
+                return Err(format!(
+                    "parameter buffer holds {} at spare value {bad} of {} after {}, which must stay zero (the LM head's padding)",
+                    spare[bad],
+                    spare.len(),
+                    s.name
+                ));
+            }
+        }
+        Ok(())
+    }
     pub fn specs(&self) -> &[ParamSpec] {
         &self.specs
     }
@@ -134,5 +154,24 @@ impl ParamTable {
             }
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_of_the_wrong_length_or_with_a_nonzero_spare_value_is_named() {
+        let mut t = ParamTable::new();
+        t.push_with_spare("wte", &[2, 2], ParamKind::Embedding, Init::Zeros, 3);
+        t.push("b", &[2], ParamKind::Bias, Init::Zeros);
+        assert_eq!(t.total(), 9);
+        assert_eq!(t.check_buffer(&[0.0; 9]), Ok(()));
+        assert!(t.check_buffer(&[0.0; 8]).unwrap_err().contains("holds 8 values, the config needs 9"));
+        let mut host = [1.0f32; 9];
+        host[4..7].copy_from_slice(&[0.0, 0.0, 0.5]);
+        let e = t.check_buffer(&host).unwrap_err();
+        assert!(e.contains("0.5 at spare value 2 of 3 after wte"), "{e}");
     }
 }

@@ -260,15 +260,7 @@ impl<B: Backend> Bert<B> {
         cfg.validate()?;
         check_scores_supported(&be, cfg.scores, cfg.additive_width())?;
         let (table, lay) = build(&cfg);
-        if host.len() != table.total() {
-            return Err(EngineError::Batch(format!("parameter buffer holds {} values, the config needs {}", host.len(), table.total())));
-        }
-        let padded = [(&lay.wte, &lay.head, "bert.embeddings.word_embeddings.weight"), (&lay.mlm_bias, &lay.mlm_bias_head, "cls.predictions.bias")];
-        for (tensor, reserved, name) in padded {
-            if let Some(e) = padded_head::check_spare(&host[tensor.end..reserved.end], name) {
-                return Err(EngineError::Batch(e));
-            }
-        }
+        table.check_buffer(host).map_err(EngineError::Batch)?;
         let sinusoidal = (cfg.positions == Positions::Sinusoidal).then(|| be.upload(&sinusoidal_table(cfg.max_positions, cfg.n_embd)));
         let params = be.upload(host);
         let grads = be.zeros(table.total());

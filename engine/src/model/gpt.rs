@@ -166,16 +166,7 @@ impl<B: Backend> Gpt<B> {
     pub fn from_params(be: B, cfg: GptConfig, host: &[f32]) -> Result<Self, EngineError> {
         cfg.validate()?;
         let (table, [wte, wpe, lnf_w, lnf_b], blocks) = build_table(&cfg);
-        if host.len() != table.total() {
-            return Err(EngineError::Batch(format!(
-                "parameter buffer holds {} values, the config needs {}",
-                host.len(),
-                table.total()
-            )));
-        }
-        if let Some(e) = padded_head::check_spare(&host[table.range(wte).end..table.reserved_range(wte).end], "transformer.wte.weight") {
-            return Err(EngineError::Batch(e));
-        }
+        table.check_buffer(host).map_err(EngineError::Batch)?;
         let params = be.upload(host);
         let grads = be.zeros(table.total());
         let head_mask = padded_head::mask(&be, cfg.vocab_size);

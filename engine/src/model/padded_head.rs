@@ -40,17 +40,6 @@ pub fn unpadded(padded: Vec<f32>, vocab: usize) -> Vec<f32> {
     padded.chunks_exact(rows).flat_map(|row| &row[..vocab]).copied().collect()
 }
 
-/// The error for a parameter buffer whose spare values after the token table are not zero
-/// (`spare` = the buffer's values there), or None.
-pub fn check_spare(spare: &[f32], table_name: &str) -> Option<String> {
-    let bad = spare.iter().position(|&x| x != 0.0)?;
-    Some(format!(
-        "parameter buffer holds {} at spare value {bad} of {} after {table_name}, which must stay zero (the LM head's padding)",
-        spare[bad],
-        spare.len()
-    ))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,12 +58,5 @@ mod tests {
         let padded: Vec<f32> = (0..128).map(|x| x as f32).collect();
         assert_eq!(unpadded(padded.clone(), 3), vec![0.0, 1.0, 2.0, 64.0, 65.0, 66.0]);
         assert_eq!(unpadded(padded.clone(), 64), padded);
-    }
-
-    #[test]
-    fn a_nonzero_spare_value_is_named() {
-        assert_eq!(check_spare(&[0.0; 4], "wte"), None);
-        let e = check_spare(&[0.0, 0.0, 0.5], "wte").unwrap();
-        assert!(e.contains("0.5 at spare value 2 of 3 after wte"), "{e}");
     }
 }

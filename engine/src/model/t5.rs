@@ -200,12 +200,7 @@ impl<B: Backend> T5<B> {
         cfg.validate()?;
         check_scores_supported(&be, cfg.scores, cfg.additive_width())?;
         let (table, lay) = build(&cfg);
-        if host.len() != table.total() {
-            return Err(EngineError::Batch(format!("parameter buffer holds {} values, the config needs {}", host.len(), table.total())));
-        }
-        if let Some(e) = padded_head::check_spare(&host[lay.shared.end..lay.head.end], "shared.weight") {
-            return Err(EngineError::Batch(e));
-        }
+        table.check_buffer(host).map_err(EngineError::Batch)?;
         let sinusoidal = (cfg.positions == Positions::Sinusoidal).then(|| be.upload(&sinusoidal_table(cfg.max_positions, cfg.n_embd)));
         let params = be.upload(host);
         let grads = be.zeros(table.total());
