@@ -9,6 +9,7 @@
 //!   cancellation); `rendezvous`: ring addresses and the NCCL id for each attempt.
 //! - `jobs`, `workers`: the operations; `job_service`, `worker_service`: the gRPC glue;
 //!   `error`: the one mapping to gRPC codes; `server`: config, bind, serve.
+//! - `dashboard`: the read-only web page and its JSON API, on the same port as gRPC.
 //!
 //! Data plan: a worker needs nothing from its peers to know its data. Its assignment carries the
 //! job's spec (with the seed) and the step to start at; the sample order is a pure function of
@@ -16,6 +17,7 @@
 
 mod attempt;
 mod coordinator;
+mod dashboard;
 pub mod error;
 mod job_service;
 mod jobs;

@@ -10,11 +10,13 @@ use smelt_proto::auth::RequireToken;
 use smelt_proto::v1::job_service_server::JobServiceServer;
 use smelt_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
+use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::coordinator::Coordinator;
+use crate::dashboard;
 use crate::job_service::JobSvc;
 use crate::lease::run_lease_checker;
 use crate::store::Store;
@@ -107,11 +109,18 @@ impl Bound {
         let lease = tokio::spawn(run_lease_checker(coord.clone()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+        // gRPC (HTTP/2) and the dashboard (HTTP/1.1 from browsers) on one port.
+        let mut grpc = RoutesBuilder::default();
+        grpc.add_service(WorkerServiceServer::with_interceptor(WorkerSvc { coord: coord.clone() }, auth.clone()))
+            .add_service(JobServiceServer::with_interceptor(JobSvc { coord: coord.clone() }, auth.clone()));
+        let routes = grpc.routes().into_axum_router().merge(dashboard::router(coord.clone(), store.path().to_path_buf(), auth))
+            .fallback(dashboard::fallback);
+        info!(url = %format!("http://{addr}/"), "dashboard");
         let router = Server::builder()
+            .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-            .add_service(WorkerServiceServer::with_interceptor(WorkerSvc { coord: coord.clone() }, auth.clone()))
-            .add_service(JobServiceServer::with_interceptor(JobSvc { coord: coord.clone() }, auth));
+            .add_routes(Routes::from(routes));
         let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
             let _ = stop_rx.await;
         }));

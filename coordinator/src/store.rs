@@ -20,7 +20,7 @@ use crate::state::{
 };
 
 /// Bumped by every schema change; `migrate` brings older files forward.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Largest number of queued writes applied in one transaction.
 const MAX_BATCH: usize = 4096;
@@ -96,6 +96,8 @@ pub struct MetricRow {
     pub grad_norm: f32,
     pub lr: f32,
     pub tokens_per_s: f64,
+    /// Model FLOPs utilization (GPU ranks only).
+    pub mfu: Option<f32>,
     pub at_ms: i64,
 }
 
@@ -323,6 +325,11 @@ ALTER TABLE jobs ADD COLUMN last_val_accuracy REAL;
 ALTER TABLE metrics ADD COLUMN val_accuracy REAL;
 "#;
 
+/// Version 3: model FLOPs utilization of GPU steps (the dashboard plots it).
+const SCHEMA_V3: &str = r#"
+ALTER TABLE metrics ADD COLUMN mfu REAL;
+"#;
+
 /// Creates the schema in a new file, or brings an older one to `SCHEMA_VERSION`.
 pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
@@ -343,7 +350,11 @@ pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         tx.execute_batch(SCHEMA_V2)?;
         version = 2;
     }
-    // Later versions: `if version < 3 { ...; version = 3; }`
+    if version < 3 {
+        tx.execute_batch(SCHEMA_V3)?;
+        version = 3;
+    }
+    // Later versions: `if version < 4 { ...; version = 4; }`
     tx.execute("DELETE FROM schema_version", [])?;
     tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
     tx.commit()?;
@@ -514,8 +525,8 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
         }
         Op::Metric(m) => {
             tx.prepare_cached(
-                "INSERT INTO metrics (job_id, attempt, step, loss, val_loss, grad_norm, lr, tokens_per_s, at_ms, val_accuracy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                "INSERT INTO metrics (job_id, attempt, step, loss, val_loss, grad_norm, lr, tokens_per_s, at_ms, val_accuracy, mfu)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 m.job_id,
@@ -528,6 +539,7 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
                 m.tokens_per_s,
                 m.at_ms,
                 m.val_accuracy.map(|v| v as f64),
+                m.mfu.map(|v| v as f64),
             ])?;
         }
         Op::Checkpoint(c) => {
@@ -679,6 +691,7 @@ mod tests {
                 grad_norm: 0.5,
                 lr: 1e-3,
                 tokens_per_s: 10.0,
+                mfu: (step == 999).then_some(0.375),
                 at_ms: 3,
             }));
         }
@@ -705,6 +718,8 @@ mod tests {
         assert_eq!(n, 1000);
         let acc: f64 = conn.query_row("SELECT val_accuracy FROM metrics WHERE step = 999", [], |r| r.get(0)).unwrap();
         assert_eq!(acc, 0.75);
+        let mfu: f64 = conn.query_row("SELECT mfu FROM metrics WHERE step = 999", [], |r| r.get(0)).unwrap();
+        assert_eq!(mfu, 0.375);
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
@@ -733,8 +748,9 @@ mod tests {
         let conn = Connection::open(&path).unwrap();
         let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
         assert_eq!(v, SCHEMA_VERSION);
-        let acc: Option<f64> = conn.query_row("SELECT val_accuracy FROM metrics", [], |r| r.get(0)).unwrap();
-        assert_eq!(acc, None);
+        let (acc, mfu): (Option<f64>, Option<f64>) =
+            conn.query_row("SELECT val_accuracy, mfu FROM metrics", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
+        assert_eq!((acc, mfu), (None, None));
     }
 
     #[test]

@@ -310,6 +310,7 @@ impl State {
             grad_norm: m.grad_norm,
             lr: m.lr,
             tokens_per_s: m.tokens_per_s,
+            mfu: m.mfu,
             at_ms: now,
         }));
     }

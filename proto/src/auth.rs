@@ -82,13 +82,24 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+impl RequireToken {
+    /// Whether a call whose `authorization` header is `authorization` may go on; if not, why
+    /// (the same words for gRPC calls and the dashboard's HTTP requests).
+    pub fn admits(&self, authorization: Option<&[u8]>) -> Result<(), String> {
+        let Some(want) = &self.0 else { return Ok(()) };
+        match authorization {
+            Some(got) if constant_time_eq(got, want) => Ok(()),
+            Some(_) => Err(format!("wrong token: {TOKEN_ENV} does not match the coordinator's")),
+            None => Err(format!("this coordinator requires a token: set {TOKEN_ENV}")),
+        }
+    }
+}
+
 impl Interceptor for RequireToken {
     fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
-        let Some(want) = &self.0 else { return Ok(req) };
-        match req.metadata().get("authorization") {
-            Some(got) if constant_time_eq(got.as_bytes(), want) => Ok(req),
-            Some(_) => Err(Status::unauthenticated(format!("wrong token: {TOKEN_ENV} does not match the coordinator's"))),
-            None => Err(Status::unauthenticated(format!("this coordinator requires a token: set {TOKEN_ENV}"))),
+        match self.admits(req.metadata().get("authorization").map(|v| v.as_bytes())) {
+            Ok(()) => Ok(req),
+            Err(why) => Err(Status::unauthenticated(why)),
         }
     }
 }

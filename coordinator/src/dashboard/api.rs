@@ -1,0 +1,88 @@
+//! The JSON handlers. State comes from the coordinator's memory (one short lock), history from
+//! the SQLite file on a blocking thread.
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use super::{error, history, json, Dashboard};
+use crate::error::CoordError;
+use crate::state::now_ms;
+
+/// Points a metrics request returns by default, and at most.
+const DEFAULT_POINTS: u64 = 2_000;
+const MAX_POINTS: u64 = 20_000;
+
+fn coord_error(e: CoordError) -> Response {
+    let status = match e {
+        CoordError::NotFound(_) => StatusCode::NOT_FOUND,
+        CoordError::InvalidSpec(_) | CoordError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
+        CoordError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    error(status, e.to_string())
+}
+
+/// Runs a history read off the async runtime; a failure names the database.
+async fn read_history<T: Send + 'static>(
+    d: &Dashboard,
+    what: &'static str,
+    f: impl FnOnce(&std::path::Path) -> rusqlite::Result<T> + Send + 'static,
+) -> Result<T, Response> {
+    let db = d.db_path.clone();
+    match tokio::task::spawn_blocking(move || f(&db).map_err(|e| format!("reading {what} from {}: {e}", db.display())))
+        .await
+    {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(why)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, why)),
+        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, format!("reading {what}: {e}"))),
+    }
+}
+
+pub(super) async fn overview(State(d): State<Dashboard>) -> Json<Value> {
+    let (jobs, workers) = d.coord.with(|st| (st.list_jobs(), st.list_workers()));
+    Json(json!({
+        "now_ms": now_ms(),
+        "jobs": jobs.iter().map(json::job_summary).collect::<Vec<_>>(),
+        "workers": workers.iter().map(json::worker).collect::<Vec<_>>(),
+    }))
+}
+
+pub(super) async fn job(State(d): State<Dashboard>, Path(id): Path<String>) -> Response {
+    let found = d.coord.with(|st| st.job(&id).map(|j| (j.to_proto(), j.events.iter().filter_map(json::event).collect::<Vec<_>>())));
+    let (job, events) = match found {
+        Ok(x) => x,
+        Err(e) => return coord_error(e),
+    };
+    let checkpoints = match read_history(&d, "checkpoints", move |db| history::checkpoints(db, &id)).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
+    let mut body = json::job_summary(&job);
+    body["spec_toml"] = json!(job.spec_toml);
+    body["events"] = json!(events);
+    body["checkpoints"] = json!(checkpoints);
+    Json(body).into_response()
+}
+
+#[derive(Deserialize)]
+pub(super) struct MetricsQuery {
+    max_points: Option<u64>,
+}
+
+pub(super) async fn metrics(State(d): State<Dashboard>, Path(id): Path<String>, Query(q): Query<MetricsQuery>) -> Response {
+    let max_points = q.max_points.unwrap_or(DEFAULT_POINTS);
+    if max_points == 0 || max_points > MAX_POINTS {
+        return error(StatusCode::BAD_REQUEST, format!("max_points must be between 1 and {MAX_POINTS}, not {max_points}"));
+    }
+    if let Err(e) = d.coord.with(|st| st.job(&id).map(|_| ())) {
+        return coord_error(e);
+    }
+    match read_history(&d, "metrics", move |db| history::metrics(db, &id, max_points)).await {
+        Ok(series) => Json(series).into_response(),
+        Err(r) => r,
+    }
+}

@@ -1,0 +1,176 @@
+//! A job's history from the SQLite file: rank 0's step metrics and the checkpoints recorded.
+//! The coordinator keeps neither in memory (a long job reports hundreds of thousands of steps),
+//! so each request opens the file read-only; WAL mode lets it read beside the writer thread,
+//! and it sees what the writer has committed (writes are batched, so the newest step or two may
+//! not be there yet).
+
+use std::path::Path;
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OpenFlags};
+use serde::Serialize;
+
+/// How long a read waits for SQLite's lock (a checkpoint of the WAL) before giving up.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One step of rank 0, as the worker reported it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MetricPoint {
+    pub attempt: u32,
+    pub step: u64,
+    pub loss: f32,
+    pub val_loss: Option<f32>,
+    pub val_accuracy: Option<f32>,
+    pub grad_norm: f32,
+    pub lr: f32,
+    pub tokens_per_s: f64,
+    pub mfu: Option<f32>,
+    pub at_ms: i64,
+}
+
+/// A job's metrics in the order they were reported, thinned to a plotting budget.
+#[derive(Debug, Serialize)]
+pub struct MetricSeries {
+    /// Rows stored for the job.
+    pub total: u64,
+    /// Every `stride`-th row is kept (1: all), besides every evaluation step and the last row.
+    pub stride: u64,
+    pub points: Vec<MetricPoint>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CheckpointEntry {
+    pub step: u64,
+    pub uri: String,
+    pub manifest_sha256: String,
+    pub at_ms: i64,
+}
+
+fn open(db: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open_with_flags(db, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
+}
+
+/// The job's step metrics, at most about `max_points` of them (plus its evaluation steps, which
+/// are never thinned away): a restarted job's attempts follow each other, each from the step
+/// it resumed at.
+pub fn metrics(db: &Path, job_id: &str, max_points: u64) -> rusqlite::Result<MetricSeries> {
+    let conn = open(db)?;
+    let total: u64 = conn.query_row("SELECT COUNT(*) FROM metrics WHERE job_id = ?1", [job_id], |r| r.get(0))?;
+    let stride = total.div_ceil(max_points.max(1)).max(1);
+    let mut st = conn.prepare_cached(
+        "SELECT attempt, step, loss, val_loss, val_accuracy, grad_norm, lr, tokens_per_s, mfu, at_ms FROM (
+             SELECT *, ROW_NUMBER() OVER (ORDER BY rowid) - 1 AS i FROM metrics WHERE job_id = ?1
+         ) WHERE i % ?2 = 0 OR i = ?3 - 1 OR val_loss IS NOT NULL OR val_accuracy IS NOT NULL ORDER BY i",
+    )?;
+    let points = st
+        .query_map(params![job_id, stride as i64, total as i64], |r| {
+            Ok(MetricPoint {
+                attempt: r.get(0)?,
+                step: r.get::<_, i64>(1)? as u64,
+                loss: r.get::<_, f64>(2)? as f32,
+                val_loss: r.get::<_, Option<f64>>(3)?.map(|v| v as f32),
+                val_accuracy: r.get::<_, Option<f64>>(4)?.map(|v| v as f32),
+                grad_norm: r.get::<_, f64>(5)? as f32,
+                lr: r.get::<_, f64>(6)? as f32,
+                tokens_per_s: r.get(7)?,
+                mfu: r.get::<_, Option<f64>>(8)?.map(|v| v as f32),
+                at_ms: r.get(9)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(MetricSeries { total, stride, points })
+}
+
+/// Every checkpoint recorded for the job (its manifest landed), oldest first; retention may
+/// have deleted the older ones from the store since.
+pub fn checkpoints(db: &Path, job_id: &str) -> rusqlite::Result<Vec<CheckpointEntry>> {
+    let conn = open(db)?;
+    let mut st = conn
+        .prepare_cached("SELECT step, uri, manifest_sha256, at_ms FROM checkpoints WHERE job_id = ?1 ORDER BY step")?;
+    let rows = st.query_map([job_id], |r| {
+        Ok(CheckpointEntry { step: r.get::<_, i64>(0)? as u64, uri: r.get(1)?, manifest_sha256: r.get(2)?, at_ms: r.get(3)? })
+    })?;
+    rows.collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{MetricRow, Op, Store};
+
+    fn row(job: &str, attempt: u32, step: u64, val: bool) -> MetricRow {
+        MetricRow {
+            job_id: job.into(),
+            attempt,
+            step,
+            loss: 10.0 - step as f32 / 100.0,
+            val_loss: val.then_some(5.0),
+            val_accuracy: None,
+            grad_norm: 1.0,
+            lr: 1e-3,
+            tokens_per_s: 100.0,
+            mfu: (attempt == 2).then_some(0.5),
+            at_ms: step as i64,
+        }
+    }
+
+    #[tokio::test]
+    async fn metrics_are_thinned_keeping_evaluations_and_the_last_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("smelt.db");
+        let (store, _) = Store::open(&db).unwrap();
+        let h = store.handle();
+        // Attempt 1: steps 1..=600, evaluated every 250; attempt 2 resumes at 500 and reaches 1000.
+        for step in 1..=600 {
+            h.write(Op::Metric(row("job-000001", 1, step, step % 250 == 0)));
+        }
+        for step in 501..=1000 {
+            h.write(Op::Metric(row("job-000001", 2, step, step % 250 == 0)));
+        }
+        h.write(Op::Metric(row("job-000002", 1, 1, false)));
+        h.flush().await.unwrap();
+
+        let all = metrics(&db, "job-000001", 10_000).unwrap();
+        assert_eq!((all.total, all.stride, all.points.len()), (1100, 1, 1100));
+        assert_eq!((all.points[599].attempt, all.points[599].step), (1, 600));
+        assert_eq!((all.points[600].attempt, all.points[600].step), (2, 501));
+        assert_eq!(all.points[600].mfu, Some(0.5));
+        assert_eq!(all.points[0], MetricPoint { mfu: None, ..point(&row("job-000001", 1, 1, false)) });
+
+        let thin = metrics(&db, "job-000001", 100).unwrap();
+        assert_eq!((thin.total, thin.stride), (1100, 11));
+        let vals: Vec<(u32, u64)> = thin.points.iter().filter(|p| p.val_loss.is_some()).map(|p| (p.attempt, p.step)).collect();
+        assert_eq!(vals, [(1, 250), (1, 500), (2, 750), (2, 1000)], "every evaluation kept");
+        let last = thin.points.last().unwrap();
+        assert_eq!((last.attempt, last.step), (2, 1000));
+        assert!(thin.points.len() <= 100 + 5, "{}", thin.points.len());
+        assert_eq!((thin.points[0].step, thin.points[1].step), (1, 12), "every 11th row from the first");
+
+        assert!(metrics(&db, "job-000009", 100).unwrap().points.is_empty());
+        store.close();
+    }
+
+    fn point(m: &MetricRow) -> MetricPoint {
+        MetricPoint {
+            attempt: m.attempt,
+            step: m.step,
+            loss: m.loss,
+            val_loss: m.val_loss,
+            val_accuracy: m.val_accuracy,
+            grad_norm: m.grad_norm,
+            lr: m.lr,
+            tokens_per_s: m.tokens_per_s,
+            mfu: m.mfu,
+            at_ms: m.at_ms,
+        }
+    }
+
+    #[test]
+    fn a_missing_database_is_an_error_not_an_empty_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = metrics(&dir.path().join("gone.db"), "job-000001", 10).unwrap_err();
+        assert!(e.to_string().contains("unable to open"), "{e}");
+    }
+}

@@ -1,0 +1,89 @@
+//! The dashboard: a read-only web page served on the coordinator's own port (HTTP/1.1 beside the
+//! gRPC services, so a cluster has one address) with the workers, the jobs, each job's loss
+//! curves, events and checkpoints; and the JSON API the page reads, which scripts can read too.
+//!
+//! - `GET /`: the page (`page.html`, embedded; it holds no data, so it is served to anyone).
+//! - `GET /api/overview`: every job (without its spec) and every worker.
+//! - `GET /api/jobs/{id}`: one job with its spec, events and recorded checkpoints.
+//! - `GET /api/jobs/{id}/metrics?max_points=N`: rank 0's step metrics from the SQLite file.
+//!
+//! With a coordinator token, every `/api` request must carry `authorization: Bearer <token>`
+//! (the page asks for the token once and keeps it for the browser tab). Nothing here changes
+//! the coordinator's state: cancelling stays with `smelt jobs cancel`, which is authenticated
+//! the same way and cannot be triggered by another site's page.
+
+mod api;
+mod history;
+mod json;
+
+use std::path::PathBuf;
+
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use smelt_proto::auth::RequireToken;
+
+use crate::coordinator::Coordinator;
+
+/// What the handlers share.
+#[derive(Clone)]
+struct Dashboard {
+    coord: Coordinator,
+    /// The coordinator's SQLite file, opened read-only per request for the history (WAL lets
+    /// readers run beside the store's writer thread).
+    db_path: PathBuf,
+}
+
+const PAGE: &str = include_str!("page.html");
+
+/// The dashboard's routes, to be merged with the gRPC services' router.
+pub fn router(coord: Coordinator, db_path: PathBuf, auth: RequireToken) -> Router {
+    let api = Router::new()
+        .route("/api/overview", get(api::overview))
+        .route("/api/jobs/{id}", get(api::job))
+        .route("/api/jobs/{id}/metrics", get(api::metrics))
+        .layer(middleware::from_fn_with_state(auth, require_token))
+        .with_state(Dashboard { coord, db_path });
+    Router::new().route("/", get(page)).merge(api)
+}
+
+/// Answers a path nobody serves: gRPC's "unimplemented" to a gRPC client (what tonic's own
+/// fallback says), a 404 naming the path to anyone else (a browser, curl).
+pub fn fallback(req: Request) -> impl std::future::Future<Output = Response> {
+    let grpc = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let path = req.uri().path().to_string();
+    async move {
+        if grpc {
+            let (parts, ()) = tonic::Status::unimplemented(format!("no such method: {path}")).into_http::<()>().into_parts();
+            Response::from_parts(parts, axum::body::Body::empty())
+        } else {
+            error(StatusCode::NOT_FOUND, format!("nothing at {path}: the dashboard is at /, its API under /api"))
+        }
+    }
+}
+
+async fn page() -> impl IntoResponse {
+    ([(header::CACHE_CONTROL, "no-store")], Html(PAGE))
+}
+
+/// An API error: its HTTP status and a message that says what is wrong.
+pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+async fn require_token(State(auth): State<RequireToken>, req: Request, next: Next) -> Response {
+    match auth.admits(req.headers().get(header::AUTHORIZATION).map(|v| v.as_bytes())) {
+        Ok(()) => next.run(req).await,
+        Err(why) => {
+            let mut r = error(StatusCode::UNAUTHORIZED, why);
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+            r
+        }
+    }
+}
