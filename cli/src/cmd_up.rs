@@ -169,6 +169,7 @@ pub fn run(a: UpArgs) -> Result<()> {
         cluster.children.push((name, w));
     }
     info!(coordinator = %url, workers = devices.len(), devices = %devices.join(","), data_dir = %a.data_dir.display(), "local cluster up; logs in {}", logs.display());
+    info!("dashboard: {url}/ (workers, jobs, loss curves, checkpoints)");
 
     match &a.submit {
         Some(spec) => {

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,12 +35,17 @@ pub struct Coord {
 }
 
 pub async fn start(db: &Path) -> Coord {
+    start_with_token(db, None).await
+}
+
+/// A coordinator that requires `token` on every call (none: open).
+pub async fn start_with_token(db: &Path, token: Option<&str>) -> Coord {
     let cfg = CoordinatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         db_path: db.to_path_buf(),
         heartbeat_interval: HEARTBEAT,
         lease_timeout: LEASE,
-        token: None,
+        token: token.map(str::to_string),
     };
     let bound = bind(cfg).await.expect("bind");
     let addr = bound.local_addr();

@@ -1,0 +1,312 @@
+//! The dashboard on a real coordinator (127.0.0.1:0, SQLite in a tempdir): its JSON API read by
+//! a plain HTTP/1.1 client on the gRPC port, and its page rendered by headless Chromium (skipped
+//! where no Chromium is installed, unless SMELT_REQUIRE_CHROMIUM=1, which CI sets).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::http::{self, Reply};
+use common::*;
+use smelt_proto::v1::*;
+use tonic::Code;
+
+fn tmp() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("smelt.db");
+    (d, p)
+}
+
+const STEPS: u64 = 30;
+const CKPT_URI: &str = "file:///runs/jobs/job-000001/ckpt/00000020/";
+
+fn loss_at(step: u64) -> f32 {
+    3.0 - step as f32 * 0.05
+}
+
+/// A one-rank job that reports `STEPS` steps (validation at 10 and 20, MFU on every step),
+/// records a checkpoint at step 20 and succeeds; returns its id, once the store holds every
+/// metric, and its worker (still connected).
+async fn a_finished_job(coord: &Coord) -> (String, Worker) {
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("dash", 1, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9001").await;
+    let a = w.assignment().await;
+    w.set_busy(&a);
+    for step in 1..=STEPS {
+        let val = (step % 10 == 0 && step <= 20).then_some(loss_at(step) + 0.1);
+        w.send(worker_message::Body::Metrics(StepMetrics {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            rank: 0,
+            step,
+            loss: loss_at(step),
+            grad_norm: 0.5,
+            lr: 1e-3,
+            tokens_per_s: 1000.0 + step as f64,
+            val_loss: val,
+            val_accuracy: None,
+            mfu: Some(0.25),
+        }))
+        .await;
+        if step == 20 {
+            w.client
+                .clone()
+                .report_checkpoint(CheckpointReport {
+                    job_id: job.id.clone(),
+                    attempt: a.attempt,
+                    step: 20,
+                    uri: CKPT_URI.into(),
+                    manifest_sha256: "ab".repeat(32),
+                })
+                .await
+                .unwrap();
+        }
+    }
+    w.done(&a, true, "", STEPS).await;
+    wait_state(&mut jobs, &job.id, JobState::Succeeded).await;
+    // The store commits in batches: wait until the history is all there.
+    let path = format!("/api/jobs/{}/metrics", job.id);
+    within("the metrics committed", async {
+        while http::get(coord.addr, &path, None).await.json()["total"] != STEPS {
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+    })
+    .await;
+    (job.id, w)
+}
+
+fn steps_of(series: &serde_json::Value) -> Vec<u64> {
+    series["points"].as_array().unwrap().iter().map(|p| p["step"].as_u64().unwrap()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_serves_jobs_workers_and_each_jobs_history_from_the_database() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let (id, worker) = a_finished_job(&coord).await;
+    let worker = worker.id.clone();
+
+    let o = http::get(coord.addr, "/api/overview", None).await;
+    assert_eq!(o.status, 200, "{}", o.body);
+    assert!(o.header("content-type").unwrap().starts_with("application/json"));
+    let o = o.json();
+    let j = &o["jobs"][0];
+    assert_eq!((j["id"].as_str(), j["name"].as_str(), j["state"].as_str()), (Some(id.as_str()), Some("dash"), Some("succeeded")));
+    assert_eq!((j["last_step"].as_u64(), j["total_steps"].as_u64(), j["last_checkpoint_step"].as_u64()), (Some(STEPS), Some(100), Some(20)));
+    assert_eq!(j["last_val_loss"].as_f64(), Some((loss_at(20) + 0.1) as f64));
+    assert!(j.get("spec_toml").is_none(), "the overview leaves specs out");
+    let w = &o["workers"][0];
+    assert_eq!((w["id"].as_str(), w["device"].as_str(), w["state"].as_str()), (Some(worker.as_str()), Some("cpu"), Some("idle")));
+
+    let d = http::get(coord.addr, &format!("/api/jobs/{id}"), None).await.json();
+    assert!(d["spec_toml"].as_str().unwrap().contains("name = \"dash\""));
+    let events: Vec<(&str, &str)> =
+        d["events"].as_array().unwrap().iter().map(|e| (e["kind"].as_str().unwrap(), e["text"].as_str().unwrap())).collect();
+    assert_eq!(events.first(), Some(&("state", "submitted")), "{events:?}");
+    assert!(events.iter().any(|e| e.1.contains("checkpoint at step 20")), "{events:?}");
+    assert_eq!(d["events"].as_array().unwrap().last().unwrap()["to"], "succeeded");
+    assert_eq!(d["checkpoints"][0]["step"], 20);
+    assert_eq!(d["checkpoints"][0]["uri"], CKPT_URI);
+
+    let all = http::get(coord.addr, &format!("/api/jobs/{id}/metrics"), None).await.json();
+    assert_eq!((all["total"].as_u64(), all["stride"].as_u64()), (Some(STEPS), Some(1)));
+    assert_eq!(steps_of(&all), (1..=STEPS).collect::<Vec<_>>());
+    for p in all["points"].as_array().unwrap() {
+        let step = p["step"].as_u64().unwrap();
+        assert_eq!(p["loss"].as_f64().unwrap() as f32, loss_at(step), "step {step}");
+        assert_eq!(p["tokens_per_s"].as_f64(), Some(1000.0 + step as f64));
+        assert_eq!((p["attempt"].as_u64(), p["mfu"].as_f64()), (Some(1), Some(0.25)));
+        assert_eq!(p["val_loss"].is_null(), step != 10 && step != 20, "step {step}");
+    }
+    // Thinned to every 5th row: the evaluations and the last step are kept besides.
+    let thin = http::get(coord.addr, &format!("/api/jobs/{id}/metrics?max_points=6"), None).await.json();
+    assert_eq!(thin["stride"], 5);
+    assert_eq!(steps_of(&thin), [1, 6, 10, 11, 16, 20, 21, 26, 30]);
+
+    // Bad requests name what is wrong.
+    let r = http::get(coord.addr, &format!("/api/jobs/{id}/metrics?max_points=0"), None).await;
+    assert_eq!(r.status, 400);
+    assert!(r.json()["error"].as_str().unwrap().contains("max_points must be between 1 and"), "{}", r.body);
+    for path in ["/api/jobs/job-000404", "/api/jobs/job-000404/metrics"] {
+        let r = http::get(coord.addr, path, None).await;
+        assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("job job-000404 not found")), "{path}");
+    }
+    let r = http::get(coord.addr, "/metrics", None).await;
+    assert_eq!(r.status, 404);
+    assert!(r.json()["error"].as_str().unwrap().contains("nothing at /metrics"), "{}", r.body);
+
+    let page = http::get(coord.addr, "/", None).await;
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-type").unwrap().starts_with("text/html"));
+    assert!(page.body.contains("<title>smelt coordinator</title>"));
+
+    // gRPC on the same port is unchanged, and a method nobody serves is still gRPC's
+    // "unimplemented", not the page's 404.
+    let mut jobs = coord.jobs().await;
+    assert_eq!(get(&mut jobs, &id).await.last_step, STEPS);
+    let mut raw = tonic::client::Grpc::new(tonic::transport::Channel::from_shared(coord.url.clone()).unwrap().connect().await.unwrap());
+    raw.ready().await.unwrap();
+    let unknown: Result<tonic::Response<ListJobsResponse>, tonic::Status> = raw
+        .unary(
+            tonic::Request::new(ListJobsRequest {}),
+            "/smelt.v1.JobService/NoSuchMethod".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    assert_eq!(unknown.unwrap_err().code(), Code::Unimplemented);
+
+    // The history lives in the SQLite file: a new coordinator on it serves the same.
+    coord.stop().await;
+    let coord = start(&db).await;
+    let again = http::get(coord.addr, &format!("/api/jobs/{id}/metrics"), None).await.json();
+    assert_eq!(again["points"], all["points"]);
+    assert_eq!(http::get(coord.addr, &format!("/api/jobs/{id}"), None).await.json()["checkpoints"], d["checkpoints"]);
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_token_guards_the_api_but_not_the_empty_page() {
+    let (_d, db) = tmp();
+    let coord = start_with_token(&db, Some("s3cret")).await;
+    let refused = |r: &Reply, why: &str| {
+        assert_eq!(r.status, 401, "{}", r.body);
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        let e = r.json()["error"].as_str().unwrap().to_string();
+        assert!(e.contains(why) && e.contains("SMELT_TOKEN"), "{e}");
+    };
+    for path in ["/api/overview", "/api/jobs/job-000001", "/api/jobs/job-000001/metrics"] {
+        refused(&http::get(coord.addr, path, None).await, "requires a token");
+        refused(&http::get(coord.addr, path, Some("s3cre")).await, "wrong token");
+    }
+    let ok = http::get(coord.addr, "/api/overview", Some("s3cret")).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(ok.json()["jobs"], serde_json::json!([]));
+    let r = http::get(coord.addr, "/api/jobs/job-000001", Some("s3cret")).await;
+    assert_eq!(r.status, 404, "past the token, the request itself is answered");
+    // The page holds no data: it asks for the token itself.
+    let page = http::get(coord.addr, "/", None).await;
+    assert_eq!(page.status, 200);
+    assert!(page.body.contains("This coordinator requires a token"));
+    coord.stop().await;
+}
+
+// ---- the page in a browser ----------------------------------------------------------------------
+
+/// A Chromium to drive: `SMELT_CHROMIUM`, else the usual names on PATH.
+fn chromium() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("SMELT_CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH")?;
+    ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
+        .iter()
+        .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
+        .find(|p| p.is_file())
+}
+
+fn chromium_or_skip(test: &str) -> Option<PathBuf> {
+    let found = chromium();
+    if found.is_none() {
+        assert!(
+            std::env::var("SMELT_REQUIRE_CHROMIUM").as_deref() != Ok("1"),
+            "SMELT_REQUIRE_CHROMIUM=1 but no Chromium found (install Debian's chromium, or set SMELT_CHROMIUM)"
+        );
+        eprintln!("skipping {test}: no Chromium on this machine (SMELT_CHROMIUM or chromium on PATH)");
+    }
+    found
+}
+
+/// The page's DOM after its scripts ran against the live API (virtual time lets its fetches and
+/// first redraws finish; the closed-network flags keep Chromium from calling out).
+fn rendered_dom(chromium: &Path, url: &str) -> String {
+    let profile = tempfile::tempdir().unwrap();
+    let mut child = Command::new(chromium)
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--virtual-time-budget=3000",
+            "--dump-dom",
+        ])
+        .arg(format!("--user-data-dir={}", profile.path().display()))
+        .arg(url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start chromium");
+    let deadline = Instant::now() + Duration::from_secs(90); // hang guard, not a speed check
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("chromium did not finish rendering {url}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success() && dom.contains("</html>"), "chromium failed on {url}: {}", String::from_utf8_lossy(&out.stderr));
+    dom
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_renders_the_jobs_the_curves_and_escapes_what_workers_report() {
+    let Some(chromium) = chromium_or_skip("chromium_renders_the_jobs_the_curves_and_escapes_what_workers_report") else {
+        return;
+    };
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let (id, mut w) = a_finished_job(&coord).await;
+    let worker = w.id.clone();
+    // A second job fails with markup in its error: the page must show it as text.
+    let mut jobs = coord.jobs().await;
+    let bad = submit(&mut jobs, &spec("markup", 1, 0, 0)).await;
+    let a = within("the second assignment", w.assignment()).await;
+    w.done(&a, false, "<img src=x onerror=document.body.dataset.pwned=1> rank died", 0).await;
+    wait_state(&mut jobs, &bad.id, JobState::Failed).await;
+
+    let base = format!("http://{}/", coord.addr);
+    let (c, b) = (chromium.clone(), base.clone());
+    let overview = tokio::task::spawn_blocking(move || rendered_dom(&c, &b)).await.unwrap();
+    assert!(overview.contains("data-loaded=\"yes\""), "the page never loaded its data:\n{overview}");
+    assert!(overview.contains(&format!("data-job=\"{id}\"")), "{overview}");
+    assert!(overview.contains("<span class=\"state succeeded\">succeeded</span>"), "{overview}");
+    assert!(overview.contains(&format!("data-worker=\"{worker}\"")), "{overview}");
+    assert!(overview.contains("&lt;img src=x onerror=document.body.dataset.pwned=1&gt; rank died"), "the error is shown as text:\n{overview}");
+    assert!(!overview.contains("<img") && !overview.contains("data-pwned"), "a worker's error became markup:\n{overview}");
+
+    let url = format!("{base}#/jobs/{id}");
+    let detail = tokio::task::spawn_blocking(move || rendered_dom(&chromium, &url)).await.unwrap();
+    assert!(detail.contains(&format!("<section id=\"job\" data-job=\"{id}\">")), "{detail}");
+    // One line of STEPS points for the training loss, one of 2 for validation, one per quantity.
+    assert!(detail.contains(&format!("data-series=\"train\" data-points=\"{STEPS}\"")), "{detail}");
+    assert!(detail.contains("data-series=\"validation\" data-points=\"2\""), "{detail}");
+    for chart in ["chart-loss", "chart-throughput", "chart-lr", "chart-grad-norm", "chart-mfu"] {
+        assert!(detail.contains(&format!("id=\"{chart}\"")), "{chart} missing:\n{detail}");
+    }
+    assert!(detail.contains(CKPT_URI), "{detail}");
+    assert!(detail.contains("MFU 25.0%"), "{detail}");
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chromium_shows_the_token_form_when_the_coordinator_requires_one() {
+    let Some(chromium) = chromium_or_skip("chromium_shows_the_token_form_when_the_coordinator_requires_one") else {
+        return;
+    };
+    let (_d, db) = tmp();
+    let coord = start_with_token(&db, Some("s3cret")).await;
+    let url = format!("http://{}/", coord.addr);
+    let dom = tokio::task::spawn_blocking(move || rendered_dom(&chromium, &url)).await.unwrap();
+    assert!(dom.contains("<section id=\"login\" style=\"display: block;\">"), "{dom}");
+    assert!(dom.contains("this coordinator requires a token: set SMELT_TOKEN"), "{dom}");
+    assert!(!dom.contains("data-loaded=\"yes\""), "{dom}");
+    coord.stop().await;
+}
