@@ -12,9 +12,11 @@ pub struct WorkerArgs {
     /// Coordinator URL (or env SMELT_COORDINATOR).
     #[arg(long, env = "SMELT_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,
-    /// Address for the gradient ring's listener (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub data_addr: String,
+    /// Address for the gradient ring's listener, IP:PORT (port 0: any free port). Default: the
+    /// IP this machine uses to reach the coordinator, which is what peers on other machines can
+    /// connect to; with 0.0.0.0 it listens on every interface and registers that same IP.
+    #[arg(long)]
+    pub data_addr: Option<String>,
     /// Where this worker writes outputs (final weights of jobs where it is rank 0).
     #[arg(long, default_value = ".smelt/worker")]
     pub out_dir: PathBuf,

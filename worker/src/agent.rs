@@ -22,14 +22,16 @@ use smelt_proto::auth::{AuthChannel, BearerToken};
 use tracing::{info, warn};
 
 use crate::device::Device;
+use crate::ring_addr;
 use crate::runner::{creates_nccl_id, run_assignment, RunControl, RunEvent, RunRequest};
 
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     /// Coordinator URL, e.g. http://127.0.0.1:7070.
     pub coordinator: String,
-    /// Address to bind the ring listener on (port 0: any free port).
-    pub data_bind: String,
+    /// Address to bind the ring listener on (port 0: any free port); none: the IP toward the
+    /// coordinator (`ring_addr`).
+    pub data_bind: Option<String>,
     /// Directory for this worker's outputs (final weights of jobs where it is rank 0).
     pub out_dir: PathBuf,
     pub hostname: String,
@@ -49,8 +51,8 @@ struct Running {
 /// Runs the worker until `shutdown` resolves (SIGTERM): then it drains — stops taking work, stops
 /// a running assignment at its next step boundary, reports it, and returns.
 pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
-    let listener = TcpListener::bind(&cfg.data_bind).with_context(|| format!("binding the ring listener on {}", cfg.data_bind))?;
-    let data_addr = listener.local_addr()?.to_string();
+    let ring = ring_addr::bind(cfg.data_bind.as_deref(), &cfg.coordinator)?;
+    let (listener, data_addr) = (ring.listener, ring.advertised.to_string());
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<RunEvent>();
     let mut worker_id = String::new();
     let mut running: Option<Running> = None;

@@ -12,6 +12,7 @@ pub mod finetune_data;
 pub mod finetune_family;
 pub mod gpu;
 pub mod model_file;
+pub mod ring_addr;
 pub mod runner;
 pub mod sample_log;
 

@@ -24,7 +24,7 @@ fn gpu_spec() -> String {
 async fn worker(url: &str, out: &Path, device: Device) -> oneshot::Sender<()> {
     let cfg = WorkerConfig {
         coordinator: url.to_string(),
-        data_bind: "127.0.0.1:0".into(),
+        data_bind: Some("127.0.0.1:0".into()),
         out_dir: out.to_path_buf(),
         hostname: "gpu-host".into(),
         device,
