@@ -1,4 +1,4 @@
-//! `smelt jobs list | get <id> | cancel <id>`.
+//! `smelt jobs list | get <id> | follow <id> | cancel <id>`.
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -14,6 +14,9 @@ pub enum JobsCommand {
     List(JobsArgs),
     /// One job in detail.
     Get(JobIdArgs),
+    /// Follow a job to its end (as `smelt submit --follow`): exits 0 once it succeeded, 1 with
+    /// the reason when it failed or was cancelled.
+    Follow(JobIdArgs),
     /// Cancel a job (its workers are aborted).
     Cancel(JobIdArgs),
 }
@@ -59,6 +62,11 @@ async fn run_async(c: JobsCommand) -> Result<()> {
             let mut client = connect(&a.coordinator.url).await?;
             let job = client.get_job(GetJobRequest { job_id: a.id }).await.map_err(status)?.into_inner();
             print_job(&job, a.json)?;
+        }
+        JobsCommand::Follow(a) => {
+            let mut client = connect(&a.coordinator.url).await?;
+            let job = client.get_job(GetJobRequest { job_id: a.id }).await.map_err(status)?.into_inner();
+            crate::cmd_submit::follow(&mut client, &job).await?;
         }
         JobsCommand::Cancel(a) => {
             let mut client = connect(&a.coordinator.url).await?;

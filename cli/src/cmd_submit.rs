@@ -62,7 +62,7 @@ fn gone(code: Code) -> bool {
 /// Streams the job's events with a progress bar; Ok once it succeeded, Err with the reason
 /// when it failed or was cancelled. Survives a coordinator restart (reconnects, skips replayed
 /// events).
-async fn follow(client: &mut JobServiceClient<smelt_proto::auth::AuthChannel>, job: &Job) -> Result<()> {
+pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::AuthChannel>, job: &Job) -> Result<()> {
     let bar = ProgressBar::new(job.total_steps);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")?);
     bar.set_position(job.last_step);

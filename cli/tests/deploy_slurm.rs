@@ -37,7 +37,13 @@ fn start_slurm(test: &str) -> Option<LocalSlurm> {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let conf = stdout.lines().find_map(|l| l.strip_prefix("export SLURM_CONF=")).map(str::to_string);
     let slurm = LocalSlurm { dir, conf: conf.clone().unwrap_or_default() };
-    assert!(out.status.success() && conf.is_some(), "local Slurm did not start: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
+    if !(out.status.success() && conf.is_some()) {
+        // Root in a container that will not run the daemons: a skip, unless required.
+        let why = format!("local Slurm did not start: {}{}", stdout, String::from_utf8_lossy(&out.stderr));
+        assert!(!required, "SMELT_REQUIRE_SLURM=1 but {why}");
+        eprintln!("skipping {test}: {why}");
+        return None;
+    }
     Some(slurm)
 }
 
@@ -92,7 +98,8 @@ fn sbatch(slurm: &LocalSlurm, work: &Path, spec: &Path, workers_per_node: u32, n
     let state = work.join(format!("state-{name}"));
     let output = work.join(format!("{name}.out"));
     let status = Command::new("sbatch")
-        .args(["--wait", "--quiet"])
+        // --time: a job that never ends fails the test instead of hanging it.
+        .args(["--wait", "--quiet", "--time=5"])
         .arg(format!("--output={}", output.display()))
         .arg(script("smelt.sbatch"))
         .arg(spec)
@@ -130,6 +137,12 @@ fn the_sbatch_script_runs_a_job_on_slurm_steps_and_stops_them() {
     for w in ["worker-0.log", "worker-1.log"] {
         assert!(log(&run.state, w).contains("drained; exiting"), "{w} was not stopped gracefully:\n{}", log(&run.state, w));
     }
+    // A requeued allocation (same job id, so the same state directory) follows the job it
+    // submitted instead of submitting it again.
+    let again = sbatch(&slurm, work.path(), &job_spec(work.path(), 2, &text), 2, "ok");
+    assert!(again.ok, "{}", again.printed);
+    assert!(again.printed.contains("following job-000001, submitted by an earlier run"), "{}", again.printed);
+    assert!(again.printed.contains("succeeded at step 12") && !again.printed.contains("submitted job-000002"), "{}", again.printed);
     // The token the script made is private to its user.
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(std::fs::metadata(run.state.join("token")).unwrap().permissions().mode() & 0o777, 0o600);
@@ -137,7 +150,7 @@ fn the_sbatch_script_runs_a_job_on_slurm_steps_and_stops_them() {
     // A job that fails: the script says so and exits non-zero, and still stops everything.
     let bad = sbatch(&slurm, work.path(), &job_spec(work.path(), 2, &work.path().join("missing.txt")), 2, "bad");
     assert!(!bad.ok, "{}", bad.printed);
-    assert!(bad.printed.contains("missing.txt") && bad.printed.contains("the job did not succeed"), "{}", bad.printed);
+    assert!(bad.printed.contains("missing.txt") && bad.printed.contains("did not succeed"), "{}", bad.printed);
     assert!(log(&bad.state, "coordinator.log").contains("coordinator stopped"));
 
     // A job asking for more ranks than the allocation starts is refused before anything runs

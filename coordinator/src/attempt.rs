@@ -86,6 +86,7 @@ impl State {
         if job.row.restarts < job.row.max_restarts {
             job.row.restarts += 1;
             job.row.attempt += 1;
+            job.last_metrics = None;
             if let Some((step, uri)) = &job.latest_checkpoint {
                 job.row.start_step = *step;
                 job.row.resume_from = uri.clone();

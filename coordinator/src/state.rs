@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use smelt_proto::v1::{
-    coordinator_message, job_event, CoordinatorMessage, DeviceClass, Job, JobEvent, JobState, StateChange, WorkerInfo,
+    coordinator_message, job_event, CoordinatorMessage, DeviceClass, Job, JobEvent, JobState, StateChange, StepMetrics, WorkerInfo,
     WorkerState,
 };
 use tokio::sync::{broadcast, mpsc};
@@ -132,6 +132,9 @@ pub struct JobRec {
     pub watch: broadcast::Sender<JobEvent>,
     /// Latest recorded checkpoint: (step, uri).
     pub latest_checkpoint: Option<(u64, String)>,
+    /// Rank 0's newest step report of the current attempt (throughput and MFU for `/metrics`;
+    /// not stored: gone after a coordinator restart until the next step).
+    pub last_metrics: Option<StepMetrics>,
 }
 
 impl JobRec {
@@ -145,6 +148,7 @@ impl JobRec {
             events: Vec::new(),
             watch: broadcast::channel(1024).0,
             latest_checkpoint: None,
+            last_metrics: None,
         }
     }
 

@@ -291,6 +291,7 @@ impl State {
         if m.val_accuracy.is_some() {
             job.row.last_val_accuracy = m.val_accuracy;
         }
+        job.last_metrics = Some(m.clone());
         let now = now_ms();
         job.row.updated_at_ms = now;
         let ev = smelt_proto::v1::JobEvent {

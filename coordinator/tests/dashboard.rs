@@ -134,9 +134,9 @@ async fn the_api_serves_jobs_workers_and_each_jobs_history_from_the_database() {
         let r = http::get(coord.addr, path, None).await;
         assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("job job-000404 not found")), "{path}");
     }
-    let r = http::get(coord.addr, "/metrics", None).await;
+    let r = http::get(coord.addr, "/nothing/here", None).await;
     assert_eq!(r.status, 404);
-    assert!(r.json()["error"].as_str().unwrap().contains("nothing at /metrics"), "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("nothing at /nothing/here"), "{}", r.body);
 
     let page = http::get(coord.addr, "/", None).await;
     assert_eq!(page.status, 200);
@@ -157,6 +157,18 @@ async fn the_api_serves_jobs_workers_and_each_jobs_history_from_the_database() {
         )
         .await;
     assert_eq!(unknown.unwrap_err().code(), Code::Unimplemented);
+    // A service nobody serves reaches the router's fallback, which still answers gRPC as gRPC.
+    raw.ready().await.unwrap();
+    let no_service: Result<tonic::Response<ListJobsResponse>, tonic::Status> = raw
+        .unary(
+            tonic::Request::new(ListJobsRequest {}),
+            "/smelt.v1.NoSuchService/List".parse().unwrap(),
+            tonic_prost::ProstCodec::default(),
+        )
+        .await;
+    let e = no_service.unwrap_err();
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert!(e.message().contains("/smelt.v1.NoSuchService/List"), "{e:?}");
 
     // The history lives in the SQLite file: a new coordinator on it serves the same.
     coord.stop().await;
@@ -164,6 +176,101 @@ async fn the_api_serves_jobs_workers_and_each_jobs_history_from_the_database() {
     let again = http::get(coord.addr, &format!("/api/jobs/{id}/metrics"), None).await.json();
     assert_eq!(again["points"], all["points"]);
     assert_eq!(http::get(coord.addr, &format!("/api/jobs/{id}"), None).await.json()["checkpoints"], d["checkpoints"]);
+    coord.stop().await;
+}
+
+/// Checks the text is Prometheus' exposition format (0.0.4) and returns its samples as
+/// (name{labels}, value).
+fn parse_exposition(text: &str) -> Vec<(String, f64)> {
+    let mut typed = std::collections::HashSet::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            assert!(["gauge", "counter"].contains(&kind), "{line}");
+            assert!(typed.insert(name.to_string()), "TYPE given twice: {line}");
+            continue;
+        }
+        if line.starts_with("# HELP ") {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("no value: {line:?}"));
+        let name = series.split('{').next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_lowercase() || c == '_'), "bad name in {line:?}");
+        assert!(typed.contains(name), "sample before its TYPE: {line:?}");
+        if let Some(labels) = series.strip_prefix(name) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line:?}");
+                for pair in labels[1..labels.len() - 1].split("\",") {
+                    let (k, v) = pair.split_once("=\"").unwrap_or_else(|| panic!("bad label in {line:?}"));
+                    assert!(k.chars().all(|c| c.is_ascii_lowercase() || c == '_') && !v.contains('\n'), "{line:?}");
+                }
+            }
+        }
+        samples.push((series.to_string(), value.parse::<f64>().unwrap_or_else(|_| panic!("bad value: {line:?}"))));
+    }
+    samples
+}
+
+fn sample(samples: &[(String, f64)], series: &str) -> Option<f64> {
+    samples.iter().find(|(s, _)| s == series).map(|(_, v)| *v)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_workers_jobs_and_each_running_jobs_progress() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("prom\"q", 1, 0, 0).replace("name = \"prom\"q\"", "name = 'prom\"q'")).await;
+    let _queued = submit(&mut jobs, &spec("waiting", 2, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9001").await;
+    let a = w.assignment().await;
+    w.set_busy(&a);
+    for step in 1..=5 {
+        w.send(worker_message::Body::Metrics(StepMetrics {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            rank: 0,
+            step,
+            loss: loss_at(step),
+            grad_norm: 0.5,
+            lr: 1e-3,
+            tokens_per_s: 2048.0,
+            val_loss: None,
+            val_accuracy: None,
+            mfu: Some(0.375),
+        }))
+        .await;
+    }
+    wait_job(&mut jobs, &job.id, |j| j.last_step == 5).await;
+
+    let r = http::get(coord.addr, "/metrics", None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("text/plain; version=0.0.4; charset=utf-8"));
+    let s = parse_exposition(&r.body);
+    assert_eq!(sample(&s, r#"smelt_workers{device="cpu",state="busy"}"#), Some(1.0), "{}", r.body);
+    assert_eq!(sample(&s, r#"smelt_workers{device="cuda",state="idle"}"#), Some(0.0));
+    assert_eq!(sample(&s, r#"smelt_jobs{state="running"}"#), Some(1.0));
+    assert_eq!(sample(&s, r#"smelt_jobs{state="queued"}"#), Some(1.0));
+    assert_eq!(sample(&s, r#"smelt_jobs{state="failed"}"#), Some(0.0));
+    let labels = r#"{job="job-000001",name="prom\"q",state="running"}"#;
+    assert_eq!(sample(&s, &format!("smelt_job_step{labels}")), Some(5.0), "{}", r.body);
+    assert_eq!(sample(&s, &format!("smelt_job_total_steps{labels}")), Some(100.0));
+    assert_eq!(sample(&s, &format!("smelt_job_loss{labels}")), Some(loss_at(5) as f64));
+    assert_eq!(sample(&s, &format!("smelt_job_tokens_per_second{labels}")), Some(2048.0));
+    assert_eq!(sample(&s, &format!("smelt_job_mfu{labels}")), Some(0.375));
+    assert_eq!(sample(&s, &format!("smelt_job_restarts{labels}")), Some(0.0));
+    assert_eq!(sample(&s, &format!("smelt_job_val_loss{labels}")), None, "no evaluation yet");
+    // The waiting job has its series too (step 0, no loss yet).
+    assert_eq!(sample(&s, r#"smelt_job_step{job="job-000002",name="waiting",state="queued"}"#), Some(0.0));
+    assert_eq!(sample(&s, r#"smelt_job_loss{job="job-000002",name="waiting",state="queued"}"#), None);
+
+    // An ended job's series stop; it is counted by state.
+    w.done(&a, true, "", 5).await;
+    wait_state(&mut jobs, &job.id, JobState::Succeeded).await;
+    let s = parse_exposition(&http::get(coord.addr, "/metrics", None).await.body);
+    assert_eq!(sample(&s, r#"smelt_jobs{state="succeeded"}"#), Some(1.0));
+    assert!(!s.iter().any(|(series, _)| series.contains("job-000001")), "{s:?}");
     coord.stop().await;
 }
 
@@ -177,7 +284,7 @@ async fn a_coordinator_token_guards_the_api_but_not_the_empty_page() {
         let e = r.json()["error"].as_str().unwrap().to_string();
         assert!(e.contains(why) && e.contains("SMELT_TOKEN"), "{e}");
     };
-    for path in ["/api/overview", "/api/jobs/job-000001", "/api/jobs/job-000001/metrics"] {
+    for path in ["/api/overview", "/api/jobs/job-000001", "/api/jobs/job-000001/metrics", "/metrics"] {
         refused(&http::get(coord.addr, path, None).await, "requires a token");
         refused(&http::get(coord.addr, path, Some("s3cre")).await, "wrong token");
     }

@@ -25,13 +25,15 @@ fi
 for bin in slurmctld slurmd munged sbatch; do
   command -v "$bin" >/dev/null || [ -x "/usr/sbin/$bin" ] || { echo "$bin not found: apt-get install slurmd slurmctld slurm-client munge" >&2; exit 1; }
 done
-mkdir -p "$dir"/{state,spool,log,munge}
-chmod 700 "$dir/munge"
-dd if=/dev/urandom of="$dir/munge/munge.key" bs=1 count=1024 status=none
-chmod 400 "$dir/munge/munge.key"
-# munged refuses a key or socket directory others can write: keep it private to root.
-/usr/sbin/munged --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
-  --pid-file="$dir/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/seed" --force
+mkdir -p "$dir"/{state,spool,log,munge,munge-key}
+# The key private to root; the socket's directory open to every user (sbatch run by a user
+# authenticates through it).
+chmod 700 "$dir/munge-key"
+chmod 755 "$dir" "$dir/munge"
+dd if=/dev/urandom of="$dir/munge-key/munge.key" bs=1 count=1024 status=none
+chmod 400 "$dir/munge-key/munge.key"
+/usr/sbin/munged --key-file="$dir/munge-key/munge.key" --socket="$dir/munge/munge.socket" \
+  --pid-file="$dir/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge-key/seed" --force
 
 host=$(hostname -s)
 cpus=$(nproc)

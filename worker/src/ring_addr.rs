@@ -33,42 +33,65 @@ pub fn bind(data_addr: Option<&str>, coordinator_url: &str) -> Result<RingListen
 }
 
 /// The local IP this machine's routing picks to reach the coordinator (a UDP socket "connected"
-/// to it: no packet is sent).
+/// to it: no packet is sent), trying each address its host resolves to. A host name that
+/// resolves to loopback although it names no loopback (Debian's `127.0.1.1 <hostname>` line in
+/// /etc/hosts, on the coordinator's own machine) gives the address of the default route
+/// instead: the one the other machines reach this one by.
 pub fn ip_toward(coordinator_url: &str) -> Result<IpAddr> {
     let rest = coordinator_url.split_once("://").map_or(coordinator_url, |(_, r)| r);
     let authority = rest.split(['/', '?']).next().unwrap_or(rest);
     let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let target = if authority.rsplit_once(':').is_some_and(|(_, p)| p.chars().all(|c| c.is_ascii_digit()) && !p.is_empty())
-        && !authority.ends_with(']')
-    {
-        authority.to_string()
+    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()))
+        && !authority.ends_with(']');
+    let (host, target) = if has_port {
+        (authority.rsplit_once(':').map_or(authority, |(h, _)| h), authority.to_string())
     } else {
-        format!("{authority}:80")
+        (authority, format!("{authority}:80"))
     };
-    let coordinator = target
+    let resolved: Vec<SocketAddr> = target
         .to_socket_addrs()
         .with_context(|| format!("resolving the coordinator's host in {coordinator_url}"))?
-        .next()
-        .ok_or_else(|| anyhow!("the coordinator's host in {coordinator_url} resolves to no address"))?;
-    let local: SocketAddr = if coordinator.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
+        .collect();
+    let mut last_err = None;
+    for coordinator in &resolved {
+        match route_from(*coordinator) {
+            Ok(ip) if ip.is_loopback() && !names_loopback(host) => {
+                return Ok(default_route_ip(coordinator.is_ipv4()).unwrap_or(ip));
+            }
+            Ok(ip) => return Ok(ip),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    match last_err {
+        Some(e) => Err(e.context(format!("no route from this machine to the coordinator in {coordinator_url}"))),
+        None => Err(anyhow!("the coordinator's host in {coordinator_url} resolves to no address")),
+    }
+}
+
+/// A host part that means this machine by name or literal: loopback is the right ring address.
+fn names_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+fn route_from(to: SocketAddr) -> Result<IpAddr> {
+    let local: SocketAddr = if to.is_ipv4() { "0.0.0.0:0".parse()? } else { "[::]:0".parse()? };
     let probe = UdpSocket::bind(local)?;
-    probe
-        .connect(coordinator)
-        .with_context(|| format!("no route from this machine to the coordinator at {coordinator}"))?;
+    probe.connect(to).with_context(|| format!("no route to {to}"))?;
     Ok(probe.local_addr()?.ip())
+}
+
+/// This machine's address on its default route (a documentation address as the target: a UDP
+/// "connect" sends nothing), if it has one.
+fn default_route_ip(v4: bool) -> Option<IpAddr> {
+    let to: SocketAddr = if v4 { "192.0.2.1:9" } else { "[2001:db8::1]:9" }.parse().ok()?;
+    route_from(to).ok().filter(|ip| !ip.is_loopback() && !ip.is_unspecified())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// This machine's address on its default route, if it has one (a UDP "connect" to a
-    /// documentation address sends nothing).
-    fn default_route_ip() -> Option<IpAddr> {
-        let s = UdpSocket::bind("0.0.0.0:0").ok()?;
-        s.connect("192.0.2.1:9").ok()?;
-        Some(s.local_addr().ok()?.ip()).filter(|ip| !ip.is_loopback())
-    }
 
     #[test]
     fn a_coordinator_on_loopback_gives_a_loopback_ring() {
@@ -82,7 +105,7 @@ mod tests {
 
     #[test]
     fn a_remote_coordinator_gives_the_interface_toward_it_never_an_unspecified_ip() {
-        let Some(ip) = default_route_ip() else {
+        let Some(ip) = default_route_ip(true) else {
             eprintln!("skipping: this machine has no default route");
             return;
         };
@@ -99,6 +122,25 @@ mod tests {
         // An explicit address is kept as given.
         let exact = bind(Some("127.0.0.1:0"), &url).unwrap();
         assert!(exact.advertised.ip().is_loopback());
+    }
+
+    #[test]
+    fn a_name_that_resolves_to_loopback_but_names_no_loopback_gives_the_default_route() {
+        let Some(ip) = default_route_ip(true) else {
+            eprintln!("skipping: this machine has no default route");
+            return;
+        };
+        // A loopback literal or "localhost" is taken as meant; a host name is not, whatever
+        // /etc/hosts maps it to ("127.0.1.1 <hostname>", as Debian writes it).
+        assert!(names_loopback("localhost") && names_loopback("127.0.0.1") && names_loopback("127.0.1.1") && names_loopback("[::1]"));
+        assert!(!names_loopback("node17") && !names_loopback("10.0.0.5"));
+        assert!(ip_toward("http://127.0.1.1:7070").unwrap().is_loopback());
+        let hosts_line = std::fs::read_to_string("/etc/hosts").unwrap_or_default();
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default().trim().to_string();
+        let resolves_to_loopback = format!("{host}:1").to_socket_addrs().is_ok_and(|mut a| a.all(|a| a.ip().is_loopback()));
+        if !host.is_empty() && resolves_to_loopback {
+            assert_eq!(ip_toward(&format!("http://{host}:7070")).unwrap(), ip, "/etc/hosts:\n{hosts_line}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{error, history, json, Dashboard};
+use super::{error, history, json, prometheus, Dashboard};
 use crate::error::CoordError;
 use crate::state::now_ms;
 
@@ -85,4 +85,9 @@ pub(super) async fn metrics(State(d): State<Dashboard>, Path(id): Path<String>, 
         Ok(series) => Json(series).into_response(),
         Err(r) => r,
     }
+}
+
+pub(super) async fn prometheus(State(d): State<Dashboard>) -> Response {
+    let text = d.coord.with(|st| prometheus::render(st));
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
 }

@@ -33,8 +33,12 @@ pub struct MetricPoint {
 pub struct MetricSeries {
     /// Rows stored for the job.
     pub total: u64,
-    /// Every `stride`-th row is kept (1: all), besides every evaluation step and the last row.
+    /// Every `stride`-th row is kept (1: all), and the last row.
     pub stride: u64,
+    /// Of the evaluation rows (validation loss or accuracy), every `eval_stride`-th is kept
+    /// besides, so that sparse evaluations survive thinning; both strides bound the answer to
+    /// about twice the budget.
+    pub eval_stride: u64,
     pub points: Vec<MetricPoint>,
 }
 
@@ -52,20 +56,33 @@ fn open(db: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// The job's step metrics, at most about `max_points` of them (plus its evaluation steps, which
-/// are never thinned away): a restarted job's attempts follow each other, each from the step
-/// it resumed at.
+/// The job's step metrics, about `max_points` of them and at most about twice that: every
+/// k-th row, and every k'-th evaluation row (most jobs evaluate rarely, so all of them), and
+/// the last row. A restarted job's attempts follow each other, each from the step it resumed
+/// at. One read transaction, so the counts and the rows agree.
 pub fn metrics(db: &Path, job_id: &str, max_points: u64) -> rusqlite::Result<MetricSeries> {
     let conn = open(db)?;
-    let total: u64 = conn.query_row("SELECT COUNT(*) FROM metrics WHERE job_id = ?1", [job_id], |r| r.get(0))?;
-    let stride = total.div_ceil(max_points.max(1)).max(1);
-    let mut st = conn.prepare_cached(
+    let tx = conn.unchecked_transaction()?;
+    let (total, evals): (u64, u64) = tx.query_row(
+        "SELECT COUNT(*), COUNT(CASE WHEN val_loss IS NOT NULL OR val_accuracy IS NOT NULL THEN 1 END)
+         FROM metrics WHERE job_id = ?1",
+        [job_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let max_points = max_points.max(1);
+    let stride = total.div_ceil(max_points).max(1);
+    let eval_stride = evals.div_ceil(max_points).max(1);
+    let mut st = tx.prepare_cached(
         "SELECT attempt, step, loss, val_loss, val_accuracy, grad_norm, lr, tokens_per_s, mfu, at_ms FROM (
-             SELECT *, ROW_NUMBER() OVER (ORDER BY rowid) - 1 AS i FROM metrics WHERE job_id = ?1
-         ) WHERE i % ?2 = 0 OR i = ?3 - 1 OR val_loss IS NOT NULL OR val_accuracy IS NOT NULL ORDER BY i",
+             SELECT *, ROW_NUMBER() OVER (ORDER BY rowid) - 1 AS i,
+                    CASE WHEN val_loss IS NOT NULL OR val_accuracy IS NOT NULL THEN
+                        COUNT(CASE WHEN val_loss IS NOT NULL OR val_accuracy IS NOT NULL THEN 1 END)
+                            OVER (ORDER BY rowid ROWS UNBOUNDED PRECEDING) - 1 END AS e
+             FROM metrics WHERE job_id = ?1
+         ) WHERE i % ?2 = 0 OR i = ?3 - 1 OR e % ?4 = 0 ORDER BY i",
     )?;
     let points = st
-        .query_map(params![job_id, stride as i64, total as i64], |r| {
+        .query_map(params![job_id, stride as i64, total as i64, eval_stride as i64], |r| {
             Ok(MetricPoint {
                 attempt: r.get(0)?,
                 step: r.get::<_, i64>(1)? as u64,
@@ -80,7 +97,9 @@ pub fn metrics(db: &Path, job_id: &str, max_points: u64) -> rusqlite::Result<Met
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(MetricSeries { total, stride, points })
+    drop(st);
+    tx.finish()?;
+    Ok(MetricSeries { total, stride, eval_stride, points })
 }
 
 /// Every checkpoint recorded for the job (its manifest landed), oldest first; retention may
@@ -140,13 +159,24 @@ mod tests {
         assert_eq!(all.points[0], MetricPoint { mfu: None, ..point(&row("job-000001", 1, 1, false)) });
 
         let thin = metrics(&db, "job-000001", 100).unwrap();
-        assert_eq!((thin.total, thin.stride), (1100, 11));
+        assert_eq!((thin.total, thin.stride, thin.eval_stride), (1100, 11, 1));
         let vals: Vec<(u32, u64)> = thin.points.iter().filter(|p| p.val_loss.is_some()).map(|p| (p.attempt, p.step)).collect();
         assert_eq!(vals, [(1, 250), (1, 500), (2, 750), (2, 1000)], "every evaluation kept");
         let last = thin.points.last().unwrap();
         assert_eq!((last.attempt, last.step), (2, 1000));
         assert!(thin.points.len() <= 100 + 5, "{}", thin.points.len());
         assert_eq!((thin.points[0].step, thin.points[1].step), (1, 12), "every 11th row from the first");
+
+        // Evaluations thinned on their own stride when there are more than the budget: every
+        // step evaluated, a budget of 3 keeps about 2 x 3 points.
+        for step in 1..=30 {
+            h.write(Op::Metric(row("job-000003", 1, step, true)));
+        }
+        h.flush().await.unwrap();
+        let evals = metrics(&db, "job-000003", 3).unwrap();
+        assert_eq!((evals.stride, evals.eval_stride), (10, 10));
+        let steps: Vec<u64> = evals.points.iter().map(|p| p.step).collect();
+        assert_eq!(steps, [1, 11, 21, 30]);
 
         assert!(metrics(&db, "job-000009", 100).unwrap().points.is_empty());
         store.close();

@@ -6,8 +6,9 @@
 //! - `GET /api/overview`: every job (without its spec) and every worker.
 //! - `GET /api/jobs/{id}`: one job with its spec, events and recorded checkpoints.
 //! - `GET /api/jobs/{id}/metrics?max_points=N`: rank 0's step metrics from the SQLite file.
+//! - `GET /metrics`: the same state for Prometheus (`prometheus.rs`).
 //!
-//! With a coordinator token, every `/api` request must carry `authorization: Bearer <token>`
+//! With a coordinator token, every `/api` and `/metrics` request must carry `authorization: Bearer <token>`
 //! (the page asks for the token once and keeps it for the browser tab). Nothing here changes
 //! the coordinator's state: cancelling stays with `smelt jobs cancel`, which is authenticated
 //! the same way and cannot be triggered by another site's page.
@@ -15,6 +16,7 @@
 mod api;
 mod history;
 mod json;
+mod prometheus;
 
 use std::path::PathBuf;
 
@@ -45,6 +47,7 @@ pub fn router(coord: Coordinator, db_path: PathBuf, auth: RequireToken) -> Route
         .route("/api/overview", get(api::overview))
         .route("/api/jobs/{id}", get(api::job))
         .route("/api/jobs/{id}/metrics", get(api::metrics))
+        .route("/metrics", get(api::prometheus))
         .layer(middleware::from_fn_with_state(auth, require_token))
         .with_state(Dashboard { coord, db_path });
     Router::new().route("/", get(page)).merge(api)

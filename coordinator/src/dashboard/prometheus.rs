@@ -1,0 +1,123 @@
+//! `GET /metrics`: the coordinator's state in Prometheus' text format (version 0.0.4), for a
+//! scrape job (`authorization: { credentials_file: /etc/smelt/token }` when the coordinator has
+//! a token). Workers and jobs are counted by state; each job that has not ended gets its own
+//! series (step, loss, throughput, ...), so a finished job's series stop rather than pile up.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use smelt_proto::v1::{DeviceClass, JobState, WorkerState};
+
+use crate::state::{device_class_name, is_terminal, job_state_name, worker_state_name, State};
+
+/// A label value with `\`, `"` and newlines escaped, as the format asks.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+/// One metric family: its HELP and TYPE lines, then its samples.
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &str, kind: &str, help: &str) -> Self {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        Family { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: f64) {
+        let _ = write!(self.out, "{name}");
+        if !labels.is_empty() {
+            let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{}\"", label(v))).collect();
+            let _ = write!(self.out, "{{{}}}", inner.join(","));
+        }
+        let v = if value.is_nan() {
+            "NaN".to_string()
+        } else if value.is_infinite() {
+            if value > 0.0 { "+Inf" } else { "-Inf" }.to_string()
+        } else {
+            format!("{value}")
+        };
+        let _ = writeln!(self.out, " {v}");
+    }
+}
+
+const JOB_STATES: [JobState; 7] = [
+    JobState::Queued,
+    JobState::Scheduled,
+    JobState::Running,
+    JobState::Restarting,
+    JobState::Succeeded,
+    JobState::Failed,
+    JobState::Cancelled,
+];
+const WORKER_STATES: [WorkerState; 4] = [WorkerState::Idle, WorkerState::Busy, WorkerState::Draining, WorkerState::Lost];
+
+/// The exposition of the whole state (taken under the coordinator's lock: counting is cheap).
+pub fn render(st: &State) -> String {
+    let mut out = String::new();
+    let mut workers: BTreeMap<(&str, &str), u64> = BTreeMap::new();
+    for dev in [DeviceClass::Cpu, DeviceClass::Cuda] {
+        for s in WORKER_STATES {
+            workers.insert((device_class_name(dev), worker_state_name(s)), 0);
+        }
+    }
+    for w in st.workers.values() {
+        *workers.entry((device_class_name(w.row.device_class), worker_state_name(w.row.state))).or_default() += 1;
+    }
+    let mut f = Family::new(&mut out, "smelt_workers", "gauge", "Registered workers by device class and state.");
+    for ((device, state), n) in &workers {
+        f.sample("smelt_workers", &[("device", device), ("state", state)], *n as f64);
+    }
+
+    let mut jobs: BTreeMap<&str, u64> = JOB_STATES.iter().map(|s| (job_state_name(*s), 0)).collect();
+    for j in st.jobs.values() {
+        *jobs.entry(job_state_name(j.row.state)).or_default() += 1;
+    }
+    let mut f = Family::new(&mut out, "smelt_jobs", "gauge", "Jobs by state.");
+    for (state, n) in &jobs {
+        f.sample("smelt_jobs", &[("state", state)], *n as f64);
+    }
+
+    let mut live: Vec<_> = st.jobs.values().filter(|j| !is_terminal(j.row.state)).collect();
+    live.sort_by_key(|j| j.seq);
+    type Pick = fn(&crate::state::JobRec) -> Option<f64>;
+    let per_job: [(&str, &str, &str, Pick); 9] = [
+        ("smelt_job_step", "gauge", "Steps completed (rank 0's last report).", |j| Some(j.row.last_step as f64)),
+        ("smelt_job_total_steps", "gauge", "Steps the job trains for.", |j| Some(j.row.total_steps as f64)),
+        ("smelt_job_loss", "gauge", "Training loss at the last reported step.", |j| (j.row.last_step > 0).then_some(j.row.last_loss as f64)),
+        ("smelt_job_val_loss", "gauge", "Validation loss at the last evaluation.", |j| j.row.last_val_loss.map(f64::from)),
+        ("smelt_job_val_accuracy", "gauge", "Validation accuracy at the last evaluation (classification fine-tuning).", |j| {
+            j.row.last_val_accuracy.map(f64::from)
+        }),
+        ("smelt_job_tokens_per_second", "gauge", "Training throughput of the job, all ranks (rank 0's last report).", |j| {
+            j.last_metrics.as_ref().map(|m| m.tokens_per_s)
+        }),
+        ("smelt_job_mfu", "gauge", "Model FLOPs utilization of GPU ranks, 0 to 1 (rank 0's last report).", |j| {
+            j.last_metrics.as_ref().and_then(|m| m.mfu).map(f64::from)
+        }),
+        ("smelt_job_attempt", "gauge", "The job's current attempt (1 + restarts).", |j| Some(j.row.attempt as f64)),
+        ("smelt_job_restarts", "counter", "Restarts after a lost or failed rank.", |j| Some(j.row.restarts as f64)),
+    ];
+    for (name, kind, help, pick) in per_job {
+        let mut f = Family::new(&mut out, name, kind, help);
+        for j in &live {
+            if let Some(v) = pick(j) {
+                f.sample(name, &[("job", &j.row.id), ("name", &j.row.name), ("state", job_state_name(j.row.state))], v);
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label(r#"a"b\c"#.to_string().as_str()), r#"a\"b\\c"#);
+        assert_eq!(label("x\ny"), "x\\ny");
+    }
+}
