@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use serde_json::{json, Value};
+use serde_json::Value;
 use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::{DeviceClass, Job, JobState, WorkerInfo, WorkerState};
 use smelt_proto::auth::{self, AuthChannel};
@@ -99,41 +99,13 @@ pub fn age(at_ms: i64) -> String {
     }
 }
 
+/// A job as JSON (`--json`): the dashboard API's shape, with the spec.
 pub fn job_json(j: &Job) -> Value {
-    json!({
-        "id": j.id,
-        "name": j.name,
-        "state": state_name(job_state(j)),
-        "priority": j.priority,
-        "world_size": j.world_size,
-        "device": device_name(j.device_class),
-        "attempt": j.attempt,
-        "restarts": j.restarts,
-        "max_restarts": j.max_restarts,
-        "total_steps": j.total_steps,
-        "last_step": j.last_step,
-        "last_loss": j.last_loss,
-        "last_val_loss": j.last_val_loss,
-        "last_val_accuracy": j.last_val_accuracy,
-        "error": j.error,
-        "worker_ids": j.worker_ids,
-        "created_at_ms": j.created_at_ms,
-        "updated_at_ms": j.updated_at_ms,
-        "spec_toml": j.spec_toml,
-    })
+    smelt_coordinator::json::job(j)
 }
 
 pub fn worker_json(w: &WorkerInfo) -> Value {
-    json!({
-        "id": w.id,
-        "hostname": w.hostname,
-        "device": device_name(w.device_class),
-        "device_index": w.device_index,
-        "state": worker_state_name(w.state),
-        "job_id": w.job_id,
-        "data_addr": w.data_addr,
-        "last_seen_ms": w.last_seen_ms,
-    })
+    smelt_coordinator::json::worker(w)
 }
 
 /// Left-aligned columns, two spaces apart.

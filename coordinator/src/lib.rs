@@ -9,7 +9,8 @@
 //!   cancellation); `rendezvous`: ring addresses and the NCCL id for each attempt.
 //! - `jobs`, `workers`: the operations; `job_service`, `worker_service`: the gRPC glue;
 //!   `error`: the one mapping to gRPC codes; `server`: config, bind, serve.
-//! - `dashboard`: the read-only web page and its JSON API, on the same port as gRPC.
+//! - `dashboard`: the read-only web page and its JSON API, on the same port as gRPC; `json`:
+//!   the JSON shapes of jobs and workers (the API's and the CLI's).
 //!
 //! Data plan: a worker needs nothing from its peers to know its data. Its assignment carries the
 //! job's spec (with the seed) and the step to start at; the sample order is a pure function of
@@ -20,6 +21,7 @@ mod coordinator;
 mod dashboard;
 pub mod error;
 mod job_service;
+pub mod json;
 mod jobs;
 mod lease;
 mod rendezvous;

@@ -85,8 +85,10 @@ pub struct EventRow {
     pub json: String,
 }
 
-#[derive(Clone, Debug, PartialEq)]
+/// One step of rank 0 as reported; also what the dashboard's history serves (without the id).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct MetricRow {
+    #[serde(skip)]
     pub job_id: String,
     pub attempt: u32,
     pub step: u64,

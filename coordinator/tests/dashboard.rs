@@ -26,6 +26,24 @@ fn loss_at(step: u64) -> f32 {
     3.0 - step as f32 * 0.05
 }
 
+/// Rank 0's report of `step` (loss `loss_at(step)`).
+async fn report(w: &Worker, a: &Assignment, step: u64, val_loss: Option<f32>, tokens_per_s: f64, mfu: f32) {
+    w.send(worker_message::Body::Metrics(StepMetrics {
+        job_id: a.job_id.clone(),
+        attempt: a.attempt,
+        rank: 0,
+        step,
+        loss: loss_at(step),
+        grad_norm: 0.5,
+        lr: 1e-3,
+        tokens_per_s,
+        val_loss,
+        val_accuracy: None,
+        mfu: Some(mfu),
+    }))
+    .await;
+}
+
 /// A one-rank job that reports `STEPS` steps (validation at 10 and 20, MFU on every step),
 /// records a checkpoint at step 20 and succeeds; returns its id, once the store holds every
 /// metric, and its worker (still connected).
@@ -37,20 +55,7 @@ async fn a_finished_job(coord: &Coord) -> (String, Worker) {
     w.set_busy(&a);
     for step in 1..=STEPS {
         let val = (step % 10 == 0 && step <= 20).then_some(loss_at(step) + 0.1);
-        w.send(worker_message::Body::Metrics(StepMetrics {
-            job_id: a.job_id.clone(),
-            attempt: a.attempt,
-            rank: 0,
-            step,
-            loss: loss_at(step),
-            grad_norm: 0.5,
-            lr: 1e-3,
-            tokens_per_s: 1000.0 + step as f64,
-            val_loss: val,
-            val_accuracy: None,
-            mfu: Some(0.25),
-        }))
-        .await;
+        report(&w, &a, step, val, 1000.0 + step as f64, 0.25).await;
         if step == 20 {
             w.client
                 .clone()
@@ -227,20 +232,7 @@ async fn prometheus_scrapes_workers_jobs_and_each_running_jobs_progress() {
     let a = w.assignment().await;
     w.set_busy(&a);
     for step in 1..=5 {
-        w.send(worker_message::Body::Metrics(StepMetrics {
-            job_id: a.job_id.clone(),
-            attempt: a.attempt,
-            rank: 0,
-            step,
-            loss: loss_at(step),
-            grad_norm: 0.5,
-            lr: 1e-3,
-            tokens_per_s: 2048.0,
-            val_loss: None,
-            val_accuracy: None,
-            mfu: Some(0.375),
-        }))
-        .await;
+        report(&w, &a, step, None, 2048.0, 0.375).await;
     }
     wait_job(&mut jobs, &job.id, |j| j.last_step == 5).await;
 

@@ -8,7 +8,8 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{error, history, json, prometheus, Dashboard};
+use super::{error, history, prometheus, Dashboard};
+use crate::json;
 use crate::error::CoordError;
 use crate::state::now_ms;
 
@@ -61,8 +62,7 @@ pub(super) async fn job(State(d): State<Dashboard>, Path(id): Path<String>) -> R
         Ok(c) => c,
         Err(r) => return r,
     };
-    let mut body = json::job_summary(&job);
-    body["spec_toml"] = json!(job.spec_toml);
+    let mut body = json::job(&job);
     body["events"] = json!(events);
     body["checkpoints"] = json!(checkpoints);
     Json(body).into_response()

@@ -10,23 +10,10 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags};
 use serde::Serialize;
 
+use crate::store::MetricRow;
+
 /// How long a read waits for SQLite's lock (a checkpoint of the WAL) before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// One step of rank 0, as the worker reported it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct MetricPoint {
-    pub attempt: u32,
-    pub step: u64,
-    pub loss: f32,
-    pub val_loss: Option<f32>,
-    pub val_accuracy: Option<f32>,
-    pub grad_norm: f32,
-    pub lr: f32,
-    pub tokens_per_s: f64,
-    pub mfu: Option<f32>,
-    pub at_ms: i64,
-}
 
 /// A job's metrics in the order they were reported, thinned to a plotting budget.
 #[derive(Debug, Serialize)]
@@ -39,7 +26,7 @@ pub struct MetricSeries {
     /// besides, so that sparse evaluations survive thinning; both strides bound the answer to
     /// about twice the budget.
     pub eval_stride: u64,
-    pub points: Vec<MetricPoint>,
+    pub points: Vec<MetricRow>,
 }
 
 #[derive(Debug, Serialize)]
@@ -83,7 +70,8 @@ pub fn metrics(db: &Path, job_id: &str, max_points: u64) -> rusqlite::Result<Met
     )?;
     let points = st
         .query_map(params![job_id, stride as i64, total as i64, eval_stride as i64], |r| {
-            Ok(MetricPoint {
+            Ok(MetricRow {
+                job_id: job_id.to_string(),
                 attempt: r.get(0)?,
                 step: r.get::<_, i64>(1)? as u64,
                 loss: r.get::<_, f64>(2)? as f32,
@@ -117,7 +105,7 @@ pub fn checkpoints(db: &Path, job_id: &str) -> rusqlite::Result<Vec<CheckpointEn
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{MetricRow, Op, Store};
+    use crate::store::{Op, Store};
 
     fn row(job: &str, attempt: u32, step: u64, val: bool) -> MetricRow {
         MetricRow {
@@ -156,7 +144,7 @@ mod tests {
         assert_eq!((all.points[599].attempt, all.points[599].step), (1, 600));
         assert_eq!((all.points[600].attempt, all.points[600].step), (2, 501));
         assert_eq!(all.points[600].mfu, Some(0.5));
-        assert_eq!(all.points[0], MetricPoint { mfu: None, ..point(&row("job-000001", 1, 1, false)) });
+        assert_eq!(all.points[0], row("job-000001", 1, 1, false));
 
         let thin = metrics(&db, "job-000001", 100).unwrap();
         assert_eq!((thin.total, thin.stride, thin.eval_stride), (1100, 11, 1));
@@ -180,21 +168,6 @@ mod tests {
 
         assert!(metrics(&db, "job-000009", 100).unwrap().points.is_empty());
         store.close();
-    }
-
-    fn point(m: &MetricRow) -> MetricPoint {
-        MetricPoint {
-            attempt: m.attempt,
-            step: m.step,
-            loss: m.loss,
-            val_loss: m.val_loss,
-            val_accuracy: m.val_accuracy,
-            grad_norm: m.grad_norm,
-            lr: m.lr,
-            tokens_per_s: m.tokens_per_s,
-            mfu: m.mfu,
-            at_ms: m.at_ms,
-        }
     }
 
     #[test]

@@ -15,7 +15,6 @@
 
 mod api;
 mod history;
-mod json;
 mod prometheus;
 
 use std::path::PathBuf;

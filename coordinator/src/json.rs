@@ -1,5 +1,6 @@
-//! The API's JSON shapes, from the coordinator's protobuf messages (named as the CLI prints them:
-//! `running`, `cuda`, ...).
+//! Jobs, workers and events as JSON, from the coordinator's protobuf messages, with states and
+//! devices named as the CLI prints them (`running`, `cuda:0`): one shape for the dashboard's
+//! API and for `smelt jobs --json` / `smelt workers --json`.
 
 use serde_json::{json, Value};
 use smelt_proto::v1::{job_event, DeviceClass, Job, JobEvent, JobState, WorkerInfo, WorkerState};
@@ -10,7 +11,7 @@ fn job_state(s: i32) -> &'static str {
     job_state_name(JobState::try_from(s).unwrap_or_default())
 }
 
-/// A job without its spec (the overview lists every job).
+/// A job without its spec (the dashboard's overview lists every job).
 pub fn job_summary(j: &Job) -> Value {
     json!({
         "id": j.id,
@@ -37,6 +38,13 @@ pub fn job_summary(j: &Job) -> Value {
     })
 }
 
+/// A job with its spec.
+pub fn job(j: &Job) -> Value {
+    let mut v = job_summary(j);
+    v["spec_toml"] = json!(j.spec_toml);
+    v
+}
+
 /// A stored event: a state change or a message (metrics come from `/metrics`).
 pub fn event(e: &JobEvent) -> Option<Value> {
     Some(match e.body.as_ref()? {
@@ -59,6 +67,7 @@ pub fn worker(w: &WorkerInfo) -> Value {
         "id": w.id,
         "hostname": w.hostname,
         "device": device,
+        "device_index": w.device_index,
         "state": worker_state_name(WorkerState::try_from(w.state).unwrap_or_default()),
         "job_id": w.job_id,
         "last_seen_ms": w.last_seen_ms,
