@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use smelt_engine::model::heads::ClassificationHead;
-use smelt_engine::model::{Gpt, LayerNormPlacement};
+use smelt_engine::model::{Gpt, GptPositions, LayerNormPlacement};
 use smelt_engine::{weights, CpuBackend};
 use smelt_checkpoint::{resolve_model, JobLocations, ModelSource};
 use smelt_worker::model_file::{self, SavedFamilyModel, SavedModel};
@@ -175,6 +175,13 @@ fn export_hf(a: &HfArgs) -> Result<()> {
         bail!(
             "{}: a post-LN model (ln_placement = post) has no Hugging Face GPT-2 equivalent: GPT-2 normalises before each \
              residual branch (pre-LN); only pre-LN models can be exported",
+            a.model
+        );
+    }
+    if saved.config.positions == GptPositions::Rotary {
+        bail!(
+            "{}: a model with rotary positions (positions = rotary) has no Hugging Face GPT-2 equivalent: GPT-2 learns a \
+             position table; only models with learned positions can be exported",
             a.model
         );
     }

@@ -39,6 +39,9 @@ pub struct TrainArgs {
     /// LayerNorm after each residual add (the original Transformer) instead of before.
     #[arg(long)]
     pub post_ln: bool,
+    /// Rotary position embeddings (RoPE) in every attention layer instead of a learned table.
+    #[arg(long)]
+    pub rotary: bool,
     /// Optimizer steps.
     #[arg(long, default_value_t = 500)]
     pub steps: u64,
@@ -102,6 +105,9 @@ fn model_config(a: &TrainArgs, vocab_size: usize) -> Result<GptConfig> {
     }
     if a.post_ln {
         cfg.ln_placement = LayerNormPlacement::Post;
+    }
+    if a.rotary {
+        cfg.positions = smelt_engine::model::GptPositions::Rotary;
     }
     cfg.validate()?;
     Ok(cfg)

@@ -30,7 +30,7 @@ fn text_of(o: &Output) -> String {
 
 /// A byte-tokenizer GPT small enough to write in milliseconds; its weights depend on `step`.
 fn snapshot(step: u64) -> Snapshot {
-    let cfg = GptConfig { vocab_size: 256, block_size: 16, n_layer: 1, n_head: 2, n_embd: 8, ln_placement: LayerNormPlacement::Pre };
+    let cfg = GptConfig { vocab_size: 256, block_size: 16, n_layer: 1, n_head: 2, n_embd: 8, ln_placement: LayerNormPlacement::Pre, positions: Default::default() };
     let n = Gpt::<CpuBackend>::param_table(&cfg).total();
     let mut rng = Rng::new(step);
     let params: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.02) as f32).collect();

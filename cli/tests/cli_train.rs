@@ -72,6 +72,37 @@ fn train_then_sample() {
     }
 }
 
+/// Rotary positions (`--rotary`): no position table in the model file, which `sample` and
+/// `attention` read back as rotary; `export hf` refuses it (GPT-2 has a position table).
+#[test]
+fn a_rotary_model_trains_samples_and_is_not_exported_as_gpt2() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let out = dir.path().join("rotary");
+    let o = smelt(&[
+        "--threads", "2", "train", "--text", text.to_str().unwrap(), "--preset", "test", "--rotary", "--steps", "40",
+        "--batch", "8", "--seq", "24", "--lr", "3e-3", "--warmup", "5", "--eval-interval", "20",
+        "--eval-batches", "4", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "train failed: {}", text_of(&o));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let last_val = rows.iter().filter_map(|r| r["val_loss"].as_f64()).last().unwrap();
+    assert!(last_val < rows[0]["loss"].as_f64().unwrap() * 0.8, "validation loss {last_val} did not fall");
+
+    let model = out.join("model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(st.names().iter().all(|n| !n.contains("wpe")), "a rotary model has no position table: {:?}", st.names());
+    let o = smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", "the ", "--tokens", "20", "--seed", "3"]);
+    assert!(o.status.success(), "sample failed: {}", text_of(&o));
+    let att = dir.path().join("att");
+    let o = smelt(&["attention", model.to_str().unwrap(), "--text", "the quick fox", "--out", att.to_str().unwrap()]);
+    assert!(o.status.success(), "attention failed: {}", text_of(&o));
+    let o = smelt(&["export", "hf", model.to_str().unwrap(), dir.path().join("hf").to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text_of(&o).contains("rotary positions (positions = rotary) has no Hugging Face GPT-2 equivalent"), "{}", text_of(&o));
+}
+
 #[test]
 fn missing_text_names_the_file() {
     let o = smelt(&["train", "--text", "/nonexistent/shakespeare.txt", "--steps", "1"]);

@@ -38,6 +38,23 @@ pub struct MatmulShape {
     pub layout: WeightLayout,
 }
 
+/// Shape of a rotary position embedding call ([`Backend::rope`]): packed (rows, 3C) q|k|v
+/// rows, `seq_len` positions per sequence (row r sits at position r % seq_len).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RopeShape {
+    pub rows: usize,
+    pub seq_len: usize,
+    /// Model width C = heads * head_dim (head_dim even).
+    pub channels: usize,
+    pub heads: usize,
+}
+
+impl RopeShape {
+    pub fn head_dim(&self) -> usize {
+        self.channels / self.heads
+    }
+}
+
 /// Shape of one multi-head attention call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnShape {
@@ -441,6 +458,17 @@ pub trait Backend: Send + Sync + 'static {
     fn gelu_backward(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>);
     /// `dinp = dout * gelu'(inp)`, overwritten (saves the caller a zero fill).
     fn gelu_backward_set(&self, dinp: Self::ViewMut<'_>, inp: Self::View<'_>, dout: Self::View<'_>);
+
+    // ---- rotary position embedding --------------------------------------------------------
+
+    /// RoPE (GPT-NeoX / Llama "rotate half" layout) in place on the q and k thirds of packed
+    /// (rows, 3C) rows; v is left alone. In each head of width hd, channel i < hd/2 pairs with
+    /// i + hd/2 and the pair turns by the angle of its position p and frequency i:
+    /// `(a, b) -> (a cos - b sin, b cos + a sin)`, each product rounded, then the sum.
+    /// `table` is (T_max, hd/2) cosines followed by (T_max, hd/2) sines (`model::rotary`).
+    /// `inverse` turns the other way: the rotation's transpose, which is its backward pass
+    /// (applied to dq and dk in place).
+    fn rope(&self, qkv: Self::ViewMut<'_>, table: Self::View<'_>, s: RopeShape, inverse: bool);
 
     // ---- residual add ---------------------------------------------------------------------
 

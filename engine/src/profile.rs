@@ -288,6 +288,9 @@ impl<B: Backend> Backend for Profiled<B> {
             || self.inner.matmul_dgelu_backward_fused(dpre, dpre_bias, dweight, dbias, dout, act, pre, weight, shape),
         )
     }
+    fn rope(&self, qkv: B::ViewMut<'_>, table: B::View<'_>, s: crate::backend::RopeShape, inverse: bool) {
+        self.timed(|| if inverse { "rope_backward" } else { "rope_forward" }.into(), || self.inner.rope(qkv, table, s, inverse))
+    }
     fn gelu_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>) {
         self.timed(|| "gelu_forward".into(), || self.inner.gelu_forward(out, inp))
     }

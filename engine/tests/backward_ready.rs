@@ -16,7 +16,7 @@ fn tokens(n: usize, vocab: u32, seed: u32) -> Vec<u32> {
 #[test]
 fn reported_ranges_are_final_and_cover_the_table_once() {
     for ln in [LayerNormPlacement::Pre, LayerNormPlacement::Post] {
-        let cfg = GptConfig { vocab_size: 37, block_size: 12, n_layer: 3, n_head: 2, n_embd: 16, ln_placement: ln };
+        let cfg = GptConfig { vocab_size: 37, block_size: 12, n_layer: 3, n_head: 2, n_embd: 16, ln_placement: ln, positions: Default::default() };
         let mut gpt = Gpt::new(CpuBackend, cfg, 3).unwrap();
         let (b, t) = (2, 12);
         let total = gpt.table().total();

@@ -24,7 +24,7 @@ use bf16_reference::{round_all, round_bf16};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 
-use smelt_engine::backend::{Backend, MatmulShape, WeightLayout, IGNORE_INDEX};
+use smelt_engine::backend::{Backend, MatmulShape, RopeShape, WeightLayout, IGNORE_INDEX};
 use smelt_engine::cuda::{CudaBackend, CudaOptions, Dtype, MatmulPrecision};
 use smelt_engine::rng::Rng;
 use smelt_engine::CpuBackend;
@@ -151,6 +151,24 @@ fn compare(what: &str, gpu: &CudaBackend, body: impl Fn(&dyn Runner<Outs>) -> Ou
     }
 }
 
+
+// ---- rotary positions on bf16 q|k|v rows -------------------------------------------------------
+
+fn rope_body<B: Backend>(be: &B) -> Outs {
+    let s = RopeShape { rows: 2 * 45, seq_len: 45, channels: 64, heads: 2 };
+    let table = be.upload(&smelt_engine::model::rotary::table(64, 32));
+    let mut qkv = activation(be, &randn_bf16(61, s.rows * 3 * s.channels, 1.0));
+    be.rope(all_mut(be, &mut qkv), all(be, &table), s, false);
+    let mut dqkv = activation(be, &randn_bf16(62, s.rows * 3 * s.channels, 1.0));
+    be.rope(all_mut(be, &mut dqkv), all(be, &table), s, true);
+    vec![("rope", host(be, &qkv), BF16_OUT), ("rope_inverse", host(be, &dqkv), BF16_OUT)]
+}
+
+#[test]
+fn rope_on_bf16_rows_matches_cpu() {
+    let Some((g, _serial)) = gpu() else { return };
+    compare("rope", g, both!(rope_body));
+}
 
 // ---- the host rounding itself -----------------------------------------------------------------
 

@@ -22,7 +22,7 @@ use shared_cuda::shared;
 
 /// T = 70 crosses the 64-row attention tile; 3 labels; head dim 16.
 fn cfg(ln_placement: LayerNormPlacement) -> GptConfig {
-    GptConfig { vocab_size: 97, block_size: 80, n_layer: 2, n_head: 4, n_embd: 64, ln_placement }
+    GptConfig { vocab_size: 97, block_size: 80, n_layer: 2, n_head: 4, n_embd: 64, ln_placement, positions: Default::default() }
 }
 
 /// One classification micro-batch: right-padded tokens, each sequence's last real position, labels.

@@ -6,7 +6,7 @@
 use smelt_engine::backend::{Backend, IGNORE_INDEX};
 use smelt_engine::cuda::{CudaBackend, CudaOptions, MatmulPrecision};
 use smelt_engine::data::TokenWindows;
-use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
+use smelt_engine::model::{Gpt, GptConfig, GptPositions, LayerNormPlacement};
 use smelt_engine::optim::{AdamWConfig, LrSchedule};
 use smelt_engine::rng::Rng;
 use smelt_engine::train::{TrainConfig, Trainer};
@@ -24,7 +24,7 @@ fn gpu(p: MatmulPrecision) -> Option<CudaBackend> {
 
 /// Odd sizes on purpose: V = 300 and T = 70 cross 32/64-wide tiles; head dim 16.
 fn cfg(ln_placement: LayerNormPlacement) -> GptConfig {
-    GptConfig { vocab_size: 300, block_size: 80, n_layer: 2, n_head: 4, n_embd: 64, ln_placement }
+    GptConfig { vocab_size: 300, block_size: 80, n_layer: 2, n_head: 4, n_embd: 64, ln_placement, positions: Default::default() }
 }
 
 /// Parameters moved away from init (unit gains, zero biases) so that every path carries signal.
@@ -56,8 +56,12 @@ fn loss_and_grads<B: Backend>(be: B, cfg: &GptConfig, params: &[f32], tokens: &[
 }
 
 fn compare_with_cpu(p: MatmulPrecision, placement: LayerNormPlacement, tol: f64) {
+    compare_config_with_cpu(p, cfg(placement), tol)
+}
+
+fn compare_config_with_cpu(p: MatmulPrecision, cfg: GptConfig, tol: f64) {
     let Some(g) = gpu(p) else { return };
-    let cfg = cfg(placement);
+    let placement = (cfg.ln_placement, cfg.positions);
     let params = perturbed_params(&cfg, 7);
     let (b, t) = (3, 70);
     let mut rng = Rng::new(11);
@@ -87,6 +91,15 @@ fn compare_with_cpu(p: MatmulPrecision, placement: LayerNormPlacement, tol: f64)
 fn f32_matmuls_match_cpu_tightly() {
     compare_with_cpu(MatmulPrecision::F32, LayerNormPlacement::Pre, 1e-4);
     compare_with_cpu(MatmulPrecision::F32, LayerNormPlacement::Post, 1e-4);
+}
+
+/// Rotary positions: `rope` on the q|k|v rows (f32 here, bf16 activations below) and its
+/// transpose on their gradient.
+#[test]
+fn a_rotary_gpt_matches_cpu() {
+    let rotary = GptConfig { positions: GptPositions::Rotary, ..cfg(LayerNormPlacement::Pre) };
+    compare_config_with_cpu(MatmulPrecision::F32, rotary.clone(), 1e-4);
+    compare_config_with_cpu(MatmulPrecision::Bf16, rotary, 3e-2);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use backend_pair::Runner;
 
 use std::sync::OnceLock;
 
-use smelt_engine::backend::{AdamWStep, Backend, Dropout, MatmulShape, WeightLayout, IGNORE_INDEX};
+use smelt_engine::backend::{AdamWStep, Backend, Dropout, MatmulShape, RopeShape, WeightLayout, IGNORE_INDEX};
 use smelt_engine::cuda::{CudaBackend, CudaOptions, MatmulPrecision};
 use smelt_engine::rng::Rng;
 use smelt_engine::{CpuBackend, EngineError};
@@ -305,6 +305,27 @@ fn elementwise_body<B: Backend>(be: &B) -> Outs {
 fn gelu_and_residual_match_cpu() {
     let Some(g) = gpu() else { return };
     compare("elementwise", g, 1e-6, both!(elementwise_body));
+}
+
+// ---- rotary positions -------------------------------------------------------------------------
+
+fn rope_body<B: Backend>(be: &B) -> Outs {
+    // 3 sequences of 37 positions, 4 heads of 24: rows cross 256-thread blocks unevenly
+    let s = RopeShape { rows: 3 * 37, seq_len: 37, channels: 96, heads: 4 };
+    let table = be.upload(&smelt_engine::model::rotary::table(40, 24));
+    let x = randn(41, s.rows * 3 * s.channels, 1.0);
+    let mut turned = be.upload(&x);
+    be.rope(all_mut(be, &mut turned), all(be, &table), s, false);
+    let mut back = be.upload(&host(be, &turned));
+    be.rope(all_mut(be, &mut back), all(be, &table), s, true);
+    vec![("rope", host(be, &turned)), ("rope_inverse", host(be, &back))]
+}
+
+/// The kernel rounds each product and the sum as the CPU does: bitwise equal.
+#[test]
+fn rope_matches_cpu_bitwise() {
+    let Some(g) = gpu() else { return };
+    compare("rope", g, 0.0, both!(rope_body));
 }
 
 // ---- tanh (BERT's pooler) ---------------------------------------------------------------------

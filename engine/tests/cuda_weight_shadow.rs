@@ -39,7 +39,7 @@ fn assert_bits_eq(what: &str, on: &[f32], off: &[f32]) {
 /// V = 300 is not a multiple of 8: the LM head takes the padded path (its rows are copied from
 /// the shadow into the scratch).
 fn gpt_cfg() -> GptConfig {
-    GptConfig { vocab_size: 300, block_size: 80, n_layer: 2, n_head: 4, n_embd: 64, ln_placement: LayerNormPlacement::Pre }
+    GptConfig { vocab_size: 300, block_size: 80, n_layer: 2, n_head: 4, n_embd: 64, ln_placement: LayerNormPlacement::Pre, positions: Default::default() }
 }
 
 /// What each training step produced, in order, and the final parameters.

@@ -23,7 +23,7 @@ const N_SEQUENCES: usize = 30; // 5 steps x 8 = 40 samples: the run crosses an e
 const DATA_SEED: u64 = 1234;
 
 fn model_config() -> GptConfig {
-    GptConfig { vocab_size: 50, block_size: SEQ, n_layer: 2, n_head: 2, n_embd: 32, ln_placement: LayerNormPlacement::Pre }
+    GptConfig { vocab_size: 50, block_size: SEQ, n_layer: 2, n_head: 2, n_embd: 32, ln_placement: LayerNormPlacement::Pre, positions: Default::default() }
 }
 
 fn train_config() -> TrainConfig {

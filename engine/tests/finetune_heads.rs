@@ -8,7 +8,7 @@ use smelt_engine::rng::Rng;
 use smelt_engine::CpuBackend;
 
 fn tiny() -> GptConfig {
-    GptConfig { vocab_size: 11, block_size: 8, n_layer: 2, n_head: 2, n_embd: 8, ln_placement: LayerNormPlacement::Pre }
+    GptConfig { vocab_size: 11, block_size: 8, n_layer: 2, n_head: 2, n_embd: 8, ln_placement: LayerNormPlacement::Pre, positions: Default::default() }
 }
 
 /// A tiny model moved away from its init so every path carries a real gradient.

@@ -1,12 +1,12 @@
 //! GPT against golden values from an independent implementation (JAX, float64):
-//! `tools/golden/gpt_jax.py` wrote `fixtures/gpt_tiny_{preln,postln}.safetensors`.
+//! `tools/golden/gpt_jax.py` wrote `fixtures/gpt_tiny_{preln,postln,rotary}.safetensors`.
 //! Checks logits, loss, every parameter's gradient, and three clipped AdamW steps.
 
 use std::collections::HashMap;
 
 use safetensors::tensor::{Dtype, SafeTensors};
 use smelt_engine::backend::Backend;
-use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
+use smelt_engine::model::{Gpt, GptConfig, GptPositions, LayerNormPlacement};
 use smelt_engine::optim::{AdamW, AdamWConfig};
 use smelt_engine::CpuBackend;
 
@@ -54,8 +54,8 @@ impl Fixture {
     }
 }
 
-fn config(placement: LayerNormPlacement) -> GptConfig {
-    GptConfig { vocab_size: 37, block_size: 16, n_layer: 2, n_head: 3, n_embd: 24, ln_placement: placement }
+fn config(placement: LayerNormPlacement, positions: GptPositions) -> GptConfig {
+    GptConfig { vocab_size: 37, block_size: 16, n_layer: 2, n_head: 3, n_embd: 24, ln_placement: placement, positions }
 }
 
 /// max |a - b| / max(max |b|, floor): one scale for a whole tensor, so tiny entries do not
@@ -66,9 +66,9 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale
 }
 
-fn check(fixture: &str, placement: LayerNormPlacement) {
+fn check(fixture: &str, placement: LayerNormPlacement, positions: GptPositions) {
     let f = load(fixture);
-    let cfg = config(placement);
+    let cfg = config(placement, positions);
     let (b, t) = (3, 11);
     let tokens = &f.ints["tokens"];
     let targets = &f.ints["targets"];
@@ -129,10 +129,17 @@ fn check(fixture: &str, placement: LayerNormPlacement) {
 
 #[test]
 fn pre_ln_gpt_matches_jax() {
-    check("gpt_tiny_preln.safetensors", LayerNormPlacement::Pre);
+    check("gpt_tiny_preln.safetensors", LayerNormPlacement::Pre, GptPositions::Learned);
 }
 
 #[test]
 fn post_ln_gpt_matches_jax() {
-    check("gpt_tiny_postln.safetensors", LayerNormPlacement::Post);
+    check("gpt_tiny_postln.safetensors", LayerNormPlacement::Post, GptPositions::Learned);
+}
+
+/// Rotary positions (RoPE) in every layer instead of the position table: q and k turned in
+/// the forward pass, dq and dk turned back in the backward pass.
+#[test]
+fn rotary_gpt_matches_jax() {
+    check("gpt_tiny_rotary.safetensors", LayerNormPlacement::Pre, GptPositions::Rotary);
 }

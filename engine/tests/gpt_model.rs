@@ -11,7 +11,7 @@ use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::{CpuBackend, EngineError};
 
 fn tiny(ln_placement: LayerNormPlacement) -> GptConfig {
-    GptConfig { vocab_size: 11, block_size: 8, n_layer: 2, n_head: 2, n_embd: 8, ln_placement }
+    GptConfig { vocab_size: 11, block_size: 8, n_layer: 2, n_head: 2, n_embd: 8, ln_placement, positions: Default::default() }
 }
 
 /// A tiny model moved away from its init (std 0.02 weights, unit gains, zero biases) so that
@@ -287,7 +287,7 @@ fn batch_shapes_can_change_between_calls() {
 /// Three train steps of a model large enough that gemm splits its work over threads (its
 /// threshold is 48*48*256 multiply-adds; the qkv matmul here is 256x128x384).
 fn three_steps() -> (Vec<f32>, Vec<u32>) {
-    let cfg = GptConfig { vocab_size: 300, block_size: 64, n_layer: 2, n_head: 4, n_embd: 128, ln_placement: LayerNormPlacement::Pre };
+    let cfg = GptConfig { vocab_size: 300, block_size: 64, n_layer: 2, n_head: 4, n_embd: 128, ln_placement: LayerNormPlacement::Pre, positions: Default::default() };
     let model = Gpt::new(CpuBackend::new(), cfg, 42).unwrap();
     let tc = TrainConfig {
         batch_size: 4,
@@ -323,7 +323,7 @@ fn training_is_bitwise_identical_across_thread_counts() {
         })
     };
     let (p1, s1) = run(1);
-    let init = Gpt::new(CpuBackend::new(), GptConfig { vocab_size: 300, block_size: 64, n_layer: 2, n_head: 4, n_embd: 128, ln_placement: LayerNormPlacement::Pre }, 42)
+    let init = Gpt::new(CpuBackend::new(), GptConfig { vocab_size: 300, block_size: 64, n_layer: 2, n_head: 4, n_embd: 128, ln_placement: LayerNormPlacement::Pre, positions: Default::default() }, 42)
         .unwrap()
         .params_host();
     assert!(p1.iter().zip(&init).filter(|(a, b)| a != b).count() > p1.len() / 2, "training did not move the parameters");
@@ -421,7 +421,7 @@ fn loss_falls_on_a_small_text() {
     let split = ids.len() * 85 / 100;
     let (train, val) = (TokenWindows::new(&ids[..split]), TokenWindows::new(&ids[split..]));
 
-    let cfg = GptConfig { vocab_size: vocab, block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, ln_placement: LayerNormPlacement::Pre };
+    let cfg = GptConfig { vocab_size: vocab, block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, ln_placement: LayerNormPlacement::Pre, positions: Default::default() };
     let model = Gpt::new(CpuBackend::new(), cfg, 7).unwrap();
     let tc = TrainConfig {
         batch_size: 8,
@@ -700,7 +700,7 @@ fn the_head_rows_are_spare_values_after_wte() {
 /// nothing leaks into the loss, the logits (V wide) or a checkpoint.
 #[test]
 fn the_head_padding_stays_zero_through_training() {
-    let cfg = GptConfig { vocab_size: 37, block_size: 16, n_layer: 2, n_head: 2, n_embd: 16, ln_placement: LayerNormPlacement::Pre };
+    let cfg = GptConfig { vocab_size: 37, block_size: 16, n_layer: 2, n_head: 2, n_embd: 16, ln_placement: LayerNormPlacement::Pre, positions: Default::default() };
     let table = Gpt::<CpuBackend>::param_table(&cfg);
     let wte = table.id("transformer.wte.weight").unwrap();
     let spare = table.range(wte).end..table.reserved_range(wte).end;

@@ -12,7 +12,7 @@
 //! `backend_op_tests!(cuda, *cuda_f32().unwrap(), cuda_f32().is_some());` (skips without a GPU).
 
 use smelt_engine::backend::{
-    AdamWStep, AttnShape, Backend, Dropout, MatmulShape, QkvSource, WeightLayout, IGNORE_INDEX,
+    AdamWStep, AttnShape, Backend, Dropout, MatmulShape, QkvSource, RopeShape, WeightLayout, IGNORE_INDEX,
 };
 use smelt_engine::rng::Rng;
 
@@ -553,6 +553,42 @@ pub fn check_gelu<B: Backend>(be: &B) {
     assert_grad("gelu dinp (set)", &set, &numeric, TOL);
 }
 
+/// RoPE: the forward against a reference written here (angles in f64), the inverse turn
+/// against finite differences of the forward (it is the forward's transpose, its backward).
+pub fn check_rope<B: Backend>(be: &B) {
+    let mut rng = Rng::new(24);
+    let s = RopeShape { rows: 2 * 5, seq_len: 5, channels: 12, heads: 2 };
+    let (c, hd) = (s.channels, s.head_dim());
+    let table = be.upload(&smelt_engine::model::rotary::table(8, hd));
+    let x = randn(&mut rng, s.rows * 3 * c, 1.0);
+    let r = randn(&mut rng, x.len(), 1.0);
+    let fwd = |x: &[Vec<f32>]| {
+        let mut buf = be.upload(&x[0]);
+        be.rope(all_mut(be, &mut buf), all(be, &table), s, false);
+        host(be, &buf)
+    };
+    let mut want: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+    for row in 0..s.rows {
+        let pos = (row % s.seq_len) as f64;
+        for head in 0..2 * s.heads {
+            let at = row * 3 * c + head * hd; // q heads, then k heads
+            for i in 0..hd / 2 {
+                let angle = pos * 10_000f64.powf(-((2 * i) as f64) / hd as f64);
+                let (a, b) = (x[at + i] as f64, x[at + i + hd / 2] as f64);
+                want[at + i] = a * angle.cos() - b * angle.sin();
+                want[at + i + hd / 2] = b * angle.cos() + a * angle.sin();
+            }
+        }
+    }
+    assert_close("rope forward", &fwd(&[x.clone()]), &want, 1e-5);
+
+    let mut d = be.upload(&r);
+    be.rope(all_mut(be, &mut d), all(be, &table), s, true);
+    let analytic: Vec<f64> = host(be, &d).iter().map(|&v| v as f64).collect();
+    let numeric = numeric_grad(&mut |x| dot64(&fwd(x), &r), &[x.clone()], 0, STEP);
+    assert_grad("rope inverse = backward", &analytic, &numeric, TOL);
+}
+
 pub fn check_residual<B: Backend>(be: &B) {
     let mut rng = Rng::new(21);
     let n = 29;
@@ -851,6 +887,13 @@ macro_rules! backend_op_tests {
                     return;
                 }
                 check_embedding(&$backend);
+            }
+            #[test]
+            fn rope() {
+                if !$available {
+                    return;
+                }
+                check_rope(&$backend);
             }
             #[test]
             fn matmul() {

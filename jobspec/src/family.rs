@@ -132,7 +132,7 @@ fn family_fields(m: &crate::ModelSpec) -> [(&'static str, bool, &'static [Arch])
     const BOTH: &[Arch] = &[Arch::Bert, Arch::T5];
     [
         ("model.scores", m.scores.is_some(), BOTH),
-        ("model.positions", m.positions.is_some(), BOTH),
+        ("model.positions", m.positions.is_some(), &[Arch::Gpt, Arch::Bert, Arch::T5]),
         ("model.n_inner", m.n_inner.is_some(), BOTH),
         ("model.objective", m.objective.is_some(), BOTH),
         ("model.n_decoder_layer", m.n_decoder_layer.is_some(), &[Arch::T5]),

@@ -10,6 +10,7 @@
 //!
 //! [model]
 //! preset = "tiny"             # or explicit sizes below
+//! # positions = "rotary"      # GPT: learned (default) | rotary (RoPE in every attention layer)
 //! # arch = "bert" | "t5" and their options: see family.rs
 //!
 //! [data]
@@ -57,7 +58,7 @@ mod family;
 pub use family::{Arch, BertObjective, BertSpecials, ContrastiveViews, FamilyConfig, T5Specials};
 
 use serde::{Deserialize, Serialize};
-use smelt_engine::model::{GptConfig, LayerNormPlacement};
+use smelt_engine::model::{GptConfig, GptPositions, LayerNormPlacement};
 use smelt_engine::optim::{AdamWConfig, LrSchedule};
 use smelt_engine::train::TrainConfig;
 use thiserror::Error;
@@ -193,7 +194,8 @@ pub struct ModelSpec {
     /// BERT/T5 attention score: `dot` (default), `general` or `additive`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scores: Option<String>,
-    /// BERT/T5 positions: `learned` (BERT's default) or `sinusoidal` (T5's default).
+    /// Positions: GPT `learned` (default) or `rotary`; BERT/T5 `learned` (BERT's default) or
+    /// `sinusoidal` (T5's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub positions: Option<String>,
     /// BERT/T5 feed-forward width (default 4 x n_embd, or the preset's).
@@ -557,6 +559,7 @@ impl JobSpec {
                     n_head: need(m.n_head, "n_head")?,
                     n_embd: need(m.n_embd, "n_embd")?,
                     ln_placement: m.ln_placement.unwrap_or_default(),
+                    positions: Default::default(),
                 }
             }
         };
@@ -578,6 +581,11 @@ impl JobSpec {
             cfg.block_size = v;
         }
         cfg.ln_placement = m.ln_placement.unwrap_or_default();
+        cfg.positions = match m.positions.as_deref() {
+            None | Some("learned") => GptPositions::Learned,
+            Some("rotary") => GptPositions::Rotary,
+            Some(o) => return Err(err("model.positions", format!("{o:?} is not one of: learned, rotary (a GPT's positions)"))),
+        };
         cfg.validate().map_err(|e| err(&format!("model.{}", e.field), e.message))?;
         Ok(cfg)
     }
@@ -653,6 +661,13 @@ world_size = 2
         assert_eq!(padded.model_config(128).unwrap().vocab_size, 128);
         padded.model.pad_vocab_to = Some(0);
         assert_eq!(padded.model_config(65).unwrap_err().field, "model.pad_vocab_to");
+        // A GPT's positions: learned (default) or rotary; anything else names the field.
+        assert_eq!(s.model_config(65).unwrap().positions, GptPositions::Learned);
+        let rotary = JobSpec::parse(&GOOD.replace("preset = \"tiny\"", "preset = \"tiny\"\npositions = \"rotary\"")).unwrap();
+        assert_eq!(rotary.model_config(65).unwrap().positions, GptPositions::Rotary);
+        let e = JobSpec::parse(&GOOD.replace("preset = \"tiny\"", "preset = \"tiny\"\npositions = \"sinusoidal\"")).unwrap_err();
+        assert_eq!(e.field, "model.positions");
+        assert!(e.message.contains("learned, rotary"), "{}", e.message);
         let bert = GOOD.replace("preset = \"tiny\"", "arch = \"bert\"\npreset = \"bert-test\"\npad_vocab_to = 64");
         assert_eq!(JobSpec::parse(&bert).unwrap_err().field, "model.pad_vocab_to");
         // Round trip through TOML.

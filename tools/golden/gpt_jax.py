@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Independent JAX (float64, CPU) reference for the tiny GPT-2 golden fixtures.
 
-Writes <out>/gpt_tiny_preln.safetensors and <out>/gpt_tiny_postln.safetensors.
+Writes <out>/gpt_tiny_preln.safetensors, <out>/gpt_tiny_postln.safetensors and
+<out>/gpt_tiny_rotary.safetensors (pre-LN with rotary positions instead of a position table).
 See tools/golden/README.md for the exact contents.
 
     pip install jax jaxlib numpy safetensors
@@ -48,7 +49,8 @@ BASE_CONFIG = dict(
     init_ln_bias_std=0.1,
     init_note="draws in param_table order then tokens then targets; params rounded to f32 before use",
 )
-VARIANTS = {"preln": 1234, "postln": 4321}
+VARIANTS = {"preln": 1234, "postln": 4321, "rotary": 777}
+ROPE_BASE = 10000.0
 
 BLOCK_SUFFIXES = [
     ("ln_1.weight", "ln_w"),
@@ -69,7 +71,7 @@ DECAYED_SUFFIXES = {"attn.c_attn.weight", "attn.c_proj.weight",
 
 
 def param_table(cfg):
-    """Ordered list of (name, shape, kind). Order == RNG draw order."""
+    """Ordered list of (name, shape, kind). Order == RNG draw order. Rotary: no wpe."""
     V, P, L, C = cfg["vocab_size"], cfg["block_size"], cfg["n_layer"], cfg["n_embd"]
     shapes = {
         "ln_1.weight": (C,), "ln_1.bias": (C,),
@@ -79,8 +81,9 @@ def param_table(cfg):
         "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
         "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,),
     }
-    t = [("transformer.wte.weight", (V, C), "mat"),
-         ("transformer.wpe.weight", (P, C), "mat")]
+    t = [("transformer.wte.weight", (V, C), "mat")]
+    if cfg.get("variant") != "rotary":
+        t.append(("transformer.wpe.weight", (P, C), "mat"))
     for i in range(L):
         for suf, kind in BLOCK_SUFFIXES:
             t.append((f"transformer.h.{i}.{suf}", shapes[suf], kind))
@@ -129,6 +132,18 @@ def gelu_tanh(x):
     return 0.5 * x * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
 
+def rope(x):
+    """Rotary position embedding of (B, H, T, D) by position t (RoFormer, "rotate half" layout of
+    GPT-NeoX): channel i < D/2 pairs with i + D/2, the pair turned by angle t * base^(-2i/D)."""
+    T, D = x.shape[2], x.shape[3]
+    half = D // 2
+    inv_freq = ROPE_BASE ** (-np.arange(0, half, dtype=np.float64) * 2.0 / D)
+    angle = np.arange(T, dtype=np.float64)[:, None] * inv_freq[None, :]  # (T, half)
+    cos, sin = jnp.asarray(np.cos(angle)), jnp.asarray(np.sin(angle))
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
 def attention(x, p, pre, cfg):
     B, T, C = x.shape
     H = cfg["n_head"]
@@ -139,6 +154,8 @@ def attention(x, p, pre, cfg):
     q = q.reshape(B, T, H, D).transpose(0, 2, 1, 3)
     k = k.reshape(B, T, H, D).transpose(0, 2, 1, 3)
     v = v.reshape(B, T, H, D).transpose(0, 2, 1, 3)
+    if cfg.get("variant") == "rotary":
+        q, k = rope(q), rope(k)
     s = jnp.einsum("bhid,bhjd->bhij", q, k) / math.sqrt(D)
     mask = jnp.tril(jnp.ones((T, T), dtype=bool))  # allowed: j <= i
     s = jnp.where(mask, s, -jnp.inf)
@@ -158,12 +175,14 @@ def mlp(x, p, pre):
 def forward(p, tokens, cfg, variant):
     T = tokens.shape[1]
     eps = cfg["ln_eps"]
-    x = p["transformer.wte.weight"][tokens] + p["transformer.wpe.weight"][:T][None]
+    x = p["transformer.wte.weight"][tokens]
+    if variant != "rotary":
+        x = x + p["transformer.wpe.weight"][:T][None]
     for i in range(cfg["n_layer"]):
         pre = f"transformer.h.{i}."
         ln1 = lambda z: layer_norm(z, p[pre + "ln_1.weight"], p[pre + "ln_1.bias"], eps)  # noqa: E731
         ln2 = lambda z: layer_norm(z, p[pre + "ln_2.weight"], p[pre + "ln_2.bias"], eps)  # noqa: E731
-        if variant == "preln":
+        if variant in ("preln", "rotary"):
             x = x + attention(ln1(x), p, pre, cfg)
             x = x + mlp(ln2(x), p, pre)
         elif variant == "postln":
@@ -222,7 +241,7 @@ def self_check(params, tokens, targets, cfg, variant, rs):
     h = 1e-5
     worst = 0.0
     worst_abs = 0.0
-    names = ["transformer.wte.weight", "transformer.wpe.weight",
+    names = ["transformer.wte.weight"] + (["transformer.wpe.weight"] if variant != "rotary" else []) + [
              "transformer.h.0.attn.c_attn.weight", "transformer.h.1.mlp.c_fc.bias",
              "transformer.h.0.ln_1.weight", "transformer.h.1.ln_2.bias",
              "transformer.ln_f.weight", "transformer.h.1.attn.c_proj.weight"]
@@ -244,8 +263,19 @@ def self_check(params, tokens, targets, cfg, variant, rs):
             # relative error, floored so near-zero entries are judged absolutely
             worst = max(worst, diff / max(1e-3, abs(fdv) + abs(an)))
     assert worst < 1e-6, f"finite-difference mismatch: rel err {worst}"
-    # unused wpe rows (>= T) must get zero gradient
-    assert np.all(np.asarray(g["transformer.wpe.weight"])[tokens.shape[1]:] == 0.0)
+    if variant != "rotary":
+        # unused wpe rows (>= T) must get zero gradient
+        assert np.all(np.asarray(g["transformer.wpe.weight"])[tokens.shape[1]:] == 0.0)
+    else:
+        # rotary scores depend on relative positions only: q at m against k at n scores as
+        # q at m + s against k at n + s
+        rq = np.random.RandomState(5)
+        qv, kv = rq.normal(size=(1, 1, 1, 8)), rq.normal(size=(1, 1, 1, 8))
+        seq = lambda v, at, T: jnp.asarray(np.concatenate([np.zeros((1, 1, at, 8)), v, np.zeros((1, 1, T - at - 1, 8))], axis=2))  # noqa: E731
+        def score(m, n, T=12):
+            return float(jnp.sum(rope(seq(qv, m, T))[0, 0, m] * rope(seq(kv, n, T))[0, 0, n]))
+        assert abs(score(7, 3) - score(4, 0)) < 1e-12 and abs(score(7, 3) - score(9, 5)) < 1e-12
+        assert abs(score(7, 3) - score(7, 4)) > 1e-6, "rotary has no effect"
     # 2. causality: changing token at position j must not change logits at < j
     logits = np.asarray(forward(p, tokens, cfg, variant))
     T = tokens.shape[1]
@@ -315,10 +345,11 @@ def build(variant, seed, out_dir):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="engine/tests/fixtures")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
-    for variant, seed in VARIANTS.items():
-        build(variant, seed, args.out)
+    for variant in args.variants.split(","):
+        build(variant, VARIANTS[variant], args.out)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ fn pretrained_parent(dir: &Path) -> PathBuf {
     let tok = Tokenizer::fit("char", std::str::from_utf8(ALPHABET).unwrap()).unwrap();
     assert_eq!(tok.vocab_size(), ALPHABET.len());
     let ids = tok.encode(&text).unwrap();
-    let cfg = GptConfig { vocab_size: tok.vocab_size(), block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, ln_placement: LayerNormPlacement::Pre };
+    let cfg = GptConfig { vocab_size: tok.vocab_size(), block_size: 32, n_layer: 2, n_head: 2, n_embd: 32, ln_placement: LayerNormPlacement::Pre, positions: Default::default() };
     let tc = TrainConfig {
         batch_size: 8,
         seq_len: 32,

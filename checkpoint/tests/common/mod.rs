@@ -12,7 +12,7 @@ use smelt_engine::rng::Rng;
 use smelt_engine::train::TrainerState;
 
 pub fn config(vocab: usize, n_embd: usize) -> GptConfig {
-    GptConfig { vocab_size: vocab, block_size: 32, n_layer: 2, n_head: 2, n_embd, ln_placement: LayerNormPlacement::Pre }
+    GptConfig { vocab_size: vocab, block_size: 32, n_layer: 2, n_head: 2, n_embd, ln_placement: LayerNormPlacement::Pre, positions: Default::default() }
 }
 
 /// A snapshot whose every value depends on `step`, so checkpoints of different steps differ.

@@ -12,12 +12,13 @@ mod elementwise;
 mod embedding;
 mod layernorm;
 mod matmul;
+mod rope;
 
 use std::ops::Range;
 
 use rayon::prelude::*;
 
-use crate::backend::{AdamWStep, AttnShape, Backend, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::backend::{AdamWStep, AttnShape, Backend, Dropout, MatmulShape, OptionalOp, QkvSource, RopeShape, Scores};
 
 /// Rows handled by one task in chunked reductions; a constant so that partial sums (and thus
 /// rounding) never depend on how many threads run them.
@@ -258,6 +259,9 @@ impl Backend for CpuBackend {
         attention::backward(zeroed(dsrc), dout, src, saved, shape)
     }
 
+    fn rope(&self, qkv: &mut [f32], table: &[f32], s: RopeShape, inverse: bool) {
+        rope::rope(qkv, table, s, inverse)
+    }
     fn gelu_forward(&self, out: &mut [f32], inp: &[f32]) {
         elementwise::gelu_forward(out, inp)
     }

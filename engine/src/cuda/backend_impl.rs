@@ -4,7 +4,7 @@
 
 use std::ops::Range;
 
-use super::{adamw, attention, cross_entropy, dropout, elementwise, embedding, layernorm, learned_scores, matmul, memory, peak};
+use super::{adamw, attention, cross_entropy, dropout, elementwise, embedding, layernorm, learned_scores, matmul, memory, peak, rope};
 use super::{CudaBackend, CudaBuf, CudaIds, CudaView, CudaViewMut};
 use crate::error::EngineError;
 use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
@@ -338,6 +338,9 @@ impl Backend for CudaBackend {
         shape: MatmulShape,
     ) -> bool {
         matmul::backward_dgelu(self, dpre, dpre_bias, dweight, dbias, dout, act, pre, weight, shape)
+    }
+    fn rope(&self, qkv: CudaViewMut<'_>, table: CudaView<'_>, s: crate::backend::RopeShape, inverse: bool) {
+        rope::rope(self, qkv, table, s, inverse)
     }
     fn gelu_forward(&self, out: CudaViewMut<'_>, inp: CudaView<'_>) {
         elementwise::gelu_forward(self, out, inp)

@@ -34,6 +34,7 @@ pub const MODULES: &[(&str, &str)] = &[
     ("attention", ATTENTION_SOURCE),
     ("learned_scores", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/learned_scores.cu"))),
     ("convert", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/convert.cu"))),
+    ("rope", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/rope.cu"))),
 ];
 
 /// Env var naming a directory of CUDA headers to add to NVRTC's include path.

@@ -34,6 +34,7 @@ mod lt_autotune;
 mod matmul;
 mod memory;
 mod peak;
+mod rope;
 mod shadow;
 mod tuning;
 pub mod nccl;

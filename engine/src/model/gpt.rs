@@ -4,10 +4,10 @@
 //! Tensor names and shapes are Hugging Face GPT-2's (linear weights in `Conv1D` layout (in, out)),
 //! so an export is a copy.
 
-use crate::backend::{AttnShape, Backend, MatmulShape, QkvSource, WeightLayout, IGNORE_INDEX};
+use crate::backend::{AttnShape, Backend, MatmulShape, QkvSource, RopeShape, WeightLayout, IGNORE_INDEX};
 use crate::error::EngineError;
-use crate::model::gpt_config::{GptConfig, LayerNormPlacement};
-use crate::model::padded_head;
+use crate::model::gpt_config::{GptConfig, GptPositions, LayerNormPlacement};
+use crate::model::{padded_head, rotary};
 use crate::params::{Init, ParamId, ParamKind, ParamTable};
 
 /// Parameter ids of one block.
@@ -101,7 +101,8 @@ pub struct Gpt<B: Backend> {
     cfg: GptConfig,
     table: ParamTable,
     wte: ParamId,
-    wpe: ParamId,
+    /// The learned position table (none with rotary positions).
+    wpe: Option<ParamId>,
     lnf_w: ParamId,
     lnf_b: ParamId,
     blocks: Vec<BlockParams>,
@@ -112,10 +113,12 @@ pub struct Gpt<B: Backend> {
     /// (Vp) the LM head's bias when it runs over more rows than the vocabulary has (the
     /// padding's logits masked out; padded_head.rs), None when the vocabulary is a round number.
     head_mask: Option<B::Buf>,
+    /// Rotary positions: the (block_size, hd/2) cosine and sine table `Backend::rope` reads.
+    rope_table: Option<B::Buf>,
 }
 
 /// The name table of a GPT config, in Hugging Face GPT-2 order.
-fn build_table(cfg: &GptConfig) -> (ParamTable, [ParamId; 4], Vec<BlockParams>) {
+fn build_table(cfg: &GptConfig) -> (ParamTable, [ParamId; 3], Option<ParamId>, Vec<BlockParams>) {
     let (c, v, l) = (cfg.n_embd, cfg.vocab_size, cfg.n_layer);
     let std = 0.02f32;
     // GPT-2 scales the projections that write into the residual stream by 1/sqrt(2L).
@@ -124,7 +127,8 @@ fn build_table(cfg: &GptConfig) -> (ParamTable, [ParamId; 4], Vec<BlockParams>) 
     // the rows the LM head computes beyond the vocabulary are wte's spare values, zero for good
     let spare = (cfg.head_rows() - v) * c;
     let wte = t.push_with_spare("transformer.wte.weight", &[v, c], ParamKind::Embedding, Init::Normal { std }, spare);
-    let wpe = t.push("transformer.wpe.weight", &[cfg.block_size, c], ParamKind::Embedding, Init::Normal { std });
+    let wpe = (cfg.positions == GptPositions::Learned)
+        .then(|| t.push("transformer.wpe.weight", &[cfg.block_size, c], ParamKind::Embedding, Init::Normal { std }));
     let mut blocks = Vec::with_capacity(l);
     for i in 0..l {
         let p = |s: &str| format!("transformer.h.{i}.{s}");
@@ -146,7 +150,7 @@ fn build_table(cfg: &GptConfig) -> (ParamTable, [ParamId; 4], Vec<BlockParams>) 
     }
     let lnf_w = t.push("transformer.ln_f.weight", &[c], ParamKind::Norm, Init::Ones);
     let lnf_b = t.push("transformer.ln_f.bias", &[c], ParamKind::Norm, Init::Zeros);
-    (t, [wte, wpe, lnf_w, lnf_b], blocks)
+    (t, [wte, lnf_w, lnf_b], wpe, blocks)
 }
 
 fn mm(rows: usize, in_features: usize, out_features: usize) -> MatmulShape {
@@ -157,7 +161,7 @@ impl<B: Backend> Gpt<B> {
     /// A model with seeded GPT-2 initialisation.
     pub fn new(be: B, cfg: GptConfig, seed: u64) -> Result<Self, EngineError> {
         cfg.validate()?;
-        let (table, _, _) = build_table(&cfg);
+        let (table, ..) = build_table(&cfg);
         let host = table.init(seed);
         Self::from_params(be, cfg, &host)
     }
@@ -165,12 +169,14 @@ impl<B: Backend> Gpt<B> {
     /// A model holding the given flat parameters (in this config's table order).
     pub fn from_params(be: B, cfg: GptConfig, host: &[f32]) -> Result<Self, EngineError> {
         cfg.validate()?;
-        let (table, [wte, wpe, lnf_w, lnf_b], blocks) = build_table(&cfg);
+        let (table, [wte, lnf_w, lnf_b], wpe, blocks) = build_table(&cfg);
         table.check_buffer(host).map_err(EngineError::Batch)?;
         let params = be.upload(host);
         let grads = be.zeros(table.total());
         let head_mask = padded_head::mask(&be, cfg.vocab_size);
-        Ok(Gpt { be, cfg, table, wte, wpe, lnf_w, lnf_b, blocks, params, grads, acts: None, batch: None, head_mask })
+        let rope_table = (cfg.positions == GptPositions::Rotary)
+            .then(|| be.upload(&rotary::table(cfg.block_size, cfg.n_embd / cfg.n_head)));
+        Ok(Gpt { be, cfg, table, wte, wpe, lnf_w, lnf_b, blocks, params, grads, acts: None, batch: None, head_mask, rope_table })
     }
 
     /// The parameter table this config produces, without building a model.
@@ -427,9 +433,12 @@ impl<B: Backend> Gpt<B> {
         let attn = AttnShape { batch: b, q_len: t, kv_len: t, channels: c, heads: cfg.n_head, causal: true };
         let saved_len = be.attention_saved_len(attn);
 
-        // encoded = wte[tokens] + wpe[positions]            // (BT, C)
+        // encoded = wte[tokens] + wpe[positions]            // (BT, C); rotary: wte[tokens]
         be.embedding_forward(be.view_mut(&mut acts.encoded, rc.clone()), &batch.tokens, p(self.wte), c, false);
-        be.embedding_forward(be.view_mut(&mut acts.encoded, rc.clone()), &batch.positions, p(self.wpe), c, true);
+        if let Some(wpe) = self.wpe {
+            be.embedding_forward(be.view_mut(&mut acts.encoded, rc.clone()), &batch.positions, p(wpe), c, true);
+        }
+        let rope = RopeShape { rows, seq_len: t, channels: c, heads: cfg.n_head };
 
         for (l, bp) in blocks.iter().enumerate() {
             let (done, rest) = acts.blocks.split_at_mut(l);
@@ -457,6 +466,10 @@ impl<B: Backend> Gpt<B> {
             };
             // qkv = att_in @ c_attn + b                     // (BT, 3C)
             be.matmul_forward(be.view_mut(&mut a.qkv, rc3.clone()), att_in, p(bp.qkv_w), Some(p(bp.qkv_b)), mm(rows, c, 3 * c));
+            // rotary: q, k turned by their positions in place (the backward reads them turned)
+            if let Some(tab) = self.rope_table.as_ref() {
+                be.rope(be.view_mut(&mut a.qkv, rc3.clone()), be.view(tab, 0..be.len(tab)), rope, false);
+            }
             // atty = attention(q, k, v)                      // (BT, C)
             be.attention_forward(
                 be.view_mut(&mut a.atty, rc.clone()),
@@ -714,6 +727,11 @@ impl<B: Backend> Gpt<B> {
                 be.view(&a.att_saved, 0..saved_len),
                 attn,
             );
+            // rotary: dq, dk turned back (the rotation's transpose) into the gradient of qkv
+            if let Some(tab) = self.rope_table.as_ref() {
+                let rope = RopeShape { rows, seq_len: t, channels: c, heads: cfg.n_head };
+                be.rope(be.view_mut(&mut s.dqkv, rc3.clone()), be.view(tab, 0..be.len(tab)), rope, true);
+            }
             // qkv = att_in @ W + b; att_in = LN1(x) (pre-LN) or x (post-LN)
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.qkv_w, bp.qkv_b);
             match cfg.ln_placement {
@@ -735,8 +753,12 @@ impl<B: Backend> Gpt<B> {
 
         // encoded = wte[tokens] + wpe[positions]
         be.embedding_backward(be.view_mut(grads, table.range(self.wte)), be.view(&s.dres, rc.clone()), &batch.tokens, c);
-        be.embedding_backward(be.view_mut(grads, table.range(self.wpe)), be.view(&s.dres, rc.clone()), &batch.positions, c);
-        ready(be, grads, table.range(self.wte).start..table.range(self.wpe).end);
+        let mut embeddings = table.reserved_range(self.wte);
+        if let Some(wpe) = self.wpe {
+            be.embedding_backward(be.view_mut(grads, table.range(wpe)), be.view(&s.dres, rc.clone()), &batch.positions, c);
+            embeddings.end = table.reserved_range(wpe).end;
+        }
+        ready(be, grads, embeddings);
     }
 }
 

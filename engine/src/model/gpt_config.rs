@@ -15,6 +15,18 @@ pub enum LayerNormPlacement {
     Post,
 }
 
+/// How a GPT knows where each token is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum GptPositions {
+    /// A learned (block_size, C) table added to the token embeddings (GPT-2).
+    #[default]
+    Learned,
+    /// Rotary embeddings (RoPE, base 10,000, "rotate half" as GPT-NeoX and Llama) turning q and
+    /// k in every attention layer: no position table, relative positions in the scores.
+    Rotary,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GptConfig {
@@ -26,6 +38,9 @@ pub struct GptConfig {
     pub n_embd: usize,
     #[serde(default)]
     pub ln_placement: LayerNormPlacement,
+    /// Learned table (default, and what model files before this field hold) or rotary.
+    #[serde(default)]
+    pub positions: GptPositions,
 }
 
 /// Preset names and what they are, for help texts and errors.
@@ -48,6 +63,7 @@ impl GptConfig {
             n_head,
             n_embd,
             ln_placement: LayerNormPlacement::Pre,
+            positions: Default::default(),
         };
         let small = |n_layer, n_head, n_embd, block_size| GptConfig {
             vocab_size: 256,
@@ -56,6 +72,7 @@ impl GptConfig {
             n_head,
             n_embd,
             ln_placement: LayerNormPlacement::Pre,
+            positions: Default::default(),
         };
         Ok(match name {
             "gpt2-124m" => gpt2(12, 12, 768),
@@ -96,6 +113,12 @@ impl GptConfig {
                 format!("{} is not divisible by n_head = {}", self.n_embd, self.n_head),
             ));
         }
+        if self.positions == GptPositions::Rotary && (self.n_embd / self.n_head) % 2 != 0 {
+            return Err(ConfigError::new(
+                "n_embd",
+                format!("rotary positions turn pairs of channels: the head width n_embd / n_head = {} must be even", self.n_embd / self.n_head),
+            ));
+        }
         if self.vocab_size > u32::MAX as usize - 1 {
             return Err(ConfigError::new("vocab_size", "must fit in u32 token ids"));
         }
@@ -112,14 +135,22 @@ impl GptConfig {
     pub fn num_params(&self) -> usize {
         let (c, l) = (self.n_embd, self.n_layer);
         let per_layer = 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + 2 * c + (c * 4 * c + 4 * c) + (4 * c * c + c);
-        self.vocab_size * c + self.block_size * c + l * per_layer + 2 * c
+        self.vocab_size * c + self.position_params() + l * per_layer + 2 * c
+    }
+
+    /// Values in the learned position table (none with rotary positions).
+    pub fn position_params(&self) -> usize {
+        match self.positions {
+            GptPositions::Learned => self.block_size * self.n_embd,
+            GptPositions::Rotary => 0,
+        }
     }
 
     /// Training FLOPs per token: 6 per parameter that touches every token (all but the position
     /// table) plus attention's scores and weighted sum, 6 * 2 * L * C * T forward and backward
     /// for a full T x T map (PaLM appendix B; the causal half is not subtracted, as is customary).
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
-        let n = (self.num_params() - self.block_size * self.n_embd) as f64;
+        let n = (self.num_params() - self.position_params()) as f64;
         6.0 * n + 12.0 * (self.n_layer * self.n_embd * seq_len) as f64
     }
 }

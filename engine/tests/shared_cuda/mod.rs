@@ -227,6 +227,9 @@ impl Backend for Shared {
     ) {
         self.0.attention_backward_set(dsrc, dout, src, out, saved, shape)
     }
+    fn rope(&self, qkv: ViewMut<'_>, table: View<'_>, s: smelt_engine::backend::RopeShape, inverse: bool) {
+        self.0.rope(qkv, table, s, inverse)
+    }
     fn gelu_forward(&self, out: ViewMut<'_>, inp: View<'_>) {
         self.0.gelu_forward(out, inp)
     }
