@@ -1,12 +1,13 @@
 //! `Gpt::backward_overlapped` reports each range of the flat gradient as soon as it is final:
 //! the ranges cover the table exactly once, and what a range holds when it is reported is what
 //! it holds at the end of the pass (so averaging it early, while the pass goes on, is sound).
-//! Pre-LN and post-LN, with gradient accumulation onto an earlier micro-batch's gradients.
+//! Pre-LN and post-LN (and rotary positions: no position table), with gradient accumulation
+//! onto an earlier micro-batch's gradients.
 
 use std::ops::Range;
 
 use smelt_engine::backend::Backend;
-use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
+use smelt_engine::model::{Gpt, GptConfig, GptPositions, LayerNormPlacement};
 use smelt_engine::CpuBackend;
 
 fn tokens(n: usize, vocab: u32, seed: u32) -> Vec<u32> {
@@ -15,8 +16,13 @@ fn tokens(n: usize, vocab: u32, seed: u32) -> Vec<u32> {
 
 #[test]
 fn reported_ranges_are_final_and_cover_the_table_once() {
-    for ln in [LayerNormPlacement::Pre, LayerNormPlacement::Post] {
-        let cfg = GptConfig { vocab_size: 37, block_size: 12, n_layer: 3, n_head: 2, n_embd: 16, ln_placement: ln, positions: Default::default() };
+    let cases = [
+        (LayerNormPlacement::Pre, GptPositions::Learned),
+        (LayerNormPlacement::Post, GptPositions::Learned),
+        (LayerNormPlacement::Pre, GptPositions::Rotary),
+    ];
+    for (ln, positions) in cases {
+        let cfg = GptConfig { vocab_size: 37, block_size: 12, n_layer: 3, n_head: 2, n_embd: 16, ln_placement: ln, positions };
         let mut gpt = Gpt::new(CpuBackend, cfg, 3).unwrap();
         let (b, t) = (2, 12);
         let total = gpt.table().total();

@@ -531,6 +531,8 @@ impl JobSpec {
             ("model.vocab_size", m.vocab_size.is_some()),
             ("model.pad_vocab_to", m.pad_vocab_to.is_some()),
             ("model.arch", m.arch.is_some()),
+            ("model.positions", m.positions.is_some()),
+            ("model.ln_placement", m.ln_placement.is_some()),
         ] {
             if set {
                 return Err(err(field, "a finetune job takes its model from finetune.init_from"));
@@ -792,6 +794,7 @@ lr = 1e-4
         assert_eq!(field(FINETUNE.replace("data = \"data/reviews.jsonl\"", "data = \"\"")), "finetune.data");
         assert_eq!(field(FINETUNE.replace("num_labels = 2", "num_labels = 2\nval_fraction = 1.5")), "finetune.val_fraction");
         assert_eq!(field(FINETUNE.replace("[train]", "[model]\npreset = \"tiny\"\n\n[train]")), "model.preset");
+        assert_eq!(field(FINETUNE.replace("[train]", "[model]\npositions = \"rotary\"\n\n[train]")), "model.positions");
         assert_eq!(field(FINETUNE.replace("[train]", "[data]\ntext = \"a.txt\"\n\n[train]")), "data.text");
         assert_eq!(field(FINETUNE.replace("lr = 1e-4", "lr = 0.0")), "train.lr");
         let start = FINETUNE.find("[finetune]").unwrap();

@@ -27,6 +27,12 @@ pub enum GptPositions {
     Rotary,
 }
 
+impl GptPositions {
+    fn is_learned(&self) -> bool {
+        *self == GptPositions::Learned
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GptConfig {
@@ -38,8 +44,9 @@ pub struct GptConfig {
     pub n_embd: usize,
     #[serde(default)]
     pub ln_placement: LayerNormPlacement,
-    /// Learned table (default, and what model files before this field hold) or rotary.
-    #[serde(default)]
+    /// Learned table (default, and what model files before this field hold) or rotary. Left
+    /// out of files when learned, so that earlier versions still read them.
+    #[serde(default, skip_serializing_if = "GptPositions::is_learned")]
     pub positions: GptPositions,
 }
 
@@ -152,5 +159,24 @@ impl GptConfig {
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
         let n = (self.num_params() - self.position_params()) as f64;
         6.0 * n + 12.0 * (self.n_layer * self.n_embd * seq_len) as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learned_positions_stay_out_of_files_so_earlier_versions_read_them() {
+        let learned = GptConfig::preset("test").unwrap();
+        let json = serde_json::to_string(&learned).unwrap();
+        assert!(!json.contains("positions"), "{json}");
+        assert_eq!(serde_json::from_str::<GptConfig>(&json).unwrap(), learned);
+        let rotary = GptConfig { positions: GptPositions::Rotary, ..learned };
+        let json = serde_json::to_string(&rotary).unwrap();
+        assert!(json.contains(r#""positions":"rotary""#), "{json}");
+        assert_eq!(serde_json::from_str::<GptConfig>(&json).unwrap(), rotary);
+        let odd = GptConfig { n_embd: 6, n_head: 2, ..rotary };
+        assert_eq!(odd.validate().unwrap_err().field, "n_embd", "a head width of 3 has no pairs to turn");
     }
 }
