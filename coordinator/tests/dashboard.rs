@@ -267,6 +267,41 @@ async fn prometheus_scrapes_workers_jobs_and_each_running_jobs_progress() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_is_cancelled_from_the_api_only_with_the_request_header() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("to-cancel", 2, 0, 0)).await;
+    let path = format!("/api/jobs/{}/cancel", job.id);
+    // What a form on another site could send: refused, nothing changes.
+    let r = http::request(coord.addr, "POST", &path, None, &[]).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("x-smelt-request: 1"), "{}", r.body);
+    assert_eq!(state(&get(&mut jobs, &job.id).await), JobState::Queued);
+    // A GET does not cancel either.
+    assert_eq!(http::get(coord.addr, &path, None).await.status, 405);
+
+    let ok = [("x-smelt-request", "1")];
+    let r = http::request(coord.addr, "POST", &path, None, &ok).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["state"], "cancelled");
+    let j = get(&mut jobs, &job.id).await;
+    assert_eq!(state(&j), JobState::Cancelled);
+    assert!(j.error.contains("cancelled by request"), "{}", j.error);
+    let r = http::request(coord.addr, "POST", &path, None, &ok).await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("already cancelled"), "{}", r.body);
+    let r = http::request(coord.addr, "POST", "/api/jobs/job-000404/cancel", None, &ok).await;
+    assert_eq!(r.status, 404);
+    // The cancellation is durable: a new coordinator on the same file has it.
+    coord.stop().await;
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    assert_eq!(state(&get(&mut jobs, &job.id).await), JobState::Cancelled);
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_token_guards_the_api_but_not_the_empty_page() {
     let (_d, db) = tmp();
     let coord = start_with_token(&db, Some("s3cret")).await;
@@ -280,6 +315,9 @@ async fn a_coordinator_token_guards_the_api_but_not_the_empty_page() {
         refused(&http::get(coord.addr, path, None).await, "requires a token");
         refused(&http::get(coord.addr, path, Some("s3cre")).await, "wrong token");
     }
+    // A cancel with the request header but no token: the token is asked for first.
+    let r = http::request(coord.addr, "POST", "/api/jobs/job-000001/cancel", None, &[("x-smelt-request", "1")]).await;
+    refused(&r, "requires a token");
     let ok = http::get(coord.addr, "/api/overview", Some("s3cret")).await;
     assert_eq!(ok.status, 200, "{}", ok.body);
     assert_eq!(ok.json()["jobs"], serde_json::json!([]));
@@ -381,8 +419,15 @@ async fn chromium_renders_the_jobs_the_curves_and_escapes_what_workers_report() 
     assert!(overview.contains("&lt;img src=x onerror=document.body.dataset.pwned=1&gt; rank died"), "the error is shown as text:\n{overview}");
     assert!(!overview.contains("<img") && !overview.contains("data-pwned"), "a worker's error became markup:\n{overview}");
 
+    // A job still waiting gets a cancel button; an ended one does not.
+    let waiting = submit(&mut jobs, &spec("waiting", 2, 0, 0)).await;
+    let (c, url) = (chromium.clone(), format!("{base}#/jobs/{}", waiting.id));
+    let page = tokio::task::spawn_blocking(move || rendered_dom(&c, &url)).await.unwrap();
+    assert!(page.contains(&format!("<button class=\"cancel\" data-cancel=\"{}\">Cancel job</button>", waiting.id)), "{page}");
+
     let url = format!("{base}#/jobs/{id}");
     let detail = tokio::task::spawn_blocking(move || rendered_dom(&chromium, &url)).await.unwrap();
+    assert!(!detail.contains(&format!("data-cancel=\"{id}\"")), "an ended job offers no cancel:\n{detail}");
     assert!(detail.contains(&format!("<section id=\"job\" data-job=\"{id}\">")), "{detail}");
     // One line of STEPS points for the training loss, one of 2 for validation, one per quantity.
     assert!(detail.contains(&format!("data-series=\"train\" data-points=\"{STEPS}\"")), "{detail}");
@@ -392,6 +437,52 @@ async fn chromium_renders_the_jobs_the_curves_and_escapes_what_workers_report() 
     }
     assert!(detail.contains(CKPT_URI), "{detail}");
     assert!(detail.contains("MFU 25.0%"), "{detail}");
+    coord.stop().await;
+}
+
+/// `node_modules` holding playwright-core (`SMELT_PLAYWRIGHT_DIR`, which CI sets after an npm
+/// install), or a skip unless SMELT_REQUIRE_PLAYWRIGHT=1.
+fn playwright_or_skip(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("SMELT_PLAYWRIGHT_DIR").map(PathBuf::from).filter(|d| d.join("playwright-core").is_dir());
+    if dir.is_none() {
+        assert!(
+            std::env::var("SMELT_REQUIRE_PLAYWRIGHT").as_deref() != Ok("1"),
+            "SMELT_REQUIRE_PLAYWRIGHT=1 but SMELT_PLAYWRIGHT_DIR names no node_modules with playwright-core"
+        );
+        eprintln!("skipping {test}: no playwright-core (npm install playwright-core; SMELT_PLAYWRIGHT_DIR=its node_modules)");
+    }
+    dir
+}
+
+/// The cancel button clicked in a real browser (Playwright driving headless Chromium): the
+/// confirmation is asked, the job ends cancelled, the button goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_click_on_cancel_in_the_browser_cancels_the_job() {
+    let test = "a_click_on_cancel_in_the_browser_cancels_the_job";
+    let (Some(chromium), Some(node_modules)) = (chromium_or_skip(test), playwright_or_skip(test)) else { return };
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("click-me", 2, 0, 0)).await;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/cancel_click.js");
+    let url = format!("http://{}/", coord.addr);
+    let id = job.id.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new("timeout")
+            .args(["120", "node"])
+            .arg(script)
+            .arg(url)
+            .arg(id)
+            .env("NODE_PATH", node_modules)
+            .env("SMELT_CHROMIUM", chromium)
+            .output()
+            .expect("run node")
+    })
+    .await
+    .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the click did not cancel the job: {said}");
+    assert_eq!(state(&get(&mut jobs, &job.id).await), JobState::Cancelled, "{said}");
     coord.stop().await;
 }
 

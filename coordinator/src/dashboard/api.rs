@@ -20,6 +20,7 @@ const MAX_POINTS: u64 = 20_000;
 fn coord_error(e: CoordError) -> Response {
     let status = match e {
         CoordError::NotFound(_) => StatusCode::NOT_FOUND,
+        CoordError::FailedPrecondition(_) => StatusCode::CONFLICT,
         CoordError::InvalidSpec(_) | CoordError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
         CoordError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
@@ -90,4 +91,16 @@ pub(super) async fn metrics(State(d): State<Dashboard>, Path(id): Path<String>, 
 pub(super) async fn prometheus(State(d): State<Dashboard>) -> Response {
     let text = d.coord.with(|st| prometheus::render(st));
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+}
+
+/// Cancels a job (its workers are aborted), durably before answering, as the gRPC CancelJob.
+pub(super) async fn cancel(State(d): State<Dashboard>, Path(id): Path<String>) -> Response {
+    let job = match d.coord.with(|st| st.cancel(&id)) {
+        Ok(job) => job,
+        Err(e) => return coord_error(e),
+    };
+    if let Err(e) = d.coord.flush().await {
+        return coord_error(e);
+    }
+    Json(json::job_summary(&job)).into_response()
 }

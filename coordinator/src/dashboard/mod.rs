@@ -1,17 +1,20 @@
-//! The dashboard: a read-only web page served on the coordinator's own port (HTTP/1.1 beside the
-//! gRPC services, so a cluster has one address) with the workers, the jobs, each job's loss
-//! curves, events and checkpoints; and the JSON API the page reads, which scripts can read too.
+//! The dashboard: a web page served on the coordinator's own port (HTTP/1.1 beside the gRPC
+//! services, so a cluster has one address) with the workers, the jobs, each job's loss curves,
+//! events and checkpoints; and the JSON API the page reads, which scripts can use too.
 //!
 //! - `GET /`: the page (`page.html`, embedded; it holds no data, so it is served to anyone).
 //! - `GET /api/overview`: every job (without its spec) and every worker.
 //! - `GET /api/jobs/{id}`: one job with its spec, events and recorded checkpoints.
 //! - `GET /api/jobs/{id}/metrics?max_points=N`: rank 0's step metrics from the SQLite file.
+//! - `POST /api/jobs/{id}/cancel`: cancels a job, as `smelt jobs cancel` does; the one request
+//!   that changes anything.
 //! - `GET /metrics`: the same state for Prometheus (`prometheus.rs`).
 //!
-//! With a coordinator token, every `/api` and `/metrics` request must carry `authorization: Bearer <token>`
-//! (the page asks for the token once and keeps it for the browser tab). Nothing here changes
-//! the coordinator's state: cancelling stays with `smelt jobs cancel`, which is authenticated
-//! the same way and cannot be triggered by another site's page.
+//! With a coordinator token, every `/api` and `/metrics` request must carry `authorization:
+//! Bearer <token>` (the page asks for the token once and keeps it for the browser tab: no
+//! cookie). A POST must also carry `x-smelt-request: 1`, a header another site's page cannot
+//! add without the coordinator's consent (no CORS is answered), so a page elsewhere cannot
+//! cancel jobs through a browser on a coordinator without a token (`smelt up` on a laptop).
 
 mod api;
 mod history;
@@ -23,7 +26,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use smelt_proto::auth::RequireToken;
 
@@ -46,7 +49,9 @@ pub fn router(coord: Coordinator, db_path: PathBuf, auth: RequireToken) -> Route
         .route("/api/overview", get(api::overview))
         .route("/api/jobs/{id}", get(api::job))
         .route("/api/jobs/{id}/metrics", get(api::metrics))
+        .route("/api/jobs/{id}/cancel", post(api::cancel))
         .route("/metrics", get(api::prometheus))
+        .layer(middleware::from_fn(require_request_header))
         .layer(middleware::from_fn_with_state(auth, require_token))
         .with_state(Dashboard { coord, db_path });
     Router::new().route("/", get(page)).merge(api)
@@ -77,6 +82,19 @@ async fn page() -> impl IntoResponse {
 /// An API error: its HTTP status and a message that says what is wrong.
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// The header a state-changing request must carry (see the module's doc: cross-site requests).
+pub(crate) const REQUEST_HEADER: &str = "x-smelt-request";
+
+async fn require_request_header(req: Request, next: Next) -> Response {
+    if req.method() != axum::http::Method::GET && req.headers().get(REQUEST_HEADER).is_none_or(|v| v != "1") {
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("{} {} changes the coordinator: send the header `{REQUEST_HEADER}: 1` with it", req.method(), req.uri().path()),
+        );
+    }
+    next.run(req).await
 }
 
 async fn require_token(State(auth): State<RequireToken>, req: Request, next: Next) -> Response {

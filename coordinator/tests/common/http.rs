@@ -25,9 +25,19 @@ impl Reply {
 
 /// `GET path`, with `authorization: Bearer <token>` when a token is given.
 pub async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Reply {
+    request(addr, "GET", path, token, &[]).await
+}
+
+/// `method path` with an empty body, the token as for `get`, and `headers` besides.
+pub async fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Reply {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Accept: */*\r\nConnection: close\r\n\r\n");
+    let mut extra = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    for (k, v) in headers {
+        extra += &format!("{k}: {v}\r\n");
+    }
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Accept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.expect("write request");
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await.expect("read reply");
