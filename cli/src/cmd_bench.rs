@@ -92,6 +92,9 @@ pub struct StepArgs {
     /// still counts the dot score's FLOPs).
     #[arg(long, value_parser = ["dot", "general", "additive"])]
     pub scores: Option<String>,
+    /// GPT only: rotary positions (RoPE) instead of the learned table, to time them beside it.
+    #[arg(long)]
+    pub rotary: bool,
     /// Time every backend op (each bracketed by a device sync) and print where a step's time
     /// goes; the step time itself is then slower than a real one.
     #[arg(long)]
@@ -304,6 +307,9 @@ fn run_steps<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), aft
     if a.dropout.is_some() && !matches!(a.arch, Arch::Bert) {
         bail!("--dropout is for --arch bert (the GPT and T5 models here have no dropout)");
     }
+    if a.rotary && !matches!(a.arch, Arch::Gpt) {
+        bail!("--rotary is for --arch gpt (BERT and T5 take learned or sinusoidal positions)");
+    }
     if a.scores.is_some() && matches!(a.arch, Arch::Gpt) {
         bail!("--scores is for --arch bert or t5 (the GPT here has dot-product attention only)");
     }
@@ -318,8 +324,11 @@ fn run_gpt<B: Backend>(be: B, a: &StepArgs, after_warmup: impl FnOnce(&B), after
     let mut cfg = GptConfig::preset(&a.preset())?;
     if let Some(v) = a.vocab {
         cfg.vocab_size = v;
-        cfg.validate()?;
     }
+    if a.rotary {
+        cfg.positions = smelt_engine::model::GptPositions::Rotary;
+    }
+    cfg.validate()?;
     if a.seq > cfg.block_size {
         bail!("--seq {} exceeds the preset's block size {}", a.seq, cfg.block_size);
     }
@@ -364,6 +373,7 @@ fn report(a: &StepArgs, t: &Timed, extra: serde_json::Value, extra_text: String)
         "head_rows": t.head_rows,
         "dropout": a.dropout.map(|p| (p as f64 * 1e6).round() / 1e6),
         "scores": a.scores.as_deref().unwrap_or("dot"),
+        "positions": matches!(a.arch, Arch::Gpt).then_some(if a.rotary { "rotary" } else { "learned" }),
         "params": t.params,
         "batch": a.batch,
         "seq": a.seq,

@@ -87,6 +87,16 @@ fn gpt_stays_the_default_arch() {
 }
 
 #[test]
+fn rotary_positions_are_timed_without_a_position_table() {
+    let learned = step_json(&["--preset", "tiny", "--batch", "2", "--seq", "16"]);
+    let rotary = step_json(&["--preset", "tiny", "--batch", "2", "--seq", "16", "--rotary"]);
+    check_common(&rotary, "gpt", "tiny", 32.0);
+    assert_eq!((learned["positions"].as_str(), rotary["positions"].as_str()), (Some("learned"), Some("rotary")));
+    // tiny: 128 positions x 128 wide fewer parameters
+    assert_eq!(learned["params"].as_u64().unwrap() - rotary["params"].as_u64().unwrap(), 128 * 128, "{learned}\n{rotary}");
+}
+
+#[test]
 fn bad_lengths_are_clear_errors() {
     let cases: [(&[&str], &str); 5] = [
         (&["--arch", "bert", "--preset", "bert-test", "--dec-seq", "4"], "--dec-seq is for --arch t5"),
