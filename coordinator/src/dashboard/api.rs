@@ -17,15 +17,18 @@ use crate::state::now_ms;
 const DEFAULT_POINTS: u64 = 2_000;
 const MAX_POINTS: u64 = 20_000;
 
+/// A coordinator error as HTTP: its gRPC status (error.rs, the one classification of the
+/// coordinator's errors) turned into the matching HTTP status, the same message.
 fn coord_error(e: CoordError) -> Response {
-    let status = match e {
-        CoordError::NotFound(_) => StatusCode::NOT_FOUND,
-        CoordError::FailedPrecondition(_) => StatusCode::CONFLICT,
-        CoordError::InvalidSpec(_) | CoordError::InvalidArgument(_) => StatusCode::BAD_REQUEST,
-        CoordError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+    let s = tonic::Status::from(e);
+    let status = match s.code() {
+        tonic::Code::NotFound => StatusCode::NOT_FOUND,
+        tonic::Code::FailedPrecondition => StatusCode::CONFLICT,
+        tonic::Code::InvalidArgument => StatusCode::BAD_REQUEST,
+        tonic::Code::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    error(status, e.to_string())
+    error(status, s.message())
 }
 
 /// Runs a history read off the async runtime; a failure names the database.

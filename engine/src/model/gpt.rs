@@ -633,6 +633,7 @@ impl<B: Backend> Gpt<B> {
         let p = |id: ParamId| be.view(params, table.range(id));
         let attn = AttnShape { batch: b, q_len: t, kv_len: t, channels: c, heads: cfg.n_head, causal: true };
         let saved_len = be.attention_saved_len(attn);
+        let rope = RopeShape { rows, seq_len: t, channels: c, heads: cfg.n_head };
         let Acts { encoded, blocks: block_acts, lnf_mean, lnf_rstd, scratch: s, .. } = acts;
         // dinp += LN'(dout), or with `set` dinp = LN'(dout) (no zero fill first); with `copy`,
         // the final dinp is also written there (an activation buffer: the next matmul's dout)
@@ -729,7 +730,6 @@ impl<B: Backend> Gpt<B> {
             );
             // rotary: dq, dk turned back (the rotation's transpose) into the gradient of qkv
             if let Some(tab) = self.rope_table.as_ref() {
-                let rope = RopeShape { rows, seq_len: t, channels: c, heads: cfg.n_head };
                 be.rope(be.view_mut(&mut s.dqkv, rc3.clone()), be.view(tab, 0..be.len(tab)), rope, true);
             }
             // qkv = att_in @ W + b; att_in = LN1(x) (pre-LN) or x (post-LN)
