@@ -10,6 +10,7 @@ mod cmd_attention;
 mod cmd_bench;
 mod cmd_corpus;
 mod cmd_export;
+mod cmd_import;
 mod cmd_coordinator;
 mod cmd_jobs;
 mod cmd_sample;
@@ -67,6 +68,9 @@ enum Command {
     /// Export a model: `hf` (Hugging Face transformers GPT2LMHeadModel), `logits` (.npy).
     #[command(subcommand)]
     Export(cmd_export::ExportCommand),
+    /// Import a model: `hf` (a Hugging Face transformers GPT-2 directory, e.g. the Hub's gpt2).
+    #[command(subcommand)]
+    Import(cmd_import::ImportCommand),
 }
 
 fn main() -> Result<()> {
@@ -91,6 +95,7 @@ fn main() -> Result<()> {
         Command::Attention(a) => cmd_attention::run(a),
         Command::Bench(b) => cmd_bench::run(b),
         Command::Export(c) => cmd_export::run(c),
+        Command::Import(c) => cmd_import::run(c),
         Command::Checkpoints(c) => cmd_checkpoints::run(c),
         Command::Corpus(c) => cmd_corpus::run(c),
         Command::Coordinator(a) => cmd_coordinator::run(a),

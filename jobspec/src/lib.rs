@@ -169,6 +169,12 @@ pub const MAX_VOCAB_PAD: usize = 4096;
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
+    /// GPT only: continue pretraining from these weights (a `model.safetensors` path, e.g.
+    /// one `smelt import hf` made of the Hub's GPT-2, a checkpoint directory or URI, or a job
+    /// id). The model's sizes and tokenizer come from the file, so the fields that would set
+    /// them are left out; the data must use the file's tokenizer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<String>,
     pub preset: Option<String>,
     pub n_layer: Option<usize>,
     pub n_head: Option<usize>,
@@ -392,6 +398,23 @@ fn train_field_err(field: &str, message: String) -> SpecError {
     err(&field, message)
 }
 
+/// The `[model]` fields that size a model, each with whether the spec gives it: a model read
+/// from a file (`model.init_from`, a fine-tuning job's `finetune.init_from`) takes them from
+/// there instead.
+fn sizing_fields(m: &ModelSpec) -> [(&'static str, bool); 9] {
+    [
+        ("model.preset", m.preset.is_some()),
+        ("model.n_layer", m.n_layer.is_some()),
+        ("model.n_head", m.n_head.is_some()),
+        ("model.n_embd", m.n_embd.is_some()),
+        ("model.block_size", m.block_size.is_some()),
+        ("model.vocab_size", m.vocab_size.is_some()),
+        ("model.pad_vocab_to", m.pad_vocab_to.is_some()),
+        ("model.positions", m.positions.is_some()),
+        ("model.ln_placement", m.ln_placement.is_some()),
+    ]
+}
+
 impl JobSpec {
     /// Parses and validates a spec.
     pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
@@ -461,8 +484,8 @@ impl JobSpec {
         if self.finetune.is_some() {
             return Err(err("finetune", "only for kind = \"finetune\""));
         }
-        if !["char", "byte"].contains(&self.data.tokenizer.as_str()) {
-            return Err(err("data.tokenizer", format!("{:?} is not one of: char, byte", self.data.tokenizer)));
+        if !["char", "byte", "gpt2"].contains(&self.data.tokenizer.as_str()) {
+            return Err(err("data.tokenizer", format!("{:?} is not one of: char, byte, gpt2", self.data.tokenizer)));
         }
         match (&self.data.text, &self.data.corpus) {
             (Some(_), Some(_)) => return Err(err("data.corpus", "give either data.text or data.corpus, not both")),
@@ -470,6 +493,9 @@ impl JobSpec {
             (Some(t), None) if t.trim().is_empty() => return Err(err("data.text", "must name a text file")),
             (None, Some(c)) if c.trim().is_empty() => return Err(err("data.corpus", "must name a corpus URI")),
             _ => {}
+        }
+        if let Some(init) = &self.model.init_from {
+            return self.validate_init_from(init);
         }
         // The model and optimizer configs validate their own fields; prefix them with their table.
         let block_size = match self.arch()? {
@@ -490,6 +516,24 @@ impl JobSpec {
         };
         self.train_config().validate(block_size).map_err(|e| train_field_err(e.field.as_str(), e.message))?;
         Ok(())
+    }
+
+    /// The checks of a GPT pretraining job that continues from `model.init_from`: the file
+    /// decides the model, so no field that sizes it may be given (the worker, which reads the
+    /// file, checks the sequence length against its block size and the data's tokenizer).
+    fn validate_init_from(&self, init: &str) -> Result<(), SpecError> {
+        if init.trim().is_empty() {
+            return Err(err("model.init_from", "must name a model file, a checkpoint or a job id"));
+        }
+        if self.arch()? != Arch::Gpt {
+            return Err(err("model.init_from", "only for arch = \"gpt\" (a BERT or T5 is fine-tuned from with kind = \"finetune\")"));
+        }
+        let given = sizing_fields(&self.model);
+        if let Some((field, _)) = given.iter().find(|(_, set)| *set) {
+            return Err(err(field, "the model comes from model.init_from (its sizes, vocabulary and positions); leave this out"));
+        }
+        self.check_family_fields_absent()?;
+        self.train_config().validate(usize::MAX).map_err(|e| train_field_err(e.field.as_str(), e.message))
     }
 
     /// The checks of a fine-tuning job: its `[finetune]` table, no `[model]` or `[data]` of its
@@ -522,18 +566,8 @@ impl JobSpec {
             return Err(err(field, "a finetune job reads its examples from finetune.data"));
         }
         let m = &self.model;
-        for (field, set) in [
-            ("model.preset", m.preset.is_some()),
-            ("model.n_layer", m.n_layer.is_some()),
-            ("model.n_head", m.n_head.is_some()),
-            ("model.n_embd", m.n_embd.is_some()),
-            ("model.block_size", m.block_size.is_some()),
-            ("model.vocab_size", m.vocab_size.is_some()),
-            ("model.pad_vocab_to", m.pad_vocab_to.is_some()),
-            ("model.arch", m.arch.is_some()),
-            ("model.positions", m.positions.is_some()),
-            ("model.ln_placement", m.ln_placement.is_some()),
-        ] {
+        let given = sizing_fields(m).into_iter().chain([("model.arch", m.arch.is_some()), ("model.init_from", m.init_from.is_some())]);
+        for (field, set) in given {
             if set {
                 return Err(err(field, "a finetune job takes its model from finetune.init_from"));
             }
@@ -818,5 +852,64 @@ lr = 1e-4
         let gpu = JobSpec::parse(include_str!("../../examples/shakespeare-char-gpu.toml")).unwrap();
         let cfg = gpu.model_config(65).unwrap();
         assert_eq!((cfg.vocab_size, cfg.head_rows()), (65, 128));
+    }
+
+    #[test]
+    fn init_from_takes_the_model_from_the_file() {
+        let base = GOOD.replace("preset = \"tiny\"", "init_from = \"models/gpt2.safetensors\"");
+        let s = JobSpec::parse(&base).unwrap();
+        assert_eq!(s.model.init_from.as_deref(), Some("models/gpt2.safetensors"));
+        // the stored spec keeps it
+        assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s);
+        // a sequence longer than any preset's block size is the worker's to check (it reads the file)
+        assert!(JobSpec::parse(&base.replace("seq_len = 64", "seq_len = 1024")).is_ok());
+        for (line, field) in [
+            ("preset = \"tiny\"", "model.preset"),
+            ("n_layer = 2", "model.n_layer"),
+            ("n_embd = 64", "model.n_embd"),
+            ("block_size = 64", "model.block_size"),
+            ("vocab_size = 300", "model.vocab_size"),
+            ("pad_vocab_to = 64", "model.pad_vocab_to"),
+            ("positions = \"rotary\"", "model.positions"),
+            ("ln_placement = \"post\"", "model.ln_placement"),
+        ] {
+            let spec = base.replace("init_from =", &format!("{line}\ninit_from ="));
+            assert_eq!(JobSpec::parse(&spec).unwrap_err().field, field, "{line}");
+        }
+        let empty = base.replace("\"models/gpt2.safetensors\"", "\" \"");
+        assert_eq!(JobSpec::parse(&empty).unwrap_err().field, "model.init_from");
+        let bert = base.replace("init_from =", "arch = \"bert\"\ninit_from =");
+        let e = JobSpec::parse(&bert).unwrap_err();
+        assert_eq!(e.field, "model.init_from");
+        assert!(e.message.contains("only for arch = \"gpt\""), "{}", e.message);
+        // the training settings are still checked
+        assert_eq!(JobSpec::parse(&base.replace("lr = 1e-3", "lr = -1.0")).unwrap_err().field, "train.lr");
+        // GPT-2's tokenizer over a text file (a model imported from the Hub uses it)
+        let gpt2 = base.replace("[data]\n", "[data]\ntokenizer = \"gpt2\"\n");
+        assert_eq!(JobSpec::parse(&gpt2).unwrap().data.tokenizer, "gpt2");
+    }
+
+    #[test]
+    fn a_finetune_job_refuses_model_init_from() {
+        let ft = r#"
+name = "ft"
+kind = "finetune"
+[model]
+init_from = "a.safetensors"
+[finetune]
+init_from = "b.safetensors"
+head = "sft"
+data = "d.jsonl"
+[train]
+steps = 1
+global_batch = 2
+micro_batch = 2
+seq_len = 8
+lr = 1e-3
+"#;
+        let e = JobSpec::parse(ft).unwrap_err();
+        assert_eq!(e.field, "model.init_from");
+        assert!(e.message.contains("finetune.init_from"), "{}", e.message);
+        assert!(JobSpec::parse(&ft.replace("[model]\ninit_from = \"a.safetensors\"\n", "")).is_ok());
     }
 }

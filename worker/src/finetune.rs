@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use smelt_checkpoint::{resolve_model, Checkpoint, HeadConfig, JobLocations, Lineage, ModelSource, Skipped};
+use smelt_checkpoint::{Checkpoint, HeadConfig, Lineage, ModelSource, Skipped};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_corpus::Tokenizer;
 use smelt_engine::backend::{Backend, IGNORE_INDEX};
@@ -88,14 +88,9 @@ pub struct FinetuneOutcome {
     pub model_path: Option<PathBuf>,
 }
 
-/// The model `init_from` names, read and verified by `smelt_checkpoint::resolve_model`: a
-/// checkpoint directory or URI (checked against its manifest), a `.safetensors` file, a
-/// directory holding one, or the id of a job, whose checkpoints are looked for in this job's
-/// checkpoint store and whose final weights under `out_dir`.
+/// `finetune.init_from`, read and verified (`crate::init_from::resolve`).
 pub fn resolve_init_from(spec: &JobSpec, init_from: &str, out_dir: &Path) -> Result<ModelSource> {
-    let out = std::path::absolute(out_dir).with_context(|| format!("output directory {}", out_dir.display()))?;
-    let jobs = JobLocations { checkpoint_store: checkpointing::store_uri(spec, out_dir)?, final_models: Some(out.display().to_string()) };
-    resolve_model(init_from, &jobs).with_context(|| format!("finetune.init_from {:?}", init_from.trim()))
+    crate::init_from::resolve(spec, "finetune.init_from", init_from, out_dir)
 }
 
 impl FinetuneJob {

@@ -11,6 +11,7 @@ pub mod finetune;
 pub mod finetune_data;
 pub mod finetune_family;
 pub mod gpu;
+pub mod init_from;
 pub mod model_file;
 pub mod ring_addr;
 pub mod runner;

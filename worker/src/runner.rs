@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder, Sequences};
+use smelt_checkpoint::Lineage;
 use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
 use smelt_engine::background_ring::BackgroundRing;
 use smelt_engine::collective::{Collective, TcpRing};
@@ -29,6 +30,7 @@ use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer};
 use crate::device::Device;
+use crate::init_from::{self, Parent};
 use crate::model_file;
 use crate::sample_log::SampleLog;
 
@@ -189,14 +191,19 @@ impl TrainData {
 const MAX_VAL_TOKENS: u64 = 1 << 20;
 
 /// Opens the job's data: (tokenizer, model vocabulary, training data, validation tokens).
+/// With a `parent` (`model.init_from`), the data is checked against its tokenizer and a text
+/// is encoded with it.
 ///
 /// A corpus on a remote store too large to hold in memory is read through the shard cache
 /// `<out_dir>/cache/corpora` (see [`ReaderOptions::disk_cache`]).
-fn load_data(spec: &JobSpec, out_dir: &std::path::Path) -> Result<(Tokenizer, usize, TrainData, Vec<u32>)> {
+fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Option<&Parent>) -> Result<(Tokenizer, usize, TrainData, Vec<u32>)> {
     if let Some(uri) = &spec.data.corpus {
         let o = ReaderOptions { disk_cache: Some(out_dir.join("cache").join("corpora")), ..Default::default() };
         let reader = CorpusReader::open_with(uri, o).with_context(|| format!("opening data.corpus {uri}"))?;
         let m = reader.manifest().clone();
+        if let Some(p) = parent {
+            init_from::check_corpus(uri, &m.tokenizer, m.vocab_size as usize, p)?;
+        }
         let val = if m.val.tokens > 0 {
             let v = CorpusReader::open_with(uri, ReaderOptions { split: Split::Val, ..Default::default() })?;
             v.tokens(0..v.n_tokens().min(MAX_VAL_TOKENS))?
@@ -207,8 +214,14 @@ fn load_data(spec: &JobSpec, out_dir: &std::path::Path) -> Result<(Tokenizer, us
     }
     let path = spec.data.text.as_deref().unwrap_or_default();
     let text = std::fs::read_to_string(path).with_context(|| format!("reading data.text {path}"))?;
-    let tokenizer = Tokenizer::fit(&spec.data.tokenizer, &text)?;
-    let mut ids = tokenizer.encode(&text)?;
+    let tokenizer = match parent {
+        Some(p) => {
+            init_from::check_text_tokenizer(spec, p)?;
+            p.tokenizer.clone()
+        }
+        None => Tokenizer::fit(&spec.data.tokenizer, &text)?,
+    };
+    let mut ids = tokenizer.encode(&text).with_context(|| format!("tokenizing data.text {path}"))?;
     let split = ((ids.len() as f64) * (1.0 - spec.data.val_fraction)) as usize;
     let val = ids.split_off(split);
     let vocab = tokenizer.vocab_size();
@@ -224,19 +237,25 @@ pub(crate) struct Pretrain {
     pub(crate) cfg: GptConfig,
     tc: TrainConfig,
     order: SampleOrder,
+    /// `model.init_from`'s weights and lineage; None: a seeded initialisation.
+    init: Option<(Vec<f32>, Lineage)>,
 }
 
 impl Pretrain {
     fn open(spec: JobSpec, out_dir: &std::path::Path) -> Result<Self> {
-        let (tokenizer, vocab, data, val_ids) = load_data(&spec, out_dir)?;
-        let cfg = spec.model_config(vocab)?;
+        let parent = spec.model.init_from.as_deref().map(|i| init_from::read_parent(&spec, i, out_dir)).transpose()?;
+        let (tokenizer, vocab, data, val_ids) = load_data(&spec, out_dir, parent.as_ref())?;
+        let (cfg, init) = match parent {
+            Some(p) => (p.config, Some((p.params, p.lineage))),
+            None => (spec.model_config(vocab)?, None),
+        };
         let tc = spec.train_config();
         let n_sequences = data.n_sequences(tc.seq_len);
         if n_sequences == 0 {
             return Err(anyhow!("the job's training data holds no sequence of {} tokens", tc.seq_len + 1));
         }
         let order = SampleOrder::new(n_sequences, spec.seed);
-        Ok(Pretrain { spec, tokenizer, data, val_ids, cfg, tc, order })
+        Ok(Pretrain { spec, tokenizer, data, val_ids, cfg, tc, order, init })
     }
 }
 
@@ -305,13 +324,23 @@ pub(crate) fn train_gpt<B: Backend>(
 ) -> Result<u64> {
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    let Pretrain { spec, tokenizer, data, val_ids, cfg, tc, order } = job;
+    let Pretrain { spec, tokenizer, data, val_ids, cfg, tc, order, init } = job;
     let seq = tc.seq_len;
     let global = spec.train.global_batch as u64;
-    let model = Gpt::new(be, cfg.clone(), spec.seed)?;
+    let (model, parent_lineage) = match init {
+        Some((params, lineage)) => (Gpt::from_params(be, cfg.clone(), &params)?, Some(lineage)),
+        None => (Gpt::new(be, cfg.clone(), spec.seed)?, None),
+    };
     let mut trainer = Trainer::new(model, tc.clone())?;
     trainer.set_bucket_floats(bucket_floats(&spec));
-    let resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, collective, events)?;
+    let mut resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, collective, events)?;
+    if resumed.start_step == 0 && resumed.lineage.parent_checkpoint.is_none() {
+        // a fresh start from model.init_from: the job's checkpoints name it as their parent
+        if let Some(l) = parent_lineage {
+            info!(job_id = %a.job_id, parent = ?l.parent_checkpoint, "continuing pretraining from model.init_from");
+            resumed.lineage = l;
+        }
+    }
     let start_step = resumed.start_step;
     let mut checkpointer = match rank {
         0 => Checkpointer::new(a, &spec, cfg.clone().into(), &tokenizer, &req.out_dir, resumed.lineage)?,

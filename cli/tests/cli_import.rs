@@ -1,0 +1,485 @@
+//! `smelt import hf`: Hugging Face GPT-2 directories read into smelt model files.
+//!
+//! The golden values are transformers' own: `tools/hf/make_import_fixture.py` saved a tiny random
+//! GPT2LMHeadModel three ways (`save_pretrained` in float32 and in bfloat16, and the Hub's `gpt2`
+//! layout: no `transformer.` prefix, mask buffers beside the weights) with the logits
+//! transformers computes from it; the imported model's logits (`smelt export logits`) must be
+//! those. A GPT-2 vocab.json is checked token by token against smelt's BPE, through the byte to
+//! character map transformers uses (fixture `gpt2_bytes_to_unicode.json`). What smelt's GPT
+//! would compute differently is refused naming the field or tensor. Continued pretraining from
+//! an imported or trained model (`[model] init_from`) runs through a real coordinator and worker.
+
+mod harness;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use harness::Cluster;
+use safetensors::tensor::{Dtype, SafeTensors, TensorView};
+use smelt_proto::v1::JobState;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
+}
+
+fn smelt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_smelt")).args(args).env("RUST_LOG", "warn").output().expect("run smelt")
+}
+
+fn text_of(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// `smelt import hf DIR OUT [extra]`; panics unless it succeeds.
+fn import(dir: &Path, out: &Path, extra: &[&str]) {
+    let mut args = vec!["import", "hf", dir.to_str().unwrap(), out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = smelt(&args);
+    assert!(o.status.success(), "import of {} failed: {}", dir.display(), text_of(&o));
+}
+
+/// `smelt import hf DIR OUT [extra]`, which must fail; returns what it printed.
+fn import_fails(dir: &Path, out: &Path, extra: &[&str]) -> String {
+    let mut args = vec!["import", "hf", dir.to_str().unwrap(), out.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let o = smelt(&args);
+    assert!(!o.status.success(), "import of {} should have failed: {}", dir.display(), text_of(&o));
+    assert!(!out.exists(), "a refused import wrote {}", out.display());
+    text_of(&o)
+}
+
+/// The float32 values of a NumPy file `smelt export logits` wrote.
+fn read_npy(path: &Path) -> Vec<f32> {
+    let b = std::fs::read(path).unwrap();
+    assert_eq!(&b[..8], b"\x93NUMPY\x01\x00");
+    let n = u16::from_le_bytes([b[8], b[9]]) as usize;
+    b[10 + n..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+fn f32s(st: &SafeTensors, name: &str) -> Vec<f32> {
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), Dtype::F32, "{name}");
+    t.data().chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// The ids the fixture's logits are for.
+fn fixture_ids() -> Vec<u32> {
+    let bytes = std::fs::read(fixtures().join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("ids").unwrap();
+    assert_eq!(t.dtype(), Dtype::I64);
+    t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+}
+
+fn expected_logits(name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(fixtures().join("expected.safetensors")).unwrap();
+    f32s(&SafeTensors::deserialize(&bytes).unwrap(), name)
+}
+
+fn logits_of(model: &Path, ids: &[u32]) -> Vec<f32> {
+    let npy = model.with_extension("npy");
+    let ids: Vec<String> = ids.iter().map(u32::to_string).collect();
+    let o = smelt(&["export", "logits", model.to_str().unwrap(), npy.to_str().unwrap(), "--ids", &ids.join(",")]);
+    assert!(o.status.success(), "export logits: {}", text_of(&o));
+    read_npy(&npy)
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn metadata(model: &Path) -> HashMap<String, String> {
+    smelt_engine::weights::metadata(&std::fs::read(model).unwrap(), "model").unwrap()
+}
+
+#[test]
+fn imported_models_give_the_logits_transformers_computes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let ids = fixture_ids();
+    for (dir, expected, tol) in [("saved", "logits_f32", 1e-5), ("hub", "logits_f32", 1e-5), ("bf16", "logits_bf16", 1e-5)] {
+        let out = tmp.path().join(format!("{dir}.safetensors"));
+        import(&fixtures().join(dir), &out, &["--tokenizer", "byte"]);
+        let want = expected_logits(expected);
+        let got = logits_of(&out, &ids);
+        assert_eq!(got.len(), ids.len() * 300, "{dir}: (T, V) logits");
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < tol, "{dir}: logits differ from transformers' by up to {diff}");
+        let meta = metadata(&out);
+        assert_eq!(meta["smelt.format"], "gpt/1");
+        assert!(meta["smelt.tokenizer"].contains("byte"), "{:?}", meta["smelt.tokenizer"]);
+        assert!(meta["smelt.imported_from"].ends_with(dir), "{:?}", meta["smelt.imported_from"]);
+        let cfg: serde_json::Value = serde_json::from_str(&meta["smelt.config"]).unwrap();
+        assert_eq!(
+            (cfg["vocab_size"].as_u64(), cfg["block_size"].as_u64(), cfg["n_layer"].as_u64(), cfg["n_head"].as_u64(), cfg["n_embd"].as_u64()),
+            (Some(300), Some(32), Some(2), Some(2), Some(16))
+        );
+    }
+    // bf16 weights are not the f32 ones: the bf16 comparison above is not the f32 one again
+    assert!(max_abs_diff(&expected_logits("logits_f32"), &expected_logits("logits_bf16")) > 1e-3);
+
+    // The imported model is a smelt model like any other: it samples.
+    let o = smelt(&["sample", "--model", tmp.path().join("hub.safetensors").to_str().unwrap(), "--prompt", "hi", "--tokens", "8", "--seed", "1"]);
+    assert!(o.status.success(), "sample: {}", text_of(&o));
+}
+
+/// A copy of fixture directory `name` in `tmp`, with config.json changed by `edit`.
+fn copy_with_config(tmp: &Path, name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let dir = tmp.join(format!("{name}-{}", rand_suffix()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixtures().join(name).join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+    let mut cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(fixtures().join(name).join("config.json")).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
+    dir
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    static N: AtomicUsize = AtomicUsize::new(0);
+    N.fetch_add(1, Ordering::Relaxed).to_string()
+}
+
+/// The fixture's saved tensors (name -> (dtype, shape, bytes)).
+fn saved_tensors() -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+    let bytes = std::fs::read(fixtures().join("saved/model.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect()
+}
+
+fn write_tensors(path: &Path, tensors: &[(String, Dtype, Vec<usize>, Vec<u8>)]) {
+    let views: Vec<(String, TensorView)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+/// A copy of the saved fixture whose tensors `edit` changed.
+fn copy_with_tensors(tmp: &Path, edit: impl FnOnce(&mut Vec<(String, Dtype, Vec<usize>, Vec<u8>)>)) -> PathBuf {
+    let dir = copy_with_config(tmp, "saved", |_| {});
+    let mut t = saved_tensors();
+    edit(&mut t);
+    write_tensors(&dir.join("model.safetensors"), &t);
+    dir
+}
+
+#[test]
+fn what_smelt_would_compute_differently_is_refused_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out.safetensors");
+    let byte = ["--tokenizer", "byte"];
+    let config_cases: Vec<(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+        ("erf gelu", Box::new(|c| c["activation_function"] = "gelu".into()), "activation_function is \"gelu\""),
+        ("relu", Box::new(|c| c["activation_function"] = "relu".into()), "activation_function"),
+        ("eps", Box::new(|c| c["layer_norm_epsilon"] = 1e-6.into()), "layer_norm_epsilon"),
+        ("inner", Box::new(|c| c["n_inner"] = 40.into()), "n_inner"),
+        ("model type", Box::new(|c| c["model_type"] = "llama".into()), "model_type is \"llama\""),
+        ("untied", Box::new(|c| c["tie_word_embeddings"] = false.into()), "tie_word_embeddings"),
+        ("layer scaling", Box::new(|c| c["scale_attn_by_inverse_layer_idx"] = true.into()), "scale_attn_by_inverse_layer_idx"),
+        ("cross-attention", Box::new(|c| c["add_cross_attention"] = true.into()), "add_cross_attention"),
+        ("classifier", Box::new(|c| c["architectures"] = serde_json::json!(["GPT2ForSequenceClassification"])), "GPT2ForSequenceClassification"),
+        ("no sizes", Box::new(|c| c.as_object_mut().unwrap().remove("n_embd").map(|_| ()).unwrap()), "n_embd"),
+        ("positions", Box::new(|c| c["n_positions"] = 64.into()), "transformer.wpe.weight has shape [32, 16]"),
+    ];
+    for (what, edit, says) in config_cases {
+        let dir = copy_with_config(tmp.path(), "saved", edit);
+        let msg = import_fails(&dir, &out, &byte);
+        assert!(msg.contains(says), "{what}: {msg}");
+    }
+    // A config that says it is the tanh approximation under another name is accepted.
+    let dir = copy_with_config(tmp.path(), "saved", |c| c["activation_function"] = "gelu_pytorch_tanh".into());
+    import(&dir, &out, &byte);
+    std::fs::remove_file(&out).unwrap();
+
+    // An untied head stored beside wte is refused; a stored copy of wte is accepted.
+    let wte = saved_tensors().into_iter().find(|t| t.0 == "transformer.wte.weight").unwrap();
+    let dir = copy_with_tensors(tmp.path(), |t| {
+        let mut head = wte.clone();
+        head.0 = "lm_head.weight".into();
+        head.3[0] ^= 1;
+        t.push(head);
+    });
+    let msg = import_fails(&dir, &out, &byte);
+    assert!(msg.contains("lm_head.weight differs from the token embeddings"), "{msg}");
+    let dir = copy_with_tensors(tmp.path(), |t| {
+        let mut head = wte.clone();
+        head.0 = "lm_head.weight".into();
+        t.push(head);
+    });
+    import(&dir, &out, &byte);
+    std::fs::remove_file(&out).unwrap();
+
+    // A missing tensor, a NaN, an unexpected tensor, an integer dtype.
+    let dir = copy_with_tensors(tmp.path(), |t| t.retain(|x| x.0 != "transformer.ln_f.bias"));
+    assert!(import_fails(&dir, &out, &byte).contains("missing tensors transformer.ln_f.bias"));
+    let dir = copy_with_tensors(tmp.path(), |t| {
+        let x = t.iter_mut().find(|x| x.0 == "transformer.h.1.mlp.c_fc.bias").unwrap();
+        x.3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    });
+    let msg = import_fails(&dir, &out, &byte);
+    assert!(msg.contains("transformer.h.1.mlp.c_fc.bias holds a non-finite value"), "{msg}");
+    let dir = copy_with_tensors(tmp.path(), |t| {
+        let mut extra = t[0].clone();
+        extra.0 = "transformer.h.2.ln_1.weight".into();
+        t.push(extra);
+    });
+    let msg = import_fails(&dir, &out, &byte);
+    assert!(msg.contains("tensor transformer.h.2.ln_1.weight is not part of GPT-2 as smelt builds it (2 layers"), "{msg}");
+    let dir = copy_with_tensors(tmp.path(), |t| {
+        let x = t.iter_mut().find(|x| x.0 == "transformer.ln_f.weight").unwrap();
+        x.1 = Dtype::I32;
+    });
+    assert!(import_fails(&dir, &out, &byte).contains("dtype I32"));
+
+    // Weights only as a pickle; no weights at all; no tokenizer.
+    let dir = copy_with_config(tmp.path(), "saved", |_| {});
+    std::fs::rename(dir.join("model.safetensors"), dir.join("pytorch_model.bin")).unwrap();
+    let msg = import_fails(&dir, &out, &byte);
+    assert!(msg.contains("only pytorch_model.bin") && msg.contains("safe_serialization=True"), "{msg}");
+    std::fs::remove_file(dir.join("pytorch_model.bin")).unwrap();
+    assert!(import_fails(&dir, &out, &byte).contains("no model.safetensors"));
+    let msg = import_fails(&fixtures().join("saved"), &out, &[]);
+    assert!(msg.contains("no tokenizer files") && msg.contains("--tokenizer"), "{msg}");
+    // A tokenizer with more ids than the model has.
+    let msg = import_fails(&fixtures().join("saved"), &out, &["--tokenizer", "gpt2"]);
+    assert!(msg.contains("vocab_size is 300, fewer than the 50257 ids of the gpt2 tokenizer"), "{msg}");
+}
+
+#[test]
+fn sharded_float16_weights_are_read_through_their_index() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = copy_with_config(tmp.path(), "saved", |_| {});
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    // two shards, float16, named by an index as transformers writes large models
+    let tensors: Vec<_> = saved_tensors()
+        .into_iter()
+        .map(|(n, _, s, b)| {
+            let h: Vec<u8> = b.chunks_exact(4).flat_map(|c| half::f16::from_f32(f32::from_le_bytes(c.try_into().unwrap())).to_le_bytes()).collect();
+            (n, Dtype::F16, s, h)
+        })
+        .collect();
+    let (a, b) = tensors.split_at(tensors.len() / 2);
+    write_tensors(&dir.join("model-00001-of-00002.safetensors"), a);
+    write_tensors(&dir.join("model-00002-of-00002.safetensors"), b);
+    let map: serde_json::Map<String, serde_json::Value> = a
+        .iter()
+        .map(|t| (t.0.clone(), "model-00001-of-00002.safetensors".into()))
+        .chain(b.iter().map(|t| (t.0.clone(), "model-00002-of-00002.safetensors".into())))
+        .collect();
+    std::fs::write(dir.join("model.safetensors.index.json"), serde_json::json!({"metadata": {}, "weight_map": map}).to_string()).unwrap();
+    let out = tmp.path().join("f16.safetensors");
+    import(&dir, &out, &["--tokenizer", "byte"]);
+    // float16 rounding of the weights moves the logits a little from the float32 model's
+    let diff = max_abs_diff(&logits_of(&out, &fixture_ids()), &expected_logits("logits_f32"));
+    assert!(diff > 0.0 && diff < 2e-2, "float16 weights: logits differ by {diff}");
+    // without the second shard the import names what is missing
+    std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let msg = import_fails(&dir, &tmp.path().join("none.safetensors"), &["--tokenizer", "byte"]);
+    assert!(msg.contains("model-00002-of-00002.safetensors"), "{msg}");
+}
+
+/// GPT-2's vocab.json as transformers writes it: each token's bytes spelled with the fixture's
+/// byte -> character map, the ids from tiktoken's r50k ranks (which tests of smelt's encoder
+/// hold to Python tiktoken).
+fn gpt2_vocab() -> serde_json::Map<String, serde_json::Value> {
+    let chars: HashMap<String, String> = serde_json::from_slice(&std::fs::read(fixtures().join("gpt2_bytes_to_unicode.json")).unwrap()).unwrap();
+    let spell = |bytes: &[u8]| -> String { bytes.iter().map(|b| chars[&b.to_string()].as_str()).collect() };
+    let bpe = smelt_corpus::gpt2::core();
+    let mut vocab: serde_json::Map<String, serde_json::Value> =
+        (0..50256u32).map(|id| (spell(&bpe.decode_bytes(&[id]).unwrap()), id.into())).collect();
+    vocab.insert("<|endoftext|>".into(), 50256.into());
+    assert_eq!(vocab.len(), 50257);
+    vocab
+}
+
+/// A one-layer GPT-2 of GPT-2's vocabulary (8 wide) with random weights, as HF names them.
+fn gpt2_vocab_model(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let (v, p, c) = (50257usize, 16usize, 8usize);
+    let shapes: Vec<(&str, Vec<usize>)> = vec![
+        ("wte.weight", vec![v, c]),
+        ("wpe.weight", vec![p, c]),
+        ("h.0.ln_1.weight", vec![c]),
+        ("h.0.ln_1.bias", vec![c]),
+        ("h.0.attn.c_attn.weight", vec![c, 3 * c]),
+        ("h.0.attn.c_attn.bias", vec![3 * c]),
+        ("h.0.attn.c_proj.weight", vec![c, c]),
+        ("h.0.attn.c_proj.bias", vec![c]),
+        ("h.0.ln_2.weight", vec![c]),
+        ("h.0.ln_2.bias", vec![c]),
+        ("h.0.mlp.c_fc.weight", vec![c, 4 * c]),
+        ("h.0.mlp.c_fc.bias", vec![4 * c]),
+        ("h.0.mlp.c_proj.weight", vec![4 * c, c]),
+        ("h.0.mlp.c_proj.bias", vec![c]),
+        ("ln_f.weight", vec![c]),
+        ("ln_f.bias", vec![c]),
+    ];
+    let mut seed = 12345u64;
+    let tensors: Vec<_> = shapes
+        .into_iter()
+        .map(|(n, s)| {
+            let numel: usize = s.iter().product();
+            let bytes: Vec<u8> = (0..numel)
+                .flat_map(|_| {
+                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2).to_le_bytes()
+                })
+                .collect();
+            (n.to_string(), Dtype::F32, s, bytes)
+        })
+        .collect();
+    write_tensors(&dir.join("model.safetensors"), &tensors);
+    let cfg = serde_json::json!({"model_type": "gpt2", "vocab_size": v, "n_positions": p, "n_embd": c, "n_layer": 1, "n_head": 2,
+        "activation_function": "gelu_new", "layer_norm_epsilon": 1e-5, "architectures": ["GPT2LMHeadModel"]});
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+}
+
+#[test]
+fn a_gpt2_vocabulary_is_checked_token_by_token() {
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = gpt2_vocab();
+    let dir = tmp.path().join("gpt2-like");
+    gpt2_vocab_model(&dir);
+    std::fs::write(dir.join("vocab.json"), serde_json::to_vec(&vocab).unwrap()).unwrap();
+    let out = tmp.path().join("gpt2.safetensors");
+    import(&dir, &out, &[]);
+    assert!(metadata(&out)["smelt.tokenizer"].contains("gpt2"));
+    let o = smelt(&["sample", "--model", out.to_str().unwrap(), "--prompt", "Hello, world", "--tokens", "4", "--seed", "3"]);
+    assert!(o.status.success(), "sample: {}", text_of(&o));
+
+    // tokenizer.json (a fast tokenizer) holds the same vocabulary under model.vocab
+    std::fs::remove_file(dir.join("vocab.json")).unwrap();
+    let fast = |kind: &str| serde_json::json!({"version": "1.0", "model": {"type": kind, "vocab": vocab}}).to_string();
+    std::fs::write(dir.join("tokenizer.json"), fast("BPE")).unwrap();
+    let out2 = tmp.path().join("gpt2-fast.safetensors");
+    import(&dir, &out2, &[]);
+    std::fs::write(dir.join("tokenizer.json"), fast("WordPiece")).unwrap();
+    let msg = import_fails(&dir, &tmp.path().join("wp.safetensors"), &[]);
+    assert!(msg.contains("a \"WordPiece\" tokenizer"), "{msg}");
+    // ... and is checked even when --tokenizer gpt2 is given
+    let msg = import_fails(&dir, &tmp.path().join("wp.safetensors"), &["--tokenizer", "gpt2"]);
+    assert!(msg.contains("WordPiece"), "{msg}");
+    std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
+
+    // Two tokens' ids swapped: another tokenizer, whose ids would mean other text.
+    let mut swapped = vocab.clone();
+    let (a, b) = ("Ġthe", "Ġand");
+    let (ia, ib) = (swapped[a].clone(), swapped[b].clone());
+    swapped.insert(a.into(), ib);
+    swapped.insert(b.into(), ia);
+    std::fs::write(dir.join("vocab.json"), serde_json::to_vec(&swapped).unwrap()).unwrap();
+    let msg = import_fails(&dir, &tmp.path().join("swapped.safetensors"), &[]);
+    assert!(msg.contains("not GPT-2's tokenizer"), "{msg}");
+    assert!(msg.contains("Ġthe") || msg.contains("Ġand"), "{msg}");
+    // A vocabulary of another size.
+    let mut small = vocab.clone();
+    small.remove("Ġthe");
+    std::fs::write(dir.join("vocab.json"), serde_json::to_vec(&small).unwrap()).unwrap();
+    let msg = import_fails(&dir, &tmp.path().join("small.safetensors"), &[]);
+    assert!(msg.contains("50256 tokens; GPT-2's BPE has 50257"), "{msg}");
+}
+
+const TEXT: &str = "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n";
+
+/// Trains a char model of the `test` preset on TEXT; returns its model.safetensors.
+fn train_parent(dir: &Path, steps: &str) -> PathBuf {
+    let text = dir.join("text.txt");
+    std::fs::write(&text, TEXT.repeat(40)).unwrap();
+    let out = dir.join("parent");
+    let o = smelt(&[
+        "--threads", "2", "train", "--text", text.to_str().unwrap(), "--preset", "test", "--steps", steps, "--batch", "8", "--seq", "16",
+        "--lr", "3e-3", "--warmup", "5", "--eval-interval", "0", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "train: {}", text_of(&o));
+    out.join("model.safetensors")
+}
+
+#[test]
+fn an_export_imports_back_to_the_same_model() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = train_parent(tmp.path(), "3");
+    let hf = tmp.path().join("hf");
+    let o = smelt(&["export", "hf", model.to_str().unwrap(), hf.to_str().unwrap()]);
+    assert!(o.status.success(), "export: {}", text_of(&o));
+    let back = tmp.path().join("back.safetensors");
+    import(&hf, &back, &[]); // smelt_tokenizer.json says which tokenizer
+    let (a, b) = (std::fs::read(&model).unwrap(), std::fs::read(&back).unwrap());
+    let (sa, sb) = (SafeTensors::deserialize(&a).unwrap(), SafeTensors::deserialize(&b).unwrap());
+    let mut names = sa.names();
+    names.sort();
+    let mut names_b = sb.names();
+    names_b.sort();
+    assert_eq!(names, names_b);
+    for n in names {
+        assert_eq!(sa.tensor(n).unwrap().data(), sb.tensor(n).unwrap().data(), "{n}");
+    }
+    let (ma, mb) = (metadata(&model), metadata(&back));
+    assert_eq!(ma["smelt.config"], mb["smelt.config"]);
+    assert_eq!(ma["smelt.tokenizer"], mb["smelt.tokenizer"]);
+}
+
+/// A pretraining job spec over `text` continuing from `init` (or, with None, a fresh `test` model).
+fn continue_spec(name: &str, text: &Path, init: Option<&Path>, extra_data: &str, seq: usize) -> String {
+    let model = match init {
+        Some(p) => format!("init_from = {:?}", p.to_str().unwrap()),
+        None => "preset = \"test\"".to_string(),
+    };
+    format!(
+        "name = {name:?}\n[model]\n{model}\n[data]\ntext = {:?}\n{extra_data}\n[train]\nsteps = 4\nglobal_batch = 8\nmicro_batch = 8\nseq_len = {seq}\n\
+         lr = 1e-4\nwarmup_steps = 0\neval_interval = 0\n[checkpoint]\nevery = 2\n",
+        text.to_str().unwrap()
+    )
+}
+
+#[test]
+fn a_pretraining_job_continues_from_init_from() {
+    let c = Cluster::with_workers(1);
+    let parent = train_parent(c.dir.path(), "150");
+    let text = c.dir.path().join("text.txt");
+
+    // The parent's weights seed step 0: its first loss is the trained model's, far below a
+    // fresh model's on the same data.
+    let cont = c.submit(&continue_spec("continue", &text, Some(&parent), "", 16), "");
+    let (state, metrics) = c.follow(&cont.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&cont.id).error, c.logs());
+    let fresh = c.submit(&continue_spec("fresh", &text, None, "", 16), "");
+    let (state, fresh_metrics) = c.follow(&fresh.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&fresh.id).error, c.logs());
+    let (first, first_fresh) = (metrics[0].loss, fresh_metrics[0].loss);
+    assert!(first < 1.0 && first_fresh > 2.5, "first loss from the parent {first}, from a fresh model {first_fresh}");
+    // the result is the parent's model continued: same config and tokenizer
+    let (mp, mc) = (metadata(&parent), metadata(&c.model_path(&cont.id)));
+    assert_eq!(mp["smelt.config"], mc["smelt.config"]);
+    assert_eq!(mp["smelt.tokenizer"], mc["smelt.tokenizer"]);
+    // its checkpoints name the parent (trainer.json's lineage)
+    let ckpt = c.dir.path().join(format!("worker-0/jobs/{}/ckpt", cont.id));
+    let states: Vec<serde_json::Value> = std::fs::read_dir(&ckpt)
+        .unwrap_or_else(|e| panic!("{}: {e}\n{}", ckpt.display(), c.logs()))
+        .map(|d| serde_json::from_slice(&std::fs::read(d.unwrap().path().join("trainer.json")).unwrap()).unwrap())
+        .collect();
+    assert!(!states.is_empty());
+    for s in &states {
+        assert_eq!(s["lineage"]["parent_checkpoint"].as_str(), Some(parent.to_str().unwrap()), "{s}");
+    }
+
+    // The data must be tokenized as the parent was.
+    let bad = c.submit(&continue_spec("bytes", &text, Some(&parent), "tokenizer = \"byte\"", 16), "");
+    let (state, _) = c.follow(&bad.id);
+    assert_eq!(state, JobState::Failed);
+    let error = c.job(&bad.id).error;
+    assert!(error.contains("data.tokenizer") && error.contains("set data.tokenizer = \"char\""), "{error}");
+    // A sequence longer than the parent's block size (the `test` preset's 32).
+    let long = c.submit(&continue_spec("long", &text, Some(&parent), "", 64), "");
+    let (state, _) = c.follow(&long.id);
+    assert_eq!(state, JobState::Failed);
+    let error = c.job(&long.id).error;
+    assert!(error.contains("train.seq_len") && error.contains("block_size 32"), "{error}");
+    // A text with a character the parent's vocabulary lacks.
+    let other = c.dir.path().join("other.txt");
+    std::fs::write(&other, "QXZ! ".repeat(200)).unwrap();
+    let unknown = c.submit(&continue_spec("unknown", &other, Some(&parent), "", 16), "");
+    let (state, _) = c.follow(&unknown.id);
+    assert_eq!(state, JobState::Failed);
+    let error = c.job(&unknown.id).error;
+    assert!(error.contains("data.text") && error.contains("'Q'"), "{error}");
+}

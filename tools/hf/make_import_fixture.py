@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""Writes the fixtures of `smelt import hf` (cli/tests/cli_import.rs): tiny GPT-2 models as
+Hugging Face transformers saves and publishes them, and the logits transformers computes
+from them, so the test compares smelt's reading of these files with transformers' own.
+
+    python3 tools/hf/make_import_fixture.py [--out cli/tests/fixtures/hf]
+
+Needs torch and transformers (run with transformers 5.x, torch 2.15, CPU, float32).
+Writes under --out:
+
+- `saved/`: `GPT2LMHeadModel.save_pretrained` (config.json, model.safetensors: names with the
+  `transformer.` prefix, float32, the tied `lm_head.weight` not stored).
+- `hub/`: the same weights laid out as the `gpt2` repository on the Hub publishes them: names
+  without the prefix and the causal-mask buffers `h.N.attn.bias` (1, 1, P, P) beside them.
+- `bf16/`: the same model cast to bfloat16 and saved (`torch_dtype` bfloat16).
+- `gpt2_bytes_to_unicode.json`: transformers' `bytes_to_unicode` (byte -> the character standing
+  for it in GPT-2's vocab.json), to which smelt's reading of vocab.json is held.
+- `expected.safetensors`: `ids` (1, T) int64 and `logits_f32` (T, V) of the float32 model,
+  `logits_bf16` (T, V) of the bfloat16 weights widened back to float32 (transformers
+  computing in float32, as smelt imports bf16 weights to float32).
+
+The model: vocabulary 300 (not a multiple of 64, as GPT-2's 50,257), 32 positions, 2 layers,
+2 heads, 16 wide, tanh GELU (`gelu_new`). Every tensor is drawn at random (seed 7), LayerNorm
+weights and biases and all biases too, so a tensor read into the wrong place changes the logits.
+"""
+
+import argparse
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="cli/tests/fixtures/hf")
+    args = ap.parse_args()
+    torch.manual_seed(7)
+    cfg = GPT2Config(
+        vocab_size=300, n_positions=32, n_embd=16, n_layer=2, n_head=2, activation_function="gelu_new",
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None,
+    )
+    model = GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name.endswith("ln_f.weight"):
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+    ids = torch.tensor([[5, 17, 299, 0, 42, 42, 128, 255, 7, 3, 1, 200, 64, 65, 31]], dtype=torch.long)
+
+    os.makedirs(args.out, exist_ok=True)
+    model.save_pretrained(os.path.join(args.out, "saved"), safe_serialization=True)
+    with torch.no_grad():
+        logits_f32 = model(ids).logits[0].float().contiguous()
+
+    # The Hub's gpt2 layout: GPT2Model's own names and the attention mask buffers.
+    hub = {}
+    for name, t in model.transformer.state_dict().items():
+        hub[name] = t.contiguous().clone()
+    for i in range(cfg.n_layer):
+        p = cfg.n_positions
+        hub[f"h.{i}.attn.bias"] = torch.tril(torch.ones(p, p, dtype=torch.bool)).view(1, 1, p, p).float()
+    hub_dir = os.path.join(args.out, "hub")
+    os.makedirs(hub_dir, exist_ok=True)
+    save_file(hub, os.path.join(hub_dir, "model.safetensors"), metadata={"format": "pt"})
+    cfg_hub = cfg.to_dict()
+    cfg_hub["architectures"] = ["GPT2LMHeadModel"]
+    with open(os.path.join(hub_dir, "config.json"), "w") as f:
+        json.dump(cfg_hub, f, indent=2)
+
+    bf16 = GPT2LMHeadModel(cfg).eval()
+    bf16.load_state_dict(model.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    bf16.save_pretrained(os.path.join(args.out, "bf16"), safe_serialization=True)
+    with torch.no_grad():
+        logits_bf16 = bf16.float()(ids).logits[0].float().contiguous()
+
+    save_file(
+        {"ids": ids.contiguous(), "logits_f32": logits_f32, "logits_bf16": logits_bf16},
+        os.path.join(args.out, "expected.safetensors"),
+        metadata={"made_by": f"transformers GPT2LMHeadModel, torch {torch.__version__}"},
+    )
+    with open(os.path.join(args.out, "gpt2_bytes_to_unicode.json"), "w") as f:
+        json.dump({str(b): c for b, c in sorted(bytes_to_unicode().items())}, f, ensure_ascii=False)
+    for d in ("saved", "hub", "bf16"):
+        print(d, sorted(os.listdir(os.path.join(args.out, d))))
+
+
+if __name__ == "__main__":
+    main()

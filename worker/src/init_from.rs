@@ -1,0 +1,87 @@
+//! Continued pretraining (`[model] init_from`): a GPT pretraining job that starts from a
+//! model file's weights (a model `smelt import hf` made of the Hub's GPT-2, an earlier job's
+//! result or checkpoint) instead of a seeded initialisation. The file decides the model's
+//! config and tokenizer; the job's data must be tokenized the same way, or its ids would mean
+//! other text to the model. A restarted attempt resumes from the job's own checkpoints as
+//! always: the parent only seeds step 0.
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use smelt_checkpoint::{resolve_model, JobLocations, Lineage, ModelSource};
+use smelt_corpus::Tokenizer;
+use smelt_engine::model::GptConfig;
+use smelt_jobspec::JobSpec;
+
+use crate::{checkpointing, model_file};
+
+/// The model a spec field (`model.init_from`, `finetune.init_from`) names, read and verified by
+/// `smelt_checkpoint::resolve_model`: a checkpoint directory or URI (checked against its
+/// manifest), a `.safetensors` file, a directory holding one, or the id of a job, whose
+/// checkpoints are looked for in this job's checkpoint store and whose final weights under
+/// `out_dir`.
+pub fn resolve(spec: &JobSpec, field: &str, value: &str, out_dir: &Path) -> Result<ModelSource> {
+    let out = std::path::absolute(out_dir).with_context(|| format!("output directory {}", out_dir.display()))?;
+    let jobs = JobLocations { checkpoint_store: checkpointing::store_uri(spec, out_dir)?, final_models: Some(out.display().to_string()) };
+    resolve_model(value, &jobs).with_context(|| format!("{field} {:?}", value.trim()))
+}
+
+/// A pretraining job's starting model.
+pub(crate) struct Parent {
+    pub config: GptConfig,
+    pub tokenizer: Tokenizer,
+    pub params: Vec<f32>,
+    /// What the job's checkpoints record as where they came from.
+    pub lineage: Lineage,
+}
+
+/// Reads `model.init_from` (a GPT's file: a BERT or T5 is refused naming the field).
+pub(crate) fn read_parent(spec: &JobSpec, init_from: &str, out_dir: &Path) -> Result<Parent> {
+    let src = resolve(spec, "model.init_from", init_from, out_dir)?;
+    for s in &src.skipped {
+        tracing::warn!(uri = %s.uri, reason = %s.reason, "model.init_from: checkpoint skipped");
+    }
+    if model_file::is_family(&src.bytes, &src.file)? {
+        bail!("model.init_from {init_from:?}: {} is a BERT or T5 model; continued pretraining starts from a GPT", src.file);
+    }
+    let saved = model_file::from_bytes(&src.bytes, &src.file).with_context(|| format!("model.init_from {init_from:?}"))?;
+    let seq = spec.train.seq_len;
+    if seq > saved.config.block_size {
+        bail!("job spec: `train.seq_len`: {seq} exceeds the block_size {} of the model in model.init_from", saved.config.block_size);
+    }
+    let lineage = Lineage { parent_checkpoint: Some(src.file.clone()), parent_job: saved.metadata.get("smelt.job").cloned().or(src.job) };
+    Ok(Parent { config: saved.config, tokenizer: saved.tokenizer, params: saved.params, lineage })
+}
+
+/// Checks that a text file is tokenized as the parent was trained: `data.tokenizer` must name
+/// the parent's tokenizer (whose own vocabulary, a char model's characters included, is used).
+pub(crate) fn check_text_tokenizer(spec: &JobSpec, parent: &Parent) -> Result<()> {
+    let (asked, has) = (spec.data.tokenizer.as_str(), parent.tokenizer.kind());
+    if asked != has {
+        bail!(
+            "job spec: `data.tokenizer`: {asked:?}, but the model in model.init_from was trained with the {has} tokenizer; \
+             set data.tokenizer = {has:?}"
+        );
+    }
+    Ok(())
+}
+
+/// Checks that a prepared corpus speaks the parent's vocabulary: the same tokenizer, and no id
+/// beyond the model's vocabulary.
+pub(crate) fn check_corpus(uri: &str, corpus_tokenizer: &Tokenizer, corpus_vocab: usize, parent: &Parent) -> Result<()> {
+    if corpus_tokenizer != &parent.tokenizer {
+        return Err(anyhow!(
+            "data.corpus {uri}: tokenized with {}, but the model in model.init_from was trained with {}{}",
+            corpus_tokenizer.kind(),
+            parent.tokenizer.kind(),
+            if corpus_tokenizer.kind() == parent.tokenizer.kind() { " (another character vocabulary)" } else { "" }
+        ));
+    }
+    if corpus_vocab > parent.config.vocab_size {
+        bail!(
+            "data.corpus {uri}: {corpus_vocab} token ids, more than the {} of the model in model.init_from",
+            parent.config.vocab_size
+        );
+    }
+    Ok(())
+}
