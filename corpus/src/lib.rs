@@ -16,6 +16,7 @@ pub mod format;
 pub mod gpt2;
 pub mod input;
 pub mod loopback;
+pub mod mixture;
 mod object_read;
 pub mod prepare;
 pub mod ranges;

@@ -251,11 +251,25 @@ pub struct DataSpec {
     /// Share of the text (its end) held out for validation.
     #[serde(default = "default_val_fraction")]
     pub val_fraction: f64,
+    /// Or: several prepared corpora drawn in proportion to their weights (`[[data.mix]]`
+    /// tables), all made with the same tokenizer. GPT pretraining only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mix: Vec<MixSource>,
+}
+
+/// One corpus of a data mixture.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MixSource {
+    /// A corpus prepared by `smelt corpus prepare` (a path or an object-store URI).
+    pub corpus: String,
+    /// Its share of every step's sequences, relative to the other sources' weights.
+    pub weight: f64,
 }
 
 impl Default for DataSpec {
     fn default() -> Self {
-        DataSpec { text: None, corpus: None, tokenizer: default_tokenizer(), val_fraction: default_val_fraction() }
+        DataSpec { text: None, corpus: None, tokenizer: default_tokenizer(), val_fraction: default_val_fraction(), mix: Vec::new() }
     }
 }
 
@@ -487,9 +501,13 @@ impl JobSpec {
         if !["char", "byte", "gpt2"].contains(&self.data.tokenizer.as_str()) {
             return Err(err("data.tokenizer", format!("{:?} is not one of: char, byte, gpt2", self.data.tokenizer)));
         }
+        if !self.data.mix.is_empty() {
+            self.validate_mix()?;
+        }
         match (&self.data.text, &self.data.corpus) {
             (Some(_), Some(_)) => return Err(err("data.corpus", "give either data.text or data.corpus, not both")),
-            (None, None) => return Err(err("data.text", "required (a text file), unless data.corpus names a prepared corpus")),
+            (None, None) if !self.data.mix.is_empty() => {}
+            (None, None) => return Err(err("data.text", "required (a text file), unless data.corpus names a prepared corpus or data.mix several")),
             (Some(t), None) if t.trim().is_empty() => return Err(err("data.text", "must name a text file")),
             (None, Some(c)) if c.trim().is_empty() => return Err(err("data.corpus", "must name a corpus URI")),
             _ => {}
@@ -515,6 +533,42 @@ impl JobSpec {
             }
         };
         self.train_config().validate(block_size).map_err(|e| train_field_err(e.field.as_str(), e.message))?;
+        Ok(())
+    }
+
+    /// The checks of `[[data.mix]]`: only beside no other data, each corpus named, each weight
+    /// giving at least one sequence of every step's global batch (so each source's share of
+    /// every step is within one sequence of exact: `smelt_corpus::mixture`).
+    fn validate_mix(&self) -> Result<(), SpecError> {
+        if self.data.text.is_some() || self.data.corpus.is_some() {
+            let field = if self.data.text.is_some() { "data.text" } else { "data.corpus" };
+            return Err(err(field, "give either data.mix or a single data.text / data.corpus, not both"));
+        }
+        if self.arch()? != Arch::Gpt {
+            return Err(err("data.mix", "only for GPT pretraining (arch = \"gpt\")"));
+        }
+        for (i, m) in self.data.mix.iter().enumerate() {
+            if m.corpus.trim().is_empty() {
+                return Err(err(&format!("data.mix[{i}].corpus"), "must name a prepared corpus"));
+            }
+            if !(m.weight.is_finite() && m.weight > 0.0) {
+                return Err(err(&format!("data.mix[{i}].weight"), format!("{} is not a positive number", m.weight)));
+            }
+        }
+        let total: f64 = self.data.mix.iter().map(|m| m.weight).sum();
+        for (i, m) in self.data.mix.iter().enumerate() {
+            let per_step = m.weight / total * self.train.global_batch as f64;
+            if per_step < 1.0 {
+                return Err(err(
+                    &format!("data.mix[{i}].weight"),
+                    format!(
+                        "{} of {total} gives {per_step:.3} of the {} sequences of a step; each source needs at least 1 per step \
+                         (raise its weight or train.global_batch)",
+                        m.weight, self.train.global_batch
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -561,8 +615,14 @@ impl JobSpec {
             (FinetuneHead::Sft, Some(_)) => return Err(err("finetune.num_labels", "only for head = \"classification\"")),
             _ => {}
         }
-        if self.data.text.is_some() || self.data.corpus.is_some() {
-            let field = if self.data.text.is_some() { "data.text" } else { "data.corpus" };
+        if self.data.text.is_some() || self.data.corpus.is_some() || !self.data.mix.is_empty() {
+            let field = if self.data.text.is_some() {
+                "data.text"
+            } else if self.data.corpus.is_some() {
+                "data.corpus"
+            } else {
+                "data.mix"
+            };
             return Err(err(field, "a finetune job reads its examples from finetune.data"));
         }
         let m = &self.model;
@@ -845,6 +905,7 @@ lr = 1e-4
             ("shakespeare-char", include_str!("../../examples/shakespeare-char.toml")),
             ("shakespeare-char-gpu", include_str!("../../examples/shakespeare-char-gpu.toml")),
             ("finetune-classify", include_str!("../../examples/finetune-classify.toml")),
+            ("pretrain-mix", include_str!("../../examples/pretrain-mix.toml")),
         ] {
             JobSpec::parse(text).unwrap_or_else(|e| panic!("examples/{name}.toml: {e}"));
         }
@@ -911,5 +972,31 @@ lr = 1e-3
         assert_eq!(e.field, "model.init_from");
         assert!(e.message.contains("finetune.init_from"), "{}", e.message);
         assert!(JobSpec::parse(&ft.replace("[model]\ninit_from = \"a.safetensors\"\n", "")).is_ok());
+    }
+
+    #[test]
+    fn a_data_mix_names_its_corpora_and_weights() {
+        let mix = GOOD.replace(
+            "[data]\ntext = \"data/tinyshakespeare.txt\"\n",
+            "[[data.mix]]\ncorpus = \"s3://b/web\"\nweight = 0.75\n[[data.mix]]\ncorpus = \"file:///data/code\"\nweight = 0.25\n",
+        );
+        let s = JobSpec::parse(&mix).unwrap();
+        assert_eq!(s.data.mix.len(), 2);
+        assert_eq!((s.data.mix[1].corpus.as_str(), s.data.mix[1].weight), ("file:///data/code", 0.25));
+        assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s, "the stored spec keeps the mixture");
+        // global_batch 16: a weight of 0.05 of 1.0 gives 0.8 sequences a step
+        let tiny = mix.replace("weight = 0.75", "weight = 0.95").replace("weight = 0.25", "weight = 0.05");
+        let e = JobSpec::parse(&tiny).unwrap_err();
+        assert_eq!(e.field, "data.mix[1].weight");
+        assert!(e.message.contains("0.800 of the 16 sequences"), "{}", e.message);
+        assert_eq!(JobSpec::parse(&mix.replace("weight = 0.25", "weight = 0.0")).unwrap_err().field, "data.mix[1].weight");
+        assert_eq!(JobSpec::parse(&mix.replace("weight = 0.25", "weight = -1.0")).unwrap_err().field, "data.mix[1].weight");
+        assert_eq!(JobSpec::parse(&mix.replace("\"s3://b/web\"", "\"\"")).unwrap_err().field, "data.mix[0].corpus");
+        let both = mix.replace("[[data.mix]]\ncorpus = \"s3://b/web\"", "[data]\ncorpus = \"s3://b/c\"\n[[data.mix]]\ncorpus = \"s3://b/web\"");
+        assert_eq!(JobSpec::parse(&both).unwrap_err().field, "data.corpus");
+        let bert = mix.replace("preset = \"tiny\"", "arch = \"bert\"\npreset = \"bert-tiny\"");
+        assert_eq!(JobSpec::parse(&bert).unwrap_err().field, "data.mix");
+        let unknown = mix.replace("weight = 0.25", "weight = 0.25\nshare = 2");
+        assert!(JobSpec::parse(&unknown).is_err(), "unknown fields in a source are refused");
     }
 }

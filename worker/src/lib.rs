@@ -16,6 +16,7 @@ pub mod model_file;
 pub mod ring_addr;
 pub mod runner;
 pub mod sample_log;
+pub mod train_data;
 
 pub use agent::{run, WorkerConfig};
 pub use device::{Device, DeviceRequest};

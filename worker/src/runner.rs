@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
-use smelt_corpus::sample_order::{rank_slice, SampleOrder, Sequences};
+use smelt_corpus::sample_order::rank_slice;
 use smelt_checkpoint::Lineage;
-use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
+use smelt_corpus::Tokenizer;
 use smelt_engine::background_ring::BackgroundRing;
 use smelt_engine::collective::{Collective, TcpRing};
 use smelt_engine::data::{Batch, TokenWindows};
@@ -30,7 +30,8 @@ use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer};
 use crate::device::Device;
-use crate::init_from::{self, Parent};
+use crate::init_from;
+use crate::train_data::{load_data, Order, TrainData};
 use crate::model_file;
 use crate::sample_log::SampleLog;
 
@@ -156,78 +157,6 @@ pub(crate) fn unless_panicked<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
     })
 }
 
-/// The training data of a job: a text file every worker tokenizes the same way, or a prepared
-/// corpus read by ranged GETs. Either way, sequence i is tokens [i*T, i*T + T + 1).
-enum TrainData {
-    Text { tokens: Vec<u32> },
-    Corpus { reader: CorpusReader },
-}
-
-impl TrainData {
-    fn n_sequences(&self, seq: usize) -> u64 {
-        match self {
-            TrainData::Text { tokens } => Sequences::new(tokens, seq).count(),
-            TrainData::Corpus { reader } => reader.n_sequences(seq),
-        }
-    }
-
-    /// (inputs, targets) of the given sequences, back to back.
-    fn batch(&self, seq: usize, indices: &[u64]) -> Result<(Vec<u32>, Vec<u32>)> {
-        match self {
-            TrainData::Text { tokens } => Ok(Sequences::new(tokens, seq).batch(indices.iter().copied())),
-            TrainData::Corpus { reader } => Ok(reader.batch(seq, indices)?),
-        }
-    }
-
-    /// Starts fetching the sequences of a coming step (a no-op for in-memory text).
-    fn prefetch(&self, seq: usize, indices: &[u64]) {
-        if let TrainData::Corpus { reader } = self {
-            reader.prefetch(seq, indices.iter().copied());
-        }
-    }
-}
-
-/// Validation tokens kept in memory, at most this many from a corpus's validation split.
-const MAX_VAL_TOKENS: u64 = 1 << 20;
-
-/// Opens the job's data: (tokenizer, model vocabulary, training data, validation tokens).
-/// With a `parent` (`model.init_from`), the data is checked against its tokenizer and a text
-/// is encoded with it.
-///
-/// A corpus on a remote store too large to hold in memory is read through the shard cache
-/// `<out_dir>/cache/corpora` (see [`ReaderOptions::disk_cache`]).
-fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Option<&Parent>) -> Result<(Tokenizer, usize, TrainData, Vec<u32>)> {
-    if let Some(uri) = &spec.data.corpus {
-        let o = ReaderOptions { disk_cache: Some(out_dir.join("cache").join("corpora")), ..Default::default() };
-        let reader = CorpusReader::open_with(uri, o).with_context(|| format!("opening data.corpus {uri}"))?;
-        let m = reader.manifest().clone();
-        if let Some(p) = parent {
-            init_from::check_corpus(uri, &m.tokenizer, m.vocab_size as usize, p)?;
-        }
-        let val = if m.val.tokens > 0 {
-            let v = CorpusReader::open_with(uri, ReaderOptions { split: Split::Val, ..Default::default() })?;
-            v.tokens(0..v.n_tokens().min(MAX_VAL_TOKENS))?
-        } else {
-            Vec::new()
-        };
-        return Ok((m.tokenizer.clone(), m.vocab_size as usize, TrainData::Corpus { reader }, val));
-    }
-    let path = spec.data.text.as_deref().unwrap_or_default();
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading data.text {path}"))?;
-    let tokenizer = match parent {
-        Some(p) => {
-            init_from::check_text_tokenizer(spec, p)?;
-            p.tokenizer.clone()
-        }
-        None => Tokenizer::fit(&spec.data.tokenizer, &text)?,
-    };
-    let mut ids = tokenizer.encode(&text).with_context(|| format!("tokenizing data.text {path}"))?;
-    let split = ((ids.len() as f64) * (1.0 - spec.data.val_fraction)) as usize;
-    let val = ids.split_off(split);
-    let vocab = tokenizer.vocab_size();
-    Ok((tokenizer, vocab, TrainData::Text { tokens: ids }, val))
-}
-
 /// A GPT pretraining job, its data opened, before a backend is chosen.
 pub(crate) struct Pretrain {
     spec: JobSpec,
@@ -236,7 +165,7 @@ pub(crate) struct Pretrain {
     val_ids: Vec<u32>,
     pub(crate) cfg: GptConfig,
     tc: TrainConfig,
-    order: SampleOrder,
+    order: Order,
     /// `model.init_from`'s weights and lineage; None: a seeded initialisation.
     init: Option<(Vec<f32>, Lineage)>,
 }
@@ -250,11 +179,7 @@ impl Pretrain {
             None => (spec.model_config(vocab)?, None),
         };
         let tc = spec.train_config();
-        let n_sequences = data.n_sequences(tc.seq_len);
-        if n_sequences == 0 {
-            return Err(anyhow!("the job's training data holds no sequence of {} tokens", tc.seq_len + 1));
-        }
-        let order = SampleOrder::new(n_sequences, spec.seed);
+        let order = data.order(&spec, tc.seq_len)?;
         Ok(Pretrain { spec, tokenizer, data, val_ids, cfg, tc, order, init })
     }
 }
@@ -408,12 +333,13 @@ pub(crate) fn train_gpt<B: Backend>(
     if let Some(c) = checkpointer {
         c.finish(events);
     }
-    if let TrainData::Corpus { reader } = &data {
+    for reader in data.readers() {
         let st = reader.stats();
         let total = started.elapsed().as_secs_f64();
         info!(
             job_id = %a.job_id,
             rank,
+            corpus = %reader.uri(),
             data_wait_share = st.wait_seconds / total.max(1e-9),
             sequences = st.sequences,
             ready_when_asked = st.ready,
