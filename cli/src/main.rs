@@ -9,6 +9,7 @@ mod client;
 mod cmd_attention;
 mod cmd_bench;
 mod cmd_corpus;
+mod cmd_eval;
 mod cmd_export;
 mod cmd_import;
 mod cmd_coordinator;
@@ -68,6 +69,8 @@ enum Command {
     /// Export a model: `hf` (Hugging Face transformers GPT2LMHeadModel), `logits` (.npy).
     #[command(subcommand)]
     Export(cmd_export::ExportCommand),
+    /// A GPT's loss, perplexity and bits per byte on a text file or a prepared corpus split.
+    Eval(cmd_eval::EvalArgs),
     /// Import a model: `hf` (a Hugging Face transformers GPT-2 directory, e.g. the Hub's gpt2).
     #[command(subcommand)]
     Import(cmd_import::ImportCommand),
@@ -96,6 +99,7 @@ fn main() -> Result<()> {
         Command::Bench(b) => cmd_bench::run(b),
         Command::Export(c) => cmd_export::run(c),
         Command::Import(c) => cmd_import::run(c),
+        Command::Eval(a) => cmd_eval::run(a),
         Command::Checkpoints(c) => cmd_checkpoints::run(c),
         Command::Corpus(c) => cmd_corpus::run(c),
         Command::Coordinator(a) => cmd_coordinator::run(a),

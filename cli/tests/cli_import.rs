@@ -482,4 +482,21 @@ fn a_pretraining_job_continues_from_init_from() {
     assert_eq!(state, JobState::Failed);
     let error = c.job(&unknown.id).error;
     assert!(error.contains("data.text") && error.contains("'Q'"), "{error}");
+
+    // Once the job has a checkpoint the parent's file is no longer needed: a resumed attempt
+    // takes the model from the checkpoint. A fresh start without the file fails naming it.
+    let step2 = std::fs::read_dir(&ckpt).unwrap().map(|d| d.unwrap().path()).min().unwrap();
+    let moved = parent.with_extension("moved");
+    std::fs::rename(&parent, &moved).unwrap();
+    let resumed = c.submit(&continue_spec("resumed", &text, Some(&parent), "", 16), step2.to_str().unwrap());
+    let (state, resumed_metrics) = c.follow(&resumed.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&resumed.id).error, c.logs());
+    assert_eq!(resumed_metrics.first().map(|m| m.step), Some(3), "resumed after the step-2 checkpoint");
+    let (mr, mc) = (metadata(&c.model_path(&resumed.id)), metadata(&c.model_path(&cont.id)));
+    assert_eq!(mr["smelt.config"], mc["smelt.config"]);
+    let gone = c.submit(&continue_spec("gone", &text, Some(&parent), "", 16), "");
+    let (state, _) = c.follow(&gone.id);
+    assert_eq!(state, JobState::Failed);
+    let error = c.job(&gone.id).error;
+    assert!(error.contains("model.init_from"), "{error}");
 }

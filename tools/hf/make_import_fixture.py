@@ -17,7 +17,10 @@ Writes under --out:
   for it in GPT-2's vocab.json), to which smelt's reading of vocab.json is held.
 - `expected.safetensors`: `ids` (1, T) int64 and `logits_f32` (T, V) of the float32 model,
   `logits_bf16` (T, V) of the bfloat16 weights widened back to float32 (transformers
-  computing in float32, as smelt imports bf16 weights to float32).
+  computing in float32, as smelt imports bf16 weights to float32); for `smelt eval`,
+  `eval_loss_w10` (1,): the float32 model's mean loss (`labels=` as in transformers) over the
+  non-overlapping windows of 10 predictions of `eval_text.txt`'s UTF-8 bytes (ids < 256), every
+  window weighted alike (5 windows of 11 bytes, each sharing its edge byte with the next; the tail left out).
 
 The model: vocabulary 300 (not a multiple of 64, as GPT-2's 50,257), 32 positions, 2 layers,
 2 heads, 16 wide, tanh GELU (`gelu_new`). Every tensor is drawn at random (seed 7), LayerNorm
@@ -81,8 +84,18 @@ def main():
     with torch.no_grad():
         logits_bf16 = bf16.float()(ids).logits[0].float().contiguous()
 
+    text = "Smelt pours: the quick brown fox jumps over the lazy dog!?"
+    with open(os.path.join(args.out, "eval_text.txt"), "w") as f:
+        f.write(text)
+    data = torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    t = 10
+    windows = (len(data) - 1) // t
+    assert windows == 5, windows
+    with torch.no_grad():
+        losses = [model(data[i * t : i * t + t + 1].unsqueeze(0), labels=data[i * t : i * t + t + 1].unsqueeze(0)).loss for i in range(windows)]
+    eval_loss = torch.stack(losses).mean().reshape(1).float()
     save_file(
-        {"ids": ids.contiguous(), "logits_f32": logits_f32, "logits_bf16": logits_bf16},
+        {"ids": ids.contiguous(), "logits_f32": logits_f32, "logits_bf16": logits_bf16, "eval_loss_w10": eval_loss},
         os.path.join(args.out, "expected.safetensors"),
         metadata={"made_by": f"transformers GPT2LMHeadModel, torch {torch.__version__}"},
     )

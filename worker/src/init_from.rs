@@ -3,12 +3,14 @@
 //! result or checkpoint) instead of a seeded initialisation. The file decides the model's
 //! config and tokenizer; the job's data must be tokenized the same way, or its ids would mean
 //! other text to the model. A restarted attempt resumes from the job's own checkpoints as
-//! always: the parent only seeds step 0.
+//! always: the parent only seeds step 0, and once the job has a checkpoint it no longer needs
+//! the parent's file (a resumed attempt whose parent cannot be read takes the model's config
+//! and tokenizer from the checkpoint instead).
 
 use std::path::Path;
 
 use anyhow::{anyhow, bail, Context, Result};
-use smelt_checkpoint::{resolve_model, JobLocations, Lineage, ModelSource};
+use smelt_checkpoint::{load_or_fall_back, resolve_model, JobLocations, Lineage, ModelSource};
 use smelt_corpus::Tokenizer;
 use smelt_engine::model::GptConfig;
 use smelt_jobspec::JobSpec;
@@ -30,13 +32,35 @@ pub fn resolve(spec: &JobSpec, field: &str, value: &str, out_dir: &Path) -> Resu
 pub(crate) struct Parent {
     pub config: GptConfig,
     pub tokenizer: Tokenizer,
-    pub params: Vec<f32>,
+    /// The weights of step 0; None when the attempt resumes from a checkpoint and the parent's
+    /// file could not be read (the checkpoint holds the weights).
+    pub params: Option<Vec<f32>>,
     /// What the job's checkpoints record as where they came from.
     pub lineage: Lineage,
 }
 
+/// The model an attempt of a job with `model.init_from` trains: the parent's file; or, when
+/// the attempt resumes from checkpoint `resume_from` and the parent cannot be read (moved,
+/// deleted, its store unreachable), the checkpoint's config and tokenizer.
+pub(crate) fn read_for_attempt(spec: &JobSpec, init_from: &str, out_dir: &Path, resume_from: &str) -> Result<Parent> {
+    match read_parent(spec, init_from, out_dir) {
+        Ok(p) => Ok(p),
+        Err(e) if !resume_from.is_empty() => {
+            tracing::warn!(error = %format!("{e:#}"), checkpoint = resume_from, "model.init_from unreadable; the resumed attempt takes its model from the checkpoint");
+            let ck = load_or_fall_back(resume_from).with_context(|| format!("resuming from {resume_from} (model.init_from unreadable: {e:#})"))?.checkpoint;
+            let config = ck.trainer.model.gpt().cloned().ok_or_else(|| anyhow!("checkpoint {} holds a {} model, not a GPT", ck.uri, ck.trainer.model.arch()))?;
+            let seq = spec.train.seq_len;
+            if seq > config.block_size {
+                bail!("job spec: `train.seq_len`: {seq} exceeds the block_size {} of the model in checkpoint {}", config.block_size, ck.uri);
+            }
+            Ok(Parent { config, tokenizer: ck.trainer.tokenizer.clone(), params: None, lineage: Lineage::default() })
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Reads `model.init_from` (a GPT's file: a BERT or T5 is refused naming the field).
-pub(crate) fn read_parent(spec: &JobSpec, init_from: &str, out_dir: &Path) -> Result<Parent> {
+fn read_parent(spec: &JobSpec, init_from: &str, out_dir: &Path) -> Result<Parent> {
     let src = resolve(spec, "model.init_from", init_from, out_dir)?;
     for s in &src.skipped {
         tracing::warn!(uri = %s.uri, reason = %s.reason, "model.init_from: checkpoint skipped");
@@ -50,7 +74,7 @@ pub(crate) fn read_parent(spec: &JobSpec, init_from: &str, out_dir: &Path) -> Re
         bail!("job spec: `train.seq_len`: {seq} exceeds the block_size {} of the model in model.init_from", saved.config.block_size);
     }
     let lineage = Lineage { parent_checkpoint: Some(src.file.clone()), parent_job: saved.metadata.get("smelt.job").cloned().or(src.job) };
-    Ok(Parent { config: saved.config, tokenizer: saved.tokenizer, params: saved.params, lineage })
+    Ok(Parent { config: saved.config, tokenizer: saved.tokenizer, params: Some(saved.params), lineage })
 }
 
 /// Checks that a text file is tokenized as the parent was trained: `data.tokenizer` must name

@@ -171,11 +171,15 @@ pub(crate) struct Pretrain {
 }
 
 impl Pretrain {
-    fn open(spec: JobSpec, out_dir: &std::path::Path) -> Result<Self> {
-        let parent = spec.model.init_from.as_deref().map(|i| init_from::read_parent(&spec, i, out_dir)).transpose()?;
+    /// `resume_from`: the checkpoint the attempt resumes from (empty: none).
+    fn open(spec: JobSpec, out_dir: &std::path::Path, resume_from: &str) -> Result<Self> {
+        let parent = spec.model.init_from.as_deref().map(|i| init_from::read_for_attempt(&spec, i, out_dir, resume_from)).transpose()?;
         let (tokenizer, vocab, data, val_ids) = load_data(&spec, out_dir, parent.as_ref())?;
         let (cfg, init) = match parent {
-            Some(p) => (p.config, Some((p.params, p.lineage))),
+            Some(p) => {
+                let init = p.params.map(|w| (w, p.lineage));
+                (p.config, init)
+            }
             None => (spec.model_config(vocab)?, None),
         };
         let tc = spec.train_config();
@@ -192,7 +196,7 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
         JobKind::Pretrain => {}
         JobKind::Finetune => return crate::finetune::run(req, spec, control, events),
     }
-    let job = Pretrain::open(spec, &req.out_dir)?;
+    let job = Pretrain::open(spec, &req.out_dir, &req.assignment.resume_from)?;
     match req.device {
         Device::Cpu => with_cpu_ring(&req, control, job.spec.grad_bucket_floats(), |be, ring| train_gpt(be, ring, job, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::train_gpt(ordinal, job, &req, control, events),

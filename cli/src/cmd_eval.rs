@@ -1,0 +1,161 @@
+//! `smelt eval`: a GPT's next-token loss, perplexity and bits per byte on a text file or a
+//! prepared corpus split: how well an imported GPT-2, a job's result or one of its checkpoints
+//! predicts data it did not train on.
+//!
+//! The tokens (the text encoded with the model's own tokenizer, or the corpus split's stream,
+//! which must have been made with that tokenizer) are cut into non-overlapping windows of
+//! `--seq` predictions: window i reads tokens [i T, i T + T + 1), so its last token starts the
+//! next window, and a tail shorter than a window is left out. The loss is the mean over every
+//! predicted token (all windows weigh alike); bits per byte divide its total by the UTF-8 bytes
+//! the predicted tokens stand for, which compares models across tokenizers.
+
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+use smelt_checkpoint::{resolve_model, JobLocations};
+use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
+use smelt_engine::model::Gpt;
+use smelt_engine::CpuBackend;
+use smelt_worker::model_file;
+use tracing::info;
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    /// The GPT: a model.safetensors (or a directory holding one), a checkpoint, or a job id.
+    #[arg(long)]
+    pub model: String,
+    /// A UTF-8 text file, encoded with the model's tokenizer.
+    #[arg(long, conflicts_with = "corpus", required_unless_present = "corpus")]
+    pub text: Option<String>,
+    /// A corpus prepared by `smelt corpus prepare` (a path or an object-store URI).
+    #[arg(long)]
+    pub corpus: Option<String>,
+    /// The corpus split: val (held out) or train.
+    #[arg(long, default_value = "val")]
+    pub split: String,
+    /// Predictions per window (default: the model's block size).
+    #[arg(long)]
+    pub seq: Option<usize>,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch: usize,
+    /// Evaluate at most this many tokens from the start (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub max_tokens: u64,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Where a job id's checkpoints and final weights are.
+    #[arg(long, env = "SMELT_STORE", default_value = ".smelt")]
+    pub store: String,
+}
+
+/// UTF-8 bytes token `id` stands for (0 for end-of-text and ids beyond the tokenizer's).
+fn token_bytes(tokenizer: &Tokenizer, id: u32) -> u64 {
+    if id as usize >= tokenizer.vocab_size() || (matches!(tokenizer, Tokenizer::Gpt2) && id == tokenizer.eot_token()) {
+        return 0;
+    }
+    match tokenizer {
+        Tokenizer::Byte => 1,
+        Tokenizer::Char { chars } => chars[id as usize].len_utf8() as u64,
+        Tokenizer::Gpt2 => smelt_corpus::gpt2::core().decode_bytes(&[id]).map(|b| b.len() as u64).unwrap_or(0),
+    }
+}
+
+pub fn run(a: EvalArgs) -> Result<()> {
+    let jobs = JobLocations { checkpoint_store: a.store.clone(), final_models: Some(a.store.clone()) };
+    let src = resolve_model(&a.model, &jobs).with_context(|| format!("reading the model {}", a.model))?;
+    if model_file::is_family(&src.bytes, &src.file)? {
+        bail!("{}: a BERT or T5; smelt eval measures a GPT's next-token loss", a.model);
+    }
+    let saved = model_file::from_bytes(&src.bytes, &src.file)?;
+    let (cfg, tokenizer) = (saved.config.clone(), saved.tokenizer.clone());
+    let t = a.seq.unwrap_or(cfg.block_size);
+    if t == 0 || t > cfg.block_size {
+        bail!("--seq {t}: must be in 1..={} (the model's block size)", cfg.block_size);
+    }
+    if a.batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+
+    let (source, mut tokens) = match (&a.text, &a.corpus) {
+        (Some(path), _) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading --text {path}"))?;
+            let ids = tokenizer.encode(&text).with_context(|| format!("--text {path}: not in the model's {} vocabulary", tokenizer.kind()))?;
+            (path.clone(), ids)
+        }
+        (None, Some(uri)) => {
+            let split = match a.split.as_str() {
+                "val" => Split::Val,
+                "train" => Split::Train,
+                other => bail!("--split {other:?}: val or train"),
+            };
+            let reader = CorpusReader::open_with(uri, ReaderOptions { split, ..Default::default() }).with_context(|| format!("opening --corpus {uri}"))?;
+            let m = reader.manifest();
+            if m.tokenizer != tokenizer {
+                bail!("--corpus {uri}: tokenized with {}, but the model uses {}", m.tokenizer.kind(), tokenizer.kind());
+            }
+            if m.vocab_size as usize > cfg.vocab_size {
+                bail!("--corpus {uri}: {} token ids, more than the model's {}", m.vocab_size, cfg.vocab_size);
+            }
+            let n = match a.max_tokens {
+                0 => reader.n_tokens(),
+                max => reader.n_tokens().min(max + 1),
+            };
+            (format!("{uri} ({})", a.split), reader.tokens(0..n)?)
+        }
+        (None, None) => unreachable!("clap requires --text or --corpus"),
+    };
+    if a.max_tokens > 0 {
+        tokens.truncate(a.max_tokens as usize + 1);
+    }
+    let windows = tokens.len().saturating_sub(1) / t;
+    if windows == 0 {
+        bail!("{source}: {} tokens, fewer than one window of --seq {t} predictions needs ({})", tokens.len(), t + 1);
+    }
+
+    let mut model = Gpt::from_params(CpuBackend::new(), cfg.clone(), &saved.params)?;
+    let started = Instant::now();
+    let (mut nats, mut bytes, mut done) = (0f64, 0u64, 0usize);
+    let mut next_report = windows / 10;
+    while done < windows {
+        let b = a.batch.min(windows - done);
+        let (mut inputs, mut targets) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+        for w in done..done + b {
+            inputs.extend_from_slice(&tokens[w * t..w * t + t]);
+            targets.extend_from_slice(&tokens[w * t + 1..w * t + t + 1]);
+        }
+        let loss = model.forward(&inputs, Some(&targets), b, t)?.ok_or_else(|| anyhow!("no loss: targets were given"))?;
+        if !loss.is_finite() {
+            bail!("{source}: the loss of windows {done}..{} is {loss}", done + b);
+        }
+        nats += loss as f64 * (b * t) as f64;
+        bytes += targets.iter().map(|&id| token_bytes(&tokenizer, id)).sum::<u64>();
+        done += b;
+        if done >= next_report && done < windows {
+            let secs = started.elapsed().as_secs_f64();
+            info!(windows = done, of = windows, loss = nats / (done * t) as f64, tokens_per_s = (done * t) as f64 / secs.max(1e-9), "evaluating");
+            next_report = done + windows / 10;
+        }
+    }
+    let n = (windows * t) as f64;
+    let loss = nats / n;
+    let bits_per_byte = (bytes > 0).then(|| nats / std::f64::consts::LN_2 / bytes as f64);
+    if a.json {
+        let v = serde_json::json!({
+            "model": src.file, "data": source, "tokenizer": tokenizer.kind(), "seq_len": t, "windows": windows,
+            "tokens": windows * t, "loss": loss, "perplexity": loss.exp(), "bits_per_byte": bits_per_byte,
+        });
+        println!("{v}");
+    } else {
+        let bpb = bits_per_byte.map(|b| format!(", {b:.4} bits per byte")).unwrap_or_default();
+        println!(
+            "{}: loss {loss:.4}, perplexity {:.3}{bpb} over {} tokens of {source} ({windows} windows of {t})",
+            src.file,
+            loss.exp(),
+            windows * t
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! `smelt eval`: a GPT's loss on a text or a corpus split. The golden value is transformers':
+//! the tiny GPT-2 of `tools/hf/make_import_fixture.py`, imported, must give on
+//! `eval_text.txt` the mean loss transformers computes over the same windows (`labels=`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use safetensors::SafeTensors;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf")
+}
+
+fn smelt(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_smelt")).args(args).env("RUST_LOG", "warn").output().expect("run smelt")
+}
+
+fn text_of(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+fn eval_json(args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["eval", "--json"];
+    all.extend_from_slice(args);
+    let o = smelt(&all);
+    assert!(o.status.success(), "eval {args:?}: {}", text_of(&o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text_of(&o)))
+}
+
+fn eval_fails(args: &[&str]) -> String {
+    let mut all = vec!["eval"];
+    all.extend_from_slice(args);
+    let o = smelt(&all);
+    assert!(!o.status.success(), "eval {args:?} should fail: {}", text_of(&o));
+    text_of(&o)
+}
+
+fn imported(dir: &Path) -> PathBuf {
+    let out = dir.join("tiny.safetensors");
+    let o = smelt(&["import", "hf", fixtures().join("saved").to_str().unwrap(), out.to_str().unwrap(), "--tokenizer", "byte"]);
+    assert!(o.status.success(), "import: {}", text_of(&o));
+    out
+}
+
+fn transformers_loss() -> f64 {
+    let bytes = std::fs::read(fixtures().join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    f32::from_le_bytes(st.tensor("eval_loss_w10").unwrap().data()[..4].try_into().unwrap()) as f64
+}
+
+#[test]
+fn the_loss_on_a_text_is_transformers_loss() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = imported(tmp.path());
+    let text = fixtures().join("eval_text.txt");
+    let r = eval_json(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "10", "--batch", "2"]);
+    let loss = r["loss"].as_f64().unwrap();
+    let want = transformers_loss();
+    assert!((loss - want).abs() < 1e-5, "loss {loss}, transformers {want}");
+    assert_eq!((r["windows"].as_u64(), r["tokens"].as_u64(), r["seq_len"].as_u64()), (Some(5), Some(50), Some(10)));
+    assert!((r["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-3);
+    // one byte per token: bits per byte is the loss in bits
+    assert!((r["bits_per_byte"].as_f64().unwrap() - want / std::f64::consts::LN_2).abs() < 1e-5);
+    // the batch size does not change the result
+    let r1 = eval_json(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "10", "--batch", "5"]);
+    assert!((r1["loss"].as_f64().unwrap() - loss).abs() < 1e-6);
+    // --max-tokens keeps the first windows only
+    let r2 = eval_json(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "10", "--max-tokens", "20"]);
+    assert_eq!(r2["windows"].as_u64(), Some(2));
+    assert!((r2["loss"].as_f64().unwrap() - loss).abs() > 1e-4, "two windows are not five");
+
+    // the plain output says the same
+    let o = smelt(&["eval", "--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "10"]);
+    assert!(o.status.success());
+    let line = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(line.contains(&format!("loss {want:.4}")) && line.contains("5 windows of 10"), "{line}");
+
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "64"]);
+    assert!(msg.contains("--seq 64: must be in 1..=32"), "{msg}");
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "30", "--max-tokens", "12"]);
+    assert!(msg.contains("fewer than one window"), "{msg}");
+    let msg = eval_fails(&["--model", model.to_str().unwrap()]);
+    assert!(msg.contains("--text") || msg.contains("--corpus"), "{msg}");
+}
+
+#[test]
+fn a_corpus_split_is_evaluated_when_its_tokenizer_is_the_models() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = imported(tmp.path());
+    let input = tmp.path().join("docs.txt");
+    std::fs::write(&input, "first document about foxes\nsecond one, about dogs\nthird: cats and mice\nfourth and last\n").unwrap();
+    let prep = |tok: &str| {
+        let out = tmp.path().join(format!("corpus-{tok}"));
+        let o = smelt(&["corpus", "prepare", "--input", input.to_str().unwrap(), "--out", out.to_str().unwrap(), "--tokenizer", tok, "--txt-docs", "line", "--val-docs", "2"]);
+        assert!(o.status.success(), "prepare: {}", text_of(&o));
+        out
+    };
+    let bytes = prep("byte");
+    let val = eval_json(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--seq", "8"]);
+    let train = eval_json(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "train", "--seq", "8"]);
+    assert!(val["data"].as_str().unwrap().ends_with("(val)") && train["data"].as_str().unwrap().ends_with("(train)"));
+    assert_ne!(val["tokens"], train["tokens"]);
+    // end-of-text ids (256) stand for no bytes: fewer bytes than tokens, so more bits per byte
+    // than the loss in bits
+    for r in [&val, &train] {
+        let bits = r["loss"].as_f64().unwrap() / std::f64::consts::LN_2;
+        assert!(r["bits_per_byte"].as_f64().unwrap() > bits, "{r}");
+    }
+    let chars = prep("char");
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--corpus", chars.to_str().unwrap(), "--seq", "8"]);
+    assert!(msg.contains("tokenized with char, but the model uses byte"), "{msg}");
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "test"]);
+    assert!(msg.contains("--split \"test\""), "{msg}");
+}
