@@ -15,6 +15,7 @@ use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::CpuBackend;
 use tracing::info;
 
+use smelt_checkpoint::{resolve_model, JobLocations};
 use smelt_worker::model_file;
 
 #[derive(Args, Debug)]
@@ -22,9 +23,17 @@ pub struct TrainArgs {
     /// UTF-8 text to train on.
     #[arg(long)]
     pub text: PathBuf,
-    /// Tokenizer: char (the text's own characters) or byte.
-    #[arg(long, default_value = "char")]
-    pub tokenizer: String,
+    /// Tokenizer: char (the text's own characters), byte or gpt2 (with --init-from: the
+    /// model's, which this must name if given).
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+    /// Start from this model's weights (a model.safetensors, e.g. from `smelt import hf`, a
+    /// checkpoint directory, or a job id under --store): its sizes and tokenizer are kept.
+    #[arg(long, conflicts_with_all = ["preset", "n_layer", "n_head", "n_embd", "block_size", "post_ln", "rotary"])]
+    pub init_from: Option<String>,
+    /// Where --init-from's job ids are (`jobs/<job>/`).
+    #[arg(long, env = "SMELT_STORE", default_value = ".smelt")]
+    pub store: String,
     /// Model preset (gpt2-124m, gpt2-350m, char-small, tiny, test ...); the sizes below override it.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
@@ -88,6 +97,18 @@ pub struct TrainArgs {
     pub out: PathBuf,
 }
 
+/// `--init-from`'s GPT (a model file, checkpoint or job id; a BERT or T5 is refused).
+fn read_parent(model: &str, store: &str) -> Result<model_file::SavedModel> {
+    let jobs = JobLocations { checkpoint_store: store.to_string(), final_models: Some(store.to_string()) };
+    let src = resolve_model(model, &jobs).with_context(|| format!("--init-from {model}"))?;
+    if model_file::is_family(&src.bytes, &src.file)? {
+        bail!("--init-from {model}: a BERT or T5 model; smelt train trains a GPT");
+    }
+    let saved = model_file::from_bytes(&src.bytes, &src.file).with_context(|| format!("--init-from {model}"))?;
+    info!(model, file = %src.file, "starting from the model's weights");
+    Ok(saved)
+}
+
 fn model_config(a: &TrainArgs, vocab_size: usize) -> Result<GptConfig> {
     let mut cfg = GptConfig::preset(&a.preset)?;
     cfg.vocab_size = vocab_size;
@@ -118,9 +139,21 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("--val-fraction must be in [0, 1), got {}", a.val_fraction);
     }
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading --text {}", a.text.display()))?;
-    let tokenizer = Tokenizer::fit(&a.tokenizer, &text)?;
-    let tokens = tokenizer.encode(&text)?;
-    let cfg = model_config(&a, tokenizer.vocab_size())?;
+    let parent = a.init_from.as_deref().map(|m| read_parent(m, &a.store)).transpose()?;
+    let tokenizer = match &parent {
+        Some(p) => {
+            if let Some(t) = a.tokenizer.as_deref().filter(|t| *t != p.tokenizer.kind()) {
+                bail!("--tokenizer {t}: the model in --init-from uses the {} tokenizer; leave --tokenizer out", p.tokenizer.kind());
+            }
+            p.tokenizer.clone()
+        }
+        None => Tokenizer::fit(a.tokenizer.as_deref().unwrap_or("char"), &text)?,
+    };
+    let tokens = tokenizer.encode(&text).with_context(|| format!("tokenizing --text {}", a.text.display()))?;
+    let cfg = match &parent {
+        Some(p) => p.config.clone(),
+        None => model_config(&a, tokenizer.vocab_size())?,
+    };
     let seq = a.seq.unwrap_or(cfg.block_size);
     let split = ((tokens.len() as f64) * (1.0 - a.val_fraction)) as usize;
     let (train_ids, val_ids) = tokens.split_at(split);
@@ -153,7 +186,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eval_batches: a.eval_batches,
         seed: a.seed,
     };
-    let model = Gpt::new(CpuBackend::new(), cfg.clone(), a.seed)?;
+    let model = match &parent {
+        Some(p) => Gpt::from_params(CpuBackend::new(), cfg.clone(), &p.params)?,
+        None => Gpt::new(CpuBackend::new(), cfg.clone(), a.seed)?,
+    };
     info!(
         params = cfg.num_params(),
         vocab = cfg.vocab_size,

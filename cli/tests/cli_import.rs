@@ -500,3 +500,36 @@ fn a_pretraining_job_continues_from_init_from() {
     let error = c.job(&gone.id).error;
     assert!(error.contains("model.init_from"), "{error}");
 }
+
+#[test]
+fn ranks_that_read_different_parents_refuse_to_train() {
+    let c = Cluster::with_workers(2);
+    let text = c.dir.path().join("text.txt");
+    // Two models of one config: the same job id names a different file on each worker's host.
+    for d in ["a", "b"] {
+        std::fs::create_dir_all(c.dir.path().join(d)).unwrap();
+    }
+    let a = train_parent(&c.dir.path().join("a"), "3");
+    let b = train_parent(&c.dir.path().join("b"), "5");
+    std::fs::copy(c.dir.path().join("a/text.txt"), &text).unwrap();
+    let job_spec = |name: &str| continue_spec(name, &text, Some(Path::new("job-000777")), "", 16).replace(
+        "[train]\nsteps = 4\nglobal_batch = 8\nmicro_batch = 8",
+        "[train]\nsteps = 4\nglobal_batch = 8\nmicro_batch = 4",
+    ) + "[cluster]\nworld_size = 2\n";
+    for (w, model) in [(0, &a), (1, &b)] {
+        let dir = c.dir.path().join(format!("worker-{w}/jobs/job-000777"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(model, dir.join("model.safetensors")).unwrap();
+    }
+    let apart = c.submit(&job_spec("apart"), "");
+    let (state, _) = c.follow(&apart.id);
+    assert_eq!(state, JobState::Failed, "{}", c.logs());
+    let error = c.job(&apart.id).error;
+    assert!(error.contains("ranks start from different weights"), "{error}");
+
+    // the same file on both hosts: the two ranks train together
+    std::fs::copy(&a, c.dir.path().join("worker-1/jobs/job-000777/model.safetensors")).unwrap();
+    let together = c.submit(&job_spec("together"), "");
+    let (state, _) = c.follow(&together.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&together.id).error, c.logs());
+}

@@ -62,16 +62,21 @@ pub(crate) fn device_checked<B: Backend, T>(be: &B, value: T) -> Result<T> {
 }
 
 /// With several ranks, checks before the first gradient is exchanged that they all start at
-/// `start` and all exchange gradients the same way (`Collective::overlaps_backward`: bucket
-/// all-reduces during the backward pass, or one after it; on GPUs it is the worker's
-/// `SMELT_NCCL_OVERLAP`, so two hosts set up differently would issue different collectives and
-/// hang or corrupt the gradients). Every rank sees any disagreement (see [`agreement_bits`])
-/// and fails naming it.
-pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut dyn Collective<B>) -> Result<()> {
+/// `start`, from the same weights, and all exchange gradients the same way
+/// (`Collective::overlaps_backward`: bucket all-reduces during the backward pass, or one after
+/// it; on GPUs it is the worker's `SMELT_NCCL_OVERLAP`, so two hosts set up differently would
+/// issue different collectives and hang or corrupt the gradients). The weights are compared by
+/// a fingerprint of every value's bits (`weights` is called only with several ranks): ranks that
+/// each read `init_from` or a checkpoint themselves could read different files (a relative path
+/// on different hosts, a job's newest checkpoint that changed in between) and would otherwise
+/// train apart without a word. Every rank sees any disagreement (see [`agreement_bits`]) and
+/// fails naming it.
+pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut dyn Collective<B>, weights: impl FnOnce() -> Vec<f32>) -> Result<()> {
     if a.world_size <= 1 {
         return Ok(());
     }
-    let values = [start, u64::from(ring.overlaps_backward())];
+    let print = fingerprint(&device_checked(be, weights())?);
+    let values = [start, u64::from(ring.overlaps_backward()), print];
     let mine = agreement_bits(&values);
     let mut buf = be.upload(&mine);
     ring.all_reduce_mean(be, be.view_mut(&mut buf, 0..mine.len()))?;
@@ -79,13 +84,24 @@ pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut
     match first_disagreement(&mean, &values, a.world_size as usize) {
         None => Ok(()),
         Some(0) => Err(anyhow!("ranks resumed at different steps (rank {} at step {start})", a.rank)),
-        Some(_) => Err(anyhow!(
+        Some(1) => Err(anyhow!(
             "ranks exchange gradients differently (rank {} {} the all-reduce with the backward pass): \
              SMELT_NCCL_OVERLAP must be the same on every gpu worker of a job",
             a.rank,
             if values[1] == 1 { "overlaps" } else { "does not overlap" }
         )),
+        Some(_) => Err(anyhow!(
+            "ranks start from different weights (rank {}'s fingerprint {print:016x}): every rank must read the same model \
+             (an init_from path that names one file on every host, or a checkpoint or job id in a shared store)",
+            a.rank
+        )),
     }
+}
+
+/// A 64-bit fingerprint of weights: FNV-1a over every value's bits (equal weights, bit for bit,
+/// give equal fingerprints; one changed bit changes it).
+pub fn fingerprint(values: &[f32]) -> u64 {
+    values.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, v| (h ^ u64::from(v.to_bits())).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
 /// Bits per agreed value (a u64).
@@ -159,7 +175,7 @@ pub fn resume<B: Backend>(
         trainer.restore(&ck.params, &ck.m, &ck.v, &ck.trainer.trainer).with_context(|| format!("restoring {}", ck.uri))?;
         resumed = Resumed { start_step: ck.step(), lineage: lineage_of(&ck) };
     }
-    agree_on_start(a, resumed.start_step, trainer.model.backend(), ring)?;
+    agree_on_start(a, resumed.start_step, trainer.model.backend(), ring, || trainer.model.params_host())?;
     Ok(resumed)
 }
 

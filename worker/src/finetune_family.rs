@@ -271,7 +271,7 @@ pub(crate) fn train<B: Backend>(
         start = ck.step();
         lineage = checkpointing::lineage_of(&ck);
     }
-    checkpointing::agree_on_start(a, start, model.backend(), collective)?;
+    checkpointing::agree_on_start(a, start, model.backend(), collective, || model.params_host())?;
     let mut checkpointer = match rank {
         0 => Checkpointer::new(a, spec, model_config.clone(), &job.tokenizer, &req.out_dir, lineage)?,
         _ => None,
