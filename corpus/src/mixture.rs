@@ -7,7 +7,12 @@
 //! `R(s) = s G - sum_j floor(s G w_j)` (fewer than the number of sources) hands the rounding
 //! remainder to the first sources. So every step takes exactly `G`, each source's share never
 //! drifts by more than one sample from `s G w_j`, and `C_j` never decreases as long as
-//! `G w_j >= 1` (checked: a source must give at least one sample per step on average). In step `s`
+//! `G w_j >= 1` (checked: a source must give at least one sample per step on average). The
+//! shares are computed exactly, in integers: `w_j = q_j / Q` with `Q = G 2^32` and
+//! `sum q_j = Q` (the weights' cumulative sums rounded), so one sample per step is exactly
+//! `q_j = 2^32`; a share within 1e-9 below that counts as exactly one (the difference taken from
+//! the largest source), so the bound holds for every step and no rounding decides a boundary
+//! case. In step `s`
 //! source `j` gives its draws `C_j(s) .. C_j(s+1)` of its own endless shuffled stream
 //! ([`SampleOrder`]: a new permutation each time it is used up, so a small source weighted up
 //! repeats epoch after epoch); the step's samples are laid out source after source and then
@@ -39,10 +44,16 @@ pub enum MixtureError {
     ZeroBatch,
 }
 
+/// The denominator of the integer shares per sample of a step: `Q = G * UNIT`.
+const UNIT: u128 = 1 << 32;
+/// A share this close below one sample per step counts as one (f64 rounding of the weights).
+const PER_STEP_SLACK: f64 = 1e-9;
+
 #[derive(Clone, Debug)]
 pub struct MixtureOrder {
     orders: Vec<SampleOrder>,
-    weights: Vec<f64>,
+    /// Integer shares of `G * UNIT`, summing to it.
+    shares: Vec<u128>,
     global_batch: u64,
     seed: u64,
 }
@@ -66,10 +77,11 @@ impl MixtureOrder {
         let total: f64 = weights.iter().sum();
         for (index, &weight) in weights.iter().enumerate() {
             let per_step = weight / total * global_batch as f64;
-            if per_step < 1.0 {
+            if per_step < 1.0 - PER_STEP_SLACK {
                 return Err(MixtureError::TooSmall { index, weight, total, per_step, global_batch });
             }
         }
+        let shares = integer_shares(weights, global_batch);
         let orders = n_sequences
             .iter()
             .enumerate()
@@ -81,21 +93,20 @@ impl MixtureOrder {
                 SampleOrder::try_new(n, seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)).map_err(|error| MixtureError::Order { index, error })
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(MixtureOrder { orders, weights: weights.iter().map(|w| w / total).collect(), global_batch, seed })
+        Ok(MixtureOrder { orders, shares, global_batch, seed })
     }
 
     pub fn sources(&self) -> usize {
         self.orders.len()
     }
 
-    /// Samples source `j` has given after `steps` steps: `C_j(steps)`.
+    /// Samples source `j` has given after `steps` steps: `C_j(steps)`, exactly.
     pub fn drawn(&self, j: usize, steps: u64) -> u64 {
         let n = steps as u128 * self.global_batch as u128;
-        let floors: Vec<u128> = self.weights.iter().map(|w| (n as f64 * w).floor() as u128).collect();
-        // f64 rounding may make the floors overshoot by one at huge n; never hand out more than n
-        let sum: u128 = floors.iter().sum();
-        let remainder = n.saturating_sub(sum);
-        (floors[j] + u128::from((j as u128) < remainder)) as u64
+        let q_total = self.global_batch as u128 * UNIT;
+        let floor = |q: u128| n * q / q_total;
+        let remainder = n - self.shares.iter().map(|&q| floor(q)).sum::<u128>();
+        (floor(self.shares[j]) + u128::from((j as u128) < remainder)) as u64
     }
 
     /// The sample at global position `k` (step `k / G`, position `k % G` in it) as an id.
@@ -126,6 +137,40 @@ impl MixtureOrder {
     pub fn decode(id: u64) -> (usize, u64) {
         ((id >> LOCAL_BITS) as usize, id & ((1 << LOCAL_BITS) - 1))
     }
+}
+
+/// The weights as integer shares of `Q = G * UNIT` summing to `Q` (cumulative sums rounded),
+/// each at least `UNIT`, i.e. one sample per step: a share the f64 check let through at most
+/// `PER_STEP_SLACK` below that is raised to it, the difference taken from the largest share.
+fn integer_shares(weights: &[f64], global_batch: u64) -> Vec<u128> {
+    #[allow(non_snake_case)]
+    let Q = global_batch as u128 * UNIT;
+    let total: f64 = weights.iter().sum();
+    let mut cumulative = 0.0;
+    let mut previous = 0u128;
+    let mut shares: Vec<u128> = weights
+        .iter()
+        .enumerate()
+        .map(|(j, w)| {
+            cumulative += w / total;
+            let bound = if j + 1 == weights.len() { Q } else { ((cumulative * Q as f64).round() as u128).clamp(previous, Q) };
+            let q = bound - previous;
+            previous = bound;
+            q
+        })
+        .collect();
+    let need = UNIT;
+    for j in 0..shares.len() {
+        if shares[j] < need {
+            let lack = need - shares[j];
+            let largest = (0..shares.len()).max_by_key(|&i| shares[i]).expect("sources");
+            assert!(shares[largest] >= need + lack, "the largest share gives more than one sample per step");
+            shares[largest] -= lack;
+            shares[j] = need;
+        }
+    }
+    debug_assert_eq!(shares.iter().sum::<u128>(), Q);
+    shares
 }
 
 #[cfg(test)]
@@ -218,6 +263,38 @@ mod tests {
         assert!(matches!(e, MixtureError::TooSmall { index: 1, .. }), "{e:?}");
         assert!(e.to_string().contains("0.400 of the 8 sequences"), "{e}");
         assert!(matches!(MixtureOrder::new(&[5, 0], &[1.0, 1.0], 0, 8).unwrap_err(), MixtureError::Order { index: 1, .. }));
+    }
+
+    #[test]
+    fn shares_of_exactly_one_sample_per_step_are_accepted_and_exact() {
+        // each of these gives some source exactly one sequence per step in real numbers, which
+        // f64 may round either side of 1
+        for (weights, g) in [
+            (vec![0.3; 5], 5u64),
+            (vec![0.1; 16], 16),
+            (vec![0.62, 0.03, 0.05, 0.26], 32),
+            (vec![1.0, 2.0, 7.0], 10),
+        ] {
+            let n = vec![50u64; weights.len()];
+            let m = MixtureOrder::new(&n, &weights, 1, g).unwrap_or_else(|e| panic!("{weights:?} G={g}: {e}"));
+            let total: f64 = weights.iter().sum();
+            for step in [0u64, 1, 2, 3, 1000, 123_456_789, 1 << 40] {
+                let counts: Vec<u64> = (0..weights.len()).map(|j| m.drawn(j, step + 1) - m.drawn(j, step)).collect();
+                assert_eq!(counts.iter().sum::<u64>(), g, "{weights:?} step {step}");
+                for (j, w) in weights.iter().enumerate() {
+                    assert!(counts[j] >= (w / total * g as f64).floor() as u64 || counts[j] >= 1, "{weights:?} step {step}: {counts:?}");
+                    // C_j(s) stays within one sample of s G w_j
+                    let exact = (step + 1) as f64 * g as f64 * w / total;
+                    assert!((m.drawn(j, step + 1) as f64 - exact).abs() <= 1.0 + exact * 1e-9, "{weights:?} step {step} source {j}");
+                }
+            }
+            for k in (0..g * 40).step_by(3) {
+                let (j, _) = MixtureOrder::decode(m.sequence_at(k));
+                assert!(j < weights.len());
+            }
+        }
+        // a share clearly below one per step is refused
+        assert!(MixtureOrder::new(&[5, 5, 5], &[0.62, 0.029, 0.351], 0, 32).is_err());
     }
 
     #[test]

@@ -558,7 +558,8 @@ impl JobSpec {
         let total: f64 = self.data.mix.iter().map(|m| m.weight).sum();
         for (i, m) in self.data.mix.iter().enumerate() {
             let per_step = m.weight / total * self.train.global_batch as f64;
-            if per_step < 1.0 {
+            // (the slack of smelt_corpus::mixture: a share of exactly one, rounded below it by f64)
+            if per_step < 1.0 - 1e-9 {
                 return Err(err(
                     &format!("data.mix[{i}].weight"),
                     format!(

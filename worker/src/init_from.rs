@@ -90,22 +90,19 @@ pub(crate) fn check_text_tokenizer(spec: &JobSpec, parent: &Parent) -> Result<()
     Ok(())
 }
 
-/// Checks that a prepared corpus speaks the parent's vocabulary: the same tokenizer, and no id
-/// beyond the model's vocabulary.
-pub(crate) fn check_corpus(uri: &str, corpus_tokenizer: &Tokenizer, corpus_vocab: usize, parent: &Parent) -> Result<()> {
+/// Checks that a prepared corpus (the spec's `field`: `data.corpus`, `data.mix[i].corpus`)
+/// speaks the parent's vocabulary: the same tokenizer, and no id beyond the model's vocabulary.
+pub(crate) fn check_corpus(field: &str, uri: &str, corpus_tokenizer: &Tokenizer, corpus_vocab: usize, parent: &Parent) -> Result<()> {
     if corpus_tokenizer != &parent.tokenizer {
         return Err(anyhow!(
-            "data.corpus {uri}: tokenized with {}, but the model in model.init_from was trained with {}{}",
+            "{field} {uri}: tokenized with {}, but the model in model.init_from was trained with {}{}",
             corpus_tokenizer.kind(),
             parent.tokenizer.kind(),
             if corpus_tokenizer.kind() == parent.tokenizer.kind() { " (another character vocabulary)" } else { "" }
         ));
     }
     if corpus_vocab > parent.config.vocab_size {
-        bail!(
-            "data.corpus {uri}: {corpus_vocab} token ids, more than the {} of the model in model.init_from",
-            parent.config.vocab_size
-        );
+        bail!("{field} {uri}: {corpus_vocab} token ids, more than the {} of the model in model.init_from", parent.config.vocab_size);
     }
     Ok(())
 }

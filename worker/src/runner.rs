@@ -25,13 +25,13 @@ use smelt_engine::model::GptConfig;
 use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::{Backend, CpuBackend};
 use smelt_jobspec::{JobKind, JobSpec};
-use smelt_proto::v1::{Assignment, AssignmentDone, StepMetrics};
+use smelt_proto::v1::{Assignment, AssignmentDone, JobNote, StepMetrics};
 use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer};
 use crate::device::Device;
 use crate::init_from;
-use crate::train_data::{load_data, Order, TrainData};
+use crate::train_data::{evaluate_sets, load_data, Order, TrainData, ValSet};
 use crate::model_file;
 use crate::sample_log::SampleLog;
 
@@ -162,7 +162,7 @@ pub(crate) struct Pretrain {
     spec: JobSpec,
     tokenizer: Tokenizer,
     data: TrainData,
-    val_ids: Vec<u32>,
+    val_sets: Vec<ValSet>,
     pub(crate) cfg: GptConfig,
     tc: TrainConfig,
     order: Order,
@@ -174,7 +174,7 @@ impl Pretrain {
     /// `resume_from`: the checkpoint the attempt resumes from (empty: none).
     fn open(spec: JobSpec, out_dir: &std::path::Path, resume_from: &str) -> Result<Self> {
         let parent = spec.model.init_from.as_deref().map(|i| init_from::read_for_attempt(&spec, i, out_dir, resume_from)).transpose()?;
-        let (tokenizer, vocab, data, val_ids) = load_data(&spec, out_dir, parent.as_ref())?;
+        let (tokenizer, vocab, data, val_sets) = load_data(&spec, out_dir, parent.as_ref())?;
         let (cfg, init) = match parent {
             Some(p) => {
                 let init = p.params.map(|w| (w, p.lineage));
@@ -184,7 +184,7 @@ impl Pretrain {
         };
         let tc = spec.train_config();
         let order = data.order(&spec, tc.seq_len)?;
-        Ok(Pretrain { spec, tokenizer, data, val_ids, cfg, tc, order, init })
+        Ok(Pretrain { spec, tokenizer, data, val_sets, cfg, tc, order, init })
     }
 }
 
@@ -253,7 +253,7 @@ pub(crate) fn train_gpt<B: Backend>(
 ) -> Result<u64> {
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    let Pretrain { spec, tokenizer, data, val_ids, cfg, tc, order, init } = job;
+    let Pretrain { spec, tokenizer, data, val_sets, cfg, tc, order, init } = job;
     let seq = tc.seq_len;
     let global = spec.train.global_batch as u64;
     let (model, parent_lineage) = match init {
@@ -307,10 +307,18 @@ pub(crate) fn train_gpt<B: Backend>(
         let done = step + 1;
         let is_last = done == tc.steps;
         let mut val_loss = None;
-        if rank == 0 && val_ids.len() > seq && (is_last || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
-            let v = trainer.evaluate(&TokenWindows::new(&val_ids))?;
-            val_loss = Some(v);
-            last_val = Some(v);
+        if rank == 0 && (is_last || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
+            if let Some((v, each)) = evaluate_sets(&val_sets, seq, |tokens| Ok(trainer.evaluate(&TokenWindows::new(tokens))?))? {
+                if each.len() > 1 {
+                    // a mixture: each source's loss in the job's events (the metrics carry the weighted one)
+                    info!(job_id = %a.job_id, step = done, val_loss = v, by_source = ?each, "validation loss by source");
+                    let parts: Vec<String> = each.iter().map(|(name, l)| format!("{name} {l:.4}")).collect();
+                    let text = format!("validation loss at step {done}: {v:.4} weighted; by source: {}", parts.join(", "));
+                    events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
+                }
+                val_loss = Some(v);
+                last_val = Some(v);
+            }
         }
         if rank == 0 {
             let tokens_per_s = tokens as f64 / started.elapsed().as_secs_f64();

@@ -23,6 +23,34 @@ pub(crate) enum TrainData {
     Mix { readers: Vec<CorpusReader> },
 }
 
+/// Held-out tokens of one source, evaluated on their own.
+pub(crate) struct ValSet {
+    /// The source as the spec names it (`data.text`, a corpus URI).
+    pub name: String,
+    /// Its weight in the job's validation loss (a mixture's: the source's weight).
+    pub weight: f64,
+    pub tokens: Vec<u32>,
+}
+
+/// The job's validation loss: each source's held-out tokens evaluated on their own (at least
+/// one window of `seq` predictions each; a source with fewer is left out), combined by the
+/// sources' weights, so a mixture's validation loss weighs its sources as training does.
+/// Returns the combined loss and each evaluated source's, or None when no source has a window.
+pub(crate) fn evaluate_sets(
+    sets: &[ValSet],
+    seq: usize,
+    mut evaluate: impl FnMut(&[u32]) -> Result<f32>,
+) -> Result<Option<(f32, Vec<(&str, f32)>)>> {
+    let (mut sum, mut weights, mut each) = (0.0f64, 0.0f64, Vec::new());
+    for s in sets.iter().filter(|s| s.tokens.len() > seq) {
+        let loss = evaluate(&s.tokens)?;
+        sum += s.weight * loss as f64;
+        weights += s.weight;
+        each.push((s.name.as_str(), loss));
+    }
+    Ok((weights > 0.0).then(|| ((sum / weights) as f32, each)))
+}
+
 /// Which sequence each sample of the job's stream is.
 pub(crate) enum Order {
     Single(SampleOrder),
@@ -68,12 +96,25 @@ impl TrainData {
             TrainData::Text { tokens } => Ok(Sequences::new(tokens, seq).batch(indices.iter().copied())),
             TrainData::Corpus { reader } => Ok(reader.batch(seq, indices)?),
             TrainData::Mix { readers } => {
+                // every source's sequences asked for at once (the reader fetches them
+                // concurrently), then laid out in the order given
+                let mut by_source: Vec<Vec<u64>> = vec![Vec::new(); readers.len()];
+                let place: Vec<(usize, usize)> = indices
+                    .iter()
+                    .map(|&id| {
+                        let (j, local) = MixtureOrder::decode(id);
+                        by_source[j].push(local);
+                        (j, by_source[j].len() - 1)
+                    })
+                    .collect();
+                let mut fetched = Vec::with_capacity(readers.len());
+                for (j, locals) in by_source.iter().enumerate() {
+                    fetched.push(if locals.is_empty() { (Vec::new(), Vec::new()) } else { readers[j].batch(seq, locals)? });
+                }
                 let (mut inputs, mut targets) = (Vec::with_capacity(indices.len() * seq), Vec::with_capacity(indices.len() * seq));
-                for &id in indices {
-                    let (j, local) = MixtureOrder::decode(id);
-                    let (x, y) = readers[j].batch(seq, &[local])?;
-                    inputs.extend_from_slice(&x);
-                    targets.extend_from_slice(&y);
+                for (j, i) in place {
+                    inputs.extend_from_slice(&fetched[j].0[i * seq..(i + 1) * seq]);
+                    targets.extend_from_slice(&fetched[j].1[i * seq..(i + 1) * seq]);
                 }
                 Ok((inputs, targets))
             }
@@ -103,19 +144,19 @@ impl TrainData {
     }
 }
 
-/// Opens the job's data: (tokenizer, model vocabulary, training data, validation tokens).
+/// Opens the job's data: (tokenizer, model vocabulary, training data, validation sets).
 /// With a `parent` (`model.init_from`), the data is checked against its tokenizer and a text
 /// is encoded with it.
 ///
 /// A corpus on a remote store too large to hold in memory is read through the shard cache
 /// `<out_dir>/cache/corpora` (see [`ReaderOptions::disk_cache`]).
-pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Option<&Parent>) -> Result<(Tokenizer, usize, TrainData, Vec<u32>)> {
+pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Option<&Parent>) -> Result<(Tokenizer, usize, TrainData, Vec<ValSet>)> {
     let open = |uri: &str, field: &str, val_budget: u64| -> Result<(CorpusReader, Vec<u32>)> {
         let o = ReaderOptions { disk_cache: Some(out_dir.join("cache").join("corpora")), ..Default::default() };
         let reader = CorpusReader::open_with(uri, o).with_context(|| format!("opening {field} {uri}"))?;
         let m = reader.manifest();
         if let Some(p) = parent {
-            init_from::check_corpus(uri, &m.tokenizer, m.vocab_size as usize, p)?;
+            init_from::check_corpus(field, uri, &m.tokenizer, m.vocab_size as usize, p)?;
         }
         let val = if m.val.tokens > 0 {
             let v = CorpusReader::open_with(uri, ReaderOptions { split: Split::Val, ..Default::default() })?;
@@ -128,10 +169,11 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
     if let Some(uri) = &spec.data.corpus {
         let (reader, val) = open(uri, "data.corpus", MAX_VAL_TOKENS)?;
         let m = reader.manifest().clone();
+        let val = vec![ValSet { name: uri.clone(), weight: 1.0, tokens: val }];
         return Ok((m.tokenizer.clone(), m.vocab_size as usize, TrainData::Corpus { reader }, val));
     }
     if !spec.data.mix.is_empty() {
-        // Every source's validation tokens, each its share of the budget, back to back.
+        // Every source's validation tokens, each its share of the budget, evaluated on its own.
         let budget = MAX_VAL_TOKENS / spec.data.mix.len() as u64;
         let (mut readers, mut val) = (Vec::new(), Vec::new());
         for (i, src) in spec.data.mix.iter().enumerate() {
@@ -149,7 +191,10 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
                     );
                 }
             }
-            val.extend(v);
+            if v.is_empty() {
+                tracing::warn!(corpus = %src.corpus, "data.mix[{i}]: the corpus has no validation split; the validation loss leaves it out");
+            }
+            val.push(ValSet { name: src.corpus.clone(), weight: src.weight, tokens: v });
             readers.push(reader);
         }
         let tokenizer = readers[0].manifest().tokenizer.clone();
@@ -169,5 +214,5 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
     let split = ((ids.len() as f64) * (1.0 - spec.data.val_fraction)) as usize;
     let val = ids.split_off(split);
     let vocab = tokenizer.vocab_size();
-    Ok((tokenizer, vocab, TrainData::Text { tokens: ids }, val))
+    Ok((tokenizer, vocab, TrainData::Text { tokens: ids }, vec![ValSet { name: path.to_string(), weight: 1.0, tokens: val }]))
 }
