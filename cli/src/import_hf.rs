@@ -64,6 +64,9 @@ pub fn read_gpt2(dir: &Path, tokenizer: Option<&str>) -> Result<Imported> {
             let values = widen(view.dtype(), view.data()).with_context(|| format!("{}: tensor {name}", file.display()))?;
             *dtypes.entry(format!("{:?}", view.dtype())).or_insert(0) += 1;
             if canonical == "lm_head.weight" {
+                if wte_copy.is_some() {
+                    bail!("{shown}: lm_head.weight is stored twice");
+                }
                 wte_copy = Some((name.clone(), values));
                 continue;
             }
@@ -184,7 +187,16 @@ fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         let v: Value = serde_json::from_slice(&std::fs::read(&index).with_context(|| format!("reading {}", index.display()))?)
             .with_context(|| format!("{}: not JSON", index.display()))?;
         let map = v.get("weight_map").and_then(Value::as_object).ok_or_else(|| anyhow!("{}: no weight_map", index.display()))?;
-        let mut shards: Vec<PathBuf> = map.values().filter_map(Value::as_str).map(|f| dir.join(f)).collect();
+        let mut shards = Vec::new();
+        for f in map.values() {
+            let f = f.as_str().ok_or_else(|| anyhow!("{}: weight_map values must be file names", index.display()))?;
+            // a shard is a file beside the index, never a path elsewhere
+            let plain = Path::new(f).components().count() == 1 && matches!(Path::new(f).components().next(), Some(std::path::Component::Normal(_)));
+            if !plain {
+                bail!("{}: shard {f:?} is not a file name in the directory", index.display());
+            }
+            shards.push(dir.join(f));
+        }
         shards.sort();
         shards.dedup();
         return Ok(shards);
@@ -219,6 +231,10 @@ fn pick_tokenizer(dir: &Path, forced: Option<&str>, vocab_size: usize) -> Result
     let own = dir.join("smelt_tokenizer.json");
     let (tokenizer, source) = match forced {
         Some(kind) if kind == "char" => bail!("--tokenizer char needs its characters: a smelt export's smelt_tokenizer.json has them"),
+        Some(kind) if kind != "gpt2" && vocab_file.is_some() => bail!(
+            "--tokenizer {kind}: {} holds the model's tokenizer, a BPE vocabulary; the model's ids are its tokens, not {kind}'s",
+            vocab_file.as_ref().expect("checked").display()
+        ),
         Some(kind) => (Tokenizer::fit(kind, "")?, format!("--tokenizer {kind}")),
         None if own.is_file() => {
             let t: Tokenizer = serde_json::from_slice(&std::fs::read(&own).with_context(|| format!("reading {}", own.display()))?)
@@ -238,6 +254,7 @@ fn pick_tokenizer(dir: &Path, forced: Option<&str>, vocab_size: usize) -> Result
         if let Some(f) = &vocab_file {
             check_gpt2_vocab(f)?;
         }
+        warn_added_tokens(dir);
     }
     if vocab_size < tokenizer.vocab_size() {
         bail!(
@@ -285,6 +302,40 @@ pub fn check_gpt2_vocab(path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Tokens added to GPT-2's vocabulary (`tokenizer.json`'s `added_tokens`, `added_tokens.json`)
+/// beyond its own `<|endoftext|>`: smelt's GPT-2 tokenizer never produces them, so their ids
+/// stay in the model as rows no text encodes to. Said, not refused: the model still works on
+/// GPT-2's own tokens.
+fn warn_added_tokens(dir: &Path) {
+    let mut added: Vec<(u64, String)> = Vec::new();
+    let read = |name: &str| std::fs::read(dir.join(name)).ok().and_then(|b| serde_json::from_slice::<Value>(&b).ok());
+    if let Some(list) = read("tokenizer.json").as_ref().and_then(|v| v.get("added_tokens")).and_then(Value::as_array) {
+        for t in list {
+            if let (Some(id), Some(content)) = (t.get("id").and_then(Value::as_u64), t.get("content").and_then(Value::as_str)) {
+                added.push((id, content.to_string()));
+            }
+        }
+    }
+    if let Some(map) = read("added_tokens.json").as_ref().and_then(Value::as_object) {
+        for (content, id) in map {
+            if let Some(id) = id.as_u64() {
+                added.push((id, content.clone()));
+            }
+        }
+    }
+    added.retain(|(id, _)| *id != u64::from(smelt_corpus::gpt2::EOT));
+    added.sort();
+    added.dedup();
+    if !added.is_empty() {
+        let shown: Vec<String> = added.iter().take(5).map(|(id, c)| format!("{id} {c:?}")).collect();
+        tracing::warn!(
+            count = added.len(),
+            tokens = %shown.join(", "),
+            "the directory adds tokens to gpt-2's vocabulary; smelt's gpt-2 tokenizer never produces them (text containing them is encoded as ordinary text)"
+        );
+    }
 }
 
 /// GPT-2's `bytes_to_unicode` reversed: the printable character standing for each byte in

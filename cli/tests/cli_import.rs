@@ -272,6 +272,12 @@ fn sharded_float16_weights_are_read_through_their_index() {
     // float16 rounding of the weights moves the logits a little from the float32 model's
     let diff = max_abs_diff(&logits_of(&out, &fixture_ids()), &expected_logits("logits_f32"));
     assert!(diff > 0.0 && diff < 2e-2, "float16 weights: logits differ by {diff}");
+    // a shard named outside the directory is refused
+    let index = std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap();
+    std::fs::write(dir.join("model.safetensors.index.json"), index.replacen("model-00002-of-00002", "../model-00002-of-00002", 1)).unwrap();
+    let msg = import_fails(&dir, &tmp.path().join("outside.safetensors"), &["--tokenizer", "byte"]);
+    assert!(msg.contains("is not a file name in the directory"), "{msg}");
+    std::fs::write(dir.join("model.safetensors.index.json"), index).unwrap();
     // without the second shard the import names what is missing
     std::fs::remove_file(dir.join("model-00002-of-00002.safetensors")).unwrap();
     let msg = import_fails(&dir, &tmp.path().join("none.safetensors"), &["--tokenizer", "byte"]);
@@ -359,6 +365,18 @@ fn a_gpt2_vocabulary_is_checked_token_by_token() {
     // ... and is checked even when --tokenizer gpt2 is given
     let msg = import_fails(&dir, &tmp.path().join("wp.safetensors"), &["--tokenizer", "gpt2"]);
     assert!(msg.contains("WordPiece"), "{msg}");
+    // another tokenizer cannot be forced over the directory's own
+    std::fs::write(dir.join("tokenizer.json"), fast("BPE")).unwrap();
+    let msg = import_fails(&dir, &tmp.path().join("forced.safetensors"), &["--tokenizer", "byte"]);
+    assert!(msg.contains("--tokenizer byte") && msg.contains("tokenizer.json holds the model's tokenizer"), "{msg}");
+    // tokens added beyond GPT-2's are said (smelt's GPT-2 tokenizer never produces them)
+    let with_added = serde_json::json!({"model": {"type": "BPE", "vocab": vocab},
+        "added_tokens": [{"id": 50256, "content": "<|endoftext|>"}, {"id": 50257, "content": "<|pad|>"}]});
+    std::fs::write(dir.join("tokenizer.json"), with_added.to_string()).unwrap();
+    let o = smelt(&["import", "hf", dir.to_str().unwrap(), tmp.path().join("added.safetensors").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    let said = text_of(&o);
+    assert!(said.contains("adds tokens") && said.contains("50257 \"<|pad|>\"") && said.contains("count=1"), "{said}");
     std::fs::remove_file(dir.join("tokenizer.json")).unwrap();
 
     // Two tokens' ids swapped: another tokenizer, whose ids would mean other text.
@@ -482,6 +500,29 @@ fn a_pretraining_job_continues_from_init_from() {
     assert_eq!(state, JobState::Failed);
     let error = c.job(&unknown.id).error;
     assert!(error.contains("data.text") && error.contains("'Q'"), "{error}");
+
+    // A corpus must have been prepared with the parent's tokenizer.
+    let corpus = c.dir.path().join("bytes-corpus");
+    let o = smelt(&["corpus", "prepare", "--input", text.to_str().unwrap(), "--out", corpus.to_str().unwrap(), "--tokenizer", "byte", "--txt-docs", "line"]);
+    assert!(o.status.success(), "prepare: {}", text_of(&o));
+    let spec = continue_spec("corpus", &text, Some(&parent), "", 16).replace(&format!("text = {:?}", text.to_str().unwrap()), &format!("corpus = {:?}", corpus.to_str().unwrap()));
+    let on_corpus = c.submit(&spec, "");
+    let (state, _) = c.follow(&on_corpus.id);
+    assert_eq!(state, JobState::Failed);
+    let error = c.job(&on_corpus.id).error;
+    assert!(error.contains("data.corpus") && error.contains("tokenized with byte, but the model in model.init_from was trained with char"), "{error}");
+
+    // A checkpoint is resumed only by data tokenized as it was: a text of as many characters,
+    // other ones, makes the same model config but other ids.
+    let shifted: String = TEXT.repeat(40).chars().map(|ch| if ch.is_ascii_lowercase() { ch.to_ascii_uppercase() } else { ch }).collect();
+    let shifted_path = c.dir.path().join("shifted.txt");
+    std::fs::write(&shifted_path, shifted).unwrap();
+    let fresh_ckpt = std::fs::read_dir(c.dir.path().join(format!("worker-0/jobs/{}/ckpt", fresh.id))).unwrap().map(|d| d.unwrap().path()).min().unwrap();
+    let other_chars = c.submit(&continue_spec("other-chars", &shifted_path, None, "", 16), fresh_ckpt.to_str().unwrap());
+    let (state, _) = c.follow(&other_chars.id);
+    assert_eq!(state, JobState::Failed);
+    let error = c.job(&other_chars.id).error;
+    assert!(error.contains("another character vocabulary") && error.contains("ids would mean other text"), "{error}");
 
     // Once the job has a checkpoint the parent's file is no longer needed: a resumed attempt
     // takes the model from the checkpoint. A fresh start without the file fails naming it.

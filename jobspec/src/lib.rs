@@ -501,6 +501,9 @@ impl JobSpec {
         if !["char", "byte", "gpt2"].contains(&self.data.tokenizer.as_str()) {
             return Err(err("data.tokenizer", format!("{:?} is not one of: char, byte, gpt2", self.data.tokenizer)));
         }
+        if self.data.tokenizer == "gpt2" && self.arch()? != Arch::Gpt {
+            return Err(err("data.tokenizer", "\"gpt2\" over a text is for GPT jobs (arch = \"gpt\")"));
+        }
         if !self.data.mix.is_empty() {
             self.validate_mix()?;
         }
@@ -949,6 +952,8 @@ lr = 1e-4
         // GPT-2's tokenizer over a text file (a model imported from the Hub uses it)
         let gpt2 = base.replace("[data]\n", "[data]\ntokenizer = \"gpt2\"\n");
         assert_eq!(JobSpec::parse(&gpt2).unwrap().data.tokenizer, "gpt2");
+        let bert_gpt2 = GOOD.replace("preset = \"tiny\"", "arch = \"bert\"\npreset = \"bert-tiny\"").replace("[data]\n", "[data]\ntokenizer = \"gpt2\"\n");
+        assert_eq!(JobSpec::parse(&bert_gpt2).unwrap_err().field, "data.tokenizer");
     }
 
     #[test]

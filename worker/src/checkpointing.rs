@@ -129,9 +129,20 @@ fn first_disagreement(mean: &[f32], values: &[u64], world: usize) -> Option<usiz
     (0..values.len()).find(|&v| (0..BITS).any(|k| !agrees(v * BITS + k)))
 }
 
-/// A resume under another seed or global batch is allowed (a deliberate change) but does not
-/// continue the checkpoint's sample order: say so.
+/// A resume under another seed, global batch or data (another text or corpus, a mixture with
+/// other sources or weights) is allowed (a deliberate change) but does not continue the
+/// checkpoint's sample order: say so.
 pub fn warn_if_data_order_changes(ck: &Checkpoint, spec: &JobSpec) {
+    if let Ok(then) = JobSpec::parse(&ck.trainer.spec_toml) {
+        if then.data != spec.data {
+            warn!(
+                uri = %ck.uri,
+                checkpoint_data = ?then.data,
+                data = ?spec.data,
+                "resuming with other data than the checkpoint's job: the data order does not continue the checkpoint's"
+            );
+        }
+    }
     let (seed, global) = (spec.seed, spec.train.global_batch as u64);
     if ck.trainer.data.seed != seed || ck.trainer.data.global_batch != global {
         warn!(
@@ -156,6 +167,7 @@ pub fn resume<B: Backend>(
     a: &Assignment,
     spec: &JobSpec,
     cfg: &GptConfig,
+    tokenizer: &Tokenizer,
     trainer: &mut Trainer<B>,
     ring: &mut dyn Collective<B>,
     events: &dyn Fn(RunEvent),
@@ -169,6 +181,15 @@ pub fn resume<B: Backend>(
                 ck.trainer.model,
                 if ck.trainer.head.is_some() { " with a classification head" } else { "" },
                 cfg
+            ));
+        }
+        if ck.trainer.tokenizer != *tokenizer {
+            return Err(anyhow!(
+                "checkpoint {} was trained with the {} tokenizer{}, the job's data is tokenized with {}: its ids would mean other text",
+                ck.uri,
+                ck.trainer.tokenizer.kind(),
+                if ck.trainer.tokenizer.kind() == tokenizer.kind() { " of another character vocabulary" } else { "" },
+                tokenizer.kind()
             ));
         }
         warn_if_data_order_changes(&ck, spec);

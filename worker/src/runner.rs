@@ -262,7 +262,7 @@ pub(crate) fn train_gpt<B: Backend>(
     };
     let mut trainer = Trainer::new(model, tc.clone())?;
     trainer.set_bucket_floats(bucket_floats(&spec));
-    let mut resumed = checkpointing::resume(a, &spec, &cfg, &mut trainer, collective, events)?;
+    let mut resumed = checkpointing::resume(a, &spec, &cfg, &tokenizer, &mut trainer, collective, events)?;
     if resumed.start_step == 0 && resumed.lineage.parent_checkpoint.is_none() {
         // a fresh start from model.init_from: the job's checkpoints name it as their parent
         if let Some(l) = parent_lineage {
