@@ -154,3 +154,46 @@ fn prompt_with_unseen_character_is_refused() {
     assert!(!o.status.success());
     assert!(text_of(&o).contains("'Z'"), "{}", text_of(&o));
 }
+
+#[test]
+fn init_from_continues_a_trained_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let train = |out: &str, extra: &[&str]| -> Output {
+        let out = dir.path().join(out);
+        let mut args = vec![
+            "--threads", "2", "train", "--text", text.to_str().unwrap(), "--batch", "8", "--seq", "16", "--eval-interval", "0",
+            "--out", out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        if !extra.contains(&"--steps") {
+            args.extend_from_slice(&["--steps", "3", "--lr", "1e-4", "--warmup", "0"]);
+        }
+        smelt(&args)
+    };
+    let first_loss = |out: &str| -> f64 {
+        let metrics = std::fs::read_to_string(dir.path().join(out).join("metrics.jsonl")).unwrap();
+        serde_json::from_str::<serde_json::Value>(metrics.lines().next().unwrap()).unwrap()["loss"].as_f64().unwrap()
+    };
+    // a parent trained well, then continued: its first loss is the parent's, not a fresh model's
+    let o = train("parent", &["--preset", "test", "--steps", "150", "--lr", "3e-3", "--warmup", "5"]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    let parent = dir.path().join("parent/model.safetensors");
+    let o = train("continued", &["--init-from", parent.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    let o = train("fresh", &["--preset", "test"]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    let (cont, fresh) = (first_loss("continued"), first_loss("fresh"));
+    assert!(cont < 1.0 && fresh > 2.5, "first loss continued {cont}, fresh {fresh}");
+    let meta = |p: &Path| smelt_engine::weights::metadata(&std::fs::read(p).unwrap(), "m").unwrap();
+    let (mp, mc) = (meta(&parent), meta(&dir.path().join("continued/model.safetensors")));
+    assert_eq!((&mp["smelt.config"], &mp["smelt.tokenizer"]), (&mc["smelt.config"], &mc["smelt.tokenizer"]));
+
+    // the model decides sizes and tokenizer
+    let o = train("bad", &["--init-from", parent.to_str().unwrap(), "--n-layer", "3"]);
+    assert!(!o.status.success() && text_of(&o).contains("--n-layer"), "{}", text_of(&o));
+    let o = train("bad", &["--init-from", parent.to_str().unwrap(), "--tokenizer", "byte"]);
+    assert!(!o.status.success() && text_of(&o).contains("uses the char tokenizer"), "{}", text_of(&o));
+    let o = train("bad", &["--init-from", dir.path().join("nowhere.safetensors").to_str().unwrap()]);
+    assert!(!o.status.success() && text_of(&o).contains("--init-from"), "{}", text_of(&o));
+}
