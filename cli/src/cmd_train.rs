@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use smelt_corpus::Tokenizer;
 use smelt_engine::data::TokenWindows;
 use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
-use smelt_engine::optim::{AdamWConfig, LrSchedule};
+use smelt_engine::optim::{AdamWConfig, LrDecay, LrSchedule};
 use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::CpuBackend;
 use tracing::info;
@@ -66,11 +66,17 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
-    /// Final learning rate of the cosine decay (default: lr / 10).
+    /// Final learning rate of the decay (default: lr / 10).
     #[arg(long)]
     pub min_lr: Option<f32>,
     #[arg(long, default_value_t = 50)]
     pub warmup: u64,
+    /// The learning rate after warm-up: cosine, linear, constant or wsd (warmup-stable-decay).
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    /// wsd: steps of the final linear decay (default: a fifth of --steps).
+    #[arg(long)]
+    pub cooldown: Option<u64>,
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f32,
     /// Also decay the embeddings (nanoGPT decays every 2-D tensor).
@@ -173,6 +179,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
             min_lr: a.min_lr.unwrap_or(a.lr / 10.0),
             warmup_steps: a.warmup,
             decay_steps: a.steps,
+            decay: LrDecay::parse(&a.schedule).ok_or_else(|| anyhow::anyhow!("--schedule {:?}: one of {}", a.schedule, LrDecay::NAMES))?,
+            cooldown_steps: a.cooldown.unwrap_or(a.steps / 5),
         },
         optim: AdamWConfig {
             beta1: a.beta1,

@@ -197,3 +197,28 @@ fn init_from_continues_a_trained_model() {
     let o = train("bad", &["--init-from", dir.path().join("nowhere.safetensors").to_str().unwrap()]);
     assert!(!o.status.success() && text_of(&o).contains("--init-from"), "{}", text_of(&o));
 }
+
+#[test]
+fn the_schedule_reaches_the_trainer() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let out = dir.path().join("wsd");
+    let o = smelt(&[
+        "--threads", "2", "train", "--text", text.to_str().unwrap(), "--preset", "test", "--steps", "20", "--batch", "4", "--seq", "16",
+        "--lr", "1e-3", "--min-lr", "0", "--warmup", "0", "--schedule", "wsd", "--cooldown", "5", "--eval-interval", "0",
+        "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    let lrs: Vec<f64> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["lr"].as_f64().unwrap())
+        .collect();
+    // steps 1..=15 at the peak, then five steps down a straight line towards 0
+    assert!(lrs[..15].iter().all(|&lr| (lr - 1e-3).abs() < 1e-9), "{lrs:?}");
+    for (k, want) in [(15, 1e-3), (16, 8e-4), (17, 6e-4), (18, 4e-4), (19, 2e-4)] {
+        assert!((lrs[k] - want).abs() < 1e-9, "step {}: {} vs {want} ({lrs:?})", k + 1, lrs[k]);
+    }
+    let o = smelt(&["train", "--text", text.to_str().unwrap(), "--schedule", "step", "--steps", "1"]);
+    assert!(!o.status.success() && text_of(&o).contains("cosine, linear, constant, wsd"), "{}", text_of(&o));
+}

@@ -50,7 +50,38 @@ impl AdamWConfig {
     }
 }
 
-/// Linear warm-up to `max_lr`, then cosine decay to `min_lr` at `decay_steps`, flat after.
+/// The learning rate's shape after warm-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LrDecay {
+    /// Cosine from `max_lr` to `min_lr` at `decay_steps` (GPT-2, nanoGPT, most pretraining).
+    #[default]
+    Cosine,
+    /// Linear from `max_lr` to `min_lr` at `decay_steps`.
+    Linear,
+    /// `max_lr` throughout (after warm-up).
+    Constant,
+    /// Warmup-stable-decay: `max_lr` until `cooldown_steps` before `decay_steps`, then linear
+    /// to `min_lr` (so a run can be continued from any stable-phase checkpoint and cooled down
+    /// when wanted).
+    Wsd,
+}
+
+impl LrDecay {
+    pub const NAMES: &'static str = "cosine, linear, constant, wsd";
+
+    pub fn parse(name: &str) -> Option<LrDecay> {
+        Some(match name {
+            "cosine" => LrDecay::Cosine,
+            "linear" => LrDecay::Linear,
+            "constant" => LrDecay::Constant,
+            "wsd" => LrDecay::Wsd,
+            _ => return None,
+        })
+    }
+}
+
+/// Linear warm-up to `max_lr`, then `decay` down to `min_lr` at `decay_steps`, flat after.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LrSchedule {
@@ -58,11 +89,21 @@ pub struct LrSchedule {
     pub min_lr: f32,
     pub warmup_steps: u64,
     pub decay_steps: u64,
+    #[serde(default)]
+    pub decay: LrDecay,
+    /// `Wsd`: the steps of the final linear decay.
+    #[serde(default)]
+    pub cooldown_steps: u64,
 }
 
 impl LrSchedule {
+    /// Warm-up then cosine decay, as every schedule was before `decay` (the default).
+    pub fn cosine(max_lr: f32, min_lr: f32, warmup_steps: u64, decay_steps: u64) -> Self {
+        LrSchedule { max_lr, min_lr, warmup_steps, decay_steps, decay: LrDecay::Cosine, cooldown_steps: 0 }
+    }
+
     pub fn constant(lr: f32) -> Self {
-        LrSchedule { max_lr: lr, min_lr: lr, warmup_steps: 0, decay_steps: 0 }
+        LrSchedule { max_lr: lr, min_lr: lr, warmup_steps: 0, decay_steps: 0, decay: LrDecay::Constant, cooldown_steps: 0 }
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -72,6 +113,16 @@ impl LrSchedule {
         if !(self.min_lr >= 0.0 && self.min_lr <= self.max_lr) {
             return Err(ConfigError::new("min_lr", format!("must be in [0, lr = {}]", self.max_lr)));
         }
+        if self.decay == LrDecay::Wsd && self.cooldown_steps > self.decay_steps.saturating_sub(self.warmup_steps) {
+            return Err(ConfigError::new(
+                "cooldown_steps",
+                format!(
+                    "{} is more than the {} steps after warm-up",
+                    self.cooldown_steps,
+                    self.decay_steps.saturating_sub(self.warmup_steps)
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -80,12 +131,24 @@ impl LrSchedule {
         if step < self.warmup_steps {
             return self.max_lr * (step + 1) as f32 / self.warmup_steps as f32;
         }
-        if step >= self.decay_steps || self.decay_steps <= self.warmup_steps {
-            return if self.decay_steps == 0 { self.max_lr } else { self.min_lr };
+        // where the decay starts: after warm-up, or (WSD) after the stable phase
+        let start = match self.decay {
+            LrDecay::Constant => return self.max_lr,
+            LrDecay::Wsd => self.decay_steps.saturating_sub(self.cooldown_steps).max(self.warmup_steps),
+            LrDecay::Cosine | LrDecay::Linear => self.warmup_steps,
+        };
+        if self.decay_steps == 0 || step < start {
+            return self.max_lr;
         }
-        let progress = (step - self.warmup_steps) as f64 / (self.decay_steps - self.warmup_steps) as f64;
-        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-        (self.min_lr as f64 + cosine * (self.max_lr - self.min_lr) as f64) as f32
+        if step >= self.decay_steps || self.decay_steps <= start {
+            return self.min_lr;
+        }
+        let progress = (step - start) as f64 / (self.decay_steps - start) as f64;
+        let left = match self.decay {
+            LrDecay::Cosine => 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()),
+            _ => 1.0 - progress,
+        };
+        (self.min_lr as f64 + left * (self.max_lr - self.min_lr) as f64) as f32
     }
 }
 

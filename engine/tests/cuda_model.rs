@@ -121,7 +121,7 @@ fn train_twenty<B: Backend>(be: B) -> (f32, f32) {
         seq_len: 64,
         grad_accum: 2,
         steps: 20,
-        schedule: LrSchedule { max_lr: 3e-3, min_lr: 3e-4, warmup_steps: 2, decay_steps: 20 },
+        schedule: LrSchedule::cosine(3e-3, 3e-4, 2, 20),
         optim: AdamWConfig::default(),
         eval_interval: 0,
         eval_batches: 1,

@@ -32,7 +32,7 @@ fn train_config() -> TrainConfig {
         seq_len: SEQ,
         grad_accum: 1,
         steps: STEPS,
-        schedule: LrSchedule { max_lr: 3e-3, min_lr: 3e-4, warmup_steps: 2, decay_steps: STEPS },
+        schedule: LrSchedule::cosine(3e-3, 3e-4, 2, STEPS),
         optim: AdamWConfig::default(),
         eval_interval: 0,
         eval_batches: 1,

@@ -5,7 +5,7 @@
 use smelt_engine::backend::IGNORE_INDEX;
 use smelt_engine::data::TokenWindows;
 use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
-use smelt_engine::optim::{AdamWConfig, LrSchedule};
+use smelt_engine::optim::{AdamWConfig, LrDecay, LrSchedule};
 use smelt_engine::rng::Rng;
 use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::{CpuBackend, EngineError};
@@ -294,7 +294,7 @@ fn three_steps() -> (Vec<f32>, Vec<u32>) {
         seq_len: 64,
         grad_accum: 1,
         steps: 3,
-        schedule: LrSchedule { max_lr: 1e-3, min_lr: 1e-4, warmup_steps: 1, decay_steps: 3 },
+        schedule: LrSchedule::cosine(1e-3, 1e-4, 1, 3),
         optim: AdamWConfig::default(),
         eval_interval: 0,
         eval_batches: 1,
@@ -454,7 +454,7 @@ fn close(a: f32, b: f32) -> bool {
 
 #[test]
 fn lr_schedule_warmup_then_cosine() {
-    let s = LrSchedule { max_lr: 1e-3, min_lr: 1e-4, warmup_steps: 10, decay_steps: 110 };
+    let s = LrSchedule::cosine(1e-3, 1e-4, 10, 110);
     // linear warm-up: step k (0-based) gets max * (k + 1) / warmup
     assert!(close(s.lr_at(0), 1e-4), "{}", s.lr_at(0));
     assert!(close(s.lr_at(4), 5e-4), "{}", s.lr_at(4));
@@ -481,15 +481,49 @@ fn lr_schedule_warmup_then_cosine() {
         assert_eq!(c.lr_at(k), 3e-3);
     }
     // no warm-up: the first step already runs at max
-    let s = LrSchedule { max_lr: 2e-3, min_lr: 0.0, warmup_steps: 0, decay_steps: 100 };
+    let s = LrSchedule::cosine(2e-3, 0.0, 0, 100);
     assert_eq!(s.lr_at(0), 2e-3);
     assert!(close(s.lr_at(50), 1e-3), "{}", s.lr_at(50));
     assert_eq!(s.lr_at(100), 0.0);
     // warm-up only: max after it
-    let s = LrSchedule { max_lr: 2e-3, min_lr: 1e-4, warmup_steps: 4, decay_steps: 0 };
+    let s = LrSchedule::cosine(2e-3, 1e-4, 4, 0);
     assert!(close(s.lr_at(1), 1e-3));
     assert_eq!(s.lr_at(4), 2e-3);
     assert_eq!(s.lr_at(1000), 2e-3);
+}
+
+#[test]
+fn lr_schedule_linear_constant_and_warmup_stable_decay() {
+    let with = |decay, cooldown_steps| LrSchedule { decay, cooldown_steps, ..LrSchedule::cosine(1e-3, 1e-4, 10, 110) };
+    // linear: max at the end of warm-up, min at decay_steps, straight between
+    let l = with(LrDecay::Linear, 0);
+    assert!(close(l.lr_at(9), 1e-3) && close(l.lr_at(10), 1e-3));
+    assert!(close(l.lr_at(35), 1e-4 + 9e-4 * 0.75), "{}", l.lr_at(35));
+    assert!(close(l.lr_at(60), 5.5e-4), "{}", l.lr_at(60));
+    assert_eq!(l.lr_at(110), 1e-4);
+    // constant: max after warm-up, forever
+    let c = with(LrDecay::Constant, 0);
+    assert!(close(c.lr_at(4), 5e-4));
+    assert_eq!((c.lr_at(10), c.lr_at(110), c.lr_at(10_000)), (1e-3, 1e-3, 1e-3));
+    // WSD: warm-up, max until 20 steps before the end, then linear to min
+    let w = with(LrDecay::Wsd, 20);
+    assert!(close(w.lr_at(4), 5e-4));
+    for k in 10..=90 {
+        assert_eq!(w.lr_at(k), 1e-3, "stable at {k}");
+    }
+    assert!(close(w.lr_at(95), 1e-4 + 9e-4 * 0.75), "{}", w.lr_at(95));
+    assert!(close(w.lr_at(100), 5.5e-4), "{}", w.lr_at(100));
+    assert_eq!((w.lr_at(110), w.lr_at(500)), (1e-4, 1e-4));
+    for k in 90..110 {
+        assert!(w.lr_at(k + 1) < w.lr_at(k), "cooldown not decreasing at {k}");
+    }
+    // a cooldown longer than the steps after warm-up is refused naming it
+    assert_eq!(with(LrDecay::Wsd, 101).validate().unwrap_err().field, "cooldown_steps");
+    assert!(with(LrDecay::Wsd, 100).validate().is_ok());
+    // names
+    assert_eq!(LrDecay::parse("wsd"), Some(LrDecay::Wsd));
+    assert_eq!(LrDecay::parse("cosine"), Some(LrDecay::Cosine));
+    assert_eq!(LrDecay::parse("step"), None);
 }
 
 // ---- the optimizer: clipping and weight decay by tensor kind -----------------------------------
@@ -622,7 +656,7 @@ fn train_config_validation_names_the_field() {
         seq_len: 16,
         grad_accum: 2,
         steps: 10,
-        schedule: LrSchedule { max_lr: 1e-3, min_lr: 1e-4, warmup_steps: 2, decay_steps: 10 },
+        schedule: LrSchedule::cosine(1e-3, 1e-4, 2, 10),
         optim: AdamWConfig::default(),
         eval_interval: 5,
         eval_batches: 2,
@@ -711,7 +745,7 @@ fn the_head_padding_stays_zero_through_training() {
         seq_len: 16,
         grad_accum: 2,
         steps: 8,
-        schedule: LrSchedule { max_lr: 1e-2, min_lr: 1e-3, warmup_steps: 1, decay_steps: 8 },
+        schedule: LrSchedule::cosine(1e-2, 1e-3, 1, 8),
         optim: AdamWConfig { weight_decay: 0.1, decay_embeddings: true, ..AdamWConfig::default() },
         eval_interval: 0,
         eval_batches: 1,

@@ -59,7 +59,7 @@ pub use family::{Arch, BertObjective, BertSpecials, ContrastiveViews, FamilyConf
 
 use serde::{Deserialize, Serialize};
 use smelt_engine::model::{GptConfig, GptPositions, LayerNormPlacement};
-use smelt_engine::optim::{AdamWConfig, LrSchedule};
+use smelt_engine::optim::{AdamWConfig, LrDecay, LrSchedule};
 use smelt_engine::train::TrainConfig;
 use thiserror::Error;
 
@@ -293,6 +293,13 @@ pub struct TrainSpec {
     pub min_lr: Option<f32>,
     #[serde(default)]
     pub warmup_steps: u64,
+    /// The learning rate after warm-up: `cosine` (default), `linear`, `constant` or `wsd`
+    /// (warmup-stable-decay: `lr` until `cooldown_steps` before the end, then linear to `min_lr`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    /// `wsd`: steps of the final decay (default: a fifth of `steps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cooldown_steps: Option<u64>,
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f32,
     #[serde(default)]
@@ -488,6 +495,12 @@ impl JobSpec {
         }
         if t.eval_batches == 0 {
             return Err(err("train.eval_batches", "must be at least 1"));
+        }
+        match t.schedule.as_deref().map(|n| (n, LrDecay::parse(n))) {
+            Some((n, None)) => return Err(err("train.schedule", format!("{n:?} is not one of: {}", LrDecay::NAMES))),
+            Some((_, Some(LrDecay::Wsd))) => {}
+            _ if t.cooldown_steps.is_some() => return Err(err("train.cooldown_steps", "only for schedule = \"wsd\"")),
+            _ => {}
         }
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             return Err(err("data.val_fraction", format!("{} is outside [0, 1)", self.data.val_fraction)));
@@ -703,6 +716,9 @@ impl JobSpec {
                 min_lr: t.min_lr.unwrap_or(t.lr / 10.0),
                 warmup_steps: t.warmup_steps,
                 decay_steps: t.steps,
+                // validated in `validate`: an unknown name never gets here
+                decay: t.schedule.as_deref().and_then(LrDecay::parse).unwrap_or_default(),
+                cooldown_steps: t.cooldown_steps.unwrap_or(t.steps / 5),
             },
             optim: AdamWConfig {
                 beta1: t.beta1,
@@ -1004,5 +1020,23 @@ lr = 1e-3
         assert_eq!(JobSpec::parse(&bert).unwrap_err().field, "data.mix");
         let unknown = mix.replace("weight = 0.25", "weight = 0.25\nshare = 2");
         assert!(JobSpec::parse(&unknown).is_err(), "unknown fields in a source are refused");
+    }
+
+    #[test]
+    fn the_schedule_is_named_and_checked() {
+        let with = |extra: &str| GOOD.replace("lr = 1e-3\n", &format!("lr = 1e-3\n{extra}\n"));
+        assert_eq!(JobSpec::parse(GOOD).unwrap().train_config().schedule.decay, LrDecay::Cosine);
+        let wsd = JobSpec::parse(&with("schedule = \"wsd\"\ncooldown_steps = 30")).unwrap();
+        let s = wsd.train_config().schedule;
+        assert_eq!((s.decay, s.cooldown_steps), (LrDecay::Wsd, 30));
+        assert_eq!(JobSpec::parse(&wsd.to_toml()).unwrap(), wsd);
+        // default cooldown: a fifth of the steps
+        assert_eq!(JobSpec::parse(&with("schedule = \"wsd\"")).unwrap().train_config().schedule.cooldown_steps, 20);
+        assert_eq!(JobSpec::parse(&with("schedule = \"linear\"")).unwrap().train_config().schedule.decay, LrDecay::Linear);
+        let e = JobSpec::parse(&with("schedule = \"step\"")).unwrap_err();
+        assert_eq!(e.field, "train.schedule");
+        assert!(e.message.contains("cosine, linear, constant, wsd"), "{}", e.message);
+        assert_eq!(JobSpec::parse(&with("cooldown_steps = 5")).unwrap_err().field, "train.cooldown_steps");
+        assert_eq!(JobSpec::parse(&with("schedule = \"wsd\"\ncooldown_steps = 101")).unwrap_err().field, "train.cooldown_steps");
     }
 }
