@@ -38,7 +38,7 @@ pub struct PrepareArgs {
     /// Output: a local path, file://, memory://, s3://, gs:// or az:// URI.
     #[arg(long)]
     pub out: String,
-    /// The JSONL field that holds the text.
+    /// The JSONL field (or Parquet column) that holds the text.
     #[arg(long, default_value = "text")]
     pub text_field: String,
     /// How .txt files are cut into documents.

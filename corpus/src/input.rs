@@ -7,6 +7,7 @@
 //!   naming the file and line.
 //! - Either may be gzip-compressed (`.txt.gz`, `.jsonl.gz`; concatenated gzip members are read
 //!   as one stream).
+//! - `.parquet`: one document per row, the string column `text_field` (`parquet_input.rs`).
 //!
 //! Documents with empty text are skipped (and counted). Every other document gets the next
 //! index, in input order. Long documents are handed out in segments of about `segment_bytes`,
@@ -28,6 +29,7 @@ use crate::store::StoreDir;
 pub enum Format {
     Txt,
     Jsonl,
+    Parquet,
 }
 
 /// Where an input file is.
@@ -82,6 +84,8 @@ fn classify_name(name: &str) -> Option<(Format, bool)> {
         Some((Format::Txt, gz))
     } else if stem.ends_with(".jsonl") {
         Some((Format::Jsonl, gz))
+    } else if stem.ends_with(".parquet") && !gz {
+        Some((Format::Parquet, false))
     } else {
         None
     }
@@ -109,7 +113,7 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), CorpusError> {
 }
 
 /// The input files named by `inputs` — files, directories (searched recursively for `.txt`,
-/// `.jsonl` and their `.gz`; hidden entries skipped) and glob patterns — in the order given,
+/// `.jsonl` and their `.gz`, and `.parquet`; hidden entries skipped) and glob patterns — in the order given,
 /// each directory's and pattern's files sorted by path, duplicates dropped.
 ///
 /// Object-store URIs (`s3://bucket/prefix/*.jsonl.gz`, `gs://`, `az://`, `file://`,
@@ -129,7 +133,7 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<Source>, CorpusError> {
                 let mut found = Vec::new();
                 walk(p, &mut found)?;
                 if found.is_empty() {
-                    return Err(CorpusError::input(input, None, "directory holds no .txt, .jsonl, .txt.gz or .jsonl.gz files"));
+                    return Err(CorpusError::input(input, None, "directory holds no .txt, .jsonl, .txt.gz, .jsonl.gz or .parquet files"));
                 }
                 paths.extend(found.into_iter().map(|p| (Location::Local(p), None)));
             } else {
@@ -178,7 +182,7 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<Source>, CorpusError> {
             continue;
         }
         let (format, gz) = classify_name(&name).ok_or_else(|| {
-            CorpusError::input(&name, None, "unsupported input: expected a .txt or .jsonl file, optionally gzipped (.gz)")
+            CorpusError::input(&name, None, "unsupported input: expected a .txt or .jsonl file, optionally gzipped (.gz), or a .parquet file")
         })?;
         sources.push(Source { location, format, gz, bytes });
     }
@@ -453,6 +457,17 @@ pub fn for_each_segment(
                 } else {
                     flow
                 }
+            }
+            (Format::Parquet, _) => {
+                // parquet is read from its footer backwards: the whole file, then its rows
+                let mut buf = Vec::with_capacity(src.bytes as usize);
+                reader.read_to_end(&mut buf).map_err(io)?;
+                let mut flow = Flow::Continue;
+                crate::parquet_input::for_each_text(buf.into(), &shown, &opts.text_field, &mut |text| {
+                    flow = em.document(si, text.unwrap_or_default())?;
+                    Ok(flow == Flow::Continue)
+                })?;
+                flow
             }
             (Format::Jsonl, _) => {
                 let mut line_no = 0u64;

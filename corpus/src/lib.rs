@@ -17,6 +17,7 @@ pub mod gpt2;
 pub mod input;
 pub mod loopback;
 pub mod mixture;
+mod parquet_input;
 mod object_read;
 pub mod prepare;
 pub mod ranges;

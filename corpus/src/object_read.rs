@@ -13,6 +13,9 @@ use crate::store::{io_runtime, StoreDir, StoreError};
 
 fn supported(name: &str) -> bool {
     let n = name.to_ascii_lowercase();
+    if n.ends_with(".parquet") {
+        return true;
+    }
     let n = n.strip_suffix(".gz").unwrap_or(&n);
     n.ends_with(".txt") || n.ends_with(".jsonl")
 }
@@ -46,7 +49,7 @@ pub fn expand_uri(uri: &str) -> Result<Vec<(Location, u64)>, CorpusError> {
             .map(|(name, n)| (Location::Object { dir: dir.clone(), name }, n))
             .collect();
         if found.is_empty() {
-            return Err(CorpusError::input(uri, None, "input not found: no such object, and no .txt, .jsonl, .txt.gz or .jsonl.gz objects under it"));
+            return Err(CorpusError::input(uri, None, "input not found: no such object, and no .txt, .jsonl, .txt.gz, .jsonl.gz or .parquet objects under it"));
         }
         return Ok(found);
     };

@@ -1,0 +1,70 @@
+//! Parquet inputs of `corpus prepare` (how Hugging Face datasets such as FineWeb publish their
+//! text): one document per row, its text the string column `text_field`. Only that column is
+//! decoded (a projection); rows are read in file order, row group after row group. A null in
+//! the column is an empty document (skipped and counted, as an empty line of JSONL); a missing
+//! column, or one that does not hold strings, is an error naming the file and its columns.
+//! Snappy and zstd compression (and uncompressed pages) are read; other codecs are refused by
+//! the decoder with its own message.
+
+use bytes::Bytes;
+use parquet::basic::{ConvertedType, LogicalType, Type as PhysicalType};
+use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::record::Field;
+use parquet::schema::types::Type;
+
+use crate::error::CorpusError;
+
+/// Calls `document` with each row's text (None for a null), in order, until it returns false.
+pub(crate) fn for_each_text(
+    bytes: Bytes,
+    shown: &str,
+    field: &str,
+    document: &mut dyn FnMut(Option<String>) -> Result<bool, CorpusError>,
+) -> Result<(), CorpusError> {
+    let bad = |m: String| CorpusError::input(shown, None, m);
+    let reader = SerializedFileReader::new(bytes).map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
+    let root = reader.metadata().file_metadata().schema_descr().root_schema().clone();
+    let columns: Vec<&str> = root.get_fields().iter().map(|t| t.name()).collect();
+    let column = root
+        .get_fields()
+        .iter()
+        .find(|t| t.name() == field)
+        .ok_or_else(|| bad(format!("no column {field:?} (columns: {}); choose one with --text-field", columns.join(", "))))?
+        .clone();
+    if !holds_strings(&column) {
+        return Err(bad(format!("column {field:?} does not hold strings (a {:?} column)", describe(&column))));
+    }
+    let projection = Type::group_type_builder(root.name())
+        .with_fields(vec![column])
+        .build()
+        .map_err(|e| bad(format!("projecting column {field:?}: {e}")))?;
+    let rows = reader.get_row_iter(Some(projection)).map_err(|e| bad(format!("reading column {field:?}: {e}")))?;
+    for (i, row) in rows.enumerate() {
+        let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
+        let text = match row.get_column_iter().next().map(|(_, f)| f) {
+            Some(Field::Str(s)) => Some(s.clone()),
+            Some(Field::Null) | None => None,
+            Some(other) => return Err(bad(format!("row {i}: column {field:?} holds {other:?}, not a string"))),
+        };
+        if !document(text)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A UTF-8 string column: BYTE_ARRAY annotated as a string (pyarrow's `string` and
+/// `large_string` both are), not a list, struct or plain binary.
+fn holds_strings(t: &Type) -> bool {
+    t.is_primitive()
+        && t.get_physical_type() == PhysicalType::BYTE_ARRAY
+        && (matches!(t.get_basic_info().logical_type_ref(), Some(LogicalType::String)) || t.get_basic_info().converted_type() == ConvertedType::UTF8)
+}
+
+fn describe(t: &Type) -> String {
+    if t.is_primitive() {
+        format!("{:?} {:?}", t.get_physical_type(), t.get_basic_info().logical_type_ref())
+    } else {
+        "group".to_string()
+    }
+}
