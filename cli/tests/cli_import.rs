@@ -567,10 +567,26 @@ fn ranks_that_read_different_parents_refuse_to_train() {
     assert_eq!(state, JobState::Failed, "{}", c.logs());
     let error = c.job(&apart.id).error;
     assert!(error.contains("ranks start from different weights"), "{error}");
+    // a fine-tuning job checks its parent the same way
+    let sft = c.dir.path().join("sft.jsonl");
+    std::fs::write(&sft, "{\"prompt\": \"the quick\", \"response\": \" brown fox\"}\n".repeat(16)).unwrap();
+    let ft = format!(
+        "name = \"ft-apart\"\nkind = \"finetune\"\n[finetune]\ninit_from = \"job-000777\"\nhead = \"sft\"\ndata = {:?}\nval_fraction = 0.25\n\
+         [train]\nsteps = 2\nglobal_batch = 4\nmicro_batch = 2\nseq_len = 16\nlr = 1e-3\n[cluster]\nworld_size = 2\n",
+        sft.to_str().unwrap()
+    );
+    let ft_apart = c.submit(&ft, "");
+    let (state, _) = c.follow(&ft_apart.id);
+    assert_eq!(state, JobState::Failed, "{}", c.logs());
+    let error = c.job(&ft_apart.id).error;
+    assert!(error.contains("ranks start from different weights"), "{error}");
 
     // the same file on both hosts: the two ranks train together
     std::fs::copy(&a, c.dir.path().join("worker-1/jobs/job-000777/model.safetensors")).unwrap();
     let together = c.submit(&job_spec("together"), "");
     let (state, _) = c.follow(&together.id);
     assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&together.id).error, c.logs());
+    let ft_together = c.submit(&ft.replace("ft-apart", "ft-together"), "");
+    let (state, _) = c.follow(&ft_together.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&ft_together.id).error, c.logs());
 }

@@ -102,11 +102,19 @@ impl MixtureOrder {
 
     /// Samples source `j` has given after `steps` steps: `C_j(steps)`, exactly.
     pub fn drawn(&self, j: usize, steps: u64) -> u64 {
+        self.drawn_all(steps)[j]
+    }
+
+    /// `C_j(steps)` of every source: `floor(s G q_j / (G UNIT)) = floor(s q_j / UNIT)` plus the
+    /// remainder's share.
+    fn drawn_all(&self, steps: u64) -> Vec<u64> {
         let n = steps as u128 * self.global_batch as u128;
-        let q_total = self.global_batch as u128 * UNIT;
-        let floor = |q: u128| n * q / q_total;
-        let remainder = n - self.shares.iter().map(|&q| floor(q)).sum::<u128>();
-        (floor(self.shares[j]) + u128::from((j as u128) < remainder)) as u64
+        let mut c: Vec<u128> = self.shares.iter().map(|&q| steps as u128 * q / UNIT).collect();
+        let remainder = n - c.iter().sum::<u128>();
+        for (j, x) in c.iter_mut().enumerate() {
+            *x += u128::from((j as u128) < remainder);
+        }
+        c.into_iter().map(|x| x as u64).collect()
     }
 
     /// The sample at global position `k` (step `k / G`, position `k % G` in it) as an id.
@@ -115,9 +123,10 @@ impl MixtureOrder {
         let (step, p) = (k / g, k % g);
         // the position in the step's source-after-source layout
         let q = SampleOrder::new(g, self.seed ^ 0x6d69_7874_7572_6521).epoch(step).apply(p);
+        let (before, after) = (self.drawn_all(step), self.drawn_all(step + 1));
         let mut offset = 0;
         for j in 0..self.orders.len() {
-            let (from, to) = (self.drawn(j, step), self.drawn(j, step + 1));
+            let (from, to) = (before[j], after[j]);
             let count = to - from;
             if q < offset + count {
                 return Self::encode(j, self.orders[j].sequence_at(from + (q - offset)));
@@ -159,15 +168,20 @@ fn integer_shares(weights: &[f64], global_batch: u64) -> Vec<u128> {
             q
         })
         .collect();
-    let need = UNIT;
-    for j in 0..shares.len() {
-        if shares[j] < need {
-            let lack = need - shares[j];
-            let largest = (0..shares.len()).max_by_key(|&i| shares[i]).expect("sources");
-            assert!(shares[largest] >= need + lack, "the largest share gives more than one sample per step");
-            shares[largest] -= lack;
-            shares[j] = need;
-        }
+    // raise every share below one sample per step to it, taking the difference from the
+    // shares above it (they hold at least that much: the shares sum to G samples' worth, and
+    // there are at most G sources, each owed at most one)
+    let mut lack: u128 = shares.iter().map(|&q| UNIT.saturating_sub(q)).sum();
+    for q in shares.iter_mut() {
+        *q = (*q).max(UNIT);
+    }
+    while lack > 0 {
+        let largest = (0..shares.len()).max_by_key(|&i| shares[i]).expect("sources");
+        let spare = shares[largest] - UNIT;
+        assert!(spare > 0, "the shares sum to G samples per step, so one is above one sample");
+        let take = spare.min(lack);
+        shares[largest] -= take;
+        lack -= take;
     }
     debug_assert_eq!(shares.iter().sum::<u128>(), Q);
     shares
@@ -282,7 +296,10 @@ mod tests {
                 let counts: Vec<u64> = (0..weights.len()).map(|j| m.drawn(j, step + 1) - m.drawn(j, step)).collect();
                 assert_eq!(counts.iter().sum::<u64>(), g, "{weights:?} step {step}");
                 for (j, w) in weights.iter().enumerate() {
-                    assert!(counts[j] >= (w / total * g as f64).floor() as u64 || counts[j] >= 1, "{weights:?} step {step}: {counts:?}");
+                    // a step's count is the difference of two running totals each within one of
+                    // exact: within two of the share (and never negative: `drawn` never decreases)
+                    let share = w / total * g as f64;
+                    assert!((counts[j] as f64 - share).abs() < 2.0, "{weights:?} step {step}: {counts:?}");
                     // C_j(s) stays within one sample of s G w_j
                     let exact = (step + 1) as f64 * g as f64 * w / total;
                     assert!((m.drawn(j, step + 1) as f64 - exact).abs() <= 1.0 + exact * 1e-9, "{weights:?} step {step} source {j}");
@@ -291,6 +308,17 @@ mod tests {
             for k in (0..g * 40).step_by(3) {
                 let (j, _) = MixtureOrder::decode(m.sequence_at(k));
                 assert!(j < weights.len());
+            }
+        }
+        // as many sources as sequences per step, weights equal but for f64 noise: every share is
+        // one sample, none may be taken from another
+        for (weights, g) in [(vec![1.0, 1.0, 0.999999999], 3u64), (vec![1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.9999999995], 8)] {
+            let n = vec![10u64; weights.len()];
+            let m = MixtureOrder::new(&n, &weights, 2, g).unwrap_or_else(|e| panic!("{weights:?}: {e}"));
+            for step in 0..50u64 {
+                for j in 0..weights.len() {
+                    assert_eq!(m.drawn(j, step + 1) - m.drawn(j, step), 1, "{weights:?} step {step} source {j}");
+                }
             }
         }
         // a share clearly below one per step is refused

@@ -65,18 +65,18 @@ pub(crate) fn device_checked<B: Backend, T>(be: &B, value: T) -> Result<T> {
 /// `start`, from the same weights, and all exchange gradients the same way
 /// (`Collective::overlaps_backward`: bucket all-reduces during the backward pass, or one after
 /// it; on GPUs it is the worker's `SMELT_NCCL_OVERLAP`, so two hosts set up differently would
-/// issue different collectives and hang or corrupt the gradients). The weights are compared by
-/// a fingerprint of every value's bits (`weights` is called only with several ranks): ranks that
-/// each read `init_from` or a checkpoint themselves could read different files (a relative path
-/// on different hosts, a job's newest checkpoint that changed in between) and would otherwise
-/// train apart without a word. Every rank sees any disagreement (see [`agreement_bits`]) and
-/// fails naming it.
-pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut dyn Collective<B>, weights: impl FnOnce() -> Vec<f32>) -> Result<()> {
+/// issue different collectives and hang or corrupt the gradients). `weights` is the
+/// [`fingerprint`] of the weights every rank read from a file (a checkpoint, `init_from`), 0
+/// for a seeded initialisation (computed alike from the seed; not compared, since the platform's
+/// math library may round the last bit of a draw differently on another host): ranks that each
+/// read a file themselves could read different ones (a relative path on different hosts, a
+/// job's newest checkpoint that changed in between) and would otherwise train apart without a
+/// word. Every rank sees any disagreement (see [`agreement_bits`]) and fails naming it.
+pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut dyn Collective<B>, weights: u64) -> Result<()> {
     if a.world_size <= 1 {
         return Ok(());
     }
-    let print = fingerprint(&device_checked(be, weights())?);
-    let values = [start, u64::from(ring.overlaps_backward()), print];
+    let values = [start, u64::from(ring.overlaps_backward()), weights];
     let mine = agreement_bits(&values);
     let mut buf = be.upload(&mine);
     ring.all_reduce_mean(be, be.view_mut(&mut buf, 0..mine.len()))?;
@@ -91,10 +91,20 @@ pub fn agree_on_start<B: Backend>(a: &Assignment, start: u64, be: &B, ring: &mut
             if values[1] == 1 { "overlaps" } else { "does not overlap" }
         )),
         Some(_) => Err(anyhow!(
-            "ranks start from different weights (rank {}'s fingerprint {print:016x}): every rank must read the same model \
+            "ranks start from different weights (rank {}'s fingerprint {weights:016x}): every rank must read the same model \
              (an init_from path that names one file on every host, or a checkpoint or job id in a shared store)",
             a.rank
         )),
+    }
+}
+
+/// [`fingerprint`] of `weights` when the job has several ranks (0 otherwise: nothing to
+/// compare, nothing to spend).
+pub fn fingerprint_if_shared(a: &Assignment, weights: &[f32]) -> u64 {
+    if a.world_size > 1 {
+        fingerprint(weights)
+    } else {
+        0
     }
 }
 
@@ -171,9 +181,12 @@ pub fn resume<B: Backend>(
     trainer: &mut Trainer<B>,
     ring: &mut dyn Collective<B>,
     events: &dyn Fn(RunEvent),
+    init_print: u64,
 ) -> Result<Resumed> {
     let mut resumed = Resumed::default();
+    let mut print = init_print;
     if let Some(ck) = load_resume(a, events)? {
+        print = fingerprint_if_shared(a, &ck.params);
         if ck.trainer.model.gpt() != Some(cfg) || ck.trainer.head.is_some() {
             return Err(anyhow!(
                 "checkpoint {} holds a model {:?}{}, the job's spec makes {:?}",
@@ -196,7 +209,7 @@ pub fn resume<B: Backend>(
         trainer.restore(&ck.params, &ck.m, &ck.v, &ck.trainer.trainer).with_context(|| format!("restoring {}", ck.uri))?;
         resumed = Resumed { start_step: ck.step(), lineage: lineage_of(&ck) };
     }
-    agree_on_start(a, resumed.start_step, trainer.model.backend(), ring, || trainer.model.params_host())?;
+    agree_on_start(a, resumed.start_step, trainer.model.backend(), ring, print)?;
     Ok(resumed)
 }
 
@@ -407,6 +420,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_fingerprint_sees_every_value() {
+        let w: Vec<f32> = (0..10_000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let base = fingerprint(&w);
+        assert_eq!(fingerprint(&w.clone()), base);
+        for i in [0, 1, 4_999, 9_998, 9_999] {
+            let mut v = w.clone();
+            v[i] = f32::from_bits(v[i].to_bits() ^ 1); // the last bit of one value
+            assert_ne!(fingerprint(&v), base, "value {i}");
+        }
+        // two values swapped
+        let mut v = w.clone();
+        v.swap(10, 11);
+        assert_ne!(fingerprint(&v), base);
+        assert_ne!(fingerprint(&w[..9_999]), base, "a shorter buffer");
     }
 
     #[test]

@@ -299,13 +299,23 @@ pub(crate) fn train<B: Backend>(
 
     // Resume: weights, moments and AdamW's count; the data position is the step itself.
     let model_config: ModelConfig = saved.model_config();
-    let (mut start, mut lineage) = (0, Default::default());
+    let (mut start, mut lineage, mut print) = (0, Default::default(), 0);
     if let Some(ck) = checkpointing::load_resume(a, events)? {
+        if ck.trainer.tokenizer != data.tokenizer {
+            bail!(
+                "checkpoint {} was trained with the {} tokenizer{}, the job's data is tokenized with {}: its ids would mean other text",
+                ck.uri,
+                ck.trainer.tokenizer.kind(),
+                if ck.trainer.tokenizer.kind() == data.tokenizer.kind() { " of another character vocabulary" } else { "" },
+                data.tokenizer.kind()
+            );
+        }
         model.restore(&mut opt, &ck, &model_config, &spec, "the job's spec makes")?;
         start = ck.step();
         lineage = checkpointing::lineage_of(&ck);
+        print = checkpointing::fingerprint_if_shared(a, &ck.params);
     }
-    checkpointing::agree_on_start(a, start, model.backend(), collective, || model.params_host())?;
+    checkpointing::agree_on_start(a, start, model.backend(), collective, print)?;
     let mut checkpointer = match rank {
         0 => Checkpointer::new(a, &spec, model_config, &data.tokenizer, &req.out_dir, lineage)?,
         _ => None,

@@ -616,7 +616,9 @@ pub(crate) fn train_assignment<B: Backend>(
     let rank = a.rank as usize;
     let resumed = checkpointing::load_resume(a, events)?;
     let start = resumed.as_ref().map_or(0, |c| c.step());
-    checkpointing::agree_on_start(a, start, &be, collective, || resumed.as_ref().map_or_else(|| job.init_params.clone(), |c| c.params.clone()))?;
+    // the parent's weights (from its file) or the checkpoint's; the head is seeded
+    let print = checkpointing::fingerprint_if_shared(a, resumed.as_ref().map_or(&job.init_params, |c| &c.params));
+    checkpointing::agree_on_start(a, start, &be, collective, print)?;
     let checkpointer = match rank {
         0 => {
             let lineage = resumed.as_ref().map_or_else(|| job.lineage(), checkpointing::lineage_of);

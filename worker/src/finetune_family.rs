@@ -70,6 +70,9 @@ pub struct FamilyFinetune {
     parent: String,
     parent_file: String,
     parent_job: Option<String>,
+    /// The fingerprint of the parent file's weights (the fine-tuned model's new tensors are
+    /// seeded), which every rank must have read alike.
+    parent_print: u64,
     task: Task,
     seed: u64,
 }
@@ -141,6 +144,7 @@ impl FamilyFinetune {
             parent: f.init_from.clone(),
             parent_file: src.file.clone(),
             parent_job: metadata.get("smelt.job").cloned().or(src.job.clone()),
+            parent_print: checkpointing::fingerprint(&parent_params),
             task,
             seed: spec.seed,
         })
@@ -266,12 +270,14 @@ pub(crate) fn train<B: Backend>(
     let mut opt = AdamW::new(model.backend(), model.table(), tc.optim.clone())?;
     let model_config: ModelConfig = job.model.model_config();
     let (mut start, mut lineage) = (0, smelt_checkpoint::Lineage { parent_checkpoint: Some(job.parent_file.clone()), parent_job: job.parent_job.clone() });
+    let mut print = job.parent_print;
     if let Some(ck) = checkpointing::load_resume(a, events)? {
         model.restore(&mut opt, &ck, &model_config, spec, "this job fine-tunes")?;
         start = ck.step();
         lineage = checkpointing::lineage_of(&ck);
+        print = checkpointing::fingerprint_if_shared(a, &ck.params);
     }
-    checkpointing::agree_on_start(a, start, model.backend(), collective, || model.params_host())?;
+    checkpointing::agree_on_start(a, start, model.backend(), collective, print)?;
     let mut checkpointer = match rank {
         0 => Checkpointer::new(a, spec, model_config.clone(), &job.tokenizer, &req.out_dir, lineage)?,
         _ => None,

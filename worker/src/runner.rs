@@ -256,13 +256,16 @@ pub(crate) fn train_gpt<B: Backend>(
     let Pretrain { spec, tokenizer, data, val_sets, cfg, tc, order, init } = job;
     let seq = tc.seq_len;
     let global = spec.train.global_batch as u64;
-    let (model, parent_lineage) = match init {
-        Some((params, lineage)) => (Gpt::from_params(be, cfg.clone(), &params)?, Some(lineage)),
-        None => (Gpt::new(be, cfg.clone(), spec.seed)?, None),
+    let (model, parent_lineage, init_print) = match init {
+        Some((params, lineage)) => {
+            let print = checkpointing::fingerprint_if_shared(a, &params);
+            (Gpt::from_params(be, cfg.clone(), &params)?, Some(lineage), print)
+        }
+        None => (Gpt::new(be, cfg.clone(), spec.seed)?, None, 0),
     };
     let mut trainer = Trainer::new(model, tc.clone())?;
     trainer.set_bucket_floats(bucket_floats(&spec));
-    let mut resumed = checkpointing::resume(a, &spec, &cfg, &tokenizer, &mut trainer, collective, events)?;
+    let mut resumed = checkpointing::resume(a, &spec, &cfg, &tokenizer, &mut trainer, collective, events, init_print)?;
     if resumed.start_step == 0 && resumed.lineage.parent_checkpoint.is_none() {
         // a fresh start from model.init_from: the job's checkpoints name it as their parent
         if let Some(l) = parent_lineage {
