@@ -31,9 +31,9 @@ pub struct EvalArgs {
     /// A corpus prepared by `smelt corpus prepare` (a path or an object-store URI).
     #[arg(long)]
     pub corpus: Option<String>,
-    /// The corpus split: val (held out) or train.
-    #[arg(long, default_value = "val")]
-    pub split: String,
+    /// The corpus split: val (held out, the default) or train.
+    #[arg(long)]
+    pub split: Option<String>,
     /// Predictions per window (default: the model's block size).
     #[arg(long)]
     pub seq: Option<usize>,
@@ -63,7 +63,33 @@ fn token_bytes(tokenizer: &Tokenizer, id: u32) -> u64 {
     }
 }
 
+/// The evaluated tokens: a text's, encoded in memory, or a corpus split's first `n`, read by
+/// ranges as the windows need them.
+enum Tokens {
+    Memory(Vec<u32>),
+    Corpus { reader: CorpusReader, n: u64 },
+}
+
+impl Tokens {
+    fn len(&self) -> u64 {
+        match self {
+            Tokens::Memory(v) => v.len() as u64,
+            Tokens::Corpus { n, .. } => *n,
+        }
+    }
+
+    fn read(&self, range: std::ops::Range<u64>) -> Result<std::borrow::Cow<'_, [u32]>> {
+        Ok(match self {
+            Tokens::Memory(v) => std::borrow::Cow::Borrowed(&v[range.start as usize..range.end as usize]),
+            Tokens::Corpus { reader, .. } => std::borrow::Cow::Owned(reader.tokens(range)?),
+        })
+    }
+}
+
 pub fn run(a: EvalArgs) -> Result<()> {
+    if a.split.is_some() && a.corpus.is_none() {
+        bail!("--split chooses a split of --corpus; a --text is evaluated whole");
+    }
     let jobs = JobLocations { checkpoint_store: a.store.clone(), final_models: Some(a.store.clone()) };
     let src = resolve_model(&a.model, &jobs).with_context(|| format!("reading the model {}", a.model))?;
     if model_file::is_family(&src.bytes, &src.file)? {
@@ -79,14 +105,21 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bail!("--batch must be at least 1");
     }
 
-    let (source, mut tokens) = match (&a.text, &a.corpus) {
+    // Windows are read as they are evaluated: a corpus split is never held whole.
+    let limit = match a.max_tokens {
+        0 => u64::MAX,
+        max => max.saturating_add(1),
+    };
+    let (source, data) = match (&a.text, &a.corpus) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path).with_context(|| format!("reading --text {path}"))?;
-            let ids = tokenizer.encode(&text).with_context(|| format!("--text {path}: not in the model's {} vocabulary", tokenizer.kind()))?;
-            (path.clone(), ids)
+            let mut ids = tokenizer.encode(&text).with_context(|| format!("--text {path}: not in the model's {} vocabulary", tokenizer.kind()))?;
+            ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+            (path.clone(), Tokens::Memory(ids))
         }
         (None, Some(uri)) => {
-            let split = match a.split.as_str() {
+            let name = a.split.as_deref().unwrap_or("val");
+            let split = match name {
                 "val" => Split::Val,
                 "train" => Split::Train,
                 other => bail!("--split {other:?}: val or train"),
@@ -99,20 +132,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
             if m.vocab_size as usize > cfg.vocab_size {
                 bail!("--corpus {uri}: {} token ids, more than the model's {}", m.vocab_size, cfg.vocab_size);
             }
-            let n = match a.max_tokens {
-                0 => reader.n_tokens(),
-                max => reader.n_tokens().min(max + 1),
-            };
-            (format!("{uri} ({})", a.split), reader.tokens(0..n)?)
+            let n = reader.n_tokens().min(limit);
+            (format!("{uri} ({name})"), Tokens::Corpus { reader, n })
         }
         (None, None) => unreachable!("clap requires --text or --corpus"),
     };
-    if a.max_tokens > 0 {
-        tokens.truncate(a.max_tokens as usize + 1);
-    }
-    let windows = tokens.len().saturating_sub(1) / t;
+    let windows = usize::try_from(data.len().saturating_sub(1) / t as u64).unwrap_or(usize::MAX);
     if windows == 0 {
-        bail!("{source}: {} tokens, fewer than one window of --seq {t} predictions needs ({})", tokens.len(), t + 1);
+        bail!("{source}: {} tokens, fewer than one window of --seq {t} predictions needs ({})", data.len(), t + 1);
     }
 
     let mut model = Gpt::from_params(CpuBackend::new(), cfg.clone(), &saved.params)?;
@@ -121,8 +148,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let mut next_report = windows / 10;
     while done < windows {
         let b = a.batch.min(windows - done);
+        // windows done..done+b: tokens [done T, (done + b) T + 1)
+        let tokens = data.read((done * t) as u64..((done + b) * t + 1) as u64)?;
         let (mut inputs, mut targets) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-        for w in done..done + b {
+        for w in 0..b {
             inputs.extend_from_slice(&tokens[w * t..w * t + t]);
             targets.extend_from_slice(&tokens[w * t + 1..w * t + t + 1]);
         }

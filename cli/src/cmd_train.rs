@@ -144,6 +144,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.val_fraction) {
         bail!("--val-fraction must be in [0, 1), got {}", a.val_fraction);
     }
+    if a.cooldown.is_some() && a.schedule != "wsd" {
+        bail!("--cooldown is for --schedule wsd (this run's schedule is {})", a.schedule);
+    }
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading --text {}", a.text.display()))?;
     let parent = a.init_from.as_deref().map(|m| read_parent(m, &a.store)).transpose()?;
     let tokenizer = match &parent {
@@ -180,7 +183,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             warmup_steps: a.warmup,
             decay_steps: a.steps,
             decay: LrDecay::parse(&a.schedule).ok_or_else(|| anyhow::anyhow!("--schedule {:?}: one of {}", a.schedule, LrDecay::NAMES))?,
-            cooldown_steps: a.cooldown.unwrap_or(a.steps / 5),
+            cooldown_steps: a.cooldown.unwrap_or((a.steps / 5).min(a.steps.saturating_sub(a.warmup))),
         },
         optim: AdamWConfig {
             beta1: a.beta1,

@@ -81,6 +81,11 @@ fn the_loss_on_a_text_is_transformers_loss() {
     assert!(msg.contains("fewer than one window"), "{msg}");
     let msg = eval_fails(&["--model", model.to_str().unwrap()]);
     assert!(msg.contains("--text") || msg.contains("--corpus"), "{msg}");
+    // --split is for a corpus; a huge --max-tokens is all of them
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--split", "train"]);
+    assert!(msg.contains("--corpus"), "{msg}");
+    let all = eval_json(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "10", "--max-tokens", "18446744073709551615"]);
+    assert_eq!(all["windows"].as_u64(), Some(5));
 }
 
 #[test]
@@ -100,6 +105,12 @@ fn a_corpus_split_is_evaluated_when_its_tokenizer_is_the_models() {
     let train = eval_json(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "train", "--seq", "8"]);
     assert!(val["data"].as_str().unwrap().ends_with("(val)") && train["data"].as_str().unwrap().ends_with("(train)"));
     assert_ne!(val["tokens"], train["tokens"]);
+    // read by ranges as the windows go (batches of 2 windows): the same result as one batch
+    let train_b1 = eval_json(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "train", "--seq", "8", "--batch", "1"]);
+    assert!((train_b1["loss"].as_f64().unwrap() - train["loss"].as_f64().unwrap()).abs() < 1e-6);
+    // --max-tokens reads only the first tokens of a split
+    let first = eval_json(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "train", "--seq", "8", "--max-tokens", "16"]);
+    assert_eq!(first["windows"].as_u64(), Some(2));
     // end-of-text ids (256) stand for no bytes: fewer bytes than tokens, so more bits per byte
     // than the loss in bits
     for r in [&val, &train] {

@@ -459,14 +459,25 @@ pub fn for_each_segment(
                 }
             }
             (Format::Parquet, _) => {
-                // parquet is read from its footer backwards: the whole file, then its rows
-                let mut buf = Vec::with_capacity(src.bytes as usize);
-                reader.read_to_end(&mut buf).map_err(io)?;
+                // Parquet is read from its footer: a local file in place, an object fetched whole
                 let mut flow = Flow::Continue;
-                crate::parquet_input::for_each_text(buf.into(), &shown, &opts.text_field, &mut |text| {
+                let mut each = |text: Option<String>| {
                     flow = em.document(si, text.unwrap_or_default())?;
                     Ok(flow == Flow::Continue)
-                })?;
+                };
+                match &src.location {
+                    Location::Local(p) => {
+                        drop(reader);
+                        let file = File::open(p).map_err(|e| CorpusError::io(&shown, e))?;
+                        crate::parquet_input::for_each_text(file, &shown, &opts.text_field, &mut each)?;
+                        on_bytes(src.bytes);
+                    }
+                    Location::Object { .. } => {
+                        let mut buf = Vec::with_capacity(src.bytes as usize);
+                        reader.read_to_end(&mut buf).map_err(io)?;
+                        crate::parquet_input::for_each_text(bytes::Bytes::from(buf), &shown, &opts.text_field, &mut each)?;
+                    }
+                }
                 flow
             }
             (Format::Jsonl, _) => {

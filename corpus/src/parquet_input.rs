@@ -4,25 +4,26 @@
 //! the column is an empty document (skipped and counted, as an empty line of JSONL); a missing
 //! column, or one that does not hold strings, is an error naming the file and its columns.
 //! Snappy and zstd compression (and uncompressed pages) are read; other codecs are refused by
-//! the decoder with its own message.
+//! the decoder with its own message. A local file is read in place (pages as the rows need
+//! them); an object-store input is fetched whole first (Parquet is read from its footer).
 
-use bytes::Bytes;
 use parquet::basic::{ConvertedType, LogicalType, Type as PhysicalType};
-use parquet::file::reader::{FileReader, SerializedFileReader};
+use parquet::basic::Repetition;
+use parquet::file::reader::{ChunkReader, FileReader, SerializedFileReader};
 use parquet::record::Field;
 use parquet::schema::types::Type;
 
 use crate::error::CorpusError;
 
 /// Calls `document` with each row's text (None for a null), in order, until it returns false.
-pub(crate) fn for_each_text(
-    bytes: Bytes,
+pub(crate) fn for_each_text<R: ChunkReader + 'static>(
+    file: R,
     shown: &str,
     field: &str,
     document: &mut dyn FnMut(Option<String>) -> Result<bool, CorpusError>,
 ) -> Result<(), CorpusError> {
     let bad = |m: String| CorpusError::input(shown, None, m);
-    let reader = SerializedFileReader::new(bytes).map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
+    let reader = SerializedFileReader::new(file).map_err(|e| bad(format!("not a readable parquet file: {e}")))?;
     let root = reader.metadata().file_metadata().schema_descr().root_schema().clone();
     let columns: Vec<&str> = root.get_fields().iter().map(|t| t.name()).collect();
     let column = root
@@ -44,7 +45,11 @@ pub(crate) fn for_each_text(
         let text = match row.get_column_iter().next().map(|(_, f)| f) {
             Some(Field::Str(s)) => Some(s.clone()),
             Some(Field::Null) | None => None,
-            Some(other) => return Err(bad(format!("row {i}: column {field:?} holds {other:?}, not a string"))),
+            Some(other) => {
+                let mut shown_value = format!("{other:?}");
+                shown_value.truncate(shown_value.floor_char_boundary(80));
+                return Err(bad(format!("row {i}: column {field:?} holds {shown_value}, not a string")));
+            }
         };
         if !document(text)? {
             break;
@@ -54,9 +59,10 @@ pub(crate) fn for_each_text(
 }
 
 /// A UTF-8 string column: BYTE_ARRAY annotated as a string (pyarrow's `string` and
-/// `large_string` both are), not a list, struct or plain binary.
+/// `large_string` both are), one per row (not repeated), not a list, struct or plain binary.
 fn holds_strings(t: &Type) -> bool {
     t.is_primitive()
+        && t.get_basic_info().repetition() != Repetition::REPEATED
         && t.get_physical_type() == PhysicalType::BYTE_ARRAY
         && (matches!(t.get_basic_info().logical_type_ref(), Some(LogicalType::String)) || t.get_basic_info().converted_type() == ConvertedType::UTF8)
 }

@@ -83,3 +83,30 @@ fn bad_parquet_inputs_name_the_file() {
     let e = err(vec![flipped.display().to_string()], "text");
     assert!(e.contains("flipped.parquet"), "{e}");
 }
+
+#[test]
+fn parquet_from_an_object_store_and_an_interrupted_run_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = |name: &str| dir.path().join(name).display().to_string();
+    let want = {
+        run(&opts(vec![fixture("docs.snappy.parquet")], "gpt2", &out("local"), 20));
+        stream(&out("local"))
+    };
+    // the same file named by a file:// URI goes through the object-store reader
+    run(&opts(vec![format!("file://{}", fixture("docs.snappy.parquet"))], "gpt2", &out("object"), 20));
+    assert_eq!(stream(&out("object")), want);
+
+    // stopped after two shards, then run again: the stream of an uninterrupted run
+    let mut o = opts(vec![fixture("docs.snappy.parquet"), fixture("docs.zstd.parquet")], "gpt2", &out("resumed"), 20);
+    o.stop_after_shards = Some(2);
+    let first = run(&o);
+    assert!(first.manifest.is_none(), "stopped before the manifest");
+    o.stop_after_shards = None;
+    run(&o);
+    let whole = {
+        run(&opts(vec![fixture("docs.snappy.parquet"), fixture("docs.zstd.parquet")], "gpt2", &out("whole"), 20));
+        stream(&out("whole"))
+    };
+    assert_eq!(stream(&out("resumed")), whole);
+    assert_eq!(whole.len(), 2 * want.len());
+}

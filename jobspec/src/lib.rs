@@ -297,7 +297,7 @@ pub struct TrainSpec {
     /// (warmup-stable-decay: `lr` until `cooldown_steps` before the end, then linear to `min_lr`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schedule: Option<String>,
-    /// `wsd`: steps of the final decay (default: a fifth of `steps`).
+    /// `wsd`: steps of the final decay (default: a fifth of `steps`, at most what warm-up leaves).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cooldown_steps: Option<u64>,
     #[serde(default = "default_weight_decay")]
@@ -718,7 +718,8 @@ impl JobSpec {
                 decay_steps: t.steps,
                 // validated in `validate`: an unknown name never gets here
                 decay: t.schedule.as_deref().and_then(LrDecay::parse).unwrap_or_default(),
-                cooldown_steps: t.cooldown_steps.unwrap_or(t.steps / 5),
+                // default: a fifth of the steps, never more than warm-up leaves
+                cooldown_steps: t.cooldown_steps.unwrap_or((t.steps / 5).min(t.steps.saturating_sub(t.warmup_steps))),
             },
             optim: AdamWConfig {
                 beta1: t.beta1,
@@ -1032,6 +1033,9 @@ lr = 1e-3
         assert_eq!(JobSpec::parse(&wsd.to_toml()).unwrap(), wsd);
         // default cooldown: a fifth of the steps
         assert_eq!(JobSpec::parse(&with("schedule = \"wsd\"")).unwrap().train_config().schedule.cooldown_steps, 20);
+        // ... and never more than warm-up leaves (95 of 100 steps warm up: 5 left)
+        let late = with("schedule = \"wsd\"\nwarmup_steps = 95");
+        assert_eq!(JobSpec::parse(&late).unwrap().train_config().schedule.cooldown_steps, 5);
         assert_eq!(JobSpec::parse(&with("schedule = \"linear\"")).unwrap().train_config().schedule.decay, LrDecay::Linear);
         let e = JobSpec::parse(&with("schedule = \"step\"")).unwrap_err();
         assert_eq!(e.field, "train.schedule");
