@@ -1,7 +1,7 @@
 //! `smelt export`: a model in other tools' formats.
 //!
 //! - `hf <model> <dir>`: `config.json` + `model.safetensors` that Hugging Face transformers loads:
-//!   a GPT as `GPT2LMHeadModel` (a GPT fine-tuned as a classifier as
+//!   a GPT as `GPT2LMHeadModel` (one with rotary positions as `GPTNeoXForCausalLM`, hf_neox.rs) (a GPT fine-tuned as a classifier as
 //!   `GPT2ForSequenceClassification`, its `score.weight` as it is), a BERT as `BertForPreTraining`, `BertForSequenceClassification`
 //!   or `BertForMaskedLM` (`export_bert.rs`; a T5 is refused there). For a GPT: The engine already stores GPT-2's tensor names and layouts (`Conv1D`
 //!   weights (in, out)), so the tensors are copied; the LM head is tied to `wte` and, as
@@ -179,11 +179,10 @@ fn export_hf(a: &HfArgs) -> Result<()> {
         );
     }
     if saved.config.positions == GptPositions::Rotary {
-        bail!(
-            "{}: a model with rotary positions (positions = rotary) has no Hugging Face GPT-2 equivalent: GPT-2 learns a \
-             position table; only models with learned positions can be exported",
-            a.model
-        );
+        if head.is_some() {
+            bail!("{}: a classifier with rotary positions: smelt exports rotary models as GPTNeoXForCausalLM only", a.model);
+        }
+        return export_neox(&saved, &a.model, &a.out);
     }
     let mut table = Gpt::<CpuBackend>::param_table(&saved.config);
     let mut params = saved.params.clone();
@@ -209,6 +208,32 @@ fn export_hf(a: &HfArgs) -> Result<()> {
     // read it; a GPT-2 BPE model uses transformers' own "gpt2" tokenizer).
     weights::write_atomic(&a.out.join("smelt_tokenizer.json"), &serde_json::to_vec(&saved.tokenizer)?)?;
     info!(model = %a.model, out = %a.out.display(), tensors = table.specs().len(), params = table.numel(), "exported for hugging face transformers");
+    Ok(())
+}
+
+/// A rotary GPT as `GPTNeoXForCausalLM` (`hf_neox.rs`: GPT-2 has no rotary variant; GPT-NeoX
+/// with sequential residuals and full-head rotation computes what smelt's rotary GPT does).
+fn export_neox(saved: &SavedModel, model: &str, out: &Path) -> Result<()> {
+    use crate::cmd_import::hf_neox;
+    let cfg = &saved.config;
+    let table = Gpt::<CpuBackend>::param_table(cfg);
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> =
+        table.specs().iter().map(|s| hf_neox::from_smelt(&s.name, &saved.params[s.range()], cfg)).collect::<Result<_>>()?;
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(n, shape, v)| (n, shape, v.iter().flat_map(|x| x.to_le_bytes()).collect())).collect();
+    let views = bytes
+        .iter()
+        .map(|(n, shape, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    let st = safetensors::serialize(views, Some(meta))?;
+    let eot = saved.tokenizer.eot_token();
+    let eos = ((eot as usize) < cfg.vocab_size).then_some(eot);
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    weights::write_atomic(&out.join("model.safetensors"), &st)?;
+    weights::write_atomic(&out.join("config.json"), &serde_json::to_vec_pretty(&hf_neox::hf_config(cfg, eos, saved.tokenizer.kind()))?)?;
+    weights::write_atomic(&out.join("smelt_tokenizer.json"), &serde_json::to_vec(&saved.tokenizer)?)?;
+    info!(model, out = %out.display(), tensors = table.specs().len(), "exported for hugging face transformers as gpt-neox (rotary positions)");
     Ok(())
 }
 

@@ -11,14 +11,17 @@ use clap::{Args, Subcommand};
 use smelt_worker::model_file;
 use tracing::info;
 
-// Lives beside this file (cli/src/import_hf.rs), declared here so main.rs needs no entry.
+// Live beside this file (cli/src/import_hf.rs, hf_neox.rs), declared here so main.rs needs no entry.
+#[path = "hf_neox.rs"]
+pub(crate) mod hf_neox;
 #[path = "import_hf.rs"]
 mod import_hf;
 
 #[derive(Subcommand, Debug)]
 pub enum ImportCommand {
     /// A Hugging Face transformers GPT-2 directory (config.json + model.safetensors, or shards
-    /// with model.safetensors.index.json; vocab.json / tokenizer.json) as a smelt model file.
+    /// with model.safetensors.index.json; vocab.json / tokenizer.json) as a smelt model file;
+    /// or a GPT-NeoX one (sequential residuals, full rotary) as a rotary GPT.
     Hf(HfImportArgs),
 }
 
@@ -54,7 +57,8 @@ fn import(a: &HfImportArgs) -> Result<()> {
         tokenizer = m.tokenizer.kind(),
         tokenizer_from = %m.tokenizer_source,
         dtypes = ?m.dtypes,
-        "imported a hugging face gpt-2"
+        rotary = m.config.positions == smelt_engine::model::GptPositions::Rotary,
+        "imported a hugging face model"
     );
     println!("{}", a.out.display());
     Ok(())

@@ -1,4 +1,4 @@
-//! Reading a Hugging Face GPT-2 directory (`config.json`, `model.safetensors` or a sharded
+//! Reading a Hugging Face GPT-2 (or, through `hf_neox.rs`, GPT-NeoX) directory (`config.json`, `model.safetensors` or a sharded
 //! `model.safetensors.index.json`, and its tokenizer files) into a smelt GPT: config, tokenizer
 //! and the flat parameter buffer. `cmd_import.rs` writes the result as a smelt model file.
 //!
@@ -45,7 +45,20 @@ pub fn read_gpt2(dir: &Path, tokenizer: Option<&str>) -> Result<Imported> {
     let config_path = dir.join("config.json");
     let text = std::fs::read_to_string(&config_path).with_context(|| format!("reading {}", config_path.display()))?;
     let hf: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", config_path.display()))?;
-    let config = gpt_config(&hf).with_context(|| format!("{}", config_path.display()))?;
+    // GPT-2 as is, or GPT-NeoX as a rotary GPT (hf_neox.rs)
+    let neox = hf.get("model_type").and_then(Value::as_str) == Some("gpt_neox");
+    let config = if neox {
+        if let Some(archs) = hf.get("architectures").and_then(Value::as_array) {
+            let known = ["GPTNeoXForCausalLM", "GPTNeoXModel"];
+            if let Some(other) = archs.iter().filter_map(Value::as_str).find(|a| !known.contains(a)) {
+                bail!("{}: architectures names {other:?}: smelt imports {} (the language model's weights)", config_path.display(), known.join(" or "));
+            }
+        }
+        super::hf_neox::gpt_config(&hf)
+    } else {
+        gpt_config(&hf)
+    }
+    .with_context(|| format!("{}", config_path.display()))?;
     let (tokenizer, tokenizer_source) = pick_tokenizer(dir, tokenizer, config.vocab_size)?;
     let files = weight_files(dir)?;
     let table = Gpt::<CpuBackend>::param_table(&config);
@@ -57,11 +70,21 @@ pub fn read_gpt2(dir: &Path, tokenizer: Option<&str>) -> Result<Imported> {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
         let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file: {e}", file.display()))?;
         for (name, view) in st.tensors() {
-            let canonical = name.strip_prefix("transformer.").unwrap_or(&name);
-            if is_mask_buffer(canonical) {
+            let gpt2_name = name.strip_prefix("transformer.").unwrap_or(&name);
+            if !neox && is_mask_buffer(gpt2_name) {
                 continue;
             }
             let values = widen(view.dtype(), view.data()).with_context(|| format!("{}: tensor {name}", file.display()))?;
+            // smelt's name and layout: GPT-2's are smelt's own; NeoX's are renamed and re-laid
+            let (canonical, values) = if neox {
+                match super::hf_neox::to_smelt(&name, values, &config).with_context(|| format!("{}", file.display()))? {
+                    Some((n, v)) => (n.strip_prefix("transformer.").map(str::to_string).unwrap_or(n), v),
+                    None => continue,
+                }
+            } else {
+                (gpt2_name.to_string(), values)
+            };
+            let canonical = canonical.as_str();
             *dtypes.entry(format!("{:?}", view.dtype())).or_insert(0) += 1;
             if canonical == "lm_head.weight" {
                 if wte_copy.is_some() {
@@ -73,14 +96,16 @@ pub fn read_gpt2(dir: &Path, tokenizer: Option<&str>) -> Result<Imported> {
             let smelt_name = format!("transformer.{canonical}");
             let Some(id) = table.id(&smelt_name) else {
                 bail!(
-                    "{}: tensor {name} is not part of GPT-2 as smelt builds it ({} layers, positions learned); \
-                     is this a GPT2LMHeadModel?",
+                    "{}: tensor {name} is not part of the model as smelt builds it ({} layers); \
+                     is this a GPT2LMHeadModel or GPTNeoXForCausalLM?",
                     file.display(),
                     config.n_layer
                 );
             };
             let spec = table.spec(id);
-            if view.shape() != spec.shape.as_slice() {
+            // GPT-2's layouts are smelt's; NeoX's matrices are transposed (checked by size)
+            let fits = if neox { values.len() == spec.numel() } else { view.shape() == spec.shape.as_slice() };
+            if !fits {
                 bail!("{}: tensor {name} has shape {:?}; config.json's sizes give {:?}", file.display(), view.shape(), spec.shape);
             }
             if filled[id] {

@@ -224,7 +224,7 @@ fn what_smelt_would_compute_differently_is_refused_naming_it() {
         t.push(extra);
     });
     let msg = import_fails(&dir, &out, &byte);
-    assert!(msg.contains("tensor transformer.h.2.ln_1.weight is not part of GPT-2 as smelt builds it (2 layers"), "{msg}");
+    assert!(msg.contains("tensor transformer.h.2.ln_1.weight is not part of the model as smelt builds it (2 layers"), "{msg}");
     let dir = copy_with_tensors(tmp.path(), |t| {
         let x = t.iter_mut().find(|x| x.0 == "transformer.ln_f.weight").unwrap();
         x.1 = Dtype::I32;
@@ -589,4 +589,39 @@ fn ranks_that_read_different_parents_refuse_to_train() {
     let ft_together = c.submit(&ft.replace("ft-apart", "ft-together"), "");
     let (state, _) = c.follow(&ft_together.id);
     assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&ft_together.id).error, c.logs());
+}
+
+#[test]
+fn a_gpt_neox_imports_as_a_rotary_gpt_with_transformers_logits() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("neox.safetensors");
+    import(&fixtures().join("neox"), &out, &["--tokenizer", "byte"]);
+    let cfg: serde_json::Value = serde_json::from_str(&metadata(&out)["smelt.config"]).unwrap();
+    assert_eq!(cfg["positions"], "rotary");
+    let diff = max_abs_diff(&logits_of(&out, &fixture_ids()), &expected_logits("logits_neox"));
+    assert!(diff < 1e-5, "logits differ from transformers' GPT-NeoX by up to {diff}");
+
+    // what smelt's rotary GPT would compute differently is refused naming it
+    let cases: Vec<(Box<dyn FnOnce(&mut serde_json::Value)>, &str)> = vec![
+        (Box::new(|c| c["use_parallel_residual"] = true.into()), "use_parallel_residual is true"),
+        (Box::new(|c| c["rope_parameters"]["partial_rotary_factor"] = 0.25.into()), "partial_rotary_factor (rotary_pct) is 0.25"),
+        (Box::new(|c| c["rope_parameters"]["rope_theta"] = 1e6.into()), "rope_theta (rotary_emb_base) is 1000000"),
+        (Box::new(|c| c["rope_parameters"]["rope_type"] = "linear".into()), "rope_type is \"linear\""),
+        (Box::new(|c| c["hidden_act"] = "gelu".into()), "hidden_act is \"gelu\""),
+        (Box::new(|c| c["intermediate_size"] = 48.into()), "intermediate_size is 48"),
+        (Box::new(|c| c["attention_bias"] = false.into()), "attention_bias is false"),
+        (Box::new(|c| c["architectures"] = serde_json::json!(["GPTNeoXForSequenceClassification"])), "GPTNeoXForSequenceClassification"),
+    ];
+    for (edit, says) in cases {
+        let dir = copy_with_config(tmp.path(), "neox", edit);
+        let msg = import_fails(&dir, &tmp.path().join("refused.safetensors"), &["--tokenizer", "byte"]);
+        assert!(msg.contains(says), "{says}: {msg}");
+    }
+    // transformers 4.x's names for the rotation are read too
+    let dir = copy_with_config(tmp.path(), "neox", |c| {
+        c.as_object_mut().unwrap().remove("rope_parameters");
+        c["rotary_pct"] = 1.0.into();
+        c["rotary_emb_base"] = 10000.into();
+    });
+    import(&dir, &tmp.path().join("v4.safetensors"), &["--tokenizer", "byte"]);
 }

@@ -75,7 +75,7 @@ fn train_then_sample() {
 /// Rotary positions (`--rotary`): no position table in the model file, which `sample` and
 /// `attention` read back as rotary; `export hf` refuses it (GPT-2 has a position table).
 #[test]
-fn a_rotary_model_trains_samples_and_is_not_exported_as_gpt2() {
+fn a_rotary_model_trains_samples_and_exports_as_gpt_neox() {
     let dir = tempfile::tempdir().unwrap();
     let text = write_text(dir.path());
     let out = dir.path().join("rotary");
@@ -98,9 +98,60 @@ fn a_rotary_model_trains_samples_and_is_not_exported_as_gpt2() {
     let att = dir.path().join("att");
     let o = smelt(&["attention", model.to_str().unwrap(), "--text", "the quick fox", "--out", att.to_str().unwrap()]);
     assert!(o.status.success(), "attention failed: {}", text_of(&o));
-    let o = smelt(&["export", "hf", model.to_str().unwrap(), dir.path().join("hf").to_str().unwrap()]);
-    assert!(!o.status.success());
-    assert!(text_of(&o).contains("rotary positions (positions = rotary) has no Hugging Face GPT-2 equivalent"), "{}", text_of(&o));
+    // GPT-2 has no rotary variant: the export is GPT-NeoX's layout (transformers' names and
+    // shapes written out here), and imports back to the same tensors, bit for bit
+    let hf = dir.path().join("hf");
+    let o = smelt(&["export", "hf", model.to_str().unwrap(), hf.to_str().unwrap()]);
+    assert!(o.status.success(), "export failed: {}", text_of(&o));
+    let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(hf.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "gpt_neox");
+    assert_eq!(cfg["architectures"][0], "GPTNeoXForCausalLM");
+    assert_eq!((cfg["use_parallel_residual"].as_bool(), cfg["rope_parameters"]["partial_rotary_factor"].as_f64()), (Some(false), Some(1.0)));
+    let exported = std::fs::read(hf.join("model.safetensors")).unwrap();
+    let st_hf = safetensors::SafeTensors::deserialize(&exported).unwrap();
+    let (v, c) = (cfg["vocab_size"].as_u64().unwrap() as usize, 32usize);
+    let mut want: Vec<(String, Vec<usize>)> = vec![
+        ("gpt_neox.embed_in.weight".into(), vec![v, c]),
+        ("gpt_neox.final_layer_norm.weight".into(), vec![c]),
+        ("gpt_neox.final_layer_norm.bias".into(), vec![c]),
+    ];
+    for l in 0..2 {
+        for (n, shape) in [
+            ("input_layernorm.weight", vec![c]),
+            ("input_layernorm.bias", vec![c]),
+            ("post_attention_layernorm.weight", vec![c]),
+            ("post_attention_layernorm.bias", vec![c]),
+            ("attention.query_key_value.weight", vec![3 * c, c]),
+            ("attention.query_key_value.bias", vec![3 * c]),
+            ("attention.dense.weight", vec![c, c]),
+            ("attention.dense.bias", vec![c]),
+            ("mlp.dense_h_to_4h.weight", vec![4 * c, c]),
+            ("mlp.dense_h_to_4h.bias", vec![4 * c]),
+            ("mlp.dense_4h_to_h.weight", vec![c, 4 * c]),
+            ("mlp.dense_4h_to_h.bias", vec![c]),
+        ] {
+            want.push((format!("gpt_neox.layers.{l}.{n}"), shape));
+        }
+    }
+    let mut got: Vec<(String, Vec<usize>)> = st_hf.tensors().into_iter().map(|(n, t)| (n, t.shape().to_vec())).collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want);
+    // query_key_value is per head [q_h | k_h | v_h]: its row h*3D + p*D + d is c_attn's column p*C + h*D + d
+    let (qkv, c_attn) = (st_hf.tensor("gpt_neox.layers.1.attention.query_key_value.weight").unwrap(), st.tensor("transformer.h.1.attn.c_attn.weight").unwrap());
+    let f = |b: &[u8], i: usize| f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap());
+    let d = c / 2; // the test preset's two heads
+    for (h, p, k, i) in [(0, 0, 0, 0), (1, 0, 3, 5), (0, 1, 7, 31), (1, 2, 15, 17)] {
+        assert_eq!(f(qkv.data(), (h * 3 * d + p * d + k) * c + i), f(c_attn.data(), i * 3 * c + p * c + h * d + k), "head {h} part {p}");
+    }
+    let back = dir.path().join("back.safetensors");
+    let o = smelt(&["import", "hf", hf.to_str().unwrap(), back.to_str().unwrap()]);
+    assert!(o.status.success(), "import failed: {}", text_of(&o));
+    let back_bytes = std::fs::read(&back).unwrap();
+    let st_back = safetensors::SafeTensors::deserialize(&back_bytes).unwrap();
+    for n in st.names() {
+        assert_eq!(st.tensor(n).unwrap().data(), st_back.tensor(n).unwrap().data(), "{n}");
+    }
 }
 
 #[test]

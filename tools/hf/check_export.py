@@ -8,7 +8,10 @@ right-padded batch of two (transformers pools each one's last token that is not 
 Independent of smelt's code: transformers' GPT-2 implementation computes the logits from the
 exported files alone. Skips (exit 0, with a message) when torch or transformers is missing.
 
-    python3 tools/hf/check_export.py [--smelt target/release/smelt] [--model model.safetensors] [--classifier]
+    python3 tools/hf/check_export.py [--smelt target/release/smelt] [--model model.safetensors] [--classifier] [--rotary]
+
+A model with rotary positions exports as GPT-NeoX and is loaded as GPTNeoXForCausalLM (--rotary
+trains the tiny model with rotary positions).
 
 Without --model, trains a tiny model with `smelt train` first; with --classifier it then makes
 that model a classifier as a fine-tuning job's file holds one (3 labels, a random
@@ -40,6 +43,7 @@ def main():
     ap.add_argument("--model", help="a smelt model.safetensors (default: train a tiny one)")
     ap.add_argument("--tol", type=float, default=1e-4)
     ap.add_argument("--classifier", action="store_true", help="check a classifier made from the tiny model")
+    ap.add_argument("--rotary", action="store_true", help="train the tiny model with rotary positions (a GPT-NeoX export)")
     args = ap.parse_args()
 
     try:
@@ -57,7 +61,8 @@ def main():
             with open(text, "w") as f:
                 f.write("the quick brown fox jumps over the lazy dog. pack my box with five dozen liquor jugs!\n" * 40)
             run([args.smelt, "train", "--text", text, "--preset", "test", "--steps", "30", "--batch", "8",
-                 "--seq", "32", "--lr", "3e-3", "--warmup", "5", "--eval-interval", "0", "--out", os.path.join(tmp, "run")])
+                 "--seq", "32", "--lr", "3e-3", "--warmup", "5", "--eval-interval", "0", "--out", os.path.join(tmp, "run")]
+                + (["--rotary"] if args.rotary else []))
             model = os.path.join(tmp, "run", "model.safetensors")
             if args.classifier:
                 model = make_classifier(model, os.path.join(tmp, "classifier.safetensors"))
@@ -67,7 +72,7 @@ def main():
         with open(os.path.join(out, "config.json")) as f:
             cfg = json.load(f)
         rng = np.random.default_rng(0)
-        t = min(cfg["n_positions"], 32)
+        t = min(cfg.get("n_positions") or cfg["max_position_embeddings"], 32)
         ids = rng.integers(0, cfg["vocab_size"], size=t).tolist()
         npy = os.path.join(tmp, "logits.npy")
         run([args.smelt, "export", "logits", model, npy, "--ids", ",".join(map(str, ids))])
@@ -75,12 +80,18 @@ def main():
 
         if cfg["architectures"] == ["GPT2ForSequenceClassification"]:
             return check_classifier(args, model, out, cfg, ids, tmp)
-        hf, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+        if cfg["architectures"] == ["GPTNeoXForCausalLM"]:
+            from transformers import GPTNeoXForCausalLM
+            hf, info = GPTNeoXForCausalLM.from_pretrained(out, output_loading_info=True)
+            embed = hf.gpt_neox.embed_in
+        else:
+            hf, info = GPT2LMHeadModel.from_pretrained(out, output_loading_info=True)
+            embed = hf.transformer.wte
         problems = {k: v for k, v in info.items() if v}
         if problems:
             sys.exit(f"transformers reported loading problems: {problems}")
         hf.eval()
-        assert hf.lm_head.weight.data_ptr() == hf.transformer.wte.weight.data_ptr(), "lm_head is not tied to wte"
+        assert hf.lm_head.weight.data_ptr() == embed.weight.data_ptr(), "lm_head is not tied to the token embeddings"
         with torch.no_grad():
             theirs = hf(torch.tensor([ids])).logits[0].numpy()
 

@@ -13,6 +13,11 @@ Writes under --out:
 - `hub/`: the same weights laid out as the `gpt2` repository on the Hub publishes them: names
   without the prefix and the causal-mask buffers `h.N.attn.bias` (1, 1, P, P) beside them.
 - `bf16/`: the same model cast to bfloat16 and saved (`torch_dtype` bfloat16).
+- `neox/`: `GPTNeoXForCausalLM.save_pretrained` of a model smelt's rotary GPT computes exactly:
+  sequential residuals (`use_parallel_residual = False`), rotary over the whole head
+  (`partial_rotary_factor = 1`, theta 10,000), tanh GELU, biases, LM head tied to the
+  embeddings; 300 ids, 32 positions, 2 layers, 2 heads of 8 (seed 11, every tensor random).
+  Its logits on `ids` are `logits_neox` in `expected.safetensors`.
 - `gpt2_bytes_to_unicode.json`: transformers' `bytes_to_unicode` (byte -> the character standing
   for it in GPT-2's vocab.json), to which smelt's reading of vocab.json is held.
 - `expected.safetensors`: `ids` (1, T) int64 and `logits_f32` (T, V) of the float32 model,
@@ -33,7 +38,7 @@ import os
 
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 
@@ -94,14 +99,33 @@ def main():
     with torch.no_grad():
         losses = [model(data[i * t : i * t + t + 1].unsqueeze(0), labels=data[i * t : i * t + t + 1].unsqueeze(0)).loss for i in range(windows)]
     eval_loss = torch.stack(losses).mean().reshape(1).float()
+    torch.manual_seed(11)
+    neox_cfg = GPTNeoXConfig(
+        vocab_size=300, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, use_parallel_residual=False, hidden_act="gelu_new", layer_norm_eps=1e-5,
+        tie_word_embeddings=True, attention_bias=True, bos_token_id=None, eos_token_id=None,
+        rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 1.0, "rope_type": "default"},
+    )
+    neox = GPTNeoXForCausalLM(neox_cfg).eval()
+    with torch.no_grad():
+        for name, p in neox.named_parameters():
+            if "layernorm.weight" in name or "final_layer_norm.weight" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+            elif p.dim() == 1:
+                p.copy_(0.1 * torch.randn_like(p))
+            else:
+                p.copy_(0.2 * torch.randn_like(p))
+        logits_neox = neox(ids).logits[0].float().contiguous()
+    neox.save_pretrained(os.path.join(args.out, "neox"), safe_serialization=True)
+
     save_file(
-        {"ids": ids.contiguous(), "logits_f32": logits_f32, "logits_bf16": logits_bf16, "eval_loss_w10": eval_loss},
+        {"ids": ids.contiguous(), "logits_f32": logits_f32, "logits_bf16": logits_bf16, "eval_loss_w10": eval_loss, "logits_neox": logits_neox},
         os.path.join(args.out, "expected.safetensors"),
         metadata={"made_by": f"transformers GPT2LMHeadModel, torch {torch.__version__}"},
     )
     with open(os.path.join(args.out, "gpt2_bytes_to_unicode.json"), "w") as f:
         json.dump({str(b): c for b, c in sorted(bytes_to_unicode().items())}, f, ensure_ascii=False)
-    for d in ("saved", "hub", "bf16"):
+    for d in ("saved", "hub", "bf16", "neox"):
         print(d, sorted(os.listdir(os.path.join(args.out, d))))
 
 
