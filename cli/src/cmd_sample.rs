@@ -34,21 +34,49 @@ pub struct SampleArgs {
     /// Sample among the k most likely tokens only (0: all).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
+    /// Nucleus sampling: among the fewest most likely tokens whose probabilities reach p (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Penalize tokens already in the text (CTRL: > 1 discourages repeats; 1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
 }
 
-/// Picks a token id from logits with temperature and top-k.
-pub fn pick(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng) -> u32 {
-    if temperature <= 0.0 {
+/// How the next token is drawn from the logits.
+#[derive(Clone, Copy, Debug)]
+pub struct Sampling {
+    /// 0: the most likely token.
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    pub top_k: usize,
+    /// Keep the fewest most likely tokens whose probabilities reach p (1: all; nucleus sampling).
+    pub top_p: f64,
+}
+
+/// Picks a token id from logits: temperature, then top-k, then top-p (both over the
+/// temperature's distribution), then a draw.
+pub fn pick(logits: &[f32], s: Sampling, rng: &mut Rng) -> u32 {
+    if s.temperature <= 0.0 {
         return argmax(logits);
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
-    let k = if top_k == 0 { logits.len() } else { top_k.min(logits.len()) };
+    let k = if s.top_k == 0 { logits.len() } else { s.top_k.min(logits.len()) };
     let kept = &order[..k];
     let max = logits[kept[0]];
-    let weights: Vec<f64> = kept.iter().map(|&i| (((logits[i] - max) / temperature) as f64).exp()).collect();
+    let mut weights: Vec<f64> = kept.iter().map(|&i| (((logits[i] - max) / s.temperature) as f64).exp()).collect();
+    if s.top_p < 1.0 {
+        // the smallest prefix (most likely first) whose share of the kept mass reaches top_p
+        let total: f64 = weights.iter().sum();
+        let (mut acc, mut n) = (0.0, 0);
+        while n < weights.len() && (n == 0 || acc < s.top_p * total) {
+            acc += weights[n];
+            n += 1;
+        }
+        weights.truncate(n);
+    }
     let total: f64 = weights.iter().sum();
     let mut u = rng.next_f64() * total;
     for (&i, w) in kept.iter().zip(&weights) {
@@ -57,7 +85,59 @@ pub fn pick(logits: &[f32], temperature: f32, top_k: usize, rng: &mut Rng) -> u3
         }
         u -= w;
     }
-    kept[k - 1] as u32
+    kept[weights.len() - 1] as u32
+}
+
+/// CTRL's repetition penalty: the logit of every id already in `context` divided by `penalty`
+/// when positive, multiplied when negative (1: none).
+pub fn penalize_repeats(logits: &mut [f32], context: &[u32], penalty: f32) {
+    if penalty == 1.0 {
+        return;
+    }
+    let mut seen = std::collections::HashSet::new();
+    for &id in context {
+        if let Some(l) = logits.get_mut(id as usize).filter(|_| seen.insert(id)) {
+            *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
+        }
+    }
+}
+
+/// Text of generated ids as it becomes whole: a GPT-2 token may end inside a UTF-8 character
+/// (byte-level BPE), so its bytes wait for the rest of the character.
+struct Utf8Out {
+    pending: Vec<u8>,
+}
+
+impl Utf8Out {
+    /// The text that `bytes` completes (invalid sequences as U+FFFD).
+    fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let mut out = String::new();
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    out.push_str(s);
+                    self.pending.clear();
+                    return out;
+                }
+                Err(e) => {
+                    let good = e.valid_up_to();
+                    out.push_str(std::str::from_utf8(&self.pending[..good]).expect("valid prefix"));
+                    match e.error_len() {
+                        // incomplete at the end: wait for the next token's bytes
+                        None => {
+                            self.pending.drain(..good);
+                            return out;
+                        }
+                        Some(bad) => {
+                            out.push('\u{FFFD}');
+                            self.pending.drain(..good + bad);
+                        }
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn argmax(x: &[f32]) -> u32 {
@@ -68,6 +148,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
     if !(a.temperature >= 0.0) {
         bail!("--temperature must be >= 0");
     }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail!("--top-p must be in (0, 1]");
+    }
+    if !(a.repetition_penalty > 0.0) {
+        bail!("--repetition-penalty must be positive");
+    }
+    let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
     let saved = match model_file::load_any(&a.model)? {
         AnyModel::Gpt(saved) => saved,
         AnyModel::Family(SavedFamilyModel { model: FamilyModel::T5 { config, specials }, tokenizer, params, .. }) => {
@@ -88,20 +175,35 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut rng = Rng::new(a.seed);
     let mut out = std::io::stdout().lock();
     write!(out, "{}", a.prompt)?;
+    let mut text = Utf8Out { pending: Vec::new() };
+    let gpt2 = matches!(saved.tokenizer, Tokenizer::Gpt2);
     for _ in 0..a.tokens {
         let ctx = &ids[ids.len().saturating_sub(block)..];
         model.forward(ctx, None, 1, ctx.len())?;
-        let logits = model.logits_at(0, ctx.len() - 1);
+        let mut logits = model.logits_at(0, ctx.len() - 1);
+        penalize_repeats(&mut logits[..known], ctx, a.repetition_penalty);
         // Ids past the tokenizer's (and end-of-text) are vocabulary padding: never picked.
-        let next = pick(&logits[..known], a.temperature, a.top_k, &mut rng);
+        let next = pick(&logits[..known], sampling, &mut rng);
         ids.push(next);
-        // A model trained on a prepared corpus also knows the end-of-text id: a document break.
-        if next == saved.tokenizer.eot_token() && next as usize >= saved.tokenizer.vocab_size() {
-            write!(out, "\n\n")?;
-        } else {
-            write!(out, "{}", saved.tokenizer.decode(&[next])?)?;
+        if next == saved.tokenizer.eot_token() {
+            if gpt2 {
+                // GPT-2's <|endoftext|>: the model ended the text (an SFT model its answer)
+                break;
+            }
+            // a model trained on a prepared char/byte corpus knows it too: a document break
+            if next as usize >= saved.tokenizer.vocab_size() {
+                write!(out, "\n\n")?;
+                out.flush()?;
+                continue;
+            }
         }
+        let piece = if gpt2 { text.push(&smelt_corpus::gpt2::core().decode_bytes(&[next]).unwrap_or_default()) } else { saved.tokenizer.decode(&[next])? };
+        write!(out, "{piece}")?;
         out.flush()?;
+    }
+    write!(out, "{}", text.push(&[]))?;
+    if !text.pending.is_empty() {
+        write!(out, "\u{FFFD}")?;
     }
     writeln!(out)?;
     Ok(())
@@ -131,7 +233,7 @@ fn respond_t5(a: &SampleArgs, config: T5Config, specials: T5Specials, tok: &Toke
         model.forward(&x)?;
         let logits = model.logits();
         let v = logits.len() / dec.len();
-        let next = pick(&logits[(dec.len() - 1) * v..][..text], a.temperature, a.top_k, &mut rng);
+        let next = pick(&logits[(dec.len() - 1) * v..][..text], Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p }, &mut rng);
         if Some(next) == eot {
             break;
         }
@@ -141,4 +243,64 @@ fn respond_t5(a: &SampleArgs, config: T5Config, specials: T5Specials, tok: &Toke
     }
     writeln!(out)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn top_p_keeps_the_nucleus_only() {
+        // probabilities 0.5, 0.3, 0.15, 0.05 (temperature 1)
+        let logits: Vec<f32> = [0.5f64, 0.3, 0.15, 0.05].iter().map(|p| p.ln() as f32).collect();
+        let draw = |top_p: f64| -> [usize; 4] {
+            let mut rng = Rng::new(7);
+            let mut n = [0usize; 4];
+            for _ in 0..20_000 {
+                n[pick(&logits, Sampling { temperature: 1.0, top_k: 0, top_p }, &mut rng) as usize] += 1;
+            }
+            n
+        };
+        // 0.8 is reached by the first two: the others never drawn, the two in proportion 5:3
+        let n = draw(0.8);
+        assert_eq!((n[2], n[3]), (0, 0), "{n:?}");
+        let share = n[0] as f64 / (n[0] + n[1]) as f64;
+        assert!((share - 0.625).abs() < 0.02, "{share}");
+        // 0.81 needs the third
+        let n = draw(0.81);
+        assert!(n[2] > 0 && n[3] == 0, "{n:?}");
+        // a tiny p keeps the most likely token alone; 1 keeps all
+        assert_eq!(draw(1e-9), [20_000, 0, 0, 0]);
+        assert!(draw(1.0).iter().all(|&c| c > 0));
+    }
+
+    #[test]
+    fn repeats_are_penalized_once_each() {
+        let mut l = vec![2.0f32, -1.0, 0.5, 3.0];
+        penalize_repeats(&mut l, &[0, 1, 1, 1], 2.0);
+        assert_eq!(l, vec![1.0, -2.0, 0.5, 3.0]);
+        let mut same = vec![2.0f32, -1.0];
+        penalize_repeats(&mut same, &[0, 1], 1.0);
+        assert_eq!(same, vec![2.0, -1.0]);
+    }
+
+    #[test]
+    fn gpt2_pieces_are_written_as_whole_characters() {
+        let ids = smelt_corpus::gpt2::encode("Tokyo 東京 and ✓!");
+        let bpe = smelt_corpus::gpt2::core();
+        let mut out = Utf8Out { pending: Vec::new() };
+        let mut text = String::new();
+        let mut partial = false;
+        for &id in &ids {
+            let piece = out.push(&bpe.decode_bytes(&[id]).unwrap());
+            partial |= !out.pending.is_empty();
+            assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+            text.push_str(&piece);
+        }
+        assert!(partial, "some token ends inside a character (else this test shows nothing)");
+        assert_eq!(text, "Tokyo 東京 and ✓!");
+        // an invalid byte is shown as U+FFFD and does not stop the rest
+        let mut out = Utf8Out { pending: Vec::new() };
+        assert_eq!(out.push(&[b'a', 0xFF, b'b']), "a\u{FFFD}b");
+    }
 }
