@@ -625,3 +625,49 @@ fn a_gpt_neox_imports_as_a_rotary_gpt_with_transformers_logits() {
     });
     import(&dir, &tmp.path().join("v4.safetensors"), &["--tokenizer", "byte"]);
 }
+
+#[test]
+fn an_imported_gpt2_vocabulary_model_fine_tunes_and_continues_through_the_cluster() {
+    let c = Cluster::with_workers(1);
+    let dir = c.dir.path().join("gpt2-like");
+    gpt2_vocab_model(&dir);
+    std::fs::write(dir.join("vocab.json"), serde_json::to_vec(&gpt2_vocab()).unwrap()).unwrap();
+    let model = c.dir.path().join("gpt2.safetensors");
+    import(&dir, &model, &[]);
+
+    // SFT on GPT-2's tokens: each response ends with <|endoftext|>, which the model has
+    let data = c.dir.path().join("sft.jsonl");
+    let lines: String = (0..24)
+        .map(|i| serde_json::json!({"prompt": format!("Question {i}: what is {i} plus one?"), "response": format!(" It is {}.", i + 1)}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let ft = format!(
+        "name = \"sft-gpt2\"\nkind = \"finetune\"\n[finetune]\ninit_from = {:?}\nhead = \"sft\"\ndata = {:?}\nval_fraction = 0.25\n\
+         [train]\nsteps = 3\nglobal_batch = 4\nmicro_batch = 4\nseq_len = 16\nlr = 1e-3\neval_interval = 3\n",
+        model.to_str().unwrap(),
+        data.to_str().unwrap()
+    );
+    let job = c.submit(&ft, "");
+    let (state, metrics) = c.follow(&job.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&job.id).error, c.logs());
+    assert!(metrics.iter().any(|m| m.val_loss.is_some_and(f32::is_finite)));
+    let tuned = c.model_path(&job.id);
+    assert!(metadata(&tuned)["smelt.tokenizer"].contains("gpt2"));
+    let o = smelt(&["sample", "--model", tuned.to_str().unwrap(), "--prompt", "Question 3: what is 3 plus one?", "--tokens", "6", "--seed", "1"]);
+    assert!(o.status.success(), "sample: {}", text_of(&o));
+
+    // continued pretraining on a text encoded with GPT-2's BPE
+    let text = c.dir.path().join("text.txt");
+    std::fs::write(&text, "Continued pretraining reads ordinary English text. ".repeat(60)).unwrap();
+    let spec = format!(
+        "name = \"continue-gpt2\"\n[model]\ninit_from = {:?}\n[data]\ntext = {:?}\ntokenizer = \"gpt2\"\n\
+         [train]\nsteps = 3\nglobal_batch = 4\nmicro_batch = 4\nseq_len = 16\nlr = 1e-3\neval_interval = 3\n",
+        model.to_str().unwrap(),
+        text.to_str().unwrap()
+    );
+    let job = c.submit(&spec, "");
+    let (state, metrics) = c.follow(&job.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&job.id).error, c.logs());
+    // a random model over 50,257 ids starts near ln(50257) = 10.8
+    assert!((metrics[0].loss - 50257f32.ln()).abs() < 1.0, "first loss {}", metrics[0].loss);
+}
