@@ -166,6 +166,21 @@ pub fn warn_if_data_order_changes(ck: &Checkpoint, spec: &JobSpec) {
     }
 }
 
+/// A checkpoint resumes only over data tokenized as it was (another character vocabulary
+/// of the same size would make the same model config, and other ids).
+pub fn check_tokenizer(ck: &Checkpoint, tokenizer: &Tokenizer) -> Result<()> {
+    if ck.trainer.tokenizer != *tokenizer {
+        return Err(anyhow!(
+            "checkpoint {} was trained with the {} tokenizer{}, the job's data is tokenized with {}: its ids would mean other text",
+            ck.uri,
+            ck.trainer.tokenizer.kind(),
+            if ck.trainer.tokenizer.kind() == tokenizer.kind() { " of another character vocabulary" } else { "" },
+            tokenizer.kind()
+        ));
+    }
+    Ok(())
+}
+
 /// Lineage of a run's checkpoints when it resumed from `ck`.
 pub fn lineage_of(ck: &Checkpoint) -> Lineage {
     Lineage { parent_checkpoint: Some(ck.uri.clone()), parent_job: Some(ck.trainer.job_id.clone()) }
@@ -196,15 +211,7 @@ pub fn resume<B: Backend>(
                 cfg
             ));
         }
-        if ck.trainer.tokenizer != *tokenizer {
-            return Err(anyhow!(
-                "checkpoint {} was trained with the {} tokenizer{}, the job's data is tokenized with {}: its ids would mean other text",
-                ck.uri,
-                ck.trainer.tokenizer.kind(),
-                if ck.trainer.tokenizer.kind() == tokenizer.kind() { " of another character vocabulary" } else { "" },
-                tokenizer.kind()
-            ));
-        }
+        check_tokenizer(&ck, tokenizer)?;
         warn_if_data_order_changes(&ck, spec);
         trainer.restore(&ck.params, &ck.m, &ck.v, &ck.trainer.trainer).with_context(|| format!("restoring {}", ck.uri))?;
         resumed = Resumed { start_step: ck.step(), lineage: lineage_of(&ck) };

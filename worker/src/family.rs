@@ -301,15 +301,7 @@ pub(crate) fn train<B: Backend>(
     let model_config: ModelConfig = saved.model_config();
     let (mut start, mut lineage, mut print) = (0, Default::default(), 0);
     if let Some(ck) = checkpointing::load_resume(a, events)? {
-        if ck.trainer.tokenizer != data.tokenizer {
-            bail!(
-                "checkpoint {} was trained with the {} tokenizer{}, the job's data is tokenized with {}: its ids would mean other text",
-                ck.uri,
-                ck.trainer.tokenizer.kind(),
-                if ck.trainer.tokenizer.kind() == data.tokenizer.kind() { " of another character vocabulary" } else { "" },
-                data.tokenizer.kind()
-            );
-        }
+        checkpointing::check_tokenizer(&ck, &data.tokenizer)?;
         model.restore(&mut opt, &ck, &model_config, &spec, "the job's spec makes")?;
         start = ck.step();
         lineage = checkpointing::lineage_of(&ck);
