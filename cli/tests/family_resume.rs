@@ -2,7 +2,7 @@
 //! worker killed with SIGKILL mid-job is restarted from its last checkpoint and ends with
 //! weights bitwise identical to an uninterrupted run's; a cancelled T5 job resumed with
 //! `--resume-from` likewise. Their checkpoints name the architecture, and a checkpoint of the
-//! other architecture is refused with an error saying what each holds.
+//! other architecture, or of another character vocabulary, is refused with an error saying so.
 
 mod harness;
 
@@ -75,6 +75,19 @@ fn a_bert_job_killed_with_sigkill_resumes_from_its_checkpoint_and_ends_bitwise_i
     assert_eq!(state, JobState::Failed);
     let e = c.job(&wrong.id).error;
     assert!(e.contains("bert model") && e.contains("t5 model"), "{e}");
+
+    // Nor a BERT over a text of as many other characters (the same model config, other ids).
+    let upper = c.dir.path().join("upper.txt");
+    std::fs::write(&upper, std::fs::read_to_string(c.dir.path().join("corpus.txt")).unwrap().to_uppercase()).unwrap();
+    let shifted = spec(&c, "bert-upper", BERT, 0).replace(
+        c.dir.path().join("corpus.txt").to_str().unwrap(),
+        upper.to_str().unwrap(),
+    );
+    let other = c.submit(&shifted, &killed.id);
+    let (state, _) = c.follow(&other.id);
+    assert_eq!(state, JobState::Failed);
+    let e = c.job(&other.id).error;
+    assert!(e.contains("another character vocabulary"), "{e}");
 }
 
 #[test]
