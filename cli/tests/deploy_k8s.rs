@@ -112,7 +112,11 @@ fn read_logs(dir: &Path) -> String {
 
 #[test]
 fn the_kubernetes_manifests_agree_and_their_commands_run() {
-    let service = one("k8s/coordinator.yaml", "Service");
+    // the Service the workers dial (the other one is the StatefulSet's headless one)
+    let service = docs("k8s/coordinator.yaml")
+        .into_iter()
+        .find(|d| d["kind"].as_str() == Some("Service") && d["spec"]["clusterIP"].as_str() != Some("None"))
+        .expect("the coordinator's Service");
     let coordinator = one("k8s/coordinator.yaml", "StatefulSet");
     let cpu = one("k8s/workers-cpu.yaml", "StatefulSet");
     let gpu = one("k8s/workers-gpu.yaml", "StatefulSet");
@@ -144,6 +148,31 @@ fn the_kubernetes_manifests_agree_and_their_commands_run() {
         if what != "coordinator" {
             assert_eq!(flag(&args, "--coordinator"), url, "{what} dials the Service");
         }
+    }
+    // Each StatefulSet is governed by a headless Service of its file that selects its pods.
+    for (file, set) in [("k8s/coordinator.yaml", &coordinator), ("k8s/workers-cpu.yaml", &cpu), ("k8s/workers-gpu.yaml", &gpu)] {
+        let name = set["spec"]["serviceName"].as_str().unwrap();
+        let governing = docs(file).into_iter().find(|d| d["kind"].as_str() == Some("Service") && d["metadata"]["name"].as_str() == Some(name));
+        let governing = governing.unwrap_or_else(|| panic!("{file}: no Service {name}"));
+        assert_eq!(governing["spec"]["clusterIP"].as_str(), Some("None"), "{file}: {name} is headless");
+        assert_eq!(governing["spec"]["selector"], set["spec"]["template"]["metadata"]["labels"], "{file}");
+        assert_eq!(set["spec"]["selector"]["matchLabels"], set["spec"]["template"]["metadata"]["labels"], "{file}");
+    }
+    // Pods of the non-root image run as its user (the Dockerfile's fixed uid), and fsGroup makes
+    // the mounted token (group-readable) and volumes theirs.
+    let dockerfile = std::fs::read_to_string(deploy("docker/Dockerfile")).unwrap();
+    let uid: u64 = dockerfile.lines().find_map(|l| l.strip_prefix("USER ")).and_then(|u| u.split(':').next()).unwrap().parse().unwrap();
+    assert!(dockerfile.contains(&format!("--uid {uid}")), "the image creates user {uid}");
+    for (what, set) in [("coordinator", &coordinator), ("cpu worker", &cpu)] {
+        let (spec, container) = pod(set);
+        assert_eq!(container["image"].as_str(), Some("smelt:latest"), "{what}");
+        let sc = &spec["securityContext"];
+        assert_eq!((sc["runAsUser"].as_u64(), sc["fsGroup"].as_u64()), (Some(uid), Some(uid)), "{what}");
+    }
+    for (what, set) in [("coordinator", &coordinator), ("cpu worker", &cpu), ("gpu worker", &gpu)] {
+        let token = pod(set).0["volumes"].as_sequence().unwrap().iter().find(|v| v["secret"]["secretName"].as_str() == Some("smelt-token")).unwrap().clone();
+        let mode = token["secret"]["defaultMode"].as_u64().unwrap();
+        assert_eq!(mode & 0o040, 0o040, "{what}: the token is readable by the pod's group (mode {mode:o})");
     }
     let (gspec, gcont) = pod(&gpu);
     assert_eq!(gcont["resources"]["limits"]["nvidia.com/gpu"].as_u64(), Some(1), "one GPU per worker pod");
