@@ -54,7 +54,8 @@ pub fn gpt_config(hf: &Value) -> Result<GptConfig> {
     if hf.get("use_parallel_residual").and_then(Value::as_bool).unwrap_or(true) {
         bail!("use_parallel_residual is true (Pythia's layout: attention and feed-forward side by side); smelt's blocks are sequential");
     }
-    let rope = hf.get("rope_parameters");
+    // transformers 5 takes `rope_scaling` in place of `rope_parameters` when it is given
+    let rope = hf.get("rope_scaling").filter(|v| !v.is_null()).or_else(|| hf.get("rope_parameters"));
     let partial = rope.and_then(|r| r.get("partial_rotary_factor")).or_else(|| hf.get("rotary_pct")).and_then(Value::as_f64).unwrap_or(0.25);
     if (partial - 1.0).abs() > 1e-12 {
         bail!("partial_rotary_factor (rotary_pct) is {partial}: smelt turns the whole head (1.0)");
@@ -63,8 +64,11 @@ pub fn gpt_config(hf: &Value) -> Result<GptConfig> {
     if (theta - THETA).abs() > 1e-9 {
         bail!("rope_theta (rotary_emb_base) is {theta}: smelt's rotary base is {THETA}");
     }
-    if let Some(kind) = rope.and_then(|r| r.get("rope_type")).and_then(Value::as_str).filter(|k| *k != "default") {
+    if let Some(kind) = rope.and_then(|r| r.get("rope_type").or_else(|| r.get("type"))).and_then(Value::as_str).filter(|k| *k != "default") {
         bail!("rope_type is {kind:?}: smelt's rotation is the default one (no scaling)");
+    }
+    if let Some(factor) = rope.and_then(|r| r.get("factor")).filter(|f| f.as_f64() != Some(1.0)) {
+        bail!("the rotation's factor is {factor}: smelt's rotation is not scaled");
     }
     let act = hf.get("hidden_act").and_then(Value::as_str).unwrap_or("gelu");
     if !TANH_GELU.contains(&act) {
@@ -91,6 +95,34 @@ pub fn gpt_config(hf: &Value) -> Result<GptConfig> {
     };
     config.validate().map_err(|e| anyhow!("{e}"))?;
     Ok(config)
+}
+
+/// Tensors of a NeoX file that are not weights (rotary tables, causal-mask buffers of older
+/// files, stored as BOOL or F32): skipped before their values are read.
+pub fn is_buffer(name: &str) -> bool {
+    name.ends_with(".rotary_emb.inv_freq") || name.ends_with(".attention.bias") || name.ends_with(".attention.masked_bias")
+}
+
+/// The shape transformers gives NeoX tensor `name` for `cfg` (None: not a weight it knows).
+pub fn hf_shape(name: &str, cfg: &GptConfig) -> Option<Vec<usize>> {
+    let c = cfg.n_embd;
+    let name = name.strip_prefix("gpt_neox.").unwrap_or(name);
+    Some(match name {
+        "embed_in.weight" | "lm_head.weight" | "embed_out.weight" => vec![cfg.vocab_size, c],
+        "final_layer_norm.weight" | "final_layer_norm.bias" => vec![c],
+        _ => {
+            let (_, part) = name.strip_prefix("layers.")?.split_once('.')?;
+            match part {
+                "attention.query_key_value.weight" => vec![3 * c, c],
+                "attention.query_key_value.bias" => vec![3 * c],
+                "attention.dense.weight" => vec![c, c],
+                "mlp.dense_h_to_4h.weight" => vec![4 * c, c],
+                "mlp.dense_h_to_4h.bias" => vec![4 * c],
+                "mlp.dense_4h_to_h.weight" => vec![c, 4 * c],
+                _ => vec![c],
+            }
+        }
+    })
 }
 
 /// A NeoX tensor as smelt's: its name and values (None: not a weight smelt keeps, e.g. the

@@ -71,8 +71,14 @@ pub fn read_gpt2(dir: &Path, tokenizer: Option<&str>) -> Result<Imported> {
         let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow!("{}: not a safetensors file: {e}", file.display()))?;
         for (name, view) in st.tensors() {
             let gpt2_name = name.strip_prefix("transformer.").unwrap_or(&name);
-            if !neox && is_mask_buffer(gpt2_name) {
+            if (!neox && is_mask_buffer(gpt2_name)) || (neox && super::hf_neox::is_buffer(&name)) {
                 continue;
+            }
+            if neox {
+                // the layout is NeoX's (transposed, per-head qkv): check its own shape
+                if let Some(want) = super::hf_neox::hf_shape(&name, &config).filter(|w| view.shape() != w.as_slice()) {
+                    bail!("{}: tensor {name} has shape {:?}; config.json's sizes give {want:?}", file.display(), view.shape());
+                }
             }
             let values = widen(view.dtype(), view.data()).with_context(|| format!("{}: tensor {name}", file.display()))?;
             // smelt's name and layout: GPT-2's are smelt's own; NeoX's are renamed and re-laid
@@ -118,6 +124,12 @@ pub fn read_gpt2(dir: &Path, tokenizer: Option<&str>) -> Result<Imported> {
     let missing: Vec<&str> = table.specs().iter().zip(&filled).filter(|(_, f)| !**f).map(|(s, _)| s.name.as_str()).collect();
     if !missing.is_empty() {
         bail!("{shown}: missing tensors {} (of {})", missing.join(", "), table.specs().len());
+    }
+    if neox && wte_copy.is_none() && !hf.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false) {
+        bail!(
+            "{shown}: no lm_head.weight and tie_word_embeddings is not true: transformers would give this model an untied, \
+             freshly drawn head (GPTNeoXConfig's default), which smelt's tied GPT cannot reproduce"
+        );
     }
     if let Some((name, head)) = wte_copy {
         let wte = &params[table.range(table.id("transformer.wte.weight").expect("wte"))];

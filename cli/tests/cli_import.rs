@@ -611,12 +611,38 @@ fn a_gpt_neox_imports_as_a_rotary_gpt_with_transformers_logits() {
         (Box::new(|c| c["intermediate_size"] = 48.into()), "intermediate_size is 48"),
         (Box::new(|c| c["attention_bias"] = false.into()), "attention_bias is false"),
         (Box::new(|c| c["architectures"] = serde_json::json!(["GPTNeoXForSequenceClassification"])), "GPTNeoXForSequenceClassification"),
+        // transformers takes rope_scaling in place of rope_parameters, and `type` for rope_type
+        (Box::new(|c| c["rope_scaling"] = serde_json::json!({"type": "linear", "factor": 4.0, "partial_rotary_factor": 1.0})), "rope_type is \"linear\""),
+        (Box::new(|c| c["rope_parameters"]["factor"] = 4.0.into()), "factor is 4.0"),
+        // no stored head and not declared tied: transformers would draw a fresh one
+        (Box::new(|c| { c.as_object_mut().unwrap().remove("tie_word_embeddings"); }), "tie_word_embeddings is not true"),
     ];
     for (edit, says) in cases {
         let dir = copy_with_config(tmp.path(), "neox", edit);
         let msg = import_fails(&dir, &tmp.path().join("refused.safetensors"), &["--tokenizer", "byte"]);
         assert!(msg.contains(says), "{says}: {msg}");
     }
+    // older files' BOOL causal-mask buffers are skipped; a transposed query_key_value is refused
+    let neox_tensors = || -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+        let bytes = std::fs::read(fixtures().join("neox/model.safetensors")).unwrap();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect()
+    };
+    let dir = copy_with_config(tmp.path(), "neox", |_| {});
+    let mut t = neox_tensors();
+    t.push(("gpt_neox.layers.0.attention.bias".into(), Dtype::BOOL, vec![1, 1, 32, 32], vec![1u8; 32 * 32]));
+    write_tensors(&dir.join("model.safetensors"), &t);
+    let with_buffer = tmp.path().join("with-buffer.safetensors");
+    import(&dir, &with_buffer, &["--tokenizer", "byte"]);
+    assert!(max_abs_diff(&logits_of(&with_buffer, &fixture_ids()), &expected_logits("logits_neox")) < 1e-5);
+    let dir = copy_with_config(tmp.path(), "neox", |_| {});
+    let mut t = neox_tensors();
+    let qkv = t.iter_mut().find(|x| x.0 == "gpt_neox.layers.1.attention.query_key_value.weight").unwrap();
+    qkv.2 = vec![16, 48];
+    write_tensors(&dir.join("model.safetensors"), &t);
+    let msg = import_fails(&dir, &tmp.path().join("transposed.safetensors"), &["--tokenizer", "byte"]);
+    assert!(msg.contains("query_key_value.weight has shape [16, 48]") && msg.contains("[48, 16]"), "{msg}");
+
     // transformers 4.x's names for the rotation are read too
     let dir = copy_with_config(tmp.path(), "neox", |c| {
         c.as_object_mut().unwrap().remove("rope_parameters");
