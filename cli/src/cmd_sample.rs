@@ -102,6 +102,16 @@ pub fn penalize_repeats(logits: &mut [f32], context: &[u32], penalty: f32) {
     }
 }
 
+/// The text of generated token `id`, as it becomes whole: byte-level tokens (GPT-2's BPE, the
+/// byte tokenizer) may end inside a UTF-8 character, whose bytes then wait in `out`.
+fn piece(tok: &Tokenizer, id: u32, out: &mut Utf8Out) -> Result<String> {
+    Ok(match tok {
+        Tokenizer::Gpt2 => out.push(&smelt_corpus::gpt2::core().decode_bytes(&[id]).unwrap_or_default()),
+        Tokenizer::Byte if id < 256 => out.push(&[id as u8]),
+        other => other.decode(&[id])?,
+    })
+}
+
 /// Text of generated ids as it becomes whole: a GPT-2 token may end inside a UTF-8 character
 /// (byte-level BPE), so its bytes wait for the rest of the character.
 struct Utf8Out {
@@ -176,7 +186,6 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     write!(out, "{}", a.prompt)?;
     let mut text = Utf8Out { pending: Vec::new() };
-    let gpt2 = matches!(saved.tokenizer, Tokenizer::Gpt2);
     for _ in 0..a.tokens {
         let ctx = &ids[ids.len().saturating_sub(block)..];
         model.forward(ctx, None, 1, ctx.len())?;
@@ -185,20 +194,12 @@ pub fn run(a: SampleArgs) -> Result<()> {
         // Ids past the tokenizer's (and end-of-text) are vocabulary padding: never picked.
         let next = pick(&logits[..known], sampling, &mut rng);
         ids.push(next);
+        // end-of-text (GPT-2's <|endoftext|>, or the id a prepared corpus adds after each
+        // document): the model ended the text (an SFT model its answer)
         if next == saved.tokenizer.eot_token() {
-            if gpt2 {
-                // GPT-2's <|endoftext|>: the model ended the text (an SFT model its answer)
-                break;
-            }
-            // a model trained on a prepared char/byte corpus knows it too: a document break
-            if next as usize >= saved.tokenizer.vocab_size() {
-                write!(out, "\n\n")?;
-                out.flush()?;
-                continue;
-            }
+            break;
         }
-        let piece = if gpt2 { text.push(&smelt_corpus::gpt2::core().decode_bytes(&[next]).unwrap_or_default()) } else { saved.tokenizer.decode(&[next])? };
-        write!(out, "{piece}")?;
+        write!(out, "{}", piece(&saved.tokenizer, next, &mut text)?)?;
         out.flush()?;
     }
     write!(out, "{}", text.push(&[]))?;
@@ -227,19 +228,26 @@ fn respond_t5(a: &SampleArgs, config: T5Config, specials: T5Specials, tok: &Toke
     let mut model = T5::from_params(CpuBackend::new(), config, params)?;
     let mut rng = Rng::new(a.seed);
     let mut dec = vec![specials.pad];
+    let mut pieces = Utf8Out { pending: Vec::new() };
     let mut out = std::io::stdout().lock();
     for _ in 0..a.tokens.min(max) {
         let x = T5Batch { batch: 1, enc_len: prompt.len(), dec_len: dec.len(), enc_tokens: prompt.clone(), dec_tokens: dec.clone(), ..Default::default() };
         model.forward(&x)?;
         let logits = model.logits();
         let v = logits.len() / dec.len();
-        let next = pick(&logits[(dec.len() - 1) * v..][..text], Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p }, &mut rng);
+        let mut last = logits[(dec.len() - 1) * v..][..text].to_vec();
+        penalize_repeats(&mut last, &dec, a.repetition_penalty);
+        let next = pick(&last, Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p }, &mut rng);
         if Some(next) == eot {
             break;
         }
-        write!(out, "{}", tok.decode(&[next])?)?;
+        write!(out, "{}", piece(tok, next, &mut pieces)?)?;
         out.flush()?;
         dec.push(next);
+    }
+    write!(out, "{}", pieces.push(&[]))?;
+    if !pieces.pending.is_empty() {
+        write!(out, "\u{FFFD}")?;
     }
     writeln!(out)?;
     Ok(())
@@ -299,6 +307,10 @@ mod tests {
         }
         assert!(partial, "some token ends inside a character (else this test shows nothing)");
         assert_eq!(text, "Tokyo 東京 and ✓!");
+        // the byte tokenizer's ids are bytes: a character spans several
+        let mut out = Utf8Out { pending: Vec::new() };
+        let bytes: String = "héllo 東".bytes().map(|b| piece(&Tokenizer::Byte, b as u32, &mut out).unwrap()).collect();
+        assert_eq!(bytes, "héllo 東");
         // an invalid byte is shown as U+FFFD and does not stop the rest
         let mut out = Utf8Out { pending: Vec::new() };
         assert_eq!(out.push(&[b'a', 0xFF, b'b']), "a\u{FFFD}b");
