@@ -78,11 +78,31 @@ impl Tokens {
         }
     }
 
-    fn read(&self, range: std::ops::Range<u64>) -> Result<std::borrow::Cow<'_, [u32]>> {
-        Ok(match self {
-            Tokens::Memory(v) => std::borrow::Cow::Borrowed(&v[range.start as usize..range.end as usize]),
-            Tokens::Corpus { reader, .. } => std::borrow::Cow::Owned(reader.tokens(range)?),
-        })
+    /// (inputs, targets) of windows `windows` of `t` predictions: window i reads tokens
+    /// [i t, i t + t + 1), which is a corpus's sequence i of length t, so a corpus serves them
+    /// from its reader's cache (filled ahead by [`Tokens::prefetch`]).
+    fn windows(&self, t: usize, windows: std::ops::Range<usize>) -> Result<(Vec<u32>, Vec<u32>)> {
+        match self {
+            Tokens::Memory(v) => {
+                let (mut inputs, mut targets) = (Vec::with_capacity(windows.len() * t), Vec::with_capacity(windows.len() * t));
+                for w in windows {
+                    inputs.extend_from_slice(&v[w * t..w * t + t]);
+                    targets.extend_from_slice(&v[w * t + 1..w * t + t + 1]);
+                }
+                Ok((inputs, targets))
+            }
+            Tokens::Corpus { reader, .. } => {
+                let ids: Vec<u64> = windows.map(|w| w as u64).collect();
+                Ok(reader.batch(t, &ids)?)
+            }
+        }
+    }
+
+    /// Starts fetching windows that come next (a no-op for a text in memory).
+    fn prefetch(&self, t: usize, windows: std::ops::Range<usize>) {
+        if let Tokens::Corpus { reader, .. } = self {
+            reader.prefetch(t, windows.map(|w| w as u64));
+        }
     }
 }
 
@@ -148,13 +168,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let mut next_report = windows / 10;
     while done < windows {
         let b = a.batch.min(windows - done);
-        // windows done..done+b: tokens [done T, (done + b) T + 1)
-        let tokens = data.read((done * t) as u64..((done + b) * t + 1) as u64)?;
-        let (mut inputs, mut targets) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
-        for w in 0..b {
-            inputs.extend_from_slice(&tokens[w * t..w * t + t]);
-            targets.extend_from_slice(&tokens[w * t + 1..w * t + t + 1]);
-        }
+        data.prefetch(t, done + b..(done + 2 * b).min(windows));
+        let (inputs, targets) = data.windows(t, done..done + b)?;
         let loss = model.forward(&inputs, Some(&targets), b, t)?.ok_or_else(|| anyhow!("no loss: targets were given"))?;
         if !loss.is_finite() {
             bail!("{source}: the loss of windows {done}..{} is {loss}", done + b);

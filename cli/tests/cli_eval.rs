@@ -105,7 +105,7 @@ fn a_corpus_split_is_evaluated_when_its_tokenizer_is_the_models() {
     let train = eval_json(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "train", "--seq", "8"]);
     assert!(val["data"].as_str().unwrap().ends_with("(val)") && train["data"].as_str().unwrap().ends_with("(train)"));
     assert_ne!(val["tokens"], train["tokens"]);
-    // read by ranges as the windows go (batches of 2 windows): the same result as one batch
+    // windows read batch by batch through the reader (one window a batch here, eight by default): the same result
     let train_b1 = eval_json(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "train", "--seq", "8", "--batch", "1"]);
     assert!((train_b1["loss"].as_f64().unwrap() - train["loss"].as_f64().unwrap()).abs() < 1e-6);
     // --max-tokens reads only the first tokens of a split
