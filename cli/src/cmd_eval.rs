@@ -13,11 +13,9 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
-use smelt_checkpoint::{resolve_model, JobLocations};
 use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
 use smelt_engine::model::Gpt;
 use smelt_engine::CpuBackend;
-use smelt_worker::model_file;
 use tracing::info;
 
 #[derive(Args, Debug)]
@@ -110,12 +108,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.split.is_some() && a.corpus.is_none() {
         bail!("--split chooses a split of --corpus; a --text is evaluated whole");
     }
-    let jobs = JobLocations { checkpoint_store: a.store.clone(), final_models: Some(a.store.clone()) };
-    let src = resolve_model(&a.model, &jobs).with_context(|| format!("reading the model {}", a.model))?;
-    if model_file::is_family(&src.bytes, &src.file)? {
-        bail!("{}: a BERT or T5; smelt eval measures a GPT's next-token loss", a.model);
-    }
-    let saved = model_file::from_bytes(&src.bytes, &src.file)?;
+    let (saved, file) = crate::cmd_export::read_gpt(&a.model, &a.store, "reading the model", "smelt eval measures a GPT's next-token loss")?;
     let (cfg, tokenizer) = (saved.config.clone(), saved.tokenizer.clone());
     let t = a.seq.unwrap_or(cfg.block_size);
     if t == 0 || t > cfg.block_size {
@@ -188,7 +181,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     let bits_per_byte = (bytes > 0).then(|| nats / std::f64::consts::LN_2 / bytes as f64);
     if a.json {
         let v = serde_json::json!({
-            "model": src.file, "data": source, "tokenizer": tokenizer.kind(), "seq_len": t, "windows": windows,
+            "model": file, "data": source, "tokenizer": tokenizer.kind(), "seq_len": t, "windows": windows,
             "tokens": windows * t, "loss": loss, "perplexity": loss.exp(), "bits_per_byte": bits_per_byte,
         });
         println!("{v}");
@@ -196,7 +189,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         let bpb = bits_per_byte.map(|b| format!(", {b:.4} bits per byte")).unwrap_or_default();
         println!(
             "{}: loss {loss:.4}, perplexity {:.3}{bpb} over {} tokens of {source} ({windows} windows of {t})",
-            src.file,
+            file,
             loss.exp(),
             windows * t
         );

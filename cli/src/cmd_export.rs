@@ -93,13 +93,31 @@ enum Loaded {
 
 /// Reads `<model>`'s bytes, verified when it is a checkpoint (see the module docs).
 fn read(model: &str, store: &StoreArg) -> Result<ModelSource> {
-    let jobs = JobLocations { checkpoint_store: store.store.clone(), final_models: Some(store.store.clone()) };
-    let src = resolve_model(model, &jobs).with_context(|| format!("reading the model {model}"))?;
+    read_in(model, &store.store, "reading the model")
+}
+
+/// `model` (a file, a directory holding one, a checkpoint, or a job id under `store`), its
+/// bytes verified when a checkpoint; errors say `what` and the model. Also `smelt eval`'s and
+/// `smelt train --init-from`'s.
+pub(crate) fn read_in(model: &str, store: &str, what: &str) -> Result<ModelSource> {
+    let jobs = JobLocations { checkpoint_store: store.to_string(), final_models: Some(store.to_string()) };
+    let src = resolve_model(model, &jobs).with_context(|| format!("{what} {model}"))?;
     for s in &src.skipped {
         warn!(uri = %s.uri, reason = %s.reason, "checkpoint skipped");
     }
     info!(model, file = %src.file, verified = src.checkpoint.is_some(), "model read");
     Ok(src)
+}
+
+/// `model` read as in [`read_in`], which must be a GPT: a BERT or T5 is refused, saying that
+/// `purpose` needs a GPT. Returns the model and the file it was read from.
+pub(crate) fn read_gpt(model: &str, store: &str, what: &str, purpose: &str) -> Result<(SavedModel, String)> {
+    let src = read_in(model, store, what)?;
+    if model_file::is_family(&src.bytes, &src.file)? {
+        bail!("{what} {model}: a BERT or T5 model; {purpose}");
+    }
+    let saved = model_file::from_bytes(&src.bytes, &src.file).with_context(|| format!("{what} {model}"))?;
+    Ok((saved, src.file))
 }
 
 /// Reads `<model>` as whichever family its format names.

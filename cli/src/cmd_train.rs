@@ -15,7 +15,6 @@ use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::CpuBackend;
 use tracing::info;
 
-use smelt_checkpoint::{resolve_model, JobLocations};
 use smelt_worker::model_file;
 
 #[derive(Args, Debug)]
@@ -105,13 +104,8 @@ pub struct TrainArgs {
 
 /// `--init-from`'s GPT (a model file, checkpoint or job id; a BERT or T5 is refused).
 fn read_parent(model: &str, store: &str) -> Result<model_file::SavedModel> {
-    let jobs = JobLocations { checkpoint_store: store.to_string(), final_models: Some(store.to_string()) };
-    let src = resolve_model(model, &jobs).with_context(|| format!("--init-from {model}"))?;
-    if model_file::is_family(&src.bytes, &src.file)? {
-        bail!("--init-from {model}: a BERT or T5 model; smelt train trains a GPT");
-    }
-    let saved = model_file::from_bytes(&src.bytes, &src.file).with_context(|| format!("--init-from {model}"))?;
-    info!(model, file = %src.file, "starting from the model's weights");
+    let (saved, file) = crate::cmd_export::read_gpt(model, store, "--init-from", "smelt train trains a GPT")?;
+    info!(model, file, "starting from the model's weights");
     Ok(saved)
 }
 

@@ -15,12 +15,10 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 use smelt_engine::model::{GptConfig, GptPositions, LayerNormPlacement};
 
-/// smelt's LayerNorm epsilon.
-const LN_EPS: f64 = 1e-5;
+use super::import_hf::{LN_EPS, TANH_GELU};
+
 /// smelt's rotary base.
 const THETA: f64 = 10_000.0;
-/// The tanh approximations of GELU smelt's feed-forward computes.
-const TANH_GELU: &[&str] = &["gelu_new", "gelu_pytorch_tanh", "gelu_fast"];
 
 /// The NeoX row of smelt's `c_attn` output column `o` (C wide, heads of D).
 fn neox_row(o: usize, c: usize, d: usize) -> usize {
@@ -153,8 +151,8 @@ pub fn to_smelt(name: &str, values: Vec<f32>, cfg: &GptConfig) -> Result<Option<
         "post_attention_layernorm.weight" => (p("ln_2.weight"), values),
         "post_attention_layernorm.bias" => (p("ln_2.bias"), values),
         "attention.query_key_value.weight" => {
-            // NeoX (3C, C) rows per head -> smelt (C, 3C) columns [q | k | v]
-            check_len(name, &values, 3 * c * c)?;
+            // NeoX (3C, C) rows per head -> smelt (C, 3C) columns [q | k | v] (shapes checked by
+            // the caller against `hf_shape`)
             let mut w = vec![0.0; 3 * c * c];
             for o in 0..3 * c {
                 let r = neox_row(o, c, d);
@@ -164,27 +162,17 @@ pub fn to_smelt(name: &str, values: Vec<f32>, cfg: &GptConfig) -> Result<Option<
             }
             (p("attn.c_attn.weight"), w)
         }
-        "attention.query_key_value.bias" => {
-            check_len(name, &values, 3 * c)?;
-            (p("attn.c_attn.bias"), (0..3 * c).map(|o| values[neox_row(o, c, d)]).collect())
-        }
-        "attention.dense.weight" => (p("attn.c_proj.weight"), { check_len(name, &values, c * c)?; transpose(&values, c, c) }),
+        "attention.query_key_value.bias" => (p("attn.c_attn.bias"), (0..3 * c).map(|o| values[neox_row(o, c, d)]).collect()),
+        "attention.dense.weight" => (p("attn.c_proj.weight"), transpose(&values, c, c)),
         "attention.dense.bias" => (p("attn.c_proj.bias"), values),
-        "mlp.dense_h_to_4h.weight" => (p("mlp.c_fc.weight"), { check_len(name, &values, 4 * c * c)?; transpose(&values, 4 * c, c) }),
+        "mlp.dense_h_to_4h.weight" => (p("mlp.c_fc.weight"), transpose(&values, 4 * c, c)),
         "mlp.dense_h_to_4h.bias" => (p("mlp.c_fc.bias"), values),
-        "mlp.dense_4h_to_h.weight" => (p("mlp.c_proj.weight"), { check_len(name, &values, 4 * c * c)?; transpose(&values, c, 4 * c) }),
+        "mlp.dense_4h_to_h.weight" => (p("mlp.c_proj.weight"), transpose(&values, c, 4 * c)),
         "mlp.dense_4h_to_h.bias" => (p("mlp.c_proj.bias"), values),
         _ if part.contains("rotary_emb") => return Ok(None),
         _ => bail!("tensor {name} is not part of GPT-NeoX as smelt reads it"),
     };
     Ok(Some(out))
-}
-
-fn check_len(name: &str, v: &[f32], want: usize) -> Result<()> {
-    if v.len() != want {
-        bail!("tensor {name} holds {} values; config.json's sizes give {want}", v.len());
-    }
-    Ok(())
 }
 
 /// smelt's tensor `name` (values in smelt's layout) as GPT-NeoX's: its name, shape and values.

@@ -23,10 +23,10 @@ use smelt_corpus::Tokenizer;
 use smelt_engine::model::{Gpt, GptConfig, GptPositions, LayerNormPlacement};
 use smelt_engine::CpuBackend;
 
-/// smelt's LayerNorm epsilon (engine/src/cpu/layernorm.rs), GPT-2's `layer_norm_epsilon`.
-const LN_EPS: f64 = 1e-5;
+/// smelt's LayerNorm epsilon, GPT-2's `layer_norm_epsilon`.
+pub(super) const LN_EPS: f64 = smelt_engine::cpu::LAYER_NORM_EPS as f64;
 /// Activations that are the tanh approximation of GELU smelt computes (`gelu_new` in GPT-2).
-const TANH_GELU: &[&str] = &["gelu_new", "gelu_pytorch_tanh", "gelu_fast"];
+pub(super) const TANH_GELU: &[&str] = &["gelu_new", "gelu_pytorch_tanh", "gelu_fast"];
 
 /// A GPT-2 read from a Hugging Face directory.
 pub struct Imported {

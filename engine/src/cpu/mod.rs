@@ -11,6 +11,8 @@ pub mod dropout;
 mod elementwise;
 mod embedding;
 mod layernorm;
+/// LayerNorm's epsilon (GPT-2's `layer_norm_epsilon`), for code that must agree with it.
+pub use layernorm::EPS as LAYER_NORM_EPS;
 mod matmul;
 mod rope;
 
