@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
-use smelt_engine::model::{Gpt, T5Batch, T5Config, T5};
+use smelt_engine::model::{Decoder, Gpt, T5Batch, T5Config, T5};
 use smelt_jobspec::T5Specials;
 use smelt_engine::rng::Rng;
 use smelt_engine::CpuBackend;
@@ -42,7 +42,61 @@ pub struct SampleArgs {
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Run the whole context through the model for every token instead of keeping its keys and
+    /// values (a GPT; slower, for comparison).
+    #[arg(long)]
+    pub no_kv_cache: bool,
 }
+
+/// What a GPT reads before each token it picks: with the key/value cache, only the tokens not
+/// yet read (the prompt, then one token a step); when the cache holds the model's last position,
+/// it starts over from the text's last half (read in one pass), so a text longer than the
+/// model's positions goes on at one pass per half a block. Without the cache, the last
+/// `block_size` tokens, all through the model, every step.
+enum Context<'m> {
+    /// `upto`: the ids already handed over (the cache holds the last `dec.len()` of them).
+    Cached { dec: Decoder<'m, CpuBackend>, upto: usize },
+    Recomputed { model: &'m mut Gpt<CpuBackend>, last_len: usize },
+}
+
+impl Context<'_> {
+    /// The logits of the token after `ids`: the ids handed over before and new ones after them.
+    fn after(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
+        match self {
+            Context::Cached { dec, upto } => {
+                let (block, new) = (dec.capacity(), &ids[*upto..]);
+                *upto = ids.len();
+                if dec.len() + new.len() > block {
+                    // a prompt longer than the positions: its last block; a full cache: the
+                    // text's last half block, read again in one pass
+                    let keep = if dec.is_empty() { block } else { (block / 2).max(1) };
+                    dec.clear();
+                    return Ok(dec.feed(&ids[ids.len() - keep.min(ids.len())..])?);
+                }
+                Ok(dec.feed(new)?)
+            }
+            Context::Recomputed { model, last_len } => {
+                let ctx = &ids[ids.len().saturating_sub(model.config().block_size)..];
+                *last_len = ctx.len();
+                model.forward(ctx, None, 1, ctx.len())?;
+                Ok(model.logits_at(0, ctx.len() - 1))
+            }
+        }
+    }
+
+    /// The tokens the model saw for the last logits (the end of `ids`).
+    fn seen<'a>(&self, ids: &'a [u32]) -> &'a [u32] {
+        &ids[ids.len() - self.read()..]
+    }
+
+    fn read(&self) -> usize {
+        match self {
+            Context::Cached { dec, .. } => dec.len(),
+            Context::Recomputed { last_len, .. } => *last_len,
+        }
+    }
+}
+
 
 /// How the next token is drawn from the logits.
 #[derive(Clone, Copy, Debug)]
@@ -54,6 +108,7 @@ pub struct Sampling {
     /// Keep the fewest most likely tokens whose probabilities reach p (1: all; nucleus sampling).
     pub top_p: f64,
 }
+
 
 /// Picks a token id from logits: temperature, then top-k, then top-p (both over the
 /// temperature's distribution), then a draw.
@@ -186,11 +241,13 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let mut out = std::io::stdout().lock();
     write!(out, "{}", a.prompt)?;
     let mut text = Utf8Out { pending: Vec::new() };
-    for _ in 0..a.tokens {
-        let ctx = &ids[ids.len().saturating_sub(block)..];
-        model.forward(ctx, None, 1, ctx.len())?;
-        let mut logits = model.logits_at(0, ctx.len() - 1);
-        penalize_repeats(&mut logits[..known], ctx, a.repetition_penalty);
+    let mut next_logits = match a.no_kv_cache {
+        true => Context::Recomputed { model: &mut model, last_len: 0 },
+        false => Context::Cached { dec: model.decoder(), upto: 0 },
+    };
+    let mut logits = next_logits.after(&ids)?;
+    for i in 0..a.tokens {
+        penalize_repeats(&mut logits[..known], next_logits.seen(&ids), a.repetition_penalty);
         // Ids past the tokenizer's (and end-of-text) are vocabulary padding: never picked.
         let next = pick(&logits[..known], sampling, &mut rng);
         ids.push(next);
@@ -201,7 +258,11 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
         write!(out, "{}", piece(&saved.tokenizer, next, &mut text)?)?;
         out.flush()?;
+        if i + 1 < a.tokens {
+            logits = next_logits.after(&ids)?;
+        }
     }
+    debug_assert!(next_logits.read() <= block);
     write!(out, "{}", text.push(&[]))?;
     if !text.pending.is_empty() {
         write!(out, "\u{FFFD}")?;

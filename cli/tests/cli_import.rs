@@ -697,3 +697,42 @@ fn an_imported_gpt2_vocabulary_model_fine_tunes_and_continues_through_the_cluste
     // a random model over 50,257 ids starts near ln(50257) = 10.8
     assert!((metrics[0].loss - 50257f32.ln()).abs() < 1.0, "first loss {}", metrics[0].loss);
 }
+
+/// The ids of a greedy generation in the fixture (int64).
+fn expected_ids(name: &str) -> Vec<u32> {
+    let bytes = std::fs::read(fixtures().join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), Dtype::I64, "{name}");
+    t.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap()) as u32).collect()
+}
+
+/// smelt's key/value-cache decoder (what `smelt sample` runs) against transformers' `generate`
+/// (its own cache) on the imported GPT-2 and GPT-NeoX: from the same 5-id prompt, every step's
+/// logits within 1e-5 and the same greedy picks up to the models' 32 positions.
+#[test]
+fn the_cached_decoder_generates_what_transformers_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    for (dir, name) in [("hub", "gpt2"), ("neox", "neox")] {
+        let out = tmp.path().join(format!("{name}.safetensors"));
+        import(&fixtures().join(dir), &out, &["--tokenizer", "byte"]);
+        let saved = smelt_worker::model_file::load(&out).unwrap();
+        let v = saved.config.vocab_size;
+        let model = smelt_engine::model::Gpt::from_params(smelt_engine::CpuBackend::new(), saved.config, &saved.params).unwrap();
+        let (want_ids, want_logits) = (expected_ids(&format!("greedy_{name}")), expected_logits(&format!("greedy_{name}_logits")));
+        assert_eq!((want_ids.len(), want_logits.len()), (32, 27 * v));
+        let mut dec = model.decoder();
+        let mut ids = want_ids[..5].to_vec();
+        let mut logits = dec.feed(&ids).unwrap();
+        for step in 0..27 {
+            let diff = max_abs_diff(&logits, &want_logits[step * v..][..v]);
+            assert!(diff < 1e-5, "{name}: step {step}'s logits differ from transformers' by {diff}");
+            let next = logits.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).unwrap().0 as u32;
+            ids.push(next);
+            if ids.len() < 32 {
+                logits = dec.feed(&[next]).unwrap();
+            }
+        }
+        assert_eq!(ids, want_ids, "{name}: greedy ids");
+    }
+}

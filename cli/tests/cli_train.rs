@@ -46,6 +46,18 @@ fn train_then_sample() {
     // Same seed, same text.
     let again = smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", "the ", "--tokens", "50", "--seed", "3"]);
     assert_eq!(String::from_utf8(again.stdout).unwrap(), s);
+    // The key/value cache reads one token a step where --no-kv-cache runs the whole text
+    // through the model: within the model's 32 positions, greedy picks are the same.
+    let greedy = |extra: &[&str]| {
+        let mut args = vec!["sample", "--model", model.to_str().unwrap(), "--prompt", "the quick ", "--tokens", "22", "--temperature", "0"];
+        args.extend_from_slice(extra);
+        let o = smelt(&args);
+        assert!(o.status.success(), "sample {extra:?}: {}", text_of(&o));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let cached = greedy(&[]);
+    assert_eq!(cached.trim_end_matches('\n').chars().count(), 10 + 22);
+    assert_eq!(cached, greedy(&["--no-kv-cache"]));
 
     // Attention maps of the trained model: one PNG per layer and head, weights in JSON.
     let att = dir.path().join("att");

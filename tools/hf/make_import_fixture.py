@@ -25,7 +25,11 @@ Writes under --out:
   computing in float32, as smelt imports bf16 weights to float32); for `smelt eval`,
   `eval_loss_w10` (1,): the float32 model's mean loss (`labels=` as in transformers) over the
   non-overlapping windows of 10 predictions of `eval_text.txt`'s UTF-8 bytes (ids < 256), every
-  window weighted alike (5 windows of 11 bytes, each sharing its edge byte with the next; the tail left out).
+  window weighted alike (5 windows of 11 bytes, each sharing its edge byte with the next; the tail left out);
+  for generation with a key/value cache, `greedy_gpt2` and `greedy_neox` (32,) int64: the first 5
+  `ids` and the 27 ids `generate(do_sample=False)` appends with the GPT-2 and the GPT-NeoX model,
+  and `greedy_gpt2_logits` / `greedy_neox_logits` (27, V): the logits each of those ids was
+  picked from (position 4 on).
 
 The model: vocabulary 300 (not a multiple of 64, as GPT-2's 50,257), 32 positions, 2 layers,
 2 heads, 16 wide, tanh GELU (`gelu_new`). Every tensor is drawn at random (seed 7), LayerNorm
@@ -118,8 +122,21 @@ def main():
         logits_neox = neox(ids).logits[0].float().contiguous()
     neox.save_pretrained(os.path.join(args.out, "neox"), safe_serialization=True)
 
+    # Greedy generation (transformers' own key/value cache) from the first 5 ids up to the
+    # models' 32 positions, over the whole vocabulary: what smelt's cached decoder must pick.
+    prompt = ids[:, :5]
+    greedy = {}
+    with torch.no_grad():
+        for name, m in (("gpt2", model), ("neox", neox)):
+            out = m.generate(
+                prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=27, do_sample=False, pad_token_id=0,
+                return_dict_in_generate=True, output_logits=True,
+            )
+            greedy[f"greedy_{name}"] = out.sequences[0].contiguous()
+            greedy[f"greedy_{name}_logits"] = torch.cat(out.logits).float().contiguous()
+
     save_file(
-        {"ids": ids.contiguous(), "logits_f32": logits_f32, "logits_bf16": logits_bf16, "eval_loss_w10": eval_loss, "logits_neox": logits_neox},
+        {"ids": ids.contiguous(), "logits_f32": logits_f32, "logits_bf16": logits_bf16, "eval_loss_w10": eval_loss, "logits_neox": logits_neox, **greedy},
         os.path.join(args.out, "expected.safetensors"),
         metadata={"made_by": f"transformers GPT2LMHeadModel, torch {torch.__version__}"},
     )

@@ -10,6 +10,9 @@ use crate::model::gpt_config::{GptConfig, GptPositions, LayerNormPlacement};
 use crate::model::{padded_head, rotary};
 use crate::params::{Init, ParamId, ParamKind, ParamTable};
 
+mod decode;
+pub use decode::Decoder;
+
 /// Parameter ids of one block.
 #[derive(Clone, Copy, Debug)]
 struct BlockParams {

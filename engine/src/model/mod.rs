@@ -17,7 +17,7 @@ pub mod heads;
 
 pub use bert::{Bert, BertBatch, BertLosses};
 pub use bert_config::{BertConfig, Pooling, Positions};
-pub use gpt::Gpt;
+pub use gpt::{Decoder, Gpt};
 pub use t5::{T5Attention, T5Batch, T5};
 pub use t5_config::T5Config;
 pub use gpt_config::{GptConfig, GptPositions, LayerNormPlacement};
