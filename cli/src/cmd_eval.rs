@@ -24,11 +24,22 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: String,
     /// A UTF-8 text file, encoded with the model's tokenizer.
-    #[arg(long, conflicts_with = "corpus", required_unless_present = "corpus")]
+    #[arg(long, conflicts_with_all = ["corpus", "choices"], required_unless_present_any = ["corpus", "choices"])]
     pub text: Option<String>,
     /// A corpus prepared by `smelt corpus prepare` (a path or an object-store URI).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "choices")]
     pub corpus: Option<String>,
+    /// Multiple-choice accuracy instead of the loss: JSON lines in HellaSwag's fields (`ctx`,
+    /// `endings`, `label`, e.g. hellaswag_val.jsonl); reports acc (lowest summed loss of an
+    /// ending) and acc_norm (lowest mean loss per token, the figure llm.c quotes).
+    #[arg(long)]
+    pub choices: Option<String>,
+    /// With --choices: score at most this many examples from the start (0: all).
+    #[arg(long, default_value_t = 0, requires = "choices")]
+    pub max_examples: usize,
+    /// With --choices: write each example's losses and picks here as JSON lines.
+    #[arg(long, requires = "choices")]
+    pub log_samples: Option<String>,
     /// The corpus split: val (held out, the default) or train.
     #[arg(long)]
     pub split: Option<String>,
@@ -110,6 +121,13 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     let (saved, file) = crate::cmd_export::read_gpt(&a.model, &a.store, "reading the model", "smelt eval measures a GPT's next-token loss")?;
     let (cfg, tokenizer) = (saved.config.clone(), saved.tokenizer.clone());
+    if let Some(path) = &a.choices {
+        if a.seq.is_some() || a.max_tokens != 0 {
+            bail!("--seq and --max-tokens cut a text or corpus into windows; --choices scores whole examples (--max-examples)");
+        }
+        let mut model = Gpt::from_params(CpuBackend::new(), cfg, &saved.params)?;
+        return crate::eval_choices::run(&mut model, &tokenizer, &file, path, a.max_examples, a.json, a.log_samples.as_deref());
+    }
     let t = a.seq.unwrap_or(cfg.block_size);
     if t == 0 || t > cfg.block_size {
         bail!("--seq {t}: must be in 1..={} (the model's block size)", cfg.block_size);

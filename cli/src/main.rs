@@ -10,6 +10,7 @@ mod cmd_attention;
 mod cmd_bench;
 mod cmd_corpus;
 mod cmd_eval;
+mod eval_choices;
 mod cmd_export;
 mod cmd_import;
 mod cmd_coordinator;

@@ -1,6 +1,7 @@
 //! `smelt eval`: a GPT's loss on a text or a corpus split. The golden value is transformers':
 //! the tiny GPT-2 of `tools/hf/make_import_fixture.py`, imported, must give on
-//! `eval_text.txt` the mean loss transformers computes over the same windows (`labels=`).
+//! `eval_text.txt` the mean loss transformers computes over the same windows (`labels=`), and
+//! on `choices.jsonl` (HellaSwag's fields) every ending's loss transformers computes.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -122,4 +123,66 @@ fn a_corpus_split_is_evaluated_when_its_tokenizer_is_the_models() {
     assert!(msg.contains("tokenized with char, but the model uses byte"), "{msg}");
     let msg = eval_fails(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "test"]);
     assert!(msg.contains("--split \"test\""), "{msg}");
+}
+
+fn expected_f64(name: &str) -> Vec<f64> {
+    let bytes = std::fs::read(fixtures().join("expected.safetensors")).unwrap();
+    let st = SafeTensors::deserialize(&bytes).unwrap();
+    st.tensor(name).unwrap().data().chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect()
+}
+
+/// `--choices`: HellaSwag's scoring against transformers' losses of every ending (the fixture's
+/// `choices_sum_loss` / `choices_mean_loss`, one example cut to the model's positions), and
+/// acc / acc_norm from the picks those losses make.
+#[test]
+fn multiple_choice_scores_are_transformers_losses() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = imported(tmp.path());
+    let choices = fixtures().join("choices.jsonl");
+    let log = tmp.path().join("samples.jsonl");
+    let r = eval_json(&["--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--log-samples", log.to_str().unwrap()]);
+    let (want_sum, want_mean) = (expected_f64("choices_sum_loss"), expected_f64("choices_mean_loss"));
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(&log).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 6);
+    let argmin = |x: &[f64]| x.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).unwrap().0;
+    let (mut right, mut right_norm) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let got = |k: &str| row[k].as_array().unwrap().iter().map(|x| x.as_f64().unwrap()).collect::<Vec<f64>>();
+        let (sum, mean) = (got("sum_loss"), got("mean_loss"));
+        let n = sum.len();
+        assert_eq!(n, if i == 5 { 3 } else { 4 }, "example {i}'s endings");
+        let (ws, wm) = (&want_sum[i * 4..i * 4 + n], &want_mean[i * 4..i * 4 + n]);
+        for k in 0..n {
+            assert!((mean[k] - wm[k]).abs() < 1e-5, "example {i} ending {k}: mean loss {} vs transformers {}", mean[k], wm[k]);
+            assert!((sum[k] - ws[k]).abs() < 1e-4 * ws[k], "example {i} ending {k}: summed loss {} vs transformers {}", sum[k], ws[k]);
+        }
+        let label = row["label"].as_u64().unwrap() as usize;
+        assert_eq!((row["pred"].as_u64(), row["pred_norm"].as_u64()), (Some(argmin(ws) as u64), Some(argmin(wm) as u64)), "example {i}");
+        right += usize::from(argmin(ws) == label);
+        right_norm += usize::from(argmin(wm) == label);
+    }
+    // the fixture's labels make the two accuracies differ (3/6 and 4/6)
+    assert_eq!((right, right_norm), (3, 4));
+    assert_eq!((r["right"].as_u64(), r["right_norm"].as_u64(), r["examples"].as_u64()), (Some(3), Some(4), Some(6)));
+    assert!((r["acc"].as_f64().unwrap() - 0.5).abs() < 1e-12 && (r["acc_norm"].as_f64().unwrap() - 4.0 / 6.0).abs() < 1e-12);
+    // --max-examples: the first two
+    let r = eval_json(&["--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--max-examples", "2"]);
+    assert_eq!((r["examples"].as_u64(), r["right"].as_u64(), r["right_norm"].as_u64()), (Some(2), Some(1), Some(1)));
+
+    // bad files are refused naming the line and what is wrong
+    let bad = |name: &str, body: &str, want: &str| {
+        let path = tmp.path().join(name);
+        std::fs::write(&path, body).unwrap();
+        let msg = eval_fails(&["--model", model.to_str().unwrap(), "--choices", path.to_str().unwrap()]);
+        assert!(msg.contains(want), "{name}: {msg}");
+    };
+    let ok = r#"{"ctx": "a", "endings": ["b", "c"], "label": 0}"#;
+    bad("label.jsonl", &format!("{ok}\n{}", r#"{"ctx": "a", "endings": ["b", "c"], "label": 2}"#), "line 2: label 2 is not an index of its 2 endings");
+    bad("one.jsonl", r#"{"ctx": "a", "endings": ["b"], "label": 0}"#, "line 1: 1 endings");
+    bad("nojson.jsonl", "{\"ctx\": ", "line 1: not JSON");
+    bad("noctx.jsonl", r#"{"context": "a", "endings": ["b", "c"], "label": 0}"#, "no string field \"ctx\"");
+    bad("empty.jsonl", "\n\n", "no examples");
+    bad("long.jsonl", &format!(r#"{{"ctx": "a", "endings": ["{}", "c"], "label": 0}}"#, "x".repeat(40)), "ending 0 is 41 tokens: more than the model's 32 positions");
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--seq", "8"]);
+    assert!(msg.contains("--choices scores whole examples"), "{msg}");
 }

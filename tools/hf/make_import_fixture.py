@@ -29,7 +29,10 @@ Writes under --out:
   for generation with a key/value cache, `greedy_gpt2` and `greedy_neox` (32,) int64: the first 5
   `ids` and the 27 ids `generate(do_sample=False)` appends with the GPT-2 and the GPT-NeoX model,
   and `greedy_gpt2_logits` / `greedy_neox_logits` (27, V): the logits each of those ids was
-  picked from (position 4 on).
+  picked from (position 4 on); for `smelt eval --choices`, `choices_sum_loss` and
+  `choices_mean_loss` (6, 4) float64: per example of `choices.jsonl` (HellaSwag's fields) and per
+  ending, the summed and mean cross-entropy of the ending's bytes (`" " + ending`) after the
+  context's, the row cut to its last 33 bytes; NaN past an example's endings.
 
 The model: vocabulary 300 (not a multiple of 64, as GPT-2's 50,257), 32 positions, 2 layers,
 2 heads, 16 wide, tanh GELU (`gelu_new`). Every tensor is drawn at random (seed 7), LayerNorm
@@ -135,8 +138,39 @@ def main():
             greedy[f"greedy_{name}"] = out.sequences[0].contiguous()
             greedy[f"greedy_{name}_logits"] = torch.cat(out.logits).float().contiguous()
 
+    # Multiple choice (`smelt eval --choices`): each ending's loss given the context, UTF-8
+    # bytes as ids, the row ctx + " " + ending cut to its last 33 tokens (32 inputs).
+    examples = [
+        {"ctx": "The cat sat on", "endings": ["the mat.", "a hat that was red.", "it", "xyz"], "label": 2},
+        {"ctx": "She opened the door and", "endings": ["walked in.", "sang.", "the door opened her back again", "left"], "label": "0"},
+        {"ctx": "A very long context that goes on and on past the positions of the model, so", "endings": ["it is cut.", "no", "the start is dropped.", "ok"], "label": 1},
+        {"ctx": "Rain", "endings": ["fell.", "rose up", "is wet", "dried"], "label": 0},
+        {"ctx": "1 2 3", "endings": ["4 5", "four", "9", "3 2 1"], "label": 3},
+        {"ctx": "He said", "endings": ["hello", "goodbye to all", "nothing"], "label": 1},
+    ]
+    with open(os.path.join(args.out, "choices.jsonl"), "w") as f:
+        for i, ex in enumerate(examples):
+            f.write(json.dumps(ex) + "\n")
+            if i == 2:
+                f.write("\n")  # a blank line, skipped
+    sums, means = [], []
+    with torch.no_grad():
+        for ex in examples:
+            ctx = list(ex["ctx"].encode("utf-8"))
+            s_row, m_row = [], []
+            for ending in ex["endings"]:
+                end = list((" " + ending).encode("utf-8"))
+                row = (ctx + end)[-(cfg.n_positions + 1):]
+                x, y = torch.tensor([row[:-1]]), torch.tensor(row[1:])
+                losses = torch.nn.functional.cross_entropy(model(x).logits[0], y, reduction="none")[-len(end):]
+                s_row.append(losses.sum().item())
+                m_row.append(losses.mean().item())
+            sums.append(s_row + [float("nan")] * (4 - len(s_row)))
+            means.append(m_row + [float("nan")] * (4 - len(m_row)))
+    choices = {"choices_sum_loss": torch.tensor(sums, dtype=torch.float64), "choices_mean_loss": torch.tensor(means, dtype=torch.float64)}
+
     save_file(
-        {"ids": ids.contiguous(), "logits_f32": logits_f32, "logits_bf16": logits_bf16, "eval_loss_w10": eval_loss, "logits_neox": logits_neox, **greedy},
+        {"ids": ids.contiguous(), "logits_f32": logits_f32, "logits_bf16": logits_bf16, "eval_loss_w10": eval_loss, "logits_neox": logits_neox, **greedy, **choices},
         os.path.join(args.out, "expected.safetensors"),
         metadata={"made_by": f"transformers GPT2LMHeadModel, torch {torch.__version__}"},
     )

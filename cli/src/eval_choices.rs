@@ -1,0 +1,170 @@
+//! `smelt eval --choices FILE`: multiple-choice accuracy as HellaSwag reports it for GPT-2
+//! (llm.c's `hellaswag.py`, lm-evaluation-harness's `acc` / `acc_norm`): for each example the
+//! model reads the context followed by each ending (`" " + ending`, encoded apart from the
+//! context, as llm.c does for GPT-2's BPE) and the ending's tokens are scored by their
+//! cross-entropy given everything before them. The pick with the lowest summed loss counts for
+//! `acc`, the one with the lowest mean loss per token for `acc_norm` (the figure llm.c quotes:
+//! GPT-2 124M 29.55%).
+//!
+//! The file is JSON lines in HellaSwag's own fields: `ctx` (a string), `endings` (strings) and
+//! `label` (the right ending's index, a number or a string of one). A context and an ending
+//! longer than the model's positions lose the context's first tokens; an ending that alone
+//! leaves no context token is refused, naming its line.
+
+use std::io::{BufRead, BufReader, Write};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use smelt_corpus::Tokenizer;
+use smelt_engine::backend::IGNORE_INDEX;
+use smelt_engine::model::Gpt;
+use smelt_engine::CpuBackend;
+use tracing::info;
+
+/// One multiple-choice question, its line number kept for errors.
+pub struct Example {
+    pub line: usize,
+    pub ctx: String,
+    pub endings: Vec<String>,
+    pub label: usize,
+}
+
+/// Reads HellaSwag-style JSON lines; blank lines are skipped.
+pub fn read_examples(path: &str) -> Result<Vec<Example>> {
+    let file = std::fs::File::open(path).with_context(|| format!("opening --choices {path}"))?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line_no = i + 1;
+        let line = line.with_context(|| format!("--choices {path}: reading line {line_no}"))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = |what: String| anyhow!("--choices {path}, line {line_no}: {what}");
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| at(format!("not JSON ({e})")))?;
+        let ctx = v.get("ctx").and_then(|x| x.as_str()).ok_or_else(|| at("no string field \"ctx\"".into()))?;
+        let endings: Vec<String> = v
+            .get("endings")
+            .and_then(|x| x.as_array())
+            .ok_or_else(|| at("no list field \"endings\"".into()))?
+            .iter()
+            .map(|e| e.as_str().map(str::to_string))
+            .collect::<Option<_>>()
+            .ok_or_else(|| at("\"endings\" holds something that is not a string".into()))?;
+        if endings.len() < 2 {
+            return Err(at(format!("{} endings: a choice needs at least two", endings.len())));
+        }
+        let label = match v.get("label") {
+            Some(serde_json::Value::Number(n)) => n.as_u64(),
+            Some(serde_json::Value::String(s)) => s.trim().parse::<u64>().ok(),
+            _ => None,
+        }
+        .ok_or_else(|| at("\"label\" must be the right ending's index (a number or a string of one)".into()))?;
+        if label as usize >= endings.len() {
+            return Err(at(format!("label {label} is not an index of its {} endings", endings.len())));
+        }
+        out.push(Example { line: line_no, ctx: ctx.to_string(), endings, label: label as usize });
+    }
+    if out.is_empty() {
+        bail!("--choices {path}: no examples");
+    }
+    Ok(out)
+}
+
+/// Per ending of one example: the summed and the mean cross-entropy of its tokens.
+pub struct Scored {
+    pub sum: Vec<f64>,
+    pub mean: Vec<f64>,
+}
+
+impl Scored {
+    fn argmin(x: &[f64]) -> usize {
+        x.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
+    }
+    pub fn pick(&self) -> usize {
+        Self::argmin(&self.sum)
+    }
+    pub fn pick_norm(&self) -> usize {
+        Self::argmin(&self.mean)
+    }
+}
+
+/// Scores every ending of `ex`: one forward pass per ending over `ctx + " " + ending` (its last
+/// `block_size + 1` tokens: `block_size` inputs), the targets outside the ending ignored.
+pub fn score(model: &mut Gpt<CpuBackend>, tokenizer: &Tokenizer, ex: &Example, path: &str) -> Result<Scored> {
+    let block = model.config().block_size;
+    let at = |what: String| anyhow!("--choices {path}, line {}: {what}", ex.line);
+    let ctx = tokenizer.encode(&ex.ctx).map_err(|e| at(format!("the context is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
+    let (mut sum, mut mean) = (Vec::new(), Vec::new());
+    for (k, ending) in ex.endings.iter().enumerate() {
+        let end = tokenizer
+            .encode(&format!(" {ending}"))
+            .map_err(|e| at(format!("ending {k} is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
+        if end.len() > block {
+            return Err(at(format!("ending {k} is {} tokens: more than the model's {block} positions after one context token", end.len())));
+        }
+        if ctx.is_empty() {
+            return Err(at("the context is empty: the ending's first token has nothing to follow".into()));
+        }
+        let row: Vec<u32> = ctx.iter().chain(&end).copied().collect();
+        let row = &row[row.len().saturating_sub(block + 1)..];
+        // inputs row[..n-1], targets row[1..]: the ending's tokens are the last end.len() targets
+        let n = row.len() - 1;
+        let targets: Vec<u32> = (0..n).map(|i| if i + end.len() >= n { row[i + 1] } else { IGNORE_INDEX }).collect();
+        let loss = model.forward(&row[..n], Some(&targets), 1, n)?.ok_or_else(|| anyhow!("no loss: targets were given"))? as f64;
+        if !loss.is_finite() {
+            return Err(at(format!("ending {k}'s loss is {loss}")));
+        }
+        sum.push(loss * end.len() as f64);
+        mean.push(loss);
+    }
+    Ok(Scored { sum, mean })
+}
+
+/// Scores every example of `path`; prints acc and acc_norm (JSON with `json`), and writes each
+/// example's losses and picks to `log` as JSON lines when given.
+pub fn run(model: &mut Gpt<CpuBackend>, tokenizer: &Tokenizer, file: &str, path: &str, max: usize, json: bool, log: Option<&str>) -> Result<()> {
+    let mut examples = read_examples(path)?;
+    if max > 0 {
+        examples.truncate(max);
+    }
+    let mut log = match log {
+        Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating --log-samples {p}"))?)),
+        None => None,
+    };
+    let started = Instant::now();
+    let (mut right, mut right_norm) = (0usize, 0usize);
+    let mut next_report = examples.len() / 10;
+    for (i, ex) in examples.iter().enumerate() {
+        let s = score(model, tokenizer, ex, path)?;
+        right += usize::from(s.pick() == ex.label);
+        right_norm += usize::from(s.pick_norm() == ex.label);
+        if let Some(w) = log.as_mut() {
+            let row = serde_json::json!({
+                "line": ex.line, "label": ex.label, "pred": s.pick(), "pred_norm": s.pick_norm(),
+                "sum_loss": s.sum, "mean_loss": s.mean,
+            });
+            writeln!(w, "{row}")?;
+        }
+        let done = i + 1;
+        if done >= next_report.max(1) && done < examples.len() {
+            let secs = started.elapsed().as_secs_f64();
+            info!(examples = done, of = examples.len(), acc_norm = right_norm as f64 / done as f64, examples_per_s = done as f64 / secs.max(1e-9), "evaluating");
+            next_report = done + examples.len() / 10;
+        }
+    }
+    if let Some(mut w) = log {
+        w.flush()?;
+    }
+    let n = examples.len();
+    let (acc, acc_norm) = (right as f64 / n as f64, right_norm as f64 / n as f64);
+    if json {
+        let v = serde_json::json!({
+            "model": file, "data": path, "tokenizer": tokenizer.kind(), "examples": n,
+            "acc": acc, "acc_norm": acc_norm, "right": right, "right_norm": right_norm,
+        });
+        println!("{v}");
+    } else {
+        println!("{file}: acc {acc:.4} ({right}/{n}), acc_norm {acc_norm:.4} ({right_norm}/{n}) on the multiple choices of {path}");
+    }
+    Ok(())
+}
