@@ -1,7 +1,7 @@
 //! smelt's coordinator: the control plane of a cluster.
 //!
 //! - `store`: SQLite (WAL) on its own thread: jobs, workers, assignments, events, metrics,
-//!   checkpoints; schema versioned and migrated on open.
+//!   checkpoints; `schema`: its tables, versioned and migrated on open.
 //! - `state`: the in-memory mirror and the job state machine; `coordinator`: the shared handle
 //!   and restoring from the store.
 //! - `scheduler`: gang scheduling by priority then age, per device class.
@@ -26,6 +26,7 @@ mod jobs;
 mod lease;
 mod rendezvous;
 pub mod scheduler;
+mod schema;
 mod server;
 pub mod state;
 pub mod store;
