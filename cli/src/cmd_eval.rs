@@ -14,9 +14,12 @@ use std::time::Instant;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use smelt_corpus::{CorpusReader, ReaderOptions, Split, Tokenizer};
-use smelt_engine::model::Gpt;
-use smelt_engine::CpuBackend;
+use smelt_engine::backend::Backend;
+use smelt_engine::model::{Gpt, GptConfig};
+use smelt_worker::DeviceRequest;
 use tracing::info;
+
+use crate::local_device::{self, OnBackend};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
@@ -58,6 +61,11 @@ pub struct EvalArgs {
     /// Where a job id's checkpoints and final weights are.
     #[arg(long, env = "SMELT_STORE", default_value = ".smelt")]
     pub store: String,
+    /// Where the model runs: auto (GPU 0 when usable, else the CPU), cpu, or cuda:N (a binary
+    /// built with --features cuda; bf16 matmuls, so the figures differ from the CPU's in the
+    /// last digits).
+    #[arg(long, default_value = "auto", value_parser = local_device::parse)]
+    pub device: DeviceRequest,
 }
 
 /// UTF-8 bytes token `id` stands for (0 for end-of-text and ids beyond the tokenizer's).
@@ -125,8 +133,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
         if a.seq.is_some() || a.max_tokens != 0 {
             bail!("--seq and --max-tokens cut a text or corpus into windows; --choices scores whole examples (--max-examples)");
         }
-        let mut model = Gpt::from_params(CpuBackend::new(), cfg, &saved.params)?;
-        return crate::eval_choices::run(&mut model, &tokenizer, &file, path, a.max_examples, a.json, a.log_samples.as_deref());
+        let body = crate::eval_choices::ChoiceEval {
+            cfg, params: &saved.params, tokenizer: &tokenizer, file: &file, path, max: a.max_examples, json: a.json, log: a.log_samples.as_deref(),
+        };
+        return local_device::run(a.device, body);
     }
     let t = a.seq.unwrap_or(cfg.block_size);
     if t == 0 || t > cfg.block_size {
@@ -173,44 +183,69 @@ pub fn run(a: EvalArgs) -> Result<()> {
         bail!("{source}: {} tokens, fewer than one window of --seq {t} predictions needs ({})", data.len(), t + 1);
     }
 
-    let mut model = Gpt::from_params(CpuBackend::new(), cfg.clone(), &saved.params)?;
-    let started = Instant::now();
-    let (mut nats, mut bytes, mut done) = (0f64, 0u64, 0usize);
-    let mut next_report = windows / 10;
-    while done < windows {
-        let b = a.batch.min(windows - done);
-        data.prefetch(t, done + b..(done + 2 * b).min(windows));
-        let (inputs, targets) = data.windows(t, done..done + b)?;
-        let loss = model.forward(&inputs, Some(&targets), b, t)?.ok_or_else(|| anyhow!("no loss: targets were given"))?;
-        if !loss.is_finite() {
-            bail!("{source}: the loss of windows {done}..{} is {loss}", done + b);
+    let body = WindowEval { cfg, params: &saved.params, tokenizer: &tokenizer, file: &file, source: &source, data: &data, windows, t, batch: a.batch, json: a.json };
+    local_device::run(a.device, body)
+}
+
+/// The loss over `windows` windows of `t` predictions of `data`, on whichever backend
+/// `--device` gives.
+struct WindowEval<'a> {
+    cfg: GptConfig,
+    params: &'a [f32],
+    tokenizer: &'a Tokenizer,
+    file: &'a str,
+    source: &'a str,
+    data: &'a Tokens,
+    windows: usize,
+    t: usize,
+    batch: usize,
+    json: bool,
+}
+
+impl OnBackend for WindowEval<'_> {
+    type Out = ();
+
+    fn run<B: Backend>(self, be: B) -> Result<()> {
+        let WindowEval { cfg, params, tokenizer, file, source, data, windows, t, batch, json } = self;
+        let mut model = Gpt::from_params(be, cfg, params)?;
+        let started = Instant::now();
+        let (mut nats, mut bytes, mut done) = (0f64, 0u64, 0usize);
+        let mut next_report = windows / 10;
+        while done < windows {
+            let b = batch.min(windows - done);
+            data.prefetch(t, done + b..(done + 2 * b).min(windows));
+            let (inputs, targets) = data.windows(t, done..done + b)?;
+            let loss = model.forward(&inputs, Some(&targets), b, t)?.ok_or_else(|| anyhow!("no loss: targets were given"))?;
+            if !loss.is_finite() {
+                bail!("{source}: the loss of windows {done}..{} is {loss}", done + b);
+            }
+            nats += loss as f64 * (b * t) as f64;
+            bytes += targets.iter().map(|&id| token_bytes(tokenizer, id)).sum::<u64>();
+            done += b;
+            if done >= next_report && done < windows {
+                let secs = started.elapsed().as_secs_f64();
+                info!(windows = done, of = windows, loss = nats / (done * t) as f64, tokens_per_s = (done * t) as f64 / secs.max(1e-9), "evaluating");
+                next_report = done + windows / 10;
+            }
         }
-        nats += loss as f64 * (b * t) as f64;
-        bytes += targets.iter().map(|&id| token_bytes(&tokenizer, id)).sum::<u64>();
-        done += b;
-        if done >= next_report && done < windows {
-            let secs = started.elapsed().as_secs_f64();
-            info!(windows = done, of = windows, loss = nats / (done * t) as f64, tokens_per_s = (done * t) as f64 / secs.max(1e-9), "evaluating");
-            next_report = done + windows / 10;
+        let n = (windows * t) as f64;
+        let loss = nats / n;
+        let bits_per_byte = (bytes > 0).then(|| nats / std::f64::consts::LN_2 / bytes as f64);
+        if json {
+            let v = serde_json::json!({
+                "model": file, "data": source, "tokenizer": tokenizer.kind(), "seq_len": t, "windows": windows,
+                "tokens": windows * t, "loss": loss, "perplexity": loss.exp(), "bits_per_byte": bits_per_byte,
+            });
+            println!("{v}");
+        } else {
+            let bpb = bits_per_byte.map(|b| format!(", {b:.4} bits per byte")).unwrap_or_default();
+            println!(
+                "{}: loss {loss:.4}, perplexity {:.3}{bpb} over {} tokens of {source} ({windows} windows of {t})",
+                file,
+                loss.exp(),
+                windows * t
+            );
         }
+        Ok(())
     }
-    let n = (windows * t) as f64;
-    let loss = nats / n;
-    let bits_per_byte = (bytes > 0).then(|| nats / std::f64::consts::LN_2 / bytes as f64);
-    if a.json {
-        let v = serde_json::json!({
-            "model": file, "data": source, "tokenizer": tokenizer.kind(), "seq_len": t, "windows": windows,
-            "tokens": windows * t, "loss": loss, "perplexity": loss.exp(), "bits_per_byte": bits_per_byte,
-        });
-        println!("{v}");
-    } else {
-        let bpb = bits_per_byte.map(|b| format!(", {b:.4} bits per byte")).unwrap_or_default();
-        println!(
-            "{}: loss {loss:.4}, perplexity {:.3}{bpb} over {} tokens of {source} ({windows} windows of {t})",
-            file,
-            loss.exp(),
-            windows * t
-        );
-    }
-    Ok(())
 }

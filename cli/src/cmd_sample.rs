@@ -8,12 +8,16 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
+use smelt_engine::backend::Backend;
 use smelt_engine::model::{Decoder, Gpt, T5Batch, T5Config, T5};
 use smelt_jobspec::T5Specials;
 use smelt_engine::rng::Rng;
 use smelt_engine::CpuBackend;
 
-use smelt_worker::model_file::{self, AnyModel, FamilyModel, SavedFamilyModel};
+use smelt_worker::model_file::{self, AnyModel, FamilyModel, SavedFamilyModel, SavedModel};
+use smelt_worker::DeviceRequest;
+
+use crate::local_device::{self, OnBackend};
 use smelt_corpus::Tokenizer;
 
 #[derive(Args, Debug)]
@@ -46,6 +50,10 @@ pub struct SampleArgs {
     /// values (a GPT; slower, for comparison).
     #[arg(long)]
     pub no_kv_cache: bool,
+    /// Where a GPT runs: auto (GPU 0 when usable, else the CPU), cpu, or cuda:N (a binary built
+    /// with --features cuda). A T5 runs on the CPU.
+    #[arg(long, default_value = "auto", value_parser = local_device::parse)]
+    pub device: DeviceRequest,
 }
 
 /// What a GPT reads before each token it picks: with the key/value cache, only the tokens not
@@ -53,13 +61,13 @@ pub struct SampleArgs {
 /// it starts over from the text's last half (read in one pass), so a text longer than the
 /// model's positions goes on at one pass per half a block. Without the cache, the last
 /// `block_size` tokens, all through the model, every step.
-enum Context<'m> {
+enum Context<'m, B: Backend> {
     /// `upto`: the ids already handed over (the cache holds the last `dec.len()` of them).
-    Cached { dec: Decoder<'m, CpuBackend>, upto: usize },
-    Recomputed { model: &'m mut Gpt<CpuBackend>, last_len: usize },
+    Cached { dec: Decoder<'m, B>, upto: usize },
+    Recomputed { model: &'m mut Gpt<B>, last_len: usize },
 }
 
-impl Context<'_> {
+impl<B: Backend> Context<'_, B> {
     /// The logits of the token after `ids`: the ids handed over before and new ones after them.
     fn after(&mut self, ids: &[u32]) -> Result<Vec<f32>> {
         match self {
@@ -230,45 +238,61 @@ pub fn run(a: SampleArgs) -> Result<()> {
             a.model.display()
         ),
     };
-    let block = saved.config.block_size;
-    let mut ids = saved.tokenizer.encode(&a.prompt)?;
-    if ids.is_empty() {
-        bail!("--prompt must not be empty");
-    }
-    let known = saved.tokenizer.corpus_vocab_size().min(saved.config.vocab_size);
-    let mut model = Gpt::from_params(CpuBackend::new(), saved.config, &saved.params)?;
-    let mut rng = Rng::new(a.seed);
-    let mut out = std::io::stdout().lock();
-    write!(out, "{}", a.prompt)?;
-    let mut text = Utf8Out { pending: Vec::new() };
-    let mut next_logits = match a.no_kv_cache {
-        true => Context::Recomputed { model: &mut model, last_len: 0 },
-        false => Context::Cached { dec: model.decoder(), upto: 0 },
-    };
-    let mut logits = next_logits.after(&ids)?;
-    for i in 0..a.tokens {
-        penalize_repeats(&mut logits[..known], next_logits.seen(&ids), a.repetition_penalty);
-        // Ids past the tokenizer's (and end-of-text) are vocabulary padding: never picked.
-        let next = pick(&logits[..known], sampling, &mut rng);
-        ids.push(next);
-        // end-of-text (GPT-2's <|endoftext|>, or the id a prepared corpus adds after each
-        // document): the model ended the text (an SFT model its answer)
-        if next == saved.tokenizer.eot_token() {
-            break;
+    local_device::run(a.device, GptSampling { a: &a, sampling, saved })
+}
+
+/// A GPT continuing the prompt, on whichever backend `--device` gives.
+struct GptSampling<'a> {
+    a: &'a SampleArgs,
+    sampling: Sampling,
+    saved: SavedModel,
+}
+
+impl OnBackend for GptSampling<'_> {
+    type Out = ();
+
+    fn run<B: Backend>(self, be: B) -> Result<()> {
+        let GptSampling { a, sampling, saved } = self;
+        let block = saved.config.block_size;
+        let mut ids = saved.tokenizer.encode(&a.prompt)?;
+        if ids.is_empty() {
+            bail!("--prompt must not be empty");
         }
-        write!(out, "{}", piece(&saved.tokenizer, next, &mut text)?)?;
-        out.flush()?;
-        if i + 1 < a.tokens {
-            logits = next_logits.after(&ids)?;
+        let known = saved.tokenizer.corpus_vocab_size().min(saved.config.vocab_size);
+        let mut model = Gpt::from_params(be, saved.config, &saved.params)?;
+        let mut rng = Rng::new(a.seed);
+        let mut out = std::io::stdout().lock();
+        write!(out, "{}", a.prompt)?;
+        let mut text = Utf8Out { pending: Vec::new() };
+        let mut next_logits = match a.no_kv_cache {
+            true => Context::Recomputed { model: &mut model, last_len: 0 },
+            false => Context::Cached { dec: model.decoder(), upto: 0 },
+        };
+        let mut logits = next_logits.after(&ids)?;
+        for i in 0..a.tokens {
+            penalize_repeats(&mut logits[..known], next_logits.seen(&ids), a.repetition_penalty);
+            // Ids past the tokenizer's (and end-of-text) are vocabulary padding: never picked.
+            let next = pick(&logits[..known], sampling, &mut rng);
+            ids.push(next);
+            // end-of-text (GPT-2's <|endoftext|>, or the id a prepared corpus adds after each
+            // document): the model ended the text (an SFT model its answer)
+            if next == saved.tokenizer.eot_token() {
+                break;
+            }
+            write!(out, "{}", piece(&saved.tokenizer, next, &mut text)?)?;
+            out.flush()?;
+            if i + 1 < a.tokens {
+                logits = next_logits.after(&ids)?;
+            }
         }
+        debug_assert!(next_logits.read() <= block);
+        write!(out, "{}", text.push(&[]))?;
+        if !text.pending.is_empty() {
+            write!(out, "\u{FFFD}")?;
+        }
+        writeln!(out)?;
+        Ok(())
     }
-    debug_assert!(next_logits.read() <= block);
-    write!(out, "{}", text.push(&[]))?;
-    if !text.pending.is_empty() {
-        write!(out, "\u{FFFD}")?;
-    }
-    writeln!(out)?;
-    Ok(())
 }
 
 /// A T5's response to the prompt: the encoder reads the prompt once per step, the decoder starts

@@ -16,10 +16,11 @@ use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use smelt_corpus::Tokenizer;
-use smelt_engine::backend::IGNORE_INDEX;
-use smelt_engine::model::Gpt;
-use smelt_engine::CpuBackend;
+use smelt_engine::backend::{Backend, IGNORE_INDEX};
+use smelt_engine::model::{Gpt, GptConfig};
 use tracing::info;
+
+use crate::local_device::OnBackend;
 
 /// One multiple-choice question, its line number kept for errors.
 pub struct Example {
@@ -90,7 +91,7 @@ impl Scored {
 
 /// Scores every ending of `ex`: one forward pass per ending over `ctx + " " + ending` (its last
 /// `block_size + 1` tokens: `block_size` inputs), the targets outside the ending ignored.
-pub fn score(model: &mut Gpt<CpuBackend>, tokenizer: &Tokenizer, ex: &Example, path: &str) -> Result<Scored> {
+pub fn score<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, ex: &Example, path: &str) -> Result<Scored> {
     let block = model.config().block_size;
     let at = |what: String| anyhow!("--choices {path}, line {}: {what}", ex.line);
     let ctx = tokenizer.encode(&ex.ctx).map_err(|e| at(format!("the context is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
@@ -120,9 +121,32 @@ pub fn score(model: &mut Gpt<CpuBackend>, tokenizer: &Tokenizer, ex: &Example, p
     Ok(Scored { sum, mean })
 }
 
-/// Scores every example of `path`; prints acc and acc_norm (JSON with `json`), and writes each
-/// example's losses and picks to `log` as JSON lines when given.
-pub fn run(model: &mut Gpt<CpuBackend>, tokenizer: &Tokenizer, file: &str, path: &str, max: usize, json: bool, log: Option<&str>) -> Result<()> {
+/// Every example of `path` scored on whichever backend `--device` gives: prints acc and
+/// acc_norm (JSON with `json`), and writes each example's losses and picks to `log` as JSON
+/// lines when given.
+pub struct ChoiceEval<'a> {
+    pub cfg: GptConfig,
+    pub params: &'a [f32],
+    pub tokenizer: &'a Tokenizer,
+    pub file: &'a str,
+    pub path: &'a str,
+    /// Score at most this many examples (0: all).
+    pub max: usize,
+    pub json: bool,
+    pub log: Option<&'a str>,
+}
+
+impl OnBackend for ChoiceEval<'_> {
+    type Out = ();
+
+    fn run<B: Backend>(self, be: B) -> Result<()> {
+        let ChoiceEval { cfg, params, tokenizer, file, path, max, json, log } = self;
+        let mut model = Gpt::from_params(be, cfg, params)?;
+        run(&mut model, tokenizer, file, path, max, json, log)
+    }
+}
+
+fn run<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, file: &str, path: &str, max: usize, json: bool, log: Option<&str>) -> Result<()> {
     let mut examples = read_examples(path)?;
     if max > 0 {
         examples.truncate(max);

@@ -11,6 +11,7 @@ mod cmd_bench;
 mod cmd_corpus;
 mod cmd_eval;
 mod eval_choices;
+mod local_device;
 mod cmd_export;
 mod cmd_import;
 mod cmd_coordinator;

@@ -185,4 +185,13 @@ fn multiple_choice_scores_are_transformers_losses() {
     bad("long.jsonl", &format!(r#"{{"ctx": "a", "endings": ["{}", "c"], "label": 0}}"#, "x".repeat(40)), "ending 0 is 41 tokens: more than the model's 32 positions");
     let msg = eval_fails(&["--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--seq", "8"]);
     assert!(msg.contains("--choices scores whole examples"), "{msg}");
+
+    // --device: the CPU by name gives the same figures; a GPU that is not there (or a binary
+    // without the cuda feature) is refused naming it, never a silent CPU run
+    let cpu = eval_json(&["--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--device", "cpu"]);
+    assert_eq!((cpu["right"].as_u64(), cpu["right_norm"].as_u64()), (Some(3), Some(4)));
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--device", "cuda:7"]);
+    assert!(msg.contains("--device cuda:7: "), "{msg}");
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--device", "tpu"]);
+    assert!(msg.contains("expected auto, cpu or cuda:N"), "{msg}");
 }

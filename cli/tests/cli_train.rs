@@ -58,6 +58,7 @@ fn train_then_sample() {
     let cached = greedy(&[]);
     assert_eq!(cached.trim_end_matches('\n').chars().count(), 10 + 22);
     assert_eq!(cached, greedy(&["--no-kv-cache"]));
+    assert_eq!(cached, greedy(&["--device", "cpu"]));
 
     // Attention maps of the trained model: one PNG per layer and head, weights in JSON.
     let att = dir.path().join("att");
