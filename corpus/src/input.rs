@@ -355,6 +355,12 @@ pub fn for_each_segment(
     let mut em = Emitter { next_doc: 0, stats: DocStats::default(), segment_bytes: opts.segment_bytes.max(1), emit };
     for (si, src) in sources.iter().enumerate() {
         let shown = src.shown();
+        if src.format == Format::Parquet {
+            if parquet_documents(src, &shown, si, &opts.text_field, on_bytes, &mut em)? == Flow::Stop {
+                break;
+            }
+            continue;
+        }
         let counted = Counting { inner: src.open()?, on_bytes };
         let raw: Box<dyn Read> = if src.gz { Box::new(MultiGzDecoder::new(counted)) } else { Box::new(counted) };
         let mut reader = BufReader::with_capacity(1 << 20, raw);
@@ -458,28 +464,7 @@ pub fn for_each_segment(
                     flow
                 }
             }
-            (Format::Parquet, _) => {
-                // Parquet is read from its footer: a local file in place, an object fetched whole
-                let mut flow = Flow::Continue;
-                let mut each = |text: Option<String>| {
-                    flow = em.document(si, text.unwrap_or_default())?;
-                    Ok(flow == Flow::Continue)
-                };
-                match &src.location {
-                    Location::Local(p) => {
-                        drop(reader);
-                        let file = File::open(p).map_err(|e| CorpusError::io(&shown, e))?;
-                        crate::parquet_input::for_each_text(file, &shown, &opts.text_field, &mut each)?;
-                        on_bytes(src.bytes);
-                    }
-                    Location::Object { .. } => {
-                        let mut buf = Vec::with_capacity(src.bytes as usize);
-                        reader.read_to_end(&mut buf).map_err(io)?;
-                        crate::parquet_input::for_each_text(bytes::Bytes::from(buf), &shown, &opts.text_field, &mut each)?;
-                    }
-                }
-                flow
-            }
+            (Format::Parquet, _) => unreachable!("parquet is read above, without a byte stream"),
             (Format::Jsonl, _) => {
                 let mut line_no = 0u64;
                 let mut offset = 0u64;
@@ -510,6 +495,31 @@ pub fn for_each_segment(
         }
     }
     Ok(em.stats)
+}
+
+/// The documents of Parquet input `src` (source `si`), one per row of column `field`. Parquet is
+/// read from its footer: a local file in place, an object by ranged GETs of the footer and that
+/// column's chunks (`parquet_object.rs`), never as one byte stream.
+fn parquet_documents(src: &Source, shown: &str, si: usize, field: &str, on_bytes: &(dyn Fn(u64) + Sync), em: &mut Emitter) -> Result<Flow, CorpusError> {
+    let mut flow = Flow::Continue;
+    let mut each = |text: Option<String>| {
+        flow = em.document(si, text.unwrap_or_default())?;
+        Ok(flow == Flow::Continue)
+    };
+    match &src.location {
+        Location::Local(p) => {
+            let file = File::open(p).map_err(|e| CorpusError::io(shown, e))?;
+            crate::parquet_input::for_each_text(file, shown, field, &|_, _| Ok(()), &mut each)?;
+        }
+        Location::Object { dir, name } => {
+            let chunks = crate::parquet_object::ObjectChunks::new(dir.clone(), name.clone(), src.bytes);
+            let prefetch = |start, len| chunks.prefetch(start, len).map_err(|e| e.to_string());
+            crate::parquet_input::for_each_text(chunks.clone(), shown, field, &prefetch, &mut each)?;
+            tracing::debug!(input = %shown, fetched = chunks.fetched(), size = src.bytes, "parquet object read by ranges");
+        }
+    }
+    on_bytes(src.bytes);
+    Ok(flow)
 }
 
 #[cfg(test)]

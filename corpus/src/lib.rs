@@ -18,6 +18,7 @@ pub mod input;
 pub mod loopback;
 pub mod mixture;
 mod parquet_input;
+mod parquet_object;
 mod object_read;
 pub mod prepare;
 pub mod ranges;

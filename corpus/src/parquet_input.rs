@@ -5,7 +5,8 @@
 //! column, or one that does not hold strings, is an error naming the file and its columns.
 //! Snappy and zstd compression (and uncompressed pages) are read; other codecs are refused by
 //! the decoder with its own message. A local file is read in place (pages as the rows need
-//! them); an object-store input is fetched whole first (Parquet is read from its footer).
+//! them); an object-store input by ranged GETs of the footer and the column's chunks
+//! (`parquet_object.rs`).
 
 use parquet::basic::{ConvertedType, LogicalType, Type as PhysicalType};
 use parquet::basic::Repetition;
@@ -16,10 +17,13 @@ use parquet::schema::types::Type;
 use crate::error::CorpusError;
 
 /// Calls `document` with each row's text (None for a null), in order, until it returns false.
+/// `row_group` is told the byte range (start, length) of the column's chunk in each row group
+/// before that group is decoded (an object-store reader fetches it in one GET).
 pub(crate) fn for_each_text<R: ChunkReader + 'static>(
     file: R,
     shown: &str,
     field: &str,
+    row_group: &dyn Fn(u64, u64) -> Result<(), String>,
     document: &mut dyn FnMut(Option<String>) -> Result<bool, CorpusError>,
 ) -> Result<(), CorpusError> {
     let bad = |m: String| CorpusError::input(shown, None, m);
@@ -39,20 +43,35 @@ pub(crate) fn for_each_text<R: ChunkReader + 'static>(
         .with_fields(vec![column])
         .build()
         .map_err(|e| bad(format!("projecting column {field:?}: {e}")))?;
-    let rows = reader.get_row_iter(Some(projection)).map_err(|e| bad(format!("reading column {field:?}: {e}")))?;
-    for (i, row) in rows.enumerate() {
-        let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
-        let text = match row.get_column_iter().next().map(|(_, f)| f) {
-            Some(Field::Str(s)) => Some(s.clone()),
-            Some(Field::Null) | None => None,
-            Some(other) => {
-                let mut shown_value = format!("{other:?}");
-                shown_value.truncate(shown_value.floor_char_boundary(80));
-                return Err(bad(format!("row {i}: column {field:?} holds {shown_value}, not a string")));
+    let leaf = reader
+        .metadata()
+        .file_metadata()
+        .schema_descr()
+        .columns()
+        .iter()
+        .position(|c| c.path().parts() == [field.to_string()])
+        .ok_or_else(|| bad(format!("column {field:?} has no leaf column")))?;
+    let mut i = 0usize; // rows read, over every row group
+    for g in 0..reader.num_row_groups() {
+        let (start, len) = reader.metadata().row_group(g).column(leaf).byte_range();
+        row_group(start, len).map_err(|e| bad(format!("row group {g}: {e}")))?;
+        let group = reader.get_row_group(g).map_err(|e| bad(format!("row group {g}: {e}")))?;
+        let rows = group.get_row_iter(Some(projection.clone())).map_err(|e| bad(format!("reading column {field:?}: {e}")))?;
+        for row in rows {
+            let row = row.map_err(|e| bad(format!("row {i}: {e}")))?;
+            let text = match row.get_column_iter().next().map(|(_, f)| f) {
+                Some(Field::Str(s)) => Some(s.clone()),
+                Some(Field::Null) | None => None,
+                Some(other) => {
+                    let mut shown_value = format!("{other:?}");
+                    shown_value.truncate(shown_value.floor_char_boundary(80));
+                    return Err(bad(format!("row {i}: column {field:?} holds {shown_value}, not a string")));
+                }
+            };
+            if !document(text)? {
+                return Ok(());
             }
-        };
-        if !document(text)? {
-            break;
+            i += 1;
         }
     }
     Ok(())

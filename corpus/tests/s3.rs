@@ -101,4 +101,23 @@ fn prepare_from_and_to_s3_and_read_every_way() {
         let e = smelt_corpus::prepare(&o, &smelt_corpus::NoProgress).unwrap_err().to_string();
         assert!(e.contains(msg), "{input}: {e}");
     }
+
+    // Parquet objects (pyarrow's, tests/fixtures/parquet) read over S3 by ranged GETs of their
+    // footers and text columns: the token stream of the same files read locally
+    let fixtures = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parquet");
+    let pq = StoreDir::open("s3://inputs/pq").unwrap();
+    let local: Vec<String> = ["docs.snappy.parquet", "docs.zstd.parquet"].iter().map(|f| fixtures.join(f).display().to_string()).collect();
+    for f in ["docs.snappy.parquet", "docs.zstd.parquet"] {
+        pq.put(f, std::fs::read(fixtures.join(f)).unwrap()).unwrap();
+    }
+    run(&opts(local, "gpt2", "memory://s3-test/pq-local", 40));
+    let rep = run(&opts(vec!["s3://inputs/pq/*.parquet".into()], "gpt2", "memory://s3-test/pq-s3", 40));
+    assert_eq!(rep.input_files, 2);
+    let stream = |uri: &str| {
+        let r = CorpusReader::open(uri).unwrap();
+        r.tokens(0..r.n_tokens()).unwrap()
+    };
+    let local = stream("memory://s3-test/pq-local");
+    assert!(!local.is_empty());
+    assert_eq!(stream("memory://s3-test/pq-s3"), local);
 }
