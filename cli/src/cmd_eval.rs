@@ -34,7 +34,8 @@ pub struct EvalArgs {
     pub corpus: Option<String>,
     /// Multiple-choice accuracy instead of the loss: JSON lines in HellaSwag's fields (`ctx`,
     /// `endings`, `label`, e.g. hellaswag_val.jsonl); reports acc (lowest summed loss of an
-    /// ending) and acc_norm (lowest mean loss per token, the figure llm.c quotes).
+    /// ending) and acc_norm (lowest mean loss per token: llm.c's figure, not
+    /// lm-evaluation-harness's, which divides by characters).
     #[arg(long)]
     pub choices: Option<String>,
     /// With --choices: score at most this many examples from the start (0: all).
@@ -49,7 +50,7 @@ pub struct EvalArgs {
     /// Predictions per window (default: the model's block size).
     #[arg(long)]
     pub seq: Option<usize>,
-    /// Windows per forward pass.
+    /// Windows per forward pass (--text, --corpus).
     #[arg(long, default_value_t = 8)]
     pub batch: usize,
     /// Evaluate at most this many tokens from the start (0: all).
@@ -125,7 +126,7 @@ impl Tokens {
 
 pub fn run(a: EvalArgs) -> Result<()> {
     if a.split.is_some() && a.corpus.is_none() {
-        bail!("--split chooses a split of --corpus; a --text is evaluated whole");
+        bail!("--split chooses a split of --corpus; a --text is evaluated whole, and --choices example by example");
     }
     let (saved, file) = crate::cmd_export::read_gpt(&a.model, &a.store, "reading the model", "smelt eval measures a GPT's next-token loss")?;
     let (cfg, tokenizer) = (saved.config.clone(), saved.tokenizer.clone());

@@ -47,7 +47,9 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Run the whole context through the model for every token instead of keeping its keys and
-    /// values (a GPT; slower, for comparison).
+    /// values (a GPT; slower, for comparison). The two pick alike while the text fits the
+    /// model's positions; past them the cache goes on from the text's last half block (read
+    /// again every half block), where this reads the last whole block every token.
     #[arg(long)]
     pub no_kv_cache: bool,
     /// Where a GPT runs: auto (GPU 0 when usable, else the CPU), cpu, or cuda:N (a binary built
@@ -92,7 +94,8 @@ impl<B: Backend> Context<'_, B> {
         }
     }
 
-    /// The tokens the model saw for the last logits (the end of `ids`).
+    /// The tokens the model read for the last logits (the end of `ids`; with the cache, fewer
+    /// than `block_size` after it started over).
     fn seen<'a>(&self, ids: &'a [u32]) -> &'a [u32] {
         &ids[ids.len() - self.read()..]
     }
@@ -231,6 +234,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let saved = match model_file::load_any(&a.model)? {
         AnyModel::Gpt(saved) => saved,
         AnyModel::Family(SavedFamilyModel { model: FamilyModel::T5 { config, specials }, tokenizer, params, .. }) => {
+            if matches!(a.device, DeviceRequest::Cuda(_)) {
+                bail!("--device {:?}: a T5 samples on the CPU (--device cpu or auto)", a.device);
+            }
             return respond_t5(&a, config, specials, &tokenizer, &params);
         }
         AnyModel::Family(_) => bail!(
@@ -264,13 +270,18 @@ impl OnBackend for GptSampling<'_> {
         let mut out = std::io::stdout().lock();
         write!(out, "{}", a.prompt)?;
         let mut text = Utf8Out { pending: Vec::new() };
+        if a.tokens == 0 {
+            writeln!(out)?;
+            return Ok(());
+        }
         let mut next_logits = match a.no_kv_cache {
             true => Context::Recomputed { model: &mut model, last_len: 0 },
             false => Context::Cached { dec: model.decoder(), upto: 0 },
         };
         let mut logits = next_logits.after(&ids)?;
         for i in 0..a.tokens {
-            penalize_repeats(&mut logits[..known], next_logits.seen(&ids), a.repetition_penalty);
+            // the penalty looks at the last block of the text, whatever the cache holds
+            penalize_repeats(&mut logits[..known], &ids[ids.len().saturating_sub(block)..], a.repetition_penalty);
             // Ids past the tokenizer's (and end-of-text) are vocabulary padding: never picked.
             let next = pick(&logits[..known], sampling, &mut rng);
             ids.push(next);
@@ -285,7 +296,7 @@ impl OnBackend for GptSampling<'_> {
                 logits = next_logits.after(&ids)?;
             }
         }
-        debug_assert!(next_logits.read() <= block);
+        debug_assert!(next_logits.seen(&ids).len() <= block);
         write!(out, "{}", text.push(&[]))?;
         if !text.pending.is_empty() {
             write!(out, "\u{FFFD}")?;
@@ -341,6 +352,40 @@ fn respond_t5(a: &SampleArgs, config: T5Config, specials: T5Specials, tok: &Toke
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cache's bookkeeping over a text three blocks long: after every token the logits are
+    /// a full forward pass's over exactly the tokens the context says it read (the end of the
+    /// text, never more than a block, at least half a block once it started over), and it
+    /// starts over when the block is full.
+    #[test]
+    fn the_cache_reads_the_end_of_the_text_and_starts_over_at_a_full_block() {
+        use smelt_engine::CpuBackend;
+        use smelt_engine::model::GptConfig;
+        let cfg = GptConfig { vocab_size: 29, block_size: 16, ..GptConfig::preset("test").unwrap() };
+        let model = Gpt::new(CpuBackend::new(), cfg.clone(), 3).unwrap();
+        let mut full = Gpt::from_params(CpuBackend::new(), cfg, &model.params_host()).unwrap();
+        let mut ctx = Context::Cached { dec: model.decoder(), upto: 0 };
+        let mut rng = Rng::new(9);
+        // a 5-token prompt, then one token at a time, as `smelt sample` hands them over
+        let mut ids: Vec<u32> = (0..5).map(|_| rng.below(29) as u32).collect();
+        let (mut restarts, mut last_read) = (0, 0);
+        for _ in 0..48 {
+            let got = ctx.after(&ids).unwrap();
+            let seen = ctx.seen(&ids).to_vec();
+            let read = seen.len();
+            assert!(read <= 16 && (ids.len() < 16 || read >= 8), "read {read} of {} tokens", ids.len());
+            restarts += usize::from(read < last_read);
+            last_read = read;
+            full.forward(&seen, None, 1, read).unwrap();
+            let want = full.logits_at(0, read - 1);
+            let d = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+            assert!(d < 1e-5, "after {} tokens (the last {read} read) the logits differ by {d}", ids.len());
+            ids.push(rng.below(29) as u32);
+        }
+        // up to 52 tokens through 16 positions: it starts over with the last 8 when the 17th,
+        // 26th, 35th and 44th token come (8 kept, 8 more fill the block again)
+        assert_eq!(restarts, 4);
+    }
 
     #[test]
     fn top_p_keeps_the_nucleus_only() {

@@ -1,5 +1,6 @@
-//! `smelt eval --choices FILE`: multiple-choice accuracy as HellaSwag reports it for GPT-2
-//! (llm.c's `hellaswag.py`, lm-evaluation-harness's `acc` / `acc_norm`): for each example the
+//! `smelt eval --choices FILE`: multiple-choice accuracy as llm.c's `hellaswag.py` computes it
+//! for GPT-2 (lm-evaluation-harness differs: it cleans HellaSwag's contexts first and its
+//! `acc_norm` divides by an ending's characters, not its tokens): for each example the
 //! model reads the context followed by each ending (`" " + ending`, encoded apart from the
 //! context, as llm.c does for GPT-2's BPE) and the ending's tokens are scored by their
 //! cross-entropy given everything before them. The pick with the lowest summed loss counts for
@@ -111,7 +112,7 @@ pub fn score<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, ex: &Example
         // inputs row[..n-1], targets row[1..]: the ending's tokens are the last end.len() targets
         let n = row.len() - 1;
         let targets: Vec<u32> = (0..n).map(|i| if i + end.len() >= n { row[i + 1] } else { IGNORE_INDEX }).collect();
-        let loss = model.forward(&row[..n], Some(&targets), 1, n)?.ok_or_else(|| anyhow!("no loss: targets were given"))? as f64;
+        let loss = model.forward(&row[..n], Some(&targets), 1, n).map_err(|e| at(format!("ending {k}: {e}")))?.ok_or_else(|| anyhow!("no loss: targets were given"))? as f64;
         if !loss.is_finite() {
             return Err(at(format!("ending {k}'s loss is {loss}")));
         }

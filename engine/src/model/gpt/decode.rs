@@ -14,7 +14,8 @@ use crate::params::ParamId;
 use super::{mm, Gpt};
 
 /// Row buffers for a pass over `rows` new tokens, kept between calls and grown when a longer
-/// pass comes (a prompt), so that one-token steps allocate nothing.
+/// pass comes (a prompt), so that one-token steps allocate no buffers (they upload their token
+/// and position ids).
 struct Rows<B: Backend> {
     cap: usize,
     x: B::Buf,      // (n, C) the residual stream entering a block
@@ -29,6 +30,7 @@ struct Rows<B: Backend> {
     gelu: B::Buf,   // (n, 4C)
     saved: B::Buf,  // attention's saved probabilities (unused: no backward)
     lnf: B::Buf,    // (1, C) the last row's final LayerNorm
+    rope_step: B::Buf, // (hd) rotary: a step's one-position table
     logits: B::Buf, // (1, Vp) the last row's
 }
 
@@ -122,9 +124,12 @@ impl<B: Backend> Decoder<'_, B> {
         let saved_len = be.attention_saved_len(attn);
         if rows.as_ref().is_none_or(|r| r.cap < n || be.len(&r.saved) < saved_len) {
             let cap = n.max(rows.as_ref().map_or(0, |r| r.cap));
-            let saved = saved_len.max(rows.as_ref().map_or(0, |r| be.len(&r.saved)));
+            // room for this pass and for any one-token step up to the last position, so that
+            // steps after a prompt never reallocate
+            let last_step = AttnShape { batch: 1, q_len: 1, kv_len: cfg.block_size, channels: c, heads: cfg.n_head, causal: false };
+            let saved = saved_len.max(be.attention_saved_len(last_step)).max(rows.as_ref().map_or(0, |r| be.len(&r.saved)));
             *rows = None; // the old buffers go first
-            *rows = Some(Rows::alloc(be, cfg.ln_placement, c, cfg.head_rows(), cap, saved));
+            *rows = Some(Rows::alloc(be, cfg.ln_placement, c, c / cfg.n_head, cfg.head_rows(), cap, saved));
         }
         let r = rows.as_mut().unwrap();
         let (rc, rc3, rc4) = (0..n * c, 0..n * 3 * c, 0..n * 4 * c);
@@ -137,12 +142,14 @@ impl<B: Backend> Decoder<'_, B> {
             be.embedding_forward(be.view_mut(&mut r.x, rc.clone()), &be.upload_ids(&positions), p(wpe), c, true);
         }
         // rotary: a prompt turns by the model's table; a step by its one position's row
+        // (cosines then sines, a table of one position), written into the step's buffer
         let step_table = match (rope_host.as_ref(), start) {
             (Some(host), s) if s > 0 => {
                 let half = c / cfg.n_head / 2;
                 let t_max = host.len() / (2 * half);
                 let row: Vec<f32> = host[s * half..][..half].iter().chain(&host[t_max * half + s * half..][..half]).copied().collect();
-                Some(be.upload(&row))
+                be.write(be.view_mut(&mut r.rope_step, 0..2 * half), &row);
+                Some(&r.rope_step)
             }
             _ => None,
         };
@@ -217,7 +224,7 @@ impl<B: Backend> Decoder<'_, B> {
 impl<B: Backend> Rows<B> {
     /// Buffers typed as the training forward's (activations where it keeps activations: bf16 on
     /// CUDA with bf16 matmuls), so every op sees the element types it is written for.
-    fn alloc(be: &B, placement: LayerNormPlacement, c: usize, vp: usize, n: usize, saved: usize) -> Rows<B> {
+    fn alloc(be: &B, placement: LayerNormPlacement, c: usize, hd: usize, vp: usize, n: usize, saved: usize) -> Rows<B> {
         let act = |len: usize| be.activation_zeros(len);
         Rows {
             cap: n,
@@ -240,6 +247,7 @@ impl<B: Backend> Rows<B> {
             gelu: act(n * 4 * c),
             saved: be.zeros(saved),
             lnf: be.zeros(c),
+            rope_step: be.zeros(hd),
             logits: act(vp),
         }
     }
