@@ -90,13 +90,19 @@ impl Scored {
     }
 }
 
-/// Scores every ending of `ex`: one forward pass per ending over `ctx + " " + ending` (its last
-/// `block_size + 1` tokens: `block_size` inputs), the targets outside the ending ignored.
+/// Scores every ending of `ex` in one forward pass: a row per ending, `ctx + " " + ending` cut
+/// to its last `block_size + 1` tokens (`block_size` inputs), shorter rows padded on the right
+/// (causal attention: padding after a row's tokens cannot change them); each position's loss
+/// counts only on the ending's targets, summed per row in f64.
 pub fn score<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, ex: &Example, path: &str) -> Result<Scored> {
     let block = model.config().block_size;
     let at = |what: String| anyhow!("--choices {path}, line {}: {what}", ex.line);
     let ctx = tokenizer.encode(&ex.ctx).map_err(|e| at(format!("the context is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
-    let (mut sum, mut mean) = (Vec::new(), Vec::new());
+    if ctx.is_empty() {
+        return Err(at("the context is empty: an ending's first token has nothing to follow".into()));
+    }
+    // per ending: its row (inputs and targets) and how many of its last targets are the ending's
+    let mut rows: Vec<(Vec<u32>, usize)> = Vec::with_capacity(ex.endings.len());
     for (k, ending) in ex.endings.iter().enumerate() {
         let end = tokenizer
             .encode(&format!(" {ending}"))
@@ -104,20 +110,27 @@ pub fn score<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, ex: &Example
         if end.len() > block {
             return Err(at(format!("ending {k} is {} tokens: more than the model's {block} positions after one context token", end.len())));
         }
-        if ctx.is_empty() {
-            return Err(at("the context is empty: the ending's first token has nothing to follow".into()));
-        }
         let row: Vec<u32> = ctx.iter().chain(&end).copied().collect();
-        let row = &row[row.len().saturating_sub(block + 1)..];
-        // inputs row[..n-1], targets row[1..]: the ending's tokens are the last end.len() targets
+        rows.push((row[row.len().saturating_sub(block + 1)..].to_vec(), end.len()));
+    }
+    let t = rows.iter().map(|(r, _)| r.len() - 1).max().expect("two endings at least");
+    let (mut inputs, mut targets) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len() * t));
+    for (row, end) in &rows {
+        // inputs row[..n], targets row[1..]: the ending's tokens are the last `end` targets
         let n = row.len() - 1;
-        let targets: Vec<u32> = (0..n).map(|i| if i + end.len() >= n { row[i + 1] } else { IGNORE_INDEX }).collect();
-        let loss = model.forward(&row[..n], Some(&targets), 1, n).map_err(|e| at(format!("ending {k}: {e}")))?.ok_or_else(|| anyhow!("no loss: targets were given"))? as f64;
-        if !loss.is_finite() {
-            return Err(at(format!("ending {k}'s loss is {loss}")));
+        inputs.extend(row[..n].iter().copied().chain(std::iter::repeat_n(0, t - n)));
+        targets.extend((0..t).map(|i| if i < n && i + end >= n { row[i + 1] } else { IGNORE_INDEX }));
+    }
+    model.forward(&inputs, Some(&targets), rows.len(), t).map_err(|e| at(e.to_string()))?;
+    let losses = model.losses();
+    let (mut sum, mut mean) = (Vec::new(), Vec::new());
+    for (k, (_, end)) in rows.iter().enumerate() {
+        let s: f64 = losses[k * t..(k + 1) * t].iter().map(|&x| x as f64).sum();
+        if !s.is_finite() {
+            return Err(at(format!("ending {k}'s loss is {s}")));
         }
-        sum.push(loss * end.len() as f64);
-        mean.push(loss);
+        sum.push(s);
+        mean.push(s / *end as f64);
     }
     Ok(Scored { sum, mean })
 }

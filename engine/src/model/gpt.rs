@@ -537,6 +537,15 @@ impl<B: Backend> Gpt<B> {
         padded_head::unpadded(self.be.download(self.be.view(&acts.logits, 0..n)), self.cfg.vocab_size)
     }
 
+    /// Each position's cross-entropy in the last forward pass with targets, (B, T) on the host,
+    /// 0 where the target was ignored: what the mean loss averages (a multiple-choice eval sums
+    /// a row's own).
+    pub fn losses(&self) -> Vec<f32> {
+        let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
+        assert!(batch.targets.is_some(), "losses need a forward pass with targets");
+        self.be.download(self.be.view(&acts.losses, 0..batch.b * batch.t))
+    }
+
     /// Logits at one position of the last forward pass.
     pub fn logits_at(&self, b: usize, t: usize) -> Vec<f32> {
         let (acts, batch) = (self.acts.as_ref().expect("forward first"), self.batch.as_ref().expect("forward first"));
