@@ -1,139 +1,18 @@
-//! `smelt eval --choices FILE`: multiple-choice accuracy as llm.c's `hellaswag.py` computes it
-//! for GPT-2 (lm-evaluation-harness differs: it cleans HellaSwag's contexts first and its
-//! `acc_norm` divides by an ending's characters, not its tokens): for each example the
-//! model reads the context followed by each ending (`" " + ending`, encoded apart from the
-//! context, as llm.c does for GPT-2's BPE) and the ending's tokens are scored by their
-//! cross-entropy given everything before them. The pick with the lowest summed loss counts for
-//! `acc`, the one with the lowest mean loss per token for `acc_norm` (the figure llm.c quotes:
-//! GPT-2 124M 29.55%).
-//!
-//! The file is JSON lines in HellaSwag's own fields: `ctx` (a string), `endings` (strings) and
-//! `label` (the right ending's index, a number or a string of one). A context and an ending
-//! longer than the model's positions lose the context's first tokens; an ending that alone
-//! leaves no context token is refused, naming its line.
+//! `smelt eval --choices FILE`: multiple-choice accuracy (acc and acc_norm, as llm.c reports
+//! HellaSwag for GPT-2; the scoring is `smelt_worker::choices`), with progress, a JSON result
+//! and each example's losses in `--log-samples`.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::time::Instant;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{Context, Result};
 use smelt_corpus::Tokenizer;
-use smelt_engine::backend::{Backend, IGNORE_INDEX};
+use smelt_engine::backend::Backend;
 use smelt_engine::model::{Gpt, GptConfig};
+use smelt_worker::choices::{parse_examples, score, Tally};
 use tracing::info;
 
 use crate::local_device::OnBackend;
-
-/// One multiple-choice question, its line number kept for errors.
-pub struct Example {
-    pub line: usize,
-    pub ctx: String,
-    pub endings: Vec<String>,
-    pub label: usize,
-}
-
-/// Reads HellaSwag-style JSON lines; blank lines are skipped.
-pub fn read_examples(path: &str) -> Result<Vec<Example>> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening --choices {path}"))?;
-    let mut out = Vec::new();
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line_no = i + 1;
-        let line = line.with_context(|| format!("--choices {path}: reading line {line_no}"))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = |what: String| anyhow!("--choices {path}, line {line_no}: {what}");
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| at(format!("not JSON ({e})")))?;
-        let ctx = v.get("ctx").and_then(|x| x.as_str()).ok_or_else(|| at("no string field \"ctx\"".into()))?;
-        let endings: Vec<String> = v
-            .get("endings")
-            .and_then(|x| x.as_array())
-            .ok_or_else(|| at("no list field \"endings\"".into()))?
-            .iter()
-            .map(|e| e.as_str().map(str::to_string))
-            .collect::<Option<_>>()
-            .ok_or_else(|| at("\"endings\" holds something that is not a string".into()))?;
-        if endings.len() < 2 {
-            return Err(at(format!("{} endings: a choice needs at least two", endings.len())));
-        }
-        let label = match v.get("label") {
-            Some(serde_json::Value::Number(n)) => n.as_u64(),
-            Some(serde_json::Value::String(s)) => s.trim().parse::<u64>().ok(),
-            _ => None,
-        }
-        .ok_or_else(|| at("\"label\" must be the right ending's index (a number or a string of one)".into()))?;
-        if label as usize >= endings.len() {
-            return Err(at(format!("label {label} is not an index of its {} endings", endings.len())));
-        }
-        out.push(Example { line: line_no, ctx: ctx.to_string(), endings, label: label as usize });
-    }
-    if out.is_empty() {
-        bail!("--choices {path}: no examples");
-    }
-    Ok(out)
-}
-
-/// Per ending of one example: the summed and the mean cross-entropy of its tokens.
-pub struct Scored {
-    pub sum: Vec<f64>,
-    pub mean: Vec<f64>,
-}
-
-impl Scored {
-    fn argmin(x: &[f64]) -> usize {
-        x.iter().enumerate().min_by(|a, b| a.1.total_cmp(b.1)).map(|(i, _)| i).unwrap_or(0)
-    }
-    pub fn pick(&self) -> usize {
-        Self::argmin(&self.sum)
-    }
-    pub fn pick_norm(&self) -> usize {
-        Self::argmin(&self.mean)
-    }
-}
-
-/// Scores every ending of `ex` in one forward pass: a row per ending, `ctx + " " + ending` cut
-/// to its last `block_size + 1` tokens (`block_size` inputs), shorter rows padded on the right
-/// (causal attention: padding after a row's tokens cannot change them); each position's loss
-/// counts only on the ending's targets, summed per row in f64.
-pub fn score<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, ex: &Example, path: &str) -> Result<Scored> {
-    let block = model.config().block_size;
-    let at = |what: String| anyhow!("--choices {path}, line {}: {what}", ex.line);
-    let ctx = tokenizer.encode(&ex.ctx).map_err(|e| at(format!("the context is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
-    if ctx.is_empty() {
-        return Err(at("the context is empty: an ending's first token has nothing to follow".into()));
-    }
-    // per ending: its row (inputs and targets) and how many of its last targets are the ending's
-    let mut rows: Vec<(Vec<u32>, usize)> = Vec::with_capacity(ex.endings.len());
-    for (k, ending) in ex.endings.iter().enumerate() {
-        let end = tokenizer
-            .encode(&format!(" {ending}"))
-            .map_err(|e| at(format!("ending {k} is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
-        if end.len() > block {
-            return Err(at(format!("ending {k} is {} tokens: more than the model's {block} positions after one context token", end.len())));
-        }
-        let row: Vec<u32> = ctx.iter().chain(&end).copied().collect();
-        rows.push((row[row.len().saturating_sub(block + 1)..].to_vec(), end.len()));
-    }
-    let t = rows.iter().map(|(r, _)| r.len() - 1).max().expect("two endings at least");
-    let (mut inputs, mut targets) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len() * t));
-    for (row, end) in &rows {
-        // inputs row[..n], targets row[1..]: the ending's tokens are the last `end` targets
-        let n = row.len() - 1;
-        inputs.extend(row[..n].iter().copied().chain(std::iter::repeat_n(0, t - n)));
-        targets.extend((0..t).map(|i| if i < n && i + end >= n { row[i + 1] } else { IGNORE_INDEX }));
-    }
-    model.forward(&inputs, Some(&targets), rows.len(), t).map_err(|e| at(e.to_string()))?;
-    let losses = model.losses();
-    let (mut sum, mut mean) = (Vec::new(), Vec::new());
-    for (k, (_, end)) in rows.iter().enumerate() {
-        let s: f64 = losses[k * t..(k + 1) * t].iter().map(|&x| x as f64).sum();
-        if !s.is_finite() {
-            return Err(at(format!("ending {k}'s loss is {s}")));
-        }
-        sum.push(s);
-        mean.push(s / *end as f64);
-    }
-    Ok(Scored { sum, mean })
-}
 
 /// Every example of `path` scored on whichever backend `--device` gives: prints acc and
 /// acc_norm (JSON with `json`), and writes each example's losses and picks to `log` as JSON
@@ -161,7 +40,9 @@ impl OnBackend for ChoiceEval<'_> {
 }
 
 fn run<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, file: &str, path: &str, max: usize, json: bool, log: Option<&str>) -> Result<()> {
-    let mut examples = read_examples(path)?;
+    let shown = format!("--choices {path}");
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {shown}"))?;
+    let mut examples = parse_examples(&text, &shown)?;
     if max > 0 {
         examples.truncate(max);
     }
@@ -170,12 +51,11 @@ fn run<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, file: &str, path: 
         None => None,
     };
     let started = Instant::now();
-    let (mut right, mut right_norm) = (0usize, 0usize);
+    let mut tally = Tally::default();
     let mut next_report = examples.len() / 10;
-    for (i, ex) in examples.iter().enumerate() {
-        let s = score(model, tokenizer, ex, path)?;
-        right += usize::from(s.pick() == ex.label);
-        right_norm += usize::from(s.pick_norm() == ex.label);
+    for ex in &examples {
+        let s = score(model, tokenizer, ex, &shown)?;
+        tally.add(&s, ex.label);
         if let Some(w) = log.as_mut() {
             let row = serde_json::json!({
                 "line": ex.line, "label": ex.label, "pred": s.pick(), "pred_norm": s.pick_norm(),
@@ -183,18 +63,18 @@ fn run<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, file: &str, path: 
             });
             writeln!(w, "{row}")?;
         }
-        let done = i + 1;
+        let done = tally.examples;
         if done >= next_report.max(1) && done < examples.len() {
             let secs = started.elapsed().as_secs_f64();
-            info!(examples = done, of = examples.len(), acc_norm = right_norm as f64 / done as f64, examples_per_s = done as f64 / secs.max(1e-9), "evaluating");
+            info!(examples = done, of = examples.len(), acc_norm = tally.acc_norm(), examples_per_s = done as f64 / secs.max(1e-9), "evaluating");
             next_report = done + examples.len() / 10;
         }
     }
     if let Some(mut w) = log {
         w.flush()?;
     }
-    let n = examples.len();
-    let (acc, acc_norm) = (right as f64 / n as f64, right_norm as f64 / n as f64);
+    let Tally { examples: n, right, right_norm } = tally;
+    let (acc, acc_norm) = (tally.acc(), tally.acc_norm());
     if json {
         let v = serde_json::json!({
             "model": file, "data": path, "tokenizer": tokenizer.kind(), "examples": n,

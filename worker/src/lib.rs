@@ -4,6 +4,7 @@
 pub mod abortable;
 pub mod agent;
 pub mod checkpointing;
+pub mod choices;
 pub mod device;
 pub mod family;
 pub mod family_data;
