@@ -316,6 +316,19 @@ pub struct TrainSpec {
     pub eval_interval: u64,
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
+    /// Multiple choice at each evaluation (GPT pretraining): JSON lines in HellaSwag's fields
+    /// (`ctx`, `endings`, `label`; e.g. hellaswag_val.jsonl), a path on the workers or an
+    /// object-store URI, read by rank 0 when the job starts. Its acc_norm (llm.c's figure) is the
+    /// step's `val_accuracy`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eval_choices: Option<String>,
+    /// Score the first this many examples of `eval_choices` (0: all).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub eval_choices_max: usize,
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn default_weight_decay() -> f32 {
@@ -504,6 +517,14 @@ impl JobSpec {
         }
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             return Err(err("data.val_fraction", format!("{} is outside [0, 1)", self.data.val_fraction)));
+        }
+        match &t.eval_choices {
+            Some(c) if c.trim().is_empty() => return Err(err("train.eval_choices", "must name a JSON-lines file (or leave it out)")),
+            Some(_) if self.kind == JobKind::Finetune || self.arch()? != Arch::Gpt => {
+                return Err(err("train.eval_choices", "only for GPT pretraining (arch = \"gpt\")"))
+            }
+            None if t.eval_choices_max > 0 => return Err(err("train.eval_choices_max", "only with train.eval_choices")),
+            _ => {}
         }
         if self.kind == JobKind::Finetune {
             return self.validate_finetune();

@@ -304,3 +304,19 @@ fn the_schedule_is_named_and_checked() {
     assert_eq!(JobSpec::parse(&with("cooldown_steps = 5")).unwrap_err().field, "train.cooldown_steps");
     assert_eq!(JobSpec::parse(&with("schedule = \"wsd\"\ncooldown_steps = 101")).unwrap_err().field, "train.cooldown_steps");
 }
+
+#[test]
+fn eval_choices_is_for_gpt_pretraining_and_round_trips() {
+    let with = |extra: &str| GOOD.replace("lr = 1e-3\n", &format!("lr = 1e-3\n{extra}\n"));
+    let s = JobSpec::parse(&with("eval_choices = \"s3://evals/hellaswag_val.jsonl\"\neval_choices_max = 500")).unwrap();
+    assert_eq!((s.train.eval_choices.as_deref(), s.train.eval_choices_max), (Some("s3://evals/hellaswag_val.jsonl"), 500));
+    assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s);
+    // left out of a spec without it (earlier coordinators read it back)
+    assert!(!JobSpec::parse(GOOD).unwrap().to_toml().contains("eval_choices"));
+    assert_eq!(JobSpec::parse(&with("eval_choices = \" \"")).unwrap_err().field, "train.eval_choices");
+    assert_eq!(JobSpec::parse(&with("eval_choices_max = 5")).unwrap_err().field, "train.eval_choices_max");
+    let bert = with("eval_choices = \"h.jsonl\"").replace("preset = \"tiny\"", "arch = \"bert\"\npreset = \"tiny\"");
+    let e = JobSpec::parse(&bert).unwrap_err();
+    assert_eq!(e.field, "train.eval_choices", "{}", e.message);
+    assert!(e.message.contains("only for GPT pretraining"), "{}", e.message);
+}
