@@ -161,3 +161,16 @@ pub fn tally<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, examples: &[
     }
     Ok(t)
 }
+
+/// A pretraining job's `train.eval_choices`: the examples (the first `max`, 0: all) of a local
+/// path or an object-store URI, and how errors name it.
+pub fn load(location: &str, max: usize) -> Result<(Vec<Example>, String)> {
+    let shown = format!("train.eval_choices {location}");
+    let bytes = crate::finetune_data::read_location(location).map_err(|e| anyhow!("{shown}: {e:#}"))?;
+    let text = String::from_utf8(bytes).map_err(|e| anyhow!("{shown}: not UTF-8 text ({e})"))?;
+    let mut examples = parse_examples(&text, &shown)?;
+    if max > 0 {
+        examples.truncate(max);
+    }
+    Ok((examples, shown))
+}
