@@ -95,6 +95,13 @@ pub struct TrainArgs {
     pub eval_interval: u64,
     #[arg(long, default_value_t = 20)]
     pub eval_batches: usize,
+    /// At each evaluation also score multiple choice: JSON lines in HellaSwag's fields (`ctx`,
+    /// `endings`, `label`), as `smelt eval --choices`; acc and acc_norm go to metrics.jsonl.
+    #[arg(long)]
+    pub choices: Option<String>,
+    /// With --choices: the first this many examples (0: all).
+    #[arg(long, default_value_t = 0, requires = "choices")]
+    pub choices_max: usize,
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
     /// Directory for model.safetensors and metrics.jsonl.
@@ -205,6 +212,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         threads = rayon::current_num_threads(),
         "training gpt on cpu"
     );
+    let choices = match &a.choices {
+        Some(path) => {
+            let shown = format!("--choices {path}");
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading {shown}"))?;
+            let mut examples = smelt_worker::choices::parse_examples(&text, &shown)?;
+            if a.choices_max > 0 {
+                examples.truncate(a.choices_max);
+            }
+            Some((examples, shown))
+        }
+        None => None,
+    };
     let mut trainer = Trainer::new(model, tc)?;
     let (train, val) = (TokenWindows::new(train_ids), TokenWindows::new(val_ids));
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -231,12 +250,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
         let mut record = serde_json::json!({
             "step": step + 1, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm, "tokens_per_s": tok_s,
         });
-        if a.val_fraction > 0.0 && (is_last || (a.eval_interval > 0 && (step + 1) % a.eval_interval == 0)) {
+        let eval_step = is_last || (a.eval_interval > 0 && (step + 1) % a.eval_interval == 0);
+        if a.val_fraction > 0.0 && eval_step {
             let v = trainer.evaluate(&val)?;
             last_val = Some(v);
             record["val_loss"] = v.into();
             bar.suspend(|| info!(step = step + 1, train_loss = s.loss, val_loss = v, tokens_per_s = tok_s as u64, "eval"));
             save(&trainer, last_val)?;
+        }
+        if let (Some((examples, shown)), true) = (&choices, eval_step) {
+            let t = smelt_worker::choices::tally(&mut trainer.model, &tokenizer, examples, shown)?;
+            record["acc"] = t.acc().into();
+            record["acc_norm"] = t.acc_norm().into();
+            bar.suspend(|| info!(step = step + 1, acc = t.acc(), acc_norm = t.acc_norm(), examples = t.examples, "multiple choice"));
         }
         writeln!(metrics, "{record}")?;
         bar.set_message(format!(

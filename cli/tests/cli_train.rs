@@ -285,3 +285,40 @@ fn the_schedule_reaches_the_trainer() {
     let o = smelt(&["train", "--text", text.to_str().unwrap(), "--schedule", "step", "--steps", "1"]);
     assert!(!o.status.success() && text_of(&o).contains("cosine, linear, constant, wsd"), "{}", text_of(&o));
 }
+
+/// `--choices`: multiple choice at every evaluation, into metrics.jsonl; the last one is what
+/// `smelt eval --choices` gives the saved model (the same scoring, the same weights).
+#[test]
+fn train_scores_multiple_choice_at_each_evaluation() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let out = dir.path().join("run");
+    let choices = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/choices.jsonl");
+    let o = smelt(&[
+        "--threads", "2", "train", "--text", text.to_str().unwrap(), "--preset", "test", "--tokenizer", "byte", "--steps", "20",
+        "--batch", "4", "--seq", "24", "--eval-interval", "10", "--eval-batches", "2", "--choices", choices.to_str().unwrap(),
+        "--choices-max", "5", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "train failed: {}", text_of(&o));
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let scored: Vec<&serde_json::Value> = rows.iter().filter(|r| r.get("acc_norm").is_some()).collect();
+    assert_eq!(scored.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), vec![10, 20]);
+    for r in &scored {
+        let (acc, norm) = (r["acc"].as_f64().unwrap(), r["acc_norm"].as_f64().unwrap());
+        // 5 examples: a multiple of 1/5
+        assert!(((acc * 5.0).round() - acc * 5.0).abs() < 1e-9 && ((norm * 5.0).round() - norm * 5.0).abs() < 1e-9, "{r}");
+    }
+    let model = out.join("model.safetensors");
+    let o = smelt(&["eval", "--json", "--device", "cpu", "--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--max-examples", "5"]);
+    assert!(o.status.success(), "eval failed: {}", text_of(&o));
+    let e: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!((e["acc"].as_f64(), e["acc_norm"].as_f64()), (scored[1]["acc"].as_f64(), scored[1]["acc_norm"].as_f64()));
+
+    // a bad file stops the run before it trains, naming the line
+    let bad = dir.path().join("bad.jsonl");
+    std::fs::write(&bad, "{\"ctx\": \"a\", \"endings\": [\"b\"], \"label\": 0}\n").unwrap();
+    let o = smelt(&["train", "--text", text.to_str().unwrap(), "--preset", "test", "--steps", "2", "--choices", bad.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text_of(&o).contains("line 1: 1 endings"), "{}", text_of(&o));
+}
