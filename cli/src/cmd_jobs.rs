@@ -119,7 +119,7 @@ fn print_job(j: &Job, json: bool) -> Result<()> {
         lines.push(("loss", format!("{:.4}", j.last_loss)));
     }
     if let Some(v) = j.last_val_loss {
-        lines.push(("val loss", format!("{v:.4}")));
+        lines.push(("val loss", format!("{v:.4}{}", crate::source_losses::bracketed(&j.last_val_sources))));
     }
     if let Some(a) = j.last_val_accuracy {
         lines.push(("val acc", format!("{a:.4}")));

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use smelt_proto::v1::job_service_client::JobServiceClient;
-use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, SubmitRequest, WatchJobRequest};
+use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, SourceLoss, SubmitRequest, WatchJobRequest};
 use tonic::Code;
 
 use crate::client::{connect, exit_on_error, job_state, runtime, state_name, status, CoordinatorUrl};
@@ -77,6 +77,7 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
     let mut seen = 0usize; // stored events already shown (a re-watch replays them)
     let mut last_val: Option<f32> = None;
     let mut last_acc: Option<f32> = None;
+    let mut last_sources: Vec<SourceLoss> = Vec::new(); // a mixture's, at the last evaluation
     let mut reached = Instant::now();
     let end = 'watch: loop {
         let mut stream = match client.watch_job(WatchJobRequest { job_id: job.id.clone() }).await {
@@ -124,9 +125,13 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                     if m.val_accuracy.is_some() {
                         last_acc = m.val_accuracy;
                     }
+                    if !m.val_sources.is_empty() {
+                        last_sources = m.val_sources.clone();
+                    }
                     bar.set_position(m.step);
                     let acc = last_acc.map(|a| format!(" acc {a:.4}")).unwrap_or_default();
-                    let val = last_val.map(|v| format!(" | val {v:.4}{acc}")).unwrap_or_default();
+                    let sources = crate::source_losses::bracketed(&last_sources);
+                    let val = last_val.map(|v| format!(" | val {v:.4}{sources}{acc}")).unwrap_or_default();
                     let mfu = m.mfu.map(|u| format!(" | mfu {:.1}%", 100.0 * u)).unwrap_or_default();
                     bar.set_message(format!("loss {:.4}{val} | {:.0} tok/s{mfu}", m.loss, m.tokens_per_s));
                     if bar.is_hidden() && (m.step % every == 0 || m.val_loss.is_some()) {

@@ -23,6 +23,7 @@ mod cmd_up;
 mod cmd_worker;
 mod cmd_workers;
 mod signals;
+mod source_losses;
 
 
 use anyhow::Result;

@@ -73,6 +73,7 @@ impl State {
             last_loss: 0.0,
             last_val_loss: None,
             last_val_accuracy: None,
+            last_val_sources: Vec::new(),
             error: String::new(),
             created_at_ms: now,
             updated_at_ms: now,

@@ -28,6 +28,7 @@ pub fn job_summary(j: &Job) -> Value {
         "last_loss": j.last_loss,
         "last_val_loss": j.last_val_loss,
         "last_val_accuracy": j.last_val_accuracy,
+        "last_val_sources": j.last_val_sources.iter().map(|s| json!({ "name": s.name, "loss": s.loss })).collect::<Vec<_>>(),
         "error": j.error,
         "worker_ids": j.worker_ids,
         "created_at_ms": j.created_at_ms,

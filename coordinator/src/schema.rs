@@ -4,7 +4,7 @@
 use rusqlite::{Connection, OptionalExtension};
 
 /// Bumped by every schema change; `migrate` brings older files forward.
-pub const SCHEMA_VERSION: i64 = 3;
+pub const SCHEMA_VERSION: i64 = 4;
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE jobs (
@@ -90,6 +90,22 @@ const SCHEMA_V3: &str = r#"
 ALTER TABLE metrics ADD COLUMN mfu REAL;
 "#;
 
+/// Version 4: each source's validation loss of a data mixture, one row per evaluation and
+/// source (beside the step's row in `metrics`), and the job's last ones (a JSON array of
+/// `{"name", "loss"}`, for the job's summary and `/metrics` after a restart). A loss may be
+/// NULL: SQLite stores a NaN so, and a diverged source's evaluation is still recorded.
+const SCHEMA_V4: &str = r#"
+CREATE TABLE metric_sources (
+    job_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    source TEXT NOT NULL,
+    loss REAL,
+    PRIMARY KEY (job_id, attempt, step, source)
+);
+ALTER TABLE jobs ADD COLUMN last_val_sources TEXT NOT NULL DEFAULT '[]';
+"#;
+
 /// Creates the schema in a new file, or brings an older one to `SCHEMA_VERSION`.
 pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
     let tx = conn.transaction()?;
@@ -114,7 +130,11 @@ pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
         tx.execute_batch(SCHEMA_V3)?;
         version = 3;
     }
-    // Later versions: `if version < 4 { ...; version = 4; }`
+    if version < 4 {
+        tx.execute_batch(SCHEMA_V4)?;
+        version = 4;
+    }
+    // Later versions: `if version < 5 { ...; version = 5; }`
     tx.execute("DELETE FROM schema_version", [])?;
     tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
     tx.commit()?;
@@ -124,7 +144,7 @@ pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
+    use crate::store::{MetricRow, Op, SourceLossRow, Store};
 
     #[test]
     fn a_version_1_file_is_migrated_keeping_its_rows() {
@@ -151,6 +171,58 @@ mod tests {
         let (acc, mfu): (Option<f64>, Option<f64>) =
             conn.query_row("SELECT val_accuracy, mfu FROM metrics", [], |r| Ok((r.get(0)?, r.get(1)?))).unwrap();
         assert_eq!((acc, mfu), (None, None));
+    }
+
+    #[tokio::test]
+    async fn a_version_3_file_gains_the_per_source_losses() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smelt.db");
+        {
+            // A file as the version-3 coordinator left it: a mixture job evaluated once.
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(&format!("{SCHEMA_V1}{SCHEMA_V2}{SCHEMA_V3}")).unwrap();
+            conn.execute_batch(
+                "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (3);
+                 INSERT INTO jobs VALUES ('job-000001', 'n', 's', 'running', 0, 1, 'cpu', 1, 0, 0, 10, 4, 2.5, 2.75, '', 1, 2, 0, '', NULL);
+                 INSERT INTO metrics VALUES ('job-000001', 1, 4, 2.5, 2.75, 0.5, 0.001, 10.0, 3, NULL, NULL);",
+            )
+            .unwrap();
+        }
+        let (store, loaded) = Store::open(&path).unwrap();
+        assert_eq!((loaded.jobs[0].last_step, loaded.jobs[0].last_val_loss), (4, Some(2.75)));
+        assert!(loaded.jobs[0].last_val_sources.is_empty(), "{:?}", loaded.jobs[0].last_val_sources);
+        // The migrated file takes a mixture's evaluation.
+        let web = SourceLossRow { name: "s3://b/web".into(), loss: 2.5 };
+        let mut job = loaded.jobs[0].clone();
+        job.last_val_sources = vec![web.clone()];
+        let h = store.handle();
+        h.write(Op::Job(job));
+        h.write(Op::Metric(MetricRow {
+            job_id: "job-000001".into(),
+            attempt: 1,
+            step: 8,
+            loss: 2.4,
+            val_loss: Some(2.5),
+            val_accuracy: None,
+            grad_norm: 0.5,
+            lr: 1e-3,
+            tokens_per_s: 10.0,
+            mfu: None,
+            at_ms: 4,
+            val_sources: vec![web.clone()],
+        }));
+        h.flush().await.unwrap();
+        store.close();
+        let conn = Connection::open(&path).unwrap();
+        let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
+        let row: (i64, String, f64) =
+            conn.query_row("SELECT step, source, loss FROM metric_sources", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        assert_eq!(row, (8, "s3://b/web".to_string(), 2.5));
+        drop(conn);
+        let (store, loaded) = Store::open(&path).unwrap();
+        assert_eq!(loaded.jobs[0].last_val_sources, [web]);
+        store.close();
     }
 
     #[test]

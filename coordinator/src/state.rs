@@ -170,6 +170,7 @@ impl JobRec {
             last_loss: r.last_loss,
             last_val_loss: r.last_val_loss,
             last_val_accuracy: r.last_val_accuracy,
+            last_val_sources: r.last_val_sources.iter().map(|s| s.to_proto()).collect(),
             error: r.error.clone(),
             worker_ids: self.ranks.clone(),
             created_at_ms: r.created_at_ms,

@@ -42,6 +42,8 @@ pub struct JobRow {
     pub last_val_loss: Option<f32>,
     /// Classification fine-tuning: the last validation accuracy reported.
     pub last_val_accuracy: Option<f32>,
+    /// A data mixture: each source's validation loss at the last evaluation (else empty).
+    pub last_val_sources: Vec<SourceLossRow>,
     pub error: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
@@ -100,6 +102,47 @@ pub struct MetricRow {
     /// Model FLOPs utilization (GPU ranks only).
     pub mfu: Option<f32>,
     pub at_ms: i64,
+    /// Evaluation steps of a data mixture: each source's validation loss (else empty).
+    pub val_sources: Vec<SourceLossRow>,
+}
+
+/// One source of a data mixture and its validation loss (a NaN serializes as null).
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct SourceLossRow {
+    /// The source as the job spec names it (its corpus URI).
+    pub name: String,
+    pub loss: f32,
+}
+
+impl SourceLossRow {
+    pub fn from_proto(s: &smelt_proto::v1::SourceLoss) -> Self {
+        SourceLossRow { name: s.name.clone(), loss: s.loss }
+    }
+
+    pub fn to_proto(&self) -> smelt_proto::v1::SourceLoss {
+        smelt_proto::v1::SourceLoss { name: self.name.clone(), loss: self.loss }
+    }
+}
+
+/// The jobs table's `last_val_sources`: a JSON array of `{"name", "loss"}`.
+fn sources_to_json(sources: &[SourceLossRow]) -> String {
+    serde_json::to_string(sources).unwrap_or_else(|_| "[]".into())
+}
+
+/// Reads `sources_to_json`'s text back; a null loss (a NaN written) reads as NaN.
+fn sources_from_json(text: &str) -> Vec<SourceLossRow> {
+    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
+    v.as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|s| SourceLossRow {
+                    name: s["name"].as_str().unwrap_or_default().to_string(),
+                    loss: s["loss"].as_f64().map_or(f32::NAN, |l| l as f32),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -256,7 +299,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
     let mut st = conn.prepare(
         "SELECT id, name, spec_toml, state, priority, world_size, device_class, attempt, restarts, max_restarts,
                 total_steps, last_step, last_loss, last_val_loss, error, created_at_ms, updated_at_ms, start_step, resume_from,
-                last_val_accuracy
+                last_val_accuracy, last_val_sources
          FROM jobs ORDER BY created_at_ms, id",
     )?;
     let rows = st.query_map([], |r| {
@@ -283,6 +326,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
             start_step: r.get::<_, i64>(17)? as u64,
             resume_from: r.get(18)?,
             last_val_accuracy: r.get::<_, Option<f64>>(19)?.map(|v| v as f32),
+            last_val_sources: sources_from_json(&r.get::<_, String>(20)?),
         })
     })?;
     for r in rows {
@@ -354,8 +398,8 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO jobs (id, name, spec_toml, state, priority, world_size, device_class, attempt,
                     restarts, max_restarts, total_steps, last_step, last_loss, last_val_loss, error, created_at_ms,
-                    updated_at_ms, start_step, resume_from, last_val_accuracy)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20)",
+                    updated_at_ms, start_step, resume_from, last_val_accuracy, last_val_sources)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
             )?
             .execute(params![
                 j.id,
@@ -378,6 +422,7 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
                 j.start_step as i64,
                 j.resume_from,
                 j.last_val_accuracy.map(|v| v as f64),
+                sources_to_json(&j.last_val_sources),
             ])?;
         }
         Op::Worker(w) => {
@@ -427,6 +472,13 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
                 m.val_accuracy.map(|v| v as f64),
                 m.mfu.map(|v| v as f64),
             ])?;
+            for src in &m.val_sources {
+                // OR REPLACE: a step reported twice (by one attempt) keeps its newest losses
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO metric_sources (job_id, attempt, step, source, loss) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![m.job_id, m.attempt, m.step as i64, src.name, src.loss as f64])?;
+            }
         }
         Op::Checkpoint(c) => {
             tx.prepare_cached(
@@ -503,6 +555,10 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
 mod tests {
     use super::*;
 
+    fn src(name: &str, loss: f32) -> SourceLossRow {
+        SourceLossRow { name: name.into(), loss }
+    }
+
     fn job(id: &str, state: JobState) -> JobRow {
         JobRow {
             id: id.into(),
@@ -520,6 +576,7 @@ mod tests {
             last_loss: 2.5,
             last_val_loss: Some(2.75),
             last_val_accuracy: Some(0.625),
+            last_val_sources: vec![src("s3://b/web", 2.5), src("file:///data/co\"de", f32::NAN)],
             error: String::new(),
             created_at_ms: 1,
             updated_at_ms: 2,
@@ -579,6 +636,7 @@ mod tests {
                 tokens_per_s: 10.0,
                 mfu: (step == 999).then_some(0.375),
                 at_ms: 3,
+                val_sources: if step % 500 == 499 { vec![src("s3://b/web", 2.0), src("s3://b/code", step as f32)] } else { Vec::new() },
             }));
         }
         h.write(Op::Checkpoint(CheckpointRow {
@@ -593,7 +651,14 @@ mod tests {
         assert!(h.flush().await.is_err(), "a closed store refuses flushes");
 
         let (store, loaded) = Store::open(&path).unwrap();
-        assert_eq!(loaded.jobs, vec![job("job-000001", JobState::Running)]);
+        // (NaN is not equal to itself: the NaN source is compared on its own)
+        let mut want = job("job-000001", JobState::Running);
+        let nan = want.last_val_sources.pop().unwrap();
+        let mut got = loaded.jobs.clone();
+        let got_nan = got[0].last_val_sources.pop().unwrap();
+        assert_eq!(got, vec![want]);
+        assert_eq!(got_nan.name, nan.name);
+        assert!(got_nan.loss.is_nan(), "{got_nan:?}");
         assert_eq!(loaded.workers[0].state, WorkerState::Busy);
         assert_eq!(loaded.assignments.len(), 1);
         assert_eq!(loaded.events[0].to_event().unwrap(), ev);
@@ -606,6 +671,16 @@ mod tests {
         assert_eq!(acc, 0.75);
         let mfu: f64 = conn.query_row("SELECT mfu FROM metrics WHERE step = 999", [], |r| r.get(0)).unwrap();
         assert_eq!(mfu, 0.375);
+        let sources: Vec<(i64, String, f64)> = conn
+            .prepare("SELECT step, source, loss FROM metric_sources WHERE job_id = 'job-000001' AND attempt = 3 ORDER BY rowid")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let web = "s3://b/web".to_string();
+        let code = "s3://b/code".to_string();
+        assert_eq!(sources, [(499, web.clone(), 2.0), (499, code.clone(), 499.0), (999, web, 2.0), (999, code, 999.0)]);
         let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
         assert_eq!(mode, "wal");
         let v: i64 = conn.query_row("SELECT version FROM schema_version", [], |r| r.get(0)).unwrap();

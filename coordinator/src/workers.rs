@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 use crate::attempt::Fault;
 use crate::error::{CoordError, Result};
 use crate::state::{job_state_name, now_ms, Conn, Outbox, State, WorkerRec};
-use crate::store::{MetricRow, Op, WorkerRow};
+use crate::store::{MetricRow, Op, SourceLossRow, WorkerRow};
 
 impl State {
     pub fn register(&mut self, req: RegisterRequest) -> Result<RegisterResponse> {
@@ -291,6 +291,9 @@ impl State {
         if m.val_accuracy.is_some() {
             job.row.last_val_accuracy = m.val_accuracy;
         }
+        if !m.val_sources.is_empty() {
+            job.row.last_val_sources = m.val_sources.iter().map(SourceLossRow::from_proto).collect();
+        }
         job.last_metrics = Some(m.clone());
         let now = now_ms();
         job.row.updated_at_ms = now;
@@ -313,6 +316,7 @@ impl State {
             tokens_per_s: m.tokens_per_s,
             mfu: m.mfu,
             at_ms: now,
+            val_sources: m.val_sources.iter().map(SourceLossRow::from_proto).collect(),
         }));
     }
 

@@ -40,6 +40,7 @@ async fn report(w: &Worker, a: &Assignment, step: u64, val_loss: Option<f32>, to
         val_loss,
         val_accuracy: None,
         mfu: Some(mfu),
+        val_sources: Vec::new(),
     }))
     .await;
 }
@@ -266,6 +267,152 @@ async fn prometheus_scrapes_workers_jobs_and_each_running_jobs_progress() {
     coord.stop().await;
 }
 
+// ---- a data mixture's per-source validation losses ------------------------------------------
+
+/// The sources of the mixture job below, its weights, and a name with a quote (escaped in
+/// Prometheus' labels, text on the page). The coordinator takes sources as reported: it does not
+/// read the spec's mixture, so the job itself is a plain one.
+const WEB: &str = "s3://bucket/corpora/web";
+const CODE: &str = "file:///data/co\"de";
+const WEIGHTS: [f32; 2] = [0.7, 0.3];
+
+fn sources_at(step: u64) -> Vec<SourceLoss> {
+    vec![
+        SourceLoss { name: WEB.into(), loss: 2.0 + step as f32 * 0.01 },
+        SourceLoss { name: CODE.into(), loss: 3.0 - step as f32 * 0.01 },
+    ]
+}
+
+/// The job's validation loss as the worker reports it: its sources' losses by their weights.
+fn weighted(sources: &[SourceLoss]) -> f32 {
+    sources.iter().zip(WEIGHTS).map(|(s, w)| s.loss * w).sum()
+}
+
+/// A one-rank job whose rank 0 reports `steps` steps, evaluated at 10 and 20 with each source's
+/// loss; returns it and its worker, the assignment still running.
+async fn a_mixture_job(coord: &Coord, steps: u64) -> (Job, Worker, Assignment) {
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("mix", 1, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9001").await;
+    let a = w.assignment().await;
+    w.set_busy(&a);
+    for step in 1..=steps {
+        let val_sources = if step % 10 == 0 && step <= 20 { sources_at(step) } else { Vec::new() };
+        w.send(worker_message::Body::Metrics(StepMetrics {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            rank: 0,
+            step,
+            loss: loss_at(step),
+            grad_norm: 0.5,
+            lr: 1e-3,
+            tokens_per_s: 1000.0,
+            val_loss: (!val_sources.is_empty()).then(|| weighted(&val_sources)),
+            val_accuracy: None,
+            mfu: None,
+            val_sources,
+        }))
+        .await;
+    }
+    wait_job(&mut jobs, &job.id, |j| j.last_step == steps).await;
+    (job, w, a)
+}
+
+/// (name, loss) of each source, as reported or as the API serves them (`[{"name", "loss"}]`,
+/// a loss read back as the f32 it was).
+fn pairs(sources: &[SourceLoss]) -> Vec<(String, f32)> {
+    sources.iter().map(|s| (s.name.clone(), s.loss)).collect()
+}
+
+fn served(v: &serde_json::Value) -> Vec<(String, f32)> {
+    let items = v.as_array().unwrap_or_else(|| panic!("not an array: {v}"));
+    items.iter().map(|s| (s["name"].as_str().unwrap().to_string(), s["loss"].as_f64().unwrap() as f32)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mixtures_per_source_losses_reach_prometheus_the_api_and_a_restarted_coordinator() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let (job, w, a) = a_mixture_job(&coord, 25).await;
+    let mut jobs = coord.jobs().await;
+    let _plain = submit(&mut jobs, &spec("plain", 2, 0, 0)).await;
+
+    // Prometheus: a gauge per running job and source, beside the weighted validation loss.
+    let r = http::get(coord.addr, "/metrics", None).await;
+    assert!(r.body.contains("# TYPE smelt_job_source_val_loss gauge"), "{}", r.body);
+    let s = parse_exposition(&r.body);
+    let labels = |source: &str| format!(r#"{{job="{}",name="mix",state="running",source="{source}"}}"#, job.id);
+    let web = sample(&s, &format!("smelt_job_source_val_loss{}", labels(WEB))).unwrap_or_else(|| panic!("{}", r.body));
+    let code = sample(&s, &format!("smelt_job_source_val_loss{}", labels(r#"file:///data/co\"de"#))).unwrap_or_else(|| panic!("{}", r.body));
+    assert_eq!((web as f32, code as f32), (sources_at(20)[0].loss, sources_at(20)[1].loss), "the last evaluation's");
+    let val = sample(&s, &format!(r#"smelt_job_val_loss{{job="{}",name="mix",state="running"}}"#, job.id)).unwrap();
+    assert!((val - (0.7 * web + 0.3 * code)).abs() < 1e-5, "val loss {val} vs 0.7 x {web} + 0.3 x {code}");
+    let series = s.iter().filter(|(name, _)| name.starts_with("smelt_job_source_val_loss")).count();
+    assert_eq!(series, 2, "the job without sources has none: {}", r.body);
+
+    w.done(&a, true, "", 25).await;
+    wait_state(&mut jobs, &job.id, JobState::Succeeded).await;
+    let s = parse_exposition(&http::get(coord.addr, "/metrics", None).await.body);
+    assert!(!s.iter().any(|(name, _)| name.starts_with("smelt_job_source_val_loss")), "an ended job's series stop: {s:?}");
+
+    // The API: the job's last sources, and each evaluation's in the history (others have none).
+    let path = format!("/api/jobs/{}/metrics", job.id);
+    within("the metrics committed", async {
+        while http::get(coord.addr, &path, None).await.json()["total"] != 25 {
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+    })
+    .await;
+    let d = http::get(coord.addr, &format!("/api/jobs/{}", job.id), None).await.json();
+    assert_eq!(served(&d["last_val_sources"]), pairs(&sources_at(20)), "{d}");
+    let o = http::get(coord.addr, "/api/overview", None).await.json();
+    assert_eq!(served(&o["jobs"][0]["last_val_sources"]), pairs(&sources_at(20)));
+    assert_eq!(served(&o["jobs"][1]["last_val_sources"]), [], "a job without sources");
+    let all = http::get(coord.addr, &path, None).await.json();
+    for p in all["points"].as_array().unwrap() {
+        let step = p["step"].as_u64().unwrap();
+        let want = if step == 10 || step == 20 { pairs(&sources_at(step)) } else { Vec::new() };
+        assert_eq!(served(&p["val_sources"]), want, "step {step}");
+        if step == 10 || step == 20 {
+            // the sources combine into the step's validation loss, by the mixture's weights
+            let each: Vec<f64> = p["val_sources"].as_array().unwrap().iter().map(|s| s["loss"].as_f64().unwrap()).collect();
+            let combined = 0.7 * each[0] + 0.3 * each[1];
+            assert!((p["val_loss"].as_f64().unwrap() - combined).abs() < 1e-5, "step {step}: {p}");
+        }
+    }
+    // Thinned as the other series: every 5th row, the evaluations (with their sources), the last.
+    let thin = http::get(coord.addr, &format!("{path}?max_points=5"), None).await.json();
+    assert_eq!(steps_of(&thin), [1, 6, 10, 11, 16, 20, 21, 25]);
+    let with_sources: Vec<u64> = thin["points"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| !p["val_sources"].as_array().unwrap().is_empty())
+        .map(|p| p["step"].as_u64().unwrap())
+        .collect();
+    assert_eq!(with_sources, [10, 20]);
+
+    // The page draws a line per source and the weighted one (skipped without Chromium).
+    if let Some(chromium) = chromium_or_skip("a_mixtures_per_source_losses_reach_prometheus_the_api_and_a_restarted_coordinator") {
+        let url = format!("http://{}/#/jobs/{}", coord.addr, job.id);
+        let dom = tokio::task::spawn_blocking(move || rendered_dom(&chromium, &url)).await.unwrap();
+        assert!(dom.contains("id=\"chart-val-sources\""), "{dom}");
+        for series in ["web", "co&quot;de", "weighted"] {
+            assert!(dom.contains(&format!("data-series=\"{series}\" data-points=\"2\"")), "{series}:\n{dom}");
+        }
+        assert!(dom.contains("<dt>By source</dt><dd>web 2.200 · co\"de 2.800</dd>"), "{dom}");
+    }
+
+    // The history and the job's last sources live in the SQLite file.
+    coord.stop().await;
+    let coord = start(&db).await;
+    let again = http::get(coord.addr, &path, None).await.json();
+    assert_eq!(again["points"], all["points"]);
+    let d = http::get(coord.addr, &format!("/api/jobs/{}", job.id), None).await.json();
+    assert_eq!(served(&d["last_val_sources"]), pairs(&sources_at(20)));
+    coord.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_is_cancelled_from_the_api_only_with_the_request_header() {
     let (_d, db) = tmp();
@@ -437,6 +584,9 @@ async fn chromium_renders_the_jobs_the_curves_and_escapes_what_workers_report() 
     }
     assert!(detail.contains(CKPT_URI), "{detail}");
     assert!(detail.contains("MFU 25.0%"), "{detail}");
+    // (the page's script holds the markup once; a job without sources renders neither)
+    assert!(!detail.contains("id=\"chart-val-sources\""), "a job without sources:\n{detail}");
+    assert_eq!(detail.matches("<dt>By source</dt>").count(), 1, "a job without sources:\n{detail}");
     coord.stop().await;
 }
 

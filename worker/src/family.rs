@@ -368,6 +368,7 @@ pub(crate) fn train<B: Backend>(
                 val_loss,
                 val_accuracy: None,
                 mfu: peak.map(|p| (flops / started.elapsed().as_secs_f64().max(1e-9) / p) as f32),
+                val_sources: Vec::new(),
             }));
         }
         if let Some(c) = checkpointer.as_mut() {

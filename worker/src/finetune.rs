@@ -246,6 +246,7 @@ impl FinetuneJob {
                     val_loss: val.0,
                     val_accuracy: val.1,
                     mfu: None,
+                    val_sources: Vec::new(),
                 });
             }
             if let Some((c, events)) = checkpoints.as_mut() {

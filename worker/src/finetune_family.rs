@@ -321,6 +321,7 @@ pub(crate) fn train<B: Backend>(
                 val_loss: val.0,
                 val_accuracy: val.1,
                 mfu: None,
+                val_sources: Vec::new(),
             }));
         }
         if let Some(c) = checkpointer.as_mut() {

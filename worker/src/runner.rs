@@ -25,7 +25,7 @@ use smelt_engine::model::GptConfig;
 use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::{Backend, CpuBackend};
 use smelt_jobspec::{JobKind, JobSpec};
-use smelt_proto::v1::{Assignment, AssignmentDone, JobNote, StepMetrics};
+use smelt_proto::v1::{Assignment, AssignmentDone, JobNote, SourceLoss, StepMetrics};
 use tracing::info;
 
 use crate::checkpointing::{self, Checkpointer};
@@ -284,6 +284,8 @@ pub(crate) fn train_gpt<B: Backend>(
     let started = Instant::now();
     let mut tokens = 0usize;
     let mut last_val = None;
+    // a mixture's evaluations report each source's loss (a single source's is the job's own)
+    let mixture = matches!(data, TrainData::Mix { .. });
     let (peak, flops_per_token) = (trainer.model.backend().peak_flops(), cfg.flops_per_token(seq));
     for step in start_step..tc.steps {
         if let Some(reason) = control.stopped() {
@@ -309,15 +311,19 @@ pub(crate) fn train_gpt<B: Backend>(
         tokens += stats.tokens * world;
         let done = step + 1;
         let is_last = done == tc.steps;
-        let mut val_loss = None;
+        let (mut val_loss, mut val_sources) = (None, Vec::new());
         if rank == 0 && (is_last || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
             if let Some((v, each)) = evaluate_sets(&val_sets, seq, |tokens| Ok(trainer.evaluate(&TokenWindows::new(tokens))?))? {
                 if each.len() > 1 {
-                    // a mixture: each source's loss in the job's events (the metrics carry the weighted one)
+                    // a mixture: each source's loss also in the job's events, readable beside its state changes
                     info!(job_id = %a.job_id, step = done, val_loss = v, by_source = ?each, "validation loss by source");
                     let parts: Vec<String> = each.iter().map(|(name, l)| format!("{name} {l:.4}")).collect();
                     let text = format!("validation loss at step {done}: {v:.4} weighted; by source: {}", parts.join(", "));
                     events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
+                }
+                if mixture {
+                    // the metrics carry each source's loss beside the weighted one (stored and plotted)
+                    val_sources = each.iter().map(|&(name, loss)| SourceLoss { name: name.to_string(), loss }).collect();
                 }
                 val_loss = Some(v);
                 last_val = Some(v);
@@ -339,6 +345,7 @@ pub(crate) fn train_gpt<B: Backend>(
                 val_loss,
                 val_accuracy: None,
                 mfu,
+                val_sources,
             }));
         }
         if let Some(c) = checkpointer.as_mut() {

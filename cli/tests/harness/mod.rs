@@ -207,6 +207,35 @@ impl Cluster {
         bytes[8 + n..].to_vec()
     }
 
+    /// `GET path` on the coordinator's port (its dashboard API, `/metrics`), as curl would:
+    /// HTTP/1.1, one request per connection. (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", self.addr).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
+        let head = String::from_utf8_lossy(&raw[..split]).to_ascii_lowercase();
+        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("{head}"));
+        let mut body = &raw[split + 4..];
+        let mut out = Vec::new();
+        if head.contains("transfer-encoding: chunked") {
+            loop {
+                let eol = body.windows(2).position(|w| w == b"\r\n").expect("chunk size line");
+                let size = usize::from_str_radix(std::str::from_utf8(&body[..eol]).unwrap().split(';').next().unwrap().trim(), 16).unwrap();
+                if size == 0 {
+                    break;
+                }
+                out.extend_from_slice(&body[eol + 2..eol + 2 + size]);
+                body = &body[eol + 2 + size + 2..];
+            }
+        } else {
+            out = body.to_vec();
+        }
+        (status, String::from_utf8(out).expect("utf-8 body"))
+    }
+
     /// `smelt <args>` against this cluster's coordinator: (success, stdout + stderr).
     pub fn smelt(&self, args: &[&str]) -> (bool, String) {
         let o = Command::new(env!("CARGO_BIN_EXE_smelt"))

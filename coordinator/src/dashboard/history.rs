@@ -1,4 +1,5 @@
-//! A job's history from the SQLite file: rank 0's step metrics and the checkpoints recorded.
+//! A job's history from the SQLite file: rank 0's step metrics (with a mixture's per-source
+//! validation losses) and the checkpoints recorded.
 //! The coordinator keeps neither in memory (a long job reports hundreds of thousands of steps),
 //! so each request opens the file read-only; WAL mode lets it read beside the writer thread,
 //! and it sees what the writer has committed (writes are batched, so the newest step or two may
@@ -10,7 +11,7 @@ use std::time::Duration;
 use rusqlite::{params, Connection, OpenFlags};
 use serde::Serialize;
 
-use crate::store::MetricRow;
+use crate::store::{MetricRow, SourceLossRow};
 
 /// How long a read waits for SQLite's lock (a checkpoint of the WAL) before giving up.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -59,18 +60,30 @@ pub fn metrics(db: &Path, job_id: &str, max_points: u64) -> rusqlite::Result<Met
     let max_points = max_points.max(1);
     let stride = total.div_ceil(max_points).max(1);
     let eval_stride = evals.div_ceil(max_points).max(1);
+    // Each kept evaluation row brings its sources' losses (a mixture's), so they thin with the
+    // validation loss they combine into: the join yields one row per source, in the order
+    // reported, and a kept row without sources once.
     let mut st = tx.prepare_cached(
-        "SELECT attempt, step, loss, val_loss, val_accuracy, grad_norm, lr, tokens_per_s, mfu, at_ms FROM (
+        "SELECT t.attempt, t.step, t.loss, t.val_loss, t.val_accuracy, t.grad_norm, t.lr, t.tokens_per_s, t.mfu, t.at_ms,
+                t.i, s.source, s.loss FROM (
              SELECT *, ROW_NUMBER() OVER (ORDER BY rowid) - 1 AS i,
                     CASE WHEN val_loss IS NOT NULL OR val_accuracy IS NOT NULL THEN
                         COUNT(CASE WHEN val_loss IS NOT NULL OR val_accuracy IS NOT NULL THEN 1 END)
                             OVER (ORDER BY rowid ROWS UNBOUNDED PRECEDING) - 1 END AS e
              FROM metrics WHERE job_id = ?1
-         ) WHERE i % ?2 = 0 OR i = ?3 - 1 OR e % ?4 = 0 ORDER BY i",
+         ) AS t
+         LEFT JOIN metric_sources AS s
+             ON t.val_loss IS NOT NULL AND s.job_id = ?1 AND s.attempt = t.attempt AND s.step = t.step
+         WHERE t.i % ?2 = 0 OR t.i = ?3 - 1 OR t.e % ?4 = 0 ORDER BY t.i, s.rowid",
     )?;
-    let points = st
-        .query_map(params![job_id, stride as i64, total as i64, eval_stride as i64], |r| {
-            Ok(MetricRow {
+    let mut rows = st.query(params![job_id, stride as i64, total as i64, eval_stride as i64])?;
+    let mut points: Vec<MetricRow> = Vec::new();
+    let mut last_i = None;
+    while let Some(r) = rows.next()? {
+        let i: i64 = r.get(10)?;
+        if last_i != Some(i) {
+            last_i = Some(i);
+            points.push(MetricRow {
                 job_id: job_id.to_string(),
                 attempt: r.get(0)?,
                 step: r.get::<_, i64>(1)? as u64,
@@ -82,9 +95,16 @@ pub fn metrics(db: &Path, job_id: &str, max_points: u64) -> rusqlite::Result<Met
                 tokens_per_s: r.get(7)?,
                 mfu: r.get::<_, Option<f64>>(8)?.map(|v| v as f32),
                 at_ms: r.get(9)?,
-            })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+                val_sources: Vec::new(),
+            });
+        }
+        if let Some(name) = r.get::<_, Option<String>>(11)? {
+            // a NaN loss was stored as NULL
+            let loss = r.get::<_, Option<f64>>(12)?.map_or(f32::NAN, |v| v as f32);
+            points.last_mut().expect("pushed above").val_sources.push(SourceLossRow { name, loss });
+        }
+    }
+    drop(rows);
     drop(st);
     tx.finish()?;
     Ok(MetricSeries { total, stride, eval_stride, points })
@@ -120,6 +140,12 @@ mod tests {
             tokens_per_s: 100.0,
             mfu: (attempt == 2).then_some(0.5),
             at_ms: step as i64,
+            // a mixture's evaluations: each source's loss, the second one's naming the step
+            val_sources: if val {
+                vec![SourceLossRow { name: "s3://b/web".into(), loss: 4.0 }, SourceLossRow { name: "s3://b/code".into(), loss: step as f32 }]
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -150,6 +176,11 @@ mod tests {
         assert_eq!((thin.total, thin.stride, thin.eval_stride), (1100, 11, 1));
         let vals: Vec<(u32, u64)> = thin.points.iter().filter(|p| p.val_loss.is_some()).map(|p| (p.attempt, p.step)).collect();
         assert_eq!(vals, [(1, 250), (1, 500), (2, 750), (2, 1000)], "every evaluation kept");
+        for p in &thin.points {
+            // each kept evaluation with its own sources, in the order reported; no other row has any
+            assert_eq!(p.val_sources, row("job-000001", p.attempt, p.step, p.val_loss.is_some()).val_sources, "step {}", p.step);
+        }
+        assert_eq!(thin.points.iter().map(|p| p.val_sources.len()).sum::<usize>(), 8);
         let last = thin.points.last().unwrap();
         assert_eq!((last.attempt, last.step), (2, 1000));
         assert!(thin.points.len() <= 100 + 5, "{}", thin.points.len());
@@ -165,6 +196,7 @@ mod tests {
         assert_eq!((evals.stride, evals.eval_stride), (10, 10));
         let steps: Vec<u64> = evals.points.iter().map(|p| p.step).collect();
         assert_eq!(steps, [1, 11, 21, 30]);
+        assert!(evals.points.iter().all(|p| p.val_sources.len() == 2 && p.val_sources[1].loss == p.step as f32), "{:?}", evals.points);
 
         assert!(metrics(&db, "job-000009", 100).unwrap().points.is_empty());
         store.close();

@@ -1,7 +1,8 @@
 //! `GET /metrics`: the coordinator's state in Prometheus' text format (version 0.0.4), for a
 //! scrape job (`authorization: { credentials_file: /etc/smelt/token }` when the coordinator has
 //! a token). Workers and jobs are counted by state; each job that has not ended gets its own
-//! series (step, loss, throughput, ...), so a finished job's series stop rather than pile up.
+//! series (step, loss, throughput, ..., a mixture's loss per source), so a finished job's series
+//! stop rather than pile up.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -106,6 +107,16 @@ pub fn render(st: &State) -> String {
             if let Some(v) = pick(j) {
                 f.sample(name, &[("job", &j.row.id), ("name", &j.row.name), ("state", job_state_name(j.row.state))], v);
             }
+        }
+    }
+    // A mixture's sources, one series each (a job without sources has none).
+    let name = "smelt_job_source_val_loss";
+    let help = "Validation loss of one source of a data mixture at the last evaluation (source: its corpus URI).";
+    let mut f = Family::new(&mut out, name, "gauge", help);
+    for j in &live {
+        for s in &j.row.last_val_sources {
+            let labels = [("job", j.row.id.as_str()), ("name", &j.row.name), ("state", job_state_name(j.row.state)), ("source", &s.name)];
+            f.sample(name, &labels, f64::from(s.loss));
         }
     }
     out

@@ -322,6 +322,7 @@ impl Worker {
             val_loss: None,
             val_accuracy: None,
             mfu: None,
+            val_sources: Vec::new(),
         }))
         .await;
     }
