@@ -284,6 +284,13 @@ pub(crate) fn train_gpt<B: Backend>(
     let started = Instant::now();
     let mut tokens = 0usize;
     let mut last_val = None;
+    // train.eval_choices: read by rank 0 before the first step, so a bad file fails the job
+    // before it trains; its acc_norm is each evaluation's val_accuracy
+    let choices = match (&spec.train.eval_choices, rank) {
+        (Some(location), 0) => Some(crate::choices::load(location, spec.train.eval_choices_max)?),
+        _ => None,
+    };
+    let mut last_acc_norm = None;
     // a mixture's evaluations report each source's loss (a single source's is the job's own)
     let mixture = matches!(data, TrainData::Mix { .. });
     let (peak, flops_per_token) = (trainer.model.backend().peak_flops(), cfg.flops_per_token(seq));
@@ -311,8 +318,15 @@ pub(crate) fn train_gpt<B: Backend>(
         tokens += stats.tokens * world;
         let done = step + 1;
         let is_last = done == tc.steps;
-        let (mut val_loss, mut val_sources) = (None, Vec::new());
-        if rank == 0 && (is_last || (tc.eval_interval > 0 && done % tc.eval_interval == 0)) {
+        let (mut val_loss, mut val_sources, mut val_accuracy) = (None, Vec::new(), None);
+        let eval_step = is_last || (tc.eval_interval > 0 && done % tc.eval_interval == 0);
+        if let (Some((examples, shown)), true) = (&choices, eval_step) {
+            let t = crate::choices::tally(&mut trainer.model, &tokenizer, examples, shown)?;
+            info!(job_id = %a.job_id, step = done, acc = t.acc(), acc_norm = t.acc_norm(), examples = t.examples, "multiple choice");
+            val_accuracy = Some(t.acc_norm() as f32);
+            last_acc_norm = val_accuracy;
+        }
+        if rank == 0 && eval_step {
             if let Some((v, each)) = evaluate_sets(&val_sets, seq, |tokens| Ok(trainer.evaluate(&TokenWindows::new(tokens))?))? {
                 if each.len() > 1 {
                     // a mixture: each source's loss also in the job's events, readable beside its state changes
@@ -343,7 +357,7 @@ pub(crate) fn train_gpt<B: Backend>(
                 lr: stats.lr,
                 tokens_per_s,
                 val_loss,
-                val_accuracy: None,
+                val_accuracy,
                 mfu,
                 val_sources,
             }));
@@ -374,6 +388,9 @@ pub(crate) fn train_gpt<B: Backend>(
         let mut extra = vec![("step", tc.steps.to_string()), ("job", a.job_id.clone())];
         if let Some(v) = last_val {
             extra.push(("val_loss", v.to_string()));
+        }
+        if let Some(v) = last_acc_norm {
+            extra.push(("val_acc_norm", v.to_string()));
         }
         let params = checkpointing::device_checked(trainer.model.backend(), trainer.model.params_host())?;
         model_file::save(&path, &cfg, &tokenizer, &params, &extra)?;
