@@ -32,10 +32,10 @@ pub struct EvalArgs {
     /// A corpus prepared by `smelt corpus prepare` (a path or an object-store URI).
     #[arg(long, conflicts_with = "choices")]
     pub corpus: Option<String>,
-    /// Multiple-choice accuracy instead of the loss: JSON lines in HellaSwag's fields (`ctx`,
-    /// `endings`, `label`, e.g. hellaswag_val.jsonl); reports acc (lowest summed loss of an
-    /// ending) and acc_norm (lowest mean loss per token: llm.c's figure, not
-    /// lm-evaluation-harness's, which divides by characters).
+    /// Multiple-choice accuracy instead of the loss: JSON lines (a path or an object-store URI)
+    /// in HellaSwag's fields (`ctx`, `endings`, `label`, e.g. hellaswag_val.jsonl); reports acc
+    /// (lowest summed loss of an ending) and acc_norm (lowest mean loss per token: llm.c's
+    /// figure, not lm-evaluation-harness's, which divides by characters).
     #[arg(long)]
     pub choices: Option<String>,
     /// With --choices: score at most this many examples from the start (0: all).

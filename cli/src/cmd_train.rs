@@ -212,18 +212,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         threads = rayon::current_num_threads(),
         "training gpt on cpu"
     );
-    let choices = match &a.choices {
-        Some(path) => {
-            let shown = format!("--choices {path}");
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading {shown}"))?;
-            let mut examples = smelt_worker::choices::parse_examples(&text, &shown)?;
-            if a.choices_max > 0 {
-                examples.truncate(a.choices_max);
-            }
-            Some((examples, shown))
-        }
-        None => None,
-    };
+    // scored as training runs: rows of at most --seq inputs, --batch rows a pass
+    let choices = a.choices.as_deref().map(|path| smelt_worker::choices::load("--choices", path, a.choices_max, &tokenizer, seq)).transpose()?;
     let mut trainer = Trainer::new(model, tc)?;
     let (train, val) = (TokenWindows::new(train_ids), TokenWindows::new(val_ids));
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
@@ -259,7 +249,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             save(&trainer, last_val)?;
         }
         if let (Some((examples, shown)), true) = (&choices, eval_step) {
-            let t = smelt_worker::choices::tally(&mut trainer.model, &tokenizer, examples, shown)?;
+            let t = smelt_worker::choices::tally(&mut trainer.model, examples, a.batch, shown)?;
             record["acc"] = t.acc().into();
             record["acc_norm"] = t.acc_norm().into();
             bar.suspend(|| info!(step = step + 1, acc = t.acc(), acc_norm = t.acc_norm(), examples = t.examples, "multiple choice"));

@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use smelt_corpus::Tokenizer;
 use smelt_engine::backend::Backend;
 use smelt_engine::model::{Gpt, GptConfig};
-use smelt_worker::choices::{parse_examples, score, Tally};
+use smelt_worker::choices::{load, score, Tally};
 use tracing::info;
 
 use crate::local_device::OnBackend;
@@ -40,12 +40,8 @@ impl OnBackend for ChoiceEval<'_> {
 }
 
 fn run<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, file: &str, path: &str, max: usize, json: bool, log: Option<&str>) -> Result<()> {
-    let shown = format!("--choices {path}");
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {shown}"))?;
-    let mut examples = parse_examples(&text, &shown)?;
-    if max > 0 {
-        examples.truncate(max);
-    }
+    let block = model.config().block_size;
+    let (examples, shown) = load("--choices", path, max, tokenizer, block)?;
     let mut log = match log {
         Some(p) => Some(std::io::BufWriter::new(std::fs::File::create(p).with_context(|| format!("creating --log-samples {p}"))?)),
         None => None,
@@ -54,7 +50,8 @@ fn run<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, file: &str, path: 
     let mut tally = Tally::default();
     let mut next_report = examples.len() / 10;
     for ex in &examples {
-        let s = score(model, tokenizer, ex, &shown)?;
+        // every ending of an example in one forward pass
+        let s = score(model, ex, usize::MAX, &shown)?;
         tally.add(&s, ex.label);
         if let Some(w) = log.as_mut() {
             let row = serde_json::json!({

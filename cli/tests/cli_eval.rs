@@ -183,7 +183,7 @@ fn multiple_choice_scores_are_transformers_losses() {
     bad("nojson.jsonl", "{\"ctx\": ", "line 1: not JSON");
     bad("noctx.jsonl", r#"{"context": "a", "endings": ["b", "c"], "label": 0}"#, "no string field \"ctx\"");
     bad("empty.jsonl", "\n\n", "no examples");
-    bad("long.jsonl", &format!(r#"{{"ctx": "a", "endings": ["{}", "c"], "label": 0}}"#, "x".repeat(40)), "ending 0 is 41 tokens: more than the model's 32 positions");
+    bad("long.jsonl", &format!(r#"{{"ctx": "a", "endings": ["{}", "c"], "label": 0}}"#, "x".repeat(40)), "ending 0 is 41 tokens: more than the 32 positions scored");
     let msg = eval_fails(&["--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--seq", "8"]);
     assert!(msg.contains("--choices scores whole examples"), "{msg}");
 

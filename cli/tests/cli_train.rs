@@ -296,7 +296,7 @@ fn train_scores_multiple_choice_at_each_evaluation() {
     let choices = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/hf/choices.jsonl");
     let o = smelt(&[
         "--threads", "2", "train", "--text", text.to_str().unwrap(), "--preset", "test", "--tokenizer", "byte", "--steps", "20",
-        "--batch", "4", "--seq", "24", "--eval-interval", "10", "--eval-batches", "2", "--choices", choices.to_str().unwrap(),
+        "--batch", "4", "--seq", "32", "--eval-interval", "10", "--eval-batches", "2", "--choices", choices.to_str().unwrap(),
         "--choices-max", "5", "--out", out.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "train failed: {}", text_of(&o));

@@ -1,8 +1,9 @@
 //! `train.eval_choices` through the cluster for real (a coordinator and two worker processes on
 //! loopback): a GPT pretraining job scores multiple choice at each evaluation; the steps' metrics
-//! carry its acc_norm as `val_accuracy`, the final model file records the last, and `smelt eval
-//! --choices` on that file gives the same figure; a file with a bad line fails the job before it
-//! trains, naming the field, the file and the line.
+//! carry its acc_norm as `val_accuracy` (each rank scoring its share, the counts summed), the
+//! final model file records the last, and `smelt eval --choices` on that file gives the same
+//! figure; the weights are those of the same job without it, bit for bit; an example that
+//! cannot be scored fails the job before it trains, naming the field, the file and the line.
 
 mod harness;
 
@@ -14,7 +15,7 @@ use smelt_proto::v1::JobState;
 fn spec(name: &str, text: &Path, choices: &Path, extra: &str) -> String {
     format!(
         "name = {name:?}\nseed = 5\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"byte\"\n\
-         [train]\nsteps = 8\nglobal_batch = 4\nmicro_batch = 2\nseq_len = 16\nlr = 1e-3\neval_interval = 4\neval_batches = 2\n\
+         [train]\nsteps = 8\nglobal_batch = 4\nmicro_batch = 2\nseq_len = 32\nlr = 1e-3\neval_interval = 4\neval_batches = 2\n\
          eval_choices = {:?}\n{extra}[cluster]\nworld_size = 2\n",
         text.to_str().unwrap(),
         choices.to_str().unwrap(),
@@ -47,13 +48,22 @@ fn a_pretraining_job_scores_multiple_choice_at_each_evaluation() {
     let e: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(e["acc_norm"].as_f64().unwrap() as f32, recorded);
 
-    // a bad line: the job fails before its first step, naming what is wrong
+    // scoring between steps leaves training alone: the same job without it ends with the same
+    // weights, bit for bit
+    let plain = c.submit(&spec("plain", &text, &choices, "").replace(&format!("eval_choices = {:?}\n", choices.to_str().unwrap()), ""), "");
+    let (state, metrics) = c.follow(&plain.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&plain.id).error, c.logs());
+    assert!(metrics.iter().all(|m| m.val_accuracy.is_none()));
+    assert!(c.weights_of(&plain.id) == c.weights_of(&job.id), "the weights differ with and without eval_choices");
+
+    // an example that cannot be scored (an empty context): the job fails before its first step,
+    // naming the field, the file and the line
     let bad = dir.join("bad.jsonl");
-    std::fs::write(&bad, "{\"ctx\": \"a\", \"endings\": [\"b\", \"c\"], \"label\": 0}\n{\"ctx\": \"a\", \"endings\": [\"b\", \"c\"], \"label\": 7}\n").unwrap();
+    std::fs::write(&bad, "{\"ctx\": \"a\", \"endings\": [\"b\", \"c\"], \"label\": 0}\n{\"ctx\": \"\", \"endings\": [\"b\", \"c\"], \"label\": 1}\n").unwrap();
     let failed = c.submit(&format!("max_restarts = 0\n{}", spec("bad-choices", &text, &bad, "")), "");
     let (state, metrics) = c.follow(&failed.id);
     assert_eq!(state, JobState::Failed, "{}", c.logs());
     assert!(metrics.is_empty(), "trained before failing: {metrics:?}");
     let error = c.job(&failed.id).error;
-    assert!(error.contains("train.eval_choices") && error.contains("bad.jsonl, line 2: label 7"), "{error}");
+    assert!(error.contains("train.eval_choices") && error.contains("bad.jsonl, line 2: the context is empty"), "{error}");
 }

@@ -591,6 +591,10 @@ impl JobSpec {
             if !(m.weight.is_finite() && m.weight > 0.0) {
                 return Err(err(&format!("data.mix[{i}].weight"), format!("{} is not a positive number", m.weight)));
             }
+            // a source is named by its corpus (metrics, events): one entry each
+            if let Some(j) = self.data.mix[..i].iter().position(|o| o.corpus.trim() == m.corpus.trim()) {
+                return Err(err(&format!("data.mix[{i}].corpus"), format!("{:?} is data.mix[{j}]'s too: give one entry the two weights' sum", m.corpus)));
+            }
         }
         let total: f64 = self.data.mix.iter().map(|m| m.weight).sum();
         for (i, m) in self.data.mix.iter().enumerate() {

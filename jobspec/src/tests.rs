@@ -282,6 +282,10 @@ fn a_data_mix_names_its_corpora_and_weights() {
     assert_eq!(JobSpec::parse(&bert).unwrap_err().field, "data.mix");
     let unknown = mix.replace("weight = 0.25", "weight = 0.25\nshare = 2");
     assert!(JobSpec::parse(&unknown).is_err(), "unknown fields in a source are refused");
+    // a corpus listed twice would be two sources of one name (metrics, events)
+    let twice = JobSpec::parse(&mix.replace("\"file:///data/code\"", "\"s3://b/web\"")).unwrap_err();
+    assert_eq!(twice.field, "data.mix[1].corpus");
+    assert!(twice.message.contains("data.mix[0]'s too"), "{}", twice.message);
 }
 
 #[test]

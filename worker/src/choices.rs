@@ -16,6 +16,7 @@
 use anyhow::{anyhow, bail, Result};
 use smelt_corpus::Tokenizer;
 use smelt_engine::backend::{Backend, IGNORE_INDEX};
+use smelt_engine::collective::Collective;
 use smelt_engine::model::Gpt;
 
 /// One multiple-choice question, its line number kept for errors.
@@ -84,47 +85,72 @@ impl Scored {
     }
 }
 
-/// Scores every ending of `ex` in one forward pass: a row per ending, `ctx + " " + ending` cut
-/// to its last `block_size + 1` tokens (`block_size` inputs), shorter rows padded on the right
-/// (causal attention: padding after a row's tokens cannot change them); each position's loss
-/// counts only on the ending's targets, summed per row in f64.
-pub fn score<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, ex: &Example, shown: &str) -> Result<Scored> {
-    let block = model.config().block_size;
+/// An example encoded for one model: per ending, the row `ctx + " " + ending` cut to its last
+/// `max_inputs + 1` tokens, and how many of its last tokens are the ending's.
+pub struct Encoded {
+    pub line: usize,
+    pub label: usize,
+    rows: Vec<(Vec<u32>, usize)>,
+}
+
+/// Encodes `examples` with the model's tokenizer, each row at most `max_inputs` inputs (the
+/// model's positions, or a job's `seq_len`): every way an example cannot be scored is found
+/// here, naming its line, before anything is scored.
+pub fn encode(examples: &[Example], tokenizer: &Tokenizer, max_inputs: usize, shown: &str) -> Result<Vec<Encoded>> {
+    examples
+        .iter()
+        .map(|ex| {
+            let at = |what: String| anyhow!("{shown}, line {}: {what}", ex.line);
+            let ctx = tokenizer.encode(&ex.ctx).map_err(|e| at(format!("the context is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
+            if ctx.is_empty() {
+                return Err(at("the context is empty: an ending's first token has nothing to follow".into()));
+            }
+            let mut rows = Vec::with_capacity(ex.endings.len());
+            for (k, ending) in ex.endings.iter().enumerate() {
+                let end = tokenizer
+                    .encode(&format!(" {ending}"))
+                    .map_err(|e| at(format!("ending {k} is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
+                if end.is_empty() {
+                    return Err(at(format!("ending {k} encodes to no tokens: it cannot be scored")));
+                }
+                if end.len() > max_inputs {
+                    return Err(at(format!("ending {k} is {} tokens: more than the {max_inputs} positions scored after one context token", end.len())));
+                }
+                let row: Vec<u32> = ctx.iter().chain(&end).copied().collect();
+                rows.push((row[row.len().saturating_sub(max_inputs + 1)..].to_vec(), end.len()));
+            }
+            Ok(Encoded { line: ex.line, label: ex.label, rows })
+        })
+        .collect()
+}
+
+/// Scores every ending of `ex`, at most `max_rows` endings per forward pass (a job scores in
+/// its micro-batch, so the eval never grows the model's buffers past training's): a row per
+/// ending, shorter rows padded on the right (causal attention: padding after a row's tokens
+/// cannot change them); each position's loss counts only on the ending's targets, summed per
+/// row in f64.
+pub fn score<B: Backend>(model: &mut Gpt<B>, ex: &Encoded, max_rows: usize, shown: &str) -> Result<Scored> {
     let at = |what: String| anyhow!("{shown}, line {}: {what}", ex.line);
-    let ctx = tokenizer.encode(&ex.ctx).map_err(|e| at(format!("the context is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
-    if ctx.is_empty() {
-        return Err(at("the context is empty: an ending's first token has nothing to follow".into()));
-    }
-    // per ending: its row (inputs and targets) and how many of its last targets are the ending's
-    let mut rows: Vec<(Vec<u32>, usize)> = Vec::with_capacity(ex.endings.len());
-    for (k, ending) in ex.endings.iter().enumerate() {
-        let end = tokenizer
-            .encode(&format!(" {ending}"))
-            .map_err(|e| at(format!("ending {k} is not in the model's {} vocabulary: {e}", tokenizer.kind())))?;
-        if end.len() > block {
-            return Err(at(format!("ending {k} is {} tokens: more than the model's {block} positions after one context token", end.len())));
-        }
-        let row: Vec<u32> = ctx.iter().chain(&end).copied().collect();
-        rows.push((row[row.len().saturating_sub(block + 1)..].to_vec(), end.len()));
-    }
-    let t = rows.iter().map(|(r, _)| r.len() - 1).max().expect("two endings at least");
-    let (mut inputs, mut targets) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len() * t));
-    for (row, end) in &rows {
-        // inputs row[..n], targets row[1..]: the ending's tokens are the last `end` targets
-        let n = row.len() - 1;
-        inputs.extend(row[..n].iter().copied().chain(std::iter::repeat_n(0, t - n)));
-        targets.extend((0..t).map(|i| if i < n && i + end >= n { row[i + 1] } else { IGNORE_INDEX }));
-    }
-    model.forward(&inputs, Some(&targets), rows.len(), t).map_err(|e| at(e.to_string()))?;
-    let losses = model.losses();
     let (mut sum, mut mean) = (Vec::new(), Vec::new());
-    for (k, (_, end)) in rows.iter().enumerate() {
-        let s: f64 = losses[k * t..(k + 1) * t].iter().map(|&x| x as f64).sum();
-        if !s.is_finite() {
-            return Err(at(format!("ending {k}'s loss is {s}")));
+    for rows in ex.rows.chunks(max_rows.max(1)) {
+        let t = rows.iter().map(|(r, _)| r.len() - 1).max().expect("a chunk has rows");
+        let (mut inputs, mut targets) = (Vec::with_capacity(rows.len() * t), Vec::with_capacity(rows.len() * t));
+        for (row, end) in rows {
+            // inputs row[..n], targets row[1..]: the ending's tokens are the last `end` targets
+            let n = row.len() - 1;
+            inputs.extend(row[..n].iter().copied().chain(std::iter::repeat_n(0, t - n)));
+            targets.extend((0..t).map(|i| if i < n && i + end >= n { row[i + 1] } else { IGNORE_INDEX }));
         }
-        sum.push(s);
-        mean.push(s / *end as f64);
+        model.forward(&inputs, Some(&targets), rows.len(), t).map_err(|e| at(e.to_string()))?;
+        let losses = model.losses();
+        for (k, (_, end)) in rows.iter().enumerate() {
+            let s: f64 = losses[k * t..(k + 1) * t].iter().map(|&x| x as f64).sum();
+            if !s.is_finite() {
+                return Err(at(format!("ending {}'s loss is {s}", sum.len())));
+            }
+            sum.push(s);
+            mean.push(s / *end as f64);
+        }
     }
     Ok(Scored { sum, mean })
 }
@@ -154,23 +180,40 @@ impl Tally {
 }
 
 /// Scores `examples` and counts the right picks.
-pub fn tally<B: Backend>(model: &mut Gpt<B>, tokenizer: &Tokenizer, examples: &[Example], shown: &str) -> Result<Tally> {
+pub fn tally<'a, B: Backend>(model: &mut Gpt<B>, examples: impl IntoIterator<Item = &'a Encoded>, max_rows: usize, shown: &str) -> Result<Tally> {
     let mut t = Tally::default();
     for ex in examples {
-        t.add(&score(model, tokenizer, ex, shown)?, ex.label);
+        t.add(&score(model, ex, max_rows, shown)?, ex.label);
     }
     Ok(t)
 }
 
-/// A pretraining job's `train.eval_choices`: the examples (the first `max`, 0: all) of a local
-/// path or an object-store URI, and how errors name it.
-pub fn load(location: &str, max: usize) -> Result<(Vec<Example>, String)> {
-    let shown = format!("train.eval_choices {location}");
+/// Every rank's tally summed (each rank scored its share of the examples): through the job's
+/// collective, as a mean of the three counts times the world size (exact: counts far below
+/// 2^24).
+pub fn sum_over_ranks<B: Backend>(mine: Tally, be: &B, collective: &mut dyn Collective<B>) -> Result<Tally> {
+    let world = collective.world_size();
+    if world == 1 {
+        return Ok(mine);
+    }
+    let mut buf = be.upload(&[mine.examples as f32, mine.right as f32, mine.right_norm as f32]);
+    collective.all_reduce_mean(be, be.view_mut(&mut buf, 0..3)).map_err(|e| anyhow!("summing the multiple-choice counts over the ranks: {e}"))?;
+    let v = be.download(be.view(&buf, 0..3));
+    let count = |x: f32| (x as f64 * world as f64).round() as usize;
+    Ok(Tally { examples: count(v[0]), right: count(v[1]), right_norm: count(v[2]) })
+}
+
+/// The examples (the first `max`, 0: all) of a local path or an object-store URI, encoded for
+/// `tokenizer` with at most `max_inputs` inputs a row, and how errors name them: `what` (the
+/// option or field that gave the location, e.g. `train.eval_choices`) and the location.
+pub fn load(what: &str, location: &str, max: usize, tokenizer: &Tokenizer, max_inputs: usize) -> Result<(Vec<Encoded>, String)> {
+    let shown = format!("{what} {location}");
     let bytes = crate::finetune_data::read_location(location).map_err(|e| anyhow!("{shown}: {e:#}"))?;
     let text = String::from_utf8(bytes).map_err(|e| anyhow!("{shown}: not UTF-8 text ({e})"))?;
     let mut examples = parse_examples(&text, &shown)?;
     if max > 0 {
         examples.truncate(max);
     }
-    Ok((examples, shown))
+    let encoded = encode(&examples, tokenizer, max_inputs, &shown)?;
+    Ok((encoded, shown))
 }

@@ -284,11 +284,13 @@ pub(crate) fn train_gpt<B: Backend>(
     let started = Instant::now();
     let mut tokens = 0usize;
     let mut last_val = None;
-    // train.eval_choices: read by rank 0 before the first step, so a bad file fails the job
-    // before it trains; its acc_norm is each evaluation's val_accuracy
-    let choices = match (&spec.train.eval_choices, rank) {
-        (Some(location), 0) => Some(crate::choices::load(location, spec.train.eval_choices_max)?),
-        _ => None,
+    // train.eval_choices: read and encoded by every rank before the first step, so a bad file
+    // fails the job before it trains; at each evaluation each rank scores its share (rows of at
+    // most seq_len inputs, micro-batch rows a pass) and the counts are summed over the ranks.
+    // Its acc_norm is the evaluation's val_accuracy.
+    let choices = match &spec.train.eval_choices {
+        Some(location) => Some(crate::choices::load("train.eval_choices", location, spec.train.eval_choices_max, &tokenizer, seq)?),
+        None => None,
     };
     let mut last_acc_norm = None;
     // a mixture's evaluations report each source's loss (a single source's is the job's own)
@@ -321,10 +323,13 @@ pub(crate) fn train_gpt<B: Backend>(
         let (mut val_loss, mut val_sources, mut val_accuracy) = (None, Vec::new(), None);
         let eval_step = is_last || (tc.eval_interval > 0 && done % tc.eval_interval == 0);
         if let (Some((examples, shown)), true) = (&choices, eval_step) {
-            let t = crate::choices::tally(&mut trainer.model, &tokenizer, examples, shown)?;
-            info!(job_id = %a.job_id, step = done, acc = t.acc(), acc_norm = t.acc_norm(), examples = t.examples, "multiple choice");
-            val_accuracy = Some(t.acc_norm() as f32);
-            last_acc_norm = val_accuracy;
+            let mine = crate::choices::tally(&mut trainer.model, examples.iter().skip(rank).step_by(world), tc.batch_size, shown)?;
+            let t = crate::choices::sum_over_ranks(mine, trainer.model.backend(), collective)?;
+            if rank == 0 {
+                info!(job_id = %a.job_id, step = done, acc = t.acc(), acc_norm = t.acc_norm(), examples = t.examples, "multiple choice");
+                val_accuracy = Some(t.acc_norm() as f32);
+                last_acc_norm = val_accuracy;
+            }
         }
         if rank == 0 && eval_step {
             if let Some((v, each)) = evaluate_sets(&val_sets, seq, |tokens| Ok(trainer.evaluate(&TokenWindows::new(tokens))?))? {

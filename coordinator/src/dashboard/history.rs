@@ -73,7 +73,7 @@ pub fn metrics(db: &Path, job_id: &str, max_points: u64) -> rusqlite::Result<Met
              FROM metrics WHERE job_id = ?1
          ) AS t
          LEFT JOIN metric_sources AS s
-             ON t.val_loss IS NOT NULL AND s.job_id = ?1 AND s.attempt = t.attempt AND s.step = t.step
+             ON s.job_id = ?1 AND s.attempt = t.attempt AND s.step = t.step
          WHERE t.i % ?2 = 0 OR t.i = ?3 - 1 OR t.e % ?4 = 0 ORDER BY t.i, s.rowid",
     )?;
     let mut rows = st.query(params![job_id, stride as i64, total as i64, eval_stride as i64])?;
