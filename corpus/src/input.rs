@@ -506,19 +506,29 @@ fn parquet_documents(src: &Source, shown: &str, si: usize, field: &str, on_bytes
         flow = em.document(si, text.unwrap_or_default())?;
         Ok(flow == Flow::Continue)
     };
+    // progress by row groups: the file's bytes in proportion to the groups read (only one
+    // column of them is, but each group is the same share of the work)
+    let reported = std::cell::Cell::new(0u64);
+    let progress = |at: crate::parquet_input::RowGroupAt| {
+        let upto = src.bytes * at.index as u64 / at.of.max(1) as u64;
+        on_bytes(upto - reported.replace(upto));
+    };
     match &src.location {
         Location::Local(p) => {
             let file = File::open(p).map_err(|e| CorpusError::io(shown, e))?;
-            crate::parquet_input::for_each_text(file, shown, field, &|_, _| Ok(()), &mut each)?;
+            crate::parquet_input::for_each_text(file, shown, field, &|at| Ok(progress(at)), &mut each)?;
         }
         Location::Object { dir, name } => {
             let chunks = crate::parquet_object::ObjectChunks::new(dir.clone(), name.clone(), src.bytes);
-            let prefetch = |start, len| chunks.prefetch(start, len).map_err(|e| e.to_string());
+            let prefetch = |at: crate::parquet_input::RowGroupAt| {
+                progress(at);
+                chunks.prefetch(at.start, at.len).map_err(|e| e.to_string())
+            };
             crate::parquet_input::for_each_text(chunks.clone(), shown, field, &prefetch, &mut each)?;
             tracing::debug!(input = %shown, fetched = chunks.fetched(), size = src.bytes, "parquet object read by ranges");
         }
     }
-    on_bytes(src.bytes);
+    on_bytes(src.bytes - reported.get());
     Ok(flow)
 }
 

@@ -16,14 +16,25 @@ use parquet::schema::types::Type;
 
 use crate::error::CorpusError;
 
+/// A row group about to be decoded: `index` of `of`, and where its chunk of the decoded column
+/// lies in the file (`start`, `len` bytes; the dictionary page included).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct RowGroupAt {
+    pub index: usize,
+    pub of: usize,
+    pub start: u64,
+    pub len: u64,
+}
+
 /// Calls `document` with each row's text (None for a null), in order, until it returns false.
-/// `row_group` is told the byte range (start, length) of the column's chunk in each row group
-/// before that group is decoded (an object-store reader fetches it in one GET).
+/// `row_group` is told of each row group before it is decoded: which one of how many, and the
+/// byte range of the column's chunk in it (an object-store reader fetches it in one GET;
+/// progress counts the groups).
 pub(crate) fn for_each_text<R: ChunkReader + 'static>(
     file: R,
     shown: &str,
     field: &str,
-    row_group: &dyn Fn(u64, u64) -> Result<(), String>,
+    row_group: &dyn Fn(RowGroupAt) -> Result<(), String>,
     document: &mut dyn FnMut(Option<String>) -> Result<bool, CorpusError>,
 ) -> Result<(), CorpusError> {
     let bad = |m: String| CorpusError::input(shown, None, m);
@@ -52,9 +63,10 @@ pub(crate) fn for_each_text<R: ChunkReader + 'static>(
         .position(|c| c.path().parts() == [field.to_string()])
         .ok_or_else(|| bad(format!("column {field:?} has no leaf column")))?;
     let mut i = 0usize; // rows read, over every row group
-    for g in 0..reader.num_row_groups() {
+    let of = reader.num_row_groups();
+    for g in 0..of {
         let (start, len) = reader.metadata().row_group(g).column(leaf).byte_range();
-        row_group(start, len).map_err(|e| bad(format!("row group {g}: {e}")))?;
+        row_group(RowGroupAt { index: g, of, start, len }).map_err(|e| bad(format!("row group {g}: {e}")))?;
         let group = reader.get_row_group(g).map_err(|e| bad(format!("row group {g}: {e}")))?;
         let rows = group.get_row_iter(Some(projection.clone())).map_err(|e| bad(format!("reading column {field:?}: {e}")))?;
         for row in rows {

@@ -193,7 +193,7 @@ mod tests {
         dir.put("docs.parquet", Bytes::from(file.clone())).unwrap();
         let chunks = ObjectChunks::new(dir, "docs.parquet".into(), file.len() as u64);
         let mut got = Vec::new();
-        for_each_text(chunks.clone(), "docs.parquet", "text", &|s, n| chunks.prefetch(s, n).map_err(|e| e.to_string()), &mut |t| {
+        for_each_text(chunks.clone(), "docs.parquet", "text", &|at| chunks.prefetch(at.start, at.len).map_err(|e| e.to_string()), &mut |t| {
             got.push(t.unwrap());
             Ok(true)
         })
@@ -205,7 +205,7 @@ mod tests {
         assert!(fetched * 20 < size, "fetched {fetched} of {size} bytes: more than the text column");
         // the same rows as the file read whole
         let mut whole = Vec::new();
-        for_each_text(Bytes::from(file), "docs.parquet", "text", &|_, _| Ok(()), &mut |t| {
+        for_each_text(Bytes::from(file), "docs.parquet", "text", &|_| Ok(()), &mut |t| {
             whole.push(t.unwrap());
             Ok(true)
         })
@@ -220,18 +220,18 @@ mod tests {
         dir.put("docs.parquet", Bytes::from(file.clone())).unwrap();
         let chunks = ObjectChunks::new(dir.clone(), "docs.parquet".into(), file.len() as u64);
         let mut got = Vec::new();
-        for_each_text(chunks.clone(), "docs.parquet", "text", &|s, n| chunks.prefetch(s, n).map_err(|e| e.to_string()), &mut |t| {
+        for_each_text(chunks.clone(), "docs.parquet", "text", &|at| chunks.prefetch(at.start, at.len).map_err(|e| e.to_string()), &mut |t| {
             got.push(t.unwrap());
             Ok(got.len() < 10)
         })
         .unwrap();
         assert_eq!(got, want[..10]);
         let all = ObjectChunks::new(dir.clone(), "docs.parquet".into(), file.len() as u64);
-        for_each_text(all.clone(), "docs.parquet", "text", &|s, n| all.prefetch(s, n).map_err(|e| e.to_string()), &mut |_| Ok(true)).unwrap();
+        for_each_text(all.clone(), "docs.parquet", "text", &|at| all.prefetch(at.start, at.len).map_err(|e| e.to_string()), &mut |_| Ok(true)).unwrap();
         assert!(chunks.fetched() < all.fetched(), "a stop in the first row group fetched {} bytes, a full read {}", chunks.fetched(), all.fetched());
         // a size larger than the object (it was replaced by a shorter one after listing)
         let wrong = ObjectChunks::new(dir, "docs.parquet".into(), file.len() as u64 + 100);
-        let err = for_each_text(wrong, "docs.parquet", "text", &|_, _| Ok(()), &mut |_| Ok(true)).unwrap_err().to_string();
+        let err = for_each_text(wrong, "docs.parquet", "text", &|_| Ok(()), &mut |_| Ok(true)).unwrap_err().to_string();
         assert!(err.contains("did the object change") || err.contains("range"), "{err}");
     }
 }
