@@ -4,7 +4,10 @@
 use rusqlite::{Connection, OptionalExtension};
 
 /// Bumped by every schema change; `migrate` brings older files forward.
-pub const SCHEMA_VERSION: i64 = 4;
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Version v's statements are `MIGRATIONS[v - 1]`.
+const MIGRATIONS: [&str; 4] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE jobs (
@@ -118,23 +121,14 @@ pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {
             "database schema version {version} is newer than this coordinator's ({SCHEMA_VERSION}); upgrade smelt"
         );
     }
-    if version < 1 {
-        tx.execute_batch(SCHEMA_V1)?;
-        version = 1;
+    // each version's statements, in order, from the first the file lacks (a later version:
+    // one more entry here, SCHEMA_VERSION one higher)
+    for (v, sql) in (1..).zip(MIGRATIONS) {
+        if version < v {
+            tx.execute_batch(sql)?;
+            version = v;
+        }
     }
-    if version < 2 {
-        tx.execute_batch(SCHEMA_V2)?;
-        version = 2;
-    }
-    if version < 3 {
-        tx.execute_batch(SCHEMA_V3)?;
-        version = 3;
-    }
-    if version < 4 {
-        tx.execute_batch(SCHEMA_V4)?;
-        version = 4;
-    }
-    // Later versions: `if version < 5 { ...; version = 5; }`
     tx.execute("DELETE FROM schema_version", [])?;
     tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version])?;
     tx.commit()?;
