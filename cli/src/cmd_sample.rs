@@ -4,7 +4,6 @@
 //! one. A BERT does not generate: the error says so.
 
 use std::io::Write;
-use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -22,9 +21,14 @@ use smelt_corpus::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
-    /// A model.safetensors: a GPT (`smelt train`, a pretraining or fine-tuning job) or a T5.
+    /// The model: a model.safetensors (or a directory holding one), a checkpoint, or a job id
+    /// (its final weights, else its latest checkpoint, under --store): a GPT (`smelt train`, a
+    /// pretraining or fine-tuning job) or a T5.
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: String,
+    /// Where a job id's checkpoints and final weights are.
+    #[arg(long, env = "SMELT_STORE", default_value = ".smelt")]
+    pub store: String,
     /// Text to continue (a GPT) or to respond to (a T5); it must use the model's tokenizer's
     /// characters.
     #[arg(long, default_value = "\n")]
@@ -231,7 +235,8 @@ pub fn run(a: SampleArgs) -> Result<()> {
         bail!("--repetition-penalty must be positive");
     }
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
-    let saved = match model_file::load_any(&a.model)? {
+    let src = crate::cmd_export::read_in(&a.model, &a.store, "--model")?;
+    let saved = match model_file::any_from_bytes(&src.bytes, &src.file)? {
         AnyModel::Gpt(saved) => saved,
         AnyModel::Family(SavedFamilyModel { model: FamilyModel::T5 { config, specials }, tokenizer, params, .. }) => {
             if matches!(a.device, DeviceRequest::Cuda(_)) {
@@ -241,7 +246,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         }
         AnyModel::Family(_) => bail!(
             "{}: a BERT does not generate text (an encoder); `smelt export hf` gives its masked-LM or classifier to transformers",
-            a.model.display()
+            src.file
         ),
     };
     local_device::run(a.device, GptSampling { a: &a, sampling, saved })

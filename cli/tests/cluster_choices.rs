@@ -47,6 +47,13 @@ fn a_pretraining_job_scores_multiple_choice_at_each_evaluation() {
     assert!(ok, "{out}");
     let e: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(e["acc_norm"].as_f64().unwrap() as f32, recorded);
+    // `smelt sample` finds the job's weights by its id, as `smelt eval` does
+    let store = model.ancestors().nth(3).unwrap(); // <store>/jobs/<job>/model.safetensors
+    let greedy = |m: &str| c.smelt(&["sample", "--model", m, "--store", store.to_str().unwrap(), "--prompt", "the ", "--tokens", "12", "--temperature", "0", "--device", "cpu"]);
+    let (ok, by_id) = greedy(&job.id);
+    assert!(ok, "{by_id}");
+    assert_eq!(by_id, greedy(model.to_str().unwrap()).1);
+    assert!(by_id.starts_with("the ") && by_id.trim_end_matches('\n').chars().count() == 16, "{by_id:?}");
 
     // scoring between steps leaves training alone: the same job without it ends with the same
     // weights, bit for bit

@@ -168,11 +168,15 @@ pub fn is_family(bytes: &[u8], shown: &str) -> Result<bool> {
 /// Reads a model of any format.
 pub fn load_any(path: &Path) -> Result<AnyModel> {
     let bytes = weights::read_file(path)?;
-    let shown = path.display().to_string();
-    let meta = weights::metadata(&bytes, &shown)?;
+    any_from_bytes(&bytes, &path.display().to_string())
+}
+
+/// A model file's contents of any format (`shown` names it in errors).
+pub fn any_from_bytes(bytes: &[u8], shown: &str) -> Result<AnyModel> {
+    let meta = weights::metadata(bytes, shown)?;
     match meta.get(KEY_FORMAT).map(String::as_str) {
-        Some(FORMAT_BERT) | Some(FORMAT_T5) => Ok(AnyModel::Family(family_from_bytes(&bytes, &shown)?)),
-        _ => Ok(AnyModel::Gpt(from_bytes(&bytes, &shown)?)),
+        Some(FORMAT_BERT) | Some(FORMAT_T5) => Ok(AnyModel::Family(family_from_bytes(bytes, shown)?)),
+        _ => Ok(AnyModel::Gpt(from_bytes(bytes, shown)?)),
     }
 }
 
