@@ -1,6 +1,8 @@
 //! The end of an attempt: success, failure (restart or fail), cancellation. Each one releases the
 //! gang, closes the attempt's rendezvous and records why.
 
+use std::time::{Duration, Instant};
+
 use smelt_proto::v1::{coordinator_message, Abort, JobState, WorkerState};
 use tracing::warn;
 
@@ -81,9 +83,29 @@ impl State {
             self.persist_assignment(job_id, attempt, rank as u32, culprit, culprit_state);
         }
         warn!(job_id = %job_id, attempt, worker_id = %culprit, cause = %cause, "attempt failed");
+        // A job that checkpoints: the other ranks, still connected, finish the attempt (rank 0
+        // saving a rescue checkpoint of its last completed step, which waits at most twice
+        // checkpoint.final_wait_s for uploads), and the next attempt waits for them, that long
+        // and two lease timeouts at most.
+        let final_wait = smelt_jobspec::JobSpec::parse(&job.row.spec_toml)
+            .ok()
+            .filter(|s| s.checkpoint.every > 0)
+            .map(|s| Duration::from_secs(s.checkpoint.final_wait_s));
+        let survivors: Vec<(String, u32)> = match final_wait {
+            Some(_) => job
+                .ranks
+                .iter()
+                .filter(|w| w.as_str() != culprit && self.workers.get(*w).is_some_and(|r| r.conn.is_some() && r.row.state != WorkerState::Lost))
+                .map(|w| (w.clone(), attempt))
+                .collect(),
+            None => Vec::new(),
+        };
         self.release_gang(job_id, &format!("attempt {attempt} aborted: {cause}"), Some(culprit), "aborted");
+        let wind_down = final_wait.unwrap_or_default() * 2 + self.lease_timeout * 2;
         let Some(job) = self.jobs.get_mut(job_id) else { return };
         if job.row.restarts < job.row.max_restarts {
+            job.winding_down = survivors;
+            job.wind_down_until = Some(Instant::now() + wind_down);
             job.row.restarts += 1;
             job.row.attempt += 1;
             job.last_metrics = None;
@@ -95,7 +117,11 @@ impl State {
             job.row.last_step = job.row.start_step;
             job.ranks.clear();
             let (next, from) = (job.row.attempt, job.row.start_step);
-            let reason = format!("{cause}; restarting attempt {next} from step {from}");
+            let reason = if job.winding_down.is_empty() {
+                format!("{cause}; restarting attempt {next} from step {from}")
+            } else {
+                format!("{cause}; restarting attempt {next} once the other ranks end it (from step {from}, or rank 0's rescue checkpoint)")
+            };
             self.transition_or_log(job_id, JobState::Restarting, reason);
             self.schedule();
         } else {
@@ -107,6 +133,34 @@ impl State {
             };
             let reason = job.row.error.clone();
             self.transition_or_log(job_id, JobState::Failed, reason);
+            self.schedule();
+        }
+    }
+
+    /// A failed attempt's rank `worker` finished it (or was lost): the job stops waiting for it,
+    /// and is placed again once none is left. Returns whether `worker` was one it waited for.
+    pub fn wound_down(&mut self, job_id: &str, worker: &str, attempt: u32) -> bool {
+        let Some(job) = self.jobs.get_mut(job_id) else { return false };
+        let before = job.winding_down.len();
+        job.winding_down.retain(|(w, a)| !(w == worker && *a == attempt));
+        let was = job.winding_down.len() < before;
+        if was && job.winding_down.is_empty() {
+            self.schedule();
+        }
+        was
+    }
+
+    /// Jobs whose failed attempt's ranks did not all finish in time: placed without them.
+    pub fn end_overdue_wind_downs(&mut self, now: Instant) {
+        let mut any = false;
+        for job in self.jobs.values_mut() {
+            if !job.winding_down.is_empty() && !job.winding_down_at(now) {
+                warn!(job_id = %job.row.id, waiting_for = ?job.winding_down, "the failed attempt's ranks did not finish in time; placing the next attempt without them");
+                job.winding_down.clear();
+                any = true;
+            }
+        }
+        if any {
             self.schedule();
         }
     }

@@ -138,9 +138,11 @@ impl State {
             return Err(CoordError::InvalidArgument("uri: must name the checkpoint".into()));
         }
         let job = self.job_mut(&r.job_id)?;
-        if r.attempt != job.row.attempt {
+        // an earlier attempt's checkpoint (a rescue checkpoint written as it ended) is as good
+        // a place to resume as any: committed and verified like the others
+        if r.attempt > job.row.attempt {
             return Err(CoordError::FailedPrecondition(format!(
-                "attempt {} of job {} is not current (current attempt is {})",
+                "attempt {} of job {} has not started (current attempt is {})",
                 r.attempt, r.job_id, job.row.attempt
             )));
         }

@@ -23,6 +23,15 @@ impl State {
         let held = (!job_id.is_empty()).then(|| self.holds_rank(&job_id, attempt, worker_id)).flatten().is_some();
         warn!(worker_id = %worker_id, why = %why, job_id = %job_id, "worker lost");
         self.release_worker(worker_id, WorkerState::Lost);
+        // a failed attempt's rank that is lost too will not finish it: no job waits for it
+        let waited: Vec<(String, u32)> = self
+            .jobs
+            .values()
+            .flat_map(|j| j.winding_down.iter().filter(|(w, _)| w == worker_id).map(|(_, a)| (j.row.id.clone(), *a)))
+            .collect();
+        for (job, a) in waited {
+            self.wound_down(&job, worker_id, a);
+        }
         if held {
             self.fail_attempt(&job_id, Fault::Lost { worker: worker_id, why });
         }
@@ -65,7 +74,10 @@ pub async fn run_lease_checker(coord: Coordinator) {
     let mut stop = coord.shutdown_signal();
     loop {
         tokio::select! {
-            _ = tick.tick() => coord.with(|st| st.expire_leases(Instant::now())),
+            _ = tick.tick() => coord.with(|st| {
+                st.expire_leases(Instant::now());
+                st.end_overdue_wind_downs(Instant::now());
+            }),
             _ = stop.wait_for(|s| *s) => break,
         }
     }

@@ -68,10 +68,11 @@ impl State {
         if self.shutting_down {
             return;
         }
+        let now = std::time::Instant::now();
         let jobs: Vec<Waiting> = self
             .jobs
             .values()
-            .filter(|j| is_waiting(j.row.state))
+            .filter(|j| is_waiting(j.row.state) && !j.winding_down_at(now))
             .map(|j| Waiting {
                 id: &j.row.id,
                 device_class: j.row.device_class,
@@ -103,6 +104,15 @@ impl State {
 
     fn place(&mut self, p: Placement) {
         let Some(job) = self.jobs.get_mut(&p.job_id) else { return };
+        // a restart resumes from the newest checkpoint known now (a failed attempt's rescue
+        // checkpoint may have come in after the failure)
+        if job.row.attempt > 1 {
+            if let Some((step, uri)) = job.latest_checkpoint.clone().filter(|(step, _)| *step > job.row.start_step) {
+                job.row.start_step = step;
+                job.row.resume_from = uri;
+                job.row.last_step = step;
+            }
+        }
         let n = p.workers.len();
         job.ranks = p.workers.clone();
         job.started = vec![false; n];

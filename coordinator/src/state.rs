@@ -135,6 +135,19 @@ pub struct JobRec {
     /// Rank 0's newest step report of the current attempt (throughput and MFU for `/metrics`;
     /// not stored: gone after a coordinator restart until the next step).
     pub last_metrics: Option<StepMetrics>,
+    /// A failed attempt's surviving ranks, (worker, attempt), until each reports the attempt
+    /// done: rank 0 may be writing a rescue checkpoint of its last completed step, which the
+    /// next attempt should resume from, so the job is not placed again before they finish or
+    /// `wind_down_until` passes (not stored: a restarted coordinator does not wait).
+    pub winding_down: Vec<(String, u32)>,
+    pub wind_down_until: Option<Instant>,
+}
+
+impl JobRec {
+    /// Whether a failed attempt's ranks are still finishing (the job waits for them).
+    pub fn winding_down_at(&self, now: Instant) -> bool {
+        !self.winding_down.is_empty() && self.wind_down_until.is_some_and(|t| now < t)
+    }
 }
 
 impl JobRec {
@@ -149,6 +162,8 @@ impl JobRec {
             watch: broadcast::channel(1024).0,
             latest_checkpoint: None,
             last_metrics: None,
+            winding_down: Vec::new(),
+            wind_down_until: None,
         }
     }
 

@@ -197,7 +197,8 @@ impl State {
             Some(worker_message::Body::Metrics(m)) => self.on_metrics(worker_id, m),
             Some(worker_message::Body::Done(d)) => self.on_done(worker_id, d),
             Some(worker_message::Body::Note(n)) => {
-                if self.holds_rank(&n.job_id, n.attempt, worker_id).is_some() {
+                let winding_down = self.jobs.get(&n.job_id).is_some_and(|j| j.winding_down.iter().any(|(w, a)| w == worker_id && *a == n.attempt));
+                if winding_down || self.holds_rank(&n.job_id, n.attempt, worker_id).is_some() {
                     self.message(&n.job_id, n.text);
                 }
             }
@@ -321,6 +322,10 @@ impl State {
     }
 
     fn on_done(&mut self, worker_id: &str, d: AssignmentDone) {
+        if self.wound_down(&d.job_id, worker_id, d.attempt) {
+            info!(job_id = %d.job_id, attempt = d.attempt, worker_id = %worker_id, ok = d.ok, "a failed attempt's rank finished");
+            return;
+        }
         let Some(rank) = self.holds_rank(&d.job_id, d.attempt, worker_id) else {
             debug!(worker_id = %worker_id, job_id = %d.job_id, attempt = d.attempt, "done for an attempt not held; ignored");
             return;

@@ -246,6 +246,8 @@ pub struct Checkpointer {
     /// Time the training loop spent taking snapshots (the only stall checkpoints cause).
     pub stall: Duration,
     pub snapshots: u64,
+    /// The step of the last snapshot handed to the uploader.
+    last_taken: Option<u64>,
 }
 
 impl Checkpointer {
@@ -280,6 +282,7 @@ impl Checkpointer {
             template,
             stall: Duration::ZERO,
             snapshots: 0,
+            last_taken: None,
         }))
     }
 
@@ -348,10 +351,45 @@ impl Checkpointer {
         self.stall += t0.elapsed();
         self.snapshots += 1;
         let s = Snapshot { params: host.params, m: host.m, v: host.v, trainer: meta };
-        if let Submitted::Busy { in_flight } = self.uploader.submit(s) {
-            warn!(step = done, in_flight, "checkpoint skipped: the previous upload is still in flight");
+        match self.uploader.submit(s) {
+            Submitted::Busy { in_flight } => warn!(step = done, in_flight, "checkpoint skipped: the previous upload is still in flight"),
+            _ => self.last_taken = Some(done),
         }
         Ok(())
+    }
+
+    /// A run about to end early (a peer lost, the run stopped) after `done` completed steps, its
+    /// weights and optimizer state still those of step `done` (a step that fails before its
+    /// update leaves them so): writes them as a checkpoint now, waiting (at most `final_wait`
+    /// for the upload before it and for this one), so that the restart resumes here instead of
+    /// at the last periodic checkpoint. Nothing when that checkpoint is the last one taken, when
+    /// no step completed, or when the copies cannot be taken; an event says what was saved.
+    pub fn rescue<B: Backend>(mut self, done: u64, trainer: &Trainer<B>, why: &str, events: &dyn Fn(RunEvent)) {
+        if done == 0 || self.last_taken == Some(done) || trainer.state().step != done {
+            return self.finish(events);
+        }
+        let (out, idle) = self.uploader.wait(self.final_wait);
+        self.report(out, events);
+        if !idle {
+            return self.finish(events);
+        }
+        let taken = self.after_step_with(done, done, events, &mut || {
+            let (m, v) = trainer.moments_host();
+            let params = device_checked(trainer.model.backend(), trainer.model.params_host())?;
+            Ok(HostState { params, m, v, state: trainer.state() })
+        });
+        match taken {
+            Ok(()) => {
+                info!(job_id = %self.template.job_id, step = done, why, "rescue checkpoint: the run ends early; saving its last completed step");
+                events(RunEvent::Note(JobNote {
+                    job_id: self.template.job_id.clone(),
+                    attempt: self.template.attempt,
+                    text: format!("rescue checkpoint at step {done}: the run ended early ({why}), so its last completed step is saved"),
+                }));
+            }
+            Err(e) => warn!(step = done, error = %format!("{e:#}"), "rescue checkpoint not taken"),
+        }
+        self.finish(events)
     }
 
     /// End of the run: waits (at most `final_wait`) for the last upload and reports it; an

@@ -23,7 +23,7 @@ use smelt_engine::grad_buckets::DEFAULT_BUCKET_FLOATS;
 use smelt_engine::model::Gpt;
 use smelt_engine::model::GptConfig;
 use smelt_engine::train::{TrainConfig, Trainer};
-use smelt_engine::{Backend, CpuBackend};
+use smelt_engine::{Backend, CpuBackend, EngineError};
 use smelt_jobspec::{JobKind, JobSpec};
 use smelt_proto::v1::{Assignment, AssignmentDone, JobNote, SourceLoss, StepMetrics};
 use tracing::info;
@@ -298,6 +298,10 @@ pub(crate) fn train_gpt<B: Backend>(
     let (peak, flops_per_token) = (trainer.model.backend().peak_flops(), cfg.flops_per_token(seq));
     for step in start_step..tc.steps {
         if let Some(reason) = control.stopped() {
+            // rank 0 saves the steps done since the last checkpoint before it goes
+            if let (Some(c), true) = (checkpointer.take(), step > start_step) {
+                c.rescue(step, &trainer, &reason, events);
+            }
             return Err(anyhow!("stopped at step {step}: {reason}"));
         }
         let indices_of = |step: u64| -> Result<Vec<u64>> {
@@ -316,7 +320,17 @@ pub(crate) fn train_gpt<B: Backend>(
                 Ok(Batch { inputs, targets, batch: chunk.len(), seq_len: seq })
             })
             .collect::<Result<Vec<Batch>>>()?;
-        let stats = trainer.train_step_batches(&micro, collective)?;
+        let stats = match trainer.train_step_batches(&micro, collective) {
+            Ok(stats) => stats,
+            Err(e) => {
+                // a peer lost or the run stopped mid-step: the step's update was not applied,
+                // so rank 0 still holds step `step` whole, and saves it
+                if let (Some(c), EngineError::Collective(_), true) = (checkpointer.take(), &e, step > start_step) {
+                    c.rescue(step, &trainer, &e.to_string(), events);
+                }
+                return Err(e.into());
+            }
+        };
         tokens += stats.tokens * world;
         let done = step + 1;
         let is_last = done == tc.steps;
