@@ -83,24 +83,31 @@ impl State {
             self.persist_assignment(job_id, attempt, rank as u32, culprit, culprit_state);
         }
         warn!(job_id = %job_id, attempt, worker_id = %culprit, cause = %cause, "attempt failed");
-        // A job that checkpoints: the other ranks, still connected, finish the attempt (rank 0
-        // saving a rescue checkpoint of its last completed step, which waits at most twice
-        // checkpoint.final_wait_s for uploads), and the next attempt waits for them, that long
-        // and two lease timeouts at most.
+        // GPT pretraining that checkpoints: rank 0, when it survives the fault and had not
+        // finished, saves a rescue checkpoint of its last completed step as it ends the attempt
+        // (waiting at most twice checkpoint.final_wait_s for uploads). The next attempt waits for
+        // it, that long and two lease timeouts at most, and rank 0's worker is not handed other
+        // work meanwhile.
         let final_wait = smelt_jobspec::JobSpec::parse(&job.row.spec_toml)
             .ok()
-            .filter(|s| s.checkpoint.every > 0)
+            .filter(|s| s.kind == smelt_jobspec::JobKind::Pretrain && s.arch().is_ok_and(|a| a == smelt_jobspec::Arch::Gpt) && s.checkpoint.every > 0)
             .map(|s| Duration::from_secs(s.checkpoint.final_wait_s));
-        let survivors: Vec<(String, u32)> = match final_wait {
-            Some(_) => job
-                .ranks
-                .iter()
-                .filter(|w| w.as_str() != culprit && self.workers.get(*w).is_some_and(|r| r.conn.is_some() && r.row.state != WorkerState::Lost))
-                .map(|w| (w.clone(), attempt))
-                .collect(),
-            None => Vec::new(),
-        };
+        let rank0 = job.ranks.first().cloned().filter(|w| {
+            final_wait.is_some()
+                && w.as_str() != culprit
+                && !job.done.first().copied().unwrap_or(false)
+                && self.workers.get(w).is_some_and(|r| r.conn.is_some() && r.row.state != WorkerState::Lost)
+        });
         self.release_gang(job_id, &format!("attempt {attempt} aborted: {cause}"), Some(culprit), "aborted");
+        let survivors: Vec<(String, u32)> = rank0.into_iter().map(|w| (w, attempt)).collect();
+        for (w, _) in &survivors {
+            // still running the attempt: not schedulable until it reports it done (or is lost)
+            if let Some(r) = self.workers.get_mut(w) {
+                if r.row.state == WorkerState::Idle {
+                    r.row.state = WorkerState::Busy;
+                }
+            }
+        }
         let wind_down = final_wait.unwrap_or_default() * 2 + self.lease_timeout * 2;
         let Some(job) = self.jobs.get_mut(job_id) else { return };
         if job.row.restarts < job.row.max_restarts {
@@ -120,7 +127,7 @@ impl State {
             let reason = if job.winding_down.is_empty() {
                 format!("{cause}; restarting attempt {next} from step {from}")
             } else {
-                format!("{cause}; restarting attempt {next} once the other ranks end it (from step {from}, or rank 0's rescue checkpoint)")
+                format!("{cause}; restarting attempt {next} once rank 0 ends it (from step {from}, or rank 0's rescue checkpoint)")
             };
             self.transition_or_log(job_id, JobState::Restarting, reason);
             self.schedule();
@@ -144,23 +151,36 @@ impl State {
         let before = job.winding_down.len();
         job.winding_down.retain(|(w, a)| !(w == worker && *a == attempt));
         let was = job.winding_down.len() < before;
-        if was && job.winding_down.is_empty() {
-            self.schedule();
+        if was {
+            self.free_wound_down(worker);
+            if self.jobs.get(job_id).is_some_and(|j| j.winding_down.is_empty()) {
+                self.schedule();
+            }
         }
         was
     }
 
+    /// A worker held back while it ended a failed attempt is schedulable again (unless it took
+    /// other work or was lost meanwhile).
+    fn free_wound_down(&mut self, worker: &str) {
+        if self.workers.get(worker).is_some_and(|w| w.row.state == WorkerState::Busy && w.row.job_id.is_empty()) {
+            self.release_worker(worker, WorkerState::Idle);
+        }
+    }
+
     /// Jobs whose failed attempt's ranks did not all finish in time: placed without them.
     pub fn end_overdue_wind_downs(&mut self, now: Instant) {
-        let mut any = false;
+        let mut freed = Vec::new();
         for job in self.jobs.values_mut() {
             if !job.winding_down.is_empty() && !job.winding_down_at(now) {
                 warn!(job_id = %job.row.id, waiting_for = ?job.winding_down, "the failed attempt's ranks did not finish in time; placing the next attempt without them");
-                job.winding_down.clear();
-                any = true;
+                freed.extend(job.winding_down.drain(..).map(|(w, _)| w));
             }
         }
-        if any {
+        if !freed.is_empty() {
+            for w in &freed {
+                self.free_wound_down(w);
+            }
             self.schedule();
         }
     }

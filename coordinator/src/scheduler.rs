@@ -72,14 +72,16 @@ impl State {
         let jobs: Vec<Waiting> = self
             .jobs
             .values()
-            .filter(|j| is_waiting(j.row.state) && !j.winding_down_at(now))
+            .filter(|j| is_waiting(j.row.state))
             .map(|j| Waiting {
                 id: &j.row.id,
                 device_class: j.row.device_class,
                 priority: j.row.priority,
                 created_at_ms: j.row.created_at_ms,
                 seq: j.seq,
-                world_size: j.row.world_size,
+                // a job waiting for its failed attempt's rank 0 to end it cannot be placed yet,
+                // but keeps its place in its class's queue (no backfill behind it)
+                world_size: if j.winding_down_at(now) { u32::MAX } else { j.row.world_size },
             })
             .collect();
         if jobs.is_empty() {

@@ -486,3 +486,69 @@ async fn draining_worker_takes_no_new_work() {
     assert_eq!(w2.assignment().await.job_id, job.id);
     coord.stop().await;
 }
+
+/// A checkpointing GPT job whose rank 1 is lost: the restart waits for rank 0 to end the attempt
+/// (it may save a rescue checkpoint), holds rank 0's worker and the job's place in the queue
+/// meanwhile (a later job does not take the free workers), takes rank 0's late checkpoint
+/// report and starts from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_waits_for_rank0_to_end_the_attempt_and_resumes_from_its_rescue_checkpoint() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let checkpointing = format!("{}\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n", spec("rescued", 2, 5, 1));
+    let job = submit(&mut jobs, &checkpointing).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9601").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9602").await;
+    let a1 = w1.assignment().await;
+    let a2 = w2.assignment().await;
+    let (r1, r2) = tokio::join!(w1.rendezvous(&a1, &[]), w2.rendezvous(&a2, &[]));
+    r1.unwrap();
+    r2.unwrap();
+    let (mut rank0, a0, mut rank1) = if a1.rank == 0 { (w1, a1, w2) } else { (w2, a2, w1) };
+    rank0.set_busy(&a0);
+
+    // rank 1's stream drops; rank 0 is told to abort
+    rank1.drop_stream();
+    let abort = rank0.abort().await;
+    assert_eq!(abort.attempt, 1);
+    let j = wait_state(&mut jobs, &job.id, JobState::Restarting).await;
+    assert_eq!(j.attempt, 2);
+    let texts = event_texts(&mut jobs, &job.id).await.join("\n");
+    assert!(texts.contains("once rank 0 ends it"), "{texts}");
+
+    // two fresh workers and a lower-priority job that would fit them: neither job is placed
+    // while rank 0 is still ending the attempt
+    let mut w3 = Worker::join(&coord.url, "127.0.0.1:9603").await;
+    let mut w4 = Worker::join(&coord.url, "127.0.0.1:9604").await;
+    let later = submit(&mut jobs, &spec("later", 2, 0, 0)).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(state(&get(&mut jobs, &later.id).await), JobState::Queued, "a later job took the restarting job's place");
+    assert_eq!(state(&get(&mut jobs, &job.id).await), JobState::Restarting);
+    let ws = workers(&mut jobs).await;
+    assert_eq!(ws.iter().find(|w| w.id == rank0.id).unwrap().state, WorkerState::Busy as i32, "rank 0's worker was handed out while ending its attempt");
+
+    // rank 0 reports the checkpoint it saved as it ended (attempt 1's), then the attempt done
+    let uri = format!("file:///tmp/ckpt/jobs/{}/ckpt/37/", job.id);
+    rank0
+        .client
+        .clone()
+        .report_checkpoint(CheckpointReport { job_id: job.id.clone(), attempt: 1, step: 37, uri: uri.clone(), manifest_sha256: "cd".repeat(32) })
+        .await
+        .unwrap();
+    rank0.set_idle();
+    rank0.done(&a0, false, "aborted by the coordinator", 37).await;
+    // attempt 2 starts from it, on two of the three free workers; then the later job
+    let mut got = Vec::new();
+    for w in [&mut rank0, &mut w3, &mut w4] {
+        if let Ok(Ok(b)) = tokio::time::timeout(Duration::from_secs(3), w.assignment()).await.map(Ok::<_, ()>) {
+            got.push(b);
+        }
+    }
+    let restarted: Vec<&Assignment> = got.iter().filter(|b| b.job_id == job.id).collect();
+    assert_eq!(restarted.len(), 2, "{got:?}");
+    for b in restarted {
+        assert_eq!((b.attempt, b.start_step, b.resume_from.as_str()), (2, 37, uri.as_str()));
+    }
+    coord.stop().await;
+}

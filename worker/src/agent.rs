@@ -61,6 +61,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     let mut draining = false;
     // An assignment that arrived while an earlier run was still stopping; started when it ends.
     let mut queued: Option<Assignment> = None;
+    // checkpoint reports in flight (RPCs of their own): a run's Done goes up only after them,
+    // so the coordinator knows a run's last checkpoint (a rescue checkpoint) before it places
+    // the job's next attempt
+    let mut reports: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut backoff = Duration::from_millis(100);
     tokio::pin!(shutdown);
 
@@ -177,8 +181,15 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 ev = event_rx.recv() => match ev {
                     Some(RunEvent::Metrics(m)) => { let _ = up_tx.try_send(msg(Up::Metrics(m))); }
                     Some(RunEvent::Note(n)) => { let _ = up_tx.try_send(msg(Up::Note(n))); }
-                    Some(RunEvent::Checkpoint(r)) => { tokio::spawn(report_checkpoint(client.clone(), r)); }
+                    Some(RunEvent::Checkpoint(r)) => {
+                        reports.retain(|h| !h.is_finished());
+                        reports.push(tokio::spawn(report_checkpoint(client.clone(), r)));
+                    }
                     Some(RunEvent::Done(d)) => {
+                        for h in reports.drain(..) {
+                            // report_checkpoint gives up after its retries (~6 s)
+                            let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
+                        }
                         if d.ok {
                             info!(job_id = %d.job_id, attempt = d.attempt, "assignment finished");
                         } else {

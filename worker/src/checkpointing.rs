@@ -246,8 +246,8 @@ pub struct Checkpointer {
     /// Time the training loop spent taking snapshots (the only stall checkpoints cause).
     pub stall: Duration,
     pub snapshots: u64,
-    /// The step of the last snapshot handed to the uploader.
-    last_taken: Option<u64>,
+    /// The step of the newest checkpoint committed by this run.
+    last_committed: Option<u64>,
 }
 
 impl Checkpointer {
@@ -282,11 +282,16 @@ impl Checkpointer {
             template,
             stall: Duration::ZERO,
             snapshots: 0,
-            last_taken: None,
+            last_committed: None,
         }))
     }
 
-    fn report(&self, outcomes: Vec<Outcome>, events: &dyn Fn(RunEvent)) {
+    fn report(&mut self, outcomes: Vec<Outcome>, events: &dyn Fn(RunEvent)) {
+        for o in &outcomes {
+            if let Outcome::Committed(c) = o {
+                self.last_committed = self.last_committed.max(Some(c.step));
+            }
+        }
         report(&self.template, outcomes, events)
     }
 
@@ -351,9 +356,8 @@ impl Checkpointer {
         self.stall += t0.elapsed();
         self.snapshots += 1;
         let s = Snapshot { params: host.params, m: host.m, v: host.v, trainer: meta };
-        match self.uploader.submit(s) {
-            Submitted::Busy { in_flight } => warn!(step = done, in_flight, "checkpoint skipped: the previous upload is still in flight"),
-            _ => self.last_taken = Some(done),
+        if let Submitted::Busy { in_flight } = self.uploader.submit(s) {
+            warn!(step = done, in_flight, "checkpoint skipped: the previous upload is still in flight");
         }
         Ok(())
     }
@@ -362,15 +366,15 @@ impl Checkpointer {
     /// weights and optimizer state still those of step `done` (a step that fails before its
     /// update leaves them so): writes them as a checkpoint now, waiting (at most `final_wait`
     /// for the upload before it and for this one), so that the restart resumes here instead of
-    /// at the last periodic checkpoint. Nothing when that checkpoint is the last one taken, when
-    /// no step completed, or when the copies cannot be taken; an event says what was saved.
+    /// at the last periodic checkpoint. Nothing when step `done` is already committed, when no
+    /// step completed, or when the copies cannot be taken; an event says what was committed.
     pub fn rescue<B: Backend>(mut self, done: u64, trainer: &Trainer<B>, why: &str, events: &dyn Fn(RunEvent)) {
-        if done == 0 || self.last_taken == Some(done) || trainer.state().step != done {
+        if done == 0 || trainer.state().step != done {
             return self.finish(events);
         }
         let (out, idle) = self.uploader.wait(self.final_wait);
         self.report(out, events);
-        if !idle {
+        if !idle || self.last_committed == Some(done) {
             return self.finish(events);
         }
         let taken = self.after_step_with(done, done, events, &mut || {
@@ -378,16 +382,19 @@ impl Checkpointer {
             let params = device_checked(trainer.model.backend(), trainer.model.params_host())?;
             Ok(HostState { params, m, v, state: trainer.state() })
         });
-        match taken {
-            Ok(()) => {
-                info!(job_id = %self.template.job_id, step = done, why, "rescue checkpoint: the run ends early; saving its last completed step");
-                events(RunEvent::Note(JobNote {
-                    job_id: self.template.job_id.clone(),
-                    attempt: self.template.attempt,
-                    text: format!("rescue checkpoint at step {done}: the run ended early ({why}), so its last completed step is saved"),
-                }));
-            }
-            Err(e) => warn!(step = done, error = %format!("{e:#}"), "rescue checkpoint not taken"),
+        if let Err(e) = taken {
+            warn!(step = done, error = %format!("{e:#}"), "rescue checkpoint not taken");
+            return self.finish(events);
+        }
+        let (out, _) = self.uploader.wait(self.final_wait);
+        self.report(out, events);
+        if self.last_committed == Some(done) {
+            info!(job_id = %self.template.job_id, step = done, why, "rescue checkpoint: the run ended early; its last completed step is committed");
+            events(RunEvent::Note(JobNote {
+                job_id: self.template.job_id.clone(),
+                attempt: self.template.attempt,
+                text: format!("rescue checkpoint at step {done}: the run ended early ({why}), so its last completed step is committed"),
+            }));
         }
         self.finish(events)
     }
@@ -395,7 +402,7 @@ impl Checkpointer {
     /// End of the run: waits (at most `final_wait`) for the last upload and reports it; an
     /// upload still running then (a store that is down or slow) is abandoned with an event
     /// saying so, and the run ends without that checkpoint.
-    pub fn finish(self, events: &dyn Fn(RunEvent)) {
+    pub fn finish(mut self, events: &dyn Fn(RunEvent)) {
         let (stall, n) = (self.stall, self.snapshots);
         let (out, idle) = self.uploader.wait(self.final_wait);
         self.report(out, events);

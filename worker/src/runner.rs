@@ -324,8 +324,12 @@ pub(crate) fn train_gpt<B: Backend>(
             Ok(stats) => stats,
             Err(e) => {
                 // a peer lost or the run stopped mid-step: the step's update was not applied,
-                // so rank 0 still holds step `step` whole, and saves it
-                if let (Some(c), EngineError::Collective(_), true) = (checkpointer.take(), &e, step > start_step) {
+                // so rank 0 still holds step `step` whole, and saves it. On the CPU only: after
+                // an aborted NCCL collective the GPU stream may still hold its kernel, and the
+                // copies would wait on it (not yet checked on a card); a GPU run rescues when it
+                // is stopped between steps
+                let cpu = trainer.model.backend().name() == "cpu";
+                if let (Some(c), EngineError::Collective(_), true, true) = (checkpointer.take(), &e, step > start_step, cpu) {
                     c.rescue(step, &trainer, &e.to_string(), events);
                 }
                 return Err(e.into());
