@@ -99,7 +99,10 @@ impl State {
                 && self.workers.get(w).is_some_and(|r| r.conn.is_some() && r.row.state != WorkerState::Lost)
         });
         self.release_gang(job_id, &format!("attempt {attempt} aborted: {cause}"), Some(culprit), "aborted");
-        let survivors: Vec<(String, u32)> = rank0.into_iter().map(|w| (w, attempt)).collect();
+        let wind_down = final_wait.unwrap_or_default() * 2 + self.lease_timeout * 2;
+        let restarts = self.jobs.get(job_id).is_some_and(|j| j.row.restarts < j.row.max_restarts);
+        // only a job that restarts waits (a failed one has no next attempt to resume)
+        let survivors: Vec<(String, u32)> = rank0.filter(|_| restarts).into_iter().map(|w| (w, attempt)).collect();
         for (w, _) in &survivors {
             // still running the attempt: not schedulable until it reports it done (or is lost)
             if let Some(r) = self.workers.get_mut(w) {
@@ -108,7 +111,6 @@ impl State {
                 }
             }
         }
-        let wind_down = final_wait.unwrap_or_default() * 2 + self.lease_timeout * 2;
         let Some(job) = self.jobs.get_mut(job_id) else { return };
         if job.row.restarts < job.row.max_restarts {
             job.winding_down = survivors;

@@ -552,3 +552,27 @@ async fn a_restart_waits_for_rank0_to_end_the_attempt_and_resumes_from_its_rescu
     }
     coord.stop().await;
 }
+
+/// The same fault in a job with no restarts left: nothing waits, and rank 0's worker takes the
+/// next job as soon as it is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_job_does_not_hold_its_rank0_worker() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &format!("{}\n[checkpoint]\nevery = 1000\n", spec("last-try", 2, 0, 0))).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9611").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9612").await;
+    let a1 = w1.assignment().await;
+    let a2 = w2.assignment().await;
+    let (mut rank0, a0, mut rank1) = if a1.rank == 0 { (w1, a1, w2) } else { (w2, a2, w1) };
+    rank0.set_busy(&a0);
+    rank1.drop_stream();
+    rank0.abort().await;
+    wait_state(&mut jobs, &job.id, JobState::Failed).await;
+    rank0.set_idle();
+    let next = submit(&mut jobs, &spec("next", 1, 0, 0)).await;
+    let b = within("rank 0's worker taking the next job", rank0.assignment()).await;
+    assert_eq!(b.job_id, next.id);
+    coord.stop().await;
+}
