@@ -108,7 +108,7 @@ pub fn resolve_with(req: DeviceRequest, probe: impl Fn(usize) -> Result<(), Stri
                 Ok(Device::Cuda(0))
             }
             Err(why) => {
-                info!(device = "cpu", reason = %why, "device auto: no usable gpu; training on the cpu");
+                info!(device = "cpu", reason = %why, "device auto: no usable gpu; using the cpu");
                 Ok(Device::Cpu)
             }
         },
