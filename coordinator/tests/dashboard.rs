@@ -26,9 +26,9 @@ fn loss_at(step: u64) -> f32 {
     3.0 - step as f32 * 0.05
 }
 
-/// Rank 0's report of `step` (loss `loss_at(step)`).
-async fn report(w: &Worker, a: &Assignment, step: u64, val_loss: Option<f32>, tokens_per_s: f64, mfu: f32) {
-    w.send(worker_message::Body::Metrics(StepMetrics {
+/// Rank 0's metrics of `step`: loss `loss_at(step)`, nothing evaluated, no throughput.
+fn step_metrics(a: &Assignment, step: u64) -> StepMetrics {
+    StepMetrics {
         job_id: a.job_id.clone(),
         attempt: a.attempt,
         rank: 0,
@@ -36,13 +36,17 @@ async fn report(w: &Worker, a: &Assignment, step: u64, val_loss: Option<f32>, to
         loss: loss_at(step),
         grad_norm: 0.5,
         lr: 1e-3,
-        tokens_per_s,
-        val_loss,
+        tokens_per_s: 0.0,
+        val_loss: None,
         val_accuracy: None,
-        mfu: Some(mfu),
+        mfu: None,
         val_sources: Vec::new(),
-    }))
-    .await;
+    }
+}
+
+/// Rank 0's report of `step` (loss `loss_at(step)`).
+async fn report(w: &Worker, a: &Assignment, step: u64, val_loss: Option<f32>, tokens_per_s: f64, mfu: f32) {
+    w.send(worker_message::Body::Metrics(StepMetrics { tokens_per_s, val_loss, mfu: Some(mfu), ..step_metrics(a, step) })).await;
 }
 
 /// A one-rank job that reports `STEPS` steps (validation at 10 and 20, MFU on every step),
@@ -298,21 +302,8 @@ async fn a_mixture_job(coord: &Coord, steps: u64) -> (Job, Worker, Assignment) {
     w.set_busy(&a);
     for step in 1..=steps {
         let val_sources = if step % 10 == 0 && step <= 20 { sources_at(step) } else { Vec::new() };
-        w.send(worker_message::Body::Metrics(StepMetrics {
-            job_id: a.job_id.clone(),
-            attempt: a.attempt,
-            rank: 0,
-            step,
-            loss: loss_at(step),
-            grad_norm: 0.5,
-            lr: 1e-3,
-            tokens_per_s: 1000.0,
-            val_loss: (!val_sources.is_empty()).then(|| weighted(&val_sources)),
-            val_accuracy: None,
-            mfu: None,
-            val_sources,
-        }))
-        .await;
+        let val_loss = (!val_sources.is_empty()).then(|| weighted(&val_sources));
+        w.send(worker_message::Body::Metrics(StepMetrics { tokens_per_s: 1000.0, val_loss, val_sources, ..step_metrics(&a, step) })).await;
     }
     wait_job(&mut jobs, &job.id, |j| j.last_step == steps).await;
     (job, w, a)

@@ -377,12 +377,8 @@ impl Checkpointer {
         if !idle || self.last_committed == Some(done) {
             return self.finish(events);
         }
-        let taken = self.after_step_with(done, done, events, &mut || {
-            let (m, v) = trainer.moments_host();
-            let params = device_checked(trainer.model.backend(), trainer.model.params_host())?;
-            Ok(HostState { params, m, v, state: trainer.state() })
-        });
-        if let Err(e) = taken {
+        // as the run's last step: always due
+        if let Err(e) = self.after_step(done, done, trainer, events) {
             warn!(step = done, error = %format!("{e:#}"), "rescue checkpoint not taken");
             return self.finish(events);
         }
