@@ -83,14 +83,14 @@ impl State {
             self.persist_assignment(job_id, attempt, rank as u32, culprit, culprit_state);
         }
         warn!(job_id = %job_id, attempt, worker_id = %culprit, cause = %cause, "attempt failed");
-        // GPT pretraining that checkpoints: rank 0, when it survives the fault and had not
-        // finished, saves a rescue checkpoint of its last completed step as it ends the attempt
-        // (waiting at most twice checkpoint.final_wait_s for uploads). The next attempt waits for
-        // it, that long and two lease timeouts at most, and rank 0's worker is not handed other
-        // work meanwhile.
+        // A job that checkpoints (any model, pretraining or fine-tuning): rank 0, when it
+        // survives the fault and had not finished, saves a rescue checkpoint of its last
+        // completed step as it ends the attempt (waiting at most twice checkpoint.final_wait_s
+        // for uploads). The next attempt waits for it, that long and two lease timeouts at most,
+        // and rank 0's worker is not handed other work meanwhile.
         let final_wait = smelt_jobspec::JobSpec::parse(&job.row.spec_toml)
             .ok()
-            .filter(|s| s.kind == smelt_jobspec::JobKind::Pretrain && s.arch().is_ok_and(|a| a == smelt_jobspec::Arch::Gpt) && s.checkpoint.every > 0)
+            .filter(|s| s.checkpoint.every > 0)
             .map(|s| Duration::from_secs(s.checkpoint.final_wait_s));
         let rank0 = job.ranks.first().cloned().filter(|w| {
             final_wait.is_some()

@@ -237,6 +237,22 @@ pub struct HostState {
     pub state: TrainerState,
 }
 
+/// A pretraining trainer's [`HostState`] (on a GPU, device-to-host downloads, checked).
+fn host_state_of<B: Backend>(trainer: &Trainer<B>) -> Result<HostState> {
+    let (m, v) = trainer.moments_host();
+    let params = device_checked(trainer.model.backend(), trainer.model.params_host())?;
+    Ok(HostState { params, m, v, state: trainer.state() })
+}
+
+/// Whether a training step that failed with `e` left the weights and optimizer state as the
+/// step before it left them, readable now: its collective failed (a peer lost, the run
+/// aborted), which every step's collectives do before its update. On the CPU only: after an
+/// aborted NCCL collective the GPU stream may still hold its kernel, and the host copies would
+/// wait on it (not yet checked on a card); a GPU run rescues when it is stopped between steps.
+pub fn failed_before_update<B: Backend>(be: &B, e: &anyhow::Error) -> bool {
+    be.name() == "cpu" && e.chain().any(|c| c.is::<smelt_engine::collective::CollectiveError>())
+}
+
 /// Rank 0's checkpointing during a run.
 pub struct Checkpointer {
     uploader: AsyncCheckpointer,
@@ -305,11 +321,7 @@ impl Checkpointer {
     /// [`Self::after_step_with`]. The host copies are, on a GPU, device-to-host downloads
     /// through the backend.
     pub fn after_step<B: Backend>(&mut self, done: u64, total: u64, trainer: &Trainer<B>, events: &dyn Fn(RunEvent)) -> anyhow::Result<()> {
-        self.after_step_with(done, total, events, &mut || {
-            let (m, v) = trainer.moments_host();
-            let params = device_checked(trainer.model.backend(), trainer.model.params_host())?;
-            Ok(HostState { params, m, v, state: trainer.state() })
-        })
+        self.after_step_with(done, total, events, &mut || host_state_of(trainer))
     }
 
     /// After step `done` (steps completed) of `total`: reports uploads that ended, and when a
@@ -362,14 +374,20 @@ impl Checkpointer {
         Ok(())
     }
 
+    /// A pretraining run about to end early: see [`Self::rescue_with`].
+    pub fn rescue<B: Backend>(self, done: u64, trainer: &Trainer<B>, why: &str, events: &dyn Fn(RunEvent)) {
+        self.rescue_with(done, why, events, &mut || host_state_of(trainer))
+    }
+
     /// A run about to end early (a peer lost, the run stopped) after `done` completed steps, its
     /// weights and optimizer state still those of step `done` (a step that fails before its
-    /// update leaves them so): writes them as a checkpoint now, waiting (at most `final_wait`
-    /// for the upload before it and for this one), so that the restart resumes here instead of
-    /// at the last periodic checkpoint. Nothing when step `done` is already committed, when no
-    /// step completed, or when the copies cannot be taken; an event says what was committed.
-    pub fn rescue<B: Backend>(mut self, done: u64, trainer: &Trainer<B>, why: &str, events: &dyn Fn(RunEvent)) {
-        if done == 0 || trainer.state().step != done {
+    /// update leaves them so; see [`failed_before_update`]): writes them, taken by `take`, as a
+    /// checkpoint now, waiting (at most `final_wait` for the upload before it and for this one),
+    /// so that the restart resumes here instead of at the last periodic checkpoint. Nothing when
+    /// step `done` is already committed, when no step completed, when the copies cannot be
+    /// taken or are of another step; an event says what was committed.
+    pub fn rescue_with(mut self, done: u64, why: &str, events: &dyn Fn(RunEvent), take: &mut dyn FnMut() -> anyhow::Result<HostState>) {
+        if done == 0 {
             return self.finish(events);
         }
         let (out, idle) = self.uploader.wait(self.final_wait);
@@ -378,7 +396,14 @@ impl Checkpointer {
             return self.finish(events);
         }
         // as the run's last step: always due
-        if let Err(e) = self.after_step(done, done, trainer, events) {
+        let mut of_step_done = || {
+            let host = take()?;
+            match host.state.step == done {
+                true => Ok(host),
+                false => Err(anyhow!("the trainer holds step {}, not step {done}", host.state.step)),
+            }
+        };
+        if let Err(e) = self.after_step_with(done, done, events, &mut of_step_done) {
             warn!(step = done, error = %format!("{e:#}"), "rescue checkpoint not taken");
             return self.finish(events);
         }

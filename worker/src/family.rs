@@ -322,6 +322,10 @@ pub(crate) fn train<B: Backend>(
     let (mut flops, peak) = (0.0f64, model.backend().peak_flops());
     for step in start..tc.steps {
         if let Some(reason) = control.stopped() {
+            // rank 0 saves the steps done since the last checkpoint before it goes
+            if let (Some(c), true) = (checkpointer.take(), step > start) {
+                c.rescue_with(step, &reason, events, &mut || model.host_state(&opt, step, spec.seed));
+            }
             bail!("stopped at step {step}: {reason}");
         }
         let slice_of = |step: u64| -> Result<(Vec<u64>, Vec<u64>)> {
@@ -339,7 +343,16 @@ pub(crate) fn train<B: Backend>(
             .map(|(i, k)| objective.read_batch(&data.train, spec.seed, step, i, k, n_windows))
             .collect::<Result<Vec<_>>>()?;
         let lr = tc.schedule.lr_at(step);
-        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step, crate::runner::bucket_floats(&spec))?;
+        let (loss, report) = match model.train_step(&micro, collective, &mut opt, lr, step, crate::runner::bucket_floats(&spec)) {
+            Ok(out) => out,
+            Err(e) => {
+                // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
+                if let (true, Some(c)) = (step > start && checkpointing::failed_before_update(model.backend(), &e), checkpointer.take()) {
+                    c.rescue_with(step, &format!("{e:#}"), events, &mut || model.host_state(&opt, step, spec.seed));
+                }
+                return Err(e);
+            }
+        };
         tokens += micro.iter().map(batch_tokens).sum::<usize>() * world;
         flops += micro.iter().map(|x| batch_flops(&fam, x)).sum::<f64>();
 

@@ -218,12 +218,25 @@ impl FinetuneJob {
         let (mut tokens, mut last_val) = (0usize, (None, None));
         for step in start..tc.steps {
             if let Some(reason) = stopped() {
+                // rank 0 saves the steps done since the last checkpoint before it goes
+                if let (Some((c, events)), true) = (checkpoints.take(), step > start) {
+                    c.rescue_with(step, &reason, events, &mut || st.host_state(step));
+                }
                 bail!("stopped at step {step}: {reason}");
             }
             let slice = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?;
             let indices: Vec<usize> = slice.map(|k| order.sequence_at(k) as usize).collect();
             let micro: Vec<&[usize]> = indices.chunks(tc.batch_size).collect();
-            let (loss, grad_norm, n_tokens) = st.step(self, &micro, collective, step, crate::runner::bucket_floats(spec))?;
+            let (loss, grad_norm, n_tokens) = match st.step(self, &micro, collective, step, crate::runner::bucket_floats(spec)) {
+                Ok(out) => out,
+                Err(e) => {
+                    // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
+                    if let (true, Some((c, events))) = (step > start && checkpointing::failed_before_update(st.model.backend(), &e), checkpoints.take()) {
+                        c.rescue_with(step, &format!("{e:#}"), events, &mut || st.host_state(step));
+                    }
+                    return Err(e);
+                }
+            };
             tokens += n_tokens * world;
             let done = step + 1;
             let mut val = (None, None);

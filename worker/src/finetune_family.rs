@@ -290,12 +290,25 @@ pub(crate) fn train<B: Backend>(
     let (mut tokens, mut last_val) = (0usize, (None, None));
     for step in start..tc.steps {
         if let Some(reason) = control.stopped() {
+            // rank 0 saves the steps done since the last checkpoint before it goes
+            if let (Some(c), true) = (checkpointer.take(), step > start) {
+                c.rescue_with(step, &reason, events, &mut || model.host_state(&opt, step, spec.seed));
+            }
             bail!("stopped at step {step}: {reason}");
         }
         let idx: Vec<usize> = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?.map(|k| order.sequence_at(k) as usize).collect();
         let micro: Vec<FamilyBatch> = idx.chunks(tc.batch_size).map(|c| job.batch(c, Some(step))).collect();
         let lr = tc.schedule.lr_at(step);
-        let (loss, report) = model.train_step(&micro, collective, &mut opt, lr, step, crate::runner::bucket_floats(spec))?;
+        let (loss, report) = match model.train_step(&micro, collective, &mut opt, lr, step, crate::runner::bucket_floats(spec)) {
+            Ok(out) => out,
+            Err(e) => {
+                // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
+                if let (true, Some(c)) = (step > start && checkpointing::failed_before_update(model.backend(), &e), checkpointer.take()) {
+                    c.rescue_with(step, &format!("{e:#}"), events, &mut || model.host_state(&opt, step, spec.seed));
+                }
+                return Err(e);
+            }
+        };
         tokens += micro.iter().map(FamilyFinetune::batch_tokens).sum::<usize>() * world;
 
         let done = step + 1;

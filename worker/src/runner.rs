@@ -23,7 +23,7 @@ use smelt_engine::grad_buckets::DEFAULT_BUCKET_FLOATS;
 use smelt_engine::model::Gpt;
 use smelt_engine::model::GptConfig;
 use smelt_engine::train::{TrainConfig, Trainer};
-use smelt_engine::{Backend, CpuBackend, EngineError};
+use smelt_engine::{Backend, CpuBackend};
 use smelt_jobspec::{JobKind, JobSpec};
 use smelt_proto::v1::{Assignment, AssignmentDone, JobNote, SourceLoss, StepMetrics};
 use tracing::info;
@@ -324,15 +324,12 @@ pub(crate) fn train_gpt<B: Backend>(
             Ok(stats) => stats,
             Err(e) => {
                 // a peer lost or the run stopped mid-step: the step's update was not applied,
-                // so rank 0 still holds step `step` whole, and saves it. On the CPU only: after
-                // an aborted NCCL collective the GPU stream may still hold its kernel, and the
-                // copies would wait on it (not yet checked on a card); a GPU run rescues when it
-                // is stopped between steps
-                let cpu = trainer.model.backend().name() == "cpu";
-                if let (Some(c), EngineError::Collective(_), true, true) = (checkpointer.take(), &e, step > start_step, cpu) {
-                    c.rescue(step, &trainer, &e.to_string(), events);
+                // so rank 0 still holds step `step` whole, and saves it
+                let e = anyhow::Error::from(e);
+                if let (true, Some(c)) = (step > start_step && checkpointing::failed_before_update(trainer.model.backend(), &e), checkpointer.take()) {
+                    c.rescue(step, &trainer, &format!("{e:#}"), events);
                 }
-                return Err(e.into());
+                return Err(e);
             }
         };
         tokens += stats.tokens * world;
