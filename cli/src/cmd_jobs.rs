@@ -1,4 +1,4 @@
-//! `smelt jobs list | get <id> | follow <id> | cancel <id>`.
+//! `smelt jobs list | get <id> | follow <id> | cancel <id> | logs <id>` (logs: `cmd_job_logs`).
 
 use anyhow::Result;
 use clap::{Args, Subcommand};
@@ -19,6 +19,8 @@ pub enum JobsCommand {
     Follow(JobIdArgs),
     /// Cancel a job (its workers are aborted).
     Cancel(JobIdArgs),
+    /// The lines the job's workers logged (every rank and attempt; `--follow` until it ends).
+    Logs(crate::cmd_job_logs::LogsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -68,6 +70,7 @@ async fn run_async(c: JobsCommand) -> Result<()> {
             let job = client.get_job(GetJobRequest { job_id: a.id }).await.map_err(status)?.into_inner();
             crate::cmd_submit::follow(&mut client, &job).await?;
         }
+        JobsCommand::Logs(a) => crate::cmd_job_logs::run(a).await?,
         JobsCommand::Cancel(a) => {
             let mut client = connect(&a.coordinator.url).await?;
             let job = client.cancel_job(CancelJobRequest { job_id: a.id }).await.map_err(status)?.into_inner();

@@ -51,7 +51,7 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
     Ok(())
 }
 
-fn is_terminal(s: JobState) -> bool {
+pub(crate) fn is_terminal(s: JobState) -> bool {
     matches!(s, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
 }
 

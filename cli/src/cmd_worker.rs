@@ -33,13 +33,14 @@ fn parse_device(s: &str) -> Result<DeviceRequest, String> {
     s.parse().map_err(|e: device::DeviceError| e.to_string())
 }
 
-pub fn run(a: WorkerArgs) -> Result<()> {
+/// `logs`: the capture layer `main` installed, whose lines go to the coordinator.
+pub fn run(a: WorkerArgs, logs: smelt_worker::LogCapture) -> Result<()> {
     // Before registering: a worker that cannot use the GPU it was given must not take jobs.
     let device = device::resolve(a.device)?;
     info!(device = %device, "worker device");
     let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "localhost".into());
     let token = crate::client::token(a.token_file.as_deref())?;
-    let cfg = WorkerConfig { coordinator: a.coordinator, data_bind: a.data_addr, out_dir: a.out_dir, hostname, device, token };
+    let cfg = WorkerConfig { coordinator: a.coordinator, data_bind: a.data_addr, out_dir: a.out_dir, hostname, device, token, logs };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build()?;
     rt.block_on(smelt_worker::run(cfg, crate::signals::terminated()))
 }

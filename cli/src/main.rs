@@ -15,6 +15,7 @@ mod local_device;
 mod cmd_export;
 mod cmd_import;
 mod cmd_coordinator;
+mod cmd_job_logs;
 mod cmd_jobs;
 mod cmd_sample;
 mod cmd_submit;
@@ -80,15 +81,19 @@ enum Command {
 }
 
 fn main() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+    use tracing_subscriber::prelude::*;
+    let cli = Cli::parse();
+    let console = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         // colours only on a terminal: logs redirected to a file stay plain text
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let cli = Cli::parse();
+        .with_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()));
+    // a worker also keeps what it logs during a run for the coordinator (`smelt jobs logs`),
+    // at info and above whatever RUST_LOG says for the console
+    let capture = matches!(cli.command, Command::Worker(_)).then(smelt_worker::LogCapture::new);
+    // (the level filter also spares the layer every debug and trace callsite of the process)
+    let capture_layer = capture.clone().map(|c| c.with_filter(tracing_subscriber::filter::LevelFilter::INFO));
+    tracing_subscriber::registry().with(console).with(capture_layer).init();
     if let Some(n) = cli.threads {
         if n == 0 {
             anyhow::bail!("--threads must be at least 1");
@@ -109,7 +114,7 @@ fn main() -> Result<()> {
         Command::Submit(a) => cmd_submit::run(a),
         Command::Jobs(c) => cmd_jobs::run(c),
         Command::Workers(a) => cmd_workers::run(a),
-        Command::Worker(a) => cmd_worker::run(a),
+        Command::Worker(a) => cmd_worker::run(a, capture.unwrap_or_default()),
         Command::Up(a) => cmd_up::run(a),
     }
 }

@@ -87,6 +87,10 @@ fn rescued_job_matches_an_uninterrupted_one(c: &mut Cluster, spec: &dyn Fn(&Clus
     let first_of_2 = points.iter().filter(|p| p["attempt"].as_u64() == Some(2)).filter_map(|p| p["step"].as_u64()).min();
     assert_eq!(first_of_2, Some(at + 1), "the restart did not resume at the rescued step");
 
+    // the surviving rank 0's account of it is in the job's logs, under attempt 1
+    let (ok, logs) = c.smelt(&["jobs", "logs", &job.id, "--attempt", "1", "--rank", "0"]);
+    assert!(ok && logs.lines().any(|l| l.contains(" a1 r0 ") && l.contains("rescue checkpoint") && l.contains(&format!("step={at}"))), "{logs}");
+
     // exact: the same weights as the job run without a fault
     let plain = c.submit(&spec(c, "plain"), "");
     let (state, _) = c.follow(&plain.id);

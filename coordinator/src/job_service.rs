@@ -5,7 +5,7 @@ use std::pin::Pin;
 use smelt_proto::v1::job_service_server::JobService;
 use smelt_proto::v1::{
     job_event, CancelJobRequest, GetJobRequest, Job, JobEvent, JobState, ListJobsRequest, ListJobsResponse,
-    ListWorkersRequest, ListWorkersResponse, SubmitRequest, SubmitResponse, WatchJobRequest,
+    JobLogsRequest, JobLogsResponse, ListWorkersRequest, ListWorkersResponse, SubmitRequest, SubmitResponse, WatchJobRequest,
 };
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -13,10 +13,13 @@ use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
 
 use crate::coordinator::Coordinator;
+use crate::job_logs::{self, LogQuery};
 use crate::state::is_terminal;
 
 pub struct JobSvc {
     pub coord: Coordinator,
+    /// The SQLite file, read directly for what the coordinator does not keep in memory (logs).
+    pub db_path: std::path::PathBuf,
 }
 
 type Events = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send + 'static>>;
@@ -103,5 +106,21 @@ impl JobService for JobSvc {
 
     async fn list_workers(&self, _req: Request<ListWorkersRequest>) -> Result<Response<ListWorkersResponse>, Status> {
         Ok(Response::new(ListWorkersResponse { workers: self.coord.with(|st| st.list_workers()) }))
+    }
+
+    async fn job_logs(&self, req: Request<JobLogsRequest>) -> Result<Response<JobLogsResponse>, Status> {
+        let r = req.into_inner();
+        // an unknown job is NOT_FOUND, as for get_job
+        self.coord.with(|st| st.job(&r.job_id).map(|_| ()))?;
+        // every line received so far committed first: a job seen ended has all its ranks'
+        // lines readable (each worker sends its last ones before its Done)
+        self.coord.flush().await?;
+        let q = LogQuery { after: r.after, limit: r.limit, attempt: r.attempt, rank: r.rank, tail: r.tail };
+        let db = self.db_path.clone();
+        let page = tokio::task::spawn_blocking(move || job_logs::read(&db, &r.job_id, &q).map_err(|e| format!("reading logs from {}: {e}", db.display())))
+            .await
+            .map_err(|e| Status::internal(format!("reading logs: {e}")))?
+            .map_err(Status::internal)?;
+        Ok(Response::new(JobLogsResponse { lines: page.lines.iter().map(|l| l.to_proto()).collect(), next: page.next }))
     }
 }

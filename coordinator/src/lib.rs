@@ -20,6 +20,7 @@ mod attempt;
 mod coordinator;
 mod dashboard;
 pub mod error;
+pub mod job_logs;
 mod job_service;
 pub mod json;
 mod jobs;

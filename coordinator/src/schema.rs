@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version v's statements are `MIGRATIONS[v - 1]`.
-const MIGRATIONS: [&str; 4] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+const MIGRATIONS: [&str; 5] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE jobs (
@@ -108,6 +108,9 @@ CREATE TABLE metric_sources (
 );
 ALTER TABLE jobs ADD COLUMN last_val_sources TEXT NOT NULL DEFAULT '[]';
 "#;
+
+/// Version 5: the log lines a job's workers send (`crate::job_logs`).
+const SCHEMA_V5: &str = crate::job_logs::SCHEMA;
 
 /// Creates the schema in a new file, or brings an older one to `SCHEMA_VERSION`.
 pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

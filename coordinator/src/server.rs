@@ -112,7 +112,7 @@ impl Bound {
         // gRPC (HTTP/2) and the dashboard (HTTP/1.1 from browsers) on one port.
         let mut grpc = RoutesBuilder::default();
         grpc.add_service(WorkerServiceServer::with_interceptor(WorkerSvc { coord: coord.clone() }, auth.clone()))
-            .add_service(JobServiceServer::with_interceptor(JobSvc { coord: coord.clone() }, auth.clone()));
+            .add_service(JobServiceServer::with_interceptor(JobSvc { coord: coord.clone(), db_path: store.path().to_path_buf() }, auth.clone()));
         let routes = grpc.routes().into_axum_router().merge(dashboard::router(coord.clone(), store.path().to_path_buf(), auth))
             .fallback(dashboard::fallback);
         info!(url = %format!("http://{addr}/"), "dashboard");

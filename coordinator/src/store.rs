@@ -15,6 +15,7 @@ use tokio::sync::oneshot;
 use tracing::{debug, error};
 
 use crate::error::{CoordError, Result};
+use crate::job_logs::LineCounts;
 use crate::state::{
     device_class_name, job_state_name, parse_device_class, parse_job_state, parse_worker_state, worker_state_name,
 };
@@ -194,6 +195,8 @@ pub enum Op {
     Event(EventRow),
     Metric(MetricRow),
     Checkpoint(CheckpointRow),
+    /// One worker's batch of a job's log lines.
+    Logs(Vec<crate::job_logs::LogRow>),
 }
 
 enum Cmd {
@@ -392,7 +395,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
     Ok(out)
 }
 
-fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
+fn apply(tx: &Transaction, op: &Op, log_lines: &mut LineCounts) -> rusqlite::Result<()> {
     match op {
         Op::Job(j) => {
             tx.prepare_cached(
@@ -486,12 +489,14 @@ fn apply(tx: &Transaction, op: &Op) -> rusqlite::Result<()> {
             )?
             .execute(params![c.job_id, c.step as i64, c.uri, c.manifest_sha256, c.at_ms])?;
         }
+        Op::Logs(rows) => crate::job_logs::insert(tx, rows, log_lines)?,
     }
     Ok(())
 }
 
 fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
     let mut stop = false;
+    let mut log_lines = LineCounts::default();
     while !stop {
         let Ok(first) = rx.recv() else { break };
         let mut batch = Vec::new();
@@ -517,7 +522,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
                 for cmd in batch {
                     match cmd {
                         Cmd::Op(op) => {
-                            if let Err(e) = apply(&tx, &op) {
+                            if let Err(e) = apply(&tx, &op, &mut log_lines) {
                                 error!(error = %e, "store write failed");
                                 failure = Some(e.to_string());
                             }

@@ -202,6 +202,13 @@ impl State {
                     self.message(&n.job_id, n.text);
                 }
             }
+            Some(worker_message::Body::Logs(b)) => {
+                // kept for any job this coordinator knows, from whichever worker ran a rank of
+                // it: a failed rank's last lines come after the gang is released
+                if self.jobs.contains_key(&b.job_id) {
+                    self.store.write(Op::Logs(crate::job_logs::rows_of(worker_id, b, now_ms())));
+                }
+            }
             None => {}
         }
         true

@@ -22,6 +22,7 @@ use smelt_proto::auth::{AuthChannel, BearerToken};
 use tracing::{info, warn};
 
 use crate::device::Device;
+use crate::log_capture::LogCapture;
 use crate::ring_addr;
 use crate::runner::{creates_nccl_id, run_assignment, RunControl, RunEvent, RunRequest};
 
@@ -40,6 +41,9 @@ pub struct WorkerConfig {
     pub device: Device,
     /// The coordinator's token, when it requires one (`smelt_proto::auth`).
     pub token: Option<String>,
+    /// The lines this process logs during a run, sent to the coordinator (empty unless the
+    /// capture is installed as a `tracing` layer, as `smelt worker` does).
+    pub logs: LogCapture,
 }
 
 /// The assignment in progress and how to stop it.
@@ -146,6 +150,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             tokio::select! {
                 _ = ticker.tick() => {
                     if up_tx.send(msg(status(&running, draining))).await.is_err() { break; }
+                    if !send_logs(&cfg.logs, &up_tx, &msg).await { break; }
                 }
                 m = down.next() => match m {
                     Some(Ok(CoordinatorMessage { body: Some(Down::Assign(a)) })) => {
@@ -161,6 +166,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                             queued = Some(a);
                             continue;
                         }
+                        cfg.logs.begin(&a);
                         info!(job_id = %a.job_id, attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment received");
                         let control = RunControl::default();
                         running = Some(Running { assignment: a.clone(), control: control.clone() });
@@ -195,6 +201,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         } else {
                             warn!(job_id = %d.job_id, attempt = d.attempt, error = %d.error, "assignment failed");
                         }
+                        // the run's lines, to its last, before its Done
+                        cfg.logs.end();
+                        if !send_logs(&cfg.logs, &up_tx, &msg).await { undelivered = Some(d); running = None; break; }
                         running = None;
                         if up_tx.send(msg(Up::Done(d.clone()))).await.is_err() { undelivered = Some(d); break; }
                         if let Some(a) = queued.take() {
@@ -228,6 +237,17 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
 /// Tells the coordinator a checkpoint's manifest has landed; retried while it is unreachable
 /// (the checkpoint is safe in the store either way: a restart that misses it resumes from an
 /// earlier one).
+/// Sends the lines logged since the last call (one message per run); false when the stream is
+/// gone (the lines not sent are lost with it: a reconnect starts a new buffer).
+async fn send_logs(logs: &LogCapture, up: &mpsc::Sender<WorkerMessage>, msg: &impl Fn(Up) -> WorkerMessage) -> bool {
+    for batch in logs.drain() {
+        if up.send(msg(Up::Logs(batch))).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
 async fn report_checkpoint(mut client: WorkerServiceClient<AuthChannel>, r: CheckpointReport) {
     let mut backoff = Duration::from_millis(200);
     for attempt in 1..=5 {
@@ -292,6 +312,7 @@ fn start(
 ) {
     let listener = listener.try_clone().expect("clone the ring listener");
     let (out_dir, device) = (cfg.out_dir.clone(), cfg.device);
+    cfg.logs.begin(&a);
     tokio::spawn(async move {
         let failed = |error: String| {
             RunEvent::Done(AssignmentDone { job_id: a.job_id.clone(), attempt: a.attempt, ok: false, error, final_step: 0 })

@@ -13,6 +13,7 @@ pub mod finetune_data;
 pub mod finetune_family;
 pub mod gpu;
 pub mod init_from;
+pub mod log_capture;
 pub mod model_file;
 pub mod ring_addr;
 pub mod runner;
@@ -21,3 +22,4 @@ pub mod train_data;
 
 pub use agent::{run, WorkerConfig};
 pub use device::{Device, DeviceRequest};
+pub use log_capture::LogCapture;

@@ -29,6 +29,7 @@ async fn worker(url: &str, out: &Path, device: Device) -> oneshot::Sender<()> {
         hostname: "gpu-host".into(),
         device,
         token: None,
+        logs: Default::default(),
     };
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(smelt_worker::run(cfg, async move {

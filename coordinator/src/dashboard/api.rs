@@ -9,6 +9,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::{error, history, prometheus, Dashboard};
+use crate::job_logs::{self, LogQuery};
 use crate::json;
 use crate::error::CoordError;
 use crate::state::now_ms;
@@ -87,6 +88,30 @@ pub(super) async fn metrics(State(d): State<Dashboard>, Path(id): Path<String>, 
     }
     match read_history(&d, "metrics", move |db| history::metrics(db, &id, max_points)).await {
         Ok(series) => Json(series).into_response(),
+        Err(r) => r,
+    }
+}
+
+#[derive(Deserialize)]
+pub(super) struct LogsQuery {
+    after: Option<u64>,
+    limit: Option<u32>,
+    attempt: Option<u32>,
+    rank: Option<u32>,
+    tail: Option<u32>,
+}
+
+/// A job's log lines (`job_logs::read`): `{"lines": [...], "next": seq}`.
+pub(super) async fn logs(State(d): State<Dashboard>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> Response {
+    if let Err(e) = d.coord.with(|st| st.job(&id).map(|_| ())) {
+        return coord_error(e);
+    }
+    if let Err(e) = d.coord.flush().await {
+        return coord_error(e);
+    }
+    let q = LogQuery { after: q.after.unwrap_or(0), limit: q.limit.unwrap_or(0), attempt: q.attempt, rank: q.rank, tail: q.tail.unwrap_or(0) };
+    match read_history(&d, "logs", move |db| job_logs::read(db, &id, &q)).await {
+        Ok(page) => Json(page).into_response(),
         Err(r) => r,
     }
 }

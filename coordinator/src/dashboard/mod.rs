@@ -6,6 +6,8 @@
 //! - `GET /api/overview`: every job (without its spec) and every worker.
 //! - `GET /api/jobs/{id}`: one job with its spec, events and recorded checkpoints.
 //! - `GET /api/jobs/{id}/metrics?max_points=N`: rank 0's step metrics from the SQLite file.
+//! - `GET /api/jobs/{id}/logs?after=SEQ&limit=N&attempt=A&rank=R&tail=N`: the log lines its
+//!   workers sent (`crate::job_logs`), oldest first, and `next`, the seq to read on from.
 //! - `POST /api/jobs/{id}/cancel`: cancels a job, as `smelt jobs cancel` does; the one request
 //!   that changes anything.
 //! - `GET /metrics`: the same state for Prometheus (`prometheus.rs`).
@@ -49,6 +51,7 @@ pub fn router(coord: Coordinator, db_path: PathBuf, auth: RequireToken) -> Route
         .route("/api/overview", get(api::overview))
         .route("/api/jobs/{id}", get(api::job))
         .route("/api/jobs/{id}/metrics", get(api::metrics))
+        .route("/api/jobs/{id}/logs", get(api::logs))
         .route("/api/jobs/{id}/cancel", post(api::cancel))
         .route("/metrics", get(api::prometheus))
         .layer(middleware::from_fn(require_request_header))

@@ -1,0 +1,119 @@
+//! `smelt jobs logs ID`: the lines a job's workers logged (info and above, every rank, every
+//! attempt), as the coordinator keeps them; `--follow` polls for new lines until the job ends.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Result;
+use clap::Args;
+use smelt_proto::v1::{GetJobRequest, JobLogLine, JobLogsRequest};
+
+use crate::client::{connect, job_state, status, CoordinatorUrl};
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    pub id: String,
+    #[command(flatten)]
+    pub coordinator: CoordinatorUrl,
+    /// Keep printing new lines until the job ends.
+    #[arg(long, short)]
+    pub follow: bool,
+    /// Only this attempt's lines (1 is the first run; a restart is the next).
+    #[arg(long)]
+    pub attempt: Option<u32>,
+    /// Only this rank's lines.
+    #[arg(long)]
+    pub rank: Option<u32>,
+    /// Start with the last N lines instead of every line.
+    #[arg(long)]
+    pub tail: Option<u32>,
+    /// One JSON object per line (seq, attempt, rank, worker_id, at_ms, level, target, text).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How often `--follow` asks for new lines.
+const POLL: Duration = Duration::from_millis(500);
+
+pub async fn run(a: LogsArgs) -> Result<()> {
+    let mut client = connect(&a.coordinator.url).await?;
+    let request = |after: u64, tail: u32| JobLogsRequest { job_id: a.id.clone(), after, limit: 0, attempt: a.attempt, rank: a.rank, tail };
+    let mut after = 0;
+    if let Some(n) = a.tail {
+        let page = client.job_logs(request(0, n.max(1))).await.map_err(status)?.into_inner();
+        print_lines(&page.lines, a.json)?;
+        after = page.next;
+        if !a.follow {
+            return Ok(());
+        }
+    }
+    loop {
+        // the job's state before the read: a job that had ended by then has sent every line
+        // its workers delivered, so the read after it is the last one needed
+        let ended = a.follow && crate::cmd_submit::is_terminal(job_state(&client.get_job(GetJobRequest { job_id: a.id.clone() }).await.map_err(status)?.into_inner()));
+        let page = client.job_logs(request(after, 0)).await.map_err(status)?.into_inner();
+        print_lines(&page.lines, a.json)?;
+        let more = page.next != after && page.lines.len() as u32 >= smelt_coordinator::job_logs::MAX_READ;
+        after = page.next;
+        if more {
+            continue;
+        }
+        if !a.follow || ended {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn print_lines(lines: &[JobLogLine], json: bool) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for l in lines {
+        if json {
+            let v = serde_json::json!({
+                "seq": l.seq, "attempt": l.attempt, "rank": l.rank, "worker_id": l.worker_id,
+                "at_ms": l.at_ms, "level": l.level, "target": l.target, "text": l.text,
+            });
+            writeln!(out, "{v}")?;
+        } else {
+            writeln!(out, "{}", format_line(l))?;
+        }
+    }
+    Ok(())
+}
+
+/// `2026-11-28T07:31:43.532Z a1 r0 w-000001  INFO smelt_worker::runner: training started ...`
+pub fn format_line(l: &JobLogLine) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(l.at_ms.max(0) as u64);
+    format!(
+        "{} a{} r{} {} {:>5} {}: {}",
+        humantime::format_rfc3339_millis(at),
+        l.attempt,
+        l.rank,
+        l.worker_id,
+        l.level,
+        l.target,
+        l.text
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_line_reads_as_the_worker_logged_it_with_its_rank() {
+        let l = JobLogLine {
+            seq: 9,
+            attempt: 2,
+            rank: 1,
+            worker_id: "w-000003".into(),
+            at_ms: 1_795_851_103_532,
+            level: "WARN".into(),
+            target: "smelt_worker::agent".into(),
+            text: "assignment failed error=peer lost".into(),
+        };
+        // 1_795_851_103_532 ms after the epoch, independently: 20,785 days and 27,103.532 s
+        // (2026-11-28 is day 20,785 since 1970-01-01; 27,103 s is 07:31:43)
+        assert_eq!(format_line(&l), "2026-11-28T07:31:43.532Z a2 r1 w-000003  WARN smelt_worker::agent: assignment failed error=peer lost");
+    }
+}

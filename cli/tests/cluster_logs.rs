@@ -1,0 +1,103 @@
+//! A job's logs in one place, for real (a coordinator and two worker processes on loopback):
+//! every rank's lines reach the coordinator's database and `smelt jobs logs` prints them, by
+//! rank, attempt and tail, as JSON, and following a job prints its lines until it ends; a job
+//! that fails keeps the lines that say why.
+
+mod harness;
+
+use harness::Cluster;
+use smelt_proto::v1::JobState;
+
+fn spec(c: &Cluster, name: &str, lr: &str, steps: u64) -> String {
+    let text = c.dir.path().join("corpus.txt");
+    if !text.exists() {
+        std::fs::write(&text, "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n".repeat(40)).unwrap();
+    }
+    format!(
+        "name = {name:?}\nseed = 3\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
+         [train]\nsteps = {steps}\nglobal_batch = 8\nmicro_batch = 4\nseq_len = 16\nlr = {lr}\nwarmup_steps = 0\neval_interval = 10\neval_batches = 2\n\
+         [cluster]\nworld_size = 2\n[checkpoint]\nevery = 10\n",
+        text.to_str().unwrap()
+    )
+}
+
+/// `smelt jobs logs <args>`'s output, which must succeed.
+fn logs(c: &Cluster, args: &[&str]) -> String {
+    let mut all = vec!["jobs", "logs"];
+    all.extend_from_slice(args);
+    let (ok, out) = c.smelt(&all);
+    assert!(ok, "smelt {all:?} failed: {out}\n{}", c.logs());
+    out
+}
+
+/// The lines of `out` (in `format_line`'s form) of `rank` whose text holds `what`.
+fn lines_of<'a>(out: &'a str, rank: u32, what: &str) -> Vec<&'a str> {
+    out.lines().filter(|l| l.contains(&format!(" a1 r{rank} ")) && l.contains(what)).collect()
+}
+
+#[test]
+fn every_ranks_lines_reach_the_coordinator_and_smelt_jobs_logs_prints_them() {
+    let c = Cluster::with_workers(2);
+    let job = c.submit(&spec(&c, "logged", "3e-3", 30), "");
+    // following prints lines as they come and returns once the job has ended
+    let followed = logs(&c, &[&job.id, "--follow"]);
+    assert_eq!(c.job(&job.id).state, JobState::Succeeded as i32, "{}", c.logs());
+    for rank in [0, 1] {
+        assert_eq!(lines_of(&followed, rank, "assignment received").len(), 1, "rank {rank}'s first line:\n{followed}");
+        assert_eq!(lines_of(&followed, rank, "training started").len(), 1, "rank {rank}:\n{followed}");
+        assert_eq!(lines_of(&followed, rank, "assignment finished").len(), 1, "rank {rank}'s last line:\n{followed}");
+    }
+    // rank 0's own lines: the checkpoints it committed, the evaluations, the final weights
+    assert!(!lines_of(&followed, 0, "final weights saved").is_empty(), "{followed}");
+    assert!(lines_of(&followed, 1, "final weights saved").is_empty(), "{followed}");
+    assert!(!lines_of(&followed, 0, "checkpoint reported").is_empty(), "{followed}");
+    assert!(followed.lines().any(|l| l.contains(" INFO smelt_worker::") && l.contains("job_id=") && l.contains(&job.id)), "{followed}");
+
+    // once ended, a plain read gives the same lines (the follow missed none)
+    let all = logs(&c, &[&job.id]);
+    assert_eq!(all, followed);
+    let rank1 = logs(&c, &[&job.id, "--rank", "1"]);
+    assert!(!rank1.is_empty() && rank1.lines().all(|l| l.contains(" a1 r1 ")), "{rank1}");
+    assert_eq!(rank1.lines().count(), all.lines().filter(|l| l.contains(" a1 r1 ")).count());
+    let tail = logs(&c, &[&job.id, "--tail", "3"]);
+    assert_eq!(tail.lines().collect::<Vec<_>>(), all.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>());
+    assert!(logs(&c, &[&job.id, "--attempt", "2"]).is_empty());
+
+    // JSON lines, in increasing seq, with the worker that sent each
+    let json = logs(&c, &[&job.id, "--json"]);
+    let rows: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), all.lines().count());
+    assert!(rows.windows(2).all(|w| w[0]["seq"].as_u64() < w[1]["seq"].as_u64()));
+    let workers: std::collections::BTreeSet<&str> = rows.iter().map(|r| r["worker_id"].as_str().unwrap()).collect();
+    assert_eq!(workers.len(), 2, "{workers:?}");
+
+    // the dashboard's API serves the same lines
+    let (status, body) = c.http_get(&format!("/api/jobs/{}/logs?rank=0&tail=5", job.id));
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let texts: Vec<&str> = page["lines"].as_array().unwrap().iter().map(|l| l["text"].as_str().unwrap()).collect();
+    assert_eq!(texts.len(), 5);
+    assert!(texts.last().unwrap().contains("assignment finished"), "{texts:?}");
+
+    // an unknown job is an error naming it
+    let (ok, out) = c.smelt(&["jobs", "logs", "job-999999"]);
+    assert!(!ok && out.contains("job-999999"), "{out}");
+    let (status, _) = c.http_get("/api/jobs/job-999999/logs");
+    assert_eq!(status, 404);
+}
+
+#[test]
+fn a_failed_jobs_logs_say_why_on_every_rank() {
+    let c = Cluster::with_workers(2);
+    // a learning rate that makes the loss diverge: the job fails with a non-finite loss
+    let job = c.submit(&spec(&c, "diverges", "1e30", 200), "");
+    let (state, _) = c.follow(&job.id);
+    assert_eq!(state, JobState::Failed, "{}", c.logs());
+    let error = c.job(&job.id).error;
+    let out = logs(&c, &[&job.id]);
+    for rank in [0, 1] {
+        let failed = lines_of(&out, rank, "assignment failed");
+        assert_eq!(failed.len(), 1, "rank {rank}:\n{out}\njob error: {error}");
+        assert!(failed[0].contains(" WARN ") && failed[0].contains("not finite"), "{}", failed[0]);
+    }
+}

@@ -1,0 +1,226 @@
+//! A worker's log lines while it runs a job's rank, kept for the coordinator: a `tracing` layer
+//! beside the worker's own log output that copies every event at info and above, from every
+//! thread of the process (the training thread, the checkpoint uploader, the gradient ring), while
+//! an assignment runs. The agent sends them up the heartbeat stream (`LogBatch`), where the
+//! coordinator stores them with the job (`smelt jobs logs`).
+//!
+//! Each line is tagged with the run it was logged in as it is logged, so lines of a run that
+//! ended are never sent as the next one's. The buffer is bounded: while the coordinator is
+//! unreachable the oldest lines go, and the next batch says how many.
+
+use std::collections::VecDeque;
+use std::fmt::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use smelt_proto::v1::{Assignment, LogBatch, LogLine};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::Layer;
+
+/// Lines held at most (about 2 MB of typical lines).
+pub const MAX_BUFFERED: usize = 10_000;
+
+/// Targets whose info lines are transport noise, not the run's story.
+const QUIET_TARGETS: [&str; 4] = ["h2", "hyper", "tower", "tonic"];
+
+/// The run a line belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct RunKey {
+    job_id: String,
+    attempt: u32,
+    rank: u32,
+}
+
+#[derive(Default, Debug)]
+struct Inner {
+    run: Option<Arc<RunKey>>,
+    lines: VecDeque<(Arc<RunKey>, LogLine)>,
+    /// Lines dropped for a full buffer, by run, oldest first (sent before that run's next lines).
+    dropped: Vec<(Arc<RunKey>, u64)>,
+}
+
+/// The layer and the agent's handle on it (cheap to clone: one shared buffer).
+#[derive(Clone, Debug, Default)]
+pub struct LogCapture {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl LogCapture {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// From now on, lines belong to `a`'s run.
+    pub fn begin(&self, a: &Assignment) {
+        let key = RunKey { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank };
+        self.lock().run = Some(Arc::new(key));
+    }
+
+    /// No run: lines are no longer kept (those kept are still sent).
+    pub fn end(&self) {
+        self.lock().run = None;
+    }
+
+    /// Every line kept so far, as one batch per run in the order logged.
+    pub fn drain(&self) -> Vec<LogBatch> {
+        let (lines, dropped) = {
+            let mut g = self.lock();
+            (std::mem::take(&mut g.lines), std::mem::take(&mut g.dropped))
+        };
+        let mut out: Vec<LogBatch> = Vec::new();
+        let mut dropped: VecDeque<(Arc<RunKey>, u64)> = dropped.into();
+        let batch_of = |k: &RunKey, dropped: u64| LogBatch { job_id: k.job_id.clone(), attempt: k.attempt, rank: k.rank, lines: Vec::new(), dropped };
+        for (key, line) in lines {
+            let same = out.last().is_some_and(|b| b.job_id == key.job_id && b.attempt == key.attempt && b.rank == key.rank);
+            if !same {
+                let n = match dropped.front() {
+                    Some((k, n)) if **k == *key => {
+                        let n = *n;
+                        dropped.pop_front();
+                        n
+                    }
+                    _ => 0,
+                };
+                out.push(batch_of(&key, n));
+            }
+            out.last_mut().expect("pushed above").lines.push(line);
+        }
+        // drops with no line after them (every line of theirs went)
+        out.extend(dropped.into_iter().map(|(k, n)| batch_of(&k, n)));
+        out
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // a panic while holding the lock cannot leave the buffer inconsistent: keep going
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, line: LogLine) {
+        let mut g = self.lock();
+        let Some(key) = g.run.clone() else { return };
+        if g.lines.len() >= MAX_BUFFERED {
+            if let Some((old, _)) = g.lines.pop_front() {
+                match g.dropped.last_mut() {
+                    Some((k, n)) if *k == old => *n += 1,
+                    _ => g.dropped.push((old, 1)),
+                }
+            }
+        }
+        g.lines.push_back((key, line));
+    }
+}
+
+/// The event's message, then its other fields as `name=value`, as the worker's own log prints
+/// them (fmt's default format).
+#[derive(Default)]
+struct Text {
+    message: String,
+    fields: String,
+}
+
+impl Visit for Text {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            self.record_debug(field, &value);
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let _ = write!(self.fields, " {}={value:?}", field.name());
+        }
+    }
+}
+
+impl<S: Subscriber> Layer<S> for LogCapture {
+    fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
+        let meta = event.metadata();
+        // DEBUG and TRACE are "greater" than INFO
+        if *meta.level() > Level::INFO || QUIET_TARGETS.iter().any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::"))) {
+            return;
+        }
+        if self.lock().run.is_none() {
+            return;
+        }
+        let mut text = Text::default();
+        event.record(&mut text);
+        let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        self.push(LogLine { at_ms, level: meta.level().to_string(), target: meta.target().to_string(), text: text.message + &text.fields });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tracing::{debug, info, warn};
+    use tracing_subscriber::prelude::*;
+
+    fn assignment(job: &str, attempt: u32, rank: u32) -> Assignment {
+        Assignment { job_id: job.into(), attempt, rank, ..Default::default() }
+    }
+
+    fn texts(b: &LogBatch) -> Vec<&str> {
+        b.lines.iter().map(|l| l.text.as_str()).collect()
+    }
+
+    #[test]
+    fn lines_are_kept_only_during_a_run_and_tagged_with_it() {
+        let capture = LogCapture::new();
+        // as `smelt worker` installs it: one subscriber for every thread of the process
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(capture.clone()));
+        tracing::dispatcher::with_default(&dispatch, || {
+            info!("before any run");
+            capture.begin(&assignment("job-000001", 2, 1));
+            info!(step = 3, loss = 2.5, who = "rank one", "training started");
+            warn!(error = %"disk full", "checkpoint not written");
+            debug!("too fine to ship");
+            tracing::info!(target: "h2::proto", "transport noise");
+            // a line from another thread of the process belongs to the run too
+            std::thread::scope(|s| {
+                s.spawn(|| tracing::dispatcher::with_default(&dispatch, || info!("from the uploader thread")));
+            });
+            capture.end();
+            info!("between runs");
+            capture.begin(&assignment("job-000002", 1, 0));
+            info!("second run");
+        });
+        let batches = capture.drain();
+        assert_eq!(batches.len(), 2, "{batches:?}");
+        let b = &batches[0];
+        assert_eq!((b.job_id.as_str(), b.attempt, b.rank, b.dropped), ("job-000001", 2, 1, 0));
+        assert_eq!(texts(b), ["training started step=3 loss=2.5 who=\"rank one\"", "checkpoint not written error=disk full", "from the uploader thread"]);
+        assert_eq!((b.lines[0].level.as_str(), b.lines[1].level.as_str()), ("INFO", "WARN"));
+        assert_eq!(b.lines[0].target, module_path!());
+        assert!(b.lines[0].at_ms > 1_700_000_000_000, "{}", b.lines[0].at_ms);
+        assert_eq!((batches[1].job_id.as_str(), texts(&batches[1])), ("job-000002", vec!["second run"]));
+        assert!(capture.drain().is_empty(), "drained lines are not sent twice");
+    }
+
+    #[test]
+    fn a_full_buffer_drops_the_oldest_and_says_how_many() {
+        let capture = LogCapture::new();
+        let subscriber = tracing_subscriber::registry().with(capture.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            capture.begin(&assignment("job-000001", 1, 0));
+            for i in 0..MAX_BUFFERED + 5 {
+                info!("line {i}");
+            }
+            capture.begin(&assignment("job-000001", 2, 0));
+            info!("attempt two");
+        });
+        let batches = capture.drain();
+        assert_eq!(batches.len(), 2);
+        // the first run lost its 6 oldest lines (one more went to make room for attempt two's)
+        assert_eq!(batches[0].dropped, 6);
+        assert_eq!(batches[0].lines.len(), MAX_BUFFERED - 1);
+        assert_eq!(batches[0].lines[0].text, "line 6");
+        assert_eq!(batches[0].lines.last().unwrap().text, format!("line {}", MAX_BUFFERED + 4));
+        assert_eq!((batches[1].attempt, batches[1].dropped, texts(&batches[1])), (2, 0, vec!["attempt two"]));
+    }
+}
