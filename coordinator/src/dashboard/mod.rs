@@ -1,6 +1,7 @@
 //! The dashboard: a web page served on the coordinator's own port (HTTP/1.1 beside the gRPC
 //! services, so a cluster has one address) with the workers, the jobs, each job's loss curves,
-//! events and checkpoints; and the JSON API the page reads, which scripts can use too.
+//! events, checkpoints and log lines (the last ones, then followed; by rank); and the JSON API
+//! the page reads, which scripts can use too.
 //!
 //! - `GET /`: the page (`page.html`, embedded; it holds no data, so it is served to anyone).
 //! - `GET /api/overview`: every job (without its spec) and every worker.
