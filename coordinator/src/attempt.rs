@@ -19,7 +19,7 @@ pub enum Fault<'a> {
 impl State {
     /// Sends Abort to every rank of the job's current attempt except `skip`, frees all of its
     /// workers (a lost one stays lost) and aborts its rendezvous.
-    fn release_gang(&mut self, job_id: &str, reason: &str, skip: Option<&str>, assignment_state: &str) {
+    pub(crate) fn release_gang(&mut self, job_id: &str, reason: &str, skip: Option<&str>, assignment_state: &str) {
         let Some(job) = self.jobs.get_mut(job_id) else { return };
         let attempt = job.row.attempt;
         let ranks = job.ranks.clone();
@@ -62,6 +62,8 @@ impl State {
             job.row.error.clear();
         }
         self.transition_or_log(job_id, JobState::Succeeded, format!("all {n} ranks finished at step {step}"));
+        // its workers are free: a job queued behind it starts now
+        self.schedule();
     }
 
     /// The current attempt failed: abort the other ranks, then restart from the latest
@@ -83,57 +85,21 @@ impl State {
             self.persist_assignment(job_id, attempt, rank as u32, culprit, culprit_state);
         }
         warn!(job_id = %job_id, attempt, worker_id = %culprit, cause = %cause, "attempt failed");
-        // A job that checkpoints (any model, pretraining or fine-tuning): rank 0, when it
-        // survives the fault and had not finished, saves a rescue checkpoint of its last
-        // completed step as it ends the attempt (waiting at most twice checkpoint.final_wait_s
-        // for uploads). The next attempt waits for it, that long and two lease timeouts at most,
-        // and rank 0's worker is not handed other work meanwhile.
-        let final_wait = smelt_jobspec::JobSpec::parse(&job.row.spec_toml)
-            .ok()
-            .filter(|s| s.checkpoint.every > 0)
-            .map(|s| Duration::from_secs(s.checkpoint.final_wait_s));
-        let rank0 = job.ranks.first().cloned().filter(|w| {
-            final_wait.is_some()
-                && w.as_str() != culprit
-                && !job.done.first().copied().unwrap_or(false)
-                && self.workers.get(w).is_some_and(|r| r.conn.is_some() && r.row.state != WorkerState::Lost)
-        });
+        let rank0 = self.rescuing_rank0(job_id, Some(culprit));
         self.release_gang(job_id, &format!("attempt {attempt} aborted: {cause}"), Some(culprit), "aborted");
-        let wind_down = final_wait.unwrap_or_default() * 2 + self.lease_timeout * 2;
-        let restarts = self.jobs.get(job_id).is_some_and(|j| j.row.restarts < j.row.max_restarts);
-        // only a job that restarts waits (a failed one has no next attempt to resume)
-        let survivors: Vec<(String, u32)> = rank0.filter(|_| restarts).into_iter().map(|w| (w, attempt)).collect();
-        for (w, _) in &survivors {
-            // still running the attempt: not schedulable until it reports it done (or is lost)
-            if let Some(r) = self.workers.get_mut(w) {
-                if r.row.state == WorkerState::Idle {
-                    r.row.state = WorkerState::Busy;
-                }
-            }
-        }
-        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        let Some(job) = self.jobs.get(job_id) else { return };
         if job.row.restarts < job.row.max_restarts {
-            job.winding_down = survivors;
-            job.wind_down_until = Some(Instant::now() + wind_down);
-            job.row.restarts += 1;
-            job.row.attempt += 1;
-            job.last_metrics = None;
-            if let Some((step, uri)) = &job.latest_checkpoint {
-                job.row.start_step = *step;
-                job.row.resume_from = uri.clone();
-            }
-            // Progress rolls back to where the next attempt starts.
-            job.row.last_step = job.row.start_step;
-            job.ranks.clear();
-            let (next, from) = (job.row.attempt, job.row.start_step);
-            let reason = if job.winding_down.is_empty() {
-                format!("{cause}; restarting attempt {next} from step {from}")
-            } else {
+            // only a job that restarts waits (a failed one has no next attempt to resume)
+            let (next, from, waits) = self.next_attempt(job_id, rank0, attempt, true);
+            let reason = if waits {
                 format!("{cause}; restarting attempt {next} once rank 0 ends it (from step {from}, or rank 0's rescue checkpoint)")
+            } else {
+                format!("{cause}; restarting attempt {next} from step {from}")
             };
             self.transition_or_log(job_id, JobState::Restarting, reason);
             self.schedule();
         } else {
+            let Some(job) = self.jobs.get_mut(job_id) else { return };
             let used = job.row.restarts;
             job.row.error = if job.row.max_restarts == 0 {
                 format!("{cause}; the job allows no restarts")
@@ -144,6 +110,54 @@ impl State {
             self.transition_or_log(job_id, JobState::Failed, reason);
             self.schedule();
         }
+    }
+
+    /// Rank 0's worker of `job_id`'s current attempt when it will save a rescue checkpoint as
+    /// the attempt ends: the job checkpoints (any model, pretraining or fine-tuning), and the
+    /// worker is connected, is not `culprit` and had not finished. With the longest the next
+    /// attempt waits for it: twice checkpoint.final_wait_s (its upload waits) and two leases.
+    pub(crate) fn rescuing_rank0(&self, job_id: &str, culprit: Option<&str>) -> Option<(String, Duration)> {
+        let job = self.jobs.get(job_id)?;
+        let final_wait = smelt_jobspec::JobSpec::parse(&job.row.spec_toml)
+            .ok()
+            .filter(|s| s.checkpoint.every > 0)
+            .map(|s| Duration::from_secs(s.checkpoint.final_wait_s))?;
+        let w = job.ranks.first()?;
+        let alive = self.workers.get(w).is_some_and(|r| r.conn.is_some() && r.row.state != WorkerState::Lost);
+        (Some(w.as_str()) != culprit && !job.done.first().copied().unwrap_or(false) && alive)
+            .then(|| (w.clone(), final_wait * 2 + self.lease_timeout * 2))
+    }
+
+    /// Sets up `job_id`'s next attempt after `attempt` ended (its gang released): from its
+    /// newest checkpoint, progress rolled back there, and, when `rank0` is rescuing, waiting for
+    /// it (its worker held Busy, not schedulable, until it reports the attempt done, is lost,
+    /// or the wait runs out). `restart`: counts against max_restarts (a failure; a preemption
+    /// does not). Returns (the next attempt, the step it starts from, whether it waits).
+    pub(crate) fn next_attempt(&mut self, job_id: &str, rank0: Option<(String, Duration)>, attempt: u32, restart: bool) -> (u32, u64, bool) {
+        if let Some((w, _)) = &rank0 {
+            if let Some(r) = self.workers.get_mut(w) {
+                if r.row.state == WorkerState::Idle {
+                    r.row.state = WorkerState::Busy;
+                }
+            }
+        }
+        let Some(job) = self.jobs.get_mut(job_id) else { return (0, 0, false) };
+        let waits = rank0.is_some();
+        job.wind_down_until = rank0.as_ref().map(|(_, wait)| Instant::now() + *wait);
+        job.winding_down = rank0.into_iter().map(|(w, _)| (w, attempt)).collect();
+        if restart {
+            job.row.restarts += 1;
+        }
+        job.row.attempt += 1;
+        job.last_metrics = None;
+        if let Some((step, uri)) = &job.latest_checkpoint {
+            job.row.start_step = *step;
+            job.row.resume_from = uri.clone();
+        }
+        // Progress rolls back to where the next attempt starts.
+        job.row.last_step = job.row.start_step;
+        job.ranks.clear();
+        (job.row.attempt, job.row.start_step, waits)
     }
 
     /// A failed attempt's rank `worker` finished it (or was lost): the job stops waiting for it,

@@ -25,6 +25,7 @@ mod job_service;
 pub mod json;
 mod jobs;
 mod lease;
+mod preemption;
 mod rendezvous;
 pub mod scheduler;
 mod schema;

@@ -6,6 +6,8 @@
 //! jobs behind it wait too, even ones that would fit (no backfill). This leaves workers idle
 //! while a big job collects its gang, but a big job is never starved by a stream of small ones.
 //! Device classes are independent queues: a CUDA job waiting never holds up CPU jobs.
+//! A head that does not fit may preempt running jobs of lower priority that checkpoint
+//! (`preemption.rs`).
 //!
 //! Ranks follow (hostname, device_index, worker id), so ranks on one host are neighbours.
 
@@ -101,6 +103,11 @@ impl State {
         let placements = plan(jobs, idle);
         for p in placements {
             self.place(p);
+        }
+        // a head that still does not fit may take lower-priority jobs' workers (preemption.rs);
+        // those that come free at once are placed now, the rest as their ranks end
+        if self.preempt_for_heads() {
+            self.schedule();
         }
     }
 

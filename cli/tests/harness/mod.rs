@@ -151,7 +151,7 @@ impl Cluster {
     pub fn follow(&self, id: &str) -> (JobState, Vec<StepMetrics>) {
         let mut c = self.client();
         let deadline = Instant::now() + Duration::from_secs(180);
-        self.rt.block_on(async {
+        let (ended, metrics) = self.rt.block_on(async {
             let mut stream = c.watch_job(WatchJobRequest { job_id: id.to_string() }).await.unwrap().into_inner();
             let mut metrics = Vec::new();
             loop {
@@ -165,14 +165,16 @@ impl Cluster {
                     Some(job_event::Body::State(s)) => {
                         let to = JobState::try_from(s.to).unwrap_or_default();
                         if matches!(to, JobState::Succeeded | JobState::Failed | JobState::Cancelled) {
-                            return (to, metrics);
+                            return (Some(to), metrics);
                         }
                     }
                     _ => {}
                 }
             }
-            (JobState::try_from(self.job(id).state).unwrap_or_default(), metrics)
-        })
+            (None, metrics)
+        });
+        // the stream ended or timed out: the job's state as it is now (outside the runtime)
+        (ended.unwrap_or_else(|| JobState::try_from(self.job(id).state).unwrap_or_default()), metrics)
     }
 
     pub fn workers_idle(&self) {

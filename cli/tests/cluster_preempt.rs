@@ -1,0 +1,88 @@
+//! Priority preemption, for real (a coordinator and two worker processes on loopback): a job of
+//! higher priority that does not fit takes the workers of a running lower-priority job that
+//! checkpoints; that job's rank 0 saves its last completed step as it stops, the high one runs,
+//! and the low one resumes from the saved step once the workers are free — using none of its
+//! restarts and ending with exactly the weights of an uninterrupted run. A job that does not
+//! checkpoint is never preempted: the high one waits for it.
+
+mod harness;
+
+use harness::Cluster;
+use smelt_proto::v1::JobState;
+
+fn spec(c: &Cluster, name: &str, priority: i32, steps: u64, checkpoint: bool) -> String {
+    let text = c.dir.path().join("corpus.txt");
+    if !text.exists() {
+        std::fs::write(&text, "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n".repeat(40)).unwrap();
+    }
+    format!(
+        "name = {name:?}\npriority = {priority}\nmax_restarts = 0\nseed = 11\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
+         [train]\nsteps = {steps}\nglobal_batch = 8\nmicro_batch = 4\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\neval_batches = 2\n\
+         [cluster]\nworld_size = 2\n{}",
+        text.to_str().unwrap(),
+        if checkpoint { "[checkpoint]\nevery = 100000\n" } else { "" }
+    )
+}
+
+/// (attempt, step, at_ms) of every step rank 0 reported.
+fn steps(c: &Cluster, job: &str) -> Vec<(u64, u64, i64)> {
+    let (status, body) = c.http_get(&format!("/api/jobs/{job}/metrics?max_points=20000"));
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["points"].as_array().unwrap().iter().map(|p| (p["attempt"].as_u64().unwrap(), p["step"].as_u64().unwrap(), p["at_ms"].as_i64().unwrap())).collect()
+}
+
+#[test]
+fn a_higher_priority_job_preempts_one_that_checkpoints_which_resumes_exactly() {
+    let c = Cluster::with_workers(2);
+    let low = c.submit(&spec(&c, "low", 0, 400, true), "");
+    c.wait_job(&low.id, "20 steps", |j| j.last_step >= 20);
+    let high = c.submit(&spec(&c, "high", 5, 30, false), "");
+    let (state, _) = c.follow(&high.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&high.id).error, c.logs());
+    let (state, _) = c.follow(&low.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&low.id).error, c.logs());
+
+    // preempted once, resumed once, no restart used (max_restarts = 0 would have failed it)
+    let done = c.job(&low.id);
+    assert_eq!((done.attempt, done.restarts), (2, 0), "{done:?}");
+    let events = c.events(&low.id).join("\n");
+    assert!(events.contains(&format!("preempted by {} (priority 5 > 0)", high.id)), "{events}");
+    let at = events
+        .lines()
+        .find_map(|l| l.split("rescue checkpoint at step ").nth(1))
+        .and_then(|rest| rest.split(':').next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("no rescue checkpoint event:\n{events}\n{}", c.logs()));
+    let low_steps = steps(&c, &low.id);
+    let first_of_2 = low_steps.iter().filter(|s| s.0 == 2).map(|s| s.1).min();
+    assert_eq!(first_of_2, Some(at + 1), "the preempted job did not resume after its rescued step");
+    // the high job ran between the low job's attempts
+    let high_steps = steps(&c, &high.id);
+    let last_of_1 = low_steps.iter().filter(|s| s.0 == 1).map(|s| s.2).max().unwrap();
+    let resumed = low_steps.iter().filter(|s| s.0 == 2).map(|s| s.2).min().unwrap();
+    assert!(high_steps.iter().all(|s| s.2 >= last_of_1 && s.2 <= resumed), "high {high_steps:?} not between low's attempts ({last_of_1}, {resumed})");
+    assert_eq!(high_steps.len(), 30);
+
+    // exact: the weights of the same job never preempted
+    let plain = c.submit(&spec(&c, "low", 0, 400, true), "");
+    let (state, _) = c.follow(&plain.id);
+    assert_eq!(state, JobState::Succeeded, "{}", c.logs());
+    assert!(c.weights_of(&low.id) == c.weights_of(&plain.id), "the preempted job's weights differ from an uninterrupted run's");
+}
+
+#[test]
+fn a_job_that_does_not_checkpoint_is_not_preempted_and_the_higher_one_waits() {
+    let c = Cluster::with_workers(2);
+    let low = c.submit(&spec(&c, "low-no-checkpoints", 0, 400, false), "");
+    c.wait_job(&low.id, "20 steps", |j| j.last_step >= 20);
+    let high = c.submit(&spec(&c, "high", 5, 30, false), "");
+    let (state, _) = c.follow(&high.id);
+    assert_eq!(state, JobState::Succeeded, "{}", c.logs());
+    let done = c.job(&low.id);
+    assert_eq!((done.state, done.attempt), (JobState::Succeeded as i32, 1), "{done:?}\n{}", c.events(&low.id).join("\n"));
+    assert!(!c.events(&low.id).join("\n").contains("preempted"));
+    let low_last = steps(&c, &low.id).iter().map(|s| s.2).max().unwrap();
+    let high_first = steps(&c, &high.id).iter().map(|s| s.2).min().unwrap();
+    assert!(high_first >= low_last, "the high job ran before the low one ended ({high_first} < {low_last})");
+}
