@@ -11,6 +11,11 @@ use harness::Cluster;
 use smelt_proto::v1::JobState;
 
 fn spec(c: &Cluster, name: &str, priority: i32, steps: u64, checkpoint: bool) -> String {
+    spec_with(c, name, priority, steps, checkpoint, "")
+}
+
+/// `cluster` goes into the `[cluster]` table.
+fn spec_with(c: &Cluster, name: &str, priority: i32, steps: u64, checkpoint: bool, cluster: &str) -> String {
     let text = c.dir.path().join("corpus.txt");
     if !text.exists() {
         std::fs::write(&text, "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n".repeat(40)).unwrap();
@@ -18,7 +23,7 @@ fn spec(c: &Cluster, name: &str, priority: i32, steps: u64, checkpoint: bool) ->
     format!(
         "name = {name:?}\npriority = {priority}\nmax_restarts = 0\nseed = 11\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
          [train]\nsteps = {steps}\nglobal_batch = 8\nmicro_batch = 4\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\neval_batches = 2\n\
-         [cluster]\nworld_size = 2\n{}",
+         [cluster]\nworld_size = 2\n{cluster}{}",
         text.to_str().unwrap(),
         if checkpoint { "[checkpoint]\nevery = 100000\n" } else { "" }
     )
@@ -71,18 +76,29 @@ fn a_higher_priority_job_preempts_one_that_checkpoints_which_resumes_exactly() {
     assert!(c.weights_of(&low.id) == c.weights_of(&plain.id), "the preempted job's weights differ from an uninterrupted run's");
 }
 
-#[test]
-fn a_job_that_does_not_checkpoint_is_not_preempted_and_the_higher_one_waits() {
-    let c = Cluster::with_workers(2);
-    let low = c.submit(&spec(&c, "low-no-checkpoints", 0, 400, false), "");
+/// `low` runs 20 steps, then a priority-5 job arrives: it must wait for `low` to end.
+fn the_higher_job_waits_for(c: &Cluster, low: &str) {
+    let low = c.submit(low, "");
     c.wait_job(&low.id, "20 steps", |j| j.last_step >= 20);
-    let high = c.submit(&spec(&c, "high", 5, 30, false), "");
+    let high = c.submit(&spec(c, "high", 5, 30, false), "");
     let (state, _) = c.follow(&high.id);
     assert_eq!(state, JobState::Succeeded, "{}", c.logs());
     let done = c.job(&low.id);
     assert_eq!((done.state, done.attempt), (JobState::Succeeded as i32, 1), "{done:?}\n{}", c.events(&low.id).join("\n"));
     assert!(!c.events(&low.id).join("\n").contains("preempted"));
-    let low_last = steps(&c, &low.id).iter().map(|s| s.2).max().unwrap();
-    let high_first = steps(&c, &high.id).iter().map(|s| s.2).min().unwrap();
+    let low_last = steps(c, &low.id).iter().map(|s| s.2).max().unwrap();
+    let high_first = steps(c, &high.id).iter().map(|s| s.2).min().unwrap();
     assert!(high_first >= low_last, "the high job ran before the low one ended ({high_first} < {low_last})");
+}
+
+#[test]
+fn a_job_that_does_not_checkpoint_is_not_preempted_and_the_higher_one_waits() {
+    let c = Cluster::with_workers(2);
+    the_higher_job_waits_for(&c, &spec(&c, "low-no-checkpoints", 0, 400, false));
+}
+
+#[test]
+fn a_job_that_says_it_is_not_preemptible_is_not_preempted() {
+    let c = Cluster::with_workers(2);
+    the_higher_job_waits_for(&c, &spec_with(&c, "low-not-preemptible", 0, 400, true, "preemptible = false\n"));
 }

@@ -1,6 +1,7 @@
 //! Priority preemption: when the job at the head of a device class's queue does not fit, running
 //! jobs of that class with a strictly lower priority give their workers back, if that makes it
-//! fit. Only jobs that checkpoint are preempted: their rank 0 saves its last completed step as
+//! fit. Only jobs that checkpoint (and whose spec does not say `[cluster] preemptible = false`)
+//! are preempted: their rank 0 saves its last completed step as
 //! the attempt ends (a rescue checkpoint), and the job waits in its queue to resume from it,
 //! losing the step in flight. A preemption is not a failure: it uses none of `max_restarts`.
 //!
@@ -26,8 +27,9 @@ pub struct Placed<'a> {
     pub seq: u64,
     /// Workers it would give back.
     pub workers: usize,
-    /// It checkpoints (else preempting it would lose its work: never chosen).
-    pub checkpoints: bool,
+    /// It checkpoints (else preempting it would lose its work) and its spec allows it
+    /// (`[cluster] preemptible`, true by default); never chosen otherwise.
+    pub preemptible: bool,
 }
 
 /// The jobs to preempt so that a head of `priority` needing `needed` workers fits, `available`
@@ -36,7 +38,7 @@ pub fn victims<'a>(priority: i32, needed: usize, available: usize, placed: &[Pla
     if needed <= available {
         return Vec::new();
     }
-    let mut candidates: Vec<&Placed> = placed.iter().filter(|p| p.checkpoints && p.priority < priority).collect();
+    let mut candidates: Vec<&Placed> = placed.iter().filter(|p| p.preemptible && p.priority < priority).collect();
     candidates.sort_by_key(|p| (p.priority, Reverse(p.created_at_ms), Reverse(p.seq)));
     let mut freed = available;
     let mut out = Vec::new();
@@ -85,7 +87,7 @@ impl State {
                     created_at_ms: j.row.created_at_ms,
                     seq: j.seq,
                     workers: j.ranks.len(),
-                    checkpoints: smelt_jobspec::JobSpec::parse(&j.row.spec_toml).is_ok_and(|s| s.checkpoint.every > 0),
+                    preemptible: smelt_jobspec::JobSpec::parse(&j.row.spec_toml).is_ok_and(|s| s.checkpoint.every > 0 && s.cluster.preemptible),
                 })
                 .collect();
             for v in victims(head.row.priority, head.row.world_size as usize, idle + returning, &placed) {
@@ -121,8 +123,8 @@ impl State {
 mod tests {
     use super::*;
 
-    fn placed(id: &str, priority: i32, created: i64, workers: usize, checkpoints: bool) -> Placed<'_> {
-        Placed { id, priority, created_at_ms: created, seq: created as u64, workers, checkpoints }
+    fn placed(id: &str, priority: i32, created: i64, workers: usize, preemptible: bool) -> Placed<'_> {
+        Placed { id, priority, created_at_ms: created, seq: created as u64, workers, preemptible }
     }
 
     #[test]
@@ -149,7 +151,7 @@ mod tests {
     }
 
     #[test]
-    fn a_job_that_does_not_checkpoint_is_never_preempted() {
+    fn a_job_that_is_not_preemptible_is_never_chosen() {
         let running = [placed("no-ckpt", 0, 9, 2, false), placed("ckpt", 1, 1, 2, true)];
         assert_eq!(victims(5, 2, 0, &running), ["ckpt"]);
         assert!(victims(5, 4, 0, &running).is_empty());

@@ -360,6 +360,10 @@ pub struct ClusterSpec {
     /// CPU workers 0, measured faster when every core computes: bench/NOTES.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grad_bucket_mb: Option<f64>,
+    /// Whether a job of higher priority that cannot start may preempt this one (it must also
+    /// checkpoint: rank 0 saves its last step and it resumes there later). false: never.
+    #[serde(default = "default_true")]
+    pub preemptible: bool,
 }
 
 /// `[checkpoint]`: when rank 0 checkpoints, how many it keeps, and where.
@@ -390,6 +394,10 @@ const MAX_GRAD_BUCKET_MB: f64 = 4096.0;
 fn default_keep_last() -> u32 {
     3
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_final_wait_s() -> u64 {
     600
 }
@@ -418,7 +426,7 @@ fn default_world_size() -> u32 {
 
 impl Default for ClusterSpec {
     fn default() -> Self {
-        ClusterSpec { world_size: 1, device: Device::Cpu, grad_bucket_mb: None }
+        ClusterSpec { world_size: 1, device: Device::Cpu, grad_bucket_mb: None, preemptible: true }
     }
 }
 
