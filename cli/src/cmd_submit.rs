@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use smelt_proto::v1::job_service_client::JobServiceClient;
-use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, SourceLoss, SubmitRequest, WatchJobRequest};
+use smelt_proto::v1::{job_event, GetJobRequest, Job, JobLogsRequest, JobState, SourceLoss, SubmitRequest, WatchJobRequest};
 use tonic::Code;
 
 use crate::client::{connect, exit_on_error, job_state, runtime, state_name, status, CoordinatorUrl};
@@ -155,6 +155,9 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
             Ok(())
         }
         s => {
+            if s == JobState::Failed {
+                last_log_lines(client, &j).await;
+            }
             let why = if j.error.is_empty() { "no reason recorded".to_string() } else { j.error.clone() };
             anyhow::bail!(
                 "job {} {}: {why}",
@@ -162,5 +165,23 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                 state_name(if is_terminal(job_state(&j)) { job_state(&j) } else { s })
             )
         }
+    }
+}
+
+/// Lines of the failed attempt's log shown when a followed job fails.
+const FAILED_TAIL: u32 = 12;
+
+/// The last lines its workers logged in the attempt that failed (nothing when there are none,
+/// or the coordinator cannot say).
+async fn last_log_lines(client: &mut JobServiceClient<smelt_proto::auth::AuthChannel>, j: &Job) {
+    let req = JobLogsRequest { job_id: j.id.clone(), after: 0, limit: 0, attempt: Some(j.attempt), rank: None, tail: FAILED_TAIL };
+    let Ok(page) = client.job_logs(req).await else { return };
+    let lines = page.into_inner().lines;
+    if lines.is_empty() {
+        return;
+    }
+    eprintln!("last lines its workers logged in attempt {} (all of them: smelt jobs logs {}):", j.attempt, j.id);
+    for l in &lines {
+        eprintln!("  {}", crate::cmd_job_logs::format_line(l));
     }
 }

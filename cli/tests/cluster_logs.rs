@@ -100,4 +100,10 @@ fn a_failed_jobs_logs_say_why_on_every_rank() {
         assert_eq!(failed.len(), 1, "rank {rank}:\n{out}\njob error: {error}");
         assert!(failed[0].contains(" WARN ") && failed[0].contains("not finite"), "{}", failed[0]);
     }
+    // following a job that fails shows its last lines after the reason
+    let (ok, followed) = c.smelt(&["jobs", "follow", &job.id]);
+    assert!(!ok, "{followed}");
+    let shown = followed.split_once(&format!("last lines its workers logged in attempt 1 (all of them: smelt jobs logs {})", job.id));
+    let (_, tail) = shown.unwrap_or_else(|| panic!("no log lines after the failure:\n{followed}"));
+    assert!(tail.lines().any(|l| l.contains("assignment failed") && l.contains("not finite")), "{followed}");
 }
