@@ -70,6 +70,7 @@ impl Coordinator {
             next_worker = next_worker.max(id_number(&row.id).unwrap_or(0) + 1);
             workers.insert(row.id.clone(), WorkerRec::new(row, now));
         }
+        let restored_workers = workers.len();
         let mut st = State {
             store: store.clone(),
             jobs,
@@ -81,6 +82,8 @@ impl Coordinator {
             heartbeat_interval,
             lease_timeout,
             shutting_down: false,
+            // a file with workers: they are on their way back
+            preempt_after: if restored_workers > 0 { now + lease_timeout } else { now },
         };
         st.reconcile_after_restore();
         let running = st.jobs.values().filter(|j| is_placed(j.row.state)).count();

@@ -77,6 +77,9 @@ pub async fn run_lease_checker(coord: Coordinator) {
             _ = tick.tick() => coord.with(|st| {
                 st.expire_leases(Instant::now());
                 st.end_overdue_wind_downs(Instant::now());
+                // every event that frees workers schedules; this also places what waited on a
+                // time (a restored coordinator's hold on preemption running out)
+                st.schedule();
             }),
             _ = stop.wait_for(|s| *s) => break,
         }

@@ -1,6 +1,6 @@
-//! Priority preemption: when the job at the head of a device class's queue does not fit, running
-//! jobs of that class with a strictly lower priority give their workers back, if that makes it
-//! fit. Only jobs that checkpoint (and whose spec does not say `[cluster] preemptible = false`)
+//! Priority preemption: when the job at the head of the CPU queue does not fit, running CPU jobs
+//! with a strictly lower priority give their workers back, if that makes it fit (GPU jobs are
+//! not preempted yet: see `preempt_for_heads`). Only jobs that checkpoint (and whose spec does not say `[cluster] preemptible = false`)
 //! are preempted: their rank 0 saves its last completed step as
 //! the attempt ends (a rescue checkpoint), and the job waits in its queue to resume from it,
 //! losing the step in flight. A preemption is not a failure: it uses none of `max_restarts`.
@@ -61,8 +61,16 @@ impl State {
     /// what makes it fit. Returns whether anything was preempted.
     pub(crate) fn preempt_for_heads(&mut self) -> bool {
         let now = Instant::now();
+        if now < self.preempt_after {
+            return false;
+        }
         let mut chosen: Vec<(String, String, i32)> = Vec::new();
-        for class in [DeviceClass::Cpu, DeviceClass::Cuda] {
+        // CPU jobs only: a GPU rank stopped by an abort is nearly always mid-step, its NCCL
+        // communicator aborted, and whether its weights can then be copied off the device for a
+        // rescue checkpoint has not been checked on a card (worker/src/checkpointing.rs,
+        // `failed_before_update`), so preempting it could cost every step since its last
+        // periodic checkpoint
+        for class in [DeviceClass::Cpu] {
             let head = self
                 .jobs
                 .values()
@@ -86,7 +94,12 @@ impl State {
                     priority: j.row.priority,
                     created_at_ms: j.row.created_at_ms,
                     seq: j.seq,
-                    workers: j.ranks.len(),
+                    // only the workers that will take work again (not draining, lost or gone)
+                    workers: j
+                        .ranks
+                        .iter()
+                        .filter(|w| self.workers.get(*w).is_some_and(|r| r.conn.is_some() && !r.draining && r.row.state != WorkerState::Lost))
+                        .count(),
                     preemptible: smelt_jobspec::JobSpec::parse(&j.row.spec_toml).is_ok_and(|s| s.checkpoint.every > 0 && s.cluster.preemptible),
                 })
                 .collect();

@@ -260,6 +260,9 @@ pub struct State {
     /// Set once shutdown starts: streams closing then are the coordinator's doing, not the
     /// workers', and change nothing (the workers re-attach to the next coordinator).
     pub shutting_down: bool,
+    /// No preemption before this: a restored coordinator's workers come back one by one, and
+    /// until their leases would have run out, one not yet back is not a worker missing.
+    pub preempt_after: std::time::Instant,
 }
 
 impl State {
