@@ -1,7 +1,8 @@
 //! `smelt jobs logs ID`: the lines a job's workers logged (info and above, every rank, every
-//! attempt), as the coordinator keeps them; `--follow` polls for new lines until the job ends.
+//! attempt), as the coordinator keeps them; `--follow` polls for new lines until the job ends
+//! (and a few seconds more, for its ranks' last words).
 
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::Result;
 use clap::Args;
@@ -34,6 +35,9 @@ pub struct LogsArgs {
 /// How often `--follow` asks for new lines.
 const POLL: Duration = Duration::from_millis(500);
 
+/// How long `--follow` reads on after the job has ended.
+const SETTLE: Duration = Duration::from_secs(3);
+
 pub async fn run(a: LogsArgs) -> Result<()> {
     let mut client = connect(&a.coordinator.url).await?;
     let request = |after: u64, tail: u32| JobLogsRequest { job_id: a.id.clone(), after, limit: 0, attempt: a.attempt, rank: a.rank, tail };
@@ -46,18 +50,24 @@ pub async fn run(a: LogsArgs) -> Result<()> {
             return Ok(());
         }
     }
+    // once the job has ended, its other ranks' last lines (an abort, a rescue checkpoint) may
+    // still be on their way: a follower reads on this long before it stops
+    let mut ended_at: Option<Instant> = None;
     loop {
-        // the job's state before the read: a job that had ended by then has sent every line
-        // its workers delivered, so the read after it is the last one needed
-        let ended = a.follow && crate::cmd_submit::is_terminal(job_state(&client.get_job(GetJobRequest { job_id: a.id.clone() }).await.map_err(status)?.into_inner()));
+        // the job's state before the read: lines sent before its end are in that read
+        if a.follow && ended_at.is_none() {
+            let job = client.get_job(GetJobRequest { job_id: a.id.clone() }).await.map_err(status)?.into_inner();
+            if crate::cmd_submit::is_terminal(job_state(&job)) {
+                ended_at = Some(Instant::now());
+            }
+        }
         let page = client.job_logs(request(after, 0)).await.map_err(status)?.into_inner();
         print_lines(&page.lines, a.json)?;
-        let more = page.next != after && page.lines.len() as u32 >= smelt_coordinator::job_logs::MAX_READ;
         after = page.next;
-        if more {
+        if page.more {
             continue;
         }
-        if !a.follow || ended {
+        if !a.follow || ended_at.is_some_and(|t| t.elapsed() >= SETTLE) {
             return Ok(());
         }
         tokio::time::sleep(POLL).await;

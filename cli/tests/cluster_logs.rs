@@ -94,7 +94,16 @@ fn a_failed_jobs_logs_say_why_on_every_rank() {
     let (state, _) = c.follow(&job.id);
     assert_eq!(state, JobState::Failed, "{}", c.logs());
     let error = c.job(&job.id).error;
-    let out = logs(&c, &[&job.id]);
+    // the rank that failed first sent its lines before its Done; the other one ends when the
+    // abort reaches it, after the job has failed: wait for its lines too
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let out = loop {
+        let out = logs(&c, &[&job.id]);
+        if [0, 1].iter().all(|&r| !lines_of(&out, r, "assignment failed").is_empty()) || std::time::Instant::now() > deadline {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     for rank in [0, 1] {
         let failed = lines_of(&out, rank, "assignment failed");
         assert_eq!(failed.len(), 1, "rank {rank}:\n{out}\njob error: {error}");

@@ -20,6 +20,9 @@ pub const MAX_LINES_PER_JOB: u64 = 200_000;
 /// Most lines one read returns.
 pub const MAX_READ: u32 = 5_000;
 
+/// Most bytes of text one read returns (a gRPC answer must stay under 4 MiB).
+pub const MAX_READ_BYTES: usize = 2 * 1024 * 1024;
+
 /// Longest text kept of one line (a pathological line must not bloat the file).
 const MAX_TEXT: usize = 16 * 1024;
 
@@ -101,6 +104,12 @@ pub struct LineCounts {
 }
 
 impl LineCounts {
+    /// After a transaction that did not commit: the counts may be ahead of the file, so every
+    /// job is counted again from the file on its next write.
+    pub fn forget(&mut self) {
+        self.counts.clear();
+    }
+
     /// Another cap than [`MAX_LINES_PER_JOB`] (tests).
     pub fn with_cap(cap: u64) -> Self {
         LineCounts { counts: HashMap::new(), cap: Some(cap) }
@@ -152,6 +161,8 @@ pub struct LogPage {
     pub lines: Vec<LogRow>,
     /// The last line's seq (`after` when none): where the next read starts.
     pub next: u64,
+    /// More lines matched than this page holds (its line or byte limit): read on from `next`.
+    pub more: bool,
 }
 
 /// A job's lines, oldest first, from the file read-only (beside the writer, in WAL mode; the
@@ -167,8 +178,9 @@ pub fn read(db: &Path, job_id: &str, q: &LogQuery) -> rusqlite::Result<LogPage> 
          WHERE job_id = ?1 AND seq > ?2 AND (?3 IS NULL OR attempt = ?3) AND (?4 IS NULL OR rank = ?4)
          ORDER BY seq {order} LIMIT ?5"
     ))?;
-    let mut lines = st
-        .query_map(params![job_id, q.after as i64, q.attempt, q.rank, limit], |r| {
+    // one more than the limit: whether more lines match
+    let rows = st
+        .query_map(params![job_id, q.after as i64, q.attempt, q.rank, limit + 1], |r| {
             Ok(LogRow {
                 seq: r.get::<_, i64>(0)? as u64,
                 job_id: job_id.to_string(),
@@ -180,13 +192,24 @@ pub fn read(db: &Path, job_id: &str, q: &LogQuery) -> rusqlite::Result<LogPage> 
                 target: r.get(6)?,
                 text: r.get(7)?,
             })
-        })?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        })?;
+    let (mut lines, mut bytes, mut more) = (Vec::new(), 0usize, false);
+    for r in rows {
+        let r = r?;
+        bytes += r.text.len() + r.target.len() + r.worker_id.len() + 64;
+        // the first line always fits (one line is at most 16 KiB)
+        if lines.len() == limit as usize || (bytes > MAX_READ_BYTES && !lines.is_empty()) {
+            more = true;
+            break;
+        }
+        lines.push(r);
+    }
     if q.tail > 0 {
+        // the newest lines that fit, oldest first
         lines.reverse();
     }
     let next = lines.last().map_or(q.after, |l| l.seq);
-    Ok(LogPage { lines, next })
+    Ok(LogPage { lines, next, more })
 }
 
 #[cfg(test)]
@@ -277,6 +300,41 @@ mod tests {
         tx.commit().unwrap();
         let n: i64 = conn.query_row("SELECT COUNT(*) FROM job_logs WHERE job_id = 'job-000001'", [], |r| r.get(0)).unwrap();
         assert!((100..=110).contains(&(n as u64)), "{n}");
+    }
+
+    #[tokio::test]
+    async fn a_page_stays_under_its_byte_budget_and_says_there_is_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smelt.db");
+        let (store, _) = Store::open(&path).unwrap();
+        let big = "y".repeat(15_000);
+        let texts: Vec<&str> = vec![big.as_str(); 400]; // about 6 MB
+        store.handle().write(Op::Logs(rows_of("w-1", batch("job-000001", 1, 0, &texts, 0), 0)));
+        store.handle().flush().await.unwrap();
+        let (mut after, mut total, mut pages) = (0, 0, 0);
+        loop {
+            let page = read(&path, "job-000001", &LogQuery { after, ..Default::default() }).unwrap();
+            let bytes: usize = page.lines.iter().map(|l| l.text.len()).sum();
+            assert!(bytes <= MAX_READ_BYTES, "{bytes}");
+            total += page.lines.len();
+            pages += 1;
+            after = page.next;
+            if !page.more {
+                break;
+            }
+        }
+        assert_eq!((total, pages), (400, 3));
+        // a tail under the budget: the newest that fit, in order, and more before them
+        let tail = read(&path, "job-000001", &LogQuery { tail: 400, ..Default::default() }).unwrap();
+        assert!(tail.more && tail.lines.len() < 400 && tail.lines.windows(2).all(|w| w[0].seq < w[1].seq));
+        let all = read(&path, "job-000001", &LogQuery { limit: 500, ..Default::default() }).unwrap();
+        assert_eq!(all.lines.len(), tail.lines.len(), "a first page and a tail hold as many lines");
+        // the line limit says more too
+        let two = read(&path, "job-000001", &LogQuery { limit: 2, ..Default::default() }).unwrap();
+        assert!(two.more && two.lines.len() == 2);
+        let last = read(&path, "job-000001", &LogQuery { after: tail.lines[tail.lines.len() - 2].seq, ..Default::default() }).unwrap();
+        assert!(!last.more && last.lines.len() == 1);
+        store.close();
     }
 
     #[test]

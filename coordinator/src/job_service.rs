@@ -121,6 +121,6 @@ impl JobService for JobSvc {
             .await
             .map_err(|e| Status::internal(format!("reading logs: {e}")))?
             .map_err(Status::internal)?;
-        Ok(Response::new(JobLogsResponse { lines: page.lines.iter().map(|l| l.to_proto()).collect(), next: page.next }))
+        Ok(Response::new(JobLogsResponse { lines: page.lines.iter().map(|l| l.to_proto()).collect(), next: page.next, more: page.more }))
     }
 }

@@ -535,6 +535,9 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
                     error!(error = %e, "store commit failed");
                     failure = Some(e.to_string());
                 }
+                if failure.is_some() {
+                    log_lines.forget();
+                }
             }
             Err(e) => {
                 error!(error = %e, "store transaction failed to start");

@@ -237,11 +237,18 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
 /// Tells the coordinator a checkpoint's manifest has landed; retried while it is unreachable
 /// (the checkpoint is safe in the store either way: a restart that misses it resumes from an
 /// earlier one).
-/// Sends the lines logged since the last call (one message per run); false when the stream is
-/// gone (the lines not sent are lost with it: a reconnect starts a new buffer).
+/// Sends the lines logged since the last call (a message per run, at most a megabyte each);
+/// false when the stream is gone (the lines not sent wait for the next one).
 async fn send_logs(logs: &LogCapture, up: &mpsc::Sender<WorkerMessage>, msg: &impl Fn(Up) -> WorkerMessage) -> bool {
-    for batch in logs.drain() {
-        if up.send(msg(Up::Logs(batch))).await.is_err() {
+    let mut batches = logs.drain().into_iter();
+    while let Some(batch) = batches.next() {
+        if let Err(unsent) = up.send(msg(Up::Logs(batch))).await {
+            // the stream is gone: keep them for the next one
+            let first = match unsent.0.body {
+                Some(Up::Logs(b)) => Some(b),
+                _ => None,
+            };
+            logs.requeue(first.into_iter().chain(batches).collect());
             return false;
         }
     }

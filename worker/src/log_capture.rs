@@ -25,6 +25,30 @@ pub const MAX_BUFFERED: usize = 10_000;
 /// Targets whose info lines are transport noise, not the run's story.
 const QUIET_TARGETS: [&str; 4] = ["h2", "hyper", "tower", "tonic"];
 
+/// Longest text kept of one line (the coordinator keeps no more either).
+pub const MAX_LINE: usize = 16 * 1024;
+
+/// Bytes of text per batch at most (well under gRPC's 4 MiB message limit), so a buffer full
+/// of long lines goes up as several messages.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+
+fn quiet(target: &str) -> bool {
+    QUIET_TARGETS.iter().any(|t| target.strip_prefix(t).is_some_and(|rest| rest.is_empty() || rest.starts_with("::")))
+}
+
+/// `text` cut to at most [`MAX_LINE`] bytes, at a character boundary.
+fn cut(mut text: String) -> String {
+    if text.len() > MAX_LINE {
+        let mut at = MAX_LINE;
+        while !text.is_char_boundary(at) {
+            at -= 1;
+        }
+        text.truncate(at);
+        text.push_str(" [truncated]");
+    }
+    text
+}
+
 /// The run a line belongs to.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct RunKey {
@@ -72,8 +96,14 @@ impl LogCapture {
         let mut out: Vec<LogBatch> = Vec::new();
         let mut dropped: VecDeque<(Arc<RunKey>, u64)> = dropped.into();
         let batch_of = |k: &RunKey, dropped: u64| LogBatch { job_id: k.job_id.clone(), attempt: k.attempt, rank: k.rank, lines: Vec::new(), dropped };
+        let mut bytes = 0usize;
         for (key, line) in lines {
-            let same = out.last().is_some_and(|b| b.job_id == key.job_id && b.attempt == key.attempt && b.rank == key.rank);
+            let same = out.last().is_some_and(|b| b.job_id == key.job_id && b.attempt == key.attempt && b.rank == key.rank)
+                && bytes + line.text.len() + line.target.len() <= MAX_BATCH_BYTES;
+            if !same {
+                bytes = 0;
+            }
+            bytes += line.text.len() + line.target.len();
             if !same {
                 let n = match dropped.front() {
                     Some((k, n)) if **k == *key => {
@@ -90,6 +120,33 @@ impl LogCapture {
         // drops with no line after them (every line of theirs went)
         out.extend(dropped.into_iter().map(|(k, n)| batch_of(&k, n)));
         out
+    }
+
+    /// Puts batches that could not be sent back in front of what was kept since, so the next
+    /// connection sends them first.
+    pub fn requeue(&self, batches: Vec<LogBatch>) {
+        let mut g = self.lock();
+        let mut front: VecDeque<(Arc<RunKey>, LogLine)> = VecDeque::new();
+        let mut dropped = Vec::new();
+        for b in batches {
+            let key = Arc::new(RunKey { job_id: b.job_id, attempt: b.attempt, rank: b.rank });
+            if b.dropped > 0 {
+                dropped.push((key.clone(), b.dropped));
+            }
+            front.extend(b.lines.into_iter().map(|l| (key.clone(), l)));
+        }
+        dropped.append(&mut g.dropped);
+        g.dropped = dropped;
+        front.append(&mut g.lines);
+        // still bounded: the oldest go first, counted
+        while front.len() > MAX_BUFFERED {
+            let (old, _) = front.pop_front().expect("longer than the bound");
+            match g.dropped.iter_mut().find(|(k, _)| *k == old) {
+                Some((_, n)) => *n += 1,
+                None => g.dropped.insert(0, (old, 1)),
+            }
+        }
+        g.lines = front;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -142,16 +199,13 @@ impl<S: Subscriber> Layer<S> for LogCapture {
     fn on_event(&self, event: &Event<'_>, _ctx: Context<'_, S>) {
         let meta = event.metadata();
         // DEBUG and TRACE are "greater" than INFO
-        if *meta.level() > Level::INFO || QUIET_TARGETS.iter().any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::"))) {
-            return;
-        }
-        if self.lock().run.is_none() {
+        if *meta.level() > Level::INFO || quiet(meta.target()) || self.lock().run.is_none() {
             return;
         }
         let mut text = Text::default();
         event.record(&mut text);
         let at_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        self.push(LogLine { at_ms, level: meta.level().to_string(), target: meta.target().to_string(), text: text.message + &text.fields });
+        self.push(LogLine { at_ms, level: meta.level().to_string(), target: meta.target().to_string(), text: cut(text.message + &text.fields) });
     }
 }
 
@@ -200,6 +254,45 @@ mod tests {
         assert!(b.lines[0].at_ms > 1_700_000_000_000, "{}", b.lines[0].at_ms);
         assert_eq!((batches[1].job_id.as_str(), texts(&batches[1])), ("job-000002", vec!["second run"]));
         assert!(capture.drain().is_empty(), "drained lines are not sent twice");
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_batches_stay_under_a_megabyte() {
+        let capture = LogCapture::new();
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(capture.clone()));
+        tracing::dispatcher::with_default(&dispatch, || {
+            capture.begin(&assignment("job-000001", 1, 0));
+            let long = "x".repeat(100_000);
+            for _ in 0..200 {
+                info!("{long}");
+            }
+        });
+        let batches = capture.drain();
+        assert!(batches.len() >= 3, "{} batches", batches.len());
+        for b in &batches {
+            let bytes: usize = b.lines.iter().map(|l| l.text.len() + l.target.len()).sum();
+            assert!(bytes <= MAX_BATCH_BYTES, "{bytes}");
+            assert!(b.lines.iter().all(|l| l.text.len() <= MAX_LINE + 12 && l.text.ends_with(" [truncated]")));
+        }
+        assert_eq!(batches.iter().map(|b| b.lines.len()).sum::<usize>(), 200);
+    }
+
+    #[test]
+    fn batches_that_could_not_be_sent_go_first_next_time() {
+        let capture = LogCapture::new();
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(capture.clone()));
+        tracing::dispatcher::with_default(&dispatch, || {
+            capture.begin(&assignment("job-000001", 1, 0));
+            info!("first");
+            let unsent = capture.drain();
+            info!("second");
+            capture.requeue(unsent);
+        });
+        let batches = capture.drain();
+        assert_eq!(batches.len(), 1);
+        assert_eq!(texts(&batches[0]), ["first", "second"]);
+        assert_eq!(quiet("h2::codec"), true);
+        assert_eq!((quiet("h2"), quiet("h2o::model"), quiet("smelt_worker::agent")), (true, false, false));
     }
 
     #[test]
