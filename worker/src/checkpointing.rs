@@ -244,6 +244,16 @@ fn host_state_of<B: Backend>(trainer: &Trainer<B>) -> Result<HostState> {
     Ok(HostState { params, m, v, state: trainer.state() })
 }
 
+/// `host`, once its optimizer has taken `expected` steps: a rescue's copies must be those of
+/// the last completed step (the BERT/T5 and fine-tuning loops name the step themselves, so
+/// the optimizer's own count is what shows an update that was applied after all).
+pub fn optimizer_at(host: HostState, expected: u64) -> Result<HostState> {
+    match host.state.optimizer_steps == expected {
+        true => Ok(host),
+        false => Err(anyhow!("the optimizer has taken {} steps, not the {expected} of the last completed step", host.state.optimizer_steps)),
+    }
+}
+
 /// Whether a training step that failed with `e` left the weights and optimizer state as the
 /// step before it left them, readable now: its collective failed (a peer lost, the run
 /// aborted), which every step's collectives do before its update. On the CPU only: after an
@@ -387,13 +397,17 @@ impl Checkpointer {
     /// step `done` is already committed, when no step completed, when the copies cannot be
     /// taken or are of another step; an event says what was committed.
     pub fn rescue_with(mut self, done: u64, why: &str, events: &dyn Fn(RunEvent), take: &mut dyn FnMut() -> anyhow::Result<HostState>) {
+        // the whole rescue, the upload before it included, within what the coordinator waits
+        // for it (twice final_wait, and two leases to spare)
+        let until = Instant::now() + self.final_wait * 2;
+        let left = || until.saturating_duration_since(Instant::now());
         if done == 0 {
-            return self.finish(events);
+            return self.finish_within(left(), events);
         }
-        let (out, idle) = self.uploader.wait(self.final_wait);
+        let (out, idle) = self.uploader.wait(self.final_wait.min(left()));
         self.report(out, events);
         if !idle || self.last_committed == Some(done) {
-            return self.finish(events);
+            return self.finish_within(left(), events);
         }
         // as the run's last step: always due
         let mut of_step_done = || {
@@ -405,9 +419,9 @@ impl Checkpointer {
         };
         if let Err(e) = self.after_step_with(done, done, events, &mut of_step_done) {
             warn!(step = done, error = %format!("{e:#}"), "rescue checkpoint not taken");
-            return self.finish(events);
+            return self.finish_within(left(), events);
         }
-        let (out, _) = self.uploader.wait(self.final_wait);
+        let (out, _) = self.uploader.wait(left());
         self.report(out, events);
         if self.last_committed == Some(done) {
             info!(job_id = %self.template.job_id, step = done, why, "rescue checkpoint: the run ended early; its last completed step is committed");
@@ -417,15 +431,21 @@ impl Checkpointer {
                 text: format!("rescue checkpoint at step {done}: the run ended early ({why}), so its last completed step is committed"),
             }));
         }
-        self.finish(events)
+        self.finish_within(left(), events)
     }
 
     /// End of the run: waits (at most `final_wait`) for the last upload and reports it; an
     /// upload still running then (a store that is down or slow) is abandoned with an event
     /// saying so, and the run ends without that checkpoint.
-    pub fn finish(mut self, events: &dyn Fn(RunEvent)) {
+    pub fn finish(self, events: &dyn Fn(RunEvent)) {
+        let wait = self.final_wait;
+        self.finish_within(wait, events)
+    }
+
+    /// [`Self::finish`], waiting at most `wait`.
+    fn finish_within(mut self, wait: Duration, events: &dyn Fn(RunEvent)) {
         let (stall, n) = (self.stall, self.snapshots);
-        let (out, idle) = self.uploader.wait(self.final_wait);
+        let (out, idle) = self.uploader.wait(wait);
         self.report(out, events);
         if !idle {
             let step = self.uploader.in_flight().unwrap_or_default();
@@ -568,6 +588,19 @@ mod tests {
         assert!(e.contains("step-1 checkpoint") && e.contains("illegal memory access"), "{e}");
         c.finish(&|_| {});
         assert!(list_committed(&root).unwrap().is_empty(), "nothing may be committed from failed host copies");
+    }
+
+    #[test]
+    fn a_rescue_refuses_copies_whose_optimizer_is_not_at_the_last_completed_step() {
+        let host = |steps: u64| HostState {
+            params: vec![1.0],
+            m: vec![0.0],
+            v: vec![0.0],
+            state: TrainerState { step: 7, optimizer_steps: steps, data_rng: smelt_engine::rng::Rng::new(1) },
+        };
+        assert!(optimizer_at(host(7), 7).is_ok());
+        let e = optimizer_at(host(8), 7).err().expect("an update applied after all").to_string();
+        assert!(e.contains("8 steps") && e.contains("the 7 of the last completed step"), "{e}");
     }
 
     #[test]

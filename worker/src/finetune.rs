@@ -216,11 +216,16 @@ impl FinetuneJob {
         );
         let started = Instant::now();
         let (mut tokens, mut last_val) = (0usize, (None, None));
+        // one optimizer step per training step: a rescue at step s holds opt_start + s - start
+        let opt_start = st.opt_model.steps_done();
         for step in start..tc.steps {
             if let Some(reason) = stopped() {
                 // rank 0 saves the steps done since the last checkpoint before it goes
-                if let (Some((c, events)), true) = (checkpoints.take(), step > start) {
-                    c.rescue_with(step, &reason, events, &mut || st.host_state(step));
+                if let Some((c, events)) = checkpoints.take() {
+                    match step > start {
+                        true => c.rescue_with(step, &reason, events, &mut || checkpointing::optimizer_at(st.host_state(step)?, opt_start + step - start)),
+                        false => c.finish(events),
+                    }
                 }
                 bail!("stopped at step {step}: {reason}");
             }
@@ -231,8 +236,13 @@ impl FinetuneJob {
                 Ok(out) => out,
                 Err(e) => {
                     // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
-                    if let (true, Some((c, events))) = (step > start && checkpointing::failed_before_update(st.model.backend(), &e), checkpoints.take()) {
-                        c.rescue_with(step, &format!("{e:#}"), events, &mut || st.host_state(step));
+                    if let Some((c, events)) = checkpoints.take() {
+                        match step > start && checkpointing::failed_before_update(st.model.backend(), &e) {
+                            true => c.rescue_with(step, &format!("{e:#}"), events, &mut || {
+                                checkpointing::optimizer_at(st.host_state(step)?, opt_start + step - start)
+                            }),
+                            false => c.finish(events),
+                        }
                     }
                     return Err(e);
                 }

@@ -282,6 +282,8 @@ pub(crate) fn train<B: Backend>(
         0 => Checkpointer::new(a, spec, model_config.clone(), &job.tokenizer, &req.out_dir, lineage)?,
         _ => None,
     };
+    // one optimizer step per training step: a rescue at step s holds opt_start + s - start
+    let opt_start = opt.steps_done();
 
     let order = SampleOrder::new(job.task.n_train() as u64, spec.seed);
     let global = spec.train.global_batch as u64;
@@ -291,8 +293,11 @@ pub(crate) fn train<B: Backend>(
     for step in start..tc.steps {
         if let Some(reason) = control.stopped() {
             // rank 0 saves the steps done since the last checkpoint before it goes
-            if let (Some(c), true) = (checkpointer.take(), step > start) {
-                c.rescue_with(step, &reason, events, &mut || model.host_state(&opt, step, spec.seed));
+            if let Some(c) = checkpointer.take() {
+                match step > start {
+                    true => c.rescue_with(step, &reason, events, &mut || checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start)),
+                    false => c.finish(events),
+                }
             }
             bail!("stopped at step {step}: {reason}");
         }
@@ -303,8 +308,13 @@ pub(crate) fn train<B: Backend>(
             Ok(out) => out,
             Err(e) => {
                 // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
-                if let (true, Some(c)) = (step > start && checkpointing::failed_before_update(model.backend(), &e), checkpointer.take()) {
-                    c.rescue_with(step, &format!("{e:#}"), events, &mut || model.host_state(&opt, step, spec.seed));
+                if let Some(c) = checkpointer.take() {
+                    match step > start && checkpointing::failed_before_update(model.backend(), &e) {
+                        true => c.rescue_with(step, &format!("{e:#}"), events, &mut || {
+                            checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start)
+                        }),
+                        false => c.finish(events),
+                    }
                 }
                 return Err(e);
             }

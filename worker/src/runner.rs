@@ -299,8 +299,11 @@ pub(crate) fn train_gpt<B: Backend>(
     for step in start_step..tc.steps {
         if let Some(reason) = control.stopped() {
             // rank 0 saves the steps done since the last checkpoint before it goes
-            if let (Some(c), true) = (checkpointer.take(), step > start_step) {
-                c.rescue(step, &trainer, &reason, events);
+            if let Some(c) = checkpointer.take() {
+                match step > start_step {
+                    true => c.rescue(step, &trainer, &reason, events),
+                    false => c.finish(events),
+                }
             }
             return Err(anyhow!("stopped at step {step}: {reason}"));
         }
@@ -326,8 +329,11 @@ pub(crate) fn train_gpt<B: Backend>(
                 // a peer lost or the run stopped mid-step: the step's update was not applied,
                 // so rank 0 still holds step `step` whole, and saves it
                 let e = anyhow::Error::from(e);
-                if let (true, Some(c)) = (step > start_step && checkpointing::failed_before_update(trainer.model.backend(), &e), checkpointer.take()) {
-                    c.rescue(step, &trainer, &format!("{e:#}"), events);
+                if let Some(c) = checkpointer.take() {
+                    match step > start_step && checkpointing::failed_before_update(trainer.model.backend(), &e) {
+                        true => c.rescue(step, &trainer, &format!("{e:#}"), events),
+                        false => c.finish(events),
+                    }
                 }
                 return Err(e);
             }
