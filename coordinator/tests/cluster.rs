@@ -576,3 +576,65 @@ async fn a_failed_job_does_not_hold_its_rank0_worker() {
     assert_eq!(b.job_id, next.id);
     coord.stop().await;
 }
+
+/// Preemption with scripted workers: a job of equal priority never preempts; a priority-5 job
+/// of 3 ranks that does not fit preempts both priority-0 jobs (2 ranks each: one alone would not
+/// free enough), the youngest first; neither uses a restart; the high job is placed only once
+/// enough of their workers are back (rank 0s are held while they save their step); the
+/// preempted jobs then wait behind it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_higher_priority_job_preempts_only_lower_ones_and_waits_for_their_workers() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let ckpt = "\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n";
+    let old = submit(&mut jobs, &format!("{}{ckpt}", spec("low-old", 2, 0, 0))).await;
+    let young = submit(&mut jobs, &format!("{}{ckpt}", spec("low-young", 2, 0, 0))).await;
+    let mut ws = Vec::new();
+    for i in 0..4 {
+        ws.push(Worker::join(&coord.url, &format!("127.0.0.1:{}", 9700 + i)).await);
+    }
+    let mut assigned = Vec::new();
+    for w in ws.iter_mut() {
+        let a = within("an assignment", w.assignment()).await;
+        w.set_busy(&a);
+        assigned.push(a);
+    }
+    // an equal priority waits, preempting nothing
+    let same = submit(&mut jobs, &spec("same", 1, 0, 0)).await;
+    tokio::time::sleep(HEARTBEAT * 6).await;
+    assert_eq!(state(&get(&mut jobs, &same.id).await), JobState::Queued);
+    for j in [&old, &young] {
+        let j = get(&mut jobs, &j.id).await;
+        assert!(matches!(state(&j), JobState::Scheduled | JobState::Running) && j.attempt == 1, "{j:?}");
+    }
+
+    let high = submit(&mut jobs, &spec("high", 3, 5, 0)).await;
+    for j in [&old, &young] {
+        let j = wait_state(&mut jobs, &j.id, JobState::Restarting).await;
+        assert_eq!((j.attempt, j.restarts), (2, 0), "{j:?}");
+        let texts = event_texts(&mut jobs, &j.id).await.join("\n");
+        assert!(texts.contains(&format!("preempted by {} (priority 5 > 0)", high.id)), "{texts}");
+    }
+    // every rank is told; the rank 1s end at once, the rank 0s are saving their step
+    for (w, a) in ws.iter_mut().zip(&assigned) {
+        let abort = within("an abort", w.abort()).await;
+        assert!(abort.reason.contains("preempted by"), "{abort:?}");
+        if a.rank != 0 {
+            w.set_idle();
+            w.done(a, false, "aborted by the coordinator", 20).await;
+        }
+    }
+    tokio::time::sleep(HEARTBEAT * 6).await;
+    assert_eq!(state(&get(&mut jobs, &high.id).await), JobState::Queued, "placed on the two free workers while it needs three");
+    // one rank 0 done: three workers, the high job is placed
+    let i0 = (0..4).find(|&i| assigned[i].rank == 0).unwrap();
+    ws[i0].set_idle();
+    ws[i0].done(&assigned[i0], false, "aborted by the coordinator", 20).await;
+    wait_state(&mut jobs, &high.id, JobState::Scheduled).await;
+    // the preempted jobs (and the equal one) wait: one worker is left
+    for j in [&old, &young] {
+        assert_eq!(state(&get(&mut jobs, &j.id).await), JobState::Restarting);
+    }
+    coord.stop().await;
+}
