@@ -50,8 +50,9 @@ pub async fn run(a: LogsArgs) -> Result<()> {
             return Ok(());
         }
     }
-    // once the job has ended, its other ranks' last lines (an abort, a rescue checkpoint) may
-    // still be on their way: a follower reads on this long before it stops
+    // once the job has ended, its other ranks' last lines (their abort, their failure) may
+    // still be on their way: a follower reads on this long before it stops (a rank saving a
+    // rescue checkpoint can take longer; its lines are stored, and a later read shows them)
     let mut ended_at: Option<Instant> = None;
     loop {
         // the job's state before the read: lines sent before its end are in that read

@@ -38,7 +38,8 @@ pub fn victims<'a>(priority: i32, needed: usize, available: usize, placed: &[Pla
     if needed <= available {
         return Vec::new();
     }
-    let mut candidates: Vec<&Placed> = placed.iter().filter(|p| p.preemptible && p.priority < priority).collect();
+    // a job that would free no worker (its hosts draining or gone) is never worth stopping
+    let mut candidates: Vec<&Placed> = placed.iter().filter(|p| p.preemptible && p.priority < priority && p.workers > 0).collect();
     candidates.sort_by_key(|p| (p.priority, Reverse(p.created_at_ms), Reverse(p.seq)));
     let mut freed = available;
     let mut out = Vec::new();
@@ -78,12 +79,16 @@ impl State {
                 .min_by_key(|j| (Reverse(j.row.priority), j.row.created_at_ms, j.seq));
             // a head waiting for its own failed attempt's rank 0 waits for that, not for workers
             let Some(head) = head.filter(|h| !h.winding_down_at(now)) else { continue };
+            // a worker that will take work again: connected, not draining, not lost
+            let will_serve = |w: &str| self.workers.get(w).is_some_and(|r| r.conn.is_some() && !r.draining && r.row.state != WorkerState::Lost);
             let idle = self.workers.values().filter(|w| w.row.device_class == class && w.schedulable()).count();
             let returning = self
                 .jobs
                 .values()
                 .flat_map(|j| j.winding_down.iter())
-                .filter(|(w, _)| self.workers.get(w).is_some_and(|r| r.row.device_class == class && r.row.state == WorkerState::Busy && r.row.job_id.is_empty()))
+                .filter(|(w, _)| {
+                    will_serve(w) && self.workers.get(w).is_some_and(|r| r.row.device_class == class && r.row.state == WorkerState::Busy && r.row.job_id.is_empty())
+                })
                 .count();
             let placed: Vec<Placed> = self
                 .jobs
@@ -95,11 +100,7 @@ impl State {
                     created_at_ms: j.row.created_at_ms,
                     seq: j.seq,
                     // only the workers that will take work again (not draining, lost or gone)
-                    workers: j
-                        .ranks
-                        .iter()
-                        .filter(|w| self.workers.get(*w).is_some_and(|r| r.conn.is_some() && !r.draining && r.row.state != WorkerState::Lost))
-                        .count(),
+                    workers: j.ranks.iter().filter(|w| will_serve(w)).count(),
                     preemptible: smelt_jobspec::JobSpec::parse(&j.row.spec_toml).is_ok_and(|s| s.checkpoint.every > 0 && s.cluster.preemptible),
                 })
                 .collect();
@@ -161,6 +162,9 @@ mod tests {
         assert!(victims(7, 10, 1, &running).is_empty());
         // equal and higher priorities are never preempted
         assert!(victims(0, 2, 0, &running).is_empty());
+        // a job whose workers would not come back (draining, gone) frees nothing: skipped
+        let draining = [placed("young-draining", 0, 9, 0, true), placed("old", 0, 1, 2, true)];
+        assert_eq!(victims(7, 2, 0, &draining), ["old"]);
     }
 
     #[test]

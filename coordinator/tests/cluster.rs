@@ -579,7 +579,7 @@ async fn a_failed_job_does_not_hold_its_rank0_worker() {
 
 /// Preemption with scripted workers: a job of equal priority never preempts; a priority-5 job
 /// of 3 ranks that does not fit preempts both priority-0 jobs (2 ranks each: one alone would not
-/// free enough), the youngest first; neither uses a restart; the high job is placed only once
+/// free enough) and leaves a priority-1 job running; neither uses a restart; the high job is placed only once
 /// enough of their workers are back (rank 0s are held while they save their step); the
 /// preempted jobs then wait behind it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -590,8 +590,10 @@ async fn a_higher_priority_job_preempts_only_lower_ones_and_waits_for_their_work
     let ckpt = "\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n";
     let old = submit(&mut jobs, &format!("{}{ckpt}", spec("low-old", 2, 0, 0))).await;
     let young = submit(&mut jobs, &format!("{}{ckpt}", spec("low-young", 2, 0, 0))).await;
+    // priority 1: lower than the high job, but taking the two priority-0 jobs is enough
+    let tiny = submit(&mut jobs, &format!("{}{ckpt}", spec("tiny", 1, 1, 0))).await;
     let mut ws = Vec::new();
-    for i in 0..4 {
+    for i in 0..5 {
         ws.push(Worker::join(&coord.url, &format!("127.0.0.1:{}", 9700 + i)).await);
     }
     let mut assigned = Vec::new();
@@ -618,6 +620,9 @@ async fn a_higher_priority_job_preempts_only_lower_ones_and_waits_for_their_work
     }
     // every rank is told; the rank 1s end at once, the rank 0s are saving their step
     for (w, a) in ws.iter_mut().zip(&assigned) {
+        if a.job_id == tiny.id {
+            continue;
+        }
         let abort = within("an abort", w.abort()).await;
         assert!(abort.reason.contains("preempted by"), "{abort:?}");
         if a.rank != 0 {
@@ -628,7 +633,7 @@ async fn a_higher_priority_job_preempts_only_lower_ones_and_waits_for_their_work
     tokio::time::sleep(HEARTBEAT * 6).await;
     assert_eq!(state(&get(&mut jobs, &high.id).await), JobState::Queued, "placed on the two free workers while it needs three");
     // one rank 0 done: three workers, the high job is placed
-    let i0 = (0..4).find(|&i| assigned[i].rank == 0).unwrap();
+    let i0 = (0..5).find(|&i| assigned[i].rank == 0 && assigned[i].job_id != tiny.id).unwrap();
     ws[i0].set_idle();
     ws[i0].done(&assigned[i0], false, "aborted by the coordinator", 20).await;
     wait_state(&mut jobs, &high.id, JobState::Scheduled).await;
@@ -636,5 +641,8 @@ async fn a_higher_priority_job_preempts_only_lower_ones_and_waits_for_their_work
     for j in [&old, &young] {
         assert_eq!(state(&get(&mut jobs, &j.id).await), JobState::Restarting);
     }
+    // the priority-1 job was never needed
+    let t = get(&mut jobs, &tiny.id).await;
+    assert!(matches!(state(&t), JobState::Scheduled | JobState::Running) && t.attempt == 1, "{t:?}");
     coord.stop().await;
 }

@@ -22,6 +22,9 @@ use tracing_subscriber::Layer;
 /// Lines held at most (about 2 MB of typical lines).
 pub const MAX_BUFFERED: usize = 10_000;
 
+/// Bytes of text held at most (long lines fill it before the line count does).
+pub const MAX_BUFFERED_BYTES: usize = 8 * 1024 * 1024;
+
 /// Targets whose info lines are transport noise, not the run's story.
 const QUIET_TARGETS: [&str; 4] = ["h2", "hyper", "tower", "tonic"];
 
@@ -61,8 +64,29 @@ struct RunKey {
 struct Inner {
     run: Option<Arc<RunKey>>,
     lines: VecDeque<(Arc<RunKey>, LogLine)>,
+    /// Bytes of text and target in `lines`.
+    bytes: usize,
     /// Lines dropped for a full buffer, by run, oldest first (sent before that run's next lines).
     dropped: Vec<(Arc<RunKey>, u64)>,
+}
+
+/// What a line weighs against the byte bound.
+fn size(l: &LogLine) -> usize {
+    l.text.len() + l.target.len()
+}
+
+impl Inner {
+    /// Drops the oldest lines, counted, until the buffer is within its bounds.
+    fn bound(&mut self) {
+        while self.lines.len() > MAX_BUFFERED || (self.bytes > MAX_BUFFERED_BYTES && self.lines.len() > 1) {
+            let Some((old, line)) = self.lines.pop_front() else { break };
+            self.bytes -= size(&line);
+            match self.dropped.iter_mut().find(|(k, _)| *k == old) {
+                Some((_, n)) => *n += 1,
+                None => self.dropped.push((old, 1)),
+            }
+        }
+    }
 }
 
 /// The layer and the agent's handle on it (cheap to clone: one shared buffer).
@@ -91,6 +115,7 @@ impl LogCapture {
     pub fn drain(&self) -> Vec<LogBatch> {
         let (lines, dropped) = {
             let mut g = self.lock();
+            g.bytes = 0;
             (std::mem::take(&mut g.lines), std::mem::take(&mut g.dropped))
         };
         let mut out: Vec<LogBatch> = Vec::new();
@@ -138,15 +163,10 @@ impl LogCapture {
         dropped.append(&mut g.dropped);
         g.dropped = dropped;
         front.append(&mut g.lines);
-        // still bounded: the oldest go first, counted
-        while front.len() > MAX_BUFFERED {
-            let (old, _) = front.pop_front().expect("longer than the bound");
-            match g.dropped.iter_mut().find(|(k, _)| *k == old) {
-                Some((_, n)) => *n += 1,
-                None => g.dropped.insert(0, (old, 1)),
-            }
-        }
+        g.bytes = front.iter().map(|(_, l)| size(l)).sum();
         g.lines = front;
+        // still bounded: the oldest go first, counted
+        g.bound();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -157,15 +177,9 @@ impl LogCapture {
     fn push(&self, line: LogLine) {
         let mut g = self.lock();
         let Some(key) = g.run.clone() else { return };
-        if g.lines.len() >= MAX_BUFFERED {
-            if let Some((old, _)) = g.lines.pop_front() {
-                match g.dropped.last_mut() {
-                    Some((k, n)) if *k == old => *n += 1,
-                    _ => g.dropped.push((old, 1)),
-                }
-            }
-        }
+        g.bytes += size(&line);
         g.lines.push_back((key, line));
+        g.bound();
     }
 }
 
@@ -275,6 +289,24 @@ mod tests {
             assert!(b.lines.iter().all(|l| l.text.len() <= MAX_LINE + 12 && l.text.ends_with(" [truncated]")));
         }
         assert_eq!(batches.iter().map(|b| b.lines.len()).sum::<usize>(), 200);
+    }
+
+    #[test]
+    fn long_lines_fill_the_buffer_by_bytes() {
+        let capture = LogCapture::new();
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(capture.clone()));
+        tracing::dispatcher::with_default(&dispatch, || {
+            capture.begin(&assignment("job-000001", 1, 0));
+            let long = "z".repeat(MAX_LINE);
+            for _ in 0..1000 {
+                info!("{long}");
+            }
+        });
+        let batches = capture.drain();
+        let kept: usize = batches.iter().map(|b| b.lines.len()).sum();
+        let bytes: usize = batches.iter().flat_map(|b| &b.lines).map(size).sum();
+        assert!(bytes <= MAX_BUFFERED_BYTES && kept < 1000, "{kept} lines, {bytes} bytes");
+        assert_eq!(batches[0].dropped as usize + kept, 1000);
     }
 
     #[test]
