@@ -29,14 +29,6 @@ fn spec_with(c: &Cluster, name: &str, priority: i32, steps: u64, checkpoint: boo
     )
 }
 
-/// (attempt, step, at_ms) of every step rank 0 reported.
-fn steps(c: &Cluster, job: &str) -> Vec<(u64, u64, i64)> {
-    let (status, body) = c.http_get(&format!("/api/jobs/{job}/metrics?max_points=20000"));
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["points"].as_array().unwrap().iter().map(|p| (p["attempt"].as_u64().unwrap(), p["step"].as_u64().unwrap(), p["at_ms"].as_i64().unwrap())).collect()
-}
-
 #[test]
 fn a_higher_priority_job_preempts_one_that_checkpoints_which_resumes_exactly() {
     let c = Cluster::with_workers(2);
@@ -53,17 +45,12 @@ fn a_higher_priority_job_preempts_one_that_checkpoints_which_resumes_exactly() {
     assert_eq!((done.attempt, done.restarts), (2, 0), "{done:?}");
     let events = c.events(&low.id).join("\n");
     assert!(events.contains(&format!("preempted by {} (priority 5 > 0)", high.id)), "{events}");
-    let at = events
-        .lines()
-        .find_map(|l| l.split("rescue checkpoint at step ").nth(1))
-        .and_then(|rest| rest.split(':').next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no rescue checkpoint event:\n{events}\n{}", c.logs()));
-    let low_steps = steps(&c, &low.id);
+    let at = c.rescued_step(&low.id);
+    let low_steps = c.reported_steps(&low.id);
     let first_of_2 = low_steps.iter().filter(|s| s.0 == 2).map(|s| s.1).min();
     assert_eq!(first_of_2, Some(at + 1), "the preempted job did not resume after its rescued step");
     // the high job ran between the low job's attempts
-    let high_steps = steps(&c, &high.id);
+    let high_steps = c.reported_steps(&high.id);
     let last_of_1 = low_steps.iter().filter(|s| s.0 == 1).map(|s| s.2).max().unwrap();
     let resumed = low_steps.iter().filter(|s| s.0 == 2).map(|s| s.2).min().unwrap();
     assert!(high_steps.iter().all(|s| s.2 >= last_of_1 && s.2 <= resumed), "high {high_steps:?} not between low's attempts ({last_of_1}, {resumed})");
@@ -86,8 +73,8 @@ fn the_higher_job_waits_for(c: &Cluster, low: &str) {
     let done = c.job(&low.id);
     assert_eq!((done.state, done.attempt), (JobState::Succeeded as i32, 1), "{done:?}\n{}", c.events(&low.id).join("\n"));
     assert!(!c.events(&low.id).join("\n").contains("preempted"));
-    let low_last = steps(c, &low.id).iter().map(|s| s.2).max().unwrap();
-    let high_first = steps(c, &high.id).iter().map(|s| s.2).min().unwrap();
+    let low_last = c.reported_steps(&low.id).iter().map(|s| s.2).max().unwrap();
+    let high_first = c.reported_steps(&high.id).iter().map(|s| s.2).min().unwrap();
     assert!(high_first >= low_last, "the high job ran before the low one ended ({high_first} < {low_last})");
 }
 

@@ -72,19 +72,9 @@ fn rescued_job_matches_an_uninterrupted_one(c: &mut Cluster, spec: &dyn Fn(&Clus
     assert_eq!(done.restarts, 1, "{done:?}");
 
     // the event names the step saved, and the second attempt's first step is the one after it
-    let events = c.events(&job.id).join("\n");
-    let at = events
-        .lines()
-        .find_map(|l| l.split("rescue checkpoint at step ").nth(1))
-        .and_then(|rest| rest.split(':').next())
-        .and_then(|n| n.parse::<u64>().ok())
-        .unwrap_or_else(|| panic!("no rescue checkpoint event:\n{events}\n{}", c.logs()));
+    let at = c.rescued_step(&job.id);
     assert!((20..steps).contains(&at), "rescued at step {at}");
-    let (status, body) = c.http_get(&format!("/api/jobs/{}/metrics?max_points=20000", job.id));
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    let points = v["points"].as_array().or_else(|| v.as_array()).unwrap_or_else(|| panic!("metrics: {body}"));
-    let first_of_2 = points.iter().filter(|p| p["attempt"].as_u64() == Some(2)).filter_map(|p| p["step"].as_u64()).min();
+    let first_of_2 = c.reported_steps(&job.id).iter().filter(|s| s.0 == 2).map(|s| s.1).min();
     assert_eq!(first_of_2, Some(at + 1), "the restart did not resume at the rescued step");
 
     // the surviving rank 0's account of it is in the job's logs, under attempt 1

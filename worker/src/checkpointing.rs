@@ -238,7 +238,7 @@ pub struct HostState {
 }
 
 /// A pretraining trainer's [`HostState`] (on a GPU, device-to-host downloads, checked).
-fn host_state_of<B: Backend>(trainer: &Trainer<B>) -> Result<HostState> {
+pub fn host_state_of<B: Backend>(trainer: &Trainer<B>) -> Result<HostState> {
     let (m, v) = trainer.moments_host();
     let params = device_checked(trainer.model.backend(), trainer.model.params_host())?;
     Ok(HostState { params, m, v, state: trainer.state() })
@@ -384,9 +384,16 @@ impl Checkpointer {
         Ok(())
     }
 
-    /// A pretraining run about to end early: see [`Self::rescue_with`].
-    pub fn rescue<B: Backend>(self, done: u64, trainer: &Trainer<B>, why: &str, events: &dyn Fn(RunEvent)) {
-        self.rescue_with(done, why, events, &mut || host_state_of(trainer))
+    /// A run ending early at the top of step `step` (this run began at `start`): when `whole`
+    /// (its weights are still those of step `step`: it was stopped between steps, or the step's
+    /// collective failed before its update, see [`failed_before_update`]) and a step completed
+    /// in this run, a rescue checkpoint of it ([`Self::rescue_with`]); else the end of the run
+    /// ([`Self::finish`]: an upload in flight still lands and is reported).
+    pub fn end_early(self, step: u64, start: u64, whole: bool, why: &str, events: &dyn Fn(RunEvent), take: &mut dyn FnMut() -> anyhow::Result<HostState>) {
+        match whole && step > start {
+            true => self.rescue_with(step, why, events, take),
+            false => self.finish(events),
+        }
     }
 
     /// A run about to end early (a peer lost, the run stopped) after `done` completed steps, its

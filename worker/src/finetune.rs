@@ -222,10 +222,7 @@ impl FinetuneJob {
             if let Some(reason) = stopped() {
                 // rank 0 saves the steps done since the last checkpoint before it goes
                 if let Some((c, events)) = checkpoints.take() {
-                    match step > start {
-                        true => c.rescue_with(step, &reason, events, &mut || checkpointing::optimizer_at(st.host_state(step)?, opt_start + step - start)),
-                        false => c.finish(events),
-                    }
+                    c.end_early(step, start, true, &reason, events, &mut || checkpointing::optimizer_at(st.host_state(step)?, opt_start + step - start));
                 }
                 bail!("stopped at step {step}: {reason}");
             }
@@ -237,12 +234,8 @@ impl FinetuneJob {
                 Err(e) => {
                     // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
                     if let Some((c, events)) = checkpoints.take() {
-                        match step > start && checkpointing::failed_before_update(st.model.backend(), &e) {
-                            true => c.rescue_with(step, &format!("{e:#}"), events, &mut || {
-                                checkpointing::optimizer_at(st.host_state(step)?, opt_start + step - start)
-                            }),
-                            false => c.finish(events),
-                        }
+                        let whole = checkpointing::failed_before_update(st.model.backend(), &e);
+                        c.end_early(step, start, whole, &format!("{e:#}"), events, &mut || checkpointing::optimizer_at(st.host_state(step)?, opt_start + step - start));
                     }
                     return Err(e);
                 }

@@ -294,10 +294,7 @@ pub(crate) fn train<B: Backend>(
         if let Some(reason) = control.stopped() {
             // rank 0 saves the steps done since the last checkpoint before it goes
             if let Some(c) = checkpointer.take() {
-                match step > start {
-                    true => c.rescue_with(step, &reason, events, &mut || checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start)),
-                    false => c.finish(events),
-                }
+                c.end_early(step, start, true, &reason, events, &mut || checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start));
             }
             bail!("stopped at step {step}: {reason}");
         }
@@ -309,12 +306,8 @@ pub(crate) fn train<B: Backend>(
             Err(e) => {
                 // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
                 if let Some(c) = checkpointer.take() {
-                    match step > start && checkpointing::failed_before_update(model.backend(), &e) {
-                        true => c.rescue_with(step, &format!("{e:#}"), events, &mut || {
-                            checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start)
-                        }),
-                        false => c.finish(events),
-                    }
+                    let whole = checkpointing::failed_before_update(model.backend(), &e);
+                    c.end_early(step, start, whole, &format!("{e:#}"), events, &mut || checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start));
                 }
                 return Err(e);
             }

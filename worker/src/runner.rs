@@ -300,10 +300,7 @@ pub(crate) fn train_gpt<B: Backend>(
         if let Some(reason) = control.stopped() {
             // rank 0 saves the steps done since the last checkpoint before it goes
             if let Some(c) = checkpointer.take() {
-                match step > start_step {
-                    true => c.rescue(step, &trainer, &reason, events),
-                    false => c.finish(events),
-                }
+                c.end_early(step, start_step, true, &reason, events, &mut || checkpointing::host_state_of(&trainer));
             }
             return Err(anyhow!("stopped at step {step}: {reason}"));
         }
@@ -330,10 +327,8 @@ pub(crate) fn train_gpt<B: Backend>(
                 // so rank 0 still holds step `step` whole, and saves it
                 let e = anyhow::Error::from(e);
                 if let Some(c) = checkpointer.take() {
-                    match step > start_step && checkpointing::failed_before_update(trainer.model.backend(), &e) {
-                        true => c.rescue(step, &trainer, &format!("{e:#}"), events),
-                        false => c.finish(events),
-                    }
+                    let whole = checkpointing::failed_before_update(trainer.model.backend(), &e);
+                    c.end_early(step, start_step, whole, &format!("{e:#}"), events, &mut || checkpointing::host_state_of(&trainer));
                 }
                 return Err(e);
             }

@@ -238,6 +238,26 @@ impl Cluster {
         (status, String::from_utf8(out).expect("utf-8 body"))
     }
 
+    /// The step a "rescue checkpoint at step N: ..." event of `job` names.
+    pub fn rescued_step(&self, job: &str) -> u64 {
+        let events = self.events(job).join("\n");
+        events
+            .lines()
+            .find_map(|l| l.split("rescue checkpoint at step ").nth(1))
+            .and_then(|rest| rest.split(':').next())
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no rescue checkpoint event:\n{events}\n{}", self.logs()))
+    }
+
+    /// (attempt, step, at_ms) of every step rank 0 of `job` reported (the dashboard's API).
+    pub fn reported_steps(&self, job: &str) -> Vec<(u64, u64, i64)> {
+        let (status, body) = self.http_get(&format!("/api/jobs/{job}/metrics?max_points=20000"));
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let points = v["points"].as_array().unwrap_or_else(|| panic!("metrics: {body}"));
+        points.iter().map(|p| (p["attempt"].as_u64().unwrap(), p["step"].as_u64().unwrap(), p["at_ms"].as_i64().unwrap())).collect()
+    }
+
     /// `smelt <args>` against this cluster's coordinator: (success, stdout + stderr).
     pub fn smelt(&self, args: &[&str]) -> (bool, String) {
         let o = Command::new(env!("CARGO_BIN_EXE_smelt"))
