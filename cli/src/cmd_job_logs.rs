@@ -27,6 +27,9 @@ pub struct LogsArgs {
     /// Start with the last N lines instead of every line.
     #[arg(long)]
     pub tail: Option<u32>,
+    /// Only lines at this level or above: info (every line), warn or error.
+    #[arg(long, default_value = "info")]
+    pub level: String,
     /// One JSON object per line (seq, attempt, rank, worker_id, at_ms, level, target, text).
     #[arg(long)]
     pub json: bool,
@@ -40,7 +43,8 @@ const SETTLE: Duration = Duration::from_secs(3);
 
 pub async fn run(a: LogsArgs) -> Result<()> {
     let mut client = connect(&a.coordinator.url).await?;
-    let request = |after: u64, tail: u32| JobLogsRequest { job_id: a.id.clone(), after, limit: 0, attempt: a.attempt, rank: a.rank, tail };
+    let request =
+        |after: u64, tail: u32| JobLogsRequest { job_id: a.id.clone(), after, limit: 0, attempt: a.attempt, rank: a.rank, tail, min_level: a.level.clone() };
     let mut after = 0;
     if let Some(n) = a.tail {
         let page = client.job_logs(request(0, n.max(1))).await.map_err(status)?.into_inner();

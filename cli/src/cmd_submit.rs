@@ -174,7 +174,7 @@ const FAILED_TAIL: u32 = 12;
 /// The last lines its workers logged in the attempt that failed (nothing when there are none,
 /// or the coordinator cannot say).
 async fn last_log_lines(client: &mut JobServiceClient<smelt_proto::auth::AuthChannel>, j: &Job) {
-    let req = JobLogsRequest { job_id: j.id.clone(), after: 0, limit: 0, attempt: Some(j.attempt), rank: None, tail: FAILED_TAIL };
+    let req = JobLogsRequest { job_id: j.id.clone(), after: 0, limit: 0, attempt: Some(j.attempt), rank: None, tail: FAILED_TAIL, min_level: String::new() };
     let Ok(page) = client.job_logs(req).await else { return };
     let lines = page.into_inner().lines;
     if lines.is_empty() {

@@ -109,6 +109,14 @@ fn a_failed_jobs_logs_say_why_on_every_rank() {
         assert_eq!(failed.len(), 1, "rank {rank}:\n{out}\njob error: {error}");
         assert!(failed[0].contains(" WARN ") && failed[0].contains("not finite"), "{}", failed[0]);
     }
+    // only the warnings: each rank's failure and nothing at info
+    let warn = logs(&c, &[&job.id, "--level", "warn"]);
+    assert!(!warn.is_empty() && warn.lines().all(|l| l.contains(" WARN ") || l.contains(" ERROR ")), "{warn}");
+    for rank in [0, 1] {
+        assert_eq!(lines_of(&warn, rank, "assignment failed").len(), 1, "{warn}");
+    }
+    let (ok, bad) = c.smelt(&["jobs", "logs", &job.id, "--level", "debug"]);
+    assert!(!ok && bad.contains("info, warn or error"), "{bad}");
     // following a job that fails shows its last lines after the reason
     let (ok, followed) = c.smelt(&["jobs", "follow", &job.id]);
     assert!(!ok, "{followed}");

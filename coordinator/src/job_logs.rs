@@ -154,6 +154,29 @@ pub struct LogQuery {
     pub rank: Option<u32>,
     /// The last `tail` lines instead of the first after `after`.
     pub tail: u32,
+    /// Only lines at this level or above.
+    pub min_level: Level,
+}
+
+/// A stored line's level, ordered by severity.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    #[default]
+    Info = 1,
+    Warn = 2,
+    Error = 3,
+}
+
+impl std::str::FromStr for Level {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.to_ascii_lowercase().as_str() {
+            "" | "info" => Ok(Level::Info),
+            "warn" | "warning" => Ok(Level::Warn),
+            "error" => Ok(Level::Error),
+            other => Err(format!("log level {other:?}: info, warn or error")),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -176,11 +199,12 @@ pub fn read(db: &Path, job_id: &str, q: &LogQuery) -> rusqlite::Result<LogPage> 
     let mut st = conn.prepare(&format!(
         "SELECT seq, attempt, rank, worker_id, at_ms, level, target, text FROM job_logs
          WHERE job_id = ?1 AND seq > ?2 AND (?3 IS NULL OR attempt = ?3) AND (?4 IS NULL OR rank = ?4)
+           AND (CASE level WHEN 'ERROR' THEN 3 WHEN 'WARN' THEN 2 ELSE 1 END) >= ?6
          ORDER BY seq {order} LIMIT ?5"
     ))?;
     // one more than the limit: whether more lines match
     let rows = st
-        .query_map(params![job_id, q.after as i64, q.attempt, q.rank, limit + 1], |r| {
+        .query_map(params![job_id, q.after as i64, q.attempt, q.rank, limit + 1, q.min_level as i64], |r| {
             Ok(LogRow {
                 seq: r.get::<_, i64>(0)? as u64,
                 job_id: job_id.to_string(),
@@ -261,6 +285,13 @@ mod tests {
         assert_eq!(attempt2.lines.len(), 4);
         let tail = read(&path, "job-000001", &LogQuery { tail: 2, ..Default::default() }).unwrap();
         assert_eq!(texts(&tail), ["c1", "c2"]);
+        // by level: the dropped-lines notice is the one WARN line; nothing is ERROR
+        let warn = read(&path, "job-000001", &LogQuery { min_level: Level::Warn, ..Default::default() }).unwrap();
+        assert_eq!(warn.lines.len(), 1);
+        assert!(warn.lines[0].text.starts_with("3 log lines dropped"));
+        assert!(read(&path, "job-000001", &LogQuery { min_level: Level::Error, ..Default::default() }).unwrap().lines.is_empty());
+        assert_eq!(("WARN".parse::<Level>(), "".parse::<Level>()), (Ok(Level::Warn), Ok(Level::Info)));
+        assert!("debug".parse::<Level>().unwrap_err().contains("info, warn or error"));
         assert_eq!(texts(&read(&path, "job-000002", &LogQuery::default()).unwrap()), ["other job"]);
         assert!(read(&path, "job-000404", &LogQuery::default()).unwrap().lines.is_empty());
         store.close();

@@ -115,7 +115,8 @@ impl JobService for JobSvc {
         // every line received so far committed first: a job seen ended has all its ranks'
         // lines readable (each worker sends its last ones before its Done)
         self.coord.flush().await?;
-        let q = LogQuery { after: r.after, limit: r.limit, attempt: r.attempt, rank: r.rank, tail: r.tail };
+        let min_level = r.min_level.parse().map_err(|e: String| Status::invalid_argument(format!("min_level: {e}")))?;
+        let q = LogQuery { after: r.after, limit: r.limit, attempt: r.attempt, rank: r.rank, tail: r.tail, min_level };
         let db = self.db_path.clone();
         let page = tokio::task::spawn_blocking(move || job_logs::read(&db, &r.job_id, &q).map_err(|e| format!("reading logs from {}: {e}", db.display())))
             .await

@@ -99,6 +99,7 @@ pub(super) struct LogsQuery {
     attempt: Option<u32>,
     rank: Option<u32>,
     tail: Option<u32>,
+    level: Option<String>,
 }
 
 /// A job's log lines (`job_logs::read`): `{"lines": [...], "next": seq}`.
@@ -109,7 +110,11 @@ pub(super) async fn logs(State(d): State<Dashboard>, Path(id): Path<String>, Que
     if let Err(e) = d.coord.flush().await {
         return coord_error(e);
     }
-    let q = LogQuery { after: q.after.unwrap_or(0), limit: q.limit.unwrap_or(0), attempt: q.attempt, rank: q.rank, tail: q.tail.unwrap_or(0) };
+    let min_level = match q.level.as_deref().unwrap_or("").parse() {
+        Ok(l) => l,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("level: {e}")),
+    };
+    let q = LogQuery { after: q.after.unwrap_or(0), limit: q.limit.unwrap_or(0), attempt: q.attempt, rank: q.rank, tail: q.tail.unwrap_or(0), min_level };
     match read_history(&d, "logs", move |db| job_logs::read(db, &id, &q)).await {
         Ok(page) => Json(page).into_response(),
         Err(r) => r,

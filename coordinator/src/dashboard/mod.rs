@@ -7,7 +7,7 @@
 //! - `GET /api/overview`: every job (without its spec) and every worker.
 //! - `GET /api/jobs/{id}`: one job with its spec, events and recorded checkpoints.
 //! - `GET /api/jobs/{id}/metrics?max_points=N`: rank 0's step metrics from the SQLite file.
-//! - `GET /api/jobs/{id}/logs?after=SEQ&limit=N&attempt=A&rank=R&tail=N`: the log lines its
+//! - `GET /api/jobs/{id}/logs?after=SEQ&limit=N&attempt=A&rank=R&tail=N&level=warn`: the log lines its
 //!   workers sent (`crate::job_logs`), oldest first, and `next`, the seq to read on from.
 //! - `POST /api/jobs/{id}/cancel`: cancels a job, as `smelt jobs cancel` does; the one request
 //!   that changes anything.
