@@ -10,18 +10,21 @@ mod harness;
 use harness::Cluster;
 use smelt_proto::v1::JobState;
 
+const GPT: &str = "preset = \"test\"";
+const BERT: &str = "arch = \"bert\"\npreset = \"bert-test\"\nobjective = \"mlm+nsp\"";
+
 fn spec(c: &Cluster, name: &str, priority: i32, steps: u64, checkpoint: bool) -> String {
-    spec_with(c, name, priority, steps, checkpoint, "")
+    spec_with(c, name, priority, steps, checkpoint, "", GPT)
 }
 
-/// `cluster` goes into the `[cluster]` table.
-fn spec_with(c: &Cluster, name: &str, priority: i32, steps: u64, checkpoint: bool, cluster: &str) -> String {
+/// `cluster` goes into the `[cluster]` table, `model` is the `[model]` table.
+fn spec_with(c: &Cluster, name: &str, priority: i32, steps: u64, checkpoint: bool, cluster: &str, model: &str) -> String {
     let text = c.dir.path().join("corpus.txt");
     if !text.exists() {
         std::fs::write(&text, "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n".repeat(40)).unwrap();
     }
     format!(
-        "name = {name:?}\npriority = {priority}\nmax_restarts = 0\nseed = 11\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
+        "name = {name:?}\npriority = {priority}\nmax_restarts = 0\nseed = 11\n[model]\n{model}\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
          [train]\nsteps = {steps}\nglobal_batch = 8\nmicro_batch = 4\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\neval_batches = 2\n\
          [cluster]\nworld_size = 2\n{cluster}{}",
         text.to_str().unwrap(),
@@ -31,8 +34,20 @@ fn spec_with(c: &Cluster, name: &str, priority: i32, steps: u64, checkpoint: boo
 
 #[test]
 fn a_higher_priority_job_preempts_one_that_checkpoints_which_resumes_exactly() {
+    preempted_job_resumes_exactly(GPT);
+}
+
+#[test]
+fn a_preempted_bert_job_resumes_exactly_too() {
+    // the BERT/T5 training loop's own rescue when its run is stopped
+    preempted_job_resumes_exactly(BERT);
+}
+
+/// A low-priority job of `model` preempted after 20 steps by a priority-5 GPT job.
+fn preempted_job_resumes_exactly(model: &str) {
     let c = Cluster::with_workers(2);
-    let low = c.submit(&spec(&c, "low", 0, 400, true), "");
+    let low_spec = spec_with(&c, "low", 0, 400, true, "", model);
+    let low = c.submit(&low_spec, "");
     c.wait_job(&low.id, "20 steps", |j| j.last_step >= 20);
     let high = c.submit(&spec(&c, "high", 5, 30, false), "");
     let (state, _) = c.follow(&high.id);
@@ -57,7 +72,7 @@ fn a_higher_priority_job_preempts_one_that_checkpoints_which_resumes_exactly() {
     assert_eq!(high_steps.len(), 30);
 
     // exact: the weights of the same job never preempted
-    let plain = c.submit(&spec(&c, "low", 0, 400, true), "");
+    let plain = c.submit(&low_spec, "");
     let (state, _) = c.follow(&plain.id);
     assert_eq!(state, JobState::Succeeded, "{}", c.logs());
     assert!(c.weights_of(&low.id) == c.weights_of(&plain.id), "the preempted job's weights differ from an uninterrupted run's");
@@ -87,5 +102,5 @@ fn a_job_that_does_not_checkpoint_is_not_preempted_and_the_higher_one_waits() {
 #[test]
 fn a_job_that_says_it_is_not_preemptible_is_not_preempted() {
     let c = Cluster::with_workers(2);
-    the_higher_job_waits_for(&c, &spec_with(&c, "low-not-preemptible", 0, 400, true, "preemptible = false\n"));
+    the_higher_job_waits_for(&c, &spec_with(&c, "low-not-preemptible", 0, 400, true, "preemptible = false\n", GPT));
 }
