@@ -90,10 +90,15 @@ impl State {
                     will_serve(w) && self.workers.get(w).is_some_and(|r| r.row.device_class == class && r.row.state == WorkerState::Busy && r.row.job_id.is_empty())
                 })
                 .count();
+            let (needed, available) = (head.row.world_size as usize, idle + returning);
+            if needed <= available {
+                continue; // it fits once those are back (this runs at every lease check)
+            }
             let placed: Vec<Placed> = self
                 .jobs
                 .values()
-                .filter(|j| is_placed(j.row.state) && j.row.device_class == class)
+                // lower priority only: each is a spec to read
+                .filter(|j| is_placed(j.row.state) && j.row.device_class == class && j.row.priority < head.row.priority)
                 .map(|j| Placed {
                     id: &j.row.id,
                     priority: j.row.priority,
@@ -104,7 +109,7 @@ impl State {
                     preemptible: smelt_jobspec::JobSpec::parse(&j.row.spec_toml).is_ok_and(|s| s.checkpoint.every > 0 && s.cluster.preemptible),
                 })
                 .collect();
-            for v in victims(head.row.priority, head.row.world_size as usize, idle + returning, &placed) {
+            for v in victims(head.row.priority, needed, available, &placed) {
                 chosen.push((v.to_string(), head.row.id.clone(), head.row.priority));
             }
         }
