@@ -8,12 +8,6 @@ use common::*;
 use smelt_proto::v1::*;
 use tonic::Code;
 
-fn tmp() -> (tempfile::TempDir, std::path::PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("smelt.db");
-    (d, p)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gang_waits_for_enough_workers_then_assigns_every_rank() {
     let (_d, db) = tmp();

@@ -4,20 +4,14 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::process::Command;
 
+use common::browser::{chromium_or_skip, playwright_or_skip, rendered_dom};
 use common::http::{self, Reply};
 use common::*;
 use smelt_proto::v1::*;
 use tonic::Code;
-
-fn tmp() -> (tempfile::TempDir, PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("smelt.db");
-    (d, p)
-}
 
 const STEPS: u64 = 30;
 const CKPT_URI: &str = "file:///runs/jobs/job-000001/ckpt/00000020/";
@@ -470,67 +464,6 @@ async fn a_coordinator_token_guards_the_api_but_not_the_empty_page() {
 
 // ---- the page in a browser ----------------------------------------------------------------------
 
-/// A Chromium to drive: `SMELT_CHROMIUM`, else the usual names on PATH.
-fn chromium() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("SMELT_CHROMIUM") {
-        return Some(PathBuf::from(p));
-    }
-    let path = std::env::var_os("PATH")?;
-    ["chromium", "chromium-browser", "google-chrome", "google-chrome-stable"]
-        .iter()
-        .flat_map(|name| std::env::split_paths(&path).map(move |dir| dir.join(name)))
-        .find(|p| p.is_file())
-}
-
-fn chromium_or_skip(test: &str) -> Option<PathBuf> {
-    let found = chromium();
-    if found.is_none() {
-        assert!(
-            std::env::var("SMELT_REQUIRE_CHROMIUM").as_deref() != Ok("1"),
-            "SMELT_REQUIRE_CHROMIUM=1 but no Chromium found (install Debian's chromium, or set SMELT_CHROMIUM)"
-        );
-        eprintln!("skipping {test}: no Chromium on this machine (SMELT_CHROMIUM or chromium on PATH)");
-    }
-    found
-}
-
-/// The page's DOM after its scripts ran against the live API (virtual time lets its fetches and
-/// first redraws finish; the closed-network flags keep Chromium from calling out).
-fn rendered_dom(chromium: &Path, url: &str) -> String {
-    let profile = tempfile::tempdir().unwrap();
-    let mut child = Command::new(chromium)
-        .args([
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--virtual-time-budget=3000",
-            "--dump-dom",
-        ])
-        .arg(format!("--user-data-dir={}", profile.path().display()))
-        .arg(url)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start chromium");
-    let deadline = Instant::now() + Duration::from_secs(90); // hang guard, not a speed check
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("chromium did not finish rendering {url}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let out = child.wait_with_output().unwrap();
-    let dom = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success() && dom.contains("</html>"), "chromium failed on {url}: {}", String::from_utf8_lossy(&out.stderr));
-    dom
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chromium_renders_the_jobs_the_curves_and_escapes_what_workers_report() {
     let Some(chromium) = chromium_or_skip("chromium_renders_the_jobs_the_curves_and_escapes_what_workers_report") else {
@@ -581,20 +514,6 @@ async fn chromium_renders_the_jobs_the_curves_and_escapes_what_workers_report() 
     coord.stop().await;
 }
 
-/// `node_modules` holding playwright-core (`SMELT_PLAYWRIGHT_DIR`, which CI sets after an npm
-/// install), or a skip unless SMELT_REQUIRE_PLAYWRIGHT=1.
-fn playwright_or_skip(test: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("SMELT_PLAYWRIGHT_DIR").map(PathBuf::from).filter(|d| d.join("playwright-core").is_dir());
-    if dir.is_none() {
-        assert!(
-            std::env::var("SMELT_REQUIRE_PLAYWRIGHT").as_deref() != Ok("1"),
-            "SMELT_REQUIRE_PLAYWRIGHT=1 but SMELT_PLAYWRIGHT_DIR names no node_modules with playwright-core"
-        );
-        eprintln!("skipping {test}: no playwright-core (npm install playwright-core; SMELT_PLAYWRIGHT_DIR=its node_modules)");
-    }
-    dir
-}
-
 /// The cancel button clicked in a real browser (Playwright driving headless Chromium): the
 /// confirmation is asked, the job ends cancelled, the button goes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -639,145 +558,5 @@ async fn chromium_shows_the_token_form_when_the_coordinator_requires_one() {
     assert!(dom.contains("<section id=\"login\" style=\"display: block;\">"), "{dom}");
     assert!(dom.contains("this coordinator requires a token: set SMELT_TOKEN"), "{dom}");
     assert!(!dom.contains("data-loaded=\"yes\""), "{dom}");
-    coord.stop().await;
-}
-
-// ---- a job's log lines on the page ----------------------------------------------------------------
-
-/// A line logged at `at_ms` by the worker's runner.
-fn log_line(at_ms: i64, level: &str, text: &str) -> LogLine {
-    LogLine { at_ms, level: level.into(), target: "smelt_worker::runner".into(), text: text.into() }
-}
-
-/// Sends `lines` as rank `a.rank`'s, and waits until the API serves the job's `total` lines.
-async fn send_logs(coord: &Coord, w: &Worker, a: &Assignment, lines: Vec<LogLine>, total: usize) {
-    w.send(worker_message::Body::Logs(LogBatch { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank, lines, dropped: 0 })).await;
-    let path = format!("/api/jobs/{}/logs", a.job_id);
-    within("the log lines stored", async {
-        while http::get(coord.addr, &path, None).await.json()["lines"].as_array().unwrap().len() != total {
-            tokio::time::sleep(HEARTBEAT).await;
-        }
-    })
-    .await;
-}
-
-/// The logs panel's lines in a dumped DOM, each as its markup (`<li ...>...</li>`).
-fn log_items(dom: &str) -> Vec<&str> {
-    let start = dom.find("<ol class=\"log\" id=\"log-lines\">").unwrap_or_else(|| panic!("no logs panel:\n{dom}"));
-    let list = &dom[start..start + dom[start..].find("</ol>").unwrap()];
-    list.split("<li").skip(1).map(|item| item.split_once('>').unwrap().1.trim_end_matches("</li>")).collect()
-}
-
-/// An item's text as the browser shows it (its tags dropped; what it escaped, unescaped).
-fn text_of(item: &str) -> String {
-    let mut text = String::new();
-    let mut in_tag = false;
-    for c in item.chars() {
-        match c {
-            '<' => in_tag = true,
-            '>' => in_tag = false,
-            c if !in_tag => text.push(c),
-            _ => {}
-        }
-    }
-    text.replace("&lt;", "<").replace("&gt;", ">").replace("&amp;", "&")
-}
-
-/// 2024-05-06 07:08:09.123 UTC: the seconds and milliseconds read the same in any time zone.
-const LOGGED_AT: i64 = 1_714_979_289_123;
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn chromium_shows_a_jobs_log_lines_as_text_and_filters_them_by_rank() {
-    let test = "chromium_shows_a_jobs_log_lines_as_text_and_filters_them_by_rank";
-    let Some(chromium) = chromium_or_skip(test) else { return };
-    let (_d, db) = tmp();
-    let coord = start(&db).await;
-    let mut jobs = coord.jobs().await;
-    let job = submit(&mut jobs, &spec("logs", 2, 0, 0)).await;
-    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9001").await;
-    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9002").await;
-    let (a1, a2) = (w1.assignment().await, w2.assignment().await);
-    let ((w0, a0), (w1, a1)) = if a1.rank == 0 { ((w1, a1), (w2, a2)) } else { ((w2, a2), (w1, a1)) };
-    let markup = "loss <b>x</b> & <img src=x onerror=document.body.dataset.pwned=1>";
-    send_logs(&coord, &w0, &a0, vec![log_line(LOGGED_AT, "INFO", "rank 0 starts"), log_line(LOGGED_AT + 1, "WARN", markup)], 2).await;
-    send_logs(&coord, &w1, &a1, vec![log_line(LOGGED_AT + 2, "INFO", "rank 1 starts"), log_line(LOGGED_AT + 3, "ERROR", "rank 1 failed")], 4).await;
-
-    let url = format!("http://{}/#/jobs/{}", coord.addr, job.id);
-    let (c, u) = (chromium.clone(), url.clone());
-    let dom = tokio::task::spawn_blocking(move || rendered_dom(&c, &u)).await.unwrap();
-    assert!(dom.contains("data-loaded=\"yes\""), "the page never loaded its data:\n{dom}");
-    let items = log_items(&dom);
-    let texts: Vec<String> = items.iter().map(|i| text_of(i)).collect();
-    // Every rank's lines in the order they arrived, each with its time, attempt and rank, level,
-    // target and text.
-    assert_eq!(
-        texts.iter().map(|t| t.split_once(' ').unwrap().1).collect::<Vec<_>>(),
-        [
-            "a1 r0 INFO smelt_worker::runner rank 0 starts",
-            &format!("a1 r0 WARN smelt_worker::runner {markup}"),
-            "a1 r1 INFO smelt_worker::runner rank 1 starts",
-            "a1 r1 ERROR smelt_worker::runner rank 1 failed",
-        ],
-        "{dom}"
-    );
-    assert!(items[0].starts_with("<span class=\"t\"") && texts[0].split(' ').next().unwrap().ends_with(":09.123"), "{}", items[0]);
-    assert!(items.iter().all(|i| i.contains("<span class=\"who\">a1 r")), "{items:?}");
-    // The markup in a line is text: escaped in the DOM, not an element, never run.
-    assert!(items[1].contains("loss &lt;b&gt;x&lt;/b&gt; &amp; &lt;img src=x"), "{}", items[1]);
-    assert!(!items.iter().any(|i| i.contains("<b>") || i.contains("<img")), "a log line became markup:\n{items:?}");
-    assert!(!dom.contains("data-pwned"), "a log line ran:\n{dom}");
-    // WARN and ERROR lines are marked; the filter offers every rank of the job.
-    assert!(dom.contains("<li class=\"warn\"") && dom.contains("<li class=\"err\""), "{dom}");
-    assert!(dom.contains("<option value=\"\">all</option><option value=\"0\">0</option><option value=\"1\">1</option></select>"), "{dom}");
-
-    // The rank filter (its choice is in the address): rank 1's lines only.
-    let (c, u) = (chromium.clone(), format!("{url}?rank=1"));
-    let dom = tokio::task::spawn_blocking(move || rendered_dom(&c, &u)).await.unwrap();
-    let shown: Vec<String> = log_items(&dom).iter().map(|i| text_of(i).split_once(' ').unwrap().1.to_string()).collect();
-    assert_eq!(shown, ["a1 r1 INFO smelt_worker::runner rank 1 starts", "a1 r1 ERROR smelt_worker::runner rank 1 failed"], "{dom}");
-    assert!(dom.contains("2 lines from rank 1"), "{dom}");
-
-    // In a real browser (Playwright, where installed): picking a rank in the filter, and lines
-    // sent while the job is open appended (rank 1's only, under its filter).
-    if let Some(node_modules) = playwright_or_skip(test) {
-        const LATE: usize = 40;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/logs_follow.js");
-        let mut child = Command::new("timeout")
-            .args(["120", "node"])
-            .arg(script)
-            .args([format!("http://{}/", coord.addr), job.id.clone(), "4".into(), "2".into(), LATE.to_string()])
-            .env("NODE_PATH", node_modules)
-            .env("SMELT_CHROMIUM", &chromium)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("run node");
-        let stdout = child.stdout.take().unwrap();
-        let (ready, stdout) = tokio::task::spawn_blocking(move || {
-            use std::io::BufRead;
-            let mut stdout = std::io::BufReader::new(stdout);
-            let mut line = String::new();
-            let ready = stdout.read_line(&mut line).is_ok() && line.trim() == "ready";
-            (ready, stdout)
-        })
-        .await
-        .unwrap();
-        if ready {
-            let late: Vec<LogLine> = (1..=LATE).map(|k| log_line(LOGGED_AT + 100 + k as i64, "INFO", &format!("late line {k}"))).collect();
-            send_logs(&coord, &w1, &a1, late, 4 + LATE).await;
-            send_logs(&coord, &w0, &a0, vec![log_line(LOGGED_AT + 200, "INFO", "rank 0 late")], 5 + LATE).await;
-        }
-        let out = tokio::task::spawn_blocking(move || {
-            use std::io::Read;
-            let mut said = String::new();
-            let mut stdout = stdout;
-            stdout.read_to_string(&mut said).unwrap();
-            let out = child.wait_with_output().unwrap();
-            (out.status, said + &String::from_utf8_lossy(&out.stderr))
-        })
-        .await
-        .unwrap();
-        assert!(ready && out.0.success(), "the logs panel in the browser: {}", out.1);
-    }
     coord.stop().await;
 }

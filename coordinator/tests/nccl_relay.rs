@@ -8,12 +8,6 @@ mod common;
 use common::*;
 use smelt_proto::v1::*;
 
-fn tmp() -> (tempfile::TempDir, std::path::PathBuf) {
-    let d = tempfile::tempdir().unwrap();
-    let p = d.path().join("smelt.db");
-    (d, p)
-}
-
 fn cuda(i: u32) -> WorkerOpts<'static> {
     WorkerOpts { device_class: DeviceClass::Cuda, device_index: i, ..Default::default() }
 }

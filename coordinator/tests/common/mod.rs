@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod http;
 
 use std::future::Future;
@@ -25,6 +26,13 @@ pub const HEARTBEAT: Duration = Duration::from_millis(50);
 pub const LEASE: Duration = Duration::from_millis(400);
 /// Hang guard for waits (not a performance threshold).
 pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// A fresh directory and the coordinator database path in it.
+pub fn tmp() -> (tempfile::TempDir, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("smelt.db");
+    (d, p)
+}
 
 pub struct Coord {
     pub addr: SocketAddr,
