@@ -166,11 +166,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                             queued = Some(a);
                             continue;
                         }
-                        cfg.logs.begin(&a);
-                        info!(job_id = %a.job_id, attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment received");
-                        let control = RunControl::default();
-                        running = Some(Running { assignment: a.clone(), control: control.clone() });
-                        start(client.clone(), a, worker_id.clone(), &listener, &cfg, control, event_tx.clone());
+                        running = Some(start(client.clone(), a, worker_id.clone(), &listener, &cfg, event_tx.clone()));
                     }
                     Some(Ok(CoordinatorMessage { body: Some(Down::Abort(ab)) })) => {
                         if let Some(r) = &running {
@@ -207,9 +203,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         running = None;
                         if up_tx.send(msg(Up::Done(d.clone()))).await.is_err() { undelivered = Some(d); break; }
                         if let Some(a) = queued.take() {
-                            let control = RunControl::default();
-                            running = Some(Running { assignment: a.clone(), control: control.clone() });
-                            start(client.clone(), a, worker_id.clone(), &listener, &cfg, control, event_tx.clone());
+                            running = Some(start(client.clone(), a, worker_id.clone(), &listener, &cfg, event_tx.clone()));
                         }
                         let _ = up_tx.send(msg(status(&running, draining))).await;
                         if draining { break; }
@@ -306,20 +300,22 @@ pub async fn rendezvous(
     Ok(client.rendezvous(req).await?.into_inner())
 }
 
-/// Rendezvous on the runtime (rank 0 of a multi-GPU job first creates the NCCL id), then the
-/// training thread.
+/// Takes up assignment `a` (its log lines from here on are the run's): rendezvous on the
+/// runtime (rank 0 of a multi-GPU job first creates the NCCL id), then the training thread.
 fn start(
     mut client: WorkerServiceClient<AuthChannel>,
     a: Assignment,
     worker_id: String,
     listener: &TcpListener,
     cfg: &WorkerConfig,
-    control: RunControl,
     events: mpsc::UnboundedSender<RunEvent>,
-) {
+) -> Running {
+    cfg.logs.begin(&a);
+    info!(job_id = %a.job_id, attempt = a.attempt, rank = a.rank, world = a.world_size, "assignment received");
+    let control = RunControl::default();
+    let running = Running { assignment: a.clone(), control: control.clone() };
     let listener = listener.try_clone().expect("clone the ring listener");
     let (out_dir, device) = (cfg.out_dir.clone(), cfg.device);
-    cfg.logs.begin(&a);
     tokio::spawn(async move {
         let failed = |error: String| {
             RunEvent::Done(AssignmentDone { job_id: a.job_id.clone(), attempt: a.attempt, ok: false, error, final_step: 0 })
@@ -354,4 +350,5 @@ fn start(
             })
             .expect("spawn the training thread");
     });
+    running
 }

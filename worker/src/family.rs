@@ -125,6 +125,17 @@ impl<B: Backend> Model<B> {
         Ok(HostState { params, m, v, state })
     }
 
+    /// Rank 0's checkpointer `c` as the run ends early at the top of step `step`
+    /// ([`Checkpointer::end_early`], pretraining and fine-tuning alike): the copies are this
+    /// model's and `opt`'s, refused unless the optimizer took one step per training step since
+    /// `from` (the run's first step, and its optimizer's count then).
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn end_early(&self, c: Option<Checkpointer>, opt: &AdamW<B>, from: (u64, u64), seed: u64, step: u64, whole: bool, why: &str, events: &dyn Fn(RunEvent)) {
+        let Some(c) = c else { return };
+        let (start, opt_start) = from;
+        c.end_early(step, start, whole, why, events, &mut || checkpointing::optimizer_at(self.host_state(opt, step, seed)?, opt_start + step - start));
+    }
+
     /// A model of the saved config with the given weights.
     pub(crate) fn from_params(be: B, m: &FamilyModel, params: &[f32]) -> Result<Self> {
         Ok(match m {
@@ -312,8 +323,8 @@ pub(crate) fn train<B: Backend>(
         0 => Checkpointer::new(a, &spec, model_config, &data.tokenizer, &req.out_dir, lineage)?,
         _ => None,
     };
-    // one optimizer step per training step: a rescue at step s holds opt_start + s - start
-    let opt_start = opt.steps_done();
+    // where this run began, for a rescue's check of the optimizer's count
+    let from = (start, opt.steps_done());
 
     let val = if rank == 0 { eval_batches(&objective, &data.val, spec.seed, tc.batch_size, tc.eval_batches)? } else { Vec::new() };
     info!(job_id = %a.job_id, attempt = a.attempt, rank, world, device = %req.device, arch = arch.name(), params = model.table().numel(), windows = n_windows, start_step = start, "training started");
@@ -325,9 +336,7 @@ pub(crate) fn train<B: Backend>(
     for step in start..tc.steps {
         if let Some(reason) = control.stopped() {
             // rank 0 saves the steps done since the last checkpoint before it goes
-            if let Some(c) = checkpointer.take() {
-                c.end_early(step, start, true, &reason, events, &mut || checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start));
-            }
+            model.end_early(checkpointer.take(), &opt, from, spec.seed, step, true, &reason, events);
             bail!("stopped at step {step}: {reason}");
         }
         let slice_of = |step: u64| -> Result<(Vec<u64>, Vec<u64>)> {
@@ -349,10 +358,8 @@ pub(crate) fn train<B: Backend>(
             Ok(out) => out,
             Err(e) => {
                 // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
-                if let Some(c) = checkpointer.take() {
-                    let whole = checkpointing::failed_before_update(model.backend(), &e);
-                    c.end_early(step, start, whole, &format!("{e:#}"), events, &mut || checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start));
-                }
+                let whole = checkpointing::failed_before_update(model.backend(), &e);
+                model.end_early(checkpointer.take(), &opt, from, spec.seed, step, whole, &format!("{e:#}"), events);
                 return Err(e);
             }
         };

@@ -282,8 +282,8 @@ pub(crate) fn train<B: Backend>(
         0 => Checkpointer::new(a, spec, model_config.clone(), &job.tokenizer, &req.out_dir, lineage)?,
         _ => None,
     };
-    // one optimizer step per training step: a rescue at step s holds opt_start + s - start
-    let opt_start = opt.steps_done();
+    // where this run began, for a rescue's check of the optimizer's count
+    let from = (start, opt.steps_done());
 
     let order = SampleOrder::new(job.task.n_train() as u64, spec.seed);
     let global = spec.train.global_batch as u64;
@@ -293,9 +293,7 @@ pub(crate) fn train<B: Backend>(
     for step in start..tc.steps {
         if let Some(reason) = control.stopped() {
             // rank 0 saves the steps done since the last checkpoint before it goes
-            if let Some(c) = checkpointer.take() {
-                c.end_early(step, start, true, &reason, events, &mut || checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start));
-            }
+            model.end_early(checkpointer.take(), &opt, from, spec.seed, step, true, &reason, events);
             bail!("stopped at step {step}: {reason}");
         }
         let idx: Vec<usize> = rank_slice(step, global, rank as u64, world as u64).map_err(|e| anyhow!("{e}"))?.map(|k| order.sequence_at(k) as usize).collect();
@@ -305,10 +303,8 @@ pub(crate) fn train<B: Backend>(
             Ok(out) => out,
             Err(e) => {
                 // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
-                if let Some(c) = checkpointer.take() {
-                    let whole = checkpointing::failed_before_update(model.backend(), &e);
-                    c.end_early(step, start, whole, &format!("{e:#}"), events, &mut || checkpointing::optimizer_at(model.host_state(&opt, step, spec.seed)?, opt_start + step - start));
-                }
+                let whole = checkpointing::failed_before_update(model.backend(), &e);
+                model.end_early(checkpointer.take(), &opt, from, spec.seed, step, whole, &format!("{e:#}"), events);
                 return Err(e);
             }
         };

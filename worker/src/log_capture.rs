@@ -229,6 +229,15 @@ mod tests {
     use tracing::{debug, info, warn};
     use tracing_subscriber::prelude::*;
 
+    /// A capture installed as `smelt worker` installs it (one subscriber for the process: here
+    /// this thread's, and any thread `f` hands `dispatch` to), after `f` logged through it.
+    fn logged(f: impl FnOnce(&LogCapture, &tracing::Dispatch)) -> LogCapture {
+        let capture = LogCapture::new();
+        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(capture.clone()));
+        tracing::dispatcher::with_default(&dispatch, || f(&capture, &dispatch));
+        capture
+    }
+
     fn assignment(job: &str, attempt: u32, rank: u32) -> Assignment {
         Assignment { job_id: job.into(), attempt, rank, ..Default::default() }
     }
@@ -239,10 +248,7 @@ mod tests {
 
     #[test]
     fn lines_are_kept_only_during_a_run_and_tagged_with_it() {
-        let capture = LogCapture::new();
-        // as `smelt worker` installs it: one subscriber for every thread of the process
-        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(capture.clone()));
-        tracing::dispatcher::with_default(&dispatch, || {
+        let capture = logged(|capture, dispatch| {
             info!("before any run");
             capture.begin(&assignment("job-000001", 2, 1));
             info!(step = 3, loss = 2.5, who = "rank one", "training started");
@@ -251,7 +257,7 @@ mod tests {
             tracing::info!(target: "h2::proto", "transport noise");
             // a line from another thread of the process belongs to the run too
             std::thread::scope(|s| {
-                s.spawn(|| tracing::dispatcher::with_default(&dispatch, || info!("from the uploader thread")));
+                s.spawn(|| tracing::dispatcher::with_default(dispatch, || info!("from the uploader thread")));
             });
             capture.end();
             info!("between runs");
@@ -272,9 +278,7 @@ mod tests {
 
     #[test]
     fn long_lines_are_cut_and_batches_stay_under_a_megabyte() {
-        let capture = LogCapture::new();
-        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(capture.clone()));
-        tracing::dispatcher::with_default(&dispatch, || {
+        let capture = logged(|capture, _| {
             capture.begin(&assignment("job-000001", 1, 0));
             let long = "x".repeat(100_000);
             for _ in 0..200 {
@@ -293,9 +297,7 @@ mod tests {
 
     #[test]
     fn long_lines_fill_the_buffer_by_bytes() {
-        let capture = LogCapture::new();
-        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(capture.clone()));
-        tracing::dispatcher::with_default(&dispatch, || {
+        let capture = logged(|capture, _| {
             capture.begin(&assignment("job-000001", 1, 0));
             let long = "z".repeat(MAX_LINE);
             for _ in 0..1000 {
@@ -311,9 +313,7 @@ mod tests {
 
     #[test]
     fn batches_that_could_not_be_sent_go_first_next_time() {
-        let capture = LogCapture::new();
-        let dispatch = tracing::Dispatch::new(tracing_subscriber::registry().with(capture.clone()));
-        tracing::dispatcher::with_default(&dispatch, || {
+        let capture = logged(|capture, _| {
             capture.begin(&assignment("job-000001", 1, 0));
             info!("first");
             let unsent = capture.drain();
@@ -329,9 +329,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_drops_the_oldest_and_says_how_many() {
-        let capture = LogCapture::new();
-        let subscriber = tracing_subscriber::registry().with(capture.clone());
-        tracing::subscriber::with_default(subscriber, || {
+        let capture = logged(|capture, _| {
             capture.begin(&assignment("job-000001", 1, 0));
             for i in 0..MAX_BUFFERED + 5 {
                 info!("line {i}");
