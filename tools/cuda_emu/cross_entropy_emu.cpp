@@ -10,6 +10,8 @@
 //                     cross_entropy_emu.cpp -o /tmp/cross_entropy_emu && /tmp/cross_entropy_emu
 // Arguments: vocabulary sizes to run, e.g. `/tmp/cross_entropy_emu 5 30522` (default: all cases).
 // Exit status: the number of failing checks.
+// its own warp-local __shfl_sync below
+#define SMELT_EMU_OWN_SHFL_SYNC 1
 #include "shim.h"
 #include <atomic>
 #include <chrono>

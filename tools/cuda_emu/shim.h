@@ -35,6 +35,9 @@ inline float __shfl_xor_sync(unsigned, float v, int o) {
     g_bar->arrive_and_wait();
     return r;
 }
+// A harness that needs a warp-local __shfl_sync of its own (cross_entropy_emu.cpp: warps that
+// run apart) defines SMELT_EMU_OWN_SHFL_SYNC before including this file.
+#ifndef SMELT_EMU_OWN_SHFL_SYNC
 inline float __shfl_sync(unsigned, float v, int src) {
     unsigned t = threadIdx.x, w0 = t & ~31u;
     g_xch[t] = v;
@@ -43,6 +46,7 @@ inline float __shfl_sync(unsigned, float v, int src) {
     g_bar->arrive_and_wait();
     return r;
 }
+#endif
 inline bool __any_sync(unsigned, bool pred) {
     unsigned t = threadIdx.x, w0 = t & ~31u;
     g_xch[t] = pred ? 1.0f : 0.0f;
