@@ -14,7 +14,7 @@
 // Checks out, lse, dq, dk, dv and the score parameters' gradients: relative error (norm of the
 // difference over the norm) within 2e-5 for f32 buffers and 3e-2 (the engine's BF16_TOL) for
 // bf16 ones. Takes ~4 minutes on two cores.
-// Build and run:  g++ -std=c++20 -O2 -pthread -w learned_scores_emu.cpp -o /tmp/ls_emu && /tmp/ls_emu [FILTER]
+// Build and run:  g++ -std=c++20 -O2 -pthread -w learned_scores_emu.cpp -o /tmp/ls_emu && /tmp/ls_emu [FILTER ...]
 // (FILTER: only the cases whose name contains it)
 // Exit status: the number of failing cases.
 #include "shim.h"
@@ -339,12 +339,17 @@ int main(int argc, char** argv) {
     };
     int fails = 0;
     for (auto c : cases)
-        if (argc < 2 || std::string(c.name).find(argv[1]) != std::string::npos)
+    {
+        // arguments, if any: run only the cases whose names contain one of them
+        bool wanted = argc < 2;
+        for (int a = 1; a < argc; a++) wanted = wanted || std::string(c.name).find(argv[a]) != std::string::npos;
+        if (!wanted) continue;
         for (bool bf16 : {false, true})
             for (int acc : {1, 0}) {
                 c.bf16 = bf16;
                 fails += run_case(c, acc);
             }
+    }
     printf("%d failing\n", fails);
     return fails;
 }
