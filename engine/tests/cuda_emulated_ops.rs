@@ -12,7 +12,7 @@ mod op_buffers;
 
 use emulator::{bf16_nearest, run_kernel, widen, worst, Arg, Launch};
 use op_buffers::{all, all_mut, host, randn};
-use smelt_engine::backend::{Backend, Dropout, RopeShape};
+use smelt_engine::backend::{AdamWStep, Backend, Dropout, RopeShape};
 use smelt_engine::CpuBackend;
 
 fn cpu() -> CpuBackend {
@@ -377,5 +377,51 @@ fn fill_scale_sum_squares_and_bias_broadcast_match_the_cpu() {
     let got = out[0].as_ref().unwrap().f32();
     for (i, v) in got.iter().enumerate() {
         assert_eq!(*v, bias[i % oc], "bias_broadcast at row {} column {}", i / oc, i % oc);
+    }
+}
+
+// ---- adamw.cu ----------------------------------------------------------------------------------
+
+/// One AdamW step over a range (the per-range kernel; adamw_emu.cpp checks the one-pass kernel
+/// over decay runs) bitwise the CPU's: parameters, both moments. Bias corrections are computed in
+/// f32 on the host, as cuda/adamw.rs does.
+#[test]
+fn adamw_update_is_bitwise_the_cpu_step() {
+    let be = cpu();
+    let n = 3001;
+    let (p, g, m) = (randn(21, n, 0.5), randn(22, n, 2.0), randn(23, n, 0.1));
+    let v: Vec<f32> = randn(24, n, 0.1).iter().map(|x| x * x).collect();
+    for (t, weight_decay, grad_scale) in [(1u64, 0.1f32, 1.0f32), (7, 0.0, 0.37)] {
+        let hp = AdamWStep { lr: 6e-4, beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay, t, grad_scale };
+        let bc1 = 1.0 - hp.beta1.powi(t as i32);
+        let bc2 = 1.0 - hp.beta2.powi(t as i32);
+        let args = scalars![
+            format!("{:e}", hp.lr),
+            format!("{:e}", hp.beta1),
+            format!("{:e}", hp.beta2),
+            format!("{:e}", hp.eps),
+            format!("{:e}", weight_decay),
+            format!("{:e}", grad_scale),
+            format!("{bc1:e}"),
+            format!("{bc2:e}"),
+        ];
+        let Some(out) = run_kernel(
+            "adamw_update",
+            Launch { grid: 4, shifts: &[] },
+            vec![Arg::F32(p.clone()), Arg::F32(g.clone()), Arg::F32(m.clone()), Arg::F32(v.clone())],
+            args,
+        ) else {
+            return;
+        };
+        let (mut pc, mut mc, mut vc) = (upload(&be, &p), upload(&be, &m), upload(&be, &v));
+        be.adamw_update(all_mut(&be, &mut pc), all(&be, &upload(&be, &g)), all_mut(&be, &mut mc), all_mut(&be, &mut vc), hp);
+        for (what, i, cpu_buf) in [("parameters", 0, &pc), ("first moments", 2, &mc), ("second moments", 3, &vc)] {
+            let got = out[i].as_ref().unwrap().f32();
+            let want = host(&be, cpu_buf);
+            assert_ne!(want, [&p, &g, &m, &v][i].clone(), "the step changed no {what}");
+            let differ = got.iter().zip(&want).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+            assert_eq!(differ, 0, "adamw_update t={t}: {differ} of {n} {what} differ from the CPU's");
+        }
+        assert_eq!(out[1].as_ref().unwrap().f32(), g, "adamw_update wrote into the gradients");
     }
 }

@@ -1,5 +1,5 @@
-// Runs one of the grid-stride kernels (rope.cu, elementwise.cu, dropout.cu, convert.cu, memory.cu
-// and bias.cu's bias_broadcast) under the host emulator (shim.h) on buffers read from files, and
+// Runs one of the grid-stride kernels (rope.cu, elementwise.cu, dropout.cu, convert.cu, memory.cu,
+// adamw.cu's adamw_update and bias.cu's bias_broadcast) under the host emulator (shim.h) on buffers read from files, and
 // writes every buffer back, so that a test can compare the kernel with the CPU backend's op
 // (engine/tests/cuda_emulated.rs does, for each of them).
 //
@@ -35,7 +35,11 @@ struct alignas(8) uint2 { unsigned x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __fsub_rn(float a, float b) { return a - b; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline float __fsqrt_rn(float a) { return std::sqrt(a); }  // IEEE sqrt, correctly rounded
 #include "../../engine/src/cuda/kernels/bf16.cuh"
+#include "../../engine/src/cuda/kernels/adamw.cu"
 #include "../../engine/src/cuda/kernels/bias.cu"
 #include "../../engine/src/cuda/kernels/convert.cu"
 #include "../../engine/src/cuda/kernels/dropout.cu"
@@ -202,6 +206,13 @@ static std::map<std::string, Kernel> kernels() {
                  exit(2);
              }
              launch(Dim3{c.grid_cap, 1, 1}, THREADS, [&] { sum_squares_partial(c.f(0), n, c.d(1)); });
+         }}},
+        // p, grads, m, v; lr beta1 beta2 eps wd grad_scale bc1 bc2
+        {"adamw_update", {{4, 4, 4, 4}, [](const Call& c) {
+             u64 n = c.b[0].n;
+             c.run(n, [&] {
+                 adamw_update(c.f(0), c.f(1), c.f(2), c.f(3), n, c.x(0), c.x(1), c.x(2), c.x(3), c.x(4), c.x(5), c.x(6), c.x(7));
+             });
          }}},
         // out, bias; n_rows oc
         {"bias_broadcast", {{4, 4}, [](const Call& c) {
