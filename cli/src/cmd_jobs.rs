@@ -128,7 +128,8 @@ fn print_job(j: &Job, json: bool) -> Result<()> {
         lines.push(("val acc", format!("{a:.4}")));
     }
     if !j.worker_ids.is_empty() {
-        lines.push(("ranks", j.worker_ids.join(", ")));
+        let backfilled = if j.backfilled { " (backfilled: gives way to the jobs ahead of it)" } else { "" };
+        lines.push(("ranks", format!("{}{backfilled}", j.worker_ids.join(", "))));
     }
     if !j.error.is_empty() {
         lines.push(("error", j.error.clone()));

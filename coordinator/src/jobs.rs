@@ -79,6 +79,7 @@ impl State {
             updated_at_ms: now,
             start_step,
             resume_from: resume_uri.clone(),
+            backfilled: false,
         };
         self.jobs.insert(id.clone(), JobRec::new(row, seq));
         info!(

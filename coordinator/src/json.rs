@@ -36,6 +36,7 @@ pub fn job_summary(j: &Job) -> Value {
         "last_checkpoint_step": (!j.last_checkpoint_uri.is_empty()).then_some(j.last_checkpoint_step),
         "last_checkpoint_uri": j.last_checkpoint_uri,
         "resume_from": j.resume_from,
+        "backfilled": j.backfilled,
     })
 }
 

@@ -25,6 +25,7 @@ mod job_service;
 pub mod json;
 mod jobs;
 mod lease;
+mod backfill;
 mod preemption;
 mod rendezvous;
 pub mod scheduler;

@@ -5,10 +5,14 @@
 //! the attempt ends (a rescue checkpoint), and the job waits in its queue to resume from it,
 //! losing the step in flight. A preemption is not a failure: it uses none of `max_restarts`.
 //!
+//! A job backfilled behind a head (`backfill.rs`) also gives way to any job ahead of it in the
+//! queue, whatever their priorities.
+//!
 //! Victims are the lowest priority first, the youngest first among equals (the least work
 //! redone if a checkpoint were missing), and only as many as the head needs. Workers already on
 //! their way back (a preempted or failed attempt's rank 0 saving its checkpoint) count as free,
-//! so a head waiting for them preempts nothing more.
+//! so a head waiting for them preempts nothing more. A head that nothing can make fit lets
+//! jobs behind it backfill the idle workers.
 
 use std::cmp::Reverse;
 use std::time::Instant;
@@ -16,9 +20,9 @@ use std::time::Instant;
 use smelt_proto::v1::{DeviceClass, JobState, WorkerState};
 use tracing::info;
 
-use crate::state::{device_class_name, is_placed, is_waiting, State};
+use crate::state::{device_class_name, is_placed, is_waiting, JobRec, QueueKey, State};
 
-/// A placed job, as preemption sees it.
+/// A placed job that would give way to the head (`gives_way`), as preemption sees it.
 #[derive(Debug, Clone)]
 pub struct Placed<'a> {
     pub id: &'a str,
@@ -27,19 +31,24 @@ pub struct Placed<'a> {
     pub seq: u64,
     /// Workers it would give back.
     pub workers: usize,
-    /// It checkpoints (else preempting it would lose its work) and its spec allows it
-    /// (`[cluster] preemptible`, true by default); never chosen otherwise.
-    pub preemptible: bool,
 }
 
-/// The jobs to preempt so that a head of `priority` needing `needed` workers fits, `available`
-/// being free already (idle or on their way back); none when no choice of them makes it fit.
-pub fn victims<'a>(priority: i32, needed: usize, available: usize, placed: &[Placed<'a>]) -> Vec<&'a str> {
+/// Whether running `job` gives its workers to a waiting `head` (queue key and priority): it
+/// yields (it checkpoints, else preempting it would lose its work, and its spec allows it), and
+/// it has a lower priority or was backfilled behind a job ahead of it in the queue.
+pub fn gives_way(head: (QueueKey, i32), job: (QueueKey, i32), yields: bool, backfilled: bool) -> bool {
+    yields && (job.1 < head.1 || (backfilled && head.0 < job.0))
+}
+
+/// The jobs to preempt so that a head needing `needed` workers fits, `available` being free
+/// already (idle or on their way back), from the jobs that give way to it; none when no choice of
+/// them makes it fit.
+pub fn victims<'a>(needed: usize, available: usize, placed: &[Placed<'a>]) -> Vec<&'a str> {
     if needed <= available {
         return Vec::new();
     }
     // a job that would free no worker (its hosts draining or gone) is never worth stopping
-    let mut candidates: Vec<&Placed> = placed.iter().filter(|p| p.preemptible && p.priority < priority && p.workers > 0).collect();
+    let mut candidates: Vec<&Placed> = placed.iter().filter(|p| p.workers > 0).collect();
     candidates.sort_by_key(|p| (p.priority, Reverse(p.created_at_ms), Reverse(p.seq)));
     let mut freed = available;
     let mut out = Vec::new();
@@ -59,13 +68,15 @@ pub fn victims<'a>(priority: i32, needed: usize, available: usize, placed: &[Pla
 
 impl State {
     /// After a scheduling pass: for each device class whose queue head did not fit, preempts
-    /// what makes it fit. Returns whether anything was preempted.
+    /// what makes it fit, or, when nothing can, backfills behind it. Returns whether anything
+    /// was preempted.
     pub(crate) fn preempt_for_heads(&mut self) -> bool {
         let now = Instant::now();
         if now < self.preempt_after {
             return false;
         }
         let mut chosen: Vec<(String, String, i32)> = Vec::new();
+        let mut stuck: Vec<String> = Vec::new();
         // CPU jobs only: a GPU rank stopped by an abort is nearly always mid-step, its NCCL
         // communicator aborted, and whether its weights can then be copied off the device for a
         // rescue checkpoint has not been checked on a card (worker/src/checkpointing.rs,
@@ -94,11 +105,12 @@ impl State {
             if needed <= available {
                 continue; // it fits once those are back (this runs at every lease check)
             }
+            let head_is = (head.queue_key(), head.row.priority);
             let placed: Vec<Placed> = self
                 .jobs
                 .values()
-                // lower priority only: each is a spec to read
-                .filter(|j| is_placed(j.row.state) && j.row.device_class == class && j.row.priority < head.row.priority)
+                .filter(|j| is_placed(j.row.state) && j.row.device_class == class)
+                .filter(|j: &&JobRec| gives_way(head_is, (j.queue_key(), j.row.priority), j.yields, j.row.backfilled))
                 .map(|j| Placed {
                     id: &j.row.id,
                     priority: j.row.priority,
@@ -106,15 +118,21 @@ impl State {
                     seq: j.seq,
                     // only the workers that will take work again (not draining, lost or gone)
                     workers: j.ranks.iter().filter(|w| will_serve(w)).count(),
-                    preemptible: smelt_jobspec::JobSpec::parse(&j.row.spec_toml).is_ok_and(|s| s.checkpoint.every > 0 && s.cluster.preemptible),
                 })
                 .collect();
-            for v in victims(head.row.priority, needed, available, &placed) {
+            let chose = victims(needed, available, &placed);
+            if chose.is_empty() {
+                stuck.push(head.row.id.clone());
+            }
+            for v in chose {
                 chosen.push((v.to_string(), head.row.id.clone(), head.row.priority));
             }
         }
         for (victim, by, priority) in &chosen {
             self.preempt(victim, by, *priority);
+        }
+        for head in &stuck {
+            self.backfill_behind(head);
         }
         !chosen.is_empty()
     }
@@ -124,7 +142,11 @@ impl State {
     fn preempt(&mut self, job_id: &str, by: &str, by_priority: i32) {
         let Some(job) = self.jobs.get(job_id) else { return };
         let (attempt, priority, class) = (job.row.attempt, job.row.priority, job.row.device_class);
-        let cause = format!("preempted by {by} (priority {by_priority} > {priority})");
+        let cause = if by_priority > priority {
+            format!("preempted by {by} (priority {by_priority} > {priority})")
+        } else {
+            format!("preempted by {by}, which it was backfilled behind")
+        };
         info!(job_id = %job_id, attempt, by = %by, class = device_class_name(class), "preempting");
         let rank0 = self.rescuing_rank0(job_id, None);
         self.release_gang(job_id, &format!("attempt {attempt} {cause}"), None, "preempted");
@@ -141,41 +163,48 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::cmp::Reverse;
 
-    fn placed(id: &str, priority: i32, created: i64, workers: usize, preemptible: bool) -> Placed<'_> {
-        Placed { id, priority, created_at_ms: created, seq: created as u64, workers, preemptible }
+    fn placed(id: &str, priority: i32, created: i64, workers: usize) -> Placed<'_> {
+        Placed { id, priority, created_at_ms: created, seq: created as u64, workers }
     }
 
     #[test]
     fn the_lowest_priority_and_youngest_go_first_and_only_as_many_as_needed() {
-        let running = [
-            placed("old-low", 0, 1, 2, true),
-            placed("young-low", 0, 5, 2, true),
-            placed("mid", 3, 2, 4, true),
-            placed("same", 7, 0, 8, true),
-            placed("higher", 9, 0, 8, true),
-        ];
-        // priority 7 needs 4, 1 free: the two priority-0 jobs, the youngest first
-        assert_eq!(victims(7, 4, 1, &running), ["young-low", "old-low"]);
+        let running = [placed("old-low", 0, 1, 2), placed("young-low", 0, 5, 2), placed("mid", 3, 2, 4)];
+        // 4 needed, 1 free: the two priority-0 jobs, the youngest first
+        assert_eq!(victims(4, 1, &running), ["young-low", "old-low"]);
         // 2 needed, 1 free: the youngest low one suffices
-        assert_eq!(victims(7, 2, 1, &running), ["young-low"]);
+        assert_eq!(victims(2, 1, &running), ["young-low"]);
         // enough free already: nothing
-        assert!(victims(7, 3, 3, &running).is_empty());
-        // 9 needed: every lower-priority job (2 + 2 + 4 = 8) and 1 free make it
-        assert_eq!(victims(7, 9, 1, &running), ["young-low", "old-low", "mid"]);
+        assert!(victims(3, 3, &running).is_empty());
+        // 9 needed: all of them (2 + 2 + 4 = 8) and 1 free make it
+        assert_eq!(victims(9, 1, &running), ["young-low", "old-low", "mid"]);
         // 10 needed: not even all of them make it fit, so none is disturbed
-        assert!(victims(7, 10, 1, &running).is_empty());
-        // equal and higher priorities are never preempted
-        assert!(victims(0, 2, 0, &running).is_empty());
+        assert!(victims(10, 1, &running).is_empty());
         // a job whose workers would not come back (draining, gone) frees nothing: skipped
-        let draining = [placed("young-draining", 0, 9, 0, true), placed("old", 0, 1, 2, true)];
-        assert_eq!(victims(7, 2, 0, &draining), ["old"]);
+        let draining = [placed("young-draining", 0, 9, 0), placed("old", 0, 1, 2)];
+        assert_eq!(victims(2, 0, &draining), ["old"]);
+    }
+
+    fn key(priority: i32, created: i64) -> (QueueKey, i32) {
+        ((Reverse(priority), created, created as u64), priority)
     }
 
     #[test]
-    fn a_job_that_is_not_preemptible_is_never_chosen() {
-        let running = [placed("no-ckpt", 0, 9, 2, false), placed("ckpt", 1, 1, 2, true)];
-        assert_eq!(victims(5, 2, 0, &running), ["ckpt"]);
-        assert!(victims(5, 4, 0, &running).is_empty());
+    fn a_lower_priority_or_a_backfilled_job_behind_the_head_gives_way_if_it_yields() {
+        let head = key(5, 10);
+        // lower priority: gives way when it yields, backfilled or not
+        assert!(gives_way(head, key(1, 1), true, false));
+        assert!(!gives_way(head, key(1, 1), false, false), "a job without checkpoints or not preemptible never gives way");
+        // equal or higher priority, placed in queue order: never
+        assert!(!gives_way(head, key(5, 20), true, false));
+        assert!(!gives_way(head, key(9, 20), true, false));
+        // backfilled behind the head (equal priority, younger): gives way, if it yields
+        assert!(gives_way(head, key(5, 20), true, true));
+        assert!(!gives_way(head, key(5, 20), false, true));
+        // backfilled, but ahead of this head in the queue (older, or higher priority): keeps them
+        assert!(!gives_way(head, key(5, 3), true, true));
+        assert!(!gives_way(head, key(9, 20), true, true));
     }
 }

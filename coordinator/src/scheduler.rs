@@ -3,11 +3,11 @@
 //!
 //! Order: priority (higher first), then age (older first), then submission order. The order is
 //! strict within a device class: when the job at the head of a class's queue does not fit, the
-//! jobs behind it wait too, even ones that would fit (no backfill). This leaves workers idle
-//! while a big job collects its gang, but a big job is never starved by a stream of small ones.
-//! Device classes are independent queues: a CUDA job waiting never holds up CPU jobs.
+//! jobs behind it wait too, so a big job is never starved by a stream of small ones. Device
+//! classes are independent queues: a CUDA job waiting never holds up CPU jobs.
 //! A head that does not fit may preempt running jobs of lower priority that checkpoint
-//! (`preemption.rs`).
+//! (`preemption.rs`); a CPU head that cannot start even so lets the jobs behind it that would
+//! give their workers back to it use the idle workers meanwhile (`backfill.rs`).
 //!
 //! Ranks follow (hostname, device_index, worker id), so ranks on one host are neighbours.
 
@@ -23,6 +23,8 @@ use crate::state::{device_class_name, is_waiting, State};
 pub struct Placement {
     pub job_id: String,
     pub workers: Vec<String>,
+    /// Backfilled behind this queue head (`backfill.rs`), or placed in queue order.
+    pub behind: Option<String>,
 }
 
 /// A job waiting for workers, as the scheduler sees it.
@@ -45,10 +47,15 @@ pub struct Idle<'a> {
     pub device_index: u32,
 }
 
+/// Workers in rank order: by host, then device, then id, so ranks on one host are neighbours.
+pub fn rank_order(idle: &mut [Idle<'_>]) {
+    idle.sort_by(|a, b| (a.hostname, a.device_index, a.id).cmp(&(b.hostname, b.device_index, b.id)));
+}
+
 /// Decides which waiting jobs start now. Pure: the same inputs give the same placements.
 pub fn plan(mut jobs: Vec<Waiting<'_>>, mut idle: Vec<Idle<'_>>) -> Vec<Placement> {
     jobs.sort_by_key(|j| (Reverse(j.priority), j.created_at_ms, j.seq));
-    idle.sort_by(|a, b| (a.hostname, a.device_index, a.id).cmp(&(b.hostname, b.device_index, b.id)));
+    rank_order(&mut idle);
     let mut out = Vec::new();
     for class in [DeviceClass::Cpu, DeviceClass::Cuda] {
         let mut free: Vec<&Idle> = idle.iter().filter(|w| w.device_class == class).collect();
@@ -58,7 +65,7 @@ pub fn plan(mut jobs: Vec<Waiting<'_>>, mut idle: Vec<Idle<'_>>) -> Vec<Placemen
                 break; // strict order: nothing behind the head of the queue jumps it
             }
             let gang: Vec<String> = free.drain(..n).map(|w| w.id.to_string()).collect();
-            out.push(Placement { job_id: job.id.to_string(), workers: gang });
+            out.push(Placement { job_id: job.id.to_string(), workers: gang, behind: None });
         }
     }
     out
@@ -111,7 +118,7 @@ impl State {
         }
     }
 
-    fn place(&mut self, p: Placement) {
+    pub(crate) fn place(&mut self, p: Placement) {
         let Some(job) = self.jobs.get_mut(&p.job_id) else { return };
         // a restart resumes from the newest checkpoint known now (a failed attempt's rescue
         // checkpoint may have come in after the failure)
@@ -123,6 +130,7 @@ impl State {
             }
         }
         let n = p.workers.len();
+        job.row.backfilled = p.behind.is_some();
         job.ranks = p.workers.clone();
         job.started = vec![false; n];
         job.done = vec![false; n];
@@ -153,6 +161,7 @@ impl State {
             device_class = device_class_name(class),
             workers = %p.workers.join(","),
             start_step = a.start_step,
+            backfilled_behind = p.behind.as_deref().unwrap_or(""),
             "job scheduled"
         );
         let reason = format!(
@@ -162,6 +171,10 @@ impl State {
             n,
             if a.start_step > 0 { format!(", from step {}", a.start_step) } else { String::new() }
         );
+        let reason = match &p.behind {
+            Some(head) => format!("{reason}; backfilled behind {head}, which it gives its workers to when it can start"),
+            None => reason,
+        };
         self.transition_or_log(&a.job_id, JobState::Scheduled, reason);
     }
 }
@@ -199,8 +212,8 @@ mod tests {
         let jobs = vec![job("big", 5, 1, 3), job("small", 0, 2, 1)];
         assert!(plan(jobs.clone(), vec![idle("w1"), idle("w2")]).is_empty());
         let p = plan(jobs, vec![idle("w3"), idle("w1"), idle("w2"), idle("w4")]);
-        assert_eq!(p[0], Placement { job_id: "big".into(), workers: vec!["w1".into(), "w2".into(), "w3".into()] });
-        assert_eq!(p[1], Placement { job_id: "small".into(), workers: vec!["w4".into()] });
+        assert_eq!(p[0], Placement { job_id: "big".into(), workers: vec!["w1".into(), "w2".into(), "w3".into()], behind: None });
+        assert_eq!(p[1], Placement { job_id: "small".into(), workers: vec!["w4".into()], behind: None });
     }
 
     #[test]
@@ -211,6 +224,6 @@ mod tests {
         let mut g0 = idle("g0");
         g0.device_class = DeviceClass::Cuda;
         let p = plan(vec![gpu, cpu], vec![g0, idle("c0")]);
-        assert_eq!(p, vec![Placement { job_id: "cpu".into(), workers: vec!["c0".into()] }]);
+        assert_eq!(p, vec![Placement { job_id: "cpu".into(), workers: vec!["c0".into()], behind: None }]);
     }
 }

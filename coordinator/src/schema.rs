@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version v's statements are `MIGRATIONS[v - 1]`.
-const MIGRATIONS: [&str; 5] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
+const MIGRATIONS: [&str; 6] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE jobs (
@@ -111,6 +111,12 @@ ALTER TABLE jobs ADD COLUMN last_val_sources TEXT NOT NULL DEFAULT '[]';
 
 /// Version 5: the log lines a job's workers send (`crate::job_logs`).
 const SCHEMA_V5: &str = crate::job_logs::SCHEMA;
+
+/// Version 6: whether a job's current attempt was backfilled (placed behind a queue head that
+/// could not start; it yields its workers to any job ahead of it, `crate::backfill`).
+const SCHEMA_V6: &str = r#"
+ALTER TABLE jobs ADD COLUMN backfilled INTEGER NOT NULL DEFAULT 0;
+"#;
 
 /// Creates the schema in a new file, or brings an older one to `SCHEMA_VERSION`.
 pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

@@ -141,9 +141,21 @@ pub struct JobRec {
     /// `wind_down_until` passes (not stored: a restarted coordinator does not wait).
     pub winding_down: Vec<(String, u32)>,
     pub wind_down_until: Option<Instant>,
+    /// It checkpoints and its spec allows preemption (`[cluster] preemptible`, true by
+    /// default): it may give its workers to another job (preemption.rs) and may be backfilled
+    /// (backfill.rs). Read from the spec once.
+    pub yields: bool,
 }
 
+/// A waiting job's place in its class's queue, smallest first: priority (higher first), then
+/// age (older first), then submission order.
+pub type QueueKey = (std::cmp::Reverse<i32>, i64, u64);
+
 impl JobRec {
+    pub fn queue_key(&self) -> QueueKey {
+        (std::cmp::Reverse(self.row.priority), self.row.created_at_ms, self.seq)
+    }
+
     /// Whether a failed attempt's ranks are still finishing (the job waits for them).
     pub fn winding_down_at(&self, now: Instant) -> bool {
         !self.winding_down.is_empty() && self.wind_down_until.is_some_and(|t| now < t)
@@ -152,7 +164,9 @@ impl JobRec {
 
 impl JobRec {
     pub fn new(row: JobRow, seq: u64) -> Self {
+        let yields = smelt_jobspec::JobSpec::parse(&row.spec_toml).is_ok_and(|s| s.checkpoint.every > 0 && s.cluster.preemptible);
         JobRec {
+            yields,
             row,
             seq,
             ranks: Vec::new(),
@@ -193,6 +207,7 @@ impl JobRec {
             last_checkpoint_step: self.latest_checkpoint.as_ref().map_or(0, |c| c.0),
             last_checkpoint_uri: self.latest_checkpoint.as_ref().map(|c| c.1.clone()).unwrap_or_default(),
             resume_from: r.resume_from.clone(),
+            backfilled: r.backfilled && is_placed(r.state),
         }
     }
 }

@@ -51,6 +51,9 @@ pub struct JobRow {
     /// First step of the current attempt, and the checkpoint it resumes from ("" for none).
     pub start_step: u64,
     pub resume_from: String,
+    /// The current attempt was placed out of queue order, behind a head that could not start
+    /// (`crate::backfill`): it gives its workers back to any job ahead of it that can then start.
+    pub backfilled: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -302,7 +305,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
     let mut st = conn.prepare(
         "SELECT id, name, spec_toml, state, priority, world_size, device_class, attempt, restarts, max_restarts,
                 total_steps, last_step, last_loss, last_val_loss, error, created_at_ms, updated_at_ms, start_step, resume_from,
-                last_val_accuracy, last_val_sources
+                last_val_accuracy, last_val_sources, backfilled
          FROM jobs ORDER BY created_at_ms, id",
     )?;
     let rows = st.query_map([], |r| {
@@ -330,6 +333,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
             resume_from: r.get(18)?,
             last_val_accuracy: r.get::<_, Option<f64>>(19)?.map(|v| v as f32),
             last_val_sources: sources_from_json(&r.get::<_, String>(20)?),
+            backfilled: r.get(21)?,
         })
     })?;
     for r in rows {
@@ -401,8 +405,8 @@ fn apply(tx: &Transaction, op: &Op, log_lines: &mut LineCounts) -> rusqlite::Res
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO jobs (id, name, spec_toml, state, priority, world_size, device_class, attempt,
                     restarts, max_restarts, total_steps, last_step, last_loss, last_val_loss, error, created_at_ms,
-                    updated_at_ms, start_step, resume_from, last_val_accuracy, last_val_sources)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21)",
+                    updated_at_ms, start_step, resume_from, last_val_accuracy, last_val_sources, backfilled)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
             )?
             .execute(params![
                 j.id,
@@ -426,6 +430,7 @@ fn apply(tx: &Transaction, op: &Op, log_lines: &mut LineCounts) -> rusqlite::Res
                 j.resume_from,
                 j.last_val_accuracy.map(|v| v as f64),
                 sources_to_json(&j.last_val_sources),
+                j.backfilled,
             ])?;
         }
         Op::Worker(w) => {
@@ -590,6 +595,7 @@ mod tests {
             updated_at_ms: 2,
             start_step: 10,
             resume_from: "memory://c/10".into(),
+            backfilled: true,
         }
     }
 

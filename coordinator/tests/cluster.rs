@@ -640,3 +640,65 @@ async fn a_higher_priority_job_preempts_only_lower_ones_and_waits_for_their_work
     assert!(matches!(state(&t), JobState::Scheduled | JobState::Running) && t.attempt == 1, "{t:?}");
     coord.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_behind_a_stuck_head_backfill_idle_workers_and_give_them_back_when_it_can_start() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let ckpt = "\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n";
+    // a running job that never gives way (no checkpoints) holds two of three workers
+    let runner = submit(&mut jobs, &spec("runner", 2, 0, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9801").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9802").await;
+    let r1 = within("runner's rank", w1.assignment()).await;
+    let r2 = within("runner's rank", w2.assignment()).await;
+    assert_eq!((r1.job_id.as_str(), r2.job_id.as_str()), (runner.id.as_str(), runner.id.as_str()));
+    w1.set_busy(&r1);
+    w2.set_busy(&r2);
+    wait_state(&mut jobs, &runner.id, JobState::Running).await;
+
+    // the head needs all three: it can neither start nor preempt anything
+    let head = submit(&mut jobs, &spec("head", 3, 0, 0)).await;
+    // behind it: one that could not give the worker back, one that could
+    let plain = submit(&mut jobs, &spec("plain", 1, 0, 0)).await;
+    let filler = submit(&mut jobs, &format!("{}{ckpt}", spec("filler", 1, 0, 0))).await;
+    let mut w3 = Worker::join(&coord.url, "127.0.0.1:9803").await;
+    let f = within("the backfilled job", w3.assignment()).await;
+    assert_eq!(f.job_id, filler.id, "the idle worker goes to the job behind the head that yields");
+    w3.set_busy(&f);
+    let j = wait_state(&mut jobs, &filler.id, JobState::Running).await;
+    assert!(j.backfilled, "{j:?}");
+    let texts = event_texts(&mut jobs, &filler.id).await.join("\n");
+    assert!(texts.contains(&format!("backfilled behind {}", head.id)), "{texts}");
+    tokio::time::sleep(HEARTBEAT * 4).await;
+    assert_eq!(state(&get(&mut jobs, &head.id).await), JobState::Queued);
+    assert_eq!(state(&get(&mut jobs, &plain.id).await), JobState::Queued, "a job that cannot give way is not backfilled");
+    assert!(!get(&mut jobs, &runner.id).await.backfilled);
+
+    // the runner ends: with the backfilled job's worker the head fits, so that job gives way
+    for (w, a) in [(&w1, &r1), (&w2, &r2)] {
+        w.set_idle();
+        w.done(a, true, "", 10).await;
+    }
+    wait_state(&mut jobs, &runner.id, JobState::Succeeded).await;
+    let j = wait_state(&mut jobs, &filler.id, JobState::Restarting).await;
+    assert_eq!((j.attempt, j.restarts), (2, 0), "a preemption uses none of max_restarts: {j:?}");
+    let texts = event_texts(&mut jobs, &filler.id).await.join("\n");
+    assert!(texts.contains(&format!("preempted by {}, which it was backfilled behind", head.id)), "{texts}");
+    let abort = within("the abort", w3.abort()).await;
+    assert!(abort.reason.contains("preempted by"), "{abort:?}");
+    // its rank 0 saves its step and ends the attempt; then the head has its three workers
+    w3.set_idle();
+    w3.done(&f, false, "aborted by the coordinator", 20).await;
+    let h = wait_state(&mut jobs, &head.id, JobState::Scheduled).await;
+    assert_eq!(h.worker_ids.len(), 3);
+    assert!(!h.backfilled, "the head was placed in queue order: {h:?}");
+    for w in [&mut w1, &mut w2, &mut w3] {
+        assert_eq!(within("the head's rank", w.assignment()).await.job_id, head.id);
+    }
+    // nothing is left for the jobs behind it
+    assert_eq!(state(&get(&mut jobs, &filler.id).await), JobState::Restarting);
+    assert_eq!(state(&get(&mut jobs, &plain.id).await), JobState::Queued);
+    coord.stop().await;
+}
