@@ -9,7 +9,6 @@ use serde_json::Value;
 use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::{DeviceClass, Job, JobState, WorkerInfo, WorkerState};
 use smelt_proto::auth::{self, AuthChannel};
-use tonic::transport::Endpoint;
 
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorUrl {
@@ -33,19 +32,13 @@ pub fn token(file: Option<&std::path::Path>) -> Result<Option<String>> {
 
 /// A jobs client; every call carries `SMELT_TOKEN` when it is set.
 pub async fn connect(url: &str) -> Result<JobServiceClient<AuthChannel>> {
-    let channel = Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("coordinator URL {url:?} is not a valid URL"))?
+    let channel = smelt_proto::tls::endpoint(url)
+        .map_err(anyhow::Error::msg)?
         .connect_timeout(Duration::from_secs(5))
         .connect()
         .await
-        .map_err(|e| {
-            // The innermost cause says what happened ("Connection refused").
-            let mut cause: &dyn std::error::Error = &e;
-            while let Some(next) = cause.source() {
-                cause = next;
-            }
-            anyhow::anyhow!("cannot reach the coordinator at {url}: {cause}")
-        })?;
+        // the innermost cause says what happened ("Connection refused", "invalid peer certificate")
+        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {}", smelt_proto::tls::innermost(&e)))?;
     let token = auth::BearerToken::new(auth::token_from_env().as_deref()).map_err(|e| anyhow::anyhow!("{}: {e}", auth::TOKEN_ENV))?;
     Ok(JobServiceClient::with_interceptor(channel, token))
 }

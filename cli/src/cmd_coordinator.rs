@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Args;
-use smelt_coordinator::CoordinatorConfig;
+use smelt_coordinator::{CoordinatorConfig, TlsFiles};
 
 #[derive(Args, Debug)]
 pub struct CoordinatorArgs {
@@ -27,6 +27,13 @@ pub struct CoordinatorArgs {
     /// none: every call is admitted, fine on loopback).
     #[arg(long)]
     pub token_file: Option<PathBuf>,
+    /// PEM certificate chain to serve gRPC and the dashboard over TLS (with --tls-key; workers
+    /// and clients then use an https:// URL and trust its CA through SMELT_TLS_CA).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 pub fn run(a: CoordinatorArgs) -> Result<()> {
@@ -36,6 +43,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
         lease_timeout: Duration::from_millis(a.lease_timeout_ms),
         token: crate::client::token(a.token_file.as_deref())?,
+        tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(smelt_coordinator::serve(cfg, crate::signals::terminated()))

@@ -37,4 +37,4 @@ mod worker_service;
 mod workers;
 
 pub use error::CoordError;
-pub use server::{bind, serve, Bound, CoordinatorConfig};
+pub use server::{bind, serve, Bound, CoordinatorConfig, TlsFiles};

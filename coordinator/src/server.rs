@@ -12,7 +12,7 @@ use smelt_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::Server;
+use tonic::transport::{Server, ServerTlsConfig};
 use tracing::{info, warn};
 
 use crate::coordinator::Coordinator;
@@ -37,6 +37,16 @@ pub struct CoordinatorConfig {
     pub lease_timeout: Duration,
     /// With a token, every call must carry it (`smelt_proto::auth`); without, all are admitted.
     pub token: Option<String>,
+    /// With a certificate and key, gRPC and the dashboard are served over TLS
+    /// (`smelt_proto::tls`); without, in plain text.
+    pub tls: Option<TlsFiles>,
+}
+
+/// The coordinator's certificate chain and private key, PEM files.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl CoordinatorConfig {
@@ -47,6 +57,7 @@ impl CoordinatorConfig {
             heartbeat_interval: Duration::from_secs(1),
             lease_timeout: Duration::from_secs(10),
             token: None,
+            tls: None,
         }
     }
 
@@ -75,11 +86,17 @@ pub struct Bound {
     coord: Coordinator,
     store: Store,
     auth: RequireToken,
+    tls: Option<ServerTlsConfig>,
 }
 
 /// Opens the database (restoring jobs and workers) and binds the listen address.
 pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
     cfg.validate()?;
+    // a bad certificate or key fails here, before the database is opened or the port bound
+    let tls = match &cfg.tls {
+        Some(f) => Some(smelt_proto::tls::server_config(&f.cert, &f.key).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
     let path = cfg.db_path.clone();
     let (store, loaded) =
         tokio::task::spawn_blocking(move || Store::open(&path)).await.context("store thread panicked")??;
@@ -92,7 +109,10 @@ pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
     if !auth.enabled() && !addr.ip().is_loopback() {
         warn!(addr = %addr, "listening beyond loopback without a token: anyone who reaches this port can submit jobs and register workers (set SMELT_TOKEN or --token-file)");
     }
-    Ok(Bound { listener, addr, coord, store, auth })
+    if auth.enabled() && tls.is_none() && !addr.ip().is_loopback() {
+        warn!(addr = %addr, "listening beyond loopback without TLS: the token and job specs cross the network in clear (give --tls-cert and --tls-key)");
+    }
+    Ok(Bound { listener, addr, coord, store, auth, tls })
 }
 
 impl Bound {
@@ -104,8 +124,8 @@ impl Bound {
     /// commits what is queued for the store. Jobs and workers are left as they are: the next
     /// coordinator on the same file takes them over.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let Bound { listener, addr, coord, store, auth } = self;
-        info!(addr = %addr, db = %store.path().display(), token = auth.enabled(), "coordinator listening");
+        let Bound { listener, addr, coord, store, auth, tls } = self;
+        info!(addr = %addr, db = %store.path().display(), token = auth.enabled(), tls = tls.is_some(), "coordinator listening");
         let lease = tokio::spawn(run_lease_checker(coord.clone()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
@@ -115,8 +135,13 @@ impl Bound {
             .add_service(JobServiceServer::with_interceptor(JobSvc { coord: coord.clone(), db_path: store.path().to_path_buf() }, auth.clone()));
         let routes = grpc.routes().into_axum_router().merge(dashboard::router(coord.clone(), store.path().to_path_buf(), auth))
             .fallback(dashboard::fallback);
-        info!(url = %format!("http://{addr}/"), "dashboard");
-        let router = Server::builder()
+        info!(url = %format!("{}://{addr}/", if tls.is_some() { "https" } else { "http" }), "dashboard");
+        let builder = match tls {
+            // checked in bind()
+            Some(tls) => Server::builder().tls_config(tls).context("TLS configuration")?,
+            None => Server::builder(),
+        };
+        let router = builder
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))

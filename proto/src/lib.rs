@@ -10,3 +10,4 @@ pub mod v1 {
 pub use v1::*;
 
 pub mod auth;
+pub mod tls;

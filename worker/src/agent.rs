@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use smelt_proto::v1::coordinator_message::Body as Down;
 use smelt_proto::v1::worker_message::Body as Up;
 use smelt_proto::v1::worker_service_client::WorkerServiceClient;
@@ -271,12 +271,13 @@ async fn report_checkpoint(mut client: WorkerServiceClient<AuthChannel>, r: Chec
 }
 
 async fn connect(url: &str, token: Option<&str>) -> Result<WorkerServiceClient<AuthChannel>> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .with_context(|| format!("coordinator URL {url:?}"))?
+    let channel = smelt_proto::tls::endpoint(url)
+        .map_err(|e| anyhow!("{e}"))?
         .connect_timeout(Duration::from_secs(2))
         .tcp_nodelay(true)
         .connect()
-        .await?;
+        .await
+        .map_err(|e| anyhow!("cannot reach the coordinator at {url}: {}", smelt_proto::tls::innermost(&e)))?;
     let token = BearerToken::new(token).map_err(|e| anyhow!("worker token: {e}"))?;
     Ok(WorkerServiceClient::with_interceptor(channel, token))
 }

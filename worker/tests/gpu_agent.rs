@@ -51,6 +51,7 @@ async fn a_cuda_job_on_gpu_workers_without_a_usable_gpu_fails_saying_why() {
         heartbeat_interval: Duration::from_millis(50),
         lease_timeout: Duration::from_millis(2000),
         token: None,
+        tls: None,
     };
     let bound = bind(cfg).await.unwrap();
     let url = format!("http://{}", bound.local_addr());

@@ -30,7 +30,33 @@ pub async fn get(addr: SocketAddr, path: &str, token: Option<&str>) -> Reply {
 
 /// `method path` with an empty body, the token as for `get`, and `headers` besides.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>, headers: &[(&str, &str)]) -> Reply {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let s = TcpStream::connect(addr).await.expect("connect");
+    request_over(s, addr, method, path, token, headers).await
+}
+
+/// `GET path` over TLS, trusting the CA certificate in the PEM file `ca` (no ALPN offered, as an
+/// HTTP/1.1 client such as curl --http1.1).
+pub async fn get_tls(addr: SocketAddr, path: &str, ca: &std::path::Path) -> Reply {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_file(ca).expect("read the CA")).expect("add the CA");
+    let config = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let name = ServerName::try_from(addr.ip().to_string()).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.expect("TLS handshake");
+    request_over(tls, addr, "GET", path, None, &[]).await
+}
+
+async fn request_over(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Reply {
     let mut extra = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     for (k, v) in headers {
         extra += &format!("{k}: {v}\r\n");

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod certs;
 pub mod http;
 
 use std::future::Future;
@@ -12,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use smelt_coordinator::{bind, CoordinatorConfig};
+use smelt_coordinator::{bind, CoordinatorConfig, TlsFiles};
 use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::worker_service_client::WorkerServiceClient;
 use smelt_proto::v1::*;
@@ -48,12 +49,19 @@ pub async fn start(db: &Path) -> Coord {
 
 /// A coordinator that requires `token` on every call (none: open).
 pub async fn start_with_token(db: &Path, token: Option<&str>) -> Coord {
+    start_with(db, token, None).await
+}
+
+/// A coordinator requiring `token` and serving TLS with `tls`'s certificate (its URL https://).
+pub async fn start_with(db: &Path, token: Option<&str>, tls: Option<TlsFiles>) -> Coord {
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let cfg = CoordinatorConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         db_path: db.to_path_buf(),
         heartbeat_interval: HEARTBEAT,
         lease_timeout: LEASE,
         token: token.map(str::to_string),
+        tls,
     };
     let bound = bind(cfg).await.expect("bind");
     let addr = bound.local_addr();
@@ -61,7 +69,7 @@ pub async fn start_with_token(db: &Path, token: Option<&str>) -> Coord {
     let task = tokio::spawn(bound.serve(async move {
         let _ = rx.await;
     }));
-    Coord { addr, url: format!("http://{addr}"), db: db.to_path_buf(), stop: Some(stop), task: Some(task) }
+    Coord { addr, url: format!("{scheme}://{addr}"), db: db.to_path_buf(), stop: Some(stop), task: Some(task) }
 }
 
 impl Coord {

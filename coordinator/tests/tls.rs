@@ -1,0 +1,99 @@
+//! TLS on the coordinator's one port: gRPC and the dashboard served over TLS with a certificate
+//! signed by a test CA (rcgen), reached by clients that trust that CA; refused to plain-text
+//! clients and to clients that trust another CA or only the system's roots; bad certificate or
+//! key files refused at start, naming the file.
+
+mod common;
+
+use common::*;
+use smelt_coordinator::{bind, CoordinatorConfig, TlsFiles};
+use smelt_proto::v1::job_service_client::JobServiceClient;
+use smelt_proto::v1::ListJobsRequest;
+
+fn files(t: &certs::TlsFiles) -> Option<TlsFiles> {
+    Some(TlsFiles { cert: t.cert.clone(), key: t.key.clone() })
+}
+
+/// Connects to `url` trusting `ca` (None: the system's roots); the error's innermost cause.
+async fn connect(url: &str, ca: Option<&std::path::Path>) -> Result<JobServiceClient<tonic::transport::Channel>, String> {
+    let endpoint = smelt_proto::tls::endpoint_trusting(url, ca)?;
+    let channel = endpoint.connect().await.map_err(|e| smelt_proto::tls::innermost(&e))?;
+    Ok(JobServiceClient::new(channel))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_and_the_dashboard_go_over_tls_to_clients_that_trust_its_ca_only() {
+    let (d, db) = tmp();
+    let ours = certs::make(d.path(), "ours");
+    let theirs = certs::make(d.path(), "theirs");
+    let coord = start_with(&db, None, files(&ours)).await;
+    assert!(coord.url.starts_with("https://"));
+
+    // a client trusting our CA: a whole call (submit, then list) over TLS
+    let mut jobs = connect(&coord.url, Some(&ours.ca)).await.expect("a TLS client trusting the CA");
+    let job = submit(&mut jobs, &spec("over-tls", 1, 0, 0)).await;
+    let listed = jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
+    assert_eq!(listed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [job.id.as_str()]);
+
+    // the dashboard's API on the same port, over TLS (an HTTP/1.1 client)
+    let reply = http::get_tls(coord.addr, "/api/overview", &ours.ca).await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.body.contains(&job.id), "{}", reply.body);
+
+    // a client trusting another CA, or only the system's roots: the handshake fails, naming why
+    for (who, ca) in [("another CA", Some(theirs.ca.as_path())), ("the system's roots", None)] {
+        let err = connect(&coord.url, ca).await.err().unwrap_or_else(|| panic!("a client trusting {who} connected"));
+        println!("trusting {who}: {err}");
+        assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "{who}: {err}");
+    }
+    // a plain-text client gets no gRPC answer from the TLS port
+    let plain = format!("http://{}", coord.addr);
+    let refused = match connect(&plain, None).await {
+        Err(_) => true,
+        Ok(mut c) => c.list_jobs(ListJobsRequest::default()).await.is_err(),
+    };
+    assert!(refused, "a plain-text client was answered by the TLS port");
+    // and a plain-text HTTP request is not served the API
+    let plain_http = tokio::time::timeout(PATIENCE, async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(coord.addr).await.unwrap();
+        s.write_all(b"GET /api/overview HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+        let mut raw = Vec::new();
+        let _ = s.read_to_end(&mut raw).await;
+        raw
+    })
+    .await
+    .expect("the TLS port hung up on a plain-text request");
+    assert!(!String::from_utf8_lossy(&plain_http).contains(&job.id), "the API answered in plain text");
+    coord.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_certificate_or_key_files_are_refused_at_start_naming_the_file() {
+    let (d, db) = tmp();
+    let good = certs::make(d.path(), "good");
+    let other = certs::make(d.path(), "other");
+    let garbage = d.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate\n").unwrap();
+    let missing = d.path().join("missing.pem");
+    let cases = [
+        ("a missing certificate", missing.clone(), good.key.clone(), "missing.pem"),
+        ("a missing key", good.cert.clone(), missing.clone(), "missing.pem"),
+        ("a file with no certificate", garbage.clone(), good.key.clone(), "garbage.pem"),
+        ("a file with no key", good.cert.clone(), garbage.clone(), "garbage.pem"),
+        // the key a certificate does not hold
+        ("another certificate's key", good.cert.clone(), other.key.clone(), "other-key.pem"),
+    ];
+    for (what, cert, key, named) in cases {
+        let mut cfg = CoordinatorConfig::new("127.0.0.1:0".parse().unwrap(), &db);
+        cfg.tls = Some(TlsFiles { cert, key });
+        let err = match bind(cfg).await {
+            Ok(_) => panic!("{what}: the coordinator started"),
+            Err(e) => format!("{e:#}"),
+        };
+        println!("{what}: {err}");
+        assert!(err.contains(named), "{what}: {err}");
+    }
+    // nothing was created for a coordinator that did not start
+    assert!(!db.exists(), "a refused start created the database");
+}
