@@ -65,11 +65,24 @@ pub fn endpoint_trusting(url: &str, ca: Option<&Path>) -> Result<Endpoint, Strin
     endpoint.tls_config(tls).map_err(|e| format!("TLS for {url}: {}", innermost(&e)))
 }
 
-/// The innermost cause of an error: what actually went wrong ("invalid peer certificate: ...").
+/// The innermost cause of an error: what actually went wrong ("invalid peer certificate: ..."),
+/// with what to do about the usual certificate mistakes.
 pub fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e;
     while let Some(next) = cause.source() {
         cause = next;
     }
-    cause.to_string()
+    let what = cause.to_string();
+    let hint = if what.contains("UnknownIssuer") {
+        format!(" (the coordinator's certificate is not signed by the CA in {TLS_CA_ENV}, or, without it, by one the system trusts)")
+    } else if what.contains("CaUsedAsEndEntity") {
+        " (the coordinator's certificate is a CA certificate, as `openssl req -x509` makes: sign a server certificate with that CA and serve that one; README.md, \"TLS\")".to_string()
+    } else if what.contains("NotValidForName") {
+        " (the coordinator's certificate does not name the host of the URL: add it to its subjectAltName)".to_string()
+    } else if what.contains("Expired") {
+        " (the coordinator's certificate has expired)".to_string()
+    } else {
+        String::new()
+    };
+    format!("{what}{hint}")
 }

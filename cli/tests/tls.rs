@@ -1,0 +1,96 @@
+//! The coordinator over TLS, for real: `smelt coordinator --tls-cert --tls-key`, a worker and
+//! the client at its `https://` URL trusting the test CA through `SMELT_TLS_CA`, a job trained to
+//! the end; a worker and a client that do not trust that CA are refused, saying why.
+
+mod harness;
+#[path = "../../coordinator/tests/common/certs.rs"]
+mod certs;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{listening_addr, log_file, Proc};
+
+fn smelt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_smelt"))
+}
+
+#[test]
+fn a_job_runs_end_to_end_over_tls_and_untrusting_processes_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs::make(dir.path(), "cluster");
+    let log = log_file(dir.path(), "coordinator");
+    let mut child = smelt()
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
+        .arg("--db")
+        .arg(dir.path().join("coordinator.db"))
+        .arg("--tls-cert")
+        .arg(&tls.cert)
+        .arg("--tls-key")
+        .arg(&tls.key)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr = listening_addr(&dir.path().join("coordinator.log"), &mut child, 0);
+    let _coordinator = Proc(child);
+    let url = format!("https://{addr}");
+    let worker = |name: &str, ca: Option<&std::path::Path>| {
+        let log = log_file(dir.path(), name);
+        let mut cmd = smelt();
+        cmd.args(["--threads", "1", "worker", "--device", "cpu", "--coordinator", &url])
+            .arg("--out-dir")
+            .arg(dir.path().join(name))
+            .env_remove("SMELT_TLS_CA")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(ca) = ca {
+            cmd.env("SMELT_TLS_CA", ca);
+        }
+        Proc(cmd.spawn().unwrap())
+    };
+
+    // a worker that trusts only the system's roots cannot register, and says why
+    let untrusting = worker("untrusting", None);
+    let untrusting_log = dir.path().join("untrusting.log");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !std::fs::read_to_string(&untrusting_log).unwrap_or_default().contains("invalid peer certificate") {
+        assert!(Instant::now() < deadline, "no certificate error in the untrusting worker's log:\n{}", std::fs::read_to_string(&untrusting_log).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(untrusting);
+
+    let _trusting = worker("trusting", Some(&tls.ca));
+    let text = dir.path().join("corpus.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog.\n".repeat(40)).unwrap();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"over-tls\"\nseed = 3\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
+             [train]\nsteps = 12\nglobal_batch = 4\nmicro_batch = 4\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\n\
+             [cluster]\nworld_size = 1\n",
+            text.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let submit = |ca: Option<&std::path::Path>| {
+        let mut cmd = smelt();
+        cmd.arg("submit").arg(&spec).arg("--follow").env("SMELT_COORDINATOR", &url).env("RUST_LOG", "warn").env_remove("SMELT_TLS_CA");
+        if let Some(ca) = ca {
+            cmd.env("SMELT_TLS_CA", ca);
+        }
+        let o = cmd.output().unwrap();
+        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    };
+    // a client that does not trust the CA is refused before it submits anything
+    let (ok, out) = submit(None);
+    assert!(!ok && out.contains("invalid peer certificate"), "{out}");
+    // one that does: the job is trained to the end through the TLS coordinator
+    let (ok, out) = submit(Some(&tls.ca));
+    assert!(ok, "{out}\n{}", std::fs::read_to_string(dir.path().join("trusting.log")).unwrap_or_default());
+    println!("{out}");
+    assert!(out.contains("job-000001") && out.contains("succeeded"), "{out}");
+}
