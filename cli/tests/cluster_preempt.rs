@@ -115,10 +115,11 @@ fn a_job_that_says_it_is_not_preemptible_is_not_preempted() {
 #[test]
 fn a_backfilled_job_gives_its_worker_to_the_head_and_resumes_exactly() {
     let c = Cluster::with_workers(2);
-    let runner = c.submit(&spec_with(&c, "runner", 0, 150, false, 1, "", GPT), "");
+    // the filler must still be running when the runner ends (same step cost): 200 vs 600 steps
+    let runner = c.submit(&spec_with(&c, "runner", 0, 200, false, 1, "", GPT), "");
     c.wait_job(&runner.id, "a first step", |j| j.last_step >= 1);
     let head = c.submit(&spec(&c, "head", 0, 30, false), "");
-    let filler_spec = spec_with(&c, "filler", 0, 400, true, 1, "", GPT);
+    let filler_spec = spec_with(&c, "filler", 0, 600, true, 1, "", GPT);
     let filler = c.submit(&filler_spec, "");
     c.wait_job(&filler.id, "10 backfilled steps", |j| j.last_step >= 10);
     assert!(c.job(&filler.id).backfilled);
@@ -130,10 +131,14 @@ fn a_backfilled_job_gives_its_worker_to_the_head_and_resumes_exactly() {
     assert_eq!(c.job(&runner.id).attempt, 1, "the runner (no checkpoints) was never preempted");
     let done = c.job(&filler.id);
     assert_eq!((done.attempt, done.restarts), (2, 0), "{done:?}");
-    assert!(!done.backfilled, "its second attempt ran in queue order: {done:?}");
-    let events = c.events(&filler.id).join("\n");
-    assert!(events.contains(&format!("backfilled behind {}", head.id)), "{events}");
-    assert!(events.contains(&format!("preempted by {}, which it was backfilled behind", head.id)), "{events}");
+    let events = c.events(&filler.id);
+    // attempt 1 backfilled behind the head, attempt 2 placed in queue order
+    let placed: Vec<&String> = events.iter().filter(|e| e.contains(" placed on ")).collect();
+    assert_eq!(placed.len(), 2, "{events:?}");
+    assert!(placed[0].contains("attempt 1 placed") && placed[0].contains(&format!("backfilled behind {}", head.id)), "{events:?}");
+    assert!(placed[1].contains("attempt 2 placed") && !placed[1].contains("backfilled"), "{events:?}");
+    let events = events.join("\n");
+    assert!(events.contains(&format!("preempted by {}, which is ahead of it in the queue (it was backfilled)", head.id)), "{events}");
     // resumed after its rescued step, with the head's steps between its attempts
     let at = c.rescued_step(&filler.id);
     let steps = c.reported_steps(&filler.id);

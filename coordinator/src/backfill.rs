@@ -2,10 +2,10 @@
 //! preempting jobs that give way to it (`preemption.rs`), jobs behind it use the idle workers,
 //! in queue order, each that fits. Only jobs that would give their workers back are
 //! backfilled: they checkpoint and their spec allows preemption (`[cluster] preemptible`). A
-//! backfilled job gives way to any job ahead of it in the queue, so the head starts as soon as
-//! the workers it needs exist (those idle, on their way back, or held by jobs that give way):
-//! backfill never delays it by more than the time a backfilled rank 0 takes to save its last step.
-//! Workers are not left idle behind a big job that is collecting its gang.
+//! backfilled job gives way to any job ahead of it in the queue, before any other victim, so
+//! the head starts as soon as the workers it needs exist (those idle, on their way back, or held
+//! by jobs that give way), once a backfilled rank 0 has saved its last step. Workers are not left
+//! idle behind a big job that is collecting its gang.
 //!
 //! Without run-time estimates a backfilled job may be preempted soon after it starts; it then
 //! resumes from its rescue checkpoint like any preempted job, and none of its `max_restarts` is

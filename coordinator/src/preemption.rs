@@ -10,8 +10,9 @@
 //!
 //! Victims are the lowest priority first, the youngest first among equals (the least work
 //! redone if a checkpoint were missing), and only as many as the head needs. Workers already on
-//! their way back (a preempted or failed attempt's rank 0 saving its checkpoint) count as free,
-//! so a head waiting for them preempts nothing more. A head that nothing can make fit lets
+//! their way back (a preempted or failed attempt's rank 0 saving its checkpoint, the other ranks
+//! of a job some of whose ranks have finished it) count as free, so a head waiting for them
+//! preempts nothing more. A head that nothing can make fit lets
 //! jobs behind it backfill the idle workers.
 
 use std::cmp::Reverse;
@@ -31,6 +32,8 @@ pub struct Placed<'a> {
     pub seq: u64,
     /// Workers it would give back.
     pub workers: usize,
+    /// It was backfilled behind a job ahead of it: it gives its workers back first.
+    pub backfilled: bool,
 }
 
 /// Whether running `job` gives its workers to a waiting `head` (queue key and priority): it
@@ -49,21 +52,30 @@ pub fn victims<'a>(needed: usize, available: usize, placed: &[Placed<'a>]) -> Ve
     }
     // a job that would free no worker (its hosts draining or gone) is never worth stopping
     let mut candidates: Vec<&Placed> = placed.iter().filter(|p| p.workers > 0).collect();
-    candidates.sort_by_key(|p| (p.priority, Reverse(p.created_at_ms), Reverse(p.seq)));
+    // backfilled jobs first: they hold workers the head could have had (so a backfill never
+    // costs a job placed in order its workers), then the lowest priority, the youngest
+    candidates.sort_by_key(|p| (!p.backfilled, p.priority, Reverse(p.created_at_ms), Reverse(p.seq)));
     let mut freed = available;
-    let mut out = Vec::new();
+    let mut out: Vec<&Placed> = Vec::new();
     for p in candidates {
         if freed >= needed {
             break;
         }
         freed += p.workers;
-        out.push(p.id);
+        out.push(p);
     }
-    if freed >= needed {
-        out
-    } else {
-        Vec::new()
+    if freed < needed {
+        return Vec::new();
     }
+    // a victim taken early may be spare once bigger ones were added: spare the last-chosen
+    // (least preferred) first
+    for i in (0..out.len()).rev() {
+        if freed - out[i].workers >= needed {
+            freed -= out[i].workers;
+            out.remove(i);
+        }
+    }
+    out.into_iter().map(|p| p.id).collect()
 }
 
 impl State {
@@ -101,7 +113,18 @@ impl State {
                     will_serve(w) && self.workers.get(w).is_some_and(|r| r.row.device_class == class && r.row.state == WorkerState::Busy && r.row.job_id.is_empty())
                 })
                 .count();
-            let (needed, available) = (head.row.world_size as usize, idle + returning);
+            // a job some of whose ranks have finished it is ending: its other ranks are on their
+            // way back too (a gang's ranks report one by one; without this a head could preempt
+            // a job in the moment between two of them)
+            let ending = |j: &JobRec| is_placed(j.row.state) && j.done.iter().any(|d| *d);
+            let finishing = self
+                .jobs
+                .values()
+                .filter(|j| j.row.device_class == class && ending(j))
+                .flat_map(|j| j.ranks.iter().zip(&j.done).filter(|(_, done)| !**done).map(|(w, _)| w))
+                .filter(|w| will_serve(w))
+                .count();
+            let (needed, available) = (head.row.world_size as usize, idle + returning + finishing);
             if needed <= available {
                 continue; // it fits once those are back (this runs at every lease check)
             }
@@ -109,7 +132,7 @@ impl State {
             let placed: Vec<Placed> = self
                 .jobs
                 .values()
-                .filter(|j| is_placed(j.row.state) && j.row.device_class == class)
+                .filter(|j| is_placed(j.row.state) && j.row.device_class == class && !ending(j))
                 .filter(|j: &&JobRec| gives_way(head_is, (j.queue_key(), j.row.priority), j.yields, j.row.backfilled))
                 .map(|j| Placed {
                     id: &j.row.id,
@@ -118,6 +141,7 @@ impl State {
                     seq: j.seq,
                     // only the workers that will take work again (not draining, lost or gone)
                     workers: j.ranks.iter().filter(|w| will_serve(w)).count(),
+                    backfilled: j.row.backfilled,
                 })
                 .collect();
             let chose = victims(needed, available, &placed);
@@ -145,7 +169,7 @@ impl State {
         let cause = if by_priority > priority {
             format!("preempted by {by} (priority {by_priority} > {priority})")
         } else {
-            format!("preempted by {by}, which it was backfilled behind")
+            format!("preempted by {by}, which is ahead of it in the queue (it was backfilled)")
         };
         info!(job_id = %job_id, attempt, by = %by, class = device_class_name(class), "preempting");
         let rank0 = self.rescuing_rank0(job_id, None);
@@ -166,7 +190,25 @@ mod tests {
     use std::cmp::Reverse;
 
     fn placed(id: &str, priority: i32, created: i64, workers: usize) -> Placed<'_> {
-        Placed { id, priority, created_at_ms: created, seq: created as u64, workers }
+        Placed { id, priority, created_at_ms: created, seq: created as u64, workers, backfilled: false }
+    }
+
+    fn backfilled(id: &str, priority: i32, created: i64, workers: usize) -> Placed<'_> {
+        Placed { backfilled: true, ..placed(id, priority, created, workers) }
+    }
+
+    #[test]
+    fn backfilled_jobs_give_way_first_and_no_victim_is_spare() {
+        // a head of priority 5 needs 3 with 2 free: the job backfilled behind it (priority 5)
+        // goes, not the priority-0 job placed in order (which would not have been touched had
+        // nothing been backfilled: the head would have had the backfilled job's worker)
+        let running = [placed("low", 0, 1, 1), backfilled("filler", 5, 9, 1)];
+        assert_eq!(victims(3, 2, &running), ["filler"]);
+        // greedy overshoot: the 1-worker low job first, then the 2-worker one; the first is spare
+        let running = [placed("small", 0, 9, 1), placed("big", 1, 1, 2)];
+        assert_eq!(victims(4, 2, &running), ["big"]);
+        // both needed: both kept
+        assert_eq!(victims(5, 2, &running), ["small", "big"]);
     }
 
     #[test]

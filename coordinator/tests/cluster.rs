@@ -685,7 +685,7 @@ async fn jobs_behind_a_stuck_head_backfill_idle_workers_and_give_them_back_when_
     let j = wait_state(&mut jobs, &filler.id, JobState::Restarting).await;
     assert_eq!((j.attempt, j.restarts), (2, 0), "a preemption uses none of max_restarts: {j:?}");
     let texts = event_texts(&mut jobs, &filler.id).await.join("\n");
-    assert!(texts.contains(&format!("preempted by {}, which it was backfilled behind", head.id)), "{texts}");
+    assert!(texts.contains(&format!("preempted by {}, which is ahead of it in the queue (it was backfilled)", head.id)), "{texts}");
     let abort = within("the abort", w3.abort()).await;
     assert!(abort.reason.contains("preempted by"), "{abort:?}");
     // its rank 0 saves its step and ends the attempt; then the head has its three workers
@@ -700,5 +700,70 @@ async fn jobs_behind_a_stuck_head_backfill_idle_workers_and_give_them_back_when_
     // nothing is left for the jobs behind it
     assert_eq!(state(&get(&mut jobs, &filler.id).await), JobState::Restarting);
     assert_eq!(state(&get(&mut jobs, &plain.id).await), JobState::Queued);
+    coord.stop().await;
+}
+
+/// A lower-priority job placed in order keeps its worker when a backfilled one suffices: the
+/// head (priority 5) would have had the backfilled job's worker, had nothing been backfilled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backfilled_job_gives_way_before_a_lower_priority_job_placed_in_order() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let ckpt = "\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n";
+    // a 2-rank job that never gives way, and a priority-0 job that would
+    let runner = submit(&mut jobs, &spec("runner", 2, 0, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9811").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9812").await;
+    let (r1, r2) = (within("runner", w1.assignment()).await, within("runner", w2.assignment()).await);
+    assert_eq!((r1.job_id.as_str(), r2.job_id.as_str()), (runner.id.as_str(), runner.id.as_str()));
+    w1.set_busy(&r1);
+    w2.set_busy(&r2);
+    let low = submit(&mut jobs, &format!("{}{ckpt}", spec("low", 1, 0, 0))).await;
+    let mut w3 = Worker::join(&coord.url, "127.0.0.1:9813").await;
+    let l = within("low", w3.assignment()).await;
+    assert_eq!(l.job_id, low.id);
+    w3.set_busy(&l);
+    wait_state(&mut jobs, &low.id, JobState::Running).await;
+    // the head needs 3: 1 idle + low's 1 is not enough, so it is stuck and a job behind it backfills
+    let head = submit(&mut jobs, &spec("head", 3, 5, 0)).await;
+    let filler = submit(&mut jobs, &format!("{}{ckpt}", spec("filler", 1, 5, 0))).await;
+    let mut w4 = Worker::join(&coord.url, "127.0.0.1:9814").await;
+    let f = within("the backfilled job", w4.assignment()).await;
+    assert_eq!(f.job_id, filler.id);
+    w4.set_busy(&f);
+    assert!(wait_state(&mut jobs, &filler.id, JobState::Running).await.backfilled);
+    // the runner ends: 2 idle + the filler's worker make 3; the low job is left alone
+    for (w, a) in [(&w1, &r1), (&w2, &r2)] {
+        w.set_idle();
+        w.done(a, true, "", 10).await;
+    }
+    wait_state(&mut jobs, &filler.id, JobState::Restarting).await;
+    within("the filler's abort", w4.abort()).await;
+    w4.set_idle();
+    w4.done(&f, false, "aborted by the coordinator", 20).await;
+    let h = wait_state(&mut jobs, &head.id, JobState::Scheduled).await;
+    assert!(h.worker_ids.contains(&w4.id) && !h.worker_ids.contains(&w3.id), "{h:?}");
+    // the head did not take the low job's worker (the filler, priority 5, may later: that is
+    // plain priority preemption)
+    let texts = event_texts(&mut jobs, &low.id).await.join("\n");
+    assert!(!texts.contains(&format!("preempted by {}", head.id)), "the head preempted the job placed in order: {texts}");
+    coord.stop().await;
+}
+
+/// GPU jobs are not backfilled (nor preempted) until a card shows a GPU rank's rescue is safe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gpu_jobs_are_not_backfilled() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let ckpt = "\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n";
+    let head = submit(&mut jobs, &spec_on("head", 2, 0, 0, "cuda")).await;
+    let filler = submit(&mut jobs, &format!("{}{ckpt}", spec_on("filler", 1, 0, 0, "cuda"))).await;
+    let _g = Worker::join_with(&coord.url, "", WorkerOpts { device_class: DeviceClass::Cuda, ..Default::default() }).await;
+    tokio::time::sleep(HEARTBEAT * 6).await;
+    for j in [&head, &filler] {
+        assert_eq!(state(&get(&mut jobs, &j.id).await), JobState::Queued, "{}", j.name);
+    }
     coord.stop().await;
 }
