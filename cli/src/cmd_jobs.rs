@@ -131,6 +131,9 @@ fn print_job(j: &Job, json: bool) -> Result<()> {
         let backfilled = if j.backfilled { " (backfilled: gives way to the jobs ahead of it)" } else { "" };
         lines.push(("ranks", format!("{}{backfilled}", j.worker_ids.join(", "))));
     }
+    if !j.waiting_for.is_empty() {
+        lines.push(("waits for", j.waiting_for.clone()));
+    }
     if !j.error.is_empty() {
         lines.push(("error", j.error.clone()));
     }

@@ -45,6 +45,10 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
         .job
         .context("the coordinator answered without the job")?;
     println!("{}", job.id);
+    if !job.waiting_for.is_empty() {
+        // stderr: stdout is the id alone, for scripts
+        eprintln!("queued: waits for {}", job.waiting_for);
+    }
     if a.follow {
         follow(&mut client, &job).await?;
     }

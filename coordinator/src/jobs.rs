@@ -97,18 +97,18 @@ impl State {
         };
         self.transition(&id, JobState::Queued, reason)?;
         self.schedule();
-        Ok(self.job(&id)?.to_proto())
+        Ok(self.job_proto(self.job(&id)?))
     }
 
     pub fn get_job(&self, id: &str) -> Result<Job> {
-        Ok(self.job(id)?.to_proto())
+        Ok(self.job_proto(self.job(id)?))
     }
 
     /// Every job, oldest first.
     pub fn list_jobs(&self) -> Vec<Job> {
         let mut jobs: Vec<&JobRec> = self.jobs.values().collect();
         jobs.sort_by_key(|j| (j.row.created_at_ms, j.seq));
-        jobs.into_iter().map(JobRec::to_proto).collect()
+        jobs.into_iter().map(|j| self.job_proto(j)).collect()
     }
 
     pub fn list_workers(&self) -> Vec<WorkerInfo> {

@@ -37,6 +37,7 @@ pub fn job_summary(j: &Job) -> Value {
         "last_checkpoint_uri": j.last_checkpoint_uri,
         "resume_from": j.resume_from,
         "backfilled": j.backfilled,
+        "waiting_for": j.waiting_for,
     })
 }
 

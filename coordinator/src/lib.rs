@@ -27,6 +27,7 @@ mod jobs;
 mod lease;
 mod backfill;
 mod preemption;
+mod waiting;
 mod rendezvous;
 pub mod scheduler;
 mod schema;

@@ -208,6 +208,8 @@ impl JobRec {
             last_checkpoint_uri: self.latest_checkpoint.as_ref().map(|c| c.1.clone()).unwrap_or_default(),
             resume_from: r.resume_from.clone(),
             backfilled: r.backfilled && is_placed(r.state),
+            // needs the scheduler's view: State::job_proto fills it
+            waiting_for: String::new(),
         }
     }
 }

@@ -767,3 +767,42 @@ async fn gpu_jobs_are_not_backfilled() {
     }
     coord.stop().await;
 }
+
+/// A waiting job says what it waits for: workers to connect, then its place in the queue; a job
+/// that runs says nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_job_says_what_it_waits_for() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let big = submit(&mut jobs, &spec("big", 2, 5, 0)).await;
+    assert!(big.waiting_for.starts_with("2 cpu workers: 0 connected"), "{}", big.waiting_for);
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9831").await;
+    let j = wait_job(&mut jobs, &big.id, |j| j.waiting_for.contains("1 connected")).await;
+    assert_eq!(state(&j), JobState::Queued);
+    let small = submit(&mut jobs, &spec("small", 1, 0, 0)).await;
+    assert!(
+        small.waiting_for.starts_with(&format!("1 job ahead in the cpu queue (the first, {}, priority 5, needs 2 workers; 1 idle now)", big.id)),
+        "{}",
+        small.waiting_for
+    );
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9832").await;
+    for w in [&mut w1, &mut w2] {
+        let a = within("big's rank", w.assignment()).await;
+        assert_eq!(a.job_id, big.id);
+        w.set_busy(&a);
+    }
+    let j = wait_state(&mut jobs, &big.id, JobState::Running).await;
+    assert_eq!(j.waiting_for, "", "a running job waits for nothing");
+    // small is now the head; both workers are busy
+    let s = get(&mut jobs, &small.id).await;
+    assert_eq!(s.waiting_for, "1 idle cpu worker (head of the cpu queue; 0 idle now, the others run jobs)");
+    // a job behind it that checkpoints is told it may backfill
+    let filler = submit(&mut jobs, &format!("{}\n[checkpoint]\nevery = 1000\n", spec("filler", 1, 0, 0))).await;
+    assert!(
+        filler.waiting_for.starts_with(&format!("1 job ahead in the cpu queue (the first, {}, priority 0, needs 1 worker; 0 idle now); it may start on idle workers", small.id)),
+        "{}",
+        filler.waiting_for
+    );
+    coord.stop().await;
+}

@@ -495,6 +495,8 @@ async fn chromium_renders_the_jobs_the_curves_and_escapes_what_workers_report() 
     let (c, url) = (chromium.clone(), format!("{base}#/jobs/{}", waiting.id));
     let page = tokio::task::spawn_blocking(move || rendered_dom(&c, &url)).await.unwrap();
     assert!(page.contains(&format!("<button class=\"cancel\" data-cancel=\"{}\">Cancel job</button>", waiting.id)), "{page}");
+    // and says what it waits for (one worker is connected, it needs two)
+    assert!(page.contains("<p class=\"waiting\">Waits for 2 cpu workers: 1 connected"), "{page}");
 
     let url = format!("{base}#/jobs/{id}");
     let detail = tokio::task::spawn_blocking(move || rendered_dom(&chromium, &url)).await.unwrap();

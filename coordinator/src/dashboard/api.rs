@@ -58,7 +58,7 @@ pub(super) async fn overview(State(d): State<Dashboard>) -> Json<Value> {
 }
 
 pub(super) async fn job(State(d): State<Dashboard>, Path(id): Path<String>) -> Response {
-    let found = d.coord.with(|st| st.job(&id).map(|j| (j.to_proto(), j.events.iter().filter_map(json::event).collect::<Vec<_>>())));
+    let found = d.coord.with(|st| st.job(&id).map(|j| (st.job_proto(j), j.events.iter().filter_map(json::event).collect::<Vec<_>>())));
     let (job, events) = match found {
         Ok(x) => x,
         Err(e) => return coord_error(e),

@@ -167,6 +167,7 @@ pub fn run_kernel(kernel: &str, at: Launch, args: Vec<Arg>, scalars: &[String]) 
 }
 
 /// The scalar arguments as the runner reads them (`#[macro_use] mod emulator;`).
+#[allow(unused_macros)]
 macro_rules! scalars {
     ($($x:expr),* $(,)?) => { &[$($x.to_string()),*] };
 }

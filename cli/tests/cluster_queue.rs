@@ -1,0 +1,26 @@
+//! A job that cannot start says why, through the CLI: `smelt submit` at once (on stderr, the id
+//! alone on stdout), `smelt jobs get` while it waits.
+
+mod harness;
+
+use harness::Cluster;
+
+#[test]
+fn submit_and_jobs_get_say_what_a_waiting_job_waits_for() {
+    let c = Cluster::new(); // no worker yet
+    let spec = c.dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        "name = \"pair\"\n[model]\npreset = \"test\"\n[data]\ntext = \"corpus.txt\"\ntokenizer = \"char\"\n[train]\nsteps = 10\nglobal_batch = 4\nmicro_batch = 2\nseq_len = 16\nlr = 1e-3\n[cluster]\nworld_size = 2\n",
+    )
+    .unwrap();
+    let (ok, out) = c.smelt(&["submit", spec.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("job-000001") && out.contains("queued: waits for 2 cpu workers: 0 connected (start more with `smelt worker`)"), "{out}");
+    let (ok, out) = c.smelt(&["jobs", "get", "job-000001"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("waits for 2 cpu workers: 0 connected"), "{out}");
+    // as JSON too
+    let (ok, out) = c.smelt(&["jobs", "get", "job-000001", "--json"]);
+    assert!(ok && out.contains("\"waiting_for\": \"2 cpu workers: 0 connected"), "{out}");
+}
