@@ -108,7 +108,7 @@ impl State {
     pub fn list_jobs(&self) -> Vec<Job> {
         let mut jobs: Vec<&JobRec> = self.jobs.values().collect();
         jobs.sort_by_key(|j| (j.row.created_at_ms, j.seq));
-        jobs.into_iter().map(|j| self.job_proto(j)).collect()
+        self.jobs_proto(jobs)
     }
 
     pub fn list_workers(&self) -> Vec<WorkerInfo> {

@@ -1,13 +1,30 @@
 //! Why a queued or restarting job is not running yet, in words (`Job.waiting_for`, shown by
-//! `smelt jobs get`, `smelt submit` and the dashboard's API): the first thing a user asks of a
-//! job that does not start. Worked out at read time from the scheduler's own view (the class's
-//! queue order, its connected and idle workers), never stored.
+//! `smelt jobs get`, `smelt submit` and the dashboard): the first thing a user asks of a job that
+//! does not start. Worked out at read time from the scheduler's own view (each class's queue
+//! order, its connected and idle workers), never stored; one view serves a whole listing, so
+//! listing n jobs costs O(n log n), not O(n²).
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use smelt_proto::v1::{DeviceClass, Job};
 
-use crate::state::{device_class_name, is_waiting, JobRec, State};
+use crate::state::{device_class_name, is_waiting, JobRec, QueueKey, State};
+
+/// One device class as the scheduler sees it.
+#[derive(Default)]
+struct ClassView<'a> {
+    /// Waiting jobs in queue order: (key, id, priority, world size).
+    queue: Vec<(QueueKey, &'a str, i32, u32)>,
+    /// Connected workers that take work (not draining).
+    serving: usize,
+    idle: usize,
+}
+
+pub struct QueueView<'a> {
+    classes: HashMap<DeviceClass, ClassView<'a>>,
+    now: Instant,
+}
 
 fn workers(n: usize) -> &'static str {
     if n == 1 {
@@ -18,50 +35,66 @@ fn workers(n: usize) -> &'static str {
 }
 
 impl State {
-    /// The job as the API shows it: its record, and what it waits for.
-    pub fn job_proto(&self, job: &JobRec) -> Job {
-        Job { waiting_for: self.waiting_for(job), ..job.to_proto() }
+    fn queue_view(&self) -> QueueView<'_> {
+        let mut classes: HashMap<DeviceClass, ClassView> = HashMap::new();
+        for j in self.jobs.values().filter(|j| is_waiting(j.row.state)) {
+            classes.entry(j.row.device_class).or_default().queue.push((j.queue_key(), &j.row.id, j.row.priority, j.row.world_size));
+        }
+        for c in classes.values_mut() {
+            c.queue.sort_by_key(|q| q.0);
+        }
+        for w in self.workers.values() {
+            let c = classes.entry(w.row.device_class).or_default();
+            c.serving += usize::from(w.conn.is_some() && !w.draining);
+            c.idle += usize::from(w.schedulable());
+        }
+        QueueView { classes, now: Instant::now() }
     }
 
-    /// What a waiting job waits for; empty for a job that is not waiting.
-    pub fn waiting_for(&self, job: &JobRec) -> String {
-        if !is_waiting(job.row.state) {
-            return String::new();
-        }
-        if job.winding_down_at(Instant::now()) {
-            return format!("its attempt {}'s rank 0 to end it (it may be saving its last completed step)", job.row.attempt.saturating_sub(1));
-        }
-        let class = job.row.device_class;
-        let name = device_class_name(class);
-        let need = job.row.world_size as usize;
-        let of_class = || self.workers.values().filter(move |w| w.row.device_class == class);
-        // connected and taking work (a draining worker takes none)
-        let serving = of_class().filter(|w| w.conn.is_some() && !w.draining).count();
-        let idle = of_class().filter(|w| w.schedulable()).count();
-        if serving < need {
-            let start = if class == DeviceClass::Cuda { "`smelt worker --device cuda:N`, one per GPU" } else { "`smelt worker`" };
-            return format!("{need} {name} {}: {serving} connected (start more with {start})", workers(need));
-        }
-        let key = job.queue_key();
-        let ahead: Vec<&JobRec> = self.jobs.values().filter(|j| is_waiting(j.row.state) && j.row.device_class == class && j.queue_key() < key).collect();
-        match ahead.iter().min_by_key(|j| j.queue_key()) {
-            None => format!("{need} idle {name} {} (head of the {name} queue; {idle} idle now, the others run jobs)", workers(need)),
-            Some(head) => {
-                let may_backfill = if job.yields && class == DeviceClass::Cpu {
-                    "; it may start on idle workers meanwhile, giving them back when the jobs ahead can start"
-                } else {
-                    ""
-                };
-                format!(
-                    "{} {} ahead in the {name} queue (the first, {}, priority {}, needs {} {}; {idle} idle now){may_backfill}",
-                    ahead.len(),
-                    if ahead.len() == 1 { "job" } else { "jobs" },
-                    head.row.id,
-                    head.row.priority,
-                    head.row.world_size,
-                    workers(head.row.world_size as usize),
-                )
-            }
-        }
+    /// The job as the API shows it: its record, and what it waits for.
+    pub fn job_proto(&self, job: &JobRec) -> Job {
+        self.jobs_proto([job]).pop().expect("one job")
     }
+
+    /// Jobs as the API shows them, from one view of the queues.
+    pub fn jobs_proto<'a>(&self, jobs: impl IntoIterator<Item = &'a JobRec>) -> Vec<Job> {
+        let view = self.queue_view();
+        jobs.into_iter().map(|j| Job { waiting_for: waiting_for(&view, j), ..j.to_proto() }).collect()
+    }
+}
+
+/// What a waiting job waits for; empty for a job that is not waiting.
+fn waiting_for(view: &QueueView, job: &JobRec) -> String {
+    if !is_waiting(job.row.state) {
+        return String::new();
+    }
+    if job.winding_down_at(view.now) {
+        return format!("its attempt {}'s rank 0 to end it (it may be saving its last completed step)", job.row.attempt.saturating_sub(1));
+    }
+    let class = job.row.device_class;
+    let name = device_class_name(class);
+    let empty = ClassView::default();
+    let c = view.classes.get(&class).unwrap_or(&empty);
+    let need = job.row.world_size as usize;
+    if c.serving < need {
+        let start = if class == DeviceClass::Cuda { "`smelt worker --device cuda:N`, one per GPU" } else { "`smelt worker`" };
+        return format!("{need} {name} {}: {} connected (start more with {start})", workers(need), c.serving);
+    }
+    let key = job.queue_key();
+    let ahead = c.queue.partition_point(|q| q.0 < key);
+    if ahead == 0 {
+        return format!("{need} idle {name} {} (head of the {name} queue; {} idle now, the others run jobs)", workers(need), c.idle);
+    }
+    let (_, head, priority, head_needs) = c.queue[0];
+    let may_backfill = if job.yields && class == DeviceClass::Cpu {
+        "; it may start on idle workers meanwhile, giving them back when the jobs ahead can start"
+    } else {
+        ""
+    };
+    format!(
+        "{ahead} {} ahead in the {name} queue (the first, {head}, priority {priority}, needs {head_needs} {}; {} idle now){may_backfill}",
+        if ahead == 1 { "job" } else { "jobs" },
+        workers(head_needs as usize),
+        c.idle,
+    )
 }
