@@ -45,8 +45,8 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
         .job
         .context("the coordinator answered without the job")?;
     println!("{}", job.id);
-    if !job.waiting_for.is_empty() {
-        // stderr: stdout is the id alone, for scripts
+    if !job.waiting_for.is_empty() && !a.follow {
+        // stderr: stdout is the id alone, for scripts (following says it too)
         eprintln!("queued: waits for {}", job.waiting_for);
     }
     if a.follow {
@@ -77,6 +77,9 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
             bar.println(line);
         }
     };
+    if !job.waiting_for.is_empty() {
+        say(format!("{}: waits for {}", state_name(job_state(job)), job.waiting_for));
+    }
     let every = (job.total_steps / 10).max(1);
     let mut seen = 0usize; // stored events already shown (a re-watch replays them)
     let mut last_val: Option<f32> = None;

@@ -20,6 +20,14 @@ fn submit_and_jobs_get_say_what_a_waiting_job_waits_for() {
     let (ok, out) = c.smelt(&["jobs", "get", "job-000001"]);
     assert!(ok, "{out}");
     assert!(out.contains("waits for 2 cpu workers: 0 connected"), "{out}");
+    // following it says it too, once (then waits: stopped here by a timeout)
+    let o = std::process::Command::new("timeout")
+        .args(["3", env!("CARGO_BIN_EXE_smelt"), "jobs", "follow", "job-000001"])
+        .env("SMELT_COORDINATOR", format!("http://{}", c.addr))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(err.matches("queued: waits for 2 cpu workers: 0 connected").count(), 1, "{err}");
     // as JSON too
     let (ok, out) = c.smelt(&["jobs", "get", "job-000001", "--json"]);
     assert!(ok && out.contains("\"waiting_for\": \"2 cpu workers: 0 connected"), "{out}");
