@@ -16,7 +16,7 @@ fn submit_and_jobs_get_say_what_a_waiting_job_waits_for() {
     .unwrap();
     let (ok, out) = c.smelt(&["submit", spec.to_str().unwrap()]);
     assert!(ok, "{out}");
-    assert!(out.contains("job-000001") && out.contains("queued: waits for 2 cpu workers: 0 connected (start more with `smelt worker`)"), "{out}");
+    assert!(out.contains("job-000001") && out.contains("queued: waits for 2 cpu workers: 0 connected (start more with `smelt worker --device cpu`)"), "{out}");
     let (ok, out) = c.smelt(&["jobs", "get", "job-000001"]);
     assert!(ok, "{out}");
     assert!(out.contains("waits for 2 cpu workers: 0 connected"), "{out}");

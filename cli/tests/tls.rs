@@ -19,6 +19,9 @@ fn smelt() -> Command {
 fn a_job_runs_end_to_end_over_tls_and_untrusting_processes_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let tls = certs::make(dir.path(), "cluster");
+    // the system's roots stand for one made here: another test CA, so that the refusals hold on
+    // a machine without any
+    let other = certs::make(dir.path(), "other");
     let log = log_file(dir.path(), "coordinator");
     let mut child = smelt()
         .args(["coordinator", "--listen", "127.0.0.1:0", "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
@@ -43,6 +46,7 @@ fn a_job_runs_end_to_end_over_tls_and_untrusting_processes_are_refused() {
             .arg("--out-dir")
             .arg(dir.path().join(name))
             .env_remove("SMELT_TLS_CA")
+            .env("SSL_CERT_FILE", &other.ca)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
@@ -78,7 +82,7 @@ fn a_job_runs_end_to_end_over_tls_and_untrusting_processes_are_refused() {
     .unwrap();
     let submit = |ca: Option<&std::path::Path>| {
         let mut cmd = smelt();
-        cmd.arg("submit").arg(&spec).arg("--follow").env("SMELT_COORDINATOR", &url).env("RUST_LOG", "warn").env_remove("SMELT_TLS_CA");
+        cmd.arg("submit").arg(&spec).arg("--follow").env("SMELT_COORDINATOR", &url).env("RUST_LOG", "warn").env_remove("SMELT_TLS_CA").env("SSL_CERT_FILE", &other.ca);
         if let Some(ca) = ca {
             cmd.env("SMELT_TLS_CA", ca);
         }

@@ -27,6 +27,7 @@ mod jobs;
 mod lease;
 mod backfill;
 mod preemption;
+mod tls_accept;
 mod waiting;
 mod rendezvous;
 pub mod scheduler;

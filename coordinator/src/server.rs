@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,11 +13,13 @@ use smelt_proto::v1::worker_service_server::WorkerServiceServer;
 use tokio::net::TcpListener;
 use tonic::service::{Routes, RoutesBuilder};
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Server, ServerTlsConfig};
+use tokio_rustls::rustls;
+use tonic::transport::Server;
 use tracing::{info, warn};
 
 use crate::coordinator::Coordinator;
 use crate::dashboard;
+use crate::tls_accept;
 use crate::job_service::JobSvc;
 use crate::lease::run_lease_checker;
 use crate::store::Store;
@@ -86,7 +89,7 @@ pub struct Bound {
     coord: Coordinator,
     store: Store,
     auth: RequireToken,
-    tls: Option<ServerTlsConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Opens the database (restoring jobs and workers) and binds the listen address.
@@ -94,7 +97,7 @@ pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
     cfg.validate()?;
     // a bad certificate or key fails here, before the database is opened or the port bound
     let tls = match &cfg.tls {
-        Some(f) => Some(smelt_proto::tls::server_config(&f.cert, &f.key).map_err(anyhow::Error::msg)?),
+        Some(f) => Some(tls_accept::server_config(&f.cert, &f.key).map_err(anyhow::Error::msg)?),
         None => None,
     };
     let path = cfg.db_path.clone();
@@ -128,7 +131,6 @@ impl Bound {
         info!(addr = %addr, db = %store.path().display(), token = auth.enabled(), tls = tls.is_some(), "coordinator listening");
         let lease = tokio::spawn(run_lease_checker(coord.clone()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
         // gRPC (HTTP/2) and the dashboard (HTTP/1.1 from browsers) on one port.
         let mut grpc = RoutesBuilder::default();
         grpc.add_service(WorkerServiceServer::with_interceptor(WorkerSvc { coord: coord.clone() }, auth.clone()))
@@ -136,19 +138,19 @@ impl Bound {
         let routes = grpc.routes().into_axum_router().merge(dashboard::router(coord.clone(), store.path().to_path_buf(), auth))
             .fallback(dashboard::fallback);
         info!(url = %format!("{}://{addr}/", if tls.is_some() { "https" } else { "http" }), "dashboard");
-        let builder = match tls {
-            // checked in bind()
-            Some(tls) => Server::builder().tls_config(tls).context("TLS configuration")?,
-            None => Server::builder(),
-        };
-        let router = builder
+        let router = Server::builder()
             .accept_http1(true)
             .http2_keepalive_interval(Some(Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_routes(Routes::from(routes));
-        let mut server = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
+        let stopped = async {
             let _ = stop_rx.await;
-        }));
+        };
+        let mut server = match tls {
+            // the handshake is ours (tls_accept.rs): h2 and http/1.1 both offered
+            Some(config) => tokio::spawn(router.serve_with_incoming_shutdown(tls_accept::incoming(listener, config), stopped)),
+            None => tokio::spawn(router.serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), stopped)),
+        };
         let mut result = tokio::select! {
             _ = shutdown => None,
             r = &mut server => Some(r),

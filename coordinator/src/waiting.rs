@@ -14,10 +14,12 @@ use crate::state::{device_class_name, is_waiting, JobRec, QueueKey, State};
 /// One device class as the scheduler sees it.
 #[derive(Default)]
 struct ClassView<'a> {
-    /// Waiting jobs in queue order: (key, id, priority, world size).
-    queue: Vec<(QueueKey, &'a str, i32, u32)>,
-    /// Connected workers that take work (not draining).
+    /// Waiting jobs in queue order: (key, id, priority, world size, waiting for its failed
+    /// attempt's rank 0).
+    queue: Vec<(QueueKey, &'a str, i32, u32, bool)>,
+    /// Connected workers that take work (not draining), and those draining.
     serving: usize,
+    draining: usize,
     idle: usize,
 }
 
@@ -36,9 +38,11 @@ fn workers(n: usize) -> &'static str {
 
 impl State {
     fn queue_view(&self) -> QueueView<'_> {
+        let now = Instant::now();
         let mut classes: HashMap<DeviceClass, ClassView> = HashMap::new();
         for j in self.jobs.values().filter(|j| is_waiting(j.row.state)) {
-            classes.entry(j.row.device_class).or_default().queue.push((j.queue_key(), &j.row.id, j.row.priority, j.row.world_size));
+            let entry = (j.queue_key(), j.row.id.as_str(), j.row.priority, j.row.world_size, j.winding_down_at(now));
+            classes.entry(j.row.device_class).or_default().queue.push(entry);
         }
         for c in classes.values_mut() {
             c.queue.sort_by_key(|q| q.0);
@@ -46,13 +50,17 @@ impl State {
         for w in self.workers.values() {
             let c = classes.entry(w.row.device_class).or_default();
             c.serving += usize::from(w.conn.is_some() && !w.draining);
+            c.draining += usize::from(w.conn.is_some() && w.draining);
             c.idle += usize::from(w.schedulable());
         }
-        QueueView { classes, now: Instant::now() }
+        QueueView { classes, now }
     }
 
     /// The job as the API shows it: its record, and what it waits for.
     pub fn job_proto(&self, job: &JobRec) -> Job {
+        if !is_waiting(job.row.state) {
+            return job.to_proto(); // no view of the queues needed
+        }
         self.jobs_proto([job]).pop().expect("one job")
     }
 
@@ -77,16 +85,18 @@ fn waiting_for(view: &QueueView, job: &JobRec) -> String {
     let c = view.classes.get(&class).unwrap_or(&empty);
     let need = job.row.world_size as usize;
     if c.serving < need {
-        let start = if class == DeviceClass::Cuda { "`smelt worker --device cuda:N`, one per GPU" } else { "`smelt worker`" };
-        return format!("{need} {name} {}: {} connected (start more with {start})", workers(need), c.serving);
+        let start = if class == DeviceClass::Cuda { "`smelt worker --device cuda:N`, one per GPU" } else { "`smelt worker --device cpu`" };
+        let draining = if c.draining > 0 { format!(", {} more draining", c.draining) } else { String::new() };
+        return format!("{need} {name} {}: {} connected{draining} (start more with {start})", workers(need), c.serving);
     }
     let key = job.queue_key();
     let ahead = c.queue.partition_point(|q| q.0 < key);
     if ahead == 0 {
         return format!("{need} idle {name} {} (head of the {name} queue; {} idle now, the others run jobs)", workers(need), c.idle);
     }
-    let (_, head, priority, head_needs) = c.queue[0];
-    let may_backfill = if job.yields && class == DeviceClass::Cpu {
+    let (_, head, priority, head_needs, head_winding_down) = c.queue[0];
+    // nothing is backfilled behind a head that waits for its own rank 0 (it starts soon)
+    let may_backfill = if job.yields && class == DeviceClass::Cpu && !head_winding_down {
         "; it may start on idle workers meanwhile, giving them back when the jobs ahead can start"
     } else {
         ""

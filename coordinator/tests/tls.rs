@@ -35,17 +35,22 @@ async fn grpc_and_the_dashboard_go_over_tls_to_clients_that_trust_its_ca_only() 
     let listed = jobs.list_jobs(ListJobsRequest::default()).await.unwrap().into_inner().jobs;
     assert_eq!(listed.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), [job.id.as_str()]);
 
-    // the dashboard's API on the same port, over TLS (an HTTP/1.1 client)
+    // the dashboard's API on the same port, over TLS, to a client that speaks HTTP/1.1 only
     let reply = http::get_tls(coord.addr, "/api/overview", &ours.ca).await;
     assert_eq!(reply.status, 200, "{}", reply.body);
     assert!(reply.body.contains(&job.id), "{}", reply.body);
 
     // a client trusting another CA, or only the system's roots: the handshake fails, naming why
+    // (the system's roots made another test CA, so that this holds on a machine without any)
+    std::env::set_var("SSL_CERT_FILE", &theirs.ca);
     for (who, ca) in [("another CA", Some(theirs.ca.as_path())), ("the system's roots", None)] {
         let err = connect(&coord.url, ca).await.err().unwrap_or_else(|| panic!("a client trusting {who} connected"));
         println!("trusting {who}: {err}");
         assert!(err.contains("certificate") || err.contains("UnknownIssuer"), "{who}: {err}");
     }
+    // a URL whose scheme is neither http nor https is refused before anything is sent
+    let err = connect(&format!("grpcs://{}", coord.addr), Some(&ours.ca)).await.err().expect("a grpcs:// URL was taken");
+    assert!(err.contains("must be http:// or https://"), "{err}");
     // a plain-text client gets no gRPC answer from the TLS port
     let plain = format!("http://{}", coord.addr);
     let refused = match connect(&plain, None).await {

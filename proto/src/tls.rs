@@ -2,41 +2,21 @@
 //! bearer token (`auth`) and the job specs never cross an untrusted network in clear.
 //!
 //! The coordinator serves TLS when given a certificate chain and its private key (PEM files:
-//! `smelt coordinator --tls-cert --tls-key`); gRPC and the dashboard then share the one TLS port.
+//! `smelt coordinator --tls-cert --tls-key`, coordinator/src/tls_accept.rs); gRPC and the
+//! dashboard then share the one TLS port. This module is the client side.
 //! A worker or client reaches it at an `https://` URL and checks its certificate against the CA
 //! in the PEM file that `SMELT_TLS_CA` names (a private CA, or the self-signed certificate
 //! itself), or else against the system's trusted roots. An `http://` URL stays plain text.
 
 use std::path::Path;
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity, Server, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 /// The environment variable naming the PEM file of the CA workers and clients trust.
 pub const TLS_CA_ENV: &str = "SMELT_TLS_CA";
 
 fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
-}
-
-/// The coordinator's TLS configuration from its certificate chain and private key (PEM),
-/// checked here: a missing file, a file that holds no PEM certificate or key, or a key that does
-/// not make a usable identity is an error naming the file.
-pub fn server_config(cert: &Path, key: &Path) -> Result<ServerTlsConfig, String> {
-    let cert_pem = read("TLS certificate", cert)?;
-    let key_pem = read("TLS private key", key)?;
-    if !String::from_utf8_lossy(&cert_pem).contains("-----BEGIN CERTIFICATE-----") {
-        return Err(format!("TLS certificate {}: no PEM certificate in it", cert.display()));
-    }
-    if !String::from_utf8_lossy(&key_pem).contains("PRIVATE KEY-----") {
-        return Err(format!("TLS private key {}: no PEM private key in it", key.display()));
-    }
-    let config = ServerTlsConfig::new().identity(Identity::from_pem(cert_pem, key_pem));
-    // rustls checks the pair only when the acceptor is built: build one now, so a bad key fails
-    // at start-up rather than at the first connection
-    Server::builder()
-        .tls_config(config.clone())
-        .map_err(|e| format!("TLS certificate {} with key {}: {}", cert.display(), key.display(), innermost(&e)))?;
-    Ok(config)
 }
 
 /// An endpoint for the coordinator at `url`: TLS for `https://` (trusting `SMELT_TLS_CA`'s CA
@@ -49,8 +29,11 @@ pub fn endpoint(url: &str) -> Result<Endpoint, String> {
 /// `endpoint` with the CA file given (`None`: the system's roots).
 pub fn endpoint_trusting(url: &str, ca: Option<&Path>) -> Result<Endpoint, String> {
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("coordinator URL {url:?} is not a valid URL: {e}"))?;
-    if endpoint.uri().scheme_str() != Some("https") {
-        return Ok(endpoint);
+    match endpoint.uri().scheme_str() {
+        Some("https") => {}
+        Some("http") => return Ok(endpoint),
+        // anything else would go out in plain text, token included
+        other => return Err(format!("coordinator URL {url:?}: the scheme must be http:// or https://, not {}", other.unwrap_or("none"))),
     }
     let tls = match ca {
         Some(ca) => {
@@ -62,7 +45,11 @@ pub fn endpoint_trusting(url: &str, ca: Option<&Path>) -> Result<Endpoint, Strin
         }
         None => ClientTlsConfig::new().with_native_roots(),
     };
-    endpoint.tls_config(tls).map_err(|e| format!("TLS for {url}: {}", innermost(&e)))
+    endpoint.tls_config(tls).map_err(|e| {
+        let why = innermost(&e);
+        let hint = if why.contains("no native certs") { format!(" (this machine has no trusted CA certificates: set {TLS_CA_ENV} to the coordinator's CA)") } else { String::new() };
+        format!("TLS for {url}: {why}{hint}")
+    })
 }
 
 /// The innermost cause of an error: what actually went wrong ("invalid peer certificate: ..."),
@@ -73,14 +60,21 @@ pub fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
         cause = next;
     }
     let what = cause.to_string();
+    let lower = what.to_ascii_lowercase();
     let hint = if what.contains("UnknownIssuer") {
         format!(" (the coordinator's certificate is not signed by the CA in {TLS_CA_ENV}, or, without it, by one the system trusts)")
     } else if what.contains("CaUsedAsEndEntity") {
         " (the coordinator's certificate is a CA certificate, as `openssl req -x509` makes: sign a server certificate with that CA and serve that one; README.md, \"TLS\")".to_string()
-    } else if what.contains("NotValidForName") {
+    } else if what.contains("NotValidForName") || lower.contains("not valid for name") {
         " (the coordinator's certificate does not name the host of the URL: add it to its subjectAltName)".to_string()
-    } else if what.contains("Expired") {
-        " (the coordinator's certificate has expired)".to_string()
+    } else if what.contains("Expired") || lower.contains("certificate expired") {
+        " (the coordinator's certificate has expired: renew it)".to_string()
+    } else if lower.contains("not valid yet") || what.contains("NotValidYet") {
+        " (the coordinator's certificate is not valid yet: check the clocks)".to_string()
+    } else if lower.contains("invalidcontenttype") || lower.contains("corrupt message") {
+        " (the coordinator does not serve TLS: use http://)".to_string()
+    } else if lower.contains("h2 protocol error") {
+        " (if the coordinator serves TLS, use https://)".to_string()
     } else {
         String::new()
     };

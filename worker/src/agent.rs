@@ -55,6 +55,9 @@ struct Running {
 /// Runs the worker until `shutdown` resolves (SIGTERM): then it drains — stops taking work, stops
 /// a running assignment at its next step boundary, reports it, and returns.
 pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    // a bad URL or TLS setup (an unreadable SMELT_TLS_CA, no trusted roots) will not mend by
+    // retrying: say so and exit, where an unreachable coordinator is waited for below
+    smelt_proto::tls::endpoint(&cfg.coordinator).map_err(|e| anyhow!("{e}"))?;
     let ring = ring_addr::bind(cfg.data_bind.as_deref(), &cfg.coordinator)?;
     let (listener, data_addr) = (ring.listener, ring.advertised.to_string());
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<RunEvent>();

@@ -34,15 +34,16 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&
     request_over(s, addr, method, path, token, headers).await
 }
 
-/// `GET path` over TLS, trusting the CA certificate in the PEM file `ca` (no ALPN offered, as an
-/// HTTP/1.1 client such as curl --http1.1).
+/// `GET path` over TLS, trusting the CA certificate in the PEM file `ca`, offering HTTP/1.1 alone
+/// by ALPN (as `curl --http1.1`, Python's `requests` or a Prometheus scraper on HTTP/1.1).
 pub async fn get_tls(addr: SocketAddr, path: &str, ca: &std::path::Path) -> Reply {
     use tokio_rustls::rustls::pki_types::pem::PemObject;
     use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
     use tokio_rustls::rustls::{ClientConfig, RootCertStore};
     let mut roots = RootCertStore::empty();
     roots.add(CertificateDer::from_pem_file(ca).expect("read the CA")).expect("add the CA");
-    let config = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let mut config = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from(addr.ip().to_string()).unwrap();
     let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.expect("TLS handshake");

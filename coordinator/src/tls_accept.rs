@@ -1,0 +1,85 @@
+//! TLS on the coordinator's port, the handshake done here (tokio-rustls) rather than by tonic's
+//! acceptor, whose ALPN offers h2 alone: this one offers h2 and http/1.1, so gRPC and browsers
+//! get HTTP/2 while HTTP/1.1-only clients (`curl --http1.1`, Python `requests`, Prometheus
+//! scrapers) still reach the dashboard and `/metrics`. A handshake gets 10 s; a failed one is
+//! logged with the peer and the reason (a worker that does not trust the certificate shows up
+//! here as well as in its own log).
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::rustls::crypto::aws_lc_rs;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::warn;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
+}
+
+/// The coordinator's TLS configuration from its certificate chain and private key (PEM files),
+/// checked now: a missing file, a file without a PEM certificate or key, or a key that is not the
+/// certificate's is an error naming the file.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, String> {
+    let cert_pem = read("TLS certificate", cert)?;
+    let key_pem = read("TLS private key", key)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("TLS certificate {}: no PEM certificate in it", cert.display()));
+    }
+    let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| format!("TLS private key {}: no PEM private key in it", key.display()))?;
+    // the crypto provider named, not the process default: one less way to fail at run time
+    let mut config = ServerConfig::builder_with_provider(Arc::new(aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS protocol versions: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, private)
+        .map_err(|e| format!("TLS certificate {} with key {}: {e}", cert.display(), key.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The TLS connections accepted on `listener`, for tonic's `serve_with_incoming_shutdown`. The
+/// accept loop ends when the server drops the stream.
+pub fn incoming(listener: TcpListener, config: Arc<ServerConfig>) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = tokio::select! {
+                _ = tx.closed() => return,
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(e) => {
+                        // out of file descriptors and the like: wait, do not spin
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => warn!(peer = %peer, error = %e, "tls handshake failed"),
+                    Err(_) => warn!(peer = %peer, timeout_s = HANDSHAKE_TIMEOUT.as_secs(), "tls handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
