@@ -9,7 +9,7 @@ mod certs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{listening_addr, log_file, Proc};
+use harness::{log_file, start_coordinator, Proc};
 
 fn smelt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_smelt"))
@@ -22,22 +22,8 @@ fn a_job_runs_end_to_end_over_tls_and_untrusting_processes_are_refused() {
     // the system's roots stand for one made here: another test CA, so that the refusals hold on
     // a machine without any
     let other = certs::make(dir.path(), "other");
-    let log = log_file(dir.path(), "coordinator");
-    let mut child = smelt()
-        .args(["coordinator", "--listen", "127.0.0.1:0", "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
-        .arg("--db")
-        .arg(dir.path().join("coordinator.db"))
-        .arg("--tls-cert")
-        .arg(&tls.cert)
-        .arg("--tls-key")
-        .arg(&tls.key)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let addr = listening_addr(&dir.path().join("coordinator.log"), &mut child, 0);
-    let _coordinator = Proc(child);
+    let (_coordinator, addr) =
+        start_coordinator(dir.path(), &["--tls-cert".as_ref(), tls.cert.as_os_str(), "--tls-key".as_ref(), tls.key.as_os_str()]);
     let url = format!("https://{addr}");
     let worker = |name: &str, ca: Option<&std::path::Path>| {
         let log = log_file(dir.path(), name);

@@ -32,20 +32,9 @@ pub const LONG: Duration = Duration::from_secs(240);
 impl Cluster {
     pub fn new() -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let db = dir.path().join("coordinator.db");
-        let log = log_file(dir.path(), "coordinator");
-        // Port 0: the coordinator binds a free port itself and logs it, so that tests running
-        // side by side cannot race for a port picked here and released before it binds.
-        let mut child = Command::new(env!("CARGO_BIN_EXE_smelt"))
-            .args(["coordinator", "--listen", "127.0.0.1:0", "--db", db.to_str().unwrap(), "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let addr = listening_addr(&dir.path().join("coordinator.log"), &mut child, 0);
+        let (coordinator, addr) = start_coordinator(dir.path(), &[]);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        Cluster { dir, addr, _coordinator: Proc(child), workers: Vec::new(), rt }
+        Cluster { dir, addr, _coordinator: coordinator, workers: Vec::new(), rt }
     }
 
     /// A coordinator and `workers` workers.
@@ -268,6 +257,26 @@ impl Cluster {
             .unwrap();
         (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
     }
+}
+
+/// A coordinator process on 127.0.0.1 with its database and log (`coordinator.log`) in `dir`,
+/// leases short for tests, and `extra` arguments; and the address it bound. Port 0: the
+/// coordinator binds a free port itself and logs it, so that tests running side by side cannot
+/// race for a port picked here and released before it binds.
+pub fn start_coordinator(dir: &Path, extra: &[&std::ffi::OsStr]) -> (Proc, String) {
+    let log = log_file(dir, "coordinator");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["coordinator", "--listen", "127.0.0.1:0", "--heartbeat-ms", "100", "--lease-timeout-ms", "1500"])
+        .arg("--db")
+        .arg(dir.join("coordinator.db"))
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let addr = listening_addr(&dir.join("coordinator.log"), &mut child, 0);
+    (Proc(child), addr)
 }
 
 /// How many times a coordinator has logged "coordinator listening" in `log` (a restarted
