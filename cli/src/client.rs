@@ -47,6 +47,12 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<AuthChannel>> {
 pub fn status(e: tonic::Status) -> anyhow::Error {
     if e.message().is_empty() {
         anyhow::anyhow!("{:?}", e.code())
+    } else if e.message() == "transport error" || e.message().contains("h2 protocol error") {
+        // the connection, not the coordinator, failed: its cause says why (plain text to a TLS
+        // port ends in an h2 protocol error)
+        use std::error::Error;
+        let cause = e.source().map(smelt_proto::tls::innermost).map(|c| format!(": {c}")).unwrap_or_default();
+        anyhow::anyhow!("{}{cause} (if the coordinator serves TLS, use an https:// URL)", e.message())
     } else {
         anyhow::anyhow!("{}", e.message())
     }

@@ -75,6 +75,10 @@ fn a_job_runs_end_to_end_over_tls_and_untrusting_processes_are_refused() {
         let o = cmd.output().unwrap();
         (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
     };
+    // a client that speaks plain text to the TLS port is told to use https://
+    let o = smelt().args(["jobs", "list", "--coordinator", &format!("http://{addr}")]).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("use an https:// URL"), "{err}");
     // a client that does not trust the CA is refused before it submits anything
     let (ok, out) = submit(None);
     assert!(!ok && out.contains("invalid peer certificate"), "{out}");
