@@ -10,9 +10,10 @@
 //!
 //! Victims are the lowest priority first, the youngest first among equals (the least work
 //! redone if a checkpoint were missing), and only as many as the head needs. Workers already on
-//! their way back (a preempted or failed attempt's rank 0 saving its checkpoint, the other ranks
-//! of a job some of whose ranks have finished it) count as free, so a head waiting for them
-//! preempts nothing more. A head that nothing can make fit lets
+//! their way back (a preempted or failed attempt's rank 0 saving its checkpoint, the workers of
+//! a job some of whose ranks have finished it) count as free, so a head waiting for them
+//! preempts nothing more, and preempts what else it needs while they come back. A job that is
+//! ending is never a victim. A head that nothing can make fit lets
 //! jobs behind it backfill the idle workers.
 
 use std::cmp::Reverse;
@@ -113,16 +114,17 @@ impl State {
                     will_serve(w) && self.workers.get(w).is_some_and(|r| r.row.device_class == class && r.row.state == WorkerState::Busy && r.row.job_id.is_empty())
                 })
                 .count();
-            // a job some of whose ranks have finished it is ending: its other ranks are on their
-            // way back too (a gang's ranks report one by one; without this a head could preempt
-            // a job in the moment between two of them)
+            // a job some of whose ranks have finished it is ending: all its workers are on their
+            // way back (a gang's ranks report one by one, and a finished rank's worker stays the
+            // job's until the last; without this a head could preempt a job in the moment
+            // between two of them)
             let ending = |j: &JobRec| is_placed(j.row.state) && j.done.iter().any(|d| *d);
             let finishing = self
                 .jobs
                 .values()
                 .filter(|j| j.row.device_class == class && ending(j))
-                .flat_map(|j| j.ranks.iter().zip(&j.done).filter(|(_, done)| !**done).map(|(w, _)| w))
-                .filter(|w| will_serve(w))
+                .flat_map(|j| j.ranks.iter())
+                .filter(|w| will_serve(w) && !self.workers.get(w.as_str()).is_some_and(|r| r.schedulable()))
                 .count();
             let (needed, available) = (head.row.world_size as usize, idle + returning + finishing);
             if needed <= available {

@@ -242,3 +242,47 @@ async fn a_waiting_job_says_what_it_waits_for() {
     );
     coord.stop().await;
 }
+
+/// A job whose ranks report their Done one by one is ending: its workers count as on their way
+/// back, so a head that needs them and one more preempts that one while the job's last rank
+/// ends (its rescue overlaps the wait), not only once the job is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_counts_an_ending_jobs_workers_as_on_their_way_back() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let ckpt = "\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n";
+    let runner = submit(&mut jobs, &spec("runner", 2, 0, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9841").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9842").await;
+    let (r1, r2) = (within("runner", w1.assignment()).await, within("runner", w2.assignment()).await);
+    assert_eq!((r1.job_id.as_str(), r2.job_id.as_str()), (runner.id.as_str(), runner.id.as_str()));
+    w1.set_busy(&r1);
+    w2.set_busy(&r2);
+    let low = submit(&mut jobs, &format!("{}{ckpt}", spec("low", 1, 0, 0))).await;
+    let mut w3 = Worker::join(&coord.url, "127.0.0.1:9843").await;
+    let l = within("low", w3.assignment()).await;
+    assert_eq!(l.job_id, low.id);
+    w3.set_busy(&l);
+    wait_state(&mut jobs, &low.id, JobState::Running).await;
+    // a priority-5 job of 3 ranks: the low job alone cannot make it fit, so nothing is preempted
+    let head = submit(&mut jobs, &spec("head", 3, 5, 0)).await;
+    tokio::time::sleep(HEARTBEAT * 6).await;
+    assert_eq!(get(&mut jobs, &low.id).await.attempt, 1);
+    // the runner's rank 1 ends (Done before the idle status, as a worker sends them): the
+    // runner's two workers are on their way back, and with the low job's the head fits
+    let (rank1, w_rank1, rank0, w_rank0) = if r1.rank == 1 { (&r1, &w1, &r2, &w2) } else { (&r2, &w2, &r1, &w1) };
+    w_rank1.done(rank1, true, "", 10).await;
+    w_rank1.set_idle();
+    let lj = wait_state(&mut jobs, &low.id, JobState::Restarting).await;
+    assert_eq!((lj.attempt, lj.restarts), (2, 0));
+    assert_eq!(state(&get(&mut jobs, &runner.id).await), JobState::Running, "the runner's rank 0 has not ended yet");
+    within("the low job's abort", w3.abort()).await;
+    w3.done(&l, false, "aborted by the coordinator", 5).await;
+    w3.set_idle();
+    w_rank0.done(rank0, true, "", 10).await;
+    w_rank0.set_idle();
+    let h = wait_state(&mut jobs, &head.id, JobState::Scheduled).await;
+    assert_eq!(h.worker_ids.len(), 3);
+    coord.stop().await;
+}
