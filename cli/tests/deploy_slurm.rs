@@ -5,6 +5,9 @@
 //! SMELT_REQUIRE_SLURM=1 (CI installs them and sets it).
 
 use std::path::{Path, PathBuf};
+
+#[path = "../../coordinator/tests/common/certs.rs"]
+mod certs;
 use std::process::Command;
 
 /// A Slurm of our own, stopped when dropped.
@@ -95,6 +98,11 @@ struct Outcome {
 
 /// `sbatch --wait smelt.sbatch spec` with `workers_per_node` CPU workers.
 fn sbatch(slurm: &LocalSlurm, work: &Path, spec: &Path, workers_per_node: u32, name: &str) -> Outcome {
+    sbatch_with(slurm, work, spec, workers_per_node, name, &[])
+}
+
+/// `sbatch` with `env` added to the script's environment.
+fn sbatch_with(slurm: &LocalSlurm, work: &Path, spec: &Path, workers_per_node: u32, name: &str, env: &[(&str, &Path)]) -> Outcome {
     let state = work.join(format!("state-{name}"));
     let output = work.join(format!("{name}.out"));
     let status = Command::new("sbatch")
@@ -110,6 +118,7 @@ fn sbatch(slurm: &LocalSlurm, work: &Path, spec: &Path, workers_per_node: u32, n
         .env("SMELT_WORKERS_PER_NODE", workers_per_node.to_string())
         .env("SMELT_STATE_DIR", &state)
         .env_remove("SMELT_TOKEN")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_os_str())))
         .status()
         .expect("run sbatch");
     let printed = std::fs::read_to_string(&output).unwrap_or_default();
@@ -159,6 +168,16 @@ fn the_sbatch_script_runs_a_job_on_slurm_steps_and_stops_them() {
     assert_eq!(big.code, Some(2), "{}", big.printed);
     assert!(big.printed.contains("asks for [cluster] world_size = 3, but this allocation starts 2 worker(s)"), "{}", big.printed);
     assert!(!big.state.join("coordinator.db").exists(), "nothing should have started");
+
+    // Over TLS: a certificate naming the node, signed by a CA the workers and client are given.
+    let host = String::from_utf8(Command::new("hostname").arg("-s").output().unwrap().stdout).unwrap().trim().to_string();
+    let tls = certs::make_for(work.path(), "slurm", &[host.as_str()]);
+    let env = [("SMELT_TLS_CERT", tls.cert.as_path()), ("SMELT_TLS_KEY", tls.key.as_path()), ("SMELT_TLS_CA", tls.ca.as_path())];
+    let secure = sbatch_with(&slurm, work.path(), &job_spec(work.path(), 2, &text), 2, "tls", &env);
+    assert!(secure.ok, "sbatch over TLS failed ({:?}):\n{}\n{}", secure.code, secure.printed, log(&secure.state, "coordinator.log"));
+    assert!(secure.printed.contains(&format!("coordinator at https://{host}:")), "{}", secure.printed);
+    assert!(secure.printed.contains("succeeded at step 12"), "{}", secure.printed);
+    assert!(log(&secure.state, "coordinator.log").contains("tls=true"));
 
     // Nothing of ours is left in the queue.
     let q = Command::new("squeue").args(["--noheader"]).env("SLURM_CONF", &slurm.conf).output().unwrap();

@@ -16,12 +16,17 @@ pub struct TlsFiles {
 
 /// A CA named `name` and a server certificate it signed, in `dir` under `name`-prefixed files.
 pub fn make(dir: &Path, name: &str) -> TlsFiles {
+    make_for(dir, name, &["localhost", "127.0.0.1"])
+}
+
+/// As `make`, the server certificate naming `hosts`.
+pub fn make_for(dir: &Path, name: &str, hosts: &[&str]) -> TlsFiles {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let params = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let params = CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap();
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca).unwrap();
     let files = TlsFiles { ca: dir.join(format!("{name}-ca.pem")), cert: dir.join(format!("{name}-cert.pem")), key: dir.join(format!("{name}-key.pem")) };
