@@ -5,6 +5,7 @@
 mod common;
 
 use common::*;
+use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::*;
 
 /// Preemption with scripted workers: a job of equal priority never preempts; a priority-5 job
@@ -148,19 +149,7 @@ async fn a_backfilled_job_gives_way_before_a_lower_priority_job_placed_in_order(
     let mut jobs = coord.jobs().await;
     let ckpt = "\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n";
     // a 2-rank job that never gives way, and a priority-0 job that would
-    let runner = submit(&mut jobs, &spec("runner", 2, 0, 0)).await;
-    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9811").await;
-    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9812").await;
-    let (r1, r2) = (within("runner", w1.assignment()).await, within("runner", w2.assignment()).await);
-    assert_eq!((r1.job_id.as_str(), r2.job_id.as_str()), (runner.id.as_str(), runner.id.as_str()));
-    w1.set_busy(&r1);
-    w2.set_busy(&r2);
-    let low = submit(&mut jobs, &format!("{}{ckpt}", spec("low", 1, 0, 0))).await;
-    let mut w3 = Worker::join(&coord.url, "127.0.0.1:9813").await;
-    let l = within("low", w3.assignment()).await;
-    assert_eq!(l.job_id, low.id);
-    w3.set_busy(&l);
-    wait_state(&mut jobs, &low.id, JobState::Running).await;
+    let RunnerAndLow { low, w1, w2, w3, r1, r2, .. } = runner_and_low(&coord, &mut jobs, 9811).await;
     // the head needs 3: 1 idle + low's 1 is not enough, so it is stuck and a job behind it backfills
     let head = submit(&mut jobs, &spec("head", 3, 5, 0)).await;
     let filler = submit(&mut jobs, &format!("{}{ckpt}", spec("filler", 1, 5, 0))).await;
@@ -251,20 +240,7 @@ async fn a_head_counts_an_ending_jobs_workers_as_on_their_way_back() {
     let (_d, db) = tmp();
     let coord = start(&db).await;
     let mut jobs = coord.jobs().await;
-    let ckpt = "\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n";
-    let runner = submit(&mut jobs, &spec("runner", 2, 0, 0)).await;
-    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9841").await;
-    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9842").await;
-    let (r1, r2) = (within("runner", w1.assignment()).await, within("runner", w2.assignment()).await);
-    assert_eq!((r1.job_id.as_str(), r2.job_id.as_str()), (runner.id.as_str(), runner.id.as_str()));
-    w1.set_busy(&r1);
-    w2.set_busy(&r2);
-    let low = submit(&mut jobs, &format!("{}{ckpt}", spec("low", 1, 0, 0))).await;
-    let mut w3 = Worker::join(&coord.url, "127.0.0.1:9843").await;
-    let l = within("low", w3.assignment()).await;
-    assert_eq!(l.job_id, low.id);
-    w3.set_busy(&l);
-    wait_state(&mut jobs, &low.id, JobState::Running).await;
+    let RunnerAndLow { runner, low, w1, w2, mut w3, r1, r2, l } = runner_and_low(&coord, &mut jobs, 9841).await;
     // a priority-5 job of 3 ranks: the low job alone cannot make it fit, so nothing is preempted
     let head = submit(&mut jobs, &spec("head", 3, 5, 0)).await;
     tokio::time::sleep(HEARTBEAT * 6).await;
@@ -285,4 +261,34 @@ async fn a_head_counts_an_ending_jobs_workers_as_on_their_way_back() {
     let h = wait_state(&mut jobs, &head.id, JobState::Scheduled).await;
     assert_eq!(h.worker_ids.len(), 3);
     coord.stop().await;
+}
+
+/// A 2-rank job that never gives way (no checkpoints) on two workers, and a priority-0 job that
+/// would (it checkpoints) on a third; workers on 127.0.0.1 ports `port`, +1, +2.
+struct RunnerAndLow {
+    runner: Job,
+    low: Job,
+    w1: Worker,
+    w2: Worker,
+    w3: Worker,
+    r1: Assignment,
+    r2: Assignment,
+    l: Assignment,
+}
+
+async fn runner_and_low(coord: &Coord, jobs: &mut JobServiceClient<tonic::transport::Channel>, port: u16) -> RunnerAndLow {
+    let runner = submit(jobs, &spec("runner", 2, 0, 0)).await;
+    let mut w1 = Worker::join(&coord.url, &format!("127.0.0.1:{port}")).await;
+    let mut w2 = Worker::join(&coord.url, &format!("127.0.0.1:{}", port + 1)).await;
+    let (r1, r2) = (within("runner", w1.assignment()).await, within("runner", w2.assignment()).await);
+    assert_eq!((r1.job_id.as_str(), r2.job_id.as_str()), (runner.id.as_str(), runner.id.as_str()));
+    w1.set_busy(&r1);
+    w2.set_busy(&r2);
+    let low = submit(jobs, &format!("{}\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n", spec("low", 1, 0, 0))).await;
+    let mut w3 = Worker::join(&coord.url, &format!("127.0.0.1:{}", port + 2)).await;
+    let l = within("low", w3.assignment()).await;
+    assert_eq!(l.job_id, low.id);
+    w3.set_busy(&l);
+    wait_state(jobs, &low.id, JobState::Running).await;
+    RunnerAndLow { runner, low, w1, w2, w3, r1, r2, l }
 }
