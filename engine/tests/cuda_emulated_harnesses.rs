@@ -65,6 +65,13 @@ fn attention_bf16_kernels_in_place() {
     run_harness("attention_emu.cpp", PLAIN, &["direct"]);
 }
 
+/// The tensor-core kernels on f32 activations (SMELT_BF16_ACTIVATIONS=0): q, k, v and dout
+/// through head-major bf16 copies, f32 outputs and gradients.
+#[test]
+fn attention_bf16_kernels_on_f32_activations() {
+    run_harness("attention_emu.cpp", PLAIN, &["bf16"]);
+}
+
 /// The one-pass backward (SMELT_ATTN_FUSED_BWD=1) with dq by bulk reductions, as on sm_90.
 #[test]
 fn attention_fused_backward_bulk_reductions() {
