@@ -38,8 +38,9 @@ pub struct LogsArgs {
 /// How often `--follow` asks for new lines.
 const POLL: Duration = Duration::from_millis(500);
 
-/// How long `--follow` reads on after the job has ended.
-const SETTLE: Duration = Duration::from_secs(3);
+/// How long `--follow` reads on at most after the job has ended, waiting for the coordinator to
+/// say its ranks' last lines are all in (`settled`): a rank saving a rescue checkpoint ends late.
+const SETTLE_AT_MOST: Duration = Duration::from_secs(120);
 
 pub async fn run(a: LogsArgs) -> Result<()> {
     let mut client = connect(&a.coordinator.url).await?;
@@ -54,9 +55,10 @@ pub async fn run(a: LogsArgs) -> Result<()> {
             return Ok(());
         }
     }
-    // once the job has ended, its other ranks' last lines (their abort, their failure) may
-    // still be on their way: a follower reads on this long before it stops (a rank saving a
-    // rescue checkpoint can take longer; its lines are stored, and a later read shows them)
+    // once the job has ended, its other ranks' last lines (their abort, their failure, a
+    // rescue) may still be on their way: a follower reads on until the coordinator says they
+    // are all in, or SETTLE_AT_MOST has passed (their lines are stored either way, and a later
+    // read shows them)
     let mut ended_at: Option<Instant> = None;
     loop {
         // the job's state before the read: lines sent before its end are in that read
@@ -72,7 +74,8 @@ pub async fn run(a: LogsArgs) -> Result<()> {
         if page.more {
             continue;
         }
-        if !a.follow || ended_at.is_some_and(|t| t.elapsed() >= SETTLE) {
+        // settled is read before the page: the page holds every line sent before it was true
+        if !a.follow || (ended_at.is_some() && page.settled) || ended_at.is_some_and(|t| t.elapsed() >= SETTLE_AT_MOST) {
             return Ok(());
         }
         tokio::time::sleep(POLL).await;

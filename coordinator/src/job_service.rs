@@ -110,8 +110,9 @@ impl JobService for JobSvc {
 
     async fn job_logs(&self, req: Request<JobLogsRequest>) -> Result<Response<JobLogsResponse>, Status> {
         let r = req.into_inner();
-        // an unknown job is NOT_FOUND, as for get_job
-        self.coord.with(|st| st.job(&r.job_id).map(|_| ()))?;
+        // an unknown job is NOT_FOUND, as for get_job; whether all its lines are in is known
+        // before the read, so that the read holds them
+        let settled = self.coord.with(|st| st.logs_settled(&r.job_id))?;
         // every line received so far committed first: a job seen ended has all its ranks'
         // lines readable (each worker sends its last ones before its Done)
         self.coord.flush().await?;
@@ -122,6 +123,6 @@ impl JobService for JobSvc {
             .await
             .map_err(|e| Status::internal(format!("reading logs: {e}")))?
             .map_err(Status::internal)?;
-        Ok(Response::new(JobLogsResponse { lines: page.lines.iter().map(|l| l.to_proto()).collect(), next: page.next, more: page.more }))
+        Ok(Response::new(JobLogsResponse { lines: page.lines.iter().map(|l| l.to_proto()).collect(), next: page.next, more: page.more, settled }))
     }
 }

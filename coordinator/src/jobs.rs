@@ -100,6 +100,16 @@ impl State {
         Ok(self.job_proto(self.job(&id)?))
     }
 
+    /// Whether `id` has ended and no connected worker still holds, runs or winds down one of its
+    /// ranks, by the coordinator's books or by its own last status (its ranks' lines are all
+    /// in: each sends its last before its Done, and its status says idle after that).
+    pub fn logs_settled(&self, id: &str) -> Result<bool> {
+        let job = self.job(id)?;
+        let now = std::time::Instant::now();
+        let ranks_out = self.workers.values().any(|w| w.conn.is_some() && (w.row.job_id == id || w.reported_job == id));
+        Ok(is_terminal(job.row.state) && !job.winding_down_at(now) && !ranks_out)
+    }
+
     pub fn get_job(&self, id: &str) -> Result<Job> {
         Ok(self.job_proto(self.job(id)?))
     }

@@ -235,11 +235,14 @@ pub struct WorkerRec {
     /// attempt (a Done it could not deliver earlier) may still follow; a second such status
     /// fails the attempt.
     pub orphan_statuses: Option<u32>,
+    /// The job its last status said it runs, held or not (a rank aborted with its job still
+    /// ends it, and sends its last log lines): what `logs_settled` waits for.
+    pub reported_job: String,
 }
 
 impl WorkerRec {
     pub fn new(row: WorkerRow, last_seen: Instant) -> Self {
-        WorkerRec { row, last_seen, conn: None, pending: Vec::new(), draining: false, orphan_statuses: None }
+        WorkerRec { row, last_seen, conn: None, pending: Vec::new(), draining: false, orphan_statuses: None, reported_job: String::new() }
     }
 }
 

@@ -232,6 +232,7 @@ impl State {
     fn on_status(&mut self, worker_id: &str, s: WorkerStatus) {
         let state = WorkerState::try_from(s.state).unwrap_or_default();
         let Some(w) = self.workers.get_mut(worker_id) else { return };
+        w.reported_job = if state == WorkerState::Busy { s.job_id.clone() } else { String::new() };
         if state == WorkerState::Draining && !w.draining {
             w.draining = true;
             info!(worker_id = %worker_id, "worker draining; it takes no new assignment");

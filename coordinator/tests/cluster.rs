@@ -570,3 +570,39 @@ async fn a_failed_job_does_not_hold_its_rank0_worker() {
     assert_eq!(b.job_id, next.id);
     coord.stop().await;
 }
+
+/// `JobLogs.settled`: false while a job runs, and after it has ended while a rank winds down
+/// (rank 0 saving a rescue checkpoint); true once no worker holds one of its ranks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_logs_are_settled_once_no_rank_is_still_out() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    // a job that fails on rank 1 while rank 0 holds its step: rank 0 winds down
+    let job = submit(&mut jobs, &format!("{}\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n", spec("pair", 2, 0, 0))).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9851").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9852").await;
+    let (a1, a2) = (within("a rank", w1.assignment()).await, within("a rank", w2.assignment()).await);
+    w1.set_busy(&a1);
+    w2.set_busy(&a2);
+    wait_state(&mut jobs, &job.id, JobState::Running).await;
+    assert!(!settled(&mut jobs, &job.id).await, "a running job's logs are not settled");
+    let ((r0, w_r0), (r1, w_r1)) = if a1.rank == 0 { ((&a1, &w1), (&a2, &w2)) } else { ((&a2, &w2), (&a1, &w1)) };
+    w_r1.done(r1, false, "rank 1 died", 3).await;
+    w_r1.set_idle();
+    wait_state(&mut jobs, &job.id, JobState::Failed).await;
+    assert!(!settled(&mut jobs, &job.id).await, "rank 0 is still winding down");
+    w_r0.done(r0, false, "aborted by the coordinator", 3).await;
+    w_r0.set_idle();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !settled(&mut jobs, &job.id).await {
+        assert!(tokio::time::Instant::now() < deadline, "never settled");
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+    coord.stop().await;
+}
+
+async fn settled(jobs: &mut job_service_client::JobServiceClient<tonic::transport::Channel>, id: &str) -> bool {
+    let r = JobLogsRequest { job_id: id.to_string(), ..Default::default() };
+    jobs.job_logs(r).await.unwrap().into_inner().settled
+}
