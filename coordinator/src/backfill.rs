@@ -52,12 +52,7 @@ impl State {
         }
         behind.sort_by_key(|j| j.queue_key());
         let behind: Vec<(&str, u32)> = behind.iter().map(|j| (j.row.id.as_str(), j.row.world_size)).collect();
-        let idle: Vec<Idle> = self
-            .workers
-            .values()
-            .filter(|w| w.row.device_class == class && w.schedulable())
-            .map(|w| Idle { id: &w.row.id, device_class: class, hostname: &w.row.hostname, device_index: w.row.device_index })
-            .collect();
+        let idle: Vec<Idle> = self.idle_workers().filter(|w| w.device_class == class).collect();
         let placements = plan_backfill(head, &behind, idle);
         for p in placements {
             self.place(p);

@@ -105,7 +105,7 @@ impl State {
             let Some(head) = head.filter(|h| !h.winding_down_at(now)) else { continue };
             // a worker that will take work again: connected, not draining, not lost
             let will_serve = |w: &str| self.workers.get(w).is_some_and(|r| r.conn.is_some() && !r.draining && r.row.state != WorkerState::Lost);
-            let idle = self.workers.values().filter(|w| w.row.device_class == class && w.schedulable()).count();
+            let idle = self.idle_workers().filter(|w| w.device_class == class).count();
             let returning = self
                 .jobs
                 .values()

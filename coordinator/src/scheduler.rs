@@ -96,18 +96,7 @@ impl State {
         if jobs.is_empty() {
             return;
         }
-        let idle: Vec<Idle> = self
-            .workers
-            .values()
-            .filter(|w| w.schedulable())
-            .map(|w| Idle {
-                id: &w.row.id,
-                device_class: w.row.device_class,
-                hostname: &w.row.hostname,
-                device_index: w.row.device_index,
-            })
-            .collect();
-        let placements = plan(jobs, idle);
+        let placements = plan(jobs, self.idle_workers().collect());
         for p in placements {
             self.place(p);
         }
@@ -116,6 +105,16 @@ impl State {
         if self.preempt_for_heads() {
             self.schedule();
         }
+    }
+
+    /// The workers that can take an assignment now, as the planners see them.
+    pub(crate) fn idle_workers(&self) -> impl Iterator<Item = Idle<'_>> {
+        self.workers.values().filter(|w| w.schedulable()).map(|w| Idle {
+            id: &w.row.id,
+            device_class: w.row.device_class,
+            hostname: &w.row.hostname,
+            device_index: w.row.device_index,
+        })
     }
 
     pub(crate) fn place(&mut self, p: Placement) {

@@ -16,14 +16,11 @@ use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::server::TlsStream;
+use smelt_proto::tls::read;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::warn;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
-}
 
 /// The coordinator's TLS configuration from its certificate chain and private key (PEM files),
 /// checked now: a missing file, a file without a PEM certificate or key, or a key that is not the

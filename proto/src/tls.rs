@@ -15,7 +15,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 /// The environment variable naming the PEM file of the CA workers and clients trust.
 pub const TLS_CA_ENV: &str = "SMELT_TLS_CA";
 
-fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
+/// A PEM file's bytes, or an error naming `what` and the file.
+pub fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
