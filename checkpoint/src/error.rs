@@ -10,6 +10,10 @@ pub enum CheckpointError {
     /// MANIFEST.json already exists: a checkpoint is never overwritten.
     #[error("{uri}: step {step} is already committed; a committed checkpoint is never overwritten")]
     AlreadyCommitted { uri: String, step: u64 },
+    /// A data file written for a commit was deleted or changed before its manifest went up
+    /// (another writer's retention sweeping it): nothing was committed.
+    #[error("{uri}: written for this checkpoint but {message} before the commit (another writer sharing the root?); not committed")]
+    Vanished { uri: String, message: String },
     /// No MANIFEST.json: an upload that never finished, or nothing at all.
     #[error("{uri}: no MANIFEST.json, so no checkpoint here (an unfinished upload leaves none)")]
     NotCommitted { uri: String },

@@ -134,18 +134,36 @@ pub fn load_model_verified(dir: &StoreDir) -> Result<VerifiedModel> {
     Ok(VerifiedModel { uri: dir.uri().to_string(), manifest, trainer, model })
 }
 
-/// What lies under a `ckpt/` root: for each step directory, whether it has a manifest.
-pub fn list_steps(root: &StoreDir) -> Result<BTreeMap<u64, bool>> {
-    let mut steps = BTreeMap::new();
-    for (name, _) in root.list("")? {
+/// A step directory under a `ckpt/` root, as one listing shows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepDir {
+    /// It has a manifest.
+    pub committed: bool,
+    /// When its newest object was written (the store's clock, ms since the Unix epoch): how long
+    /// an upload without a manifest has been silent.
+    pub newest_ms: i64,
+}
+
+/// What lies under a `ckpt/` root: each step directory, whether it has a manifest and when it
+/// was last written to.
+pub fn list_step_dirs(root: &StoreDir) -> Result<BTreeMap<u64, StepDir>> {
+    let mut steps: BTreeMap<u64, StepDir> = BTreeMap::new();
+    for (name, info) in root.list_info("")? {
         let Some((dir, file)) = name.split_once('/') else { continue };
         let Ok(step) = dir.parse::<u64>() else { continue };
         if dir != step_dir_name(step) {
             continue;
         }
-        *steps.entry(step).or_insert(false) |= file == MANIFEST;
+        let d = steps.entry(step).or_insert(StepDir { committed: false, newest_ms: i64::MIN });
+        d.committed |= file == MANIFEST;
+        d.newest_ms = d.newest_ms.max(info.modified_ms);
     }
     Ok(steps)
+}
+
+/// What lies under a `ckpt/` root: for each step directory, whether it has a manifest.
+pub fn list_steps(root: &StoreDir) -> Result<BTreeMap<u64, bool>> {
+    Ok(list_step_dirs(root)?.into_iter().map(|(s, d)| (s, d.committed)).collect())
 }
 
 /// Steps with a manifest under `root` (committed, not yet verified), oldest first, with URIs.

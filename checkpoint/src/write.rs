@@ -56,6 +56,20 @@ pub fn encode(s: &Snapshot) -> Result<Vec<(&'static str, Bytes)>> {
     Ok(vec![(MODEL, model.into()), (OPTIMIZER, opt.into()), (TRAINER, trainer.into())])
 }
 
+/// Every data file of `entries` is in `found` (a listing of `dir`) with its size.
+fn check_uploaded(dir: &StoreDir, found: &[(String, u64)], entries: &[FileEntry]) -> Result<()> {
+    for e in entries {
+        match found.iter().find(|(n, _)| *n == e.name) {
+            Some((_, size)) if *size == e.size => {}
+            other => {
+                let now = other.map_or("is gone".to_string(), |(_, size)| format!("has {size} bytes, not {}", e.size));
+                return Err(CheckpointError::Vanished { uri: dir.uri_of(&e.name), message: now });
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Writes `snapshot` as `<root>/<step:08>/` and commits it. Fails with `AlreadyCommitted` when
 /// that step has a manifest already (checked first, so a second writer does not even upload;
 /// and again by the create-only manifest put, which settles a race between two writers).
@@ -75,6 +89,11 @@ pub fn commit(root: &StoreDir, snapshot: &Snapshot, opts: &UploadOptions) -> Res
         bytes += data.len() as u64;
         put_object(&dir, name, data, opts)?;
     }
+    // another writer's retention may have swept a file of ours meanwhile (it sweeps only
+    // uploads silent for an hour, but an older build did not wait): a manifest over a missing
+    // file would commit a checkpoint that cannot load
+    let listed = with_retry(policy, dir.uri(), || dir.list(""))?;
+    check_uploaded(&dir, &listed, &entries)?;
     let manifest = Manifest {
         format: FORMAT.to_string(),
         step,
@@ -92,4 +111,24 @@ pub fn commit(root: &StoreDir, snapshot: &Snapshot, opts: &UploadOptions) -> Res
     }
     info!(uri = %dir.uri(), step, bytes, "checkpoint committed");
     Ok(Committed { step, uri: dir.uri().to_string(), manifest_sha256, bytes })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_gone_or_cut_before_the_commit_is_named() {
+        let dir = StoreDir::open("memory://write-check/ckpt/00000010").unwrap();
+        let entry = |name: &str, size: u64| FileEntry { name: name.into(), size, sha256: String::new() };
+        let entries = [entry(MODEL, 10), entry(OPTIMIZER, 20)];
+        let listed = vec![(MODEL.to_string(), 10), (OPTIMIZER.to_string(), 20)];
+        check_uploaded(&dir, &listed, &entries).unwrap();
+        let e = check_uploaded(&dir, &listed[..1], &entries).unwrap_err();
+        assert!(matches!(e, CheckpointError::Vanished { .. }), "{e}");
+        assert!(e.to_string().contains("00000010/optimizer.safetensors: written for this checkpoint but is gone"), "{e}");
+        let cut = vec![(MODEL.to_string(), 10), (OPTIMIZER.to_string(), 7)];
+        let e = check_uploaded(&dir, &cut, &entries).unwrap_err();
+        assert!(e.to_string().contains("has 7 bytes, not 20"), "{e}");
+    }
 }

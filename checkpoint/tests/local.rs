@@ -93,11 +93,21 @@ fn an_upload_that_died_before_its_manifest_leaves_no_checkpoint() {
     let r = load_or_fall_back(d20.uri()).unwrap();
     assert_eq!(r.checkpoint.step(), 10);
     assert!(r.skipped[0].reason.contains("no MANIFEST.json"), "{:?}", r.skipped);
-    // The next retention pass (after a newer commit) sweeps the dead upload's files.
+    // A newer commit does not sweep it while it was written to within the grace period (it
+    // may be another writer's upload in progress: a rank 0 still saving a rescue checkpoint).
     commit(&root, &snapshot(&cfg, 30), &opts()).unwrap();
-    let deleted = smelt_checkpoint::retention::apply(&root, Retention { keep_last: 5, keep_every: 0 }).unwrap();
+    let policy = Retention { keep_last: 5, ..Retention::default() };
+    let d20_path = dir.path().join("jobs/job-000001/ckpt/00000020");
+    assert!(smelt_checkpoint::retention::apply(&root, policy).unwrap().is_empty());
+    assert!(d20_path.join(MODEL).exists());
+    // Once it has been silent for the grace period, the next pass sweeps it.
+    let two_hours_ago = std::time::SystemTime::now() - Duration::from_secs(2 * 3600);
+    for name in [MODEL, OPTIMIZER] {
+        std::fs::File::options().write(true).open(d20_path.join(name)).unwrap().set_modified(two_hours_ago).unwrap();
+    }
+    let deleted = smelt_checkpoint::retention::apply(&root, policy).unwrap();
     assert_eq!(deleted, [20]);
-    assert!(!dir.path().join("jobs/job-000001/ckpt/00000020").join(MODEL).exists());
+    assert!(!d20_path.join(MODEL).exists());
 }
 
 #[test]
@@ -143,7 +153,7 @@ fn the_uploader_commits_in_the_background_and_applies_retention() {
     let dir = tempfile::tempdir().unwrap();
     let root = root(&dir);
     let cfg = config(64, 16);
-    let up = AsyncCheckpointer::new(root.clone(), Retention { keep_last: 2, keep_every: 30 }, opts());
+    let up = AsyncCheckpointer::new(root.clone(), Retention { keep_last: 2, keep_every: 30, ..Retention::default() }, opts());
     let mut committed = Vec::new();
     for step in [10, 20, 30, 40, 50, 60] {
         // A checkpoint step: like the training loop, snapshot only when the uploader is free;

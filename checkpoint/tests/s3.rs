@@ -65,6 +65,14 @@ fn s3_round_trip_multipart_create_only_and_fallback() {
     assert_eq!(r.checkpoint.step(), 10);
     assert!(r.skipped[0].reason.contains("s3://bucket/jobs/job-000001/ckpt/00000020/model.safetensors"), "{:?}", r.skipped);
     assert_eq!(list_committed(&root).unwrap().len(), 2);
+
+    // S3's LastModified reaches retention: both steps were written just now, by the server's
+    // clock (the same machine's), so a dead upload among them would wait out its grace period.
+    let now = smelt_checkpoint::manifest::now_ms();
+    for (step, d) in smelt_checkpoint::read::list_step_dirs(&root).unwrap() {
+        assert!(d.committed, "step {step}");
+        assert!((now - d.newest_ms).abs() < 120_000, "step {step} written at {} ms, now is {now}", d.newest_ms);
+    }
 }
 
 /// An S3 client with short retries of its own (the default retries a refused connection for

@@ -120,6 +120,9 @@ pub struct ObjectInfo {
     /// The store's version tag of the content (S3: the MD5 of a simple upload; local disk:
     /// inode, size and modification time), if it gives one.
     pub e_tag: Option<String>,
+    /// When the object was last written, by the store's clock (milliseconds since the Unix
+    /// epoch): S3's `LastModified`, a local file's modification time.
+    pub modified_ms: i64,
 }
 
 /// A "directory" in an object store: a store, a root path inside it, and the URI it was opened
@@ -308,7 +311,7 @@ impl StoreDir {
             .into_iter()
             .filter_map(|m| {
                 let rel: Vec<String> = m.location.prefix_match(&root)?.map(|p| p.as_ref().to_string()).collect();
-                Some((rel.join("/"), ObjectInfo { size: m.size, e_tag: m.e_tag }))
+                Some((rel.join("/"), ObjectInfo { size: m.size, e_tag: m.e_tag, modified_ms: m.last_modified.timestamp_millis() }))
             })
             .collect::<Vec<_>>();
         found.sort_by(|a, b| a.0.cmp(&b.0));

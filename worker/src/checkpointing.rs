@@ -286,7 +286,7 @@ impl Checkpointer {
         let store = StoreDir::open(&store_uri(spec, out_dir)?)?;
         let root = checkpoints_root(&store, &a.job_id);
         info!(job_id = %a.job_id, uri = %root.uri(), every = c.every, keep_last = c.keep_last, keep_every = c.keep_every, "checkpointing");
-        let retention = Retention { keep_last: c.keep_last, keep_every: c.keep_every };
+        let retention = Retention { keep_last: c.keep_last, keep_every: c.keep_every, ..Retention::default() };
         let template = TrainerJson {
             format: FORMAT.to_string(),
             step: 0,

@@ -1,0 +1,85 @@
+//! Two writers under one checkpoint root: a rank 0 still saving its rescue checkpoint while the
+//! job's next attempt commits newer steps (after a coordinator restart, or a wait that ran out).
+//! Neither may commit a checkpoint over files the other's retention swept.
+
+mod common;
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use common::*;
+use futures::stream::BoxStream;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{
+    CopyOptions, GetOptions, GetResult, ListResult, MultipartUpload, ObjectMeta, ObjectStore, ObjectStoreExt, PutMultipartOptions, PutOptions,
+    PutPayload, PutResult,
+};
+use smelt_checkpoint::layout::{MANIFEST, MODEL, TRAINER};
+use smelt_checkpoint::read::{list_steps, load_verified_dir};
+use smelt_checkpoint::{commit, CheckpointError, UploadOptions};
+use smelt_corpus::StoreDir;
+
+/// An in-memory store in which, just as a step's trainer.json goes up (its last data file),
+/// another writer deletes that step's model.safetensors: what a retention pass that swept an
+/// upload in progress would do.
+#[derive(Debug)]
+struct SweptMidUpload {
+    inner: Arc<InMemory>,
+}
+
+impl fmt::Display for SweptMidUpload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SweptMidUpload({})", self.inner)
+    }
+}
+
+#[async_trait]
+impl ObjectStore for SweptMidUpload {
+    async fn put_opts(&self, location: &Path, payload: PutPayload, opts: PutOptions) -> object_store::Result<PutResult> {
+        if location.filename() == Some(TRAINER) {
+            let parts: Vec<_> = location.parts().collect();
+            let model = Path::from_iter(parts[..parts.len() - 1].iter().cloned()).join(MODEL);
+            self.inner.delete(&model).await?;
+        }
+        self.inner.put_opts(location, payload, opts).await
+    }
+    async fn put_multipart_opts(&self, location: &Path, opts: PutMultipartOptions) -> object_store::Result<Box<dyn MultipartUpload>> {
+        self.inner.put_multipart_opts(location, opts).await
+    }
+    async fn get_opts(&self, location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+        self.inner.get_opts(location, options).await
+    }
+    fn delete_stream(&self, locations: BoxStream<'static, object_store::Result<Path>>) -> BoxStream<'static, object_store::Result<Path>> {
+        self.inner.delete_stream(locations)
+    }
+    fn list(&self, prefix: Option<&Path>) -> BoxStream<'static, object_store::Result<ObjectMeta>> {
+        self.inner.list(prefix)
+    }
+    async fn list_with_delimiter(&self, prefix: Option<&Path>) -> object_store::Result<ListResult> {
+        self.inner.list_with_delimiter(prefix).await
+    }
+    async fn copy_opts(&self, from: &Path, to: &Path, options: CopyOptions) -> object_store::Result<()> {
+        self.inner.copy_opts(from, to, options).await
+    }
+}
+
+#[test]
+fn a_file_swept_during_the_upload_stops_the_commit_and_names_the_file() {
+    let inner = Arc::new(InMemory::new());
+    let swept = StoreDir::from_parts(Arc::new(SweptMidUpload { inner: inner.clone() }), Path::from("ckpt"), "memory://shared/ckpt");
+    let cfg = config(64, 16);
+    let e = commit(&swept, &snapshot(&cfg, 20), &UploadOptions::default()).unwrap_err();
+    assert!(matches!(e, CheckpointError::Vanished { .. }), "{e}");
+    assert!(e.to_string().contains("memory://shared/ckpt/00000020/model.safetensors: written for this checkpoint but is gone"), "{e}");
+    // nothing committed: no manifest, so no checkpoint that cannot load
+    let plain = StoreDir::from_parts(inner, Path::from("ckpt"), "memory://shared/ckpt");
+    assert_eq!(list_steps(&plain).unwrap().into_iter().collect::<Vec<_>>(), [(20, false)]);
+    assert_eq!(plain.size(&format!("00000020/{MANIFEST}")).unwrap(), None);
+    // the step can still be committed whole (by the next writer, or a retry)
+    let c = commit(&plain, &snapshot(&cfg, 20), &UploadOptions::default()).unwrap();
+    assert!(c.uri.ends_with("/00000020"), "{}", c.uri);
+    let back = load_verified_dir(&plain.join("00000020")).unwrap();
+    assert_eq!(back.params, snapshot(&cfg, 20).params);
+}
