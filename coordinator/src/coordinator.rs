@@ -68,7 +68,9 @@ impl Coordinator {
         let mut next_worker = 1;
         for row in loaded.workers {
             next_worker = next_worker.max(id_number(&row.id).unwrap_or(0) + 1);
-            workers.insert(row.id.clone(), WorkerRec::new(row, now));
+            let mut rec = WorkerRec::new(row, now);
+            rec.logs_received = loaded.logs_received.get(&rec.row.id).copied().unwrap_or(0);
+            workers.insert(rec.row.id.clone(), rec);
         }
         let restored_workers = workers.len();
         let mut st = State {

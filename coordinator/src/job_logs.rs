@@ -95,6 +95,23 @@ CREATE TABLE job_logs (
 CREATE INDEX job_logs_by_job ON job_logs(job_id, seq);
 "#;
 
+/// Schema version 7: each worker's highest log batch number stored, written in the transaction
+/// that stores the batch's lines, so a batch the worker sends again after a lost acknowledgement
+/// (its stream broke, or the coordinator restarted) is recognised and not stored twice.
+pub(crate) const SCHEMA_STREAMS: &str = r#"
+CREATE TABLE log_streams (
+    worker_id TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL
+);
+"#;
+
+/// Each worker's highest log batch number stored (read at open).
+pub fn received(conn: &Connection) -> rusqlite::Result<HashMap<String, u64>> {
+    let mut st = conn.prepare("SELECT worker_id, seq FROM log_streams")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+    rows.collect()
+}
+
 /// The store thread's count of each job's stored lines (read from the file the first time a job
 /// is written in this process), so that trimming costs a query only when a job is over its cap.
 #[derive(Default)]
@@ -116,9 +133,15 @@ impl LineCounts {
     }
 }
 
-/// Inserts `rows` (one job's) and deletes the job's oldest lines beyond the cap. The cap is let
-/// overshoot by a tenth before a trim, so a steady stream trims once per tenth, not per batch.
-pub fn insert(tx: &Transaction, rows: &[LogRow], counts: &mut LineCounts) -> rusqlite::Result<()> {
+/// Inserts `rows` (one job's, of worker `worker_id`'s batch number `seq`) and deletes the job's
+/// oldest lines beyond the cap; records `seq` as the worker's highest stored (unless 0). The cap
+/// is let overshoot by a tenth before a trim, so a steady stream trims once per tenth, not per
+/// batch.
+pub fn insert(tx: &Transaction, worker_id: &str, seq: u64, rows: &[LogRow], counts: &mut LineCounts) -> rusqlite::Result<()> {
+    if seq > 0 {
+        tx.prepare_cached("INSERT INTO log_streams (worker_id, seq) VALUES (?1, ?2) ON CONFLICT(worker_id) DO UPDATE SET seq = MAX(seq, excluded.seq)")?
+            .execute(params![worker_id, seq as i64])?;
+    }
     let Some(first) = rows.first() else { return Ok(()) };
     let mut st = tx.prepare_cached(
         "INSERT INTO job_logs (job_id, attempt, rank, worker_id, at_ms, level, target, text) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -244,7 +267,11 @@ mod tests {
 
     fn batch(job: &str, attempt: u32, rank: u32, texts: &[&str], dropped: u64) -> LogBatch {
         let lines = texts.iter().enumerate().map(|(i, t)| LogLine { at_ms: 1000 + i as i64, level: "INFO".into(), target: "smelt_worker::runner".into(), text: t.to_string() }).collect();
-        LogBatch { job_id: job.into(), attempt, rank, lines, dropped }
+        LogBatch { job_id: job.into(), attempt, rank, lines, dropped, seq: 0 }
+    }
+
+    fn logs_op(worker: &str, b: LogBatch) -> Op {
+        Op::Logs { worker_id: worker.into(), seq: b.seq, rows: rows_of(worker, b, 0) }
     }
 
     fn texts(p: &LogPage) -> Vec<String> {
@@ -257,10 +284,10 @@ mod tests {
         let path = dir.path().join("smelt.db");
         let (store, _) = Store::open(&path).unwrap();
         let h = store.handle();
-        h.write(Op::Logs(rows_of("w-1", batch("job-000001", 1, 0, &["a0", "a1"], 0), 0)));
-        h.write(Op::Logs(rows_of("w-2", batch("job-000001", 1, 1, &["b0"], 0), 0)));
-        h.write(Op::Logs(rows_of("w-9", batch("job-000002", 1, 0, &["other job"], 0), 0)));
-        h.write(Op::Logs(rows_of("w-1", batch("job-000001", 2, 0, &["c0", "c1", "c2"], 3), 0)));
+        h.write(logs_op("w-1", batch("job-000001", 1, 0, &["a0", "a1"], 0)));
+        h.write(logs_op("w-2", batch("job-000001", 1, 1, &["b0"], 0)));
+        h.write(logs_op("w-9", batch("job-000002", 1, 0, &["other job"], 0)));
+        h.write(logs_op("w-1", batch("job-000001", 2, 0, &["c0", "c1", "c2"], 3)));
         h.flush().await.unwrap();
 
         let all = read(&path, "job-000001", &LogQuery::default()).unwrap();
@@ -340,7 +367,7 @@ mod tests {
         let (store, _) = Store::open(&path).unwrap();
         let big = "y".repeat(15_000);
         let texts: Vec<&str> = vec![big.as_str(); 400]; // about 6 MB
-        store.handle().write(Op::Logs(rows_of("w-1", batch("job-000001", 1, 0, &texts, 0), 0)));
+        store.handle().write(logs_op("w-1", batch("job-000001", 1, 0, &texts, 0)));
         store.handle().flush().await.unwrap();
         let (mut after, mut total, mut pages) = (0, 0, 0);
         loop {

@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version v's statements are `MIGRATIONS[v - 1]`.
-const MIGRATIONS: [&str; 6] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6];
+const MIGRATIONS: [&str; 7] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE jobs (
@@ -117,6 +117,9 @@ const SCHEMA_V5: &str = crate::job_logs::SCHEMA;
 const SCHEMA_V6: &str = r#"
 ALTER TABLE jobs ADD COLUMN backfilled INTEGER NOT NULL DEFAULT 0;
 "#;
+
+/// Version 7: each worker's highest log batch number stored (`crate::job_logs`).
+const SCHEMA_V7: &str = crate::job_logs::SCHEMA_STREAMS;
 
 /// Creates the schema in a new file, or brings an older one to `SCHEMA_VERSION`.
 pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

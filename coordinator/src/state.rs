@@ -238,11 +238,24 @@ pub struct WorkerRec {
     /// The job its last status said it runs, held or not (a rank aborted with its job still
     /// ends it, and sends its last log lines): what `logs_settled` waits for.
     pub reported_job: String,
+    /// The highest `LogBatch.seq` of this worker received (its lines queued to the store; kept in
+    /// the store with them, `job_logs::log_streams`): a batch numbered up to it is one sent again
+    /// and is not stored twice.
+    pub logs_received: u64,
 }
 
 impl WorkerRec {
     pub fn new(row: WorkerRow, last_seen: Instant) -> Self {
-        WorkerRec { row, last_seen, conn: None, pending: Vec::new(), draining: false, orphan_statuses: None, reported_job: String::new() }
+        WorkerRec {
+            row,
+            last_seen,
+            conn: None,
+            pending: Vec::new(),
+            draining: false,
+            orphan_statuses: None,
+            reported_job: String::new(),
+            logs_received: 0,
+        }
     }
 }
 

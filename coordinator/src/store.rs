@@ -198,8 +198,9 @@ pub enum Op {
     Event(EventRow),
     Metric(MetricRow),
     Checkpoint(CheckpointRow),
-    /// One worker's batch of a job's log lines.
-    Logs(Vec<crate::job_logs::LogRow>),
+    /// One worker's batch of a job's log lines (`seq`: the batch's number, 0 when unnumbered;
+    /// `rows` may be empty, for a batch of a job this coordinator does not keep).
+    Logs { worker_id: String, seq: u64, rows: Vec<crate::job_logs::LogRow> },
 }
 
 enum Cmd {
@@ -217,6 +218,8 @@ pub struct Loaded {
     pub assignments: Vec<AssignmentRow>,
     pub events: Vec<EventRow>,
     pub checkpoints: Vec<CheckpointRow>,
+    /// Each worker's highest log batch number stored.
+    pub logs_received: std::collections::HashMap<String, u64>,
 }
 
 /// The write queue; cheap to clone, never blocks.
@@ -396,6 +399,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
     for r in rows {
         out.checkpoints.push(r?);
     }
+    out.logs_received = crate::job_logs::received(conn)?;
     Ok(out)
 }
 
@@ -494,7 +498,7 @@ fn apply(tx: &Transaction, op: &Op, log_lines: &mut LineCounts) -> rusqlite::Res
             )?
             .execute(params![c.job_id, c.step as i64, c.uri, c.manifest_sha256, c.at_ms])?;
         }
-        Op::Logs(rows) => crate::job_logs::insert(tx, rows, log_lines)?,
+        Op::Logs { worker_id, seq, rows } => crate::job_logs::insert(tx, worker_id, *seq, rows, log_lines)?,
     }
     Ok(())
 }

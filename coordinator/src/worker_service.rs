@@ -4,7 +4,7 @@ use std::pin::Pin;
 
 use smelt_proto::v1::worker_service_server::WorkerService;
 use smelt_proto::v1::{
-    CheckpointAck, CheckpointReport, CoordinatorMessage, RegisterRequest, RegisterResponse, RendezvousRequest,
+    worker_message, CheckpointAck, CheckpointReport, CoordinatorMessage, RegisterRequest, RegisterResponse, RendezvousRequest,
     RendezvousResponse, WorkerMessage,
 };
 use tokio::sync::mpsc;
@@ -71,9 +71,15 @@ impl WorkerService for WorkerSvc {
                 };
                 match next {
                     Ok(Some(m)) => {
+                        let numbered_logs = matches!(&m.body, Some(worker_message::Body::Logs(b)) if b.seq > 0);
                         if !coord.with(|st| st.on_message(&worker_id, gen, m)) {
                             debug!(worker_id = %worker_id, gen, "heartbeat stream superseded; reader stops");
                             return;
+                        }
+                        // acknowledged once committed: a batch lost to a crash before that is
+                        // sent again by the worker
+                        if numbered_logs && coord.flush().await.is_ok() {
+                            coord.with(|st| st.ack_logs(&worker_id, gen));
                         }
                     }
                     Ok(None) => {

@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use smelt_proto::v1::{
     coordinator_message, job_event, worker_message, Abort, AssignmentDone, CoordinatorMessage, DeviceClass, HeartbeatAck,
-    JobState, RegisterRequest,
+    JobState, LogBatch, LogsAck, RegisterRequest,
     RegisterResponse, StepMetrics, WorkerMessage, WorkerState, WorkerStatus,
 };
 use tracing::{debug, info, warn};
@@ -202,16 +202,42 @@ impl State {
                     self.message(&n.job_id, n.text);
                 }
             }
-            Some(worker_message::Body::Logs(b)) => {
-                // kept for any job this coordinator knows, from whichever worker ran a rank of
-                // it: a failed rank's last lines come after the gang is released
-                if self.jobs.contains_key(&b.job_id) {
-                    self.store.write(Op::Logs(crate::job_logs::rows_of(worker_id, b, now_ms())));
-                }
-            }
+            Some(worker_message::Body::Logs(b)) => self.on_logs(worker_id, b),
             None => {}
         }
         true
+    }
+
+    /// A worker's log lines: kept for any job this coordinator knows, from whichever worker ran a
+    /// rank of it (a failed rank's last lines come after the gang is released); a numbered batch
+    /// at most the worker's highest received is one sent again, and dropped here.
+    fn on_logs(&mut self, worker_id: &str, b: LogBatch) {
+        let Some(w) = self.workers.get_mut(worker_id) else { return };
+        let seq = b.seq;
+        if seq > 0 {
+            if seq <= w.logs_received {
+                debug!(worker_id = %worker_id, seq, "log batch received before; not stored again");
+                return;
+            }
+            w.logs_received = seq;
+        }
+        let rows = if self.jobs.contains_key(&b.job_id) { crate::job_logs::rows_of(worker_id, b, now_ms()) } else { Vec::new() };
+        if seq > 0 || !rows.is_empty() {
+            self.store.write(Op::Logs { worker_id: worker_id.to_string(), seq, rows });
+        }
+    }
+
+    /// After the store committed what stream `gen` brought: tells the worker every log batch it
+    /// numbered up to its highest received is safe, so it can let them go.
+    pub fn ack_logs(&self, worker_id: &str, gen: u64) {
+        if !self.current_stream(worker_id, gen) {
+            return;
+        }
+        let Some(w) = self.workers.get(worker_id) else { return };
+        if let Some(conn) = &w.conn {
+            let ack = CoordinatorMessage { body: Some(coordinator_message::Body::LogsAck(LogsAck { seq: w.logs_received })) };
+            let _ = conn.tx.send(Ok(ack));
+        }
     }
 
     /// Echoes a status's sequence number down the worker's stream.

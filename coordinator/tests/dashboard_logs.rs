@@ -19,7 +19,7 @@ fn log_line(at_ms: i64, level: &str, text: &str) -> LogLine {
 
 /// Sends `lines` as rank `a.rank`'s, and waits until the API serves the job's `total` lines.
 async fn send_logs(coord: &Coord, w: &Worker, a: &Assignment, lines: Vec<LogLine>, total: usize) {
-    w.send(worker_message::Body::Logs(LogBatch { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank, lines, dropped: 0 })).await;
+    w.send(worker_message::Body::Logs(LogBatch { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank, lines, dropped: 0, seq: 0 })).await;
     let path = format!("/api/jobs/{}/logs", a.job_id);
     within("the log lines stored", async {
         while http::get(coord.addr, &path, None).await.json()["lines"].as_array().unwrap().len() != total {

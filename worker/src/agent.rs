@@ -137,6 +137,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             Up::Status(WorkerStatus { state: state as i32, job_id, attempt, seq: 0 })
         };
         let _ = up_tx.send(msg(status(&running, draining))).await;
+        // log batches the last stream may have lost (none acknowledged them), before a Done
+        for b in cfg.logs.unacked() {
+            let _ = up_tx.send(msg(Up::Logs(b))).await;
+        }
         if let Some(done) = undelivered.take() {
             let _ = up_tx.send(msg(Up::Done(done))).await;
         }
@@ -179,6 +183,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                             }
                         }
                     }
+                    Some(Ok(CoordinatorMessage { body: Some(Down::LogsAck(ack)) })) => cfg.logs.acked(ack.seq),
                     Some(Ok(_)) => {}
                     Some(Err(e)) => { warn!(error = %e.message(), "heartbeat stream broke; reconnecting"); break; }
                     None => { warn!("coordinator closed the heartbeat stream; reconnecting"); break; }
@@ -231,27 +236,21 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     }
 }
 
-/// Tells the coordinator a checkpoint's manifest has landed; retried while it is unreachable
-/// (the checkpoint is safe in the store either way: a restart that misses it resumes from an
-/// earlier one).
 /// Sends the lines logged since the last call (a message per run, at most a megabyte each);
-/// false when the stream is gone (the lines not sent wait for the next one).
+/// false when the stream is gone. Either way the batches wait, in the capture, for the
+/// coordinator's acknowledgement, and the next stream sends again those it did not get.
 async fn send_logs(logs: &LogCapture, up: &mpsc::Sender<WorkerMessage>, msg: &impl Fn(Up) -> WorkerMessage) -> bool {
-    let mut batches = logs.drain().into_iter();
-    while let Some(batch) = batches.next() {
-        if let Err(unsent) = up.send(msg(Up::Logs(batch))).await {
-            // the stream is gone: keep them for the next one
-            let first = match unsent.0.body {
-                Some(Up::Logs(b)) => Some(b),
-                _ => None,
-            };
-            logs.requeue(first.into_iter().chain(batches).collect());
+    for batch in logs.drain() {
+        if up.send(msg(Up::Logs(batch))).await.is_err() {
             return false;
         }
     }
     true
 }
 
+/// Tells the coordinator a checkpoint's manifest has landed; retried while it is unreachable
+/// (the checkpoint is safe in the store either way: a restart that misses it resumes from an
+/// earlier one).
 async fn report_checkpoint(mut client: WorkerServiceClient<AuthChannel>, r: CheckpointReport) {
     let mut backoff = Duration::from_millis(200);
     for attempt in 1..=5 {

@@ -7,6 +7,11 @@
 //! Each line is tagged with the run it was logged in as it is logged, so lines of a run that
 //! ended are never sent as the next one's. The buffer is bounded: while the coordinator is
 //! unreachable the oldest lines go, and the next batch says how many.
+//!
+//! Batches are numbered (`LogBatch.seq`, from 1) and kept after they are sent until the
+//! coordinator acknowledges them (`LogsAck`, once its store has committed them): a heartbeat
+//! stream that breaks loses the messages queued on it, so the agent sends every batch not yet
+//! acknowledged again, first, on its next stream, and the coordinator stores each number once.
 
 use std::collections::VecDeque;
 use std::fmt::Write as _;
@@ -68,11 +73,21 @@ struct Inner {
     bytes: usize,
     /// Lines dropped for a full buffer, by run, oldest first (sent before that run's next lines).
     dropped: Vec<(Arc<RunKey>, u64)>,
+    /// The last batch number given (0: none yet).
+    last_seq: u64,
+    /// Batches handed out and not yet acknowledged, oldest first.
+    unacked: VecDeque<LogBatch>,
+    /// Bytes of text and target in `unacked`.
+    unacked_bytes: usize,
 }
 
 /// What a line weighs against the byte bound.
 fn size(l: &LogLine) -> usize {
     l.text.len() + l.target.len()
+}
+
+fn batch_size(b: &LogBatch) -> usize {
+    b.lines.iter().map(size).sum()
 }
 
 impl Inner {
@@ -111,16 +126,51 @@ impl LogCapture {
         self.lock().run = None;
     }
 
-    /// Every line kept so far, as one batch per run in the order logged.
+    /// Every line kept so far, as one numbered batch per run (and megabyte) in the order logged;
+    /// each is also kept until [`LogCapture::acked`] covers it.
     pub fn drain(&self) -> Vec<LogBatch> {
-        let (lines, dropped) = {
-            let mut g = self.lock();
-            g.bytes = 0;
-            (std::mem::take(&mut g.lines), std::mem::take(&mut g.dropped))
-        };
+        let mut g = self.lock();
+        let lines = std::mem::take(&mut g.lines);
+        let dropped = std::mem::take(&mut g.dropped);
+        g.bytes = 0;
+        let mut out = Self::batches(lines, dropped);
+        for b in &mut out {
+            g.last_seq += 1;
+            b.seq = g.last_seq;
+            g.unacked_bytes += batch_size(b);
+            g.unacked.push_back(b.clone());
+        }
+        // Unacknowledged batches are bounded too. They only pile up while a stream stays up but
+        // acknowledges nothing (a coordinator of an older version): those went out on a live
+        // stream, so the oldest are let go without being counted as dropped.
+        while g.unacked.len() > 1 && (g.unacked_bytes > MAX_BUFFERED_BYTES || g.unacked.len() > MAX_BUFFERED) {
+            let old = g.unacked.pop_front().expect("len > 1");
+            g.unacked_bytes -= batch_size(&old);
+        }
+        out
+    }
+
+    /// The batches handed out and not acknowledged yet, oldest first: to send again, before
+    /// anything else, on a new stream.
+    pub fn unacked(&self) -> Vec<LogBatch> {
+        self.lock().unacked.iter().cloned().collect()
+    }
+
+    /// The coordinator has committed every batch numbered up to `seq`.
+    pub fn acked(&self, seq: u64) {
+        let mut g = self.lock();
+        while g.unacked.front().is_some_and(|b| b.seq <= seq) {
+            let b = g.unacked.pop_front().expect("checked");
+            g.unacked_bytes -= batch_size(&b);
+        }
+    }
+
+    /// `lines` as batches, one per run and megabyte, each run's drop count on its first.
+    fn batches(lines: VecDeque<(Arc<RunKey>, LogLine)>, dropped: Vec<(Arc<RunKey>, u64)>) -> Vec<LogBatch> {
         let mut out: Vec<LogBatch> = Vec::new();
         let mut dropped: VecDeque<(Arc<RunKey>, u64)> = dropped.into();
-        let batch_of = |k: &RunKey, dropped: u64| LogBatch { job_id: k.job_id.clone(), attempt: k.attempt, rank: k.rank, lines: Vec::new(), dropped };
+        let batch_of =
+            |k: &RunKey, dropped: u64| LogBatch { job_id: k.job_id.clone(), attempt: k.attempt, rank: k.rank, lines: Vec::new(), dropped, seq: 0 };
         let mut bytes = 0usize;
         for (key, line) in lines {
             let same = out.last().is_some_and(|b| b.job_id == key.job_id && b.attempt == key.attempt && b.rank == key.rank)
@@ -145,28 +195,6 @@ impl LogCapture {
         // drops with no line after them (every line of theirs went)
         out.extend(dropped.into_iter().map(|(k, n)| batch_of(&k, n)));
         out
-    }
-
-    /// Puts batches that could not be sent back in front of what was kept since, so the next
-    /// connection sends them first.
-    pub fn requeue(&self, batches: Vec<LogBatch>) {
-        let mut g = self.lock();
-        let mut front: VecDeque<(Arc<RunKey>, LogLine)> = VecDeque::new();
-        let mut dropped = Vec::new();
-        for b in batches {
-            let key = Arc::new(RunKey { job_id: b.job_id, attempt: b.attempt, rank: b.rank });
-            if b.dropped > 0 {
-                dropped.push((key.clone(), b.dropped));
-            }
-            front.extend(b.lines.into_iter().map(|l| (key.clone(), l)));
-        }
-        dropped.append(&mut g.dropped);
-        g.dropped = dropped;
-        front.append(&mut g.lines);
-        g.bytes = front.iter().map(|(_, l)| size(l)).sum();
-        g.lines = front;
-        // still bounded: the oldest go first, counted
-        g.bound();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -312,19 +340,53 @@ mod tests {
     }
 
     #[test]
-    fn batches_that_could_not_be_sent_go_first_next_time() {
+    fn batches_are_numbered_and_kept_until_acknowledged() {
         let capture = logged(|capture, _| {
             capture.begin(&assignment("job-000001", 1, 0));
             info!("first");
-            let unsent = capture.drain();
+            let sent = capture.drain();
+            assert_eq!(sent.iter().map(|b| (b.seq, texts(b))).collect::<Vec<_>>(), [(1, vec!["first"])]);
             info!("second");
-            capture.requeue(unsent);
+            capture.begin(&assignment("job-000002", 1, 0));
+            info!("third");
+            let sent = capture.drain();
+            assert_eq!(sent.iter().map(|b| b.seq).collect::<Vec<_>>(), [2, 3]);
+            // none acknowledged: a new stream sends all three again, in order
+            let again = capture.unacked();
+            assert_eq!(again.iter().map(|b| (b.seq, texts(b))).collect::<Vec<_>>(), [(1, vec!["first"]), (2, vec!["second"]), (3, vec!["third"])]);
+            capture.acked(2);
+            assert_eq!(capture.unacked().iter().map(|b| b.seq).collect::<Vec<_>>(), [3]);
+            // an old acknowledgement after a newer one changes nothing
+            capture.acked(1);
+            assert_eq!(capture.unacked().len(), 1);
+            capture.acked(3);
+            assert!(capture.unacked().is_empty());
+            info!("fourth");
         });
         let batches = capture.drain();
-        assert_eq!(batches.len(), 1);
-        assert_eq!(texts(&batches[0]), ["first", "second"]);
-        assert_eq!(quiet("h2::codec"), true);
-        assert_eq!((quiet("h2"), quiet("h2o::model"), quiet("smelt_worker::agent")), (true, false, false));
+        assert_eq!(batches.iter().map(|b| (b.seq, texts(b))).collect::<Vec<_>>(), [(4, vec!["fourth"])]);
+        assert_eq!((quiet("h2"), quiet("h2::codec"), quiet("h2o::model"), quiet("smelt_worker::agent")), (true, true, false, false));
+    }
+
+    #[test]
+    fn unacknowledged_batches_are_bounded_keeping_the_newest() {
+        let capture = logged(|capture, _| {
+            capture.begin(&assignment("job-000001", 1, 0));
+            let long = "y".repeat(MAX_LINE);
+            // a coordinator that never acknowledges: three times the byte bound goes out
+            for _ in 0..3 {
+                for _ in 0..MAX_BUFFERED_BYTES / MAX_LINE {
+                    info!("{long}");
+                }
+                capture.drain();
+            }
+        });
+        let kept = capture.unacked();
+        let bytes: usize = kept.iter().map(batch_size).sum();
+        assert!(bytes <= MAX_BUFFERED_BYTES && bytes > MAX_BUFFERED_BYTES / 2, "{bytes}");
+        let last = kept.last().unwrap().seq;
+        assert!(kept.windows(2).all(|w| w[1].seq == w[0].seq + 1), "the newest, in order");
+        assert!(last > kept.len() as u64, "the oldest went");
     }
 
     #[test]

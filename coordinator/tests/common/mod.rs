@@ -288,9 +288,23 @@ impl Worker {
         loop {
             let m = within("a coordinator message", rx.message()).await.expect("stream ok").expect("stream not ended");
             match m.body.expect("message has a body") {
-                // Heartbeat acks come with every status; the tests look at what else arrives.
-                coordinator_message::Body::Ack(_) => continue,
+                // Heartbeat acks come with every status, log acks with every numbered log
+                // batch; the tests look at what else arrives.
+                coordinator_message::Body::Ack(_) | coordinator_message::Body::LogsAck(_) => continue,
                 other => return other,
+            }
+        }
+    }
+
+    /// Waits for a log acknowledgement of at least `seq` (other messages are skipped).
+    pub async fn logs_acked(&mut self, seq: u64) {
+        let rx = self.rx.as_mut().expect("stream open");
+        loop {
+            let m = within("a log acknowledgement", rx.message()).await.expect("stream ok").expect("stream not ended");
+            if let Some(coordinator_message::Body::LogsAck(a)) = m.body {
+                if a.seq >= seq {
+                    return;
+                }
             }
         }
     }

@@ -1,0 +1,73 @@
+//! Log lines are stored once each, whatever the stream loses: a worker numbers its batches and
+//! keeps them until the coordinator acknowledges them (after its store committed them), and
+//! sends again those not acknowledged when it reconnects; the coordinator stores each number
+//! once, also across its own restart (the numbers are in the SQLite file with the lines).
+
+mod common;
+
+use common::*;
+use smelt_proto::v1::*;
+
+fn batch(a: &Assignment, seq: u64, texts: &[&str]) -> worker_message::Body {
+    let lines = texts
+        .iter()
+        .map(|t| LogLine { at_ms: 1_700_000_000_000, level: "INFO".into(), target: "smelt_worker::runner".into(), text: t.to_string() })
+        .collect();
+    worker_message::Body::Logs(LogBatch { job_id: a.job_id.clone(), attempt: a.attempt, rank: a.rank, lines, dropped: 0, seq })
+}
+
+async fn texts(jobs: &mut job_service_client::JobServiceClient<tonic::transport::Channel>, id: &str) -> Vec<String> {
+    let r = JobLogsRequest { job_id: id.to_string(), ..Default::default() };
+    jobs.job_logs(r).await.unwrap().into_inner().lines.into_iter().map(|l| l.text).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_again_is_stored_once_across_reconnects_and_a_coordinator_restart() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("logged", 1, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9861").await;
+    let a = within("an assignment", w.assignment()).await;
+
+    w.send(batch(&a, 1, &["a", "b"])).await;
+    w.logs_acked(1).await;
+    assert_eq!(texts(&mut jobs, &job.id).await, ["a", "b"], "acknowledged only once committed: readable now");
+
+    // the acknowledgement of 2 was lost with the stream: the worker sends 2 again on its next
+    // stream, then 3
+    w.send(batch(&a, 2, &["c"])).await;
+    w.logs_acked(2).await;
+    w.drop_stream();
+    let mut w = Worker::join_with(
+        &coord.url,
+        &w.data_addr.clone(),
+        WorkerOpts { id: &w.id.clone(), running: Some(a.clone()), then: vec![batch(&a, 2, &["c"]), batch(&a, 3, &["d"])], ..Default::default() },
+    )
+    .await;
+    w.logs_acked(3).await;
+    assert_eq!(texts(&mut jobs, &job.id).await, ["a", "b", "c", "d"]);
+
+    // a coordinator restart on the same file remembers what it stored
+    coord.stop().await;
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let (id, addr) = (w.id.clone(), w.data_addr.clone());
+    drop(w);
+    let mut w = Worker::join_with(
+        &coord.url,
+        &addr,
+        WorkerOpts { id: &id, running: Some(a.clone()), then: vec![batch(&a, 3, &["d"]), batch(&a, 4, &["e"])], ..Default::default() },
+    )
+    .await;
+    assert_eq!(w.id, id, "re-attached as itself");
+    w.logs_acked(4).await;
+    assert_eq!(texts(&mut jobs, &job.id).await, ["a", "b", "c", "d", "e"]);
+
+    // an unnumbered batch (a worker of an older version) is stored as it comes
+    w.send(batch(&a, 0, &["old"])).await;
+    w.send(batch(&a, 5, &["f"])).await;
+    w.logs_acked(5).await;
+    assert_eq!(texts(&mut jobs, &job.id).await, ["a", "b", "c", "d", "e", "old", "f"]);
+    coord.stop().await;
+}
