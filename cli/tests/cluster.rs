@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use smelt_proto::v1::job_service_client::JobServiceClient;
-use smelt_proto::v1::{job_event, GetJobRequest, Job, JobState, ListWorkersRequest, SubmitRequest, WatchJobRequest, WorkerState};
+use smelt_proto::v1::{job_event, GetJobRequest, Job, JobLogsRequest, JobState, ListWorkersRequest, SubmitRequest, WatchJobRequest, WorkerState};
 use tonic::transport::Channel;
 
 mod harness;
@@ -178,6 +178,21 @@ impl Cluster {
         })
     }
 
+    /// Every stored log line of `id`, as (rank, text), oldest first.
+    fn log_texts(&self, id: &str) -> Vec<(u32, String)> {
+        let mut c = self.client();
+        let (mut out, mut after) = (Vec::new(), 0);
+        loop {
+            let r = JobLogsRequest { job_id: id.to_string(), after, ..Default::default() };
+            let page = self.rt.block_on(c.job_logs(r)).unwrap().into_inner();
+            out.extend(page.lines.iter().map(|l| (l.rank, l.text.clone())));
+            after = page.next;
+            if !page.more {
+                return out;
+            }
+        }
+    }
+
     fn worker_states(&self) -> Vec<i32> {
         let mut c = self.client();
         self.rt.block_on(c.list_workers(ListWorkersRequest {})).unwrap().into_inner().workers.iter().map(|w| w.state).collect()
@@ -334,6 +349,15 @@ fn coordinator_restart_keeps_jobs_and_workers_reattach() {
     assert!(j.state == JobState::Running as i32 || j.state == JobState::Succeeded as i32, "after restart: {j:?}");
     let done = c.wait_state(&job.id, JobState::Succeeded, Duration::from_secs(240));
     assert_eq!(done.restarts, 0, "re-attached workers must not restart the job: {done:?}");
+    // the job's log lines from before and after the restart, each stored once (batches the
+    // killed coordinator never acknowledged are sent again, and stored once)
+    let lines = c.log_texts(&job.id);
+    for rank in [0, 1] {
+        for what in ["training started", "assignment finished", "re-registered"] {
+            let n = lines.iter().filter(|(r, t)| *r == rank && t.contains(what)).count();
+            assert_eq!(n, 1, "rank {rank}: {what:?} {n} times in\n{lines:#?}");
+        }
+    }
 }
 
 #[test]

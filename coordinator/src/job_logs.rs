@@ -335,8 +335,8 @@ mod tests {
             let texts: Vec<String> = (0..10).map(|k| format!("line {}", i * 10 + k)).collect();
             let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
             let tx = conn.transaction().unwrap();
-            insert(&tx, &rows_of("w-1", batch("job-000001", 1, 0, &refs, 0), 0), &mut counts).unwrap();
-            insert(&tx, &rows_of("w-1", batch("job-000002", 1, 0, &["small"], 0), 0), &mut counts).unwrap();
+            insert(&tx, "w-1", 0, &rows_of("w-1", batch("job-000001", 1, 0, &refs, 0), 0), &mut counts).unwrap();
+            insert(&tx, "w-1", 0, &rows_of("w-1", batch("job-000002", 1, 0, &["small"], 0), 0), &mut counts).unwrap();
             tx.commit().unwrap();
             let n: i64 = conn.query_row("SELECT COUNT(*) FROM job_logs WHERE job_id = 'job-000001'", [], |r| r.get(0)).unwrap();
             assert!(n as u64 <= 110, "over the cap and its slack after batch {i}: {n}");
@@ -354,7 +354,7 @@ mod tests {
         let mut fresh = LineCounts::with_cap(100);
         let tx = conn.transaction().unwrap();
         let more: Vec<String> = (0..20).map(|k| format!("more {k}")).collect();
-        insert(&tx, &rows_of("w-1", batch("job-000001", 1, 0, &more.iter().map(String::as_str).collect::<Vec<_>>(), 0), 0), &mut fresh).unwrap();
+        insert(&tx, "w-1", 0, &rows_of("w-1", batch("job-000001", 1, 0, &more.iter().map(String::as_str).collect::<Vec<_>>(), 0), 0), &mut fresh).unwrap();
         tx.commit().unwrap();
         let n: i64 = conn.query_row("SELECT COUNT(*) FROM job_logs WHERE job_id = 'job-000001'", [], |r| r.get(0)).unwrap();
         assert!((100..=110).contains(&(n as u64)), "{n}");
