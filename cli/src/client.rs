@@ -39,6 +39,11 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<AuthChannel>> {
         .await
         // the innermost cause says what happened ("Connection refused", "invalid peer certificate")
         .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {}", smelt_proto::tls::innermost(&e)))?;
+    // a coordinator that refuses this client's certificate (mutual TLS) says why to the probe;
+    // a call would often fail with only "connection closed"
+    if let Some(why) = smelt_proto::tls::refusal(url).await {
+        anyhow::bail!("the coordinator at {url} refused this client's TLS connection: {why}");
+    }
     let token = auth::BearerToken::new(auth::token_from_env().as_deref()).map_err(|e| anyhow::anyhow!("{}: {e}", auth::TOKEN_ENV))?;
     Ok(JobServiceClient::with_interceptor(channel, token))
 }

@@ -34,6 +34,11 @@ pub struct CoordinatorArgs {
     /// PEM private key of --tls-cert.
     #[arg(long, requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Mutual TLS: PEM certificate(s) of the CA that must have signed every worker's and
+    /// client's certificate (they present theirs through SMELT_TLS_CERT and SMELT_TLS_KEY); a
+    /// connection without one is refused, the dashboard's included.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 pub fn run(a: CoordinatorArgs) -> Result<()> {
@@ -43,7 +48,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
         lease_timeout: Duration::from_millis(a.lease_timeout_ms),
         token: crate::client::token(a.token_file.as_deref())?,
-        tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| TlsFiles { cert, key }),
+        tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: a.tls_client_ca }),
     };
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(smelt_coordinator::serve(cfg, crate::signals::terminated()))

@@ -88,3 +88,78 @@ fn a_job_runs_end_to_end_over_tls_and_untrusting_processes_are_refused() {
     println!("{out}");
     assert!(out.contains("job-000001") && out.contains("succeeded"), "{out}");
 }
+
+#[test]
+fn with_mutual_tls_only_workers_and_clients_with_a_certificate_get_in_and_the_others_are_told_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs::make(dir.path(), "cluster");
+    let other = certs::make(dir.path(), "other");
+    let (_coordinator, addr) = start_coordinator(
+        dir.path(),
+        &["--tls-cert".as_ref(), tls.cert.as_os_str(), "--tls-key".as_ref(), tls.key.as_os_str(), "--tls-client-ca".as_ref(), tls.ca.as_os_str()],
+    );
+    let url = format!("https://{addr}");
+    let with_identity = |cmd: &mut Command, identity: Option<(&std::path::Path, &std::path::Path)>| {
+        cmd.env("SMELT_TLS_CA", &tls.ca).env_remove("SMELT_TLS_CERT").env_remove("SMELT_TLS_KEY");
+        if let Some((cert, key)) = identity {
+            cmd.env("SMELT_TLS_CERT", cert).env("SMELT_TLS_KEY", key);
+        }
+    };
+    let worker = |name: &str, identity: Option<(&std::path::Path, &std::path::Path)>| {
+        let log = log_file(dir.path(), name);
+        let mut cmd = smelt();
+        cmd.args(["--threads", "1", "worker", "--device", "cpu", "--coordinator", &url])
+            .arg("--out-dir")
+            .arg(dir.path().join(name))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        with_identity(&mut cmd, identity);
+        Proc(cmd.spawn().unwrap())
+    };
+    let wait_exit = |p: &mut Proc, name: &str| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = p.0.try_wait().unwrap() {
+                return (status.success(), std::fs::read_to_string(dir.path().join(format!("{name}.log"))).unwrap_or_default());
+            }
+            assert!(Instant::now() < deadline, "{name} kept running");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+
+    // a worker without a certificate, or with one another CA signed, exits at once saying why
+    let mut anonymous = worker("anonymous", None);
+    let (ok, log) = wait_exit(&mut anonymous, "anonymous");
+    assert!(!ok && log.contains("refused this worker's TLS connection") && log.contains("set SMELT_TLS_CERT and SMELT_TLS_KEY"), "{log}");
+    let mut stranger = worker("stranger", Some((&other.client_cert, &other.client_key)));
+    let (ok, log) = wait_exit(&mut stranger, "stranger");
+    assert!(!ok && log.contains("does not accept this client certificate"), "{log}");
+
+    // a worker and a client presenting certificates the CA signed: a job trained to the end
+    let _member = worker("member", Some((&tls.client_cert, &tls.client_key)));
+    let text = dir.path().join("corpus.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog.\n".repeat(40)).unwrap();
+    let spec = dir.path().join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"mutual\"\nseed = 3\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
+             [train]\nsteps = 8\nglobal_batch = 4\nmicro_batch = 4\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\n\
+             [cluster]\nworld_size = 1\n",
+            text.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let submit = |identity: Option<(&std::path::Path, &std::path::Path)>| {
+        let mut cmd = smelt();
+        cmd.arg("submit").arg(&spec).arg("--follow").env("SMELT_COORDINATOR", &url).env("RUST_LOG", "warn");
+        with_identity(&mut cmd, identity);
+        let o = cmd.output().unwrap();
+        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+    };
+    let (ok, out) = submit(None);
+    assert!(!ok && out.contains("refused this client's TLS connection") && out.contains("requires a client certificate"), "{out}");
+    let (ok, out) = submit(Some((&tls.client_cert, &tls.client_key)));
+    assert!(ok && out.contains("succeeded"), "{out}\n{}", std::fs::read_to_string(dir.path().join("member.log")).unwrap_or_default());
+}

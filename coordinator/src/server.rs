@@ -45,11 +45,13 @@ pub struct CoordinatorConfig {
     pub tls: Option<TlsFiles>,
 }
 
-/// The coordinator's certificate chain and private key, PEM files.
+/// The coordinator's certificate chain and private key, PEM files; with `client_ca`, mutual TLS:
+/// every connection must present a client certificate that CA (PEM, one or more) signed.
 #[derive(Clone, Debug)]
 pub struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
 }
 
 impl CoordinatorConfig {
@@ -97,7 +99,7 @@ pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
     cfg.validate()?;
     // a bad certificate or key fails here, before the database is opened or the port bound
     let tls = match &cfg.tls {
-        Some(f) => Some(tls_accept::server_config(&f.cert, &f.key).map_err(anyhow::Error::msg)?),
+        Some(f) => Some(tls_accept::server_config(&f.cert, &f.key, f.client_ca.as_deref()).map_err(anyhow::Error::msg)?),
         None => None,
     };
     let path = cfg.db_path.clone();

@@ -11,7 +11,7 @@ use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::ListJobsRequest;
 
 fn files(t: &certs::TlsFiles) -> Option<TlsFiles> {
-    Some(TlsFiles { cert: t.cert.clone(), key: t.key.clone() })
+    Some(TlsFiles { cert: t.cert.clone(), key: t.key.clone(), client_ca: None })
 }
 
 /// Connects to `url` trusting `ca` (None: the system's roots); the error's innermost cause.
@@ -91,7 +91,7 @@ async fn bad_certificate_or_key_files_are_refused_at_start_naming_the_file() {
     ];
     for (what, cert, key, named) in cases {
         let mut cfg = CoordinatorConfig::new("127.0.0.1:0".parse().unwrap(), &db);
-        cfg.tls = Some(TlsFiles { cert, key });
+        cfg.tls = Some(TlsFiles { cert, key, client_ca: None });
         let err = match bind(cfg).await {
             Ok(_) => panic!("{what}: the coordinator started"),
             Err(e) => format!("{e:#}"),
@@ -99,6 +99,79 @@ async fn bad_certificate_or_key_files_are_refused_at_start_naming_the_file() {
         println!("{what}: {err}");
         assert!(err.contains(named), "{what}: {err}");
     }
+    // a client CA file that is missing or holds no certificate
+    for (what, ca, named) in [("a missing client CA", &missing, "missing.pem"), ("a client CA with no certificate", &garbage, "garbage.pem")] {
+        let mut cfg = CoordinatorConfig::new("127.0.0.1:0".parse().unwrap(), &db);
+        cfg.tls = Some(TlsFiles { cert: good.cert.clone(), key: good.key.clone(), client_ca: Some(ca.clone()) });
+        let err = match bind(cfg).await {
+            Ok(_) => panic!("{what}: the coordinator started"),
+            Err(e) => format!("{e:#}"),
+        };
+        println!("{what}: {err}");
+        assert!(err.contains(named) && err.contains("TLS client CA"), "{what}: {err}");
+    }
     // nothing was created for a coordinator that did not start
     assert!(!db.exists(), "a refused start created the database");
+}
+
+/// Connects to `url` trusting `ca` and presenting `identity` (cert, key), and lists the jobs:
+/// the listing, or the innermost cause of the failure (with mutual TLS, a refused client may
+/// only learn it at its first call).
+async fn list_as(url: &str, ca: &std::path::Path, identity: Option<(&std::path::Path, &std::path::Path)>) -> Result<usize, String> {
+    let identity = identity.map(|(cert, key)| smelt_proto::tls::ClientIdentity { cert, key });
+    let endpoint = smelt_proto::tls::endpoint_with(url, Some(ca), identity)?;
+    let channel = endpoint.connect().await.map_err(|e| smelt_proto::tls::innermost(&e))?;
+    let mut jobs = JobServiceClient::new(channel);
+    let listed = jobs.list_jobs(ListJobsRequest::default()).await.map_err(|e| smelt_proto::tls::innermost(&e))?;
+    Ok(listed.into_inner().jobs.len())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_admits_only_clients_whose_certificate_its_client_ca_signed() {
+    let (d, db) = tmp();
+    let ours = certs::make(d.path(), "ours");
+    let theirs = certs::make(d.path(), "theirs");
+    let mut tls = files(&ours).unwrap();
+    tls.client_ca = Some(ours.ca.clone());
+    let coord = start_with(&db, None, Some(tls)).await;
+
+    // a client presenting a certificate our CA signed: served
+    let mut jobs = connect_as(&coord.url, &ours).await;
+    let job = submit(&mut jobs, &spec("mutual", 1, 0, 0)).await;
+    assert_eq!(list_as(&coord.url, &ours.ca, Some((&ours.client_cert, &ours.client_key))).await, Ok(1));
+    // the dashboard too, to an HTTP/1.1 client presenting it
+    let reply = http::get_tls_as(coord.addr, "/api/overview", &ours.ca, Some((&ours.client_cert, &ours.client_key))).await.expect("served");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert!(reply.body.contains(&job.id), "{}", reply.body);
+
+    // no client certificate: refused (a call may learn no more than "connection closed"), and
+    // the probe reads the reason every time, and what to do
+    let none = list_as(&coord.url, &ours.ca, None).await.expect_err("a client without a certificate was served");
+    println!("without a certificate, the call: {none}");
+    let why = smelt_proto::tls::refusal_with(&coord.url, Some(&ours.ca), None).await.expect("the probe read no refusal");
+    println!("without a certificate, the probe: {why}");
+    assert!(why.contains("CertificateRequired (the coordinator requires a client certificate: set SMELT_TLS_CERT and SMELT_TLS_KEY)"), "{why}");
+    assert!(http::get_tls_as(coord.addr, "/api/overview", &ours.ca, None).await.is_err(), "the dashboard served a client without a certificate");
+    // a certificate another CA signed: refused, saying the coordinator does not accept it
+    let theirs_id = smelt_proto::tls::ClientIdentity { cert: &theirs.client_cert, key: &theirs.client_key };
+    list_as(&coord.url, &ours.ca, Some((&theirs.client_cert, &theirs.client_key))).await.expect_err("another CA's client was served");
+    let why = smelt_proto::tls::refusal_with(&coord.url, Some(&ours.ca), Some(theirs_id)).await.expect("the probe read no refusal");
+    println!("another CA's certificate, the probe: {why}");
+    assert!(why.contains("UnknownCA (the coordinator does not accept this client certificate"), "{why}");
+    // the accepted certificate: no refusal; and a coordinator without mutual TLS refuses none
+    let ours_id = smelt_proto::tls::ClientIdentity { cert: &ours.client_cert, key: &ours.client_key };
+    assert_eq!(smelt_proto::tls::refusal_with(&coord.url, Some(&ours.ca), Some(ours_id)).await, None);
+    // half an identity is refused before anything is sent
+    std::env::set_var("SMELT_TLS_CERT", &ours.client_cert);
+    std::env::remove_var("SMELT_TLS_KEY");
+    let err = smelt_proto::tls::endpoint(&coord.url).err().expect("a certificate without its key was taken");
+    assert!(err.contains("SMELT_TLS_CERT is set but SMELT_TLS_KEY is not"), "{err}");
+    std::env::remove_var("SMELT_TLS_CERT");
+    coord.stop().await;
+}
+
+async fn connect_as(url: &str, t: &certs::TlsFiles) -> JobServiceClient<tonic::transport::Channel> {
+    let identity = smelt_proto::tls::ClientIdentity { cert: &t.client_cert, key: &t.client_key };
+    let channel = smelt_proto::tls::endpoint_with(url, Some(&t.ca), Some(identity)).unwrap().connect().await.unwrap();
+    JobServiceClient::new(channel)
 }

@@ -7,13 +7,28 @@
 //! A worker or client reaches it at an `https://` URL and checks its certificate against the CA
 //! in the PEM file that `SMELT_TLS_CA` names (a private CA, or the self-signed certificate
 //! itself), or else against the system's trusted roots. An `http://` URL stays plain text.
+//! Where the coordinator asks for client certificates (mutual TLS, `--tls-client-ca`), a worker
+//! or client presents the certificate chain and key in the PEM files `SMELT_TLS_CERT` and
+//! `SMELT_TLS_KEY` name.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// The environment variable naming the PEM file of the CA workers and clients trust.
 pub const TLS_CA_ENV: &str = "SMELT_TLS_CA";
+
+/// The environment variables naming a worker's or client's own certificate chain and private
+/// key (PEM), for a coordinator that requires client certificates.
+pub const TLS_CERT_ENV: &str = "SMELT_TLS_CERT";
+pub const TLS_KEY_ENV: &str = "SMELT_TLS_KEY";
+
+/// A client certificate chain and its private key, PEM files.
+#[derive(Clone, Copy, Debug)]
+pub struct ClientIdentity<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
 
 /// A PEM file's bytes, or an error naming `what` and the file.
 pub fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
@@ -23,12 +38,115 @@ pub fn read(what: &str, path: &Path) -> Result<Vec<u8>, String> {
 /// An endpoint for the coordinator at `url`: TLS for `https://` (trusting `SMELT_TLS_CA`'s CA
 /// when set, else the system's roots), plain text for `http://`.
 pub fn endpoint(url: &str) -> Result<Endpoint, String> {
-    let ca = std::env::var_os(TLS_CA_ENV).filter(|v| !v.is_empty());
-    endpoint_trusting(url, ca.as_deref().map(Path::new))
+    let env = TlsEnv::read()?;
+    endpoint_with(url, env.ca.as_deref(), env.identity())
 }
 
-/// `endpoint` with the CA file given (`None`: the system's roots).
+/// What the environment says about TLS: the CA to trust, and this process's certificate.
+struct TlsEnv {
+    ca: Option<PathBuf>,
+    cert: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsEnv {
+    fn read() -> Result<TlsEnv, String> {
+        let var = |name| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let (ca, cert, key) = (var(TLS_CA_ENV), var(TLS_CERT_ENV), var(TLS_KEY_ENV));
+        let cert = match (cert, key) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => return Err(format!("{TLS_CERT_ENV} is set but {TLS_KEY_ENV} is not: a client certificate needs its private key")),
+            (None, Some(_)) => return Err(format!("{TLS_KEY_ENV} is set but {TLS_CERT_ENV} is not: a private key needs its certificate")),
+        };
+        Ok(TlsEnv { ca, cert })
+    }
+
+    fn identity(&self) -> Option<ClientIdentity<'_>> {
+        self.cert.as_ref().map(|(cert, key)| ClientIdentity { cert, key })
+    }
+}
+
+/// Why the coordinator at an `https://` URL refuses this process's TLS connections, if it does:
+/// a probe (a TLS handshake as `endpoint` would make it, then one HTTP/1.1 request) that reads
+/// the alert a refusing coordinator sends. A refused client certificate (mutual TLS) is only
+/// told after the handshake, when the client has already sent its first request, and a gRPC call
+/// then often fails with nothing better than "connection closed"; the probe waits for the
+/// answer, so it reads the reason every time. `None`: the coordinator served the request (or is
+/// unreachable, or the URL is not https: other errors say so).
+pub async fn refusal(url: &str) -> Option<String> {
+    let env = TlsEnv::read().ok()?;
+    refusal_with(url, env.ca.as_deref(), env.identity()).await
+}
+
+/// `refusal` with the CA file and the client certificate given.
+pub async fn refusal_with(url: &str, ca: Option<&Path>, identity: Option<ClientIdentity<'_>>) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use tokio_rustls::rustls::{crypto::aws_lc_rs, ClientConfig, RootCertStore};
+
+    let endpoint = Endpoint::from_shared(url.to_string()).ok()?;
+    let uri = endpoint.uri();
+    if uri.scheme_str() != Some("https") {
+        return None;
+    }
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']').to_string();
+    let port = uri.port_u16().unwrap_or(443);
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(ca) => {
+            for c in CertificateDer::pem_file_iter(ca).ok()? {
+                roots.add(c.ok()?).ok()?;
+            }
+        }
+        None => {
+            for c in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(c);
+            }
+        }
+    }
+    let builder = ClientConfig::builder_with_provider(std::sync::Arc::new(aws_lc_rs::default_provider()))
+        .with_safe_default_protocol_versions()
+        .ok()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some(id) => {
+            let chain = CertificateDer::pem_file_iter(id.cert).ok()?.collect::<Result<Vec<_>, _>>().ok()?;
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(id.key).ok()?).ok()?
+        }
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = ServerName::try_from(host.clone()).ok()?;
+    let patience = std::time::Duration::from_secs(5);
+    let probe = async {
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
+        let mut tls = match tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await {
+            Ok(t) => t,
+            Err(e) => return Some(innermost(&e)),
+        };
+        let request = format!("HEAD /api/overview HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        if let Err(e) = tls.write_all(request.as_bytes()).await {
+            return Some(innermost(&e));
+        }
+        let mut first = [0u8; 16];
+        match tls.read(&mut first).await {
+            // an alert is the coordinator's word; anything else (an answer, a close, a reset)
+            // says nothing about this process's certificate
+            Err(e) if e.to_string().contains("alert") => Some(innermost(&e)),
+            _ => None,
+        }
+    };
+    tokio::time::timeout(patience, probe).await.ok().flatten()
+}
+
+/// `endpoint` with the CA file given (`None`: the system's roots) and no client certificate.
 pub fn endpoint_trusting(url: &str, ca: Option<&Path>) -> Result<Endpoint, String> {
+    endpoint_with(url, ca, None)
+}
+
+/// `endpoint` with the CA file and the client certificate given.
+pub fn endpoint_with(url: &str, ca: Option<&Path>, identity: Option<ClientIdentity<'_>>) -> Result<Endpoint, String> {
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("coordinator URL {url:?} is not a valid URL: {e}"))?;
     match endpoint.uri().scheme_str() {
         Some("https") => {}
@@ -45,6 +163,20 @@ pub fn endpoint_trusting(url: &str, ca: Option<&Path>) -> Result<Endpoint, Strin
             ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem))
         }
         None => ClientTlsConfig::new().with_native_roots(),
+    };
+    let tls = match identity {
+        None => tls,
+        Some(id) => {
+            let cert = read(&format!("{TLS_CERT_ENV}:"), id.cert)?;
+            let key = read(&format!("{TLS_KEY_ENV}:"), id.key)?;
+            if !String::from_utf8_lossy(&cert).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(format!("{TLS_CERT_ENV}: {} holds no PEM certificate", id.cert.display()));
+            }
+            if !String::from_utf8_lossy(&key).contains("PRIVATE KEY-----") {
+                return Err(format!("{TLS_KEY_ENV}: {} holds no PEM private key", id.key.display()));
+            }
+            tls.identity(Identity::from_pem(cert, key))
+        }
     };
     endpoint.tls_config(tls).map_err(|e| {
         let why = innermost(&e);
@@ -72,6 +204,12 @@ pub fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
         " (the coordinator's certificate has expired: renew it)".to_string()
     } else if lower.contains("not valid yet") || what.contains("NotValidYet") {
         " (the coordinator's certificate is not valid yet: check the clocks)".to_string()
+    } else if what.contains("CertificateRequired") {
+        format!(" (the coordinator requires a client certificate: set {TLS_CERT_ENV} and {TLS_KEY_ENV})")
+    } else if what.contains("alert: UnknownCA") || what.contains("alert: BadCertificate") || what.contains("alert: CertificateUnknown") {
+        " (the coordinator does not accept this client certificate: it must be signed by the CA given to its --tls-client-ca, for client authentication)".to_string()
+    } else if what.contains("alert: CertificateExpired") {
+        format!(" (this client's certificate, {TLS_CERT_ENV}, has expired: renew it)")
     } else if lower.contains("invalidcontenttype") || lower.contains("corrupt message") {
         " (the coordinator does not serve TLS: use http://)".to_string()
     } else if lower.contains("h2 protocol error") {

@@ -110,6 +110,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 bail!("the coordinator at {} refused this worker: {}", cfg.coordinator, e.message());
             }
             Err(e) => {
+                // nor a client certificate it refuses (mutual TLS): the probe reads its reason
+                if let Some(why) = smelt_proto::tls::refusal(&cfg.coordinator).await {
+                    bail!("the coordinator at {} refused this worker's TLS connection: {why}", cfg.coordinator);
+                }
                 warn!(error = %e.message(), "register refused; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));

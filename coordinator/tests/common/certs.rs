@@ -1,10 +1,11 @@
-//! Certificates for the TLS tests, made by rcgen: a CA and a server certificate it signs, for
-//! `localhost` and 127.0.0.1, written as PEM files. (Also included by cli/tests/tls.rs.)
+//! Certificates for the TLS tests, made by rcgen: a CA, a server certificate it signs for
+//! `localhost` and 127.0.0.1, and a client certificate it signs (mutual TLS), written as PEM
+//! files. (Also included by cli/tests/tls.rs.)
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose};
 
 pub struct TlsFiles {
     /// The CA's certificate: what workers and clients trust (`SMELT_TLS_CA`).
@@ -12,6 +13,10 @@ pub struct TlsFiles {
     /// The coordinator's certificate chain and key.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// A client certificate the CA signed (for client authentication) and its key: what a
+    /// worker presents to a coordinator that requires one (`SMELT_TLS_CERT`, `SMELT_TLS_KEY`).
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
 }
 
 /// A CA named `name` and a server certificate it signed, in `dir` under `name`-prefixed files.
@@ -29,9 +34,17 @@ pub fn make_for(dir: &Path, name: &str, hosts: &[&str]) -> TlsFiles {
     let params = CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap();
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca).unwrap();
-    let files = TlsFiles { ca: dir.join(format!("{name}-ca.pem")), cert: dir.join(format!("{name}-cert.pem")), key: dir.join(format!("{name}-key.pem")) };
+    let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client_params.distinguished_name.push(DnType::CommonName, format!("{name} worker"));
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert = client_params.signed_by(&client_key, &ca).unwrap();
+    let file = |what: &str| dir.join(format!("{name}-{what}.pem"));
+    let files = TlsFiles { ca: file("ca"), cert: file("cert"), key: file("key"), client_cert: file("client-cert"), client_key: file("client-key") };
     std::fs::write(&files.ca, ca.pem()).unwrap();
     std::fs::write(&files.cert, cert.pem()).unwrap();
     std::fs::write(&files.key, key.serialize_pem()).unwrap();
+    std::fs::write(&files.client_cert, client_cert.pem()).unwrap();
+    std::fs::write(&files.client_key, client_key.serialize_pem()).unwrap();
     files
 }

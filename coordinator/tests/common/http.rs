@@ -37,27 +37,52 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&
 /// `GET path` over TLS, trusting the CA certificate in the PEM file `ca`, offering HTTP/1.1 alone
 /// by ALPN (as `curl --http1.1`, Python's `requests` or a Prometheus scraper on HTTP/1.1).
 pub async fn get_tls(addr: SocketAddr, path: &str, ca: &std::path::Path) -> Reply {
+    get_tls_as(addr, path, ca, None).await.expect("TLS handshake")
+}
+
+/// `get_tls` presenting a client certificate and key (mutual TLS); the handshake's or the
+/// request's failure as an error.
+pub async fn get_tls_as(addr: SocketAddr, path: &str, ca: &std::path::Path, identity: Option<(&std::path::Path, &std::path::Path)>) -> Result<Reply, String> {
     use tokio_rustls::rustls::pki_types::pem::PemObject;
-    use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
     use tokio_rustls::rustls::{ClientConfig, RootCertStore};
     let mut roots = RootCertStore::empty();
     roots.add(CertificateDer::from_pem_file(ca).expect("read the CA")).expect("add the CA");
-    let mut config = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = vec![CertificateDer::from_pem_file(cert).expect("read the client certificate")];
+            builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key).expect("read the client key")).expect("client auth")
+        }
+    };
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let tcp = TcpStream::connect(addr).await.expect("connect");
     let name = ServerName::try_from(addr.ip().to_string()).unwrap();
-    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.expect("TLS handshake");
-    request_over(tls, addr, "GET", path, None, &[]).await
+    let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await.map_err(|e| e.to_string())?;
+    request_over_checked(tls, addr, "GET", path, None, &[]).await
 }
 
 async fn request_over(
-    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     addr: SocketAddr,
     method: &str,
     path: &str,
     token: Option<&str>,
     headers: &[(&str, &str)],
 ) -> Reply {
+    request_over_checked(s, addr, method, path, token, headers).await.expect("the request")
+}
+
+/// `request_over`, a failure to write, read or find a reply's head an error.
+async fn request_over_checked(
+    mut s: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    headers: &[(&str, &str)],
+) -> Result<Reply, String> {
     let mut extra = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     for (k, v) in headers {
         extra += &format!("{k}: {v}\r\n");
@@ -65,10 +90,10 @@ async fn request_over(
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Accept: */*\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    s.write_all(req.as_bytes()).await.expect("write request");
+    s.write_all(req.as_bytes()).await.map_err(|e| format!("write request: {e}"))?;
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.expect("read reply");
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("end of headers");
+    s.read_to_end(&mut raw).await.map_err(|e| format!("read reply: {e}"))?;
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| format!("no reply head in {} bytes", raw.len()))?;
     let head = String::from_utf8(raw[..split].to_vec()).expect("ascii headers");
     let mut lines = head.split("\r\n");
     let status_line = lines.next().unwrap();
@@ -81,7 +106,7 @@ async fn request_over(
     if headers.iter().any(|(n, v)| n == "transfer-encoding" && v.contains("chunked")) {
         body = dechunk(&body);
     }
-    Reply { status, headers, body: String::from_utf8(body).expect("utf-8 body") }
+    Ok(Reply { status, headers, body: String::from_utf8(body).expect("utf-8 body") })
 }
 
 fn dechunk(mut b: &[u8]) -> Vec<u8> {
