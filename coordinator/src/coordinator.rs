@@ -70,6 +70,7 @@ impl Coordinator {
             next_worker = next_worker.max(id_number(&row.id).unwrap_or(0) + 1);
             let mut rec = WorkerRec::new(row, now);
             rec.logs_received = loaded.logs_received.get(&rec.row.id).copied().unwrap_or(0);
+            rec.logs_committed = rec.logs_received;
             workers.insert(rec.row.id.clone(), rec);
         }
         let restored_workers = workers.len();

@@ -138,6 +138,19 @@ impl LineCounts {
 /// is let overshoot by a tenth before a trim, so a steady stream trims once per tenth, not per
 /// batch.
 pub fn insert(tx: &Transaction, worker_id: &str, seq: u64, rows: &[LogRow], counts: &mut LineCounts) -> rusqlite::Result<()> {
+    // all of the batch or none of it: the store commits its transaction even when one write in
+    // it failed, and a number stored without its lines would refuse them when sent again
+    tx.execute_batch("SAVEPOINT log_batch")?;
+    match insert_batch(tx, worker_id, seq, rows, counts) {
+        Ok(()) => tx.execute_batch("RELEASE log_batch"),
+        Err(e) => {
+            let _ = tx.execute_batch("ROLLBACK TO log_batch; RELEASE log_batch");
+            Err(e)
+        }
+    }
+}
+
+fn insert_batch(tx: &Transaction, worker_id: &str, seq: u64, rows: &[LogRow], counts: &mut LineCounts) -> rusqlite::Result<()> {
     if seq > 0 {
         tx.prepare_cached("INSERT INTO log_streams (worker_id, seq) VALUES (?1, ?2) ON CONFLICT(worker_id) DO UPDATE SET seq = MAX(seq, excluded.seq)")?
             .execute(params![worker_id, seq as i64])?;
@@ -358,6 +371,24 @@ mod tests {
         tx.commit().unwrap();
         let n: i64 = conn.query_row("SELECT COUNT(*) FROM job_logs WHERE job_id = 'job-000001'", [], |r| r.get(0)).unwrap();
         assert!((100..=110).contains(&(n as u64)), "{n}");
+    }
+
+    #[test]
+    fn a_batch_whose_lines_cannot_be_written_leaves_no_number_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("smelt.db")).unwrap();
+        crate::schema::migrate(&mut conn).unwrap();
+        let mut counts = LineCounts::default();
+        let tx = conn.transaction().unwrap();
+        insert(&tx, "w-1", 1, &rows_of("w-1", batch("job-000001", 1, 0, &["kept"], 0), 0), &mut counts).unwrap();
+        tx.commit().unwrap();
+        // the lines' table gone: batch 2 fails, and its number must not be stored without them
+        // (the same transaction goes on to commit, as the store's does)
+        conn.execute_batch("ALTER TABLE job_logs RENAME TO job_logs_away").unwrap();
+        let tx = conn.transaction().unwrap();
+        assert!(insert(&tx, "w-1", 2, &rows_of("w-1", batch("job-000001", 1, 0, &["lost"], 0), 0), &mut counts).is_err());
+        tx.commit().unwrap();
+        assert_eq!(received(&conn).unwrap(), HashMap::from([("w-1".to_string(), 1)]));
     }
 
     #[tokio::test]

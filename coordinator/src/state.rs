@@ -238,10 +238,13 @@ pub struct WorkerRec {
     /// The job its last status said it runs, held or not (a rank aborted with its job still
     /// ends it, and sends its last log lines): what `logs_settled` waits for.
     pub reported_job: String,
-    /// The highest `LogBatch.seq` of this worker received (its lines queued to the store; kept in
-    /// the store with them, `job_logs::log_streams`): a batch numbered up to it is one sent again
-    /// and is not stored twice.
+    /// The highest `LogBatch.seq` of this worker received (its lines queued to the store): a
+    /// batch numbered up to it is one sent again, and is not stored twice.
     pub logs_received: u64,
+    /// The highest one the store has committed (kept there with the lines,
+    /// `job_logs::log_streams`): what `LogsAck` says. A failed store write brings
+    /// `logs_received` back to it, so the batches sent again are taken.
+    pub logs_committed: u64,
 }
 
 impl WorkerRec {
@@ -255,6 +258,7 @@ impl WorkerRec {
             orphan_statuses: None,
             reported_job: String::new(),
             logs_received: 0,
+            logs_committed: 0,
         }
     }
 }

@@ -7,7 +7,7 @@ use smelt_proto::v1::{
     worker_message, CheckpointAck, CheckpointReport, CoordinatorMessage, RegisterRequest, RegisterResponse, RendezvousRequest,
     RendezvousResponse, WorkerMessage,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
@@ -61,6 +61,11 @@ impl WorkerService for WorkerSvc {
             };
             // From here the state holds the only sender: dropping it there ends the stream.
             drop(tx);
+            // numbered log batches are acknowledged once the store committed them, by a task of
+            // their own: the reader never waits on the store (a slow disk must not cost a
+            // worker its lease), and one flush answers every batch that came meanwhile
+            let (logs_tx, logs_rx) = watch::channel(());
+            tokio::spawn(acknowledge_logs(coord.clone(), worker_id.clone(), gen, logs_rx));
             if !coord.with(|st| st.on_message(&worker_id, gen, first)) {
                 return;
             }
@@ -76,10 +81,8 @@ impl WorkerService for WorkerSvc {
                             debug!(worker_id = %worker_id, gen, "heartbeat stream superseded; reader stops");
                             return;
                         }
-                        // acknowledged once committed: a batch lost to a crash before that is
-                        // sent again by the worker
-                        if numbered_logs && coord.flush().await.is_ok() {
-                            coord.with(|st| st.ack_logs(&worker_id, gen));
+                        if numbered_logs {
+                            logs_tx.send_replace(());
                         }
                     }
                     Ok(None) => {
@@ -109,5 +112,16 @@ impl WorkerService for WorkerSvc {
         self.coord.with(|st| st.report_checkpoint(req.into_inner()))?;
         self.coord.flush().await?;
         Ok(Response::new(CheckpointAck {}))
+    }
+}
+
+/// Acknowledges a worker's numbered log batches on stream `gen` once the store has committed
+/// them: at each signal from the stream's reader, a flush, then a `LogsAck` of the highest number
+/// received before it. Ends with the stream (its reader drops the sender).
+async fn acknowledge_logs(coord: Coordinator, worker_id: String, gen: u64, mut signal: watch::Receiver<()>) {
+    while signal.changed().await.is_ok() {
+        let upto = coord.with(|st| st.logs_received(&worker_id));
+        let committed = coord.flush().await.is_ok();
+        coord.with(|st| st.logs_flushed(&worker_id, gen, upto, committed));
     }
 }

@@ -139,6 +139,7 @@ impl State {
             worker_id,
             heartbeat_interval_ms: self.heartbeat_interval.as_millis().min(u32::MAX as u128) as u32,
             lease_timeout_ms: self.lease_timeout.as_millis().min(u32::MAX as u128) as u32,
+            acks_logs: true,
         }
     }
 
@@ -227,15 +228,29 @@ impl State {
         }
     }
 
-    /// After the store committed what stream `gen` brought: tells the worker every log batch it
-    /// numbered up to its highest received is safe, so it can let them go.
-    pub fn ack_logs(&self, worker_id: &str, gen: u64) {
+    /// The worker's highest log batch number received so far: what a store flush started now
+    /// commits.
+    pub fn logs_received(&self, worker_id: &str) -> u64 {
+        self.workers.get(worker_id).map_or(0, |w| w.logs_received)
+    }
+
+    /// After a store flush that began when `upto` was the worker's highest received: on
+    /// success, tells it (on stream `gen`, if still its own) every batch it numbered up to `upto`
+    /// is committed, so it can let them go; on failure, forgets what was not committed, so the
+    /// batches sent again are stored.
+    pub fn logs_flushed(&mut self, worker_id: &str, gen: u64, upto: u64, committed: bool) {
+        let Some(w) = self.workers.get_mut(worker_id) else { return };
+        if !committed {
+            w.logs_received = w.logs_committed;
+            return;
+        }
+        w.logs_committed = w.logs_committed.max(upto);
         if !self.current_stream(worker_id, gen) {
             return;
         }
-        let Some(w) = self.workers.get(worker_id) else { return };
+        let w = &self.workers[worker_id];
         if let Some(conn) = &w.conn {
-            let ack = CoordinatorMessage { body: Some(coordinator_message::Body::LogsAck(LogsAck { seq: w.logs_received })) };
+            let ack = CoordinatorMessage { body: Some(coordinator_message::Body::LogsAck(LogsAck { seq: w.logs_committed })) };
             let _ = conn.tx.send(Ok(ack));
         }
     }

@@ -46,6 +46,10 @@ pub struct WorkerConfig {
     pub logs: LogCapture,
 }
 
+/// How long a draining worker waits, its last run reported, for the coordinator to acknowledge
+/// its last log lines before it exits.
+const LAST_LOGS_WAIT: Duration = Duration::from_secs(5);
+
 /// The assignment in progress and how to stop it.
 struct Running {
     assignment: Assignment,
@@ -141,13 +145,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             Up::Status(WorkerStatus { state: state as i32, job_id, attempt, seq: 0 })
         };
         let _ = up_tx.send(msg(status(&running, draining))).await;
-        // log batches the last stream may have lost (none acknowledged them), before a Done
-        for b in cfg.logs.unacked() {
-            let _ = up_tx.send(msg(Up::Logs(b))).await;
-        }
-        if let Some(done) = undelivered.take() {
-            let _ = up_tx.send(msg(Up::Done(done))).await;
-        }
+        // a coordinator that does not acknowledge log batches (an older one) has them as sent
+        cfg.logs.keep_until_acked(reg.acks_logs);
         let mut down = match client.heartbeat(ReceiverStream::new(up_rx)).await {
             Ok(s) => s.into_inner(),
             Err(e) => {
@@ -156,10 +155,25 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 continue;
             }
         };
+        // now that the stream is read: log batches the last stream may have lost (none
+        // acknowledged them), then a Done held back, in that order
+        let mut resent = true;
+        for b in cfg.logs.unacked() {
+            resent &= up_tx.send(msg(Up::Logs(b))).await.is_ok();
+        }
+        if let Some(done) = undelivered.take() {
+            if !resent || up_tx.send(msg(Up::Done(done.clone()))).await.is_err() {
+                undelivered = Some(done);
+            }
+        }
+        // a draining worker whose last run is reported waits for its last log lines'
+        // acknowledgement before it exits (at most this long)
+        let mut leave_by: Option<tokio::time::Instant> = None;
         let mut ticker = tokio::time::interval(interval);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
+                    if leave_by.is_some_and(|t| cfg.logs.unacked_count() == 0 || tokio::time::Instant::now() >= t) { break; }
                     if up_tx.send(msg(status(&running, draining))).await.is_err() { break; }
                     if !send_logs(&cfg.logs, &up_tx, &msg).await { break; }
                 }
@@ -218,7 +232,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                             running = Some(start(client.clone(), a, worker_id.clone(), &listener, &cfg, event_tx.clone()));
                         }
                         let _ = up_tx.send(msg(status(&running, draining))).await;
-                        if draining { break; }
+                        if draining && running.is_none() {
+                            leave_by = Some(tokio::time::Instant::now() + LAST_LOGS_WAIT);
+                        }
                     }
                     None => unreachable!("the agent holds a sender"),
                 },
@@ -227,7 +243,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     draining = true;
                     if let Some(r) = &running { r.control.stop("worker received SIGTERM (draining)"); }
                     let _ = up_tx.send(msg(status(&running, draining))).await;
-                    if running.is_none() { break; }
+                    if running.is_none() { leave_by = Some(tokio::time::Instant::now() + LAST_LOGS_WAIT); }
                 }
             }
         }

@@ -79,6 +79,8 @@ struct Inner {
     unacked: VecDeque<LogBatch>,
     /// Bytes of text and target in `unacked`.
     unacked_bytes: usize,
+    /// The coordinator acknowledges batches: keep them until it does (else sent is done).
+    keep: bool,
 }
 
 /// What a line weighs against the byte bound.
@@ -104,10 +106,19 @@ impl Inner {
     }
 }
 
+/// Unacknowledged batches held at most (besides [`MAX_BUFFERED_BYTES`] of their text).
+pub const MAX_UNACKED_BATCHES: usize = 1_000;
+
 /// The layer and the agent's handle on it (cheap to clone: one shared buffer).
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct LogCapture {
     inner: Arc<Mutex<Inner>>,
+}
+
+impl Default for LogCapture {
+    fn default() -> Self {
+        LogCapture { inner: Arc::new(Mutex::new(Inner { keep: true, ..Inner::default() })) }
+    }
 }
 
 impl LogCapture {
@@ -129,25 +140,51 @@ impl LogCapture {
     /// Every line kept so far, as one numbered batch per run (and megabyte) in the order logged;
     /// each is also kept until [`LogCapture::acked`] covers it.
     pub fn drain(&self) -> Vec<LogBatch> {
-        let mut g = self.lock();
-        let lines = std::mem::take(&mut g.lines);
-        let dropped = std::mem::take(&mut g.dropped);
-        g.bytes = 0;
+        let (lines, dropped) = {
+            let mut g = self.lock();
+            g.bytes = 0;
+            (std::mem::take(&mut g.lines), std::mem::take(&mut g.dropped))
+        };
+        // built outside the lock: the threads that log (the training thread among them) do
+        // not wait on it
         let mut out = Self::batches(lines, dropped);
+        let mut g = self.lock();
         for b in &mut out {
             g.last_seq += 1;
             b.seq = g.last_seq;
-            g.unacked_bytes += batch_size(b);
-            g.unacked.push_back(b.clone());
         }
-        // Unacknowledged batches are bounded too. They only pile up while a stream stays up but
-        // acknowledges nothing (a coordinator of an older version): those went out on a live
-        // stream, so the oldest are let go without being counted as dropped.
-        while g.unacked.len() > 1 && (g.unacked_bytes > MAX_BUFFERED_BYTES || g.unacked.len() > MAX_BUFFERED) {
+        if g.keep {
+            for b in &out {
+                g.unacked_bytes += batch_size(b);
+                g.unacked.push_back(b.clone());
+            }
+        }
+        // Unacknowledged batches are bounded too. They pile up only while a stream stays up
+        // with its acknowledgements lagging (its store stalled): those went out on a live
+        // stream, so the oldest are let go, uncounted, rather than counted as dropped while
+        // they are most likely stored.
+        while g.unacked.len() > 1 && (g.unacked_bytes > MAX_BUFFERED_BYTES || g.unacked.len() > MAX_UNACKED_BATCHES) {
             let old = g.unacked.pop_front().expect("len > 1");
             g.unacked_bytes -= batch_size(&old);
         }
         out
+    }
+
+    /// Whether the coordinator acknowledges batches (`RegisterResponse.acks_logs`): if not, a
+    /// batch is done once sent, and none is kept to send again (an older coordinator would
+    /// store it twice).
+    pub fn keep_until_acked(&self, keep: bool) {
+        let mut g = self.lock();
+        g.keep = keep;
+        if !keep {
+            g.unacked.clear();
+            g.unacked_bytes = 0;
+        }
+    }
+
+    /// How many batches await an acknowledgement.
+    pub fn unacked_count(&self) -> usize {
+        self.lock().unacked.len()
     }
 
     /// The batches handed out and not acknowledged yet, oldest first: to send again, before
@@ -365,6 +402,18 @@ mod tests {
         });
         let batches = capture.drain();
         assert_eq!(batches.iter().map(|b| (b.seq, texts(b))).collect::<Vec<_>>(), [(4, vec!["fourth"])]);
+        assert_eq!(capture.unacked_count(), 1);
+        // a coordinator that does not acknowledge: what was sent is done, nothing is kept
+        capture.keep_until_acked(false);
+        assert_eq!(capture.unacked_count(), 0);
+        let capture2 = logged(|c, _| {
+            c.keep_until_acked(false);
+            c.begin(&assignment("job-000001", 1, 0));
+            info!("fifth");
+            assert_eq!(c.drain().len(), 1);
+            assert!(c.unacked().is_empty());
+        });
+        assert!(capture2.drain().is_empty());
         assert_eq!((quiet("h2"), quiet("h2::codec"), quiet("h2o::model"), quiet("smelt_worker::agent")), (true, true, false, false));
     }
 
