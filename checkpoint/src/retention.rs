@@ -27,8 +27,10 @@ pub struct Retention {
     /// Also keep every checkpoint whose step is a multiple of this (0: none).
     pub keep_every: u64,
     /// An uncommitted directory is a dead upload, to sweep, once nothing in it was written for
-    /// this long (an upload writes a file at least every 32 MiB part; a multipart file appears
-    /// when it completes, so this also bounds how long one file may take).
+    /// this long. A file appears when its upload completes (a multipart one's parts are
+    /// invisible, and S3 stamps it with the time its upload began), so this must exceed the
+    /// longest upload of one file; one that takes longer may see its directory swept, and its
+    /// commit then fails (`Vanished`) rather than commit over missing files.
     pub sweep_after_s: u64,
 }
 
@@ -71,11 +73,24 @@ pub fn plan_deletions(steps: &[(u64, StepDir)], policy: Retention, now_ms: i64) 
 /// left for the next pass.
 pub fn apply(root: &StoreDir, policy: Retention) -> Result<Vec<u64>> {
     let steps: Vec<(u64, StepDir)> = list_step_dirs(root)?.into_iter().collect();
-    let plan = plan_deletions(&steps, policy, now_ms());
+    // "now" by the store's clock, which stamped the objects: the newest object under the root
+    // (the commit that runs this pass has just written one), or the local clock if that is
+    // earlier; a local clock running ahead of the store's would make live uploads look silent.
+    // Either lagging only makes fewer uploads look dead.
+    let store_now = steps.iter().map(|(_, d)| d.newest_ms).max().unwrap_or(i64::MIN);
+    let plan = plan_deletions(&steps, policy, store_now.min(now_ms()));
     let mut deleted = Vec::new();
     for step in plan {
         let dir = root.join(&step_dir_name(step));
-        let files = dir.list("")?;
+        let files = dir.list_info("")?;
+        // an upload planned as dead that has since committed, or been written to: alive
+        let was = steps.iter().find(|(s, _)| *s == step).map(|(_, d)| *d);
+        if was.is_some_and(|d| !d.committed)
+            && files.iter().any(|(n, o)| n == MANIFEST || was.is_some_and(|d| o.modified_ms > d.newest_ms))
+        {
+            info!(uri = %dir.uri(), step, "retention: an upload taken for dead is alive; kept");
+            continue;
+        }
         // The manifest first: the checkpoint stops existing before any of its data goes.
         let ordered = files.iter().filter(|(n, _)| n == MANIFEST).chain(files.iter().filter(|(n, _)| n != MANIFEST));
         let mut ok = true;

@@ -88,11 +88,13 @@ pub fn with_retry<T>(policy: &RetryPolicy, what: &str, mut op: impl FnMut() -> R
     }
 }
 
-/// Writes `name` under `dir` whole (overwriting), multipart when large; retried.
-pub fn put_object(dir: &StoreDir, name: &str, data: Bytes, opts: &UploadOptions) -> Result<(), StoreError> {
+/// Writes `name` under `dir` whole (overwriting), multipart when large; retried. Returns the
+/// new object's ETag where the store gives one (how the commit tells its own file from another
+/// writer's of the same size).
+pub fn put_object(dir: &StoreDir, name: &str, data: Bytes, opts: &UploadOptions) -> Result<Option<String>, StoreError> {
     let (uri, policy, part) = (dir.uri_of(name), &opts.retry, opts.part_size.max(1));
     if data.len() < opts.multipart_threshold {
-        return with_retry(policy, &uri, || dir.put(name, data.clone()));
+        return with_retry(policy, &uri, || dir.put_tagged(name, data.clone()));
     }
     with_retry(policy, &uri, || {
         let (store, path, data) = (dir.store().clone(), dir.path(name), data.clone());
@@ -110,7 +112,7 @@ pub fn put_object(dir: &StoreDir, name: &str, data: Bytes, opts: &UploadOptions)
                 w.put(data.slice(at..end));
                 at = end;
             }
-            w.finish().await.map(|_| ())
+            w.finish().await.map(|r| r.e_tag)
         });
         match r {
             Some(r) => r.map_err(|e| StoreError::from_object_store("put (multipart)", uri.clone(), e)),

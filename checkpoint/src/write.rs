@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 use smelt_corpus::format::sha256_hex;
-use smelt_corpus::{StoreDir, Tokenizer};
+use smelt_corpus::{ObjectInfo, StoreDir, Tokenizer};
 use tracing::info;
 
 use crate::error::{CheckpointError, Result};
@@ -56,16 +56,20 @@ pub fn encode(s: &Snapshot) -> Result<Vec<(&'static str, Bytes)>> {
     Ok(vec![(MODEL, model.into()), (OPTIMIZER, opt.into()), (TRAINER, trainer.into())])
 }
 
-/// Every data file of `entries` is in `found` (a listing of `dir`) with its size.
-fn check_uploaded(dir: &StoreDir, found: &[(String, u64)], entries: &[FileEntry]) -> Result<()> {
-    for e in entries {
-        match found.iter().find(|(n, _)| *n == e.name) {
-            Some((_, size)) if *size == e.size => {}
-            other => {
-                let now = other.map_or("is gone".to_string(), |(_, size)| format!("has {size} bytes, not {}", e.size));
-                return Err(CheckpointError::Vanished { uri: dir.uri_of(&e.name), message: now });
-            }
-        }
+/// Every data file of `entries` is in `found` (a listing of `dir`) as written: its size, and
+/// the ETag its put returned (`tags`, in `entries`' order) where the store gives both.
+fn check_uploaded(dir: &StoreDir, found: &[(String, ObjectInfo)], entries: &[FileEntry], tags: &[Option<String>]) -> Result<()> {
+    for (i, e) in entries.iter().enumerate() {
+        let ours = tags.get(i).cloned().flatten();
+        let problem = match found.iter().find(|(n, _)| *n == e.name) {
+            None => "is gone".to_string(),
+            Some((_, o)) if o.size != e.size => format!("has {} bytes, not {}", o.size, e.size),
+            Some((_, o)) => match (&ours, &o.e_tag) {
+                (Some(ours), Some(now)) if ours != now => format!("was written again (ETag {now}, not {ours})"),
+                _ => continue,
+            },
+        };
+        return Err(CheckpointError::Vanished { uri: dir.uri_of(&e.name), message: problem });
     }
     Ok(())
 }
@@ -83,17 +87,22 @@ pub fn commit(root: &StoreDir, snapshot: &Snapshot, opts: &UploadOptions) -> Res
     }
     let files = encode(snapshot)?;
     let mut entries = Vec::with_capacity(files.len());
+    let mut tags = Vec::with_capacity(files.len());
     let mut bytes = 0u64;
     for (name, data) in files {
         entries.push(FileEntry { name: name.to_string(), size: data.len() as u64, sha256: sha256_hex(&data) });
         bytes += data.len() as u64;
-        put_object(&dir, name, data, opts)?;
+        tags.push(put_object(&dir, name, data, opts)?);
     }
-    // another writer's retention may have swept a file of ours meanwhile (it sweeps only
-    // uploads silent for an hour, but an older build did not wait): a manifest over a missing
-    // file would commit a checkpoint that cannot load
-    let listed = with_retry(policy, dir.uri(), || dir.list(""))?;
-    check_uploaded(&dir, &listed, &entries)?;
+    // Another writer under the same root may have deleted a file of ours meanwhile (its
+    // retention sweeping an upload it took for dead) or overwritten it (a writer of the same
+    // step): a manifest over such files would commit a checkpoint that cannot load. Checked
+    // before the manifest goes up, and again after, when the manifest is taken back.
+    let check = |entries: &[FileEntry]| -> Result<()> {
+        let listed = with_retry(policy, dir.uri(), || dir.list_info(""))?;
+        check_uploaded(&dir, &listed, entries, &tags)
+    };
+    check(&entries)?;
     let manifest = Manifest {
         format: FORMAT.to_string(),
         step,
@@ -109,6 +118,12 @@ pub fn commit(root: &StoreDir, snapshot: &Snapshot, opts: &UploadOptions) -> Res
     if !created && dir.get(MANIFEST).ok().as_deref() != Some(&text[..]) {
         return Err(already(&dir));
     }
+    if let Err(e) = check(&manifest.files) {
+        // ours, over files that changed as it went up: taken back (a reader in between fails
+        // its verification and falls back, as for any corrupt checkpoint)
+        let _ = with_retry(policy, &dir.uri_of(MANIFEST), || dir.delete(MANIFEST));
+        return Err(e);
+    }
     info!(uri = %dir.uri(), step, bytes, "checkpoint committed");
     Ok(Committed { step, uri: dir.uri().to_string(), manifest_sha256, bytes })
 }
@@ -121,14 +136,22 @@ mod tests {
     fn a_file_gone_or_cut_before_the_commit_is_named() {
         let dir = StoreDir::open("memory://write-check/ckpt/00000010").unwrap();
         let entry = |name: &str, size: u64| FileEntry { name: name.into(), size, sha256: String::new() };
+        let info = |size: u64, tag: &str| ObjectInfo { size, e_tag: Some(tag.into()), modified_ms: 0 };
         let entries = [entry(MODEL, 10), entry(OPTIMIZER, 20)];
-        let listed = vec![(MODEL.to_string(), 10), (OPTIMIZER.to_string(), 20)];
-        check_uploaded(&dir, &listed, &entries).unwrap();
-        let e = check_uploaded(&dir, &listed[..1], &entries).unwrap_err();
+        let tags = [Some("m1".to_string()), Some("o1".to_string())];
+        let listed = vec![(MODEL.to_string(), info(10, "m1")), (OPTIMIZER.to_string(), info(20, "o1"))];
+        check_uploaded(&dir, &listed, &entries, &tags).unwrap();
+        // a store without ETags: sizes only
+        check_uploaded(&dir, &listed, &entries, &[None, None]).unwrap();
+        let e = check_uploaded(&dir, &listed[..1], &entries, &tags).unwrap_err();
         assert!(matches!(e, CheckpointError::Vanished { .. }), "{e}");
         assert!(e.to_string().contains("00000010/optimizer.safetensors: written for this checkpoint but is gone"), "{e}");
-        let cut = vec![(MODEL.to_string(), 10), (OPTIMIZER.to_string(), 7)];
-        let e = check_uploaded(&dir, &cut, &entries).unwrap_err();
+        let cut = vec![(MODEL.to_string(), info(10, "m1")), (OPTIMIZER.to_string(), info(7, "o1"))];
+        let e = check_uploaded(&dir, &cut, &entries, &tags).unwrap_err();
         assert!(e.to_string().contains("has 7 bytes, not 20"), "{e}");
+        // another writer's file of the same size (a writer of the same step)
+        let other = vec![(MODEL.to_string(), info(10, "m2")), (OPTIMIZER.to_string(), info(20, "o1"))];
+        let e = check_uploaded(&dir, &other, &entries, &tags).unwrap_err();
+        assert!(e.to_string().contains("model.safetensors: written for this checkpoint but was written again (ETag m2, not m1)"), "{e}");
     }
 }

@@ -32,5 +32,5 @@ pub use format::{Dtype, Manifest, ShardHeader, ShardInfo, SplitInfo, TxtDocs, Va
 pub use prepare::{prepare, NoProgress, PrepareOptions, PrepareReport, Progress};
 pub use reader::{CorpusReader, ReaderOptions, ReaderStats, Split, VerifyReport};
 pub use sample_order::{rank_slice, SampleOrder, SampleOrderError, Sequences};
-pub use store::{StoreDir, StoreError};
+pub use store::{ObjectInfo, StoreDir, StoreError};
 pub use tokenizer::{Tokenizer, TokenizerError};
