@@ -163,3 +163,16 @@ fn with_mutual_tls_only_workers_and_clients_with_a_certificate_get_in_and_the_ot
     let (ok, out) = submit(Some((&tls.client_cert, &tls.client_key)));
     assert!(ok && out.contains("succeeded"), "{out}\n{}", std::fs::read_to_string(dir.path().join("member.log")).unwrap_or_default());
 }
+
+#[test]
+fn an_expired_certificate_is_said_in_the_coordinators_log_and_to_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let tls = certs::make_expired(dir.path(), "old");
+    let (_coordinator, addr) =
+        start_coordinator(dir.path(), &["--tls-cert".as_ref(), tls.cert.as_os_str(), "--tls-key".as_ref(), tls.key.as_os_str()]);
+    let log = std::fs::read_to_string(dir.path().join("coordinator.log")).unwrap();
+    assert!(log.contains("tls certificate: it expired") && log.contains("renew it"), "{log}");
+    let o = smelt().args(["jobs", "list", "--coordinator", &format!("https://{addr}")]).env("SMELT_TLS_CA", &tls.ca).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("has expired: renew it"), "{err}");
+}

@@ -27,6 +27,7 @@ mod jobs;
 mod lease;
 mod backfill;
 mod preemption;
+mod cert_validity;
 mod tls_accept;
 mod waiting;
 mod rendezvous;

@@ -28,6 +28,9 @@ use tracing::warn;
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A certificate expiring within this many days is warned about at start.
+const EXPIRY_WARNING_DAYS: i64 = 14;
+
 /// The coordinator's TLS configuration from its certificate chain and private key (PEM files),
 /// and the CA its clients' certificates must chain to (mutual TLS; none: no client certificate
 /// asked), checked now: a missing file, a file without a PEM certificate or key, or a key that
@@ -40,6 +43,11 @@ pub fn server_config(cert: &Path, key: &Path, client_ca: Option<&Path>) -> Resul
         .map_err(|e| format!("TLS certificate {}: {e}", cert.display()))?;
     if chain.is_empty() {
         return Err(format!("TLS certificate {}: no PEM certificate in it", cert.display()));
+    }
+    // said here too, not only in every refused worker's log
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64);
+    if let Some(concern) = crate::cert_validity::validity(&chain[0]).and_then(|v| crate::cert_validity::concern(v, now, EXPIRY_WARNING_DAYS)) {
+        warn!(cert = %cert.display(), "tls certificate: {concern}");
     }
     let private = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| format!("TLS private key {}: no PEM private key in it", key.display()))?;
     // the crypto provider named, not the process default: one less way to fail at run time

@@ -26,12 +26,25 @@ pub fn make(dir: &Path, name: &str) -> TlsFiles {
 
 /// As `make`, the server certificate naming `hosts`.
 pub fn make_for(dir: &Path, name: &str, hosts: &[&str]) -> TlsFiles {
+    make_with(dir, name, hosts, |_| {})
+}
+
+/// As `make`, the server certificate valid only through 2001 (long expired).
+pub fn make_expired(dir: &Path, name: &str) -> TlsFiles {
+    make_with(dir, name, &["localhost", "127.0.0.1"], |p| {
+        p.not_before = rcgen::date_time_ymd(2000, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2001, 1, 1);
+    })
+}
+
+fn make_with(dir: &Path, name: &str, hosts: &[&str], server: impl FnOnce(&mut CertificateParams)) -> TlsFiles {
     let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     ca_params.distinguished_name.push(DnType::CommonName, format!("{name} test CA"));
     ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let params = CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap();
+    let mut params = CertificateParams::new(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>()).unwrap();
+    server(&mut params);
     let key = KeyPair::generate().unwrap();
     let cert = params.signed_by(&key, &ca).unwrap();
     let mut client_params = CertificateParams::new(Vec::<String>::new()).unwrap();
