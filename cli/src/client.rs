@@ -39,17 +39,41 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<AuthChannel>> {
         .await
         // the innermost cause says what happened ("Connection refused", "invalid peer certificate")
         .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {}", smelt_proto::tls::innermost(&e)))?;
-    // a coordinator that refuses this client's certificate (mutual TLS) says why to the probe;
-    // a call would often fail with only "connection closed"
-    if let Some(why) = smelt_proto::tls::refusal(url).await {
-        anyhow::bail!("the coordinator at {url} refused this client's TLS connection: {why}");
-    }
+    let _ = CONNECTED_TO.set(url.to_string());
     let token = auth::BearerToken::new(auth::token_from_env().as_deref()).map_err(|e| anyhow::anyhow!("{}: {e}", auth::TOKEN_ENV))?;
     Ok(JobServiceClient::with_interceptor(channel, token))
 }
 
+/// The coordinator URL this process connected to (for `status` to probe).
+static CONNECTED_TO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Why the coordinator this process connected to over https refuses its client certificate
+/// (mutual TLS), if it does: a refused call often says only "connection closed", so a probe asks
+/// (`smelt_proto::tls::refusal`), on a thread of its own, as `status` runs in any context.
+fn certificate_refusal() -> Option<(String, String)> {
+    let url = CONNECTED_TO.get()?.clone();
+    if !url.starts_with("https://") {
+        return None;
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(smelt_proto::tls::refusal(&url)).map(|why| (url.clone(), why))
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+}
+
 /// A gRPC error as the user should read it: the status message says what to fix.
 pub fn status(e: tonic::Status) -> anyhow::Error {
+    let transport = matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal);
+    if transport {
+        if let Some((url, why)) = certificate_refusal() {
+            return anyhow::anyhow!("the coordinator at {url} refused this client's TLS connection: {why}");
+        }
+    }
     if e.message().is_empty() {
         anyhow::anyhow!("{:?}", e.code())
     } else if e.message() == "transport error" || e.message().contains("h2 protocol error") {

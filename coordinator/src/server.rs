@@ -111,7 +111,8 @@ pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
     let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let auth = RequireToken::new(cfg.token.as_deref());
-    if !auth.enabled() && !addr.ip().is_loopback() {
+    let mutual = cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+    if !auth.enabled() && !mutual && !addr.ip().is_loopback() {
         warn!(addr = %addr, "listening beyond loopback without a token: anyone who reaches this port can submit jobs and register workers (set SMELT_TOKEN or --token-file)");
     }
     if auth.enabled() && tls.is_none() && !addr.ip().is_loopback() {

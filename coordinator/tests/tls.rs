@@ -161,6 +161,9 @@ async fn mutual_tls_admits_only_clients_whose_certificate_its_client_ca_signed()
     // the accepted certificate: no refusal; and a coordinator without mutual TLS refuses none
     let ours_id = smelt_proto::tls::ClientIdentity { cert: &ours.client_cert, key: &ours.client_key };
     assert_eq!(smelt_proto::tls::refusal_with(&coord.url, Some(&ours.ca), Some(ours_id)).await, None);
+    // nor is a coordinator that is not there taken for one that refuses (a worker would exit)
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    assert_eq!(smelt_proto::tls::refusal_with(&format!("https://{closed}"), Some(&ours.ca), None).await, None);
     // half an identity is refused before anything is sent
     std::env::set_var("SMELT_TLS_CERT", &ours.client_cert);
     std::env::remove_var("SMELT_TLS_KEY");

@@ -13,6 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
+use tokio_rustls::rustls::AlertDescription;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 
 /// The environment variable naming the PEM file of the CA workers and clients trust.
@@ -121,20 +122,21 @@ pub async fn refusal_with(url: &str, ca: Option<&Path>, identity: Option<ClientI
     let patience = std::time::Duration::from_secs(5);
     let probe = async {
         let tcp = tokio::net::TcpStream::connect((host.as_str(), port)).await.ok()?;
+        // only an alert refusing this process's certificate is an answer: anything else (a
+        // reset, a close, a front end that speaks h2 alone) says nothing about it
+        let refused = |e: std::io::Error| refusal_alert(&e).map(|_| innermost(&e));
         let mut tls = match tokio_rustls::TlsConnector::from(std::sync::Arc::new(config)).connect(name, tcp).await {
             Ok(t) => t,
-            Err(e) => return Some(innermost(&e)),
+            Err(e) => return refused(e),
         };
-        let request = format!("HEAD /api/overview HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let request = format!("HEAD / HTTP/1.1\r\nHost: {}\r\nConnection: close\r\n\r\n", uri.authority().map_or(host.as_str(), |a| a.as_str()));
         if let Err(e) = tls.write_all(request.as_bytes()).await {
-            return Some(innermost(&e));
+            return refused(e);
         }
         let mut first = [0u8; 16];
         match tls.read(&mut first).await {
-            // an alert is the coordinator's word; anything else (an answer, a close, a reset)
-            // says nothing about this process's certificate
-            Err(e) if e.to_string().contains("alert") => Some(innermost(&e)),
-            _ => None,
+            Err(e) => refused(e),
+            Ok(_) => None,
         }
     };
     tokio::time::timeout(patience, probe).await.ok().flatten()
@@ -185,6 +187,49 @@ pub fn endpoint_with(url: &str, ca: Option<&Path>, identity: Option<ClientIdenti
     })
 }
 
+/// The alert a coordinator sent that refuses this process's client certificate, if that is what
+/// `e` is, at any depth of its causes (an `io::Error` wrapping rustls's error included): the
+/// typed value, not its wording.
+pub fn refusal_alert(e: &(dyn std::error::Error + 'static)) -> Option<AlertDescription> {
+    use tokio_rustls::rustls::Error as TlsError;
+    let mut cause = Some(e);
+    while let Some(c) = cause {
+        let tls = c.downcast_ref::<TlsError>().or_else(|| c.downcast_ref::<std::io::Error>()?.get_ref()?.downcast_ref::<TlsError>());
+        if let Some(TlsError::AlertReceived(alert)) = tls {
+            let refuses_certificate = matches!(
+                alert,
+                AlertDescription::CertificateRequired
+                    | AlertDescription::BadCertificate
+                    | AlertDescription::UnsupportedCertificate
+                    | AlertDescription::CertificateExpired
+                    | AlertDescription::CertificateRevoked
+                    | AlertDescription::CertificateUnknown
+                    | AlertDescription::UnknownCA
+                    | AlertDescription::AccessDenied
+            );
+            return refuses_certificate.then_some(*alert);
+        }
+        cause = c.source();
+    }
+    None
+}
+
+/// What to do about a refused client certificate.
+fn alert_hint(alert: AlertDescription) -> String {
+    match alert {
+        AlertDescription::CertificateRequired => format!("the coordinator requires a client certificate: set {TLS_CERT_ENV} and {TLS_KEY_ENV}"),
+        AlertDescription::CertificateExpired => {
+            format!("the coordinator finds this client's certificate ({TLS_CERT_ENV}) expired or not yet valid: renew it, or check the clocks")
+        }
+        AlertDescription::UnsupportedCertificate => {
+            format!("the coordinator does not accept this client certificate for client authentication: its extendedKeyUsage must include clientAuth ({TLS_CERT_ENV})")
+        }
+        _ => format!(
+            "the coordinator does not accept this client certificate ({TLS_CERT_ENV}): it must be signed by the CA given to its --tls-client-ca"
+        ),
+    }
+}
+
 /// The innermost cause of an error: what actually went wrong ("invalid peer certificate: ..."),
 /// with what to do about the usual certificate mistakes.
 pub fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
@@ -194,6 +239,9 @@ pub fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
     }
     let what = cause.to_string();
     let lower = what.to_ascii_lowercase();
+    if let Some(alert) = refusal_alert(e) {
+        return format!("{what} ({})", alert_hint(alert));
+    }
     let hint = if what.contains("UnknownIssuer") {
         format!(" (the coordinator's certificate is not signed by the CA in {TLS_CA_ENV}, or, without it, by one the system trusts)")
     } else if what.contains("CaUsedAsEndEntity") {
@@ -204,12 +252,6 @@ pub fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
         " (the coordinator's certificate has expired: renew it)".to_string()
     } else if lower.contains("not valid yet") || what.contains("NotValidYet") {
         " (the coordinator's certificate is not valid yet: check the clocks)".to_string()
-    } else if what.contains("CertificateRequired") {
-        format!(" (the coordinator requires a client certificate: set {TLS_CERT_ENV} and {TLS_KEY_ENV})")
-    } else if what.contains("alert: UnknownCA") || what.contains("alert: BadCertificate") || what.contains("alert: CertificateUnknown") {
-        " (the coordinator does not accept this client certificate: it must be signed by the CA given to its --tls-client-ca, for client authentication)".to_string()
-    } else if what.contains("alert: CertificateExpired") {
-        format!(" (this client's certificate, {TLS_CERT_ENV}, has expired: renew it)")
     } else if lower.contains("invalidcontenttype") || lower.contains("corrupt message") {
         " (the coordinator does not serve TLS: use http://)".to_string()
     } else if lower.contains("h2 protocol error") {

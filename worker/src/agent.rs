@@ -114,9 +114,14 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 bail!("the coordinator at {} refused this worker: {}", cfg.coordinator, e.message());
             }
             Err(e) => {
-                // nor a client certificate it refuses (mutual TLS): the probe reads its reason
+                // nor a client certificate it refuses (mutual TLS): the probe reads its reason.
+                // An idle worker exits; one with a run keeps it (a certificate may be renewed
+                // meanwhile) and says why it cannot report.
                 if let Some(why) = smelt_proto::tls::refusal(&cfg.coordinator).await {
-                    bail!("the coordinator at {} refused this worker's TLS connection: {why}", cfg.coordinator);
+                    if running.is_none() {
+                        bail!("the coordinator at {} refused this worker's TLS connection: {why}", cfg.coordinator);
+                    }
+                    tracing::error!(coordinator = %cfg.coordinator, reason = %why, "the coordinator refuses this worker's TLS certificate; retrying");
                 }
                 warn!(error = %e.message(), "register refused; retrying");
                 tokio::time::sleep(backoff).await;
