@@ -77,12 +77,19 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     // the job's next attempt
     let mut reports: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     let mut backoff = Duration::from_millis(100);
+    // a draining worker whose last run is reported waits for the acknowledgement of its last log
+    // lines before it exits: until this, set when it first has nothing else left to do (kept
+    // across reconnects, which send the unacknowledged lines again)
+    let mut leave_by: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
 
     loop {
         if draining && running.is_none() && undelivered.is_none() {
-            info!(worker_id = %worker_id, "drained; exiting");
-            return Ok(());
+            let by = *leave_by.get_or_insert_with(|| tokio::time::Instant::now() + LAST_LOGS_WAIT);
+            if cfg.logs.unacked_count() == 0 || tokio::time::Instant::now() >= by {
+                info!(worker_id = %worker_id, "drained; exiting");
+                return Ok(());
+            }
         }
         // ---- connect and register -----------------------------------------------------------
         let mut client = match connect(&cfg.coordinator, cfg.token.as_deref()).await {
@@ -171,14 +178,14 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 undelivered = Some(done);
             }
         }
-        // a draining worker whose last run is reported waits for its last log lines'
-        // acknowledgement before it exits (at most this long)
-        let mut leave_by: Option<tokio::time::Instant> = None;
         let mut ticker = tokio::time::interval(interval);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    if leave_by.is_some_and(|t| cfg.logs.unacked_count() == 0 || tokio::time::Instant::now() >= t) { break; }
+                    if draining && running.is_none() && undelivered.is_none() {
+                        let by = *leave_by.get_or_insert_with(|| tokio::time::Instant::now() + LAST_LOGS_WAIT);
+                        if cfg.logs.unacked_count() == 0 || tokio::time::Instant::now() >= by { break; }
+                    }
                     if up_tx.send(msg(status(&running, draining))).await.is_err() { break; }
                     if !send_logs(&cfg.logs, &up_tx, &msg).await { break; }
                 }
@@ -237,9 +244,6 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                             running = Some(start(client.clone(), a, worker_id.clone(), &listener, &cfg, event_tx.clone()));
                         }
                         let _ = up_tx.send(msg(status(&running, draining))).await;
-                        if draining && running.is_none() {
-                            leave_by = Some(tokio::time::Instant::now() + LAST_LOGS_WAIT);
-                        }
                     }
                     None => unreachable!("the agent holds a sender"),
                 },
@@ -248,7 +252,6 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     draining = true;
                     if let Some(r) = &running { r.control.stop("worker received SIGTERM (draining)"); }
                     let _ = up_tx.send(msg(status(&running, draining))).await;
-                    if running.is_none() { leave_by = Some(tokio::time::Instant::now() + LAST_LOGS_WAIT); }
                 }
             }
         }
