@@ -428,3 +428,19 @@ fn sigterm_drains_an_idle_worker() {
     let status = c.workers[i].wait_exit(Duration::from_secs(30)).expect("worker exits after SIGTERM");
     assert!(status.success(), "drained worker exit status {status:?}\n{}", c.logs());
 }
+
+#[test]
+fn sigterm_drains_a_busy_worker_whose_last_lines_reach_the_coordinator() {
+    let mut c = Cluster::new();
+    let i = c.start_worker();
+    let job = c.submit(&c.spec("drained", 1, 8, 1_000_000, 0)).unwrap();
+    c.wait_job(&job.id, "a few steps", LONG, |j| j.last_step >= 3);
+    c.workers[i].sigterm();
+    let status = c.workers[i].wait_exit(Duration::from_secs(60)).expect("worker exits after SIGTERM");
+    assert!(status.success(), "drained worker exit status {status:?}\n{}", c.logs());
+    // the lines it logged after the SIGTERM, to the run's last, are with the job
+    let lines = c.log_texts(&job.id);
+    for what in ["sigterm: draining", "assignment failed"] {
+        assert!(lines.iter().any(|(_, t)| t.contains(what)), "no {what:?} in\n{lines:#?}");
+    }
+}

@@ -389,6 +389,12 @@ mod tests {
         assert!(insert(&tx, "w-1", 2, &rows_of("w-1", batch("job-000001", 1, 0, &["lost"], 0), 0), &mut counts).is_err());
         tx.commit().unwrap();
         assert_eq!(received(&conn).unwrap(), HashMap::from([("w-1".to_string(), 1)]));
+        let other = Connection::open(dir.path().join("smelt.db")).unwrap();
+        other.execute_batch("ALTER TABLE job_logs_away RENAME TO job_logs").unwrap();
+        let tx = conn.transaction().unwrap();
+        insert(&tx, "w-1", 2, &rows_of("w-1", batch("job-000001", 1, 0, &["back"], 0), 0), &mut counts).unwrap();
+        tx.commit().unwrap();
+        assert_eq!(received(&conn).unwrap(), HashMap::from([("w-1".to_string(), 2)]));
     }
 
     #[tokio::test]

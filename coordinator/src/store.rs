@@ -4,8 +4,9 @@
 //! `flush` waits until everything queued before it is committed (used before answering a client
 //! whose request must be durable: submit, cancel, register).
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rusqlite::{params, Connection, Transaction};
@@ -226,6 +227,10 @@ pub struct Loaded {
 #[derive(Clone)]
 pub struct StoreHandle {
     tx: mpsc::Sender<Cmd>,
+    /// Workers a batch of whose log lines failed to be stored since it was last asked
+    /// (`take_log_failure`): a flush's result alone cannot say, as the failure may have been in
+    /// an earlier transaction, reported to another flush.
+    log_failures: Arc<Mutex<HashSet<String>>>,
 }
 
 impl StoreHandle {
@@ -233,6 +238,11 @@ impl StoreHandle {
         if self.tx.send(Cmd::Op(op)).is_err() {
             error!("store is closed; a write was dropped");
         }
+    }
+
+    /// Whether a batch of `worker_id`'s log lines failed to be stored since the last call.
+    pub fn take_log_failure(&self, worker_id: &str) -> bool {
+        self.log_failures.lock().unwrap_or_else(|p| p.into_inner()).remove(worker_id)
     }
 
     /// Waits until every write queued before this call is committed.
@@ -262,8 +272,10 @@ impl Store {
         migrate(&mut conn)?;
         let loaded = load(&conn)?;
         let (tx, rx) = mpsc::channel();
-        let thread = std::thread::Builder::new().name("smelt-store".into()).spawn(move || writer_loop(conn, rx))?;
-        Ok((Store { handle: StoreHandle { tx }, thread, path: path.to_path_buf() }, loaded))
+        let log_failures = Arc::new(Mutex::new(HashSet::new()));
+        let failures = log_failures.clone();
+        let thread = std::thread::Builder::new().name("smelt-store".into()).spawn(move || writer_loop(conn, rx, failures))?;
+        Ok((Store { handle: StoreHandle { tx, log_failures }, thread, path: path.to_path_buf() }, loaded))
     }
 
     pub fn handle(&self) -> StoreHandle {
@@ -503,7 +515,10 @@ fn apply(tx: &Transaction, op: &Op, log_lines: &mut LineCounts) -> rusqlite::Res
     Ok(())
 }
 
-fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
+fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>, log_failures: Arc<Mutex<HashSet<String>>>) {
+    let flag = |worker: &str| {
+        log_failures.lock().unwrap_or_else(|p| p.into_inner()).insert(worker.to_string());
+    };
     let mut stop = false;
     let mut log_lines = LineCounts::default();
     while !stop {
@@ -528,12 +543,38 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
         let n = batch.len();
         match conn.transaction() {
             Ok(tx) => {
+                // the workers whose log lines this transaction holds
+                let mut logs_of: Vec<String> = Vec::new();
+                // SQLite rolled the whole transaction back after an error (a full disk, an I/O
+                // error): what follows would commit piecemeal in autocommit mode, so it is not
+                // applied, and everything in the batch counts as failed
+                let mut aborted = false;
                 for cmd in batch {
                     match cmd {
                         Cmd::Op(op) => {
-                            if let Err(e) = apply(&tx, &op, &mut log_lines) {
-                                error!(error = %e, "store write failed");
-                                failure = Some(e.to_string());
+                            let logs_worker = match &op {
+                                Op::Logs { worker_id, .. } => Some(worker_id.clone()),
+                                _ => None,
+                            };
+                            if aborted {
+                                if let Some(w) = logs_worker {
+                                    flag(&w);
+                                }
+                                continue;
+                            }
+                            match apply(&tx, &op, &mut log_lines) {
+                                Ok(()) => logs_of.extend(logs_worker),
+                                Err(e) => {
+                                    error!(error = %e, "store write failed");
+                                    failure = Some(e.to_string());
+                                    if let Some(w) = logs_worker {
+                                        flag(&w);
+                                    }
+                                    if tx.is_autocommit() {
+                                        aborted = true;
+                                        logs_of.iter().for_each(|w| flag(w));
+                                    }
+                                }
                             }
                         }
                         Cmd::Flush(s) => flushes.push(s),
@@ -543,6 +584,7 @@ fn writer_loop(mut conn: Connection, rx: mpsc::Receiver<Cmd>) {
                 if let Err(e) = tx.commit() {
                     error!(error = %e, "store commit failed");
                     failure = Some(e.to_string());
+                    logs_of.iter().for_each(|w| flag(w));
                 }
                 if failure.is_some() {
                     log_lines.forget();

@@ -121,7 +121,11 @@ impl WorkerService for WorkerSvc {
 async fn acknowledge_logs(coord: Coordinator, worker_id: String, gen: u64, mut signal: watch::Receiver<()>) {
     while signal.changed().await.is_ok() {
         let upto = coord.with(|st| st.logs_received(&worker_id));
-        let committed = coord.flush().await.is_ok();
+        let flushed = coord.flush().await.is_ok();
+        // a batch that failed in an earlier transaction is told by the store, not by this flush
+        // (taken whatever the flush said: a flag left over would fail the next round)
+        let failed = coord.with(|st| st.store.take_log_failure(&worker_id));
+        let committed = flushed && !failed;
         coord.with(|st| st.logs_flushed(&worker_id, gen, upto, committed));
     }
 }

@@ -236,22 +236,24 @@ impl State {
 
     /// After a store flush that began when `upto` was the worker's highest received: on
     /// success, tells it (on stream `gen`, if still its own) every batch it numbered up to `upto`
-    /// is committed, so it can let them go; on failure, forgets what was not committed, so the
-    /// batches sent again are stored.
+    /// is committed, so it can let them go; on failure (a batch of its lines not stored, in this
+    /// flush's transaction or an earlier one), forgets what was not committed and asks it to
+    /// send every batch after the last committed again (some may then be stored twice, rather
+    /// than none lost).
     pub fn logs_flushed(&mut self, worker_id: &str, gen: u64, upto: u64, committed: bool) {
         let Some(w) = self.workers.get_mut(worker_id) else { return };
-        if !committed {
+        if committed {
+            w.logs_committed = w.logs_committed.max(upto);
+        } else {
             w.logs_received = w.logs_committed;
-            return;
         }
-        w.logs_committed = w.logs_committed.max(upto);
         if !self.current_stream(worker_id, gen) {
             return;
         }
         let w = &self.workers[worker_id];
         if let Some(conn) = &w.conn {
-            let ack = CoordinatorMessage { body: Some(coordinator_message::Body::LogsAck(LogsAck { seq: w.logs_committed })) };
-            let _ = conn.tx.send(Ok(ack));
+            let ack = LogsAck { seq: w.logs_committed, resend: !committed };
+            let _ = conn.tx.send(Ok(CoordinatorMessage { body: Some(coordinator_message::Body::LogsAck(ack)) }));
         }
     }
 

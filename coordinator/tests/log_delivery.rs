@@ -71,3 +71,33 @@ async fn a_batch_sent_again_is_stored_once_across_reconnects_and_a_coordinator_r
     assert_eq!(texts(&mut jobs, &job.id).await, ["a", "b", "c", "d", "e", "old", "f"]);
     coord.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_the_store_failed_to_keep_is_asked_for_again_and_kept_once() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("logged", 1, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9862").await;
+    let a = within("an assignment", w.assignment()).await;
+    w.send(batch(&a, 1, &["a"])).await;
+    w.logs_acked(1).await;
+
+    // the store cannot write log lines (their table is away): batch 2 is not acknowledged, and
+    // the worker is asked to send what follows batch 1 again
+    let other = rusqlite::Connection::open(&db).unwrap();
+    other.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
+    other.execute_batch("ALTER TABLE job_logs RENAME TO job_logs_away").unwrap();
+    w.send(batch(&a, 2, &["b"])).await;
+    let ack = w.next_logs_ack().await;
+    assert_eq!((ack.seq, ack.resend), (1, true), "{ack:?}");
+
+    // the store mends; the batch sent again is kept, once
+    other.execute_batch("ALTER TABLE job_logs_away RENAME TO job_logs").unwrap();
+    w.send(batch(&a, 2, &["b"])).await;
+    w.logs_acked(2).await;
+    w.send(batch(&a, 3, &["c"])).await;
+    w.logs_acked(3).await;
+    assert_eq!(texts(&mut jobs, &job.id).await, ["a", "b", "c"]);
+    coord.stop().await;
+}

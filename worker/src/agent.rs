@@ -213,7 +213,17 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                             }
                         }
                     }
-                    Some(Ok(CoordinatorMessage { body: Some(Down::LogsAck(ack)) })) => cfg.logs.acked(ack.seq),
+                    Some(Ok(CoordinatorMessage { body: Some(Down::LogsAck(ack)) })) => {
+                        cfg.logs.acked(ack.seq);
+                        // the coordinator failed to store some: all not acknowledged, again
+                        if ack.resend {
+                            let mut sent = true;
+                            for b in cfg.logs.unacked() {
+                                sent &= up_tx.send(msg(Up::Logs(b))).await.is_ok();
+                            }
+                            if !sent { break; }
+                        }
+                    }
                     Some(Ok(_)) => {}
                     Some(Err(e)) => { warn!(error = %e.message(), "heartbeat stream broke; reconnecting"); break; }
                     None => { warn!("coordinator closed the heartbeat stream; reconnecting"); break; }

@@ -296,16 +296,34 @@ impl Worker {
         }
     }
 
-    /// Waits for a log acknowledgement of at least `seq` (other messages are skipped).
-    pub async fn logs_acked(&mut self, seq: u64) {
+    /// The next log acknowledgement (other messages are skipped).
+    pub async fn next_logs_ack(&mut self) -> LogsAck {
         let rx = self.rx.as_mut().expect("stream open");
         loop {
             let m = within("a log acknowledgement", rx.message()).await.expect("stream ok").expect("stream not ended");
             if let Some(coordinator_message::Body::LogsAck(a)) = m.body {
-                if a.seq >= seq {
-                    return;
+                return a;
+            }
+        }
+    }
+
+    /// Waits for a log acknowledgement of at least `seq` (other messages are skipped).
+    pub async fn logs_acked(&mut self, seq: u64) {
+        let rx = self.rx.as_mut().expect("stream open");
+        let mut seen = Vec::new();
+        let wait = async {
+            loop {
+                let m = rx.message().await.expect("stream ok").expect("stream not ended");
+                if let Some(coordinator_message::Body::LogsAck(a)) = m.body {
+                    if a.seq >= seq {
+                        return;
+                    }
+                    seen.push(a);
                 }
             }
+        };
+        if tokio::time::timeout(PATIENCE, wait).await.is_err() {
+            panic!("no acknowledgement of log batch {seq} within {PATIENCE:?}; saw {seen:?}");
         }
     }
 
