@@ -94,18 +94,25 @@ fn usable_gpus() -> Result<usize, String> {
     Ok(g)
 }
 
-/// Children are stopped with SIGTERM (workers drain), then killed if they linger.
+/// How long the workers get to drain (stop at a step boundary, save a rescue checkpoint, report
+/// to the coordinator) before they are killed.
+const WORKER_DRAIN: Duration = Duration::from_secs(90);
+
+/// Children are stopped with SIGTERM, then killed if they linger: the workers first, while the
+/// coordinator is still there to take their last reports (a busy worker drains: it stops at a
+/// step boundary, saves its job's rescue checkpoint and reports it), then the coordinator.
 struct Cluster {
+    /// The coordinator first, then the workers.
     children: Vec<(String, Child)>,
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for (_, c) in self.children.iter_mut().rev() {
+impl Cluster {
+    fn stop(children: &mut [(String, Child)], patience: Duration) {
+        for (_, c) in children.iter_mut() {
             unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        for (name, c) in self.children.iter_mut().rev() {
+        let deadline = Instant::now() + patience;
+        for (name, c) in children.iter_mut() {
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
                     break;
@@ -118,6 +125,15 @@ impl Drop for Cluster {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let n = 1.min(self.children.len());
+        let (coordinator, workers) = self.children.split_at_mut(n);
+        Cluster::stop(workers, WORKER_DRAIN);
+        Cluster::stop(coordinator, Duration::from_secs(10));
     }
 }
 
@@ -143,8 +159,14 @@ pub fn run(a: UpArgs) -> Result<()> {
     let url = format!("http://{}", a.listen);
     let spawn = |name: &str, args: &[String]| -> Result<Child> {
         let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
-        Command::new(&exe)
-            .args(args)
+        let mut cmd = Command::new(&exe);
+        if name == "coordinator" {
+            // out of the terminal's process group: a Ctrl-C reaches the workers (they drain)
+            // but not the coordinator, which `smelt up` stops once they have reported to it
+            use std::os::unix::process::CommandExt;
+            cmd.process_group(0);
+        }
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -155,7 +177,9 @@ pub fn run(a: UpArgs) -> Result<()> {
     let db = a.data_dir.join("coordinator.db");
     let coord = spawn("coordinator", &["coordinator".into(), "--listen".into(), a.listen.clone(), "--db".into(), db.display().to_string()])?;
     cluster.children.push(("coordinator".into(), coord));
-    wait_for_port(&a.listen, Duration::from_secs(30))?;
+    // our coordinator's own word that it listens: another process already on the port (another
+    // `smelt up`) must not be taken for it
+    wait_until_listening(&mut cluster.children[0].1, &logs.join("coordinator.log"), Duration::from_secs(30))?;
     // Share the cores: each worker's CPU backend (or a GPU worker's host-side work) gets
     // cores / workers threads.
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -171,21 +195,37 @@ pub fn run(a: UpArgs) -> Result<()> {
     info!(coordinator = %url, workers = devices.len(), devices = %devices.join(","), data_dir = %a.data_dir.display(), "local cluster up; logs in {}", logs.display());
     info!("dashboard: {url}/ (workers, jobs, loss curves, checkpoints)");
 
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match &a.submit {
         Some(spec) => {
-            let status = Command::new(&exe)
-                .args(["submit", &spec.display().to_string(), "--follow", "--coordinator", &url])
-                .status()
-                .context("running smelt submit")?;
+            let mut submit = tokio::process::Command::new(&exe);
+            submit.args(["submit", &spec.display().to_string(), "--follow", "--coordinator", &url]);
+            // SIGTERM or SIGINT stops the whole cluster, not `smelt up` alone
+            let status = rt.block_on(async {
+                let mut child = submit.spawn().context("running smelt submit")?;
+                tokio::select! {
+                    s = child.wait() => Ok::<_, anyhow::Error>(Some(s?)),
+                    _ = crate::signals::terminated() => {
+                        let _ = child.start_kill();
+                        Ok(None)
+                    }
+                }
+            })?;
+            let newest = rt.block_on(newest_job(&url));
             drop(cluster);
+            let Some(status) = status else {
+                bail!("interrupted: the cluster is stopped (a job that checkpoints resumes from its last checkpoint at the next `smelt up`)");
+            };
             if !status.success() {
                 bail!("the job did not succeed (see {} for worker logs)", logs.display());
             }
-            info!("job finished; final weights under {}/jobs/<job id>/model.safetensors", a.data_dir.display());
+            match newest {
+                Some(id) => info!(job_id = %id, "job finished; final weights in {}", a.data_dir.join("jobs").join(&id).join("model.safetensors").display()),
+                None => info!("job finished; final weights under {}/jobs/", a.data_dir.display()),
+            }
             Ok(())
         }
         None => {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             rt.block_on(crate::signals::terminated());
             drop(cluster);
             Ok(())
@@ -193,15 +233,39 @@ pub fn run(a: UpArgs) -> Result<()> {
     }
 }
 
-fn wait_for_port(addr: &str, timeout: Duration) -> Result<()> {
+/// The id of the newest job on the coordinator at `url` (the one this `smelt up` submitted).
+async fn newest_job(url: &str) -> Option<String> {
+    let mut client = crate::client::connect(url).await.ok()?;
+    let jobs = client.list_jobs(smelt_proto::v1::ListJobsRequest {}).await.ok()?.into_inner().jobs;
+    jobs.into_iter().max_by_key(|j| j.created_at_ms).map(|j| j.id)
+}
+
+/// Waits for the coordinator `child` to log that it listens (its log file is its own); an
+/// error with the log's last lines if it exits first (its port taken, a bad database) or does
+/// not get there in `timeout`.
+fn wait_until_listening(child: &mut Child, log: &std::path::Path, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(addr).is_ok() {
+    // the error it ended with (without a backtrace RUST_BACKTRACE may add), else its last lines
+    let tail = || {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        match lines.iter().rposition(|l| l.starts_with("Error: ")) {
+            Some(at) => lines[at..].iter().take_while(|l| !l.trim().is_empty() && !l.starts_with("Stack backtrace")).copied().collect::<Vec<_>>().join("\n"),
+            None => lines[lines.len().saturating_sub(5)..].join("\n"),
+        }
+    };
+    loop {
+        if std::fs::read_to_string(log).unwrap_or_default().contains("coordinator listening") {
             return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("the coordinator exited ({status}) before it listened:\n{}", tail());
+        }
+        if Instant::now() >= deadline {
+            bail!("the coordinator did not start listening within {timeout:?}; its log ({}) ends:\n{}", log.display(), tail());
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    bail!("the coordinator did not start listening on {addr} within {timeout:?}")
 }
 
 #[cfg(test)]

@@ -1,0 +1,117 @@
+//! `smelt up` as a user runs it: it refuses a port another coordinator holds (rather than run the
+//! job on that cluster), and a SIGTERM stops its whole cluster (workers first, then the
+//! coordinator), leaving no process behind.
+
+mod harness;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use harness::{start_coordinator, Proc};
+
+fn smelt() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_smelt"))
+}
+
+/// A job spec in `dir` on a small text, `steps` long, checkpointing every 5 steps.
+fn spec(dir: &Path, steps: u64) -> std::path::PathBuf {
+    let text = dir.join("corpus.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog.\n".repeat(40)).unwrap();
+    let spec = dir.join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = \"up\"\nseed = 3\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
+             [train]\nsteps = {steps}\nglobal_batch = 4\nmicro_batch = 2\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\n\
+             [cluster]\nworld_size = 1\n[checkpoint]\nevery = 5\n",
+            text.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    spec
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_naming(needle: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) && !cmd.contains("cli_up-") {
+                out.push(format!("{}: {cmd}", entry.file_name().to_string_lossy()));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn smelt_up_refuses_a_port_another_coordinator_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let other = dir.path().join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let (_other, addr) = start_coordinator(&other, &[]);
+    let spec = spec(dir.path(), 10);
+    let o = smelt()
+        .args(["up", "--workers", "1", "--device", "cpu", "--listen", &addr, "--data-dir"])
+        .arg(dir.path().join("state"))
+        .arg("--submit")
+        .arg(&spec)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "smelt up went on: {err}");
+    assert!(err.contains("the coordinator exited") && err.contains("before it listened") && err.contains("cannot listen on"), "{err}");
+    // nothing went to the other cluster
+    let listed = smelt().args(["jobs", "list", "--coordinator", &format!("http://{addr}")]).output().unwrap();
+    assert!(String::from_utf8_lossy(&listed.stdout).contains("no jobs"), "{}", String::from_utf8_lossy(&listed.stdout));
+    assert!(processes_naming(&dir.path().join("state").display().to_string()).is_empty());
+}
+
+#[test]
+fn sigterm_to_smelt_up_stops_its_whole_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let state = dir.path().join("state");
+    let spec = spec(dir.path(), 1_000_000);
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let mut up = Proc(
+        smelt()
+            .args(["up", "--workers", "1", "--device", "cpu", "--listen", &addr, "--data-dir"])
+            .arg(&state)
+            .arg("--submit")
+            .arg(&spec)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    // training, with a checkpoint committed
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ckpt = state.join("jobs/job-000001/ckpt");
+    while !std::fs::read_dir(&ckpt).map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists())).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "no checkpoint: {}", std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    unsafe { libc::kill(up.0.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let status = loop {
+        if let Some(s) = up.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "smelt up did not stop after SIGTERM");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = std::fs::read_to_string(dir.path().join("up.log")).unwrap();
+    assert!(!status.success() && out.contains("interrupted: the cluster is stopped"), "{status:?}\n{out}");
+    let left = processes_naming(&state.display().to_string());
+    assert!(left.is_empty(), "still running after smelt up stopped: {left:#?}");
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "the coordinator still listens");
+    // the workers drained with the coordinator still there: the worker said so and exited
+    let worker_log = std::fs::read_to_string(state.join("logs/worker-0.log")).unwrap();
+    assert!(worker_log.contains("drained; exiting"), "{worker_log}");
+}
