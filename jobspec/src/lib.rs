@@ -54,6 +54,7 @@
 //! ```
 
 mod family;
+mod toml_error;
 
 pub use family::{Arch, BertObjective, BertSpecials, ContrastiveViews, FamilyConfig, T5Specials};
 
@@ -461,15 +462,8 @@ impl JobSpec {
     /// Parses and validates a spec.
     pub fn parse(text: &str) -> Result<JobSpec, SpecError> {
         let spec: JobSpec = toml::from_str(text).map_err(|e| {
-            let msg = e.message().to_string();
-            // toml reports the offending key's span; name the field when we can.
-            let field = e
-                .span()
-                .and_then(|s| text.get(s))
-                .map(|s| s.trim().to_string())
-                .filter(|s| !s.is_empty() && s.len() < 64 && !s.contains('\n'))
-                .unwrap_or_else(|| "toml".to_string());
-            err(&field, msg)
+            let (field, message) = toml_error::describe(text, &e);
+            err(&field, message)
         })?;
         spec.validate()?;
         Ok(spec)

@@ -55,7 +55,7 @@ fn parses_a_good_spec_with_defaults() {
 #[test]
 fn unknown_field_is_named() {
     let e = JobSpec::parse(&GOOD.replace("lr = 1e-3", "lr = 1e-3\nlearning_rate = 2")).unwrap_err();
-    assert_eq!(e.field, "learning_rate", "{e}");
+    assert_eq!(e.field, "train.learning_rate", "{e}");
     assert!(e.message.contains("unknown field"), "{e}");
 }
 
