@@ -263,6 +263,23 @@ pub fn failed_before_update<B: Backend>(be: &B, e: &anyhow::Error) -> bool {
     be.name() == "cpu" && e.chain().any(|c| c.is::<smelt_engine::collective::CollectiveError>())
 }
 
+/// Fails, naming the store and why, when the checkpoints' root cannot be written (a bucket that
+/// does not exist, missing credentials, a read-only directory): a job that asked for checkpoints
+/// must not train for hours without any, to lose it all to the first failure. One small object
+/// written and deleted again, with the uploads' retries.
+fn probe_writable(root: &StoreDir, every: u64) -> Result<()> {
+    let name = format!(".write-probe-{}", std::process::id());
+    let policy = UploadOptions::default().retry;
+    let written = smelt_checkpoint::upload::with_retry(&policy, &root.uri_of(&name), || root.put(&name, &b"smelt"[..]))
+        .and_then(|()| root.delete(&name));
+    written.map_err(|e| {
+        anyhow!(
+            "the checkpoint store cannot be written: {e} (the job checkpoints every {every} steps, and a job that cannot would lose \
+             its work to the first failure: fix [checkpoint] store or its credentials, or set [checkpoint] every = 0)"
+        )
+    })
+}
+
 /// Rank 0's checkpointing during a run.
 pub struct Checkpointer {
     uploader: AsyncCheckpointer,
@@ -286,6 +303,7 @@ impl Checkpointer {
         let store = StoreDir::open(&store_uri(spec, out_dir)?)?;
         let root = checkpoints_root(&store, &a.job_id);
         info!(job_id = %a.job_id, uri = %root.uri(), every = c.every, keep_last = c.keep_last, keep_every = c.keep_every, "checkpointing");
+        probe_writable(&root, c.every)?;
         let retention = Retention { keep_last: c.keep_last, keep_every: c.keep_every, ..Retention::default() };
         let template = TrainerJson {
             format: FORMAT.to_string(),
