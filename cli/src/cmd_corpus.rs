@@ -8,7 +8,7 @@ use smelt_corpus::{prepare, CorpusReader, PrepareOptions, Progress, ReaderOption
 
 #[derive(Subcommand, Debug)]
 pub enum CorpusCommand {
-    /// Tokenize .txt / .jsonl files (gzip too) into shards + manifest.json at an object-store
+    /// Tokenize .txt / .jsonl files (gzip too) or .parquet into shards + manifest.json at an object-store
     /// URI. Rerunning with the same arguments resumes an interrupted run.
     Prepare(PrepareArgs),
     /// Read every shard of a prepared corpus whole: sizes, headers, sha256, token ids.

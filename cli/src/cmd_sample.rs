@@ -22,7 +22,7 @@ use smelt_corpus::Tokenizer;
 #[derive(Args, Debug)]
 pub struct SampleArgs {
     /// The model: a model.safetensors (or a directory holding one), a checkpoint, or a job id
-    /// (its final weights, else its latest checkpoint, under --store): a GPT (`smelt train`, a
+    /// (its newest checkpoint that verifies, else its final weights, under --store): a GPT (`smelt train`, a
     /// pretraining or fine-tuning job) or a T5.
     #[arg(long)]
     pub model: String,

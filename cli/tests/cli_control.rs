@@ -98,7 +98,7 @@ fn submit_list_get_cancel_and_errors() {
     assert!(!out.status.success());
     assert_eq!(
         text(&out.stderr).trim(),
-        "error: job job-000001 is already cancelled; only queued, scheduled, running or restarting jobs can be cancelled"
+        "error: job job-000001 has already ended (cancelled); only queued, scheduled, running or restarting jobs can be cancelled"
     );
     let out = smelt(&["jobs", "get", "job-000099"], &url);
     assert!(!out.status.success());

@@ -129,7 +129,7 @@ impl State {
         let state = self.job(id)?.row.state;
         if is_terminal(state) {
             return Err(CoordError::FailedPrecondition(format!(
-                "job {id} is already {}; only queued, scheduled, running or restarting jobs can be cancelled",
+                "job {id} has already ended ({}); only queued, scheduled, running or restarting jobs can be cancelled",
                 job_state_name(state)
             )));
         }

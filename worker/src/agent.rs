@@ -87,7 +87,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         if draining && running.is_none() && undelivered.is_none() {
             let by = *leave_by.get_or_insert_with(|| tokio::time::Instant::now() + LAST_LOGS_WAIT);
             if cfg.logs.unacked_count() == 0 || tokio::time::Instant::now() >= by {
-                info!(worker_id = %worker_id, "drained; exiting");
+                if worker_id.is_empty() {
+                    info!("drained (never registered); exiting");
+                } else {
+                    info!(worker_id = %worker_id, "drained; exiting");
+                }
                 return Ok(());
             }
         }

@@ -202,7 +202,7 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
         return Ok((tokenizer, vocab, TrainData::Mix { readers }, val));
     }
     let path = spec.data.text.as_deref().unwrap_or_default();
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading data.text {path}"))?;
+    let text = std::fs::read_to_string(path).with_context(|| crate::train_data::text_read_context(path))?;
     let tokenizer = match parent {
         Some(p) => {
             init_from::check_text_tokenizer(spec, p)?;
@@ -215,4 +215,16 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
     let val = ids.split_off(split);
     let vocab = tokenizer.vocab_size();
     Ok((tokenizer, vocab, TrainData::Text { tokens: ids }, vec![ValSet { name: path.to_string(), weight: 1.0, tokens: val }]))
+}
+
+/// What a failed read of `data.text` says: a relative path is the worker's, on the worker's
+/// machine (not the spec file's, nor the submitting machine's).
+pub(crate) fn text_read_context(path: &str) -> String {
+    if std::path::Path::new(path).is_relative() {
+        let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_else(|_| "?".into());
+        let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "this worker's machine".into());
+        format!("reading data.text {path} (relative to the worker's working directory {cwd}, on {host}: give an absolute path, or prepare a corpus in an object store)")
+    } else {
+        format!("reading data.text {path} (on the worker's machine)")
+    }
 }
