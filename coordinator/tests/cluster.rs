@@ -354,7 +354,7 @@ async fn cancel_aborts_the_workers() {
     // Cancelling again names the state.
     let e = jobs.cancel_job(CancelJobRequest { job_id: job.id.clone() }).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    assert!(e.message().contains("already cancelled"), "{}", e.message());
+    assert!(e.message().contains("has already ended (cancelled)"), "{}", e.message());
     // A queued job can be cancelled too, and the freed workers take the next job.
     let queued = submit(&mut jobs, &spec("later", 3, 0, 0)).await;
     let next = submit(&mut jobs, &spec("next", 1, -1, 0)).await;

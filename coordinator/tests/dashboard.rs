@@ -422,7 +422,7 @@ async fn a_job_is_cancelled_from_the_api_only_with_the_request_header() {
     assert!(j.error.contains("cancelled by request"), "{}", j.error);
     let r = http::request(coord.addr, "POST", &path, None, &ok).await;
     assert_eq!(r.status, 409, "{}", r.body);
-    assert!(r.json()["error"].as_str().unwrap().contains("already cancelled"), "{}", r.body);
+    assert!(r.json()["error"].as_str().unwrap().contains("has already ended (cancelled)"), "{}", r.body);
     let r = http::request(coord.addr, "POST", "/api/jobs/job-000404/cancel", None, &ok).await;
     assert_eq!(r.status, 404);
     // The cancellation is durable: a new coordinator on the same file has it.
