@@ -36,6 +36,7 @@ mod schema;
 mod server;
 pub mod state;
 pub mod store;
+mod store_writer;
 mod worker_service;
 mod workers;
 
