@@ -36,6 +36,10 @@ pub fn run(a: SubmitArgs) -> Result<()> {
 async fn run_async(a: SubmitArgs) -> Result<()> {
     let spec_toml =
         std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read job spec {}", a.spec.display()))?;
+    if let Some(from) = a.resume_from.clone().filter(|f| !smelt_checkpoint::looks_like_job_id(f.trim())) {
+        // store access blocks: off the runtime
+        tokio::task::spawn_blocking(move || check_resume_from(&from)).await??;
+    }
     let mut client = connect(&a.coordinator.url).await?;
     let job = client
         .submit(SubmitRequest { spec_toml, resume_from: a.resume_from.unwrap_or_default() })
@@ -53,6 +57,25 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
         follow(&mut client, &job).await?;
     }
     Ok(())
+}
+
+/// A checkpoint to resume from that is not there is refused before the job is submitted (the
+/// workers would only find out after taking it, restart after restart). One the store will not
+/// show this machine (its credentials are the workers') is left to the workers, with a warning.
+fn check_resume_from(uri: &str) -> Result<()> {
+    use smelt_checkpoint::CheckpointError;
+    let dir = smelt_corpus::StoreDir::open(uri.trim()).map_err(|e| anyhow::anyhow!("--resume-from {uri}: {e}"))?;
+    match smelt_checkpoint::read::read_manifest(&dir) {
+        Ok(_) => Ok(()),
+        Err(CheckpointError::NotCommitted { .. }) => anyhow::bail!(
+            "--resume-from {uri}: no MANIFEST.json there, so no committed checkpoint (a wrong path, or an upload that never \
+             finished); `smelt checkpoints list` shows a job's"
+        ),
+        Err(e) => {
+            eprintln!("warning: cannot check --resume-from {uri} from here ({e}); the workers will");
+            Ok(())
+        }
+    }
 }
 
 pub(crate) fn is_terminal(s: JobState) -> bool {

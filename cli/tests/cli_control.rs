@@ -109,6 +109,16 @@ fn submit_list_get_cancel_and_errors() {
     let err = text(&out.stderr);
     assert!(err.starts_with("error: job spec: `train.global_batch`"), "{err}");
 
+    // A checkpoint to resume from that is not there: refused before anything is submitted.
+    std::fs::write(&spec, SPEC).unwrap();
+    let missing = dir.path().join("nope/ckpt/00000010");
+    let out = smelt(&["submit", spec.to_str().unwrap(), "--resume-from", missing.to_str().unwrap()], &url);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains("--resume-from") && err.contains("no MANIFEST.json there"), "{err}");
+    let out = smelt(&["jobs", "list"], &url);
+    assert!(!text(&out.stdout).contains("job-000002"), "{}", text(&out.stdout));
+
     // No coordinator there.
     let out = smelt(&["jobs", "list", "--coordinator", "http://127.0.0.1:1"], &url);
     assert!(!out.status.success());
