@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{start_coordinator, Proc};
+use harness::{one_rank_spec, start_coordinator, Proc};
 
 fn smelt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_smelt"))
@@ -16,20 +16,7 @@ fn smelt() -> Command {
 
 /// A job spec in `dir` on a small text, `steps` long, checkpointing every 5 steps.
 fn spec(dir: &Path, steps: u64) -> std::path::PathBuf {
-    let text = dir.join("corpus.txt");
-    std::fs::write(&text, "the quick brown fox jumps over the lazy dog.\n".repeat(40)).unwrap();
-    let spec = dir.join("job.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name = \"up\"\nseed = 3\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
-             [train]\nsteps = {steps}\nglobal_batch = 4\nmicro_batch = 2\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\n\
-             [cluster]\nworld_size = 1\n[checkpoint]\nevery = 5\n",
-            text.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    spec
+    one_rank_spec(dir, "up", steps, 2, "[checkpoint]\nevery = 5\n")
 }
 
 /// Processes whose command line mentions `needle`.

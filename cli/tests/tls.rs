@@ -9,28 +9,10 @@ mod certs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use harness::{log_file, start_coordinator, Proc};
+use harness::{log_file, one_rank_spec, start_coordinator, Proc};
 
 fn smelt() -> Command {
     Command::new(env!("CARGO_BIN_EXE_smelt"))
-}
-
-/// A one-rank job spec in `dir` (job.toml) on a small text, `steps` long.
-fn job_spec(dir: &std::path::Path, name: &str, steps: u64) -> std::path::PathBuf {
-    let text = dir.join("corpus.txt");
-    std::fs::write(&text, "the quick brown fox jumps over the lazy dog.\n".repeat(40)).unwrap();
-    let spec = dir.join("job.toml");
-    std::fs::write(
-        &spec,
-        format!(
-            "name = {name:?}\nseed = 3\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
-             [train]\nsteps = {steps}\nglobal_batch = 4\nmicro_batch = 4\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\n\
-             [cluster]\nworld_size = 1\n",
-            text.to_str().unwrap()
-        ),
-    )
-    .unwrap();
-    spec
 }
 
 #[test]
@@ -71,7 +53,7 @@ fn a_job_runs_end_to_end_over_tls_and_untrusting_processes_are_refused() {
     drop(untrusting);
 
     let _trusting = worker("trusting", Some(&tls.ca));
-    let spec = job_spec(dir.path(), "over-tls", 12);
+    let spec = one_rank_spec(dir.path(), "over-tls", 12, 4, "");
     let submit = |ca: Option<&std::path::Path>| {
         let mut cmd = smelt();
         cmd.arg("submit").arg(&spec).arg("--follow").env("SMELT_COORDINATOR", &url).env("RUST_LOG", "warn").env_remove("SMELT_TLS_CA").env("SSL_CERT_FILE", &other.ca);
@@ -144,7 +126,7 @@ fn with_mutual_tls_only_workers_and_clients_with_a_certificate_get_in_and_the_ot
 
     // a worker and a client presenting certificates the CA signed: a job trained to the end
     let _member = worker("member", Some((&tls.client_cert, &tls.client_key)));
-    let spec = job_spec(dir.path(), "mutual", 8);
+    let spec = one_rank_spec(dir.path(), "mutual", 8, 4, "");
     let submit = |identity: Option<(&std::path::Path, &std::path::Path)>| {
         let mut cmd = smelt();
         cmd.arg("submit").arg(&spec).arg("--follow").env("SMELT_COORDINATOR", &url).env("RUST_LOG", "warn");

@@ -21,14 +21,30 @@ async fn texts(jobs: &mut job_service_client::JobServiceClient<tonic::transport:
     jobs.job_logs(r).await.unwrap().into_inner().lines.into_iter().map(|l| l.text).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_batch_sent_again_is_stored_once_across_reconnects_and_a_coordinator_restart() {
-    let (_d, db) = tmp();
+/// A coordinator on a fresh file, a one-rank job, and the scripted worker running it.
+struct Placed {
+    _dir: tempfile::TempDir,
+    db: std::path::PathBuf,
+    coord: Coord,
+    jobs: job_service_client::JobServiceClient<tonic::transport::Channel>,
+    job: Job,
+    w: Worker,
+    a: Assignment,
+}
+
+async fn placed(data_addr: &str) -> Placed {
+    let (dir, db) = tmp();
     let coord = start(&db).await;
     let mut jobs = coord.jobs().await;
     let job = submit(&mut jobs, &spec("logged", 1, 0, 0)).await;
-    let mut w = Worker::join(&coord.url, "127.0.0.1:9861").await;
+    let mut w = Worker::join(&coord.url, data_addr).await;
     let a = within("an assignment", w.assignment()).await;
+    Placed { _dir: dir, db, coord, jobs, job, w, a }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_again_is_stored_once_across_reconnects_and_a_coordinator_restart() {
+    let Placed { _dir: _d, db, coord, mut jobs, job, mut w, a } = placed("127.0.0.1:9861").await;
 
     w.send(batch(&a, 1, &["a", "b"])).await;
     w.logs_acked(1).await;
@@ -74,12 +90,7 @@ async fn a_batch_sent_again_is_stored_once_across_reconnects_and_a_coordinator_r
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_the_store_failed_to_keep_is_asked_for_again_and_kept_once() {
-    let (_d, db) = tmp();
-    let coord = start(&db).await;
-    let mut jobs = coord.jobs().await;
-    let job = submit(&mut jobs, &spec("logged", 1, 0, 0)).await;
-    let mut w = Worker::join(&coord.url, "127.0.0.1:9862").await;
-    let a = within("an assignment", w.assignment()).await;
+    let Placed { _dir: _d, db, coord, mut jobs, job, mut w, a } = placed("127.0.0.1:9862").await;
     w.send(batch(&a, 1, &["a"])).await;
     w.logs_acked(1).await;
 

@@ -312,3 +312,22 @@ pub fn listening_addr(log: &Path, child: &mut Child, seen: usize) -> String {
 pub fn log_file(dir: &Path, name: &str) -> std::fs::File {
     std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log"))).unwrap()
 }
+
+/// A one-rank job spec, `dir`/job.toml, on a small text in `dir`: `steps` long, micro-batches of
+/// `micro_batch` (of a global batch of 4), `extra` TOML appended (`[checkpoint]` and such).
+pub fn one_rank_spec(dir: &Path, name: &str, steps: u64, micro_batch: usize, extra: &str) -> PathBuf {
+    let text = dir.join("corpus.txt");
+    std::fs::write(&text, "the quick brown fox jumps over the lazy dog.\n".repeat(40)).unwrap();
+    let spec = dir.join("job.toml");
+    std::fs::write(
+        &spec,
+        format!(
+            "name = {name:?}\nseed = 3\n[model]\npreset = \"test\"\n[data]\ntext = {:?}\ntokenizer = \"char\"\n\
+             [train]\nsteps = {steps}\nglobal_batch = 4\nmicro_batch = {micro_batch}\nseq_len = 16\nlr = 3e-3\nwarmup_steps = 2\neval_interval = 0\n\
+             [cluster]\nworld_size = 1\n{extra}",
+            text.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    spec
+}
