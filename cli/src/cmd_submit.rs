@@ -12,6 +12,10 @@ use tonic::Code;
 
 use crate::client::{connect, exit_on_error, job_state, runtime, state_name, status, CoordinatorUrl};
 
+/// How quiet a followed job's event stream is when the replay of its past events is taken to be
+/// over (what a waiting job waits for is said then).
+const WAITS_AFTER_QUIET: Duration = Duration::from_millis(300);
+
 /// How long --follow keeps trying to reach a coordinator that went away (a restart).
 const RECONNECT_FOR: Duration = Duration::from_secs(120);
 
@@ -100,9 +104,11 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
             bar.println(line);
         }
     };
-    if !job.waiting_for.is_empty() {
-        say(format!("{}: waits for {}", state_name(job_state(job)), job.waiting_for));
-    }
+    // What a waiting job waits for is said after the events replayed so far ("submitted" first),
+    // once the stream has been quiet a moment, and only if the job is still in the state it was
+    // in then (a job that has started since no longer waits).
+    let mut waits = (!job.waiting_for.is_empty()).then(|| format!("{}: waits for {}", state_name(job_state(job)), job.waiting_for));
+    let mut shown_state: Option<JobState> = None;
     let every = (job.total_steps / 10).max(1);
     let mut seen = 0usize; // stored events already shown (a re-watch replays them)
     let mut last_val: Option<f32> = None;
@@ -121,7 +127,21 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
         reached = Instant::now();
         let mut index = 0usize;
         loop {
-            let ev = match stream.message().await {
+            let next = match waits.as_ref() {
+                // (`Streaming::message` is cancel-safe: a timeout loses no event)
+                Some(_) => match tokio::time::timeout(WAITS_AFTER_QUIET, stream.message()).await {
+                    Ok(next) => next,
+                    Err(_quiet) => {
+                        let line = waits.take().expect("checked above");
+                        if shown_state.is_none_or(|s| s == job_state(job)) {
+                            say(line);
+                        }
+                        continue;
+                    }
+                },
+                None => stream.message().await,
+            };
+            let ev = match next {
                 Ok(Some(ev)) => ev,
                 Ok(None) => break, // ended without a final state: the coordinator went away
                 Err(e) if gone(e.code()) => break,
@@ -136,6 +156,7 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                     seen = index;
                     let to = JobState::try_from(s.to).unwrap_or_default();
                     say(format!("{}: {}", state_name(to), s.reason));
+                    shown_state = Some(to);
                     if is_terminal(to) {
                         break 'watch to;
                     }

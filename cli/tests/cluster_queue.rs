@@ -28,6 +28,9 @@ fn submit_and_jobs_get_say_what_a_waiting_job_waits_for() {
         .unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(err.matches("queued: waits for 2 cpu workers: 0 connected").count(), 1, "{err}");
+    // ... after the event that it was submitted, as things happened
+    let (submitted, waits) = (err.find("queued: submitted").expect(&err), err.find("queued: waits for").unwrap());
+    assert!(submitted < waits, "{err}");
     // as JSON too
     let (ok, out) = c.smelt(&["jobs", "get", "job-000001", "--json"]);
     assert!(ok && out.contains("\"waiting_for\": \"2 cpu workers: 0 connected"), "{out}");

@@ -113,6 +113,14 @@ impl LrSchedule {
         if !(self.min_lr >= 0.0 && self.min_lr <= self.max_lr) {
             return Err(ConfigError::new("min_lr", format!("must be in [0, lr = {}]", self.max_lr)));
         }
+        // A warm-up longer than the run never reaches `lr`: the user asked for a schedule the run
+        // does not have (decay_steps 0 means no decay is scheduled at all, as in `constant`).
+        if self.decay_steps > 0 && self.warmup_steps > self.decay_steps {
+            return Err(ConfigError::new(
+                "warmup_steps",
+                format!("{} is more than the run's {} steps (the learning rate would never reach lr)", self.warmup_steps, self.decay_steps),
+            ));
+        }
         if self.decay == LrDecay::Wsd && self.cooldown_steps > self.decay_steps.saturating_sub(self.warmup_steps) {
             return Err(ConfigError::new(
                 "cooldown_steps",

@@ -307,6 +307,11 @@ fn the_schedule_is_named_and_checked() {
     assert!(e.message.contains("cosine, linear, constant, wsd"), "{}", e.message);
     assert_eq!(JobSpec::parse(&with("cooldown_steps = 5")).unwrap_err().field, "train.cooldown_steps");
     assert_eq!(JobSpec::parse(&with("schedule = \"wsd\"\ncooldown_steps = 101")).unwrap_err().field, "train.cooldown_steps");
+    // a warm-up longer than the run (100 steps) is refused, naming the field; as long is accepted
+    let e = JobSpec::parse(&with("warmup_steps = 101")).unwrap_err();
+    assert_eq!(e.field, "train.warmup_steps");
+    assert!(e.message.contains("101 is more than the run's 100 steps"), "{}", e.message);
+    JobSpec::parse(&with("warmup_steps = 100")).unwrap();
 }
 
 #[test]
