@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use smelt_proto::v1::{coordinator_message, Abort, JobState, WorkerState};
 use tracing::warn;
 
-use crate::state::{is_placed, State};
+use crate::state::{is_placed, FailedAttempt, State};
 
 /// Why an attempt is ending, for the worker at fault.
 pub enum Fault<'a> {
@@ -73,7 +73,7 @@ impl State {
         if !is_placed(job.row.state) {
             return;
         }
-        let attempt = job.row.attempt;
+        let (attempt, reached) = (job.row.attempt, job.row.last_step);
         let (culprit, cause, culprit_state) = match &fault {
             Fault::Lost { worker, why } => (*worker, format!("worker {worker} lost ({why})"), "lost"),
             Fault::Failed { worker, error } => {
@@ -87,7 +87,32 @@ impl State {
         warn!(job_id = %job_id, attempt, worker_id = %culprit, cause = %cause, "attempt failed");
         let rank0 = self.rescuing_rank0(job_id, Some(culprit));
         self.release_gang(job_id, &format!("attempt {attempt} aborted: {cause}"), Some(culprit), "aborted");
-        let Some(job) = self.jobs.get(job_id) else { return };
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        // A failure that repeats (a missing file, a model that does not fit its data, a loss that
+        // diverges at the same step: training resumes exactly) would spend every restart left on
+        // the same error. The second time in a row, with no step gained, ends the job.
+        let error = match &fault {
+            Fault::Failed { error, .. } => Some(error.clone()),
+            Fault::Lost { .. } => None, // a lost worker is the machine's fault, not the job's
+        };
+        let repeated = match (&job.last_failure, &error) {
+            (Some(before), Some(now)) if before.error == *now && reached <= before.reached => Some(before.clone()),
+            _ => None,
+        };
+        job.last_failure = error.map(|error| FailedAttempt { attempt, error, reached });
+        if let Some(before) = repeated {
+            let left = job.row.max_restarts.saturating_sub(job.row.restarts);
+            job.row.error = format!(
+                "{cause}; not restarted: attempt {} failed the same way at step {} and this one got no further, so it would repeat ({left} restart{} left unused)",
+                before.attempt,
+                before.reached,
+                if left == 1 { "" } else { "s" }
+            );
+            let reason = job.row.error.clone();
+            self.transition_or_log(job_id, JobState::Failed, reason);
+            self.schedule();
+            return;
+        }
         if job.row.restarts < job.row.max_restarts {
             // only a job that restarts waits (a failed one has no next attempt to resume)
             let (next, from, waits) = self.next_attempt(job_id, rank0, attempt, true);

@@ -145,6 +145,19 @@ pub struct JobRec {
     /// default): it may give its workers to another job (preemption.rs) and may be backfilled
     /// (backfill.rs). Read from the spec once.
     pub yields: bool,
+    /// The last failed attempt, the error its rank reported and the step the job had reached
+    /// then: an attempt that fails with the same error and gets no further repeats it, and is
+    /// not restarted again (not stored: a restarted coordinator restarts once more).
+    pub last_failure: Option<FailedAttempt>,
+}
+
+/// An attempt that failed with an error its rank reported (see `JobRec::last_failure`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct FailedAttempt {
+    pub attempt: u32,
+    pub error: String,
+    /// The job's step when it failed.
+    pub reached: u64,
 }
 
 /// A waiting job's place in its class's queue, smallest first: priority (higher first), then
@@ -178,6 +191,7 @@ impl JobRec {
             last_metrics: None,
             winding_down: Vec::new(),
             wind_down_until: None,
+            last_failure: None,
         }
     }
 

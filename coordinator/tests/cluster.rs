@@ -332,6 +332,40 @@ async fn failed_rank_restarts_with_its_error_then_fails() {
     coord.stop().await;
 }
 
+/// A failure that repeats does not spend the restarts left: the same error again with no step
+/// gained ends the job; the same error after progress is restarted as any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_that_repeats_is_not_restarted_again() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("repeats", 1, 0, 3)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9811").await;
+    let error = "cannot read data.text corpus.txt: No such file or directory";
+    let a = w.assignment().await;
+    w.metrics(&a, 4, 2.0).await;
+    w.done(&a, false, error, 4).await;
+    // the same error, but further on (step 6): restarted
+    let b = w.assignment().await;
+    assert_eq!(b.attempt, 2);
+    w.metrics(&b, 6, 2.0).await;
+    w.done(&b, false, error, 6).await;
+    let c = w.assignment().await;
+    assert_eq!(c.attempt, 3);
+    // the same error, no further than step 6: not restarted, one restart left unused
+    w.metrics(&c, 6, 2.0).await;
+    w.done(&c, false, error, 6).await;
+    let j = wait_state(&mut jobs, &job.id, JobState::Failed).await;
+    assert!(j.error.contains(error), "{}", j.error);
+    assert!(
+        j.error.contains("not restarted: attempt 2 failed the same way at step 6 and this one got no further, so it would repeat (1 restart left unused)"),
+        "{}",
+        j.error
+    );
+    assert_eq!((j.attempt, j.restarts), (3, 2));
+    coord.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_aborts_the_workers() {
     let (_d, db) = tmp();
