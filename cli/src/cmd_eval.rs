@@ -8,6 +8,11 @@
 //! next window, and a tail shorter than a window is left out. The loss is the mean over every
 //! predicted token (all windows weigh alike); bits per byte divide its total by the UTF-8 bytes
 //! the predicted tokens stand for, which compares models across tokenizers.
+//!
+//! A byte or char model trained on a `data.text` has no end-of-text id, while a corpus made with
+//! its tokenizer ends each document with one (just past the tokenizer's ids): such a corpus's
+//! split is evaluated as its documents joined without them, as the model was trained, read in
+//! order.
 
 use std::time::Instant;
 
@@ -86,13 +91,30 @@ fn token_bytes(tokenizer: &Tokenizer, id: u32) -> u64 {
 enum Tokens {
     Memory(Vec<u32>),
     Corpus { reader: CorpusReader, n: u64 },
+    /// A byte or char corpus's split for a model trained on a `data.text`, whose vocabulary has
+    /// no end-of-text id (the corpus's is one past the tokenizer's ids): its documents joined
+    /// without them, as such a model was trained. `n` tokens remain; read in order.
+    /// `read`: raw tokens read at a time ([`EOT_FREE_READ`]).
+    CorpusWithoutEot { reader: CorpusReader, n: u64, eot: u32, read: u64, stream: std::sync::Mutex<EotFreeStream> },
 }
+
+/// Where [`Tokens::CorpusWithoutEot`] has read to: the end-of-text-free tokens from `first`
+/// on, and the position in the split's raw stream the next read starts at.
+#[derive(Default)]
+struct EotFreeStream {
+    first: u64,
+    buffered: std::collections::VecDeque<u32>,
+    raw_next: u64,
+}
+
+/// Raw tokens read at a time from a corpus whose end-of-text ids are left out.
+const EOT_FREE_READ: u64 = 1 << 16;
 
 impl Tokens {
     fn len(&self) -> u64 {
         match self {
             Tokens::Memory(v) => v.len() as u64,
-            Tokens::Corpus { n, .. } => *n,
+            Tokens::Corpus { n, .. } | Tokens::CorpusWithoutEot { n, .. } => *n,
         }
     }
 
@@ -112,6 +134,34 @@ impl Tokens {
             Tokens::Corpus { reader, .. } => {
                 let ids: Vec<u64> = windows.map(|w| w as u64).collect();
                 Ok(reader.batch(t, &ids)?)
+            }
+            Tokens::CorpusWithoutEot { reader, eot, read, stream, .. } => {
+                let mut s = stream.lock().expect("only the eval loop reads the stream");
+                let (start, end) = ((windows.start * t) as u64, (windows.end * t + 1) as u64);
+                if start < s.first {
+                    bail!("windows are read in order here: window {} was asked for after the stream had passed it", windows.start);
+                }
+                // let go of what earlier windows used, then read on until these windows are in
+                let drop = ((start - s.first) as usize).min(s.buffered.len());
+                s.buffered.drain(..drop);
+                s.first += drop as u64;
+                while s.first + (s.buffered.len() as u64) < end {
+                    let raw_n = reader.n_tokens();
+                    if s.raw_next >= raw_n {
+                        bail!("{}: the stream ended before window {} (its documents' end-of-text ids miscounted)", reader.uri(), windows.end - 1);
+                    }
+                    let to = (s.raw_next + read).min(raw_n);
+                    let raw = reader.tokens(s.raw_next..to)?;
+                    s.raw_next = to;
+                    s.buffered.extend(raw.into_iter().filter(|id| id != eot));
+                }
+                let at = (start - s.first) as usize;
+                let (mut inputs, mut targets) = (Vec::with_capacity(windows.len() * t), Vec::with_capacity(windows.len() * t));
+                for w in 0..windows.len() {
+                    inputs.extend(s.buffered.range(at + w * t..at + w * t + t));
+                    targets.extend(s.buffered.range(at + w * t + 1..at + w * t + t + 1));
+                }
+                Ok((inputs, targets))
             }
         }
     }
@@ -171,11 +221,34 @@ pub fn run(a: EvalArgs) -> Result<()> {
             if m.tokenizer != tokenizer {
                 bail!("--corpus {uri}: tokenized with {}, but the model uses {}", m.tokenizer.kind(), tokenizer.kind());
             }
-            if m.vocab_size as usize > cfg.vocab_size {
+            // A byte or char model trained on a `data.text` has no end-of-text id; such a corpus
+            // has one, just past the tokenizer's ids. Its documents are evaluated joined without
+            // it, as the model was trained.
+            let lacks_eot = !matches!(tokenizer, Tokenizer::Gpt2)
+                && cfg.vocab_size == tokenizer.vocab_size()
+                && m.eot_token as usize == cfg.vocab_size
+                && m.vocab_size as usize == cfg.vocab_size + 1;
+            if m.vocab_size as usize > cfg.vocab_size && !lacks_eot {
                 bail!("--corpus {uri}: {} token ids, more than the model's {}", m.vocab_size, cfg.vocab_size);
             }
-            let n = reader.n_tokens().min(limit);
-            (format!("{uri} ({name})"), Tokens::Corpus { reader, n })
+            let source = format!("{uri} ({name})");
+            if lacks_eot {
+                let docs = match split {
+                    Split::Val => m.val.documents,
+                    Split::Train => m.train.documents,
+                };
+                let n = reader.n_tokens().saturating_sub(docs).min(limit);
+                info!(
+                    corpus = %uri,
+                    end_of_text_ids = docs,
+                    "the model has no end-of-text id (it was trained on a text): the split's documents are evaluated joined without theirs"
+                );
+                let eot = m.eot_token;
+                (source, Tokens::CorpusWithoutEot { reader, n, eot, read: EOT_FREE_READ, stream: Default::default() })
+            } else {
+                let n = reader.n_tokens().min(limit);
+                (source, Tokens::Corpus { reader, n })
+            }
         }
         (None, None) => unreachable!("clap requires --text or --corpus"),
     };
@@ -248,5 +321,56 @@ impl OnBackend for WindowEval<'_> {
             );
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use smelt_corpus::{prepare, CorpusReader, NoProgress, PrepareOptions, ReaderOptions, Split, TxtDocs, ValSplit};
+
+    use super::Tokens;
+
+    /// A char corpus of three documents in shards of 64 tokens, read 7 raw tokens at a time
+    /// without its end-of-text ids, gives the windows of the documents' text joined, whichever
+    /// batches the windows are asked for in.
+    #[test]
+    fn a_corpus_without_its_end_of_text_ids_is_its_documents_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let docs = ["the quick brown fox jumps over the lazy dog. ", "pack my box with five dozen liquor jugs!\n", "how vexingly quick daft zebras jump"];
+        for (i, d) in docs.iter().enumerate() {
+            std::fs::write(dir.path().join(format!("{i}.txt")), d.repeat(3)).unwrap();
+        }
+        let out = dir.path().join("corpus");
+        let opts = PrepareOptions {
+            inputs: vec![dir.path().display().to_string()],
+            tokenizer: "char".into(),
+            out: out.display().to_string(),
+            txt_docs: TxtDocs::File,
+            shard_tokens: 64,
+            val: ValSplit::None,
+            ..Default::default()
+        };
+        prepare(&opts, &NoProgress).unwrap();
+        let reader = CorpusReader::open_with(out.to_str().unwrap(), ReaderOptions { split: Split::Train, ..Default::default() }).unwrap();
+        let m = reader.manifest().clone();
+        assert_eq!(m.train.documents, 3);
+        let joined: String = docs.iter().map(|d| d.repeat(3)).collect();
+        let expected = Tokens::Memory(m.tokenizer.encode(&joined).unwrap());
+        let n = reader.n_tokens() - 3;
+        assert_eq!(n, expected.len());
+        let eot_free = Tokens::CorpusWithoutEot { reader, n, eot: m.eot_token, read: 7, stream: Default::default() };
+        let t = 10;
+        let windows = ((n - 1) / t as u64) as usize;
+        let mut at = 0;
+        for b in [1, 3, 2, 5, 1].into_iter().cycle() {
+            if at == windows {
+                break;
+            }
+            let b = b.min(windows - at);
+            assert_eq!(eot_free.windows(t, at..at + b).unwrap(), expected.windows(t, at..at + b).unwrap(), "windows {at}..{}", at + b);
+            at += b;
+        }
+        // read in order only
+        assert!(eot_free.windows(t, 0..1).is_err());
     }
 }

@@ -17,6 +17,9 @@ use tracing::info;
 
 use smelt_worker::model_file;
 
+/// `--warmup` when not given (a shorter run warms up over all its steps).
+const DEFAULT_WARMUP: u64 = 50;
+
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// UTF-8 text to train on.
@@ -68,8 +71,9 @@ pub struct TrainArgs {
     /// Final learning rate of the decay (default: lr / 10).
     #[arg(long)]
     pub min_lr: Option<f32>,
-    #[arg(long, default_value_t = 50)]
-    pub warmup: u64,
+    /// Warm-up steps (default: 50, or every step of a shorter run).
+    #[arg(long)]
+    pub warmup: Option<u64>,
     /// The learning rate after warm-up: cosine, linear, constant or wsd (warmup-stable-decay).
     #[arg(long, default_value = "cosine")]
     pub schedule: String,
@@ -173,6 +177,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.val_fraction > 0.0 && val_ids.len() <= seq {
         bail!("{}: {} validation tokens cannot fill one sequence of {seq}; lower --seq or raise --val-fraction", a.text.display(), val_ids.len());
     }
+    let warmup = a.warmup.unwrap_or(DEFAULT_WARMUP.min(a.steps));
     let tc = TrainConfig {
         batch_size: a.batch,
         seq_len: seq,
@@ -181,10 +186,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
         schedule: LrSchedule {
             max_lr: a.lr,
             min_lr: a.min_lr.unwrap_or(a.lr / 10.0),
-            warmup_steps: a.warmup,
+            warmup_steps: warmup,
             decay_steps: a.steps,
             decay: LrDecay::parse(&a.schedule).ok_or_else(|| anyhow::anyhow!("--schedule {:?}: one of {}", a.schedule, LrDecay::NAMES))?,
-            cooldown_steps: a.cooldown.unwrap_or((a.steps / 5).min(a.steps.saturating_sub(a.warmup))),
+            cooldown_steps: a.cooldown.unwrap_or((a.steps / 5).min(a.steps.saturating_sub(warmup))),
         },
         optim: AdamWConfig {
             beta1: a.beta1,

@@ -194,3 +194,39 @@ fn multiple_choice_scores_are_transformers_losses() {
     let msg = eval_fails(&["--model", model.to_str().unwrap(), "--choices", choices.to_str().unwrap(), "--device", "tpu"]);
     assert!(msg.contains("expected auto, cpu or cuda:N"), "{msg}");
 }
+
+/// A char model trained on a text has no end-of-text id; a char corpus of the same text's
+/// documents has one. The corpus is evaluated as the documents joined without it: the same
+/// windows, the same loss as the joined text's.
+#[test]
+fn a_text_trained_char_model_is_evaluated_on_a_char_corpus_of_its_documents() {
+    let tmp = tempfile::tempdir().unwrap();
+    let docs = tmp.path().join("docs");
+    std::fs::create_dir(&docs).unwrap();
+    let parts = ["the quick brown fox jumps over the lazy dog.\n", "pack my box with five dozen liquor jugs; ", "how vexingly quick daft zebras jump!\n"];
+    for (i, p) in parts.iter().enumerate() {
+        std::fs::write(docs.join(format!("{i}.txt")), p.repeat(4)).unwrap();
+    }
+    let joined = tmp.path().join("joined.txt");
+    std::fs::write(&joined, parts.iter().map(|p| p.repeat(4)).collect::<String>()).unwrap();
+    let run = tmp.path().join("run");
+    let o = smelt(&[
+        "--threads", "2", "train", "--text", joined.to_str().unwrap(), "--preset", "test", "--steps", "2", "--batch", "4", "--seq", "16",
+        "--out", run.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "train: {}", text_of(&o));
+    let corpus = tmp.path().join("corpus");
+    let o = smelt(&["corpus", "prepare", "--input", docs.to_str().unwrap(), "--out", corpus.to_str().unwrap(), "--tokenizer", "char", "--val-docs", "0"]);
+    assert!(o.status.success(), "prepare: {}", text_of(&o));
+    let model = run.join("model.safetensors");
+    let on_text = eval_json(&["--model", model.to_str().unwrap(), "--text", joined.to_str().unwrap(), "--seq", "16", "--batch", "3"]);
+    let on_corpus = eval_json(&["--model", model.to_str().unwrap(), "--corpus", corpus.to_str().unwrap(), "--split", "train", "--seq", "16", "--batch", "3"]);
+    assert_eq!((on_corpus["windows"].as_u64(), on_corpus["tokens"].as_u64()), (on_text["windows"].as_u64(), on_text["tokens"].as_u64()));
+    let (a, b) = (on_text["loss"].as_f64().unwrap(), on_corpus["loss"].as_f64().unwrap());
+    assert!((a - b).abs() < 1e-6, "text {a}, corpus {b}");
+    // a byte corpus is still another tokenizer's
+    let bytes = tmp.path().join("bytes");
+    assert!(smelt(&["corpus", "prepare", "--input", docs.to_str().unwrap(), "--out", bytes.to_str().unwrap(), "--tokenizer", "byte", "--val-docs", "0"]).status.success());
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "train"]);
+    assert!(msg.contains("tokenized with byte, but the model uses char"), "{msg}");
+}
