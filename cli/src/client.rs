@@ -66,8 +66,29 @@ fn certificate_refusal() -> Option<(String, String)> {
     })
 }
 
+/// What answers at the coordinator URL this process connected to, when a call's error `e` says
+/// it is not a smelt coordinator (`smelt_proto::wrong_server`), probed on a thread of its own.
+fn wrong_server(e: &tonic::Status) -> Option<String> {
+    if !smelt_proto::wrong_server::maybe_wrong_server(e) {
+        return None;
+    }
+    let url = CONNECTED_TO.get()?.clone();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            rt.block_on(smelt_proto::wrong_server::wrong_server(&url, e))
+        })
+        .join()
+        .ok()
+        .flatten()
+    })
+}
+
 /// A gRPC error as the user should read it: the status message says what to fix.
 pub fn status(e: tonic::Status) -> anyhow::Error {
+    if let Some(why) = wrong_server(&e) {
+        return anyhow::anyhow!("{why}");
+    }
     let transport = matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::Internal);
     if transport {
         if let Some((url, why)) = certificate_refusal() {

@@ -84,11 +84,11 @@ fn main() -> Result<()> {
     use tracing_subscriber::prelude::*;
     let cli = Cli::parse();
     // A command whose output is piped into `head` or `less` ends quietly when the reader goes,
-    // as Unix tools do, rather than panicking on the broken pipe (Rust ignores SIGPIPE). The
-    // long-running processes keep ignoring it: their log going nowhere must not stop a cluster.
-    // (Sockets are unaffected either way: Rust writes to them with MSG_NOSIGNAL.)
+    // as Unix tools do, rather than panicking on the broken pipe (see the function: sockets
+    // still get EPIPE). The long-running processes keep ignoring SIGPIPE: their log going
+    // nowhere must not stop a cluster.
     if !matches!(cli.command, Command::Coordinator(_) | Command::Worker(_) | Command::Up(_)) {
-        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+        signals::end_quietly_when_stdout_closes();
     }
     let console = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)

@@ -9,3 +9,30 @@ pub async fn terminated() {
         _ = int.recv() => {}
     }
 }
+
+/// A client command piped into a reader that goes away (`smelt jobs list | head -1`) ends by
+/// SIGPIPE, as Unix tools do, rather than panicking in `println!` (Rust ignores SIGPIPE). Only
+/// then: the handler ends the process when stdout is a pipe or socket whose reader has gone, and
+/// otherwise returns, so a write to a coordinator connection that broke fails with EPIPE and is
+/// handled as the error it is (tokio writes sockets with `writev`, which raises SIGPIPE too: with
+/// the default action a restarting coordinator would kill `smelt jobs follow` without a word).
+pub fn end_quietly_when_stdout_closes() {
+    extern "C" fn on_sigpipe(_: libc::c_int) {
+        // poll and sigaction and raise are async-signal-safe
+        let mut fd = libc::pollfd { fd: libc::STDOUT_FILENO, events: 0, revents: 0 };
+        let gone = unsafe { libc::poll(&mut fd, 1, 0) } == 1 && fd.revents & (libc::POLLERR | libc::POLLHUP) != 0;
+        if gone {
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+                libc::raise(libc::SIGPIPE);
+            }
+        }
+    }
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = on_sigpipe as extern "C" fn(libc::c_int) as *const () as usize;
+        action.sa_flags = libc::SA_RESTART;
+        libc::sigemptyset(&mut action.sa_mask);
+        libc::sigaction(libc::SIGPIPE, &action, std::ptr::null_mut());
+    }
+}

@@ -139,7 +139,8 @@ impl Bound {
         grpc.add_service(WorkerServiceServer::with_interceptor(WorkerSvc { coord: coord.clone() }, auth.clone()))
             .add_service(JobServiceServer::with_interceptor(JobSvc { coord: coord.clone(), db_path: store.path().to_path_buf() }, auth.clone()));
         let routes = grpc.routes().into_axum_router().merge(dashboard::router(coord.clone(), store.path().to_path_buf(), auth))
-            .fallback(dashboard::fallback);
+            .fallback(dashboard::fallback)
+            .layer(axum::middleware::map_response(says_it_is_smelt));
         info!(url = %format!("{}://{addr}/", if tls.is_some() { "https" } else { "http" }), "dashboard");
         let router = Server::builder()
             .accept_http1(true)
@@ -187,4 +188,11 @@ impl Bound {
 /// Binds and serves until `shutdown` resolves.
 pub async fn serve(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     bind(cfg).await?.serve(shutdown).await
+}
+
+/// Every answer names the coordinator (`server: smelt-coordinator`), so a client that suspects
+/// it reached some other server on the port (`smelt_proto::wrong_server`) can tell it is not.
+async fn says_it_is_smelt(mut r: axum::response::Response) -> axum::response::Response {
+    r.headers_mut().insert(axum::http::header::SERVER, axum::http::HeaderValue::from_static(smelt_proto::wrong_server::SERVER_HEADER));
+    r
 }

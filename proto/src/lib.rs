@@ -11,3 +11,4 @@ pub use v1::*;
 
 pub mod auth;
 pub mod tls;
+pub mod wrong_server;

@@ -134,6 +134,17 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     }
                     tracing::error!(coordinator = %cfg.coordinator, reason = %why, "the coordinator refuses this worker's TLS certificate; retrying");
                 }
+                // nor a server that is not a smelt coordinator (a web server on the port, TLS
+                // reached by http://): an idle worker that never registered exits saying what
+                // answers there; one that did keeps trying (its coordinator may come back there)
+                if smelt_proto::wrong_server::maybe_wrong_server(&e) {
+                    if let Some(why) = smelt_proto::wrong_server::wrong_server(&cfg.coordinator, &e).await {
+                        if worker_id.is_empty() && running.is_none() {
+                            bail!("{why}");
+                        }
+                        tracing::error!(coordinator = %cfg.coordinator, reason = %why, "not a smelt coordinator; retrying");
+                    }
+                }
                 warn!(error = %e.message(), "register refused; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
