@@ -183,7 +183,15 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
 
 fn run_verify(a: VerifyArgs) -> Result<()> {
     let r = CorpusReader::open_with(&a.corpus, ReaderOptions::default())?;
-    let v = r.verify()?;
+    let v = match r.verify() {
+        Ok(v) => v,
+        Err(smelt_corpus::CorpusError::BadShards { uri, shards, bad }) if a.json => {
+            let bad: Vec<_> = bad.iter().map(|e| json!({"error": e.to_string()})).collect();
+            println!("{}", json!({"uri": uri, "ok": false, "shards": shards, "bad": bad}));
+            std::process::exit(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
     let m = r.manifest();
     if v.tokens != m.train.tokens + m.val.tokens {
         bail!("{}: read {} tokens, the manifest lists {}", a.corpus, v.tokens, m.train.tokens + m.val.tokens);

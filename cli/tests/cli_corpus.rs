@@ -93,6 +93,24 @@ fn prepare_resume_verify_and_bench() {
     let o = smelt(&["corpus", "verify", outp]);
     assert!(!o.status.success());
     assert!(text_of(&o).contains("shard-00001.bin"), "{}", text_of(&o));
+    // two damaged shards (one cut, one gone): one run names both, and the good ones pass
+    let cut = out.join("shard-00003.bin");
+    let b = std::fs::read(&cut).unwrap();
+    std::fs::write(&cut, &b[..b.len() - 3]).unwrap();
+    std::fs::remove_file(out.join("val-00000.bin")).unwrap();
+    let o = smelt(&["corpus", "verify", outp]);
+    let msg = text_of(&o);
+    assert!(!o.status.success());
+    let manifest: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("manifest.json")).unwrap()).unwrap();
+    let shards = manifest["train"]["shards"].as_array().unwrap().len() + manifest["val"]["shards"].as_array().unwrap().len();
+    assert!(msg.contains(&format!("3 of {shards} shards failed verification")), "{msg}");
+    for (name, why) in [("shard-00001.bin", "sha256"), ("shard-00003.bin", "truncated"), ("val-00000.bin", "not found")] {
+        assert!(msg.lines().any(|l| l.contains(name) && l.contains(why)), "{name}: {why}?\n{msg}");
+    }
+    let o = smelt(&["corpus", "verify", outp, "--json"]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text_of(&o)));
+    assert_eq!((v["ok"].as_bool(), v["bad"].as_array().map(|b| b.len())), (Some(false), Some(3)), "{v}");
 }
 
 #[test]

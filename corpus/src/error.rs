@@ -23,6 +23,9 @@ pub enum CorpusError {
     /// mismatch, token id outside the vocabulary, ...).
     #[error("{uri}: {reason}")]
     BadShard { uri: String, reason: String },
+    /// `verify`: the shards that failed (each error names its shard), of `shards` in all.
+    #[error("{uri}: {} of {shards} shards failed verification:\n  {}", bad.len(), bad.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    BadShards { uri: String, shards: u64, bad: Vec<CorpusError> },
     /// An input file (with a line number where there is one) cannot be used.
     #[error("{path}{}: {reason}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Input { path: String, line: Option<u64>, reason: String },
