@@ -21,6 +21,8 @@ use smelt_engine::CpuBackend;
 
 #[derive(Args, Debug)]
 pub struct CheckpointArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     #[arg(long, default_value = "gpt2-124m")]
     pub preset: String,
     /// Micro-batch and sequence length of the training steps timed for the stall share.

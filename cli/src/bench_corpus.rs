@@ -16,6 +16,8 @@ use smelt_corpus::{gpt2, rank_slice, CorpusReader, ReaderOptions, StoreDir};
 
 #[derive(Args, Debug)]
 pub struct TokenizeArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// A UTF-8 text file.
     #[arg(long)]
     pub input: PathBuf,
@@ -31,6 +33,8 @@ pub struct TokenizeArgs {
 
 #[derive(Args, Debug, Clone)]
 pub struct LoaderArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// A prepared corpus (local path, file://, memory://, s3://, ...).
     #[arg(long)]
     pub corpus: String,

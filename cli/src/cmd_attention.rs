@@ -21,6 +21,8 @@ use smelt_worker::model_file::{self, AnyModel, FamilyModel, SavedFamilyModel, Sa
 
 #[derive(Args, Debug)]
 pub struct AttentionArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// A model.safetensors written by smelt (a job's model, or a checkpoint directory's).
     pub model: PathBuf,
     /// The text to look at (the model's tokenizer must cover it).

@@ -52,6 +52,8 @@ impl Arch {
 
 #[derive(Args, Debug)]
 pub struct StepArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// cpu, or cuda (GPU 0; needs a binary built with --features cuda).
     #[arg(long, default_value = "cpu")]
     pub backend: String,

@@ -27,6 +27,8 @@ pub enum TxtDocsArg {
 
 #[derive(Args, Debug)]
 pub struct PrepareArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// Input files, directories (searched recursively) or glob patterns; or object-store URIs:
     /// an object, a prefix (every .txt/.jsonl object under it) or a glob over keys, e.g.
     /// `s3://bucket/raw/*.jsonl.gz`; repeatable.

@@ -28,6 +28,8 @@ use crate::local_device::{self, OnBackend};
 
 #[derive(Args, Debug)]
 pub struct EvalArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// The GPT: a model.safetensors (or a directory holding one), a checkpoint, or a job id.
     #[arg(long)]
     pub model: String,

@@ -63,6 +63,8 @@ pub struct StoreArg {
 
 #[derive(Args, Debug)]
 pub struct LogitsArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// A checkpoint, a model.safetensors (or a directory holding one), or a job id.
     pub model: String,
     /// Output .npy file.

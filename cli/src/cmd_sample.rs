@@ -21,6 +21,8 @@ use smelt_corpus::Tokenizer;
 
 #[derive(Args, Debug)]
 pub struct SampleArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// The model: a model.safetensors (or a directory holding one), a checkpoint, or a job id
     /// (its newest checkpoint that verifies, else its final weights, under --store): a GPT (`smelt train`, a
     /// pretraining or fine-tuning job) or a T5.

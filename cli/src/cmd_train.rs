@@ -22,6 +22,8 @@ const DEFAULT_WARMUP: u64 = 50;
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// UTF-8 text to train on.
     #[arg(long)]
     pub text: PathBuf,

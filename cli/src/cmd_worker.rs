@@ -9,6 +9,8 @@ use tracing::info;
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
+    #[command(flatten)]
+    pub threads: crate::threads::Threads,
     /// Coordinator URL (or env SMELT_COORDINATOR).
     #[arg(long, env = "SMELT_COORDINATOR", default_value = "http://127.0.0.1:7070")]
     pub coordinator: String,

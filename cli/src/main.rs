@@ -24,6 +24,7 @@ mod cmd_up;
 mod cmd_worker;
 mod cmd_workers;
 mod signals;
+mod threads;
 mod source_losses;
 
 
@@ -33,8 +34,8 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "smelt", version, about = "Pretrain and fine-tune transformer language models")]
 struct Cli {
-    /// Worker threads for the CPU backend (default: every core).
-    #[arg(long, global = true)]
+    /// Threads for the CPU backend (default: every core); the computing commands take it too.
+    #[arg(long, hide = true)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -80,6 +81,26 @@ enum Command {
     Import(cmd_import::ImportCommand),
 }
 
+impl Command {
+    /// `--threads` given after a command that computes.
+    fn threads(&self) -> Option<usize> {
+        match self {
+            Command::Train(a) => a.threads.threads,
+            Command::Sample(a) => a.threads.threads,
+            Command::Attention(a) => a.threads.threads,
+            Command::Eval(a) => a.threads.threads,
+            Command::Worker(a) => a.threads.threads,
+            Command::Bench(cmd_bench::BenchCommand::Step(a)) => a.threads.threads,
+            Command::Bench(cmd_bench::BenchCommand::Tokenize(a)) => a.threads.threads,
+            Command::Bench(cmd_bench::BenchCommand::Loader(a)) => a.threads.threads,
+            Command::Bench(cmd_bench::BenchCommand::Checkpoint(a)) => a.threads.threads,
+            Command::Corpus(cmd_corpus::CorpusCommand::Prepare(a)) => a.threads.threads,
+            Command::Export(cmd_export::ExportCommand::Logits(a)) => a.threads.threads,
+            _ => None,
+        }
+    }
+}
+
 fn main() -> Result<()> {
     use tracing_subscriber::prelude::*;
     let cli = Cli::parse();
@@ -101,7 +122,7 @@ fn main() -> Result<()> {
     // (the level filter also spares the layer every debug and trace callsite of the process)
     let capture_layer = capture.clone().map(|c| c.with_filter(tracing_subscriber::filter::LevelFilter::INFO));
     tracing_subscriber::registry().with(console).with(capture_layer).init();
-    if let Some(n) = cli.threads {
+    if let Some(n) = cli.threads.or(cli.command.threads()) {
         if n == 0 {
             anyhow::bail!("--threads must be at least 1");
         }
