@@ -50,8 +50,8 @@ fn is_permanent(e: &StoreError) -> bool {
     match e {
         StoreError::BadUri { .. } | StoreError::RuntimeGone { .. } => true,
         StoreError::NotFound { .. } => false,
-        StoreError::Op { source, .. } => matches!(
-            **source,
+        StoreError::Op { error, .. } => matches!(
+            **error,
             object_store::Error::AlreadyExists { .. }
                 | object_store::Error::Precondition { .. }
                 | object_store::Error::NotSupported { .. }

@@ -63,14 +63,27 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
     Ok(())
 }
 
-/// A checkpoint to resume from that is not there is refused before the job is submitted (the
-/// workers would only find out after taking it, restart after restart). One the store will not
-/// show this machine (its credentials are the workers') is left to the workers, with a warning.
+/// A checkpoint to resume from that is not there, or does not verify, is refused before the job
+/// is submitted: the workers would only find out after taking it, and would then resume from an
+/// earlier checkpoint than the one asked for (or fail, restart after restart). One larger than
+/// [`VERIFY_AT_SUBMIT_MAX`] is only checked for its manifest here (the workers verify it); one
+/// the store will not show this machine (its credentials are the workers') is left to the
+/// workers, with a warning.
 fn check_resume_from(uri: &str) -> Result<()> {
     use smelt_checkpoint::CheckpointError;
     let dir = smelt_corpus::StoreDir::open(uri.trim()).map_err(|e| anyhow::anyhow!("--resume-from {uri}: {e}"))?;
     match smelt_checkpoint::read::read_manifest(&dir) {
-        Ok(_) => Ok(()),
+        Ok(m) => {
+            let bytes: u64 = m.files.iter().map(|f| f.size).sum();
+            if bytes > VERIFY_AT_SUBMIT_MAX {
+                eprintln!("note: --resume-from {uri}: {:.1} GB, not verified here; the workers verify it", bytes as f64 / 1e9);
+                return Ok(());
+            }
+            smelt_checkpoint::read::verify(&dir).map(|_| ()).map_err(|e| {
+                let listing = smelt_checkpoint::layout::parent_uri(uri.trim()).map(|p| format!("; `smelt checkpoints list {p}` shows which verify")).unwrap_or_default();
+                anyhow::anyhow!("--resume-from {uri}: the checkpoint does not verify: {e}{listing}")
+            })
+        }
         Err(CheckpointError::NotCommitted { .. }) => anyhow::bail!(
             "--resume-from {uri}: no MANIFEST.json there, so no committed checkpoint (a wrong path, or an upload that never \
              finished); `smelt checkpoints list` shows a job's"
@@ -81,6 +94,10 @@ fn check_resume_from(uri: &str) -> Result<()> {
         }
     }
 }
+
+/// The largest checkpoint `smelt submit --resume-from` reads whole to verify it (a laptop
+/// submitting to a cloud cluster should not download a large model to do so).
+const VERIFY_AT_SUBMIT_MAX: u64 = 4 << 30;
 
 pub(crate) fn is_terminal(s: JobState) -> bool {
     matches!(s, JobState::Succeeded | JobState::Failed | JobState::Cancelled)

@@ -46,6 +46,14 @@ fn a_corrupt_newest_checkpoint_is_skipped_on_restart_with_an_event_saying_why() 
     let row = listing.lines().find(|l| l.contains(&bad)).unwrap_or_else(|| panic!("{bad} not listed:\n{listing}"));
     assert!(row.contains("corrupt") && row.contains("sha256"), "{listing}");
     assert!(listing.lines().filter(|l| l.contains(" ok ")).count() >= 1, "{listing}");
+    // named to resume from, it is refused when submitted: nothing is queued
+    let resume = c.dir.path().join("resume.toml");
+    std::fs::write(&resume, pretrain_spec(&c, "resume-bad", 300, 0, "every = 10")).unwrap();
+    let (ok, out) = c.smelt(&["submit", resume.to_str().unwrap(), "--resume-from", &bad]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("the checkpoint does not verify") && out.contains("sha256") && out.contains("smelt checkpoints list"), "{out}");
+    let (_, jobs) = c.smelt(&["jobs", "list"]);
+    assert!(!jobs.contains("resume-bad"), "{jobs}");
 
     c.start_worker();
     let done = c.wait_succeeded(&job.id);

@@ -149,3 +149,27 @@ fn prepare_from_s3_inputs_and_verify_on_resume() {
     let o = smelt_env(&["corpus", "prepare", "--input", "s3://raw/web/nothing-*.jsonl", "--out", dir.path().join("o2").to_str().unwrap()], &env);
     assert!(text_of(&o).contains("s3://raw/web/nothing-*.jsonl: glob pattern matches no objects"), "{}", text_of(&o));
 }
+
+/// An S3 corpus with no credentials anywhere (none in the environment, the metadata service
+/// unreachable) fails in one line that says what to set, without the causes printed twice.
+#[test]
+fn missing_s3_credentials_say_what_to_set() {
+    let o = Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["corpus", "verify", "s3://no-such-bucket/corpus"])
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_ENDPOINT")
+        .env_remove("AWS_PROFILE")
+        // a closed port stands for a metadata service that is not there (off the cloud)
+        .env("AWS_METADATA_ENDPOINT", "http://127.0.0.1:9")
+        .env("RUST_LOG", "error")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("s3://no-such-bucket/corpus/manifest.json"), "{err}");
+    assert!(err.contains("no S3 credentials") && err.contains("set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"), "{err}");
+    assert!(!err.contains("Caused by"), "{err}");
+}

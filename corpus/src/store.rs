@@ -39,13 +39,11 @@ pub enum StoreError {
     BadUri { uri: String, reason: String },
     #[error("{uri}: not found")]
     NotFound { uri: String },
-    #[error("{op} {uri}: {source}")]
-    Op {
-        op: &'static str,
-        uri: String,
-        #[source]
-        source: Arc<object_store::Error>,
-    },
+    /// The store's error, told in one line (its Display already carries every cause, so it is
+    /// not also given as a `source`, which would print each cause again), with what to set when
+    /// no credentials were found.
+    #[error("{op} {uri}: {error}{}", credentials_hint(error))]
+    Op { op: &'static str, uri: String, error: Arc<object_store::Error> },
     #[error("{op} {uri}: the I/O runtime stopped before answering")]
     RuntimeGone { op: &'static str, uri: String },
 }
@@ -69,8 +67,31 @@ impl StoreError {
     pub fn from_object_store(op: &'static str, uri: String, e: object_store::Error) -> Self {
         match e {
             object_store::Error::NotFound { .. } => StoreError::NotFound { uri },
-            e => StoreError::Op { op, uri, source: Arc::new(e) },
+            e => StoreError::Op { op, uri, error: Arc::new(e) },
         }
+    }
+}
+
+/// What to set when `e` is a failure to find credentials: object_store looks in the
+/// environment, then asks the cloud's instance metadata service (169.254.169.254), and off
+/// the cloud that request is what fails.
+fn credentials_hint(e: &object_store::Error) -> &'static str {
+    let (store, text) = match e {
+        object_store::Error::Generic { store, .. } => (*store, e.to_string()),
+        _ => return "",
+    };
+    // the services' address, or their token paths (AWS_METADATA_ENDPOINT may move the address)
+    let asked_metadata = ["169.254.169.254", "/latest/api/token", "/latest/meta-data/", "computeMetadata/", "metadata/identity/"]
+        .iter()
+        .any(|s| text.contains(s));
+    if !asked_metadata {
+        return "";
+    }
+    match store {
+        "S3" => " (no S3 credentials: none in the environment and none from the instance metadata service; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT for a server other than AWS)",
+        "GCS" => " (no GCS credentials: none in the environment and none from the instance metadata service; set GOOGLE_SERVICE_ACCOUNT to a service-account key file)",
+        "MicrosoftAzure" => " (no Azure credentials: none in the environment and none from the instance metadata service; set AZURE_STORAGE_ACCOUNT_KEY, or AZURE_CLIENT_ID, AZURE_CLIENT_SECRET and AZURE_TENANT_ID)",
+        _ => "",
     }
 }
 
