@@ -110,26 +110,30 @@ impl<B: Backend> Collective<B> for Local {
 pub const DEFAULT_IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 const MAGIC: [u8; 8] = *b"SMELTRNG";
-const PROTOCOL_VERSION: u32 = 1;
-/// magic, version, rank, world size
-const HELLO_LEN: usize = 8 + 4 + 4 + 4;
+/// 2: the hello carries the run's session.
+const PROTOCOL_VERSION: u32 = 2;
+/// magic, version, rank, world size, session
+const HELLO_LEN: usize = 8 + 4 + 4 + 4 + 8;
 /// Every chunk message starts with the sender's buffer length (u64 LE).
 const HEADER_LEN: usize = 8;
 const RETRY_PAUSE: Duration = Duration::from_millis(20);
+/// How often a join waiting for a peer's answer checks whether it was cancelled.
+const CANCEL_POLL: Duration = Duration::from_millis(100);
 /// How long an accepted connection may take to send its hello.
 const HELLO_WAIT: Duration = Duration::from_secs(10);
 
-fn hello(rank: usize, world: usize) -> [u8; HELLO_LEN] {
+fn hello(rank: usize, world: usize, session: u64) -> [u8; HELLO_LEN] {
     let mut h = [0u8; HELLO_LEN];
     h[..8].copy_from_slice(&MAGIC);
     h[8..12].copy_from_slice(&PROTOCOL_VERSION.to_le_bytes());
     h[12..16].copy_from_slice(&(rank as u32).to_le_bytes());
     h[16..20].copy_from_slice(&(world as u32).to_le_bytes());
+    h[20..28].copy_from_slice(&session.to_le_bytes());
     h
 }
 
-/// Checks a hello: the right magic and version, the expected rank and world size.
-fn check_hello(h: &[u8; HELLO_LEN], expect_rank: usize, world: usize) -> Result<(), String> {
+/// Checks a hello: the right magic and version, the expected rank, world size and session.
+fn check_hello(h: &[u8; HELLO_LEN], expect_rank: usize, world: usize, session: u64) -> Result<(), String> {
     if h[..8] != MAGIC {
         return Err("not a smelt ring peer (bad magic)".into());
     }
@@ -143,7 +147,25 @@ fn check_hello(h: &[u8; HELLO_LEN], expect_rank: usize, world: usize) -> Result<
     if u(12) as usize != expect_rank {
         return Err(format!("peer says it is rank {}, expected rank {expect_rank}", u(12)));
     }
+    let theirs = u64::from_le_bytes(h[20..28].try_into().unwrap());
+    if theirs != session {
+        return Err(format!("peer joins ring session {theirs:#018x}, this rank {session:#018x} (a connection left from another run)"));
+    }
     Ok(())
+}
+
+/// How one ring join is told from another: `session`, a number every rank of one run derives
+/// alike (a worker hashes the job and attempt), so that a connection left in a listener's
+/// backlog by a run that gave up cannot be taken for a peer of the next run; `cancelled`, asked
+/// while waiting for peers, ends the join early (a run stopped meanwhile).
+pub struct Join<'a> {
+    pub session: u64,
+    pub cancelled: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl Join<'_> {
+    /// Session 0, never cancelled: tests and single-process rings.
+    pub const PLAIN: Join<'static> = Join { session: 0, cancelled: &|| false };
 }
 
 /// The two connections of one rank in a ring of size >= 2.
@@ -190,6 +212,12 @@ impl TcpRing {
     /// stray connection is refused. `peer_addrs` holds one `host:port` per rank, in rank order.
     /// With one address there is no socket at all.
     pub fn connect(rank: usize, peer_addrs: &[String], listener: TcpListener, timeout: Duration) -> Result<TcpRing, CollectiveError> {
+        Self::join(rank, peer_addrs, listener, timeout, Join::PLAIN)
+    }
+
+    /// [`TcpRing::connect`] for one run's session, cancellable ([`Join`]): a cancelled join
+    /// returns [`CollectiveError::Aborted`].
+    pub fn join(rank: usize, peer_addrs: &[String], listener: TcpListener, timeout: Duration, join: Join<'_>) -> Result<TcpRing, CollectiveError> {
         let world = peer_addrs.len();
         if world == 0 {
             return Err(CollectiveError::Config("no peer addresses".into()));
@@ -222,21 +250,35 @@ impl TcpRing {
         //    handed to us, so the connection completes from its backlog even if the peer is
         //    itself still connecting; nobody waits for an answer yet, so there is no cycle.
         let addr = &peer_addrs[next_rank];
-        let next = connect_retrying(next_rank, addr, start, deadline)?;
+        let next = connect_retrying(next_rank, addr, start, deadline, join.cancelled)?;
         let io_err = |peer, op| move |e: io::Error| CollectiveError::Io { peer, op, source: e };
         next.set_nodelay(true).map_err(io_err(next_rank, "set TCP_NODELAY"))?;
-        (&next).write_all(&hello(rank, world)).map_err(io_err(next_rank, "send handshake"))?;
+        (&next).write_all(&hello(rank, world, join.session)).map_err(io_err(next_rank, "send handshake"))?;
 
         // 2. Accept prev: read its hello, answer with ours.
-        let prev = accept_checked(&listener, rank, prev_rank, world, start, deadline)?;
+        let prev = accept_checked(&listener, rank, prev_rank, world, join.session, start, deadline, join.cancelled)?;
         drop(listener);
 
-        // 3. Read next's answer.
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(1));
-        next.set_read_timeout(Some(left)).map_err(io_err(next_rank, "set timeout"))?;
+        // 3. Read next's answer, a slice of the wait at a time so that a cancel is seen.
         let mut h = [0u8; HELLO_LEN];
-        (&next).read_exact(&mut h).map_err(|e| CollectiveError::Handshake { peer: next_rank, cause: format!("no answer to our handshake: {e}") })?;
-        check_hello(&h, next_rank, world).map_err(|cause| CollectiveError::Handshake { peer: next_rank, cause: format!("{cause} (at {addr})") })?;
+        let mut got = 0;
+        while got < HELLO_LEN {
+            if (join.cancelled)() {
+                return Err(CollectiveError::Aborted);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(CollectiveError::Handshake { peer: next_rank, cause: format!("no answer to our handshake within {timeout:?}") });
+            }
+            next.set_read_timeout(Some(left.min(CANCEL_POLL))).map_err(io_err(next_rank, "set timeout"))?;
+            match (&next).read(&mut h[got..]) {
+                Ok(0) => return Err(CollectiveError::Handshake { peer: next_rank, cause: "closed before answering our handshake".into() }),
+                Ok(n) => got += n,
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted) => {}
+                Err(e) => return Err(CollectiveError::Handshake { peer: next_rank, cause: format!("no answer to our handshake: {e}") }),
+            }
+        }
+        check_hello(&h, next_rank, world, join.session).map_err(|cause| CollectiveError::Handshake { peer: next_rank, cause: format!("{cause} (at {addr})") })?;
 
         ring.links = Some(Links { next, prev });
         ring.set_io_timeout(DEFAULT_IO_TIMEOUT)?;
@@ -492,14 +534,18 @@ fn io_error(e: io::Error, peer: usize, op: &'static str, after: Duration) -> Col
     }
 }
 
-fn connect_retrying(peer: usize, addr: &str, start: Instant, deadline: Instant) -> Result<TcpStream, CollectiveError> {
+fn connect_retrying(peer: usize, addr: &str, start: Instant, deadline: Instant, cancelled: &dyn Fn() -> bool) -> Result<TcpStream, CollectiveError> {
     let fail = |cause: String| CollectiveError::Connect { peer, addr: addr.to_string(), waited: start.elapsed(), cause };
     loop {
+        if cancelled() {
+            return Err(CollectiveError::Aborted);
+        }
         let now = Instant::now();
         let left = deadline.saturating_duration_since(now);
         let attempt = match addr.to_socket_addrs() {
             Ok(mut addrs) => match addrs.next() {
-                Some(a) => TcpStream::connect_timeout(&a, left.max(Duration::from_millis(1))),
+                // bounded, so a cancel is seen even when SYNs go unanswered
+                Some(a) => TcpStream::connect_timeout(&a, left.clamp(Duration::from_millis(1), Duration::from_secs(5))),
                 None => return Err(fail("the address resolves to nothing".into())),
             },
             Err(e) => Err(e),
@@ -516,13 +562,16 @@ fn connect_retrying(peer: usize, addr: &str, start: Instant, deadline: Instant) 
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn accept_checked(
     listener: &TcpListener,
     rank: usize,
     prev_rank: usize,
     world: usize,
+    session: u64,
     start: Instant,
     deadline: Instant,
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<TcpStream, CollectiveError> {
     let io_err = |op| move |e| CollectiveError::Io { peer: prev_rank, op, source: e };
     listener.set_nonblocking(true).map_err(io_err("listen"))?;
@@ -545,8 +594,8 @@ fn accept_checked(
                         return Err("not a smelt ring peer (bad magic)".into());
                     }
                     (&stream).read_exact(&mut h[MAGIC.len()..]).map_err(|e| format!("incomplete handshake: {e}"))?;
-                    check_hello(&h, prev_rank, world)?;
-                    (&stream).write_all(&hello(rank, world)).map_err(|e| format!("answering: {e}"))?;
+                    check_hello(&h, prev_rank, world, session)?;
+                    (&stream).write_all(&hello(rank, world, session)).map_err(|e| format!("answering: {e}"))?;
                     Ok(stream)
                 })();
                 match checked {
@@ -559,6 +608,9 @@ fn accept_checked(
         }
         if Instant::now() >= deadline {
             return Err(CollectiveError::Accept { peer: prev_rank, waited: start.elapsed(), last_rejected });
+        }
+        if cancelled() {
+            return Err(CollectiveError::Aborted);
         }
         std::thread::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())).max(Duration::from_millis(1)));
     }

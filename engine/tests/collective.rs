@@ -4,11 +4,12 @@
 
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
-use smelt_engine::collective::{Collective, CollectiveError, Local, TcpRing};
+use smelt_engine::collective::{Collective, CollectiveError, Join, Local, TcpRing};
 use smelt_engine::CpuBackend;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -245,6 +246,48 @@ fn stray_connections_are_rejected() {
         assert_eq!(h.join().unwrap(), vec![0.5f32; 5]);
     }
     drop(stray);
+}
+
+/// A rank of an earlier run that is still joining (stuck: its own peer never came) has its hello
+/// in rank 1's listener backlog. The next run's ranks join under another session: rank 1 refuses
+/// the stale connection and takes its real peer. The stuck join ends when cancelled.
+#[test]
+fn a_connection_left_by_an_earlier_run_is_refused_and_a_cancelled_join_ends() {
+    let be = CpuBackend;
+    let (ls, addrs) = listeners(2);
+    let stale_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stale_addrs = vec![stale_listener.local_addr().unwrap().to_string(), addrs[1].clone()];
+    let cancel = Arc::new(AtomicBool::new(false));
+    let stale = {
+        let cancel = cancel.clone();
+        thread::spawn(move || {
+            let cancelled = move || cancel.load(Ordering::SeqCst);
+            TcpRing::join(0, &stale_addrs, stale_listener, Duration::from_secs(600), Join { session: 1, cancelled: &cancelled }).map(|_| ())
+        })
+    };
+    // (on loopback its hello is in rank 1's backlog long before this)
+    thread::sleep(Duration::from_millis(300));
+    let handles: Vec<_> = ls
+        .into_iter()
+        .enumerate()
+        .map(|(rank, l)| {
+            let addrs = addrs.clone();
+            thread::spawn(move || {
+                let mut ring = TcpRing::join(rank, &addrs, l, CONNECT_TIMEOUT, Join { session: 2, cancelled: &|| false }).expect("join");
+                let mut buf = vec![rank as f32; 5];
+                ring.all_reduce_mean(&be, &mut buf).unwrap();
+                buf
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), vec![0.5f32; 5]);
+    }
+    cancel.store(true, Ordering::SeqCst);
+    match stale.join().unwrap() {
+        Err(CollectiveError::Aborted) => {}
+        other => panic!("the cancelled join ended with {other:?}"),
+    }
 }
 
 #[test]

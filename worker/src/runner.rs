@@ -17,7 +17,7 @@ use smelt_corpus::sample_order::rank_slice;
 use smelt_checkpoint::Lineage;
 use smelt_corpus::Tokenizer;
 use smelt_engine::background_ring::BackgroundRing;
-use smelt_engine::collective::{Collective, TcpRing};
+use smelt_engine::collective::{Collective, CollectiveError, Join, TcpRing};
 use smelt_engine::data::{Batch, TokenWindows};
 use smelt_engine::grad_buckets::DEFAULT_BUCKET_FLOATS;
 use smelt_engine::model::Gpt;
@@ -232,7 +232,17 @@ pub(crate) fn with_cpu_ring<R>(
 pub(crate) fn connect_ring(req: &RunRequest, control: &RunControl) -> Result<TcpRing> {
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
-    let ring = TcpRing::connect(rank, &req.peer_addrs, req.listener.try_clone().context("cloning the ring listener")?, RING_CONNECT_TIMEOUT)
+    // The session is the job and attempt: a connection an earlier run left in a listener's
+    // backlog (its rank gave up joining) is refused rather than taken for this run's peer. A run
+    // stopped while it waits for its peers stops waiting.
+    let session = ring_session(&a.job_id, a.attempt);
+    let cancelled = || control.stop.load(Ordering::SeqCst);
+    let listener = req.listener.try_clone().context("cloning the ring listener")?;
+    let ring = TcpRing::join(rank, &req.peer_addrs, listener, RING_CONNECT_TIMEOUT, Join { session, cancelled: &cancelled })
+        .map_err(|e| match (e, control.stopped()) {
+            (CollectiveError::Aborted, Some(reason)) => anyhow!("stopped while joining the ring: {reason}"),
+            (e, _) => anyhow::Error::new(e),
+        })
         .with_context(|| format!("connecting the ring as rank {rank} of {world}"))?;
     let abort = ring.abort_handle();
     control.on_stop(move || abort.abort());
@@ -240,6 +250,11 @@ pub(crate) fn connect_ring(req: &RunRequest, control: &RunControl) -> Result<Tcp
         return Err(anyhow!("stopped before training: {reason}"));
     }
     Ok(ring)
+}
+
+/// The ring session of `attempt` of `job_id` (FNV-1a of both): every rank derives the same.
+pub(crate) fn ring_session(job_id: &str, attempt: u32) -> u64 {
+    format!("{job_id}/{attempt}").bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// The GPT pretraining loop on any backend, the collective already joined.
