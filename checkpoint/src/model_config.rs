@@ -4,9 +4,11 @@
 //! checkpoint's weights are also a model file `smelt sample`, `smelt attention` and a
 //! fine-tuning job read.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use smelt_corpus::Tokenizer;
 use smelt_engine::model::{Bert, BertConfig, Gpt, GptConfig, T5Config, T5};
 use smelt_engine::params::ParamTable;
@@ -38,7 +40,46 @@ impl From<GptConfig> for ModelConfig {
     }
 }
 
+/// "GPT (vocab 59, 2 layers, 2 heads, 32 wide, 32 positions)": the shape a person compares (a
+/// T5's layers are encoder + decoder); [`ModelConfig::differences`] names every other setting.
+impl fmt::Display for ModelConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ModelConfig::Gpt(c) => write!(
+                f,
+                "GPT (vocab {}, {} layers, {} heads, {} wide, {} positions)",
+                c.vocab_size, c.n_layer, c.n_head, c.n_embd, c.block_size
+            ),
+            ModelConfig::Bert { bert: c, .. } => write!(
+                f,
+                "BERT (vocab {}, {} layers, {} heads, {} wide, {} positions)",
+                c.vocab_size, c.n_layer, c.n_head, c.n_embd, c.max_positions
+            ),
+            ModelConfig::T5 { t5: c, .. } => write!(
+                f,
+                "T5 (vocab {}, {} + {} layers, {} heads, {} wide, {} positions)",
+                c.vocab_size, c.n_layer, c.n_decoder_layer, c.n_head, c.n_embd, c.max_positions
+            ),
+        }
+    }
+}
+
 impl ModelConfig {
+    /// The settings in which `self` and `other` differ, named as in the config ("vocab_size 59
+    /// vs 65, ln_placement \"pre\" vs \"post\""); empty when they are the same or of other
+    /// architectures (their descriptions already differ).
+    pub fn differences(&self, other: &ModelConfig) -> String {
+        if self.arch() != other.arch() {
+            return String::new();
+        }
+        let (Ok(a), Ok(b)) = (serde_json::to_value(self), serde_json::to_value(other)) else { return String::new() };
+        let mut out = Vec::new();
+        diff("", &a, &b, &mut out);
+        // a BERT's and a T5's own settings sit under "bert." and "t5.": named without it
+        let nested = format!("{}.", self.arch());
+        out.iter().map(|d| d.strip_prefix(nested.as_str()).unwrap_or(d.as_str())).collect::<Vec<&str>>().join(", ")
+    }
+
     pub fn arch(&self) -> &'static str {
         match self {
             ModelConfig::Gpt(_) => "gpt",
@@ -126,6 +167,25 @@ impl ModelConfig {
     }
 }
 
+/// Each setting (a dotted path) in which `a` and `b` differ, as "path a vs b"; one left out of
+/// a config (a default not written) shows as unset.
+fn diff(path: &str, a: &Value, b: &Value, out: &mut Vec<String>) {
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            for k in keys {
+                let at = if path.is_empty() { k.clone() } else { format!("{path}.{k}") };
+                diff(&at, x.get(k).unwrap_or(&Value::Null), y.get(k).unwrap_or(&Value::Null), out);
+            }
+        }
+        _ if a != b => {
+            let shown = |v: &Value| if v.is_null() { "unset".to_string() } else { v.to_string() };
+            out.push(format!("{path} {} vs {}", shown(a), shown(b)));
+        }
+        _ => {}
+    }
+}
+
 /// Metadata values are plain data: serializing them cannot fail.
 fn json<T: Serialize>(v: &T) -> String {
     serde_json::to_string(v).expect("model metadata serializes")
@@ -152,6 +212,17 @@ mod tests {
             assert_eq!(back, m, "{text}");
             m.validate().unwrap();
         }
+    }
+
+    #[test]
+    fn a_config_reads_as_its_shape_and_its_differences_by_name() {
+        let gpt = GptConfig::preset("test").unwrap();
+        let (a, b) = (ModelConfig::Gpt(gpt.clone()), ModelConfig::Gpt(GptConfig { vocab_size: 59, n_layer: 4, ..gpt }));
+        assert_eq!(b.to_string(), "GPT (vocab 59, 4 layers, 2 heads, 32 wide, 32 positions)");
+        assert_eq!(a.differences(&b), format!("n_layer 2 vs 4, vocab_size {} vs 59", a.gpt().unwrap().vocab_size));
+        assert_eq!(a.differences(&a), "");
+        let t5 = ModelConfig::T5 { t5: T5Config::preset("t5-test").unwrap(), specials: T5Specials { base_vocab: 6, pad: 6, sentinels: 3 } };
+        assert!(t5.to_string().starts_with("T5 (vocab ") && t5.to_string().contains("2 + 2 layers"), "{t5}");
     }
 
     #[test]

@@ -121,6 +121,18 @@ pub fn job_state(j: &Job) -> JobState {
     JobState::try_from(j.state).unwrap_or_default()
 }
 
+/// The loss rank 0 last reported, `None` before the current attempt's first step: its progress
+/// starts at the step it resumed from (0 from scratch), which comes with no loss, and a
+/// restart keeps the previous attempt's stale one.
+pub fn reported_loss(j: &Job) -> Option<f32> {
+    (j.last_step > resumed_at(j)).then_some(j.last_loss)
+}
+
+/// The step the current attempt started from: its checkpoint's, 0 from scratch.
+pub fn resumed_at(j: &Job) -> u64 {
+    smelt_checkpoint::step_of_uri(&j.resume_from).unwrap_or(0)
+}
+
 pub fn state_name(s: JobState) -> &'static str {
     smelt_coordinator::state::job_state_name(s)
 }

@@ -4,14 +4,16 @@
 //!
 //! A job id is asked of the coordinator: its recorded checkpoints' directory, else
 //! `checkpoint.store` of its spec. A URI is a `…/jobs/<job>/ckpt` directory, or a store root
-//! whose `jobs/*/ckpt` directories are all listed.
+//! whose `jobs/*/ckpt` directories are all listed. A URI with nothing to list (missing, empty,
+//! one checkpoint's own directory) is an error naming it.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use serde_json::json;
-use smelt_checkpoint::layout::parent_uri;
+use smelt_checkpoint::layout::{parent_uri, MANIFEST};
 use smelt_checkpoint::read::{list_steps, read_manifest};
 use smelt_checkpoint::{checkpoints_root, list_committed, looks_like_job_id, step_dir_name, verify, Manifest};
+use smelt_corpus::store::has_scheme;
 use smelt_corpus::StoreDir;
 use smelt_jobspec::JobSpec;
 use smelt_proto::v1::GetJobRequest;
@@ -147,7 +149,11 @@ fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
     }
     let dir = StoreDir::open(t)?;
     let trimmed = t.trim_end_matches('/');
-    if trimmed.ends_with("/ckpt") || !list_steps(&dir)?.is_empty() {
+    let has_steps = !list_steps(&dir)?.is_empty();
+    if trimmed.ends_with("/ckpt") && !has_steps {
+        return Err(nothing_to_list(t, &dir));
+    }
+    if has_steps {
         let job = trimmed.trim_end_matches("/ckpt").rsplit('/').next().unwrap_or_default().to_string();
         return Ok(vec![(job, dir)]);
     }
@@ -165,5 +171,28 @@ fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
         })
         .collect();
     jobs.dedup();
+    if jobs.is_empty() {
+        return Err(nothing_to_list(t, &dir));
+    }
     Ok(jobs.into_iter().map(|j| (j.clone(), checkpoints_root(&dir, &j))).collect())
 }
+
+/// Why `target`, a location named on the command line, has nothing to list: missing, one
+/// checkpoint rather than their directory, or something else.
+fn nothing_to_list(target: &str, dir: &StoreDir) -> anyhow::Error {
+    let uri = dir.uri();
+    // Only a local path can be told missing cheaply; a store has no directories to look for.
+    let local = if has_scheme(target) { target.strip_prefix("file://") } else { Some(target) };
+    if local.is_some_and(|p| !std::path::Path::new(p).exists()) {
+        return anyhow!("{uri} does not exist: expected {EXPECTED}");
+    }
+    if dir.size(MANIFEST).ok().flatten().is_some() {
+        if let Some(parent) = parent_uri(uri) {
+            return anyhow!("{uri} is one checkpoint, not a directory of them: list its parent, {parent}");
+        }
+    }
+    anyhow!("no checkpoints under {uri}: expected {EXPECTED}")
+}
+
+const EXPECTED: &str =
+    "a job id, a checkpoints directory (…/jobs/<job>/ckpt, the parent of each step's directory), or a store root holding jobs/<job>/ckpt";

@@ -221,6 +221,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
             let reader = CorpusReader::open_with(uri, ReaderOptions { split, ..Default::default() }).with_context(|| format!("opening --corpus {uri}"))?;
             let m = reader.manifest();
             if m.tokenizer != tokenizer {
+                if let Some(how) = m.tokenizer.char_difference("the corpus", &tokenizer, "the model") {
+                    bail!("--corpus {uri}: tokenized with another character vocabulary than the model's: {how}");
+                }
                 bail!("--corpus {uri}: tokenized with {}, but the model uses {}", m.tokenizer.kind(), tokenizer.kind());
             }
             // A byte or char model trained on a `data.text` has no end-of-text id; such a corpus

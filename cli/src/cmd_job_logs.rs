@@ -24,7 +24,7 @@ pub struct LogsArgs {
     /// Only this rank's lines.
     #[arg(long)]
     pub rank: Option<u32>,
-    /// Start with the last N lines instead of every line.
+    /// Start with the last N lines instead of every line (0: none; with --follow, only new lines).
     #[arg(long)]
     pub tail: Option<u32>,
     /// Only lines at this level or above: info (every line), warn or error.
@@ -48,8 +48,12 @@ pub async fn run(a: LogsArgs) -> Result<()> {
         |after: u64, tail: u32| JobLogsRequest { job_id: a.id.clone(), after, limit: 0, attempt: a.attempt, rank: a.rank, tail, min_level: a.level.clone() };
     let mut after = 0;
     if let Some(n) = a.tail {
+        // the coordinator reads tail 0 as "no tail": for --tail 0 the last line is asked for
+        // only to learn where the log ends (and that the job is there), and not printed
         let page = client.job_logs(request(0, n.max(1))).await.map_err(status)?.into_inner();
-        print_lines(&page.lines, a.json)?;
+        if n > 0 {
+            print_lines(&page.lines, a.json)?;
+        }
         after = page.next;
         if !a.follow {
             return Ok(());

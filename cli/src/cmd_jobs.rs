@@ -5,7 +5,8 @@ use clap::{Args, Subcommand};
 use smelt_proto::v1::{CancelJobRequest, GetJobRequest, Job, ListJobsRequest};
 
 use crate::client::{
-    age, connect, exit_on_error, job_json, job_state, runtime, state_name, status, table, CoordinatorUrl,
+    age, connect, exit_on_error, job_json, job_state, reported_loss, resumed_at, runtime, state_name, status, table,
+    CoordinatorUrl,
 };
 
 #[derive(Subcommand, Debug)]
@@ -96,12 +97,23 @@ pub fn jobs_table(jobs: &[Job]) -> String {
                 format!("{} x {}", j.world_size, crate::client::device_name(j.device_class)),
                 j.attempt.to_string(),
                 format!("{}/{}", j.last_step, j.total_steps),
-                if j.last_step > 0 { format!("{:.4}", j.last_loss) } else { "-".into() },
+                reported_loss(j).map_or("-".into(), |l| format!("{l:.4}")),
                 age(j.created_at_ms),
             ]
         })
         .collect();
     table(&["ID", "NAME", "STATE", "PRIO", "WORKERS", "ATTEMPT", "STEP", "LOSS", "AGE"], &rows)
+}
+
+/// `12/100`; a resumed attempt with no step yet says that its progress is the checkpoint's.
+fn step_line(j: &Job) -> String {
+    let resumed = resumed_at(j);
+    let note = if reported_loss(j).is_none() && resumed > 0 && j.last_step == resumed {
+        format!(" (resumed from the checkpoint at step {resumed}; no step trained since)")
+    } else {
+        String::new()
+    };
+    format!("{}/{}{note}", j.last_step, j.total_steps)
 }
 
 fn print_job(j: &Job, json: bool) -> Result<()> {
@@ -116,10 +128,10 @@ fn print_job(j: &Job, json: bool) -> Result<()> {
         ("priority", j.priority.to_string()),
         ("workers", format!("{} x {}", j.world_size, crate::client::device_name(j.device_class))),
         ("attempt", format!("{} (restarts {}/{})", j.attempt, j.restarts, j.max_restarts)),
-        ("step", format!("{}/{}", j.last_step, j.total_steps)),
+        ("step", step_line(j)),
     ];
-    if j.last_step > 0 {
-        lines.push(("loss", format!("{:.4}", j.last_loss)));
+    if let Some(l) = reported_loss(j) {
+        lines.push(("loss", format!("{l:.4}")));
     }
     if let Some(v) = j.last_val_loss {
         lines.push(("val loss", format!("{v:.4}{}", crate::source_losses::bracketed(&j.last_val_sources))));

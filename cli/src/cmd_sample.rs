@@ -35,7 +35,8 @@ pub struct SampleArgs {
     /// characters.
     #[arg(long, default_value = "\n")]
     pub prompt: String,
-    /// Tokens to generate.
+    /// Tokens to generate (a T5 stops at its decoder's positions, `max_positions`: 128 for
+    /// t5-tiny).
     #[arg(long, default_value_t = 200)]
     pub tokens: usize,
     /// Softmax temperature; 0 picks the most likely token.
@@ -242,7 +243,7 @@ pub fn run(a: SampleArgs) -> Result<()> {
         AnyModel::Gpt(saved) => saved,
         AnyModel::Family(SavedFamilyModel { model: FamilyModel::T5 { config, specials }, tokenizer, params, .. }) => {
             if matches!(a.device, DeviceRequest::Cuda(_)) {
-                bail!("--device {:?}: a T5 samples on the CPU (--device cpu or auto)", a.device);
+                bail!("--device {}: a T5 samples on the CPU (--device cpu or auto)", a.device);
             }
             return respond_t5(&a, config, specials, &tokenizer, &params);
         }
@@ -333,6 +334,7 @@ fn respond_t5(a: &SampleArgs, config: T5Config, specials: T5Specials, tok: &Toke
     let mut dec = vec![specials.pad];
     let mut pieces = Utf8Out { pending: Vec::new() };
     let mut out = std::io::stdout().lock();
+    let mut written = 0;
     for _ in 0..a.tokens.min(max) {
         let x = T5Batch { batch: 1, enc_len: prompt.len(), dec_len: dec.len(), enc_tokens: prompt.clone(), dec_tokens: dec.clone(), ..Default::default() };
         model.forward(&x)?;
@@ -347,12 +349,17 @@ fn respond_t5(a: &SampleArgs, config: T5Config, specials: T5Specials, tok: &Toke
         write!(out, "{}", piece(tok, next, &mut pieces)?)?;
         out.flush()?;
         dec.push(next);
+        written += 1;
     }
     write!(out, "{}", pieces.push(&[]))?;
     if !pieces.pending.is_empty() {
         write!(out, "\u{FFFD}")?;
     }
     writeln!(out)?;
+    // the decoder has no position past its last: fewer tokens than asked are no surprise then
+    if a.tokens > max && written == max {
+        eprintln!("note: stopped at {max} tokens, the most this T5's decoder writes (its max_positions); --tokens asked for {}", a.tokens);
+    }
     Ok(())
 }
 

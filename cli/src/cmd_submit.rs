@@ -219,7 +219,8 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
     match end {
         JobState::Succeeded => {
             let acc = j.last_val_accuracy.map(|a| format!(", val accuracy {a:.4}")).unwrap_or_default();
-            eprintln!("job {} succeeded at step {} (loss {:.4}{acc})", j.id, j.last_step, j.last_loss);
+            let loss = crate::client::reported_loss(&j).map_or(String::from("no step trained"), |l| format!("loss {l:.4}"));
+            eprintln!("job {} succeeded at step {} ({loss}{acc})", j.id, j.last_step);
             Ok(())
         }
         s => {

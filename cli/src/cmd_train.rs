@@ -171,6 +171,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         None => model_config(&a, tokenizer.vocab_size())?,
     };
     let seq = a.seq.unwrap_or(cfg.block_size);
+    // before the token counts: a --seq the model cannot take is the problem however long the text
+    if seq == 0 {
+        bail!("--seq must be at least 1");
+    }
+    if seq > cfg.block_size {
+        let fix = if parent.is_some() { "lower --seq (the model in --init-from keeps its own)" } else { "lower --seq or raise --block-size" };
+        bail!("--seq {seq} is more than the model's block size ({}, the most positions it takes): {fix}", cfg.block_size);
+    }
     let split = ((tokens.len() as f64) * (1.0 - a.val_fraction)) as usize;
     let (train_ids, val_ids) = tokens.split_at(split);
     if train_ids.len() <= seq {

@@ -96,6 +96,20 @@ fn export_verifies_checkpoints_on_file_stores_and_a_job_id_falls_back() {
     let rows: Vec<&str> = listing.lines().filter(|l| l.starts_with("job-000007")).collect();
     assert_eq!(rows.len(), 2, "{listing}");
     assert!(rows.iter().all(|r| r.contains(" ok ")), "{listing}");
+    // Nothing to list fails, naming where it looked: a missing path, an empty directory, and one
+    // checkpoint's own directory (pointed at its parent).
+    let missing = dir.path().join("nope");
+    let o = smelt(&["checkpoints", "list", missing.to_str().unwrap(), "--json"], &[]);
+    let e = text_of(&o);
+    assert!(!o.status.success() && e.contains("does not exist") && e.contains(missing.to_str().unwrap()), "{e}");
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let o = smelt(&["checkpoints", "list", empty.to_str().unwrap()], &[]);
+    let e = text_of(&o);
+    assert!(!o.status.success() && e.contains(empty.to_str().unwrap()) && e.contains("a job id"), "{e}");
+    let o = smelt(&["checkpoints", "list", step_dir(10).to_str().unwrap()], &[]);
+    let e = text_of(&o);
+    assert!(!o.status.success() && e.contains("list its parent") && e.contains("job-000007/ckpt"), "{e}");
 
     flip_last_bytes(&step_dir(20).join("model.safetensors"));
     // Named explicitly: refused, naming the file.

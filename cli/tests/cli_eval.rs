@@ -229,4 +229,12 @@ fn a_text_trained_char_model_is_evaluated_on_a_char_corpus_of_its_documents() {
     assert!(smelt(&["corpus", "prepare", "--input", docs.to_str().unwrap(), "--out", bytes.to_str().unwrap(), "--tokenizer", "byte", "--val-docs", "0"]).status.success());
     let msg = eval_fails(&["--model", model.to_str().unwrap(), "--corpus", bytes.to_str().unwrap(), "--split", "train"]);
     assert!(msg.contains("tokenized with byte, but the model uses char"), "{msg}");
+    // and a char corpus of other characters says which
+    let upper_docs = tmp.path().join("upper-docs");
+    std::fs::create_dir(&upper_docs).unwrap();
+    std::fs::write(upper_docs.join("0.txt"), parts.concat().to_uppercase().repeat(4)).unwrap();
+    let upper = tmp.path().join("upper");
+    assert!(smelt(&["corpus", "prepare", "--input", upper_docs.to_str().unwrap(), "--out", upper.to_str().unwrap(), "--tokenizer", "char", "--val-docs", "0"]).status.success());
+    let msg = eval_fails(&["--model", model.to_str().unwrap(), "--corpus", upper.to_str().unwrap(), "--split", "train"]);
+    assert!(msg.contains("another character vocabulary") && msg.contains("only the corpus has 'A'") && msg.contains("only the model has 'a'"), "{msg}");
 }

@@ -189,7 +189,12 @@ fn seq_longer_than_block_is_refused() {
     let text = write_text(dir.path());
     let o = smelt(&["train", "--text", text.to_str().unwrap(), "--preset", "test", "--seq", "64", "--steps", "1"]);
     assert!(!o.status.success());
-    assert!(text_of(&o).contains("seq_len"), "{}", text_of(&o));
+    assert!(text_of(&o).contains("--seq 64 is more than the model's block size (32"), "{}", text_of(&o));
+    // longer than the text too: the block size is still what is wrong
+    let o = smelt(&["train", "--text", text.to_str().unwrap(), "--preset", "test", "--seq", "10000", "--steps", "1"]);
+    assert!(!o.status.success());
+    let e = text_of(&o);
+    assert!(e.contains("block size (32") && !e.contains("tokens cannot fill"), "{e}");
 }
 
 #[test]

@@ -334,6 +334,41 @@ fn killed_worker_fails_the_job_without_restarts() {
     assert!(failed.error.contains("lost") || failed.error.contains("worker"), "failure reason does not name the lost worker: {:?}", failed.error);
 }
 
+/// The coordinator is killed; the worker trains to the end meanwhile (checkpoints the coordinator
+/// never hears of, retention deleting the one it recorded) and is killed too before it can
+/// report. With the coordinator back and a new worker, the job's restart resumes from its newest
+/// committed checkpoint, the last step: it succeeds, with nothing trained again.
+#[test]
+fn a_job_that_ended_while_the_coordinator_was_down_resumes_from_its_newest_checkpoint() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    let steps = 300;
+    let spec = format!("{}\n[checkpoint]\nevery = 5\nkeep_last = 2\n", c.spec("unheard", 1, 8, steps, 2));
+    let job = c.submit(&spec).unwrap();
+    let recorded = c.wait_job(&job.id, "a recorded checkpoint", LONG, |j| j.last_checkpoint_step >= 5).last_checkpoint_step;
+    c.coordinator.as_mut().unwrap().kill9();
+    let weights = c.dir.path().join(format!("worker-0/jobs/{}/model.safetensors", job.id));
+    let deadline = Instant::now() + LONG;
+    while !weights.exists() {
+        assert!(Instant::now() < deadline, "no final weights while the coordinator was down\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.workers[0].kill9();
+    let recorded_dir = c.dir.path().join(format!("worker-0/jobs/{}/ckpt/{}", job.id, smelt_checkpoint::step_dir_name(recorded)));
+    assert!(!recorded_dir.join("MANIFEST.json").exists(), "retention kept {}", recorded_dir.display());
+    c.start_coordinator();
+    c.start_worker();
+    let done = c.wait_state(&job.id, JobState::Succeeded, Duration::from_secs(240));
+    assert_eq!((done.restarts, done.last_step), (1, steps), "{done:?}");
+    let events = c.event_messages(&job.id).join("\n");
+    let newest = c.dir.path().join(format!("worker-0/jobs/{}/ckpt/{}", job.id, smelt_checkpoint::step_dir_name(steps)));
+    assert!(
+        events.contains(&format!("resuming from {}, this job's newest committed checkpoint", newest.display())),
+        "{events}\n{}",
+        c.logs()
+    );
+}
+
 #[test]
 fn coordinator_restart_keeps_jobs_and_workers_reattach() {
     let mut c = Cluster::new();

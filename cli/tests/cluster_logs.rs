@@ -61,6 +61,7 @@ fn every_ranks_lines_reach_the_coordinator_and_smelt_jobs_logs_prints_them() {
     assert_eq!(rank1.lines().count(), all.lines().filter(|l| l.contains(" a1 r1 ")).count());
     let tail = logs(&c, &[&job.id, "--tail", "3"]);
     assert_eq!(tail.lines().collect::<Vec<_>>(), all.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>());
+    assert_eq!(logs(&c, &[&job.id, "--tail", "0"]), "", "--tail 0 prints no past line");
     assert!(logs(&c, &[&job.id, "--attempt", "2"]).is_empty());
 
     // JSON lines, in increasing seq, with the worker that sent each

@@ -174,6 +174,11 @@ fn a_pretrained_t5_fine_tunes_seq2seq_and_resumes_exactly_after_sigkill() {
     }
     eprintln!("t5 responses: {right}/{asked} right, {first} with the right first letter: {shown:?}");
     assert!(right * 2 >= asked && first * 10 >= asked * 9, "{right}/{asked} right, {first} first letters: {shown:?}");
+    // more --tokens than the decoder has positions: it stops at them, and says so
+    let first_line: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&data).unwrap().lines().next().unwrap()).unwrap();
+    let prompt = first_line["prompt"].as_str().unwrap();
+    let (ok, out) = c.smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", prompt, "--tokens", "100000", "--temperature", "0"]);
+    assert!(ok && out.contains("note: stopped at") && out.contains("--tokens asked for 100000"), "{out}");
 
     // A T5 is not a classifier here: head = "classification" is refused, naming the field.
     let bad = c.submit(&finetune_spec("t5-classify", &file, "classification", &data, 10, 1, 0), "");

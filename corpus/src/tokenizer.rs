@@ -5,6 +5,8 @@
 //! Text is encoded as ordinary text: a literal `<|endoftext|>` in a document is not the
 //! end-of-text token.
 
+use std::collections::BTreeSet;
+
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
@@ -104,6 +106,35 @@ impl Tokenizer {
         }
     }
 
+    /// How two char vocabularies differ, in words, for an error naming both sides (`this` names
+    /// `self`, `that` names `other`): "the corpus has 65 characters, the model 59; only the
+    /// corpus has 'Q', 'Z'; only the model has 'é'". `None` unless both are char tokenizers and
+    /// differ: their kind alone ("char" and "char") would not say what is wrong.
+    pub fn char_difference(&self, this: &str, other: &Tokenizer, that: &str) -> Option<String> {
+        const SHOWN: usize = 5;
+        let (Tokenizer::Char { chars: a }, Tokenizer::Char { chars: b }) = (self, other) else { return None };
+        if a == b {
+            return None;
+        }
+        let (sa, sb): (BTreeSet<char>, BTreeSet<char>) = (a.iter().copied().collect(), b.iter().copied().collect());
+        let only = |x: &BTreeSet<char>, y: &BTreeSet<char>, who: &str| -> Option<String> {
+            let d: Vec<char> = x.difference(y).copied().collect();
+            if d.is_empty() {
+                return None;
+            }
+            let shown: Vec<String> = d.iter().take(SHOWN).map(|c| format!("{c:?}")).collect();
+            let more = if d.len() > SHOWN { format!(" and {} more", d.len() - SHOWN) } else { String::new() };
+            Some(format!("only {who} has {}{more}", shown.join(", ")))
+        };
+        let mut parts = vec![format!("{this} has {} characters, {that} {}", a.len(), b.len())];
+        parts.extend(only(&sa, &sb, this));
+        parts.extend(only(&sb, &sa, that));
+        if parts.len() == 1 {
+            parts.push("the same ones in another order".to_string());
+        }
+        Some(parts.join("; "))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {
         let vocab = self.vocab_size();
         if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
@@ -136,6 +167,17 @@ mod tests {
         let e = t.encode("abz").unwrap_err();
         assert_eq!(e, TokenizerError::UnknownChar { ch: 'z', code: 0x7A, offset: 2, vocab: 3 });
         assert!(e.to_string().contains("'z'"));
+    }
+
+    #[test]
+    fn char_vocabularies_say_how_they_differ() {
+        let (a, b) = (Tokenizer::fit("char", "abcxyz").unwrap(), Tokenizer::fit("char", "abcQ").unwrap());
+        assert_eq!(
+            a.char_difference("the corpus", &b, "the model").as_deref(),
+            Some("the corpus has 6 characters, the model 4; only the corpus has 'x', 'y', 'z'; only the model has 'Q'")
+        );
+        assert_eq!(a.char_difference("the corpus", &a, "the model"), None);
+        assert_eq!(a.char_difference("the corpus", &Tokenizer::Byte, "the model"), None);
     }
 
     #[test]

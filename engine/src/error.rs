@@ -35,6 +35,9 @@ pub enum EngineError {
     /// A GPU could not be used, or a device operation failed (names the device and the op).
     #[error("device: {0}")]
     Device(String),
-    #[error("collective: {0}")]
+    /// The cause is the source, not part of the message: `{:#}` shows the chain, and would
+    /// otherwise say it twice ("collective: the collective was aborted: the collective was
+    /// aborted"). It stays the source so a chain can be asked whether a collective failed.
+    #[error("collective")]
     Collective(#[from] CollectiveError),
 }

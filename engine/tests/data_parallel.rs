@@ -235,7 +235,10 @@ fn a_vanished_peer_fails_an_overlapped_step() {
     let batch = Batch { inputs, targets, batch: 4, seq_len: SEQ };
     let mut trainer = Trainer::new(Gpt::new(CpuBackend, model_config(), 7).unwrap(), train_config()).unwrap();
     trainer.set_bucket_floats(2_000);
-    let err = trainer.train_step_batches(&[batch], &mut ring).unwrap_err().to_string();
+    let e = trainer.train_step_batches(&[batch], &mut ring).unwrap_err();
+    // the collective's own error is the source: the message says only where it failed
+    let err = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+    assert!(err.starts_with("collective: ") && err.matches("collective:").count() == 1, "{err}");
     assert!(err.contains("rank 1") || err.contains("closed") || err.contains("broken"), "{err}");
     assert_eq!(trainer.step(), 0, "no optimizer step after a failed exchange");
     drop(ring);

@@ -39,8 +39,16 @@ pub fn load_resume(a: &Assignment, events: &dyn Fn(RunEvent)) -> Result<Option<C
     if a.resume_from.is_empty() {
         return Ok(None);
     }
-    let r = load_or_fall_back(&a.resume_from).with_context(|| format!("resuming from {}", a.resume_from))?;
+    // The coordinator assigns the newest checkpoint it heard of; the job may have committed
+    // newer ones it never heard of (it was down while they were reported), and retention may
+    // have deleted the assigned one since. This job's own newer checkpoints are its progress.
+    let newer = newer_own_checkpoint(a);
+    let from = newer.as_deref().unwrap_or(&a.resume_from);
+    let r = load_or_fall_back(from).with_context(|| format!("resuming from {from}"))?;
     let ck = r.checkpoint;
+    if let (Some(uri), 0) = (&newer, a.rank) {
+        events(note(a, format!("resuming from {uri}, this job's newest committed checkpoint, rather than {} (the newest the coordinator had recorded)", a.resume_from)));
+    }
     if a.rank == 0 {
         for s in &r.skipped {
             events(note(a, format!("checkpoint {} skipped: {}; resuming from {} instead", s.uri, s.reason, ck.uri)));
@@ -51,6 +59,21 @@ pub fn load_resume(a: &Assignment, events: &dyn Fn(RunEvent)) -> Result<Option<C
     }
     info!(job_id = %a.job_id, rank = a.rank, uri = %ck.uri, step = ck.step(), "resumed from checkpoint");
     Ok(Some(ck))
+}
+
+/// The newest committed checkpoint after the assigned one in its directory that this job wrote
+/// (its manifest names the job: a `--resume-from` of another job's checkpoint never moves on to
+/// that job's later ones). `None` when there is none, or the directory cannot be listed (the
+/// assigned one is then loaded as before, and says what is wrong).
+fn newer_own_checkpoint(a: &Assignment) -> Option<String> {
+    let assigned = smelt_checkpoint::step_of_uri(&a.resume_from)?;
+    let root = StoreDir::open(&smelt_checkpoint::layout::parent_uri(&a.resume_from)?).ok()?;
+    let committed = smelt_checkpoint::list_committed(&root).ok()?;
+    committed.into_iter().rev().take_while(|(step, _)| *step > assigned).find_map(|(_, uri)| {
+        let dir = StoreDir::open(&uri).ok()?;
+        let m = smelt_checkpoint::read::read_manifest(&dir).ok()?;
+        (m.job_id == a.job_id).then_some(uri)
+    })
 }
 
 /// `value`, read back from the device, once the device reports no error since: a failed
@@ -174,7 +197,7 @@ pub fn check_tokenizer(ck: &Checkpoint, tokenizer: &Tokenizer) -> Result<()> {
             "checkpoint {} was trained with the {} tokenizer{}, the job's data is tokenized with {}: its ids would mean other text",
             ck.uri,
             ck.trainer.tokenizer.kind(),
-            if ck.trainer.tokenizer.kind() == tokenizer.kind() { " of another character vocabulary" } else { "" },
+            ck.trainer.tokenizer.char_difference("the checkpoint", tokenizer, "the data").map(|d| format!(" ({d})")).unwrap_or_default(),
             tokenizer.kind()
         ));
     }
@@ -203,13 +226,11 @@ pub fn resume<B: Backend>(
     if let Some(ck) = load_resume(a, events)? {
         print = fingerprint_if_shared(a, &ck.params);
         if ck.trainer.model.gpt() != Some(cfg) || ck.trainer.head.is_some() {
-            return Err(anyhow!(
-                "checkpoint {} holds a model {:?}{}, the job's spec makes {:?}",
-                ck.uri,
-                ck.trainer.model,
-                if ck.trainer.head.is_some() { " with a classification head" } else { "" },
-                cfg
-            ));
+            let expected = ModelConfig::Gpt(cfg.clone());
+            let head = if ck.trainer.head.is_some() { " with a classification head" } else { "" };
+            let how = ck.trainer.model.differences(&expected);
+            let how = if how.is_empty() { String::new() } else { format!(": {how}") };
+            return Err(anyhow!("checkpoint {} holds a {}{head}, the job's spec makes a {expected}{how}", ck.uri, ck.trainer.model));
         }
         check_tokenizer(&ck, tokenizer)?;
         warn_if_data_order_changes(&ck, spec);

@@ -67,6 +67,17 @@ impl FromStr for DeviceRequest {
     }
 }
 
+/// As `--device` takes it: `auto`, `cpu`, `cuda:N`.
+impl fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceRequest::Auto => write!(f, "auto"),
+            DeviceRequest::Cpu => write!(f, "cpu"),
+            DeviceRequest::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
 impl fmt::Display for Device {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -194,6 +205,8 @@ mod tests {
         assert_eq!("cuda".parse(), Ok(DeviceRequest::Cuda(0)));
         assert_eq!("cuda:0".parse(), Ok(DeviceRequest::Cuda(0)));
         assert_eq!("cuda:7".parse(), Ok(DeviceRequest::Cuda(7)));
+        // shown as it was written, in messages
+        assert_eq!([DeviceRequest::Auto, DeviceRequest::Cpu, DeviceRequest::Cuda(7)].map(|d| d.to_string()), ["auto", "cpu", "cuda:7"]);
         for bad in ["", "gpu", "cuda:", "cuda:-1", "cuda:+1", "cuda:x", "cuda:1:2", "CPU0", "cuda0"] {
             let e = bad.parse::<DeviceRequest>().unwrap_err();
             assert_eq!(e, DeviceError::Parse { given: bad.to_string() });

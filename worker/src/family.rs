@@ -108,7 +108,10 @@ impl<B: Backend> Model<B> {
     /// once it is known to hold `expected` (`makes` says in the error what this job builds).
     pub(crate) fn restore(&mut self, opt: &mut AdamW<B>, ck: &Checkpoint, expected: &ModelConfig, spec: &JobSpec, makes: &str) -> Result<()> {
         if ck.trainer.model != *expected || ck.trainer.head.is_some() {
-            bail!("checkpoint {} holds a {} model {:?}, {makes} a {} model {:?}", ck.uri, ck.trainer.model.arch(), ck.trainer.model, expected.arch(), expected);
+            let head = if ck.trainer.head.is_some() { " with a classification head" } else { "" };
+            let how = ck.trainer.model.differences(expected);
+            let how = if how.is_empty() { String::new() } else { format!(": {how}") };
+            bail!("checkpoint {} holds a {}{head}, {makes} a {}{how}", ck.uri, ck.trainer.model, expected);
         }
         checkpointing::warn_if_data_order_changes(ck, spec);
         self.set_params_host(&ck.params);

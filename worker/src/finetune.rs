@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
-use smelt_checkpoint::{Checkpoint, HeadConfig, Lineage, ModelSource, Skipped};
+use smelt_checkpoint::{Checkpoint, HeadConfig, Lineage, ModelConfig, ModelSource, Skipped};
 use smelt_corpus::sample_order::{rank_slice, SampleOrder};
 use smelt_corpus::Tokenizer;
 use smelt_engine::backend::{Backend, IGNORE_INDEX};
@@ -361,13 +361,17 @@ impl<B: Backend> State<B> {
     /// Puts the model, the head and both optimizers back where checkpoint `ck` left them.
     fn restore(&mut self, job: &FinetuneJob, ck: &Checkpoint) -> Result<()> {
         if ck.trainer.model.gpt() != Some(&job.config) || ck.trainer.head != job.head_config() {
+            let expected = ModelConfig::Gpt(job.config.clone());
+            let head = |h: Option<HeadConfig>| h.map_or("no head".to_string(), |h| format!("a {}-label classification head", h.num_labels));
+            let how = ck.trainer.model.differences(&expected);
+            let how = if how.is_empty() { String::new() } else { format!(": {how}") };
             bail!(
-                "checkpoint {} holds a model {:?} with head {:?}; this job makes {:?} with head {:?}",
+                "checkpoint {} holds a {} with {}; this job makes a {} with {}{how}",
                 ck.uri,
                 ck.trainer.model,
-                ck.trainer.head,
-                job.config,
-                job.head_config()
+                head(ck.trainer.head),
+                expected,
+                head(job.head_config())
             );
         }
         let n = self.model.table().total();

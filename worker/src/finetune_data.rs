@@ -82,6 +82,10 @@ pub fn load_classification(location: &str, tokenizer: &Tokenizer, num_labels: us
         .map(|(n, m)| {
             let text = string_field(&m, "text", location, n)?;
             let label = match m.get("label") {
+                // 1.0 is not read as 1: a float label more likely means a regression target
+                Some(Value::Number(x)) if x.is_f64() => {
+                    bail!("{location} line {n}: field \"label\" = {x} must be an integer class index in 0..{num_labels}")
+                }
                 Some(Value::Number(x)) => x.as_u64().filter(|&l| (l as usize) < num_labels),
                 Some(other) => bail!("{location} line {n}: field \"label\" must be an integer in 0..{num_labels}, found {other}"),
                 None => bail!("{location} line {n}: missing field \"label\""),
@@ -197,6 +201,8 @@ mod tests {
         assert!(e.contains("outside 0..2") && e.contains("num_labels"), "{e}");
         let e = err("{\"text\": \"a\", \"label\": \"pos\"}\n");
         assert!(e.contains("must be an integer"), "{e}");
+        let e = err("{\"text\": \"a\", \"label\": 1.0}\n");
+        assert!(e.contains("must be an integer class index") && !e.contains("outside"), "{e}");
         let e = err("not json\n");
         assert!(e.contains("line 1") && e.contains("not JSON"), "{e}");
         let e = err("\n");

@@ -94,11 +94,13 @@ pub(crate) fn check_text_tokenizer(spec: &JobSpec, parent: &Parent) -> Result<()
 /// speaks the parent's vocabulary: the same tokenizer, and no id beyond the model's vocabulary.
 pub(crate) fn check_corpus(field: &str, uri: &str, corpus_tokenizer: &Tokenizer, corpus_vocab: usize, parent: &Parent) -> Result<()> {
     if corpus_tokenizer != &parent.tokenizer {
+        if let Some(how) = corpus_tokenizer.char_difference("the corpus", &parent.tokenizer, "the model") {
+            bail!("{field} {uri}: tokenized with another character vocabulary than the model in model.init_from was trained with: {how}");
+        }
         return Err(anyhow!(
-            "{field} {uri}: tokenized with {}, but the model in model.init_from was trained with {}{}",
+            "{field} {uri}: tokenized with {}, but the model in model.init_from was trained with {}",
             corpus_tokenizer.kind(),
             parent.tokenizer.kind(),
-            if corpus_tokenizer.kind() == parent.tokenizer.kind() { " (another character vocabulary)" } else { "" }
         ));
     }
     if corpus_vocab > parent.config.vocab_size {

@@ -181,13 +181,20 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
             if let Some(first) = readers.first().map(|r: &CorpusReader| r.manifest()) {
                 let m = reader.manifest();
                 if m.tokenizer != first.tokenizer {
+                    if let Some(how) = m.tokenizer.char_difference("this corpus", &first.tokenizer, "the first") {
+                        bail!(
+                            "data.mix[{i}].corpus {}: tokenized with another character vocabulary than data.mix[0].corpus {} ({how}): \
+                             a mixture's sources must share one tokenizer",
+                            src.corpus,
+                            spec.data.mix[0].corpus,
+                        );
+                    }
                     bail!(
-                        "data.mix[{i}].corpus {}: tokenized with {}, data.mix[0].corpus {} with {}{}: a mixture's sources must share one tokenizer",
+                        "data.mix[{i}].corpus {}: tokenized with {}, data.mix[0].corpus {} with {}: a mixture's sources must share one tokenizer",
                         src.corpus,
                         m.tokenizer.kind(),
                         spec.data.mix[0].corpus,
                         first.tokenizer.kind(),
-                        if m.tokenizer.kind() == first.tokenizer.kind() { " (another character vocabulary)" } else { "" }
                     );
                 }
             }
