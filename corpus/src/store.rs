@@ -72,6 +72,30 @@ impl StoreError {
     }
 }
 
+/// `abs` without `.` and `..` components, which object_store's paths refuse: a `..` leaves the
+/// directory the system would reach there (symbolic links up to it resolved, as `ls a/b/..`
+/// does), so `../runs` and `/data/x/../y` name what the shell would.
+fn without_dots(abs: &std::path::Path) -> PathBuf {
+    use std::path::Component;
+    if !abs.components().any(|c| matches!(c, Component::CurDir | Component::ParentDir)) {
+        return abs.to_path_buf();
+    }
+    let mut out = PathBuf::new();
+    for c in abs.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if let Ok(real) = std::fs::canonicalize(&out) {
+                    out = real;
+                }
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
 /// What to set when `e` is a failure to find credentials: object_store looks in the
 /// environment, then asks the cloud's instance metadata service (169.254.169.254), and off
 /// the cloud that request is what fails.
@@ -208,6 +232,7 @@ impl StoreDir {
     }
 
     fn local(abs: PathBuf, shown: String) -> Result<StoreDir, StoreError> {
+        let abs = without_dots(&abs);
         let root = Path::from_absolute_path(&abs)
             .map_err(|e| StoreError::BadUri { uri: shown.clone(), reason: e.to_string() })?;
         Ok(StoreDir { store: Arc::new(LocalFileSystem::new()), root, uri: shown })
@@ -352,6 +377,27 @@ impl StoreDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dots_in_local_paths_are_resolved_as_the_system_would() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(real.join("a/b")).unwrap();
+        std::os::unix::fs::symlink(real.join("a/b"), real.join("link")).unwrap();
+        // `link/..` is `a`, where the link leads, not the directory holding the link
+        let s = StoreDir::open(real.join("link/../c/./d").to_str().unwrap()).unwrap();
+        assert_eq!(s.root().as_ref(), real.join("a/c/d").to_str().unwrap().trim_start_matches('/'));
+        s.put("x.txt", &b"hi"[..]).unwrap();
+        assert_eq!(std::fs::read(real.join("a/c/d/x.txt")).unwrap(), b"hi");
+        // a directory that does not exist yet is stepped out of by name
+        let t = StoreDir::open(real.join("new/../e").to_str().unwrap()).unwrap();
+        assert_eq!(t.root().as_ref(), real.join("e").to_str().unwrap().trim_start_matches('/'));
+        // and relative ones from the current directory
+        let cwd = std::env::current_dir().unwrap().canonicalize().unwrap();
+        let r = StoreDir::open("../f").unwrap();
+        assert_eq!(r.root().as_ref(), cwd.parent().unwrap().join("f").to_str().unwrap().trim_start_matches('/'));
+        assert_eq!(r.uri(), "../f");
+    }
 
     #[test]
     fn local_and_memory_round_trip() {
