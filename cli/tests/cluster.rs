@@ -335,8 +335,8 @@ fn killed_worker_fails_the_job_without_restarts() {
 }
 
 /// The coordinator is killed; the worker trains to the end meanwhile (checkpoints the coordinator
-/// never hears of, retention deleting the one it recorded) and is killed too before it can
-/// report. With the coordinator back and a new worker, the job's restart resumes from its newest
+/// never hears of, retention deleting the one it recorded) and is stopped (SIGTERM) before it
+/// can report: it leaves after a while rather than wait for the coordinator forever. With the coordinator back and a new worker, the job's restart resumes from its newest
 /// committed checkpoint, the last step: it succeeds, with nothing trained again.
 #[test]
 fn a_job_that_ended_while_the_coordinator_was_down_resumes_from_its_newest_checkpoint() {
@@ -353,7 +353,13 @@ fn a_job_that_ended_while_the_coordinator_was_down_resumes_from_its_newest_check
         assert!(Instant::now() < deadline, "no final weights while the coordinator was down\n{}", c.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
-    c.workers[0].kill9();
+    // a SIGTERM: the worker cannot report the run's end, waits for the coordinator a while,
+    // then exits saying so
+    c.workers[0].sigterm();
+    let status = c.workers[0].wait_exit(Duration::from_secs(120)).unwrap_or_else(|| panic!("the worker did not exit after SIGTERM\n{}", c.logs()));
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(c.dir.path().join("worker-0.log")).unwrap();
+    assert!(log.contains("exiting with the run's end unreported"), "{log}");
     let recorded_dir = c.dir.path().join(format!("worker-0/jobs/{}/ckpt/{}", job.id, smelt_checkpoint::step_dir_name(recorded)));
     assert!(!recorded_dir.join("MANIFEST.json").exists(), "retention kept {}", recorded_dir.display());
     c.start_coordinator();

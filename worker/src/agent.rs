@@ -50,6 +50,10 @@ pub struct WorkerConfig {
 /// its last log lines before it exits.
 const LAST_LOGS_WAIT: Duration = Duration::from_secs(5);
 
+/// How long a draining worker waits to report how its last run ended while the coordinator
+/// cannot be reached (a coordinator restart takes seconds).
+const UNREPORTED_WAIT: Duration = Duration::from_secs(30);
+
 /// The assignment in progress and how to stop it.
 struct Running {
     assignment: Assignment,
@@ -84,6 +88,24 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     tokio::pin!(shutdown);
 
     loop {
+        // A draining worker whose last run's result cannot be reported (the coordinator is away)
+        // waits a while for it, then goes without: its checkpoints are committed, and the job's
+        // restart resumes from the newest (`checkpointing::load_resume`).
+        if draining && running.is_none() {
+            if let Some(done) = &undelivered {
+                let by = *leave_by.get_or_insert_with(|| tokio::time::Instant::now() + UNREPORTED_WAIT);
+                if tokio::time::Instant::now() >= by {
+                    tracing::error!(
+                        coordinator = %cfg.coordinator,
+                        job_id = %done.job_id,
+                        attempt = done.attempt,
+                        ok = done.ok,
+                        "exiting with the run's end unreported: the coordinator cannot be reached (the job's restart resumes from its newest checkpoint)"
+                    );
+                    return Ok(());
+                }
+            }
+        }
         if draining && running.is_none() && undelivered.is_none() {
             let by = *leave_by.get_or_insert_with(|| tokio::time::Instant::now() + LAST_LOGS_WAIT);
             if cfg.logs.unacked_count() == 0 || tokio::time::Instant::now() >= by {
@@ -100,9 +122,15 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             Ok(c) => c,
             Err(e) => {
                 warn!(coordinator = %cfg.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable");
+                // the run goes on meanwhile: its end is kept to report once a coordinator answers
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = &mut shutdown, if !draining => { draining = true; if let Some(r) = &running { r.control.stop("worker received SIGTERM"); } }
+                    _ = &mut shutdown, if !draining => {
+                        info!(busy = running.is_some(), "sigterm: draining");
+                        draining = true;
+                        if let Some(r) = &running { r.control.stop("worker received SIGTERM"); }
+                    }
+                    Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut undelivered, &cfg.logs),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -146,7 +174,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     }
                 }
                 warn!(error = %e.message(), "register refused; retrying");
-                tokio::time::sleep(backoff).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut undelivered, &cfg.logs),
+                }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
@@ -286,6 +317,29 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         if !(draining && running.is_none() && undelivered.is_none()) {
             tokio::time::sleep(backoff).await;
         }
+    }
+}
+
+/// A run's event while no coordinator answers. Its end is kept to report once one does (the run
+/// is over: a draining worker may then leave); metrics and notes are let go (the next ones
+/// say more); a checkpoint goes unreported (it is committed in the store, where a restart of
+/// the job finds it: `checkpointing::load_resume`).
+fn while_unreachable(ev: RunEvent, running: &mut Option<Running>, undelivered: &mut Option<AssignmentDone>, logs: &LogCapture) {
+    match ev {
+        RunEvent::Done(d) => {
+            if d.ok {
+                info!(job_id = %d.job_id, attempt = d.attempt, "assignment finished (the coordinator is away: reported once it is back)");
+            } else {
+                warn!(job_id = %d.job_id, attempt = d.attempt, error = %d.error, "assignment failed (the coordinator is away: reported once it is back)");
+            }
+            logs.end();
+            *running = None;
+            *undelivered = Some(d);
+        }
+        RunEvent::Checkpoint(r) => {
+            warn!(job_id = %r.job_id, step = r.step, uri = %r.uri, "checkpoint committed but not reported: the coordinator is away");
+        }
+        RunEvent::Metrics(_) | RunEvent::Note(_) => {}
     }
 }
 
