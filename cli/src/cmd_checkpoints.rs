@@ -150,10 +150,12 @@ fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
     let dir = StoreDir::open(t)?;
     let trimmed = t.trim_end_matches('/');
     let has_steps = !list_steps(&dir)?.is_empty();
-    if trimmed.ends_with("/ckpt") && !has_steps {
+    // a job's checkpoints directory with none yet (a job that has not checkpointed) lists empty;
+    // one that is not there is an error
+    if trimmed.ends_with("/ckpt") && !has_steps && missing_locally(t) {
         return Err(nothing_to_list(t, &dir));
     }
-    if has_steps {
+    if has_steps || trimmed.ends_with("/ckpt") {
         let job = trimmed.trim_end_matches("/ckpt").rsplit('/').next().unwrap_or_default().to_string();
         return Ok(vec![(job, dir)]);
     }
@@ -181,9 +183,7 @@ fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
 /// checkpoint rather than their directory, or something else.
 fn nothing_to_list(target: &str, dir: &StoreDir) -> anyhow::Error {
     let uri = dir.uri();
-    // Only a local path can be told missing cheaply; a store has no directories to look for.
-    let local = if has_scheme(target) { target.strip_prefix("file://") } else { Some(target) };
-    if local.is_some_and(|p| !std::path::Path::new(p).exists()) {
+    if missing_locally(target) {
         return anyhow!("{uri} does not exist: expected {EXPECTED}");
     }
     if dir.size(MANIFEST).ok().flatten().is_some() {
@@ -192,6 +192,13 @@ fn nothing_to_list(target: &str, dir: &StoreDir) -> anyhow::Error {
         }
     }
     anyhow!("no checkpoints under {uri}: expected {EXPECTED}")
+}
+
+/// Whether `target` is a local path (or file:// URI) that does not exist. Only a local path can
+/// be told missing cheaply; a store has no directories to look for.
+fn missing_locally(target: &str) -> bool {
+    let local = if has_scheme(target) { target.strip_prefix("file://") } else { Some(target) };
+    local.is_some_and(|p| !std::path::Path::new(p).exists())
 }
 
 const EXPECTED: &str =

@@ -79,10 +79,20 @@ fn check_resume_from(uri: &str) -> Result<()> {
                 eprintln!("note: --resume-from {uri}: {:.1} GB, not verified here; the workers verify it", bytes as f64 / 1e9);
                 return Ok(());
             }
-            smelt_checkpoint::read::verify(&dir).map(|_| ()).map_err(|e| {
-                let listing = smelt_checkpoint::layout::parent_uri(uri.trim()).map(|p| format!("; `smelt checkpoints list {p}` shows which verify")).unwrap_or_default();
-                anyhow::anyhow!("--resume-from {uri}: the checkpoint does not verify: {e}{listing}")
-            })
+            match smelt_checkpoint::read::verify(&dir) {
+                Ok(_) => Ok(()),
+                // the store failing to answer says nothing about the checkpoint
+                Err(e @ CheckpointError::Store(_)) => {
+                    eprintln!("warning: cannot verify --resume-from {uri} from here ({e}); the workers will");
+                    Ok(())
+                }
+                Err(e) => {
+                    let listing = smelt_checkpoint::layout::parent_uri(uri.trim())
+                        .map(|p| format!("; `smelt checkpoints list {p}` shows which verify"))
+                        .unwrap_or_default();
+                    anyhow::bail!("--resume-from {uri}: the checkpoint does not verify: {e}{listing}")
+                }
+            }
         }
         Err(CheckpointError::NotCommitted { .. }) => anyhow::bail!(
             "--resume-from {uri}: no MANIFEST.json there, so no committed checkpoint (a wrong path, or an upload that never \

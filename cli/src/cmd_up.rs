@@ -103,16 +103,54 @@ const WORKER_DRAIN: Duration = Duration::from_secs(90);
 /// step boundary, saves its job's rescue checkpoint and reports it), then the coordinator.
 struct Cluster {
     /// The coordinator first, then the workers.
-    children: Vec<(String, Child)>,
+    children: Vec<Member>,
 }
 
+/// One process of the cluster, and how to start it again.
+struct Member {
+    name: String,
+    args: Vec<String>,
+    child: Child,
+    started: Instant,
+    /// Exits in a row within [`SHORT_LIVED`] of a start.
+    quick_exits: u32,
+}
+
+/// A process that exits this soon after it started, [`CRASH_LOOP`] times in a row, is not
+/// started again: something about it is wrong (its log says what), not a passing failure.
+const SHORT_LIVED: Duration = Duration::from_secs(10);
+const CRASH_LOOP: u32 = 3;
+
 impl Cluster {
-    fn stop(children: &mut [(String, Child)], patience: Duration) {
-        for (_, c) in children.iter_mut() {
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+    /// Starts again each process that exited on its own (killed by the OOM killer, a crash): a
+    /// local cluster keeps its coordinator and workers up as a supervisor would, so its job goes
+    /// on (a worker lost is a restart from the last checkpoint; a coordinator restarted takes its
+    /// jobs back from the database). Fails on a process that keeps exiting soon after it starts.
+    fn keep_up(&mut self, spawn: &dyn Fn(&str, &[String]) -> Result<Child>, logs: &std::path::Path) -> Result<()> {
+        for m in self.children.iter_mut() {
+            let Ok(Some(status)) = m.child.try_wait() else { continue };
+            let log = logs.join(format!("{}.log", m.name));
+            m.quick_exits = if m.started.elapsed() < SHORT_LIVED { m.quick_exits + 1 } else { 0 };
+            if m.quick_exits >= CRASH_LOOP {
+                bail!("the {} exited ({status}) {CRASH_LOOP} times within {SHORT_LIVED:?} of starting; its log: {}", m.name, log.display());
+            }
+            tracing::warn!(process = %m.name, %status, log = %log.display(), "exited unexpectedly; starting it again");
+            let seen = listening_lines(&log);
+            m.child = spawn(&m.name, &m.args)?;
+            m.started = Instant::now();
+            if m.name == "coordinator" {
+                wait_until_listening(&mut m.child, &log, seen, Duration::from_secs(30))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn stop(children: &mut [Member], patience: Duration) {
+        for m in children.iter() {
+            unsafe { libc::kill(m.child.id() as i32, libc::SIGTERM) };
         }
         let deadline = Instant::now() + patience;
-        for (name, c) in children.iter_mut() {
+        for Member { name, child: c, .. } in children.iter_mut() {
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
                     break;
@@ -157,8 +195,9 @@ pub fn run(a: UpArgs) -> Result<()> {
     let logs = a.data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let url = format!("http://{}", a.listen);
+    // logs are appended to: a process started again keeps its earlier lines (why it exited)
     let spawn = |name: &str, args: &[String]| -> Result<Child> {
-        let log = std::fs::File::create(logs.join(format!("{name}.log")))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log")))?;
         let mut cmd = Command::new(&exe);
         if name == "coordinator" {
             // out of the terminal's process group: a Ctrl-C reaches the workers (they drain)
@@ -175,11 +214,14 @@ pub fn run(a: UpArgs) -> Result<()> {
     };
     let mut cluster = Cluster { children: Vec::new() };
     let db = a.data_dir.join("coordinator.db");
-    let coord = spawn("coordinator", &["coordinator".into(), "--listen".into(), a.listen.clone(), "--db".into(), db.display().to_string()])?;
-    cluster.children.push(("coordinator".into(), coord));
+    let coord_args = vec!["coordinator".into(), "--listen".into(), a.listen.clone(), "--db".into(), db.display().to_string()];
+    let coord_log = logs.join("coordinator.log");
+    let seen = listening_lines(&coord_log);
+    let coord = spawn("coordinator", &coord_args)?;
+    cluster.children.push(Member { name: "coordinator".into(), args: coord_args, child: coord, started: Instant::now(), quick_exits: 0 });
     // our coordinator's own word that it listens: another process already on the port (another
     // `smelt up`) must not be taken for it
-    wait_until_listening(&mut cluster.children[0].1, &logs.join("coordinator.log"), Duration::from_secs(30))?;
+    wait_until_listening(&mut cluster.children[0].child, &coord_log, seen, Duration::from_secs(30))?;
     // Share the cores: each worker's CPU backend (or a GPU worker's host-side work) gets
     // cores / workers threads.
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
@@ -188,9 +230,9 @@ pub fn run(a: UpArgs) -> Result<()> {
         let name = format!("worker-{i}");
         // One output directory for all: rank 0 of each job writes `jobs/<id>/model.safetensors`.
         let out = a.data_dir.clone();
-        let args = ["--threads", &threads, "worker", "--coordinator", &url, "--out-dir", &out.display().to_string(), "--device", dev];
-        let w = spawn(&name, &args.map(String::from))?;
-        cluster.children.push((name, w));
+        let args = ["--threads", &threads, "worker", "--coordinator", &url, "--out-dir", &out.display().to_string(), "--device", dev].map(String::from).to_vec();
+        let w = spawn(&name, &args)?;
+        cluster.children.push(Member { name, args, child: w, started: Instant::now(), quick_exits: 0 });
     }
     info!(coordinator = %url, workers = devices.len(), devices = %devices.join(","), data_dir = %a.data_dir.display(), "local cluster up; logs in {}", logs.display());
     info!("dashboard: {url}/ (workers, jobs, loss curves, checkpoints)");
@@ -199,15 +241,23 @@ pub fn run(a: UpArgs) -> Result<()> {
     match &a.submit {
         Some(spec) => {
             let mut submit = tokio::process::Command::new(&exe);
-            submit.args(["submit", &spec.display().to_string(), "--follow", "--coordinator", &url]);
-            // SIGTERM or SIGINT stops the whole cluster, not `smelt up` alone
+            submit.args(["submit", &spec.display().to_string(), "--follow", "--coordinator", &url]).kill_on_drop(true);
+            // SIGTERM or SIGINT stops the whole cluster, not `smelt up` alone; meanwhile a
+            // process of the cluster that exits is started again
             let status = rt.block_on(async {
                 let mut child = submit.spawn().context("running smelt submit")?;
-                tokio::select! {
-                    s = child.wait() => Ok::<_, anyhow::Error>(Some(s?)),
-                    _ = crate::signals::terminated() => {
-                        let _ = child.start_kill();
-                        Ok(None)
+                let term = crate::signals::terminated();
+                tokio::pin!(term);
+                let mut check = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        // (`Child::wait` is cancel-safe)
+                        s = child.wait() => return Ok::<_, anyhow::Error>(Some(s?)),
+                        _ = &mut term => {
+                            let _ = child.start_kill();
+                            return Ok(None);
+                        }
+                        _ = check.tick() => cluster.keep_up(&spawn, &logs)?,
                     }
                 }
             })?;
@@ -226,7 +276,17 @@ pub fn run(a: UpArgs) -> Result<()> {
             Ok(())
         }
         None => {
-            rt.block_on(crate::signals::terminated());
+            rt.block_on(async {
+                let term = crate::signals::terminated();
+                tokio::pin!(term);
+                let mut check = tokio::time::interval(Duration::from_secs(1));
+                loop {
+                    tokio::select! {
+                        _ = &mut term => return Ok::<_, anyhow::Error>(()),
+                        _ = check.tick() => cluster.keep_up(&spawn, &logs)?,
+                    }
+                }
+            })?;
             drop(cluster);
             Ok(())
         }
@@ -240,10 +300,15 @@ async fn newest_job(url: &str) -> Option<String> {
     jobs.into_iter().max_by_key(|j| j.created_at_ms).map(|j| j.id)
 }
 
-/// Waits for the coordinator `child` to log that it listens (its log file is its own); an
-/// error with the log's last lines if it exits first (its port taken, a bad database) or does
-/// not get there in `timeout`.
-fn wait_until_listening(child: &mut Child, log: &std::path::Path, timeout: Duration) -> Result<()> {
+/// How many times the coordinators logged in `log` said they listen (the log is appended to).
+fn listening_lines(log: &std::path::Path) -> usize {
+    std::fs::read_to_string(log).unwrap_or_default().matches("coordinator listening").count()
+}
+
+/// Waits for the coordinator `child` to log that it listens (its log file is its own, and held
+/// `seen` such lines before it started); an error with the log's last lines if it exits first
+/// (its port taken, a bad database) or does not get there in `timeout`.
+fn wait_until_listening(child: &mut Child, log: &std::path::Path, seen: usize, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     // the error it ended with (without a backtrace RUST_BACKTRACE may add), else its last lines
     let tail = || {
@@ -255,7 +320,7 @@ fn wait_until_listening(child: &mut Child, log: &std::path::Path, timeout: Durat
         }
     };
     loop {
-        if std::fs::read_to_string(log).unwrap_or_default().contains("coordinator listening") {
+        if listening_lines(log) > seen {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {

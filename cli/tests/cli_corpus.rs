@@ -79,6 +79,11 @@ fn prepare_resume_verify_and_bench() {
     let t = json_of(&smelt(&["bench", "tokenize", "--input", input.join("d00.txt").to_str().unwrap(), "--repeat", "1", "--no-peer", "--json"]));
     assert!(t["smelt"]["tokens"].as_u64().unwrap() > 100);
 
+    // one file is one document: a validation fraction of it rounds to none, which is said
+    let single = smelt(&["corpus", "prepare", "--input", input.join("d00.txt").to_str().unwrap(), "--out", dir.path().join("one").to_str().unwrap(), "--val-fraction", "0.1"]);
+    assert!(single.status.success(), "{}", text_of(&single));
+    assert!(text_of(&single).contains("the validation split rounds to no document: 1 document(s) in all"), "{}", text_of(&single));
+
     // bad input: a clear message naming the file and line, non-zero exit
     std::fs::write(dir.path().join("bad.jsonl"), "{\"text\": \"fine\"}\n{\"txt\": \"oops\"}\n").unwrap();
     let o = smelt(&["corpus", "prepare", "--input", dir.path().join("bad.jsonl").to_str().unwrap(), "--out", dir.path().join("o2").to_str().unwrap()]);

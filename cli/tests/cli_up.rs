@@ -102,3 +102,53 @@ fn sigterm_to_smelt_up_stops_its_whole_cluster() {
     let worker_log = std::fs::read_to_string(state.join("logs/worker-0.log")).unwrap();
     assert!(worker_log.contains("drained; exiting"), "{worker_log}");
 }
+
+/// A worker of `smelt up` that dies (SIGKILL: the OOM killer, a crash) is started again, so its
+/// job restarts from its last checkpoint and ends, rather than wait for a worker forever.
+#[test]
+fn smelt_up_starts_a_worker_that_died_again_and_its_job_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let state = dir.path().join("state");
+    let spec = spec(dir.path(), 300);
+    let text = std::fs::read_to_string(&spec).unwrap();
+    std::fs::write(&spec, format!("max_restarts = 2\n{text}")).unwrap();
+    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
+    let mut up = Proc(
+        smelt()
+            .args(["up", "--workers", "1", "--device", "cpu", "--listen", &addr, "--data-dir"])
+            .arg(&state)
+            .arg("--submit")
+            .arg(&spec)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let up_log = || std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ckpt = state.join("jobs/job-000001/ckpt");
+    while !std::fs::read_dir(&ckpt).map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists())).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "no checkpoint: {}", up_log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let workers: Vec<String> = processes_naming(&state.display().to_string()).into_iter().filter(|p| p.contains(" worker ")).collect();
+    assert_eq!(workers.len(), 1, "{workers:#?}");
+    let pid: i32 = workers[0].split(':').next().unwrap().parse().unwrap();
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let status = loop {
+        if let Some(s) = up.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "smelt up did not end: {}", up_log());
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let out = up_log();
+    assert!(status.success(), "{status:?}\n{out}");
+    assert!(out.contains("exited unexpectedly; starting it again") && out.contains("process=worker-0"), "{out}");
+    assert!(out.contains("job finished; final weights in"), "{out}");
+    assert!(processes_naming(&state.display().to_string()).is_empty());
+}

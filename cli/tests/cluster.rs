@@ -342,7 +342,8 @@ fn killed_worker_fails_the_job_without_restarts() {
 fn a_job_that_ended_while_the_coordinator_was_down_resumes_from_its_newest_checkpoint() {
     let mut c = Cluster::new();
     c.start_worker();
-    let steps = 300;
+    // long enough that the kill lands early in the run (its first checkpoints are at step 5)
+    let steps = 2000;
     let spec = format!("{}\n[checkpoint]\nevery = 5\nkeep_last = 2\n", c.spec("unheard", 1, 8, steps, 2));
     let job = c.submit(&spec).unwrap();
     let recorded = c.wait_job(&job.id, "a recorded checkpoint", LONG, |j| j.last_checkpoint_step >= 5).last_checkpoint_step;

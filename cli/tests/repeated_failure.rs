@@ -21,7 +21,7 @@ fn a_missing_text_fails_the_job_once_it_repeats_not_after_every_restart() {
     let failed = c.wait_job(&job.id, "failed", |j| j.state == JobState::Failed as i32);
     assert!(failed.error.contains("no-such-corpus.txt"), "{}", failed.error);
     assert!(
-        failed.error.contains("not restarted: attempt 1 failed the same way at step 0 and this one got no further, so it would repeat (3 restarts left unused)"),
+        failed.error.contains("not restarted: attempt 1 failed the same way at the same step (0), so it would repeat (3 restarts left unused)"),
         "{}",
         failed.error
     );

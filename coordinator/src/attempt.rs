@@ -8,6 +8,9 @@ use tracing::warn;
 
 use crate::state::{is_placed, FailedAttempt, State};
 
+/// How a worker's report of a run it was told to stop begins (`worker::runner::run_assignment`).
+const STOPPED_PREFIX: &str = "stopped: ";
+
 /// Why an attempt is ending, for the worker at fault.
 pub enum Fault<'a> {
     /// The worker's lease ended (it has already been marked lost).
@@ -92,18 +95,24 @@ impl State {
         // diverges at the same step: training resumes exactly) would spend every restart left on
         // the same error. The second time in a row, with no step gained, ends the job.
         let error = match &fault {
-            Fault::Failed { error, .. } => Some(error.clone()),
+            // a run stopped from outside (a drain, an abort) says the same words every time
+            Fault::Failed { error, .. } if !error.starts_with(STOPPED_PREFIX) => Some(error.clone()),
+            Fault::Failed { .. } => None,
             Fault::Lost { .. } => None, // a lost worker is the machine's fault, not the job's
         };
+        // the same words at the same step: a transient error (a store outage) that comes back
+        // elsewhere in the run, or before a resumed attempt has caught up, is restarted as ever
         let repeated = match (&job.last_failure, &error) {
-            (Some(before), Some(now)) if before.error == *now && reached <= before.reached => Some(before.clone()),
+            (Some(before), Some(now)) if before.error == *now && reached == before.reached && job.row.restarts < job.row.max_restarts => {
+                Some(before.clone())
+            }
             _ => None,
         };
         job.last_failure = error.map(|error| FailedAttempt { attempt, error, reached });
         if let Some(before) = repeated {
             let left = job.row.max_restarts.saturating_sub(job.row.restarts);
             job.row.error = format!(
-                "{cause}; not restarted: attempt {} failed the same way at step {} and this one got no further, so it would repeat ({left} restart{} left unused)",
+                "{cause}; not restarted: attempt {} failed the same way at the same step ({}), so it would repeat ({left} restart{} left unused)",
                 before.attempt,
                 before.reached,
                 if left == 1 { "" } else { "s" }

@@ -141,6 +141,7 @@ impl State {
             spec_toml: job.row.spec_toml.clone(),
             start_step: job.row.start_step,
             resume_from: job.row.resume_from.clone(),
+            job_created_at_ms: job.row.created_at_ms,
         };
         let class = job.row.device_class;
         for (rank, wid) in p.workers.iter().enumerate() {

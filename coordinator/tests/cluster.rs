@@ -358,11 +358,21 @@ async fn a_failure_that_repeats_is_not_restarted_again() {
     let j = wait_state(&mut jobs, &job.id, JobState::Failed).await;
     assert!(j.error.contains(error), "{}", j.error);
     assert!(
-        j.error.contains("not restarted: attempt 2 failed the same way at step 6 and this one got no further, so it would repeat (1 restart left unused)"),
+        j.error.contains("not restarted: attempt 2 failed the same way at the same step (6), so it would repeat (1 restart left unused)"),
         "{}",
         j.error
     );
     assert_eq!((j.attempt, j.restarts), (3, 2));
+
+    // a run stopped from outside (a drain) says the same words every time: never a repeat
+    let drained = submit(&mut jobs, &spec("drained", 1, 0, 3)).await;
+    for attempt in 1..=3 {
+        let a = w.assignment().await;
+        assert_eq!((a.job_id.as_str(), a.attempt), (drained.id.as_str(), attempt));
+        w.done(&a, false, "stopped: worker received SIGTERM (draining)", 0).await;
+    }
+    let a = w.assignment().await;
+    assert_eq!(a.attempt, 4, "three drains in a row restart the job each time");
     coord.stop().await;
 }
 

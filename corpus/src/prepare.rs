@@ -444,6 +444,17 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Prepare
         ValSplit::Fraction(f) => (f * total as f64).round() as u64,
         ValSplit::Docs(n) => n,
     };
+    if let ValSplit::Fraction(f) = opts.val {
+        if f > 0.0 && n_val == 0 {
+            // a job on this corpus would evaluate nothing, and `smelt eval` find no val split
+            tracing::warn!(
+                documents = total,
+                val_fraction = f,
+                "the validation split rounds to no document: {total} document(s) in all (a .txt file is one document \
+                 unless --txt-docs paragraph or line splits it)"
+            );
+        }
+    }
     if n_val > 0 && n_val >= total {
         return Err(CorpusError::Invalid(format!(
             "the validation split ({n_val} documents) would take every one of the {total} documents, leaving none to train on"

@@ -593,7 +593,13 @@ fn accept_checked(
                     if h[..MAGIC.len()] != MAGIC {
                         return Err("not a smelt ring peer (bad magic)".into());
                     }
-                    (&stream).read_exact(&mut h[MAGIC.len()..]).map_err(|e| format!("incomplete handshake: {e}"))?;
+                    // the version before the rest: another version's hello may be shorter
+                    (&stream).read_exact(&mut h[MAGIC.len()..MAGIC.len() + 4]).map_err(|e| format!("incomplete handshake: {e}"))?;
+                    let version = u32::from_le_bytes(h[MAGIC.len()..MAGIC.len() + 4].try_into().unwrap());
+                    if version != PROTOCOL_VERSION {
+                        return Err(format!("protocol version {version} (this rank speaks {PROTOCOL_VERSION}): a smelt of another version"));
+                    }
+                    (&stream).read_exact(&mut h[MAGIC.len() + 4..]).map_err(|e| format!("incomplete handshake: {e}"))?;
                     check_hello(&h, prev_rank, world, session)?;
                     (&stream).write_all(&hello(rank, world, session)).map_err(|e| format!("answering: {e}"))?;
                     Ok(stream)

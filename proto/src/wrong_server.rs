@@ -85,7 +85,13 @@ async fn probe(host: &str, port: u16, authority: &str) -> Option<Answer> {
             return None; // a smelt coordinator after all (its dashboard answered)
         }
         let line = answer.split(|&b| b == b'\r' || b == b'\n').next().unwrap_or_default();
-        return Some(Answer::Http1(String::from_utf8_lossy(line).into_owned()));
+        let line = String::from_utf8_lossy(line).into_owned();
+        // a 5xx is a proxy in front of a coordinator that is away (restarting), as likely as
+        // another server: nothing to conclude
+        if line.split_whitespace().nth(1).is_some_and(|code| code.starts_with('5')) {
+            return None;
+        }
+        return Some(Answer::Http1(line));
     }
     None
 }

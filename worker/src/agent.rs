@@ -130,7 +130,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         draining = true;
                         if let Some(r) = &running { r.control.stop("worker received SIGTERM"); }
                     }
-                    Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut undelivered, &cfg.logs),
+                    Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &cfg.logs),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -176,7 +176,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 warn!(error = %e.message(), "register refused; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut undelivered, &cfg.logs),
+                    _ = &mut shutdown, if !draining => {
+                        info!(busy = running.is_some(), "sigterm: draining");
+                        draining = true;
+                        if let Some(r) = &running { r.control.stop("worker received SIGTERM"); }
+                    }
+                    Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &cfg.logs),
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
@@ -220,20 +225,26 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             resent &= up_tx.send(msg(Up::Logs(b))).await.is_ok();
         }
         if let Some(done) = undelivered.take() {
-            if !resent || up_tx.send(msg(Up::Done(done.clone()))).await.is_err() {
+            // the run's lines logged while the coordinator was away go before its Done
+            if !resent || !send_logs(&cfg.logs, &up_tx, &msg).await || up_tx.send(msg(Up::Done(done.clone()))).await.is_err() {
                 undelivered = Some(done);
+            } else if draining {
+                // reported: the wait for the last lines' acknowledgement starts now
+                leave_by = None;
             }
         }
         let mut ticker = tokio::time::interval(interval);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
+                    // lines logged since the last tick go up before a draining worker decides
+                    // whether every line is acknowledged
+                    if !send_logs(&cfg.logs, &up_tx, &msg).await { break; }
                     if draining && running.is_none() && undelivered.is_none() {
                         let by = *leave_by.get_or_insert_with(|| tokio::time::Instant::now() + LAST_LOGS_WAIT);
                         if cfg.logs.unacked_count() == 0 || tokio::time::Instant::now() >= by { break; }
                     }
                     if up_tx.send(msg(status(&running, draining))).await.is_err() { break; }
-                    if !send_logs(&cfg.logs, &up_tx, &msg).await { break; }
                 }
                 m = down.next() => match m {
                     Some(Ok(CoordinatorMessage { body: Some(Down::Assign(a)) })) => {
@@ -321,12 +332,22 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
 }
 
 /// A run's event while no coordinator answers. Its end is kept to report once one does (the run
-/// is over: a draining worker may then leave); metrics and notes are let go (the next ones
-/// say more); a checkpoint goes unreported (it is committed in the store, where a restart of
-/// the job finds it: `checkpointing::load_resume`).
-fn while_unreachable(ev: RunEvent, running: &mut Option<Running>, undelivered: &mut Option<AssignmentDone>, logs: &LogCapture) {
+/// is over: a draining worker may then leave); an assignment queued behind it is let go (the
+/// coordinator, once back, learns this worker is idle and places that attempt anew); metrics
+/// and notes are let go (the next ones say more); a checkpoint goes unreported (it is committed
+/// in the store, where a restart of the job finds it: `checkpointing::load_resume`).
+fn while_unreachable(
+    ev: RunEvent,
+    running: &mut Option<Running>,
+    queued: &mut Option<Assignment>,
+    undelivered: &mut Option<AssignmentDone>,
+    logs: &LogCapture,
+) {
     match ev {
         RunEvent::Done(d) => {
+            if let Some(q) = queued.take() {
+                warn!(job_id = %q.job_id, attempt = q.attempt, "assignment queued behind the run let go: the coordinator is away");
+            }
             if d.ok {
                 info!(job_id = %d.job_id, attempt = d.attempt, "assignment finished (the coordinator is away: reported once it is back)");
             } else {

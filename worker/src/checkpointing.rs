@@ -61,9 +61,14 @@ pub fn load_resume(a: &Assignment, events: &dyn Fn(RunEvent)) -> Result<Option<C
     Ok(Some(ck))
 }
 
+/// How far a worker's clock may trail the coordinator's when a checkpoint's time is compared
+/// with the job's submission.
+const CLOCK_SKEW_MS: i64 = 10 * 60 * 1000;
+
 /// The newest committed checkpoint after the assigned one in its directory that this job wrote
-/// (its manifest names the job: a `--resume-from` of another job's checkpoint never moves on to
-/// that job's later ones). `None` when there is none, or the directory cannot be listed (the
+/// (its manifest names the job, and was written after the job was submitted: a `--resume-from`
+/// of another job's checkpoint never moves on to that job's later ones, nor does a job take a
+/// checkpoint of an earlier job of the same id, from another coordinator database). `None` when there is none, or the directory cannot be listed (the
 /// assigned one is then loaded as before, and says what is wrong).
 fn newer_own_checkpoint(a: &Assignment) -> Option<String> {
     let assigned = smelt_checkpoint::step_of_uri(&a.resume_from)?;
@@ -72,7 +77,8 @@ fn newer_own_checkpoint(a: &Assignment) -> Option<String> {
     committed.into_iter().rev().take_while(|(step, _)| *step > assigned).find_map(|(_, uri)| {
         let dir = StoreDir::open(&uri).ok()?;
         let m = smelt_checkpoint::read::read_manifest(&dir).ok()?;
-        (m.job_id == a.job_id).then_some(uri)
+        // (the worker's clock and the coordinator's may differ a little)
+        (m.job_id == a.job_id && m.created_at_ms + CLOCK_SKEW_MS >= a.job_created_at_ms).then_some(uri)
     })
 }
 
