@@ -55,14 +55,17 @@ fn certificate_refusal() -> Option<(String, String)> {
     if !url.starts_with("https://") {
         return None;
     }
+    probe_aside(smelt_proto::tls::refusal(&url)).map(|why| (url.clone(), why))
+}
+
+/// Runs a probe of the coordinator to its end on a thread and runtime of its own: `status`
+/// runs in any context, inside a runtime or not. `None` when the probe says nothing.
+fn probe_aside<T: Send>(probe: impl std::future::Future<Output = Option<T>> + Send) -> Option<T> {
     std::thread::scope(|s| {
-        s.spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(smelt_proto::tls::refusal(&url)).map(|why| (url.clone(), why))
-        })
-        .join()
-        .ok()
-        .flatten()
+        s.spawn(|| tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?.block_on(probe))
+            .join()
+            .ok()
+            .flatten()
     })
 }
 
@@ -73,15 +76,7 @@ fn wrong_server(e: &tonic::Status) -> Option<String> {
         return None;
     }
     let url = CONNECTED_TO.get()?.clone();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
-            rt.block_on(smelt_proto::wrong_server::wrong_server(&url, e))
-        })
-        .join()
-        .ok()
-        .flatten()
-    })
+    probe_aside(smelt_proto::wrong_server::wrong_server(&url, e))
 }
 
 /// A gRPC error as the user should read it: the status message says what to fix.

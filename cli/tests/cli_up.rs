@@ -4,7 +4,7 @@
 
 mod harness;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -31,6 +31,55 @@ fn processes_naming(needle: &str) -> Vec<String> {
         }
     }
     out
+}
+
+/// A `smelt up --submit` running, its output in `dir`/up.log.
+struct Up {
+    up: Proc,
+    /// Its coordinator's address.
+    addr: String,
+    /// Its `--data-dir`.
+    state: PathBuf,
+}
+
+/// Starts `smelt up` with one CPU worker on a free port, submitting `spec`, and waits until its
+/// job has committed a checkpoint.
+fn up_until_a_checkpoint(dir: &Path, spec: &Path) -> Up {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("127.0.0.1:{port}");
+    let state = dir.join("state");
+    let log = std::fs::File::create(dir.join("up.log")).unwrap();
+    let up = Proc(
+        smelt()
+            .args(["up", "--workers", "1", "--device", "cpu", "--listen", &addr, "--data-dir"])
+            .arg(&state)
+            .arg("--submit")
+            .arg(spec)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ckpt = state.join("jobs/job-000001/ckpt");
+    while !std::fs::read_dir(&ckpt).map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists())).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "no checkpoint: {}", std::fs::read_to_string(dir.join("up.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Up { up, addr, state }
+}
+
+/// `up`'s exit status, waiting at most `patience` (its log, in `dir`, says why it did not end).
+fn wait_exit(up: &mut Proc, patience: Duration, dir: &Path) -> std::process::ExitStatus {
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(s) = up.0.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "smelt up did not end: {}", std::fs::read_to_string(dir.join("up.log")).unwrap_or_default());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 #[test]
@@ -60,39 +109,10 @@ fn smelt_up_refuses_a_port_another_coordinator_holds() {
 #[test]
 fn sigterm_to_smelt_up_stops_its_whole_cluster() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let state = dir.path().join("state");
     let spec = spec(dir.path(), 1_000_000);
-    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let mut up = Proc(
-        smelt()
-            .args(["up", "--workers", "1", "--device", "cpu", "--listen", &addr, "--data-dir"])
-            .arg(&state)
-            .arg("--submit")
-            .arg(&spec)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    // training, with a checkpoint committed
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let ckpt = state.join("jobs/job-000001/ckpt");
-    while !std::fs::read_dir(&ckpt).map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists())).unwrap_or(false) {
-        assert!(Instant::now() < deadline, "no checkpoint: {}", std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let Up { mut up, addr, state } = up_until_a_checkpoint(dir.path(), &spec);
     unsafe { libc::kill(up.0.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(150);
-    let status = loop {
-        if let Some(s) = up.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "smelt up did not stop after SIGTERM");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let status = wait_exit(&mut up, Duration::from_secs(150), dir.path());
     let out = std::fs::read_to_string(dir.path().join("up.log")).unwrap();
     assert!(!status.success() && out.contains("interrupted: the cluster is stopped"), "{status:?}\n{out}");
     let left = processes_naming(&state.display().to_string());
@@ -108,45 +128,16 @@ fn sigterm_to_smelt_up_stops_its_whole_cluster() {
 #[test]
 fn smelt_up_starts_a_worker_that_died_again_and_its_job_ends() {
     let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("127.0.0.1:{port}");
-    let state = dir.path().join("state");
     let spec = spec(dir.path(), 300);
     let text = std::fs::read_to_string(&spec).unwrap();
     std::fs::write(&spec, format!("max_restarts = 2\n{text}")).unwrap();
-    let log = std::fs::File::create(dir.path().join("up.log")).unwrap();
-    let mut up = Proc(
-        smelt()
-            .args(["up", "--workers", "1", "--device", "cpu", "--listen", &addr, "--data-dir"])
-            .arg(&state)
-            .arg("--submit")
-            .arg(&spec)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
-    let up_log = || std::fs::read_to_string(dir.path().join("up.log")).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let ckpt = state.join("jobs/job-000001/ckpt");
-    while !std::fs::read_dir(&ckpt).map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists())).unwrap_or(false) {
-        assert!(Instant::now() < deadline, "no checkpoint: {}", up_log());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let Up { mut up, state, .. } = up_until_a_checkpoint(dir.path(), &spec);
     let workers: Vec<String> = processes_naming(&state.display().to_string()).into_iter().filter(|p| p.contains(" worker ")).collect();
     assert_eq!(workers.len(), 1, "{workers:#?}");
     let pid: i32 = workers[0].split(':').next().unwrap().parse().unwrap();
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let status = loop {
-        if let Some(s) = up.0.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "smelt up did not end: {}", up_log());
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let out = up_log();
+    let status = wait_exit(&mut up, Duration::from_secs(300), dir.path());
+    let out = std::fs::read_to_string(dir.path().join("up.log")).unwrap();
     assert!(status.success(), "{status:?}\n{out}");
     assert!(out.contains("exited unexpectedly; starting it again") && out.contains("process=worker-0"), "{out}");
     assert!(out.contains("job finished; final weights in"), "{out}");

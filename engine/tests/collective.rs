@@ -222,22 +222,17 @@ fn length_mismatch_is_an_error_on_every_rank() {
     );
 }
 
-#[test]
-fn stray_connections_are_rejected() {
-    let be = CpuBackend;
-    let (ls, addrs) = listeners(2);
-    // Before the ranks start, a stranger connects to rank 0's listener and speaks nonsense.
-    let mut stray = TcpStream::connect(&addrs[0]).unwrap();
-    stray.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+/// Ranks 0 and 1 join the ring of `session` on `ls` and average their rank: both get 0.5.
+fn two_ranks_average(ls: Vec<TcpListener>, addrs: &[String], session: u64) {
     let handles: Vec<_> = ls
         .into_iter()
         .enumerate()
         .map(|(rank, l)| {
-            let addrs = addrs.clone();
+            let addrs = addrs.to_vec();
             thread::spawn(move || {
-                let mut ring = TcpRing::connect(rank, &addrs, l, CONNECT_TIMEOUT).expect("connect");
+                let mut ring = TcpRing::join(rank, &addrs, l, CONNECT_TIMEOUT, Join { session, cancelled: &|| false }).expect("join");
                 let mut buf = vec![rank as f32; 5];
-                ring.all_reduce_mean(&be, &mut buf).unwrap();
+                ring.all_reduce_mean(&CpuBackend, &mut buf).unwrap();
                 buf
             })
         })
@@ -245,6 +240,15 @@ fn stray_connections_are_rejected() {
     for h in handles {
         assert_eq!(h.join().unwrap(), vec![0.5f32; 5]);
     }
+}
+
+#[test]
+fn stray_connections_are_rejected() {
+    let (ls, addrs) = listeners(2);
+    // Before the ranks start, a stranger connects to rank 0's listener and speaks nonsense.
+    let mut stray = TcpStream::connect(&addrs[0]).unwrap();
+    stray.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    two_ranks_average(ls, &addrs, 0);
     drop(stray);
 }
 
@@ -253,7 +257,6 @@ fn stray_connections_are_rejected() {
 /// the stale connection and takes its real peer. The stuck join ends when cancelled.
 #[test]
 fn a_connection_left_by_an_earlier_run_is_refused_and_a_cancelled_join_ends() {
-    let be = CpuBackend;
     let (ls, addrs) = listeners(2);
     let stale_listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let stale_addrs = vec![stale_listener.local_addr().unwrap().to_string(), addrs[1].clone()];
@@ -267,22 +270,7 @@ fn a_connection_left_by_an_earlier_run_is_refused_and_a_cancelled_join_ends() {
     };
     // (on loopback its hello is in rank 1's backlog long before this)
     thread::sleep(Duration::from_millis(300));
-    let handles: Vec<_> = ls
-        .into_iter()
-        .enumerate()
-        .map(|(rank, l)| {
-            let addrs = addrs.clone();
-            thread::spawn(move || {
-                let mut ring = TcpRing::join(rank, &addrs, l, CONNECT_TIMEOUT, Join { session: 2, cancelled: &|| false }).expect("join");
-                let mut buf = vec![rank as f32; 5];
-                ring.all_reduce_mean(&be, &mut buf).unwrap();
-                buf
-            })
-        })
-        .collect();
-    for h in handles {
-        assert_eq!(h.join().unwrap(), vec![0.5f32; 5]);
-    }
+    two_ranks_average(ls, &addrs, 2);
     cancel.store(true, Ordering::SeqCst);
     match stale.join().unwrap() {
         Err(CollectiveError::Aborted) => {}

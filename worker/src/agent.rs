@@ -86,6 +86,18 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     // across reconnects, which send the unacknowledged lines again)
     let mut leave_by: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
+    // Waits out the backoff while no coordinator answers: a SIGTERM starts the drain, and the
+    // run goes on meanwhile, its end kept to report once a coordinator answers.
+    macro_rules! wait_offline {
+        () => {
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = &mut shutdown, if !draining => draining = begin_drain(&running, "worker received SIGTERM"),
+                Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &cfg.logs),
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        };
+    }
 
     loop {
         // A draining worker whose last run's result cannot be reported (the coordinator is away)
@@ -122,17 +134,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             Ok(c) => c,
             Err(e) => {
                 warn!(coordinator = %cfg.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable");
-                // the run goes on meanwhile: its end is kept to report once a coordinator answers
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = &mut shutdown, if !draining => {
-                        info!(busy = running.is_some(), "sigterm: draining");
-                        draining = true;
-                        if let Some(r) = &running { r.control.stop("worker received SIGTERM"); }
-                    }
-                    Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &cfg.logs),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                wait_offline!();
                 continue;
             }
         };
@@ -174,16 +176,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     }
                 }
                 warn!(error = %e.message(), "register refused; retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = &mut shutdown, if !draining => {
-                        info!(busy = running.is_some(), "sigterm: draining");
-                        draining = true;
-                        if let Some(r) = &running { r.control.stop("worker received SIGTERM"); }
-                    }
-                    Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &cfg.logs),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
+                wait_offline!();
                 continue;
             }
         };
@@ -315,9 +308,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     None => unreachable!("the agent holds a sender"),
                 },
                 _ = &mut shutdown, if !draining => {
-                    info!(busy = running.is_some(), "sigterm: draining");
-                    draining = true;
-                    if let Some(r) = &running { r.control.stop("worker received SIGTERM (draining)"); }
+                    draining = begin_drain(&running, "worker received SIGTERM (draining)");
                     let _ = up_tx.send(msg(status(&running, draining))).await;
                 }
             }
@@ -329,6 +320,16 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             tokio::time::sleep(backoff).await;
         }
     }
+}
+
+/// A SIGTERM: the worker drains (takes no more work; a run in progress stops at its next step
+/// boundary, `reason` its report). Returns `true`, the new `draining`.
+fn begin_drain(running: &Option<Running>, reason: &str) -> bool {
+    info!(busy = running.is_some(), "sigterm: draining");
+    if let Some(r) = running {
+        r.control.stop(reason);
+    }
+    true
 }
 
 /// A run's event while no coordinator answers. Its end is kept to report once one does (the run
