@@ -106,6 +106,15 @@ impl ParamTable {
         self.specs[id].reserved_range()
     }
 
+    /// Sets every spare value of `host` (a flat buffer of this table) back to zero: for
+    /// buffers made by perturbing or drawing every value, which [`Self::check_buffer`] would
+    /// refuse.
+    pub fn zero_spare(&self, host: &mut [f32]) {
+        for s in self.specs.iter().filter(|s| s.spare > 0) {
+            host[s.range().end..s.reserved_range().end].fill(0.0);
+        }
+    }
+
     /// Why `host` cannot be a flat parameter buffer of this table, if it cannot: its length,
     /// or a nonzero spare value (they must stay zero: the LM head's padding).
     pub fn check_buffer(&self, host: &[f32]) -> Result<(), String> {

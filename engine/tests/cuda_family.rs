@@ -47,9 +47,12 @@ fn norm(x: &[f32]) -> f64 {
 }
 
 /// Parameters moved away from init (unit gains, zero biases) so that every path carries signal.
-fn perturb(params: Vec<f32>, seed: u64) -> Vec<f32> {
+/// The LM head's padding (spare values) stays zero.
+fn perturb(params: Vec<f32>, table: &ParamTable, seed: u64) -> Vec<f32> {
     let mut rng = Rng::new(seed ^ 0x5eed);
-    params.iter().map(|&x| x + 0.1 * rng.normal() as f32).collect()
+    let mut params: Vec<f32> = params.iter().map(|&x| x + 0.1 * rng.normal() as f32).collect();
+    table.zero_spare(&mut params);
+    params
 }
 
 /// One model run: each objective's loss and the flat gradient.
@@ -208,7 +211,7 @@ fn bert_vs_cpu(p: MatmulPrecision, task: BertTask, placement: LayerNormPlacement
 fn bert_cfg_vs_cpu(p: MatmulPrecision, task: BertTask, cfg: BertConfig, tol: f64) {
     let Some(g) = shared(p) else { return };
     let (placement, positions) = (cfg.ln_placement, cfg.positions);
-    let params = perturb(Bert::new(CpuBackend::new(), cfg.clone(), 7).unwrap().params_host(), 7);
+    let params = perturb(Bert::new(CpuBackend::new(), cfg.clone(), 7).unwrap().params_host(), &Bert::<CpuBackend>::param_table(&cfg), 7);
     let x = bert_batch(task, &cfg);
     let cpu = bert_run(CpuBackend::new(), &cfg, &params, &x);
     let gpu = bert_run(g, &cfg, &params, &x);
@@ -289,7 +292,7 @@ fn t5_vs_cpu(p: MatmulPrecision, placement: LayerNormPlacement, positions: Posit
 fn t5_cfg_vs_cpu(p: MatmulPrecision, cfg: T5Config, tol: f64) {
     let Some(g) = shared(p) else { return };
     let (placement, positions) = (cfg.ln_placement, cfg.positions);
-    let params = perturb(T5::new(CpuBackend::new(), cfg.clone(), 9).unwrap().params_host(), 9);
+    let params = perturb(T5::new(CpuBackend::new(), cfg.clone(), 9).unwrap().params_host(), &T5::<CpuBackend>::param_table(&cfg), 9);
     let x = t5_batch(&cfg);
     let cpu = t5_run(CpuBackend::new(), &cfg, &params, &x);
     let gpu = t5_run(g, &cfg, &params, &x);

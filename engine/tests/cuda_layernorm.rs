@@ -256,8 +256,10 @@ fn compare_forward(what: &str, gpu: &CudaBackend, out_bf16: bool, body: impl Fn(
             for (i, (&a, &b)) in g.iter().zip(&w).enumerate() {
                 if a != b {
                     differ += 1;
-                    // one bf16 ulp is at most |b| / 128
-                    assert!((a - b).abs() <= b.abs() / 128.0, "{what}/out[{i}]: {a} vs the CPU's {b} (bf16)");
+                    // one bf16 ulp is at most |b| / 128; near zero (run 16: 5.4e-5 against
+                    // 5.5e-5, where `(x - mean) * rstd * w + b` cancels) the f32 sums' own
+                    // rounding, ~1e-6 of the terms (of order 1 here), is the larger
+                    assert!((a - b).abs() <= b.abs() / 128.0 + 1e-5, "{what}/out[{i}]: {a} vs the CPU's {b} (bf16)");
                 }
             }
             println!("{what}/out: {differ} of {} bf16 values one ulp off the CPU's rounding", g.len());

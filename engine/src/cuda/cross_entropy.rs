@@ -147,6 +147,9 @@ fn fused_smem(be: &CudaBackend, f: &CudaFunction, bf16: bool) -> u32 {
     })
 }
 
+/// Bytes by which `cap_smem` steps its share down (the allocation granularity's multiple).
+const SMEM_STEP: usize = 1024;
+
 /// Dynamic shared memory, never touched by the kernel, that leaves room for at most `cap` of
 /// `f`'s blocks per SM (the comment above the fused-kernel names says why); 0 when no more than `cap` fit anyway.
 /// Sets the function's attributes for it: the whole carveout as shared memory (so that the
@@ -166,8 +169,14 @@ fn cap_smem(be: &CudaBackend, f: &CudaFunction, cap: u32) -> Result<u32, DriverE
     // any size up to the device's limit may be launched (and asked about below)
     f.set_attribute(MAX_DYNAMIC, be.ctx.attribute(OPT_IN)? - static_smem)?;
     // the most that lets `cap` blocks fit, more than cap + 1 blocks' share
-    let smem = f.occupancy_available_dynamic_smem_per_block(cap, THREADS)?;
-    let got = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)?;
+    let mut smem = f.occupancy_available_dynamic_smem_per_block(cap, THREADS)?;
+    let mut got = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)?;
+    // That figure leaves out the shared memory the system reserves per block (1 KiB on sm_90:
+    // run 16 got one block where two were asked for), so step down until `cap` fit.
+    while got < cap && smem >= SMEM_STEP {
+        smem -= SMEM_STEP;
+        got = f.occupancy_max_active_blocks_per_multiprocessor(THREADS, smem, None)?;
+    }
     if got != cap {
         let why = "the fused classifier's cap on blocks per SM did not take";
         tracing::warn!(blocks_per_sm = got, wanted = cap, smem, "{why}");

@@ -212,6 +212,8 @@ pub(crate) struct Lt {
     /// Whether a new shape times the heuristic's candidates and keeps the fastest
     /// (lt_autotune.rs); plain GEMMs then come through here too (matmul.rs).
     autotune: bool,
+    /// How many of the heuristic's algorithms autotuning times per shape.
+    candidates: usize,
 }
 
 // SAFETY: the cuBLASLt handle may be used from any thread (one call at a time is guaranteed by
@@ -228,9 +230,9 @@ impl Drop for Lt {
 }
 
 impl Lt {
-    /// A handle and workspace on `stream`'s device, autotuning new shapes or not, or a
-    /// description of why not.
-    pub(crate) fn new(stream: &std::sync::Arc<CudaStream>, autotune: bool) -> Result<Lt, String> {
+    /// A handle and workspace on `stream`'s device, autotuning new shapes (over `candidates`
+    /// algorithms each) or not, or a description of why not.
+    pub(crate) fn new(stream: &std::sync::Arc<CudaStream>, autotune: bool, candidates: usize) -> Result<Lt, String> {
         let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e:?}"))?;
         // SAFETY: the workspace is scratch cuBLASLt writes before reading.
         let workspace = match unsafe { stream.alloc::<u8>(WORKSPACE_BYTES) } {
@@ -241,7 +243,7 @@ impl Lt {
                 return Err(format!("allocating the cuBLASLt workspace: {e:?}"));
             }
         };
-        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()), autotune })
+        Ok(Lt { handle, workspace, plans: Mutex::new(HashMap::new()), autotune, candidates })
     }
 
     /// Turns autotuning of shapes not seen yet on or off (see lt_autotune.rs).
@@ -272,7 +274,7 @@ impl Lt {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(v) => {
                 // one heuristic query: its first algorithm, or (autotuning) the candidates
-                let n = if self.autotune { lt_autotune::CANDIDATES } else { 1 };
+                let n = if self.autotune { self.candidates } else { 1 };
                 let plan = self.plan(s, align, args.aux, n).map(|(mut plan, candidates)| {
                     if self.autotune {
                         // SAFETY: as this function's; the timed runs write only what the call

@@ -6,10 +6,13 @@
 //! GEMMs with a small output and K = B*T, split-K or not, are where it guesses). The timing
 //! costs a few milliseconds per shape, once per process.
 //!
-//! Off unless `SMELT_LT_AUTOTUNE=1` (or `CudaBackend::with_lt_autotune`) until measured on a
-//! card, and it trades away one property: which algorithm wins depends on timing, so two runs
-//! may pick differently for a shape and differ in the last bits of their sums (a resumed run is
-//! then not bitwise the uninterrupted one). With it on, the plain GEMMs of the backward pass
+//! On by default since run 16 measured it on an H200 (GPT-2 124M's step 34.9 -> 33.8 ms, bench/
+//! NOTES.md); `SMELT_LT_AUTOTUNE=0` (or `CudaBackend::with_lt_autotune(false)`) turns it off,
+//! `SMELT_LT_AUTOTUNE_CANDIDATES` sets how many algorithms are timed (8). It trades away one
+//! property: which algorithm wins depends on timing, so two processes may pick differently for
+//! a shape and differ in the last bits of their sums (a resumed run is then not bitwise the
+//! uninterrupted one; the ranks of one job still hold identical weights, since they apply the
+//! same averaged gradients). With it on, the plain GEMMs of the backward pass
 //! also go through cuBLASLt (`LtEpilogue::Plain`) so that they are tuned too.
 //!
 //! The timed runs must not change what the real call computes: a call that accumulates
@@ -25,8 +28,6 @@ use cudarc::cublaslt::sys::cublasLtMatmulAlgo_t as Algo;
 
 use super::lt::{Lt, LtArgs, LtShape, Plan};
 
-/// How many of the heuristic's algorithms are timed.
-pub(super) const CANDIDATES: usize = 8;
 /// Timed runs per candidate (after one untimed run).
 const REPS: usize = 3;
 

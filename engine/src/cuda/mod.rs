@@ -222,7 +222,7 @@ impl CudaBackend {
         let lt = if !tuning.cublaslt {
             None
         } else {
-            match lt::Lt::new(&stream, tuning.lt_autotune) {
+            match lt::Lt::new(&stream, tuning.lt_autotune, tuning.lt_autotune_candidates as usize) {
                 Ok(lt) => Some(lt),
                 Err(e) => {
                     tracing::warn!(device = ordinal, error = %e, "cublaslt unavailable, bias epilogues off");
@@ -311,7 +311,7 @@ impl CudaBackend {
     /// With `on`, each GEMM shape not seen yet times cuBLASLt's first few algorithms on its
     /// first call and keeps the fastest (lt_autotune.rs); the backward pass's plain GEMMs then
     /// run through cuBLASLt too. Which algorithm wins depends on timing, so runs are no longer
-    /// bitwise repeatable. The default is off unless `SMELT_LT_AUTOTUNE=1`; no effect where
+    /// bitwise repeatable. The default is on unless `SMELT_LT_AUTOTUNE=0`; no effect where
     /// cuBLASLt is off.
     pub fn with_lt_autotune(mut self, on: bool) -> Self {
         self.tuning.lt_autotune = on;
