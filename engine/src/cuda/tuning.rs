@@ -32,19 +32,19 @@ pub struct CudaTuning {
     /// times per shape, 2..=32 (8).
     pub lt_autotune_candidates: u32,
     /// `SMELT_GELU_EPILOGUE`: the MLP's up-projection + GELU and its backward as cuBLASLt
-    /// GELU_AUX_BIAS / DGELU_BGRAD epilogues (v9, unmeasured: off).
+    /// GELU_AUX_BIAS / DGELU_BGRAD epilogues (v9; run 16, H200: +1.8 ms per GPT-2 step: off).
     pub gelu_epilogue: bool,
     /// `SMELT_BGRAD_EPILOGUE`: bias gradients from the weight-gradient GEMM's epilogue instead
-    /// of a column-sum pass (v9, unmeasured: off).
+    /// of a column-sum pass (v9; run 18, H200: +0.5 ms: off).
     pub bgrad_epilogue: bool,
     /// `SMELT_FUSED_CLASSIFIER`: the classifier's forward and in-place backward of a row in one
-    /// block (v9's version unmeasured; v8's measured slower: off).
+    /// block (v9's version: no faster in runs 16 and 19, H200; v8's slower: off).
     pub fused_classifier: bool,
     /// `SMELT_CE_BLOCKS_PER_SM`: the fused classifier's blocks per SM, 1..=4, capped so the rows
     /// in flight stay in L2 (cross_entropy.rs).
     pub ce_blocks_per_sm: u32,
     /// `SMELT_ATTN_FUSED_BWD`: the bf16 attention backward in one pass over the tile pairs (5
-    /// products per pair instead of 7; v10, unmeasured: off). dq not bitwise repeatable.
+    /// products per pair instead of 7; v10; run 16, H200: no faster: off). dq not bitwise repeatable.
     pub fused_attention_backward: bool,
     /// `SMELT_ATTN_DQ_BULK`: the fused backward adds dq by TMA bulk reductions on sm_90 (else
     /// vector atomics). Compiled in (`-DSMELT_ATTN_DQ_BULK`).
@@ -62,8 +62,8 @@ pub struct CudaTuning {
     /// `SMELT_NCCL_NONBLOCKING`: the communicator is created non-blocking (`blocking = 0`) and
     /// polled, so a join whose peers never come can be aborted; NCCL calls that answer "in
     /// progress" are polled until enqueued (nccl.rs). Off: the blocking `ncclCommInitRank`,
-    /// whose thread an abort leaves behind. On (unmeasured, not yet run on a card: the world of
-    /// one tests run it first).
+    /// whose thread an abort leaves behind. On (run 16, H200: the world-of-one tests and a
+    /// cancelled join whose peer never came passed).
     pub nccl_nonblocking: bool,
 }
 
