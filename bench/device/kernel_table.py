@@ -10,8 +10,12 @@ usage: kernel_table.py A.csv [B.csv ...] [--peer PEER_KERNELS.txt]
   (--peer: A.csv's families beside the peer's, from bench/device/peer_kernels.py's output)
 """
 import csv
+import signal
 import sys
 from collections import OrderedDict
+
+# piped into `head` by the device scripts: end quietly when the reader has had enough
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
 
 
 def launches(path):
