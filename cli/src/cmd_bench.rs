@@ -101,6 +101,11 @@ pub struct StepArgs {
     /// goes; the step time itself is then slower than a real one.
     #[arg(long)]
     pub profile: bool,
+    /// Like --profile, but each op timed by marks on the GPU's timeline (CUDA events) instead of
+    /// syncs: the step runs as it does unprofiled, and the table adds the GPU's idle time between
+    /// ops (waiting for the host). On the CPU, the same as --profile.
+    #[arg(long, conflicts_with = "profile")]
+    pub timeline: bool,
     /// Matmul precision on CUDA: bf16 (tensor cores, fp32 accumulation), tf32 or f32.
     #[arg(long, default_value = "bf16")]
     pub matmul: String,
@@ -160,7 +165,7 @@ fn step(a: StepArgs) -> Result<()> {
     match a.backend.as_str() {
         "cpu" => {
             let be = CpuBackend::new();
-            let timed = if a.profile { time_profiled(be, &a)? } else { time_steps(be, &a)? };
+            let timed = if a.profile || a.timeline { time_profiled(be, &a)? } else { time_steps(be, &a)? };
             let peak = sgemm_gflops(&be);
             report(&a, &timed, json!({
                 "backend": "cpu",
@@ -202,7 +207,7 @@ fn step_cuda(a: &StepArgs) -> Result<()> {
     // tuning (the tuning itself happens in the warmup steps)
     let mut tuned_warm = smelt_engine::cuda::AutotuneStats::default();
     let mut tuned_end = tuned_warm;
-    let timed = if a.profile {
+    let timed = if a.profile || a.timeline {
         time_profiled(be, a)?
     } else {
         run_steps(be, a, |be| tuned_warm = be.lt_autotune_stats(), |be| {
@@ -261,16 +266,21 @@ impl Timed {
     }
 }
 
-/// `time_steps` through `Profiled`, printing the per-op table of the timed steps.
+/// `time_steps` through `Profiled` (synchronised, or on the device's timeline with
+/// `--timeline`), printing the per-op table of the timed steps.
 fn time_profiled<B: Backend>(be: B, a: &StepArgs) -> Result<Timed> {
     let mut table = Vec::new();
-    let timed = run_steps(Profiled::new(be), a, |be| be.reset(), |be| table = be.report())?;
+    let marks = a.timeline && be.timeline_mark().is_some();
+    let profiled = if a.timeline { Profiled::timeline(be) } else { Profiled::new(be) };
+    let timed = run_steps(profiled, a, |be| be.reset(), |be| table = be.report())?;
     let total: f64 = table.iter().map(|(_, t)| t.secs).sum();
-    eprintln!("{:>9} {:>6} {:>7}  op (per timed step; each op synchronised)", "ms/step", "calls", "share");
+    let how = if marks { "timed on the device's timeline, not synchronised" } else { "each op synchronised" };
+    eprintln!("{:>9} {:>6} {:>7}  op (per timed step; {how})", "ms/step", "calls", "share");
     for (op, t) in &table {
         eprintln!("{:>9.3} {:>6} {:>6.1}%  {op}", t.secs * 1e3 / a.steps as f64, t.calls / a.steps, 100.0 * t.secs / total);
     }
-    eprintln!("{:>9.3} {:>6} {:>6}  all ops", total * 1e3 / a.steps as f64, "", "");
+    let all = if marks { "all ops and the idle time between them" } else { "all ops" };
+    eprintln!("{:>9.3} {:>6} {:>6}  {all}", total * 1e3 / a.steps as f64, "", "");
     Ok(timed)
 }
 

@@ -86,6 +86,26 @@ fn gpt_stays_the_default_arch() {
     check_common(&j, "gpt", "tiny", 32.0);
 }
 
+/// `--profile` and `--timeline` print the per-op table on stderr (the CPU has no device
+/// timeline, so `--timeline` times each op as `--profile` does and says so), with the JSON
+/// report still on stdout; the two cannot be asked together.
+#[test]
+fn profiles_print_the_op_table() {
+    for flag in ["--profile", "--timeline"] {
+        let all = ["bench", "step", "--threads", "2", "--warmup", "1", "--steps", "2", "--json", "--preset", "tiny", "--batch", "2", "--seq", "16", flag];
+        let o = smelt(&all);
+        assert!(o.status.success(), "smelt {all:?}: {}", text_of(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("each op synchronised"), "{flag}: {err}");
+        assert!(err.contains("matmul_forward") && err.contains("all ops"), "{flag}: {err}");
+        let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("{e}: {}", text_of(&o)));
+        check_common(&j, "gpt", "tiny", 32.0);
+    }
+    let o = smelt(&["bench", "step", "--preset", "tiny", "--profile", "--timeline"]);
+    assert!(!o.status.success());
+    assert!(text_of(&o).contains("cannot be used with"), "{}", text_of(&o));
+}
+
 #[test]
 fn rotary_positions_are_timed_without_a_position_table() {
     let learned = step_json(&["--preset", "tiny", "--batch", "2", "--seq", "16"]);

@@ -85,6 +85,9 @@ pub enum QkvSource<V> {
     Split { q: V, kv: V },
 }
 
+/// A backend's mark on its device's timeline (`Backend::timeline_mark`), opaque to the rest.
+pub struct TimelineMark(pub Box<dyn std::any::Any + Send + Sync>);
+
 /// How an attention score between query `q` and key `k` (one head, width hd) is computed, with
 /// the parameters of the learned kinds (per head, stacked over heads).
 pub enum Scores<V> {
@@ -244,6 +247,18 @@ pub trait Backend: Send + Sync + 'static {
     /// here). The trainer calls it once per step before reading the loss.
     fn synchronize(&self) -> Result<(), crate::EngineError> {
         Ok(())
+    }
+
+    /// A mark on the device's timeline, recorded without waiting (CUDA: a timing event queued on
+    /// the stream), for profiles that must not serialise the device (`Profiled::timeline`);
+    /// None where ops run synchronously (the CPU), whose wall clock serves instead.
+    fn timeline_mark(&self) -> Option<TimelineMark> {
+        None
+    }
+    /// Seconds from mark `from` to mark `to` on the device's timeline (waits until the device has
+    /// reached both); None where marks are not this backend's or could not be read.
+    fn timeline_secs(&self, _from: &TimelineMark, _to: &TimelineMark) -> Option<f64> {
+        None
     }
 
     // ---- memory -------------------------------------------------------------------------

@@ -1,16 +1,23 @@
-//! `Profiled<B>`: any backend, with the wall time of every op recorded.
+//! `Profiled<B>`: any backend, with the time of every op recorded.
 //!
-//! Each op is bracketed by `synchronize`, so on an asynchronous device the time is the op's own
-//! (launch + run), not the launch alone. That serialises the device and removes any overlap, so
-//! a profiled step is slower than a real one: the table says where time goes, not how fast a
-//! step is. `smelt bench step --profile` prints it.
+//! By default ([`Profiled::new`]) each op is bracketed by `synchronize`, so on an asynchronous
+//! device the time is the op's own (launch + run), not the launch alone. That serialises the
+//! device and removes any overlap, so a profiled step is slower than a real one: the table says
+//! where time goes, not how fast a step is. `smelt bench step --profile` prints it.
+//!
+//! [`Profiled::timeline`] instead brackets each op with marks on the device's timeline
+//! (`Backend::timeline_mark`: CUDA events), so the device runs as it does unprofiled; each op's
+//! time is read from its two marks, and the time between one op's end and the next one's start
+//! is the device waiting for the host (launch overhead, host work, syncs), reported as its own
+//! row, [`IDLE`]. `smelt bench step --timeline` prints it. A backend without marks (the CPU,
+//! whose ops are synchronous) is timed as by `new`.
 
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores, TimelineMark};
 use crate::EngineError;
 
 /// Calls and total seconds of one op (keyed by op name and shape).
@@ -20,14 +27,75 @@ pub struct OpTime {
     pub secs: f64,
 }
 
+/// The timeline profile's row for the device's idle time between ops.
+pub const IDLE: &str = "(device idle between ops)";
+
+/// Marks read back in batches of at most this many ops (one sync each), so that a long profile
+/// does not hold unboundedly many events.
+const MAX_PENDING: usize = 4096;
+
+/// Timeline marks of ops not read back yet, in launch order, and the end mark of the op before
+/// the first of them (so the gap before it is counted too).
+pub(crate) struct MarkLog<M> {
+    pending: Vec<(String, M, M)>,
+    last_end: Option<M>,
+}
+
+impl<M> MarkLog<M> {
+    pub(crate) fn new() -> Self {
+        MarkLog { pending: Vec::new(), last_end: None }
+    }
+
+    pub(crate) fn push(&mut self, key: String, start: M, end: M) {
+        self.pending.push((key, start, end));
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Forgets every mark: after warm-up, or after a sync of our own, whose wait is not the
+    /// workload's (the next op's gap is then not counted).
+    pub(crate) fn forget(&mut self) {
+        self.pending.clear();
+        self.last_end = None;
+    }
+
+    /// Reads the pending marks with `secs` (device seconds from one mark to another; None: not
+    /// readable, the op or gap is left out): each op's own time into `times` under its key, the
+    /// gaps between ops into `times[IDLE]` (its calls: the gaps counted).
+    pub(crate) fn drain(&mut self, secs: impl Fn(&M, &M) -> Option<f64>, times: &mut HashMap<String, OpTime>) {
+        for (key, start, end) in self.pending.drain(..) {
+            if let Some(gap) = self.last_end.as_ref().and_then(|prev| secs(prev, &start)) {
+                let e = times.entry(IDLE.to_string()).or_default();
+                e.calls += 1;
+                e.secs += gap.max(0.0);
+            }
+            if let Some(t) = secs(&start, &end) {
+                let e = times.entry(key).or_default();
+                e.calls += 1;
+                e.secs += t.max(0.0);
+            }
+            self.last_end = Some(end);
+        }
+    }
+}
+
 pub struct Profiled<B: Backend> {
     inner: B,
     times: Mutex<HashMap<String, OpTime>>,
+    /// Some for a timeline profile: the marks not read back yet.
+    marks: Option<Mutex<MarkLog<TimelineMark>>>,
 }
 
 impl<B: Backend> Profiled<B> {
+    /// Each op bracketed by device syncs (see the module's comment).
     pub fn new(inner: B) -> Self {
-        Profiled { inner, times: Mutex::new(HashMap::new()) }
+        Profiled { inner, times: Mutex::new(HashMap::new()), marks: None }
+    }
+    /// Each op bracketed by marks on the device's timeline, no syncs (see the module's comment).
+    pub fn timeline(inner: B) -> Self {
+        Profiled { inner, times: Mutex::new(HashMap::new()), marks: Some(Mutex::new(MarkLog::new())) }
     }
     pub fn inner(&self) -> &B {
         &self.inner
@@ -35,15 +103,46 @@ impl<B: Backend> Profiled<B> {
     /// Forgets what was recorded (after warm-up steps).
     pub fn reset(&self) {
         self.times.lock().unwrap().clear();
+        if let Some(m) = &self.marks {
+            m.lock().unwrap().forget();
+        }
     }
-    /// (op, calls, seconds), most expensive first.
+    /// (op, calls, seconds), most expensive first. A timeline profile first waits for the device
+    /// and reads its marks.
     pub fn report(&self) -> Vec<(String, OpTime)> {
+        self.read_marks();
         let mut rows: Vec<_> = self.times.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
         rows.sort_by(|a, b| b.1.secs.total_cmp(&a.1.secs));
         rows
     }
 
+    /// Waits for the device and moves the pending marks' times into the table.
+    fn read_marks(&self) {
+        let Some(marks) = &self.marks else { return };
+        let _ = self.inner.synchronize();
+        let mut marks = marks.lock().unwrap();
+        marks.drain(|a, b| self.inner.timeline_secs(a, b), &mut self.times.lock().unwrap());
+    }
+
     fn timed<R>(&self, key: impl FnOnce() -> String, f: impl FnOnce() -> R) -> R {
+        if let Some(marks) = &self.marks {
+            if let Some(start) = self.inner.timeline_mark() {
+                let r = f();
+                if let Some(end) = self.inner.timeline_mark() {
+                    let full = {
+                        let mut m = marks.lock().unwrap();
+                        m.push(key(), start, end);
+                        m.len() >= MAX_PENDING
+                    };
+                    if full {
+                        self.read_marks();
+                        // the wait just now was ours, not the workload's
+                        marks.lock().unwrap().forget();
+                    }
+                }
+                return r;
+            }
+        }
         // A failed sync leaves its error recorded in the inner backend for the trainer's own
         // `synchronize` to report; here only the time matters.
         let _ = self.inner.synchronize();
@@ -442,5 +541,59 @@ mod tests {
         let gelu = report.iter().find(|(k, _)| k == "gelu_forward").expect("gelu recorded");
         assert_eq!(gelu.1.calls, 2);
         assert!(report.iter().any(|(k, t)| k == "upload" && t.calls == 1));
+    }
+
+    /// Marks as device timestamps in microseconds: each op's time is its end minus its start,
+    /// each gap the next start minus the previous end, across drains too; a forgotten log
+    /// counts no gap before its next op.
+    #[test]
+    fn mark_log_splits_op_time_from_idle_time() {
+        let secs = |a: &u64, b: &u64| Some((*b as f64 - *a as f64) * 1e-6);
+        let mut log = MarkLog::new();
+        let mut times = HashMap::new();
+        log.push("matmul".into(), 0u64, 100);
+        log.push("gelu".into(), 100, 130); // no gap
+        log.push("matmul".into(), 150, 260); // 20 us idle before
+        log.drain(secs, &mut times);
+        log.push("adamw".into(), 300, 340); // 40 us idle before, counted across the drain
+        log.drain(secs, &mut times);
+        log.forget();
+        log.push("gelu".into(), 1000, 1010); // after a forget: no gap counted
+        log.drain(secs, &mut times);
+        let us = |k: &str| (times[k].secs * 1e6).round() as u64;
+        assert_eq!((us("matmul"), times["matmul"].calls), (210, 2));
+        assert_eq!((us("gelu"), times["gelu"].calls), (40, 2));
+        assert_eq!(us("adamw"), 40);
+        assert_eq!((us(IDLE), times[IDLE].calls), (60, 3));
+        assert_eq!(log.len(), 0);
+    }
+
+    /// Unreadable marks leave their op or gap out instead of counting a wrong time.
+    #[test]
+    fn mark_log_leaves_out_what_it_cannot_read() {
+        let secs = |a: &u64, b: &u64| if *a == 7 || *b == 7 { None } else { Some((*b - *a) as f64) };
+        let mut log = MarkLog::new();
+        let mut times = HashMap::new();
+        log.push("a".into(), 0u64, 2);
+        log.push("b".into(), 7, 9); // start unreadable: no gap, no time
+        log.push("c".into(), 10, 15);
+        log.drain(secs, &mut times);
+        assert!(!times.contains_key("b"));
+        assert_eq!(times["a"].secs, 2.0);
+        assert_eq!(times["c"].secs, 5.0);
+        assert_eq!(times[IDLE].secs, 1.0); // 9 -> 10 only
+    }
+
+    /// On a backend without timeline marks (the CPU), a timeline profile times ops as the
+    /// synchronised one does, and reports no idle row.
+    #[test]
+    fn a_timeline_profile_without_marks_times_each_op() {
+        let prof = Profiled::timeline(CpuBackend::new());
+        let inp = prof.upload(&[0.5; 16]);
+        let mut out = prof.zeros(16);
+        prof.gelu_forward(prof.view_mut(&mut out, 0..16), prof.view(&inp, 0..16));
+        let report = prof.report();
+        assert!(report.iter().any(|(k, t)| k == "gelu_forward" && t.calls == 1));
+        assert!(report.iter().all(|(k, _)| k != IDLE));
     }
 }

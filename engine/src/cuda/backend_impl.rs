@@ -7,7 +7,7 @@ use std::ops::Range;
 use super::{adamw, attention, cross_entropy, dropout, elementwise, embedding, layernorm, learned_scores, matmul, memory, peak, rope};
 use super::{CudaBackend, CudaBuf, CudaIds, CudaView, CudaViewMut};
 use crate::error::EngineError;
-use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores};
+use crate::backend::{AdamWStep, AttnShape, Backend, DecayRuns, Dropout, MatmulShape, OptionalOp, QkvSource, Scores, TimelineMark};
 
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
@@ -21,6 +21,20 @@ impl Backend for CudaBackend {
 
     fn peak_flops(&self) -> Option<f64> {
         peak::dense_bf16_tflops(&self.device_name).map(|t| t * 1e12)
+    }
+    fn timeline_mark(&self) -> Option<TimelineMark> {
+        use cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        match self.stream.record_event(Some(CU_EVENT_DEFAULT)) {
+            Ok(event) => Some(TimelineMark(Box::new(event))),
+            Err(e) => {
+                self.fail("timeline event", format!("{e:?}"));
+                None
+            }
+        }
+    }
+    fn timeline_secs(&self, from: &TimelineMark, to: &TimelineMark) -> Option<f64> {
+        let (from, to) = (from.0.downcast_ref::<cudarc::driver::CudaEvent>()?, to.0.downcast_ref::<cudarc::driver::CudaEvent>()?);
+        from.elapsed_ms(to).ok().map(|ms| f64::from(ms) / 1e3)
     }
     fn synchronize(&self) -> Result<(), EngineError> {
         self.check(self.stream.synchronize(), "stream synchronize");
