@@ -39,8 +39,9 @@ fn cpu_rope(qkv: &[f32], table: &[f32], s: RopeShape, inverse: bool) -> Vec<f32>
 }
 
 /// (rows, seq_len, channels, heads, t_max): positions wrap (rows > seq_len), a head width of 2
-/// (one pair), a table longer than the sequences, more threads than one block.
-const ROPE_SHAPES: [(usize, usize, usize, usize, usize); 3] = [(7, 3, 24, 3, 5), (5, 5, 4, 2, 5), (9, 4, 96, 2, 6)];
+/// (one pair), a table longer than the sequences, more rows than blocks, and a row of more
+/// pairs than a block has threads (600 > 256, odd pairs per head).
+const ROPE_SHAPES: [(usize, usize, usize, usize, usize); 4] = [(7, 3, 24, 3, 5), (5, 5, 4, 2, 5), (9, 4, 96, 2, 6), (5, 2, 600, 4, 3)];
 
 #[test]
 fn rope_f32_is_bitwise_the_cpu_op() {

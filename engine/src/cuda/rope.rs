@@ -1,8 +1,7 @@
 //! Rotary position embedding on the GPU (kernels/rope.cu): f32 or bf16 q|k|v rows, in place.
 
-use cudarc::driver::PushKernelArg;
+use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::memory::elementwise_cfg;
 use super::{CudaBackend, CudaView, CudaViewMut};
 use crate::backend::RopeShape;
 
@@ -14,8 +13,7 @@ pub(crate) fn rope(be: &CudaBackend, qkv: CudaViewMut<'_>, table: CudaView<'_>, 
     assert!(!table.is_bf16(), "rope: the table is f32");
     let t_max = table.len / (2 * half);
     assert!(table.len == 2 * half * t_max && s.seq_len <= t_max, "rope: a table of {t_max} positions for sequences of {}", s.seq_len);
-    let n = s.rows * c; // one thread per (row, q|k, head, pair)
-    if n == 0 {
+    if s.rows == 0 || c == 0 {
         return;
     }
     let (name, data) = if qkv.is_bf16() { ("rope_bf16", qkv.addr()) } else { ("rope_f32", qkv.ptr()) };
@@ -25,6 +23,9 @@ pub(crate) fn rope(be: &CudaBackend, qkv: CudaViewMut<'_>, table: CudaView<'_>, 
     let mut b = be.stream().launch_builder(&f);
     b.arg(&data).arg(&table_ptr).arg(&rows).arg(&t).arg(&c32).arg(&h32).arg(&tmax).arg(&inv);
     // SAFETY: rope.cu's kernels take (qkv, table, u64 rows, u32 t, u32 c, u32 n_head, u32 t_max,
-    // int inverse) and touch qkv[0..rows*3C) and table[0..2*t_max*hd/2), checked above.
-    be.check(unsafe { b.launch(elementwise_cfg(be, n)) }.map(|_| ()), name);
+    // int inverse) and touch qkv[0..rows*3C) and table[0..2*t_max*hd/2), checked above; any
+    // grid is correct (rows block-stride, a row's pairs thread-stride): a block per row, capped.
+    let blocks = s.rows.min(32 * be.sm_count() as usize) as u32;
+    let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    be.check(unsafe { b.launch(cfg) }.map(|_| ()), name);
 }
