@@ -150,7 +150,9 @@ fn gelu_bf16_kernels_are_the_cpu_op_rounded_once_on_both_paths() {
     be.gelu_backward_set(all_mut(&be, &mut dx), all(&be, &upload(&be, &xw)), all(&be, &upload(&be, &dyw)));
     let want_bwd = bf16_of(&host(&be, &dx));
 
-    let fwd_shifts: [&[usize]; 3] = [&[0, 0], &[1, 0], &[0, 1]];
+    // shifts of 1 (2 bytes) and 4 (8 bytes: aligned for 4-wide words, not for 8-wide) take the
+    // scalar path
+    let fwd_shifts: [&[usize]; 5] = [&[0, 0], &[1, 0], &[0, 1], &[4, 0], &[0, 4]];
     let mut first: Option<Vec<u16>> = None;
     for shifts in fwd_shifts {
         let Some(out) = run_kernel(
@@ -166,7 +168,7 @@ fn gelu_bf16_kernels_are_the_cpu_op_rounded_once_on_both_paths() {
         let first = first.get_or_insert_with(|| got.clone());
         assert_eq!(&got, first, "gelu_forward_bf16 shifts {shifts:?}: the scalar path differs from the vector path");
     }
-    let bwd_shifts: [&[usize]; 4] = [&[0, 0, 0], &[1, 0, 0], &[0, 1, 0], &[0, 0, 1]];
+    let bwd_shifts: [&[usize]; 6] = [&[0, 0, 0], &[1, 0, 0], &[0, 1, 0], &[0, 0, 1], &[4, 0, 0], &[0, 0, 4]];
     let mut first: Option<Vec<u16>> = None;
     for shifts in bwd_shifts {
         let out = run_kernel(
