@@ -50,7 +50,7 @@ pub struct PrepareArgs {
     #[arg(long, default_value_t = 100_000_000)]
     pub shard_tokens: u64,
     /// Fraction of the documents that go to the validation split.
-    #[arg(long, conflicts_with = "val_docs")]
+    #[arg(long, conflicts_with = "val_docs", allow_negative_numbers = true)]
     pub val_fraction: Option<f64>,
     /// Number of documents that go to the validation split.
     #[arg(long)]
@@ -156,31 +156,38 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
         );
     } else if let Some(m) = m {
         println!(
-            "{}: {} train tokens in {} shards ({} documents), {} validation tokens in {} shards ({} documents); \
-             tokenizer {} (vocabulary {}, end-of-text {}), {}; {} shards written, {} kept; {:.1} MB of text in {:.1} s",
+            "{}: {} train tokens in {} ({}), {} validation tokens in {} ({}); \
+             tokenizer {} (vocabulary {}, end-of-text {}), {}; {} written, {} kept; {:.1} MB of text in {:.1} s",
             report.uri,
             m.train.tokens,
-            m.train.shards.len(),
-            m.train.documents,
+            counted(m.train.shards.len() as u64, "shard"),
+            counted(m.train.documents, "document"),
             m.val.tokens,
-            m.val.shards.len(),
-            m.val.documents,
+            counted(m.val.shards.len() as u64, "shard"),
+            counted(m.val.documents, "document"),
             m.tokenizer.kind(),
             m.vocab_size,
             m.eot_token,
             m.dtype.name(),
-            report.shards_written,
+            counted(report.shards_written, "shard"),
             report.shards_kept,
             report.tokenized_bytes as f64 / 1e6,
             report.seconds
         );
     } else {
         println!(
-            "{}: stopped after {} new shards ({} kept); rerun the same command to continue",
-            report.uri, report.shards_written, report.shards_kept
+            "{}: stopped after {} ({} kept); rerun the same command to continue",
+            report.uri,
+            counted(report.shards_written, "new shard"),
+            report.shards_kept
         );
     }
     Ok(())
+}
+
+/// `n` and `noun`, plural unless one: "1 shard", "3 shards".
+fn counted(n: u64, noun: &str) -> String {
+    format!("{n} {noun}{}", if n == 1 { "" } else { "s" })
 }
 
 fn run_verify(a: VerifyArgs) -> Result<()> {

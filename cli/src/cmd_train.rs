@@ -95,7 +95,7 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1.0)]
     pub grad_clip: f32,
     /// Share of the text held out for validation (its end).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub val_fraction: f64,
     #[arg(long, default_value_t = 100)]
     pub eval_interval: u64,

@@ -165,13 +165,23 @@ fn settings_diff(old: &PrepareSettings, new: &PrepareSettings) -> String {
         d.push(format!("shard tokens {} vs {}", old.shard_tokens, new.shard_tokens));
     }
     if old.text_field != new.text_field {
-        d.push(format!("text field {:?} vs {:?}", old.text_field, new.text_field));
+        d.push(format!("--text-field {:?} vs {:?}", old.text_field, new.text_field));
     }
     if old.txt_docs != new.txt_docs {
-        d.push(format!("txt documents {:?} vs {:?}", old.txt_docs, new.txt_docs));
+        let name = |t: TxtDocs| match t {
+            TxtDocs::File => "file",
+            TxtDocs::Paragraph => "paragraph",
+            TxtDocs::Line => "line",
+        };
+        d.push(format!("--txt-docs {} vs {}", name(old.txt_docs), name(new.txt_docs)));
     }
     if old.val != new.val {
-        d.push(format!("validation split {:?} vs {:?}", old.val, new.val));
+        let name = |v: ValSplit| match v {
+            ValSplit::None => "no validation split".to_string(),
+            ValSplit::Fraction(f) => format!("--val-fraction {f}"),
+            ValSplit::Docs(n) => format!("--val-docs {n}"),
+        };
+        d.push(format!("{} vs {}", name(old.val), name(new.val)));
     }
     if old.sources != new.sources {
         d.push("the input files (names or sizes)".to_string());
@@ -395,6 +405,32 @@ fn shard_intact(
     Ok(head[..] == want.to_bytes()[..])
 }
 
+/// What no longer matches the manifest of a finished corpus, one line per shard: a missing
+/// shard or one of another size (one listing), and with `verify` a sha256 that differs (every
+/// shard read, its bytes added to `read`). Empty when every shard is as the manifest says.
+fn finished_shards_changed(out: &StoreDir, m: &Manifest, verify: bool, progress: &dyn Progress, read: &mut u64) -> Result<Vec<String>, CorpusError> {
+    let shards: Vec<_> = m.train.shards.iter().chain(&m.val.shards).collect();
+    progress.phase(if verify { "verify" } else { "check" }, if verify { shards.iter().map(|s| s.bytes).sum() } else { 0 });
+    let listed: std::collections::HashMap<String, ObjectInfo> = out.list_info("")?.into_iter().collect();
+    let mut bad = Vec::new();
+    for s in shards {
+        match listed.get(&s.name) {
+            None => bad.push(format!("{}: missing", s.name)),
+            Some(o) if o.size != s.bytes => bad.push(format!("{}: {} bytes, the manifest says {}", s.name, o.size, s.bytes)),
+            Some(_) if verify => {
+                let data = out.get(&s.name)?;
+                *read += data.len() as u64;
+                if crate::format::sha256_hex(&data) != s.sha256 {
+                    bad.push(format!("{}: its sha256 does not match the manifest's", s.name));
+                }
+                progress.advance(s.bytes);
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(bad)
+}
+
 /// Prepares a corpus (see the module docs).
 pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<PrepareReport, CorpusError> {
     let started = Instant::now();
@@ -491,6 +527,17 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Prepare
     // A finished corpus here already?
     if let Some(m) = load_json::<Manifest>(&out, MANIFEST)? {
         if m.settings == settings {
+            let bad = finished_shards_changed(&out, &m, opts.verify_resumed, progress, &mut report.resume_bytes_read)?;
+            if !bad.is_empty() {
+                let shards = m.train.shards.len() + m.val.shards.len();
+                return Err(CorpusError::Invalid(format!(
+                    "{uri} already holds a finished corpus, but {} of its {shards} shards no longer match its manifest:\n  {}\n\
+                     remove {uri} and prepare again (a finished corpus keeps no progress to resume from)",
+                    bad.len(),
+                    bad.join("\n  "),
+                    uri = out.uri(),
+                )));
+            }
             report.complete = true;
             report.shards_kept = (m.train.shards.len() + m.val.shards.len()) as u64;
             report.manifest = Some(m);

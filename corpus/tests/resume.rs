@@ -188,3 +188,41 @@ fn resume_checks_size_and_etag_without_reading_shards() {
     assert_eq!((r.shards_kept, r.resume_bytes_read), (4, 4 * 32));
     drop(out);
 }
+
+/// A rerun of a finished corpus checks its shards against the manifest: one cut short or gone
+/// (by the listing's sizes), or with `verify_resumed` one whose bytes changed (sha256), is
+/// named, and the rerun fails instead of reporting the corpus as kept; then another setting is
+/// named by its option.
+#[test]
+fn a_finished_corpus_whose_shards_changed_is_not_reported_as_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    txt_dir(&dir.path().join("in"), &documents());
+    let out = dir.path().join("out");
+    let mut o = opts(vec![s(&dir.path().join("in"))], "gpt2", &s(&out), 40);
+    o.val = ValSplit::Docs(2);
+    let m = run(&o).manifest.unwrap();
+    let (first, second) = (&m.train.shards[0], &m.train.shards[1]);
+
+    // a byte flipped in place: the size is unchanged, so only a verifying rerun sees it
+    let path = out.join(&first.name);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    assert!(run(&o).complete, "the listing's sizes still match");
+    o.verify_resumed = true;
+    let e = prepare(&o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains(&format!("{}: its sha256 does not match", first.name)) && e.contains("1 of"), "{e}");
+
+    // cut short, and removed: both named without reading a shard
+    o.verify_resumed = false;
+    std::fs::write(&path, &bytes[..100]).unwrap();
+    std::fs::remove_file(out.join(&second.name)).unwrap();
+    let e = prepare(&o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains(&format!("{}: 100 bytes, the manifest says {}", first.name, first.bytes)), "{e}");
+    assert!(e.contains(&format!("{}: missing", second.name)) && e.contains("2 of") && e.contains("prepare again"), "{e}");
+
+    o.val = ValSplit::Fraction(0.5);
+    let e = prepare(&o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("--val-docs 2 vs --val-fraction 0.5"), "{e}");
+}
