@@ -141,5 +141,5 @@ fn from_job(job: &str, jobs: &JobLocations) -> Result<ModelSource> {
     if let Some(f) = final_file {
         why += &format!("; no final weights of job {job} at {f}");
     }
-    Err(no_model(job, format!("job {job}: {why}")))
+    Err(no_model(job, why))
 }

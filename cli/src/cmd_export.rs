@@ -15,7 +15,8 @@
 //! `<model>` is a checkpoint (`<store>/jobs/<job>/ckpt/<step>/`, verified against its manifest
 //! before anything is exported), a `model.safetensors` or a directory holding one, as a local
 //! path or an object-store URI; or a job id: that job's newest checkpoint that verifies under
-//! `--store`, else its final weights there (`smelt_checkpoint::resolve_model`).
+//! `--store`, else its final weights there (`smelt_checkpoint::resolve_model`), else the
+//! checkpoint the coordinator recorded (job_model.rs).
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -26,7 +27,7 @@ use clap::{Args, Subcommand};
 use smelt_engine::model::heads::ClassificationHead;
 use smelt_engine::model::{Gpt, GptPositions, LayerNormPlacement};
 use smelt_engine::{weights, CpuBackend};
-use smelt_checkpoint::{resolve_model, JobLocations, ModelSource};
+use smelt_checkpoint::ModelSource;
 use smelt_worker::model_file::{self, SavedFamilyModel, SavedModel};
 use tracing::{info, warn};
 
@@ -102,8 +103,7 @@ fn read(model: &str, store: &StoreArg) -> Result<ModelSource> {
 /// bytes verified when a checkpoint; errors say `what` and the model. Also `smelt eval`'s and
 /// `smelt train --init-from`'s.
 pub(crate) fn read_in(model: &str, store: &str, what: &str) -> Result<ModelSource> {
-    let jobs = JobLocations { checkpoint_store: store.to_string(), final_models: Some(store.to_string()) };
-    let src = resolve_model(model, &jobs).with_context(|| format!("{what} {model}"))?;
+    let src = crate::job_model::resolve(model, store).with_context(|| format!("{what} {model}"))?;
     for s in &src.skipped {
         warn!(uri = %s.uri, reason = %s.reason, "checkpoint skipped");
     }

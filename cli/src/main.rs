@@ -17,6 +17,7 @@ mod cmd_import;
 mod cmd_coordinator;
 mod cmd_job_logs;
 mod cmd_jobs;
+mod job_model;
 mod cmd_sample;
 mod cmd_submit;
 mod cmd_train;
@@ -101,7 +102,19 @@ impl Command {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // one line, each context before its cause ("--model job-1: job-1: no committed
+            // checkpoint ..."), rather than anyhow's paragraph per cause
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
     use tracing_subscriber::prelude::*;
     let cli = Cli::parse();
     // A command whose output is piped into `head` or `less` ends quietly when the reader goes,
@@ -115,7 +128,7 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         // colours only on a terminal: logs redirected to a file stay plain text
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()));
+        .with_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_log_level(&cli.command).into()));
     // a worker also keeps what it logs during a run for the coordinator (`smelt jobs logs`),
     // at info and above whatever RUST_LOG says for the console
     let capture = matches!(cli.command, Command::Worker(_)).then(smelt_worker::LogCapture::new);
@@ -144,5 +157,15 @@ fn main() -> Result<()> {
         Command::Workers(a) => cmd_workers::run(a),
         Command::Worker(a) => cmd_worker::run(a, capture.unwrap_or_default()),
         Command::Up(a) => cmd_up::run(a),
+    }
+}
+
+/// The console's level unless RUST_LOG says otherwise: the commands that answer with their
+/// own output (text, a loss, files written) keep to warnings, so that their info lines (the
+/// device probed, the model file read) do not bury the answer; the rest report progress at info.
+fn default_log_level(command: &Command) -> &'static str {
+    match command {
+        Command::Sample(_) | Command::Eval(_) | Command::Export(_) | Command::Attention(_) | Command::Import(_) => "warn",
+        _ => "info",
     }
 }

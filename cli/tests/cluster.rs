@@ -485,4 +485,13 @@ fn sigterm_drains_a_busy_worker_whose_last_lines_reach_the_coordinator() {
     for what in ["sigterm: draining", "assignment failed"] {
         assert!(lines.iter().any(|(_, t)| t.contains(what)), "no {what:?} in\n{lines:#?}");
     }
+    // the drain was the machine's doing: the job, which allows no restarts, waits to resume
+    // (its worker's Done said drained), and the next worker takes it up
+    let j = c.wait_job(&job.id, "the job to wait for a worker", LONG, |j| j.attempt == 2);
+    assert_ne!(JobState::try_from(j.state).unwrap(), JobState::Failed, "{}\n{}", j.error, c.logs());
+    assert_eq!(j.restarts, 0);
+    let events = c.event_messages(&job.id);
+    assert!(events.iter().any(|e| e.contains("is shutting down") && e.contains("no restart spent")), "{events:#?}");
+    c.start_worker();
+    c.wait_job(&job.id, "the second attempt to run", LONG, |j| j.attempt == 2 && JobState::try_from(j.state) == Ok(JobState::Running));
 }

@@ -17,6 +17,9 @@ pub enum Fault<'a> {
     Lost { worker: &'a str, why: &'a str },
     /// A rank reported failure, or the worker came back without its assignment.
     Failed { worker: &'a str, error: String },
+    /// A rank's worker stopped the run because it is shutting down (SIGTERM): no fault of the
+    /// job, so the next attempt spends no restart (as a preemption).
+    Drained { worker: &'a str },
 }
 
 impl State {
@@ -83,6 +86,10 @@ impl State {
                 let rank = job.ranks.iter().position(|w| w == worker).unwrap_or(0);
                 (*worker, format!("rank {rank} on worker {worker} failed: {error}"), "failed")
             }
+            Fault::Drained { worker } => {
+                let rank = job.ranks.iter().position(|w| w == worker).unwrap_or(0);
+                (*worker, format!("rank {rank}'s worker {worker} is shutting down"), "drained")
+            }
         };
         if let Some(rank) = job.ranks.iter().position(|w| w == culprit) {
             self.persist_assignment(job_id, attempt, rank as u32, culprit, culprit_state);
@@ -98,7 +105,7 @@ impl State {
             // a run stopped from outside (a drain, an abort) says the same words every time
             Fault::Failed { error, .. } if !error.starts_with(STOPPED_PREFIX) => Some(error.clone()),
             Fault::Failed { .. } => None,
-            Fault::Lost { .. } => None, // a lost worker is the machine's fault, not the job's
+            Fault::Lost { .. } | Fault::Drained { .. } => None, // the machine's doing, not the job's
         };
         // the same words at the same step: a transient error (a store outage) that comes back
         // elsewhere in the run, or before a resumed attempt has caught up, is restarted as ever
@@ -119,6 +126,18 @@ impl State {
             );
             let reason = job.row.error.clone();
             self.transition_or_log(job_id, JobState::Failed, reason);
+            self.schedule();
+            return;
+        }
+        if matches!(fault, Fault::Drained { .. }) {
+            // as a preemption: the job waits for workers and resumes, its restarts untouched
+            let (next, from, waits) = self.next_attempt(job_id, rank0, attempt, false);
+            let reason = if waits {
+                format!("{cause}; attempt {next} resumes from rank 0's rescue checkpoint (or step {from}) when workers are free (no restart spent)")
+            } else {
+                format!("{cause}; attempt {next} resumes from step {from} when workers are free (no restart spent)")
+            };
+            self.transition_or_log(job_id, JobState::Restarting, reason);
             self.schedule();
             return;
         }

@@ -381,6 +381,19 @@ impl State {
             debug!(worker_id = %worker_id, job_id = %d.job_id, attempt = d.attempt, "done for an attempt not held; ignored");
             return;
         };
+        if !d.ok && d.draining {
+            // the worker is shutting down: it takes no new work (its status says Busy until its
+            // run ends, so this is the first the coordinator hears of the drain), and the job
+            // resumes elsewhere or later without spending a restart
+            if let Some(w) = self.workers.get_mut(worker_id) {
+                if !w.draining {
+                    w.draining = true;
+                    info!(worker_id = %worker_id, "worker draining; it takes no new assignment");
+                }
+            }
+            self.fail_attempt(&d.job_id, Fault::Drained { worker: worker_id });
+            return;
+        }
         if !d.ok {
             let error = if d.error.is_empty() { "no reason given".to_string() } else { d.error.clone() };
             self.fail_attempt(&d.job_id, Fault::Failed { worker: worker_id, error });

@@ -507,6 +507,34 @@ async fn resume_from_a_job_uses_its_latest_checkpoint() {
     coord.stop().await;
 }
 
+/// A worker shut down (SIGTERM) in the middle of a run reports the run drained: the job, which
+/// allows no restarts, is not failed but resumes on another worker with its restarts untouched,
+/// and the draining worker, whose status still said Busy, is given nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_run_spends_no_restart_and_the_job_resumes_elsewhere() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("drained-once", 1, 0, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9971").await;
+    let a = w1.assignment().await;
+    w1.metrics(&a, 5, 2.0).await;
+    w1.drained(&a, 5).await;
+    let j = wait_job(&mut jobs, &job.id, |j| j.attempt == 2).await;
+    assert_ne!(state(&j), JobState::Failed, "{}", j.error);
+    assert_eq!(j.restarts, 0, "a drain spends no restart");
+    assert!(tokio::time::timeout(Duration::from_millis(1500), w1.assignment()).await.is_err(), "the draining worker was given the job again");
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9972").await;
+    let b = w2.assignment().await;
+    assert_eq!((b.job_id.as_str(), b.attempt), (job.id.as_str(), 2));
+    let texts = event_texts(&mut jobs, &job.id).await;
+    assert!(texts.iter().any(|t| t.contains("is shutting down") && t.contains("no restart spent")), "{texts:?}");
+    w2.done(&b, true, "", 100).await;
+    let j = wait_state(&mut jobs, &job.id, JobState::Succeeded).await;
+    assert_eq!(j.restarts, 0);
+    coord.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_worker_takes_no_new_work() {
     let (_d, db) = tmp();

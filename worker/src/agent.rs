@@ -217,7 +217,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         for b in cfg.logs.unacked() {
             resent &= up_tx.send(msg(Up::Logs(b))).await.is_ok();
         }
-        if let Some(done) = undelivered.take() {
+        if let Some(mut done) = undelivered.take() {
+            mark_drained(&mut done, draining);
             // the run's lines logged while the coordinator was away go before its Done
             if !resent || !send_logs(&cfg.logs, &up_tx, &msg).await || up_tx.send(msg(Up::Done(done.clone()))).await.is_err() {
                 undelivered = Some(done);
@@ -285,7 +286,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         reports.retain(|h| !h.is_finished());
                         reports.push(tokio::spawn(report_checkpoint(client.clone(), r)));
                     }
-                    Some(RunEvent::Done(d)) => {
+                    Some(RunEvent::Done(mut d)) => {
+                        mark_drained(&mut d, draining);
                         for h in reports.drain(..) {
                             // report_checkpoint gives up after its retries (~6 s)
                             let _ = tokio::time::timeout(Duration::from_secs(15), h).await;
@@ -324,6 +326,12 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
 
 /// A SIGTERM: the worker drains (takes no more work; a run in progress stops at its next step
 /// boundary, `reason` its report). Returns `true`, the new `draining`.
+/// A failed run's Done says so when this worker is draining: the run was stopped for the
+/// shutdown, which the coordinator does not count against the job's restarts.
+fn mark_drained(d: &mut AssignmentDone, draining: bool) {
+    d.draining = draining && !d.ok;
+}
+
 fn begin_drain(running: &Option<Running>, reason: &str) -> bool {
     info!(busy = running.is_some(), "sigterm: draining");
     if let Some(r) = running {
@@ -450,7 +458,7 @@ fn start(
     let (out_dir, device) = (cfg.out_dir.clone(), cfg.device);
     tokio::spawn(async move {
         let failed = |error: String| {
-            RunEvent::Done(AssignmentDone { job_id: a.job_id.clone(), attempt: a.attempt, ok: false, error, final_step: 0 })
+            RunEvent::Done(AssignmentDone { job_id: a.job_id.clone(), attempt: a.attempt, ok: false, error, final_step: 0, draining: false })
         };
         let mut my_id = Vec::new();
         if creates_nccl_id(&a, device) {

@@ -142,7 +142,7 @@ pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunE
             (false, why, 0)
         }
     };
-    events(RunEvent::Done(AssignmentDone { job_id: a.job_id, attempt: a.attempt, ok, error, final_step }));
+    events(RunEvent::Done(AssignmentDone { job_id: a.job_id, attempt: a.attempt, ok, error, final_step, draining: false }));
 }
 
 /// `f`'s result, or its panic as an error carrying the panic's message.

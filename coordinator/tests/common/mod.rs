@@ -382,6 +382,20 @@ impl Worker {
             ok,
             error: error.into(),
             final_step,
+            draining: false,
+        }))
+        .await;
+    }
+
+    /// A Done for a run this worker stopped because it is shutting down (SIGTERM).
+    pub async fn drained(&self, a: &Assignment, final_step: u64) {
+        self.send(worker_message::Body::Done(AssignmentDone {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            ok: false,
+            error: "stopped: worker received SIGTERM (draining)".into(),
+            final_step,
+            draining: true,
         }))
         .await;
     }
