@@ -176,9 +176,16 @@ impl Drop for Cluster {
 }
 
 pub fn run(a: UpArgs) -> Result<()> {
-    // A spec that does not parse is left to `smelt submit`, which names the problem.
-    let job_device = a.submit.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).and_then(|t| smelt_jobspec::JobSpec::parse(&t).ok()).map(|s| s.cluster.device);
-    let device = device_for_job(a.device, job_device)?;
+    // The spec is read before anything starts: one that does not parse, or that needs more
+    // workers than this cluster will have, would otherwise wait or fail behind a running cluster.
+    let spec = match &a.submit {
+        Some(p) => {
+            let text = std::fs::read_to_string(p).with_context(|| format!("--submit {}", p.display()))?;
+            Some(smelt_jobspec::JobSpec::parse(&text).with_context(|| format!("--submit {}", p.display()))?)
+        }
+        None => None,
+    };
+    let device = device_for_job(a.device, spec.as_ref().map(|s| s.cluster.device))?;
     let gpus = match device {
         UpDevice::Cpu => Ok(0),
         UpDevice::Auto | UpDevice::Cuda => {
@@ -191,6 +198,16 @@ pub fn run(a: UpArgs) -> Result<()> {
         }
     };
     let devices = plan_workers(device, a.workers, gpus)?;
+    if let (Some(spec), Some(path)) = (&spec, &a.submit) {
+        let need = spec.cluster.world_size as usize;
+        if need > devices.len() {
+            bail!(
+                "--submit {}: the job needs {need} workers (cluster.world_size = {need}), but this cluster starts {}: pass --workers {need}",
+                path.display(),
+                devices.len()
+            );
+        }
+    }
     let exe = std::env::current_exe()?;
     let logs = a.data_dir.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;

@@ -143,3 +143,30 @@ fn smelt_up_starts_a_worker_that_died_again_and_its_job_ends() {
     assert!(out.contains("job finished; final weights in"), "{out}");
     assert!(processes_naming(&state.display().to_string()).is_empty());
 }
+
+/// `smelt up --submit` reads the spec before it starts anything: one that asks for more workers
+/// than the cluster will have (which would wait forever), or that does not parse, is refused at
+/// once, naming the fix or the field, and no cluster is started (no data directory made).
+#[test]
+fn smelt_up_refuses_a_job_it_could_never_run_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let two = one_rank_spec(dir.path(), "two", 10, 2, "").display().to_string();
+    let text = std::fs::read_to_string(&two).unwrap().replace("world_size = 1", "world_size = 2");
+    assert!(text.contains("world_size = 2"), "{text}");
+    std::fs::write(&two, text).unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"bad\"\n[model]\npreset = 3\n").unwrap();
+    let state = dir.path().join("state");
+    for (spec, want) in [(PathBuf::from(&two), "needs 2 workers (cluster.world_size = 2), but this cluster starts 1: pass --workers 2"), (bad, "`model.preset`")] {
+        let o = smelt()
+            .args(["up", "--workers", "1", "--device", "cpu", "--listen", "127.0.0.1:1", "--data-dir"])
+            .arg(&state)
+            .arg("--submit")
+            .arg(&spec)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{}: {err}", spec.display());
+        assert!(!state.exists(), "a cluster was started for {}", spec.display());
+    }
+}
