@@ -23,8 +23,9 @@ use smelt_worker::model_file::{self, AnyModel, FamilyModel, SavedFamilyModel, Sa
 pub struct AttentionArgs {
     #[command(flatten)]
     pub threads: crate::threads::Threads,
-    /// A model.safetensors written by smelt (a job's model, or a checkpoint directory's).
-    pub model: PathBuf,
+    /// A model: a checkpoint, a model.safetensors (or a directory holding one), or a job id (its
+    /// newest checkpoint under --store, else the coordinator's record).
+    pub model: String,
     /// The text to look at (the model's tokenizer must cover it).
     #[arg(long)]
     pub text: String,
@@ -37,11 +38,25 @@ pub struct AttentionArgs {
     /// T5 only: the decoder's text (after its start token); default: the --text itself.
     #[arg(long)]
     pub target: Option<String>,
+    #[command(flatten)]
+    pub store: crate::cmd_export::StoreArg,
+}
+
+/// The widest or tallest heat map written, in pixels (a PNG decoder's comfortable size).
+const MAX_SIDE: usize = 16_384;
+
+/// `cell` pixels per token for maps of up to `tokens` rows or columns, or why not.
+fn check_cell(cell: usize, tokens: usize) -> Result<usize> {
+    if cell.saturating_mul(tokens) > MAX_SIDE {
+        bail!("--cell {cell}: a map of {tokens} tokens would be {} pixels wide; at most {MAX_SIDE}: choose --cell {} or less", cell.saturating_mul(tokens), (MAX_SIDE / tokens).max(1));
+    }
+    Ok(cell)
 }
 
 pub fn run(a: AttentionArgs) -> Result<()> {
-    let model_path = if a.model.is_dir() { a.model.join("model.safetensors") } else { a.model.clone() };
-    match model_file::load_any(&model_path)? {
+    let src = crate::cmd_export::read_in(&a.model, &a.store.store, "reading the model")?;
+    let model_path = PathBuf::from(&src.file);
+    match model_file::any_from_bytes(&src.bytes, &src.file)? {
         AnyModel::Gpt(saved) => run_gpt(&a, &model_path, saved),
         AnyModel::Family(saved) => run_family(&a, &model_path, saved),
     }
@@ -64,7 +79,7 @@ fn run_gpt(a: &AttentionArgs, model_path: &Path, saved: SavedModel) -> Result<()
     let maps = model.attention_maps()?;
 
     fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let cell = if a.cell > 0 { a.cell } else { (512 / t).clamp(1, 32) };
+    let cell = check_cell(if a.cell > 0 { a.cell } else { (512 / t).clamp(1, 32) }, t)?;
     for (l, map) in maps.iter().enumerate() {
         for h in 0..heads {
             let path = a.out.join(format!("layer{l}_head{h}.png"));
@@ -226,7 +241,8 @@ fn run_family(a: &AttentionArgs, model_path: &Path, saved: SavedFamilyModel) -> 
             (doc, vec![(enc, heads), (dself, heads), (cross, heads)])
         }
     };
-    let cell = if a.cell > 0 { a.cell } else { (512 / maps.iter().map(|m| m.0.tq.max(m.0.tk)).max().unwrap_or(1)).clamp(1, 32) };
+    let longest = maps.iter().map(|m| m.0.tq.max(m.0.tk)).max().unwrap_or(1);
+    let cell = check_cell(if a.cell > 0 { a.cell } else { (512 / longest).clamp(1, 32) }, longest)?;
     let mut count = 0;
     for (att, heads) in &maps {
         att.write_maps(&a.out, *heads, cell)?;

@@ -61,6 +61,10 @@ fn train_then_sample() {
 
     // Attention maps of the trained model: one PNG per layer and head, weights in JSON.
     let att = dir.path().join("att");
+    // a cell too large for a sane image is refused before anything is drawn (it once aborted
+    // the process allocating 750 GB)
+    let o = smelt(&["attention", model.to_str().unwrap(), "--text", "the quick fox", "--out", att.to_str().unwrap(), "--cell", "100000"]);
+    assert!(!o.status.success() && text_of(&o).contains("--cell 100000: a map of 13 tokens would be 1300000 pixels wide"), "{}", text_of(&o));
     let o = smelt(&["attention", model.to_str().unwrap(), "--text", "the quick fox", "--out", att.to_str().unwrap(), "--cell", "3"]);
     assert!(o.status.success(), "attention failed: {}", text_of(&o));
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(att.join("attention.json")).unwrap()).unwrap();
