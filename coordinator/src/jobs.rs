@@ -53,6 +53,14 @@ impl State {
                 .map(|(s, _)| *s);
             (known.or_else(|| step_of_uri(&resume_from)).unwrap_or(0), resume_from)
         };
+        // a checkpoint past the run's end would be "resumed" to no step and its weights stamped
+        // with an earlier step than they hold
+        if start_step > spec.train.steps {
+            return Err(CoordError::InvalidArgument(format!(
+                "resume_from: {resume_uri} is at step {start_step}, past this spec's train.steps = {}: raise train.steps to train on from it",
+                spec.train.steps
+            )));
+        }
         let seq = self.next_job;
         self.next_job += 1;
         let id = format!("job-{seq:06}");

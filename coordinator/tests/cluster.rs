@@ -503,6 +503,12 @@ async fn resume_from_a_job_uses_its_latest_checkpoint() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
+    // a checkpoint past the new spec's end is refused, naming both steps
+    let short = spec("second", 1, 0, 0).replace("steps = 100", "steps = 15");
+    assert!(short.contains("steps = 15"), "{short}");
+    let e = jobs.submit(SubmitRequest { spec_toml: short, resume_from: first.id.clone() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("at step 20, past this spec's train.steps = 15"), "{}", e.message());
     let _ = Duration::ZERO;
     coord.stop().await;
 }
