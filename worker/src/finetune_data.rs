@@ -75,9 +75,39 @@ fn string_field<'a>(m: &'a serde_json::Map<String, Value>, field: &str, location
     }
 }
 
-/// Classification examples; texts longer than `seq_len` tokens keep their first `seq_len`.
+/// Examples cut to fit, counted so that the run says so once (a classifier whose label depends on
+/// a text's end learns nothing from texts cut before it, without a word otherwise).
+#[derive(Default)]
+struct Cuts {
+    count: usize,
+    longest: usize,
+}
+
+impl Cuts {
+    /// Notes an example of `len` tokens kept to its first `max`.
+    fn note(&mut self, len: usize, max: usize) {
+        if len > max {
+            self.count += 1;
+            self.longest = self.longest.max(len);
+        }
+    }
+    /// Warns (into the job's log) when any example was cut: `what` names the part and the limit.
+    fn report(&self, location: &str, of: usize, what: &str) {
+        if self.count > 0 {
+            tracing::warn!(
+                "{location}: {} of {of} examples have {what}, and keep only their first tokens (the longest has {} tokens)",
+                self.count,
+                self.longest
+            );
+        }
+    }
+}
+
+/// Classification examples; texts longer than `seq_len` tokens keep their first `seq_len`
+/// (counted and warned about).
 pub fn load_classification(location: &str, tokenizer: &Tokenizer, num_labels: usize, seq_len: usize) -> Result<Vec<ClassExample>> {
-    jsonl(location)?
+    let mut cuts = Cuts::default();
+    let examples: Vec<ClassExample> = jsonl(location)?
         .into_iter()
         .map(|(n, m)| {
             let text = string_field(&m, "text", location, n)?;
@@ -95,16 +125,20 @@ pub fn load_classification(location: &str, tokenizer: &Tokenizer, num_labels: us
             if ids.is_empty() {
                 bail!("{location} line {n}: field \"text\" is empty");
             }
+            cuts.note(ids.len(), seq_len);
             ids.truncate(seq_len);
             Ok(ClassExample { ids, label: label as u32 })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    cuts.report(location, examples.len(), &format!("a text longer than train.seq_len = {seq_len} tokens"));
+    Ok(examples)
 }
 
 /// SFT examples as windows of at most `seq_len` inputs. `eot`, when the model has such an id,
 /// ends every response, so the model learns where to stop.
 pub fn load_sft(location: &str, tokenizer: &Tokenizer, seq_len: usize, eot: Option<u32>) -> Result<Vec<SftExample>> {
-    jsonl(location)?
+    let mut cuts = Cuts::default();
+    let examples: Vec<SftExample> = jsonl(location)?
         .into_iter()
         .map(|(n, m)| {
             let prompt = string_field(&m, "prompt", location, n)?;
@@ -117,18 +151,22 @@ pub fn load_sft(location: &str, tokenizer: &Tokenizer, seq_len: usize, eot: Opti
             r.extend(eot);
             // Padding is added per batch; the pad value here is cut off again below.
             let (mut inputs, mut targets) = sft_example(&p, &r, seq_len, 0).expect("response is not empty");
+            cuts.note(p.len() + r.len() - 1, seq_len);
             let real = (p.len() + r.len() - 1).min(seq_len);
             inputs.truncate(real);
             targets.truncate(real);
             Ok(SftExample { inputs, targets })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    cuts.report(location, examples.len(), &format!("a prompt and response longer than train.seq_len = {seq_len} tokens together"));
+    Ok(examples)
 }
 
 /// Prompt/response pairs (the SFT JSONL) for an encoder-decoder: prompts keep their first
 /// `max_prompt` tokens, responses (ended by `eot` when given) their first `max_response`.
 pub fn load_pairs(location: &str, tokenizer: &Tokenizer, max_prompt: usize, max_response: usize, eot: Option<u32>) -> Result<Vec<PairExample>> {
-    jsonl(location)?
+    let (mut long_prompts, mut long_responses) = (Cuts::default(), Cuts::default());
+    let examples: Vec<PairExample> = jsonl(location)?
         .into_iter()
         .map(|(n, m)| {
             let p = string_field(&m, "prompt", location, n)?;
@@ -142,11 +180,16 @@ pub fn load_pairs(location: &str, tokenizer: &Tokenizer, max_prompt: usize, max_
                 bail!("{location} line {n}: field \"response\" is empty: nothing to learn");
             }
             response.extend(eot);
+            long_prompts.note(prompt.len(), max_prompt);
+            long_responses.note(response.len(), max_response);
             prompt.truncate(max_prompt);
             response.truncate(max_response);
             Ok(PairExample { prompt, response })
         })
-        .collect()
+        .collect::<Result<_>>()?;
+    long_prompts.report(location, examples.len(), &format!("a prompt longer than the encoder's {max_prompt} tokens"));
+    long_responses.report(location, examples.len(), &format!("a response longer than the decoder's {max_response} tokens"));
+    Ok(examples)
 }
 
 /// Example `i` of `n` is held out for validation iff floor((i+1)k/n) > floor(ik/n), with
@@ -181,6 +224,43 @@ mod tests {
         std::fs::write(&p, text).unwrap();
         let s = p.to_str().unwrap().to_string();
         (dir, s)
+    }
+
+    /// What `f` logs (at warn and above), as text.
+    fn warnings_of<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let out = buf.clone();
+        let sub = tracing_subscriber::fmt().with_max_level(tracing::Level::WARN).with_ansi(false).with_writer(move || out.clone()).finish();
+        let r = tracing::subscriber::with_default(sub, f);
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        (r, text)
+    }
+
+    /// Examples cut to fit are counted and the run says so once; none cut, nothing said.
+    #[test]
+    fn examples_cut_to_fit_are_warned_about() {
+        let tok = Tokenizer::Byte;
+        let (_d, p) = write("{\"text\": \"abc\", \"label\": 1}\n{\"text\": \"abcdef\", \"label\": 0}\n");
+        let (ex, warned) = warnings_of(|| load_classification(&p, &tok, 2, 4).unwrap());
+        assert_eq!(ex.len(), 2);
+        assert!(warned.contains("1 of 2 examples have a text longer than train.seq_len = 4 tokens") && warned.contains("the longest has 6 tokens"), "{warned}");
+        let (_, quiet) = warnings_of(|| load_classification(&p, &tok, 2, 6).unwrap());
+        assert!(quiet.is_empty(), "{quiet}");
+        let (_d, p) = write("{\"prompt\": \"abcdef\", \"response\": \"xy\"}\n");
+        let (_, warned) = warnings_of(|| load_pairs(&p, &tok, 4, 8, None).unwrap());
+        assert!(warned.contains("1 of 1 examples have a prompt longer than the encoder's 4 tokens"), "{warned}");
+        assert!(!warned.contains("a response"), "{warned}");
     }
 
     #[test]
