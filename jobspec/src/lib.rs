@@ -146,11 +146,18 @@ pub struct FinetuneSpec {
     pub data: String,
     /// Validation examples; without it, `val_fraction` of `data` (evenly spread) is held out.
     pub val_data: Option<String>,
-    #[serde(default = "default_val_fraction")]
-    pub val_fraction: f64,
+    /// The share of `data` held out when there is no `val_data` (0.1 unless given; not with
+    /// `val_data`). See [`FinetuneSpec::val_fraction`].
+    #[serde(default, rename = "val_fraction")]
+    pub val_fraction_given: Option<f64>,
 }
 
 impl FinetuneSpec {
+    /// The share of `data` held out for validation when there is no `val_data`.
+    pub fn val_fraction(&self) -> f64 {
+        self.val_fraction_given.unwrap_or_else(default_val_fraction)
+    }
+
     pub fn head_kind(&self) -> Result<FinetuneHead, SpecError> {
         match self.head.as_str() {
             "classification" => Ok(FinetuneHead::Classification),
@@ -520,6 +527,9 @@ impl JobSpec {
         if !(0.0..1.0).contains(&self.data.val_fraction) {
             return Err(err("data.val_fraction", format!("{} is outside [0, 1)", self.data.val_fraction)));
         }
+        if t.grad_clip < 0.0 || t.grad_clip.is_nan() {
+            return Err(err("train.grad_clip", format!("{}: a gradient norm to clip at, or 0 for no clipping", t.grad_clip)));
+        }
         match &t.eval_choices {
             Some(c) if c.trim().is_empty() => return Err(err("train.eval_choices", "must name a JSON-lines file (or leave it out)")),
             Some(_) if self.kind == JobKind::Finetune || self.arch()? != Arch::Gpt => {
@@ -648,8 +658,11 @@ impl JobSpec {
         if f.val_data.as_ref().is_some_and(|v| v.trim().is_empty()) {
             return Err(err("finetune.val_data", "must name a JSONL file (or leave it out)"));
         }
-        if !(0.0..1.0).contains(&f.val_fraction) {
-            return Err(err("finetune.val_fraction", format!("{} is outside [0, 1)", f.val_fraction)));
+        if !(0.0..1.0).contains(&f.val_fraction()) {
+            return Err(err("finetune.val_fraction", format!("{} is outside [0, 1)", f.val_fraction())));
+        }
+        if f.val_data.is_some() && f.val_fraction_given.is_some() {
+            return Err(err("finetune.val_fraction", "not with finetune.val_data, whose examples are the validation set: leave one of the two out"));
         }
         match (f.head_kind()?, f.num_labels) {
             (FinetuneHead::Classification, None) => return Err(err("finetune.num_labels", "required for head = \"classification\"")),

@@ -151,7 +151,7 @@ fn finetune_spec_parses_without_model_or_data() {
     assert_eq!(s.kind, JobKind::Finetune);
     let f = s.finetune.as_ref().unwrap();
     assert_eq!(f.head_kind().unwrap(), FinetuneHead::Classification);
-    assert_eq!((f.num_labels, f.val_fraction, f.val_data.as_deref()), (Some(2), 0.1, None));
+    assert_eq!((f.num_labels, f.val_fraction(), f.val_data.as_deref()), (Some(2), 0.1, None));
     assert_eq!(JobSpec::parse(&s.to_toml()).unwrap(), s);
     // A pretraining spec still round-trips without a [finetune] table.
     assert!(!JobSpec::parse(GOOD).unwrap().to_toml().contains("finetune"));
@@ -169,6 +169,9 @@ fn finetune_errors_name_the_field() {
     assert_eq!(field(FINETUNE.replace("head = \"classification\"", "head = \"sft\"")), "finetune.num_labels");
     assert_eq!(field(FINETUNE.replace("data = \"data/reviews.jsonl\"", "data = \"\"")), "finetune.data");
     assert_eq!(field(FINETUNE.replace("num_labels = 2", "num_labels = 2\nval_fraction = 1.5")), "finetune.val_fraction");
+    // a held-out share means nothing beside a validation file: refused, not ignored
+    assert_eq!(field(FINETUNE.replace("num_labels = 2", "num_labels = 2\nval_fraction = 0.2\nval_data = \"v.jsonl\"")), "finetune.val_fraction");
+    assert!(JobSpec::parse(&FINETUNE.replace("num_labels = 2", "num_labels = 2\nval_data = \"v.jsonl\"")).is_ok());
     assert_eq!(field(FINETUNE.replace("[train]", "[model]\npreset = \"tiny\"\n\n[train]")), "model.preset");
     assert_eq!(field(FINETUNE.replace("[train]", "[model]\npositions = \"rotary\"\n\n[train]")), "model.positions");
     assert_eq!(field(FINETUNE.replace("[train]", "[data]\ntext = \"a.txt\"\n\n[train]")), "data.text");
@@ -312,6 +315,11 @@ fn the_schedule_is_named_and_checked() {
     assert_eq!(e.field, "train.warmup_steps");
     assert!(e.message.contains("101 is more than the run's 100 steps"), "{}", e.message);
     JobSpec::parse(&with("warmup_steps = 100")).unwrap();
+    // a negative clip norm is refused (it once meant "no clipping" without a word); 0 is off
+    let e = JobSpec::parse(&with("grad_clip = -1.0")).unwrap_err();
+    assert_eq!(e.field, "train.grad_clip");
+    assert!(e.message.contains("0 for no clipping"), "{}", e.message);
+    assert_eq!(JobSpec::parse(&with("grad_clip = 0.0")).unwrap().train_config().optim.grad_clip, None);
 }
 
 #[test]

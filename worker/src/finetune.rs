@@ -326,7 +326,7 @@ pub(crate) fn load_split<T>(f: &FinetuneSpec, load: impl Fn(&str) -> Result<Vec<
     let all = load(&f.data).context("finetune.data")?;
     Ok(match &f.val_data {
         Some(v) => (all, load(v).context("finetune.val_data")?),
-        None => finetune_data::split(all, f.val_fraction),
+        None => finetune_data::split(all, f.val_fraction()),
     })
 }
 
