@@ -168,6 +168,13 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
     };
     if let Some(uri) = &spec.data.corpus {
         let (reader, val) = open(uri, "data.corpus", MAX_VAL_TOKENS)?;
+        if val.is_empty() && spec.train.eval_interval > 0 {
+            tracing::warn!(
+                corpus = %uri,
+                "data.corpus has no validation split, so train.eval_interval = {} measures nothing: prepare it with --val-fraction or --val-docs",
+                spec.train.eval_interval
+            );
+        }
         let m = reader.manifest().clone();
         let val = vec![ValSet { name: uri.clone(), weight: 1.0, tokens: val }];
         return Ok((m.tokenizer.clone(), m.vocab_size as usize, TrainData::Corpus { reader }, val));
