@@ -42,7 +42,19 @@ pub fn read_location(location: &str) -> Result<Vec<u8>> {
         let store = StoreDir::open(dir)?;
         return Ok(store.get(name)?.to_vec());
     }
-    std::fs::read(location).with_context(|| format!("reading {location}"))
+    std::fs::read(location).with_context(|| local_read_context(location))
+}
+
+/// What a failed read of a local file named in a job spec says: a relative path is the
+/// worker's, on the worker's machine (not the spec file's, nor the submitting machine's).
+pub(crate) fn local_read_context(path: &str) -> String {
+    if std::path::Path::new(path).is_relative() {
+        let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_else(|_| "?".into());
+        let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "this worker's machine".into());
+        format!("reading {path} (relative to the worker's working directory {cwd}, on {host}: give an absolute path, or an object store URI)")
+    } else {
+        format!("reading {path} (on the worker's machine)")
+    }
 }
 
 /// Non-blank lines of a JSONL file, parsed: (1-based line number, object).
@@ -245,6 +257,16 @@ mod tests {
         let r = tracing::subscriber::with_default(sub, f);
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         (r, text)
+    }
+
+    /// A missing file named by a relative path says whose directory it was looked for in.
+    #[test]
+    fn a_missing_relative_file_names_the_workers_directory() {
+        let e = format!("{:#}", load_classification("no-such-dir/train.jsonl", &Tokenizer::Byte, 2, 8).unwrap_err());
+        let cwd = std::env::current_dir().unwrap().display().to_string();
+        assert!(e.contains(&format!("reading no-such-dir/train.jsonl (relative to the worker's working directory {cwd}")), "{e}");
+        let e = format!("{:#}", load_classification("/no-such-dir/train.jsonl", &Tokenizer::Byte, 2, 8).unwrap_err());
+        assert!(e.contains("(on the worker's machine)"), "{e}");
     }
 
     /// Examples cut to fit are counted and the run says so once; none cut, nothing said.
