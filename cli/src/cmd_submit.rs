@@ -58,7 +58,15 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
         eprintln!("queued: waits for {}", job.waiting_for);
     }
     if a.follow {
-        follow(&mut client, &job).await?;
+        tokio::select! {
+            r = follow(&mut client, &job) => r?,
+            _ = tokio::signal::ctrl_c() => {
+                // only the following stops: say so, so that nobody takes the job for cancelled
+                let id = &job.id;
+                eprintln!("\nstopped following; {id} keeps running (smelt jobs follow {id}, smelt jobs cancel {id})");
+                std::process::exit(130);
+            }
+        }
     }
     Ok(())
 }

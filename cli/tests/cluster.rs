@@ -495,3 +495,32 @@ fn sigterm_drains_a_busy_worker_whose_last_lines_reach_the_coordinator() {
     c.start_worker();
     c.wait_job(&job.id, "the second attempt to run", LONG, |j| j.attempt == 2 && JobState::try_from(j.state) == Ok(JobState::Running));
 }
+
+/// Ctrl-C on `smelt submit --follow` stops the following only, and says so: the job keeps
+/// running, and the line names the commands that follow or cancel it.
+#[test]
+fn ctrl_c_on_submit_follow_leaves_the_job_running_and_says_so() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    let spec = c.dir.path().join("long.toml");
+    std::fs::write(&spec, c.spec("followed", 1, 8, 1_000_000, 0)).unwrap();
+    let mut follow = Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["submit", spec.to_str().unwrap(), "--follow", "--coordinator", &c.url()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the job id is the first line of stdout
+    let mut out = std::io::BufReader::new(follow.stdout.take().unwrap());
+    let mut id = String::new();
+    std::io::BufRead::read_line(&mut out, &mut id).unwrap();
+    let id = id.trim().to_string();
+    c.wait_job(&id, "a few steps", LONG, |j| j.last_step >= 2);
+    unsafe { libc::kill(follow.id() as i32, libc::SIGINT) };
+    let o = follow.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(err.contains(&format!("stopped following; {id} keeps running (smelt jobs follow {id}, smelt jobs cancel {id})")), "{err}");
+    let j = c.job(&id);
+    assert_eq!(JobState::try_from(j.state), Ok(JobState::Running), "{}", j.error);
+}

@@ -164,11 +164,12 @@ impl State {
             backfilled_behind = p.behind.as_deref().unwrap_or(""),
             "job scheduled"
         );
+        // the workers in rank order: "rank 0" for one, "ranks 0-3" for four
+        let ranks = if n == 1 { "rank 0".to_string() } else { format!("ranks 0-{}, in that order", n - 1) };
         let reason = format!(
-            "attempt {} placed on {} (ranks 0..{}){}",
+            "attempt {} placed on {} ({ranks}){}",
             a.attempt,
             p.workers.join(", "),
-            n,
             if a.start_step > 0 { format!(", from step {}", a.start_step) } else { String::new() }
         );
         let reason = match &p.behind {
