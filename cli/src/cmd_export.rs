@@ -111,6 +111,24 @@ pub(crate) fn read_in(model: &str, store: &str, what: &str) -> Result<ModelSourc
     Ok(src)
 }
 
+/// Whether a GPT read from `src` was fine-tuned as a classifier: a checkpoint's trainer state
+/// or a final model file's metadata says so.
+pub(crate) fn is_classifier(src: &ModelSource, saved: &SavedModel) -> bool {
+    src.head.is_some() || saved.metadata.get("smelt.head").map(String::as_str) == Some("classification")
+}
+
+/// A note (stderr) that `what` reads a classifier's language-model head, which its fine-tuning
+/// did not train, when the model is one.
+pub(crate) fn note_if_classifier(src: &ModelSource, saved: &SavedModel, what: &str) {
+    if is_classifier(src, saved) {
+        eprintln!(
+            "note: {} was fine-tuned as a classifier (head = \"classification\"); {what} uses its language-model head, \
+             which that fine-tuning did not train (its class logits: smelt export logits --classifier)",
+            src.file
+        );
+    }
+}
+
 /// `model` read as in [`read_in`], which must be a GPT: a BERT or T5 is refused, saying that
 /// `purpose` needs a GPT. Returns the model and the file it was read from.
 pub(crate) fn read_gpt(model: &str, store: &str, what: &str, purpose: &str) -> Result<(SavedModel, String)> {
@@ -119,6 +137,7 @@ pub(crate) fn read_gpt(model: &str, store: &str, what: &str, purpose: &str) -> R
         bail!("{what} {model}: a BERT or T5 model; {purpose}");
     }
     let saved = model_file::from_bytes(&src.bytes, &src.file).with_context(|| format!("{what} {model}"))?;
+    note_if_classifier(&src, &saved, "this");
     Ok((saved, src.file))
 }
 

@@ -240,7 +240,10 @@ pub fn run(a: SampleArgs) -> Result<()> {
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
     let src = crate::cmd_export::read_in(&a.model, &a.store, "--model")?;
     let saved = match model_file::any_from_bytes(&src.bytes, &src.file)? {
-        AnyModel::Gpt(saved) => saved,
+        AnyModel::Gpt(saved) => {
+            crate::cmd_export::note_if_classifier(&src, &saved, "sampling");
+            saved
+        }
         AnyModel::Family(SavedFamilyModel { model: FamilyModel::T5 { config, specials }, tokenizer, params, .. }) => {
             if matches!(a.device, DeviceRequest::Cuda(_)) {
                 bail!("--device {}: a T5 samples on the CPU (--device cpu or auto)", a.device);

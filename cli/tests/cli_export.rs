@@ -245,6 +245,14 @@ fn a_gpt_classifier_exports_as_gpt2_for_sequence_classification() {
     let logits: Vec<f32> = b[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
     assert!(logits.len() == 3 && logits.iter().all(|x| x.is_finite()) && logits.iter().any(|&x| x != 0.0), "{logits:?}");
 
+    // sampling from a classifier (its LM head, untouched by the fine-tuning) says so; a plain
+    // GPT samples without the note
+    for (m, noted) in [(&classifier, true), (&model, false)] {
+        let o = smelt(&["sample", "--model", m.to_str().unwrap(), "--prompt", "ab", "--tokens", "3"]);
+        assert!(o.status.success(), "{}", text_of(&o));
+        assert_eq!(String::from_utf8_lossy(&o.stderr).contains("was fine-tuned as a classifier"), noted, "{}", text_of(&o));
+    }
+
     // --classifier on a plain GPT, and a classifier file without its head, are clear errors
     let o = smelt(&["export", "logits", model.to_str().unwrap(), npy.to_str().unwrap(), "--ids", "1,2", "--classifier"]);
     assert!(!o.status.success() && text_of(&o).contains("fine-tuned as a classifier"), "{}", text_of(&o));
