@@ -134,7 +134,12 @@ pub(crate) fn note_if_classifier(src: &ModelSource, saved: &SavedModel, what: &s
 pub(crate) fn read_gpt(model: &str, store: &str, what: &str, purpose: &str) -> Result<(SavedModel, String)> {
     let src = read_in(model, store, what)?;
     if model_file::is_family(&src.bytes, &src.file)? {
-        bail!("{what} {model}: a BERT or T5 model; {purpose}");
+        let arch = match model_file::family_from_bytes(&src.bytes, &src.file).map(|m| m.model) {
+            Ok(smelt_worker::model_file::FamilyModel::Bert { .. }) => "a BERT",
+            Ok(smelt_worker::model_file::FamilyModel::T5 { .. }) => "a T5",
+            Err(_) => "a BERT or T5",
+        };
+        bail!("{what} {model}: {arch} model; {purpose}");
     }
     let saved = model_file::from_bytes(&src.bytes, &src.file).with_context(|| format!("{what} {model}"))?;
     note_if_classifier(&src, &saved, "this");
@@ -288,6 +293,12 @@ fn export_logits(a: &LogitsArgs) -> Result<()> {
     let (t, v) = (a.ids.len(), saved.config.vocab_size);
     if t == 0 {
         bail!("--ids: at least one token id");
+    }
+    if let Some((i, id)) = a.ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
+        bail!("--ids: token id {id} (number {} of {t}) is outside the model's vocabulary of {v} (ids 0..{v})", i + 1);
+    }
+    if t > saved.config.block_size {
+        bail!("--ids: {t} token ids, more than the model's block_size {}", saved.config.block_size);
     }
     let be = CpuBackend::new();
     if a.classifier {

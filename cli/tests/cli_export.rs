@@ -253,6 +253,10 @@ fn a_gpt_classifier_exports_as_gpt2_for_sequence_classification() {
         assert_eq!(String::from_utf8_lossy(&o.stderr).contains("was fine-tuned as a classifier"), noted, "{}", text_of(&o));
     }
 
+    // an id outside the vocabulary is named with its place among --ids
+    let o = smelt(&["export", "logits", model.to_str().unwrap(), npy.to_str().unwrap(), "--ids", "1,99999"]);
+    assert!(!o.status.success() && text_of(&o).contains("--ids: token id 99999 (number 2 of 2) is outside the model's vocabulary"), "{}", text_of(&o));
+
     // --classifier on a plain GPT, and a classifier file without its head, are clear errors
     let o = smelt(&["export", "logits", model.to_str().unwrap(), npy.to_str().unwrap(), "--ids", "1,2", "--classifier"]);
     assert!(!o.status.success() && text_of(&o).contains("fine-tuned as a classifier"), "{}", text_of(&o));
