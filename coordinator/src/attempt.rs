@@ -131,13 +131,7 @@ impl State {
         }
         if matches!(fault, Fault::Drained { .. }) {
             // as a preemption: the job waits for workers and resumes, its restarts untouched
-            let (next, from, waits) = self.next_attempt(job_id, rank0, attempt, false);
-            let reason = if waits {
-                format!("{cause}; attempt {next} resumes from rank 0's rescue checkpoint (or step {from}) when workers are free (no restart spent)")
-            } else {
-                format!("{cause}; attempt {next} resumes from step {from} when workers are free (no restart spent)")
-            };
-            self.transition_or_log(job_id, JobState::Restarting, reason);
+            self.requeue(job_id, rank0, attempt, &cause, " (no restart spent)");
             self.schedule();
             return;
         }
@@ -163,6 +157,19 @@ impl State {
             self.transition_or_log(job_id, JobState::Failed, reason);
             self.schedule();
         }
+    }
+
+    /// Sets up `job_id`'s next attempt without spending a restart (its gang released: a
+    /// preemption, a drain) and moves it to Restarting: `cause`, where the next attempt resumes,
+    /// then `note`.
+    pub(crate) fn requeue(&mut self, job_id: &str, rank0: Option<(String, Duration)>, attempt: u32, cause: &str, note: &str) {
+        let (next, from, waits) = self.next_attempt(job_id, rank0, attempt, false);
+        let reason = if waits {
+            format!("{cause}; attempt {next} resumes from rank 0's rescue checkpoint (or step {from}) when workers are free{note}")
+        } else {
+            format!("{cause}; attempt {next} resumes from step {from} when workers are free{note}")
+        };
+        self.transition_or_log(job_id, JobState::Restarting, reason);
     }
 
     /// Rank 0's worker of `job_id`'s current attempt when it will save a rescue checkpoint as

@@ -19,7 +19,7 @@
 use std::cmp::Reverse;
 use std::time::Instant;
 
-use smelt_proto::v1::{DeviceClass, JobState, WorkerState};
+use smelt_proto::v1::{DeviceClass, WorkerState};
 use tracing::info;
 
 use crate::state::{device_class_name, is_placed, is_waiting, JobRec, QueueKey, State};
@@ -176,13 +176,7 @@ impl State {
         info!(job_id = %job_id, attempt, by = %by, class = device_class_name(class), "preempting");
         let rank0 = self.rescuing_rank0(job_id, None);
         self.release_gang(job_id, &format!("attempt {attempt} {cause}"), None, "preempted");
-        let (next, from, waits) = self.next_attempt(job_id, rank0, attempt, false);
-        let reason = if waits {
-            format!("{cause}; attempt {next} resumes from rank 0's rescue checkpoint (or step {from}) when workers are free")
-        } else {
-            format!("{cause}; attempt {next} resumes from step {from} when workers are free")
-        };
-        self.transition_or_log(job_id, JobState::Restarting, reason);
+        self.requeue(job_id, rank0, attempt, &cause, "");
     }
 }
 

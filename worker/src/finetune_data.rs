@@ -42,18 +42,19 @@ pub fn read_location(location: &str) -> Result<Vec<u8>> {
         let store = StoreDir::open(dir)?;
         return Ok(store.get(name)?.to_vec());
     }
-    std::fs::read(location).with_context(|| local_read_context(location))
+    std::fs::read(location).with_context(|| local_read_context(location, location, "an object store URI"))
 }
 
-/// What a failed read of a local file named in a job spec says: a relative path is the
-/// worker's, on the worker's machine (not the spec file's, nor the submitting machine's).
-pub(crate) fn local_read_context(path: &str) -> String {
+/// What a failed read of a local file named in a job spec (`what`: the file, maybe with its
+/// field) says: a relative path is the worker's, on the worker's machine (not the spec file's,
+/// nor the submitting machine's); `instead` is the other way to name the data.
+pub(crate) fn local_read_context(what: &str, path: &str, instead: &str) -> String {
     if std::path::Path::new(path).is_relative() {
         let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_else(|_| "?".into());
         let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "this worker's machine".into());
-        format!("reading {path} (relative to the worker's working directory {cwd}, on {host}: give an absolute path, or an object store URI)")
+        format!("reading {what} (relative to the worker's working directory {cwd}, on {host}: give an absolute path, or {instead})")
     } else {
-        format!("reading {path} (on the worker's machine)")
+        format!("reading {what} (on the worker's machine)")
     }
 }
 

@@ -234,11 +234,5 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
 /// What a failed read of `data.text` says: a relative path is the worker's, on the worker's
 /// machine (not the spec file's, nor the submitting machine's).
 pub(crate) fn text_read_context(path: &str) -> String {
-    if std::path::Path::new(path).is_relative() {
-        let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_else(|_| "?".into());
-        let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "this worker's machine".into());
-        format!("reading data.text {path} (relative to the worker's working directory {cwd}, on {host}: give an absolute path, or prepare a corpus in an object store)")
-    } else {
-        format!("reading data.text {path} (on the worker's machine)")
-    }
+    crate::finetune_data::local_read_context(&format!("data.text {path}"), path, "prepare a corpus in an object store")
 }
