@@ -65,7 +65,7 @@ use smelt_engine::train::TrainConfig;
 use thiserror::Error;
 
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
-#[error("job spec: `{field}`: {message}")]
+#[error("job spec: {}{message}", if .field == "toml" { String::new() } else { format!("`{}`: ", .field) })]
 pub struct SpecError {
     /// Dotted path of the field at fault (`train.micro_batch`), or `toml` for syntax errors.
     pub field: String,

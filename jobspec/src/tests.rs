@@ -105,10 +105,13 @@ fn data_needs_exactly_one_source() {
 
 #[test]
 fn missing_section_and_bad_syntax_are_reported() {
+    // a missing table is named as the field it is, and the message says it is required
     let e = JobSpec::parse("name = \"x\"\n").unwrap_err();
-    assert!(e.message.contains("missing field"), "{e}");
+    assert!(!e.field.is_empty() && e.field != "toml" && e.message.contains("required"), "{e}");
+    assert_eq!(e.to_string(), format!("job spec: `{}`: required, and not in the spec", e.field));
+    // a syntax error is its message and line, with no field to name
     let e = JobSpec::parse("name = \n").unwrap_err();
-    assert!(!e.message.is_empty());
+    assert!(!e.message.is_empty() && e.to_string().starts_with("job spec: ") && !e.to_string().contains("`toml`"), "{e}");
 }
 
 #[test]

@@ -12,6 +12,15 @@ pub fn describe(text: &str, e: &toml::de::Error) -> (String, String) {
     let line = text[line_start..].lines().next().unwrap_or("");
     let column = text[line_start..at].chars().count() + 1;
     let located = format!("{message} (line {line_no}, column {column})");
+    // a missing field: toml points at the table that lacks it (or the document's start)
+    if let Some(name) = message.strip_prefix("missing field `").and_then(|m| m.strip_suffix('`')) {
+        let table = line.trim().strip_prefix('[').and_then(|h| h.strip_suffix(']')).map(|h| h.trim_matches(['[', ']']).trim());
+        let field = match table {
+            Some(t) if !t.is_empty() => format!("{t}.{name}"),
+            _ => name.to_string(),
+        };
+        return (field, "required, and not in the spec".to_string());
+    }
     // a `key = value` line: the key, under the nearest table header above it
     let key = line.split_once('=').map(|(k, _)| k.trim()).filter(|k| !k.is_empty() && !k.starts_with('['));
     let Some(key) = key else {
@@ -69,6 +78,13 @@ mod tests {
         let (field, message) = of("name = \"x\"\n[train]\nsteps = 3\nmicro_bach = 2\n");
         assert_eq!(field, "train.micro_bach");
         assert!(message.contains("unknown field `micro_bach`") && message.contains("line 4"), "{message}");
+    }
+
+    #[test]
+    fn a_missing_field_or_table_is_named_as_a_field() {
+        assert_eq!(of("name = \"x\"\n"), ("train".to_string(), "required, and not in the spec".to_string()));
+        assert_eq!(of("").0, "name");
+        assert_eq!(of("name = \"x\"\n[train]\nmicro_batch = 2\n").0, "train.steps");
     }
 
     #[test]

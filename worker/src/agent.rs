@@ -294,6 +294,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         }
                         if d.ok {
                             info!(job_id = %d.job_id, attempt = d.attempt, "assignment finished");
+                        } else if let Some(why) = d.error.strip_prefix("stopped: ") {
+                            // stopped from outside (a cancel, a preemption, a drain): not a failure of the run
+                            info!(job_id = %d.job_id, attempt = d.attempt, reason = %why, "assignment stopped");
                         } else {
                             warn!(job_id = %d.job_id, attempt = d.attempt, error = %d.error, "assignment failed");
                         }

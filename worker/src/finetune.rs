@@ -235,7 +235,7 @@ impl FinetuneJob {
                     // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
                     if let Some((c, events)) = checkpoints.take() {
                         let whole = checkpointing::failed_before_update(st.model.backend(), &e);
-                        c.end_early(step, start, whole, &format!("{e:#}"), events, &mut || checkpointing::optimizer_at(st.host_state(step)?, opt_start + step - start));
+                        c.end_early(step, start, whole, &stopped().unwrap_or_else(|| format!("{e:#}")), events, &mut || checkpointing::optimizer_at(st.host_state(step)?, opt_start + step - start));
                     }
                     return Err(e);
                 }

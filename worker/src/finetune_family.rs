@@ -304,7 +304,7 @@ pub(crate) fn train<B: Backend>(
             Err(e) => {
                 // a peer lost mid-step: the update was not applied, rank 0 saves step `step`
                 let whole = checkpointing::failed_before_update(model.backend(), &e);
-                model.end_early(checkpointer.take(), &opt, from, spec.seed, step, whole, &format!("{e:#}"), events);
+                model.end_early(checkpointer.take(), &opt, from, spec.seed, step, whole, &control.stopped().unwrap_or_else(|| format!("{e:#}")), events);
                 return Err(e);
             }
         };

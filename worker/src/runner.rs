@@ -343,7 +343,7 @@ pub(crate) fn train_gpt<B: Backend>(
                 let e = anyhow::Error::from(e);
                 if let Some(c) = checkpointer.take() {
                     let whole = checkpointing::failed_before_update(trainer.model.backend(), &e);
-                    c.end_early(step, start_step, whole, &format!("{e:#}"), events, &mut || checkpointing::host_state_of(&trainer));
+                    c.end_early(step, start_step, whole, &control.stopped().unwrap_or_else(|| format!("{e:#}")), events, &mut || checkpointing::host_state_of(&trainer));
                 }
                 return Err(e);
             }

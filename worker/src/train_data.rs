@@ -227,6 +227,16 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
     let mut ids = tokenizer.encode(&text).with_context(|| format!("tokenizing data.text {path}"))?;
     let split = ((ids.len() as f64) * (1.0 - spec.data.val_fraction)) as usize;
     let val = ids.split_off(split);
+    // evaluation reads whole windows of seq_len + 1 tokens: a shorter tail gives none
+    if spec.train.eval_interval > 0 && val.len() <= spec.train.seq_len {
+        tracing::warn!(
+            "data.text {path}: its validation tail (data.val_fraction = {}) is {} tokens, shorter than one window of train.seq_len + 1 = {}, so train.eval_interval = {} measures nothing: raise data.val_fraction or lower train.seq_len",
+            spec.data.val_fraction,
+            val.len(),
+            spec.train.seq_len + 1,
+            spec.train.eval_interval
+        );
+    }
     let vocab = tokenizer.vocab_size();
     Ok((tokenizer, vocab, TrainData::Text { tokens: ids }, vec![ValSet { name: path.to_string(), weight: 1.0, tokens: val }]))
 }
