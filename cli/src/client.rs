@@ -13,8 +13,18 @@ use smelt_proto::auth::{self, AuthChannel};
 #[derive(Args, Debug, Clone)]
 pub struct CoordinatorUrl {
     /// Coordinator URL (or env SMELT_COORDINATOR).
-    #[arg(long = "coordinator", env = "SMELT_COORDINATOR", default_value = "http://127.0.0.1:7070")]
+    #[arg(long = "coordinator", env = "SMELT_COORDINATOR", default_value = DEFAULT_COORDINATOR_URL)]
     pub url: String,
+}
+
+/// Where clients look for the coordinator unless told (`--coordinator`, `SMELT_COORDINATOR`).
+pub const DEFAULT_COORDINATOR_URL: &str = "http://127.0.0.1:7070";
+
+impl CoordinatorUrl {
+    /// The URL a command without `--coordinator` uses: `SMELT_COORDINATOR`, else the default.
+    pub fn from_env() -> String {
+        std::env::var("SMELT_COORDINATOR").unwrap_or_else(|_| DEFAULT_COORDINATOR_URL.to_string())
+    }
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {

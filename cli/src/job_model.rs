@@ -25,7 +25,7 @@ pub(crate) fn resolve(model: &str, store: &str) -> Result<ModelSource> {
         other => return Ok(other?),
     };
     let job = model.trim();
-    let url = std::env::var("SMELT_COORDINATOR").unwrap_or_else(|_| "http://127.0.0.1:7070".to_string());
+    let url = crate::client::CoordinatorUrl::from_env();
     match recorded_checkpoint(&url, job) {
         Ok(Some(uri)) => {
             tracing::info!(job, checkpoint = %uri, "not under --store; reading the checkpoint the coordinator recorded");
