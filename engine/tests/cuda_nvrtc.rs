@@ -67,3 +67,31 @@ fn the_attention_kernels_compile_with_every_compiled_in_switch_moved() {
     let defaults = kernels::compile_one_with("attention", kernels::ATTENTION_SOURCE, "sm_90", &smelt_engine::cuda::CudaTuning::default().defines()).unwrap();
     assert!(defaults.ptx.to_src().contains("cp.reduce.async.bulk"), "the default fused backward reduces dq in bulk on sm_90");
 }
+
+#[test]
+fn the_gelu_kernels_compile_both_ways_and_the_default_uses_the_special_function_unit() {
+    // SMELT_FAST_GELU=1 (the default): sigmoid by one ex2 and one rcp per value; 0: tanhf (its
+    // range reduction and branches: a longer kernel). Every bf16 write of sm_80+ rounds by
+    // cvt.rn.bf16 either way.
+    if !nvrtc_or_skip() {
+        return;
+    }
+    let src = kernels::MODULES.iter().find(|(n, _)| *n == "elementwise").unwrap().1;
+    let with = |v: &str| {
+        let t = smelt_engine::cuda::CudaTuning::from_lookup(|k| (k == "SMELT_FAST_GELU").then(|| v.to_string())).unwrap();
+        kernels::compile_one_with("elementwise", src, "sm_90", &t.defines()).unwrap_or_else(|e| panic!("{e}")).ptx.to_src()
+    };
+    let (fast, precise) = (with("1"), with("0"));
+    // the PTX of one kernel: from its .entry to the next
+    let body = |ptx: &str, kernel: &str| {
+        let start = ptx.find(&format!(".entry {kernel}(")).unwrap_or_else(|| panic!("no {kernel}"));
+        let rest = &ptx[start + 1..];
+        rest[..rest.find(".entry").unwrap_or(rest.len())].lines().count()
+    };
+    for kernel in ["gelu_forward_bf16", "gelu_backward_set_bf16"] {
+        let (f, p) = (body(&fast, kernel), body(&precise, kernel));
+        assert!(f < p, "{kernel}: {f} PTX lines with SMELT_FAST_GELU=1, {p} with 0");
+    }
+    assert!(fast.contains("rcp.approx.ftz.f32") && fast.contains("ex2.approx.ftz.f32"), "the default GELU does not use ex2/rcp");
+    assert!(fast.contains("cvt.rn.bf16x2.f32") && precise.contains("cvt.rn.bf16x2.f32"), "bf16 stores do not round by cvt on sm_90");
+}

@@ -21,8 +21,8 @@ extern "C" __global__ void f32_to_bf16(unsigned short* out, const float* in, u64
         for (u64 i = tid; i < n4; i += stride) {
             float4 v = in4[i];
             uint2 r;
-            r.x = (unsigned int)f32_to_bf16_rne(v.x) | ((unsigned int)f32_to_bf16_rne(v.y) << 16);
-            r.y = (unsigned int)f32_to_bf16_rne(v.z) | ((unsigned int)f32_to_bf16_rne(v.w) << 16);
+            r.x = bf16x2_pack_rne(v.x, v.y);
+            r.y = bf16x2_pack_rne(v.z, v.w);
             out4[i] = r;
         }
         for (u64 i = n4 * 4 + tid; i < n; i += stride) {

@@ -54,6 +54,64 @@ __device__ __forceinline__ float gelu_grad(float x) {
     return 0.5f * (1.0f + t) + 0.5f * x * sech2 * du;
 }
 
+// The bf16 kernels' GELU (SMELT_FAST_GELU, on by default): 0.5 x (1 + tanh(u)) is x * sigmoid(2u),
+// and sigmoid(2u) = 1 / (1 + 2^(-2u log2(e))) is one exp2 and one reciprocal on the special
+// function unit (ex2.approx.ftz, rcp.approx.ftz: ~2 ulp each), where tanhf's range reduction and
+// branches made these kernels instruction-bound (ptxas for sm_90: 33 instructions per value
+// forward, 42 backward, against the ~9 and ~13 here: run 22 on an H200 had them at 0.94 and 1.14
+// ms per GPT-2 step, where moving their bytes takes ~0.6 and ~0.85). The result is the f32
+// formula to a few f32 ulps, then rounded once to bf16 as before: within one bf16 unit of the CPU.
+// The gradient: sigmoid(2u) + 2 x sigmoid(2u) (1 - sigmoid(2u)) u'. For u below about -44 the
+// exp2 is +inf and the reciprocal 0: GELU -0 and gradient 0, their limits.
+// SMELT_FAST_GELU=0 compiles the tanhf formulas above instead (measuring the two on a card).
+#ifndef SMELT_FAST_GELU
+#define SMELT_FAST_GELU 1
+#endif
+#define LOG2E 1.4426950f
+
+__device__ __forceinline__ float sfu_exp2(float x) {
+#ifdef __CUDA_ARCH__
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return exp2f(x);  // the host emulator
+#endif
+}
+__device__ __forceinline__ float sfu_rcp(float x) {
+#ifdef __CUDA_ARCH__
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+    return y;
+#else
+    return 1.0f / x;
+#endif
+}
+
+// sigmoid(2u) for GELU's u at x
+__device__ __forceinline__ float gelu_sigmoid(float x) {
+    float u = SQRT_2_OVER_PI * x * (1.0f + GELU_CUBIC * x * x);
+    return sfu_rcp(1.0f + sfu_exp2(-2.0f * LOG2E * u));
+}
+
+__device__ __forceinline__ float gelu_bf16_math(float x) {
+#if SMELT_FAST_GELU
+    return x * gelu_sigmoid(x);
+#else
+    return gelu_f(x);
+#endif
+}
+
+__device__ __forceinline__ float gelu_grad_bf16_math(float x) {
+#if SMELT_FAST_GELU
+    float s = gelu_sigmoid(x);
+    float du = SQRT_2_OVER_PI * (1.0f + 3.0f * GELU_CUBIC * x * x);
+    return s + 2.0f * x * s * (1.0f - s) * du;
+#else
+    return gelu_grad(x);
+#endif
+}
+
 // Eight bf16 values in one 16-byte word, and back (the GELU kernels' vector path).
 __device__ __forceinline__ void bf16x8_unpack(uint4 w, float v[8]) {
     uint2 lo, hi;
@@ -68,11 +126,11 @@ __device__ __forceinline__ uint4 bf16x8_pack(const float v[8]) {
     return w;
 }
 
-// The GELU kernels on bf16 storage (math in f32) move eight values per 16-byte access, then
-// the tail one by one (or everything one by one where a buffer is not 16-byte aligned): one
-// 8-byte access per thread kept too few bytes in flight to reach the H200's bandwidth (run 17:
-// the forward at ~2.8 TB/s, the backward at ~3.2, hardly faster than on an H100). Every value
-// is computed as the scalar path computes it, so the two paths agree bit for bit.
+// The GELU kernels on bf16 storage (math in f32, gelu_bf16_math above) move eight values per
+// 16-byte access, then the tail one by one (or everything one by one where a buffer is not
+// 16-byte aligned). Every value is computed as the scalar path computes it, so the two paths
+// agree bit for bit. (The 16-byte accesses alone did not speed them up, run 22: their limit was
+// the instructions per value, see SMELT_FAST_GELU.)
 
 // gelu_forward on bf16 storage.
 extern "C" __global__ void gelu_forward_bf16(unsigned short* out, const unsigned short* inp, u64 n) {
@@ -82,10 +140,10 @@ extern "C" __global__ void gelu_forward_bf16(unsigned short* out, const unsigned
     for (u64 i = tid; i < n8; i += stride) {
         float v[8];
         bf16x8_unpack(((const uint4*)inp)[i], v);
-        for (int k = 0; k < 8; k++) v[k] = gelu_f(v[k]);
+        for (int k = 0; k < 8; k++) v[k] = gelu_bf16_math(v[k]);
         ((uint4*)out)[i] = bf16x8_pack(v);
     }
-    for (u64 i = n8 * 8 + tid; i < n; i += stride) out[i] = f32_to_bf16_rne(gelu_f(bf16_to_f32(inp[i])));
+    for (u64 i = n8 * 8 + tid; i < n; i += stride) out[i] = f32_to_bf16_rne(gelu_bf16_math(bf16_to_f32(inp[i])));
 }
 
 // gelu_backward_set on bf16 storage: dinp = dout * gelu'(x), overwritten.
@@ -98,11 +156,11 @@ extern "C" __global__ void gelu_backward_set_bf16(unsigned short* dinp, const un
         float x[8], d[8];
         bf16x8_unpack(((const uint4*)inp)[i], x);
         bf16x8_unpack(((const uint4*)dout)[i], d);
-        for (int k = 0; k < 8; k++) d[k] = d[k] * gelu_grad(x[k]);
+        for (int k = 0; k < 8; k++) d[k] = d[k] * gelu_grad_bf16_math(x[k]);
         ((uint4*)dinp)[i] = bf16x8_pack(d);
     }
     for (u64 i = n8 * 8 + tid; i < n; i += stride) {
-        dinp[i] = f32_to_bf16_rne(bf16_to_f32(dout[i]) * gelu_grad(bf16_to_f32(inp[i])));
+        dinp[i] = f32_to_bf16_rne(bf16_to_f32(dout[i]) * gelu_grad_bf16_math(bf16_to_f32(inp[i])));
     }
 }
 
