@@ -708,6 +708,23 @@ pub trait Backend: Send + Sync + 'static {
         false
     }
 
+    /// `gelu_backward_set` over a (rows, `cols`) matrix and `dbias (cols) += sum_n dinp`, the
+    /// up-projection's bias gradient, in one pass where a backend can (the CUDA backend on bf16
+    /// activations: the column sums of dinp as its kernel writes it, instead of a pass reading it
+    /// back). Returns false, having written nothing, where it does not (the default): the caller
+    /// runs `gelu_backward_set` and passes the bias gradient to the up-projection's backward.
+    fn gelu_backward_set_with_bias(
+        &self,
+        dinp: Self::ViewMut<'_>,
+        dbias: Self::ViewMut<'_>,
+        inp: Self::View<'_>,
+        dout: Self::View<'_>,
+        cols: usize,
+    ) -> bool {
+        let _ = (dinp, dbias, inp, dout, cols);
+        false
+    }
+
     /// Inverted dropout: `out = inp * keep / (1 - p)`, keep from `mask` (p = 0: `out = inp`
     /// exactly). The default computes on the host through `cpu::dropout`, so any backend draws
     /// the same mask as the CPU.

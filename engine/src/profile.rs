@@ -390,6 +390,9 @@ impl<B: Backend> Backend for Profiled<B> {
     fn rope(&self, qkv: B::ViewMut<'_>, table: B::View<'_>, s: crate::backend::RopeShape, inverse: bool) {
         self.timed(|| if inverse { "rope_backward" } else { "rope_forward" }.into(), || self.inner.rope(qkv, table, s, inverse))
     }
+    fn gelu_backward_set_with_bias(&self, dinp: B::ViewMut<'_>, dbias: B::ViewMut<'_>, inp: B::View<'_>, dout: B::View<'_>, cols: usize) -> bool {
+        self.timed(|| "gelu_backward+bias".into(), || self.inner.gelu_backward_set_with_bias(dinp, dbias, inp, dout, cols))
+    }
     fn gelu_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>) {
         self.timed(|| "gelu_forward".into(), || self.inner.gelu_forward(out, inp))
     }

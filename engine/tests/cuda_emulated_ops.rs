@@ -195,6 +195,50 @@ fn gelu_bf16_kernels_are_gelu_rounded_once_on_both_paths() {
     }
 }
 
+/// The GELU backward with the bias gradient's column sums in the same pass: its dinp bitwise
+/// gelu_backward_set_bf16's, and its per-chunk partials bitwise the row-order f32 sums (from 0,
+/// chunks of 64 rows) of that dinp's values, which column_sum_partial_bf16_x4 would compute
+/// reading it back. Rows not a multiple of the chunk or of the kernel's four rows per batch, and
+/// a grid small enough that the grid-stride loop goes round.
+#[test]
+fn gelu_backward_with_bias_sums_is_the_two_passes_bitwise() {
+    // (rows, cols, rows per chunk): 64-row chunks with a short last one (7 rows: the four-row
+    // batches and then single rows); 3-row chunks, 303 tasks for the emulator's 256 threads
+    for (rows, cols, per) in [(64 * 2 + 7, 24, 64), (301, 24, 3)] {
+        let n = rows * cols;
+        let x = bf16_of(&randn(40, n, 2.0));
+        let dy = bf16_of(&randn(41, n, 1.0));
+        let Some(two_pass) = run_kernel(
+            "gelu_backward_set_bf16",
+            Launch { grid: 2, shifts: &[] },
+            vec![Arg::Bf16(vec![0xffff; n]), Arg::Bf16(x.clone()), Arg::Bf16(dy.clone())],
+            &[],
+        ) else {
+            return;
+        };
+        let want = two_pass[0].as_ref().unwrap().bf16();
+        let chunks = rows.div_ceil(per);
+        let mut want_partial = vec![0.0f32; chunks * cols];
+        for (r, row) in want.chunks(cols).enumerate() {
+            for (c, &h) in row.iter().enumerate() {
+                want_partial[(r / per) * cols + c] += widen(h);
+            }
+        }
+        let scalars = [rows.to_string(), cols.to_string(), per.to_string()];
+        let out = run_kernel(
+            "gelu_backward_set_bias_bf16",
+            Launch { grid: 1, shifts: &[] },
+            vec![Arg::Bf16(vec![0xffff; n]), Arg::F32(vec![f32::NAN; chunks * cols]), Arg::Bf16(x), Arg::Bf16(dy)],
+            &scalars,
+        )
+        .unwrap();
+        assert_eq!(out[0].as_ref().unwrap().bf16(), want, "{rows}x{cols} by {per}: the fused kernel's dinp is not gelu_backward_set_bf16's");
+        let got: Vec<u32> = out[1].as_ref().unwrap().f32().iter().map(|v| v.to_bits()).collect();
+        let want_bits: Vec<u32> = want_partial.iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got, want_bits, "{rows}x{cols} by {per}: the fused kernel's partials are not the row-order sums of its dinp");
+    }
+}
+
 fn assert_within_one_unit(kernel: &str, shifts: &[usize], got: &[u16], want: &[u16]) {
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let (g32, w32) = (widen(g), widen(w));

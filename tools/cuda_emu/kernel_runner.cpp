@@ -140,6 +140,11 @@ static std::map<std::string, Kernel> kernels() {
              u64 n = c.b[1].n;
              c.run(n, [&] { gelu_backward_set_bf16(c.h(0), c.h(1), c.h(2), n); });
          }}},
+        // dinp, partial, inp, dout; rows cols rows_per_chunk (one task per chunk and 8 columns)
+        {"gelu_backward_set_bias_bf16", {{2, 4, 2, 2}, [](const Call& c) {
+             u64 tasks = (c.u(0) + c.u(2) - 1) / c.u(2) * (c.u(1) / 8);
+             c.run(tasks, [&] { gelu_backward_set_bias_bf16(c.h(0), c.f(1), c.h(2), c.h(3), c.u(0), c.u(1), c.u(2)); });
+         }}},
         {"residual_forward", {{4, 4, 4}, [](const Call& c) {
              u64 n = c.b[1].n;
              c.run(n, [&] { residual_forward(c.f(0), c.f(1), c.f(2), n); });

@@ -365,6 +365,9 @@ impl Backend for CudaBackend {
     fn gelu_backward_set(&self, dinp: CudaViewMut<'_>, inp: CudaView<'_>, dout: CudaView<'_>) {
         elementwise::gelu_backward_set(self, dinp, inp, dout)
     }
+    fn gelu_backward_set_with_bias(&self, dinp: CudaViewMut<'_>, dbias: CudaViewMut<'_>, inp: CudaView<'_>, dout: CudaView<'_>, cols: usize) -> bool {
+        elementwise::gelu_backward_set_with_bias(self, dinp, dbias, inp, dout, cols)
+    }
     fn tanh_forward(&self, out: CudaViewMut<'_>, inp: CudaView<'_>) {
         elementwise::tanh_forward(self, out, inp)
     }

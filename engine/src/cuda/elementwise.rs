@@ -2,9 +2,11 @@
 
 use cudarc::driver::PushKernelArg;
 
+use super::colsum;
 use super::memory::elementwise_cfg;
 use super::view::{CudaView, CudaViewMut};
 use super::CudaBackend;
+use crate::cpu::ROWS_PER_TASK;
 
 /// Launches `name(ptrs..., n)` over n elements.
 fn launch(be: &CudaBackend, name: &str, ptrs: &[u64], n: usize) {
@@ -47,6 +49,43 @@ pub(crate) fn gelu_backward_set(be: &CudaBackend, dinp: CudaViewMut<'_>, inp: Cu
         return launch(be, "gelu_backward_set_bf16", &[dinp.addr(), inp.addr(), dout.addr()], inp.len);
     }
     launch(be, "gelu_backward_set", &[dinp.ptr(), inp.ptr(), dout.ptr()], inp.len)
+}
+
+/// `gelu_backward_set` and `dbias (cols) += sum_n dinp` in one pass (gelu_backward_set_bias_bf16:
+/// the same dinp and the same bias gradient bitwise as the two passes), where it applies: every
+/// view bf16, `cols` a multiple of 8 and every buffer 16-byte aligned (one word per thread per
+/// row). Else false, nothing written.
+pub(crate) fn gelu_backward_set_with_bias(
+    be: &CudaBackend,
+    dinp: CudaViewMut<'_>,
+    dbias: CudaViewMut<'_>,
+    inp: CudaView<'_>,
+    dout: CudaView<'_>,
+    cols: usize,
+) -> bool {
+    assert!(dinp.len == inp.len && dout.len == inp.len, "gelu backward: lengths differ");
+    assert_eq!(dbias.len, cols, "gelu backward bias: {} floats for {cols} columns", dbias.len);
+    let aligned = [dinp.addr(), inp.addr(), dout.addr()].iter().all(|a| a % 16 == 0);
+    if !(dinp.is_bf16() && inp.is_bf16() && dout.is_bf16()) || dbias.is_bf16() || cols == 0 || cols % 8 != 0 || inp.len % cols != 0 || !aligned {
+        return false;
+    }
+    let rows = inp.len / cols;
+    if rows == 0 {
+        return true;
+    }
+    let (_scratch, partial) = colsum::scratch(be, rows, cols);
+    let f = be.func("gelu_backward_set_bias_bf16");
+    let (n, c, per) = (rows as u64, cols as u64, ROWS_PER_TASK as u64);
+    let (d, x, dy) = (dinp.addr(), inp.addr(), dout.addr());
+    let mut b = be.stream().launch_builder(&f);
+    b.arg(&d).arg(&partial).arg(&x).arg(&dy).arg(&n).arg(&c).arg(&per);
+    // SAFETY: gelu_backward_set_bias_bf16(unsigned short*, float*, const unsigned short* x2, u64
+    // rows, u64 cols, u64 rows_per_chunk): rows*cols bf16 values per view (lengths checked),
+    // chunks*cols partials (the scratch's size), cols % 8 == 0 and 16-byte aligned views (checked).
+    let tasks = colsum::chunks(rows) * (cols / 8);
+    be.check(unsafe { b.launch(elementwise_cfg(be, tasks)) }.map(|_| ()), "gelu_backward_set_bias_bf16");
+    colsum::finish(be, dbias.ptr(), partial, rows, cols);
+    true
 }
 
 pub(crate) fn residual_forward(be: &CudaBackend, out: CudaViewMut<'_>, a: CudaView<'_>, b: CudaView<'_>) {

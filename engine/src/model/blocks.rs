@@ -137,7 +137,8 @@ impl Linear {
 
     /// The backward pass of this linear over `act = gelu(pre)`, where `pre` came from the
     /// up-projection `up`: `dpre = gelu'(pre) * (dy W)` (overwritten), this linear's dW and db,
-    /// and, where the backend fuses it all (`Backend::matmul_dgelu_backward_fused`), `up`'s bias
+    /// and, where the backend fuses it all (`Backend::matmul_dgelu_backward_fused`, or the GELU
+    /// backward with the column sums, `Backend::gelu_backward_set_with_bias`), `up`'s bias
     /// gradient too. Returns whether `up`'s bias gradient is done; `dact` is the scratch for
     /// d(act) the unfused path takes.
     #[allow(clippy::too_many_arguments)]
@@ -160,6 +161,11 @@ impl Linear {
             return true;
         }
         self.backward(cx, grads, dact, Grad::Set, dy, act, rows);
+        // up's bias gradient from the GELU backward's own pass where the backend can
+        let cols = self.shape(rows).in_features;
+        if be.gelu_backward_set_with_bias(all_mut(be, dpre), be.view_mut(grads, up.b.clone()), all(be, pre), all(be, dact), cols) {
+            return true;
+        }
         be.gelu_backward_set(all_mut(be, dpre), all(be, pre), all(be, dact));
         false
     }

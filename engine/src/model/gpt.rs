@@ -699,11 +699,17 @@ impl<B: Backend> Gpt<B> {
             // else through dfch_gelu
             let [dw, db, dfc_b] = be.split_mut(grads, [table.range(bp.fcproj_w), table.range(bp.fcproj_b), table.range(bp.fc_b)]);
             let fcproj = (be.view(dfcproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), mm(rows, 4 * c, c));
-            let fc_bias_done = be.matmul_dgelu_backward_fused(be.view_mut(&mut s.dfch, rc4.clone()), Some(dfc_b), dw, Some(db), fcproj.0, fcproj.1, be.view(&a.fch, rc4.clone()), fcproj.2, fcproj.3);
+            let mut fc_bias_done = be.matmul_dgelu_backward_fused(be.view_mut(&mut s.dfch, rc4.clone()), Some(dfc_b), dw, Some(db), fcproj.0, fcproj.1, be.view(&a.fch, rc4.clone()), fcproj.2, fcproj.3);
             if !fc_bias_done {
                 let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fcproj_w, bp.fcproj_b);
                 be.matmul_backward_set_dinp(be.view_mut(&mut s.dfch_gelu, rc4.clone()), dw, Some(db), fcproj.0, fcproj.1, fcproj.2, fcproj.3);
-                be.gelu_backward_set(be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
+                // fc's bias gradient from the GELU backward's own pass where the backend can
+                let (dfch, fch, dfch_gelu) = (be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
+                let dfc_b = be.view_mut(grads, table.range(bp.fc_b));
+                fc_bias_done = be.gelu_backward_set_with_bias(dfch, dfc_b, fch, dfch_gelu, 4 * c);
+                if !fc_bias_done {
+                    be.gelu_backward_set(be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
+                }
             }
             // fch = mlp_in @ W + b; post-LN accumulates onto the residual gradient already in dln
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fc_w, bp.fc_b);

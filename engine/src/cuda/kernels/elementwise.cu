@@ -164,6 +164,48 @@ extern "C" __global__ void gelu_backward_set_bf16(unsigned short* dinp, const un
     }
 }
 
+// gelu_backward_set_bf16 over a (rows, cols) matrix and, in the same pass, the column sums of
+// its result (the up-projection's bias gradient) as colsum.rs's partials: partial[chunk, c] =
+// the sum of the rounded bf16 dinp[r, c] over the chunk's rows, from 0 in row order, which is
+// exactly what column_sum_partial_bf16_x4 computes reading dinp back, so the bias gradient is
+// bitwise the unfused path's (column_sum_finish then adds the partials). That read of dinp (100
+// MB per GPT-2 124M layer at B16 T1024) is what this saves. A thread takes one chunk of rows and
+// 8 adjacent columns (one 16-byte word per row per buffer), four rows' loads in flight at a time.
+// cols % 8 == 0 and every buffer 16-byte aligned (the host checks).
+extern "C" __global__ void gelu_backward_set_bias_bf16(unsigned short* __restrict__ dinp, float* __restrict__ partial,
+                                                       const unsigned short* __restrict__ inp,
+                                                       const unsigned short* __restrict__ dout, u64 rows, u64 cols,
+                                                       u64 rows_per_chunk) {
+    const u64 groups = cols / 8, chunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+    GRID_STRIDE(task, chunks * groups) {
+        const u64 chunk = task / groups, o = (task % groups) * 8;
+        const u64 r0 = chunk * rows_per_chunk, r1 = min(r0 + rows_per_chunk, rows);
+        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        u64 r = r0;
+        // one row's 8 values: dinp written, its rounded values added to acc
+        auto row = [&](uint4 xw, uint4 dw, u64 at) {
+            float x[8], d[8];
+            bf16x8_unpack(xw, x);
+            bf16x8_unpack(dw, d);
+            for (int k = 0; k < 8; k++) d[k] = d[k] * gelu_grad_bf16_math(x[k]);
+            const uint4 w = bf16x8_pack(d);
+            *(uint4*)(dinp + at) = w;
+            bf16x8_unpack(w, d);
+            for (int k = 0; k < 8; k++) acc[k] += d[k];
+        };
+        for (; r + 4 <= r1; r += 4) {
+            uint4 xw[4], dw[4];
+            for (int u = 0; u < 4; u++) {
+                xw[u] = *(const uint4*)(inp + (r + u) * cols + o);
+                dw[u] = *(const uint4*)(dout + (r + u) * cols + o);
+            }
+            for (int u = 0; u < 4; u++) row(xw[u], dw[u], (r + u) * cols + o);
+        }
+        for (; r < r1; r++) row(*(const uint4*)(inp + r * cols + o), *(const uint4*)(dout + r * cols + o), r * cols + o);
+        for (int k = 0; k < 8; k++) partial[chunk * cols + o + k] = acc[k];
+    }
+}
+
 // out = a + b
 extern "C" __global__ void residual_forward(float* out, const float* a, const float* b, u64 n) {
     GRID_STRIDE(i, n) { out[i] = a[i] + b[i]; }
