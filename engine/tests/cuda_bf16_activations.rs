@@ -534,6 +534,37 @@ fn gelu_on_bf16_matches_cpu() {
     }
 }
 
+/// The GELU backward with the up-projection's bias gradient in the same pass: dinp bitwise the
+/// plain gelu_backward_set's on the same device, and dbias (which it adds onto) the column sums of
+/// that dinp within f32 rounding; 135 rows (two 64-row chunks and a short one) of 3 x 8 columns.
+/// Columns not a multiple of 8 or a misaligned view decline (false) and leave dbias alone.
+#[test]
+fn gelu_backward_with_bias_sums_is_gelu_backward_and_the_column_sums() {
+    let Some((g, _serial)) = gpu() else { return };
+    let (rows, cols) = (135, 24);
+    let n = rows * cols;
+    let inp = activation(g, &randn_bf16(42, n, 2.0));
+    let dout = activation(g, &randn_bf16(43, n, 1.0));
+    let mut plain = activation(g, &vec![STALE; n]);
+    g.gelu_backward_set(all_mut(g, &mut plain), all(g, &inp), all(g, &dout));
+    let mut fused = activation(g, &vec![STALE; n]);
+    let start: Vec<f32> = (0..cols).map(|c| c as f32 * 0.5).collect();
+    let mut dbias = g.upload(&start);
+    assert!(g.gelu_backward_set_with_bias(all_mut(g, &mut fused), all_mut(g, &mut dbias), all(g, &inp), all(g, &dout), cols), "declined a bf16 24-column matrix");
+    let (want, got) = (host(g, &plain), host(g, &fused));
+    assert_eq!(got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "dinp differs from gelu_backward_set's");
+    let sums: Vec<f64> = (0..cols).map(|c| start[c] as f64 + (0..rows).map(|r| want[r * cols + c] as f64).sum::<f64>()).collect();
+    for (c, (&b, &w)) in host(g, &dbias).iter().zip(&sums).enumerate() {
+        assert!((b as f64 - w).abs() <= 1e-5 * (1.0 + w.abs()), "dbias[{c}] = {b}, the column's sum {w}");
+    }
+    // 20 columns (not a multiple of 8) and a view one element in: declined, dbias untouched
+    let mut dbias = g.upload(&start[..20]);
+    assert!(!g.gelu_backward_set_with_bias(g.view_mut(&mut fused, 0..rows * 20), all_mut(g, &mut dbias), g.view(&inp, 0..rows * 20), g.view(&dout, 0..rows * 20), 20));
+    let mut dbias = g.upload(&start);
+    assert!(!g.gelu_backward_set_with_bias(g.view_mut(&mut fused, 1..1 + 24 * 8), all_mut(g, &mut dbias), g.view(&inp, 1..1 + 24 * 8), g.view(&dout, 1..1 + 24 * 8), cols));
+    assert_eq!(host(g, &dbias), start, "a declined call wrote dbias");
+}
+
 // ---- 6. cross-entropy on bf16 logits ----------------------------------------------------------
 
 fn cross_entropy_body<B: Backend>(be: &B, n: usize, v: usize) -> Outs {

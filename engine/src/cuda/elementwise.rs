@@ -54,7 +54,7 @@ pub(crate) fn gelu_backward_set(be: &CudaBackend, dinp: CudaViewMut<'_>, inp: Cu
 /// `gelu_backward_set` and `dbias (cols) += sum_n dinp` in one pass (gelu_backward_set_bias_bf16:
 /// the same dinp and the same bias gradient bitwise as the two passes), where it applies: every
 /// view bf16, `cols` a multiple of 8 and every buffer 16-byte aligned (one word per thread per
-/// row). Else false, nothing written.
+/// row), and `SMELT_FUSED_GELU_BIAS` on. Else false, nothing written.
 pub(crate) fn gelu_backward_set_with_bias(
     be: &CudaBackend,
     dinp: CudaViewMut<'_>,
@@ -66,7 +66,7 @@ pub(crate) fn gelu_backward_set_with_bias(
     assert!(dinp.len == inp.len && dout.len == inp.len, "gelu backward: lengths differ");
     assert_eq!(dbias.len, cols, "gelu backward bias: {} floats for {cols} columns", dbias.len);
     let aligned = [dinp.addr(), inp.addr(), dout.addr()].iter().all(|a| a % 16 == 0);
-    if !(dinp.is_bf16() && inp.is_bf16() && dout.is_bf16()) || dbias.is_bf16() || cols == 0 || cols % 8 != 0 || inp.len % cols != 0 || !aligned {
+    if !be.tuning().fused_gelu_bias || !(dinp.is_bf16() && inp.is_bf16() && dout.is_bf16()) || dbias.is_bf16() || cols == 0 || cols % 8 != 0 || inp.len % cols != 0 || !aligned {
         return false;
     }
     let rows = inp.len / cols;

@@ -38,6 +38,10 @@ pub struct CudaTuning {
     /// unit's exp2 and reciprocal instead of tanhf (elementwise.cu; stop 27: within one bf16 unit
     /// of the CPU either way, ~4x fewer instructions per value). Compiled in (`-DSMELT_FAST_GELU`).
     pub fast_gelu: bool,
+    /// `SMELT_FUSED_GELU_BIAS`: the MLP up-projection's bias gradient summed by the GELU backward
+    /// as it writes its output (`gelu_backward_set_bias_bf16`) instead of a column-sum pass that
+    /// reads it back; bitwise the same (stop 27).
+    pub fused_gelu_bias: bool,
     /// `SMELT_BGRAD_EPILOGUE`: bias gradients from the weight-gradient GEMM's epilogue instead
     /// of a column-sum pass (v9; run 18, H200: +0.5 ms: off).
     pub bgrad_epilogue: bool,
@@ -81,6 +85,7 @@ impl Default for CudaTuning {
             lt_autotune_candidates: 8,
             gelu_epilogue: false,
             fast_gelu: true,
+            fused_gelu_bias: true,
             bgrad_epilogue: false,
             fused_classifier: false,
             ce_blocks_per_sm: 2,
@@ -126,6 +131,7 @@ impl CudaTuning {
         flag("SMELT_LT_AUTOTUNE", &mut t.lt_autotune)?;
         flag("SMELT_GELU_EPILOGUE", &mut t.gelu_epilogue)?;
         flag("SMELT_FAST_GELU", &mut t.fast_gelu)?;
+        flag("SMELT_FUSED_GELU_BIAS", &mut t.fused_gelu_bias)?;
         flag("SMELT_BGRAD_EPILOGUE", &mut t.bgrad_epilogue)?;
         flag("SMELT_FUSED_CLASSIFIER", &mut t.fused_classifier)?;
         flag("SMELT_ATTN_FUSED_BWD", &mut t.fused_attention_backward)?;
@@ -167,6 +173,7 @@ impl CudaTuning {
             ("SMELT_LT_AUTOTUNE_CANDIDATES", self.lt_autotune_candidates.to_string()),
             ("SMELT_GELU_EPILOGUE", b(self.gelu_epilogue)),
             ("SMELT_FAST_GELU", b(self.fast_gelu)),
+            ("SMELT_FUSED_GELU_BIAS", b(self.fused_gelu_bias)),
             ("SMELT_BGRAD_EPILOGUE", b(self.bgrad_epilogue)),
             ("SMELT_FUSED_CLASSIFIER", b(self.fused_classifier)),
             ("SMELT_CE_BLOCKS_PER_SM", self.ce_blocks_per_sm.to_string()),
@@ -225,6 +232,7 @@ mod tests {
         t.lt_autotune_candidates = 16;
         t.gelu_epilogue = true;
         t.fast_gelu = false;
+        t.fused_gelu_bias = false;
         t.bgrad_epilogue = true;
         t.fused_classifier = true;
         t.ce_blocks_per_sm = 3;
