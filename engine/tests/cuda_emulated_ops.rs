@@ -92,6 +92,30 @@ fn rope_bf16_is_the_cpu_op_rounded_once() {
     }
 }
 
+/// The eight-pairs-per-thread kernel bitwise the one-pair one (which the test above holds to the
+/// CPU), on the shapes whose head halves are whole 16-byte words, forward and inverse, with a grid
+/// small enough that its task loop goes round; a kernel that skipped a group or turned a pair
+/// with the wrong position would differ.
+#[test]
+fn rope_bf16_x8_is_rope_bf16_bitwise() {
+    // (rows, t, c, heads, t_max): hd/2 = 16, 8 and 32
+    for (i, &(rows, t, c, heads, t_max)) in [(37, 5, 64, 2, 7), (9, 4, 96, 6, 6), (70, 35, 128, 2, 40)].iter().enumerate() {
+        let qkv = bf16_of(&randn(50 + i as u64, rows * 3 * c, 1.0));
+        let table = randn(60 + i as u64, t_max * c / heads, 0.7);
+        for inverse in [false, true] {
+            let run = |kernel: &str, grid: u32| {
+                run_kernel(kernel, Launch { grid, shifts: &[] }, vec![Arg::Bf16(qkv.clone()), Arg::F32(table.clone())], scalars![rows, t, c, heads, t_max, inverse as u32])
+                    .map(|out| out[0].as_ref().unwrap().bf16())
+            };
+            let Some(want) = run("rope_bf16", 3) else { return };
+            assert_ne!(want, qkv, "the rotation moved nothing: the comparison would prove nothing");
+            let got = run("rope_bf16_x8", 1).unwrap();
+            let differ = got.iter().zip(&want).filter(|(g, w)| g != w).count();
+            assert_eq!(differ, 0, "rope_bf16_x8 rows={rows} c={c} heads={heads} inverse={inverse}: {differ} of {} values differ", want.len());
+        }
+    }
+}
+
 // ---- elementwise.cu ----------------------------------------------------------------------------
 
 /// n: a partial last block and a tail of 3 past the last whole 4-element word.

@@ -17,8 +17,6 @@
 // What bf16.cuh, adamw.cu and convert.cu use beyond shim.h.
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
 using std::sqrt;
 inline float sqrtf(float x) { return std::sqrt(x); }
 // The IEEE single operations CUDA's _rn intrinsics are (build with -ffp-contract=off).

@@ -10,7 +10,6 @@
 // -DSMELT_ATTN_DQ_BULK=0 for the vector-atomic path.
 // Exit status: the number of failing cases.
 #include "shim.h"
-struct uint4 { unsigned x, y, z, w; };  // CUDA's 16-byte vector (the _vec stats kernels)
 struct alignas(8) float2 { float x, y; };  // the (lse, D) pairs of the dkv pass
 inline float2 make_float2(float x, float y) { return float2{x, y}; }
 // The attention module's files in kernels.rs' ATTENTION_SOURCE order.

@@ -26,8 +26,6 @@
 // so that the sanitizer sees a misaligned word access.
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
 inline unsigned atomicOr(unsigned* p, unsigned v) { return std::atomic_ref<unsigned>(*p).fetch_or(v); }
 // x86-64 SSE arithmetic rounds each operation to f32 (no contraction without -mfma).
 inline float __fmul_rn(float a, float b) { return a * b; }

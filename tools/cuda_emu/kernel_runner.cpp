@@ -26,14 +26,11 @@
 #include <map>
 #include <string>
 
-// What bf16.cuh and the kernels use beyond shim.h. The vector types carry CUDA's alignment so that
-// the sanitizer sees a misaligned word access. x86-64 SSE rounds each f32 operation on its own
-// (and -ffp-contract=off keeps the compiler from fusing), as __fmul_rn / __fadd_rn do.
+// What bf16.cuh and the kernels use beyond shim.h (which has the vector types). x86-64 SSE rounds
+// each f32 operation on its own (and -ffp-contract=off keeps the compiler from fusing), as
+// __fmul_rn / __fadd_rn do.
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) uint4 { unsigned x, y, z, w; };
-struct alignas(16) float4 { float x, y, z, w; };
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __fsub_rn(float a, float b) { return a - b; }
@@ -119,6 +116,9 @@ static std::map<std::string, Kernel> kernels() {
          }}},
         {"rope_bf16", {{2, 4}, [](const Call& c) {
              c.run(c.u(0) * c.u(2), [&] { rope_bf16(c.h(0), c.f(1), c.u(0), c.u(1), c.u(2), c.u(3), c.u(4), (int)c.u(5)); });
+         }}},
+        {"rope_bf16_x8", {{2, 4}, [](const Call& c) {  // one task per row and 8 pairs
+             c.run(c.u(0) * c.u(2) / 8, [&] { rope_bf16_x8(c.h(0), c.f(1), c.u(0), c.u(1), c.u(2), c.u(3), c.u(4), (int)c.u(5)); });
          }}},
         {"gelu_forward", {{4, 4}, [](const Call& c) {
              u64 n = c.b[1].n;

@@ -31,8 +31,6 @@
 // that the sanitizer sees a misaligned word access.
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline unsigned __float_as_uint(float f) { unsigned u; std::memcpy(&u, &f, 4); return u; }
-struct alignas(8) uint2 { unsigned x, y; };
-struct alignas(16) float4 { float x, y, z, w; };
 #include "../../engine/src/cuda/kernels/bf16.cuh"
 #include "../../engine/src/cuda/kernels/layernorm.cu"
 #include "../../engine/src/cuda/kernels/bias.cu"

@@ -14,6 +14,11 @@
 #include <thread>
 #include <vector>
 #include <functional>
+// CUDA's vector types with their alignment, so that a harness built with -fsanitize=alignment sees
+// a misaligned word access.
+struct alignas(8) uint2 { unsigned x, y; };
+struct alignas(16) uint4 { unsigned x, y, z, w; };
+struct alignas(16) float4 { float x, y, z, w; };
 struct Dim3 { unsigned x = 0, y = 0, z = 0; };
 thread_local Dim3 threadIdx, blockIdx;
 Dim3 gridDim, blockDim;

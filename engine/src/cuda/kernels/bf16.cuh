@@ -53,3 +53,17 @@ __device__ __forceinline__ uint2 bf16x4_pack(const float v[4]) {
     w.y = bf16x2_pack_rne(v[2], v[3]);
     return w;
 }
+
+// Eight bf16 values in one 16-byte word, and back (the GELU and rope kernels' vector paths).
+__device__ __forceinline__ void bf16x8_unpack(uint4 w, float v[8]) {
+    uint2 lo, hi;
+    lo.x = w.x; lo.y = w.y; hi.x = w.z; hi.y = w.w;
+    bf16x4_unpack(lo, v);
+    bf16x4_unpack(hi, v + 4);
+}
+__device__ __forceinline__ uint4 bf16x8_pack(const float v[8]) {
+    uint2 lo = bf16x4_pack(v), hi = bf16x4_pack(v + 4);
+    uint4 w;
+    w.x = lo.x; w.y = lo.y; w.z = hi.x; w.w = hi.y;
+    return w;
+}

@@ -112,20 +112,6 @@ __device__ __forceinline__ float gelu_grad_bf16_math(float x) {
 #endif
 }
 
-// Eight bf16 values in one 16-byte word, and back (the GELU kernels' vector path).
-__device__ __forceinline__ void bf16x8_unpack(uint4 w, float v[8]) {
-    uint2 lo, hi;
-    lo.x = w.x; lo.y = w.y; hi.x = w.z; hi.y = w.w;
-    bf16x4_unpack(lo, v);
-    bf16x4_unpack(hi, v + 4);
-}
-__device__ __forceinline__ uint4 bf16x8_pack(const float v[8]) {
-    uint2 lo = bf16x4_pack(v), hi = bf16x4_pack(v + 4);
-    uint4 w;
-    w.x = lo.x; w.y = lo.y; w.z = hi.x; w.w = hi.y;
-    return w;
-}
-
 // The GELU kernels on bf16 storage (math in f32, gelu_bf16_math above) move eight values per
 // 16-byte access, then the tail one by one (or everything one by one where a buffer is not
 // 16-byte aligned). Every value is computed as the scalar path computes it, so the two paths
