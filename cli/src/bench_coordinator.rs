@@ -240,7 +240,7 @@ async fn simulated_worker(
                 tick.tick().await;
                 seq += 1;
                 sent.lock().unwrap().insert(seq, Instant::now());
-                let status = WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0, seq };
+                let status = WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0, seq, draining: false };
                 if tx.send(WorkerMessage { worker_id: id.clone(), body: Some(Up::Status(status)) }).await.is_err() {
                     return;
                 }

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use clap::Args;
-use smelt_proto::v1::ListWorkersRequest;
+use smelt_proto::v1::{ListWorkersRequest, WorkerState};
 
 use crate::client::{
     age, connect, device_name, exit_on_error, runtime, status, table, worker_json, worker_state_name, CoordinatorUrl,
@@ -40,7 +40,8 @@ async fn run_async(a: WorkersArgs) -> Result<()> {
                 w.id.clone(),
                 w.hostname.clone(),
                 format!("{}:{}", device_name(w.device_class), w.device_index),
-                worker_state_name(w.state).to_string(),
+                // a busy worker shutting down finishes its run's step first
+                if w.draining && w.state == WorkerState::Busy as i32 { "busy (draining)".to_string() } else { worker_state_name(w.state).to_string() },
                 if w.job_id.is_empty() { "-".into() } else { w.job_id.clone() },
                 if w.data_addr.is_empty() { "-".into() } else { w.data_addr.clone() },
                 if w.last_seen_ms > 0 { format!("{} ago", age(w.last_seen_ms)) } else { "-".into() },

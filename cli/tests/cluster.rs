@@ -496,6 +496,36 @@ fn sigterm_drains_a_busy_worker_whose_last_lines_reach_the_coordinator() {
     c.wait_job(&job.id, "the second attempt to run", LONG, |j| j.attempt == 2 && JobState::try_from(j.state) == Ok(JobState::Running));
 }
 
+/// SIGTERM of the worker holding rank 0 of a two-rank job: its stop closes the ring, so rank 1
+/// may report a failure before rank 0 reports its drained run. The worker says it is draining
+/// before it stops, so either way the job, which allows no restarts, waits to resume with its
+/// restarts untouched, and its next attempt runs on rank 1's worker and a new one.
+#[test]
+fn sigterm_of_rank0s_worker_spends_no_restart() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    c.start_worker();
+    // checkpoints: rank 0 writes a rescue checkpoint as it stops and reports it before its own
+    // drained Done, so rank 1's failure may arrive first (with a model this small, not always:
+    // coordinator/tests/cluster.rs forces that order)
+    let spec = format!("{}\n[checkpoint]\nevery = 50\nkeep_last = 2\n", c.spec("drain-rank0", 2, 4, 1_000_000, 0));
+    let job = c.submit(&spec).unwrap();
+    let j = c.wait_job(&job.id, "a checkpoint", LONG, |j| j.last_checkpoint_step >= 50);
+    let rank0 = j.worker_ids[0].clone();
+    let i = (0..2)
+        .find(|i| std::fs::read_to_string(c.dir.path().join(format!("worker-{i}.log"))).unwrap_or_default().contains(&format!("worker_id={rank0}")))
+        .unwrap_or_else(|| panic!("no worker log names {rank0}\n{}", c.logs()));
+    c.workers[i].sigterm();
+    let status = c.workers[i].wait_exit(Duration::from_secs(60)).expect("worker exits after SIGTERM");
+    assert!(status.success(), "drained worker exit status {status:?}\n{}", c.logs());
+    let j = c.wait_job(&job.id, "the job to wait for a worker", LONG, |j| j.attempt == 2);
+    assert_ne!(JobState::try_from(j.state).unwrap(), JobState::Failed, "{}\n{}", j.error, c.logs());
+    assert_eq!(j.restarts, 0, "{:#?}", c.event_messages(&job.id));
+    c.start_worker();
+    let j = c.wait_job(&job.id, "the second attempt to run", LONG, |j| j.attempt == 2 && JobState::try_from(j.state) == Ok(JobState::Running));
+    assert!(!j.worker_ids.contains(&rank0), "the draining worker holds a rank of attempt 2: {:?}", j.worker_ids);
+}
+
 /// Ctrl-C on `smelt submit --follow` stops the following only, and says so: the job keeps
 /// running, and the line names the commands that follow or cancel it.
 #[test]

@@ -289,6 +289,7 @@ impl WorkerRec {
             job_id: r.job_id.clone(),
             last_seen_ms: r.last_seen_ms,
             data_addr: r.data_addr.clone(),
+            draining: self.draining,
         }
     }
 

@@ -276,7 +276,7 @@ impl State {
         let state = WorkerState::try_from(s.state).unwrap_or_default();
         let Some(w) = self.workers.get_mut(worker_id) else { return };
         w.reported_job = if state == WorkerState::Busy { s.job_id.clone() } else { String::new() };
-        if state == WorkerState::Draining && !w.draining {
+        if (state == WorkerState::Draining || s.draining) && !w.draining {
             w.draining = true;
             info!(worker_id = %worker_id, "worker draining; it takes no new assignment");
             if w.row.state == WorkerState::Idle {
@@ -372,6 +372,12 @@ impl State {
         }));
     }
 
+    /// Another worker of `job_id`'s gang that said it is draining, if any.
+    fn draining_peer(&self, job_id: &str, worker_id: &str) -> Option<String> {
+        let job = self.jobs.get(job_id)?;
+        job.ranks.iter().find(|w| w.as_str() != worker_id && self.workers.get(w.as_str()).is_some_and(|r| r.draining)).cloned()
+    }
+
     fn on_done(&mut self, worker_id: &str, d: AssignmentDone) {
         if self.wound_down(&d.job_id, worker_id, d.attempt) {
             info!(job_id = %d.job_id, attempt = d.attempt, worker_id = %worker_id, ok = d.ok, "a failed attempt's rank finished");
@@ -395,6 +401,14 @@ impl State {
             return;
         }
         if !d.ok {
+            // A rank whose peer's worker is draining failed because that peer stopped its run
+            // (rank 0 closing the ring reaches rank 1 before rank 0's own report): the drain's
+            // doing, so it spends no restart either, whichever report comes first.
+            if let Some(peer) = self.draining_peer(&d.job_id, worker_id) {
+                info!(job_id = %d.job_id, attempt = d.attempt, worker_id = %worker_id, draining = %peer, error = %d.error, "a rank failed beside a draining peer; counted as the drain");
+                self.fail_attempt(&d.job_id, Fault::Drained { worker: &peer });
+                return;
+            }
             let error = if d.error.is_empty() { "no reason given".to_string() } else { d.error.clone() };
             self.fail_attempt(&d.job_id, Fault::Failed { worker: worker_id, error });
             return;

@@ -541,6 +541,47 @@ async fn a_drained_run_spends_no_restart_and_the_job_resumes_elsewhere() {
     coord.stop().await;
 }
 
+/// Rank 0's worker shut down (SIGTERM): its status says draining first, then rank 1 reports the
+/// failure that rank 0's stop caused (its ring closed) before rank 0's own drained report. The
+/// job, which allows no restarts, is requeued with its restarts untouched, and its next attempt
+/// goes to the other workers, never to the draining one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_failing_beside_a_draining_rank_spends_no_restart() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("drain-rank0", 2, 0, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9975").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9976").await;
+    let (a1, a2) = (w1.assignment().await, w2.assignment().await);
+    let (rank0, mut rank0_w, rank1, mut rank1_w) = if a1.rank == 0 { (a1, w1, a2, w2) } else { (a2, w2, a1, w1) };
+    rank0_w.set_busy_draining(&rank0);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !workers(&mut jobs).await.iter().any(|w| w.state == WorkerState::Busy as i32 && w.draining) {
+        assert!(tokio::time::Instant::now() < deadline, "rank 0's worker never shown draining");
+        tokio::time::sleep(HEARTBEAT).await;
+    }
+    rank1_w.done(&rank1, false, "collective: rank 0 closed the connection", 0).await;
+    let j = wait_job(&mut jobs, &job.id, |j| j.attempt == 2).await;
+    assert_ne!(state(&j), JobState::Failed, "{}", j.error);
+    assert_eq!(j.restarts, 0, "a failure caused by a drain spends no restart");
+    rank0_w.drained(&rank0, 0).await;
+    let texts = event_texts(&mut jobs, &job.id).await;
+    assert!(texts.iter().any(|t| t.contains("is shutting down") && t.contains("no restart spent")), "{texts:?}");
+    // rank 1's run is aborted (its worker then idle); the next attempt goes to it and a new
+    // worker, never to the draining one
+    assert_eq!(rank1_w.abort().await.attempt, 1);
+    rank1_w.set_idle();
+    let mut w3 = Worker::join(&coord.url, "127.0.0.1:9977").await;
+    let (b1, b3) = (rank1_w.assignment().await, w3.assignment().await);
+    assert_eq!((b1.attempt, b3.attempt), (2, 2));
+    let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(m) = tokio::time::timeout_at(until, rank0_w.next()).await {
+        assert!(!matches!(m, coordinator_message::Body::Assign(_)), "the draining worker was given the job again: {m:?}");
+    }
+    coord.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn draining_worker_takes_no_new_work() {
     let (_d, db) = tmp();

@@ -198,7 +198,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 None if draining => (WorkerState::Draining, String::new(), 0),
                 None => (WorkerState::Idle, String::new(), 0),
             };
-            Up::Status(WorkerStatus { state: state as i32, job_id, attempt, seq: 0 })
+            Up::Status(WorkerStatus { state: state as i32, job_id, attempt, seq: 0, draining })
         };
         let _ = up_tx.send(msg(status(&running, draining))).await;
         // a coordinator that does not acknowledge log batches (an older one) has them as sent
@@ -313,8 +313,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     None => unreachable!("the agent holds a sender"),
                 },
                 _ = &mut shutdown, if !draining => {
+                    // the coordinator hears of the drain before the run stops: a peer's failure
+                    // that the stop causes (this rank closing the ring) is then the drain's, and
+                    // spends no restart
+                    let _ = up_tx.send(msg(status(&running, true))).await;
                     draining = begin_drain(&running, "worker received SIGTERM (draining)");
-                    let _ = up_tx.send(msg(status(&running, draining))).await;
                 }
             }
         }

@@ -222,8 +222,8 @@ impl Worker {
             .into_inner();
         assert_eq!(resp.heartbeat_interval_ms, HEARTBEAT.as_millis() as u32);
         let status = match &o.running {
-            Some(a) => WorkerStatus { state: WorkerState::Busy as i32, job_id: a.job_id.clone(), attempt: a.attempt, seq: 0 },
-            None => WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0, seq: 0 },
+            Some(a) => WorkerStatus { state: WorkerState::Busy as i32, job_id: a.job_id.clone(), attempt: a.attempt, seq: 0, draining: false },
+            None => WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0, seq: 0, draining: false },
         };
         let mut w = Worker {
             id: resp.worker_id,
@@ -270,17 +270,24 @@ impl Worker {
 
     pub fn set_busy(&self, a: &Assignment) {
         *self.status.lock().unwrap() =
-            WorkerStatus { state: WorkerState::Busy as i32, job_id: a.job_id.clone(), attempt: a.attempt, seq: 0 };
+            WorkerStatus { state: WorkerState::Busy as i32, job_id: a.job_id.clone(), attempt: a.attempt, seq: 0, draining: false };
+    }
+
+    /// Busy with `a`'s run, and shutting down (the status a worker sends on SIGTERM before it
+    /// stops its run).
+    pub fn set_busy_draining(&self, a: &Assignment) {
+        *self.status.lock().unwrap() =
+            WorkerStatus { state: WorkerState::Busy as i32, job_id: a.job_id.clone(), attempt: a.attempt, seq: 0, draining: true };
     }
 
     pub fn set_draining(&self) {
         *self.status.lock().unwrap() =
-            WorkerStatus { state: WorkerState::Draining as i32, job_id: String::new(), attempt: 0, seq: 0 };
+            WorkerStatus { state: WorkerState::Draining as i32, job_id: String::new(), attempt: 0, seq: 0, draining: false };
     }
 
     pub fn set_idle(&self) {
         *self.status.lock().unwrap() =
-            WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0, seq: 0 };
+            WorkerStatus { state: WorkerState::Idle as i32, job_id: String::new(), attempt: 0, seq: 0, draining: false };
     }
 
     pub async fn next(&mut self) -> coordinator_message::Body {
