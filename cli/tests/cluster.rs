@@ -376,6 +376,27 @@ fn a_job_that_ended_while_the_coordinator_was_down_resumes_from_its_newest_check
     );
 }
 
+/// While the coordinator is down, a worker whose run goes on (and sends an event every step)
+/// waits out its reconnect backoff (100 ms, doubling, at most 5 s) between attempts: each attempt
+/// logs one "coordinator unreachable" warning, so over a wait of W seconds there are at most
+/// about log2(10 W) + W / 5 + 1 of them (not one per training step, as there were).
+#[test]
+fn a_worker_training_through_a_coordinator_outage_keeps_its_backoff() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    let job = c.submit(&c.spec("outage", 1, 8, 1_000_000, 0)).unwrap();
+    c.wait_job(&job.id, "a few steps", LONG, |j| j.last_step >= 3);
+    c.coordinator.as_mut().unwrap().kill9();
+    let waited = Instant::now();
+    let unreachable = || std::fs::read_to_string(c.dir.path().join("worker-0.log")).unwrap().matches("coordinator unreachable").count();
+    // the run keeps stepping meanwhile: its log shows no warning per step
+    std::thread::sleep(Duration::from_secs(4));
+    let (n, secs) = (unreachable(), waited.elapsed().as_secs_f64());
+    let bound = ((10.0 * secs).log2() + secs / 5.0 + 2.0).ceil() as usize;
+    assert!(n >= 1, "no reconnect attempt logged\n{}", c.logs());
+    assert!(n <= bound, "{n} reconnect warnings in {secs:.1} s (the backoff allows {bound})\n{}", c.logs());
+}
+
 #[test]
 fn coordinator_restart_keeps_jobs_and_workers_reattach() {
     let mut c = Cluster::new();

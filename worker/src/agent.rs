@@ -87,13 +87,28 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     let mut leave_by: Option<tokio::time::Instant> = None;
     tokio::pin!(shutdown);
     // Waits out the backoff while no coordinator answers: a SIGTERM starts the drain, and the
-    // run goes on meanwhile, its end kept to report once a coordinator answers.
+    // run goes on meanwhile, its events handled as they come (its end kept to report once a
+    // coordinator answers) without cutting the wait short: a run sends an event every step, and
+    // ending the wait on each made a connection attempt and a warning per step.
     macro_rules! wait_offline {
         () => {
-            tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
-                _ = &mut shutdown, if !draining => draining = begin_drain(&running, "worker received SIGTERM"),
-                Some(ev) = event_rx.recv() => while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &cfg.logs),
+            let until = tokio::time::Instant::now() + backoff;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = &mut shutdown, if !draining => {
+                        draining = begin_drain(&running, "worker received SIGTERM");
+                        break;
+                    }
+                    Some(ev) = event_rx.recv() => {
+                        let ended = matches!(ev, RunEvent::Done(_));
+                        while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &cfg.logs);
+                        // a draining worker's run just ended: it need not wait out the backoff
+                        if ended && draining {
+                            break;
+                        }
+                    }
+                }
             }
             backoff = (backoff * 2).min(Duration::from_secs(5));
         };
