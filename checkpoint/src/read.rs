@@ -85,27 +85,38 @@ pub fn load_verified(uri: &str) -> Result<Checkpoint> {
 pub fn load_verified_dir(dir: &StoreDir) -> Result<Checkpoint> {
     let dir = dir.clone();
     let manifest = read_manifest(&dir)?;
-    let trainer_uri = dir.uri_of(TRAINER);
-    let trainer: TrainerJson = serde_json::from_slice(&read_checked(&dir, &manifest, TRAINER)?)
-        .map_err(|e| bad(trainer_uri.clone(), format!("not a valid trainer.json: {e}")))?;
-    if trainer.step != manifest.step {
-        return Err(bad(trainer_uri, format!("step {} but the manifest says {}", trainer.step, manifest.step)));
-    }
-    trainer.model.validate().map_err(|e| bad(trainer_uri, format!("bad {} model config: {e}", trainer.model.arch())))?;
+    let trainer = trainer_of(&dir, &manifest, &read_checked(&dir, &manifest, TRAINER)?)?;
     let table = tensors::table_of(&trainer);
     let params = tensors::read_model(&table, &read_checked(&dir, &manifest, MODEL)?, &dir.uri_of(MODEL))?;
     let (m, v) = tensors::read_optimizer(&table, &read_checked(&dir, &manifest, OPTIMIZER)?, &dir.uri_of(OPTIMIZER))?;
     Ok(Checkpoint { uri: dir.uri().to_string(), manifest, trainer, params, m, v })
 }
 
-/// Checks every file of the checkpoint in `dir` against its manifest (sizes and sha256) without
-/// decoding anything; returns the manifest.
+/// Checks every file of the checkpoint in `dir` against its manifest (sizes and sha256), and its
+/// trainer.json as every loader does (its step the manifest's, its model config valid), without
+/// decoding the tensors; returns the manifest. So a checkpoint this passes is one the loaders
+/// take (`smelt checkpoints list` says "ok", `submit --resume-from` accepts it).
 pub fn verify(dir: &StoreDir) -> Result<Manifest> {
     let manifest = read_manifest(dir)?;
     for f in &manifest.files {
-        read_checked(dir, &manifest, &f.name)?;
+        let data = read_checked(dir, &manifest, &f.name)?;
+        if f.name == TRAINER {
+            trainer_of(dir, &manifest, &data)?;
+        }
     }
     Ok(manifest)
+}
+
+/// trainer.json's contents, checked as the loaders check them: valid JSON of a trainer state
+/// whose step is the manifest's and whose model config is valid.
+fn trainer_of(dir: &StoreDir, manifest: &Manifest, data: &[u8]) -> Result<TrainerJson> {
+    let trainer_uri = dir.uri_of(TRAINER);
+    let trainer: TrainerJson = serde_json::from_slice(data).map_err(|e| bad(trainer_uri.clone(), format!("not a valid trainer.json: {e}")))?;
+    if trainer.step != manifest.step {
+        return Err(bad(trainer_uri, format!("step {} but the manifest says {}", trainer.step, manifest.step)));
+    }
+    trainer.model.validate().map_err(|e| bad(trainer_uri, format!("bad {} model config: {e}", trainer.model.arch())))?;
+    Ok(trainer)
 }
 
 /// A checkpoint's weights alone, verified: what a fine-tuning job or an export starts from.
@@ -124,12 +135,7 @@ pub struct VerifiedModel {
 /// are not read).
 pub fn load_model_verified(dir: &StoreDir) -> Result<VerifiedModel> {
     let manifest = read_manifest(dir)?;
-    let trainer_uri = dir.uri_of(TRAINER);
-    let trainer: TrainerJson = serde_json::from_slice(&read_checked(dir, &manifest, TRAINER)?)
-        .map_err(|e| bad(trainer_uri.clone(), format!("not a valid trainer.json: {e}")))?;
-    if trainer.step != manifest.step {
-        return Err(bad(trainer_uri, format!("step {} but the manifest says {}", trainer.step, manifest.step)));
-    }
+    let trainer = trainer_of(dir, &manifest, &read_checked(dir, &manifest, TRAINER)?)?;
     let model = read_checked(dir, &manifest, MODEL)?;
     Ok(VerifiedModel { uri: dir.uri().to_string(), manifest, trainer, model })
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use smelt_checkpoint::layout::{MODEL, OPTIMIZER};
+use smelt_checkpoint::layout::{MANIFEST, MODEL, OPTIMIZER};
 use smelt_checkpoint::{commit, load_verified, resolve_model, verify, CheckpointError, HeadConfig, JobLocations, UploadOptions};
 use smelt_corpus::StoreDir;
 
@@ -119,6 +119,16 @@ fn a_classification_head_round_trips_and_verify_checks_every_file() {
 
     let step = root.join("00000005");
     assert_eq!(verify(&step).unwrap().step, 5);
+    // a manifest whose step disagrees with trainer.json is refused, as every loader refuses it
+    let manifest_path = ckpt(dir.path(), 5).join(MANIFEST);
+    let original = std::fs::read_to_string(&manifest_path).unwrap();
+    let mut m: serde_json::Value = serde_json::from_str(&original).unwrap();
+    m["step"] = serde_json::json!(9999);
+    std::fs::write(&manifest_path, serde_json::to_string(&m).unwrap()).unwrap();
+    let e = verify(&step).unwrap_err().to_string();
+    assert!(e.contains("trainer.json") && e.contains("step 5 but the manifest says 9999"), "{e}");
+    assert_eq!(load_verified(&c.uri).unwrap_err().to_string(), e, "verify and the loader disagree");
+    std::fs::write(&manifest_path, original).unwrap();
     flip_byte(&ckpt(dir.path(), 5).join(OPTIMIZER));
     let e = verify(&step).unwrap_err().to_string();
     assert!(e.contains("optimizer.safetensors") && e.contains("sha256"), "{e}");

@@ -42,9 +42,20 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
         std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read job spec {}", a.spec.display()))?;
     if let Some(from) = a.resume_from.clone().filter(|f| !smelt_checkpoint::looks_like_job_id(f.trim())) {
         // store access blocks: off the runtime
-        tokio::task::spawn_blocking(move || check_resume_from(&from)).await??;
+        tokio::task::spawn_blocking(move || check_resume_from(&from, None)).await??;
     }
     let mut client = connect(&a.coordinator.url).await?;
+    if let Some(id) = a.resume_from.clone().filter(|f| smelt_checkpoint::looks_like_job_id(f.trim())) {
+        // a job id resumes from that job's latest checkpoint: checked here as a URI is (an
+        // unknown job is the coordinator's to refuse, below)
+        let id = id.trim().to_string();
+        if let Ok(job) = client.get_job(GetJobRequest { job_id: id.clone() }).await.map(|r| r.into_inner()) {
+            if !job.last_checkpoint_uri.is_empty() {
+                let uri = job.last_checkpoint_uri.clone();
+                tokio::task::spawn_blocking(move || check_resume_from(&uri, Some(&id))).await??;
+            }
+        }
+    }
     let job = client
         .submit(SubmitRequest { spec_toml, resume_from: a.resume_from.unwrap_or_default() })
         .await
@@ -77,37 +88,47 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
 /// [`VERIFY_AT_SUBMIT_MAX`] is only checked for its manifest here (the workers verify it); one
 /// the store will not show this machine (its credentials are the workers') is left to the
 /// workers, with a warning.
-fn check_resume_from(uri: &str) -> Result<()> {
+fn check_resume_from(uri: &str, job: Option<&str>) -> Result<()> {
     use smelt_checkpoint::CheckpointError;
-    let dir = smelt_corpus::StoreDir::open(uri.trim()).map_err(|e| anyhow::anyhow!("--resume-from {uri}: {e}"))?;
+    // what the messages call it: the URI given, or the job given and its latest checkpoint
+    let named = match job {
+        Some(id) => format!("{id}'s latest checkpoint {uri}"),
+        None => uri.to_string(),
+    };
+    let dir = smelt_corpus::StoreDir::open(uri.trim()).map_err(|e| anyhow::anyhow!("--resume-from {named}: {e}"))?;
     match smelt_checkpoint::read::read_manifest(&dir) {
         Ok(m) => {
             let bytes: u64 = m.files.iter().map(|f| f.size).sum();
             if bytes > VERIFY_AT_SUBMIT_MAX {
-                eprintln!("note: --resume-from {uri}: {:.1} GB, not verified here; the workers verify it", bytes as f64 / 1e9);
+                eprintln!("note: --resume-from {named}: {:.1} GB, not verified here; the workers verify it", bytes as f64 / 1e9);
                 return Ok(());
             }
             match smelt_checkpoint::read::verify(&dir) {
                 Ok(_) => Ok(()),
                 // the store failing to answer says nothing about the checkpoint
                 Err(e @ CheckpointError::Store(_)) => {
-                    eprintln!("warning: cannot verify --resume-from {uri} from here ({e}); the workers will");
+                    eprintln!("warning: cannot verify --resume-from {named} from here ({e}); the workers will");
                     Ok(())
                 }
                 Err(e) => {
                     let listing = smelt_checkpoint::layout::parent_uri(uri.trim())
                         .map(|p| format!("; `smelt checkpoints list {p}` shows which verify"))
                         .unwrap_or_default();
-                    anyhow::bail!("--resume-from {uri}: the checkpoint does not verify: {e}{listing}")
+                    anyhow::bail!("--resume-from {named}: the checkpoint does not verify: {e}{listing}")
                 }
             }
         }
-        Err(CheckpointError::NotCommitted { .. }) => anyhow::bail!(
-            "--resume-from {uri}: no MANIFEST.json there, so no committed checkpoint (a wrong path, or an upload that never \
-             finished); `smelt checkpoints list` shows a job's"
-        ),
+        Err(CheckpointError::NotCommitted { .. }) => {
+            let listing = smelt_checkpoint::layout::parent_uri(uri.trim())
+                .map(|p| format!("`smelt checkpoints list {p}` shows the committed ones there"))
+                .unwrap_or_else(|| "`smelt checkpoints list JOB_ID` shows a job's committed ones".to_string());
+            anyhow::bail!(
+                "--resume-from {named}: no MANIFEST.json there, so no committed checkpoint (a wrong path, a checkpoint \
+                 retention removed, or an upload that never finished); {listing}"
+            )
+        }
         Err(e) => {
-            eprintln!("warning: cannot check --resume-from {uri} from here ({e}); the workers will");
+            eprintln!("warning: cannot check --resume-from {named} from here ({e}); the workers will");
             Ok(())
         }
     }

@@ -52,6 +52,10 @@ fn a_corrupt_newest_checkpoint_is_skipped_on_restart_with_an_event_saying_why() 
     let (ok, out) = c.smelt(&["submit", resume.to_str().unwrap(), "--resume-from", &bad]);
     assert!(!ok, "{out}");
     assert!(out.contains("the checkpoint does not verify") && out.contains("sha256") && out.contains("smelt checkpoints list"), "{out}");
+    // named by its job (resume from its latest checkpoint), likewise
+    let (ok, out) = c.smelt(&["submit", resume.to_str().unwrap(), "--resume-from", &job.id]);
+    assert!(!ok, "{out}");
+    assert!(out.contains(&format!("{}'s latest checkpoint {bad}", job.id)) && out.contains("the checkpoint does not verify") && out.contains("sha256"), "{out}");
     let (_, jobs) = c.smelt(&["jobs", "list"]);
     assert!(!jobs.contains("resume-bad"), "{jobs}");
 
