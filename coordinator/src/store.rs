@@ -258,6 +258,11 @@ pub struct Store {
     handle: StoreHandle,
     thread: JoinHandle<()>,
     path: PathBuf,
+    /// The database file, held with an exclusive advisory lock (`flock`) for as long as this
+    /// store is open, so that a second coordinator on the same file refuses to start: two would
+    /// each hand out the same job ids from memory, and one's rows would overwrite the other's.
+    /// (SQLite's own locks are per transaction; they do not stop that.)
+    _lock: std::fs::File,
 }
 
 impl Store {
@@ -265,13 +270,14 @@ impl Store {
     /// `spawn_blocking`.
     pub fn open(path: &Path) -> anyhow::Result<(Store, Loaded)> {
         let mut conn = open_connection(path)?;
-        migrate(&mut conn)?;
-        let loaded = load(&conn)?;
+        let lock = lock_database(path)?;
+        migrate(&mut conn).map_err(|e| damaged(path, e))?;
+        let loaded = load(&conn).map_err(|e| damaged(path, e))?;
         let (tx, rx) = mpsc::channel();
         let log_failures = Arc::new(Mutex::new(HashSet::new()));
         let failures = log_failures.clone();
         let thread = std::thread::Builder::new().name("smelt-store".into()).spawn(move || crate::store_writer::writer_loop(conn, rx, failures))?;
-        Ok((Store { handle: StoreHandle { tx, log_failures }, thread, path: path.to_path_buf() }, loaded))
+        Ok((Store { handle: StoreHandle { tx, log_failures }, thread, path: path.to_path_buf(), _lock: lock }, loaded))
     }
 
     pub fn handle(&self) -> StoreHandle {
@@ -285,12 +291,37 @@ impl Store {
     /// Applies everything queued, then stops the thread. Blocking. Writes sent through other
     /// handles after this are dropped (and logged).
     pub fn close(self) {
-        let Store { handle, thread, .. } = self;
+        // the lock goes with `self`, after the thread has applied the last writes
+        let Store { handle, thread, _lock, .. } = self;
         // Other handles may still be alive (state held by tasks that outlive the server): tell
         // the thread to stop once the queue so far is applied.
         let _ = handle.tx.send(Cmd::Stop);
         let _ = thread.join();
     }
+}
+
+/// The database file locked for this coordinator alone (see `Store::_lock`).
+fn lock_database(path: &Path) -> anyhow::Result<std::fs::File> {
+    let file = std::fs::OpenOptions::new().read(true).open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "--db {} is in use by another coordinator (two on one database would hand out the same job ids); stop that one \
+             first, or give this one another --db",
+            path.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => anyhow::bail!("cannot lock database {}: {e}", path.display()),
+    }
+}
+
+/// An error reading the database, naming it and what can be done.
+fn damaged(path: &Path, e: impl Into<anyhow::Error>) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--db {}: {:#} (not a smelt coordinator database, or a damaged one: restore it from a backup, or start with another \
+         --db; the jobs' checkpoints in the object store stay usable with `smelt submit --resume-from`)",
+        path.display(),
+        e.into()
+    )
 }
 
 fn open_connection(path: &Path) -> anyhow::Result<Connection> {
@@ -299,7 +330,7 @@ fn open_connection(path: &Path) -> anyhow::Result<Connection> {
             .map_err(|e| anyhow::anyhow!("cannot create the database's folder {}: {e}", dir.display()))?;
     }
     let conn = Connection::open(path).map_err(|e| anyhow::anyhow!("cannot open database {}: {e}", path.display()))?;
-    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))?;
+    let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(|e| damaged(path, e))?;
     if !mode.eq_ignore_ascii_case("wal") {
         anyhow::bail!("database {}: journal_mode is {mode}, WAL is required", path.display());
     }
@@ -444,6 +475,28 @@ mod tests {
             resume_from: "memory://c/10".into(),
             backfilled: true,
         }
+    }
+
+    #[test]
+    fn a_database_open_in_one_store_is_refused_to_another_until_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("smelt.db");
+        let (first, _) = Store::open(&path).unwrap();
+        let e = Store::open(&path).err().expect("a second store on an open database");
+        assert!(e.to_string().contains("is in use by another coordinator") && e.to_string().contains("smelt.db"), "{e}");
+        first.close();
+        let (again, _) = Store::open(&path).expect("the lock goes with the closed store");
+        again.close();
+    }
+
+    #[test]
+    fn a_file_that_is_no_database_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("random.db");
+        std::fs::write(&path, (0..100_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<u8>>()).unwrap();
+        let e = Store::open(&path).err().expect("random bytes are no database");
+        let msg = format!("{e:#}");
+        assert!(msg.contains("random.db") && msg.contains("not a smelt coordinator database"), "{msg}");
     }
 
     #[tokio::test]
