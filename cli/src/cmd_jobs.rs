@@ -105,11 +105,17 @@ pub fn jobs_table(jobs: &[Job]) -> String {
     table(&["ID", "NAME", "STATE", "PRIO", "WORKERS", "ATTEMPT", "STEP", "LOSS", "AGE"], &rows)
 }
 
-/// `12/100`; a resumed attempt with no step yet says that its progress is the checkpoint's.
+/// `12/100`; a resumed attempt with no step yet says that its progress is the checkpoint's (one
+/// still waiting for workers, that it will resume from it).
 fn step_line(j: &Job) -> String {
     let resumed = resumed_at(j);
+    let waiting = matches!(job_state(j), smelt_proto::v1::JobState::Queued | smelt_proto::v1::JobState::Restarting);
     let note = if reported_loss(j).is_none() && resumed > 0 && j.last_step == resumed {
-        format!(" (resumed from the checkpoint at step {resumed}; no step trained since)")
+        if waiting {
+            format!(" (resumes from the checkpoint at step {resumed} once placed)")
+        } else {
+            format!(" (resumed from the checkpoint at step {resumed}; no step trained since)")
+        }
     } else {
         String::new()
     };
@@ -155,4 +161,21 @@ fn print_job(j: &Job, json: bool) -> Result<()> {
         println!("{k:<9} {v}");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::step_line;
+    use smelt_proto::v1::{Job, JobState};
+
+    #[test]
+    fn a_job_waiting_to_resume_says_it_will_and_a_resumed_one_that_it_did() {
+        let mut j = Job { last_step: 37, total_steps: 100, resume_from: "file:///s/jobs/job-000001/ckpt/00000037".into(), ..Default::default() };
+        j.state = JobState::Restarting as i32;
+        assert_eq!(step_line(&j), "37/100 (resumes from the checkpoint at step 37 once placed)");
+        j.state = JobState::Running as i32;
+        assert_eq!(step_line(&j), "37/100 (resumed from the checkpoint at step 37; no step trained since)");
+        j.last_step = 40;
+        assert_eq!(step_line(&j), "40/100");
+    }
 }

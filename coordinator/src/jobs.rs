@@ -6,7 +6,7 @@ use tokio::sync::broadcast;
 use tracing::info;
 
 use crate::error::{CoordError, Result};
-use crate::state::{is_terminal, job_state_name, now_ms, JobRec, State};
+use crate::state::{is_terminal, is_waiting, job_state_name, now_ms, JobRec, State};
 use crate::store::{CheckpointRow, JobRow, Op};
 
 /// The step a checkpoint URI names, by the layout `.../ckpt/<step>/`: its last numeric segment.
@@ -167,6 +167,17 @@ impl State {
         }
         if job.latest_checkpoint.as_ref().is_none_or(|(s, _)| r.step >= *s) {
             job.latest_checkpoint = Some((r.step, r.uri.clone()));
+        }
+        // A restart still waiting for workers resumes from the newest checkpoint when placed
+        // (`place`): a rescue checkpoint of the failed attempt that lands meanwhile is where it
+        // will start, so that is what the job shows (not the older one it would have rolled
+        // back to)
+        let newer = r.step > job.row.start_step;
+        if newer && job.row.attempt > 1 && is_waiting(job.row.state) {
+            job.row.start_step = r.step;
+            job.row.resume_from = r.uri.clone();
+            job.row.last_step = r.step;
+            self.persist_job(&r.job_id);
         }
         self.store.write(Op::Checkpoint(CheckpointRow {
             job_id: r.job_id.clone(),

@@ -649,6 +649,9 @@ async fn a_restart_waits_for_rank0_to_end_the_attempt_and_resumes_from_its_rescu
         .report_checkpoint(CheckpointReport { job_id: job.id.clone(), attempt: 1, step: 37, uri: uri.clone(), manifest_sha256: "cd".repeat(32) })
         .await
         .unwrap();
+    // while it still waits, the job shows where it will resume: the rescue checkpoint
+    let waiting = get(&mut jobs, &job.id).await;
+    assert_eq!((state(&waiting), waiting.last_step, waiting.resume_from.as_str()), (JobState::Restarting, 37, uri.as_str()));
     rank0.set_idle();
     rank0.done(&a0, false, "aborted by the coordinator", 37).await;
     // attempt 2 starts from it, on two of the three free workers; then the later job
