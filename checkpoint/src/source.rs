@@ -58,7 +58,8 @@ fn no_model(source: &str, message: impl Into<String>) -> CheckpointError {
 }
 
 /// Resolves `source`: a checkpoint directory (URI or path; verified), a `.safetensors` file
-/// (verified when it is a checkpoint's model.safetensors), a directory holding a model file,
+/// (verified when it is a checkpoint's model.safetensors) or a file of any other name, a
+/// directory holding a model file,
 /// or a job id (see the module docs).
 pub fn resolve_model(source: &str, jobs: &JobLocations) -> Result<ModelSource> {
     let s = source.trim();
@@ -72,6 +73,15 @@ pub fn resolve_model(source: &str, jobs: &JobLocations) -> Result<ModelSource> {
             return Ok(ModelSource::verified(load_model_verified(&dir)?, Vec::new()));
         }
         return Ok(ModelSource { bytes: dir.get(name)?, file: dir.uri_of(name), checkpoint: None, job: None, skipped: Vec::new(), head: None });
+    }
+    // A file under another name (`model.bin`, a copy without the extension) is a model file
+    // too: read as one (what it holds is checked when it is parsed), not taken for a directory.
+    if let Some((parent, name)) = Some(s.rsplit_once('/').unwrap_or((".", s))).filter(|(_, n)| !n.is_empty()) {
+        if let Ok(parent) = StoreDir::open(if parent.is_empty() { "/" } else { parent }) {
+            if matches!(parent.size(name), Ok(Some(_))) {
+                return Ok(ModelSource { bytes: parent.get(name)?, file: parent.uri_of(name), checkpoint: None, job: None, skipped: Vec::new(), head: None });
+            }
+        }
     }
     let dir = StoreDir::open(s)?;
     if dir.size(MANIFEST)?.is_some() {

@@ -133,3 +133,19 @@ fn a_classification_head_round_trips_and_verify_checks_every_file() {
     let e = verify(&step).unwrap_err().to_string();
     assert!(e.contains("optimizer.safetensors") && e.contains("sha256"), "{e}");
 }
+
+#[test]
+fn a_model_file_under_another_name_is_read_as_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = StoreDir::open(&format!("file://{}/jobs/job-000001/ckpt", dir.path().display())).unwrap();
+    let cfg = config(64, 16);
+    commit(&root, &snapshot(&cfg, 5), &UploadOptions::default()).unwrap();
+    let model = std::fs::read(ckpt(dir.path(), 5).join(MODEL)).unwrap();
+    for name in ["weights.bin", "weights"] {
+        let copy = dir.path().join(name);
+        std::fs::write(&copy, &model).unwrap();
+        let m = resolve_model(copy.to_str().unwrap(), &JobLocations::default()).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert_eq!(&m.bytes[..], &model[..], "{name}");
+        assert!(m.file.ends_with(name), "{}", m.file);
+    }
+}
