@@ -97,7 +97,7 @@ fn a_failed_jobs_logs_say_why_on_every_rank() {
     let error = c.job(&job.id).error;
     // the rank that failed first sent its lines before its Done; the other one ends when the
     // abort reaches it, after the job has failed: wait for its lines too. Each rank either
-    // found the non-finite loss itself ("assignment failed", a warning) or was stopped by the
+    // found the non-finite loss itself ("assignment failed", an error) or was stopped by the
     // abort that names it ("assignment stopped", info): which depends on timing
     fn ended(out: &str, rank: u32) -> Vec<&str> {
         [lines_of(out, rank, "assignment failed"), lines_of(out, rank, "assignment stopped")].concat()
@@ -116,7 +116,7 @@ fn a_failed_jobs_logs_say_why_on_every_rank() {
         assert_eq!(end.len(), 1, "rank {rank}:\n{out}\njob error: {error}");
         assert!(end[0].contains("not finite"), "{}", end[0]);
         if end[0].contains("assignment failed") {
-            assert!(end[0].contains(" WARN "), "{}", end[0]);
+            assert!(end[0].contains(" ERROR "), "{}", end[0]);
             failed_ranks += 1;
         } else {
             assert!(end[0].contains(" INFO ") && end[0].contains("aborted by the coordinator"), "{}", end[0]);
@@ -128,6 +128,11 @@ fn a_failed_jobs_logs_say_why_on_every_rank() {
     assert!(!warn.is_empty() && warn.lines().all(|l| l.contains(" WARN ") || l.contains(" ERROR ")), "{warn}");
     let warned: usize = [0, 1].iter().map(|&r| lines_of(&warn, r, "assignment failed").len()).sum();
     assert_eq!(warned, failed_ranks, "{warn}");
+    // and `--level error` shows why it failed
+    let errors = logs(&c, &[&job.id, "--level", "error"]);
+    let failed: usize = [0, 1].iter().map(|&r| lines_of(&errors, r, "assignment failed").len()).sum();
+    assert_eq!(failed, failed_ranks, "{errors}");
+    assert!(errors.lines().all(|l| l.contains(" ERROR ")), "{errors}");
     let (ok, bad) = c.smelt(&["jobs", "logs", &job.id, "--level", "debug"]);
     assert!(!ok && bad.contains("info, warn or error"), "{bad}");
     // following a job that fails shows its last lines after the reason

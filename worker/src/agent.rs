@@ -313,7 +313,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                             // stopped from outside (a cancel, a preemption, a drain): not a failure of the run
                             info!(job_id = %d.job_id, attempt = d.attempt, reason = %why, "assignment stopped");
                         } else {
-                            warn!(job_id = %d.job_id, attempt = d.attempt, error = %d.error, "assignment failed");
+                            // an error: the run's end (`jobs logs --level error` shows why it failed)
+                            tracing::error!(job_id = %d.job_id, attempt = d.attempt, error = %d.error, "assignment failed");
                         }
                         // the run's lines, to its last, before its Done
                         cfg.logs.end();
@@ -381,7 +382,7 @@ fn while_unreachable(
             if d.ok {
                 info!(job_id = %d.job_id, attempt = d.attempt, "assignment finished (the coordinator is away: reported once it is back)");
             } else {
-                warn!(job_id = %d.job_id, attempt = d.attempt, error = %d.error, "assignment failed (the coordinator is away: reported once it is back)");
+                tracing::error!(job_id = %d.job_id, attempt = d.attempt, error = %d.error, "assignment failed (the coordinator is away: reported once it is back)");
             }
             logs.end();
             *running = None;
