@@ -102,6 +102,11 @@ pub fn apply(root: &StoreDir, policy: Retention) -> Result<Vec<u64>> {
             }
         }
         if ok {
+            // a local store keeps directories: the step's, now empty, goes too (left, it reads
+            // as a checkpoint whose upload never finished); remove_dir takes only an empty one
+            if let Some(path) = dir.local_dir() {
+                let _ = std::fs::remove_dir(path);
+            }
             info!(uri = %dir.uri(), step, "retention: checkpoint deleted");
             deleted.push(step);
         }

@@ -108,6 +108,8 @@ fn an_upload_that_died_before_its_manifest_leaves_no_checkpoint() {
     let deleted = smelt_checkpoint::retention::apply(&root, policy).unwrap();
     assert_eq!(deleted, [20]);
     assert!(!d20_path.join(MODEL).exists());
+    assert!(!d20_path.exists(), "the deleted checkpoint's empty directory was left");
+    assert!(dir.path().join("jobs/job-000001/ckpt/00000030").join(MODEL).exists());
 }
 
 #[test]

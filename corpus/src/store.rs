@@ -268,6 +268,12 @@ impl StoreDir {
         }
     }
 
+    /// The directory on this machine's file system for a local store (`file://` or a plain
+    /// path); None for the others.
+    pub fn local_dir(&self) -> Option<PathBuf> {
+        (self.uri.starts_with("file://") || !has_scheme(&self.uri)).then(|| PathBuf::from(format!("/{}", self.root.as_ref())))
+    }
+
     /// A sub-directory.
     pub fn join(&self, name: &str) -> StoreDir {
         StoreDir { store: self.store.clone(), root: self.path(name), uri: self.uri_of(name) }
