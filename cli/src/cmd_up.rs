@@ -257,8 +257,19 @@ pub fn run(a: UpArgs) -> Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     match &a.submit {
         Some(spec) => {
+            // The same spec's job still unfinished in this data dir (an earlier `smelt up`
+            // interrupted): it resumes now, so follow it rather than submit a second copy.
+            let text = std::fs::read_to_string(spec).with_context(|| format!("--submit {}", spec.display()))?;
             let mut submit = tokio::process::Command::new(&exe);
-            submit.args(["submit", &spec.display().to_string(), "--follow", "--coordinator", &url]).kill_on_drop(true);
+            match rt.block_on(unfinished_job_of(&url, &text)) {
+                Some(id) => {
+                    info!(job_id = %id, "this spec's job from an earlier run is not finished: following it (it resumes from its last checkpoint) rather than submitting another; `smelt submit` the spec for a second copy");
+                    submit.args(["jobs", "follow", &id, "--coordinator", &url]).kill_on_drop(true);
+                }
+                None => {
+                    submit.args(["submit", &spec.display().to_string(), "--follow", "--coordinator", &url]).kill_on_drop(true);
+                }
+            }
             // SIGTERM or SIGINT stops the whole cluster, not `smelt up` alone; meanwhile a
             // process of the cluster that exits is started again
             let status = rt.block_on(async {
@@ -281,7 +292,10 @@ pub fn run(a: UpArgs) -> Result<()> {
             let newest = rt.block_on(newest_job(&url));
             drop(cluster);
             let Some(status) = status else {
-                bail!("interrupted: the cluster is stopped (a job that checkpoints resumes from its last checkpoint at the next `smelt up`)");
+                bail!(
+                    "interrupted: the cluster is stopped (a job that checkpoints resumes from its last checkpoint at the next `smelt up` \
+                     on this data dir; the same --submit follows it rather than submitting it again)"
+                );
             };
             if !status.success() {
                 bail!("the job did not succeed (see {} for worker logs)", logs.display());
@@ -308,6 +322,17 @@ pub fn run(a: UpArgs) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// The newest job on the coordinator at `url` that has not finished and was submitted with
+/// exactly `spec_toml`, if any.
+async fn unfinished_job_of(url: &str, spec_toml: &str) -> Option<String> {
+    let mut client = crate::client::connect(url).await.ok()?;
+    let jobs = client.list_jobs(smelt_proto::v1::ListJobsRequest {}).await.ok()?.into_inner().jobs;
+    jobs.into_iter()
+        .filter(|j| j.spec_toml == spec_toml && !crate::cmd_submit::is_terminal(smelt_proto::v1::JobState::try_from(j.state).unwrap_or_default()))
+        .max_by_key(|j| j.created_at_ms)
+        .map(|j| j.id)
 }
 
 /// The id of the newest job on the coordinator at `url` (the one this `smelt up` submitted).

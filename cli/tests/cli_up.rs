@@ -121,6 +121,34 @@ fn sigterm_to_smelt_up_stops_its_whole_cluster() {
     // the workers drained with the coordinator still there: the worker said so and exited
     let worker_log = std::fs::read_to_string(state.join("logs/worker-0.log")).unwrap();
     assert!(worker_log.contains("drained; exiting"), "{worker_log}");
+
+    // `smelt up` again with the same --submit on the same data dir follows the unfinished job
+    // (it resumes) rather than submitting a second copy
+    let log = std::fs::File::create(dir.path().join("up2.log")).unwrap();
+    let mut again = Proc(
+        smelt()
+            .args(["up", "--workers", "1", "--device", "cpu", "--listen", &addr, "--data-dir"])
+            .arg(&state)
+            .arg("--submit")
+            .arg(&spec)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let log2 = || std::fs::read_to_string(dir.path().join("up2.log")).unwrap_or_default();
+    while !log2().contains("following it") {
+        assert!(Instant::now() < deadline, "the second smelt up did not follow the unfinished job: {}", log2());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(log2().contains("job-000001"), "{}", log2());
+    let listed = smelt().args(["jobs", "list", "--coordinator", &format!("http://{addr}")]).output().unwrap();
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.contains("job-000001") && !listed.contains("job-000002"), "{listed}");
+    unsafe { libc::kill(again.0.id() as i32, libc::SIGTERM) };
+    wait_exit(&mut again, Duration::from_secs(150), dir.path());
 }
 
 /// A worker of `smelt up` that dies (SIGKILL: the OOM killer, a crash) is started again, so its
