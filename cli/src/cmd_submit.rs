@@ -15,6 +15,8 @@ use crate::client::{connect, exit_on_error, job_state, runtime, state_name, stat
 /// How quiet a followed job's event stream is when the replay of its past events is taken to be
 /// over (what a waiting job waits for is said then).
 const WAITS_AFTER_QUIET: Duration = Duration::from_millis(300);
+/// How often a followed job that waits is asked again what it waits for.
+const WAITS_RECHECK: Duration = Duration::from_secs(3);
 
 /// How long --follow keeps trying to reach a coordinator that went away (a restart).
 const RECONNECT_FOR: Duration = Duration::from_secs(120);
@@ -165,6 +167,8 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
     // in then (a job that has started since no longer waits).
     let mut waits = (!job.waiting_for.is_empty()).then(|| format!("{}: waits for {}", state_name(job_state(job)), job.waiting_for));
     let mut shown_state: Option<JobState> = None;
+    // the last "waits for" line said, while the job still waits
+    let mut said_wait: Option<String> = None;
     let every = (job.total_steps / 10).max(1);
     let mut seen = 0usize; // stored events already shown (a re-watch replays them)
     let mut last_val: Option<f32> = None;
@@ -183,14 +187,38 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
         reached = Instant::now();
         let mut index = 0usize;
         loop {
-            let next = match waits.as_ref() {
+            // while the job waits, what it waits for is looked at again every few seconds and
+            // said when it changed (workers connecting, a queue moving)
+            let quiet = match (&waits, &said_wait) {
+                (Some(_), _) => Some(WAITS_AFTER_QUIET),
+                (None, Some(_)) => Some(WAITS_RECHECK),
+                (None, None) => None,
+            };
+            let next = match quiet {
                 // (`Streaming::message` is cancel-safe: a timeout loses no event)
-                Some(_) => match tokio::time::timeout(WAITS_AFTER_QUIET, stream.message()).await {
+                Some(after) => match tokio::time::timeout(after, stream.message()).await {
                     Ok(next) => next,
                     Err(_quiet) => {
-                        let line = waits.take().expect("checked above");
-                        if shown_state.is_none_or(|s| s == job_state(job)) {
-                            say(line);
+                        let first = waits.take();
+                        if shown_state.is_some_and(|s| s != job_state(job)) && first.is_some() {
+                            continue; // it has moved on since the submission
+                        }
+                        match client.get_job(GetJobRequest { job_id: job.id.clone() }).await.map(|r| r.into_inner()) {
+                            Ok(now) if matches!(job_state(&now), JobState::Queued | JobState::Restarting) && !now.waiting_for.is_empty() => {
+                                let line = format!("{}: waits for {}", state_name(job_state(&now)), now.waiting_for);
+                                if said_wait.as_deref() != Some(line.as_str()) {
+                                    say(line.clone());
+                                }
+                                said_wait = Some(line);
+                            }
+                            Ok(_) => said_wait = None,
+                            Err(_) => {
+                                // the coordinator did not answer: the submission's words, once
+                                if let Some(line) = first {
+                                    say(line.clone());
+                                    said_wait = Some(line);
+                                }
+                            }
                         }
                         continue;
                     }
@@ -213,6 +241,9 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                     let to = JobState::try_from(s.to).unwrap_or_default();
                     say(format!("{}: {}", state_name(to), s.reason));
                     shown_state = Some(to);
+                    if !matches!(to, JobState::Queued | JobState::Restarting) {
+                        said_wait = None;
+                    }
                     if is_terminal(to) {
                         break 'watch to;
                     }

@@ -38,7 +38,16 @@ fn a_corrupt_newest_checkpoint_is_skipped_on_restart_with_an_event_saying_why() 
     c.workers[0] = None; // SIGKILL
     let at_kill = c.job(&job.id);
     let bad = at_kill.last_checkpoint_uri.clone();
-    flip_byte(&Path::new(bad.trim_start_matches("file://")).join("model.safetensors"));
+    // the recorded one, and any the worker committed after it whose report the kill cut off
+    // (a restart would take that newer one and never look at the recorded one)
+    let recorded = smelt_checkpoint::step_of_uri(&bad).unwrap();
+    let ckpt_dir = Path::new(bad.trim_start_matches("file://")).parent().unwrap().to_path_buf();
+    for entry in std::fs::read_dir(&ckpt_dir).unwrap().flatten() {
+        let step = entry.file_name().to_string_lossy().parse::<u64>().ok();
+        if step.is_some_and(|s| s >= recorded) && entry.path().join("MANIFEST.json").exists() {
+            flip_byte(&entry.path().join("model.safetensors"));
+        }
+    }
 
     // The listing by job id already tells.
     let (ok, listing) = c.smelt(&["checkpoints", "list", &job.id]);

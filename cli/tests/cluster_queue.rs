@@ -7,7 +7,7 @@ use harness::Cluster;
 
 #[test]
 fn submit_and_jobs_get_say_what_a_waiting_job_waits_for() {
-    let c = Cluster::new(); // no worker yet
+    let mut c = Cluster::new(); // no worker yet
     let spec = c.dir.path().join("job.toml");
     std::fs::write(
         &spec,
@@ -34,4 +34,17 @@ fn submit_and_jobs_get_say_what_a_waiting_job_waits_for() {
     // as JSON too
     let (ok, out) = c.smelt(&["jobs", "get", "job-000001", "--json"]);
     assert!(ok && out.contains("\"waiting_for\": \"2 cpu workers: 0 connected"), "{out}");
+    // a follower is told again when what it waits for changes: one worker connects
+    let follow = std::process::Command::new("timeout")
+        .args(["9", env!("CARGO_BIN_EXE_smelt"), "jobs", "follow", "job-000001"])
+        .env("SMELT_COORDINATOR", format!("http://{}", c.addr))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    c.start_worker();
+    let o = follow.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    let (none, one) = (err.find("waits for 2 cpu workers: 0 connected"), err.find("waits for 2 cpu workers: 1 connected"));
+    assert!(none.is_some() && one.is_some() && none < one, "{err}");
 }
