@@ -48,19 +48,7 @@ fn up_until_a_checkpoint(dir: &Path, spec: &Path) -> Up {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
     let state = dir.join("state");
-    let log = std::fs::File::create(dir.join("up.log")).unwrap();
-    let up = Proc(
-        smelt()
-            .args(["up", "--workers", "1", "--device", "cpu", "--listen", &addr, "--data-dir"])
-            .arg(&state)
-            .arg("--submit")
-            .arg(spec)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let up = spawn_up(&addr, &state, spec, &dir.join("up.log"));
     let deadline = Instant::now() + Duration::from_secs(120);
     let ckpt = state.join("jobs/job-000001/ckpt");
     while !std::fs::read_dir(&ckpt).map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists())).unwrap_or(false) {
@@ -68,6 +56,24 @@ fn up_until_a_checkpoint(dir: &Path, spec: &Path) -> Up {
         std::thread::sleep(Duration::from_millis(100));
     }
     Up { up, addr, state }
+}
+
+/// `smelt up` with one CPU worker listening on `addr`, its data in `state`, submitting `spec`,
+/// its output in `log`.
+fn spawn_up(addr: &str, state: &Path, spec: &Path, log: &Path) -> Proc {
+    let log = std::fs::File::create(log).unwrap();
+    Proc(
+        smelt()
+            .args(["up", "--workers", "1", "--device", "cpu", "--listen", addr, "--data-dir"])
+            .arg(state)
+            .arg("--submit")
+            .arg(spec)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    )
 }
 
 /// `up`'s exit status, waiting at most `patience` (its log, in `dir`, says why it did not end).
@@ -124,19 +130,7 @@ fn sigterm_to_smelt_up_stops_its_whole_cluster() {
 
     // `smelt up` again with the same --submit on the same data dir follows the unfinished job
     // (it resumes) rather than submitting a second copy
-    let log = std::fs::File::create(dir.path().join("up2.log")).unwrap();
-    let mut again = Proc(
-        smelt()
-            .args(["up", "--workers", "1", "--device", "cpu", "--listen", &addr, "--data-dir"])
-            .arg(&state)
-            .arg("--submit")
-            .arg(&spec)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .unwrap(),
-    );
+    let mut again = spawn_up(&addr, &state, &spec, &dir.path().join("up2.log"));
     let deadline = Instant::now() + Duration::from_secs(120);
     let log2 = || std::fs::read_to_string(dir.path().join("up2.log")).unwrap_or_default();
     while !log2().contains("following it") {
