@@ -22,15 +22,18 @@ step() { # name, env (VAR=value, + between several; may be empty), then extra fl
   echo "== gpt-2 124m: $name ${env_set:+($env_set)} $*" >> "$OUT/gpt.txt"
   env ${env_set//+/ } timeout 60 "${gpt[@]}" "$@" --warmup 3 --steps 10 --json > "$LOGS/$name.json" 2>> "$OUT/gpt.txt"
   cat "$LOGS/$name.json" >> "$OUT/gpt.txt"
-  python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).read().strip().splitlines()[-1]); print(f"{sys.argv[2]:>10}: {r[\"ms_per_step\"]:.2f} ms, {r[\"tokens_per_s\"]:.0f} tok/s, MFU {100*r[\"mfu\"]:.1f}%")' \
-    "$LOGS/$name.json" "$name" 2>&1 | tee -a "$OUT/summary.txt"
+  names+=("$name")
 }
+names=()
 step shipped ""
 for variant in ${STEP_VARIANTS:-}; do step "${variant%%=*}" "${variant#*=}"; done
 step shipped2 ""
 echo "== torch.compile peer" | tee -a "$OUT/summary.txt"
 timeout 150 python3 device/torch_gpt2.py --B 16 --T 1024 --steps 30 --compile > "$LOGS/torch.txt" 2>&1
 cat "$LOGS/torch.txt" >> "$OUT/gpt.txt"; tail -1 "$LOGS/torch.txt" | tee -a "$OUT/summary.txt"
+for name in "${names[@]}"; do
+  python3 device/step_line.py "$LOGS/$name.json" "$name" --peer "$LOGS/torch.txt" | tee -a "$OUT/summary.txt"
+done
 
 if [ "${KERNELS:-1}" = 1 ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
@@ -48,6 +51,6 @@ echo "== bert-base, t5-small (smelt)" | tee -a "$OUT/summary.txt"
 for m in "bert --preset bert-base --batch 32 --seq 512" "t5 --preset t5-small --batch 64 --seq 512 --dec-seq 114"; do
   timeout 60 device/smelt bench step --backend cuda --arch $m --warmup 3 --steps 10 --json 2>/dev/null | tail -1 > "$LOGS/f.json"
   cat "$LOGS/f.json" >> "$OUT/family.txt"
-  python3 -c 'import json,sys; r=json.loads(open(sys.argv[1]).read()); print(f"{r[\"arch\"]}: {r[\"ms_per_step\"]:.2f} ms, {r[\"tokens_per_s\"]:.0f} tok/s")' "$LOGS/f.json" 2>&1 | tee -a "$OUT/summary.txt"
+  python3 device/step_line.py "$LOGS/f.json" | tee -a "$OUT/summary.txt"
 done
 echo "== summary"; cat "$OUT/summary.txt"

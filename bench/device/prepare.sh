@@ -21,7 +21,7 @@ for line in sys.stdin:
         print(m["target"]["name"], m["executable"])' \
   | while read -r name exe; do strip -o "device/tests/$name" "$exe"; done
 cp ../shared/anchors/torch_gpt2.py ../shared/anchors/torch_family.py device/
-cp bench/device/cuda_round.sh bench/device/cuda_all.sh bench/device/tests_side_by_side.sh bench/device/kernel_variants.sh bench/device/cuda_kernel_times.sh bench/device/kernel_table.py bench/device/peer_kernels.py bench/device/cuda_bert_dropout.sh bench/device/cuda_profile_pair.sh bench/device/cuda_check.sh bench/device/cuda_perf.sh bench/device/cuda_e2e.sh bench/device/cuda_vocab.sh bench/device/cuda_family.sh device/
+cp bench/device/cuda_round.sh bench/device/step_line.py bench/device/cuda_all.sh bench/device/tests_side_by_side.sh bench/device/kernel_variants.sh bench/device/cuda_kernel_times.sh bench/device/kernel_table.py bench/device/peer_kernels.py bench/device/cuda_bert_dropout.sh bench/device/cuda_profile_pair.sh bench/device/cuda_check.sh bench/device/cuda_perf.sh bench/device/cuda_e2e.sh bench/device/cuda_vocab.sh bench/device/cuda_family.sh device/
 ls -la device device/tests
 # The binaries go packed (62 MB unpacked with the tree's 6 MB is over the device tool's 64 MiB
 # per call): every device command starts with `tar xzf device/bin.tgz -C device &&`.

@@ -261,6 +261,10 @@ pub fn run(a: UpArgs) -> Result<()> {
             // interrupted): it resumes now, so follow it rather than submit a second copy.
             let text = std::fs::read_to_string(spec).with_context(|| format!("--submit {}", spec.display()))?;
             let mut submit = tokio::process::Command::new(&exe);
+            // its own process group: a terminal's Ctrl-C reaches `up` (which stops the cluster
+            // and says so), not the follower, whose "keeps running" would say otherwise (and be
+            // cut off mid-line when `up` kills it)
+            submit.process_group(0);
             match rt.block_on(unfinished_job_of(&url, &text)) {
                 Some(id) => {
                     info!(job_id = %id, "this spec's job from an earlier run is not finished: following it (it resumes from its last checkpoint) rather than submitting another; `smelt submit` the spec for a second copy");
