@@ -6,14 +6,11 @@
 use std::path::Path;
 use std::process::{Command, Output};
 
-use smelt_checkpoint::manifest::{DataPosition, FORMAT};
-use smelt_checkpoint::{commit, Lineage, Snapshot, TrainerJson, UploadOptions};
+mod harness;
+
+use smelt_checkpoint::{commit, Snapshot, UploadOptions};
 use smelt_corpus::loopback::S3Loopback;
-use smelt_corpus::{StoreDir, Tokenizer};
-use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
-use smelt_engine::rng::Rng;
-use smelt_engine::train::TrainerState;
-use smelt_engine::CpuBackend;
+use smelt_corpus::StoreDir;
 
 fn smelt(args: &[&str], env: &[(&str, String)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_smelt"));
@@ -30,29 +27,7 @@ fn text_of(o: &Output) -> String {
 
 /// A byte-tokenizer GPT small enough to write in milliseconds; its weights depend on `step`.
 fn snapshot(step: u64) -> Snapshot {
-    let cfg = GptConfig { vocab_size: 256, block_size: 16, n_layer: 1, n_head: 2, n_embd: 8, ln_placement: LayerNormPlacement::Pre, positions: Default::default() };
-    let n = Gpt::<CpuBackend>::param_table(&cfg).total();
-    let mut rng = Rng::new(step);
-    let params: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.02) as f32).collect();
-    Snapshot {
-        m: vec![0.0; n],
-        v: vec![0.0; n],
-        params,
-        trainer: TrainerJson {
-            format: FORMAT.into(),
-            step,
-            job_id: "job-000007".into(),
-            attempt: 1,
-            data: DataPosition { samples_consumed: step * 4, global_batch: 4, seed: 1 },
-            trainer: TrainerState { step, optimizer_steps: step, data_rng: Rng::new(1) },
-            model: cfg.into(),
-            head: None,
-            tokenizer: Tokenizer::Byte,
-            spec_toml: String::new(),
-            lineage: Lineage::default(),
-            smelt_version: "test".into(),
-        },
-    }
+    harness::tiny_snapshot(step, "job-000007")
 }
 
 fn flip_last_bytes(path: &Path) {

@@ -331,3 +331,37 @@ pub fn one_rank_spec(dir: &Path, name: &str, steps: u64, micro_batch: usize, ext
     .unwrap();
     spec
 }
+
+/// A checkpoint snapshot of a tiny GPT (byte vocabulary, one layer of 8) at `step` of `job_id`,
+/// its weights drawn from `step`: what the checkpoint crate's `commit` writes as a real,
+/// verifiable checkpoint for tests that need one without training.
+pub fn tiny_snapshot(step: u64, job_id: &str) -> smelt_checkpoint::Snapshot {
+    use smelt_checkpoint::manifest::{DataPosition, FORMAT};
+    use smelt_checkpoint::{Lineage, Snapshot, TrainerJson};
+    use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
+    use smelt_engine::rng::Rng;
+    use smelt_engine::train::TrainerState;
+    let cfg = GptConfig { vocab_size: 256, block_size: 16, n_layer: 1, n_head: 2, n_embd: 8, ln_placement: LayerNormPlacement::Pre, positions: Default::default() };
+    let n = Gpt::<smelt_engine::CpuBackend>::param_table(&cfg).total();
+    let mut rng = Rng::new(step);
+    let params: Vec<f32> = (0..n).map(|_| (rng.normal() * 0.02) as f32).collect();
+    Snapshot {
+        m: vec![0.0; n],
+        v: vec![0.0; n],
+        params,
+        trainer: TrainerJson {
+            format: FORMAT.into(),
+            step,
+            job_id: job_id.into(),
+            attempt: 1,
+            data: DataPosition { samples_consumed: step * 4, global_batch: 4, seed: 1 },
+            trainer: TrainerState { step, optimizer_steps: step, data_rng: Rng::new(1) },
+            model: cfg.into(),
+            head: None,
+            tokenizer: smelt_corpus::Tokenizer::Byte,
+            spec_toml: String::new(),
+            lineage: Lineage::default(),
+            smelt_version: "test".into(),
+        },
+    }
+}
