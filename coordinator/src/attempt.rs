@@ -18,8 +18,11 @@ pub enum Fault<'a> {
     /// A rank reported failure, or the worker came back without its assignment.
     Failed { worker: &'a str, error: String },
     /// A rank's worker stopped the run because it is shutting down (SIGTERM): no fault of the
-    /// job, so the next attempt spends no restart (as a preemption).
-    Drained { worker: &'a str },
+    /// job, so the next attempt spends no restart (as a preemption). `reported_by`: the worker
+    /// whose report of its run's end this is, the draining one itself or a peer whose run the
+    /// drain broke (the draining one still stopping: as rank 0 it is waited for, as it saves
+    /// its rescue checkpoint).
+    Drained { worker: &'a str, reported_by: &'a str },
 }
 
 impl State {
@@ -86,7 +89,7 @@ impl State {
                 let rank = job.ranks.iter().position(|w| w == worker).unwrap_or(0);
                 (*worker, format!("rank {rank} on worker {worker} failed: {error}"), "failed")
             }
-            Fault::Drained { worker } => {
+            Fault::Drained { worker, .. } => {
                 let rank = job.ranks.iter().position(|w| w == worker).unwrap_or(0);
                 (*worker, format!("rank {rank}'s worker {worker} is shutting down"), "drained")
             }
@@ -95,7 +98,13 @@ impl State {
             self.persist_assignment(job_id, attempt, rank as u32, culprit, culprit_state);
         }
         warn!(job_id = %job_id, attempt, worker_id = %culprit, cause = %cause, "attempt failed");
-        let rank0 = self.rescuing_rank0(job_id, Some(culprit));
+        // the worker whose run has ended is not waited for; a rank 0 still stopping for its
+        // drain saves a rescue checkpoint like any surviving rank 0
+        let ended = match &fault {
+            Fault::Drained { reported_by, .. } => *reported_by,
+            _ => culprit,
+        };
+        let rank0 = self.rescuing_rank0(job_id, Some(ended));
         self.release_gang(job_id, &format!("attempt {attempt} aborted: {cause}"), Some(culprit), "aborted");
         let Some(job) = self.jobs.get_mut(job_id) else { return };
         // A failure that repeats (a missing file, a model that does not fit its data, a loss that

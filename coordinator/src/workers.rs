@@ -397,7 +397,7 @@ impl State {
                     info!(worker_id = %worker_id, "worker draining; it takes no new assignment");
                 }
             }
-            self.fail_attempt(&d.job_id, Fault::Drained { worker: worker_id });
+            self.fail_attempt(&d.job_id, Fault::Drained { worker: worker_id, reported_by: worker_id });
             return;
         }
         if !d.ok {
@@ -406,7 +406,7 @@ impl State {
             // doing, so it spends no restart either, whichever report comes first.
             if let Some(peer) = self.draining_peer(&d.job_id, worker_id) {
                 info!(job_id = %d.job_id, attempt = d.attempt, worker_id = %worker_id, draining = %peer, error = %d.error, "a rank failed beside a draining peer; counted as the drain");
-                self.fail_attempt(&d.job_id, Fault::Drained { worker: &peer });
+                self.fail_attempt(&d.job_id, Fault::Drained { worker: &peer, reported_by: worker_id });
                 return;
             }
             let error = if d.error.is_empty() { "no reason given".to_string() } else { d.error.clone() };

@@ -543,14 +543,16 @@ async fn a_drained_run_spends_no_restart_and_the_job_resumes_elsewhere() {
 
 /// Rank 0's worker shut down (SIGTERM): its status says draining first, then rank 1 reports the
 /// failure that rank 0's stop caused (its ring closed) before rank 0's own drained report. The
-/// job, which allows no restarts, is requeued with its restarts untouched, and its next attempt
-/// goes to the other workers, never to the draining one.
+/// job, which allows no restarts, is requeued with its restarts untouched; its next attempt waits
+/// for rank 0 to save and report its rescue checkpoint, starts from it, and goes to the other
+/// workers, never to the draining one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_failing_beside_a_draining_rank_spends_no_restart() {
     let (_d, db) = tmp();
     let coord = start(&db).await;
     let mut jobs = coord.jobs().await;
-    let job = submit(&mut jobs, &spec("drain-rank0", 2, 0, 0)).await;
+    let checkpointing = format!("{}\n[checkpoint]\nevery = 1000\nfinal_wait_s = 30\n", spec("drain-rank0", 2, 0, 0));
+    let job = submit(&mut jobs, &checkpointing).await;
     let mut w1 = Worker::join(&coord.url, "127.0.0.1:9975").await;
     let mut w2 = Worker::join(&coord.url, "127.0.0.1:9976").await;
     let (a1, a2) = (w1.assignment().await, w2.assignment().await);
@@ -565,16 +567,28 @@ async fn a_peer_failing_beside_a_draining_rank_spends_no_restart() {
     let j = wait_job(&mut jobs, &job.id, |j| j.attempt == 2).await;
     assert_ne!(state(&j), JobState::Failed, "{}", j.error);
     assert_eq!(j.restarts, 0, "a failure caused by a drain spends no restart");
-    rank0_w.drained(&rank0, 0).await;
-    let texts = event_texts(&mut jobs, &job.id).await;
-    assert!(texts.iter().any(|t| t.contains("is shutting down") && t.contains("no restart spent")), "{texts:?}");
-    // rank 1's run is aborted (its worker then idle); the next attempt goes to it and a new
-    // worker, never to the draining one
+    // rank 1's run is aborted (its worker then idle); a new worker joins: nothing is placed
+    // while rank 0 is still saving its rescue checkpoint
     assert_eq!(rank1_w.abort().await.attempt, 1);
     rank1_w.set_idle();
     let mut w3 = Worker::join(&coord.url, "127.0.0.1:9977").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(get(&mut jobs, &job.id).await.attempt, 2);
+    assert!(workers(&mut jobs).await.iter().all(|w| w.job_id.is_empty() || w.id == rank0_w.id), "attempt 2 placed before rank 0's rescue");
+    let uri = format!("file:///tmp/ckpt/jobs/{}/ckpt/37/", job.id);
+    rank0_w
+        .client
+        .clone()
+        .report_checkpoint(CheckpointReport { job_id: job.id.clone(), attempt: 1, step: 37, uri: uri.clone(), manifest_sha256: "cd".repeat(32) })
+        .await
+        .unwrap();
+    rank0_w.drained(&rank0, 37).await;
+    let texts = event_texts(&mut jobs, &job.id).await;
+    assert!(texts.iter().any(|t| t.contains("is shutting down") && t.contains("no restart spent")), "{texts:?}");
+    // the next attempt: rank 1's worker and the new one, from the rescue checkpoint
     let (b1, b3) = (rank1_w.assignment().await, w3.assignment().await);
     assert_eq!((b1.attempt, b3.attempt), (2, 2));
+    assert_eq!((b1.start_step, b1.resume_from.as_str()), (37, uri.as_str()));
     let until = tokio::time::Instant::now() + Duration::from_millis(1500);
     while let Ok(m) = tokio::time::timeout_at(until, rank0_w.next()).await {
         assert!(!matches!(m, coordinator_message::Body::Assign(_)), "the draining worker was given the job again: {m:?}");
