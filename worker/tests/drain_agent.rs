@@ -7,11 +7,12 @@
 
 use std::time::Duration;
 
-use smelt_coordinator::{bind, CoordinatorConfig};
 use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::{GetJobRequest, JobState, ListWorkersRequest, SubmitRequest, WorkerState};
 use smelt_worker::{Device, WorkerConfig};
 use tokio::sync::oneshot;
+
+mod common;
 
 /// Hang guard for waits (not a performance threshold).
 const PATIENCE: Duration = Duration::from_secs(120);
@@ -21,20 +22,8 @@ async fn a_draining_worker_says_so_before_its_run_ends() {
     let dir = tempfile::tempdir().unwrap();
     let text = dir.path().join("corpus.txt");
     std::fs::write(&text, "the quick brown fox jumps over the lazy dog; pack my box with five dozen liquor jugs.\n".repeat(200)).unwrap();
-    let cfg = CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        db_path: dir.path().join("smelt.db"),
-        heartbeat_interval: Duration::from_millis(50),
-        lease_timeout: Duration::from_millis(5000),
-        token: None,
-        tls: None,
-    };
-    let bound = bind(cfg).await.unwrap();
-    let url = format!("http://{}", bound.local_addr());
-    let (coord_stop, coord_stopped) = oneshot::channel::<()>();
-    let coord = tokio::spawn(bound.serve(async move {
-        let _ = coord_stopped.await;
-    }));
+    let coord = common::Coordinator::start(dir.path(), Duration::from_millis(5000)).await;
+    let url = coord.url.clone();
     let mut jobs = JobServiceClient::connect(url.clone()).await.unwrap();
     // a long run that checkpoints (so its end saves a rescue checkpoint) with steps of some length
     let spec = format!(
@@ -93,6 +82,5 @@ async fn a_draining_worker_says_so_before_its_run_ends() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let _ = tokio::time::timeout(PATIENCE, agent).await;
-    let _ = coord_stop.send(());
-    let _ = tokio::time::timeout(PATIENCE, coord).await;
+    coord.stop(PATIENCE).await;
 }

@@ -6,11 +6,12 @@
 use std::path::Path;
 use std::time::Duration;
 
-use smelt_coordinator::{bind, CoordinatorConfig};
 use smelt_proto::v1::job_service_client::JobServiceClient;
 use smelt_proto::v1::{DeviceClass, GetJobRequest, JobState, ListWorkersRequest, SubmitRequest};
 use smelt_worker::{Device, WorkerConfig};
 use tokio::sync::oneshot;
+
+mod common;
 
 /// Hang guard for waits (not a performance threshold).
 const PATIENCE: Duration = Duration::from_secs(60);
@@ -45,20 +46,8 @@ async fn a_cuda_job_on_gpu_workers_without_a_usable_gpu_fails_saying_why() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let cfg = CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        db_path: dir.path().join("smelt.db"),
-        heartbeat_interval: Duration::from_millis(50),
-        lease_timeout: Duration::from_millis(2000),
-        token: None,
-        tls: None,
-    };
-    let bound = bind(cfg).await.unwrap();
-    let url = format!("http://{}", bound.local_addr());
-    let (coord_stop, coord_stopped) = oneshot::channel::<()>();
-    let coord = tokio::spawn(bound.serve(async move {
-        let _ = coord_stopped.await;
-    }));
+    let coord = common::Coordinator::start(dir.path(), Duration::from_millis(2000)).await;
+    let url = coord.url.clone();
     let mut jobs = JobServiceClient::connect(url.clone()).await.unwrap();
     let job = jobs
         .submit(SubmitRequest { spec_toml: gpu_spec(), resume_from: String::new() })
@@ -93,6 +82,5 @@ async fn a_cuda_job_on_gpu_workers_without_a_usable_gpu_fails_saying_why() {
     for w in workers {
         let _ = w.send(());
     }
-    let _ = coord_stop.send(());
-    let _ = tokio::time::timeout(PATIENCE, coord).await;
+    coord.stop(PATIENCE).await;
 }
