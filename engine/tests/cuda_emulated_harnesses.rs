@@ -83,3 +83,17 @@ fn attention_fused_backward_bulk_reductions() {
 fn attention_fused_backward_vector_atomics() {
     run_harness("attention_emu.cpp", &["-DSMELT_ATTN_DQ_BULK=0"], &["fused"]);
 }
+
+/// The Hopper kernels (SMELT_ATTN_WGMMA=1: forward, dkv and dq passes on wgmma, core-matrix
+/// tiles read by descriptor) in place, as an H100 would run them; the emulated wgmma decodes
+/// each descriptor as the PTX ISA's no-swizzle canonical layouts define it.
+#[test]
+fn attention_wgmma_kernels_in_place() {
+    run_harness("attention_emu.cpp", PLAIN, &["wgmma"]);
+}
+
+/// The Hopper kernels on head-major copies (head dims that are no kernel width).
+#[test]
+fn attention_wgmma_kernels_on_copies() {
+    run_harness("attention_emu.cpp", PLAIN, &["wgmmacopies"]);
+}

@@ -23,7 +23,7 @@ fn every_module_compiles_for_sm90() {
     if !nvrtc_or_skip() {
         return;
     }
-    let compiled = kernels::compile_all("sm_90", &smelt_engine::cuda::CudaTuning::default().defines()).unwrap_or_else(|e| panic!("{e}"));
+    let compiled = kernels::compile_all("sm_90", &smelt_engine::cuda::CudaTuning::default()).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(compiled.len(), MODULES.len());
     for m in &compiled {
         let ptx = m.ptx.to_src();
@@ -94,4 +94,44 @@ fn the_gelu_kernels_compile_both_ways_and_the_default_uses_the_special_function_
     }
     assert!(fast.contains("rcp.approx.ftz.f32") && fast.contains("ex2.approx.ftz.f32"), "the default GELU does not use ex2/rcp");
     assert!(fast.contains("cvt.rn.bf16x2.f32") && precise.contains("cvt.rn.bf16x2.f32"), "bf16 stores do not round by cvt on sm_90");
+}
+
+#[test]
+fn the_wgmma_attention_kernels_compile_for_sm90a_and_trap_elsewhere() {
+    // With SMELT_ATTN_WGMMA=1 on an sm_90 device the attention module is compiled for sm_90a,
+    // whose PTX has the wgmma kernels' warpgroup MMAs (NVRTC runs ptxas on them here: a
+    // malformed wgmma fails the compile); by default, and for any other architecture (an A100
+    // here), those kernels compile to a trap and the host never picks them.
+    if !nvrtc_or_skip() {
+        return;
+    }
+    assert_eq!(kernels::module_arch("attention", "sm_90", true), "sm_90a");
+    assert_eq!(kernels::module_arch("attention", "sm_90", false), "sm_90");
+    assert_eq!(kernels::module_arch("elementwise", "sm_90", true), "sm_90");
+    assert_eq!(kernels::module_arch("attention", "sm_80", true), "sm_80");
+    let defines = smelt_engine::cuda::CudaTuning::default().defines();
+    let body = |ptx: &str, kernel: &str| -> String {
+        let start = ptx.find(&format!(".entry {kernel}(")).unwrap_or_else(|| panic!("no {kernel}"));
+        let rest = &ptx[start + 1..];
+        rest[..rest.find(".entry").unwrap_or(rest.len())].to_string()
+    };
+    let hopper = kernels::compile_one_with("attention", kernels::ATTENTION_SOURCE, &kernels::module_arch("attention", "sm_90", true), &defines)
+        .unwrap_or_else(|e| panic!("{e}"))
+        .ptx
+        .to_src();
+    assert!(hopper.contains(".target sm_90a"), "the attention module was not compiled for sm_90a");
+    // products per tile pair: forward q k^T and P v (4 + 4 of K 16), dq pass 4 + 4 + 4, dkv 8 + 8
+    for (kernel, n) in [("attention_forward_wgmma_d64", 8), ("attention_backward_dq_wgmma_d64", 12), ("attention_backward_dkv_wgmma_d64", 16)] {
+        let b = body(&hopper, kernel);
+        assert_eq!(b.matches("wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16").count(), n, "{kernel}");
+        assert!(b.contains("wgmma.wait_group.sync.aligned 0") && b.contains("fence.proxy.async.shared::cta"), "{kernel}");
+    }
+    assert!(body(&hopper, "attention_forward_wgmma_d128").contains("m64n128k16"));
+    assert!(body(&hopper, "attention_forward_wgmma_d32").contains("m64n32k16"));
+    assert!(!body(&hopper, "attention_forward_bf16_d64").contains("wgmma.mma_async"), "the mma.sync forward changed");
+    for arch in ["sm_80", "sm_90"] {
+        let plain = kernels::compile_one_with("attention", kernels::ATTENTION_SOURCE, arch, &defines).unwrap_or_else(|e| panic!("{e}")).ptx.to_src();
+        let b = body(&plain, "attention_forward_wgmma_d64");
+        assert!(!b.contains("wgmma.mma_async") && b.contains("trap;"), "{arch}: the wgmma forward does not trap");
+    }
 }

@@ -6,6 +6,8 @@
 //                 /tmp/attention_emu direct (as bf16io, q, k, v and dout read in place where allowed)
 //                 /tmp/attention_emu fused  (as direct, with the fused backward: dkv pass + dq atomics)
 //                 /tmp/attention_emu fusedcopies (the fused backward on head-major copies)
+//                 /tmp/attention_emu wgmma  (as direct, on the wgmma kernels: attention_wgmma.cuh)
+//                 /tmp/attention_emu wgmmacopies (the wgmma kernels on head-major copies)
 // The fused modes take dq by bulk reductions (hd <= 64) as on sm_90; build with
 // -DSMELT_ATTN_DQ_BULK=0 for the vector-atomic path.
 // Exit status: the number of failing cases.
@@ -16,6 +18,7 @@ inline float2 make_float2(float x, float y) { return float2{x, y}; }
 #include "../../engine/src/cuda/kernels/attention.cuh"
 #include "../../engine/src/cuda/kernels/attention_f32.cu"
 #include "../../engine/src/cuda/kernels/attention_mma.cuh"
+#include "../../engine/src/cuda/kernels/attention_wgmma.cuh"
 #include "../../engine/src/cuda/kernels/attention_operands.cu"
 #include "../../engine/src/cuda/kernels/attention_mma_forward.cu"
 #include "../../engine/src/cuda/kernels/attention_mma_backward.cu"
@@ -82,8 +85,9 @@ int main(int argc, char** argv) {
     // tiled kernels read q, k, v and dout in place instead of head-major copies.
     std::string mode = argc > 1 ? argv[1] : "";
     bool fused = mode == "fused" || mode == "fusedcopies";
-    bool direct_mode = mode == "direct" || mode == "fused";
-    bool io = mode == "bf16io" || direct_mode || fused, tc = mode == "bf16" || io;
+    bool wg = mode == "wgmma" || mode == "wgmmacopies";
+    bool direct_mode = mode == "direct" || mode == "fused" || mode == "wgmma";
+    bool io = mode == "bf16io" || direct_mode || fused || wg, tc = mode == "bf16" || io;
     double tol_f = tc ? 2e-2 : 1e-5, tol_g = tc ? 3e-2 : 1e-4;
     Case cases[] = {
         {"causal packed B2 T129 C96 H3", 2, 129, 129, 96, 3, 1, 1},
@@ -229,14 +233,14 @@ int main(int argc, char** argv) {
         auto ksrc = [&] { return p.direct ? (const unsigned short*)kvd : kh.data(); };
         auto vsrc = [&] { return p.direct ? (const unsigned short*)kvd : vh.data(); };
         auto dosrc = [&] { return p.direct ? (const unsigned short*)doutd : doh.data(); };
+        auto f2 = wg ? (hd <= 32 ? attention_forward_wgmma_d32 : hd <= 64 ? attention_forward_wgmma_d64 : attention_forward_wgmma_d128)
+                     : (hd <= 32 ? attention_forward_bf16_d32 : hd <= 64 ? attention_forward_bf16_d64 : attention_forward_bf16_d128);
         if (tc && p.direct) {
-            auto f2 = hd <= 32 ? attention_forward_bf16_d32 : hd <= 64 ? attention_forward_bf16_d64 : attention_forward_bf16_d128;
             launch(gq, 128, [&] { f2(outd, lse.data(), qsrc(), ksrc(), vsrc(), p); });
         } else if (tc) {  // the forward pass reads the bf16 copies (which the backward pass reuses)
             heads(qh.data(), qd, Tq, p.q_ld, p.q_off);
             heads(kh.data(), kvd, Tk, p.k_ld, p.k_off);
             heads(vh.data(), kvd, Tk, p.v_ld, p.v_off);
-            auto f2 = hd <= 32 ? attention_forward_bf16_d32 : hd <= 64 ? attention_forward_bf16_d64 : attention_forward_bf16_d128;
             launch(gq, 128, [&] { f2(outd, lse.data(), qh.data(), kh.data(), vh.data(), p); });
         } else {
             launch(gq, 256, [&] { fwd(outd, lse.data(), qd, kvd, p); });
@@ -279,8 +283,10 @@ int main(int argc, char** argv) {
                 launch({(unsigned)((n + 255) / 256), 1, 1}, 256, [&] { attention_dq_from_acc(dqp_, acc.data(), W, p); });
                 return;
             }
-            auto dkv2 = hd <= 32 ? attention_backward_dkv_bf16_d32 : hd <= 64 ? attention_backward_dkv_bf16_d64 : attention_backward_dkv_bf16_d128;
-            auto dq2 = hd <= 32 ? attention_backward_dq_bf16_d32 : hd <= 64 ? attention_backward_dq_bf16_d64 : attention_backward_dq_bf16_d128;
+            auto dkv2 = wg ? (hd <= 32 ? attention_backward_dkv_wgmma_d32 : hd <= 64 ? attention_backward_dkv_wgmma_d64 : attention_backward_dkv_wgmma_d128)
+                           : (hd <= 32 ? attention_backward_dkv_bf16_d32 : hd <= 64 ? attention_backward_dkv_bf16_d64 : attention_backward_dkv_bf16_d128);
+            auto dq2 = wg ? (hd <= 32 ? attention_backward_dq_wgmma_d32 : hd <= 64 ? attention_backward_dq_wgmma_d64 : attention_backward_dq_wgmma_d128)
+                          : (hd <= 32 ? attention_backward_dq_bf16_d32 : hd <= 64 ? attention_backward_dq_bf16_d64 : attention_backward_dq_bf16_d128);
             launch(gk, 128, [&] { dkv2(dkvp_, qsrc(), ksrc(), vsrc(), dosrc(), stats.data(), p); });
             launch(gq, 128, [&] { dq2(dqp_, qsrc(), ksrc(), vsrc(), dosrc(), stats.data(), p); });
         };
@@ -315,7 +321,7 @@ int main(int argc, char** argv) {
         bool ok = e1 < tol_f && e2 < tol_f && e3 < tol_g && e4 < tol_g && e5 < tol_g && e5kv < tol_g && e6 < tol_g &&
                   e7 < tol_g && canaries && std::isfinite(e1 + e2 + e3 + e4 + e5 + e5kv + e6 + e7);
         failures += !ok;
-        if (direct_mode || fused) printf("%s%s", fused ? "[fused] " : "", p.direct ? "[direct] " : "[copies] ");
+        if (direct_mode || fused || wg) printf("%s%s", fused ? "[fused] " : wg ? "[wgmma] " : "", p.direct ? "[direct] " : "[copies] ");
         printf("%-32s out %.2e lse %.2e dsrc %.2e dkv %.2e grad-only %.2e/%.2e overwrite %.2e/%.2e%s %s\n", cs.name, e1, e2,
                e3, e4, e5, e5kv, e6, e7, canaries ? "" : " CANARY", ok ? "ok" : "FAIL");
         fflush(stdout);

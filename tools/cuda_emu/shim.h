@@ -180,3 +180,70 @@ inline void fence_proxy_async() {}
 // every thread of the block reaches the kernels' __syncwarp together, so the block barrier
 // stands in for it
 inline void __syncwarp() { g_bar->arrive_and_wait(); }
+// Shared-memory addresses as the hardware's shared window sees them: byte offsets into smem.
+inline unsigned smem_addr(const void* s) { return (unsigned)((const char*)s - (const char*)smem); }
+// wgmma (attention_wgmma.cuh), run at once: the warpgroup's 128 threads publish their A
+// fragments, then each computes its own accumulator elements from the whole 64x16 A and the
+// 16xN B that it decodes from shared memory by the descriptor, as the PTX ISA defines the
+// no-swizzle canonical layouts (in bf16 elements, T = 8): K-major B[k][n] at
+// (n % 8) * 8 + (n / 8) * SBO + (k % 8) + (k / 8) * LBO, MN-major B[k][n] at
+// (n % 8) + (n / 8) * SBO + (k % 8) * 8 + (k / 8) * LBO, LBO and SBO the descriptor's byte
+// offsets (bits 16..29 and 32..45, in 16-byte units) over 2. A descriptor with a swizzle mode
+// or a base offset, or one pointing outside smem, stops the harness. fence, commit and wait
+// order nothing here.
+#include <cstdio>
+#include <cstdlib>
+inline void wgmma_fence() {}
+inline void wgmma_commit() {}
+inline void wgmma_wait_all() {}
+unsigned long long g_desc[1024];
+template <int N, int TRANS_B>
+inline void wgmma_rs(float (&d)[N / 8][4], const unsigned (&a)[4], unsigned long long desc) {
+    const unsigned tid = threadIdx.x, wg0 = tid & ~127u;
+    for (int i = 0; i < 4; i++) g_a[tid][i] = a[i];
+    g_desc[tid] = desc;
+    g_bar->arrive_and_wait();
+    if (desc >> 46) {  // base offset (49..51) and layout type (62..63) must be 0: no swizzle
+        std::fprintf(stderr, "wgmma: descriptor %llx asks for a swizzle or a base offset\n", desc);
+        std::abort();
+    }
+    for (unsigned l = 0; l < 128; l++)
+        if (g_desc[wg0 + l] != desc) {
+            std::fprintf(stderr, "wgmma: threads of a warpgroup passed different descriptors\n");
+            std::abort();
+        }
+    const size_t start = (size_t)(desc & 0x3FFF) << 4, lbo = (size_t)((desc >> 16) & 0x3FFF) << 4,
+                 sbo = (size_t)((desc >> 32) & 0x3FFF) << 4;
+    auto lo = [](unsigned r) { return bf2f(r & 0xffff); };
+    auto hi = [](unsigned r) { return bf2f(r >> 16); };
+    static thread_local float A[64][16], B[16][256];
+    for (unsigned l = 0; l < 128; l++) {  // warp w of the warpgroup: rows 16 w .. 16 w + 16
+        const unsigned w = l / 32, g = (l % 32) / 4, t = l % 4, r = 16 * w + g;
+        const unsigned* ra = g_a[wg0 + l];
+        A[r][2 * t] = lo(ra[0]); A[r][2 * t + 1] = hi(ra[0]);
+        A[r + 8][2 * t] = lo(ra[1]); A[r + 8][2 * t + 1] = hi(ra[1]);
+        A[r][2 * t + 8] = lo(ra[2]); A[r][2 * t + 9] = hi(ra[2]);
+        A[r + 8][2 * t + 8] = lo(ra[3]); A[r + 8][2 * t + 9] = hi(ra[3]);
+    }
+    for (int k = 0; k < 16; k++)
+        for (int n = 0; n < N; n++) {
+            const size_t byte = TRANS_B ? start + (n % 8) * 2 + (n / 8) * sbo + (k % 8) * 16 + (k / 8) * lbo
+                                        : start + (n % 8) * 16 + (n / 8) * sbo + (k % 8) * 2 + (k / 8) * lbo;
+            if (byte + 2 > sizeof(smem)) {
+                std::fprintf(stderr, "wgmma: B element (%d, %d) at byte %zu lies outside shared memory\n", k, n, byte);
+                std::abort();
+            }
+            unsigned short h;
+            std::memcpy(&h, (const char*)smem + byte, 2);
+            B[k][n] = bf2f(h);
+        }
+    const unsigned lane = tid % 32, w = (tid % 128) / 32, g = lane / 4, t = lane % 4;
+    for (int j = 0; j < N / 8; j++)
+        for (int e = 0; e < 4; e++) {
+            const int r = 16 * w + g + 8 * (e >> 1), c = 8 * j + 2 * t + (e & 1);
+            float acc = d[j][e];
+            for (int k = 0; k < 16; k++) acc += A[r][k] * B[k][c];
+            d[j][e] = acc;
+        }
+    g_bar->arrive_and_wait();
+}

@@ -7,8 +7,8 @@ unmasked path both count), which is enough to compare two versions of a kernel.
 
 usage: loop_mix.py SOURCE[+SOURCE...] KERNEL [KERNEL...] [-- NVRTC_OPTION ...]
   e.g. (the attention module: its files in kernels.rs' ATTENTION_SOURCE order)
-  k=engine/src/cuda/kernels; tools/sass/loop_mix.py $k/attention.cuh+$k/attention_f32.cu+$k/attention_mma.cuh+$k/attention_operands.cu+$k/attention_mma_forward.cu+$k/attention_mma_backward.cu attention_forward_bf16_d64
-env: NVRTC_LIB (default: the cu13 wheel under /opt/cuda-pip or $SMELT_CUDA_PIP), CUOBJDUMP
+  k=engine/src/cuda/kernels; tools/sass/loop_mix.py $k/attention.cuh+$k/attention_f32.cu+$k/attention_mma.cuh+$k/attention_wgmma.cuh+$k/attention_operands.cu+$k/attention_mma_forward.cu+$k/attention_mma_backward.cu attention_forward_bf16_d64
+env: SASS_ARCH (default sm_90; sm_90a for the wgmma kernels), NVRTC_LIB (default: the cu13 wheel under /opt/cuda-pip or $SMELT_CUDA_PIP), CUOBJDUMP
      (default: cuobjdump on PATH, else the one Triton's wheel ships)
 """
 import collections, ctypes, glob, os, re, shutil, subprocess, sys, tempfile
@@ -31,7 +31,7 @@ def cubin(sources, options):
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), src.encode(), b"k.cu", 0, None, None) == 0
     inc = os.path.join(os.path.dirname(libdir), "include")
-    opts = [b"--gpu-architecture=sm_90", b"--std=c++17", f"-I{inc}".encode()] + [o.encode() for o in options]
+    opts = [f"--gpu-architecture={os.environ.get('SASS_ARCH', 'sm_90')}".encode(), b"--std=c++17", f"-I{inc}".encode()] + [o.encode() for o in options]
     arr = (ctypes.c_char_p * len(opts))(*opts)
     if lib.nvrtcCompileProgram(prog, len(opts), arr) != 0:
         n = ctypes.c_size_t()

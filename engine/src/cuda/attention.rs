@@ -154,8 +154,9 @@ fn bucket(hd: usize) -> (&'static str, usize) {
 
 /// Dynamic shared memory, in bytes, of each tiled kernel for padded head dim `w` (the layouts
 /// at the top of the `*_impl` functions in attention_mma_*.cu); `bulk`: the fused backward
-/// was compiled to add dq by bulk reductions ([`dq_by_bulk_reductions`]).
-fn smem_bytes(family: Family, kernel: Kernel, w: usize, bulk: bool) -> usize {
+/// was compiled to add dq by bulk reductions ([`dq_by_bulk_reductions`]); `wgmma`: the wgmma
+/// kernels' tiles, (64, W) core-matrix tiles without the mma.sync kernels' row padding.
+fn smem_bytes(family: Family, kernel: Kernel, w: usize, bulk: bool, wgmma: bool) -> usize {
     match family {
         Family::F32 => {
             let tile = TILE * (w + 1); // a (64, W+1) f32 tile of q, k, v or dout
@@ -169,7 +170,7 @@ fn smem_bytes(family: Family, kernel: Kernel, w: usize, bulk: bool) -> usize {
             4 * floats
         }
         Family::Bf16 => {
-            let rows = TILE * (w + 8); // a (64, W+8) bf16 tile
+            let rows = if wgmma { TILE * w } else { TILE * (w + 8) }; // a (64, W+8) or (64, W) bf16 tile
             let (halves, floats) = match kernel {
                 // Q and two buffers each of K and V
                 Kernel::Forward => (5 * rows, 0),
@@ -200,6 +201,14 @@ fn has_bf16_mma(arch: &str) -> bool {
 /// SMELT_DQ_BULK_ARCH makes the same choice in the kernel.
 fn dq_by_bulk_reductions(be: &CudaBackend) -> bool {
     be.tuning().attn_dq_bulk && arch_at_least(be.arch(), 90)
+}
+
+/// Whether `kernel` runs on Hopper's warpgroup MMA (attention_wgmma.cuh): asked for
+/// (`SMELT_ATTN_WGMMA`, which also has the module compiled for sm_90a there:
+/// kernels::module_arch), bf16 kernels, an sm_90 device, and not the fused backward (which has
+/// no wgmma version).
+fn uses_wgmma(be: &CudaBackend, family: Family, kernel: Kernel) -> bool {
+    be.tuning().attn_wgmma && family == Family::Bf16 && be.arch() == "sm_90" && !matches!(kernel, Kernel::Fused)
 }
 
 fn arch_at_least(arch: &str, sm: u32) -> bool {
@@ -356,7 +365,8 @@ fn launch_tiled(
 ) {
     let (suffix, w) = bucket(s.head_dim());
     let family = Family::of(be);
-    let tag = family.tag();
+    let wgmma = uses_wgmma(be, family, kernel);
+    let tag = if wgmma { "wgmma" } else { family.tag() };
     let name = match kernel {
         Kernel::Forward => format!("attention_forward_{tag}_{suffix}"),
         Kernel::Dkv => format!("attention_backward_dkv_{tag}_{suffix}"),
@@ -364,7 +374,7 @@ fn launch_tiled(
         Kernel::Fused => format!("attention_backward_fused_{tag}_{suffix}"),
     };
     let f = be.func(&name);
-    let smem = smem_bytes(family, kernel, w, dq_by_bulk_reductions(be));
+    let smem = smem_bytes(family, kernel, w, dq_by_bulk_reductions(be), wgmma);
     // Above 48 KiB a kernel must opt in to its dynamic shared memory (per function, cheap).
     be.check(
         f.set_attribute(
@@ -800,34 +810,43 @@ mod tests {
         // sm_80 allows 163 KiB of opt-in shared memory per block, sm_90 227 KiB.
         for f in [Family::F32, Family::Bf16] {
             for k in [Kernel::Forward, Kernel::Dkv, Kernel::Dq] {
-                let bytes = smem_bytes(f, k, 128, true);
+                let bytes = smem_bytes(f, k, 128, true, false);
                 assert!(bytes <= 166_912, "{f:?} {k:?}: {bytes}");
             }
         }
-        let fused = smem_bytes(Family::Bf16, Kernel::Fused, 128, true);
+        let fused = smem_bytes(Family::Bf16, Kernel::Fused, 128, true, false);
         assert!(fused <= 166_912, "Bf16 Fused: {fused}");
         // the dkv pass's layout plus the (64, 72) dS^T tile, at GPT-2's head dim, and with bulk
         // reductions each warp's (16, 72) f32 staging: 82 KiB, two blocks per SM on an H100
-        let dkv = smem_bytes(Family::Bf16, Kernel::Dkv, 64, true);
-        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64, true), dkv + 2 * 64 * 72 + 4 * 4 * 16 * 72);
-        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64, true), 83_968);
+        let dkv = smem_bytes(Family::Bf16, Kernel::Dkv, 64, true, false);
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64, true, false), dkv + 2 * 64 * 72 + 4 * 4 * 16 * 72);
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64, true, false), 83_968);
         // without them 64 KiB, two blocks per SM on an A100 too
-        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64, false), dkv + 2 * 64 * 72);
-        assert!(2 * (smem_bytes(Family::Bf16, Kernel::Fused, 64, false) + 1024) <= 167_936);
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Fused, 64, false, false), dkv + 2 * 64 * 72);
+        assert!(2 * (smem_bytes(Family::Bf16, Kernel::Fused, 64, false, false) + 1024) <= 167_936);
         assert_eq!(
-            smem_bytes(Family::F32, Kernel::Forward, 64, true),
+            smem_bytes(Family::F32, Kernel::Forward, 64, true, false),
             4 * (3 * 64 * 65 + 64 * 65)
         );
         assert_eq!(
-            smem_bytes(Family::Bf16, Kernel::Forward, 64, true),
+            smem_bytes(Family::Bf16, Kernel::Forward, 64, true, false),
             2 * (5 * 64 * 72)
         );
+        // the wgmma kernels' unpadded (64, W) tiles: at W = 128 the dkv and dq passes fit, and
+        // at GPT-2's W = 64 the forward's 40 KiB leave room for 4 blocks per SM on an H100
+        for k in [Kernel::Forward, Kernel::Dkv, Kernel::Dq] {
+            let bytes = smem_bytes(Family::Bf16, k, 128, true, true);
+            assert!(bytes <= 232_448 && bytes < smem_bytes(Family::Bf16, k, 128, true, false), "wgmma {k:?}: {bytes}");
+        }
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Forward, 64, true, true), 2 * (5 * 64 * 64));
+        assert_eq!(smem_bytes(Family::Bf16, Kernel::Dkv, 64, true, true), 2 * (6 * 64 * 64) + 4 * 4 * 64);
+        assert!(4 * (smem_bytes(Family::Bf16, Kernel::Forward, 64, true, true) + 1024) <= 233_472);
     }
 
     #[test]
     fn kernel_names_exist_in_the_source() {
         let names = crate::cuda::kernels::kernel_names(crate::cuda::kernels::ATTENTION_SOURCE);
-        for tag in ["f32", "bf16"] {
+        for tag in ["f32", "bf16", "wgmma"] {
             for suffix in ["d32", "d64", "d128"] {
                 let fused = if tag == "bf16" { &["backward_fused"][..] } else { &[] };
                 for k in ["forward", "backward_dkv", "backward_dq"].iter().chain(fused) {

@@ -7,6 +7,8 @@
 //! module may `#include <cuda_bf16.h>`.
 
 use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use super::CudaTuning;
 use thiserror::Error;
 
 /// The attention module's files, in the order they are compiled (attention.cuh says what each
@@ -15,6 +17,7 @@ pub const ATTENTION_SOURCE: &str = concat!(
     include_str!("kernels/attention.cuh"),
     include_str!("kernels/attention_f32.cu"),
     include_str!("kernels/attention_mma.cuh"),
+    include_str!("kernels/attention_wgmma.cuh"),
     include_str!("kernels/attention_operands.cu"),
     include_str!("kernels/attention_mma_forward.cu"),
     include_str!("kernels/attention_mma_backward.cu"),
@@ -65,13 +68,27 @@ pub fn nvrtc_available() -> bool {
     unsafe { cudarc::nvrtc::sys::is_culib_present() }
 }
 
-/// Compiles every module in [`MODULES`] for `arch` (e.g. "sm_90") with the preprocessor
-/// definitions `defines` (`CudaTuning::defines`: the kernels' compiled-in switches).
-pub fn compile_all(arch: &str, defines: &[String]) -> Result<Vec<CompiledModule>, KernelError> {
+/// Compiles every module in [`MODULES`] for `arch` (e.g. "sm_90") with `tuning`'s
+/// preprocessor definitions (`CudaTuning::defines`: the kernels' compiled-in switches), each
+/// module for [`module_arch`].
+pub fn compile_all(arch: &str, tuning: &CudaTuning) -> Result<Vec<CompiledModule>, KernelError> {
     if !nvrtc_available() {
         return Err(KernelError::NvrtcMissing);
     }
-    MODULES.iter().map(|&(name, src)| compile_one(name, src, arch, defines)).collect()
+    let defines = tuning.defines();
+    MODULES.iter().map(|&(name, src)| compile_one(name, src, &module_arch(name, arch, tuning.attn_wgmma), &defines)).collect()
+}
+
+/// The architecture a module is compiled for on a device of `arch`: with the wgmma attention
+/// kernels asked for (`CudaTuning::attn_wgmma`) on an sm_90 device, the attention module for
+/// Hopper's architecture-specific target sm_90a (wgmma needs it; its PTX loads on sm_90 devices
+/// only); otherwise `arch` (the wgmma kernels then compile to a trap, never launched).
+pub fn module_arch(module: &str, arch: &str, wgmma: bool) -> String {
+    if wgmma && module == "attention" && arch == "sm_90" {
+        "sm_90a".to_string()
+    } else {
+        arch.to_string()
+    }
 }
 
 /// Compiles one source without defines (tests' own snippets).

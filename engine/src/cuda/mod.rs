@@ -204,7 +204,7 @@ impl CudaBackend {
             )
             .map_err(|e| device_err(format!("cuda:{ordinal}: multiprocessor count: {e:?}")))?
             as u32;
-        let compiled = kernels::compile_all(&arch, &tuning.defines()).map_err(|e| device_err(format!("cuda:{ordinal}: {e}")))?;
+        let compiled = kernels::compile_all(&arch, &tuning).map_err(|e| device_err(format!("cuda:{ordinal}: {e}")))?;
         let mut funcs = HashMap::new();
         for m in compiled {
             let module = ctx.load_module(m.ptx).map_err(|e| {

@@ -57,6 +57,12 @@ pub struct CudaTuning {
     /// `SMELT_ATTN_DQ_BULK`: the fused backward adds dq by TMA bulk reductions on sm_90 (else
     /// vector atomics). Compiled in (`-DSMELT_ATTN_DQ_BULK`).
     pub attn_dq_bulk: bool,
+    /// `SMELT_ATTN_WGMMA`: on sm_90 (H100, H200) the bf16 attention forward and its dkv and dq
+    /// passes run on Hopper's warpgroup MMA (attention_wgmma.cuh) instead of mma.sync; the
+    /// attention module is then compiled for sm_90a. Elsewhere, and for the fused backward, the
+    /// mma.sync kernels run either way. Stop 28: checked by the host emulator and ptxas only
+    /// (no card yet): off until a card has measured it.
+    pub attn_wgmma: bool,
     /// `SMELT_ATTN_MIN_BLOCKS="fwd,dkv,dq"`: blocks per SM the hd-64 tensor-core attention
     /// kernels are compiled for (their register cap), each 1..=4 (v8 run 13). The fused
     /// backward shares the dkv pass's (it needs ~229 registers: more than 2 would spill).
@@ -91,6 +97,7 @@ impl Default for CudaTuning {
             ce_blocks_per_sm: 2,
             fused_attention_backward: false,
             attn_dq_bulk: true,
+            attn_wgmma: false,
             attn_min_blocks: [4, 1, 3],
             attn_head_group: 16,
             nccl_overlap: false,
@@ -136,6 +143,7 @@ impl CudaTuning {
         flag("SMELT_FUSED_CLASSIFIER", &mut t.fused_classifier)?;
         flag("SMELT_ATTN_FUSED_BWD", &mut t.fused_attention_backward)?;
         flag("SMELT_ATTN_DQ_BULK", &mut t.attn_dq_bulk)?;
+        flag("SMELT_ATTN_WGMMA", &mut t.attn_wgmma)?;
         flag("SMELT_NCCL_OVERLAP", &mut t.nccl_overlap)?;
         flag("SMELT_NCCL_NONBLOCKING", &mut t.nccl_nonblocking)?;
         if let Some(v) = get("SMELT_CE_BLOCKS_PER_SM") {
@@ -179,6 +187,7 @@ impl CudaTuning {
             ("SMELT_CE_BLOCKS_PER_SM", self.ce_blocks_per_sm.to_string()),
             ("SMELT_ATTN_FUSED_BWD", b(self.fused_attention_backward)),
             ("SMELT_ATTN_DQ_BULK", b(self.attn_dq_bulk)),
+            ("SMELT_ATTN_WGMMA", b(self.attn_wgmma)),
             ("SMELT_ATTN_MIN_BLOCKS", format!("{fwd},{dkv},{dq}")),
             ("SMELT_ATTN_HEAD_GROUP", self.attn_head_group.to_string()),
             ("SMELT_NCCL_OVERLAP", b(self.nccl_overlap)),
@@ -238,6 +247,7 @@ mod tests {
         t.ce_blocks_per_sm = 3;
         t.fused_attention_backward = true;
         t.attn_dq_bulk = false;
+        t.attn_wgmma = true;
         t.attn_min_blocks = [2, 2, 1];
         t.attn_head_group = 0;
         t.nccl_overlap = true;

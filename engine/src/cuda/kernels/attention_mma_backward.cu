@@ -8,11 +8,12 @@
 // (16, W + 8) f32 tile per warp; rows padded so the staging stores miss each other's banks),
 // else with vector atomics; attention_dq_from_acc then scales it into dq. The order of the
 // additions varies between runs, so dq is not bitwise repeatable in this mode.
-template <int NC, bool FUSED>
+template <int NC, bool FUSED, bool WG>
 __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* qh, const bf16_t* kh,
                                      const bf16_t* vh, const bf16_t* doh, const float* stats,
                                      const AttnParams p) {
-    constexpr int W = 16 * NC, LR = W + 8, TS = TILE * LR;
+    static_assert(!(FUSED && WG), "the fused backward has no wgmma version");
+    constexpr int W = 16 * NC, LR = W + 8, TS = tile_elems<W, WG>();
     extern __shared__ float smem[];
     bf16_t* Ks = (bf16_t*)smem;   // (64 keys, LR): A of S^T = k q^T, and (FUSED) B of dq += dS k (trans)
     bf16_t* Vs = Ks + TS;         // (64 keys, LR): A of dP^T = v dout^T
@@ -41,10 +42,10 @@ __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* 
     const float scale2 = p.scale * LOG2E;
 
     const int qstart = p.causal ? (k0 / TILE) * TILE : 0;
-    copy_tile_async<W>(Ks, head_src<W>(kh, p, b, h, p.tk, p.k_ld, p.k_off), k0);
-    copy_tile_async<W>(Vs, head_src<W>(vh, p, b, h, p.tk, p.v_ld, p.v_off), k0);
-    copy_tile_async<W>(Qs, qb, qstart);
-    copy_tile_async<W>(dOs, dob, qstart);
+    copy_tile<W, WG>(Ks, head_src<W>(kh, p, b, h, p.tk, p.k_ld, p.k_off), k0);
+    copy_tile<W, WG>(Vs, head_src<W>(vh, p, b, h, p.tk, p.v_ld, p.v_off), k0);
+    copy_tile<W, WG>(Qs, qb, qstart);
+    copy_tile<W, WG>(dOs, dob, qstart);
     copy_stats_async(st_s, sb, qstart);
     cp_async_commit();
 
@@ -57,12 +58,13 @@ __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* 
     for (int q0 = qstart, it = 0; q0 < p.tq; q0 += TILE, it++) {
         const int buf = it & 1;
         if (q0 + TILE < p.tq) {  // the next query tile, into the other buffer
-            copy_tile_async<W>(Qs + (buf ^ 1) * TS, qb, q0 + TILE);
-            copy_tile_async<W>(dOs + (buf ^ 1) * TS, dob, q0 + TILE);
+            copy_tile<W, WG>(Qs + (buf ^ 1) * TS, qb, q0 + TILE);
+            copy_tile<W, WG>(dOs + (buf ^ 1) * TS, dob, q0 + TILE);
             copy_stats_async(st_s + (buf ^ 1) * 2 * TILE, sb, q0 + TILE);
         }
         cp_async_commit();  // (possibly empty) so that "all but the newest" is this tile
         cp_async_wait<1>();
+        if constexpr (WG) fence_proxy_async();  // this thread's copies, visible to wgmma's reads
         __syncthreads();  // this tile (and K, V) landed for every thread
         const bf16_t* Qc = Qs + buf * TS;
         const bf16_t* dOc = dOs + buf * TS;
@@ -74,20 +76,31 @@ __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* 
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) st[nt][e] = dpt[nt][e] = 0.0f;
+        if constexpr (WG) {
+            // S^T = k q^T and dP^T = v dout^T, the query and dout tiles K-major
+            u32 ka[NC][4], va[NC][4];
 #pragma unroll
-        for (int kk = 0; kk < NC; kk++) {
-            u32 ka[4], va[4];
-            load_a(ka, Ks, LR, warp * 16, kk * 16);
-            load_a(va, Vs, LR, warp * 16, kk * 16);
+            for (int kk = 0; kk < NC; kk++) {
+                load_a_cm<W>(ka[kk], Ks, warp * 16, kk * 16);
+                load_a_cm<W>(va[kk], Vs, warp * 16, kk * 16);
+            }
+            wgmma_products2<64, 0, NC, W>(st, ka, Qc, dpt, va, dOc);
+        } else {
 #pragma unroll
-            for (int n2 = 0; n2 < 4; n2++) {
-                u32 bb[4];
-                load_b2(bb, Qc, LR, n2 * 16, kk * 16);
-                mma_bf16(st[2 * n2], ka, bb[0], bb[1]);
-                mma_bf16(st[2 * n2 + 1], ka, bb[2], bb[3]);
-                load_b2(bb, dOc, LR, n2 * 16, kk * 16);
-                mma_bf16(dpt[2 * n2], va, bb[0], bb[1]);
-                mma_bf16(dpt[2 * n2 + 1], va, bb[2], bb[3]);
+            for (int kk = 0; kk < NC; kk++) {
+                u32 ka[4], va[4];
+                load_a(ka, Ks, LR, warp * 16, kk * 16);
+                load_a(va, Vs, LR, warp * 16, kk * 16);
+#pragma unroll
+                for (int n2 = 0; n2 < 4; n2++) {
+                    u32 bb[4];
+                    load_b2(bb, Qc, LR, n2 * 16, kk * 16);
+                    mma_bf16(st[2 * n2], ka, bb[0], bb[1]);
+                    mma_bf16(st[2 * n2 + 1], ka, bb[2], bb[3]);
+                    load_b2(bb, dOc, LR, n2 * 16, kk * 16);
+                    mma_bf16(dpt[2 * n2], va, bb[0], bb[1]);
+                    mma_bf16(dpt[2 * n2 + 1], va, bb[2], bb[3]);
+                }
             }
         }
         // P^T and dS^T in place of S^T and dP^T (no per-element test on a fully visible tile)
@@ -111,18 +124,22 @@ __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* 
                 *(u32*)(row + 8 * LS + 16 * kk + 8) = sa[kk][3];
             }
         }
+        if constexpr (WG) {
+            wgmma_products2<W, 1, 4, W>(dv, pa, dOc, dk, sa, Qc);  // the dout and query tiles MN-major
+        } else {
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++)
+            for (int kk = 0; kk < 4; kk++)
 #pragma unroll
-            for (int dn = 0; dn < W / 16; dn++) {
-                u32 bt[4];
-                load_b_trans(bt, dOc, LR, kk * 16, dn * 16);
-                mma_bf16(dv[2 * dn], pa[kk], bt[0], bt[1]);  // dv += P^T dout
-                mma_bf16(dv[2 * dn + 1], pa[kk], bt[2], bt[3]);
-                load_b_trans(bt, Qc, LR, kk * 16, dn * 16);
-                mma_bf16(dk[2 * dn], sa[kk], bt[0], bt[1]);  // dk += dS^T q
-                mma_bf16(dk[2 * dn + 1], sa[kk], bt[2], bt[3]);
-            }
+                for (int dn = 0; dn < W / 16; dn++) {
+                    u32 bt[4];
+                    load_b_trans(bt, dOc, LR, kk * 16, dn * 16);
+                    mma_bf16(dv[2 * dn], pa[kk], bt[0], bt[1]);  // dv += P^T dout
+                    mma_bf16(dv[2 * dn + 1], pa[kk], bt[2], bt[3]);
+                    load_b_trans(bt, Qc, LR, kk * 16, dn * 16);
+                    mma_bf16(dk[2 * dn], sa[kk], bt[0], bt[1]);  // dk += dS^T q
+                    mma_bf16(dk[2 * dn + 1], sa[kk], bt[2], bt[3]);
+                }
+        }
         __syncthreads();  // every warp is done with this buffer before it is refilled (FUSED:
                           // and every warp's dS^T rows are in dS_s)
         if (FUSED) {
@@ -195,11 +212,11 @@ __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* 
     }
 }
 
-template <int NC>
+template <int NC, bool WG>
 __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t* kh,
                                     const bf16_t* vh, const bf16_t* doh, const float* stats,
                                     const AttnParams p) {
-    constexpr int W = 16 * NC, LR = W + 8, TS = TILE * LR;
+    constexpr int W = 16 * NC, LR = W + 8, TS = tile_elems<W, WG>();
     extern __shared__ float smem[];
     bf16_t* Qs = (bf16_t*)smem;  // (64 queries, LR): A of s = q k^T
     bf16_t* dOs = Qs + TS;       // (64 queries, LR): A of dP = dout v^T
@@ -215,10 +232,10 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
     const TileSrc vb = head_src<W>(vh, p, b, h, p.tk, p.v_ld, p.v_off);
     const float scale2 = p.scale * LOG2E;
 
-    copy_tile_async<W>(Qs, head_src<W>(qh, p, b, h, p.tq, p.q_ld, p.q_off), q0);
-    copy_tile_async<W>(dOs, head_src<W>(doh, p, b, h, p.tq, p.channels, 0), q0);
-    copy_tile_async<W>(Ks, kb, 0);
-    copy_tile_async<W>(Vs, vb, 0);
+    copy_tile<W, WG>(Qs, head_src<W>(qh, p, b, h, p.tq, p.q_ld, p.q_off), q0);
+    copy_tile<W, WG>(dOs, head_src<W>(doh, p, b, h, p.tq, p.channels, 0), q0);
+    copy_tile<W, WG>(Ks, kb, 0);
+    copy_tile<W, WG>(Vs, vb, 0);
     cp_async_commit();
     // (lse log2e, D) of this thread's two rows, g and g+8 of the warp's 16 (padded rows: 0)
     float lse2[2], dd[2];
@@ -240,11 +257,12 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
     for (int k0 = 0, it = 0; k0 < kend; k0 += TILE, it++) {
         const int buf = it & 1;
         if (k0 + TILE < kend) {  // the next key tile, into the other buffer
-            copy_tile_async<W>(Ks + (buf ^ 1) * TS, kb, k0 + TILE);
-            copy_tile_async<W>(Vs + (buf ^ 1) * TS, vb, k0 + TILE);
+            copy_tile<W, WG>(Ks + (buf ^ 1) * TS, kb, k0 + TILE);
+            copy_tile<W, WG>(Vs + (buf ^ 1) * TS, vb, k0 + TILE);
         }
         cp_async_commit();
         cp_async_wait<1>();
+        if constexpr (WG) fence_proxy_async();  // this thread's copies, visible to wgmma's reads
         __syncthreads();  // this key tile (and Q, dout) landed for every thread
         const bf16_t* Kc = Ks + buf * TS;
         const bf16_t* Vc = Vs + buf * TS;
@@ -255,20 +273,31 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
         for (int nt = 0; nt < 8; nt++)
 #pragma unroll
             for (int e = 0; e < 4; e++) s[nt][e] = dp[nt][e] = 0.0f;
+        if constexpr (WG) {
+            // s = q k^T and dP = dout v^T, the key and value tiles K-major
+            u32 qa[NC][4], da[NC][4];
 #pragma unroll
-        for (int kk = 0; kk < NC; kk++) {
-            u32 qa[4], da[4];
-            load_a(qa, Qs, LR, warp * 16, kk * 16);
-            load_a(da, dOs, LR, warp * 16, kk * 16);
+            for (int kk = 0; kk < NC; kk++) {
+                load_a_cm<W>(qa[kk], Qs, warp * 16, kk * 16);
+                load_a_cm<W>(da[kk], dOs, warp * 16, kk * 16);
+            }
+            wgmma_products2<64, 0, NC, W>(s, qa, Kc, dp, da, Vc);
+        } else {
 #pragma unroll
-            for (int n2 = 0; n2 < 4; n2++) {
-                u32 bb[4];
-                load_b2(bb, Kc, LR, n2 * 16, kk * 16);
-                mma_bf16(s[2 * n2], qa, bb[0], bb[1]);
-                mma_bf16(s[2 * n2 + 1], qa, bb[2], bb[3]);
-                load_b2(bb, Vc, LR, n2 * 16, kk * 16);
-                mma_bf16(dp[2 * n2], da, bb[0], bb[1]);
-                mma_bf16(dp[2 * n2 + 1], da, bb[2], bb[3]);
+            for (int kk = 0; kk < NC; kk++) {
+                u32 qa[4], da[4];
+                load_a(qa, Qs, LR, warp * 16, kk * 16);
+                load_a(da, dOs, LR, warp * 16, kk * 16);
+#pragma unroll
+                for (int n2 = 0; n2 < 4; n2++) {
+                    u32 bb[4];
+                    load_b2(bb, Kc, LR, n2 * 16, kk * 16);
+                    mma_bf16(s[2 * n2], qa, bb[0], bb[1]);
+                    mma_bf16(s[2 * n2 + 1], qa, bb[2], bb[3]);
+                    load_b2(bb, Vc, LR, n2 * 16, kk * 16);
+                    mma_bf16(dp[2 * n2], da, bb[0], bb[1]);
+                    mma_bf16(dp[2 * n2 + 1], da, bb[2], bb[3]);
+                }
             }
         }
         // dS in place of dP (no per-element test on a fully visible tile)
@@ -279,15 +308,19 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
         }
         u32 sa[4][4];
         c_to_a(sa, dp);
+        if constexpr (WG) {
+            wgmma_product<W, 1, 4, W>(acc, sa, Kc);  // dq += dS k, the key tile MN-major
+        } else {
 #pragma unroll
-        for (int kk = 0; kk < 4; kk++)
+            for (int kk = 0; kk < 4; kk++)
 #pragma unroll
-            for (int dn = 0; dn < W / 16; dn++) {
-                u32 bt[4];
-                load_b_trans(bt, Kc, LR, kk * 16, dn * 16);
-                mma_bf16(acc[2 * dn], sa[kk], bt[0], bt[1]);  // dq += dS k
-                mma_bf16(acc[2 * dn + 1], sa[kk], bt[2], bt[3]);
-            }
+                for (int dn = 0; dn < W / 16; dn++) {
+                    u32 bt[4];
+                    load_b_trans(bt, Kc, LR, kk * 16, dn * 16);
+                    mma_bf16(acc[2 * dn], sa[kk], bt[0], bt[1]);  // dq += dS k
+                    mma_bf16(acc[2 * dn + 1], sa[kk], bt[2], bt[3]);
+                }
+        }
         __syncthreads();  // every warp is done with this buffer before it is refilled
     }
     cp_async_wait<0>();
@@ -310,49 +343,81 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_dkv_bf16_d32(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dkv_bf16_impl<2, false>(dkv, nullptr, qh, kh, vh, doh, stats, p);
+    backward_dkv_bf16_impl<2, false, false>(dkv, nullptr, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_dq_bf16_d32(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dq_bf16_impl<2>(dq, qh, kh, vh, doh, stats, p);
+    backward_dq_bf16_impl<2, false>(dq, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DKV_MIN_BLOCKS)
 attention_backward_dkv_bf16_d64(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dkv_bf16_impl<4, false>(dkv, nullptr, qh, kh, vh, doh, stats, p);
+    backward_dkv_bf16_impl<4, false, false>(dkv, nullptr, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DQ_MIN_BLOCKS)
 attention_backward_dq_bf16_d64(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dq_bf16_impl<4>(dq, qh, kh, vh, doh, stats, p);
+    backward_dq_bf16_impl<4, false>(dq, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_dkv_bf16_d128(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dkv_bf16_impl<8, false>(dkv, nullptr, qh, kh, vh, doh, stats, p);
+    backward_dkv_bf16_impl<8, false, false>(dkv, nullptr, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_dq_bf16_d128(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dq_bf16_impl<8>(dq, qh, kh, vh, doh, stats, p);
+    backward_dq_bf16_impl<8, false>(dq, qh, kh, vh, doh, stats, p);
 }
 // Fused backward (dk, dv and dq in one pass over the tile pairs; grid as the dkv pass): dq_acc
 // (B, H, Tqpad, W) f32 must be zero before, and attention_dq_from_acc reads it after.
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_fused_bf16_d32(float* dkv, float* dq_acc, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dkv_bf16_impl<2, true>(dkv, dq_acc, qh, kh, vh, doh, stats, p);
+    backward_dkv_bf16_impl<2, true, false>(dkv, dq_acc, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DKV_MIN_BLOCKS)
 attention_backward_fused_bf16_d64(float* dkv, float* dq_acc, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dkv_bf16_impl<4, true>(dkv, dq_acc, qh, kh, vh, doh, stats, p);
+    backward_dkv_bf16_impl<4, true, false>(dkv, dq_acc, qh, kh, vh, doh, stats, p);
 }
 extern "C" __global__ void __launch_bounds__(MMA_THREADS)
 attention_backward_fused_bf16_d128(float* dkv, float* dq_acc, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
                               const bf16_t* doh, const float* stats, const AttnParams p) {
-    backward_dkv_bf16_impl<8, true>(dkv, dq_acc, qh, kh, vh, doh, stats, p);
+    backward_dkv_bf16_impl<8, true, false>(dkv, dq_acc, qh, kh, vh, doh, stats, p);
+}
+
+// The dkv and dq passes on wgmma (attention_wgmma.cuh; sm_90a only).
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dkv_wgmma_d32(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dkv_bf16_impl<2, false, true>(dkv, nullptr, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dq_wgmma_d32(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                             const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dq_bf16_impl<2, true>(dq, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DKV_MIN_BLOCKS)
+attention_backward_dkv_wgmma_d64(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dkv_bf16_impl<4, false, true>(dkv, nullptr, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS, SMELT_ATTN_DQ_MIN_BLOCKS)
+attention_backward_dq_wgmma_d64(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                             const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dq_bf16_impl<4, true>(dq, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dkv_wgmma_d128(float* dkv, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                              const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dkv_bf16_impl<8, false, true>(dkv, nullptr, qh, kh, vh, doh, stats, p);
+}
+extern "C" __global__ void __launch_bounds__(MMA_THREADS)
+attention_backward_dq_wgmma_d128(float* dq, const bf16_t* qh, const bf16_t* kh, const bf16_t* vh,
+                             const bf16_t* doh, const float* stats, const AttnParams p) {
+    backward_dq_bf16_impl<8, true>(dq, qh, kh, vh, doh, stats, p);
 }
 
 // dq (the q columns of the gradient buffer, f32 or bf16) += or = scale * dq_acc (B, H, Tqpad, w)
