@@ -5,7 +5,9 @@
 # step's per-op timeline, and BERT-base / T5-small steps (smelt alone). ~5 minutes; stage with
 # bench/device/prepare.sh, then `tar xzf device/bin.tgz -C device && bash device/cuda_round.sh`
 # with carry ["device"], timeout_s ~420. $OUT: summary.txt, tests.log, gpt.txt, kernels*.csv,
-# kernels.txt, rotary_timeline.txt, family.txt.
+# kernels.txt, rotary_timeline.txt, family.txt. EXTRA_TEST_ENV / EXTRA_TESTS: a second run of
+# some test binaries under switches (tests_side_by_side.sh); KERNEL_VARIANTS: the Nsight table's
+# variants (name=ENV pairs, default "warm=": the step as shipped).
 set -u
 cd "$(dirname "$0")/.."
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64:/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
@@ -37,7 +39,7 @@ done
 
 if [ "${KERNELS:-1}" = 1 ]; then
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu /usr/local/cuda/bin/ncu 2>/dev/null | head -1)
-  NCU_CACHE=none VARIANTS="warm=" 
+  NCU_CACHE=none VARIANTS=${KERNEL_VARIANTS:-warm=}
   gpt+=(--warmup 1 --steps 1)
   source device/kernel_variants.sh
   gpt=("${gpt[@]:0:${#gpt[@]}-4}")
