@@ -6,7 +6,9 @@
 //! activation buffers (`Backend::activation_zeros`) for every q/kv, out, dout, dq and dkv.
 //! Every bf16 case also runs with the fused backward (`with_fused_attention_backward`: dk, dv
 //! and dq in one pass, dq by atomics), whatever `SMELT_ATTN_FUSED_BWD` says; the other
-//! backends have it off.
+//! backends have it off. On an sm_90 card (H100, H200) every bf16 case runs a third time on the
+//! Hopper kernels (`attn_wgmma`: forward, dkv and dq passes on wgmma), whatever
+//! `SMELT_ATTN_WGMMA` says; elsewhere that variant prints why it skips.
 #![cfg(feature = "cuda")]
 
 mod bf16_reference;
@@ -16,7 +18,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::OnceLock;
 
 use smelt_engine::backend::{AttnShape, OptionalOp, QkvSource, Scores};
-use smelt_engine::cuda::{CudaBackend, CudaOptions, Dtype, MatmulPrecision};
+use smelt_engine::cuda::{CudaBackend, CudaOptions, CudaTuning, Dtype, MatmulPrecision};
 use smelt_engine::rng::Rng;
 use smelt_engine::{Backend, CpuBackend};
 
@@ -26,12 +28,14 @@ const F32_TOL: (f64, f64) = (1e-5, 3e-5);
 const BF16_TOL: (f64, f64) = (1e-2, 1e-2);
 
 /// The backends under test: the f32 reference kernels, the bf16 tensor-core kernels with the
-/// dkv and dq passes, and the bf16 kernels with the fused backward.
+/// dkv and dq passes, the bf16 kernels with the fused backward, and (sm_90 only) the bf16
+/// kernels on wgmma.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Variant {
     F32,
     Bf16,
     Bf16Fused,
+    Bf16Wgmma,
 }
 
 /// One backend per variant for every test in this file (NVRTC compiles all modules once).
@@ -39,13 +43,25 @@ fn gpu(v: Variant) -> Option<&'static CudaBackend> {
     static F32: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
     static BF16: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
     static FUSED: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
+    static WGMMA: OnceLock<Result<CudaBackend, String>> = OnceLock::new();
     let (cell, p) = match v {
         Variant::F32 => (&F32, MatmulPrecision::F32),
         Variant::Bf16 => (&BF16, MatmulPrecision::Bf16),
         Variant::Bf16Fused => (&FUSED, MatmulPrecision::Bf16),
+        Variant::Bf16Wgmma => (&WGMMA, MatmulPrecision::Bf16),
     };
     let init = || {
-        CudaBackend::new_with(0, CudaOptions { matmul: p })
+        let opts = CudaOptions { matmul: p };
+        if v == Variant::Bf16Wgmma {
+            // compiled for sm_90a, so the switch must be on at construction
+            let tuning = CudaTuning { attn_wgmma: true, ..CudaTuning::from_env().map_err(|e| e.to_string())? };
+            let be = CudaBackend::new_with_tuning(0, opts, tuning).map_err(|e| e.to_string())?;
+            if be.arch() != "sm_90" {
+                return Err(format!("the wgmma kernels need an sm_90 device, this one is {}", be.arch()));
+            }
+            return Ok(be.with_fused_attention_backward(false));
+        }
+        CudaBackend::new_with(0, opts)
             .map(|be| be.with_fused_attention_backward(v == Variant::Bf16Fused))
             .map_err(|e| e.to_string())
     };
@@ -237,7 +253,7 @@ fn check(name: &str, seed: u64, shape: AttnShape, packed: bool) {
 fn check_inputs(name: &str, x: &Inputs) {
     let packed = x.packed;
     let mut want = None;
-    for (p, (fwd_tol, grad_tol)) in [(Variant::F32, F32_TOL), (Variant::Bf16, BF16_TOL), (Variant::Bf16Fused, BF16_TOL)] {
+    for (p, (fwd_tol, grad_tol)) in [(Variant::F32, F32_TOL), (Variant::Bf16, BF16_TOL), (Variant::Bf16Fused, BF16_TOL), (Variant::Bf16Wgmma, BF16_TOL)] {
         let Some(gpu) = gpu(p) else { return };
         if x.key_lens.is_some() && !gpu.supports(OptionalOp::KeyPaddingMask) {
             println!("skipping {name}: the CUDA backend does not route key padding masks yet");
@@ -401,7 +417,7 @@ fn harness_runs_on_the_cpu() {
 fn backward_is_deterministic() {
     // dq comes from its own pass, not atomics: two runs agree bit for bit (the fused backward's
     // dq is summed by atomics in no fixed order, so it is left out).
-    for p in [Variant::F32, Variant::Bf16] {
+    for p in [Variant::F32, Variant::Bf16, Variant::Bf16Wgmma] {
         let Some(gpu) = gpu(p) else { return };
         let x = inputs(8, shape(2, 129, 129, 96, 3, true), true);
         let a = run(gpu, &x);
@@ -582,7 +598,7 @@ fn assert_finite(name: &str, what: &str, v: &[f32]) {
 
 /// One case on the CPU (f32 buffers) and on the GPU (bf16 buffers), errors bounded.
 fn check_bf16_io(name: &str, seed: u64, shape: AttnShape, packed: bool, key_lens: Option<Vec<u32>>) {
-    for v in [Variant::Bf16, Variant::Bf16Fused] {
+    for v in [Variant::Bf16, Variant::Bf16Fused, Variant::Bf16Wgmma] {
         check_bf16_io_on(v, name, seed, shape, packed, key_lens.clone());
     }
 }

@@ -173,9 +173,18 @@ impl CudaBackend {
         Self::new_with(ordinal, CudaOptions::default())
     }
 
+    /// The backend on GPU `ordinal` with `opts` and the switches of this process's environment
+    /// (`CudaTuning::from_env`).
     pub fn new_with(ordinal: usize, opts: CudaOptions) -> Result<Self, EngineError> {
         // A switch set to something it cannot mean is refused before the device is touched.
         let tuning = CudaTuning::from_env()?;
+        Self::new_with_tuning(ordinal, opts, tuning)
+    }
+
+    /// The backend with the switches `tuning`, whatever the environment says: for the switches
+    /// that decide how the kernels are compiled (`CudaTuning::defines`, and `attn_wgmma`, which
+    /// compiles the attention module for sm_90a), which no `with_*` can change afterwards.
+    pub fn new_with_tuning(ordinal: usize, opts: CudaOptions, tuning: CudaTuning) -> Result<Self, EngineError> {
         if let Some(why) = missing_library() {
             return Err(device_err(format!("cuda:{ordinal}: {why}")));
         }
