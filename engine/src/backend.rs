@@ -466,6 +466,26 @@ pub trait Backend: Send + Sync + 'static {
         saved: Self::View<'_>,
         shape: AttnShape,
     );
+    /// `attention_backward_set` and `dbias (3C) += sum_n dqkv`, the qkv projection's bias
+    /// gradient, in one pass where a backend can (the CUDA backend's bf16 kernels on packed
+    /// self-attention with T a multiple of 64: the column sums of dqkv as its kernels store it,
+    /// instead of a pass reading it back). Returns false, having written nothing, where it does
+    /// not (the default): the caller runs `attention_backward_set` and passes the bias gradient
+    /// to the projection's backward.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward_set_with_bias(
+        &self,
+        dsrc: QkvSource<Self::ViewMut<'_>>,
+        dbias: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        src: QkvSource<Self::View<'_>>,
+        out: Self::View<'_>,
+        saved: Self::View<'_>,
+        shape: AttnShape,
+    ) -> bool {
+        let _ = (dsrc, dbias, dout, src, out, saved, shape);
+        false
+    }
 
     // ---- GELU (tanh approximation, as GPT-2) ----------------------------------------------
 

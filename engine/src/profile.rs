@@ -359,6 +359,21 @@ impl<B: Backend> Backend for Profiled<B> {
     ) {
         self.timed(|| attn_key("attention_backward", shape), || self.inner.attention_backward_set(dsrc, dout, src, out, saved, shape))
     }
+    fn attention_backward_set_with_bias(
+        &self,
+        dsrc: QkvSource<B::ViewMut<'_>>,
+        dbias: B::ViewMut<'_>,
+        dout: B::View<'_>,
+        src: QkvSource<B::View<'_>>,
+        out: B::View<'_>,
+        saved: B::View<'_>,
+        shape: AttnShape,
+    ) -> bool {
+        self.timed(
+            || attn_key("attention_backward+bias", shape),
+            || self.inner.attention_backward_set_with_bias(dsrc, dbias, dout, src, out, saved, shape),
+        )
+    }
     fn matmul_gelu_forward_fused(
         &self,
         out: B::ViewMut<'_>,

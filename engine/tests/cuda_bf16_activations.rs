@@ -565,6 +565,63 @@ fn gelu_backward_with_bias_sums_is_gelu_backward_and_the_column_sums() {
     assert_eq!(host(g, &dbias), start, "a declined call wrote dbias");
 }
 
+/// The attention backward with the qkv projection's bias gradient summed as its passes store
+/// dqkv (`attention_backward_set_with_bias`): dqkv bitwise `attention_backward_set`'s on the same
+/// device, and dbias (which it adds onto) bitwise what the projection's backward adds from dqkv
+/// (the same 64-row partials, the same finish). Causal and bidirectional, head dims 32 and 64,
+/// two batch entries of 128 rows. T = 100 (not a multiple of 64) and split q / kv decline
+/// (false) and leave dbias alone; so does every case with SMELT_FUSED_QKV_BIAS=0.
+#[test]
+fn attention_backward_with_bias_sums_is_the_backward_and_the_column_sums() {
+    use smelt_engine::backend::{AttnShape, QkvSource};
+    let Some((g, _serial)) = gpu() else { return };
+    let on = g.tuning().fused_qkv_bias;
+    for (b, t, c, heads, causal) in [(2, 128, 96, 3, true), (2, 128, 128, 2, false), (1, 100, 96, 3, true)] {
+        let shape = AttnShape { batch: b, q_len: t, kv_len: t, channels: c, heads, causal };
+        let what = format!("B{b} T{t} C{c} H{heads} causal={causal}");
+        let rows = b * t;
+        let qkv = activation(g, &randn_bf16(50, rows * 3 * c, 1.0));
+        let dout = activation(g, &randn_bf16(51, rows * c, 1.0));
+        let mut out = g.activation_zeros(rows * c);
+        let mut saved = g.zeros(g.attention_saved_len(shape));
+        g.attention_forward(all_mut(g, &mut out), all_mut(g, &mut saved), QkvSource::Packed(all(g, &qkv)), shape);
+        // the plain backward, then the projection's column sums of its dqkv (a matmul backward
+        // with a bias: dW of a zero input, dbias += sum_n dqkv)
+        let mut plain = activation(g, &vec![STALE; rows * 3 * c]);
+        g.attention_backward_set(QkvSource::Packed(all_mut(g, &mut plain)), all(g, &dout), QkvSource::Packed(all(g, &qkv)), all(g, &out), all(g, &saved), shape);
+        let start: Vec<f32> = (0..3 * c).map(|i| i as f32 * 0.25).collect();
+        let mut want_db = g.upload(&start);
+        let s = MatmulShape { rows, in_features: 8, out_features: 3 * c, layout: WeightLayout::InOut };
+        let (zero_in, zero_w) = (activation(g, &vec![0.0; rows * 8]), g.upload(&vec![0.0; 8 * 3 * c]));
+        let mut dw = g.zeros(8 * 3 * c);
+        g.matmul_backward(None, all_mut(g, &mut dw), Some(all_mut(g, &mut want_db)), all(g, &plain), all(g, &zero_in), all(g, &zero_w), s);
+        // the fused one
+        let mut fused = activation(g, &vec![STALE; rows * 3 * c]);
+        let mut db = g.upload(&start);
+        let took = g.attention_backward_set_with_bias(QkvSource::Packed(all_mut(g, &mut fused)), all_mut(g, &mut db), all(g, &dout), QkvSource::Packed(all(g, &qkv)), all(g, &out), all(g, &saved), shape);
+        assert_eq!(took, on && t % 64 == 0, "{what}: taken {took}");
+        if took {
+            assert_same_bits(&format!("{what}: dqkv"), &host(g, &fused), &host(g, &plain));
+            assert_same_bits(&format!("{what}: dbias"), &host(g, &db), &host(g, &want_db));
+            assert_ne!(host(g, &db), start, "{what}: dbias unchanged");
+        } else {
+            assert_eq!(host(g, &db), start, "{what}: a declined call wrote dbias");
+        }
+    }
+    // split q and kv (cross-attention's layout): declined
+    let shape = AttnShape { batch: 1, q_len: 64, kv_len: 64, channels: 64, heads: 1, causal: false };
+    let (q, kv) = (activation(g, &randn_bf16(52, 64 * 64, 1.0)), activation(g, &randn_bf16(53, 64 * 128, 1.0)));
+    let dout = activation(g, &randn_bf16(54, 64 * 64, 1.0));
+    let mut out = g.activation_zeros(64 * 64);
+    let mut saved = g.zeros(g.attention_saved_len(shape));
+    g.attention_forward(all_mut(g, &mut out), all_mut(g, &mut saved), QkvSource::Split { q: all(g, &q), kv: all(g, &kv) }, shape);
+    let (mut dq, mut dkv) = (g.activation_zeros(64 * 64), g.activation_zeros(64 * 128));
+    let mut db = g.upload(&[1.0; 192]);
+    let took = g.attention_backward_set_with_bias(QkvSource::Split { q: all_mut(g, &mut dq), kv: all_mut(g, &mut dkv) }, all_mut(g, &mut db), all(g, &dout), QkvSource::Split { q: all(g, &q), kv: all(g, &kv) }, all(g, &out), all(g, &saved), shape);
+    assert!(!took, "split q / kv taken");
+    assert_eq!(host(g, &db), vec![1.0; 192], "a declined call wrote dbias");
+}
+
 // ---- 6. cross-entropy on bf16 logits ----------------------------------------------------------
 
 fn cross_entropy_body<B: Backend>(be: &B, n: usize, v: usize) -> Outs {

@@ -34,6 +34,7 @@
 use cudarc::driver::sys::CUfunction_attribute_enum;
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
+use super::colsum;
 use crate::backend::{AttnShape, QkvSource};
 use crate::cuda::view::{CudaView, CudaViewMut};
 use crate::cuda::{CudaBackend, CudaIds, MatmulPrecision};
@@ -76,6 +77,9 @@ pub(super) struct Params {
     pub(super) direct: i32,
     /// Device pointer to `key_lens (B)` (u32), or 0 for no padding mask.
     pub(super) key_lens: u64,
+    /// Device pointer to the qkv bias gradient's (B*T/64, 3C) column-sum partials the bf16
+    /// gradient passes write as they store dqkv ([`backward_set_with_bias`]), or 0.
+    pub(super) bias_partial: u64,
 }
 
 // SAFETY: plain-old-data with C layout, matching the kernels' by-value struct parameter.
@@ -350,6 +354,7 @@ pub(super) fn params(s: &AttnShape, src: &QkvSource<CudaView<'_>>, key_lens: u64
         pairs: 0,
         direct: 0,
         key_lens,
+        bias_partial: 0,
     };
     (p, q, kv)
 }
@@ -492,7 +497,48 @@ pub(crate) fn backward(
     shape: AttnShape,
     accumulate: bool,
 ) {
-    backward_with(be, dsrc, dout, src, out, saved, None, shape, accumulate)
+    backward_with(be, dsrc, dout, src, out, saved, None, shape, accumulate, 0)
+}
+
+/// [`backward`] overwriting dqkv, and the qkv projection's bias gradient `dbias (3C) +=` the
+/// column sums of dqkv, summed by the gradient passes as they store it (attention_mma.cuh
+/// `add_bias_partial`: per 64-row chunk, then colsum's `finish`; bitwise the column-sum pass
+/// the projection's backward would make over dqkv, without reading its 75 MB per GPT-2 layer
+/// again), where the kernels can: the switch (`SMELT_FUSED_QKV_BIAS`), the bf16 family, packed
+/// self-attention whose T is a multiple of 64 (a block's rows are one chunk), not the fused
+/// backward. False, having done nothing, otherwise.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_set_with_bias(
+    be: &CudaBackend,
+    dsrc: QkvSource<CudaViewMut<'_>>,
+    dbias: CudaViewMut<'_>,
+    dout: CudaView<'_>,
+    src: QkvSource<CudaView<'_>>,
+    out: CudaView<'_>,
+    saved: CudaView<'_>,
+    shape: AttnShape,
+) -> bool {
+    const { assert!(crate::cpu::ROWS_PER_TASK == TILE, "a block's 64 rows must be one column-sum chunk") };
+    let packed = matches!((&dsrc, &src), (QkvSource::Packed(_), QkvSource::Packed(_)));
+    let able = be.tuning().fused_qkv_bias
+        && Family::of(be) == Family::Bf16
+        && !be.fused_attention_backward()
+        && packed
+        && shape.batch > 0
+        && shape.q_len > 0
+        && shape.q_len.is_multiple_of(TILE);
+    if !able {
+        return false;
+    }
+    let cols = 3 * shape.channels;
+    assert_eq!(dbias.len, cols, "attention dbias (3C): {} floats", dbias.len);
+    let rows = shape.batch * shape.q_len;
+    // every (chunk, column) is written by one block of the dkv (k, v) or dq (q) pass
+    let (partial_buf, partial) = colsum::scratch(be, rows, cols);
+    backward_with(be, dsrc, dout, src, out, saved, None, shape, false, partial);
+    colsum::finish(be, dbias.ptr(), partial, rows, cols);
+    drop(partial_buf);
+    true
 }
 
 /// [`backward`] with the key padding mask the forward pass used (keys past `key_lens[b]` get
@@ -509,7 +555,7 @@ pub(crate) fn backward_masked(
     shape: AttnShape,
     accumulate: bool,
 ) {
-    backward_with(be, dsrc, dout, src, out, saved, key_lens, shape, accumulate)
+    backward_with(be, dsrc, dout, src, out, saved, key_lens, shape, accumulate, 0)
 }
 
 /// The (dq, dkv) pointers of a gradient laid out like its source, after checking their lengths
@@ -555,10 +601,12 @@ fn backward_with(
     key_lens: Option<&CudaIds>,
     shape: AttnShape,
     accumulate: bool,
+    bias_partial: u64,
 ) {
     check_shape(&shape);
     let (mut p, q, kv) = params(&shape, &src, key_lens_ptr(be, key_lens, &shape));
     p.accumulate = accumulate as i32;
+    p.bias_partial = bias_partial;
     let (dq, dkv) = gradient_pointers(be, &p, &dsrc, &src, &shape);
     let n_out = shape.batch * shape.q_len * shape.channels;
     assert_eq!(dout.len, n_out, "attention dout (B,Tq,C)");

@@ -274,6 +274,18 @@ impl Backend for CudaBackend {
     ) {
         attention::backward(self, dsrc, dout, src, out, saved, shape, false)
     }
+    fn attention_backward_set_with_bias(
+        &self,
+        dsrc: QkvSource<CudaViewMut<'_>>,
+        dbias: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        src: QkvSource<CudaView<'_>>,
+        out: CudaView<'_>,
+        saved: CudaView<'_>,
+        shape: AttnShape,
+    ) -> bool {
+        attention::backward_set_with_bias(self, dsrc, dbias, dout, src, out, saved, shape)
+    }
     fn supports(&self, op: OptionalOp) -> bool {
         // Dot scores run the flash kernels (attention.rs), general and additive ones the
         // learned-score kernels (learned_scores.rs); both take key padding masks.

@@ -167,6 +167,35 @@ pub fn missing_library() -> Option<String> {
     None
 }
 
+/// The ops' scratch buffers (column-sum partials, LayerNorm partials, attention statistics, ...)
+/// are stream-ordered allocations from the device's default memory pool, which by default hands
+/// its free memory back to the driver at every synchronization (a training step has one, for its
+/// loss): the next step then has the driver map it again, on the host, between launches. The
+/// pool keeps it instead, as PyTorch's caching allocator does; it only ever holds the largest
+/// scratch a step needs at once. Best effort: a driver that refuses leaves the default.
+fn keep_pool_memory(ctx: &CudaContext, ordinal: usize) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer; the device handle comes from a live context.
+    let got = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) };
+    if got != sys::CUresult::CUDA_SUCCESS {
+        tracing::debug!(ordinal, result = ?got, "no default memory pool; scratch memory is released at each sync");
+        return;
+    }
+    let mut threshold = u64::MAX;
+    // SAFETY: RELEASE_THRESHOLD takes a pointer to a cuuint64_t, which `threshold` is.
+    let set = unsafe {
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+    };
+    if set != sys::CUresult::CUDA_SUCCESS {
+        tracing::debug!(ordinal, result = ?set, "memory pool release threshold not set; scratch memory is released at each sync");
+    }
+}
+
 impl CudaBackend {
     /// The backend on GPU `ordinal` with default options (bf16 matmuls).
     pub fn new(ordinal: usize) -> Result<Self, EngineError> {
@@ -202,6 +231,7 @@ impl CudaBackend {
         let stream = ctx
             .new_stream()
             .map_err(|e| device_err(format!("cuda:{ordinal}: cannot create a stream: {e:?}")))?;
+        keep_pool_memory(&ctx, ordinal);
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| device_err(format!("cuda:{ordinal}: compute capability: {e:?}")))?;

@@ -42,6 +42,10 @@ pub struct CudaTuning {
     /// as it writes its output (`gelu_backward_set_bias_bf16`) instead of a column-sum pass that
     /// reads it back; bitwise the same (stop 27).
     pub fused_gelu_bias: bool,
+    /// `SMELT_FUSED_QKV_BIAS`: the qkv projection's bias gradient summed by the attention
+    /// backward's gradient passes as they store dqkv (`attention::backward_set_with_bias`)
+    /// instead of a column-sum pass that reads dqkv back; bitwise the same (stop 28).
+    pub fused_qkv_bias: bool,
     /// `SMELT_BGRAD_EPILOGUE`: bias gradients from the weight-gradient GEMM's epilogue instead
     /// of a column-sum pass (v9; run 18, H200: +0.5 ms: off).
     pub bgrad_epilogue: bool,
@@ -92,6 +96,7 @@ impl Default for CudaTuning {
             gelu_epilogue: false,
             fast_gelu: true,
             fused_gelu_bias: true,
+            fused_qkv_bias: true,
             bgrad_epilogue: false,
             fused_classifier: false,
             ce_blocks_per_sm: 2,
@@ -139,6 +144,7 @@ impl CudaTuning {
         flag("SMELT_GELU_EPILOGUE", &mut t.gelu_epilogue)?;
         flag("SMELT_FAST_GELU", &mut t.fast_gelu)?;
         flag("SMELT_FUSED_GELU_BIAS", &mut t.fused_gelu_bias)?;
+        flag("SMELT_FUSED_QKV_BIAS", &mut t.fused_qkv_bias)?;
         flag("SMELT_BGRAD_EPILOGUE", &mut t.bgrad_epilogue)?;
         flag("SMELT_FUSED_CLASSIFIER", &mut t.fused_classifier)?;
         flag("SMELT_ATTN_FUSED_BWD", &mut t.fused_attention_backward)?;
@@ -182,6 +188,7 @@ impl CudaTuning {
             ("SMELT_GELU_EPILOGUE", b(self.gelu_epilogue)),
             ("SMELT_FAST_GELU", b(self.fast_gelu)),
             ("SMELT_FUSED_GELU_BIAS", b(self.fused_gelu_bias)),
+            ("SMELT_FUSED_QKV_BIAS", b(self.fused_qkv_bias)),
             ("SMELT_BGRAD_EPILOGUE", b(self.bgrad_epilogue)),
             ("SMELT_FUSED_CLASSIFIER", b(self.fused_classifier)),
             ("SMELT_CE_BLOCKS_PER_SM", self.ce_blocks_per_sm.to_string()),
@@ -242,6 +249,7 @@ mod tests {
         t.gelu_epilogue = true;
         t.fast_gelu = false;
         t.fused_gelu_bias = false;
+        t.fused_qkv_bias = false;
         t.bgrad_epilogue = true;
         t.fused_classifier = true;
         t.ce_blocks_per_sm = 3;

@@ -737,31 +737,45 @@ impl<B: Backend> Gpt<B> {
             // attproj = atty @ W + b: dattproj = dresid1
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.proj_w, bp.proj_b);
             be.matmul_backward_set_dinp(be.view_mut(&mut s.datty, rc.clone()), dw, Some(db), be.view(dresid1, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), mm(rows, c, c));
-            // atty = attention(qkv)
-            be.attention_backward_set(
-                QkvSource::Packed(be.view_mut(&mut s.dqkv, rc3.clone())),
-                be.view(&s.datty, rc.clone()),
-                QkvSource::Packed(be.view(&a.qkv, rc3.clone())),
-                be.view(&a.atty, rc.clone()),
-                be.view(&a.att_saved, 0..saved_len),
-                attn,
-            );
+            // atty = attention(qkv); qkv's bias gradient summed by the attention backward as it
+            // writes dqkv where the backend can (not with rotary positions, which turn dqkv after)
+            let qkv_bias_done = self.rope_table.is_none()
+                && be.attention_backward_set_with_bias(
+                    QkvSource::Packed(be.view_mut(&mut s.dqkv, rc3.clone())),
+                    be.view_mut(grads, table.range(bp.qkv_b)),
+                    be.view(&s.datty, rc.clone()),
+                    QkvSource::Packed(be.view(&a.qkv, rc3.clone())),
+                    be.view(&a.atty, rc.clone()),
+                    be.view(&a.att_saved, 0..saved_len),
+                    attn,
+                );
+            if !qkv_bias_done {
+                be.attention_backward_set(
+                    QkvSource::Packed(be.view_mut(&mut s.dqkv, rc3.clone())),
+                    be.view(&s.datty, rc.clone()),
+                    QkvSource::Packed(be.view(&a.qkv, rc3.clone())),
+                    be.view(&a.atty, rc.clone()),
+                    be.view(&a.att_saved, 0..saved_len),
+                    attn,
+                );
+            }
             // rotary: dq, dk turned back (the rotation's transpose) into the gradient of qkv
             if let Some(tab) = self.rope_table.as_ref() {
                 be.rope(be.view_mut(&mut s.dqkv, rc3.clone()), be.view(tab, 0..be.len(tab)), rope, true);
             }
             // qkv = att_in @ W + b; att_in = LN1(x) (pre-LN) or x (post-LN)
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.qkv_w, bp.qkv_b);
+            let db = (!qkv_bias_done).then_some(db);
             match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    be.matmul_backward_set_dinp(be.view_mut(&mut s.dln_act, rc.clone()), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
+                    be.matmul_backward_set_dinp(be.view_mut(&mut s.dln_act, rc.clone()), dw, db, be.view(&s.dqkv, rc3.clone()), be.view(&a.ln1, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
                     // dres := dx = dresid1 + LN1'(dln), in place; copied into dres_act for the
                     // fcproj of block l - 1 (block 0's feeds the embeddings, which read f32 dres)
                     let copy = (l > 0).then_some(&mut s.dres_act);
                     ln_grad(false, grads, &mut s.dres, copy, &s.dln_act, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                 }
                 LayerNormPlacement::Post => {
-                    be.matmul_backward(Some(be.view_mut(&mut s.dx, rc.clone())), dw, Some(db), be.view(&s.dqkv, rc3.clone()), be.view(x, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
+                    be.matmul_backward(Some(be.view_mut(&mut s.dx, rc.clone())), dw, db, be.view(&s.dqkv, rc3.clone()), be.view(x, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));
                     std::mem::swap(&mut s.dres, &mut s.dx);
                 }
             }

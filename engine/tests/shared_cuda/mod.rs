@@ -227,6 +227,18 @@ impl Backend for Shared {
     ) {
         self.0.attention_backward_set(dsrc, dout, src, out, saved, shape)
     }
+    fn attention_backward_set_with_bias(
+        &self,
+        dsrc: QkvSource<ViewMut<'_>>,
+        dbias: ViewMut<'_>,
+        dout: View<'_>,
+        src: QkvSource<View<'_>>,
+        out: View<'_>,
+        saved: View<'_>,
+        shape: AttnShape,
+    ) -> bool {
+        self.0.attention_backward_set_with_bias(dsrc, dbias, dout, src, out, saved, shape)
+    }
     fn rope(&self, qkv: ViewMut<'_>, table: View<'_>, s: smelt_engine::backend::RopeShape, inverse: bool) {
         self.0.rope(qkv, table, s, inverse)
     }

@@ -65,6 +65,10 @@ struct AttnParams {
                        // and dout straight from the activation buffers (rows of hd bf16 at
                        // 16-byte aligned addresses) instead of head-major copies
     const unsigned* key_lens;  // (B) keys j >= key_lens[b] are padding; null: all Tk are keys
+    float* bias_partial;       // bf16 backward passes, packed self-attention, T % 64 == 0, no key
+                               // padding: each block also writes the column sums of the gradient
+                               // rows it stored (the qkv projection's bias-gradient partials,
+                               // attention_mma.cuh add_bias_partial); null: not wanted
 };
 
 // A gradient element: added to (accumulate) or written over.

@@ -174,6 +174,25 @@ __device__ __forceinline__ void io_grad_store_pair(float* base, size_t idx, int 
     if (d + 1 < p.hd) io_grad_store(base, idx + 1, v1, p);
 }
 
+// The qkv projection's bias gradient, summed where the gradient is written (p.bias_partial set:
+// the host allows it for packed self-attention with T % 64 == 0 and no key padding, so a block's
+// 64 rows are exactly one of column_sum_partial's 64-row chunks): after the block's stores,
+// partial[chunk, col .. col + hd) = the sums of those 64 rows of the gradient buffer, read back
+// as stored (bf16 or f32), from 0 in row order: bitwise what column_sum_partial computes from
+// the whole buffer afterwards, without that pass reading it again. Every thread of the block
+// calls it (it synchronizes, so the stores are visible: the block reads its own writes).
+__device__ __forceinline__ void add_bias_partial(const float* grad, const AttnParams& p, int b, int row0, int ld,
+                                                 int col) {
+    __syncthreads();
+    const size_t chunk = ((size_t)b * p.tq + row0) / TILE;
+    for (int d = threadIdx.x; d < p.hd; d += blockDim.x) {
+        float acc = 0.0f;
+#pragma unroll 8
+        for (int r = 0; r < TILE; r++) acc += io_load(grad, ((size_t)b * p.tq + row0 + r) * ld + col + d, p);
+        p.bias_partial[chunk * (size_t)ld + col + d] = acc;
+    }
+}
+
 // zero_padding_kv_tile for the bf16 family's buffers.
 __device__ __forceinline__ void zero_padding_kv_tile_io(float* dkv, const AttnParams& p, int b, int h, int k0) {
     if (p.accumulate) return;

@@ -210,6 +210,10 @@ __device__ void backward_dkv_bf16_impl(float* dkv, float* dq_acc, const bf16_t* 
             io_grad_store_pair(dkv, dvrow + d, d, dv[dn][2 * half], dv[dn][2 * half + 1], p);
         }
     }
+    if (!FUSED && p.bias_partial) {
+        add_bias_partial(dkv, p, b, k0, p.k_ld, p.k_off + h * p.hd);
+        add_bias_partial(dkv, p, b, k0, p.v_ld, p.v_off + h * p.hd);
+    }
 }
 
 template <int NC, bool WG>
@@ -336,6 +340,7 @@ __device__ void backward_dq_bf16_impl(float* dq, const bf16_t* qh, const bf16_t*
             io_grad_store_pair(dq, dqrow + d, d, acc[dn][2 * half] * p.scale, acc[dn][2 * half + 1] * p.scale, p);
         }
     }
+    if (p.bias_partial) add_bias_partial(dq, p, b, q0, p.q_ld, p.q_off + h * p.hd);
 }
 
 // ---- entry points, one per head-dim bucket (hd <= 32, 64, 128) -----------------------------
