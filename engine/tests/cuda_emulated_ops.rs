@@ -451,6 +451,16 @@ fn fill_scale_sum_squares_and_bias_broadcast_match_the_cpu() {
     let got: f64 = out[1].as_ref().unwrap().f64().iter().sum();
     let want = be.sum_squares(all(&be, &upload(&be, &x)));
     assert!(((got - want) / want).abs() < 1e-12, "sum_squares_partial: {got} vs the CPU's {want}");
+    // the float4 kernel (memory.rs takes it for a 16-byte aligned start): lengths with 0 to 3
+    // floats past the last vector (thread 0 of block 0 adds them), grids whose threads take two
+    // vectors per round, one, or none
+    for (n, grid) in [(5000, 7), (4999, 7), (4097, 1), (4098, 3), (6, 2), (3, 1)] {
+        let x = &x[..n];
+        let out = run_kernel("sum_squares_partial_x4", Launch { grid, shifts: &[] }, vec![Arg::F32(x.to_vec()), Arg::F64(vec![f64::NAN; grid as usize])], &[]).unwrap();
+        let got: f64 = out[1].as_ref().unwrap().f64().iter().sum();
+        let want = be.sum_squares(all(&be, &upload(&be, x)));
+        assert!(((got - want) / want).abs() < 1e-12, "sum_squares_partial_x4 n={n} grid={grid}: {got} vs the CPU's {want}");
+    }
 
     let (n_rows, oc) = (19usize, 70usize);
     let bias = randn(20, oc, 1.0);

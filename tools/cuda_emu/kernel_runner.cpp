@@ -213,6 +213,15 @@ static std::map<std::string, Kernel> kernels() {
              }
              launch(Dim3{c.grid_cap, 1, 1}, THREADS, [&] { sum_squares_partial(c.f(0), n, c.d(1)); });
          }}},
+        // the same with float4 loads (src 16-byte aligned: shift 0, 4, ...)
+        {"sum_squares_partial_x4", {{4, 8}, [](const Call& c) {
+             u64 n = c.b[0].n;
+             if (c.b[1].n != c.grid_cap) {
+                 fprintf(stderr, "sum_squares_partial_x4: %zu partials for a grid of %u\n", c.b[1].n, c.grid_cap);
+                 exit(2);
+             }
+             launch(Dim3{c.grid_cap, 1, 1}, THREADS, [&] { sum_squares_partial_x4(c.f(0), n, c.d(1)); });
+         }}},
         // p, grads, m, v; lr beta1 beta2 eps wd grad_scale bc1 bc2
         {"adamw_update", {{4, 4, 4, 4}, [](const Call& c) {
              u64 n = c.b[0].n;
