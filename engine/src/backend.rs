@@ -432,6 +432,32 @@ pub trait Backend: Send + Sync + 'static {
         rstd: Self::View<'_>,
         channels: usize,
     );
+    /// [`Backend::layernorm_backward_and_copy`] and `dsum (C) += sum_n dinp_copy`: the bias
+    /// gradient of the projection that reads the copy as its output gradient next (pre-LN GPT:
+    /// ln_f's and LN1's feed the MLP's down-projection, LN2's the attention's), summed in the
+    /// same pass where a backend can (the CUDA backend's one-pass kernels with a bf16 copy: the
+    /// column sums of the copy as they store it, instead of a pass reading it back). Returns
+    /// false, having done nothing, where it does not (the default): the caller runs
+    /// `layernorm_backward_and_copy` and passes the bias gradient to the projection's backward.
+    #[allow(clippy::too_many_arguments)]
+    fn layernorm_backward_and_copy_with_sum(
+        &self,
+        accumulate: bool,
+        dinp: Self::ViewMut<'_>,
+        dinp_copy: Self::ViewMut<'_>,
+        dsum: Self::ViewMut<'_>,
+        dweight: Self::ViewMut<'_>,
+        dbias: Self::ViewMut<'_>,
+        dout: Self::View<'_>,
+        inp: Self::View<'_>,
+        weight: Self::View<'_>,
+        mean: Self::View<'_>,
+        rstd: Self::View<'_>,
+        channels: usize,
+    ) -> bool {
+        let _ = (accumulate, dinp, dinp_copy, dsum, dweight, dbias, dout, inp, weight, mean, rstd, channels);
+        false
+    }
 
     // ---- multi-head scaled dot-product attention ------------------------------------------
 

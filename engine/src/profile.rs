@@ -331,6 +331,26 @@ impl<B: Backend> Backend for Profiled<B> {
             || self.inner.layernorm_backward_and_copy(accumulate, dinp, dinp_copy, dweight, dbias, dout, inp, weight, mean, rstd, channels),
         )
     }
+    fn layernorm_backward_and_copy_with_sum(
+        &self,
+        accumulate: bool,
+        dinp: B::ViewMut<'_>,
+        dinp_copy: B::ViewMut<'_>,
+        dsum: B::ViewMut<'_>,
+        dweight: B::ViewMut<'_>,
+        dbias: B::ViewMut<'_>,
+        dout: B::View<'_>,
+        inp: B::View<'_>,
+        weight: B::View<'_>,
+        mean: B::View<'_>,
+        rstd: B::View<'_>,
+        channels: usize,
+    ) -> bool {
+        self.timed(
+            || "layernorm_backward+bias".into(),
+            || self.inner.layernorm_backward_and_copy_with_sum(accumulate, dinp, dinp_copy, dsum, dweight, dbias, dout, inp, weight, mean, rstd, channels),
+        )
+    }
     fn attention_saved_len(&self, shape: AttnShape) -> usize {
         self.inner.attention_saved_len(shape)
     }

@@ -622,6 +622,56 @@ fn attention_backward_with_bias_sums_is_the_backward_and_the_column_sums() {
     assert_eq!(host(g, &db), vec![1.0; 192], "a declined call wrote dbias");
 }
 
+/// The LayerNorm backward with the next projection's bias gradient summed from its bf16 copy of
+/// dinp (`layernorm_backward_and_copy_with_sum`): dinp, its copy and the LayerNorm's own
+/// gradients bitwise `layernorm_backward_and_copy`'s on the same device, and dsum (which it adds
+/// onto) bitwise what the projection's backward adds from the copy (the same 64-row partials,
+/// the same finish). Both modes; 135 rows (two 64-row chunks and a short one) of 768 columns
+/// (GPT-2's). C > 1024 (the two-pass kernels) and an f32 copy decline and leave dsum alone; so
+/// does every case with SMELT_FUSED_PROJ_BIAS=0.
+#[test]
+fn layernorm_backward_with_sum_is_the_backward_and_the_copys_column_sums() {
+    let Some((g, _serial)) = gpu() else { return };
+    let on = g.tuning().fused_proj_bias;
+    for (n, c, accumulate, bf16_copy) in [(135, 768, true, true), (135, 768, false, true), (70, 1100, true, true), (70, 256, true, false)] {
+        let what = format!("N{n} C{c} accumulate={accumulate} bf16 copy={bf16_copy}");
+        let inp = g.upload(&randn(60, n * c, 1.0));
+        let w = g.upload(&randn(61, c, 1.0));
+        let dout = activation(g, &randn_bf16(62, n * c, 1.0));
+        let (mean, rstd) = (g.upload(&randn(63, n, 0.1)), g.upload(&vec![1.3; n]));
+        let dinp0 = randn(64, n * c, 1.0);
+        let copy_buf = |v: f32| if bf16_copy { activation(g, &vec![v; n * c]) } else { g.upload(&vec![v; n * c]) };
+        // the plain op, then the column sums of its copy (a matmul backward with a bias)
+        let (mut dinp_a, mut copy_a) = (g.upload(&dinp0), copy_buf(STALE));
+        let (mut dw_a, mut db_a) = (g.upload(&vec![0.5; c]), g.upload(&vec![-0.5; c]));
+        g.layernorm_backward_and_copy(accumulate, all_mut(g, &mut dinp_a), all_mut(g, &mut copy_a), all_mut(g, &mut dw_a), all_mut(g, &mut db_a), all(g, &dout), all(g, &inp), all(g, &w), all(g, &mean), all(g, &rstd), c);
+        let start: Vec<f32> = (0..c).map(|i| i as f32 * 0.125).collect();
+        let mut want_sum = g.upload(&start);
+        let s = MatmulShape { rows: n, in_features: 8, out_features: c, layout: WeightLayout::InOut };
+        let (zero_in, zero_w, mut scratch_dw) = (activation(g, &vec![0.0; n * 8]), g.upload(&vec![0.0; 8 * c]), g.zeros(8 * c));
+        if bf16_copy {
+            g.matmul_backward(None, all_mut(g, &mut scratch_dw), Some(all_mut(g, &mut want_sum)), all(g, &copy_a), all(g, &zero_in), all(g, &zero_w), s);
+        }
+        // the fused one
+        let (mut dinp_b, mut copy_b) = (g.upload(&dinp0), copy_buf(STALE));
+        let (mut dw_b, mut db_b) = (g.upload(&vec![0.5; c]), g.upload(&vec![-0.5; c]));
+        let mut sum = g.upload(&start);
+        let took = g.layernorm_backward_and_copy_with_sum(accumulate, all_mut(g, &mut dinp_b), all_mut(g, &mut copy_b), all_mut(g, &mut sum), all_mut(g, &mut dw_b), all_mut(g, &mut db_b), all(g, &dout), all(g, &inp), all(g, &w), all(g, &mean), all(g, &rstd), c);
+        assert_eq!(took, on && c <= 1024 && bf16_copy, "{what}: taken {took}");
+        if took {
+            assert_same_bits(&format!("{what}: dinp"), &host(g, &dinp_b), &host(g, &dinp_a));
+            assert_same_bits(&format!("{what}: copy"), &host(g, &copy_b), &host(g, &copy_a));
+            assert_same_bits(&format!("{what}: dw"), &host(g, &dw_b), &host(g, &dw_a));
+            assert_same_bits(&format!("{what}: db"), &host(g, &db_b), &host(g, &db_a));
+            assert_same_bits(&format!("{what}: the copy's column sums"), &host(g, &sum), &host(g, &want_sum));
+            assert_ne!(host(g, &sum), start, "{what}: dsum unchanged");
+        } else {
+            assert_eq!(host(g, &sum), start, "{what}: a declined call wrote dsum");
+            assert_eq!(host(g, &dinp_b), dinp0, "{what}: a declined call wrote dinp");
+        }
+    }
+}
+
 // ---- 6. cross-entropy on bf16 logits ----------------------------------------------------------
 
 fn cross_entropy_body<B: Backend>(be: &B, n: usize, v: usize) -> Outs {

@@ -45,7 +45,7 @@ static const float CANARY = 12345.0f;
 
 // The kernels for dout's element type TG.
 template <typename TG> struct Kernels {
-    typedef void (*Fused)(float*, unsigned short*, float*, float*, const TG*, const float*, const float*,
+    typedef void (*Fused)(float*, unsigned short*, float*, float*, float*, const TG*, const float*, const float*,
                           const float*, const float*, u64, u64, u64, int);
     typedef void (*Input)(float*, unsigned short*, const TG*, const float*, const float*, const float*,
                           const float*, u64, u64);
@@ -120,10 +120,11 @@ template <typename T> struct Placed {
 };
 
 // dinp += / = the input gradient and dw, db += the column sums, as layernorm.rs runs them;
-// copy (may be null): the final dinp as bf16.
+// copy (may be null): the final dinp as bf16; pdsum (may be null; the fused kernels only): the
+// copy's per-chunk column sums.
 template <typename TG>
 static void engine_backward(const Data& d, int accumulate, float* dinp, bf16* copy, float* dw, float* db,
-                            const TG* dout, const float* x) {
+                            const TG* dout, const float* x, float* pdsum = nullptr) {
     const Kernels<TG>& ks = kernels((TG*)nullptr);
     const int n = d.n, c = d.c, chunks = (n + PER - 1) / PER;
     const u64 un = n, uc = c, up = PER, uk = chunks;
@@ -132,7 +133,7 @@ static void engine_backward(const Data& d, int accumulate, float* dinp, bf16* co
     const int i = pick(c);
     if (i >= 0) {
         launch({(unsigned)chunks, 1, 1}, 256, [&] {
-            ks.fused[i](dinp, copy, pdw.data(), pdb.data(), dout, x, d.w.data(), d.mean.data(), d.rstd.data(), un,
+            ks.fused[i](dinp, copy, pdw.data(), pdb.data(), pdsum, dout, x, d.w.data(), d.mean.data(), d.rstd.data(), un,
                         uc, up, accumulate);
         });
     } else {
@@ -163,15 +164,27 @@ static bool copy_run(const Data& d, int accumulate, size_t off, size_t copy_off,
         copy.p()[i] = 0x7fc1;  // a NaN: a value left unwritten shows
     }
     std::vector<float> dw = d.dw0, db = d.db0;
-    engine_backward<TG>(d, accumulate, dinp.p(), copy.p(), dw.data(), db.data(), dout.p(), x.p());
+    // the fused kernels also sum the copy's columns per chunk (the next projection's bias
+    // gradient): bitwise the row-order sums of the copy as stored, every (chunk, column) written
+    const bool fused = pick(d.c) >= 0;
+    const size_t chunks = (d.n + PER - 1) / PER;
+    std::vector<float> pdsum(fused ? chunks * d.c : 0, std::nanf(""));
+    engine_backward<TG>(d, accumulate, dinp.p(), copy.p(), dw.data(), db.data(), dout.p(), x.p(), fused ? pdsum.data() : nullptr);
     const std::vector<float> got = dinp.body();
     bool rounded = true;
     for (size_t i = 0; i < len; i++) rounded = rounded && copy.p()[i] == f2bf(got[i]);
-    const bool ok = same_bits(got, want) && rounded && dinp.guard_is(CANARY) && copy.guard_is(CANARY_BF16);
+    bool sums = true;
+    for (size_t k = 0; k < (fused ? chunks : 0); k++)
+        for (int col = 0; col < d.c; col++) {
+            float s = 0.0f;
+            for (size_t r = k * PER; r < std::min((size_t)d.n, (k + 1) * PER); r++) s += bf2f(copy.p()[r * d.c + col]);
+            sums = sums && std::memcmp(&s, &pdsum[k * d.c + col], 4) == 0;
+        }
+    const bool ok = same_bits(got, want) && rounded && sums && dinp.guard_is(CANARY) && copy.guard_is(CANARY_BF16);
     if (!ok)
-        printf("  copy (%s, dinp +%zu, copy +%zu): dinp %s, copy %s bf16(dinp), canaries %s\n",
+        printf("  copy (%s, dinp +%zu, copy +%zu): dinp %s, copy %s bf16(dinp), column sums %s, canaries %s\n",
                accumulate ? "accumulate" : "overwrite", off, copy_off, same_bits(got, want) ? "==" : "!=",
-               rounded ? "==" : "!=", dinp.guard_is(CANARY) && copy.guard_is(CANARY_BF16) ? "ok" : "BAD");
+               rounded ? "==" : "!=", sums ? "ok" : "BAD", dinp.guard_is(CANARY) && copy.guard_is(CANARY_BF16) ? "ok" : "BAD");
     return ok;
 }
 

@@ -122,18 +122,26 @@ pub fn backward_with(
     }
     if let Some(dbias) = dbias {
         assert_eq!(dbias.len(), oc, "matmul dbias");
-        let partials: Vec<Vec<f32>> = dout
-            .par_chunks(ROWS_PER_TASK * oc)
-            .map(|rows| {
-                let mut acc = vec![0.0f32; oc];
-                for row in rows.chunks(oc) {
-                    acc.iter_mut().zip(row).for_each(|(a, &d)| *a += d);
-                }
-                acc
-            })
-            .collect();
-        for p in &partials {
-            dbias.iter_mut().zip(p).for_each(|(d, &x)| *d += x);
-        }
+        add_column_sums(dbias, dout, oc);
+    }
+}
+
+/// `dbias (cols) +=` the column sums of `rows (N, cols)`: per chunk of `ROWS_PER_TASK` rows a
+/// partial from 0 in row order, the partials then added in chunk order (a bias gradient, in the
+/// same order whichever op sums it: a projection's backward, or the op that wrote its dout).
+pub(crate) fn add_column_sums(dbias: &mut [f32], rows: &[f32], cols: usize) {
+    assert!(cols > 0 && rows.len().is_multiple_of(cols), "column sums: {} values are not rows of {cols}", rows.len());
+    let partials: Vec<Vec<f32>> = rows
+        .par_chunks(ROWS_PER_TASK * cols)
+        .map(|chunk| {
+            let mut acc = vec![0.0f32; cols];
+            for row in chunk.chunks(cols) {
+                acc.iter_mut().zip(row).for_each(|(a, &d)| *a += d);
+            }
+            acc
+        })
+        .collect();
+    for p in &partials {
+        dbias.iter_mut().zip(p).for_each(|(d, &x)| *d += x);
     }
 }

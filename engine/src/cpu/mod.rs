@@ -260,6 +260,50 @@ impl Backend for CpuBackend {
     ) {
         attention::backward(zeroed(dsrc), dout, src, saved, shape)
     }
+    // The bias-gradient fusions as their two steps, in the order the projections' backward would
+    // sum them (bitwise the same gradients): so the CPU runs the models' fused paths too.
+    fn attention_backward_set_with_bias(
+        &self,
+        dsrc: QkvSource<&mut [f32]>,
+        dbias: &mut [f32],
+        dout: &[f32],
+        src: QkvSource<&[f32]>,
+        out: &[f32],
+        saved: &[f32],
+        shape: AttnShape,
+    ) -> bool {
+        let QkvSource::Packed(dqkv) = dsrc else { return false };
+        assert_eq!(dbias.len(), 3 * shape.channels, "attention dbias (3C)");
+        self.attention_backward_set(QkvSource::Packed(&mut *dqkv), dout, src, out, saved, shape);
+        matmul::add_column_sums(dbias, dqkv, 3 * shape.channels);
+        true
+    }
+    fn layernorm_backward_and_copy_with_sum(
+        &self,
+        accumulate: bool,
+        dinp: &mut [f32],
+        dinp_copy: &mut [f32],
+        dsum: &mut [f32],
+        dweight: &mut [f32],
+        dbias: &mut [f32],
+        dout: &[f32],
+        inp: &[f32],
+        weight: &[f32],
+        mean: &[f32],
+        rstd: &[f32],
+        channels: usize,
+    ) -> bool {
+        assert_eq!(dsum.len(), channels, "layernorm backward: the copy's column sums (C)");
+        self.layernorm_backward_and_copy(accumulate, dinp, &mut *dinp_copy, dweight, dbias, dout, inp, weight, mean, rstd, channels);
+        matmul::add_column_sums(dsum, dinp_copy, channels);
+        true
+    }
+    fn gelu_backward_set_with_bias(&self, dinp: &mut [f32], dbias: &mut [f32], inp: &[f32], dout: &[f32], cols: usize) -> bool {
+        assert_eq!(dbias.len(), cols, "gelu backward: dbias (cols)");
+        self.gelu_backward_set(&mut *dinp, inp, dout);
+        matmul::add_column_sums(dbias, dinp, cols);
+        true
+    }
 
     fn rope(&self, qkv: &mut [f32], table: &[f32], s: RopeShape, inverse: bool) {
         rope::rope(qkv, table, s, inverse)

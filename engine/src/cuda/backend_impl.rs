@@ -214,6 +214,27 @@ impl Backend for CudaBackend {
     ) {
         layernorm::backward(self, false, dinp, None, dweight, dbias, dout, inp, weight, mean, rstd, channels)
     }
+    fn layernorm_backward_and_copy_with_sum(
+        &self,
+        accumulate: bool,
+        dinp: CudaViewMut<'_>,
+        dinp_copy: CudaViewMut<'_>,
+        dsum: CudaViewMut<'_>,
+        dweight: CudaViewMut<'_>,
+        dbias: CudaViewMut<'_>,
+        dout: CudaView<'_>,
+        inp: CudaView<'_>,
+        weight: CudaView<'_>,
+        mean: CudaView<'_>,
+        rstd: CudaView<'_>,
+        channels: usize,
+    ) -> bool {
+        if !layernorm::can_sum_copy(self, &dinp_copy, channels) {
+            return false;
+        }
+        layernorm::backward_with_sum(self, accumulate, dinp, dinp_copy, dsum, dweight, dbias, dout, inp, weight, mean, rstd, channels);
+        true
+    }
     fn layernorm_backward_and_copy(
         &self,
         accumulate: bool,

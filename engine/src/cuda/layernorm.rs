@@ -102,8 +102,58 @@ fn dout_tag(dout: &CudaView<'_>) -> &'static str {
 pub(crate) fn backward(
     be: &CudaBackend,
     accumulate: bool,
+    dinp: CudaViewMut<'_>,
+    dinp_copy: Option<CudaViewMut<'_>>,
+    dw: CudaViewMut<'_>,
+    db: CudaViewMut<'_>,
+    dout: CudaView<'_>,
+    inp: CudaView<'_>,
+    w: CudaView<'_>,
+    mean: CudaView<'_>,
+    rstd: CudaView<'_>,
+    c: usize,
+) {
+    backward_summing(be, accumulate, dinp, dinp_copy, None, dw, db, dout, inp, w, mean, rstd, c)
+}
+
+/// Whether [`backward_with_sum`] can sum the copy's columns in its kernel: the one-pass kernels
+/// (C <= 1024), a bf16 copy, and the switch (`SMELT_FUSED_PROJ_BIAS`).
+pub(crate) fn can_sum_copy(be: &CudaBackend, dinp_copy: &CudaViewMut<'_>, c: usize) -> bool {
+    be.tuning().fused_proj_bias && fused_k(c).is_some() && dinp_copy.is_bf16()
+}
+
+/// [`backward`] with a bf16 copy, and `dsum (C) +=` the column sums of that copy (the bias
+/// gradient of the projection whose output gradient it is), summed by the one-pass kernel from
+/// the rows it stored: per chunk in row order, then colsum's finish, bitwise the column-sum pass
+/// over the copy. The caller checked [`can_sum_copy`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_with_sum(
+    be: &CudaBackend,
+    accumulate: bool,
+    dinp: CudaViewMut<'_>,
+    dinp_copy: CudaViewMut<'_>,
+    dsum: CudaViewMut<'_>,
+    dw: CudaViewMut<'_>,
+    db: CudaViewMut<'_>,
+    dout: CudaView<'_>,
+    inp: CudaView<'_>,
+    w: CudaView<'_>,
+    mean: CudaView<'_>,
+    rstd: CudaView<'_>,
+    c: usize,
+) {
+    assert!(can_sum_copy(be, &dinp_copy, c), "layernorm backward: the copy's column sums need the one-pass kernels and a bf16 copy");
+    assert_eq!(dsum.len, c, "layernorm backward: the copy's column sums (C = {c}) into {} floats", dsum.len);
+    backward_summing(be, accumulate, dinp, Some(dinp_copy), Some(dsum), dw, db, dout, inp, w, mean, rstd, c)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_summing(
+    be: &CudaBackend,
+    accumulate: bool,
     mut dinp: CudaViewMut<'_>,
     dinp_copy: Option<CudaViewMut<'_>>,
+    dsum: Option<CudaViewMut<'_>>,
     dw: CudaViewMut<'_>,
     db: CudaViewMut<'_>,
     dout: CudaView<'_>,
@@ -129,8 +179,11 @@ pub(crate) fn backward(
     let copy = dinp_copy.as_ref().map_or(0, |v| v.addr());
     let (_pdw_buf, pdw) = colsum::scratch(be, n, c);
     let (_pdb_buf, pdb) = colsum::scratch(be, n, c);
+    // the copy's column-sum partials, when asked for (the kernels' pdsum: 0 for none)
+    let pds = dsum.as_ref().map(|_| colsum::scratch(be, n, c));
+    let pdsum = pds.as_ref().map_or(0, |(_, p)| *p);
     match fused_k(c) {
-        Some(k) => backward_fused(be, k, accumulate, (&dinp, copy), (pdw, pdb), &dout, &inp, &w, &mean, &rstd, n, c),
+        Some(k) => backward_fused(be, k, accumulate, (&dinp, copy), (pdw, pdb, pdsum), &dout, &inp, &w, &mean, &rstd, n, c),
         None => {
             // the two-pass kernels only add: zero first when overwriting (the input kernel
             // then sees the final values, so its copy is of them too)
@@ -141,18 +194,21 @@ pub(crate) fn backward(
         }
     }
     colsum::finish2(be, (dw.ptr(), pdw), (db.ptr(), pdb), n, c);
+    if let Some(dsum) = dsum {
+        colsum::finish(be, dsum.ptr(), pdsum, n, c);
+    }
 }
 
 /// One pass (C <= 1024): a block of 8 warps per chunk of `ROWS_PER_TASK` rows writes dinp (+=)
-/// (and its bf16 copy at device address `copy`, unless 0) and the chunk's partials (pdw, pdb),
-/// each (chunks, C).
+/// (and its bf16 copy at device address `copy`, unless 0) and the chunk's partials (pdw, pdb,
+/// and with a copy pdsum, the copy's column sums, unless 0), each (chunks, C).
 #[allow(clippy::too_many_arguments)]
 fn backward_fused(
     be: &CudaBackend,
     k: usize,
     accumulate: bool,
     (dinp, copy): (&CudaViewMut<'_>, u64),
-    (pdw, pdb): (u64, u64),
+    (pdw, pdb, pdsum): (u64, u64, u64),
     dout: &CudaView<'_>,
     inp: &CudaView<'_>,
     w: &CudaView<'_>,
@@ -180,13 +236,13 @@ fn backward_fused(
         shared_mem_bytes: smem,
     };
     let mut l = be.stream().launch_builder(&f);
-    l.arg(dinp.ptr_ref()).arg(&copy).arg(&pdw).arg(&pdb).arg(dout.addr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref());
+    l.arg(dinp.ptr_ref()).arg(&copy).arg(&pdw).arg(&pdb).arg(&pdsum).arg(dout.addr_ref()).arg(inp.ptr_ref()).arg(w.ptr_ref());
     let acc = accumulate as i32;
     l.arg(mean.ptr_ref()).arg(rstd.ptr_ref()).arg(&rows).arg(&cc).arg(&per).arg(&acc);
     // SAFETY: layernorm_backward_fused[_bf16dout]_k{K}(float*, unsigned short* (null or N*C bf16),
-    // float* x2, const float* or (bf16dout) const unsigned short* dout, const float* x4, u64,
-    // u64, u64, int) with 32 K >= C, the variant chosen by dout's type: sizes asserted by the
-    // caller; writes chunks*C floats to each scratch buffer.
+    // float* x2, float* (null or chunks*C), const float* or (bf16dout) const unsigned short*
+    // dout, const float* x4, u64, u64, u64, int) with 32 K >= C, the variant chosen by dout's
+    // type: sizes asserted by the caller; writes chunks*C floats to each scratch buffer.
     be.check(unsafe { l.launch(cfg) }.map(|_| ()), &name);
 }
 

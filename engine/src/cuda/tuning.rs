@@ -46,6 +46,11 @@ pub struct CudaTuning {
     /// backward's gradient passes as they store dqkv (`attention::backward_set_with_bias`)
     /// instead of a column-sum pass that reads dqkv back; bitwise the same (stop 28).
     pub fused_qkv_bias: bool,
+    /// `SMELT_FUSED_PROJ_BIAS`: the attention and MLP output projections' bias gradients summed
+    /// by the LayerNorm backward that writes their output gradient's bf16 copy
+    /// (`layernorm::backward_with_sum`) instead of a column-sum pass that reads it back; bitwise
+    /// the same (stop 28).
+    pub fused_proj_bias: bool,
     /// `SMELT_BGRAD_EPILOGUE`: bias gradients from the weight-gradient GEMM's epilogue instead
     /// of a column-sum pass (v9; run 18, H200: +0.5 ms: off).
     pub bgrad_epilogue: bool,
@@ -97,6 +102,7 @@ impl Default for CudaTuning {
             fast_gelu: true,
             fused_gelu_bias: true,
             fused_qkv_bias: true,
+            fused_proj_bias: true,
             bgrad_epilogue: false,
             fused_classifier: false,
             ce_blocks_per_sm: 2,
@@ -145,6 +151,7 @@ impl CudaTuning {
         flag("SMELT_FAST_GELU", &mut t.fast_gelu)?;
         flag("SMELT_FUSED_GELU_BIAS", &mut t.fused_gelu_bias)?;
         flag("SMELT_FUSED_QKV_BIAS", &mut t.fused_qkv_bias)?;
+        flag("SMELT_FUSED_PROJ_BIAS", &mut t.fused_proj_bias)?;
         flag("SMELT_BGRAD_EPILOGUE", &mut t.bgrad_epilogue)?;
         flag("SMELT_FUSED_CLASSIFIER", &mut t.fused_classifier)?;
         flag("SMELT_ATTN_FUSED_BWD", &mut t.fused_attention_backward)?;
@@ -189,6 +196,7 @@ impl CudaTuning {
             ("SMELT_FAST_GELU", b(self.fast_gelu)),
             ("SMELT_FUSED_GELU_BIAS", b(self.fused_gelu_bias)),
             ("SMELT_FUSED_QKV_BIAS", b(self.fused_qkv_bias)),
+            ("SMELT_FUSED_PROJ_BIAS", b(self.fused_proj_bias)),
             ("SMELT_BGRAD_EPILOGUE", b(self.bgrad_epilogue)),
             ("SMELT_FUSED_CLASSIFIER", b(self.fused_classifier)),
             ("SMELT_CE_BLOCKS_PER_SM", self.ce_blocks_per_sm.to_string()),
@@ -250,6 +258,7 @@ mod tests {
         t.fast_gelu = false;
         t.fused_gelu_bias = false;
         t.fused_qkv_bias = false;
+        t.fused_proj_bias = false;
         t.bgrad_epilogue = true;
         t.fused_classifier = true;
         t.ce_blocks_per_sm = 3;

@@ -648,8 +648,18 @@ impl<B: Backend> Gpt<B> {
         let rope = RopeShape { rows, seq_len: t, channels: c, heads: cfg.n_head };
         let Acts { encoded, blocks: block_acts, lnf_mean, lnf_rstd, scratch: s, .. } = acts;
         // dinp += LN'(dout), or with `set` dinp = LN'(dout) (no zero fill first); with `copy`,
-        // the final dinp is also written there (an activation buffer: the next matmul's dout)
-        let ln_grad = |set: bool, grads: &mut B::Buf, dinp: &mut B::Buf, copy: Option<&mut B::Buf>, dout: &B::Buf, inp: &B::Buf, mean: &B::Buf, rstd: &B::Buf, w: ParamId, bias: ParamId| {
+        // the final dinp is also written there (an activation buffer: the next matmul's dout),
+        // and with `sum` (the bias of that matmul) the copy's column sums are added to its
+        // gradient where the backend sums them in the same pass: true when it did
+        let ln_grad = |set: bool, grads: &mut B::Buf, dinp: &mut B::Buf, copy: Option<&mut B::Buf>, sum: Option<ParamId>, dout: &B::Buf, inp: &B::Buf, mean: &B::Buf, rstd: &B::Buf, w: ParamId, bias: ParamId| -> bool {
+            let mut copy = copy;
+            if let (Some(copy), Some(sum)) = (copy.as_deref_mut(), sum) {
+                let [dw, db, ds] = be.split_mut(grads, [table.range(w), table.range(bias), table.range(sum)]);
+                let (dinp, copy, dout, inp) = (be.view_mut(dinp, rc.clone()), be.view_mut(copy, rc.clone()), be.view(dout, rc.clone()), be.view(inp, rc.clone()));
+                if be.layernorm_backward_and_copy_with_sum(!set, dinp, copy, ds, dw, db, dout, inp, p(w), be.view(mean, 0..rows), be.view(rstd, 0..rows), c) {
+                    return true;
+                }
+            }
             let (dw, db) = weight_and_bias_grads(be, table, grads, w, bias);
             let (dinp, dout, inp) = (be.view_mut(dinp, rc.clone()), be.view(dout, rc.clone()), be.view(inp, rc.clone()));
             let (mean, rstd) = (be.view(mean, 0..rows), be.view(rstd, 0..rows));
@@ -658,6 +668,7 @@ impl<B: Backend> Gpt<B> {
                 None if set => be.layernorm_backward_set(dinp, dw, db, dout, inp, p(w), mean, rstd, c),
                 None => be.layernorm_backward(dinp, dw, db, dout, inp, p(w), mean, rstd, c),
             }
+            false
         };
 
         let last = match block_acts.last() {
@@ -668,7 +679,9 @@ impl<B: Backend> Gpt<B> {
         // pre-LN: the last block's fcproj reads this gradient next (none without blocks)
         let pre_ln = cfg.ln_placement == LayerNormPlacement::Pre;
         let lnf_copy = (pre_ln && !blocks.is_empty()).then_some(&mut s.dres_act);
-        ln_grad(true, grads, &mut s.dres, lnf_copy, dlnf, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
+        // the top block's fcproj reads ln_f's copy: its bias gradient from ln_f's pass where it can
+        let top_fcproj_b = blocks.last().filter(|_| pre_ln).map(|bp| bp.fcproj_b);
+        let mut fcproj_bias_done = ln_grad(true, grads, &mut s.dres, lnf_copy, top_fcproj_b, dlnf, last, lnf_mean, lnf_rstd, self.lnf_w, self.lnf_b);
         ready(be, grads, table.range(self.lnf_w).start..table.range(self.lnf_b).end);
 
         for (l, bp) in blocks.iter().enumerate().rev() {
@@ -689,7 +702,7 @@ impl<B: Backend> Gpt<B> {
                 }
                 LayerNormPlacement::Post => {
                     // out = LN2(resid2); resid2 = ln1 + fcproj: dln1 := dresid2, dfcproj = dresid2
-                    ln_grad(true, grads, &mut s.dmid, None, &s.dres, &a.resid2, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
+                    ln_grad(true, grads, &mut s.dmid, None, None, &s.dres, &a.resid2, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
                     be.copy(be.view_mut(&mut s.dln, rc.clone()), be.view(&s.dmid, rc.clone()));
                     (&a.ln1, true, &s.dmid)
                 }
@@ -698,11 +711,13 @@ impl<B: Backend> Gpt<B> {
             // the backend fuses the GELU backward and fc's bias gradient into it (fc_b done),
             // else through dfch_gelu
             let [dw, db, dfc_b] = be.split_mut(grads, [table.range(bp.fcproj_w), table.range(bp.fcproj_b), table.range(bp.fc_b)]);
+            let db = (!fcproj_bias_done).then_some(db);
             let fcproj = (be.view(dfcproj, rc.clone()), be.view(&a.fch_gelu, rc4.clone()), p(bp.fcproj_w), mm(rows, 4 * c, c));
-            let mut fc_bias_done = be.matmul_dgelu_backward_fused(be.view_mut(&mut s.dfch, rc4.clone()), Some(dfc_b), dw, Some(db), fcproj.0, fcproj.1, be.view(&a.fch, rc4.clone()), fcproj.2, fcproj.3);
+            let mut fc_bias_done = be.matmul_dgelu_backward_fused(be.view_mut(&mut s.dfch, rc4.clone()), Some(dfc_b), dw, db, fcproj.0, fcproj.1, be.view(&a.fch, rc4.clone()), fcproj.2, fcproj.3);
             if !fc_bias_done {
                 let (dw, db) = weight_and_bias_grads(be, table, grads, bp.fcproj_w, bp.fcproj_b);
-                be.matmul_backward_set_dinp(be.view_mut(&mut s.dfch_gelu, rc4.clone()), dw, Some(db), fcproj.0, fcproj.1, fcproj.2, fcproj.3);
+                let db = (!fcproj_bias_done).then_some(db);
+                be.matmul_backward_set_dinp(be.view_mut(&mut s.dfch_gelu, rc4.clone()), dw, db, fcproj.0, fcproj.1, fcproj.2, fcproj.3);
                 // fc's bias gradient from the GELU backward's own pass where the backend can
                 let (dfch, fch, dfch_gelu) = (be.view_mut(&mut s.dfch, rc4.clone()), be.view(&a.fch, rc4.clone()), be.view(&s.dfch_gelu, rc4.clone()));
                 let dfc_b = be.view_mut(grads, table.range(bp.fc_b));
@@ -722,21 +737,23 @@ impl<B: Backend> Gpt<B> {
             }
             // the gradient of resid1: in dres (pre-LN, in place; attproj reads its copy in
             // dres_act) or dmid (post-LN)
-            let dresid1 = match cfg.ln_placement {
+            // (pre-LN: attproj's bias gradient from LN2's pass where the backend sums it there)
+            let (dresid1, attproj_bias_done) = match cfg.ln_placement {
                 LayerNormPlacement::Pre => {
-                    ln_grad(false, grads, &mut s.dres, Some(&mut s.dres_act), &s.dln_act, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
-                    &s.dres_act
+                    let done = ln_grad(false, grads, &mut s.dres, Some(&mut s.dres_act), Some(bp.proj_b), &s.dln_act, &a.resid1, &a.ln2_mean, &a.ln2_rstd, bp.ln2_w, bp.ln2_b);
+                    (&s.dres_act, done)
                 }
                 LayerNormPlacement::Post => {
-                    ln_grad(true, grads, &mut s.dmid, None, &s.dln, &a.resid1, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                    ln_grad(true, grads, &mut s.dmid, None, None, &s.dln, &a.resid1, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                     // resid1 = x + attproj: dx := dresid1 (more below)
                     be.copy(be.view_mut(&mut s.dx, rc.clone()), be.view(&s.dmid, rc.clone()));
-                    &s.dmid
+                    (&s.dmid, false)
                 }
             };
             // attproj = atty @ W + b: dattproj = dresid1
             let (dw, db) = weight_and_bias_grads(be, table, grads, bp.proj_w, bp.proj_b);
-            be.matmul_backward_set_dinp(be.view_mut(&mut s.datty, rc.clone()), dw, Some(db), be.view(dresid1, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), mm(rows, c, c));
+            let db = (!attproj_bias_done).then_some(db);
+            be.matmul_backward_set_dinp(be.view_mut(&mut s.datty, rc.clone()), dw, db, be.view(dresid1, rc.clone()), be.view(&a.atty, rc.clone()), p(bp.proj_w), mm(rows, c, c));
             // atty = attention(qkv); qkv's bias gradient summed by the attention backward as it
             // writes dqkv where the backend can (not with rotary positions, which turn dqkv after)
             let qkv_bias_done = self.rope_table.is_none()
@@ -772,7 +789,8 @@ impl<B: Backend> Gpt<B> {
                     // dres := dx = dresid1 + LN1'(dln), in place; copied into dres_act for the
                     // fcproj of block l - 1 (block 0's feeds the embeddings, which read f32 dres)
                     let copy = (l > 0).then_some(&mut s.dres_act);
-                    ln_grad(false, grads, &mut s.dres, copy, &s.dln_act, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
+                    let below_fcproj_b = l.checked_sub(1).map(|k| blocks[k].fcproj_b);
+                    fcproj_bias_done = ln_grad(false, grads, &mut s.dres, copy, below_fcproj_b, &s.dln_act, x, &a.ln1_mean, &a.ln1_rstd, bp.ln1_w, bp.ln1_b);
                 }
                 LayerNormPlacement::Post => {
                     be.matmul_backward(Some(be.view_mut(&mut s.dx, rc.clone())), dw, db, be.view(&s.dqkv, rc3.clone()), be.view(x, rc.clone()), p(bp.qkv_w), mm(rows, c, 3 * c));

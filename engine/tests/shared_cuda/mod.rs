@@ -199,6 +199,23 @@ impl Backend for Shared {
     ) {
         self.0.layernorm_backward_and_copy(accumulate, dinp, dinp_copy, dweight, dbias, dout, inp, weight, mean, rstd, channels)
     }
+    fn layernorm_backward_and_copy_with_sum(
+        &self,
+        accumulate: bool,
+        dinp: ViewMut<'_>,
+        dinp_copy: ViewMut<'_>,
+        dsum: ViewMut<'_>,
+        dweight: ViewMut<'_>,
+        dbias: ViewMut<'_>,
+        dout: View<'_>,
+        inp: View<'_>,
+        weight: View<'_>,
+        mean: View<'_>,
+        rstd: View<'_>,
+        channels: usize,
+    ) -> bool {
+        self.0.layernorm_backward_and_copy_with_sum(accumulate, dinp, dinp_copy, dsum, dweight, dbias, dout, inp, weight, mean, rstd, channels)
+    }
     fn attention_saved_len(&self, shape: AttnShape) -> usize {
         self.0.attention_saved_len(shape)
     }

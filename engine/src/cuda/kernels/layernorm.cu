@@ -270,11 +270,15 @@ __device__ __forceinline__ void ln_add4(float* p, unsigned col, unsigned n, bool
 // live in shared memory so that registers hold only the row; then warp_sum2 and dinp (and its
 // bf16 copy in dinp_bf16 when that is not null). At the end the warps' partials are added in
 // warp order into pdw[chunk, :], pdb[chunk, :]: a fixed order, the same bits on every run
-// (column_sum_finish then adds the chunks).
+// (column_sum_finish then adds the chunks). With pdsum (and the bf16 copy), the block then reads
+// its rows of the copy back (its own writes, L2-hot) and writes their column sums from 0 in row
+// order into pdsum[chunk, :]: bitwise column_sum_partial_bf16's partials of the copy (the bias
+// gradient of the projection whose output gradient the copy is), without that pass.
 // Dynamic shared memory: (LN_WARPS, 2, C) floats, a warp's dw then db partial.
 template <typename TG, int V, bool VEC>
 __device__ void backward_fused_chunk(float* __restrict__ dinp, unsigned short* __restrict__ dinp_bf16,
-                                    float* __restrict__ pdw, float* __restrict__ pdb, const TG* __restrict__ dout,
+                                    float* __restrict__ pdw, float* __restrict__ pdb, float* __restrict__ pdsum,
+                                    const TG* __restrict__ dout,
                                     const float* __restrict__ inp, const float* __restrict__ w,
                                     const float* __restrict__ mean,
                                     const float* __restrict__ rstd, u64 n_rows, u64 c64, u64 rows_per_chunk,
@@ -356,20 +360,29 @@ __device__ void backward_fused_chunk(float* __restrict__ dinp, unsigned short* _
         pdw[chunk * c64 + i] = sw;
         pdb[chunk * c64 + i] = sb;
     }
+    if (pdsum && dinp_bf16) {
+        __syncthreads();  // every row of the copy this block stored is visible to all its threads
+        for (unsigned i = threadIdx.x; i < c; i += LN_WARPS * 32) {
+            float s = 0.0f;
+#pragma unroll 8
+            for (u64 row = r0; row < r1; row++) s += bf16_to_f32(dinp_bf16[row * c64 + i]);
+            pdsum[chunk * c64 + i] = s;
+        }
+    }
 }
 
 // The kernels' body: the vector or the scalar path, chosen once per launch (the same for every
 // block), compiled apart so that the scalar path's extra registers do not burden the other.
 template <typename TG, int V>
 __device__ __forceinline__ void backward_fused_impl(float* dinp, unsigned short* dinp_bf16, float* pdw, float* pdb,
-                                                    const TG* dout, const float* inp, const float* w,
+                                                    float* pdsum, const TG* dout, const float* inp, const float* w,
                                                     const float* mean, const float* rstd, u64 n_rows, u64 c,
                                                     u64 rows_per_chunk, int accumulate) {
     if (ln_vector_ok(dinp, dinp_bf16, dout, inp, w, c)) {
-        backward_fused_chunk<TG, V, true>(dinp, dinp_bf16, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c,
+        backward_fused_chunk<TG, V, true>(dinp, dinp_bf16, pdw, pdb, pdsum, dout, inp, w, mean, rstd, n_rows, c,
                                           rows_per_chunk, accumulate);
     } else {
-        backward_fused_chunk<TG, V, false>(dinp, dinp_bf16, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c,
+        backward_fused_chunk<TG, V, false>(dinp, dinp_bf16, pdw, pdb, pdsum, dout, inp, w, mean, rstd, n_rows, c,
                                            rows_per_chunk, accumulate);
     }
 }
@@ -378,10 +391,10 @@ __device__ __forceinline__ void backward_fused_impl(float* dinp, unsigned short*
 // layernorm_backward_fused_k{4 V}), dout f32 or bf16; grid: chunks, LN_WARPS * 32 threads ----
 
 #define LN_FUSED_PARAMS(TG)                                                                            \
-    float *dinp, unsigned short *dinp_bf16, float *pdw, float *pdb, const TG *dout, const float *inp,      \
+    float *dinp, unsigned short *dinp_bf16, float *pdw, float *pdb, float *pdsum, const TG *dout, const float *inp, \
         const float *w, const float *mean, const float *rstd, u64 n_rows, u64 c, u64 rows_per_chunk,       \
         int accumulate
-#define LN_FUSED_ARGS dinp, dinp_bf16, pdw, pdb, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate
+#define LN_FUSED_ARGS dinp, dinp_bf16, pdw, pdb, pdsum, dout, inp, w, mean, rstd, n_rows, c, rows_per_chunk, accumulate
 
 extern "C" __global__ void __launch_bounds__(LN_WARPS * 32, LN_MIN_BLOCKS)
 layernorm_backward_fused_k4(LN_FUSED_PARAMS(float)) { backward_fused_impl<float, 1>(LN_FUSED_ARGS); }
