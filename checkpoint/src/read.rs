@@ -104,6 +104,14 @@ pub fn verify(dir: &StoreDir) -> Result<Manifest> {
             trainer_of(dir, &manifest, &data)?;
         }
     }
+    // a checkpoint copied or renamed under another step's directory: listings and
+    // `--resume-from` go by the name, the worker by the manifest
+    if let Some(named) = step_of_uri(dir.uri()).filter(|&s| s != manifest.step) {
+        return Err(bad(
+            dir.uri_of(MANIFEST),
+            format!("step {} but its directory is named for step {named} (a checkpoint copied or renamed under another step)", manifest.step),
+        ));
+    }
     Ok(manifest)
 }
 

@@ -1,6 +1,7 @@
 //! A model to start from (`finetune.init_from`, `smelt export`): a checkpoint, verified against
 //! its manifest before a byte is used; a model file; or a job id, resolved to that job's newest
-//! committed checkpoint that verifies, else its final model file.
+//! committed checkpoint if it verifies, else its final model file (the end of the same
+//! training, newer than any checkpoint), else its earlier checkpoints, newest first.
 //!
 //! A checkpoint named explicitly is never swapped for another: if it does not verify, the error
 //! names the file at fault. A job id names no particular step, so there a corrupt checkpoint is

@@ -129,6 +129,15 @@ fn a_classification_head_round_trips_and_verify_checks_every_file() {
     assert!(e.contains("trainer.json") && e.contains("step 5 but the manifest says 9999"), "{e}");
     assert_eq!(load_verified(&c.uri).unwrap_err().to_string(), e, "verify and the loader disagree");
     std::fs::write(&manifest_path, original).unwrap();
+    // the whole checkpoint copied under another step's name: refused, naming both steps
+    let copy = ckpt(dir.path(), 7);
+    std::fs::create_dir_all(&copy).unwrap();
+    for f in std::fs::read_dir(ckpt(dir.path(), 5)).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), copy.join(f.file_name())).unwrap();
+    }
+    let e = verify(&root.join("00000007")).unwrap_err().to_string();
+    assert!(e.contains("step 5 but its directory is named for step 7"), "{e}");
     flip_byte(&ckpt(dir.path(), 5).join(OPTIMIZER));
     let e = verify(&step).unwrap_err().to_string();
     assert!(e.contains("optimizer.safetensors") && e.contains("sha256"), "{e}");

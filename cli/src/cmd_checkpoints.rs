@@ -3,8 +3,10 @@
 //! size and sha256.
 //!
 //! A job id is asked of the coordinator: its recorded checkpoints' directory, else
-//! `checkpoint.store` of its spec. A URI is a `…/jobs/<job>/ckpt` directory, or a store root
-//! whose `jobs/*/ckpt` directories are all listed. A URI with nothing to list (missing, empty,
+//! `checkpoint.store` of its spec; with `--store` (or SMELT_STORE, as `sample`, `eval` and
+//! `export` take it) it is looked up there instead, no coordinator needed. A URI is a
+//! `…/jobs/<job>/ckpt` directory, a job's own directory (its `ckpt/`), or a store root whose
+//! `jobs/*/ckpt` directories are all listed. A URI with nothing to list (missing, empty,
 //! one checkpoint's own directory) is an error naming it.
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -28,11 +30,15 @@ pub enum CheckpointsCommand {
 
 #[derive(Args, Debug)]
 pub struct ListArgs {
-    /// A job id (asks the coordinator where its checkpoints are), a `…/jobs/<job>/ckpt` URI, or
-    /// a store root.
+    /// A job id (asks the coordinator where its checkpoints are, unless --store), a
+    /// `…/jobs/<job>/ckpt` URI (or the job's directory), or a store root.
     pub target: String,
     #[command(flatten)]
     pub coordinator: CoordinatorUrl,
+    /// For a job id: the store root holding its `jobs/<job>/ckpt`, read without asking the
+    /// coordinator (as `sample`, `eval` and `export` resolve job ids).
+    #[arg(long, env = "SMELT_STORE")]
+    pub store: Option<String>,
     /// Only read the manifests: do not hash every file.
     #[arg(long)]
     pub no_verify: bool,
@@ -130,11 +136,16 @@ fn human_bytes(n: u64) -> String {
 /// The `ckpt/` directories to list, with the job each belongs to.
 fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
     let t = a.target.trim();
-    if looks_like_job_id(t) {
-        let job = runtime()?.block_on(async {
-            let mut client = connect(&a.coordinator.url).await?;
-            client.get_job(GetJobRequest { job_id: t.to_string() }).await.map_err(status).map(|r| r.into_inner())
-        })?;
+    if looks_like_job_id(t) && !std::path::Path::new(t).exists() {
+        if let Some(store) = &a.store {
+            return Ok(vec![(t.to_string(), checkpoints_root(&StoreDir::open(store)?, t))]);
+        }
+        let job = runtime()?
+            .block_on(async {
+                let mut client = connect(&a.coordinator.url).await?;
+                client.get_job(GetJobRequest { job_id: t.to_string() }).await.map_err(status).map(|r| r.into_inner())
+            })
+            .map_err(|e| anyhow!("{e:#}\n(to list a job's checkpoints without the coordinator: --store <store root>, or SMELT_STORE)"))?;
         if let Some(root) = parent_uri(&job.last_checkpoint_uri).filter(|_| !job.last_checkpoint_uri.is_empty()) {
             return Ok(vec![(job.id, StoreDir::open(&root)?)]);
         }
@@ -158,6 +169,14 @@ fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
     if has_steps || trimmed.ends_with("/ckpt") {
         let job = trimmed.trim_end_matches("/ckpt").rsplit('/').next().unwrap_or_default().to_string();
         return Ok(vec![(job, dir)]);
+    }
+    // a job's own directory (…/jobs/<job>): its ckpt/
+    if parent_uri(trimmed).is_some_and(|p| p.trim_end_matches('/').ends_with("jobs")) {
+        let ckpt = dir.join("ckpt");
+        if !list_steps(&ckpt)?.is_empty() {
+            let job = trimmed.rsplit('/').next().unwrap_or_default().to_string();
+            return Ok(vec![(job, ckpt)]);
+        }
     }
     // A store root: every jobs/<job>/ckpt under it.
     let mut jobs: Vec<String> = dir

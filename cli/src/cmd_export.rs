@@ -210,7 +210,51 @@ fn hf_classifier_config(saved: &SavedModel, num_labels: usize) -> serde_json::Va
     cfg
 }
 
+/// An export writes `model.safetensors` into OUT: refused where that would replace a smelt model,
+/// OUT being a checkpoint's directory or a smelt model's own (`smelt export hf runs/x runs/x`
+/// wrote over the model it read, and into a committed checkpoint broke it against its
+/// manifest). A directory of an earlier export may be written over.
+fn refuse_to_replace_a_smelt_model(out: &Path) -> Result<()> {
+    if out.join("MANIFEST.json").exists() {
+        bail!(
+            "{}: a checkpoint directory (it holds MANIFEST.json): exporting into it would replace its model.safetensors \
+             and break the checkpoint; choose another output directory",
+            out.display()
+        );
+    }
+    let model = out.join("model.safetensors");
+    if smelt_model_file(&model) {
+        bail!(
+            "{}: a smelt model file (its metadata has smelt.format); exporting would replace it with the Hugging Face \
+             format; choose another output directory",
+            model.display()
+        );
+    }
+    Ok(())
+}
+
+/// Whether `path` is a safetensors file whose metadata names a smelt format (read from its
+/// header only; anything unreadable counts as not).
+fn smelt_model_file(path: &Path) -> bool {
+    use std::io::Read;
+    let Ok(mut f) = std::fs::File::open(path) else { return false };
+    let mut len = [0u8; 8];
+    if f.read_exact(&mut len).is_err() {
+        return false;
+    }
+    let n = u64::from_le_bytes(len);
+    if n > 100 << 20 {
+        return false;
+    }
+    let mut header = vec![0u8; n as usize];
+    if f.read_exact(&mut header).is_err() {
+        return false;
+    }
+    serde_json::from_slice::<serde_json::Value>(&header).is_ok_and(|h| h["__metadata__"].get("smelt.format").is_some())
+}
+
 fn export_hf(a: &HfArgs) -> Result<()> {
+    refuse_to_replace_a_smelt_model(&a.out)?;
     let (saved, head) = match load(&a.model, &a.store)? {
         Loaded::Gpt(s, head) => (s, head),
         Loaded::Family(s) => return export_bert::export_hf(&s, &a.model, &a.out),
@@ -332,6 +376,10 @@ fn write_npy(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     out.extend_from_slice(header.as_bytes());
     for x in data {
         out.extend_from_slice(&x.to_le_bytes());
+    }
+    // its directory made as `export hf` makes its own
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(&out).with_context(|| format!("writing {}", path.display()))?;

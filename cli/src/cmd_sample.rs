@@ -24,7 +24,8 @@ pub struct SampleArgs {
     #[command(flatten)]
     pub threads: crate::threads::Threads,
     /// The model: a model.safetensors (or a directory holding one), a checkpoint, or a job id
-    /// (its newest checkpoint that verifies, else its final weights, under --store): a GPT (`smelt train`, a
+    /// (its newest checkpoint that verifies; if that one does not, its final weights, then its earlier checkpoints;
+    /// under --store): a GPT (`smelt train`, a
     /// pretraining or fine-tuning job) or a T5.
     #[arg(long)]
     pub model: String,

@@ -71,6 +71,24 @@ fn export_verifies_checkpoints_on_file_stores_and_a_job_id_falls_back() {
     let rows: Vec<&str> = listing.lines().filter(|l| l.starts_with("job-000007")).collect();
     assert_eq!(rows.len(), 2, "{listing}");
     assert!(rows.iter().all(|r| r.contains(" ok ")), "{listing}");
+    // The same by job id from the store, no coordinator running (--store, or SMELT_STORE), and
+    // by the job's own directory
+    let store_env = vec![("SMELT_STORE", store.to_str().unwrap().to_string())];
+    for (args, env) in [
+        (vec!["checkpoints", "list", "job-000007", "--store", store.to_str().unwrap()], vec![]),
+        (vec!["checkpoints", "list", "job-000007"], store_env),
+        (vec!["checkpoints", "list", store.join("jobs/job-000007").to_str().unwrap()], vec![]),
+    ] {
+        let o = smelt(&args, &env);
+        let l = text_of(&o);
+        assert!(o.status.success(), "{args:?}: {l}");
+        assert_eq!(l.lines().filter(|r| r.starts_with("job-000007") && r.contains(" ok ")).count(), 2, "{args:?}: {l}");
+    }
+    // Without a store, a job id asks the coordinator; none running: the error says how to do
+    // without it
+    let o = smelt(&["checkpoints", "list", "job-000007", "--coordinator", "http://127.0.0.1:9"], &[]);
+    let e = text_of(&o);
+    assert!(!o.status.success() && e.contains("--store"), "{e}");
     // Nothing to list fails, naming where it looked: a missing path, an empty directory, and one
     // checkpoint's own directory (pointed at its parent).
     let missing = dir.path().join("nope");

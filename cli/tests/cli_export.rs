@@ -168,10 +168,59 @@ fn export_refuses_post_ln_and_missing_models() {
 }
 
 #[test]
+fn export_refuses_to_replace_a_smelt_model_or_a_checkpoint() {
+    // `export hf runs/x runs/x` once wrote the HF file over the model it read (and into a
+    // committed checkpoint, over the file its manifest vouches for): refused, the model intact
+    let dir = tempfile::tempdir().unwrap();
+    let model = train(dir.path(), "run", &[]);
+    let run_dir = model.parent().unwrap();
+    let before = std::fs::read(&model).unwrap();
+    let o = smelt(&["export", "hf", run_dir.to_str().unwrap(), run_dir.to_str().unwrap()]);
+    assert!(!o.status.success(), "exported over its own model");
+    assert!(text_of(&o).contains("smelt model file") && text_of(&o).contains("another output directory"), "{}", text_of(&o));
+    assert_eq!(std::fs::read(&model).unwrap(), before, "the model was changed");
+    // a directory with a MANIFEST.json (a checkpoint's)
+    let ckpt = dir.path().join("ckpt");
+    std::fs::create_dir_all(&ckpt).unwrap();
+    std::fs::write(ckpt.join("MANIFEST.json"), "{}").unwrap();
+    let o = smelt(&["export", "hf", model.to_str().unwrap(), ckpt.to_str().unwrap()]);
+    assert!(!o.status.success() && text_of(&o).contains("checkpoint directory"), "{}", text_of(&o));
+    assert!(!ckpt.join("model.safetensors").exists());
+    // an earlier export's directory is written over
+    let hf = dir.path().join("hf");
+    for _ in 0..2 {
+        let o = smelt(&["export", "hf", model.to_str().unwrap(), hf.to_str().unwrap()]);
+        assert!(o.status.success(), "{}", text_of(&o));
+    }
+}
+
+#[test]
+fn a_model_file_with_a_nan_weight_is_refused_naming_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = train(dir.path(), "run", &[]);
+    let mut bytes = std::fs::read(&model).unwrap();
+    let (tensors, _, data) = header(&bytes);
+    let (name, e) = tensors.iter().next().unwrap();
+    let at = data + e.offsets.0 + 4;
+    bytes[at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let bad = dir.path().join("nan.safetensors");
+    std::fs::write(&bad, &bytes).unwrap();
+    for args in [
+        vec!["sample", "--model", bad.to_str().unwrap(), "--prompt", "a", "--tokens", "3"],
+        vec!["export", "hf", bad.to_str().unwrap(), dir.path().join("hf").to_str().unwrap()],
+    ] {
+        let o = smelt(&args);
+        assert!(!o.status.success(), "{args:?} accepted a NaN weight");
+        let e = text_of(&o);
+        assert!(e.contains(name.as_str()) && e.contains("non-finite") && e.contains("element 1"), "{args:?}: {e}");
+    }
+}
+
+#[test]
 fn export_logits_writes_npy() {
     let dir = tempfile::tempdir().unwrap();
     let model = train(dir.path(), "run", &[]);
-    let npy = dir.path().join("logits.npy");
+    let npy = dir.path().join("not/made/yet/logits.npy"); // its directories are made
     let o = smelt(&["export", "logits", model.to_str().unwrap(), npy.to_str().unwrap(), "--ids", "1,2,3,4,5"]);
     assert!(o.status.success(), "{}", text_of(&o));
     let b = std::fs::read(&npy).unwrap();

@@ -63,6 +63,12 @@ pub fn from_bytes(table: &ParamTable, bytes: &[u8], path: &str) -> Result<(Vec<f
         for (dst, chunk) in out[s.range()].iter_mut().zip(t.data().chunks_exact(4)) {
             *dst = f32::from_le_bytes(chunk.try_into().unwrap());
         }
+        // A weight no training writes: the file is damaged (or was saved from a diverged run).
+        // Refused here, naming the tensor, rather than sampling, exporting or training from it.
+        if let Some(i) = out[s.range()].iter().position(|v| !v.is_finite()) {
+            let v = out[s.range()][i];
+            return Err(err(path, format!("tensor {} holds a non-finite value ({v}) at element {i}: the file is damaged, or was saved from a run that diverged", s.name)));
+        }
     }
     let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| err(path, e.to_string()))?;
     Ok((out, meta.metadata().clone().unwrap_or_default()))
