@@ -180,6 +180,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if a.split.is_some() && a.corpus.is_none() {
         bail!("--split chooses a split of --corpus; a --text is evaluated whole, and --choices example by example");
     }
+    if a.choices.is_none() && (a.log_samples.is_some() || a.max_examples != 0) {
+        // Checked here as well as by clap's `requires`, which lets an explicit option through.
+        bail!("--log-samples and --max-examples are for --choices (multiple-choice examples); a --text or --corpus is scored by windows (--seq, --max-tokens)");
+    }
     let (saved, file) = crate::cmd_export::read_gpt(&a.model, &a.store, "reading the model", "smelt eval measures a GPT's next-token loss")?;
     let (cfg, tokenizer) = (saved.config.clone(), saved.tokenizer.clone());
     if let Some(path) = &a.choices {

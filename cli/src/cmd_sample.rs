@@ -41,16 +41,16 @@ pub struct SampleArgs {
     #[arg(long, default_value_t = 200)]
     pub tokens: usize,
     /// Softmax temperature; 0 picks the most likely token.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, allow_negative_numbers = true)]
     pub temperature: f32,
     /// Sample among the k most likely tokens only (0: all).
     #[arg(long, default_value_t = 40)]
     pub top_k: usize,
     /// Nucleus sampling: among the fewest most likely tokens whose probabilities reach p (1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub top_p: f64,
     /// Penalize tokens already in the text (CTRL: > 1 discourages repeats; 1: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     pub repetition_penalty: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -230,13 +230,13 @@ fn argmax(x: &[f32]) -> u32 {
 
 pub fn run(a: SampleArgs) -> Result<()> {
     if !(a.temperature >= 0.0) {
-        bail!("--temperature must be >= 0");
+        bail!("--temperature {} must be >= 0 (0 picks the most likely token)", a.temperature);
     }
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
-        bail!("--top-p must be in (0, 1]");
+        bail!("--top-p {} must be in (0, 1] (1: off)", a.top_p);
     }
     if !(a.repetition_penalty > 0.0) {
-        bail!("--repetition-penalty must be positive");
+        bail!("--repetition-penalty {} must be positive (1: off)", a.repetition_penalty);
     }
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
     let src = crate::cmd_export::read_in(&a.model, &a.store, "--model")?;

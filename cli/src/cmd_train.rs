@@ -13,7 +13,7 @@ use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
 use smelt_engine::optim::{AdamWConfig, LrDecay, LrSchedule};
 use smelt_engine::train::{TrainConfig, Trainer};
 use smelt_engine::CpuBackend;
-use tracing::info;
+use tracing::{info, warn};
 
 use smelt_worker::model_file;
 
@@ -188,6 +188,17 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("{}: {} validation tokens cannot fill one sequence of {seq}; lower --seq or raise --val-fraction", a.text.display(), val_ids.len());
     }
     let warmup = a.warmup.unwrap_or(DEFAULT_WARMUP.min(a.steps));
+    if a.steps > 0 && warmup >= a.steps {
+        // Said out loud because the run then never reaches --lr's plateau nor its decay: a
+        // user comparing schedules on a short run would otherwise see identical losses.
+        warn!(
+            steps = a.steps,
+            warmup,
+            "every step is warm-up: the learning rate only rises toward --lr and --schedule {} never applies; \
+             raise --steps above {warmup} or lower --warmup",
+            a.schedule
+        );
+    }
     let tc = TrainConfig {
         batch_size: a.batch,
         seq_len: seq,

@@ -56,6 +56,12 @@ fn the_loss_on_a_text_is_transformers_loss() {
     let model = imported(tmp.path());
     let text = fixtures().join("eval_text.txt");
     let r = eval_json(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "10", "--batch", "2"]);
+    // options of --choices given with a text are refused, not ignored
+    for extra in [["--log-samples", "x.jsonl"], ["--max-examples", "3"]] {
+        let mut args = vec!["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap()];
+        args.extend_from_slice(&extra);
+        assert!(eval_fails(&args).contains("--log-samples and --max-examples are for --choices"), "{extra:?}");
+    }
     let loss = r["loss"].as_f64().unwrap();
     let want = transformers_loss();
     assert!((loss - want).abs() < 1e-5, "loss {loss}, transformers {want}");

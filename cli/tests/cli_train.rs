@@ -55,6 +55,11 @@ fn train_then_sample() {
         assert!(o.status.success(), "sample {extra:?}: {}", text_of(&o));
         String::from_utf8(o.stdout).unwrap()
     };
+    // a negative value is our range error, not clap's "unexpected argument '-1'"
+    for (opt, want) in [("--temperature", "--temperature -1 must be >= 0"), ("--top-p", "--top-p -1 must be in (0, 1]"), ("--repetition-penalty", "--repetition-penalty -1 must be positive")] {
+        let o = smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", "the ", opt, "-1"]);
+        assert!(!o.status.success() && text_of(&o).contains(want), "{opt}: {}", text_of(&o));
+    }
     let cached = greedy(&[]);
     assert_eq!(cached.trim_end_matches('\n').chars().count(), 10 + 22);
     assert_eq!(cached, greedy(&["--no-kv-cache"]));
@@ -291,8 +296,16 @@ fn the_schedule_reaches_the_trainer() {
     for (k, want) in [(15, 1e-3), (16, 8e-4), (17, 6e-4), (18, 4e-4), (19, 2e-4)] {
         assert!((lrs[k] - want).abs() < 1e-9, "step {}: {} vs {want} ({lrs:?})", k + 1, lrs[k]);
     }
+    assert!(!text_of(&o).contains("every step is warm-up"), "{}", text_of(&o));
     let o = smelt(&["train", "--text", text.to_str().unwrap(), "--schedule", "step", "--steps", "1"]);
     assert!(!o.status.success() && text_of(&o).contains("cosine, linear, constant, wsd"), "{}", text_of(&o));
+    // A run that is all warm-up never reaches its schedule: said, not silently ignored.
+    let o = smelt(&[
+        "--threads", "2", "train", "--text", text.to_str().unwrap(), "--preset", "test", "--steps", "3", "--batch", "2", "--seq", "8",
+        "--schedule", "linear", "--eval-interval", "0", "--out", dir.path().join("short").to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    assert!(text_of(&o).contains("every step is warm-up") && text_of(&o).contains("--schedule linear never applies"), "{}", text_of(&o));
 }
 
 /// `--choices`: multiple choice at every evaluation, into metrics.jsonl; the last one is what
