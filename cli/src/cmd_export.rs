@@ -225,9 +225,10 @@ fn refuse_to_replace_a_smelt_model(out: &Path) -> Result<()> {
     let model = out.join("model.safetensors");
     if smelt_model_file(&model) {
         bail!(
-            "{}: a smelt model file (its metadata has smelt.format); exporting would replace it with the Hugging Face \
+            "{}: a smelt model file (its metadata has {}); exporting would replace it with the Hugging Face \
              format; choose another output directory",
-            model.display()
+            model.display(),
+            smelt_checkpoint::model_config::KEY_FORMAT
         );
     }
     Ok(())
@@ -250,7 +251,7 @@ fn smelt_model_file(path: &Path) -> bool {
     if f.read_exact(&mut header).is_err() {
         return false;
     }
-    serde_json::from_slice::<serde_json::Value>(&header).is_ok_and(|h| h["__metadata__"].get("smelt.format").is_some())
+    serde_json::from_slice::<serde_json::Value>(&header).is_ok_and(|h| h["__metadata__"].get(smelt_checkpoint::model_config::KEY_FORMAT).is_some())
 }
 
 fn export_hf(a: &HfArgs) -> Result<()> {

@@ -122,6 +122,14 @@ fn imported_models_give_the_logits_transformers_computes() {
     // The imported model is a smelt model like any other: it samples.
     let o = smelt(&["sample", "--model", tmp.path().join("hub.safetensors").to_str().unwrap(), "--prompt", "hi", "--tokens", "8", "--seed", "1"]);
     assert!(o.status.success(), "sample: {}", text_of(&o));
+    // The Hugging Face directory itself is not a smelt model: the error says how to import it.
+    let o = smelt(&["sample", "--model", fixtures().join("saved").to_str().unwrap(), "--prompt", "hi"]);
+    assert!(!o.status.success() && text_of(&o).contains("imported first: `smelt import hf DIR OUT.safetensors`"), "{}", text_of(&o));
+    // An output that is a directory: the OS error, said once.
+    let o = smelt(&["import", "hf", fixtures().join("saved").to_str().unwrap(), tmp.path().to_str().unwrap(), "--tokenizer", "byte"]);
+    let err = text_of(&o);
+    assert!(!o.status.success());
+    assert_eq!(err.matches("Is a directory").count(), 1, "{err}");
 }
 
 /// A copy of fixture directory `name` in `tmp`, with config.json changed by `edit`.

@@ -29,18 +29,11 @@ pub enum CorpusError {
     /// An input file (with a line number where there is one) cannot be used.
     #[error("{path}{}: {reason}", line.map(|l| format!(":{l}")).unwrap_or_default())]
     Input { path: String, line: Option<u64>, reason: String },
-    #[error("{path}: {source}")]
-    Io {
-        path: String,
-        #[source]
-        source: Arc<std::io::Error>,
-    },
-    #[error("{path}: {source}")]
-    Tokenize {
-        path: String,
-        #[source]
-        source: Arc<TokenizerError>,
-    },
+    // `cause`, not a `#[source]`: the message already says it, and `{:#}` would say it twice.
+    #[error("{path}: {cause}")]
+    Io { path: String, cause: Arc<std::io::Error> },
+    #[error("{path}: {cause}")]
+    Tokenize { path: String, cause: Arc<TokenizerError> },
     /// Nothing to train on.
     #[error("empty corpus: {0}")]
     Empty(String),
@@ -52,7 +45,7 @@ pub enum CorpusError {
 
 impl CorpusError {
     pub fn io(path: impl Into<String>, e: std::io::Error) -> Self {
-        CorpusError::Io { path: path.into(), source: Arc::new(e) }
+        CorpusError::Io { path: path.into(), cause: Arc::new(e) }
     }
     pub fn input(path: impl Into<String>, line: Option<u64>, reason: impl Into<String>) -> Self {
         CorpusError::Input { path: path.into(), line, reason: reason.into() }

@@ -678,7 +678,7 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Prepare
                     tokenized.fetch_add(s.text.len() as u64, Ordering::Relaxed);
                     tokenizer.encode(&s.text).map_err(|e| CorpusError::Tokenize {
                         path: sources[s.source].shown(),
-                        source: std::sync::Arc::new(e),
+                        cause: std::sync::Arc::new(e),
                     })
                 })
                 .collect();

@@ -80,8 +80,9 @@ pub enum CollectiveError {
     PeerClosed { peer: usize },
     #[error("rank {peer} did not answer within {after:?} ({op})")]
     Timeout { peer: usize, op: &'static str, after: Duration },
-    #[error("i/o with rank {peer} ({op}): {source}")]
-    Io { peer: usize, op: &'static str, source: io::Error },
+    /// `cause`, not `source`: the message already says it, and `{:#}` would say it twice.
+    #[error("i/o with rank {peer} ({op}): {cause}")]
+    Io { peer: usize, op: &'static str, cause: io::Error },
     #[error("the collective was aborted")]
     Aborted,
     #[error("rank {peer} reduces a buffer of {theirs} values, this rank {ours}")]
@@ -251,7 +252,7 @@ impl TcpRing {
         //    itself still connecting; nobody waits for an answer yet, so there is no cycle.
         let addr = &peer_addrs[next_rank];
         let next = connect_retrying(next_rank, addr, start, deadline, join.cancelled)?;
-        let io_err = |peer, op| move |e: io::Error| CollectiveError::Io { peer, op, source: e };
+        let io_err = |peer, op| move |e: io::Error| CollectiveError::Io { peer, op, cause: e };
         next.set_nodelay(true).map_err(io_err(next_rank, "set TCP_NODELAY"))?;
         (&next).write_all(&hello(rank, world, join.session)).map_err(io_err(next_rank, "send handshake"))?;
 
@@ -291,7 +292,7 @@ impl TcpRing {
         self.io_timeout = timeout;
         if let Some(l) = &self.links {
             let (n, p) = (self.next_rank(), self.prev_rank());
-            let err = |peer| move |e| CollectiveError::Io { peer, op: "set timeout", source: e };
+            let err = |peer| move |e| CollectiveError::Io { peer, op: "set timeout", cause: e };
             l.next.set_write_timeout(Some(timeout)).map_err(err(n))?;
             l.next.set_read_timeout(Some(timeout)).map_err(err(n))?;
             l.prev.set_read_timeout(Some(timeout)).map_err(err(p))?;
@@ -530,7 +531,7 @@ fn io_error(e: io::Error, peer: usize, op: &'static str, after: Duration) -> Col
     } else if is_closed(&e) {
         CollectiveError::PeerClosed { peer }
     } else {
-        CollectiveError::Io { peer, op, source: e }
+        CollectiveError::Io { peer, op, cause: e }
     }
 }
 
@@ -573,7 +574,7 @@ fn accept_checked(
     deadline: Instant,
     cancelled: &dyn Fn() -> bool,
 ) -> Result<TcpStream, CollectiveError> {
-    let io_err = |op| move |e| CollectiveError::Io { peer: prev_rank, op, source: e };
+    let io_err = |op| move |e| CollectiveError::Io { peer: prev_rank, op, cause: e };
     listener.set_nonblocking(true).map_err(io_err("listen"))?;
     let mut last_rejected = None;
     loop {

@@ -30,8 +30,9 @@ pub enum EngineError {
     NonFiniteGrad { step: u64, norm: f32 },
     #[error("weights file {path}: {message}")]
     Weights { path: String, message: String },
-    #[error("i/o on {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    /// `cause`, not `source`: the message already says it, and `{:#}` would say it twice.
+    #[error("i/o on {path}: {cause}")]
+    Io { path: String, cause: std::io::Error },
     /// A GPU could not be used, or a device operation failed (names the device and the op).
     #[error("device: {0}")]
     Device(String),

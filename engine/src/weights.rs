@@ -36,7 +36,7 @@ pub fn to_bytes(table: &ParamTable, params: &[f32], metadata: HashMap<String, St
 /// Writes a file atomically: a temporary sibling, fsync, rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), EngineError> {
     use std::io::Write;
-    let io = |e| EngineError::Io { path: path.display().to_string(), source: e };
+    let io = |e| EngineError::Io { path: path.display().to_string(), cause: e };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
@@ -81,5 +81,5 @@ pub fn metadata(bytes: &[u8], path: &str) -> Result<HashMap<String, String>, Eng
 }
 
 pub fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
-    std::fs::read(path).map_err(|e| EngineError::Io { path: path.display().to_string(), source: e })
+    std::fs::read(path).map_err(|e| EngineError::Io { path: path.display().to_string(), cause: e })
 }

@@ -53,7 +53,13 @@ pub fn from_bytes(bytes: &[u8], shown: &str) -> Result<SavedModel> {
     let shown = shown.to_string();
     let meta = weights::metadata(bytes, &shown)?;
     let field = |k: &str| meta.get(k).ok_or_else(|| anyhow!("{shown}: not a smelt model (metadata lacks {k:?})"));
-    let format = field(KEY_FORMAT)?;
+    let Some(format) = meta.get(KEY_FORMAT) else {
+        // Most often a Hugging Face checkpoint given as it is.
+        return Err(anyhow!(
+            "{shown}: not a smelt model (metadata lacks {KEY_FORMAT:?}); a Hugging Face GPT-2 or GPT-NeoX directory is \
+             imported first: `smelt import hf DIR OUT.safetensors`"
+        ));
+    };
     if format == FORMAT_BERT || format == FORMAT_T5 {
         return Err(anyhow!("{shown}: a {format:?} model; this needs a GPT ({FORMAT:?})"));
     }
