@@ -15,7 +15,14 @@ pub struct WorkersArgs {
     /// JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Also the workers lost more than an hour ago (the coordinator keeps every worker it has
+    /// known, since jobs' histories name them).
+    #[arg(long)]
+    pub all: bool,
 }
+
+/// A worker lost longer ago than this is left out of the list unless `--all`.
+const LOST_SHOWN_FOR_MS: i64 = 3600 * 1000;
 
 pub fn run(a: WorkersArgs) -> Result<()> {
     exit_on_error(runtime().and_then(|rt| rt.block_on(run_async(a))))
@@ -23,7 +30,18 @@ pub fn run(a: WorkersArgs) -> Result<()> {
 
 async fn run_async(a: WorkersArgs) -> Result<()> {
     let mut client = connect(&a.coordinator.url).await?;
-    let workers = client.list_workers(ListWorkersRequest {}).await.map_err(status)?.into_inner().workers;
+    let mut workers = client.list_workers(ListWorkersRequest {}).await.map_err(status)?.into_inner().workers;
+    let known = workers.len();
+    if !a.all {
+        let now = crate::client::now_ms();
+        workers.retain(|w| w.state != WorkerState::Lost as i32 || now - w.last_seen_ms <= LOST_SHOWN_FOR_MS);
+    }
+    let hidden = known - workers.len();
+    let hidden_note = || {
+        if hidden > 0 {
+            println!("({hidden} worker{} lost more than an hour ago not shown; --all lists them)", if hidden == 1 { "" } else { "s" });
+        }
+    };
     if a.json {
         let v: Vec<_> = workers.iter().map(worker_json).collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -31,6 +49,7 @@ async fn run_async(a: WorkersArgs) -> Result<()> {
     }
     if workers.is_empty() {
         println!("no workers");
+        hidden_note();
         return Ok(());
     }
     let rows: Vec<Vec<String>> = workers
@@ -49,5 +68,6 @@ async fn run_async(a: WorkersArgs) -> Result<()> {
         })
         .collect();
     println!("{}", table(&["ID", "HOST", "DEVICE", "STATE", "JOB", "DATA ADDR", "LAST SEEN"], &rows));
+    hidden_note();
     Ok(())
 }

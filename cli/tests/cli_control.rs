@@ -145,3 +145,32 @@ fn submit_list_get_cancel_and_errors() {
         text(&out.stderr)
     );
 }
+
+/// `smelt workers` leaves out the workers lost more than an hour ago (the coordinator keeps
+/// every worker it has known); `--all` lists them. The rows are written into the coordinator's
+/// real SQLite file between two runs of it, as an earlier run would have left them.
+#[test]
+fn workers_lost_long_ago_are_listed_only_with_all() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(start(dir.path())); // creates the schema
+    let now = smelt_coordinator::state::now_ms();
+    let db = rusqlite::Connection::open(dir.path().join("c.db")).unwrap();
+    for (id, state, seen) in [("w-000001", "lost", now - 2 * 3600 * 1000), ("w-000002", "lost", now - 60 * 1000), ("w-000003", "lost", now - 3 * 3600 * 1000)] {
+        db.execute(
+            "INSERT INTO workers (id, hostname, device_class, device_index, data_addr, state, job_id, attempt, rank, last_seen_ms) \
+             VALUES (?1, 'h', 'cpu', 0, '', ?2, '', 0, 0, ?3)",
+            rusqlite::params![id, state, seen],
+        )
+        .unwrap();
+    }
+    drop(db);
+    let (_coord, url) = start(dir.path());
+    let out = smelt(&["workers"], &url);
+    let list = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(list.contains("w-000002") && !list.contains("w-000001") && !list.contains("w-000003"), "{list}");
+    assert!(list.contains("(2 workers lost more than an hour ago not shown; --all lists them)"), "{list}");
+    let out = smelt(&["workers", "--all"], &url);
+    let list = text(&out.stdout);
+    assert!(["w-000001", "w-000002", "w-000003"].iter().all(|w| list.contains(w)) && !list.contains("not shown"), "{list}");
+}
