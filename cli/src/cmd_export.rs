@@ -29,7 +29,7 @@ use smelt_engine::model::{Gpt, GptPositions, LayerNormPlacement};
 use smelt_engine::{weights, CpuBackend};
 use smelt_checkpoint::ModelSource;
 use smelt_worker::model_file::{self, SavedFamilyModel, SavedModel};
-use tracing::{info, warn};
+use tracing::info;
 
 // Lives beside this file (cli/src/export_bert.rs), declared here so main.rs needs no entry.
 #[path = "export_bert.rs"]
@@ -104,9 +104,7 @@ fn read(model: &str, store: &StoreArg) -> Result<ModelSource> {
 /// `smelt train --init-from`'s.
 pub(crate) fn read_in(model: &str, store: &str, what: &str) -> Result<ModelSource> {
     let src = crate::job_model::resolve(model, store).with_context(|| format!("{what} {model}"))?;
-    for s in &src.skipped {
-        warn!(uri = %s.uri, reason = %s.reason, "checkpoint skipped");
-    }
+    // each checkpoint skipped was warned of by the checkpoint reader, with its error
     info!(model, file = %src.file, verified = src.checkpoint.is_some(), "model read");
     Ok(src)
 }
