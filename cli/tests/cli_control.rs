@@ -174,3 +174,20 @@ fn workers_lost_long_ago_are_listed_only_with_all() {
     let list = text(&out.stdout);
     assert!(["w-000001", "w-000002", "w-000003"].iter().all(|w| list.contains(w)) && !list.contains("not shown"), "{list}");
 }
+
+/// A worker whose --out-dir cannot be written exits before registering, naming the directory
+/// (it used to take jobs, train them to the end and fail at the final save).
+#[test]
+fn a_worker_with_an_unwritable_out_dir_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coord, url) = start(dir.path());
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let out_dir = file.join("out");
+    let out = smelt(&["worker", "--device", "cpu", "--out-dir", out_dir.to_str().unwrap()], &url);
+    assert!(!out.status.success());
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("--out-dir {}: cannot be written", out_dir.display())), "{err}");
+    let out = smelt(&["workers", "--json"], &url);
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
+}

@@ -62,10 +62,28 @@ struct Running {
 
 /// Runs the worker until `shutdown` resolves (SIGTERM): then it drains — stops taking work, stops
 /// a running assignment at its next step boundary, reports it, and returns.
+/// Fails, naming the directory, when the worker's output directory cannot be written: a worker
+/// that registered anyway would take jobs, train them to the end and fail at the final save
+/// (and hold their default checkpoints there too). A small file written and removed again.
+pub fn out_dir_writable(dir: &std::path::Path) -> Result<()> {
+    let probe = dir.join(format!(".write-probe-{}", std::process::id()));
+    std::fs::create_dir_all(dir)
+        .and_then(|()| std::fs::write(&probe, b"smelt"))
+        .and_then(|()| std::fs::remove_file(&probe))
+        .map_err(|e| {
+            anyhow!(
+                "--out-dir {}: cannot be written ({e}); a worker keeps its jobs' final weights and default checkpoints \
+                 there: give a writable directory",
+                dir.display()
+            )
+        })
+}
+
 pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
     // a bad URL or TLS setup (an unreadable SMELT_TLS_CA, no trusted roots) will not mend by
     // retrying: say so and exit, where an unreachable coordinator is waited for below
     smelt_proto::tls::endpoint(&cfg.coordinator).map_err(|e| anyhow!("{e}"))?;
+    out_dir_writable(&cfg.out_dir)?;
     let ring = ring_addr::bind(cfg.data_bind.as_deref(), &cfg.coordinator)?;
     let (listener, data_addr) = (ring.listener, ring.advertised.to_string());
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<RunEvent>();
