@@ -119,7 +119,7 @@ impl State {
         // the same words at the same step: a transient error (a store outage) that comes back
         // elsewhere in the run, or before a resumed attempt has caught up, is restarted as ever
         let repeated = match (&job.last_failure, &error) {
-            (Some(before), Some(now)) if before.error == *now && reached == before.reached && job.row.restarts < job.row.max_restarts => {
+            (Some(before), Some(now)) if same_words(&before.error, now) && reached == before.reached && job.row.restarts < job.row.max_restarts => {
                 Some(before.clone())
             }
             _ => None,
@@ -281,5 +281,61 @@ impl State {
         }
         self.transition_or_log(job_id, JobState::Cancelled, reason.to_string());
         self.schedule();
+    }
+}
+
+/// Whether two attempts' errors say the same thing, their durations aside: a store's client
+/// reports how long its request took ("... in 804.763µs"), which differs every attempt even
+/// though the cause (a bucket that does not exist) does not.
+fn same_words(a: &str, b: &str) -> bool {
+    without_durations(a) == without_durations(b)
+}
+
+/// `s` with every number followed by a time unit (ns, µs, us, ms, s, m, h, min, then not a
+/// letter) replaced by `#`. Other numbers (steps, ranks, ports) stay: they can tell causes apart.
+fn without_durations(s: &str) -> String {
+    const UNITS: [&str; 8] = ["min", "ns", "µs", "us", "ms", "s", "m", "h"];
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(c) = rest.chars().next() {
+        let prev_is_word = out.chars().next_back().is_some_and(|p: char| p.is_alphanumeric() || p == '_');
+        if c.is_ascii_digit() && !prev_is_word {
+            let len = rest.find(|ch: char| !(ch.is_ascii_digit() || ch == '.')).unwrap_or(rest.len());
+            let after = &rest[len..];
+            let unit = UNITS.iter().find(|u| after.strip_prefix(**u).is_some_and(|t| !t.starts_with(char::is_alphabetic)));
+            if let Some(u) = unit {
+                out.push('#');
+                out.push_str(u);
+                rest = &after[u.len()..];
+            } else {
+                out.push_str(&rest[..len]);
+                rest = after;
+            }
+            continue;
+        }
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_not_what_makes_errors_differ() {
+        let a = "checkpoint store: Generic S3 error: error sending request in 804.763µs: connection refused";
+        let b = "checkpoint store: Generic S3 error: error sending request in 631.426µs: connection refused";
+        assert!(same_words(a, b));
+        assert!(same_words("timed out after 5s (12ms idle)", "timed out after 30s (7ms idle)"));
+        // numbers that are not durations still tell errors apart
+        assert!(!same_words("rank 1 did not answer", "rank 2 did not answer"));
+        assert!(!same_words("loss is not finite at step 40", "loss is not finite at step 41"));
+        assert!(!same_words("127.0.0.1:7301 refused", "127.0.0.1:7302 refused"));
+        // a number inside a word, or a unit that is the start of a word, is not a duration
+        assert!(!same_words("job-000001 failed", "job-000002 failed"));
+        assert!(!same_words("10 steps", "11 steps"));
+        assert_eq!(without_durations("in 3.5ms, 2 min and 4h; sha256 e3b0c44"), "in #ms, 2 min and #h; sha256 e3b0c44");
     }
 }

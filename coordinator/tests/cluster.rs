@@ -364,6 +364,17 @@ async fn a_failure_that_repeats_is_not_restarted_again() {
     );
     assert_eq!((j.attempt, j.restarts), (3, 2));
 
+    // a store's error that says how long its request took: the same failure all the same
+    let timed = submit(&mut jobs, &spec("timed", 1, 0, 3)).await;
+    let a = w.assignment().await;
+    assert_eq!(a.job_id, timed.id);
+    w.done(&a, false, "checkpoint store: error sending request in 804.763µs: bucket not found", 0).await;
+    let b = w.assignment().await;
+    assert_eq!(b.attempt, 2);
+    w.done(&b, false, "checkpoint store: error sending request in 631.426µs: bucket not found", 0).await;
+    let j = wait_state(&mut jobs, &timed.id, JobState::Failed).await;
+    assert!(j.error.contains("not restarted: attempt 1 failed the same way at the same step (0)"), "{}", j.error);
+
     // a run stopped from outside (a drain) says the same words every time: never a repeat
     let drained = submit(&mut jobs, &spec("drained", 1, 0, 3)).await;
     for attempt in 1..=3 {
