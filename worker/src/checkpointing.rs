@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context, Result};
+use smelt_checkpoint::layout::parent_uri;
 use smelt_checkpoint::manifest::{DataPosition, FORMAT};
 use smelt_checkpoint::{
     checkpoints_root, load_or_fall_back, AsyncCheckpointer, Checkpoint, HeadConfig, Lineage, ModelConfig, Outcome, Retention, Snapshot,
@@ -255,6 +256,20 @@ pub fn store_uri(spec: &JobSpec, out_dir: &Path) -> Result<String> {
     }
 }
 
+/// The `ckpt/` directory a job's checkpoints go to: `jobs/<job>/ckpt` under `store_uri`, except
+/// that a job without a `checkpoint.store` that resumes from a checkpoint of its own keeps
+/// writing beside it. Its default store is its rank 0's output directory, and a restart can
+/// place rank 0 on another worker: the job's checkpoints would then be split between two
+/// directories (listed from the newer only, the older never pruned).
+pub fn checkpoints_dir(a: &Assignment, spec: &JobSpec, out_dir: &Path) -> Result<StoreDir> {
+    let own = format!("jobs/{}/ckpt", a.job_id);
+    let resumed_dir = parent_uri(&a.resume_from).filter(|p| spec.checkpoint.store.is_none() && p.trim_end_matches('/').ends_with(&own));
+    match resumed_dir {
+        Some(dir) => Ok(StoreDir::open(&dir)?),
+        None => Ok(checkpoints_root(&StoreDir::open(&store_uri(spec, out_dir)?)?, &a.job_id)),
+    }
+}
+
 /// Host copies of what a checkpoint holds besides its metadata: weights and AdamW moments (a
 /// fine-tuning head's after the GPT's), and the trainer's counters.
 pub struct HostState {
@@ -327,8 +342,7 @@ impl Checkpointer {
         if c.every == 0 {
             return Ok(None);
         }
-        let store = StoreDir::open(&store_uri(spec, out_dir)?)?;
-        let root = checkpoints_root(&store, &a.job_id);
+        let root = checkpoints_dir(a, spec, out_dir)?;
         info!(job_id = %a.job_id, uri = %root.uri(), every = c.every, keep_last = c.keep_last, keep_every = c.keep_every, "checkpointing");
         probe_writable(&root, c.every)?;
         let retention = Retention { keep_last: c.keep_last, keep_every: c.keep_every, ..Retention::default() };
@@ -627,6 +641,32 @@ mod tests {
         let c = Checkpointer::new(&a, &spec, model, &tokenizer, store, Lineage::default()).unwrap().expect("every = 1 checkpoints");
         let root = checkpoints_root(&StoreDir::open(&store.display().to_string()).unwrap(), "job-000001");
         (c, root)
+    }
+
+    #[test]
+    fn a_job_resuming_from_its_own_checkpoint_keeps_its_checkpoints_beside_it() {
+        let spec_of = |store: &str| {
+            let toml = format!(
+                "name = \"ck\"\n[model]\npreset = \"tiny\"\n[data]\ntext = \"x.txt\"\n[train]\nsteps = 1\nglobal_batch = 1\n\
+                 micro_batch = 1\nseq_len = 8\nlr = 1e-3\n[checkpoint]\nevery = 1\n{store}"
+            );
+            JobSpec::parse(&toml).expect("the test's spec parses")
+        };
+        let a = |resume_from: &str| Assignment { job_id: "job-000007".into(), resume_from: resume_from.into(), ..Default::default() };
+        let (w1, w5) = (Path::new("/runs/w1"), Path::new("/runs/w5"));
+        let uri = |a: &Assignment, spec: &JobSpec| checkpoints_dir(a, spec, w5).unwrap().uri().to_string();
+        let default_store = spec_of("");
+        // a fresh start: rank 0's output directory
+        assert_eq!(uri(&a(""), &default_store), "/runs/w5/jobs/job-000007/ckpt");
+        // resumed from its own checkpoint in the first rank 0's directory: stays there
+        let earlier = checkpoints_root(&StoreDir::open("/runs/w1").unwrap(), "job-000007").join("00000060");
+        assert!(earlier.uri().starts_with(&w1.display().to_string()));
+        assert_eq!(uri(&a(earlier.uri()), &default_store), "/runs/w1/jobs/job-000007/ckpt");
+        // resumed from another job's checkpoint (submit --resume-from): its own directory
+        assert_eq!(uri(&a("/runs/w1/jobs/job-000003/ckpt/00000060"), &default_store), "/runs/w5/jobs/job-000007/ckpt");
+        // a store named in the spec is where checkpoints go, whatever was resumed
+        let named = spec_of("store = \"/data/store\"\n");
+        assert_eq!(uri(&a(earlier.uri()), &named), "/data/store/jobs/job-000007/ckpt");
     }
 
     #[test]
