@@ -155,6 +155,9 @@ fn print_job(j: &Job, json: bool) -> Result<()> {
     if !j.error.is_empty() {
         lines.push(("error", j.error.clone()));
     }
+    if !j.model_uri.is_empty() {
+        lines.push(("model", j.model_uri.clone()));
+    }
     lines.push(("created", format!("{} ago", age(j.created_at_ms))));
     lines.push(("updated", format!("{} ago", age(j.updated_at_ms))));
     for (k, v) in lines {

@@ -54,6 +54,24 @@ fn finetune_job_runs_on_two_workers_and_records_its_parent() {
     assert_eq!(meta["smelt.parent_job"], pre.id);
     assert_eq!(meta["smelt.kind"], "finetune");
 
+    // By job id: the parent's final weights are in the output directory of the worker that was
+    // its rank 0 (each worker here has its own); the coordinator, which recorded where, tells
+    // both ranks (the other one once failed, looking only in its own directory).
+    assert_eq!(c.job(&pre.id).model_uri, parent.to_str().unwrap());
+    // The CLI asks the coordinator too: a job id not under --store (here an empty directory) is
+    // read where the coordinator recorded its final weights (this job has no checkpoints).
+    let empty = c.dir.path().join("empty-store");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, out) = c.smelt(&["export", "logits", &pre.id, c.dir.path().join("l.npy").to_str().unwrap(), "--ids", "1,2,3", "--store", empty.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let (ok, out) = c.smelt(&["export", "logits", "job-000099", c.dir.path().join("l.npy").to_str().unwrap(), "--ids", "1", "--store", empty.to_str().unwrap()]);
+    assert!(!ok && out.contains("knows no job job-000099"), "{out}");
+    let by_id = c.submit(&ft("classify-by-id", &pre.id), "");
+    let (state, _) = c.follow(&by_id.id);
+    assert_eq!(state, JobState::Succeeded, "fine-tuning from a job id failed: {}\n{}", c.job(&by_id.id).error, c.logs());
+    let meta = smelt_engine::weights::metadata(&std::fs::read(c.model_path(&by_id.id)).unwrap(), "fine-tuned").unwrap().clone();
+    assert_eq!((meta["smelt.parent"].as_str(), meta["smelt.parent_job"].as_str()), (pre.id.as_str(), pre.id.as_str()));
+
     let bad = c.submit(&ft("bad-init", "/nowhere/model.safetensors"), "");
     let (state, _) = c.follow(&bad.id);
     assert_eq!(state, JobState::Failed);

@@ -14,7 +14,7 @@ pub fn step_of_uri(uri: &str) -> Option<u64> {
     uri.trim_end_matches('/').rsplit('/').next()?.parse().ok()
 }
 
-fn looks_like_job_id(s: &str) -> bool {
+pub(crate) fn looks_like_job_id(s: &str) -> bool {
     s.strip_prefix("job-").is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
@@ -88,6 +88,7 @@ impl State {
             start_step,
             resume_from: resume_uri.clone(),
             backfilled: false,
+            final_models: String::new(),
         };
         self.jobs.insert(id.clone(), JobRec::new(row, seq));
         info!(

@@ -38,6 +38,7 @@ pub fn job_summary(j: &Job) -> Value {
         "resume_from": j.resume_from,
         "backfilled": j.backfilled,
         "waiting_for": j.waiting_for,
+        "model_uri": j.model_uri,
     })
 }
 

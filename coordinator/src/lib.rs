@@ -25,6 +25,7 @@ mod job_service;
 pub mod json;
 mod jobs;
 mod lease;
+mod parent_model;
 mod backfill;
 mod preemption;
 mod cert_validity;

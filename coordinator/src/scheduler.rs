@@ -128,6 +128,8 @@ impl State {
                 job.row.last_step = step;
             }
         }
+        let (parent_checkpoint_store, parent_final_models) = self.parent_locations(&p.job_id);
+        let Some(job) = self.jobs.get_mut(&p.job_id) else { return };
         let n = p.workers.len();
         job.row.backfilled = p.behind.is_some();
         job.ranks = p.workers.clone();
@@ -142,6 +144,8 @@ impl State {
             start_step: job.row.start_step,
             resume_from: job.row.resume_from.clone(),
             job_created_at_ms: job.row.created_at_ms,
+            parent_checkpoint_store,
+            parent_final_models,
         };
         let class = job.row.device_class;
         for (rank, wid) in p.workers.iter().enumerate() {

@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version v's statements are `MIGRATIONS[v - 1]`.
-const MIGRATIONS: [&str; 7] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7];
+const MIGRATIONS: [&str; 8] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE jobs (
@@ -120,6 +120,12 @@ ALTER TABLE jobs ADD COLUMN backfilled INTEGER NOT NULL DEFAULT 0;
 
 /// Version 7: each worker's highest log batch number stored (`crate::job_logs`).
 const SCHEMA_V7: &str = crate::job_logs::SCHEMA_STREAMS;
+
+/// Version 8: where a finished job's final weights were saved (the root its rank 0 reported:
+/// `<root>/jobs/<job>/model.safetensors`), so a later job's `init_from` naming it finds them.
+const SCHEMA_V8: &str = r#"
+ALTER TABLE jobs ADD COLUMN final_models TEXT NOT NULL DEFAULT '';
+"#;
 
 /// Creates the schema in a new file, or brings an older one to `SCHEMA_VERSION`.
 pub fn migrate(conn: &mut Connection) -> anyhow::Result<()> {

@@ -224,6 +224,7 @@ impl JobRec {
             backfilled: r.backfilled && is_placed(r.state),
             // needs the scheduler's view: State::job_proto fills it
             waiting_for: String::new(),
+            model_uri: if r.final_models.is_empty() { String::new() } else { format!("{}/jobs/{}/model.safetensors", r.final_models.trim_end_matches('/'), r.id) },
         }
     }
 }

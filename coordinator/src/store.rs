@@ -51,6 +51,9 @@ pub struct JobRow {
     /// The current attempt was placed out of queue order, behind a head that could not start
     /// (`crate::backfill`): it gives its workers back to any job ahead of it that can then start.
     pub backfilled: bool,
+    /// A job that ended ok: the root its rank 0 saved the final weights under (`<root>/jobs/<job>/
+    /// model.safetensors`); empty otherwise.
+    pub final_models: String,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -347,7 +350,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
     let mut st = conn.prepare(
         "SELECT id, name, spec_toml, state, priority, world_size, device_class, attempt, restarts, max_restarts,
                 total_steps, last_step, last_loss, last_val_loss, error, created_at_ms, updated_at_ms, start_step, resume_from,
-                last_val_accuracy, last_val_sources, backfilled
+                last_val_accuracy, last_val_sources, backfilled, final_models
          FROM jobs ORDER BY created_at_ms, id",
     )?;
     let rows = st.query_map([], |r| {
@@ -376,6 +379,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
             last_val_accuracy: r.get::<_, Option<f64>>(19)?.map(|v| v as f32),
             last_val_sources: sources_from_json(&r.get::<_, String>(20)?),
             backfilled: r.get(21)?,
+            final_models: r.get(22)?,
         })
     })?;
     for r in rows {
@@ -474,6 +478,7 @@ mod tests {
             start_step: 10,
             resume_from: "memory://c/10".into(),
             backfilled: true,
+            final_models: "/runs/w1".into(),
         }
     }
 

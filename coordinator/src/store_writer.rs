@@ -21,8 +21,8 @@ fn apply(tx: &Transaction, op: &Op, log_lines: &mut LineCounts) -> rusqlite::Res
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO jobs (id, name, spec_toml, state, priority, world_size, device_class, attempt,
                     restarts, max_restarts, total_steps, last_step, last_loss, last_val_loss, error, created_at_ms,
-                    updated_at_ms, start_step, resume_from, last_val_accuracy, last_val_sources, backfilled)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22)",
+                    updated_at_ms, start_step, resume_from, last_val_accuracy, last_val_sources, backfilled, final_models)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23)",
             )?
             .execute(params![
                 j.id,
@@ -47,6 +47,7 @@ fn apply(tx: &Transaction, op: &Op, log_lines: &mut LineCounts) -> rusqlite::Res
                 j.last_val_accuracy.map(|v| v as f64),
                 sources_to_json(&j.last_val_sources),
                 j.backfilled,
+                j.final_models,
             ])?;
         }
         Op::Worker(w) => {

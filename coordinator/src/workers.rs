@@ -420,6 +420,7 @@ impl State {
         }
         if rank == 0 {
             job.row.last_step = d.final_step;
+            job.row.final_models = d.final_models.clone();
         }
         let all = job.done.iter().all(|x| *x);
         self.persist_assignment(&d.job_id, d.attempt, rank, worker_id, "done");

@@ -524,6 +524,52 @@ async fn resume_from_a_job_uses_its_latest_checkpoint() {
     coord.stop().await;
 }
 
+/// A job whose init_from names another job is told where that job's model is: the store of its
+/// newest checkpoint and the directory its rank 0 saved the final weights under (workers started
+/// by hand each have their own output directory, and look in theirs otherwise).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_from_a_job_is_sent_where_that_jobs_model_is() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let parent = submit(&mut jobs, &spec("parent", 1, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9961").await;
+    let a = w.assignment().await;
+    w.client
+        .clone()
+        .report_checkpoint(CheckpointReport {
+            job_id: parent.id.clone(),
+            attempt: a.attempt,
+            step: 20,
+            uri: format!("/runs/w1/jobs/{}/ckpt/00000020", parent.id),
+            manifest_sha256: String::new(),
+        })
+        .await
+        .unwrap();
+    w.done_saved(&a, 100, "/runs/w2").await;
+    let done = wait_state(&mut jobs, &parent.id, JobState::Succeeded).await;
+    assert_eq!(done.model_uri, format!("/runs/w2/jobs/{}/model.safetensors", parent.id));
+
+    let child_spec = spec("child", 1, 0, 0).replace("preset = \"tiny\"", &format!("init_from = \"{}\"", parent.id));
+    assert!(child_spec.contains("init_from"), "{child_spec}");
+    let child = submit(&mut jobs, &child_spec).await;
+    let b = w.assignment().await;
+    assert_eq!(b.job_id, child.id);
+    assert_eq!((b.parent_checkpoint_store.as_str(), b.parent_final_models.as_str()), ("/runs/w1", "/runs/w2"));
+    // a job that names no other job is told nothing
+    w.done(&b, false, "stop here", 0).await;
+    let plain = submit(&mut jobs, &spec("plain", 1, 0, 0)).await;
+    let c = w.assignment().await;
+    assert_eq!((c.job_id.as_str(), c.parent_checkpoint_store.as_str(), c.parent_final_models.as_str()), (plain.id.as_str(), "", ""));
+    // a restarted coordinator still knows where the parent's weights are (the SQLite file)
+    coord.stop().await;
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let got = jobs.get_job(GetJobRequest { job_id: parent.id.clone() }).await.unwrap().into_inner();
+    assert_eq!(got.model_uri, format!("/runs/w2/jobs/{}/model.safetensors", parent.id));
+    coord.stop().await;
+}
+
 /// A worker shut down (SIGTERM) in the middle of a run reports the run drained: the job, which
 /// allows no restarts, is not failed but resumes on another worker with its restarts untouched,
 /// and the draining worker, whose status still said Busy, is given nothing more.

@@ -498,7 +498,7 @@ fn start(
     let (out_dir, device) = (cfg.out_dir.clone(), cfg.device);
     tokio::spawn(async move {
         let failed = |error: String| {
-            RunEvent::Done(AssignmentDone { job_id: a.job_id.clone(), attempt: a.attempt, ok: false, error, final_step: 0, draining: false })
+            RunEvent::Done(AssignmentDone { job_id: a.job_id.clone(), attempt: a.attempt, ok: false, error, final_step: 0, draining: false, final_models: String::new() })
         };
         let mut my_id = Vec::new();
         if creates_nccl_id(&a, device) {

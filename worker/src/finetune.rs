@@ -89,8 +89,8 @@ pub struct FinetuneOutcome {
 }
 
 /// `finetune.init_from`, read and verified (`crate::init_from::resolve`).
-pub fn resolve_init_from(spec: &JobSpec, init_from: &str, out_dir: &Path) -> Result<ModelSource> {
-    crate::init_from::resolve(spec, "finetune.init_from", init_from, out_dir)
+pub fn resolve_init_from(spec: &JobSpec, init_from: &str, at: &crate::init_from::Lookup) -> Result<ModelSource> {
+    crate::init_from::resolve(spec, "finetune.init_from", init_from, at)
 }
 
 impl FinetuneJob {
@@ -98,7 +98,7 @@ impl FinetuneJob {
     /// tokenizer. Every error names the spec field or the file and line at fault.
     pub fn prepare(spec: &JobSpec, out_dir: &Path) -> Result<FinetuneJob> {
         let f: &FinetuneSpec = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
-        Self::prepare_from(spec, resolve_init_from(spec, &f.init_from, out_dir)?)
+        Self::prepare_from(spec, resolve_init_from(spec, &f.init_from, &crate::init_from::Lookup::local(out_dir))?)
     }
 
     /// [`Self::prepare`] with `init_from` already resolved to `src`.
@@ -606,7 +606,7 @@ fn sft_batch<'a>(examples: impl Iterator<Item = &'a SftExample> + Clone) -> SftB
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let a = &req.assignment;
     let f = spec.finetune.as_ref().ok_or_else(|| anyhow!("job spec: `finetune`: required for kind = \"finetune\""))?;
-    let src = resolve_init_from(&spec, &f.init_from, &req.out_dir)?;
+    let src = resolve_init_from(&spec, &f.init_from, &crate::init_from::Lookup::of(a, &req.out_dir))?;
     if model_file::is_family(&src.bytes, &src.file)? {
         return crate::finetune_family::run(req, spec, src, control, events);
     }

@@ -17,14 +17,47 @@ use smelt_jobspec::JobSpec;
 
 use crate::{checkpointing, model_file};
 
+/// Where an `init_from` that names a job is looked for.
+#[derive(Clone, Copy, Debug)]
+pub struct Lookup<'a> {
+    /// This worker's output directory (the default store of checkpoints, and of final weights).
+    pub out_dir: &'a Path,
+    /// The roots the coordinator knows the named job's checkpoints and final weights under
+    /// (`Assignment::parent_checkpoint_store`, `parent_final_models`); empty: this worker's own.
+    pub parent_checkpoint_store: &'a str,
+    pub parent_final_models: &'a str,
+}
+
+impl<'a> Lookup<'a> {
+    /// Only this worker's own store and output directory (no coordinator's word).
+    pub fn local(out_dir: &'a Path) -> Self {
+        Lookup { out_dir, parent_checkpoint_store: "", parent_final_models: "" }
+    }
+
+    /// What an assignment says, beside `out_dir`.
+    pub fn of(a: &'a smelt_proto::v1::Assignment, out_dir: &'a Path) -> Self {
+        Lookup { out_dir, parent_checkpoint_store: &a.parent_checkpoint_store, parent_final_models: &a.parent_final_models }
+    }
+}
+
 /// The model a spec field (`model.init_from`, `finetune.init_from`) names, read and verified by
 /// `smelt_checkpoint::resolve_model`: a checkpoint directory or URI (checked against its
 /// manifest), a `.safetensors` file, a directory holding one, or the id of a job, whose
-/// checkpoints are looked for in this job's checkpoint store and whose final weights under
-/// `out_dir`.
-pub fn resolve(spec: &JobSpec, field: &str, value: &str, out_dir: &Path) -> Result<ModelSource> {
+/// checkpoints are looked for where the coordinator recorded them, else in this job's checkpoint
+/// store, and whose final weights where its rank 0 saved them, else under this worker's
+/// output directory.
+pub fn resolve(spec: &JobSpec, field: &str, value: &str, at: &Lookup) -> Result<ModelSource> {
+    let out_dir = at.out_dir;
     let out = std::path::absolute(out_dir).with_context(|| format!("output directory {}", out_dir.display()))?;
-    let jobs = JobLocations { checkpoint_store: checkpointing::store_uri(spec, out_dir)?, final_models: Some(out.display().to_string()) };
+    let checkpoint_store = match at.parent_checkpoint_store {
+        "" => checkpointing::store_uri(spec, out_dir)?,
+        known => known.to_string(),
+    };
+    let final_models = match at.parent_final_models {
+        "" => out.display().to_string(),
+        known => known.to_string(),
+    };
+    let jobs = JobLocations { checkpoint_store, final_models: Some(final_models) };
     resolve_model(value, &jobs).with_context(|| format!("{field} {:?}", value.trim()))
 }
 
@@ -42,8 +75,8 @@ pub(crate) struct Parent {
 /// The model an attempt of a job with `model.init_from` trains: the parent's file; or, when
 /// the attempt resumes from checkpoint `resume_from` and the parent cannot be read (moved,
 /// deleted, its store unreachable), the checkpoint's config and tokenizer.
-pub(crate) fn read_for_attempt(spec: &JobSpec, init_from: &str, out_dir: &Path, resume_from: &str) -> Result<Parent> {
-    match read_parent(spec, init_from, out_dir) {
+pub(crate) fn read_for_attempt(spec: &JobSpec, init_from: &str, at: &Lookup, resume_from: &str) -> Result<Parent> {
+    match read_parent(spec, init_from, at) {
         Ok(p) => Ok(p),
         Err(e) if !resume_from.is_empty() => {
             tracing::warn!(error = %format!("{e:#}"), checkpoint = resume_from, "model.init_from unreadable; the resumed attempt takes its model from the checkpoint");
@@ -60,8 +93,8 @@ pub(crate) fn read_for_attempt(spec: &JobSpec, init_from: &str, out_dir: &Path, 
 }
 
 /// Reads `model.init_from` (a GPT's file: a BERT or T5 is refused naming the field).
-fn read_parent(spec: &JobSpec, init_from: &str, out_dir: &Path) -> Result<Parent> {
-    let src = resolve(spec, "model.init_from", init_from, out_dir)?;
+fn read_parent(spec: &JobSpec, init_from: &str, at: &Lookup) -> Result<Parent> {
+    let src = resolve(spec, "model.init_from", init_from, at)?;
     for s in &src.skipped {
         tracing::warn!(uri = %s.uri, reason = %s.reason, "model.init_from: checkpoint skipped");
     }

@@ -125,6 +125,7 @@ pub fn creates_nccl_id(a: &Assignment, device: Device) -> bool {
 /// would see this rank busy forever and its peers would wait for it in their all-reduces).
 pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunEvent)) {
     let a = req.assignment.clone();
+    let out_dir = req.out_dir.clone();
     let result = unless_panicked(|| train(req, &control, events));
     let (ok, error, final_step) = match result {
         Ok(step) => (true, String::new(), step),
@@ -142,7 +143,14 @@ pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunE
             (false, why, 0)
         }
     };
-    events(RunEvent::Done(AssignmentDone { job_id: a.job_id, attempt: a.attempt, ok, error, final_step, draining: false }));
+    // rank 0 saved the final weights under its output directory: said, for a later job whose
+    // init_from names this one (it may run on workers with other output directories)
+    let saved = out_dir.join("jobs").join(&a.job_id).join("model.safetensors");
+    let final_models = match std::path::absolute(&out_dir) {
+        Ok(root) if ok && a.rank == 0 && saved.is_file() => root.display().to_string(),
+        _ => String::new(),
+    };
+    events(RunEvent::Done(AssignmentDone { job_id: a.job_id, attempt: a.attempt, ok, error, final_step, draining: false, final_models }));
 }
 
 /// `f`'s result, or its panic as an error carrying the panic's message.
@@ -172,8 +180,9 @@ pub(crate) struct Pretrain {
 
 impl Pretrain {
     /// `resume_from`: the checkpoint the attempt resumes from (empty: none).
-    fn open(spec: JobSpec, out_dir: &std::path::Path, resume_from: &str) -> Result<Self> {
-        let parent = spec.model.init_from.as_deref().map(|i| init_from::read_for_attempt(&spec, i, out_dir, resume_from)).transpose()?;
+    fn open(spec: JobSpec, a: &Assignment, out_dir: &std::path::Path) -> Result<Self> {
+        let (at, resume_from) = (init_from::Lookup::of(a, out_dir), a.resume_from.as_str());
+        let parent = spec.model.init_from.as_deref().map(|i| init_from::read_for_attempt(&spec, i, &at, resume_from)).transpose()?;
         let (tokenizer, vocab, data, val_sets) = load_data(&spec, out_dir, parent.as_ref())?;
         let (cfg, init) = match parent {
             Some(p) => {
@@ -196,7 +205,7 @@ fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Re
         JobKind::Pretrain => {}
         JobKind::Finetune => return crate::finetune::run(req, spec, control, events),
     }
-    let job = Pretrain::open(spec, &req.out_dir, &req.assignment.resume_from)?;
+    let job = Pretrain::open(spec, &req.assignment, &req.out_dir)?;
     match req.device {
         Device::Cpu => with_cpu_ring(&req, control, job.spec.grad_bucket_floats(), |be, ring| train_gpt(be, ring, job, &req, control, events)),
         Device::Cuda(ordinal) => crate::gpu::train_gpt(ordinal, job, &req, control, events),

@@ -390,6 +390,21 @@ impl Worker {
             error: error.into(),
             final_step,
             draining: false,
+            final_models: String::new(),
+        }))
+        .await;
+    }
+
+    /// Rank 0's Done of a run that ended ok, its final weights saved under `final_models`.
+    pub async fn done_saved(&self, a: &Assignment, final_step: u64, final_models: &str) {
+        self.send(worker_message::Body::Done(AssignmentDone {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            ok: true,
+            error: String::new(),
+            final_step,
+            draining: false,
+            final_models: final_models.into(),
         }))
         .await;
     }
@@ -403,6 +418,7 @@ impl Worker {
             error: "stopped: worker received SIGTERM (draining)".into(),
             final_step,
             draining: true,
+            final_models: String::new(),
         }))
         .await;
     }
