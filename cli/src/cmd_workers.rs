@@ -60,7 +60,12 @@ async fn run_async(a: WorkersArgs) -> Result<()> {
                 w.hostname.clone(),
                 format!("{}:{}", device_name(w.device_class), w.device_index),
                 // a busy worker shutting down finishes its run's step first
-                if w.draining && w.state == WorkerState::Busy as i32 { "busy (draining)".to_string() } else { worker_state_name(w.state).to_string() },
+                match WorkerState::try_from(w.state) {
+                    Ok(WorkerState::Busy) if w.draining => "busy (draining)".to_string(),
+                    // it was shut down (SIGTERM) and went: not a failure
+                    Ok(WorkerState::Lost) if w.draining => "exited (drained)".to_string(),
+                    _ => worker_state_name(w.state).to_string(),
+                },
                 if w.job_id.is_empty() { "-".into() } else { w.job_id.clone() },
                 if w.data_addr.is_empty() { "-".into() } else { w.data_addr.clone() },
                 if w.last_seen_ms > 0 { format!("{} ago", age(w.last_seen_ms)) } else { "-".into() },

@@ -487,9 +487,25 @@ fn sigterm_drains_an_idle_worker() {
         assert!(Instant::now() < deadline, "worker never registered\n{}", c.logs());
         std::thread::sleep(Duration::from_millis(100));
     }
+    let killed = c.start_worker();
+    while c.worker_states().len() < 2 {
+        assert!(Instant::now() < deadline, "the second worker never registered\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     c.workers[i].sigterm();
     let status = c.workers[i].wait_exit(Duration::from_secs(30)).expect("worker exits after SIGTERM");
     assert!(status.success(), "drained worker exit status {status:?}\n{}", c.logs());
+    c.workers[killed].kill9();
+    // `smelt workers` tells the worker shut down from the one that died
+    while c.worker_states().iter().filter(|s| **s == WorkerState::Lost as i32).count() < 2 {
+        assert!(Instant::now() < deadline, "the workers were not both let go\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_smelt")).arg("workers").env("SMELT_COORDINATOR", c.url()).output().unwrap();
+    let list = String::from_utf8_lossy(&o.stdout).into_owned();
+    let state_of = |id: &str| list.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("{id} not listed:\n{list}")).to_string();
+    assert!(state_of("w-000001").contains("exited (drained)"), "{list}");
+    assert!(state_of("w-000002").contains(" lost ") && !state_of("w-000002").contains("drained"), "{list}");
 }
 
 #[test]

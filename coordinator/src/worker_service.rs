@@ -90,7 +90,8 @@ impl WorkerService for WorkerSvc {
                         return;
                     }
                     Err(status) => {
-                        let why = format!("heartbeat stream broke: {}", status.message());
+                        // in words an operator reads first; the transport's own after them
+                        let why = format!("its connection broke (the process exited or the network failed: {})", status.message());
                         coord.with(|st| st.on_stream_end(&worker_id, gen, &why));
                         return;
                     }
