@@ -9,11 +9,23 @@ use crate::client::{
     CoordinatorUrl,
 };
 
+/// `smelt jobs [COMMAND]`: without a command, `list`.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct JobsCli {
+    #[command(subcommand)]
+    pub command: Option<JobsCommand>,
+    #[command(flatten)]
+    pub list: JobsArgs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum JobsCommand {
     /// Every job, oldest first.
+    #[command(visible_alias = "ls")]
     List(JobsArgs),
     /// One job in detail.
+    #[command(visible_alias = "show")]
     Get(JobIdArgs),
     /// Follow a job to its end (as `smelt submit --follow`): exits 0 once it succeeded, 1 with
     /// the reason when it failed or was cancelled.
@@ -43,7 +55,8 @@ pub struct JobIdArgs {
     pub json: bool,
 }
 
-pub fn run(c: JobsCommand) -> Result<()> {
+pub fn run(c: JobsCli) -> Result<()> {
+    let c = c.command.unwrap_or(JobsCommand::List(c.list));
     exit_on_error(runtime().and_then(|rt| rt.block_on(run_async(c))))
 }
 

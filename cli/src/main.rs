@@ -54,9 +54,8 @@ enum Command {
     Coordinator(cmd_coordinator::CoordinatorArgs),
     /// Submit a job spec (TOML) to the coordinator; prints the job id.
     Submit(cmd_submit::SubmitArgs),
-    /// List, inspect or cancel jobs.
-    #[command(subcommand)]
-    Jobs(cmd_jobs::JobsCommand),
+    /// List, inspect or cancel jobs (alone: list them).
+    Jobs(cmd_jobs::JobsCli),
     /// List the workers the coordinator knows.
     Workers(cmd_workers::WorkersArgs),
     /// Run a worker: registers with the coordinator and trains what it is assigned.

@@ -79,6 +79,18 @@ fn submit_list_get_cancel_and_errors() {
     assert!(list.starts_with("ID"), "{list}");
     assert!(list.contains("job-000001") && list.contains("queued") && list.contains("0/50"), "{list}");
 
+    // `smelt jobs` alone lists them; `ls` and `show` are aliases
+    // (compared as JSON: the tables' ages may tick between two calls)
+    let alone = text(&smelt(&["jobs"], &url).stdout);
+    assert!(alone.starts_with("ID") && alone.contains("job-000001"), "{alone}");
+    let listed = text(&smelt(&["jobs", "list", "--json"], &url).stdout);
+    assert!(listed.contains("job-000001"), "{listed}");
+    assert_eq!(text(&smelt(&["jobs", "--json"], &url).stdout), listed);
+    assert_eq!(text(&smelt(&["jobs", "ls", "--json"], &url).stdout), listed);
+    let got = text(&smelt(&["jobs", "get", "job-000001", "--json"], &url).stdout);
+    assert!(got.contains("job-000001"), "{got}");
+    assert_eq!(text(&smelt(&["jobs", "show", "job-000001", "--json"], &url).stdout), got);
+
     let out = smelt(&["jobs", "get", "job-000001", "--json"], &url);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
