@@ -203,3 +203,21 @@ fn a_worker_with_an_unwritable_out_dir_refuses_to_start() {
     let out = smelt(&["workers", "--json"], &url);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
 }
+
+/// A coordinator that cannot listen (the port is taken) says so and leaves no database behind.
+#[test]
+fn a_coordinator_whose_port_is_taken_creates_no_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let db = dir.path().join("new.db");
+    let out = Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["coordinator", "--listen", &addr, "--db", db.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains(&format!("cannot listen on {addr}")), "{}", text(&out.stderr));
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "files left behind: {left:?}");
+}

@@ -102,13 +102,14 @@ pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
         Some(f) => Some(tls_accept::server_config(&f.cert, &f.key, f.client_ca.as_deref()).map_err(anyhow::Error::msg)?),
         None => None,
     };
+    // the port first: a coordinator that cannot listen must not leave a new database behind
+    let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let path = cfg.db_path.clone();
     let (store, loaded) =
         tokio::task::spawn_blocking(move || Store::open(&path)).await.context("store thread panicked")??;
     let coord = Coordinator::restore(loaded, store.handle(), cfg.heartbeat_interval, cfg.lease_timeout);
     // Restoring may have changed rows (stale assignments); make that durable before serving.
     coord.flush().await?;
-    let listener = TcpListener::bind(cfg.listen).await.with_context(|| format!("cannot listen on {}", cfg.listen))?;
     let addr = listener.local_addr()?;
     let auth = RequireToken::new(cfg.token.as_deref());
     let mutual = cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
