@@ -111,12 +111,17 @@ fn list(a: &ListArgs) -> Result<()> {
                     r.step.to_string(),
                     r.manifest.as_ref().map_or("-".into(), |m| human_bytes(size_of(m))),
                     r.manifest.as_ref().map_or("-".into(), |m| format!("{} ago", age(m.created_at_ms))),
-                    r.status.clone(),
+                    // the word; the why goes under the table (a sha256 pair would make the
+                    // column some 250 characters wide)
+                    r.status.split(':').next().unwrap_or_default().to_string(),
                     r.uri.clone(),
                 ]
             })
             .collect();
         println!("{}", table(&["JOB", "STEP", "SIZE", "CREATED", "STATUS", "URI"], &cells));
+        for r in rows.iter().filter(|r| r.status.contains(':')) {
+            println!("{} step {}: {}", r.job, r.step, r.status);
+        }
     }
     Ok(())
 }
@@ -150,6 +155,10 @@ fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
             return Ok(vec![(job.id, StoreDir::open(&root)?)]);
         }
         let spec = JobSpec::parse(&job.spec_toml).with_context(|| format!("job {t}: its spec"))?;
+        if spec.checkpoint.every == 0 {
+            let weights = if job.model_uri.is_empty() { String::new() } else { format!("; its final weights are {}", job.model_uri) };
+            bail!("job {t} does not checkpoint (its spec sets no [checkpoint] every){weights}");
+        }
         let Some(store) = spec.checkpoint.store else {
             bail!(
                 "job {t} has no checkpoint recorded and its spec names no checkpoint.store (its checkpoints, if any, are in \

@@ -53,7 +53,8 @@ fn a_corrupt_newest_checkpoint_is_skipped_on_restart_with_an_event_saying_why() 
     let (ok, listing) = c.smelt(&["checkpoints", "list", &job.id]);
     assert!(ok, "{listing}");
     let row = listing.lines().find(|l| l.contains(&bad)).unwrap_or_else(|| panic!("{bad} not listed:\n{listing}"));
-    assert!(row.contains("corrupt") && row.contains("sha256"), "{listing}");
+    assert!(row.contains(" corrupt "), "{listing}");
+    assert!(listing.lines().any(|l| l.starts_with(&format!("{} step ", job.id)) && l.contains(": corrupt: ") && l.contains("sha256")), "{listing}");
     assert!(listing.lines().filter(|l| l.contains(" ok ")).count() >= 1, "{listing}");
     // named to resume from, it is refused when submitted: nothing is queued
     let resume = c.dir.path().join("resume.toml");

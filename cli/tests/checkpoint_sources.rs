@@ -116,7 +116,9 @@ fn export_verifies_checkpoints_on_file_stores_and_a_job_id_falls_back() {
     let listing = text_of(&o);
     let row20 = listing.lines().find(|l| l.contains("00000020")).unwrap_or_else(|| panic!("{listing}"));
     let row10 = listing.lines().find(|l| l.contains("00000010")).unwrap_or_else(|| panic!("{listing}"));
-    assert!(row20.contains("corrupt") && row20.contains("sha256"), "{listing}");
+    assert!(row20.contains(" corrupt "), "{listing}");
+    // and why, under the table
+    assert!(listing.lines().any(|l| l.starts_with("job-000007 step 20: corrupt: ") && l.contains("sha256")), "{listing}");
     assert!(row10.contains(" ok "), "{listing}");
     let o = smelt(&["checkpoints", "list", store.to_str().unwrap(), "--json"], &[]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();

@@ -64,6 +64,8 @@ fn finetune_job_runs_on_two_workers_and_records_its_parent() {
     std::fs::create_dir_all(&empty).unwrap();
     let (ok, out) = c.smelt(&["export", "logits", &pre.id, c.dir.path().join("l.npy").to_str().unwrap(), "--ids", "1,2,3", "--store", empty.to_str().unwrap()]);
     assert!(ok, "{out}");
+    let (ok, out) = c.smelt(&["checkpoints", "list", &pre.id]);
+    assert!(!ok && out.contains(&format!("job {} does not checkpoint", pre.id)) && out.contains(parent.to_str().unwrap()), "{out}");
     let (ok, out) = c.smelt(&["export", "logits", "job-000099", c.dir.path().join("l.npy").to_str().unwrap(), "--ids", "1", "--store", empty.to_str().unwrap()]);
     assert!(!ok && out.contains("knows no job job-000099"), "{out}");
     let by_id = c.submit(&ft("classify-by-id", &pre.id), "");
