@@ -72,13 +72,15 @@ fn a_corrupt_newest_checkpoint_is_skipped_on_restart_with_an_event_saying_why() 
     c.start_worker();
     let done = c.wait_succeeded(&job.id);
     assert_eq!(done.restarts, 1, "{done:?}");
-    assert_eq!(done.resume_from, bad, "the restart was assigned the newest recorded checkpoint");
     let events = c.events(&job.id).join("\n");
     let line = events.lines().find(|l| l.contains(&format!("checkpoint {bad} skipped"))).unwrap_or_else(|| panic!("no event names the skipped checkpoint:\n{events}"));
     assert!(line.contains("model.safetensors") && line.contains("sha256"), "{line}");
     let instead = line.rsplit("resuming from ").next().unwrap().trim_end_matches(" instead");
     let (bad_step, used) = (smelt_checkpoint::step_of_uri(&bad).unwrap(), smelt_checkpoint::step_of_uri(instead).unwrap());
     assert!(used < bad_step, "resumed from step {used}, the corrupt one was {bad_step}: {line}");
+    // the job records where its attempt started: the checkpoint used, not the one assigned
+    assert_eq!(done.resume_from, instead, "{done:?}");
+    assert!(events.contains(&format!("attempt 2 resumes from {instead} (step {used})")), "{events}");
 }
 
 #[test]

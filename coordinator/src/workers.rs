@@ -199,7 +199,11 @@ impl State {
             Some(worker_message::Body::Done(d)) => self.on_done(worker_id, d),
             Some(worker_message::Body::Note(n)) => {
                 let winding_down = self.jobs.get(&n.job_id).is_some_and(|j| j.winding_down.iter().any(|(w, a)| w == worker_id && *a == n.attempt));
-                if winding_down || self.holds_rank(&n.job_id, n.attempt, worker_id).is_some() {
+                let rank = self.holds_rank(&n.job_id, n.attempt, worker_id);
+                if rank == Some(0) && !n.resumed_from.is_empty() {
+                    self.on_resumed_elsewhere(&n.job_id, &n.resumed_from, n.resumed_step);
+                }
+                if winding_down || rank.is_some() {
                     self.message(&n.job_id, n.text);
                 }
             }
@@ -207,6 +211,25 @@ impl State {
             None => {}
         }
         true
+    }
+
+    /// Rank 0 of the job's current attempt resumed from `uri` (step `step`) rather than the
+    /// checkpoint it was assigned (which did not verify, or was older than the job's own newest):
+    /// the job says where it really started, and the next restart starts from there too (not
+    /// again from a checkpoint that does not verify).
+    fn on_resumed_elsewhere(&mut self, job_id: &str, uri: &str, step: u64) {
+        let Some(job) = self.jobs.get_mut(job_id) else { return };
+        info!(job_id = %job_id, assigned = %job.row.resume_from, resumed_from = %uri, step, "rank 0 resumed from another checkpoint than assigned");
+        let assigned = std::mem::replace(&mut job.row.resume_from, uri.to_string());
+        if job.row.last_step == job.row.start_step {
+            job.row.last_step = step; // no step trained yet in this attempt
+        }
+        job.row.start_step = step;
+        // the recorded newest, if it is the one assigned, was passed over: this one replaces it
+        if job.latest_checkpoint.as_ref().is_some_and(|(_, u)| *u == assigned) {
+            job.latest_checkpoint = Some((step, uri.to_string()));
+        }
+        self.persist_job(job_id);
     }
 
     /// A worker's log lines: kept for any job this coordinator knows, from whichever worker ran a

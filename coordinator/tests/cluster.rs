@@ -524,6 +524,47 @@ async fn resume_from_a_job_uses_its_latest_checkpoint() {
     coord.stop().await;
 }
 
+/// Rank 0 that resumed from another checkpoint than assigned (the assigned one did not verify)
+/// says so: the job shows where its attempt really started, and the next restart starts there
+/// too, not again from the checkpoint that failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resume_that_fell_back_is_recorded_where_it_started() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("fell-back", 1, 0, 3)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9971").await;
+    let a = w.assignment().await;
+    let uri = |step: u64| format!("/runs/w1/jobs/{}/ckpt/{step:08}", job.id);
+    for step in [20, 40] {
+        let r = CheckpointReport { job_id: job.id.clone(), attempt: a.attempt, step, uri: uri(step), manifest_sha256: String::new() };
+        w.client.clone().report_checkpoint(r).await.unwrap();
+    }
+    w.metrics(&a, 45, 2.0).await;
+    w.done(&a, false, "a store outage", 45).await;
+    let b = w.assignment().await;
+    assert_eq!((b.attempt, b.start_step, b.resume_from.clone()), (2, 40, uri(40)));
+    // the step-40 checkpoint does not verify: rank 0 went back to step 20
+    w.send(worker_message::Body::Note(JobNote {
+        job_id: job.id.clone(),
+        attempt: 2,
+        text: format!("checkpoint {} skipped: corrupt; resuming from {} instead", uri(40), uri(20)),
+        resumed_from: uri(20),
+        resumed_step: 20,
+    }))
+    .await;
+    let j = wait_job(&mut jobs, &job.id, |j| j.resume_from == uri(20)).await;
+    assert_eq!((j.last_step, j.last_checkpoint_step, j.last_checkpoint_uri.clone()), (20, 20, uri(20)));
+    // a note from a rank that is not rank 0 of the current attempt changes nothing
+    let stale = JobNote { job_id: job.id.clone(), attempt: 1, text: "late".into(), resumed_from: uri(40), resumed_step: 40 };
+    w.send(worker_message::Body::Note(stale)).await;
+    w.metrics(&b, 25, 2.0).await;
+    w.done(&b, false, "another outage", 25).await;
+    let c = w.assignment().await;
+    assert_eq!((c.attempt, c.start_step, c.resume_from.clone()), (3, 20, uri(20)));
+    coord.stop().await;
+}
+
 /// A job whose init_from names another job is told where that job's model is: the store of its
 /// newest checkpoint and the directory its rank 0 saved the final weights under (workers started
 /// by hand each have their own output directory, and look in theirs otherwise).

@@ -31,7 +31,7 @@ pub struct Resumed {
 }
 
 fn note(a: &Assignment, text: String) -> RunEvent {
-    RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text })
+    RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text, ..Default::default() })
 }
 
 /// Every rank: the assignment's checkpoint (or the newest good one before it, when it does not
@@ -57,6 +57,15 @@ pub fn load_resume(a: &Assignment, events: &dyn Fn(RunEvent)) -> Result<Option<C
     }
     if ck.step() != a.start_step {
         info!(uri = %ck.uri, step = ck.step(), assigned_step = a.start_step, "resuming at the checkpoint's step");
+    }
+    if a.rank == 0 && ck.uri != a.resume_from {
+        events(RunEvent::Note(JobNote {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            text: format!("attempt {} resumes from {} (step {})", a.attempt, ck.uri, ck.step()),
+            resumed_from: ck.uri.clone(),
+            resumed_step: ck.step(),
+        }));
     }
     info!(job_id = %a.job_id, rank = a.rank, uri = %ck.uri, step = ck.step(), "resumed from checkpoint");
     Ok(Some(ck))
@@ -495,6 +504,7 @@ impl Checkpointer {
                 job_id: self.template.job_id.clone(),
                 attempt: self.template.attempt,
                 text: format!("rescue checkpoint at step {done}: the run ended early ({why}), so its last completed step is committed"),
+                ..Default::default()
             }));
         }
         self.finish_within(left(), events)
@@ -524,6 +534,7 @@ impl Checkpointer {
                     self.uploader.root().uri(),
                     self.final_wait.as_secs()
                 ),
+                ..Default::default()
             }));
         }
         let out = self.uploader.finish(Duration::ZERO);
@@ -547,6 +558,7 @@ fn report(t: &TrainerJson, outcomes: Vec<Outcome>, events: &dyn Fn(RunEvent)) {
                 job_id: t.job_id.clone(),
                 attempt: t.attempt,
                 text: format!("checkpoint at step {step} not written: {error}"),
+                ..Default::default()
             })),
         }
     }

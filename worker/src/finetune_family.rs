@@ -242,7 +242,7 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, src: ModelSource, control: &Ru
     if a.rank == 0 {
         for s in &src.skipped {
             let text = format!("finetune.init_from: checkpoint {} skipped: {}; starting from {} instead", s.uri, s.reason, src.file);
-            events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
+            events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text, ..Default::default() }));
         }
     }
     match req.device {

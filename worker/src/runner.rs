@@ -378,7 +378,7 @@ pub(crate) fn train_gpt<B: Backend>(
                     info!(job_id = %a.job_id, step = done, val_loss = v, by_source = ?each, "validation loss by source");
                     let parts: Vec<String> = each.iter().map(|(name, l)| format!("{name} {l:.4}")).collect();
                     let text = format!("validation loss at step {done}: {v:.4} weighted; by source: {}", parts.join(", "));
-                    events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text }));
+                    events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text, ..Default::default() }));
                 }
                 if mixture {
                     // the metrics carry each source's loss beside the weighted one (stored and plotted)
