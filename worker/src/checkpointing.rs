@@ -319,7 +319,9 @@ pub fn failed_before_update<B: Backend>(be: &B, e: &anyhow::Error) -> bool {
 /// must not train for hours without any, to lose it all to the first failure. One small object
 /// written and deleted again, with the uploads' retries.
 fn probe_writable(root: &StoreDir, every: u64) -> Result<()> {
-    let name = format!(".write-probe-{}", std::process::id());
+    // unique per call: two jobs' rank 0 in one process may share a store
+    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = format!(".write-probe-{}-{}", std::process::id(), PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
     let policy = UploadOptions::default().retry;
     let written = smelt_checkpoint::upload::with_retry(&policy, &root.uri_of(&name), || root.put(&name, &b"smelt"[..]))
         .and_then(|()| root.delete(&name));
