@@ -70,7 +70,7 @@ pub struct TrainArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
-    /// Final learning rate of the decay (default: lr / 10).
+    /// The learning rate the decay falls to, reached just after the last step (default: lr / 10).
     #[arg(long)]
     pub min_lr: Option<f32>,
     /// Warm-up steps (default: 50, or every step of a shorter run).
@@ -188,9 +188,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         bail!("{}: {} validation tokens cannot fill one sequence of {seq}; lower --seq or raise --val-fraction", a.text.display(), val_ids.len());
     }
     let warmup = a.warmup.unwrap_or(DEFAULT_WARMUP.min(a.steps));
-    if a.steps > 0 && warmup >= a.steps {
+    let asked_for_a_schedule = a.warmup.is_some() || a.min_lr.is_some() || a.schedule != "cosine";
+    if a.steps > 0 && warmup >= a.steps && asked_for_a_schedule {
         // Said out loud because the run then never reaches --lr's plateau nor its decay: a
-        // user comparing schedules on a short run would otherwise see identical losses.
+        // user comparing schedules on a short run would otherwise see identical losses. (A run
+        // on the defaults is short by choice, and its help says it warms up throughout.)
         warn!(
             steps = a.steps,
             warmup,

@@ -306,6 +306,12 @@ fn the_schedule_reaches_the_trainer() {
     ]);
     assert!(o.status.success(), "{}", text_of(&o));
     assert!(text_of(&o).contains("every step is warm-up") && text_of(&o).contains("--schedule linear never applies"), "{}", text_of(&o));
+    // on the defaults a short run warms up throughout, as its help says, without a warning
+    let o = smelt(&[
+        "--threads", "2", "train", "--text", text.to_str().unwrap(), "--preset", "test", "--steps", "3", "--batch", "2", "--seq", "8",
+        "--eval-interval", "0", "--out", dir.path().join("short-default").to_str().unwrap(),
+    ]);
+    assert!(o.status.success() && !text_of(&o).contains("every step is warm-up"), "{}", text_of(&o));
 }
 
 /// `--choices`: multiple choice at every evaluation, into metrics.jsonl; the last one is what

@@ -13,6 +13,9 @@ use smelt_worker::model_file::{self, AnyModel};
 const STEPS: u64 = 120;
 const EVERY: u64 = 10;
 
+/// Every checkpoint is kept (`keep_every`): the test reads the one a restart resumed from after
+/// the job ends, and the resumed attempt checkpoints beside it (one directory per job), where
+/// `keep_last` alone would have pruned it.
 fn spec(c: &Cluster, name: &str, model: &str, max_restarts: u32) -> String {
     let text = c.dir.path().join("corpus.txt");
     if !text.exists() {
@@ -22,7 +25,7 @@ fn spec(c: &Cluster, name: &str, model: &str, max_restarts: u32) -> String {
     format!(
         "name = {name:?}\nmax_restarts = {max_restarts}\nseed = 7\n[model]\n{model}\n[data]\ntext = {:?}\n\
          [train]\nsteps = {STEPS}\nglobal_batch = 8\nmicro_batch = 4\nseq_len = 24\nlr = 2e-3\nwarmup_steps = 5\neval_interval = 40\neval_batches = 2\n\
-         [cluster]\nworld_size = 1\n[checkpoint]\nevery = {EVERY}\nkeep_last = 2\n",
+         [cluster]\nworld_size = 1\n[checkpoint]\nevery = {EVERY}\nkeep_last = 2\nkeep_every = {EVERY}\n",
         text.to_str().unwrap()
     )
 }

@@ -262,6 +262,32 @@ async fn prometheus_scrapes_workers_jobs_and_each_running_jobs_progress() {
     let s = parse_exposition(&http::get(coord.addr, "/metrics", None).await.body);
     assert_eq!(sample(&s, r#"smelt_jobs{state="succeeded"}"#), Some(1.0));
     assert!(!s.iter().any(|(series, _)| series.contains("job-000001")), "{s:?}");
+
+    // A worker shut down (SIGTERM) that has gone counts as `exited`, one that vanished as `lost`
+    // (an alert on lost workers must not fire on every rolling restart).
+    let mut drained = Worker::join(&coord.url, "127.0.0.1:9002").await;
+    drained.set_draining();
+    let id = drained.id.clone();
+    let mut watch = jobs.clone();
+    within("the worker seen draining", async {
+        while !watch.list_workers(ListWorkersRequest {}).await.unwrap().into_inner().workers.iter().any(|x| x.id == id && x.draining) {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    drained.drop_stream();
+    w.drop_stream();
+    within("both workers let go", async {
+        let gone = |ws: Vec<WorkerInfo>| ws.iter().filter(|x| x.state == WorkerState::Lost as i32).count();
+        while gone(watch.list_workers(ListWorkersRequest {}).await.unwrap().into_inner().workers) < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let s = parse_exposition(&http::get(coord.addr, "/metrics", None).await.body);
+    assert_eq!(sample(&s, r#"smelt_workers{device="cpu",state="exited"}"#), Some(1.0), "{s:?}");
+    assert_eq!(sample(&s, r#"smelt_workers{device="cpu",state="lost"}"#), Some(1.0), "{s:?}");
+    assert_eq!(sample(&s, r#"smelt_workers{device="cuda",state="exited"}"#), Some(0.0), "{s:?}");
     coord.stop().await;
 }
 

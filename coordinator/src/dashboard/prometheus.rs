@@ -54,20 +54,25 @@ const JOB_STATES: [JobState; 7] = [
     JobState::Cancelled,
 ];
 const WORKER_STATES: [WorkerState; 4] = [WorkerState::Idle, WorkerState::Busy, WorkerState::Draining, WorkerState::Lost];
+/// The `state` label of a worker that drained and went (its row says lost).
+const EXITED: &str = "exited";
 
 /// The exposition of the whole state (taken under the coordinator's lock: counting is cheap).
 pub fn render(st: &State) -> String {
     let mut out = String::new();
     let mut workers: BTreeMap<(&str, &str), u64> = BTreeMap::new();
     for dev in [DeviceClass::Cpu, DeviceClass::Cuda] {
-        for s in WORKER_STATES {
-            workers.insert((device_class_name(dev), worker_state_name(s)), 0);
+        for s in WORKER_STATES.map(worker_state_name).into_iter().chain([EXITED]) {
+            workers.insert((device_class_name(dev), s), 0);
         }
     }
     for w in st.workers.values() {
-        *workers.entry((device_class_name(w.row.device_class), worker_state_name(w.row.state))).or_default() += 1;
+        // a worker shut down (SIGTERM) that has gone is not a failure: an alert on `lost` must
+        // not fire on every rolling restart
+        let state = if w.row.state == WorkerState::Lost && w.draining { EXITED } else { worker_state_name(w.row.state) };
+        *workers.entry((device_class_name(w.row.device_class), state)).or_default() += 1;
     }
-    let mut f = Family::new(&mut out, "smelt_workers", "gauge", "Registered workers by device class and state.");
+    let mut f = Family::new(&mut out, "smelt_workers", "gauge", "Registered workers by device class and state (exited: drained and gone; lost: vanished).");
     for ((device, state), n) in &workers {
         f.sample("smelt_workers", &[("device", device), ("state", state)], *n as f64);
     }
