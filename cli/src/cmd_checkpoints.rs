@@ -22,6 +22,16 @@ use smelt_proto::v1::GetJobRequest;
 
 use crate::client::{age, connect, exit_on_error, runtime, status, table, CoordinatorUrl};
 
+/// `smelt checkpoints [list] TARGET`: `list` may be left out.
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct CheckpointsCli {
+    #[command(subcommand)]
+    pub command: Option<CheckpointsCommand>,
+    #[command(flatten)]
+    pub list: ListArgs,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum CheckpointsCommand {
     /// Committed checkpoints of a job (by id) or under a store URI, verified.
@@ -32,7 +42,9 @@ pub enum CheckpointsCommand {
 pub struct ListArgs {
     /// A job id (asks the coordinator where its checkpoints are, unless --store), a
     /// `…/jobs/<job>/ckpt` URI (or the job's directory), or a store root.
-    pub target: String,
+    // (optional to clap only: `smelt checkpoints TARGET` and `... list TARGET` share these
+    // arguments, and the missing target is reported by `run`)
+    pub target: Option<String>,
     #[command(flatten)]
     pub coordinator: CoordinatorUrl,
     /// For a job id: the store root holding its `jobs/<job>/ckpt`, read without asking the
@@ -47,10 +59,15 @@ pub struct ListArgs {
     pub json: bool,
 }
 
-pub fn run(c: CheckpointsCommand) -> Result<()> {
-    match c {
-        CheckpointsCommand::List(a) => exit_on_error(list(&a)),
+pub fn run(c: CheckpointsCli) -> Result<()> {
+    let a = match c.command {
+        Some(CheckpointsCommand::List(a)) => a,
+        None => c.list,
+    };
+    if a.target.is_none() {
+        anyhow::bail!("smelt checkpoints: name a job id, a job's ckpt/ URI or a store root to list (see --help)");
     }
+    exit_on_error(list(&a))
 }
 
 /// One committed checkpoint as listed.
@@ -140,7 +157,7 @@ fn human_bytes(n: u64) -> String {
 
 /// The `ckpt/` directories to list, with the job each belongs to.
 fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
-    let t = a.target.trim();
+    let t = a.target.as_deref().unwrap_or_default().trim();
     if looks_like_job_id(t) && !std::path::Path::new(t).exists() {
         if let Some(store) = &a.store {
             return Ok(vec![(t.to_string(), checkpoints_root(&StoreDir::open(store)?, t))]);

@@ -222,7 +222,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 "train" => Split::Train,
                 other => bail!("--split {other:?}: val or train"),
             };
-            let reader = CorpusReader::open_with(uri, ReaderOptions { split, ..Default::default() }).with_context(|| format!("opening --corpus {uri}"))?;
+            let by_default = if a.split.is_none() { " (its val split, the default; --split train reads the other)" } else { "" };
+            let reader =
+                CorpusReader::open_with(uri, ReaderOptions { split, ..Default::default() }).with_context(|| format!("opening --corpus {uri}{by_default}"))?;
             let m = reader.manifest();
             if m.tokenizer != tokenizer {
                 if let Some(how) = m.tokenizer.char_difference("the corpus", &tokenizer, "the model") {
@@ -262,6 +264,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         (None, None) => unreachable!("clap requires --text or --corpus"),
     };
     let windows = usize::try_from(data.len().saturating_sub(1) / t as u64).unwrap_or(usize::MAX);
+    if a.max_tokens != 0 && a.max_tokens < t as u64 {
+        bail!("--max-tokens {}: fewer predictions than one window of --seq {t}", a.max_tokens);
+    }
     if windows == 0 {
         bail!("{source}: {} tokens, fewer than one window of --seq {t} predictions needs ({})", data.len(), t + 1);
     }
@@ -323,10 +328,11 @@ impl OnBackend for WindowEval<'_> {
         } else {
             let bpb = bits_per_byte.map(|b| format!(", {b:.4} bits per byte")).unwrap_or_default();
             println!(
-                "{}: loss {loss:.4}, perplexity {:.3}{bpb} over {} tokens of {source} ({windows} windows of {t})",
+                "{}: loss {loss:.4}, perplexity {:.3}{bpb} over {} tokens of {source} ({windows} window{} of {t})",
                 file,
                 loss.exp(),
-                windows * t
+                windows * t,
+                if windows == 1 { "" } else { "s" }
             );
         }
         Ok(())

@@ -151,6 +151,16 @@ fn gone(code: Code) -> bool {
 /// Streams the job's events with a progress bar; Ok once it succeeded, Err with the reason
 /// when it failed or was cancelled. Survives a coordinator restart (reconnects, skips replayed
 /// events).
+/// "42s", "3m07s", "2h05m".
+fn short_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
 pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::AuthChannel>, job: &Job) -> Result<()> {
     let bar = ProgressBar::new(job.total_steps);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")?);
@@ -273,8 +283,10 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                     let mfu = m.mfu.map(|u| format!(" | mfu {:.1}%", 100.0 * u)).unwrap_or_default();
                     bar.set_message(format!("loss {:.4}{val} | {:.0} tok/s{mfu}", m.loss, m.tokens_per_s));
                     if bar.is_hidden() && (m.step % every == 0 || m.val_loss.is_some()) {
+                        // the bar's estimate, kept while hidden: plain lines (a log file, CI) say it too
+                        let eta = (m.step < job.total_steps && !bar.eta().is_zero()).then(|| format!(" | eta {}", short_duration(bar.eta()))).unwrap_or_default();
                         eprintln!(
-                            "step {}/{}: loss {:.4}{val} | {:.0} tok/s{mfu}",
+                            "step {}/{}: loss {:.4}{val} | {:.0} tok/s{mfu}{eta}",
                             m.step, job.total_steps, m.loss, m.tokens_per_s
                         );
                     }
@@ -322,5 +334,17 @@ async fn last_log_lines(client: &mut JobServiceClient<smelt_proto::auth::AuthCha
     eprintln!("last lines its workers logged in attempt {} (all of them: smelt jobs logs {}):", j.attempt, j.id);
     for l in &lines {
         eprintln!("  {}", crate::cmd_job_logs::format_line(l));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::short_duration;
+    use std::time::Duration;
+
+    #[test]
+    fn durations_are_short() {
+        let d = |s| short_duration(Duration::from_secs(s));
+        assert_eq!((d(0), d(42), d(187), d(7500)), ("0s".to_string(), "42s".to_string(), "3m07s".to_string(), "2h05m".to_string()));
     }
 }

@@ -69,8 +69,7 @@ enum Command {
     #[command(subcommand)]
     Bench(cmd_bench::BenchCommand),
     /// Committed checkpoints of a job or a store, with their verified status.
-    #[command(subcommand)]
-    Checkpoints(cmd_checkpoints::CheckpointsCommand),
+    Checkpoints(cmd_checkpoints::CheckpointsCli),
     /// Export a model: `hf` (Hugging Face transformers GPT2LMHeadModel), `logits` (.npy).
     #[command(subcommand)]
     Export(cmd_export::ExportCommand),

@@ -78,6 +78,8 @@ fn export_verifies_checkpoints_on_file_stores_and_a_job_id_falls_back() {
         (vec!["checkpoints", "list", "job-000007", "--store", store.to_str().unwrap()], vec![]),
         (vec!["checkpoints", "list", "job-000007"], store_env),
         (vec!["checkpoints", "list", store.join("jobs/job-000007").to_str().unwrap()], vec![]),
+        // `list` may be left out
+        (vec!["checkpoints", "job-000007", "--store", store.to_str().unwrap()], vec![]),
     ] {
         let o = smelt(&args, &env);
         let l = text_of(&o);

@@ -40,8 +40,12 @@ fn prepare_resume_verify_and_bench() {
         args.extend_from_slice(extra);
         smelt(&args)
     };
+    // a file of another kind in the directory is left out, and said to be
+    std::fs::write(input.join("README.md"), "not a document").unwrap();
     // interrupted, then resumed
-    let first = json_of(&prep(&["--stop-after-shards", "2"]));
+    let o = prep(&["--stop-after-shards", "2"]);
+    assert!(text_of(&o).contains("left out") && text_of(&o).contains("README.md"), "{}", text_of(&o));
+    let first = json_of(&o);
     assert_eq!(first["complete"], false);
     assert_eq!(first["shards_written"], 2);
     let second = json_of(&prep(&[]));

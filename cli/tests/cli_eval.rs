@@ -86,7 +86,10 @@ fn the_loss_on_a_text_is_transformers_loss() {
     let msg = eval_fails(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "64"]);
     assert!(msg.contains("--seq 64: must be in 1..=32"), "{msg}");
     let msg = eval_fails(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "30", "--max-tokens", "12"]);
-    assert!(msg.contains("fewer than one window"), "{msg}");
+    assert!(msg.contains("--max-tokens 12: fewer predictions than one window of --seq 30"), "{msg}");
+    // one window is one (not "1 windows")
+    let o = smelt(&["eval", "--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "10", "--max-tokens", "10"]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(1 window of 10)"), "{}", text_of(&o));
     let msg = eval_fails(&["--model", model.to_str().unwrap()]);
     assert!(msg.contains("--text") || msg.contains("--corpus"), "{msg}");
     // --split is for a corpus; a huge --max-tokens is all of them

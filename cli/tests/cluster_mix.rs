@@ -193,6 +193,10 @@ fn each_sources_validation_loss_reaches_the_store_the_api_prometheus_and_the_cli
     let (ok, shown) = c.smelt(&["submit", spec_file.to_str().unwrap(), "--follow"]);
     assert!(ok, "{shown}\n{}", c.logs());
     let id = shown.lines().next().unwrap().trim().to_string();
+    // the plain lines carry the estimate a terminal's bar shows, but the last step's
+    let steps: Vec<&str> = shown.lines().filter(|l| l.starts_with("step ")).collect();
+    assert!(steps.iter().any(|l| l.contains(" | eta ")), "{shown}");
+    assert!(steps.iter().filter(|l| l.starts_with("step 12/12:")).all(|l| !l.contains("eta")), "{shown}");
 
     // The store: a row per evaluation and source, combining into the step's validation loss.
     let db = rusqlite::Connection::open_with_flags(dir.join("coordinator.db"), rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();

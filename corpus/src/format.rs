@@ -210,11 +210,28 @@ pub enum TxtDocs {
 }
 
 /// One input file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SourceInfo {
     pub path: String,
     /// Size on disk (compressed size for `.gz`).
     pub bytes: u64,
+    /// Last modification time of a local file (ms since the Unix epoch): a file edited in place
+    /// keeps its name and often its size. None for objects in a store, and in manifests written
+    /// before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modified_ms: Option<u64>,
+}
+
+/// The same input as far as both records know: name and size, and the modification time when
+/// both have one (a manifest from before it was recorded still resumes).
+impl PartialEq for SourceInfo {
+    fn eq(&self, other: &Self) -> bool {
+        let times_agree = match (self.modified_ms, other.modified_ms) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        };
+        self.path == other.path && self.bytes == other.bytes && times_agree
+    }
 }
 
 /// Everything that decides the token streams: a rerun resumes only when these are equal.

@@ -48,11 +48,13 @@ pub struct Source {
     pub gz: bool,
     /// Size on disk (or in the store).
     pub bytes: u64,
+    /// A local file's modification time (ms since the Unix epoch).
+    pub modified_ms: Option<u64>,
 }
 
 impl Source {
     pub fn info(&self) -> SourceInfo {
-        SourceInfo { path: self.shown(), bytes: self.bytes }
+        SourceInfo { path: self.shown(), bytes: self.bytes, modified_ms: self.modified_ms }
     }
     /// How errors name it: the path, or the object's URI.
     pub fn shown(&self) -> String {
@@ -91,7 +93,23 @@ fn classify_name(name: &str) -> Option<(Format, bool)> {
     }
 }
 
+/// The input files under `dir`, recursively; the others (not hidden) are said, once per
+/// directory named, rather than left out without a word.
 fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), CorpusError> {
+    let mut other = Vec::new();
+    walk_into(dir, out, &mut other)?;
+    if let Some(first) = other.first() {
+        tracing::warn!(
+            dir = %dir.display(),
+            left_out = other.len(),
+            first = %first.display(),
+            "files of other kinds than .txt, .jsonl (optionally .gz) and .parquet are left out"
+        );
+    }
+    Ok(())
+}
+
+fn walk_into(dir: &Path, out: &mut Vec<PathBuf>, other: &mut Vec<PathBuf>) -> Result<(), CorpusError> {
     let shown = dir.display().to_string();
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| CorpusError::io(&shown, e))?
@@ -104,9 +122,11 @@ fn walk(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), CorpusError> {
             continue;
         }
         if p.is_dir() {
-            walk(&p, out)?;
+            walk_into(&p, out, other)?;
         } else if classify(&p).is_some() {
             out.push(p);
+        } else {
+            other.push(p);
         }
     }
     Ok(())
@@ -162,12 +182,13 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<Source>, CorpusError> {
     let mut seen = std::collections::HashSet::new();
     let mut sources = Vec::new();
     for (location, listed) in paths {
-        let (key, name, bytes) = match &location {
+        let (key, name, bytes, modified_ms) = match &location {
             Location::Local(path) => {
                 let key = path.canonicalize().unwrap_or_else(|_| path.clone()).display().to_string();
                 let shown = path.display().to_string();
-                let bytes = std::fs::metadata(path).map_err(|e| CorpusError::io(&shown, e))?.len();
-                (key, shown, bytes)
+                let meta = std::fs::metadata(path).map_err(|e| CorpusError::io(&shown, e))?;
+                let modified = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+                (key, shown, meta.len(), modified)
             }
             Location::Object { dir, name } => {
                 let uri = dir.uri_of(name);
@@ -175,7 +196,7 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<Source>, CorpusError> {
                     Some(n) => n,
                     None => dir.size(name)?.ok_or_else(|| CorpusError::input(&uri, None, "input not found"))?,
                 };
-                (uri.clone(), uri, bytes)
+                (uri.clone(), uri, bytes, None)
             }
         };
         if !seen.insert(key) {
@@ -184,7 +205,7 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<Source>, CorpusError> {
         let (format, gz) = classify_name(&name).ok_or_else(|| {
             CorpusError::input(&name, None, "unsupported input: expected a .txt or .jsonl file, optionally gzipped (.gz), or a .parquet file")
         })?;
-        sources.push(Source { location, format, gz, bytes });
+        sources.push(Source { location, format, gz, bytes, modified_ms });
     }
     if sources.is_empty() {
         return Err(CorpusError::Empty("no input files".into()));

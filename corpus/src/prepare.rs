@@ -184,7 +184,7 @@ fn settings_diff(old: &PrepareSettings, new: &PrepareSettings) -> String {
         d.push(format!("{} vs {}", name(old.val), name(new.val)));
     }
     if old.sources != new.sources {
-        d.push("the input files (names or sizes)".to_string());
+        d.push("the input files (names, sizes or modification times)".to_string());
     }
     if old.total_documents != new.total_documents && d.is_empty() {
         d.push(format!("document count {} vs {}", old.total_documents, new.total_documents));

@@ -226,3 +226,32 @@ fn a_finished_corpus_whose_shards_changed_is_not_reported_as_kept() {
     let e = prepare(&o, &NoProgress).unwrap_err().to_string();
     assert!(e.contains("--val-docs 2 vs --val-fraction 0.5"), "{e}");
 }
+
+/// An input edited in place keeps its name and often its size: the rerun sees its modification
+/// time and refuses the old corpus, rather than report its shards kept (it trained on the old
+/// text). A manifest from before the times were recorded still resumes.
+#[test]
+fn an_input_edited_in_place_is_not_taken_for_the_one_prepared() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.txt");
+    write(&input, "First Citizen: before we proceed any further, hear me speak.");
+    let out = dir.path().join("out");
+    let mut o = opts(vec![s(&input)], "gpt2", &s(&out), 40);
+    o.val = ValSplit::None;
+    assert!(run(&o).manifest.is_some());
+    assert!(run(&o).complete, "unchanged: kept");
+    // the same size, other text, a later time
+    write(&input, "tsriF Citizen: before we proceed any further, hear me speak.");
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+    std::fs::File::options().write(true).open(&input).unwrap().set_modified(later).unwrap();
+    let e = prepare(&o, &NoProgress).unwrap_err().to_string();
+    assert!(e.contains("modification times"), "{e}");
+    // a manifest written before modification times were recorded: names and sizes decide
+    let manifest = out.join("manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    for src in m["settings"]["sources"].as_array_mut().unwrap() {
+        src.as_object_mut().unwrap().remove("modified_ms").expect("recorded");
+    }
+    std::fs::write(&manifest, serde_json::to_vec(&m).unwrap()).unwrap();
+    assert!(run(&o).complete, "an older manifest resumes on names and sizes");
+}

@@ -254,10 +254,11 @@ pub struct DataSpec {
     /// Or: a corpus prepared by `smelt corpus prepare` (a path or an object-store URI); its
     /// manifest names the tokenizer, and its validation split is used for evaluation.
     pub corpus: Option<String>,
-    #[serde(default = "default_tokenizer")]
+    /// How `text` is tokenized (a prepared corpus names its own: given with one, refused).
+    #[serde(default = "default_tokenizer", skip_serializing_if = "is_default_tokenizer")]
     pub tokenizer: String,
-    /// Share of the text (its end) held out for validation.
-    #[serde(default = "default_val_fraction")]
+    /// Share of the text (its end) held out for validation (a prepared corpus has its own split).
+    #[serde(default = "default_val_fraction", skip_serializing_if = "is_default_val_fraction")]
     pub val_fraction: f64,
     /// Or: several prepared corpora drawn in proportion to their weights (`[[data.mix]]`
     /// tables), all made with the same tokenizer. GPT pretraining only.
@@ -283,6 +284,28 @@ impl Default for DataSpec {
 
 fn default_tokenizer() -> String {
     "char".into()
+}
+fn is_default_tokenizer(t: &String) -> bool {
+    *t == default_tokenizer()
+}
+fn is_default_val_fraction(f: &f64) -> bool {
+    *f == default_val_fraction()
+}
+
+/// `data.tokenizer` and `data.val_fraction` written beside a prepared corpus (`data.corpus` or
+/// `data.mix`): refused, as `data.text` beside one is. They apply to a text only, and were
+/// otherwise ignored without a word (a char corpus trained as char under `tokenizer = "gpt2"`).
+fn given_for_text_only(text: &str) -> Result<(), SpecError> {
+    let Ok(raw) = toml::from_str::<toml::Table>(text) else { return Ok(()) };
+    let Some(data) = raw.get("data").and_then(|d| d.as_table()) else { return Ok(()) };
+    if !(data.contains_key("corpus") || data.contains_key("mix")) {
+        return Ok(());
+    }
+    let why = "a prepared corpus has its own (the tokenizer and validation split `smelt corpus prepare` chose, in its manifest); leave this out";
+    match ["tokenizer", "val_fraction"].into_iter().find(|k| data.contains_key(*k)) {
+        Some(key) => Err(err(&format!("data.{key}"), why)),
+        None => Ok(()),
+    }
 }
 fn default_val_fraction() -> f64 {
     0.1
@@ -473,6 +496,7 @@ impl JobSpec {
             err(&field, message)
         })?;
         spec.validate()?;
+        given_for_text_only(text)?;
         Ok(spec)
     }
 

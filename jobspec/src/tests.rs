@@ -101,6 +101,19 @@ fn data_needs_exactly_one_source() {
     assert_eq!(JobSpec::parse(&none).unwrap_err().field, "data.text");
     let corpus = GOOD.replace("text = \"data/tinyshakespeare.txt\"", "corpus = \"file:///data/c\"");
     assert_eq!(JobSpec::parse(&corpus).unwrap().data.corpus.as_deref(), Some("file:///data/c"));
+    // a text's settings beside a corpus or a mixture: refused, not ignored
+    for (extra, field) in [("tokenizer = \"gpt2\"", "data.tokenizer"), ("val_fraction = 0.5", "data.val_fraction")] {
+        let with = corpus.replace("corpus = \"file:///data/c\"", &format!("corpus = \"file:///data/c\"\n{extra}"));
+        let e = JobSpec::parse(&with).unwrap_err();
+        assert_eq!(e.field, field, "{e}");
+        assert!(e.message.contains("a prepared corpus has its own"), "{e}");
+    }
+    let mix = GOOD.replace(
+        "[data]\ntext = \"data/tinyshakespeare.txt\"",
+        "[data]\ntokenizer = \"char\"\n[[data.mix]]\ncorpus = \"s3://b/web\"\nweight = 1.0",
+    );
+    assert!(mix.contains("[[data.mix]]"), "{mix}");
+    assert_eq!(JobSpec::parse(&mix).unwrap_err().field, "data.tokenizer");
 }
 
 #[test]

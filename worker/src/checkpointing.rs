@@ -178,6 +178,19 @@ fn first_disagreement(mean: &[f32], values: &[u64], world: usize) -> Option<usiz
     (0..values.len()).find(|&v| (0..BITS).any(|k| !agrees(v * BITS + k)))
 }
 
+/// A spec's data as a person reads it: `text a.txt (char)`, `corpus s3://b/web`, `mix s3://b/web
+/// x0.8 + s3://b/code x0.2`.
+fn data_in_words(d: &smelt_jobspec::DataSpec) -> String {
+    if !d.mix.is_empty() {
+        return format!("mix {}", d.mix.iter().map(|m| format!("{} x{}", m.corpus, m.weight)).collect::<Vec<_>>().join(" + "));
+    }
+    match (&d.text, &d.corpus) {
+        (Some(t), _) => format!("text {t} ({}, val_fraction {})", d.tokenizer, d.val_fraction),
+        (None, Some(c)) => format!("corpus {c}"),
+        (None, None) => "none".to_string(),
+    }
+}
+
 /// A resume under another seed, global batch or data (another text or corpus, a mixture with
 /// other sources or weights) is allowed (a deliberate change) but does not continue the
 /// checkpoint's sample order: say so.
@@ -186,8 +199,8 @@ pub fn warn_if_data_order_changes(ck: &Checkpoint, spec: &JobSpec) {
         if then.data != spec.data {
             warn!(
                 uri = %ck.uri,
-                checkpoint_data = ?then.data,
-                data = ?spec.data,
+                checkpoint_data = %data_in_words(&then.data),
+                data = %data_in_words(&spec.data),
                 "resuming with other data than the checkpoint's job: the data order does not continue the checkpoint's"
             );
         }

@@ -106,12 +106,12 @@ impl Cuts {
     }
     /// Warns (into the job's log) when any example was cut: `what` names the part and the limit.
     fn report(&self, location: &str, of: usize, what: &str) {
+        self.report_kept(location, of, what, "keep only their first tokens");
+    }
+    /// As `report`, saying what of them is kept.
+    fn report_kept(&self, location: &str, of: usize, what: &str, kept: &str) {
         if self.count > 0 {
-            tracing::warn!(
-                "{location}: {} of {of} examples have {what}, and keep only their first tokens (the longest has {} tokens)",
-                self.count,
-                self.longest
-            );
+            tracing::warn!("{location}: {} of {of} examples have {what}, and {kept} (the longest has {} tokens)", self.count, self.longest);
         }
     }
 }
@@ -171,7 +171,13 @@ pub fn load_sft(location: &str, tokenizer: &Tokenizer, seq_len: usize, eot: Opti
             Ok(SftExample { inputs, targets })
         })
         .collect::<Result<_>>()?;
-    cuts.report(location, examples.len(), &format!("a prompt and response longer than train.seq_len = {seq_len} tokens together"));
+    // (`sft_example` keeps the prompt's end and the response's start, at least one of its tokens)
+    cuts.report_kept(
+        location,
+        examples.len(),
+        &format!("a prompt and response longer than train.seq_len = {seq_len} tokens together"),
+        "keep the prompt's last tokens and as much of the response as fits after them (at least its first token)",
+    );
     Ok(examples)
 }
 
@@ -223,6 +229,10 @@ pub fn split<T>(examples: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
             train.push(e);
         }
     }
+    if fraction > 0.0 && val.is_empty() {
+        // round(n * fraction) = 0: the run would report no validation at all, silently
+        tracing::warn!("finetune.val_fraction = {fraction} of {n} examples holds none out: this run has no validation (more examples, or finetune.val_data)");
+    }
     (train, val)
 }
 
@@ -270,6 +280,17 @@ mod tests {
         assert!(e.contains("(on the worker's machine)"), "{e}");
     }
 
+    /// A validation fraction too small for the examples holds none out: said, not silent.
+    #[test]
+    fn a_fraction_that_holds_nothing_out_is_warned_about() {
+        let ((train, val), warned) = warnings_of(|| split(vec![1, 2], 0.2));
+        assert_eq!((train.len(), val.len()), (2, 0));
+        assert!(warned.contains("finetune.val_fraction = 0.2 of 2 examples holds none out"), "{warned}");
+        let ((_, val), quiet) = warnings_of(|| split(vec![1, 2, 3, 4, 5], 0.2));
+        assert_eq!(val, vec![5]);
+        assert!(quiet.is_empty(), "{quiet}");
+    }
+
     /// Examples cut to fit are counted and the run says so once; none cut, nothing said.
     #[test]
     fn examples_cut_to_fit_are_warned_about() {
@@ -284,6 +305,13 @@ mod tests {
         let (_, warned) = warnings_of(|| load_pairs(&p, &tok, 4, 8, None).unwrap());
         assert!(warned.contains("1 of 1 examples have a prompt longer than the encoder's 4 tokens"), "{warned}");
         assert!(!warned.contains("a response"), "{warned}");
+        // a decoder's prompt and response: the prompt's end is what is kept, and it says so
+        let (_d, p) = write("{\"prompt\": \"abcdefgh\", \"response\": \"xy\"}\n");
+        let (ex, warned) = warnings_of(|| load_sft(&p, &tok, 6, None).unwrap());
+        assert!(warned.contains("1 of 1 examples have a prompt and response longer than train.seq_len = 6") && warned.contains("keep the prompt's last tokens"), "{warned}");
+        let ids = |s: &str| s.bytes().map(u32::from).collect::<Vec<u32>>();
+        assert_eq!(ex[0].inputs, ids("cdefgh"), "the prompt's end");
+        assert_eq!(ex[0].targets[5], u32::from(b'x'), "predicting the response's first token");
     }
 
     #[test]
