@@ -121,10 +121,13 @@ fn a_job_resumed_on_another_world_size_sees_exactly_the_same_samples() {
     c.workers_idle();
     // One rank, micro-batch 4 with 2 accumulation steps, from that job's latest checkpoint.
     let second = c.submit(&spec(&c, "one-rank-resumed", 1, 4, 0), &first.id);
-    let start = smelt_checkpoint::step_of_uri(&second.resume_from).expect("the resumed job names its checkpoint");
     assert!(second.resume_from.contains(&format!("jobs/{}/ckpt/", first.id)), "{second:?}");
+    // where it started: that job's newest checkpoint when placed (its rank 0 may still have
+    // been saving a rescue checkpoint at the cancel, which the new job waits for)
+    let done = c.wait_succeeded(&second.id);
+    let start = smelt_checkpoint::step_of_uri(&done.resume_from).expect("the resumed job names its checkpoint");
+    assert!(done.resume_from.contains(&format!("jobs/{}/ckpt/", first.id)), "{done:?}");
     assert!(start >= 20 && start < STEPS, "resumed at step {start}");
-    c.wait_succeeded(&second.id);
     // The reference: one rank, micro-batch 8, never interrupted.
     let whole = c.submit(&spec(&c, "reference", 1, 8, 0), "");
     c.wait_succeeded(&whole.id);

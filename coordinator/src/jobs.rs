@@ -31,6 +31,8 @@ impl State {
         };
         // A job id resumes from that job's latest checkpoint; anything else is a checkpoint URI.
         let resume_from = resume_from.trim().to_string();
+        // another job's id: this job follows that job's newest checkpoint until placed
+        let resume_of = self.jobs.contains_key(&resume_from).then(|| resume_from.clone());
         let (start_step, resume_uri) = if resume_from.is_empty() {
             (0, String::new())
         } else if let Some(src) = self.jobs.get(&resume_from) {
@@ -90,7 +92,9 @@ impl State {
             backfilled: false,
             final_models: String::new(),
         };
-        self.jobs.insert(id.clone(), JobRec::new(row, seq));
+        let mut rec = JobRec::new(row, seq);
+        rec.resume_of = resume_of;
+        self.jobs.insert(id.clone(), rec);
         info!(
             job_id = %id,
             name = %spec.name,

@@ -16,7 +16,7 @@ use std::cmp::Reverse;
 use smelt_proto::v1::{coordinator_message, Assignment, DeviceClass, JobState, WorkerState};
 use tracing::info;
 
-use crate::state::{device_class_name, is_waiting, State};
+use crate::state::{device_class_name, is_waiting, JobRec, State};
 
 /// One gang to place: the job and its workers by rank.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +90,7 @@ impl State {
                 seq: j.seq,
                 // a job waiting for its failed attempt's rank 0 to end it cannot be placed yet,
                 // but keeps its place in its class's queue (no backfill behind it)
-                world_size: if j.winding_down_at(now) { u32::MAX } else { j.row.world_size },
+                world_size: if j.winding_down_at(now) || self.resume_source_settling(j) { u32::MAX } else { j.row.world_size },
             })
             .collect();
         if jobs.is_empty() {
@@ -117,6 +117,15 @@ impl State {
         })
     }
 
+    /// Whether `j`, submitted to resume from another job, must wait for that job: a connected
+    /// worker still runs or winds down one of its ranks (see `JobRec::resume_of`).
+    fn resume_source_settling(&self, j: &JobRec) -> bool {
+        let Some(src) = j.resume_of.as_deref().filter(|_| j.row.attempt == 1) else { return false };
+        let now = std::time::Instant::now();
+        self.jobs.get(src).is_some_and(|s| s.winding_down_at(now))
+            || self.workers.values().any(|w| w.conn.is_some() && (w.row.job_id == src || w.reported_job == src))
+    }
+
     pub(crate) fn place(&mut self, p: Placement) {
         let Some(job) = self.jobs.get_mut(&p.job_id) else { return };
         // a restart resumes from the newest checkpoint known now (a failed attempt's rescue
@@ -127,6 +136,16 @@ impl State {
                 job.row.resume_from = uri;
                 job.row.last_step = step;
             }
+        }
+        // a first attempt resuming from another job's latest checkpoint: the newest recorded now
+        let source = job.resume_of.clone().filter(|_| job.row.attempt == 1);
+        let source_latest = source.and_then(|src| self.jobs.get(&src).and_then(|s| s.latest_checkpoint.clone()));
+        let Some(job) = self.jobs.get_mut(&p.job_id) else { return };
+        if let Some((step, uri)) = source_latest.filter(|(step, _)| *step > job.row.start_step) {
+            info!(job_id = %job.row.id, from = %job.row.resume_from, to = %uri, step, "the job it resumes from checkpointed since: starting from its newest");
+            job.row.start_step = step;
+            job.row.resume_from = uri;
+            job.row.last_step = step;
         }
         let (parent_checkpoint_store, parent_final_models) = self.parent_locations(&p.job_id);
         let Some(job) = self.jobs.get_mut(&p.job_id) else { return };

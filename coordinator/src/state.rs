@@ -149,6 +149,12 @@ pub struct JobRec {
     /// then: an attempt that fails with the same error and gets no further repeats it, and is
     /// not restarted again (not stored: a restarted coordinator restarts once more).
     pub last_failure: Option<FailedAttempt>,
+    /// Submitted to resume from another job's latest checkpoint (`--resume-from job-N`): that
+    /// job. Until its first placement this job waits while a worker still runs that job (a
+    /// cancelled job's rank 0 saving its rescue checkpoint, whose retention may prune the one
+    /// recorded at submission), and it starts from that job's newest checkpoint then (not
+    /// stored: a restarted coordinator keeps the one recorded).
+    pub resume_of: Option<String>,
 }
 
 /// An attempt that failed with an error its rank reported (see `JobRec::last_failure`).
@@ -192,6 +198,7 @@ impl JobRec {
             winding_down: Vec::new(),
             wind_down_until: None,
             last_failure: None,
+            resume_of: None,
         }
     }
 
