@@ -103,10 +103,12 @@ fn a_cancelled_t5_job_resumed_from_its_checkpoint_ends_bitwise_identical() {
     c.rt.block_on(client.cancel_job(CancelJobRequest { job_id: first.id.clone() })).unwrap();
     c.workers_idle();
     let second = c.submit(&spec(&c, "t5-resumed", T5, 0), &first.id);
-    let start = smelt_checkpoint::step_of_uri(&second.resume_from).expect("the resumed job names its checkpoint");
-    assert!(start >= 30 && start < STEPS, "resumed at step {start}");
     let (state, metrics) = c.follow(&second.id);
     assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&second.id).error, c.logs());
+    // where it started: the first job's newest checkpoint when placed (a rescue checkpoint its
+    // rank 0 saved at the cancel, if it landed after the submission)
+    let start = smelt_checkpoint::step_of_uri(&c.job(&second.id).resume_from).expect("the resumed job names its checkpoint");
+    assert!(start >= 30 && start < STEPS, "resumed at step {start}");
     assert_eq!(metrics.first().map(|m| m.step), Some(start + 1), "the resumed job starts after its checkpoint's step");
     let ck = smelt_checkpoint::load_verified(&c.job(&second.id).resume_from).unwrap();
     assert_eq!(ck.trainer.model.arch(), "t5");
