@@ -80,7 +80,7 @@ fn a_corrupt_newest_checkpoint_is_skipped_on_restart_with_an_event_saying_why() 
     assert!(used < bad_step, "resumed from step {used}, the corrupt one was {bad_step}: {line}");
     // the job records where its attempt started: the checkpoint used, not the one assigned
     assert_eq!(done.resume_from, instead, "{done:?}");
-    assert!(events.contains(&format!("attempt 2 resumes from {instead} (step {used})")), "{events}");
+    assert!(events.contains(&format!("attempt 2 resumes from step {used} ({instead})")), "{events}");
 }
 
 #[test]

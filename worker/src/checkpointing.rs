@@ -62,7 +62,7 @@ pub fn load_resume(a: &Assignment, events: &dyn Fn(RunEvent)) -> Result<Option<C
         events(RunEvent::Note(JobNote {
             job_id: a.job_id.clone(),
             attempt: a.attempt,
-            text: format!("attempt {} resumes from {} (step {})", a.attempt, ck.uri, ck.step()),
+            text: format!("attempt {} resumes from step {} ({})", a.attempt, ck.step(), ck.uri),
             resumed_from: ck.uri.clone(),
             resumed_step: ck.step(),
         }));
