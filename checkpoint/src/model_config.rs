@@ -113,6 +113,15 @@ impl ModelConfig {
         }
     }
 
+    /// The vocabulary, special ids included.
+    pub fn vocab_size(&self) -> usize {
+        match self {
+            ModelConfig::Gpt(c) => c.vocab_size,
+            ModelConfig::Bert { bert, .. } => bert.vocab_size,
+            ModelConfig::T5 { t5, .. } => t5.vocab_size,
+        }
+    }
+
     /// The config's own checks, and that the special ids add up to the vocabulary.
     pub fn validate(&self) -> Result<(), String> {
         let (vocab, expected) = match self {

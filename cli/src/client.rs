@@ -102,6 +102,12 @@ pub fn status(e: tonic::Status) -> anyhow::Error {
     }
     if e.message().is_empty() {
         anyhow::anyhow!("{:?}", e.code())
+    } else if e.code() == tonic::Code::Unavailable && e.message().contains("connect error") {
+        // the coordinator went away after this command reached it (a restart, a crash)
+        use std::error::Error;
+        let url = CONNECTED_TO.get().map(String::as_str).unwrap_or("the coordinator's address");
+        let cause = e.source().map(smelt_proto::tls::innermost).map(|c| format!(": {c}")).unwrap_or_default();
+        anyhow::anyhow!("lost the coordinator at {url} ({}{cause})", e.message())
     } else if e.message() == "transport error" || e.message().contains("h2 protocol error") {
         // the connection, not the coordinator, failed: its cause says why (plain text to a TLS
         // port ends in an h2 protocol error)

@@ -318,17 +318,20 @@ impl OnBackend for WindowEval<'_> {
         }
         let n = (windows * t) as f64;
         let loss = nats / n;
+        // the tail after the last whole window, which no window predicts (said, not dropped silently)
+        let left_out = data.len().saturating_sub(1).saturating_sub((windows * t) as u64);
         let bits_per_byte = (bytes > 0).then(|| nats / std::f64::consts::LN_2 / bytes as f64);
         if json {
             let v = serde_json::json!({
                 "model": file, "data": source, "tokenizer": tokenizer.kind(), "seq_len": t, "windows": windows,
-                "tokens": windows * t, "loss": loss, "perplexity": loss.exp(), "bits_per_byte": bits_per_byte,
+                "tokens": windows * t, "left_out_tokens": left_out, "loss": loss, "perplexity": loss.exp(), "bits_per_byte": bits_per_byte,
             });
             println!("{v}");
         } else {
             let bpb = bits_per_byte.map(|b| format!(", {b:.4} bits per byte")).unwrap_or_default();
+            let tail = if left_out > 0 { format!("; the last {left_out} tokens, less than a window, left out") } else { String::new() };
             println!(
-                "{}: loss {loss:.4}, perplexity {:.3}{bpb} over {} tokens of {source} ({windows} window{} of {t})",
+                "{}: loss {loss:.4}, perplexity {:.3}{bpb} over {} tokens of {source} ({windows} window{} of {t}{tail})",
                 file,
                 loss.exp(),
                 windows * t,

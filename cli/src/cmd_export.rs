@@ -9,8 +9,9 @@
 //!   (`tie_word_embeddings` makes the loader tie it).
 //! - `logits <model> <out.npy> --ids ...`: the model's logits (T, V) for one sequence, as a
 //!   NumPy file, to compare against another implementation (`tools/hf/check_export.py`); for a
-//!   BERT the masked-LM logits of the unpadded sequence in segment 0; with `--classifier`, a GPT
-//!   classifier's class logits (1, num_labels) of the sequence (its last token pooled).
+//!   BERT the masked-LM logits of the unpadded sequence in segment 0; with `--classifier`, a
+//!   classifier's class logits (1, num_labels): a GPT's of the sequence (its last token pooled),
+//!   a BERT's of `[CLS] ids [SEP]`.
 //!
 //! `<model>` is a checkpoint (`<store>/jobs/<job>/ckpt/<step>/`, verified against its manifest
 //! before anything is exported), a `model.safetensors` or a directory holding one, as a local
@@ -73,7 +74,9 @@ pub struct LogitsArgs {
     /// Token ids, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub ids: Vec<u32>,
-    /// A GPT fine-tuned as a classifier: its class logits (1, num_labels) instead of the LM's.
+    /// A model fine-tuned as a classifier: its class logits (1, num_labels) instead of the LM's
+    /// (a GPT's with its last token pooled; a BERT's of `[CLS] ids [SEP]`, as fine-tuning framed
+    /// each example).
     #[arg(long)]
     pub classifier: bool,
     #[command(flatten)]
@@ -327,7 +330,10 @@ fn export_neox(saved: &SavedModel, model: &str, out: &Path) -> Result<()> {
 fn export_logits(a: &LogitsArgs) -> Result<()> {
     let (saved, head) = match load(&a.model, &a.store)? {
         Loaded::Gpt(s, head) => (s, head),
-        Loaded::Family(_) if a.classifier => bail!("{}: --classifier is for a GPT fine-tuned as a classifier; this is a BERT or T5", a.model),
+        Loaded::Family(s) if a.classifier => {
+            let (n, logits) = export_bert::class_logits(s, &a.model, &a.ids)?;
+            return write_npy(&a.out, &[1, n], &logits);
+        }
         Loaded::Family(s) => {
             let (v, logits) = export_bert::mlm_logits(s, &a.model, &a.ids)?;
             return write_npy(&a.out, &[a.ids.len(), v], &logits);
@@ -338,7 +344,7 @@ fn export_logits(a: &LogitsArgs) -> Result<()> {
         bail!("--ids: at least one token id");
     }
     if let Some((i, id)) = a.ids.iter().enumerate().find(|(_, &id)| id as usize >= v) {
-        bail!("--ids: token id {id} (number {} of {t}) is outside the model's vocabulary of {v} (ids 0..{v})", i + 1);
+        bail!("--ids: token id {id} (number {} of {t}) is outside the model's vocabulary of {v} (ids 0 to {})", i + 1, v - 1);
     }
     if t > saved.config.block_size {
         bail!("--ids: {t} token ids, more than the model's block_size {}", saved.config.block_size);
@@ -353,6 +359,13 @@ fn export_logits(a: &LogitsArgs) -> Result<()> {
         model.forward_hidden(&a.ids, 1, t)?;
         head.forward(&be, model.hidden(), &[t - 1], None, 1, t)?;
         return write_npy(&a.out, &[1, num_labels], &head.logits(&be));
+    }
+    if head.is_some() {
+        eprintln!(
+            "note: {} was fine-tuned as a classifier (head = \"classification\"); these are its language-model logits, a head \
+             that fine-tuning did not train (its class logits: --classifier)",
+            a.model
+        );
     }
     let mut model = Gpt::from_params(be, saved.config, &saved.params)?;
     model.forward(&a.ids, None, 1, t)?;

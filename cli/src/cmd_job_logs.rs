@@ -64,15 +64,33 @@ pub async fn run(a: LogsArgs) -> Result<()> {
     // are all in, or SETTLE_AT_MOST has passed (their lines are stored either way, and a later
     // read shows them)
     let mut ended_at: Option<Instant> = None;
+    // a follower outlives a coordinator restart, as `jobs follow` does: it reads on from where
+    // it was once the coordinator is back (within RECONNECT_FOR)
+    let mut lost_at: Option<Instant> = None;
     loop {
         // the job's state before the read: lines sent before its end are in that read
         if a.follow && ended_at.is_none() {
-            let job = client.get_job(GetJobRequest { job_id: a.id.clone() }).await.map_err(status)?.into_inner();
+            let job = match client.get_job(GetJobRequest { job_id: a.id.clone() }).await {
+                Ok(j) => j.into_inner(),
+                Err(e) => {
+                    retry(a.follow, &mut lost_at, e)?;
+                    tokio::time::sleep(POLL).await;
+                    continue;
+                }
+            };
             if crate::cmd_submit::is_terminal(job_state(&job)) {
                 ended_at = Some(Instant::now());
             }
         }
-        let page = client.job_logs(request(after, 0)).await.map_err(status)?.into_inner();
+        let page = match client.job_logs(request(after, 0)).await {
+            Ok(p) => p.into_inner(),
+            Err(e) => {
+                retry(a.follow, &mut lost_at, e)?;
+                tokio::time::sleep(POLL).await;
+                continue;
+            }
+        };
+        lost_at = None;
         print_lines(&page.lines, a.json)?;
         after = page.next;
         if page.more {
@@ -84,6 +102,20 @@ pub async fn run(a: LogsArgs) -> Result<()> {
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// Ok (read again) when a follower lost the coordinator, said once, until RECONNECT_FOR has
+/// passed since; the error otherwise.
+fn retry(follow: bool, lost_at: &mut Option<Instant>, e: tonic::Status) -> Result<()> {
+    use crate::cmd_submit::{gone, RECONNECT_FOR};
+    if !(follow && gone(e.code())) || lost_at.is_some_and(|t| t.elapsed() >= RECONNECT_FOR) {
+        return Err(status(e));
+    }
+    if lost_at.is_none() {
+        eprintln!("{}; reconnecting (for up to {} s)", status(e), RECONNECT_FOR.as_secs());
+        *lost_at = Some(Instant::now());
+    }
+    Ok(())
 }
 
 fn print_lines(lines: &[JobLogLine], json: bool) -> Result<()> {

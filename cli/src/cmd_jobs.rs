@@ -28,7 +28,8 @@ pub enum JobsCommand {
     #[command(visible_alias = "show")]
     Get(JobIdArgs),
     /// Follow a job to its end (as `smelt submit --follow`): exits 0 once it succeeded, 1 with
-    /// the reason when it failed or was cancelled.
+    /// the reason when it failed or was cancelled. `--json`: one JSON object per event on
+    /// stdout (kind state, message, waiting, metrics; last "end" with the job).
     Follow(JobIdArgs),
     /// Cancel a job (its workers are aborted).
     Cancel(JobIdArgs),
@@ -82,7 +83,7 @@ async fn run_async(c: JobsCommand) -> Result<()> {
         JobsCommand::Follow(a) => {
             let mut client = connect(&a.coordinator.url).await?;
             let job = client.get_job(GetJobRequest { job_id: a.id }).await.map_err(status)?.into_inner();
-            crate::cmd_submit::follow(&mut client, &job).await?;
+            crate::cmd_submit::follow(&mut client, &job, a.json).await?;
         }
         JobsCommand::Logs(a) => crate::cmd_job_logs::run(a).await?,
         JobsCommand::Cancel(a) => {

@@ -249,6 +249,9 @@ pub fn run(a: SampleArgs) -> Result<()> {
             if matches!(a.device, DeviceRequest::Cuda(_)) {
                 bail!("--device {}: a T5 samples on the CPU (--device cpu or auto)", a.device);
             }
+            if a.no_kv_cache {
+                bail!("--no-kv-cache is for a GPT (its cached keys and values); a T5's decoder reads its whole response each step");
+            }
             return respond_t5(&a, config, specials, &tokenizer, &params);
         }
         AnyModel::Family(_) => bail!(

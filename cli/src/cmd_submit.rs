@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use smelt_proto::v1::job_service_client::JobServiceClient;
@@ -19,7 +19,7 @@ const WAITS_AFTER_QUIET: Duration = Duration::from_millis(300);
 const WAITS_RECHECK: Duration = Duration::from_secs(3);
 
 /// How long --follow keeps trying to reach a coordinator that went away (a restart).
-const RECONNECT_FOR: Duration = Duration::from_secs(120);
+pub(crate) const RECONNECT_FOR: Duration = Duration::from_secs(120);
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
@@ -40,6 +40,11 @@ pub fn run(a: SubmitArgs) -> Result<()> {
 }
 
 async fn run_async(a: SubmitArgs) -> Result<()> {
+    let size = std::fs::metadata(&a.spec).map(|m| m.len()).unwrap_or(0);
+    if size > MAX_SPEC_BYTES {
+        // (read whole, it would reach the coordinator as gRPC's "decoded message length too large")
+        bail!("job spec {}: {size} bytes, more than a spec takes ({MAX_SPEC_BYTES}): is it the right file?", a.spec.display());
+    }
     let spec_toml =
         std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read job spec {}", a.spec.display()))?;
     if let Some(from) = a.resume_from.clone().filter(|f| !smelt_checkpoint::looks_like_job_id(f.trim())) {
@@ -72,7 +77,7 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
     }
     if a.follow {
         tokio::select! {
-            r = follow(&mut client, &job) => r?,
+            r = follow(&mut client, &job, false) => r?,
             _ = tokio::signal::ctrl_c() => {
                 // only the following stops: say so, so that nobody takes the job for cancelled
                 let id = &job.id;
@@ -140,11 +145,15 @@ fn check_resume_from(uri: &str, job: Option<&str>) -> Result<()> {
 /// submitting to a cloud cluster should not download a large model to do so).
 const VERIFY_AT_SUBMIT_MAX: u64 = 4 << 30;
 
+/// The largest job spec file submitted (a spec is a few hundred bytes; the coordinator's messages
+/// are at most 4 MiB).
+const MAX_SPEC_BYTES: u64 = 1 << 20;
+
 pub(crate) fn is_terminal(s: JobState) -> bool {
     matches!(s, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
 }
 
-fn gone(code: Code) -> bool {
+pub(crate) fn gone(code: Code) -> bool {
     matches!(code, Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Internal)
 }
 
@@ -161,12 +170,16 @@ fn short_duration(d: Duration) -> String {
     }
 }
 
-pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::AuthChannel>, job: &Job) -> Result<()> {
-    let bar = ProgressBar::new(job.total_steps);
+/// With `json`, every event is one JSON object on stdout instead (`kind`: "state", "message",
+/// "waiting", "metrics", and last "end" with the job), for scripts; the exit status is the same.
+pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::AuthChannel>, job: &Job, json: bool) -> Result<()> {
+    let bar = if json { ProgressBar::hidden() } else { ProgressBar::new(job.total_steps) };
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")?);
     bar.set_position(job.last_step);
     let say = |line: String| {
-        if bar.is_hidden() {
+        if json {
+            println!("{}", serde_json::json!({ "kind": "waiting", "text": line }));
+        } else if bar.is_hidden() {
             eprintln!("{line}");
         } else {
             bar.println(line);
@@ -185,6 +198,9 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
     let mut last_acc: Option<f32> = None;
     let mut last_sources: Vec<SourceLoss> = Vec::new(); // a mixture's, at the last evaluation
     let mut reached = Instant::now();
+    // the attempt the bar's estimate is of: a restart's wait for workers and its jump back to
+    // the checkpoint's step are not training speed
+    let mut estimating: Option<u32> = None;
     let end = 'watch: loop {
         let mut stream = match client.watch_job(WatchJobRequest { job_id: job.id.clone() }).await {
             Ok(s) => s.into_inner(),
@@ -249,7 +265,12 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                     }
                     seen = index;
                     let to = JobState::try_from(s.to).unwrap_or_default();
-                    say(format!("{}: {}", state_name(to), s.reason));
+                    if json {
+                        let from = JobState::try_from(s.from).unwrap_or_default();
+                        println!("{}", serde_json::json!({ "at_ms": ev.at_ms, "kind": "state", "from": state_name(from), "to": state_name(to), "text": s.reason }));
+                    } else {
+                        say(format!("{}: {}", state_name(to), s.reason));
+                    }
                     shown_state = Some(to);
                     if !matches!(to, JobState::Queued | JobState::Restarting) {
                         said_wait = None;
@@ -264,7 +285,11 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                         continue;
                     }
                     seen = index;
-                    say(m);
+                    if json {
+                        println!("{}", serde_json::json!({ "at_ms": ev.at_ms, "kind": "message", "text": m }));
+                    } else {
+                        say(m);
+                    }
                 }
                 Some(job_event::Body::Metrics(m)) => {
                     if m.val_loss.is_some() {
@@ -276,7 +301,22 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                     if !m.val_sources.is_empty() {
                         last_sources = m.val_sources.clone();
                     }
+                    if estimating != Some(m.attempt) {
+                        estimating = Some(m.attempt);
+                        bar.set_position(m.step);
+                        bar.reset_eta();
+                    }
                     bar.set_position(m.step);
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::json!({
+                                "at_ms": ev.at_ms, "kind": "metrics", "attempt": m.attempt, "step": m.step, "loss": m.loss,
+                                "val_loss": m.val_loss, "val_accuracy": m.val_accuracy, "tokens_per_s": m.tokens_per_s, "mfu": m.mfu, "lr": m.lr,
+                            })
+                        );
+                        continue;
+                    }
                     let acc = last_acc.map(|a| format!(" acc {a:.4}")).unwrap_or_default();
                     let sources = crate::source_losses::bracketed(&last_sources);
                     let val = last_val.map(|v| format!(" | val {v:.4}{sources}{acc}")).unwrap_or_default();
@@ -298,6 +338,9 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
     };
     bar.finish_and_clear();
     let j = client.get_job(GetJobRequest { job_id: job.id.clone() }).await.map_err(status)?.into_inner();
+    if json {
+        println!("{}", serde_json::json!({ "kind": "end", "job": crate::client::job_json(&j) }));
+    }
     match end {
         JobState::Succeeded => {
             let acc = j.last_val_accuracy.map(|a| format!(", val accuracy {a:.4}")).unwrap_or_default();

@@ -154,6 +154,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.cooldown.is_some() && a.schedule != "wsd" {
         bail!("--cooldown is for --schedule wsd (this run's schedule is {})", a.schedule);
     }
+    // as a job spec's train.grad_clip and train.eval_batches are checked (these ran with
+    // clipping silently off, and one batch)
+    if !(a.grad_clip >= 0.0 && a.grad_clip.is_finite()) {
+        bail!("--grad-clip {}: a gradient norm to clip at, or 0 for no clipping", a.grad_clip);
+    }
+    if a.eval_batches == 0 {
+        bail!("--eval-batches must be at least 1");
+    }
     let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading --text {}", a.text.display()))?;
     let parent = a.init_from.as_deref().map(|m| read_parent(m, &a.store)).transpose()?;
     let tokenizer = match &parent {
@@ -226,6 +234,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         eval_batches: a.eval_batches,
         seed: a.seed,
     };
+    let logits = a.batch as u128 * seq as u128 * cfg.vocab_size as u128;
+    smelt_worker::memory_check::ensure_fits_cpu(cfg.num_params(), logits, &format!("the model ({} parameters; --batch {} x --seq {seq})", cfg.num_params(), a.batch))?;
     let model = match &parent {
         Some(p) => Gpt::from_params(CpuBackend::new(), cfg.clone(), &p.params)?,
         None => Gpt::new(CpuBackend::new(), cfg.clone(), a.seed)?,

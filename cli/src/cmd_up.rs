@@ -302,7 +302,10 @@ pub fn run(a: UpArgs) -> Result<()> {
                 );
             };
             if !status.success() {
-                bail!("the job did not succeed (see {} for worker logs)", logs.display());
+                // the follow said why (`error: job ... failed: ...`); one more "Error:" line
+                // would only say it again
+                eprintln!("(the cluster is stopped; its logs are in {})", logs.display());
+                std::process::exit(status.code().filter(|c| *c != 0).unwrap_or(1));
             }
             match newest {
                 Some(id) => info!(job_id = %id, "job finished; final weights in {}", a.data_dir.join("jobs").join(&id).join("model.safetensors").display()),

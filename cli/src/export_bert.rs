@@ -156,10 +156,38 @@ fn select(table: &ParamTable, params: &[f32], arch: Arch) -> (ParamTable, Vec<f3
     (out, values)
 }
 
+/// Class logits (1, num_labels) of a BERT fine-tuned as a classifier, for the text `ids` framed
+/// as its fine-tuning framed each example: `[CLS] ids [SEP]`, evaluation mode.
+pub fn class_logits(saved: SavedFamilyModel, shown: &str, ids: &[u32]) -> Result<(usize, Vec<f32>)> {
+    let (config, specials) = match saved.model {
+        FamilyModel::Bert { config, specials } if config.num_labels > 0 => (config, specials),
+        FamilyModel::Bert { .. } => bail!("{shown}: --classifier needs a model fine-tuned as a classifier (head = \"classification\"); this BERT has no classification head"),
+        FamilyModel::T5 { .. } => bail!("{shown}: --classifier needs a model fine-tuned as a classifier; this is a T5 (t5/1), which has none"),
+    };
+    if ids.len() + 2 > config.max_positions {
+        bail!("--ids: {} token ids and [CLS] [SEP] exceed the model's {} positions", ids.len(), config.max_positions);
+    }
+    let n = config.num_labels;
+    let tokens: Vec<u32> = std::iter::once(specials.cls).chain(ids.iter().copied()).chain([specials.sep]).collect();
+    let t = tokens.len();
+    let mut model = Bert::from_params(CpuBackend::new(), config, &saved.params)?;
+    model.forward(&BertBatch::new(tokens, 1, t))?;
+    Ok((n, model.class_logits()))
+}
+
 /// `smelt export hf` for a BERT (or the refusal of a T5 or an inexpressible BERT).
 pub fn export_hf(saved: &SavedFamilyModel, shown: &str, out: &Path) -> Result<()> {
     let (config, specials) = exportable(&saved.model, shown)?;
     let arch = Arch::of(config);
+    if arch == Arch::MaskedLm && saved.metadata.get("smelt.objective").is_some_and(|o| o == "contrastive") {
+        eprintln!(
+            "note: {shown} was trained with the contrastive objective: its encoder is what it learned (sentence embeddings by \
+             {} pooling, temperature {}); the {} head (cls.predictions) was never trained",
+            format!("{:?}", config.pooling).to_lowercase(),
+            config.temperature,
+            arch.name()
+        );
+    }
     let table = Bert::<CpuBackend>::param_table(config);
     let (kept, values) = select(&table, &saved.params, arch);
     let dropped: Vec<&str> = table.specs().iter().map(|s| s.name.as_str()).filter(|n| !arch.keeps(n)).collect();
@@ -185,6 +213,14 @@ pub fn mlm_logits(saved: SavedFamilyModel, shown: &str, ids: &[u32]) -> Result<(
         FamilyModel::Bert { config, .. } => config,
         FamilyModel::T5 { .. } => bail!("{shown}: `export logits` reads GPT and BERT models; this is a T5 (t5/1)"),
     };
+    if config.num_labels > 0 {
+        eprintln!(
+            "note: {shown} was fine-tuned as a classifier (head = \"classification\"); these are its masked-LM logits, a head that \
+             fine-tuning did not train (its class logits: smelt export logits --classifier)"
+        );
+    } else if saved.metadata.get("smelt.objective").is_some_and(|o| o == "contrastive") {
+        eprintln!("note: {shown} was trained with the contrastive objective: its masked-LM head was never trained");
+    }
     let v = config.vocab_size;
     let mut model = Bert::from_params(CpuBackend::new(), config, &saved.params)?;
     // No targets: the forward computes the MLM logits (and any pooled heads).

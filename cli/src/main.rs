@@ -124,8 +124,9 @@ fn run() -> Result<()> {
     }
     let console = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        // colours only on a terminal: logs redirected to a file stay plain text
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        // colours only on a terminal, and not when NO_COLOR is set (no-color.org): logs
+        // redirected to a file stay plain text
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()) && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
         .with_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| default_log_level(&cli.command).into()));
     // a worker also keeps what it logs during a run for the coordinator (`smelt jobs logs`),
     // at info and above whatever RUST_LOG says for the console

@@ -97,6 +97,8 @@ fn submit_list_get_cancel_and_errors() {
         (v["state"].as_str(), v["priority"].as_i64(), v["world_size"].as_u64()),
         (Some("queued"), Some(2), Some(2))
     );
+    // no step yet: no loss (it read 0.0)
+    assert!(v["last_loss"].is_null() && v["last_val_loss"].is_null(), "{v}");
 
     let out = smelt(&["workers", "--json"], &url);
     assert_eq!(serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap(), serde_json::json!([]));
@@ -120,6 +122,13 @@ fn submit_list_get_cancel_and_errors() {
     assert!(!out.status.success());
     let err = text(&out.stderr);
     assert!(err.starts_with("error: job spec: `train.global_batch`"), "{err}");
+    // a name with a terminal escape, and a file no spec is as long as: refused, nothing queued
+    std::fs::write(&spec, SPEC.replacen("name = ", "name = \"a\\u001b[31mRED\"\n# was: ", 1)).unwrap();
+    let out = smelt(&["submit", spec.to_str().unwrap()], &url);
+    assert!(!out.status.success() && text(&out.stderr).contains("control character"), "{}", text(&out.stderr));
+    std::fs::write(&spec, format!("{SPEC}\n# {}\n", "x".repeat(2 << 20))).unwrap();
+    let out = smelt(&["submit", spec.to_str().unwrap()], &url);
+    assert!(!out.status.success() && text(&out.stderr).contains("more than a spec takes"), "{}", text(&out.stderr));
 
     // A checkpoint to resume from that is not there: refused before anything is submitted.
     std::fs::write(&spec, SPEC).unwrap();

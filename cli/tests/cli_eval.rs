@@ -66,6 +66,8 @@ fn the_loss_on_a_text_is_transformers_loss() {
     let want = transformers_loss();
     assert!((loss - want).abs() < 1e-5, "loss {loss}, transformers {want}");
     assert_eq!((r["windows"].as_u64(), r["tokens"].as_u64(), r["seq_len"].as_u64()), (Some(5), Some(50), Some(10)));
+    // 58 bytes: 57 predictions, 7 after the fifth window, which no window makes (said)
+    assert_eq!(r["left_out_tokens"].as_u64(), Some(7));
     assert!((r["perplexity"].as_f64().unwrap() - want.exp()).abs() < 1e-3);
     // one byte per token: bits per byte is the loss in bits
     assert!((r["bits_per_byte"].as_f64().unwrap() - want / std::f64::consts::LN_2).abs() < 1e-5);
@@ -81,7 +83,7 @@ fn the_loss_on_a_text_is_transformers_loss() {
     let o = smelt(&["eval", "--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "10"]);
     assert!(o.status.success());
     let line = String::from_utf8_lossy(&o.stdout).to_string();
-    assert!(line.contains(&format!("loss {want:.4}")) && line.contains("5 windows of 10"), "{line}");
+    assert!(line.contains(&format!("loss {want:.4}")) && line.contains("5 windows of 10; the last 7 tokens, less than a window, left out)"), "{line}");
 
     let msg = eval_fails(&["--model", model.to_str().unwrap(), "--text", text.to_str().unwrap(), "--seq", "64"]);
     assert!(msg.contains("--seq 64: must be in 1..=32"), "{msg}");

@@ -343,3 +343,45 @@ fn export_logits_of_a_bert_are_the_mlm_logits() {
     assert!(!o.status.success());
     assert!(text_of(&o).contains("token id 10"), "{}", text_of(&o));
 }
+
+/// `export logits --classifier` on a BERT fine-tuned as a classifier: its class logits (1, 3) of
+/// `[CLS] ids [SEP]`, as its fine-tuning framed each example; without the flag its masked-LM
+/// logits, with a note that fine-tuning did not train that head; on a BERT without a
+/// classification head the flag is refused saying so.
+#[test]
+fn export_logits_of_a_bert_classifier_are_its_class_logits_with_the_flag() {
+    use smelt_engine::model::BertBatch;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(|c| {
+        c.nsp = false;
+        c.num_labels = 3;
+    });
+    let model = write_bert(dir.path(), "cls", &cfg);
+    let npy = dir.path().join("class.npy");
+    let o = smelt(&["export", "logits", model.to_str().unwrap(), npy.to_str().unwrap(), "--ids", "0,1,2", "--classifier"]);
+    assert!(o.status.success(), "{}", text_of(&o));
+    let b = std::fs::read(&npy).unwrap();
+    let hlen = u16::from_le_bytes([b[8], b[9]]) as usize;
+    let h = std::str::from_utf8(&b[10..10 + hlen]).unwrap();
+    assert!(h.contains("'shape': (1, 3)"), "{h}");
+    let got: Vec<f32> = b[10 + hlen..].chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    // the same weights run by the engine on [CLS] 0 1 2 [SEP]
+    let s = BertSpecials::new(BASE as u32);
+    let params = Bert::new(CpuBackend::new(), cfg.clone(), 5).unwrap().params_host();
+    let mut m = Bert::from_params(CpuBackend::new(), cfg.clone(), &params).unwrap();
+    m.forward(&BertBatch::new(vec![s.cls, 0, 1, 2, s.sep], 1, 5)).unwrap();
+    let want = m.class_logits();
+    assert_eq!(got.len(), 3);
+    assert!(got.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5), "{got:?} vs {want:?}");
+    // unframed, the logits differ: the framing is what fine-tuning saw
+    m.forward(&BertBatch::new(vec![0, 1, 2], 1, 3)).unwrap();
+    assert!(m.class_logits().iter().zip(&got).any(|(a, b)| (a - b).abs() > 1e-4));
+
+    // without the flag: the masked-LM logits, and a note saying that head was not fine-tuned
+    let o = smelt(&["export", "logits", model.to_str().unwrap(), npy.to_str().unwrap(), "--ids", "0,1,2"]);
+    assert!(o.status.success() && text_of(&o).contains("was fine-tuned as a classifier"), "{}", text_of(&o));
+    // a BERT without a classification head refuses the flag, naming why
+    let plain = write_bert(dir.path(), "plain", &config(|_| {}));
+    let o = smelt(&["export", "logits", plain.to_str().unwrap(), npy.to_str().unwrap(), "--ids", "0,1", "--classifier"]);
+    assert!(!o.status.success() && text_of(&o).contains("this BERT has no classification head"), "{}", text_of(&o));
+}

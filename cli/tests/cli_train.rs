@@ -350,3 +350,27 @@ fn train_scores_multiple_choice_at_each_evaluation() {
     assert!(!o.status.success());
     assert!(text_of(&o).contains("line 1: 1 endings"), "{}", text_of(&o));
 }
+
+/// A model no machine holds is refused before anything is allocated, naming what it needs and
+/// what the machine has (the process aborted on the allocation, exit 134); a size past the
+/// configs' bounds names the option; a grad clip or eval batch count the spec refuses is
+/// refused here too (they ran silently as no clipping and one batch).
+#[test]
+fn a_model_larger_than_the_machine_is_refused_before_it_is_allocated() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = write_text(dir.path());
+    let t = text.to_str().unwrap();
+    // 1,024 layers 65,536 wide: about 5e13 parameters, 850 TB of f32 state
+    let o = smelt(&["train", "--text", t, "--n-layer", "1024", "--n-head", "64", "--n-embd", "65536", "--block-size", "32", "--steps", "1"]);
+    let e = text_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("needs at least") && e.contains(" TB of memory") && e.contains("available"), "{e}");
+    let o = smelt(&["train", "--text", t, "--n-layer", "2", "--n-head", "1", "--n-embd", "4294967296", "--block-size", "32", "--steps", "1"]);
+    let e = text_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(e.contains("n_embd") && e.contains("4294967296 is more than 65536"), "{e}");
+    for (flag, v, says) in [("--grad-clip", "-1", "--grad-clip -1: a gradient norm"), ("--grad-clip", "NaN", "--grad-clip NaN"), ("--eval-batches", "0", "--eval-batches must be at least 1")] {
+        let o = smelt(&["train", "--text", t, "--preset", "test", "--steps", "1", flag, v]);
+        assert!(!o.status.success() && text_of(&o).contains(says), "{flag} {v}: {}", text_of(&o));
+    }
+}

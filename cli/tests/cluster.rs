@@ -506,6 +506,18 @@ fn sigterm_drains_an_idle_worker() {
     let state_of = |id: &str| list.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("{id} not listed:\n{list}")).to_string();
     assert!(state_of("w-000001").contains("exited (drained)"), "{list}");
     assert!(state_of("w-000002").contains(" lost ") && !state_of("w-000002").contains("drained"), "{list}");
+    // the coordinator logged the drained one's going as an exit, not a loss
+    let coord_log = std::fs::read_to_string(c.dir.path().join("coordinator.log")).unwrap();
+    assert!(coord_log.lines().any(|l| l.contains("worker exited (drained)") && l.contains("w-000001")), "{coord_log}");
+    assert!(!coord_log.lines().any(|l| l.contains("worker lost") && l.contains("w-000001")), "{coord_log}");
+    // and a restarted coordinator (same database) still tells them apart
+    c.coordinator = None; // SIGKILL
+    c.start_coordinator();
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_smelt")).args(["workers", "--all"]).env("SMELT_COORDINATOR", c.url()).output().unwrap();
+    let list = String::from_utf8_lossy(&o.stdout).into_owned();
+    let state_of = |id: &str| list.lines().find(|l| l.starts_with(id)).unwrap_or_else(|| panic!("{id} not listed after a restart:\n{list}")).to_string();
+    assert!(state_of("w-000001").contains("exited (drained)"), "{list}");
+    assert!(state_of("w-000002").contains(" lost ") && !state_of("w-000002").contains("drained"), "{list}");
 }
 
 #[test]

@@ -142,3 +142,28 @@ fn a_failed_jobs_logs_say_why_on_every_rank() {
     let (_, tail) = shown.unwrap_or_else(|| panic!("no log lines after the failure:\n{followed}"));
     assert!(tail.lines().any(|l| l.contains("assignment failed") && l.contains("not finite")), "{followed}");
 }
+
+/// A warning about the job itself (here: a validation tail too short to evaluate) is one of its
+/// events, where `--follow` shows it, once, though both ranks logged it; and still in the logs.
+#[test]
+fn a_warning_about_the_job_is_one_of_its_events_once() {
+    let c = Cluster::with_workers(2);
+    let s = spec(&c, "warned", "3e-3", 10).replace("tokenizer = \"char\"\n", "tokenizer = \"char\"\nval_fraction = 0.001\n");
+    let job = c.submit(&s, "");
+    c.wait_job(&job.id, "success", |j| j.state == JobState::Succeeded as i32);
+    let said = |events: &[String]| events.iter().filter(|e| e.starts_with("warning: data.text ") && e.contains("its validation tail")).count();
+    // the lines come up the heartbeat stream, maybe after the job ended
+    let deadline = std::time::Instant::now() + harness::LONG;
+    let mut events = c.events(&job.id);
+    while said(&events) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        events = c.events(&job.id);
+    }
+    assert_eq!(said(&events), 1, "{events:#?}");
+    let all = logs(&c, &[&job.id, "--level", "warn"]);
+    for rank in [0, 1] {
+        assert_eq!(lines_of(&all, rank, "its validation tail").len(), 1, "rank {rank}:\n{all}");
+    }
+    let (ok, followed) = c.smelt(&["jobs", "follow", &job.id]);
+    assert!(ok && followed.contains("warning: data.text "), "{followed}");
+}

@@ -179,6 +179,9 @@ fn a_pretrained_t5_fine_tunes_seq2seq_and_resumes_exactly_after_sigkill() {
     let prompt = first_line["prompt"].as_str().unwrap();
     let (ok, out) = c.smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", prompt, "--tokens", "100000", "--temperature", "0"]);
     assert!(ok && out.contains("note: stopped at") && out.contains("--tokens asked for 100000"), "{out}");
+    // a GPT's option is refused, not ignored
+    let (ok, out) = c.smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", prompt, "--no-kv-cache"]);
+    assert!(!ok && out.contains("--no-kv-cache is for a GPT"), "{out}");
 
     // A T5 is not a classifier here: head = "classification" is refused, naming the field.
     let bad = c.submit(&finetune_spec("t5-classify", &file, "classification", &data, 10, 1, 0), "");

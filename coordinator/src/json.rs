@@ -25,7 +25,8 @@ pub fn job_summary(j: &Job) -> Value {
         "max_restarts": j.max_restarts,
         "total_steps": j.total_steps,
         "last_step": j.last_step,
-        "last_loss": j.last_loss,
+        // null before any step is reported (as last_val_loss before any evaluation), not 0
+        "last_loss": (j.last_step > 0).then_some(j.last_loss),
         "last_val_loss": j.last_val_loss,
         "last_val_accuracy": j.last_val_accuracy,
         "last_val_sources": j.last_val_sources.iter().map(|s| json!({ "name": s.name, "loss": s.loss })).collect::<Vec<_>>(),

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use smelt_proto::v1::WorkerState;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::attempt::Fault;
 use crate::coordinator::Coordinator;
@@ -21,7 +21,12 @@ impl State {
         }
         let (job_id, attempt) = (w.row.job_id.clone(), w.row.attempt);
         let held = (!job_id.is_empty()).then(|| self.holds_rank(&job_id, attempt, worker_id)).flatten().is_some();
-        warn!(worker_id = %worker_id, why = %why, job_id = %job_id, "worker lost");
+        if w.draining && !held {
+            // shut down on purpose (SIGTERM) and gone: not a failure
+            info!(worker_id = %worker_id, why = %why, "worker exited (drained)");
+        } else {
+            warn!(worker_id = %worker_id, why = %why, job_id = %job_id, "worker lost");
+        }
         self.release_worker(worker_id, WorkerState::Lost);
         // a failed attempt's rank that is lost too will not finish it: no job waits for it
         let waited: Vec<(String, u32)> = self

@@ -7,7 +7,7 @@ use rusqlite::{Connection, OptionalExtension};
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Version v's statements are `MIGRATIONS[v - 1]`.
-const MIGRATIONS: [&str; 8] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8];
+const MIGRATIONS: [&str; 9] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8, SCHEMA_V9];
 
 const SCHEMA_V1: &str = r#"
 CREATE TABLE jobs (
@@ -125,6 +125,12 @@ const SCHEMA_V7: &str = crate::job_logs::SCHEMA_STREAMS;
 /// `<root>/jobs/<job>/model.safetensors`), so a later job's `init_from` naming it finds them.
 const SCHEMA_V8: &str = r#"
 ALTER TABLE jobs ADD COLUMN final_models TEXT NOT NULL DEFAULT '';
+"#;
+
+/// Version 9: whether a lost worker had drained first (SIGTERM): shown as exited, not lost, also
+/// after a coordinator restart.
+const SCHEMA_V9: &str = r#"
+ALTER TABLE workers ADD COLUMN drained INTEGER NOT NULL DEFAULT 0;
 "#;
 
 /// Creates the schema in a new file, or brings an older one to `SCHEMA_VERSION`.

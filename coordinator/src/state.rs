@@ -271,12 +271,14 @@ pub struct WorkerRec {
 
 impl WorkerRec {
     pub fn new(row: WorkerRow, last_seen: Instant) -> Self {
+        let drained = row.drained;
         WorkerRec {
             row,
             last_seen,
             conn: None,
             pending: Vec::new(),
-            draining: false,
+            // a worker that drained and went before a restart still reads as exited
+            draining: drained,
             orphan_statuses: None,
             reported_job: String::new(),
             logs_received: 0,
@@ -419,6 +421,7 @@ impl State {
             w.row.job_id.clear();
             w.row.attempt = 0;
             w.row.rank = 0;
+            w.row.drained = to == WorkerState::Lost && w.draining;
             if to == WorkerState::Lost {
                 if let Some(c) = w.conn.take() {
                     let _ = c.tx.send(Err(Status::unavailable(format!(

@@ -69,6 +69,8 @@ pub struct WorkerRow {
     pub attempt: u32,
     pub rank: u32,
     pub last_seen_ms: i64,
+    /// It was draining (shut down with SIGTERM) when it went: exited, not lost.
+    pub drained: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -386,7 +388,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
         out.jobs.push(r?);
     }
     let mut st = conn.prepare(
-        "SELECT id, hostname, device_class, device_index, data_addr, state, job_id, attempt, rank, last_seen_ms
+        "SELECT id, hostname, device_class, device_index, data_addr, state, job_id, attempt, rank, last_seen_ms, drained
          FROM workers ORDER BY id",
     )?;
     let rows = st.query_map([], |r| {
@@ -403,6 +405,7 @@ fn load(conn: &Connection) -> anyhow::Result<Loaded> {
             attempt: r.get(7)?,
             rank: r.get(8)?,
             last_seen_ms: r.get(9)?,
+            drained: r.get(10)?,
         })
     })?;
     for r in rows {
@@ -524,6 +527,7 @@ mod tests {
             attempt: 3,
             rank: 1,
             last_seen_ms: 5,
+            drained: true,
         }));
         h.write(Op::Assignment(AssignmentRow {
             job_id: "job-000001".into(),

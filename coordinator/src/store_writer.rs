@@ -53,8 +53,8 @@ fn apply(tx: &Transaction, op: &Op, log_lines: &mut LineCounts) -> rusqlite::Res
         Op::Worker(w) => {
             tx.prepare_cached(
                 "INSERT OR REPLACE INTO workers (id, hostname, device_class, device_index, data_addr, state, job_id,
-                    attempt, rank, last_seen_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                    attempt, rank, last_seen_ms, drained)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )?
             .execute(params![
                 w.id,
@@ -67,6 +67,7 @@ fn apply(tx: &Transaction, op: &Op, log_lines: &mut LineCounts) -> rusqlite::Res
                 w.attempt,
                 w.rank,
                 w.last_seen_ms,
+                w.drained,
             ])?;
         }
         Op::Assignment(a) => {

@@ -46,6 +46,7 @@ impl State {
                 attempt: 0,
                 rank: 0,
                 last_seen_ms: 0,
+                drained: false,
             };
             self.workers.insert(id.clone(), WorkerRec::new(row, Instant::now()));
             id
@@ -66,6 +67,7 @@ impl State {
             w.last_seen = Instant::now();
             w.pending.clear();
             w.draining = false;
+            w.row.drained = false;
             w.orphan_statuses = None;
             // The next heartbeat stream replaces any old one; the old one's end changes nothing.
             w.conn = None;
@@ -126,7 +128,7 @@ impl State {
         info!(
             worker_id = %id,
             hostname = %req.hostname,
-            device_class = class.as_str_name(),
+            device_class = crate::state::device_class_name(class),
             data_addr = %req.data_addr,
             new = !known,
             "worker registered"
@@ -245,9 +247,24 @@ impl State {
             }
             w.logs_received = seq;
         }
+        if b.rank == 0 && self.jobs.contains_key(&b.job_id) {
+            self.job_warnings(&b);
+        }
         let rows = if self.jobs.contains_key(&b.job_id) { crate::job_logs::rows_of(worker_id, b, now_ms()) } else { Vec::new() };
         if seq > 0 || !rows.is_empty() {
             self.store.write(Op::Logs { worker_id: worker_id.to_string(), seq, rows });
+        }
+    }
+
+    /// Rank 0's warnings about the job itself, recorded as its events too (once each: every
+    /// attempt loads its data again and would say them again).
+    fn job_warnings(&mut self, b: &LogBatch) {
+        for l in b.lines.iter().filter(|l| l.level == "WARN" && l.target == smelt_proto::JOB_WARNING_TARGET) {
+            let text = format!("warning: {}", l.text);
+            let said = self.jobs.get(&b.job_id).is_some_and(|j| j.events.iter().any(|e| matches!(&e.body, Some(job_event::Body::Message(m)) if *m == text)));
+            if !said {
+                self.message(&b.job_id, text);
+            }
         }
     }
 
@@ -437,6 +454,11 @@ impl State {
             return;
         }
         info!(job_id = %d.job_id, attempt = d.attempt, rank, worker_id = %worker_id, final_step = d.final_step, "rank finished");
+        // a worker that re-registered without this assignment has now reported it: its idle
+        // statuses while its peers still run are no longer a rank it forgot
+        if let Some(w) = self.workers.get_mut(worker_id) {
+            w.orphan_statuses = None;
+        }
         let job = self.jobs.get_mut(&d.job_id).expect("held");
         if let Some(x) = job.done.get_mut(rank as usize) {
             *x = true;

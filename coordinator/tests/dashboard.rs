@@ -134,6 +134,12 @@ async fn the_api_serves_jobs_workers_and_each_jobs_history_from_the_database() {
     let r = http::get(coord.addr, &format!("/api/jobs/{id}/metrics?max_points=0"), None).await;
     assert_eq!(r.status, 400);
     assert!(r.json()["error"].as_str().unwrap().contains("max_points must be between 1 and"), "{}", r.body);
+    // a value that is no number is an error of the same shape (it was plain text)
+    for q in ["metrics?max_points=abc", "logs?tail=-1"] {
+        let r = http::get(coord.addr, &format!("/api/jobs/{id}/{q}"), None).await;
+        assert_eq!(r.status, 400, "{}", r.body);
+        assert!(r.json()["error"].as_str().unwrap().contains("query string"), "{q}: {}", r.body);
+    }
     for path in ["/api/jobs/job-000404", "/api/jobs/job-000404/metrics"] {
         let r = http::get(coord.addr, path, None).await;
         assert_eq!((r.status, r.json()["error"].as_str()), (404, Some("job job-000404 not found")), "{path}");
@@ -244,17 +250,22 @@ async fn prometheus_scrapes_workers_jobs_and_each_running_jobs_progress() {
     assert_eq!(sample(&s, r#"smelt_jobs{state="running"}"#), Some(1.0));
     assert_eq!(sample(&s, r#"smelt_jobs{state="queued"}"#), Some(1.0));
     assert_eq!(sample(&s, r#"smelt_jobs{state="failed"}"#), Some(0.0));
-    let labels = r#"{job="job-000001",name="prom\"q",state="running"}"#;
+    let labels = r#"{job="job-000001",name="prom\"q"}"#;
     assert_eq!(sample(&s, &format!("smelt_job_step{labels}")), Some(5.0), "{}", r.body);
     assert_eq!(sample(&s, &format!("smelt_job_total_steps{labels}")), Some(100.0));
     assert_eq!(sample(&s, &format!("smelt_job_loss{labels}")), Some(loss_at(5) as f64));
     assert_eq!(sample(&s, &format!("smelt_job_tokens_per_second{labels}")), Some(2048.0));
     assert_eq!(sample(&s, &format!("smelt_job_mfu{labels}")), Some(0.375));
-    assert_eq!(sample(&s, &format!("smelt_job_restarts{labels}")), Some(0.0));
+    assert_eq!(sample(&s, &format!("smelt_job_restarts_total{labels}")), Some(0.0));
+    // the state is a series of its own, not a label of every other (a restart would start new series)
+    assert_eq!(sample(&s, r#"smelt_job_state{job="job-000001",name="prom\"q",state="running"}"#), Some(1.0));
+    assert_eq!(sample(&s, r#"smelt_job_state{job="job-000001",name="prom\"q",state="restarting"}"#), Some(0.0));
+    assert_eq!(sample(&s, r#"smelt_job_state{job="job-000002",name="waiting",state="queued"}"#), Some(1.0));
+    assert_eq!(sample(&s, r#"smelt_job_state{job="job-000001",name="prom\"q",state="succeeded"}"#), None, "ended states are smelt_jobs'");
     assert_eq!(sample(&s, &format!("smelt_job_val_loss{labels}")), None, "no evaluation yet");
     // The waiting job has its series too (step 0, no loss yet).
-    assert_eq!(sample(&s, r#"smelt_job_step{job="job-000002",name="waiting",state="queued"}"#), Some(0.0));
-    assert_eq!(sample(&s, r#"smelt_job_loss{job="job-000002",name="waiting",state="queued"}"#), None);
+    assert_eq!(sample(&s, r#"smelt_job_step{job="job-000002",name="waiting"}"#), Some(0.0));
+    assert_eq!(sample(&s, r#"smelt_job_loss{job="job-000002",name="waiting"}"#), None);
 
     // An ended job's series stop; it is counted by state.
     w.done(&a, true, "", 5).await;
@@ -352,11 +363,11 @@ async fn a_mixtures_per_source_losses_reach_prometheus_the_api_and_a_restarted_c
     let r = http::get(coord.addr, "/metrics", None).await;
     assert!(r.body.contains("# TYPE smelt_job_source_val_loss gauge"), "{}", r.body);
     let s = parse_exposition(&r.body);
-    let labels = |source: &str| format!(r#"{{job="{}",name="mix",state="running",source="{source}"}}"#, job.id);
+    let labels = |source: &str| format!(r#"{{job="{}",name="mix",source="{source}"}}"#, job.id);
     let web = sample(&s, &format!("smelt_job_source_val_loss{}", labels(WEB))).unwrap_or_else(|| panic!("{}", r.body));
     let code = sample(&s, &format!("smelt_job_source_val_loss{}", labels(r#"file:///data/co\"de"#))).unwrap_or_else(|| panic!("{}", r.body));
     assert_eq!((web as f32, code as f32), (sources_at(20)[0].loss, sources_at(20)[1].loss), "the last evaluation's");
-    let val = sample(&s, &format!(r#"smelt_job_val_loss{{job="{}",name="mix",state="running"}}"#, job.id)).unwrap();
+    let val = sample(&s, &format!(r#"smelt_job_val_loss{{job="{}",name="mix"}}"#, job.id)).unwrap();
     assert!((val - (0.7 * web + 0.3 * code)).abs() < 1e-5, "val loss {val} vs 0.7 x {web} + 0.3 x {code}");
     let series = s.iter().filter(|(name, _)| name.starts_with("smelt_job_source_val_loss")).count();
     assert_eq!(series, 2, "the job without sources has none: {}", r.body);

@@ -95,6 +95,10 @@ impl BertSpecials {
     pub const COUNT: u32 = 4;
 }
 
+/// Most sentinel ids a T5 spec may reserve: far more than any window's spans need (a window of
+/// n tokens has at most n spans), few enough that a typo does not add a huge vocabulary.
+pub const MAX_SENTINELS: u32 = 32_768;
+
 /// T5's reserved ids: pad (= decoder start) right above the text, sentinels at the very top.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct T5Specials {
@@ -288,6 +292,9 @@ impl JobSpec {
                     Some(o) => return Err(err("model.objective", format!("{o:?} is not one of: span (arch = \"t5\")"))),
                 }
                 let sentinels = m.sentinels.unwrap_or(100);
+                if !(1..=MAX_SENTINELS).contains(&sentinels) {
+                    return Err(err("model.sentinels", format!("{sentinels} must be in 1..={MAX_SENTINELS} (T5 uses 100; each is a row of the vocabulary)")));
+                }
                 let vocab = base as u64 + 1 + sentinels as u64;
                 if vocab > u32::MAX as u64 - 1 {
                     return Err(err("model.sentinels", format!("{sentinels} sentinels overflow the u32 token ids")));
@@ -463,6 +470,11 @@ world_size = 2
         assert_eq!(field(contrastive_one), "train.micro_batch");
         assert_eq!(field(t5().replace("sentinels = 8", "sentinels = 8\nobjective = \"mlm\"")), "model.objective");
         assert_eq!(field(t5().replace("sentinels = 8", "sentinels = 1")), "model.sentinels");
+        for n in [0, 32_769, 70_000] {
+            let e = JobSpec::parse(&t5().replace("sentinels = 8", &format!("sentinels = {n}"))).unwrap_err();
+            assert_eq!(e.field, "model.sentinels");
+            assert!(e.message.contains(&format!("{n} must be in 1..=32768")), "{}", e.message);
+        }
         assert_eq!(field(t5().replace("sentinels = 8", "sentinels = 8\nmean_span = 0.5")), "model.mean_span");
         assert_eq!(field(t5().replace("sentinels = 8", "sentinels = 8\nmask_prob = 0.2")), "model.mask_prob");
         // GPT specs refuse the family's options rather than ignore them.

@@ -54,6 +54,7 @@
 //! ```
 
 mod family;
+mod locations;
 mod toml_error;
 
 pub use family::{Arch, BertObjective, BertSpecials, ContrastiveViews, FamilyConfig, T5Specials};
@@ -174,6 +175,10 @@ fn default_seed() -> u64 {
 /// The largest `model.pad_vocab_to`: more padding than this only wastes memory.
 pub const MAX_VOCAB_PAD: usize = 4096;
 
+/// Most classes a classification head takes (its weight is num_labels x n_embd): a label set
+/// larger than this is a vocabulary, not classes.
+pub const MAX_LABELS: usize = 1 << 16;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
@@ -188,7 +193,8 @@ pub struct ModelSpec {
     pub n_head: Option<usize>,
     pub n_embd: Option<usize>,
     pub block_size: Option<usize>,
-    /// For presets without a tokenizer of their own; a char tokenizer sets it from the text.
+    /// Refused when given: a job's vocabulary is its tokenizer's (kept so that the refusal can
+    /// name the field rather than call it unknown).
     pub vocab_size: Option<usize>,
     /// GPT only: rounds the model's vocabulary itself up to a multiple of this (nanoGPT's
     /// 50,257 -> 50,304 with 64): the extra ids become part of the model (their logits learn
@@ -513,6 +519,8 @@ impl JobSpec {
         if self.name.trim().is_empty() {
             return Err(err("name", "must not be empty"));
         }
+        locations::check_name(&self.name)?;
+        locations::check(self)?;
         self.checkpoint.validate()?;
         if self.cluster.world_size == 0 {
             return Err(err("cluster.world_size", "must be at least 1"));
@@ -587,6 +595,15 @@ impl JobSpec {
         }
         if let Some(init) = &self.model.init_from {
             return self.validate_init_from(init);
+        }
+        if let Some(v) = self.model.vocab_size {
+            // a job's vocabulary is always its tokenizer's: a value here was never used (a
+            // smaller one cannot hold the data's ids, a larger one is what pad_vocab_to is for)
+            let pad = if self.arch()? == Arch::Gpt { "; model.pad_vocab_to rounds it up" } else { "" };
+            return Err(err(
+                "model.vocab_size",
+                format!("{v}: the vocabulary is the tokenizer's (data.tokenizer, or the corpus's): leave model.vocab_size out{pad}"),
+            ));
         }
         // The model and optimizer configs validate their own fields; prefix them with their table.
         let block_size = match self.arch()? {
@@ -692,6 +709,9 @@ impl JobSpec {
             (FinetuneHead::Classification, None) => return Err(err("finetune.num_labels", "required for head = \"classification\"")),
             (FinetuneHead::Classification, Some(n)) if n < 2 => {
                 return Err(err("finetune.num_labels", format!("{n}: a classifier needs at least 2 labels")))
+            }
+            (FinetuneHead::Classification, Some(n)) if n > MAX_LABELS => {
+                return Err(err("finetune.num_labels", format!("{n} is more than {MAX_LABELS}, the most a classification head takes")))
             }
             (FinetuneHead::Sft, Some(_)) => return Err(err("finetune.num_labels", "only for head = \"classification\"")),
             _ => {}

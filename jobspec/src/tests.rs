@@ -182,6 +182,7 @@ fn finetune_errors_name_the_field() {
     assert_eq!(field(FINETUNE.replace("head = \"classification\"", "head = \"regression\"")), "finetune.head");
     assert_eq!(field(FINETUNE.replace("num_labels = 2", "")), "finetune.num_labels");
     assert_eq!(field(FINETUNE.replace("num_labels = 2", "num_labels = 1")), "finetune.num_labels");
+    assert_eq!(field(FINETUNE.replace("num_labels = 2", "num_labels = 4294967295")), "finetune.num_labels");
     assert_eq!(field(FINETUNE.replace("head = \"classification\"", "head = \"sft\"")), "finetune.num_labels");
     assert_eq!(field(FINETUNE.replace("data = \"data/reviews.jsonl\"", "data = \"\"")), "finetune.data");
     assert_eq!(field(FINETUNE.replace("num_labels = 2", "num_labels = 2\nval_fraction = 1.5")), "finetune.val_fraction");
@@ -214,6 +215,32 @@ fn the_gpt_examples_parse() {
     let gpu = JobSpec::parse(include_str!("../../examples/shakespeare-char-gpu.toml")).unwrap();
     let cfg = gpu.model_config(65).unwrap();
     assert_eq!((cfg.vocab_size, cfg.head_rows()), (65, 128));
+}
+
+/// Sizes no machine could hold are refused naming the field (the worker would abort on the
+/// allocation): the engine configs' upper bounds.
+#[test]
+fn absurd_model_sizes_are_refused_naming_the_field() {
+    for (from, to, field, says) in [
+        ("preset = \"tiny\"", "n_layer = 2\nn_head = 2\nn_embd = 4294967296\nblock_size = 64", "model.n_embd", "4294967296 is more than 65536"),
+        ("preset = \"tiny\"", "n_layer = 100000\nn_head = 2\nn_embd = 64\nblock_size = 64", "model.n_layer", "100000 is more than 1024"),
+        ("preset = \"tiny\"", "n_layer = 2\nn_head = 2\nn_embd = 64\nblock_size = 1099511627776", "model.block_size", "is more than 1048576"),
+    ] {
+        let e = JobSpec::parse(&GOOD.replace(from, to)).unwrap_err();
+        assert_eq!(e.field, field, "{}", e.message);
+        assert!(e.message.contains(says), "{}", e.message);
+    }
+}
+
+#[test]
+fn a_vocab_size_is_refused_naming_where_the_vocabulary_comes_from() {
+    for (arch, pad) in [("", true), ("arch = \"bert\"\n", false)] {
+        let spec = GOOD.replace("preset = \"tiny\"", &format!("{arch}preset = \"tiny\"\nvocab_size = 10"));
+        let e = JobSpec::parse(&spec).unwrap_err();
+        assert_eq!(e.field, "model.vocab_size", "{arch}: {}", e.message);
+        assert!(e.message.contains("10: the vocabulary is the tokenizer's"), "{}", e.message);
+        assert_eq!(e.message.contains("pad_vocab_to"), pad, "{}", e.message);
+    }
 }
 
 #[test]

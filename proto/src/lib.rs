@@ -9,6 +9,11 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The log target of a worker's warnings about the job itself (a corpus without a validation
+/// split, examples cut to fit, labels of one class): the coordinator records those that rank 0
+/// logs as job events too, where `jobs get` and `--follow` show them, not only in `jobs logs`.
+pub const JOB_WARNING_TARGET: &str = "smelt::job";
+
 pub mod auth;
 pub mod tls;
 pub mod wrong_server;

@@ -66,10 +66,7 @@ struct Running {
 /// that registered anyway would take jobs, train them to the end and fail at the final save
 /// (and hold their default checkpoints there too). A small file written and removed again.
 pub fn out_dir_writable(dir: &std::path::Path) -> Result<()> {
-    // unique per call: workers in one process (tests, an embedding) may share a directory
-    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let probe = dir.join(format!(".write-probe-{}-{n}", std::process::id()));
+    let probe = dir.join(crate::write_probe::probe_name());
     std::fs::create_dir_all(dir)
         .and_then(|()| std::fs::write(&probe, b"smelt"))
         .and_then(|()| std::fs::remove_file(&probe))

@@ -332,9 +332,7 @@ pub fn failed_before_update<B: Backend>(be: &B, e: &anyhow::Error) -> bool {
 /// must not train for hours without any, to lose it all to the first failure. One small object
 /// written and deleted again, with the uploads' retries.
 fn probe_writable(root: &StoreDir, every: u64) -> Result<()> {
-    // unique per call: two jobs' rank 0 in one process may share a store
-    static PROBES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let name = format!(".write-probe-{}-{}", std::process::id(), PROBES.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    let name = crate::write_probe::probe_name();
     let policy = UploadOptions::default().retry;
     let written = smelt_checkpoint::upload::with_retry(&policy, &root.uri_of(&name), || root.put(&name, &b"smelt"[..]))
         .and_then(|()| root.delete(&name));
@@ -544,8 +542,9 @@ impl Checkpointer {
                 job_id: self.template.job_id.clone(),
                 attempt: self.template.attempt,
                 text: format!(
-                    "checkpoint at step {step} not committed: its upload to {} was still running after checkpoint.final_wait_s = {} s \
-                     (is the store reachable?); the run ends without it",
+                    "checkpoint at step {step} not committed when the run ended: its upload to {} was still running after \
+                     checkpoint.final_wait_s = {} s (is the store reachable?); the run does not wait for it (it may still commit; a \
+                     partial one is never read)",
                     self.uploader.root().uri(),
                     self.final_wait.as_secs()
                 ),
@@ -554,7 +553,7 @@ impl Checkpointer {
         }
         let out = self.uploader.finish(Duration::ZERO);
         report(&self.template, out, events);
-        info!(snapshots = n, stall_ms = stall.as_secs_f64() * 1e3, "checkpointing: time the training loop spent on snapshots");
+        info!(snapshots = n, stall_ms = %format!("{:.1}", stall.as_secs_f64() * 1e3), "checkpointing: time the training loop spent on snapshots");
     }
 }
 

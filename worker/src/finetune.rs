@@ -117,6 +117,7 @@ impl FinetuneJob {
             FinetuneHead::Classification => {
                 let num_labels = f.num_labels.ok_or_else(|| anyhow!("job spec: `finetune.num_labels`: required for head = \"classification\""))?;
                 let (train, val) = load_split(f, |p| finetune_data::load_classification(p, &tok, num_labels, seq))?;
+                finetune_data::warn_if_one_class(&train, num_labels);
                 Examples::Classification { num_labels, train, val }
             }
             FinetuneHead::Sft => {
@@ -325,7 +326,12 @@ impl FinetuneJob {
 pub(crate) fn load_split<T>(f: &FinetuneSpec, load: impl Fn(&str) -> Result<Vec<T>>) -> Result<(Vec<T>, Vec<T>)> {
     let all = load(&f.data).context("finetune.data")?;
     Ok(match &f.val_data {
-        Some(v) => (all, load(v).context("finetune.val_data")?),
+        Some(v) => {
+            if v.trim_end_matches('/') == f.data.trim_end_matches('/') {
+                tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, "finetune.val_data is finetune.data ({v}): the validation loss and accuracy are measured on training examples");
+            }
+            (all, load(v).context("finetune.val_data")?)
+        }
         None => finetune_data::split(all, f.val_fraction()),
     })
 }
@@ -342,6 +348,12 @@ struct State<B: Backend> {
 
 impl<B: Backend> State<B> {
     fn new(be: B, job: &FinetuneJob, optim: &AdamWConfig, schedule: LrSchedule) -> Result<State<B>> {
+        if be.name() == "cpu" {
+            // a lower bound of the logits: one predicted position per example
+            let params = job.config.num_params();
+            let logits = job.spec.train.micro_batch as u128 * job.config.vocab_size as u128;
+            crate::memory_check::ensure_fits_cpu(params, logits, &format!("fine-tuning the model ({params} parameters)"))?;
+        }
         let model = Gpt::from_params(be, job.config.clone(), &job.init_params)?;
         // Clipping is by the joint norm of the GPT's and the head's gradients, done here; the
         // optimizers themselves do not clip.

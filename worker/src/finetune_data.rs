@@ -111,7 +111,7 @@ impl Cuts {
     /// As `report`, saying what of them is kept.
     fn report_kept(&self, location: &str, of: usize, what: &str, kept: &str) {
         if self.count > 0 {
-            tracing::warn!("{location}: {} of {of} examples have {what}, and {kept} (the longest has {} tokens)", self.count, self.longest);
+            tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, "{location}: {} of {of} examples have {what}, and {kept} (the longest has {} tokens)", self.count, self.longest);
         }
     }
 }
@@ -231,9 +231,24 @@ pub fn split<T>(examples: Vec<T>, fraction: f64) -> (Vec<T>, Vec<T>) {
     }
     if fraction > 0.0 && val.is_empty() {
         // round(n * fraction) = 0: the run would report no validation at all, silently
-        tracing::warn!("finetune.val_fraction = {fraction} of {n} examples holds none out: this run has no validation (more examples, or finetune.val_data)");
+        tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, "finetune.val_fraction = {fraction} of {n} examples holds none out: this run has no validation (more examples, or finetune.val_data)");
     }
     (train, val)
+}
+
+/// Warns when every training example has the same label: the head would learn to give that
+/// answer whatever the text (a labelling mistake, or data sorted by label and cut short).
+pub fn warn_if_one_class(train: &[ClassExample], num_labels: usize) {
+    let Some(first) = train.first() else { return };
+    if num_labels > 1 && train.len() > 1 && train.iter().all(|e| e.label == first.label) {
+        tracing::warn!(
+            target: smelt_proto::JOB_WARNING_TARGET,
+            "finetune.data: all {} training examples have label {}: the head learns to answer {} whatever the text (check the labels)",
+            train.len(),
+            first.label,
+            first.label
+        );
+    }
 }
 
 #[cfg(test)]
@@ -288,6 +303,16 @@ mod tests {
         assert!(warned.contains("finetune.val_fraction = 0.2 of 2 examples holds none out"), "{warned}");
         let ((_, val), quiet) = warnings_of(|| split(vec![1, 2, 3, 4, 5], 0.2));
         assert_eq!(val, vec![5]);
+        assert!(quiet.is_empty(), "{quiet}");
+    }
+
+    /// Training examples of one label only are warned about; two labels, nothing said.
+    #[test]
+    fn training_examples_of_one_label_are_warned_about() {
+        let ex = |label| ClassExample { ids: vec![1], label };
+        let ((), warned) = warnings_of(|| warn_if_one_class(&[ex(1), ex(1), ex(1)], 2));
+        assert!(warned.contains("all 3 training examples have label 1"), "{warned}");
+        let ((), quiet) = warnings_of(|| warn_if_one_class(&[ex(1), ex(0), ex(1)], 2));
         assert!(quiet.is_empty(), "{quiet}");
     }
 

@@ -110,6 +110,7 @@ impl FamilyFinetune {
                     bail!("job spec: `train.seq_len`: {seq} leaves no room for text between [CLS] and [SEP]");
                 }
                 let (train, val) = load_split(f, |p| finetune_data::load_classification(p, &tok, num_labels, seq - 2))?;
+                finetune_data::warn_if_one_class(&train, num_labels);
                 config.nsp = false;
                 config.num_labels = num_labels;
                 (FamilyModel::Bert { config, specials }, Task::Classify { num_labels, train, val })
@@ -266,6 +267,11 @@ pub(crate) fn train<B: Backend>(
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
     let tc = spec.train_config();
+    if be.name() == "cpu" {
+        let mc = job.model.model_config();
+        let logits = tc.batch_size as u128 * mc.vocab_size() as u128;
+        crate::memory_check::ensure_fits_cpu(job.init_params.len(), logits, &format!("fine-tuning the model ({} parameters)", job.init_params.len()))?;
+    }
     let mut model = Model::from_params(be, &job.model, &job.init_params).with_context(|| format!("building the fine-tuned model on {}", req.device))?;
     let mut opt = AdamW::new(model.backend(), model.table(), tc.optim.clone())?;
     let model_config: ModelConfig = job.model.model_config();

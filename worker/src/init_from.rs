@@ -79,7 +79,7 @@ pub(crate) fn read_for_attempt(spec: &JobSpec, init_from: &str, at: &Lookup, res
     match read_parent(spec, init_from, at) {
         Ok(p) => Ok(p),
         Err(e) if !resume_from.is_empty() => {
-            tracing::warn!(error = %format!("{e:#}"), checkpoint = resume_from, "model.init_from unreadable; the resumed attempt takes its model from the checkpoint");
+            tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, error = %format!("{e:#}"), checkpoint = resume_from, "model.init_from unreadable; the resumed attempt takes its model from the checkpoint");
             let ck = load_or_fall_back(resume_from).with_context(|| format!("resuming from {resume_from} (model.init_from unreadable: {e:#})"))?.checkpoint;
             let config = ck.trainer.model.gpt().cloned().ok_or_else(|| anyhow!("checkpoint {} holds a {} model, not a GPT", ck.uri, ck.trainer.model.arch()))?;
             let seq = spec.train.seq_len;
@@ -96,7 +96,7 @@ pub(crate) fn read_for_attempt(spec: &JobSpec, init_from: &str, at: &Lookup, res
 fn read_parent(spec: &JobSpec, init_from: &str, at: &Lookup) -> Result<Parent> {
     let src = resolve(spec, "model.init_from", init_from, at)?;
     for s in &src.skipped {
-        tracing::warn!(uri = %s.uri, reason = %s.reason, "model.init_from: checkpoint skipped");
+        tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, uri = %s.uri, reason = %s.reason, "model.init_from: checkpoint skipped");
     }
     if model_file::is_family(&src.bytes, &src.file)? {
         bail!("model.init_from {init_from:?}: {} is a BERT or T5 model; continued pretraining starts from a GPT", src.file);

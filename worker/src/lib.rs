@@ -14,11 +14,13 @@ pub mod finetune_family;
 pub mod gpu;
 pub mod init_from;
 pub mod log_capture;
+pub mod memory_check;
 pub mod model_file;
 pub mod ring_addr;
 pub mod runner;
 pub mod sample_log;
 pub mod train_data;
+mod write_probe;
 
 pub use agent::{run, WorkerConfig};
 pub use device::{Device, DeviceRequest};

@@ -170,6 +170,7 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
         let (reader, val) = open(uri, "data.corpus", MAX_VAL_TOKENS)?;
         if val.is_empty() && spec.train.eval_interval > 0 {
             tracing::warn!(
+                target: smelt_proto::JOB_WARNING_TARGET,
                 corpus = %uri,
                 "data.corpus has no validation split, so train.eval_interval = {} measures nothing: prepare it with --val-fraction or --val-docs",
                 spec.train.eval_interval
@@ -206,7 +207,7 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
                 }
             }
             if v.is_empty() {
-                tracing::warn!(corpus = %src.corpus, "data.mix[{i}]: the corpus has no validation split; the validation loss leaves it out");
+                tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, corpus = %src.corpus, "data.mix[{i}]: the corpus has no validation split; the validation loss leaves it out");
             }
             val.push(ValSet { name: src.corpus.clone(), weight: src.weight, tokens: v });
             readers.push(reader);
@@ -230,6 +231,7 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
     // evaluation reads whole windows of seq_len + 1 tokens: a shorter tail gives none
     if spec.train.eval_interval > 0 && val.len() <= spec.train.seq_len {
         tracing::warn!(
+            target: smelt_proto::JOB_WARNING_TARGET,
             "data.text {path}: its validation tail (data.val_fraction = {}) is {} tokens, shorter than one window of train.seq_len + 1 = {}, so train.eval_interval = {} measures nothing: raise data.val_fraction or lower train.seq_len",
             spec.data.val_fraction,
             val.len(),

@@ -1,6 +1,7 @@
 //! The JSON handlers. State comes from the coordinator's memory (one short lock), history from
 //! the SQLite file on a blocking thread.
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -30,6 +31,11 @@ fn coord_error(e: CoordError) -> Response {
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     error(status, s.message())
+}
+
+/// A query string that does not parse (`?max_points=abc`) as this API's other errors: JSON.
+fn query<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, Response> {
+    q.map(|Query(v)| v).map_err(|r| error(StatusCode::BAD_REQUEST, r.body_text()))
 }
 
 /// Runs a history read off the async runtime; a failure names the database.
@@ -78,7 +84,11 @@ pub(super) struct MetricsQuery {
     max_points: Option<u64>,
 }
 
-pub(super) async fn metrics(State(d): State<Dashboard>, Path(id): Path<String>, Query(q): Query<MetricsQuery>) -> Response {
+pub(super) async fn metrics(State(d): State<Dashboard>, Path(id): Path<String>, q: Result<Query<MetricsQuery>, QueryRejection>) -> Response {
+    let q = match query(q) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
     let max_points = q.max_points.unwrap_or(DEFAULT_POINTS);
     if max_points == 0 || max_points > MAX_POINTS {
         return error(StatusCode::BAD_REQUEST, format!("max_points must be between 1 and {MAX_POINTS}, not {max_points}"));
@@ -103,7 +113,11 @@ pub(super) struct LogsQuery {
 }
 
 /// A job's log lines (`job_logs::read`): `{"lines": [...], "next": seq}`.
-pub(super) async fn logs(State(d): State<Dashboard>, Path(id): Path<String>, Query(q): Query<LogsQuery>) -> Response {
+pub(super) async fn logs(State(d): State<Dashboard>, Path(id): Path<String>, q: Result<Query<LogsQuery>, QueryRejection>) -> Response {
+    let q = match query(q) {
+        Ok(q) => q,
+        Err(r) => return r,
+    };
     if let Err(e) = d.coord.with(|st| st.job(&id).map(|_| ())) {
         return coord_error(e);
     }

@@ -2,7 +2,9 @@
 //! scrape job (`authorization: { credentials_file: /etc/smelt/token }` when the coordinator has
 //! a token). Workers and jobs are counted by state; each job that has not ended gets its own
 //! series (step, loss, throughput, ..., a mixture's loss per source), so a finished job's series
-//! stop rather than pile up.
+//! stop rather than pile up. A job's series are labelled `job` and `name` only: its state is
+//! `smelt_job_state` (1 for the state it is in), so a restart does not start new series (a
+//! counter's `increase()` would not see it).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -104,13 +106,21 @@ pub fn render(st: &State) -> String {
             j.last_metrics.as_ref().and_then(|m| m.mfu).map(f64::from)
         }),
         ("smelt_job_attempt", "gauge", "The job's current attempt (1 + restarts).", |j| Some(j.row.attempt as f64)),
-        ("smelt_job_restarts", "counter", "Restarts after a lost or failed rank.", |j| Some(j.row.restarts as f64)),
+        ("smelt_job_restarts_total", "counter", "Restarts after a lost or failed rank.", |j| Some(j.row.restarts as f64)),
     ];
+    let name = "smelt_job_state";
+    let mut f = Family::new(&mut out, name, "gauge", "1 for the state the job is in, 0 for the others it may be in before it ends.");
+    for j in &live {
+        for state in JOB_STATES.into_iter().filter(|s| !is_terminal(*s)) {
+            let v = if state == j.row.state { 1.0 } else { 0.0 };
+            f.sample(name, &[("job", &j.row.id), ("name", &j.row.name), ("state", job_state_name(state))], v);
+        }
+    }
     for (name, kind, help, pick) in per_job {
         let mut f = Family::new(&mut out, name, kind, help);
         for j in &live {
             if let Some(v) = pick(j) {
-                f.sample(name, &[("job", &j.row.id), ("name", &j.row.name), ("state", job_state_name(j.row.state))], v);
+                f.sample(name, &[("job", &j.row.id), ("name", &j.row.name)], v);
             }
         }
     }
@@ -120,7 +130,7 @@ pub fn render(st: &State) -> String {
     let mut f = Family::new(&mut out, name, "gauge", help);
     for j in &live {
         for s in &j.row.last_val_sources {
-            let labels = [("job", j.row.id.as_str()), ("name", &j.row.name), ("state", job_state_name(j.row.state)), ("source", &s.name)];
+            let labels = [("job", j.row.id.as_str()), ("name", &j.row.name), ("source", &s.name)];
             f.sample(name, &labels, f64::from(s.loss));
         }
     }

@@ -110,9 +110,7 @@ impl GptConfig {
             ("n_embd", self.n_embd),
         ];
         for (field, v) in positive {
-            if v == 0 {
-                return Err(ConfigError::new(field, "must be at least 1"));
-            }
+            super::config_checks::check_size(field, v)?;
         }
         if self.n_embd % self.n_head != 0 {
             return Err(ConfigError::new(
