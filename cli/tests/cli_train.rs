@@ -369,8 +369,8 @@ fn a_model_larger_than_the_machine_is_refused_before_it_is_allocated() {
     let e = text_of(&o);
     assert_eq!(o.status.code(), Some(1), "{e}");
     assert!(e.contains("n_embd") && e.contains("4294967296 is more than 65536"), "{e}");
-    for (flag, v, says) in [("--grad-clip", "-1", "--grad-clip -1: a gradient norm"), ("--grad-clip", "NaN", "--grad-clip NaN"), ("--eval-batches", "0", "--eval-batches must be at least 1")] {
-        let o = smelt(&["train", "--text", t, "--preset", "test", "--steps", "1", flag, v]);
-        assert!(!o.status.success() && text_of(&o).contains(says), "{flag} {v}: {}", text_of(&o));
+    for (arg, says) in [("--grad-clip=-1", "--grad-clip -1: a gradient norm"), ("--grad-clip=NaN", "--grad-clip NaN"), ("--eval-batches=0", "--eval-batches must be at least 1")] {
+        let o = smelt(&["train", "--text", t, "--preset", "test", "--steps", "1", arg]);
+        assert!(!o.status.success() && text_of(&o).contains(says), "{arg}: {}", text_of(&o));
     }
 }

@@ -376,6 +376,33 @@ fn a_job_that_ended_while_the_coordinator_was_down_resumes_from_its_newest_check
     );
 }
 
+/// The coordinator is killed while the worker trains on to the end (checkpoints it never hears
+/// of; retention deletes the one it recorded): back, it learns the newest of them from the
+/// worker before the run's end, so the job's record names a checkpoint that exists, the last
+/// one (`--resume-from JOB` read the deleted one), and the job succeeds without a restart.
+#[test]
+fn checkpoints_committed_while_the_coordinator_was_down_are_reported_once_it_is_back() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    let steps = 2000;
+    let spec = format!("{}\n[checkpoint]\nevery = 5\nkeep_last = 2\n", c.spec("unheard", 1, 8, steps, 0));
+    let job = c.submit(&spec).unwrap();
+    c.wait_job(&job.id, "a recorded checkpoint", LONG, |j| j.last_checkpoint_step >= 5);
+    c.coordinator.as_mut().unwrap().kill9();
+    let weights = c.dir.path().join(format!("worker-0/jobs/{}/model.safetensors", job.id));
+    let deadline = Instant::now() + LONG;
+    while !weights.exists() {
+        assert!(Instant::now() < deadline, "no final weights while the coordinator was down\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    c.start_coordinator();
+    let done = c.wait_state(&job.id, JobState::Succeeded, Duration::from_secs(240));
+    assert_eq!((done.restarts, done.last_step, done.last_checkpoint_step), (0, steps, steps), "{done:?}\n{}", c.logs());
+    let newest = c.dir.path().join(format!("worker-0/jobs/{}/ckpt/{}", job.id, smelt_checkpoint::step_dir_name(steps)));
+    assert_eq!(done.last_checkpoint_uri, newest.display().to_string(), "{done:?}");
+    assert!(newest.join("MANIFEST.json").exists());
+}
+
 /// While the coordinator is down, a worker whose run goes on (and sends an event every step)
 /// waits out its reconnect backoff (100 ms, doubling, at most 5 s) between attempts: each attempt
 /// logs one "coordinator unreachable" warning, so over a wait of W seconds there are at most

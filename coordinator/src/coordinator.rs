@@ -27,7 +27,8 @@ fn id_number(id: &str) -> Option<u64> {
 
 impl Coordinator {
     /// Rebuilds the state from what the store holds. Jobs keep their states; workers get a fresh
-    /// lease each (they have `lease_timeout` to re-attach before they and their jobs are lost).
+    /// lease each (they have `lease_timeout`, and the longest a worker waits between reconnect
+    /// attempts, to re-attach before they and their jobs are lost).
     pub fn restore(loaded: Loaded, store: StoreHandle, heartbeat_interval: Duration, lease_timeout: Duration) -> Self {
         let now = Instant::now();
         let mut jobs = HashMap::new();
@@ -68,7 +69,9 @@ impl Coordinator {
         let mut next_worker = 1;
         for row in loaded.workers {
             next_worker = next_worker.max(id_number(&row.id).unwrap_or(0) + 1);
-            let mut rec = WorkerRec::new(row, now);
+            // a worker backing off (up to MAX_RECONNECT_BACKOFF) while the coordinator was down
+            // gets that long on top of its lease to come back
+            let mut rec = WorkerRec::new(row, now + smelt_proto::MAX_RECONNECT_BACKOFF);
             rec.logs_received = loaded.logs_received.get(&rec.row.id).copied().unwrap_or(0);
             rec.logs_committed = rec.logs_received;
             workers.insert(rec.row.id.clone(), rec);

@@ -9,6 +9,10 @@ pub mod v1 {
 
 pub use v1::*;
 
+/// The longest a worker waits between attempts to reach its coordinator (its backoff doubles up
+/// to this): a restarted coordinator adds it to the lease it gives the workers it restores.
+pub const MAX_RECONNECT_BACKOFF: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The log target of a worker's warnings about the job itself (a corpus without a validation
 /// split, examples cut to fit, labels of one class): the coordinator records those that rank 0
 /// logs as job events too, where `jobs get` and `--follow` show them, not only in `jobs logs`.

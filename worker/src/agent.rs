@@ -98,6 +98,10 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     // so the coordinator knows a run's last checkpoint (a rescue checkpoint) before it places
     // the job's next attempt
     let mut reports: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    // the newest checkpoint committed while no coordinator heard of it (it was away, or its
+    // report gave up retrying): reported once one answers, so the job's record
+    // (`--resume-from JOB`, the next attempt) does not point at one retention removed
+    let unreported: Unreported = Default::default();
     let mut backoff = Duration::from_millis(100);
     // a draining worker whose last run is reported waits for the acknowledgement of its last log
     // lines before it exits: until this, set when it first has nothing else left to do (kept
@@ -120,7 +124,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     }
                     Some(ev) = event_rx.recv() => {
                         let ended = matches!(ev, RunEvent::Done(_));
-                        while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &cfg.logs);
+                        while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &unreported, &cfg.logs);
                         // a draining worker's run just ended: it need not wait out the backoff
                         if ended && draining {
                             break;
@@ -128,7 +132,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     }
                 }
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            backoff = (backoff * 2).min(smelt_proto::MAX_RECONNECT_BACKOFF);
         };
     }
 
@@ -250,6 +254,15 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         for b in cfg.logs.unacked() {
             resent &= up_tx.send(msg(Up::Logs(b))).await.is_ok();
         }
+        let missed = unreported.lock().unwrap().take();
+        if let Some(r) = missed {
+            // a call of its own, beside the stream (awaited here, it held up the heartbeats
+            // while the coordinator stored the lines sent again, and the worker was declared
+            // lost); the coordinator takes an ended attempt's checkpoint as any other
+            info!(job_id = %r.job_id, step = r.step, "reporting the checkpoint committed while the coordinator was away");
+            reports.retain(|h| !h.is_finished());
+            reports.push(tokio::spawn(report_checkpoint(client.clone(), r, unreported.clone())));
+        }
         if let Some(mut done) = undelivered.take() {
             mark_drained(&mut done, draining);
             // the run's lines logged while the coordinator was away go before its Done
@@ -317,7 +330,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     Some(RunEvent::Note(n)) => { let _ = up_tx.try_send(msg(Up::Note(n))); }
                     Some(RunEvent::Checkpoint(r)) => {
                         reports.retain(|h| !h.is_finished());
-                        reports.push(tokio::spawn(report_checkpoint(client.clone(), r)));
+                        reports.push(tokio::spawn(report_checkpoint(client.clone(), r, unreported.clone())));
                     }
                     Some(RunEvent::Done(mut d)) => {
                         mark_drained(&mut d, draining);
@@ -383,13 +396,15 @@ fn begin_drain(running: &Option<Running>, reason: &str) -> bool {
 /// A run's event while no coordinator answers. Its end is kept to report once one does (the run
 /// is over: a draining worker may then leave); an assignment queued behind it is let go (the
 /// coordinator, once back, learns this worker is idle and places that attempt anew); metrics
-/// and notes are let go (the next ones say more); a checkpoint goes unreported (it is committed
-/// in the store, where a restart of the job finds it: `checkpointing::load_resume`).
+/// and notes are let go (the next ones say more); a checkpoint is kept (the newest) to report
+/// once one answers (it is committed in the store either way, where a restart of the job finds
+/// it: `checkpointing::load_resume`).
 fn while_unreachable(
     ev: RunEvent,
     running: &mut Option<Running>,
     queued: &mut Option<Assignment>,
     undelivered: &mut Option<AssignmentDone>,
+    unreported: &Unreported,
     logs: &LogCapture,
 ) {
     match ev {
@@ -407,7 +422,8 @@ fn while_unreachable(
             *undelivered = Some(d);
         }
         RunEvent::Checkpoint(r) => {
-            warn!(job_id = %r.job_id, step = r.step, uri = %r.uri, "checkpoint committed but not reported: the coordinator is away");
+            warn!(job_id = %r.job_id, step = r.step, uri = %r.uri, "checkpoint committed but not reported: the coordinator is away (reported once it is back)");
+            keep_unreported(unreported, r);
         }
         RunEvent::Metrics(_) | RunEvent::Note(_) => {}
     }
@@ -425,10 +441,22 @@ async fn send_logs(logs: &LogCapture, up: &mpsc::Sender<WorkerMessage>, msg: &im
     true
 }
 
-/// Tells the coordinator a checkpoint's manifest has landed; retried while it is unreachable
-/// (the checkpoint is safe in the store either way: a restart that misses it resumes from an
-/// earlier one).
-async fn report_checkpoint(mut client: WorkerServiceClient<AuthChannel>, r: CheckpointReport) {
+/// The newest checkpoint report no coordinator has taken yet.
+type Unreported = std::sync::Arc<std::sync::Mutex<Option<CheckpointReport>>>;
+
+/// Keeps `r` to report later unless a newer checkpoint of the same job is already kept (only
+/// the newest matters: the job's record points at its newest).
+fn keep_unreported(unreported: &Unreported, r: CheckpointReport) {
+    let mut kept = unreported.lock().unwrap();
+    if kept.as_ref().is_none_or(|k| k.job_id != r.job_id || k.step <= r.step) {
+        *kept = Some(r);
+    }
+}
+
+/// Tells the coordinator a checkpoint's manifest has landed; retried while it is unreachable,
+/// then kept in `unreported` for the next connection (the checkpoint is safe in the store either
+/// way: a restart that misses it resumes from the job's own newest, `checkpointing::load_resume`).
+async fn report_checkpoint(mut client: WorkerServiceClient<AuthChannel>, r: CheckpointReport, unreported: Unreported) {
     let mut backoff = Duration::from_millis(200);
     for attempt in 1..=5 {
         match client.report_checkpoint(r.clone()).await {
@@ -440,6 +468,11 @@ async fn report_checkpoint(mut client: WorkerServiceClient<AuthChannel>, r: Chec
                 warn!(job_id = %r.job_id, step = r.step, error = %e.message(), retry_in_ms = backoff.as_millis() as u64, "checkpoint report failed; retrying");
                 tokio::time::sleep(backoff).await;
                 backoff *= 2;
+            }
+            Err(e) if matches!(e.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal) => {
+                warn!(job_id = %r.job_id, step = r.step, uri = %r.uri, error = %e.message(), "checkpoint report failed; kept to report once the coordinator answers");
+                keep_unreported(&unreported, r);
+                return;
             }
             Err(e) => {
                 warn!(job_id = %r.job_id, step = r.step, uri = %r.uri, error = %e.message(), "checkpoint not recorded by the coordinator");
