@@ -51,6 +51,10 @@ fn every_ranks_lines_reach_the_coordinator_and_smelt_jobs_logs_prints_them() {
     assert!(!lines_of(&followed, 0, "final weights saved").is_empty(), "{followed}");
     assert!(lines_of(&followed, 1, "final weights saved").is_empty(), "{followed}");
     assert!(!lines_of(&followed, 0, "checkpoint reported").is_empty(), "{followed}");
+    // the tokens trained count the global batch once (30 steps x 8 sequences x 16 tokens): each
+    // step's count already holds every rank's, and the throughput was twice the real one
+    let done = lines_of(&followed, 0, "training done");
+    assert!(done.len() == 1 && done[0].contains(" tokens=3840 ") && done[0].contains(" steps=30 "), "{followed}");
     assert!(followed.lines().any(|l| l.contains(" INFO smelt_worker::") && l.contains("job_id=") && l.contains(&job.id)), "{followed}");
 
     // once ended, a plain read gives the same lines (the follow missed none)

@@ -361,7 +361,8 @@ pub(crate) fn train_gpt<B: Backend>(
                 return Err(e);
             }
         };
-        tokens += stats.tokens * world;
+        // (the step's stats count the whole global batch, every rank's tokens)
+        tokens += stats.tokens;
         let done = step + 1;
         let is_last = done == tc.steps;
         let (mut val_loss, mut val_sources, mut val_accuracy) = (None, Vec::new(), None);
@@ -417,6 +418,10 @@ pub(crate) fn train_gpt<B: Backend>(
     }
     if let Some(c) = checkpointer {
         c.finish(events);
+    }
+    if rank == 0 {
+        let secs = started.elapsed().as_secs_f64();
+        info!(job_id = %a.job_id, steps = tc.steps - start_step, tokens, seconds = %format!("{secs:.1}"), tokens_per_s = %format!("{:.0}", tokens as f64 / secs.max(1e-9)), "training done (tokens of every rank)");
     }
     for reader in data.readers() {
         let st = reader.stats();
