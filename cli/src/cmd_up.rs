@@ -216,6 +216,12 @@ pub fn run(a: UpArgs) -> Result<()> {
     let spawn = |name: &str, args: &[String]| -> Result<Child> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(logs.join(format!("{name}.log")))?;
         let mut cmd = Command::new(&exe);
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: the hook only makes async-signal-safe calls
+            unsafe { cmd.pre_exec(crate::signals::exit_with_parent()) };
+        }
         if name == "coordinator" {
             // out of the terminal's process group: a Ctrl-C reaches the workers (they drain)
             // but not the coordinator, which `smelt up` stops once they have reported to it
@@ -265,6 +271,11 @@ pub fn run(a: UpArgs) -> Result<()> {
             // and says so), not the follower, whose "keeps running" would say otherwise (and be
             // cut off mid-line when `up` kills it)
             submit.process_group(0);
+            #[cfg(target_os = "linux")]
+            // SAFETY: the hook only makes async-signal-safe calls
+            unsafe {
+                submit.pre_exec(crate::signals::exit_with_parent());
+            }
             match rt.block_on(unfinished_job_of(&url, &text)) {
                 Some(id) => {
                     info!(job_id = %id, "this spec's job from an earlier run is not finished: following it (it resumes from its last checkpoint) rather than submitting another; `smelt submit` the spec for a second copy");

@@ -1,12 +1,36 @@
-//! SIGTERM and SIGINT as a future, for graceful shutdown and worker drains.
+//! SIGTERM, SIGINT and SIGHUP as a future, for graceful shutdown and worker drains.
 
+/// Resolves at SIGTERM, SIGINT or SIGHUP (a closed terminal: `smelt up` stops its cluster, and
+/// its workers, which got it too, drain, rather than die and leave the rest running).
 pub async fn terminated() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install a SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install a SIGINT handler");
+    let mut hup = signal(SignalKind::hangup()).expect("install a SIGHUP handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+        _ = hup.recv() => {}
+    }
+}
+
+/// For a child of `smelt up` (`pre_exec`): SIGTERM when `up` dies, however it dies (SIGKILL, the
+/// OOM killer), so the coordinator stops and the workers drain rather than run on orphaned. The
+/// parent may have died before the child got here: then at once.
+#[cfg(target_os = "linux")]
+pub fn exit_with_parent() -> impl FnMut() -> std::io::Result<()> + Send + Sync + 'static {
+    let parent = std::process::id() as libc::pid_t;
+    move || {
+        // prctl, getppid and raise are async-signal-safe
+        unsafe {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != parent {
+                libc::raise(libc::SIGTERM);
+            }
+        }
+        Ok(())
     }
 }
 

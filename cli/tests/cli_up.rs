@@ -112,6 +112,27 @@ fn smelt_up_refuses_a_port_another_coordinator_holds() {
     assert!(processes_naming(&dir.path().join("state").display().to_string()).is_empty());
 }
 
+/// `smelt up` killed outright (SIGKILL, as the OOM killer does): its coordinator, worker and
+/// follower get SIGTERM from the kernel and stop, rather than run on orphaned (they did).
+#[test]
+fn sigkill_to_smelt_up_leaves_no_process_of_its_cluster_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = spec(dir.path(), 1_000_000);
+    let Up { mut up, addr: _, state } = up_until_a_checkpoint(dir.path(), &spec);
+    unsafe { libc::kill(up.0.id() as i32, libc::SIGKILL) };
+    wait_exit(&mut up, Duration::from_secs(10), dir.path());
+    // (a worker that cannot report its run's end waits for the coordinator half a minute)
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = processes_naming(&state.display().to_string());
+        if left.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still running after smelt up was killed: {left:#?}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 #[test]
 fn sigterm_to_smelt_up_stops_its_whole_cluster() {
     let dir = tempfile::tempdir().unwrap();
