@@ -175,6 +175,28 @@ impl Drop for Cluster {
     }
 }
 
+/// The spec's files that its workers read from their own disk (paths, not URIs nor job ids).
+fn local_files(spec: &smelt_jobspec::JobSpec) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    let mut add = |field: &'static str, v: Option<&String>| {
+        if let Some(v) = v.map(|v| v.trim()).filter(|v| !v.is_empty() && !smelt_corpus::store::has_scheme(v)) {
+            if !smelt_checkpoint::looks_like_job_id(v) {
+                out.push((field, v.to_string()));
+            }
+        }
+    };
+    add("data.text", spec.data.text.as_ref());
+    add("data.corpus", spec.data.corpus.as_ref());
+    add("train.eval_choices", spec.train.eval_choices.as_ref());
+    add("model.init_from", spec.model.init_from.as_ref());
+    if let Some(f) = &spec.finetune {
+        add("finetune.init_from", Some(&f.init_from));
+        add("finetune.data", Some(&f.data));
+        add("finetune.val_data", f.val_data.as_ref());
+    }
+    out
+}
+
 pub fn run(a: UpArgs) -> Result<()> {
     // The spec is read before anything starts: one that does not parse, or that needs more
     // workers than this cluster will have, would otherwise wait or fail behind a running cluster.
@@ -198,6 +220,16 @@ pub fn run(a: UpArgs) -> Result<()> {
         }
     };
     let devices = plan_workers(device, a.workers, gpus)?;
+    if let (Some(spec), Some(path)) = (&spec, &a.submit) {
+        // the workers started here read the spec's local files from this directory: one that
+        // is not there is said now, not after the cluster has started and the job failed
+        for (field, file) in local_files(spec) {
+            if !std::path::Path::new(&file).exists() {
+                let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
+                bail!("--submit {}: {field} {file}: no such file (the workers smelt up starts read it from {cwd})", path.display());
+            }
+        }
+    }
     if let (Some(spec), Some(path)) = (&spec, &a.submit) {
         let need = spec.cluster.world_size as usize;
         if need > devices.len() {

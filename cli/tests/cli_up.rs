@@ -199,8 +199,15 @@ fn smelt_up_refuses_a_job_it_could_never_run_before_starting() {
     std::fs::write(&two, text).unwrap();
     let bad = dir.path().join("bad.toml");
     std::fs::write(&bad, "name = \"bad\"\n[model]\npreset = 3\n").unwrap();
+    // a fine-tuning job whose examples are not where its workers would read them
+    let missing = dir.path().join("finetune.toml");
+    std::fs::write(&missing, "name = \"ft\"\nkind = \"finetune\"\n[finetune]\ninit_from = \"job-000001\"\nhead = \"classification\"\nnum_labels = 2\ndata = \"no-such/labels.jsonl\"\n[train]\nsteps = 5\nglobal_batch = 4\nmicro_batch = 4\nseq_len = 16\nlr = 1e-4\n").unwrap();
     let state = dir.path().join("state");
-    for (spec, want) in [(PathBuf::from(&two), "needs 2 workers (cluster.world_size = 2), but this cluster starts 1: pass --workers 2"), (bad, "`model.preset`")] {
+    for (spec, want) in [
+        (PathBuf::from(&two), "needs 2 workers (cluster.world_size = 2), but this cluster starts 1: pass --workers 2"),
+        (bad, "`model.preset`"),
+        (missing, "finetune.data no-such/labels.jsonl: no such file (the workers smelt up starts read it from "),
+    ] {
         let o = smelt()
             .args(["up", "--workers", "1", "--device", "cpu", "--listen", "127.0.0.1:1", "--data-dir"])
             .arg(&state)
