@@ -161,7 +161,7 @@ pub(crate) fn gone(code: Code) -> bool {
 /// when it failed or was cancelled. Survives a coordinator restart (reconnects, skips replayed
 /// events).
 /// "42s", "3m07s", "2h05m".
-fn short_duration(d: Duration) -> String {
+pub(crate) fn short_duration(d: Duration) -> String {
     let s = d.as_secs();
     match s {
         0..60 => format!("{s}s"),

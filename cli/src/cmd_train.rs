@@ -261,6 +261,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let bar = ProgressBar::new(a.steps);
     bar.set_style(ProgressStyle::with_template("{bar:30} {pos}/{len} {msg} [{elapsed_precise} < {eta_precise}]")?);
     let started = Instant::now();
+    let every = (a.steps / 10).max(1);
     let mut tokens_seen = 0usize;
     let mut last_val: Option<f32> = None;
     let save = |trainer: &Trainer<CpuBackend>, val: Option<f32>| -> Result<()> {
@@ -283,7 +284,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             let v = trainer.evaluate(&val)?;
             last_val = Some(v);
             record["val_loss"] = v.into();
-            bar.suspend(|| info!(step = step + 1, train_loss = s.loss, val_loss = v, tokens_per_s = tok_s as u64, "eval"));
+            bar.suspend(|| info!(step = step + 1, train_loss = %format!("{:.4}", s.loss), val_loss = %format!("{v:.4}"), tokens_per_s = tok_s as u64, "eval"));
             save(&trainer, last_val)?;
         }
         if let (Some((examples, shown)), true) = (&choices, eval_step) {
@@ -293,16 +294,20 @@ pub fn run(a: TrainArgs) -> Result<()> {
             bar.suspend(|| info!(step = step + 1, acc = t.acc(), acc_norm = t.acc_norm(), examples = t.examples, "multiple choice"));
         }
         writeln!(metrics, "{record}")?;
-        bar.set_message(format!(
-            "loss {:.4}{} | {:.0} tok/s",
-            s.loss,
-            last_val.map(|v| format!(" | val {v:.4}")).unwrap_or_default(),
-            tok_s
-        ));
+        let progress = format!("loss {:.4}{} | {:.0} tok/s", s.loss, last_val.map(|v| format!(" | val {v:.4}")).unwrap_or_default(), tok_s);
+        if bar.is_hidden() && ((step + 1) % every == 0 || is_last) {
+            // no terminal (a log file, CI): plain lines, a tenth of the run apart, with the bar's
+            // estimate of the time left
+            let left = started.elapsed().mul_f64((a.steps - step - 1) as f64 / (step + 1) as f64);
+            let eta = if is_last { String::new() } else { format!(" | eta {}", crate::cmd_submit::short_duration(left)) };
+            eprintln!("step {}/{}: {progress}{eta}", step + 1, a.steps);
+        }
+        bar.set_message(progress);
         bar.inc(1);
     }
-    bar.finish();
+    // (cleared: the lines after it would otherwise start on the bar's line)
+    bar.finish_and_clear();
     save(&trainer, last_val)?;
-    info!(path = %model_path.display(), val_loss = last_val, seconds = started.elapsed().as_secs_f64(), "saved model");
+    info!(path = %model_path.display(), val_loss = %last_val.map_or("none".to_string(), |v| format!("{v:.4}")), seconds = %format!("{:.1}", started.elapsed().as_secs_f64()), "saved model");
     Ok(())
 }

@@ -337,6 +337,9 @@ pub fn run(a: UpArgs) -> Result<()> {
                 }
             })?;
             let newest = rt.block_on(newest_job(&url));
+            // this process's own connections to the coordinator closed before it is stopped: on a
+            // runtime nobody drives they never saw its goodbye, and it waited out its 5 s grace
+            drop(rt);
             drop(cluster);
             let Some(status) = status else {
                 bail!(
@@ -368,6 +371,7 @@ pub fn run(a: UpArgs) -> Result<()> {
                     }
                 }
             })?;
+            drop(rt);
             drop(cluster);
             Ok(())
         }
