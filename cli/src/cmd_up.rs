@@ -219,7 +219,14 @@ pub fn run(a: UpArgs) -> Result<()> {
             usable_gpus()
         }
     };
-    let devices = plan_workers(device, a.workers, gpus)?;
+    let devices = plan_workers(device, a.workers, gpus).map_err(|e| {
+        if a.device == UpDevice::Auto && device == UpDevice::Cuda {
+            // the job asked for GPUs, not a flag the user never gave
+            anyhow::anyhow!("the job asks for GPU workers ([cluster] device = \"cuda\"): {}", e.to_string().trim_start_matches("--device cuda: "))
+        } else {
+            e
+        }
+    })?;
     if let (Some(spec), Some(path)) = (&spec, &a.submit) {
         // the workers started here read the spec's local files from this directory: one that
         // is not there is said now, not after the cluster has started and the job failed
@@ -342,10 +349,12 @@ pub fn run(a: UpArgs) -> Result<()> {
             drop(rt);
             drop(cluster);
             let Some(status) = status else {
-                bail!(
+                // as `smelt submit --follow` on Ctrl-C: said plainly, exit status 130 (128 + SIGINT)
+                eprintln!(
                     "interrupted: the cluster is stopped (a job that checkpoints resumes from its last checkpoint at the next `smelt up` \
                      on this data dir; the same --submit follows it rather than submitting it again)"
                 );
+                std::process::exit(130);
             };
             if !status.success() {
                 // the follow said why (`error: job ... failed: ...`); one more "Error:" line
@@ -420,7 +429,13 @@ fn wait_until_listening(child: &mut Child, log: &std::path::Path, seen: usize, t
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            bail!("the coordinator exited ({status}) before it listened:\n{}", tail());
+            let why = tail();
+            if why.contains("is in use by another coordinator") {
+                // its --db is this command's --data-dir: say it in the words given here
+                bail!("the data dir's database is in use by another coordinator (another smelt up on this --data-dir?): stop that one first, or give this one another --data-dir");
+            }
+            // (the coordinator's own "Error: " is kept once)
+            bail!("the coordinator exited ({status}) before it listened: {}", why.trim_start_matches("Error: "));
         }
         if Instant::now() >= deadline {
             bail!("the coordinator did not start listening within {timeout:?}; its log ({}) ends:\n{}", log.display(), tail());

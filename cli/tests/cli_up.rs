@@ -138,6 +138,11 @@ fn sigterm_to_smelt_up_stops_its_whole_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(dir.path(), 1_000_000);
     let Up { mut up, addr, state } = up_until_a_checkpoint(dir.path(), &spec);
+    // a second `smelt up` on the same data dir is refused in its own words (it said "--db")
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let o = smelt().args(["up", "--workers", "1", "--device", "cpu", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(&state).stdin(Stdio::null()).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("in use by another coordinator (another smelt up on this --data-dir?)") && !err.contains("--db"), "{err}");
     unsafe { libc::kill(up.0.id() as i32, libc::SIGTERM) };
     let status = wait_exit(&mut up, Duration::from_secs(150), dir.path());
     let out = std::fs::read_to_string(dir.path().join("up.log")).unwrap();
