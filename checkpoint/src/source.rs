@@ -1,7 +1,9 @@
 //! A model to start from (`finetune.init_from`, `smelt export`): a checkpoint, verified against
 //! its manifest before a byte is used; a model file; or a job id, resolved to that job's newest
 //! committed checkpoint if it verifies, else its final model file (the end of the same
-//! training, newer than any checkpoint), else its earlier checkpoints, newest first.
+//! training, newer than any checkpoint), else its earlier checkpoints, newest first. A final
+//! model file whose step (its `smelt.step`) is past the newest checkpoint's comes first: the
+//! job trained on after checkpoints stopped landing (a full disk, a store that went away).
 //!
 //! A checkpoint named explicitly is never swapped for another: if it does not verify, the error
 //! names the file at fault. A job id names no particular step, so there a corrupt checkpoint is
@@ -100,6 +102,19 @@ pub fn resolve_model(source: &str, jobs: &JobLocations) -> Result<ModelSource> {
     }
 }
 
+/// The step a model file in `dir` says it was saved at (`smelt.step` in its safetensors header),
+/// read from the header alone; None when there is no such file or it does not say.
+fn model_step(dir: &StoreDir) -> Option<u64> {
+    dir.size(MODEL).ok()??;
+    let len = u64::from_le_bytes(dir.get_range(MODEL, 0..8).ok()?.as_ref().try_into().ok()?);
+    // (a header of a few kilobytes; a wild length is no model file of ours)
+    if len > 1 << 24 {
+        return None;
+    }
+    let header: serde_json::Value = serde_json::from_slice(&dir.get_range(MODEL, 8..8 + len).ok()?).ok()?;
+    header.get("__metadata__")?.get("smelt.step")?.as_str()?.parse().ok()
+}
+
 /// A job's newest committed checkpoint that verifies; if the newest does not, the job's final
 /// model file (the end of the same training), then earlier checkpoints.
 fn from_job(job: &str, jobs: &JobLocations) -> Result<ModelSource> {
@@ -121,13 +136,20 @@ fn from_job(job: &str, jobs: &JobLocations) -> Result<ModelSource> {
             }
         }
     };
+    let final_dir = jobs.final_models.as_deref().map(|f| StoreDir::open(f).map(|d| d.join(&format!("jobs/{job}")))).transpose()?;
+    let newest_step = committed.last().map(|(s, _)| *s);
+    if let (Some(dir), Some(newest)) = (&final_dir, newest_step) {
+        if let Some(step) = model_step(dir).filter(|s| *s > newest) {
+            warn!(job, step, newest_checkpoint = newest, "the job's final weights are newer than its newest checkpoint: reading them");
+            return Ok(ModelSource { bytes: dir.get(MODEL)?, file: dir.uri_of(MODEL), checkpoint: None, job: Some(job.to_string()), skipped, head: None });
+        }
+    }
     let mut newest_first = committed.iter().rev().map(|(s, _)| *s);
     if let Some(v) = newest_first.next().and_then(|s| try_step(s, &mut skipped)) {
         return Ok(ModelSource::verified(v, skipped));
     }
-    let final_file = match &jobs.final_models {
-        Some(f) => {
-            let dir = StoreDir::open(f)?.join(&format!("jobs/{job}"));
+    let final_file = match final_dir {
+        Some(dir) => {
             match dir.get(MODEL) {
                 Ok(bytes) => {
                     return Ok(ModelSource { bytes, file: dir.uri_of(MODEL), checkpoint: None, job: Some(job.to_string()), skipped, head: None });

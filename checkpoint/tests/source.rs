@@ -158,3 +158,27 @@ fn a_model_file_under_another_name_is_read_as_one() {
         assert!(m.file.ends_with(name), "{}", m.file);
     }
 }
+
+/// A job whose final weights are newer than its newest checkpoint (checkpoints stopped landing:
+/// a full disk) resolves to the final weights, read by the step in their header; final weights
+/// of the newest checkpoint's step leave the (verified) checkpoint first.
+#[test]
+fn a_job_id_takes_final_weights_newer_than_its_newest_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    two_checkpoints(dir.path());
+    let store = dir.path().display().to_string();
+    let jobs = JobLocations { checkpoint_store: store.clone(), final_models: Some(store.clone()) };
+    let final_model = dir.path().join("jobs/job-000001/model.safetensors");
+    let write_final = |step: u64| {
+        let data = [0u8; 4];
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![1], &data).unwrap();
+        let meta = std::collections::HashMap::from([("smelt.step".to_string(), step.to_string())]);
+        std::fs::write(&final_model, safetensors::serialize([("w", view)], Some(meta)).unwrap()).unwrap();
+    };
+    write_final(200);
+    let got = resolve_model("job-000001", &jobs).unwrap();
+    assert_eq!((got.checkpoint.as_deref(), got.file.ends_with("jobs/job-000001/model.safetensors")), (None, true), "{}", got.file);
+    write_final(20);
+    let got = resolve_model("job-000001", &jobs).unwrap();
+    assert!(got.checkpoint.as_deref().is_some_and(|c| c.ends_with("/00000020")), "{:?}", got.checkpoint);
+}
