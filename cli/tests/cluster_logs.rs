@@ -171,3 +171,29 @@ fn a_warning_about_the_job_is_one_of_its_events_once() {
     let (ok, followed) = c.smelt(&["jobs", "follow", &job.id]);
     assert!(ok && followed.contains("warning: data.text "), "{followed}");
 }
+
+/// A job resumed from another's checkpoint under a longer schedule and another seed says both
+/// in its events (the lr and the data order do not continue the checkpoint's), once each.
+#[test]
+fn a_resume_under_another_schedule_or_seed_says_so_in_the_jobs_events() {
+    let c = Cluster::with_workers(2);
+    let first = c.submit(&spec(&c, "first", "3e-3", 20), "");
+    c.wait_job(&first.id, "success", |j| j.state == JobState::Succeeded as i32);
+    let longer = spec(&c, "longer", "3e-3", 40).replace("seed = 3", "seed = 4");
+    let second = c.submit(&longer, &first.id);
+    c.wait_job(&second.id, "success", |j| j.state == JobState::Succeeded as i32);
+    let wanted = ["warning: resuming with another learning-rate schedule", "warning: resuming with another seed or global batch"];
+    let deadline = std::time::Instant::now() + harness::LONG;
+    let mut events = c.events(&second.id);
+    while !wanted.iter().all(|w| events.iter().any(|e| e.starts_with(w))) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        events = c.events(&second.id);
+    }
+    for w in wanted {
+        assert_eq!(events.iter().filter(|e| e.starts_with(w)).count(), 1, "{w}: {events:#?}");
+    }
+    let lr = events.iter().find(|e| e.starts_with(wanted[0])).unwrap();
+    assert!(lr.contains("step=20") && lr.contains("lr_then=") && lr.contains("lr_now="), "{lr}");
+    // the first job, which resumed from nothing, said neither
+    assert!(!c.events(&first.id).iter().any(|e| e.starts_with("warning: ")), "{:#?}", c.events(&first.id));
+}

@@ -198,16 +198,32 @@ pub fn warn_if_data_order_changes(ck: &Checkpoint, spec: &JobSpec) {
     if let Ok(then) = JobSpec::parse(&ck.trainer.spec_toml) {
         if then.data != spec.data {
             warn!(
+                target: smelt_proto::JOB_WARNING_TARGET,
                 uri = %ck.uri,
                 checkpoint_data = %data_in_words(&then.data),
                 data = %data_in_words(&spec.data),
                 "resuming with other data than the checkpoint's job: the data order does not continue the checkpoint's"
             );
         }
+        // a longer run, another lr or schedule: allowed, but the learning rate at the resumed
+        // step is not the one the checkpoint's run was at (a cosine over more steps jumps back up)
+        let (before, now) = (then.train_config().schedule, spec.train_config().schedule);
+        let step = ck.step();
+        if before != now {
+            warn!(
+                target: smelt_proto::JOB_WARNING_TARGET,
+                uri = %ck.uri,
+                step,
+                lr_then = %format!("{:.3e}", before.lr_at(step)),
+                lr_now = %format!("{:.3e}", now.lr_at(step)),
+                "resuming with another learning-rate schedule than the checkpoint's job (train.steps, lr, min_lr, warmup, schedule): the lr does not continue the checkpoint's"
+            );
+        }
     }
     let (seed, global) = (spec.seed, spec.train.global_batch as u64);
     if ck.trainer.data.seed != seed || ck.trainer.data.global_batch != global {
         warn!(
+            target: smelt_proto::JOB_WARNING_TARGET,
             uri = %ck.uri,
             checkpoint_seed = ck.trainer.data.seed,
             checkpoint_global_batch = ck.trainer.data.global_batch,
