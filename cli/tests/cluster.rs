@@ -401,6 +401,11 @@ fn checkpoints_committed_while_the_coordinator_was_down_are_reported_once_it_is_
     let newest = c.dir.path().join(format!("worker-0/jobs/{}/ckpt/{}", job.id, smelt_checkpoint::step_dir_name(steps)));
     assert_eq!(done.last_checkpoint_uri, newest.display().to_string(), "{done:?}");
     assert!(newest.join("MANIFEST.json").exists());
+    // its last loss is the last step's (it kept the one before the kill): the same job run
+    // again, undisturbed, ends with the same
+    let again = c.submit(&spec.replace("name = \"unheard\"", "name = \"again\"")).unwrap();
+    let reference = c.wait_state(&again.id, JobState::Succeeded, Duration::from_secs(240));
+    assert_eq!(done.last_loss.to_bits(), reference.last_loss.to_bits(), "{done:?}\n{reference:?}");
 }
 
 /// While the coordinator is down, a worker whose run goes on (and sends an event every step)

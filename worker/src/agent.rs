@@ -102,6 +102,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     // report gave up retrying): reported once one answers, so the job's record
     // (`--resume-from JOB`, the next attempt) does not point at one retention removed
     let unreported: Unreported = Default::default();
+    // a run's newest metrics while no coordinator answered: sent once one does, before the Done
+    let mut unsent_metrics: Option<smelt_proto::v1::StepMetrics> = None;
     let mut backoff = Duration::from_millis(100);
     // a draining worker whose last run is reported waits for the acknowledgement of its last log
     // lines before it exits: until this, set when it first has nothing else left to do (kept
@@ -124,7 +126,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     }
                     Some(ev) = event_rx.recv() => {
                         let ended = matches!(ev, RunEvent::Done(_));
-                        while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &unreported, &cfg.logs);
+                        while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &unreported, &mut unsent_metrics, &cfg.logs);
                         // a draining worker's run just ended: it need not wait out the backoff
                         if ended && draining {
                             break;
@@ -263,6 +265,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             reports.retain(|h| !h.is_finished());
             reports.push(tokio::spawn(report_checkpoint(client.clone(), r, unreported.clone())));
         }
+        if let Some(m) = unsent_metrics.take() {
+            resent &= up_tx.send(msg(Up::Metrics(m))).await.is_ok();
+        }
         if let Some(mut done) = undelivered.take() {
             mark_drained(&mut done, draining);
             // the run's lines logged while the coordinator was away go before its Done
@@ -395,8 +400,8 @@ fn begin_drain(running: &Option<Running>, reason: &str) -> bool {
 
 /// A run's event while no coordinator answers. Its end is kept to report once one does (the run
 /// is over: a draining worker may then leave); an assignment queued behind it is let go (the
-/// coordinator, once back, learns this worker is idle and places that attempt anew); metrics
-/// and notes are let go (the next ones say more); a checkpoint is kept (the newest) to report
+/// coordinator, once back, learns this worker is idle and places that attempt anew); the newest
+/// metrics are kept to send, the others and notes let go; a checkpoint is kept (the newest) to report
 /// once one answers (it is committed in the store either way, where a restart of the job finds
 /// it: `checkpointing::load_resume`).
 fn while_unreachable(
@@ -405,6 +410,7 @@ fn while_unreachable(
     queued: &mut Option<Assignment>,
     undelivered: &mut Option<AssignmentDone>,
     unreported: &Unreported,
+    last_metrics: &mut Option<smelt_proto::v1::StepMetrics>,
     logs: &LogCapture,
 ) {
     match ev {
@@ -425,7 +431,10 @@ fn while_unreachable(
             warn!(job_id = %r.job_id, step = r.step, uri = %r.uri, "checkpoint committed but not reported: the coordinator is away (reported once it is back)");
             keep_unreported(unreported, r);
         }
-        RunEvent::Metrics(_) | RunEvent::Note(_) => {}
+        // the newest step's metrics are kept for the coordinator (its record of the run's last
+        // loss, and the history's last point); the others are let go
+        RunEvent::Metrics(m) => *last_metrics = Some(m),
+        RunEvent::Note(_) => {}
     }
 }
 
