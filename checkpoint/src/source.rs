@@ -15,7 +15,7 @@ use tracing::warn;
 
 use crate::error::{CheckpointError, Result};
 use crate::manifest::HeadConfig;
-use crate::layout::{checkpoints_root, parent_uri, step_dir_name, step_of_uri, MANIFEST, MODEL};
+use crate::layout::{checkpoints_root, parent_uri, step_dir_name, step_of_uri, MANIFEST, MODEL, OPTIMIZER};
 use crate::read::{list_committed, load_model_verified, Skipped, VerifiedModel};
 
 /// Where a job id's models are: its checkpoints under `<checkpoint_store>/jobs/<job>/ckpt/`, its
@@ -93,6 +93,11 @@ pub fn resolve_model(source: &str, jobs: &JobLocations) -> Result<ModelSource> {
     // A step directory under `ckpt/` without a manifest is an upload that never finished: its
     // model.safetensors may be partial, so it is not read.
     if step_of_uri(s).is_some() && parent_uri(s).is_some_and(|p| p.ends_with("/ckpt")) {
+        return Err(CheckpointError::NotCommitted { uri: dir.uri().to_string() });
+    }
+    // likewise a directory of another name holding a checkpoint's optimizer state beside the
+    // model (a step directory renamed or copied without its manifest)
+    if dir.size(OPTIMIZER)?.is_some() {
         return Err(CheckpointError::NotCommitted { uri: dir.uri().to_string() });
     }
     match dir.get(MODEL) {

@@ -93,6 +93,11 @@ fn an_unfinished_upload_is_never_read() {
     std::fs::remove_file(ckpt(dir.path(), 20).join("MANIFEST.json")).unwrap();
     let e = resolve_model(ckpt(dir.path(), 20).to_str().unwrap(), &JobLocations::default()).unwrap_err();
     assert!(matches!(e, CheckpointError::NotCommitted { .. }), "{e}");
+    // nor under another name (a step directory renamed or copied without its manifest)
+    let renamed = dir.path().join("jobs/job-000001/ckpt/b");
+    std::fs::rename(ckpt(dir.path(), 20), &renamed).unwrap();
+    let e = resolve_model(renamed.to_str().unwrap(), &JobLocations::default()).unwrap_err();
+    assert!(matches!(e, CheckpointError::NotCommitted { .. }), "{e}");
     let e = resolve_model(dir.path().join("nothing-here").to_str().unwrap(), &JobLocations::default()).unwrap_err();
     assert!(e.to_string().contains("nothing-here") && e.to_string().contains("model.safetensors"), "{e}");
 }

@@ -27,8 +27,8 @@ pub struct TrainArgs {
     /// UTF-8 text to train on.
     #[arg(long)]
     pub text: PathBuf,
-    /// Tokenizer: char (the text's own characters), byte or gpt2 (with --init-from: the
-    /// model's, which this must name if given).
+    /// Tokenizer: char (the text's own characters; the default), byte or gpt2 (with
+    /// --init-from: the model's, which this must name if given).
     #[arg(long)]
     pub tokenizer: Option<String>,
     /// Start from this model's weights (a model.safetensors, e.g. from `smelt import hf`, a
@@ -41,12 +41,16 @@ pub struct TrainArgs {
     /// Model preset (gpt2-124m, gpt2-350m, char-small, tiny, test ...); the sizes below override it.
     #[arg(long, default_value = "tiny")]
     pub preset: String,
+    /// Transformer blocks (overrides the preset's).
     #[arg(long)]
     pub n_layer: Option<usize>,
+    /// Attention heads per block; must divide --n-embd.
     #[arg(long)]
     pub n_head: Option<usize>,
+    /// Width of the residual stream (embedding size).
     #[arg(long)]
     pub n_embd: Option<usize>,
+    /// Positions the model takes (its context length; --seq is at most this).
     #[arg(long)]
     pub block_size: Option<usize>,
     /// LayerNorm after each residual add (the original Transformer) instead of before.
@@ -82,13 +86,16 @@ pub struct TrainArgs {
     /// wsd: steps of the final linear decay (default: a fifth of --steps).
     #[arg(long)]
     pub cooldown: Option<u64>,
+    /// AdamW's decoupled weight decay (on the matrices; see --decay-embeddings).
     #[arg(long, default_value_t = 0.1)]
     pub weight_decay: f32,
     /// Also decay the embeddings (nanoGPT decays every 2-D tensor).
     #[arg(long)]
     pub decay_embeddings: bool,
+    /// AdamW's first-moment decay.
     #[arg(long, default_value_t = 0.9)]
     pub beta1: f32,
+    /// AdamW's second-moment decay.
     #[arg(long, default_value_t = 0.95)]
     pub beta2: f32,
     /// Global gradient-norm clip (0 disables).
@@ -97,8 +104,10 @@ pub struct TrainArgs {
     /// Share of the text held out for validation (its end).
     #[arg(long, default_value_t = 0.1, allow_negative_numbers = true)]
     pub val_fraction: f64,
+    /// Evaluate on the held-out text every this many steps (and at the last; 0: only the last).
     #[arg(long, default_value_t = 100)]
     pub eval_interval: u64,
+    /// Batches of the held-out text each evaluation averages over.
     #[arg(long, default_value_t = 20)]
     pub eval_batches: usize,
     /// At each evaluation also score multiple choice: JSON lines in HellaSwag's fields (`ctx`,
@@ -108,6 +117,7 @@ pub struct TrainArgs {
     /// With --choices: the first this many examples (0: all).
     #[arg(long, default_value_t = 0, requires = "choices")]
     pub choices_max: usize,
+    /// Seeds the initial weights and the order of the training windows.
     #[arg(long, default_value_t = 1337)]
     pub seed: u64,
     /// Directory for model.safetensors and metrics.jsonl.
