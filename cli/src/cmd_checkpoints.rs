@@ -140,6 +140,12 @@ fn list(a: &ListArgs) -> Result<()> {
             println!("{} step {}: {}", r.job, r.step, r.status);
         }
     }
+    // as a checker does (`sha256sum -c`): everything listed, then a non-zero exit when any
+    // checkpoint does not verify, so a script need not parse the table
+    let bad = rows.iter().filter(|r| r.status.contains(':')).count();
+    if bad > 0 {
+        anyhow::bail!("{bad} of {} checkpoints do not verify (listed above)", rows.len());
+    }
     Ok(())
 }
 

@@ -116,6 +116,7 @@ fn export_verifies_checkpoints_on_file_stores_and_a_job_id_falls_back() {
     // The listing says which one is corrupt.
     let o = smelt(&["checkpoints", "list", &format!("file://{}", store.join("jobs/job-000007/ckpt").display())], &[]);
     let listing = text_of(&o);
+    assert!(!o.status.success() && listing.contains("error: 1 of 2 checkpoints do not verify (listed above)"), "{listing}");
     let row20 = listing.lines().find(|l| l.contains("00000020")).unwrap_or_else(|| panic!("{listing}"));
     let row10 = listing.lines().find(|l| l.contains("00000010")).unwrap_or_else(|| panic!("{listing}"));
     assert!(row20.contains(" corrupt "), "{listing}");
@@ -161,7 +162,7 @@ fn export_and_list_read_checkpoints_over_s3() {
     assert!(!o.status.success() && e.contains("s3://ckpts/run/jobs/job-000007/ckpt/00000020/model.safetensors") && e.contains("sha256"), "{e}");
     let o = smelt(&["checkpoints", "list", "s3://ckpts/run"], &env);
     let listing = text_of(&o);
-    assert!(o.status.success(), "{listing}");
+    assert!(!o.status.success(), "{listing}");
     assert!(listing.lines().any(|l| l.contains("00000020") && l.contains("corrupt")), "{listing}");
     assert!(listing.lines().any(|l| l.contains("00000010") && l.contains(" ok ")), "{listing}");
 }
