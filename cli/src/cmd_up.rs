@@ -175,28 +175,6 @@ impl Drop for Cluster {
     }
 }
 
-/// The spec's files that its workers read from their own disk (paths, not URIs nor job ids).
-fn local_files(spec: &smelt_jobspec::JobSpec) -> Vec<(&'static str, String)> {
-    let mut out = Vec::new();
-    let mut add = |field: &'static str, v: Option<&String>| {
-        if let Some(v) = v.map(|v| v.trim()).filter(|v| !v.is_empty() && !smelt_corpus::store::has_scheme(v)) {
-            if !smelt_checkpoint::looks_like_job_id(v) {
-                out.push((field, v.to_string()));
-            }
-        }
-    };
-    add("data.text", spec.data.text.as_ref());
-    add("data.corpus", spec.data.corpus.as_ref());
-    add("train.eval_choices", spec.train.eval_choices.as_ref());
-    add("model.init_from", spec.model.init_from.as_ref());
-    if let Some(f) = &spec.finetune {
-        add("finetune.init_from", Some(&f.init_from));
-        add("finetune.data", Some(&f.data));
-        add("finetune.val_data", f.val_data.as_ref());
-    }
-    out
-}
-
 pub fn run(a: UpArgs) -> Result<()> {
     // The spec is read before anything starts: one that does not parse, or that needs more
     // workers than this cluster will have, would otherwise wait or fail behind a running cluster.
@@ -230,10 +208,11 @@ pub fn run(a: UpArgs) -> Result<()> {
     if let (Some(spec), Some(path)) = (&spec, &a.submit) {
         // the workers started here read the spec's local files from this directory: one that
         // is not there is said now, not after the cluster has started and the job failed
-        for (field, file) in local_files(spec) {
-            if !std::path::Path::new(&file).exists() {
+        for l in spec.locations() {
+            let Some(file) = l.local_input(smelt_checkpoint::looks_like_job_id) else { continue };
+            if !std::path::Path::new(file).exists() {
                 let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_default();
-                bail!("--submit {}: {field} {file}: no such file (the workers smelt up starts read it from {cwd})", path.display());
+                bail!("--submit {}: {} {file}: no such file (the workers smelt up starts read it from {cwd})", path.display(), l.field);
             }
         }
     }
@@ -262,6 +241,11 @@ pub fn run(a: UpArgs) -> Result<()> {
             unsafe { cmd.pre_exec(crate::signals::exit_with_parent()) };
         }
         if name == "coordinator" {
+            // the line `smelt up` waits for is logged whatever RUST_LOG the user quiets the
+            // cluster with (`RUST_LOG=warn` hid it: "did not start listening within 30s")
+            if let Some(filter) = std::env::var("RUST_LOG").ok().filter(|f| !f.trim().is_empty()) {
+                cmd.env("RUST_LOG", format!("{filter},{}=info", smelt_proto::READY_TARGET));
+            }
             // out of the terminal's process group: a Ctrl-C reaches the workers (they drain)
             // but not the coordinator, which `smelt up` stops once they have reported to it
             use std::os::unix::process::CommandExt;

@@ -43,12 +43,12 @@ struct Up {
 }
 
 /// Starts `smelt up` with one CPU worker on a free port, submitting `spec`, and waits until its
-/// job has committed a checkpoint.
-fn up_until_a_checkpoint(dir: &Path, spec: &Path) -> Up {
+/// job has committed a checkpoint (`rust_log`: the RUST_LOG `smelt up` is run under).
+fn up_until_a_checkpoint(dir: &Path, spec: &Path, rust_log: Option<&str>) -> Up {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("127.0.0.1:{port}");
     let state = dir.join("state");
-    let up = spawn_up(&addr, &state, spec, &dir.join("up.log"));
+    let up = spawn_up(&addr, &state, spec, &dir.join("up.log"), rust_log);
     let deadline = Instant::now() + Duration::from_secs(120);
     let ckpt = state.join("jobs/job-000001/ckpt");
     while !std::fs::read_dir(&ckpt).map(|d| d.flatten().any(|e| e.path().join("MANIFEST.json").exists())).unwrap_or(false) {
@@ -59,11 +59,15 @@ fn up_until_a_checkpoint(dir: &Path, spec: &Path) -> Up {
 }
 
 /// `smelt up` with one CPU worker listening on `addr`, its data in `state`, submitting `spec`,
-/// its output in `log`.
-fn spawn_up(addr: &str, state: &Path, spec: &Path, log: &Path) -> Proc {
+/// its output in `log`, under `rust_log` when given.
+fn spawn_up(addr: &str, state: &Path, spec: &Path, log: &Path, rust_log: Option<&str>) -> Proc {
     let log = std::fs::File::create(log).unwrap();
+    let mut up = smelt();
+    if let Some(filter) = rust_log {
+        up.env("RUST_LOG", filter);
+    }
     Proc(
-        smelt()
+        up
             .args(["up", "--workers", "1", "--device", "cpu", "--listen", addr, "--data-dir"])
             .arg(state)
             .arg("--submit")
@@ -118,7 +122,7 @@ fn smelt_up_refuses_a_port_another_coordinator_holds() {
 fn sigkill_to_smelt_up_leaves_no_process_of_its_cluster_running() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(dir.path(), 1_000_000);
-    let Up { mut up, addr: _, state } = up_until_a_checkpoint(dir.path(), &spec);
+    let Up { mut up, addr: _, state } = up_until_a_checkpoint(dir.path(), &spec, None);
     unsafe { libc::kill(up.0.id() as i32, libc::SIGKILL) };
     wait_exit(&mut up, Duration::from_secs(10), dir.path());
     // (a worker that cannot report its run's end waits for the coordinator half a minute)
@@ -137,7 +141,7 @@ fn sigkill_to_smelt_up_leaves_no_process_of_its_cluster_running() {
 fn sigterm_to_smelt_up_stops_its_whole_cluster() {
     let dir = tempfile::tempdir().unwrap();
     let spec = spec(dir.path(), 1_000_000);
-    let Up { mut up, addr, state } = up_until_a_checkpoint(dir.path(), &spec);
+    let Up { mut up, addr, state } = up_until_a_checkpoint(dir.path(), &spec, None);
     // a second `smelt up` on the same data dir is refused in its own words (it said "--db")
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let o = smelt().args(["up", "--workers", "1", "--device", "cpu", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"]).arg(&state).stdin(Stdio::null()).output().unwrap();
@@ -156,7 +160,7 @@ fn sigterm_to_smelt_up_stops_its_whole_cluster() {
 
     // `smelt up` again with the same --submit on the same data dir follows the unfinished job
     // (it resumes) rather than submitting a second copy
-    let mut again = spawn_up(&addr, &state, &spec, &dir.path().join("up2.log"));
+    let mut again = spawn_up(&addr, &state, &spec, &dir.path().join("up2.log"), None);
     let deadline = Instant::now() + Duration::from_secs(120);
     let log2 = || std::fs::read_to_string(dir.path().join("up2.log")).unwrap_or_default();
     while !log2().contains("following it") {
@@ -179,7 +183,9 @@ fn smelt_up_starts_a_worker_that_died_again_and_its_job_ends() {
     let spec = spec(dir.path(), 300);
     let text = std::fs::read_to_string(&spec).unwrap();
     std::fs::write(&spec, format!("max_restarts = 2\n{text}")).unwrap();
-    let Up { mut up, state, .. } = up_until_a_checkpoint(dir.path(), &spec);
+    // under a RUST_LOG that quiets everything but `up`'s own lines: its coordinator still says
+    // when it listens (it waited 30 s and gave up), and a worker started again is still seen
+    let Up { mut up, state, .. } = up_until_a_checkpoint(dir.path(), &spec, Some("warn,smelt::cmd_up=info"));
     let workers: Vec<String> = processes_naming(&state.display().to_string()).into_iter().filter(|p| p.contains(" worker ")).collect();
     assert_eq!(workers.len(), 1, "{workers:#?}");
     let pid: i32 = workers[0].split(':').next().unwrap().parse().unwrap();
@@ -207,8 +213,13 @@ fn smelt_up_refuses_a_job_it_could_never_run_before_starting() {
     // a fine-tuning job whose examples are not where its workers would read them
     let missing = dir.path().join("finetune.toml");
     std::fs::write(&missing, "name = \"ft\"\nkind = \"finetune\"\n[finetune]\ninit_from = \"job-000001\"\nhead = \"classification\"\nnum_labels = 2\ndata = \"no-such/labels.jsonl\"\n[train]\nsteps = 5\nglobal_batch = 4\nmicro_batch = 4\nseq_len = 16\nlr = 1e-4\n").unwrap();
+    // a mixture whose first corpus is a path that is not there (the second, a URI, is the
+    // store's to find)
+    let mix = dir.path().join("mix.toml");
+    std::fs::write(&mix, "name = \"mix\"\n[model]\npreset = \"tiny\"\n[[data.mix]]\ncorpus = \"no-such/web\"\nweight = 1.0\n[[data.mix]]\ncorpus = \"s3://bucket/code\"\nweight = 1.0\n[train]\nsteps = 5\nglobal_batch = 4\nmicro_batch = 4\nseq_len = 16\nlr = 1e-4\n").unwrap();
     let state = dir.path().join("state");
     for (spec, want) in [
+        (mix, "data.mix[0].corpus no-such/web: no such file"),
         (PathBuf::from(&two), "needs 2 workers (cluster.world_size = 2), but this cluster starts 1: pass --workers 2"),
         (bad, "`model.preset`"),
         (missing, "finetune.data no-such/labels.jsonl: no such file (the workers smelt up starts read it from "),

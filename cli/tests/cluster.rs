@@ -286,6 +286,31 @@ fn job_waits_queued_until_enough_workers_exist() {
     c.wait_state(&job.id, JobState::Succeeded, LONG);
 }
 
+/// A coordinator stopped (SIGSTOP: a VM paused, a host starved of CPU) for twice its lease and
+/// then continued has read no heartbeat meanwhile; the silence was its own. Its workers, training
+/// all along, are not declared lost: the job goes on in its first attempt (it allows no restart,
+/// so a lease expired would have failed it).
+#[test]
+fn a_coordinator_stalled_past_the_lease_loses_no_worker() {
+    let mut c = Cluster::new();
+    c.start_worker();
+    let job = c.submit(&c.spec("stalled", 1, 4, 1_000_000, 0)).unwrap();
+    c.wait_job(&job.id, "a few steps", LONG, |j| j.last_step >= 3);
+    let pid = c.coordinator.as_ref().unwrap().child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    std::thread::sleep(Duration::from_millis(3000)); // the lease is 1.5 s
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let step = c.job(&job.id).last_step;
+    // longer than a lease after the stall: a lease taken from before it would have run out
+    c.wait_job(&job.id, "steps after the stall", LONG, |j| j.last_step > step + 3);
+    std::thread::sleep(Duration::from_millis(2000));
+    let j = c.job(&job.id);
+    assert!(j.state == JobState::Running as i32 && j.attempt == 1 && j.restarts == 0, "{j:?}\n{}", c.logs());
+    assert!(c.worker_states().iter().all(|&s| s == WorkerState::Busy as i32), "{:?}\n{}", c.worker_states(), c.logs());
+    let coordinator_log = std::fs::read_to_string(c.dir.path().join("coordinator.log")).unwrap();
+    assert!(coordinator_log.contains("every worker's lease starts afresh"), "{coordinator_log}");
+}
+
 #[test]
 fn cancel_stops_the_workers() {
     let mut c = Cluster::new();

@@ -55,6 +55,21 @@ impl State {
             .collect()
     }
 
+    /// The coordinator itself was stalled for `gap` (its process stopped, its VM paused, its
+    /// host starved it of CPU): the heartbeats of that time wait unread in its sockets, so the
+    /// workers' silence is its own, not theirs. Every lease starts afresh, as after a restart,
+    /// rather than healthy workers being declared lost and their jobs restarted or failed.
+    pub fn coordinator_stalled(&mut self, now: Instant, gap: Duration) {
+        warn!(
+            stalled_ms = gap.as_millis() as u64,
+            lease_timeout_ms = self.lease_timeout.as_millis() as u64,
+            "the coordinator did not run for longer than half a lease (stopped, paused or starved of CPU): every worker's lease starts afresh"
+        );
+        for w in self.workers.values_mut() {
+            w.last_seen = w.last_seen.max(now);
+        }
+    }
+
     pub fn expire_leases(&mut self, now: Instant) {
         if self.shutting_down {
             return;
@@ -77,10 +92,19 @@ pub async fn run_lease_checker(coord: Coordinator) {
     let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stop = coord.shutdown_signal();
+    let mut last_check = Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => coord.with(|st| {
-                st.expire_leases(Instant::now());
+                // ticks come every `period` (at most a quarter lease): a gap of half a lease is
+                // the coordinator's own stall, which must not be taken for the workers'
+                let now = Instant::now();
+                let gap = now.saturating_duration_since(last_check);
+                last_check = now;
+                if gap > lease / 2 {
+                    st.coordinator_stalled(now, gap);
+                }
+                st.expire_leases(now);
                 st.end_overdue_wind_downs(Instant::now());
                 // every event that frees workers schedules; this also places what waited on a
                 // time (a restored coordinator's hold on preemption running out)

@@ -132,7 +132,7 @@ impl Bound {
     /// coordinator on the same file takes them over.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let Bound { listener, addr, coord, store, auth, tls } = self;
-        info!(addr = %addr, db = %store.path().display(), token = auth.enabled(), tls = tls.is_some(), "coordinator listening");
+        info!(target: smelt_proto::READY_TARGET, addr = %addr, db = %store.path().display(), token = auth.enabled(), tls = tls.is_some(), "coordinator listening");
         let lease = tokio::spawn(run_lease_checker(coord.clone()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         // gRPC (HTTP/2) and the dashboard (HTTP/1.1 from browsers) on one port.

@@ -55,6 +55,7 @@
 
 mod family;
 mod locations;
+pub use locations::{scheme_of, Location, LocationKind};
 mod toml_error;
 
 pub use family::{Arch, BertObjective, BertSpecials, ContrastiveViews, FamilyConfig, T5Specials};

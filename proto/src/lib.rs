@@ -18,6 +18,11 @@ pub const MAX_RECONNECT_BACKOFF: std::time::Duration = std::time::Duration::from
 /// logs as job events too, where `jobs get` and `--follow` show them, not only in `jobs logs`.
 pub const JOB_WARNING_TARGET: &str = "smelt::job";
 
+/// The log target of the coordinator's "coordinator listening" line, which `smelt up` (and any
+/// supervisor reading its log) waits for: its own target, so a `RUST_LOG` that quiets the rest
+/// (`warn`) can be given `,smelt::ready=info` and still show it.
+pub const READY_TARGET: &str = "smelt::ready";
+
 pub mod auth;
 pub mod tls;
 pub mod wrong_server;
