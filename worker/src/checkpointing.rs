@@ -353,6 +353,9 @@ fn probe_writable(root: &StoreDir, every: u64) -> Result<()> {
     let written = smelt_checkpoint::upload::with_retry(&policy, &root.uri_of(&name), || root.put(&name, &b"smelt"[..]))
         .and_then(|()| root.delete(&name));
     written.map_err(|e| {
+        // the probe's name is unique per call; the error names the place, so that the next
+        // attempt's failure reads the same and the job is not restarted into it again and again
+        let e = e.to_string().replace(&name, ".write-probe");
         anyhow!(
             "the checkpoint store cannot be written: {e} (the job checkpoints every {every} steps, and a job that cannot would lose \
              its work to the first failure: fix [checkpoint] store or its credentials, or set [checkpoint] every = 0)"
@@ -735,6 +738,18 @@ mod tests {
         assert!(optimizer_at(host(7), 7).is_ok());
         let e = optimizer_at(host(8), 7).err().expect("an update applied after all").to_string();
         assert!(e.contains("8 steps") && e.contains("the 7 of the last completed step"), "{e}");
+    }
+
+    #[test]
+    fn a_store_that_cannot_be_written_fails_in_the_same_words_each_time() {
+        // (a path under a file: "not a directory" even for root, whom permissions do not stop)
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("file"), b"x").unwrap();
+        let root = StoreDir::open(&dir.path().join("file/ckpt").display().to_string()).unwrap();
+        let first = probe_writable(&root, 10).unwrap_err().to_string();
+        let second = probe_writable(&root, 10).unwrap_err().to_string();
+        assert!(first.starts_with("the checkpoint store cannot be written") && first.contains(".write-probe"), "{first}");
+        assert_eq!(first, second, "the coordinator tells a repeated failure by its words");
     }
 
     #[test]
