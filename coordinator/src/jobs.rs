@@ -19,6 +19,35 @@ pub(crate) fn looks_like_job_id(s: &str) -> bool {
 }
 
 impl State {
+    /// A parent job (`init_from = "job-…"`) must have finished: its workers would start from
+    /// whatever checkpoint it had reached (step 126 of 400, silently), and the job about to be
+    /// made (`this`) cannot be its own. A job id this coordinator does not know is left to the
+    /// workers: its weights may have been put under their directories by hand.
+    fn check_parent(&self, spec: &JobSpec, this: &str) -> Result<()> {
+        let (field, init) = match (&spec.model.init_from, &spec.finetune) {
+            (Some(m), _) => ("model.init_from", m.trim()),
+            (None, Some(f)) => ("finetune.init_from", f.init_from.trim()),
+            (None, None) => return Ok(()),
+        };
+        if init == this {
+            return Err(CoordError::InvalidArgument(format!(
+                "{field}: {init} is the id this job would get (no job {init} exists yet): name a finished job, a model file or a checkpoint"
+            )));
+        }
+        let Some(parent) = self.jobs.get(init).filter(|_| looks_like_job_id(init)) else { return Ok(()) };
+        let state = parent.row.state;
+        if !is_terminal(state) {
+            return Err(CoordError::FailedPrecondition(format!(
+                "{field}: job {init} is {} (step {} of {}): a job starts from its parent's final weights; submit this once {init} has finished, \
+                 or name one of its checkpoints (`smelt checkpoints {init}`) to start from that one now",
+                job_state_name(state),
+                parent.row.last_step,
+                parent.row.total_steps
+            )));
+        }
+        Ok(())
+    }
+
     pub fn submit(&mut self, spec_toml: String, resume_from: String) -> Result<Job> {
         let spec = JobSpec::parse(&spec_toml)?;
         match spec.kind {
@@ -63,6 +92,7 @@ impl State {
                 spec.train.steps
             )));
         }
+        self.check_parent(&spec, &format!("job-{:06}", self.next_job))?;
         let seq = self.next_job;
         self.next_job += 1;
         let id = format!("job-{seq:06}");

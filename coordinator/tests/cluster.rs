@@ -419,6 +419,33 @@ async fn cancel_aborts_the_workers() {
     coord.stop().await;
 }
 
+/// A job whose `init_from` names an unfinished job would start from whatever checkpoint that
+/// one had reached; one naming the id it is about to get would be its own parent. Both are
+/// refused at submit, naming the field; a finished (here: cancelled) parent is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_job_must_have_finished() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let child = |name: &str| spec(name, 1, 0, 0).replace("preset = \"tiny\"", "init_from = \"job-000001\"");
+    let e = jobs.submit(SubmitRequest { spec_toml: child("own-parent"), resume_from: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("model.init_from: job-000001 is the id this job would get"), "{}", e.message());
+    let parent = submit(&mut jobs, &spec("parent", 1, 0, 0)).await; // no worker: it stays queued
+    assert_eq!(parent.id, "job-000001");
+    let e = jobs.submit(SubmitRequest { spec_toml: child("early"), resume_from: String::new() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(e.message().starts_with("model.init_from: job job-000001 is queued (step 0 of 100)"), "{}", e.message());
+    let ft = "name = \"ft\"\nkind = \"finetune\"\n[finetune]\ninit_from = \"job-000001\"\nhead = \"sft\"\ndata = \"x.jsonl\"\n\
+              [train]\nsteps = 5\nglobal_batch = 2\nmicro_batch = 2\nseq_len = 16\nlr = 1e-4\n";
+    let e = jobs.submit(SubmitRequest { spec_toml: ft.into(), resume_from: String::new() }).await.unwrap_err();
+    assert!(e.message().starts_with("finetune.init_from: job job-000001 is queued"), "{}", e.message());
+    jobs.cancel_job(CancelJobRequest { job_id: parent.id.clone() }).await.unwrap();
+    let later = submit(&mut jobs, &child("later")).await;
+    assert_eq!(later.id, "job-000002");
+    coord.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors() {
     let (_d, db) = tmp();
