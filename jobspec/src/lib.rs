@@ -728,10 +728,27 @@ impl JobSpec {
             return Err(err(field, "a finetune job reads its examples from finetune.data"));
         }
         let m = &self.model;
-        let given = sizing_fields(m).into_iter().chain([("model.arch", m.arch.is_some()), ("model.init_from", m.init_from.is_some())]);
+        // every [model] field: a fine-tuning run is its parent's model (a BERT keeps its
+        // parent's dropout), so one given here would be accepted and ignored
+        let given = sizing_fields(m).into_iter().chain([
+            ("model.arch", m.arch.is_some()),
+            ("model.init_from", m.init_from.is_some()),
+            ("model.scores", m.scores.is_some()),
+            ("model.n_inner", m.n_inner.is_some()),
+            ("model.n_decoder_layer", m.n_decoder_layer.is_some()),
+            ("model.objective", m.objective.is_some()),
+            ("model.mask_prob", m.mask_prob.is_some()),
+            ("model.temperature", m.temperature.is_some()),
+            ("model.dropout", m.dropout.is_some()),
+            ("model.views", m.views.is_some()),
+            ("model.noise_density", m.noise_density.is_some()),
+            ("model.mean_span", m.mean_span.is_some()),
+            ("model.sentinels", m.sentinels.is_some()),
+        ]);
         for (field, set) in given {
             if set {
-                return Err(err(field, "a finetune job takes its model from finetune.init_from"));
+                let why = if field == "model.dropout" { " (a BERT fine-tunes with its parent's dropout)" } else { "" };
+                return Err(err(field, format!("a finetune job takes its model from finetune.init_from{why}")));
             }
         }
         self.train_config().validate(usize::MAX).map_err(|e| train_field_err(e.field.as_str(), e.message))

@@ -191,6 +191,12 @@ fn finetune_errors_name_the_field() {
     assert!(JobSpec::parse(&FINETUNE.replace("num_labels = 2", "num_labels = 2\nval_data = \"v.jsonl\"")).is_ok());
     assert_eq!(field(FINETUNE.replace("[train]", "[model]\npreset = \"tiny\"\n\n[train]")), "model.preset");
     assert_eq!(field(FINETUNE.replace("[train]", "[model]\npositions = \"rotary\"\n\n[train]")), "model.positions");
+    // every other [model] field too: each was accepted and ignored (the parent's dropout ran)
+    for given in ["dropout = 0.5", "mask_prob = 0.9", "objective = \"mlm\"", "scores = \"additive\"", "noise_density = 0.3"] {
+        let e = JobSpec::parse(&FINETUNE.replace("[train]", &format!("[model]\n{given}\n\n[train]"))).unwrap_err();
+        assert_eq!(e.field, format!("model.{}", given.split(' ').next().unwrap()), "{given}");
+        assert!(e.message.starts_with("a finetune job takes its model from finetune.init_from"), "{e}");
+    }
     assert_eq!(field(FINETUNE.replace("[train]", "[data]\ntext = \"a.txt\"\n\n[train]")), "data.text");
     assert_eq!(field(FINETUNE.replace("lr = 1e-4", "lr = 0.0")), "train.lr");
     let start = FINETUNE.find("[finetune]").unwrap();
