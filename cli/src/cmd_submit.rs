@@ -134,10 +134,14 @@ fn check_resume_from(uri: &str, job: Option<&str>) -> Result<()> {
                  retention removed, or an upload that never finished); {listing}"
             )
         }
-        Err(e) => {
+        // the store failing to answer: the workers may reach what this machine cannot
+        Err(e @ CheckpointError::Store(_)) => {
             eprintln!("warning: cannot check --resume-from {named} from here ({e}); the workers will");
             Ok(())
         }
+        // a manifest that does not parse is a checkpoint that does not verify (the workers
+        // would fail on it, a restart spent)
+        Err(e) => anyhow::bail!("--resume-from {named}: the checkpoint does not verify: {e}"),
     }
 }
 

@@ -67,6 +67,12 @@ fn a_corrupt_newest_checkpoint_is_skipped_on_restart_with_an_event_saying_why() 
     let (ok, out) = c.smelt(&["submit", resume.to_str().unwrap(), "--resume-from", &job.id]);
     assert!(!ok, "{out}");
     assert!(out.contains(&format!("{}'s latest checkpoint {bad}", job.id)) && out.contains("the checkpoint does not verify") && out.contains("sha256"), "{out}");
+    // a manifest that does not parse, likewise (it was a warning, and the workers failed)
+    let mangled = c.dir.path().join("mangled/00000010");
+    std::fs::create_dir_all(&mangled).unwrap();
+    std::fs::write(mangled.join("MANIFEST.json"), "{\"step\": 10,,}").unwrap();
+    let (ok, out) = c.smelt(&["submit", resume.to_str().unwrap(), "--resume-from", mangled.to_str().unwrap()]);
+    assert!(!ok && out.contains("the checkpoint does not verify") && out.contains("not a valid manifest"), "{out}");
     let (_, jobs) = c.smelt(&["jobs", "list"]);
     assert!(!jobs.contains("resume-bad"), "{jobs}");
 
