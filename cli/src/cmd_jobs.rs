@@ -123,10 +123,16 @@ pub fn jobs_table(jobs: &[Job]) -> String {
 /// still waiting for workers, that it will resume from it).
 fn step_line(j: &Job) -> String {
     let resumed = resumed_at(j);
-    let waiting = matches!(job_state(j), smelt_proto::v1::JobState::Queued | smelt_proto::v1::JobState::Restarting);
+    use smelt_proto::v1::JobState;
+    let waiting = matches!(job_state(j), JobState::Queued | JobState::Restarting);
+    // ended before its attempt trained (a checkpoint gone, cancelled while it waited): it
+    // never resumed
+    let ended = matches!(job_state(j), JobState::Failed | JobState::Cancelled);
     let note = if reported_loss(j).is_none() && resumed > 0 && j.last_step == resumed {
         if waiting {
             format!(" (resumes from the checkpoint at step {resumed} once placed)")
+        } else if ended {
+            format!(" (was to resume from the checkpoint at step {resumed}; ended before a step trained)")
         } else {
             format!(" (resumed from the checkpoint at step {resumed}; no step trained since)")
         }
@@ -192,6 +198,10 @@ mod tests {
         assert_eq!(step_line(&j), "37/100 (resumes from the checkpoint at step 37 once placed)");
         j.state = JobState::Running as i32;
         assert_eq!(step_line(&j), "37/100 (resumed from the checkpoint at step 37; no step trained since)");
+        for ended in [JobState::Failed, JobState::Cancelled] {
+            j.state = ended as i32;
+            assert_eq!(step_line(&j), "37/100 (was to resume from the checkpoint at step 37; ended before a step trained)");
+        }
         j.last_step = 40;
         assert_eq!(step_line(&j), "40/100");
     }
