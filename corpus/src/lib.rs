@@ -13,6 +13,7 @@
 
 pub mod error;
 pub mod format;
+mod bpe_merge;
 pub mod gpt2;
 pub mod input;
 pub mod loopback;
