@@ -84,6 +84,40 @@ pub fn run(cmd: CorpusCommand) -> Result<()> {
 
 struct Bar {
     bar: ProgressBar,
+    /// Off a terminal (a log file, CI) the bar draws nothing: a plain line every
+    /// [`PLAIN_EVERY`] instead, so a long run is not silent.
+    plain: Option<std::sync::Mutex<std::time::Instant>>,
+}
+
+const PLAIN_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+impl Bar {
+    fn new(bar: ProgressBar) -> Bar {
+        use std::io::IsTerminal;
+        let plain = (!std::io::stderr().is_terminal()).then(|| std::sync::Mutex::new(std::time::Instant::now()));
+        Bar { bar, plain }
+    }
+
+    /// `tokenize: 35.2 MiB of 78.0 MiB (45%), 12.1 MiB/s, ~4 s left; shard-00003`
+    fn plain_line(&self) -> String {
+        use indicatif::{BinaryBytes, HumanDuration};
+        let (done, total) = (self.bar.position(), self.bar.length().unwrap_or(0));
+        let secs = self.bar.elapsed().as_secs_f64().max(1e-3);
+        let rate = done as f64 / secs;
+        let mut line = format!("{}: {} of {}", self.bar.prefix(), BinaryBytes(done), BinaryBytes(total));
+        if total > 0 {
+            line += &format!(" ({:.0}%)", 100.0 * done as f64 / total as f64);
+        }
+        line += &format!(", {}/s", BinaryBytes(rate as u64));
+        if rate > 0.0 && total > done {
+            line += &format!(", ~{} left", HumanDuration(std::time::Duration::from_secs_f64((total - done) as f64 / rate)));
+        }
+        let msg = self.bar.message();
+        if !msg.is_empty() {
+            line += &format!("; {msg}");
+        }
+        line
+    }
 }
 
 impl Progress for Bar {
@@ -91,10 +125,24 @@ impl Progress for Bar {
         self.bar.set_length(total_bytes);
         self.bar.set_position(0);
         self.bar.reset_eta();
+        self.bar.reset_elapsed();
         self.bar.set_prefix(name.to_string());
+        if let Some(last) = &self.plain {
+            *last.lock().unwrap() = std::time::Instant::now();
+            if total_bytes > 0 {
+                eprintln!("{name}: {}", indicatif::BinaryBytes(total_bytes));
+            }
+        }
     }
     fn advance(&self, bytes: u64) {
         self.bar.inc(bytes);
+        if let Some(last) = &self.plain {
+            let mut last = last.lock().unwrap();
+            if last.elapsed() >= PLAIN_EVERY {
+                *last = std::time::Instant::now();
+                eprintln!("{}", self.plain_line());
+            }
+        }
     }
     fn shard(&self, name: &str, kept: bool) {
         self.bar.set_message(format!("{name}{}", if kept { " (kept)" } else { "" }));
@@ -127,7 +175,7 @@ fn run_prepare(a: PrepareArgs) -> Result<()> {
     bar.set_style(ProgressStyle::with_template(
         "{prefix:>8} {bar:30} {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec} {msg} [{elapsed_precise} < {eta_precise}]",
     )?);
-    let progress = Bar { bar };
+    let progress = Bar::new(bar);
     let report = prepare(&opts, &progress);
     progress.bar.finish_and_clear();
     let report = report?;
@@ -211,4 +259,21 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
         println!("{}: ok — {} shards, {} tokens, {} bytes; every sha256 matches", a.corpus, v.shards, v.tokens, v.bytes);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_progress_line_says_how_far_how_fast_and_what() {
+        let bar = Bar::new(ProgressBar::hidden());
+        bar.phase("tokenize", 80 << 20);
+        bar.shard("shard-00003", false);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        bar.advance(20 << 20);
+        let line = bar.plain_line();
+        assert!(line.starts_with("tokenize: 20.00 MiB of 80.00 MiB (25%), "), "{line}");
+        assert!(line.contains("/s, ~") && line.contains(" left; shard-00003"), "{line}");
+    }
 }
