@@ -79,4 +79,28 @@ fn finetune_job_runs_on_two_workers_and_records_its_parent() {
     assert_eq!(state, JobState::Failed);
     let error = c.job(&bad.id).error;
     assert!(error.contains("finetune.init_from") && error.contains("/nowhere/model.safetensors"), "{error}");
+
+    // A fine-tuning job resumed under a longer schedule and another init_from says both in its
+    // events (a GPT fine-tune said neither): the lr does not continue the checkpoint's, and the
+    // weights descend from the checkpoint's parent, whatever this spec names.
+    let checkpointed = |name: &str, init: &str, steps: u32| {
+        ft(name, init).replace("steps = 8", &format!("steps = {steps}")).replace("[cluster]", "[checkpoint]\nevery = 4\n[cluster]")
+    };
+    let first = c.submit(&checkpointed("first", parent.to_str().unwrap(), 8), "");
+    let (state, _) = c.follow(&first.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&first.id).error, c.logs());
+    let second = c.submit(&checkpointed("second", &pre.id, 12), &first.id);
+    let (state, _) = c.follow(&second.id);
+    assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&second.id).error, c.logs());
+    let wanted = ["warning: resuming with another learning-rate schedule", "warning: resuming under another finetune.init_from"];
+    let deadline = std::time::Instant::now() + harness::LONG;
+    let mut events = c.events(&second.id);
+    while !wanted.iter().all(|w| events.iter().any(|e| e.starts_with(w))) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        events = c.events(&second.id);
+    }
+    for w in wanted {
+        assert_eq!(events.iter().filter(|e| e.starts_with(w)).count(), 1, "{w}: {events:#?}");
+    }
+    assert!(!events.iter().any(|e| e.contains("other examples")), "the same examples: {events:#?}");
 }

@@ -205,6 +205,27 @@ pub fn warn_if_data_order_changes(ck: &Checkpoint, spec: &JobSpec) {
                 "resuming with other data than the checkpoint's job: the data order does not continue the checkpoint's"
             );
         }
+        if let (Some(before), Some(now)) = (&then.finetune, &spec.finetune) {
+            if (&before.data, &before.val_data) != (&now.data, &now.val_data) {
+                warn!(
+                    target: smelt_proto::JOB_WARNING_TARGET,
+                    uri = %ck.uri,
+                    checkpoint_data = %before.data,
+                    data = %now.data,
+                    "resuming with other examples than the checkpoint's job (finetune.data or val_data): the example order does not continue the checkpoint's"
+                );
+            }
+            // the weights are the checkpoint's, which descend from its job's parent
+            if before.init_from.trim() != now.init_from.trim() {
+                warn!(
+                    target: smelt_proto::JOB_WARNING_TARGET,
+                    uri = %ck.uri,
+                    checkpoint_parent = %before.init_from,
+                    parent = %now.init_from,
+                    "resuming under another finetune.init_from than the checkpoint's job: the weights are the checkpoint's, fine-tuned from its job's parent, not from this spec's"
+                );
+            }
+        }
         // a longer run, another lr or schedule: allowed, but the learning rate at the resumed
         // step is not the one the checkpoint's run was at (a cosine over more steps jumps back up)
         let (before, now) = (then.train_config().schedule, spec.train_config().schedule);
