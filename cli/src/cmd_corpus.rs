@@ -239,6 +239,12 @@ fn counted(n: u64, noun: &str) -> String {
 }
 
 fn run_verify(a: VerifyArgs) -> Result<()> {
+    // a corpus is its directory: its manifest's path read as one said "manifest.json/manifest.json:
+    // Not a directory"
+    if let Some(dir) = a.corpus.trim_end_matches('/').strip_suffix("manifest.json").filter(|d| d.is_empty() || d.ends_with('/')) {
+        let dir = if dir.is_empty() { "." } else { dir.trim_end_matches('/') };
+        bail!("{}: a corpus is named by its directory, not its manifest: give {dir}", a.corpus);
+    }
     let r = CorpusReader::open_with(&a.corpus, ReaderOptions::default())?;
     let v = match r.verify() {
         Ok(v) => v,

@@ -94,6 +94,11 @@ fn prepare_resume_verify_and_bench() {
     assert!(!o.status.success());
     let msg = text_of(&o);
     assert!(msg.contains("bad.jsonl:2") && msg.contains("no field \"text\""), "{msg}");
+    // its manifest named rather than its directory: the directory to give
+    let manifest = out.join("manifest.json");
+    let o = smelt(&["corpus", "verify", manifest.to_str().unwrap()]);
+    assert!(!o.status.success());
+    assert!(text_of(&o).contains(&format!("a corpus is named by its directory, not its manifest: give {outp}")), "{}", text_of(&o));
     // damage a shard: verify names it
     let shard = out.join("shard-00001.bin");
     let mut b = std::fs::read(&shard).unwrap();
