@@ -34,6 +34,15 @@ pub enum CheckpointError {
     NoGoodCheckpoint { root: String, skipped: Vec<String> },
 }
 
+impl CheckpointError {
+    /// A file's bytes are not those its manifest recorded (size or sha256): the checkpoint is
+    /// damaged for good. Not a store that fails to answer, nor metadata or tensors this build
+    /// cannot read (another smelt version's checkpoint may be sound).
+    pub fn is_corruption(&self) -> bool {
+        matches!(self, CheckpointError::SizeMismatch { .. } | CheckpointError::HashMismatch { .. })
+    }
+}
+
 fn skipped_text(skipped: &[String]) -> String {
     if skipped.is_empty() {
         String::new()

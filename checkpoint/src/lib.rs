@@ -45,4 +45,4 @@ pub use source::{looks_like_job_id, resolve_model, JobLocations, ModelSource};
 pub use retention::{plan_deletions, Retention};
 pub use upload::{RetryPolicy, UploadOptions};
 pub use uploader::{AsyncCheckpointer, Outcome, Submitted};
-pub use write::{commit, Committed, Snapshot};
+pub use write::{commit, set_aside, Committed, Snapshot, SET_ASIDE_MANIFEST};

@@ -35,6 +35,8 @@ impl Checkpoint {
 pub struct Skipped {
     pub uri: String,
     pub reason: String,
+    /// It failed by being damaged ([`CheckpointError::is_corruption`]), not by the store.
+    pub corrupt: bool,
 }
 
 fn bad(uri: String, message: impl Into<String>) -> CheckpointError {
@@ -201,7 +203,7 @@ pub fn load_latest_good(root: &StoreDir, at_most: Option<u64>) -> Result<(Checkp
             Ok(c) => return Ok((c, skipped)),
             Err(e) => {
                 warn!(uri = %uri, step, error = %e, "checkpoint failed verification; trying the previous one");
-                skipped.push(Skipped { uri, reason: e.to_string() });
+                skipped.push(Skipped { uri, reason: e.to_string(), corrupt: e.is_corruption() });
             }
         }
     }
@@ -225,7 +227,7 @@ pub fn load_or_fall_back(uri: &str) -> Result<Resumed> {
         Ok(checkpoint) => Ok(Resumed { checkpoint, skipped: Vec::new() }),
         Err(e) => {
             warn!(uri = %uri, error = %e, "checkpoint failed verification; falling back to the previous good one");
-            let first = Skipped { uri: uri.to_string(), reason: e.to_string() };
+            let first = Skipped { uri: uri.to_string(), reason: e.to_string(), corrupt: e.is_corruption() };
             let (Some(step), Some(parent)) = (step_of_uri(uri), parent_uri(uri)) else { return Err(e) };
             let root = StoreDir::open(&parent)?;
             let below = step.checked_sub(1).ok_or(e)?;

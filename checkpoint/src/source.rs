@@ -136,7 +136,7 @@ fn from_job(job: &str, jobs: &JobLocations) -> Result<ModelSource> {
             Ok(v) => Some(v),
             Err(e) => {
                 warn!(job, uri = %dir.uri(), error = %e, "checkpoint failed verification; looking for another model of the job");
-                skipped.push(Skipped { uri: dir.uri().to_string(), reason: e.to_string() });
+                skipped.push(Skipped { uri: dir.uri().to_string(), reason: e.to_string(), corrupt: e.is_corruption() });
                 None
             }
         }

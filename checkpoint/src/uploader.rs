@@ -67,7 +67,7 @@ impl AsyncCheckpointer {
                             Outcome::Committed(c)
                         }
                         Err(e) => {
-                            warn!(uri = %dir.uri(), step, error = %e, "checkpoint upload failed; training goes on, the next checkpoint tries again");
+                            warn!(uri = %dir.uri(), step, error = %e, "checkpoint upload failed; the run's next checkpoint, if it makes one, tries again");
                             Outcome::Failed { step, error: e.to_string() }
                         }
                     };

@@ -141,6 +141,25 @@ pub fn commit(root: &StoreDir, snapshot: &Snapshot, opts: &UploadOptions) -> Res
     Ok(Committed { step, uri: dir.uri().to_string(), manifest_sha256, bytes })
 }
 
+/// Where a set-aside checkpoint's manifest goes ([`set_aside`]).
+pub const SET_ASIDE_MANIFEST: &str = "MANIFEST.json.corrupt";
+
+/// Uncommits the damaged checkpoint at `uri`: its manifest is kept as `MANIFEST.json.corrupt`
+/// and `MANIFEST.json` deleted. The directory is then an uncommitted one: its files stay until
+/// the step is written again (over them) or retention sweeps it as it sweeps an upload that died. A committed step is
+/// never overwritten, so a corrupt one kept its step from being written again when the job got
+/// there after resuming from an earlier one, and retention counted it among the `keep_last`,
+/// deleting the good checkpoint just resumed from.
+pub fn set_aside(uri: &str, opts: &UploadOptions) -> Result<()> {
+    let dir = StoreDir::open(uri)?;
+    let policy = &opts.retry;
+    let manifest = with_retry(policy, &dir.uri_of(MANIFEST), || dir.get(MANIFEST))?;
+    with_retry(policy, &dir.uri_of(SET_ASIDE_MANIFEST), || dir.put(SET_ASIDE_MANIFEST, manifest.clone()))?;
+    with_retry(policy, &dir.uri_of(MANIFEST), || dir.delete(MANIFEST))?;
+    info!(uri = %uri, kept_as = SET_ASIDE_MANIFEST, "corrupt checkpoint set aside (uncommitted)");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,6 +142,20 @@ fn a_flipped_byte_or_a_short_file_is_detected_and_the_previous_checkpoint_used()
     assert_eq!(r.skipped.len(), 2, "{:?}", r.skipped);
     assert!(r.skipped[0].uri.ends_with("00000030") && r.skipped[0].reason.contains("sha256"), "{:?}", r.skipped);
     assert!(r.skipped[1].uri.ends_with("00000020") && r.skipped[1].reason.contains("size"), "{:?}", r.skipped);
+    assert!(r.skipped.iter().all(|s| s.corrupt), "damaged files, not a store failing: {:?}", r.skipped);
+
+    // Set aside, step 30 is no longer committed (retention does not count it), its manifest is
+    // kept beside its files, and the step can be written again.
+    smelt_checkpoint::set_aside(&uri30, &opts()).unwrap();
+    assert_eq!(list_committed(&root).unwrap().iter().map(|c| c.0).collect::<Vec<_>>(), vec![10, 20]);
+    assert!(ckpt("00000030").join(smelt_checkpoint::SET_ASIDE_MANIFEST).exists());
+    commit(&root, &snapshot(&cfg, 30), &opts()).unwrap();
+    assert_eq!(load_verified(&uri30).unwrap().params, snapshot(&cfg, 30).params);
+    commit(&root, &snapshot(&cfg, 30), &opts()).unwrap_err(); // committed again: never overwritten
+    let p = ckpt("00000030").join(OPTIMIZER);
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes[mid] ^= 0x01;
+    std::fs::write(&p, bytes).unwrap();
 
     // With nothing good left, the error lists every checkpoint skipped and why.
     let p = ckpt("00000010").join(MANIFEST);

@@ -37,7 +37,7 @@ pub struct PrepareArgs {
     /// gpt2 (OpenAI's GPT-2 BPE), char (the inputs' characters) or byte.
     #[arg(long, default_value = "gpt2")]
     pub tokenizer: String,
-    /// Output: a local path, file://, memory://, s3://, gs:// or az:// URI.
+    /// Output: a local path, file://, s3://, gs:// or az:// URI.
     #[arg(long)]
     pub out: String,
     /// The JSONL field (or Parquet column) that holds the text.
@@ -150,6 +150,11 @@ impl Progress for Bar {
 }
 
 fn run_prepare(a: PrepareArgs) -> Result<()> {
+    // a memory store lives in one process: this one's, which ends with the command ("1 shard
+    // written", and nothing anywhere)
+    if a.out.trim().to_ascii_lowercase().starts_with("memory://") {
+        bail!("--out {}: a memory:// store lives only inside one process and is gone when this command ends; give a path or an s3://, gs:// or az:// URI", a.out);
+    }
     let val = match (a.val_fraction, a.val_docs) {
         (Some(f), _) => ValSplit::Fraction(f),
         (None, Some(n)) => ValSplit::Docs(n),

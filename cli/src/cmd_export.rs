@@ -85,8 +85,23 @@ pub struct LogitsArgs {
 
 pub fn run(c: ExportCommand) -> Result<()> {
     match c {
-        ExportCommand::Hf(a) => export_hf(&a),
-        ExportCommand::Logits(a) => export_logits(&a),
+        // one line on success (the log's line is below the export's default level): what was
+        // written and as what
+        ExportCommand::Hf(a) => {
+            export_hf(&a)?;
+            let arch = std::fs::read(a.out.join("config.json"))
+                .ok()
+                .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                .and_then(|c| c["architectures"][0].as_str().map(String::from))
+                .unwrap_or_else(|| "a model".into());
+            println!("{}: {arch} for Hugging Face transformers (`from_pretrained`), from {}", a.out.display(), a.model);
+            Ok(())
+        }
+        ExportCommand::Logits(a) => {
+            export_logits(&a)?;
+            println!("{}: logits of {} for {} token ids", a.out.display(), a.model, a.ids.len());
+            Ok(())
+        }
     }
 }
 

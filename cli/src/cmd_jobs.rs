@@ -156,6 +156,21 @@ fn print_job(j: &Job, json: bool) -> Result<()> {
         ("attempt", format!("{} (restarts {}/{})", j.attempt, j.restarts, j.max_restarts)),
         ("step", step_line(j)),
     ];
+    // where its weights come from: the model it started from, the checkpoint this attempt
+    // resumed from, the newest checkpoint recorded
+    // (read, not validated: a spec stored before a newer rule still names its parent)
+    let spec = toml::from_str::<smelt_jobspec::JobSpec>(&j.spec_toml).ok();
+    if let Some(parent) = spec.as_ref().and_then(|s| s.model.init_from.clone().or_else(|| s.finetune.as_ref().map(|f| f.init_from.clone()))) {
+        lines.push(("parent", parent));
+    }
+    // (one still waiting for workers has not resumed yet: its step line says from where it will)
+    let waiting = matches!(job_state(j), smelt_proto::v1::JobState::Queued | smelt_proto::v1::JobState::Restarting);
+    if !j.resume_from.is_empty() && !waiting {
+        lines.push(("resumed", j.resume_from.clone()));
+    }
+    if !j.last_checkpoint_uri.is_empty() {
+        lines.push(("last ckpt", format!("step {}: {}", j.last_checkpoint_step, j.last_checkpoint_uri)));
+    }
     if let Some(l) = reported_loss(j) {
         lines.push(("loss", format!("{l:.4}")));
     }

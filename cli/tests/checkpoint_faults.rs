@@ -82,7 +82,11 @@ fn a_corrupt_newest_checkpoint_is_skipped_on_restart_with_an_event_saying_why() 
     let events = c.events(&job.id).join("\n");
     let line = events.lines().find(|l| l.contains(&format!("checkpoint {bad} skipped"))).unwrap_or_else(|| panic!("no event names the skipped checkpoint:\n{events}"));
     assert!(line.contains("model.safetensors") && line.contains("sha256"), "{line}");
-    let instead = line.rsplit("resuming from ").next().unwrap().trim_end_matches(" instead");
+    let instead = line.split("resuming from ").nth(1).unwrap().split(" instead").next().unwrap();
+    // set aside (uncommitted), so that the job writes that step again when it gets there rather
+    // than fail to ("already committed") and count the corrupt one among those retention keeps
+    assert!(line.contains("its manifest is now MANIFEST.json.corrupt"), "{line}");
+    assert!(!events.contains("is already committed"), "{events}");
     let (bad_step, used) = (smelt_checkpoint::step_of_uri(&bad).unwrap(), smelt_checkpoint::step_of_uri(instead).unwrap());
     assert!(used < bad_step, "resumed from step {used}, the corrupt one was {bad_step}: {line}");
     // the job records where its attempt started: the checkpoint used, not the one assigned
@@ -151,6 +155,8 @@ fn a_finetune_job_killed_with_sigkill_resumes_from_its_checkpoint_bitwise() {
     assert!((0.0..=1.0).contains(&acc));
     let (ok, shown) = c.smelt(&["jobs", "get", &killed.id]);
     assert!(ok && shown.contains(&format!("val acc   {acc:.4}")), "{shown}");
+    // where its weights come from: the parent, the checkpoint its attempt resumed from
+    assert!(shown.contains(&format!("resumed   {}\n", done.resume_from)) && shown.contains(&format!("parent    {}\n", parent_file.display())), "{shown}");
 
     let whole = c.submit(&spec("ft-whole", 0), "");
     c.wait_succeeded(&whole.id);

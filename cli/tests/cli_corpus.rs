@@ -48,7 +48,20 @@ fn prepare_resume_verify_and_bench() {
     let first = json_of(&o);
     assert_eq!(first["complete"], false);
     assert_eq!(first["shards_written"], 2);
+    assert!(!out.join("prepare.lock").exists(), "the lock goes with the run");
+    // one run at a time per output: the lock of a running process (here: this test's) refuses
+    // a second run; one a process left that no longer runs is taken over
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_string();
+    let lock = |pid: u32| std::fs::write(out.join("prepare.lock"), serde_json::json!({"host": host, "pid": pid}).to_string()).unwrap();
+    lock(std::process::id());
+    let o = prep(&[]);
+    assert!(!o.status.success() && text_of(&o).contains("another `smelt corpus prepare` is writing here"), "{}", text_of(&o));
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    lock(dead);
     let second = json_of(&prep(&[]));
+    assert!(!out.join("prepare.lock").exists());
     assert_eq!(second["complete"], true);
     assert_eq!(second["shards_kept"], 2);
     assert_eq!(second["resume_bytes_read"], 0, "kept on size and ETag, unread");
@@ -94,6 +107,9 @@ fn prepare_resume_verify_and_bench() {
     assert!(!o.status.success());
     let msg = text_of(&o);
     assert!(msg.contains("bad.jsonl:2") && msg.contains("no field \"text\""), "{msg}");
+    // a memory store would be gone with the command
+    let o = smelt(&["corpus", "prepare", "--input", input.to_str().unwrap(), "--out", "memory://scratch/c"]);
+    assert!(!o.status.success() && text_of(&o).contains("lives only inside one process"), "{}", text_of(&o));
     // its manifest named rather than its directory: the directory to give
     let manifest = out.join("manifest.json");
     let o = smelt(&["corpus", "verify", manifest.to_str().unwrap()]);

@@ -110,6 +110,9 @@ fn export_hf_has_gpt2_names_shapes_and_dtypes() {
     let out = dir.path().join("hf");
     let o = smelt(&["export", "hf", model.parent().unwrap().to_str().unwrap(), out.to_str().unwrap()]);
     assert!(o.status.success(), "export failed: {}", text_of(&o));
+    // one line says what was written, as what (the export was silent)
+    let said = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(said.trim(), format!("{}: GPT2LMHeadModel for Hugging Face transformers (`from_pretrained`), from {}", out.display(), model.parent().unwrap().display()));
 
     let cfg: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["model_type"], "gpt2");

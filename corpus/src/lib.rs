@@ -18,6 +18,7 @@ pub mod gpt2;
 pub mod input;
 pub mod loopback;
 pub mod mixture;
+mod out_lock;
 mod parquet_input;
 mod parquet_object;
 mod object_read;

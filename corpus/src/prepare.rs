@@ -449,6 +449,7 @@ pub fn prepare(opts: &PrepareOptions, progress: &dyn Progress) -> Result<Prepare
     let sources = expand_inputs(&opts.inputs)?;
     let input_bytes: u64 = sources.iter().map(|s| s.bytes).sum();
     let out = StoreDir::open(&opts.out)?;
+    let _lock = crate::out_lock::lock(&out)?;
     let doc_opts = DocOptions { text_field: opts.text_field.clone(), txt_docs: opts.txt_docs, segment_bytes: opts.segment_bytes };
 
     // First pass where needed: the character vocabulary, the number of documents.

@@ -42,7 +42,7 @@ pub enum StoreError {
     /// The store's error, told in one line (its Display already carries every cause, so it is
     /// not also given as a `source`, which would print each cause again), with what to set when
     /// no credentials were found.
-    #[error("{op} {uri}: {error}{}", credentials_hint(error))]
+    #[error("{op} {uri}: {}{}", without_xml_body(error.to_string()), credentials_hint(error))]
     Op { op: &'static str, uri: String, error: Arc<object_store::Error> },
     #[error("{op} {uri}: the I/O runtime stopped before answering")]
     RuntimeGone { op: &'static str, uri: String },
@@ -94,6 +94,25 @@ fn without_dots(abs: &std::path::Path) -> PathBuf {
         }
     }
     out
+}
+
+/// A store's error with the XML body of the service's answer (S3's `<Error><Code>NoSuchBucket
+/// </Code><Message>...</Message><RequestId>...`, several lines, in the middle of a job's error)
+/// told as its code and message.
+fn without_xml_body(text: String) -> String {
+    let Some(start) = text.find("<?xml").or_else(|| text.find("<Error>")) else { return text };
+    let tag = |t: &str| {
+        let (open, close) = (format!("<{t}>"), format!("</{t}>"));
+        let i = text[start..].find(&open)? + start + open.len();
+        let j = text[i..].find(&close)? + i;
+        Some(text[i..j].trim().to_string())
+    };
+    let head = text[..start].trim_end().trim_end_matches([':', ',', '"']).trim_end();
+    match (tag("Code"), tag("Message")) {
+        (Some(code), Some(message)) => format!("{head}: {code}: {message}"),
+        (Some(code), None) => format!("{head}: {code}"),
+        _ => text.split_whitespace().collect::<Vec<_>>().join(" "),
+    }
 }
 
 /// What to set when `e` is a failure to find credentials: object_store looks in the
@@ -383,6 +402,20 @@ impl StoreDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_xml_error_body_is_told_by_its_code_and_message() {
+        // object_store's text of an S3 answer (the body as the service sent it)
+        let s3 = "Generic S3 error: Error performing PUT http://127.0.0.1:9000/ckb/runs/x in 1.2ms - Server returned non-2xx status code: 404 Not Found: \
+                  <?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Error><Code>NoSuchBucket</Code>\n<Message>The specified bucket does not exist</Message>\
+                  <BucketName>ckb</BucketName><RequestId>1X2Y</RequestId><HostId>abc=</HostId></Error>";
+        assert_eq!(
+            without_xml_body(s3.into()),
+            "Generic S3 error: Error performing PUT http://127.0.0.1:9000/ckb/runs/x in 1.2ms - Server returned non-2xx status code: 404 Not Found: NoSuchBucket: The specified bucket does not exist"
+        );
+        let plain = "Generic LocalFileSystem error: Unable to open file /x: Permission denied (os error 13)";
+        assert_eq!(without_xml_body(plain.into()), plain);
+    }
 
     #[test]
     fn dots_in_local_paths_are_resolved_as_the_system_would() {

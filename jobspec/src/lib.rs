@@ -352,6 +352,8 @@ pub struct TrainSpec {
     /// Evaluate every this many steps; 0 never (except at the end).
     #[serde(default)]
     pub eval_interval: u64,
+    /// Batches of each pretraining evaluation (default 10). A fine-tuning job evaluates its whole
+    /// validation set (`finetune.val_data` or `val_fraction`) and does not read this.
     #[serde(default = "default_eval_batches")]
     pub eval_batches: usize,
     /// Multiple choice at each evaluation (GPT pretraining): JSON lines in HellaSwag's fields

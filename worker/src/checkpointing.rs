@@ -51,8 +51,22 @@ pub fn load_resume(a: &Assignment, events: &dyn Fn(RunEvent)) -> Result<Option<C
         events(note(a, format!("resuming from {uri}, this job's newest committed checkpoint, rather than {} (the newest the coordinator had recorded)", a.resume_from)));
     }
     if a.rank == 0 {
+        // this job's own damaged checkpoints are uncommitted (their manifest kept beside them):
+        // left committed, one kept its step from being written again and counted among the
+        // checkpoints retention keeps, which then deleted the good one resumed from
+        let own = format!("/jobs/{}/ckpt/", a.job_id);
         for s in &r.skipped {
-            events(note(a, format!("checkpoint {} skipped: {}; resuming from {} instead", s.uri, s.reason, ck.uri)));
+            let set_aside = s.corrupt
+                && s.uri.contains(&own)
+                && match smelt_checkpoint::set_aside(&s.uri, &UploadOptions::default()) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        warn!(uri = %s.uri, error = %e, "could not set the corrupt checkpoint aside");
+                        false
+                    }
+                };
+            let aside = if set_aside { format!("; its manifest is now {} (uncommitted: that step is written again)", smelt_checkpoint::SET_ASIDE_MANIFEST) } else { String::new() };
+            events(note(a, format!("checkpoint {} skipped: {}; resuming from {} instead{aside}", s.uri, s.reason, ck.uri)));
         }
     }
     if ck.step() != a.start_step {

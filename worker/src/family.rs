@@ -307,12 +307,10 @@ pub(crate) fn train<B: Backend>(
     }
     let order = SampleOrder::new(n_windows, spec.seed);
     let global = spec.train.global_batch as u64;
-    if be.name() == "cpu" {
-        // a lower bound of the logits: one predicted position per example
-        let params = saved.model_config().param_table().total();
-        let logits = tc.batch_size as u128 * saved.model_config().vocab_size() as u128;
-        crate::memory_check::ensure_fits_cpu(params, logits, &format!("the {} model ({params} parameters)", arch.name()))?;
-    }
+    // a lower bound of the logits: one predicted position per example
+    let params = saved.model_config().param_table().total();
+    let logits = tc.batch_size as u128 * saved.model_config().vocab_size() as u128;
+    crate::memory_check::ensure_fits(&be, params, logits, || format!("the {} model ({params} parameters)", arch.name()))?;
 
     let mut model = Model::new(be, &fam, spec.seed).with_context(|| format!("building the {} model on {}", arch.name(), req.device))?;
     let mut opt = AdamW::new(model.backend(), model.table(), tc.optim.clone())?;

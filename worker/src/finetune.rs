@@ -348,12 +348,10 @@ struct State<B: Backend> {
 
 impl<B: Backend> State<B> {
     fn new(be: B, job: &FinetuneJob, optim: &AdamWConfig, schedule: LrSchedule) -> Result<State<B>> {
-        if be.name() == "cpu" {
-            // a lower bound of the logits: one predicted position per example
-            let params = job.config.num_params();
-            let logits = job.spec.train.micro_batch as u128 * job.config.vocab_size as u128;
-            crate::memory_check::ensure_fits_cpu(params, logits, &format!("fine-tuning the model ({params} parameters)"))?;
-        }
+        // a lower bound of the logits: one predicted position per example
+        let params = job.config.num_params();
+        let logits = job.spec.train.micro_batch as u128 * job.config.vocab_size as u128;
+        crate::memory_check::ensure_fits(&be, params, logits, || format!("fine-tuning the model ({params} parameters)"))?;
         let model = Gpt::from_params(be, job.config.clone(), &job.init_params)?;
         // Clipping is by the joint norm of the GPT's and the head's gradients, done here; the
         // optimizers themselves do not clip.

@@ -119,6 +119,12 @@ impl Cuts {
 /// Classification examples; texts longer than `seq_len` tokens keep their first `seq_len`
 /// (counted and warned about).
 pub fn load_classification(location: &str, tokenizer: &Tokenizer, num_labels: usize, seq_len: usize) -> Result<Vec<ClassExample>> {
+    load_classification_within(location, tokenizer, num_labels, seq_len, &format!("train.seq_len = {seq_len} tokens"))
+}
+
+/// [`load_classification`] where the text gets `seq_len` tokens of a window, `limit` saying so
+/// in the warning about texts cut (a BERT's `[CLS]` and `[SEP]` take two of train.seq_len).
+pub fn load_classification_within(location: &str, tokenizer: &Tokenizer, num_labels: usize, seq_len: usize, limit: &str) -> Result<Vec<ClassExample>> {
     let mut cuts = Cuts::default();
     let examples: Vec<ClassExample> = jsonl(location)?
         .into_iter()
@@ -127,13 +133,13 @@ pub fn load_classification(location: &str, tokenizer: &Tokenizer, num_labels: us
             let label = match m.get("label") {
                 // 1.0 is not read as 1: a float label more likely means a regression target
                 Some(Value::Number(x)) if x.is_f64() => {
-                    bail!("{location} line {n}: field \"label\" = {x} must be an integer class index in 0..{num_labels}")
+                    bail!("{location} line {n}: field \"label\" = {x} must be an integer class index from 0 to {}", num_labels.saturating_sub(1))
                 }
                 Some(Value::Number(x)) => x.as_u64().filter(|&l| (l as usize) < num_labels),
-                Some(other) => bail!("{location} line {n}: field \"label\" must be an integer in 0..{num_labels}, found {other}"),
+                Some(other) => bail!("{location} line {n}: field \"label\" must be an integer from 0 to {}, found {other}", num_labels.saturating_sub(1)),
                 None => bail!("{location} line {n}: missing field \"label\""),
             }
-            .ok_or_else(|| anyhow!("{location} line {n}: field \"label\" = {} is outside 0..{num_labels} (finetune.num_labels)", m["label"]))?;
+            .ok_or_else(|| anyhow!("{location} line {n}: field \"label\" = {} is not a class: labels run from 0 to {} (finetune.num_labels = {num_labels})", m["label"], num_labels.saturating_sub(1)))?;
             let mut ids = tokenizer.encode(text).with_context(|| format!("{location} line {n}: field \"text\""))?;
             if ids.is_empty() {
                 bail!("{location} line {n}: field \"text\" is empty");
@@ -143,7 +149,7 @@ pub fn load_classification(location: &str, tokenizer: &Tokenizer, num_labels: us
             Ok(ClassExample { ids, label: label as u32 })
         })
         .collect::<Result<_>>()?;
-    cuts.report(location, examples.len(), &format!("a text longer than train.seq_len = {seq_len} tokens"));
+    cuts.report(location, examples.len(), &format!("a text longer than {limit}"));
     Ok(examples)
 }
 
@@ -354,7 +360,7 @@ mod tests {
         let e = err("{\"label\": 0}\n");
         assert!(e.contains("line 1") && e.contains("missing field \"text\""), "{e}");
         let e = err("{\"text\": \"a\", \"label\": 2}\n");
-        assert!(e.contains("outside 0..2") && e.contains("num_labels"), "{e}");
+        assert!(e.contains("is not a class: labels run from 0 to 1 (finetune.num_labels = 2)"), "{e}");
         let e = err("{\"text\": \"a\", \"label\": \"pos\"}\n");
         assert!(e.contains("must be an integer"), "{e}");
         let e = err("{\"text\": \"a\", \"label\": 1.0}\n");

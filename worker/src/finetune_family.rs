@@ -109,7 +109,8 @@ impl FamilyFinetune {
                 if seq < 3 {
                     bail!("job spec: `train.seq_len`: {seq} leaves no room for text between [CLS] and [SEP]");
                 }
-                let (train, val) = load_split(f, |p| finetune_data::load_classification(p, &tok, num_labels, seq - 2))?;
+                let limit = format!("the {} tokens train.seq_len = {seq} leaves beside [CLS] and [SEP]", seq - 2);
+                let (train, val) = load_split(f, |p| finetune_data::load_classification_within(p, &tok, num_labels, seq - 2, &limit))?;
                 finetune_data::warn_if_one_class(&train, num_labels);
                 config.nsp = false;
                 config.num_labels = num_labels;
@@ -267,11 +268,9 @@ pub(crate) fn train<B: Backend>(
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
     let tc = spec.train_config();
-    if be.name() == "cpu" {
-        let mc = job.model.model_config();
-        let logits = tc.batch_size as u128 * mc.vocab_size() as u128;
-        crate::memory_check::ensure_fits_cpu(job.init_params.len(), logits, &format!("fine-tuning the model ({} parameters)", job.init_params.len()))?;
-    }
+    let logits = tc.batch_size as u128 * job.model.model_config().vocab_size() as u128;
+    let params = job.init_params.len();
+    crate::memory_check::ensure_fits(&be, params, logits, || format!("fine-tuning the model ({params} parameters)"))?;
     let mut model = Model::from_params(be, &job.model, &job.init_params).with_context(|| format!("building the fine-tuned model on {}", req.device))?;
     let mut opt = AdamW::new(model.backend(), model.table(), tc.optim.clone())?;
     let model_config: ModelConfig = job.model.model_config();

@@ -39,6 +39,16 @@ pub fn ensure_fits_cpu(params: usize, logits: u128, what: &str) -> Result<()> {
     check(cpu_lower_bound(params, logits), available(), what)
 }
 
+/// [`ensure_fits_cpu`] when `be` is the CPU backend; a GPU's allocation failure is already an
+/// error naming it (cudarc's), and host memory is not where its model lives. `what` is built
+/// only when checked.
+pub fn ensure_fits<B: smelt_engine::backend::Backend>(be: &B, params: usize, logits: u128, what: impl FnOnce() -> String) -> Result<()> {
+    if be.name() != "cpu" {
+        return Ok(());
+    }
+    ensure_fits_cpu(params, logits, &what())
+}
+
 /// "3.0 TB", "512.0 MB".
 fn bytes(n: u128) -> String {
     let units = ["B", "KB", "MB", "GB", "TB", "PB", "EB"];

@@ -280,10 +280,10 @@ pub(crate) fn train_gpt<B: Backend>(
     let Pretrain { spec, tokenizer, data, val_sets, cfg, tc, order, init } = job;
     let seq = tc.seq_len;
     let global = spec.train.global_batch as u64;
-    if be.name() == "cpu" {
-        let logits = tc.batch_size as u128 * seq as u128 * cfg.vocab_size as u128;
-        crate::memory_check::ensure_fits_cpu(cfg.num_params(), logits, &format!("the model ({} parameters; train.micro_batch {} x seq_len {seq})", cfg.num_params(), tc.batch_size))?;
-    }
+    let logits = tc.batch_size as u128 * seq as u128 * cfg.vocab_size as u128;
+    crate::memory_check::ensure_fits(&be, cfg.num_params(), logits, || {
+        format!("the model ({} parameters; train.micro_batch {} x seq_len {seq})", cfg.num_params(), tc.batch_size)
+    })?;
     let (model, parent_lineage, init_print) = match init {
         Some((params, lineage)) => {
             let print = checkpointing::fingerprint_if_shared(a, &params);
