@@ -193,6 +193,23 @@ impl Cluster {
         }
     }
 
+    /// A 2000-step job checkpointing every 5 steps (keeping 2) on one worker, the coordinator
+    /// SIGKILLed once it has recorded a checkpoint, and the worker left to train to the end
+    /// unheard (its final weights written). Returns the job, its spec and the step recorded.
+    fn train_to_the_end_while_the_coordinator_is_down(&mut self, max_restarts: u32) -> (Job, String, u64) {
+        let spec = format!("{}\n[checkpoint]\nevery = 5\nkeep_last = 2\n", self.spec("unheard", 1, 8, 2000, max_restarts));
+        let job = self.submit(&spec).unwrap();
+        let recorded = self.wait_job(&job.id, "a recorded checkpoint", LONG, |j| j.last_checkpoint_step >= 5).last_checkpoint_step;
+        self.coordinator.as_mut().unwrap().kill9();
+        let weights = self.dir.path().join(format!("worker-0/jobs/{}/model.safetensors", job.id));
+        let deadline = Instant::now() + LONG;
+        while !weights.exists() {
+            assert!(Instant::now() < deadline, "no final weights while the coordinator was down\n{}", self.logs());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        (job, spec, recorded)
+    }
+
     fn worker_states(&self) -> Vec<i32> {
         let mut c = self.client();
         self.rt.block_on(c.list_workers(ListWorkersRequest {})).unwrap().into_inner().workers.iter().map(|w| w.state).collect()
@@ -369,16 +386,7 @@ fn a_job_that_ended_while_the_coordinator_was_down_resumes_from_its_newest_check
     c.start_worker();
     // long enough that the kill lands early in the run (its first checkpoints are at step 5)
     let steps = 2000;
-    let spec = format!("{}\n[checkpoint]\nevery = 5\nkeep_last = 2\n", c.spec("unheard", 1, 8, steps, 2));
-    let job = c.submit(&spec).unwrap();
-    let recorded = c.wait_job(&job.id, "a recorded checkpoint", LONG, |j| j.last_checkpoint_step >= 5).last_checkpoint_step;
-    c.coordinator.as_mut().unwrap().kill9();
-    let weights = c.dir.path().join(format!("worker-0/jobs/{}/model.safetensors", job.id));
-    let deadline = Instant::now() + LONG;
-    while !weights.exists() {
-        assert!(Instant::now() < deadline, "no final weights while the coordinator was down\n{}", c.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (job, _, recorded) = c.train_to_the_end_while_the_coordinator_is_down(2);
     // a SIGTERM: the worker cannot report the run's end, waits for the coordinator a while,
     // then exits saying so
     c.workers[0].sigterm();
@@ -410,16 +418,7 @@ fn checkpoints_committed_while_the_coordinator_was_down_are_reported_once_it_is_
     let mut c = Cluster::new();
     c.start_worker();
     let steps = 2000;
-    let spec = format!("{}\n[checkpoint]\nevery = 5\nkeep_last = 2\n", c.spec("unheard", 1, 8, steps, 0));
-    let job = c.submit(&spec).unwrap();
-    c.wait_job(&job.id, "a recorded checkpoint", LONG, |j| j.last_checkpoint_step >= 5);
-    c.coordinator.as_mut().unwrap().kill9();
-    let weights = c.dir.path().join(format!("worker-0/jobs/{}/model.safetensors", job.id));
-    let deadline = Instant::now() + LONG;
-    while !weights.exists() {
-        assert!(Instant::now() < deadline, "no final weights while the coordinator was down\n{}", c.logs());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (job, spec, _) = c.train_to_the_end_while_the_coordinator_is_down(0);
     c.start_coordinator();
     let done = c.wait_state(&job.id, JobState::Succeeded, Duration::from_secs(240));
     assert_eq!((done.restarts, done.last_step, done.last_checkpoint_step), (0, steps, steps), "{done:?}\n{}", c.logs());
