@@ -186,7 +186,7 @@ fn step(a: StepArgs) -> Result<()> {
 
 #[cfg(not(feature = "cuda"))]
 fn step_cuda(_: &StepArgs) -> Result<()> {
-    bail!("--backend cuda: this smelt binary was built without the `cuda` feature (cargo build --release --features cuda)")
+    bail!("--backend cuda: this smelt binary was built without the `cuda` feature (cargo build --release -p smelt --features cuda)")
 }
 
 #[cfg(feature = "cuda")]

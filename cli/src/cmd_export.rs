@@ -39,8 +39,9 @@ mod export_bert;
 #[derive(Subcommand, Debug)]
 pub enum ExportCommand {
     /// Hugging Face transformers: config.json + model.safetensors (GPT2LMHeadModel or, for a GPT
-    /// classifier, GPT2ForSequenceClassification; BERT's BertForPreTraining /
-    /// BertForSequenceClassification / BertForMaskedLM).
+    /// classifier, GPT2ForSequenceClassification; a rotary GPT as GPTNeoXForCausalLM; BERT's
+    /// BertForPreTraining / BertForSequenceClassification / BertForMaskedLM). Refused: a post-LN
+    /// GPT and T5 (no transformers class computes them as smelt does).
     Hf(HfArgs),
     /// Logits of one token sequence as a .npy file (T, V), float32.
     Logits(LogitsArgs),

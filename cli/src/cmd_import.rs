@@ -21,7 +21,8 @@ mod import_hf;
 pub enum ImportCommand {
     /// A Hugging Face transformers GPT-2 directory (config.json + model.safetensors, or shards
     /// with model.safetensors.index.json; vocab.json / tokenizer.json) as a smelt model file;
-    /// or a GPT-NeoX one (sequential residuals, full rotary) as a rotary GPT.
+    /// or a GPT-NeoX one (sequential residuals, full rotary) as a rotary GPT. A directory
+    /// `smelt export hf` wrote imports too (its smelt_tokenizer.json gives the tokenizer).
     Hf(HfImportArgs),
 }
 

@@ -70,12 +70,12 @@ enum Command {
     Bench(cmd_bench::BenchCommand),
     /// Committed checkpoints of a job or a store, with their verified status.
     Checkpoints(cmd_checkpoints::CheckpointsCli),
-    /// Export a model: `hf` (Hugging Face transformers GPT2LMHeadModel), `logits` (.npy).
+    /// Export a model: `hf` (Hugging Face transformers: GPT-2, GPT-NeoX for rotary GPTs, BERT), `logits` (.npy).
     #[command(subcommand)]
     Export(cmd_export::ExportCommand),
     /// A GPT's loss, perplexity and bits per byte on a text file or a prepared corpus split.
     Eval(cmd_eval::EvalArgs),
-    /// Import a model: `hf` (a Hugging Face transformers GPT-2 directory, e.g. the Hub's gpt2).
+    /// Import a model: `hf` (a Hugging Face transformers GPT-2 or GPT-NeoX directory, e.g. the Hub's gpt2, or one `smelt export hf` wrote).
     #[command(subcommand)]
     Import(cmd_import::ImportCommand),
 }

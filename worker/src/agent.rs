@@ -89,8 +89,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     let (event_tx, mut event_rx) = mpsc::unbounded_channel::<RunEvent>();
     let mut worker_id = String::new();
     let mut running: Option<Running> = None;
-    // A Done that could not be delivered yet (coordinator away): resent after re-registering.
-    let mut undelivered: Option<AssignmentDone> = None;
+    // what a coordinator that was away has not heard yet, sent once one answers
+    let mut held = Held::default();
     let mut draining = false;
     // An assignment that arrived while an earlier run was still stopping; started when it ends.
     let mut queued: Option<Assignment> = None;
@@ -98,12 +98,6 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
     // so the coordinator knows a run's last checkpoint (a rescue checkpoint) before it places
     // the job's next attempt
     let mut reports: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    // the newest checkpoint committed while no coordinator heard of it (it was away, or its
-    // report gave up retrying): reported once one answers, so the job's record
-    // (`--resume-from JOB`, the next attempt) does not point at one retention removed
-    let unreported: Unreported = Default::default();
-    // a run's newest metrics while no coordinator answered: sent once one does, before the Done
-    let mut unsent_metrics: Option<smelt_proto::v1::StepMetrics> = None;
     let mut backoff = Duration::from_millis(100);
     // a draining worker whose last run is reported waits for the acknowledgement of its last log
     // lines before it exits: until this, set when it first has nothing else left to do (kept
@@ -126,7 +120,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     }
                     Some(ev) = event_rx.recv() => {
                         let ended = matches!(ev, RunEvent::Done(_));
-                        while_unreachable(ev, &mut running, &mut queued, &mut undelivered, &unreported, &mut unsent_metrics, &cfg.logs);
+                        while_unreachable(ev, &mut running, &mut queued, &mut held, &cfg.logs);
                         // a draining worker's run just ended: it need not wait out the backoff
                         if ended && draining {
                             break;
@@ -143,7 +137,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         // waits a while for it, then goes without: its checkpoints are committed, and the job's
         // restart resumes from the newest (`checkpointing::load_resume`).
         if draining && running.is_none() {
-            if let Some(done) = &undelivered {
+            if let Some(done) = &held.done {
                 let by = *leave_by.get_or_insert_with(|| tokio::time::Instant::now() + UNREPORTED_WAIT);
                 if tokio::time::Instant::now() >= by {
                     tracing::error!(
@@ -157,7 +151,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                 }
             }
         }
-        if draining && running.is_none() && undelivered.is_none() {
+        if draining && running.is_none() && held.done.is_none() {
             let by = *leave_by.get_or_insert_with(|| tokio::time::Instant::now() + LAST_LOGS_WAIT);
             if cfg.logs.unacked_count() == 0 || tokio::time::Instant::now() >= by {
                 if worker_id.is_empty() {
@@ -256,23 +250,23 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         for b in cfg.logs.unacked() {
             resent &= up_tx.send(msg(Up::Logs(b))).await.is_ok();
         }
-        let missed = unreported.lock().unwrap().take();
+        let missed = held.checkpoint.lock().unwrap().take();
         if let Some(r) = missed {
             // a call of its own, beside the stream (awaited here, it held up the heartbeats
             // while the coordinator stored the lines sent again, and the worker was declared
             // lost); the coordinator takes an ended attempt's checkpoint as any other
             info!(job_id = %r.job_id, step = r.step, "reporting the checkpoint committed while the coordinator was away");
             reports.retain(|h| !h.is_finished());
-            reports.push(tokio::spawn(report_checkpoint(client.clone(), r, unreported.clone())));
+            reports.push(tokio::spawn(report_checkpoint(client.clone(), r, held.checkpoint.clone())));
         }
-        if let Some(m) = unsent_metrics.take() {
+        if let Some(m) = held.metrics.take() {
             resent &= up_tx.send(msg(Up::Metrics(m))).await.is_ok();
         }
-        if let Some(mut done) = undelivered.take() {
+        if let Some(mut done) = held.done.take() {
             mark_drained(&mut done, draining);
             // the run's lines logged while the coordinator was away go before its Done
             if !resent || !send_logs(&cfg.logs, &up_tx, &msg).await || up_tx.send(msg(Up::Done(done.clone()))).await.is_err() {
-                undelivered = Some(done);
+                held.done = Some(done);
             } else if draining {
                 // reported: the wait for the last lines' acknowledgement starts now
                 leave_by = None;
@@ -285,7 +279,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     // lines logged since the last tick go up before a draining worker decides
                     // whether every line is acknowledged
                     if !send_logs(&cfg.logs, &up_tx, &msg).await { break; }
-                    if draining && running.is_none() && undelivered.is_none() {
+                    if draining && running.is_none() && held.done.is_none() {
                         let by = *leave_by.get_or_insert_with(|| tokio::time::Instant::now() + LAST_LOGS_WAIT);
                         if cfg.logs.unacked_count() == 0 || tokio::time::Instant::now() >= by { break; }
                     }
@@ -335,7 +329,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                     Some(RunEvent::Note(n)) => { let _ = up_tx.try_send(msg(Up::Note(n))); }
                     Some(RunEvent::Checkpoint(r)) => {
                         reports.retain(|h| !h.is_finished());
-                        reports.push(tokio::spawn(report_checkpoint(client.clone(), r, unreported.clone())));
+                        reports.push(tokio::spawn(report_checkpoint(client.clone(), r, held.checkpoint.clone())));
                     }
                     Some(RunEvent::Done(mut d)) => {
                         mark_drained(&mut d, draining);
@@ -354,9 +348,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         }
                         // the run's lines, to its last, before its Done
                         cfg.logs.end();
-                        if !send_logs(&cfg.logs, &up_tx, &msg).await { undelivered = Some(d); running = None; break; }
+                        if !send_logs(&cfg.logs, &up_tx, &msg).await { held.done = Some(d); running = None; break; }
                         running = None;
-                        if up_tx.send(msg(Up::Done(d.clone()))).await.is_err() { undelivered = Some(d); break; }
+                        if up_tx.send(msg(Up::Done(d.clone()))).await.is_err() { held.done = Some(d); break; }
                         if let Some(a) = queued.take() {
                             running = Some(start(client.clone(), a, worker_id.clone(), &listener, &cfg, event_tx.clone()));
                         }
@@ -376,7 +370,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         // Give the last messages a moment to flush before the stream is dropped.
         drop(up_tx);
         tokio::time::sleep(Duration::from_millis(50)).await;
-        if !(draining && running.is_none() && undelivered.is_none()) {
+        if !(draining && running.is_none() && held.done.is_none()) {
             tokio::time::sleep(backoff).await;
         }
     }
@@ -408,9 +402,7 @@ fn while_unreachable(
     ev: RunEvent,
     running: &mut Option<Running>,
     queued: &mut Option<Assignment>,
-    undelivered: &mut Option<AssignmentDone>,
-    unreported: &Unreported,
-    last_metrics: &mut Option<smelt_proto::v1::StepMetrics>,
+    held: &mut Held,
     logs: &LogCapture,
 ) {
     match ev {
@@ -425,15 +417,15 @@ fn while_unreachable(
             }
             logs.end();
             *running = None;
-            *undelivered = Some(d);
+            held.done = Some(d);
         }
         RunEvent::Checkpoint(r) => {
             warn!(job_id = %r.job_id, step = r.step, uri = %r.uri, "checkpoint committed but not reported: the coordinator is away (reported once it is back)");
-            keep_unreported(unreported, r);
+            keep_unreported(&held.checkpoint, r);
         }
         // the newest step's metrics are kept for the coordinator (its record of the run's last
         // loss, and the history's last point); the others are let go
-        RunEvent::Metrics(m) => *last_metrics = Some(m),
+        RunEvent::Metrics(m) => held.metrics = Some(m),
         RunEvent::Note(_) => {}
     }
 }
@@ -452,6 +444,22 @@ async fn send_logs(logs: &LogCapture, up: &mpsc::Sender<WorkerMessage>, msg: &im
 
 /// The newest checkpoint report no coordinator has taken yet.
 type Unreported = std::sync::Arc<std::sync::Mutex<Option<CheckpointReport>>>;
+
+/// What the worker holds for a coordinator that was away, each sent once one answers (after the
+/// log lines it did not acknowledge; the Done last, so that the coordinator knows the run's last
+/// checkpoint and loss before its end).
+#[derive(Default)]
+struct Held {
+    /// A run's end that could not be delivered: resent after re-registering.
+    done: Option<AssignmentDone>,
+    /// The newest checkpoint committed while no coordinator heard of it (it was away, or its
+    /// report gave up retrying), so that the job's record (`--resume-from JOB`, the next
+    /// attempt) does not point at one retention removed. Shared with the report tasks.
+    checkpoint: Unreported,
+    /// A run's newest metrics while no coordinator answered (its last loss, the history's last
+    /// point).
+    metrics: Option<smelt_proto::v1::StepMetrics>,
+}
 
 /// Keeps `r` to report later unless a newer checkpoint of the same job is already kept (only
 /// the newest matters: the job's record points at its newest).

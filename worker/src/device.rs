@@ -43,7 +43,7 @@ pub enum DeviceError {
 
 /// Why a GPU is never usable from this binary.
 pub const BUILT_WITHOUT_CUDA: &str =
-    "this smelt binary was built without the `cuda` feature (build it with `cargo build --release --features cuda`)";
+    "this smelt binary was built without the `cuda` feature (build it with `cargo build --release -p smelt --features cuda`)";
 
 impl FromStr for DeviceRequest {
     type Err = DeviceError;
