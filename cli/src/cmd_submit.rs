@@ -23,7 +23,7 @@ pub(crate) const RECONNECT_FOR: Duration = Duration::from_secs(120);
 
 #[derive(Args, Debug)]
 pub struct SubmitArgs {
-    /// The job spec (TOML).
+    /// The job spec (TOML); `-` reads it from standard input.
     pub spec: PathBuf,
     #[command(flatten)]
     pub coordinator: CoordinatorUrl,
@@ -45,8 +45,18 @@ async fn run_async(a: SubmitArgs) -> Result<()> {
         // (read whole, it would reach the coordinator as gRPC's "decoded message length too large")
         bail!("job spec {}: {size} bytes, more than a spec takes ({MAX_SPEC_BYTES}): is it the right file?", a.spec.display());
     }
-    let spec_toml =
-        std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read job spec {}", a.spec.display()))?;
+    let spec_toml = if a.spec.as_os_str() == "-" {
+        // `-`: the spec from standard input (a script's here-document, a template's output)
+        use std::io::Read;
+        let mut text = String::new();
+        std::io::stdin().take(MAX_SPEC_BYTES + 1).read_to_string(&mut text).context("cannot read the job spec from standard input")?;
+        if text.len() as u64 > MAX_SPEC_BYTES {
+            bail!("job spec on standard input: more than a spec takes ({MAX_SPEC_BYTES} bytes)");
+        }
+        text
+    } else {
+        std::fs::read_to_string(&a.spec).with_context(|| format!("cannot read job spec {}", a.spec.display()))?
+    };
     if let Some(from) = a.resume_from.clone().filter(|f| !smelt_checkpoint::looks_like_job_id(f.trim())) {
         // store access blocks: off the runtime
         tokio::task::spawn_blocking(move || check_resume_from(&from, None)).await??;

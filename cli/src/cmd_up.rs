@@ -302,6 +302,8 @@ pub fn run(a: UpArgs) -> Result<()> {
             match rt.block_on(unfinished_job_of(&url, &text)) {
                 Some(id) => {
                     info!(job_id = %id, "this spec's job from an earlier run is not finished: following it (it resumes from its last checkpoint) rather than submitting another; `smelt submit` the spec for a second copy");
+                    // stdout carries the job's id, as a first `smelt up --submit` prints it
+                    println!("{id}");
                     submit.args(["jobs", "follow", &id, "--coordinator", &url]).kill_on_drop(true);
                 }
                 None => {

@@ -165,6 +165,23 @@ fn submit_list_get_cancel_and_errors() {
         "{}",
         text(&out.stderr)
     );
+
+    // the spec from standard input (`-`), as a script's here-document gives it
+    let mut child = Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["submit", "-"])
+        .env("SMELT_COORDINATOR", &url)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), SPEC.replace("name = ", "name = \"from-stdin\"\n#").as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let id = text(&out.stdout).trim().to_string();
+    let listed = text(&smelt(&["jobs", "list"], &url).stdout);
+    assert!(listed.lines().any(|l| l.starts_with(&id) && l.contains("from-stdin")), "{id}: {listed}");
 }
 
 /// `smelt workers` leaves out the workers lost more than an hour ago (the coordinator keeps

@@ -449,6 +449,11 @@ async fn a_job_is_cancelled_from_the_api_only_with_the_request_header() {
     assert_eq!(state(&get(&mut jobs, &job.id).await), JobState::Queued);
     // A GET does not cancel either.
     assert_eq!(http::get(coord.addr, &path, None).await.status, 405);
+    // A HEAD reads, as a GET does (health probes send it): it was refused as a write.
+    for read in ["/api/overview", "/metrics"] {
+        let r = http::request(coord.addr, "HEAD", read, None, &[]).await;
+        assert_eq!(r.status, 200, "HEAD {read}: {}", r.body);
+    }
 
     let ok = [("x-smelt-request", "1")];
     let r = http::request(coord.addr, "POST", &path, None, &ok).await;

@@ -92,7 +92,9 @@ pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response 
 pub(crate) const REQUEST_HEADER: &str = "x-smelt-request";
 
 async fn require_request_header(req: Request, next: Next) -> Response {
-    if req.method() != axum::http::Method::GET && req.headers().get(REQUEST_HEADER).is_none_or(|v| v != "1") {
+    // GET and HEAD read (a health probe's HEAD was refused as a write)
+    let reads = matches!(*req.method(), axum::http::Method::GET | axum::http::Method::HEAD);
+    if !reads && req.headers().get(REQUEST_HEADER).is_none_or(|v| v != "1") {
         return error(
             StatusCode::FORBIDDEN,
             format!("{} {} changes the coordinator: send the header `{REQUEST_HEADER}: 1` with it", req.method(), req.uri().path()),
