@@ -48,7 +48,7 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<AuthChannel>> {
         .connect()
         .await
         // the innermost cause says what happened ("Connection refused", "invalid peer certificate")
-        .map_err(|e| anyhow::anyhow!("cannot reach the coordinator at {url}: {}", smelt_proto::tls::innermost(&e)))?;
+        .map_err(|e| failure(UNREACHABLE, format!("cannot reach the coordinator at {url}: {}", smelt_proto::tls::innermost(&e))))?;
     let _ = CONNECTED_TO.set(url.to_string());
     let token = auth::BearerToken::new(auth::token_from_env().as_deref()).map_err(|e| anyhow::anyhow!("{}: {e}", auth::TOKEN_ENV))?;
     Ok(JobServiceClient::with_interceptor(channel, token))
@@ -107,7 +107,7 @@ pub fn status(e: tonic::Status) -> anyhow::Error {
         use std::error::Error;
         let url = CONNECTED_TO.get().map(String::as_str).unwrap_or("the coordinator's address");
         let cause = e.source().map(smelt_proto::tls::innermost).map(|c| format!(": {c}")).unwrap_or_default();
-        anyhow::anyhow!("lost the coordinator at {url} ({}{cause})", e.message())
+        failure(UNREACHABLE, format!("lost the coordinator at {url} ({}{cause})", e.message()))
     } else if e.message() == "transport error" || e.message().contains("h2 protocol error") {
         // the connection, not the coordinator, failed: its cause says why (plain text to a TLS
         // port ends in an h2 protocol error)
@@ -119,11 +119,42 @@ pub fn status(e: tonic::Status) -> anyhow::Error {
     }
 }
 
-/// Runs a client command: on error prints `error: <message>` and exits non-zero.
+/// A client command's failure that a script may want to tell from the others by the exit
+/// status: 3 the job failed, 4 it was cancelled, 5 the coordinator cannot be reached or was
+/// lost; every other error is 1 (a bad spec, a job not found, ...), a usage error 2 (clap's).
+#[derive(Debug)]
+pub struct Failure {
+    pub status: u8,
+    pub message: String,
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Failure {}
+
+pub const JOB_FAILED: u8 = 3;
+pub const JOB_CANCELLED: u8 = 4;
+pub const UNREACHABLE: u8 = 5;
+
+pub fn failure(status: u8, message: String) -> anyhow::Error {
+    anyhow::Error::new(Failure { status, message })
+}
+
+/// The exit status for `e`: a [`Failure`]'s anywhere in its chain, else 1.
+pub fn exit_status(e: &anyhow::Error) -> u8 {
+    e.chain().find_map(|c| c.downcast_ref::<Failure>()).map_or(1, |f| f.status)
+}
+
+/// Runs a client command: on error prints `error: <message>` and exits non-zero
+/// ([`exit_status`]).
 pub fn exit_on_error(r: Result<()>) -> Result<()> {
     if let Err(e) = r {
         eprintln!("error: {e:#}");
-        std::process::exit(1);
+        std::process::exit(exit_status(&e).into());
     }
     Ok(())
 }

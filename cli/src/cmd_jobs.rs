@@ -27,8 +27,9 @@ pub enum JobsCommand {
     /// One job in detail.
     #[command(visible_alias = "show")]
     Get(JobIdArgs),
-    /// Follow a job to its end (as `smelt submit --follow`): exits 0 once it succeeded, 1 with
-    /// the reason when it failed or was cancelled. `--json`: one JSON object per event on
+    /// Follow a job to its end (as `smelt submit --follow`): exits 0 once it succeeded, 3 when
+    /// it failed, 4 when it was cancelled (the reason on stderr), 5 when the coordinator cannot
+    /// be reached or stays lost; 1 for other errors. `--json`: one JSON object per event on
     /// stdout (kind state, message, waiting, metrics; last "end" with the job).
     Follow(JobIdArgs),
     /// Cancel a job (its workers are aborted).

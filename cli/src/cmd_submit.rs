@@ -30,7 +30,8 @@ pub struct SubmitArgs {
     /// Start from a checkpoint URI, or from the latest checkpoint of a job id.
     #[arg(long)]
     pub resume_from: Option<String>,
-    /// Stream the job's progress until it ends; exit non-zero unless it succeeds.
+    /// Stream the job's progress until it ends; exit 0 if it succeeds, 3 if it failed, 4 if it
+    /// was cancelled, 5 if the coordinator cannot be reached (1: a bad spec or other error).
     #[arg(long)]
     pub follow: bool,
 }
@@ -367,11 +368,9 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                 last_log_lines(client, &j).await;
             }
             let why = if j.error.is_empty() { "no reason recorded".to_string() } else { j.error.clone() };
-            anyhow::bail!(
-                "job {} {}: {why}",
-                j.id,
-                state_name(if is_terminal(job_state(&j)) { job_state(&j) } else { s })
-            )
+            let ended = if is_terminal(job_state(&j)) { job_state(&j) } else { s };
+            let status = if ended == JobState::Cancelled { crate::client::JOB_CANCELLED } else { crate::client::JOB_FAILED };
+            Err(crate::client::failure(status, format!("job {} {}: {why}", j.id, state_name(ended))))
         }
     }
 }

@@ -107,7 +107,7 @@ fn main() -> std::process::ExitCode {
             // one line, each context before its cause ("--model job-1: job-1: no committed
             // checkpoint ..."), rather than anyhow's paragraph per cause
             eprintln!("Error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(client::exit_status(&e))
         }
     }
 }

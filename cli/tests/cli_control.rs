@@ -114,8 +114,11 @@ fn submit_list_get_cancel_and_errors() {
         text(&out.stderr).trim(),
         "error: job job-000001 has already ended (cancelled); only queued, scheduled, running or restarting jobs can be cancelled"
     );
+    // following a cancelled job ends with its own exit status
+    let out = smelt(&["jobs", "follow", "job-000001"], &url);
+    assert_eq!(out.status.code(), Some(4), "{}", text(&out.stderr));
     let out = smelt(&["jobs", "get", "job-000099"], &url);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(1));
     assert_eq!(text(&out.stderr).trim(), "error: job job-000099 not found");
     std::fs::write(&spec, SPEC.replace("micro_batch = 4", "micro_batch = 3")).unwrap();
     let out = smelt(&["submit", spec.to_str().unwrap(), "--follow"], &url);
@@ -159,7 +162,7 @@ fn submit_list_get_cancel_and_errors() {
 
     // No coordinator there.
     let out = smelt(&["jobs", "list", "--coordinator", "http://127.0.0.1:1"], &url);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(5), "unreachable: its own exit status");
     assert!(
         text(&out.stderr).starts_with("error: cannot reach the coordinator at http://127.0.0.1:1"),
         "{}",

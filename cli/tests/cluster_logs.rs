@@ -142,6 +142,15 @@ fn a_failed_jobs_logs_say_why_on_every_rank() {
     // following a job that fails shows its last lines after the reason
     let (ok, followed) = c.smelt(&["jobs", "follow", &job.id]);
     assert!(!ok, "{followed}");
+    // a failed job's own exit status (3), which a script tells from a cancelled job's (4) or
+    // an unreachable coordinator's (5)
+    let code = std::process::Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["jobs", "follow", &job.id, "--coordinator", &format!("http://{}", c.addr)])
+        .output()
+        .unwrap()
+        .status
+        .code();
+    assert_eq!(code, Some(3), "{followed}");
     let shown = followed.split_once(&format!("last lines its workers logged in attempt 1 (all of them: smelt jobs logs {})", job.id));
     let (_, tail) = shown.unwrap_or_else(|| panic!("no log lines after the failure:\n{followed}"));
     assert!(tail.lines().any(|l| l.contains("assignment failed") && l.contains("not finite")), "{followed}");
