@@ -28,7 +28,7 @@ pub struct LogsArgs {
     #[arg(long)]
     pub tail: Option<u32>,
     /// Only lines at this level or above: info (every line), warn or error.
-    #[arg(long, default_value = "info")]
+    #[arg(long, default_value = "info", value_parser = ["info", "warn", "error"])]
     pub level: String,
     /// One JSON object per line (seq, attempt, rank, worker_id, at_ms, level, target, text).
     #[arg(long)]

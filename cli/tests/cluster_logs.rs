@@ -138,7 +138,7 @@ fn a_failed_jobs_logs_say_why_on_every_rank() {
     assert_eq!(failed, failed_ranks, "{errors}");
     assert!(errors.lines().all(|l| l.contains(" ERROR ")), "{errors}");
     let (ok, bad) = c.smelt(&["jobs", "logs", &job.id, "--level", "debug"]);
-    assert!(!ok && bad.contains("info, warn or error"), "{bad}");
+    assert!(!ok && bad.contains("[possible values: info, warn, error]"), "{bad}");
     // following a job that fails shows its last lines after the reason
     let (ok, followed) = c.smelt(&["jobs", "follow", &job.id]);
     assert!(!ok, "{followed}");

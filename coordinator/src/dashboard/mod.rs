@@ -53,7 +53,7 @@ pub fn router(coord: Coordinator, db_path: PathBuf, auth: RequireToken) -> Route
         .route("/api/jobs/{id}", get(api::job))
         .route("/api/jobs/{id}/metrics", get(api::metrics))
         .route("/api/jobs/{id}/logs", get(api::logs))
-        .route("/api/jobs/{id}/cancel", post(api::cancel))
+        .route("/api/jobs/{id}/cancel", post(api::cancel).fallback(takes_post))
         .route("/metrics", get(api::prometheus))
         .layer(middleware::from_fn(require_request_header))
         .layer(middleware::from_fn_with_state(auth, require_token))
@@ -86,6 +86,12 @@ async fn page() -> impl IntoResponse {
 /// An API error: its HTTP status and a message that says what is wrong.
 pub(crate) fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(serde_json::json!({ "error": message.into() }))).into_response()
+}
+
+/// Another method than POST on a path that takes POST: a JSON error as every other (axum's own
+/// 405 had an empty body).
+async fn takes_post(req: Request) -> Response {
+    error(StatusCode::METHOD_NOT_ALLOWED, format!("{} {}: this path takes POST", req.method(), req.uri().path()))
 }
 
 /// The header a state-changing request must carry (see the module's doc: cross-site requests).
