@@ -57,6 +57,11 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<AuthChannel>> {
 /// The coordinator URL this process connected to (for `status` to probe).
 static CONNECTED_TO: std::sync::OnceLock<String> = std::sync::OnceLock::new();
 
+/// The coordinator URL this process connected to, once it has.
+pub fn connected_to() -> Option<String> {
+    CONNECTED_TO.get().cloned()
+}
+
 /// Why the coordinator this process connected to over https refuses its client certificate
 /// (mutual TLS), if it does: a refused call often says only "connection closed", so a probe asks
 /// (`smelt_proto::tls::refusal`), on a thread of its own, as `status` runs in any context.

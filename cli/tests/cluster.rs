@@ -460,6 +460,18 @@ fn coordinator_restart_keeps_jobs_and_workers_reattach() {
     c.start_worker();
     let job = c.submit(&c.spec("resilient", 2, 4, 300, 0)).unwrap();
     c.wait_job(&job.id, "a few steps", LONG, |j| j.last_step >= 3);
+    // a script following the job as JSON is told when the coordinator goes, and follows on
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["jobs", "follow", &job.id, "--json", "--coordinator", &c.url()])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // its first event read: it is watching
+    let mut follower_out = std::io::BufReader::new(follower.stdout.take().unwrap());
+    let mut first = String::new();
+    std::io::BufRead::read_line(&mut follower_out, &mut first).unwrap();
     c.coordinator.as_mut().unwrap().kill9();
     std::thread::sleep(Duration::from_millis(300));
     c.start_coordinator();
@@ -468,6 +480,14 @@ fn coordinator_restart_keeps_jobs_and_workers_reattach() {
     assert!(j.state == JobState::Running as i32 || j.state == JobState::Succeeded as i32, "after restart: {j:?}");
     let done = c.wait_state(&job.id, JobState::Succeeded, Duration::from_secs(240));
     assert_eq!(done.restarts, 0, "re-attached workers must not restart the job: {done:?}");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut follower_out, &mut rest).unwrap();
+    let followed = follower.wait_with_output().unwrap();
+    let (out, err) = (first + &rest, String::from_utf8_lossy(&followed.stderr).into_owned());
+    assert!(followed.status.success(), "{err}");
+    let kinds: Vec<String> = out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_string()).collect();
+    assert!(kinds.iter().any(|k| k == "reconnecting") && kinds.last().map(String::as_str) == Some("end"), "{out}");
+    assert!(err.contains(&format!("lost the coordinator at {}; reconnecting", c.url())), "{err}");
     // the job's log lines from before and after the restart, each stored once (batches the
     // killed coordinator never acknowledged are sent again, and stored once)
     let lines = c.log_texts(&job.id);
