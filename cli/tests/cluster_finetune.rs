@@ -93,12 +93,7 @@ fn finetune_job_runs_on_two_workers_and_records_its_parent() {
     let (state, _) = c.follow(&second.id);
     assert_eq!(state, JobState::Succeeded, "{}\n{}", c.job(&second.id).error, c.logs());
     let wanted = ["warning: resuming with another learning-rate schedule", "warning: resuming under another finetune.init_from"];
-    let deadline = std::time::Instant::now() + harness::LONG;
-    let mut events = c.events(&second.id);
-    while !wanted.iter().all(|w| events.iter().any(|e| e.starts_with(w))) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        events = c.events(&second.id);
-    }
+    let events = c.events_with(&second.id, &wanted);
     for w in wanted {
         assert_eq!(events.iter().filter(|e| e.starts_with(w)).count(), 1, "{w}: {events:#?}");
     }

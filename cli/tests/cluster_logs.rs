@@ -192,12 +192,7 @@ fn a_resume_under_another_schedule_or_seed_says_so_in_the_jobs_events() {
     let second = c.submit(&longer, &first.id);
     c.wait_job(&second.id, "success", |j| j.state == JobState::Succeeded as i32);
     let wanted = ["warning: resuming with another learning-rate schedule", "warning: resuming with another seed or global batch"];
-    let deadline = std::time::Instant::now() + harness::LONG;
-    let mut events = c.events(&second.id);
-    while !wanted.iter().all(|w| events.iter().any(|e| e.starts_with(w))) && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(200));
-        events = c.events(&second.id);
-    }
+    let events = c.events_with(&second.id, &wanted);
     for w in wanted {
         assert_eq!(events.iter().filter(|e| e.starts_with(w)).count(), 1, "{w}: {events:#?}");
     }

@@ -113,7 +113,7 @@ impl<B: Backend> Model<B> {
             let how = if how.is_empty() { String::new() } else { format!(": {how}") };
             bail!("checkpoint {} holds a {}{head}, {makes} a {}{how}", ck.uri, ck.trainer.model, expected);
         }
-        checkpointing::warn_if_data_order_changes(ck, spec);
+        crate::resume_warnings::warn_if_data_order_changes(ck, spec);
         self.set_params_host(&ck.params);
         opt.restore(self.backend(), &ck.m, &ck.v, ck.trainer.trainer.optimizer_steps);
         Ok(())

@@ -384,7 +384,7 @@ impl<B: Backend> State<B> {
                 head(job.head_config())
             );
         }
-        checkpointing::warn_if_data_order_changes(ck, &job.spec);
+        crate::resume_warnings::warn_if_data_order_changes(ck, &job.spec);
         let n = self.model.table().total();
         let hn = self.head.as_ref().map_or(0, |h| h.table().total());
         if ck.params.len() != n + hn {

@@ -16,6 +16,7 @@ pub mod init_from;
 pub mod log_capture;
 pub mod memory_check;
 pub mod model_file;
+pub mod resume_warnings;
 pub mod ring_addr;
 pub mod runner;
 pub mod sample_log;

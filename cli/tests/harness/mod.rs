@@ -136,6 +136,18 @@ impl Cluster {
         })
     }
 
+    /// The job's events once one starts with each of `wanted` (they come up the heartbeat
+    /// stream, maybe after the job ended), or as they are after [`LONG`].
+    pub fn events_with(&self, id: &str, wanted: &[&str]) -> Vec<String> {
+        let deadline = Instant::now() + LONG;
+        let mut events = self.events(id);
+        while !wanted.iter().all(|w| events.iter().any(|e| e.starts_with(w))) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+            events = self.events(id);
+        }
+        events
+    }
+
     /// Follows a job's events until it ends: (final state, every metrics event seen).
     pub fn follow(&self, id: &str) -> (JobState, Vec<StepMetrics>) {
         let mut c = self.client();
