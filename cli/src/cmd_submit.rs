@@ -168,18 +168,13 @@ pub(crate) fn is_terminal(s: JobState) -> bool {
     matches!(s, JobState::Succeeded | JobState::Failed | JobState::Cancelled)
 }
 
-/// Milliseconds since the epoch, this machine's clock (the coordinator's events carry its own).
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Says that the coordinator went away and the follow tries to reach it again (a
 /// `{"kind": "reconnecting"}` event too under `--json`): a script saw nothing for two minutes.
 fn lost_coordinator(json: bool) {
     let url = crate::client::connected_to().unwrap_or_else(|| "its address".into());
     eprintln!("lost the coordinator at {url}; reconnecting (for up to {} s)", RECONNECT_FOR.as_secs());
     if json {
-        println!("{}", serde_json::json!({ "at_ms": now_ms(), "kind": "reconnecting", "coordinator": url }));
+        println!("{}", serde_json::json!({ "at_ms": crate::client::now_ms(), "kind": "reconnecting", "coordinator": url }));
     }
 }
 
@@ -208,7 +203,7 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
     bar.set_position(job.last_step);
     let say = |line: String| {
         if json {
-            println!("{}", serde_json::json!({ "at_ms": now_ms(), "kind": "waiting", "text": line }));
+            println!("{}", serde_json::json!({ "at_ms": crate::client::now_ms(), "kind": "waiting", "text": line }));
         } else if bar.is_hidden() {
             eprintln!("{line}");
         } else {
