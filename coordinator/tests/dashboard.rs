@@ -496,6 +496,12 @@ async fn a_coordinator_token_guards_the_api_but_not_the_empty_page() {
     refused(&r, "requires a token");
     let ok = http::get(coord.addr, "/api/overview", Some("s3cret")).await;
     assert_eq!(ok.status, 200, "{}", ok.body);
+    // the scheme in any case (curl users write `bearer`); another scheme is refused, named
+    let lower = http::request(coord.addr, "GET", "/api/overview", None, &[("authorization", "bearer s3cret")]).await;
+    assert_eq!(lower.status, 200, "{}", lower.body);
+    let basic = http::request(coord.addr, "GET", "/api/overview", None, &[("authorization", "Basic s3cret")]).await;
+    assert_eq!(basic.status, 401, "{}", basic.body);
+    assert!(basic.json()["error"].as_str().unwrap().contains("not `Bearer <token>`"), "{}", basic.body);
     assert_eq!(ok.json()["jobs"], serde_json::json!([]));
     let r = http::get(coord.addr, "/api/jobs/job-000001", Some("s3cret")).await;
     assert_eq!(r.status, 404, "past the token, the request itself is answered");

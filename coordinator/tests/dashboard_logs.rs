@@ -149,3 +149,34 @@ async fn chromium_shows_a_jobs_log_lines_as_text_and_filters_them_by_rank() {
     }
     coord.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_logs_api_reads_tail_zero_as_no_lines_and_refuses_unknown_parameters() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("tail", 1, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9001").await;
+    let a = w.assignment().await;
+    let lines = (0..5).map(|k| log_line(LOGGED_AT + k, "INFO", &format!("line {k}"))).collect();
+    send_logs(&coord, &w, &a, lines, 5).await;
+    let logs = |q: &str| format!("/api/jobs/{}/logs?{q}", job.id);
+    let texts = |r: &http::Reply| -> Vec<String> {
+        r.json()["lines"].as_array().unwrap().iter().map(|l| l["text"].as_str().unwrap().to_string()).collect()
+    };
+    let two = http::get(coord.addr, &logs("tail=2"), None).await;
+    assert_eq!(texts(&two), ["line 3", "line 4"], "{}", two.body);
+    // `tail=0` is none, as `smelt jobs logs --tail 0`, with where the log ends to read on from
+    let none = http::get(coord.addr, &logs("tail=0"), None).await;
+    assert_eq!(none.status, 200, "{}", none.body);
+    assert!(texts(&none).is_empty(), "{}", none.body);
+    assert_eq!(none.json()["next"], two.json()["next"], "{}", none.body);
+    assert_eq!(none.json()["more"], false, "{}", none.body);
+    // a misspelt parameter is an error naming it, not the default silently
+    for (q, word) in [("logs?tale=2", "tale"), ("metrics?maxpoints=6", "maxpoints")] {
+        let r = http::get(coord.addr, &format!("/api/jobs/{}/{q}", job.id), None).await;
+        assert_eq!(r.status, 400, "{q}: {}", r.body);
+        assert!(r.json()["error"].as_str().unwrap().contains(&format!("unknown field `{word}`")), "{q}: {}", r.body);
+    }
+    coord.stop().await;
+}

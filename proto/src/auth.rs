@@ -69,8 +69,9 @@ impl Interceptor for BearerToken {
 pub struct RequireToken(Option<Arc<Vec<u8>>>);
 
 impl RequireToken {
+    /// Keeps the token alone: the scheme is matched apart, case-insensitively.
     pub fn new(token: Option<&str>) -> Self {
-        RequireToken(token.map(|t| Arc::new(format!("Bearer {t}").into_bytes())))
+        RequireToken(token.map(|t| Arc::new(t.as_bytes().to_vec())))
     }
     pub fn enabled(&self) -> bool {
         self.0.is_some()
@@ -87,12 +88,25 @@ impl RequireToken {
     /// (the same words for gRPC calls and the dashboard's HTTP requests).
     pub fn admits(&self, authorization: Option<&[u8]>) -> Result<(), String> {
         let Some(want) = &self.0 else { return Ok(()) };
-        match authorization {
-            Some(got) if constant_time_eq(got, want) => Ok(()),
-            Some(_) => Err(format!("wrong token: {TOKEN_ENV} does not match the coordinator's")),
+        match authorization.map(bearer_credentials) {
+            Some(Some(got)) if constant_time_eq(got, want) => Ok(()),
+            Some(Some(_)) => Err(format!("wrong token: {TOKEN_ENV} does not match the coordinator's")),
+            Some(None) => Err("the authorization header is not `Bearer <token>`".to_string()),
             None => Err(format!("this coordinator requires a token: set {TOKEN_ENV}")),
         }
     }
+}
+
+/// The credentials of an `authorization: Bearer <token>` header. The scheme is case-insensitive
+/// (RFC 9110 11.1: curl users and proxies write `bearer`), one or more spaces follow it.
+fn bearer_credentials(header: &[u8]) -> Option<&[u8]> {
+    let scheme = header.get(..6)?;
+    let rest = header.get(6..)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer") || rest.first() != Some(&b' ') {
+        return None;
+    }
+    let token = rest.trim_ascii_start();
+    (!token.is_empty()).then_some(token)
 }
 
 impl Interceptor for RequireToken {
@@ -127,6 +141,24 @@ mod tests {
             let e = call(&mut with, &mut BearerToken::new(Some(wrong)).unwrap()).unwrap_err();
             assert_eq!(e.code(), tonic::Code::Unauthenticated, "{wrong}");
             assert!(e.message().contains("wrong token"), "{}", e.message());
+        }
+    }
+
+    #[test]
+    fn the_scheme_is_matched_without_regard_to_case() {
+        let with = RequireToken::new(Some("s3cret"));
+        for ok in ["Bearer s3cret", "bearer s3cret", "BEARER s3cret", "Bearer   s3cret"] {
+            assert!(with.admits(Some(ok.as_bytes())).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("Basic s3cret", "not `Bearer"),
+            ("Bearers3cret", "not `Bearer"),
+            ("Bearer ", "not `Bearer"),
+            ("s3cret", "not `Bearer"),
+            ("bearer S3CRET", "wrong token"),
+        ] {
+            let e = with.admits(Some(bad.as_bytes())).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 

@@ -79,7 +79,10 @@ pub(super) async fn job(State(d): State<Dashboard>, Path(id): Path<String>) -> R
     Json(body).into_response()
 }
 
+/// Unknown parameters are refused, not ignored: `?maxpoints=10` silently meaning the default
+/// misleads a script's author.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct MetricsQuery {
     max_points: Option<u64>,
 }
@@ -103,6 +106,7 @@ pub(super) async fn metrics(State(d): State<Dashboard>, Path(id): Path<String>, 
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 pub(super) struct LogsQuery {
     after: Option<u64>,
     limit: Option<u32>,
@@ -128,9 +132,19 @@ pub(super) async fn logs(State(d): State<Dashboard>, Path(id): Path<String>, q: 
         Ok(l) => l,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("level: {e}")),
     };
-    let q = LogQuery { after: q.after.unwrap_or(0), limit: q.limit.unwrap_or(0), attempt: q.attempt, rank: q.rank, tail: q.tail.unwrap_or(0), min_level };
+    // `tail=0` means no lines, as `smelt jobs logs --tail 0` does (the store reads tail 0 as
+    // "no tail"): the last line is read only for where the log ends (`next`, to follow from)
+    let no_lines = q.tail == Some(0);
+    let tail = if no_lines { 1 } else { q.tail.unwrap_or(0) };
+    let q = LogQuery { after: q.after.unwrap_or(0), limit: q.limit.unwrap_or(0), attempt: q.attempt, rank: q.rank, tail, min_level };
     match read_history(&d, "logs", move |db| job_logs::read(db, &id, &q)).await {
-        Ok(page) => Json(page).into_response(),
+        Ok(mut page) => {
+            if no_lines {
+                page.lines.clear();
+                page.more = false;
+            }
+            Json(page).into_response()
+        }
         Err(r) => r,
     }
 }
