@@ -200,6 +200,8 @@ pub fn expand_inputs(inputs: &[String]) -> Result<Vec<Source>, CorpusError> {
             }
         };
         if !seen.insert(key) {
+            // a directory and a pattern over it name the same files: read once, and said
+            tracing::info!(input = %name, "input named more than once: read once");
             continue;
         }
         let (format, gz) = classify_name(&name).ok_or_else(|| {
@@ -392,12 +394,15 @@ pub fn for_each_segment(
                 CorpusError::io(&shown, e)
             }
         };
+        // a UTF-8 byte-order mark (Notepad and Excel's "UTF-8" write one) is no text: left out, as
+        // Python's utf-8-sig does, or a .jsonl's first line is no JSON and a .txt's first token a BOM
+        let bom = skip_utf8_bom(&mut reader).map_err(io)?;
         let flow = match (src.format, opts.txt_docs) {
             (Format::Txt, TxtDocs::File) => {
                 // Stream the file: cut segments at safe points as bytes arrive.
                 let doc = em.next_doc;
                 let mut buf: Vec<u8> = Vec::new();
-                let mut consumed = 0u64; // bytes of the file already emitted
+                let mut consumed = bom; // bytes of the file already emitted
                 let mut emitted_any = false;
                 let mut flow = Flow::Continue;
                 let mut eof = false;
@@ -440,7 +445,7 @@ pub fn for_each_segment(
             (Format::Txt, mode) => {
                 let mut para = String::new();
                 let mut line_no = 0u64;
-                let mut offset = 0u64;
+                let mut offset = bom;
                 let mut flow = Flow::Continue;
                 loop {
                     let mut line = Vec::new();
@@ -488,7 +493,7 @@ pub fn for_each_segment(
             (Format::Parquet, _) => unreachable!("parquet is read above, without a byte stream"),
             (Format::Jsonl, _) => {
                 let mut line_no = 0u64;
-                let mut offset = 0u64;
+                let mut offset = bom;
                 let mut flow = Flow::Continue;
                 loop {
                     let mut line = Vec::new();
@@ -516,6 +521,16 @@ pub fn for_each_segment(
         }
     }
     Ok(em.stats)
+}
+
+/// Consumes a UTF-8 byte-order mark at the start of `r`; its length (0 or 3).
+fn skip_utf8_bom(r: &mut impl BufRead) -> std::io::Result<u64> {
+    const BOM: &[u8] = b"\xEF\xBB\xBF";
+    if r.fill_buf()?.starts_with(BOM) {
+        r.consume(BOM.len());
+        return Ok(BOM.len() as u64);
+    }
+    Ok(0)
 }
 
 /// The documents of Parquet input `src` (source `si`), one per row of column `field`. Parquet is
@@ -608,5 +623,26 @@ mod tests {
         .unwrap();
         assert!(n > 10, "{n}");
         assert_eq!(text, long);
+    }
+
+    #[test]
+    fn a_utf8_byte_order_mark_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (txt, jsonl) = (dir.path().join("a.txt"), dir.path().join("b.jsonl"));
+        std::fs::write(&txt, "\u{feff}first\n\nsecond \u{feff} kept inside\n").unwrap();
+        std::fs::write(&jsonl, "\u{feff}{\"text\":\"one\"}\n{\"text\":\"two\"}\n").unwrap();
+        let mut o = DocOptions { text_field: "text".into(), txt_docs: TxtDocs::Paragraph, segment_bytes: 1 << 20 };
+        let src = expand_inputs(&[txt.display().to_string(), jsonl.display().to_string()]).unwrap();
+        let texts = |o: &DocOptions| collect(&src, o).unwrap().0.into_iter().map(|(_, t)| t).collect::<Vec<_>>();
+        assert_eq!(texts(&o), ["first", "second \u{feff} kept inside", "one", "two"]);
+        o.txt_docs = TxtDocs::File;
+        assert_eq!(texts(&o), ["first\n\nsecond \u{feff} kept inside\n", "one", "two"]);
+        // gzipped the same
+        let gz = dir.path().join("c.jsonl.gz");
+        let mut e = flate2::write::GzEncoder::new(std::fs::File::create(&gz).unwrap(), flate2::Compression::default());
+        std::io::Write::write_all(&mut e, "\u{feff}{\"text\":\"zipped\"}\n".as_bytes()).unwrap();
+        e.finish().unwrap();
+        let src = expand_inputs(&[gz.display().to_string()]).unwrap();
+        assert_eq!(collect(&src, &o).unwrap().0, [(0, "zipped".to_string())]);
     }
 }
