@@ -443,6 +443,11 @@ fn fill_scale_sum_squares_and_bias_broadcast_match_the_cpu() {
     let mut s = upload(&be, &x);
     be.scale(all_mut(&be, &mut s), 0.3);
     assert_eq!(out[0].as_ref().unwrap().f32(), host(&be, &s), "scale_f32");
+    // a bf16 activation (T5's logits): each value's f32 product rounded to nearest even
+    let xb: Vec<u16> = x.iter().map(|&v| bf16_nearest(v)).collect();
+    let out = run_kernel("scale_bf16", launch, vec![Arg::Bf16(xb.clone())], scalars!["0.3"]).unwrap();
+    let want: Vec<u16> = xb.iter().map(|&h| bf16_nearest(f32::from_bits((h as u32) << 16) * 0.3)).collect();
+    assert_eq!(out[0].as_ref().unwrap().bf16(), want, "scale_bf16");
 
     // per-block partials in f64, summed on the host as memory.rs sums them (7 blocks: each goes
     // round the grid-stride loop)

@@ -107,3 +107,30 @@ fn t5_shapes_change_between_calls_and_padding_is_masked() {
     let m = batch_error(model.forward(&T5Batch { enc_lens: Some(vec![6, 2]), ..x.clone() }));
     assert!(m.contains("encoder length 6 outside 1..=5"), "{m}");
 }
+
+/// A new T5's tied head reads the decoder output times C^-0.5, so it starts near the uniform
+/// loss (it started at about twice it); a config written before `scaled_head` existed reads as
+/// false and computes the unscaled head its weights were trained with.
+#[test]
+fn t5_scales_its_tied_head_and_an_older_config_does_not() {
+    let new = T5Config::preset("t5-tiny").unwrap();
+    assert!(new.scaled_head);
+    let mut json = serde_json::to_value(&new).unwrap();
+    json.as_object_mut().unwrap().remove("scaled_head");
+    let old: T5Config = serde_json::from_value(json).unwrap();
+    assert!(!old.scaled_head);
+
+    let mut scaled = T5::new(CpuBackend::new(), new.clone(), 5).unwrap();
+    let mut unscaled = T5::from_params(CpuBackend::new(), old, &scaled.params_host()).unwrap();
+    let pairs = vec![(vec![5, 6, 7, 8, 9, 10, 11, 12], vec![10, 11, 12, 13]), (vec![20, 21, 22], vec![30, 31])];
+    let x = T5Batch::from_pairs(&pairs, 0, 0);
+    let loss = scaled.forward(&x).unwrap().unwrap();
+    unscaled.forward(&x).unwrap();
+    let s = (new.n_embd as f32).powf(-0.5);
+    for (a, b) in scaled.logits().iter().zip(unscaled.logits()) {
+        assert!((a - s * b).abs() <= 1e-5 * (1.0 + b.abs()), "{a} vs {s} x {b}");
+    }
+    // at initialisation: within a few tenths of ln V (256 ids), where the unscaled head sat near 2 ln V
+    let uniform = (new.vocab_size as f32).ln();
+    assert!((loss - uniform).abs() < 0.5, "a new T5 starts at {loss}, ln V is {uniform}");
+}

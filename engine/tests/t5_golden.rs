@@ -30,6 +30,7 @@ fn config(f: &Fixture) -> T5Config {
             _ => ScoreKind::Additive,
         },
         additive_width: u("additive_width"),
+        scaled_head: m["scaled_head"].as_bool().unwrap_or_else(|| panic!("fixture config lacks scaled_head")),
     }
 }
 

@@ -204,6 +204,10 @@ static std::map<std::string, Kernel> kernels() {
              u64 n = c.b[0].n;
              c.run(n, [&] { scale_f32(c.f(0), c.x(0), n); });
          }}},
+        {"scale_bf16", {{2}, [](const Call& c) {
+             u64 n = c.b[0].n;
+             c.run(n, [&] { scale_bf16(c.h(0), c.x(0), n); });
+         }}},
         // src, partial (GRID doubles): exactly GRID blocks, as sum_squares launches SUM_BLOCKS
         {"sum_squares_partial", {{4, 8}, [](const Call& c) {
              u64 n = c.b[0].n;

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bert_jax import ce_rows, gelu_tanh, layer_norm, linear, scores_of, sinusoidal, token_scale  # noqa: E402
 
 BASE = dict(vocab_size=31, max_positions=12, n_layer=2, n_decoder_layer=2, n_head=3, n_embd=12,
-            n_inner=20, batch=3, enc_len=8, dec_len=6, ln_eps=1e-5)
+            n_inner=20, batch=3, enc_len=8, dec_len=6, ln_eps=1e-5, scaled_head=True)
 
 VARIANTS = {
     "pre_dot": dict(seed=11, ln="pre", positions="sinusoidal", scores="dot", additive_width=0),
@@ -142,6 +142,10 @@ def forward(p, batch, cfg):
         y = sublayer(y, lambda z: attention(z, enc, p, pre + ".1.EncDecAttention", cfg, cross_mask), p, pre + ".1.layer_norm", cfg)
         y = sublayer(y, lambda z: linear(p, pre + ".2.DenseReluDense.wo", gelu_tanh(linear(p, pre + ".2.DenseReluDense.wi", z))), p, pre + ".2.layer_norm", cfg)
     y = layer_norm(y, p["decoder.final_layer_norm.weight"], p["decoder.final_layer_norm.bias"], eps)
+    # the tied head reads the decoder output times d_model^-0.5 (Mesh TensorFlow's T5;
+    # transformers' T5ForConditionalGeneration with tie_word_embeddings)
+    if cfg["scaled_head"]:
+        y = y * cfg["n_embd"] ** -0.5
     return y @ p["shared.weight"].T, enc
 
 

@@ -275,6 +275,22 @@ impl FamilyJob {
     }
 }
 
+/// A T5 checkpoint written before `T5Config::scaled_head` (false there) resumed by a spec that
+/// builds the scaled head: the run goes on with the head its weights were trained with (the
+/// factor would change every logit of a trained model), and says so.
+fn keep_checkpoints_t5_head(fam: &mut FamilyConfig, ck: &smelt_checkpoint::Checkpoint) {
+    if let (FamilyConfig::T5 { config, .. }, ModelConfig::T5 { t5, .. }) = (fam, &ck.trainer.model) {
+        if config.scaled_head && !t5.scaled_head {
+            config.scaled_head = false;
+            tracing::warn!(
+                target: smelt_proto::JOB_WARNING_TARGET,
+                uri = %ck.uri,
+                "the checkpoint's T5 predates the tied head's C^-0.5 factor: the run keeps its unscaled head (a new job from scratch gets the factor)"
+            );
+        }
+    }
+}
+
 /// The training thread of a BERT or T5 assignment. Returns the final step.
 pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let job = FamilyJob::open(spec, &req.out_dir)?;
@@ -295,6 +311,13 @@ pub(crate) fn train<B: Backend>(
 ) -> Result<u64> {
     let a = &req.assignment;
     let (rank, world) = (a.rank as usize, a.world_size as usize);
+    // the checkpoint to resume from is read first: one of a T5 from before its head's factor
+    // keeps the head its weights were trained with
+    let resume = checkpointing::load_resume(a, events)?;
+    let mut job = job;
+    if let Some(ck) = &resume {
+        keep_checkpoints_t5_head(&mut job.fam, ck);
+    }
     let saved = job.saved_model();
     let FamilyJob { spec, data, fam } = job;
     let arch = spec.arch()?;
@@ -318,7 +341,7 @@ pub(crate) fn train<B: Backend>(
     // Resume: weights, moments and AdamW's count; the data position is the step itself.
     let model_config: ModelConfig = saved.model_config();
     let (mut start, mut lineage, mut print) = (0, Default::default(), 0);
-    if let Some(ck) = checkpointing::load_resume(a, events)? {
+    if let Some(ck) = resume {
         checkpointing::check_tokenizer(&ck, &data.tokenizer)?;
         model.restore(&mut opt, &ck, &model_config, &spec, "the job's spec makes")?;
         start = ck.step();

@@ -26,7 +26,7 @@ pub const ATTENTION_SOURCE: &str = concat!(
 /// (module name, CUDA C++ source), one entry per `.cu` file (attention: its files); modules that
 /// touch bf16 storage get `bf16.cuh` (conversions) prepended.
 pub const MODULES: &[(&str, &str)] = &[
-    ("memory", include_str!("kernels/memory.cu")),
+    ("memory", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/memory.cu"))),
     ("embedding", include_str!("kernels/embedding.cu")),
     ("bias", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/bias.cu"))),
     ("layernorm", concat!(include_str!("kernels/bf16.cuh"), include_str!("kernels/layernorm.cu"))),

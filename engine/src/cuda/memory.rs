@@ -181,12 +181,15 @@ pub(crate) fn scale(be: &CudaBackend, dst: CudaViewMut<'_>, s: f32) {
     if dst.len == 0 {
         return;
     }
-    let f = be.func("scale_f32");
+    // an f32 buffer, or a bf16 activation (T5's logits under its tied head's factor)
+    let name = if dst.is_bf16() { "scale_bf16" } else { "scale_f32" };
+    let f = be.func(name);
     let n = dst.len as u64;
     let mut b = be.stream().launch_builder(&f);
-    b.arg(dst.ptr_ref()).arg(&s).arg(&n);
-    // SAFETY: scale_f32(float*, float, u64) rewrites n floats at dst.
-    be.check(unsafe { b.launch(elementwise_cfg(be, dst.len)) }.map(|_| ()), "scale_f32");
+    b.arg(dst.addr_ref()).arg(&s).arg(&n);
+    // SAFETY: scale_f32(float*, float, u64) / scale_bf16(unsigned short*, float, u64) rewrite n
+    // values of dst's own type.
+    be.check(unsafe { b.launch(elementwise_cfg(be, dst.len)) }.map(|_| ()), name);
 }
 
 /// Sum of squares in f64: fixed per-block partials on the device, summed in block order here.

@@ -10,10 +10,12 @@
 //! `blocks::token_scale`); the tied head reads `shared` unscaled. Learned positions: no factor,
 //! `shared` N(0, 0.02).
 //!
+//! The tied head reads the decoder output times C^-0.5, as T5's (`T5Config::scaled_head`; the
+//! logits are scaled after the GEMM, which is the same product).
+//!
 //! "T5-style": tensor names follow Hugging Face T5's (`shared`, `encoder.block.{i}.layer.0
 //! .SelfAttention.q`, ...), but these layers have biases and LayerNorm (not RMSNorm), GELU (not
-//! ReLU), absolute positions (not relative bias) and no d_model^-0.5 logit scale, so Hugging
-//! Face T5 checkpoints do not load. The loss is the mean cross-entropy over counted targets.
+//! ReLU) and absolute positions (not relative bias), so Hugging Face T5 checkpoints do not load. The loss is the mean cross-entropy over counted targets.
 
 use std::ops::Range;
 
@@ -369,10 +371,15 @@ impl<B: Backend> T5<B> {
         lay.decoder.forward(&cx, &mut a.dec, &a.dec_x, Some(&a.enc_out.out), dec_lens, dd);
         lay.dec_ln.forward(&cx, &mut a.dec_out, lay.decoder.output(&a.dec, &a.dec_x));
 
-        // logits = dec_out shared^T (+ the padding's mask)                    // (B Td, Vp)
+        // logits = (dec_out C^-0.5) shared^T (+ the padding's mask)          // (B Td, Vp)
         let head = MatmulShape { rows: batch.b * batch.td, in_features: c, out_features: v, layout: WeightLayout::OutIn };
         let mask = head_mask.as_ref().map(|m| all(be, m));
         be.matmul_forward(all_mut(be, &mut a.logits), all(be, &a.dec_out.out), cx.p(&lay.head), mask, head);
+        // the factor on the logits rather than on dec_out, which the backward reads as it is (the
+        // padding's -1e30 stays far below any real logit)
+        if let Some(s) = head_scale(cfg) {
+            be.scale(all_mut(be, &mut a.logits), s);
+        }
         let Some((targets, count)) = &batch.targets else { return Ok(None) };
         be.cross_entropy_forward(all_mut(be, &mut a.losses), all_mut(be, &mut a.lse), all(be, &a.logits), targets, v);
         let sum: f64 = be.download(all(be, &a.losses)).iter().map(|&x| x as f64).sum();
@@ -408,7 +415,9 @@ impl<B: Backend> T5<B> {
         let Acts { enc_x, enc, enc_out, dec_x, dec, dec_out, logits, lse, dhead, ddec, denc, dx, .. } = a;
 
         // dlogits = dloss * (softmax - onehot), written over the logits          // (B Td, V)
-        be.cross_entropy_backward_in_place(all_mut(be, logits), all(be, lse), targets, loss_scale / (*count).max(1) as f32, v);
+        // (with the head's factor: the gradient of the GEMM's output is s times that of the logits)
+        let dscale = loss_scale / (*count).max(1) as f32 * head_scale(cfg).unwrap_or(1.0);
+        be.cross_entropy_backward_in_place(all_mut(be, logits), all(be, lse), targets, dscale, v);
         // tied head: dhead = dlogits shared (written over); dshared += dlogits^T dec_out
         let head = MatmulShape { rows: batch.b * batch.td, in_features: c, out_features: v, layout: WeightLayout::OutIn };
         be.matmul_backward_set_dinp(all_mut(be, dhead), be.view_mut(grads, lay.head.clone()), None, all(be, logits), all(be, &dec_out.out), cx.p(&lay.head), head);
@@ -445,6 +454,11 @@ impl<B: Backend> T5<B> {
         }
         Ok(())
     }
+}
+
+/// The tied head's factor on the decoder output, C^-0.5 (`T5Config::scaled_head`).
+fn head_scale(cfg: &T5Config) -> Option<f32> {
+    cfg.scaled_head.then(|| (cfg.n_embd as f64).powf(-0.5) as f32)
 }
 
 /// Which attention of a T5 layer `attention_probs` reads.

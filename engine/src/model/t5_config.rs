@@ -36,6 +36,13 @@ pub struct T5Config {
     /// Width A of the additive score; 0 means the head width.
     #[serde(default)]
     pub additive_width: usize,
+    /// The tied head reads the decoder output times C^-0.5 (Mesh TensorFlow's and Hugging Face's
+    /// T5 with tied embeddings). Without it the decoder input's own token got a logit of ~sqrt(C)
+    /// at initialisation (the residual stream carries sqrt(C) * its row of `shared`), and a new
+    /// model started at about twice the uniform loss. Every new config has it; a checkpoint
+    /// written before it existed reads as false and computes what it was trained with.
+    #[serde(default)]
+    pub scaled_head: bool,
 }
 
 pub const PRESETS: &[(&str, &str)] = &[
@@ -58,6 +65,7 @@ impl T5Config {
             positions: Positions::Sinusoidal,
             scores: ScoreKind::Dot,
             additive_width: 0,
+            scaled_head: true,
         };
         Ok(match name {
             "t5-small" => cfg(32128, 512, 6, 8, 512, 2048),

@@ -1,4 +1,5 @@
-// Memory ops on flat f32 buffers: fill, scale, and the partial sums of sum_squares.
+// Memory ops on flat f32 buffers: fill, scale (also of a bf16 activation buffer), and the
+// partial sums of sum_squares. bf16.cuh comes first (kernels.rs).
 // Sizes are 64-bit: a (B*T, V) logits buffer of GPT-2 at B=16, T=1024 has 8.2e8 elements.
 
 typedef unsigned long long u64;
@@ -14,6 +15,14 @@ extern "C" __global__ void fill_f32(float* dst, float v, u64 n) {
 extern "C" __global__ void scale_f32(float* dst, float s, u64 n) {
     for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
         dst[i] *= s;
+    }
+}
+
+// dst[i] *= s on bf16 values (a bf16 activation, as T5's logits under its head's factor): the
+// product in f32, rounded to nearest even
+extern "C" __global__ void scale_bf16(unsigned short* dst, float s, u64 n) {
+    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) {
+        dst[i] = f32_to_bf16_rne(bf16_to_f32(dst[i]) * s);
     }
 }
 
