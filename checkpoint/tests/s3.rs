@@ -137,3 +137,33 @@ fn load_verified_dir(root: &StoreDir, step: u64) -> Vec<f32> {
     assert_eq!(smelt_corpus::format::sha256_hex(&bytes), entry.sha256);
     smelt_checkpoint::tensors::read_model(&smelt_checkpoint::ModelConfig::Gpt(config(64, 16)).param_table(), &bytes, "model").unwrap()
 }
+
+/// A worker reports a store it could not reach as transient (the coordinator backs off and
+/// restarts, rather than take the same words twice for a job that would always fail); a missing
+/// object or refused credentials are not.
+#[test]
+fn a_store_that_cannot_be_reached_is_told_apart_from_a_missing_object_or_refused_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("bucket")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let e = s3_dir(&endpoint).get("x").unwrap_err();
+    assert!(e.is_transient(), "a refused connection: {e}");
+
+    serve_s3(dir.path(), std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+    let e = s3_dir(&endpoint).get("missing").unwrap_err();
+    assert!(e.is_not_found() && !e.is_transient(), "{e}");
+    let wrong = AmazonS3Builder::new()
+        .with_bucket_name("bucket")
+        .with_endpoint(&endpoint)
+        .with_allow_http(true)
+        .with_region("us-east-1")
+        .with_access_key_id(KEY)
+        .with_secret_access_key("not-the-secret")
+        .with_retry(RetryConfig { max_retries: 1, retry_timeout: Duration::from_secs(2), ..Default::default() })
+        .build()
+        .unwrap();
+    let wrong = StoreDir::from_parts(Arc::new(wrong), object_store::path::Path::from("ckpt"), "s3://bucket/ckpt");
+    let e = wrong.get("missing").unwrap_err();
+    assert!(!e.is_transient(), "refused credentials: {e}");
+}

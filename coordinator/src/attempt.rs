@@ -15,14 +15,24 @@ const STOPPED_PREFIX: &str = "stopped: ";
 pub enum Fault<'a> {
     /// The worker's lease ended (it has already been marked lost).
     Lost { worker: &'a str, why: &'a str },
-    /// A rank reported failure, or the worker came back without its assignment.
-    Failed { worker: &'a str, error: String },
+    /// A rank reported failure, or the worker came back without its assignment. `transient`:
+    /// the rank took it for the infrastructure's (a store outage), not the job's.
+    Failed { worker: &'a str, error: String, transient: bool },
     /// A rank's worker stopped the run because it is shutting down (SIGTERM): no fault of the
     /// job, so the next attempt spends no restart (as a preemption). `reported_by`: the worker
     /// whose report of its run's end this is, the draining one itself or a peer whose run the
     /// drain broke (the draining one still stopping: as rank 0 it is waited for, as it saves
     /// its rescue checkpoint).
     Drained { worker: &'a str, reported_by: &'a str },
+}
+
+/// The wait before the next attempt after `n` transient failures in a row: 5 s, doubling, at
+/// most a minute.
+pub(crate) const TRANSIENT_BACKOFF_FIRST: std::time::Duration = std::time::Duration::from_secs(5);
+const TRANSIENT_BACKOFF_MOST: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn transient_backoff(n: u32) -> std::time::Duration {
+    TRANSIENT_BACKOFF_FIRST.saturating_mul(1 << n.saturating_sub(1).min(8)).min(TRANSIENT_BACKOFF_MOST)
 }
 
 impl State {
@@ -85,7 +95,7 @@ impl State {
         let (attempt, reached) = (job.row.attempt, job.row.last_step);
         let (culprit, cause, culprit_state) = match &fault {
             Fault::Lost { worker, why } => (*worker, format!("worker {worker} lost ({why})"), "lost"),
-            Fault::Failed { worker, error } => {
+            Fault::Failed { worker, error, .. } => {
                 let rank = job.ranks.iter().position(|w| w == worker).unwrap_or(0);
                 (*worker, format!("rank {rank} on worker {worker} failed: {error}"), "failed")
             }
@@ -111,10 +121,28 @@ impl State {
         // diverges at the same step: training resumes exactly) would spend every restart left on
         // the same error. The second time in a row, with no step gained, ends the job.
         let error = match &fault {
-            // a run stopped from outside (a drain, an abort) says the same words every time
-            Fault::Failed { error, .. } if !error.starts_with(STOPPED_PREFIX) => Some(error.clone()),
+            // a run stopped from outside (a drain, an abort) says the same words every time; a
+            // store that refuses connections says them until it is back
+            Fault::Failed { error, transient: false, .. } if !error.starts_with(STOPPED_PREFIX) => Some(error.clone()),
             Fault::Failed { .. } => None,
             Fault::Lost { .. } | Fault::Drained { .. } => None, // the machine's doing, not the job's
+        };
+        // a transient failure's next attempt waits, longer each time in a row: restarts are not
+        // spent seconds apart on an outage that lasts a minute
+        let backoff = if matches!(fault, Fault::Failed { transient: true, .. }) {
+            // an attempt that trained on since the last one starts the waits afresh
+            if reached > job.transient_reached {
+                job.transient_failures = 0;
+            }
+            job.transient_reached = reached;
+            job.transient_failures += 1;
+            let wait = transient_backoff(job.transient_failures);
+            job.retry_after = Some(std::time::Instant::now() + wait);
+            Some(wait)
+        } else {
+            job.transient_failures = 0;
+            job.retry_after = None;
+            None
         };
         // the same words at the same step: a transient error (a store outage) that comes back
         // elsewhere in the run, or before a resumed attempt has caught up, is restarted as ever
@@ -147,10 +175,14 @@ impl State {
         if job.row.restarts < job.row.max_restarts {
             // only a job that restarts waits (a failed one has no next attempt to resume)
             let (next, from, waits) = self.next_attempt(job_id, rank0, attempt, true);
+            let after = match backoff {
+                Some(wait) => format!(" in {} s (the failure looks transient: a store or network error)", wait.as_secs()),
+                None => String::new(),
+            };
             let reason = if waits {
-                format!("{cause}; restarting attempt {next} once rank 0 ends it (from step {from}, or rank 0's rescue checkpoint)")
+                format!("{cause}; restarting attempt {next}{after} once rank 0 ends it (from step {from}, or rank 0's rescue checkpoint)")
             } else {
-                format!("{cause}; restarting attempt {next} from step {from}")
+                format!("{cause}; restarting attempt {next}{after} from step {from}")
             };
             self.transition_or_log(job_id, JobState::Restarting, reason);
             self.schedule();

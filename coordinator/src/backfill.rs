@@ -45,7 +45,7 @@ impl State {
             .values()
             .filter(|j| is_waiting(j.row.state) && j.row.device_class == class && j.queue_key() > key)
             // a job whose failed attempt's rank 0 is still saving waits for it
-            .filter(|j| j.yields && !j.winding_down_at(now))
+            .filter(|j| j.yields && !j.winding_down_at(now) && !j.backing_off_at(now))
             .collect();
         if behind.is_empty() {
             return;

@@ -158,6 +158,7 @@ impl State {
                 Fault::Failed {
                     worker: "(unknown)",
                     error: "the attempt's assignments were incomplete in the store".into(),
+                    transient: false,
                 },
             );
         }

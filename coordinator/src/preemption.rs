@@ -99,7 +99,7 @@ impl State {
             let head = self
                 .jobs
                 .values()
-                .filter(|j| is_waiting(j.row.state) && j.row.device_class == class)
+                .filter(|j| is_waiting(j.row.state) && j.row.device_class == class && !j.backing_off_at(now))
                 .min_by_key(|j| (Reverse(j.row.priority), j.row.created_at_ms, j.seq));
             // a head waiting for its own failed attempt's rank 0 waits for that, not for workers
             let Some(head) = head.filter(|h| !h.winding_down_at(now)) else { continue };

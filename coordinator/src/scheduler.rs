@@ -81,7 +81,9 @@ impl State {
         let jobs: Vec<Waiting> = self
             .jobs
             .values()
-            .filter(|j| is_waiting(j.row.state))
+            // a job waiting out a transient failure's back-off is not placed yet, and holds no
+            // place that would keep the workers of its class idle meanwhile
+            .filter(|j| is_waiting(j.row.state) && !j.backing_off_at(now))
             .map(|j| Waiting {
                 id: &j.row.id,
                 device_class: j.row.device_class,

@@ -155,6 +155,12 @@ pub struct JobRec {
     /// recorded at submission), and it starts from that job's newest checkpoint then (not
     /// stored: a restarted coordinator keeps the one recorded).
     pub resume_of: Option<String>,
+    /// After a transient failure (a store outage): the next attempt is not placed before this,
+    /// the transient failures in a row with no step gained, which double the wait, and the step
+    /// the last of them reached (not stored: a restarted coordinator places at once).
+    pub retry_after: Option<Instant>,
+    pub transient_failures: u32,
+    pub transient_reached: u64,
 }
 
 /// An attempt that failed with an error its rank reported (see `JobRec::last_failure`).
@@ -179,6 +185,11 @@ impl JobRec {
     pub fn winding_down_at(&self, now: Instant) -> bool {
         !self.winding_down.is_empty() && self.wind_down_until.is_some_and(|t| now < t)
     }
+
+    /// Whether the job waits out a transient failure's back-off at `now`.
+    pub fn backing_off_at(&self, now: Instant) -> bool {
+        self.retry_after.is_some_and(|t| now < t)
+    }
 }
 
 impl JobRec {
@@ -197,6 +208,9 @@ impl JobRec {
             last_metrics: None,
             winding_down: Vec::new(),
             wind_down_until: None,
+            retry_after: None,
+            transient_failures: 0,
+            transient_reached: 0,
             last_failure: None,
             resume_of: None,
         }

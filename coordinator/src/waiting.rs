@@ -79,6 +79,10 @@ fn waiting_for(view: &QueueView, job: &JobRec) -> String {
     if job.winding_down_at(view.now) {
         return format!("its attempt {}'s rank 0 to end it (it may be saving its last completed step)", job.row.attempt.saturating_sub(1));
     }
+    if let Some(t) = job.retry_after.filter(|t| view.now < *t) {
+        let left = t.saturating_duration_since(view.now).as_secs_f64().ceil() as u64;
+        return format!("the back-off after a transient failure (a store or network error): {left} s left");
+    }
     let class = job.row.device_class;
     let name = device_class_name(class);
     let empty = ClassView::default();

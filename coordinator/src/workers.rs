@@ -103,6 +103,7 @@ impl State {
                 Fault::Failed {
                     worker: &id,
                     error: format!("worker re-registered running another assignment (attempt {held_attempt} expected)"),
+                    transient: false,
                 },
             );
         }
@@ -340,6 +341,7 @@ impl State {
                             error: format!(
                                 "worker re-registered without its assignment (attempt {attempt}) and did not report it"
                             ),
+                            transient: false,
                         },
                     );
                     return;
@@ -450,7 +452,7 @@ impl State {
                 return;
             }
             let error = if d.error.is_empty() { "no reason given".to_string() } else { d.error.clone() };
-            self.fail_attempt(&d.job_id, Fault::Failed { worker: worker_id, error });
+            self.fail_attempt(&d.job_id, Fault::Failed { worker: worker_id, error, transient: d.transient });
             return;
         }
         info!(job_id = %d.job_id, attempt = d.attempt, rank, worker_id = %worker_id, final_step = d.final_step, "rank finished");

@@ -332,6 +332,42 @@ async fn failed_rank_restarts_with_its_error_then_fails() {
     coord.stop().await;
 }
 
+/// A store outage says the same words at the same step on every attempt, but passes: a failure
+/// the worker reports as transient is restarted after a back-off that doubles (5 s, then 10 s),
+/// not ended as one that would always repeat; while it waits, its workers serve other jobs; its
+/// queue entry says what it waits for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_failure_is_restarted_after_a_back_off_even_when_it_repeats() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("outage", 1, 0, 3)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9812").await;
+    let error = "opening data.corpus s3://b/c: Generic S3 error: error sending request: connection refused";
+    let a = w.assignment().await;
+    w.done_transient(&a, error, 0).await;
+    let b = w.assignment().await; // after the 5 s back-off
+    assert_eq!((b.job_id.as_str(), b.attempt), (job.id.as_str(), 2));
+    w.done_transient(&b, error, 0).await;
+    let waiting = wait_job(&mut jobs, &job.id, |j| j.waiting_for.contains("back-off")).await;
+    assert!(waiting.waiting_for.contains("the back-off after a transient failure") && waiting.waiting_for.contains(" s left"), "{waiting:?}");
+    let texts = event_texts(&mut jobs, &job.id).await;
+    for (next, wait) in [(2, 5), (3, 10)] {
+        let want = format!("restarting attempt {next} in {wait} s (the failure looks transient: a store or network error) from step 0");
+        assert!(texts.iter().any(|t| t.contains(error) && t.contains(&want)), "{want}:\n{texts:#?}");
+    }
+    // the idle worker is not held for it: another job runs meanwhile
+    let other = submit(&mut jobs, &spec("other", 1, 0, 0)).await;
+    let o = w.assignment().await;
+    assert_eq!(o.job_id, other.id, "the job backing off kept the worker idle");
+    w.done(&o, true, "", 100).await;
+    wait_state(&mut jobs, &other.id, JobState::Succeeded).await;
+    let j = get(&mut jobs, &job.id).await;
+    assert_eq!((state(&j), j.restarts), (JobState::Restarting, 2), "{j:?}");
+    jobs.cancel_job(CancelJobRequest { job_id: job.id.clone() }).await.unwrap();
+    coord.stop().await;
+}
+
 /// A failure that repeats does not spend the restarts left: the same error again with no step
 /// gained ends the job; the same error after progress is restarted as any other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -153,6 +153,7 @@ async fn rank_that_finished_while_the_coordinator_was_away_reports_after_rejoini
         final_step: 100,
         draining: false,
         final_models: String::new(),
+        transient: false,
     });
     let n2 =
         Worker::join_with(&coord.url, &w2.data_addr, WorkerOpts { id: &w2.id, then: vec![done], ..Default::default() })

@@ -63,6 +63,45 @@ impl StoreError {
         matches!(self, StoreError::NotFound { .. })
     }
 
+    /// Whether the store could not be reached or answered "try later" (a refused or dropped
+    /// connection, a timeout, a name that did not resolve, a 5xx or SlowDown after the client's
+    /// own retries): an outage that passes, not a fault of the job (a missing object, refused
+    /// credentials, a bad URI are none of these).
+    pub fn is_transient(&self) -> bool {
+        let StoreError::Op { error, .. } = self else { return false };
+        if matches!(
+            **error,
+            object_store::Error::NotFound { .. }
+                | object_store::Error::InvalidPath { .. }
+                | object_store::Error::NotSupported { .. }
+                | object_store::Error::PermissionDenied { .. }
+                | object_store::Error::Unauthenticated { .. }
+                | object_store::Error::UnknownConfigurationKey { .. }
+        ) {
+            return false;
+        }
+        // no credentials: the instance metadata service off the cloud does not answer either,
+        // which reads like an outage but never passes
+        if !credentials_hint(error).is_empty() {
+            return false;
+        }
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&**error);
+        while let Some(c) = cause {
+            if let Some(io) = c.downcast_ref::<std::io::Error>() {
+                use std::io::ErrorKind::*;
+                if matches!(io.kind(), ConnectionRefused | ConnectionReset | ConnectionAborted | NotConnected | TimedOut | BrokenPipe | HostUnreachable | NetworkUnreachable | UnexpectedEof) {
+                    return true;
+                }
+            }
+            cause = c.source();
+        }
+        // the HTTP client's errors do not all keep their causes as sources: their words
+        let text = error.to_string().to_lowercase();
+        ["error sending request", "connection refused", "connection reset", "timed out", "dns error", "service unavailable", "bad gateway", "gateway timeout", "slowdown", "slow down", "internal server error"]
+            .iter()
+            .any(|w| text.contains(w))
+    }
+
     /// Wraps an `object_store` error about `uri`, keeping "not found" distinct.
     pub fn from_object_store(op: &'static str, uri: String, e: object_store::Error) -> Self {
         match e {

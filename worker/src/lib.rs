@@ -21,6 +21,7 @@ pub mod ring_addr;
 pub mod runner;
 pub mod sample_log;
 pub mod train_data;
+pub mod transient;
 mod write_probe;
 
 pub use agent::{run, WorkerConfig};

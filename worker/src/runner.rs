@@ -127,12 +127,12 @@ pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunE
     let a = req.assignment.clone();
     let out_dir = req.out_dir.clone();
     let result = unless_panicked(|| train(req, &control, events));
-    let (ok, error, final_step) = match result {
-        Ok(step) => (true, String::new(), step),
+    let (ok, error, final_step, transient) = match result {
+        Ok(step) => (true, String::new(), step, false),
         Err(e) => {
-            let why = match control.stopped() {
-                Some(reason) => format!("stopped: {reason}"),
-                None => format!("{e:#}"),
+            let (why, transient) = match control.stopped() {
+                Some(reason) => (format!("stopped: {reason}"), false),
+                None => (format!("{e:#}"), crate::transient::is_transient(&e)),
             };
             // A broken ring is usually the echo of a peer's own failure (a bad shard, a NaN):
             // let the peer's report reach the coordinator first, so the job's error names the
@@ -140,7 +140,7 @@ pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunE
             if is_collective_failure(&e) {
                 std::thread::sleep(PEER_FAILURE_GRACE);
             }
-            (false, why, 0)
+            (false, why, 0, transient)
         }
     };
     // rank 0 saved the final weights under its output directory: said, for a later job whose
@@ -150,7 +150,7 @@ pub fn run_assignment(req: RunRequest, control: RunControl, events: &dyn Fn(RunE
         Ok(root) if ok && a.rank == 0 && saved.is_file() => root.display().to_string(),
         _ => String::new(),
     };
-    events(RunEvent::Done(AssignmentDone { job_id: a.job_id, attempt: a.attempt, ok, error, final_step, draining: false, final_models }));
+    events(RunEvent::Done(AssignmentDone { job_id: a.job_id, attempt: a.attempt, ok, error, final_step, draining: false, final_models, transient }));
 }
 
 /// `f`'s result, or its panic as an error carrying the panic's message.

@@ -391,6 +391,22 @@ impl Worker {
             final_step,
             draining: false,
             final_models: String::new(),
+            transient: false,
+        }))
+        .await;
+    }
+
+    /// A failed run's Done that the worker took for the infrastructure's (a store outage).
+    pub async fn done_transient(&self, a: &Assignment, error: &str, final_step: u64) {
+        self.send(worker_message::Body::Done(AssignmentDone {
+            job_id: a.job_id.clone(),
+            attempt: a.attempt,
+            ok: false,
+            error: error.into(),
+            final_step,
+            draining: false,
+            final_models: String::new(),
+            transient: true,
         }))
         .await;
     }
@@ -405,6 +421,7 @@ impl Worker {
             final_step,
             draining: false,
             final_models: final_models.into(),
+            transient: false,
         }))
         .await;
     }
@@ -419,6 +436,7 @@ impl Worker {
             final_step,
             draining: true,
             final_models: String::new(),
+            transient: false,
         }))
         .await;
     }
