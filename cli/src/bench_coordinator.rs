@@ -94,14 +94,21 @@ async fn bench(a: CoordinatorBenchArgs) -> Result<()> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = format!("127.0.0.1:{port}");
     let url = format!("http://{addr}");
-    let child = Command::new(std::env::current_exe()?)
-        .args(["coordinator", "--listen", &addr, "--db", dir.path().join("bench.db").to_str().unwrap()])
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.args(["coordinator", "--listen", &addr, "--db", dir.path().join("bench.db").to_str().unwrap()])
         .args(["--heartbeat-ms", &a.heartbeat_ms.to_string(), "--lease-timeout-ms", "60000"])
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()?;
+        .stderr(Stdio::inherit());
+    // the bench dies however it dies (SIGPIPE from `| head`, SIGKILL): its coordinator with it
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: the hook only makes async-signal-safe calls
+        unsafe { cmd.pre_exec(crate::signals::exit_with_parent()) };
+    }
+    let child = cmd.spawn()?;
     let coord = Coordinator { child, _dir: dir };
     let pid = coord.child.id();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -192,12 +199,28 @@ async fn bench(a: CoordinatorBenchArgs) -> Result<()> {
         "submit_to_all_assigned_ms": gang_ms,
         "machine_cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
     });
+    // the coordinator stopped before anything is printed: a reader that goes away (SIGPIPE)
+    // leaves nothing running
+    drop(coord);
     if a.json {
         println!("{report}");
     } else {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        let ms = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{} workers (heartbeat every {} ms, {n_conn} connections): registered in {registered_s:.1} s; \
+             heartbeat round trip p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms over {} heartbeats",
+            a.workers,
+            a.heartbeat_ms,
+            ms("heartbeat_rtt_p50_ms"),
+            ms("heartbeat_rtt_p99_ms"),
+            ms("heartbeat_rtt_max_ms"),
+            lat.len()
+        );
+        println!(
+            "coordinator CPU {cpu:.3} cores of {}; a job needing every worker assigned {gang_ms:.0} ms after submit",
+            report["machine_cores"]
+        );
     }
-    drop(coord);
     Ok(())
 }
 

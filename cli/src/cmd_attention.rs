@@ -1,5 +1,6 @@
 //! `smelt attention`: a trained model's attention weights for one text, per layer and head, as
-//! PNG heat maps (row = query token, column = key token, brighter = more weight) and as JSON.
+//! PNG heat maps (row = query token, column = key token, brighter = more weight, each row scaled
+//! by its own largest weight) and as JSON (the weights themselves).
 //!
 //! GPT: causal self-attention, `layer<L>_head<H>.png`. BERT: bidirectional self-attention over
 //! `[CLS] text [SEP]`, same file names. T5: the encoder's self-attention over the text
@@ -26,10 +27,16 @@ pub struct AttentionArgs {
     /// A model: a checkpoint, a model.safetensors (or a directory holding one), or a job id (its
     /// newest checkpoint under --store, else the coordinator's record).
     pub model: String,
-    /// The text to look at (the model's tokenizer must cover it).
+    /// The text to look at, given as it is (the model's tokenizer must cover it).
+    #[arg(long, required_unless_present = "text_file", conflicts_with = "text_file")]
+    pub text: Option<String>,
+    /// The text to look at, read from this file (its last line break left out).
     #[arg(long)]
-    pub text: String,
+    pub text_file: Option<PathBuf>,
     /// Output directory: layer<L>_head<H>.png for each layer and head, and attention.json.
+    /// Heat maps of an earlier run there are deleted first. Each map's row (a query) is scaled
+    /// by its own largest weight, so nearly even attention shows as patterned as a sharp one:
+    /// the weights themselves are in attention.json.
     #[arg(long, default_value = "attention")]
     pub out: PathBuf,
     /// Pixels per token in the heat maps (0: chosen so a map is about 512 pixels wide).
@@ -54,19 +61,59 @@ fn check_cell(cell: usize, tokens: usize) -> Result<usize> {
 }
 
 pub fn run(a: AttentionArgs) -> Result<()> {
+    a.store.coordinator.install();
+    let text = input_text(&a)?;
     let src = crate::cmd_export::read_in(&a.model, &a.store.store, "reading the model")?;
     let model_path = PathBuf::from(&src.file);
     match model_file::any_from_bytes(&src.bytes, &src.file)? {
-        AnyModel::Gpt(saved) => run_gpt(&a, &model_path, saved),
-        AnyModel::Family(saved) => run_family(&a, &model_path, saved),
+        AnyModel::Gpt(saved) => run_gpt(&a, &text, &model_path, saved),
+        AnyModel::Family(saved) => run_family(&a, &text, &model_path, saved),
     }
 }
 
-fn run_gpt(a: &AttentionArgs, model_path: &Path, saved: SavedModel) -> Result<()> {
+/// The text to look at: `--text` as given, or `--text-file`'s contents less its last line
+/// break. `--text` naming a file is refused: `train` and `eval` read a file there, and drawing
+/// the attention over the letters of its name is not what was meant.
+fn input_text(a: &AttentionArgs) -> Result<String> {
+    if let Some(path) = &a.text_file {
+        let text = smelt_corpus::input::read_text_file(path).with_context(|| format!("reading --text-file {}", path.display()))?;
+        let text = text.strip_suffix('\n').map(|t| t.strip_suffix('\r').unwrap_or(t)).unwrap_or(&text);
+        return Ok(text.to_string());
+    }
+    let text = a.text.clone().unwrap_or_default();
+    if !text.contains('\n') && Path::new(&text).is_file() {
+        bail!("--text is the text itself, and {text:?} names a file: to look at that file's text, give --text-file {text:?}");
+    }
+    Ok(text)
+}
+
+/// Deletes the heat maps an earlier run left in `out` (its own file names only), so the
+/// directory holds this model's maps alone.
+fn remove_old_maps(out: &Path) -> Result<()> {
+    let Ok(entries) = fs::read_dir(out) else { return Ok(()) };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if is_heat_map_name(&name) {
+            fs::remove_file(e.path()).with_context(|| format!("removing the earlier heat map {}", e.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `layer3_head1.png`, `encoder_layer0_head0.png`, `decoder_layer..`, `cross_layer..`.
+fn is_heat_map_name(name: &str) -> bool {
+    let Some(stem) = name.strip_suffix(".png") else { return false };
+    let stem = ["encoder_", "decoder_", "cross_"].iter().find_map(|p| stem.strip_prefix(p)).unwrap_or(stem);
+    let Some((layer, head)) = stem.strip_prefix("layer").and_then(|r| r.split_once("_head")) else { return false };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(layer) && digits(head)
+}
+
+fn run_gpt(a: &AttentionArgs, text: &str, model_path: &Path, saved: SavedModel) -> Result<()> {
     if a.target.is_some() {
         bail!("--target is for T5 models (a decoder's input); this is a GPT");
     }
-    let ids = saved.tokenizer.encode(&a.text)?;
+    let ids = saved.tokenizer.encode(text)?;
     if ids.is_empty() {
         bail!("--text must not be empty");
     }
@@ -79,6 +126,7 @@ fn run_gpt(a: &AttentionArgs, model_path: &Path, saved: SavedModel) -> Result<()
     let maps = model.attention_maps()?;
 
     fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    remove_old_maps(&a.out)?;
     let cell = check_cell(if a.cell > 0 { a.cell } else { (512 / t).clamp(1, 32) }, t)?;
     for (l, map) in maps.iter().enumerate() {
         for h in 0..heads {
@@ -91,7 +139,8 @@ fn run_gpt(a: &AttentionArgs, model_path: &Path, saved: SavedModel) -> Result<()
         maps.iter().map(|m| (0..heads).map(|h| m[h * t * t..(h + 1) * t * t].chunks(t).collect()).collect()).collect();
     let doc = json!({
         "model": model_path.display().to_string(),
-        "text": a.text,
+        "arch": "gpt",
+        "text": text,
         "tokens": tokens,
         "token_ids": ids,
         "layers": layers,
@@ -153,14 +202,14 @@ fn token_names(ids: &[u32], tok: &Tokenizer, special: &dyn Fn(u32) -> Option<Str
     ids.iter().map(|&id| special(id).unwrap_or_else(|| tok.decode(&[id]).unwrap_or_else(|_| format!("<{id}>")))).collect()
 }
 
-fn run_family(a: &AttentionArgs, model_path: &Path, saved: SavedFamilyModel) -> Result<()> {
+fn run_family(a: &AttentionArgs, input: &str, model_path: &Path, saved: SavedFamilyModel) -> Result<()> {
     let SavedFamilyModel { model, tokenizer, params, .. } = saved;
-    let text = tokenizer.encode(&a.text)?;
+    let text = tokenizer.encode(input)?;
     if text.is_empty() {
         bail!("--text must not be empty");
     }
     fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let (doc, maps) = match model {
+    let (doc, maps, shape) = match model {
         FamilyModel::Bert { config, specials: s } => {
             if a.target.is_some() {
                 bail!("--target is for T5 models (a decoder's input); this is a BERT");
@@ -181,7 +230,7 @@ fn run_family(a: &AttentionArgs, model_path: &Path, saved: SavedFamilyModel) -> 
             let doc = json!({
                 "model": model_path.display().to_string(),
                 "arch": "bert",
-                "text": a.text,
+                "text": input,
                 "tokens": token_names(&ids, &tokenizer, &names),
                 "token_ids": ids,
                 "layers": layers,
@@ -190,7 +239,7 @@ fn run_family(a: &AttentionArgs, model_path: &Path, saved: SavedFamilyModel) -> 
                 "layout": "weights[layer][head][query][key]",
                 "weights": att.json(heads),
             });
-            (doc, vec![(att, heads)])
+            (doc, vec![(att, heads)], format!("{layers} layers x {heads} heads, {t} tokens with [CLS] and [SEP]"))
         }
         FamilyModel::T5 { config, specials: s } => {
             let target = match &a.target {
@@ -227,9 +276,11 @@ fn run_family(a: &AttentionArgs, model_path: &Path, saved: SavedFamilyModel) -> 
             let doc = json!({
                 "model": model_path.display().to_string(),
                 "arch": "t5",
-                "text": a.text,
+                "text": input,
                 "encoder_tokens": token_names(&text, &tokenizer, &names),
+                "encoder_token_ids": text,
                 "decoder_tokens": token_names(&dec, &tokenizer, &names),
+                "decoder_token_ids": dec,
                 "layers": enc_layers,
                 "decoder_layers": dec_layers,
                 "heads": heads,
@@ -238,11 +289,16 @@ fn run_family(a: &AttentionArgs, model_path: &Path, saved: SavedFamilyModel) -> 
                 "decoder_self": dself.json(heads),
                 "cross": cross.json(heads),
             });
-            (doc, vec![(enc, heads), (dself, heads), (cross, heads)])
+            let shape = format!(
+                "{enc_layers} encoder layers, {dec_layers} decoder layers of self- and cross-attention, x {heads} heads; {te} encoder, {td} decoder tokens"
+            );
+            (doc, vec![(enc, heads), (dself, heads), (cross, heads)], shape)
         }
     };
     let longest = maps.iter().map(|m| m.0.tq.max(m.0.tk)).max().unwrap_or(1);
     let cell = check_cell(if a.cell > 0 { a.cell } else { (512 / longest).clamp(1, 32) }, longest)?;
+    // (only now: a run refused above leaves the earlier maps as they were)
+    remove_old_maps(&a.out)?;
     let mut count = 0;
     for (att, heads) in &maps {
         att.write_maps(&a.out, *heads, cell)?;
@@ -250,7 +306,7 @@ fn run_family(a: &AttentionArgs, model_path: &Path, saved: SavedFamilyModel) -> 
     }
     let json_path = a.out.join("attention.json");
     fs::write(&json_path, serde_json::to_vec(&doc)?).with_context(|| format!("writing {}", json_path.display()))?;
-    println!("wrote {count} heat maps and {} to {}", json_path.display(), a.out.display());
+    println!("wrote {count} heat maps ({shape}) and {} to {}", json_path.display(), a.out.display());
     Ok(())
 }
 

@@ -173,14 +173,20 @@ fn roots_of(a: &ListArgs) -> Result<Vec<(String, StoreDir)>> {
                 let mut client = connect(&a.coordinator.url).await?;
                 client.get_job(GetJobRequest { job_id: t.to_string() }).await.map_err(status).map(|r| r.into_inner())
             })
-            .map_err(|e| anyhow!("{e:#}\n(to list a job's checkpoints without the coordinator: --store <store root>, or SMELT_STORE)"))?;
+            // the hint added, the exit status kept (5: the coordinator unreachable)
+            .map_err(|e| {
+                crate::client::failure(
+                    crate::client::exit_status(&e),
+                    format!("{e:#}\n(to list a job's checkpoints without the coordinator: --store <store root>, or SMELT_STORE)"),
+                )
+            })?;
         if let Some(root) = parent_uri(&job.last_checkpoint_uri).filter(|_| !job.last_checkpoint_uri.is_empty()) {
             return Ok(vec![(job.id, StoreDir::open(&root)?)]);
         }
         let spec = JobSpec::parse(&job.spec_toml).with_context(|| format!("job {t}: its spec"))?;
         if spec.checkpoint.every == 0 {
             let weights = if job.model_uri.is_empty() { String::new() } else { format!("; its final weights are {}", job.model_uri) };
-            bail!("job {t} does not checkpoint (its spec sets no [checkpoint] every){weights}");
+            bail!("job {t} does not checkpoint (its spec's [checkpoint] every is 0, or not given){weights}");
         }
         let Some(store) = spec.checkpoint.store else {
             bail!(

@@ -267,7 +267,7 @@ fn run_verify(a: VerifyArgs) -> Result<()> {
     if a.json {
         println!("{}", json!({"uri": a.corpus, "ok": true, "shards": v.shards, "bytes": v.bytes, "tokens": v.tokens}));
     } else {
-        println!("{}: ok — {} shards, {} tokens, {} bytes; every sha256 matches", a.corpus, v.shards, v.tokens, v.bytes);
+        println!("{}: ok — {} shard{}, {} tokens, {} bytes; every sha256 matches", a.corpus, v.shards, if v.shards == 1 { "" } else { "s" }, v.tokens, v.bytes);
     }
     Ok(())
 }

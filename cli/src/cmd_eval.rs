@@ -27,6 +27,8 @@ use tracing::info;
 use crate::local_device::{self, OnBackend};
 
 #[derive(Args, Debug)]
+// one of the three sources is required: clap's error names all three
+#[command(group(clap::ArgGroup::new("source").required(true).args(["text", "corpus", "choices"])))]
 pub struct EvalArgs {
     #[command(flatten)]
     pub threads: crate::threads::Threads,
@@ -34,7 +36,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub model: String,
     /// A UTF-8 text file, encoded with the model's tokenizer.
-    #[arg(long, conflicts_with_all = ["corpus", "choices"], required_unless_present_any = ["corpus", "choices"])]
+    #[arg(long, conflicts_with_all = ["corpus", "choices"])]
     pub text: Option<String>,
     /// A corpus prepared by `smelt corpus prepare` (a path or an object-store URI).
     #[arg(long, conflicts_with = "choices")]
@@ -69,6 +71,8 @@ pub struct EvalArgs {
     /// Where a job id's checkpoints and final weights are.
     #[arg(long, env = "SMELT_STORE", default_value = ".smelt")]
     pub store: String,
+    #[command(flatten)]
+    pub coordinator: crate::job_model::JobCoordinator,
     /// Where the model runs: auto (GPU 0 when usable, else the CPU), cpu, or cuda:N (a binary
     /// built with --features cuda; bf16 matmuls, so the figures differ from the CPU's in the
     /// last digits).
@@ -177,6 +181,7 @@ impl Tokens {
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    a.coordinator.install();
     if a.split.is_some() && a.corpus.is_none() {
         bail!("--split chooses a split of --corpus; a --text is evaluated whole, and --choices example by example");
     }
@@ -210,7 +215,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
     };
     let (source, data) = match (&a.text, &a.corpus) {
         (Some(path), _) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading --text {path}"))?;
+            let text = smelt_corpus::input::read_text_file(std::path::Path::new(path)).with_context(|| format!("reading --text {path}"))?;
             let mut ids = tokenizer.encode(&text).with_context(|| format!("--text {path}: not in the model's {} vocabulary", tokenizer.kind()))?;
             ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
             (path.clone(), Tokens::Memory(ids))
@@ -329,7 +334,7 @@ impl OnBackend for WindowEval<'_> {
             println!("{v}");
         } else {
             let bpb = bits_per_byte.map(|b| format!(", {b:.4} bits per byte")).unwrap_or_default();
-            let tail = if left_out > 0 { format!("; the last {left_out} tokens, less than a window, left out") } else { String::new() };
+            let tail = if left_out > 0 { format!("; the last {left_out} token{}, less than a window, left out", if left_out == 1 { "" } else { "s" }) } else { String::new() };
             println!(
                 "{}: loss {loss:.4}, perplexity {:.3}{bpb} over {} tokens of {source} ({windows} window{} of {t}{tail})",
                 file,

@@ -62,6 +62,8 @@ pub struct StoreArg {
     /// Where a job id's checkpoints (`jobs/<job>/ckpt/`) and final weights (`jobs/<job>/`) are.
     #[arg(long, env = "SMELT_STORE", default_value = ".smelt")]
     pub store: String,
+    #[command(flatten)]
+    pub coordinator: crate::job_model::JobCoordinator,
 }
 
 #[derive(Args, Debug)]
@@ -89,6 +91,7 @@ pub fn run(c: ExportCommand) -> Result<()> {
         // one line on success (the log's line is below the export's default level): what was
         // written and as what
         ExportCommand::Hf(a) => {
+            a.store.coordinator.install();
             export_hf(&a)?;
             let arch = std::fs::read(a.out.join("config.json"))
                 .ok()
@@ -99,6 +102,7 @@ pub fn run(c: ExportCommand) -> Result<()> {
             Ok(())
         }
         ExportCommand::Logits(a) => {
+            a.store.coordinator.install();
             export_logits(&a)?;
             println!("{}: logits of {} for {} token ids", a.out.display(), a.model, a.ids.len());
             Ok(())

@@ -43,7 +43,20 @@ const POLL: Duration = Duration::from_millis(500);
 const SETTLE_AT_MOST: Duration = Duration::from_secs(120);
 
 pub async fn run(a: LogsArgs) -> Result<()> {
+    if a.attempt == Some(0) {
+        anyhow::bail!("--attempt 0: attempts count from 1 (the first run; each restart is the next)");
+    }
     let mut client = connect(&a.coordinator.url).await?;
+    // a rank or attempt the job never had prints nothing: said instead
+    if a.rank.is_some() || a.attempt.is_some() {
+        let job = client.get_job(GetJobRequest { job_id: a.id.clone() }).await.map_err(status)?.into_inner();
+        if let Some(r) = a.rank.filter(|&r| r >= job.world_size) {
+            anyhow::bail!("--rank {r}: job {} has ranks 0 to {}", a.id, job.world_size.saturating_sub(1));
+        }
+        if let Some(n) = a.attempt.filter(|&n| n > job.attempt.max(1)) {
+            anyhow::bail!("--attempt {n}: job {} has had {} attempt{} so far", a.id, job.attempt, if job.attempt == 1 { "" } else { "s" });
+        }
+    }
     let request =
         |after: u64, tail: u32| JobLogsRequest { job_id: a.id.clone(), after, limit: 0, attempt: a.attempt, rank: a.rank, tail, min_level: a.level.clone() };
     let mut after = 0;

@@ -32,6 +32,8 @@ pub struct SampleArgs {
     /// Where a job id's checkpoints and final weights are.
     #[arg(long, env = "SMELT_STORE", default_value = ".smelt")]
     pub store: String,
+    #[command(flatten)]
+    pub coordinator: crate::job_model::JobCoordinator,
     /// Text to continue (a GPT) or to respond to (a T5); it must use the model's tokenizer's
     /// characters.
     #[arg(long, default_value = "\n")]
@@ -229,6 +231,7 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 pub fn run(a: SampleArgs) -> Result<()> {
+    a.coordinator.install();
     if !(a.temperature >= 0.0) {
         bail!("--temperature {} must be >= 0 (0 picks the most likely token)", a.temperature);
     }

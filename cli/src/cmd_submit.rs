@@ -371,7 +371,7 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
     bar.finish_and_clear();
     let j = client.get_job(GetJobRequest { job_id: job.id.clone() }).await.map_err(status)?.into_inner();
     if json {
-        println!("{}", serde_json::json!({ "kind": "end", "job": crate::client::job_json(&j) }));
+        println!("{}", serde_json::json!({ "kind": "end", "at_ms": crate::client::now_ms(), "job": crate::client::job_json(&j) }));
     }
     match end {
         JobState::Succeeded => {

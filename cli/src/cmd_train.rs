@@ -107,7 +107,8 @@ pub struct TrainArgs {
     /// Evaluate on the held-out text every this many steps (and at the last; 0: only the last).
     #[arg(long, default_value_t = 100)]
     pub eval_interval: u64,
-    /// Batches of the held-out text each evaluation averages over.
+    /// Batches of the held-out text each evaluation averages over: this times --batch windows of
+    /// --seq tokens (so another --batch scores another sample of the text; --grad-accum does not).
     #[arg(long, default_value_t = 20)]
     pub eval_batches: usize,
     /// At each evaluation also score multiple choice: JSON lines in HellaSwag's fields (`ctx`,
@@ -172,7 +173,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
     if a.eval_batches == 0 {
         bail!("--eval-batches must be at least 1");
     }
-    let text = std::fs::read_to_string(&a.text).with_context(|| format!("reading --text {}", a.text.display()))?;
+    let text = smelt_corpus::input::read_text_file(&a.text).with_context(|| format!("reading --text {}", a.text.display()))?;
     let parent = a.init_from.as_deref().map(|m| read_parent(m, &a.store)).transpose()?;
     let tokenizer = match &parent {
         Some(p) => {
@@ -246,6 +247,10 @@ pub fn run(a: TrainArgs) -> Result<()> {
     };
     let logits = a.batch as u128 * seq as u128 * cfg.vocab_size as u128;
     smelt_worker::memory_check::ensure_fits_cpu(cfg.num_params(), logits, &format!("the model ({} parameters; --batch {} x --seq {seq})", cfg.num_params(), a.batch))?;
+    // a big model takes a while to draw and allocate before its first step: said, not silent
+    if cfg.num_params() >= 100_000_000 {
+        eprintln!("building the model: {:.2} B parameters (weights, gradients and AdamW moments: {:.1} GB) ...", cfg.num_params() as f64 / 1e9, cfg.num_params() as f64 * 16.0 / 1e9);
+    }
     let model = match &parent {
         Some(p) => Gpt::from_params(CpuBackend::new(), cfg.clone(), &p.params)?,
         None => Gpt::new(CpuBackend::new(), cfg.clone(), a.seed)?,

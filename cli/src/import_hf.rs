@@ -276,6 +276,16 @@ fn pick_tokenizer(dir: &Path, forced: Option<&str>, vocab_size: usize) -> Result
         None if own.is_file() => {
             let t: Tokenizer = serde_json::from_slice(&std::fs::read(&own).with_context(|| format!("reading {}", own.display()))?)
                 .with_context(|| format!("{}: not a smelt tokenizer", own.display()))?;
+            if let Tokenizer::Char { chars } = &t {
+                // every later sample or eval would fail on it, far from the cause
+                if chars.is_empty() {
+                    bail!("{}: a char tokenizer with no characters", own.display());
+                }
+                let distinct: std::collections::HashSet<&char> = chars.iter().collect();
+                if distinct.len() != chars.len() {
+                    bail!("{}: a char tokenizer that lists a character twice (two ids for one character)", own.display());
+                }
+            }
             (t, own.display().to_string())
         }
         None => match &vocab_file {

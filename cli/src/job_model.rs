@@ -13,12 +13,35 @@ use smelt_proto::v1::GetJobRequest;
 
 use crate::client::{connect, runtime};
 
+/// `--coordinator` of the commands that read a model (sample, eval, export, attention): asked
+/// where a job id's model is when `--store` does not hold it.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct JobCoordinator {
+    /// The coordinator asked where a job id's model went when --store does not hold it (or env
+    /// SMELT_COORDINATOR; default http://127.0.0.1:7070).
+    #[arg(long = "coordinator", env = "SMELT_COORDINATOR")]
+    pub coordinator: Option<String>,
+}
+
+/// The URL `--coordinator` gave, for `resolve` (one command per process).
+static COORDINATOR: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+impl JobCoordinator {
+    /// Makes `--coordinator` the one `resolve` asks.
+    pub fn install(&self) {
+        if let Some(url) = &self.coordinator {
+            let _ = COORDINATOR.set(url.clone());
+        }
+    }
+}
+
 /// How long the coordinator gets to answer: a CLI that falls back on it must not hang.
 const ASK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// `model` resolved under `store` (see `smelt_checkpoint::resolve_model`), or for a job id not
-/// found there, the checkpoint the coordinator at `SMELT_COORDINATOR` (default
-/// http://127.0.0.1:7070) recorded last; errors say where it looked.
+/// found there, the checkpoint the coordinator recorded last (`--coordinator`, else
+/// `SMELT_COORDINATOR`, else http://127.0.0.1:7070); errors say where it looked, and an
+/// unreachable coordinator ends the command with status 5.
 pub(crate) fn resolve(model: &str, store: &str) -> Result<ModelSource> {
     let jobs = JobLocations { checkpoint_store: store.to_string(), final_models: Some(store.to_string()) };
     let here = match resolve_model(model, &jobs) {
@@ -26,7 +49,7 @@ pub(crate) fn resolve(model: &str, store: &str) -> Result<ModelSource> {
         other => return Ok(other?),
     };
     let job = model.trim();
-    let url = crate::client::CoordinatorUrl::from_env();
+    let url = COORDINATOR.get().cloned().unwrap_or_else(crate::client::CoordinatorUrl::from_env);
     match recorded(&url, job) {
         Ok(r) if r.checkpoint.is_empty() && r.model.is_empty() => {
             Err(anyhow!("{here}; the coordinator at {url} has no checkpoint or final weights recorded for {job}"))
@@ -50,9 +73,12 @@ pub(crate) fn resolve(model: &str, store: &str) -> Result<ModelSource> {
             src.job.get_or_insert_with(|| job.to_string());
             Ok(src)
         }
-        Err(why) => Err(anyhow!(
-            "{here}; {why}. Pass --store (or SMELT_STORE) with the directory its workers wrote to: a worker's --out-dir \
-             (.smelt/worker unless given; smelt up's is .smelt)"
+        Err((status, why)) => Err(crate::client::failure(
+            status,
+            format!(
+                "{here}; {why}. Pass --store (or SMELT_STORE) with the directory its workers wrote to: a worker's --out-dir \
+                 (.smelt/worker unless given; smelt up's is .smelt)"
+            ),
         )),
     }
 }
@@ -80,18 +106,21 @@ fn checkpoint_store_missing(uri: &str, job: &str) -> bool {
 
 /// The job's recorded checkpoint and final weights; Err says why the coordinator could not be
 /// asked (unreachable, no such job).
-fn recorded(url: &str, job: &str) -> Result<Recorded, String> {
-    let rt = runtime().map_err(|e| e.to_string())?;
+/// The error: the exit status it should end the command with (5: the coordinator unreachable,
+/// as for every client command) and why.
+fn recorded(url: &str, job: &str) -> Result<Recorded, (u8, String)> {
+    use crate::client::UNREACHABLE;
+    let rt = runtime().map_err(|e| (1, e.to_string()))?;
     let asked = rt.block_on(async {
         tokio::time::timeout(ASK_TIMEOUT, async {
-            let mut client = connect(url).await.map_err(|e| format!("{e:#}"))?;
+            let mut client = connect(url).await.map_err(|e| (crate::client::exit_status(&e), format!("{e:#}")))?;
             client.get_job(GetJobRequest { job_id: job.to_string() }).await.map(|r| r.into_inner()).map_err(|s| match s.code() {
-                tonic::Code::NotFound => format!("the coordinator at {url} knows no job {job}"),
-                _ => format!("the coordinator at {url} did not say where {job}'s model is ({})", s.message()),
+                tonic::Code::NotFound => (1, format!("the coordinator at {url} knows no job {job}")),
+                _ => (1, format!("the coordinator at {url} did not say where {job}'s model is ({})", s.message())),
             })
         })
         .await
-        .unwrap_or_else(|_| Err(format!("the coordinator at {url} did not answer within {} s", ASK_TIMEOUT.as_secs())))
+        .unwrap_or_else(|_| Err((UNREACHABLE, format!("the coordinator at {url} did not answer within {} s", ASK_TIMEOUT.as_secs()))))
     })?;
     Ok(Recorded { checkpoint: asked.last_checkpoint_uri, model: asked.model_uri })
 }

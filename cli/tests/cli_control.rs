@@ -168,6 +168,15 @@ fn submit_list_get_cancel_and_errors() {
         "{}",
         text(&out.stderr)
     );
+    // `checkpoints` of a job id asks the coordinator too: the same status, with its hint
+    let out = smelt(&["checkpoints", "list", "job-000001", "--coordinator", "http://127.0.0.1:1"], &url);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
+    assert!(text(&out.stderr).contains("without the coordinator: --store"), "{}", text(&out.stderr));
+    // a model tool given a job id its --store does not hold asks the coordinator: the same
+    let empty = dir.path().join("empty-store");
+    std::fs::create_dir_all(&empty).unwrap();
+    let out = smelt(&["sample", "--model", "job-000001", "--store", empty.to_str().unwrap(), "--coordinator", "http://127.0.0.1:1"], &url);
+    assert_eq!(out.status.code(), Some(5), "{}", text(&out.stderr));
 
     // the spec from standard input (`-`), as a script's here-document gives it
     let mut child = Command::new(env!("CARGO_BIN_EXE_smelt"))

@@ -444,6 +444,12 @@ fn an_export_imports_back_to_the_same_model() {
     let (ma, mb) = (metadata(&model), metadata(&back));
     assert_eq!(ma["smelt.config"], mb["smelt.config"]);
     assert_eq!(ma["smelt.tokenizer"], mb["smelt.tokenizer"]);
+    // a char tokenizer with no characters, or one twice, is refused (every later sample failed)
+    for (chars, why) in [("[]", "no characters"), ("[\"a\",\"b\",\"a\"]", "a character twice")] {
+        std::fs::write(hf.join("smelt_tokenizer.json"), format!("{{\"kind\":\"char\",\"chars\":{chars}}}")).unwrap();
+        let said = import_fails(&hf, &tmp.path().join("bad.safetensors"), &[]);
+        assert!(said.contains(why), "{said}");
+    }
 }
 
 /// A pretraining job spec over `text` continuing from `init` (or, with None, a fresh `test` model).

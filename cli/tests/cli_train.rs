@@ -117,8 +117,25 @@ fn a_rotary_model_trains_samples_and_exports_as_gpt_neox() {
     let o = smelt(&["sample", "--model", model.to_str().unwrap(), "--prompt", "the ", "--tokens", "20", "--seed", "3"]);
     assert!(o.status.success(), "sample failed: {}", text_of(&o));
     let att = dir.path().join("att");
+    std::fs::create_dir_all(&att).unwrap();
+    std::fs::write(att.join("layer9_head9.png"), b"an earlier model's map").unwrap();
+    std::fs::write(att.join("notes.txt"), b"the user's").unwrap();
     let o = smelt(&["attention", model.to_str().unwrap(), "--text", "the quick fox", "--out", att.to_str().unwrap()]);
     assert!(o.status.success(), "attention failed: {}", text_of(&o));
+    assert!(text_of(&o).contains("(2 layers x 2 heads, 13 tokens)"), "{}", text_of(&o));
+    assert!(!att.join("layer9_head9.png").exists() && att.join("notes.txt").exists(), "only the earlier maps are deleted");
+    let by_text: serde_json::Value = serde_json::from_slice(&std::fs::read(att.join("attention.json")).unwrap()).unwrap();
+    assert_eq!(by_text["arch"], "gpt");
+    // --text is the text itself: a file's name there is refused, --text-file reads it
+    let file = dir.path().join("fox.txt");
+    std::fs::write(&file, "the quick fox\n").unwrap();
+    let o = smelt(&["attention", model.to_str().unwrap(), "--text", file.to_str().unwrap(), "--out", att.to_str().unwrap()]);
+    assert!(!o.status.success() && text_of(&o).contains("--text-file"), "{}", text_of(&o));
+    let o = smelt(&["attention", model.to_str().unwrap(), "--text-file", file.to_str().unwrap(), "--out", att.to_str().unwrap()]);
+    assert!(o.status.success(), "attention failed: {}", text_of(&o));
+    let by_file: serde_json::Value = serde_json::from_slice(&std::fs::read(att.join("attention.json")).unwrap()).unwrap();
+    assert_eq!(by_file["tokens"], by_text["tokens"]);
+    assert_eq!(by_file["weights"], by_text["weights"]);
     // GPT-2 has no rotary variant: the export is GPT-NeoX's layout (transformers' names and
     // shapes written out here), and imports back to the same tensors, bit for bit
     let hf = dir.path().join("hf");

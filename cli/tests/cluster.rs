@@ -425,6 +425,22 @@ fn checkpoints_committed_while_the_coordinator_was_down_are_reported_once_it_is_
     let newest = c.dir.path().join(format!("worker-0/jobs/{}/ckpt/{}", job.id, smelt_checkpoint::step_dir_name(steps)));
     assert_eq!(done.last_checkpoint_uri, newest.display().to_string(), "{done:?}");
     assert!(newest.join("MANIFEST.json").exists());
+    // the loss curve has the steps trained while it was down: the worker held their metrics and
+    // sent them once it was back (it sent the newest alone); only those in flight at the kill
+    // may be missing
+    // (the coordinator's store thread writes them behind its in-memory state: read until in)
+    let db = rusqlite::Connection::open(c.dir.path().join("coordinator.db")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let stored: u64 = db
+            .query_row("SELECT COUNT(DISTINCT step) FROM metrics WHERE job_id = ?1 AND attempt = 1", [&job.id], |r| r.get(0))
+            .unwrap();
+        if stored + 50 >= steps {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{stored} of {steps} steps' metrics stored\n{}", c.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // its last loss is the last step's (it kept the one before the kill): the same job run
     // again, undisturbed, ends with the same
     let again = c.submit(&spec.replace("name = \"unheard\"", "name = \"again\"")).unwrap();
@@ -487,6 +503,8 @@ fn coordinator_restart_keeps_jobs_and_workers_reattach() {
     assert!(followed.status.success(), "{err}");
     let kinds: Vec<String> = out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["kind"].as_str().unwrap().to_string()).collect();
     assert!(kinds.iter().any(|k| k == "reconnecting") && kinds.last().map(String::as_str) == Some("end"), "{out}");
+    // every event has its time, the end's too
+    assert!(out.lines().all(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["at_ms"].as_i64().is_some_and(|t| t > 0)), "{out}");
     assert!(err.contains(&format!("lost the coordinator at {}; reconnecting", c.url())), "{err}");
     // the job's log lines from before and after the restart, each stored once (batches the
     // killed coordinator never acknowledged are sent again, and stored once)

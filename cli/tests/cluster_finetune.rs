@@ -64,6 +64,15 @@ fn finetune_job_runs_on_two_workers_and_records_its_parent() {
     std::fs::create_dir_all(&empty).unwrap();
     let (ok, out) = c.smelt(&["export", "logits", &pre.id, c.dir.path().join("l.npy").to_str().unwrap(), "--ids", "1,2,3", "--store", empty.to_str().unwrap()]);
     assert!(ok, "{out}");
+    // --coordinator rather than SMELT_COORDINATOR (which names another address here)
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_smelt"))
+        .args(["sample", "--model", &pre.id, "--store", empty.to_str().unwrap(), "--tokens", "5", "--prompt", "a"])
+        .args(["--coordinator", &format!("http://{}", c.addr)])
+        .env("SMELT_COORDINATOR", "http://127.0.0.1:1")
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (ok, out) = c.smelt(&["checkpoints", "list", &pre.id]);
     assert!(!ok && out.contains(&format!("job {} does not checkpoint", pre.id)) && out.contains(parent.to_str().unwrap()), "{out}");
     let (ok, out) = c.smelt(&["export", "logits", "job-000099", c.dir.path().join("l.npy").to_str().unwrap(), "--ids", "1", "--store", empty.to_str().unwrap()]);

@@ -66,7 +66,11 @@ fn every_ranks_lines_reach_the_coordinator_and_smelt_jobs_logs_prints_them() {
     let tail = logs(&c, &[&job.id, "--tail", "3"]);
     assert_eq!(tail.lines().collect::<Vec<_>>(), all.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>());
     assert_eq!(logs(&c, &[&job.id, "--tail", "0"]), "", "--tail 0 prints no past line");
-    assert!(logs(&c, &[&job.id, "--attempt", "2"]).is_empty());
+    // an attempt or rank the job never had is an error saying which it has (it printed nothing)
+    for (flag, value, want) in [("--attempt", "2", "has had 1 attempt so far"), ("--attempt", "0", "count from 1"), ("--rank", "2", "has ranks 0 to 1")] {
+        let (ok, out) = c.smelt(&["jobs", "logs", &job.id, flag, value]);
+        assert!(!ok && out.contains(want), "{flag} {value}: {out}");
+    }
 
     // JSON lines, in increasing seq, with the worker that sent each
     let json = logs(&c, &[&job.id, "--json"]);

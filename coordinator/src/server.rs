@@ -71,11 +71,11 @@ impl CoordinatorConfig {
             smelt_proto::auth::check_token(t).map_err(|e| anyhow::anyhow!("coordinator token: {e}"))?;
         }
         if self.heartbeat_interval.is_zero() {
-            anyhow::bail!("heartbeat interval must be positive");
+            anyhow::bail!("the heartbeat interval (--heartbeat-ms) must be positive");
         }
         if self.lease_timeout <= self.heartbeat_interval {
             anyhow::bail!(
-                "lease timeout ({} ms) must be longer than the heartbeat interval ({} ms)",
+                "the lease timeout (--lease-timeout-ms, {} ms) must be longer than the heartbeat interval (--heartbeat-ms, {} ms)",
                 self.lease_timeout.as_millis(),
                 self.heartbeat_interval.as_millis()
             );

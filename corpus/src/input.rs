@@ -359,9 +359,10 @@ fn jsonl_text(line: &str, field: &str) -> Result<String, String> {
 fn strip_eol(mut line: Vec<u8>) -> Vec<u8> {
     if line.last() == Some(&b'\n') {
         line.pop();
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
+    }
+    // CRLF; and a CRLF file's last line cut before its LF (`head -c`) ends in a CR alone
+    if line.last() == Some(&b'\r') {
+        line.pop();
     }
     line
 }
@@ -523,6 +524,17 @@ pub fn for_each_segment(
     Ok(em.stats)
 }
 
+/// A text file's contents as a string, less a leading UTF-8 byte-order mark (as `corpus prepare`
+/// reads its inputs): `smelt train --text`, `eval --text` and a job's `data.text` read the same
+/// characters from a file Notepad saved, not a U+FEFF token first.
+pub fn read_text_file(path: impl AsRef<Path>) -> std::io::Result<String> {
+    let mut text = std::fs::read_to_string(path)?;
+    if text.starts_with('\u{feff}') {
+        text.drain(..'\u{feff}'.len_utf8());
+    }
+    Ok(text)
+}
+
 /// Consumes a UTF-8 byte-order mark at the start of `r`; its length (0 or 3).
 fn skip_utf8_bom(r: &mut impl BufRead) -> std::io::Result<u64> {
     const BOM: &[u8] = b"\xEF\xBB\xBF";
@@ -608,6 +620,9 @@ mod tests {
         o.txt_docs = TxtDocs::Line;
         let (d, _) = collect(&src, &o).unwrap();
         assert_eq!(d.len(), 3);
+        // a CRLF file's last line without its LF keeps no CR
+        std::fs::write(&p, "one\r\ntwo\r").unwrap();
+        assert_eq!(collect(&src, &o).unwrap().0, [(0, "one".into()), (1, "two".into())]);
         // a long file arrives in several segments and reassembles exactly
         let long: String = (0..3000).map(|i| format!("word{i} and more\n")).collect();
         std::fs::write(&p, &long).unwrap();
@@ -644,5 +659,7 @@ mod tests {
         e.finish().unwrap();
         let src = expand_inputs(&[gz.display().to_string()]).unwrap();
         assert_eq!(collect(&src, &o).unwrap().0, [(0, "zipped".to_string())]);
+        // the whole-file reader of `smelt train` and `data.text` the same
+        assert_eq!(read_text_file(&txt).unwrap(), "first\n\nsecond \u{feff} kept inside\n");
     }
 }

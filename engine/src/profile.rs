@@ -125,9 +125,23 @@ impl<B: Backend> Profiled<B> {
     }
 
     fn timed<R>(&self, key: impl FnOnce() -> String, f: impl FnOnce() -> R) -> R {
+        self.timed_if(key, f, |_| true)
+    }
+
+    /// A fused op that may decline (returns false: the caller runs the separate ops, which are
+    /// timed themselves): timed only when it ran, so the profile shows no row of zero-time calls.
+    fn timed_fused(&self, key: impl FnOnce() -> String, f: impl FnOnce() -> bool) -> bool {
+        self.timed_if(key, f, |ran| *ran)
+    }
+
+    /// `f` timed under `key` when `keep` says its result counts.
+    fn timed_if<R>(&self, key: impl FnOnce() -> String, f: impl FnOnce() -> R, keep: impl FnOnce(&R) -> bool) -> R {
         if let Some(marks) = &self.marks {
             if let Some(start) = self.inner.timeline_mark() {
                 let r = f();
+                if !keep(&r) {
+                    return r;
+                }
                 if let Some(end) = self.inner.timeline_mark() {
                     let full = {
                         let mut m = marks.lock().unwrap();
@@ -150,6 +164,9 @@ impl<B: Backend> Profiled<B> {
         let r = f();
         let _ = self.inner.synchronize();
         let secs = t.elapsed().as_secs_f64();
+        if !keep(&r) {
+            return r;
+        }
         let mut times = self.times.lock().unwrap();
         let e = times.entry(key()).or_default();
         e.calls += 1;
@@ -346,7 +363,7 @@ impl<B: Backend> Backend for Profiled<B> {
         rstd: B::View<'_>,
         channels: usize,
     ) -> bool {
-        self.timed(
+        self.timed_fused(
             || "layernorm_backward+bias".into(),
             || self.inner.layernorm_backward_and_copy_with_sum(accumulate, dinp, dinp_copy, dsum, dweight, dbias, dout, inp, weight, mean, rstd, channels),
         )
@@ -389,7 +406,7 @@ impl<B: Backend> Backend for Profiled<B> {
         saved: B::View<'_>,
         shape: AttnShape,
     ) -> bool {
-        self.timed(
+        self.timed_fused(
             || attn_key("attention_backward+bias", shape),
             || self.inner.attention_backward_set_with_bias(dsrc, dbias, dout, src, out, saved, shape),
         )
@@ -403,7 +420,7 @@ impl<B: Backend> Backend for Profiled<B> {
         bias: Option<B::View<'_>>,
         shape: MatmulShape,
     ) -> bool {
-        self.timed(|| mm_key("matmul_forward+gelu", shape), || self.inner.matmul_gelu_forward_fused(out, pre, inp, weight, bias, shape))
+        self.timed_fused(|| mm_key("matmul_forward+gelu", shape), || self.inner.matmul_gelu_forward_fused(out, pre, inp, weight, bias, shape))
     }
     fn matmul_dgelu_backward_fused(
         &self,
@@ -417,7 +434,7 @@ impl<B: Backend> Backend for Profiled<B> {
         weight: B::View<'_>,
         shape: MatmulShape,
     ) -> bool {
-        self.timed(
+        self.timed_fused(
             || mm_key("matmul_backward+gelu", shape),
             || self.inner.matmul_dgelu_backward_fused(dpre, dpre_bias, dweight, dbias, dout, act, pre, weight, shape),
         )
@@ -426,7 +443,7 @@ impl<B: Backend> Backend for Profiled<B> {
         self.timed(|| if inverse { "rope_backward" } else { "rope_forward" }.into(), || self.inner.rope(qkv, table, s, inverse))
     }
     fn gelu_backward_set_with_bias(&self, dinp: B::ViewMut<'_>, dbias: B::ViewMut<'_>, inp: B::View<'_>, dout: B::View<'_>, cols: usize) -> bool {
-        self.timed(|| "gelu_backward+bias".into(), || self.inner.gelu_backward_set_with_bias(dinp, dbias, inp, dout, cols))
+        self.timed_fused(|| "gelu_backward+bias".into(), || self.inner.gelu_backward_set_with_bias(dinp, dbias, inp, dout, cols))
     }
     fn gelu_forward(&self, out: B::ViewMut<'_>, inp: B::View<'_>) {
         self.timed(|| "gelu_forward".into(), || self.inner.gelu_forward(out, inp))

@@ -90,9 +90,11 @@ impl RequireToken {
         let Some(want) = &self.0 else { return Ok(()) };
         match authorization.map(bearer_credentials) {
             Some(Some(got)) if constant_time_eq(got, want) => Ok(()),
-            Some(Some(_)) => Err(format!("wrong token: {TOKEN_ENV} does not match the coordinator's")),
+            Some(Some(_)) => Err(format!("wrong token: the one sent ({TOKEN_ENV}, a worker's --token-file) does not match the coordinator's")),
             Some(None) => Err("the authorization header is not `Bearer <token>`".to_string()),
-            None => Err(format!("this coordinator requires a token: set {TOKEN_ENV}")),
+            None => Err(format!(
+                "this coordinator requires a token: set {TOKEN_ENV} (a worker: or --token-file; over HTTP: send `authorization: Bearer <token>`)"
+            )),
         }
     }
 }

@@ -150,6 +150,14 @@ pub fn endpoint_trusting(url: &str, ca: Option<&Path>) -> Result<Endpoint, Strin
 /// `endpoint` with the CA file and the client certificate given.
 pub fn endpoint_with(url: &str, ca: Option<&Path>, identity: Option<ClientIdentity<'_>>) -> Result<Endpoint, String> {
     let endpoint = Endpoint::from_shared(url.to_string()).map_err(|e| format!("coordinator URL {url:?} is not a valid URL: {e}"))?;
+    // the URI parser takes any digits for a port, and one past 65535 was then dialled as the
+    // scheme's default port ("connection refused" at :80)
+    let authority = endpoint.uri().authority().map(|a| a.as_str()).unwrap_or_default();
+    if let Some((_, port)) = authority.rsplit_once(':').filter(|(_, p)| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit())) {
+        if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+            return Err(format!("coordinator URL {url:?}: {port} is not a port (1 to 65535)"));
+        }
+    }
     match endpoint.uri().scheme_str() {
         Some("https") => {}
         Some("http") => return Ok(endpoint),
@@ -260,4 +268,25 @@ pub fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
         String::new()
     };
     format!("{what}{hint}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_coordinator_url_is_refused_for_its_scheme_or_a_port_out_of_range() {
+        for ok in ["http://127.0.0.1:7070", "http://[::1]:7070", "http://coordinator", "http://h:65535"] {
+            assert!(endpoint_with(ok, None, None).is_ok(), "{ok}");
+        }
+        for (bad, why) in [
+            ("http://127.0.0.1:99999", "99999 is not a port"),
+            ("http://127.0.0.1:0", "0 is not a port"),
+            ("ftp://127.0.0.1:7070", "must be http:// or https://"),
+            ("not a url", "not a valid URL"),
+        ] {
+            let e = endpoint_with(bad, None, None).unwrap_err();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
+    }
 }

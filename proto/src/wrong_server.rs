@@ -29,6 +29,14 @@ pub fn maybe_wrong_server(e: &tonic::Status) -> bool {
 /// coordinator answer carries [`SERVER_HEADER`]), or a TLS server. `None` when nothing says it
 /// is the wrong server (a coordinator restarting, unreachable, or answering after all).
 pub async fn wrong_server(url: &str, e: &tonic::Status) -> Option<String> {
+    // tonic maps an HTTP 404 without a grpc-status to Unimplemented: that server speaks HTTP/2
+    // but not gRPC (a proxy, another service)
+    if e.code() == tonic::Code::Unimplemented && e.message().contains("grpc-status header missing") {
+        return Some(format!(
+            "the server at {url} is no gRPC server ({}): not a smelt coordinator (a proxy or another service?); is the address right?",
+            e.message()
+        ));
+    }
     if e.code() == tonic::Code::Unimplemented {
         return Some(format!(
             "the server at {url} answers gRPC but has no such method ({}): it is not a smelt coordinator, or one older than this program",

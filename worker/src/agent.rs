@@ -183,9 +183,17 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             .await;
         let reg = match reg {
             Ok(r) => r.into_inner(),
-            // A token the coordinator refuses will not start working by retrying.
+            // A token the coordinator refuses will not start working by retrying: an idle
+            // worker exits. One with a run keeps it (a coordinator restarted with another token
+            // may be restarted again with the right one; the run's checkpoints and its end,
+            // reported once it is admitted, are not thrown away) and says why it cannot report.
             Err(e) if e.code() == tonic::Code::Unauthenticated => {
-                bail!("the coordinator at {} refused this worker: {}", cfg.coordinator, e.message());
+                if running.is_none() {
+                    bail!("the coordinator at {} refused this worker: {}", cfg.coordinator, e.message());
+                }
+                tracing::error!(coordinator = %cfg.coordinator, reason = %e.message(), "the coordinator refuses this worker's token; its run goes on, retrying");
+                wait_offline!();
+                continue;
             }
             Err(e) => {
                 // nor a client certificate it refuses (mutual TLS): the probe reads its reason.
@@ -259,8 +267,16 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
             reports.retain(|h| !h.is_finished());
             reports.push(tokio::spawn(report_checkpoint(client.clone(), r, held.checkpoint.clone())));
         }
-        if let Some(m) = held.metrics.take() {
-            resent &= up_tx.send(msg(Up::Metrics(m))).await.is_ok();
+        if !held.metrics.is_empty() {
+            info!(steps = held.metrics.len(), "sending the metrics of the steps trained while the coordinator was away");
+        }
+        // each let go once sent: a stream that breaks again keeps the rest for the next one
+        while let Some(m) = held.metrics.front() {
+            if up_tx.send(msg(Up::Metrics(m.clone()))).await.is_err() {
+                resent = false;
+                break;
+            }
+            held.metrics.pop_front();
         }
         if let Some(mut done) = held.done.take() {
             mark_drained(&mut done, draining);
@@ -394,8 +410,8 @@ fn begin_drain(running: &Option<Running>, reason: &str) -> bool {
 
 /// A run's event while no coordinator answers. Its end is kept to report once one does (the run
 /// is over: a draining worker may then leave); an assignment queued behind it is let go (the
-/// coordinator, once back, learns this worker is idle and places that attempt anew); the newest
-/// metrics are kept to send, the others and notes let go; a checkpoint is kept (the newest) to report
+/// coordinator, once back, learns this worker is idle and places that attempt anew); every
+/// step's metrics are kept to send (the newest `HELD_METRICS`), notes let go; a checkpoint is kept (the newest) to report
 /// once one answers (it is committed in the store either way, where a restart of the job finds
 /// it: `checkpointing::load_resume`).
 fn while_unreachable(
@@ -423,9 +439,14 @@ fn while_unreachable(
             warn!(job_id = %r.job_id, step = r.step, uri = %r.uri, "checkpoint committed but not reported: the coordinator is away (reported once it is back)");
             keep_unreported(&held.checkpoint, r);
         }
-        // the newest step's metrics are kept for the coordinator (its record of the run's last
-        // loss, and the history's last point); the others are let go
-        RunEvent::Metrics(m) => held.metrics = Some(m),
+        // every step's metrics are kept for the coordinator (its record of the run's last loss,
+        // and the loss curve without a gap), the oldest let go past HELD_METRICS
+        RunEvent::Metrics(m) => {
+            if held.metrics.len() == HELD_METRICS {
+                held.metrics.pop_front();
+            }
+            held.metrics.push_back(m);
+        }
         RunEvent::Note(_) => {}
     }
 }
@@ -456,10 +477,13 @@ struct Held {
     /// report gave up retrying), so that the job's record (`--resume-from JOB`, the next
     /// attempt) does not point at one retention removed. Shared with the report tasks.
     checkpoint: Unreported,
-    /// A run's newest metrics while no coordinator answered (its last loss, the history's last
-    /// point).
-    metrics: Option<smelt_proto::v1::StepMetrics>,
+    /// A run's metrics of the steps trained while no coordinator answered, oldest first (its
+    /// last loss, and the history's points of that time), at most `HELD_METRICS`.
+    metrics: std::collections::VecDeque<smelt_proto::v1::StepMetrics>,
 }
+
+/// Steps of metrics held for an absent coordinator: hours of small steps, a few MB.
+const HELD_METRICS: usize = 20_000;
 
 /// Keeps `r` to report later unless a newer checkpoint of the same job is already kept (only
 /// the newest matters: the job's record points at its newest).
@@ -548,7 +572,7 @@ fn start(
     let (out_dir, device) = (cfg.out_dir.clone(), cfg.device);
     tokio::spawn(async move {
         let failed = |error: String| {
-            RunEvent::Done(AssignmentDone { job_id: a.job_id.clone(), attempt: a.attempt, ok: false, error, final_step: 0, draining: false, final_models: String::new() })
+            RunEvent::Done(AssignmentDone { job_id: a.job_id.clone(), attempt: a.attempt, ok: false, error, final_step: 0, draining: false, final_models: String::new(), transient: false })
         };
         let mut my_id = Vec::new();
         if creates_nccl_id(&a, device) {

@@ -72,7 +72,7 @@ pub fn open(spec: &JobSpec, out_dir: &std::path::Path) -> Result<FamilyData> {
         return Ok(FamilyData { tokenizer: m.tokenizer.clone(), base_vocab: m.vocab_size as usize, train: Source::Corpus(reader), val: Source::Text(val) });
     }
     let path = spec.data.text.as_deref().unwrap_or_default();
-    let text = std::fs::read_to_string(path).with_context(|| crate::train_data::text_read_context(path))?;
+    let text = smelt_corpus::input::read_text_file(path).with_context(|| crate::train_data::text_read_context(path))?;
     let tokenizer = Tokenizer::fit(&spec.data.tokenizer, &text)?;
     let mut ids = tokenizer.encode(&text)?;
     let val = ids.split_off(((ids.len() as f64) * (1.0 - spec.data.val_fraction)) as usize);

@@ -35,14 +35,20 @@ pub struct PairExample {
     pub response: Vec<u32>,
 }
 
-/// Reads a whole file: a local path, or an object-store URI (`file://`, `s3://`, ...).
+/// Reads a whole file: a local path, or an object-store URI (`file://`, `s3://`, ...); a
+/// leading UTF-8 byte-order mark left out (a JSONL file Excel saved: its first line is JSON).
 pub fn read_location(location: &str) -> Result<Vec<u8>> {
-    if location.contains("://") {
+    let mut bytes = if location.contains("://") {
         let (dir, name) = location.trim_end_matches('/').rsplit_once('/').ok_or_else(|| anyhow!("{location}: no object name"))?;
         let store = StoreDir::open(dir)?;
-        return Ok(store.get(name)?.to_vec());
+        store.get(name)?.to_vec()
+    } else {
+        std::fs::read(location).with_context(|| local_read_context(location, location, "an object store URI"))?
+    };
+    if bytes.starts_with(b"\xEF\xBB\xBF") {
+        bytes.drain(..3);
     }
-    std::fs::read(location).with_context(|| local_read_context(location, location, "an object store URI"))
+    Ok(bytes)
 }
 
 /// What a failed read of a local file named in a job spec (`what`: the file, maybe with its
@@ -299,6 +305,17 @@ mod tests {
         assert!(e.contains(&format!("reading no-such-dir/train.jsonl (relative to the worker's working directory {cwd}")), "{e}");
         let e = format!("{:#}", load_classification("/no-such-dir/train.jsonl", &Tokenizer::Byte, 2, 8).unwrap_err());
         assert!(e.contains("(on the worker's machine)"), "{e}");
+    }
+
+    /// A file that starts with a UTF-8 byte-order mark reads as the same examples.
+    #[test]
+    fn a_byte_order_mark_is_left_out() {
+        let lines = "{\"text\": \"abc\", \"label\": 1}\n{\"text\": \"de\", \"label\": 0}\n";
+        let (_d, plain) = write(lines);
+        let (_e, marked) = write(&format!("\u{feff}{lines}"));
+        let a = load_classification(&plain, &Tokenizer::Byte, 2, 8).unwrap();
+        let b = load_classification(&marked, &Tokenizer::Byte, 2, 8).unwrap();
+        assert_eq!(a, b);
     }
 
     /// A validation fraction too small for the examples holds none out: said, not silent.

@@ -26,7 +26,7 @@ pub fn check(needed: u128, available: Option<u128>, what: &str) -> Result<()> {
     match available {
         Some(have) if needed > have => bail!(
             "{what} needs at least {} of memory (weights, gradients and optimizer state in f32, and one micro-batch's logits); \
-             this machine has {} available: a smaller model or train.micro_batch",
+             this machine has {} available: a smaller model or micro-batch (train.micro_batch; smelt train: --batch)",
             bytes(needed),
             bytes(have)
         ),

@@ -217,7 +217,7 @@ pub(crate) fn load_data(spec: &JobSpec, out_dir: &std::path::Path, parent: Optio
         return Ok((tokenizer, vocab, TrainData::Mix { readers }, val));
     }
     let path = spec.data.text.as_deref().unwrap_or_default();
-    let text = std::fs::read_to_string(path).with_context(|| crate::train_data::text_read_context(path))?;
+    let text = smelt_corpus::input::read_text_file(path).with_context(|| crate::train_data::text_read_context(path))?;
     let tokenizer = match parent {
         Some(p) => {
             init_from::check_text_tokenizer(spec, p)?;
