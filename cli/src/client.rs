@@ -48,10 +48,20 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<AuthChannel>> {
         .connect()
         .await
         // the innermost cause says what happened ("Connection refused", "invalid peer certificate")
-        .map_err(|e| failure(UNREACHABLE, format!("cannot reach the coordinator at {url}: {}", smelt_proto::tls::innermost(&e))))?;
+        .map_err(|e| failure(UNREACHABLE, format!("cannot reach the coordinator at {url}: {}{}", smelt_proto::tls::innermost(&e), history_hint(url))))?;
     let _ = CONNECTED_TO.set(url.to_string());
     let token = auth::BearerToken::new(auth::token_from_env().as_deref()).map_err(|e| anyhow::anyhow!("{}: {e}", auth::TOKEN_ENV))?;
     Ok(JobServiceClient::with_interceptor(channel, token))
+}
+
+/// Where the history of a cluster that has stopped is, when the default coordinator is not there
+/// and a `smelt up` database is: `smelt up` stops its coordinator with its job.
+fn history_hint(url: &str) -> String {
+    let db = std::path::Path::new(".smelt/coordinator.db");
+    if url.trim_end_matches('/') != DEFAULT_COORDINATOR_URL || !db.is_file() {
+        return String::new();
+    }
+    format!(" (a `smelt up` cluster stops with its job; to read its jobs, logs and dashboard again: smelt coordinator --db {})", db.display())
 }
 
 /// The coordinator URL this process connected to (for `status` to probe).

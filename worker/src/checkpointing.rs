@@ -313,11 +313,19 @@ fn probe_writable(root: &StoreDir, every: u64) -> Result<()> {
     written.map_err(|e| {
         // the probe's name is unique per call; the error names the place, so that the next
         // attempt's failure reads the same and the job is not restarted into it again and again
+        let transient = e.is_transient();
         let e = e.to_string().replace(&name, ".write-probe");
-        anyhow!(
+        let message = format!(
             "the checkpoint store cannot be written: {e} (the job checkpoints every {every} steps, and a job that cannot would lose \
              its work to the first failure: fix [checkpoint] store or its credentials, or set [checkpoint] every = 0)"
-        )
+        );
+        // a store that could not be reached is an outage (restarted after a back-off), in the
+        // same words
+        if transient {
+            anyhow::Error::new(crate::transient::Outage(message))
+        } else {
+            anyhow!(message)
+        }
     })
 }
 
@@ -708,6 +716,8 @@ mod tests {
         let second = probe_writable(&root, 10).unwrap_err().to_string();
         assert!(first.starts_with("the checkpoint store cannot be written") && first.contains(".write-probe"), "{first}");
         assert_eq!(first, second, "the coordinator tells a repeated failure by its words");
+        // a path that cannot be written is no outage: the repeat rule ends the job
+        assert!(!crate::transient::is_transient(&probe_writable(&root, 10).unwrap_err()));
     }
 
     #[test]

@@ -6,12 +6,28 @@
 use smelt_checkpoint::CheckpointError;
 use smelt_corpus::{CorpusError, StoreError};
 
-/// True when some cause in `e`'s chain is a store error that passes with time. The corpus' and
+/// An error told in words of its own (its store error's text rewritten, as the checkpoint store's
+/// write probe does with its unique object name) that was a store outage: transient all the same.
+#[derive(Debug)]
+pub struct Outage(pub String);
+
+impl std::fmt::Display for Outage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Outage {}
+
+/// True when some cause in `e`'s chain is a store error that passes with time (or an `Outage`). The corpus' and
 /// the checkpoint's errors hold theirs transparently (their `source` is the store error's own
 /// source, not the store error), so each is looked into. A broken collective is not transient:
 /// it echoes a peer's own failure, which names the cause.
 pub fn is_transient(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
+        if c.is::<Outage>() {
+            return true;
+        }
         let store = c
             .downcast_ref::<StoreError>()
             .or_else(|| match c.downcast_ref::<CorpusError>() {
@@ -45,6 +61,9 @@ mod tests {
         assert!(is_transient(&corpus), "{corpus:#}");
         let ckpt = anyhow::Error::from(CheckpointError::from(refused())).context("loading the checkpoint");
         assert!(is_transient(&ckpt), "{ckpt:#}");
+        // told in words of its own (the checkpoint store's write probe)
+        let probe = anyhow::Error::new(Outage("the checkpoint store cannot be written: ...".into())).context("rank 0");
+        assert!(is_transient(&probe), "{probe:#}");
     }
 
     #[test]
