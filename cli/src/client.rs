@@ -61,7 +61,11 @@ fn history_hint(url: &str) -> String {
     if url.trim_end_matches('/') != DEFAULT_COORDINATOR_URL || !db.is_file() {
         return String::new();
     }
-    format!(" (a `smelt up` cluster stops with its job; to read its jobs, logs and dashboard again: smelt coordinator --db {})", db.display())
+    format!(
+        " (a `smelt up` cluster stops with its job: `smelt jobs metrics ID` reads a job's metrics from {} as it is; for its jobs, logs and dashboard: smelt coordinator --db {})",
+        db.display(),
+        db.display()
+    )
 }
 
 /// The coordinator URL this process connected to (for `status` to probe).

@@ -36,6 +36,9 @@ pub enum JobsCommand {
     Cancel(JobIdArgs),
     /// The lines the job's workers logged (every rank and attempt; `--follow` until it ends).
     Logs(crate::cmd_job_logs::LogsArgs),
+    /// The job's step metrics (loss, validation loss, learning rate, ...) from the coordinator's
+    /// database file: no coordinator needs to run (a finished `smelt up` cluster's too).
+    Metrics(crate::cmd_job_metrics::MetricsArgs),
 }
 
 #[derive(Args, Debug)]
@@ -59,6 +62,9 @@ pub struct JobIdArgs {
 
 pub fn run(c: JobsCli) -> Result<()> {
     let c = c.command.unwrap_or(JobsCommand::List(c.list));
+    if let JobsCommand::Metrics(a) = c {
+        return crate::cmd_job_metrics::run(a);
+    }
     exit_on_error(runtime().and_then(|rt| rt.block_on(run_async(c))))
 }
 
@@ -87,6 +93,7 @@ async fn run_async(c: JobsCommand) -> Result<()> {
             crate::cmd_submit::follow(&mut client, &job, a.json).await?;
         }
         JobsCommand::Logs(a) => crate::cmd_job_logs::run(a).await?,
+        JobsCommand::Metrics(_) => unreachable!("read from the file, without a runtime, above"),
         JobsCommand::Cancel(a) => {
             let mut client = connect(&a.coordinator.url).await?;
             let job = client.cancel_job(CancelJobRequest { job_id: a.id }).await.map_err(status)?.into_inner();

@@ -16,6 +16,7 @@ mod cmd_export;
 mod cmd_import;
 mod cmd_coordinator;
 mod cmd_job_logs;
+mod cmd_job_metrics;
 mod cmd_jobs;
 mod job_model;
 mod cmd_sample;

@@ -66,6 +66,19 @@ fn every_ranks_lines_reach_the_coordinator_and_smelt_jobs_logs_prints_them() {
     let tail = logs(&c, &[&job.id, "--tail", "3"]);
     assert_eq!(tail.lines().collect::<Vec<_>>(), all.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>());
     assert_eq!(logs(&c, &[&job.id, "--tail", "0"]), "", "--tail 0 prints no past line");
+    // its step metrics, from the coordinator's file (no coordinator asked): one row per step,
+    // the loss the coordinator recorded last on the last
+    let db = c.dir.path().join("coordinator.db");
+    let (ok, out) = c.smelt(&["jobs", "metrics", &job.id, "--db", db.to_str().unwrap(), "--json"]);
+    assert!(ok, "{out}");
+    let rows: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"))).collect();
+    assert_eq!(rows.iter().map(|r| r["step"].as_u64().unwrap()).collect::<Vec<_>>(), (1..=30).collect::<Vec<_>>(), "{out}");
+    assert_eq!(rows.last().unwrap()["loss"].as_f64().unwrap() as f32, c.job(&job.id).last_loss, "{out}");
+    let (ok, table) = c.smelt(&["jobs", "metrics", &job.id, "--db", db.to_str().unwrap(), "--max-points", "5"]);
+    assert!(ok && table.lines().next().unwrap().contains("val_loss") && table.contains("of 30 rows"), "{table}");
+    let (ok, out) = c.smelt(&["jobs", "metrics", "job-000099", "--db", db.to_str().unwrap()]);
+    assert!(!ok && out.contains("no step metrics of job job-000099"), "{out}");
+
     // an attempt or rank the job never had is an error saying which it has (it printed nothing)
     for (flag, value, want) in [("--attempt", "2", "has had 1 attempt so far"), ("--attempt", "0", "count from 1"), ("--rank", "2", "has ranks 0 to 1")] {
         let (ok, out) = c.smelt(&["jobs", "logs", &job.id, flag, value]);

@@ -41,5 +41,7 @@ mod store_writer;
 mod worker_service;
 mod workers;
 
+/// A job's step metrics from the database file, read-only (`smelt jobs metrics`, the dashboard).
+pub use dashboard::history::{metrics as metrics_history, MetricSeries};
 pub use error::CoordError;
 pub use server::{bind, serve, Bound, CoordinatorConfig, TlsFiles};

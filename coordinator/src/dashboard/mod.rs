@@ -20,7 +20,7 @@
 //! cancel jobs through a browser on a coordinator without a token (`smelt up` on a laptop).
 
 mod api;
-mod history;
+pub(crate) mod history;
 mod prometheus;
 
 use std::path::PathBuf;
