@@ -17,6 +17,10 @@ pub struct CoordinatorUrl {
     pub url: String,
 }
 
+/// The coordinator's database unless told (`smelt coordinator --db`, `smelt up`'s under its
+/// `--data-dir` .smelt, `smelt jobs metrics --db`).
+pub const DEFAULT_DATABASE: &str = ".smelt/coordinator.db";
+
 /// Where clients look for the coordinator unless told (`--coordinator`, `SMELT_COORDINATOR`).
 pub const DEFAULT_COORDINATOR_URL: &str = "http://127.0.0.1:7070";
 
@@ -57,7 +61,7 @@ pub async fn connect(url: &str) -> Result<JobServiceClient<AuthChannel>> {
 /// Where the history of a cluster that has stopped is, when the default coordinator is not there
 /// and a `smelt up` database is: `smelt up` stops its coordinator with its job.
 fn history_hint(url: &str) -> String {
-    let db = std::path::Path::new(".smelt/coordinator.db");
+    let db = std::path::Path::new(DEFAULT_DATABASE);
     if url.trim_end_matches('/') != DEFAULT_COORDINATOR_URL || !db.is_file() {
         return String::new();
     }

@@ -15,7 +15,7 @@ pub struct CoordinatorArgs {
     pub listen: SocketAddr,
     /// The SQLite file holding jobs, workers, events, metrics and checkpoints (created if
     /// missing; a restarted coordinator takes over what it holds).
-    #[arg(long, default_value = ".smelt/coordinator.db")]
+    #[arg(long, default_value = crate::client::DEFAULT_DATABASE)]
     pub db: PathBuf,
     /// How often workers heartbeat.
     #[arg(long, default_value_t = 1000)]

@@ -13,7 +13,7 @@ pub struct MetricsArgs {
     pub id: String,
     /// The coordinator's database file (`smelt up`'s is .smelt/coordinator.db; a coordinator's
     /// is its --db).
-    #[arg(long, default_value = ".smelt/coordinator.db")]
+    #[arg(long, default_value = crate::client::DEFAULT_DATABASE)]
     pub db: PathBuf,
     /// About this many rows at most (every k-th step; evaluations and the last step kept
     /// besides); 0: every step.

@@ -535,12 +535,22 @@ pub fn read_text_file(path: impl AsRef<Path>) -> std::io::Result<String> {
     Ok(text)
 }
 
+/// A UTF-8 byte-order mark (U+FEFF's bytes), which readers of text here leave out.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
+/// `bytes` less a leading UTF-8 byte-order mark (a whole file read at once: fine-tuning JSONL,
+/// `--choices`).
+pub fn strip_utf8_bom(bytes: &mut Vec<u8>) {
+    if bytes.starts_with(UTF8_BOM) {
+        bytes.drain(..UTF8_BOM.len());
+    }
+}
+
 /// Consumes a UTF-8 byte-order mark at the start of `r`; its length (0 or 3).
 fn skip_utf8_bom(r: &mut impl BufRead) -> std::io::Result<u64> {
-    const BOM: &[u8] = b"\xEF\xBB\xBF";
-    if r.fill_buf()?.starts_with(BOM) {
-        r.consume(BOM.len());
-        return Ok(BOM.len() as u64);
+    if r.fill_buf()?.starts_with(UTF8_BOM) {
+        r.consume(UTF8_BOM.len());
+        return Ok(UTF8_BOM.len() as u64);
     }
     Ok(0)
 }

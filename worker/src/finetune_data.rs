@@ -45,9 +45,7 @@ pub fn read_location(location: &str) -> Result<Vec<u8>> {
     } else {
         std::fs::read(location).with_context(|| local_read_context(location, location, "an object store URI"))?
     };
-    if bytes.starts_with(b"\xEF\xBB\xBF") {
-        bytes.drain(..3);
-    }
+    smelt_corpus::input::strip_utf8_bom(&mut bytes);
     Ok(bytes)
 }
 
