@@ -23,6 +23,11 @@ pub struct CoordinatorArgs {
     /// A worker silent for longer is lost (and its job restarts or fails).
     #[arg(long, default_value_t = 10_000)]
     pub lease_timeout_ms: u64,
+    /// For this long from the first failure of an outage (a job's attempts failing on a store
+    /// or network error, with no step gained), a job is restarted without spending its
+    /// max_restarts; after it, each failure spends one. 0: every failure spends one.
+    #[arg(long, default_value_t = smelt_coordinator::DEFAULT_OUTAGE_GRACE.as_secs())]
+    pub outage_grace_s: u64,
     /// File holding the token every worker and client must present (else env SMELT_TOKEN;
     /// none: every call is admitted, fine on loopback).
     #[arg(long)]
@@ -47,6 +52,7 @@ pub fn run(a: CoordinatorArgs) -> Result<()> {
         db_path: a.db,
         heartbeat_interval: Duration::from_millis(a.heartbeat_ms),
         lease_timeout: Duration::from_millis(a.lease_timeout_ms),
+        outage_grace: Duration::from_secs(a.outage_grace_s),
         token: crate::client::token(a.token_file.as_deref())?,
         tls: a.tls_cert.zip(a.tls_key).map(|(cert, key)| TlsFiles { cert, key, client_ca: a.tls_client_ca }),
     };

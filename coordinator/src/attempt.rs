@@ -35,6 +35,16 @@ fn transient_backoff(n: u32) -> std::time::Duration {
     TRANSIENT_BACKOFF_FIRST.saturating_mul(1 << n.saturating_sub(1).min(8)).min(TRANSIENT_BACKOFF_MOST)
 }
 
+/// `d` in the largest unit that says it whole: "15 min", "90 s", "1 h".
+fn spoken_duration(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        s if s >= 3600 && s % 3600 == 0 => format!("{} h", s / 3600),
+        s if s >= 60 && s % 60 == 0 => format!("{} min", s / 60),
+        s => format!("{s} s"),
+    }
+}
+
 impl State {
     /// Sends Abort to every rank of the job's current attempt except `skip`, frees all of its
     /// workers (a lost one stays lost) and aborts its rendezvous.
@@ -127,23 +137,33 @@ impl State {
             Fault::Failed { .. } => None,
             Fault::Lost { .. } | Fault::Drained { .. } => None, // the machine's doing, not the job's
         };
-        // a transient failure's next attempt waits, longer each time in a row: restarts are not
-        // spent seconds apart on an outage that lasts a minute
+        // a transient failure's next attempt waits, longer each time in a row: attempts are not
+        // started seconds apart on an outage that lasts a minute; and for the outage's first
+        // `outage_grace` it spends no restart, so an outage does not fail a job that has
+        // restarts for its own faults
+        let grace = self.outage_grace;
         let backoff = if matches!(fault, Fault::Failed { transient: true, .. }) {
             // an attempt that trained on since the last one starts the waits afresh
             if reached > job.transient_reached {
                 job.transient_failures = 0;
             }
+            let now = Instant::now();
+            if job.transient_failures == 0 {
+                job.transient_since = Some(now);
+            }
             job.transient_reached = reached;
             job.transient_failures += 1;
             let wait = transient_backoff(job.transient_failures);
-            job.retry_after = Some(std::time::Instant::now() + wait);
-            Some(wait)
+            job.retry_after = Some(now + wait);
+            let free = job.transient_since.is_some_and(|since| now.duration_since(since) < grace);
+            Some((wait, free))
         } else {
             job.transient_failures = 0;
+            job.transient_since = None;
             job.retry_after = None;
             None
         };
+        let free = backoff.is_some_and(|(_, free)| free);
         // the same words at the same step: a transient error (a store outage) that comes back
         // elsewhere in the run, or before a resumed attempt has caught up, is restarted as ever
         let repeated = match (&job.last_failure, &error) {
@@ -172,11 +192,20 @@ impl State {
             self.schedule();
             return;
         }
-        if job.row.restarts < job.row.max_restarts {
+        if free || job.row.restarts < job.row.max_restarts {
             // only a job that restarts waits (a failed one has no next attempt to resume)
-            let (next, from, waits) = self.next_attempt(job_id, rank0, attempt, true);
+            let (next, from, waits) = self.next_attempt(job_id, rank0, attempt, !free);
             let after = match backoff {
-                Some(wait) => format!(" in {} s (the failure looks transient: a store or network error)", wait.as_secs()),
+                Some((wait, true)) => format!(
+                    " in {} s (the failure looks transient: a store or network error; no restart spent for the first {} of an outage)",
+                    wait.as_secs(),
+                    spoken_duration(grace)
+                ),
+                Some((wait, false)) => format!(
+                    " in {} s (the failure looks transient: a store or network error, but the outage has lasted over {}, so it spends a restart)",
+                    wait.as_secs(),
+                    spoken_duration(grace)
+                ),
                 None => String::new(),
             };
             let reason = if waits {

@@ -29,7 +29,7 @@ impl Coordinator {
     /// Rebuilds the state from what the store holds. Jobs keep their states; workers get a fresh
     /// lease each (they have `lease_timeout`, and the longest a worker waits between reconnect
     /// attempts, to re-attach before they and their jobs are lost).
-    pub fn restore(loaded: Loaded, store: StoreHandle, heartbeat_interval: Duration, lease_timeout: Duration) -> Self {
+    pub fn restore(loaded: Loaded, store: StoreHandle, heartbeat_interval: Duration, lease_timeout: Duration, outage_grace: Duration) -> Self {
         let now = Instant::now();
         let mut jobs = HashMap::new();
         let mut next_job = 1;
@@ -87,6 +87,7 @@ impl Coordinator {
             next_gen: 1,
             heartbeat_interval,
             lease_timeout,
+            outage_grace,
             shutting_down: false,
             // a file with workers: they are on their way back
             preempt_after: if restored_workers > 0 { now + lease_timeout } else { now },

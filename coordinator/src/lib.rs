@@ -44,4 +44,4 @@ mod workers;
 /// A job's step metrics from the database file, read-only (`smelt jobs metrics`, the dashboard).
 pub use dashboard::history::{metrics as metrics_history, MetricSeries};
 pub use error::CoordError;
-pub use server::{bind, serve, Bound, CoordinatorConfig, TlsFiles};
+pub use server::{bind, serve, Bound, CoordinatorConfig, TlsFiles, DEFAULT_OUTAGE_GRACE};

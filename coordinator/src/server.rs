@@ -28,6 +28,10 @@ use crate::worker_service::WorkerSvc;
 /// How long shutdown waits for open connections to close before dropping them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// `CoordinatorConfig::outage_grace`'s default: a quarter of an hour, as long as a cloud
+/// store's regional incident commonly takes to pass.
+pub const DEFAULT_OUTAGE_GRACE: Duration = Duration::from_secs(15 * 60);
+
 #[derive(Clone, Debug)]
 pub struct CoordinatorConfig {
     /// gRPC address; port 0 picks a free one (see `Bound::local_addr`).
@@ -38,6 +42,10 @@ pub struct CoordinatorConfig {
     pub heartbeat_interval: Duration,
     /// A worker silent for longer is lost.
     pub lease_timeout: Duration,
+    /// For this long from an outage's first failure (attempts that fail on a store or network
+    /// error their worker reports transient, with no step gained), restarting spends none of a
+    /// job's restarts; after it, each failure spends one as any other.
+    pub outage_grace: Duration,
     /// With a token, every call must carry it (`smelt_proto::auth`); without, all are admitted.
     pub token: Option<String>,
     /// With a certificate and key, gRPC and the dashboard are served over TLS
@@ -61,6 +69,7 @@ impl CoordinatorConfig {
             db_path: db_path.into(),
             heartbeat_interval: Duration::from_secs(1),
             lease_timeout: Duration::from_secs(10),
+            outage_grace: DEFAULT_OUTAGE_GRACE,
             token: None,
             tls: None,
         }
@@ -107,7 +116,7 @@ pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
     let path = cfg.db_path.clone();
     let (store, loaded) =
         tokio::task::spawn_blocking(move || Store::open(&path)).await.context("store thread panicked")??;
-    let coord = Coordinator::restore(loaded, store.handle(), cfg.heartbeat_interval, cfg.lease_timeout);
+    let coord = Coordinator::restore(loaded, store.handle(), cfg.heartbeat_interval, cfg.lease_timeout, cfg.outage_grace);
     // Restoring may have changed rows (stale assignments); make that durable before serving.
     coord.flush().await?;
     let addr = listener.local_addr()?;

@@ -161,6 +161,9 @@ pub struct JobRec {
     pub retry_after: Option<Instant>,
     pub transient_failures: u32,
     pub transient_reached: u64,
+    /// When the first of those transient failures came (the outage's start, as the job saw
+    /// it): restarts are free for `State::outage_grace` from then.
+    pub transient_since: Option<Instant>,
 }
 
 /// An attempt that failed with an error its rank reported (see `JobRec::last_failure`).
@@ -211,6 +214,7 @@ impl JobRec {
             retry_after: None,
             transient_failures: 0,
             transient_reached: 0,
+            transient_since: None,
             last_failure: None,
             resume_of: None,
         }
@@ -333,6 +337,8 @@ pub struct State {
     pub next_gen: u64,
     pub heartbeat_interval: Duration,
     pub lease_timeout: Duration,
+    /// See `CoordinatorConfig::outage_grace`.
+    pub outage_grace: Duration,
     /// Set once shutdown starts: streams closing then are the coordinator's doing, not the
     /// workers', and change nothing (the workers re-attach to the next coordinator).
     pub shutting_down: bool,

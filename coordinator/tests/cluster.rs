@@ -5,6 +5,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use smelt_coordinator::CoordinatorConfig;
 use smelt_proto::v1::*;
 use tonic::Code;
 
@@ -334,8 +335,9 @@ async fn failed_rank_restarts_with_its_error_then_fails() {
 
 /// A store outage says the same words at the same step on every attempt, but passes: a failure
 /// the worker reports as transient is restarted after a back-off that doubles (5 s, then 10 s),
-/// not ended as one that would always repeat; while it waits, its workers serve other jobs; its
-/// queue entry says what it waits for.
+/// not ended as one that would always repeat, and spends no restart within the outage grace
+/// (15 min by default); while it waits, its workers serve other jobs; its queue entry says what
+/// it waits for.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transient_failure_is_restarted_after_a_back_off_even_when_it_repeats() {
     let (_d, db) = tmp();
@@ -353,7 +355,9 @@ async fn a_transient_failure_is_restarted_after_a_back_off_even_when_it_repeats(
     assert!(waiting.waiting_for.contains("the back-off after a transient failure") && waiting.waiting_for.contains(" s left"), "{waiting:?}");
     let texts = event_texts(&mut jobs, &job.id).await;
     for (next, wait) in [(2, 5), (3, 10)] {
-        let want = format!("restarting attempt {next} in {wait} s (the failure looks transient: a store or network error) from step 0");
+        let want = format!(
+            "restarting attempt {next} in {wait} s (the failure looks transient: a store or network error; no restart spent for the first 15 min of an outage) from step 0"
+        );
         assert!(texts.iter().any(|t| t.contains(error) && t.contains(&want)), "{want}:\n{texts:#?}");
     }
     // the idle worker is not held for it: another job runs meanwhile
@@ -363,8 +367,39 @@ async fn a_transient_failure_is_restarted_after_a_back_off_even_when_it_repeats(
     w.done(&o, true, "", 100).await;
     wait_state(&mut jobs, &other.id, JobState::Succeeded).await;
     let j = get(&mut jobs, &job.id).await;
-    assert_eq!((state(&j), j.restarts), (JobState::Restarting, 2), "{j:?}");
+    assert_eq!((state(&j), j.restarts), (JobState::Restarting, 0), "{j:?}");
     jobs.cancel_job(CancelJobRequest { job_id: job.id.clone() }).await.unwrap();
+    coord.stop().await;
+}
+
+/// An outage that outlasts the grace spends restarts as any failure: with a grace of 3 s and no
+/// restarts allowed, the first transient failure is restarted free, the second (after the 5 s
+/// back-off, so past the grace) fails the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outage_longer_than_the_grace_spends_restarts() {
+    let (_d, db) = tmp();
+    let mut cfg = CoordinatorConfig::new("127.0.0.1:0".parse().unwrap(), &db);
+    cfg.heartbeat_interval = HEARTBEAT;
+    cfg.lease_timeout = LEASE;
+    cfg.outage_grace = Duration::from_secs(3);
+    let coord = start_config(cfg).await;
+    let mut jobs = coord.jobs().await;
+    let job = submit(&mut jobs, &spec("long-outage", 1, 0, 0)).await;
+    let mut w = Worker::join(&coord.url, "127.0.0.1:9813").await;
+    let error = "opening data.corpus s3://b/c: Generic S3 error: error sending request: connection refused";
+    let a = w.assignment().await;
+    w.done_transient(&a, error, 0).await;
+    let b = w.assignment().await;
+    assert_eq!((b.job_id.as_str(), b.attempt), (job.id.as_str(), 2));
+    assert_eq!(get(&mut jobs, &job.id).await.restarts, 0);
+    w.done_transient(&b, error, 0).await;
+    let j = wait_state(&mut jobs, &job.id, JobState::Failed).await;
+    assert!(j.error.contains(error) && j.error.contains("the job allows no restarts"), "{}", j.error);
+    let texts = event_texts(&mut jobs, &job.id).await;
+    assert!(
+        texts.iter().any(|t| t.contains("restarting attempt 2 in 5 s") && t.contains("no restart spent for the first 3 s of an outage")),
+        "{texts:#?}"
+    );
     coord.stop().await;
 }
 

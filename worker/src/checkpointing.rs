@@ -98,12 +98,32 @@ fn newer_own_checkpoint(a: &Assignment) -> Option<String> {
     let assigned = smelt_checkpoint::step_of_uri(&a.resume_from)?;
     let root = StoreDir::open(&smelt_checkpoint::layout::parent_uri(&a.resume_from)?).ok()?;
     let committed = smelt_checkpoint::list_committed(&root).ok()?;
-    committed.into_iter().rev().take_while(|(step, _)| *step > assigned).find_map(|(_, uri)| {
-        let dir = StoreDir::open(&uri).ok()?;
-        let m = smelt_checkpoint::read::read_manifest(&dir).ok()?;
-        // (the worker's clock and the coordinator's may differ a little)
-        (m.job_id == a.job_id && m.created_at_ms + CLOCK_SKEW_MS >= a.job_created_at_ms).then_some(uri)
-    })
+    committed.into_iter().rev().take_while(|(step, _)| *step > assigned).find_map(|(_, uri)| written_by_this_job(a, &uri).then_some(uri))
+}
+
+/// Whether the committed checkpoint at `uri` is one this job wrote: its manifest names the job,
+/// and was written after the job was submitted.
+fn written_by_this_job(a: &Assignment, uri: &str) -> bool {
+    let Ok(dir) = StoreDir::open(uri) else { return false };
+    // (the worker's clock and the coordinator's may differ a little)
+    smelt_checkpoint::read::read_manifest(&dir).is_ok_and(|m| m.job_id == a.job_id && m.created_at_ms + CLOCK_SKEW_MS >= a.job_created_at_ms)
+}
+
+/// For a restarted attempt the coordinator gave no checkpoint to resume from: the newest one
+/// this job committed in its own `ckpt/` directory, and its step. The coordinator hears of a
+/// checkpoint from rank 0 after the commit; a rank 0 lost in between (SIGKILL, a dead machine)
+/// leaves one it never heard of, and without this the attempt trained again from step 0 and
+/// could not write that step ("already committed"). `None` for a first attempt, one given a
+/// checkpoint (`load_resume` looks past it), or when the directory holds none or cannot be
+/// listed. Every rank looks in the same directory (`checkpoints_dir`: the job's store, or
+/// the output directory its workers share), and the ranks agree on the step before training.
+pub fn unrecorded_checkpoint(a: &Assignment, spec: &JobSpec, out_dir: &Path) -> Option<(String, u64)> {
+    if !a.resume_from.is_empty() || a.attempt <= 1 {
+        return None;
+    }
+    let root = checkpoints_dir(a, spec, out_dir).ok()?;
+    let committed = smelt_checkpoint::list_committed(&root).ok()?;
+    committed.into_iter().rev().find_map(|(step, uri)| written_by_this_job(a, &uri).then_some((uri, step)))
 }
 
 /// `value`, read back from the device, once the device reports no error since: a failed
@@ -731,5 +751,44 @@ mod tests {
             .unwrap();
         c.finish(&|_| {});
         assert_eq!(list_committed(&root).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_restarted_attempt_finds_the_checkpoint_its_coordinator_never_heard_of() {
+        // attempt 1's rank 0 committed step 1 and was lost before reporting it: attempt 2 is
+        // assigned no checkpoint
+        let dir = tempfile::tempdir().unwrap();
+        let (mut c, root) = checkpointer(dir.path());
+        let n = GptConfig::preset("tiny").unwrap().num_params();
+        let state = TrainerState { step: 1, optimizer_steps: 1, data_rng: smelt_engine::rng::Rng::new(1) };
+        c.after_step_with(1, 1, &|_| {}, &mut || Ok(HostState { params: vec![0.5; n], m: vec![0.0; n], v: vec![0.0; n], state: state.clone() }))
+            .unwrap();
+        c.finish(&|_| {});
+        let committed = list_committed(&root).unwrap();
+        let (_, uri) = committed.last().expect("step 1 committed").clone();
+        let spec_toml = format!(
+            "name = \"ck\"\nseed = 1\n[model]\npreset = \"tiny\"\n[data]\ntext = \"x.txt\"\ntokenizer = \"char\"\n\
+             [train]\nsteps = 1\nglobal_batch = 1\nmicro_batch = 1\nseq_len = 8\nlr = 1e-3\n[checkpoint]\nevery = 1\nstore = \"{}\"\n",
+            dir.path().display()
+        );
+        let spec = JobSpec::parse(&spec_toml).unwrap();
+        let a = |attempt: u32, created: i64| Assignment {
+            job_id: "job-000001".into(),
+            attempt,
+            world_size: 1,
+            spec_toml: spec_toml.clone(),
+            job_created_at_ms: created,
+            ..Default::default()
+        };
+        let out = Path::new("/nonexistent-out");
+        assert_eq!(unrecorded_checkpoint(&a(2, 0), &spec, out), Some((uri.clone(), 1)));
+        // a first attempt has nothing of its own to find
+        assert_eq!(unrecorded_checkpoint(&a(1, 0), &spec, out), None);
+        // one given a checkpoint is not second-guessed here (load_resume looks past it)
+        let given = Assignment { resume_from: uri.clone(), ..a(2, 0) };
+        assert_eq!(unrecorded_checkpoint(&given, &spec, out), None);
+        // a job of the same id submitted after it was written (another coordinator database)
+        let later = smelt_checkpoint::manifest::now_ms() + 2 * CLOCK_SKEW_MS;
+        assert_eq!(unrecorded_checkpoint(&a(2, later), &spec, out), None);
     }
 }

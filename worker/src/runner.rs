@@ -197,9 +197,17 @@ impl Pretrain {
     }
 }
 
-fn train(req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
-    let a = &req.assignment;
-    let spec = JobSpec::parse(&a.spec_toml)?;
+fn train(mut req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
+    let spec = JobSpec::parse(&req.assignment.spec_toml)?;
+    if let Some((uri, step)) = checkpointing::unrecorded_checkpoint(&req.assignment, &spec, &req.out_dir) {
+        let a = &mut req.assignment;
+        if a.rank == 0 {
+            let text = format!("attempt {} resumes from step {step} ({uri}): this job committed it, but its coordinator had not heard of it (the rank that wrote it was lost before reporting it)", a.attempt);
+            events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text, resumed_from: uri.clone(), resumed_step: step }));
+        }
+        a.resume_from = uri;
+        a.start_step = step;
+    }
     match spec.kind {
         JobKind::Pretrain if spec.arch()? != smelt_jobspec::Arch::Gpt => return crate::family::run(req, spec, control, events),
         JobKind::Pretrain => {}

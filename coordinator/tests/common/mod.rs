@@ -54,22 +54,25 @@ pub async fn start_with_token(db: &Path, token: Option<&str>) -> Coord {
 
 /// A coordinator requiring `token` and serving TLS with `tls`'s certificate (its URL https://).
 pub async fn start_with(db: &Path, token: Option<&str>, tls: Option<TlsFiles>) -> Coord {
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    let cfg = CoordinatorConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        db_path: db.to_path_buf(),
-        heartbeat_interval: HEARTBEAT,
-        lease_timeout: LEASE,
-        token: token.map(str::to_string),
-        tls,
-    };
+    let mut cfg = CoordinatorConfig::new("127.0.0.1:0".parse().unwrap(), db);
+    cfg.heartbeat_interval = HEARTBEAT;
+    cfg.lease_timeout = LEASE;
+    cfg.token = token.map(str::to_string);
+    cfg.tls = tls;
+    start_config(cfg).await
+}
+
+/// A coordinator with `cfg` (its listen address and database as given).
+pub async fn start_config(cfg: CoordinatorConfig) -> Coord {
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let db = cfg.db_path.clone();
     let bound = bind(cfg).await.expect("bind");
     let addr = bound.local_addr();
     let (stop, rx) = oneshot::channel::<()>();
     let task = tokio::spawn(bound.serve(async move {
         let _ = rx.await;
     }));
-    Coord { addr, url: format!("{scheme}://{addr}"), db: db.to_path_buf(), stop: Some(stop), task: Some(task) }
+    Coord { addr, url: format!("{scheme}://{addr}"), db, stop: Some(stop), task: Some(task) }
 }
 
 impl Coord {

@@ -22,6 +22,7 @@ impl Coordinator {
             db_path: dir.join("smelt.db"),
             heartbeat_interval: Duration::from_millis(50),
             lease_timeout,
+            outage_grace: smelt_coordinator::DEFAULT_OUTAGE_GRACE,
             token: None,
             tls: None,
         };
