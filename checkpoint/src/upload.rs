@@ -48,7 +48,7 @@ impl Default for RetryPolicy {
 /// Errors that retrying cannot fix (the request itself is wrong or refused).
 fn is_permanent(e: &StoreError) -> bool {
     match e {
-        StoreError::BadUri { .. } | StoreError::RuntimeGone { .. } => true,
+        StoreError::BadUri { .. } | StoreError::RuntimeGone { .. } | StoreError::NoBucket { .. } => true,
         StoreError::NotFound { .. } => false,
         StoreError::Op { error, .. } => matches!(
             **error,

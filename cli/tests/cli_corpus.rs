@@ -154,7 +154,8 @@ fn prepare_from_s3_inputs_and_verify_on_resume() {
         up.put(&format!("crawl-{i}.jsonl"), doc.into_bytes()).unwrap();
     }
     up.put("README.txt", b"not matched by the glob".to_vec()).unwrap();
-    let env = server.env();
+    // an http:// endpoint is reached in plain text without AWS_ALLOW_HTTP (MinIO's setup)
+    let env: Vec<_> = server.env().into_iter().filter(|(k, _)| *k != "AWS_ALLOW_HTTP").collect();
     let out = dir.path().join("corpus");
     let outp = out.to_str().unwrap();
     let prep = |extra: &[&str]| {
@@ -178,6 +179,28 @@ fn prepare_from_s3_inputs_and_verify_on_resume() {
     assert!(!o.status.success());
     let o = smelt_env(&["corpus", "prepare", "--input", "s3://raw/web/nothing-*.jsonl", "--out", dir.path().join("o2").to_str().unwrap()], &env);
     assert!(text_of(&o).contains("s3://raw/web/nothing-*.jsonl: glob pattern matches no objects"), "{}", text_of(&o));
+}
+
+/// An S3 endpoint written without its scheme, or not a URL, is an error naming the variable
+/// (it passed the client's builder and panicked on the first request).
+#[test]
+fn a_malformed_s3_endpoint_names_the_variable() {
+    for (endpoint, why) in [("localhost:9000", "whose scheme \"localhost\" is neither http nor https"), ("not a url", "not a URL")] {
+        let o = Command::new(env!("CARGO_BIN_EXE_smelt"))
+            .args(["corpus", "verify", "s3://b/c"])
+            .env("AWS_ACCESS_KEY_ID", "x")
+            .env("AWS_SECRET_ACCESS_KEY", "y")
+            .env("AWS_REGION", "us-east-1")
+            .env("AWS_ENDPOINT", endpoint)
+            .env("RUST_LOG", "error")
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(err.contains("AWS_ENDPOINT") && err.contains(why) && err.contains("e.g. http://localhost:9000"), "{endpoint}: {err}");
+    }
 }
 
 /// An S3 corpus with no credentials anywhere (none in the environment, the metadata service

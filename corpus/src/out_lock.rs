@@ -56,6 +56,8 @@ pub fn lock(out: &StoreDir) -> Result<OutLock, CorpusError> {
         match out.put_create(LOCK, me.clone()) {
             Ok(true) => return Ok(OutLock { out: Some(out.clone()) }),
             Ok(false) => {}
+            // nothing can be written there: failing now, not once the whole input is tokenized
+            Err(e) if e.is_no_bucket() => return Err(e.into()),
             Err(e) => {
                 tracing::warn!(uri = %out.uri_of(LOCK), error = %e, "cannot lock the output (the store has no create-only put, or this run cannot write there); preparing without a lock: run one prepare at a time on it");
                 return Ok(OutLock { out: None });

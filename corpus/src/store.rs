@@ -13,8 +13,8 @@
 //!   names the same `NAME` (tests, benchmarks); it is empty when the process starts.
 //! - `s3://bucket/dir`, `gs://bucket/dir`, `az://container/dir` build their client from the
 //!   environment (`AWS_*`, `GOOGLE_*`, `AZURE_*` variables, as the `object_store` builders'
-//!   `from_env` read them; `AWS_ENDPOINT` + `AWS_ALLOW_HTTP=true` reach an S3-protocol server on
-//!   loopback).
+//!   `from_env` read them; an `AWS_ENDPOINT` of `http://host:port` reaches an S3-protocol server
+//!   in plain text, such as one on loopback: see [`s3_builder`]).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -33,12 +33,48 @@ use object_store::{ObjectStore, ObjectStoreExt, ObjectStoreScheme, PutMode, PutP
 use thiserror::Error;
 use url::Url;
 
+/// The S3 client's settings from the environment (`AWS_*`), its endpoint checked: one written
+/// without its scheme (`localhost:9000`) passed the builder and panicked on the first request
+/// (object_store signs it with `expect`), far from the variable that was wrong. An `http://`
+/// endpoint is a server the user chose to reach in plain text (MinIO, a loopback test server):
+/// plain HTTP is allowed for it unless `AWS_ALLOW_HTTP` says otherwise (the builder refused
+/// it with "builder error" only).
+fn s3_builder() -> Result<AmazonS3Builder, StoreError> {
+    use object_store::aws::AmazonS3ConfigKey as Key;
+    let mut builder = AmazonS3Builder::from_env();
+    let mut plain = false;
+    for (key, var) in [(Key::S3Endpoint, "AWS_ENDPOINT_URL_S3"), (Key::Endpoint, "AWS_ENDPOINT (or AWS_ENDPOINT_URL)")] {
+        let Some(endpoint) = builder.get_config_value(&key) else { continue };
+        let refuse = |why: &str| StoreError::BadUri {
+            uri: endpoint.clone(),
+            reason: format!("{var} is {endpoint:?}, {why}: write the server's URL with its scheme, e.g. http://localhost:9000 or https://s3.example.com"),
+        };
+        let url = Url::parse(endpoint.trim()).map_err(|e| refuse(&format!("not a URL ({e})")))?;
+        match url.scheme() {
+            "http" => plain = true,
+            "https" => {}
+            other => return Err(refuse(&format!("whose scheme {other:?} is neither http nor https"))),
+        }
+        if url.host_str().is_none_or(str::is_empty) {
+            return Err(refuse("a URL without a host"));
+        }
+    }
+    // (the builder reports a default for the setting, so the variable itself is looked at)
+    if plain && std::env::var_os("AWS_ALLOW_HTTP").is_none() {
+        builder = builder.with_allow_http(true);
+    }
+    Ok(builder)
+}
+
 #[derive(Debug, Error, Clone)]
 pub enum StoreError {
     #[error("{uri}: not a usable storage location: {reason}")]
     BadUri { uri: String, reason: String },
     #[error("{uri}: not found")]
     NotFound { uri: String },
+    /// "Not found" in answer to a write: no object is missing, the bucket (or container) is.
+    #[error("{op} {uri}: the store answered \"not found\" to a write: its bucket (or container) does not exist")]
+    NoBucket { op: &'static str, uri: String },
     /// The store's error, told in one line (its Display already carries every cause, so it is
     /// not also given as a `source`, which would print each cause again), with what to set when
     /// no credentials were found.
@@ -54,6 +90,7 @@ impl StoreError {
         match self {
             StoreError::BadUri { uri, .. }
             | StoreError::NotFound { uri }
+            | StoreError::NoBucket { uri, .. }
             | StoreError::Op { uri, .. }
             | StoreError::RuntimeGone { uri, .. } => uri,
         }
@@ -61,6 +98,17 @@ impl StoreError {
 
     pub fn is_not_found(&self) -> bool {
         matches!(self, StoreError::NotFound { .. })
+    }
+
+    /// A write refused for want of its bucket: "not found" to a put, or the service's own
+    /// code for it (S3's NoSuchBucket, Azure's ContainerNotFound) in an error the client did
+    /// not class.
+    pub fn is_no_bucket(&self) -> bool {
+        match self {
+            StoreError::NoBucket { .. } => true,
+            StoreError::Op { error, .. } => ["NoSuchBucket", "ContainerNotFound"].iter().any(|code| error.to_string().contains(code)),
+            _ => false,
+        }
     }
 
     /// Whether the store could not be reached or answered "try later" (a refused or dropped
@@ -102,9 +150,11 @@ impl StoreError {
             .any(|w| text.contains(w))
     }
 
-    /// Wraps an `object_store` error about `uri`, keeping "not found" distinct.
+    /// Wraps an `object_store` error about `uri`, keeping "not found" distinct (and telling a
+    /// write's "not found", a missing bucket, from a read's).
     pub fn from_object_store(op: &'static str, uri: String, e: object_store::Error) -> Self {
         match e {
+            object_store::Error::NotFound { .. } if op.starts_with("put") => StoreError::NoBucket { op, uri },
             object_store::Error::NotFound { .. } => StoreError::NotFound { uri },
             e => StoreError::Op { op, uri, error: Arc::new(e) },
         }
@@ -272,9 +322,7 @@ impl StoreDir {
                 return Self::local(p, shown);
             }
             ObjectStoreScheme::Memory => unreachable!("memory:// handled above"),
-            ObjectStoreScheme::AmazonS3 => Arc::new(
-                AmazonS3Builder::from_env().with_url(trimmed).build().map_err(|e| bad(e.to_string()))?,
-            ),
+            ObjectStoreScheme::AmazonS3 => Arc::new(s3_builder()?.with_url(trimmed).build().map_err(|e| bad(e.to_string()))?),
             ObjectStoreScheme::GoogleCloudStorage => Arc::new(
                 GoogleCloudStorageBuilder::from_env().with_url(trimmed).build().map_err(|e| bad(e.to_string()))?,
             ),
@@ -441,6 +489,19 @@ impl StoreDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn not_found_in_answer_to_a_write_is_a_missing_bucket() {
+        let nf = || object_store::Error::NotFound { path: "b/ts/x".into(), source: "404".into() };
+        let put = StoreError::from_object_store("put", "s3://b/ts/x".into(), nf());
+        assert!(put.is_no_bucket() && !put.is_not_found() && !put.is_transient());
+        assert_eq!(put.to_string(), "put s3://b/ts/x: the store answered \"not found\" to a write: its bucket (or container) does not exist");
+        assert!(StoreError::from_object_store("put (create)", "s3://b/ts/x".into(), nf()).is_no_bucket());
+        let get = StoreError::from_object_store("get", "s3://b/ts/x".into(), nf());
+        assert!(get.is_not_found() && !get.is_no_bucket());
+        let generic = object_store::Error::Generic { store: "S3", source: "404 Not Found: NoSuchBucket: The specified bucket does not exist".into() };
+        assert!(StoreError::from_object_store("put", "s3://b/ts/x".into(), generic).is_no_bucket());
+    }
 
     #[test]
     fn an_xml_error_body_is_told_by_its_code_and_message() {
