@@ -74,6 +74,11 @@ pub struct FinetuneJob {
     parent_job: Option<String>,
     /// Checkpoints of the parent job passed over (they did not verify), and why.
     pub skipped: Vec<Skipped>,
+    /// The parent's own classification head (`score.weight`, (num_labels, C)) when it is a
+    /// classifier with this job's label count: the head starts from it, not from the seed.
+    init_head: Option<Vec<f32>>,
+    /// What became of a parent's head, for the job's events (rank 0 records them).
+    pub head_notes: Vec<String>,
     examples: Examples,
 }
 
@@ -107,12 +112,12 @@ impl FinetuneJob {
         let head = f.head_kind()?;
         let parent_file = src.file.clone();
         let saved = model_file::from_bytes(&src.bytes, &parent_file).with_context(|| format!("finetune.init_from {:?}", f.init_from))?;
-        let cfg = saved.config;
+        let cfg = saved.config.clone();
         let seq = spec.train.seq_len;
         if seq > cfg.block_size {
             bail!("job spec: `train.seq_len`: {seq} exceeds the block_size {} of the model in finetune.init_from", cfg.block_size);
         }
-        let tok = saved.tokenizer;
+        let tok = saved.tokenizer.clone();
         let examples = match head {
             FinetuneHead::Classification => {
                 let num_labels = f.num_labels.ok_or_else(|| anyhow!("job spec: `finetune.num_labels`: required for head = \"classification\""))?;
@@ -130,6 +135,26 @@ impl FinetuneJob {
         if examples.n_train() == 0 {
             bail!("finetune.data {}: no training examples left after holding out the validation split", f.data);
         }
+        // A parent that is itself a classifier: continuing to fine-tune it keeps its trained
+        // head (it was drawn afresh from the seed, so the parent's accuracy was lost at step 0)
+        let parent_head = model_file::classification_head(&src.bytes, &parent_file, &saved, src.head.map(|h| h.num_labels))?;
+        let (mut init_head, mut head_notes) = (None, Vec::new());
+        match (parent_head, &examples) {
+            (Some((n, w)), Examples::Classification { num_labels, .. }) if n == *num_labels => {
+                head_notes.push(format!("the classification head starts from the parent's ({n} labels, {parent_file})"));
+                init_head = Some(w);
+            }
+            (Some((n, _)), Examples::Classification { num_labels, .. }) => head_notes.push(format!(
+                "the parent's {n}-label classification head is not used: this job has {num_labels} labels, so its head is drawn from the job's seed"
+            )),
+            (Some((n, _)), Examples::Sft { .. }) => {
+                head_notes.push(format!("the parent's {n}-label classification head is left out: supervised fine-tuning trains the language-model head"))
+            }
+            (None, _) => {}
+        }
+        for note in &head_notes {
+            tracing::info!(note = %note, "fine-tuning head");
+        }
         Ok(FinetuneJob {
             spec: spec.clone(),
             config: cfg,
@@ -139,6 +164,8 @@ impl FinetuneJob {
             parent_file,
             parent_job: saved.metadata.get("smelt.job").cloned().or(src.job),
             skipped: src.skipped,
+            init_head,
+            head_notes,
             examples,
         })
     }
@@ -359,7 +386,10 @@ impl<B: Backend> State<B> {
         let opt_model = AdamW::new(model.backend(), model.table(), unclipped.clone())?;
         let (head, opt_head) = match &job.examples {
             Examples::Classification { num_labels, .. } => {
-                let h = ClassificationHead::new(model.backend(), *num_labels, job.config.n_embd, job.spec.seed)?;
+                let mut h = ClassificationHead::new(model.backend(), *num_labels, job.config.n_embd, job.spec.seed)?;
+                if let Some(w) = &job.init_head {
+                    h.set_params_host(model.backend(), w);
+                }
                 let o = AdamW::new(model.backend(), h.table(), unclipped)?;
                 (Some(h), Some(o))
             }
@@ -626,6 +656,9 @@ pub(crate) fn run(req: RunRequest, spec: JobSpec, control: &RunControl, events: 
         for s in &job.skipped {
             let text = format!("finetune.init_from: checkpoint {} skipped: {}; starting from {} instead", s.uri, s.reason, job.parent_file);
             events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text, ..Default::default() }));
+        }
+        for text in &job.head_notes {
+            events(RunEvent::Note(JobNote { job_id: a.job_id.clone(), attempt: a.attempt, text: text.clone(), ..Default::default() }));
         }
     }
     match req.device {

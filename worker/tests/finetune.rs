@@ -121,6 +121,30 @@ fn classification_learns_and_records_its_parent() {
     let parent_params = model_file::load(&parent).unwrap().params;
     assert_eq!(child.params.len(), parent_params.len());
     assert_ne!(child.params, parent_params);
+
+    // Fine-tuning the classifier further starts from its trained head (a head drawn afresh
+    // from the seed lost the parent's accuracy at step 0): at a vanishing learning rate the
+    // head and the accuracy stay the parent's.
+    let again = |labels: u32, steps: u64| {
+        spec(&format!("init_from = {:?}\nhead = \"classification\"\nnum_labels = {labels}\ndata = {:?}\nval_fraction = 0.2", path.to_str().unwrap(), data.to_str().unwrap()), steps, 1e-9, steps)
+    };
+    let job = FinetuneJob::prepare(&again(2, 5), &dir.path().join("out2")).unwrap();
+    assert!(job.head_notes.iter().any(|n| n.contains("starts from the parent's (2 labels")), "{:?}", job.head_notes);
+    let continued = job.train(CpuBackend::new(), "job-000003", &dir.path().join("out2"), &mut Local, &|| None, &mut |_| {}).unwrap();
+    let acc2 = continued.val_accuracy.unwrap();
+    assert!((acc2 - acc).abs() < 0.03, "continued from a classifier with accuracy {acc}: {acc2}");
+    let head_of = |p: &Path| {
+        let bytes = std::fs::read(p).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let t = st.tensor("score.weight").unwrap();
+        t.data().chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect::<Vec<f32>>()
+    };
+    let (before, after) = (head_of(&path), head_of(&continued.model_path.unwrap()));
+    let moved = before.iter().zip(&after).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+    assert!(moved < 1e-5, "the head moved by {moved} at lr 1e-9: it was not the parent's");
+    // another label count cannot take it: a new head, and the job says so
+    let job = FinetuneJob::prepare(&again(3, 5), &dir.path().join("out3")).unwrap();
+    assert!(job.head_notes.iter().any(|n| n.contains("2-label classification head is not used: this job has 3 labels")), "{:?}", job.head_notes);
 }
 
 /// SFT on "<word> " -> the word again (a copy task): the validation loss (response tokens only) falls, and
