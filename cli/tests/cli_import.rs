@@ -485,6 +485,10 @@ fn a_pretraining_job_continues_from_init_from() {
     let (mp, mc) = (metadata(&parent), metadata(&c.model_path(&cont.id)));
     assert_eq!(mp["smelt.config"], mc["smelt.config"]);
     assert_eq!(mp["smelt.tokenizer"], mc["smelt.tokenizer"]);
+    // its file names the parent as a fine-tuned model's does (it had no trace of it)
+    assert_eq!(mc.get("smelt.parent").map(String::as_str), Some(parent.to_str().unwrap()), "{mc:?}");
+    assert_eq!(mc.get("smelt.parent_file").map(String::as_str), Some(parent.to_str().unwrap()), "{mc:?}");
+    assert!(!mp.contains_key("smelt.parent"), "{mp:?}");
     // its checkpoints name the parent (trainer.json's lineage)
     let ckpt = c.dir.path().join(format!("worker-0/jobs/{}/ckpt", cont.id));
     let states: Vec<serde_json::Value> = std::fs::read_dir(&ckpt)

@@ -30,7 +30,33 @@ pub fn to_bytes(table: &ParamTable, params: &[f32], metadata: HashMap<String, St
         .map(|(name, shape, data)| Ok((name.clone(), TensorView::new(Dtype::F32, shape.clone(), data)?)))
         .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
         .map_err(|e| err("<memory>", e.to_string()))?;
-    safetensors::serialize(views, Some(metadata)).map_err(|e| err("<memory>", e.to_string()))
+    let bytes = safetensors::serialize(views, Some(metadata)).map_err(|e| err("<memory>", e.to_string()))?;
+    Ok(with_sorted_metadata(bytes))
+}
+
+/// `file` with its header's `__metadata__` keys in sorted order. safetensors writes them in a
+/// `HashMap`'s order, which differs from process to process: two runs that trained the same
+/// weights wrote files whose bytes (and sha256) differed. The header keeps its length (the
+/// same keys and values, compact), so the padding and every offset stay as they were.
+fn with_sorted_metadata(mut file: Vec<u8>) -> Vec<u8> {
+    let Some(len) = file.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize) else { return file };
+    let Some(header) = file.get(8..8 + len) else { return file };
+    let Ok(serde_json::Value::Object(mut top)) = serde_json::from_slice::<serde_json::Value>(header) else { return file };
+    let Some(serde_json::Value::Object(meta)) = top.remove("__metadata__") else { return file };
+    let sorted: std::collections::BTreeMap<String, serde_json::Value> = meta.into_iter().collect();
+    // (the tensors' entries keep their offsets, which is what readers go by)
+    let mut out = serde_json::Map::new();
+    out.insert("__metadata__".into(), serde_json::to_value(sorted).expect("strings"));
+    out.extend(top);
+    let Ok(text) = serde_json::to_vec(&serde_json::Value::Object(out)) else { return file };
+    let padded = header.len();
+    if text.len() > padded {
+        return file;
+    }
+    let mut new_header = text;
+    new_header.resize(padded, b' ');
+    file[8..8 + len].copy_from_slice(&new_header);
+    file
 }
 
 /// Writes a file atomically: a temporary sibling, fsync, rename.
@@ -82,4 +108,37 @@ pub fn metadata(bytes: &[u8], path: &str) -> Result<HashMap<String, String>, Eng
 
 pub fn read_file(path: &Path) -> Result<Vec<u8>, EngineError> {
     std::fs::read(path).map_err(|e| EngineError::Io { path: path.display().to_string(), cause: e })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::params::{Init, ParamKind, ParamTable};
+
+    #[test]
+    fn the_same_weights_and_metadata_make_the_same_bytes() {
+        let mut table = ParamTable::new();
+        table.push("wte", &[3, 2], ParamKind::Weight, Init::Zeros);
+        table.push("b", &[2], ParamKind::Bias, Init::Zeros);
+        let params: Vec<f32> = (0..8).map(|i| i as f32 * 0.5).collect();
+        let pairs: Vec<(String, String)> = (0..40).map(|i| (format!("smelt.key{i}"), format!("value {i}"))).collect();
+        // two maps whose iteration orders differ (each HashMap has its own random state)
+        let files: Vec<Vec<u8>> = (0..4)
+            .map(|k| {
+                let mut m = HashMap::new();
+                for (key, value) in pairs.iter().cycle().skip(k * 7).take(pairs.len()) {
+                    m.insert(key.clone(), value.clone());
+                }
+                to_bytes(&table, &params, m).unwrap()
+            })
+            .collect();
+        assert!(files.windows(2).all(|w| w[0] == w[1]), "the same model wrote different bytes");
+        let (back, meta) = from_bytes(&table, &files[0], "f").unwrap();
+        assert_eq!(back, params);
+        assert_eq!(meta.len(), 40);
+        assert_eq!(meta["smelt.key7"], "value 7");
+        // the header is what safetensors itself reads
+        let st = SafeTensors::deserialize(&files[0]).unwrap();
+        assert_eq!(st.tensor("b").unwrap().shape(), &[2]);
+    }
 }

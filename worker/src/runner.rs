@@ -302,6 +302,16 @@ pub(crate) fn train_gpt<B: Backend>(
     let mut trainer = Trainer::new(model, tc.clone())?;
     trainer.set_bucket_floats(bucket_floats(&spec));
     let mut resumed = checkpointing::resume(a, &spec, &cfg, &tokenizer, &mut trainer, collective, events, init_print)?;
+    // the final model file names model.init_from as fine-tuned ones name theirs (a model that
+    // leaves the cluster keeps where it came from)
+    let parent_record: Vec<(&str, String)> = match (&spec.model.init_from, &parent_lineage) {
+        (Some(init_from), lineage) => std::iter::once(("parent", init_from.clone()))
+            .chain(lineage.iter().flat_map(|l| {
+                l.parent_checkpoint.iter().map(|f| ("parent_file", f.clone())).chain(l.parent_job.iter().map(|j| ("parent_job", j.clone())))
+            }))
+            .collect(),
+        (None, _) => Vec::new(),
+    };
     if resumed.start_step == 0 && resumed.lineage.parent_checkpoint.is_none() {
         // a fresh start from model.init_from: the job's checkpoints name it as their parent
         if let Some(l) = parent_lineage {
@@ -448,6 +458,7 @@ pub(crate) fn train_gpt<B: Backend>(
     if rank == 0 {
         let path = req.out_dir.join("jobs").join(&a.job_id).join("model.safetensors");
         let mut extra = vec![("step", tc.steps.to_string()), ("job", a.job_id.clone())];
+        extra.extend(parent_record);
         if let Some(v) = last_val {
             extra.push(("val_loss", v.to_string()));
         }
