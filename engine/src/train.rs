@@ -218,12 +218,15 @@ impl<B: Backend> Trainer<B> {
         )
     }
 
-    /// Mean loss over the fixed evaluation windows of `val`.
+    /// Mean loss over the fixed evaluation windows of `val`: `eval_batches` batches, or as
+    /// many as it takes to cover every window once when that is fewer (more would evaluate the
+    /// same windows again: an eval_batches of 2^64 - 1 never finished).
     pub fn evaluate(&mut self, val: &TokenWindows) -> Result<f32, EngineError> {
-        let (b, t, n) = (self.cfg.batch_size, self.cfg.seq_len, self.cfg.eval_batches.max(1));
+        let (b, t) = (self.cfg.batch_size, self.cfg.seq_len);
         if val.starts(t) == 0 {
             return Err(EngineError::Batch(format!("the validation text is shorter than seq_len + 1 = {} tokens", t + 1)));
         }
+        let n = eval_batches_over(self.cfg.eval_batches, val.starts(t), b);
         let mut sum = 0.0f64;
         for i in 0..n {
             let batch = val.eval_batch(i, n, b, t);
@@ -231,6 +234,12 @@ impl<B: Backend> Trainer<B> {
         }
         Ok((sum / n as f64) as f32)
     }
+}
+
+/// The evaluation batches of `batch` windows over `windows` distinct ones: `asked`, at most
+/// enough to cover them all once, at least one.
+pub fn eval_batches_over(asked: usize, windows: usize, batch: usize) -> usize {
+    asked.min(windows.div_ceil(batch.max(1))).max(1)
 }
 
 /// Everything a resumed `Trainer` needs besides the weights and the AdamW moments: where the

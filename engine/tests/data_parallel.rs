@@ -10,7 +10,7 @@ use std::time::Duration;
 use smelt_corpus::{rank_slice, SampleOrder, Sequences};
 use smelt_engine::background_ring::BackgroundRing;
 use smelt_engine::collective::{Collective, Local, TcpRing};
-use smelt_engine::data::Batch;
+use smelt_engine::data::{Batch, TokenWindows};
 use smelt_engine::model::{Gpt, GptConfig, LayerNormPlacement};
 use smelt_engine::optim::{AdamWConfig, LrSchedule};
 use smelt_engine::train::{StepStats, TrainConfig, Trainer};
@@ -242,4 +242,22 @@ fn a_vanished_peer_fails_an_overlapped_step() {
     assert!(err.contains("rank 1") || err.contains("closed") || err.contains("broken"), "{err}");
     assert_eq!(trainer.step(), 0, "no optimizer step after a failed exchange");
     drop(ring);
+}
+
+/// An evaluation asks for at most the batches that cover every validation window once: an
+/// eval_batches of usize::MAX gives the loss of those batches (it looped for ever).
+#[test]
+fn evaluation_batches_stop_at_the_validation_windows() {
+    let val = tokens();
+    let windows = TokenWindows::new(&val).starts(SEQ);
+    let loss_with = |eval_batches: usize| {
+        let cfg = TrainConfig { batch_size: 4, eval_batches, ..train_config() };
+        let mut trainer = Trainer::new(Gpt::new(CpuBackend, model_config(), 7).unwrap(), cfg).unwrap();
+        trainer.evaluate(&TokenWindows::new(&val)).unwrap()
+    };
+    let cover = windows.div_ceil(4);
+    assert_eq!(smelt_engine::train::eval_batches_over(usize::MAX, windows, 4), cover);
+    assert_eq!(smelt_engine::train::eval_batches_over(2, windows, 4), 2);
+    assert_eq!(loss_with(usize::MAX).to_bits(), loss_with(cover).to_bits());
+    assert_ne!(loss_with(1).to_bits(), loss_with(cover).to_bits());
 }

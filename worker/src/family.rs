@@ -246,7 +246,7 @@ fn all_reduce_scalar<B: Backend>(be: &B, collective: &mut dyn Collective<B>, x: 
 /// generators, so every evaluation of a run sees the same samples.
 fn eval_batches(objective: &Objective, val: &Source, seed: u64, micro: usize, max_batches: usize) -> Result<Vec<FamilyBatch>> {
     let n = val.n_windows(objective.window_len());
-    let take = n.min((micro * max_batches) as u64);
+    let take = n.min(micro.saturating_mul(max_batches) as u64);
     let idx: Vec<u64> = (0..take).collect();
     // a contrastive batch needs two pairs (one pair has no negative)
     idx.chunks(micro).filter(|c| c.len() >= objective.min_batch()).map(|c| objective.read_batch(val, seed, EVAL_STEP, c, c, n)).collect()

@@ -193,6 +193,15 @@ impl Pretrain {
         };
         let tc = spec.train_config();
         let order = data.order(&spec, tc.seq_len)?;
+        if a.rank == 0 && tc.eval_interval > 0 {
+            for s in &val_sets {
+                let windows = TokenWindows::new(&s.tokens).starts(tc.seq_len);
+                let n = smelt_engine::train::eval_batches_over(tc.eval_batches, windows, tc.batch_size);
+                if windows > 0 && n < tc.eval_batches {
+                    tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, source = %s.name, "train.eval_batches = {} is more than the validation tokens' {windows} windows fill ({n} batches of {}): each evaluation takes those {n}", tc.eval_batches, tc.batch_size);
+                }
+            }
+        }
         Ok(Pretrain { spec, tokenizer, data, val_sets, cfg, tc, order, init })
     }
 }
