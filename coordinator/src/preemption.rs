@@ -90,6 +90,7 @@ impl State {
         }
         let mut chosen: Vec<(String, String, i32)> = Vec::new();
         let mut stuck: Vec<String> = Vec::new();
+        let serving = self.serving_by_class();
         // CPU jobs only: a GPU rank stopped by an abort is nearly always mid-step, its NCCL
         // communicator aborted, and whether its weights can then be copied off the device for a
         // rescue checkpoint has not been checked on a card (worker/src/checkpointing.rs,
@@ -99,7 +100,7 @@ impl State {
             let head = self
                 .jobs
                 .values()
-                .filter(|j| is_waiting(j.row.state) && j.row.device_class == class && !j.backing_off_at(now))
+                .filter(|j| is_waiting(j.row.state) && j.row.device_class == class && !j.backing_off_at(now) && !self.outsized(j, &serving, now))
                 .min_by_key(|j| (Reverse(j.row.priority), j.row.created_at_ms, j.seq));
             // a head waiting for its own failed attempt's rank 0 waits for that, not for workers
             let Some(head) = head.filter(|h| !h.winding_down_at(now)) else { continue };

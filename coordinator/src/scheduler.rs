@@ -8,6 +8,9 @@
 //! A head that does not fit may preempt running jobs of lower priority that checkpoint
 //! (`preemption.rs`); a CPU head that cannot start even so lets the jobs behind it that would
 //! give their workers back to it use the idle workers meanwhile (`backfill.rs`).
+//! A queued job that needs more workers than its class has connected (`State::outsized`) holds
+//! no place until enough have joined: it could not start however long the others waited, and
+//! the workers there would sit idle behind it.
 //!
 //! Ranks follow (hostname, device_index, worker id), so ranks on one host are neighbours.
 
@@ -78,12 +81,14 @@ impl State {
             return;
         }
         let now = std::time::Instant::now();
+        let serving = self.serving_by_class();
         let jobs: Vec<Waiting> = self
             .jobs
             .values()
             // a job waiting out a transient failure's back-off is not placed yet, and holds no
-            // place that would keep the workers of its class idle meanwhile
-            .filter(|j| is_waiting(j.row.state) && !j.backing_off_at(now))
+            // place that would keep the workers of its class idle meanwhile; nor does one
+            // bigger than its class's connected workers
+            .filter(|j| is_waiting(j.row.state) && !j.backing_off_at(now) && !self.outsized(j, &serving, now))
             .map(|j| Waiting {
                 id: &j.row.id,
                 device_class: j.row.device_class,
@@ -107,6 +112,30 @@ impl State {
         if self.preempt_for_heads() {
             self.schedule();
         }
+    }
+
+    /// Connected workers that take work (not draining, not lost), by device class.
+    pub(crate) fn serving_by_class(&self) -> std::collections::HashMap<DeviceClass, usize> {
+        let mut n = std::collections::HashMap::new();
+        for w in self.workers.values().filter(|w| w.conn.is_some() && !w.draining && w.row.state != WorkerState::Lost) {
+            *n.entry(w.row.device_class).or_insert(0) += 1;
+        }
+        n
+    }
+
+    /// Whether queued job `j` needs more workers than its class has connected (`serving`, from
+    /// `serving_by_class`): it holds no place in its queue until they join. Only a job never
+    /// placed, queued for longer than a lease (workers starting with it, `smelt up`'s, join
+    /// within one, and the queue keeps its order meanwhile), and not while a restarted
+    /// coordinator's workers are still coming back (`preempt_after`). A restarting job keeps
+    /// its place: its gang existed, and a lost worker's replacement is on its way.
+    pub(crate) fn outsized(&self, j: &JobRec, serving: &std::collections::HashMap<DeviceClass, usize>, now: std::time::Instant) -> bool {
+        let waited_ms = crate::state::now_ms().saturating_sub(j.row.created_at_ms);
+        now >= self.preempt_after
+            && j.row.state == JobState::Queued
+            && j.row.attempt <= 1
+            && waited_ms > self.lease_timeout.as_millis() as i64
+            && j.row.world_size as usize > serving.get(&j.row.device_class).copied().unwrap_or(0)
     }
 
     /// The workers that can take an assignment now, as the planners see them.

@@ -25,6 +25,8 @@ struct ClassView<'a> {
 
 pub struct QueueView<'a> {
     classes: HashMap<DeviceClass, ClassView<'a>>,
+    /// Jobs bigger than their class's connected workers, which hold no place (`State::outsized`).
+    outsized: std::collections::HashSet<&'a str>,
     now: Instant,
 }
 
@@ -40,7 +42,14 @@ impl State {
     fn queue_view(&self) -> QueueView<'_> {
         let now = Instant::now();
         let mut classes: HashMap<DeviceClass, ClassView> = HashMap::new();
+        let serving = self.serving_by_class();
+        let mut outsized = std::collections::HashSet::new();
         for j in self.jobs.values().filter(|j| is_waiting(j.row.state)) {
+            // a job bigger than its class's connected workers holds no place
+            if self.outsized(j, &serving, now) {
+                outsized.insert(j.row.id.as_str());
+                continue;
+            }
             let entry = (j.queue_key(), j.row.id.as_str(), j.row.priority, j.row.world_size, j.winding_down_at(now));
             classes.entry(j.row.device_class).or_default().queue.push(entry);
         }
@@ -53,7 +62,7 @@ impl State {
             c.draining += usize::from(w.conn.is_some() && w.draining);
             c.idle += usize::from(w.schedulable());
         }
-        QueueView { classes, now }
+        QueueView { classes, outsized, now }
     }
 
     /// The job as the API shows it: its record, and what it waits for.
@@ -91,7 +100,8 @@ fn waiting_for(view: &QueueView, job: &JobRec) -> String {
     if c.serving < need {
         let start = if class == DeviceClass::Cuda { "`smelt worker --device cuda:N`, one per GPU" } else { "`smelt worker --device cpu`" };
         let draining = if c.draining > 0 { format!(", {} more draining", c.draining) } else { String::new() };
-        return format!("{need} {name} {}: {} connected{draining} (start more with {start})", workers(need), c.serving);
+        let meanwhile = if view.outsized.contains(job.row.id.as_str()) { "; until then the jobs behind it start on the workers there" } else { "" };
+        return format!("{need} {name} {}: {} connected{draining} (start more with {start}){meanwhile}", workers(need), c.serving);
     }
     let key = job.queue_key();
     let ahead = c.queue.partition_point(|q| q.0 < key);

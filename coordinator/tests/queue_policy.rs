@@ -194,7 +194,9 @@ async fn gpu_jobs_are_not_backfilled() {
 }
 
 /// A waiting job says what it waits for: workers to connect, then its place in the queue; a job
-/// that runs says nothing.
+/// that runs says nothing. A job bigger than the connected workers holds no place once it has
+/// waited a lease: the workers there run the jobs behind it (they sat idle behind it); once
+/// enough have joined it is the head again, ahead of jobs submitted meanwhile.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiting_job_says_what_it_waits_for() {
     let (_d, db) = tmp();
@@ -203,15 +205,25 @@ async fn a_waiting_job_says_what_it_waits_for() {
     let big = submit(&mut jobs, &spec("big", 2, 5, 0)).await;
     assert!(big.waiting_for.starts_with("2 cpu workers: 0 connected"), "{}", big.waiting_for);
     let mut w1 = Worker::join(&coord.url, "127.0.0.1:9831").await;
-    let j = wait_job(&mut jobs, &big.id, |j| j.waiting_for.contains("1 connected")).await;
+    let j = wait_job(&mut jobs, &big.id, |j| j.waiting_for.contains("1 connected") && j.waiting_for.contains("until then the jobs behind it start")).await;
     assert_eq!(state(&j), JobState::Queued);
+    // a job behind it runs on the connected worker
     let small = submit(&mut jobs, &spec("small", 1, 0, 0)).await;
-    assert!(
-        small.waiting_for.starts_with(&format!("1 job ahead in the cpu queue (the first, {}, priority 5, needs 2 workers; 1 idle now)", big.id)),
-        "{}",
-        small.waiting_for
-    );
+    let a = within("small's rank", w1.assignment()).await;
+    assert_eq!(a.job_id, small.id, "the worker sat idle behind a job it cannot serve");
+    w1.set_busy(&a);
+    // with a second worker the big job can start: it is the head again, and a job submitted
+    // now waits behind it
     let mut w2 = Worker::join(&coord.url, "127.0.0.1:9832").await;
+    let j = wait_job(&mut jobs, &big.id, |j| j.waiting_for.starts_with("2 idle cpu workers (head of the cpu queue")).await;
+    assert_eq!(j.waiting_for, "2 idle cpu workers (head of the cpu queue; 1 idle now, the others run jobs)");
+    let later = submit(&mut jobs, &spec("later", 1, 0, 0)).await;
+    assert_eq!(
+        later.waiting_for,
+        format!("1 job ahead in the cpu queue (the first, {}, priority 5, needs 2 workers; 1 idle now)", big.id),
+    );
+    w1.set_idle();
+    w1.done(&a, true, "", 10).await;
     for w in [&mut w1, &mut w2] {
         let a = within("big's rank", w.assignment()).await;
         assert_eq!(a.job_id, big.id);
@@ -219,13 +231,13 @@ async fn a_waiting_job_says_what_it_waits_for() {
     }
     let j = wait_state(&mut jobs, &big.id, JobState::Running).await;
     assert_eq!(j.waiting_for, "", "a running job waits for nothing");
-    // small is now the head; both workers are busy
-    let s = get(&mut jobs, &small.id).await;
+    // later is now the head; both workers are busy
+    let s = get(&mut jobs, &later.id).await;
     assert_eq!(s.waiting_for, "1 idle cpu worker (head of the cpu queue; 0 idle now, the others run jobs)");
     // a job behind it that checkpoints is told it may backfill
     let filler = submit(&mut jobs, &format!("{}\n[checkpoint]\nevery = 1000\n", spec("filler", 1, 0, 0))).await;
     assert!(
-        filler.waiting_for.starts_with(&format!("1 job ahead in the cpu queue (the first, {}, priority 0, needs 1 worker; 0 idle now); it may start on idle workers", small.id)),
+        filler.waiting_for.starts_with(&format!("1 job ahead in the cpu queue (the first, {}, priority 0, needs 1 worker; 0 idle now); it may start on idle workers", later.id)),
         "{}",
         filler.waiting_for
     );
