@@ -473,6 +473,12 @@ impl State {
         self.persist_assignment(&d.job_id, d.attempt, rank, worker_id, "done");
         if all {
             self.succeed(&d.job_id);
+        } else if self.workers.get(worker_id).is_some_and(|w| w.row.job_id == d.job_id && w.row.state == WorkerState::Busy) {
+            // a finished rank's worker takes other work while its peers end (rank 0 may upload
+            // its last checkpoints for minutes through a store outage): it was held until the
+            // last rank, idle but shown busy
+            self.release_worker(worker_id, WorkerState::Idle);
+            self.schedule();
         }
     }
 }

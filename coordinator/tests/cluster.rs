@@ -73,17 +73,50 @@ async fn big_job_at_the_head_is_not_starved_by_small_ones() {
     let (_d, db) = tmp();
     let coord = start(&db).await;
     let mut jobs = coord.jobs().await;
+    // two workers, one busy: the big job fits the cluster but not the idle workers
+    let runner = submit(&mut jobs, &spec("runner", 1, 9, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9201").await;
+    let r = w1.assignment().await;
+    assert_eq!(r.job_id, runner.id);
+    w1.set_busy(&r);
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9202").await;
     let big = submit(&mut jobs, &spec("big", 2, 5, 0)).await;
     let small = submit(&mut jobs, &spec("small", 1, 0, 0)).await;
-    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9201").await;
-    tokio::time::sleep(HEARTBEAT * 4).await;
+    // past a lease: the big job is not one too big for the cluster (which holds no place)
+    tokio::time::sleep(LEASE * 2).await;
     // One idle worker would fit the small job, but the big one is ahead of it.
     assert_eq!(state(&get(&mut jobs, &small.id).await), JobState::Queued);
-    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9202").await;
+    w1.set_idle();
+    w1.done(&r, true, "", 10).await;
     assert_eq!(w1.assignment().await.job_id, big.id);
     assert_eq!(w2.assignment().await.job_id, big.id);
     let mut w3 = Worker::join(&coord.url, "127.0.0.1:9203").await;
     assert_eq!(w3.assignment().await.job_id, small.id);
+    coord.stop().await;
+}
+
+/// A rank that finished while its peers still run gives its worker back at once: rank 0 may
+/// spend minutes uploading its last checkpoints, and the worker was held, idle, meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_ranks_worker_takes_other_work_while_its_peers_end() {
+    let (_d, db) = tmp();
+    let coord = start(&db).await;
+    let mut jobs = coord.jobs().await;
+    let pair = submit(&mut jobs, &spec("pair", 2, 5, 0)).await;
+    let mut w1 = Worker::join(&coord.url, "127.0.0.1:9211").await;
+    let mut w2 = Worker::join(&coord.url, "127.0.0.1:9212").await;
+    let (a1, a2) = (w1.assignment().await, w2.assignment().await);
+    w1.set_busy(&a1);
+    w2.set_busy(&a2);
+    wait_state(&mut jobs, &pair.id, JobState::Running).await;
+    let next = submit(&mut jobs, &spec("next", 1, 0, 0)).await;
+    let (mut rank1_worker, rank1) = if a1.rank == 1 { (w1, a1) } else { (w2, a2) };
+    rank1_worker.set_idle();
+    rank1_worker.done(&rank1, true, "", 10).await;
+    let n = within("the next job on the finished rank's worker", rank1_worker.assignment()).await;
+    assert_eq!(n.job_id, next.id);
+    // the pair still runs: its rank 0 has not finished
+    assert_eq!(state(&get(&mut jobs, &pair.id).await), JobState::Running);
     coord.stop().await;
 }
 
