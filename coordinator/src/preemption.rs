@@ -115,17 +115,17 @@ impl State {
                     will_serve(w) && self.workers.get(w).is_some_and(|r| r.row.device_class == class && r.row.state == WorkerState::Busy && r.row.job_id.is_empty())
                 })
                 .count();
-            // a job some of whose ranks have finished it is ending: all its workers are on their
-            // way back (a gang's ranks report one by one, and a finished rank's worker stays the
-            // job's until the last; without this a head could preempt a job in the moment
-            // between two of them)
+            // a job some of whose ranks have finished it is ending: the workers of its ranks
+            // still running are on their way back (a gang's ranks report one by one; without
+            // this a head could preempt a job in the moment between two of them). A finished
+            // rank's worker is idle at once, counted above, or already runs another job.
             let ending = |j: &JobRec| is_placed(j.row.state) && j.done.iter().any(|d| *d);
             let finishing = self
                 .jobs
                 .values()
                 .filter(|j| j.row.device_class == class && ending(j))
-                .flat_map(|j| j.ranks.iter())
-                .filter(|w| will_serve(w) && !self.workers.get(w.as_str()).is_some_and(|r| r.schedulable()))
+                .flat_map(|j| j.ranks.iter().map(move |w| (j.row.id.as_str(), w)))
+                .filter(|(job, w)| will_serve(w) && self.workers.get(w.as_str()).is_some_and(|r| !r.schedulable() && r.row.job_id == *job))
                 .count();
             let (needed, available) = (head.row.world_size as usize, idle + returning + finishing);
             if needed <= available {
