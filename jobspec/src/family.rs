@@ -14,7 +14,7 @@
 //! objective = "mlm+nsp"        # mlm | mlm+nsp | contrastive
 //! dropout = 0.1                # training passes only (default 0)
 //! views = "mask"               # contrastive: mask (two maskings) | dropout (SimCSE)
-//! scores = "dot"               # dot | general | additive
+//! scores = "dot"               # dot | general | additive (additive_width = A: default the head width)
 //! positions = "learned"        # learned | sinusoidal
 //! ln_placement = "post"
 //! ```
@@ -132,10 +132,11 @@ fn model_field(f: &str) -> String {
 }
 
 /// Options that only some architectures read: (field, set, the architectures that take it).
-fn family_fields(m: &crate::ModelSpec) -> [(&'static str, bool, &'static [Arch]); 12] {
+fn family_fields(m: &crate::ModelSpec) -> [(&'static str, bool, &'static [Arch]); 13] {
     const BOTH: &[Arch] = &[Arch::Bert, Arch::T5];
     [
         ("model.scores", m.scores.is_some(), BOTH),
+        ("model.additive_width", m.additive_width.is_some(), BOTH),
         ("model.positions", m.positions.is_some(), &[Arch::Gpt, Arch::Bert, Arch::T5]),
         ("model.n_inner", m.n_inner.is_some(), BOTH),
         ("model.objective", m.objective.is_some(), BOTH),
@@ -148,6 +149,16 @@ fn family_fields(m: &crate::ModelSpec) -> [(&'static str, bool, &'static [Arch])
         ("model.mean_span", m.mean_span.is_some(), &[Arch::T5]),
         ("model.sentinels", m.sentinels.is_some(), &[Arch::T5]),
     ]
+}
+
+/// The additive score's width: only with `scores = "additive"`, and at least 1.
+fn parse_additive_width(m: &crate::ModelSpec, scores: ScoreKind) -> Result<usize, SpecError> {
+    match m.additive_width {
+        None => Ok(0),
+        Some(_) if scores != ScoreKind::Additive => Err(err("model.additive_width", "only for scores = \"additive\"")),
+        Some(0) => Err(err("model.additive_width", "must be at least 1")),
+        Some(a) => Ok(a),
+    }
 }
 
 fn parse_scores(s: &Option<String>) -> Result<ScoreKind, SpecError> {
@@ -244,6 +255,7 @@ impl JobSpec {
                     c.ln_placement = p;
                 }
                 c.scores = parse_scores(&m.scores)?;
+                c.additive_width = parse_additive_width(m, c.scores)?;
                 c.positions = parse_positions(&m.positions, Positions::Learned)?;
                 c.nsp = objective == BertObjective::MlmNsp;
                 c.num_labels = 0;
@@ -304,6 +316,7 @@ impl JobSpec {
                     c.ln_placement = p;
                 }
                 c.scores = parse_scores(&m.scores)?;
+                c.additive_width = parse_additive_width(m, c.scores)?;
                 c.positions = parse_positions(&m.positions, Positions::Sinusoidal)?;
                 c.validate().map_err(|e| err(&model_field(&e.field), e.message))?;
                 let span = SpanCorruptionConfig {
@@ -404,6 +417,17 @@ world_size = 2
         let opts = BERT.replace("objective = \"mlm+nsp\"", "objective = \"contrastive\"\nscores = \"additive\"\npositions = \"sinusoidal\"\ntemperature = 0.1");
         let FamilyConfig::Bert { config, objective, .. } = JobSpec::parse(&opts).unwrap().family_config(30).unwrap() else { panic!() };
         assert_eq!((objective, config.scores, config.positions, config.temperature, config.nsp), (BertObjective::Contrastive, ScoreKind::Additive, Positions::Sinusoidal, 0.1, false));
+        // the additive score's width: the head width unless given, and only for additive scores
+        assert_eq!(config.additive_width(), config.head_dim());
+        let wide = JobSpec::parse(&opts.replace("scores = \"additive\"", "scores = \"additive\"\nadditive_width = 24")).unwrap();
+        let FamilyConfig::Bert { config, .. } = wide.family_config(30).unwrap() else { panic!() };
+        assert_eq!(config.additive_width(), 24);
+        let FamilyConfig::T5 { config: t5w, .. } = JobSpec::parse(&t5().replace("sentinels = 8", "sentinels = 8\nscores = \"additive\"\nadditive_width = 8")).unwrap().family_config(30).unwrap() else { panic!() };
+        assert_eq!(t5w.additive_width(), 8);
+        for bad in ["additive_width = 24", "scores = \"additive\"\nadditive_width = 0"] {
+            let e = JobSpec::parse(&BERT.replace("objective = \"mlm+nsp\"", &format!("objective = \"mlm+nsp\"\n{bad}"))).and_then(|s| s.family_config(30).map(|_| ())).unwrap_err();
+            assert_eq!(e.field, "model.additive_width", "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -216,6 +216,10 @@ pub struct ModelSpec {
     /// BERT/T5 attention score: `dot` (default), `general` or `additive`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scores: Option<String>,
+    /// BERT/T5 with `scores = "additive"`: the width A of v^T tanh(W q + U k) (default: the
+    /// head width).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub additive_width: Option<usize>,
     /// Positions: GPT `learned` (default) or `rotary`; BERT/T5 `learned` (BERT's default) or
     /// `sinusoidal` (T5's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -89,6 +89,7 @@ impl JobSpec {
             ("model.arch", m.arch.is_some()),
             ("model.init_from", m.init_from.is_some()),
             ("model.scores", m.scores.is_some()),
+            ("model.additive_width", m.additive_width.is_some()),
             ("model.n_inner", m.n_inner.is_some()),
             ("model.n_decoder_layer", m.n_decoder_layer.is_some()),
             ("model.objective", m.objective.is_some()),
