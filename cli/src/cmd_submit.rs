@@ -324,6 +324,11 @@ pub(crate) async fn follow(client: &mut JobServiceClient<smelt_proto::auth::Auth
                     }
                 }
                 Some(job_event::Body::Metrics(m)) => {
+                    if estimating.is_some_and(|a| a != m.attempt) {
+                        // a new attempt shows its own evaluations only (the last one's was of
+                        // a step it may not have reached yet)
+                        (last_val, last_acc, last_sources) = (None, None, Vec::new());
+                    }
                     if m.val_loss.is_some() {
                         last_val = m.val_loss;
                     }
