@@ -16,7 +16,9 @@ fn submit_and_jobs_get_say_what_a_waiting_job_waits_for() {
     .unwrap();
     let (ok, out) = c.smelt(&["submit", spec.to_str().unwrap()]);
     assert!(ok, "{out}");
-    assert!(out.contains("job-000001") && out.contains("queued: waits for 2 cpu workers: 0 connected (start more with `smelt worker --device cpu`)"), "{out}");
+    // the worker command to start names this coordinator (not the default one)
+    let hint = format!("queued: waits for 2 cpu workers: 0 connected (start more with `smelt worker --coordinator http://{} --device cpu`)", c.addr);
+    assert!(out.contains("job-000001") && out.contains(&hint), "{out}");
     let (ok, out) = c.smelt(&["jobs", "get", "job-000001"]);
     assert!(ok, "{out}");
     assert!(out.contains("waits for 2 cpu workers: 0 connected"), "{out}");

@@ -139,8 +139,8 @@ impl State {
         };
         // a transient failure's next attempt waits, longer each time in a row: attempts are not
         // started seconds apart on an outage that lasts a minute; and for the outage's first
-        // `outage_grace` it spends no restart, so an outage does not fail a job that has
-        // restarts for its own faults
+        // `outage_grace` a job that has trained spends no restart, so an outage does not fail a
+        // job that has restarts for its own faults
         let grace = self.outage_grace;
         let backoff = if matches!(fault, Fault::Failed { transient: true, .. }) {
             // an attempt that trained on since the last one starts the waits afresh
@@ -155,7 +155,11 @@ impl State {
             job.transient_failures += 1;
             let wait = transient_backoff(job.transient_failures);
             job.retry_after = Some(now + wait);
-            let free = job.transient_since.is_some_and(|since| now.duration_since(since) < grace);
+            // a store this job has never worked with (no step, no checkpoint) is more often a
+            // wrong endpoint than an outage: its failures spend restarts as before, and the
+            // job fails as soon as they are spent
+            let worked = job.progressed || job.latest_checkpoint.is_some() || reached > 0 || job.row.start_step > 0;
+            let free = worked && job.transient_since.is_some_and(|since| now.duration_since(since) < grace);
             Some((wait, free))
         } else {
             job.transient_failures = 0;

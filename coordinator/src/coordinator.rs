@@ -88,6 +88,7 @@ impl Coordinator {
             heartbeat_interval,
             lease_timeout,
             outage_grace,
+            worker_flag: String::new(),
             shutting_down: false,
             // a file with workers: they are on their way back
             preempt_after: if restored_workers > 0 { now + lease_timeout } else { now },

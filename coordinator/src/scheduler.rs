@@ -114,16 +114,22 @@ impl State {
         }
     }
 
-    /// Connected workers that take work (not draining, not lost), by device class.
+    /// The workers each device class has, as far as a job too big for it is concerned: every
+    /// one not lost (draining ones too: a rolling restart brings them back), and one lost less
+    /// than a lease and the longest reconnect back-off ago (a broken stream marks a worker lost
+    /// at once, and it re-registers within that). A blip does not make a job that needs every
+    /// worker give up its place.
     pub(crate) fn serving_by_class(&self) -> std::collections::HashMap<DeviceClass, usize> {
+        let now = std::time::Instant::now();
+        let back_within = self.lease_timeout + smelt_proto::MAX_RECONNECT_BACKOFF;
         let mut n = std::collections::HashMap::new();
-        for w in self.workers.values().filter(|w| w.conn.is_some() && !w.draining && w.row.state != WorkerState::Lost) {
+        for w in self.workers.values().filter(|w| w.row.state != WorkerState::Lost || now.saturating_duration_since(w.last_seen) < back_within) {
             *n.entry(w.row.device_class).or_insert(0) += 1;
         }
         n
     }
 
-    /// Whether queued job `j` needs more workers than its class has connected (`serving`, from
+    /// Whether queued job `j` needs more workers than its class has (`serving`, from
     /// `serving_by_class`): it holds no place in its queue until they join. Only a job never
     /// placed, queued for longer than a lease (workers starting with it, `smelt up`'s, join
     /// within one, and the queue keeps its order meanwhile), and not while a restarted

@@ -120,6 +120,14 @@ pub async fn bind(cfg: CoordinatorConfig) -> anyhow::Result<Bound> {
     // Restoring may have changed rows (stale assignments); make that durable before serving.
     coord.flush().await?;
     let addr = listener.local_addr()?;
+    // the `smelt worker` a waiting job's hint suggests must reach this coordinator: named
+    // unless it is the default one (an unspecified address: this machine's name)
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let host = if addr.ip().is_unspecified() { hostname_or_localhost() } else { addr.ip().to_string() };
+    let url = format!("{scheme}://{host}:{}", addr.port());
+    if url != "http://127.0.0.1:7070" {
+        coord.with(|st| st.worker_flag = format!(" --coordinator {url}"));
+    }
     let auth = RequireToken::new(cfg.token.as_deref());
     let mutual = cfg.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
     if !auth.enabled() && !mutual && !addr.ip().is_loopback() {
@@ -205,4 +213,15 @@ pub async fn serve(cfg: CoordinatorConfig, shutdown: impl Future<Output = ()>) -
 async fn says_it_is_smelt(mut r: axum::response::Response) -> axum::response::Response {
     r.headers_mut().insert(axum::http::header::SERVER, axum::http::HeaderValue::from_static(smelt_proto::wrong_server::SERVER_HEADER));
     r
+}
+
+/// This machine's name for a URL others can dial (`HOSTNAME`, else /etc/hostname), or
+/// `localhost`.
+fn hostname_or_localhost() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }

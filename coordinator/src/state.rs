@@ -164,6 +164,9 @@ pub struct JobRec {
     /// When the first of those transient failures came (the outage's start, as the job saw
     /// it): restarts are free for `State::outage_grace` from then.
     pub transient_since: Option<Instant>,
+    /// Some attempt of this job reported a step (not stored: after a restart, a recorded
+    /// checkpoint or step says it): only such a job's store failures get the outage grace.
+    pub progressed: bool,
 }
 
 /// An attempt that failed with an error its rank reported (see `JobRec::last_failure`).
@@ -215,6 +218,7 @@ impl JobRec {
             transient_failures: 0,
             transient_reached: 0,
             transient_since: None,
+            progressed: false,
             last_failure: None,
             resume_of: None,
         }
@@ -339,6 +343,9 @@ pub struct State {
     pub lease_timeout: Duration,
     /// See `CoordinatorConfig::outage_grace`.
     pub outage_grace: Duration,
+    /// ` --coordinator URL` for the `smelt worker` command a waiting job's hint suggests, when
+    /// this coordinator is not the default one (empty: it is).
+    pub worker_flag: String,
     /// Set once shutdown starts: streams closing then are the coordinator's doing, not the
     /// workers', and change nothing (the workers re-attach to the next coordinator).
     pub shutting_down: bool,

@@ -25,6 +25,8 @@ struct ClassView<'a> {
 
 pub struct QueueView<'a> {
     classes: HashMap<DeviceClass, ClassView<'a>>,
+    /// `State::worker_flag`.
+    worker_flag: &'a str,
     /// Jobs bigger than their class's connected workers, which hold no place (`State::outsized`).
     outsized: std::collections::HashSet<&'a str>,
     now: Instant,
@@ -62,7 +64,7 @@ impl State {
             c.draining += usize::from(w.conn.is_some() && w.draining);
             c.idle += usize::from(w.schedulable());
         }
-        QueueView { classes, outsized, now }
+        QueueView { classes, worker_flag: &self.worker_flag, outsized, now }
     }
 
     /// The job as the API shows it: its record, and what it waits for.
@@ -98,7 +100,8 @@ fn waiting_for(view: &QueueView, job: &JobRec) -> String {
     let c = view.classes.get(&class).unwrap_or(&empty);
     let need = job.row.world_size as usize;
     if c.serving < need {
-        let start = if class == DeviceClass::Cuda { "`smelt worker --device cuda:N`, one per GPU" } else { "`smelt worker --device cpu`" };
+        let flag = view.worker_flag;
+        let start = if class == DeviceClass::Cuda { format!("`smelt worker{flag} --device cuda:N`, one per GPU") } else { format!("`smelt worker{flag} --device cpu`") };
         let draining = if c.draining > 0 { format!(", {} more draining", c.draining) } else { String::new() };
         let meanwhile = if view.outsized.contains(job.row.id.as_str()) { "; until then the jobs behind it start on the workers there" } else { "" };
         return format!("{need} {name} {}: {} connected{draining} (start more with {start}){meanwhile}", workers(need), c.serving);

@@ -378,6 +378,7 @@ impl State {
         }
         let job = self.jobs.get_mut(&m.job_id).expect("held");
         job.row.last_step = m.step;
+        job.progressed = true;
         job.row.last_loss = m.loss;
         if m.val_loss.is_some() {
             job.row.last_val_loss = m.val_loss;

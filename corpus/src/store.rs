@@ -43,8 +43,12 @@ fn s3_builder() -> Result<AmazonS3Builder, StoreError> {
     use object_store::aws::AmazonS3ConfigKey as Key;
     let mut builder = AmazonS3Builder::from_env();
     let mut plain = false;
-    for (key, var) in [(Key::S3Endpoint, "AWS_ENDPOINT_URL_S3"), (Key::Endpoint, "AWS_ENDPOINT (or AWS_ENDPOINT_URL)")] {
-        let Some(endpoint) = builder.get_config_value(&key) else { continue };
+    // the endpoint the client will use: AWS_ENDPOINT_URL_S3 over AWS_ENDPOINT(_URL), as the
+    // builder chooses (the other, aimed at other services, is not looked at)
+    let used = [(Key::S3Endpoint, "AWS_ENDPOINT_URL_S3"), (Key::Endpoint, "AWS_ENDPOINT (or AWS_ENDPOINT_URL)")]
+        .into_iter()
+        .find_map(|(key, var)| builder.get_config_value(&key).map(|e| (e, var)));
+    if let Some((endpoint, var)) = used {
         let refuse = |why: &str| StoreError::BadUri {
             uri: endpoint.clone(),
             reason: format!("{var} is {endpoint:?}, {why}: write the server's URL with its scheme, e.g. http://localhost:9000 or https://s3.example.com"),
@@ -154,7 +158,9 @@ impl StoreError {
     /// write's "not found", a missing bucket, from a read's).
     pub fn from_object_store(op: &'static str, uri: String, e: object_store::Error) -> Self {
         match e {
-            object_store::Error::NotFound { .. } if op.starts_with("put") => StoreError::NoBucket { op, uri },
+            // (not a multipart upload's: S3 answers NoSuchUpload to a completion retried after a
+            // lost reply, which the upload retries)
+            object_store::Error::NotFound { .. } if matches!(op, "put" | "put (create)") => StoreError::NoBucket { op, uri },
             object_store::Error::NotFound { .. } => StoreError::NotFound { uri },
             e => StoreError::Op { op, uri, error: Arc::new(e) },
         }
@@ -497,6 +503,8 @@ mod tests {
         assert!(put.is_no_bucket() && !put.is_not_found() && !put.is_transient());
         assert_eq!(put.to_string(), "put s3://b/ts/x: the store answered \"not found\" to a write: its bucket (or container) does not exist");
         assert!(StoreError::from_object_store("put (create)", "s3://b/ts/x".into(), nf()).is_no_bucket());
+        // a multipart completion's NoSuchUpload (a retry after a lost reply) is retried as before
+        assert!(StoreError::from_object_store("put (multipart)", "s3://b/ts/x".into(), nf()).is_not_found());
         let get = StoreError::from_object_store("get", "s3://b/ts/x".into(), nf());
         assert!(get.is_not_found() && !get.is_no_bucket());
         let generic = object_store::Error::Generic { store: "S3", source: "404 Not Found: NoSuchBucket: The specified bucket does not exist".into() };

@@ -219,14 +219,14 @@ impl<B: Backend> Trainer<B> {
     }
 
     /// Mean loss over the fixed evaluation windows of `val`: `eval_batches` batches, or as
-    /// many as it takes to cover every window once when that is fewer (more would evaluate the
-    /// same windows again: an eval_batches of 2^64 - 1 never finished).
+    /// many as it takes to cover the validation tokens once when that is fewer (more would
+    /// evaluate the same tokens again: an eval_batches of 2^64 - 1 never finished).
     pub fn evaluate(&mut self, val: &TokenWindows) -> Result<f32, EngineError> {
         let (b, t) = (self.cfg.batch_size, self.cfg.seq_len);
         if val.starts(t) == 0 {
             return Err(EngineError::Batch(format!("the validation text is shorter than seq_len + 1 = {} tokens", t + 1)));
         }
-        let n = eval_batches_over(self.cfg.eval_batches, val.starts(t), b);
+        let n = eval_batches_over(self.cfg.eval_batches, val.starts(t), b, t);
         let mut sum = 0.0f64;
         for i in 0..n {
             let batch = val.eval_batch(i, n, b, t);
@@ -236,10 +236,11 @@ impl<B: Backend> Trainer<B> {
     }
 }
 
-/// The evaluation batches of `batch` windows over `windows` distinct ones: `asked`, at most
-/// enough to cover them all once, at least one.
-pub fn eval_batches_over(asked: usize, windows: usize, batch: usize) -> usize {
-    asked.min(windows.div_ceil(batch.max(1))).max(1)
+/// The evaluation batches of `batch` windows of `seq_len` over a stream with `starts` window
+/// starts: `asked`, at most enough windows side by side to cover the stream once (the
+/// batches spread their windows evenly, so those are about `seq_len` apart), at least one.
+pub fn eval_batches_over(asked: usize, starts: usize, batch: usize, seq_len: usize) -> usize {
+    asked.min(starts.div_ceil(seq_len.max(1)).div_ceil(batch.max(1))).max(1)
 }
 
 /// Everything a resumed `Trainer` needs besides the weights and the AdamW moments: where the

@@ -115,10 +115,18 @@ fn written_by_this_job(a: &Assignment, uri: &str) -> bool {
 /// leaves one it never heard of, and without this the attempt trained again from step 0 and
 /// could not write that step ("already committed"). `None` for a first attempt, one given a
 /// checkpoint (`load_resume` looks past it), or when the directory holds none or cannot be
-/// listed. Every rank looks in the same directory (`checkpoints_dir`: the job's store, or
-/// the output directory its workers share), and the ranks agree on the step before training.
-pub fn unrecorded_checkpoint(a: &Assignment, spec: &JobSpec, out_dir: &Path) -> Option<(String, u64)> {
+/// listed. Every rank must find the same one: only when the ranks look in one directory, the
+/// job's `checkpoint.store` or (its default, each rank 0's output directory) when every rank's
+/// worker is on one machine (`smelt up`'s share one output directory); `peers` are the ranks'
+/// data addresses. Ranks on several machines without a `checkpoint.store` start as assigned:
+/// one of them alone finding the checkpoint would fail the agreement on the starting step.
+pub fn unrecorded_checkpoint(a: &Assignment, spec: &JobSpec, out_dir: &Path, peers: &[String]) -> Option<(String, u64)> {
     if !a.resume_from.is_empty() || a.attempt <= 1 {
+        return None;
+    }
+    let host = |addr: &String| addr.rsplit_once(':').map_or(addr.clone(), |(h, _)| h.to_string());
+    let one_machine = peers.windows(2).all(|w| host(&w[0]) == host(&w[1]));
+    if spec.checkpoint.store.is_none() && !one_machine {
         return None;
     }
     let root = checkpoints_dir(a, spec, out_dir).ok()?;
@@ -781,14 +789,23 @@ mod tests {
             ..Default::default()
         };
         let out = Path::new("/nonexistent-out");
-        assert_eq!(unrecorded_checkpoint(&a(2, 0), &spec, out), Some((uri.clone(), 1)));
+        let one = vec!["127.0.0.1:9000".to_string()];
+        assert_eq!(unrecorded_checkpoint(&a(2, 0), &spec, out, &one), Some((uri.clone(), 1)));
         // a first attempt has nothing of its own to find
-        assert_eq!(unrecorded_checkpoint(&a(1, 0), &spec, out), None);
+        assert_eq!(unrecorded_checkpoint(&a(1, 0), &spec, out, &one), None);
         // one given a checkpoint is not second-guessed here (load_resume looks past it)
         let given = Assignment { resume_from: uri.clone(), ..a(2, 0) };
-        assert_eq!(unrecorded_checkpoint(&given, &spec, out), None);
+        assert_eq!(unrecorded_checkpoint(&given, &spec, out, &one), None);
         // a job of the same id submitted after it was written (another coordinator database)
         let later = smelt_checkpoint::manifest::now_ms() + 2 * CLOCK_SKEW_MS;
-        assert_eq!(unrecorded_checkpoint(&a(2, later), &spec, out), None);
+        assert_eq!(unrecorded_checkpoint(&a(2, later), &spec, out, &one), None);
+        // ranks on two machines: with the spec's store (one directory) they look; with the
+        // default store (each rank 0's own output directory) only one of them could find it
+        let two = vec!["10.0.0.1:9000".to_string(), "10.0.0.2:9000".to_string()];
+        assert_eq!(unrecorded_checkpoint(&a(2, 0), &spec, out, &two), Some((uri.clone(), 1)));
+        let default_store = JobSpec::parse(&spec_toml.replace(&format!("store = \"{}\"\n", dir.path().display()), "")).unwrap();
+        assert!(default_store.checkpoint.store.is_none());
+        assert_eq!(unrecorded_checkpoint(&a(2, 0), &default_store, dir.path(), &two), None);
+        assert_eq!(unrecorded_checkpoint(&a(2, 0), &default_store, dir.path(), &one), Some((uri.clone(), 1)));
     }
 }

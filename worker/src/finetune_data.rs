@@ -56,9 +56,10 @@ pub(crate) fn local_read_context(what: &str, path: &str, instead: &str) -> Strin
     if std::path::Path::new(path).is_relative() {
         let cwd = std::env::current_dir().map(|d| d.display().to_string()).unwrap_or_else(|_| "?".into());
         let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "this worker's machine".into());
-        format!("reading {what} (relative to the worker's working directory {cwd}, on {host}: give an absolute path, or {instead})")
+        // (also read by local commands, `smelt train --choices`: no worker there)
+        format!("reading {what} (relative to the working directory {cwd} on {host}, in a job the worker's: give an absolute path, or {instead})")
     } else {
-        format!("reading {what} (on the worker's machine)")
+        format!("reading {what} (on {}, in a job the worker's machine)", std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "this machine".into()))
     }
 }
 
@@ -300,9 +301,9 @@ mod tests {
     fn a_missing_relative_file_names_the_workers_directory() {
         let e = format!("{:#}", load_classification("no-such-dir/train.jsonl", &Tokenizer::Byte, 2, 8).unwrap_err());
         let cwd = std::env::current_dir().unwrap().display().to_string();
-        assert!(e.contains(&format!("reading no-such-dir/train.jsonl (relative to the worker's working directory {cwd}")), "{e}");
+        assert!(e.contains(&format!("reading no-such-dir/train.jsonl (relative to the working directory {cwd} on ")), "{e}");
         let e = format!("{:#}", load_classification("/no-such-dir/train.jsonl", &Tokenizer::Byte, 2, 8).unwrap_err());
-        assert!(e.contains("(on the worker's machine)"), "{e}");
+        assert!(e.contains(", in a job the worker's machine)"), "{e}");
     }
 
     /// A file that starts with a UTF-8 byte-order mark reads as the same examples.

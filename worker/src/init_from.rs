@@ -106,7 +106,8 @@ fn read_parent(spec: &JobSpec, init_from: &str, at: &Lookup) -> Result<Parent> {
     if seq > saved.config.block_size {
         bail!("job spec: `train.seq_len`: {seq} exceeds the block_size {} of the model in model.init_from", saved.config.block_size);
     }
-    if let Some((n, _)) = model_file::classification_head(&src.bytes, &src.file, &saved, src.head.map(|h| h.num_labels))? {
+    // (a malformed head is no concern of continued pretraining, which leaves it out anyway)
+    if let Some((n, _)) = model_file::classification_head(&src.bytes, &src.file, &saved, src.head.map(|h| h.num_labels)).ok().flatten() {
         tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, parent = %src.file, "model.init_from: the parent's {n}-label classification head is left out: continued pretraining trains the language-model head");
     }
     let lineage = Lineage { parent_checkpoint: Some(src.file.clone()), parent_job: saved.metadata.get("smelt.job").cloned().or(src.job) };

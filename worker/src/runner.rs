@@ -196,9 +196,9 @@ impl Pretrain {
         if a.rank == 0 && tc.eval_interval > 0 {
             for s in &val_sets {
                 let windows = TokenWindows::new(&s.tokens).starts(tc.seq_len);
-                let n = smelt_engine::train::eval_batches_over(tc.eval_batches, windows, tc.batch_size);
+                let n = smelt_engine::train::eval_batches_over(tc.eval_batches, windows, tc.batch_size, tc.seq_len);
                 if windows > 0 && n < tc.eval_batches {
-                    tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, source = %s.name, "train.eval_batches = {} is more than the validation tokens' {windows} windows fill ({n} batches of {}): each evaluation takes those {n}", tc.eval_batches, tc.batch_size);
+                    tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, source = %s.name, "train.eval_batches = {} is more than the validation tokens fill ({} tokens: {n} batches of {} sequences of {}): each evaluation takes those {n}", tc.eval_batches, s.tokens.len(), tc.batch_size, tc.seq_len);
                 }
             }
         }
@@ -208,7 +208,7 @@ impl Pretrain {
 
 fn train(mut req: RunRequest, control: &RunControl, events: &dyn Fn(RunEvent)) -> Result<u64> {
     let spec = JobSpec::parse(&req.assignment.spec_toml)?;
-    if let Some((uri, step)) = checkpointing::unrecorded_checkpoint(&req.assignment, &spec, &req.out_dir) {
+    if let Some((uri, step)) = checkpointing::unrecorded_checkpoint(&req.assignment, &spec, &req.out_dir, &req.peer_addrs) {
         let a = &mut req.assignment;
         if a.rank == 0 {
             let text = format!("attempt {} resumes from step {step} ({uri}): this job committed it, but its coordinator had not heard of it (the rank that wrote it was lost before reporting it)", a.attempt);
@@ -312,10 +312,13 @@ pub(crate) fn train_gpt<B: Backend>(
     trainer.set_bucket_floats(bucket_floats(&spec));
     let mut resumed = checkpointing::resume(a, &spec, &cfg, &tokenizer, &mut trainer, collective, events, init_print)?;
     // the final model file names model.init_from as fine-tuned ones name theirs (a model that
-    // leaves the cluster keeps where it came from)
-    let parent_record: Vec<(&str, String)> = match (&spec.model.init_from, &parent_lineage) {
+    // leaves the cluster keeps where it came from); the file and job read only when this
+    // attempt started from it (a resumed one was read afresh, and may have moved on to a
+    // newer checkpoint of a parent job, or not be readable)
+    let fresh_from_parent = resumed.start_step == 0 && resumed.lineage.parent_checkpoint.is_none();
+    let parent_record: Vec<(&str, String)> = match (&spec.model.init_from, parent_lineage.as_ref().filter(|_| fresh_from_parent)) {
         (Some(init_from), lineage) => std::iter::once(("parent", init_from.clone()))
-            .chain(lineage.iter().flat_map(|l| {
+            .chain(lineage.into_iter().flat_map(|l| {
                 l.parent_checkpoint.iter().map(|f| ("parent_file", f.clone())).chain(l.parent_job.iter().map(|j| ("parent_job", j.clone())))
             }))
             .collect(),
