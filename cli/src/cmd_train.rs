@@ -269,6 +269,13 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let choices = a.choices.as_deref().map(|path| smelt_worker::choices::load("--choices", path, a.choices_max, &tokenizer, seq)).transpose()?;
     let mut trainer = Trainer::new(model, tc)?;
     let (train, val) = (TokenWindows::new(train_ids), TokenWindows::new(val_ids));
+    if a.val_fraction > 0.0 {
+        // as a job warns: more batches would only evaluate the same tokens again
+        let n = smelt_engine::train::eval_batches_over(a.eval_batches, val.starts(seq), a.batch, seq);
+        if val.starts(seq) > 0 && n < a.eval_batches {
+            warn!("--eval-batches {} is more than the validation tokens fill ({} tokens: {n} batches of {} sequences of {seq}): each evaluation takes those {n}", a.eval_batches, val_ids.len(), a.batch);
+        }
+    }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let model_path = a.out.join("model.safetensors");
     let mut metrics = std::fs::File::create(a.out.join("metrics.jsonl"))?;

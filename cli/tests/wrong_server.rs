@@ -90,6 +90,18 @@ fn a_tls_coordinator_reached_by_http_is_told_to_use_https() {
     assert!(err.contains("speaks TLS: use an https:// URL"), "{err}");
 }
 
+/// A plain coordinator reached by https:// will not start speaking TLS: the idle worker exits
+/// saying to use http:// (it retried every 5 s for ever, each warning saying so).
+#[test]
+fn a_plain_coordinator_reached_by_https_is_told_to_use_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_coordinator, addr) = start_coordinator(dir.path(), &[]);
+    let out = worker(&format!("https://{addr}"), &dir.path().join("w"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("does not serve TLS: use http://"), "{err}");
+}
+
 /// The probe asks a real coordinator's port what answers there: its dashboard, which names it,
 /// so a failed call to it is never taken for the wrong server.
 #[test]

@@ -39,7 +39,7 @@ use url::Url;
 /// endpoint is a server the user chose to reach in plain text (MinIO, a loopback test server):
 /// plain HTTP is allowed for it unless `AWS_ALLOW_HTTP` says otherwise (the builder refused
 /// it with "builder error" only).
-fn s3_builder() -> Result<AmazonS3Builder, StoreError> {
+fn s3_builder(uri: &str) -> Result<AmazonS3Builder, StoreError> {
     use object_store::aws::AmazonS3ConfigKey as Key;
     let mut builder = AmazonS3Builder::from_env();
     let mut plain = false;
@@ -50,7 +50,7 @@ fn s3_builder() -> Result<AmazonS3Builder, StoreError> {
         .find_map(|(key, var)| builder.get_config_value(&key).map(|e| (e, var)));
     if let Some((endpoint, var)) = used {
         let refuse = |why: &str| StoreError::BadUri {
-            uri: endpoint.clone(),
+            uri: uri.to_string(),
             reason: format!("{var} is {endpoint:?}, {why}: write the server's URL with its scheme, e.g. http://localhost:9000 or https://s3.example.com"),
         };
         let url = Url::parse(endpoint.trim()).map_err(|e| refuse(&format!("not a URL ({e})")))?;
@@ -328,7 +328,7 @@ impl StoreDir {
                 return Self::local(p, shown);
             }
             ObjectStoreScheme::Memory => unreachable!("memory:// handled above"),
-            ObjectStoreScheme::AmazonS3 => Arc::new(s3_builder()?.with_url(trimmed).build().map_err(|e| bad(e.to_string()))?),
+            ObjectStoreScheme::AmazonS3 => Arc::new(s3_builder(&shown)?.with_url(trimmed).build().map_err(|e| bad(e.to_string()))?),
             ObjectStoreScheme::GoogleCloudStorage => Arc::new(
                 GoogleCloudStorageBuilder::from_env().with_url(trimmed).build().map_err(|e| bad(e.to_string()))?,
             ),

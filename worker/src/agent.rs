@@ -166,6 +166,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
         let mut client = match connect(&cfg.coordinator, cfg.token.as_deref()).await {
             Ok(c) => c,
             Err(e) => {
+                // a plain coordinator reached by https:// will not start speaking TLS: an idle
+                // worker that never registered exits, as for the other wrong URLs
+                if worker_id.is_empty() && running.is_none() && not_tls(&e.to_string()) {
+                    return Err(e);
+                }
                 warn!(coordinator = %cfg.coordinator, error = %e, retry_in_ms = backoff.as_millis() as u64, "coordinator unreachable");
                 wait_offline!();
                 continue;
@@ -215,6 +220,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: impl Future<Output = ()>) -> Resul
                         }
                         tracing::error!(coordinator = %cfg.coordinator, reason = %why, "not a smelt coordinator; retrying");
                     }
+                }
+                // nor a plain coordinator reached by https:// (it will not start speaking TLS): an
+                // idle worker that never registered exits, as for the other wrong URLs
+                if worker_id.is_empty() && running.is_none() && not_tls(e.message()) {
+                    bail!("cannot register with the coordinator at {}: {}", cfg.coordinator, e.message());
                 }
                 warn!(error = %e.message(), "register refused; retrying");
                 wait_offline!();
@@ -487,6 +497,12 @@ const HELD_METRICS: usize = 20_000;
 
 /// Keeps `r` to report later unless a newer checkpoint of the same job is already kept (only
 /// the newest matters: the job's record points at its newest).
+/// Whether a connection error says the coordinator does not serve TLS (an https:// URL for a
+/// plain one: `smelt_proto::tls::innermost`'s hint).
+fn not_tls(error: &str) -> bool {
+    error.contains("does not serve TLS")
+}
+
 fn keep_unreported(unreported: &Unreported, r: CheckpointReport) {
     let mut kept = unreported.lock().unwrap();
     if kept.as_ref().is_none_or(|k| k.job_id != r.job_id || k.step <= r.step) {
