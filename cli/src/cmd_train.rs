@@ -273,7 +273,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         // as a job warns: more batches would only evaluate the same tokens again
         let n = smelt_engine::train::eval_batches_over(a.eval_batches, val.starts(seq), a.batch, seq);
         if val.starts(seq) > 0 && n < a.eval_batches {
-            warn!("--eval-batches {} is more than the validation tokens fill ({} tokens: {n} batches of {} sequences of {seq}): each evaluation takes those {n}", a.eval_batches, val_ids.len(), a.batch);
+            let batches = if n == 1 { "batch" } else { "batches" };
+            warn!("--eval-batches {} is more than the validation tokens fill ({} tokens: {n} {batches} of {} sequences of {seq}): each evaluation takes those {n}", a.eval_batches, val_ids.len(), a.batch);
         }
     }
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;

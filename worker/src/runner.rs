@@ -198,7 +198,8 @@ impl Pretrain {
                 let windows = TokenWindows::new(&s.tokens).starts(tc.seq_len);
                 let n = smelt_engine::train::eval_batches_over(tc.eval_batches, windows, tc.batch_size, tc.seq_len);
                 if windows > 0 && n < tc.eval_batches {
-                    tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, source = %s.name, "train.eval_batches = {} is more than the validation tokens fill ({} tokens: {n} batches of {} sequences of {}): each evaluation takes those {n}", tc.eval_batches, s.tokens.len(), tc.batch_size, tc.seq_len);
+                    let batches = if n == 1 { "batch" } else { "batches" };
+                    tracing::warn!(target: smelt_proto::JOB_WARNING_TARGET, source = %s.name, "train.eval_batches = {} is more than the validation tokens fill ({} tokens: {n} {batches} of {} sequences of {}): each evaluation takes those {n}", tc.eval_batches, s.tokens.len(), tc.batch_size, tc.seq_len);
                 }
             }
         }
