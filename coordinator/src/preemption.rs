@@ -90,7 +90,7 @@ impl State {
         }
         let mut chosen: Vec<(String, String, i32)> = Vec::new();
         let mut stuck: Vec<String> = Vec::new();
-        let serving = self.serving_by_class();
+        let serving = self.workers_by_class();
         // CPU jobs only: a GPU rank stopped by an abort is nearly always mid-step, its NCCL
         // communicator aborted, and whether its weights can then be copied off the device for a
         // rescue checkpoint has not been checked on a card (worker/src/checkpointing.rs,

@@ -81,7 +81,7 @@ impl State {
             return;
         }
         let now = std::time::Instant::now();
-        let serving = self.serving_by_class();
+        let serving = self.workers_by_class();
         let jobs: Vec<Waiting> = self
             .jobs
             .values()
@@ -119,7 +119,7 @@ impl State {
     /// than a lease and the longest reconnect back-off ago (a broken stream marks a worker lost
     /// at once, and it re-registers within that). A blip does not make a job that needs every
     /// worker give up its place.
-    pub(crate) fn serving_by_class(&self) -> std::collections::HashMap<DeviceClass, usize> {
+    pub(crate) fn workers_by_class(&self) -> std::collections::HashMap<DeviceClass, usize> {
         let now = std::time::Instant::now();
         let back_within = self.lease_timeout + smelt_proto::MAX_RECONNECT_BACKOFF;
         let mut n = std::collections::HashMap::new();
@@ -130,7 +130,7 @@ impl State {
     }
 
     /// Whether queued job `j` needs more workers than its class has (`serving`, from
-    /// `serving_by_class`): it holds no place in its queue until they join. Only a job never
+    /// `workers_by_class`): it holds no place in its queue until they join. Only a job never
     /// placed, queued for longer than a lease (workers starting with it, `smelt up`'s, join
     /// within one, and the queue keeps its order meanwhile), and not while a restarted
     /// coordinator's workers are still coming back (`preempt_after`). A restarting job keeps

@@ -44,7 +44,7 @@ impl State {
     fn queue_view(&self) -> QueueView<'_> {
         let now = Instant::now();
         let mut classes: HashMap<DeviceClass, ClassView> = HashMap::new();
-        let serving = self.serving_by_class();
+        let serving = self.workers_by_class();
         let mut outsized = std::collections::HashSet::new();
         for j in self.jobs.values().filter(|j| is_waiting(j.row.state)) {
             // a job bigger than its class's connected workers holds no place

@@ -667,12 +667,26 @@ mod tests {
     }
 
     /// A one-step GPT job that checkpoints every step into `store`, and its checkpointer.
-    fn checkpointer(store: &Path) -> (Checkpointer, StoreDir) {
-        let spec_toml = format!(
+    /// A tiny GPT job checkpointing every step into `store`.
+    fn spec_toml(store: &Path) -> String {
+        format!(
             "name = \"ck\"\nseed = 1\n[model]\npreset = \"tiny\"\n[data]\ntext = \"x.txt\"\ntokenizer = \"char\"\n\
              [train]\nsteps = 1\nglobal_batch = 1\nmicro_batch = 1\nseq_len = 8\nlr = 1e-3\n[checkpoint]\nevery = 1\nstore = \"{}\"\n",
             store.display()
-        );
+        )
+    }
+
+    /// Commits step 1 through `c` from host copies that succeed.
+    fn commit_step_1(mut c: Checkpointer) {
+        let n = GptConfig::preset("tiny").unwrap().num_params();
+        let state = TrainerState { step: 1, optimizer_steps: 1, data_rng: smelt_engine::rng::Rng::new(1) };
+        c.after_step_with(1, 1, &|_| {}, &mut || Ok(HostState { params: vec![0.5; n], m: vec![0.0; n], v: vec![0.0; n], state: state.clone() }))
+            .unwrap();
+        c.finish(&|_| {});
+    }
+
+    fn checkpointer(store: &Path) -> (Checkpointer, StoreDir) {
+        let spec_toml = spec_toml(store);
         let spec = JobSpec::parse(&spec_toml).expect("the test's spec parses");
         let a = Assignment { job_id: "job-000001".into(), rank: 0, world_size: 1, spec_toml, ..Default::default() };
         let tokenizer = Tokenizer::fit("char", "abc").unwrap();
@@ -752,12 +766,8 @@ mod tests {
     fn host_copies_that_succeed_are_committed() {
         // the control for the test above: the same checkpointer with a take that works commits
         let dir = tempfile::tempdir().unwrap();
-        let (mut c, root) = checkpointer(dir.path());
-        let n = GptConfig::preset("tiny").unwrap().num_params();
-        let state = TrainerState { step: 1, optimizer_steps: 1, data_rng: smelt_engine::rng::Rng::new(1) };
-        c.after_step_with(1, 1, &|_| {}, &mut || Ok(HostState { params: vec![0.5; n], m: vec![0.0; n], v: vec![0.0; n], state: state.clone() }))
-            .unwrap();
-        c.finish(&|_| {});
+        let (c, root) = checkpointer(dir.path());
+        commit_step_1(c);
         assert_eq!(list_committed(&root).unwrap().len(), 1);
     }
 
@@ -766,19 +776,11 @@ mod tests {
         // attempt 1's rank 0 committed step 1 and was lost before reporting it: attempt 2 is
         // assigned no checkpoint
         let dir = tempfile::tempdir().unwrap();
-        let (mut c, root) = checkpointer(dir.path());
-        let n = GptConfig::preset("tiny").unwrap().num_params();
-        let state = TrainerState { step: 1, optimizer_steps: 1, data_rng: smelt_engine::rng::Rng::new(1) };
-        c.after_step_with(1, 1, &|_| {}, &mut || Ok(HostState { params: vec![0.5; n], m: vec![0.0; n], v: vec![0.0; n], state: state.clone() }))
-            .unwrap();
-        c.finish(&|_| {});
+        let (c, root) = checkpointer(dir.path());
+        commit_step_1(c);
         let committed = list_committed(&root).unwrap();
         let (_, uri) = committed.last().expect("step 1 committed").clone();
-        let spec_toml = format!(
-            "name = \"ck\"\nseed = 1\n[model]\npreset = \"tiny\"\n[data]\ntext = \"x.txt\"\ntokenizer = \"char\"\n\
-             [train]\nsteps = 1\nglobal_batch = 1\nmicro_batch = 1\nseq_len = 8\nlr = 1e-3\n[checkpoint]\nevery = 1\nstore = \"{}\"\n",
-            dir.path().display()
-        );
+        let spec_toml = spec_toml(dir.path());
         let spec = JobSpec::parse(&spec_toml).unwrap();
         let a = |attempt: u32, created: i64| Assignment {
             job_id: "job-000001".into(),
